@@ -1,0 +1,401 @@
+"""``@request_memo``: memoize a function within the active request scope.
+
+Keys are tuples whose first item is the function's private ``_MemoSpec``, so
+two functions never share entries and no user key can equal a memo key. The
+hit path is inlined in a few specialised closures; everything else (misses,
+single-flight, errors, the outside-scope rule) lives in ``_MemoSpec``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Hashable
+from typing import Any, Literal, NamedTuple, TypeVar, overload
+
+from .errors import NoActiveScope, UnhashableArguments
+from .scope import _NO_SCOPE_HINT, _active_store, _current, _refuse_generator
+from .store import MemoStore, check_max_entries
+
+__all__ = ["CacheInfo", "request_memo"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_OUTSIDE_SCOPE_CHOICES = ("call", "raise")
+
+
+class CacheInfo(NamedTuple):
+    """One function's counters in the active store, as ``functools`` reports them."""
+
+    hits: int
+    misses: int
+    maxsize: int | None
+    currsize: int
+
+
+def _is_method(fn: Callable[..., Any]) -> bool:
+    """A function defined in a class body whose first parameter is ``self`` or ``cls``.
+
+    Such a first argument is keyed by identity: equal instances never share
+    entries, and unhashable instances (a plain ``@dataclass``) work.
+    """
+    qualname = getattr(fn, "__qualname__", "")
+    parts = qualname.split(".")
+    if len(parts) < 2 or parts[-2] == "<locals>":
+        return False
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return (
+        bool(params)
+        and params[0].name in ("self", "cls", "mcs")
+        and params[0].kind
+        in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
+    )
+
+
+class _MemoSpec:
+    """Everything about one decorated function that is not on the hit path."""
+
+    __slots__ = (
+        "__weakref__",
+        "fn",
+        "is_method",
+        "key_fn",
+        "max_entries",
+        "name",
+        "outside_scope",
+        "typed",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        key_fn: Callable[..., Hashable] | None,
+        typed: bool,
+        max_entries: int | None,
+        outside_scope: str,
+    ) -> None:
+        self.fn = fn
+        self.key_fn = key_fn
+        self.typed = typed
+        self.max_entries = max_entries
+        self.outside_scope = outside_scope
+        self.is_method = _is_method(fn)
+        module = getattr(fn, "__module__", None)
+        qualname = getattr(fn, "__qualname__", None) or repr(fn)
+        self.name = f"{module}.{qualname}" if module else qualname
+
+    def __repr__(self) -> str:
+        return f"<request_memo {self.name}>"
+
+    # -- keys ---------------------------------------------------------------
+
+    def make_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Hashable, Any]:
+        """The key and the object the entry must keep alive (``self``), or raise."""
+        anchor = args[0] if self.is_method and args else None
+        if self.key_fn is not None:
+            custom = self.key_fn(*args, **kwargs)
+            try:
+                hash(custom)
+            except TypeError as exc:
+                raise UnhashableArguments(
+                    f"the key= function of @request_memo {self.name} returned an unhashable "
+                    f"{type(custom).__name__} ({exc}). Make it return a hashable value, "
+                    "such as a tuple of strings and numbers."
+                ) from None
+            return (self, custom), anchor
+        if anchor is not None:
+            rest = args[1:]
+            key: tuple[Any, ...] = (self, id(anchor), rest)
+        else:
+            rest = args
+            key = (self, args)
+        if self.typed:
+            key += (
+                tuple(kwargs.items()),
+                tuple(type(a) for a in rest),
+                tuple(type(v) for v in kwargs.values()),
+            )
+        elif kwargs:
+            key += (tuple(kwargs.items()),)
+        try:
+            hash(key)
+        except TypeError as exc:
+            raise self._unhashable(args, kwargs, exc) from None
+        return key, anchor
+
+    def _unhashable(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], error: TypeError
+    ) -> UnhashableArguments:
+        named: list[tuple[str, Any]] = []
+        try:
+            bound = inspect.signature(self.fn).bind(*args, **kwargs)
+        except (TypeError, ValueError):
+            named = [(f"#{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+        else:
+            for name, param in bound.signature.parameters.items():
+                if name not in bound.arguments:
+                    continue
+                value = bound.arguments[name]
+                if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                    named += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+                elif param.kind is inspect.Parameter.VAR_KEYWORD:
+                    named += list(value.items())
+                else:
+                    named.append((name, value))
+            if self.is_method:
+                named = named[1:]
+        for name, value in named:
+            try:
+                hash(value)
+            except TypeError:
+                return UnhashableArguments(
+                    f"@request_memo {self.name}: argument {name!r} is unhashable "
+                    f"({type(value).__name__}), so it cannot be part of a cache key. Pass "
+                    "a hashable value (a tuple instead of a list, a frozenset instead of a "
+                    "set), or give the decorator key=, a function of the same arguments "
+                    "that returns a hashable key."
+                )
+        return UnhashableArguments(
+            f"@request_memo {self.name}: the arguments cannot be hashed ({error}). Give the "
+            "decorator key=, a function of the same arguments that returns a hashable key."
+        )
+
+    # -- calls that are not hits ----------------------------------------------
+
+    def _outside(self) -> None:
+        if self.outside_scope == "raise":
+            raise NoActiveScope(
+                f"@request_memo(outside_scope='raise') {self.name} was called outside a "
+                f"request scope. {_NO_SCOPE_HINT}"
+            )
+
+    def call(self, store: MemoStore | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if store is None or store._closed:
+            self._outside()
+            return self.fn(*args, **kwargs)
+        key, anchor = self.make_key(args, kwargs)
+        owner = store.owner_for(self, self.max_entries)
+        return store.compute_sync(key, owner, anchor, lambda: self.fn(*args, **kwargs))
+
+    async def call_async(
+        self, store: MemoStore | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if store is None or store._closed:
+            self._outside()
+            return await self.fn(*args, **kwargs)
+        key, anchor = self.make_key(args, kwargs)
+        owner = store.owner_for(self, self.max_entries)
+        return await store.compute_async(key, owner, anchor, lambda: self.fn(*args, **kwargs))
+
+    # -- the functools-style extras ------------------------------------------
+
+    def cache_info(self) -> CacheInfo:
+        """This function's hits, misses and entries in the active store (zeros outside)."""
+        store = _active_store()
+        owner = None if store is None else store._owners.get(self)
+        if owner is None:
+            return CacheInfo(0, 0, self.max_entries, 0)
+        return CacheInfo(owner.hits, owner.misses, self.max_entries, owner.entries)
+
+    def cache_clear(self) -> None:
+        """Drop this function's entries in the active store (nothing outside a scope)."""
+        store = _active_store()
+        if store is not None:
+            store.remove_owner_entries(self)
+
+
+def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
+    """Build the closure whose hit path is as short as the options allow."""
+    get_store = _current.get
+    call, call_async = spec.call, spec.call_async
+    is_async = inspect.iscoroutinefunction(spec.fn)
+    generic = spec.key_fn is not None or spec.typed or spec.max_entries is not None
+
+    if generic:
+        make_key = spec.make_key
+        if is_async:
+
+            async def generic_async(*args: Any, **kwargs: Any) -> Any:
+                store = get_store()
+                if store is not None:
+                    try:
+                        key = make_key(args, kwargs)[0]
+                        entry = store._data[key]
+                    except (KeyError, UnhashableArguments):
+                        pass
+                    else:
+                        store._touch(key, entry)
+                        entry[2].hits += 1  # type: ignore[union-attr]
+                        return entry[0]
+                return await call_async(store, args, kwargs)
+
+            return generic_async
+
+        def generic_sync(*args: Any, **kwargs: Any) -> Any:
+            store = get_store()
+            if store is not None:
+                try:
+                    key = make_key(args, kwargs)[0]
+                    entry = store._data[key]
+                except (KeyError, UnhashableArguments):
+                    pass
+                else:
+                    store._touch(key, entry)
+                    entry[2].hits += 1  # type: ignore[union-attr]
+                    return entry[0]
+            return call(store, args, kwargs)
+
+        return generic_sync
+
+    if spec.is_method:
+        if is_async:
+
+            async def method_async(*args: Any, **kwargs: Any) -> Any:
+                store = get_store()
+                if store is not None and args:
+                    key = (
+                        (spec, id(args[0]), args[1:], tuple(kwargs.items()))
+                        if kwargs
+                        else (spec, id(args[0]), args[1:])
+                    )
+                    try:
+                        entry = store._data[key]
+                        store._order.move_to_end(entry[1])
+                    except (KeyError, TypeError):
+                        pass
+                    else:
+                        entry[2].hits += 1  # type: ignore[union-attr]
+                        return entry[0]
+                return await call_async(store, args, kwargs)
+
+            return method_async
+
+        def method_sync(*args: Any, **kwargs: Any) -> Any:
+            store = get_store()
+            if store is not None and args:
+                key = (
+                    (spec, id(args[0]), args[1:], tuple(kwargs.items()))
+                    if kwargs
+                    else (spec, id(args[0]), args[1:])
+                )
+                try:
+                    entry = store._data[key]
+                    store._order.move_to_end(entry[1])
+                except (KeyError, TypeError):
+                    pass
+                else:
+                    entry[2].hits += 1  # type: ignore[union-attr]
+                    return entry[0]
+            return call(store, args, kwargs)
+
+        return method_sync
+
+    if is_async:
+
+        async def plain_async(*args: Any, **kwargs: Any) -> Any:
+            store = get_store()
+            if store is not None:
+                key = (spec, args, tuple(kwargs.items())) if kwargs else (spec, args)
+                try:
+                    entry = store._data[key]
+                    store._order.move_to_end(entry[1])
+                except (KeyError, TypeError):
+                    pass
+                else:
+                    entry[2].hits += 1  # type: ignore[union-attr]
+                    return entry[0]
+            return await call_async(store, args, kwargs)
+
+        return plain_async
+
+    def plain_sync(*args: Any, **kwargs: Any) -> Any:
+        store = get_store()
+        if store is not None:
+            key = (spec, args, tuple(kwargs.items())) if kwargs else (spec, args)
+            try:
+                entry = store._data[key]
+                store._order.move_to_end(entry[1])
+            except (KeyError, TypeError):
+                pass
+            else:
+                entry[2].hits += 1  # type: ignore[union-attr]
+                return entry[0]
+        return call(store, args, kwargs)
+
+    return plain_sync
+
+
+@overload
+def request_memo(fn: F, /) -> F: ...
+
+
+@overload
+def request_memo(
+    *,
+    key: Callable[..., Hashable] | None = None,
+    typed: bool = False,
+    max_entries: int | None = None,
+    outside_scope: Literal["call", "raise"] = "call",
+) -> Callable[[F], F]: ...
+
+
+def request_memo(
+    fn: Any = None,
+    /,
+    *,
+    key: Callable[..., Hashable] | None = None,
+    typed: bool = False,
+    max_entries: int | None = None,
+    outside_scope: Literal["call", "raise"] = "call",
+) -> Any:
+    """Memoize a sync or async function, method, classmethod or staticmethod per request.
+
+    Within the active scope each distinct call runs once; concurrent callers of
+    the same key (tasks or threads) share one computation. Outside any scope
+    nothing is cached: the function is called (``outside_scope="call"``) or
+    ``NoActiveScope`` is raised (``"raise"``). Also usable bare: ``@request_memo``.
+    """
+    if key is not None and not callable(key):
+        raise TypeError(
+            f"request_memo(key=...) must be a function of the memoized function's "
+            f"arguments returning a hashable key, not {type(key).__name__} {key!r}"
+        )
+    if not isinstance(typed, bool):
+        raise TypeError(f"request_memo(typed=...) must be True or False, not {typed!r}")
+    max_entries = check_max_entries(max_entries, "request_memo(max_entries=...)")
+    if outside_scope not in _OUTSIDE_SCOPE_CHOICES:
+        raise ValueError(
+            f"request_memo(outside_scope=...) must be 'call' (call the function uncached) "
+            f"or 'raise' (raise NoActiveScope), not {outside_scope!r}"
+        )
+
+    def decorate(target: Any) -> Any:
+        if isinstance(target, classmethod):
+            return classmethod(decorate(target.__func__))
+        if isinstance(target, staticmethod):
+            return staticmethod(decorate(target.__func__))
+        if not callable(target):
+            raise TypeError(f"@request_memo decorates a function or method, not {target!r}")
+        _refuse_generator(target, "@request_memo")
+        spec = _MemoSpec(target, key, typed, max_entries, outside_scope)
+        wrapper = functools.update_wrapper(_make_wrapper(spec), target)
+        wrapper.cache_info = spec.cache_info  # type: ignore[attr-defined]
+        wrapper.cache_clear = spec.cache_clear  # type: ignore[attr-defined]
+        return wrapper
+
+    if fn is None:
+        return decorate
+    if isinstance(fn, (bool, int, str)) or (
+        not callable(fn) and not isinstance(fn, (classmethod, staticmethod))
+    ):
+        raise TypeError(
+            f"@request_memo takes a function, or options as keywords "
+            f"(@request_memo(max_entries=100)), not {fn!r}"
+        )
+    return decorate(fn)

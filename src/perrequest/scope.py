@@ -1,0 +1,296 @@
+"""Request scopes: which store is active, and the one lifecycle every entry point uses.
+
+The active store lives in a ``ContextVar``, so asyncio tasks and copied
+contexts (``asyncio.to_thread``, ``sync_to_async``, ``run_in_threadpool``)
+inherit it and concurrent requests never see each other's. ``ScopeLifecycle``
+is the single place that opens a store, activates it, and closes it: the
+middlewares and ``request_scope`` all go through it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Hashable
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, cast
+
+from .errors import NoActiveScope
+from .store import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats, check_max_entries
+
+__all__ = [
+    "OnClose",
+    "ScopeLifecycle",
+    "bind_scope",
+    "check_on_close",
+    "current_store",
+    "in_request_scope",
+    "live_scopes",
+    "request_scope",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+OnClose = Callable[[ScopeStats], object]
+
+logger = logging.getLogger("perrequest")
+
+_current: ContextVar[MemoStore | None] = ContextVar("perrequest.store", default=None)
+
+_live = 0
+_live_lock = threading.Lock()
+
+_NO_SCOPE_HINT = (
+    "Add perrequest's RequestScopeMiddleware to the app, or wrap the code in "
+    "`with perrequest.request_scope():` (workers, scripts, tests)."
+)
+
+
+def live_scopes() -> int:
+    """How many scopes are open in this process right now."""
+    return _live
+
+
+def check_on_close(on_close: object) -> OnClose | None:
+    """Validate an ``on_close`` option: None or a callable taking ``ScopeStats``."""
+    if on_close is not None and not callable(on_close):
+        raise TypeError(
+            f"on_close must be a callable taking ScopeStats, or None, not "
+            f"{type(on_close).__name__} {on_close!r}"
+        )
+    return cast("OnClose | None", on_close)
+
+
+class ScopeLifecycle:
+    """One open scope: its store, and the close that runs exactly once.
+
+    Integrations create one per request, ``activate()`` it around the code
+    that should see it (restoring with ``deactivate``), and ``close()`` it
+    when the response is complete. ``close`` is idempotent and thread-safe.
+    """
+
+    __slots__ = ("_on_close", "store")
+
+    def __init__(
+        self, max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
+    ) -> None:
+        global _live
+        self.store = MemoStore(max_entries)
+        self._on_close = on_close
+        with _live_lock:
+            _live += 1
+
+    def activate(self) -> Token[MemoStore | None]:
+        """Make this store the active one in the current context."""
+        return _current.set(self.store)
+
+    @staticmethod
+    def deactivate(token: Token[MemoStore | None]) -> None:
+        """Restore the store that was active before ``activate``."""
+        try:
+            _current.reset(token)
+        except ValueError:
+            # Exited in another context than the one entered (an async
+            # generator finalized elsewhere): restore the previous value anyway.
+            previous = token.old_value
+            _current.set(None if previous is Token.MISSING else previous)
+
+    def close(self) -> None:
+        """Clear the store, then report its stats to the log and ``on_close``."""
+        global _live
+        stats = self.store.close()
+        if stats is None:
+            return
+        with _live_lock:
+            _live -= 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("request scope closed: %s", stats)
+        if self._on_close is not None:
+            try:
+                self._on_close(stats)
+            except Exception:
+                logger.exception("perrequest: on_close callback %r raised", self._on_close)
+
+
+def _active_store() -> MemoStore | None:
+    store = _current.get()
+    if store is None or store._closed:
+        return None
+    return store
+
+
+def current_store() -> MemoStore:
+    """The active store; raises ``NoActiveScope`` when no scope is open."""
+    store = _current.get()
+    if store is None or store._closed:
+        raise NoActiveScope(f"no request scope is active. {_NO_SCOPE_HINT}")
+    return store
+
+
+def in_request_scope() -> bool:
+    """True when a request scope is active in the current context."""
+    store = _current.get()
+    return store is not None and not store._closed
+
+
+def get(key: Hashable, default: Any = None) -> Any:
+    """The value at ``key`` in the active store, or ``default`` (also outside a scope)."""
+    store = _current.get()
+    if store is None or store._closed:
+        return default
+    return store.get(key, default)
+
+
+def get_or_set(key: Hashable, factory: Callable[[], T]) -> T:
+    """``current_store().get_or_set(key, factory)``; raises ``NoActiveScope`` outside a scope."""
+    return current_store().get_or_set(key, factory)
+
+
+def set(key: Hashable, value: Any) -> None:
+    """Store ``value`` at ``key`` in the active store; raises ``NoActiveScope`` outside one."""
+    current_store()[key] = value
+
+
+def _refuse_generator(fn: object, decorator: str) -> None:
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise TypeError(
+            f"{decorator} cannot decorate generator function {name}: its body runs after "
+            "the call returns, outside the scope or the memo. Decorate a function that "
+            "returns a list, or the function that consumes the generator."
+        )
+
+
+class request_scope:
+    """Open a fresh, isolated store for a ``with``/``async with`` block or each decorated call.
+
+    On exit the previous store (or none) is active again and the new one is
+    closed: cleared at once, ``on_close(stats)`` called, stats logged at DEBUG.
+    """
+
+    __slots__ = ("_max_entries", "_on_close", "_open")
+
+    def __init__(
+        self,
+        *,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
+        on_close: OnClose | None = None,
+    ) -> None:
+        self._max_entries = check_max_entries(max_entries)
+        self._on_close = check_on_close(on_close)
+        self._open: tuple[ScopeLifecycle, Token[MemoStore | None]] | None = None
+
+    def _enter(self) -> MemoStore:
+        if self._open is not None:
+            raise RuntimeError(
+                "this request_scope() is already open; use a new request_scope() for each "
+                "with-block (or decorate the function with @request_scope())"
+            )
+        lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
+        self._open = (lifecycle, lifecycle.activate())
+        return lifecycle.store
+
+    def _exit(self) -> None:
+        assert self._open is not None
+        lifecycle, token = self._open
+        self._open = None
+        lifecycle.deactivate(token)
+        lifecycle.close()
+
+    def __enter__(self) -> MemoStore:
+        return self._enter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit()
+
+    async def __aenter__(self) -> MemoStore:
+        return self._enter()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit()
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        if not callable(fn):
+            raise TypeError(f"@request_scope() decorates a function, not {fn!r}")
+        _refuse_generator(fn, "@request_scope()")
+        max_entries, on_close = self._max_entries, self._on_close
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                lifecycle = ScopeLifecycle(max_entries, on_close)
+                token = lifecycle.activate()
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    lifecycle.deactivate(token)
+                    lifecycle.close()
+
+            return cast("Callable[P, R]", run_async)
+
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            lifecycle = ScopeLifecycle(max_entries, on_close)
+            token = lifecycle.activate()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                lifecycle.deactivate(token)
+                lifecycle.close()
+
+        return run
+
+
+def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
+    """Return ``fn`` bound to the scope active now, for whatever thread or task calls it.
+
+    For ``loop.run_in_executor``, ``ThreadPoolExecutor.submit``, ``threading.Thread``
+    and callbacks, which do not carry the context along. Called after the scope
+    has closed, ``fn`` runs outside any scope.
+    """
+    if not callable(fn):
+        raise TypeError(f"bind_scope() takes a callable, not {fn!r}")
+    store = _current.get()
+    if store is None or store._closed:
+        raise NoActiveScope(
+            f"bind_scope({getattr(fn, '__qualname__', fn)!r}) was called outside a request "
+            f"scope, so there is no scope to bind. Call it inside the request. {_NO_SCOPE_HINT}"
+        )
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def bound_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+            token = _current.set(store)
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                ScopeLifecycle.deactivate(token)
+
+        return cast("Callable[P, R]", bound_async)
+
+    @functools.wraps(fn)
+    def bound(*args: P.args, **kwargs: P.kwargs) -> R:
+        token = _current.set(store)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            ScopeLifecycle.deactivate(token)
+
+    return bound

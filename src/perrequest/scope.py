@@ -13,7 +13,7 @@ import functools
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
@@ -24,6 +24,7 @@ from .store import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats, check_max_entries
 __all__ = [
     "OnClose",
     "ScopeLifecycle",
+    "ScopedBody",
     "bind_scope",
     "check_on_close",
     "current_store",
@@ -115,6 +116,82 @@ class ScopeLifecycle:
                 self._on_close(stats)
             except Exception:
                 logger.exception("perrequest: on_close callback %r raised", self._on_close)
+
+    def iterate(self, body: Iterable[T]) -> ScopedBody[T]:
+        """Wrap a lazy response body: each chunk is produced with this scope active,
+        and the scope closes when the server calls ``close()`` on the wrapper (or,
+        if it never does, when the wrapper is garbage collected)."""
+        return ScopedBody(body, self)
+
+    async def aiterate(self, body: AsyncIterable[T]) -> AsyncIterator[T]:
+        """The async twin of ``iterate``: chunks are produced with this scope active,
+        and the scope closes when the body is exhausted, fails or is closed."""
+        iterator = aiter(body)
+        try:
+            while True:
+                token = self.activate()
+                try:
+                    chunk = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    self.deactivate(token)
+                yield chunk
+        finally:
+            try:
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    token = self.activate()
+                    try:
+                        await aclose()
+                    finally:
+                        self.deactivate(token)
+            finally:
+                self.close()
+
+
+class ScopedBody(Iterator[T]):
+    """A response iterable that keeps its scope active while it yields and closes it after.
+
+    WSGI servers call ``close()`` when the response is done (PEP 3333), also
+    when the client went away mid-body; that is when the scope ends.
+    """
+
+    __slots__ = ("_body", "_iterator", "_lifecycle")
+
+    def __init__(self, body: Iterable[T], lifecycle: ScopeLifecycle) -> None:
+        self._body = body
+        self._iterator: Iterator[T] | None = None
+        self._lifecycle = lifecycle
+
+    def __iter__(self) -> ScopedBody[T]:
+        return self
+
+    def __next__(self) -> T:
+        token = self._lifecycle.activate()
+        try:
+            if self._iterator is None:
+                self._iterator = iter(self._body)
+            return next(self._iterator)
+        finally:
+            self._lifecycle.deactivate(token)
+
+    def close(self) -> None:
+        """Close the wrapped body (with the scope active), then the scope."""
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                token = self._lifecycle.activate()
+                try:
+                    close()
+                finally:
+                    self._lifecycle.deactivate(token)
+        finally:
+            self._lifecycle.close()
+
+    def __del__(self) -> None:
+        # A server that never calls close() breaks PEP 3333; free the store anyway.
+        self._lifecycle.close()
 
 
 def _active_store() -> MemoStore | None:

@@ -1,0 +1,164 @@
+"""Real servers on 127.0.0.1 for the tests: started on a free port, always stopped.
+
+uvicorn and hypercorn run in a thread of the test process, so the test can
+read ``live_scopes()`` directly; gunicorn forks, so it runs as a subprocess and
+the app under test reports its own state through an endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    port: int,
+    timeout: float = 30.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            output = log.read_text() if log else ""
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{output}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on {HOST}:{port} within {timeout} s")
+
+
+@contextmanager
+def serve_uvicorn(app: Any, **config: Any) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread; yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    config.setdefault("log_level", "warning")
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, **config))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        yield f"http://{HOST}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@contextmanager
+def serve_hypercorn(app: Any) -> Iterator[str]:
+    """Run ``app`` under hypercorn (asyncio) in a thread; yields the base URL."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    port = free_port()
+    config = Config()
+    config.bind = [f"{HOST}:{port}"]
+    config.loglevel = "WARNING"
+    config.graceful_timeout = 2
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=run, name="hypercorn", daemon=True)
+    thread.start()
+    try:
+        wait_for_port(port)
+        yield f"http://{HOST}:{port}"
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(15)
+        loop.close()
+
+
+@contextmanager
+def serve_subprocess(
+    argv: Sequence[str], port: int, *, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run a server command that listens on ``port``; yields the base URL."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+        **(env or {}),
+    }
+    with tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False) as log_file:
+        log = Path(log_file.name)
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for_port(port, proc=proc, log=log)
+        yield f"http://{HOST}:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.unlink(missing_ok=True)
+
+
+@contextmanager
+def serve_gunicorn(
+    app_spec: str,
+    *,
+    worker_class: str = "sync",
+    threads: int = 1,
+    workers: int = 1,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Run a WSGI app (``module:attr``) under gunicorn; yields the base URL."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"{HOST}:{port}",
+        "--worker-class",
+        worker_class,
+        "--threads",
+        str(threads),
+        "--workers",
+        str(workers),
+        "--graceful-timeout",
+        "2",
+        "--timeout",
+        "60",
+        "--log-level",
+        "warning",
+        app_spec,
+    ]
+    with serve_subprocess(argv, port, cwd=cwd, env=env) as url:
+        yield url

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
@@ -56,6 +57,24 @@ def _is_method(fn: Callable[..., Any]) -> bool:
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
         )
     )
+
+
+def _typed(value: object) -> object:
+    """A type tag for ``typed=True``, deep enough that equal-but-different values differ.
+
+    ``1``, ``1.0`` and ``True`` are equal, and so are ``0.0`` and ``-0.0``, and
+    ``(1,)`` and ``(True,)``: tag the types inside tuples and frozensets too, and
+    the sign of floats, so a typed memo never returns another call's result.
+    """
+    kind = type(value)
+    if kind is tuple:
+        return (tuple, tuple(map(_typed, value)))  # type: ignore[call-overload]
+    if kind is frozenset:
+        # Unordered: pair each element with its tag, or {1, 2.0} would match {1.0, 2}.
+        return (frozenset, frozenset((v, _typed(v)) for v in value))  # type: ignore[attr-defined]
+    if kind is float:
+        return (float, math.copysign(1.0, value))  # type: ignore[arg-type]
+    return kind
 
 
 class _MemoSpec:
@@ -118,8 +137,8 @@ class _MemoSpec:
         if self.typed:
             key += (
                 tuple(kwargs.items()),
-                tuple(type(a) for a in rest),
-                tuple(type(v) for v in kwargs.values()),
+                tuple(map(_typed, rest)),
+                tuple(map(_typed, kwargs.values())),
             )
         elif kwargs:
             key += (tuple(kwargs.items()),)

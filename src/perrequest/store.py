@@ -10,6 +10,7 @@ store's lock.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import threading
 import time
@@ -229,7 +230,19 @@ class MemoStore(MutableMapping[Hashable, Any]):
         """
         self._check_writable(key)
         hash(key)  # fail on an unhashable key before anything else happens
-        return self.compute_sync(key, self._helpers, None, factory)  # type: ignore[no-any-return]
+
+        def compute() -> T:
+            value = factory()
+            if inspect.iscoroutine(value):
+                value.close()
+                raise TypeError(
+                    f"get_or_set({key!r}, ...): the factory returned a coroutine, which "
+                    "would be cached unawaited. Await the value first, or memoize an async "
+                    "function with @request_memo."
+                )
+            return value
+
+        return self.compute_sync(key, self._helpers, None, compute)  # type: ignore[no-any-return]
 
     # -- internals used by request_memo and the scope lifecycle -------------
 

@@ -1,0 +1,385 @@
+"""@request_memo on sync functions, methods, classmethods and staticmethods."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import perrequest
+from perrequest import (
+    NoActiveScope,
+    UnhashableArguments,
+    current_store,
+    request_memo,
+    request_scope,
+)
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+
+def test_memoizes_within_a_scope_only() -> None:
+    calls = Counter()
+
+    @request_memo
+    def square(x: int) -> int:
+        calls.calls.append((x,))
+        return x * x
+
+    with request_scope():
+        assert [square(3), square(3), square(4)] == [9, 9, 16]
+    assert calls.calls == [(3,), (4,)]
+    with request_scope():
+        assert square(3) == 9  # a new scope starts empty
+    assert calls.calls == [(3,), (4,), (3,)]
+    # Outside any scope the function is simply called, nothing is cached.
+    assert square(3) == 9 and square(3) == 9
+    assert len(calls.calls) == 5
+
+
+def test_called_form_and_kwargs() -> None:
+    calls = []
+
+    @request_memo()
+    def add(a: int, b: int = 0, *, c: int = 0) -> int:
+        calls.append((a, b, c))
+        return a + b + c
+
+    with request_scope():
+        assert add(1, 2, c=3) == 6 and add(1, 2, c=3) == 6
+        assert add(1, b=2, c=3) == 6  # another call shape: another entry, never wrong
+        assert add(1) == 1 and add(1) == 1
+    assert calls == [(1, 2, 3), (1, 2, 3), (1, 0, 0)]
+
+
+def test_two_functions_never_share_entries() -> None:
+    def make(tag: str) -> Any:
+        @request_memo
+        def lookup(x: int) -> str:  # same __name__ and __qualname__ for both
+            return f"{tag}{x}"
+
+        return lookup
+
+    first, second = make("a"), make("b")
+    assert first.__qualname__ == second.__qualname__
+    with request_scope():
+        assert first(1) == "a1" and second(1) == "b1"
+        assert first(1) == "a1" and second(1) == "b1"
+
+
+def test_keys_are_not_built_from_repr() -> None:
+    class SameRepr:
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+        def __repr__(self) -> str:
+            return "<SameRepr>"
+
+        def __str__(self) -> str:
+            return "same"
+
+    @request_memo
+    def read(obj: SameRepr) -> int:
+        return obj.value
+
+    with request_scope():
+        assert read(SameRepr(1)) == 1 and read(SameRepr(2)) == 2
+
+
+@request_memo(typed=True)
+def _typed_probe(x: object) -> object:
+    return x
+
+
+def test_typed_separates_equal_values_of_different_types() -> None:
+    @request_memo(typed=True)
+    def kind(x: object) -> str:
+        return type(x).__name__
+
+    @request_memo
+    def untyped(x: object) -> str:
+        return type(x).__name__
+
+    with request_scope():
+        assert [kind(1), kind(1.0), kind(True)] == ["int", "float", "bool"]
+        assert [kind(x=1), kind(x=1.0)] == ["int", "float"]
+        # Deep: inside tuples and frozensets, and the sign of zero.
+        assert kind((1,)) == kind((True,)) == "tuple"
+        assert _typed_probe((1,)) == (1,) and _typed_probe((True,)) == (True,)
+        assert repr(_typed_probe((0.0,))) == "(0.0,)" and repr(_typed_probe((-0.0,))) == "(-0.0,)"
+        assert _typed_probe(frozenset({1, 2.0})) == frozenset({1, 2.0})
+        assert {type(x) for x in _typed_probe(frozenset({1.0, 2}))} == {float, int}
+        assert [type(x) for x in sorted(_typed_probe(frozenset({1.0, 2})))] == [float, int]
+        # Without typed=True, equal values are one call, as with functools.lru_cache.
+        assert untyped(1) == "int" and untyped(1.0) == "int"
+
+
+def test_custom_key() -> None:
+    calls = []
+
+    @request_memo(key=lambda items, **_: tuple(items))
+    def total(items: list[int], *, label: str = "") -> int:
+        calls.append(label)
+        return sum(items)
+
+    with request_scope():
+        assert total([1, 2], label="a") == 3
+        assert total([1, 2], label="b") == 3  # key ignores label
+        assert total([2, 2]) == 4
+    assert calls == ["a", ""]
+
+
+def test_unhashable_arguments_name_the_parameter() -> None:
+    @request_memo
+    def total(prices: list[int], currency: str = "EUR") -> int:
+        return sum(prices)
+
+    with request_scope() as store:
+        with pytest.raises(UnhashableArguments, match=r"'prices'.*list.*key=") as info:
+            total([1, 2])
+        assert "total" in str(info.value)
+        with pytest.raises(UnhashableArguments, match="'prices'"):
+            total(prices=[1, 2])
+        with pytest.raises(UnhashableArguments, match="'currency'"):
+            total((1,), {"not": "hashable"})  # type: ignore[arg-type]
+        # Refused calls are neither hits nor misses.
+        assert store.stats.hits == 0 and store.stats.misses == 0
+
+
+def test_unhashable_in_var_args() -> None:
+    @request_memo
+    def f(*items: object, **options: object) -> int:
+        return len(items)
+
+    with request_scope():
+        with pytest.raises(UnhashableArguments, match=r"items\[1\]"):
+            f(1, [2])
+        with pytest.raises(UnhashableArguments, match="'flags'"):
+            f(1, flags={1})
+
+
+def test_key_function_returning_unhashable() -> None:
+    @request_memo(key=lambda x: [x])
+    def f(x: int) -> int:
+        return x
+
+    with request_scope(), pytest.raises(UnhashableArguments, match=r"key= function.*f"):
+        f(1)
+
+
+def test_exceptions_are_not_cached() -> None:
+    calls = []
+
+    @request_memo
+    def flaky(x: int) -> int:
+        calls.append(x)
+        if len(calls) == 1:
+            raise ConnectionError("retry me")
+        return x
+
+    with request_scope() as store:
+        with pytest.raises(ConnectionError):
+            flaky(1)
+        assert flaky(1) == 1 and flaky(1) == 1
+        assert (store.stats.misses, store.stats.hits) == (2, 1)
+
+
+def test_outside_scope_raise() -> None:
+    @request_memo(outside_scope="raise")
+    def strict(x: int) -> int:
+        return x
+
+    with pytest.raises(NoActiveScope, match="strict"):
+        strict(1)
+    with request_scope():
+        assert strict(1) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"max_entries": 0}, ValueError),
+        ({"max_entries": "5"}, TypeError),
+        ({"max_entries": False}, TypeError),
+        ({"outside_scope": "ignore"}, ValueError),
+        ({"typed": 1}, TypeError),
+        ({"key": "id"}, TypeError),
+        ({"maxsize": 5}, TypeError),
+    ],
+)
+def test_bad_options(options: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        request_memo(**options)
+
+
+def test_refuses_generators_and_non_callables() -> None:
+    def gen() -> Any:
+        yield 1
+
+    async def agen() -> Any:
+        yield 1
+
+    for fn in (gen, agen):
+        with pytest.raises(TypeError, match="generator"):
+            request_memo(fn)
+    with pytest.raises(TypeError, match="function"):
+        request_memo(5)
+
+
+def test_cache_info_cache_clear_and_wrapped() -> None:
+    def raw(x: int) -> int:
+        return x
+
+    memo = request_memo(max_entries=10)(raw)
+    assert memo.__wrapped__ is raw and memo.__name__ == "raw"
+    assert memo.cache_info() == (0, 0, 10, 0)
+    memo.cache_clear()  # nothing to do outside a scope
+    with request_scope() as store:
+        store["user-key"] = 1
+        memo(1), memo(1), memo(2)
+        info = memo.cache_info()
+        assert (info.hits, info.misses, info.maxsize, info.currsize) == (1, 2, 10, 2)
+        memo.cache_clear()
+        assert memo.cache_info().currsize == 0 and dict(store) == {"user-key": 1}
+        memo(1)
+        assert memo.cache_info().misses == 3
+
+
+def test_per_function_bound() -> None:
+    calls = []
+
+    @request_memo(max_entries=2)
+    def f(x: int) -> int:
+        calls.append(x)
+        return x
+
+    with request_scope() as store:
+        store["other"] = 0
+        f(1), f(2), f(1), f(3)  # 2 is least recently used
+        assert f.cache_info().currsize == 2
+        f(1)
+        f(2)
+        assert calls == [1, 2, 3, 2]
+        assert "other" in store and store.stats.evictions == 2
+
+
+def test_memo_entries_share_the_store_bound_and_stats() -> None:
+    @request_memo
+    def f(x: int) -> int:
+        return x
+
+    with request_scope(max_entries=3) as store:
+        for i in range(10):
+            f(i)
+        assert len(store) == 3 and store.stats.evictions == 7
+        store[(1,)] = "user"
+        # A user key that looks like an argument tuple never equals a memo key.
+        assert f(9) == 9 and store[(1,)] == "user"
+        assert all(not (isinstance(k, tuple) and k == (f, (9,))) for k in store)
+
+
+class Repo:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls = 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Repo) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    @request_memo
+    def find(self, key: str) -> str:
+        self.calls += 1
+        return f"{self.name}:{key}:{id(self)}"
+
+    @classmethod
+    @request_memo
+    def below(cls, x: int) -> str:
+        return f"{cls.__name__}{x}"
+
+    @request_memo
+    @classmethod
+    def above(cls, x: int) -> str:
+        return f"{cls.__name__}{x}"
+
+    @staticmethod
+    @request_memo
+    def static_below(x: int) -> int:
+        return x * 10
+
+    @request_memo
+    @staticmethod
+    def static_above(x: int) -> int:
+        return x * 100
+
+
+class SubRepo(Repo):
+    pass
+
+
+def test_methods_memoize_per_instance_by_identity() -> None:
+    with request_scope():
+        a, b = Repo("same"), Repo("same")
+        assert a == b and hash(a) == hash(b)
+        assert a.find("k") != b.find("k")  # equal instances never share
+        a.find("k")
+        assert a.calls == 1 and b.calls == 1
+        assert Repo.find(a, "k") == a.find("k") and a.calls == 1
+
+
+def test_unhashable_instances_work() -> None:
+    @dataclass
+    class Service:
+        base: int
+
+        @request_memo
+        def compute(self, x: int) -> int:
+            return self.base + x
+
+    with request_scope():
+        s = Service(1)
+        with pytest.raises(TypeError):
+            hash(s)
+        assert s.compute(1) == 2 and s.compute(1) == 2
+        assert Service(1).compute(1) == 2
+
+
+def test_memo_does_not_keep_instances_alive_past_the_scope() -> None:
+    with request_scope():
+        repo = Repo("r")
+        ref = weakref.ref(repo)
+        repo.find("k")
+        del repo
+        gc.collect()
+        assert ref() is not None  # kept alive for the scope, so its id is never reused
+    assert ref() is None
+
+
+def test_classmethods_and_staticmethods_either_order() -> None:
+    with request_scope() as store:
+        assert Repo.below(1) == "Repo1" and SubRepo.below(1) == "SubRepo1"
+        assert Repo.above(1) == "Repo1" and SubRepo.above(1) == "SubRepo1"
+        assert Repo.static_below(2) == 20 and Repo("x").static_below(2) == 20
+        assert Repo.static_above(2) == 200 and Repo.static_above(2) == 200
+        assert Repo.below.cache_info().misses == 2
+        assert Repo.static_above.cache_info() == (1, 1, None, 1)
+        assert store.stats.entries >= 5
+
+
+def test_helpers_and_memo_in_one_request() -> None:
+    @request_memo
+    def user(uid: int) -> dict[str, int]:
+        return {"id": uid}
+
+    with request_scope():
+        perrequest.set("current", user(1))
+        assert perrequest.get("current") is user(1)
+        assert current_store().stats.hits == 1

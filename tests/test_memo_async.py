@@ -1,0 +1,183 @@
+"""@request_memo on async functions: single-flight, errors and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import anyio
+import pytest
+
+from perrequest import current_store, request_memo, request_scope
+from perrequest.testing import live_scopes
+
+
+async def test_async_memo_basics() -> None:
+    calls = []
+
+    @request_memo
+    async def fetch(x: int, *, scale: int = 1) -> int:
+        calls.append(x)
+        await asyncio.sleep(0)
+        return x * scale
+
+    assert inspect.iscoroutinefunction(fetch)
+    async with request_scope() as store:
+        assert await fetch(2, scale=3) == 6 and await fetch(2, scale=3) == 6
+        assert fetch.cache_info() == (1, 1, None, 1)
+        assert store.stats.hits == 1
+    assert await fetch(2) == 2  # outside a scope: called, not cached
+    assert calls == [2, 2]
+
+
+async def test_concurrent_awaits_run_once_and_share_the_result() -> None:
+    calls = []
+    release = asyncio.Event()
+
+    @request_memo
+    async def load(x: int) -> list[int]:
+        calls.append(x)
+        await release.wait()
+        return [x]
+
+    async with request_scope() as store:
+        tasks = [asyncio.create_task(load(1)) for _ in range(20)]
+        await asyncio.sleep(0.01)
+        release.set()
+        results = await asyncio.gather(*tasks)
+        assert calls == [1] and all(r is results[0] for r in results)
+        assert (store.stats.misses, store.stats.hits) == (1, 19)
+
+
+async def test_waiters_get_the_exception_and_it_is_not_cached() -> None:
+    calls = []
+    release = asyncio.Event()
+
+    @request_memo
+    async def load(x: int) -> int:
+        calls.append(x)
+        await release.wait()
+        if len(calls) == 1:
+            raise LookupError("not found")
+        return x
+
+    async with request_scope():
+        tasks = [asyncio.create_task(load(1)) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        release.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, LookupError) for o in outcomes) and len(calls) == 1
+        assert await load(1) == 1 and len(calls) == 2
+
+
+async def test_cancelling_the_running_caller_does_not_cancel_the_others() -> None:
+    calls = []
+    started = asyncio.Event()
+
+    @request_memo
+    async def slow(x: int) -> int:
+        calls.append(x)
+        started.set()
+        await asyncio.sleep(0.05)
+        return x * 2
+
+    async with request_scope():
+        first = asyncio.create_task(slow(4))
+        await started.wait()
+        others = [asyncio.create_task(slow(4)) for _ in range(3)]
+        await asyncio.sleep(0)
+        first.cancel()
+        assert await asyncio.gather(*others) == [8, 8, 8]
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert len(calls) == 2  # one waiter restarted it, once
+        assert await slow(4) == 8 and len(calls) == 2
+
+
+async def test_cancelling_every_waiter_cancels_and_caches_nothing() -> None:
+    finished = []
+
+    @request_memo
+    async def slow(x: int) -> int:
+        await asyncio.sleep(10)
+        finished.append(x)
+        return x
+
+    async with request_scope() as store:
+        tasks = [asyncio.create_task(slow(1)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        assert finished == [] and len(store) == 0 and not store._flights
+
+
+async def test_cancelling_a_waiter_leaves_the_computation_alone() -> None:
+    @request_memo
+    async def slow(x: int) -> int:
+        await asyncio.sleep(0.05)
+        return x
+
+    async with request_scope():
+        owner = asyncio.create_task(slow(1))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(slow(1))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        assert await owner == 1
+        assert slow.cache_info().currsize == 1
+
+
+async def test_async_methods_and_concurrent_scopes_are_isolated() -> None:
+    class Users:
+        @request_memo
+        async def name(self, uid: int) -> str:
+            await asyncio.sleep(0)
+            return f"user-{uid}-{id(current_store())}"
+
+    users = Users()
+
+    @request_scope()
+    async def request(uid: int) -> tuple[str, str]:
+        first = await users.name(uid)
+        await asyncio.sleep(0)
+        return first, await users.name(uid)
+
+    results = await asyncio.gather(*(request(1) for _ in range(50)))
+    assert all(a == b for a, b in results)
+    assert len({a for a, _ in results}) == 50  # every request computed its own
+    assert live_scopes() == 0
+
+
+async def test_scope_closing_mid_computation_does_not_cache_or_fail() -> None:
+    gate = asyncio.Event()
+
+    @request_memo
+    async def slow() -> int:
+        await gate.wait()
+        return 5
+
+    async with request_scope() as store:
+        task = asyncio.create_task(slow())
+        await asyncio.sleep(0)
+    gate.set()
+    assert await task == 5 and store.closed and len(store) == 0
+
+
+def test_memo_under_trio_through_anyio() -> None:
+    calls = []
+
+    @request_memo
+    async def load(x: int) -> int:
+        calls.append(x)
+        await anyio.sleep(0)
+        return x
+
+    async def main() -> tuple[int, int]:
+        async with request_scope():
+            first = await load(1)
+            return first, await load(1)
+
+    assert anyio.run(main, backend="trio") == (1, 1)
+    assert calls == [1]

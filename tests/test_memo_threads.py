@@ -1,0 +1,114 @@
+"""Threads that share one scope see one store and compute each key once at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from perrequest import bind_scope, current_store, request_memo, request_scope
+
+
+def test_copied_contexts_share_the_store_and_compute_once() -> None:
+    calls = []
+    start = threading.Barrier(6)
+
+    @request_memo
+    def load(x: int) -> int:
+        calls.append(x)
+        time.sleep(0.05)
+        return x + 1
+
+    def job() -> int:
+        start.wait()
+        return load(1)
+
+    with request_scope() as store, ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, job) for _ in range(6)]
+        assert [f.result() for f in futures] == [2] * 6
+        assert calls == [1]
+        assert (store.stats.misses, store.stats.hits) == (1, 5)
+
+
+def test_waiting_threads_get_the_exception() -> None:
+    calls = []
+    start = threading.Barrier(4)
+
+    @request_memo
+    def load() -> int:
+        calls.append(1)
+        time.sleep(0.05)
+        raise OSError("disk")
+
+    def job() -> str:
+        start.wait()
+        try:
+            load()
+        except OSError as exc:
+            return str(exc)
+        return "no error"
+
+    with request_scope(), ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(bind_scope(job)) for _ in range(4)]
+        assert [f.result() for f in futures] == ["disk"] * 4
+        assert len(calls) == 1 and load.cache_info().currsize == 0
+
+
+def test_recursion_on_the_same_thread_does_not_deadlock() -> None:
+    @request_memo
+    def fib(n: int) -> int:
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    with request_scope():
+        assert fib(60) == 1548008755920
+        assert fib.cache_info().misses == 61
+
+
+def test_isolation_between_threads_with_their_own_scopes() -> None:
+    @request_memo
+    def whoami() -> int:
+        return threading.get_ident()
+
+    @request_scope()
+    def request(n: int) -> bool:
+        mine = whoami()
+        time.sleep(0)
+        return whoami() == mine == threading.get_ident() and current_store().stats.hits == 1
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(request, range(400)))
+
+
+async def test_sync_to_async_and_to_thread_share_the_store() -> None:
+    @request_memo
+    def load(x: int) -> object:
+        return object()
+
+    async with request_scope() as store:
+        first = await sync_to_async(load)(1)
+        assert await asyncio.to_thread(load, 1) is first
+        assert await sync_to_async(current_store)() is store
+        assert load(1) is first
+
+
+@pytest.mark.parametrize("workers", [2, 8])
+def test_many_threads_hammering_one_bounded_store(workers: int) -> None:
+    @request_memo
+    def ident(x: int) -> int:
+        return x
+
+    def hammer(offset: int) -> bool:
+        return all(ident(i % 97) == i % 97 for i in range(offset, offset + 3000))
+
+    with request_scope(max_entries=40) as store, ThreadPoolExecutor(workers) as pool:
+        assert all(pool.map(bind_scope(hammer), range(workers)))
+        assert len(store) <= 40
+        # Hits are counted without a lock (a hit never takes one): under thread
+        # contention an increment can be lost, never invented.
+        counted = store.stats.hits + store.stats.misses
+        assert workers * 3000 * 0.9 <= counted <= workers * 3000

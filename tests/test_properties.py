@@ -1,0 +1,151 @@
+"""Property tests: memoized results equal plain results, bounds hold, nothing stays open."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from perrequest import MemoStore, request_memo, request_scope
+from perrequest.testing import live_scopes
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),  # nan, inf and -0.0 included
+    st.text(max_size=8),
+    st.binary(max_size=8),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.tuples(inner, inner), st.frozensets(inner, max_size=3)),
+    max_leaves=6,
+)
+calls = st.tuples(
+    st.lists(values, max_size=3).map(tuple),
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), values, max_size=2),
+)
+
+
+def _plain(*args: Any, **kwargs: Any) -> Any:
+    return (args, sorted(kwargs.items()))
+
+
+_typed_memo = request_memo(typed=True)(_plain)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with the same types all the way down and the same sign of zero."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (
+            a == b and math.copysign(1, a) == math.copysign(1, b)
+        )
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, frozenset):
+        return a == b and all(any(_same(x, y) for y in b) for x in a)
+    return bool(a == b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(calls, min_size=1, max_size=20))
+def test_typed_memo_returns_exactly_what_the_plain_function_returns(sequence: list[Any]) -> None:
+    with request_scope():
+        for args, kwargs in sequence:
+            assert _same(_typed_memo(*args, **kwargs), _plain(*args, **kwargs))
+    assert live_scopes() == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(calls, min_size=1, max_size=20))
+def test_untyped_memo_returns_an_equal_result(sequence: list[Any]) -> None:
+    memo = request_memo(_plain)
+    with request_scope():
+        for args, kwargs in sequence:
+            # Untyped, equal arguments (1, 1.0, True) are one call, as with lru_cache.
+            got, want = memo(*args, **kwargs), _plain(*args, **kwargs)
+            assert got == want or repr(want).count("nan")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5)), max_size=30))
+def test_two_functions_never_share_entries(sequence: list[tuple[bool, int]]) -> None:
+    @request_memo
+    def left(x: int) -> tuple[str, int]:
+        return ("left", x)
+
+    @request_memo
+    def right(x: int) -> tuple[str, int]:
+        return ("right", x)
+
+    with request_scope():
+        for use_left, x in sequence:
+            fn, tag = (left, "left") if use_left else (right, "right")
+            assert fn(x) == (tag, x)
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), st.integers(0, 30)),
+        st.tuples(st.just("get"), st.integers(0, 30)),
+        st.tuples(st.just("del"), st.integers(0, 30)),
+        st.tuples(st.just("memo"), st.integers(0, 30)),
+        st.tuples(st.just("get_or_set"), st.integers(0, 30)),
+        st.tuples(st.just("clear"), st.just(0)),
+    ),
+    max_size=80,
+)
+
+
+@request_memo
+def _ident(x: int) -> int:
+    return x
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8), operations)
+def test_store_never_exceeds_its_bound_and_closes_clean(
+    bound: int, ops: list[tuple[str, int]]
+) -> None:
+    with request_scope(max_entries=bound) as store:
+        model: dict[int, int] = {}
+        for op, key in ops:
+            if op == "set":
+                store[key] = key
+                model[key] = key
+            elif op == "get":
+                assert store.get(key, key) == key
+            elif op == "del":
+                store.pop(key, None)
+                model.pop(key, None)
+            elif op == "memo":
+                assert _ident(key) == key
+            elif op == "get_or_set":
+                assert store.get_or_set(("g", key), lambda k=key: k) == key
+            else:
+                store.clear()
+                model.clear()
+            assert len(store) <= bound
+            assert len(store._order) == len(store._data)
+            assert store.stats.peak_entries <= bound
+            # Whatever survived eviction holds the value that was stored.
+            for k, v in model.items():
+                if k in store:
+                    assert store[k] == v
+    assert store.closed and len(store) == 0 and live_scopes() == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 5), st.lists(st.integers(0, 10), max_size=40))
+def test_a_standalone_store_is_bounded(bound: int, keys: list[int]) -> None:
+    store = MemoStore(max_entries=bound)
+    for k in keys:
+        store[k] = k
+        assert len(store) <= bound
+    if keys:
+        assert keys[-1] in store

@@ -1,0 +1,202 @@
+"""MemoStore: a bounded, least-recently-used, thread-safe mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from perrequest import MemoStore, ScopeClosed, request_scope
+
+
+def test_mapping_basics() -> None:
+    store = MemoStore()
+    store["a"] = 1
+    store.update(b=2, c=3)
+    assert dict(store) == {"a": 1, "b": 2, "c": 3}
+    assert len(store) == 3 and "a" in store and "z" not in store
+    assert store.get("z", 0) == 0
+    assert store.pop("a") == 1 and store.pop("a", None) is None
+    with pytest.raises(KeyError):
+        store.pop("a")
+    assert store.setdefault("d", 4) == 4 and store.setdefault("d", 5) == 4
+    del store["b"]
+    with pytest.raises(KeyError):
+        del store["b"]
+    assert repr(store).startswith("<MemoStore open entries=2")
+    store.clear()
+    assert len(store) == 0
+    with pytest.raises(KeyError):
+        store.popitem()
+
+
+def test_least_recently_used_is_evicted() -> None:
+    store = MemoStore(max_entries=3)
+    store["a"], store["b"], store["c"] = 1, 2, 3
+    assert store["a"] == 1  # a is now the most recent
+    store["d"] = 4
+    assert list(store) == ["a", "c", "d"] or set(store) == {"a", "c", "d"}
+    assert "b" not in store
+    store["c"] = 30  # overwriting refreshes too
+    store["e"] = 5
+    assert set(store) == {"c", "d", "e"}
+    assert store.stats.evictions == 2 and store.stats.peak_entries == 3
+    assert store.stats.entries == 3
+
+
+def test_get_or_set_refreshes_recency_and_counts() -> None:
+    store = MemoStore(max_entries=2)
+    store.get_or_set("a", lambda: 1)
+    store.get_or_set("b", lambda: 2)
+    store.get_or_set("a", lambda: 0)
+    store.get_or_set("c", lambda: 3)
+    assert set(store) == {"a", "c"}
+    assert (store.stats.hits, store.stats.misses) == (1, 3)
+    # Plain mapping access is not counted.
+    store["x"] = 1
+    _ = store["x"]
+    assert (store.stats.hits, store.stats.misses) == (1, 3)
+
+
+def test_popitem_takes_the_most_recent() -> None:
+    store = MemoStore()
+    store["a"], store["b"] = 1, 2
+    assert store.popitem() == ("b", 2)
+
+
+def test_store_never_exceeds_its_bound() -> None:
+    store = MemoStore(max_entries=10)
+    for i in range(1000):
+        store[i] = i
+        assert len(store) <= 10
+    assert store.stats.evictions == 990
+
+
+def test_bad_keys_and_factories() -> None:
+    store = MemoStore()
+    with pytest.raises(TypeError):
+        store[["unhashable"]] = 1
+    with pytest.raises(TypeError):
+        store.get_or_set(["unhashable"], lambda: 1)
+
+    async def coro() -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="coroutine"):
+        store.get_or_set("k", coro)  # type: ignore[arg-type, return-value]
+    assert "k" not in store
+
+
+def test_get_or_set_does_not_cache_exceptions() -> None:
+    store = MemoStore()
+    with pytest.raises(ZeroDivisionError):
+        store.get_or_set("k", lambda: 1 / 0)
+    assert store.get_or_set("k", lambda: 7) == 7
+    assert store.stats.misses == 2
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda s: s.__setitem__("k", 1),
+        lambda s: s.__delitem__("missing"),
+        lambda s: s.pop("missing", None),
+        lambda s: s.popitem(),
+        lambda s: s.clear(),
+        lambda s: s.setdefault("k", 1),
+        lambda s: s.update(k=1),
+        lambda s: s.get_or_set("k", lambda: pytest.fail("factory called on a closed store")),
+    ],
+    ids=["setitem", "delitem", "pop", "popitem", "clear", "setdefault", "update", "get_or_set"],
+)
+def test_every_write_to_a_closed_store_raises(write) -> None:  # type: ignore[no-untyped-def]
+    with request_scope() as store:
+        store["a"] = 1
+    assert store.closed and len(store) == 0
+    with pytest.raises(ScopeClosed, match="ended"):
+        write(store)
+    assert len(store) == 0 and store.get("a") is None
+
+
+def test_closing_frees_values_at_once() -> None:
+    import weakref
+
+    class Big:
+        pass
+
+    with request_scope() as store:
+        value = Big()
+        ref = weakref.ref(value)
+        store["v"] = value
+        del value
+    assert ref() is None  # no garbage collection needed
+
+
+def test_threads_sharing_one_store_compute_once() -> None:
+    store = MemoStore()
+    calls = []
+    start = threading.Barrier(8)
+
+    def slow() -> int:
+        calls.append(1)
+        time.sleep(0.05)
+        return 99
+
+    def worker() -> int:
+        start.wait()
+        return store.get_or_set("k", slow)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: worker(), range(8)))
+    assert results == [99] * 8 and len(calls) == 1
+    assert store.stats.misses == 1 and store.stats.hits == 7
+
+
+def test_threads_waiting_get_the_exception_and_it_is_not_cached() -> None:
+    store = MemoStore()
+    start = threading.Barrier(4)
+    calls = []
+
+    def failing() -> int:
+        calls.append(1)
+        time.sleep(0.05)
+        raise ValueError("db down")
+
+    def worker() -> str:
+        start.wait()
+        try:
+            store.get_or_set("k", failing)
+        except ValueError as exc:
+            return str(exc)
+        return "no error"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda _: worker(), range(4)))
+    assert outcomes == ["db down"] * 4 and len(calls) == 1
+    assert "k" not in store
+
+
+def test_concurrent_writers_keep_the_bound() -> None:
+    store = MemoStore(max_entries=50)
+
+    def writer(base: int) -> None:
+        for i in range(2000):
+            store[(base, i)] = i
+            store.get((base, i - 1))
+
+    threads = [threading.Thread(target=writer, args=(b,)) for b in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store) == 50 and len(store._order) == 50
+    assert store.stats.evictions == 4 * 2000 - 50
+
+
+async def test_store_is_usable_from_the_event_loop_and_threads() -> None:
+    async with request_scope() as store:
+        await asyncio.to_thread(store.__setitem__, "t", 1)
+        assert store["t"] == 1

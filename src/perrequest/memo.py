@@ -199,8 +199,8 @@ class _MemoSpec:
             self._outside()
             return self.fn(*args, **kwargs)
         key, anchor = self.make_key(args, kwargs)
-        owner = store.owner_for(self, self.max_entries)
-        return store.compute_sync(key, owner, anchor, lambda: self.fn(*args, **kwargs))
+        owner = store._owner_for(self, self.max_entries)
+        return store._compute_sync(key, owner, anchor, lambda: self.fn(*args, **kwargs))
 
     async def call_async(
         self, store: MemoStore | None, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -209,8 +209,8 @@ class _MemoSpec:
             self._outside()
             return await self.fn(*args, **kwargs)
         key, anchor = self.make_key(args, kwargs)
-        owner = store.owner_for(self, self.max_entries)
-        return await store.compute_async(key, owner, anchor, lambda: self.fn(*args, **kwargs))
+        owner = store._owner_for(self, self.max_entries)
+        return await store._compute_async(key, owner, anchor, lambda: self.fn(*args, **kwargs))
 
     # -- the functools-style extras ------------------------------------------
 
@@ -226,7 +226,7 @@ class _MemoSpec:
         """Drop this function's entries in the active store (nothing outside a scope)."""
         store = _active_store()
         if store is not None:
-            store.remove_owner_entries(self)
+            store._remove_owner_entries(self)
 
 
 def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:

@@ -104,7 +104,7 @@ class ScopeLifecycle:
     def close(self) -> None:
         """Clear the store, then report its stats to the log and ``on_close``."""
         global _live
-        stats = self.store.close()
+        stats = self.store._close()
         if stats is None:
             return
         with _live_lock:

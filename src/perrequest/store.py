@@ -242,7 +242,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
                 )
             return value
 
-        return self.compute_sync(key, self._helpers, None, compute)  # type: ignore[no-any-return]
+        return self._compute_sync(key, self._helpers, None, compute)  # type: ignore[no-any-return]
 
     # -- internals used by request_memo and the scope lifecycle -------------
 
@@ -263,7 +263,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
         except KeyError:  # removed meanwhile by another thread: nothing to refresh
             pass
 
-    def owner_for(self, token: object, max_entries: int | None) -> _Owner:
+    def _owner_for(self, token: object, max_entries: int | None) -> _Owner:
         """The counters of one memoized function in this store."""
         owner = self._owners.get(token)
         if owner is None:
@@ -317,7 +317,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
             if owner.order is not None:
                 owner.order.clear()
 
-    def remove_owner_entries(self, token: object) -> None:
+    def _remove_owner_entries(self, token: object) -> None:
         """Drop every memo entry of one function (``fn.cache_clear()``)."""
         with self._lock:
             if self._closed:
@@ -336,7 +336,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
             duration_s=now - self._opened_at,
         )
 
-    def close(self) -> ScopeStats | None:
+    def _close(self) -> ScopeStats | None:
         """Clear and close; returns the final stats, or None if already closed."""
         with self._lock:
             if self._closed:
@@ -347,7 +347,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
             self._flights.clear()
             return stats
 
-    def compute_sync(
+    def _compute_sync(
         self, key: Hashable, owner: _Owner, anchor: Any, compute: Callable[[], Any]
     ) -> Any:
         """Return the entry at ``key`` or compute it once across threads."""
@@ -396,7 +396,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
                     del self._flights[key]
             flight.done.release()
 
-    async def compute_async(
+    async def _compute_async(
         self, key: Hashable, owner: _Owner, anchor: Any, compute: Callable[[], Awaitable[Any]]
     ) -> Any:
         """Return the entry at ``key`` or compute it once across tasks.

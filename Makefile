@@ -2,18 +2,28 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck bench soak docs clean
+.PHONY: demo test lint typecheck docs pytest bench soak clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[demo]'
+	touch $@
+
+## make demo: the sawtooth and the fix, side by side under a real uvicorn server.
+demo: $(VENV)/.installed-demo
 	$(PY) examples/worker.py
+
+## make test: lint, types, docs build and the whole test suite.
+test: lint typecheck docs pytest
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks
@@ -22,11 +32,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy --strict src
 
-test: lint typecheck
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet --site-dir site
+
+pytest: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) benchmarks/hit_cost.py
+	$(PY) benchmarks/middleware_overhead.py
+
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist site .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -9,7 +9,6 @@ store's lock.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import itertools
 import threading
@@ -19,6 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterator, MutableMapp
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+from ._flight import MISSING, SingleFlight
 from .errors import ScopeClosed
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "MemoStore", "ScopeStats"]
@@ -28,7 +28,6 @@ DEFAULT_MAX_ENTRIES: Final = 10_000
 T = TypeVar("T")
 
 _MISSING: Any = object()
-_RESTART: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,29 +56,6 @@ class _Owner:
         self.order: OrderedDict[Hashable, None] | None = (
             None if max_entries is None else OrderedDict()
         )
-
-
-class _ThreadFlight:
-    """A computation in progress in some thread; waiters block on ``done``."""
-
-    __slots__ = ("done", "error", "thread", "value")
-
-    def __init__(self) -> None:
-        self.thread = threading.get_ident()
-        self.done = threading.Lock()
-        self.done.acquire()
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-
-class _AsyncFlight:
-    """A computation in progress in some task; waiters await ``future``."""
-
-    __slots__ = ("future", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.future: asyncio.Future[Any] = loop.create_future()
 
 
 def check_max_entries(value: object, what: str = "max_entries") -> int | None:
@@ -124,7 +100,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
         self._order: OrderedDict[int, Hashable] = OrderedDict()
         self._entry_ids = itertools.count()
         self._lock = threading.RLock()
-        self._flights: dict[Hashable, _ThreadFlight | _AsyncFlight] = {}
+        self._flights = SingleFlight(self._lock)
         self._owners: dict[object, _Owner] = {}
         self._helpers = _Owner()
         self._closed = False
@@ -347,129 +323,25 @@ class MemoStore(MutableMapping[Hashable, Any]):
             self._flights.clear()
             return stats
 
+    def _lookup(self, key: Hashable) -> Any:
+        entry = self._data.get(key)
+        if entry is None:
+            return MISSING
+        self._touch(key, entry)
+        return entry[0]
+
     def _compute_sync(
         self, key: Hashable, owner: _Owner, anchor: Any, compute: Callable[[], Any]
     ) -> Any:
         """Return the entry at ``key`` or compute it once across threads."""
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is not None:
-                self._touch(key, entry)
-                owner.hits += 1
-                return entry[0]
-            flight = self._flights.get(key)
-            if flight is None:
-                flight = self._flights[key] = _ThreadFlight()
-                owner.misses += 1
-                is_owner = True
-            elif isinstance(flight, _ThreadFlight) and flight.thread != threading.get_ident():
-                owner.hits += 1
-                is_owner = False
-            else:
-                # The same thread re-entered its own computation, or an async
-                # computation holds the key: compute without deduplication.
-                owner.misses += 1
-                flight = None
-                is_owner = True
-        if flight is None:
-            return compute()
-        if not is_owner:
-            assert isinstance(flight, _ThreadFlight)
-            with flight.done:
-                pass
-            if flight.error is not None:
-                raise flight.error
-            return flight.value
-        assert isinstance(flight, _ThreadFlight)
-        try:
-            value = compute()
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        else:
-            flight.value = value
-            self._insert(key, value, owner, anchor)
-            return value
-        finally:
-            with self._lock:
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
-            flight.done.release()
+        return self._flights.run(
+            key, self._lookup, lambda k, v: self._insert(k, v, owner, anchor), compute, owner
+        )
 
     async def _compute_async(
         self, key: Hashable, owner: _Owner, anchor: Any, compute: Callable[[], Awaitable[Any]]
     ) -> Any:
-        """Return the entry at ``key`` or compute it once across tasks.
-
-        The computation runs in the first caller's task. If that caller is
-        cancelled, a waiter that is still alive restarts it; if all are
-        cancelled, nothing runs on and nothing is cached.
-        """
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): cache, but without single-flight
-            loop = None
-        while True:
-            with self._lock:
-                entry = self._data.get(key)
-                if entry is not None:
-                    self._touch(key, entry)
-                    owner.hits += 1
-                    return entry[0]
-                flight = self._flights.get(key)
-                if loop is None or (
-                    flight is not None and getattr(flight, "loop", None) is not loop
-                ):
-                    flight = None
-                    owner.misses += 1
-                    is_owner = True
-                elif flight is None:
-                    flight = self._flights[key] = _AsyncFlight(loop)
-                    owner.misses += 1
-                    is_owner = True
-                else:
-                    owner.hits += 1
-                    is_owner = False
-            if flight is None:
-                value = await compute()
-                self._insert(key, value, owner, anchor)
-                return value
-            assert isinstance(flight, _AsyncFlight)
-            if not is_owner:
-                outcome = await asyncio.shield(flight.future)
-                if outcome is _RESTART:
-                    with self._lock:
-                        owner.hits -= 1  # it is about to compute after all
-                    continue
-                ok, result = outcome
-                if ok:
-                    return result
-                raise result
-            return await self._run_flight(key, owner, anchor, compute, flight)
-
-    async def _run_flight(
-        self,
-        key: Hashable,
-        owner: _Owner,
-        anchor: Any,
-        compute: Callable[[], Awaitable[Any]],
-        flight: _AsyncFlight,
-    ) -> Any:
-        outcome: Any = _RESTART
-        try:
-            value = await compute()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            outcome = (False, exc)
-            raise
-        else:
-            outcome = (True, value)
-            self._insert(key, value, owner, anchor)
-            return value
-        finally:
-            with self._lock:
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
-            if not flight.future.done():
-                flight.future.set_result(outcome)
+        """Return the entry at ``key`` or compute it once across tasks."""
+        return await self._flights.run_async(
+            key, self._lookup, lambda k, v: self._insert(k, v, owner, anchor), compute, owner
+        )

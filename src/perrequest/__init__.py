@@ -6,7 +6,7 @@ never grow with the life of the process.
 """
 
 from .errors import NoActiveScope, PerRequestError, ScopeClosed, UnhashableArguments
-from .memo import CacheInfo, request_memo
+from .memo import CacheInfo, SharedCacheInfo, request_memo
 from .scope import bind_scope, current_store, in_request_scope, request_scope
 from .scope import get as get
 from .scope import get_or_set as get_or_set
@@ -25,6 +25,7 @@ __all__ = [
     "PerRequestError",
     "ScopeClosed",
     "ScopeStats",
+    "SharedCacheInfo",
     "UnhashableArguments",
     "bind_scope",
     "current_store",

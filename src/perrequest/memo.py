@@ -11,14 +11,16 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, MutableMapping
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
+from ._flight import MISSING
+from ._shared import SharedTier, check_shared
 from .errors import NoActiveScope, UnhashableArguments
 from .scope import _NO_SCOPE_HINT, _active_store, _current, _refuse_generator
 from .store import MemoStore, check_max_entries
 
-__all__ = ["CacheInfo", "request_memo"]
+__all__ = ["CacheInfo", "SharedCacheInfo", "request_memo"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,6 +34,19 @@ class CacheInfo(NamedTuple):
     misses: int
     maxsize: int | None
     currsize: int
+
+
+class SharedCacheInfo(NamedTuple):
+    """``CacheInfo`` plus the shared tier's process-wide counters, for ``shared=`` memos."""
+
+    hits: int
+    misses: int
+    maxsize: int | None
+    currsize: int
+    shared_hits: int
+    shared_misses: int
+    shared_maxsize: float
+    shared_currsize: int
 
 
 def _is_method(fn: Callable[..., Any]) -> bool:
@@ -88,6 +103,7 @@ class _MemoSpec:
         "max_entries",
         "name",
         "outside_scope",
+        "shared",
         "typed",
     )
 
@@ -98,6 +114,7 @@ class _MemoSpec:
         typed: bool,
         max_entries: int | None,
         outside_scope: str,
+        shared: MutableMapping[Hashable, Any] | None = None,
     ) -> None:
         self.fn = fn
         self.key_fn = key_fn
@@ -108,6 +125,16 @@ class _MemoSpec:
         module = getattr(fn, "__module__", None)
         qualname = getattr(fn, "__qualname__", None) or repr(fn)
         self.name = f"{module}.{qualname}" if module else qualname
+        self.shared: SharedTier | None = None
+        if shared is not None:
+            if self.is_method and key_fn is None:
+                raise TypeError(
+                    f"@request_memo(shared=...) on method {self.name} needs key=: instances are "
+                    "keyed by identity within a request, which means nothing across requests. "
+                    "Give key=, a function of (self, ...) returning a hashable key that "
+                    "identifies the instance's data, e.g. key=lambda self, x: (self.id, x)."
+                )
+            self.shared = SharedTier(check_shared(shared, self.name))
 
     def __repr__(self) -> str:
         return f"<request_memo {self.name}>"
@@ -200,7 +227,15 @@ class _MemoSpec:
             return self.fn(*args, **kwargs)
         key, anchor = self.make_key(args, kwargs)
         owner = store._owner_for(self, self.max_entries)
-        return store._compute_sync(key, owner, anchor, lambda: self.fn(*args, **kwargs))
+        shared = self.shared
+        if shared is None:
+            return store._compute_sync(key, owner, anchor, lambda: self.fn(*args, **kwargs))
+        value = self._shared_hit(store, shared, key, owner, anchor)
+        if value is not MISSING:
+            return value
+        return store._compute_sync(
+            key, owner, anchor, lambda: shared.get(key, lambda: self.fn(*args, **kwargs))
+        )
 
     async def call_async(
         self, store: MemoStore | None, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -210,23 +245,68 @@ class _MemoSpec:
             return await self.fn(*args, **kwargs)
         key, anchor = self.make_key(args, kwargs)
         owner = store._owner_for(self, self.max_entries)
-        return await store._compute_async(key, owner, anchor, lambda: self.fn(*args, **kwargs))
+        shared = self.shared
+        if shared is None:
+            return await store._compute_async(key, owner, anchor, lambda: self.fn(*args, **kwargs))
+        value = self._shared_hit(store, shared, key, owner, anchor)
+        if value is not MISSING:
+            return value
+        return await store._compute_async(
+            key, owner, anchor, lambda: shared.get_async(key, lambda: self.fn(*args, **kwargs))
+        )
+
+    @staticmethod
+    def _shared_hit(
+        store: MemoStore, shared: SharedTier, key: Hashable, owner: Any, anchor: Any
+    ) -> Any:
+        """A request-store miss served by the shared cache, copied into the request store.
+
+        From then on the request reads its own copy, so the value stays the same
+        for the rest of the request even if the shared entry expires meanwhile.
+        """
+        value = shared.peek(key)
+        if value is not MISSING:
+            with store._lock:
+                owner.misses += 1
+            store._insert(key, value, owner, anchor)
+        return value
 
     # -- the functools-style extras ------------------------------------------
 
-    def cache_info(self) -> CacheInfo:
+    def cache_info(self) -> CacheInfo | SharedCacheInfo:
         """This function's hits, misses and entries in the active store (zeros outside)."""
         store = _active_store()
         owner = None if store is None else store._owners.get(self)
-        if owner is None:
-            return CacheInfo(0, 0, self.max_entries, 0)
-        return CacheInfo(owner.hits, owner.misses, self.max_entries, owner.entries)
+        hits, misses, currsize = (
+            (0, 0, 0)
+            if owner is None
+            else (
+                owner.hits,
+                owner.misses,
+                owner.entries,
+            )
+        )
+        shared = self.shared
+        if shared is None:
+            return CacheInfo(hits, misses, self.max_entries, currsize)
+        return SharedCacheInfo(
+            hits,
+            misses,
+            self.max_entries,
+            currsize,
+            shared.hits,
+            shared.misses,
+            shared.cache.maxsize,  # type: ignore[attr-defined]
+            len(shared.cache),
+        )
 
     def cache_clear(self) -> None:
-        """Drop this function's entries in the active store (nothing outside a scope)."""
+        """Drop this function's entries in the active store, and in its shared cache."""
         store = _active_store()
         if store is not None:
             store._remove_owner_entries(self)
+        if self.shared is not None:
+            self.shared.clear(self)
 
 
 def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
@@ -361,6 +441,7 @@ def request_memo(
     typed: bool = False,
     max_entries: int | None = None,
     outside_scope: Literal["call", "raise"] = "call",
+    shared: MutableMapping[Any, Any] | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -372,6 +453,7 @@ def request_memo(
     typed: bool = False,
     max_entries: int | None = None,
     outside_scope: Literal["call", "raise"] = "call",
+    shared: MutableMapping[Any, Any] | None = None,
 ) -> Any:
     """Memoize a sync or async function, method, classmethod or staticmethod per request.
 
@@ -379,6 +461,9 @@ def request_memo(
     the same key (tasks or threads) share one computation. Outside any scope
     nothing is cached: the function is called (``outside_scope="call"``) or
     ``NoActiveScope`` is raised (``"raise"``). Also usable bare: ``@request_memo``.
+
+    ``shared=`` puts a bounded process-wide cache (``cachetools.LRUCache``,
+    ``TTLCache``, any mapping with a ``maxsize``) behind the request store.
     """
     if key is not None and not callable(key):
         raise TypeError(
@@ -402,7 +487,7 @@ def request_memo(
         if not callable(target):
             raise TypeError(f"@request_memo decorates a function or method, not {target!r}")
         _refuse_generator(target, "@request_memo")
-        spec = _MemoSpec(target, key, typed, max_entries, outside_scope)
+        spec = _MemoSpec(target, key, typed, max_entries, outside_scope, shared)
         wrapper = functools.update_wrapper(_make_wrapper(spec), target)
         wrapper.cache_info = spec.cache_info  # type: ignore[attr-defined]
         wrapper.cache_clear = spec.cache_clear  # type: ignore[attr-defined]

@@ -1,0 +1,110 @@
+"""The shared tier: a bounded process-wide cache behind the request store.
+
+``@request_memo(shared=cache)`` looks in the request store first, then in
+``cache``, and only then computes, filling both. The request store makes
+reads repeatable within a request even if the shared entry expires meanwhile.
+An unbounded mapping is refused: that is the leak this library prevents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from typing import Any
+
+from ._flight import MISSING, SingleFlight
+
+# One lock per shared cache, so functions that share a cache share its lock.
+_locks: dict[int, threading.RLock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(cache: object) -> threading.RLock:
+    with _locks_guard:
+        lock = _locks.get(id(cache))
+        if lock is None:
+            lock = _locks[id(cache)] = threading.RLock()
+            # Without weak reference support the lock simply stays, one per cache.
+            with contextlib.suppress(TypeError):
+                weakref.finalize(cache, _locks.pop, id(cache), None)
+        return lock
+
+
+def check_shared(cache: object, name: str) -> MutableMapping[Hashable, Any]:
+    """Accept a bounded mapping (a cachetools cache, or any mapping with a ``maxsize``)."""
+    fix = (
+        "Use a bounded cache with an eviction policy, such as "
+        "cachetools.LRUCache(maxsize=10_000) or cachetools.TTLCache(maxsize=10_000, ttl=60)."
+    )
+    if not isinstance(cache, MutableMapping):
+        raise TypeError(
+            f"@request_memo(shared=...) on {name} needs a mutable mapping with a maxsize, not "
+            f"{type(cache).__name__}. {fix}"
+        )
+    maxsize = getattr(cache, "maxsize", None)
+    if maxsize is None:
+        raise TypeError(
+            f"@request_memo(shared=...) on {name} refuses {type(cache).__name__}: it has no "
+            "maxsize, so nothing would ever be removed from it and it would grow for the "
+            f"life of the process (the leak perrequest exists to prevent). {fix}"
+        )
+    if (
+        isinstance(maxsize, bool)
+        or not isinstance(maxsize, (int, float))
+        or not math.isfinite(maxsize)
+        or maxsize <= 0
+    ):
+        raise ValueError(
+            f"@request_memo(shared=...) on {name}: maxsize must be a positive finite number, "
+            f"not {maxsize!r}. {fix}"
+        )
+    return cache
+
+
+class SharedTier:
+    """One function's view of a shared cache: thread-safe, single-flight, counted.
+
+    The counters are process-wide, like the cache itself.
+    """
+
+    __slots__ = ("_flights", "_lock", "cache", "hits", "misses")
+
+    def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
+        self.cache = cache
+        self._lock = _lock_for(cache)
+        self._flights = SingleFlight(self._lock)
+        self.hits = 0
+        self.misses = 0
+
+    def _lookup(self, key: Hashable) -> Any:
+        return self.cache.get(key, MISSING)
+
+    def _fill(self, key: Hashable, value: Any) -> None:
+        # cachetools refuses a value larger than the whole cache: skip caching it.
+        with self._lock, contextlib.suppress(ValueError):
+            self.cache[key] = value
+
+    def peek(self, key: Hashable) -> Any:
+        """The shared value at ``key`` or ``MISSING``, counting a hit only when found."""
+        with self._lock:
+            value = self.cache.get(key, MISSING)
+            if value is not MISSING:
+                self.hits += 1
+            return value
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """The shared value at ``key``, computed once across requests and threads."""
+        return self._flights.run(key, self._lookup, self._fill, compute, self)
+
+    async def get_async(self, key: Hashable, compute: Callable[[], Awaitable[Any]]) -> Any:
+        """The async twin of ``get``."""
+        return await self._flights.run_async(key, self._lookup, self._fill, compute, self)
+
+    def clear(self, token: object) -> None:
+        """Drop one function's entries (its keys start with ``token``)."""
+        with self._lock:
+            for key in [k for k in self.cache if type(k) is tuple and k and k[0] is token]:
+                self.cache.pop(key, None)

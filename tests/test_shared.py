@@ -1,0 +1,268 @@
+"""The shared tier: @request_memo(shared=cache) with a bounded process-wide cache."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import cachetools
+import pytest
+
+from perrequest import SharedCacheInfo, request_memo, request_scope
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        cachetools.LRUCache(maxsize=100),
+        cachetools.TTLCache(maxsize=100, ttl=60),
+        cachetools.LFUCache(maxsize=100),
+    ],
+    ids=["LRUCache", "TTLCache", "LFUCache"],
+)
+def test_hits_across_requests(cache: MutableMapping[Any, Any]) -> None:
+    calls = []
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> int:
+        calls.append(sku)
+        return len(sku)
+
+    with request_scope():
+        assert price("abc") == 3 and price("abc") == 3
+    with request_scope():
+        assert price("abc") == 3
+        info = price.cache_info()
+        assert isinstance(info, SharedCacheInfo)
+        assert (info.hits, info.misses) == (0, 1)  # request level: a miss, served by shared
+        assert (info.shared_hits, info.shared_misses) == (1, 1)
+        assert info.shared_maxsize == 100 and info.shared_currsize == 1
+    assert calls == ["abc"]
+
+
+class Bounded(collections.UserDict[Any, Any]):
+    """Any mapping with a maxsize is accepted; enforcing it is the mapping's job."""
+
+    maxsize = 2
+
+
+def test_any_mapping_with_a_maxsize() -> None:
+    @request_memo(shared=Bounded())
+    def f(x: int) -> int:
+        return x
+
+    with request_scope():
+        assert f(1) == 1
+    assert f.cache_info() == (0, 0, None, 0, 0, 1, 2, 1)
+
+
+class NoBound(MutableMapping[Any, Any]):
+    def __init__(self) -> None:
+        self.data: dict[Any, Any] = {}
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.data[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.data[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self.data[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+@pytest.mark.parametrize(
+    ("cache", "error", "message"),
+    [
+        ({}, TypeError, "dict: it has no maxsize"),
+        (collections.OrderedDict(), TypeError, "OrderedDict"),
+        (NoBound(), TypeError, "no maxsize"),
+        ([], TypeError, "mutable mapping"),
+        (cachetools.LRUCache(maxsize=float("inf")), ValueError, "finite"),
+    ],
+)
+def test_unbounded_caches_are_refused(cache: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message) as info:
+        request_memo(shared=cache)(lambda x: x)
+    assert "cachetools.LRUCache" in str(info.value) and "TTLCache" in str(info.value)
+
+
+def test_repeatable_reads_within_a_request() -> None:
+    clock = FakeClock()
+    cache = cachetools.TTLCache(maxsize=10, ttl=10, timer=clock)
+    version = [1]
+
+    @request_memo(shared=cache)
+    def config() -> int:
+        return version[0]
+
+    with request_scope():
+        assert config() == 1
+        version[0] = 2
+        clock.now = 100  # the shared entry expires mid-request...
+        assert config() == 1  # ...but this request keeps reading its own copy
+        cache.clear()
+        assert config() == 1
+    with request_scope():
+        assert config() == 2  # expired between requests: recomputed
+    clock.now = 105
+    with request_scope():
+        assert config() == 2 and config.cache_info().shared_hits >= 1  # type: ignore[union-attr]
+
+
+def test_concurrent_misses_across_requests_compute_once_in_threads() -> None:
+    calls = []
+    start = threading.Barrier(8)
+
+    @request_memo(shared=cachetools.LRUCache(maxsize=10))
+    def slow(x: int) -> int:
+        calls.append(x)
+        time.sleep(0.05)
+        return x * 3
+
+    @request_scope()
+    def request() -> int:
+        start.wait()
+        return slow(7)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert [f.result() for f in [pool.submit(request) for _ in range(8)]] == [21] * 8
+    assert calls == [7]
+
+
+async def test_concurrent_misses_across_requests_compute_once_in_asyncio() -> None:
+    calls = []
+
+    @request_memo(shared=cachetools.TTLCache(maxsize=10, ttl=60))
+    async def slow(x: int) -> int:
+        calls.append(x)
+        await asyncio.sleep(0.02)
+        return x * 3
+
+    @request_scope()
+    async def request() -> int:
+        return await slow(5)
+
+    assert await asyncio.gather(*(request() for _ in range(30))) == [15] * 30
+    assert calls == [5]
+
+
+def test_exceptions_are_not_cached_in_either_tier() -> None:
+    attempts = []
+
+    @request_memo(shared=cachetools.LRUCache(maxsize=10))
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise TimeoutError("upstream")
+        return "ok"
+
+    with request_scope():
+        with pytest.raises(TimeoutError):
+            flaky()
+        assert flaky() == "ok"
+    with request_scope():
+        assert flaky() == "ok"
+    assert len(attempts) == 2
+
+
+def test_outside_a_scope_nothing_is_cached_anywhere() -> None:
+    cache = cachetools.LRUCache(maxsize=10)
+    calls = []
+
+    @request_memo(shared=cache)
+    def f(x: int) -> int:
+        calls.append(x)
+        return x
+
+    assert f(1) == 1 and f(1) == 1
+    assert calls == [1, 1] and len(cache) == 0
+
+
+def test_cache_clear_drops_this_functions_shared_entries_only() -> None:
+    cache = cachetools.LRUCache(maxsize=10)
+
+    @request_memo(shared=cache)
+    def a(x: int) -> str:
+        return f"a{x}"
+
+    @request_memo(shared=cache)
+    def b(x: int) -> str:
+        return f"b{x}"
+
+    with request_scope():
+        assert (a(1), b(1)) == ("a1", "b1")  # two functions, one cache, no sharing
+        a.cache_clear()
+        assert len(cache) == 1 and a.cache_info().currsize == 0
+    a.cache_clear()
+
+
+def test_methods_need_a_key() -> None:
+    with pytest.raises(TypeError, match="key="):
+
+        class Repo:
+            @request_memo(shared=cachetools.LRUCache(maxsize=10))
+            def find(self, x: int) -> int:
+                return x
+
+    class Users:
+        def __init__(self, tenant: str) -> None:
+            self.tenant = tenant
+
+        @request_memo(
+            shared=cachetools.LRUCache(maxsize=10), key=lambda self, uid: (self.tenant, uid)
+        )
+        def name(self, uid: int) -> str:
+            return f"{self.tenant}:{uid}"
+
+    with request_scope():
+        assert Users("t1").name(1) == "t1:1"
+    with request_scope():
+        assert Users("t1").name(1) == "t1:1"
+        assert Users.name.cache_info().shared_hits == 1  # type: ignore[attr-defined]
+
+
+def test_shared_tier_stays_within_its_bound() -> None:
+    cache = cachetools.LRUCache(maxsize=1000)
+
+    @request_memo(shared=cache)
+    def ident(x: int) -> int:
+        return x
+
+    for batch in range(20):
+        with request_scope(max_entries=500) as store:
+            for i in range(batch * 5000, (batch + 1) * 5000):
+                assert ident(i) == i
+            assert len(store) == 500
+        assert len(cache) == 1000
+    assert ident.cache_info().shared_misses == 100_000  # type: ignore[attr-defined]
+
+
+def test_oversized_values_are_served_but_not_cached() -> None:
+    cache = cachetools.LRUCache(maxsize=10, getsizeof=len)
+
+    @request_memo(shared=cache)
+    def blob(n: int) -> str:
+        return "x" * n
+
+    with request_scope():
+        assert blob(100) == "x" * 100
+    assert len(cache) == 0

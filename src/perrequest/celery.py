@@ -1,0 +1,163 @@
+"""Celery integration: one request scope per task run, so task memos die with the job.
+
+Two ways in, both built on ``ScopeLifecycle`` like the web middlewares:
+
+- ``ScopedTask``, a task base class, for chosen tasks
+  (``@app.task(base=ScopedTask)``) or for every task of an app
+  (``Celery(..., task_cls="perrequest.celery:ScopedTask")``). Its ``__call__``
+  opens the scope, runs the body and closes the scope in one ``try/finally``,
+  in the thread or greenlet that runs the task, so nothing has to be paired up
+  across calls and a raising task still closes its scope. Options are class
+  attributes (``perrequest_max_entries``, ``perrequest_on_close``), checked
+  when the class is created; ``@app.task(base=ScopedTask,
+  perrequest_max_entries=100)`` sets them per task.
+- ``install(app, ...)`` scopes every task of an existing app, whatever its base
+  class and whether it was defined before or after the call, through Celery's
+  ``task_prerun``/``task_postrun`` signals. Celery sends both from the same
+  function, in the thread (or greenlet, with gevent/eventlet) that runs the
+  task, and sends ``task_postrun`` from a ``finally``. The open scopes are kept
+  on a stack in a ``ContextVar``, so nested eager runs (``other.apply()``
+  inside a task, eager retries) each get their own scope and unwind in order.
+  The scope also covers the task's ``before_start``, ``on_success``,
+  ``on_failure`` and ``after_return`` hooks, and closes just after the result
+  is stored. Call ``install`` where the app is created, before a worker
+  starts. Tasks whose class is a ``ScopedTask`` keep their own scope and are
+  skipped.
+
+Neither path caches anything between tasks: a worker thread (prefork child,
+``threads`` pool thread, ``solo`` main thread) sees no store once a task is
+done. The core never imports Celery; only this module does.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextvars import ContextVar, Token
+from typing import Any, Final, NamedTuple
+
+from celery import Celery, Task
+from celery.signals import task_postrun, task_prerun
+
+from .scope import OnClose, ScopeLifecycle, check_on_close
+from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
+
+__all__ = ["ScopedTask", "install"]
+
+_OPTION_PREFIX: Final = "perrequest_"
+_OPTIONS: Final = frozenset({"perrequest_max_entries", "perrequest_on_close"})
+
+
+# Celery ships no type hints, so Task is Any to mypy; subclassing it is the point.
+class ScopedTask(Task):  # type: ignore[misc]
+    """A Celery task base class whose every run gets a fresh request scope.
+
+    Memos used by the task body are computed once per run and cleared when
+    the run ends, also when it raises: nothing accumulates in the worker.
+    Subclass it, or pass options through ``@app.task``, to change
+    ``perrequest_max_entries`` or ``perrequest_on_close(stats)``.
+    """
+
+    perrequest_max_entries: int | None = DEFAULT_MAX_ENTRIES
+    perrequest_on_close: OnClose | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_task_class(cls)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        lifecycle = ScopeLifecycle(self.perrequest_max_entries, self.perrequest_on_close)
+        token = lifecycle.activate()
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            lifecycle.deactivate(token)
+            lifecycle.close()
+
+
+def _check_task_class(cls: type) -> None:
+    """Refuse misspelt or bad options when the task class is created, not at the first run."""
+    where = f"task class {cls.__qualname__}"
+    for name in vars(cls):
+        if name.startswith(_OPTION_PREFIX) and name not in _OPTIONS:
+            raise TypeError(
+                f"{where}: unknown option {name!r}; the options are {', '.join(sorted(_OPTIONS))}"
+            )
+    if "perrequest_max_entries" in vars(cls):
+        check_max_entries(vars(cls)["perrequest_max_entries"], f"{where}: perrequest_max_entries")
+    if "perrequest_on_close" in vars(cls):
+        raw = vars(cls)["perrequest_on_close"]
+        if isinstance(raw, staticmethod):
+            raw = raw.__func__
+        try:
+            check_on_close(raw)
+        except TypeError as exc:
+            raise TypeError(f"{where}: perrequest_{exc}") from None
+        # A plain function stored on a class would be bound to the task as a method.
+        cls.perrequest_on_close = staticmethod(raw) if raw is not None else None  # type: ignore[attr-defined]
+
+
+class _Options(NamedTuple):
+    max_entries: int | None
+    on_close: OnClose | None
+
+
+class _OpenJob(NamedTuple):
+    task_id: str
+    lifecycle: ScopeLifecycle
+    token: Token[MemoStore | None]
+
+
+_installed: weakref.WeakKeyDictionary[Any, _Options] = weakref.WeakKeyDictionary()
+_open_jobs: ContextVar[tuple[_OpenJob, ...]] = ContextVar("perrequest.celery.jobs", default=())
+
+
+def install(
+    app: Any,
+    *,
+    max_entries: int | None = DEFAULT_MAX_ENTRIES,
+    on_close: OnClose | None = None,
+) -> None:
+    """Give every task of ``app`` its own request scope, for each run.
+
+    Call it once, where the app is created and before a worker starts. Tasks
+    of other apps are not affected; tasks based on ``ScopedTask`` keep their
+    own options.
+    """
+    if not isinstance(app, Celery):
+        raise TypeError(
+            f"perrequest.celery.install() takes a Celery app, not {type(app).__name__} {app!r}"
+        )
+    options = _Options(check_max_entries(max_entries), check_on_close(on_close))
+    if app in _installed:
+        raise RuntimeError(
+            f"perrequest is already installed on Celery app {app.main!r}; call "
+            "perrequest.celery.install() once, where the app is created"
+        )
+    _installed[app] = options
+    task_prerun.connect(_open_job_scope, weak=False, dispatch_uid="perrequest.celery.prerun")
+    task_postrun.connect(_close_job_scope, weak=False, dispatch_uid="perrequest.celery.postrun")
+
+
+def _open_job_scope(sender: Any = None, task_id: str = "", **_: Any) -> None:
+    if sender is None or isinstance(sender, ScopedTask):
+        return
+    options = _installed.get(sender.app)
+    if options is None:
+        return
+    lifecycle = ScopeLifecycle(options.max_entries, options.on_close)
+    job = _OpenJob(task_id, lifecycle, lifecycle.activate())
+    _open_jobs.set((*_open_jobs.get(), job))
+
+
+def _close_job_scope(task_id: str = "", **_: Any) -> None:
+    jobs = _open_jobs.get()
+    # The innermost run first; a postrun without its prerun finds nothing and does nothing.
+    for index in range(len(jobs) - 1, -1, -1):
+        if jobs[index].task_id == task_id:
+            break
+    else:
+        return
+    _open_jobs.set(jobs[:index])
+    for job in reversed(jobs[index:]):
+        job.lifecycle.deactivate(job.token)
+        job.lifecycle.close()

@@ -90,9 +90,11 @@ class SharedTier:
     def peek(self, key: Hashable) -> Any:
         """The shared value at ``key`` or ``MISSING``, counting a hit only when found."""
         with self._lock:
-            value = self.cache.get(key, MISSING)
-            if value is not MISSING:
-                self.hits += 1
+            try:
+                value = self.cache[key]  # not .get(): cachetools' get looks the key up twice
+            except KeyError:
+                return MISSING
+            self.hits += 1
             return value
 
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:

@@ -103,6 +103,7 @@ class _MemoSpec:
         "max_entries",
         "name",
         "outside_scope",
+        "plain",
         "shared",
         "typed",
     )
@@ -122,6 +123,8 @@ class _MemoSpec:
         self.max_entries = max_entries
         self.outside_scope = outside_scope
         self.is_method = _is_method(fn)
+        # The common case: the key is just the arguments, as the fast wrappers build it.
+        self.plain = key_fn is None and not typed and not self.is_method
         module = getattr(fn, "__module__", None)
         qualname = getattr(fn, "__qualname__", None) or repr(fn)
         self.name = f"{module}.{qualname}" if module else qualname
@@ -143,6 +146,13 @@ class _MemoSpec:
 
     def make_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Hashable, Any]:
         """The key and the object the entry must keep alive (``self``), or raise."""
+        if self.plain:
+            key: tuple[Any, ...] = (self, args, tuple(kwargs.items())) if kwargs else (self, args)
+            try:
+                hash(key)
+            except TypeError as exc:
+                raise self._unhashable(args, kwargs, exc) from None
+            return key, None
         anchor = args[0] if self.is_method and args else None
         if self.key_fn is not None:
             custom = self.key_fn(*args, **kwargs)
@@ -157,7 +167,7 @@ class _MemoSpec:
             return (self, custom), anchor
         if anchor is not None:
             rest = args[1:]
-            key: tuple[Any, ...] = (self, id(anchor), rest)
+            key = (self, id(anchor), rest)
         else:
             rest = args
             key = (self, args)
@@ -266,9 +276,7 @@ class _MemoSpec:
         """
         value = shared.peek(key)
         if value is not MISSING:
-            with store._lock:
-                owner.misses += 1
-            store._insert(key, value, owner, anchor)
+            store._insert(key, value, owner, anchor, count_miss=True)
         return value
 
     # -- the functools-style extras ------------------------------------------

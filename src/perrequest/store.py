@@ -247,8 +247,17 @@ class MemoStore(MutableMapping[Hashable, Any]):
                 owner = self._owners.setdefault(token, _Owner(max_entries))
         return owner
 
-    def _insert(self, key: Hashable, value: Any, owner: _Owner | None, anchor: Any) -> None:
+    def _insert(
+        self,
+        key: Hashable,
+        value: Any,
+        owner: _Owner | None,
+        anchor: Any,
+        count_miss: bool = False,
+    ) -> None:
         with self._lock:
+            if count_miss and owner is not None:
+                owner.misses += 1
             if self._closed:
                 return
             data = self._data
@@ -266,15 +275,15 @@ class MemoStore(MutableMapping[Hashable, Any]):
                 owner.entries += 1
                 if owner.order is not None:
                     owner.order[key] = None
-                    if owner.max_entries is not None and owner.entries > owner.max_entries:
+                    if owner.entries > owner.max_entries:  # type: ignore[operator]
                         self._remove(next(iter(owner.order)))
                         self._evictions += 1
             size = len(data)
-            if self._max_entries is not None and size > self._max_entries:
+            bound = self._max_entries
+            if bound is not None and size > bound:
                 self._remove(next(iter(self._order.values())))
                 self._evictions += 1
-                size -= 1
-            if size > self._peak:
+            elif size > self._peak:
                 self._peak = size
 
     def _remove(self, key: Hashable) -> None:

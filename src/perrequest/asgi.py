@@ -1,0 +1,106 @@
+"""ASGI middleware: one store per request, for Starlette, FastAPI and any ASGI app.
+
+Pure ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` runs the app in
+another task, so a store set there is invisible to code outside it and its
+context can hide one set further out. A pure middleware sets the ContextVar
+in the same task that runs the app, so dependencies, endpoints, streaming
+bodies and background tasks (all of which run before the app returns) see
+the store, and it is closed once the app has returned.
+
+Starlette/FastAPI: ``app.add_middleware(RequestScopeMiddleware)``. Any other
+ASGI app: ``app = RequestScopeMiddleware(app)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .scope import OnClose, ScopeLifecycle, check_on_close
+from .store import DEFAULT_MAX_ENTRIES, check_max_entries
+
+__all__ = ["RequestScopeMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+# The wrapped app is typed loosely, as Starlette does: apps typed with asgiref's
+# TypedDict scopes or a plain dict must be accepted too.
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+_SCOPE_TYPES = ("http", "websocket")
+
+
+def _check_scope_types(scope_types: object) -> frozenset[str]:
+    """Validate ``scope_types``: a collection of "http" and/or "websocket"."""
+    if isinstance(scope_types, str) or not isinstance(scope_types, (tuple, list, set, frozenset)):
+        raise TypeError(
+            f"scope_types must be a tuple of scope type names such as ('http', 'websocket'), "
+            f"not {type(scope_types).__name__} {scope_types!r}"
+        )
+    if not scope_types:
+        raise ValueError(
+            "scope_types is empty, so the middleware would never open a store; "
+            "use ('http',) or ('http', 'websocket')"
+        )
+    for kind in scope_types:
+        if not isinstance(kind, str):
+            raise TypeError(
+                f"scope_types must contain strings ('http', 'websocket'), "
+                f"not {type(kind).__name__} {kind!r}"
+            )
+        if kind == "lifespan":
+            raise ValueError(
+                "scope_types cannot include 'lifespan': the lifespan scope lasts as long as "
+                "the process, so a store opened for it would be the process-lifetime cache "
+                "this library exists to prevent. Use 'http' and/or 'websocket'."
+            )
+        if kind not in _SCOPE_TYPES:
+            raise ValueError(
+                f"unknown scope type {kind!r} in scope_types; use 'http' and/or 'websocket'"
+            )
+    return frozenset(scope_types)
+
+
+class RequestScopeMiddleware:
+    """Open a fresh store for each ASGI scope whose type is in ``scope_types``.
+
+    The store is closed (cleared, ``on_close(stats)`` called, stats logged at
+    DEBUG) when the downstream app returns: after the last body message and
+    any background tasks, also on errors, disconnects and cancellation. A
+    listed ``websocket`` scope keeps its store, bounded by ``max_entries``, for
+    the connection's whole life. Other scopes (``lifespan``) pass straight through.
+    """
+
+    __slots__ = ("_max_entries", "_on_close", "_scope_types", "app")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
+        scope_types: tuple[str, ...] | list[str] | set[str] | frozenset[str] = ("http",),
+        on_close: OnClose | None = None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"RequestScopeMiddleware wraps an ASGI app (an async callable taking "
+                f"scope, receive, send), not {type(app).__name__} {app!r}"
+            )
+        self.app = app
+        self._max_entries = check_max_entries(max_entries)
+        self._scope_types = _check_scope_types(scope_types)
+        self._on_close = check_on_close(on_close)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in self._scope_types:
+            await self.app(scope, receive, send)
+            return
+        lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
+        token = lifecycle.activate()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            lifecycle.deactivate(token)
+            lifecycle.close()

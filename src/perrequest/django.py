@@ -1,0 +1,149 @@
+"""Django middleware: one store per request, for sync and async views alike.
+
+Add ``"perrequest.django.RequestScopeMiddleware"`` to ``MIDDLEWARE`` (near
+the top, so other middleware sees the store too). Options come from
+``settings.PERREQUEST = {"MAX_ENTRIES": int | None, "ON_CLOSE": callable or
+dotted path}``, read once when Django creates the middleware.
+
+The store is opened and reset around ``get_response`` in ``__call__``, never
+in ``process_request``/``process_response``: under ASGI those run in different
+contexts, and a token set in one cannot be reset in the other. It is closed
+when Django closes the response (``response.close()``), so a streaming body,
+which runs after ``__call__`` has returned, still sees the view's store.
+"""
+
+from __future__ import annotations
+
+import difflib
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from .scope import OnClose, ScopeLifecycle, check_on_close
+from .store import DEFAULT_MAX_ENTRIES, check_max_entries
+
+__all__ = ["RequestScopeMiddleware"]
+
+_KEYS = ("MAX_ENTRIES", "ON_CLOSE")
+
+
+class RequestScopeMiddleware:
+    """Open a fresh store for each request; close it when Django closes the response.
+
+    Sync and async capable: Django hands it an async ``get_response`` under
+    ASGI, and then it runs as a coroutine, so async views get no thread switch.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+        self._max_entries, self._on_close = _read_settings()
+        self._is_async = iscoroutinefunction(get_response)
+        if self._is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: Any) -> Any:
+        if self._is_async:
+            return self._acall(request)
+        lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
+        token = lifecycle.activate()
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            lifecycle.deactivate(token)
+            lifecycle.close()
+            raise
+        lifecycle.deactivate(token)
+        return _close_with_response(response, lifecycle)
+
+    async def _acall(self, request: Any) -> Any:
+        lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
+        token = lifecycle.activate()
+        try:
+            response = await self.get_response(request)
+        except BaseException:  # cancellation (client gone) closes the store too
+            lifecycle.deactivate(token)
+            lifecycle.close()
+            raise
+        lifecycle.deactivate(token)
+        return _close_with_response(response, lifecycle)
+
+
+def _close_with_response(response: Any, lifecycle: ScopeLifecycle) -> Any:
+    """Tie the scope's end to the response's: its streaming body runs in the scope,
+    and ``response.close()`` (or, if nobody calls it, garbage collection) closes it."""
+    try:
+        # A FileResponse only reads a file, and replacing its streaming_content
+        # would disable the server's wsgi.file_wrapper (sendfile).
+        if response.streaming and getattr(response, "file_to_stream", None) is None:
+            if response.is_async:
+                response.streaming_content = lifecycle.aiterate(response.streaming_content)
+            else:
+                response.streaming_content = lifecycle.iterate(response.streaming_content)
+        # A response can be dropped unclosed (a middleware above replaces it; under
+        # ASGI a sync chain's request task is cancelled): the finalizer then closes
+        # the store when it is collected. Called by close(), it runs once and detaches.
+        response._resource_closers.append(weakref.finalize(response, lifecycle.close))
+    except BaseException:
+        lifecycle.close()
+        raise
+    return response
+
+
+def _read_settings() -> tuple[int | None, OnClose | None]:
+    """``settings.PERREQUEST``, validated; ``ImproperlyConfigured`` names the bad key."""
+    options = getattr(settings, "PERREQUEST", None)
+    if options is None:
+        return DEFAULT_MAX_ENTRIES, None
+    if not isinstance(options, Mapping):
+        raise ImproperlyConfigured(
+            f"settings.PERREQUEST must be a dict with the keys {', '.join(_KEYS)}, "
+            f"not {type(options).__name__} {options!r}"
+        )
+    for key in options:
+        if key not in _KEYS:
+            close = difflib.get_close_matches(str(key).upper(), _KEYS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ImproperlyConfigured(
+                f"settings.PERREQUEST has an unknown key {key!r}; the valid keys are "
+                f"{', '.join(_KEYS)}.{hint}"
+            )
+    return _max_entries(options), _on_close(options)
+
+
+def _max_entries(options: Mapping[str, Any]) -> int | None:
+    if "MAX_ENTRIES" not in options:
+        return DEFAULT_MAX_ENTRIES
+    try:
+        return check_max_entries(options["MAX_ENTRIES"], 'settings.PERREQUEST["MAX_ENTRIES"]')
+    except (TypeError, ValueError) as exc:
+        raise ImproperlyConfigured(
+            f"{exc} (None means unbounded; leave the key out for the default, "
+            f"{DEFAULT_MAX_ENTRIES})"
+        ) from exc
+
+
+def _on_close(options: Mapping[str, Any]) -> OnClose | None:
+    value = options.get("ON_CLOSE")
+    if isinstance(value, str):
+        try:
+            value = import_string(value)
+        except ImportError as exc:
+            raise ImproperlyConfigured(
+                f'settings.PERREQUEST["ON_CLOSE"] is the dotted path {options["ON_CLOSE"]!r}, '
+                f"which cannot be imported: {exc}"
+            ) from exc
+    try:
+        return check_on_close(value)
+    except TypeError as exc:
+        raise ImproperlyConfigured(
+            f'settings.PERREQUEST["ON_CLOSE"] must be a callable taking ScopeStats, a dotted '
+            f"path to one, or None, not {type(value).__name__} {value!r}"
+        ) from exc

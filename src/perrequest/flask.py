@@ -1,0 +1,71 @@
+"""Flask extension: one store per request, through the WSGI middleware.
+
+``PerRequest(app)``, or ``ext = PerRequest(); ext.init_app(app)`` in an app
+factory. It wraps ``app.wsgi_app`` (not ``before_request``/``teardown_request``
+hooks) so that everything Flask runs for a request sees one store:
+``before_request``, the view, ``after_request``, ``teardown_request``, error
+handlers, and the response body while it streams, with ``stream_with_context``
+or a bare generator. The store closes when the server closes the response.
+"""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from .scope import OnClose, check_on_close
+from .store import DEFAULT_MAX_ENTRIES, check_max_entries
+from .wsgi import RequestScopeMiddleware
+
+__all__ = ["EXTENSION_KEY", "PerRequest"]
+
+EXTENSION_KEY = "perrequest"
+
+
+class PerRequest:
+    """Give every request of a Flask app its own perrequest store.
+
+    The options are ``RequestScopeMiddleware``'s and are validated here, when
+    the extension is created, so a typo fails at import time, not on the
+    first request.
+    """
+
+    __slots__ = ("_max_entries", "_on_close")
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
+        on_close: OnClose | None = None,
+    ) -> None:
+        self._max_entries = check_max_entries(max_entries)
+        self._on_close = check_on_close(on_close)
+        if app is not None:
+            self.init_app(app)
+
+    @property
+    def max_entries(self) -> int | None:
+        """The bound of each request's store."""
+        return self._max_entries
+
+    def init_app(self, app: Flask) -> None:
+        """Wrap ``app.wsgi_app`` with the middleware; register as ``app.extensions["perrequest"]``.
+
+        Refuses an app that already has the extension: wrapping twice would
+        give the inner stack its own store, hiding the outer one.
+        """
+        if not isinstance(app, Flask):
+            raise TypeError(
+                f"PerRequest.init_app() takes a Flask app, not {type(app).__name__} {app!r}; "
+                "for another WSGI app use perrequest.wsgi.RequestScopeMiddleware"
+            )
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                f"perrequest is already registered on Flask app {app.name!r} "
+                f"(app.extensions[{EXTENSION_KEY!r}]); call PerRequest(app) or init_app(app) "
+                "once per app"
+            )
+        app.wsgi_app = RequestScopeMiddleware(  # type: ignore[method-assign]
+            app.wsgi_app, max_entries=self._max_entries, on_close=self._on_close
+        )
+        app.extensions[EXTENSION_KEY] = self

@@ -1,0 +1,365 @@
+"""perrequest.django.RequestScopeMiddleware under Django's test Client and AsyncClient."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import django_project
+import pytest
+
+django_project.setup()
+
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
+from django.http import FileResponse, HttpResponse  # noqa: E402
+from django.test import AsyncClient, Client, RequestFactory, override_settings  # noqa: E402
+from django_project import hooks  # noqa: E402
+from django_project import settings as project_settings  # noqa: E402
+
+import perrequest  # noqa: E402
+from perrequest import DEFAULT_MAX_ENTRIES, ScopeStats  # noqa: E402
+from perrequest.django import RequestScopeMiddleware  # noqa: E402
+from perrequest.testing import live_scopes  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _project() -> Iterator[None]:
+    with django_project.use_settings(project_settings):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def closed() -> Iterator[list[ScopeStats]]:
+    """The stats the project's ON_CLOSE hook received during the test."""
+    hooks.CLOSED.clear()
+    yield hooks.CLOSED
+    hooks.CLOSED.clear()
+
+
+def _json(response: Any) -> Any:
+    assert response.status_code == 200, response.content
+    return json.loads(response.content)
+
+
+def _lines(chunks: list[bytes]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in b"".join(chunks).splitlines()]
+
+
+# -- sharing within a request, not across -------------------------------------
+
+
+def test_sync_view_shares_one_store_with_middleware(closed: list[ScopeStats]) -> None:
+    client = Client()
+    first, second = _json(client.get("/sync/")), _json(client.get("/sync/"))
+    for seen in (first, second):
+        assert seen["before"] is None  # a fresh store, nothing from the last request
+        assert seen["mw"] == seen["lookup"]  # the middleware's lookup was reused
+        assert seen["lookups"] == 1
+    assert first["lookup"] != second["lookup"]  # ... but never across requests
+    assert not perrequest.in_request_scope()  # the test thread was left clean
+    assert [(s.misses, s.hits, s.entries) for s in closed] == [
+        (1, 1, 3),
+        (1, 1, 3),
+    ]  # lookups, memo, marker
+
+
+async def test_async_view_runs_on_the_loop_and_shares_one_store(
+    closed: list[ScopeStats],
+) -> None:
+    client = AsyncClient()
+    first, second = _json(await client.get("/async/")), _json(await client.get("/async/"))
+    for seen in (first, second):
+        assert seen["before"] is None
+        assert seen["mw"] == seen["lookup"]
+        assert seen["lookups"] == 1
+        assert seen["thread"] == threading.get_ident()  # no sync_to_async hop for the view
+    assert first["lookup"] != second["lookup"]
+    assert not perrequest.in_request_scope()
+    assert len(closed) == 2
+
+
+def _adapted(caplog: pytest.LogCaptureFixture, middleware: list[str]) -> list[str]:
+    caplog.clear()
+    with (
+        override_settings(DEBUG=True, MIDDLEWARE=middleware),
+        caplog.at_level(logging.DEBUG, "django.request"),
+    ):
+        ASGIHandler()
+    return [r.getMessage() for r in caplog.records if "adapted" in r.getMessage()]
+
+
+def test_async_chain_is_not_adapted_to_sync(caplog: pytest.LogCaptureFixture) -> None:
+    """Under ASGI, Django adapts (and logs) around any middleware that is sync only."""
+    assert _adapted(caplog, project_settings.MIDDLEWARE) == []
+    control = [*project_settings.MIDDLEWARE, "django_project.middleware.sync_only"]
+    assert _adapted(caplog, control) != []
+
+
+async def test_middleware_is_a_coroutine_function_only_over_async_get_response() -> None:
+    from asgiref.sync import iscoroutinefunction
+
+    async def aget_response(request: Any) -> HttpResponse:
+        return HttpResponse(str(perrequest.in_request_scope()))
+
+    def get_response(request: Any) -> HttpResponse:
+        return HttpResponse(str(perrequest.in_request_scope()))
+
+    amw, mw = RequestScopeMiddleware(aget_response), RequestScopeMiddleware(get_response)
+    assert iscoroutinefunction(amw) and not iscoroutinefunction(mw)
+    request = RequestFactory().get("/")
+    for call in (amw, mw):
+        response = call(request)
+        response = await response if call is amw else response
+        assert response.content == b"True"
+        assert live_scopes() == 1
+        response.close()
+        assert live_scopes() == 0
+
+
+async def test_the_asgi_token_trap_that_wrapping_get_response_avoids() -> None:
+    """A ContextVar set in process_request cannot be reset in process_response under ASGI."""
+    naive = override_settings(MIDDLEWARE=["django_project.middleware.NaiveScopeMiddleware"])
+    with naive, pytest.raises(ValueError, match="created in a different Context"):
+        await AsyncClient().get("/echo/", {"v": "x"})
+    seen = _json(await AsyncClient().get("/echo/", {"v": "x"}))  # perrequest's middleware
+    assert seen == {"before": None, "seen": "x", "memo": "x"}
+
+
+def test_middleware_view_and_template_share_one_lookup(closed: list[ScopeStats]) -> None:
+    seen = _json(Client().get("/shared/"))
+    assert seen["page"] == f"lookup={seen['lookup']}"
+    assert seen["mw"] == seen["lookup"]
+    assert seen["lookups"] == 1  # middleware, context processor and view: one real call
+    assert (closed[0].misses, closed[0].hits) == (1, 2)
+
+
+def test_no_sharing_across_requests() -> None:
+    client = Client()
+    for n in range(5):
+        seen = _json(client.get("/echo/", {"v": f"v{n}"}))
+        assert seen == {"before": None, "seen": f"v{n}", "memo": f"v{n}"}
+
+
+# -- streaming -----------------------------------------------------------------
+
+
+def test_sync_streaming_body_sees_the_views_store(closed: list[ScopeStats]) -> None:
+    response = Client().get("/stream/sync/")
+    assert response.streaming and not response.is_async
+    assert live_scopes() == 1 and not closed  # the body has not run yet: store still open
+    lines = _lines(list(response.streaming_content))  # the client closes at the end
+    assert len(lines) == 3
+    for line in lines:
+        assert line == {
+            "in_scope": True,
+            "marker": response["X-Marker"],
+            "lookup": response["X-Lookup"],
+            "lookups": 1,
+        }
+    assert live_scopes() == 0
+    assert len(closed) == 1 and closed[0].hits == 4  # the view's lookup plus 3 in the body
+
+
+async def test_async_streaming_body_sees_the_views_store(closed: list[ScopeStats]) -> None:
+    response = await AsyncClient().get("/stream/async/")
+    assert response.streaming and response.is_async
+    assert live_scopes() == 1
+    lines = _lines([chunk async for chunk in response.streaming_content])
+    assert len(lines) == 3
+    for line in lines:
+        assert line["in_scope"] is True
+        assert line["marker"] == response["X-Marker"]
+        assert line["lookup"] == response["X-Lookup"]
+        assert line["lookups"] == 1
+    assert live_scopes() == 0
+    assert len(closed) == 1
+
+
+def test_streaming_response_closed_unread_closes_the_store(closed: list[ScopeStats]) -> None:
+    response = Client().get("/stream/sync/")
+    assert live_scopes() == 1
+    response.close()  # what a WSGI server does when the client went away
+    assert live_scopes() == 0 and len(closed) == 1
+
+
+def test_file_response_keeps_sendfile_and_closes(closed: list[ScopeStats]) -> None:
+    with Path(__file__).open("rb") as handle:
+        mw = RequestScopeMiddleware(lambda request: FileResponse(handle))
+        response = mw(RequestFactory().get("/"))
+        assert response.file_to_stream is handle  # not wrapped: wsgi.file_wrapper still applies
+        response.close()
+        assert handle.closed and live_scopes() == 0 and len(closed) == 1
+
+
+def test_response_dropped_without_close_frees_the_store(closed: list[ScopeStats]) -> None:
+    """Django's ASGI handler drops the response unclosed when the client disconnects."""
+    mw = RequestScopeMiddleware(lambda request: HttpResponse("ok"))
+    response = mw(RequestFactory().get("/"))
+    assert live_scopes() == 1
+    del response
+    gc.collect()
+    assert live_scopes() == 0 and len(closed) == 1
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+def test_view_that_raises_closes_the_store_and_the_500_handler_sees_it(
+    closed: list[ScopeStats],
+) -> None:
+    response = Client(raise_request_exception=False).get("/boom/")
+    assert response.status_code == 500
+    # handler500 runs inside the middleware stack, still in the view's scope.
+    assert response.content == b"500 in_scope=True marker=set-before-boom"
+    assert live_scopes() == 0 and len(closed) == 1
+
+
+@override_settings(DEBUG_PROPAGATE_EXCEPTIONS=True)
+def test_exception_through_the_middleware_closes_the_store(closed: list[ScopeStats]) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        Client().get("/boom/")
+    assert live_scopes() == 0 and len(closed) == 1
+    assert not perrequest.in_request_scope()
+
+
+async def test_exception_through_the_async_middleware_closes_the_store(
+    closed: list[ScopeStats],
+) -> None:
+    with override_settings(DEBUG_PROPAGATE_EXCEPTIONS=True), pytest.raises(RuntimeError):
+        await AsyncClient().get("/boom/")
+    assert live_scopes() == 0 and len(closed) == 1
+    assert not perrequest.in_request_scope()
+
+
+async def test_cancelled_request_closes_the_store(closed: list[ScopeStats]) -> None:
+    """Under ASGI Django cancels the request's task when the client disconnects."""
+    started = asyncio.Event()
+
+    async def slow_view(request: Any) -> HttpResponse:
+        perrequest.set("marker", "cancelled")
+        started.set()
+        await asyncio.sleep(60)
+        raise AssertionError("not cancelled")
+
+    mw = RequestScopeMiddleware(slow_view)
+    task = asyncio.create_task(mw(RequestFactory().get("/")))
+    await started.wait()
+    assert live_scopes() == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert live_scopes() == 0
+    assert len(closed) == 1 and closed[0].entries == 1  # the project's ON_CLOSE ran
+
+
+def _raise(stats: ScopeStats) -> None:
+    raise ValueError("on_close failed")
+
+
+@pytest.mark.parametrize("path", ["/sync/", "/stream/sync/"])
+def test_on_close_raising_never_turns_a_200_into_an_error(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with override_settings(PERREQUEST={"ON_CLOSE": _raise}), caplog.at_level(logging.ERROR):
+        response = Client().get(path)
+        body = b"".join(response.streaming_content) if response.streaming else response.content
+    assert response.status_code == 200 and body
+    errors = [r for r in caplog.records if r.name == "perrequest" and r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert "on_close failed" in str(errors[0].exc_info[1])
+
+
+async def test_on_close_raising_under_async_client(caplog: pytest.LogCaptureFixture) -> None:
+    with override_settings(PERREQUEST={"ON_CLOSE": _raise}), caplog.at_level(logging.ERROR):
+        response = await AsyncClient().get("/async/")
+    assert response.status_code == 200
+    assert [r.name for r in caplog.records if r.levelno == logging.ERROR] == ["perrequest"]
+
+
+# -- settings ----------------------------------------------------------------------
+
+
+def _middleware(**options: Any) -> RequestScopeMiddleware:
+    with override_settings(PERREQUEST=options):
+        return RequestScopeMiddleware(lambda request: HttpResponse())
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"MAX_ENTRIES": "10"}, r'PERREQUEST\["MAX_ENTRIES"\] must be a positive int or None'),
+        ({"MAX_ENTRIES": 2.5}, r'PERREQUEST\["MAX_ENTRIES"\] must be a positive int'),
+        ({"MAX_ENTRIES": True}, r'PERREQUEST\["MAX_ENTRIES"\] must be a positive int'),
+        ({"MAX_ENTRIES": 0}, r'PERREQUEST\["MAX_ENTRIES"\] must be a positive int'),
+        ({"MAX_ENTRIES": -5}, r'PERREQUEST\["MAX_ENTRIES"\] must be a positive int'),
+        ({"MAX_ENTIRES": 5}, r"unknown key 'MAX_ENTIRES'.*Did you mean 'MAX_ENTRIES'"),
+        ({"on_close": print}, r"unknown key 'on_close'.*Did you mean 'ON_CLOSE'"),
+        ({"ON_CLOSE": 42}, r'PERREQUEST\["ON_CLOSE"\] must be a callable.*not int 42'),
+        (
+            {"ON_CLOSE": "django_project.settings.SECRET_KEY"},
+            r'PERREQUEST\["ON_CLOSE"\] must be a callable.*not str',
+        ),
+        (
+            {"ON_CLOSE": "django_project.hooks.no_such_hook"},
+            r"PERREQUEST\[\"ON_CLOSE\"\] is the dotted path 'django_project.hooks.no_such_"
+            r"hook', which cannot be imported",
+        ),
+        ({"ON_CLOSE": "no_dots"}, r'PERREQUEST\["ON_CLOSE"\] .*cannot be imported'),
+    ],
+)
+def test_bad_settings_raise_improperly_configured(options: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ImproperlyConfigured, match=expected):
+        _middleware(**options)
+
+
+@pytest.mark.parametrize("value", [["MAX_ENTRIES", 10], "MAX_ENTRIES=10"])
+def test_perrequest_setting_must_be_a_dict(value: object) -> None:
+    with (
+        override_settings(PERREQUEST=value),
+        pytest.raises(ImproperlyConfigured, match=r"settings\.PERREQUEST must be a dict"),
+    ):
+        RequestScopeMiddleware(lambda request: HttpResponse())
+
+
+def test_bad_settings_fail_at_startup() -> None:
+    with override_settings(PERREQUEST={"MAX_ENTRIES": "many"}):
+        with pytest.raises(ImproperlyConfigured, match="MAX_ENTRIES"):
+            WSGIHandler()
+        with pytest.raises(ImproperlyConfigured, match="MAX_ENTRIES"):
+            ASGIHandler()
+
+
+def test_settings_defaults_and_valid_values(closed: list[ScopeStats]) -> None:
+    with override_settings():
+        from django.conf import settings
+
+        del settings.PERREQUEST
+        default = RequestScopeMiddleware(lambda request: HttpResponse())
+    assert (default._max_entries, default._on_close) == (DEFAULT_MAX_ENTRIES, None)
+    assert _middleware()._max_entries == DEFAULT_MAX_ENTRIES
+    assert _middleware(MAX_ENTRIES=None)._max_entries is None
+    assert _middleware(ON_CLOSE=None)._on_close is None
+    dotted = _middleware(ON_CLOSE="django_project.hooks.record_close")
+    assert dotted._on_close is hooks.record_close
+
+
+def test_max_entries_bounds_each_request_store(closed: list[ScopeStats]) -> None:
+    def view(request: Any) -> HttpResponse:
+        for n in range(5):
+            perrequest.set(n, n)
+        return HttpResponse(str(perrequest.current_store().max_entries))
+
+    with override_settings(PERREQUEST={"MAX_ENTRIES": 2, "ON_CLOSE": hooks.record_close}):
+        mw = RequestScopeMiddleware(view)
+    response = mw(RequestFactory().get("/"))
+    response.close()
+    assert response.content == b"2"
+    assert (closed[0].entries, closed[0].evictions) == (2, 3)

@@ -1,0 +1,379 @@
+"""The Flask extension: Flask's test client in-process, then real gunicorn (sync and gthread).
+
+The apps live in ``flask_apps`` so gunicorn can import them; a gunicorn
+worker is another process, so the served tests read its state at ``/_live``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import flask_apps
+import httpx
+import pytest
+from flask import Flask, Response, g, stream_with_context
+from flask_apps import TEARDOWNS, Boom, create_app
+from servers import serve_gunicorn
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+from werkzeug.test import Client
+
+import perrequest
+from perrequest import ScopeStats
+from perrequest.flask import PerRequest
+from perrequest.testing import live_scopes
+from perrequest.wsgi import RequestScopeMiddleware
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _teardown_of(teardowns: Any, marker: str) -> dict[str, Any]:
+    [seen] = [t for t in teardowns if t["marker"] == marker]
+    return seen  # type: ignore[no-any-return]
+
+
+# -- Flask's test client --------------------------------------------------------------
+
+
+@pytest.fixture
+def client() -> Any:
+    return create_app().test_client()
+
+
+def test_before_request_view_helper_and_teardown_share_one_store(client: Any) -> None:
+    with client.get("/shared") as response:
+        seen = response.get_json()
+        assert response.headers["X-After-Lookup"] == seen["view_lookup"]  # after_request
+    assert seen["before"] is None
+    assert seen["before_lookup"] == seen["view_lookup"] == seen["helper_lookup"]
+    assert seen["lookups"] == 1  # one memoized computation for the whole request
+    teardown = _teardown_of(TEARDOWNS, seen["marker"])
+    assert teardown["in_scope"] and teardown["path"] == "/shared"
+    assert teardown["lookup"] == seen["view_lookup"] and teardown["lookups"] == 1
+
+
+def test_requests_never_share_a_store(client: Any) -> None:
+    seen = []
+    for _ in range(3):
+        with client.get("/shared") as response:
+            seen.append(response.get_json())
+    assert [s["before"] for s in seen] == [None, None, None]
+    assert len({s["marker"] for s in seen}) == 3
+    assert len({s["view_lookup"] for s in seen}) == 3
+    assert [s["lookups"] for s in seen] == [1, 1, 1]
+
+
+def test_stream_with_context_sees_the_store_until_the_server_closes_it(client: Any) -> None:
+    response = client.get("/stream?x=42")
+    marker = response.headers["X-Marker"]
+    teardowns_at_return = len([t for t in TEARDOWNS if t["marker"] == marker])
+    lines = _lines(response.get_data(as_text=True))
+    assert live_scopes() == 1  # body consumed, response not closed yet: the store lives
+    response.close()
+    assert live_scopes() == 0
+    token = response.headers["X-Lookup"]
+    assert lines[:3] == [
+        {
+            "n": n,
+            "in_scope": True,
+            "marker": marker,
+            "lookup": token,
+            "lookups": 1,
+            "has_app_context": True,
+        }
+        for n in range(3)
+    ]
+    assert lines[3] == {"g_before_lookup": token, "arg": "42"}
+    # Flask 3.1 runs teardown_request when the view returns and again when a
+    # stream_with_context body ends: both times inside the store.
+    teardowns = [t for t in TEARDOWNS if t["marker"] == marker]
+    assert (teardowns_at_return, len(teardowns)) == (1, 2)
+    for teardown in teardowns:
+        assert teardown["in_scope"] and teardown["lookup"] == token and teardown["lookups"] == 1
+
+
+def test_bare_generator_sees_the_store_but_not_flask_contexts(client: Any) -> None:
+    with client.get("/stream-bare") as response:
+        lines = _lines(response.get_data(as_text=True))
+        marker, token = response.headers["X-Marker"], response.headers["X-Lookup"]
+    assert len(lines) == 3
+    for line in lines:
+        assert line["in_scope"] and line["marker"] == marker
+        assert line["lookup"] == token and line["lookups"] == 1
+        assert line["has_app_context"] is False  # Flask tore its contexts down already
+
+
+def test_a_view_that_raises_gets_its_500_handler_in_scope_and_closes_the_store(
+    client: Any,
+) -> None:
+    with client.get("/boom") as response:
+        assert response.status_code == 500
+        assert response.get_data(as_text=True) == "500 in_scope=True marker_set=True"
+    [teardown] = [t for t in TEARDOWNS if t["path"] == "/boom"][-1:]
+    assert teardown["in_scope"] and teardown["exc"] == "Boom" and teardown["lookups"] == 1
+    assert live_scopes() == 0
+
+
+def test_an_exception_propagating_out_of_flask_closes_the_store() -> None:
+    closed: list[ScopeStats] = []
+    app = create_app(PerRequest(on_close=closed.append))
+    app.testing = True  # PROPAGATE_EXCEPTIONS: Flask re-raises instead of answering 500
+    with pytest.raises(Boom):
+        app.test_client().get("/boom")
+    assert len(closed) == 1 and closed[0].misses == 1
+    assert live_scopes() == 0 and not perrequest.in_request_scope()
+
+
+def test_per_request_app_and_init_app_both_register_and_pass_options() -> None:
+    closed: list[ScopeStats] = []
+    direct = Flask("direct")
+    ext = PerRequest(direct, max_entries=7, on_close=closed.append)
+    factory_ext = PerRequest(max_entries=9)
+    factory = create_app(factory_ext)
+    for app, extension, bound in ((direct, ext, 7), (factory, factory_ext, 9)):
+        assert app.extensions["perrequest"] is extension
+        assert isinstance(app.wsgi_app, RequestScopeMiddleware)
+        assert extension.max_entries == bound
+
+    @direct.get("/")
+    def index() -> str:
+        perrequest.get_or_set("a", lambda: 1)
+        perrequest.get_or_set("a", lambda: 2)
+        return str(perrequest.current_store().max_entries)
+
+    for _ in range(2):
+        with direct.test_client().get("/") as response:
+            assert response.get_data(as_text=True) == "7"
+    assert [(s.hits, s.misses, s.entries) for s in closed] == [(1, 1, 1), (1, 1, 1)]
+    with factory.test_client().get("/shared") as response:
+        assert response.get_json()["max_entries"] == 9
+
+
+def test_one_extension_serves_several_apps() -> None:
+    ext = PerRequest()
+    apps = [create_app(ext), create_app(ext)]
+    for app in apps:
+        assert app.extensions["perrequest"] is ext
+        with app.test_client().get("/shared") as response:
+            assert response.get_json()["lookups"] == 1
+
+
+def test_registering_twice_on_one_app_is_refused_without_double_wrapping() -> None:
+    app = Flask("twice")
+    ext = PerRequest(app)
+    middleware = app.wsgi_app
+    with pytest.raises(RuntimeError, match="already registered"):
+        ext.init_app(app)
+    with pytest.raises(RuntimeError, match="already registered"):
+        PerRequest(app)
+    assert app.wsgi_app is middleware and app.extensions["perrequest"] is ext
+    assert not isinstance(middleware.app, RequestScopeMiddleware)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"max_entry": 10}, TypeError),
+        ({"on_closed": print}, TypeError),
+        ({"max_entries": "10"}, TypeError),
+        ({"max_entries": 1.5}, TypeError),
+        ({"max_entries": True}, TypeError),
+        ({"max_entries": 0}, ValueError),
+        ({"max_entries": -3}, ValueError),
+        ({"on_close": "myapp.report"}, TypeError),
+    ],
+)
+def test_bad_options_fail_when_the_extension_is_created(
+    options: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        PerRequest(**options)
+    app = Flask("untouched")
+    wsgi_app = app.wsgi_app
+    with pytest.raises(error):
+        PerRequest(app, **options)
+    assert app.wsgi_app == wsgi_app and "perrequest" not in app.extensions
+
+
+def test_init_app_refuses_what_is_not_a_flask_app() -> None:
+    with pytest.raises(TypeError, match="RequestScopeMiddleware"):
+        PerRequest().init_app(flask_apps.raw_app)  # type: ignore[arg-type]
+
+
+def test_mounted_apps_get_a_store_when_the_dispatcher_itself_is_wrapped() -> None:
+    """As the docs advise for DispatcherMiddleware, instead of PerRequest."""
+    app = Flask("root")
+
+    @app.get("/")
+    def index() -> str:
+        return f"root in_scope={perrequest.in_request_scope()}"
+
+    mounted = DispatcherMiddleware(app, {"/raw": flask_apps.raw_app})
+    for wrapped, expected in ((mounted, False), (RequestScopeMiddleware(mounted), True)):
+        client = Client(wrapped)
+        with client.get("/raw/") as response:
+            assert response.get_json()["in_scope"] is expected
+        with client.get("/") as response:
+            assert response.get_data(as_text=True) == f"root in_scope={expected}"
+
+
+def test_flask_g_is_gone_in_a_bare_generator_and_the_store_is_not() -> None:
+    """What the docs claim about flask.g against perrequest, checked."""
+    app = Flask("g_vs_store")
+    PerRequest(app)
+
+    def body(wrap: bool) -> Iterator[str]:
+        yield f"store={perrequest.get('user')};"
+        try:
+            yield f"g={g.user}"
+        except RuntimeError as error:
+            yield "g=" + ("outside app context" if "application context" in str(error) else "?")
+
+    @app.get("/<mode>")
+    def view(mode: str) -> Response:
+        g.user = perrequest.get_or_set("user", lambda: "alice")
+        gen = body(mode == "wrapped")
+        return Response(stream_with_context(gen) if mode == "wrapped" else gen)
+
+    client = app.test_client()
+    with client.get("/bare") as response:
+        assert response.get_data(as_text=True) == "store=alice;g=outside app context"
+    with client.get("/wrapped") as response:
+        assert response.get_data(as_text=True) == "store=alice;g=alice"
+
+
+# -- real gunicorn ----------------------------------------------------------------------
+
+WORKERS = {"sync": ("sync", 1), "gthread": ("gthread", 4)}
+
+
+@pytest.fixture(scope="module", params=list(WORKERS))
+def base(request: pytest.FixtureRequest) -> Iterator[str]:
+    worker_class, threads = WORKERS[request.param]
+    with serve_gunicorn("flask_apps:dispatch", worker_class=worker_class, threads=threads) as url:
+        yield url
+
+
+def _get(url: str, **params: Any) -> Any:
+    response = httpx.get(url, params=params, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _wait_for(base: str, done: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while True:
+        live: dict[str, Any] = _get(f"{base}/_live")
+        if done(live):
+            return live
+        assert time.monotonic() < deadline, f"{what}: {live}"
+        time.sleep(0.05)
+
+
+def test_served_one_store_per_request_shared_by_every_hook(base: str) -> None:
+    with httpx.Client(base_url=base, timeout=30) as client:  # keep-alive: same connection
+        seen = [client.get("/shared").json() for _ in range(4)]
+    for s in seen:
+        assert s["before"] is None and s["lookups"] == 1
+        assert s["before_lookup"] == s["view_lookup"] == s["helper_lookup"]
+    assert len({s["view_lookup"] for s in seen}) == 4
+    live = _wait_for(base, lambda live: live["live"] == 0, "stores left open")
+    for s in seen:
+        teardown = _teardown_of(live["teardowns"], s["marker"])
+        assert teardown["in_scope"] and teardown["lookup"] == s["view_lookup"]
+
+
+@pytest.mark.parametrize("path", ["/stream", "/stream-bare"])
+def test_served_streaming_body_sees_the_store(base: str, path: str) -> None:
+    response = httpx.get(f"{base}{path}", timeout=30)
+    assert response.status_code == 200
+    lines = _lines(response.text)[:3]
+    assert [line["n"] for line in lines] == [0, 1, 2]
+    for line in lines:
+        assert line["in_scope"] and line["marker"] == response.headers["X-Marker"]
+        assert line["lookup"] == response.headers["X-Lookup"] and line["lookups"] == 1
+    _wait_for(base, lambda live: live["live"] == 0, "streaming store left open")
+
+
+def test_served_send_file_still_works_through_the_middleware(base: str) -> None:
+    response = httpx.get(f"{base}/file", timeout=30)
+    assert response.status_code == 200
+    assert response.content == Path(flask_apps.__file__).read_bytes()
+    _wait_for(base, lambda live: live["live"] == 0, "store of a file response left open")
+
+
+def test_served_view_that_raises_closes_the_store(base: str) -> None:
+    response = httpx.get(f"{base}/boom", timeout=30)
+    assert response.status_code == 500
+    assert response.text == "500 in_scope=True marker_set=True"
+    live = _wait_for(base, lambda live: live["live"] == 0, "store of a failed request left open")
+    assert [t for t in live["teardowns"] if t["path"] == "/boom"][-1]["exc"] == "Boom"
+
+
+def test_served_client_disconnecting_mid_stream_closes_the_store(base: str) -> None:
+    aborted = _get(f"{base}/_live")["aborted"]
+    with httpx.stream("GET", f"{base}/slow", timeout=30) as response:
+        assert response.status_code == 200
+        received = 0
+        for chunk in response.iter_bytes():
+            received += len(chunk)
+            if received > 256 * 1024:
+                break  # leave with most of the 128 MB body unread
+    live = _wait_for(
+        base,
+        lambda live: live["live"] == 0 and live["aborted"] > aborted,
+        "the stream's store stayed open after the client left",
+    )
+    assert live["aborted"] == aborted + 1
+
+
+def test_served_pooled_thread_carries_no_store_into_an_unwrapped_app(base: str) -> None:
+    """The gthread trap: a set without reset is seen by the next request on that thread."""
+    raw, shared_threads = [], set()
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for _ in range(12):
+            assert client.get("/leaky/").status_code == 200
+            shared_threads.add(client.get("/shared").json()["thread"])
+            raw.append(client.get("/raw/").json())
+    assert [(r["in_scope"], r["var_set"]) for r in raw] == [(False, False)] * 12
+    # The check is real: unwrapped requests ran on threads that had served wrapped ones,
+    # and those threads did carry over the ContextVar that /leaky set without a reset.
+    assert {r["thread"] for r in raw} & shared_threads
+    assert any(r["leak"] is not None for r in raw)
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "workers", "threads"), [("sync", 3, 1), ("gthread", 2, 4)]
+)
+def test_served_concurrent_requests_never_see_each_other(
+    worker_class: str, workers: int, threads: int
+) -> None:
+    total = 300
+
+    async def one(client: httpx.AsyncClient, n: int) -> bool:
+        value = f"{n}-{uuid.uuid4().hex}"
+        response = await client.get("/echo", params={"v": value})
+        assert response.status_code == 200, response.text
+        return bool(response.json() == {"before": None, "seen": value, "memo": value})
+
+    async def burst(url: str) -> list[bool]:
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+            return await asyncio.gather(*(one(client, n) for n in range(total)))
+
+    spec = "flask_apps:dispatch"
+    with serve_gunicorn(spec, worker_class=worker_class, workers=workers, threads=threads) as url:
+        results = asyncio.run(burst(url))
+        for _ in range(workers):  # each worker must end with nothing open
+            _wait_for(url, lambda live: live["live"] == 0, "stores left open after the burst")
+    cross_talk = results.count(False)
+    assert len(results) == total and cross_talk == 0

@@ -1,0 +1,472 @@
+"""The WSGI middleware around plain WSGI apps (no framework), driven as a server would.
+
+``_serve`` does what PEP 3333 asks of a server: call the app, iterate the
+body, always call ``close()``. Tests that need something else (no close, a
+partial read, another thread) drive the body by hand.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import threading
+import wsgiref.simple_server
+import wsgiref.util
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+import perrequest
+from perrequest import MemoStore, ScopeStats, request_memo, request_scope
+from perrequest.scope import _current
+from perrequest.testing import live_scopes
+from perrequest.wsgi import RequestScopeMiddleware
+
+StartResponse = Callable[..., Any]
+
+
+class Boom(Exception):
+    pass
+
+
+def _environ(path: str = "/") -> dict[str, Any]:
+    return {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+    }
+
+
+def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+    pass
+
+
+def _serve(app: Callable[..., Iterable[bytes]], path: str = "/") -> bytes:
+    body = app(_environ(path), _start_response)
+    try:
+        return b"".join(body)
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+
+
+class Recorder:
+    """A plain WSGI app with a lazy body that records what each step saw."""
+
+    def __init__(self, body_error: Exception | None = None) -> None:
+        self.body_error = body_error
+        self.stores: list[MemoStore] = []
+        self.seen: list[tuple[str, bool, Any]] = []
+        self.computed = 0
+
+        @request_memo
+        def lookup(user: str) -> str:
+            self.computed += 1
+            return f"perms-of-{user}"
+
+        self.lookup = lookup
+
+    def _note(self, step: str) -> None:
+        self.seen.append((step, perrequest.in_request_scope(), perrequest.get("step")))
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        self.stores.append(perrequest.current_store())
+        self._note("call")
+        perrequest.set("step", "call")
+        self.lookup("alice")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return _Body(self)
+
+
+class _Body:
+    """A lazy body with a close(), as a WSGI app may return."""
+
+    def __init__(self, app: Recorder) -> None:
+        self.app = app
+        self.closed_in_scope: bool | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        for n in range(3):
+            self.app._note(f"chunk{n}")
+            if n == 1 and self.app.body_error is not None:
+                raise self.app.body_error
+            yield self.app.lookup("alice").encode() + b";"
+
+    def close(self) -> None:
+        self.closed_in_scope = perrequest.in_request_scope()
+        self.app._note("close")
+
+
+def test_the_store_is_active_during_the_call_and_each_chunk_and_closed_at_close() -> None:
+    app = Recorder()
+    wrapped = RequestScopeMiddleware(app)
+    body: Any = wrapped(_environ(), _start_response)
+    assert not perrequest.in_request_scope()  # between steps the caller sees nothing
+    chunks = []
+    for chunk in body:
+        chunks.append(chunk)
+        assert not perrequest.in_request_scope()
+    store = app.stores[0]
+    assert not store.closed and live_scopes() == 1  # exhausted, but not closed yet
+    body.close()
+    assert store.closed and len(store) == 0 and live_scopes() == 0
+    assert chunks == [b"perms-of-alice;"] * 3
+    assert app.computed == 1  # one lookup, shared by the call and the body
+    assert app.seen == [
+        ("call", True, None),
+        ("chunk0", True, "call"),
+        ("chunk1", True, "call"),
+        ("chunk2", True, "call"),
+        ("close", True, "call"),  # the wrapped body's close() runs inside the scope
+    ]
+
+
+def test_requests_get_separate_stores_even_when_their_bodies_interleave() -> None:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        perrequest.set("rid", environ["PATH_INFO"])
+        start_response("200 OK", [])
+        return (perrequest.get("rid").encode() for _ in range(3))
+
+    wrapped = RequestScopeMiddleware(app)
+    bodies = [wrapped(_environ(f"/{n}"), _start_response) for n in range(3)]
+    seen = [[next(body) for body in bodies] for _ in range(3)]
+    for body in bodies:
+        body.close()
+    assert seen == [[b"/0", b"/1", b"/2"]] * 3
+
+
+def test_a_list_body_without_close_is_closed_by_the_wrapper() -> None:
+    stores: list[MemoStore] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        stores.append(perrequest.current_store())
+        start_response("200 OK", [])
+        return [b"a", b"b"]
+
+    assert _serve(RequestScopeMiddleware(app)) == b"ab"
+    assert stores[0].closed
+
+
+def test_a_server_file_wrapper_is_wrapped_too_so_the_store_closes_at_close() -> None:
+    """The price: the server no longer recognises its own file wrapper (no sendfile)."""
+    stores: list[MemoStore] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        stores.append(perrequest.current_store())
+        start_response("200 OK", [])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"0123456789"), 4)
+
+    environ = {**_environ(), "wsgi.file_wrapper": wsgiref.util.FileWrapper}
+    body: Any = RequestScopeMiddleware(app)(environ, _start_response)
+    assert not isinstance(body, wsgiref.util.FileWrapper)
+    assert b"".join(body) == b"0123456789" and not stores[0].closed
+    body.close()
+    assert stores[0].closed
+
+
+def test_an_exception_in_the_app_closes_the_store_and_propagates() -> None:
+    error = Boom("before the response")
+    stores: list[MemoStore] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        stores.append(perrequest.current_store())
+        perrequest.set("k", "v")
+        raise error
+
+    with pytest.raises(Boom) as info:
+        RequestScopeMiddleware(app)(_environ(), _start_response)
+    assert info.value is error
+    assert stores[0].closed and len(stores[0]) == 0
+    assert live_scopes() == 0 and not perrequest.in_request_scope()
+
+
+def test_a_base_exception_in_the_app_closes_the_store_too() -> None:
+    class Stop(BaseException):
+        pass
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        raise Stop
+
+    with pytest.raises(Stop):
+        RequestScopeMiddleware(app)(_environ(), _start_response)
+    assert live_scopes() == 0 and not perrequest.in_request_scope()
+
+
+def test_an_exception_mid_body_reaches_the_server_and_close_still_closes_the_store() -> None:
+    error = Boom("during the body")
+    app = Recorder(body_error=error)
+    body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+    assert next(body) == b"perms-of-alice;"
+    with pytest.raises(Boom) as info:
+        next(body)
+    assert info.value is error
+    assert not perrequest.in_request_scope()  # reset on the way out of the failing chunk
+    assert not app.stores[0].closed  # the server has not closed the response yet
+    body.close()
+    assert app.stores[0].closed and live_scopes() == 0
+    assert app.seen[-1] == ("close", True, "call")
+
+
+def test_a_body_the_server_never_closes_is_closed_when_garbage_collected() -> None:
+    closed: list[ScopeStats] = []
+    app = Recorder()
+    body: Any = RequestScopeMiddleware(app, on_close=closed.append)(_environ(), _start_response)
+    next(body)
+    store = app.stores[0]
+    assert not store.closed and live_scopes() == 1
+    del body
+    gc.collect()
+    assert store.closed and len(store) == 0 and live_scopes() == 0
+    assert len(closed) == 1
+
+
+def test_a_body_never_iterated_nor_closed_is_closed_when_garbage_collected() -> None:
+    app = Recorder()
+    RequestScopeMiddleware(app)(_environ(), _start_response)  # result dropped at once
+    gc.collect()
+    assert app.stores[0].closed and live_scopes() == 0
+
+
+def test_a_pooled_thread_is_left_without_a_store_after_each_step() -> None:
+    """The gthread trap, in-process: every step of a request, then a check, on one thread."""
+    error_app = RequestScopeMiddleware(Recorder(body_error=Boom("mid-body")))
+
+    def fails(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        raise Boom("in the app")
+
+    body: Any = None
+
+    def call() -> None:
+        nonlocal body
+        body = error_app(_environ(), _start_response)
+
+    def chunk() -> None:
+        next(body)
+
+    def failing_chunk() -> None:
+        with pytest.raises(Boom):
+            next(body)
+
+    def close() -> None:
+        body.close()
+
+    def failing_call() -> None:
+        with pytest.raises(Boom):
+            RequestScopeMiddleware(fails)(_environ(), _start_response)
+
+    def full_request() -> None:
+        _serve(RequestScopeMiddleware(Recorder()))
+
+    steps: list[Callable[[], None]] = [
+        call,
+        chunk,
+        failing_chunk,
+        close,
+        failing_call,
+        full_request,
+    ]
+
+    def run(step: Callable[[], None]) -> int:
+        step()
+        return threading.get_ident()
+
+    def check() -> tuple[int, bool, MemoStore | None]:
+        return threading.get_ident(), perrequest.in_request_scope(), _current.get()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for step in steps:
+            thread_of_step = pool.submit(run, step).result()
+            thread, in_scope, left = pool.submit(check).result()
+            assert thread == thread_of_step  # same pooled thread
+            assert in_scope is False, f"a store was left active after {step.__name__}"
+            # Stricter: not even a closed store is left in the ContextVar.
+            assert left is None, f"the ContextVar was left set after {step.__name__}"
+    assert live_scopes() == 0
+
+
+def test_an_outer_scope_is_restored_around_the_call_and_each_chunk() -> None:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        assert perrequest.get("who") is None  # a fresh store, not the outer one
+        start_response("200 OK", [])
+        yield b"x"
+
+    with request_scope() as outer:
+        perrequest.set("who", "outer")
+        body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+        assert perrequest.current_store() is outer
+        assert list(body) == [b"x"]
+        assert perrequest.current_store() is outer
+        body.close()
+        assert perrequest.current_store() is outer and perrequest.get("who") == "outer"
+
+
+def test_concurrent_requests_in_threads_never_see_each_other() -> None:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        rid = environ["PATH_INFO"]
+        before = perrequest.get("rid")
+        perrequest.set("rid", rid)
+        start_response("200 OK", [])
+        for _ in range(3):
+            threading.Event().wait(0.0005)
+            yield f"{before}|{perrequest.get('rid')};".encode()
+
+    wrapped = RequestScopeMiddleware(app)
+    paths = [f"/{n}" for n in range(400)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        bodies = list(pool.map(lambda p: _serve(wrapped, p), paths))
+    cross_talk = sum(
+        body != f"None|{p};".encode() * 3 for p, body in zip(paths, bodies, strict=True)
+    )
+    assert cross_talk == 0
+
+
+# -- options ----------------------------------------------------------------------------
+
+
+def _hello(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+    start_response("200 OK", [])
+    return [b"hello"]
+
+
+@pytest.mark.parametrize(
+    ("args", "options", "error"),
+    [
+        ((None,), {}, TypeError),
+        (("myapp:app",), {}, TypeError),
+        ((_hello,), {"max_entries": "10"}, TypeError),
+        ((_hello,), {"max_entries": 2.5}, TypeError),
+        ((_hello,), {"max_entries": True}, TypeError),
+        ((_hello,), {"max_entries": 0}, ValueError),
+        ((_hello,), {"max_entries": -1}, ValueError),
+        ((_hello,), {"on_close": 42}, TypeError),
+        ((_hello,), {"max_entry": 10}, TypeError),
+        ((_hello,), {"scope_types": ("http",)}, TypeError),  # an ASGI option
+        ((_hello, 10), {}, TypeError),  # options are keyword-only
+    ],
+)
+def test_bad_options_fail_at_construction(
+    args: tuple[Any, ...], options: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        RequestScopeMiddleware(*args, **options)
+
+
+def test_the_message_for_a_non_callable_app_says_what_is_expected() -> None:
+    with pytest.raises(TypeError, match="wraps a WSGI app"):
+        RequestScopeMiddleware("myapp:app")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bound", [None, 2])
+def test_max_entries_bounds_each_store(bound: int | None) -> None:
+    closed: list[ScopeStats] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        assert perrequest.current_store().max_entries == bound
+        for n in range(5):
+            perrequest.set(n, n)
+        start_response("200 OK", [])
+        return [str(len(perrequest.current_store())).encode()]
+
+    assert _serve(RequestScopeMiddleware(app, max_entries=bound, on_close=closed.append)) == (
+        b"5" if bound is None else b"2"
+    )
+    assert closed[0].evictions == (0 if bound is None else 3)
+
+
+# -- observability ----------------------------------------------------------------------
+
+
+def test_on_close_is_called_once_with_the_stats_after_the_store_is_cleared() -> None:
+    calls: list[tuple[ScopeStats, bool]] = []
+
+    def on_close(stats: ScopeStats) -> None:
+        calls.append((stats, perrequest.in_request_scope()))
+
+    app = Recorder()
+    body: Any = RequestScopeMiddleware(app, on_close=on_close)(_environ(), _start_response)
+    assert list(body) == [b"perms-of-alice;"] * 3
+    assert calls == []  # not before the server closes the response
+    body.close()
+    body.close()  # a second close (or the GC fallback later) changes nothing
+    del body
+    gc.collect()
+    [(stats, in_scope)] = calls
+    assert (stats.misses, stats.hits, stats.entries) == (1, 3, 2)  # lookup miss + 3 hits; "step"
+    assert stats.duration_s >= 0 and in_scope is False
+    assert app.stores[0].closed
+
+
+def test_on_close_raising_is_logged_and_the_response_is_unharmed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def on_close(stats: ScopeStats) -> None:
+        raise Boom("metrics backend down")
+
+    caplog.set_level(logging.ERROR, logger="perrequest")
+    wrapped = RequestScopeMiddleware(Recorder(), on_close=on_close)
+    assert _serve(wrapped) == b"perms-of-alice;" * 3  # close() did not raise
+    [record] = [r for r in caplog.records if r.name == "perrequest"]
+    assert record.levelno == logging.ERROR and "on_close" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is Boom
+
+
+def test_on_close_raising_never_replaces_the_apps_own_exception(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        raise Boom("the app's error")
+
+    def on_close(stats: ScopeStats) -> None:
+        raise ValueError("on_close's error")
+
+    with pytest.raises(Boom, match="the app's error"):
+        RequestScopeMiddleware(app, on_close=on_close)(_environ(), _start_response)
+    assert any(r.levelno == logging.ERROR and r.name == "perrequest" for r in caplog.records)
+
+
+def test_each_closed_scope_is_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="perrequest")
+    wrapped = RequestScopeMiddleware(Recorder())
+    for _ in range(3):
+        _serve(wrapped)
+    records = [r for r in caplog.records if r.name == "perrequest"]
+    assert [r.levelno for r in records] == [logging.DEBUG] * 3
+    assert all("request scope closed" in r.getMessage() for r in records)
+    assert "misses=1" in records[0].getMessage()
+
+
+# -- a real PEP 3333 server --------------------------------------------------------------
+
+
+def test_wsgiref_server_streams_inside_the_store_and_closes_it() -> None:
+    closed: list[ScopeStats] = []
+    app = Recorder()
+    server = wsgiref.simple_server.make_server(
+        "127.0.0.1", 0, RequestScopeMiddleware(app, on_close=closed.append)
+    )
+    server.RequestHandlerClass.log_message = lambda *args: None  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        response = httpx.get(f"http://127.0.0.1:{server.server_port}/", timeout=10)
+    finally:
+        thread.join(10)
+        server.server_close()
+    assert response.text == "perms-of-alice;" * 3
+    assert [step for step, in_scope, _ in app.seen if in_scope] == [
+        "call",
+        "chunk0",
+        "chunk1",
+        "chunk2",
+        "close",
+    ]
+    assert len(closed) == 1 and app.stores[0].closed

@@ -1,0 +1,236 @@
+"""Bad input: arbitrary argument structures through @request_memo never give a wrong
+cached result and never an internal error.
+
+- ``typed=True``: every result is identical to the plain function's, in type
+  and value all the way down (``1``/``1.0``/``True``, ``0.0``/``-0.0``, inside
+  tuples and frozensets too).
+- untyped: equal arguments are one call, as with ``functools.lru_cache``; each
+  result equals the plain function's.
+- unhashable arguments (lists, dicts, sets, anywhere inside) raise
+  ``UnhashableArguments`` naming the parameter, and nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from perrequest import UnhashableArguments, request_memo, request_scope
+
+# Hypothesis warns that the nested strategies' repr is long; it is only a repr.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+
+NAN = float("nan")
+# Very large values, drawn by name so that hypothesis never prints them whole.
+BIG = {
+    "int": 7**2000,
+    "-int": -(7**2000),
+    "str": "long-" * 40_000,  # 200 KB
+    "bytes": b"long-" * 40_000,
+}
+
+# Values that are equal to each other but not the same: where a memo goes wrong.
+clashing: st.SearchStrategy[Any] = st.sampled_from(
+    [0, 0.0, -0.0, False, 1, 1.0, True, -1, -1.0, NAN, "", b"", None, (), frozenset()]
+)
+scalars = st.one_of(
+    clashing,
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**300), max_value=2**300),
+    st.floats(),  # nan, inf and -0.0 included
+    st.text(max_size=10),
+    st.binary(max_size=10),
+    st.sampled_from(sorted(BIG)).map(BIG.__getitem__),
+)
+hashables = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3).map(tuple),
+        st.frozensets(inner, max_size=3),
+    ),
+    max_leaves=6,
+)
+keys = hashables
+anything = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3).map(tuple),
+        st.frozensets(keys, max_size=3),
+        st.lists(inner, max_size=3),
+        st.dictionaries(keys, inner, max_size=3),
+        st.sets(keys, max_size=3),
+    ),
+    max_leaves=6,
+)
+KEYWORDS = st.sampled_from(["a", "b", "x", "y"])
+
+
+def calls_of(values: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[Any, Any]]:
+    """(args, kwargs) for ``plain(a=None, b=None, *rest, **kw)``."""
+    return st.tuples(
+        st.lists(values, max_size=3).map(tuple),
+        st.dictionaries(KEYWORDS, values, max_size=2),
+    )
+
+
+def twin(value: Any, rnd: random.Random) -> Any:
+    """An equal value, maybe of other types inside: 1 -> 1.0 or True, 0.0 -> -0.0, ..."""
+    if isinstance(value, (bool, int, float)) and value == value and abs(value) < 2**53:
+        choices = [v for v in (value, int(value), float(value), -float(value)) if v == value]
+        choices += [bool(value)] if value in (0, 1) else []
+        return rnd.choice(choices)
+    if isinstance(value, tuple):
+        return tuple(twin(v, rnd) for v in value)
+    if isinstance(value, list):
+        return [twin(v, rnd) for v in value]
+    if isinstance(value, (frozenset, set)):
+        return type(value)(twin(v, rnd) for v in value)
+    if isinstance(value, dict):
+        return {k: twin(v, rnd) for k, v in value.items()}
+    return value
+
+
+@st.composite
+def call_sequences(draw: st.DrawFn) -> list[tuple[Any, Any]]:
+    """Calls, each repeated with equal arguments of other types, in a random order."""
+    calls = draw(st.lists(calls_of(anything), min_size=1, max_size=4))
+    rnd = draw(st.randoms(use_true_random=False))
+    sequence = [
+        (twin(args, rnd), twin(kwargs, rnd)) for call in calls for args, kwargs in [call] * 3
+    ]
+    rnd.shuffle(sequence)
+    return [call for call in sequence if fits(*call)]
+
+
+def plain(a: Any = None, b: Any = None, *rest: Any, **kw: Any) -> tuple[Any, ...]:
+    """Returns its arguments, so a result from another call is visible."""
+    return ("result", a, b, rest, kw)
+
+
+def fits(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Keyword 'a'/'b' together with that many positionals is a TypeError, not our case."""
+    return not any(name in kwargs for name in ("a", "b")[: len(args)])
+
+
+def same(x: Any, y: Any) -> bool:
+    """Equal, with the same types all the way down and the same sign of zero."""
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, float):
+        if math.isnan(x):
+            return math.isnan(y)
+        return x == y and math.copysign(1, x) == math.copysign(1, y)
+    if isinstance(x, tuple):
+        return len(x) == len(y) and all(map(same, x, y))
+    if isinstance(x, dict):
+        return list(x) == list(y) and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, frozenset):
+        return x == y and all(any(same(a, b) for b in y) for a in x)
+    return bool(x == y)
+
+
+def unhashable_parameter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The name UnhashableArguments must give: the first unhashable argument's."""
+    named = dict(zip(["a", "b"], args, strict=False))
+    named |= {name: kwargs[name] for name in ("a", "b") if name in kwargs}
+    named |= {f"rest[{i}]": value for i, value in enumerate(args[2:])}
+    named |= {name: value for name, value in kwargs.items() if name not in ("a", "b")}
+    for name, value in named.items():
+        try:
+            hash(value)
+        except TypeError:
+            return name
+    return None
+
+
+def run_memo(
+    memo: Callable[..., Any], sequence: list[tuple[Any, Any]]
+) -> list[tuple[tuple[Any, ...], dict[str, Any], Any]]:
+    """Each call with its outcome: the result, or the UnhashableArguments raised."""
+    outcomes = []
+    for args, kwargs in sequence:
+        try:
+            outcome: Any = memo(*args, **kwargs)
+        except UnhashableArguments as exc:
+            outcome = exc
+        outcomes.append((args, kwargs, outcome))
+    return outcomes
+
+
+def check_unhashable(args: tuple[Any, ...], kwargs: dict[str, Any], outcome: Any) -> bool:
+    """True when the call was refused, and then for the right reason, naming the argument."""
+    name = unhashable_parameter(args, kwargs)
+    if name is None:
+        assert not isinstance(outcome, UnhashableArguments), outcome
+        return False
+    assert isinstance(outcome, UnhashableArguments), (name, outcome)
+    assert f"argument {name!r} is unhashable" in str(outcome)
+    assert "key=" in str(outcome)
+    return True
+
+
+bounds = st.one_of(st.none(), st.integers(min_value=1, max_value=4))
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(call_sequences(), bounds)
+def test_typed_memo_results_are_identical_to_the_plain_function(
+    sequence: list[tuple[Any, Any]], max_entries: int | None
+) -> None:
+    memo = request_memo(typed=True)(plain)
+    with request_scope(max_entries=max_entries):
+        for args, kwargs, outcome in run_memo(memo, sequence):
+            if not check_unhashable(args, kwargs, outcome):
+                assert same(outcome, plain(*args, **kwargs)), (args, kwargs, outcome)
+
+
+@SETTINGS
+@given(call_sequences())
+def test_untyped_memo_makes_one_call_per_equal_arguments_like_lru_cache(
+    sequence: list[tuple[Any, Any]],
+) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    def counted(a: Any = None, b: Any = None, *rest: Any, **kw: Any) -> tuple[Any, ...]:
+        calls.append((a, b, rest, kw))
+        return plain(a, b, *rest, **kw)
+
+    memo = request_memo(counted)
+    first_result: dict[Any, Any] = {}  # the lru_cache model: equal arguments, one entry
+    with request_scope(max_entries=None):
+        for args, kwargs, outcome in run_memo(memo, sequence):
+            if check_unhashable(args, kwargs, outcome):
+                continue
+            key = (args, tuple(kwargs.items()))
+            if key in first_result:
+                assert outcome is first_result[key]  # a hit: the first equal call's result
+            else:
+                assert outcome == plain(*args, **kwargs)
+                first_result[key] = outcome
+    assert len(calls) == len(first_result)
+
+
+@SETTINGS
+@given(calls_of(anything), st.booleans())
+def test_only_unhashable_arguments_are_refused_and_the_plain_call_agrees(
+    call: tuple[Any, Any], typed: bool
+) -> None:
+    args, kwargs = call
+    memo = request_memo(typed=typed)(plain)
+    if not fits(args, kwargs):
+        return
+    with request_scope() as store:
+        [(_, _, outcome)] = run_memo(memo, [call])
+        if check_unhashable(args, kwargs, outcome):
+            assert len(store) == 0 and store.stats.misses == 0  # refused: neither
+        else:
+            assert same(outcome, plain(*args, **kwargs))
+            assert store.stats.misses == 1

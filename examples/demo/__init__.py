@@ -1,0 +1,1 @@
+"""The ``make demo`` example: a naive module-level memo against perrequest, under uvicorn."""

@@ -20,7 +20,7 @@ $(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
 
 ## make demo: the sawtooth and the fix, side by side under a real uvicorn server.
 demo: $(VENV)/.installed-demo
-	$(PY) examples/worker.py
+	$(PY) examples/demo/run.py
 
 ## make test: lint, types, docs build and the whole test suite.
 test: lint typecheck docs pytest

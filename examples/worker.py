@@ -1,6 +1,6 @@
 """A worker that processes jobs, one request scope per job, and prints each scope's stats.
 
-Run it: ``python examples/worker.py`` (or ``make demo``). Every job looks up the
+Run it: ``python examples/worker.py``. Every job looks up the
 same few customers several times; the lookup is memoized per job, so it runs
 once per customer per job, and nothing is left behind when the job ends.
 """

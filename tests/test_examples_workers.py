@@ -52,3 +52,12 @@ def test_thread_pool_example() -> None:
     assert jobs[8] == ("8", "2", "4")  # the fan-out job: helper threads shared its store
     assert "9 jobs, 26 real queries; pool threads still in a scope: 0" in out
     assert out.rstrip().endswith("open scopes: 0")
+
+
+def test_simple_worker_example() -> None:
+    out = _run("worker.py")
+    closed = re.findall(r"^  scope closed: (\d+) hits, (\d+) misses, (\d+) entries", out, re.M)
+    assert len(closed) == 5
+    # 12 lookups of 3 customers per job: 3 computed, 9 from the memo, plus the job_id entry.
+    assert all(c == ("9", "3", "4") for c in closed)
+    assert "60 calls, 15 real lookups; open scopes now: 0" in out

@@ -53,9 +53,28 @@ def test_called_form_and_kwargs() -> None:
 
     with request_scope():
         assert add(1, 2, c=3) == 6 and add(1, 2, c=3) == 6
-        assert add(1, b=2, c=3) == 6  # another call shape: another entry, never wrong
-        assert add(1) == 1 and add(1) == 1
-    assert calls == [(1, 2, 3), (1, 2, 3), (1, 0, 0)]
+        # The arguments are bound as Python binds them: every call shape is one entry.
+        assert add(1, b=2, c=3) == 6 and add(a=1, b=2, c=3) == 6
+        assert add(1) == 1 and add(1, 0) == 1 and add(1, c=0) == 1
+        assert add.cache_info().currsize == 2
+    assert calls == [(1, 2, 3), (1, 0, 0)]
+
+
+def test_star_args_functions_key_by_call_shape() -> None:
+    calls = []
+
+    @request_memo
+    def join(*parts: object, **options: object) -> str:
+        calls.append((parts, options))
+        return ",".join(map(str, parts)) + repr(sorted(options.items()))
+
+    with request_scope():
+        assert join(1, 2) == join(1, 2) == "1,2[]"
+        assert join(1, b=2) == "1[('b', 2)]"
+        # A positional tuple that looks like a keyword call's key is another entry.
+        assert join((1,), (("b", 2),)) == "(1,),(('b', 2),)[]"
+        assert join() == join() == "[]"
+    assert len(calls) == 4
 
 
 def test_two_functions_never_share_entries() -> None:

@@ -110,7 +110,7 @@ async def test_cancelling_every_waiter_cancels_and_caches_nothing() -> None:
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, asyncio.CancelledError) for r in results)
-        assert finished == [] and len(store) == 0 and not len(store._flights)
+        assert finished == [] and len(store) == 0 and not len(store._flights or ())
 
 
 async def test_cancelling_a_waiter_leaves_the_computation_alone() -> None:

@@ -7,6 +7,7 @@ import contextvars
 import gc
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -165,12 +166,43 @@ def test_unbounded_only_when_asked() -> None:
         assert len(store) == DEFAULT_MAX_ENTRIES + 10 and store.max_entries is None
 
 
-def test_same_object_cannot_be_entered_twice() -> None:
+def test_one_object_can_be_entered_again_nested_and_from_threads() -> None:
+    scope = request_scope(max_entries=5)
+    with scope as outer:
+        perrequest.set("k", "outer")
+        with scope as inner:  # like decimal.localcontext(): a new scope each time
+            assert inner is not outer and current_store() is inner
+            assert perrequest.get("k") is None
+        assert current_store() is outer and perrequest.get("k") == "outer"
+    assert inner.closed and outer.closed and live_scopes() == 0
+
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def worker(n: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(300):
+                with scope as store:
+                    perrequest.set("n", (n, i))
+                    time.sleep(0)
+                    assert current_store() is store and perrequest.get("n") == (n, i)
+                assert not in_request_scope()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and live_scopes() == 0
+
+
+def test_exiting_more_often_than_entered_is_an_error() -> None:
     scope = request_scope()
-    with scope, pytest.raises(RuntimeError, match="already open"), scope:
-        pass
-    with scope:  # reusable once exited
-        assert in_request_scope()
+    with pytest.raises(RuntimeError, match="exited more often than it was entered"):
+        scope.__exit__(None, None, None)
 
 
 def test_decorator_opens_a_fresh_scope_per_call() -> None:

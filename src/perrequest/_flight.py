@@ -35,20 +35,23 @@ class _ThreadFlight:
 
 
 class _AsyncFlight:
-    """A computation in progress in some task; waiters await ``future``."""
+    """A computation in progress in some task; waiters await ``future``.
+
+    The future is made by the first waiter: most computations have none.
+    """
 
     __slots__ = ("future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.future: asyncio.Future[Any] = loop.create_future()
+        self.future: asyncio.Future[Any] | None = None
 
 
 class SingleFlight:
     """The in-progress computations of one cache, guarded by that cache's lock.
 
-    ``lookup(key)`` returns the cached value or ``MISSING`` and is called with
-    the lock held; ``fill(key, value)`` stores a computed value. A waiter counts
+    ``lookup()`` returns the cached value or ``MISSING``; ``fill(value)``
+    stores a computed one. Both are called with the lock held. A waiter counts
     as a hit, a caller that computes as a miss.
     """
 
@@ -64,68 +67,67 @@ class SingleFlight:
     def clear(self) -> None:
         self._flights.clear()
 
-    def _finish(self, key: Hashable, flight: _ThreadFlight | _AsyncFlight) -> None:
-        with self._lock:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-
     def run(
         self,
         key: Hashable,
-        lookup: Callable[[Hashable], Any],
-        fill: Callable[[Hashable, Any], None],
+        lookup: Callable[[], Any],
+        fill: Callable[[Any], None],
         compute: Callable[[], Any],
         counters: Counters,
     ) -> Any:
         """The value at ``key``, computed by ``compute()`` at most once at a time."""
+        flights = self._flights
+        wait: _ThreadFlight | None = None
         with self._lock:
-            value = lookup(key)
+            value = lookup()
             if value is not MISSING:
                 counters.hits += 1
                 return value
-            flight = self._flights.get(key)
+            flight = flights.get(key)
             if flight is None:
-                flight = self._flights[key] = _ThreadFlight()
+                flight = flights[key] = _ThreadFlight()
                 counters.misses += 1
-                owns = True
             elif isinstance(flight, _ThreadFlight) and flight.thread != threading.get_ident():
                 counters.hits += 1
-                owns = False
+                wait, flight = flight, None
             else:
                 # This thread re-entered its own computation (recursion), or an
                 # async computation holds the key: compute without deduplication.
                 counters.misses += 1
                 flight = None
-                owns = True
+        if wait is not None:
+            with wait.done:
+                pass
+            if wait.error is not None:
+                raise wait.error
+            return wait.value
         if flight is None:
             value = compute()
-            fill(key, value)
+            with self._lock:
+                fill(value)
             return value
-        assert isinstance(flight, _ThreadFlight)
-        if not owns:
-            with flight.done:
-                pass
-            if flight.error is not None:
-                raise flight.error
-            return flight.value
         try:
             value = compute()
         except BaseException as exc:
             flight.error = exc
-            raise
-        else:
-            flight.value = value
-            fill(key, value)
-            return value
-        finally:
-            self._finish(key, flight)
+            with self._lock:
+                if flights.get(key) is flight:
+                    del flights[key]
             flight.done.release()
+            raise
+        flight.value = value
+        with self._lock:
+            fill(value)
+            if flights.get(key) is flight:
+                del flights[key]
+        flight.done.release()
+        return value
 
     async def run_async(
         self,
         key: Hashable,
-        lookup: Callable[[Hashable], Any],
-        fill: Callable[[Hashable, Any], None],
+        lookup: Callable[[], Any],
+        fill: Callable[[Any], None],
         compute: Callable[[], Awaitable[Any]],
         counters: Counters,
     ) -> Any:
@@ -139,34 +141,39 @@ class SingleFlight:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # not asyncio (trio): cache, but without single-flight
             loop = None
+        flights = self._flights
         while True:
             with self._lock:
-                value = lookup(key)
+                value = lookup()
                 if value is not MISSING:
                     counters.hits += 1
                     return value
-                flight = self._flights.get(key)
+                flight = flights.get(key)
                 if loop is None or (
                     flight is not None and getattr(flight, "loop", None) is not loop
                 ):
                     flight = None  # another loop or a thread holds it: compute here
                     counters.misses += 1
-                    owns = True
+                    future = None
                 elif flight is None:
-                    flight = self._flights[key] = _AsyncFlight(loop)
+                    flight = flights[key] = _AsyncFlight(loop)
                     counters.misses += 1
-                    owns = True
+                    future = None
                 else:
+                    assert isinstance(flight, _AsyncFlight)
                     counters.hits += 1
-                    owns = False
+                    future = flight.future
+                    if future is None:
+                        future = flight.future = loop.create_future()
             if flight is None:
                 value = await compute()
-                fill(key, value)
+                with self._lock:
+                    fill(value)
                 return value
             assert isinstance(flight, _AsyncFlight)
-            if owns:
+            if future is None:
                 return await self._own(key, fill, compute, flight)
-            outcome = await asyncio.shield(flight.future)
+            outcome = await asyncio.shield(future)
             if outcome is _RESTART:
                 with self._lock:
                     counters.hits -= 1  # it is about to compute after all
@@ -179,11 +186,12 @@ class SingleFlight:
     async def _own(
         self,
         key: Hashable,
-        fill: Callable[[Hashable, Any], None],
+        fill: Callable[[Any], None],
         compute: Callable[[], Awaitable[Any]],
         flight: _AsyncFlight,
     ) -> Any:
         outcome: Any = _RESTART  # if cancelled, waiters restart the computation
+        flights = self._flights
         try:
             value = await compute()
         except asyncio.CancelledError:
@@ -193,9 +201,13 @@ class SingleFlight:
             raise
         else:
             outcome = (True, value)
-            fill(key, value)
+            with self._lock:
+                fill(value)
             return value
         finally:
-            self._finish(key, flight)
-            if not flight.future.done():
-                flight.future.set_result(outcome)
+            with self._lock:
+                if flights.get(key) is flight:
+                    del flights[key]
+            future = flight.future
+            if future is not None and not future.done():
+                future.set_result(outcome)

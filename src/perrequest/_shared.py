@@ -83,8 +83,9 @@ class SharedTier:
         return self.cache.get(key, MISSING)
 
     def _fill(self, key: Hashable, value: Any) -> None:
-        # cachetools refuses a value larger than the whole cache: skip caching it.
-        with self._lock, contextlib.suppress(ValueError):
+        # Called with the lock held. cachetools refuses a value larger than the
+        # whole cache: skip caching it.
+        with contextlib.suppress(ValueError):
             self.cache[key] = value
 
     def peek(self, key: Hashable) -> Any:
@@ -99,11 +100,15 @@ class SharedTier:
 
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """The shared value at ``key``, computed once across requests and threads."""
-        return self._flights.run(key, self._lookup, self._fill, compute, self)
+        return self._flights.run(
+            key, lambda: self._lookup(key), lambda value: self._fill(key, value), compute, self
+        )
 
     async def get_async(self, key: Hashable, compute: Callable[[], Awaitable[Any]]) -> Any:
         """The async twin of ``get``."""
-        return await self._flights.run_async(key, self._lookup, self._fill, compute, self)
+        return await self._flights.run_async(
+            key, lambda: self._lookup(key), lambda value: self._fill(key, value), compute, self
+        )
 
     def clear(self, token: object) -> None:
         """Drop one function's entries (its keys start with ``token``)."""

@@ -98,9 +98,7 @@ class RequestScopeMiddleware:
             await self.app(scope, receive, send)
             return
         lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
-        token = lifecycle.activate()
         try:
             await self.app(scope, receive, send)
         finally:
-            lifecycle.deactivate(token)
-            lifecycle.close()
+            lifecycle.end()

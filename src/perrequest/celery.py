@@ -32,14 +32,14 @@ done. The core never imports Celery; only this module does.
 from __future__ import annotations
 
 import weakref
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from typing import Any, Final, NamedTuple
 
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
 from .scope import OnClose, ScopeLifecycle, check_on_close
-from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
+from .store import DEFAULT_MAX_ENTRIES, check_max_entries
 
 __all__ = ["ScopedTask", "install"]
 
@@ -66,12 +66,10 @@ class ScopedTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         lifecycle = ScopeLifecycle(self.perrequest_max_entries, self.perrequest_on_close)
-        token = lifecycle.activate()
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            lifecycle.deactivate(token)
-            lifecycle.close()
+            lifecycle.end()
 
 
 def _check_task_class(cls: type) -> None:
@@ -104,7 +102,6 @@ class _Options(NamedTuple):
 class _OpenJob(NamedTuple):
     task_id: str
     lifecycle: ScopeLifecycle
-    token: Token[MemoStore | None]
 
 
 _installed: weakref.WeakKeyDictionary[Any, _Options] = weakref.WeakKeyDictionary()
@@ -145,7 +142,7 @@ def _open_job_scope(sender: Any = None, task_id: str = "", **_: Any) -> None:
     if options is None:
         return
     lifecycle = ScopeLifecycle(options.max_entries, options.on_close)
-    job = _OpenJob(task_id, lifecycle, lifecycle.activate())
+    job = _OpenJob(task_id, lifecycle)
     _open_jobs.set((*_open_jobs.get(), job))
 
 
@@ -159,5 +156,4 @@ def _close_job_scope(task_id: str = "", **_: Any) -> None:
         return
     _open_jobs.set(jobs[:index])
     for job in reversed(jobs[index:]):
-        job.lifecycle.deactivate(job.token)
-        job.lifecycle.close()
+        job.lifecycle.end()

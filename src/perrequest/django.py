@@ -53,26 +53,22 @@ class RequestScopeMiddleware:
         if self._is_async:
             return self._acall(request)
         lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
-        token = lifecycle.activate()
         try:
             response = self.get_response(request)
         except BaseException:
-            lifecycle.deactivate(token)
-            lifecycle.close()
+            lifecycle.end()
             raise
-        lifecycle.deactivate(token)
+        lifecycle.leave()
         return _close_with_response(response, lifecycle)
 
     async def _acall(self, request: Any) -> Any:
         lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
-        token = lifecycle.activate()
         try:
             response = await self.get_response(request)
         except BaseException:  # cancellation (client gone) closes the store too
-            lifecycle.deactivate(token)
-            lifecycle.close()
+            lifecycle.end()
             raise
-        lifecycle.deactivate(token)
+        lifecycle.leave()
         return _close_with_response(response, lifecycle)
 
 

@@ -1,8 +1,15 @@
 """``@request_memo``: memoize a function within the active request scope.
 
-Keys are tuples whose first item is the function's private ``_MemoSpec``, so
-two functions never share entries and no user key can equal a memo key. The
-hit path is inlined in a few specialised closures; everything else (misses,
+Each decorated function has a private ``_MemoSpec``, and its entries live in
+a dict of their own inside the store, keyed by the spec: two functions never
+share entries and no user key can equal a memo key.
+
+The hit path is the whole point of the library, so it is as short as the
+options allow. For an ordinary function (no ``*args``/``**kwargs``, no
+``key=``/``typed=``) the wrapper is generated with the function's own
+signature, as ``dataclasses`` generates ``__init__``: Python binds the
+arguments, so ``f(1, b=2)`` and ``f(1, 2)`` are one entry, and a one-argument
+call is keyed by the argument itself. Everything that is not a hit (misses,
 single-flight, errors, the outside-scope rule) lives in ``_MemoSpec``.
 """
 
@@ -16,15 +23,22 @@ from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 from ._flight import MISSING
 from ._shared import SharedTier, check_shared
-from .errors import NoActiveScope, UnhashableArguments
+from .errors import NoActiveScope, ScopeClosed, UnhashableArguments
 from .scope import _NO_SCOPE_HINT, _active_store, _current, _refuse_generator
-from .store import MemoStore, check_max_entries
+from .store import MemoStore, _Owner, check_max_entries
 
 __all__ = ["CacheInfo", "SharedCacheInfo", "request_memo"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _OUTSIDE_SCOPE_CHOICES = ("call", "raise")
+
+# Marks the key of a call with keyword arguments in the generic wrappers, so
+# that f(a, b) and f(a, b=...) can never produce equal keys.
+_KWARGS: Any = object()
+
+_LOOKUP_ERRORS = (KeyError, TypeError)
+_NO_ENTRIES: dict[Hashable, Any] = {}
 
 
 class CacheInfo(NamedTuple):
@@ -92,18 +106,44 @@ def _typed(value: object) -> object:
     return kind
 
 
+def _exact_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
+    """The parameters to generate an exact-signature wrapper from, or None if it can't be.
+
+    Only a plain Python function qualifies (a callable object, or a decorator's
+    ``*args, **kwargs`` wrapper, keeps the generic wrapper), without ``*args``
+    or ``**kwargs``, and with hashable defaults, which become part of the key.
+    """
+    if not inspect.isfunction(fn):
+        return None
+    try:
+        params = list(inspect.signature(fn, follow_wrapped=False).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for param in params:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            return None
+        if param.name.startswith("__pr_"):
+            return None
+        if param.default is not param.empty:
+            try:
+                hash(param.default)
+            except TypeError:
+                return None
+    return params
+
+
 class _MemoSpec:
     """Everything about one decorated function that is not on the hit path."""
 
     __slots__ = (
         "__weakref__",
+        "exact",
         "fn",
         "is_method",
         "key_fn",
         "max_entries",
         "name",
         "outside_scope",
-        "plain",
         "shared",
         "typed",
     )
@@ -123,8 +163,7 @@ class _MemoSpec:
         self.max_entries = max_entries
         self.outside_scope = outside_scope
         self.is_method = _is_method(fn)
-        # The common case: the key is just the arguments, as the fast wrappers build it.
-        self.plain = key_fn is None and not typed and not self.is_method
+        self.exact = None if key_fn is not None or typed else _exact_parameters(fn)
         module = getattr(fn, "__module__", None)
         qualname = getattr(fn, "__qualname__", None) or repr(fn)
         self.name = f"{module}.{qualname}" if module else qualname
@@ -145,40 +184,47 @@ class _MemoSpec:
     # -- keys ---------------------------------------------------------------
 
     def make_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Hashable, Any]:
-        """The key and the object the entry must keep alive (``self``), or raise."""
-        if self.plain:
-            key: tuple[Any, ...] = (self, args, tuple(kwargs.items())) if kwargs else (self, args)
+        """The key within this function's entries, and the object the entry keeps
+        alive (``self``, so that its ``id`` is not reused within the scope)."""
+        method = self.is_method and bool(args)
+        anchor = args[0] if method else None
+        key: Any
+        if self.key_fn is not None:
+            key = self.key_fn(*args, **kwargs)
             try:
                 hash(key)
             except TypeError as exc:
-                raise self._unhashable(args, kwargs, exc) from None
-            return key, None
-        anchor = args[0] if self.is_method and args else None
-        if self.key_fn is not None:
-            custom = self.key_fn(*args, **kwargs)
-            try:
-                hash(custom)
-            except TypeError as exc:
                 raise UnhashableArguments(
                     f"the key= function of @request_memo {self.name} returned an unhashable "
-                    f"{type(custom).__name__} ({exc}). Make it return a hashable value, "
+                    f"{type(key).__name__} ({exc}). Make it return a hashable value, "
                     "such as a tuple of strings and numbers."
                 ) from None
-            return (self, custom), anchor
-        if anchor is not None:
-            rest = args[1:]
-            key = (self, id(anchor), rest)
+            return key, anchor
+        if self.exact is not None:
+            # The generated wrapper passes every parameter: the positional ones
+            # in args, the keyword-only ones in kwargs, in signature order.
+            values = args + tuple(kwargs.values()) if kwargs else args
+            if method:
+                key = (id(anchor), *values[1:])
+            elif len(values) == 1:
+                key = values[0]
+            else:
+                key = values
         else:
-            rest = args
-            key = (self, args)
-        if self.typed:
-            key += (
-                tuple(kwargs.items()),
-                tuple(map(_typed, rest)),
-                tuple(map(_typed, kwargs.values())),
-            )
-        elif kwargs:
-            key += (tuple(kwargs.items()),)
+            rest = args[1:] if method else args
+            if self.typed:
+                key = (
+                    rest,
+                    tuple(kwargs.items()),
+                    tuple(map(_typed, rest)),
+                    tuple(map(_typed, kwargs.values())),
+                )
+            elif kwargs:
+                key = (_KWARGS, rest, tuple(kwargs.items()))
+            else:
+                key = rest
+            if method:
+                key = (id(anchor), key)
         try:
             hash(key)
         except TypeError as exc:
@@ -231,20 +277,43 @@ class _MemoSpec:
                 f"request scope. {_NO_SCOPE_HINT}"
             )
 
+    def _owner_in(self, store: MemoStore | None) -> _Owner | None:
+        """This function's entries in ``store``, or None outside a scope."""
+        if store is None or store._closed:
+            return None
+        try:
+            return store._owner(self, self.max_entries)
+        except ScopeClosed:  # closed by another thread just now
+            return None
+
     def call(self, store: MemoStore | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if store is None or store._closed:
             self._outside()
             return self.fn(*args, **kwargs)
         key, anchor = self.make_key(args, kwargs)
-        owner = store._owner_for(self, self.max_entries)
+        return self.call_keyed(store, key, anchor, args, kwargs)
+
+    def call_keyed(
+        self,
+        store: MemoStore,
+        key: Hashable,
+        anchor: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        owner = self._owner_in(store)
+        if owner is None:
+            self._outside()
+            return self.fn(*args, **kwargs)
         shared = self.shared
         if shared is None:
-            return store._compute_sync(key, owner, anchor, lambda: self.fn(*args, **kwargs))
-        value = self._shared_hit(store, shared, key, owner, anchor)
+            return store._compute_sync(owner, key, anchor, lambda: self.fn(*args, **kwargs))
+        shared_key = (self, key)
+        value = self._shared_hit(store, shared, shared_key, owner, key, anchor)
         if value is not MISSING:
             return value
         return store._compute_sync(
-            key, owner, anchor, lambda: shared.get(key, lambda: self.fn(*args, **kwargs))
+            owner, key, anchor, lambda: shared.get(shared_key, lambda: self.fn(*args, **kwargs))
         )
 
     async def call_async(
@@ -254,29 +323,57 @@ class _MemoSpec:
             self._outside()
             return await self.fn(*args, **kwargs)
         key, anchor = self.make_key(args, kwargs)
-        owner = store._owner_for(self, self.max_entries)
+        return await self.call_keyed_async(store, key, anchor, args, kwargs)
+
+    async def call_keyed_async(
+        self,
+        store: MemoStore,
+        key: Hashable,
+        anchor: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        owner = self._owner_in(store)
+        if owner is None:
+            self._outside()
+            return await self.fn(*args, **kwargs)
         shared = self.shared
         if shared is None:
-            return await store._compute_async(key, owner, anchor, lambda: self.fn(*args, **kwargs))
-        value = self._shared_hit(store, shared, key, owner, anchor)
+            return await store._compute_async(owner, key, anchor, lambda: self.fn(*args, **kwargs))
+        shared_key = (self, key)
+        value = self._shared_hit(store, shared, shared_key, owner, key, anchor)
         if value is not MISSING:
             return value
         return await store._compute_async(
-            key, owner, anchor, lambda: shared.get_async(key, lambda: self.fn(*args, **kwargs))
+            owner,
+            key,
+            anchor,
+            lambda: shared.get_async(shared_key, lambda: self.fn(*args, **kwargs)),
         )
 
     @staticmethod
     def _shared_hit(
-        store: MemoStore, shared: SharedTier, key: Hashable, owner: Any, anchor: Any
+        store: MemoStore,
+        shared: SharedTier,
+        shared_key: Hashable,
+        owner: _Owner,
+        key: Hashable,
+        anchor: Any,
     ) -> Any:
         """A request-store miss served by the shared cache, copied into the request store.
 
         From then on the request reads its own copy, so the value stays the same
         for the rest of the request even if the shared entry expires meanwhile.
         """
-        value = shared.peek(key)
+        value = shared.peek(shared_key)
         if value is not MISSING:
-            store._insert(key, value, owner, anchor, count_miss=True)
+            try:
+                lock = store._writable(key)
+            except ScopeClosed:
+                return value
+            with lock:
+                owner.misses += 1
+                store._insert(owner.data, key, value, owner, anchor)
         return value
 
     # -- the functools-style extras ------------------------------------------
@@ -284,15 +381,9 @@ class _MemoSpec:
     def cache_info(self) -> CacheInfo | SharedCacheInfo:
         """This function's hits, misses and entries in the active store (zeros outside)."""
         store = _active_store()
-        owner = None if store is None else store._owners.get(self)
+        owner = None if store is None else (store._owners or {}).get(self)
         hits, misses, currsize = (
-            (0, 0, 0)
-            if owner is None
-            else (
-                owner.hits,
-                owner.misses,
-                owner.entries,
-            )
+            (0, 0, 0) if owner is None else (owner.hits, owner.misses, len(owner.data))
         )
         shared = self.shared
         if shared is None:
@@ -317,101 +408,134 @@ class _MemoSpec:
             self.shared.clear(self)
 
 
+# -- the wrappers -------------------------------------------------------------------------------
+
+_EXACT_TEMPLATE = """\
+def __pr_factory(__pr_get, __pr_spec, __pr_miss, __pr_errors, __pr_id, __pr_d):
+    {kind}def {name}({signature}):
+        __pr_store = __pr_get()
+        if __pr_store is not None:
+            try:
+                __pr_entry = __pr_store._subs[__pr_spec][{key}]
+                __pr_store._order.move_to_end(__pr_entry[1])
+{touch_owner}            except __pr_errors:
+                pass
+            else:
+                __pr_entry[2].hits += 1
+                return __pr_entry[0]
+        return {await_}__pr_miss(__pr_store, ({positional}), {{{keyword}}})
+    return {name}
+"""
+
+
+def _exact_wrapper(spec: _MemoSpec, params: list[inspect.Parameter]) -> Callable[..., Any]:
+    """Generate the wrapper with the function's own signature (see the module docstring)."""
+    is_async = inspect.iscoroutinefunction(spec.fn)
+    defaults: list[Any] = []
+    signature: list[str] = []
+    positional: list[str] = []
+    keyword: list[str] = []
+    star_done = False
+    for i, param in enumerate(params):
+        if param.kind is param.KEYWORD_ONLY and not star_done:
+            signature.append("*")
+            star_done = True
+        text = param.name
+        if param.default is not param.empty:
+            text += f"=__pr_d[{len(defaults)}]"
+            defaults.append(param.default)
+        signature.append(text)
+        if param.kind is param.POSITIONAL_ONLY and (
+            i + 1 == len(params) or params[i + 1].kind is not param.POSITIONAL_ONLY
+        ):
+            signature.append("/")
+        if param.kind is param.KEYWORD_ONLY:
+            keyword.append(f"{param.name!r}: {param.name}")
+        else:
+            positional.append(param.name)
+    names = [p.name for p in params]
+    if spec.is_method:
+        key = f"(__pr_id({names[0]}), {''.join(n + ', ' for n in names[1:])})"
+    elif len(names) == 1:
+        key = names[0]
+    else:
+        key = f"({''.join(n + ', ' for n in names)})"
+    touch_owner = ""
+    if spec.max_entries is not None:
+        touch_owner = f"                __pr_entry[2].order.move_to_end({key})\n"
+    source = _EXACT_TEMPLATE.format(
+        kind="async " if is_async else "",
+        await_="await " if is_async else "",
+        name="__pr_wrapper",
+        signature=", ".join(signature),
+        key=key,
+        touch_owner=touch_owner,
+        positional="".join(n + ", " for n in positional),
+        keyword=", ".join(keyword),
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<request_memo {spec.name}>", "exec"), namespace)
+    miss = spec.call_async if is_async else spec.call
+    wrapper: Callable[..., Any] = namespace["__pr_factory"](
+        _current.get, spec, miss, _LOOKUP_ERRORS, id, tuple(defaults)
+    )
+    return wrapper
+
+
 def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
     """Build the closure whose hit path is as short as the options allow."""
+    if spec.exact is not None:
+        return _exact_wrapper(spec, spec.exact)
     get_store = _current.get
     call, call_async = spec.call, spec.call_async
     is_async = inspect.iscoroutinefunction(spec.fn)
-    generic = spec.key_fn is not None or spec.typed or spec.max_entries is not None
 
-    if generic:
+    if spec.key_fn is not None or spec.typed or spec.max_entries is not None or spec.is_method:
         make_key = spec.make_key
+        call_keyed, call_keyed_async = spec.call_keyed, spec.call_keyed_async
         if is_async:
 
             async def generic_async(*args: Any, **kwargs: Any) -> Any:
                 store = get_store()
-                if store is not None:
-                    try:
-                        key = make_key(args, kwargs)[0]
-                        entry = store._data[key]
-                    except (KeyError, UnhashableArguments):
-                        pass
-                    else:
-                        store._touch(key, entry)
-                        entry[2].hits += 1  # type: ignore[union-attr]
-                        return entry[0]
-                return await call_async(store, args, kwargs)
+                if store is None or store._closed:
+                    return await call_async(store, args, kwargs)
+                key, anchor = make_key(args, kwargs)
+                subs = store._subs
+                entry = None if subs is None else subs.get(spec, _NO_ENTRIES).get(key)
+                if entry is None:
+                    return await call_keyed_async(store, key, anchor, args, kwargs)
+                store._touch(key, entry)
+                entry[2].hits += 1
+                return entry[0]
 
             return generic_async
 
         def generic_sync(*args: Any, **kwargs: Any) -> Any:
             store = get_store()
-            if store is not None:
-                try:
-                    key = make_key(args, kwargs)[0]
-                    entry = store._data[key]
-                except (KeyError, UnhashableArguments):
-                    pass
-                else:
-                    store._touch(key, entry)
-                    entry[2].hits += 1  # type: ignore[union-attr]
-                    return entry[0]
-            return call(store, args, kwargs)
+            if store is None or store._closed:
+                return call(store, args, kwargs)
+            key, anchor = make_key(args, kwargs)
+            subs = store._subs
+            entry = None if subs is None else subs.get(spec, _NO_ENTRIES).get(key)
+            if entry is None:
+                return call_keyed(store, key, anchor, args, kwargs)
+            store._touch(key, entry)
+            entry[2].hits += 1
+            return entry[0]
 
         return generic_sync
 
-    if spec.is_method:
-        if is_async:
-
-            async def method_async(*args: Any, **kwargs: Any) -> Any:
-                store = get_store()
-                if store is not None and args:
-                    key = (
-                        (spec, id(args[0]), args[1:], tuple(kwargs.items()))
-                        if kwargs
-                        else (spec, id(args[0]), args[1:])
-                    )
-                    try:
-                        entry = store._data[key]
-                        store._order.move_to_end(entry[1])
-                    except (KeyError, TypeError):
-                        pass
-                    else:
-                        entry[2].hits += 1  # type: ignore[union-attr]
-                        return entry[0]
-                return await call_async(store, args, kwargs)
-
-            return method_async
-
-        def method_sync(*args: Any, **kwargs: Any) -> Any:
-            store = get_store()
-            if store is not None and args:
-                key = (
-                    (spec, id(args[0]), args[1:], tuple(kwargs.items()))
-                    if kwargs
-                    else (spec, id(args[0]), args[1:])
-                )
-                try:
-                    entry = store._data[key]
-                    store._order.move_to_end(entry[1])
-                except (KeyError, TypeError):
-                    pass
-                else:
-                    entry[2].hits += 1  # type: ignore[union-attr]
-                    return entry[0]
-            return call(store, args, kwargs)
-
-        return method_sync
-
+    kwargs_marker = _KWARGS
     if is_async:
 
         async def plain_async(*args: Any, **kwargs: Any) -> Any:
             store = get_store()
             if store is not None:
-                key = (spec, args, tuple(kwargs.items())) if kwargs else (spec, args)
                 try:
-                    entry = store._data[key]
-                    store._order.move_to_end(entry[1])
+                    entry = store._subs[spec][  # type: ignore[index]
+                        (kwargs_marker, args, tuple(kwargs.items())) if kwargs else args
+                    ]
+                    store._order.move_to_end(entry[1])  # type: ignore[union-attr]
                 except (KeyError, TypeError):
                     pass
                 else:
@@ -424,10 +548,11 @@ def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
     def plain_sync(*args: Any, **kwargs: Any) -> Any:
         store = get_store()
         if store is not None:
-            key = (spec, args, tuple(kwargs.items())) if kwargs else (spec, args)
             try:
-                entry = store._data[key]
-                store._order.move_to_end(entry[1])
+                entry = store._subs[spec][  # type: ignore[index]
+                    (kwargs_marker, args, tuple(kwargs.items())) if kwargs else args
+                ]
+                store._order.move_to_end(entry[1])  # type: ignore[union-attr]
             except (KeyError, TypeError):
                 pass
             else:

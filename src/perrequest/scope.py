@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import threading
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -43,8 +42,9 @@ logger = logging.getLogger("perrequest")
 
 _current: ContextVar[MemoStore | None] = ContextVar("perrequest.store", default=None)
 
-_live = 0
-_live_lock = threading.Lock()
+# The ids of the open stores: a dict, whose item assignment and pop are atomic
+# (no lock on the path every request takes); emptied as scopes close.
+_live: dict[int, bool] = {}
 
 _NO_SCOPE_HINT = (
     "Add perrequest's RequestScopeMiddleware to the app, or wrap the code in "
@@ -54,7 +54,7 @@ _NO_SCOPE_HINT = (
 
 def live_scopes() -> int:
     """How many scopes are open in this process right now."""
-    return _live
+    return len(_live)
 
 
 def check_on_close(on_close: object) -> OnClose | None:
@@ -67,55 +67,75 @@ def check_on_close(on_close: object) -> OnClose | None:
     return cast("OnClose | None", on_close)
 
 
+def _restore(token: Token[MemoStore | None], store: MemoStore) -> None:
+    """Undo ``_current.set(store)``: restore what was active before it."""
+    try:
+        _current.reset(token)
+    except ValueError:
+        # Left in another context than the one entered (a generator closed by
+        # another task or request). Only undo our own store there: whatever
+        # else that context holds belongs to someone else.
+        if _current.get() is store:
+            previous = token.old_value
+            _current.set(None if previous is Token.MISSING else previous)
+
+
 class ScopeLifecycle:
     """One open scope: its store, and the close that runs exactly once.
 
-    Integrations create one per request, ``activate()`` it around the code
-    that should see it (restoring with ``deactivate``), and ``close()`` it
-    when the response is complete. ``close`` is idempotent and thread-safe.
+    Every entry point goes through it. Creating one opens a store and makes it
+    the active one in the current context; ``leave()`` restores the previous
+    store there, and ``close()`` ends the scope, when the response is
+    complete; ``end()`` does both, for a scope that ends where it began.
+    ``activate()``/``deactivate()`` re-enter the scope elsewhere (a response
+    body produced after the app returned). ``close`` is idempotent and
+    thread-safe.
     """
 
-    __slots__ = ("_on_close", "store")
+    __slots__ = ("_on_close", "_token", "store")
 
     def __init__(
         self, max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
     ) -> None:
-        global _live
-        self.store = MemoStore(max_entries)
+        store = self.store = MemoStore(max_entries)
         self._on_close = on_close
-        with _live_lock:
-            _live += 1
+        _live[id(store)] = True
+        self._token = _current.set(store)
+
+    def leave(self) -> None:
+        """Restore, in this context, the store that was active when the scope opened."""
+        _restore(self._token, self.store)
+
+    def end(self) -> None:
+        """``leave()`` then ``close()``."""
+        _restore(self._token, self.store)
+        self.close()
 
     def activate(self) -> Token[MemoStore | None]:
-        """Make this store the active one in the current context."""
+        """Make this scope's store the active one in the current context."""
         return _current.set(self.store)
 
-    @staticmethod
-    def deactivate(token: Token[MemoStore | None]) -> None:
-        """Restore the store that was active before ``activate``."""
-        try:
-            _current.reset(token)
-        except ValueError:
-            # Exited in another context than the one entered (an async
-            # generator finalized elsewhere): restore the previous value anyway.
-            previous = token.old_value
-            _current.set(None if previous is Token.MISSING else previous)
+    def deactivate(self, token: Token[MemoStore | None]) -> None:
+        """Undo ``activate``."""
+        _restore(token, self.store)
 
     def close(self) -> None:
         """Clear the store, then report its stats to the log and ``on_close``."""
-        global _live
-        stats = self.store._close()
+        store = self.store
+        if _live.pop(id(store), None) is None:
+            return  # closed already: whoever popped it closes it, exactly once
+        on_close = self._on_close
+        debug = logger.isEnabledFor(logging.DEBUG)
+        stats = store._close(on_close is not None or debug)
         if stats is None:
             return
-        with _live_lock:
-            _live -= 1
-        if logger.isEnabledFor(logging.DEBUG):
+        if debug:
             logger.debug("request scope closed: %s", stats)
-        if self._on_close is not None:
+        if on_close is not None:
             try:
-                self._on_close(stats)
+                on_close(stats)
             except Exception:
-                logger.exception("perrequest: on_close callback %r raised", self._on_close)
+                logger.exception("perrequest: on_close callback %r raised", on_close)
 
     def iterate(self, body: Iterable[T]) -> ScopedBody[T]:
         """Wrap a lazy response body: each chunk is produced with this scope active,
@@ -260,24 +280,28 @@ class request_scope:
     ) -> None:
         self._max_entries = check_max_entries(max_entries)
         self._on_close = check_on_close(on_close)
-        self._open: tuple[ScopeLifecycle, Token[MemoStore | None]] | None = None
+        # The scopes this object has open, by store: one object may be entered
+        # again while open (nested, or in several threads at once), like
+        # decimal.localcontext(); each exit closes the scope its context opened.
+        self._open: dict[int, ScopeLifecycle] = {}
 
     def _enter(self) -> MemoStore:
-        if self._open is not None:
-            raise RuntimeError(
-                "this request_scope() is already open; use a new request_scope() for each "
-                "with-block (or decorate the function with @request_scope())"
-            )
         lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
-        self._open = (lifecycle, lifecycle.activate())
+        self._open[id(lifecycle.store)] = lifecycle
         return lifecycle.store
 
     def _exit(self) -> None:
-        assert self._open is not None
-        lifecycle, token = self._open
-        self._open = None
-        lifecycle.deactivate(token)
-        lifecycle.close()
+        lifecycle = self._open.pop(id(_current.get()), None)
+        if lifecycle is None:
+            # Exited in another context than it was entered in (a generator
+            # resumed elsewhere): close the scope entered last.
+            try:
+                _, lifecycle = self._open.popitem()
+            except KeyError:
+                raise RuntimeError(
+                    "request_scope() exited more often than it was entered"
+                ) from None
+        lifecycle.end()
 
     def __enter__(self) -> MemoStore:
         return self._enter()
@@ -312,24 +336,20 @@ class request_scope:
             @functools.wraps(fn)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                 lifecycle = ScopeLifecycle(max_entries, on_close)
-                token = lifecycle.activate()
                 try:
                     return await fn(*args, **kwargs)
                 finally:
-                    lifecycle.deactivate(token)
-                    lifecycle.close()
+                    lifecycle.end()
 
             return cast("Callable[P, R]", run_async)
 
         @functools.wraps(fn)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
             lifecycle = ScopeLifecycle(max_entries, on_close)
-            token = lifecycle.activate()
             try:
                 return fn(*args, **kwargs)
             finally:
-                lifecycle.deactivate(token)
-                lifecycle.close()
+                lifecycle.end()
 
         return run
 
@@ -358,7 +378,7 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
             try:
                 return await fn(*args, **kwargs)
             finally:
-                ScopeLifecycle.deactivate(token)
+                _restore(token, store)
 
         return cast("Callable[P, R]", bound_async)
 
@@ -368,6 +388,6 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         finally:
-            ScopeLifecycle.deactivate(token)
+            _restore(token, store)
 
     return bound

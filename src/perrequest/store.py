@@ -1,16 +1,21 @@
 """The per-request store: a bounded, thread-safe mapping with LRU eviction.
 
-Each entry is kept as ``key -> (value, entry_id, owner, anchor)``; recency lives
-in a second ordered dict keyed by the small ``entry_id``. A hit therefore hashes
-the caller's key once (tuple hashes are not cached by CPython) and refreshes
-recency with a cheap int lookup, without taking a lock. Every write takes the
-store's lock.
+Helper entries (``store[key]``, ``get_or_set``) live in one dict, and each
+memoized function's entries in a dict of their own, so a memo hit is one
+lookup of the function and one of its arguments, with no key tuple to build
+for a one-argument call. Every entry is ``(value, entry_id, owner, anchor)``;
+recency lives in one ordered dict keyed by the small ``entry_id``, shared by
+all of them, so the bound and the LRU order are the store's, not a
+function's. Reads take no lock; every write takes the store's lock.
+
+A store is created for every request, so creating and closing one must cost
+next to nothing: the dicts, the lock and the counters are made on the first
+write, and the stats only when somebody will read them.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +34,11 @@ T = TypeVar("T")
 
 _MISSING: Any = object()
 
+# Serialises the lazy creation of a store's lock with an early close.
+_guard = threading.Lock()
+
+Entry = tuple[Any, int, "_Owner | None", Any]
+
 
 @dataclass(frozen=True, slots=True)
 class ScopeStats:
@@ -43,19 +53,39 @@ class ScopeStats:
 
 
 class _Owner:
-    """Counters for one memoized function (or the helpers) within one store."""
+    """One memoized function's entries and counters within one store (or the helpers')."""
 
-    __slots__ = ("entries", "hits", "max_entries", "misses", "order")
+    __slots__ = ("data", "hits", "max_entries", "misses", "order", "token")
 
-    def __init__(self, max_entries: int | None = None) -> None:
+    def __init__(self, token: object, max_entries: int | None) -> None:
+        self.token = token
+        self.data: dict[Hashable, Entry] = {}
         self.hits = 0
         self.misses = 0
-        self.entries = 0
         self.max_entries = max_entries
-        # Keys of this owner in recency order, kept only when it has its own bound.
+        # This owner's keys in recency order, kept only when it has its own bound.
         self.order: OrderedDict[Hashable, None] | None = (
             None if max_entries is None else OrderedDict()
         )
+
+
+class MemoKey:
+    """How a memo entry shows up when the store is iterated: never equal to a user's key."""
+
+    __slots__ = ("key", "owner")
+
+    def __init__(self, owner: object, key: Hashable) -> None:
+        self.owner = owner
+        self.key = key
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is MemoKey and other.owner is self.owner and bool(other.key == self.key)
+
+    def __hash__(self) -> int:
+        return hash((id(self.owner), self.key))
+
+    def __repr__(self) -> str:
+        return f"<memo entry of {self.owner!r}: {self.key!r}>"
 
 
 def check_max_entries(value: object, what: str = "max_entries") -> int | None:
@@ -75,110 +105,135 @@ class MemoStore(MutableMapping[Hashable, Any]):
     """The memo store of one scope: bounded, least-recently-used, thread-safe.
 
     Created and closed by ``request_scope`` and the middlewares. Once closed it
-    stays empty, and every write raises ``ScopeClosed``.
+    stays empty, and every write raises ``ScopeClosed``. Iterating it yields
+    the helper keys and, for memo entries, private ``MemoKey`` objects.
     """
 
     __slots__ = (
         "__weakref__",
         "_closed",
         "_data",
-        "_entry_ids",
         "_evictions",
         "_flights",
         "_helpers",
         "_lock",
         "_max_entries",
+        "_next_id",
         "_opened_at",
         "_order",
         "_owners",
         "_peak",
+        "_subs",
     )
 
     def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES) -> None:
-        self._max_entries = check_max_entries(max_entries)
-        self._data: dict[Hashable, tuple[Any, int, _Owner | None, Any]] = {}
-        self._order: OrderedDict[int, Hashable] = OrderedDict()
-        self._entry_ids = itertools.count()
-        self._lock = threading.RLock()
-        self._flights = SingleFlight(self._lock)
-        self._owners: dict[object, _Owner] = {}
-        self._helpers = _Owner()
+        if type(max_entries) is not int or max_entries <= 0:  # the fast path is valid
+            max_entries = check_max_entries(max_entries)
+        self._max_entries = max_entries
         self._closed = False
+        self._opened_at = time.perf_counter()
+        # Made on the first write (see _writable): many requests never write.
+        self._lock: threading.RLock | None = None
+        self._order: OrderedDict[int, tuple[dict[Hashable, Entry], Hashable]] | None = None
+        self._data: dict[Hashable, Entry] | None = None
+        self._subs: dict[object, dict[Hashable, Entry]] | None = None
+        self._owners: dict[object, _Owner] | None = None
+        self._flights: SingleFlight | None = None
+        self._helpers: _Owner | None = None
+        self._next_id = 0
         self._peak = 0
         self._evictions = 0
-        self._opened_at = time.perf_counter()
 
     # -- Mapping -----------------------------------------------------------
 
     def __getitem__(self, key: Hashable) -> Any:
-        entry = self._data[key]
+        data, key = self._where(key)
+        entry = data[key]
         self._touch(key, entry)
         return entry[0]
 
     def __setitem__(self, key: Hashable, value: Any) -> None:
-        self._check_writable(key)
-        self._insert(key, value, None, None)
+        if type(key) is MemoKey:
+            raise TypeError(
+                f"{key!r} is a memo entry: @request_memo writes those. Delete it, or use "
+                "the function's cache_clear(), instead of assigning to it."
+            )
+        lock = self._writable(key)
+        with lock:
+            self._insert(self._data_locked(), key, value, None, None)
 
     def __delitem__(self, key: Hashable) -> None:
-        self._check_writable(key)
-        with self._lock:
-            self._remove(key)
+        lock = self._writable(key)
+        with lock:
+            data, key = self._where(key)
+            if key not in data:
+                raise KeyError(key)
+            self._remove(data, key)
 
     def __iter__(self) -> Iterator[Hashable]:
         # A snapshot, so another thread writing cannot break the iteration.
-        return iter(list(self._data))
+        keys: list[Hashable] = list(self._data or ())
+        for owner in list((self._owners or {}).values()):
+            keys += [MemoKey(owner.token, key) for key in list(owner.data)]
+        return iter(keys)
 
     def __len__(self) -> int:
-        return len(self._data)
+        return 0 if self._order is None else len(self._order)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._data
+        data, key = self._where(key)
+        return key in data
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<MemoStore {state} entries={len(self._data)} max_entries={self._max_entries}>"
+        return f"<MemoStore {state} entries={len(self)} max_entries={self._max_entries}>"
 
     # The mixins would read before writing, so a closed store could answer a
     # pop() with its default instead of refusing the write: check first.
 
     def pop(self, key: Hashable, default: Any = _MISSING) -> Any:
-        self._check_writable(key)
-        with self._lock:
-            entry = self._data.get(key, _MISSING)
+        lock = self._writable(key)
+        with lock:
+            data, key = self._where(key)
+            entry = data.get(key, _MISSING)
             if entry is _MISSING:
                 if default is _MISSING:
                     raise KeyError(key)
                 return default
-            self._remove(key)
+            self._remove(data, key)
             return entry[0]
 
     def popitem(self) -> tuple[Hashable, Any]:
-        self._check_writable("popitem()")
-        with self._lock:
+        lock = self._writable("popitem()")
+        with lock:
+            assert self._order is not None
             if not self._order:
                 raise KeyError("popitem(): the store is empty")
-            key = next(reversed(self._order.values()))
-            value = self._data[key][0]
-            self._remove(key)
-            return key, value
+            data, key = next(reversed(self._order.values()))
+            value, _, owner, _ = data[key]
+            self._remove(data, key)
+            if data is self._data or owner is None:
+                return key, value
+            return MemoKey(owner.token, key), value
 
     def clear(self) -> None:
-        self._check_writable("clear()")
-        with self._lock:
+        lock = self._writable("clear()")
+        with lock:
             self._clear()
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
-        self._check_writable(key)
-        with self._lock:
-            entry = self._data.get(key)
+        lock = self._writable(key)
+        with lock:
+            data = self._data_locked()
+            entry = data.get(key)
             if entry is not None:
                 self._touch(key, entry)
                 return entry[0]
-            self._insert(key, default, None, None)
+            self._insert(data, key, default, None, None)
             return default
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self._check_writable("update()")
+        self._writable("update()")
         super().update(*args, **kwargs)
 
     # -- the rest of the public surface -------------------------------------
@@ -196,7 +251,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
     @property
     def stats(self) -> ScopeStats:
         """A snapshot of hits, misses, entries, peak, evictions and age."""
-        return self._snapshot(time.perf_counter())
+        return self._snapshot()
 
     def get_or_set(self, key: Hashable, factory: Callable[[], T]) -> T:
         """Return the value at ``key``, calling ``factory()`` once to fill it if missing.
@@ -204,8 +259,14 @@ class MemoStore(MutableMapping[Hashable, Any]):
         Counted in ``stats``; concurrent callers in threads sharing this store
         wait for one computation instead of running ``factory`` twice.
         """
-        self._check_writable(key)
+        lock = self._writable(key)
         hash(key)  # fail on an unhashable key before anything else happens
+        with lock:
+            data = self._data_locked()
+            helpers = self._helpers
+            if helpers is None:
+                helpers = self._helpers = _Owner(None, None)
+                helpers.data = data
 
         def compute() -> T:
             value = factory()
@@ -218,139 +279,203 @@ class MemoStore(MutableMapping[Hashable, Any]):
                 )
             return value
 
-        return self._compute_sync(key, self._helpers, None, compute)  # type: ignore[no-any-return]
+        return self._compute_sync(helpers, key, None, compute)  # type: ignore[no-any-return]
 
     # -- internals used by request_memo and the scope lifecycle -------------
 
-    def _check_writable(self, key: object) -> None:
-        if self._closed:
+    def _where(self, key: Hashable) -> tuple[dict[Hashable, Entry], Hashable]:
+        """The dict that holds ``key`` (a helper key or a ``MemoKey``) and its key there."""
+        if type(key) is MemoKey:
+            owner = (self._owners or {}).get(key.owner)
+            return ({} if owner is None else owner.data), key.key
+        return self._data or {}, key
+
+    def _writable(self, key: object) -> threading.RLock:
+        """The store's lock, made on first use; raises ``ScopeClosed`` once closed."""
+        lock = self._lock
+        if lock is None:
+            with _guard:
+                lock = self._lock
+                if lock is None and not self._closed:
+                    lock = threading.RLock()
+                    self._flights = SingleFlight(lock)
+                    self._order = OrderedDict()
+                    self._owners = {}
+                    self._lock = lock  # published last: it says the rest is there
+        if self._closed or lock is None:
             raise ScopeClosed(
                 f"cannot write {key!r}: this MemoStore belongs to a request scope that has "
                 "ended. Use perrequest.current_store() inside the request instead of keeping "
                 "a reference to an old store."
             )
+        return lock
 
-    def _touch(self, key: Hashable, entry: tuple[Any, int, _Owner | None, Any]) -> None:
+    def _data_locked(self) -> dict[Hashable, Entry]:
+        data = self._data
+        if data is None:
+            data = self._data = {}
+        return data
+
+    def _owner(self, token: object, max_entries: int | None) -> _Owner:
+        """One memoized function's entries in this store, made on its first miss."""
+        owners = self._owners
+        owner = None if owners is None else owners.get(token)
+        if owner is None:
+            with self._writable(token):
+                owners = self._owners
+                assert owners is not None
+                owner = owners.get(token)
+                if owner is None:
+                    owner = _Owner(token, max_entries)
+                    subs = self._subs
+                    if subs is None:
+                        subs = {}
+                    subs[token] = owner.data
+                    owners[token] = owner
+                    self._subs = subs  # published last: a hit reads _subs without the lock
+        return owner
+
+    def _touch(self, key: Hashable, entry: Entry) -> None:
         try:
-            self._order.move_to_end(entry[1])
+            self._order.move_to_end(entry[1])  # type: ignore[union-attr]
             owner = entry[2]
             if owner is not None and owner.order is not None:
                 owner.order.move_to_end(key)
         except KeyError:  # removed meanwhile by another thread: nothing to refresh
             pass
 
-    def _owner_for(self, token: object, max_entries: int | None) -> _Owner:
-        """The counters of one memoized function in this store."""
-        owner = self._owners.get(token)
-        if owner is None:
-            with self._lock:
-                owner = self._owners.setdefault(token, _Owner(max_entries))
-        return owner
-
     def _insert(
         self,
+        data: dict[Hashable, Entry],
         key: Hashable,
         value: Any,
         owner: _Owner | None,
         anchor: Any,
-        count_miss: bool = False,
     ) -> None:
-        with self._lock:
-            if count_miss and owner is not None:
-                owner.misses += 1
-            if self._closed:
-                return
-            data = self._data
-            old = data.get(key)
-            if old is not None:
-                # Replace in place; a memo entry keeps its owner's accounting.
-                owner = owner or old[2]
-                data[key] = (value, old[1], owner, anchor if owner is not None else None)
-                self._touch(key, old)
-                return
-            entry_id = next(self._entry_ids)
-            data[key] = (value, entry_id, owner, anchor)
-            self._order[entry_id] = key
-            if owner is not None:
-                owner.entries += 1
-                if owner.order is not None:
-                    owner.order[key] = None
-                    if owner.entries > owner.max_entries:  # type: ignore[operator]
-                        self._remove(next(iter(owner.order)))
-                        self._evictions += 1
-            size = len(data)
-            bound = self._max_entries
-            if bound is not None and size > bound:
-                self._remove(next(iter(self._order.values())))
+        """Store an entry and enforce the bounds; the caller holds the lock."""
+        order = self._order
+        if self._closed or order is None:
+            return
+        old = data.get(key)
+        if old is not None:
+            data[key] = (value, old[1], old[2], anchor if old[2] is not None else None)
+            self._touch(key, old)
+            return
+        entry_id = self._next_id = self._next_id + 1
+        data[key] = (value, entry_id, owner, anchor)
+        order[entry_id] = (data, key)
+        if owner is not None and owner.order is not None:
+            owner.order[key] = None
+            if len(owner.order) > owner.max_entries:  # type: ignore[operator]
+                self._remove(data, next(iter(owner.order)))
                 self._evictions += 1
-            elif size > self._peak:
-                self._peak = size
+        size = len(order)
+        bound = self._max_entries
+        if bound is not None and size > bound:
+            self._remove(*next(iter(order.values())))
+            self._evictions += 1
+        elif size > self._peak:
+            self._peak = size
 
-    def _remove(self, key: Hashable) -> None:
-        _, entry_id, owner, _ = self._data.pop(key)
-        del self._order[entry_id]
-        if owner is not None:
-            owner.entries -= 1
-            if owner.order is not None:
-                del owner.order[key]
+    def _remove(self, data: dict[Hashable, Entry], key: Hashable) -> None:
+        _, entry_id, owner, _ = data.pop(key)
+        del self._order[entry_id]  # type: ignore[union-attr]
+        if owner is not None and owner.order is not None:
+            del owner.order[key]
 
     def _clear(self) -> None:
-        self._data.clear()
-        self._order.clear()
-        for owner in (*self._owners.values(), self._helpers):
-            owner.entries = 0
+        if self._data is not None:
+            self._data.clear()
+        if self._order is not None:
+            self._order.clear()
+        for owner in (self._owners or {}).values():
+            owner.data.clear()
             if owner.order is not None:
                 owner.order.clear()
 
     def _remove_owner_entries(self, token: object) -> None:
-        """Drop every memo entry of one function (``fn.cache_clear()``)."""
+        """Drop every entry of one memoized function (``fn.cache_clear()``)."""
+        owner = (self._owners or {}).get(token)
+        if owner is None or self._lock is None:
+            return
         with self._lock:
-            if self._closed:
-                return
-            for key in [k for k in self._data if type(k) is tuple and k and k[0] is token]:
-                self._remove(key)
+            for key in list(owner.data):
+                self._remove(owner.data, key)
 
-    def _snapshot(self, now: float) -> ScopeStats:
-        owners = (*self._owners.values(), self._helpers)
+    def _snapshot(self) -> ScopeStats:
+        owners = list((self._owners or {}).values())
+        if self._helpers is not None:
+            owners.append(self._helpers)
         return ScopeStats(
             hits=sum(o.hits for o in owners),
             misses=sum(o.misses for o in owners),
-            entries=len(self._data),
+            entries=len(self),
             peak_entries=self._peak,
             evictions=self._evictions,
-            duration_s=now - self._opened_at,
+            duration_s=time.perf_counter() - self._opened_at,
         )
 
-    def _close(self) -> ScopeStats | None:
-        """Clear and close; returns the final stats, or None if already closed."""
-        with self._lock:
-            if self._closed:
-                return None
-            stats = self._snapshot(time.perf_counter())
-            self._closed = True
+    def _close(self, want_stats: bool) -> ScopeStats | None:
+        """Clear and close, for the lifecycle, which makes sure it runs once; returns
+        the final stats when ``want_stats``.
+
+        No lock for a store nothing was written to: a writer makes the lock
+        before it checks ``_closed``, so either it sees the store closed, or the
+        lock is there to wait on here.
+        """
+        self._closed = True
+        lock = self._lock
+        if lock is None:
+            return self._snapshot() if want_stats else None
+        with lock:
+            stats = self._snapshot() if want_stats else None
             self._clear()
-            self._flights.clear()
+            self._subs = None
+            if self._flights is not None:
+                self._flights.clear()
             return stats
 
-    def _lookup(self, key: Hashable) -> Any:
-        entry = self._data.get(key)
+    def _compute_sync(
+        self, owner: _Owner, key: Hashable, anchor: Any, compute: Callable[[], Any]
+    ) -> Any:
+        """Return the entry at ``key`` or compute it once across threads."""
+        flights = self._flights
+        if flights is None:
+            self._writable(key)
+            flights = self._flights
+            assert flights is not None
+        return flights.run(
+            (owner, key),
+            lambda: self._lookup(owner.data, key),
+            lambda value: self._insert(owner.data, key, value, owner, anchor),
+            compute,
+            owner,
+        )
+
+    async def _compute_async(
+        self,
+        owner: _Owner,
+        key: Hashable,
+        anchor: Any,
+        compute: Callable[[], Awaitable[Any]],
+    ) -> Any:
+        """Return the entry at ``key`` or compute it once across tasks."""
+        flights = self._flights
+        if flights is None:
+            self._writable(key)
+            flights = self._flights
+            assert flights is not None
+        return await flights.run_async(
+            (owner, key),
+            lambda: self._lookup(owner.data, key),
+            lambda value: self._insert(owner.data, key, value, owner, anchor),
+            compute,
+            owner,
+        )
+
+    def _lookup(self, data: dict[Hashable, Entry], key: Hashable) -> Any:
+        entry = data.get(key)
         if entry is None:
             return MISSING
         self._touch(key, entry)
         return entry[0]
-
-    def _compute_sync(
-        self, key: Hashable, owner: _Owner, anchor: Any, compute: Callable[[], Any]
-    ) -> Any:
-        """Return the entry at ``key`` or compute it once across threads."""
-        return self._flights.run(
-            key, self._lookup, lambda k, v: self._insert(k, v, owner, anchor), compute, owner
-        )
-
-    async def _compute_async(
-        self, key: Hashable, owner: _Owner, anchor: Any, compute: Callable[[], Awaitable[Any]]
-    ) -> Any:
-        """Return the entry at ``key`` or compute it once across tasks."""
-        return await self._flights.run_async(
-            key, self._lookup, lambda k, v: self._insert(k, v, owner, anchor), compute, owner
-        )

@@ -55,13 +55,10 @@ class RequestScopeMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> ScopedBody[bytes]:
         lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
-        token = lifecycle.activate()
         try:
-            try:
-                body = self.app(environ, start_response)
-            finally:
-                lifecycle.deactivate(token)
+            body = self.app(environ, start_response)
         except BaseException:
-            lifecycle.close()
+            lifecycle.end()
             raise
+        lifecycle.leave()
         return lifecycle.iterate(body)

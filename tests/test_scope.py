@@ -349,11 +349,12 @@ def test_assert_no_live_scopes_fails_when_one_is_open() -> None:
 
 
 def test_scoped_body_closes_at_garbage_collection() -> None:
-    from perrequest.scope import ScopeLifecycle
+    from perrequest.scope import ScopedBody, leave_scope, open_scope
 
-    lifecycle = ScopeLifecycle()
-    body = lifecycle.iterate(iter([b"a"]))
-    assert live_scopes() == 1
+    store = open_scope()
+    leave_scope(store)
+    body = ScopedBody(iter([b"a"]), store)
+    assert live_scopes() == 1 and not in_request_scope()
     del body
     gc.collect()
-    assert live_scopes() == 0 and lifecycle.store.closed
+    assert live_scopes() == 0 and store.closed

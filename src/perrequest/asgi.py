@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .scope import OnClose, ScopeLifecycle, check_on_close
+from .scope import OnClose, check_on_close, end_scope, open_scope
 from .store import DEFAULT_MAX_ENTRIES, check_max_entries
 
 __all__ = ["RequestScopeMiddleware"]
@@ -97,8 +97,8 @@ class RequestScopeMiddleware:
         if scope["type"] not in self._scope_types:
             await self.app(scope, receive, send)
             return
-        lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
+        store = open_scope(self._max_entries, self._on_close)
         try:
             await self.app(scope, receive, send)
         finally:
-            lifecycle.end()
+            end_scope(store)

@@ -1,6 +1,6 @@
 """Celery integration: one request scope per task run, so task memos die with the job.
 
-Two ways in, both built on ``ScopeLifecycle`` like the web middlewares:
+Two ways in, both built on ``open_scope``/``end_scope`` like the web middlewares:
 
 - ``ScopedTask``, a task base class, for chosen tasks
   (``@app.task(base=ScopedTask)``) or for every task of an app
@@ -38,8 +38,8 @@ from typing import Any, Final, NamedTuple
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
-from .scope import OnClose, ScopeLifecycle, check_on_close
-from .store import DEFAULT_MAX_ENTRIES, check_max_entries
+from .scope import OnClose, check_on_close, end_scope, open_scope
+from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
 
 __all__ = ["ScopedTask", "install"]
 
@@ -65,11 +65,11 @@ class ScopedTask(Task):  # type: ignore[misc]
         _check_task_class(cls)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        lifecycle = ScopeLifecycle(self.perrequest_max_entries, self.perrequest_on_close)
+        store = open_scope(self.perrequest_max_entries, self.perrequest_on_close)
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            lifecycle.end()
+            end_scope(store)
 
 
 def _check_task_class(cls: type) -> None:
@@ -101,7 +101,7 @@ class _Options(NamedTuple):
 
 class _OpenJob(NamedTuple):
     task_id: str
-    lifecycle: ScopeLifecycle
+    store: MemoStore
 
 
 _installed: weakref.WeakKeyDictionary[Any, _Options] = weakref.WeakKeyDictionary()
@@ -141,8 +141,7 @@ def _open_job_scope(sender: Any = None, task_id: str = "", **_: Any) -> None:
     options = _installed.get(sender.app)
     if options is None:
         return
-    lifecycle = ScopeLifecycle(options.max_entries, options.on_close)
-    job = _OpenJob(task_id, lifecycle)
+    job = _OpenJob(task_id, open_scope(options.max_entries, options.on_close))
     _open_jobs.set((*_open_jobs.get(), job))
 
 
@@ -156,4 +155,4 @@ def _close_job_scope(task_id: str = "", **_: Any) -> None:
         return
     _open_jobs.set(jobs[:index])
     for job in reversed(jobs[index:]):
-        job.lifecycle.end()
+        end_scope(job.store)

@@ -24,8 +24,17 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .scope import OnClose, ScopeLifecycle, check_on_close
-from .store import DEFAULT_MAX_ENTRIES, check_max_entries
+from .scope import (
+    OnClose,
+    ScopedBody,
+    check_on_close,
+    close_scope,
+    end_scope,
+    iterate_async,
+    leave_scope,
+    open_scope,
+)
+from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
 
 __all__ = ["RequestScopeMiddleware"]
 
@@ -52,45 +61,61 @@ class RequestScopeMiddleware:
     def __call__(self, request: Any) -> Any:
         if self._is_async:
             return self._acall(request)
-        lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
+        store = open_scope(self._max_entries, self._on_close)
         try:
             response = self.get_response(request)
         except BaseException:
-            lifecycle.end()
+            end_scope(store)
             raise
-        lifecycle.leave()
-        return _close_with_response(response, lifecycle)
+        leave_scope(store)
+        return _close_with_response(response, store)
 
     async def _acall(self, request: Any) -> Any:
-        lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
+        store = open_scope(self._max_entries, self._on_close)
         try:
             response = await self.get_response(request)
         except BaseException:  # cancellation (client gone) closes the store too
-            lifecycle.end()
+            end_scope(store)
             raise
-        lifecycle.leave()
-        return _close_with_response(response, lifecycle)
+        leave_scope(store)
+        return _close_with_response(response, store)
 
 
-def _close_with_response(response: Any, lifecycle: ScopeLifecycle) -> Any:
+def _close_with_response(response: Any, store: MemoStore) -> Any:
     """Tie the scope's end to the response's: its streaming body runs in the scope,
     and ``response.close()`` (or, if nobody calls it, garbage collection) closes it."""
     try:
         # A FileResponse only reads a file, and replacing its streaming_content
         # would disable the server's wsgi.file_wrapper (sendfile).
         if response.streaming and getattr(response, "file_to_stream", None) is None:
-            if response.is_async:
-                response.streaming_content = lifecycle.aiterate(response.streaming_content)
-            else:
-                response.streaming_content = lifecycle.iterate(response.streaming_content)
+            _scope_streaming_content(response, store)
         # A response can be dropped unclosed (a middleware above replaces it; under
         # ASGI a sync chain's request task is cancelled): the finalizer then closes
         # the store when it is collected. Called by close(), it runs once and detaches.
-        response._resource_closers.append(weakref.finalize(response, lifecycle.close))
+        response._resource_closers.append(weakref.finalize(response, close_scope, store))
     except BaseException:
-        lifecycle.close()
+        close_scope(store)
         raise
     return response
+
+
+def _scope_streaming_content(response: Any, store: MemoStore) -> None:
+    """Produce the body with the scope active, and close it within the scope.
+
+    Wraps the raw iterator, not ``response.streaming_content``: that property
+    maps the chunks through ``response.make_bytes``, a reference back to the
+    response, and a wrapper holding it would put every response in a cycle
+    that only the garbage collector frees. The raw iterator's own ``close`` is
+    taken off the response's closers, so that it runs inside the scope too.
+    """
+    raw = response._iterator
+    raw_close = getattr(raw, "close", None)
+    if raw_close is not None:
+        response._resource_closers[:] = [c for c in response._resource_closers if c != raw_close]
+    if response.is_async:
+        response.streaming_content = iterate_async(raw, store)
+    else:
+        response.streaming_content = ScopedBody(raw, store)
 
 
 def _read_settings() -> tuple[int | None, OnClose | None]:

@@ -2,33 +2,51 @@
 
 The active store lives in a ``ContextVar``, so asyncio tasks and copied
 contexts (``asyncio.to_thread``, ``sync_to_async``, ``run_in_threadpool``)
-inherit it and concurrent requests never see each other's. ``ScopeLifecycle``
-is the single place that opens a store, activates it, and closes it: the
-middlewares and ``request_scope`` all go through it.
+inherit it and concurrent requests never see each other's. ``open_scope`` and
+its companions below are the single place that opens a store, activates it
+and closes it: the middlewares, ``request_scope`` and the Celery integration
+all go through them. They run once or twice per request, so they are plain
+functions doing as little as possible; the state of a scope lives on its store.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable, Iterator
+import time
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Iterator,
+)
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats, check_max_entries
 
 __all__ = [
     "OnClose",
-    "ScopeLifecycle",
     "ScopedBody",
+    "activate",
     "bind_scope",
     "check_on_close",
+    "close_scope",
     "current_store",
+    "deactivate",
+    "end_scope",
     "in_request_scope",
+    "iterate_async",
+    "leave_scope",
     "live_scopes",
+    "open_scope",
     "request_scope",
 ]
 
@@ -39,12 +57,20 @@ T = TypeVar("T")
 OnClose = Callable[[ScopeStats], object]
 
 logger = logging.getLogger("perrequest")
+_DEBUG = logging.DEBUG
+# Logger.isEnabledFor answers from this dict (cleared in place when levels
+# change); reading it directly saves a Python call on every request.
+_level_cache: dict[int, bool] = getattr(logger, "_cache", {})
 
 _current: ContextVar[MemoStore | None] = ContextVar("perrequest.store", default=None)
 
-# The ids of the open stores: a dict, whose item assignment and pop are atomic
-# (no lock on the path every request takes); emptied as scopes close.
-_live: dict[int, bool] = {}
+# Scopes opened and closed in this process. next() on an itertools.count is
+# atomic, so no lock sits on the path every request takes.
+_count_open = itertools.count()
+_count_closed = itertools.count()
+
+_new_store = object.__new__
+_now = time.perf_counter
 
 _NO_SCOPE_HINT = (
     "Add perrequest's RequestScopeMiddleware to the app, or wrap the code in "
@@ -54,164 +80,237 @@ _NO_SCOPE_HINT = (
 
 def live_scopes() -> int:
     """How many scopes are open in this process right now."""
-    return len(_live)
+    # Reading a count advances it: advance both, which leaves the difference alone.
+    closed = next(_count_closed)
+    return next(_count_open) - closed
+
+
+def _is_async_callable(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
 
 
 def check_on_close(on_close: object) -> OnClose | None:
-    """Validate an ``on_close`` option: None or a callable taking ``ScopeStats``."""
-    if on_close is not None and not callable(on_close):
+    """Validate an ``on_close`` option: None or a sync callable taking ``ScopeStats``."""
+    if on_close is None:
+        return None
+    if not callable(on_close):
         raise TypeError(
             f"on_close must be a callable taking ScopeStats, or None, not "
             f"{type(on_close).__name__} {on_close!r}"
         )
-    return cast("OnClose | None", on_close)
+    if _is_async_callable(on_close):
+        raise TypeError(
+            f"on_close must be a plain (sync) function, not the async {on_close!r}: it runs "
+            "as the scope closes, where nothing would await it. Record the stats in a sync "
+            "function (hand them to a queue or a background task if the work is async)."
+        )
+    try:
+        inspect.signature(on_close).bind(None)
+    except TypeError:
+        raise TypeError(
+            f"on_close={on_close!r} cannot be called with one argument; it is called as "
+            "on_close(stats) with a ScopeStats"
+        ) from None
+    except ValueError:  # no signature to check (some builtins): trust it
+        pass
+    return cast("OnClose", on_close)
 
 
-def _restore(token: Token[MemoStore | None], store: MemoStore) -> None:
-    """Undo ``_current.set(store)``: restore what was active before it."""
+# -- the lifecycle -------------------------------------------------------------------------------
+
+
+def open_scope(
+    max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
+) -> MemoStore:
+    """Open a scope and make its new store the active one in the current context.
+
+    The options must be validated already (``check_max_entries``,
+    ``check_on_close``): this runs for every request.
+    """
+    store: MemoStore = _new_store(MemoStore)  # no __init__: the class defaults are right
+    store._opened_at = _now()
+    if max_entries is not DEFAULT_MAX_ENTRIES:
+        store._max_entries = max_entries
+    if on_close is not None:
+        store._on_close = on_close
+    next(_count_open)
+    store._token = _current.set(store)
+    return store
+
+
+def leave_scope(store: MemoStore) -> None:
+    """Restore, in this context, what was active before ``open_scope``; the scope stays open."""
+    try:
+        _current.reset(store._token)
+    except ValueError:
+        _restore_foreign(store._token, store)
+
+
+def end_scope(store: MemoStore) -> None:
+    """``leave_scope`` then ``close_scope``: for a scope that ends where it began."""
+    try:
+        _current.reset(store._token)
+    except ValueError:
+        _restore_foreign(store._token, store)
+    # close_scope(store), with the common case inline: nothing written, nobody listening.
+    if store._closed:
+        return
+    store._closed = True
+    next(_count_closed)
+    if store._lock is None and store._on_close is None and not _level_cache.get(_DEBUG, True):
+        return
+    _report(store)
+
+
+def close_scope(store: MemoStore) -> None:
+    """End the scope: clear its store, then log its stats at DEBUG and call ``on_close``.
+
+    Idempotent. Called by whoever owns the end of the request, once the
+    response is complete; code still running in the scope's context then
+    finds itself outside any scope.
+    """
+    if store._closed:
+        return
+    store._closed = True
+    next(_count_closed)
+    if store._lock is None and store._on_close is None and not _level_cache.get(_DEBUG, True):
+        return  # nothing written, nobody listening
+    _report(store)
+
+
+def _report(store: MemoStore) -> None:
+    on_close = store._on_close
+    debug = logger.isEnabledFor(_DEBUG)
+    stats = store._shut(on_close is not None or debug)
+    if stats is None:
+        return
+    if debug:
+        logger.debug("request scope closed: %s", stats)
+    if on_close is not None:
+        try:
+            on_close(stats)
+        except Exception:
+            logger.exception("perrequest: on_close callback %r raised", on_close)
+
+
+def activate(store: MemoStore) -> Token[MemoStore | None]:
+    """Make an open scope's store active again in this context (a body produced later)."""
+    return _current.set(store)
+
+
+def deactivate(token: Token[MemoStore | None], store: MemoStore) -> None:
+    """Undo ``activate``."""
     try:
         _current.reset(token)
     except ValueError:
-        # Left in another context than the one entered (a generator closed by
-        # another task or request). Only undo our own store there: whatever
-        # else that context holds belongs to someone else.
-        if _current.get() is store:
-            previous = token.old_value
-            _current.set(None if previous is Token.MISSING else previous)
+        _restore_foreign(token, store)
 
 
-class ScopeLifecycle:
-    """One open scope: its store, and the close that runs exactly once.
+def _restore_foreign(token: Token[MemoStore | None], store: MemoStore) -> None:
+    """Undo ``_current.set(store)`` in another context than the one it was made in
+    (a generator closed by another task or request). Only undo our own store
+    there: whatever else that context holds belongs to someone else."""
+    if _current.get() is store:
+        previous = token.old_value
+        _current.set(None if previous is Token.MISSING else previous)
 
-    Every entry point goes through it. Creating one opens a store and makes it
-    the active one in the current context; ``leave()`` restores the previous
-    store there, and ``close()`` ends the scope, when the response is
-    complete; ``end()`` does both, for a scope that ends where it began.
-    ``activate()``/``deactivate()`` re-enter the scope elsewhere (a response
-    body produced after the app returned). ``close`` is idempotent and
-    thread-safe.
+
+class ScopedBody(Generic[T]):
+    """A response body that keeps its scope active while it is produced, and ends it.
+
+    WSGI servers iterate the body after the app returned, and call ``close()``
+    when the response is done (PEP 3333: also when the client went away);
+    that is when the scope closes. If a server never calls ``close()``, the
+    scope closes when the body is garbage collected.
     """
 
-    __slots__ = ("_on_close", "_token", "store")
+    __slots__ = ("_body", "_chunks", "_store")
 
-    def __init__(
-        self, max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
-    ) -> None:
-        store = self.store = MemoStore(max_entries)
-        self._on_close = on_close
-        _live[id(store)] = True
-        self._token = _current.set(store)
-
-    def leave(self) -> None:
-        """Restore, in this context, the store that was active when the scope opened."""
-        _restore(self._token, self.store)
-
-    def end(self) -> None:
-        """``leave()`` then ``close()``."""
-        _restore(self._token, self.store)
-        self.close()
-
-    def activate(self) -> Token[MemoStore | None]:
-        """Make this scope's store the active one in the current context."""
-        return _current.set(self.store)
-
-    def deactivate(self, token: Token[MemoStore | None]) -> None:
-        """Undo ``activate``."""
-        _restore(token, self.store)
-
-    def close(self) -> None:
-        """Clear the store, then report its stats to the log and ``on_close``."""
-        store = self.store
-        if _live.pop(id(store), None) is None:
-            return  # closed already: whoever popped it closes it, exactly once
-        on_close = self._on_close
-        debug = logger.isEnabledFor(logging.DEBUG)
-        stats = store._close(on_close is not None or debug)
-        if stats is None:
-            return
-        if debug:
-            logger.debug("request scope closed: %s", stats)
-        if on_close is not None:
-            try:
-                on_close(stats)
-            except Exception:
-                logger.exception("perrequest: on_close callback %r raised", on_close)
-
-    def iterate(self, body: Iterable[T]) -> ScopedBody[T]:
-        """Wrap a lazy response body: each chunk is produced with this scope active,
-        and the scope closes when the server calls ``close()`` on the wrapper (or,
-        if it never does, when the wrapper is garbage collected)."""
-        return ScopedBody(body, self)
-
-    async def aiterate(self, body: AsyncIterable[T]) -> AsyncIterator[T]:
-        """The async twin of ``iterate``: chunks are produced with this scope active,
-        and the scope closes when the body is exhausted, fails or is closed."""
-        iterator = aiter(body)
-        try:
-            while True:
-                token = self.activate()
-                try:
-                    chunk = await anext(iterator)
-                except StopAsyncIteration:
-                    return
-                finally:
-                    self.deactivate(token)
-                yield chunk
-        finally:
-            try:
-                aclose = getattr(iterator, "aclose", None)
-                if aclose is not None:
-                    token = self.activate()
-                    try:
-                        await aclose()
-                    finally:
-                        self.deactivate(token)
-            finally:
-                self.close()
-
-
-class ScopedBody(Iterator[T]):
-    """A response iterable that keeps its scope active while it yields and closes it after.
-
-    WSGI servers call ``close()`` when the response is done (PEP 3333), also
-    when the client went away mid-body; that is when the scope ends.
-    """
-
-    __slots__ = ("_body", "_iterator", "_lifecycle")
-
-    def __init__(self, body: Iterable[T], lifecycle: ScopeLifecycle) -> None:
+    def __init__(self, body: Iterable[T], store: MemoStore) -> None:
         self._body = body
-        self._iterator: Iterator[T] | None = None
-        self._lifecycle = lifecycle
+        self._store: MemoStore | None = store
+        self._chunks: Iterator[T] | None = None
 
-    def __iter__(self) -> ScopedBody[T]:
-        return self
+    def __iter__(self) -> Iterator[T]:
+        # A generator: resuming one costs less than a call to __next__, and this
+        # runs for every chunk of every response.
+        store = self._store
+        if store is None:
+            return
+        current = _current
+        iterator = None
+        while True:
+            token = current.set(store)
+            try:
+                if iterator is None:
+                    iterator = iter(self._body)
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                try:
+                    current.reset(token)
+                except ValueError:  # resumed in another context than the last chunk
+                    _restore_foreign(token, store)
+            yield chunk
 
-    def __next__(self) -> T:
-        token = self._lifecycle.activate()
-        try:
-            if self._iterator is None:
-                self._iterator = iter(self._body)
-            return next(self._iterator)
-        finally:
-            self._lifecycle.deactivate(token)
+    def __next__(self) -> T:  # for servers that call next() on the body itself
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = self.__iter__()
+        return next(chunks)
 
     def close(self) -> None:
         """Close the wrapped body (with the scope active), then the scope."""
+        store = self._store
+        if store is None:
+            return
+        self._store = None
         try:
             close = getattr(self._body, "close", None)
             if close is not None:
-                token = self._lifecycle.activate()
+                token = _current.set(store)
                 try:
                     close()
                 finally:
-                    self._lifecycle.deactivate(token)
+                    deactivate(token, store)
         finally:
-            self._lifecycle.close()
+            close_scope(store)
 
     def __del__(self) -> None:
         # A server that never calls close() breaks PEP 3333; free the store anyway.
-        self._lifecycle.close()
+        store = self._store
+        if store is not None:
+            close_scope(store)
+
+
+async def iterate_async(body: AsyncIterable[T], store: MemoStore) -> AsyncIterator[T]:
+    """The async twin of ``ScopedBody``: chunks are produced with the scope active,
+    and the scope closes when the body is exhausted, fails or is closed."""
+    iterator = aiter(body)
+    try:
+        while True:
+            token = _current.set(store)
+            try:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            finally:
+                deactivate(token, store)
+            yield chunk
+    finally:
+        try:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                token = _current.set(store)
+                try:
+                    await aclose()
+                finally:
+                    deactivate(token, store)
+        finally:
+            close_scope(store)
 
 
 def _active_store() -> MemoStore | None:
@@ -263,6 +362,17 @@ def _refuse_generator(fn: object, decorator: str) -> None:
         )
 
 
+def _refuse_coroutine(result: object, fn: object, what: str) -> None:
+    """A sync call that returned a coroutine ran its body outside the scope: say so."""
+    if inspect.iscoroutine(result):
+        result.close()
+        raise TypeError(
+            f"{what}: {getattr(fn, '__qualname__', fn)!r} returned a coroutine, so its body "
+            "would run after the scope ended. Decorate the async def itself, or make the "
+            "wrapper around it async."
+        )
+
+
 class request_scope:
     """Open a fresh, isolated store for a ``with``/``async with`` block or each decorated call.
 
@@ -283,25 +393,25 @@ class request_scope:
         # The scopes this object has open, by store: one object may be entered
         # again while open (nested, or in several threads at once), like
         # decimal.localcontext(); each exit closes the scope its context opened.
-        self._open: dict[int, ScopeLifecycle] = {}
+        self._open: dict[int, MemoStore] = {}
 
     def _enter(self) -> MemoStore:
-        lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
-        self._open[id(lifecycle.store)] = lifecycle
-        return lifecycle.store
+        store = open_scope(self._max_entries, self._on_close)
+        self._open[id(store)] = store
+        return store
 
     def _exit(self) -> None:
-        lifecycle = self._open.pop(id(_current.get()), None)
-        if lifecycle is None:
+        store = self._open.pop(id(_current.get()), None)
+        if store is None:
             # Exited in another context than it was entered in (a generator
             # resumed elsewhere): close the scope entered last.
             try:
-                _, lifecycle = self._open.popitem()
+                _, store = self._open.popitem()
             except KeyError:
                 raise RuntimeError(
                     "request_scope() exited more often than it was entered"
                 ) from None
-        lifecycle.end()
+        end_scope(store)
 
     def __enter__(self) -> MemoStore:
         return self._enter()
@@ -335,21 +445,23 @@ class request_scope:
 
             @functools.wraps(fn)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                lifecycle = ScopeLifecycle(max_entries, on_close)
+                store = open_scope(max_entries, on_close)
                 try:
-                    return await fn(*args, **kwargs)
+                    return await cast("Awaitable[Any]", fn(*args, **kwargs))
                 finally:
-                    lifecycle.end()
+                    end_scope(store)
 
             return cast("Callable[P, R]", run_async)
 
         @functools.wraps(fn)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
-            lifecycle = ScopeLifecycle(max_entries, on_close)
+            store = open_scope(max_entries, on_close)
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             finally:
-                lifecycle.end()
+                end_scope(store)
+            _refuse_coroutine(result, fn, "@request_scope()")
+            return result
 
         return run
 
@@ -370,15 +482,15 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
             f"scope, so there is no scope to bind. Call it inside the request. {_NO_SCOPE_HINT}"
         )
 
-    if inspect.iscoroutinefunction(fn):
+    if _is_async_callable(fn):
 
         @functools.wraps(fn)
         async def bound_async(*args: P.args, **kwargs: P.kwargs) -> Any:
             token = _current.set(store)
             try:
-                return await fn(*args, **kwargs)
+                return await cast("Awaitable[Any]", fn(*args, **kwargs))
             finally:
-                _restore(token, store)
+                deactivate(token, store)
 
         return cast("Callable[P, R]", bound_async)
 
@@ -386,8 +498,10 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
     def bound(*args: P.args, **kwargs: P.kwargs) -> R:
         token = _current.set(store)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         finally:
-            _restore(token, store)
+            deactivate(token, store)
+        _refuse_coroutine(result, fn, "bind_scope()")
+        return result
 
     return bound

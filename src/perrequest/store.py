@@ -109,40 +109,31 @@ class MemoStore(MutableMapping[Hashable, Any]):
     the helper keys and, for memo entries, private ``MemoKey`` objects.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_closed",
-        "_data",
-        "_evictions",
-        "_flights",
-        "_helpers",
-        "_lock",
-        "_max_entries",
-        "_next_id",
-        "_opened_at",
-        "_order",
-        "_owners",
-        "_peak",
-        "_subs",
-    )
+    # A store is made for every request, so making one must cost next to
+    # nothing: the state below starts as these class-level defaults (never
+    # mutated), and each store gets its own on first write (``_writable``).
+    # No __slots__ for the same reason: a slot cannot have a class default.
+    _max_entries: int | None = DEFAULT_MAX_ENTRIES
+    _opened_at = 0.0
+    _closed = False
+    _lock: threading.RLock | None = None  # made first; says the rest is there too
+    _order: OrderedDict[int, tuple[dict[Hashable, Entry], Hashable]] | None = None
+    _data: dict[Hashable, Entry] | None = None
+    _subs: dict[object, dict[Hashable, Entry]] | None = None
+    _owners: dict[object, _Owner] | None = None
+    _flights: SingleFlight | None = None
+    _helpers: _Owner | None = None
+    _next_id = 0
+    _peak = 0
+    _evictions = 0
+    # Set by the scope that opened the store (perrequest.scope.open_scope).
+    _on_close: Callable[[ScopeStats], object] | None = None
+    _token: Any = None
 
     def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES) -> None:
-        if type(max_entries) is not int or max_entries <= 0:  # the fast path is valid
-            max_entries = check_max_entries(max_entries)
-        self._max_entries = max_entries
-        self._closed = False
+        if max_entries is not DEFAULT_MAX_ENTRIES:
+            self._max_entries = check_max_entries(max_entries)
         self._opened_at = time.perf_counter()
-        # Made on the first write (see _writable): many requests never write.
-        self._lock: threading.RLock | None = None
-        self._order: OrderedDict[int, tuple[dict[Hashable, Entry], Hashable]] | None = None
-        self._data: dict[Hashable, Entry] | None = None
-        self._subs: dict[object, dict[Hashable, Entry]] | None = None
-        self._owners: dict[object, _Owner] | None = None
-        self._flights: SingleFlight | None = None
-        self._helpers: _Owner | None = None
-        self._next_id = 0
-        self._peak = 0
-        self._evictions = 0
 
     # -- Mapping -----------------------------------------------------------
 
@@ -160,7 +151,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
             )
         lock = self._writable(key)
         with lock:
-            self._insert(self._data_locked(), key, value, None, None)
+            self._insert(self._data, key, value, None, None)  # type: ignore[arg-type]
 
     def __delitem__(self, key: Hashable) -> None:
         lock = self._writable(key)
@@ -224,7 +215,8 @@ class MemoStore(MutableMapping[Hashable, Any]):
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         lock = self._writable(key)
         with lock:
-            data = self._data_locked()
+            data = self._data
+            assert data is not None
             entry = data.get(key)
             if entry is not None:
                 self._touch(key, entry)
@@ -262,7 +254,8 @@ class MemoStore(MutableMapping[Hashable, Any]):
         lock = self._writable(key)
         hash(key)  # fail on an unhashable key before anything else happens
         with lock:
-            data = self._data_locked()
+            data = self._data
+            assert data is not None
             helpers = self._helpers
             if helpers is None:
                 helpers = self._helpers = _Owner(None, None)
@@ -300,6 +293,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
                     lock = threading.RLock()
                     self._flights = SingleFlight(lock)
                     self._order = OrderedDict()
+                    self._data = {}
                     self._owners = {}
                     self._lock = lock  # published last: it says the rest is there
         if self._closed or lock is None:
@@ -309,12 +303,6 @@ class MemoStore(MutableMapping[Hashable, Any]):
                 "a reference to an old store."
             )
         return lock
-
-    def _data_locked(self) -> dict[Hashable, Entry]:
-        data = self._data
-        if data is None:
-            data = self._data = {}
-        return data
 
     def _owner(self, token: object, max_entries: int | None) -> _Owner:
         """One memoized function's entries in this store, made on its first miss."""
@@ -415,9 +403,9 @@ class MemoStore(MutableMapping[Hashable, Any]):
             duration_s=time.perf_counter() - self._opened_at,
         )
 
-    def _close(self, want_stats: bool) -> ScopeStats | None:
-        """Clear and close, for the lifecycle, which makes sure it runs once; returns
-        the final stats when ``want_stats``.
+    def _shut(self, want_stats: bool) -> ScopeStats | None:
+        """Clear and close, for the scope lifecycle, which makes sure it runs once;
+        returns the final stats when ``want_stats``.
 
         No lock for a store nothing was written to: a writer makes the lock
         before it checks ``_closed``, so either it sees the store closed, or the

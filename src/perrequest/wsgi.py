@@ -4,9 +4,12 @@ The store is active while the app is called and, through ``ScopedBody``, while
 each chunk of its body is produced, so a lazy or streaming body (a generator,
 Flask's ``stream_with_context``) still sees it. It closes when the server
 calls ``close()`` on the response (PEP 3333: also when the client went away
-mid-body), or when the app raises. The ContextVar is reset before control
-returns to the server, so a pooled worker thread (gunicorn ``gthread``) never
-carries a store into its next request.
+mid-body), or when the app raises. A body that is a list or tuple, or the
+server's ``wsgi.file_wrapper``, runs none of the app's code later: the scope
+closes as the app returns, and the body is passed on untouched. The
+ContextVar is reset before control returns to the server, so a pooled
+worker thread (gunicorn ``gthread``) never carries a store into its next
+request.
 
 Any WSGI app: ``app = RequestScopeMiddleware(app)``. Flask: ``perrequest.flask.PerRequest``.
 """
@@ -16,7 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .scope import OnClose, ScopedBody, ScopeLifecycle, check_on_close
+from .scope import (
+    OnClose,
+    ScopedBody,
+    check_on_close,
+    close_scope,
+    end_scope,
+    leave_scope,
+    open_scope,
+)
 from .store import DEFAULT_MAX_ENTRIES, check_max_entries
 
 __all__ = ["RequestScopeMiddleware"]
@@ -53,12 +64,21 @@ class RequestScopeMiddleware:
         self._max_entries = check_max_entries(max_entries)
         self._on_close = check_on_close(on_close)
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> ScopedBody[bytes]:
-        lifecycle = ScopeLifecycle(self._max_entries, self._on_close)
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        store = open_scope(self._max_entries, self._on_close)
         try:
             body = self.app(environ, start_response)
         except BaseException:
-            lifecycle.end()
+            end_scope(store)
             raise
-        lifecycle.leave()
-        return lifecycle.iterate(body)
+        leave_scope(store)
+        if type(body) in (list, tuple) or (
+            isinstance(wrapper := environ.get("wsgi.file_wrapper"), type)
+            and isinstance(body, wrapper)
+        ):
+            # Nothing of the app's runs after it returned such a body: end the
+            # scope now, and hand the body over untouched, so that the server
+            # still sees its len() (Content-Length) or its file (sendfile).
+            close_scope(store)
+            return body
+        return ScopedBody(body, store)

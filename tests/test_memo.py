@@ -402,3 +402,64 @@ def test_helpers_and_memo_in_one_request() -> None:
         perrequest.set("current", user(1))
         assert perrequest.get("current") is user(1)
         assert current_store().stats.hits == 1
+
+
+# -- misuse gets a clear error ------------------------------------------------------
+
+
+def test_an_async_key_function_is_refused() -> None:
+    async def key(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match=r"plain \(sync\) function"):
+        request_memo(key=key)
+
+
+def test_a_sync_function_returning_a_coroutine_is_refused_not_cached() -> None:
+    async def fetch(x: int) -> int:
+        return x
+
+    @request_memo
+    def wrapper(x: int) -> Any:
+        return fetch(x)
+
+    with request_scope() as store, pytest.raises(TypeError, match="returned a coroutine"):
+        wrapper(1)
+    assert len(store) == 0
+
+
+async def test_an_object_with_an_async_call_is_memoized_as_async() -> None:
+    calls = []
+
+    class Fetch:
+        async def __call__(self, x: int) -> int:
+            calls.append(x)
+            return x * 2
+
+    fetch = request_memo(Fetch())
+    async with request_scope():
+        assert await fetch(2) == 4 and await fetch(2) == 4
+    assert calls == [2]
+
+
+def test_shared_is_checked_when_the_decorator_is_made() -> None:
+    with pytest.raises(TypeError, match="no maxsize"):
+        request_memo(shared={})
+    with pytest.raises(TypeError, match="mutable mapping"):
+        request_memo(shared=5)  # type: ignore[arg-type]
+
+
+def test_the_key_function_runs_once_per_call() -> None:
+    seen: list[int] = []
+
+    def key(x: int) -> int:
+        seen.append(x)
+        return x
+
+    @request_memo(key=key)
+    def f(x: int) -> int:
+        return x
+
+    with request_scope():
+        assert f(1) == f(1) == 1
+    assert seen == [1, 1]

@@ -8,7 +8,9 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -358,3 +360,120 @@ def test_scoped_body_closes_at_garbage_collection() -> None:
     del body
     gc.collect()
     assert live_scopes() == 0 and store.closed
+
+
+# -- misuse gets a clear error ------------------------------------------------------
+
+
+async def _async_report(stats: ScopeStats) -> None:
+    pass
+
+
+class _AsyncCallable:
+    async def __call__(self, stats: ScopeStats) -> None:
+        pass
+
+
+def _no_args() -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("on_close", "message"),
+    [
+        (_async_report, "plain \\(sync\\) function"),
+        (_AsyncCallable(), "plain \\(sync\\) function"),
+        (_no_args, "cannot be called with one argument"),
+    ],
+)
+def test_on_close_must_be_a_sync_one_argument_callable(on_close: object, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        request_scope(on_close=on_close)  # type: ignore[arg-type]
+
+
+def test_request_scope_used_without_parentheses_says_how() -> None:
+    def job() -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"@request_scope\(\), with the parentheses"):
+        request_scope(job)  # type: ignore[call-arg]
+
+
+def test_a_sync_wrapper_returning_a_coroutine_is_refused_not_run_outside() -> None:
+    async def work() -> int:
+        return 1
+
+    def sync_wrapper() -> Any:
+        return work()  # the body would run after the scope has ended
+
+    with pytest.raises(TypeError, match="returned a coroutine"):
+        request_scope()(sync_wrapper)()
+    with request_scope(), pytest.raises(TypeError, match="returned a coroutine"):
+        bind_scope(sync_wrapper)()
+    assert live_scopes() == 0
+
+
+async def test_an_object_with_an_async_call_gets_an_async_scope() -> None:
+    class Job:
+        async def __call__(self) -> bool:
+            await asyncio.sleep(0)
+            return in_request_scope()
+
+    assert await request_scope()(Job())() is True
+    async with request_scope():
+        assert await bind_scope(Job())() is True
+
+
+def test_a_closed_stores_stats_stay_as_they_were_at_close() -> None:
+    with request_scope() as store:
+        store.get_or_set("k", lambda: 1)
+    first = store.stats
+    time.sleep(0.01)
+    assert store.stats == first and (first.misses, first.entries) == (1, 0)
+    with request_scope() as untouched:
+        pass
+    assert untouched.stats == untouched.stats and untouched.stats.duration_s < 0.01
+
+
+# -- a context that is not the scope's own ----------------------------------------------
+
+
+async def test_closing_a_generator_from_another_request_leaves_that_request_alone() -> None:
+    """An async generator that holds a scope, closed from another request's context,
+    must not replace that request's store with its own (an isolation break)."""
+
+    async def holds_a_scope() -> Any:
+        async with request_scope():
+            perrequest.set("secret", "A's data")
+            yield 1
+            yield 2
+
+    generator = holds_a_scope()
+
+    async def request_a() -> None:
+        async with request_scope():
+            await generator.__anext__()
+
+    await asyncio.create_task(request_a())
+
+    async def request_b() -> object:
+        async with request_scope():
+            perrequest.set("secret", "B's data")
+            await generator.aclose()
+            return perrequest.get("secret")
+
+    assert await asyncio.create_task(request_b()) == "B's data"
+    assert live_scopes() == 0
+
+
+def test_closing_a_sync_generator_elsewhere_keeps_the_other_store() -> None:
+    def holds_a_scope() -> Iterator[int]:
+        with request_scope():
+            yield 1
+
+    generator = holds_a_scope()
+    contextvars.copy_context().run(next, generator)
+    with request_scope() as mine:
+        generator.close()
+        assert current_store() is mine
+    assert live_scopes() == 0

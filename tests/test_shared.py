@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import threading
 import time
 from collections.abc import Iterator, MutableMapping
@@ -66,7 +67,9 @@ def test_any_mapping_with_a_maxsize() -> None:
 
     with request_scope():
         assert f(1) == 1
-    assert f.cache_info() == (0, 0, None, 0, 0, 1, 2, 1)
+        assert f.cache_info() == (0, 1, None, 1, 0, 1, 2, 1)
+    # Outside a scope cache_info() reports zeros (DESIGN.md), the bounds aside.
+    assert f.cache_info() == (0, 0, None, 0, 0, 0, 2, 0)
 
 
 class NoBound(MutableMapping[Any, Any]):
@@ -212,7 +215,9 @@ def test_cache_clear_drops_this_functions_shared_entries_only() -> None:
         assert (a(1), b(1)) == ("a1", "b1")  # two functions, one cache, no sharing
         a.cache_clear()
         assert len(cache) == 1 and a.cache_info().currsize == 0
-    a.cache_clear()
+        assert a(2) == "a2" and len(cache) == 2
+    a.cache_clear()  # outside a scope: does nothing, not even to the shared cache
+    assert len(cache) == 2
 
 
 def test_methods_need_a_key() -> None:
@@ -253,7 +258,8 @@ def test_shared_tier_stays_within_its_bound() -> None:
                 assert ident(i) == i
             assert len(store) == 500
         assert len(cache) == 1000
-    assert ident.cache_info().shared_misses == 100_000  # type: ignore[attr-defined]
+    with request_scope():
+        assert ident.cache_info().shared_misses == 100_000  # type: ignore[attr-defined]
 
 
 def test_oversized_values_are_served_but_not_cached() -> None:
@@ -266,3 +272,87 @@ def test_oversized_values_are_served_but_not_cached() -> None:
     with request_scope():
         assert blob(100) == "x" * 100
     assert len(cache) == 0
+
+
+class Failed(Exception):
+    def __init__(self, who: str) -> None:
+        super().__init__(who)
+        self.who = who
+
+
+def test_another_requests_waiter_gets_a_copy_of_the_error_without_its_frames() -> None:
+    """A waiter in another request must not receive the computing request's traceback
+    (its frames hold that request's locals: an error page would show them)."""
+    started, release = threading.Event(), threading.Event()
+
+    @request_memo(shared=cachetools.LRUCache(maxsize=10))
+    def load(key: str) -> str:
+        secret = "request one's token"  # noqa: F841 - a local an error page would show
+        started.set()
+        assert release.wait(5)
+        raise Failed("db down")
+
+    def request() -> BaseException:
+        with request_scope():
+            try:
+                load("k")
+            except Failed as exc:
+                return exc
+        raise AssertionError("load() should have raised")
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(request)
+        assert started.wait(5)
+        second = pool.submit(request)
+        time.sleep(0.05)  # the second request is now waiting on the first's computation
+        release.set()
+        errors = [first.result(5), second.result(5)]
+    computing = next(e for e in errors if not getattr(e, "__notes__", None))
+    waiting = next(e for e in errors if e is not computing)
+    assert type(waiting) is Failed and waiting.args == ("db down",) and waiting.who == "db down"
+    assert waiting is not computing
+    frames = []
+    tb = waiting.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "load" not in frames  # the computing request's frame is not in the copy
+    assert "another request" in waiting.__notes__[-1]
+
+
+def test_a_cache_without_weak_references_shares_one_lock_instead_of_leaking() -> None:
+    from perrequest import _shared
+
+    class SlotsCache(MutableMapping[Any, Any]):
+        __slots__ = ("data", "maxsize")
+
+        def __init__(self) -> None:
+            self.data: dict[Any, Any] = {}
+            self.maxsize = 10
+
+        def __getitem__(self, key: Any) -> Any:
+            return self.data[key]
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            self.data[key] = value
+
+        def __delitem__(self, key: Any) -> None:
+            del self.data[key]
+
+        def __iter__(self) -> Iterator[Any]:
+            return iter(self.data)
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+    gc.collect()
+    before = len(_shared._locks)
+    for _ in range(50):
+
+        @request_memo(shared=SlotsCache())
+        def f(x: int) -> int:
+            return x
+
+        with request_scope():
+            assert f(1) == 1
+    assert len(_shared._locks) <= before  # (other tests' caches may have been collected)

@@ -304,11 +304,9 @@ async def test_tools_that_do_not_copy_the_context_need_bind_scope(via: Via) -> N
 # -- trio, through anyio -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("backend", "computations"), [("asyncio", 1), ("trio", 3)])
-def test_anyio_backends_cache_but_only_asyncio_single_flights(
-    backend: str, computations: int
-) -> None:
-    """Under trio a memo caches, tasks share the store, but concurrent misses each compute."""
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_anyio_backends_cache_and_single_flight(backend: str) -> None:
+    """Under asyncio and trio alike, concurrent misses of one key compute once."""
     calls = 0
     closed: list[ScopeStats] = []
 
@@ -335,10 +333,68 @@ def test_anyio_backends_cache_but_only_asyncio_single_flights(
 
     sequential_hit, concurrent_calls, distinct = anyio.run(main, backend=backend)
     assert sequential_hit
-    assert concurrent_calls == computations
-    assert distinct == computations  # under trio the three callers got three values
+    assert concurrent_calls == 1 and distinct == 1
     assert len(closed) == 1 and closed[0].entries == 2
+    assert (closed[0].hits, closed[0].misses) == (3, 2)  # two waiters and one hit
     assert live_scopes() == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_cancelling_the_computing_task_lets_a_waiter_finish_the_job(backend: str) -> None:
+    calls = 0
+
+    @request_memo
+    async def slow(key: int) -> str:
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(0.05)
+        return f"v{key}"
+
+    async def main() -> tuple[list[str], int]:
+        async with request_scope():
+            results: list[str] = []
+            owner_scope = anyio.CancelScope()
+
+            async def owner() -> None:
+                with owner_scope:
+                    results.append("owner: " + await slow(1))
+
+            async def waiter() -> None:
+                results.append("waiter: " + await slow(1))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(owner)
+                await anyio.sleep(0.01)  # the owner is computing
+                group.start_soon(waiter)
+                await anyio.sleep(0.01)  # the waiter is waiting for it
+                owner_scope.cancel()
+            return results, slow.cache_info().currsize
+
+    results, cached = anyio.run(main, backend=backend)
+    assert results == ["waiter: v1"] and cached == 1
+    assert calls == 2  # the waiter restarted the cancelled computation
+    assert live_scopes() == 0
+
+
+def test_waiters_on_another_event_loop_get_the_result() -> None:
+    """One scope shared by two threads, each running its own event loop: computed once."""
+    calls = 0
+    started = threading.Event()
+
+    @request_memo
+    async def slow(key: int) -> object:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await asyncio.sleep(0.1)
+        return object()
+
+    with request_scope(), ThreadPoolExecutor(2) as pool:
+        first = pool.submit(contextvars.copy_context().run, asyncio.run, slow(1))
+        assert started.wait(5)
+        second = pool.submit(contextvars.copy_context().run, asyncio.run, slow(1))
+        assert first.result(5) is second.result(5)
+    assert calls == 1 and live_scopes() == 0
 
 
 def test_asyncio_run_inside_a_sync_job_sees_the_job_store() -> None:

@@ -8,6 +8,8 @@ the exception reaches every waiter; exceptions are never cached.
 from __future__ import annotations
 
 import asyncio
+import copy
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol
@@ -35,16 +37,84 @@ class _ThreadFlight:
 
 
 class _AsyncFlight:
-    """A computation in progress in some task; waiters await ``future``.
+    """A computation in progress in some task; waiters park until ``finish``.
 
-    The future is made by the first waiter: most computations have none.
+    Waiters can be asyncio tasks of any event loop, in any thread, or trio
+    tasks: each brings its own way to be woken (``_asyncio_waiter``,
+    ``_trio_waiter``), so no waiter needs to know which library computes.
     """
 
-    __slots__ = ("future", "loop")
+    __slots__ = ("outcome", "task", "waiters")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.future: asyncio.Future[Any] | None = None
+    def __init__(self, task: object) -> None:
+        self.task = task
+        self.outcome: Any = None
+        self.waiters: list[Callable[[], None]] = []
+
+    def finish(self, outcome: Any) -> None:
+        """Record the outcome and wake every waiter; call with the lock held."""
+        self.outcome = outcome
+        for wake in self.waiters:
+            wake()
+
+
+def _current_task() -> tuple[str, object] | None:
+    """The async library running this code and its current task, if it is one we know."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return "asyncio", asyncio.current_task()
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return "trio", trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+    return None
+
+
+def _asyncio_waiter() -> tuple[Callable[[], None], Callable[[], Awaitable[None]]]:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+    thread = threading.get_ident()
+
+    def resolve() -> None:
+        if not future.done():  # a cancelled waiter's future is done already
+            future.set_result(None)
+
+    def wake() -> None:
+        if threading.get_ident() == thread:
+            resolve()
+        else:  # computed in another thread's loop
+            loop.call_soon_threadsafe(resolve)
+
+    async def wait() -> None:
+        await future
+
+    return wake, wait
+
+
+def _trio_waiter() -> tuple[Callable[[], None], Callable[[], Awaitable[None]]]:
+    trio = sys.modules["trio"]
+    event = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    thread = threading.get_ident()
+
+    def wake() -> None:
+        if threading.get_ident() == thread:
+            event.set()
+        else:
+            token.run_sync_soon(event.set)
+
+    async def wait() -> None:
+        await event.wait()
+
+    return wake, wait
+
+
+_WAITERS = {"asyncio": _asyncio_waiter, "trio": _trio_waiter}
 
 
 class SingleFlight:
@@ -55,11 +125,14 @@ class SingleFlight:
     as a hit, a caller that computes as a miss.
     """
 
-    __slots__ = ("_flights", "_lock")
+    __slots__ = ("_detach", "_flights", "_lock")
 
-    def __init__(self, lock: threading.RLock | threading.Lock) -> None:
+    def __init__(self, lock: threading.RLock | threading.Lock, *, detach: bool = False) -> None:
         self._lock = lock
         self._flights: dict[Hashable, _ThreadFlight | _AsyncFlight] = {}
+        # Waiters may be other requests (the shared tier): give them a copy of
+        # an exception, without the computing request's frames and locals.
+        self._detach = detach
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -77,30 +150,37 @@ class SingleFlight:
     ) -> Any:
         """The value at ``key``, computed by ``compute()`` at most once at a time."""
         flights = self._flights
-        wait: _ThreadFlight | None = None
-        with self._lock:
-            value = lookup()
-            if value is not MISSING:
-                counters.hits += 1
-                return value
-            flight = flights.get(key)
-            if flight is None:
-                flight = flights[key] = _ThreadFlight()
-                counters.misses += 1
-            elif isinstance(flight, _ThreadFlight) and flight.thread != threading.get_ident():
-                counters.hits += 1
-                wait, flight = flight, None
-            else:
-                # This thread re-entered its own computation (recursion), or an
-                # async computation holds the key: compute without deduplication.
-                counters.misses += 1
-                flight = None
-        if wait is not None:
+        while True:
+            wait: _ThreadFlight | None = None
+            with self._lock:
+                value = lookup()
+                if value is not MISSING:
+                    counters.hits += 1
+                    return value
+                flight = flights.get(key)
+                if flight is None:
+                    flight = flights[key] = _ThreadFlight()
+                    counters.misses += 1
+                elif isinstance(flight, _ThreadFlight) and flight.thread != threading.get_ident():
+                    counters.hits += 1
+                    wait, flight = flight, None
+                else:
+                    # This thread re-entered its own computation (recursion), or an
+                    # async computation holds the key: compute without deduplication.
+                    counters.misses += 1
+                    flight = None
+            if wait is None:
+                break
             with wait.done:
                 pass
-            if wait.error is not None:
-                raise wait.error
-            return wait.value
+            error = wait.error
+            if error is None:
+                return wait.value
+            if isinstance(error, Exception):
+                raise self._for_waiter(error)
+            # KeyboardInterrupt, SystemExit...: the computing thread's own business.
+            with self._lock:
+                counters.hits -= 1  # it is about to compute after all
         if flight is None:
             value = compute()
             with self._lock:
@@ -110,18 +190,18 @@ class SingleFlight:
             value = compute()
         except BaseException as exc:
             flight.error = exc
+            raise
+        else:
+            flight.value = value
+            with self._lock:
+                fill(value)
+            return value
+        finally:
+            # Whatever happened, even a bug in fill(), the waiters are released.
             with self._lock:
                 if flights.get(key) is flight:
                     del flights[key]
             flight.done.release()
-            raise
-        flight.value = value
-        with self._lock:
-            fill(value)
-            if flights.get(key) is flight:
-                del flights[key]
-        flight.done.release()
-        return value
 
     async def run_async(
         self,
@@ -131,49 +211,53 @@ class SingleFlight:
         compute: Callable[[], Awaitable[Any]],
         counters: Counters,
     ) -> Any:
-        """The async twin of ``run``.
+        """The async twin of ``run``, for asyncio (any loop, any thread) and trio.
 
         The computation runs in the first caller's task. If that caller is
         cancelled, a waiter that is still alive restarts it; if every waiter
         is cancelled, nothing runs on and nothing is cached.
         """
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio (trio): cache, but without single-flight
-            loop = None
+        running = _current_task()
         flights = self._flights
         while True:
+            wait: Callable[[], Awaitable[None]] | None = None
             with self._lock:
                 value = lookup()
                 if value is not MISSING:
                     counters.hits += 1
                     return value
                 flight = flights.get(key)
-                if loop is None or (
-                    flight is not None and getattr(flight, "loop", None) is not loop
+                if running is None or (
+                    flight is not None
+                    and (not isinstance(flight, _AsyncFlight) or flight.task is running[1])
                 ):
-                    flight = None  # another loop or a thread holds it: compute here
+                    # An unknown async library, a thread holding the key, or this very
+                    # task re-entering its own computation: compute without deduplication.
                     counters.misses += 1
-                    future = None
+                    flight = None
                 elif flight is None:
-                    flight = flights[key] = _AsyncFlight(loop)
+                    flight = flights[key] = _AsyncFlight(running[1])
                     counters.misses += 1
-                    future = None
                 else:
                     assert isinstance(flight, _AsyncFlight)
                     counters.hits += 1
-                    future = flight.future
-                    if future is None:
-                        future = flight.future = loop.create_future()
+                    wake, wait = _WAITERS[running[0]]()
+                    flight.waiters.append(wake)
             if flight is None:
                 value = await compute()
                 with self._lock:
                     fill(value)
                 return value
             assert isinstance(flight, _AsyncFlight)
-            if future is None:
+            if wait is None:
                 return await self._own(key, fill, compute, flight)
-            outcome = await asyncio.shield(future)
+            try:
+                await wait()
+            finally:
+                if flight.outcome is None:  # this waiter was cancelled: stop waking it
+                    with self._lock:
+                        flight.waiters.remove(wake)
+            outcome = flight.outcome
             if outcome is _RESTART:
                 with self._lock:
                     counters.hits -= 1  # it is about to compute after all
@@ -181,7 +265,22 @@ class SingleFlight:
             ok, result = outcome
             if ok:
                 return result
-            raise result
+            raise self._for_waiter(result)
+
+    def _for_waiter(self, error: BaseException) -> BaseException:
+        if not self._detach:
+            return error
+        try:
+            clone = copy.copy(error)
+        except Exception:  # an exception that cannot be rebuilt from its args
+            return error
+        if type(clone) is not type(error) or clone.args != error.args:
+            return error
+        clone.__notes__ = [
+            *getattr(error, "__notes__", ()),
+            "perrequest: raised by the same computation in another request",
+        ]
+        return clone
 
     async def _own(
         self,
@@ -190,13 +289,12 @@ class SingleFlight:
         compute: Callable[[], Awaitable[Any]],
         flight: _AsyncFlight,
     ) -> Any:
-        outcome: Any = _RESTART  # if cancelled, waiters restart the computation
-        flights = self._flights
+        # Cancellation (asyncio's CancelledError, trio's Cancelled) and other
+        # BaseExceptions belong to this task alone: the waiters restart instead.
+        outcome: Any = _RESTART
         try:
             value = await compute()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             outcome = (False, exc)
             raise
         else:
@@ -206,8 +304,6 @@ class SingleFlight:
             return value
         finally:
             with self._lock:
-                if flights.get(key) is flight:
-                    del flights[key]
-            future = flight.future
-            if future is not None and not future.done():
-                future.set_result(outcome)
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+                flight.finish(outcome)

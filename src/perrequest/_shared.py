@@ -18,22 +18,27 @@ from typing import Any
 from ._flight import MISSING, SingleFlight
 
 # One lock per shared cache, so functions that share a cache share its lock.
+# Caches are mappings, so unhashable: keyed by id, and dropped with the cache.
 _locks: dict[int, threading.RLock] = {}
 _locks_guard = threading.Lock()
+# A cache that cannot be weakly referenced would never be dropped from _locks:
+# all such caches share this one lock instead.
+_fallback_lock = threading.RLock()
 
 
 def _lock_for(cache: object) -> threading.RLock:
     with _locks_guard:
         lock = _locks.get(id(cache))
         if lock is None:
-            lock = _locks[id(cache)] = threading.RLock()
-            # Without weak reference support the lock simply stays, one per cache.
-            with contextlib.suppress(TypeError):
+            try:
                 weakref.finalize(cache, _locks.pop, id(cache), None)
+            except TypeError:
+                return _fallback_lock
+            lock = _locks[id(cache)] = threading.RLock()
         return lock
 
 
-def check_shared(cache: object, name: str) -> MutableMapping[Hashable, Any]:
+def check_shared(cache: object) -> MutableMapping[Hashable, Any]:
     """Accept a bounded mapping (a cachetools cache, or any mapping with a ``maxsize``)."""
     fix = (
         "Use a bounded cache with an eviction policy, such as "
@@ -41,13 +46,13 @@ def check_shared(cache: object, name: str) -> MutableMapping[Hashable, Any]:
     )
     if not isinstance(cache, MutableMapping):
         raise TypeError(
-            f"@request_memo(shared=...) on {name} needs a mutable mapping with a maxsize, not "
+            f"request_memo(shared=...) needs a mutable mapping with a maxsize, not "
             f"{type(cache).__name__}. {fix}"
         )
     maxsize = getattr(cache, "maxsize", None)
     if maxsize is None:
         raise TypeError(
-            f"@request_memo(shared=...) on {name} refuses {type(cache).__name__}: it has no "
+            f"request_memo(shared=...) refuses {type(cache).__name__}: it has no "
             "maxsize, so nothing would ever be removed from it and it would grow for the "
             f"life of the process (the leak perrequest exists to prevent). {fix}"
         )
@@ -58,7 +63,7 @@ def check_shared(cache: object, name: str) -> MutableMapping[Hashable, Any]:
         or maxsize <= 0
     ):
         raise ValueError(
-            f"@request_memo(shared=...) on {name}: maxsize must be a positive finite number, "
+            f"request_memo(shared=...): maxsize must be a positive finite number, "
             f"not {maxsize!r}. {fix}"
         )
     return cache
@@ -75,7 +80,7 @@ class SharedTier:
     def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
         self.cache = cache
         self._lock = _lock_for(cache)
-        self._flights = SingleFlight(self._lock)
+        self._flights = SingleFlight(self._lock, detach=True)
         self.hits = 0
         self.misses = 0
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .scope import OnClose, check_on_close, end_scope, open_scope
+from .scope import REQUEST_KEY, OnClose, check_on_close, end_scope, open_scope, opened_outside
 from .store import DEFAULT_MAX_ENTRIES, check_max_entries
 
 __all__ = ["RequestScopeMiddleware"]
@@ -94,10 +94,10 @@ class RequestScopeMiddleware:
         self._on_close = check_on_close(on_close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in self._scope_types:
+        if scope["type"] not in self._scope_types or opened_outside(scope.get(REQUEST_KEY)):
             await self.app(scope, receive, send)
             return
-        store = open_scope(self._max_entries, self._on_close)
+        store = scope[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
         try:
             await self.app(scope, receive, send)
         finally:

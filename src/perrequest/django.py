@@ -25,6 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from .scope import (
+    REQUEST_KEY,
     OnClose,
     ScopedBody,
     check_on_close,
@@ -33,6 +34,7 @@ from .scope import (
     iterate_async,
     leave_scope,
     open_scope,
+    opened_outside,
 )
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
 
@@ -61,7 +63,9 @@ class RequestScopeMiddleware:
     def __call__(self, request: Any) -> Any:
         if self._is_async:
             return self._acall(request)
-        store = open_scope(self._max_entries, self._on_close)
+        if _opened_outside(request):
+            return self.get_response(request)
+        store = request.META[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
         try:
             response = self.get_response(request)
         except BaseException:
@@ -71,7 +75,9 @@ class RequestScopeMiddleware:
         return _close_with_response(response, store)
 
     async def _acall(self, request: Any) -> Any:
-        store = open_scope(self._max_entries, self._on_close)
+        if _opened_outside(request):
+            return await self.get_response(request)
+        store = request.META[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
         try:
             response = await self.get_response(request)
         except BaseException:  # cancellation (client gone) closes the store too
@@ -79,6 +85,16 @@ class RequestScopeMiddleware:
             raise
         leave_scope(store)
         return _close_with_response(response, store)
+
+
+def _opened_outside(request: Any) -> bool:
+    """An outer perrequest layer opened this request's scope: the same middleware
+    listed twice, or the WSGI/ASGI application wrapped as well."""
+    marker = request.META.get(REQUEST_KEY)
+    if marker is None:
+        scope = getattr(request, "scope", None)  # Django's ASGIRequest: the ASGI scope
+        marker = scope.get(REQUEST_KEY) if isinstance(scope, dict) else None
+    return opened_outside(marker)
 
 
 def _close_with_response(response: Any, store: MemoStore) -> Any:
@@ -156,7 +172,7 @@ def _on_close(options: Mapping[str, Any]) -> OnClose | None:
     if isinstance(value, str):
         try:
             value = import_string(value)
-        except ImportError as exc:
+        except Exception as exc:  # ImportError, or whatever the module raised on import
             raise ImproperlyConfigured(
                 f'settings.PERREQUEST["ON_CLOSE"] is the dotted path {options["ON_CLOSE"]!r}, '
                 f"which cannot be imported: {exc}"

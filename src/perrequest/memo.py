@@ -24,7 +24,13 @@ from typing import Any, Literal, NamedTuple, TypeVar, overload
 from ._flight import MISSING
 from ._shared import SharedTier, check_shared
 from .errors import NoActiveScope, ScopeClosed, UnhashableArguments
-from .scope import _NO_SCOPE_HINT, _active_store, _current, _refuse_generator
+from .scope import (
+    _NO_SCOPE_HINT,
+    _active_store,
+    _current,
+    _is_async_callable,
+    _refuse_generator,
+)
 from .store import MemoStore, _Owner, check_max_entries
 
 __all__ = ["CacheInfo", "SharedCacheInfo", "request_memo"]
@@ -139,6 +145,7 @@ class _MemoSpec:
         "__weakref__",
         "exact",
         "fn",
+        "is_async",
         "is_method",
         "key_fn",
         "max_entries",
@@ -163,6 +170,7 @@ class _MemoSpec:
         self.max_entries = max_entries
         self.outside_scope = outside_scope
         self.is_method = _is_method(fn)
+        self.is_async = _is_async_callable(fn)
         self.exact = None if key_fn is not None or typed else _exact_parameters(fn)
         module = getattr(fn, "__module__", None)
         qualname = getattr(fn, "__qualname__", None) or repr(fn)
@@ -176,7 +184,7 @@ class _MemoSpec:
                     "Give key=, a function of (self, ...) returning a hashable key that "
                     "identifies the instance's data, e.g. key=lambda self, x: (self.id, x)."
                 )
-            self.shared = SharedTier(check_shared(shared, self.name))
+            self.shared = SharedTier(shared)
 
     def __repr__(self) -> str:
         return f"<request_memo {self.name}>"
@@ -307,14 +315,26 @@ class _MemoSpec:
             return self.fn(*args, **kwargs)
         shared = self.shared
         if shared is None:
-            return store._compute_sync(owner, key, anchor, lambda: self.fn(*args, **kwargs))
+            return store._compute_sync(owner, key, anchor, lambda: self._run(args, kwargs))
         shared_key = (self, key)
         value = self._shared_hit(store, shared, shared_key, owner, key, anchor)
         if value is not MISSING:
             return value
         return store._compute_sync(
-            owner, key, anchor, lambda: shared.get(shared_key, lambda: self.fn(*args, **kwargs))
+            owner, key, anchor, lambda: shared.get(shared_key, lambda: self._run(args, kwargs))
         )
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Call a sync function for its entry; a coroutine would be cached unawaited."""
+        value = self.fn(*args, **kwargs)
+        if inspect.iscoroutine(value):
+            value.close()
+            raise TypeError(
+                f"@request_memo {self.name} returned a coroutine, which would be cached and "
+                "could be awaited only once. Decorate the async def itself (or make the "
+                "wrapper around it async), so that the awaited result is cached."
+            )
+        return value
 
     async def call_async(
         self, store: MemoStore | None, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -379,7 +399,8 @@ class _MemoSpec:
     # -- the functools-style extras ------------------------------------------
 
     def cache_info(self) -> CacheInfo | SharedCacheInfo:
-        """This function's hits, misses and entries in the active store (zeros outside)."""
+        """This function's hits, misses and entries in the active store; zeros outside
+        a scope (DESIGN.md), the shared tier's counters included."""
         store = _active_store()
         owner = None if store is None else (store._owners or {}).get(self)
         hits, misses, currsize = (
@@ -388,22 +409,25 @@ class _MemoSpec:
         shared = self.shared
         if shared is None:
             return CacheInfo(hits, misses, self.max_entries, currsize)
+        inside = store is not None
         return SharedCacheInfo(
             hits,
             misses,
             self.max_entries,
             currsize,
-            shared.hits,
-            shared.misses,
+            shared.hits if inside else 0,
+            shared.misses if inside else 0,
             shared.cache.maxsize,  # type: ignore[attr-defined]
-            len(shared.cache),
+            len(shared.cache) if inside else 0,
         )
 
     def cache_clear(self) -> None:
-        """Drop this function's entries in the active store, and in its shared cache."""
+        """Drop this function's entries in the active store, and in its shared cache;
+        outside a scope, do nothing."""
         store = _active_store()
-        if store is not None:
-            store._remove_owner_entries(self)
+        if store is None:
+            return
+        store._remove_owner_entries(self)
         if self.shared is not None:
             self.shared.clear(self)
 
@@ -430,7 +454,7 @@ def __pr_factory(__pr_get, __pr_spec, __pr_miss, __pr_errors, __pr_id, __pr_d):
 
 def _exact_wrapper(spec: _MemoSpec, params: list[inspect.Parameter]) -> Callable[..., Any]:
     """Generate the wrapper with the function's own signature (see the module docstring)."""
-    is_async = inspect.iscoroutinefunction(spec.fn)
+    is_async = spec.is_async
     defaults: list[Any] = []
     signature: list[str] = []
     positional: list[str] = []
@@ -488,7 +512,7 @@ def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
         return _exact_wrapper(spec, spec.exact)
     get_store = _current.get
     call, call_async = spec.call, spec.call_async
-    is_async = inspect.iscoroutinefunction(spec.fn)
+    is_async = spec.is_async
 
     if spec.key_fn is not None or spec.typed or spec.max_entries is not None or spec.is_method:
         make_key = spec.make_key
@@ -598,10 +622,10 @@ def request_memo(
     ``shared=`` puts a bounded process-wide cache (``cachetools.LRUCache``,
     ``TTLCache``, any mapping with a ``maxsize``) behind the request store.
     """
-    if key is not None and not callable(key):
+    if key is not None and (not callable(key) or _is_async_callable(key)):
         raise TypeError(
-            f"request_memo(key=...) must be a function of the memoized function's "
-            f"arguments returning a hashable key, not {type(key).__name__} {key!r}"
+            f"request_memo(key=...) must be a plain (sync) function of the memoized "
+            f"function's arguments returning a hashable key, not {type(key).__name__} {key!r}"
         )
     if not isinstance(typed, bool):
         raise TypeError(f"request_memo(typed=...) must be True or False, not {typed!r}")
@@ -611,6 +635,8 @@ def request_memo(
             f"request_memo(outside_scope=...) must be 'call' (call the function uncached) "
             f"or 'raise' (raise NoActiveScope), not {outside_scope!r}"
         )
+    if shared is not None:
+        shared = check_shared(shared)
 
     def decorate(target: Any) -> Any:
         if isinstance(target, classmethod):

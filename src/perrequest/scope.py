@@ -27,12 +27,13 @@ from collections.abc import (
 )
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, TypeVar, cast
+from typing import Any, Final, Generic, ParamSpec, TypeVar, cast
 
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats, check_max_entries
 
 __all__ = [
+    "REQUEST_KEY",
     "OnClose",
     "ScopedBody",
     "activate",
@@ -47,6 +48,7 @@ __all__ = [
     "leave_scope",
     "live_scopes",
     "open_scope",
+    "opened_outside",
     "request_scope",
 ]
 
@@ -120,6 +122,21 @@ def check_on_close(on_close: object) -> OnClose | None:
 
 # -- the lifecycle -------------------------------------------------------------------------------
 
+# Where a middleware leaves the store it opened, in the ASGI scope or WSGI
+# environ, so that a second perrequest middleware on the same request (a
+# mounted sub-app with its own, or one registered twice) uses it instead of
+# hiding it behind a new one.
+REQUEST_KEY: Final = "perrequest.store"
+
+
+def opened_outside(marker: object) -> bool:
+    """True when ``marker`` (what is at ``REQUEST_KEY``) is the store of an outer
+    perrequest middleware, still open and active here: this request has its scope."""
+    if marker is None:
+        return False
+    current = _current.get()
+    return marker is current and current is not None and not current._closed
+
 
 def open_scope(
     max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
@@ -158,6 +175,7 @@ def end_scope(store: MemoStore) -> None:
     if store._closed:
         return
     store._closed = True
+    store._closed_at = _now()
     next(_count_closed)
     if store._lock is None and store._on_close is None and not _level_cache.get(_DEBUG, True):
         return
@@ -174,6 +192,7 @@ def close_scope(store: MemoStore) -> None:
     if store._closed:
         return
     store._closed = True
+    store._closed_at = _now()
     next(_count_closed)
     if store._lock is None and store._on_close is None and not _level_cache.get(_DEBUG, True):
         return  # nothing written, nobody listening
@@ -384,10 +403,15 @@ class request_scope:
 
     def __init__(
         self,
-        *,
+        *misused: object,
         max_entries: int | None = DEFAULT_MAX_ENTRIES,
         on_close: OnClose | None = None,
     ) -> None:
+        if misused:
+            raise TypeError(
+                f"request_scope() takes its options as keywords, not {misused[0]!r}. To "
+                "decorate a function, call it: @request_scope(), with the parentheses."
+            )
         self._max_entries = check_max_entries(max_entries)
         self._on_close = check_on_close(on_close)
         # The scopes this object has open, by store: one object may be entered
@@ -441,7 +465,7 @@ class request_scope:
         _refuse_generator(fn, "@request_scope()")
         max_entries, on_close = self._max_entries, self._on_close
 
-        if inspect.iscoroutinefunction(fn):
+        if _is_async_callable(fn):
 
             @functools.wraps(fn)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:

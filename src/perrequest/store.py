@@ -115,6 +115,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
     # No __slots__ for the same reason: a slot cannot have a class default.
     _max_entries: int | None = DEFAULT_MAX_ENTRIES
     _opened_at = 0.0
+    _closed_at: float | None = None
     _closed = False
     _lock: threading.RLock | None = None  # made first; says the rest is there too
     _order: OrderedDict[int, tuple[dict[Hashable, Entry], Hashable]] | None = None
@@ -200,9 +201,12 @@ class MemoStore(MutableMapping[Hashable, Any]):
             assert self._order is not None
             if not self._order:
                 raise KeyError("popitem(): the store is empty")
-            data, key = next(reversed(self._order.values()))
-            value, _, owner, _ = data[key]
-            self._remove(data, key)
+            # popitem, never next(iter(...)): a hit refreshes the order without
+            # the lock, and an iterator over it would fail on that mutation.
+            _, (data, key) = self._order.popitem()
+            value, _, owner, _ = data.pop(key)
+            if owner is not None and owner.order is not None:
+                owner.order.pop(key, None)
             if data is self._data or owner is None:
                 return key, value
             return MemoKey(owner.token, key), value
@@ -355,12 +359,16 @@ class MemoStore(MutableMapping[Hashable, Any]):
         if owner is not None and owner.order is not None:
             owner.order[key] = None
             if len(owner.order) > owner.max_entries:  # type: ignore[operator]
-                self._remove(data, next(iter(owner.order)))
+                oldest, _ = owner.order.popitem(last=False)
+                order.pop(data.pop(oldest)[1], None)
                 self._evictions += 1
         size = len(order)
         bound = self._max_entries
         if bound is not None and size > bound:
-            self._remove(*next(iter(order.values())))
+            _, (oldest_data, oldest) = order.popitem(last=False)
+            evicted = oldest_data.pop(oldest)
+            if evicted[2] is not None and evicted[2].order is not None:
+                evicted[2].order.pop(oldest, None)
             self._evictions += 1
         elif size > self._peak:
             self._peak = size
@@ -400,7 +408,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
             entries=len(self),
             peak_entries=self._peak,
             evictions=self._evictions,
-            duration_s=time.perf_counter() - self._opened_at,
+            duration_s=(self._closed_at or time.perf_counter()) - self._opened_at,
         )
 
     def _shut(self, want_stats: bool) -> ScopeStats | None:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .scope import (
+    REQUEST_KEY,
     OnClose,
     ScopedBody,
     check_on_close,
@@ -27,6 +28,7 @@ from .scope import (
     end_scope,
     leave_scope,
     open_scope,
+    opened_outside,
 )
 from .store import DEFAULT_MAX_ENTRIES, check_max_entries
 
@@ -65,7 +67,9 @@ class RequestScopeMiddleware:
         self._on_close = check_on_close(on_close)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        store = open_scope(self._max_entries, self._on_close)
+        if opened_outside(environ.get(REQUEST_KEY)):  # an outer perrequest middleware's
+            return self.app(environ, start_response)
+        store = environ[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
         try:
             body = self.app(environ, start_response)
         except BaseException:

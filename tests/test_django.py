@@ -7,7 +7,7 @@ import gc
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ django_project.setup()
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
-from django.http import FileResponse, HttpResponse  # noqa: E402
+from django.http import FileResponse, HttpResponse, StreamingHttpResponse  # noqa: E402
 from django.test import AsyncClient, Client, RequestFactory, override_settings  # noqa: E402
 from django_project import hooks  # noqa: E402
 from django_project import settings as project_settings  # noqa: E402
@@ -207,6 +207,78 @@ def test_response_dropped_without_close_frees_the_store(closed: list[ScopeStats]
     del response
     gc.collect()
     assert live_scopes() == 0 and len(closed) == 1
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_dropped_streaming_response_frees_its_store_without_the_collector(
+    closed: list[ScopeStats], is_async: bool
+) -> None:
+    """No reference cycle: the store closes when the last reference goes, gc or not."""
+
+    def sync_body() -> Iterator[bytes]:
+        yield b"x" * 1000
+
+    async def async_body() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+
+    def view(request: Any) -> StreamingHttpResponse:
+        perrequest.set("big", b"y" * 1_000_000)
+        return StreamingHttpResponse(async_body() if is_async else sync_body())
+
+    gc.disable()
+    try:
+        response = RequestScopeMiddleware(view)(RequestFactory().get("/"))
+        assert live_scopes() == 1
+        del response  # a middleware above replaced it, say, and never closed it
+        assert live_scopes() == 0 and len(closed) == 1
+    finally:
+        gc.enable()
+
+
+def test_the_generators_cleanup_runs_in_the_scope_when_the_client_leaves() -> None:
+    seen: list[object] = []
+
+    def view(request: Any) -> StreamingHttpResponse:
+        perrequest.set("who", "this request")
+
+        def body() -> Iterator[bytes]:
+            try:
+                yield b"first"
+                yield b"second"
+            finally:
+                seen.append(perrequest.get("who"))
+
+        return StreamingHttpResponse(body())
+
+    response = RequestScopeMiddleware(view)(RequestFactory().get("/"))
+    assert next(iter(response)) == b"first"
+    response.close()  # the server closes it: the client went away
+    assert seen == ["this request"] and live_scopes() == 0
+
+
+def test_listed_twice_the_middleware_opens_one_scope(closed: list[ScopeStats]) -> None:
+    stores: list[object] = []
+
+    def view(request: Any) -> HttpResponse:
+        stores.append(perrequest.current_store())
+        return HttpResponse("ok")
+
+    inner = RequestScopeMiddleware(view)
+    outer = RequestScopeMiddleware(
+        lambda request: (stores.append(perrequest.current_store()), inner(request))[1]
+    )
+    outer(RequestFactory().get("/")).close()
+    assert len(stores) == 2 and stores[0] is stores[1]
+    assert len(closed) == 1 and live_scopes() == 0
+
+
+def test_an_on_close_path_whose_module_fails_to_import() -> None:
+    settings = {"ON_CLOSE": "django_project.broken_hooks.report"}
+    with (
+        override_settings(PERREQUEST=settings),
+        pytest.raises(ImproperlyConfigured, match=r"ON_CLOSE.*cannot be imported.*broken"),
+    ):
+        RequestScopeMiddleware(lambda request: HttpResponse("ok"))
 
 
 # -- errors ----------------------------------------------------------------------

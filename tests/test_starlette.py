@@ -367,3 +367,65 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_a_mounted_sub_app_with_its_own_middleware_shares_the_outer_scope() -> None:
+    """Registered on the app and on a mounted sub-app: one store per request, not two."""
+    from starlette.routing import Mount
+
+    computed: list[str] = []
+
+    @request_memo
+    def user(name: str) -> str:
+        computed.append(name)
+        return name.upper()
+
+    class Prime:
+        """Pure ASGI, inside the outer middleware: computes the lookup first."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                user("alice")
+            await self.app(scope, receive, send)
+
+    async def inner(request: Request) -> Response:
+        return PlainTextResponse(user("alice"))
+
+    sub = Starlette(routes=[Route("/inner", inner)])
+    sub.add_middleware(RequestScopeMiddleware)
+    closed: list[ScopeStats] = []
+    app = Starlette(routes=[Mount("/sub", app=sub)])
+    app.add_middleware(Prime)
+    app.add_middleware(RequestScopeMiddleware, on_close=closed.append)
+    with TestClient(app) as client:
+        assert client.get("/sub/inner").text == "ALICE"
+        assert client.get("/sub/inner").text == "ALICE"
+    assert computed == ["alice", "alice"]  # once per request: the sub-app reused the store
+    assert [s.hits for s in closed] == [1, 1] and live_scopes() == 0
+
+
+def test_a_misspelt_option_under_real_uvicorn_fails_loudly_not_silently() -> None:
+    """Starlette makes its middleware when the first ASGI event arrives. With
+    ``--lifespan on`` a typo stops the start-up with our TypeError."""
+    import uvicorn
+
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    app.add_middleware(RequestScopeMiddleware, max_entires=5)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="critical")
+    server = uvicorn.Server(config)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # uvicorn exits when the lifespan start-up fails
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive() and not server.started
+    assert errors and isinstance(errors[0], SystemExit)

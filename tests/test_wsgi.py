@@ -509,3 +509,26 @@ def test_wsgiref_server_streams_inside_the_store_and_closes_it() -> None:
         "close",
     ]
     assert len(closed) == 1 and app.stores[0].closed
+
+
+def test_wrapped_twice_one_scope_serves_the_request() -> None:
+    computed: list[int] = []
+
+    @request_memo
+    def lookup(x: int) -> int:
+        computed.append(x)
+        return x
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        lookup(1)
+        start_response("200 OK", [])
+        yield str(lookup(1)).encode()
+
+    closed: list[ScopeStats] = []
+    twice = RequestScopeMiddleware(RequestScopeMiddleware(app), on_close=closed.append)
+    for _ in range(2):
+        body: Any = twice(_environ(), _start_response)
+        assert b"".join(body) == b"1"
+        body.close()
+    assert computed == [1, 1] and [s.hits for s in closed] == [1, 1]
+    assert live_scopes() == 0

@@ -24,16 +24,24 @@ class Counters(Protocol):
 
 
 class _ThreadFlight:
-    """A computation in progress in some thread; waiters block on ``done``."""
+    """A computation in progress in some thread.
+
+    ``done`` is made by the first waiter (most computations have none) and
+    released by the computing thread when it finishes; both under the cache's lock.
+    """
 
     __slots__ = ("done", "error", "thread", "value")
 
-    def __init__(self) -> None:
-        self.thread = threading.get_ident()
-        self.done = threading.Lock()
-        self.done.acquire()
+    def __init__(self, thread: int) -> None:
+        self.thread = thread
+        self.done: threading.Lock | None = None
         self.value: Any = None
         self.error: BaseException | None = None
+
+    def finish(self) -> None:
+        """Wake the waiters; call with the lock held."""
+        if self.done is not None:
+            self.done.release()
 
 
 class _AsyncFlight:
@@ -150,6 +158,7 @@ class SingleFlight:
     ) -> Any:
         """The value at ``key``, computed by ``compute()`` at most once at a time."""
         flights = self._flights
+        thread = threading.get_ident()
         while True:
             wait: _ThreadFlight | None = None
             with self._lock:
@@ -159,11 +168,14 @@ class SingleFlight:
                     return value
                 flight = flights.get(key)
                 if flight is None:
-                    flight = flights[key] = _ThreadFlight()
+                    flight = flights[key] = _ThreadFlight(thread)
                     counters.misses += 1
-                elif isinstance(flight, _ThreadFlight) and flight.thread != threading.get_ident():
+                elif isinstance(flight, _ThreadFlight) and flight.thread != thread:
                     counters.hits += 1
                     wait, flight = flight, None
+                    if wait.done is None:
+                        wait.done = threading.Lock()
+                        wait.done.acquire()
                 else:
                     # This thread re-entered its own computation (recursion), or an
                     # async computation holds the key: compute without deduplication.
@@ -171,7 +183,8 @@ class SingleFlight:
                     flight = None
             if wait is None:
                 break
-            with wait.done:
+            assert wait.done is not None
+            with wait.done:  # until the computing thread releases it
                 pass
             error = wait.error
             if error is None:
@@ -190,18 +203,20 @@ class SingleFlight:
             value = compute()
         except BaseException as exc:
             flight.error = exc
+            with self._lock:
+                if flights.get(key) is flight:  # (a closing store clears its flights)
+                    del flights[key]
+                flight.finish()
             raise
-        else:
-            flight.value = value
-            with self._lock:
+        flight.value = value
+        with self._lock:
+            try:
                 fill(value)
-            return value
-        finally:
-            # Whatever happened, even a bug in fill(), the waiters are released.
-            with self._lock:
+            finally:  # even a bug in fill() must not leave the waiters blocked
                 if flights.get(key) is flight:
                     del flights[key]
-            flight.done.release()
+                flight.finish()
+        return value
 
     async def run_async(
         self,

@@ -38,9 +38,9 @@ docs: $(STAMP)
 pytest: $(STAMP)
 	$(PY) -m pytest
 
+## make bench: every benchmark, one after the other, then one table of the DESIGN.md targets.
 bench: $(STAMP)
-	$(PY) benchmarks/hit_cost.py
-	$(PY) benchmarks/middleware_overhead.py
+	$(PY) benchmarks/report.py
 
 soak: $(STAMP)
 	$(PY) benchmarks/soak.py

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import threading
@@ -71,6 +72,7 @@ def repeated_reads(fn: Any) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few rounds (smoke test)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else 41
     variants = make_variants()
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {'case':<28} | {'cachetools.cached + lock':>24} | {'shared=':>8} | ratio | target |")
     print(f"| {'-' * 28} | {'-' * 24}:| {'-' * 8}:| -----:| ------ |")
     ours, theirs = "request_memo(shared=)", "cachetools.cached + lock"
+    results: dict[str, Any] = {"rounds": rounds, "cases": {}}
     for case, by_variant in samples.items():
         r = ratio(by_variant, ours, theirs) or 0.0
         status = "met" if r <= 1.0 else "NOT met"
@@ -97,7 +100,16 @@ def main(argv: list[str] | None = None) -> int:
             f"| {case:<28} | {statistics.median(by_variant[theirs]):24.0f} "
             f"| {statistics.median(by_variant[ours]):8.0f} | {r:5.2f} | <= 1 {status} |"
         )
+        results["cases"][case] = {
+            "cachetools_ns": statistics.median(by_variant[theirs]),
+            "shared_ns": statistics.median(by_variant[ours]),
+            "ratio": r,
+            "met": r <= 1.0,
+        }
     print("\nratio: shared= / cachetools.cached, median of per-round ratios.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -43,11 +43,39 @@ def test_hit_cost_quick(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(150)
 def test_middleware_overhead_quick(tmp_path: Path) -> None:
-    pytest.importorskip("perrequest.asgi")
-    pytest.importorskip("perrequest.wsgi")
     stdout, results = run_quick("middleware_overhead.py", tmp_path)
     for header in ("## ASGI", "## WSGI", "us/request", "x bare"):
         assert header in stdout
     for row in ("bare Starlette", "bare Flask", "perrequest RequestScopeMiddleware"):
         assert row in stdout
     assert set(results["protocols"]) == {"ASGI", "WSGI"}
+
+
+@pytest.mark.timeout(150)
+def test_throughput_quick_under_a_real_uvicorn_server(tmp_path: Path) -> None:
+    stdout, results = run_quick("throughput.py", tmp_path)
+    assert "plain: 10 lookups per request" in stdout and "@request_memo: 1 lookup" in stdout
+    assert set(results["routes"]) == {"plain", "request_memo"}
+    assert all(row["requests_per_s"] > 0 for row in results["routes"].values())
+
+
+@pytest.mark.timeout(300)
+def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "report.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = proc.stdout.split("=== summary")[1]
+    for row in (
+        "memo hit / minimal memo, f(1)",
+        "cachetools hit / memo hit, g(1, 2, c=3)",
+        "ASGI: perrequest RequestScopeMiddleware / bare",
+        "WSGI: perrequest RequestScopeMiddleware / bare",
+        "shared tier / cachetools + lock, repeated read in a request",
+        "FastAPI, 10 lookups per request: memo / plain req/s",
+    ):
+        assert row in summary, row
+    assert summary.count("| <= 1.00 |") >= 5

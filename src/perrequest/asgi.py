@@ -94,7 +94,9 @@ class RequestScopeMiddleware:
         self._on_close = check_on_close(on_close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in self._scope_types or opened_outside(scope.get(REQUEST_KEY)):
+        if scope["type"] not in self._scope_types or (
+            (outer := scope.get(REQUEST_KEY)) is not None and opened_outside(outer)
+        ):
             await self.app(scope, receive, send)
             return
         store = scope[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)

@@ -289,6 +289,10 @@ class _MemoSpec:
         """This function's entries in ``store``, or None outside a scope."""
         if store is None or store._closed:
             return None
+        owners = store._owners
+        owner = None if owners is None else owners.get(self)
+        if owner is not None:
+            return owner
         try:
             return store._owner(self, self.max_entries)
         except ScopeClosed:  # closed by another thread just now
@@ -386,14 +390,13 @@ class _MemoSpec:
         for the rest of the request even if the shared entry expires meanwhile.
         """
         value = shared.peek(shared_key)
-        if value is not MISSING:
-            try:
-                lock = store._writable(key)
-            except ScopeClosed:
-                return value
+        if value is MISSING:
+            return value
+        lock = store._lock  # there: the owner exists, so something was written
+        if lock is not None:
             with lock:
                 owner.misses += 1
-                store._insert(owner.data, key, value, owner, anchor)
+                store._insert(owner.data, key, value, owner, anchor)  # a no-op once closed
         return value
 
     # -- the functools-style extras ------------------------------------------

@@ -67,8 +67,8 @@ class RequestScopeMiddleware:
         self._on_close = check_on_close(on_close)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if opened_outside(environ.get(REQUEST_KEY)):  # an outer perrequest middleware's
-            return self.app(environ, start_response)
+        if (outer := environ.get(REQUEST_KEY)) is not None and opened_outside(outer):
+            return self.app(environ, start_response)  # an outer perrequest layer's scope
         store = environ[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
         try:
             body = self.app(environ, start_response)

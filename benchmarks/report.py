@@ -1,0 +1,109 @@
+"""``make bench``: run every benchmark in this folder and print one table of the targets.
+
+Each script runs in its own process, one after the other (never two at once: they would
+slow each other down), and writes its results as JSON; this script then prints the
+DESIGN.md performance targets beside what was measured, marked met or not. Every figure
+is a ratio measured within one script's run, against a baseline run in the same process.
+
+Usage: ``.venv/bin/python benchmarks/report.py [--quick]`` (``--quick``: smoke test only,
+the numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("hit_cost", "middleware_overhead", "shared_cost", "throughput")
+
+
+def run_all(quick: bool, out: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in SCRIPTS:
+        path = out / f"{name}.json"
+        argv = [sys.executable, str(HERE / f"{name}.py"), "--json", str(path)]
+        if quick:
+            argv.append("--quick")
+        print(f"\n=== {name}.py {'--quick ' if quick else ''}===", flush=True)
+        subprocess.run(argv, check=True)
+        results[name] = json.loads(path.read_text(encoding="utf-8"))
+    return results
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(what, target, measured, status) for every target, plus reference rows."""
+    table: list[tuple[str, str, str, str]] = []
+
+    def mark(met: bool | None) -> str:
+        return "info" if met is None else ("met" if met else "NOT met")
+
+    for case, data in results["hit_cost"]["cases"].items():
+        ratios = data["ratios"]
+        mine = ratios["ours / minimal memo"]
+        table.append(
+            (f"memo hit / minimal memo, {case}", "<= 1.00", f"{mine['hit']:.2f}", mark(mine["met"]))
+        )
+        if "cachetools / ours" in ratios:
+            ct = ratios["cachetools / ours"]
+            table.append(
+                (
+                    f"cachetools hit / memo hit, {case}",
+                    ">= 3.00",
+                    f"{ct['hit']:.2f}",
+                    mark(ct["met"]),
+                )
+            )
+        table.append((f"memo miss / minimal memo, {case}", "", f"{mine['miss']:.2f}", "info"))
+    for protocol, variants in results["middleware_overhead"]["protocols"].items():
+        for name, row in variants.items():
+            if row["ratio"] == 1.0:
+                continue
+            table.append(
+                (
+                    f"{protocol}: {name} / bare",
+                    row["target"] or "",
+                    f"{row['ratio']:.3f}",
+                    mark(row["met"]),
+                )
+            )
+    for case, row in results["shared_cost"]["cases"].items():
+        table.append(
+            (
+                f"shared tier / cachetools + lock, {case}",
+                "<= 1.00",
+                f"{row['ratio']:.2f}",
+                mark(row["met"]),
+            )
+        )
+    tp = results["throughput"]
+    table.append(
+        ("FastAPI, 10 lookups per request: memo / plain req/s", "", f"{tp['ratio']:.2f}", "info")
+    )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: numbers mean nothing")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_all(args.quick, Path(tmp))
+    table = rows(results)
+    width = max(len(r[0]) for r in table)
+    print(f"\n=== summary{' (--quick: not a measurement)' if args.quick else ''} ===\n")
+    print(f"| {'ratio':<{width}} | {'target':>8} | {'measured':>8} | status  |")
+    print(f"| {'-' * width} | {'-' * 8}:| {'-' * 8}:| ------- |")
+    for what, target, measured, status in table:
+        print(f"| {what:<{width}} | {target:>8} | {measured:>8} | {status:<7} |")
+    print("\nTargets: DESIGN.md 'Performance'. Every ratio is from one script's own run.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

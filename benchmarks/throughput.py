@@ -26,12 +26,15 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak import free_port, wait_for_port
 
 HOST = "127.0.0.1"
 LOOKUPS_PER_REQUEST = 10
@@ -124,32 +127,13 @@ async def _batch(port: int, path: str, connections: int, requests: int) -> tuple
     return len(latencies) / elapsed, statistics.median(latencies) * 1000
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"the server did not listen on {HOST}:{port}")
-
-
 def measure(rounds: int, requests: int, connections: int) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, __file__, "--serve", str(port)]
     proc = subprocess.Popen(argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     samples: dict[str, dict[str, list[float]]] = {name: {"rps": [], "ms": []} for name in ROUTES}
     try:
-        _wait_for_port(port, proc)
+        wait_for_port(port, proc)
 
         async def run() -> None:
             for path in ROUTES.values():  # warm up

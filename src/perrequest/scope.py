@@ -171,15 +171,7 @@ def end_scope(store: MemoStore) -> None:
         _current.reset(store._token)
     except ValueError:
         _restore_foreign(store._token, store)
-    # close_scope(store), with the common case inline: nothing written, nobody listening.
-    if store._closed:
-        return
-    store._closed = True
-    store._closed_at = _now()
-    next(_count_closed)
-    if store._lock is None and store._on_close is None and not _level_cache.get(_DEBUG, True):
-        return
-    _report(store)
+    close_scope(store)
 
 
 def close_scope(store: MemoStore) -> None:

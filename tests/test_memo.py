@@ -463,3 +463,67 @@ def test_the_key_function_runs_once_per_call() -> None:
     with request_scope():
         assert f(1) == f(1) == 1
     assert seen == [1, 1]
+
+
+def test_typed_tells_apart_inside_namedtuples_and_the_sign_of_every_zero() -> None:
+    from collections import namedtuple
+    from decimal import Decimal
+
+    point = namedtuple("point", "x y")
+    calls: list[object] = []
+
+    @request_memo(typed=True)
+    def t(value: object) -> str:
+        calls.append(value)
+        return repr(value)
+
+    pairs = [
+        (point(1, 2), point(1.0, 2)),
+        (point(0.0, 1), point(-0.0, 1)),
+        ((point(1, 2),), (point(True, 2),)),
+        (0j, complex(-0.0, 0.0)),
+        (complex(1.0, 0.0), complex(1.0, -0.0)),
+        (Decimal("0"), Decimal("-0")),
+    ]
+    with request_scope():
+        for a, b in pairs:
+            assert a == b  # equal, so an untyped memo would share one entry
+            assert t(a) == repr(a) and t(b) == repr(b)
+    assert len(calls) == 2 * len(pairs)
+
+
+def test_a_function_with_a_false_signature_keeps_the_generic_wrapper() -> None:
+    import inspect
+
+    def f(*args: int) -> tuple[int, ...]:
+        return args
+
+    f.__signature__ = inspect.signature(lambda a, b=2: None)  # type: ignore[attr-defined]
+    memo = request_memo(f)
+    assert memo(1) == (1,)  # not (1, 2): the claimed default is not passed in
+    with request_scope():
+        assert memo(1) == (1,) and memo(1, 2) == (1, 2)
+
+
+def test_recursion_adds_few_frames_per_level() -> None:
+    @request_memo
+    def fib(n: int) -> int:
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    with request_scope():
+        assert fib(180) == 18547707689471986212190138521399707760  # depth 180, 5 frames each
+
+
+def test_tracebacks_name_the_generated_wrapper_after_the_function() -> None:
+    @request_memo
+    def price(sku: str) -> int:
+        raise LookupError(sku)
+
+    with request_scope(), pytest.raises(LookupError) as info:
+        price("x")
+    names = []
+    tb = info.value.__traceback__
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert names.count("price") == 2 and "__pr_wrapper" not in names

@@ -200,3 +200,59 @@ async def test_store_is_usable_from_the_event_loop_and_threads() -> None:
     async with request_scope() as store:
         await asyncio.to_thread(store.__setitem__, "t", 1)
         assert store["t"] == 1
+
+
+def test_memo_entries_are_read_not_written_through_the_mapping() -> None:
+    from perrequest import request_memo
+
+    @request_memo
+    def f(x: int) -> int:
+        return x * 10
+
+    with request_scope() as store:
+        f(1)
+        (memo_key,) = list(store)
+        assert store[memo_key] == 10 and memo_key in store
+        assert store.setdefault(memo_key, "X") == 10  # an existing entry: read, not replaced
+        assert store.get_or_set(memo_key, lambda: "Y") == 10
+        assert len(store) == len(list(store)) == 1
+        with pytest.raises(TypeError, match="memo entry"):
+            store[memo_key] = "Z"
+        del store[memo_key]
+        with pytest.raises(TypeError, match="memo entry"):
+            store.setdefault(memo_key, "X")  # gone: writing it back is refused
+        assert len(store) == 0 and list(store) == []
+
+
+def test_items_and_values_are_snapshots_that_leave_recency_alone() -> None:
+    store = MemoStore(max_entries=3)
+    store["a"], store["b"], store["c"] = 1, 2, 3
+    items = store.items()
+    for key, _ in items:
+        store.pop(key)  # mutating while iterating a snapshot is fine
+    assert len(store) == 0 and len(items) == 0
+    store["a"], store["b"], store["c"] = 1, 2, 3
+    assert list(store.values()) == [1, 2, 3] and next(iter(store.items())) == ("a", 1)
+    store["d"] = 4  # reading items()/values() did not refresh "a": it is evicted
+    assert "a" not in store and set(store) == {"b", "c", "d"}
+
+
+def test_items_survive_another_thread_evicting() -> None:
+    store = MemoStore(max_entries=50)
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            store[i] = i
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(2000):
+            assert all(k == v for k, v in store.items())
+            assert len(list(store.values())) <= 51
+    finally:
+        stop.set()
+        thread.join()

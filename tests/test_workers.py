@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -405,3 +406,31 @@ def test_asyncio_run_inside_a_sync_job_sees_the_job_store() -> None:
 
     with request_scope() as store:
         assert asyncio.run(probe_async()) is store
+
+
+def test_a_waiter_whose_event_loop_is_gone_fails_neither_the_computation_nor_others() -> None:
+    started = threading.Event()
+
+    @request_memo
+    async def slow(key: int) -> str:
+        started.set()
+        await asyncio.sleep(0.3)
+        return f"v{key}"
+
+    def abandoned_waiter() -> None:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(slow(1))
+        loop.run_until_complete(asyncio.sleep(0.05))  # now waiting on the computation
+        assert not task.done()
+        loop.close()  # the loop goes away with the waiter still parked in it
+
+    def in_scope(fn: Callable[..., Any], *args: Any) -> Any:
+        return pool.submit(contextvars.copy_context().run, fn, *args)
+
+    with request_scope(), ThreadPoolExecutor(3) as pool:
+        computing = in_scope(asyncio.run, slow(1))
+        assert started.wait(5)
+        in_scope(abandoned_waiter).result(5)
+        live = in_scope(asyncio.run, slow(1))
+        assert computing.result(5) == "v1" and live.result(5) == "v1"
+    assert live_scopes() == 0

@@ -8,6 +8,7 @@ the exception reaches every waiter; exceptions are never cached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import sys
 import threading
@@ -63,7 +64,10 @@ class _AsyncFlight:
         """Record the outcome and wake every waiter; call with the lock held."""
         self.outcome = outcome
         for wake in self.waiters:
-            wake()
+            # A waiter whose event loop (or trio run) has ended raises here: it will
+            # never resume, and must not fail this task nor keep the others asleep.
+            with contextlib.suppress(Exception):
+                wake()
 
 
 def _current_task() -> tuple[str, object] | None:
@@ -208,11 +212,15 @@ class SingleFlight:
                     del flights[key]
                 flight.finish()
             raise
-        flight.value = value
         with self._lock:
             try:
                 fill(value)
-            finally:  # even a bug in fill() must not leave the waiters blocked
+            except BaseException as exc:
+                flight.error = exc
+                raise
+            else:
+                flight.value = value
+            finally:  # whatever happened, the waiters are released
                 if flights.get(key) is flight:
                     del flights[key]
                 flight.finish()

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import keyword
 import math
-from collections.abc import Callable, Hashable, MutableMapping
+from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from decimal import Decimal
+from functools import partial
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 from ._flight import MISSING
@@ -45,6 +48,7 @@ _KWARGS: Any = object()
 
 _LOOKUP_ERRORS = (KeyError, TypeError)
 _NO_ENTRIES: dict[Hashable, Any] = {}
+_UNKEYED: Any = object()  # call() was not given a key: it builds one
 
 
 class CacheInfo(NamedTuple):
@@ -97,18 +101,23 @@ def _is_method(fn: Callable[..., Any]) -> bool:
 def _typed(value: object) -> object:
     """A type tag for ``typed=True``, deep enough that equal-but-different values differ.
 
-    ``1``, ``1.0`` and ``True`` are equal, and so are ``0.0`` and ``-0.0``, and
-    ``(1,)`` and ``(True,)``: tag the types inside tuples and frozensets too, and
-    the sign of floats, so a typed memo never returns another call's result.
+    ``1``, ``1.0`` and ``True`` are equal, and so are ``0.0`` and ``-0.0``, ``0j``
+    and ``-0j``, ``Decimal("0")`` and ``Decimal("-0")``, and ``(1,)`` and ``(True,)``,
+    also inside a namedtuple: tag the types inside tuples and frozensets too, and
+    the sign of zeros, so a typed memo never returns another call's result.
     """
     kind = type(value)
-    if kind is tuple:
-        return (tuple, tuple(map(_typed, value)))  # type: ignore[call-overload]
-    if kind is frozenset:
+    if isinstance(value, tuple):
+        return (kind, tuple(map(_typed, value)))
+    if isinstance(value, frozenset):
         # Unordered: pair each element with its tag, or {1, 2.0} would match {1.0, 2}.
-        return (frozenset, frozenset((v, _typed(v)) for v in value))  # type: ignore[attr-defined]
-    if kind is float:
-        return (float, math.copysign(1.0, value))  # type: ignore[arg-type]
+        return (kind, frozenset((v, _typed(v)) for v in value))
+    if isinstance(value, float):
+        return (kind, math.copysign(1.0, value))
+    if isinstance(value, complex):
+        return (kind, math.copysign(1.0, value.real), math.copysign(1.0, value.imag))
+    if isinstance(value, Decimal):
+        return (kind, value.is_signed())
     return kind
 
 
@@ -119,8 +128,8 @@ def _exact_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
     ``*args, **kwargs`` wrapper, keeps the generic wrapper), without ``*args``
     or ``**kwargs``, and with hashable defaults, which become part of the key.
     """
-    if not inspect.isfunction(fn):
-        return None
+    if not inspect.isfunction(fn) or "__signature__" in fn.__dict__:
+        return None  # a __signature__ may say other than what the code accepts
     try:
         params = list(inspect.signature(fn, follow_wrapped=False).parameters.values())
     except (TypeError, ValueError):
@@ -298,34 +307,39 @@ class _MemoSpec:
         except ScopeClosed:  # closed by another thread just now
             return None
 
-    def call(self, store: MemoStore | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if store is None or store._closed:
-            self._outside()
-            return self.fn(*args, **kwargs)
-        key, anchor = self.make_key(args, kwargs)
-        return self.call_keyed(store, key, anchor, args, kwargs)
+    # Few frames between a memoized function and its own recursive calls: a miss
+    # adds four (the wrapper, call, the single-flight, _run), not a dozen.
 
-    def call_keyed(
+    def call(
         self,
-        store: MemoStore,
-        key: Hashable,
-        anchor: Any,
+        store: MemoStore | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        key: Any = _UNKEYED,
+        anchor: Any = None,
     ) -> Any:
+        """A call that is not a hit: outside a scope, a miss, or a wait for a miss."""
         owner = self._owner_in(store)
         if owner is None:
             self._outside()
             return self.fn(*args, **kwargs)
+        assert store is not None and store._flights is not None
+        if key is _UNKEYED:
+            key, anchor = self.make_key(args, kwargs)
+        compute: Callable[[], Any] = partial(self._run, args, kwargs)
         shared = self.shared
-        if shared is None:
-            return store._compute_sync(owner, key, anchor, lambda: self._run(args, kwargs))
-        shared_key = (self, key)
-        value = self._shared_hit(store, shared, shared_key, owner, key, anchor)
-        if value is not MISSING:
-            return value
-        return store._compute_sync(
-            owner, key, anchor, lambda: shared.get(shared_key, lambda: self._run(args, kwargs))
+        if shared is not None:
+            shared_key = (self, key)
+            value = self._shared_hit(store, shared, shared_key, owner, key, anchor)
+            if value is not MISSING:
+                return value
+            compute = partial(shared.get, shared_key, compute)
+        return store._flights.run(
+            (owner, key),
+            partial(store._lookup, owner.data, key),
+            partial(self._fill, store, owner, key, anchor),
+            compute,
+            owner,
         )
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -340,39 +354,40 @@ class _MemoSpec:
             )
         return value
 
-    async def call_async(
-        self, store: MemoStore | None, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if store is None or store._closed:
-            self._outside()
-            return await self.fn(*args, **kwargs)
-        key, anchor = self.make_key(args, kwargs)
-        return await self.call_keyed_async(store, key, anchor, args, kwargs)
+    @staticmethod
+    def _fill(store: MemoStore, owner: _Owner, key: Hashable, anchor: Any, value: Any) -> None:
+        store._insert(owner.data, key, value, owner, anchor)
 
-    async def call_keyed_async(
+    async def call_async(
         self,
-        store: MemoStore,
-        key: Hashable,
-        anchor: Any,
+        store: MemoStore | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        key: Any = _UNKEYED,
+        anchor: Any = None,
     ) -> Any:
+        """The async twin of ``call``."""
         owner = self._owner_in(store)
         if owner is None:
             self._outside()
             return await self.fn(*args, **kwargs)
+        assert store is not None and store._flights is not None
+        if key is _UNKEYED:
+            key, anchor = self.make_key(args, kwargs)
+        compute: Callable[[], Awaitable[Any]] = partial(self.fn, *args, **kwargs)
         shared = self.shared
-        if shared is None:
-            return await store._compute_async(owner, key, anchor, lambda: self.fn(*args, **kwargs))
-        shared_key = (self, key)
-        value = self._shared_hit(store, shared, shared_key, owner, key, anchor)
-        if value is not MISSING:
-            return value
-        return await store._compute_async(
+        if shared is not None:
+            shared_key = (self, key)
+            value = self._shared_hit(store, shared, shared_key, owner, key, anchor)
+            if value is not MISSING:
+                return value
+            compute = partial(shared.get_async, shared_key, compute)
+        return await store._flights.run_async(
+            (owner, key),
+            partial(store._lookup, owner.data, key),
+            partial(self._fill, store, owner, key, anchor),
+            compute,
             owner,
-            key,
-            anchor,
-            lambda: shared.get_async(shared_key, lambda: self.fn(*args, **kwargs)),
         )
 
     @staticmethod
@@ -493,7 +508,7 @@ def _exact_wrapper(spec: _MemoSpec, params: list[inspect.Parameter]) -> Callable
     source = _EXACT_TEMPLATE.format(
         kind="async " if is_async else "",
         await_="await " if is_async else "",
-        name="__pr_wrapper",
+        name=_code_name(spec.fn),
         signature=", ".join(signature),
         key=key,
         touch_owner=touch_owner,
@@ -509,6 +524,14 @@ def _exact_wrapper(spec: _MemoSpec, params: list[inspect.Parameter]) -> Callable
     return wrapper
 
 
+def _code_name(fn: Callable[..., Any]) -> str:
+    """The generated wrapper's own name: the function's, so tracebacks and profilers
+    show ``price`` rather than a generated name."""
+    name = getattr(fn, "__name__", "")
+    ok = name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("__pr_")
+    return name if ok else "__pr_wrapper"
+
+
 def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
     """Build the closure whose hit path is as short as the options allow."""
     if spec.exact is not None:
@@ -519,7 +542,6 @@ def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
 
     if spec.key_fn is not None or spec.typed or spec.max_entries is not None or spec.is_method:
         make_key = spec.make_key
-        call_keyed, call_keyed_async = spec.call_keyed, spec.call_keyed_async
         if is_async:
 
             async def generic_async(*args: Any, **kwargs: Any) -> Any:
@@ -530,7 +552,7 @@ def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
                 subs = store._subs
                 entry = None if subs is None else subs.get(spec, _NO_ENTRIES).get(key)
                 if entry is None:
-                    return await call_keyed_async(store, key, anchor, args, kwargs)
+                    return await call_async(store, args, kwargs, key, anchor)
                 store._touch(key, entry)
                 entry[2].hits += 1
                 return entry[0]
@@ -545,7 +567,7 @@ def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
             subs = store._subs
             entry = None if subs is None else subs.get(spec, _NO_ENTRIES).get(key)
             if entry is None:
-                return call_keyed(store, key, anchor, args, kwargs)
+                return call(store, args, kwargs, key, anchor)
             store._touch(key, entry)
             entry[2].hits += 1
             return entry[0]

@@ -15,6 +15,7 @@ import functools
 import inspect
 import itertools
 import logging
+import sys
 import time
 from collections.abc import (
     AsyncIterable,
@@ -26,7 +27,7 @@ from collections.abc import (
     Iterator,
 )
 from contextvars import ContextVar, Token
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Final, Generic, ParamSpec, TypeVar, cast
 
 from .errors import NoActiveScope
@@ -82,9 +83,16 @@ _NO_SCOPE_HINT = (
 
 def live_scopes() -> int:
     """How many scopes are open in this process right now."""
-    # Reading a count advances it: advance both, which leaves the difference alone.
-    closed = next(_count_closed)
-    return next(_count_open) - closed
+    while True:  # a consistent pair: no scope closed while the opened count was read
+        closed = _peek(_count_closed)
+        opened = _peek(_count_open)
+        if _peek(_count_closed) == closed:
+            return opened - closed
+
+
+def _peek(counter: itertools.count[int]) -> int:
+    """An itertools.count's next value, read without taking it: "count(41)" -> 41."""
+    return int(repr(counter)[6:-1])
 
 
 def _is_async_callable(fn: object) -> bool:
@@ -245,33 +253,14 @@ class ScopedBody(Generic[T]):
         self._chunks: Iterator[T] | None = None
 
     def __iter__(self) -> Iterator[T]:
-        # A generator: resuming one costs less than a call to __next__, and this
-        # runs for every chunk of every response.
-        store = self._store
-        if store is None:
-            return
-        current = _current
-        iterator = None
-        while True:
-            token = current.set(store)
-            try:
-                if iterator is None:
-                    iterator = iter(self._body)
-                chunk = next(iterator)
-            except StopIteration:
-                return
-            finally:
-                try:
-                    current.reset(token)
-                except ValueError:  # resumed in another context than the last chunk
-                    _restore_foreign(token, store)
-            yield chunk
-
-    def __next__(self) -> T:  # for servers that call next() on the body itself
         chunks = self._chunks
         if chunks is None:
-            chunks = self._chunks = self.__iter__()
-        return next(chunks)
+            store = self._store
+            chunks = self._chunks = iter(()) if store is None else _produce(self._body, store)
+        return chunks
+
+    def __next__(self) -> T:  # for servers that call next() on the body itself
+        return next(self.__iter__())
 
     def close(self) -> None:
         """Close the wrapped body (with the scope active), then the scope."""
@@ -295,6 +284,31 @@ class ScopedBody(Generic[T]):
         store = self._store
         if store is not None:
             close_scope(store)
+
+
+def _produce(body: Iterable[T], store: MemoStore) -> Iterator[T]:
+    """The chunks of ``body``, each produced with ``store`` active.
+
+    A generator, because resuming one costs less than a call to ``__next__`` and
+    this runs for every chunk of every response; a function, not a method, so that
+    it holds no reference back to its ``ScopedBody`` (no cycle for the collector).
+    """
+    current = _current
+    iterator = None
+    while True:
+        token = current.set(store)
+        try:
+            if iterator is None:
+                iterator = iter(body)
+            chunk = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            try:
+                current.reset(token)
+            except ValueError:  # resumed in another context than the last chunk
+                _restore_foreign(token, store)
+        yield chunk
 
 
 async def iterate_async(body: AsyncIterable[T], store: MemoStore) -> AsyncIterator[T]:
@@ -406,31 +420,29 @@ class request_scope:
             )
         self._max_entries = check_max_entries(max_entries)
         self._on_close = check_on_close(on_close)
-        # The scopes this object has open, by store: one object may be entered
-        # again while open (nested, or in several threads at once), like
-        # decimal.localcontext(); each exit closes the scope its context opened.
-        self._open: dict[int, MemoStore] = {}
+        # The scopes this object has open, by the frame of the with-statement that
+        # opened them (innermost last). One object may be entered again while open,
+        # nested or from several threads at once, like decimal.localcontext(); each
+        # exit closes the scope its own with-statement opened, even when a generator
+        # holding it is closed from another context.
+        self._open: dict[int, list[MemoStore]] = {}
 
-    def _enter(self) -> MemoStore:
+    def _enter(self, frame: FrameType) -> MemoStore:
         store = open_scope(self._max_entries, self._on_close)
-        self._open[id(store)] = store
+        self._open.setdefault(id(frame), []).append(store)
         return store
 
-    def _exit(self) -> None:
-        store = self._open.pop(id(_current.get()), None)
-        if store is None:
-            # Exited in another context than it was entered in (a generator
-            # resumed elsewhere): close the scope entered last.
-            try:
-                _, store = self._open.popitem()
-            except KeyError:
-                raise RuntimeError(
-                    "request_scope() exited more often than it was entered"
-                ) from None
+    def _exit(self, frame: FrameType) -> None:
+        stores = self._open.get(id(frame))
+        if not stores:
+            raise RuntimeError("request_scope() exited by a with-statement that did not enter it")
+        store = stores.pop()
+        if not stores:
+            del self._open[id(frame)]
         end_scope(store)
 
     def __enter__(self) -> MemoStore:
-        return self._enter()
+        return self._enter(sys._getframe(1))
 
     def __exit__(
         self,
@@ -438,10 +450,10 @@ class request_scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._exit()
+        self._exit(sys._getframe(1))
 
     async def __aenter__(self) -> MemoStore:
-        return self._enter()
+        return self._enter(sys._getframe(1))
 
     async def __aexit__(
         self,
@@ -449,7 +461,7 @@ class request_scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._exit()
+        self._exit(sys._getframe(1))
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         if not callable(fn):

@@ -19,7 +19,14 @@ import inspect
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterator, MutableMapping
+from collections.abc import (
+    Callable,
+    Hashable,
+    ItemsView,
+    Iterator,
+    MutableMapping,
+    ValuesView,
+)
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -88,6 +95,27 @@ class MemoKey:
         return f"<memo entry of {self.owner!r}: {self.key!r}>"
 
 
+class _SnapshotItems(ItemsView[Hashable, Any]):
+    _mapping: MemoStore
+
+    def __iter__(self) -> Iterator[tuple[Hashable, Any]]:
+        return iter(self._mapping._pairs())
+
+
+class _SnapshotValues(ValuesView[Any]):
+    _mapping: MemoStore
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter([value for _, value in self._mapping._pairs()])
+
+
+def _memo_key_write(key: MemoKey) -> TypeError:
+    return TypeError(
+        f"{key!r} is a memo entry: @request_memo writes those. Delete it, or use the "
+        "function's cache_clear(), instead of writing to it."
+    )
+
+
 def check_max_entries(value: object, what: str = "max_entries") -> int | None:
     """Validate a bound: a positive int, or None for an explicitly unbounded store."""
     if value is None:
@@ -116,6 +144,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
     _max_entries: int | None = DEFAULT_MAX_ENTRIES
     _opened_at = 0.0
     _closed_at: float | None = None
+    _final: ScopeStats | None = None
     _closed = False
     _lock: threading.RLock | None = None  # made first; says the rest is there too
     _order: OrderedDict[int, tuple[dict[Hashable, Entry], Hashable]] | None = None
@@ -146,10 +175,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
 
     def __setitem__(self, key: Hashable, value: Any) -> None:
         if type(key) is MemoKey:
-            raise TypeError(
-                f"{key!r} is a memo entry: @request_memo writes those. Delete it, or use "
-                "the function's cache_clear(), instead of assigning to it."
-            )
+            raise _memo_key_write(key)
         lock = self._writable(key)
         with lock:
             self._insert(self._data, key, value, None, None)  # type: ignore[arg-type]
@@ -168,6 +194,21 @@ class MemoStore(MutableMapping[Hashable, Any]):
         for owner in list((self._owners or {}).values()):
             keys += [MemoKey(owner.token, key) for key in list(owner.data)]
         return iter(keys)
+
+    def items(self) -> ItemsView[Hashable, Any]:
+        """A view whose iteration is a snapshot, and does not refresh recency."""
+        return _SnapshotItems(self)
+
+    def values(self) -> ValuesView[Any]:
+        """A view whose iteration is a snapshot, and does not refresh recency."""
+        return _SnapshotValues(self)
+
+    def _pairs(self) -> list[tuple[Hashable, Any]]:
+        # list(dict.items()) copies in one step: another thread cannot break it.
+        pairs = [(key, entry[0]) for key, entry in list((self._data or {}).items())]
+        for owner in list((self._owners or {}).values()):
+            pairs += [(MemoKey(owner.token, k), e[0]) for k, e in list(owner.data.items())]
+        return pairs
 
     def __len__(self) -> int:
         return 0 if self._order is None else len(self._order)
@@ -218,6 +259,8 @@ class MemoStore(MutableMapping[Hashable, Any]):
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         lock = self._writable(key)
+        if type(key) is MemoKey:
+            return self._memo_key_value(key)
         with lock:
             data = self._data
             assert data is not None
@@ -246,8 +289,10 @@ class MemoStore(MutableMapping[Hashable, Any]):
 
     @property
     def stats(self) -> ScopeStats:
-        """A snapshot of hits, misses, entries, peak, evictions and age."""
-        return self._snapshot()
+        """A snapshot of hits, misses, entries, peak, evictions and age; once the
+        scope has closed, the stats it closed with."""
+        final = self._final
+        return self._snapshot() if final is None else final
 
     def get_or_set(self, key: Hashable, factory: Callable[[], T]) -> T:
         """Return the value at ``key``, calling ``factory()`` once to fill it if missing.
@@ -256,6 +301,8 @@ class MemoStore(MutableMapping[Hashable, Any]):
         wait for one computation instead of running ``factory`` twice.
         """
         lock = self._writable(key)
+        if type(key) is MemoKey:
+            return self._memo_key_value(key)  # type: ignore[no-any-return]
         hash(key)  # fail on an unhashable key before anything else happens
         with lock:
             data = self._data
@@ -286,6 +333,15 @@ class MemoStore(MutableMapping[Hashable, Any]):
             owner = (self._owners or {}).get(key.owner)
             return ({} if owner is None else owner.data), key.key
         return self._data or {}, key
+
+    def _memo_key_value(self, key: MemoKey) -> Any:
+        """``setdefault``/``get_or_set`` on a memo entry: read it, never write it."""
+        data, inner = self._where(key)
+        entry = data.get(inner)
+        if entry is None:
+            raise _memo_key_write(key)
+        self._touch(inner, entry)
+        return entry[0]
 
     def _writable(self, key: object) -> threading.RLock:
         """The store's lock, made on first use; raises ``ScopeClosed`` once closed."""
@@ -424,7 +480,9 @@ class MemoStore(MutableMapping[Hashable, Any]):
         if lock is None:
             return self._snapshot() if want_stats else None
         with lock:
-            stats = self._snapshot() if want_stats else None
+            # Kept, so that a call still in flight as the scope closes cannot
+            # change the stats afterwards.
+            stats = self._final = self._snapshot()
             self._clear()
             self._subs = None
             if self._flights is not None:
@@ -441,27 +499,6 @@ class MemoStore(MutableMapping[Hashable, Any]):
             flights = self._flights
             assert flights is not None
         return flights.run(
-            (owner, key),
-            lambda: self._lookup(owner.data, key),
-            lambda value: self._insert(owner.data, key, value, owner, anchor),
-            compute,
-            owner,
-        )
-
-    async def _compute_async(
-        self,
-        owner: _Owner,
-        key: Hashable,
-        anchor: Any,
-        compute: Callable[[], Awaitable[Any]],
-    ) -> Any:
-        """Return the entry at ``key`` or compute it once across tasks."""
-        flights = self._flights
-        if flights is None:
-            self._writable(key)
-            flights = self._flights
-            assert flights is not None
-        return await flights.run_async(
             (owner, key),
             lambda: self._lookup(owner.data, key),
             lambda value: self._insert(owner.data, key, value, owner, anchor),

@@ -366,3 +366,36 @@ def _wait(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert condition()
+
+
+def test_a_middleware_below_that_deep_copies_the_scope_still_sees_the_store() -> None:
+    """hypercorn's ProxyFixMiddleware deep-copies the ASGI scope, store marker and all."""
+    from hypercorn.middleware import ProxyFixMiddleware
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def endpoint(request: Request) -> JSONResponse:
+        perrequest.set("k", "v")
+        assert request.client is not None
+        return JSONResponse({"client": request.client.host, "k": perrequest.get("k")})
+
+    inner = Starlette(routes=[Route("/", endpoint)])
+    app = RequestScopeMiddleware(ProxyFixMiddleware(inner, mode="legacy", trusted_hops=1))
+    with TestClient(app) as client:
+        response = client.get("/", headers={"X-Forwarded-For": "1.2.3.4"})
+    assert response.status_code == 200
+    assert response.json() == {"client": "1.2.3.4", "k": "v"}
+    assert live_scopes() == 0
+
+
+def test_a_store_is_shared_by_copies_and_refuses_pickling() -> None:
+    import copy
+    import pickle
+
+    with perrequest.request_scope() as store:
+        holder = {"store": store, "headers": [(b"a", b"b")]}
+        assert copy.deepcopy(holder)["store"] is store and copy.copy(store) is store
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(store)

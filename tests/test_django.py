@@ -435,3 +435,82 @@ def test_max_entries_bounds_each_request_store(closed: list[ScopeStats]) -> None
     response.close()
     assert response.content == b"2"
     assert (closed[0].entries, closed[0].evictions) == (2, 3)
+
+
+def test_gzip_below_the_middleware_still_closes_the_views_generator_in_the_scope() -> None:
+    from django.middleware.gzip import GZipMiddleware
+
+    seen: list[object] = []
+
+    def view(request: Any) -> StreamingHttpResponse:
+        perrequest.set("who", "this request")
+
+        def body() -> Iterator[bytes]:
+            try:
+                while True:
+                    yield b"x" * 100
+            finally:
+                seen.append(perrequest.get("who"))
+
+        return StreamingHttpResponse(body())
+
+    mw = RequestScopeMiddleware(GZipMiddleware(view))
+    response = mw(RequestFactory().get("/", HTTP_ACCEPT_ENCODING="gzip"))
+    assert response["Content-Encoding"] == "gzip"
+    chunks = iter(response)
+    next(chunks), next(chunks)
+    response.close()  # the client went away
+    assert seen == ["this request"] and live_scopes() == 0
+
+
+async def test_an_async_stream_left_suspended_is_closed_on_its_loop_in_the_scope() -> None:
+    seen: list[object] = []
+
+    async def view(request: Any) -> StreamingHttpResponse:
+        perrequest.set("who", "this request")
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b"x"
+                    await asyncio.sleep(0)
+            finally:
+                seen.append(perrequest.get("who"))
+
+        return StreamingHttpResponse(body())
+
+    async def get_response(request: Any) -> Any:
+        return await view(request)
+
+    response = await RequestScopeMiddleware(get_response)(RequestFactory().get("/"))
+    chunks = response.__aiter__()
+    assert await chunks.__anext__() == b"x"
+    # The client went away: Django stops iterating, and closes the response from a
+    # worker thread. The body must not be left for the garbage collector to finalize
+    # in whatever context it happens to run in.
+    await asyncio.to_thread(response.close)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert seen == ["this request"] and live_scopes() == 0
+    await chunks.aclose()
+
+
+def test_a_streaming_response_class_without_a_raw_iterator_is_still_scoped() -> None:
+    class Rows(HttpResponse):
+        streaming = True
+
+        def __init__(self, rows: Iterator[bytes]) -> None:
+            super().__init__()
+            self.streaming_content = rows
+
+    def rows() -> Iterator[bytes]:
+        yield str(perrequest.get("who")).encode()
+
+    def view(request: Any) -> HttpResponse:
+        perrequest.set("who", "me")
+        return Rows(rows())
+
+    response = RequestScopeMiddleware(view)(RequestFactory().get("/"))
+    assert list(response.streaming_content) == [b"me"]
+    response.close()
+    assert live_scopes() == 0

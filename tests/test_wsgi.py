@@ -156,21 +156,42 @@ def test_a_list_body_without_close_is_closed_by_the_wrapper() -> None:
     assert stores[0].closed
 
 
-def test_a_server_file_wrapper_is_passed_through_and_the_store_closes_at_once() -> None:
-    """A file wrapper only reads a file: the server keeps its sendfile path."""
+def test_a_server_file_wrapper_is_passed_through_and_closed_in_the_scope() -> None:
+    """The server keeps its own file wrapper (and sendfile); what its close() runs
+    (Django's response.close() and request_finished, say) still sees the store."""
     stores: list[MemoStore] = []
+    seen_at_close: list[object] = []
+
+    class File(io.BytesIO):
+        def close(self) -> None:
+            seen_at_close.append(perrequest.get("who"))
+            super().close()
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         stores.append(perrequest.current_store())
+        perrequest.set("who", "this request")
         start_response("200 OK", [])
-        return environ["wsgi.file_wrapper"](io.BytesIO(b"0123456789"), 4)
+        return environ["wsgi.file_wrapper"](File(b"0123456789"), 4)
 
     environ = {**_environ(), "wsgi.file_wrapper": wsgiref.util.FileWrapper}
     body: Any = RequestScopeMiddleware(app)(environ, _start_response)
     assert isinstance(body, wsgiref.util.FileWrapper)
-    assert stores[0].closed and live_scopes() == 0
-    assert b"".join(body) == b"0123456789"
+    assert b"".join(body) == b"0123456789" and not stores[0].closed
     body.close()
+    assert seen_at_close == ["this request"] and stores[0].closed and live_scopes() == 0
+
+
+def test_a_file_wrapper_the_server_never_closes_ends_its_scope_when_freed() -> None:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"x"))
+
+    environ = {**_environ(), "wsgi.file_wrapper": wsgiref.util.FileWrapper}
+    body: Any = RequestScopeMiddleware(app)(environ, _start_response)
+    assert live_scopes() == 1
+    del body
+    gc.collect()
+    assert live_scopes() == 0
 
 
 @pytest.mark.parametrize("kind", [list, tuple])

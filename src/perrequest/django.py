@@ -15,6 +15,7 @@ which runs after ``__call__`` has returned, still sees the view's store.
 from __future__ import annotations
 
 import difflib
+import functools
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,12 +27,12 @@ from django.utils.module_loading import import_string
 
 from .scope import (
     REQUEST_KEY,
+    AsyncScopedBody,
     OnClose,
     ScopedBody,
     check_on_close,
     close_scope,
     end_scope,
-    iterate_async,
     leave_scope,
     open_scope,
     opened_outside,
@@ -101,37 +102,49 @@ def _close_with_response(response: Any, store: MemoStore) -> Any:
     """Tie the scope's end to the response's: its streaming body runs in the scope,
     and ``response.close()`` (or, if nobody calls it, garbage collection) closes it."""
     try:
+        end: Callable[[], object] = functools.partial(close_scope, store)
         # A FileResponse only reads a file, and replacing its streaming_content
         # would disable the server's wsgi.file_wrapper (sendfile).
         if response.streaming and getattr(response, "file_to_stream", None) is None:
-            _scope_streaming_content(response, store)
+            end = _scope_streaming_content(response, store)
         # A response can be dropped unclosed (a middleware above replaces it; under
-        # ASGI a sync chain's request task is cancelled): the finalizer then closes
-        # the store when it is collected. Called by close(), it runs once and detaches.
-        response._resource_closers.append(weakref.finalize(response, close_scope, store))
+        # ASGI a sync chain's request task is cancelled): the finalizer then ends the
+        # scope when it is collected. Called by close(), it runs once and detaches.
+        response._resource_closers.append(weakref.finalize(response, end))
     except BaseException:
         close_scope(store)
         raise
     return response
 
 
-def _scope_streaming_content(response: Any, store: MemoStore) -> None:
-    """Produce the body with the scope active, and close it within the scope.
+def _scope_streaming_content(response: Any, store: MemoStore) -> Callable[[], object]:
+    """Produce the body with the scope active, and close it within the scope; return
+    what ends the scope (the wrapper's close).
 
     Wraps the raw iterator, not ``response.streaming_content``: that property
     maps the chunks through ``response.make_bytes``, a reference back to the
     response, and a wrapper holding it would put every response in a cycle
-    that only the garbage collector frees. The raw iterator's own ``close`` is
-    taken off the response's closers, so that it runs inside the scope too.
+    that only the garbage collector frees. The closers registered so far (your
+    generator's, and those of middleware below that re-wrapped the content,
+    such as GZip's) are taken over and run by the wrapper, inside the scope.
     """
-    raw = response._iterator
-    raw_close = getattr(raw, "close", None)
-    if raw_close is not None:
-        response._resource_closers[:] = [c for c in response._resource_closers if c != raw_close]
-    if response.is_async:
-        response.streaming_content = iterate_async(raw, store)
+    raw = getattr(response, "_iterator", None)
+    if raw is None:  # a streaming response class of its own: wrap what it offers
+        raw = response.streaming_content
+    closers = list(response._resource_closers)
+    response._resource_closers.clear()
+    if getattr(response, "is_async", False):
+        body: ScopedBody[Any] | AsyncScopedBody[Any] = AsyncScopedBody(raw, store)
+        response.streaming_content = body
+        # An async body has no sync close of its own to take these over.
+        response._resource_closers.extend(closers)
     else:
-        response.streaming_content = ScopedBody(raw, store)
+        close = getattr(raw, "close", None)
+        if close is not None and close not in closers:
+            closers.append(close)
+        body = ScopedBody(raw, store, closers)
+        response.streaming_content = body
+    return body.close
 
 
 def _read_settings() -> tuple[int | None, OnClose | None]:

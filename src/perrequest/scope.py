@@ -11,13 +11,16 @@ functions doing as little as possible; the state of a scope lives on its store.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import itertools
 import logging
 import sys
 import time
+import weakref
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
@@ -35,17 +38,18 @@ from .store import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats, check_max_entries
 
 __all__ = [
     "REQUEST_KEY",
+    "AsyncScopedBody",
     "OnClose",
     "ScopedBody",
     "activate",
     "bind_scope",
     "check_on_close",
+    "close_in_scope",
     "close_scope",
     "current_store",
     "deactivate",
     "end_scope",
     "in_request_scope",
-    "iterate_async",
     "leave_scope",
     "live_scopes",
     "open_scope",
@@ -241,26 +245,41 @@ class ScopedBody(Generic[T]):
 
     WSGI servers iterate the body after the app returned, and call ``close()``
     when the response is done (PEP 3333: also when the client went away);
-    that is when the scope closes. If a server never calls ``close()``, the
-    scope closes when the body is garbage collected.
+    that is when the scope closes, after the body's own closing (``closers``,
+    by default the body's ``close``) has run with the scope active. If a server
+    never calls ``close()``, that happens when the body is garbage collected.
     """
 
-    __slots__ = ("_body", "_chunks", "_store")
+    __slots__ = ("_body", "_chunks", "_closers", "_store")
 
-    def __init__(self, body: Iterable[T], store: MemoStore) -> None:
+    def __init__(
+        self,
+        body: Iterable[T],
+        store: MemoStore,
+        closers: list[Callable[[], object]] | None = None,
+    ) -> None:
         self._body = body
         self._store: MemoStore | None = store
         self._chunks: Iterator[T] | None = None
+        if closers is None:
+            close = getattr(body, "close", None)
+            closers = [] if close is None else [close]
+        self._closers = closers
 
     def __iter__(self) -> Iterator[T]:
+        store = self._store
+        if store is None:
+            return iter(())
+        # The generator holds this body, so that a server keeping only the iterator
+        # keeps the scope open too; the body does not hold it (no reference cycle).
+        return _produce(self._body, store, self)
+
+    def __next__(self) -> T:  # for servers that call next() on the body itself
         chunks = self._chunks
         if chunks is None:
             store = self._store
             chunks = self._chunks = iter(()) if store is None else _produce(self._body, store)
-        return chunks
-
-    def __next__(self) -> T:  # for servers that call next() on the body itself
-        return next(self.__iter__())
+        return next(chunks)
 
     def close(self) -> None:
         """Close the wrapped body (with the scope active), then the scope."""
@@ -269,29 +288,63 @@ class ScopedBody(Generic[T]):
             return
         self._store = None
         try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
+            if self._closers:
                 token = _current.set(store)
                 try:
-                    close()
+                    _call_all(self._closers)
                 finally:
                     deactivate(token, store)
         finally:
             close_scope(store)
 
     def __del__(self) -> None:
-        # A server that never calls close() breaks PEP 3333; free the store anyway.
-        store = self._store
-        if store is not None:
-            close_scope(store)
+        # A server that never calls close() breaks PEP 3333; close everything anyway.
+        if self._store is not None:
+            self.close()
 
 
-def _produce(body: Iterable[T], store: MemoStore) -> Iterator[T]:
+def close_in_scope(body: object, store: MemoStore) -> bool:
+    """Make ``body.close()`` run with the scope active and then end it, leaving the
+    body itself as it is (a server's ``wsgi.file_wrapper``, which the server must
+    still recognise to use sendfile). False if the body will not take it."""
+    close = getattr(body, "close", None)
+    try:
+        weakref.finalize(body, close_scope, store)  # for a server that never calls close()
+        body.close = functools.partial(_close_then_end, close, store)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return False
+    return True
+
+
+def _close_then_end(close: Callable[[], object] | None, store: MemoStore) -> None:
+    try:
+        if close is not None:
+            token = _current.set(store)
+            try:
+                close()
+            finally:
+                deactivate(token, store)
+    finally:
+        close_scope(store)
+
+
+def _call_all(closers: list[Callable[[], object]]) -> None:
+    """Call every closer, even when one raises; then raise the first error."""
+    error: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+def _produce(body: Iterable[T], store: MemoStore, keep: object = None) -> Iterator[T]:
     """The chunks of ``body``, each produced with ``store`` active.
 
-    A generator, because resuming one costs less than a call to ``__next__`` and
-    this runs for every chunk of every response; a function, not a method, so that
-    it holds no reference back to its ``ScopedBody`` (no cycle for the collector).
+    A generator, because resuming one costs less than a call to ``__next__``,
+    and this runs for every chunk of every response. ``keep`` is only held.
     """
     current = _current
     iterator = None
@@ -311,31 +364,77 @@ def _produce(body: Iterable[T], store: MemoStore) -> Iterator[T]:
         yield chunk
 
 
-async def iterate_async(body: AsyncIterable[T], store: MemoStore) -> AsyncIterator[T]:
-    """The async twin of ``ScopedBody``: chunks are produced with the scope active,
-    and the scope closes when the body is exhausted, fails or is closed."""
-    iterator = aiter(body)
-    try:
-        while True:
-            token = _current.set(store)
-            try:
-                chunk = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            finally:
-                deactivate(token, store)
-            yield chunk
-    finally:
+class AsyncScopedBody(Generic[T]):
+    """The async twin of ``ScopedBody``, for an async response body (Django's ASGI).
+
+    The scope closes when the body is exhausted, fails or is closed. ``close()``
+    is sync because the framework calls it so (Django's ``response.close()``,
+    from a worker thread): if the body was left suspended (the client went
+    away mid-stream), it closes it on its own event loop, with the scope
+    active, rather than leaving that to the garbage collector, which would run
+    the body's ``finally`` in whatever context happened to collect it.
+    """
+
+    __slots__ = ("_body", "_chunks", "_closing", "_loop", "_store")
+
+    def __init__(self, body: AsyncIterable[T], store: MemoStore) -> None:
+        self._body = body
+        self._store = store
+        self._chunks: AsyncGenerator[T, None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = self._produce()
+        return chunks
+
+    async def _produce(self) -> AsyncGenerator[T, None]:
+        store = self._store
+        self._loop = asyncio.get_running_loop()
+        iterator = aiter(self._body)
         try:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
+            while True:
                 token = _current.set(store)
                 try:
-                    await aclose()
+                    chunk = await anext(iterator)
+                except StopAsyncIteration:
+                    return
                 finally:
                     deactivate(token, store)
+                yield chunk
         finally:
-            close_scope(store)
+            try:
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    token = _current.set(store)
+                    try:
+                        await aclose()
+                    finally:
+                        deactivate(token, store)
+            finally:
+                close_scope(store)
+
+    def close(self) -> None:
+        """End the body and the scope; a suspended body is closed on its own loop."""
+        store, chunks, loop = self._store, self._chunks, self._loop
+        if store._closed or self._closing:
+            return
+        self._closing = True
+        if chunks is None or loop is None or loop.is_closed():
+            close_scope(store)  # never started: none of the body's code ran
+            return
+        loop.call_soon_threadsafe(_close_on_loop, chunks, store)
+
+
+def _close_on_loop(chunks: AsyncGenerator[Any, None], store: MemoStore) -> None:
+    def done(task: asyncio.Task[None]) -> None:
+        close_scope(store)  # if the body could not be closed, the scope still is
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("perrequest: closing a response body failed", exc_info=task.exception())
+
+    asyncio.get_running_loop().create_task(chunks.aclose()).add_done_callback(done)
 
 
 def _active_store() -> MemoStore | None:

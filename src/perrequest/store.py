@@ -217,6 +217,20 @@ class MemoStore(MutableMapping[Hashable, Any]):
         data, key = self._where(key)
         return key in data
 
+    # A store is a handle on one scope's memory, like a lock: copying a structure
+    # that holds one (an ASGI scope deep-copied by a proxy middleware) shares it.
+    def __copy__(self) -> MemoStore:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MemoStore:
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a MemoStore cannot be pickled: it belongs to one request scope in this "
+            "process. Pickle dict(store) if you need its contents."
+        )
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<MemoStore {state} entries={len(self)} max_entries={self._max_entries}>"

@@ -24,6 +24,7 @@ from .scope import (
     OnClose,
     ScopedBody,
     check_on_close,
+    close_in_scope,
     close_scope,
     end_scope,
     leave_scope,
@@ -76,13 +77,12 @@ class RequestScopeMiddleware:
             end_scope(store)
             raise
         leave_scope(store)
-        if type(body) in (list, tuple) or (
-            isinstance(wrapper := environ.get("wsgi.file_wrapper"), type)
-            and isinstance(body, wrapper)
-        ):
-            # Nothing of the app's runs after it returned such a body: end the
-            # scope now, and hand the body over untouched, so that the server
-            # still sees its len() (Content-Length) or its file (sendfile).
+        if type(body) in (list, tuple):
+            # Nothing of the app's runs after it returned a list: end the scope now,
+            # and hand the list over, so that the server still sees its len().
             close_scope(store)
             return body
+        wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(wrapper, type) and isinstance(body, wrapper) and close_in_scope(body, store):
+            return body  # the server keeps its file wrapper, and sendfile
         return ScopedBody(body, store)

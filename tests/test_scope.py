@@ -351,7 +351,7 @@ def test_assert_no_live_scopes_fails_when_one_is_open() -> None:
 
 
 def test_scoped_body_closes_at_garbage_collection() -> None:
-    from perrequest.scope import ScopedBody, leave_scope, open_scope
+    from perrequest._lifecycle import ScopedBody, leave_scope, open_scope
 
     store = open_scope()
     leave_scope(store)

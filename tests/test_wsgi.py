@@ -22,7 +22,7 @@ import pytest
 
 import perrequest
 from perrequest import MemoStore, ScopeStats, request_memo, request_scope
-from perrequest.scope import _current
+from perrequest._lifecycle import _current
 from perrequest.testing import live_scopes
 from perrequest.wsgi import RequestScopeMiddleware
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .scope import REQUEST_KEY, OnClose, check_on_close, end_scope, open_scope, opened_outside
+from ._lifecycle import REQUEST_KEY, OnClose, check_on_close, end_scope, open_scope, opened_outside
 from .store import DEFAULT_MAX_ENTRIES, check_max_entries
 
 __all__ = ["RequestScopeMiddleware"]

@@ -38,7 +38,7 @@ from typing import Any, Final, NamedTuple
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
-from .scope import OnClose, check_on_close, end_scope, open_scope
+from ._lifecycle import OnClose, check_on_close, end_scope, open_scope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
 
 __all__ = ["ScopedTask", "install"]

@@ -25,7 +25,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .scope import (
+from ._lifecycle import (
     REQUEST_KEY,
     AsyncScopedBody,
     OnClose,

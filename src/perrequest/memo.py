@@ -25,15 +25,10 @@ from functools import partial
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 from ._flight import MISSING
+from ._lifecycle import _current, _is_async_callable
 from ._shared import SharedTier, check_shared
 from .errors import NoActiveScope, ScopeClosed, UnhashableArguments
-from .scope import (
-    _NO_SCOPE_HINT,
-    _active_store,
-    _current,
-    _is_async_callable,
-    _refuse_generator,
-)
+from .scope import _NO_SCOPE_HINT, _active_store, _refuse_generator
 from .store import MemoStore, _Owner, check_max_entries
 
 __all__ = ["CacheInfo", "SharedCacheInfo", "request_memo"]

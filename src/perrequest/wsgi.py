@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .scope import (
+from ._lifecycle import (
     REQUEST_KEY,
     OnClose,
     ScopedBody,

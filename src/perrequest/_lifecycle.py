@@ -142,12 +142,12 @@ def open_scope(
     The options must be validated already (``check_max_entries``,
     ``check_on_close``): this runs for every request.
     """
-    store: MemoStore = _new_store(MemoStore)  # no __init__: the class defaults are right
+    store: MemoStore = _new_store(MemoStore)  # no __init__: nothing to validate again
+    store._max_entries = max_entries
+    store._on_close = on_close
     store._opened_at = _now()
-    if max_entries is not DEFAULT_MAX_ENTRIES:
-        store._max_entries = max_entries
-    if on_close is not None:
-        store._on_close = on_close
+    store._closed = False
+    store._lock = store._order = store._subs = None
     next(_count_open)
     store._token = _current.set(store)
     return store

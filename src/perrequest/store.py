@@ -138,32 +138,50 @@ class MemoStore(MutableMapping[Hashable, Any]):
     """
 
     # A store is made for every request, so making one must cost next to
-    # nothing: the state below starts as these class-level defaults (never
-    # mutated), and each store gets its own on first write (``_writable``).
-    # No __slots__ for the same reason: a slot cannot have a class default.
-    _max_entries: int | None = DEFAULT_MAX_ENTRIES
-    _opened_at = 0.0
+    # nothing. What every request reads is in slots, set when the store is made
+    # (``__init__``, or ``open_scope``, which skips it): CPython 3.12+ will not
+    # specialise the read of an instance attribute that a class attribute
+    # shadows, and a memo hit would cost a third more. The rest starts as the
+    # class-level defaults below (never mutated), and each store gets its own
+    # on first write (``_writable``).
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_closed",
+        "_lock",
+        "_max_entries",
+        "_on_close",
+        "_opened_at",
+        "_order",
+        "_subs",
+        "_token",
+    )
+    _closed: bool
+    _lock: threading.RLock | None  # made first on a write; says the rest is there too
+    _max_entries: int | None
+    _on_close: Callable[[ScopeStats], object] | None  # set by open_scope
+    _opened_at: float
+    _order: OrderedDict[int, tuple[dict[Hashable, Entry], Hashable]] | None
+    _subs: dict[object, dict[Hashable, Entry]] | None
+    _token: Any  # set by open_scope
+
     _closed_at: float | None = None
     _final: ScopeStats | None = None
-    _closed = False
-    _lock: threading.RLock | None = None  # made first; says the rest is there too
-    _order: OrderedDict[int, tuple[dict[Hashable, Entry], Hashable]] | None = None
     _data: dict[Hashable, Entry] | None = None
-    _subs: dict[object, dict[Hashable, Entry]] | None = None
     _owners: dict[object, _Owner] | None = None
     _flights: SingleFlight | None = None
     _helpers: _Owner | None = None
     _next_id = 0
     _peak = 0
     _evictions = 0
-    # Set by the scope that opened the store (perrequest.scope.open_scope).
-    _on_close: Callable[[ScopeStats], object] | None = None
-    _token: Any = None
 
     def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES) -> None:
         if max_entries is not DEFAULT_MAX_ENTRIES:
-            self._max_entries = check_max_entries(max_entries)
+            max_entries = check_max_entries(max_entries)
+        self._max_entries = max_entries
         self._opened_at = time.perf_counter()
+        self._closed = False
+        self._lock = self._order = self._subs = self._on_close = self._token = None
 
     # -- Mapping -----------------------------------------------------------
 

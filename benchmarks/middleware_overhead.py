@@ -123,6 +123,12 @@ def flask_app() -> Flask:
     return app
 
 
+# The bare app again, built separately: how far two identical apps drift apart in
+# this harness, the resolution every other ratio here has.
+NOISE = "bare app, a second copy (noise)"
+MINIMAL = "minimal ContextVar middleware"
+
+
 def asgi_variants() -> dict[str, ASGIApp]:
     return {
         "bare Starlette": starlette_app(),
@@ -132,6 +138,7 @@ def asgi_variants() -> dict[str, ASGIApp]:
         "minimal ContextVar middleware": starlette_app(Middleware(MinimalASGIMiddleware)),
         "starlette-context Raw (pure ASGI)": starlette_app(Middleware(RawContextMiddleware)),
         "starlette-context (BaseHTTP)": starlette_app(Middleware(ContextMiddleware)),
+        NOISE: starlette_app(),
     }
 
 
@@ -141,6 +148,7 @@ def wsgi_variants() -> dict[str, WSGIApp]:
         "bare Flask": app,
         "perrequest RequestScopeMiddleware": perrequest.wsgi.RequestScopeMiddleware(app),
         "minimal ContextVar middleware": MinimalWSGIMiddleware(app),
+        NOISE: flask_app(),
     }
 
 
@@ -337,6 +345,11 @@ def report(samples: Samples, rounds: int) -> dict[str, Any]:
             print(f"| {name:<34} | {median_us:10.1f} | {ratio:7.3f} | {wanted:>7} | {status:<7} |")
             rows[name] = {"median_us": median_us, "ratio": ratio, "target": wanted, "met": met}
         results["protocols"][protocol] = rows
+        ours_vs_minimal = statistics.median(
+            o / m for o, m in zip(variants[target_name], variants[MINIMAL], strict=True)
+        )
+        results["protocols"][protocol]["perrequest / minimal"] = {"ratio": ours_vs_minimal}
+        print(f"\nperrequest / minimal ContextVar middleware: {ours_vs_minimal:.3f}")
     print("\nx bare: median of per-round ratios. Targets from DESIGN.md 'Performance'.")
     return results
 

@@ -531,3 +531,25 @@ def test_live_scopes_reads_consistently_while_threads_open_and_close_scopes() ->
             worker.join()
     assert min(readings) >= 0 and max(readings) <= 2
     assert live_scopes() == 0
+
+
+def test_request_scope_entered_through_an_exit_stack() -> None:
+    import contextlib
+
+    shared = request_scope()
+    with contextlib.ExitStack() as stack:
+        outer = stack.enter_context(shared)
+        with contextlib.ExitStack() as inner_stack:
+            inner = inner_stack.enter_context(shared)
+            assert current_store() is inner
+        assert inner.closed and current_store() is outer
+    assert outer.closed and live_scopes() == 0
+
+
+async def test_request_scope_entered_through_an_async_exit_stack() -> None:
+    import contextlib
+
+    async with contextlib.AsyncExitStack() as stack:
+        store = await stack.enter_async_context(request_scope())
+        assert current_store() is store
+    assert store.closed and live_scopes() == 0

@@ -129,25 +129,31 @@ class request_scope:
             )
         self._max_entries = check_max_entries(max_entries)
         self._on_close = check_on_close(on_close)
-        # The scopes this object has open, by the frame of the with-statement that
-        # opened them (innermost last). One object may be entered again while open,
-        # nested or from several threads at once, like decimal.localcontext(); each
-        # exit closes the scope its own with-statement opened, even when a generator
-        # holding it is closed from another context.
-        self._open: dict[int, list[MemoStore]] = {}
+        # The scopes this object has open: store id -> (the frame that entered it,
+        # held so that its id cannot be reused meanwhile; the store), in the order
+        # they were opened. One object may be entered
+        # again while open, nested or from several threads at once, like
+        # decimal.localcontext(); each exit closes the scope its own
+        # with-statement opened (found by its frame, even when a generator holding
+        # it is closed from another context), or else the one active in this
+        # context (an ExitStack enters and exits from frames of its own).
+        self._open: dict[int, tuple[FrameType, MemoStore]] = {}
 
     def _enter(self, frame: FrameType) -> MemoStore:
         store = open_scope(self._max_entries, self._on_close)
-        self._open.setdefault(id(frame), []).append(store)
+        self._open[id(store)] = (frame, store)
         return store
 
     def _exit(self, frame: FrameType) -> None:
-        stores = self._open.get(id(frame))
-        if not stores:
+        opened = self._open
+        snapshot = list(opened.items())  # one step: other threads may enter meanwhile
+        found = next((key for key, (entered, _) in reversed(snapshot) if entered is frame), None)
+        if found is None:
+            current = _current.get()
+            found = id(current) if id(current) in opened else None
+        if found is None:
             raise RuntimeError("request_scope() exited by a with-statement that did not enter it")
-        store = stores.pop()
-        if not stores:
-            del self._open[id(frame)]
+        _, store = opened.pop(found)
         end_scope(store)
 
     def __enter__(self) -> MemoStore:

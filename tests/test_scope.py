@@ -553,3 +553,72 @@ async def test_request_scope_entered_through_an_async_exit_stack() -> None:
         store = await stack.enter_async_context(request_scope())
         assert current_store() is store
     assert store.closed and live_scopes() == 0
+
+
+def test_an_exit_stack_closed_in_another_thread_closes_its_scope() -> None:
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    store = stack.enter_context(request_scope())
+    thread = threading.Thread(target=stack.close)
+    thread.start()
+    thread.join()
+    assert store.closed and live_scopes() == 0
+
+
+def test_a_generator_closing_its_exit_stack_inside_another_block_closes_its_own() -> None:
+    import contextlib
+
+    shared = request_scope()
+
+    def holds_a_scope() -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(shared)
+            yield
+
+    generator = holds_a_scope()
+    next(generator)
+    with shared as mine:
+        generator.close()
+        assert not mine.closed and current_store() is mine
+    assert mine.closed and live_scopes() == 0
+
+
+def test_interleaved_exit_stacks_on_one_object_close_their_own_scopes() -> None:
+    import contextlib
+
+    shared = request_scope()
+    a, b = contextlib.ExitStack(), contextlib.ExitStack()
+    store_a = a.enter_context(shared)
+    store_b = b.enter_context(shared)
+    a.close()
+    assert store_a.closed and not store_b.closed
+    b.close()
+    assert store_b.closed and live_scopes() == 0
+
+
+async def test_many_tasks_entering_one_object_each_close_their_own() -> None:
+    shared = request_scope()
+    release = asyncio.Event()
+
+    async def task(n: int) -> bool:
+        async with shared as store:
+            perrequest.set("n", n)
+            await release.wait()
+            return current_store() is store and perrequest.get("n") == n
+
+    tasks = [asyncio.create_task(task(n)) for n in range(2000)]
+    await asyncio.sleep(0)
+    assert live_scopes() == 2000
+    release.set()
+    assert all(await asyncio.gather(*tasks)) and live_scopes() == 0
+
+
+def test_a_subclass_that_does_not_call_init_still_works() -> None:
+    class Tagged(MemoStore):
+        def __init__(self, tag: str) -> None:
+            self.tag = tag
+
+    store = Tagged("x")
+    store["a"] = 1
+    assert store["a"] == 1 and len(store) == 1 and "entries=1" in repr(store)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Hashable
 from types import FrameType, TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
@@ -21,6 +22,7 @@ from ._lifecycle import (
     _current,
     _is_async_callable,
     check_on_close,
+    close_scope,
     deactivate,
     end_scope,
     live_scopes,
@@ -107,6 +109,71 @@ def _refuse_coroutine(result: object, fn: object, what: str) -> None:
         )
 
 
+class _OpenScopes:
+    """The scopes one ``request_scope()`` object has open, found again at exit.
+
+    By the frame of the with-statement that opened it (held, so that its id
+    cannot be reused meanwhile), innermost first: right even when a generator
+    holding the scope is closed from another context. A with-statement made
+    through a helper (``ExitStack.enter_context``, a wrapper's own
+    ``__enter__``/``__exit__``) enters and exits from frames of its own: then by
+    the object whose methods did both (the stack, the wrapper), whatever
+    thread or context closes it. Failing both, the scope active in this context.
+    """
+
+    __slots__ = ("_by_frame", "_by_owner", "_entries", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_frame: dict[FrameType, list[MemoStore]] = {}
+        self._by_owner: dict[int, list[MemoStore]] = {}
+        # store id -> (its frame, its owner, held alive while the scope is open)
+        self._entries: dict[int, tuple[FrameType, object]] = {}
+
+    def add(self, frame: FrameType, store: MemoStore) -> None:
+        owner = _method_owner(frame)
+        with self._lock:
+            self._entries[id(store)] = (frame, owner)
+            self._by_frame.setdefault(frame, []).append(store)
+            if owner is not None:
+                self._by_owner.setdefault(id(owner), []).append(store)
+
+    def take(self, frame: FrameType) -> MemoStore | None:
+        owner = _method_owner(frame)
+        with self._lock:
+            stores = self._by_frame.get(frame)
+            if not stores and owner is not None:
+                stores = self._by_owner.get(id(owner))
+            if stores:
+                store = stores[-1]
+            else:
+                current = _current.get()
+                if current is None or id(current) not in self._entries:
+                    return None
+                store = current
+            entered, entered_by = self._entries.pop(id(store))
+            _discard(self._by_frame, entered, store)
+            if entered_by is not None:
+                _discard(self._by_owner, id(entered_by), store)
+            return store
+
+
+def _method_owner(frame: FrameType) -> object:
+    """The ``self`` of a method's frame (a helper's ``__enter__``, an ExitStack), or None."""
+    code = frame.f_code
+    if code.co_argcount and code.co_varnames[0] == "self":
+        return frame.f_locals.get("self")
+    return None
+
+
+def _discard(index: dict[Any, list[MemoStore]], key: Any, store: MemoStore) -> None:
+    stores = index.get(key)
+    if stores is not None:
+        stores.remove(store)
+        if not stores:
+            del index[key]
+
+
 class request_scope:
     """Open a fresh, isolated store for a ``with``/``async with`` block or each decorated call.
 
@@ -129,32 +196,25 @@ class request_scope:
             )
         self._max_entries = check_max_entries(max_entries)
         self._on_close = check_on_close(on_close)
-        # The scopes this object has open: store id -> (the frame that entered it,
-        # held so that its id cannot be reused meanwhile; the store), in the order
-        # they were opened. One object may be entered
-        # again while open, nested or from several threads at once, like
-        # decimal.localcontext(); each exit closes the scope its own
-        # with-statement opened (found by its frame, even when a generator holding
-        # it is closed from another context), or else the one active in this
-        # context (an ExitStack enters and exits from frames of its own).
-        self._open: dict[int, tuple[FrameType, MemoStore]] = {}
+        # One object may be entered again while open, nested or from several
+        # threads at once, like decimal.localcontext(): see _OpenScopes.
+        self._open = _OpenScopes()
 
     def _enter(self, frame: FrameType) -> MemoStore:
         store = open_scope(self._max_entries, self._on_close)
-        self._open[id(store)] = (frame, store)
+        self._open.add(frame, store)
         return store
 
     def _exit(self, frame: FrameType) -> None:
-        opened = self._open
-        snapshot = list(opened.items())  # one step: other threads may enter meanwhile
-        found = next((key for key, (entered, _) in reversed(snapshot) if entered is frame), None)
-        if found is None:
-            current = _current.get()
-            found = id(current) if id(current) in opened else None
-        if found is None:
+        store = self._open.take(frame)
+        if store is None:
             raise RuntimeError("request_scope() exited by a with-statement that did not enter it")
-        _, store = opened.pop(found)
-        end_scope(store)
+        if _current.get() is store:
+            end_scope(store)
+        else:
+            # A scope opened later is active here (a generator's scope closed inside
+            # a newer block), or this is another context: leave what is active alone.
+            close_scope(store)
 
     def __enter__(self) -> MemoStore:
         return self._enter(sys._getframe(1))

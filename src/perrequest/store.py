@@ -175,13 +175,19 @@ class MemoStore(MutableMapping[Hashable, Any]):
     _peak = 0
     _evictions = 0
 
-    def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES) -> None:
-        if max_entries is not DEFAULT_MAX_ENTRIES:
-            max_entries = check_max_entries(max_entries)
-        self._max_entries = max_entries
+    def __new__(cls, *args: Any, **kwargs: Any) -> MemoStore:
+        # The slots, set here rather than in __init__ so that a subclass whose
+        # __init__ does not call ours still has them.
+        self = super().__new__(cls)
+        self._max_entries = DEFAULT_MAX_ENTRIES
         self._opened_at = time.perf_counter()
         self._closed = False
         self._lock = self._order = self._subs = self._on_close = self._token = None
+        return self
+
+    def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES) -> None:
+        if max_entries is not DEFAULT_MAX_ENTRIES:
+            self._max_entries = check_max_entries(max_entries)
 
     # -- Mapping -----------------------------------------------------------
 

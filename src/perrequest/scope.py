@@ -139,10 +139,9 @@ class _OpenScopes:
                 self._by_owner.setdefault(id(owner), []).append(store)
 
     def take(self, frame: FrameType) -> MemoStore | None:
-        owner = _method_owner(frame)
         with self._lock:
             stores = self._by_frame.get(frame)
-            if not stores and owner is not None:
+            if not stores and (owner := _method_owner(frame)) is not None:
                 stores = self._by_owner.get(id(owner))
             if stores:
                 store = stores[-1]

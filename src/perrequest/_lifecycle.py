@@ -409,7 +409,10 @@ class AsyncScopedBody(Generic[T]):
         if chunks is None or loop is None or loop.is_closed():
             close_scope(store)  # never started: none of the body's code ran
             return
-        loop.call_soon_threadsafe(_close_on_loop, chunks, store)
+        try:
+            loop.call_soon_threadsafe(_close_on_loop, chunks, store)
+        except RuntimeError:  # the loop closed just now: nothing of the body can run again
+            close_scope(store)
 
 
 def _close_on_loop(chunks: AsyncGenerator[Any, None], store: MemoStore) -> None:

@@ -10,7 +10,7 @@ function's. Reads take no lock; every write takes the store's lock.
 
 A store is created for every request, so creating and closing one must cost
 next to nothing: the dicts, the lock and the counters are made on the first
-write, and the stats only when somebody will read them.
+write, and a store nothing was written to closes without a lock or stats.
 """
 
 from __future__ import annotations

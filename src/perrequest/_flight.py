@@ -141,7 +141,7 @@ class SingleFlight:
 
     def __init__(self, lock: threading.RLock | threading.Lock, *, detach: bool = False) -> None:
         self._lock = lock
-        self._flights: dict[Hashable, _ThreadFlight | _AsyncFlight] = {}
+        self._flights: dict[Hashable, int | _ThreadFlight | _AsyncFlight] = {}
         # Waiters may be other requests (the shared tier): give them a copy of
         # an exception, without the computing request's frames and locals.
         self._detach = detach
@@ -160,11 +160,18 @@ class SingleFlight:
         compute: Callable[[], Any],
         counters: Counters,
     ) -> Any:
-        """The value at ``key``, computed by ``compute()`` at most once at a time."""
+        """The value at ``key``, computed by ``compute()`` at most once at a time.
+
+        A computation with no waiter is registered as its thread's id alone; the
+        first thread that comes to wait replaces that with a ``_ThreadFlight``,
+        which the computing thread then fills in and releases. Most misses have
+        no waiter, and so make no object.
+        """
         flights = self._flights
         thread = threading.get_ident()
         while True:
             wait: _ThreadFlight | None = None
+            own = dedup = True
             with self._lock:
                 value = lookup()
                 if value is not MISSING:
@@ -172,19 +179,23 @@ class SingleFlight:
                     return value
                 flight = flights.get(key)
                 if flight is None:
-                    flight = flights[key] = _ThreadFlight(thread)
+                    flights[key] = thread
                     counters.misses += 1
-                elif isinstance(flight, _ThreadFlight) and flight.thread != thread:
-                    counters.hits += 1
-                    wait, flight = flight, None
-                    if wait.done is None:
-                        wait.done = threading.Lock()
-                        wait.done.acquire()
+                elif type(flight) is int and flight != thread:
+                    wait = flights[key] = _ThreadFlight(flight)
+                elif type(flight) is _ThreadFlight and flight.thread != thread:
+                    wait = flight
                 else:
                     # This thread re-entered its own computation (recursion), or an
                     # async computation holds the key: compute without deduplication.
                     counters.misses += 1
-                    flight = None
+                    own = dedup = False
+                if wait is not None:
+                    counters.hits += 1
+                    own = False
+                    if wait.done is None:
+                        wait.done = threading.Lock()
+                        wait.done.acquire()
             if wait is None:
                 break
             assert wait.done is not None
@@ -198,33 +209,38 @@ class SingleFlight:
             # KeyboardInterrupt, SystemExit...: the computing thread's own business.
             with self._lock:
                 counters.hits -= 1  # it is about to compute after all
-        if flight is None:
+        if not dedup:
             value = compute()
             with self._lock:
                 fill(value)
             return value
+        assert own
         try:
             value = compute()
         except BaseException as exc:
-            flight.error = exc
             with self._lock:
-                if flights.get(key) is flight:  # (a closing store clears its flights)
-                    del flights[key]
-                flight.finish()
+                self._finish(key, thread, None, exc)
             raise
         with self._lock:
             try:
                 fill(value)
             except BaseException as exc:
-                flight.error = exc
+                self._finish(key, thread, None, exc)
                 raise
-            else:
-                flight.value = value
-            finally:  # whatever happened, the waiters are released
-                if flights.get(key) is flight:
-                    del flights[key]
-                flight.finish()
+            self._finish(key, thread, value, None)
         return value
+
+    def _finish(self, key: Hashable, thread: int, value: Any, error: BaseException | None) -> None:
+        """Unregister this thread's computation and release its waiters; lock held."""
+        flights = self._flights
+        flight = flights.get(key)
+        if type(flight) is _ThreadFlight and flight.thread == thread:
+            del flights[key]
+            flight.value, flight.error = value, error
+            flight.finish()
+        elif flight == thread:
+            del flights[key]
+        # else: a closing store cleared its flights meanwhile
 
     async def run_async(
         self,

@@ -22,6 +22,7 @@ import math
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from decimal import Decimal
 from functools import partial
+from types import CoroutineType
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 from ._flight import MISSING
@@ -340,7 +341,7 @@ class _MemoSpec:
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call a sync function for its entry; a coroutine would be cached unawaited."""
         value = self.fn(*args, **kwargs)
-        if inspect.iscoroutine(value):
+        if isinstance(value, CoroutineType):
             value.close()
             raise TypeError(
                 f"@request_memo {self.name} returned a coroutine, which would be cached and "

@@ -12,12 +12,10 @@ its store.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import itertools
 import logging
 import time
-import weakref
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -36,7 +34,6 @@ __all__ = [
     "AsyncScopedBody",
     "OnClose",
     "ScopedBody",
-    "activate",
     "check_on_close",
     "close_in_scope",
     "close_scope",
@@ -155,18 +152,12 @@ def open_scope(
 
 def leave_scope(store: MemoStore) -> None:
     """Restore, in this context, what was active before ``open_scope``; the scope stays open."""
-    try:
-        _current.reset(store._token)
-    except ValueError:
-        _restore_foreign(store._token, store)
+    deactivate(store._token, store)
 
 
 def end_scope(store: MemoStore) -> None:
     """``leave_scope`` then ``close_scope``: for a scope that ends where it began."""
-    try:
-        _current.reset(store._token)
-    except ValueError:
-        _restore_foreign(store._token, store)
+    deactivate(store._token, store)
     close_scope(store)
 
 
@@ -202,13 +193,8 @@ def _report(store: MemoStore) -> None:
             logger.exception("perrequest: on_close callback %r raised", on_close)
 
 
-def activate(store: MemoStore) -> Token[MemoStore | None]:
-    """Make an open scope's store active again in this context (a body produced later)."""
-    return _current.set(store)
-
-
 def deactivate(token: Token[MemoStore | None], store: MemoStore) -> None:
-    """Undo ``activate``."""
+    """Undo the ``_current.set(store)`` that gave ``token``."""
     try:
         _current.reset(token)
     except ValueError:
@@ -290,26 +276,19 @@ class ScopedBody(Generic[T]):
 def close_in_scope(body: object, store: MemoStore) -> bool:
     """Make ``body.close()`` run with the scope active and then end it, leaving the
     body itself as it is (a server's ``wsgi.file_wrapper``, which the server must
-    still recognise to use sendfile). False if the body will not take it."""
+    still recognise to use sendfile). False if the body will not take it.
+
+    The new ``close`` is a ``ScopedBody``'s that holds only the old one: freed
+    with the body, it ends the scope for a server that never calls ``close()``.
+    """
     close = getattr(body, "close", None)
+    closer: ScopedBody[bytes] = ScopedBody((), store, [] if close is None else [close])
     try:
-        weakref.finalize(body, close_scope, store)  # for a server that never calls close()
-        body.close = functools.partial(_close_then_end, close, store)  # type: ignore[attr-defined]
+        body.close = closer.close  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
+        closer._store = None  # it will not close anything: the caller wraps the body
         return False
     return True
-
-
-def _close_then_end(close: Callable[[], object] | None, store: MemoStore) -> None:
-    try:
-        if close is not None:
-            token = _current.set(store)
-            try:
-                close()
-            finally:
-                deactivate(token, store)
-    finally:
-        close_scope(store)
 
 
 def _call_all(closers: list[Callable[[], object]]) -> None:

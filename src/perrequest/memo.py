@@ -42,7 +42,9 @@ _OUTSIDE_SCOPE_CHOICES = ("call", "raise")
 # that f(a, b) and f(a, b=...) can never produce equal keys.
 _KWARGS: Any = object()
 
-_LOOKUP_ERRORS = (KeyError, TypeError)
+# Names the generated wrapper uses itself: a parameter by one of these names keeps
+# the generic wrapper.
+_RESERVED = frozenset({"KeyError", "TypeError"})
 _NO_ENTRIES: dict[Hashable, Any] = {}
 _UNKEYED: Any = object()  # call() was not given a key: it builds one
 
@@ -133,7 +135,7 @@ def _exact_parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
     for param in params:
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             return None
-        if param.name.startswith("__pr_"):
+        if param.name.startswith("__pr_") or param.name in _RESERVED:
             return None
         if param.default is not param.empty:
             try:
@@ -449,18 +451,25 @@ class _MemoSpec:
 # -- the wrappers -------------------------------------------------------------------------------
 
 _EXACT_TEMPLATE = """\
-def __pr_factory(__pr_get, __pr_spec, __pr_miss, __pr_errors, __pr_id, __pr_d):
+def __pr_factory(__pr_get, __pr_spec, __pr_miss, __pr_id, __pr_d):
     {kind}def {name}({signature}):
         __pr_store = __pr_get()
         if __pr_store is not None:
             try:
-                __pr_entry = __pr_store._subs[__pr_spec][{key}]
+                __pr_key = {key}
+                __pr_entry = __pr_store._subs[__pr_spec][__pr_key]
                 __pr_store._order.move_to_end(__pr_entry[1])
-{touch_owner}            except __pr_errors:
-                pass
+{touch_owner}            except KeyError:  # a miss: the key is good, hand it on
+                __pr_keyed = True
+            except TypeError:  # no entries yet, or unhashable: make_key will say which
+                __pr_keyed = False
             else:
                 __pr_entry[2].hits += 1
                 return __pr_entry[0]
+            if __pr_keyed:
+                return {await_}__pr_miss(
+                    __pr_store, ({positional}), {{{keyword}}}, __pr_key, {anchor}
+                )
         return {await_}__pr_miss(__pr_store, ({positional}), {{{keyword}}})
     return {name}
 """
@@ -500,13 +509,14 @@ def _exact_wrapper(spec: _MemoSpec, params: list[inspect.Parameter]) -> Callable
         key = f"({''.join(n + ', ' for n in names)})"
     touch_owner = ""
     if spec.max_entries is not None:
-        touch_owner = f"                __pr_entry[2].order.move_to_end({key})\n"
+        touch_owner = "                __pr_entry[2].order.move_to_end(__pr_key)\n"
     source = _EXACT_TEMPLATE.format(
         kind="async " if is_async else "",
         await_="await " if is_async else "",
         name=_code_name(spec.fn),
         signature=", ".join(signature),
         key=key,
+        anchor=names[0] if spec.is_method else "None",
         touch_owner=touch_owner,
         positional="".join(n + ", " for n in positional),
         keyword=", ".join(keyword),
@@ -515,7 +525,7 @@ def _exact_wrapper(spec: _MemoSpec, params: list[inspect.Parameter]) -> Callable
     exec(compile(source, f"<request_memo {spec.name}>", "exec"), namespace)
     miss = spec.call_async if is_async else spec.call
     wrapper: Callable[..., Any] = namespace["__pr_factory"](
-        _current.get, spec, miss, _LOOKUP_ERRORS, id, tuple(defaults)
+        _current.get, spec, miss, id, tuple(defaults)
     )
     return wrapper
 

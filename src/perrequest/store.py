@@ -28,6 +28,7 @@ from collections.abc import (
     ValuesView,
 )
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, TypeVar
 
 from ._flight import MISSING, SingleFlight
@@ -361,7 +362,14 @@ class MemoStore(MutableMapping[Hashable, Any]):
                 )
             return value
 
-        return self._compute_sync(helpers, key, None, compute)  # type: ignore[no-any-return]
+        assert self._flights is not None  # made with the lock, by _writable
+        return self._flights.run(  # type: ignore[no-any-return]
+            (helpers, key),
+            partial(self._lookup, data, key),
+            lambda value: self._insert(data, key, value, helpers, None),
+            compute,
+            helpers,
+        )
 
     # -- internals used by request_memo and the scope lifecycle -------------
 
@@ -526,23 +534,6 @@ class MemoStore(MutableMapping[Hashable, Any]):
             if self._flights is not None:
                 self._flights.clear()
             return stats
-
-    def _compute_sync(
-        self, owner: _Owner, key: Hashable, anchor: Any, compute: Callable[[], Any]
-    ) -> Any:
-        """Return the entry at ``key`` or compute it once across threads."""
-        flights = self._flights
-        if flights is None:
-            self._writable(key)
-            flights = self._flights
-            assert flights is not None
-        return flights.run(
-            (owner, key),
-            lambda: self._lookup(owner.data, key),
-            lambda value: self._insert(owner.data, key, value, owner, anchor),
-            compute,
-            owner,
-        )
 
     def _lookup(self, data: dict[Hashable, Entry], key: Hashable) -> Any:
         entry = data.get(key)

@@ -123,10 +123,9 @@ REQUEST_KEY: Final = "perrequest.store"
 
 
 def opened_outside(marker: object) -> bool:
-    """True when ``marker`` (what is at ``REQUEST_KEY``) is the store of an outer
-    perrequest middleware, still open and active here: this request has its scope."""
-    if marker is None:
-        return False
+    """True when ``marker`` (what is at ``REQUEST_KEY``; callers skip ``None``, the
+    common case, themselves) is the store of an outer perrequest middleware, still
+    open and active here: this request has its scope already."""
     current = _current.get()
     return marker is current and current is not None and not current._closed
 

@@ -95,7 +95,7 @@ def _opened_outside(request: Any) -> bool:
     if marker is None:
         scope = getattr(request, "scope", None)  # Django's ASGIRequest: the ASGI scope
         marker = scope.get(REQUEST_KEY) if isinstance(scope, dict) else None
-    return opened_outside(marker)
+    return marker is not None and opened_outside(marker)
 
 
 def _close_with_response(response: Any, store: MemoStore) -> Any:

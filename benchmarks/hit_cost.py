@@ -35,18 +35,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
-import datetime
 import functools
 import gc
-import json
-import os
-import platform
 import statistics
 import sys
 from collections.abc import Callable, Coroutine
 from time import perf_counter_ns
 from typing import Any
 
+import _common as common
 import cachetools
 
 import perrequest
@@ -262,13 +259,6 @@ def measure(rounds: int, loops: int, batches: int) -> Samples:
     return samples
 
 
-def ratio(samples: dict[str, list[float]], top: str, bottom: str) -> float | None:
-    """Median over rounds of top/bottom, measured in the same round."""
-    if top not in samples or bottom not in samples:
-        return None
-    return statistics.median(t / b for t, b in zip(samples[top], samples[bottom], strict=True))
-
-
 # (label, numerator, denominator, comparison, target); None: reported, no target.
 RATIOS: list[tuple[str, str, str, str | None, float | None]] = [
     ("ours / minimal memo", OURS, MINIMAL, "<=", 1.0),
@@ -279,13 +269,7 @@ RATIOS: list[tuple[str, str, str, str | None, float | None]] = [
 
 
 def report(samples: Samples, rounds: int) -> dict[str, Any]:
-    meta = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": f"{platform.system()} {platform.machine()}",
-        "cpus": os.cpu_count(),
-        "rounds": rounds,
-    }
+    meta = common.meta(rounds=rounds)
     print(
         f"perrequest hit_cost: {meta['python']}, {meta['platform']}, {meta['cpus']} CPUs, "
         f"{rounds} interleaved rounds, median ns per call"
@@ -305,8 +289,8 @@ def report(samples: Samples, rounds: int) -> dict[str, Any]:
         print(f"| {'-' * 26} | {'-' * 8}:| {'-' * 8}:| {'-' * 8}:| ------- |")
         ratios: dict[str, Any] = {}
         for label, top, bottom, op, target in RATIOS:
-            hit = ratio(kinds["hit"], top, bottom)
-            miss = ratio(kinds["miss"], top, bottom)
+            hit = common.ratio(kinds["hit"], top, bottom)
+            miss = common.ratio(kinds["miss"], top, bottom)
             if hit is None:
                 continue
             met = None if target is None else (hit <= target if op == "<=" else hit >= target)
@@ -329,10 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or rounds
     samples = measure(rounds, loops, batches)
     results = report(samples, rounds)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(results, out, indent=2)
-        print(f"wrote {args.json}")
+    common.write_json(results, args.json)
     return 0
 
 

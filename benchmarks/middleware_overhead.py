@@ -32,18 +32,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
-import datetime
 import gc
 import io
-import json
-import os
-import platform
 import statistics
 import sys
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from time import perf_counter_ns
 from typing import Any
 
+import _common as common
 from flask import Flask
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -316,13 +313,7 @@ TARGETS = {
 
 
 def report(samples: Samples, rounds: int) -> dict[str, Any]:
-    meta = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": f"{platform.system()} {platform.machine()}",
-        "cpus": os.cpu_count(),
-        "rounds": rounds,
-    }
+    meta = common.meta(rounds=rounds)
     print(
         f"perrequest middleware_overhead: {meta['python']}, {meta['platform']}, "
         f"{meta['cpus']} CPUs, {rounds} interleaved rounds, in-process, no network"
@@ -364,10 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or rounds
     samples = measure(rounds, asgi_requests, wsgi_requests)
     results = report(samples, rounds)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(results, out, indent=2)
-        print(f"wrote {args.json}")
+    common.write_json(results, args.json)
     return 0
 
 

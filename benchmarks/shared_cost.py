@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import threading
-from pathlib import Path
 from time import perf_counter_ns
 from typing import Any
 
+import _common as common
 import cachetools
 
 import perrequest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hit_cost import ratio
 
 KEYS = 1_000
 
@@ -94,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = "request_memo(shared=)", "cachetools.cached + lock"
     results: dict[str, Any] = {"rounds": rounds, "cases": {}}
     for case, by_variant in samples.items():
-        r = ratio(by_variant, ours, theirs) or 0.0
+        r = common.ratio(by_variant, ours, theirs) or 0.0
         status = "met" if r <= 1.0 else "NOT met"
         print(
             f"| {case:<28} | {statistics.median(by_variant[theirs]):24.0f} "
@@ -107,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "met": r <= 1.0,
         }
     print("\nratio: shared= / cachetools.cached, median of per-round ratios.")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
+    common.write_json(results, args.json)
     return 0
 
 

@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common
 from soak import free_port, wait_for_port
 
 HOST = "127.0.0.1"
@@ -157,14 +154,7 @@ def measure(rounds: int, requests: int, connections: int) -> dict[str, Any]:
         m / p for m, p in zip(samples["request_memo"]["rps"], samples["plain"]["rps"], strict=True)
     )
     return {
-        "meta": {
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "python": f"{platform.python_implementation()} {platform.python_version()}",
-            "cpus": os.cpu_count(),
-            "rounds": rounds,
-            "requests_per_round": requests,
-            "connections": connections,
-        },
+        "meta": common.meta(rounds=rounds, requests_per_round=requests, connections=connections),
         "routes": {
             name: {
                 "requests_per_s": statistics.median(s["rps"]),
@@ -214,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds, requests = (2, 40) if args.quick else (7, 400)
     results = measure(args.rounds or rounds, requests, args.connections)
     report(results)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(results, out, indent=2)
-        print(f"wrote {args.json}")
+    common.write_json(results, args.json)
     return 0
 
 

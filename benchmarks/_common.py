@@ -1,0 +1,36 @@
+"""What the benchmark scripts share: how a run describes itself and saves its results."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+from typing import Any
+
+
+def meta(**extra: Any) -> dict[str, Any]:
+    """When and where a run was made, for its JSON results."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": f"{platform.system()} {platform.machine()}",
+        "cpus": os.cpu_count(),
+        **extra,
+    }
+
+
+def ratio(samples: dict[str, list[float]], top: str, bottom: str) -> float | None:
+    """Median over rounds of top/bottom, measured in the same round."""
+    if top not in samples or bottom not in samples:
+        return None
+    return statistics.median(t / b for t, b in zip(samples[top], samples[bottom], strict=True))
+
+
+def write_json(results: dict[str, Any], path: str | None) -> None:
+    """Write the results to ``path`` (the scripts' ``--json``), if given."""
+    if path:
+        with open(path, "w", encoding="utf-8") as out:
+            json.dump(results, out, indent=2)
+        print(f"wrote {path}")

@@ -151,6 +151,17 @@ def print_row(
     )
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response on a keep-alive connection: its head and its body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head, await reader.readexactly(length)
+
+
 async def connection(port: int, ids: itertools.count[int], run: Run) -> None:
     reader, writer = await asyncio.open_connection(HOST, port)
     try:
@@ -160,13 +171,7 @@ async def connection(port: int, ids: itertools.count[int], run: Run) -> None:
                 return
             key = f"k{i}"
             writer.write(f"GET /item/{key} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            body = await reader.readexactly(length)
+            head, body = await read_response(reader)
             if not head.startswith(b"HTTP/1.1 200") or len(body) != PAYLOAD_BYTES:
                 run.errors += 1
                 if run.errors > 10:

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import _common as common
-from soak import free_port, wait_for_port
+from soak import free_port, read_response, wait_for_port
 
 HOST = "127.0.0.1"
 LOOKUPS_PER_REQUEST = 10
@@ -98,13 +98,7 @@ async def _connection(port: int, path: str, requests: int, latencies: list[float
         for _ in range(requests):
             start = time.perf_counter()
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            body = await reader.readexactly(length)
+            head, body = await read_response(reader)
             if not head.startswith(b"HTTP/1.1 200") or json.loads(body)["granted"] != 10:
                 raise RuntimeError(f"unexpected response {head[:40]!r} {body[:80]!r}")
             latencies.append(time.perf_counter() - start)

@@ -79,3 +79,19 @@ def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
     ):
         assert row in summary, row
     assert summary.count("<= 1.00 |") >= 5
+
+
+@pytest.mark.timeout(120)
+def test_soak_runs_a_short_flat_run_under_real_uvicorn(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "soak.py"), "--requests", "3000", "--warmup", "500"]
+        + ["--report-every", "1000", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(out.read_text(encoding="utf-8"))
+    assert summary["requests"] == 3000 and summary["errors"] == 0 and summary["flat"]
+    assert "verdict (perrequest): FLAT" in proc.stdout

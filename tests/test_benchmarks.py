@@ -84,9 +84,9 @@ def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_soak_runs_a_short_flat_run_under_real_uvicorn(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
+    options = ["--requests", "3000", "--warmup", "500", "--report-every", "1000"]
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "soak.py"), "--requests", "3000", "--warmup", "500"]
-        + ["--report-every", "1000", "--json", str(out)],
+        [sys.executable, str(BENCHMARKS / "soak.py"), *options, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=100,

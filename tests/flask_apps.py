@@ -34,8 +34,8 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 import perrequest
 from perrequest import request_memo
-from perrequest._lifecycle import _current
 from perrequest.flask import PerRequest
+from perrequest.scope import _current
 from perrequest.testing import live_scopes
 
 StartResponse = Callable[..., Any]

@@ -25,7 +25,7 @@ from django_project import hooks  # noqa: E402
 from django_project import settings as project_settings  # noqa: E402
 
 import perrequest  # noqa: E402
-from perrequest import DEFAULT_MAX_ENTRIES, ScopeStats  # noqa: E402
+from perrequest import DEFAULT_MAX_ENTRIES, ScopeStats, request_scope  # noqa: E402
 from perrequest.django import RequestScopeMiddleware  # noqa: E402
 from perrequest.testing import live_scopes  # noqa: E402
 
@@ -119,9 +119,8 @@ async def test_middleware_is_a_coroutine_function_only_over_async_get_response()
         response = call(request)
         response = await response if call is amw else response
         assert response.content == b"True"
-        assert live_scopes() == 1
+        assert live_scopes() == 0  # a complete response: nothing of the app runs later
         response.close()
-        assert live_scopes() == 0
 
 
 async def test_the_asgi_token_trap_that_wrapping_get_response_avoids() -> None:
@@ -190,30 +189,37 @@ def test_streaming_response_closed_unread_closes_the_store(closed: list[ScopeSta
     assert live_scopes() == 0 and len(closed) == 1
 
 
-def test_file_response_keeps_sendfile_and_closes(closed: list[ScopeStats]) -> None:
+def test_file_response_keeps_sendfile_and_its_scope_ends_at_once(
+    closed: list[ScopeStats],
+) -> None:
     with Path(__file__).open("rb") as handle:
         mw = RequestScopeMiddleware(lambda request: FileResponse(handle))
         response = mw(RequestFactory().get("/"))
         assert response.file_to_stream is handle  # not wrapped: wsgi.file_wrapper still applies
+        assert live_scopes() == 0 and len(closed) == 1  # reading a file runs no app code
         response.close()
-        assert handle.closed and live_scopes() == 0 and len(closed) == 1
+        assert handle.closed
 
 
-def test_response_dropped_without_close_frees_the_store(closed: list[ScopeStats]) -> None:
-    """Django's ASGI handler drops the response unclosed when the client disconnects."""
+def test_a_complete_response_ends_its_scope_when_the_middleware_returns(
+    closed: list[ScopeStats],
+) -> None:
+    """Nothing of the app runs after a complete response is returned, so its store is
+    freed before the response is even sent, and a response dropped unclosed (Django's
+    ASGI handler on a disconnect) leaves nothing open."""
     mw = RequestScopeMiddleware(lambda request: HttpResponse("ok"))
     response = mw(RequestFactory().get("/"))
-    assert live_scopes() == 1
-    del response
-    gc.collect()
     assert live_scopes() == 0 and len(closed) == 1
+    del response
 
 
 @pytest.mark.parametrize("is_async", [False, True])
-def test_a_dropped_streaming_response_frees_its_store_without_the_collector(
+def test_a_dropped_streaming_response_ends_its_scope_when_collected(
     closed: list[ScopeStats], is_async: bool
 ) -> None:
-    """No reference cycle: the store closes when the last reference goes, gc or not."""
+    """A streaming response a middleware above replaced and never closed: the scope
+    ends when the response is collected (Django's content refers back to the
+    response, so that takes the collector), and only the scope."""
 
     def sync_body() -> Iterator[bytes]:
         yield b"x" * 1000
@@ -225,14 +231,11 @@ def test_a_dropped_streaming_response_frees_its_store_without_the_collector(
         perrequest.set("big", b"y" * 1_000_000)
         return StreamingHttpResponse(async_body() if is_async else sync_body())
 
-    gc.disable()
-    try:
-        response = RequestScopeMiddleware(view)(RequestFactory().get("/"))
-        assert live_scopes() == 1
-        del response  # a middleware above replaced it, say, and never closed it
-        assert live_scopes() == 0 and len(closed) == 1
-    finally:
-        gc.enable()
+    response = RequestScopeMiddleware(view)(RequestFactory().get("/"))
+    assert live_scopes() == 1
+    del response  # a middleware above replaced it, say, and never closed it
+    gc.collect()
+    assert live_scopes() == 0 and len(closed) == 1
 
 
 def test_the_generators_cleanup_runs_in_the_scope_when_the_client_leaves() -> None:
@@ -463,7 +466,7 @@ def test_gzip_below_the_middleware_still_closes_the_views_generator_in_the_scope
     assert seen == ["this request"] and live_scopes() == 0
 
 
-async def test_an_async_stream_left_suspended_is_closed_on_its_loop_in_the_scope() -> None:
+async def test_an_async_stream_left_suspended_cleans_up_in_its_own_closed_scope() -> None:
     seen: list[object] = []
 
     async def view(request: Any) -> StreamingHttpResponse:
@@ -486,13 +489,22 @@ async def test_an_async_stream_left_suspended_is_closed_on_its_loop_in_the_scope
     chunks = response.__aiter__()
     assert await chunks.__anext__() == b"x"
     # The client went away: Django stops iterating, and closes the response from a
-    # worker thread. The body must not be left for the garbage collector to finalize
-    # in whatever context it happens to run in.
+    # worker thread. The body is finalized later, here inside another request: its
+    # cleanup sees this request's store, closed by then, never the other's.
     await asyncio.to_thread(response.close)
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert seen == ["this request"] and live_scopes() == 0
-    await chunks.aclose()
+    assert live_scopes() == 0
+
+    async def other_request() -> None:
+        async with request_scope():
+            perrequest.set("who", "another request")
+            await chunks.aclose()  # Django's aclosing() closes only the outer iterator
+            for _ in range(5):
+                gc.collect()  # the rest is finalized: here, in another request
+                await asyncio.sleep(0)
+
+    del response
+    await asyncio.create_task(other_request())
+    assert seen == [None]
 
 
 def test_a_streaming_response_class_without_a_raw_iterator_is_still_scoped() -> None:

@@ -168,42 +168,74 @@ def test_unbounded_only_when_asked() -> None:
         assert len(store) == DEFAULT_MAX_ENTRIES + 10 and store.max_entries is None
 
 
-def test_one_object_can_be_entered_again_nested_and_from_threads() -> None:
+def test_a_scope_object_is_single_use() -> None:
+    """Entering an object that is open (or was) raises: no frame tracking, no guessing
+    which exit belongs to which entry. Nested blocks each make their own."""
     scope = request_scope(max_entries=5)
     with scope as outer:
         perrequest.set("k", "outer")
-        with scope as inner:  # like decimal.localcontext(): a new scope each time
+        with pytest.raises(RuntimeError, match="single-use"):
+            scope.__enter__()
+        with request_scope() as inner:
             assert inner is not outer and current_store() is inner
             assert perrequest.get("k") is None
         assert current_store() is outer and perrequest.get("k") == "outer"
     assert inner.closed and outer.closed and live_scopes() == 0
+    with pytest.raises(RuntimeError, match="single-use"):
+        scope.__enter__()
+    assert live_scopes() == 0
 
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
 
-    def worker(n: int) -> None:
+def test_one_object_entered_from_two_threads_at_once_opens_one_scope() -> None:
+    """Thread 1's exit can never close thread 2's store: only one entry succeeds."""
+    scope = request_scope()
+    barrier = threading.Barrier(8)
+    outcomes: list[object] = []
+
+    def worker() -> None:
+        barrier.wait()
         try:
-            barrier.wait()
-            for i in range(300):
-                with scope as store:
-                    perrequest.set("n", (n, i))
-                    time.sleep(0)
-                    assert current_store() is store and perrequest.get("n") == (n, i)
-                assert not in_request_scope()
-        except BaseException as exc:
-            errors.append(exc)
+            with scope as store:
+                time.sleep(0.01)
+                outcomes.append(current_store() is store and not store.closed)
+        except RuntimeError as exc:
+            outcomes.append(str(exc))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    threads = [threading.Thread(target=worker) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == [] and live_scopes() == 0
+    assert outcomes.count(True) == 1
+    assert all("single-use" in str(o) for o in outcomes if o is not True)
+    assert live_scopes() == 0
+
+
+def test_the_decorator_form_of_one_object_opens_a_fresh_scope_per_call_in_threads() -> None:
+    stores: list[MemoStore] = []
+    errors: list[BaseException] = []
+
+    @request_scope(max_entries=5)
+    def job(n: int) -> None:
+        store = current_store()
+        stores.append(store)
+        perrequest.set("n", n)
+        time.sleep(0)
+        if perrequest.get("n") != n:
+            errors.append(AssertionError(n))
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len({id(s) for s in stores}) == 8
+    assert all(s.closed for s in stores) and live_scopes() == 0
 
 
 def test_exiting_without_entering_is_an_error() -> None:
     scope = request_scope()
-    with pytest.raises(RuntimeError, match="did not enter it"):
+    with pytest.raises(RuntimeError, match="not entered"):
         scope.__exit__(None, None, None)
 
 
@@ -351,7 +383,8 @@ def test_assert_no_live_scopes_fails_when_one_is_open() -> None:
 
 
 def test_scoped_body_closes_at_garbage_collection() -> None:
-    from perrequest._lifecycle import ScopedBody, leave_scope, open_scope
+    from perrequest.scope import leave_scope, open_scope
+    from perrequest.wsgi import ScopedBody
 
     store = open_scope()
     leave_scope(store)
@@ -481,35 +514,6 @@ def test_closing_a_sync_generator_elsewhere_keeps_the_other_store() -> None:
     assert live_scopes() == 0
 
 
-async def test_one_request_scope_object_in_a_generator_closed_by_another_request() -> None:
-    """Each exit closes the scope its own with-statement opened, not the one active
-    where the exit happens to run."""
-    shared = request_scope()
-
-    async def holds_a_scope() -> Any:
-        async with shared:
-            perrequest.set("who", "generator")
-            yield 1
-            yield 2
-
-    generator = holds_a_scope()
-
-    async def request_a() -> None:
-        await generator.__anext__()
-
-    await asyncio.create_task(request_a())
-
-    async def request_b() -> object:
-        async with shared as mine:
-            perrequest.set("who", "b")
-            await generator.aclose()  # the generator's exit runs here, in B's context
-            assert not mine.closed and current_store() is mine
-            return perrequest.get("who")
-
-    assert await asyncio.create_task(request_b()) == "b"
-    assert live_scopes() == 0
-
-
 def test_live_scopes_reads_consistently_while_threads_open_and_close_scopes() -> None:
     stop = threading.Event()
     readings: list[int] = []
@@ -536,14 +540,29 @@ def test_live_scopes_reads_consistently_while_threads_open_and_close_scopes() ->
 def test_request_scope_entered_through_an_exit_stack() -> None:
     import contextlib
 
-    shared = request_scope()
     with contextlib.ExitStack() as stack:
-        outer = stack.enter_context(shared)
+        outer = stack.enter_context(request_scope())
         with contextlib.ExitStack() as inner_stack:
-            inner = inner_stack.enter_context(shared)
+            inner = inner_stack.enter_context(request_scope())
             assert current_store() is inner
         assert inner.closed and current_store() is outer
     assert outer.closed and live_scopes() == 0
+
+
+async def test_many_tasks_each_with_their_own_scope() -> None:
+    release = asyncio.Event()
+
+    async def task(n: int) -> bool:
+        async with request_scope() as store:
+            perrequest.set("n", n)
+            await release.wait()
+            return current_store() is store and perrequest.get("n") == n
+
+    tasks = [asyncio.create_task(task(n)) for n in range(2000)]
+    await asyncio.sleep(0)
+    assert live_scopes() == 2000
+    release.set()
+    assert all(await asyncio.gather(*tasks)) and live_scopes() == 0
 
 
 async def test_request_scope_entered_through_an_async_exit_stack() -> None:
@@ -564,61 +583,3 @@ def test_an_exit_stack_closed_in_another_thread_closes_its_scope() -> None:
     thread.start()
     thread.join()
     assert store.closed and live_scopes() == 0
-
-
-def test_a_generator_closing_its_exit_stack_inside_another_block_closes_its_own() -> None:
-    import contextlib
-
-    shared = request_scope()
-
-    def holds_a_scope() -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(shared)
-            yield
-
-    generator = holds_a_scope()
-    next(generator)
-    with shared as mine:
-        generator.close()
-        assert not mine.closed and current_store() is mine
-    assert mine.closed and live_scopes() == 0
-
-
-def test_interleaved_exit_stacks_on_one_object_close_their_own_scopes() -> None:
-    import contextlib
-
-    shared = request_scope()
-    a, b = contextlib.ExitStack(), contextlib.ExitStack()
-    store_a = a.enter_context(shared)
-    store_b = b.enter_context(shared)
-    a.close()
-    assert store_a.closed and not store_b.closed
-    b.close()
-    assert store_b.closed and live_scopes() == 0
-
-
-async def test_many_tasks_entering_one_object_each_close_their_own() -> None:
-    shared = request_scope()
-    release = asyncio.Event()
-
-    async def task(n: int) -> bool:
-        async with shared as store:
-            perrequest.set("n", n)
-            await release.wait()
-            return current_store() is store and perrequest.get("n") == n
-
-    tasks = [asyncio.create_task(task(n)) for n in range(2000)]
-    await asyncio.sleep(0)
-    assert live_scopes() == 2000
-    release.set()
-    assert all(await asyncio.gather(*tasks)) and live_scopes() == 0
-
-
-def test_a_subclass_that_does_not_call_init_still_works() -> None:
-    class Tagged(MemoStore):
-        def __init__(self, tag: str) -> None:
-            self.tag = tag
-
-    store = Tagged("x")
-    store["a"] = 1
-    assert store["a"] == 1 and len(store) == 1 and "entries=1" in repr(store)

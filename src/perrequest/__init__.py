@@ -5,31 +5,44 @@ A per-request memo store held in a ``ContextVar``, opened by a middleware or
 never grow with the life of the process.
 """
 
+from ._shared import SharedComputationError
 from .errors import NoActiveScope, PerRequestError, ScopeClosed, UnhashableArguments
 from .memo import CacheInfo, SharedCacheInfo, request_memo
-from .scope import bind_scope, current_store, in_request_scope, request_scope
+from .scope import (
+    add_scope_listener,
+    bind_scope,
+    current_store,
+    in_request_scope,
+    remove_scope_listener,
+    request_scope,
+)
+from .scope import delete as delete
 from .scope import get as get
 from .scope import get_or_set as get_or_set
 from .scope import set as set
-from .store import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats
+from .store import DEFAULT_MAX_ENTRIES, FunctionStats, MemoStore, ScopeStats
 
 __version__ = "0.1.0"
 
-# get, set and get_or_set are used as perrequest.get(...): they stay out of
-# __all__ so that `from perrequest import *` never shadows the built-in set.
+# get, set, get_or_set and delete are used as perrequest.get(...): they stay out
+# of __all__ so that `from perrequest import *` never shadows the built-in set.
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
     "CacheInfo",
+    "FunctionStats",
     "MemoStore",
     "NoActiveScope",
     "PerRequestError",
     "ScopeClosed",
     "ScopeStats",
     "SharedCacheInfo",
+    "SharedComputationError",
     "UnhashableArguments",
+    "add_scope_listener",
     "bind_scope",
     "current_store",
     "in_request_scope",
+    "remove_scope_listener",
     "request_memo",
     "request_scope",
 ]

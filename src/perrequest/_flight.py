@@ -1,348 +1,254 @@
-"""Single-flight: each key of one cache is computed at most once at a time.
+"""Single-flight: a key is computed by one caller at a time; the others wait for the outcome.
 
-Used by the request store and by the shared tier. Threads that find a key
-being computed block until it is done; asyncio tasks await it. The value or
-the exception reaches every waiter; exceptions are never cached.
+One mechanism for threads and tasks. The computing caller registers itself in
+the cache's ``_flights``; the first caller that comes to wait replaces that with
+a ``concurrent.futures.Future``, which threads wait on with ``result()`` and
+tasks of any event loop await with ``asyncio.wrap_future``. The computing
+caller alone removes what it registered and resolves the future, in a
+``finally``, whatever happened to the cache meanwhile, so no waiter is ever
+stranded. A miss that nobody waits for costs one dict insert and one pop.
+
+Under an async library other than asyncio (trio), tasks compute without
+sharing: correct, only not deduplicated.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
-import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Hashable
+from concurrent.futures import Future
+from types import CoroutineType
 from typing import Any, Protocol
 
 MISSING: Any = object()
+# The computing caller ended without an outcome (cancelled, interrupted): waiters
+# try again, and one of them computes.
 _RESTART: Any = object()
 
+_now = time.perf_counter
+_thread_id = threading.get_ident
 
-class Counters(Protocol):
+
+class Counter(Protocol):
     hits: int
     misses: int
+    compute_s: float
+    timed: bool  # whether to read the clock around computations
 
 
-class _ThreadFlight:
-    """A computation in progress in some thread.
+class Cache(Protocol):
+    """What single-flight needs of a cache: its lock, its in-flight records, and a
+    lookup and a fill, both called with the lock held. A closed cache looks up
+    nothing and fills nothing, so a computation that outlives it still ends well."""
 
-    ``done`` is made by the first waiter (most computations have none) and
-    released by the computing thread when it finishes; both under the cache's lock.
-    """
+    _lock: Any  # a threading lock: there before any computation starts
+    _flights: dict[Hashable, Any]
 
-    __slots__ = ("done", "error", "thread", "value")
+    def _lookup(self, key: Any) -> Any: ...
 
-    def __init__(self, thread: int) -> None:
-        self.thread = thread
-        self.done: threading.Lock | None = None
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    def finish(self) -> None:
-        """Wake the waiters; call with the lock held."""
-        if self.done is not None:
-            self.done.release()
+    def _fill(self, key: Any, value: Any, counter: Any, extra: Any) -> None: ...
 
 
-class _AsyncFlight:
-    """A computation in progress in some task; waiters park until ``finish``.
+class _Waited:
+    """A computation that somebody waits for: its owner and the future they wait on."""
 
-    Waiters can be asyncio tasks of any event loop, in any thread, or trio
-    tasks: each brings its own way to be woken (``_asyncio_waiter``,
-    ``_trio_waiter``), so no waiter needs to know which library computes.
-    """
+    __slots__ = ("future", "owner")
 
-    __slots__ = ("outcome", "task", "waiters")
-
-    def __init__(self, task: object) -> None:
-        self.task = task
-        self.outcome: Any = None
-        self.waiters: list[Callable[[], None]] = []
-
-    def finish(self, outcome: Any) -> None:
-        """Record the outcome and wake every waiter; call with the lock held."""
-        self.outcome = outcome
-        for wake in self.waiters:
-            # A waiter whose event loop (or trio run) has ended raises here: it will
-            # never resume, and must not fail this task nor keep the others asleep.
-            with contextlib.suppress(Exception):
-                wake()
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.future: Future[Any] = Future()
+        # A running future cannot be cancelled: a waiter's cancelled wrap_future
+        # must not cancel it for the others.
+        self.future.set_running_or_notify_cancel()
 
 
-def _current_task() -> tuple[str, object] | None:
-    """The async library running this code and its current task, if it is one we know."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        return "asyncio", asyncio.current_task()
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            return "trio", trio.lowlevel.current_task()
-        except RuntimeError:
-            pass
-    return None
+def _join(cache: Cache, key: Hashable, owner: object, counter: Counter) -> Future[Any] | bool:
+    """Under the lock, ``key`` being computed: the future to wait on, or False to compute
+    unregistered (this very thread or task is computing the key: recursion)."""
+    flights = cache._flights
+    record = flights[key]
+    computing = record.owner if type(record) is _Waited else record
+    if computing is owner or computing == owner:
+        counter.misses += 1
+        return False
+    if type(record) is not _Waited:
+        record = flights[key] = _Waited(computing)
+    counter.hits += 1
+    return record.future
 
 
-def _asyncio_waiter() -> tuple[Callable[[], None], Callable[[], Awaitable[None]]]:
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
-    thread = threading.get_ident()
-
-    def resolve() -> None:
-        if not future.done():  # a cancelled waiter's future is done already
-            future.set_result(None)
-
-    def wake() -> None:
-        if threading.get_ident() == thread:
-            resolve()
-        else:  # computed in another thread's loop
-            loop.call_soon_threadsafe(resolve)
-
-    async def wait() -> None:
-        await future
-
-    return wake, wait
-
-
-def _trio_waiter() -> tuple[Callable[[], None], Callable[[], Awaitable[None]]]:
-    trio = sys.modules["trio"]
-    event = trio.Event()
-    token = trio.lowlevel.current_trio_token()
-    thread = threading.get_ident()
-
-    def wake() -> None:
-        if threading.get_ident() == thread:
-            event.set()
-        else:
-            token.run_sync_soon(event.set)
-
-    async def wait() -> None:
-        await event.wait()
-
-    return wake, wait
-
-
-_WAITERS = {"asyncio": _asyncio_waiter, "trio": _trio_waiter}
-
-
-class SingleFlight:
-    """The in-progress computations of one cache, guarded by that cache's lock.
-
-    ``lookup()`` returns the cached value or ``MISSING``; ``fill(value)``
-    stores a computed one. Both are called with the lock held. A waiter counts
-    as a hit, a caller that computes as a miss.
-    """
-
-    __slots__ = ("_detach", "_flights", "_lock")
-
-    def __init__(self, lock: threading.RLock | threading.Lock, *, detach: bool = False) -> None:
-        self._lock = lock
-        self._flights: dict[Hashable, int | _ThreadFlight | _AsyncFlight] = {}
-        # Waiters may be other requests (the shared tier): give them a copy of
-        # an exception, without the computing request's frames and locals.
-        self._detach = detach
-
-    def __len__(self) -> int:
-        return len(self._flights)
-
-    def clear(self) -> None:
-        self._flights.clear()
-
-    def run(
-        self,
-        key: Hashable,
-        lookup: Callable[[], Any],
-        fill: Callable[[Any], None],
-        compute: Callable[[], Any],
-        counters: Counters,
-    ) -> Any:
-        """The value at ``key``, computed by ``compute()`` at most once at a time.
-
-        A computation with no waiter is registered as its thread's id alone; the
-        first thread that comes to wait replaces that with a ``_ThreadFlight``,
-        which the computing thread then fills in and releases. Most misses have
-        no waiter, and so make no object.
-        """
-        flights = self._flights
-        thread = threading.get_ident()
-        while True:
-            wait: _ThreadFlight | None = None
-            own = dedup = True
-            with self._lock:
-                value = lookup()
-                if value is not MISSING:
-                    counters.hits += 1
-                    return value
-                flight = flights.get(key)
-                if flight is None:
-                    flights[key] = thread
-                    counters.misses += 1
-                elif type(flight) is int and flight != thread:
-                    wait = flights[key] = _ThreadFlight(flight)
-                elif type(flight) is _ThreadFlight and flight.thread != thread:
-                    wait = flight
-                else:
-                    # This thread re-entered its own computation (recursion), or an
-                    # async computation holds the key: compute without deduplication.
-                    counters.misses += 1
-                    own = dedup = False
-                if wait is not None:
-                    counters.hits += 1
-                    own = False
-                    if wait.done is None:
-                        wait.done = threading.Lock()
-                        wait.done.acquire()
-            if wait is None:
-                break
-            assert wait.done is not None
-            with wait.done:  # until the computing thread releases it
-                pass
-            error = wait.error
-            if error is None:
-                return wait.value
-            if isinstance(error, Exception):
-                raise self._for_waiter(error)
-            # KeyboardInterrupt, SystemExit...: the computing thread's own business.
-            with self._lock:
-                counters.hits -= 1  # it is about to compute after all
-        if not dedup:
-            value = compute()
-            with self._lock:
-                fill(value)
-            return value
-        assert own
-        try:
-            value = compute()
-        except BaseException as exc:
-            with self._lock:
-                self._finish(key, thread, None, exc)
-            raise
-        with self._lock:
-            try:
-                fill(value)
-            except BaseException as exc:
-                self._finish(key, thread, None, exc)
-                raise
-            self._finish(key, thread, value, None)
+def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
+    """What a waiter returns or raises; MISSING to try again (not counted as a hit)."""
+    if result is _RESTART:
+        with cache._lock:
+            counter.hits -= 1  # it computes after all
+        return MISSING
+    ok, value = result
+    if ok:
         return value
+    detach = getattr(cache, "_detach", None)  # a cache shared by requests copies errors
+    raise value if detach is None else detach(value)
 
-    def _finish(self, key: Hashable, thread: int, value: Any, error: BaseException | None) -> None:
-        """Unregister this thread's computation and release its waiters; lock held."""
-        flights = self._flights
-        flight = flights.get(key)
-        if type(flight) is _ThreadFlight and flight.thread == thread:
-            del flights[key]
-            flight.value, flight.error = value, error
-            flight.finish()
-        elif flight == thread:
-            del flights[key]
-        # else: a closing store cleared its flights meanwhile
 
-    async def run_async(
-        self,
-        key: Hashable,
-        lookup: Callable[[], Any],
-        fill: Callable[[Any], None],
-        compute: Callable[[], Awaitable[Any]],
-        counters: Counters,
-    ) -> Any:
-        """The async twin of ``run``, for asyncio (any loop, any thread) and trio.
+def _refuse_coroutine(fn: object, value: Any) -> None:
+    value.close()
+    raise TypeError(
+        f"{getattr(fn, '__qualname__', fn)!r} returned a coroutine, which would be cached "
+        "unawaited and could be awaited only once. Memoize the async def itself (or make "
+        "the function around it async), so that the awaited result is cached."
+    )
 
-        The computation runs in the first caller's task. If that caller is
-        cancelled, a waiter that is still alive restarts it; if every waiter
-        is cancelled, nothing runs on and nothing is cached.
-        """
-        running = _current_task()
-        flights = self._flights
-        while True:
-            wait: Callable[[], Awaitable[None]] | None = None
-            with self._lock:
-                value = lookup()
-                if value is not MISSING:
-                    counters.hits += 1
-                    return value
-                flight = flights.get(key)
-                if running is None or (
-                    flight is not None
-                    and (not isinstance(flight, _AsyncFlight) or flight.task is running[1])
-                ):
-                    # An unknown async library, a thread holding the key, or this very
-                    # task re-entering its own computation: compute without deduplication.
-                    counters.misses += 1
-                    flight = None
-                elif flight is None:
-                    flight = flights[key] = _AsyncFlight(running[1])
-                    counters.misses += 1
-                else:
-                    assert isinstance(flight, _AsyncFlight)
-                    counters.hits += 1
-                    wake, wait = _WAITERS[running[0]]()
-                    flight.waiters.append(wake)
-            if flight is None:
-                value = await compute()
-                with self._lock:
-                    fill(value)
-                return value
-            assert isinstance(flight, _AsyncFlight)
-            if wait is None:
-                return await self._own(key, fill, compute, flight)
-            try:
-                await wait()
-            finally:
-                if flight.outcome is None:  # this waiter was cancelled: stop waking it
-                    with self._lock:
-                        flight.waiters.remove(wake)
-            outcome = flight.outcome
-            if outcome is _RESTART:
-                with self._lock:
-                    counters.hits -= 1  # it is about to compute after all
+
+def _failed(
+    cache: Cache, key: Hashable, counter: Counter, start: float, exc: BaseException
+) -> None:
+    """The computing caller raised: unregister, and hand its waiters the error, or (for
+    cancellation and other BaseExceptions, its own business) the turn to compute."""
+    if start:
+        counter.compute_s += _now() - start
+    with cache._lock:
+        record = cache._flights.pop(key, None)
+    if type(record) is _Waited:
+        record.future.set_result((False, exc) if isinstance(exc, Exception) else _RESTART)
+
+
+def run(
+    cache: Cache,
+    key: Hashable,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    counter: Counter,
+    extra: Any,
+) -> Any:
+    """The value at ``key``, computed by ``fn(*args, **kwargs)`` at most once at a time."""
+    me = _thread_id()
+    # Most misses find nobody computing the key: register without the lock
+    # (setdefault is atomic). A value filled since the caller looked is computed
+    # again: "at most once at a time" still holds.
+    record = cache._flights.setdefault(key, me)
+    while record is not me:
+        joined = _wait_or_join(cache, key, me, counter)
+        if joined is True:
+            break
+        if joined is not False:
+            value = _outcome(cache, counter, joined.result())
+            if value is MISSING:  # the computing caller was interrupted: try again
+                record = cache._flights.setdefault(key, me)
                 continue
-            ok, result = outcome
-            if ok:
-                return result
-            raise self._for_waiter(result)
-
-    def _for_waiter(self, error: BaseException) -> BaseException:
-        if not self._detach:
-            return error
-        try:
-            clone = copy.copy(error)
-        except Exception:  # an exception that cannot be rebuilt from its args
-            return error
-        if type(clone) is not type(error) or clone.args != error.args:
-            return error
-        clone.__notes__ = [
-            *getattr(error, "__notes__", ()),
-            "perrequest: raised by the same computation in another request",
-        ]
-        return clone
-
-    async def _own(
-        self,
-        key: Hashable,
-        fill: Callable[[Any], None],
-        compute: Callable[[], Awaitable[Any]],
-        flight: _AsyncFlight,
-    ) -> Any:
-        # Cancellation (asyncio's CancelledError, trio's Cancelled) and other
-        # BaseExceptions belong to this task alone: the waiters restart instead.
-        outcome: Any = _RESTART
-        try:
-            value = await compute()
-        except Exception as exc:
-            outcome = (False, exc)
-            raise
-        else:
-            outcome = (True, value)
-            with self._lock:
-                fill(value)
             return value
-        finally:
-            with self._lock:
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
-                flight.finish(outcome)
+        value = fn(*args, **kwargs)  # recursion into its own computation: no sharing
+        if type(value) is CoroutineType:
+            _refuse_coroutine(fn, value)
+        with cache._lock:
+            cache._fill(key, value, counter, extra)
+        return value
+    counter.misses += 1
+    start = _now() if counter.timed else 0.0
+    try:
+        value = fn(*args, **kwargs)
+        if type(value) is CoroutineType:
+            _refuse_coroutine(fn, value)
+    except BaseException as exc:
+        _failed(cache, key, counter, start, exc)
+        raise
+    if start:
+        counter.compute_s += _now() - start
+    lock = cache._lock
+    lock.acquire()  # not `with`: on CPython 3.11 that costs twice as much
+    try:
+        record = cache._flights.pop(key, None)
+        cache._fill(key, value, counter, extra)
+    finally:
+        lock.release()
+    if type(record) is _Waited:
+        record.future.set_result((True, value))
+    return value
+
+
+def _wait_or_join(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any:
+    """Someone registered ``key``: a future to wait on, ``True`` if this caller
+    registered after all (that computation ended), ``False`` to compute without
+    sharing, or a value found meanwhile, as ``(value,)``."""
+    with cache._lock:
+        value = cache._lookup(key)
+        if value is not MISSING:
+            counter.hits += 1
+            return _Found(value)
+        if key in cache._flights:
+            return _join(cache, key, me, counter)
+        cache._flights[key] = me
+        return True
+
+
+class _Found:
+    """A value found in the cache by a caller that expected to wait."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return (True, self.value)
+
+
+async def run_async(
+    cache: Cache,
+    key: Hashable,
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    counter: Counter,
+    extra: Any,
+) -> Any:
+    """The async twin of ``run``. The computation runs in the first caller's task; if
+    that caller is cancelled, a waiter still alive computes instead."""
+    try:
+        me: object = asyncio.current_task()
+    except RuntimeError:
+        me = None
+    if me is None:  # not asyncio (trio): compute without sharing
+        counter.misses += 1
+        value = await fn(*args, **kwargs)
+        with cache._lock:
+            cache._fill(key, value, counter, extra)
+        return value
+    record = cache._flights.setdefault(key, me)
+    while record is not me:
+        joined = _wait_or_join(cache, key, me, counter)
+        if joined is True:
+            break
+        if joined is not False:
+            if type(joined) is _Found:
+                return joined.value
+            value = _outcome(cache, counter, await asyncio.wrap_future(joined))
+            if value is MISSING:
+                record = cache._flights.setdefault(key, me)
+                continue
+            return value
+        value = await fn(*args, **kwargs)
+        with cache._lock:
+            cache._fill(key, value, counter, extra)
+        return value
+    counter.misses += 1
+    start = _now() if counter.timed else 0.0
+    try:
+        value = await fn(*args, **kwargs)
+    except BaseException as exc:  # cancellation too: a waiter computes instead
+        _failed(cache, key, counter, start, exc)
+        raise
+    if start:
+        counter.compute_s += _now() - start
+    lock = cache._lock
+    lock.acquire()
+    try:
+        record = cache._flights.pop(key, None)
+        cache._fill(key, value, counter, extra)
+    finally:
+        lock.release()
+    if type(record) is _Waited:
+        record.future.set_result((True, value))
+    return value

@@ -4,26 +4,40 @@
 ``cache``, and only then computes, filling both. The request store makes
 reads repeatable within a request even if the shared entry expires meanwhile.
 An unbounded mapping is refused: that is the leak this library prevents.
+
+Callers waiting on another request's computation are in other requests: an
+error reaches them as a copy without the computing request's traceback,
+frames, cause and context, or, when it cannot be copied, as a
+``SharedComputationError`` naming it. Never as the original object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from typing import Any
 
-from ._flight import MISSING, SingleFlight
+from . import _flight
+from ._flight import MISSING
+from .errors import PerRequestError
 
-# One lock per shared cache, so functions that share a cache share its lock.
+# One lock per shared cache, so that functions sharing a cache share its lock.
 # Caches are mappings, so unhashable: keyed by id, and dropped with the cache.
 _locks: dict[int, threading.RLock] = {}
 _locks_guard = threading.Lock()
-# A cache that cannot be weakly referenced would never be dropped from _locks:
-# all such caches share this one lock instead.
+# A cache that cannot be weakly referenced would never leave _locks: such
+# caches share this one lock instead.
 _fallback_lock = threading.RLock()
+
+
+class SharedComputationError(PerRequestError):
+    """Raised in a request that waited for another request's computation of a shared
+    entry, when that computation's exception could not be copied safely."""
 
 
 def _lock_for(cache: object) -> threading.RLock:
@@ -56,17 +70,34 @@ def check_shared(cache: object) -> MutableMapping[Hashable, Any]:
             "maxsize, so nothing would ever be removed from it and it would grow for the "
             f"life of the process (the leak perrequest exists to prevent). {fix}"
         )
-    if (
-        isinstance(maxsize, bool)
-        or not isinstance(maxsize, (int, float))
-        or not math.isfinite(maxsize)
-        or maxsize <= 0
-    ):
+    if isinstance(maxsize, bool) or not isinstance(maxsize, (int, float)) or maxsize <= 0:
         raise ValueError(
-            f"request_memo(shared=...): maxsize must be a positive finite number, "
-            f"not {maxsize!r}. {fix}"
+            f"request_memo(shared=...): maxsize must be a positive number, not {maxsize!r}. {fix}"
+        )
+    if maxsize > sys.maxsize or (isinstance(maxsize, float) and not math.isfinite(maxsize)):
+        raise ValueError(
+            f"request_memo(shared=...): maxsize={maxsize!r} is more entries than any process "
+            f"can hold, so the cache is unbounded in practice. {fix}"
         )
     return cache
+
+
+def _detached(error: BaseException) -> BaseException:
+    """A copy of ``error`` for another request: no traceback, frames, cause or context."""
+    try:
+        clone = copy.copy(error)
+        same = type(clone) is type(error) and clone is not error and clone.args == error.args
+    except Exception:  # an exception that cannot be rebuilt from its args
+        same = False
+    if not same:
+        return SharedComputationError(
+            f"another request computing this shared entry raised "
+            f"{type(error).__module__}.{type(error).__qualname__}: {error}"
+        )
+    clone.__traceback__ = clone.__cause__ = clone.__context__ = None
+    clone.__suppress_context__ = False
+    clone.__notes__ = ["perrequest: raised by the same computation in another request"]
+    return clone
 
 
 class SharedTier:
@@ -75,48 +106,52 @@ class SharedTier:
     The counters are process-wide, like the cache itself.
     """
 
-    __slots__ = ("_flights", "_lock", "cache", "hits", "misses")
+    __slots__ = ("_flights", "_lock", "cache", "compute_s", "hits", "maxsize", "misses")
+
+    _detach = staticmethod(_detached)
+    timed = False  # nobody reads the shared tier's compute time
 
     def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
         self.cache = cache
+        self.maxsize = int(cache.maxsize)  # type: ignore[attr-defined]
         self._lock = _lock_for(cache)
-        self._flights = SingleFlight(self._lock, detach=True)
-        self.hits = 0
-        self.misses = 0
+        self._flights: dict[Hashable, Any] = {}
+        self.hits = self.misses = 0
+        self.compute_s = 0.0
 
     def _lookup(self, key: Hashable) -> Any:
-        return self.cache.get(key, MISSING)
+        try:
+            return self.cache[key]  # not .get(): cachetools' get looks the key up twice
+        except KeyError:
+            return MISSING
 
-    def _fill(self, key: Hashable, value: Any) -> None:
-        # Called with the lock held. cachetools refuses a value larger than the
-        # whole cache: skip caching it.
+    def _fill(self, key: Hashable, value: Any, counter: object, extra: object) -> None:
+        # cachetools refuses a value larger than the whole cache: skip caching it.
         with contextlib.suppress(ValueError):
             self.cache[key] = value
 
-    def peek(self, key: Hashable) -> Any:
-        """The shared value at ``key`` or ``MISSING``, counting a hit only when found."""
-        with self._lock:
-            try:
-                value = self.cache[key]  # not .get(): cachetools' get looks the key up twice
-            except KeyError:
-                return MISSING
-            self.hits += 1
-            return value
-
-    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+    def get(
+        self, key: Hashable, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         """The shared value at ``key``, computed once across requests and threads."""
-        return self._flights.run(
-            key, lambda: self._lookup(key), lambda value: self._fill(key, value), compute, self
-        )
+        return _flight.run(self, key, fn, args, kwargs, self, None)
 
-    async def get_async(self, key: Hashable, compute: Callable[[], Awaitable[Any]]) -> Any:
+    async def get_async(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
         """The async twin of ``get``."""
-        return await self._flights.run_async(
-            key, lambda: self._lookup(key), lambda value: self._fill(key, value), compute, self
-        )
+        return await _flight.run_async(self, key, fn, args, kwargs, self, None)
 
-    def clear(self, token: object) -> None:
-        """Drop one function's entries (its keys start with ``token``)."""
+    def clear(self, spec: object) -> None:
+        """Drop one function's entries (their keys are ``(spec, key)``)."""
         with self._lock:
-            for key in [k for k in self.cache if type(k) is tuple and k and k[0] is token]:
+            for key in [k for k in self.cache if type(k) is tuple and k and k[0] is spec]:
                 self.cache.pop(key, None)
+
+    def delete(self, key: Hashable) -> None:
+        with self._lock:
+            self.cache.pop(key, None)

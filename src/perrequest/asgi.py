@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._lifecycle import REQUEST_KEY, OnClose, check_on_close, end_scope, open_scope, opened_outside
+from .scope import REQUEST_KEY, OnClose, check_on_close, close_scope, open_scope, opened_outside
 from .store import DEFAULT_MAX_ENTRIES, check_max_entries
 
 __all__ = ["RequestScopeMiddleware"]
@@ -94,13 +94,11 @@ class RequestScopeMiddleware:
         self._on_close = check_on_close(on_close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in self._scope_types or (
-            (outer := scope.get(REQUEST_KEY)) is not None and opened_outside(outer)
-        ):
+        if scope["type"] not in self._scope_types or opened_outside(scope):
             await self.app(scope, receive, send)
             return
         store = scope[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
         try:
             await self.app(scope, receive, send)
         finally:
-            end_scope(store)
+            close_scope(store)

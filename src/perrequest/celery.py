@@ -38,7 +38,7 @@ from typing import Any, Final, NamedTuple
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
-from ._lifecycle import OnClose, check_on_close, end_scope, open_scope
+from .scope import OnClose, check_on_close, close_scope, open_scope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
 
 __all__ = ["ScopedTask", "install"]
@@ -69,7 +69,7 @@ class ScopedTask(Task):  # type: ignore[misc]
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            end_scope(store)
+            close_scope(store)
 
 
 def _check_task_class(cls: type) -> None:
@@ -155,4 +155,4 @@ def _close_job_scope(task_id: str = "", **_: Any) -> None:
         return
     _open_jobs.set(jobs[:index])
     for job in reversed(jobs[index:]):
-        end_scope(job.store)
+        close_scope(job.store)

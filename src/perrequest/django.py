@@ -7,17 +7,19 @@ dotted path}``, read once when Django creates the middleware.
 
 The store is opened and reset around ``get_response`` in ``__call__``, never
 in ``process_request``/``process_response``: under ASGI those run in different
-contexts, and a token set in one cannot be reset in the other. It is closed
-when Django closes the response (``response.close()``), so a streaming body,
-which runs after ``__call__`` has returned, still sees the view's store.
+contexts, and a token set in one cannot be reset in the other. A response
+whose content is complete when the view returns runs none of the app's code
+later, so its scope closes then, as a WSGI list's does. A streaming response
+is produced after ``__call__`` has returned: its content is wrapped (through
+the public ``streaming_content`` setter) so that each chunk is produced with
+the store active, and its scope closes when Django closes the response.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -25,19 +27,18 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from ._lifecycle import (
+from .scope import (
     REQUEST_KEY,
-    AsyncScopedBody,
     OnClose,
-    ScopedBody,
+    _current,
     check_on_close,
     close_scope,
-    end_scope,
     leave_scope,
     open_scope,
     opened_outside,
 )
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
+from .wsgi import _produce
 
 __all__ = ["RequestScopeMiddleware"]
 
@@ -45,7 +46,7 @@ _KEYS = ("MAX_ENTRIES", "ON_CLOSE")
 
 
 class RequestScopeMiddleware:
-    """Open a fresh store for each request; close it when Django closes the response.
+    """Open a fresh store for each request; close it when the response is complete.
 
     Sync and async capable: Django hands it an async ``get_response`` under
     ASGI, and then it runs as a coroutine, so async views get no thread switch.
@@ -70,10 +71,10 @@ class RequestScopeMiddleware:
         try:
             response = self.get_response(request)
         except BaseException:
-            end_scope(store)
+            close_scope(store)
             raise
         leave_scope(store)
-        return _close_with_response(response, store)
+        return _tie_to_response(response, store)
 
     async def _acall(self, request: Any) -> Any:
         if _opened_outside(request):
@@ -82,69 +83,89 @@ class RequestScopeMiddleware:
         try:
             response = await self.get_response(request)
         except BaseException:  # cancellation (client gone) closes the store too
-            end_scope(store)
+            close_scope(store)
             raise
         leave_scope(store)
-        return _close_with_response(response, store)
+        return _tie_to_response(response, store)
 
 
 def _opened_outside(request: Any) -> bool:
     """An outer perrequest layer opened this request's scope: the same middleware
     listed twice, or the WSGI/ASGI application wrapped as well."""
-    marker = request.META.get(REQUEST_KEY)
-    if marker is None:
-        scope = getattr(request, "scope", None)  # Django's ASGIRequest: the ASGI scope
-        marker = scope.get(REQUEST_KEY) if isinstance(scope, dict) else None
-    return marker is not None and opened_outside(marker)
+    scope = getattr(request, "scope", None)  # Django's ASGIRequest: the ASGI scope
+    return opened_outside(request.META) or (isinstance(scope, dict) and opened_outside(scope))
 
 
-def _close_with_response(response: Any, store: MemoStore) -> Any:
-    """Tie the scope's end to the response's: its streaming body runs in the scope,
-    and ``response.close()`` (or, if nobody calls it, garbage collection) closes it."""
+def _tie_to_response(response: Any, store: MemoStore) -> Any:
+    """End the scope now, or, for a streaming response, when Django closes it."""
+    if not getattr(response, "streaming", False) or (
+        getattr(response, "file_to_stream", None) is not None  # a file: no app code runs
+    ):
+        close_scope(store)
+        return response
     try:
-        end: Callable[[], object] = functools.partial(close_scope, store)
-        # A FileResponse only reads a file, and replacing its streaming_content
-        # would disable the server's wsgi.file_wrapper (sendfile).
-        if response.streaming and getattr(response, "file_to_stream", None) is None:
-            end = _scope_streaming_content(response, store)
-        # A response can be dropped unclosed (a middleware above replaces it; under
-        # ASGI a sync chain's request task is cancelled): the finalizer then ends the
-        # scope when it is collected. Called by close(), it runs once and detaches.
-        response._resource_closers.append(weakref.finalize(response, end))
+        # A response dropped unclosed (a middleware above replaced it) ends the scope
+        # when it is collected; on that path, the scope only.
+        end = weakref.finalize(response, close_scope, store)
+        content = response.streaming_content
+        if getattr(response, "is_async", False):
+            response.streaming_content = _produce_async(content, store)
+        else:
+            response.streaming_content = _produce(content, store, None)
+        response.close = _closing(weakref.ref(response), store, end)
     except BaseException:
         close_scope(store)
         raise
     return response
 
 
-def _scope_streaming_content(response: Any, store: MemoStore) -> Callable[[], object]:
-    """Produce the body with the scope active, and close it within the scope; return
-    what ends the scope (the wrapper's close).
+def _closing(
+    response: weakref.ref[Any], store: MemoStore, end: Callable[[], object]
+) -> Callable[[], None]:
+    """``response.close`` for a streaming response: Django's own close (your generator's
+    cleanup, GZip's, ``request_finished``) with the store active, then the scope ends.
 
-    Wraps the raw iterator, not ``response.streaming_content``: that property
-    maps the chunks through ``response.make_bytes``, a reference back to the
-    response, and a wrapper holding it would put every response in a cycle
-    that only the garbage collector frees. The closers registered so far (your
-    generator's, and those of middleware below that re-wrapped the content,
-    such as GZip's) are taken over and run by the wrapper, inside the scope.
+    Holds the response weakly, so that a response is never in a reference cycle
+    with its own close.
     """
-    raw = getattr(response, "_iterator", None)
-    if raw is None:  # a streaming response class of its own: wrap what it offers
-        raw = response.streaming_content
-    closers = list(response._resource_closers)
-    response._resource_closers.clear()
-    if getattr(response, "is_async", False):
-        body: ScopedBody[Any] | AsyncScopedBody[Any] = AsyncScopedBody(raw, store)
-        response.streaming_content = body
-        # An async body has no sync close of its own to take these over.
-        response._resource_closers.extend(closers)
-    else:
-        close = getattr(raw, "close", None)
-        if close is not None and close not in closers:
-            closers.append(close)
-        body = ScopedBody(raw, store, closers)
-        response.streaming_content = body
-    return body.close
+
+    def close() -> None:
+        target = response()
+        token = _current.set(store)
+        try:
+            if target is not None:
+                type(target).close(target)
+        finally:
+            _current.reset(token)
+            end()
+
+    return close
+
+
+async def _produce_async(content: AsyncIterable[Any], store: MemoStore) -> AsyncIterator[Any]:
+    """The async twin of ``_produce``. Django does not close an async body left
+    suspended (the client went away): the event loop finalizes it later, and its
+    cleanup then runs with this request's store active, closed by then, so that
+    it reads and writes nobody's store."""
+    iterator = aiter(content)
+    try:
+        while True:
+            token = _current.set(store)
+            try:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            finally:
+                _current.reset(token)
+            yield chunk
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            token = _current.set(store)
+            try:
+                await aclose()
+            finally:
+                _current.reset(token)
 
 
 def _read_settings() -> tuple[int | None, OnClose | None]:

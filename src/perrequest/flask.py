@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from ._lifecycle import OnClose, check_on_close
+from .scope import OnClose, check_on_close
 from .store import DEFAULT_MAX_ENTRIES, check_max_entries
 from .wsgi import RequestScopeMiddleware
 

@@ -1,41 +1,33 @@
-"""Request scopes as users see them: the active store, the helpers, ``request_scope``
-and ``bind_scope``.
+"""Request scopes: the active store, opening and closing it, and the helpers that use it.
 
 The active store lives in a ``ContextVar``, so asyncio tasks and copied
 contexts (``asyncio.to_thread``, ``sync_to_async``, ``run_in_threadpool``)
-inherit it and concurrent requests never see each other's. Opening and
-closing scopes is ``_lifecycle``'s job.
+inherit it and concurrent requests never see each other's. ``open_scope``,
+``leave_scope`` and ``close_scope`` are the one lifecycle that
+``request_scope``, ``bind_scope`` and every integration go through.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import sys
+import logging
 import threading
-from collections.abc import Awaitable, Callable, Hashable
-from types import FrameType, TracebackType
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from contextvars import ContextVar
+from types import CoroutineType, TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
-from ._lifecycle import (
-    OnClose,
-    _current,
-    _is_async_callable,
-    check_on_close,
-    close_scope,
-    deactivate,
-    end_scope,
-    live_scopes,
-    open_scope,
-)
+from ._flight import MISSING
 from .errors import NoActiveScope
-from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
+from .store import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats, check_max_entries, listeners
 
 __all__ = [
+    "add_scope_listener",
     "bind_scope",
     "current_store",
     "in_request_scope",
-    "live_scopes",
+    "remove_scope_listener",
     "request_scope",
 ]
 
@@ -43,24 +35,157 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-_NO_SCOPE_HINT = (
+OnClose = Callable[[ScopeStats], object]
+
+logger = logging.getLogger("perrequest")
+
+_current: ContextVar[MemoStore | None] = ContextVar("perrequest.store", default=None)
+
+# One item per open scope. list.append and list.pop are atomic, so counting
+# costs no lock on the path every request takes.
+_live: list[None] = []
+_listeners_lock = threading.Lock()
+_entering = threading.Lock()
+
+NO_SCOPE_HINT = (
     "Add perrequest's RequestScopeMiddleware to the app, or wrap the code in "
     "`with perrequest.request_scope():` (workers, scripts, tests)."
 )
 
 
-def _active_store() -> MemoStore | None:
-    store = _current.get()
-    if store is None or store._closed:
-        return None
+# -- the lifecycle -------------------------------------------------------------------------------
+
+
+def open_scope(
+    max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
+) -> MemoStore:
+    """Make a new store and make it the active one in the current context."""
+    store = MemoStore(max_entries)
+    store._on_close = on_close
+    _live.append(None)
+    store._token = _current.set(store)
     return store
+
+
+def leave_scope(store: MemoStore) -> None:
+    """Restore, in this context, what was active before ``open_scope``; the scope stays open."""
+    token, store._token = store._token, None
+    if token is None:
+        return
+    try:
+        _current.reset(token)
+    except ValueError:
+        # Another context than the one the scope was opened in (a generator closed
+        # by another task): undo our own store there, and nothing that is not ours.
+        if _current.get() is store:
+            _current.set(None if token.old_value is token.MISSING else token.old_value)
+
+
+def close_scope(store: MemoStore) -> None:
+    """End the scope: restore the previous store if this one is active here, clear it,
+    then log its stats at DEBUG, call ``on_close`` and the listeners. Idempotent."""
+    if store._closed:
+        return
+    if store._token is not None:
+        leave_scope(store)
+    on_close = store._on_close
+    debug = logger.isEnabledFor(logging.DEBUG)
+    stats = store._shut(debug or on_close is not None or bool(listeners))
+    _live.pop()
+    if stats is None:
+        return
+    if debug:
+        logger.debug("request scope closed: %s", stats)
+    for listener in (on_close, *listeners) if on_close is not None else tuple(listeners):
+        try:
+            listener(stats)
+        except Exception:
+            logger.exception("perrequest: scope listener %r raised", listener)
+
+
+def live_scopes() -> int:
+    """How many scopes are open in this process right now."""
+    return len(_live)
+
+
+def add_scope_listener(listener: OnClose) -> None:
+    """Call ``listener(stats)`` for every scope that closes in this process, after its
+    ``on_close``. A listener that raises is logged, never propagated."""
+    listener = check_on_close(listener, "add_scope_listener()")  # type: ignore[assignment]
+    with _listeners_lock:
+        if listener not in listeners:
+            listeners.append(listener)
+
+
+def remove_scope_listener(listener: OnClose) -> None:
+    """Stop calling ``listener``; a listener that was not added is ignored."""
+    with _listeners_lock:
+        if listener in listeners:
+            listeners.remove(listener)
+
+
+def is_async_callable(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+def check_on_close(on_close: object, what: str = "on_close") -> OnClose | None:
+    """Validate an ``on_close`` option: None or a sync callable taking ``ScopeStats``."""
+    if on_close is None:
+        return None
+    if not callable(on_close):
+        raise TypeError(
+            f"{what} must be a callable taking ScopeStats, or None, not "
+            f"{type(on_close).__name__} {on_close!r}"
+        )
+    if is_async_callable(on_close):
+        raise TypeError(
+            f"{what} must be a plain (sync) function, not the async {on_close!r}: it runs "
+            "as the scope closes, where nothing would await it. Record the stats in a sync "
+            "function (hand them to a queue or a background task if the work is async)."
+        )
+    try:
+        inspect.signature(on_close).bind(None)
+    except TypeError:
+        raise TypeError(
+            f"{what}={on_close!r} cannot be called with one argument; it is called with "
+            "the ScopeStats of the scope that closed"
+        ) from None
+    except ValueError:  # no signature to check (some builtins): trust it
+        pass
+    return cast("OnClose", on_close)
+
+
+def refuse_generator(fn: object, decorator: str) -> None:
+    """Generator bodies run after the call returns, outside any scope the call set up."""
+    if inspect.isgeneratorfunction(fn):
+        kind = "a generator function"
+    elif inspect.isasyncgenfunction(fn):
+        kind = "an async generator function"
+    else:
+        return
+    raise TypeError(
+        f"{decorator} cannot take {kind} ({getattr(fn, '__qualname__', fn)}): its body runs "
+        "after the call returns, outside the scope. Use it on a function that returns a "
+        "list, or on the function that consumes the generator."
+    )
+
+
+# -- the active store and the helpers ---------------------------------------------------------
+
+
+def active_store() -> MemoStore | None:
+    """The active store, or None outside a scope (a closed store counts as none)."""
+    store = _current.get()
+    return None if store is None or store._closed else store
 
 
 def current_store() -> MemoStore:
     """The active store; raises ``NoActiveScope`` when no scope is open."""
     store = _current.get()
     if store is None or store._closed:
-        raise NoActiveScope(f"no request scope is active. {_NO_SCOPE_HINT}")
+        raise NoActiveScope(f"no request scope is active. {NO_SCOPE_HINT}")
     return store
 
 
@@ -72,15 +197,8 @@ def in_request_scope() -> bool:
 
 def get(key: Hashable, default: Any = None) -> Any:
     """The value at ``key`` in the active store, or ``default`` (also outside a scope)."""
-    store = _current.get()
-    if store is None or store._closed:
-        return default
-    return store.get(key, default)
-
-
-def get_or_set(key: Hashable, factory: Callable[[], T]) -> T:
-    """``current_store().get_or_set(key, factory)``; raises ``NoActiveScope`` outside a scope."""
-    return current_store().get_or_set(key, factory)
+    store = active_store()
+    return default if store is None else store.get(key, default)
 
 
 def set(key: Hashable, value: Any) -> None:
@@ -88,89 +206,17 @@ def set(key: Hashable, value: Any) -> None:
     current_store()[key] = value
 
 
-def _refuse_generator(fn: object, decorator: str) -> None:
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        name = getattr(fn, "__qualname__", repr(fn))
-        raise TypeError(
-            f"{decorator} cannot decorate generator function {name}: its body runs after "
-            "the call returns, outside the scope or the memo. Decorate a function that "
-            "returns a list, or the function that consumes the generator."
-        )
+def get_or_set(key: Hashable, factory: Callable[[], T]) -> T:
+    """``current_store().get_or_set(key, factory)``; raises ``NoActiveScope`` outside a scope."""
+    return current_store().get_or_set(key, factory)
 
 
-def _refuse_coroutine(result: object, fn: object, what: str) -> None:
-    """A sync call that returned a coroutine ran its body outside the scope: say so."""
-    if inspect.iscoroutine(result):
-        result.close()
-        raise TypeError(
-            f"{what}: {getattr(fn, '__qualname__', fn)!r} returned a coroutine, so its body "
-            "would run after the scope ended. Decorate the async def itself, or make the "
-            "wrapper around it async."
-        )
+def delete(key: Hashable) -> bool:
+    """Remove ``key`` from the active store; whether it was there. ``NoActiveScope`` outside."""
+    return current_store().pop(key, MISSING) is not MISSING
 
 
-class _OpenScopes:
-    """The scopes one ``request_scope()`` object has open, found again at exit.
-
-    By the frame of the with-statement that opened it (held, so that its id
-    cannot be reused meanwhile), innermost first: right even when a generator
-    holding the scope is closed from another context. A with-statement made
-    through a helper (``ExitStack.enter_context``, a wrapper's own
-    ``__enter__``/``__exit__``) enters and exits from frames of its own: then by
-    the object whose methods did both (the stack, the wrapper), whatever
-    thread or context closes it. Failing both, the scope active in this context.
-    """
-
-    __slots__ = ("_by_frame", "_by_owner", "_entries", "_lock")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_frame: dict[FrameType, list[MemoStore]] = {}
-        self._by_owner: dict[int, list[MemoStore]] = {}
-        # store id -> (its frame, its owner, held alive while the scope is open)
-        self._entries: dict[int, tuple[FrameType, object]] = {}
-
-    def add(self, frame: FrameType, store: MemoStore) -> None:
-        owner = _method_owner(frame)
-        with self._lock:
-            self._entries[id(store)] = (frame, owner)
-            self._by_frame.setdefault(frame, []).append(store)
-            if owner is not None:
-                self._by_owner.setdefault(id(owner), []).append(store)
-
-    def take(self, frame: FrameType) -> MemoStore | None:
-        with self._lock:
-            stores = self._by_frame.get(frame)
-            if not stores and (owner := _method_owner(frame)) is not None:
-                stores = self._by_owner.get(id(owner))
-            if stores:
-                store = stores[-1]
-            else:
-                current = _current.get()
-                if current is None or id(current) not in self._entries:
-                    return None
-                store = current
-            entered, entered_by = self._entries.pop(id(store))
-            _discard(self._by_frame, entered, store)
-            if entered_by is not None:
-                _discard(self._by_owner, id(entered_by), store)
-            return store
-
-
-def _method_owner(frame: FrameType) -> object:
-    """The ``self`` of a method's frame (a helper's ``__enter__``, an ExitStack), or None."""
-    code = frame.f_code
-    if code.co_argcount and code.co_varnames[0] == "self":
-        return frame.f_locals.get("self")
-    return None
-
-
-def _discard(index: dict[Any, list[MemoStore]], key: Any, store: MemoStore) -> None:
-    stores = index.get(key)
-    if stores is not None:
-        stores.remove(store)
-        if not stores:
-            del index[key]
+# -- request_scope and bind_scope ----------------------------------------------------------------
 
 
 class request_scope:
@@ -178,9 +224,11 @@ class request_scope:
 
     On exit the previous store (or none) is active again and the new one is
     closed: cleared at once, ``on_close(stats)`` called, stats logged at DEBUG.
+    An object is single-use, like the context managers of ``contextlib``; as a
+    decorator (``@request_scope()``) it opens a fresh scope for every call.
     """
 
-    __slots__ = ("_max_entries", "_on_close", "_open")
+    __slots__ = ("_max_entries", "_on_close", "_store")
 
     def __init__(
         self,
@@ -195,28 +243,19 @@ class request_scope:
             )
         self._max_entries = check_max_entries(max_entries)
         self._on_close = check_on_close(on_close)
-        # One object may be entered again while open, nested or from several
-        # threads at once, like decimal.localcontext(): see _OpenScopes.
-        self._open = _OpenScopes()
-
-    def _enter(self, frame: FrameType) -> MemoStore:
-        store = open_scope(self._max_entries, self._on_close)
-        self._open.add(frame, store)
-        return store
-
-    def _exit(self, frame: FrameType) -> None:
-        store = self._open.take(frame)
-        if store is None:
-            raise RuntimeError("request_scope() exited by a with-statement that did not enter it")
-        if _current.get() is store:
-            end_scope(store)
-        else:
-            # A scope opened later is active here (a generator's scope closed inside
-            # a newer block), or this is another context: leave what is active alone.
-            close_scope(store)
+        self._store: MemoStore | bool | None = None
 
     def __enter__(self) -> MemoStore:
-        return self._enter(sys._getframe(1))
+        with _entering:
+            if self._store is not None:
+                raise RuntimeError(
+                    "this request_scope() object was entered already: a scope object is "
+                    "single-use. Create one per block (`with request_scope():`), or use it as "
+                    "a decorator, which opens a fresh scope for every call."
+                )
+            self._store = True
+        store = self._store = open_scope(self._max_entries, self._on_close)
+        return store
 
     def __exit__(
         self,
@@ -224,10 +263,12 @@ class request_scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._exit(sys._getframe(1))
+        if not isinstance(self._store, MemoStore):
+            raise RuntimeError("request_scope() exited, but it was not entered")
+        close_scope(self._store)
 
     async def __aenter__(self) -> MemoStore:
-        return self._enter(sys._getframe(1))
+        return self.__enter__()
 
     async def __aexit__(
         self,
@@ -235,15 +276,15 @@ class request_scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._exit(sys._getframe(1))
+        self.__exit__(exc_type, exc, tb)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         if not callable(fn):
             raise TypeError(f"@request_scope() decorates a function, not {fn!r}")
-        _refuse_generator(fn, "@request_scope()")
+        refuse_generator(fn, "@request_scope()")
         max_entries, on_close = self._max_entries, self._on_close
 
-        if _is_async_callable(fn):
+        if is_async_callable(fn):
 
             @functools.wraps(fn)
             async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -251,7 +292,7 @@ class request_scope:
                 try:
                     return await cast("Awaitable[Any]", fn(*args, **kwargs))
                 finally:
-                    end_scope(store)
+                    close_scope(store)
 
             return cast("Callable[P, R]", run_async)
 
@@ -261,7 +302,7 @@ class request_scope:
             try:
                 result = fn(*args, **kwargs)
             finally:
-                end_scope(store)
+                close_scope(store)
             _refuse_coroutine(result, fn, "@request_scope()")
             return result
 
@@ -277,14 +318,15 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
     """
     if not callable(fn):
         raise TypeError(f"bind_scope() takes a callable, not {fn!r}")
-    store = _current.get()
-    if store is None or store._closed:
+    refuse_generator(fn, "bind_scope()")
+    store = active_store()
+    if store is None:
         raise NoActiveScope(
             f"bind_scope({getattr(fn, '__qualname__', fn)!r}) was called outside a request "
-            f"scope, so there is no scope to bind. Call it inside the request. {_NO_SCOPE_HINT}"
+            f"scope, so there is no scope to bind. Call it inside the request. {NO_SCOPE_HINT}"
         )
 
-    if _is_async_callable(fn):
+    if is_async_callable(fn):
 
         @functools.wraps(fn)
         async def bound_async(*args: P.args, **kwargs: P.kwargs) -> Any:
@@ -292,7 +334,7 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
             try:
                 return await cast("Awaitable[Any]", fn(*args, **kwargs))
             finally:
-                deactivate(token, store)
+                _current.reset(token)
 
         return cast("Callable[P, R]", bound_async)
 
@@ -302,8 +344,31 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             result = fn(*args, **kwargs)
         finally:
-            deactivate(token, store)
+            _current.reset(token)
         _refuse_coroutine(result, fn, "bind_scope()")
         return result
 
     return bound
+
+
+def _refuse_coroutine(result: object, fn: object, what: str) -> None:
+    """A sync call that returned a coroutine ran its body outside the scope: say so."""
+    if type(result) is CoroutineType:
+        result.close()
+        raise TypeError(
+            f"{what}: {getattr(fn, '__qualname__', fn)!r} returned a coroutine, so its body "
+            "would run after the scope ended. Use it on the async def itself, or make the "
+            "function around it async."
+        )
+
+
+# Where a middleware leaves the store it opened, in the ASGI scope or WSGI
+# environ, so that a second perrequest layer on the same request (a mounted
+# sub-app with its own middleware, one registered twice) shares it.
+REQUEST_KEY = "perrequest.store"
+
+
+def opened_outside(request: Mapping[str, Any]) -> bool:
+    """True when an outer perrequest layer opened this request's scope, still active here."""
+    current = _current.get()
+    return current is not None and not current._closed and request.get(REQUEST_KEY) is current

@@ -1,56 +1,59 @@
-"""The per-request store: a bounded, thread-safe mapping with LRU eviction.
+"""The per-request store: a bounded, thread-safe mapping with least-recently-used eviction.
 
-Helper entries (``store[key]``, ``get_or_set``) live in one dict, and each
-memoized function's entries in a dict of their own, so a memo hit is one
-lookup of the function and one of its arguments, with no key tuple to build
-for a one-argument call. Every entry is ``(value, entry_id, owner, anchor)``;
-recency lives in one ordered dict keyed by the small ``entry_id``, shared by
-all of them, so the bound and the LRU order are the store's, not a
-function's. Reads take no lock; every write takes the store's lock.
+Entries are grouped by owner: helper entries (``store[key]``, ``get_or_set``) in
+one dict, each memoized function's in a dict of its own, so a memo hit is two
+lookups and no key tuple to build. One ordered dict of entry ids holds the
+recency of every entry, so the bound and the LRU order are the store's. A
+function's dict goes with its last entry: the bookkeeping never outgrows the
+entries, and a closed store holds no functions, keys or values.
 
-A store is created for every request, so creating and closing one must cost
-next to nothing: the dicts, the lock and the counters are made on the first
-write, and a store nothing was written to closes without a lock or stats.
+Reads take no lock. The lock and the dicts are made on the first write, so a
+request that writes nothing costs one small object.
 """
 
 from __future__ import annotations
 
-import inspect
+import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import (
-    Callable,
-    Hashable,
-    ItemsView,
-    Iterator,
-    MutableMapping,
-    ValuesView,
-)
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Hashable, ItemsView, Iterator, Mapping, MutableMapping
+from contextvars import Token
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple, TypeVar
 
-from ._flight import MISSING, SingleFlight
+from . import _flight
+from ._flight import MISSING
 from .errors import ScopeClosed
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "MemoStore", "ScopeStats"]
+__all__ = ["DEFAULT_MAX_ENTRIES", "FunctionStats", "MemoStore", "ScopeStats"]
 
 DEFAULT_MAX_ENTRIES: Final = 10_000
 
 T = TypeVar("T")
 
-_MISSING: Any = object()
+# The owner of helper entries; memo entries are owned by their function's spec.
+HELPERS: Final = "perrequest.helpers"
+# Serialises the first write's set-up of one store with another thread's.
+_setup = threading.Lock()
+_NO_STATS: Mapping[str, FunctionStats] = MappingProxyType({})
+_OTHER = "(other functions)"  # counters beyond max_entries distinct function names
 
-# Serialises the lazy creation of a store's lock with an early close.
-_guard = threading.Lock()
 
-Entry = tuple[Any, int, "_Owner | None", Any]
+class FunctionStats(NamedTuple):
+    """One function's counters in one scope; ``compute_s``: seconds spent on its misses."""
+
+    hits: int
+    misses: int
+    evictions: int
+    compute_s: float
 
 
 @dataclass(frozen=True, slots=True)
 class ScopeStats:
-    """An immutable snapshot of one store's counters."""
+    """An immutable snapshot of one store's counters, per function in ``functions``."""
 
     hits: int
     misses: int
@@ -58,63 +61,40 @@ class ScopeStats:
     peak_entries: int
     evictions: int
     duration_s: float
+    functions: Mapping[str, FunctionStats] = field(default_factory=lambda: _NO_STATS)
 
 
-class _Owner:
-    """One memoized function's entries and counters within one store (or the helpers')."""
+class Counter:
+    """Hits, misses, evictions and compute time of one function (or the helpers).
 
-    __slots__ = ("data", "hits", "max_entries", "misses", "order", "token")
+    The clock is read around a computation only when ``timed``: when somebody
+    will see the stats (``on_close``, a scope listener, DEBUG logging). A clock
+    read costs a sixth of a miss.
+    """
 
-    def __init__(self, token: object, max_entries: int | None) -> None:
-        self.token = token
-        self.data: dict[Hashable, Entry] = {}
-        self.hits = 0
-        self.misses = 0
-        self.max_entries = max_entries
-        # This owner's keys in recency order, kept only when it has its own bound.
-        self.order: OrderedDict[Hashable, None] | None = (
-            None if max_entries is None else OrderedDict()
-        )
+    __slots__ = ("compute_s", "evictions", "hits", "misses", "timed")
+
+    def __init__(self, timed: bool = True) -> None:
+        self.hits = self.misses = self.evictions = 0
+        self.compute_s = 0.0
+        self.timed = timed
 
 
-class MemoKey:
+# Called with the ScopeStats of every scope that closes (perrequest.add_scope_listener).
+listeners: list[Callable[[ScopeStats], object]] = []
+_logger = logging.getLogger("perrequest")
+
+
+def observed() -> bool:
+    """Whether anybody beyond a scope's own ``on_close`` reads the stats of closed scopes."""
+    return bool(listeners) or _logger.isEnabledFor(logging.DEBUG)
+
+
+class MemoKey(NamedTuple):
     """How a memo entry shows up when the store is iterated: never equal to a user's key."""
 
-    __slots__ = ("key", "owner")
-
-    def __init__(self, owner: object, key: Hashable) -> None:
-        self.owner = owner
-        self.key = key
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is MemoKey and other.owner is self.owner and bool(other.key == self.key)
-
-    def __hash__(self) -> int:
-        return hash((id(self.owner), self.key))
-
-    def __repr__(self) -> str:
-        return f"<memo entry of {self.owner!r}: {self.key!r}>"
-
-
-class _SnapshotItems(ItemsView[Hashable, Any]):
-    _mapping: MemoStore
-
-    def __iter__(self) -> Iterator[tuple[Hashable, Any]]:
-        return iter(self._mapping._pairs())
-
-
-class _SnapshotValues(ValuesView[Any]):
-    _mapping: MemoStore
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter([value for _, value in self._mapping._pairs()])
-
-
-def _memo_key_write(key: MemoKey) -> TypeError:
-    return TypeError(
-        f"{key!r} is a memo entry: @request_memo writes those. Delete it, or use the "
-        "function's cache_clear(), instead of writing to it."
-    )
+    owner: object
+    key: Hashable
 
 
 def check_max_entries(value: object, what: str = "max_entries") -> int | None:
@@ -133,114 +113,98 @@ def check_max_entries(value: object, what: str = "max_entries") -> int | None:
 class MemoStore(MutableMapping[Hashable, Any]):
     """The memo store of one scope: bounded, least-recently-used, thread-safe.
 
-    Created and closed by ``request_scope`` and the middlewares. Once closed it
-    stays empty, and every write raises ``ScopeClosed``. Iterating it yields
-    the helper keys and, for memo entries, private ``MemoKey`` objects.
+    Made by ``request_scope`` and the middlewares. Once closed it stays empty
+    and every write raises ``ScopeClosed``. Iterating it yields the helper
+    keys and, for memo entries, ``MemoKey`` objects.
     """
 
-    # A store is made for every request, so making one must cost next to
-    # nothing. What every request reads is in slots, set when the store is made
-    # (``__init__``, or ``open_scope``, which skips it): CPython 3.12+ will not
-    # specialise the read of an instance attribute that a class attribute
-    # shadows, and a memo hit would cost a third more. The rest starts as the
-    # class-level defaults below (never mutated), and each store gets its own
-    # on first write (``_writable``).
+    # What the hit path reads is in slots, set in __init__: CPython 3.12+ does
+    # not specialise reading an attribute that a class attribute shadows.
     __slots__ = (
-        "__dict__",
         "__weakref__",
+        "_bound",
         "_closed",
+        "_closed_at",
+        "_counters",
+        "_evictions",
+        "_final",
+        "_flights",
+        "_helpers",
         "_lock",
         "_max_entries",
+        "_next_id",
         "_on_close",
         "_opened_at",
         "_order",
+        "_peak",
         "_subs",
         "_token",
     )
-    _closed: bool
-    _lock: threading.RLock | None  # made first on a write; says the rest is there too
-    _max_entries: int | None
-    _on_close: Callable[[ScopeStats], object] | None  # set by open_scope
-    _opened_at: float
-    _order: OrderedDict[int, tuple[dict[Hashable, Entry], Hashable]] | None
-    _subs: dict[object, dict[Hashable, Entry]] | None
-    _token: Any  # set by open_scope
-
-    _closed_at: float | None = None
-    _final: ScopeStats | None = None
-    _data: dict[Hashable, Entry] | None = None
-    _owners: dict[object, _Owner] | None = None
-    _flights: SingleFlight | None = None
-    _helpers: _Owner | None = None
-    _next_id = 0
-    _peak = 0
-    _evictions = 0
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> MemoStore:
-        # The slots, set here rather than in __init__ so that a subclass whose
-        # __init__ does not call ours still has them.
-        self = super().__new__(cls)
-        self._max_entries = DEFAULT_MAX_ENTRIES
-        self._opened_at = time.perf_counter()
-        self._closed = False
-        self._lock = self._order = self._subs = self._on_close = self._token = None
-        return self
+    # Made on the first write (_writable):
+    _bound: int
+    _counters: dict[str, Counter]
+    _evictions: int
+    _flights: dict[Hashable, Any]
+    _helpers: Counter
+    _next_id: int
+    _order: OrderedDict[int, tuple[object, Hashable]]
+    _peak: int
+    _closed_at: float  # set by _shut
 
     def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES) -> None:
-        if max_entries is not DEFAULT_MAX_ENTRIES:
-            self._max_entries = check_max_entries(max_entries)
+        if max_entries is not None and (type(max_entries) is not int or max_entries <= 0):
+            check_max_entries(max_entries)
+        self._max_entries = max_entries
+        self._subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None = None
+        self._lock: Any = None  # a threading.RLock once written to
+        self._closed = False
+        self._on_close: Callable[[ScopeStats], object] | None = None
+        self._token: Token[MemoStore | None] | None = None  # set by the scope that opens it
+        self._final: ScopeStats | None = None
+        self._opened_at = time.perf_counter()
 
-    # -- Mapping -----------------------------------------------------------
+    # -- Mapping ---------------------------------------------------------------
 
     def __getitem__(self, key: Hashable) -> Any:
-        data, key = self._where(key)
-        entry = data[key]
-        self._touch(key, entry)
-        return entry[0]
+        value = self._lookup(self._split(key))
+        if value is MISSING:
+            raise KeyError(key)
+        return value
 
     def __setitem__(self, key: Hashable, value: Any) -> None:
         if type(key) is MemoKey:
             raise _memo_key_write(key)
-        lock = self._writable(key)
-        with lock:
-            self._insert(self._data, key, value, None, None)  # type: ignore[arg-type]
+        with self._writable(key):
+            self._fill((HELPERS, key), value, self._helpers, None)
 
     def __delitem__(self, key: Hashable) -> None:
-        lock = self._writable(key)
-        with lock:
-            data, key = self._where(key)
-            if key not in data:
+        owner, inner = self._split(key)
+        with self._writable(key):
+            sub = self._subs.get(owner) if self._subs is not None else None
+            if sub is None or inner not in sub:
                 raise KeyError(key)
-            self._remove(data, key)
+            self._remove(owner, sub, inner)
 
     def __iter__(self) -> Iterator[Hashable]:
-        # A snapshot, so another thread writing cannot break the iteration.
-        keys: list[Hashable] = list(self._data or ())
-        for owner in list((self._owners or {}).values()):
-            keys += [MemoKey(owner.token, key) for key in list(owner.data)]
-        return iter(keys)
+        return iter([key for key, _ in self._pairs()])  # a snapshot: safe from other threads
+
+    def __len__(self) -> int:
+        order = self._order if self._subs is not None else None
+        return 0 if order is None else len(order)
+
+    def __contains__(self, key: object) -> bool:
+        return self._lookup(self._split(key), touch=False) is not MISSING
 
     def items(self) -> ItemsView[Hashable, Any]:
         """A view whose iteration is a snapshot, and does not refresh recency."""
         return _SnapshotItems(self)
 
-    def values(self) -> ValuesView[Any]:
-        """A view whose iteration is a snapshot, and does not refresh recency."""
-        return _SnapshotValues(self)
-
     def _pairs(self) -> list[tuple[Hashable, Any]]:
-        # list(dict.items()) copies in one step: another thread cannot break it.
-        pairs = [(key, entry[0]) for key, entry in list((self._data or {}).items())]
-        for owner in list((self._owners or {}).values()):
-            pairs += [(MemoKey(owner.token, k), e[0]) for k, e in list(owner.data.items())]
+        pairs: list[tuple[Hashable, Any]] = []
+        for owner, sub in list((self._subs or {}).items()):
+            for key, entry in list(sub.items()):  # list() copies in one step, under the GIL
+                pairs.append((key if owner is HELPERS else MemoKey(owner, key), entry[0]))
         return pairs
-
-    def __len__(self) -> int:
-        return 0 if self._order is None else len(self._order)
-
-    def __contains__(self, key: object) -> bool:
-        data, key = self._where(key)
-        return key in data
 
     # A store is a handle on one scope's memory, like a lock: copying a structure
     # that holds one (an ASGI scope deep-copied by a proxy middleware) shares it.
@@ -260,61 +224,48 @@ class MemoStore(MutableMapping[Hashable, Any]):
         state = "closed" if self._closed else "open"
         return f"<MemoStore {state} entries={len(self)} max_entries={self._max_entries}>"
 
-    # The mixins would read before writing, so a closed store could answer a
-    # pop() with its default instead of refusing the write: check first.
+    # The mixins read before they write, so a closed store could answer pop() with
+    # its default instead of refusing the write: these check first.
 
-    def pop(self, key: Hashable, default: Any = _MISSING) -> Any:
-        lock = self._writable(key)
-        with lock:
-            data, key = self._where(key)
-            entry = data.get(key, _MISSING)
-            if entry is _MISSING:
-                if default is _MISSING:
+    def pop(self, key: Hashable, default: Any = MISSING) -> Any:
+        owner, inner = self._split(key)
+        with self._writable(key):
+            sub = self._subs.get(owner) if self._subs is not None else None
+            if sub is None or inner not in sub:
+                if default is MISSING:
                     raise KeyError(key)
                 return default
-            self._remove(data, key)
-            return entry[0]
+            return self._remove(owner, sub, inner)
 
     def popitem(self) -> tuple[Hashable, Any]:
-        lock = self._writable("popitem()")
-        with lock:
-            assert self._order is not None
+        with self._writable("popitem()"):
             if not self._order:
                 raise KeyError("popitem(): the store is empty")
-            # popitem, never next(iter(...)): a hit refreshes the order without
-            # the lock, and an iterator over it would fail on that mutation.
-            _, (data, key) = self._order.popitem()
-            value, _, owner, _ = data.pop(key)
-            if owner is not None and owner.order is not None:
-                owner.order.pop(key, None)
-            if data is self._data or owner is None:
-                return key, value
-            return MemoKey(owner.token, key), value
+            self._peak = max(self._peak, len(self._order))
+            owner, key, value, _ = self._drop_oldest()
+            return (key if owner is HELPERS else MemoKey(owner, key)), value
 
     def clear(self) -> None:
-        lock = self._writable("clear()")
-        with lock:
-            self._clear()
+        with self._writable("clear()"):
+            for owner, sub in list(self._subs.items()):  # type: ignore[union-attr]
+                for key in list(sub):
+                    self._remove(owner, sub, key)
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
-        lock = self._writable(key)
         if type(key) is MemoKey:
-            return self._memo_key_value(key)
-        with lock:
-            data = self._data
-            assert data is not None
-            entry = data.get(key)
-            if entry is not None:
-                self._touch(key, entry)
-                return entry[0]
-            self._insert(data, key, default, None, None)
-            return default
+            raise _memo_key_write(key)
+        with self._writable(key):
+            value = self._lookup((HELPERS, key))
+            if value is MISSING:
+                self._fill((HELPERS, key), default, self._helpers, None)
+                value = default
+            return value
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         self._writable("update()")
         super().update(*args, **kwargs)
 
-    # -- the rest of the public surface -------------------------------------
+    # -- the rest of the public surface -------------------------------------------
 
     @property
     def max_entries(self) -> int | None:
@@ -328,216 +279,205 @@ class MemoStore(MutableMapping[Hashable, Any]):
 
     @property
     def stats(self) -> ScopeStats:
-        """A snapshot of hits, misses, entries, peak, evictions and age; once the
-        scope has closed, the stats it closed with."""
-        final = self._final
-        return self._snapshot() if final is None else final
+        """Hits, misses, entries, peak, evictions and age; once closed, the final stats."""
+        return self._final or self._snapshot()
 
     def get_or_set(self, key: Hashable, factory: Callable[[], T]) -> T:
-        """Return the value at ``key``, calling ``factory()`` once to fill it if missing.
+        """The value at ``key``, calling ``factory()`` once to fill it if missing.
 
-        Counted in ``stats``; concurrent callers in threads sharing this store
-        wait for one computation instead of running ``factory`` twice.
+        Counted in ``stats``. Threads sharing this store that miss the same key
+        wait for one call of ``factory`` instead of making their own.
         """
-        lock = self._writable(key)
         if type(key) is MemoKey:
-            return self._memo_key_value(key)  # type: ignore[no-any-return]
-        hash(key)  # fail on an unhashable key before anything else happens
-        with lock:
-            data = self._data
-            assert data is not None
-            helpers = self._helpers
-            if helpers is None:
-                helpers = self._helpers = _Owner(None, None)
-                helpers.data = data
-
-        def compute() -> T:
-            value = factory()
-            if inspect.iscoroutine(value):
-                value.close()
-                raise TypeError(
-                    f"get_or_set({key!r}, ...): the factory returned a coroutine, which "
-                    "would be cached unawaited. Await the value first, or memoize an async "
-                    "function with @request_memo."
-                )
-            return value
-
-        assert self._flights is not None  # made with the lock, by _writable
-        return self._flights.run(  # type: ignore[no-any-return]
-            (helpers, key),
-            partial(self._lookup, data, key),
-            lambda value: self._insert(data, key, value, helpers, None),
-            compute,
-            helpers,
-        )
-
-    # -- internals used by request_memo and the scope lifecycle -------------
-
-    def _where(self, key: Hashable) -> tuple[dict[Hashable, Entry], Hashable]:
-        """The dict that holds ``key`` (a helper key or a ``MemoKey``) and its key there."""
-        if type(key) is MemoKey:
-            owner = (self._owners or {}).get(key.owner)
-            return ({} if owner is None else owner.data), key.key
-        return self._data or {}, key
-
-    def _memo_key_value(self, key: MemoKey) -> Any:
-        """``setdefault``/``get_or_set`` on a memo entry: read it, never write it."""
-        data, inner = self._where(key)
-        entry = data.get(inner)
-        if entry is None:
             raise _memo_key_write(key)
-        self._touch(inner, entry)
-        return entry[0]
+        self._writable(key)
+        value = self._lookup((HELPERS, key))  # an unhashable key fails here
+        if value is not MISSING:
+            self._helpers.hits += 1
+            return value  # type: ignore[no-any-return]
+        return _flight.run(self, (HELPERS, key), factory, (), {}, self._helpers, None)  # type: ignore[no-any-return]
 
-    def _writable(self, key: object) -> threading.RLock:
-        """The store's lock, made on first use; raises ``ScopeClosed`` once closed."""
-        lock = self._lock
+    # -- what request_memo and the scope lifecycle use ----------------------------
+
+    def _split(self, key: Hashable) -> tuple[object, Hashable]:
+        return (key.owner, key.key) if type(key) is MemoKey else (HELPERS, key)
+
+    def _writable(self, what: object) -> threading.RLock:
+        """The store's lock, made with the dicts on the first write; ``ScopeClosed`` once closed.
+
+        The lock is published before ``_closed`` is checked under it, and closing
+        sets ``_closed`` before it looks for the lock: either a writer sees the
+        store closed, or the closing thread finds the lock and waits for it.
+        """
+        lock: threading.RLock | None = self._lock
         if lock is None:
-            with _guard:
+            with _setup:
                 lock = self._lock
-                if lock is None and not self._closed:
-                    lock = threading.RLock()
-                    self._flights = SingleFlight(lock)
+                if lock is None:
                     self._order = OrderedDict()
-                    self._data = {}
-                    self._owners = {}
-                    self._lock = lock  # published last: it says the rest is there
-        if self._closed or lock is None:
+                    self._flights = {}
+                    self._counters = {}
+                    timed = self._on_close is not None or observed()
+                    self._helpers = Counter(timed)
+                    self._next_id = self._evictions = self._peak = 0
+                    self._bound = sys.maxsize if self._max_entries is None else self._max_entries
+                    self._subs = {HELPERS: {}}
+                    lock = self._lock = threading.RLock()
+        if self._closed:
             raise ScopeClosed(
-                f"cannot write {key!r}: this MemoStore belongs to a request scope that has "
+                f"cannot write {what!r}: this MemoStore belongs to a request scope that has "
                 "ended. Use perrequest.current_store() inside the request instead of keeping "
                 "a reference to an old store."
             )
         return lock
 
-    def _owner(self, token: object, max_entries: int | None) -> _Owner:
-        """One memoized function's entries in this store, made on its first miss."""
-        owners = self._owners
-        owner = None if owners is None else owners.get(token)
-        if owner is None:
-            with self._writable(token):
-                owners = self._owners
-                assert owners is not None
-                owner = owners.get(token)
-                if owner is None:
-                    owner = _Owner(token, max_entries)
-                    subs = self._subs
-                    if subs is None:
-                        subs = {}
-                    subs[token] = owner.data
-                    owners[token] = owner
-                    self._subs = subs  # published last: a hit reads _subs without the lock
-        return owner
+    def _counter(self, name: str) -> Counter:
+        """The counters of the function called ``name``; raises ``ScopeClosed`` once closed.
 
-    def _touch(self, key: Hashable, entry: Entry) -> None:
-        try:
-            self._order.move_to_end(entry[1])  # type: ignore[union-attr]
-            owner = entry[2]
-            if owner is not None and owner.order is not None:
-                owner.order.move_to_end(key)
-        except KeyError:  # removed meanwhile by another thread: nothing to refresh
-            pass
+        Kept by name (``module.qualname``), not by function object, so a helper
+        defined anew per message adds nothing; bounded by ``max_entries`` names.
+        """
+        with self._writable(name):
+            counters = self._counters
+            counter = counters.get(name)
+            if counter is None:
+                if self._max_entries is not None and len(counters) >= self._max_entries:
+                    name = _OTHER
+                counter = counters.get(name) or counters.setdefault(
+                    name, Counter(self._helpers.timed)
+                )
+            return counter
 
-    def _insert(
-        self,
-        data: dict[Hashable, Entry],
-        key: Hashable,
-        value: Any,
-        owner: _Owner | None,
-        anchor: Any,
+    def _lookup(self, key: tuple[object, Hashable], touch: bool = True) -> Any:
+        """The value at ``(owner, key)`` or ``MISSING``; a found entry becomes the most recent."""
+        subs = self._subs
+        sub = None if subs is None else subs.get(key[0])
+        entry = None if sub is None else sub.get(key[1])
+        if entry is None:
+            return MISSING
+        if touch:
+            try:
+                self._order.move_to_end(entry[2])
+                if type(sub) is OrderedDict:
+                    sub.move_to_end(key[1])
+            except KeyError:  # removed by another thread meanwhile: nothing to refresh
+                pass
+        return entry[0]
+
+    def _fill(
+        self, where: tuple[object, Hashable], value: Any, counter: Counter, anchor: Any
     ) -> None:
-        """Store an entry and enforce the bounds; the caller holds the lock."""
+        """Store an entry at ``(owner, key)`` and enforce the bounds; the caller holds the
+        lock. Once closed, nothing is stored (a computation that outlived the scope)."""
+        subs = self._subs
+        if subs is None:
+            return
+        owner, key = where
+        sub = subs.get(owner)
+        if sub is None:
+            sub = subs[owner] = {} if getattr(owner, "max_entries", None) is None else OrderedDict()
         order = self._order
-        if self._closed or order is None:
-            return
-        old = data.get(key)
-        if old is not None:
-            data[key] = (value, old[1], old[2], anchor if old[2] is not None else None)
-            self._touch(key, old)
-            return
-        entry_id = self._next_id = self._next_id + 1
-        data[key] = (value, entry_id, owner, anchor)
-        order[entry_id] = (data, key)
-        if owner is not None and owner.order is not None:
-            owner.order[key] = None
-            if len(owner.order) > owner.max_entries:  # type: ignore[operator]
-                oldest, _ = owner.order.popitem(last=False)
-                order.pop(data.pop(oldest)[1], None)
-                self._evictions += 1
-        size = len(order)
-        bound = self._max_entries
-        if bound is not None and size > bound:
-            _, (oldest_data, oldest) = order.popitem(last=False)
-            evicted = oldest_data.pop(oldest)
-            if evicted[2] is not None and evicted[2].order is not None:
-                evicted[2].order.pop(oldest, None)
-            self._evictions += 1
-        elif size > self._peak:
-            self._peak = size
+        old = sub.get(key)
+        if old is None:
+            entry_id = self._next_id = self._next_id + 1
+            order[entry_id] = where
+        else:
+            entry_id = old[2]
+            order.move_to_end(entry_id)
+        sub[key] = (value, counter, entry_id, anchor)
+        if type(sub) is not dict:  # this function has a bound of its own
+            sub.move_to_end(key)  # type: ignore[attr-defined]
+            if len(sub) > owner.max_entries:  # type: ignore[attr-defined]
+                # popitem, never next(iter(...)): hits reorder without the lock.
+                _, entry = sub.popitem(last=False)  # type: ignore[call-arg]
+                self._peak = max(self._peak, len(order) - 1)  # the size before this fill
+                del order[entry[2]]
+                self._evicted(entry[1])
+        if len(order) > self._bound:
+            self._peak = self._bound
+            self._evicted(self._drop_oldest()[3])
 
-    def _remove(self, data: dict[Hashable, Entry], key: Hashable) -> None:
-        _, entry_id, owner, _ = data.pop(key)
-        del self._order[entry_id]  # type: ignore[union-attr]
-        if owner is not None and owner.order is not None:
-            del owner.order[key]
+    def _evicted(self, counter: Counter) -> None:
+        counter.evictions += 1
+        self._evictions += 1
 
-    def _clear(self) -> None:
-        if self._data is not None:
-            self._data.clear()
-        if self._order is not None:
-            self._order.clear()
-        for owner in (self._owners or {}).values():
-            owner.data.clear()
-            if owner.order is not None:
-                owner.order.clear()
+    def _drop_oldest(self) -> tuple[object, Hashable, Any, Counter]:
+        """Remove the least recently used entry; lock held."""
+        _, (owner, key) = self._order.popitem(last=False)
+        sub = self._subs[owner]  # type: ignore[index]
+        value, counter, _, _ = sub.pop(key)
+        if not sub and owner is not HELPERS:
+            del self._subs[owner]  # type: ignore[union-attr]
+        return owner, key, value, counter
 
-    def _remove_owner_entries(self, token: object) -> None:
+    def _remove(self, owner: object, sub: dict[Hashable, tuple[Any, ...]], key: Hashable) -> Any:
+        """Drop one entry, and its function's dict with its last entry; lock held."""
+        self._peak = max(self._peak, len(self._order))
+        value, _, entry_id, _ = sub.pop(key)
+        del self._order[entry_id]
+        if not sub and owner is not HELPERS:
+            del self._subs[owner]  # type: ignore[union-attr]
+        return value
+
+    def _remove_owner(self, owner: object) -> None:
         """Drop every entry of one memoized function (``fn.cache_clear()``)."""
-        owner = (self._owners or {}).get(token)
-        if owner is None or self._lock is None:
+        if self._subs is None or owner not in self._subs:
             return
-        with self._lock:
-            for key in list(owner.data):
-                self._remove(owner.data, key)
+        with self._writable("cache_clear()"):
+            sub = self._subs.get(owner)
+            for key in list(sub or ()):
+                self._remove(owner, sub, key)  # type: ignore[arg-type]
 
     def _snapshot(self) -> ScopeStats:
-        owners = list((self._owners or {}).values())
-        if self._helpers is not None:
-            owners.append(self._helpers)
+        now = self._closed_at if self._closed else time.perf_counter()
+        if self._lock is None:
+            return ScopeStats(0, 0, 0, 0, 0, now - self._opened_at)
+        counters = dict(self._counters)
+        helpers = self._helpers
         return ScopeStats(
-            hits=sum(o.hits for o in owners),
-            misses=sum(o.misses for o in owners),
+            hits=helpers.hits + sum(c.hits for c in counters.values()),
+            misses=helpers.misses + sum(c.misses for c in counters.values()),
             entries=len(self),
-            peak_entries=self._peak,
+            peak_entries=max(self._peak, len(self)),
             evictions=self._evictions,
-            duration_s=(self._closed_at or time.perf_counter()) - self._opened_at,
+            duration_s=now - self._opened_at,
+            functions=MappingProxyType(
+                {
+                    name: FunctionStats(c.hits, c.misses, c.evictions, c.compute_s)
+                    for name, c in counters.items()
+                }
+            ),
         )
 
     def _shut(self, want_stats: bool) -> ScopeStats | None:
-        """Clear and close, for the scope lifecycle, which makes sure it runs once;
-        returns the final stats when ``want_stats``.
+        """Close and empty the store; return the final stats when ``want_stats``.
 
-        No lock for a store nothing was written to: a writer makes the lock
-        before it checks ``_closed``, so either it sees the store closed, or the
-        lock is there to wait on here.
+        In-flight computations are left alone: each one releases its own
+        waiters when it ends, and a closed store stores nothing.
         """
+        self._closed_at = time.perf_counter()
         self._closed = True
         lock = self._lock
-        if lock is None:
+        if lock is None:  # nothing was ever written: the stats are all zeros
             return self._snapshot() if want_stats else None
         with lock:
-            # Kept, so that a call still in flight as the scope closes cannot
-            # change the stats afterwards.
-            stats = self._final = self._snapshot()
-            self._clear()
+            # Kept, so that a computation still in flight cannot change them later.
+            self._final = self._snapshot()
             self._subs = None
-            if self._flights is not None:
-                self._flights.clear()
-            return stats
+            self._order.clear()
+            self._counters.clear()
+            return self._final
 
-    def _lookup(self, data: dict[Hashable, Entry], key: Hashable) -> Any:
-        entry = data.get(key)
-        if entry is None:
-            return MISSING
-        self._touch(key, entry)
-        return entry[0]
+
+class _SnapshotItems(ItemsView[Hashable, Any]):
+    _mapping: MemoStore
+
+    def __iter__(self) -> Iterator[tuple[Hashable, Any]]:
+        return iter(self._mapping._pairs())
+
+
+def _memo_key_write(key: MemoKey) -> TypeError:
+    return TypeError(
+        f"{key!r} is a memo entry: @request_memo writes those. Delete it, or use the "
+        "function's cache_clear(), instead of writing to it."
+    )

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ._lifecycle import live_scopes
-from .scope import request_scope
+from .scope import live_scopes, request_scope
 from .store import MemoStore
 
 __all__ = ["assert_no_live_scopes", "live_scopes", "memo_scope"]

@@ -1,39 +1,36 @@
 """WSGI middleware: one store per request, for Flask, Pyramid, Bottle or any WSGI app.
 
-The store is active while the app is called and, through ``ScopedBody``, while
-each chunk of its body is produced, so a lazy or streaming body (a generator,
-Flask's ``stream_with_context``) still sees it. It closes when the server
-calls ``close()`` on the response (PEP 3333: also when the client went away
-mid-body), or when the app raises. A body that is a list or tuple, or the
-server's ``wsgi.file_wrapper``, runs none of the app's code later: the scope
-closes as the app returns, and the body is passed on untouched. The
-ContextVar is reset before control returns to the server, so a pooled
-worker thread (gunicorn ``gthread``) never carries a store into its next
-request.
+The store is active while the app is called and while each chunk of its body
+is produced, so a lazy or streaming body (a generator, Flask's
+``stream_with_context``) still sees it. It closes when the server calls
+``close()`` on the response (PEP 3333: also when the client went away
+mid-body), or when the app raises. A list, a tuple or the server's
+``wsgi.file_wrapper`` runs none of the app's code later: the scope closes as
+the app returns and the body is passed on untouched. The ContextVar
+is reset before control returns to the server, so a pooled worker thread
+(gunicorn ``gthread``) never carries a store into its next request.
 
 Any WSGI app: ``app = RequestScopeMiddleware(app)``. Flask: ``perrequest.flask.PerRequest``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._lifecycle import (
+from .scope import (
     REQUEST_KEY,
     OnClose,
-    ScopedBody,
+    _current,
     check_on_close,
-    close_in_scope,
     close_scope,
-    end_scope,
     leave_scope,
     open_scope,
     opened_outside,
 )
-from .store import DEFAULT_MAX_ENTRIES, check_max_entries
+from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
 
-__all__ = ["RequestScopeMiddleware"]
+__all__ = ["RequestScopeMiddleware", "ScopedBody"]
 
 # Typed loosely, as Werkzeug does, so that apps typed with _typeshed.wsgi or
 # with plain dicts and callables are all accepted.
@@ -68,21 +65,91 @@ class RequestScopeMiddleware:
         self._on_close = check_on_close(on_close)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if (outer := environ.get(REQUEST_KEY)) is not None and opened_outside(outer):
+        if opened_outside(environ):
             return self.app(environ, start_response)  # an outer perrequest layer's scope
         store = environ[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
         try:
             body = self.app(environ, start_response)
         except BaseException:
-            end_scope(store)
+            close_scope(store)
             raise
         leave_scope(store)
-        if type(body) in (list, tuple):
-            # Nothing of the app's runs after it returned a list: end the scope now,
-            # and hand the list over, so that the server still sees its len().
+        wrapper = environ.get("wsgi.file_wrapper")
+        if type(body) in (list, tuple) or (isinstance(wrapper, type) and isinstance(body, wrapper)):
+            # Nothing of the app's runs later: end the scope now, and hand the body
+            # over as it is (the server still sees a list's len(), and its own file
+            # wrapper, which it serves with sendfile).
             close_scope(store)
             return body
-        wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(wrapper, type) and isinstance(body, wrapper) and close_in_scope(body, store):
-            return body  # the server keeps its file wrapper, and sendfile
         return ScopedBody(body, store)
+
+
+class ScopedBody:
+    """A response body produced with its scope active; ``close()`` ends the scope.
+
+    The body's own ``close`` runs with the scope active, then the scope closes.
+    A body the server never closes (against PEP 3333) ends its scope when it is
+    garbage collected, and only the scope: the app's own close hooks (Flask's
+    ``call_on_close``, a generator's ``finally``) run as they would have
+    without perrequest, which is not at all.
+    """
+
+    __slots__ = ("_body", "_chunks", "_store")
+
+    def __init__(self, body: Iterable[bytes], store: MemoStore) -> None:
+        self._body = body
+        self._store: MemoStore | None = store
+        self._chunks: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        store = self._store
+        return iter(()) if store is None else _produce(self._body, store, self)
+
+    def __next__(self) -> bytes:  # for callers that treat the body as an iterator
+        if self._chunks is None:
+            store = self._store
+            self._chunks = iter(()) if store is None else _produce(self._body, store, None)
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Close the body with the scope active, then end the scope."""
+        store, self._store = self._store, None
+        if store is None:
+            return
+        close = getattr(self._body, "close", None)
+        try:
+            if close is not None:
+                token = _current.set(store)
+                try:
+                    close()
+                finally:
+                    _current.reset(token)
+        finally:
+            close_scope(store)
+
+    def __del__(self) -> None:
+        if self._store is not None:
+            close_scope(self._store)
+
+
+def _produce(body: Iterable[bytes], store: MemoStore, keep: ScopedBody | None) -> Iterator[bytes]:
+    """The chunks of ``body``, each produced with ``store`` active.
+
+    A generator, because resuming one costs less than a call to ``__next__``.
+    It holds ``keep`` (the ``ScopedBody``), so that a server holding only the
+    iterator keeps the scope open; the body does not hold the generator, so
+    there is no reference cycle.
+    """
+    set_store, reset = _current.set, _current.reset
+    iterator = None
+    while True:
+        token = set_store(store)
+        try:
+            if iterator is None:
+                iterator = iter(body)
+            chunk = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            reset(token)
+        yield chunk

@@ -107,7 +107,9 @@ def serve_subprocess(
     """Run a server command that listens on ``port``; yields the base URL."""
     full_env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+        # This checkout's src first: from another worktree, the editable install
+        # would otherwise bring in another checkout's perrequest.
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), str(ROOT)]),
         **(env or {}),
     }
     with tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False) as log_file:

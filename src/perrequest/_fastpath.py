@@ -34,15 +34,18 @@ def __pr_factory(
                 __pr_entry = __pr_sub[__pr_key]
                 __pr_store._order.move_to_end(__pr_entry[2])
 {touch}            except (KeyError, TypeError):  # a miss, no entries yet, or unhashable
-                __pr_counter = __pr_prepare(__pr_store, __pr_key, ({positional}), {{{keyword}}})
-                if __pr_counter is not None:
-                    return {await_}__pr_run(
-                        __pr_store, (__pr_spec, __pr_key), __pr_fn, ({positional}), {{{keyword}}},
-                        __pr_counter, {anchor},
-                    )
+                pass
             else:
                 __pr_entry[1].hits += 1
                 return __pr_entry[0]
+            # Outside the except block, so that no error raised from here on
+            # carries the miss's KeyError as its context.
+            __pr_counter = __pr_prepare(__pr_store, __pr_key, ({positional}), {{{keyword}}})
+            if __pr_counter is not None:
+                return {await_}__pr_run(
+                    __pr_store, (__pr_spec, __pr_key), __pr_fn, ({positional}), {{{keyword}}},
+                    __pr_counter, {anchor},
+                )
         return {await_}__pr_outside(({positional}), {{{keyword}}}, __pr_key)
 
     def __pr_keyof({signature}):

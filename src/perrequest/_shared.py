@@ -29,7 +29,7 @@ from .errors import PerRequestError
 # One lock per shared cache, so that functions sharing a cache share its lock.
 # Caches are mappings, so unhashable: keyed by id, and dropped with the cache.
 _locks: dict[int, threading.RLock] = {}
-_locks_guard = threading.Lock()
+_locks_guard = threading.RLock()
 # A cache that cannot be weakly referenced would never leave _locks: such
 # caches share this one lock instead.
 _fallback_lock = threading.RLock()
@@ -76,8 +76,8 @@ def check_shared(cache: object) -> MutableMapping[Hashable, Any]:
         )
     if maxsize > sys.maxsize or (isinstance(maxsize, float) and not math.isfinite(maxsize)):
         raise ValueError(
-            f"request_memo(shared=...): maxsize={maxsize!r} is more entries than any process "
-            f"can hold, so the cache is unbounded in practice. {fix}"
+            f"request_memo(shared=...): maxsize={maxsize!r} is not a finite bound any process "
+            f"could reach, so the cache is unbounded in practice. {fix}"
         )
     return cache
 
@@ -134,7 +134,17 @@ class SharedTier:
         self, key: Hashable, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """The shared value at ``key``, computed once across requests and threads."""
-        return _flight.run(self, key, fn, args, kwargs, self, None)
+        value = self._hit(key)
+        if value is MISSING:
+            value = _flight.run(self, key, fn, args, kwargs, self, None)
+        return value
+
+    def _hit(self, key: Hashable) -> Any:
+        with self._lock:  # cachetools caches reorder on reads: never read without it
+            value = self._lookup(key)
+            if value is not MISSING:
+                self.hits += 1
+            return value
 
     async def get_async(
         self,
@@ -144,7 +154,10 @@ class SharedTier:
         kwargs: dict[str, Any],
     ) -> Any:
         """The async twin of ``get``."""
-        return await _flight.run_async(self, key, fn, args, kwargs, self, None)
+        value = self._hit(key)
+        if value is MISSING:
+            value = await _flight.run_async(self, key, fn, args, kwargs, self, None)
+        return value
 
     def clear(self, spec: object) -> None:
         """Drop one function's entries (their keys are ``(spec, key)``)."""

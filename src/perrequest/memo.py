@@ -41,7 +41,7 @@ _KWARGS: Any = object()
 # Names warned about outside a scope, once each; bounded, like everything here.
 _warned: set[str] = set()
 _WARNED_MAX = 10_000
-_warned_lock = threading.Lock()
+_warned_lock = threading.RLock()
 
 
 class CacheInfo(NamedTuple):
@@ -343,6 +343,8 @@ class _MemoSpec:
         shared = self.shared
         if shared is None:
             return CacheInfo(hits, misses, self.max_entries, currsize)
+        if store is None:  # zeros outside a scope, the shared tier's too (DESIGN.md)
+            return SharedCacheInfo(hits, misses, self.max_entries, 0, 0, 0, shared.maxsize, 0)
         return SharedCacheInfo(
             hits, misses, self.max_entries, currsize,
             shared.hits, shared.misses, shared.maxsize, len(shared.cache),
@@ -407,9 +409,10 @@ def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
                 try:
                     return lookup(store, key)
                 except (KeyError, TypeError):
-                    counter = prepare(store, key, args, kwargs)
-                    if counter is not None:
-                        return await run(store, (spec, key), fn, args, kwargs, counter, anchor)
+                    pass  # a miss: handled below, so that its errors carry no KeyError context
+                counter = prepare(store, key, args, kwargs)
+                if counter is not None:
+                    return await run(store, (spec, key), fn, args, kwargs, counter, anchor)
             return await outside(args, kwargs, key)
 
         return memo_async
@@ -421,9 +424,10 @@ def _make_wrapper(spec: _MemoSpec) -> Callable[..., Any]:
             try:
                 return lookup(store, key)
             except (KeyError, TypeError):
-                counter = prepare(store, key, args, kwargs)
-                if counter is not None:
-                    return run(store, (spec, key), fn, args, kwargs, counter, anchor)
+                pass  # a miss: handled below, so that its errors carry no KeyError context
+            counter = prepare(store, key, args, kwargs)
+            if counter is not None:
+                return run(store, (spec, key), fn, args, kwargs, counter, anchor)
         return outside(args, kwargs, key)
 
     return memo

@@ -13,11 +13,13 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextvars import ContextVar
 from types import CoroutineType, TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
+from . import _gc_guard
 from ._flight import MISSING
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats, check_max_entries, listeners
@@ -40,12 +42,16 @@ OnClose = Callable[[ScopeStats], object]
 logger = logging.getLogger("perrequest")
 
 _current: ContextVar[MemoStore | None] = ContextVar("perrequest.store", default=None)
+_gc_guard.install(_current)  # finalizers run by the garbage collector see no store
 
 # One item per open scope. list.append and list.pop are atomic, so counting
 # costs no lock on the path every request takes.
 _live: list[None] = []
-_listeners_lock = threading.Lock()
-_entering = threading.Lock()
+_now = time.perf_counter
+# Reentrant, as every lock here: a collection may start inside the block, and run
+# a finalizer that takes the lock again.
+_listeners_lock = threading.RLock()
+_entering = threading.RLock()
 
 NO_SCOPE_HINT = (
     "Add perrequest's RequestScopeMiddleware to the app, or wrap the code in "
@@ -60,40 +66,47 @@ def open_scope(
     max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
 ) -> MemoStore:
     """Make a new store and make it the active one in the current context."""
-    store = MemoStore(max_entries)
-    store._on_close = on_close
+    store = MemoStore(max_entries, on_close)
     _live.append(None)
     store._token = _current.set(store)
     return store
 
 
 def leave_scope(store: MemoStore) -> None:
-    """Restore, in this context, what was active before ``open_scope``; the scope stays open."""
+    """Restore, in this context, what was active before ``open_scope``; the scope stays open.
+
+    Only while the store is the active one here: a scope opened since (another
+    request's body iterated in the same thread, say) is left alone.
+    """
     token, store._token = store._token, None
-    if token is None:
+    if token is None or _current.get() is not store:
         return
     try:
         _current.reset(token)
-    except ValueError:
-        # Another context than the one the scope was opened in (a generator closed
-        # by another task): undo our own store there, and nothing that is not ours.
-        if _current.get() is store:
-            _current.set(None if token.old_value is token.MISSING else token.old_value)
+    except ValueError:  # another context than the one the scope was opened in
+        _current.set(None if token.old_value is token.MISSING else token.old_value)
 
 
 def close_scope(store: MemoStore) -> None:
     """End the scope: restore the previous store if this one is active here, clear it,
-    then log its stats at DEBUG, call ``on_close`` and the listeners. Idempotent."""
+    then log its stats at DEBUG, call ``on_close`` and the listeners. Idempotent.
+
+    Runs for every request, so what nobody needs is skipped: a store nothing
+    was written to, that nobody listens to, just closes.
+    """
     if store._closed:
         return
     if store._token is not None:
         leave_scope(store)
     on_close = store._on_close
     debug = logger.isEnabledFor(logging.DEBUG)
-    stats = store._shut(debug or on_close is not None or bool(listeners))
-    _live.pop()
-    if stats is None:
+    if store._lock is None and on_close is None and not debug and not listeners:
+        store._closed_at = _now()
+        store._closed = True
+        _live.pop()
         return
+    stats = store._shut(True)
+    _live.pop()
     if debug:
         logger.debug("request scope closed: %s", stats)
     for listener in (on_close, *listeners) if on_close is not None else tuple(listeners):
@@ -370,5 +383,5 @@ REQUEST_KEY = "perrequest.store"
 
 def opened_outside(request: Mapping[str, Any]) -> bool:
     """True when an outer perrequest layer opened this request's scope, still active here."""
-    current = _current.get()
-    return current is not None and not current._closed and request.get(REQUEST_KEY) is current
+    outer: MemoStore | None = request.get(REQUEST_KEY)
+    return outer is not None and outer is _current.get() and not outer._closed

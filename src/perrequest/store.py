@@ -18,7 +18,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, ItemsView, Iterator, Mapping, MutableMapping
+from collections.abc import (
+    Callable,
+    Hashable,
+    ItemsView,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    ValuesView,
+)
 from contextvars import Token
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -37,7 +45,7 @@ T = TypeVar("T")
 # The owner of helper entries; memo entries are owned by their function's spec.
 HELPERS: Final = "perrequest.helpers"
 # Serialises the first write's set-up of one store with another thread's.
-_setup = threading.Lock()
+_setup = threading.RLock()
 _NO_STATS: Mapping[str, FunctionStats] = MappingProxyType({})
 _OTHER = "(other functions)"  # counters beyond max_entries distinct function names
 
@@ -62,6 +70,9 @@ class ScopeStats:
     evictions: int
     duration_s: float
     functions: Mapping[str, FunctionStats] = field(default_factory=lambda: _NO_STATS)
+
+
+_EMPTY = ScopeStats(0, 0, 0, 0, 0, 0.0)
 
 
 class Counter:
@@ -150,17 +161,21 @@ class MemoStore(MutableMapping[Hashable, Any]):
     _order: OrderedDict[int, tuple[object, Hashable]]
     _peak: int
     _closed_at: float  # set by _shut
+    _final: ScopeStats
 
-    def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(
+        self,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
+        on_close: Callable[[ScopeStats], object] | None = None,
+    ) -> None:
         if max_entries is not None and (type(max_entries) is not int or max_entries <= 0):
             check_max_entries(max_entries)
         self._max_entries = max_entries
+        self._on_close = on_close
         self._subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None = None
         self._lock: Any = None  # a threading.RLock once written to
         self._closed = False
-        self._on_close: Callable[[ScopeStats], object] | None = None
         self._token: Token[MemoStore | None] | None = None  # set by the scope that opens it
-        self._final: ScopeStats | None = None
         self._opened_at = time.perf_counter()
 
     # -- Mapping ---------------------------------------------------------------
@@ -198,6 +213,10 @@ class MemoStore(MutableMapping[Hashable, Any]):
     def items(self) -> ItemsView[Hashable, Any]:
         """A view whose iteration is a snapshot, and does not refresh recency."""
         return _SnapshotItems(self)
+
+    def values(self) -> ValuesView[Any]:
+        """A view whose iteration is a snapshot, and does not refresh recency."""
+        return _SnapshotValues(self)
 
     def _pairs(self) -> list[tuple[Hashable, Any]]:
         pairs: list[tuple[Hashable, Any]] = []
@@ -242,7 +261,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
             if not self._order:
                 raise KeyError("popitem(): the store is empty")
             self._peak = max(self._peak, len(self._order))
-            owner, key, value, _ = self._drop_oldest()
+            owner, key, value, _ = self._drop(last=True)  # the most recent, as dict does
             return (key if owner is HELPERS else MemoKey(owner, key)), value
 
     def clear(self) -> None:
@@ -252,9 +271,12 @@ class MemoStore(MutableMapping[Hashable, Any]):
                     self._remove(owner, sub, key)
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
-        if type(key) is MemoKey:
-            raise _memo_key_write(key)
         with self._writable(key):
+            if type(key) is MemoKey:  # read it, never write it
+                value = self._lookup(self._split(key))
+                if value is MISSING:
+                    raise _memo_key_write(key)
+                return value
             value = self._lookup((HELPERS, key))
             if value is MISSING:
                 self._fill((HELPERS, key), default, self._helpers, None)
@@ -280,7 +302,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
     @property
     def stats(self) -> ScopeStats:
         """Hits, misses, entries, peak, evictions and age; once closed, the final stats."""
-        return self._final or self._snapshot()
+        return getattr(self, "_final", None) or self._snapshot()
 
     def get_or_set(self, key: Hashable, factory: Callable[[], T]) -> T:
         """The value at ``key``, calling ``factory()`` once to fill it if missing.
@@ -288,10 +310,10 @@ class MemoStore(MutableMapping[Hashable, Any]):
         Counted in ``stats``. Threads sharing this store that miss the same key
         wait for one call of ``factory`` instead of making their own.
         """
-        if type(key) is MemoKey:
-            raise _memo_key_write(key)
         self._writable(key)
-        value = self._lookup((HELPERS, key))  # an unhashable key fails here
+        value = self._lookup(self._split(key))  # an unhashable key fails here
+        if value is MISSING and type(key) is MemoKey:
+            raise _memo_key_write(key)
         if value is not MISSING:
             self._helpers.hits += 1
             return value  # type: ignore[no-any-return]
@@ -311,18 +333,20 @@ class MemoStore(MutableMapping[Hashable, Any]):
         """
         lock: threading.RLock | None = self._lock
         if lock is None:
+            # Made before taking _setup: an allocation under it could start a collection
+            # whose finalizers write to a new store, and so take _setup again.
+            timed = self._on_close is not None or observed()
+            fresh: tuple[Any, ...] = (
+                OrderedDict(), {}, {}, Counter(timed), {HELPERS: {}}, threading.RLock()
+            )  # fmt: skip
             with _setup:
                 lock = self._lock
                 if lock is None:
-                    self._order = OrderedDict()
-                    self._flights = {}
-                    self._counters = {}
-                    timed = self._on_close is not None or observed()
-                    self._helpers = Counter(timed)
+                    self._order, self._flights, self._counters, self._helpers, subs, new = fresh
                     self._next_id = self._evictions = self._peak = 0
                     self._bound = sys.maxsize if self._max_entries is None else self._max_entries
-                    self._subs = {HELPERS: {}}
-                    lock = self._lock = threading.RLock()
+                    self._subs = subs
+                    lock = self._lock = new
         if self._closed:
             raise ScopeClosed(
                 f"cannot write {what!r}: this MemoStore belongs to a request scope that has "
@@ -395,15 +419,15 @@ class MemoStore(MutableMapping[Hashable, Any]):
                 self._evicted(entry[1])
         if len(order) > self._bound:
             self._peak = self._bound
-            self._evicted(self._drop_oldest()[3])
+            self._evicted(self._drop(last=False)[3])
 
     def _evicted(self, counter: Counter) -> None:
         counter.evictions += 1
         self._evictions += 1
 
-    def _drop_oldest(self) -> tuple[object, Hashable, Any, Counter]:
-        """Remove the least recently used entry; lock held."""
-        _, (owner, key) = self._order.popitem(last=False)
+    def _drop(self, last: bool) -> tuple[object, Hashable, Any, Counter]:
+        """Remove the most (``last``) or least recently used entry; lock held."""
+        _, (owner, key) = self._order.popitem(last=last)
         sub = self._subs[owner]  # type: ignore[index]
         value, counter, _, _ = sub.pop(key)
         if not sub and owner is not HELPERS:
@@ -449,8 +473,9 @@ class MemoStore(MutableMapping[Hashable, Any]):
             ),
         )
 
-    def _shut(self, want_stats: bool) -> ScopeStats | None:
-        """Close and empty the store; return the final stats when ``want_stats``.
+    def _shut(self, want_stats: bool) -> ScopeStats:
+        """Close and empty the store; the final stats, computed when ``want_stats`` or
+        something was written (and then kept, for ``stats``).
 
         In-flight computations are left alone: each one releases its own
         waiters when it ends, and a closed store stores nothing.
@@ -459,14 +484,14 @@ class MemoStore(MutableMapping[Hashable, Any]):
         self._closed = True
         lock = self._lock
         if lock is None:  # nothing was ever written: the stats are all zeros
-            return self._snapshot() if want_stats else None
+            return self._snapshot() if want_stats else _EMPTY
         with lock:
             # Kept, so that a computation still in flight cannot change them later.
-            self._final = self._snapshot()
+            final = self._final = self._snapshot()
             self._subs = None
             self._order.clear()
             self._counters.clear()
-            return self._final
+            return final
 
 
 class _SnapshotItems(ItemsView[Hashable, Any]):
@@ -474,6 +499,13 @@ class _SnapshotItems(ItemsView[Hashable, Any]):
 
     def __iter__(self) -> Iterator[tuple[Hashable, Any]]:
         return iter(self._mapping._pairs())
+
+
+class _SnapshotValues(ValuesView[Any]):
+    _mapping: MemoStore
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter([value for _, value in self._mapping._pairs()])
 
 
 def _memo_key_write(key: MemoKey) -> TypeError:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from .scope import live_scopes, request_scope
 from .store import MemoStore
 
-__all__ = ["assert_no_live_scopes", "live_scopes", "memo_scope"]
+__all__ = ["assert_no_live_scopes", "live_scopes"]
 
 
 def assert_no_live_scopes() -> None:
@@ -36,3 +36,5 @@ else:
         """Run the test inside a fresh request scope and yield its store."""
         with request_scope() as store:
             yield store
+
+    __all__ += ["memo_scope"]

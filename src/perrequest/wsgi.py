@@ -6,8 +6,8 @@ is produced, so a lazy or streaming body (a generator, Flask's
 ``close()`` on the response (PEP 3333: also when the client went away
 mid-body), or when the app raises. A list, a tuple or the server's
 ``wsgi.file_wrapper`` runs none of the app's code later: the scope closes as
-the app returns and the body is passed on untouched. The ContextVar
-is reset before control returns to the server, so a pooled worker thread
+the app returns and the body is passed on untouched. The ContextVar is
+reset before control returns to the server, so a pooled worker thread
 (gunicorn ``gthread``) never carries a store into its next request.
 
 Any WSGI app: ``app = RequestScopeMiddleware(app)``. Flask: ``perrequest.flask.PerRequest``.
@@ -73,7 +73,7 @@ class RequestScopeMiddleware:
         except BaseException:
             close_scope(store)
             raise
-        leave_scope(store)
+        leave_scope(store)  # the server's thread holds no store between the steps
         wrapper = environ.get("wsgi.file_wrapper")
         if type(body) in (list, tuple) or (isinstance(wrapper, type) and isinstance(body, wrapper)):
             # Nothing of the app's runs later: end the scope now, and hand the body
@@ -87,11 +87,13 @@ class RequestScopeMiddleware:
 class ScopedBody:
     """A response body produced with its scope active; ``close()`` ends the scope.
 
-    The body's own ``close`` runs with the scope active, then the scope closes.
-    A body the server never closes (against PEP 3333) ends its scope when it is
-    garbage collected, and only the scope: the app's own close hooks (Flask's
-    ``call_on_close``, a generator's ``finally``) run as they would have
-    without perrequest, which is not at all.
+    Each chunk is produced, and the body's own ``close`` run, with the store
+    made active around it, in whatever thread the server does it; between
+    them the server's thread holds no store. A body the server never closes
+    (against PEP 3333) ends its scope when it is garbage collected, and only
+    the scope: the app's own close hooks (Flask's ``call_on_close``, a
+    generator's ``finally``) run as they would have without perrequest, which
+    is not at all.
     """
 
     __slots__ = ("_body", "_chunks", "_store")
@@ -106,7 +108,7 @@ class ScopedBody:
         return iter(()) if store is None else _produce(self._body, store, self)
 
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator
-        if self._chunks is None:
+        if self._chunks is None:  # no reference to self: no cycle
             store = self._store
             self._chunks = iter(()) if store is None else _produce(self._body, store, None)
         return next(self._chunks)

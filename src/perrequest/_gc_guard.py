@@ -1,0 +1,84 @@
+"""Code that a garbage collection runs sees no store.
+
+A streaming body abandoned on a client disconnect is often kept alive by a
+reference cycle (anyio's task-group callback keeps the ``CancelledError``
+whose traceback holds the response and its body), so its ``finally`` runs
+when the collector finds the cycle: a generator is closed by the collector
+itself, an async generator by the event loop's finalizer hook, which
+schedules ``aclose()`` in a copy of the context of the moment. Either way in
+the context of whatever code the collection interrupted: another request's.
+
+A ``gc.callbacks`` hook hides the active store (sets the ContextVar to None)
+while each collection runs and restores it afterwards, so ``__del__``,
+generator cleanups, weakref callbacks and the ``aclose()`` tasks scheduled
+meanwhile run outside any scope. CPython runs one collection at a time, with
+its callbacks and finalizers, in one thread and context, so one slot holds
+the token of the collection in progress.
+
+CPython 3.11 starts a collection inside an allocation, possibly in the middle
+of a contextvars operation holding a borrowed pointer to the context's
+variable mapping, which hiding the store replaces. A ``copy_context()`` taken
+first keeps that mapping alive until the operation has certainly returned. No
+other thread can start a collection while it runs (one holds the GIL from the
+end of a collection to the end of the operation), and while it runs, its
+thread's innermost Python frame stays at the same instruction: a collection
+that starts anywhere else proves it has returned, and drops the copies. So
+at most the contexts of one operation are kept, not every request's. CPython
+3.12+ collects between bytecodes, and needs none of that.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import gc
+import inspect
+import sys
+import threading
+from contextvars import ContextVar, Token
+from typing import Any
+
+_COLLECTS_INSIDE_ALLOCATIONS = sys.version_info < (3, 12)
+_keep: list[contextvars.Context] = []
+_kept_at: tuple[int, int, int] | None = None  # (thread, frame, instruction)
+_hidden: Token[Any] | None = None
+_var: ContextVar[Any] | None = None
+
+
+def _hide_during_collections(phase: str, info: dict[str, Any]) -> None:
+    global _hidden
+    var = _var
+    if var is None:
+        return
+    if phase == "start":
+        if var.get() is None:
+            return  # nothing to hide: leave the context untouched
+        if _COLLECTS_INSIDE_ALLOCATIONS:
+            _keep_mapping_alive()
+        _hidden = var.set(None)
+    elif _hidden is not None:
+        token, _hidden = _hidden, None
+        try:
+            var.reset(token)
+        except ValueError:  # another context than at "start": cannot happen, never fail
+            var.set(token.old_value)
+
+
+def _keep_mapping_alive() -> None:
+    """3.11: keep the current mapping alive, and drop what earlier operations needed."""
+    global _kept_at
+    hook = inspect.currentframe()
+    frame = hook.f_back.f_back if hook and hook.f_back else None  # the interrupted code
+    at = (threading.get_ident(), id(frame), frame.f_lasti if frame else -1)
+    if at != _kept_at:
+        _keep.clear()
+        _kept_at = at
+    if len(_keep) < 64:  # one operation allocates a few dozen objects at most
+        _keep.append(contextvars.copy_context())  # shares the current mapping
+
+
+def install(var: ContextVar[Any]) -> None:
+    """Hide ``var`` (the active store, or None) from everything collections run."""
+    global _var
+    _var = var
+    if _hide_during_collections not in gc.callbacks:
+        gc.callbacks.append(_hide_during_collections)

@@ -1,0 +1,226 @@
+"""Code a garbage collection runs never sees the store of the request it interrupted.
+
+Unit tests of the gc.callbacks hook; tests/test_stream_cleanup.py has the real servers.
+
+DESIGN.md, Lifetime: "Code of one request that runs after its response (a
+streaming body's cleanup after a client disconnect, run later by the garbage
+collector or an async-generator finalizer; a late callback) never reads or
+writes another request's store." Known traps: the abandoned body is in a
+reference cycle (anyio's task-group ``task_done`` keeps the CancelledError whose
+traceback holds the response), so its ``finally`` runs inside a collection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import random
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import perrequest
+from perrequest import _gc_guard
+from perrequest.scope import _current
+
+
+class _Cycle:
+    """Garbage in a reference cycle whose finalizer reports what it sees."""
+
+    def __init__(self, seen: list[object]) -> None:
+        self.me = self
+        self.seen = seen
+
+    def __del__(self) -> None:
+        self.seen.append(perrequest.get("rid", "no store"))
+
+
+def test_the_hook_is_installed_at_import() -> None:
+    assert gc.callbacks.count(_gc_guard._hide_during_collections) == 1
+
+
+def test_a_finalizer_run_by_a_collection_sees_no_store_and_the_store_comes_back() -> None:
+    seen: list[object] = []
+    with perrequest.request_scope() as store:
+        perrequest.set("rid", "B")
+        _Cycle(seen)
+        gc.collect()
+        assert perrequest.current_store() is store
+        assert perrequest.get("rid") == "B"
+    assert seen == ["no store"]
+    assert _gc_guard._hidden is None
+
+
+def test_a_token_made_before_a_collection_resets_after_it() -> None:
+    with perrequest.request_scope() as store:
+        token = _current.set(None)
+        _current.reset(token)
+        token = _current.set(store)
+        gc.collect()
+        _current.reset(token)
+        assert perrequest.current_store() is store
+
+
+def test_an_abandoned_sync_generator_closed_by_the_collector_sees_no_store() -> None:
+    seen: list[object] = []
+
+    def body(rid: str) -> Iterator[bytes]:
+        try:
+            while True:
+                yield b"x"
+        finally:
+            seen.append((rid, perrequest.get("rid", "no store")))
+
+    with perrequest.request_scope():
+        perrequest.set("rid", "A")
+        gen = body("A")
+        next(gen)
+        holder: list[object] = [gen]
+        holder.append(holder)  # a cycle, as anyio's task_done makes
+        del gen, holder
+    with perrequest.request_scope():
+        perrequest.set("rid", "B")
+        gc.collect()  # "another request" triggers the collection
+    assert seen == [("A", "no store")]
+
+
+def test_an_abandoned_async_generator_is_closed_outside_any_scope() -> None:
+    """The loop's finalizer hook fires inside the collection and schedules aclose()
+    in a copy of the current context: the store is hidden in that copy too."""
+    seen: list[object] = []
+
+    async def body(rid: str) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"x"
+        finally:
+            seen.append((rid, perrequest.get("rid", "no store")))
+
+    async def main() -> None:
+        with perrequest.request_scope():
+            perrequest.set("rid", "A")
+            agen = body("A")
+            await agen.__anext__()
+            holder: list[object] = [agen]
+            holder.append(holder)
+            del agen, holder
+        with perrequest.request_scope():
+            perrequest.set("rid", "B")
+            gc.collect()
+            for _ in range(5):
+                await asyncio.sleep(0)  # the aclose() task runs, still inside B
+            assert perrequest.get("rid") == "B"
+
+    asyncio.run(main())
+    assert seen == [("A", "no store")]
+
+
+def test_a_finalizer_may_open_its_own_scope() -> None:
+    seen: list[object] = []
+
+    class Opens:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            with perrequest.request_scope():
+                perrequest.set("rid", "own")
+                seen.append(perrequest.get("rid"))
+            seen.append(perrequest.get("rid", "no store"))
+
+    with perrequest.request_scope():
+        perrequest.set("rid", "B")
+        Opens()
+        gc.collect()
+        assert perrequest.get("rid") == "B"
+    assert seen == ["own", "no store"]
+
+
+def test_install_is_idempotent_and_without_the_hook_the_finalizer_sees_the_store() -> None:
+    _gc_guard.install(_current)
+    assert gc.callbacks.count(_gc_guard._hide_during_collections) == 1
+    gc.callbacks.remove(_gc_guard._hide_during_collections)
+    try:
+        seen: list[object] = []
+        with perrequest.request_scope():
+            perrequest.set("rid", "B")
+            _Cycle(seen)
+            gc.collect()
+        assert seen == ["B"]  # what happens without the hook: another request's store
+    finally:
+        _gc_guard.install(_current)
+    assert gc.callbacks.count(_gc_guard._hide_during_collections) == 1
+
+
+def test_no_store_outside_a_scope_leaves_the_context_untouched() -> None:
+    before = contextvars.copy_context()
+    gc.collect()
+    assert _current not in before or before[_current] is None
+    assert _current.get() is None
+    assert _gc_guard._hidden is None
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.11 collects inside allocations")
+def test_collections_inside_contextvars_operations_keep_the_mapping_alive() -> None:
+    """Tiny threshold: collections start inside ContextVar.set/reset/copy_context of
+    threads that have a store, with finalizers that allocate (so the next collection
+    starts inside the same operation). Without the keep-alive copies this corrupts the
+    context or crashes (see stress_gc_hook.py --no-keepalive)."""
+    variables = [contextvars.ContextVar(f"v{i}") for i in range(40)]
+    errors: list[str] = []
+    stop = threading.Event()
+
+    class Garbage:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            if _current.get() is not None:
+                errors.append("a finalizer saw a store")
+            junk = [[i] for i in range(40)]
+            del junk
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        mine: dict[contextvars.ContextVar[object], object] = {}
+        while not stop.is_set():
+            with perrequest.request_scope() as store:
+                for _ in range(100):
+                    var = rnd.choice(variables)
+                    value = object()
+                    if rnd.random() < 0.5:
+                        token = var.set(value)
+                        Garbage()
+                        var.reset(token)
+                    else:
+                        var.set(value)
+                        mine[var] = value
+                        Garbage()
+                        contextvars.copy_context()
+                    if _current.get() is not store:
+                        errors.append("the store was lost")
+                    if any(v.get(None) is not val for v, val in mine.items()):
+                        errors.append("a variable changed")
+
+    old = gc.get_threshold()
+    gc.set_threshold(5, 2, 2)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and not errors:
+            gc.collect(0)
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        gc.set_threshold(*old)
+    assert not errors, errors[:5]
+    assert _gc_guard._hidden is None
+    assert len(_gc_guard._keep) <= 64

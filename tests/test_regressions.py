@@ -1,0 +1,368 @@
+"""Each defect found in the core before its rewrite (issue 11), as a test that failed then.
+
+Defect 2 (a stream's cleanup in another request's scope) has its own file,
+tests/test_stream_cleanup.py, with real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import cachetools
+import httpx
+import pytest
+import regression_apps
+from flask import Flask, Response
+from servers import serve_gunicorn, serve_uvicorn
+
+import perrequest
+from perrequest import (
+    PerRequestError,
+    UnhashableArguments,
+    bind_scope,
+    request_memo,
+    request_scope,
+)
+from perrequest.flask import PerRequest
+from perrequest.testing import live_scopes
+from perrequest.wsgi import RequestScopeMiddleware
+
+# -- 1. closing a scope never strands a waiter --------------------------------------
+
+
+def _wait_until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_closing_a_scope_while_a_thread_waits_for_another_releases_both() -> None:
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    @request_memo
+    def slow(key: int) -> int:
+        calls.append(key)
+        started.set()
+        release.wait(5)
+        return key * 10
+
+    pool = ThreadPoolExecutor(2)
+    try:
+        with request_scope() as store:
+            computing = pool.submit(bind_scope(slow), 1)
+            assert started.wait(5)
+            waiting = pool.submit(bind_scope(slow), 1)
+            _wait_until(lambda: store.stats.hits == 1)  # the second thread waits
+        assert store.closed  # the request ended while both are in flight
+        release.set()
+        assert computing.result(5) == 10 and waiting.result(5) == 10
+        assert calls == [1]
+    finally:
+        release.set()
+        pool.shutdown(wait=False)
+
+
+def test_closing_a_scope_while_threads_wait_in_get_or_set_releases_them() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def factory() -> str:
+        started.set()
+        release.wait(5)
+        return "value"
+
+    pool = ThreadPoolExecutor(4)
+    try:
+        with request_scope() as store:
+            get = bind_scope(lambda: perrequest.get_or_set("k", factory))
+            futures = [pool.submit(get)]
+            assert started.wait(5)
+            futures += [pool.submit(get) for _ in range(3)]
+            _wait_until(lambda: store.stats.hits == 3)
+        release.set()
+        assert [f.result(5) for f in futures] == ["value"] * 4
+    finally:
+        release.set()
+        pool.shutdown(wait=False)
+
+
+async def test_closing_a_scope_while_a_task_waits_for_another_releases_both() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @request_memo
+    async def slow(key: int) -> int:
+        started.set()
+        await release.wait()
+        return key
+
+    async with request_scope() as store:
+        first = asyncio.create_task(slow(1))
+        await started.wait()
+        second = asyncio.create_task(slow(1))
+        await asyncio.sleep(0)
+    assert store.closed
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [1, 1]
+
+
+def _no_thread_stuck(base: str) -> None:
+    with httpx.Client(base_url=base, timeout=10) as client:
+        for n in range(8):
+            assert client.get(f"/hand-off/k{n}").status_code == 200
+        deadline = time.monotonic() + 10
+        counts = client.get("/stuck").json()
+        while counts["finished"] < 16 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            counts = client.get("/stuck").json()
+    assert counts == {"inside": 0, "finished": 16}
+
+
+def test_no_pool_thread_stays_blocked_under_gunicorn_gthread_and_flask() -> None:
+    with serve_gunicorn("regression_apps:flask_app", worker_class="gthread", threads=8) as base:
+        _no_thread_stuck(base)
+
+
+def test_no_default_executor_thread_stays_blocked_under_uvicorn() -> None:
+    with serve_uvicorn(regression_apps.starlette_app) as base:
+        _no_thread_stuck(base)
+
+
+# -- 3. the shared tier never hands another request the original exception ------------
+
+
+class StatusError(Exception):
+    """Like httpx.HTTPStatusError: an extra __init__ parameter, so args cannot rebuild it."""
+
+    def __init__(self, message: str, *, response: object) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+class PlainError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [StatusError, PlainError])
+def test_a_waiter_in_another_request_gets_a_detached_error(error: type[Exception]) -> None:
+    started, release = threading.Event(), threading.Event()
+    secret = object()
+
+    @request_memo(shared=cachetools.LRUCache(100))
+    def fetch(key: str) -> str:
+        request_local = secret  # noqa: F841 - a local of the computing request's frame
+        started.set()
+        release.wait(5)
+        if error is StatusError:
+            raise StatusError("502 from upstream", response=secret)
+        raise PlainError("upstream down")
+
+    raised: dict[str, BaseException] = {}
+
+    @request_scope()
+    def request(name: str) -> None:
+        try:
+            fetch("k")
+        except Exception as exc:
+            raised[name] = exc
+
+    computing = threading.Thread(target=request, args=("computing",))
+    computing.start()
+    assert started.wait(5)
+    waiting = threading.Thread(target=request, args=("waiting",))
+    waiting.start()
+    info = request_scope()(lambda: fetch.cache_info())  # type: ignore[attr-defined]
+    _wait_until(lambda: info().shared_hits == 1)
+    release.set()
+    computing.join(5)
+    waiting.join(5)
+    original, copy = raised["computing"], raised["waiting"]
+    assert copy is not original
+    assert type(copy) in (error, perrequest.SharedComputationError)
+    assert error.__name__ in f"{type(copy).__name__} {copy}"
+    assert copy.__cause__ is None and copy.__context__ is None
+    frames = [frame for frame, _ in traceback.walk_tb(copy.__traceback__)]
+    assert frames and all("request_local" not in f.f_locals for f in frames)
+    assert all(secret not in f.f_locals.values() for f in frames)  # none of its frames
+    if isinstance(copy, perrequest.SharedComputationError):
+        assert isinstance(copy, PerRequestError) and "502 from upstream" in str(copy)
+    else:
+        assert str(copy) == "upstream down"
+
+
+# -- 4. a long scope stays within its bound, bookkeeping included --------------------
+
+
+def test_a_helper_defined_per_message_keeps_nothing_beyond_the_bound() -> None:
+    """A websocket or a long job: one scope, a memoized helper defined per message."""
+    refs: list[weakref.ref[Any]] = []
+
+    def handle(message: int) -> int:
+        blob = bytearray(10_000)  # what the helper's closure keeps
+
+        @request_memo
+        def helper(x: int) -> int:
+            return len(blob) + x
+
+        refs.append(weakref.ref(helper))
+        return helper(message)
+
+    with request_scope(max_entries=100) as store:
+        for message in range(5_000):
+            assert handle(message) == 10_000 + message
+        assert len(store) == 100
+        assert store._subs is not None and len(store._subs) <= 101  # one per entry at most
+        assert len(store._counters) == 1  # counted by name: the same helper each time
+        gc.collect()
+        assert sum(ref() is not None for ref in refs) <= 100
+    assert store._subs is None and not store._counters and not store._flights
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) == 0  # a closed store holds no function
+
+
+def test_function_names_beyond_the_bound_share_one_counter() -> None:
+    with request_scope(max_entries=10) as store:
+        for n in range(50):
+
+            def fn(x: int) -> int:
+                return x
+
+            fn.__qualname__ = f"fn{n}"
+            request_memo(fn)(1)
+        assert len(store._counters) <= 11
+        assert sum(s.misses for s in store.stats.functions.values()) == 50
+
+
+# -- 6 to 9, 11: clear errors -----------------------------------------------------------
+
+
+def test_unhashable_arguments_after_another_memo_ran_in_the_request() -> None:
+    @request_memo
+    def first(x: int) -> int:
+        return x
+
+    @request_memo
+    def second(items: list[int]) -> int:
+        return len(items)
+
+    with request_scope():
+        first(1)
+        second.__wrapped__([1])
+        with pytest.raises(UnhashableArguments, match="'items'"):
+            second([1])
+        with pytest.raises(UnhashableArguments, match="'items'"):
+            second([1])  # and again, once the function has entries of its own
+
+
+def _gen() -> Iterator[int]:
+    yield 1
+
+
+async def _agen() -> Any:
+    yield 1
+
+
+def test_bind_scope_refuses_generators_and_async_generators() -> None:
+    with request_scope():
+        with pytest.raises(TypeError, match="a generator function"):
+            bind_scope(_gen)
+        with pytest.raises(TypeError, match="an async generator function"):
+            bind_scope(_agen)
+
+
+def test_typed_with_key_is_refused_at_decoration() -> None:
+    with pytest.raises(TypeError, match="typed=True"):
+        request_memo(typed=True, key=lambda x: x)
+
+
+def test_a_shared_cache_too_large_to_bound_anything_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="maxsize"):
+        request_memo(shared=cachetools.LRUCache(10**400))
+
+
+def test_testing_helpers_import_without_pytest() -> None:
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"
+        "from perrequest.testing import *\n"
+        "assert_no_live_scopes(); print(live_scopes())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+
+
+# -- 10. a WSGI body the server never closes ---------------------------------------------
+
+
+def _environ() -> dict[str, Any]:
+    return {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "SERVER_NAME": "x", "SERVER_PORT": "80"}
+
+
+def test_a_cyclic_body_never_closed_ends_only_its_scope_when_collected() -> None:
+    hooks: list[str] = []
+
+    class CyclicBody:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __iter__(self) -> Iterator[bytes]:
+            return iter([b"x"])
+
+        def close(self) -> None:
+            hooks.append("close")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return CyclicBody()
+
+    body: Any = RequestScopeMiddleware(app)(_environ(), lambda *a: None)
+    assert list(body) == [b"x"] and live_scopes() == 1
+    del body  # the server never calls close()
+    gc.collect()
+    assert live_scopes() == 0 and hooks == []  # the scope only, not the app's close
+
+
+def test_flask_call_on_close_does_not_run_on_the_collection_path() -> None:
+    hooks: list[str] = []
+    app = Flask("never-closed")
+    PerRequest(app)
+
+    @app.get("/")
+    def index() -> Response:
+        response = Response(iter([b"a", b"b"]))
+        response.call_on_close(lambda: hooks.append("call_on_close"))
+        return response
+
+    body: Any = app.wsgi_app(
+        {**_environ(), "wsgi.url_scheme": "http", "wsgi.input": None}, lambda *a: None
+    )
+    assert b"".join(body) == b"ab"
+    del body
+    gc.collect()
+    assert live_scopes() == 0 and hooks == []
+
+
+def test_a_body_without_a_cycle_ends_its_scope_without_the_collector() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        yield b"x"
+
+    gc.disable()
+    try:
+        body: Any = RequestScopeMiddleware(app)(_environ(), lambda *a: None)
+        chunks = iter(body)
+        assert next(chunks) == b"x"
+        del body, chunks
+        assert live_scopes() == 0
+    finally:
+        gc.enable()

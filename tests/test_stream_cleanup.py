@@ -1,0 +1,67 @@
+"""A streaming body abandoned on a client disconnect cleans up in its own scope or none.
+
+DESIGN.md, Lifetime: code of one request that runs after its response (a
+streaming body's cleanup after a disconnect, run later by the garbage
+collector or an async-generator finalizer) never reads or writes another
+request's store. Real servers, real sockets reset mid-body, and other
+requests in whose middle the collector runs (tests/stream_apps.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+
+import httpx
+import pytest
+from servers import HOST, free_port, serve_subprocess
+
+SERVERS = {
+    "uvicorn": ["-m", "uvicorn", "stream_apps:app", "--host", HOST, "--log-level", "warning"],
+    "hypercorn": ["-m", "hypercorn", "stream_apps:app", "--log-level", "warning"],
+    "granian": ["-m", "granian", "--interface", "asgi", "--host", HOST, "--log-level", "warning"],
+}
+DISCONNECTS = 30
+
+
+def _argv(server: str, port: int) -> list[str]:
+    argv = [sys.executable, *SERVERS[server]]
+    if server == "uvicorn":
+        argv += ["--port", str(port)]
+    elif server == "hypercorn":
+        argv += ["--bind", f"{HOST}:{port}"]
+    else:
+        argv += ["--port", str(port), "stream_apps:app"]
+    return argv
+
+
+def _read_part_then_reset(port: int, path: str) -> None:
+    """A client that reads the start of a long body, then goes away (RST)."""
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        received = 0
+        while received < 64 * 1024:
+            data = sock.recv(65536)
+            assert data, "the server closed the stream early"
+            received += len(data)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.mark.parametrize("body", ["sync", "async"])
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_abandoned_stream_cleanups_never_see_another_requests_store(server: str, body: str) -> None:
+    port = free_port()
+    with (
+        serve_subprocess(_argv(server, port), port) as base,
+        httpx.Client(base_url=base, timeout=10) as client,
+    ):
+        for n in range(DISCONNECTS):
+            _read_part_then_reset(port, f"/stream/{body}?rid=stream-{n}")
+            if n % 3 == 2:  # other requests, with collections in their middle
+                assert client.get("/collect", params={"rid": f"other-{n}"}).text == "True"
+        for n in range(3):
+            assert client.get("/collect", params={"rid": f"last-{n}"}).text == "True"
+        counts = client.get("/counts").json()
+    assert counts["other"] == 0, counts
+    assert counts["cleanups"] > 0, counts  # the scenario happened

@@ -6,6 +6,7 @@ never grow with the life of the process.
 """
 
 from ._shared import SharedComputationError
+from ._stats import FunctionStats, ScopeStats
 from .errors import NoActiveScope, PerRequestError, ScopeClosed, UnhashableArguments
 from .memo import CacheInfo, SharedCacheInfo, request_memo
 from .scope import (
@@ -20,7 +21,7 @@ from .scope import delete as delete
 from .scope import get as get
 from .scope import get_or_set as get_or_set
 from .scope import set as set
-from .store import DEFAULT_MAX_ENTRIES, FunctionStats, MemoStore, ScopeStats
+from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __version__ = "0.1.0"
 

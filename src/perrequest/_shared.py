@@ -159,6 +159,34 @@ class SharedTier:
             value = await _flight.run_async(self, key, fn, args, kwargs, self, None)
         return value
 
+    def run(
+        self,
+        store: Any,
+        where: Hashable,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        counter: Any,
+        anchor: Any,
+    ) -> Any:
+        """A request-store miss: single-flight in the request store, computed through
+        this cache, once across requests (``_flight.run``'s signature)."""
+        return _flight.run(store, where, self.get, (where, fn, args, kwargs), {}, counter, anchor)
+
+    async def run_async(
+        self,
+        store: Any,
+        where: Hashable,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        counter: Any,
+        anchor: Any,
+    ) -> Any:
+        return await _flight.run_async(
+            store, where, self.get_async, (where, fn, args, kwargs), {}, counter, anchor
+        )
+
     def clear(self, spec: object) -> None:
         """Drop one function's entries (their keys are ``(spec, key)``)."""
         with self._lock:

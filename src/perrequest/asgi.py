@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .scope import REQUEST_KEY, OnClose, check_on_close, close_scope, open_scope, opened_outside
-from .store import DEFAULT_MAX_ENTRIES, check_max_entries
+from ._checks import check_max_entries, check_on_close
+from .scope import REQUEST_KEY, OnClose, close_scope, open_scope, opened_outside
+from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
 

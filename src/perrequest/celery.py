@@ -38,8 +38,9 @@ from typing import Any, Final, NamedTuple
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
-from .scope import OnClose, check_on_close, close_scope, open_scope
-from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
+from ._checks import check_max_entries, check_on_close
+from .scope import OnClose, close_scope, open_scope
+from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __all__ = ["ScopedTask", "install"]
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from .scope import OnClose, check_on_close
-from .store import DEFAULT_MAX_ENTRIES, check_max_entries
+from ._checks import check_max_entries, check_on_close
+from .scope import OnClose
+from .store import DEFAULT_MAX_ENTRIES
 from .wsgi import RequestScopeMiddleware
 
 __all__ = ["EXTENSION_KEY", "PerRequest"]

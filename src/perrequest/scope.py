@@ -10,19 +10,26 @@ inherit it and concurrent requests never see each other's. ``open_scope``,
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextvars import ContextVar
-from types import CoroutineType, TracebackType
+from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from . import _gc_guard
+from ._checks import (
+    check_max_entries,
+    check_on_close,
+    is_async_callable,
+    refuse_coroutine,
+    refuse_generator,
+)
 from ._flight import MISSING
+from ._stats import ScopeStats, listeners
 from .errors import NoActiveScope
-from .store import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats, check_max_entries, listeners
+from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __all__ = [
     "add_scope_listener",
@@ -135,54 +142,6 @@ def remove_scope_listener(listener: OnClose) -> None:
     with _listeners_lock:
         if listener in listeners:
             listeners.remove(listener)
-
-
-def is_async_callable(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
-    )
-
-
-def check_on_close(on_close: object, what: str = "on_close") -> OnClose | None:
-    """Validate an ``on_close`` option: None or a sync callable taking ``ScopeStats``."""
-    if on_close is None:
-        return None
-    if not callable(on_close):
-        raise TypeError(
-            f"{what} must be a callable taking ScopeStats, or None, not "
-            f"{type(on_close).__name__} {on_close!r}"
-        )
-    if is_async_callable(on_close):
-        raise TypeError(
-            f"{what} must be a plain (sync) function, not the async {on_close!r}: it runs "
-            "as the scope closes, where nothing would await it. Record the stats in a sync "
-            "function (hand them to a queue or a background task if the work is async)."
-        )
-    try:
-        inspect.signature(on_close).bind(None)
-    except TypeError:
-        raise TypeError(
-            f"{what}={on_close!r} cannot be called with one argument; it is called with "
-            "the ScopeStats of the scope that closed"
-        ) from None
-    except ValueError:  # no signature to check (some builtins): trust it
-        pass
-    return cast("OnClose", on_close)
-
-
-def refuse_generator(fn: object, decorator: str) -> None:
-    """Generator bodies run after the call returns, outside any scope the call set up."""
-    if inspect.isgeneratorfunction(fn):
-        kind = "a generator function"
-    elif inspect.isasyncgenfunction(fn):
-        kind = "an async generator function"
-    else:
-        return
-    raise TypeError(
-        f"{decorator} cannot take {kind} ({getattr(fn, '__qualname__', fn)}): its body runs "
-        "after the call returns, outside the scope. Use it on a function that returns a "
-        "list, or on the function that consumes the generator."
-    )
 
 
 # -- the active store and the helpers ---------------------------------------------------------
@@ -316,7 +275,7 @@ class request_scope:
                 result = fn(*args, **kwargs)
             finally:
                 close_scope(store)
-            _refuse_coroutine(result, fn, "@request_scope()")
+            refuse_coroutine(result, fn, "@request_scope()")
             return result
 
         return run
@@ -358,21 +317,10 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
             result = fn(*args, **kwargs)
         finally:
             _current.reset(token)
-        _refuse_coroutine(result, fn, "bind_scope()")
+        refuse_coroutine(result, fn, "bind_scope()")
         return result
 
     return bound
-
-
-def _refuse_coroutine(result: object, fn: object, what: str) -> None:
-    """A sync call that returned a coroutine ran its body outside the scope: say so."""
-    if type(result) is CoroutineType:
-        result.close()
-        raise TypeError(
-            f"{what}: {getattr(fn, '__qualname__', fn)!r} returned a coroutine, so its body "
-            "would run after the scope ended. Use it on the async def itself, or make the "
-            "function around it async."
-        )
 
 
 # Where a middleware leaves the store it opened, in the ASGI scope or WSGI

@@ -1,104 +1,36 @@
 """The per-request store: a bounded, thread-safe mapping with least-recently-used eviction.
 
-Entries are grouped by owner: helper entries (``store[key]``, ``get_or_set``) in
-one dict, each memoized function's in a dict of its own, so a memo hit is two
-lookups and no key tuple to build. One ordered dict of entry ids holds the
-recency of every entry, so the bound and the LRU order are the store's. A
-function's dict goes with its last entry: the bookkeeping never outgrows the
-entries, and a closed store holds no functions, keys or values.
-
-Reads take no lock. The lock and the dicts are made on the first write, so a
-request that writes nothing costs one small object.
+``MemoStore`` is the mapping users see (``current_store()``, ``with
+request_scope() as store``); how its entries are kept, bounded and counted is
+``_entries``. Memo entries show up in it as ``MemoKey`` objects, which never
+equal a key a user passes, and cannot be written through the mapping.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import (
     Callable,
     Hashable,
     ItemsView,
     Iterator,
-    Mapping,
     MutableMapping,
     ValuesView,
 )
 from contextvars import Token
-from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Final, NamedTuple, TypeVar
 
 from . import _flight
+from ._checks import check_max_entries
+from ._entries import HELPERS, Entries
 from ._flight import MISSING
-from .errors import ScopeClosed
+from ._stats import ScopeStats
 
-__all__ = ["DEFAULT_MAX_ENTRIES", "FunctionStats", "MemoStore", "ScopeStats"]
+__all__ = ["DEFAULT_MAX_ENTRIES", "MemoKey", "MemoStore"]
 
 DEFAULT_MAX_ENTRIES: Final = 10_000
 
 T = TypeVar("T")
-
-# The owner of helper entries; memo entries are owned by their function's spec.
-HELPERS: Final = "perrequest.helpers"
-# Serialises the first write's set-up of one store with another thread's.
-_setup = threading.RLock()
-_NO_STATS: Mapping[str, FunctionStats] = MappingProxyType({})
-_OTHER = "(other functions)"  # counters beyond max_entries distinct function names
-
-
-class FunctionStats(NamedTuple):
-    """One function's counters in one scope; ``compute_s``: seconds spent on its misses."""
-
-    hits: int
-    misses: int
-    evictions: int
-    compute_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class ScopeStats:
-    """An immutable snapshot of one store's counters, per function in ``functions``."""
-
-    hits: int
-    misses: int
-    entries: int
-    peak_entries: int
-    evictions: int
-    duration_s: float
-    functions: Mapping[str, FunctionStats] = field(default_factory=lambda: _NO_STATS)
-
-
-_EMPTY = ScopeStats(0, 0, 0, 0, 0, 0.0)
-
-
-class Counter:
-    """Hits, misses, evictions and compute time of one function (or the helpers).
-
-    The clock is read around a computation only when ``timed``: when somebody
-    will see the stats (``on_close``, a scope listener, DEBUG logging). A clock
-    read costs a sixth of a miss.
-    """
-
-    __slots__ = ("compute_s", "evictions", "hits", "misses", "timed")
-
-    def __init__(self, timed: bool = True) -> None:
-        self.hits = self.misses = self.evictions = 0
-        self.compute_s = 0.0
-        self.timed = timed
-
-
-# Called with the ScopeStats of every scope that closes (perrequest.add_scope_listener).
-listeners: list[Callable[[ScopeStats], object]] = []
-_logger = logging.getLogger("perrequest")
-
-
-def observed() -> bool:
-    """Whether anybody beyond a scope's own ``on_close`` reads the stats of closed scopes."""
-    return bool(listeners) or _logger.isEnabledFor(logging.DEBUG)
 
 
 class MemoKey(NamedTuple):
@@ -108,20 +40,7 @@ class MemoKey(NamedTuple):
     key: Hashable
 
 
-def check_max_entries(value: object, what: str = "max_entries") -> int | None:
-    """Validate a bound: a positive int, or None for an explicitly unbounded store."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"{what} must be a positive int or None, not {type(value).__name__} {value!r}"
-        )
-    if value <= 0:
-        raise ValueError(f"{what} must be a positive int or None, not {value!r}")
-    return value
-
-
-class MemoStore(MutableMapping[Hashable, Any]):
+class MemoStore(Entries, MutableMapping[Hashable, Any]):
     """The memo store of one scope: bounded, least-recently-used, thread-safe.
 
     Made by ``request_scope`` and the middlewares. Once closed it stays empty
@@ -129,39 +48,7 @@ class MemoStore(MutableMapping[Hashable, Any]):
     keys and, for memo entries, ``MemoKey`` objects.
     """
 
-    # What the hit path reads is in slots, set in __init__: CPython 3.12+ does
-    # not specialise reading an attribute that a class attribute shadows.
-    __slots__ = (
-        "__weakref__",
-        "_bound",
-        "_closed",
-        "_closed_at",
-        "_counters",
-        "_evictions",
-        "_final",
-        "_flights",
-        "_helpers",
-        "_lock",
-        "_max_entries",
-        "_next_id",
-        "_on_close",
-        "_opened_at",
-        "_order",
-        "_peak",
-        "_subs",
-        "_token",
-    )
-    # Made on the first write (_writable):
-    _bound: int
-    _counters: dict[str, Counter]
-    _evictions: int
-    _flights: dict[Hashable, Any]
-    _helpers: Counter
-    _next_id: int
-    _order: OrderedDict[int, tuple[object, Hashable]]
-    _peak: int
-    _closed_at: float  # set by _shut
-    _final: ScopeStats
+    __slots__ = ()
 
     def __init__(
         self,
@@ -193,19 +80,10 @@ class MemoStore(MutableMapping[Hashable, Any]):
             self._fill((HELPERS, key), value, self._helpers, None)
 
     def __delitem__(self, key: Hashable) -> None:
-        owner, inner = self._split(key)
-        with self._writable(key):
-            sub = self._subs.get(owner) if self._subs is not None else None
-            if sub is None or inner not in sub:
-                raise KeyError(key)
-            self._remove(owner, sub, inner)
+        self.pop(key)
 
     def __iter__(self) -> Iterator[Hashable]:
         return iter([key for key, _ in self._pairs()])  # a snapshot: safe from other threads
-
-    def __len__(self) -> int:
-        order = self._order if self._subs is not None else None
-        return 0 if order is None else len(order)
 
     def __contains__(self, key: object) -> bool:
         return self._lookup(self._split(key), touch=False) is not MISSING
@@ -243,6 +121,9 @@ class MemoStore(MutableMapping[Hashable, Any]):
         state = "closed" if self._closed else "open"
         return f"<MemoStore {state} entries={len(self)} max_entries={self._max_entries}>"
 
+    def _split(self, key: Hashable) -> tuple[object, Hashable]:
+        return (key.owner, key.key) if type(key) is MemoKey else (HELPERS, key)
+
     # The mixins read before they write, so a closed store could answer pop() with
     # its default instead of refusing the write: these check first.
 
@@ -266,9 +147,8 @@ class MemoStore(MutableMapping[Hashable, Any]):
 
     def clear(self) -> None:
         with self._writable("clear()"):
-            for owner, sub in list(self._subs.items()):  # type: ignore[union-attr]
-                for key in list(sub):
-                    self._remove(owner, sub, key)
+            for owner in list(self._subs or ()):
+                self._remove_owner(owner)
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         with self._writable(key):
@@ -318,180 +198,6 @@ class MemoStore(MutableMapping[Hashable, Any]):
             self._helpers.hits += 1
             return value  # type: ignore[no-any-return]
         return _flight.run(self, (HELPERS, key), factory, (), {}, self._helpers, None)  # type: ignore[no-any-return]
-
-    # -- what request_memo and the scope lifecycle use ----------------------------
-
-    def _split(self, key: Hashable) -> tuple[object, Hashable]:
-        return (key.owner, key.key) if type(key) is MemoKey else (HELPERS, key)
-
-    def _writable(self, what: object) -> threading.RLock:
-        """The store's lock, made with the dicts on the first write; ``ScopeClosed`` once closed.
-
-        The lock is published before ``_closed`` is checked under it, and closing
-        sets ``_closed`` before it looks for the lock: either a writer sees the
-        store closed, or the closing thread finds the lock and waits for it.
-        """
-        lock: threading.RLock | None = self._lock
-        if lock is None:
-            # Made before taking _setup: an allocation under it could start a collection
-            # whose finalizers write to a new store, and so take _setup again.
-            timed = self._on_close is not None or observed()
-            fresh: tuple[Any, ...] = (
-                OrderedDict(), {}, {}, Counter(timed), {HELPERS: {}}, threading.RLock()
-            )  # fmt: skip
-            with _setup:
-                lock = self._lock
-                if lock is None:
-                    self._order, self._flights, self._counters, self._helpers, subs, new = fresh
-                    self._next_id = self._evictions = self._peak = 0
-                    self._bound = sys.maxsize if self._max_entries is None else self._max_entries
-                    self._subs = subs
-                    lock = self._lock = new
-        if self._closed:
-            raise ScopeClosed(
-                f"cannot write {what!r}: this MemoStore belongs to a request scope that has "
-                "ended. Use perrequest.current_store() inside the request instead of keeping "
-                "a reference to an old store."
-            )
-        return lock
-
-    def _counter(self, name: str) -> Counter:
-        """The counters of the function called ``name``; raises ``ScopeClosed`` once closed.
-
-        Kept by name (``module.qualname``), not by function object, so a helper
-        defined anew per message adds nothing; bounded by ``max_entries`` names.
-        """
-        with self._writable(name):
-            counters = self._counters
-            counter = counters.get(name)
-            if counter is None:
-                if self._max_entries is not None and len(counters) >= self._max_entries:
-                    name = _OTHER
-                counter = counters.get(name) or counters.setdefault(
-                    name, Counter(self._helpers.timed)
-                )
-            return counter
-
-    def _lookup(self, key: tuple[object, Hashable], touch: bool = True) -> Any:
-        """The value at ``(owner, key)`` or ``MISSING``; a found entry becomes the most recent."""
-        subs = self._subs
-        sub = None if subs is None else subs.get(key[0])
-        entry = None if sub is None else sub.get(key[1])
-        if entry is None:
-            return MISSING
-        if touch:
-            try:
-                self._order.move_to_end(entry[2])
-                if type(sub) is OrderedDict:
-                    sub.move_to_end(key[1])
-            except KeyError:  # removed by another thread meanwhile: nothing to refresh
-                pass
-        return entry[0]
-
-    def _fill(
-        self, where: tuple[object, Hashable], value: Any, counter: Counter, anchor: Any
-    ) -> None:
-        """Store an entry at ``(owner, key)`` and enforce the bounds; the caller holds the
-        lock. Once closed, nothing is stored (a computation that outlived the scope)."""
-        subs = self._subs
-        if subs is None:
-            return
-        owner, key = where
-        sub = subs.get(owner)
-        if sub is None:
-            sub = subs[owner] = {} if getattr(owner, "max_entries", None) is None else OrderedDict()
-        order = self._order
-        old = sub.get(key)
-        if old is None:
-            entry_id = self._next_id = self._next_id + 1
-            order[entry_id] = where
-        else:
-            entry_id = old[2]
-            order.move_to_end(entry_id)
-        sub[key] = (value, counter, entry_id, anchor)
-        if type(sub) is not dict:  # this function has a bound of its own
-            sub.move_to_end(key)  # type: ignore[attr-defined]
-            if len(sub) > owner.max_entries:  # type: ignore[attr-defined]
-                # popitem, never next(iter(...)): hits reorder without the lock.
-                _, entry = sub.popitem(last=False)  # type: ignore[call-arg]
-                self._peak = max(self._peak, len(order) - 1)  # the size before this fill
-                del order[entry[2]]
-                self._evicted(entry[1])
-        if len(order) > self._bound:
-            self._peak = self._bound
-            self._evicted(self._drop(last=False)[3])
-
-    def _evicted(self, counter: Counter) -> None:
-        counter.evictions += 1
-        self._evictions += 1
-
-    def _drop(self, last: bool) -> tuple[object, Hashable, Any, Counter]:
-        """Remove the most (``last``) or least recently used entry; lock held."""
-        _, (owner, key) = self._order.popitem(last=last)
-        sub = self._subs[owner]  # type: ignore[index]
-        value, counter, _, _ = sub.pop(key)
-        if not sub and owner is not HELPERS:
-            del self._subs[owner]  # type: ignore[union-attr]
-        return owner, key, value, counter
-
-    def _remove(self, owner: object, sub: dict[Hashable, tuple[Any, ...]], key: Hashable) -> Any:
-        """Drop one entry, and its function's dict with its last entry; lock held."""
-        self._peak = max(self._peak, len(self._order))
-        value, _, entry_id, _ = sub.pop(key)
-        del self._order[entry_id]
-        if not sub and owner is not HELPERS:
-            del self._subs[owner]  # type: ignore[union-attr]
-        return value
-
-    def _remove_owner(self, owner: object) -> None:
-        """Drop every entry of one memoized function (``fn.cache_clear()``)."""
-        if self._subs is None or owner not in self._subs:
-            return
-        with self._writable("cache_clear()"):
-            sub = self._subs.get(owner)
-            for key in list(sub or ()):
-                self._remove(owner, sub, key)  # type: ignore[arg-type]
-
-    def _snapshot(self) -> ScopeStats:
-        now = self._closed_at if self._closed else time.perf_counter()
-        if self._lock is None:
-            return ScopeStats(0, 0, 0, 0, 0, now - self._opened_at)
-        counters = dict(self._counters)
-        helpers = self._helpers
-        return ScopeStats(
-            hits=helpers.hits + sum(c.hits for c in counters.values()),
-            misses=helpers.misses + sum(c.misses for c in counters.values()),
-            entries=len(self),
-            peak_entries=max(self._peak, len(self)),
-            evictions=self._evictions,
-            duration_s=now - self._opened_at,
-            functions=MappingProxyType(
-                {
-                    name: FunctionStats(c.hits, c.misses, c.evictions, c.compute_s)
-                    for name, c in counters.items()
-                }
-            ),
-        )
-
-    def _shut(self, want_stats: bool) -> ScopeStats:
-        """Close and empty the store; the final stats, computed when ``want_stats`` or
-        something was written (and then kept, for ``stats``).
-
-        In-flight computations are left alone: each one releases its own
-        waiters when it ends, and a closed store stores nothing.
-        """
-        self._closed_at = time.perf_counter()
-        self._closed = True
-        lock = self._lock
-        if lock is None:  # nothing was ever written: the stats are all zeros
-            return self._snapshot() if want_stats else _EMPTY
-        with lock:
-            # Kept, so that a computation still in flight cannot change them later.
-            final = self._final = self._snapshot()
-            self._subs = None
-            self._order.clear()
-            self._counters.clear()
-            return final
 
 
 class _SnapshotItems(ItemsView[Hashable, Any]):

@@ -18,17 +18,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from ._checks import check_max_entries, check_on_close
 from .scope import (
     REQUEST_KEY,
     OnClose,
     _current,
-    check_on_close,
     close_scope,
     leave_scope,
     open_scope,
     opened_outside,
 )
-from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_max_entries
+from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
 

@@ -1,4 +1,4 @@
-"""The hit path generated with the memoized function's own signature.
+"""The hit paths: generated with the memoized function's own signature, or a closure.
 
 A ``def wrapper(*args, **kwargs)`` closure must pack the arguments and build a
 key tuple on every call; a wrapper generated with the function's signature
@@ -8,18 +8,22 @@ and keys a one-argument call by the argument itself. That makes a hit about
 It also makes ``f(1, b=2)`` and ``f(1, 2)`` one entry.
 
 Only the hit is generated: every other path is ``_MemoSpec``'s, shared with
-the plain closure, and ``tests/test_properties.py`` checks that the two
-wrappers behave alike.
+the plain closures below (``*args``/``**kwargs`` functions, ``key=``,
+``typed=``, callables without a signature). ``tests/test_properties.py``
+checks that the two kinds of wrapper behave alike.
 """
 
 from __future__ import annotations
 
 import inspect
 import keyword
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any
 
+from ._keys import KWARGS
 from .scope import _current
+from .store import MemoStore
 
 _TEMPLATE = """\
 def __pr_factory(
@@ -144,3 +148,60 @@ def _code_name(fn: Callable[..., Any]) -> str:
     name = getattr(fn, "__name__", "")
     ok = name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("__pr_")
     return name if ok else "__pr_wrapper"
+
+
+def make_wrapper(spec: Any) -> Callable[..., Any]:
+    """The wrapper whose hit path is as short as the options allow."""
+    run, outside = spec.runner(), spec.outside_async if spec.is_async else spec.outside
+    params = None if spec.key_fn is not None or spec.typed else parameters(spec.fn)
+    if params is not None:
+        wrapper, spec.keyof = generate(spec, params, run, outside)
+        return wrapper
+    get_store, make_key, prepare, fn = _current.get, spec.make_key, spec.prepare, spec.fn
+    simple, kwargs_mark = not (spec.key_fn or spec.typed or spec.is_method), KWARGS
+
+    def lookup(store: MemoStore, key: Hashable) -> Any:
+        sub = store._subs[spec]  # type: ignore[index]
+        entry = sub[key]
+        store._order.move_to_end(entry[2])
+        if type(sub) is OrderedDict:
+            sub.move_to_end(key)
+        entry[1].hits += 1
+        return entry[0]
+
+    def keyed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Hashable, Any]:
+        if simple:
+            return ((kwargs_mark, args, tuple(kwargs.items())) if kwargs else args), None
+        return make_key(args, kwargs)  # type: ignore[no-any-return]
+
+    if spec.is_async:
+
+        async def memo_async(*args: Any, **kwargs: Any) -> Any:
+            key, anchor = keyed(args, kwargs)
+            store = get_store()
+            if store is not None:
+                try:
+                    return lookup(store, key)
+                except (KeyError, TypeError):
+                    pass  # a miss: handled below, so that its errors carry no KeyError context
+                counter = prepare(store, key, args, kwargs)
+                if counter is not None:
+                    return await run(store, (spec, key), fn, args, kwargs, counter, anchor)
+            return await outside(args, kwargs, key)
+
+        return memo_async
+
+    def memo(*args: Any, **kwargs: Any) -> Any:
+        key, anchor = keyed(args, kwargs)
+        store = get_store()
+        if store is not None:
+            try:
+                return lookup(store, key)
+            except (KeyError, TypeError):
+                pass  # a miss: handled below, so that its errors carry no KeyError context
+            counter = prepare(store, key, args, kwargs)
+            if counter is not None:
+                return run(store, (spec, key), fn, args, kwargs, counter, anchor)
+        return outside(args, kwargs, key)
+
+    return memo

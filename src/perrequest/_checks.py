@@ -1,0 +1,94 @@
+"""Checks of what users pass in: each failure says what was wrong and what to do."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from types import CoroutineType
+from typing import Any, cast
+
+__all__ = ["check_max_entries", "check_on_close", "is_async_callable", "refuse_generator"]
+
+
+def check_max_entries(value: object, what: str = "max_entries") -> int | None:
+    """Validate a bound: a positive int, or None for an explicitly unbounded store."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{what} must be a positive int or None, not {type(value).__name__} {value!r}"
+        )
+    if value <= 0:
+        raise ValueError(f"{what} must be a positive int or None, not {value!r}")
+    return value
+
+
+def is_async_callable(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+def check_on_close(on_close: object, what: str = "on_close") -> Callable[[Any], object] | None:
+    """Validate an ``on_close`` option: None or a sync callable taking ``ScopeStats``."""
+    if on_close is None:
+        return None
+    if not callable(on_close):
+        raise TypeError(
+            f"{what} must be a callable taking ScopeStats, or None, not "
+            f"{type(on_close).__name__} {on_close!r}"
+        )
+    if is_async_callable(on_close):
+        raise TypeError(
+            f"{what} must be a plain (sync) function, not the async {on_close!r}: it runs "
+            "as the scope closes, where nothing would await it. Record the stats in a sync "
+            "function (hand them to a queue or a background task if the work is async)."
+        )
+    try:
+        inspect.signature(on_close).bind(None)
+    except TypeError:
+        raise TypeError(
+            f"{what}={on_close!r} cannot be called with one argument; it is called with "
+            "the ScopeStats of the scope that closed"
+        ) from None
+    except ValueError:  # no signature to check (some builtins): trust it
+        pass
+    return cast("Callable[[Any], object]", on_close)
+
+
+def refuse_generator(fn: object, decorator: str) -> None:
+    """Generator bodies run after the call returns, outside any scope the call set up."""
+    if inspect.isgeneratorfunction(fn):
+        kind = "a generator function"
+    elif inspect.isasyncgenfunction(fn):
+        kind = "an async generator function"
+    else:
+        return
+    raise TypeError(
+        f"{decorator} cannot take {kind} ({getattr(fn, '__qualname__', fn)}): its body runs "
+        "after the call returns, outside the scope. Use it on a function that returns a "
+        "list, or on the function that consumes the generator."
+    )
+
+
+def refuse_coroutine(result: object, fn: object, what: str) -> None:
+    """A sync call that returned a coroutine ran its body outside the scope: say so."""
+    if type(result) is CoroutineType:
+        result.close()
+        raise TypeError(
+            f"{what}: {getattr(fn, '__qualname__', fn)!r} returned a coroutine, so its body "
+            "would run after the scope ended. Use it on the async def itself, or make the "
+            "function around it async."
+        )
+
+
+# What functools and cachetools users type.
+_ALIASES = {"maxsize": "max_entries", "max_size": "max_entries"}
+
+
+def unknown_option(where: str, name: str, valid: tuple[str, ...]) -> str:
+    """An unknown option's message, with the closest valid one ("did you mean")."""
+    close = _ALIASES.get(name) or next(iter(difflib.get_close_matches(name, valid, n=1)), None)
+    hint = f" Did you mean {close}=?" if close else ""
+    return f"{where} got an unknown option {name}=.{hint} The options are {', '.join(valid)}."

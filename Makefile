@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint typecheck docs pytest bench soak clean
+.PHONY: demo test check lint typecheck docs pytest bench soak clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed-demo
 
 ## make test: lint, types, docs build and the whole test suite.
 test: lint typecheck docs pytest
+
+## make check: the fast loop while developing: lint, types, and the tests not marked slow.
+check: lint typecheck
+	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks

@@ -146,6 +146,7 @@ def test_client_disconnect_stops_a_sync_body_and_closes_the_store(
     _wait_for(lambda: rid in probe.ended)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("server", "framework"), [("uvicorn", "fastapi"), ("hypercorn", "starlette")]
 )

@@ -16,6 +16,8 @@ from typing import Any
 import psutil
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = 3000
 MB = 1024 * 1024

@@ -149,6 +149,7 @@ async def _fetch(base: str, target: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
+@pytest.mark.slow
 def test_concurrent_requests_never_see_each_other(server: tuple[str, str]) -> None:
     """300 requests at once, sync (echo) and async (aecho) views, each storing its own value."""
     _, base = server

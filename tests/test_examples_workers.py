@@ -26,6 +26,7 @@ def _run(name: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_celery_worker_example() -> None:
     out = _run("celery_worker.py")
     orders = re.findall(r"^order (\d+): total \d+, (\d+) lookups, (\d+) memo hits$", out, re.M)

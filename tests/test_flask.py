@@ -351,6 +351,7 @@ def test_served_pooled_thread_carries_no_store_into_an_unwrapped_app(base: str) 
     assert any(r["leak"] is not None for r in raw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("worker_class", "workers", "threads"), [("sync", 3, 1), ("gthread", 2, 4)]
 )

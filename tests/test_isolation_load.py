@@ -21,7 +21,7 @@ import pytest
 import reliability_apps as apps
 from servers import serve_gunicorn, serve_uvicorn
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
 REQUESTS = 2000
 CLIENTS = 16  # concurrent connections, each with its own keep-alive client

@@ -34,7 +34,7 @@ import perrequest
 from perrequest import ScopeStats, request_memo
 from perrequest.testing import live_scopes
 
-pytestmark = pytest.mark.timeout(110)
+pytestmark = [pytest.mark.timeout(110), pytest.mark.slow]
 
 REQUESTS = 50_000
 NAIVE_REQUESTS = 10_000  # enough to grow well past the limit, in a fraction of the time

@@ -104,6 +104,7 @@ def test_concurrent_misses_across_requests_compute_once(server: Uvicorn | Gunico
     assert counts["live"] in (0, 1)  # gunicorn: the /_counts request's own scope
 
 
+@pytest.mark.slow
 def test_a_million_unique_keys_stay_within_the_shared_bound() -> None:
     cache: cachetools.LRUCache[Any, Any] = cachetools.LRUCache(maxsize=1000)
 

@@ -527,3 +527,30 @@ def test_tracebacks_name_the_generated_wrapper_after_the_function() -> None:
         names.append(tb.tb_frame.f_code.co_name)
         tb = tb.tb_next
     assert names.count("price") == 2 and "__pr_wrapper" not in names
+
+
+def test_cache_delete_drops_the_entry_those_arguments_would_hit() -> None:
+    """Read-your-writes: update, delete the memo entry, read again."""
+    prices = {"apple": 1}
+
+    @request_memo
+    def price(item: str, *, currency: str = "EUR") -> tuple[int, str]:
+        return prices[item], currency
+
+    with request_scope():
+        assert price("apple") == (1, "EUR")
+        prices["apple"] = 2
+        assert price("apple") == (1, "EUR")  # the request's own copy
+        assert price.cache_delete(item="apple") is True  # type: ignore[attr-defined]
+        assert price.cache_delete("apple") is False  # type: ignore[attr-defined]
+        assert price("apple") == (2, "EUR")
+    assert price.cache_delete("apple") is False  # type: ignore[attr-defined]
+
+
+def test_delete_removes_a_helper_entry_and_says_whether_it_was_there() -> None:
+    with request_scope():
+        perrequest.set("k", None)
+        assert perrequest.delete("k") is True
+        assert perrequest.delete("k") is False and perrequest.get("k", "gone") == "gone"
+    with pytest.raises(perrequest.NoActiveScope):
+        perrequest.delete("k")

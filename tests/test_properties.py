@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perrequest import MemoStore, request_memo, request_scope
+from perrequest import MemoStore, _wrappers, request_memo, request_scope
 from perrequest.testing import live_scopes
 
 scalars = st.one_of(
@@ -149,3 +150,87 @@ def test_a_standalone_store_is_bounded(bound: int, keys: list[int]) -> None:
         assert len(store) <= bound
     if keys:
         assert keys[-1] in store
+
+
+# -- the generated hit path behaves as the plain closure -------------------------------
+
+# A signature: positional-only, positional-or-keyword and keyword-only parameter counts,
+# and how many of the positional-or-keyword ones have a default.
+signatures = st.tuples(
+    st.integers(0, 1), st.integers(0, 3), st.integers(0, 2), st.integers(0, 1)
+).filter(lambda s: s[0] + s[1] + s[2] > 0 and s[3] <= s[1])
+arguments = st.one_of(st.integers(0, 3), st.just([0]))  # [0]: unhashable
+
+
+def _function(signature: tuple[int, int, int, int], log: list[Any]) -> Any:
+    """A plain function of that signature, recording its calls and returning them."""
+    positional_only, either, keyword_only, defaults = signature
+    names = [f"p{i}" for i in range(positional_only)]
+    params = [*names, "/"] if names else []
+    either_names = [f"e{i}" for i in range(either)]
+    params += [f"{n}=0" if i >= either - defaults else n for i, n in enumerate(either_names)]
+    kw_names = [f"k{i}" for i in range(keyword_only)]
+    if kw_names:
+        params += ["*", *kw_names]
+    everything = names + either_names + kw_names
+    source = (
+        f"def fn({', '.join(params)}):\n"
+        f"    log.append(({', '.join(everything)},))\n"
+        f"    return ({', '.join(everything)},)\n"
+    )
+    namespace: dict[str, Any] = {"log": log, "__name__": __name__}
+    exec(source, namespace)
+    return namespace["fn"]
+
+
+def _run(memo: Any, calls: list[tuple[tuple[Any, ...], dict[str, Any], str]]) -> list[Any]:
+    """What a sequence of calls, deletions and clears observes, in one fresh scope."""
+    seen: list[Any] = []
+    with request_scope(max_entries=4) as store:
+        for args, kwargs, action in calls:
+            try:
+                if action == "delete":
+                    outcome: Any = ("deleted", memo.cache_delete(*args, **kwargs))
+                elif action == "clear":
+                    memo.cache_clear()
+                    outcome = "cleared"
+                else:
+                    outcome = ("value", memo(*args, **kwargs))
+            except Exception as exc:
+                outcome = (type(exc).__name__, str(exc).replace("plain_", ""))
+            seen.append((outcome, memo.cache_info(), len(store)))
+    return seen
+
+
+@settings(max_examples=150, deadline=None)
+@given(signatures, st.one_of(st.none(), st.integers(1, 3)), st.data())
+def test_the_generated_wrapper_behaves_as_the_plain_closure(
+    signature: tuple[int, int, int, int], max_entries: int | None, data: st.DataObject
+) -> None:
+    """For calls in canonical form (positional parameters passed positionally,
+    keyword-only ones by keyword), the wrapper generated with the function's signature
+    and the ``*args, **kwargs`` closure give the same results, make the same calls,
+    and keep the same entries, under the store's bound and the function's own."""
+    positional = signature[0] + signature[1]
+    keyword_only = signature[2]
+    call = st.tuples(
+        st.lists(arguments, min_size=positional, max_size=positional).map(tuple),
+        st.fixed_dictionaries({f"k{i}": arguments for i in range(keyword_only)}),
+        st.sampled_from(["call", "call", "call", "delete", "clear"]),
+    )
+    calls = data.draw(st.lists(call, max_size=25))
+    generated_log: list[Any] = []
+    plain_log: list[Any] = []
+    fn = _function(signature, generated_log)
+    plain_fn = _function(signature, plain_log)
+
+    def plain_(*args: Any, **kwargs: Any) -> Any:  # *args/**kwargs: the plain closure
+        return plain_fn(*args, **kwargs)
+
+    plain_.__signature__ = inspect.signature(plain_fn)  # type: ignore[attr-defined]
+    plain_.__qualname__ = plain_.__name__ = "fn"
+    generated = request_memo(max_entries=max_entries)(fn)
+    plain = request_memo(max_entries=max_entries)(plain_)
+    assert _wrappers.parameters(fn) is not None and _wrappers.parameters(plain_) is None
+    assert _run(generated, calls) == _run(plain, calls)
+    assert generated_log == plain_log

@@ -32,6 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 logger = logging.getLogger("perrequest")
 
+_ABSENT: Any = object()  # what pop() returns for a missing entry
 _OUTSIDE_SCOPE = ("warn", "call", "raise")
 _OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared")
 # Names warned about outside a scope, once each; bounded, like everything here.
@@ -230,7 +231,7 @@ class _MemoSpec:
         store = active_store()
         if store is None:
             return False
-        return store.pop(MemoKey(self, key), _flight.MISSING) is not _flight.MISSING
+        return store.pop(MemoKey(self, key), _ABSENT) is not _ABSENT
 
 
 # -- the decorator -------------------------------------------------------------------------

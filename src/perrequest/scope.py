@@ -26,7 +26,6 @@ from ._checks import (
     refuse_coroutine,
     refuse_generator,
 )
-from ._flight import MISSING
 from ._stats import ScopeStats, listeners
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
@@ -185,7 +184,8 @@ def get_or_set(key: Hashable, factory: Callable[[], T]) -> T:
 
 def delete(key: Hashable) -> bool:
     """Remove ``key`` from the active store; whether it was there. ``NoActiveScope`` outside."""
-    return current_store().pop(key, MISSING) is not MISSING
+    absent = object()
+    return current_store().pop(key, absent) is not absent
 
 
 # -- request_scope and bind_scope ----------------------------------------------------------------

@@ -234,3 +234,62 @@ def test_only_unhashable_arguments_are_refused_and_the_plain_call_agrees(
         else:
             assert same(outcome, plain(*args, **kwargs))
             assert store.stats.misses == 1
+
+
+# -- misspelt options get a "did you mean" ------------------------------------------
+
+
+def _flask_ext(**options: Any) -> Any:
+    from perrequest.flask import PerRequest
+
+    return PerRequest(**options)
+
+
+def _celery_install(**options: Any) -> Any:
+    from celery import Celery
+
+    from perrequest.celery import install
+
+    return install(Celery("typos"), **options)
+
+
+def _asgi(**options: Any) -> Any:
+    from perrequest.asgi import RequestScopeMiddleware
+
+    return RequestScopeMiddleware(lambda *a: None, **options)
+
+
+def _wsgi(**options: Any) -> Any:
+    from perrequest.wsgi import RequestScopeMiddleware
+
+    return RequestScopeMiddleware(lambda *a: None, **options)
+
+
+@pytest.mark.parametrize(
+    ("make", "typo", "meant"),
+    [
+        (lambda **o: request_memo(**o), "maxsize", "max_entries"),
+        (lambda **o: request_memo(**o), "outside", "outside_scope"),
+        (lambda **o: request_scope(**o), "max_entires", "max_entries"),
+        (_asgi, "on_clsoe", "on_close"),
+        (_asgi, "scope_type", "scope_types"),
+        (_wsgi, "maxentries", "max_entries"),
+        (_flask_ext, "on_closed", "on_close"),
+        (_celery_install, "max_entry", "max_entries"),
+    ],
+)
+def test_a_misspelt_option_names_the_closest_valid_one(make: Any, typo: str, meant: str) -> None:
+    with pytest.raises(TypeError, match=f"unknown option {typo}=. Did you mean {meant}=?"):
+        make(**{typo: 1})
+
+
+def test_a_misspelt_add_middleware_option_says_where_it_came_from() -> None:
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from perrequest.asgi import RequestScopeMiddleware
+
+    app = Starlette()
+    app.add_middleware(RequestScopeMiddleware, max_entrys=10)  # accepted here, used later
+    with pytest.raises(TypeError, match=r"max_entrys=.*app\.add_middleware"), TestClient(app):
+        pass

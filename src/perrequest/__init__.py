@@ -8,7 +8,13 @@ never grow with the life of the process.
 from ._shared import SharedComputationError
 from ._stats import FunctionStats, ScopeStats
 from .errors import NoActiveScope, PerRequestError, ScopeClosed, UnhashableArguments
-from .memo import CacheInfo, SharedCacheInfo, request_memo
+from .memo import (
+    CacheInfo,
+    MemoizedFunction,
+    SharedCacheInfo,
+    SharedMemoizedFunction,
+    request_memo,
+)
 from .scope import (
     add_scope_listener,
     bind_scope,
@@ -32,12 +38,14 @@ __all__ = [
     "CacheInfo",
     "FunctionStats",
     "MemoStore",
+    "MemoizedFunction",
     "NoActiveScope",
     "PerRequestError",
     "ScopeClosed",
     "ScopeStats",
     "SharedCacheInfo",
     "SharedComputationError",
+    "SharedMemoizedFunction",
     "UnhashableArguments",
     "add_scope_listener",
     "bind_scope",

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._checks import check_max_entries, check_on_close
+from ._checks import check_max_entries, check_on_close, unknown_option
 from .scope import REQUEST_KEY, OnClose, close_scope, open_scope, opened_outside
 from .store import DEFAULT_MAX_ENTRIES
 
@@ -31,6 +31,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 _SCOPE_TYPES = ("http", "websocket")
+_OPTIONS = ("max_entries", "scope_types", "on_close")
 
 
 def _check_scope_types(scope_types: object) -> frozenset[str]:
@@ -83,7 +84,15 @@ class RequestScopeMiddleware:
         max_entries: int | None = DEFAULT_MAX_ENTRIES,
         scope_types: tuple[str, ...] | list[str] | set[str] | frozenset[str] = ("http",),
         on_close: OnClose | None = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise TypeError(
+                unknown_option("RequestScopeMiddleware()", next(iter(unknown)), _OPTIONS)
+                + " (Starlette and FastAPI pass the options of app.add_middleware("
+                "RequestScopeMiddleware, ...) on when they build the middleware stack, at "
+                "startup or on the first request: the typo is in that call.)"
+            )
         if not callable(app):
             raise TypeError(
                 f"RequestScopeMiddleware wraps an ASGI app (an async callable taking "

@@ -38,7 +38,7 @@ from typing import Any, Final, NamedTuple
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
-from ._checks import check_max_entries, check_on_close
+from ._checks import check_max_entries, check_on_close, unknown_option
 from .scope import OnClose, close_scope, open_scope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
@@ -114,6 +114,7 @@ def install(
     *,
     max_entries: int | None = DEFAULT_MAX_ENTRIES,
     on_close: OnClose | None = None,
+    **unknown: object,
 ) -> None:
     """Give every task of ``app`` its own request scope, for each run.
 
@@ -121,6 +122,9 @@ def install(
     of other apps are not affected; tasks based on ``ScopedTask`` keep their
     own options.
     """
+    if unknown:
+        valid = ("max_entries", "on_close")
+        raise TypeError(unknown_option("install()", next(iter(unknown)), valid))
     if not isinstance(app, Celery):
         raise TypeError(
             f"perrequest.celery.install() takes a Celery app, not {type(app).__name__} {app!r}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from ._checks import check_max_entries, check_on_close
+from ._checks import check_max_entries, check_on_close, unknown_option
 from .scope import OnClose
 from .store import DEFAULT_MAX_ENTRIES
 from .wsgi import RequestScopeMiddleware
@@ -20,6 +20,7 @@ from .wsgi import RequestScopeMiddleware
 __all__ = ["EXTENSION_KEY", "PerRequest"]
 
 EXTENSION_KEY = "perrequest"
+_OPTIONS = ("max_entries", "on_close")
 
 
 class PerRequest:
@@ -38,7 +39,10 @@ class PerRequest:
         *,
         max_entries: int | None = DEFAULT_MAX_ENTRIES,
         on_close: OnClose | None = None,
+        **unknown: object,
     ) -> None:
+        if unknown:
+            raise TypeError(unknown_option("PerRequest()", next(iter(unknown)), _OPTIONS))
         self._max_entries = check_max_entries(max_entries)
         self._on_close = check_on_close(on_close)
         if app is not None:

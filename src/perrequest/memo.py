@@ -14,7 +14,17 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Hashable, MutableMapping
-from typing import Any, Literal, NamedTuple, TypeVar, overload
+from typing import (
+    Any,
+    Concatenate,
+    Literal,
+    NamedTuple,
+    ParamSpec,
+    Protocol,
+    Self,
+    TypeVar,
+    overload,
+)
 
 from . import _flight
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
@@ -26,9 +36,19 @@ from .errors import NoActiveScope, ScopeClosed
 from .scope import NO_SCOPE_HINT, active_store
 from .store import MemoKey, MemoStore
 
-__all__ = ["CacheInfo", "SharedCacheInfo", "request_memo"]
+__all__ = [
+    "CacheInfo",
+    "MemoizedFunction",
+    "SharedCacheInfo",
+    "SharedMemoizedFunction",
+    "request_memo",
+]
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+P2 = ParamSpec("P2")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+S = TypeVar("S")
 
 logger = logging.getLogger("perrequest")
 
@@ -39,6 +59,8 @@ _OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared")
 _warned: set[str] = set()
 _WARNED_MAX = 10_000
 _warned_lock = threading.RLock()
+# The test suite's choice for every memo (the pytest plugin's perrequest_outside_scope).
+outside_scope_override: str | None = None
 
 
 class CacheInfo(NamedTuple):
@@ -61,6 +83,44 @@ class SharedCacheInfo(NamedTuple):
     shared_misses: int
     shared_maxsize: int
     shared_currsize: int
+
+
+class MemoizedFunction(Protocol[P, R_co]):
+    """What ``@request_memo`` returns, as type checkers see it: the function, with the
+    ``functools``-style extras, generic in its parameters and result."""
+
+    @property
+    def __wrapped__(self) -> Callable[P, R_co]: ...
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def cache_info(self) -> CacheInfo:
+        """This function's hits, misses and entries in the active store."""
+        ...
+
+    def cache_clear(self) -> None:
+        """Drop this function's entries in the active store."""
+        ...
+
+    def cache_delete(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Drop the entry these arguments would hit; whether there was one."""
+        ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
+
+    @overload
+    def __get__(
+        self: MemoizedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any], /
+    ) -> MemoizedFunction[P2, R]: ...
+
+
+class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
+    """``MemoizedFunction`` for ``shared=`` memos: ``cache_info()`` adds the shared tier."""
+
+    def cache_info(self) -> SharedCacheInfo:  # type: ignore[override]
+        """This function's counters in the active store and in the shared tier."""
+        ...
 
 
 class _MemoSpec:
@@ -132,7 +192,7 @@ class _MemoSpec:
     def outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable) -> Any:
         """A call outside any scope: the key is still checked, nothing is cached."""
         self.checked(key, args, kwargs)
-        if self.outside_scope != "call":
+        if (outside_scope_override or self.outside_scope) != "call":
             self._refuse_or_warn()
         return self.fn(*args, **kwargs)
 
@@ -140,15 +200,15 @@ class _MemoSpec:
         self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable
     ) -> Any:
         self.checked(key, args, kwargs)
-        if self.outside_scope != "call":
+        if (outside_scope_override or self.outside_scope) != "call":
             self._refuse_or_warn()
         return await self.fn(*args, **kwargs)
 
     def _refuse_or_warn(self) -> None:
-        if self.outside_scope == "raise":
+        if (outside_scope_override or self.outside_scope) == "raise":
             raise NoActiveScope(
-                f"@request_memo(outside_scope='raise') {self.name} was called outside a "
-                f"request scope. {NO_SCOPE_HINT}"
+                f"@request_memo {self.name} was called outside a request scope "
+                f"(outside_scope='raise'). {NO_SCOPE_HINT}"
             )
         if self.name in _warned:
             return
@@ -238,7 +298,7 @@ class _MemoSpec:
 
 
 @overload
-def request_memo(fn: F, /) -> F: ...
+def request_memo(fn: Callable[P, R], /) -> MemoizedFunction[P, R]: ...
 
 
 @overload
@@ -248,8 +308,19 @@ def request_memo(
     typed: bool = False,
     max_entries: int | None = None,
     outside_scope: Literal["warn", "call", "raise"] = "warn",
-    shared: MutableMapping[Any, Any] | None = None,
-) -> Callable[[F], F]: ...
+    shared: None = None,
+) -> Callable[[Callable[P, R]], MemoizedFunction[P, R]]: ...
+
+
+@overload
+def request_memo(
+    *,
+    key: Callable[..., Hashable] | None = None,
+    typed: bool = False,
+    max_entries: int | None = None,
+    outside_scope: Literal["warn", "call", "raise"] = "warn",
+    shared: MutableMapping[Any, Any],
+) -> Callable[[Callable[P, R]], SharedMemoizedFunction[P, R]]: ...
 
 
 def request_memo(

@@ -25,6 +25,7 @@ from ._checks import (
     is_async_callable,
     refuse_coroutine,
     refuse_generator,
+    unknown_option,
 )
 from ._stats import ScopeStats, listeners
 from .errors import NoActiveScope
@@ -207,7 +208,11 @@ class request_scope:
         *misused: object,
         max_entries: int | None = DEFAULT_MAX_ENTRIES,
         on_close: OnClose | None = None,
+        **unknown: object,
     ) -> None:
+        if unknown:
+            options = ("max_entries", "on_close")
+            raise TypeError(unknown_option("request_scope()", next(iter(unknown)), options))
         if misused:
             raise TypeError(
                 f"request_scope() takes its options as keywords, not {misused[0]!r}. To "

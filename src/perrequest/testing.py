@@ -1,17 +1,22 @@
-"""Helpers for test suites: count open scopes, and a ``memo_scope`` pytest fixture.
+"""Helpers for test suites: count open scopes, a ``memo_scope`` pytest fixture, and
+the ``perrequest_outside_scope`` option (``raise``: every memo called outside a
+scope fails the test, so a forgotten middleware or ``bind_scope`` shows up).
 
-Registered as a pytest plugin through the ``pytest11`` entry point, so the
-fixture is available wherever perrequest is installed.
+Registered as a pytest plugin through the ``pytest11`` entry point, so all of
+it is available wherever perrequest is installed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+from . import memo
 from .scope import live_scopes, request_scope
 from .store import MemoStore
 
 __all__ = ["assert_no_live_scopes", "live_scopes"]
+
+_MODES = ("warn", "call", "raise")
 
 
 def assert_no_live_scopes() -> None:
@@ -38,3 +43,26 @@ else:
             yield store
 
     __all__ += ["memo_scope"]
+
+    def pytest_addoption(parser: pytest.Parser) -> None:
+        help = (
+            "what every @request_memo does when called outside a request scope during "
+            "the tests: warn, call or raise (overrides each memo's own outside_scope)"
+        )
+        parser.addini("perrequest_outside_scope", help)
+        parser.addoption("--perrequest-outside-scope", choices=_MODES, help=help)
+
+    def pytest_configure(config: pytest.Config) -> None:
+        mode = config.getoption("--perrequest-outside-scope", None) or config.getini(
+            "perrequest_outside_scope"
+        )
+        if not mode:
+            return
+        if mode not in _MODES:
+            raise pytest.UsageError(
+                f"perrequest_outside_scope = {mode!r}: use one of {', '.join(_MODES)}"
+            )
+        memo.outside_scope_override = mode
+
+    def pytest_unconfigure(config: pytest.Config) -> None:
+        memo.outside_scope_override = None

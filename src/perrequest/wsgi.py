@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._checks import check_max_entries, check_on_close
+from ._checks import check_max_entries, check_on_close, unknown_option
 from .scope import (
     REQUEST_KEY,
     OnClose,
@@ -36,6 +36,7 @@ __all__ = ["RequestScopeMiddleware", "ScopedBody"]
 # with plain dicts and callables are all accepted.
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+_OPTIONS = ("max_entries", "on_close")
 
 
 class RequestScopeMiddleware:
@@ -54,7 +55,12 @@ class RequestScopeMiddleware:
         *,
         max_entries: int | None = DEFAULT_MAX_ENTRIES,
         on_close: OnClose | None = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise TypeError(
+                unknown_option("RequestScopeMiddleware()", next(iter(unknown)), _OPTIONS)
+            )
         if not callable(app):
             raise TypeError(
                 f"RequestScopeMiddleware wraps a WSGI app (a callable taking environ and "

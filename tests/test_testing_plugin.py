@@ -1,0 +1,55 @@
+"""The pytest plugin: the memo_scope fixture and the perrequest_outside_scope option."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs pytest in a subprocess
+
+pytest_plugins = ["pytester"]
+
+USER_TEST = """
+from perrequest import request_memo
+
+@request_memo  # outside_scope="warn", the default
+def lookup(key):
+    return key
+
+def test_called_outside_any_scope():
+    assert lookup(1) == 1
+
+def test_inside_the_fixture(memo_scope):
+    assert lookup(2) == 2 and len(memo_scope) == 1
+"""
+
+
+def test_by_default_a_memo_outside_a_scope_is_called_and_warned_about(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(USER_TEST)
+    result = pytester.runpytest_subprocess()  # the plugin loads through its entry point
+    result.assert_outcomes(passed=2)
+
+
+@pytest.mark.parametrize("how", ["flag", "ini"])
+def test_the_option_makes_every_memo_outside_a_scope_raise(
+    pytester: pytest.Pytester, how: str
+) -> None:
+    pytester.makepyfile(USER_TEST)
+    if how == "ini":
+        pytester.makeini("[pytest]\nperrequest_outside_scope = raise\n")
+        result = pytester.runpytest_subprocess()
+    else:
+        result = pytester.runpytest_subprocess("--perrequest-outside-scope=raise")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*NoActiveScope*lookup was called outside a request scope*"])
+
+
+def test_a_bad_option_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(USER_TEST)
+    pytester.makeini("[pytest]\nperrequest_outside_scope = loud\n")
+    result = pytester.runpytest_subprocess()
+    result.stderr.fnmatch_lines(
+        ["*perrequest_outside_scope = 'loud': use one of warn, call, raise*"]
+    )
+    assert result.ret != 0

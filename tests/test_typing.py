@@ -1,0 +1,43 @@
+"""Type checkers see what @request_memo returns: mypy --strict and pyright (basedpyright).
+
+tests/typecheck/good.py uses every form a user writes (function, async function,
+method, staticmethod, shared=, the functools-style extras) and must check
+cleanly; tests/typecheck/bad.py makes five mistakes, each of which both checkers
+must report.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent / "typecheck"
+ROOT = Path(__file__).parent.parent
+
+pytestmark = pytest.mark.slow  # each checker starts in a few seconds
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+
+
+def test_mypy_strict_accepts_a_users_module_and_reports_each_mistake() -> None:
+    good = _run("mypy", "--strict", str(HERE / "good.py"))
+    assert good.returncode == 0, good.stdout
+    bad = _run("mypy", "--strict", str(HERE / "bad.py"))
+    errors = [line for line in bad.stdout.splitlines() if ": error:" in line]
+    assert sorted({int(line.split(":")[1]) for line in errors}) == [13, 14, 15, 16, 17], bad.stdout
+
+
+def test_pyright_accepts_a_users_module_and_reports_each_mistake() -> None:
+    good = _run("basedpyright", "--level", "error", str(HERE / "good.py"))
+    assert good.returncode == 0, good.stdout
+    bad = _run("basedpyright", "--level", "error", str(HERE / "bad.py"))
+    errors = [line for line in bad.stdout.splitlines() if " - error:" in line]
+    lines = sorted({int(line.split(":")[1]) for line in errors})
+    assert lines == [13, 14, 15, 16, 17], bad.stdout

@@ -1,0 +1,57 @@
+"""A user module that type-checks cleanly with mypy --strict and basedpyright."""
+
+from __future__ import annotations
+
+import perrequest
+from perrequest import CacheInfo, SharedCacheInfo, request_memo
+
+
+@request_memo
+def price(item: str, quantity: int = 1) -> float:
+    return 1.5 * quantity
+
+
+@request_memo(max_entries=100)
+async def user_name(user_id: int) -> str:
+    return f"user {user_id}"
+
+
+class Repository:
+    @request_memo
+    def row(self, row_id: int) -> dict[str, int]:
+        return {"id": row_id}
+
+    @staticmethod
+    @request_memo
+    def normalise(text: str) -> str:
+        return text.lower()
+
+
+def shared_cache() -> SharedCacheInfo:
+    import cachetools
+
+    @request_memo(shared=cachetools.LRUCache(maxsize=100))
+    def rate(currency: str) -> float:
+        return 1.0
+
+    with perrequest.request_scope():
+        assert rate("EUR") == 1.0
+        return rate.cache_info()
+
+
+async def main() -> None:
+    with perrequest.request_scope():
+        total: float = price("apple", quantity=2) + price("pear")
+        info: CacheInfo = price.cache_info()
+        hits: int = info.hits + info.misses + info.currsize
+        price.cache_clear()
+        deleted: bool = price.cache_delete("apple", quantity=2)
+        name: str = await user_name(1)
+        user_name.cache_clear()
+        repository = Repository()
+        row: dict[str, int] = repository.row(7)
+        repository.row.cache_delete(7)
+        Repository.row.cache_info()
+        text: str = Repository.normalise("A")
+        plain: float = price.__wrapped__("apple")
+        print(total, hits, deleted, name, row, text, plain, shared_cache().shared_hits)

@@ -46,11 +46,28 @@ def test_hit_cost_quick(tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 def test_middleware_overhead_quick(tmp_path: Path) -> None:
     stdout, results = run_quick("middleware_overhead.py", tmp_path)
-    for header in ("## ASGI", "## WSGI", "us/request", "x bare"):
+    for header in ("## ASGI", "## WSGI", "us/request", "+us", "x bare", "<= +0.6", "<= +2.0"):
         assert header in stdout
     for row in ("bare Starlette", "bare Flask", "perrequest RequestScopeMiddleware"):
         assert row in stdout
     assert set(results["protocols"]) == {"ASGI", "WSGI"}
+
+
+@pytest.mark.timeout(300)
+def test_instructions_quick_under_callgrind(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "instructions.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text(encoding="utf-8"))
+    for protocol in ("ASGI", "WSGI"):
+        counts = results["protocols"][protocol]
+        assert all(counts[v] > 10_000 for v in ("bare", "minimal", "perrequest"))
+    assert "perrequest - minimal middleware" in proc.stdout
 
 
 @pytest.mark.timeout(150)
@@ -74,8 +91,9 @@ def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
     for row in (
         "memo hit / minimal memo, f(1)",
         "cachetools hit / memo hit, g(1, 2, c=3)",
-        "ASGI: perrequest RequestScopeMiddleware / bare",
-        "WSGI: perrequest RequestScopeMiddleware / bare",
+        "memo miss / minimal memo, await h(1)",
+        "ASGI: perrequest RequestScopeMiddleware - bare (us)",
+        "WSGI: perrequest RequestScopeMiddleware - bare (us)",
         "shared tier / cachetools + lock, repeated read in a request",
         "FastAPI, 10 lookups per request: memo / plain req/s",
     ):

@@ -157,7 +157,9 @@ class _MemoSpec:
         self.is_method = is_method(fn)
         self.is_async = is_async_callable(fn)
         module = getattr(fn, "__module__", None)
-        qualname = getattr(fn, "__qualname__", None) or repr(fn)
+        # Never repr(): a functools.partial's would carry its bound arguments into
+        # stats, logs and metric labels.
+        qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self.name = f"{module}.{qualname}" if module else qualname
         self.keyof: Callable[..., tuple[Hashable, Any]] = self.keyof_call
         self.shared: SharedTier | None = None

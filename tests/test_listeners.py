@@ -78,7 +78,9 @@ def test_functions_count_hits_misses_evictions_and_compute_time(recorder: Record
     fn = stats.functions[NAME]
     assert (fn.hits, fn.misses, fn.evictions) == (3, 2, 0)
     assert fn.compute_s >= 2 * 0.002  # two misses, timed because a listener listens
-    assert stats.functions[f"{__name__}.bounded"] == FunctionStats(0, 4, 2, pytest.approx(0, abs=0.01))
+    assert stats.functions[f"{__name__}.bounded"] == FunctionStats(
+        0, 4, 2, pytest.approx(0, abs=0.01)
+    )
     # The totals include the helpers' get_or_set (1 miss, 1 hit), the functions do not.
     assert (stats.hits, stats.misses, stats.evictions) == (3 + 0 + 1, 2 + 4 + 1, 2)
     assert store.stats is stats  # the final stats, kept

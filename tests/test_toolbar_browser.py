@@ -46,9 +46,8 @@ def test_the_panel_in_headless_chromium(tmp_path: Path) -> None:
         ):
             assert expected in text, (expected, text)
         # The warning row is styled by the toolbar's own script (no inline styles: CSP).
-        color = page.evaluate(
-            f"getComputedStyle({CONTENT}.querySelector('.djdt-perrequest-warning td:last-child')).color"
-        )
+        warning = f"{CONTENT}.querySelector('.djdt-perrequest-warning td:last-child')"
+        color = page.evaluate(f"getComputedStyle({warning}).color")
         assert color == "rgb(185, 74, 72)"
         png = page.screenshot()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000

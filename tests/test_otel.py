@@ -78,11 +78,12 @@ def test_counters_per_function_and_histograms_per_scope(reader: InMemoryMetricRe
                 one_at_a_time(x)
             perrequest.get_or_set("k", lambda: 1)
     found = points(reader)
-    assert by_function(found["perrequest.memo.hits"]) == {NAME: 4}
     bounded = f"{__name__}.one_at_a_time"
     helpers = "perrequest.helpers"
+    # Each function's three series start together, at zero.
+    assert by_function(found["perrequest.memo.hits"]) == {NAME: 4, bounded: 0, helpers: 0}
     assert by_function(found["perrequest.memo.misses"]) == {NAME: 4, bounded: 6, helpers: 2}
-    assert by_function(found["perrequest.memo.evictions"]) == {bounded: 4}
+    assert by_function(found["perrequest.memo.evictions"]) == {NAME: 0, bounded: 4, helpers: 0}
     [entries] = found["perrequest.scope.entries"]
     assert (entries.count, entries.sum, entries.max) == (2, 2 * 4, 4)  # peak: 2 + 1 + 1 each
     [saved] = found["perrequest.scope.saved"]
@@ -153,12 +154,13 @@ def test_instrument_again_replaces_and_uninstrument_stops() -> None:
         assert otel.is_instrumented()
         with request_scope():
             lookup(1)
+        assert "perrequest.memo.misses" not in points(first)
+        assert by_function(points(second)["perrequest.memo.misses"]) == {NAME: 1}
     finally:
         otel.uninstrument()
     with request_scope():
         lookup(1)
-    assert "perrequest.memo.misses" not in points(first)
-    assert by_function(points(second)["perrequest.memo.misses"]) == {NAME: 1}
+    assert "perrequest.memo.misses" not in points(second)  # stopped: nothing reported
     assert not otel.is_instrumented()
     otel.uninstrument()  # again: nothing to do
 

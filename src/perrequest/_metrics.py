@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from collections.abc import Iterator
 
 from ._stats import FunctionStats, ScopeStats
@@ -18,6 +19,8 @@ from ._stats import FunctionStats, ScopeStats
 # get_or_set and store[key] entries: counted in the totals under this name.
 HELPERS = "perrequest.helpers"
 UNNAMED = "(unnamed callable)"
+OTHER = "(other functions)"
+MAX_NAMES = 4096  # function names kept in running totals; beyond, counted under OTHER
 # Histogram buckets: entries up to past the default bound (10_000), seconds from 0.1 ms.
 ENTRY_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 100_000)
 SAVED_BUCKETS = (
@@ -55,3 +58,44 @@ def per_function(stats: ScopeStats) -> Iterator[tuple[str, int, int, int]]:
     rest = (stats.hits - hits, stats.misses - misses, stats.evictions - evictions)
     if any(rest):
         yield (HELPERS, *rest)
+
+
+def used(stats: ScopeStats) -> bool:
+    """Whether a scope touched its store at all (most static files and probes do not)."""
+    return bool(stats.peak_entries or stats.hits or stats.misses)
+
+
+class Totals:
+    """Running per-function totals since ``instrument()``: added to as each scope closes
+    (a few dict updates), read when the metrics are collected (every export or scrape).
+
+    The names are the program's memoized functions, so the dict is as bounded as the
+    code; past ``MAX_NAMES`` names the rest are counted under ``OTHER``.
+    """
+
+    __slots__ = ("_by_name", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_name: dict[str, list[int]] = {}
+
+    def add(self, stats: ScopeStats) -> None:
+        rows = list(per_function(stats))
+        if not rows:
+            return
+        with self._lock:
+            by_name = self._by_name
+            for name, hits, misses, evictions in rows:
+                row = by_name.get(name)
+                if row is None:
+                    if len(by_name) >= MAX_NAMES:
+                        name = OTHER
+                    row = by_name.get(name) or by_name.setdefault(name, [0, 0, 0])
+                row[0] += hits
+                row[1] += misses
+                row[2] += evictions
+
+    def series(self, column: int) -> list[tuple[str, int]]:
+        """``(label, total)`` per function seen so far: hits (0), misses (1), evictions (2)."""
+        with self._lock:
+            return [(name, row[column]) for name, row in self._by_name.items()]

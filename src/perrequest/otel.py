@@ -2,50 +2,56 @@
 
 Built on ``opentelemetry-api`` only: the SDK, exporters and views are the
 app's choice. ``instrument()`` adds a scope listener that, for every scope
-that closes in the process, adds each memoized function's hits, misses and
-evictions to three counters (attribute ``perrequest.function``: the function's
-qualified name, never an argument, key or value) and records the scope's
-entries and the seconds the memo saved in two histograms. When a span is
-recording as the scope closes (the server span of OpenTelemetry's ASGI,
-WSGI or Django instrumentation, which wraps perrequest's middleware), the
-scope's totals are set on it as attributes.
+that closes in the process:
+
+- adds each memoized function's hits, misses and evictions to running totals,
+  reported by the counters ``perrequest.memo.hits``, ``.misses`` and
+  ``.evictions`` (attribute ``perrequest.function``: the function's qualified
+  name, never an argument, key or value). They are asynchronous counters: the
+  SDK reads the totals when it exports, so a request pays for a few dict
+  updates, not for one SDK call per function and counter;
+- records, for a scope that touched its store, its peak entries in the
+  histogram ``perrequest.scope.entries`` and the seconds its hits saved (hits x
+  mean miss time, per function) in ``perrequest.scope.saved``;
+- when a span is recording as the scope closes (the server span of
+  OpenTelemetry's ASGI, WSGI or Django instrumentation, which wraps
+  perrequest's middleware), sets the scope's totals on it as attributes.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from . import __version__
-from ._metrics import ENTRY_BUCKETS, SAVED_BUCKETS, per_function, scope_saved_s
+from ._metrics import ENTRY_BUCKETS, SAVED_BUCKETS, Totals, scope_saved_s, used
 from ._stats import ScopeStats
 from .scope import add_scope_listener, remove_scope_listener
 
 __all__ = ["instrument", "is_instrumented", "uninstrument"]
 
 FUNCTION = "perrequest.function"
-_MAX_NAMES = 4096  # attribute dicts kept per function name; beyond, made anew
+_COUNTERS = (  # in the order of Totals' columns
+    ("perrequest.memo.hits", "{call}", "Memo calls served from the request store"),
+    ("perrequest.memo.misses", "{call}", "Memo calls that computed their value"),
+    ("perrequest.memo.evictions", "{entry}", "Entries evicted by a store's bound"),
+)
 
 _lock = threading.Lock()
 _installed: _Listener | None = None
 
 
 class _Listener:
-    """The scope listener: one set of instruments from one meter."""
+    """The scope listener: running totals and the two histograms of one meter."""
 
-    __slots__ = ("_attributes", "entries", "evictions", "hits", "misses", "saved")
+    __slots__ = ("entries", "provider", "saved", "totals")
 
-    def __init__(self, meter: metrics.Meter) -> None:
-        self.hits = meter.create_counter(
-            "perrequest.memo.hits", "{call}", "Memo calls served from the request store"
-        )
-        self.misses = meter.create_counter(
-            "perrequest.memo.misses", "{call}", "Memo calls that computed their value"
-        )
-        self.evictions = meter.create_counter(
-            "perrequest.memo.evictions", "{entry}", "Entries evicted by a store's bound"
-        )
+    def __init__(self, meter: metrics.Meter, provider: object) -> None:
+        self.provider = provider
+        self.totals = Totals()
         self.entries = meter.create_histogram(
             "perrequest.scope.entries",
             "{entry}",
@@ -58,22 +64,11 @@ class _Listener:
             "Seconds the memo saved in a scope: hits x mean miss time, per function",
             explicit_bucket_boundaries_advisory=SAVED_BUCKETS,
         )
-        self._attributes: dict[str, dict[str, str]] = {}
 
     def __call__(self, stats: ScopeStats) -> None:
-        known = self._attributes
-        for name, hits, misses, evictions in per_function(stats):
-            attributes = known.get(name)
-            if attributes is None:
-                if len(known) >= _MAX_NAMES:
-                    known.clear()
-                attributes = known[name] = {FUNCTION: name}
-            if hits:
-                self.hits.add(hits, attributes)
-            if misses:
-                self.misses.add(misses, attributes)
-            if evictions:
-                self.evictions.add(evictions, attributes)
+        if not used(stats):
+            return
+        self.totals.add(stats)
         saved = scope_saved_s(stats)
         self.entries.record(stats.peak_entries)
         self.saved.record(saved)
@@ -91,10 +86,27 @@ class _Listener:
             )
 
 
+def _observer(column: int, provider: object) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    """The callback of one counter: the totals of the listener installed for ``provider``.
+
+    A meter gives back the counter it made before when asked again for the same
+    name, with its first callback, so the callback finds the current listener
+    rather than holding one.
+    """
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        listener = _installed
+        if listener is None or listener.provider is not provider:
+            return []
+        return [Observation(n, {FUNCTION: name}) for name, n in listener.totals.series(column)]
+
+    return observe
+
+
 def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
     """Report every closing scope's stats to OpenTelemetry, through ``meter_provider``
     (default: the global one, which may be set later). Calling it again replaces the
-    previous instruments; ``uninstrument()`` stops."""
+    previous listener, its totals starting from zero; ``uninstrument()`` stops."""
     global _installed
     if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
         raise TypeError(
@@ -102,7 +114,11 @@ def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
             f"MeterProvider (opentelemetry.sdk.metrics.MeterProvider), not {meter_provider!r}"
         )
     meter = metrics.get_meter("perrequest", __version__, meter_provider=meter_provider)
-    listener = _Listener(meter)
+    listener = _Listener(meter, meter_provider)
+    for column, (name, unit, description) in enumerate(_COUNTERS):
+        meter.create_observable_counter(
+            name, [_observer(column, meter_provider)], unit, description
+        )
     with _lock:
         if _installed is not None:
             remove_scope_listener(_installed)
@@ -111,7 +127,8 @@ def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
 
 
 def uninstrument() -> None:
-    """Stop reporting; the instruments already made stay in their meter."""
+    """Stop reporting; the counters report nothing more, the histograms stay in their
+    meter."""
     global _installed
     with _lock:
         if _installed is not None:

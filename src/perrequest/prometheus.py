@@ -7,7 +7,8 @@
   (a memoized function's qualified name, never an argument, key or value);
 - ``perrequest_scope_entries``, a histogram of the most entries each request
   store held at once, and ``perrequest_scope_saved_seconds``, of the seconds
-  the memo saved per scope (hits x mean miss time, per function);
+  the memo saved per scope (hits x mean miss time, per function), both over
+  the scopes that touched their store;
 
 and adds the scope listener that feeds them. Serve them as usual, e.g.
 ``app.mount("/metrics", prometheus_client.make_asgi_app())``.
@@ -16,45 +17,55 @@ and adds the scope listener that feeds them. Serve them as usual, e.g.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
-from ._metrics import ENTRY_BUCKETS, SAVED_BUCKETS, per_function, scope_saved_s
+from ._metrics import ENTRY_BUCKETS, SAVED_BUCKETS, Totals, scope_saved_s, used
 from ._stats import ScopeStats
 from .scope import add_scope_listener, remove_scope_listener
 
 __all__ = ["instrument", "is_instrumented", "uninstrument"]
 
-_MAX_NAMES = 4096  # label children kept per function name; beyond, looked up again
+_COUNTERS = (
+    ("perrequest_memo_hits", "Memo calls served from the request store"),
+    ("perrequest_memo_misses", "Memo calls that computed their value"),
+    ("perrequest_memo_evictions", "Entries evicted by a store's bound"),
+)
 
 _lock = threading.Lock()
 _installed: _Listener | None = None
 
 
+class _Counters(Collector):
+    """The three counters, read from the running totals at each scrape: a request pays
+    for a few dict updates, not for a labelled counter call per function."""
+
+    def __init__(self, totals: Totals) -> None:
+        self.totals = totals
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for column, (name, documentation) in enumerate(_COUNTERS):
+            family = CounterMetricFamily(name, documentation, labels=("function",))
+            for function, total in self.totals.series(column):
+                family.add_metric((function,), total)
+            yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        for name, documentation in _COUNTERS:
+            yield CounterMetricFamily(name, documentation, labels=("function",))
+
+
 class _Listener:
-    """The scope listener: the five metrics, registered in one registry."""
+    """The scope listener: the totals behind the counters, and the two histograms."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        label = ("function",)
-        self.hits = Counter(
-            "perrequest_memo_hits",
-            "Memo calls served from the request store",
-            label,
-            registry=registry,
-        )
-        self.misses = Counter(
-            "perrequest_memo_misses",
-            "Memo calls that computed their value",
-            label,
-            registry=registry,
-        )
-        self.evictions = Counter(
-            "perrequest_memo_evictions",
-            "Entries evicted by a store's bound",
-            label,
-            registry=registry,
-        )
+        self.totals = Totals()
+        self.counters = _Counters(self.totals)
+        registry.register(self.counters)
         self.entries = Histogram(
             "perrequest_scope_entries",
             "Most entries a request store held at once",
@@ -67,35 +78,17 @@ class _Listener:
             registry=registry,
             buckets=SAVED_BUCKETS,
         )
-        self._children: dict[str, tuple[Counter, Counter, Counter]] = {}
-
-    def _labelled(self, name: str) -> tuple[Counter, Counter, Counter]:
-        children = self._children.get(name)
-        if children is None:
-            if len(self._children) >= _MAX_NAMES:
-                self._children.clear()
-            children = self._children[name] = (
-                self.hits.labels(name),
-                self.misses.labels(name),
-                self.evictions.labels(name),
-            )
-        return children
 
     def __call__(self, stats: ScopeStats) -> None:
-        for name, hits, misses, evictions in per_function(stats):
-            hits_c, misses_c, evictions_c = self._labelled(name)
-            if hits:
-                hits_c.inc(hits)
-            if misses:
-                misses_c.inc(misses)
-            if evictions:
-                evictions_c.inc(evictions)
+        if not used(stats):
+            return
+        self.totals.add(stats)
         self.entries.observe(stats.peak_entries)
         self.saved.observe(scope_saved_s(stats))
 
     def unregister(self) -> None:
-        for metric in (self.hits, self.misses, self.evictions, self.entries, self.saved):
-            self.registry.unregister(metric)
+        for collector in (self.counters, self.entries, self.saved):
+            self.registry.unregister(collector)
 
 
 def instrument(registry: CollectorRegistry | None = None) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from collections.abc import Iterator
 
 from ._stats import FunctionStats, ScopeStats
 
@@ -45,21 +44,6 @@ def scope_saved_s(stats: ScopeStats) -> float:
     return sum(saved_s(fn) for fn in stats.functions.values())
 
 
-def per_function(stats: ScopeStats) -> Iterator[tuple[str, int, int, int]]:
-    """``(label, hits, misses, evictions)`` per function with any, then the helpers'
-    share of the totals (``get_or_set``, plain entries) under ``HELPERS``."""
-    hits = misses = evictions = 0
-    for name, fn in stats.functions.items():
-        hits += fn.hits
-        misses += fn.misses
-        evictions += fn.evictions
-        if fn.hits or fn.misses or fn.evictions:
-            yield label(name), fn.hits, fn.misses, fn.evictions
-    rest = (stats.hits - hits, stats.misses - misses, stats.evictions - evictions)
-    if any(rest):
-        yield (HELPERS, *rest)
-
-
 def used(stats: ScopeStats) -> bool:
     """Whether a scope touched its store at all (most static files and probes do not)."""
     return bool(stats.peak_entries or stats.hits or stats.misses)
@@ -80,22 +64,34 @@ class Totals:
         self._by_name: dict[str, list[int]] = {}
 
     def add(self, stats: ScopeStats) -> None:
-        rows = list(per_function(stats))
-        if not rows:
-            return
+        hits = misses = evictions = 0
         with self._lock:
             by_name = self._by_name
-            for name, hits, misses, evictions in rows:
-                row = by_name.get(name)
-                if row is None:
-                    if len(by_name) >= MAX_NAMES:
-                        name = OTHER
-                    row = by_name.get(name) or by_name.setdefault(name, [0, 0, 0])
-                row[0] += hits
-                row[1] += misses
-                row[2] += evictions
+            for name, fn in stats.functions.items():
+                hits += fn.hits
+                misses += fn.misses
+                evictions += fn.evictions
+                row = by_name.get(name) or self._row(name)
+                row[0] += fn.hits
+                row[1] += fn.misses
+                row[2] += fn.evictions
+            if hits != stats.hits or misses != stats.misses or evictions != stats.evictions:
+                row = by_name.get(HELPERS) or self._row(HELPERS)
+                row[0] += stats.hits - hits
+                row[1] += stats.misses - misses
+                row[2] += stats.evictions - evictions
+
+    def _row(self, name: str) -> list[int]:
+        """A new function's counters (lock held); labelled when read, not here."""
+        if len(self._by_name) >= MAX_NAMES:
+            name = OTHER
+        return self._by_name.setdefault(name, [0, 0, 0])
 
     def series(self, column: int) -> list[tuple[str, int]]:
         """``(label, total)`` per function seen so far: hits (0), misses (1), evictions (2)."""
         with self._lock:
-            return [(name, row[column]) for name, row in self._by_name.items()]
+            rows = [(name, row[column]) for name, row in self._by_name.items()]
+        merged: dict[str, int] = {}
+        for name, total in rows:  # names that are no plain qualified name share one label
+            merged[label(name)] = merged.get(label(name), 0) + total
+        return list(merged.items())

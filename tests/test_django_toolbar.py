@@ -105,7 +105,8 @@ def test_panel_shows_each_function_the_store_and_time_saved(toolbars: list[Debug
     content = rendered(client, bar)
     for text in (f"{VIEWS}.product", f"{VIEWS}.price", "6 / 20 (30%)", "Time saved"):
         assert text in content, text
-    assert "djdt-perrequest-warning" not in content
+    assert "reached its bound" not in content and "came within" not in content
+    assert not [row for row in stats["outside"] if row["now"]]  # none during this request
 
 
 def test_a_store_past_its_bound_gets_a_warning_row(toolbars: list[DebugToolbar]) -> None:
@@ -120,15 +121,15 @@ def test_a_store_past_its_bound_gets_a_warning_row(toolbars: list[DebugToolbar])
 def test_a_call_outside_any_scope_gets_a_warning_row(toolbars: list[DebugToolbar]) -> None:
     client = Client()
     client.get("/threaded/")
-    [row] = panel_stats(toolbars[0])["outside"]
-    assert row == {"name": f"{VIEWS}.exchange_rate", "now": True}
+    # Other tests of this process may have called functions outside a scope too.
+    rows = panel_stats(toolbars[0])["outside"]
+    assert {"name": f"{VIEWS}.exchange_rate", "now": True} in rows
+    assert [row for row in rows if row["now"]] == rows[:1]  # this request's first
     assert "was called outside any request scope during this request" in rendered(
         client, toolbars[0]
     )
     client.get("/catalog/")  # later requests still show it: the function is still uncached
-    assert panel_stats(toolbars[-1])["outside"] == [
-        {"name": f"{VIEWS}.exchange_rate", "now": False}
-    ]
+    assert {"name": f"{VIEWS}.exchange_rate", "now": False} in panel_stats(toolbars[-1])["outside"]
     assert "earlier in this process" in rendered(client, toolbars[-1])
 
 

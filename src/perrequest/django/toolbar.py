@@ -64,12 +64,11 @@ def _entries(store: MemoStore) -> Tally[str]:
     """Entries per function name in an open store; plain entries under ``""``."""
     tally: Tally[str] = Tally()
     for key in list(store):
-        owner = key.owner if type(key) is MemoKey else None
-        tally[getattr(owner, "name", "") if owner is not None else ""] += 1
+        tally[getattr(key.owner, "name", "") if type(key) is MemoKey else ""] += 1
     return tally
 
 
-def collect(store: MemoStore | None, outside_before: frozenset[str]) -> dict[str, Any]:
+def _collect(store: MemoStore | None, outside_before: frozenset[str]) -> dict[str, Any]:
     """The panel's data, JSON-serialisable (the toolbar may keep it in a database)."""
     outside_now = _outside_names()
     outside = [{"name": name, "now": name not in outside_before} for name in sorted(outside_now)]
@@ -147,7 +146,7 @@ class PerRequestPanel(Panel):
 
     def generate_stats(self, request: Any, response: Any) -> None:
         before: frozenset[str] = getattr(self, "_outside_before", frozenset())
-        self.record_stats(collect(_request_store(request), before))
+        self.record_stats(_collect(_request_store(request), before))
 
 
 def remove_listener() -> None:

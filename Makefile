@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check lint typecheck docs pytest bench soak clean
+.PHONY: demo test check lint typecheck docs pytest system-deps bench soak clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,18 @@ typecheck: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet --site-dir site
 
-pytest: $(STAMP)
+pytest: $(STAMP) system-deps
 	$(PY) -m pytest
+
+# What the tests need from Debian: chromium (the toolbar panel's browser test),
+# installed where apt-get can be run (root, as on CI); else say what is missing.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "chromium is missing: install Debian's chromium package for the browser test"; \
+	fi
 
 ## make bench: every benchmark, one after the other, then one table of the DESIGN.md targets.
 bench: $(STAMP)

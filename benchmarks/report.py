@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("hit_cost", "middleware_overhead", "instructions", "shared_cost", "throughput")
+SCRIPTS = (
+    "hit_cost",
+    "middleware_overhead",
+    "instructions",
+    "shared_cost",
+    "throughput",
+    "observability_cost",
+)
 
 
 def run_all(quick: bool, out: Path) -> dict[str, Any]:
@@ -103,6 +110,10 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 mark(row["met"]),
             )
         )
+    for name, row in results["observability_cost"]["variants"].items():
+        if row["baseline"] != name and "noise" not in name:
+            what = f"observed request: {name}, added us vs {row['baseline']}"
+            table.append((what, "", f"{row['added_us']:.1f}", "info"))
     tp = results["throughput"]
     table.append(
         ("FastAPI, 10 lookups per request: memo / plain req/s", "", f"{tp['ratio']:.2f}", "info")

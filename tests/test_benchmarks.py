@@ -7,6 +7,7 @@ results are in docs/performance.md.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+# This checkout's src, also from another worktree than the editable install's.
+ENV = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")}
 
 
 def run_quick(script: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
@@ -26,6 +29,7 @@ def run_quick(script: str, tmp_path: Path) -> tuple[str, dict[str, Any]]:
         capture_output=True,
         text=True,
         timeout=120,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, json.loads(out.read_text(encoding="utf-8"))
@@ -78,6 +82,15 @@ def test_throughput_quick_under_a_real_uvicorn_server(tmp_path: Path) -> None:
     assert all(row["requests_per_s"] > 0 for row in results["routes"].values())
 
 
+@pytest.mark.timeout(150)
+def test_observability_cost_quick(tmp_path: Path) -> None:
+    stdout, results = run_quick("observability_cost.py", tmp_path)
+    for row in ("no listener", "perrequest.otel (SDK meter provider)", "perrequest.prometheus"):
+        assert row in stdout
+    assert "recording span + perrequest.otel" in results["variants"]
+    assert all(row["median_us"] > 0 for row in results["variants"].values())
+
+
 @pytest.mark.timeout(300)
 def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -85,6 +98,7 @@ def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=280,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stderr
     summary = proc.stdout.split("=== summary")[1]
@@ -96,6 +110,7 @@ def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
         "WSGI: perrequest RequestScopeMiddleware - bare (us)",
         "shared tier / cachetools + lock, repeated read in a request",
         "FastAPI, 10 lookups per request: memo / plain req/s",
+        "observed request: perrequest.otel (SDK meter provider), added us vs no listener",
     ):
         assert row in summary, row
     assert summary.count("<= 1.00 |") >= 5

@@ -27,8 +27,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from ._checks import check_max_entries, check_on_close
-from .scope import (
+from .._checks import check_max_entries, check_on_close
+from ..scope import (
     REQUEST_KEY,
     OnClose,
     _current,
@@ -37,8 +37,8 @@ from .scope import (
     open_scope,
     opened_outside,
 )
-from .store import DEFAULT_MAX_ENTRIES, MemoStore
-from .wsgi import _produce
+from ..store import DEFAULT_MAX_ENTRIES, MemoStore
+from ..wsgi import _produce
 
 __all__ = ["RequestScopeMiddleware"]
 

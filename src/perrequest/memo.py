@@ -16,12 +16,8 @@ import threading
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import (
     Any,
-    Concatenate,
     Literal,
-    NamedTuple,
     ParamSpec,
-    Protocol,
-    Self,
     TypeVar,
     overload,
 )
@@ -31,6 +27,7 @@ from ._checks import check_max_entries, is_async_callable, refuse_generator, unk
 from ._keys import call_key, is_method, unhashable
 from ._shared import SharedTier, check_shared
 from ._stats import Counter
+from ._typing import CacheInfo, MemoizedFunction, SharedCacheInfo, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import NoActiveScope, ScopeClosed
 from .scope import NO_SCOPE_HINT, active_store
@@ -45,10 +42,7 @@ __all__ = [
 ]
 
 P = ParamSpec("P")
-P2 = ParamSpec("P2")
 R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
-S = TypeVar("S")
 
 logger = logging.getLogger("perrequest")
 
@@ -61,66 +55,6 @@ _WARNED_MAX = 10_000
 _warned_lock = threading.RLock()
 # The test suite's choice for every memo (the pytest plugin's perrequest_outside_scope).
 outside_scope_override: str | None = None
-
-
-class CacheInfo(NamedTuple):
-    """One function's counters in the active store, as ``functools`` reports them."""
-
-    hits: int
-    misses: int
-    maxsize: int | None
-    currsize: int
-
-
-class SharedCacheInfo(NamedTuple):
-    """``CacheInfo`` plus the shared tier's process-wide counters, for ``shared=`` memos."""
-
-    hits: int
-    misses: int
-    maxsize: int | None
-    currsize: int
-    shared_hits: int
-    shared_misses: int
-    shared_maxsize: int
-    shared_currsize: int
-
-
-class MemoizedFunction(Protocol[P, R_co]):
-    """What ``@request_memo`` returns, as type checkers see it: the function, with the
-    ``functools``-style extras, generic in its parameters and result."""
-
-    @property
-    def __wrapped__(self) -> Callable[P, R_co]: ...
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
-
-    def cache_info(self) -> CacheInfo:
-        """This function's hits, misses and entries in the active store."""
-        ...
-
-    def cache_clear(self) -> None:
-        """Drop this function's entries in the active store."""
-        ...
-
-    def cache_delete(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Drop the entry these arguments would hit; whether there was one."""
-        ...
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
-
-    @overload
-    def __get__(
-        self: MemoizedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any], /
-    ) -> MemoizedFunction[P2, R]: ...
-
-
-class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
-    """``MemoizedFunction`` for ``shared=`` memos: ``cache_info()`` adds the shared tier."""
-
-    def cache_info(self) -> SharedCacheInfo:  # type: ignore[override]
-        """This function's counters in the active store and in the shared tier."""
-        ...
 
 
 class _MemoSpec:

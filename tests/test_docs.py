@@ -335,12 +335,8 @@ PUBLIC = _public()
 
 @pytest.mark.parametrize("name", PUBLIC)
 def test_api_reference_renders_every_public_name(name: str) -> None:
-    module, _, attr = name.rpartition(".")
     rendered = re.search(rf"^::: {re.escape(name)}$", API, re.M)
-    members = re.search(
-        rf"^::: {re.escape(module)}\n(?:    .*\n)*?\s+members:.*\b{attr}\b", API, re.M
-    )
-    assert rendered or members, f"docs/api.md does not render {name}: add '::: {name}'"
+    assert rendered, f"docs/api.md does not render {name}: add '::: {name}'"
 
 
 def _object(name: str) -> object:

@@ -30,8 +30,8 @@ check: lint typecheck
 	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks
-	$(PY) -m ruff format --check src tests examples benchmarks
+	$(PY) -m ruff check src tests examples benchmarks docs/snippets
+	$(PY) -m ruff format --check src tests examples benchmarks docs/snippets
 
 typecheck: $(STAMP)
 	$(PY) -m mypy --strict src

@@ -21,7 +21,8 @@ S = TypeVar("S")
 
 
 class CacheInfo(NamedTuple):
-    """One function's counters in the active store, as ``functools`` reports them."""
+    """One function's counters in the active store, with ``functools``' field names;
+    ``maxsize`` is the function's own ``max_entries=`` (or None)."""
 
     hits: int
     misses: int

@@ -280,6 +280,21 @@ def request_memo(
 
     ``shared=`` puts a bounded process-wide cache (``cachetools.LRUCache``,
     ``TTLCache``, any mapping with a ``maxsize``) behind the request store.
+
+    Args:
+        fn: The function, when used bare (``@request_memo``).
+        key: A function of the same arguments (``self`` included) returning a
+            hashable key, for unhashable arguments; its result alone is the key.
+        typed: Tell equal arguments of different types apart (``1``, ``1.0``).
+        max_entries: Bound this function's entries within each store (least
+            recently used go first); ``None``: only the store's bound applies.
+        outside_scope: Outside any scope, ``"warn"``: call uncached and log one
+            WARNING per function; ``"call"``: call silently; ``"raise"``.
+        shared: A bounded process-wide cache behind the request store.
+
+    Returns:
+        A ``MemoizedFunction``: the function, typed as itself, plus
+        ``cache_info()``, ``cache_clear()``, ``cache_delete(...)``.
     """
     if unknown:
         raise TypeError(unknown_option("request_memo()", next(iter(unknown)), _OPTIONS))

@@ -50,6 +50,15 @@ class RequestScopeMiddleware:
 
     Sync and async capable: Django hands it an async ``get_response`` under
     ASGI, and then it runs as a coroutine, so async views get no thread switch.
+    List ``"perrequest.django.RequestScopeMiddleware"`` first in ``MIDDLEWARE``.
+
+    Args:
+        get_response: The rest of the middleware stack, as Django passes it.
+            The options come from ``settings.PERREQUEST`` (``"MAX_ENTRIES"``,
+            ``"ON_CLOSE"``: a callable or a dotted path to one), read here.
+
+    Raises:
+        ImproperlyConfigured: A bad ``settings.PERREQUEST``, naming the key.
     """
 
     sync_capable = True

@@ -212,9 +212,12 @@ class Entries:
                 self._remove(owner, sub, key)  # type: ignore[arg-type]
 
     def _snapshot(self) -> ScopeStats:
-        now = self._closed_at if self._closed else time.perf_counter()
+        start = self._opened_at  # 0.0: a scope nobody watched is not timed
+        duration = 0.0
+        if start:
+            duration = (self._closed_at if self._closed else time.perf_counter()) - start
         if self._lock is None:
-            return ScopeStats(0, 0, 0, 0, 0, now - self._opened_at)
+            return ScopeStats(0, 0, 0, 0, 0, duration)
         counters = dict(self._counters)
         helpers = self._helpers
         return ScopeStats(
@@ -223,7 +226,7 @@ class Entries:
             entries=len(self),
             peak_entries=max(self._peak, len(self)),
             evictions=self._evictions,
-            duration_s=now - self._opened_at,
+            duration_s=duration,
             functions=MappingProxyType(
                 {
                     name: FunctionStats(c.hits, c.misses, c.evictions, c.compute_s)
@@ -239,7 +242,7 @@ class Entries:
         In-flight computations are left alone: each one releases its own
         waiters when it ends, and a closed store stores nothing.
         """
-        self._closed_at = time.perf_counter()
+        self._closed_at = time.perf_counter() if self._opened_at else 0.0
         self._closed = True
         lock = self._lock
         if lock is None:  # nothing was ever written: the stats are all zeros

@@ -118,7 +118,9 @@ class RequestScopeMiddleware:
         self._on_close = check_on_close(on_close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in self._scope_types or opened_outside(scope):
+        if scope["type"] not in self._scope_types or (
+            REQUEST_KEY in scope and opened_outside(scope)
+        ):
             await self.app(scope, receive, send)
             return
         store = scope[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)

@@ -8,7 +8,6 @@ equal a key a user passes, and cannot be written through the mapping.
 
 from __future__ import annotations
 
-import time
 from collections.abc import (
     Callable,
     Hashable,
@@ -73,7 +72,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         self._lock: Any = None  # a threading.RLock once written to
         self._closed = False
         self._token: Token[MemoStore | None] | None = None  # set by the scope that opens it
-        self._opened_at = time.perf_counter()
+        self._opened_at = 0.0  # timed by the scope that opens it, when watched
 
     # -- Mapping ---------------------------------------------------------------
 

@@ -81,7 +81,7 @@ class RequestScopeMiddleware:
         self._on_close = check_on_close(on_close)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if opened_outside(environ):
+        if REQUEST_KEY in environ and opened_outside(environ):
             return self.app(environ, start_response)  # an outer perrequest layer's scope
         store = environ[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
         try:

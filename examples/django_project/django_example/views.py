@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 from django.http import HttpResponse, HttpResponseForbidden, JsonResponse
 from django.template.loader import render_to_string
 
-from . import permissions
+from . import catalog, permissions
 from .permissions import queries_this_request, user_permissions
 
 ORDERS = {
@@ -34,6 +34,18 @@ async def orders(request: Any) -> HttpResponse:
         return HttpResponseForbidden("no orders.view permission\n")
     response = JsonResponse({"user": request.username, "orders": ORDERS.get(request.username, [])})
     response["X-Permission-Queries"] = str(queries_this_request())
+    return response
+
+
+def order_lines(request: Any) -> HttpResponse:
+    """Sync view: loads every product on the page at once, for the total; the template's
+    tags then find each line's product and supplier in the request's store."""
+    lines = catalog.ORDER_LINES
+    products = catalog.load_products.load_many([line["product_id"] for line in lines])
+    total = sum(p.price * line["quantity"] for p, line in zip(products, lines, strict=True))
+    html = render_to_string("order_lines.html", {"lines": lines, "total": total}, request=request)
+    response = HttpResponse(html)
+    response["X-SQL-Queries"] = str(catalog.queries_this_request())
     return response
 
 

@@ -21,7 +21,14 @@ Cases:
 
 The garbage collector is off while timing, as in ``timeit``.
 
-Usage: ``.venv/bin/python benchmarks/batch_cost.py [--quick] [--json PATH]``
+``--instructions`` also counts machine instructions under callgrind (valgrind),
+which the machine's other load does not move: each case and variant runs in a
+process of its own, twice (N1 and N2 operations after a warm-up), and
+(total(N2) - total(N1)) / (N2 - N1) is one operation's count, start-up cancelled
+out. A request's count is the body's: the same request with an empty body (the
+scope opened and closed, or the DataLoader made) is subtracted.
+
+Usage: ``.venv/bin/python benchmarks/batch_cost.py [--quick] [--instructions] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -29,9 +36,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from time import perf_counter_ns
 from typing import Any
 
@@ -204,15 +216,106 @@ def report(samples: dict[str, dict[str, list[float]]], rounds: int) -> dict[str,
     return results
 
 
+# -- instruction counts (callgrind) -----------------------------------------------------------
+
+
+async def _empty(loader: Any) -> float:
+    return 0.0
+
+
+def child(variant: str, case: str, n: int) -> None:
+    """Run ``n`` operations of one case (after a warm-up), for callgrind to count."""
+    v = Variant(variant)
+    bodies = dict(zip(CASES[1:], (load_many, gathered, resolvers, one_key), strict=True))
+    bodies["empty request"] = _empty
+
+    async def run(count: int) -> None:
+        if case == CASES[0]:
+            await v.request(cached(count))
+            return
+        for _ in range(count):
+            await v.request(bodies[case])
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(run(50))
+    gc.collect()
+    gc.freeze()  # what start-up made stays out of the collections counted
+    loop.run_until_complete(run(n))
+    loop.close()
+
+
+def _count(variant: str, case: str, n: int) -> int:
+    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
+    argv += [str(Path(__file__).resolve()), "--child", variant, case, str(n)]
+    run = subprocess.run(argv, capture_output=True, text=True, check=True)
+    found = re.search(r"Collected : (\d+)", run.stderr)
+    if found is None:
+        raise RuntimeError(f"callgrind printed no total:\n{run.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def instructions(quick: bool) -> dict[str, Any]:
+    """Instructions per load (cached) or per request body, per case and variant."""
+    sizes = {CASES[0]: (2_000, 12_000) if not quick else (200, 400)}
+    for case in (*(CASES[1:] if not quick else CASES[2:3]), "empty request"):
+        sizes[case] = (20, 120) if not quick else (5, 10)
+    jobs = [(v, c, n) for c in sizes for v in (OURS, THEIRS) for n in sizes[c]]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # counts do not depend on the load
+        totals = dict(zip(jobs, pool.map(lambda job: _count(*job), jobs), strict=True))
+    per_op = {
+        (v, c): (totals[(v, c, sizes[c][1])] - totals[(v, c, sizes[c][0])])
+        // (sizes[c][1] - sizes[c][0])
+        for v, c, _ in jobs
+    }
+    print("\ncallgrind: instructions per load (cached) or per request body\n")
+    print(f"| {'case':<34} | {'DataLoader':>10} | {'ours':>10} | ratio | target | status  |")
+    print(f"| {'-' * 34} | {'-' * 10}:| {'-' * 10}:| -----:| ------:| ------- |")
+    out: dict[str, Any] = {}
+    for case in [c for c in CASES if c in sizes]:
+        if case == CASES[0]:  # an operation is 10 loads
+            theirs, ours = per_op[(THEIRS, case)] // 10, per_op[(OURS, case)] // 10
+        else:
+            theirs, ours = (
+                per_op[(v, case)] - per_op[(v, "empty request")] for v in (THEIRS, OURS)
+            )
+        r = ours / theirs
+        target = TARGETS.get(case)
+        met = None if target is None else r <= target
+        status = "info" if met is None else ("met" if met else "NOT met")
+        shown = f"<= {target:.2f}" if target else ""
+        print(f"| {case:<34} | {theirs:10,d} | {ours:10,d} | {r:5.2f} | {shown:>6} | {status:<7} |")
+        out[case] = {
+            "dataloader": theirs,
+            "ours": ours,
+            "ratio": r,
+            "target": shown or None,
+            "met": met,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser.add_argument(
+        "--instructions", action="store_true", help="also count instructions (valgrind)"
+    )
+    parser.add_argument(
+        "--child", nargs=3, metavar=("VARIANT", "CASE", "N"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]))
+        return 0
     rounds, loops, requests = (3, 200, 5) if args.quick else (31, 5_000, 100)
     rounds = args.rounds or rounds
     results = report(measure(rounds, loops, requests), rounds)
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
+        results["instructions"] = instructions(args.quick)
     common.write_json(results, args.json)
     return 0
 

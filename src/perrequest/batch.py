@@ -37,31 +37,64 @@ _ABSENT: Any = object()  # pop()'s default: MISSING there means "no default"
 
 
 class BatchLoader(Protocol[K_contra, V]):
-    """What ``@request_batch`` makes of a sync batch function."""
+    """What ``@request_batch`` makes of a sync batch function: a loader.
+
+    Its values live in the active request's store. ``load`` and ``load_many``
+    answer from it and fetch the keys it lacks in one call of the batch
+    function; calling the loader is ``load_many``.
+    """
 
     __wrapped__: Callable[..., Any]
 
     def __call__(self, keys: Iterable[K_contra], /) -> list[V]: ...
-    def load(self, key: K_contra, /) -> V: ...
-    def load_many(self, keys: Iterable[K_contra], /) -> list[V]: ...
-    def prime(self, key: K_contra, value: V, /) -> None: ...
-    def clear(self, key: K_contra, /) -> bool: ...
-    def cache_clear(self) -> None: ...
-    def cache_info(self) -> CacheInfo: ...
+
+    def load(self, key: K_contra, /) -> V:
+        """The value of ``key``: ``load_many([key])[0]``."""
+
+    def load_many(self, keys: Iterable[K_contra], /) -> list[V]:
+        """The values of ``keys``, in order; raises the first failing key's exception."""
+
+    def prime(self, key: K_contra, value: V, /) -> None:
+        """Store ``value`` for ``key`` unless the store holds one (outside: nothing)."""
+
+    def clear(self, key: K_contra, /) -> bool:
+        """Drop the stored value of ``key``; whether there was one."""
+
+    def cache_clear(self) -> None:
+        """Drop every value of this loader from the active store."""
+
+    def cache_info(self) -> CacheInfo:
+        """Hits and misses (keys), bound and entries in the active store."""
 
 
 class AsyncBatchLoader(Protocol[K_contra, V]):
-    """What ``@request_batch`` makes of an async batch function."""
+    """What ``@request_batch`` makes of an async batch function: a loader.
+
+    ``load`` and ``load_many`` return awaitables, as DataLoader's do: the loads
+    made in one event-loop tick share one call of the batch function.
+    """
 
     __wrapped__: Callable[..., Any]
 
     def __call__(self, keys: Iterable[K_contra], /) -> Awaitable[list[V]]: ...
-    def load(self, key: K_contra, /) -> Awaitable[V]: ...
-    def load_many(self, keys: Iterable[K_contra], /) -> Awaitable[list[V]]: ...
-    def prime(self, key: K_contra, value: V, /) -> None: ...
-    def clear(self, key: K_contra, /) -> bool: ...
-    def cache_clear(self) -> None: ...
-    def cache_info(self) -> CacheInfo: ...
+
+    def load(self, key: K_contra, /) -> Awaitable[V]:
+        """Await the value of ``key``; the key joins this tick's batch when called."""
+
+    def load_many(self, keys: Iterable[K_contra], /) -> Awaitable[list[V]]:
+        """Await the values of ``keys``, in order; the first failing key's exception."""
+
+    def prime(self, key: K_contra, value: V, /) -> None:
+        """Store ``value`` for ``key`` unless the store holds one (outside: nothing)."""
+
+    def clear(self, key: K_contra, /) -> bool:
+        """Drop the stored value of ``key``; whether there was one."""
+
+    def cache_clear(self) -> None:
+        """Drop every value of this loader from the active store."""
+
+    def cache_info(self) -> CacheInfo:
+        """Hits and misses (keys), bound and entries in the active store."""
 
 
 class _Loader:
@@ -206,17 +239,36 @@ def request_batch(
     outside_scope: Literal["warn", "call", "raise"] = "warn",
     **unknown: Any,
 ) -> Any:
-    """Make a batch function (a list of keys in; their values out, as a sequence in the
-    same order or a mapping from key to value) into a per-request loader.
+    """Make a batch function into a per-request loader: batched, cached, bounded.
 
-    Async: the loads awaited in one event-loop tick within a scope share one call,
-    keys cached or in flight are not asked for again, and ``max_batch_size``
-    splits a call. Sync: ``load_many`` asks for the keys it lacks in one call.
-    An ``Exception`` instance in the results fails that key alone; failures are
-    not cached. ``key=`` maps a load key to its cache key; ``max_entries``
-    bounds this loader's values in each store. Outside a scope nothing is
-    batched or cached: ``outside_scope`` is ``"warn"`` (call, log once),
-    ``"call"`` or ``"raise"`` (``NoActiveScope``). Also usable bare.
+    The batch function takes a list of keys and returns their values: a
+    sequence in the same order (an ``Exception`` instance in it fails that key
+    alone) or a mapping from key to value (a key it lacks fails with
+    ``KeyError``). Async: the loads made in one event-loop tick within a scope
+    share one call; keys cached or in flight are not asked for again. Sync:
+    ``load_many`` asks for the keys it lacks in one call. Values live in the
+    request store; failures are not cached. Outside any scope nothing is
+    batched or cached. Also usable bare: ``@request_batch``.
+
+    Args:
+        fn: The batch function, when used bare (``@request_batch``).
+        max_batch_size: At most this many keys per call; more are split.
+        key: A function of one load key returning its hashable cache key (the
+            batch function still receives the load keys).
+        max_entries: Bound this loader's values within each store (least
+            recently used go first); ``None``: only the store's bound applies.
+        outside_scope: Outside any scope, ``"warn"``: call the batch function
+            uncached and log one WARNING per function; ``"call"``: call it
+            silently; ``"raise"``: raise ``NoActiveScope``.
+
+    Returns:
+        A ``BatchLoader`` (sync) or ``AsyncBatchLoader``: ``load``,
+        ``load_many``, ``prime``, ``clear``, ``cache_clear``, ``cache_info``,
+        ``__wrapped__``; calling it is ``load_many``.
+
+    Raises:
+        TypeError: A generator or a method, or a bad option value or name
+            (``ValueError`` for a value out of range).
     """
     if unknown:
         raise TypeError(unknown_option("request_batch()", next(iter(unknown)), _OPTIONS))

@@ -1,4 +1,4 @@
-"""Order lines and the products they refer to: related objects through one loader.
+"""Order lines and the products they refer to, through one loader per kind.
 
 The view asks ``load_products`` for every product on the page at once (one
 query, which also brings each product's supplier and primes ``load_suppliers``);
@@ -51,7 +51,8 @@ with closing(sqlite3.connect(DB)) as _conn, _conn:
         """
     )
     _conn.executemany(
-        "INSERT INTO suppliers VALUES (?, ?)", [(s, f"Supplier {s}") for s in range(1, 5)]
+        "INSERT INTO suppliers VALUES (?, ?)",
+        [(s, f"Supplier {s}") for s in range(1, 5)],
     )
     _conn.executemany(
         "INSERT INTO products VALUES (?, ?, ?, ?)",
@@ -71,9 +72,10 @@ def queries_this_request() -> int:
     return int(perrequest.get(_QUERIES, 0))
 
 
+# --8<-- [start:loaders]
 @request_batch
 def load_products(ids: list[int]) -> dict[int, Product]:
-    """Products by id, with their suppliers in the same query (primed for later)."""
+    """Products by id; their suppliers come in the same query (primed)."""
     marks = ", ".join("?" * len(ids))
     rows = query(
         "SELECT p.id, p.name, p.price, s.id, s.name FROM products p "
@@ -91,3 +93,6 @@ def load_suppliers(ids: list[int]) -> dict[int, Supplier]:
     marks = ", ".join("?" * len(ids))
     rows = query(f"SELECT id, name FROM suppliers WHERE id IN ({marks})", ids)
     return {id_: Supplier(id_, name) for id_, name in rows}
+
+
+# --8<-- [end:loaders]

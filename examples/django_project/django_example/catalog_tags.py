@@ -1,7 +1,8 @@
-"""Template tags resolving a line's related objects through the request's loaders.
+"""Template tags: a line's related objects, through the request's loaders.
 
-Registered in ``settings.TEMPLATES`` under ``libraries`` as ``catalog``: a
-template says ``{% load catalog %}`` then ``{% product line.product_id as p %}``.
+Registered in ``settings.TEMPLATES`` under ``libraries`` as ``catalog``:
+a template says ``{% load catalog %}``, then
+``{% product line.product_id as p %}``.
 """
 
 from __future__ import annotations

@@ -126,6 +126,9 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         what = f"request_batch / DataLoader, {case} (instructions)"
         target = row.get("target") or ""
         table.append((what, target, f"{row['ratio']:.2f}", mark(row["met"])))
+    if "store_setup_instructions" in batch:
+        what = "a store's set-up on first write and its close (instructions)"
+        table.append((what, "", f"{batch['store_setup_instructions']:,d}", "info"))
     tp = results["throughput"]
     table.append(
         ("FastAPI, 10 lookups per request: memo / plain req/s", "", f"{tp['ratio']:.2f}", "info")

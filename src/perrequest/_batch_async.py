@@ -268,6 +268,7 @@ async def _run_chunk(state: _State, keys: list[Any], cks: list[Hashable]) -> Non
 def _settle(state: _State, cks: list[Hashable], values: list[Any]) -> None:
     spec, store, inflight = state.spec, state.store, state.inflight
     anchors: list[Any] = []
+    failures = False
     with store._lock:
         for ck, value in zip(cks, values, strict=True):
             who = inflight.pop(ck)
@@ -275,19 +276,19 @@ def _settle(state: _State, cks: list[Hashable], values: list[Any]) -> None:
                 for one in who if type(who) is list else (who,):
                     _deliver(one, value, True)
                 anchors.append(_FAILED)
-                continue
-            if type(who) is _Future:  # the common case: one load
+                failures = True
+            elif type(who) is _Future:  # the common case: one load
                 try:
                     who.set_result(value)  # runs no code now: it schedules the wake-up
                 except asyncio.InvalidStateError:  # that caller was cancelled
                     who = None
                 anchors.append(who)  # a finished future of the value, for later hits
-                continue
-            kept = None
-            for one in who if type(who) is list else (who,):
-                kept = _deliver(one, value, False) or kept
-            anchors.append(kept)
-        if _FAILED in anchors:  # failures are not stored
+            else:
+                kept = None
+                for one in who if type(who) is list else (who,):
+                    kept = _deliver(one, value, False) or kept
+                anchors.append(kept)
+        if failures:  # failures are not stored
             kept = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
             cks, values = [cks[i] for i in kept], [values[i] for i in kept]
             anchors = [anchors[i] for i in kept]

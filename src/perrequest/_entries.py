@@ -202,14 +202,14 @@ class Entries:
             return
         next_id = self._next_id
         for key, value, anchor in zip(keys, values, anchors, strict=True):
-            old = sub.get(key)
-            if old is None:
+            if key in sub:  # stored meanwhile (prime): replaced, as _fill does
+                entry_id = sub[key][2]
+                order.move_to_end(entry_id)
+                sub[key] = (value, counter, entry_id, anchor)
+            else:
                 next_id += 1
                 order[next_id] = (owner, key)
                 sub[key] = (value, counter, next_id, anchor)
-            else:
-                order.move_to_end(old[2])
-                sub[key] = (value, counter, old[2], anchor)
         self._next_id = next_id
 
     def _reserve(self, owner: object) -> None:

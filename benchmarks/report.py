@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ SCRIPTS = (
     "shared_cost",
     "throughput",
     "observability_cost",
+    "batch_cost",
 )
 
 
@@ -40,6 +42,8 @@ def run_all(quick: bool, out: Path) -> dict[str, Any]:
         argv = [sys.executable, str(HERE / f"{name}.py"), "--json", str(path)]
         if quick:
             argv.append("--quick")
+        elif name == "batch_cost" and shutil.which("valgrind"):
+            argv.append("--instructions")  # the timings flicker on a busy machine
         print(f"\n=== {name}.py {'--quick ' if quick else ''}===", flush=True)
         subprocess.run(argv, check=True)
         results[name] = json.loads(path.read_text(encoding="utf-8"))
@@ -114,6 +118,17 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if row["baseline"] != name and "noise" not in name:
             what = f"observed request: {name}, added us vs {row['baseline']}"
             table.append((what, "", f"{row['added_us']:.1f}", "info"))
+    batch = results["batch_cost"]
+    for case, row in batch["cases"].items():
+        what = f"request_batch / DataLoader, {case}"
+        table.append((what, row["target"] or "", f"{row['ratio']:.2f}", mark(row["met"])))
+    for case, row in batch.get("instructions", {}).items():
+        what = f"request_batch / DataLoader, {case} (instructions)"
+        target = row.get("target") or ""
+        table.append((what, target, f"{row['ratio']:.2f}", mark(row["met"])))
+    if "store_setup_instructions" in batch:
+        what = "a store's set-up on first write and its close (instructions)"
+        table.append((what, "", f"{batch['store_setup_instructions']:,d}", "info"))
     tp = results["throughput"]
     table.append(
         ("FastAPI, 10 lookups per request: memo / plain req/s", "", f"{tp['ratio']:.2f}", "info")

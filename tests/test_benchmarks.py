@@ -91,6 +91,29 @@ def test_observability_cost_quick(tmp_path: Path) -> None:
     assert all(row["median_us"] > 0 for row in results["variants"].values())
 
 
+@pytest.mark.timeout(150)
+def test_batch_cost_quick(tmp_path: Path) -> None:
+    stdout, results = run_quick("batch_cost.py", tmp_path)
+    for row in ("cached load", "100 new keys, load_many", "fixed cost of a batch (one key)"):
+        assert row in stdout
+    assert all(row["ours_ns"] > 0 for row in results["cases"].values())
+    assert results["cases"]["100 new keys, 100 loads gathered"]["target"] == "<= 1.00"
+
+
+@pytest.mark.timeout(600)
+def test_batch_cost_counts_instructions_under_callgrind(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    argv = [sys.executable, str(BENCHMARKS / "batch_cost.py"), "--quick", "--instructions"]
+    proc = subprocess.run(
+        [*argv, "--json", str(out)], capture_output=True, text=True, timeout=580, env=ENV
+    )
+    assert proc.returncode == 0, proc.stderr
+    counted = json.loads(out.read_text(encoding="utf-8"))["instructions"]
+    assert set(counted) == {"cached load", "100 new keys, 100 loads gathered"}
+    assert all(row["ours"] > 0 and row["dataloader"] > 0 for row in counted.values())
+    assert "a store's set-up on its first write" in proc.stdout
+
+
 @pytest.mark.timeout(300)
 def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -111,6 +134,8 @@ def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
         "shared tier / cachetools + lock, repeated read in a request",
         "FastAPI, 10 lookups per request: memo / plain req/s",
         "observed request: perrequest.otel (SDK meter provider), added us vs no listener",
+        "request_batch / DataLoader, cached load",
+        "request_batch / DataLoader, 100 new keys, load_many",
     ):
         assert row in summary, row
     assert summary.count("<= 1.00 |") >= 5

@@ -7,6 +7,7 @@ never grow with the life of the process.
 
 from ._shared import SharedComputationError
 from ._stats import FunctionStats, ScopeStats
+from .batch import AsyncBatchLoader, BatchLoader, request_batch
 from .errors import NoActiveScope, PerRequestError, ScopeClosed, UnhashableArguments
 from .memo import (
     CacheInfo,
@@ -35,6 +36,8 @@ __version__ = "0.1.0"
 # of __all__ so that `from perrequest import *` never shadows the built-in set.
 __all__ = [
     "DEFAULT_MAX_ENTRIES",
+    "AsyncBatchLoader",
+    "BatchLoader",
     "CacheInfo",
     "FunctionStats",
     "MemoStore",
@@ -52,6 +55,7 @@ __all__ = [
     "current_store",
     "in_request_scope",
     "remove_scope_listener",
+    "request_batch",
     "request_memo",
     "request_scope",
 ]

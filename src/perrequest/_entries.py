@@ -180,6 +180,51 @@ class Entries:
             self._peak = self._bound
             self._evicted(self._drop(last=False)[3])
 
+    def _fill_many(
+        self,
+        owner: object,
+        keys: list[Hashable],
+        values: list[Any],
+        anchors: list[Any],
+        counter: Counter,
+    ) -> None:
+        """``_fill`` of many entries of one owner (a batch of values); the caller holds
+        the lock. One loop without a call per entry when the owner has no bound of its
+        own and the store has room for them all."""
+        subs = self._subs
+        if subs is None:
+            return
+        sub = subs.get(owner)
+        order = self._order
+        if type(sub) is not dict or len(order) + len(keys) > self._bound:
+            for key, value, anchor in zip(keys, values, anchors, strict=True):
+                self._fill((owner, key), value, counter, anchor)
+            return
+        next_id = self._next_id
+        for key, value, anchor in zip(keys, values, anchors, strict=True):
+            if key in sub:  # stored meanwhile (prime): replaced, as _fill does
+                entry_id = sub[key][2]
+                order.move_to_end(entry_id)
+                sub[key] = (value, counter, entry_id, anchor)
+            else:
+                next_id += 1
+                order[next_id] = (owner, key)
+                sub[key] = (value, counter, next_id, anchor)
+        self._next_id = next_id
+
+    def _reserve(self, owner: object) -> None:
+        """Make ``owner``'s dict before its first entry (a batch about to be fetched),
+        so that lookups of its keys miss without raising; lock held. ``_unreserve``
+        drops it again if it stayed empty."""
+        subs = self._subs
+        if subs is not None and owner not in subs:
+            subs[owner] = {} if getattr(owner, "max_entries", None) is None else OrderedDict()
+
+    def _unreserve(self, owner: object) -> None:
+        subs = self._subs
+        if subs is not None and not subs.get(owner, True):
+            del subs[owner]
+
     def _evicted(self, counter: Counter) -> None:
         counter.evictions += 1
         self._evictions += 1

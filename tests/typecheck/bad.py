@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from perrequest import request_memo
+from perrequest import request_batch, request_memo
 
 
 @request_memo
@@ -15,3 +15,12 @@ price("apple", quantity="two")  # a keyword argument's type
 price.cache_delete("apple", 2, 3)  # too many arguments, as the function has
 name: str = price("apple")  # the result's type
 price.cache_information()  # no such attribute
+
+
+@request_batch
+async def load_names(ids: list[int]) -> list[str]:
+    return [str(i) for i in ids]
+
+
+load_names.load("1")  # the key's type
+label: int = load_names.load_many([1])  # an awaitable of the values, not a value

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import perrequest
-from perrequest import CacheInfo, SharedCacheInfo, request_memo
+from perrequest import (
+    AsyncBatchLoader,
+    BatchLoader,
+    CacheInfo,
+    SharedCacheInfo,
+    request_batch,
+    request_memo,
+)
 
 
 @request_memo
@@ -55,3 +64,35 @@ async def main() -> None:
         text: str = Repository.normalise("A")
         plain: float = price.__wrapped__("apple")
         print(total, hits, deleted, name, row, text, plain, shared_cache().shared_hits)
+
+
+@request_batch
+async def load_users(ids: Sequence[int]) -> list[str | Exception]:
+    return [f"user {i}" for i in ids]
+
+
+@request_batch(max_batch_size=100, key=str.lower)
+async def by_name(names: list[str]) -> dict[str, int]:
+    return {name: len(name) for name in names}
+
+
+@request_batch
+def rows(ids: list[int]) -> dict[int, str]:
+    return {i: str(i) for i in ids}
+
+
+async def batching() -> None:
+    async with perrequest.request_scope():
+        user: str | Exception = await load_users.load(1)
+        users: list[str | Exception] = await load_users.load_many([1, 2])
+        again = await load_users([3])
+        length: int = await by_name.load("Ann")
+        row: str = rows.load(3)
+        many: list[str] = rows.load_many(range(3))
+        rows.prime(4, "four")
+        cleared: bool = rows.clear(4)
+        rows.cache_clear()
+        loader: AsyncBatchLoader[int, str | Exception] = load_users
+        sync_loader: BatchLoader[int, str] = rows
+        info: CacheInfo = by_name.cache_info()
+        print(user, users, again, length, row, many, cleared, loader, sync_loader, info)

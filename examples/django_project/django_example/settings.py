@@ -26,6 +26,10 @@ TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
         "DIRS": [Path(__file__).resolve().parent / "templates"],
-        "OPTIONS": {"context_processors": ["django_example.permissions.context_processor"]},
+        "OPTIONS": {
+            "context_processors": ["django_example.permissions.context_processor"],
+            # {% load catalog %}: tags resolving related objects through @request_batch loaders
+            "libraries": {"catalog": "django_example.catalog_tags"},
+        },
     }
 ]

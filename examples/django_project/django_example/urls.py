@@ -5,5 +5,6 @@ from . import views
 urlpatterns = [
     path("", views.dashboard),
     path("api/orders/", views.orders),
+    path("order-lines/", views.order_lines),
     path("stats/", views.stats),
 ]

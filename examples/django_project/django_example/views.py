@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 from django.http import HttpResponse, HttpResponseForbidden, JsonResponse
 from django.template.loader import render_to_string
 
-from . import permissions
+from . import catalog, permissions
 from .permissions import queries_this_request, user_permissions
 
 ORDERS = {
@@ -35,6 +35,25 @@ async def orders(request: Any) -> HttpResponse:
     response = JsonResponse({"user": request.username, "orders": ORDERS.get(request.username, [])})
     response["X-Permission-Queries"] = str(queries_this_request())
     return response
+
+
+# --8<-- [start:order_lines]
+def order_lines(request: Any) -> HttpResponse:
+    """Sync view: every product on the page in one call, for the total; the
+    template's tags then find each line's product and supplier stored."""
+    lines = catalog.ORDER_LINES
+    ids = [line["product_id"] for line in lines]
+    products = catalog.load_products.load_many(ids)  # one query
+    pairs = zip(products, lines, strict=True)
+    total = sum(product.price * line["quantity"] for product, line in pairs)
+    context = {"lines": lines, "total": total}
+    html = render_to_string("order_lines.html", context, request=request)
+    response = HttpResponse(html)
+    response["X-SQL-Queries"] = str(catalog.queries_this_request())
+    return response
+
+
+# --8<-- [end:order_lines]
 
 
 def stats(request: Any) -> JsonResponse:

@@ -1,0 +1,327 @@
+"""``@request_batch``: per-request batching and caching of loads, with nothing to pass around.
+
+A batch function takes a list of keys and returns their values (a sequence
+in the same order, or a mapping). Decorated, it becomes a loader: ``load(key)``
+and ``load_many(keys)`` answer from the request store, and fetch what is
+missing in as few calls as the keys allow. Async loads awaited in the same
+event-loop tick join one call (``_batch_async``); a sync ``load_many`` fetches
+what it lacks in one call (``_batching``). Values live in the request store,
+so they are bounded, counted in the scope's stats and gone with the request.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Literal, Protocol, TypeVar, overload
+
+from . import _batch_async
+from ._batching import _BatchSpec
+from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
+from ._flight import MISSING
+from ._keys import is_method
+from .errors import ScopeClosed
+from .memo import CacheInfo
+from .scope import _current, active_store
+from .store import MemoKey
+
+__all__ = ["AsyncBatchLoader", "BatchLoader", "request_batch"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+K_contra = TypeVar("K_contra", contravariant=True)
+
+_OPTIONS = ("max_batch_size", "key", "max_entries", "outside_scope")
+_OUTSIDE_SCOPE = ("warn", "call", "raise")
+_ABSENT: Any = object()  # pop()'s default: MISSING there means "no default"
+
+
+class BatchLoader(Protocol[K_contra, V]):
+    """What ``@request_batch`` makes of a sync batch function: a loader.
+
+    Its values live in the active request's store. ``load`` and ``load_many``
+    answer from it and fetch the keys it lacks in one call of the batch
+    function; calling the loader is ``load_many``.
+    """
+
+    __wrapped__: Callable[..., Any]
+
+    def __call__(self, keys: Iterable[K_contra], /) -> list[V]: ...
+
+    def load(self, key: K_contra, /) -> V:
+        """The value of ``key``: ``load_many([key])[0]``."""
+
+    def load_many(self, keys: Iterable[K_contra], /) -> list[V]:
+        """The values of ``keys``, in order; raises the first failing key's exception."""
+
+    def prime(self, key: K_contra, value: V, /) -> None:
+        """Store ``value`` for ``key`` unless the store holds one (outside: nothing)."""
+
+    def clear(self, key: K_contra, /) -> bool:
+        """Drop the stored value of ``key``; whether there was one."""
+
+    def cache_clear(self) -> None:
+        """Drop every value of this loader from the active store."""
+
+    def cache_info(self) -> CacheInfo:
+        """Hits and misses (keys), bound and entries in the active store."""
+
+
+class AsyncBatchLoader(Protocol[K_contra, V]):
+    """What ``@request_batch`` makes of an async batch function: a loader.
+
+    ``load`` and ``load_many`` return awaitables, as DataLoader's do: the loads
+    made in one event-loop tick share one call of the batch function.
+    """
+
+    __wrapped__: Callable[..., Any]
+
+    def __call__(self, keys: Iterable[K_contra], /) -> Awaitable[list[V]]: ...
+
+    def load(self, key: K_contra, /) -> Awaitable[V]:
+        """Await the value of ``key``; the key joins this tick's batch when called."""
+
+    def load_many(self, keys: Iterable[K_contra], /) -> Awaitable[list[V]]:
+        """Await the values of ``keys``, in order; the first failing key's exception."""
+
+    def prime(self, key: K_contra, value: V, /) -> None:
+        """Store ``value`` for ``key`` unless the store holds one (outside: nothing)."""
+
+    def clear(self, key: K_contra, /) -> bool:
+        """Drop the stored value of ``key``; whether there was one."""
+
+    def cache_clear(self) -> None:
+        """Drop every value of this loader from the active store."""
+
+    def cache_info(self) -> CacheInfo:
+        """Hits and misses (keys), bound and entries in the active store."""
+
+
+class _Loader:
+    """The object a batch function is decorated into; its ``load`` and ``load_many``
+    are closures set per loader, so that calling them binds nothing."""
+
+    load: Callable[[Any], Any]
+    load_many: Callable[[Iterable[Any]], Any]
+
+    def __init__(self, spec: _BatchSpec) -> None:
+        self._spec = spec
+        if spec.is_async:
+            self.load = _batch_async.make_load(spec)
+            self.load_many = functools.partial(_batch_async.load_many, spec)
+        else:
+            self.load = _make_sync_load(spec)
+            self.load_many = spec.load_many
+
+    def __call__(self, keys: Iterable[Any], /) -> Any:
+        """``load_many(keys)``: existing calls of the batch function gain the cache."""
+        return self.load_many(keys)
+
+    def __repr__(self) -> str:
+        return f"<request_batch loader {self._spec.name}>"
+
+    def prime(self, key: Any, value: Any, /) -> None:
+        """Store ``value`` for ``key`` in the active store unless it holds one already
+        (``clear(key)`` first to replace it); outside a scope, do nothing."""
+        spec = self._spec
+        if isinstance(value, BaseException):
+            raise TypeError(
+                f"{spec.name}.prime({key!r}, {value!r}): failures are never cached, so an "
+                "exception cannot be primed. Prime values only; a load of the key will ask "
+                "the batch function."
+            )
+        _, (cache_key,) = spec.keys_of([key])
+        store = active_store()
+        if store is None:
+            return
+        try:
+            counter = store._counter(spec.name)
+        except ScopeClosed:
+            return
+        with store._lock:
+            if store._lookup((spec, cache_key), touch=False) is MISSING:
+                store._fill((spec, cache_key), value, counter, None)
+
+    def clear(self, key: Any, /) -> bool:
+        """Drop the value of ``key`` from the active store (after a write, so the next load
+        fetches it again); whether there was one. Outside a scope: False."""
+        _, (cache_key,) = self._spec.keys_of([key])
+        store = active_store()
+        if store is None:
+            return False
+        return store.pop(MemoKey(self._spec, cache_key), _ABSENT) is not _ABSENT
+
+    def cache_clear(self) -> None:
+        """Drop every value of this loader from the active store; outside a scope, nothing."""
+        store = active_store()
+        if store is not None:
+            store._remove_owner(self._spec)
+
+    def cache_info(self) -> CacheInfo:
+        """This loader's hits, misses (keys, not calls) and entries in the active store;
+        zeros outside a scope."""
+        spec, store = self._spec, active_store()
+        hits = misses = currsize = 0
+        if store is not None and store._lock is not None:
+            counter = store._counters.get(spec.name)
+            if counter is not None:
+                hits, misses = counter.hits, counter.misses
+            currsize = len((store._subs or {}).get(spec, ()))
+        return CacheInfo(hits, misses, spec.max_entries, currsize)
+
+
+def _make_sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:
+    """``load(key)``: a hit is the store's two lookups; a miss is ``load_many([key])[0]``."""
+    get_store, key_fn, owner, load_many = _current.get, spec.key_fn, spec, spec.load_many
+    bounded = spec.max_entries is not None
+
+    def load(key: Any) -> Any:
+        store = get_store()
+        if store is not None:
+            ck = key if key_fn is None else key_fn(key)
+            try:
+                sub = store._subs[owner]  # type: ignore[index]
+                entry = sub[ck]
+                store._order.move_to_end(entry[2])
+                if bounded:
+                    sub.move_to_end(ck)  # type: ignore[union-attr]
+            except (KeyError, TypeError):  # a miss, no entries yet, closed, or unhashable
+                pass
+            else:
+                entry[1].hits += 1
+                return entry[0]
+        return load_many([key])[0]
+
+    return load
+
+
+# -- the decorator -------------------------------------------------------------------------
+
+
+class _Decorator(Protocol):
+    @overload
+    def __call__(
+        self, fn: Callable[[list[K]], Awaitable[Sequence[V] | Mapping[K, V]]], /
+    ) -> AsyncBatchLoader[K, V]: ...
+    @overload
+    def __call__(
+        self, fn: Callable[[list[K]], Sequence[V] | Mapping[K, V]], /
+    ) -> BatchLoader[K, V]: ...
+
+
+@overload
+def request_batch(
+    fn: Callable[[list[K]], Awaitable[Sequence[V] | Mapping[K, V]]], /
+) -> AsyncBatchLoader[K, V]: ...
+
+
+@overload
+def request_batch(fn: Callable[[list[K]], Sequence[V] | Mapping[K, V]], /) -> BatchLoader[K, V]: ...
+
+
+@overload
+def request_batch(
+    *,
+    max_batch_size: int | None = None,
+    key: Callable[[Any], Hashable] | None = None,
+    max_entries: int | None = None,
+    outside_scope: Literal["warn", "call", "raise"] = "warn",
+) -> _Decorator: ...
+
+
+def request_batch(
+    fn: Any = None,
+    /,
+    *,
+    max_batch_size: int | None = None,
+    key: Callable[[Any], Hashable] | None = None,
+    max_entries: int | None = None,
+    outside_scope: Literal["warn", "call", "raise"] = "warn",
+    **unknown: Any,
+) -> Any:
+    """Make a batch function into a per-request loader: batched, cached, bounded.
+
+    The batch function takes a list of keys and returns their values: a
+    sequence in the same order (an ``Exception`` instance in it fails that key
+    alone) or a mapping from key to value (a key it lacks fails with
+    ``KeyError``). Async: the loads made in one event-loop tick within a scope
+    share one call; keys cached or in flight are not asked for again. Sync:
+    ``load_many`` asks for the keys it lacks in one call. Values live in the
+    request store; failures are not cached. Outside any scope nothing is
+    batched or cached. Also usable bare: ``@request_batch``.
+
+    Args:
+        fn: The batch function, when used bare (``@request_batch``).
+        max_batch_size: At most this many keys per call; more are split.
+        key: A function of one load key returning its hashable cache key (the
+            batch function still receives the load keys).
+        max_entries: Bound this loader's values within each store (least
+            recently used go first); ``None``: only the store's bound applies.
+        outside_scope: Outside any scope, ``"warn"``: call the batch function
+            uncached and log one WARNING per function; ``"call"``: call it
+            silently; ``"raise"``: raise ``NoActiveScope``.
+
+    Returns:
+        A ``BatchLoader`` (sync) or ``AsyncBatchLoader``: ``load``,
+        ``load_many``, ``prime``, ``clear``, ``cache_clear``, ``cache_info``,
+        ``__wrapped__``; calling it is ``load_many``.
+
+    Raises:
+        TypeError: A generator or a method, or a bad option value or name
+            (``ValueError`` for a value out of range).
+    """
+    if unknown:
+        raise TypeError(unknown_option("request_batch()", next(iter(unknown)), _OPTIONS))
+    if max_batch_size is not None and (
+        isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+    ):
+        raise TypeError(
+            f"request_batch(max_batch_size=...) must be a positive int or None, not "
+            f"{type(max_batch_size).__name__} {max_batch_size!r}"
+        )
+    if max_batch_size is not None and max_batch_size <= 0:
+        raise ValueError(
+            f"request_batch(max_batch_size=...) must be a positive int or None, not "
+            f"{max_batch_size!r}"
+        )
+    if key is not None and (not callable(key) or is_async_callable(key)):
+        raise TypeError(
+            "request_batch(key=...) must be a plain (sync) function of one load key returning "
+            f"a hashable cache key, not {type(key).__name__} {key!r}"
+        )
+    max_entries = check_max_entries(max_entries, "request_batch(max_entries=...)")
+    if outside_scope not in _OUTSIDE_SCOPE:
+        raise ValueError(
+            f"request_batch(outside_scope=...) must be 'warn' (call uncached, log once), "
+            f"'call' (call uncached) or 'raise' (raise NoActiveScope), not {outside_scope!r}"
+        )
+
+    def decorate(target: Any) -> Any:
+        if isinstance(target, staticmethod):
+            target = target.__func__
+        if isinstance(target, classmethod) or not callable(target):
+            raise TypeError(
+                f"@request_batch decorates a function of a list of keys, not {target!r}"
+            )
+        refuse_generator(target, "@request_batch")
+        if is_method(target):
+            raise TypeError(
+                f"@request_batch cannot decorate the method {target.__qualname__}: a loader "
+                "is one per function, not per instance. Decorate a module-level function "
+                "(or a @staticmethod) of the keys alone."
+            )
+        spec = _BatchSpec(
+            target, is_async_callable(target), max_batch_size, key, max_entries, outside_scope
+        )
+        return functools.update_wrapper(_Loader(spec), target)
+
+    if fn is None:
+        return decorate
+    if isinstance(fn, (bool, int, str)) or not (
+        callable(fn) or isinstance(fn, (staticmethod, classmethod))
+    ):
+        raise TypeError(
+            f"@request_batch takes a function, or options as keywords "
+            f"(@request_batch(max_batch_size=100)), not {fn!r}"
+        )
+    return decorate(fn)

@@ -1,0 +1,250 @@
+"""@request_batch on sync batch functions, threads sharing a scope, and bad input."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import perrequest
+from perrequest import (
+    NoActiveScope,
+    UnhashableArguments,
+    bind_scope,
+    request_batch,
+    request_scope,
+)
+
+
+def make_loader(
+    fail: Sequence[int] = (), delay: float = 0.0, **options: object
+) -> tuple[perrequest.BatchLoader[int, str], list[list[int]]]:
+    calls: list[list[int]] = []
+
+    def users(keys: list[int]) -> list[str | Exception]:
+        calls.append(list(keys))
+        time.sleep(delay)
+        return [ValueError(f"no user {k}") if k in fail else f"u{k}" for k in keys]
+
+    return request_batch(**options)(users), calls  # type: ignore[call-overload, no-any-return]
+
+
+def test_load_many_fetches_what_it_lacks_in_one_call() -> None:
+    users, calls = make_loader()
+    with request_scope() as store:
+        assert users.load_many([1, 2, 3, 2]) == ["u1", "u2", "u3", "u2"]
+        assert users.load(2) == "u2" and users([3, 4, 5]) == ["u3", "u4", "u5"]
+        assert calls == [[1, 2, 3], [4, 5]]
+        assert users.cache_info() == (1 + 1 + 1, 5, None, 5)
+        assert len(store) == 5
+    assert users.load(1) == "u1"  # outside: called (and warned once)
+    assert calls[-1] == [1]
+
+
+def test_max_batch_size_errors_and_mapping() -> None:
+    users, calls = make_loader(fail=[4], max_batch_size=2)
+    with request_scope() as store:
+        with pytest.raises(ValueError, match="no user 4"):
+            users.load_many([1, 2, 3, 4, 5])
+        assert calls == [[1, 2], [3, 4], [5]] and len(store) == 4  # 4 failed: not kept
+
+    @request_batch
+    def by_id(keys: list[int]) -> dict[int, str]:
+        return {k: str(k) for k in keys if k}
+
+    with request_scope():
+        assert by_id.load(7) == "7"
+        with pytest.raises(KeyError, match="without key 0"):
+            by_id.load_many([7, 0])
+
+
+def test_wrong_counts_and_coroutines_are_refused() -> None:
+    @request_batch
+    def too_many(keys: list[int]) -> list[int]:
+        return [*keys, 0]
+
+    with request_scope(), pytest.raises(TypeError, match="too_many returned 3 values for 2 keys"):
+        too_many.load_many([1, 2])
+
+    async def later(keys: list[int]) -> list[int]:
+        return keys
+
+    @request_batch
+    def sneaky(keys: list[int]) -> object:
+        return later(keys)
+
+    with request_scope(), pytest.raises(TypeError, match="returned a coroutine"):
+        sneaky.load(1)  # type: ignore[arg-type]
+
+
+def test_threads_sharing_a_scope_never_fetch_a_key_twice_at_once() -> None:
+    users, calls = make_loader(delay=0.05)
+    with request_scope(), ThreadPoolExecutor(8) as pool:
+        load_many = bind_scope(users.load_many)
+        futures = [pool.submit(load_many, [k % 5, (k + 1) % 5]) for k in range(16)]
+        results = [f.result(timeout=10) for f in futures]
+        assert results[3] == ["u3", "u4"]
+        fetched = [k for call in calls for k in call]
+        assert sorted(fetched) == [0, 1, 2, 3, 4]  # each key asked for exactly once
+        info = users.cache_info()
+        assert info.misses == 5 and info.hits == 32 - 5
+
+
+def test_a_waiting_thread_gets_the_fetching_threads_error_not_cached() -> None:
+    gate = threading.Event()
+    calls: list[list[int]] = []
+
+    @request_batch
+    def failing(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        gate.wait(5)
+        raise ConnectionError("down")
+
+    with request_scope(), ThreadPoolExecutor(2) as pool:
+        load = bind_scope(failing.load)
+        first = pool.submit(load, 1)
+        time.sleep(0.05)
+        second = pool.submit(load, 1)
+        time.sleep(0.05)
+        gate.set()
+        for future in (first, second):
+            with pytest.raises(ConnectionError):
+                future.result(timeout=5)
+        assert calls == [[1]]
+        with pytest.raises(ConnectionError):
+            failing.load(1)
+        assert calls == [[1], [1]]
+
+
+def test_an_interrupted_fetch_lets_its_waiters_ask_again() -> None:
+    gate = threading.Event()
+    calls: list[list[int]] = []
+
+    class Interrupt(BaseException):
+        pass
+
+    @request_batch
+    def once_interrupted(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        if len(calls) == 1:
+            gate.wait(5)
+            raise Interrupt
+        return keys
+
+    with request_scope(), ThreadPoolExecutor(2) as pool:
+        load = bind_scope(once_interrupted.load)
+        first = pool.submit(load, 1)
+        time.sleep(0.05)
+        second = pool.submit(load, 1)
+        time.sleep(0.05)
+        gate.set()
+        with pytest.raises(Interrupt):
+            first.result(timeout=5)
+        assert second.result(timeout=5) == 1  # it fetched the key itself
+        assert calls == [[1], [1]]
+
+
+def test_a_batch_function_that_loads_its_own_keys_does_not_deadlock() -> None:
+    @request_batch
+    def tree(keys: list[int]) -> list[int]:
+        # A node's value needs its parent's, through the same loader.
+        return [0 if k == 0 else tree.load(k // 2) + 1 for k in keys]
+
+    with request_scope():
+        # 4 needs 2, which this very call is fetching: computed again, not waited for.
+        assert tree.load_many([4, 2]) == [3, 2]
+        assert tree.load(5) == 3
+
+
+def test_outside_scope_rules_and_closed_scopes() -> None:
+    strict, _ = make_loader(outside_scope="raise")
+    with pytest.raises(NoActiveScope, match="users"):
+        strict.load(1)
+    with pytest.raises(UnhashableArguments):
+        strict.load_many([[1]])  # type: ignore[list-item]
+
+    users, calls = make_loader(outside_scope="call")
+    with request_scope() as store:
+        late = bind_scope(users.load)
+    assert late(1) == "u1" and late(1) == "u1"  # the scope has ended: uncached
+    assert calls == [[1], [1]] and len(store) == 0
+    assert users.cache_info() == (0, 0, None, 0)
+    users.cache_clear()  # outside: nothing to do
+
+
+def test_store_stats_and_on_close() -> None:
+    users, _ = make_loader()
+    stats: list[perrequest.ScopeStats] = []
+    with request_scope(on_close=stats.append):
+        users.load_many([1, 2])
+        users.load(1)
+    (function,) = stats[0].functions.values()
+    assert (stats[0].hits, stats[0].misses, stats[0].entries) == (1, 2, 2)
+    assert function.misses == 2 and function.compute_s >= 0
+
+
+# -- decoration ----------------------------------------------------------------------------
+
+
+def test_bare_and_called_decorators_keep_the_function() -> None:
+    def plain(keys: list[int]) -> list[int]:
+        """Docs."""
+        return keys
+
+    bare = request_batch(plain)
+    called = request_batch(max_batch_size=10)(plain)
+    for loader in (bare, called):
+        assert loader.__wrapped__ is plain and loader.__doc__ == "Docs."  # type: ignore[attr-defined]
+        assert "plain" in repr(loader)
+
+    class Repo:
+        @staticmethod
+        @request_batch
+        def rows(keys: list[int]) -> list[int]:
+            return keys
+
+    with request_scope():
+        assert Repo.rows.load(3) == 3 and Repo().rows.load_many([4]) == [4]
+
+
+def _gen(keys: list[int]) -> Iterator[int]:
+    yield from keys
+
+
+async def _agen(keys: list[int]):  # type: ignore[no-untyped-def]
+    for k in keys:
+        yield k
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: request_batch(_gen), TypeError, "a generator function"),
+        (lambda: request_batch(_agen), TypeError, "an async generator function"),
+        (lambda: request_batch(max_batch_size=0), ValueError, "max_batch_size"),
+        (lambda: request_batch(max_batch_size=True), TypeError, "max_batch_size"),
+        (lambda: request_batch(max_batch_size="10"), TypeError, "max_batch_size"),
+        (lambda: request_batch(max_entries=-1), ValueError, "max_entries"),
+        (lambda: request_batch(key=3), TypeError, "key="),
+        (lambda: request_batch(outside_scope="ignore"), ValueError, "outside_scope"),
+        (lambda: request_batch(batch_size=10), TypeError, "Did you mean max_batch_size="),
+        (lambda: request_batch(maxsize=10), TypeError, "Did you mean max_entries="),
+        (lambda: request_batch(10), TypeError, "takes a function, or options"),
+        (lambda: request_batch(classmethod(_gen)), TypeError, "a function of a list of keys"),
+    ],
+)
+def test_misuse_is_refused_when_decorating(call: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()  # type: ignore[operator]
+
+
+def test_methods_are_refused_with_a_way_out() -> None:
+    with pytest.raises(TypeError, match=r"cannot decorate the method .*staticmethod"):
+
+        class Repo:
+            @request_batch
+            def rows(self, keys: list[int]) -> list[int]:
+                return keys

@@ -9,6 +9,9 @@ Callers waiting on another request's computation are in other requests: an
 error reaches them as a copy without the computing request's traceback,
 frames, cause and context, or, when it cannot be copied, as a
 ``SharedComputationError`` naming it. Never as the original object.
+
+A backend that is not a mapping (``perrequest.redis.RedisCache``) brings its
+own tier: an object with ``_make_tier(spec, version)`` returning a ``Tier``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from . import _flight
 from ._flight import MISSING
 from .errors import PerRequestError
+
+_C = TypeVar("_C")
 
 # One lock per shared cache, so that functions sharing a cache share its lock.
 # Caches are mappings, so unhashable: keyed by id, and dropped with the cache.
@@ -33,6 +38,85 @@ _locks_guard = threading.RLock()
 # A cache that cannot be weakly referenced would never leave _locks: such
 # caches share this one lock instead.
 _fallback_lock = threading.RLock()
+
+
+class SharedCacheInfo(NamedTuple):
+    """``CacheInfo`` plus the shared tier's process-wide counters, for ``shared=`` memos."""
+
+    hits: int
+    misses: int
+    maxsize: int | None
+    currsize: int
+    shared_hits: int
+    shared_misses: int
+    shared_maxsize: int
+    shared_currsize: int
+
+
+class Tier(Protocol):
+    """What a ``shared=`` memo needs of its shared tier, one per decorated function.
+
+    ``run``/``run_async`` compute a request-store miss (``_flight.run``'s
+    signature); ``info`` builds ``cache_info()`` from the request-level counts.
+    """
+
+    def run(
+        self,
+        store: Any,
+        where: Hashable,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        counter: Any,
+        anchor: Any,
+    ) -> Any: ...
+
+    async def run_async(
+        self,
+        store: Any,
+        where: Hashable,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        counter: Any,
+        anchor: Any,
+    ) -> Any: ...
+
+    def clear(self, spec: object) -> None: ...
+
+    def delete(self, where: Hashable) -> None: ...
+
+    def info(
+        self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
+    ) -> tuple[Any, ...]: ...
+
+
+def make_tier(shared: object, spec: Any, version: str | int | None) -> Tier:
+    """The tier of one function: the backend's own, or ``SharedTier`` for a mapping
+    (which starts empty in every process, so it has no use for a version)."""
+    factory = getattr(shared, "_make_tier", None)
+    if factory is not None:
+        return factory(spec, version)  # type: ignore[no-any-return]
+    return SharedTier(shared)  # type: ignore[arg-type]
+
+
+def check_version(version: object, shared: object) -> str | int | None:
+    """``request_memo(version=...)``: a str or int naming the shape of the function's
+    values in a shared cache, and only with ``shared=``."""
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, (str, int)) or version == "":
+        raise TypeError(
+            f"request_memo(version=...) must be a non-empty str or an int, not {version!r}. "
+            "Change it when the function's values change shape, so that processes running "
+            "the new code never read values the old code wrote."
+        )
+    if shared is None:
+        raise TypeError(
+            "request_memo(version=...) versions the function's entries in a shared cache, "
+            "and this memo has none: add shared=RedisCache(...), or drop version=."
+        )
+    return version
 
 
 class SharedComputationError(PerRequestError):
@@ -52,16 +136,20 @@ def _lock_for(cache: object) -> threading.RLock:
         return lock
 
 
-def check_shared(cache: object) -> MutableMapping[Hashable, Any]:
-    """Accept a bounded mapping (a cachetools cache, or any mapping with a ``maxsize``)."""
+def check_shared(cache: _C) -> _C:
+    """Accept a backend with a tier of its own (``RedisCache``), or a bounded mapping
+    (a cachetools cache, or any mapping with a ``maxsize``)."""
+    if callable(getattr(cache, "_make_tier", None)):
+        return cache
     fix = (
         "Use a bounded cache with an eviction policy, such as "
         "cachetools.LRUCache(maxsize=10_000) or cachetools.TTLCache(maxsize=10_000, ttl=60)."
     )
     if not isinstance(cache, MutableMapping):
         raise TypeError(
-            f"request_memo(shared=...) needs a mutable mapping with a maxsize, not "
-            f"{type(cache).__name__}. {fix}"
+            f"request_memo(shared=...) needs a mutable mapping with a maxsize, or a "
+            f"perrequest.redis.RedisCache, not {type(cache).__name__}. {fix} Across "
+            "processes: perrequest.redis.RedisCache(client, ttl=..., namespace=...)."
         )
     maxsize = getattr(cache, "maxsize", None)
     if maxsize is None:
@@ -196,3 +284,12 @@ class SharedTier:
     def delete(self, key: Hashable) -> None:
         with self._lock:
             self.cache.pop(key, None)
+
+    def info(
+        self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
+    ) -> SharedCacheInfo:
+        if not in_scope:  # zeros outside a scope, the shared tier's too (DESIGN.md)
+            return SharedCacheInfo(hits, misses, maxsize, 0, 0, 0, self.maxsize, 0)
+        return SharedCacheInfo(
+            hits, misses, maxsize, currsize, self.hits, self.misses, self.maxsize, len(self.cache)
+        )

@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import (
+    TYPE_CHECKING,
     Any,
     Concatenate,
     Literal,
@@ -29,12 +30,15 @@ from typing import (
 from . import _flight
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._keys import call_key, is_method, unhashable
-from ._shared import SharedTier, check_shared
+from ._shared import SharedCacheInfo, Tier, check_shared, check_version, make_tier
 from ._stats import Counter
 from ._wrappers import make_wrapper
 from .errors import NoActiveScope, ScopeClosed
 from .scope import NO_SCOPE_HINT, active_store
 from .store import MemoKey, MemoStore
+
+if TYPE_CHECKING:  # never imported at run time: the core does not import redis
+    from .redis import RedisCache, RedisMemoizedFunction
 
 __all__ = [
     "CacheInfo",
@@ -54,7 +58,7 @@ logger = logging.getLogger("perrequest")
 
 _ABSENT: Any = object()  # what pop() returns for a missing entry
 _OUTSIDE_SCOPE = ("warn", "call", "raise")
-_OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared")
+_OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared", "version")
 # Names warned about outside a scope, once each; bounded, like everything here.
 _warned: set[str] = set()
 _WARNED_MAX = 10_000
@@ -70,19 +74,6 @@ class CacheInfo(NamedTuple):
     misses: int
     maxsize: int | None
     currsize: int
-
-
-class SharedCacheInfo(NamedTuple):
-    """``CacheInfo`` plus the shared tier's process-wide counters, for ``shared=`` memos."""
-
-    hits: int
-    misses: int
-    maxsize: int | None
-    currsize: int
-    shared_hits: int
-    shared_misses: int
-    shared_maxsize: int
-    shared_currsize: int
 
 
 class MemoizedFunction(Protocol[P, R_co]):
@@ -147,7 +138,8 @@ class _MemoSpec:
         typed: bool,
         max_entries: int | None,
         outside_scope: str,
-        shared: MutableMapping[Hashable, Any] | None,
+        shared: object,
+        version: str | int | None = None,
     ) -> None:
         self.fn = fn
         self.key_fn = key_fn
@@ -160,7 +152,7 @@ class _MemoSpec:
         qualname = getattr(fn, "__qualname__", None) or repr(fn)
         self.name = f"{module}.{qualname}" if module else qualname
         self.keyof: Callable[..., tuple[Hashable, Any]] = self.keyof_call
-        self.shared: SharedTier | None = None
+        self.shared: Tier | None = None
         if shared is not None:
             if self.is_method and key_fn is None:
                 raise TypeError(
@@ -169,7 +161,7 @@ class _MemoSpec:
                     "Give key=, a function of (self, ...) returning a hashable key that "
                     "identifies the instance's data, e.g. key=lambda self, x: (self.id, x)."
                 )
-            self.shared = SharedTier(shared)
+            self.shared = make_tier(shared, self, version)
 
     def __repr__(self) -> str:
         return f"<request_memo {self.name}>"
@@ -251,7 +243,7 @@ class _MemoSpec:
 
     # -- the functools-style extras ----------------------------------------------------
 
-    def cache_info(self) -> CacheInfo | SharedCacheInfo:
+    def cache_info(self) -> CacheInfo | tuple[Any, ...]:
         """This function's hits, misses and entries in the active store (zeros outside a
         scope); with ``shared=``, the shared tier's process-wide counters too."""
         store = active_store()
@@ -264,12 +256,7 @@ class _MemoSpec:
         shared = self.shared
         if shared is None:
             return CacheInfo(hits, misses, self.max_entries, currsize)
-        if store is None:  # zeros outside a scope, the shared tier's too (DESIGN.md)
-            return SharedCacheInfo(hits, misses, self.max_entries, 0, 0, 0, shared.maxsize, 0)
-        return SharedCacheInfo(
-            hits, misses, self.max_entries, currsize,
-            shared.hits, shared.misses, shared.maxsize, len(shared.cache),
-        )  # fmt: skip
+        return shared.info(hits, misses, self.max_entries, currsize, store is not None)
 
     def cache_clear(self) -> None:
         """Drop this function's entries in the active store, and in its shared cache;
@@ -320,7 +307,20 @@ def request_memo(
     max_entries: int | None = None,
     outside_scope: Literal["warn", "call", "raise"] = "warn",
     shared: MutableMapping[Any, Any],
+    version: str | int | None = None,
 ) -> Callable[[Callable[P, R]], SharedMemoizedFunction[P, R]]: ...
+
+
+@overload
+def request_memo(
+    *,
+    key: Callable[..., Hashable] | None = None,
+    typed: bool = False,
+    max_entries: int | None = None,
+    outside_scope: Literal["warn", "call", "raise"] = "warn",
+    shared: RedisCache,
+    version: str | int | None = None,
+) -> Callable[[Callable[P, R]], RedisMemoizedFunction[P, R]]: ...
 
 
 def request_memo(
@@ -331,7 +331,8 @@ def request_memo(
     typed: bool = False,
     max_entries: int | None = None,
     outside_scope: Literal["warn", "call", "raise"] = "warn",
-    shared: MutableMapping[Any, Any] | None = None,
+    shared: MutableMapping[Any, Any] | RedisCache | None = None,
+    version: str | int | None = None,
     **unknown: Any,
 ) -> Any:
     """Memoize a sync or async function, method, classmethod or staticmethod per request.
@@ -343,7 +344,9 @@ def request_memo(
     ``NoActiveScope`` is raised (``"raise"``). Also usable bare: ``@request_memo``.
 
     ``shared=`` puts a bounded process-wide cache (``cachetools.LRUCache``,
-    ``TTLCache``, any mapping with a ``maxsize``) behind the request store.
+    ``TTLCache``, any mapping with a ``maxsize``) behind the request store, or
+    a ``perrequest.redis.RedisCache`` shared across processes; ``version=``
+    names the shape of the function's values there (change it with the code).
     """
     if unknown:
         raise TypeError(unknown_option("request_memo()", next(iter(unknown)), _OPTIONS))
@@ -368,6 +371,7 @@ def request_memo(
         )
     if shared is not None:
         shared = check_shared(shared)
+    version = check_version(version, shared)
 
     def decorate(target: Any) -> Any:
         if isinstance(target, classmethod):
@@ -377,7 +381,7 @@ def request_memo(
         if not callable(target):
             raise TypeError(f"@request_memo decorates a function or method, not {target!r}")
         refuse_generator(target, "@request_memo")
-        spec = _MemoSpec(target, key, typed, max_entries, outside_scope, shared)
+        spec = _MemoSpec(target, key, typed, max_entries, outside_scope, shared, version)
         wrapper = functools.update_wrapper(make_wrapper(spec), target)
         wrapper.cache_info = spec.cache_info  # type: ignore[attr-defined]
         wrapper.cache_clear = spec.cache_clear  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check lint typecheck docs pytest bench soak clean
+.PHONY: demo test check lint typecheck docs pytest bench soak clean redis-server
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: $(VENV)/.installed-demo
 test: lint typecheck docs pytest
 
 ## make check: the fast loop while developing: lint, types, and the tests not marked slow.
-check: lint typecheck
+check: lint typecheck redis-server
 	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP)
@@ -39,11 +39,25 @@ typecheck: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet --site-dir site
 
-pytest: $(STAMP)
+pytest: $(STAMP) redis-server
 	$(PY) -m pytest
 
+## redis-server: the Redis tier's tests and benchmark start their own servers from the
+## Debian package redis-server (valkey-server works too); installed here when missing and
+## apt-get can (as root). Otherwise those tests skip, naming the package.
+redis-server:
+	@command -v redis-server >/dev/null || command -v valkey-server >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing the Debian package redis-server for the Redis tier's tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends redis-server >/dev/null; \
+	else \
+		echo "redis-server not found and apt-get not usable here: the Redis tier's tests" \
+			"will skip. Install the package redis-server (or valkey-server)."; \
+	fi
+
 ## make bench: every benchmark, one after the other, then one table of the DESIGN.md targets.
-bench: $(STAMP)
+bench: $(STAMP) redis-server
 	$(PY) benchmarks/report.py
 
 soak: $(STAMP)

@@ -360,7 +360,7 @@ def test_bad_options_are_refused_with_the_reason(client: redis.Redis) -> None:
         RedisCache(client, ttl=True, namespace="t")
     with pytest.raises(TypeError, match="namespace"):
         RedisCache(client, ttl=1, namespace="")
-    with pytest.raises(ValueError, match="needs secret=.*runs code"):
+    with pytest.raises(ValueError, match=r"needs secret=.*runs code"):
         RedisCache(client, ttl=1, namespace="t", serializer="pickle")
     with pytest.raises(ValueError, match="16 bytes"):
         RedisCache(client, ttl=1, namespace="t", serializer="pickle", secret="short")
@@ -381,7 +381,7 @@ def test_bad_options_are_refused_with_the_reason(client: redis.Redis) -> None:
         async def f() -> int:
             return 1
 
-    with pytest.raises(TypeError, match="version=.*shared="):
+    with pytest.raises(TypeError, match=r"version=.*shared="):
         request_memo(version=2)
     with pytest.raises(TypeError, match="non-empty str or an int"):
         request_memo(shared=cache, version=2.5)  # type: ignore[arg-type]

@@ -4,9 +4,9 @@ A cache must answer fast or not at all, so ``RedisCache`` does not send its
 commands through the user's client, whose defaults retry for seconds against
 a closed port. It opens a pool of its own with the same connection settings
 (host, port or socket path, database, credentials, TLS), without retries,
-with socket timeouts of half ``op_timeout`` each for connecting and for a
-reply, and always in bytes. Async commands are also wrapped in
-``asyncio.timeout(op_timeout)``, and get one pool per event loop (an asyncio
+and always in bytes. A sync command gets half ``op_timeout`` to connect and
+half for its reply (socket timeouts); an async command is wrapped in
+``asyncio.timeout(op_timeout)``, and gets one pool per event loop (an asyncio
 connection belongs to the loop that opened it).
 """
 
@@ -76,11 +76,11 @@ def check_client(client: object) -> bool:
     return isinstance(client, redis.asyncio.Redis)
 
 
-def _settings(pool: Any, op_timeout: float) -> dict[str, Any]:
+def _settings(pool: Any, socket_timeout: float) -> dict[str, Any]:
     given = pool.connection_kwargs
     settings = {k: v for k, v in given.items() if k in _PASSED or k.startswith("ssl_")}
     settings.update(
-        socket_timeout=op_timeout / 2, socket_connect_timeout=op_timeout / 2, decode_responses=False
+        socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, decode_responses=False
     )
     return settings
 
@@ -94,7 +94,7 @@ class SyncIO:
             connection_class=pool.connection_class,
             max_connections=pool.max_connections,
             retry=Retry(NoBackoff(), 0),
-            **_settings(pool, op_timeout),
+            **_settings(pool, op_timeout / 2),  # connecting, then the reply: op_timeout
         )
         self.client = redis.Redis(connection_pool=own)
         self.claim = self.client.register_script(CLAIM)
@@ -113,7 +113,7 @@ class AsyncIO:
             connection_class=pool.connection_class,
             max_connections=pool.max_connections,
             retry=AsyncRetry(NoBackoff(), 0),
-            **_settings(pool, op_timeout),
+            **_settings(pool, op_timeout),  # and asyncio.timeout(op_timeout) around each
         )
         self.client = redis.asyncio.Redis(connection_pool=own)
         self.claim = self.client.register_script(CLAIM)

@@ -146,7 +146,7 @@ class RedisCache:
         secret: str | bytes | None = None,
         version: str | int = 1,
         lock_timeout: float = 5.0,
-        op_timeout: float = 0.25,
+        op_timeout: float = 0.5,
         max_value_bytes: int = 1_048_576,
         retry_after: float = 1.0,
         log_interval: float = 60.0,

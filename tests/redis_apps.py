@@ -135,3 +135,22 @@ def _square(n: int) -> dict[str, int]:
 
 
 _square.__qualname__ = "square"
+
+
+def _unique(n: int) -> str:
+    return "v" * 40
+
+
+_unique.__qualname__ = "unique"
+
+
+def many_keys(port: int, start: int, count: int, out: Any) -> None:
+    """``count`` distinct keys through the Redis tier, 1,000 per request; reports this
+    process's counters."""
+    cache = RedisCache(redis.Redis(host=HOST, port=port), ttl=3600, namespace="many")
+    unique = request_memo(shared=cache)(_unique)
+    for first in range(start, start + count, 1000):
+        with request_scope():
+            for n in range(first, min(first + 1000, start + count)):
+                unique(n)
+    out.put(cache.stats()._asdict())

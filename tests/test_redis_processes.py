@@ -112,3 +112,40 @@ def test_a_lock_holder_killed_mid_computation_is_taken_over_when_its_lock_expire
     with request_scope():
         assert held(1) == f"computed by {os.getpid()}"  # and stored it for the others
     assert cache.stats().hits == 1
+
+
+MANY = 1_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_million_distinct_keys_stay_within_redis_maxmemory(own_redis: Any) -> None:
+    """Every entry has a TTL, so the server's eviction policy bounds what TTLs alone
+    would not (a million keys an hour): Redis memory stays under maxmemory, and the
+    tier never fails while keys (values and locks) are evicted under it."""
+    maxmemory = 8 * 1024 * 1024
+    server = own_redis("--maxmemory", str(maxmemory), "--maxmemory-policy", "allkeys-lru")
+    processes, out = 4, _spawn.Queue()
+    children = [
+        _spawn.Process(
+            target=redis_apps.many_keys,
+            args=(server.port, i * MANY // processes, MANY // processes, out),
+        )
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    peak = 0
+    with server.client() as client:
+        while any(child.is_alive() for child in children) and out.qsize() < processes:
+            peak = max(peak, client.info("memory")["used_memory"])
+            time.sleep(0.05)
+        stats = [out.get(timeout=60) for _ in children]
+        for child in children:
+            child.join(30)
+            assert child.exitcode == 0
+        evicted, size = client.info("stats")["evicted_keys"], client.dbsize()
+    assert sum(s["misses"] for s in stats) == MANY  # every key computed and offered to Redis
+    assert sum(s["errors"] for s in stats) == 0
+    assert peak <= maxmemory * 1.02, peak
+    assert size < MANY and evicted + size >= MANY, (evicted, size)  # the rest was evicted

@@ -98,6 +98,45 @@ def test_keys_hold_namespace_name_version_and_the_arguments_json_digest(
     cache.close()
 
 
+def test_typed_keyword_only_and_star_args_calls_have_keys_of_their_own(
+    cache: RedisCache, client: redis.Redis
+) -> None:
+    @request_memo(shared=cache, typed=True)
+    def typed(x: Any) -> str:
+        return repr(x)
+
+    @request_memo(shared=cache)
+    def star(*args: Any, **kwargs: Any) -> list[Any]:
+        return [list(args), kwargs]
+
+    with request_scope():
+        assert (typed(1), typed(1.0), typed(True)) == ("1", "1.0", "True")
+        assert star(1, b=2) == [[1], {"b": 2}] and star(1, 2) == [[1, 2], {}]
+    with request_scope():
+        assert (typed(1), typed(1.0), typed(True)) == ("1", "1.0", "True")
+        assert star(1, b=2) == [[1], {"b": 2}] and star(1, 2) == [[1, 2], {}]
+        assert typed.cache_info().shared_hits == 3 and star.cache_info().shared_hits == 2
+    assert client.dbsize() == 5
+
+
+def test_a_client_decoding_responses_still_gets_bytes_for_signed_pickles(
+    redis_server: Any,
+) -> None:
+    client = redis_server.client(decode_responses=True)
+    cache = RedisCache(client, ttl=60, namespace="d", serializer="pickle", secret=SECRET)
+
+    @request_memo(shared=cache)
+    def f(n: int) -> set[int]:
+        return {n}
+
+    for _ in range(2):
+        with request_scope():
+            assert f(1) == {1}
+    assert cache.stats().hits == 1 and cache.stats().bad_values == 0
+    cache.close()
+    client.close()
+
+
 def test_a_new_version_never_reads_what_the_old_code_wrote(
     cache: RedisCache, client: redis.Redis
 ) -> None:

@@ -174,7 +174,8 @@ class RedisCache:
         self.max_value_bytes = int(_number("max_value_bytes", max_value_bytes))
         self.retry_after = _number("retry_after", retry_after, zero=True)
         self.log_interval = _number("log_interval", log_interval, zero=True)
-        self._ttl_ms, self._lock_ms = max(1, round(self.ttl * 1000)), round(lock_timeout * 1000)
+        self._ttl_ms = max(1, round(self.ttl * 1000))
+        self._lock_ms = max(1, round(self.lock_timeout * 1000))
         self._sync = None if self.is_async else io.SyncIO(client, self.op_timeout)
         self._client: Any = None if self._sync is None else self._sync.client
         self._async = io.AsyncPools(client, self.op_timeout) if self.is_async else None
@@ -263,12 +264,8 @@ class RedisCache:
                 return
             self._logged[kind] = now
             quiet = self._quiet.pop(kind, 0)
-        logger.warning(
-            message + " (Logged at most once per %g s; %d more since the last.)",
-            *args,
-            self.log_interval,
-            quiet,
-        )
+        more = f"; {quiet} more since the last" if quiet else ""
+        logger.warning(f"{message} (Logged at most once per %g s{more}.)", *args, self.log_interval)
 
     def _clear(self, tier: RedisTier, base: str) -> None:
         if self._sync is not None:

@@ -121,16 +121,19 @@ class RedisTier:
         try:
             return self.cache._codec.loads(raw, key)
         except Exception as exc:  # a bad signature, or not JSON (or pickle) at all
-            self.bad_values += 1
-            self.cache._warn(
-                "bad_value",
-                "perrequest: the value in Redis at %s was refused (%s); treated as a miss "
-                "and computed again. Another writer uses this namespace, or the secret or "
-                "serializer changed.",
-                key,
-                exc if isinstance(exc, BadValue) else f"it does not decode: {type(exc).__name__}",
-            )
+            self._refused(key, exc)
             return MISSING
+
+    def _refused(self, key: str, exc: Exception) -> None:
+        self.bad_values += 1
+        self.cache._warn(
+            "bad_value",
+            "perrequest: the value in Redis at %s was refused (%s); treated as a miss "
+            "and computed again. Another writer uses this namespace, or the secret or "
+            "serializer changed.",
+            key,
+            exc if isinstance(exc, BadValue) else f"it does not decode: {type(exc).__name__}",
+        )
 
     def _encoded(self, value: Any, key: str) -> tuple[bytes | None, Any]:
         """The bytes to store (None if too large) and the value every caller gets."""
@@ -181,7 +184,7 @@ class RedisTier:
         """Read Redis; what is not there is computed once in this process (its single-flight)."""
         cache = self.cache
         step: Callable[..., Any] = self._claim
-        if cache._down_until > _now():
+        if cache._down_until and cache._down_until > _now():
             step = self._local
         else:
             try:
@@ -191,11 +194,14 @@ class RedisTier:
                 step = self._local
             else:
                 if raw is not None:
-                    value = self._decoded(raw, key)
-                    if value is not MISSING:
+                    try:
+                        value = cache._codec.loads(raw, key)
+                    except Exception as exc:  # a bad signature, or not JSON (pickle) at all
+                        self._refused(key, exc)
+                        step = self._replace
+                    else:
                         self.hits += 1
                         return value
-                    step = self._replace
         return _flight.run(self, key, step, (key, fn, args, kwargs), {}, _UNCOUNTED, None)
 
     def _local(

@@ -1,10 +1,12 @@
 """One function's Redis tier: a request-store miss read from Redis, or computed once
 across processes under a Redis lock.
 
-A miss goes through the request store's single-flight (one caller per key in
-a request), then this process's (one caller per key in the process), then
-Redis: a GET; on a miss, a script that atomically returns the value or takes
-the lock (``SET lock NX PX lock_timeout``). The lock holder computes, then
+A request-store miss goes through the request store's single-flight (one
+caller per key in a request), then reads Redis (a GET; what it finds is
+copied into the request store). On a Redis miss, this process's
+single-flight (one caller per key in the process), then a script that
+atomically returns the value or takes the lock (``SET lock NX PX
+lock_timeout``). The lock holder computes, then
 writes the value and releases its lock in one script; the others run the
 same script again and again until the value is there, the lock is free (its
 holder failed, or died and the lock expired: one of them takes it), or
@@ -15,12 +17,11 @@ gives it back, the computing one too, whether Redis answered or not.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable, Hashable
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -35,9 +36,9 @@ if TYPE_CHECKING:
     from .redis import RedisCache
 
 # This process's single-flight needs a counter; the tier counts for itself.
-_UNCOUNTED = Counter(timed=False)
-_FIRST_PAUSE, _MAX_PAUSE = 0.002, 0.05  # seconds between looks at another's lock
-_now = time.monotonic
+UNCOUNTED = Counter(timed=False)
+FIRST_PAUSE, MAX_PAUSE = 0.002, 0.05  # seconds between looks at another's lock
+now = time.monotonic
 
 
 class RedisCacheInfo(NamedTuple):
@@ -184,7 +185,7 @@ class RedisTier:
         """Read Redis; what is not there is computed once in this process (its single-flight)."""
         cache = self.cache
         step: Callable[..., Any] = self._claim
-        if cache._down_until and cache._down_until > _now():
+        if cache._down_until and cache._down_until > now():
             step = self._local
         else:
             try:
@@ -202,7 +203,7 @@ class RedisTier:
                     else:
                         self.hits += 1
                         return value
-        return _flight.run(self, key, step, (key, fn, args, kwargs), {}, _UNCOUNTED, None)
+        return _flight.run(self, key, step, (key, fn, args, kwargs), {}, UNCOUNTED, None)
 
     def _local(
         self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -218,7 +219,7 @@ class RedisTier:
         self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         cache, token = self.cache, os.urandom(9).hex()
-        deadline, pause = _now() + cache.lock_timeout, _FIRST_PAUSE
+        deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
         while True:
             try:
                 reply = cache._claim(key, token)
@@ -237,13 +238,13 @@ class RedisTier:
             if left <= 0:
                 return self._compute(True, key, "", fn, args, kwargs)
             time.sleep(min(pause, left))
-            pause = min(pause * 2, _MAX_PAUSE)
+            pause = min(pause * 2, MAX_PAUSE)
 
     def _waited(self, deadline: float, pause: float) -> float:
         """Seconds left to wait for another caller's lock; counts waits and timeouts."""
-        if pause == _FIRST_PAUSE:
+        if pause == FIRST_PAUSE:
             self.lock_waits += 1
-        left = deadline - _now()
+        left = deadline - now()
         if left <= 0:
             self.lock_timeouts += 1
         return left
@@ -266,124 +267,6 @@ class RedisTier:
             if store and (payload or token):
                 try:
                     self.cache._store(key, payload or b"", token)
-                except Exception as exc:
-                    self.cache._failed(self, exc)
-        return value
-
-    # -- async -------------------------------------------------------------------------
-
-    async def run_async(
-        self,
-        store: Any,
-        where: Hashable,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        counter: Any,
-        anchor: Any,
-    ) -> Any:
-        key = self.redis_key(where[1], args, kwargs)  # type: ignore[index]
-        return await _flight.run_async(
-            store, where, self._get_async, (key, fn, args, kwargs), {}, counter, anchor
-        )
-
-    async def _get_async(
-        self,
-        key: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        cache, conn = self.cache, None
-        step: Callable[..., Awaitable[Any]] = self._claim_async
-        if cache._down_until > _now():
-            step = self._local_async
-        else:
-            conn = cache._async_conn()
-            try:
-                async with asyncio.timeout(cache.op_timeout):
-                    raw = await conn.client.get(key)
-            except Exception as exc:
-                cache._failed(self, exc)
-                step = self._local_async
-            else:
-                if raw is not None:
-                    value = self._decoded(raw, key)
-                    if value is not MISSING:
-                        self.hits += 1
-                        return value
-                    step = self._replace_async
-        return await _flight.run_async(
-            self, key, step, (conn, key, fn, args, kwargs), {}, _UNCOUNTED, None
-        )
-
-    async def _local_async(
-        self,
-        conn: Any,
-        key: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        return await self._compute_async(None, key, "", fn, args, kwargs)
-
-    async def _replace_async(
-        self,
-        conn: Any,
-        key: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        return await self._compute_async(conn, key, "", fn, args, kwargs)
-
-    async def _claim_async(
-        self,
-        conn: Any,
-        key: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        cache, token = self.cache, os.urandom(9).hex()
-        deadline, pause = _now() + cache.lock_timeout, _FIRST_PAUSE
-        while True:
-            try:
-                reply = await cache._claim_async(conn, key, token)
-            except Exception as exc:
-                cache._failed(self, exc)
-                return await self._compute_async(None, key, "", fn, args, kwargs)
-            if reply[0] == 2:
-                return await self._compute_async(conn, key, token, fn, args, kwargs)
-            if reply[0] == 1:
-                value = self._decoded(reply[1], key)
-                if value is MISSING:
-                    return await self._compute_async(conn, key, "", fn, args, kwargs)
-                self.hits += 1
-                return value
-            left = self._waited(deadline, pause)
-            if left <= 0:
-                return await self._compute_async(conn, key, "", fn, args, kwargs)
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 2, _MAX_PAUSE)
-
-    async def _compute_async(
-        self,
-        conn: Any,
-        key: str,
-        token: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        self.misses += 1
-        payload: bytes | None = None
-        try:
-            payload, value = self._encoded(await fn(*args, **kwargs), key)
-        finally:
-            if conn is not None and (payload or token):
-                try:
-                    await self.cache._store_async(conn, key, payload or b"", token)
                 except Exception as exc:
                     self.cache._failed(self, exc)
         return value

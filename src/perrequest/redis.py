@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from . import _redis_io as io
 from ._checks import unknown_option
+from ._redis_async import AsyncRedisTier
 from ._redis_codec import Codec
 from ._redis_tier import RedisCacheInfo, RedisTier
 from .memo import MemoizedFunction
@@ -200,7 +201,8 @@ class RedisCache:
             )
         if version is not None:
             version = check_version(version, "request_memo(version=...)")
-        tier = RedisTier(self, spec, self.version if version is None else version)
+        kind = AsyncRedisTier if self.is_async else RedisTier
+        tier = kind(self, spec, self.version if version is None else version)
         self._tiers.add(tier)
         return tier
 

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check lint typecheck docs pytest bench soak clean redis-server
+.PHONY: demo test check lint typecheck docs pytest system-deps redis-server bench soak clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,8 @@ check: lint typecheck redis-server
 	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples benchmarks
-	$(PY) -m ruff format --check src tests examples benchmarks
+	$(PY) -m ruff check src tests examples benchmarks docs/snippets
+	$(PY) -m ruff format --check src tests examples benchmarks docs/snippets
 
 typecheck: $(STAMP)
 	$(PY) -m mypy --strict src
@@ -39,21 +39,31 @@ typecheck: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet --site-dir site
 
-pytest: $(STAMP) redis-server
+pytest: $(STAMP) system-deps
 	$(PY) -m pytest
 
-## redis-server: the Redis tier's tests and benchmark start their own servers from the
-## Debian package redis-server (valkey-server works too); installed here when missing and
-## apt-get can (as root). Otherwise those tests skip, naming the package.
+# What the tests need from Debian: chromium (the toolbar panel's browser test) and
+# redis-server (below), installed where apt-get can be run (root, as on CI); else
+# say what is missing.
+system-deps: redis-server
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "chromium is missing: install Debian's chromium package for the browser test"; \
+	fi
+
+# redis-server: the Redis tier's tests and benchmark start their own servers from
+# Debian's redis-server (valkey-server works too); without one those tests skip,
+# naming the package.
 redis-server:
-	@command -v redis-server >/dev/null || command -v valkey-server >/dev/null || \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing the Debian package redis-server for the Redis tier's tests"; \
+	@command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends redis-server >/dev/null; \
 	else \
-		echo "redis-server not found and apt-get not usable here: the Redis tier's tests" \
-			"will skip. Install the package redis-server (or valkey-server)."; \
+		echo "redis-server is missing: install Debian's redis-server package (or" \
+			"valkey-server) for the Redis tier's tests"; \
 	fi
 
 ## make bench: every benchmark, one after the other, then one table of the DESIGN.md targets.

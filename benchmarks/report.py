@@ -28,6 +28,7 @@ SCRIPTS = (
     "shared_cost",
     "redis_cost",
     "throughput",
+    "observability_cost",
 )
 
 
@@ -111,6 +112,10 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     table += redis_rows(results["redis_cost"])
+    for name, row in results["observability_cost"]["variants"].items():
+        if row["baseline"] != name and "noise" not in name:
+            what = f"observed request: {name}, added us vs {row['baseline']}"
+            table.append((what, "", f"{row['added_us']:.1f}", "info"))
     tp = results["throughput"]
     table.append(
         ("FastAPI, 10 lookups per request: memo / plain req/s", "", f"{tp['ratio']:.2f}", "info")

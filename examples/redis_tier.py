@@ -34,16 +34,17 @@ from perrequest.redis import RedisCache
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 UPSTREAM = {"EUR": 0.92, "GBP": 0.79, "JPY": 151.3}  # what the slow API would answer
 
+# --8<-- [start:cache]
 rates = RedisCache(
     redis.asyncio.Redis.from_url(REDIS_URL),
-    ttl=60,  # required: every entry expires; fetched again at most once a minute
+    ttl=60,  # required: an entry lives a minute, then is fetched again, once
     namespace="example",  # this application's keys
 )
 
 
 @request_memo(shared=rates)
 async def exchange_rate(currency: str) -> dict[str, Any]:
-    """The slow upstream call (200 ms). Values go through JSON: return JSON types."""
+    """The slow upstream call (200 ms). Values go through JSON."""
     await asyncio.sleep(0.2)
     return {
         "currency": currency,
@@ -53,20 +54,25 @@ async def exchange_rate(currency: str) -> dict[str, Any]:
     }
 
 
+# --8<-- [end:cache]
+
+
 async def fee(currency: str, amount: float) -> float:
     """A helper deep in the code asks for the rate again: a request-store hit."""
     rate = await exchange_rate(currency)
     return round(amount * rate["rate"] * 0.01, 2)
 
 
+# --8<-- [start:app]
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
-    await rates.aclose()  # the cache's connections in this worker's event loop
+    await rates.aclose()  # the cache's connections in this event loop
 
 
 app = FastAPI(title="perrequest Redis tier example", lifespan=lifespan)
 app.add_middleware(RequestScopeMiddleware)
+# --8<-- [end:app]
 
 
 @app.get("/convert/{currency}")

@@ -42,14 +42,18 @@ from django.urls import path  # noqa: E402
 from perrequest import request_memo  # noqa: E402
 from perrequest.redis import RedisCache  # noqa: E402
 
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+# --8<-- [start:cache]
 quotes = RedisCache(
-    redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")),
+    redis.Redis.from_url(REDIS_URL),
     ttl=300,  # required: every entry expires
     namespace="example-django",
 )
 
 
-@request_memo(shared=quotes, version=2)  # bump the version when the value's shape changes
+@request_memo(shared=quotes, version=2)  # bump it when the values change shape
 def shipping_quote(country: str) -> dict[str, Any]:
     """The slow carrier API (200 ms)."""
     time.sleep(0.2)
@@ -64,7 +68,11 @@ def shipping_quote(country: str) -> dict[str, Any]:
 def quote(request: HttpRequest, country: str) -> JsonResponse:
     first = shipping_quote(country)
     again = shipping_quote(country)  # a request-store hit: no Redis call
-    return JsonResponse({"quote": first, "same": again == first, "served_by": os.getpid()})
+    body = {"quote": first, "same": again == first, "served_by": os.getpid()}
+    return JsonResponse(body)
+
+
+# --8<-- [end:cache]
 
 
 def stats(request: HttpRequest) -> JsonResponse:

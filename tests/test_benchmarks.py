@@ -18,8 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-# The scripts import this checkout's perrequest, also from a worktree other than the
-# editable install's.
+# This checkout's src, also from another worktree than the editable install's.
 ENV = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")}
 
 
@@ -83,6 +82,15 @@ def test_throughput_quick_under_a_real_uvicorn_server(tmp_path: Path) -> None:
     assert all(row["requests_per_s"] > 0 for row in results["routes"].values())
 
 
+@pytest.mark.timeout(150)
+def test_observability_cost_quick(tmp_path: Path) -> None:
+    stdout, results = run_quick("observability_cost.py", tmp_path)
+    for row in ("no listener", "perrequest.otel (SDK meter provider)", "perrequest.prometheus"):
+        assert row in stdout
+    assert "recording span + perrequest.otel" in results["variants"]
+    assert all(row["median_us"] > 0 for row in results["variants"].values())
+
+
 @pytest.mark.timeout(360)
 def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -105,6 +113,7 @@ def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
         "Redis tier / client.get + json.loads, sync",
         "Redis tier hit / memo hit, repeated read",
         "stampede, 4 processes: duplicate computations, Redis tier",
+        "observed request: perrequest.otel (SDK meter provider), added us vs no listener",
     ):
         assert row in summary, row
     assert summary.count("<= 1.00 |") >= 5

@@ -283,11 +283,11 @@ def verdict(servers: list[Server], total: int) -> str:
     naive, scoped = servers
     left = naive.after["memo_entries"] - naive.before["memo_entries"]
     avoided = scoped.after["avoided"] - scoped.before["avoided"]
-    return (
-        f"naive:      {per_100k(naive, total):+8,.1f} MB per 100k requests: grows without bound "
-        f"({left:,} entries nobody will read again)\n"
+    return (  # at most 80 columns: the docs show this output
+        f"naive:      {per_100k(naive, total):+8,.1f} MB per 100k requests: grows without bound\n"
+        f"            ({left:,} entries nobody will read again)\n"
         f"perrequest: {per_100k(scoped, total):+8,.1f} MB per 100k requests: flat\n"
-        f"Both memos spared the same {avoided:,} repeated lookups within requests; "
+        f"Both memos spared the same {avoided:,} repeated lookups within requests;\n"
         "only the naive one keeps them."
     )
 

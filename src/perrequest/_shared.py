@@ -23,10 +23,11 @@ import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import _flight
 from ._flight import MISSING
+from ._typing import SharedCacheInfo
 from .errors import PerRequestError
 
 _C = TypeVar("_C")
@@ -38,19 +39,6 @@ _locks_guard = threading.RLock()
 # A cache that cannot be weakly referenced would never leave _locks: such
 # caches share this one lock instead.
 _fallback_lock = threading.RLock()
-
-
-class SharedCacheInfo(NamedTuple):
-    """``CacheInfo`` plus the shared tier's process-wide counters, for ``shared=`` memos."""
-
-    hits: int
-    misses: int
-    maxsize: int | None
-    currsize: int
-    shared_hits: int
-    shared_misses: int
-    shared_maxsize: int
-    shared_currsize: int
 
 
 class Tier(Protocol):
@@ -94,13 +82,20 @@ class Tier(Protocol):
 def make_tier(shared: object, spec: Any, version: str | int | None) -> Tier:
     """The tier of one function: the backend's own, or ``SharedTier`` for a mapping
     (which starts empty in every process, so it has no use for a version)."""
+    if spec.is_method and spec.key_fn is None:
+        raise TypeError(
+            f"@request_memo(shared=...) on method {spec.name} needs key=: instances are "
+            "keyed by identity within a request, which means nothing across requests. "
+            "Give key=, a function of (self, ...) returning a hashable key that "
+            "identifies the instance's data, e.g. key=lambda self, x: (self.id, x)."
+        )
     factory = getattr(shared, "_make_tier", None)
     if factory is not None:
         return factory(spec, version)  # type: ignore[no-any-return]
     return SharedTier(shared)  # type: ignore[arg-type]
 
 
-def check_version(version: object, shared: object) -> str | int | None:
+def _check_version(version: object, shared: object) -> str | int | None:
     """``request_memo(version=...)``: a str or int naming the shape of the function's
     values in a shared cache, and only with ``shared=``."""
     if version is None:
@@ -136,11 +131,13 @@ def _lock_for(cache: object) -> threading.RLock:
         return lock
 
 
-def check_shared(cache: _C) -> _C:
-    """Accept a backend with a tier of its own (``RedisCache``), or a bounded mapping
-    (a cachetools cache, or any mapping with a ``maxsize``)."""
-    if callable(getattr(cache, "_make_tier", None)):
-        return cache
+def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | None]:
+    """``request_memo(shared=..., version=...)``: a backend with a tier of its own
+    (``RedisCache``), a bounded mapping (a cachetools cache, or any mapping with a
+    ``maxsize``), or None; and its version."""
+    version = _check_version(version, cache)
+    if cache is None or callable(getattr(cache, "_make_tier", None)):
+        return cache, version
     fix = (
         "Use a bounded cache with an eviction policy, such as "
         "cachetools.LRUCache(maxsize=10_000) or cachetools.TTLCache(maxsize=10_000, ttl=60)."
@@ -167,7 +164,7 @@ def check_shared(cache: _C) -> _C:
             f"request_memo(shared=...): maxsize={maxsize!r} is not a finite bound any process "
             f"could reach, so the cache is unbounded in practice. {fix}"
         )
-    return cache
+    return cache, version
 
 
 def _detached(error: BaseException) -> BaseException:

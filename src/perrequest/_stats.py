@@ -19,7 +19,15 @@ _NO_STATS: Mapping[str, FunctionStats] = MappingProxyType({})
 
 
 class FunctionStats(NamedTuple):
-    """One function's counters in one scope; ``compute_s``: seconds spent on its misses."""
+    """One function's counters in one scope.
+
+    Attributes:
+        hits: Calls answered from the store (a single-flight waiter counts).
+        misses: Calls that computed, also those that raised.
+        evictions: Entries of this function evicted to respect a bound.
+        compute_s: Seconds spent computing its misses (measured only when
+            somebody reads the stats: ``on_close``, a listener, DEBUG logging).
+    """
 
     hits: int
     misses: int
@@ -29,7 +37,18 @@ class FunctionStats(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ScopeStats:
-    """An immutable snapshot of one store's counters, per function in ``functions``."""
+    """An immutable snapshot of one store's counters, what ``on_close`` receives.
+
+    Attributes:
+        hits: ``@request_memo`` calls and ``get_or_set`` answered from the store.
+        misses: Those that computed (also when the computation raised).
+        entries: Entries in the store (at close: just before it was cleared).
+        peak_entries: The most entries the store held at once.
+        evictions: Entries evicted to respect ``max_entries``.
+        duration_s: Seconds since the scope opened (at close: its whole life).
+        functions: Each memoized function's ``module.qualname`` mapped to its
+            ``FunctionStats``.
+    """
 
     hits: int
     misses: int

@@ -73,6 +73,20 @@ class RequestScopeMiddleware:
     any background tasks, also on errors, disconnects and cancellation. A
     listed ``websocket`` scope keeps its store, bounded by ``max_entries``, for
     the connection's whole life. Other scopes (``lifespan``) pass straight through.
+
+    Args:
+        app: The ASGI 3 application to wrap.
+        max_entries: The bound of each store; ``None``: unbounded.
+        scope_types: The ASGI scope types that get a store: ``"http"``, and
+            ``"websocket"`` if listed (then for the connection's whole life).
+        on_close: Called with each store's ``ScopeStats`` as it closes.
+
+    Raises:
+        TypeError: An unknown option (naming the closest valid one; with
+            ``add_middleware``, raised when Starlette builds the stack), an
+            ``app`` that is not callable, or a bad value.
+        ValueError: ``max_entries`` not positive, ``scope_types`` empty or
+            listing ``"lifespan"`` or an unknown type.
     """
 
     __slots__ = ("_max_entries", "_on_close", "_scope_types", "app")

@@ -56,6 +56,12 @@ class ScopedTask(Task):  # type: ignore[misc]
     the run ends, also when it raises: nothing accumulates in the worker.
     Subclass it, or pass options through ``@app.task``, to change
     ``perrequest_max_entries`` or ``perrequest_on_close(stats)``.
+
+    Attributes:
+        perrequest_max_entries: The bound of each run's store; ``None``:
+            unbounded. Checked when the task class is created.
+        perrequest_on_close: Called with each run's ``ScopeStats`` as its scope
+            closes (a plain function works as an attribute).
     """
 
     perrequest_max_entries: int | None = DEFAULT_MAX_ENTRIES
@@ -121,6 +127,16 @@ def install(
     Call it once, where the app is created and before a worker starts. Tasks
     of other apps are not affected; tasks based on ``ScopedTask`` keep their
     own options.
+
+    Args:
+        app: The Celery app.
+        max_entries: The bound of each run's store; ``None``: unbounded.
+        on_close: Called with each run's ``ScopeStats`` as its scope closes.
+
+    Raises:
+        RuntimeError: ``install`` was already called on this app.
+        TypeError: An unknown option or a bad value.
+        ValueError: ``max_entries`` zero or negative.
     """
     if unknown:
         valid = ("max_entries", "on_close")

@@ -20,6 +20,7 @@ from .wsgi import RequestScopeMiddleware
 __all__ = ["EXTENSION_KEY", "PerRequest"]
 
 EXTENSION_KEY = "perrequest"
+"""Where the extension registers itself: ``app.extensions["perrequest"]``."""
 _OPTIONS = ("max_entries", "on_close")
 
 
@@ -29,6 +30,17 @@ class PerRequest:
     The options are ``RequestScopeMiddleware``'s and are validated here, when
     the extension is created, so a typo fails at import time, not on the
     first request.
+
+    Args:
+        app: A Flask app to register on now; or call ``init_app`` later, in an
+            application factory (one extension can serve several apps).
+        max_entries: The bound of each request's store; ``None``: unbounded.
+        on_close: Called with each store's ``ScopeStats`` as it closes.
+
+    Raises:
+        TypeError: An unknown option (naming the closest valid one) or a bad
+            value.
+        ValueError: ``max_entries`` zero or negative.
     """
 
     __slots__ = ("_max_entries", "_on_close")
@@ -58,6 +70,14 @@ class PerRequest:
 
         Refuses an app that already has the extension: wrapping twice would
         give the inner stack its own store, hiding the outer one.
+
+        Args:
+            app: The Flask app.
+
+        Raises:
+            TypeError: ``app`` is not a Flask app (wrap other WSGI apps with
+                ``perrequest.wsgi.RequestScopeMiddleware``).
+            RuntimeError: The app already has the extension.
         """
         if not isinstance(app, Flask):
             raise TypeError(

@@ -17,12 +17,8 @@ from collections.abc import Callable, Hashable, MutableMapping
 from typing import (
     TYPE_CHECKING,
     Any,
-    Concatenate,
     Literal,
-    NamedTuple,
     ParamSpec,
-    Protocol,
-    Self,
     TypeVar,
     overload,
 )
@@ -30,8 +26,9 @@ from typing import (
 from . import _flight
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._keys import call_key, is_method, unhashable
-from ._shared import SharedCacheInfo, Tier, check_shared, check_version, make_tier
+from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter
+from ._typing import CacheInfo, MemoizedFunction, SharedCacheInfo, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import NoActiveScope, ScopeClosed
 from .scope import NO_SCOPE_HINT, active_store
@@ -49,10 +46,7 @@ __all__ = [
 ]
 
 P = ParamSpec("P")
-P2 = ParamSpec("P2")
 R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
-S = TypeVar("S")
 
 logger = logging.getLogger("perrequest")
 
@@ -65,53 +59,6 @@ _WARNED_MAX = 10_000
 _warned_lock = threading.RLock()
 # The test suite's choice for every memo (the pytest plugin's perrequest_outside_scope).
 outside_scope_override: str | None = None
-
-
-class CacheInfo(NamedTuple):
-    """One function's counters in the active store, as ``functools`` reports them."""
-
-    hits: int
-    misses: int
-    maxsize: int | None
-    currsize: int
-
-
-class MemoizedFunction(Protocol[P, R_co]):
-    """What ``@request_memo`` returns, as type checkers see it: the function, with the
-    ``functools``-style extras, generic in its parameters and result."""
-
-    @property
-    def __wrapped__(self) -> Callable[P, R_co]: ...
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
-
-    def cache_info(self) -> CacheInfo:
-        """This function's hits, misses and entries in the active store."""
-        ...
-
-    def cache_clear(self) -> None:
-        """Drop this function's entries in the active store."""
-        ...
-
-    def cache_delete(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Drop the entry these arguments would hit; whether there was one."""
-        ...
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
-
-    @overload
-    def __get__(
-        self: MemoizedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any], /
-    ) -> MemoizedFunction[P2, R]: ...
-
-
-class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
-    """``MemoizedFunction`` for ``shared=`` memos: ``cache_info()`` adds the shared tier."""
-
-    def cache_info(self) -> SharedCacheInfo:  # type: ignore[override]
-        """This function's counters in the active store and in the shared tier."""
-        ...
 
 
 class _MemoSpec:
@@ -149,19 +96,12 @@ class _MemoSpec:
         self.is_method = is_method(fn)
         self.is_async = is_async_callable(fn)
         module = getattr(fn, "__module__", None)
-        qualname = getattr(fn, "__qualname__", None) or repr(fn)
+        # Never repr(): a functools.partial's would carry its bound arguments into
+        # stats, logs and metric labels.
+        qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self.name = f"{module}.{qualname}" if module else qualname
         self.keyof: Callable[..., tuple[Hashable, Any]] = self.keyof_call
-        self.shared: Tier | None = None
-        if shared is not None:
-            if self.is_method and key_fn is None:
-                raise TypeError(
-                    f"@request_memo(shared=...) on method {self.name} needs key=: instances are "
-                    "keyed by identity within a request, which means nothing across requests. "
-                    "Give key=, a function of (self, ...) returning a hashable key that "
-                    "identifies the instance's data, e.g. key=lambda self, x: (self.id, x)."
-                )
-            self.shared = make_tier(shared, self, version)
+        self.shared: Tier | None = None if shared is None else make_tier(shared, self, version)
 
     def __repr__(self) -> str:
         return f"<request_memo {self.name}>"
@@ -253,10 +193,9 @@ class _MemoSpec:
             if counter is not None:
                 hits, misses = counter.hits, counter.misses
             currsize = len((store._subs or {}).get(self, ()))
-        shared = self.shared
-        if shared is None:
+        if self.shared is None:
             return CacheInfo(hits, misses, self.max_entries, currsize)
-        return shared.info(hits, misses, self.max_entries, currsize, store is not None)
+        return self.shared.info(hits, misses, self.max_entries, currsize, store is not None)
 
     def cache_clear(self) -> None:
         """Drop this function's entries in the active store, and in its shared cache;
@@ -307,7 +246,6 @@ def request_memo(
     max_entries: int | None = None,
     outside_scope: Literal["warn", "call", "raise"] = "warn",
     shared: MutableMapping[Any, Any],
-    version: str | int | None = None,
 ) -> Callable[[Callable[P, R]], SharedMemoizedFunction[P, R]]: ...
 
 
@@ -344,9 +282,23 @@ def request_memo(
     ``NoActiveScope`` is raised (``"raise"``). Also usable bare: ``@request_memo``.
 
     ``shared=`` puts a bounded process-wide cache (``cachetools.LRUCache``,
-    ``TTLCache``, any mapping with a ``maxsize``) behind the request store, or
-    a ``perrequest.redis.RedisCache`` shared across processes; ``version=``
-    names the shape of the function's values there (change it with the code).
+    ``TTLCache``, any mapping with a ``maxsize``) behind the request store.
+
+    Args:
+        fn: The function, when used bare (``@request_memo``).
+        key: A function of the same arguments (``self`` included) returning a
+            hashable key, for unhashable arguments; its result alone is the key.
+        typed: Tell equal arguments of different types apart (``1``, ``1.0``).
+        max_entries: Bound this function's entries within each store (least
+            recently used go first); ``None``: only the store's bound applies.
+        outside_scope: Outside any scope, ``"warn"``: call uncached and log one
+            WARNING per function; ``"call"``: call silently; ``"raise"``.
+        shared: A bounded process-wide cache, or a ``RedisCache``, behind the store.
+        version: With ``RedisCache``, part of the keys: change it with the values' shape.
+
+    Returns:
+        A ``MemoizedFunction``: the function, typed as itself, plus
+        ``cache_info()``, ``cache_clear()``, ``cache_delete(...)``.
     """
     if unknown:
         raise TypeError(unknown_option("request_memo()", next(iter(unknown)), _OPTIONS))
@@ -369,9 +321,7 @@ def request_memo(
             f"request_memo(outside_scope=...) must be 'warn' (call uncached, log once), "
             f"'call' (call uncached) or 'raise' (raise NoActiveScope), not {outside_scope!r}"
         )
-    if shared is not None:
-        shared = check_shared(shared)
-    version = check_version(version, shared)
+    shared, version = check_shared(shared, version)
 
     def decorate(target: Any) -> Any:
         if isinstance(target, classmethod):

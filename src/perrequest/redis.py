@@ -25,7 +25,7 @@ from ._checks import unknown_option
 from ._redis_async import AsyncRedisTier
 from ._redis_codec import Codec
 from ._redis_tier import RedisCacheInfo, RedisTier
-from .memo import MemoizedFunction
+from ._typing import MemoizedFunction
 
 __all__ = ["RedisCache", "RedisCacheInfo", "RedisMemoizedFunction", "RedisStats"]
 
@@ -123,18 +123,32 @@ def check_version(version: object, where: str) -> str | int:
 
 class RedisCache:
     """A ``shared=`` backend on Redis: bounded (``ttl``), safe (JSON, or signed pickle),
-    single-flight across processes, and never the cause of a failed request.
+    computed once per expiry across processes, and never the cause of a failed request.
 
-    ``client`` is a ``redis.Redis`` for sync functions, a ``redis.asyncio.Redis``
-    for async ones; the cache uses its connection settings in a pool of its own
-    (no retries, ``op_timeout``). ``ttl`` (seconds) is required. Keys are
-    ``namespace:module.qualname:version:sha256(arguments as JSON)``; ``version``
-    is overridden per function by ``@request_memo(version=...)``. A miss takes a
-    lock for ``lock_timeout`` seconds; other callers wait for it that long at
-    most, then compute. After a Redis error the value is computed here, a
-    WARNING logged (at most once per ``log_interval`` seconds), and Redis left
-    alone for ``retry_after`` seconds. Values over ``max_value_bytes`` are
-    returned, not stored.
+    Redis keys are ``namespace:module.qualname:version:sha256(arguments as JSON)``.
+    The cache sends its commands through a connection pool of its own, with the
+    client's connection settings but without retries, bounded by ``op_timeout``.
+    After a Redis error the value is computed here, a WARNING logged (at most
+    once per ``log_interval``), and Redis left alone for ``retry_after``.
+
+    Args:
+        client: A ``redis.Redis`` (for sync functions) or a ``redis.asyncio.Redis``
+            (for async ones) on a plain connection pool: where Redis is, and who
+            connects.
+        ttl: Seconds every value lives in Redis; required and positive.
+        namespace: This application's keys, the start of every key.
+        serializer: ``"json"`` (loading runs no code) or ``"pickle"`` (needs a
+            secret).
+        secret: Signs every value (HMAC-SHA256 over its key and bytes); a value
+            that does not verify is a miss. Required for pickle; 16 bytes or more.
+        version: Part of every key (default ``1``); ``request_memo(version=...)``
+            overrides it per function.
+        lock_timeout: Seconds a miss's lock lives, and the longest another caller
+            waits for it before computing itself.
+        op_timeout: Seconds each Redis operation may take, start to finish.
+        max_value_bytes: Larger values are returned, not stored.
+        retry_after: Seconds Redis is left alone after an error (0: never).
+        log_interval: Seconds between two WARNINGs of the same kind.
     """
 
     def __init__(

@@ -179,7 +179,7 @@ def set(key: Hashable, value: Any) -> None:
 
 
 def get_or_set(key: Hashable, factory: Callable[[], T]) -> T:
-    """``current_store().get_or_set(key, factory)``; raises ``NoActiveScope`` outside a scope."""
+    """The value at ``key``, ``factory()`` filling it once; ``NoActiveScope`` outside a scope."""
     return current_store().get_or_set(key, factory)
 
 
@@ -199,6 +199,10 @@ class request_scope:
     closed: cleared at once, ``on_close(stats)`` called, stats logged at DEBUG.
     An object is single-use, like the context managers of ``contextlib``; as a
     decorator (``@request_scope()``) it opens a fresh scope for every call.
+
+    Args:
+        max_entries: The new store's bound (LRU eviction); None: unbounded.
+        on_close: Called with the store's ``ScopeStats`` when the scope closes.
     """
 
     __slots__ = ("_max_entries", "_on_close", "_store")
@@ -291,7 +295,10 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
 
     For ``loop.run_in_executor``, ``ThreadPoolExecutor.submit``, ``threading.Thread``
     and callbacks, which do not carry the context along. Called after the scope
-    has closed, ``fn`` runs outside any scope.
+    has closed, ``fn`` runs outside any scope. ``NoActiveScope`` outside a scope.
+
+    Args:
+        fn: A sync or async callable (not a generator function).
     """
     if not callable(fn):
         raise TypeError(f"bind_scope() takes a callable, not {fn!r}")

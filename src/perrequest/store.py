@@ -29,6 +29,7 @@ from ._stats import ScopeStats
 __all__ = ["DEFAULT_MAX_ENTRIES", "MemoKey", "MemoStore"]
 
 DEFAULT_MAX_ENTRIES: Final = 10_000
+"""The bound of a store when none is given: 10 000 entries, evicted least recently used."""
 
 T = TypeVar("T")
 
@@ -46,6 +47,15 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     Made by ``request_scope`` and the middlewares. Once closed it stays empty
     and every write raises ``ScopeClosed``. Iterating it yields the helper
     keys and, for memo entries, ``MemoKey`` objects.
+
+    A store you create yourself is just a bounded mapping: it is not a scope,
+    never active, and not counted by ``live_scopes()``.
+
+    Args:
+        max_entries: The bound, counting memo and helper entries together; the
+            least recently used entry is evicted beyond it. ``None``: unbounded.
+        on_close: Called with the final ``ScopeStats`` when the scope that owns
+            the store closes it.
     """
 
     __slots__ = ()

@@ -45,6 +45,16 @@ class RequestScopeMiddleware:
     Closing clears the store, logs its stats at DEBUG on the ``perrequest``
     logger and calls ``on_close(stats)`` (an exception there is logged, never
     raised into the server).
+
+    Args:
+        app: The WSGI application to wrap.
+        max_entries: The bound of each store; ``None``: unbounded.
+        on_close: Called with each store's ``ScopeStats`` as it closes.
+
+    Raises:
+        TypeError: An unknown option (naming the closest valid one), an
+            ``app`` that is not callable, or a bad value.
+        ValueError: ``max_entries`` zero or negative.
     """
 
     __slots__ = ("_max_entries", "_on_close", "app")
@@ -100,6 +110,13 @@ class ScopedBody:
     the scope: the app's own close hooks (Flask's ``call_on_close``, a
     generator's ``finally``) run as they would have without perrequest, which
     is not at all.
+
+    Returned by ``RequestScopeMiddleware``; public so that code that drives a
+    WSGI app by hand can recognise it.
+
+    Args:
+        body: The app's response iterable.
+        store: The request's store, still open.
     """
 
     __slots__ = ("_body", "_chunks", "_store")

@@ -27,8 +27,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from ._checks import check_max_entries, check_on_close
-from .scope import (
+from .._checks import check_max_entries, check_on_close
+from ..scope import (
     REQUEST_KEY,
     OnClose,
     _current,
@@ -37,8 +37,8 @@ from .scope import (
     open_scope,
     opened_outside,
 )
-from .store import DEFAULT_MAX_ENTRIES, MemoStore
-from .wsgi import _produce
+from ..store import DEFAULT_MAX_ENTRIES, MemoStore
+from ..wsgi import _produce
 
 __all__ = ["RequestScopeMiddleware"]
 
@@ -50,6 +50,15 @@ class RequestScopeMiddleware:
 
     Sync and async capable: Django hands it an async ``get_response`` under
     ASGI, and then it runs as a coroutine, so async views get no thread switch.
+    List ``"perrequest.django.RequestScopeMiddleware"`` first in ``MIDDLEWARE``.
+
+    Args:
+        get_response: The rest of the middleware stack, as Django passes it.
+            The options come from ``settings.PERREQUEST`` (``"MAX_ENTRIES"``,
+            ``"ON_CLOSE"``: a callable or a dotted path to one), read here.
+
+    Raises:
+        ImproperlyConfigured: A bad ``settings.PERREQUEST``, naming the key.
     """
 
     sync_capable = True

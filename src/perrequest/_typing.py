@@ -1,0 +1,81 @@
+"""What ``@request_memo`` returns, as type checkers and ``cache_info()`` see it.
+
+``MemoizedFunction`` is a Protocol generic in the decorated function's
+parameters and result, as typeshed types ``functools.lru_cache``'s wrapper,
+so that calls are checked against the function's signature and the
+``functools``-style extras are known to mypy and pyright.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Concatenate, NamedTuple, ParamSpec, Protocol, Self, TypeVar, overload
+
+__all__ = ["CacheInfo", "MemoizedFunction", "SharedCacheInfo", "SharedMemoizedFunction"]
+
+P = ParamSpec("P")
+P2 = ParamSpec("P2")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+S = TypeVar("S")
+
+
+class CacheInfo(NamedTuple):
+    """One function's counters in the active store, with ``functools``' field names;
+    ``maxsize`` is the function's own ``max_entries=`` (or None)."""
+
+    hits: int
+    misses: int
+    maxsize: int | None
+    currsize: int
+
+
+class SharedCacheInfo(NamedTuple):
+    """``CacheInfo`` plus the shared tier's process-wide counters, for ``shared=`` memos."""
+
+    hits: int
+    misses: int
+    maxsize: int | None
+    currsize: int
+    shared_hits: int
+    shared_misses: int
+    shared_maxsize: int
+    shared_currsize: int
+
+
+class MemoizedFunction(Protocol[P, R_co]):
+    """What ``@request_memo`` returns, as type checkers see it: the function, with the
+    ``functools``-style extras, generic in its parameters and result."""
+
+    @property
+    def __wrapped__(self) -> Callable[P, R_co]: ...
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def cache_info(self) -> CacheInfo:
+        """This function's hits, misses and entries in the active store."""
+        ...
+
+    def cache_clear(self) -> None:
+        """Drop this function's entries in the active store."""
+        ...
+
+    def cache_delete(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Drop the entry these arguments would hit; whether there was one."""
+        ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
+
+    @overload
+    def __get__(
+        self: MemoizedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any], /
+    ) -> MemoizedFunction[P2, R]: ...
+
+
+class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
+    """``MemoizedFunction`` for ``shared=`` memos: ``cache_info()`` adds the shared tier."""
+
+    def cache_info(self) -> SharedCacheInfo:  # type: ignore[override]
+        """This function's counters in the active store and in the shared tier."""
+        ...

@@ -1,0 +1,141 @@
+"""OpenTelemetry metrics and span attributes (``pip install 'perrequest[otel]'``).
+
+Built on ``opentelemetry-api`` only: the SDK, exporters and views are the
+app's choice. ``instrument()`` adds a scope listener that, for every scope
+that closes in the process:
+
+- adds each memoized function's hits, misses and evictions to running totals,
+  reported by the counters ``perrequest.memo.hits``, ``.misses`` and
+  ``.evictions`` (attribute ``perrequest.function``: the function's qualified
+  name, never an argument, key or value). They are asynchronous counters: the
+  SDK reads the totals when it exports, so a request pays for a few dict
+  updates, not for one SDK call per function and counter;
+- records, for a scope that touched its store, its peak entries in the
+  histogram ``perrequest.scope.entries`` and the seconds its hits saved (hits x
+  mean miss time, per function) in ``perrequest.scope.saved``;
+- when a span is recording as the scope closes (the server span of
+  OpenTelemetry's ASGI, WSGI or Django instrumentation, which wraps
+  perrequest's middleware), sets the scope's totals on it as attributes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from . import __version__
+from ._metrics import ENTRY_BUCKETS, SAVED_BUCKETS, Totals, scope_saved_s, used
+from ._stats import ScopeStats
+from .scope import add_scope_listener, remove_scope_listener
+
+__all__ = ["instrument", "is_instrumented", "uninstrument"]
+
+FUNCTION = "perrequest.function"
+_COUNTERS = (  # in the order of Totals' columns
+    ("perrequest.memo.hits", "{call}", "Memo calls served from the request store"),
+    ("perrequest.memo.misses", "{call}", "Memo calls that computed their value"),
+    ("perrequest.memo.evictions", "{entry}", "Entries evicted by a store's bound"),
+)
+
+_lock = threading.Lock()
+_installed: _Listener | None = None
+
+
+class _Listener:
+    """The scope listener: running totals and the two histograms of one meter."""
+
+    __slots__ = ("entries", "provider", "saved", "totals")
+
+    def __init__(self, meter: metrics.Meter, provider: object) -> None:
+        self.provider = provider
+        self.totals = Totals()
+        self.entries = meter.create_histogram(
+            "perrequest.scope.entries",
+            "{entry}",
+            "Most entries a request store held at once",
+            explicit_bucket_boundaries_advisory=ENTRY_BUCKETS,
+        )
+        self.saved = meter.create_histogram(
+            "perrequest.scope.saved",
+            "s",
+            "Seconds the memo saved in a scope: hits x mean miss time, per function",
+            explicit_bucket_boundaries_advisory=SAVED_BUCKETS,
+        )
+
+    def __call__(self, stats: ScopeStats) -> None:
+        if not used(stats):
+            return
+        self.totals.add(stats)
+        saved = scope_saved_s(stats)
+        self.entries.record(stats.peak_entries)
+        self.saved.record(saved)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "perrequest.scope.hits": stats.hits,
+                    "perrequest.scope.misses": stats.misses,
+                    "perrequest.scope.entries": stats.entries,
+                    "perrequest.scope.peak_entries": stats.peak_entries,
+                    "perrequest.scope.evictions": stats.evictions,
+                    "perrequest.scope.saved": saved,
+                }
+            )
+
+
+def _observer(column: int, provider: object) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    """The callback of one counter: the totals of the listener installed for ``provider``.
+
+    A meter gives back the counter it made before when asked again for the same
+    name, with its first callback, so the callback finds the current listener
+    rather than holding one.
+    """
+
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        listener = _installed
+        if listener is None or listener.provider is not provider:
+            return []
+        return [Observation(n, {FUNCTION: name}) for name, n in listener.totals.series(column)]
+
+    return observe
+
+
+def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
+    """Report every closing scope's stats to OpenTelemetry, through ``meter_provider``
+    (default: the global one, which may be set later). Calling it again replaces the
+    previous listener, its totals starting from zero; ``uninstrument()`` stops."""
+    global _installed
+    if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+        raise TypeError(
+            "perrequest.otel.instrument(meter_provider=...) takes an OpenTelemetry "
+            f"MeterProvider (opentelemetry.sdk.metrics.MeterProvider), not {meter_provider!r}"
+        )
+    meter = metrics.get_meter("perrequest", __version__, meter_provider=meter_provider)
+    listener = _Listener(meter, meter_provider)
+    for column, (name, unit, description) in enumerate(_COUNTERS):
+        meter.create_observable_counter(
+            name, [_observer(column, meter_provider)], unit, description
+        )
+    with _lock:
+        if _installed is not None:
+            remove_scope_listener(_installed)
+        _installed = listener
+        add_scope_listener(listener)
+
+
+def uninstrument() -> None:
+    """Stop reporting; the counters report nothing more, the histograms stay in their
+    meter."""
+    global _installed
+    with _lock:
+        if _installed is not None:
+            remove_scope_listener(_installed)
+            _installed = None
+
+
+def is_instrumented() -> bool:
+    """Whether ``instrument()`` is in force."""
+    return _installed is not None

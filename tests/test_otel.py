@@ -1,0 +1,171 @@
+"""perrequest.otel with the OpenTelemetry SDK's in-memory metric reader and span exporter."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from servers import serve_uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import perrequest
+from perrequest import otel, request_memo, request_scope
+from perrequest.asgi import RequestScopeMiddleware
+
+NAME = f"{__name__}.lookup"
+
+
+@request_memo
+def lookup(x: int) -> int:
+    time.sleep(0.001)
+    return x
+
+
+@request_memo(max_entries=1)
+def one_at_a_time(x: int) -> int:
+    return x
+
+
+@pytest.fixture
+def reader() -> Iterator[InMemoryMetricReader]:
+    reader = InMemoryMetricReader()
+    otel.instrument(MeterProvider(metric_readers=[reader]))
+    yield reader
+    otel.uninstrument()
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[trace.Tracer, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider.get_tracer(__name__), exporter
+    provider.shutdown()
+
+
+def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    """Metric name -> its data points."""
+    data = reader.get_metrics_data()
+    found: dict[str, list[Any]] = {}
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                found.setdefault(metric.name, []).extend(metric.data.data_points)
+    return found
+
+
+def by_function(points: list[Any]) -> dict[str, int]:
+    return {p.attributes["perrequest.function"]: p.value for p in points}
+
+
+def test_counters_per_function_and_histograms_per_scope(reader: InMemoryMetricReader) -> None:
+    for _ in range(2):
+        with request_scope():
+            for x in (1, 1, 1, 2):
+                lookup(x)
+            for x in (1, 2, 3):
+                one_at_a_time(x)
+            perrequest.get_or_set("k", lambda: 1)
+    found = points(reader)
+    bounded = f"{__name__}.one_at_a_time"
+    helpers = "perrequest.helpers"
+    # Each function's three series start together, at zero.
+    assert by_function(found["perrequest.memo.hits"]) == {NAME: 4, bounded: 0, helpers: 0}
+    assert by_function(found["perrequest.memo.misses"]) == {NAME: 4, bounded: 6, helpers: 2}
+    assert by_function(found["perrequest.memo.evictions"]) == {NAME: 0, bounded: 4, helpers: 0}
+    [entries] = found["perrequest.scope.entries"]
+    assert (entries.count, entries.sum, entries.max) == (2, 2 * 4, 4)  # peak: 2 + 1 + 1 each
+    [saved] = found["perrequest.scope.saved"]
+    # Each scope: 2 hits x the mean of two ~1 ms misses.
+    assert saved.count == 2 and 2 * 2 * 0.001 <= saved.sum < 2 * 2 * 0.05
+    assert saved.explicit_bounds[:3] == (0, 0.0001, 0.00025)
+
+
+def test_totals_are_set_on_the_span_active_as_the_scope_closes(
+    reader: InMemoryMetricReader, spans: tuple[trace.Tracer, InMemorySpanExporter]
+) -> None:
+    tracer, exporter = spans
+    with tracer.start_as_current_span("GET /"), request_scope():
+        lookup(1)
+        lookup(1)
+    with request_scope():  # no span: nothing to set, nothing fails
+        lookup(1)
+    [span] = exporter.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert attributes["perrequest.scope.hits"] == 1
+    assert attributes["perrequest.scope.misses"] == 1
+    assert attributes["perrequest.scope.entries"] == 1
+    assert attributes["perrequest.scope.peak_entries"] == 1
+    assert attributes["perrequest.scope.evictions"] == 0
+    assert attributes["perrequest.scope.saved"] > 0
+
+
+class TracingMiddleware:
+    """What OpenTelemetry's ASGI instrumentation does: a server span around the app."""
+
+    def __init__(self, app: Any, tracer: trace.Tracer) -> None:
+        self.app, self.tracer = app, tracer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with self.tracer.start_as_current_span(f"{scope['method']} {scope['path']}"):
+            await self.app(scope, receive, send)
+
+
+def test_under_uvicorn_the_request_span_gets_the_totals(
+    reader: InMemoryMetricReader, spans: tuple[trace.Tracer, InMemorySpanExporter]
+) -> None:
+    tracer, exporter = spans
+
+    async def index(request: Any) -> PlainTextResponse:
+        return PlainTextResponse(str(sum(lookup(x) for x in (1, 2, 1, 2, 1))))
+
+    app = Starlette(routes=[Route("/", index)])
+    app.add_middleware(RequestScopeMiddleware)
+    with serve_uvicorn(TracingMiddleware(app, tracer)) as url:
+        for _ in range(3):
+            assert httpx.get(url + "/").text == "7"
+        deadline = time.monotonic() + 5
+        while len(exporter.get_finished_spans()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finished = exporter.get_finished_spans()
+    assert [s.attributes["perrequest.scope.hits"] for s in finished] == [3, 3, 3]  # type: ignore[index]
+    assert by_function(points(reader)["perrequest.memo.hits"]) == {NAME: 9}
+
+
+def test_instrument_again_replaces_and_uninstrument_stops() -> None:
+    first, second = InMemoryMetricReader(), InMemoryMetricReader()
+    otel.instrument(MeterProvider(metric_readers=[first]))
+    otel.instrument(MeterProvider(metric_readers=[second]))
+    try:
+        assert otel.is_instrumented()
+        with request_scope():
+            lookup(1)
+        assert "perrequest.memo.misses" not in points(first)
+        assert by_function(points(second)["perrequest.memo.misses"]) == {NAME: 1}
+    finally:
+        otel.uninstrument()
+    with request_scope():
+        lookup(1)
+    assert "perrequest.memo.misses" not in points(second)  # stopped: nothing reported
+    assert not otel.is_instrumented()
+    otel.uninstrument()  # again: nothing to do
+
+
+def test_a_bad_meter_provider_is_refused() -> None:
+    with pytest.raises(TypeError, match="MeterProvider"):
+        otel.instrument("console")  # type: ignore[arg-type]
+    assert not otel.is_instrumented()

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check lint typecheck docs pytest system-deps bench soak clean
+.PHONY: demo test check lint typecheck docs pytest system-deps redis-server bench soak clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: $(VENV)/.installed-demo
 test: lint typecheck docs pytest
 
 ## make check: the fast loop while developing: lint, types, and the tests not marked slow.
-check: lint typecheck
+check: lint typecheck redis-server
 	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP)
@@ -42,9 +42,10 @@ docs: $(STAMP)
 pytest: $(STAMP) system-deps
 	$(PY) -m pytest
 
-# What the tests need from Debian: chromium (the toolbar panel's browser test),
-# installed where apt-get can be run (root, as on CI); else say what is missing.
-system-deps:
+# What the tests need from Debian: chromium (the toolbar panel's browser test) and
+# redis-server (below), installed where apt-get can be run (root, as on CI); else
+# say what is missing.
+system-deps: redis-server
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
@@ -52,8 +53,21 @@ system-deps:
 		echo "chromium is missing: install Debian's chromium package for the browser test"; \
 	fi
 
+# redis-server: the Redis tier's tests and benchmark start their own servers from
+# Debian's redis-server (valkey-server works too); without one those tests skip,
+# naming the package.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends redis-server >/dev/null; \
+	else \
+		echo "redis-server is missing: install Debian's redis-server package (or" \
+			"valkey-server) for the Redis tier's tests"; \
+	fi
+
 ## make bench: every benchmark, one after the other, then one table of the DESIGN.md targets.
-bench: $(STAMP)
+bench: $(STAMP) redis-server
 	$(PY) benchmarks/report.py
 
 soak: $(STAMP)

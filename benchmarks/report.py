@@ -27,6 +27,7 @@ SCRIPTS = (
     "middleware_overhead",
     "instructions",
     "shared_cost",
+    "redis_cost",
     "throughput",
     "observability_cost",
     "batch_cost",
@@ -114,6 +115,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 mark(row["met"]),
             )
         )
+    table += redis_rows(results["redis_cost"])
     for name, row in results["observability_cost"]["variants"].items():
         if row["baseline"] != name and "noise" not in name:
             what = f"observed request: {name}, added us vs {row['baseline']}"
@@ -132,6 +134,41 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     tp = results["throughput"]
     table.append(
         ("FastAPI, 10 lookups per request: memo / plain req/s", "", f"{tp['ratio']:.2f}", "info")
+    )
+    return table
+
+
+def redis_rows(redis: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    if "skipped" in redis:
+        return [("Redis tier", "", "skipped", "info")]
+    labels = {
+        "first read in a request, sync": "Redis tier / client.get + json.loads, sync",
+        "first read in a request, async": "Redis tier / client.get + json.loads, async",
+        "repeated read in a request": "Redis tier hit / memo hit, repeated read",
+    }
+    table = [
+        (
+            labels[case],
+            f"<= {row['target']:.2f}",
+            f"{row['ratio']:.2f}",
+            "met" if row["met"] else "NOT met",
+        )
+        for case, row in redis["cases"].items()
+    ]
+    tiers = redis["stampede"]["tiers"]
+    ours, theirs = tiers["redis"], tiers["in-process TTLCache"]
+    n = redis["stampede"]["processes"]
+    table.append(
+        (
+            f"stampede, {n} processes: duplicate computations, Redis tier",
+            "0",
+            str(ours["duplicates"]),
+            "met" if ours["duplicates"] == 0 else "NOT met",
+        )
+    )
+    ratio = theirs["computations"] / max(ours["computations"], 1)
+    table.append(
+        (f"stampede: computations without / with the Redis tier (~{n})", "", f"{ratio:.2f}", "info")
     )
     return table
 

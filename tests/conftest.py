@@ -1,9 +1,11 @@
-"""Every test ends with no request scope left open in this process."""
+"""Every test ends with no request scope left open in this process; and the Redis
+servers of the Redis tier's tests (``tests/redis_server.py``), started on demand."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -18,3 +20,41 @@ def _no_live_scopes_after_test() -> Iterator[None]:
     while live_scopes() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert_no_live_scopes()
+
+
+@pytest.fixture(scope="session")
+def _redis_session() -> Iterator[Any]:
+    from redis_server import BINARY, MISSING, RedisServer
+
+    if BINARY is None:
+        pytest.skip(MISSING)
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_server(_redis_session: Any) -> Any:
+    """The session's redis-server, emptied for this test."""
+    with _redis_session.client() as client:
+        client.flushall()
+    return _redis_session
+
+
+@pytest.fixture
+def own_redis() -> Iterator[Callable[..., Any]]:
+    """Start redis-servers of this test's own (to stop, kill or fill): ``own_redis(*options)``."""
+    from redis_server import BINARY, MISSING, RedisServer
+
+    if BINARY is None:
+        pytest.skip(MISSING)
+    servers: list[Any] = []
+
+    def start(*options: str) -> Any:
+        server = RedisServer(*options).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()

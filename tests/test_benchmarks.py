@@ -114,13 +114,13 @@ def test_batch_cost_counts_instructions_under_callgrind(tmp_path: Path) -> None:
     assert "a store's set-up on its first write" in proc.stdout
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)
 def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "report.py"), "--quick"],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=340,
         env=ENV,
     )
     assert proc.returncode == 0, proc.stderr
@@ -133,12 +133,29 @@ def test_make_bench_report_prints_every_target(tmp_path: Path) -> None:
         "WSGI: perrequest RequestScopeMiddleware - bare (us)",
         "shared tier / cachetools + lock, repeated read in a request",
         "FastAPI, 10 lookups per request: memo / plain req/s",
+        "Redis tier / client.get + json.loads, sync",
+        "Redis tier hit / memo hit, repeated read",
+        "stampede, 4 processes: duplicate computations, Redis tier",
         "observed request: perrequest.otel (SDK meter provider), added us vs no listener",
         "request_batch / DataLoader, cached load",
         "request_batch / DataLoader, 100 new keys, load_many",
     ):
         assert row in summary, row
     assert summary.count("<= 1.00 |") >= 5
+
+
+@pytest.mark.timeout(150)
+def test_redis_cost_quick_against_a_real_redis_server(tmp_path: Path) -> None:
+    from redis_server import BINARY, MISSING
+
+    if BINARY is None:
+        pytest.skip(MISSING)
+    stdout, results = run_quick("redis_cost.py", tmp_path)
+    for row in ("first read in a request, sync", "first read in a request, async", "stampede"):
+        assert row in stdout
+    tiers = results["stampede"]["tiers"]
+    assert tiers["redis"]["duplicates"] == 0  # once per expiry across 4 processes
+    assert tiers["in-process TTLCache"]["computations"] > tiers["redis"]["computations"]
 
 
 @pytest.mark.timeout(120)

@@ -319,7 +319,7 @@ def test_snippet_runs(path: Path, snippet_runs: dict[str, Future[object]]) -> No
 
 API = (DOCS / "api.md").read_text()
 HELPERS = ["get", "set", "get_or_set", "delete"]
-INTEGRATIONS = ["asgi", "wsgi", "django", "flask", "celery", "testing"]
+INTEGRATIONS = ["asgi", "wsgi", "django", "flask", "celery", "testing", "redis"]
 
 
 def _public() -> list[str]:

@@ -9,6 +9,9 @@ Callers waiting on another request's computation are in other requests: an
 error reaches them as a copy without the computing request's traceback,
 frames, cause and context, or, when it cannot be copied, as a
 ``SharedComputationError`` naming it. Never as the original object.
+
+A backend that is not a mapping (``perrequest.redis.RedisCache``) brings its
+own tier: an object with ``_make_tier(spec, version)`` returning a ``Tier``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from . import _flight
 from ._flight import MISSING
+from ._typing import SharedCacheInfo
 from .errors import PerRequestError
+
+_C = TypeVar("_C")
 
 # One lock per shared cache, so that functions sharing a cache share its lock.
 # Caches are mappings, so unhashable: keyed by id, and dropped with the cache.
@@ -33,6 +39,79 @@ _locks_guard = threading.RLock()
 # A cache that cannot be weakly referenced would never leave _locks: such
 # caches share this one lock instead.
 _fallback_lock = threading.RLock()
+
+
+class Tier(Protocol):
+    """What a ``shared=`` memo needs of its shared tier, one per decorated function.
+
+    ``run``/``run_async`` compute a request-store miss (``_flight.run``'s
+    signature); ``info`` builds ``cache_info()`` from the request-level counts.
+    """
+
+    def run(
+        self,
+        store: Any,
+        where: Hashable,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        counter: Any,
+        anchor: Any,
+    ) -> Any: ...
+
+    async def run_async(
+        self,
+        store: Any,
+        where: Hashable,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        counter: Any,
+        anchor: Any,
+    ) -> Any: ...
+
+    def clear(self, spec: object) -> None: ...
+
+    def delete(self, where: Hashable) -> None: ...
+
+    def info(
+        self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
+    ) -> tuple[Any, ...]: ...
+
+
+def make_tier(shared: object, spec: Any, version: str | int | None) -> Tier:
+    """The tier of one function: the backend's own, or ``SharedTier`` for a mapping
+    (which starts empty in every process, so it has no use for a version)."""
+    if spec.is_method and spec.key_fn is None:
+        raise TypeError(
+            f"@request_memo(shared=...) on method {spec.name} needs key=: instances are "
+            "keyed by identity within a request, which means nothing across requests. "
+            "Give key=, a function of (self, ...) returning a hashable key that "
+            "identifies the instance's data, e.g. key=lambda self, x: (self.id, x)."
+        )
+    factory = getattr(shared, "_make_tier", None)
+    if factory is not None:
+        return factory(spec, version)  # type: ignore[no-any-return]
+    return SharedTier(shared)  # type: ignore[arg-type]
+
+
+def _check_version(version: object, shared: object) -> str | int | None:
+    """``request_memo(version=...)``: a str or int naming the shape of the function's
+    values in a shared cache, and only with ``shared=``."""
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, (str, int)) or version == "":
+        raise TypeError(
+            f"request_memo(version=...) must be a non-empty str or an int, not {version!r}. "
+            "Change it when the function's values change shape, so that processes running "
+            "the new code never read values the old code wrote."
+        )
+    if shared is None:
+        raise TypeError(
+            "request_memo(version=...) versions the function's entries in a shared cache, "
+            "and this memo has none: add shared=RedisCache(...), or drop version=."
+        )
+    return version
 
 
 class SharedComputationError(PerRequestError):
@@ -52,16 +131,22 @@ def _lock_for(cache: object) -> threading.RLock:
         return lock
 
 
-def check_shared(cache: object) -> MutableMapping[Hashable, Any]:
-    """Accept a bounded mapping (a cachetools cache, or any mapping with a ``maxsize``)."""
+def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | None]:
+    """``request_memo(shared=..., version=...)``: a backend with a tier of its own
+    (``RedisCache``), a bounded mapping (a cachetools cache, or any mapping with a
+    ``maxsize``), or None; and its version."""
+    version = _check_version(version, cache)
+    if cache is None or callable(getattr(cache, "_make_tier", None)):
+        return cache, version
     fix = (
         "Use a bounded cache with an eviction policy, such as "
         "cachetools.LRUCache(maxsize=10_000) or cachetools.TTLCache(maxsize=10_000, ttl=60)."
     )
     if not isinstance(cache, MutableMapping):
         raise TypeError(
-            f"request_memo(shared=...) needs a mutable mapping with a maxsize, not "
-            f"{type(cache).__name__}. {fix}"
+            f"request_memo(shared=...) needs a mutable mapping with a maxsize, or a "
+            f"perrequest.redis.RedisCache, not {type(cache).__name__}. {fix} Across "
+            "processes: perrequest.redis.RedisCache(client, ttl=..., namespace=...)."
         )
     maxsize = getattr(cache, "maxsize", None)
     if maxsize is None:
@@ -79,7 +164,7 @@ def check_shared(cache: object) -> MutableMapping[Hashable, Any]:
             f"request_memo(shared=...): maxsize={maxsize!r} is not a finite bound any process "
             f"could reach, so the cache is unbounded in practice. {fix}"
         )
-    return cache
+    return cache, version
 
 
 def _detached(error: BaseException) -> BaseException:
@@ -196,3 +281,12 @@ class SharedTier:
     def delete(self, key: Hashable) -> None:
         with self._lock:
             self.cache.pop(key, None)
+
+    def info(
+        self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
+    ) -> SharedCacheInfo:
+        if not in_scope:  # zeros outside a scope, the shared tier's too (DESIGN.md)
+            return SharedCacheInfo(hits, misses, maxsize, 0, 0, 0, self.maxsize, 0)
+        return SharedCacheInfo(
+            hits, misses, maxsize, currsize, self.hits, self.misses, self.maxsize, len(self.cache)
+        )

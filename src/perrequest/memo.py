@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import (
+    TYPE_CHECKING,
     Any,
     Literal,
     ParamSpec,
@@ -25,13 +26,16 @@ from typing import (
 from . import _flight
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._keys import call_key, is_method, unhashable
-from ._shared import SharedTier, check_shared
+from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter
 from ._typing import CacheInfo, MemoizedFunction, SharedCacheInfo, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import NoActiveScope, ScopeClosed
 from .scope import NO_SCOPE_HINT, active_store
 from .store import MemoKey, MemoStore
+
+if TYPE_CHECKING:  # never imported at run time: the core does not import redis
+    from .redis import RedisCache, RedisMemoizedFunction
 
 __all__ = [
     "CacheInfo",
@@ -48,7 +52,7 @@ logger = logging.getLogger("perrequest")
 
 _ABSENT: Any = object()  # what pop() returns for a missing entry
 _OUTSIDE_SCOPE = ("warn", "call", "raise")
-_OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared")
+_OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared", "version")
 # Names warned about outside a scope, once each; bounded, like everything here.
 _warned: set[str] = set()
 _WARNED_MAX = 10_000
@@ -81,7 +85,8 @@ class _MemoSpec:
         typed: bool,
         max_entries: int | None,
         outside_scope: str,
-        shared: MutableMapping[Hashable, Any] | None,
+        shared: object,
+        version: str | int | None = None,
     ) -> None:
         self.fn = fn
         self.key_fn = key_fn
@@ -96,16 +101,7 @@ class _MemoSpec:
         qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self.name = f"{module}.{qualname}" if module else qualname
         self.keyof: Callable[..., tuple[Hashable, Any]] = self.keyof_call
-        self.shared: SharedTier | None = None
-        if shared is not None:
-            if self.is_method and key_fn is None:
-                raise TypeError(
-                    f"@request_memo(shared=...) on method {self.name} needs key=: instances are "
-                    "keyed by identity within a request, which means nothing across requests. "
-                    "Give key=, a function of (self, ...) returning a hashable key that "
-                    "identifies the instance's data, e.g. key=lambda self, x: (self.id, x)."
-                )
-            self.shared = SharedTier(shared)
+        self.shared: Tier | None = None if shared is None else make_tier(shared, self, version)
 
     def __repr__(self) -> str:
         return f"<request_memo {self.name}>"
@@ -187,7 +183,7 @@ class _MemoSpec:
 
     # -- the functools-style extras ----------------------------------------------------
 
-    def cache_info(self) -> CacheInfo | SharedCacheInfo:
+    def cache_info(self) -> CacheInfo | tuple[Any, ...]:
         """This function's hits, misses and entries in the active store (zeros outside a
         scope); with ``shared=``, the shared tier's process-wide counters too."""
         store = active_store()
@@ -197,15 +193,9 @@ class _MemoSpec:
             if counter is not None:
                 hits, misses = counter.hits, counter.misses
             currsize = len((store._subs or {}).get(self, ()))
-        shared = self.shared
-        if shared is None:
+        if self.shared is None:
             return CacheInfo(hits, misses, self.max_entries, currsize)
-        if store is None:  # zeros outside a scope, the shared tier's too (DESIGN.md)
-            return SharedCacheInfo(hits, misses, self.max_entries, 0, 0, 0, shared.maxsize, 0)
-        return SharedCacheInfo(
-            hits, misses, self.max_entries, currsize,
-            shared.hits, shared.misses, shared.maxsize, len(shared.cache),
-        )  # fmt: skip
+        return self.shared.info(hits, misses, self.max_entries, currsize, store is not None)
 
     def cache_clear(self) -> None:
         """Drop this function's entries in the active store, and in its shared cache;
@@ -259,6 +249,18 @@ def request_memo(
 ) -> Callable[[Callable[P, R]], SharedMemoizedFunction[P, R]]: ...
 
 
+@overload
+def request_memo(
+    *,
+    key: Callable[..., Hashable] | None = None,
+    typed: bool = False,
+    max_entries: int | None = None,
+    outside_scope: Literal["warn", "call", "raise"] = "warn",
+    shared: RedisCache,
+    version: str | int | None = None,
+) -> Callable[[Callable[P, R]], RedisMemoizedFunction[P, R]]: ...
+
+
 def request_memo(
     fn: Any = None,
     /,
@@ -267,7 +269,8 @@ def request_memo(
     typed: bool = False,
     max_entries: int | None = None,
     outside_scope: Literal["warn", "call", "raise"] = "warn",
-    shared: MutableMapping[Any, Any] | None = None,
+    shared: MutableMapping[Any, Any] | RedisCache | None = None,
+    version: str | int | None = None,
     **unknown: Any,
 ) -> Any:
     """Memoize a sync or async function, method, classmethod or staticmethod per request.
@@ -290,7 +293,8 @@ def request_memo(
             recently used go first); ``None``: only the store's bound applies.
         outside_scope: Outside any scope, ``"warn"``: call uncached and log one
             WARNING per function; ``"call"``: call silently; ``"raise"``.
-        shared: A bounded process-wide cache behind the request store.
+        shared: A bounded process-wide cache, or a ``RedisCache``, behind the store.
+        version: With ``RedisCache``, part of the keys: change it with the values' shape.
 
     Returns:
         A ``MemoizedFunction``: the function, typed as itself, plus
@@ -317,8 +321,7 @@ def request_memo(
             f"request_memo(outside_scope=...) must be 'warn' (call uncached, log once), "
             f"'call' (call uncached) or 'raise' (raise NoActiveScope), not {outside_scope!r}"
         )
-    if shared is not None:
-        shared = check_shared(shared)
+    shared, version = check_shared(shared, version)
 
     def decorate(target: Any) -> Any:
         if isinstance(target, classmethod):
@@ -328,7 +331,7 @@ def request_memo(
         if not callable(target):
             raise TypeError(f"@request_memo decorates a function or method, not {target!r}")
         refuse_generator(target, "@request_memo")
-        spec = _MemoSpec(target, key, typed, max_entries, outside_scope, shared)
+        spec = _MemoSpec(target, key, typed, max_entries, outside_scope, shared, version)
         wrapper = functools.update_wrapper(make_wrapper(spec), target)
         wrapper.cache_info = spec.cache_info  # type: ignore[attr-defined]
         wrapper.cache_clear = spec.cache_clear  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from perrequest import (
     request_batch,
     request_memo,
 )
+from perrequest.redis import RedisCache, RedisCacheInfo
 
 
 @request_memo
@@ -46,6 +47,23 @@ def shared_cache() -> SharedCacheInfo:
     with perrequest.request_scope():
         assert rate("EUR") == 1.0
         return rate.cache_info()
+
+
+def redis_tier() -> RedisCacheInfo:
+    import redis
+
+    cache = RedisCache(redis.Redis(), ttl=60, namespace="shop")
+
+    @request_memo(shared=cache, version=2)
+    def stock(sku: str) -> int:
+        return 3
+
+    with perrequest.request_scope():
+        count: int = stock("apple")
+        info = stock.cache_info()
+        errors: int = info.shared_errors + info.shared_lock_waits + count
+        print(errors, cache.stats().lock_timeouts)
+        return info
 
 
 async def main() -> None:

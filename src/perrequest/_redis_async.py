@@ -1,0 +1,138 @@
+"""The Redis tier of one ``async def`` memoized function: ``RedisTier``'s steps, awaited.
+
+Each Redis command runs under ``asyncio.timeout(op_timeout)``, on the connections
+of the running event loop; lock waits sleep with ``asyncio.sleep``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+from . import _flight
+from ._flight import MISSING
+from ._redis_tier import FIRST_PAUSE, MAX_PAUSE, UNCOUNTED, RedisTier, now
+
+
+class AsyncRedisTier(RedisTier):
+    """``RedisTier`` for ``async def`` functions, on a ``redis.asyncio`` client."""
+
+    __slots__ = ()
+
+    async def run_async(
+        self,
+        store: Any,
+        where: Hashable,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        counter: Any,
+        anchor: Any,
+    ) -> Any:
+        key = self.redis_key(where[1], args, kwargs)  # type: ignore[index]
+        return await _flight.run_async(
+            store, where, self._get_async, (key, fn, args, kwargs), {}, counter, anchor
+        )
+
+    async def _get_async(
+        self,
+        key: str,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        cache, conn = self.cache, None
+        step: Callable[..., Awaitable[Any]] = self._claim_async
+        if cache._down_until > now():
+            step = self._local_async
+        else:
+            conn = cache._async_conn()
+            try:
+                async with asyncio.timeout(cache.op_timeout):
+                    raw = await conn.client.get(key)
+            except Exception as exc:
+                cache._failed(self, exc)
+                step = self._local_async
+            else:
+                if raw is not None:
+                    value = self._decoded(raw, key)
+                    if value is not MISSING:
+                        self.hits += 1
+                        return value
+                    step = self._replace_async
+        return await _flight.run_async(
+            self, key, step, (conn, key, fn, args, kwargs), {}, UNCOUNTED, None
+        )
+
+    async def _local_async(
+        self,
+        conn: Any,
+        key: str,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        return await self._compute_async(None, key, "", fn, args, kwargs)
+
+    async def _replace_async(
+        self,
+        conn: Any,
+        key: str,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        return await self._compute_async(conn, key, "", fn, args, kwargs)
+
+    async def _claim_async(
+        self,
+        conn: Any,
+        key: str,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        cache, token = self.cache, os.urandom(9).hex()
+        deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
+        while True:
+            try:
+                reply = await cache._claim_async(conn, key, token)
+            except Exception as exc:
+                cache._failed(self, exc)
+                return await self._compute_async(None, key, "", fn, args, kwargs)
+            if reply[0] == 2:
+                return await self._compute_async(conn, key, token, fn, args, kwargs)
+            if reply[0] == 1:
+                value = self._decoded(reply[1], key)
+                if value is MISSING:
+                    return await self._compute_async(conn, key, "", fn, args, kwargs)
+                self.hits += 1
+                return value
+            left = self._waited(deadline, pause)
+            if left <= 0:
+                return await self._compute_async(conn, key, "", fn, args, kwargs)
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, MAX_PAUSE)
+
+    async def _compute_async(
+        self,
+        conn: Any,
+        key: str,
+        token: str,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        self.misses += 1
+        payload: bytes | None = None
+        try:
+            payload, value = self._encoded(await fn(*args, **kwargs), key)
+        finally:
+            if conn is not None and (payload or token):
+                try:
+                    await self.cache._store_async(conn, key, payload or b"", token)
+                except Exception as exc:
+                    self.cache._failed(self, exc)
+        return value

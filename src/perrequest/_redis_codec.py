@@ -1,0 +1,134 @@
+"""The Redis tier's encodings: a call's key to a Redis key, a value to bytes and back.
+
+Keys are the canonical JSON of what the request store keys the call by (the
+arguments, or what ``key=`` returned): no spaces, ASCII only, floats as
+``repr`` gives them, never ``repr()`` of an object. JSON is the key's form
+whatever the value serializer: pickle is not canonical (a set pickles in hash
+order, and string hashes differ from process to process), so keys built from
+it would not be shared. The JSON is hashed with SHA-256.
+
+Values are JSON by default: loading JSON runs no code. Pickle only with a
+secret. With a secret, every value is signed with HMAC-SHA256 over its Redis
+key and its bytes: a value written without the secret, or copied from another
+key, does not verify and is a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import pickle
+from collections.abc import Callable
+from json import encoder as _json_encoder
+from typing import Any
+
+from ._keys import KWARGS
+
+_MAC_BYTES = 32  # HMAC-SHA256
+
+
+class BadValue(Exception):
+    """A value in Redis that does not verify: treated as a miss (as one that does not
+    decode, whatever the decoder raises)."""
+
+
+def _key_default(obj: object) -> object:
+    # JSON objects never come from arguments (dicts are unhashable), so these
+    # two markers cannot collide with any argument's encoding.
+    if obj is KWARGS:  # a call with keyword arguments: (KWARGS, args, kwargs items)
+        return {"kwargs": 1}
+    if isinstance(obj, type):  # typed=True tags
+        return {"type": f"{obj.__module__}.{obj.__qualname__}"}
+    raise TypeError(f"{type(obj).__module__}.{type(obj).__qualname__} is not a JSON type")
+
+
+_keys = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=_key_default)
+_values = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# The encoder JSONEncoder.encode builds on every call, built once: a third of the cost
+# of a key. The same C code, so the same text; the pure-Python encoder where it is missing.
+_make = getattr(_json_encoder, "c_make_encoder", None)
+_one_shot = (
+    None
+    if _make is None
+    else _make(None, _key_default, _json_encoder.encode_basestring_ascii, None, ":", ",",
+               False, False, True)
+)  # fmt: skip
+
+
+def canonical(call_key: object) -> str:
+    """The canonical JSON of a call's key; TypeError or ValueError if it has none."""
+    if _one_shot is None:
+        return _keys.encode(call_key)
+    return "".join(_one_shot(call_key, 0))
+
+
+def digest(call_key: object) -> str:
+    """SHA-256 (hex) of the canonical JSON of a call's key."""
+    return hashlib.sha256(canonical(call_key).encode()).hexdigest()
+
+
+def key_problem(value: object) -> str | None:
+    """Why ``value`` cannot be part of a Redis key, or None if it can."""
+    try:
+        _keys.encode(value)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+class Codec:
+    """Values to bytes and back: ``dumps(value, key)`` and ``loads(raw, key)``, which
+    raises ``BadValue`` for a bad signature, or whatever the decoder raises."""
+
+    __slots__ = ("dumps", "loads", "name")
+    dumps: Callable[[Any, str], bytes]
+    loads: Callable[[bytes, str], Any]
+
+    def __init__(self, serializer: str, secret: bytes | None) -> None:
+        self.name = serializer
+        encode: Callable[[Any], bytes]
+        decode: Callable[[bytes], Any]
+        if serializer == "pickle":
+            encode, decode = _pickle_dumps, pickle.loads
+        else:
+            encode, decode = _json_dumps, json.loads
+        if secret is None:
+            self.dumps = lambda value, key: encode(value)
+            self.loads = lambda raw, key: decode(raw)
+        else:
+            self.dumps = _signer(encode, secret)
+            self.loads = _verifier(decode, secret)
+
+
+def _json_dumps(value: Any) -> bytes:
+    return _values.encode(value).encode()
+
+
+def _pickle_dumps(value: Any) -> bytes:
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # PicklingError, or the TypeError/AttributeError pickle raises
+        raise TypeError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _mac(secret: bytes, key: str, data: bytes) -> bytes:
+    return hmac.digest(secret, key.encode() + b"\n" + data, "sha256")
+
+
+def _signer(encode: Callable[[Any], bytes], secret: bytes) -> Callable[[Any, str], bytes]:
+    def dumps(value: Any, key: str) -> bytes:
+        data = encode(value)
+        return _mac(secret, key, data) + data
+
+    return dumps
+
+
+def _verifier(decode: Callable[[bytes], Any], secret: bytes) -> Callable[[bytes, str], Any]:
+    def loads(raw: bytes, key: str) -> Any:
+        data = raw[_MAC_BYTES:]
+        if not hmac.compare_digest(raw[:_MAC_BYTES], _mac(secret, key, data)):
+            raise BadValue("failed its signature check")
+        return decode(data)
+
+    return loads

@@ -1,0 +1,198 @@
+"""The Redis side of ``RedisCache``: its own connection pools, its scripts, SCAN.
+
+A cache must answer fast or not at all, so ``RedisCache`` does not send its
+commands through the user's client, whose defaults retry for seconds against
+a closed port. It opens a pool of its own with the same connection settings
+(host, port or socket path, database, credentials, TLS), without retries,
+and always in bytes. A sync command gets half ``op_timeout`` to connect and
+half for its reply (socket timeouts); an async command is wrapped in
+``asyncio.timeout(op_timeout)``, and gets one pool per event loop (an asyncio
+connection belongs to the loop that opened it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+LOCK = ":lock"  # a value's lock key is its key plus this
+
+# The value, or the lock (taken when free), in one atomic step: {1, value} | {2} | {0}.
+CLAIM = """
+local value = redis.call('GET', KEYS[1])
+if value then return {1, value} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {0}
+"""
+# Store the value (if any), then release the lock if it is still ours.
+STORE = """
+if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# Connection settings that say where the server is and who connects; the
+# rest (timeouts, retries, decoding, pool behaviour) is the cache's own.
+_PASSED = frozenset(
+    (
+        "host", "port", "path", "db", "username", "password", "credential_provider",
+        "client_name", "protocol", "socket_keepalive", "socket_keepalive_options",
+        "socket_read_size", "driver_info",
+    )
+)  # fmt: skip
+_SYNC_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
+_ASYNC_POOLS = (redis.asyncio.ConnectionPool, redis.asyncio.BlockingConnectionPool)
+
+
+def check_client(client: object) -> bool:
+    """Whether ``client`` is async; TypeError for anything but a ``redis.Redis`` or a
+    ``redis.asyncio.Redis`` on a plain connection pool."""
+    if isinstance(client, redis.asyncio.Redis):
+        pools: tuple[type, ...] = _ASYNC_POOLS
+    elif isinstance(client, redis.Redis):
+        pools = _SYNC_POOLS
+    else:
+        raise TypeError(
+            f"RedisCache(client) takes a redis.Redis (for sync functions) or a "
+            f"redis.asyncio.Redis (for async functions), not {type(client).__name__}. "
+            "Valkey servers take the same clients; Redis Cluster is not supported."
+        )
+    if type(client.connection_pool) not in pools:
+        raise TypeError(
+            f"RedisCache(client): a client on a {type(client.connection_pool).__name__} is "
+            "not supported (Sentinel and custom pools are not); give a client made with "
+            "redis.Redis(host=..., ...) or redis.Redis.from_url(...)."
+        )
+    return isinstance(client, redis.asyncio.Redis)
+
+
+def _settings(pool: Any, socket_timeout: float) -> dict[str, Any]:
+    given = pool.connection_kwargs
+    settings = {k: v for k, v in given.items() if k in _PASSED or k.startswith("ssl_")}
+    settings.update(
+        socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, decode_responses=False
+    )
+    return settings
+
+
+class SyncIO:
+    """The sync pool and scripts of one cache."""
+
+    def __init__(self, client: Any, op_timeout: float) -> None:
+        pool = client.connection_pool
+        own = redis.ConnectionPool(
+            connection_class=pool.connection_class,
+            max_connections=pool.max_connections,
+            retry=Retry(NoBackoff(), 0),
+            **_settings(pool, op_timeout / 2),  # connecting, then the reply: op_timeout
+        )
+        self.client = redis.Redis(connection_pool=own)
+        self.claim = self.client.register_script(CLAIM)
+        self.store = self.client.register_script(STORE)
+
+    def close(self) -> None:
+        self.client.connection_pool.disconnect()
+
+
+class AsyncIO:
+    """The async pool and scripts of one cache in one event loop."""
+
+    def __init__(self, client: Any, op_timeout: float) -> None:
+        pool = client.connection_pool
+        own = redis.asyncio.ConnectionPool(
+            connection_class=pool.connection_class,
+            max_connections=pool.max_connections,
+            retry=AsyncRetry(NoBackoff(), 0),
+            **_settings(pool, op_timeout),  # and asyncio.timeout(op_timeout) around each
+        )
+        self.client = redis.asyncio.Redis(connection_pool=own)
+        self.claim = self.client.register_script(CLAIM)
+        self.store = self.client.register_script(STORE)
+
+    async def close(self) -> None:
+        await self.client.connection_pool.disconnect()
+
+
+class AsyncPools:
+    """One ``AsyncIO`` per event loop, dropped with its loop."""
+
+    def __init__(self, client: Any, op_timeout: float) -> None:
+        self.source, self.op_timeout = client, op_timeout
+        self.by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncIO]
+        self.by_loop = weakref.WeakKeyDictionary()
+        self.lock = threading.Lock()
+
+    def current(self) -> AsyncIO:
+        loop = asyncio.get_running_loop()
+        conn = self.by_loop.get(loop)
+        if conn is None:
+            with self.lock:
+                conn = self.by_loop.get(loop) or AsyncIO(self.source, self.op_timeout)
+                self.by_loop[loop] = conn
+        return conn
+
+    async def close(self) -> None:
+        """Close the current loop's pool."""
+        conn = self.by_loop.pop(asyncio.get_running_loop(), None)
+        if conn is not None:
+            await conn.close()
+
+    def blocking(self, work: Callable[[AsyncIO], Awaitable[None]]) -> None:
+        """Run ``work`` to the end from sync code (``cache_clear()`` of an async memo), in
+        a thread with a loop and a pool of its own: this thread may be running a loop."""
+
+        async def main() -> None:
+            conn = AsyncIO(self.source, self.op_timeout)
+            try:
+                await work(conn)
+            finally:
+                await conn.close()
+
+        thread = threading.Thread(target=asyncio.run, args=(main(),), name="perrequest-redis")
+        thread.start()
+        thread.join()
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
+def matcher(base: str) -> Callable[[bytes], object]:
+    """Whether a key SCAN found is a value of the function whose keys start with ``base``:
+    one version (no colon) and a SHA-256, never a lock, never another namespace's key."""
+    return re.compile(re.escape(base.encode()) + rb"[^:]+:[0-9a-f]{64}\Z").match
+
+
+def scan_delete(client: Any, base: str) -> int:
+    """Delete the function's keys, a SCAN page at a time; how many were deleted."""
+    pattern, wanted, cursor, deleted = glob_escape(base) + "*", matcher(base), 0, 0
+    while True:
+        cursor, keys = client.scan(cursor=cursor, match=pattern, count=1000)
+        doomed = [k for k in keys if wanted(k)]
+        if doomed:
+            deleted += client.unlink(*doomed)
+        if cursor == 0:
+            return deleted
+
+
+async def scan_delete_async(client: Any, base: str, op_timeout: float) -> int:
+    pattern, wanted, cursor, deleted = glob_escape(base) + "*", matcher(base), 0, 0
+    while True:
+        async with asyncio.timeout(op_timeout):
+            cursor, keys = await client.scan(cursor=cursor, match=pattern, count=1000)
+        doomed = [k for k in keys if wanted(k)]
+        if doomed:
+            async with asyncio.timeout(op_timeout):
+                deleted += await client.unlink(*doomed)
+        if cursor == 0:
+            return deleted

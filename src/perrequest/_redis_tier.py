@@ -1,0 +1,290 @@
+"""One function's Redis tier: a request-store miss read from Redis, or computed once
+across processes under a Redis lock.
+
+A request-store miss goes through the request store's single-flight (one
+caller per key in a request), then reads Redis (a GET; what it finds is
+copied into the request store). On a Redis miss, this process's
+single-flight (one caller per key in the process), then a script that
+atomically returns the value or takes the lock (``SET lock NX PX
+lock_timeout``). The lock holder computes, then
+writes the value and releases its lock in one script; the others run the
+same script again and again until the value is there, the lock is free (its
+holder failed, or died and the lock expired: one of them takes it), or
+``lock_timeout`` has passed (they compute too). On any Redis error the value
+is computed here (fail open). Every caller gets the value as the serializer
+gives it back, the computing one too, whether Redis answered or not.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from . import _flight
+from ._flight import MISSING
+from ._redis_codec import BadValue, digest, key_problem
+from ._shared import _detached
+from ._stats import Counter
+from .errors import UnhashableArguments
+
+if TYPE_CHECKING:
+    from .redis import RedisCache
+
+# This process's single-flight needs a counter; the tier counts for itself.
+UNCOUNTED = Counter(timed=False)
+FIRST_PAUSE, MAX_PAUSE = 0.002, 0.05  # seconds between looks at another's lock
+now = time.monotonic
+
+
+class RedisCacheInfo(NamedTuple):
+    """``CacheInfo`` plus the Redis tier's counters in this process, for one function.
+
+    ``shared_hits``: values read from Redis; ``shared_misses``: values computed
+    here; ``shared_errors``: failed Redis operations (each one computed
+    locally); ``shared_lock_waits``: misses that waited for another caller's
+    lock. Zeros outside a scope, as every ``cache_info()``.
+    """
+
+    hits: int
+    misses: int
+    maxsize: int | None
+    currsize: int
+    shared_hits: int
+    shared_misses: int
+    shared_errors: int
+    shared_lock_waits: int
+
+
+class RedisTier:
+    """The Redis tier of one memoized function (``_shared.Tier``)."""
+
+    __slots__ = (
+        "__weakref__", "_flights", "_lock", "bad_values", "base", "cache", "errors", "fn", "hits",
+        "lock_timeouts", "lock_waits", "misses", "name", "prefix", "too_large",
+    )  # fmt: skip
+
+    _detach = staticmethod(_detached)  # errors reach other requests' waiters as copies
+
+    def __init__(self, cache: RedisCache, spec: Any, version: str | int) -> None:
+        self.cache, self.fn, self.name = cache, spec.fn, spec.name
+        self.base = f"{cache.namespace}:{spec.name}:"  # every version's keys start so
+        self.prefix = f"{self.base}{version}:"
+        self._flights: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.errors = self.lock_waits = 0
+        self.lock_timeouts = self.too_large = self.bad_values = 0
+
+    # This process's single-flight (_flight's cache protocol): nothing is kept here.
+    def _lookup(self, key: Hashable) -> Any:
+        return MISSING
+
+    def _fill(self, key: Hashable, value: Any, counter: Any, extra: Any) -> None:
+        pass
+
+    def redis_key(self, call_key: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """``namespace:module.qualname:version:sha256``; ``UnhashableArguments`` when the
+        arguments have no canonical JSON form."""
+        try:
+            return self.prefix + digest(call_key)
+        except (TypeError, ValueError) as exc:
+            raise self._unencodable(args, kwargs, exc) from None
+
+    def _unencodable(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
+    ) -> UnhashableArguments:
+        fix = (
+            "Redis keys are built from the arguments' JSON form (str, int, float, bool, "
+            "None and tuples of them). Give the decorator key=, a function of the same "
+            "arguments returning such a value (e.g. key=lambda day: day.isoformat())."
+        )
+        try:
+            bound = inspect.signature(self.fn).bind(*args, **kwargs).arguments.items()
+        except (TypeError, ValueError):
+            bound = {}.items()
+        for name, value in bound:
+            problem = key_problem(value)
+            if problem is not None:
+                return UnhashableArguments(
+                    f"@request_memo {self.name}: argument {name!r} ({problem}) cannot be part "
+                    f"of a Redis key. {fix}"
+                )
+        return UnhashableArguments(
+            f"@request_memo {self.name}: the call's key cannot be encoded for Redis ({exc}). {fix}"
+        )
+
+    def _decoded(self, raw: Any, key: str) -> Any:
+        """The value in ``raw``, or MISSING (logged, counted) if it does not verify or decode."""
+        try:
+            return self.cache._codec.loads(raw, key)
+        except Exception as exc:  # a bad signature, or not JSON (or pickle) at all
+            self._refused(key, exc)
+            return MISSING
+
+    def _refused(self, key: str, exc: Exception) -> None:
+        self.bad_values += 1
+        self.cache._warn(
+            "bad_value",
+            "perrequest: the value in Redis at %s was refused (%s); treated as a miss "
+            "and computed again. Another writer uses this namespace, or the secret or "
+            "serializer changed.",
+            key,
+            exc if isinstance(exc, BadValue) else f"it does not decode: {type(exc).__name__}",
+        )
+
+    def _encoded(self, value: Any, key: str) -> tuple[bytes | None, Any]:
+        """The bytes to store (None if too large) and the value every caller gets."""
+        cache = self.cache
+        if type(value) is CoroutineType:
+            _flight._refuse_coroutine(self.fn, value)
+        try:
+            payload = cache._codec.dumps(value, key)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"@request_memo {self.name} returned a {type(value).__name__} that the "
+                f"RedisCache serializer {cache._codec.name!r} cannot store ({exc}). Return "
+                "JSON types (dict, list, str, int, float, bool, None), or use "
+                "serializer='pickle' with a secret."
+            ) from None
+        value = cache._codec.loads(payload, key)
+        if len(payload) > cache.max_value_bytes:
+            self.too_large += 1
+            cache._warn(
+                "too_large",
+                "perrequest: %s returned %d bytes, over max_value_bytes=%d: computed, not "
+                "stored in Redis.",
+                self.name,
+                len(payload),
+                cache.max_value_bytes,
+            )
+            return None, value
+        return payload, value
+
+    # -- sync --------------------------------------------------------------------------
+
+    def run(
+        self,
+        store: Any,
+        where: Hashable,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        counter: Any,
+        anchor: Any,
+    ) -> Any:
+        key = self.redis_key(where[1], args, kwargs)  # type: ignore[index]
+        return _flight.run(store, where, self._get, (key, fn, args, kwargs), {}, counter, anchor)
+
+    def _get(
+        self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Read Redis; what is not there is computed once in this process (its single-flight)."""
+        cache = self.cache
+        step: Callable[..., Any] = self._claim
+        if cache._down_until and cache._down_until > now():
+            step = self._local
+        else:
+            try:
+                raw = cache._client.get(key)
+            except Exception as exc:
+                cache._failed(self, exc)
+                step = self._local
+            else:
+                if raw is not None:
+                    try:
+                        value = cache._codec.loads(raw, key)
+                    except Exception as exc:  # a bad signature, or not JSON (pickle) at all
+                        self._refused(key, exc)
+                        step = self._replace
+                    else:
+                        self.hits += 1
+                        return value
+        return _flight.run(self, key, step, (key, fn, args, kwargs), {}, UNCOUNTED, None)
+
+    def _local(
+        self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        return self._compute(False, key, "", fn, args, kwargs)
+
+    def _replace(
+        self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        return self._compute(True, key, "", fn, args, kwargs)
+
+    def _claim(
+        self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        cache, token = self.cache, os.urandom(9).hex()
+        deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
+        while True:
+            try:
+                reply = cache._claim(key, token)
+            except Exception as exc:
+                cache._failed(self, exc)
+                return self._compute(False, key, "", fn, args, kwargs)
+            if reply[0] == 2:  # the lock is ours
+                return self._compute(True, key, token, fn, args, kwargs)
+            if reply[0] == 1:  # the value is there
+                value = self._decoded(reply[1], key)
+                if value is MISSING:
+                    return self._compute(True, key, "", fn, args, kwargs)
+                self.hits += 1
+                return value
+            left = self._waited(deadline, pause)
+            if left <= 0:
+                return self._compute(True, key, "", fn, args, kwargs)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, MAX_PAUSE)
+
+    def _waited(self, deadline: float, pause: float) -> float:
+        """Seconds left to wait for another caller's lock; counts waits and timeouts."""
+        if pause == FIRST_PAUSE:
+            self.lock_waits += 1
+        left = deadline - now()
+        if left <= 0:
+            self.lock_timeouts += 1
+        return left
+
+    def _compute(
+        self,
+        store: bool,
+        key: str,
+        token: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Compute here; store the value (if ``store``) and release the lock (if ``token``)."""
+        self.misses += 1
+        payload: bytes | None = None
+        try:
+            payload, value = self._encoded(fn(*args, **kwargs), key)
+        finally:
+            if store and (payload or token):
+                try:
+                    self.cache._store(key, payload or b"", token)
+                except Exception as exc:
+                    self.cache._failed(self, exc)
+        return value
+
+    # -- the functools-style extras ----------------------------------------------------
+
+    def clear(self, spec: object) -> None:
+        """Delete this function's keys in the namespace, every version (SCAN, never KEYS)."""
+        self.cache._clear(self, self.base)
+
+    def delete(self, where: Hashable) -> None:
+        self.cache._delete(self, self.redis_key(where[1], (), {}))  # type: ignore[index]
+
+    def info(
+        self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
+    ) -> RedisCacheInfo:
+        if not in_scope:
+            return RedisCacheInfo(hits, misses, maxsize, 0, 0, 0, 0, 0)
+        return RedisCacheInfo(
+            hits, misses, maxsize, currsize, self.hits, self.misses, self.errors, self.lock_waits
+        )

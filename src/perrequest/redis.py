@@ -1,0 +1,317 @@
+"""``RedisCache``: a ``shared=`` tier across processes and machines, on Redis or Valkey.
+
+``@request_memo(shared=RedisCache(client, ttl=60, namespace="shop"))`` puts
+Redis behind the request store: a request-store miss reads Redis, and a Redis
+miss is computed once across every process that shares the server (a lock
+taken with ``SET NX PX``), written with a TTL, and copied into the request
+store, so reads within a request stay repeatable. Redis down, slow or full
+never fails a request: the value is then computed here (fail open).
+
+Needs the ``redis`` package: ``pip install 'perrequest[redis]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import weakref
+from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
+
+from . import _redis_io as io
+from ._checks import unknown_option
+from ._redis_async import AsyncRedisTier
+from ._redis_codec import Codec
+from ._redis_tier import RedisCacheInfo, RedisTier
+from ._typing import MemoizedFunction
+
+__all__ = ["RedisCache", "RedisCacheInfo", "RedisMemoizedFunction", "RedisStats"]
+
+P = ParamSpec("P")
+R_co = TypeVar("R_co", covariant=True)
+
+logger = logging.getLogger("perrequest")
+_now = time.monotonic
+_OPTIONS = (
+    "ttl", "namespace", "serializer", "secret", "version", "lock_timeout", "op_timeout",
+    "max_value_bytes", "retry_after", "log_interval",
+)  # fmt: skip
+_MIN_SECRET = 16
+
+
+class RedisStats(NamedTuple):
+    """A ``RedisCache``'s counters in this process, summed over its functions."""
+
+    hits: int  # values read from Redis
+    misses: int  # values computed in this process
+    errors: int  # Redis operations that failed (the value was computed here)
+    lock_waits: int  # misses that waited for another caller's lock
+    lock_timeouts: int  # waits that gave up after lock_timeout and computed
+    too_large: int  # values over max_value_bytes: computed, not stored
+    bad_values: int  # values that did not verify or decode: treated as misses
+
+
+class RedisMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
+    """What ``@request_memo(shared=RedisCache(...))`` returns, as type checkers see it:
+    ``cache_info()`` adds the Redis tier's counters."""
+
+    def cache_info(self) -> RedisCacheInfo:  # type: ignore[override]
+        """This function's counters in the active store and in the Redis tier."""
+        ...
+
+
+def _number(name: str, value: object, *, zero: bool = False) -> float:
+    """A finite number of seconds (or bytes), positive (or zero if ``zero``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"RedisCache({name}=...) must be a number, not {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = "zero or more" if zero else "more than zero"
+        raise ValueError(f"RedisCache({name}=...) must be finite and {least}, not {value!r}")
+    return value
+
+
+def _check_ttl(ttl: object) -> float:
+    if ttl is None or ttl == 0:
+        raise ValueError(
+            f"RedisCache(ttl={ttl!r}): every entry needs an expiry. An entry without one "
+            "stays in Redis until evicted, and the set of keys only grows: the leak "
+            "perrequest exists to prevent. Give ttl= in seconds (e.g. ttl=300), and set a "
+            "maxmemory and an eviction policy on the server as a second bound."
+        )
+    ttl = _number("ttl", ttl)
+    if ttl < 0.001:
+        raise ValueError(f"RedisCache(ttl={ttl!r}): Redis expiries are in milliseconds")
+    return ttl
+
+
+def _check_secret(serializer: object, secret: object) -> bytes | None:
+    if serializer not in ("json", "pickle"):
+        raise ValueError(
+            f"RedisCache(serializer=...) must be 'json' or 'pickle', not {serializer!r}"
+        )
+    if secret is None:
+        if serializer == "pickle":
+            raise ValueError(
+                "RedisCache(serializer='pickle') needs secret=: loading a pickle runs code, "
+                "so anyone able to write to Redis could run code in every process reading "
+                "it. With a secret, values are signed (HMAC-SHA256) and a value that does "
+                "not verify is a miss. Pass secret= (e.g. from secrets.token_hex(32), kept "
+                "out of the code), or keep serializer='json'."
+            )
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, bytes):
+        raise TypeError(f"RedisCache(secret=...) must be str or bytes, not {type(secret).__name__}")
+    if len(secret) < _MIN_SECRET:
+        raise ValueError(
+            f"RedisCache(secret=...) must be at least {_MIN_SECRET} bytes; generate one with "
+            "secrets.token_hex(32)"
+        )
+    return secret
+
+
+def check_version(version: object, where: str) -> str | int:
+    if isinstance(version, bool) or not isinstance(version, (str, int)) or version == "":
+        raise TypeError(f"{where} must be a non-empty str or an int, not {version!r}")
+    if ":" in str(version) or any(c.isspace() for c in str(version)):
+        raise ValueError(f"{where} must not contain ':' or spaces, not {version!r}")
+    return version
+
+
+class RedisCache:
+    """A ``shared=`` backend on Redis: bounded (``ttl``), safe (JSON, or signed pickle),
+    computed once per expiry across processes, and never the cause of a failed request.
+
+    Redis keys are ``namespace:module.qualname:version:sha256(arguments as JSON)``.
+    The cache sends its commands through a connection pool of its own, with the
+    client's connection settings but without retries, bounded by ``op_timeout``.
+    After a Redis error the value is computed here, a WARNING logged (at most
+    once per ``log_interval``), and Redis left alone for ``retry_after``.
+
+    Args:
+        client: A ``redis.Redis`` (for sync functions) or a ``redis.asyncio.Redis``
+            (for async ones) on a plain connection pool: where Redis is, and who
+            connects.
+        ttl: Seconds every value lives in Redis; required and positive.
+        namespace: This application's keys, the start of every key.
+        serializer: ``"json"`` (loading runs no code) or ``"pickle"`` (needs a
+            secret).
+        secret: Signs every value (HMAC-SHA256 over its key and bytes); a value
+            that does not verify is a miss. Required for pickle; 16 bytes or more.
+        version: Part of every key (default ``1``); ``request_memo(version=...)``
+            overrides it per function.
+        lock_timeout: Seconds a miss's lock lives, and the longest another caller
+            waits for it before computing itself.
+        op_timeout: Seconds each Redis operation may take, start to finish.
+        max_value_bytes: Larger values are returned, not stored.
+        retry_after: Seconds Redis is left alone after an error (0: never).
+        log_interval: Seconds between two WARNINGs of the same kind.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        ttl: float,
+        namespace: str,
+        serializer: str = "json",
+        secret: str | bytes | None = None,
+        version: str | int = 1,
+        lock_timeout: float = 5.0,
+        op_timeout: float = 0.5,
+        max_value_bytes: int = 1_048_576,
+        retry_after: float = 1.0,
+        log_interval: float = 60.0,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise TypeError(unknown_option("RedisCache()", next(iter(unknown)), _OPTIONS))
+        self.is_async = io.check_client(client)
+        self.ttl = _check_ttl(ttl)
+        if not isinstance(namespace, str) or not namespace.strip():
+            raise TypeError(
+                f"RedisCache(namespace=...) must be a non-empty str naming your application's "
+                f"keys (e.g. 'shop'), not {namespace!r}"
+            )
+        self.namespace = namespace
+        self._codec = Codec(serializer, _check_secret(serializer, secret))
+        self.serializer = serializer
+        self.version = check_version(version, "RedisCache(version=...)")
+        self.lock_timeout = _number("lock_timeout", lock_timeout)
+        self.op_timeout = _number("op_timeout", op_timeout)
+        if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int):
+            raise TypeError(
+                f"RedisCache(max_value_bytes=...) must be an int, not {max_value_bytes!r}"
+            )
+        self.max_value_bytes = int(_number("max_value_bytes", max_value_bytes))
+        self.retry_after = _number("retry_after", retry_after, zero=True)
+        self.log_interval = _number("log_interval", log_interval, zero=True)
+        self._ttl_ms = max(1, round(self.ttl * 1000))
+        self._lock_ms = max(1, round(self.lock_timeout * 1000))
+        self._sync = None if self.is_async else io.SyncIO(client, self.op_timeout)
+        self._client: Any = None if self._sync is None else self._sync.client
+        self._async = io.AsyncPools(client, self.op_timeout) if self.is_async else None
+        self._down_until = 0.0
+        self._tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
+        self._log_lock = threading.Lock()
+        self._logged: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        kind = "async " if self.is_async else ""
+        return f"<{kind}RedisCache namespace={self.namespace!r} ttl={self.ttl:g}>"
+
+    def _make_tier(self, spec: Any, version: str | int | None) -> RedisTier:
+        """The tier of one decorated function (called by ``request_memo``)."""
+        if spec.is_async != self.is_async:
+            want = "redis.asyncio.Redis" if spec.is_async else "redis.Redis"
+            raise TypeError(
+                f"@request_memo(shared={self!r}) on {'async' if spec.is_async else 'sync'} "
+                f"function {spec.name} needs a RedisCache on a {want} client. Make one "
+                "RedisCache per kind of client; they can share the namespace."
+            )
+        if version is not None:
+            version = check_version(version, "request_memo(version=...)")
+        kind = AsyncRedisTier if self.is_async else RedisTier
+        tier = kind(self, spec, self.version if version is None else version)
+        self._tiers.add(tier)
+        return tier
+
+    def stats(self) -> RedisStats:
+        """This process's counters, summed over every function using this cache."""
+        tiers = list(self._tiers)
+        return RedisStats(*(sum(getattr(t, name) for t in tiers) for name in RedisStats._fields))
+
+    def close(self) -> None:
+        """Close the sync cache's connections (they reopen if it is used again)."""
+        if self._sync is not None:
+            self._sync.close()
+
+    async def aclose(self) -> None:
+        """Close the async cache's connections in the running event loop."""
+        if self._async is not None:
+            await self._async.close()
+
+    # -- what the tiers call -------------------------------------------------------------
+
+    def _async_conn(self) -> io.AsyncIO:
+        return self._async.current()  # type: ignore[union-attr]
+
+    def _claim(self, key: str, token: str) -> Any:
+        return self._sync.claim(keys=[key, key + io.LOCK], args=[token, self._lock_ms])  # type: ignore[union-attr]
+
+    def _store(self, key: str, payload: bytes, token: str) -> None:
+        sync = self._sync
+        sync.store(keys=[key, key + io.LOCK], args=[payload, self._ttl_ms, token])  # type: ignore[union-attr]
+
+    async def _claim_async(self, conn: io.AsyncIO, key: str, token: str) -> Any:
+        async with asyncio.timeout(self.op_timeout):
+            return await conn.claim(keys=[key, key + io.LOCK], args=[token, self._lock_ms])
+
+    async def _store_async(self, conn: io.AsyncIO, key: str, payload: bytes, token: str) -> None:
+        async with asyncio.timeout(self.op_timeout):
+            await conn.store(keys=[key, key + io.LOCK], args=[payload, self._ttl_ms, token])
+
+    def _failed(self, tier: RedisTier, exc: BaseException) -> None:
+        """A Redis operation failed: count it, leave Redis alone a while, and say so."""
+        tier.errors += 1
+        if self.retry_after:
+            self._down_until = _now() + self.retry_after
+        self._warn(
+            "error",
+            "perrequest: Redis failed for %r (%s: %s); the values are computed in this "
+            "process meanwhile, and Redis tried again after %g s.",
+            self,
+            type(exc).__name__,
+            exc,
+            self.retry_after,
+        )
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        """Log a WARNING of this kind at most once per ``log_interval`` seconds."""
+        now = _now()
+        with self._log_lock:
+            last = self._logged.get(kind)
+            if last is not None and now - last < self.log_interval:
+                self._quiet[kind] = self._quiet.get(kind, 0) + 1
+                return
+            self._logged[kind] = now
+            quiet = self._quiet.pop(kind, 0)
+        more = f"; {quiet} more since the last" if quiet else ""
+        logger.warning(f"{message} (Logged at most once per %g s{more}.)", *args, self.log_interval)
+
+    def _clear(self, tier: RedisTier, base: str) -> None:
+        if self._sync is not None:
+            try:
+                io.scan_delete(self._sync.client, base)
+            except Exception as exc:
+                self._failed(tier, exc)
+            return
+
+        async def work(conn: io.AsyncIO) -> None:
+            try:
+                await io.scan_delete_async(conn.client, base, self.op_timeout)
+            except Exception as exc:
+                self._failed(tier, exc)
+
+        self._async.blocking(work)  # type: ignore[union-attr]
+
+    def _delete(self, tier: RedisTier, key: str) -> None:
+        if self._sync is not None:
+            try:
+                self._sync.client.unlink(key)
+            except Exception as exc:
+                self._failed(tier, exc)
+            return
+
+        async def work(conn: io.AsyncIO) -> None:
+            try:
+                async with asyncio.timeout(self.op_timeout):
+                    await conn.client.unlink(key)
+            except Exception as exc:
+                self._failed(tier, exc)
+
+        self._async.blocking(work)  # type: ignore[union-attr]

@@ -1,0 +1,430 @@
+"""The Redis tier against a real redis-server: hits across requests, keys, values,
+repeatable reads, TTL, bounds, cache_clear and cache_delete, and bad options."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+
+from perrequest import UnhashableArguments, request_memo, request_scope
+from perrequest.redis import RedisCache, RedisCacheInfo
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = "0123456789abcdef0123456789abcdef"
+
+
+def _key(namespace: str, fn: Any, call_key: Any, version: object = 1) -> str:
+    """The documented key format, computed independently of the library."""
+    text = json.dumps(call_key, separators=(",", ":"), ensure_ascii=True)
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    return f"{namespace}:{name}:{version}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+@pytest.fixture
+def client(redis_server: Any) -> Any:
+    with redis_server.client() as client:
+        yield client
+
+
+@pytest.fixture
+def cache(client: redis.Redis) -> Any:
+    cache = RedisCache(client, ttl=60, namespace="t")
+    yield cache
+    cache.close()
+
+
+def test_values_are_shared_across_requests_and_read_repeatably(
+    cache: RedisCache, client: redis.Redis
+) -> None:
+    calls: list[str] = []
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> dict[str, Any]:
+        calls.append(sku)
+        return {"sku": sku, "cents": 100 * len(sku)}
+
+    with request_scope():
+        assert price("abc") == {"sku": "abc", "cents": 300}
+        assert price("abc") == {"sku": "abc", "cents": 300}  # a request-store hit
+        assert price.cache_info() == RedisCacheInfo(1, 1, None, 1, 0, 1, 0, 0)
+    key = _key("t", price, "abc")
+    assert json.loads(client.get(key)) == {"sku": "abc", "cents": 300}
+    assert 59_000 < client.pttl(key) <= 60_000  # every entry has the TTL
+    with request_scope():
+        assert price("abc") == {"sku": "abc", "cents": 300}  # read from Redis
+        client.set(key, json.dumps({"sku": "abc", "cents": 1}))  # another process updates it
+        client.delete(key)
+        assert price("abc") == {"sku": "abc", "cents": 300}  # repeatable within the request
+        info = price.cache_info()
+        assert (info.shared_hits, info.shared_misses) == (1, 1)
+    assert calls == ["abc"]
+    # Outside a scope: zeros, and the call is not cached.
+    assert price.cache_info() == RedisCacheInfo(0, 0, None, 0, 0, 0, 0, 0)
+    assert cache.stats().hits == 1 and cache.stats().misses == 1
+
+
+def test_keys_hold_namespace_name_version_and_the_arguments_json_digest(
+    client: redis.Redis,
+) -> None:
+    cache = RedisCache(client, ttl=60, namespace="shop", version="v7")
+
+    @request_memo(shared=cache)
+    def total(a: int, b: float, *, label: str = "x") -> float:
+        return a + b
+
+    @request_memo(shared=cache, version=3)
+    def tagged(value: Any) -> str:
+        return str(value)
+
+    with request_scope():
+        total(1, 2.5, label="y")
+        tagged((1, "a", None, True))
+    assert client.exists(_key("shop", total, [1, 2.5, "y"], "v7"))
+    assert client.exists(_key("shop", tagged, [1, "a", None, True], 3))
+    # Equal-looking but different arguments never share a Redis key (no repr, no str).
+    for value, text in (("1", "1"), (1, "1"), (1.0, "1.0"), (True, "True")):
+        with request_scope():
+            assert tagged(value) == text
+    assert client.dbsize() == 6
+    cache.close()
+
+
+def test_typed_keyword_only_and_star_args_calls_have_keys_of_their_own(
+    cache: RedisCache, client: redis.Redis
+) -> None:
+    @request_memo(shared=cache, typed=True)
+    def typed(x: Any) -> str:
+        return repr(x)
+
+    @request_memo(shared=cache)
+    def star(*args: Any, **kwargs: Any) -> list[Any]:
+        return [list(args), kwargs]
+
+    with request_scope():
+        assert (typed(1), typed(1.0), typed(True)) == ("1", "1.0", "True")
+        assert star(1, b=2) == [[1], {"b": 2}] and star(1, 2) == [[1, 2], {}]
+    with request_scope():
+        assert (typed(1), typed(1.0), typed(True)) == ("1", "1.0", "True")
+        assert star(1, b=2) == [[1], {"b": 2}] and star(1, 2) == [[1, 2], {}]
+        assert typed.cache_info().shared_hits == 3 and star.cache_info().shared_hits == 2
+    assert client.dbsize() == 5
+
+
+def test_a_client_decoding_responses_still_gets_bytes_for_signed_pickles(
+    redis_server: Any,
+) -> None:
+    client = redis_server.client(decode_responses=True)
+    cache = RedisCache(client, ttl=60, namespace="d", serializer="pickle", secret=SECRET)
+
+    @request_memo(shared=cache)
+    def f(n: int) -> set[int]:
+        return {n}
+
+    for _ in range(2):
+        with request_scope():
+            assert f(1) == {1}
+    assert cache.stats().hits == 1 and cache.stats().bad_values == 0
+    cache.close()
+    client.close()
+
+
+def test_a_new_version_never_reads_what_the_old_code_wrote(
+    cache: RedisCache, client: redis.Redis
+) -> None:
+    calls = []
+
+    def shape(n: int) -> Any:
+        calls.append(n)
+        return [n] if len(calls) == 1 else {"n": n}
+
+    old = request_memo(shared=cache)(shape)  # the cache's version, 1
+    new = request_memo(shared=cache, version="2")(shape)  # the same function, new code
+    with request_scope():
+        assert old(5) == [5]
+    with request_scope():
+        assert new(5) == {"n": 5}  # computed: never the old shape
+    with request_scope():
+        assert old(5) == [5] and new(5) == {"n": 5}
+    assert calls == [5, 5]
+    assert client.exists(_key("t", shape, 5, 1), _key("t", shape, 5, "2")) == 2
+
+
+def test_arguments_json_cannot_encode_need_key(cache: RedisCache) -> None:
+    @dataclass(frozen=True)
+    class Day:
+        iso: str
+
+    @request_memo(shared=cache)
+    def sales(day: Day, region: str) -> int:
+        return 1
+
+    with request_scope(), pytest.raises(UnhashableArguments) as info:
+        sales(Day("2026-01-01"), "north")
+    message = str(info.value)
+    assert "sales" in message and "'day'" in message and "key=" in message
+
+    @request_memo(shared=cache, key=lambda day, region: (day.iso, region))
+    def sales_by_key(day: Day, region: str) -> int:
+        return 2
+
+    with request_scope():
+        assert sales_by_key(Day("2026-01-01"), "north") == 2
+    with request_scope():
+        assert sales_by_key(Day("2026-01-01"), "north") == 2
+        assert sales_by_key.cache_info().shared_hits == 1
+
+
+def test_methods_need_key_and_then_share_across_instances(cache: RedisCache) -> None:
+    with pytest.raises(TypeError, match="needs key="):
+
+        class Bad:
+            @request_memo(shared=cache)
+            def get(self, x: int) -> int:
+                return x
+
+    class Repo:
+        def __init__(self, tenant: str) -> None:
+            self.tenant = tenant
+
+        @request_memo(shared=cache, key=lambda self, uid: (self.tenant, uid))
+        def user(self, uid: int) -> dict[str, Any]:
+            return {"tenant": self.tenant, "uid": uid}
+
+    with request_scope():
+        assert Repo("a").user(1) == {"tenant": "a", "uid": 1}
+    with request_scope():
+        assert Repo("a").user(1) == {"tenant": "a", "uid": 1}
+        assert Repo.user.cache_info().shared_hits == 1  # type: ignore[attr-defined]
+
+
+def test_every_caller_gets_what_the_serializer_gives_back(cache: RedisCache) -> None:
+    @request_memo(shared=cache)
+    def pair(n: int) -> Any:
+        return (n, {1: "one"})
+
+    with request_scope():
+        assert pair(1) == [1, {"1": "one"}]  # JSON's view, for the computing caller too
+    with request_scope():
+        assert pair(1) == [1, {"1": "one"}]
+
+
+def test_a_value_the_serializer_cannot_store_raises_a_clear_error(cache: RedisCache) -> None:
+    @request_memo(shared=cache)
+    def when(n: int) -> Any:
+        return {"at": time}
+
+    with request_scope(), pytest.raises(TypeError, match=r"when returned a dict.*'json'.*pickle"):
+        when(1)
+
+
+def test_exceptions_are_not_cached_and_release_the_lock(
+    cache: RedisCache, client: redis.Redis
+) -> None:
+    calls = []
+
+    @request_memo(shared=cache)
+    def flaky(n: int) -> int:
+        calls.append(n)
+        if len(calls) == 1:
+            raise ValueError("upstream down")
+        return n
+
+    with request_scope(), pytest.raises(ValueError, match="upstream down"):
+        flaky(1)
+    assert client.dbsize() == 0  # no value, and the lock is gone
+    start = time.monotonic()
+    with request_scope():
+        assert flaky(1) == 1
+    assert time.monotonic() - start < 1 and flaky.cache_info().shared_lock_waits == 0
+
+
+def test_ttl_expiry_between_two_requests(client: redis.Redis) -> None:
+    cache = RedisCache(client, ttl=0.3, namespace="t")
+    calls = []
+
+    @request_memo(shared=cache)
+    def rate(currency: str) -> float:
+        calls.append(currency)
+        return 1.0 + len(calls)
+
+    with request_scope():
+        assert rate("EUR") == 2.0
+    with request_scope():
+        assert rate("EUR") == 2.0
+        time.sleep(0.4)
+        assert rate("EUR") == 2.0  # expired in Redis, repeatable in the request
+    with request_scope():
+        assert rate("EUR") == 3.0
+    assert calls == ["EUR", "EUR"]
+    cache.close()
+
+
+def test_pickle_values_are_signed_and_a_tampered_one_is_a_logged_miss(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = RedisCache(client, ttl=60, namespace="p", serializer="pickle", secret=SECRET)
+    calls = []
+
+    @request_memo(shared=cache)
+    def shape(n: int) -> Any:
+        calls.append(n)
+        return {"set": {n}, "tuple": (n,)}
+
+    with request_scope():
+        assert shape(1) == {"set": {1}, "tuple": (1,)}  # pickle keeps Python's types
+    with request_scope():
+        assert shape(1) == {"set": {1}, "tuple": (1,)}
+    assert calls == [1]
+    key = _key("p", shape, 1)
+    raw = client.get(key)
+    assert isinstance(raw, bytes)
+
+    class Exploit:
+        def __reduce__(self) -> Any:
+            return (exec, ("import builtins; builtins.PERREQUEST_PWNED = True",))
+
+    flipped = raw[:-2] + bytes([raw[-2] ^ 1]) + raw[-1:]  # one bit of the data changed
+    for forged in (raw[:32] + pickle.dumps(Exploit()), pickle.dumps(Exploit()), flipped):
+        client.set(key, forged)
+        with caplog.at_level(logging.WARNING, logger="perrequest"), request_scope():
+            assert shape(1) == {"set": {1}, "tuple": (1,)}
+        import builtins
+
+        assert not hasattr(builtins, "PERREQUEST_PWNED")
+    assert calls == [1, 1, 1, 1]  # each forged value was a miss, computed again
+    assert cache.stats().bad_values == 3
+    warnings = [r for r in caplog.records if "signature" in r.getMessage()]
+    assert len(warnings) == 1  # logged once per interval
+    # A valid value moved to another key does not verify there either.
+    with request_scope():
+        shape(2)
+    client.set(_key("p", shape, 2), client.get(key))
+    with request_scope():
+        assert shape(2) == {"set": {2}, "tuple": (2,)}
+    assert cache.stats().bad_values == 4
+    cache.close()
+
+
+def test_json_with_a_secret_is_signed_too(client: redis.Redis) -> None:
+    cache = RedisCache(client, ttl=60, namespace="j", secret=SECRET)
+
+    @request_memo(shared=cache)
+    def role(user: str) -> str:
+        return "reader"
+
+    with request_scope():
+        role("bob")
+    client.set(_key("j", role, "bob"), json.dumps("admin"))
+    with request_scope():
+        assert role("bob") == "reader"
+    assert cache.stats().bad_values == 1
+    cache.close()
+
+
+def test_a_value_over_max_value_bytes_is_computed_and_not_stored(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = RedisCache(client, ttl=60, namespace="t", max_value_bytes=100)
+
+    @request_memo(shared=cache)
+    def blob(n: int) -> str:
+        return "x" * n
+
+    with caplog.at_level(logging.WARNING, logger="perrequest"), request_scope():
+        assert blob(500) == "x" * 500
+        assert blob(50) == "x" * 50
+    assert not client.exists(_key("t", blob, 500)) and client.exists(_key("t", blob, 50))
+    assert cache.stats().too_large == 1
+    assert any("max_value_bytes=100" in r.getMessage() for r in caplog.records)
+    cache.close()
+
+
+def test_cache_clear_scans_the_function_keys_only(client: redis.Redis) -> None:
+    cache = RedisCache(client, ttl=60, namespace="ns")
+
+    @request_memo(shared=cache)
+    def f(n: int) -> int:
+        return n
+
+    @request_memo(shared=cache, version=2)
+    def g(n: int) -> int:
+        return n
+
+    f_v2 = request_memo(shared=cache, version=2)(f.__wrapped__)  # f's keys, another version
+    # Keys of another namespace that starts like f's keys must survive.
+    other = RedisCache(client, ttl=60, namespace=f"ns:{f.__module__}.{f.__qualname__}")
+    h = request_memo(shared=other)(g.__wrapped__)
+    with request_scope():
+        for n in range(1500):  # more than one SCAN page
+            f(n)
+        f_v2(1), g(1), h(1)
+        client.set(_key("ns", f, 99999) + ":lock", "someone")  # a lock in flight stays
+    assert client.dbsize() == 1504
+    with request_scope():
+        f.cache_clear()
+        assert f.cache_info().currsize == 0
+    assert client.dbsize() == 3  # g's, h's and the lock (KEYS is disabled on this server)
+    assert cache.stats().errors == 0
+    with request_scope():
+        assert f.cache_delete(5) is False
+        g(2)
+        assert g.cache_delete(2) is True
+    assert not client.exists(_key("ns", g, 2, 2)) and client.exists(_key("ns", g, 1, 2))
+
+
+def test_outside_a_scope_nothing_touches_redis(cache: RedisCache, client: redis.Redis) -> None:
+    @request_memo(shared=cache, outside_scope="call")
+    def f(n: int) -> int:
+        return n
+
+    assert f(1) == 1 and client.dbsize() == 0
+
+
+def test_bad_options_are_refused_with_the_reason(client: redis.Redis) -> None:
+    for ttl in (None, 0):
+        with pytest.raises(ValueError, match="leak perrequest exists to prevent"):
+            RedisCache(client, ttl=ttl, namespace="t")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite"):
+        RedisCache(client, ttl=-1, namespace="t")
+    with pytest.raises(TypeError, match="number"):
+        RedisCache(client, ttl=True, namespace="t")
+    with pytest.raises(TypeError, match="namespace"):
+        RedisCache(client, ttl=1, namespace="")
+    with pytest.raises(ValueError, match=r"needs secret=.*runs code"):
+        RedisCache(client, ttl=1, namespace="t", serializer="pickle")
+    with pytest.raises(ValueError, match="16 bytes"):
+        RedisCache(client, ttl=1, namespace="t", serializer="pickle", secret="short")
+    with pytest.raises(ValueError, match="'json' or 'pickle'"):
+        RedisCache(client, ttl=1, namespace="t", serializer="yaml")
+    with pytest.raises(TypeError, match="Did you mean lock_timeout="):
+        RedisCache(client, ttl=1, namespace="t", lock_timout=1)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="op_timeout"):
+        RedisCache(client, ttl=1, namespace="t", op_timeout=0)
+    with pytest.raises(ValueError, match="':'"):
+        RedisCache(client, ttl=1, namespace="t", version="a:b")
+    with pytest.raises(TypeError, match=r"redis\.Redis"):
+        RedisCache({}, ttl=1, namespace="t")
+    cache = RedisCache(client, ttl=1, namespace="t")
+    with pytest.raises(TypeError, match=r"needs a RedisCache on a redis\.asyncio\.Redis"):
+
+        @request_memo(shared=cache)
+        async def f() -> int:
+            return 1
+
+    with pytest.raises(TypeError, match=r"version=.*shared="):
+        request_memo(version=2)
+    with pytest.raises(TypeError, match="non-empty str or an int"):
+        request_memo(shared=cache, version=2.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Did you mean version="):
+        request_memo(shared=cache, versoin=2)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="RedisCache"):
+        request_memo(shared=object())  # type: ignore[call-overload]

@@ -1,0 +1,152 @@
+"""The Redis tier for async functions, on a redis.asyncio client and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+import redis
+
+from perrequest import request_memo, request_scope
+from perrequest.redis import RedisCache, RedisCacheInfo
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def client(redis_server: Any) -> Any:
+    with redis_server.client() as client:
+        yield client
+
+
+def test_async_values_are_shared_and_concurrent_misses_compute_once(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    calls: list[int] = []
+
+    async def main(expected: RedisCacheInfo) -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="a")
+
+        @request_memo(shared=cache)
+        async def rate(n: int) -> dict[str, int]:
+            calls.append(n)
+            await asyncio.sleep(0.05)
+            return {"n": n}
+
+        async def request() -> dict[str, int]:
+            async with request_scope():
+                first = await rate(1)
+                assert await rate(1) is first  # a request-store hit
+                return first
+
+        results = await asyncio.gather(*(request() for _ in range(50)))
+        assert all(r == {"n": 1} for r in results)
+        async with request_scope():
+            assert await rate(1) == {"n": 1}
+            assert rate.cache_info() == expected
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main(RedisCacheInfo(0, 1, None, 1, 1, 1, 0, 0)))
+    assert calls == [1]
+    # Another process (here: another cache, another loop) reads what this one wrote.
+    asyncio.run(main(RedisCacheInfo(0, 1, None, 1, 51, 0, 0, 0)))
+    assert calls == [1]
+
+
+def test_async_cache_clear_and_delete_from_inside_the_loop(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="a")
+
+        @request_memo(shared=cache)
+        async def f(n: int) -> int:
+            return n
+
+        async with request_scope():
+            assert [await f(n) for n in range(5)] == list(range(5))
+            assert client.dbsize() == 5
+            assert f.cache_delete(1) is True
+            assert client.dbsize() == 4
+            f.cache_clear()
+            assert client.dbsize() == 0
+        helpers = [t for t in threading.enumerate() if t.name == "perrequest-redis"]
+        assert not helpers  # the helper thread has ended
+        assert cache.stats().errors == 0
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())
+
+
+def test_async_a_cancelled_computation_releases_its_lock_for_a_waiter(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    started = []
+
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="a", lock_timeout=10)
+
+        @request_memo(shared=cache)
+        async def slow(n: int) -> int:
+            started.append(n)
+            await asyncio.sleep(0.3)
+            return n
+
+        async def request() -> int:
+            async with request_scope():
+                return await slow(1)
+
+        first = asyncio.create_task(request())
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(request())  # waits on the first (this process)
+        await asyncio.sleep(0.05)
+        first.cancel()
+        start = asyncio.get_running_loop().time()
+        assert await second == 1
+        assert asyncio.get_running_loop().time() - start < 1  # not lock_timeout
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())
+    assert started == [1, 1]
+    assert client.dbsize() == 1  # the value, no lock left behind
+
+
+def test_async_exceptions_reach_every_waiter_and_are_not_cached(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="a")
+        calls = []
+
+        @request_memo(shared=cache)
+        async def boom(n: int) -> int:
+            calls.append(n)
+            await asyncio.sleep(0.05)
+            raise LookupError(f"no {n}")
+
+        async def request() -> BaseException:
+            async with request_scope():
+                try:
+                    await boom(1)
+                except LookupError as exc:
+                    return exc
+                raise AssertionError("no error")
+
+        errors = await asyncio.gather(*(request() for _ in range(5)))
+        assert all(str(e) == "no 1" for e in errors) and calls == [1]
+        assert client.dbsize() == 0
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())

@@ -1,0 +1,180 @@
+"""Redis down, stopped, killed, restarted or full never fails a request: the value is
+computed locally within the timeouts, the failures are counted, and logged at most
+once per interval. Against real redis-servers of the tests' own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from servers import HOST, free_port
+
+from perrequest import request_memo, request_scope
+from perrequest.redis import RedisCache
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.monotonic()
+    with request_scope():
+        value = fn()
+    return value, time.monotonic() - start
+
+
+def test_redis_never_there_costs_nothing_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The client's own defaults (10 retries, 5 s timeouts) do not apply: op_timeout does.
+    client = redis.Redis(host=HOST, port=free_port())
+    cache = RedisCache(client, ttl=60, namespace="t", retry_after=0)
+
+    @request_memo(shared=cache)
+    def f(n: int) -> int:
+        return n * 2
+
+    with caplog.at_level(logging.WARNING, logger="perrequest"):
+        for n in range(20):
+            value, elapsed = _timed(lambda n=n: f(n))  # type: ignore[misc]
+            assert value == n * 2 and elapsed < 0.5
+    assert cache.stats().errors == 20 and cache.stats().misses == 20
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "ConnectionError" in warnings[0].getMessage() and "'t'" in warnings[0].getMessage()
+
+
+def test_a_stopped_redis_costs_op_timeout_once_then_nothing_until_retry_after(
+    own_redis: Callable[..., Any],
+) -> None:
+    server = own_redis()
+    client = server.client()
+    cache = RedisCache(client, ttl=60, namespace="t", op_timeout=0.2, retry_after=0.5)
+    calls: list[int] = []
+
+    @request_memo(shared=cache)
+    def f(n: int) -> int:
+        calls.append(n)
+        return n
+
+    assert _timed(lambda: f(1))[0] == 1  # stored in Redis
+    server.pause()  # SIGSTOP: connections accepted, nothing answered
+    value, elapsed = _timed(lambda: f(1))
+    assert value == 1 and elapsed < 0.2 + 0.15  # op_timeout bounds the GET, no retries
+    for n in range(2, 12):
+        value, elapsed = _timed(lambda n=n: f(n))  # type: ignore[misc]
+        assert value == n and elapsed < 0.05  # Redis is left alone for retry_after
+    assert cache.stats().errors == 1
+    server.resume()
+    time.sleep(0.6)
+    assert _timed(lambda: f(1))[0] == 1
+    assert cache.stats().hits == 1  # Redis again, once retry_after has passed
+    assert calls == [1, 1, *range(2, 12)]
+    cache.close()
+    client.close()
+
+
+def test_redis_killed_mid_run_then_restarted(own_redis: Callable[..., Any]) -> None:
+    server = own_redis()
+    client = server.client()
+    cache = RedisCache(client, ttl=60, namespace="t", op_timeout=0.2, retry_after=0.2)
+
+    @request_memo(shared=cache)
+    def f(n: int) -> int:
+        time.sleep(0.001)
+        return n
+
+    durations: list[float] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def requests() -> None:
+        n = 0
+        while not stop.is_set():
+            n = (n + 1) % 50
+            try:
+                value, elapsed = _timed(lambda n=n: f(n))  # type: ignore[misc]
+                assert value == n
+                durations.append(elapsed)
+            except BaseException as exc:  # the test counts them
+                failures.append(exc)
+
+    threads = [threading.Thread(target=requests) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    server.kill()  # a crash: the port closes at once
+    time.sleep(0.5)
+    server.start()  # a new, empty server on the same port
+    time.sleep(0.6)
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert not failures
+    assert len(durations) > 100 and max(durations) < 0.2 * 2 + 0.3
+    assert cache.stats().errors >= 1
+    with client:
+        assert client.dbsize() > 0  # writing to the restarted server again (scripts reloaded)
+    hits = cache.stats().hits
+    with request_scope():
+        f(7)
+    assert cache.stats().hits == hits + 1
+    cache.close()
+
+
+def test_a_full_redis_is_an_error_the_request_never_sees(own_redis: Callable[..., Any]) -> None:
+    server = own_redis("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")
+    client = server.client()
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        for n in range(10_000):
+            client.set(f"junk:{n}", b"x" * 1000)
+    cache = RedisCache(client, ttl=60, namespace="t")
+
+    @request_memo(shared=cache)
+    def f(n: int) -> int:
+        return n + 1
+
+    value, elapsed = _timed(lambda: f(1))
+    assert value == 2 and elapsed < 0.5
+    assert cache.stats().errors == 1 and cache.stats().misses == 1
+    cache.close()
+    client.close()
+
+
+def test_async_a_stopped_redis_is_bounded_by_op_timeout(own_redis: Callable[..., Any]) -> None:
+    server = own_redis()
+
+    async def main() -> None:
+        client = server.aclient()
+        cache = RedisCache(client, ttl=60, namespace="t", op_timeout=0.2, retry_after=0.5)
+
+        @request_memo(shared=cache)
+        async def f(n: int) -> int:
+            return n
+
+        async with request_scope():
+            assert await f(1) == 1
+        server.pause()
+        start = time.monotonic()
+        async with request_scope():
+            assert await f(1) == 1
+        assert time.monotonic() - start < 0.2 + 0.15
+        start = time.monotonic()
+        async with request_scope():
+            assert await asyncio.gather(*(f(n) for n in range(10))) == list(range(10))
+        assert time.monotonic() - start < 0.05
+        assert cache.stats().errors == 1
+        server.resume()
+        await asyncio.sleep(0.6)
+        async with request_scope():
+            assert await f(1) == 1
+        assert cache.stats().hits == 1
+        await cache.aclose()
+        await client.aclose()
+
+    asyncio.run(main())

@@ -1,0 +1,151 @@
+"""Across processes, against a real redis-server: values computed in one process are
+read by the others; a stampede of 4 processes x 20 threads or tasks on one expiring
+key computes it once per expiry; a lock holder killed mid-computation is taken over
+when its lock expires. Children are spawned (fresh interpreters, as separate servers)."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pytest
+import redis
+import redis_apps
+
+from perrequest import request_memo, request_scope
+from perrequest.redis import RedisCache
+
+pytestmark = pytest.mark.timeout(120)
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def client(redis_server: Any) -> Any:
+    with redis_server.client() as client:
+        yield client
+
+
+def test_values_computed_in_one_process_are_read_in_the_others(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    with ProcessPoolExecutor(2, mp_context=_spawn) as pool:
+        first = pool.submit(redis_apps.compute, redis_server.port, 7).result(60)
+        assert first != os.getpid()
+        # Another process, the same function: a hit, with the first process's value.
+        cache = RedisCache(client, ttl=60, namespace="shared")
+        square = request_memo(shared=cache)(redis_apps._square)
+        with request_scope():
+            assert square(7) == {"square": 49, "pid": first}
+        assert cache.stats().hits == 1 and cache.stats().misses == 0
+        with request_scope():
+            assert square(8) == {"square": 64, "pid": os.getpid()}  # computed here
+        assert pool.submit(redis_apps.compute, redis_server.port, 8).result(60) == os.getpid()
+    assert client.dbsize() == 2
+
+
+@pytest.mark.parametrize("kinds", [("sync",) * 4, ("sync", "sync", "async", "async")])
+def test_a_stampede_of_4_processes_computes_once_per_expiry(
+    redis_server: Any, client: redis.Redis, kinds: tuple[str, ...]
+) -> None:
+    ttl, compute_s, seconds = 0.5, 0.1, 2.5
+    barrier, out = _spawn.Barrier(len(kinds)), _spawn.Queue()
+    children = [
+        _spawn.Process(
+            target=redis_apps.stampede,
+            args=(redis_server.port, kind, ttl, compute_s, seconds, barrier, out),
+        )
+        for kind in kinds
+    ]
+    for child in children:
+        child.start()
+    calls = [out.get(timeout=90) for _ in children]
+    for child in children:
+        child.join(30)
+        assert child.exitcode == 0
+    starts = sorted(float(item.split()[0]) for item in client.lrange("computations", 0, -1))
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # Each computation starts after the previous value expired (its end + ttl): a second
+    # computation of the same expiry would start within compute_s of the first.
+    assert gaps and min(gaps) >= ttl, (starts, calls)
+    assert 3 <= len(starts) <= seconds / (ttl + compute_s) + 2
+    assert sum(calls) > 20 * len(starts)  # thousands of calls, a handful of computations
+    computed_by = {item.split()[1] for item in client.lrange("computations", 0, -1)}
+    assert len(computed_by) >= 1
+
+
+def test_a_lock_holder_killed_mid_computation_is_taken_over_when_its_lock_expires(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    lock_timeout = 1.0
+    holder = _spawn.Process(target=redis_apps.hold_the_lock, args=(redis_server.port, lock_timeout))
+    holder.start()
+    deadline = time.monotonic() + 60
+    while not client.exists("holding"):
+        assert holder.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    taken_at = time.monotonic()
+    cache = RedisCache(client, ttl=60, namespace="held", lock_timeout=lock_timeout)
+    held = request_memo(shared=cache)(redis_apps.held)
+    result: list[Any] = []
+
+    def waiter() -> None:
+        with request_scope():
+            result.append(held(1))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.2)
+    holder.kill()  # SIGKILL mid-computation: it never releases its lock
+    holder.join(10)
+    thread.join(10)
+    elapsed = time.monotonic() - taken_at
+    assert result == [f"computed by {os.getpid()}"]
+    assert elapsed < lock_timeout + 0.5  # it took over as the lock expired
+    stats = cache.stats()
+    assert (stats.lock_waits, stats.lock_timeouts, stats.misses) == (1, 0, 1)
+    with request_scope():
+        assert held(1) == f"computed by {os.getpid()}"  # and stored it for the others
+    assert cache.stats().hits == 1
+
+
+MANY = 1_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_million_distinct_keys_stay_within_redis_maxmemory(own_redis: Any) -> None:
+    """Every entry has a TTL, so the server's eviction policy bounds what TTLs alone
+    would not (a million keys an hour): Redis memory stays under maxmemory, and the
+    tier never fails while keys (values and locks) are evicted under it."""
+    maxmemory = 8 * 1024 * 1024
+    server = own_redis("--maxmemory", str(maxmemory), "--maxmemory-policy", "allkeys-lru")
+    processes, out = 4, _spawn.Queue()
+    children = [
+        _spawn.Process(
+            target=redis_apps.many_keys,
+            args=(server.port, i * MANY // processes, MANY // processes, out),
+        )
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    peak = 0
+    with server.client() as client:
+        while any(child.is_alive() for child in children) and out.qsize() < processes:
+            peak = max(peak, client.info("memory")["used_memory"])
+            time.sleep(0.05)
+        stats = [out.get(timeout=60) for _ in children]
+        for child in children:
+            child.join(30)
+            assert child.exitcode == 0
+        evicted, size = client.info("stats")["evicted_keys"], client.dbsize()
+    assert sum(s["misses"] for s in stats) == MANY  # every key computed and offered to Redis
+    assert sum(s["errors"] for s in stats) == 0
+    assert peak <= maxmemory * 1.02, peak
+    assert size < MANY and evicted + size >= MANY, (evicted, size)  # the rest was evicted

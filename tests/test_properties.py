@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 from typing import Any
@@ -162,8 +163,9 @@ signatures = st.tuples(
 arguments = st.one_of(st.integers(0, 3), st.just([0]))  # [0]: unhashable
 
 
-def _function(signature: tuple[int, int, int, int], log: list[Any]) -> Any:
-    """A plain function of that signature, recording its calls and returning them."""
+def _function(signature: tuple[int, int, int, int], log: list[Any], is_async: bool = False) -> Any:
+    """A plain function of that signature, recording its calls and returning them;
+    it raises when an argument is 3 (errors are not cached)."""
     positional_only, either, keyword_only, defaults = signature
     names = [f"p{i}" for i in range(positional_only)]
     params = [*names, "/"] if names else []
@@ -174,8 +176,10 @@ def _function(signature: tuple[int, int, int, int], log: list[Any]) -> Any:
         params += ["*", *kw_names]
     everything = names + either_names + kw_names
     source = (
-        f"def fn({', '.join(params)}):\n"
+        f"{'async ' if is_async else ''}def fn({', '.join(params)}):\n"
         f"    log.append(({', '.join(everything)},))\n"
+        f"    if 3 in ({', '.join(everything)},):\n"
+        f"        raise ValueError('three')\n"
         f"    return ({', '.join(everything)},)\n"
     )
     namespace: dict[str, Any] = {"log": log, "__name__": __name__}
@@ -194,6 +198,8 @@ def _run(memo: Any, calls: list[tuple[tuple[Any, ...], dict[str, Any], str]]) ->
                 elif action == "clear":
                     memo.cache_clear()
                     outcome = "cleared"
+                elif inspect.iscoroutinefunction(memo):
+                    outcome = ("value", asyncio.run(memo(*args, **kwargs)))
                 else:
                     outcome = ("value", memo(*args, **kwargs))
             except Exception as exc:
@@ -203,9 +209,12 @@ def _run(memo: Any, calls: list[tuple[tuple[Any, ...], dict[str, Any], str]]) ->
 
 
 @settings(max_examples=150, deadline=None)
-@given(signatures, st.one_of(st.none(), st.integers(1, 3)), st.data())
+@given(signatures, st.one_of(st.none(), st.integers(1, 3)), st.booleans(), st.data())
 def test_the_generated_wrapper_behaves_as_the_plain_closure(
-    signature: tuple[int, int, int, int], max_entries: int | None, data: st.DataObject
+    signature: tuple[int, int, int, int],
+    max_entries: int | None,
+    is_async: bool,
+    data: st.DataObject,
 ) -> None:
     """For calls in canonical form (positional parameters passed positionally,
     keyword-only ones by keyword), the wrapper generated with the function's signature
@@ -221,11 +230,16 @@ def test_the_generated_wrapper_behaves_as_the_plain_closure(
     calls = data.draw(st.lists(call, max_size=25))
     generated_log: list[Any] = []
     plain_log: list[Any] = []
-    fn = _function(signature, generated_log)
-    plain_fn = _function(signature, plain_log)
+    fn = _function(signature, generated_log, is_async)
+    plain_fn = _function(signature, plain_log, is_async)
 
-    def plain_(*args: Any, **kwargs: Any) -> Any:  # *args/**kwargs: the plain closure
+    def plain_sync(*args: Any, **kwargs: Any) -> Any:  # *args/**kwargs: the plain closure
         return plain_fn(*args, **kwargs)
+
+    async def plain_async(*args: Any, **kwargs: Any) -> Any:
+        return await plain_fn(*args, **kwargs)
+
+    plain_ = plain_async if is_async else plain_sync
 
     plain_.__signature__ = inspect.signature(plain_fn)  # type: ignore[attr-defined]
     plain_.__qualname__ = plain_.__name__ = "fn"

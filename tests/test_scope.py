@@ -577,9 +577,15 @@ async def test_request_scope_entered_through_an_async_exit_stack() -> None:
 def test_an_exit_stack_closed_in_another_thread_closes_its_scope() -> None:
     import contextlib
 
-    stack = contextlib.ExitStack()
-    store = stack.enter_context(request_scope())
-    thread = threading.Thread(target=stack.close)
-    thread.start()
-    thread.join()
-    assert store.closed and live_scopes() == 0
+    def body() -> None:
+        stack = contextlib.ExitStack()
+        store = stack.enter_context(request_scope())
+        thread = threading.Thread(target=stack.close)
+        thread.start()
+        thread.join()
+        assert store.closed and live_scopes() == 0
+        # The other thread cannot reset this context: the closed store stays
+        # set here, and counts as no scope.
+        assert not in_request_scope()
+
+    contextvars.copy_context().run(body)  # so that the closed store stays in there

@@ -51,7 +51,7 @@ class Cache(Protocol):
     def _fill(self, key: Any, value: Any, counter: Any, extra: Any) -> None: ...
 
 
-class _Waited:
+class Waited:
     """A computation that somebody waits for: its owner and the future they wait on."""
 
     __slots__ = ("future", "owner")
@@ -69,12 +69,12 @@ def _join(cache: Cache, key: Hashable, owner: object, counter: Counter) -> Futur
     unregistered (this very thread or task is computing the key: recursion)."""
     flights = cache._flights
     record = flights[key]
-    computing = record.owner if type(record) is _Waited else record
+    computing = record.owner if type(record) is Waited else record
     if computing is owner or computing == owner:
         counter.misses += 1
         return False
-    if type(record) is not _Waited:
-        record = flights[key] = _Waited(computing)
+    if type(record) is not Waited:
+        record = flights[key] = Waited(computing)
     counter.hits += 1
     return record.future
 
@@ -92,7 +92,7 @@ def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
     raise value if detach is None else detach(value)
 
 
-def _refuse_coroutine(fn: object, value: Any) -> None:
+def refuse_coroutine(fn: object, value: Any) -> None:
     value.close()
     raise TypeError(
         f"{getattr(fn, '__qualname__', fn)!r} returned a coroutine, which would be cached "
@@ -101,16 +101,14 @@ def _refuse_coroutine(fn: object, value: Any) -> None:
     )
 
 
-def _failed(
-    cache: Cache, key: Hashable, counter: Counter, start: float, exc: BaseException
-) -> None:
+def failed(cache: Cache, key: Hashable, counter: Counter, start: float, exc: BaseException) -> None:
     """The computing caller raised: unregister, and hand its waiters the error, or (for
     cancellation and other BaseExceptions, its own business) the turn to compute."""
     if start:
         counter.compute_s += _now() - start
     with cache._lock:
         record = cache._flights.pop(key, None)
-    if type(record) is _Waited:
+    if type(record) is Waited:
         record.future.set_result((False, exc) if isinstance(exc, Exception) else _RESTART)
 
 
@@ -141,7 +139,7 @@ def run(
             return value
         value = fn(*args, **kwargs)  # recursion into its own computation: no sharing
         if type(value) is CoroutineType:
-            _refuse_coroutine(fn, value)
+            refuse_coroutine(fn, value)
         with cache._lock:
             cache._fill(key, value, counter, extra)
         return value
@@ -150,9 +148,9 @@ def run(
     try:
         value = fn(*args, **kwargs)
         if type(value) is CoroutineType:
-            _refuse_coroutine(fn, value)
+            refuse_coroutine(fn, value)
     except BaseException as exc:
-        _failed(cache, key, counter, start, exc)
+        failed(cache, key, counter, start, exc)
         raise
     if start:
         counter.compute_s += _now() - start
@@ -163,7 +161,7 @@ def run(
         cache._fill(key, value, counter, extra)
     finally:
         lock.release()
-    if type(record) is _Waited:
+    if type(record) is Waited:
         record.future.set_result((True, value))
     return value
 
@@ -238,7 +236,7 @@ async def run_async(
     try:
         value = await fn(*args, **kwargs)
     except BaseException as exc:  # cancellation too: a waiter computes instead
-        _failed(cache, key, counter, start, exc)
+        failed(cache, key, counter, start, exc)
         raise
     if start:
         counter.compute_s += _now() - start
@@ -249,6 +247,6 @@ async def run_async(
         cache._fill(key, value, counter, extra)
     finally:
         lock.release()
-    if type(record) is _Waited:
+    if type(record) is Waited:
         record.future.set_result((True, value))
     return value

@@ -140,7 +140,7 @@ class RedisTier:
         """The bytes to store (None if too large) and the value every caller gets."""
         cache = self.cache
         if type(value) is CoroutineType:
-            _flight._refuse_coroutine(self.fn, value)
+            _flight.refuse_coroutine(self.fn, value)
         try:
             payload = cache._codec.dumps(value, key)
         except (TypeError, ValueError) as exc:

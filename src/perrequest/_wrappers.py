@@ -1,4 +1,4 @@
-"""The hit paths: generated with the memoized function's own signature, or a closure.
+"""The memo wrappers: generated with the memoized function's own signature, or a closure.
 
 A ``def wrapper(*args, **kwargs)`` closure must pack the arguments and build a
 key tuple on every call; a wrapper generated with the function's signature
@@ -7,27 +7,38 @@ and keys a one-argument call by the argument itself. That makes a hit about
 40% cheaper, which is what meets the performance targets (docs/performance.md).
 It also makes ``f(1, b=2)`` and ``f(1, 2)`` one entry.
 
-Only the hit is generated: every other path is ``_MemoSpec``'s, shared with
-the plain closures below (``*args``/``**kwargs`` functions, ``key=``,
-``typed=``, callables without a signature). ``tests/test_properties.py``
-checks that the two kinds of wrapper behave alike.
+The hit is generated, and so is the common miss (nobody else computing the
+key): ``_flight.run`` written out in the wrapper's frame, which for an async
+function saves a coroutine per miss. Every other path (waiting for another
+caller, the shared tier, trio, a closed scope, unhashable arguments) is
+``_flight``'s and ``_MemoSpec``'s, shared with the plain closures below
+(``*args``/``**kwargs`` functions, ``key=``, ``typed=``, callables without a
+signature). ``tests/test_properties.py`` checks that the two kinds of wrapper
+behave alike, sync and async.
 """
 
 from __future__ import annotations
 
 import inspect
 import keyword
+from asyncio import current_task
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from threading import get_ident as _thread_id
+from types import CoroutineType
 from typing import Any
 
+from . import _flight
 from ._keys import KWARGS
+from .errors import ScopeClosed
 from .scope import _current
 from .store import MemoStore
 
 _TEMPLATE = """\
 def __pr_factory(
-    __pr_get, __pr_spec, __pr_fn, __pr_prepare, __pr_run, __pr_outside, __pr_id, __pr_d
+    __pr_get, __pr_spec, __pr_fn, __pr_prepare, __pr_run, __pr_outside, __pr_id, __pr_d,
+    __pr_begin, __pr_slow, __pr_waited, __pr_failed, __pr_now, __pr_coro, __pr_refuse,
+    __pr_thread, __pr_task,
 ):
     {kind}def {name}({signature}):
         __pr_key = {key}
@@ -44,19 +55,107 @@ def __pr_factory(
                 return __pr_entry[0]
             # Outside the except block, so that no error raised from here on
             # carries the miss's KeyError as its context.
-            __pr_counter = __pr_prepare(__pr_store, __pr_key, ({positional}), {{{keyword}}})
-            if __pr_counter is not None:
-                return {await_}__pr_run(
-                    __pr_store, (__pr_spec, __pr_key), __pr_fn, ({positional}), {{{keyword}}},
-                    __pr_counter, {anchor},
-                )
-        return {await_}__pr_outside(({positional}), {{{keyword}}}, __pr_key)
+{miss}        return {await_}__pr_outside(({positional}), {{{keyword}}}, __pr_key)
 
     def __pr_keyof({signature}):
         return {key}, {anchor}
 
     return {name}, __pr_keyof
 """
+
+# A miss through the shared tier, or whatever ``spec.runner()`` is.
+_RUN = """\
+            __pr_counter = __pr_prepare(__pr_store, __pr_key, ({positional}), {{{keyword}}})
+            if __pr_counter is not None:
+                return {await_}__pr_run(
+                    __pr_store, (__pr_spec, __pr_key), __pr_fn, ({positional}), {{{keyword}}},
+                    __pr_counter, {anchor},
+                )
+"""
+
+# A request-store miss: ``_flight.run`` written out, computed in the wrapper's own
+# frame when nobody else computes the key (for an async function, one coroutine
+# instead of two).
+_COMPUTE = """\
+            __pr_where = (__pr_spec, __pr_key)
+{me}            __pr_counter = __pr_begin(__pr_spec, __pr_store, __pr_where, __pr_me)
+            if __pr_counter is None:
+                return {await_}__pr_slow(
+                    __pr_spec, __pr_store, __pr_where, ({positional}), {{{keyword}}}, {anchor}
+                )
+            __pr_start = __pr_now() if __pr_counter.timed else 0.0
+            try:
+                __pr_value = {await_}__pr_fn({arguments})
+{refuse}            except BaseException as __pr_exc:
+                __pr_failed(__pr_store, __pr_where, __pr_counter, __pr_start, __pr_exc)
+                raise
+            if __pr_start:
+                __pr_counter.compute_s += __pr_now() - __pr_start
+            __pr_lock = __pr_store._lock
+            __pr_lock.acquire()
+            try:
+                __pr_record = __pr_store._flights.pop(__pr_where, None)
+                __pr_store._fill(__pr_where, __pr_value, __pr_counter, {anchor})
+            finally:
+                __pr_lock.release()
+            if type(__pr_record) is __pr_waited:
+                __pr_record.future.set_result((True, __pr_value))
+            return __pr_value
+"""
+
+_THREAD = """\
+            __pr_me = __pr_thread()
+"""
+
+_TASK = """\
+            try:
+                __pr_me = __pr_task()
+            except RuntimeError:  # not asyncio (trio)
+                __pr_me = None
+"""
+
+_REFUSE = """\
+                if type(__pr_value) is __pr_coro:
+                    __pr_refuse(__pr_fn, __pr_value)
+"""
+
+
+def _begin(spec: Any, store: MemoStore, where: Any, me: object) -> Any:
+    """Before a miss: register ``me`` (this thread, or asyncio task) as computing
+    ``where``; the function's counter, or None to go through ``_slow``: somebody
+    else computes it, the scope has ended, the key is unhashable (``_slow`` says
+    so), or ``me`` is None (a trio task, which computes unshared)."""
+    try:
+        counter = store._counters[spec.name]
+    except (AttributeError, KeyError):  # the store's or this function's first miss
+        try:
+            counter = store._counter(spec.name)
+        except ScopeClosed:
+            return None
+    try:
+        if me is None or store._flights.setdefault(where, me) is not me:
+            return None
+    except TypeError:
+        return None
+    counter.misses += 1
+    return counter
+
+
+def _slow(spec: Any, store: MemoStore, where: Any, args: Any, kwargs: Any, anchor: Any) -> Any:
+    """A miss ``_begin`` did not register: single-flight as the plain wrappers do it."""
+    counter = spec.prepare(store, where[1], args, kwargs)
+    if counter is None:
+        return spec.outside(args, kwargs, where[1])
+    return _flight.run(store, where, spec.fn, args, kwargs, counter, anchor)
+
+
+async def _slow_async(
+    spec: Any, store: MemoStore, where: Any, args: Any, kwargs: Any, anchor: Any
+) -> Any:
+    counter = spec.prepare(store, where[1], args, kwargs)
+    if counter is None:
+        return await spec.outside_async(args, kwargs, where[1])
+    return await _flight.run_async(store, where, spec.fn, args, kwargs, counter, anchor)
 
 
 def parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
@@ -124,22 +223,50 @@ def generate(
     touch = ""
     if spec.max_entries is not None:
         touch = "                __pr_sub.move_to_end(__pr_key)\n"
+    parts = {
+        "await_": "await " if spec.is_async else "",
+        "anchor": names[0] if spec.is_method else "None",
+        "positional": "".join(n + ", " for n in positional),
+        "keyword": ", ".join(keywords),
+    }
+    arguments = [*positional, *(f"{n}={n}" for n in names if n not in positional)]
+    miss = (_RUN if spec.shared is not None else _COMPUTE).format(
+        **parts,
+        arguments=", ".join(arguments),
+        refuse="" if spec.is_async else _REFUSE,
+        me=_TASK if spec.is_async else _THREAD,
+    )
     source = _TEMPLATE.format(
+        **parts,
         kind="async " if spec.is_async else "",
-        await_="await " if spec.is_async else "",
         name=_code_name(spec.fn),
         signature=", ".join(signature),
         key=key,
-        anchor=names[0] if spec.is_method else "None",
         touch=touch,
-        positional="".join(n + ", " for n in positional),
-        keyword=", ".join(keywords),
+        miss=miss,
     )
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<request_memo {spec.name}>", "exec"), namespace)
     factory = namespace["__pr_factory"]
+    slow = _slow_async if spec.is_async else _slow
     return factory(  # type: ignore[no-any-return]
-        _current.get, spec, spec.fn, spec.prepare, run, outside, id, tuple(defaults)
+        _current.get,
+        spec,
+        spec.fn,
+        spec.prepare,
+        run,
+        outside,
+        id,
+        tuple(defaults),
+        _begin,
+        slow,
+        _flight.Waited,
+        _flight.failed,
+        _flight._now,
+        CoroutineType,
+        _flight.refuse_coroutine,
+        _thread_id,
+        current_task,
     )
 
 

@@ -30,14 +30,13 @@ from typing import Any
 
 from . import _flight
 from ._keys import KWARGS
-from .errors import ScopeClosed
 from .scope import _current
 from .store import MemoStore
 
 _TEMPLATE = """\
 def __pr_factory(
     __pr_get, __pr_spec, __pr_fn, __pr_prepare, __pr_run, __pr_outside, __pr_id, __pr_d,
-    __pr_begin, __pr_slow, __pr_waited, __pr_failed, __pr_now, __pr_coro, __pr_refuse,
+    __pr_name, __pr_slow, __pr_waited, __pr_failed, __pr_now, __pr_coro, __pr_refuse,
     __pr_thread, __pr_task,
 ):
     {kind}def {name}({signature}):
@@ -78,11 +77,19 @@ _RUN = """\
 # instead of two).
 _COMPUTE = """\
             __pr_where = (__pr_spec, __pr_key)
-{me}            __pr_counter = __pr_begin(__pr_spec, __pr_store, __pr_where, __pr_me)
-            if __pr_counter is None:
+{me}            try:  # register as computing the key, unless somebody else is
+                __pr_counter = __pr_store._counters[__pr_name]
+                __pr_mine = (
+                    __pr_me is not None
+                    and __pr_store._flights.setdefault(__pr_where, __pr_me) is __pr_me
+                )
+            except (AttributeError, KeyError, TypeError):  # first miss; closed; unhashable
+                __pr_mine = False
+            if not __pr_mine:  # what remains is ``_slow``'s
                 return {await_}__pr_slow(
                     __pr_spec, __pr_store, __pr_where, ({positional}), {{{keyword}}}, {anchor}
                 )
+            __pr_counter.misses += 1
             __pr_start = __pr_now() if __pr_counter.timed else 0.0
             try:
                 __pr_value = {await_}__pr_fn({arguments})
@@ -110,7 +117,7 @@ _THREAD = """\
 _TASK = """\
             try:
                 __pr_me = __pr_task()
-            except RuntimeError:  # not asyncio (trio)
+            except RuntimeError:  # not asyncio (trio): computed unshared, by _slow
                 __pr_me = None
 """
 
@@ -120,29 +127,10 @@ _REFUSE = """\
 """
 
 
-def _begin(spec: Any, store: MemoStore, where: Any, me: object) -> Any:
-    """Before a miss: register ``me`` (this thread, or asyncio task) as computing
-    ``where``; the function's counter, or None to go through ``_slow``: somebody
-    else computes it, the scope has ended, the key is unhashable (``_slow`` says
-    so), or ``me`` is None (a trio task, which computes unshared)."""
-    try:
-        counter = store._counters[spec.name]
-    except (AttributeError, KeyError):  # the store's or this function's first miss
-        try:
-            counter = store._counter(spec.name)
-        except ScopeClosed:
-            return None
-    try:
-        if me is None or store._flights.setdefault(where, me) is not me:
-            return None
-    except TypeError:
-        return None
-    counter.misses += 1
-    return counter
-
-
 def _slow(spec: Any, store: MemoStore, where: Any, args: Any, kwargs: Any, anchor: Any) -> Any:
-    """A miss ``_begin`` did not register: single-flight as the plain wrappers do it."""
+    """A miss the generated wrapper did not register: single-flight as the plain
+    wrappers do it (waiting for another caller, a store's or a function's first
+    miss, a closed scope, unhashable arguments, trio)."""
     counter = spec.prepare(store, where[1], args, kwargs)
     if counter is None:
         return spec.outside(args, kwargs, where[1])
@@ -258,7 +246,7 @@ def generate(
         outside,
         id,
         tuple(defaults),
-        _begin,
+        spec.name,
         slow,
         _flight.Waited,
         _flight.failed,

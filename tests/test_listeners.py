@@ -208,3 +208,19 @@ def test_add_is_idempotent_remove_stops_and_ignores_strangers() -> None:
 def test_a_listener_must_be_callable() -> None:
     with pytest.raises(TypeError, match="add_scope_listener"):
         perrequest.add_scope_listener("not a function")  # type: ignore[arg-type]
+
+
+def test_an_unwatched_store_makes_its_final_stats_only_when_read() -> None:
+    """Nobody watches (no on_close, no listener, no DEBUG): closing keeps the numbers,
+    and ``stats`` makes the same final stats from them, once, on first read."""
+    with request_scope() as store:
+        for x in (1, 2, 1):
+            square(x)
+        perrequest.get_or_set("plain", lambda: 1)
+    assert type(store._final) is tuple  # not made at close
+    stats = store.stats
+    assert store.stats is stats  # made once, then kept
+    assert (stats.hits, stats.misses, stats.entries, stats.peak_entries) == (1, 3, 3, 3)
+    assert stats.functions[NAME][:3] == (1, 2, 0)
+    square(1)  # after the scope: counts nowhere
+    assert store.stats is stats and len(store) == 0

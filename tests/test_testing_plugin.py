@@ -9,14 +9,21 @@ pytestmark = pytest.mark.slow  # each test runs pytest in a subprocess
 pytest_plugins = ["pytester"]
 
 USER_TEST = """
-from perrequest import request_memo
+from perrequest import request_batch, request_memo
 
 @request_memo  # outside_scope="warn", the default
 def lookup(key):
     return key
 
+@request_batch
+def names(keys):
+    return [str(key) for key in keys]
+
 def test_called_outside_any_scope():
     assert lookup(1) == 1
+
+def test_loader_called_outside_any_scope():
+    assert names.load(1) == "1"
 
 def test_inside_the_fixture(memo_scope):
     assert lookup(2) == 2 and len(memo_scope) == 1
@@ -28,11 +35,11 @@ def test_by_default_a_memo_outside_a_scope_is_called_and_warned_about(
 ) -> None:
     pytester.makepyfile(USER_TEST)
     result = pytester.runpytest_subprocess()  # the plugin loads through its entry point
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
 
 @pytest.mark.parametrize("how", ["flag", "ini"])
-def test_the_option_makes_every_memo_outside_a_scope_raise(
+def test_the_option_makes_every_memo_and_loader_outside_a_scope_raise(
     pytester: pytest.Pytester, how: str
 ) -> None:
     pytester.makepyfile(USER_TEST)
@@ -41,8 +48,9 @@ def test_the_option_makes_every_memo_outside_a_scope_raise(
         result = pytester.runpytest_subprocess()
     else:
         result = pytester.runpytest_subprocess("--perrequest-outside-scope=raise")
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines(["*NoActiveScope*lookup was called outside a request scope*"])
+    result.stdout.fnmatch_lines(["*NoActiveScope*names was called outside a request scope*"])
 
 
 def test_a_bad_option_value_is_a_usage_error(pytester: pytest.Pytester) -> None:

@@ -17,11 +17,12 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Set
 from concurrent.futures import Future
 from typing import Any
 
+from . import _outside
 from ._checks import refuse_coroutine
 from ._flight import MISSING
 from ._stats import Counter
-from .errors import NoActiveScope, ScopeClosed, UnhashableArguments
-from .scope import NO_SCOPE_HINT, _current
+from .errors import ScopeClosed, UnhashableArguments
+from .scope import _current
 from .store import MemoStore
 
 logger = logging.getLogger("perrequest")
@@ -29,10 +30,6 @@ logger = logging.getLogger("perrequest")
 # The fetch of a key ended without an outcome (cancelled, interrupted): its
 # waiters ask for it again.
 RESTART: Any = object()
-# Names warned about outside a scope, once each; bounded, like everything here.
-_warned: set[str] = set()
-_WARNED_MAX = 10_000
-_warned_lock = threading.RLock()
 _thread_id = threading.get_ident
 now = time.perf_counter
 
@@ -151,25 +148,13 @@ class _BatchSpec:
 
     def refuse_or_warn(self) -> None:
         """The ``outside_scope`` rule, for a call made outside any scope."""
-        if self.outside_scope == "call":
-            return
-        if self.outside_scope == "raise":
-            raise NoActiveScope(
-                f"@request_batch(outside_scope='raise') {self.name} was called outside a "
-                f"request scope. {NO_SCOPE_HINT}"
-            )
-        if self.name in _warned:
-            return
-        with _warned_lock:
-            if self.name in _warned or len(_warned) >= _WARNED_MAX:
-                return
-            _warned.add(self.name)
-        logger.warning(
-            "perrequest: %s was called outside a request scope, so nothing was batched or "
-            "cached (logged once per function). Register RequestScopeMiddleware, or wrap the "
-            "code in `with perrequest.request_scope():`. To call it uncached on purpose, use "
-            "@request_batch(outside_scope='call').",
+        _outside.refuse_or_warn(
+            "request_batch",
             self.name,
+            self.outside_scope,
+            "batched or cached",
+            "Register RequestScopeMiddleware, or wrap the code in `with "
+            "perrequest.request_scope():`.",
         )
 
     def outside(self, keys: list[Any], cache_keys: list[Hashable]) -> list[Any]:

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from ._flight import MISSING
-from ._stats import _EMPTY, Counter, FunctionStats, ScopeStats, observed
+from ._stats import Counter, FunctionStats, ScopeStats, observed
 from .errors import ScopeClosed
 
 # The owner of helper entries; memo entries are owned by their function's spec.
@@ -69,7 +69,7 @@ class Entries:
     _order: OrderedDict[int, tuple[object, Hashable]]
     _peak: int
     _closed_at: float  # set by _shut
-    _final: ScopeStats
+    _final: ScopeStats | tuple[Any, ...]  # the numbers, until somebody asks
 
     _subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None
     _lock: Any  # a threading.RLock once written to
@@ -257,32 +257,30 @@ class Entries:
                 self._remove(owner, sub, key)  # type: ignore[arg-type]
 
     def _snapshot(self) -> ScopeStats:
+        return _stats_of(self._counts() if self._lock is not None else None, self._age())
+
+    def _age(self) -> float:
         start = self._opened_at  # 0.0: a scope nobody watched is not timed
-        duration = 0.0
-        if start:
-            duration = (self._closed_at if self._closed else time.perf_counter()) - start
-        if self._lock is None:
-            return ScopeStats(0, 0, 0, 0, 0, duration)
-        counters = dict(self._counters)
-        helpers = self._helpers
-        return ScopeStats(
-            hits=helpers.hits + sum(c.hits for c in counters.values()),
-            misses=helpers.misses + sum(c.misses for c in counters.values()),
-            entries=len(self),
-            peak_entries=max(self._peak, len(self)),
-            evictions=self._evictions,
-            duration_s=duration,
-            functions=MappingProxyType(
-                {
-                    name: FunctionStats(c.hits, c.misses, c.evictions, c.compute_s)
-                    for name, c in counters.items()
-                }
-            ),
+        if not start:
+            return 0.0
+        return (self._closed_at if self._closed else time.perf_counter()) - start
+
+    def _counts(self) -> tuple[Any, ...]:
+        """The numbers the stats are made of, copied (cheaper than making the stats)."""
+        helpers, counters = self._helpers, self._counters.items()
+        return (
+            helpers.hits,
+            helpers.misses,
+            len(self._order),
+            self._peak,
+            self._evictions,
+            # list() first: another thread may add a function meanwhile
+            [(n, c.hits, c.misses, c.evictions, c.compute_s) for n, c in list(counters)],
         )
 
-    def _shut(self, want_stats: bool) -> ScopeStats:
-        """Close and empty the store; the final stats, computed when ``want_stats`` or
-        something was written (and then kept, for ``stats``).
+    def _shut(self, want_stats: bool) -> ScopeStats | None:
+        """Close and empty the store; the final stats if ``want_stats``. Otherwise only
+        their numbers are kept, and ``stats`` makes them if somebody asks.
 
         In-flight computations are left alone: each one releases its own
         waiters when it ends, and a closed store stores nothing.
@@ -291,11 +289,35 @@ class Entries:
         self._closed = True
         lock = self._lock
         if lock is None:  # nothing was ever written: the stats are all zeros
-            return self._snapshot() if want_stats else _EMPTY
+            return self._snapshot() if want_stats else None
         with lock:
-            # Kept, so that a computation still in flight cannot change them later.
-            final = self._final = self._snapshot()
+            # Copied, so that a computation still in flight cannot change them later.
+            self._final = self._counts()
             self._subs = None
             self._order.clear()
             self._counters.clear()
-            return final
+        return self._final_stats() if want_stats else None
+
+    def _final_stats(self) -> ScopeStats:
+        """The stats a closed store keeps, made from its numbers on first use."""
+        final = getattr(self, "_final", None)  # None: closed during its first write
+        if final is None:
+            return self._snapshot()
+        if type(final) is tuple:
+            final = self._final = _stats_of(final, self._age())
+        return final
+
+
+def _stats_of(counts: tuple[Any, ...] | None, duration: float) -> ScopeStats:
+    if counts is None:
+        return ScopeStats(0, 0, 0, 0, 0, duration)
+    hits, misses, entries, peak, evictions, functions = counts
+    return ScopeStats(
+        hits=hits + sum(f[1] for f in functions),
+        misses=misses + sum(f[2] for f in functions),
+        entries=entries,
+        peak_entries=max(peak, entries),
+        evictions=evictions,
+        duration_s=duration,
+        functions=MappingProxyType({f[0]: FunctionStats(*f[1:]) for f in functions}),
+    )

@@ -59,9 +59,6 @@ class ScopeStats:
     functions: Mapping[str, FunctionStats] = field(default_factory=lambda: _NO_STATS)
 
 
-_EMPTY = ScopeStats(0, 0, 0, 0, 0, 0.0)
-
-
 class Counter:
     """Hits, misses, evictions and compute time of one function (or the helpers).
 

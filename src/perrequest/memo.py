@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import (
     TYPE_CHECKING,
@@ -23,15 +22,15 @@ from typing import (
     overload,
 )
 
-from . import _flight
+from . import _flight, _outside
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._keys import call_key, is_method, unhashable
 from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter
 from ._typing import CacheInfo, MemoizedFunction, SharedCacheInfo, SharedMemoizedFunction
 from ._wrappers import make_wrapper
-from .errors import NoActiveScope, ScopeClosed
-from .scope import NO_SCOPE_HINT, active_store
+from .errors import ScopeClosed
+from .scope import active_store
 from .store import MemoKey, MemoStore
 
 if TYPE_CHECKING:  # never imported at run time: the core does not import redis
@@ -53,12 +52,6 @@ logger = logging.getLogger("perrequest")
 _ABSENT: Any = object()  # what pop() returns for a missing entry
 _OUTSIDE_SCOPE = ("warn", "call", "raise")
 _OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared", "version")
-# Names warned about outside a scope, once each; bounded, like everything here.
-_warned: set[str] = set()
-_WARNED_MAX = 10_000
-_warned_lock = threading.RLock()
-# The test suite's choice for every memo (the pytest plugin's perrequest_outside_scope).
-outside_scope_override: str | None = None
 
 
 class _MemoSpec:
@@ -124,38 +117,26 @@ class _MemoSpec:
     def outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable) -> Any:
         """A call outside any scope: the key is still checked, nothing is cached."""
         self.checked(key, args, kwargs)
-        if (outside_scope_override or self.outside_scope) != "call":
-            self._refuse_or_warn()
+        self._refuse_or_warn()
         return self.fn(*args, **kwargs)
 
     async def outside_async(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable
     ) -> Any:
         self.checked(key, args, kwargs)
-        if (outside_scope_override or self.outside_scope) != "call":
-            self._refuse_or_warn()
+        self._refuse_or_warn()
         return await self.fn(*args, **kwargs)
 
     def _refuse_or_warn(self) -> None:
-        if (outside_scope_override or self.outside_scope) == "raise":
-            raise NoActiveScope(
-                f"@request_memo {self.name} was called outside a request scope "
-                f"(outside_scope='raise'). {NO_SCOPE_HINT}"
-            )
-        if self.name in _warned:
-            return
-        with _warned_lock:
-            if self.name in _warned or len(_warned) >= _WARNED_MAX:
-                return
-            _warned.add(self.name)
-        logger.warning(
-            "perrequest: %s was called outside a request scope, so nothing was cached "
-            "(logged once per function). Register RequestScopeMiddleware (Flask: "
-            "PerRequest(app); Django: perrequest.django.RequestScopeMiddleware), wrap "
-            "worker code in `with perrequest.request_scope():`, or hand the scope to a "
-            "thread with perrequest.bind_scope(fn). To call it uncached on purpose, use "
-            "@request_memo(outside_scope='call').",
+        _outside.refuse_or_warn(
+            "request_memo",
             self.name,
+            self.outside_scope,
+            "cached",
+            "Register RequestScopeMiddleware (Flask: PerRequest(app); Django: "
+            "perrequest.django.RequestScopeMiddleware), wrap worker code in `with "
+            "perrequest.request_scope():`, or hand the scope to a thread with "
+            "perrequest.bind_scope(fn).",
         )
 
     def prepare(

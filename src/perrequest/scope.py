@@ -123,9 +123,12 @@ def close_scope(store: MemoStore) -> None:
         _live.pop()
         return
     on_close = store._on_close
-    stats = store._shut(True)
+    debug = logger.isEnabledFor(logging.DEBUG)
+    stats = store._shut(on_close is not None or bool(listeners) or debug)
     _live.pop()
-    if logger.isEnabledFor(logging.DEBUG):
+    if stats is None:  # nobody watches: the stats are made only if store.stats is read
+        return
+    if debug:
         logger.debug("request scope closed: %s", stats)
     for listener in (on_close, *listeners) if on_close is not None else tuple(listeners):
         try:

@@ -191,7 +191,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     @property
     def stats(self) -> ScopeStats:
         """Hits, misses, entries, peak, evictions and age; once closed, the final stats."""
-        return getattr(self, "_final", None) or self._snapshot()
+        return self._final_stats() if self._closed and self._lock is not None else self._snapshot()
 
     def get_or_set(self, key: Hashable, factory: Callable[[], T]) -> T:
         """The value at ``key``, calling ``factory()`` once to fill it if missing.

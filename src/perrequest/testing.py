@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from . import memo
+from . import _outside
 from .scope import live_scopes, request_scope
 from .store import MemoStore
 
@@ -46,8 +46,9 @@ else:
 
     def pytest_addoption(parser: pytest.Parser) -> None:
         help = (
-            "what every @request_memo does when called outside a request scope during "
-            "the tests: warn, call or raise (overrides each memo's own outside_scope)"
+            "what every @request_memo and @request_batch does when called outside a "
+            "request scope during the tests: warn, call or raise (overrides their own "
+            "outside_scope)"
         )
         parser.addini("perrequest_outside_scope", help)
         parser.addoption("--perrequest-outside-scope", choices=_MODES, help=help)
@@ -62,7 +63,7 @@ else:
             raise pytest.UsageError(
                 f"perrequest_outside_scope = {mode!r}: use one of {', '.join(_MODES)}"
             )
-        memo.outside_scope_override = mode
+        _outside.override = mode
 
     def pytest_unconfigure(config: pytest.Config) -> None:
-        memo.outside_scope_override = None
+        _outside.override = None

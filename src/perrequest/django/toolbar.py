@@ -27,7 +27,7 @@ from typing import Any
 from debug_toolbar.panels import Panel
 from django.template import Context, Engine
 
-from .. import memo as _memo
+from .. import _outside
 from .._metrics import saved_s
 from ..scope import REQUEST_KEY, active_store, add_scope_listener, remove_scope_listener
 from ..store import MemoKey, MemoStore
@@ -47,7 +47,7 @@ def _observe(stats: object) -> None:
 
 def _outside_names() -> frozenset[str]:
     """Functions called outside any scope so far in this process (warned once each)."""
-    return frozenset(getattr(_memo, "_warned", ()))
+    return frozenset(_outside.warned)
 
 
 def _request_store(request: Any) -> MemoStore | None:

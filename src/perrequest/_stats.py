@@ -8,12 +8,15 @@ process-wide scope listeners.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
-__all__ = ["FunctionStats", "ScopeStats"]
+from ._checks import check_on_close
+
+__all__ = ["FunctionStats", "ScopeStats", "add_scope_listener", "remove_scope_listener"]
 
 _NO_STATS: Mapping[str, FunctionStats] = MappingProxyType({})
 
@@ -77,9 +80,26 @@ class Counter:
 
 # Called with the ScopeStats of every scope that closes (perrequest.add_scope_listener).
 listeners: list[Callable[[ScopeStats], object]] = []
+_listeners_lock = threading.RLock()  # reentrant: a finalizer may add a listener
 _logger = logging.getLogger("perrequest")
 
 
 def observed() -> bool:
     """Whether anybody beyond a scope's own ``on_close`` reads the stats of closed scopes."""
     return bool(listeners) or _logger.isEnabledFor(logging.DEBUG)
+
+
+def add_scope_listener(listener: Callable[[ScopeStats], object]) -> None:
+    """Call ``listener(stats)`` for every scope that closes in this process, after its
+    ``on_close``. A listener that raises is logged, never propagated."""
+    listener = check_on_close(listener, "add_scope_listener()")  # type: ignore[assignment]
+    with _listeners_lock:
+        if listener not in listeners:
+            listeners.append(listener)
+
+
+def remove_scope_listener(listener: Callable[[ScopeStats], object]) -> None:
+    """Stop calling ``listener``; a listener that was not added is ignored."""
+    with _listeners_lock:
+        if listener in listeners:
+            listeners.remove(listener)

@@ -27,7 +27,7 @@ from ._checks import (
     refuse_generator,
     unknown_option,
 )
-from ._stats import ScopeStats, listeners
+from ._stats import ScopeStats, add_scope_listener, listeners, remove_scope_listener
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
@@ -57,7 +57,6 @@ _live: list[None] = []
 _now = time.perf_counter
 # Reentrant, as every lock here: a collection may start inside the block, and run
 # a finalizer that takes the lock again.
-_listeners_lock = threading.RLock()
 _entering = threading.RLock()
 
 NO_SCOPE_HINT = (
@@ -140,22 +139,6 @@ def close_scope(store: MemoStore) -> None:
 def live_scopes() -> int:
     """How many scopes are open in this process right now."""
     return len(_live)
-
-
-def add_scope_listener(listener: OnClose) -> None:
-    """Call ``listener(stats)`` for every scope that closes in this process, after its
-    ``on_close``. A listener that raises is logged, never propagated."""
-    listener = check_on_close(listener, "add_scope_listener()")  # type: ignore[assignment]
-    with _listeners_lock:
-        if listener not in listeners:
-            listeners.append(listener)
-
-
-def remove_scope_listener(listener: OnClose) -> None:
-    """Stop calling ``listener``; a listener that was not added is ignored."""
-    with _listeners_lock:
-        if listener in listeners:
-            listeners.remove(listener)
 
 
 # -- the active store and the helpers ---------------------------------------------------------

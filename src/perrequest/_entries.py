@@ -131,6 +131,14 @@ class Entries:
                 )
             return counter
 
+    def _info(self, owner: object, name: str) -> tuple[int, int, int]:
+        """Hits, misses and entries of one function or loader, for ``cache_info()``."""
+        if self._lock is None:
+            return 0, 0, 0
+        counter = self._counters.get(name)
+        hits, misses = (0, 0) if counter is None else (counter.hits, counter.misses)
+        return hits, misses, len((self._subs or {}).get(owner, ()))
+
     def _lookup(self, key: tuple[object, Hashable], touch: bool = True) -> Any:
         """The value at ``(owner, key)`` or ``MISSING``; a found entry becomes the most recent."""
         subs = self._subs

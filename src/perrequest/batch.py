@@ -161,12 +161,7 @@ class _Loader:
         """This loader's hits, misses (keys, not calls) and entries in the active store;
         zeros outside a scope."""
         spec, store = self._spec, active_store()
-        hits = misses = currsize = 0
-        if store is not None and store._lock is not None:
-            counter = store._counters.get(spec.name)
-            if counter is not None:
-                hits, misses = counter.hits, counter.misses
-            currsize = len((store._subs or {}).get(spec, ()))
+        hits, misses, currsize = (0, 0, 0) if store is None else store._info(spec, spec.name)
         return CacheInfo(hits, misses, spec.max_entries, currsize)
 
 

@@ -168,12 +168,7 @@ class _MemoSpec:
         """This function's hits, misses and entries in the active store (zeros outside a
         scope); with ``shared=``, the shared tier's process-wide counters too."""
         store = active_store()
-        hits = misses = currsize = 0
-        if store is not None and store._lock is not None:
-            counter = store._counters.get(self.name)
-            if counter is not None:
-                hits, misses = counter.hits, counter.misses
-            currsize = len((store._subs or {}).get(self, ()))
+        hits, misses, currsize = (0, 0, 0) if store is None else store._info(self, self.name)
         if self.shared is None:
             return CacheInfo(hits, misses, self.max_entries, currsize)
         return self.shared.info(hits, misses, self.max_entries, currsize, store is not None)

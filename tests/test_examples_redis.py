@@ -5,6 +5,7 @@ Concurrent requests spread over the workers all get the value one worker compute
 from __future__ import annotations
 
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,16 +16,25 @@ from servers import HOST, free_port, serve_gunicorn, serve_subprocess
 pytestmark = pytest.mark.timeout(120)
 
 
-def _spread(base: str, path: str, rounds: int = 20, concurrent: int = 16) -> list[dict[str, Any]]:
-    """Concurrent requests, round after round, until at least two workers have answered."""
+def _spread(base: str, path: str, rounds: int = 60, concurrent: int = 16) -> list[dict[str, Any]]:
+    """Concurrent requests, round after round, until at least two workers have answered.
+
+    A new connection per request: a kept-alive one stays with the worker that
+    accepted it, and one busy worker can accept them all.
+    """
     answers: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(concurrent) as pool, httpx.Client(base_url=base, timeout=30) as http:
+    limits = httpx.Limits(max_keepalive_connections=0)
+    with (
+        ThreadPoolExecutor(concurrent) as pool,
+        httpx.Client(base_url=base, timeout=30, limits=limits) as http,
+    ):
         for _ in range(rounds):
             responses = list(pool.map(lambda _: http.get(path), range(concurrent)))
             assert all(r.status_code == 200 for r in responses), responses[0].text
             answers += [r.json() for r in responses]
             if len({a["served_by"] for a in answers}) >= 2:
                 break
+            time.sleep(0.05)  # let the other workers come back to accept()
     return answers
 
 

@@ -1,7 +1,8 @@
 """What a scope reports when it closes: ``ScopeStats``, per function ``FunctionStats``.
 
-Counted in ``Counter`` objects as calls happen, snapshotted into the
-immutable stats when asked or at close, and handed to ``on_close`` and the
+Counted in ``Counter`` objects as calls happen, and snapshotted into the
+immutable stats when asked (``store.stats``) or, when somebody watches (an
+``on_close``, a listener, DEBUG logging), at close, for ``on_close`` and the
 process-wide scope listeners.
 """
 

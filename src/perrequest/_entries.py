@@ -32,6 +32,9 @@ HELPERS: Final = "perrequest.helpers"
 # Serialises the first write's set-up of one store with another thread's.
 _setup = threading.RLock()
 _OTHER = "(other functions)"  # counters beyond max_entries distinct function names
+# A store's counters before its first write: shared, never written to (the first
+# write gives the store its own dict), so that looking a function up misses cheaply.
+NO_COUNTERS: Final[dict[str, Counter]] = {}
 
 
 class Entries:
@@ -61,7 +64,7 @@ class Entries:
     )
     # Made on the first write (_writable):
     _bound: int
-    _counters: dict[str, Counter]
+    _counters: dict[str, Counter]  # NO_COUNTERS until the first write
     _evictions: int
     _flights: dict[Hashable, Any]
     _helpers: Counter

@@ -149,7 +149,7 @@ class _MemoSpec:
             return store._counters[self.name]
         except TypeError as exc:
             raise unhashable(self, args, kwargs, exc) from None
-        except (AttributeError, KeyError):  # the store's or this function's first miss
+        except KeyError:  # the store's or this function's first miss
             try:
                 return store._counter(self.name)
             except ScopeClosed:

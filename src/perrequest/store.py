@@ -21,7 +21,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from . import _flight
 from ._checks import check_max_entries
-from ._entries import HELPERS, Entries
+from ._entries import HELPERS, NO_COUNTERS, Entries
 from ._flight import MISSING
 from ._stats import ScopeStats
 
@@ -73,6 +73,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         self._closed = False
         self._token: Token[MemoStore | None] | None = None  # set by the scope that opens it
         self._opened_at = 0.0  # timed by the scope that opens it, when watched
+        self._counters = NO_COUNTERS  # a miss reads it before the first write
 
     # -- Mapping ---------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -34,3 +35,13 @@ def write_json(results: dict[str, Any], path: str | None) -> None:
         with open(path, "w", encoding="utf-8") as out:
             json.dump(results, out, indent=2)
         print(f"wrote {path}")
+
+
+def arguments(doc: str | None, rounds: bool = True) -> argparse.ArgumentParser:
+    """The options every script takes: ``--quick``, ``--json PATH`` and ``--rounds N``."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    if rounds:
+        parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    return parser

@@ -313,10 +313,7 @@ def instructions(quick: bool) -> tuple[dict[str, Any], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser = common.arguments(__doc__)
     parser.add_argument(
         "--instructions", action="store_true", help="also count instructions (valgrind)"
     )

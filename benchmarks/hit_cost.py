@@ -32,7 +32,6 @@ Usage: ``.venv/bin/python benchmarks/hit_cost.py [--quick] [--json PATH]``
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextvars
 import functools
@@ -320,10 +319,7 @@ def report(samples: Samples, rounds: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser = common.arguments(__doc__)
     args = parser.parse_args(argv)
     rounds, loops, batches = (3, 500, 1) if args.quick else (31, 10_000, 5)
     rounds = args.rounds or rounds

@@ -31,7 +31,6 @@ Usage: ``.venv/bin/python benchmarks/middleware_overhead.py [--quick] [--json PA
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextvars
 import gc
@@ -364,10 +363,7 @@ def report(samples: Samples, rounds: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser = common.arguments(__doc__)
     args = parser.parse_args(argv)
     rounds, asgi_requests, wsgi_requests = (3, 20, 50) if args.quick else (41, 200, 500)
     rounds = args.rounds or rounds

@@ -25,7 +25,6 @@ Usage: ``.venv/bin/python benchmarks/observability_cost.py [--quick] [--json PAT
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import statistics
@@ -199,10 +198,7 @@ def report(samples: dict[str, list[float]], rounds: int, requests: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser = common.arguments(__doc__)
     args = parser.parse_args(argv)
     rounds, requests = (3, 20) if args.quick else (41, 300)
     rounds = args.rounds or rounds

@@ -20,7 +20,6 @@ Usage: ``.venv/bin/python benchmarks/redis_cost.py [--quick] [--json PATH] [--ro
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import itertools
@@ -291,10 +290,7 @@ def report(samples: dict[str, dict[str, list[float]]], counts: dict[str, dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few short rounds (smoke test)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--rounds", type=int, help="override the number of rounds")
+    parser = common.arguments(__doc__)
     args = parser.parse_args(argv)
     rounds, seconds = (3, 1.5) if args.quick else (31, 5.0)
     rounds = args.rounds or rounds

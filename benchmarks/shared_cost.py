@@ -15,7 +15,6 @@ Usage: ``.venv/bin/python benchmarks/shared_cost.py [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -66,9 +65,7 @@ def repeated_reads(fn: Any) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds (smoke test)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser = common.arguments(__doc__, rounds=False)
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else 41
     variants = make_variants()

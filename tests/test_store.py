@@ -256,3 +256,22 @@ def test_items_survive_another_thread_evicting() -> None:
     finally:
         stop.set()
         thread.join()
+
+
+def test_the_shared_counters_of_unwritten_stores_stay_empty() -> None:
+    """Before its first write a store reads NO_COUNTERS, one dict shared by all of them:
+    nothing may ever be written to it (the first write gives the store its own)."""
+    from perrequest import _entries, request_memo
+
+    @request_memo
+    def double(x: int) -> int:
+        return 2 * x
+
+    for _ in range(3):
+        with request_scope() as store:
+            assert double.cache_info().hits == 0  # reads it, unwritten
+            assert double(2) == 4 and store._counters is not _entries.NO_COUNTERS
+        assert double.cache_info().misses == 0  # outside: zeros
+    closed = MemoStore()
+    closed._shut(True)
+    assert _entries.NO_COUNTERS == {} and closed.stats.misses == 0

@@ -383,16 +383,18 @@ def test_assert_no_live_scopes_fails_when_one_is_open() -> None:
 
 
 def test_scoped_body_closes_at_garbage_collection() -> None:
-    from perrequest.scope import leave_scope, open_scope
+    from perrequest._active import close_request, open_request
     from perrequest.wsgi import ScopedBody
 
-    store = open_scope()
-    leave_scope(store)
-    body = ScopedBody(iter([b"a"]), store)
-    assert live_scopes() == 1 and not in_request_scope()
-    del body
+    cell = open_request((10, None))
+    store = perrequest.current_store()
+    body = ScopedBody(iter([b"a"]), cell)
+    assert live_scopes() == 1 and in_request_scope()
+    del body  # dropped by refcount in this context: the scope ends, the context is restored
     gc.collect()
-    assert live_scopes() == 0 and store.closed
+    assert live_scopes() == 0 and store.closed and not in_request_scope()
+    close_request(cell)  # idempotent
+    assert_no_live_scopes()
 
 
 # -- misuse gets a clear error ------------------------------------------------------

@@ -110,15 +110,18 @@ def test_the_store_is_active_during_the_call_and_each_chunk_and_closed_at_close(
     app = Recorder()
     wrapped = RequestScopeMiddleware(app)
     body: Any = wrapped(_environ(), _start_response)
-    assert not perrequest.in_request_scope()  # between steps the caller sees nothing
+    store = app.stores[0]
+    # Between the steps the server's thread has the request's store: the request
+    # is not over until close().
+    assert perrequest.current_store() is store
     chunks = []
     for chunk in body:
         chunks.append(chunk)
-        assert not perrequest.in_request_scope()
-    store = app.stores[0]
+        assert perrequest.current_store() is store
     assert not store.closed and live_scopes() == 1  # exhausted, but not closed yet
     body.close()
     assert store.closed and len(store) == 0 and live_scopes() == 0
+    assert _current.get() is None  # the thread is left as it was found
     assert chunks == [b"perms-of-alice;"] * 3
     assert app.computed == 1  # one lookup, shared by the call and the body
     assert app.seen == [
@@ -142,6 +145,30 @@ def test_requests_get_separate_stores_even_when_their_bodies_interleave() -> Non
     for body in bodies:
         body.close()
     assert seen == [[b"/0", b"/1", b"/2"]] * 3
+
+
+def test_bodies_interleaved_in_one_thread_by_a_server_that_iterates_at_once() -> None:
+    """A single-threaded server (bjoern-like) calls the app and takes its iterator at
+    once, then writes the bodies of several requests chunk by chunk, in one context.
+    The first request's store stays active in that context; a request that comes while
+    it is gives it back between its steps, so no chunk ever sees another's store."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        perrequest.set("rid", environ["PATH_INFO"])
+        start_response("200 OK", [])
+        return (perrequest.get("rid").encode() for _ in range(3))
+
+    wrapped = RequestScopeMiddleware(app)
+    bodies: list[Any] = []
+    chunks: list[Iterator[bytes]] = []
+    for n in range(3):
+        bodies.append(wrapped(_environ(f"/{n}"), _start_response))
+        chunks.append(iter(bodies[-1]))
+    seen = [[next(it) for it in chunks] for _ in range(3)]
+    for body in reversed(bodies):
+        body.close()
+    assert seen == [[b"/0", b"/1", b"/2"]] * 3
+    assert _current.get() is None and live_scopes() == 0
 
 
 def test_a_list_body_without_close_is_closed_by_the_wrapper() -> None:
@@ -258,10 +285,11 @@ def test_an_exception_mid_body_reaches_the_server_and_close_still_closes_the_sto
     with pytest.raises(Boom) as info:
         next(body)
     assert info.value is error
-    assert not perrequest.in_request_scope()  # reset on the way out of the failing chunk
+    assert perrequest.current_store() is app.stores[0]  # the request is not over yet
     assert not app.stores[0].closed  # the server has not closed the response yet
     body.close()
     assert app.stores[0].closed and live_scopes() == 0
+    assert not perrequest.in_request_scope()
     assert app.seen[-1] == ("close", True, "call")
 
 
@@ -285,8 +313,9 @@ def test_a_body_never_iterated_nor_closed_is_closed_when_garbage_collected() -> 
     assert app.stores[0].closed and live_scopes() == 0
 
 
-def test_a_pooled_thread_is_left_without_a_store_after_each_step() -> None:
-    """The gthread trap, in-process: every step of a request, then a check, on one thread."""
+def test_a_pooled_thread_is_left_without_a_store_after_each_request() -> None:
+    """The gthread trap, in-process: every step of a request, then a check, on one thread.
+    The request's own store is there until the server closes the body; then nothing."""
     error_app = RequestScopeMiddleware(Recorder(body_error=Boom("mid-body")))
 
     def fails(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
@@ -331,11 +360,15 @@ def test_a_pooled_thread_is_left_without_a_store_after_each_step() -> None:
     def check() -> tuple[int, bool, MemoStore | None]:
         return threading.get_ident(), perrequest.in_request_scope(), _current.get()
 
+    mid_request = (call, chunk, failing_chunk)
     with ThreadPoolExecutor(max_workers=1) as pool:
         for step in steps:
             thread_of_step = pool.submit(run, step).result()
             thread, in_scope, left = pool.submit(check).result()
             assert thread == thread_of_step  # same pooled thread
+            if step in mid_request:
+                assert in_scope is True, f"the request's store was lost after {step.__name__}"
+                continue
             assert in_scope is False, f"a store was left active after {step.__name__}"
             # Stricter: not even a closed store is left in the ContextVar.
             assert left is None, f"the ContextVar was left set after {step.__name__}"

@@ -19,11 +19,11 @@ import asyncio
 from collections.abc import Callable, Coroutine, Hashable, Iterable
 from typing import Any
 
+from ._active import _current, here
 from ._batching import _BatchSpec, now, settled
 from ._flight import MISSING
 from ._stats import Counter
 from .errors import ScopeClosed
-from .scope import _current
 from .store import MemoStore
 
 # Marks a failed key in _settle: its value is not stored.
@@ -128,8 +128,8 @@ def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
             store = get_store()
             if store is not None:
                 try:
-                    entry = store._subs[owner].get(key)  # type: ignore[index]
-                except (KeyError, TypeError):  # a miss, no entries yet, closed, or unhashable
+                    entry = store._subs[owner].get(key)
+                except (KeyError, TypeError, AttributeError):  # a miss; or no store yet
                     entry = None
                 if entry is not None:
                     store._order.move_to_end(entry[2])
@@ -147,6 +147,7 @@ def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
                 return future
             return _outside_one(spec, key)
 
+        spec.load = load
         return load
 
     def load_keyed(key: Any) -> Any:
@@ -154,19 +155,20 @@ def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
         if store is not None:
             ck = key if key_fn is None else key_fn(key)
             try:
-                sub = store._subs[owner]  # type: ignore[index]
+                sub = store._subs[owner]
                 entry = sub.get(ck)
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, AttributeError):
                 entry = None
             if entry is not None:
                 store._order.move_to_end(entry[2])
                 if bounded:
-                    sub.move_to_end(ck)  # type: ignore[union-attr]
+                    sub.move_to_end(ck)
                 entry[1].hits += 1
                 return entry[3] or _ready(store, owner, ck, entry)
             return _load_slow(spec, store, key, ck)
         return _outside_one(spec, key)
 
+    spec.load = load_keyed
     return load_keyed
 
 
@@ -181,7 +183,10 @@ def _ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, .
     return future
 
 
-def _load_slow(spec: _BatchSpec, store: MemoStore, key: Any, ck: Hashable) -> Any:
+def _load_slow(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
+    if type(store) is list:  # a scope's cell (scope.open_request): make its store, load again
+        here()
+        return spec.load(key)
     loop = asyncio.get_running_loop()
     try:
         state = store._flights.get((spec, loop))
@@ -203,7 +208,7 @@ async def _outside_one(spec: _BatchSpec, key: Any) -> Any:
 def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
     """``load_many(keys)``: a future of the values in order, or of the first key's failure."""
     keys, cache_keys = spec.keys_of(keys)
-    store = _current.get()
+    store = here()
     state = None if store is None else _state(spec, store, asyncio.get_running_loop())
     if state is None:
         return outside(spec, keys, cache_keys)

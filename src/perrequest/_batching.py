@@ -18,11 +18,11 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import _outside
+from ._active import here
 from ._checks import refuse_coroutine
 from ._flight import MISSING
 from ._stats import Counter
 from .errors import ScopeClosed, UnhashableArguments
-from .scope import _current
 from .store import MemoStore
 
 logger = logging.getLogger("perrequest")
@@ -42,11 +42,14 @@ class _BatchSpec:
         "fn",
         "is_async",
         "key_fn",
+        "load",
         "max_batch_size",
         "max_entries",
         "name",
         "outside_scope",
     )
+
+    load: Callable[[Any], Any]  # the async loader's load, which _batch_async calls again
 
     def __init__(
         self,
@@ -175,7 +178,7 @@ class _BatchSpec:
         """The values of ``keys``: from the store, or fetched in one call (per
         ``max_batch_size``) with other threads' fetches of the same keys awaited."""
         keys, cache_keys = self.keys_of(keys)
-        store = _current.get()
+        store = here()
         if store is None or store._closed:
             return self.outside(keys, cache_keys)
         values = [store._lookup((self, ck)) for ck in cache_keys]

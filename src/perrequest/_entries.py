@@ -94,7 +94,7 @@ class Entries:
         store closed, or the closing thread finds the lock and waits for it.
         """
         lock: threading.RLock | None = self._lock
-        if lock is None:
+        if lock is None and not self._closed:  # (closed before its first write: nothing to make)
             # Made before taking _setup: an allocation under it could start a collection
             # whose finalizers write to a new store, and so take _setup again.
             timed = self._on_close is not None or observed()
@@ -109,7 +109,7 @@ class Entries:
                     self._bound = sys.maxsize if self._max_entries is None else self._max_entries
                     self._subs = subs
                     lock = self._lock = new
-        if self._closed:
+        if self._closed or lock is None:  # (None only if closed before the first write)
             raise ScopeClosed(
                 f"cannot write {what!r}: this MemoStore belongs to a request scope that has "
                 "ended. Use perrequest.current_store() inside the request instead of keeping "

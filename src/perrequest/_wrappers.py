@@ -29,8 +29,8 @@ from types import CoroutineType
 from typing import Any
 
 from . import _flight
+from ._active import _current, here
 from ._keys import KWARGS
-from .scope import _current
 from .store import MemoStore
 
 _TEMPLATE = """\
@@ -47,7 +47,7 @@ def __pr_factory(
                 __pr_sub = __pr_store._subs[__pr_spec]
                 __pr_entry = __pr_sub[__pr_key]
                 __pr_store._order.move_to_end(__pr_entry[2])
-{touch}            except (KeyError, TypeError):  # a miss, no entries yet, or unhashable
+{touch}            except (KeyError, TypeError, AttributeError):  # a miss; or no store yet
                 pass
             else:
                 __pr_entry[1].hits += 1
@@ -64,6 +64,11 @@ def __pr_factory(
 
 # A miss through the shared tier, or whatever ``spec.runner()`` is.
 _RUN = """\
+            if type(__pr_store) is list:  # the scope's store is not made yet: _slow's
+                return {await_}__pr_slow(
+                    __pr_spec, __pr_store, (__pr_spec, __pr_key), ({positional}), {{{keyword}}},
+                    {anchor},
+                )
             __pr_counter = __pr_prepare(__pr_store, __pr_key, ({positional}), {{{keyword}}})
             if __pr_counter is not None:
                 return {await_}__pr_run(
@@ -127,10 +132,14 @@ _REFUSE = """\
 """
 
 
-def _slow(spec: Any, store: MemoStore, where: Any, args: Any, kwargs: Any, anchor: Any) -> Any:
+def _slow(spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any) -> Any:
     """A miss the generated wrapper did not register: single-flight as the plain
     wrappers do it (waiting for another caller, a store's or a function's first
-    miss, a closed scope, unhashable arguments, trio)."""
+    miss, a closed scope, unhashable arguments, trio); or a call that found a
+    scope's cell (``scope.open_request``): the store is made and looked in again."""
+    if type(store) is list:
+        here()
+        return spec.wrapper(*args, **kwargs)
     counter = spec.prepare(store, where[1], args, kwargs)
     if counter is None:
         return spec.outside(args, kwargs, where[1])
@@ -138,8 +147,11 @@ def _slow(spec: Any, store: MemoStore, where: Any, args: Any, kwargs: Any, ancho
 
 
 async def _slow_async(
-    spec: Any, store: MemoStore, where: Any, args: Any, kwargs: Any, anchor: Any
+    spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any
 ) -> Any:
+    if type(store) is list:
+        here()
+        return await spec.wrapper(*args, **kwargs)
     counter = spec.prepare(store, where[1], args, kwargs)
     if counter is None:
         return await spec.outside_async(args, kwargs, where[1])
@@ -271,6 +283,7 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
     params = None if spec.key_fn is not None or spec.typed else parameters(spec.fn)
     if params is not None:
         wrapper, spec.keyof = generate(spec, params, run, outside)
+        spec.wrapper = wrapper
         return wrapper
     get_store, make_key, prepare, fn = _current.get, spec.make_key, spec.prepare, spec.fn
     simple, kwargs_mark = not (spec.key_fn or spec.typed or spec.is_method), KWARGS
@@ -297,8 +310,11 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
             if store is not None:
                 try:
                     return lookup(store, key)
-                except (KeyError, TypeError):
+                except (KeyError, TypeError, AttributeError):
                     pass  # a miss: handled below, so that its errors carry no KeyError context
+                if type(store) is list:  # the scope's store is not made yet: make it, look again
+                    here()
+                    return await memo_async(*args, **kwargs)
                 counter = prepare(store, key, args, kwargs)
                 if counter is not None:
                     return await run(store, (spec, key), fn, args, kwargs, counter, anchor)
@@ -312,8 +328,11 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
         if store is not None:
             try:
                 return lookup(store, key)
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, AttributeError):
                 pass  # a miss: handled below, so that its errors carry no KeyError context
+            if type(store) is list:  # the scope's store is not made yet: make it, look again
+                here()
+                return memo(*args, **kwargs)
             counter = prepare(store, key, args, kwargs)
             if counter is not None:
                 return run(store, (spec, key), fn, args, kwargs, counter, anchor)

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from ._active import REQUEST_KEY, OnClose, close_request, open_request, opened_outside
 from ._checks import check_max_entries, check_on_close, unknown_option
-from .scope import REQUEST_KEY, OnClose, close_scope, open_scope, opened_outside
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
@@ -89,7 +89,7 @@ class RequestScopeMiddleware:
             listing ``"lifespan"`` or an unknown type.
     """
 
-    __slots__ = ("_max_entries", "_on_close", "_scope_types", "app")
+    __slots__ = ("_options", "_scope_types", "app")
 
     def __init__(
         self,
@@ -113,9 +113,8 @@ class RequestScopeMiddleware:
                 f"scope, receive, send), not {type(app).__name__} {app!r}"
             )
         self.app = app
-        self._max_entries = check_max_entries(max_entries)
+        self._options = (check_max_entries(max_entries), check_on_close(on_close))
         self._scope_types = _check_scope_types(scope_types)
-        self._on_close = check_on_close(on_close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in self._scope_types or (
@@ -123,8 +122,8 @@ class RequestScopeMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        store = scope[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
+        cell = scope[REQUEST_KEY] = open_request(self._options)
         try:
             await self.app(scope, receive, send)
         finally:
-            close_scope(store)
+            close_request(cell)

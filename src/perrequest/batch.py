@@ -16,13 +16,13 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Se
 from typing import Any, Literal, Protocol, TypeVar, overload
 
 from . import _batch_async
+from ._active import _current, active_store
 from ._batching import _BatchSpec
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._flight import MISSING
 from ._keys import is_method
 from .errors import ScopeClosed
 from .memo import CacheInfo
-from .scope import _current, active_store
 from .store import MemoKey
 
 __all__ = ["AsyncBatchLoader", "BatchLoader", "request_batch"]
@@ -175,12 +175,12 @@ def _make_sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:
         if store is not None:
             ck = key if key_fn is None else key_fn(key)
             try:
-                sub = store._subs[owner]  # type: ignore[index]
+                sub = store._subs[owner]
                 entry = sub[ck]
                 store._order.move_to_end(entry[2])
                 if bounded:
-                    sub.move_to_end(ck)  # type: ignore[union-attr]
-            except (KeyError, TypeError):  # a miss, no entries yet, closed, or unhashable
+                    sub.move_to_end(ck)
+            except (KeyError, TypeError, AttributeError):  # a miss; or no store yet
                 pass
             else:
                 entry[1].hits += 1

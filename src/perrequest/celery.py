@@ -38,8 +38,8 @@ from typing import Any, Final, NamedTuple
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
+from ._active import OnClose, close_scope, open_scope
 from ._checks import check_max_entries, check_on_close, unknown_option
-from .scope import OnClose, close_scope, open_scope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __all__ = ["ScopedTask", "install"]

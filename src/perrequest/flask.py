@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from flask import Flask
 
+from ._active import OnClose
 from ._checks import check_max_entries, check_on_close, unknown_option
-from .scope import OnClose
 from .store import DEFAULT_MAX_ENTRIES
 from .wsgi import RequestScopeMiddleware
 

@@ -23,6 +23,7 @@ from typing import (
 )
 
 from . import _flight, _outside
+from ._active import active_store
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._keys import call_key, is_method, unhashable
 from ._shared import Tier, check_shared, make_tier
@@ -30,7 +31,6 @@ from ._stats import Counter
 from ._typing import CacheInfo, MemoizedFunction, SharedCacheInfo, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import ScopeClosed
-from .scope import active_store
 from .store import MemoKey, MemoStore
 
 if TYPE_CHECKING:  # never imported at run time: the core does not import redis
@@ -69,7 +69,9 @@ class _MemoSpec:
         "outside_scope",
         "shared",
         "typed",
+        "wrapper",
     )
+    wrapper: Callable[..., Any]  # the generated wrapper, which _wrappers._slow calls again
 
     def __init__(
         self,

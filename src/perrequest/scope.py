@@ -1,24 +1,17 @@
-"""Request scopes: the active store, opening and closing it, and the helpers that use it.
+"""Request scopes: the helpers that use the active store, ``request_scope`` and ``bind_scope``.
 
-The active store lives in a ``ContextVar``, so asyncio tasks and copied
-contexts (``asyncio.to_thread``, ``sync_to_async``, ``run_in_threadpool``)
-inherit it and concurrent requests never see each other's. ``open_scope``,
-``leave_scope`` and ``close_scope`` are the one lifecycle that
-``request_scope``, ``bind_scope`` and every integration go through.
+Which store is active, and opening and closing scopes, is ``_active``'s.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import threading
-import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
-from . import _gc_guard
+from ._active import OnClose, _current, active_store, close_scope, here, open_scope
 from ._checks import (
     check_max_entries,
     check_on_close,
@@ -27,7 +20,7 @@ from ._checks import (
     refuse_generator,
     unknown_option,
 )
-from ._stats import ScopeStats, add_scope_listener, listeners, remove_scope_listener
+from ._stats import add_scope_listener, remove_scope_listener
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
@@ -44,17 +37,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-OnClose = Callable[[ScopeStats], object]
-
-logger = logging.getLogger("perrequest")
-
-_current: ContextVar[MemoStore | None] = ContextVar("perrequest.store", default=None)
-_gc_guard.install(_current)  # finalizers run by the garbage collector see no store
-
-# One item per open scope. list.append and list.pop are atomic, so counting
-# costs no lock on the path every request takes.
-_live: list[None] = []
-_now = time.perf_counter
 # Reentrant, as every lock here: a collection may start inside the block, and run
 # a finalizer that takes the lock again.
 _entering = threading.RLock()
@@ -65,94 +47,12 @@ NO_SCOPE_HINT = (
 )
 
 
-# -- the lifecycle -------------------------------------------------------------------------------
-
-
-def open_scope(
-    max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
-) -> MemoStore:
-    """Make a new store and make it the active one in the current context.
-
-    The scope is timed (``stats.duration_s``) when somebody will see its stats:
-    an ``on_close``, a scope listener, DEBUG logging. Two clock reads are a
-    tenth of what the middleware may add to a request.
-    """
-    store = MemoStore(max_entries, on_close)
-    if on_close is not None or listeners or logger.isEnabledFor(logging.DEBUG):
-        store._opened_at = _now()
-    _live.append(None)
-    store._token = _current.set(store)
-    return store
-
-
-def leave_scope(store: MemoStore) -> None:
-    """Restore, in this context, what was active before ``open_scope``; the scope stays open.
-
-    Only while the store is the active one here: a scope opened since (another
-    request's body iterated in the same thread, say) is left alone.
-    """
-    token, store._token = store._token, None
-    if token is None or _current.get() is not store:
-        return
-    try:
-        _current.reset(token)
-    except ValueError:  # another context than the one the scope was opened in
-        _current.set(None if token.old_value is token.MISSING else token.old_value)
-
-
-def close_scope(store: MemoStore) -> None:
-    """End the scope: restore the previous store if this one is active here, clear it,
-    then log its stats at DEBUG, call ``on_close`` and the listeners. Idempotent.
-
-    Runs for every request, so what nobody needs is skipped: a store nothing
-    was written to, that nobody watches, just closes.
-    """
-    if store._closed:
-        return
-    token = store._token
-    if token is not None:  # leave_scope, written out: this runs for every request
-        store._token = None
-        if _current.get() is store:
-            try:
-                _current.reset(token)
-            except ValueError:  # another context than the one it was opened in
-                _current.set(None if token.old_value is token.MISSING else token.old_value)
-    if not store._opened_at and store._lock is None:  # unwritten, and nobody watches
-        store._closed = True
-        _live.pop()
-        return
-    on_close = store._on_close
-    debug = logger.isEnabledFor(logging.DEBUG)
-    stats = store._shut(on_close is not None or bool(listeners) or debug)
-    _live.pop()
-    if stats is None:  # nobody watches: the stats are made only if store.stats is read
-        return
-    if debug:
-        logger.debug("request scope closed: %s", stats)
-    for listener in (on_close, *listeners) if on_close is not None else tuple(listeners):
-        try:
-            listener(stats)
-        except Exception:
-            logger.exception("perrequest: scope listener %r raised", listener)
-
-
-def live_scopes() -> int:
-    """How many scopes are open in this process right now."""
-    return len(_live)
-
-
 # -- the active store and the helpers ---------------------------------------------------------
-
-
-def active_store() -> MemoStore | None:
-    """The active store, or None outside a scope (a closed store counts as none)."""
-    store = _current.get()
-    return None if store is None or store._closed else store
 
 
 def current_store() -> MemoStore:
     """The active store; raises ``NoActiveScope`` when no scope is open."""
-    store = _current.get()
+    store = here()
     if store is None or store._closed:
         raise NoActiveScope(f"no request scope is active. {NO_SCOPE_HINT}")
     return store
@@ -161,6 +61,8 @@ def current_store() -> MemoStore:
 def in_request_scope() -> bool:
     """True when a request scope is active in the current context."""
     store = _current.get()
+    if type(store) is list:
+        return store[0] is not None  # a cell: open until close_request
     return store is not None and not store._closed
 
 
@@ -330,15 +232,3 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
         return result
 
     return bound
-
-
-# Where a middleware leaves the store it opened, in the ASGI scope or WSGI
-# environ, so that a second perrequest layer on the same request (a mounted
-# sub-app with its own middleware, one registered twice) shares it.
-REQUEST_KEY = "perrequest.store"
-
-
-def opened_outside(request: Mapping[str, Any]) -> bool:
-    """True when an outer perrequest layer opened this request's scope, still active here."""
-    outer: MemoStore | None = request.get(REQUEST_KEY)
-    return outer is not None and outer is _current.get() and not outer._closed

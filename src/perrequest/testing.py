@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from . import _outside
-from .scope import live_scopes, request_scope
+from ._active import live_scopes
+from .scope import request_scope
 from .store import MemoStore
 
 __all__ = ["assert_no_live_scopes", "live_scopes"]

@@ -1,14 +1,18 @@
 """WSGI middleware: one store per request, for Flask, Pyramid, Bottle or any WSGI app.
 
-The store is active while the app is called and while each chunk of its body
-is produced, so a lazy or streaming body (a generator, Flask's
-``stream_with_context``) still sees it. It closes when the server calls
-``close()`` on the response (PEP 3333: also when the client went away
-mid-body), or when the app raises. A list, a tuple or the server's
-``wsgi.file_wrapper`` runs none of the app's code later: the scope closes as
-the app returns and the body is passed on untouched. The ContextVar is
-reset before control returns to the server, so a pooled worker thread
-(gunicorn ``gthread``) never carries a store into its next request.
+The store is active from the app's call until the server calls ``close()`` on
+the response (PEP 3333: also when the client went away mid-body), so a lazy
+or streaming body (a generator, Flask's ``stream_with_context``) still sees
+it; the ContextVar is then restored, so a pooled worker thread (gunicorn
+``gthread``) never carries a store into its next request. Where that cannot
+hold, the store is made active around each chunk and the close instead: a
+server that iterates or closes the body in another thread or context than
+the app's, or a request that came while a scope was already active (an outer
+``request_scope``, or another request's in a server that interleaves
+requests in one thread), which gets that scope back between the steps. A
+list, a tuple or the server's ``wsgi.file_wrapper`` runs none of the app's
+code later: the scope closes as the app returns and the body is passed on
+untouched.
 
 Any WSGI app: ``app = RequestScopeMiddleware(app)``. Flask: ``perrequest.flask.PerRequest``.
 """
@@ -18,17 +22,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ._checks import check_max_entries, check_on_close, unknown_option
-from .scope import (
+from ._active import (
     REQUEST_KEY,
     OnClose,
     _current,
-    close_scope,
-    leave_scope,
-    open_scope,
+    close_request,
+    holds,
+    leave_request,
+    open_request,
     opened_outside,
 )
-from .store import DEFAULT_MAX_ENTRIES, MemoStore
+from ._checks import check_max_entries, check_on_close, unknown_option
+from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
 
@@ -57,7 +62,7 @@ class RequestScopeMiddleware:
         ValueError: ``max_entries`` zero or negative.
     """
 
-    __slots__ = ("_max_entries", "_on_close", "app")
+    __slots__ = ("_options", "app")
 
     def __init__(
         self,
@@ -77,88 +82,102 @@ class RequestScopeMiddleware:
                 f"start_response), not {type(app).__name__} {app!r}"
             )
         self.app = app
-        self._max_entries = check_max_entries(max_entries)
-        self._on_close = check_on_close(on_close)
+        self._options = (check_max_entries(max_entries), check_on_close(on_close))
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if REQUEST_KEY in environ and opened_outside(environ):
             return self.app(environ, start_response)  # an outer perrequest layer's scope
-        store = environ[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
+        cell = environ[REQUEST_KEY] = open_request(self._options)
         try:
             body = self.app(environ, start_response)
         except BaseException:
-            close_scope(store)
+            close_request(cell)
             raise
-        leave_scope(store)  # the server's thread holds no store between the steps
         wrapper = environ.get("wsgi.file_wrapper")
         if type(body) in (list, tuple) or (isinstance(wrapper, type) and isinstance(body, wrapper)):
             # Nothing of the app's runs later: end the scope now, and hand the body
             # over as it is (the server still sees a list's len(), and its own file
             # wrapper, which it serves with sendfile).
-            close_scope(store)
+            close_request(cell)
             return body
-        return ScopedBody(body, store)
+        if cell[1] is not None:
+            # A scope was active when the request came: an outer one, or another
+            # request's, in a server that interleaves requests in one thread. Restore
+            # it between the steps; the body's chunks are produced with ours active.
+            leave_request(cell)
+        return ScopedBody(body, cell)
 
 
 class ScopedBody:
-    """A response body produced with its scope active; ``close()`` ends the scope.
+    """A response body whose scope stays active until ``close()`` ends it.
 
-    Each chunk is produced, and the body's own ``close`` run, with the store
-    made active around it, in whatever thread the server does it; between
-    them the server's thread holds no store. A body the server never closes
-    (against PEP 3333) ends its scope when it is garbage collected, and only
-    the scope: the app's own close hooks (Flask's ``call_on_close``, a
-    generator's ``finally``) run as they would have without perrequest, which
-    is not at all.
+    A server iterates and closes the body in the thread that called the app,
+    where the store is still active: the chunks come straight from the body.
+    Anywhere else (another thread, a copied context) each chunk is produced,
+    and the body's own ``close`` run, with the store made active around it. A
+    body the server never closes (against PEP 3333) ends its scope when it is
+    garbage collected, and only the scope: the app's own close hooks (Flask's
+    ``call_on_close``, a generator's ``finally``) run as they would have
+    without perrequest, which is not at all.
 
     Returned by ``RequestScopeMiddleware``; public so that code that drives a
     WSGI app by hand can recognise it.
 
     Args:
         body: The app's response iterable.
-        store: The request's store, still open.
+        cell: The request's scope, as ``open_request`` opened it, still open.
     """
 
-    __slots__ = ("_body", "_chunks", "_store")
+    __slots__ = ("_body", "_cell", "_chunks")
 
-    def __init__(self, body: Iterable[bytes], store: MemoStore) -> None:
+    def __init__(self, body: Iterable[bytes], cell: list[Any]) -> None:
         self._body = body
-        self._store: MemoStore | None = store
+        self._cell: list[Any] | None = cell  # scope.open_request's
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        store = self._store
-        return iter(()) if store is None else _produce(self._body, store, self)
+        cell = self._cell
+        if cell is None:
+            return iter(())
+        return iter(self._body) if holds(cell) else _produce(self._body, cell, self)
 
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator
-        if self._chunks is None:  # no reference to self: no cycle
-            store = self._store
-            self._chunks = iter(()) if store is None else _produce(self._body, store, None)
+        if self._chunks is None:
+            cell = self._cell
+            if cell is None:
+                self._chunks = iter(())
+            else:  # no reference to self: no cycle
+                self._chunks = iter(self._body) if holds(cell) else _produce(self._body, cell, None)
         return next(self._chunks)
 
     def close(self) -> None:
         """Close the body with the scope active, then end the scope."""
-        store, self._store = self._store, None
-        if store is None:
+        cell, self._cell = self._cell, None
+        if cell is None:
             return
         close = getattr(self._body, "close", None)
         try:
-            if close is not None:
-                token = _current.set(store)
+            if close is None:
+                pass
+            elif holds(cell):
+                close()
+            else:
+                token = _current.set(cell)
                 try:
                     close()
                 finally:
                     _current.reset(token)
         finally:
-            close_scope(store)
+            close_request(cell)
 
     def __del__(self) -> None:
-        if self._store is not None:
-            close_scope(self._store)
+        if self._cell is not None:
+            close_request(self._cell)
 
 
-def _produce(body: Iterable[bytes], store: MemoStore, keep: ScopedBody | None) -> Iterator[bytes]:
-    """The chunks of ``body``, each produced with ``store`` active.
+def _produce(body: Iterable[bytes], active: Any, keep: ScopedBody | None) -> Iterator[bytes]:
+    """The chunks of ``body``, each produced with ``active`` (a store or a scope's cell)
+    active.
 
     A generator, because resuming one costs less than a call to ``__next__``.
     It holds ``keep`` (the ``ScopedBody``), so that a server holding only the
@@ -168,7 +187,7 @@ def _produce(body: Iterable[bytes], store: MemoStore, keep: ScopedBody | None) -
     set_store, reset = _current.set, _current.reset
     iterator = None
     while True:
-        token = set_store(store)
+        token = set_store(active)
         try:
             if iterator is None:
                 iterator = iter(body)

@@ -27,8 +27,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .._checks import check_max_entries, check_on_close
-from ..scope import (
+from .._active import (
     REQUEST_KEY,
     OnClose,
     _current,
@@ -37,6 +36,7 @@ from ..scope import (
     open_scope,
     opened_outside,
 )
+from .._checks import check_max_entries, check_on_close
 from ..store import DEFAULT_MAX_ENTRIES, MemoStore
 from ..wsgi import _produce
 

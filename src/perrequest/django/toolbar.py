@@ -28,8 +28,9 @@ from debug_toolbar.panels import Panel
 from django.template import Context, Engine
 
 from .. import _outside
+from .._active import REQUEST_KEY, active_store
 from .._metrics import saved_s
-from ..scope import REQUEST_KEY, active_store, add_scope_listener, remove_scope_listener
+from ..scope import add_scope_listener, remove_scope_listener
 from ..store import MemoKey, MemoStore
 
 __all__ = ["PerRequestPanel"]

@@ -81,15 +81,14 @@ def open_request(options: Options) -> list[Any]:
     The cell holds no ``Token``, so that a middleware that deep-copies the ASGI
     scope (where the cell is left, under ``REQUEST_KEY``) can.
     """
-    max_entries, on_close = options
     previous = _current.get()
     _live.append(None)
     cell: list[Any]
-    if on_close is None and not listeners:
+    if options[1] is None and not listeners:
         cell = [options, previous]
         _current.set(cell)
         return cell
-    store = MemoStore(max_entries, on_close)
+    store = MemoStore(*options)
     store._opened_at = _now()
     cell = [options, previous, store]
     _current.set(store)
@@ -104,9 +103,10 @@ def close_request(cell: list[Any]) -> None:
     cell[0] = None  # closed: nothing is made from it any more
     if len(cell) == 2:
         cell.append(_NONE_MADE)  # whoever still holds the cell finds a closed scope
-    if holds(cell):
-        _current.set(cell[1])
     store = cell[2]
+    active = _current.get()
+    if active is cell or active is store:
+        _current.set(cell[1])
     if store is _NONE_MADE:
         _live.pop()
     else:

@@ -386,14 +386,14 @@ def test_scoped_body_closes_at_garbage_collection() -> None:
     from perrequest._active import close_request, open_request
     from perrequest.wsgi import ScopedBody
 
-    cell = open_request((10, None))
+    cell, token = open_request((10, None))
     store = perrequest.current_store()
-    body = ScopedBody(iter([b"a"]), cell)
+    body = ScopedBody(iter([b"a"]), cell, token)
     assert live_scopes() == 1 and in_request_scope()
     del body  # dropped by refcount in this context: the scope ends, the context is restored
     gc.collect()
     assert live_scopes() == 0 and store.closed and not in_request_scope()
-    close_request(cell)  # idempotent
+    close_request(cell, token)  # idempotent
     assert_no_live_scopes()
 
 

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 from . import _gc_guard
@@ -27,8 +27,8 @@ OnClose = Callable[[ScopeStats], object]
 logger = logging.getLogger("perrequest")
 
 # The active store; or, for a scope a middleware opened, until its store is first
-# needed, the request's "cell": a list ``[options, previous]`` that the store is
-# appended to when made (see ``open_request``). Typed Any: the hit paths read a
+# needed, the request's "cell": a list ``[options]`` that the store is appended to
+# when made (see ``open_request``). Typed Any: the hit paths read a
 # store's attributes from it, and a cell's AttributeError sends them to ``here()``.
 _current: ContextVar[Any] = ContextVar("perrequest.store", default=None)
 _gc_guard.install(_current)  # finalizers run by the garbage collector see no store
@@ -68,62 +68,67 @@ _NONE_MADE = MemoStore(1)
 _NONE_MADE._closed = True
 
 
-def open_request(options: Options) -> list[Any]:
+def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
     """Open a middleware's scope for one request, and make it the active one here.
 
-    Returns the request's "cell", ``[options, previous]`` (what was active
-    before), which the ContextVar holds until the store is first needed: a
-    request that memoizes nothing makes no store. Whoever makes it (``here``)
-    appends it to the cell and sets it in its own context, where the hit paths
-    then find the store itself. A scope with an ``on_close``, or opened while a
-    scope listener is registered, gets its store at once, timed.
+    Returns the request's "cell" and the ``Token`` that ``close_request``
+    resets. The cell, ``[options]``, is what the ContextVar holds until the
+    store is first needed: a request that memoizes nothing makes no store.
+    Whoever makes it (``here``) appends it to the cell and sets it in its own
+    context, where the hit paths then find the store itself. A scope with an
+    ``on_close``, or opened while a scope listener is registered, gets its
+    store at once, timed.
 
-    The cell holds no ``Token``, so that a middleware that deep-copies the ASGI
-    scope (where the cell is left, under ``REQUEST_KEY``) can.
+    The cell is what a middleware leaves in the request under ``REQUEST_KEY``;
+    it holds no ``Token``, so that a middleware that deep-copies the ASGI
+    scope can.
     """
-    previous = _current.get()
     _live.append(None)
-    cell: list[Any]
     if options[1] is None and not listeners:
-        cell = [options, previous]
-        _current.set(cell)
-        return cell
+        cell = [options]
+        return cell, _current.set(cell)
     store = MemoStore(*options)
     store._opened_at = _now()
-    cell = [options, previous, store]
-    _current.set(store)
-    return cell
+    return [options, store], _current.set(store)
 
 
-def close_request(cell: list[Any]) -> None:
-    """End the scope ``open_request`` opened: make what was active before it active
-    again, if it is the active one here; close its store if one was made. Idempotent."""
+def close_request(cell: list[Any], token: Token[Any] | None) -> None:
+    """End the scope ``open_request`` opened: ``leave_request``, then close its
+    store if one was made. Idempotent."""
     if cell[0] is None:
         return
     cell[0] = None  # closed: nothing is made from it any more
-    if len(cell) == 2:
+    if len(cell) == 1:
         cell.append(_NONE_MADE)  # whoever still holds the cell finds a closed scope
-    store = cell[2]
-    active = _current.get()
-    if active is cell or active is store:
-        _current.set(cell[1])
+    store = cell[1]
+    if token is not None:
+        active = _current.get()
+        if active is cell or active is store:
+            _restore(token)
     if store is _NONE_MADE:
         _live.pop()
     else:
         close_scope(store)
 
 
-def leave_request(cell: list[Any]) -> None:
+def leave_request(cell: list[Any], token: Token[Any]) -> None:
     """Make what was active before ``open_request`` active again here, if the scope
-    is the active one; the scope stays open."""
+    is the active one; the scope stays open, and ``token`` is used up."""
     if holds(cell):
-        _current.set(cell[1])
+        _restore(token)
 
 
 def holds(cell: list[Any]) -> bool:
     """Whether the current context has ``cell``'s scope active (its store, if made)."""
     active = _current.get()
-    return active is cell or (len(cell) > 2 and active is cell[2])
+    return active is cell or (len(cell) > 1 and active is cell[1])
+
+
+def _restore(token: Token[Any]) -> None:
+    try:
+        _current.reset(token)
+    except ValueError:  # another context than the one it was set in
+        _current.set(None if token.old_value is token.MISSING else token.old_value)
 
 
 def _made(cell: list[Any]) -> MemoStore:
@@ -131,7 +136,7 @@ def _made(cell: list[Any]) -> MemoStore:
 
     Timed from then, if a listener or DEBUG logging will see its stats.
     """
-    if len(cell) == 2:
+    if len(cell) == 1:
         options = cell[0]
         if options is None:  # closed meanwhile
             cell.append(_NONE_MADE)
@@ -140,7 +145,7 @@ def _made(cell: list[Any]) -> MemoStore:
             if observed():
                 new._opened_at = _now()
             cell.append(new)  # of two threads' stores, the first appended is the store
-    store: MemoStore = cell[2]
+    store: MemoStore = cell[1]
     return store
 
 
@@ -164,12 +169,8 @@ def leave_scope(store: MemoStore) -> None:
     request's body iterated in the same thread, say) is left alone.
     """
     token, store._token = store._token, None
-    if token is None or _current.get() is not store:
-        return
-    try:
-        _current.reset(token)
-    except ValueError:  # another context than the one the scope was opened in
-        _current.set(None if token.old_value is token.MISSING else token.old_value)
+    if token is not None and _current.get() is store:
+        _restore(token)
 
 
 def close_scope(store: MemoStore) -> None:
@@ -181,14 +182,7 @@ def close_scope(store: MemoStore) -> None:
     """
     if store._closed:
         return
-    token = store._token
-    if token is not None:  # leave_scope, written out: this runs for every request
-        store._token = None
-        if _current.get() is store:
-            try:
-                _current.reset(token)
-            except ValueError:  # another context than the one it was opened in
-                _current.set(None if token.old_value is token.MISSING else token.old_value)
+    leave_scope(store)
     if not store._opened_at and store._lock is None:  # unwritten, and nobody watches
         store._closed = True
         _live.pop()

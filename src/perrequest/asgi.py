@@ -122,8 +122,9 @@ class RequestScopeMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        cell = scope[REQUEST_KEY] = open_request(self._options)
+        cell, token = open_request(self._options)
+        scope[REQUEST_KEY] = cell
         try:
             await self.app(scope, receive, send)
         finally:
-            close_request(cell)
+            close_request(cell, token)

@@ -20,6 +20,7 @@ Any WSGI app: ``app = RequestScopeMiddleware(app)``. Flask: ``perrequest.flask.P
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import Token
 from typing import Any
 
 from ._active import (
@@ -87,25 +88,27 @@ class RequestScopeMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if REQUEST_KEY in environ and opened_outside(environ):
             return self.app(environ, start_response)  # an outer perrequest layer's scope
-        cell = environ[REQUEST_KEY] = open_request(self._options)
+        cell, token = open_request(self._options)
+        environ[REQUEST_KEY] = cell
         try:
             body = self.app(environ, start_response)
         except BaseException:
-            close_request(cell)
+            close_request(cell, token)
             raise
         wrapper = environ.get("wsgi.file_wrapper")
         if type(body) in (list, tuple) or (isinstance(wrapper, type) and isinstance(body, wrapper)):
             # Nothing of the app's runs later: end the scope now, and hand the body
             # over as it is (the server still sees a list's len(), and its own file
             # wrapper, which it serves with sendfile).
-            close_request(cell)
+            close_request(cell, token)
             return body
-        if cell[1] is not None:
+        if token.old_value is not token.MISSING and token.old_value is not None:
             # A scope was active when the request came: an outer one, or another
             # request's, in a server that interleaves requests in one thread. Restore
             # it between the steps; the body's chunks are produced with ours active.
-            leave_request(cell)
-        return ScopedBody(body, cell)
+            leave_request(cell, token)
+            return ScopedBody(body, cell, None)
+        return ScopedBody(body, cell, token)
 
 
 class ScopedBody:
@@ -126,13 +129,15 @@ class ScopedBody:
     Args:
         body: The app's response iterable.
         cell: The request's scope, as ``open_request`` opened it, still open.
+        token: What ``close()`` resets in the thread; None if the scope was left.
     """
 
-    __slots__ = ("_body", "_cell", "_chunks")
+    __slots__ = ("_body", "_cell", "_chunks", "_token")
 
-    def __init__(self, body: Iterable[bytes], cell: list[Any]) -> None:
+    def __init__(self, body: Iterable[bytes], cell: list[Any], token: Token[Any] | None) -> None:
         self._body = body
-        self._cell: list[Any] | None = cell  # scope.open_request's
+        self._cell: list[Any] | None = cell  # _active.open_request's
+        self._token = token
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
@@ -168,11 +173,11 @@ class ScopedBody:
                 finally:
                     _current.reset(token)
         finally:
-            close_request(cell)
+            close_request(cell, self._token)
 
     def __del__(self) -> None:
         if self._cell is not None:
-            close_request(self._cell)
+            close_request(self._cell, self._token)
 
 
 def _produce(body: Iterable[bytes], active: Any, keep: ScopedBody | None) -> Iterator[bytes]:

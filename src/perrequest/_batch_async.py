@@ -188,14 +188,9 @@ def _load_slow(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
         here()
         return spec.load(key)
     loop = asyncio.get_running_loop()
-    try:
-        state = store._flights.get((spec, loop))
-    except AttributeError:  # nothing written to the store yet
-        state = None
-    if state is None or store._closed:
-        state = _state(spec, store, loop)
-        if state is None:  # the scope has ended: outside any scope now
-            return _outside_one(spec, key)
+    state = _state(spec, store, loop)
+    if state is None:  # the scope has ended: outside any scope now
+        return _outside_one(spec, key)
     future = loop.create_future()
     state.join(key, ck, future)
     return future

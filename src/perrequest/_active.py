@@ -104,7 +104,10 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
     if token is not None:
         active = _current.get()
         if active is cell or active is store:
-            _restore(token)
+            try:
+                _current.reset(token)
+            except ValueError:  # another context than the one it was set in
+                _set_back(token)
     if store is _NONE_MADE:
         _live.pop()
     else:
@@ -115,7 +118,10 @@ def leave_request(cell: list[Any], token: Token[Any]) -> None:
     """Make what was active before ``open_request`` active again here, if the scope
     is the active one; the scope stays open, and ``token`` is used up."""
     if holds(cell):
-        _restore(token)
+        try:
+            _current.reset(token)
+        except ValueError:  # another context than the one it was set in
+            _set_back(token)
 
 
 def holds(cell: list[Any]) -> bool:
@@ -124,11 +130,9 @@ def holds(cell: list[Any]) -> bool:
     return active is cell or (len(cell) > 1 and active is cell[1])
 
 
-def _restore(token: Token[Any]) -> None:
-    try:
-        _current.reset(token)
-    except ValueError:  # another context than the one it was set in
-        _current.set(None if token.old_value is token.MISSING else token.old_value)
+def _set_back(token: Token[Any]) -> None:
+    """What ``reset(token)`` does, in a context other than the one it was set in."""
+    _current.set(None if token.old_value is token.MISSING else token.old_value)
 
 
 def _made(cell: list[Any]) -> MemoStore:
@@ -170,7 +174,10 @@ def leave_scope(store: MemoStore) -> None:
     """
     token, store._token = store._token, None
     if token is not None and _current.get() is store:
-        _restore(token)
+        try:
+            _current.reset(token)
+        except ValueError:  # another context than the one the scope was opened in
+            _set_back(token)
 
 
 def close_scope(store: MemoStore) -> None:

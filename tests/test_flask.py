@@ -72,6 +72,24 @@ def test_requests_never_share_a_store(client: Any) -> None:
     assert [s["lookups"] for s in seen] == [1, 1, 1]
 
 
+def test_test_code_runs_in_the_request_scope_until_the_response_is_closed(client: Any) -> None:
+    """The test client is the server: the store stays active in its thread until the
+    response is closed (docs/frameworks/flask.md, "In tests"). The next request still
+    gets a store of its own; closing the responses leaves the test outside any scope."""
+    first = client.get("/shared")
+    store = perrequest.current_store()  # the first request's, in the test's own code
+    second = client.get("/shared")
+    assert second.get_json()["before"] is None  # a fresh store, not the first one
+    assert perrequest.current_store() is store  # given back as the second app returned
+    first.close()
+    assert not perrequest.in_request_scope() and store.closed
+    second.close()
+    assert not perrequest.in_request_scope() and live_scopes() == 0
+    with client.get("/shared"):
+        pass
+    assert not perrequest.in_request_scope()
+
+
 def test_stream_with_context_sees_the_store_until_the_server_closes_it(client: Any) -> None:
     response = client.get("/stream?x=42")
     marker = response.headers["X-Marker"]

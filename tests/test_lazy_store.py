@@ -229,6 +229,9 @@ def test_a_task_that_outlives_its_request_is_outside_any_scope() -> None:
         assert done.wait(10)
     assert sorted(outcomes) == [("made", False, "no store"), ("unmade", False, "no store")]
     assert live_scopes() == 0
+    # The closed store every unmade cell shares was never written to, nor set up for it.
+    shared_closed = perrequest._active._NONE_MADE
+    assert shared_closed.closed and shared_closed._subs is None and len(shared_closed) == 0
 
 
 def test_a_deep_copied_scope_shares_the_request_and_copies_cleanly() -> None:

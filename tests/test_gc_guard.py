@@ -224,3 +224,32 @@ def test_collections_inside_contextvars_operations_keep_the_mapping_alive() -> N
     assert not errors, errors[:5]
     assert _gc_guard._hidden is None
     assert len(_gc_guard._keep) <= 64
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.11 collects inside allocations")
+def test_a_collection_inside_the_reset_that_ends_a_scope_leaves_no_stale_store() -> None:
+    """A reset that removes the variable (nothing was set before the scope) clears the
+    variable's cached value, then allocates the new mapping; a collection starting there
+    hides and restores the store, which caches it again. Without the invalidation,
+    ``_current.get()`` returned the closed store ever after in that thread. The number of
+    allocations before the scope's exit is swept, so that one of them lands the collection
+    inside that reset."""
+    others = [contextvars.ContextVar(f"other{i}") for i in range(3)]
+
+    def one(allocations: int) -> object:
+        for var in others:  # a framework's variables: the mapping is a real node
+            var.set(1)
+        with perrequest.request_scope() as store:
+            store["k"] = allocations
+            gc.collect()
+            junk = [[] for _ in range(allocations)]
+        del junk
+        return _current.get()
+
+    old = gc.get_threshold()
+    gc.set_threshold(25)
+    try:
+        seen = [contextvars.Context().run(one, n) for n in range(40)]
+    finally:
+        gc.set_threshold(*old)
+    assert seen == [None] * 40

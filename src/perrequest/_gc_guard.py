@@ -61,6 +61,12 @@ def _hide_during_collections(phase: str, info: dict[str, Any]) -> None:
             var.reset(token)
         except ValueError:  # another context than at "start": cannot happen, never fail
             var.set(token.old_value)
+        if _COLLECTS_INSIDE_ALLOCATIONS:
+            # The interrupted operation may be a reset that removes the variable: it
+            # cleared the variable's cached value before allocating, and will install
+            # its mapping after we return, but our reset just cached the store again.
+            # Entering and leaving a context invalidates every cached value.
+            contextvars.Context().run(int)
 
 
 def _keep_mapping_alive() -> None:

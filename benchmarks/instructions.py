@@ -1,7 +1,8 @@
 """What a middleware adds to a hello-world request, in machine instructions (callgrind).
 
 The same in-process requests as middleware_overhead.py (bare Starlette and Flask, the
-minimal ContextVar middleware, perrequest's middleware), each variant in its own process
+minimal ContextVar middleware, perrequest's middleware, and for WSGI the least middleware
+that keeps its store until ``close()``), each variant in its own process
 under ``valgrind --tool=callgrind``, twice: with N1 and with N2 requests after a warm-up.
 (total(N2) - total(N1)) / (N2 - N1) is the instructions one request costs, start-up and
 imports cancelled out. An instruction count does not move with the machine's other load,
@@ -29,7 +30,10 @@ from typing import Any
 import _common as common
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("bare", "minimal", "perrequest")
+VARIANTS = {
+    "ASGI": ("bare", "minimal", "perrequest"),
+    "WSGI": ("bare", "minimal", "until_close", "perrequest"),
+}
 
 
 def child(protocol: str, variant: str, requests: int) -> None:
@@ -57,6 +61,7 @@ def child(protocol: str, variant: str, requests: int) -> None:
         wsgi_app = {
             "bare": flask,
             "minimal": mo.MinimalWSGIMiddleware(flask),
+            "until_close": mo.UntilCloseWSGIMiddleware(flask),
             "perrequest": perrequest.wsgi.RequestScopeMiddleware(flask),
         }[variant]
         mo.check_wsgi(wsgi_app)
@@ -95,12 +100,12 @@ def _instructions(protocol: str, variant: str, requests: int) -> int:
 
 def measure(n1: int, n2: int) -> dict[str, dict[str, int]]:
     """Instructions per request, per protocol and variant."""
-    jobs = [(p, v, n) for p in ("ASGI", "WSGI") for v in VARIANTS for n in (n1, n2)]
+    jobs = [(p, v, n) for p, names in VARIANTS.items() for v in names for n in (n1, n2)]
     with ThreadPoolExecutor(max_workers=2) as pool:  # counts do not depend on the load
         totals = dict(zip(jobs, pool.map(lambda job: _instructions(*job), jobs), strict=True))
     return {
-        p: {v: (totals[(p, v, n2)] - totals[(p, v, n1)]) // (n2 - n1) for v in VARIANTS}
-        for p in ("ASGI", "WSGI")
+        p: {v: (totals[(p, v, n2)] - totals[(p, v, n1)]) // (n2 - n1) for v in names}
+        for p, names in VARIANTS.items()
     }
 
 

@@ -92,6 +92,9 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             if name == "perrequest - minimal":
                 label = f"{protocol}: perrequest - minimal middleware (us)"
                 table.append((label, "", f"{row['added_us']:+.2f}", "info"))
+            elif name == "minimal, store until close()":
+                label = f"{protocol}: least middleware keeping its store until close() - bare (us)"
+                table.append((label, "", f"{row['added_us']:+.2f}", "info"))
             elif row["target"]:
                 what = f"{protocol}: {name} - bare (us)"
                 table.append((what, row["target"], f"{row['added_us']:+.2f}", mark(row["met"])))

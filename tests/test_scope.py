@@ -383,12 +383,14 @@ def test_assert_no_live_scopes_fails_when_one_is_open() -> None:
 
 
 def test_scoped_body_closes_at_garbage_collection() -> None:
-    from perrequest._active import close_request, open_request
+    from perrequest._active import _current, close_request, open_request
     from perrequest.wsgi import ScopedBody
 
     cell, token = open_request((10, None))
     store = perrequest.current_store()
-    body = ScopedBody(iter([b"a"]), cell, token)
+    _current.reset(token)  # as the middleware leaves it when the app returns
+    body = ScopedBody([b"a"], cell)
+    assert next(iter(body)) == b"a"  # iterating makes the store active here
     assert live_scopes() == 1 and in_request_scope()
     del body  # dropped by refcount in this context: the scope ends, the context is restored
     gc.collect()

@@ -111,9 +111,11 @@ def test_the_store_is_active_during_the_call_and_each_chunk_and_closed_at_close(
     wrapped = RequestScopeMiddleware(app)
     body: Any = wrapped(_environ(), _start_response)
     store = app.stores[0]
-    # Between the steps the server's thread has the request's store: the request
-    # is not over until close().
-    assert perrequest.current_store() is store
+    # As the app returns, the thread gets back what it had (nothing): a server may
+    # serve the body from another thread. Iterating makes the store active again
+    # here, until close().
+    assert not perrequest.in_request_scope() and _current.get() is None
+    assert not store.closed and live_scopes() == 1
     chunks = []
     for chunk in body:
         chunks.append(chunk)
@@ -315,7 +317,8 @@ def test_a_body_never_iterated_nor_closed_is_closed_when_garbage_collected() -> 
 
 def test_a_pooled_thread_is_left_without_a_store_after_each_request() -> None:
     """The gthread trap, in-process: every step of a request, then a check, on one thread.
-    The request's own store is there until the server closes the body; then nothing."""
+    Nothing is left as the app returns; the request's own store is there from the first
+    chunk until the server closes the body; then nothing."""
     error_app = RequestScopeMiddleware(Recorder(body_error=Boom("mid-body")))
 
     def fails(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
@@ -360,7 +363,7 @@ def test_a_pooled_thread_is_left_without_a_store_after_each_request() -> None:
     def check() -> tuple[int, bool, MemoStore | None]:
         return threading.get_ident(), perrequest.in_request_scope(), _current.get()
 
-    mid_request = (call, chunk, failing_chunk)
+    mid_request = (chunk, failing_chunk)
     with ThreadPoolExecutor(max_workers=1) as pool:
         for step in steps:
             thread_of_step = pool.submit(run, step).result()
@@ -373,6 +376,29 @@ def test_a_pooled_thread_is_left_without_a_store_after_each_request() -> None:
             # Stricter: not even a closed store is left in the ContextVar.
             assert left is None, f"the ContextVar was left set after {step.__name__}"
     assert live_scopes() == 0
+
+
+def test_a_layer_that_calls_the_app_in_one_thread_and_serves_the_body_from_another() -> None:
+    """An outer layer runs the app in a pool thread, and the server's thread iterates and
+    closes the body. The pool thread runs other requests' code meanwhile: it must not find
+    the request's store (it did when the store stayed active from the call to close())."""
+    app = Recorder()
+    wrapped = RequestScopeMiddleware(app)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        body: Any = pool.submit(wrapped, _environ(), _start_response).result()
+        store = app.stores[0]
+        # Another request's code on the pool thread, outside any perrequest middleware.
+        seen = pool.submit(lambda: (perrequest.in_request_scope(), _current.get())).result()
+        assert seen == (False, None)
+        with pytest.raises(perrequest.NoActiveScope):
+            pool.submit(perrequest.set, "step", "another request's").result()
+        assert list(body) == [b"perms-of-alice;"] * 3  # served here, with the store active
+        assert perrequest.get("step") == "call" and perrequest.current_store() is store
+        body.close()
+        assert store.closed and _current.get() is None and live_scopes() == 0
+        assert pool.submit(_current.get).result() is None
+    assert app.computed == 1
+    assert [step for step, in_scope, _ in app.seen if not in_scope] == []
 
 
 def test_an_outer_scope_is_restored_around_the_call_and_each_chunk() -> None:

@@ -1,18 +1,19 @@
 """WSGI middleware: one store per request, for Flask, Pyramid, Bottle or any WSGI app.
 
-The store is active from the app's call until the server calls ``close()`` on
-the response (PEP 3333: also when the client went away mid-body), so a lazy
-or streaming body (a generator, Flask's ``stream_with_context``) still sees
-it; the ContextVar is then restored, so a pooled worker thread (gunicorn
-``gthread``) never carries a store into its next request. Where that cannot
-hold, the store is made active around each chunk and the close instead: a
-server that iterates or closes the body in another thread or context than
-the app's, or a request that came while a scope was already active (an outer
-``request_scope``, or another request's in a server that interleaves
-requests in one thread), which gets that scope back between the steps. A
-list, a tuple or the server's ``wsgi.file_wrapper`` runs none of the app's
-code later: the scope closes as the app returns and the body is passed on
-untouched.
+The store is active while the app is called, and again from the moment the
+server starts iterating the body until it calls ``close()`` (PEP 3333: also
+when the client went away mid-body), so a lazy or streaming body (a
+generator, Flask's ``stream_with_context``) and the app's close hooks still
+see it. In between, as the app returns, the thread gets back what it had,
+so the thread that called the app never keeps the store for a server that
+serves the body from another. The common case, a server that iterates and
+closes the body in its own thread with nothing else active, gets the chunks
+straight from the body; anywhere else (a scope already active there: an
+outer ``request_scope``, or another request's in a server that interleaves
+requests in one thread) each chunk and the close are produced with the store
+made active around them. A list, a tuple or the server's
+``wsgi.file_wrapper`` runs none of the app's code later: the scope closes as
+the app returns and the body is passed on untouched.
 
 Any WSGI app: ``app = RequestScopeMiddleware(app)``. Flask: ``perrequest.flask.PerRequest``.
 """
@@ -37,6 +38,8 @@ from ._checks import check_max_entries, check_on_close, unknown_option
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
+
+_get, _set = _current.get, _current.set
 
 # Typed loosely, as Werkzeug does, so that apps typed with _typeshed.wsgi or
 # with plain dicts and callables are all accepted.
@@ -102,24 +105,19 @@ class RequestScopeMiddleware:
             # wrapper, which it serves with sendfile).
             close_request(cell, token)
             return body
-        if token.old_value is not token.MISSING and token.old_value is not None:
-            # A scope was active when the request came: an outer one, or another
-            # request's, in a server that interleaves requests in one thread. Restore
-            # it between the steps; the body's chunks are produced with ours active.
-            leave_request(cell, token)
-            return ScopedBody(body, cell, None)
-        return ScopedBody(body, cell, token)
+        leave_request(cell, token)  # the thread as it was; iterating makes the store active
+        return ScopedBody(body, cell)
 
 
 class ScopedBody:
-    """A response body whose scope stays active until ``close()`` ends it.
+    """A response body whose scope stays open until ``close()`` ends it.
 
-    A server iterates and closes the body in the thread that called the app,
-    where the store is still active: the chunks come straight from the body.
-    Anywhere else (another thread, a copied context) each chunk is produced,
-    and the body's own ``close`` run, with the store made active around it. A
-    body the server never closes (against PEP 3333) ends its scope when it is
-    garbage collected, and only the scope: the app's own close hooks (Flask's
+    Iterated in a thread or context with nothing active (a server's thread),
+    it makes the store active there until ``close()``: the chunks come
+    straight from the body. Anywhere else each chunk is produced, and the
+    body's own ``close`` run, with the store made active around it. A body the
+    server never closes (against PEP 3333) ends its scope when it is garbage
+    collected, and only the scope: the app's own close hooks (Flask's
     ``call_on_close``, a generator's ``finally``) run as they would have
     without perrequest, which is not at all.
 
@@ -129,37 +127,39 @@ class ScopedBody:
     Args:
         body: The app's response iterable.
         cell: The request's scope, as ``open_request`` opened it, still open.
-        token: What ``close()`` resets in the thread; None if the scope was left.
     """
 
     __slots__ = ("_body", "_cell", "_chunks", "_token")
 
-    def __init__(self, body: Iterable[bytes], cell: list[Any], token: Token[Any] | None) -> None:
+    def __init__(self, body: Iterable[bytes], cell: list[Any]) -> None:
         self._body = body
         self._cell: list[Any] | None = cell  # _active.open_request's
-        self._token = token
+        self._token: Token[Any] | None = None  # while iteration keeps the store active
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        cell = self._cell
-        if cell is None:
-            return iter(())
-        return iter(self._body) if holds(cell) else _produce(self._body, cell, self)
+        return self._start(self)
 
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator
         if self._chunks is None:
-            cell = self._cell
-            if cell is None:
-                self._chunks = iter(())
-            else:  # no reference to self: no cycle
-                self._chunks = iter(self._body) if holds(cell) else _produce(self._body, cell, None)
+            self._chunks = self._start(None)  # no reference to self: no cycle
         return next(self._chunks)
+
+    def _start(self, keep: ScopedBody | None) -> Iterator[bytes]:
+        cell = self._cell
+        if cell is None:
+            return iter(())
+        if self._token is None and _get() is None:
+            self._token = _set(cell)  # until close(), which resets it
+            return iter(self._body)
+        return _produce(self._body, cell, keep)
 
     def close(self) -> None:
         """Close the body with the scope active, then end the scope."""
         cell, self._cell = self._cell, None
         if cell is None:
             return
+        token, self._token = self._token, None
         close = getattr(self._body, "close", None)
         try:
             if close is None:
@@ -167,13 +167,13 @@ class ScopedBody:
             elif holds(cell):
                 close()
             else:
-                token = _current.set(cell)
+                active = _set(cell)
                 try:
                     close()
                 finally:
-                    _current.reset(token)
+                    _current.reset(active)
         finally:
-            close_request(cell, self._token)
+            close_request(cell, token)
 
     def __del__(self) -> None:
         if self._cell is not None:

@@ -124,6 +124,23 @@ def leave_request(cell: list[Any], token: Token[Any]) -> None:
             _set_back(token)
 
 
+def drop_inherited() -> None:
+    """Drop, in this context, a scope inherited from another request.
+
+    A server may start a request's task from inside another request's task,
+    whose context the new task copies: uvicorn starts a pipelined request (or
+    one that arrives after a paused read) from the previous request's ``send``
+    or ``receive`` (CPython issue 140947), and that request's scope may still
+    be open (its background tasks run after the response). A scope a
+    middleware opened (a cell, or a store made from one: its ``_token`` is
+    None) is dropped for good in this context; one the caller opened with
+    ``request_scope()`` (around the app, in a test) is kept.
+    """
+    active = _current.get()
+    if type(active) is list or (active is not None and active._token is None):
+        _current.set(None)
+
+
 def holds(cell: list[Any]) -> bool:
     """Whether the current context has ``cell``'s scope active (its store, if made)."""
     active = _current.get()

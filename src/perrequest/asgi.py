@@ -16,7 +16,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._active import REQUEST_KEY, OnClose, close_request, open_request, opened_outside
+from ._active import (
+    REQUEST_KEY,
+    OnClose,
+    _current,
+    close_request,
+    drop_inherited,
+    open_request,
+    opened_outside,
+)
 from ._checks import check_max_entries, check_on_close, unknown_option
 from .store import DEFAULT_MAX_ENTRIES
 
@@ -30,6 +38,7 @@ Send = Callable[[Message], Awaitable[None]]
 # TypedDict scopes or a plain dict must be accepted too.
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
+_get = _current.get
 _SCOPE_TYPES = ("http", "websocket")
 _OPTIONS = ("max_entries", "scope_types", "on_close")
 
@@ -117,6 +126,8 @@ class RequestScopeMiddleware:
         self._scope_types = _check_scope_types(scope_types)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _get() is not None and REQUEST_KEY not in scope:
+            drop_inherited()  # another request's, copied into this task by the server
         if scope["type"] not in self._scope_types or (
             REQUEST_KEY in scope and opened_outside(scope)
         ):

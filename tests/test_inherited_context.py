@@ -1,0 +1,217 @@
+"""A request whose task was started inside another request's never sees that request's store.
+
+uvicorn starts a pipelined request (and one read after a paused read) from
+inside the previous request's ``send``/``receive``, so the new task copies the
+previous request's context (CPython issue 140947; uvicorn's opt-in
+``--reset-contextvars``). The previous request's scope may still be open: its
+background tasks run after the response. The middleware drops a scope another
+request's middleware opened when it finds one at the start of a request, so
+neither the request's code nor what runs after the middleware (Starlette's
+500 handler) nor a scope type it does not cover (a websocket) sees it; a
+``request_scope()`` the caller opened around the app is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+from servers import serve_uvicorn
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+import perrequest
+from perrequest import request_memo, request_scope
+from perrequest.asgi import RequestScopeMiddleware
+from perrequest.testing import live_scopes
+
+Scope = dict[str, Any]
+
+
+def _http(path: str = "/") -> Scope:
+    return {"type": "http", "asgi": {"version": "3.0"}, "method": "GET", "path": path}
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _send(message: Any) -> None:
+    pass
+
+
+def _seen() -> dict[str, Any]:
+    return {"in_scope": perrequest.in_request_scope(), "owner": perrequest.get("owner")}
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["unmade", "made"])
+async def test_a_task_started_inside_another_request_drops_its_scope(made: bool) -> None:
+    """In-process: request A starts B's task, as uvicorn does from A's send. B's code
+    outside the middleware (after it, and for a scope type it does not cover) sees nothing."""
+    seen: dict[str, dict[str, Any]] = {}
+
+    async def b_app(scope: Scope, receive: Any, send: Any) -> None:
+        seen[f"{scope['type']} inside"] = _seen()
+
+    middleware = RequestScopeMiddleware(b_app)
+
+    async def outer_layer(scope: Scope) -> None:  # what wraps the middleware: Starlette's
+        await middleware(scope, _receive, _send)  # ServerErrorMiddleware, a server
+        seen[f"{scope['type']} after"] = _seen()
+
+    async def a_app(scope: Scope, receive: Any, send: Any) -> None:
+        if made:
+            perrequest.set("owner", "A")  # A's store is made: the context holds the store
+        await asyncio.create_task(outer_layer(_http("/b")))
+        await asyncio.create_task(outer_layer({"type": "websocket", "path": "/ws"}))
+        assert perrequest.get("owner") == ("A" if made else None)  # A's own context keeps it
+
+    await RequestScopeMiddleware(a_app)(_http("/a"), _receive, _send)
+    nothing = {"in_scope": False, "owner": None}
+    assert seen == {
+        "http inside": {"in_scope": True, "owner": None},
+        "http after": nothing,
+        "websocket inside": nothing,
+        "websocket after": nothing,
+    }
+    assert live_scopes() == 0
+
+
+async def test_a_request_scope_the_caller_opened_around_the_app_is_kept() -> None:
+    stores: list[Any] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        stores.append(perrequest.current_store())
+
+    with request_scope() as outer:
+        await RequestScopeMiddleware(app)(_http(), _receive, _send)
+        assert perrequest.current_store() is outer
+        await RequestScopeMiddleware(app)({"type": "websocket"}, _receive, _send)
+        assert perrequest.current_store() is outer
+    assert stores[0] is not outer and stores[0].closed
+    assert stores[1] is outer  # a scope type the middleware does not cover: the caller's
+
+
+# -- under real uvicorn: a request pipelined behind one whose background task runs -------
+
+
+def _app() -> Starlette:
+    @request_memo(outside_scope="call")
+    def ident(tag: str) -> str:
+        return f"{tag} by {perrequest.get('owner')}"
+
+    def report(label: str) -> dict[str, Any]:
+        result = {**_seen(), "ident": ident(label)}
+        try:
+            perrequest.set("written by", label)
+            result["write"] = "ok"
+        except perrequest.NoActiveScope:
+            result["write"] = "NoActiveScope"
+        return result
+
+    async def hold(request: Request) -> PlainTextResponse:
+        perrequest.set("owner", "A")
+        ident("A")  # A's memo, keyed by the same argument as the others' calls below
+        ident("WS")
+        ident("500")
+        return PlainTextResponse("held", background=BackgroundTask(asyncio.sleep, 1.0))
+
+    async def upload(request: Request) -> PlainTextResponse:
+        await request.body()  # over uvicorn's 64 KiB high-water mark: reading pauses, resumes
+        return await hold(request)
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json(report("WS"))
+        await websocket.close()
+
+    async def boom(request: Request) -> None:
+        raise RuntimeError("boom")
+
+    async def on_500(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(report("500"), status_code=500)
+
+    return Starlette(
+        routes=[
+            Route("/hold", hold),
+            Route("/upload", upload, methods=["POST"]),
+            Route("/boom", boom),
+            WebSocketRoute("/ws", ws),
+        ],
+        middleware=[Middleware(RequestScopeMiddleware)],
+        exception_handlers={500: on_500},
+    )
+
+
+def _exchange(base: str, *requests: bytes) -> bytes:
+    """Send each request on one connection, the next as soon as the previous response's
+    first bytes arrived (the last request's answer must be JSON)."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        received = b""
+        deadline = time.monotonic() + 5
+        for request in requests:
+            sock.sendall(request)
+            received = b""
+            while time.monotonic() < deadline and b"HTTP/1.1" not in received:
+                received += sock.recv(65536)
+        while time.monotonic() < deadline and b"}" not in received[received.find(b"{") :]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def _report(received: bytes) -> dict[str, Any]:
+    start = received.index(b"{")
+    result: dict[str, Any] = json.loads(received[start : received.index(b"}", start) + 1])
+    return result
+
+
+HOLD = b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n"
+UPLOAD = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n" + b"x" * 300_000
+BOOM = b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n"
+WS = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("requests", "label"),
+    [
+        ((HOLD + BOOM,), "500"),  # pipelined: started from the first request's send()
+        ((HOLD + WS,), "WS"),
+        ((UPLOAD, BOOM), "500"),  # one after the other, after a paused read
+    ],
+    ids=["pipelined-500-handler", "pipelined-websocket", "after-a-large-body-500-handler"],
+)
+def test_a_request_uvicorn_starts_inside_another_never_sees_its_store(
+    requests: tuple[bytes, ...], label: str
+) -> None:
+    with serve_uvicorn(_app(), log_level="critical") as base:
+        seen = _report(_exchange(base, *requests))
+        deadline = time.monotonic() + 5
+        while live_scopes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    # Before the fix: in_scope True, owner "A", the first request's memo entry, a write to it.
+    assert seen == {
+        "in_scope": False,
+        "owner": None,
+        "ident": f"{label} by None",
+        "write": "NoActiveScope",
+    }
+    assert live_scopes() == 0

@@ -7,7 +7,7 @@ import collections
 import gc
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -322,6 +322,75 @@ def test_another_requests_waiter_gets_a_copy_of_the_error_without_its_frames() -
     assert "secret" in locals_in(computing)  # the computing request's frame...
     assert "secret" not in locals_in(waiting)  # ...is not in the waiter's copy
     assert "another request" in waiting.__notes__[-1]
+
+
+def _inner_error() -> ValueError:
+    secret = "request one's token"  # noqa: F841 - a local an error page would show
+    try:
+        raise ValueError("inner")
+    except ValueError as exc:
+        return exc
+
+
+def _carried_errors(error: BaseException) -> list[BaseException]:
+    """The exceptions an error carries: a group's, in its arguments and attributes."""
+    found = [error]
+    if isinstance(error, BaseExceptionGroup):
+        found += [e for sub in error.exceptions for e in _carried_errors(sub)]
+    for value in (*error.args, *vars(error).values()):
+        if isinstance(value, BaseException):
+            found += _carried_errors(value)
+    return found
+
+
+class Wrapped(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ExceptionGroup("many", [_inner_error()]),
+        lambda: Wrapped(_inner_error()),
+        lambda: setattr(error := Wrapped("outer"), "original", _inner_error()) or error,
+    ],
+    ids=["exception group", "in the arguments", "in an attribute"],
+)
+def test_the_errors_an_error_carries_reach_a_waiter_as_copies_too(
+    make: Callable[[], BaseException],
+) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    @request_memo(shared=cachetools.LRUCache(maxsize=10))
+    def load(key: str) -> str:
+        started.set()
+        assert release.wait(5)
+        raise make()
+
+    def request() -> BaseException:
+        with request_scope():
+            try:
+                load("k")
+            except Exception as exc:
+                return exc
+        raise AssertionError("load() should have raised")
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(request)
+        assert started.wait(5)
+        second = pool.submit(request)
+        time.sleep(0.05)  # the second request is now waiting on the first's computation
+        release.set()
+        errors = [first.result(5), second.result(5)]
+    computing = next(e for e in errors if not getattr(e, "__notes__", None))
+    waiting = next(e for e in errors if e is not computing)
+    theirs, ours = _carried_errors(computing), _carried_errors(waiting)
+    assert len(ours) == len(theirs) == 2
+    assert theirs[1].__traceback__ is not None  # the computing request's inner error...
+    assert not {id(e) for e in ours} & {id(e) for e in theirs}  # ...is not the waiter's
+    assert ours[1].__traceback__ is None  # (ours[0]'s is the waiter's own, raised there)
+    assert [type(e) for e in ours] == [type(e) for e in theirs]
+    assert ours[1].args == ("inner",)
 
 
 def test_a_cache_without_weak_references_shares_one_lock_instead_of_leaking() -> None:

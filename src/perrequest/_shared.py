@@ -23,6 +23,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from types import FrameType, TracebackType
 from typing import Any, Protocol, TypeVar
 
 from . import _flight
@@ -167,11 +168,20 @@ def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | Non
     return cache, version
 
 
-def _detached(error: BaseException) -> BaseException:
-    """A copy of ``error`` for another request: no traceback, frames, cause or context."""
+def _detached(error: BaseException, seen: dict[int, BaseException] | None = None) -> BaseException:
+    """A copy of ``error`` for another request: no traceback, frames, cause or context,
+    nor any in the exceptions it carries (a group's, in its arguments or attributes)."""
+    seen = {} if seen is None else seen
+    if id(error) in seen:  # an exception that refers to itself, or one met twice
+        return seen[id(error)]
+    clone: BaseException
     try:
-        clone = copy.copy(error)
-        same = type(clone) is type(error) and clone is not error and clone.args == error.args
+        if isinstance(error, BaseExceptionGroup):
+            clone = error.derive([_detached(sub, seen) for sub in error.exceptions])
+            same = True
+        else:
+            clone = copy.copy(error)
+            same = type(clone) is type(error) and clone is not error and clone.args == error.args
     except Exception:  # an exception that cannot be rebuilt from its args
         same = False
     if not same:
@@ -179,10 +189,22 @@ def _detached(error: BaseException) -> BaseException:
             f"another request computing this shared entry raised "
             f"{type(error).__module__}.{type(error).__qualname__}: {error}"
         )
+    seen[id(error)] = clone
     clone.__traceback__ = clone.__cause__ = clone.__context__ = None
     clone.__suppress_context__ = False
+    if any(isinstance(arg, BaseException) for arg in clone.args):
+        clone.args = tuple(_carried(arg, seen) for arg in clone.args)
+    for name, value in list(getattr(clone, "__dict__", {}).items()):  # copy.copy's own dict
+        setattr(clone, name, _carried(value, seen))
     clone.__notes__ = ["perrequest: raised by the same computation in another request"]
     return clone
+
+
+def _carried(value: object, seen: dict[int, BaseException]) -> object:
+    """What an exception's copy may carry of ``value``: no frames or tracebacks."""
+    if isinstance(value, BaseException):
+        return _detached(value, seen)
+    return None if isinstance(value, (TracebackType, FrameType)) else value
 
 
 class SharedTier:

@@ -344,6 +344,26 @@ class SubRepo(Repo):
     pass
 
 
+def test_a_methods_cache_delete_takes_the_instance_and_says_so_when_it_is_missing() -> None:
+    """The extras are the function's, as with functools.lru_cache: through an instance as
+    through the class, cache_delete takes the instance first (the types say so too)."""
+
+    class Repository:
+        @request_memo
+        def row(self, row_id: int) -> dict[str, int]:
+            return {"id": row_id}
+
+    repo = Repository()
+    with request_scope():
+        first = repo.row(7)
+        assert repo.row.cache_delete(repo, 7) is True
+        assert repo.row(7) is not first
+        assert Repository.row.cache_delete(repo, 7) is True
+        with pytest.raises(TypeError, match=r"cache_delete\(obj, \.\.\.\)") as caught:
+            repo.row.cache_delete(7)  # type: ignore[call-arg, arg-type]
+        assert "row_id" in str(caught.value)
+
+
 def test_methods_memoize_per_instance_by_identity() -> None:
     with request_scope():
         a, b = Repo("same"), Repo("same")

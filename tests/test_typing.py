@@ -42,9 +42,18 @@ def test_mypy_strict_accepts_a_users_module_and_reports_each_mistake() -> None:
     assert good.returncode == 0, good.stdout
     bad = _run("mypy", "--strict", str(HERE / "bad.py"))
     errors = [line for line in bad.stdout.splitlines() if ": error:" in line]
-    assert sorted({int(line.split(":")[1]) for line in errors}) == [13, 14, 15, 16, 17, 25, 26], (
-        bad.stdout
-    )
+    assert sorted({int(line.split(":")[1]) for line in errors}) == [
+        13,
+        14,
+        15,
+        16,
+        17,
+        25,
+        26,
+        35,
+        36,
+        37,
+    ], bad.stdout
 
 
 def test_pyright_accepts_a_users_module_and_reports_each_mistake() -> None:
@@ -53,4 +62,4 @@ def test_pyright_accepts_a_users_module_and_reports_each_mistake() -> None:
     bad = _run("basedpyright", "--level", "error", str(HERE / "bad.py"))
     errors = [line for line in bad.stdout.splitlines() if " - error:" in line]
     lines = sorted({int(line.split(":")[1]) for line in errors})
-    assert lines == [13, 14, 15, 16, 17, 25, 26], bad.stdout
+    assert lines == [13, 14, 15, 16, 17, 25, 26, 35, 36, 37], bad.stdout

@@ -11,13 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Concatenate, NamedTuple, ParamSpec, Protocol, Self, TypeVar, overload
 
-__all__ = ["CacheInfo", "MemoizedFunction", "SharedCacheInfo", "SharedMemoizedFunction"]
+__all__ = [
+    "BoundMemoizedFunction",
+    "CacheInfo",
+    "MemoizedFunction",
+    "SharedCacheInfo",
+    "SharedMemoizedFunction",
+]
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
 S = TypeVar("S")
+S_contra = TypeVar("S_contra", contravariant=True)
 
 
 class CacheInfo(NamedTuple):
@@ -70,7 +77,30 @@ class MemoizedFunction(Protocol[P, R_co]):
     @overload
     def __get__(
         self: MemoizedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any], /
-    ) -> MemoizedFunction[P2, R]: ...
+    ) -> BoundMemoizedFunction[S, P2, R]: ...
+
+
+class BoundMemoizedFunction(Protocol[S_contra, P, R_co]):
+    """A memoized method got from an instance (``repo.row``): called without ``self``.
+
+    The extras are the function's, not the bound method's (as with
+    ``functools.lru_cache``), so ``cache_delete`` takes the instance too:
+    ``repo.row.cache_delete(repo, 7)``.
+    """
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def cache_info(self) -> CacheInfo:
+        """The method's hits, misses and entries in the active store (all instances)."""
+        ...
+
+    def cache_clear(self) -> None:
+        """Drop the method's entries in the active store, for every instance."""
+        ...
+
+    def cache_delete(self, instance: S_contra, /, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Drop the entry ``instance`` and these arguments would hit; whether there was one."""
+        ...
 
 
 class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):

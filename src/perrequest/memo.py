@@ -30,7 +30,7 @@ from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter
 from ._typing import CacheInfo, MemoizedFunction, SharedCacheInfo, SharedMemoizedFunction
 from ._wrappers import make_wrapper
-from .errors import ScopeClosed
+from .errors import PerRequestError, ScopeClosed
 from .store import MemoKey, MemoStore
 
 if TYPE_CHECKING:  # never imported at run time: the core does not import redis
@@ -188,7 +188,16 @@ class _MemoSpec:
     def cache_delete(self, *args: Any, **kwargs: Any) -> bool:
         """Drop the entry these arguments would hit in the active store (and the shared
         cache); whether the request store had one. Outside a scope: False."""
-        key, _ = self.keyof(*args, **kwargs)
+        try:
+            key, _ = self.keyof(*args, **kwargs)
+        except TypeError as exc:
+            if self.key_fn is not None or isinstance(exc, PerRequestError):
+                raise
+            raise TypeError(
+                f"{self.name}.cache_delete() takes the arguments a call takes ({exc}). A "
+                f"method's takes the instance too: obj.method.cache_delete(obj, ...)."
+            ) from None
+        self.checked(key, args, kwargs)
         self.checked(key, args, kwargs)
         if self.shared is not None:
             self.shared.delete((self, key))

@@ -9,7 +9,7 @@ import functools
 import threading
 from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from ._active import OnClose, _current, active_store, close_scope, here, open_scope
 from ._checks import (
@@ -105,25 +105,30 @@ class request_scope:
     """
 
     __slots__ = ("_max_entries", "_on_close", "_store")
+    _max_entries: int | None
+    _on_close: OnClose | None
+    _store: MemoStore | bool | None  # None: not entered; True: entering; then the store
 
-    def __init__(
-        self,
-        *misused: object,
-        max_entries: int | None = DEFAULT_MAX_ENTRIES,
-        on_close: OnClose | None = None,
-        **unknown: object,
-    ) -> None:
-        if unknown:
-            options = ("max_entries", "on_close")
-            raise TypeError(unknown_option("request_scope()", next(iter(unknown)), options))
-        if misused:
-            raise TypeError(
-                f"request_scope() takes its options as keywords, not {misused[0]!r}. To "
-                "decorate a function, call it: @request_scope(), with the parentheses."
-            )
-        self._max_entries = check_max_entries(max_entries)
-        self._on_close = check_on_close(on_close)
-        self._store: MemoStore | bool | None = None
+    if TYPE_CHECKING:  # the signature type checkers hold calls to
+
+        def __init__(
+            self, *, max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
+        ) -> None: ...
+
+    else:  # what runs: explains a positional argument (a bare @request_scope) or a typo
+
+        def __init__(self, *misused, max_entries=DEFAULT_MAX_ENTRIES, on_close=None, **unknown):
+            if unknown:
+                options = ("max_entries", "on_close")
+                raise TypeError(unknown_option("request_scope()", next(iter(unknown)), options))
+            if misused:
+                raise TypeError(
+                    f"request_scope() takes its options as keywords, not {misused[0]!r}. To "
+                    "decorate a function, call it: @request_scope(), with the parentheses."
+                )
+            self._max_entries = check_max_entries(max_entries)
+            self._on_close = check_on_close(on_close)
+            self._store = None
 
     def __enter__(self) -> MemoStore:
         with _entering:

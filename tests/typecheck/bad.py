@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from perrequest import request_batch, request_memo
+from perrequest import request_batch, request_memo, request_scope
 
 
 @request_memo
@@ -24,3 +24,14 @@ async def load_names(ids: list[int]) -> list[str]:
 
 load_names.load("1")  # the key's type
 label: int = load_names.load_many([1])  # an awaitable of the values, not a value
+
+
+class Repository:
+    @request_memo
+    def row(self, row_id: int) -> dict[str, int]:
+        return {"id": row_id}
+
+
+Repository().row.cache_delete(7)  # the extras are the function's: the instance comes first
+request_scope(5)  # options are keywords
+request_scope(max_entires=5)  # no such option

@@ -77,7 +77,7 @@ async def main() -> None:
         user_name.cache_clear()
         repository = Repository()
         row: dict[str, int] = repository.row(7)
-        repository.row.cache_delete(7)
+        repository.row.cache_delete(repository, 7)
         Repository.row.cache_info()
         text: str = Repository.normalise("A")
         plain: float = price.__wrapped__("apple")

@@ -10,6 +10,7 @@ from ._stats import FunctionStats, ScopeStats
 from .batch import AsyncBatchLoader, BatchLoader, request_batch
 from .errors import NoActiveScope, PerRequestError, ScopeClosed, UnhashableArguments
 from .memo import (
+    BoundMemoizedFunction,
     CacheInfo,
     MemoizedFunction,
     SharedCacheInfo,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_MAX_ENTRIES",
     "AsyncBatchLoader",
     "BatchLoader",
+    "BoundMemoizedFunction",
     "CacheInfo",
     "FunctionStats",
     "MemoStore",

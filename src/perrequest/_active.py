@@ -93,8 +93,8 @@ def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
 
 
 def close_request(cell: list[Any], token: Token[Any] | None) -> None:
-    """End the scope ``open_request`` opened: ``leave_request``, then close its
-    store if one was made. Idempotent."""
+    """End the scope ``open_request`` opened: reset ``token`` if the scope is active
+    here, then close its store if one was made. Idempotent."""
     if cell[0] is None:
         return
     cell[0] = None  # closed: nothing is made from it any more
@@ -112,16 +112,6 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
         _live.pop()
     else:
         close_scope(store)
-
-
-def leave_request(cell: list[Any], token: Token[Any]) -> None:
-    """Make what was active before ``open_request`` active again here, if the scope
-    is the active one; the scope stays open, and ``token`` is used up."""
-    if holds(cell):
-        try:
-            _current.reset(token)
-        except ValueError:  # another context than the one it was set in
-            _set_back(token)
 
 
 def drop_inherited() -> None:

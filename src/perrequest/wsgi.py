@@ -30,7 +30,6 @@ from ._active import (
     _current,
     close_request,
     holds,
-    leave_request,
     open_request,
     opened_outside,
 )
@@ -105,7 +104,7 @@ class RequestScopeMiddleware:
             # wrapper, which it serves with sendfile).
             close_request(cell, token)
             return body
-        leave_request(cell, token)  # the thread as it was; iterating makes the store active
+        _current.reset(token)  # the thread as it was; iterating makes the store active
         return ScopedBody(body, cell)
 
 
@@ -138,6 +137,10 @@ class ScopedBody:
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
+        cell = self._cell
+        if cell is not None and self._token is None and _get() is None:
+            self._token = _set(cell)  # the common case, inline: see _start
+            return iter(self._body)
         return self._start(self)
 
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator

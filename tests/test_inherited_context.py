@@ -1,14 +1,16 @@
-"""A request whose task was started inside another request's never sees that request's store.
+"""A request that starts with another request's scope active never sees that scope.
 
 uvicorn starts a pipelined request (and one read after a paused read) from
 inside the previous request's ``send``/``receive``, so the new task copies the
 previous request's context (CPython issue 140947; uvicorn's opt-in
-``--reset-contextvars``). The previous request's scope may still be open: its
-background tasks run after the response. The middleware drops a scope another
-request's middleware opened when it finds one at the start of a request, so
-neither the request's code nor what runs after the middleware (Starlette's
-500 handler) nor a scope type it does not cover (a websocket) sees it; a
-``request_scope()`` the caller opened around the app is kept.
+``--reset-contextvars``), and that request's scope may still be open: its
+background tasks run after the response. An app called in-process by a request
+(``httpx.ASGITransport``) starts the same way, in that request's own task. The
+middleware hides such a scope while the request runs, its own code and a scope
+type it does not cover (a websocket) alike, and gives it back after, so the
+calling request keeps its scope. What runs outside the middleware in a copied
+task (Starlette's 500 handler) is out of its reach: ``--reset-contextvars``
+covers that (docs/security.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import socket
 import time
 from typing import Any
 
+import httpx
 import pytest
 from servers import serve_uvicorn
 from starlette.applications import Starlette
@@ -56,9 +59,9 @@ def _seen() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("made", [False, True], ids=["unmade", "made"])
-async def test_a_task_started_inside_another_request_drops_its_scope(made: bool) -> None:
-    """In-process: request A starts B's task, as uvicorn does from A's send. B's code
-    outside the middleware (after it, and for a scope type it does not cover) sees nothing."""
+async def test_a_task_started_inside_another_request_never_sees_its_scope(made: bool) -> None:
+    """In-process: request A starts B's task, as uvicorn does from A's send. B's code, and
+    a scope type the middleware does not cover, see nothing of A's."""
     seen: dict[str, dict[str, Any]] = {}
 
     async def b_app(scope: Scope, receive: Any, send: Any) -> None:
@@ -66,26 +69,48 @@ async def test_a_task_started_inside_another_request_drops_its_scope(made: bool)
 
     middleware = RequestScopeMiddleware(b_app)
 
-    async def outer_layer(scope: Scope) -> None:  # what wraps the middleware: Starlette's
-        await middleware(scope, _receive, _send)  # ServerErrorMiddleware, a server
-        seen[f"{scope['type']} after"] = _seen()
-
     async def a_app(scope: Scope, receive: Any, send: Any) -> None:
         if made:
             perrequest.set("owner", "A")  # A's store is made: the context holds the store
-        await asyncio.create_task(outer_layer(_http("/b")))
-        await asyncio.create_task(outer_layer({"type": "websocket", "path": "/ws"}))
+        await asyncio.create_task(middleware(_http("/b"), _receive, _send))
+        await asyncio.create_task(middleware({"type": "websocket"}, _receive, _send))
         assert perrequest.get("owner") == ("A" if made else None)  # A's own context keeps it
 
     await RequestScopeMiddleware(a_app)(_http("/a"), _receive, _send)
-    nothing = {"in_scope": False, "owner": None}
     assert seen == {
-        "http inside": {"in_scope": True, "owner": None},
-        "http after": nothing,
-        "websocket inside": nothing,
-        "websocket after": nothing,
+        "http inside": {"in_scope": True, "owner": None},  # its own store, not A's
+        "websocket inside": {"in_scope": False, "owner": None},
     }
     assert live_scopes() == 0
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["unmade", "made"])
+async def test_an_app_called_in_process_by_a_request_leaves_that_requests_scope(
+    made: bool,
+) -> None:
+    """The same task, not a copy: a request that calls a perrequest-wrapped app through
+    httpx.ASGITransport keeps its own scope after the call."""
+    inner_stores: list[Any] = []
+
+    async def inner_app(scope: Scope, receive: Any, send: Any) -> None:
+        inner_stores.append(perrequest.current_store())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"inner"})
+
+    after: list[Any] = []
+
+    async def outer_app(scope: Scope, receive: Any, send: Any) -> None:
+        if made:
+            perrequest.set("owner", "outer")
+        mine = perrequest.current_store()
+        transport = httpx.ASGITransport(app=RequestScopeMiddleware(inner_app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://inner") as client:
+            assert (await client.get("/")).text == "inner"
+        after.append((perrequest.current_store() is mine, perrequest.get("owner")))
+
+    await RequestScopeMiddleware(outer_app)(_http("/outer"), _receive, _send)
+    assert after == [(True, "outer" if made else None)]
+    assert inner_stores[0].closed and live_scopes() == 0
 
 
 async def test_a_request_scope_the_caller_opened_around_the_app_is_kept() -> None:
@@ -136,6 +161,9 @@ def _app() -> Starlette:
         await websocket.send_json(report("WS"))
         await websocket.close()
 
+    async def who(request: Request) -> JSONResponse:
+        return JSONResponse(report("WHO"))
+
     async def boom(request: Request) -> None:
         raise RuntimeError("boom")
 
@@ -146,6 +174,7 @@ def _app() -> Starlette:
         routes=[
             Route("/hold", hold),
             Route("/upload", upload, methods=["POST"]),
+            Route("/who", who),
             Route("/boom", boom),
             WebSocketRoute("/ws", ws),
         ],
@@ -183,6 +212,7 @@ def _report(received: bytes) -> dict[str, Any]:
 HOLD = b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n"
 UPLOAD = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n" + b"x" * 300_000
 BOOM = b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n"
+WHO = b"GET /who HTTP/1.1\r\nHost: x\r\n\r\n"
 WS = (
     b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\n"
@@ -190,28 +220,40 @@ WS = (
 )
 
 
+OWN = {"in_scope": True, "owner": None, "ident": "WHO by None", "write": "ok"}
+
+
+def _none(label: str) -> dict[str, Any]:
+    return {"in_scope": False, "owner": None, "ident": f"{label} by None", "write": "NoActiveScope"}
+
+
 @pytest.mark.parametrize(
-    ("requests", "label"),
+    ("requests", "reset_contextvars", "expected"),
     [
-        ((HOLD + BOOM,), "500"),  # pipelined: started from the first request's send()
-        ((HOLD + WS,), "WS"),
-        ((UPLOAD, BOOM), "500"),  # one after the other, after a paused read
+        # Before: the first request's owner, its memo entry, a write to its store.
+        ((HOLD + WHO,), False, OWN),  # pipelined: started from the first one's send()
+        ((UPLOAD, WHO), False, OWN),  # one after the other, after a paused read
+        ((HOLD + WS,), False, _none("WS")),  # a scope type the middleware passes through
+        # Outside the middleware (Starlette's 500 handler): uvicorn's own flag.
+        ((HOLD + BOOM,), True, _none("500")),
+        ((UPLOAD, BOOM), True, _none("500")),
     ],
-    ids=["pipelined-500-handler", "pipelined-websocket", "after-a-large-body-500-handler"],
+    ids=[
+        "pipelined",
+        "after-a-large-body",
+        "pipelined-websocket",
+        "pipelined-500-handler-reset-contextvars",
+        "after-a-large-body-500-handler-reset-contextvars",
+    ],
 )
 def test_a_request_uvicorn_starts_inside_another_never_sees_its_store(
-    requests: tuple[bytes, ...], label: str
+    requests: tuple[bytes, ...], reset_contextvars: bool, expected: dict[str, Any]
 ) -> None:
-    with serve_uvicorn(_app(), log_level="critical") as base:
+    options: dict[str, Any] = {"reset_contextvars": True} if reset_contextvars else {}
+    with serve_uvicorn(_app(), log_level="critical", **options) as base:
         seen = _report(_exchange(base, *requests))
         deadline = time.monotonic() + 5
         while live_scopes() and time.monotonic() < deadline:
             time.sleep(0.02)
-    # Before the fix: in_scope True, owner "A", the first request's memo entry, a write to it.
-    assert seen == {
-        "in_scope": False,
-        "owner": None,
-        "ident": f"{label} by None",
-        "write": "NoActiveScope",
-    }
+    assert seen == expected
     assert live_scopes() == 0

@@ -114,21 +114,11 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
         close_scope(store)
 
 
-def drop_inherited() -> None:
-    """Drop, in this context, a scope inherited from another request.
-
-    A server may start a request's task from inside another request's task,
-    whose context the new task copies: uvicorn starts a pipelined request (or
-    one that arrives after a paused read) from the previous request's ``send``
-    or ``receive`` (CPython issue 140947), and that request's scope may still
-    be open (its background tasks run after the response). A scope a
-    middleware opened (a cell, or a store made from one: its ``_token`` is
-    None) is dropped for good in this context; one the caller opened with
-    ``request_scope()`` (around the app, in a test) is kept.
-    """
+def opened_by_a_middleware() -> bool:
+    """Whether the active scope is one a perrequest middleware opened for a request:
+    a cell, or a store made from one (its ``_token`` is None); not a ``request_scope()``."""
     active = _current.get()
-    if type(active) is list or (active is not None and active._token is None):
-        _current.set(None)
+    return type(active) is list or (active is not None and active._token is None)
 
 
 def holds(cell: list[Any]) -> bool:

@@ -21,8 +21,8 @@ from ._active import (
     OnClose,
     _current,
     close_request,
-    drop_inherited,
     open_request,
+    opened_by_a_middleware,
     opened_outside,
 )
 from ._checks import check_max_entries, check_on_close, unknown_option
@@ -126,8 +126,16 @@ class RequestScopeMiddleware:
         self._scope_types = _check_scope_types(scope_types)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if _get() is not None and REQUEST_KEY not in scope:
-            drop_inherited()  # another request's, copied into this task by the server
+        if _get() is not None and REQUEST_KEY not in scope and opened_by_a_middleware():
+            # Another request's scope: one that calls this app in-process, or one whose
+            # context the server copied into this request's task (uvicorn; see
+            # docs/security.md). Hidden while this request runs, given back after.
+            hidden = _current.set(None)
+            try:
+                await self(scope, receive, send)
+            finally:
+                _current.reset(hidden)
+            return
         if scope["type"] not in self._scope_types or (
             REQUEST_KEY in scope and opened_outside(scope)
         ):

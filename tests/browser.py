@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -106,18 +108,40 @@ def chromium() -> Iterator[Page]:
             f"--remote-debugging-port={port}",
             "about:blank",
         ]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             url = _page_socket(f"http://{HOST}:{port}", proc)
             with connect(url, max_size=None, open_timeout=10) as socket:
                 yield Page(socket)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop Chromium and every helper process it started: they write to the profile
+    until they exit, and removing it under them fails ("Directory not empty")."""
+    group = proc.pid  # start_new_session: its own process group
+    _signal_group(group, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        _signal_group(group, signal.SIGKILL)
+        proc.wait(5)
+    deadline = time.monotonic() + 10
+    while _signal_group(group, 0) and time.monotonic() < deadline:  # helpers still alive
+        time.sleep(0.05)
+    _signal_group(group, signal.SIGKILL)
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    """Send ``sig`` to the process group; whether any process of it was there."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _page_socket(base: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:

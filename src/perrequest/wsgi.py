@@ -137,10 +137,6 @@ class ScopedBody:
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        cell = self._cell
-        if cell is not None and self._token is None and _get() is None:
-            self._token = _set(cell)  # the common case, inline: see _start
-            return iter(self._body)
         return self._start(self)
 
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator

@@ -280,9 +280,9 @@ class Failed(Exception):
         self.who = who
 
 
-def test_another_requests_waiter_gets_a_copy_of_the_error_without_its_frames() -> None:
-    """A waiter in another request must not receive the computing request's traceback
-    (its frames hold that request's locals: an error page would show them)."""
+def _computing_and_waiting(error: Callable[[], BaseException]) -> list[BaseException]:
+    """Two requests call a shared memo that raises ``error()``, the second while the first
+    computes: [the computing request's exception, the waiting request's]."""
     started, release = threading.Event(), threading.Event()
 
     @request_memo(shared=cachetools.LRUCache(maxsize=10))
@@ -290,13 +290,13 @@ def test_another_requests_waiter_gets_a_copy_of_the_error_without_its_frames() -
         secret = "request one's token"  # noqa: F841 - a local an error page would show
         started.set()
         assert release.wait(5)
-        raise Failed("db down")
+        raise error()
 
     def request() -> BaseException:
         with request_scope():
             try:
                 load("k")
-            except Failed as exc:
+            except Exception as exc:
                 return exc
         raise AssertionError("load() should have raised")
 
@@ -308,7 +308,13 @@ def test_another_requests_waiter_gets_a_copy_of_the_error_without_its_frames() -
         release.set()
         errors = [first.result(5), second.result(5)]
     computing = next(e for e in errors if not getattr(e, "__notes__", None))
-    waiting = next(e for e in errors if e is not computing)
+    return [computing, next(e for e in errors if e is not computing)]
+
+
+def test_another_requests_waiter_gets_a_copy_of_the_error_without_its_frames() -> None:
+    """A waiter in another request must not receive the computing request's traceback
+    (its frames hold that request's locals: an error page would show them)."""
+    computing, waiting = _computing_and_waiting(lambda: Failed("db down"))
     assert type(waiting) is Failed and waiting.args == ("db down",) and waiting.who == "db down"
     assert waiting is not computing
 
@@ -359,31 +365,7 @@ class Wrapped(Exception):
 def test_the_errors_an_error_carries_reach_a_waiter_as_copies_too(
     make: Callable[[], BaseException],
 ) -> None:
-    started, release = threading.Event(), threading.Event()
-
-    @request_memo(shared=cachetools.LRUCache(maxsize=10))
-    def load(key: str) -> str:
-        started.set()
-        assert release.wait(5)
-        raise make()
-
-    def request() -> BaseException:
-        with request_scope():
-            try:
-                load("k")
-            except Exception as exc:
-                return exc
-        raise AssertionError("load() should have raised")
-
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(request)
-        assert started.wait(5)
-        second = pool.submit(request)
-        time.sleep(0.05)  # the second request is now waiting on the first's computation
-        release.set()
-        errors = [first.result(5), second.result(5)]
-    computing = next(e for e in errors if not getattr(e, "__notes__", None))
-    waiting = next(e for e in errors if e is not computing)
+    computing, waiting = _computing_and_waiting(make)
     theirs, ours = _carried_errors(computing), _carried_errors(waiting)
     assert len(ours) == len(theirs) == 2
     assert theirs[1].__traceback__ is not None  # the computing request's inner error...

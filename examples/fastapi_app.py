@@ -6,7 +6,7 @@ the next request starts from an empty store, so nothing grows with the process.
 
 Run it (from the repository root):
 
-    uvicorn examples.fastapi_app:app
+    uvicorn examples.fastapi_app:app --reset-contextvars
     python examples/fastapi_app.py          # serves on 127.0.0.1:8000 (or $PORT)
 
 Then:
@@ -136,4 +136,6 @@ def stats() -> dict[str, int]:
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))
+    # reset_contextvars: each request starts in an empty context (docs/security.md).
+    port = int(os.environ.get("PORT", "8000"))
+    uvicorn.run(app, host="127.0.0.1", port=port, reset_contextvars=True)

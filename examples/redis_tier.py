@@ -7,7 +7,8 @@ value). Redis down or slow never fails a request: the rate is then fetched here.
 
 Run it (from the repository root, with a Redis server on localhost):
 
-    REDIS_URL=redis://127.0.0.1:6379/0 uvicorn examples.redis_tier:app --workers 4
+    REDIS_URL=redis://127.0.0.1:6379/0 \
+        uvicorn examples.redis_tier:app --workers 4 --reset-contextvars
 
 Then:
 
@@ -95,4 +96,6 @@ async def stats() -> dict[str, Any]:
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))
+    # reset_contextvars: each request starts in an empty context (docs/security.md).
+    port = int(os.environ.get("PORT", "8000"))
+    uvicorn.run(app, host="127.0.0.1", port=port, reset_contextvars=True)

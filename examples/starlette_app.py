@@ -8,7 +8,7 @@ store is dropped once the background task is done.
 
 Run it (from the repository root):
 
-    uvicorn examples.starlette_app:app
+    uvicorn examples.starlette_app:app --reset-contextvars
     python examples/starlette_app.py        # serves on 127.0.0.1:8000 (or $PORT)
 
 Then:
@@ -158,4 +158,6 @@ app.add_middleware(RequestScopeMiddleware, on_close=_record)
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))
+    # reset_contextvars: each request starts in an empty context (docs/security.md).
+    port = int(os.environ.get("PORT", "8000"))
+    uvicorn.run(app, host="127.0.0.1", port=port, reset_contextvars=True)

@@ -94,7 +94,10 @@ def test_starlette_example_queries_once_per_request() -> None:
         ("fastapi", [sys.executable, "examples/fastapi_app.py"]),
         (
             "starlette",
-            [sys.executable, "-m", "uvicorn", "examples.starlette_app:app", "--host", "127.0.0.1"],
+            [
+                *(sys.executable, "-m", "uvicorn", "examples.starlette_app:app"),
+                *("--host", "127.0.0.1", "--reset-contextvars"),
+            ],
         ),
     ],
     ids=["python-fastapi_app", "uvicorn-starlette_app"],

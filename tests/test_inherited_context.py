@@ -36,6 +36,7 @@ from starlette.websockets import WebSocket
 
 import perrequest
 from perrequest import request_memo, request_scope
+from perrequest._active import _current
 from perrequest.asgi import RequestScopeMiddleware
 from perrequest.testing import live_scopes
 
@@ -111,6 +112,23 @@ async def test_an_app_called_in_process_by_a_request_leaves_that_requests_scope(
     await RequestScopeMiddleware(outer_app)(_http("/outer"), _receive, _send)
     assert after == [(True, "outer" if made else None)]
     assert inner_stores[0].closed and live_scopes() == 0
+
+
+async def test_a_closed_scope_left_in_the_context_is_dropped_by_the_next_request() -> None:
+    with request_scope() as left:
+        pass
+    seen: list[bool] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        seen.append(perrequest.in_request_scope())
+
+    async def in_a_context_left_with_it() -> Any:
+        _current.set(left)
+        await RequestScopeMiddleware(app)(_http(), _receive, _send)
+        return _current.get()
+
+    assert await asyncio.create_task(in_a_context_left_with_it()) is None
+    assert seen == [True] and live_scopes() == 0
 
 
 async def test_a_request_scope_the_caller_opened_around_the_app_is_kept() -> None:

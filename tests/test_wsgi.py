@@ -401,6 +401,29 @@ def test_a_layer_that_calls_the_app_in_one_thread_and_serves_the_body_from_anoth
     assert [step for step, in_scope, _ in app.seen if not in_scope] == []
 
 
+def test_a_closed_scope_left_in_the_thread_is_not_carried_through_the_next_request() -> None:
+    """A generator that kept a request_scope() open across its yields, closed from elsewhere,
+    leaves a closed store active in the server's thread. It means no scope; the next request
+    drops it, instead of giving it back after (and every later request taking the per-chunk
+    path because a scope seemed active)."""
+    with request_scope() as left:
+        pass
+    assert left.closed
+
+    def leave_it() -> None:
+        _current.set(left)
+
+    def serve() -> tuple[bytes, Any]:
+        return _serve(RequestScopeMiddleware(Recorder())), _current.get()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(leave_it).result()
+        body, after = pool.submit(serve).result()
+    assert body == b"perms-of-alice;" * 3
+    assert after is None
+    assert live_scopes() == 0
+
+
 def test_an_outer_scope_is_restored_around_the_call_and_each_chunk() -> None:
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
         assert perrequest.get("who") is None  # a fresh store, not the outer one

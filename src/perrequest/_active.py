@@ -114,6 +114,18 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
         close_scope(store)
 
 
+def forget_closed() -> None:
+    """Drop a closed scope left active here: it means no scope (a generator that kept a
+    ``request_scope()`` open across its yields and was closed from elsewhere leaves one),
+    and a request that starts here should not carry it along, nor give it back."""
+    active = _current.get()
+    if type(active) is list:
+        if active[0] is None:
+            _current.set(None)
+    elif active is not None and active._closed:
+        _current.set(None)
+
+
 def opened_by_a_middleware() -> bool:
     """Whether the active scope is one a perrequest middleware opened for a request:
     a cell, or a store made from one (its ``_token`` is None); not a ``request_scope()``."""

@@ -21,6 +21,7 @@ from ._active import (
     OnClose,
     _current,
     close_request,
+    forget_closed,
     open_request,
     opened_by_a_middleware,
     opened_outside,
@@ -126,16 +127,18 @@ class RequestScopeMiddleware:
         self._scope_types = _check_scope_types(scope_types)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if _get() is not None and REQUEST_KEY not in scope and opened_by_a_middleware():
-            # Another request's scope: one that calls this app in-process, or one whose
-            # context the server copied into this request's task (uvicorn; see
-            # docs/security.md). Hidden while this request runs, given back after.
-            hidden = _current.set(None)
-            try:
-                await self(scope, receive, send)
-            finally:
-                _current.reset(hidden)
-            return
+        if _get() is not None and REQUEST_KEY not in scope:
+            forget_closed()
+            if opened_by_a_middleware():
+                # Another request's scope: one that calls this app in-process, or one whose
+                # context the server copied into this request's task (uvicorn; see
+                # docs/security.md). Hidden while this request runs, given back after.
+                hidden = _current.set(None)
+                try:
+                    await self(scope, receive, send)
+                finally:
+                    _current.reset(hidden)
+                return
         if scope["type"] not in self._scope_types or (
             REQUEST_KEY in scope and opened_outside(scope)
         ):

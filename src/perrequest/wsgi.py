@@ -29,6 +29,7 @@ from ._active import (
     OnClose,
     _current,
     close_request,
+    forget_closed,
     holds,
     open_request,
     opened_outside,
@@ -90,6 +91,8 @@ class RequestScopeMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if REQUEST_KEY in environ and opened_outside(environ):
             return self.app(environ, start_response)  # an outer perrequest layer's scope
+        if _get() is not None:
+            forget_closed()
         cell, token = open_request(self._options)
         environ[REQUEST_KEY] = cell
         try:

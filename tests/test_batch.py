@@ -263,6 +263,34 @@ async def test_a_cancelled_batch_is_asked_again_for_its_waiters() -> None:
         assert calls == [[1, 2], [1, 2]]
 
 
+@pytest.mark.parametrize(
+    ("steps", "max_batch_size"), [(1, None), (2, 1)], ids=["the batch", "its chunks"]
+)
+async def test_a_batch_cancelled_before_its_first_step_strands_nobody(
+    steps: int, max_batch_size: int | None
+) -> None:
+    """A shutdown cancels every task, possibly before a batch task (or a chunk task of a
+    batch over max_batch_size) ran its first step, when it has not run its finally yet.
+    Before: its waiters, and every later load of the loader in that scope, hung."""
+    calls: list[list[int]] = []
+
+    @request_batch(max_batch_size=max_batch_size)
+    async def items(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        await asyncio.sleep(0.01)
+        return [k * 10 for k in keys]
+
+    async with request_scope():
+        waiting = asyncio.gather(items.load(1), items.load(2))
+        for _ in range(steps):  # 1: the batch's task exists; 2: its chunks' tasks too
+            await asyncio.sleep(0)
+        for task in list(_batch_async._running):
+            task.cancel()
+        assert await asyncio.wait_for(waiting, 5) == [10, 20]
+        assert await asyncio.wait_for(items.load(3), 5) == 30
+    assert [k for call in calls for k in call].count(3) == 1
+
+
 async def test_closing_the_scope_never_strands_a_waiter() -> None:
     release = asyncio.Event()
 

@@ -1,16 +1,14 @@
 """The async path of ``@request_batch``: the loads of one event-loop tick share one call.
 
 ``load`` and ``load_many`` are plain functions that return an awaitable, as
-DataLoader's do: a hit returns a finished future kept with the value, so it
-costs no coroutine; a miss returns the caller's own future, so that
-cancelling one caller cancels nobody else's wait. Each loader has a ``_State``
-per store and event loop, in the store's ``_flights`` while it has work: the
-keys in flight with who waits for each, and the pending batch. The first key
-missing in a tick schedules the batch's start; every key missing before it
-starts joins it. The batch runs in a task of its own, in the request's
-context, and settles every key it took in a ``finally``, whatever happened to
-the scope meanwhile: each waiter gets the value, the key's exception, or (the
-batch itself was cancelled or interrupted) a place in the next batch.
+DataLoader's do: a hit returns a finished future kept with the value; a miss,
+the caller's own future, so that cancelling one caller cancels nobody else's
+wait. Each loader has a ``_State`` per store and event loop, in the store's
+``_flights`` while it has work: the keys in flight with who waits for each, and
+the pending batch, which every key missing before it starts joins. The batch
+runs in a task of its own and settles every key it took in a ``finally``,
+whatever happened to the scope: each waiter gets the value, the key's
+exception, or (the batch was cancelled or interrupted) a place in the next.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from collections.abc import Callable, Coroutine, Hashable, Iterable
 from typing import Any
 
 from ._active import _current, here
-from ._batching import _BatchSpec, now, settled
+from ._batching import _BatchSpec, now
 from ._flight import MISSING
 from ._stats import Counter
 from .errors import ScopeClosed
@@ -173,8 +171,7 @@ def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
 
 
 def _ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, ...]) -> Any:
-    """A finished future for a value stored without one (``prime``, ``load_many``),
-    kept with it from now on."""
+    """A finished future for a value stored without one (``prime``, ``load_many``)."""
     future = asyncio.get_running_loop().create_future()
     future.set_result(entry[0])
     with store._lock:
@@ -206,7 +203,7 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
     store = here()
     state = None if store is None else _state(spec, store, asyncio.get_running_loop())
     if state is None:
-        return outside(spec, keys, cache_keys)
+        return spec.outside_async(keys, cache_keys)
     values = [state.store._lookup((spec, ck)) for ck in cache_keys]
     waiter = _Waiter(state.loop.create_future(), values)
     found = len(values)
@@ -222,18 +219,30 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
 
 
 def _start(state: _State) -> None:
-    _spawn(state.loop, _run(state))
+    _spawn(state.loop, _run, state)
 
 
-def _spawn(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
-    task = loop.create_task(coro)
+def _spawn(
+    loop: asyncio.AbstractEventLoop, run: Callable[..., Coroutine[Any, Any, None]], *args: Any
+) -> None:
+    """Run ``run(*args, started)`` in a task. One cancelled before its first step (a
+    shutdown cancelling every task) runs neither its body nor its ``finally``: its batch
+    is started again, or its keys go in the next batch."""
+    started: list[bool] = []
+    task = loop.create_task(run(*args, started))
     _running.add(task)
-    task.add_done_callback(_running.discard)
+
+    def ended(task: asyncio.Task[None]) -> None:
+        _running.discard(task)
+        if not started:
+            (_start if run is _run else _restart)(*args)
+
+    task.add_done_callback(ended)
 
 
-async def _run(state: _State) -> None:
-    """Take the pending batch (keys missing until this first step joined it) and fetch
-    it, in calls of at most ``max_batch_size`` keys running alongside."""
+async def _run(state: _State, started: list[bool]) -> None:
+    """Take the pending batch and fetch it, in calls of at most ``max_batch_size`` keys."""
+    started.append(True)
     keys, cks = state.keys, state.cks
     state.keys = state.cks = None
     assert keys is not None and cks is not None
@@ -241,14 +250,16 @@ async def _run(state: _State) -> None:
     size = state.spec.max_batch_size
     if size is not None and len(keys) > size:
         for i in range(size, len(keys), size):
-            _spawn(state.loop, _run_chunk(state, keys[i : i + size], cks[i : i + size]))
+            _spawn(state.loop, _run_chunk, state, keys[i : i + size], cks[i : i + size])
         keys, cks = keys[:size], cks[:size]
-    await _run_chunk(state, keys, cks)
+    await _run_chunk(state, keys, cks, started)
 
 
-async def _run_chunk(state: _State, keys: list[Any], cks: list[Hashable]) -> None:
-    """One call of the batch function; then each key's value is stored (if the scope is
-    still open) and handed to its waiters."""
+async def _run_chunk(
+    state: _State, keys: list[Any], cks: list[Hashable], started: list[bool]
+) -> None:
+    """One call of the batch function; each value is stored (scope open) and handed over."""
+    started.append(True)
     spec, counter = state.spec, state.counter
     start = now() if counter.timed else 0.0
     values: list[Any] | None = None
@@ -337,12 +348,3 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
     except TypeError:  # StopIteration cannot travel through a future
         future.set_exception(RuntimeError(f"the batch function's value was {exc!r}"))
-
-
-async def outside(spec: _BatchSpec, keys: list[Any], cache_keys: list[Hashable]) -> list[Any]:
-    """Outside any scope: called directly (per ``max_batch_size``), nothing cached."""
-    spec.refuse_or_warn()
-    values: list[Any] = []
-    for chunk, cks in zip(spec.chunks(keys), spec.chunks(cache_keys), strict=True):
-        values += spec.spread(chunk, cks, await spec.fn(chunk))
-    return settled(values)

@@ -161,10 +161,19 @@ class _BatchSpec:
         )
 
     def outside(self, keys: list[Any], cache_keys: list[Hashable]) -> list[Any]:
+        """Outside any scope: called directly (per ``max_batch_size``), nothing cached."""
         self.refuse_or_warn()
         values: list[Any] = []
         for chunk, cks in zip(self.chunks(keys), self.chunks(cache_keys), strict=True):
             values += self.spread(chunk, cks, self.call(chunk))
+        return settled(values)
+
+    async def outside_async(self, keys: list[Any], cache_keys: list[Hashable]) -> list[Any]:
+        """``outside`` for an async batch function."""
+        self.refuse_or_warn()
+        values: list[Any] = []
+        for chunk, cks in zip(self.chunks(keys), self.chunks(cache_keys), strict=True):
+            values += self.spread(chunk, cks, await self.fn(chunk))
         return settled(values)
 
     def call(self, keys: list[Any]) -> Any:

@@ -59,6 +59,43 @@ def test_waiting_threads_get_the_exception() -> None:
         assert len(calls) == 1 and load.cache_info().currsize == 0
 
 
+def test_two_threads_computing_each_others_keys_do_not_deadlock() -> None:
+    """Thread A computes f("a"), which needs f("b"); thread B computes f("b"), which needs
+    f("a"). Waiting for each other would hang both forever: the second to wait computes
+    the other's key itself instead, as it would recurse into its own."""
+    started = {"a": threading.Event(), "b": threading.Event()}
+    budget = [4]  # the recursion ends, as in one thread it would
+    lock = threading.Lock()
+
+    @request_memo
+    def f(key: str) -> str:
+        if key in ("a", "b"):
+            started[key].set()  # both computations have begun before either goes on
+            started["b" if key == "a" else "a"].wait(2)
+            with lock:
+                go_on = budget[0] > 0
+                budget[0] -= 1
+            if go_on:
+                return key + f("b" if key == "a" else "a")
+        return key
+
+    results: dict[str, str] = {}
+    with request_scope():
+
+        def compute(key: str) -> None:
+            results[key] = f(key)
+
+        threads = [
+            threading.Thread(target=bind_scope(compute), args=(k,), daemon=True) for k in "ab"
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)  # before: both, forever
+    assert set(results) == {"a", "b"} and all(v[0] == k for k, v in results.items())
+
+
 def test_recursion_on_the_same_thread_does_not_deadlock() -> None:
     @request_memo
     def fib(n: int) -> int:

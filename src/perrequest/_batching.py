@@ -20,7 +20,7 @@ from typing import Any
 from . import _outside
 from ._active import here
 from ._checks import refuse_coroutine
-from ._flight import MISSING
+from ._flight import MISSING, done_waiting, may_wait
 from ._stats import Counter
 from .errors import ScopeClosed, UnhashableArguments
 from .store import MemoStore
@@ -197,8 +197,9 @@ class _BatchSpec:
             return self.outside(keys, cache_keys)
         missing = [i for i, value in enumerate(values) if value is MISSING]
         counter.hits += len(values) - len(missing)
+        alone: set[Hashable] = set()  # keys whose fetch waits for ours: fetched here too
         while missing:
-            missing = self._fetch(store, counter, keys, cache_keys, values, missing)
+            missing = self._fetch(store, counter, keys, cache_keys, values, missing, alone)
         return settled(values)
 
     def _fetch(
@@ -209,6 +210,7 @@ class _BatchSpec:
         cache_keys: list[Hashable],
         values: list[Any],
         missing: list[int],
+        alone: set[Hashable],
     ) -> list[int]:
         """Fill ``values`` at ``missing``: fetch what nobody is fetching, wait for the
         rest. The indices to ask again for (their fetch was interrupted)."""
@@ -230,7 +232,7 @@ class _BatchSpec:
                     counter.hits += 1
                     continue
                 other = flights.get((self, ck))
-                if other is None or other.owner == me.owner:  # recursion: no sharing
+                if other is None or other.owner == me.owner or ck in alone:  # no sharing
                     if other is None:
                         flights[(self, ck)] = me
                         registered.append(ck)
@@ -248,7 +250,15 @@ class _BatchSpec:
                     values[i] = me.outcomes[cache_keys[i]]
         again = []
         for i, other in theirs:
-            other.future.result()  # type: ignore[union-attr]
+            future: Future[None] = other.future  # type: ignore[assignment]
+            if not future.done() and not may_wait(me.owner, other.owner):  # it waits for us
+                alone.add(cache_keys[i])  # so fetch it here too
+                again.append(i)
+                continue
+            try:
+                future.result()
+            finally:
+                done_waiting(me.owner)
             value = values[i] = other.outcomes[cache_keys[i]]
             if value is RESTART:
                 again.append(i)

@@ -30,6 +30,31 @@ _RESTART: Any = object()
 _now = time.perf_counter
 _thread_id = threading.get_ident
 
+# Who waits for whose computation (threads by id, tasks): a caller never waits for a
+# computation that, through others, waits for it (two threads fetching each other's
+# keys); it computes without sharing instead, as for recursion into its own.
+_waits: dict[object, object] = {}
+_waits_lock = threading.Lock()
+
+
+def may_wait(me: object, owner: object) -> bool:
+    """Record that ``me`` waits for ``owner``'s unfinished computation, unless that would
+    close a cycle of callers waiting for each other: then False. ``done_waiting(me)`` after."""
+    with _waits_lock:
+        who: object = owner
+        for _ in range(len(_waits) + 1):
+            if who == me:
+                return False
+            who = _waits.get(who)
+            if who is None:
+                break
+        _waits[me] = owner
+        return True
+
+
+def done_waiting(me: object) -> None:
+    _waits.pop(me, None)
+
 
 class Counter(Protocol):
     hits: int
@@ -64,9 +89,9 @@ class Waited:
         self.future.set_running_or_notify_cancel()
 
 
-def _join(cache: Cache, key: Hashable, owner: object, counter: Counter) -> Future[Any] | bool:
-    """Under the lock, ``key`` being computed: the future to wait on, or False to compute
-    unregistered (this very thread or task is computing the key: recursion)."""
+def _join(cache: Cache, key: Hashable, owner: object, counter: Counter) -> Waited | bool:
+    """Under the lock, ``key`` being computed: the computation to wait for, or False to
+    compute unregistered (this very thread or task is computing the key: recursion)."""
     flights = cache._flights
     record = flights[key]
     computing = record.owner if type(record) is Waited else record
@@ -76,7 +101,7 @@ def _join(cache: Cache, key: Hashable, owner: object, counter: Counter) -> Futur
     if type(record) is not Waited:
         record = flights[key] = Waited(computing)
     counter.hits += 1
-    return record.future
+    return record
 
 
 def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
@@ -131,13 +156,21 @@ def run(
         joined = _wait_or_join(cache, key, me, counter)
         if joined is True:
             break
+        if type(joined) is _Found:
+            return joined.value
         if joined is not False:
-            value = _outcome(cache, counter, joined.result())
-            if value is MISSING:  # the computing caller was interrupted: try again
-                record = cache._flights.setdefault(key, me)
-                continue
-            return value
-        value = fn(*args, **kwargs)  # recursion into its own computation: no sharing
+            if joined.future.done() or may_wait(me, joined.owner):
+                try:
+                    result = joined.future.result()
+                finally:
+                    done_waiting(me)
+                value = _outcome(cache, counter, result)
+                if value is MISSING:  # the computing caller was interrupted: try again
+                    record = cache._flights.setdefault(key, me)
+                    continue
+                return value
+            _uncount(cache, counter)
+        value = fn(*args, **kwargs)  # recursion, or a cycle of waiters: no sharing
         if type(value) is CoroutineType:
             refuse_coroutine(fn, value)
         with cache._lock:
@@ -189,8 +222,12 @@ class _Found:
     def __init__(self, value: Any) -> None:
         self.value = value
 
-    def result(self) -> Any:
-        return (True, self.value)
+
+def _uncount(cache: Cache, counter: Counter) -> None:
+    """A caller that joined a computation (a hit) computes after all (a miss)."""
+    with cache._lock:
+        counter.hits -= 1
+        counter.misses += 1
 
 
 async def run_async(
@@ -222,11 +259,17 @@ async def run_async(
         if joined is not False:
             if type(joined) is _Found:
                 return joined.value
-            value = _outcome(cache, counter, await asyncio.wrap_future(joined))
-            if value is MISSING:
-                record = cache._flights.setdefault(key, me)
-                continue
-            return value
+            if joined.future.done() or may_wait(me, joined.owner):
+                try:
+                    result = await asyncio.wrap_future(joined.future)
+                finally:
+                    done_waiting(me)
+                value = _outcome(cache, counter, result)
+                if value is MISSING:
+                    record = cache._flights.setdefault(key, me)
+                    continue
+                return value
+            _uncount(cache, counter)
         value = await fn(*args, **kwargs)
         with cache._lock:
             cache._fill(key, value, counter, extra)

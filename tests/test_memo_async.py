@@ -181,3 +181,24 @@ def test_memo_under_trio_through_anyio() -> None:
 
     assert anyio.run(main, backend="trio") == (1, 1)
     assert calls == [1]
+
+
+async def test_two_tasks_computing_each_others_keys_do_not_deadlock() -> None:
+    """Task A computes f("a"), which awaits f("b"); task B computes f("b"), which awaits
+    f("a"). Awaiting each other would hang both: the second to wait computes itself."""
+    started = {"a": asyncio.Event(), "b": asyncio.Event()}
+    budget = [4]
+
+    @request_memo
+    async def f(key: str) -> str:
+        if key in ("a", "b"):
+            started[key].set()  # both computations have begun before either goes on
+            await started["b" if key == "a" else "a"].wait()
+            budget[0] -= 1
+            if budget[0] >= 0:
+                return key + await f("b" if key == "a" else "a")
+        return key
+
+    async with request_scope():
+        a, b = await asyncio.wait_for(asyncio.gather(f("a"), f("b")), 5)  # before: forever
+    assert a[0] == "a" and b[0] == "b"

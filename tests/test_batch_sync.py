@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from crossing import Crossing
 
 import perrequest
 from perrequest import (
@@ -254,39 +255,17 @@ def test_two_threads_fetching_each_others_keys_do_not_deadlock() -> None:
     """A friends graph fetched from two threads sharing a scope: thread A's batch for "a"
     loads "b", which thread B is fetching; B's batch for "b" loads "a". The second to wait
     fetches the other's key itself instead of waiting (it would hang both forever)."""
-    started = {"a": threading.Event(), "b": threading.Event()}
-    budget = [4]
-    lock = threading.Lock()
+    crossing = Crossing()
 
     @request_batch
     def friends(keys: Sequence[str]) -> list[str]:
         out = []
         for key in keys:
-            if key in ("a", "b"):
-                started[key].set()  # both computations have begun before either goes on
-                started["b" if key == "a" else "a"].wait(2)
-                with lock:
-                    go_on = budget[0] > 0
-                    budget[0] -= 1
-                if go_on:
-                    out.append(key + friends.load("b" if key == "a" else "a"))
-                    continue
-            out.append(key)
+            other = crossing.needs(key) if key in ("a", "b") else None
+            out.append(key if other is None else key + friends.load(other))
         return out
 
-    results: dict[str, str] = {}
     with perrequest.request_scope():
-
-        def fetch(key: str) -> None:
-            results[key] = friends.load(key)
-
-        threads = [
-            threading.Thread(target=perrequest.bind_scope(fetch), args=(k,), daemon=True)
-            for k in "ab"
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
+        threads, results = crossing.run(friends.load)
     assert not any(thread.is_alive() for thread in threads)  # before: both, forever
     assert set(results) == {"a", "b"} and all(v[0] == k for k, v in results.items())

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from asgiref.sync import sync_to_async
+from crossing import Crossing
 
 from perrequest import bind_scope, current_store, request_memo, request_scope
 
@@ -63,35 +64,15 @@ def test_two_threads_computing_each_others_keys_do_not_deadlock() -> None:
     """Thread A computes f("a"), which needs f("b"); thread B computes f("b"), which needs
     f("a"). Waiting for each other would hang both forever: the second to wait computes
     the other's key itself instead, as it would recurse into its own."""
-    started = {"a": threading.Event(), "b": threading.Event()}
-    budget = [4]  # the recursion ends, as in one thread it would
-    lock = threading.Lock()
+    crossing = Crossing()
 
     @request_memo
     def f(key: str) -> str:
-        if key in ("a", "b"):
-            started[key].set()  # both computations have begun before either goes on
-            started["b" if key == "a" else "a"].wait(2)
-            with lock:
-                go_on = budget[0] > 0
-                budget[0] -= 1
-            if go_on:
-                return key + f("b" if key == "a" else "a")
-        return key
+        other = crossing.needs(key) if key in ("a", "b") else None
+        return key if other is None else key + f(other)
 
-    results: dict[str, str] = {}
     with request_scope():
-
-        def compute(key: str) -> None:
-            results[key] = f(key)
-
-        threads = [
-            threading.Thread(target=bind_scope(compute), args=(k,), daemon=True) for k in "ab"
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
+        threads, results = crossing.run(f)
     assert not any(thread.is_alive() for thread in threads)  # before: both, forever
     assert set(results) == {"a", "b"} and all(v[0] == k for k, v in results.items())
 

@@ -7,16 +7,16 @@ never grow with the life of the process.
 
 from ._shared import SharedComputationError
 from ._stats import FunctionStats, ScopeStats
-from .batch import AsyncBatchLoader, BatchLoader, request_batch
-from .errors import NoActiveScope, PerRequestError, ScopeClosed, UnhashableArguments
-from .memo import (
+from ._typing import (
     BoundMemoizedFunction,
     CacheInfo,
     MemoizedFunction,
     SharedCacheInfo,
     SharedMemoizedFunction,
-    request_memo,
 )
+from .batch import AsyncBatchLoader, BatchLoader, request_batch
+from .errors import NoActiveScope, PerRequestError, ScopeClosed, UnhashableArguments
+from .memo import request_memo
 from .scope import (
     add_scope_listener,
     bind_scope,

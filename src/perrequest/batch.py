@@ -21,8 +21,8 @@ from ._batching import _BatchSpec
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._flight import MISSING
 from ._keys import is_method
+from ._typing import CacheInfo
 from .errors import ScopeClosed
-from .memo import CacheInfo
 from .store import MemoKey
 
 __all__ = ["AsyncBatchLoader", "BatchLoader", "request_batch"]

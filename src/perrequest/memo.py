@@ -28,13 +28,7 @@ from ._checks import check_max_entries, is_async_callable, refuse_generator, unk
 from ._keys import call_key, is_method, unhashable
 from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter
-from ._typing import (
-    BoundMemoizedFunction,
-    CacheInfo,
-    MemoizedFunction,
-    SharedCacheInfo,
-    SharedMemoizedFunction,
-)
+from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import PerRequestError, ScopeClosed
 from .store import MemoKey, MemoStore
@@ -42,14 +36,7 @@ from .store import MemoKey, MemoStore
 if TYPE_CHECKING:  # never imported at run time: the core does not import redis
     from .redis import RedisCache, RedisMemoizedFunction
 
-__all__ = [
-    "BoundMemoizedFunction",
-    "CacheInfo",
-    "MemoizedFunction",
-    "SharedCacheInfo",
-    "SharedMemoizedFunction",
-    "request_memo",
-]
+__all__ = ["request_memo"]
 
 P = ParamSpec("P")
 R = TypeVar("R")

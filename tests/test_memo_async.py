@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 
 import anyio
 import pytest
 
-from perrequest import current_store, request_memo, request_scope
+from perrequest import ScopeStats, current_store, request_memo, request_scope
 from perrequest.testing import live_scopes
 
 
@@ -202,3 +203,70 @@ async def test_two_tasks_computing_each_others_keys_do_not_deadlock() -> None:
     async with request_scope():
         a, b = await asyncio.wait_for(asyncio.gather(f("a"), f("b")), 5)  # before: forever
     assert a[0] == "a" and b[0] == "b"
+
+
+# -- compute time of computations that are not shared ----------------------------------
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_misses_are_timed_under_every_async_library(backend: str) -> None:
+    """Under trio, tasks compute without single-flight; their misses were not timed,
+    so compute_s and the time saved stayed 0 however slow the function."""
+
+    @request_memo
+    async def load(x: int) -> int:
+        await anyio.sleep(0.05)
+        return x
+
+    async def main() -> list[ScopeStats]:
+        closed: list[ScopeStats] = []
+        async with request_scope(on_close=closed.append):
+            await load(1)
+            await load(1)
+        return closed
+
+    (stats,) = anyio.run(main, backend=backend)
+    (loaded,) = stats.functions.values()
+    assert (loaded.hits, loaded.misses) == (1, 1)
+    assert loaded.compute_s >= 0.04  # before, under trio: 0.0
+
+
+async def test_a_recursive_miss_is_timed_like_any_miss() -> None:
+    """A call that meets its own computation, which somebody waits for (recursion into
+    the same key), computes without sharing: timed too, so compute_s covers both
+    misses (before: the outer one only)."""
+    calls = [0]
+
+    @request_memo
+    async def load(x: int) -> int:
+        calls[0] += 1
+        if calls[0] == 1:
+            await asyncio.sleep(0.01)  # the second task comes to wait meanwhile
+            return await load(x)  # the same key, while this call computes it
+        await asyncio.sleep(0.05)
+        return x
+
+    closed: list[ScopeStats] = []
+    async with request_scope(on_close=closed.append):
+        assert await asyncio.gather(load(1), load(1)) == [1, 1]
+    (loaded,) = closed[0].functions.values()
+    assert (loaded.hits, loaded.misses) == (1, 2)
+    assert loaded.compute_s >= 0.1  # the outer 0.06 (the inner inside it) + the inner 0.05
+
+
+def test_a_recursive_sync_miss_is_timed_like_any_miss() -> None:
+    calls = [0]
+
+    @request_memo
+    def load(x: int) -> int:
+        calls[0] += 1
+        if calls[0] == 1:
+            return load(x)
+        time.sleep(0.05)
+        return x
+
+    closed: list[ScopeStats] = []
+    with request_scope(on_close=closed.append):
+        assert load(1) == 1
+    (loaded,) = closed[0].functions.values()
+    assert loaded.misses == 2 and loaded.compute_s >= 0.09

@@ -170,7 +170,13 @@ def run(
                     continue
                 return value
             _uncount(cache, counter)
-        value = fn(*args, **kwargs)  # recursion, or a cycle of waiters: no sharing
+        # Recursion, or a cycle of waiters: compute without sharing, timed all the same.
+        start = _now() if counter.timed else 0.0
+        try:
+            value = fn(*args, **kwargs)
+        finally:
+            if start:
+                counter.compute_s += _now() - start
         if type(value) is CoroutineType:
             refuse_coroutine(fn, value)
         with cache._lock:
@@ -247,10 +253,7 @@ async def run_async(
         me = None
     if me is None:  # not asyncio (trio): compute without sharing
         counter.misses += 1
-        value = await fn(*args, **kwargs)
-        with cache._lock:
-            cache._fill(key, value, counter, extra)
-        return value
+        return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
     record = cache._flights.setdefault(key, me)
     while record is not me:
         joined = _wait_or_join(cache, key, me, counter)
@@ -270,10 +273,7 @@ async def run_async(
                     continue
                 return value
             _uncount(cache, counter)
-        value = await fn(*args, **kwargs)
-        with cache._lock:
-            cache._fill(key, value, counter, extra)
-        return value
+        return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
     counter.misses += 1
     start = _now() if counter.timed else 0.0
     try:
@@ -292,4 +292,26 @@ async def run_async(
         lock.release()
     if type(record) is Waited:
         record.future.set_result((True, value))
+    return value
+
+
+async def _unshared_async(
+    cache: Cache,
+    key: Hashable,
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    counter: Counter,
+    extra: Any,
+) -> Any:
+    """Compute without registering (trio, recursion, a cycle of waiters), timed like a
+    shared computation: its misses count in ``compute_s`` and the time saved."""
+    start = _now() if counter.timed else 0.0
+    try:
+        value = await fn(*args, **kwargs)
+    finally:
+        if start:
+            counter.compute_s += _now() - start
+    with cache._lock:
+        cache._fill(key, value, counter, extra)
     return value

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 import perrequest
-from perrequest import FunctionStats, ScopeStats, request_memo, request_scope
+from perrequest import FunctionStats, ScopeStats, _stats, request_memo, request_scope
 from perrequest.asgi import RequestScopeMiddleware as ASGIMiddleware
 from perrequest.celery import ScopedTask
 from perrequest.flask import PerRequest
@@ -208,6 +208,15 @@ def test_add_is_idempotent_remove_stops_and_ignores_strangers() -> None:
 def test_a_listener_must_be_callable() -> None:
     with pytest.raises(TypeError, match="add_scope_listener"):
         perrequest.add_scope_listener("not a function")  # type: ignore[arg-type]
+
+
+def test_none_is_no_listener() -> None:
+    """None was accepted (the check was on_close's, where None means "no callback"),
+    and every scope that closed then logged an ERROR calling it."""
+    with pytest.raises(TypeError, match="must be a callable taking ScopeStats, not") as info:
+        perrequest.add_scope_listener(None)  # type: ignore[arg-type]
+    assert "or None" not in str(info.value)
+    assert None not in _stats.listeners
 
 
 def test_an_unwatched_store_makes_its_final_stats_only_when_read() -> None:

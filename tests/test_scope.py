@@ -8,7 +8,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -298,6 +298,29 @@ def test_decorating_generators_is_refused() -> None:
     for fn in (gen, agen):
         with pytest.raises(TypeError, match="generator"):
             request_scope()(fn)  # type: ignore[arg-type]
+
+
+def test_callable_objects_whose_call_is_a_generator_are_refused() -> None:
+    """Their body runs when the result is iterated, after the call has returned: outside
+    the scope that the decorator or bind_scope set up for the call (before: accepted)."""
+
+    class Rows:
+        def __call__(self) -> Iterator[bool]:
+            yield in_request_scope()
+
+    class Stream:
+        async def __call__(self) -> AsyncIterator[bool]:
+            yield in_request_scope()
+
+    for fn in (Rows(), Stream()):
+        with pytest.raises(TypeError, match=r"__call__ is an? (async )?generator function"):
+            request_scope()(fn)
+        with request_scope(), pytest.raises(TypeError, match="bind_scope"):
+            bind_scope(fn)
+    # A class is called to make an instance: what its instances do when called is not it.
+    with request_scope():
+        assert isinstance(bind_scope(Rows)(), Rows)
+        assert isinstance(bind_scope(Stream)(), Stream)
 
 
 async def test_tasks_created_inside_share_the_store() -> None:

@@ -24,20 +24,28 @@ def check_max_entries(value: object, what: str = "max_entries") -> int | None:
     return value
 
 
+def _call_of(fn: object) -> object:
+    """What calling ``fn`` runs, when it is an object with a ``__call__`` method: that
+    method decides whether a call returns a coroutine or a generator. A class is
+    called to make an instance, whatever its instances' ``__call__`` does."""
+    return None if isinstance(fn, type) else getattr(type(fn), "__call__", None)  # noqa: B004
+
+
 def is_async_callable(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
-    )
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(_call_of(fn))
 
 
-def check_on_close(on_close: object, what: str = "on_close") -> Callable[[Any], object] | None:
-    """Validate an ``on_close`` option: None or a sync callable taking ``ScopeStats``."""
-    if on_close is None:
+def check_on_close(
+    on_close: object, what: str = "on_close", *, optional: bool = True
+) -> Callable[[Any], object] | None:
+    """Validate an ``on_close`` option: a sync callable taking ``ScopeStats``, or None
+    when ``optional`` (a scope listener must be a callable: None would fail at every close)."""
+    if on_close is None and optional:
         return None
     if not callable(on_close):
         raise TypeError(
-            f"{what} must be a callable taking ScopeStats, or None, not "
-            f"{type(on_close).__name__} {on_close!r}"
+            f"{what} must be a callable taking ScopeStats{', or None' if optional else ''}, "
+            f"not {type(on_close).__name__} {on_close!r}"
         )
     if is_async_callable(on_close):
         raise TypeError(
@@ -59,10 +67,15 @@ def check_on_close(on_close: object, what: str = "on_close") -> Callable[[Any], 
 
 def refuse_generator(fn: object, decorator: str) -> None:
     """Generator bodies run after the call returns, outside any scope the call set up."""
+    call = _call_of(fn)
     if inspect.isgeneratorfunction(fn):
         kind = "a generator function"
     elif inspect.isasyncgenfunction(fn):
         kind = "an async generator function"
+    elif inspect.isgeneratorfunction(call):
+        kind = "a callable object whose __call__ is a generator function"
+    elif inspect.isasyncgenfunction(call):
+        kind = "a callable object whose __call__ is an async generator function"
     else:
         return
     raise TypeError(

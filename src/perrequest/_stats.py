@@ -93,7 +93,7 @@ def observed() -> bool:
 def add_scope_listener(listener: Callable[[ScopeStats], object]) -> None:
     """Call ``listener(stats)`` for every scope that closes in this process, after its
     ``on_close``. A listener that raises is logged, never propagated."""
-    listener = check_on_close(listener, "add_scope_listener()")  # type: ignore[assignment]
+    listener = check_on_close(listener, "add_scope_listener()", optional=False)  # type: ignore[assignment]
     with _listeners_lock:
         if listener not in listeners:
             listeners.append(listener)

@@ -3,6 +3,7 @@ repeatable reads, TTL, bounds, cache_clear and cache_delete, and bad options."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -204,6 +205,57 @@ def test_methods_need_key_and_then_share_across_instances(cache: RedisCache) -> 
     with request_scope():
         assert Repo("a").user(1) == {"tenant": "a", "uid": 1}
         assert Repo.user.cache_info().shared_hits == 1  # type: ignore[attr-defined]
+
+
+def test_a_function_whose_name_is_not_its_own_is_refused(cache: RedisCache) -> None:
+    """Keys hold module.qualname: two live functions of one name would share values."""
+
+    def price(sku: str) -> str:
+        return sku
+
+    class Quote:
+        def __call__(self, sku: str) -> str:
+            return sku
+
+    for fn, why in (
+        (functools.partial(price), "partial object has no __qualname__"),
+        (lambda sku: sku, "every lambda is named <lambda>"),
+        (Quote(), "Quote object has no __qualname__"),
+    ):
+        with pytest.raises(TypeError, match=why):
+            request_memo(shared=cache)(fn)
+
+    def make(factor: int, name: str | None = None) -> Any:
+        def scaled(x: int) -> int:
+            return x * factor
+
+        if name is not None:
+            scaled.__qualname__ = name
+        return request_memo(shared=cache)(scaled)
+
+    double = make(2)
+    with pytest.raises(TypeError, match=r"another live function is named .*scaled.*__qualname__"):
+        make(3)
+    triple = make(3, "scaled_by_3")
+    again = request_memo(shared=cache, version=2)(double.__wrapped__)  # the same function
+    with request_scope():
+        assert (double(5), triple(5), again(5)) == (10, 15, 10)
+    del double, again  # a function gone frees its name (and its keys: a name is an identity)
+    with request_scope():
+        assert make(4)(6) == 24
+
+    def model() -> type:
+        class Model:
+            pass
+
+        return Model
+
+    @request_memo(shared=cache)
+    def table_of(cls: type) -> str:
+        return cls.__qualname__
+
+    with request_scope(), pytest.raises(UnhashableArguments, match="defined in a function"):
+        table_of(model())
 
 
 def test_every_caller_gets_what_the_serializer_gives_back(cache: RedisCache) -> None:

@@ -38,7 +38,9 @@ def _key_default(obj: object) -> object:
     # two markers cannot collide with any argument's encoding.
     if obj is KWARGS:  # a call with keyword arguments: (KWARGS, args, kwargs items)
         return {"kwargs": 1}
-    if isinstance(obj, type):  # typed=True tags
+    if isinstance(obj, type):  # typed=True tags, and classes as arguments
+        if "<locals>" in obj.__qualname__:  # every class made by that function has the name
+            raise TypeError(f"class {obj.__qualname__} is defined in a function: not unique")
         return {"type": f"{obj.__module__}.{obj.__qualname__}"}
     raise TypeError(f"{type(obj).__module__}.{type(obj).__qualname__} is not a JSON type")
 
@@ -74,6 +76,18 @@ def key_problem(value: object) -> str | None:
         _keys.encode(value)
     except (TypeError, ValueError) as exc:
         return str(exc)
+    return None
+
+
+def name_problem(fn: object) -> str | None:
+    """Why ``fn`` cannot name its Redis keys, or None. The keys hold ``module.qualname``,
+    so a callable whose name others share would share their values: every lambda is
+    ``<lambda>``; a partial or a callable object has only its class's name."""
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return f"a {type(fn).__name__} object has no __qualname__ of its own"
+    if "<lambda>" in qualname:
+        return "every lambda is named <lambda>"
     return None
 
 

@@ -13,6 +13,7 @@ Needs the ``redis`` package: ``pip install 'perrequest[redis]'``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import threading
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 from . import _redis_io as io
 from ._checks import unknown_option
 from ._redis_async import AsyncRedisTier
-from ._redis_codec import Codec
+from ._redis_codec import Codec, name_problem
 from ._redis_tier import RedisCacheInfo, RedisTier
 from ._typing import MemoizedFunction
 
@@ -215,10 +216,35 @@ class RedisCache:
             )
         if version is not None:
             version = check_version(version, "request_memo(version=...)")
+        self._check_name(spec)
         kind = AsyncRedisTier if self.is_async else RedisTier
         tier = kind(self, spec, self.version if version is None else version)
         self._tiers.add(tier)
         return tier
+
+    def _check_name(self, spec: Any) -> None:
+        """Refuse a function whose ``module.qualname`` is not its own in this cache: the
+        name is its keys' identity, so two functions with one name would share values."""
+        problem = name_problem(spec.fn)
+        if problem is not None:
+            raise TypeError(
+                f"@request_memo(shared={self!r}) cannot key {spec.name} in Redis: {problem}, "
+                "and Redis keys hold the function's module.qualname. Decorate a def with a "
+                "name of its own (for a partial: a def calling it)."
+            )
+        if self._named(spec):
+            gc.collect()  # a function defined again (a notebook cell run twice) may be garbage
+        if self._named(spec):
+            raise TypeError(
+                f"@request_memo(shared={self!r}): another live function is named {spec.name} "
+                "on this cache, and Redis keys hold the function's module.qualname: the two "
+                "would read each other's values. Functions made by one factory share a name: "
+                "give each its own before decorating (fn.__qualname__ = f'scaled_by_{factor}'"
+                "), or give each a RedisCache with a namespace of its own."
+            )
+
+    def _named(self, spec: Any) -> bool:
+        return any(t.name == spec.name and t.fn != spec.fn for t in list(self._tiers))
 
     def stats(self) -> RedisStats:
         """This process's counters, summed over every function using this cache."""

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import pickle
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -267,6 +268,39 @@ def test_every_caller_gets_what_the_serializer_gives_back(cache: RedisCache) -> 
         assert pair(1) == [1, {"1": "one"}]  # JSON's view, for the computing caller too
     with request_scope():
         assert pair(1) == [1, {"1": "one"}]
+
+
+def test_concurrent_requests_in_one_process_get_copies_of_their_own(cache: RedisCache) -> None:
+    """A request waiting for another's computation in this process gets its own copy:
+    a change in one request never shows in the other."""
+    started, release = threading.Event(), threading.Event()
+
+    @request_memo(shared=cache)
+    def settings(tenant: str) -> dict[str, Any]:
+        started.set()
+        release.wait(5)
+        return {"theme": "light"}
+
+    seen: dict[str, Any] = {}
+
+    def request(name: str) -> None:
+        with request_scope():
+            seen[name] = settings("t1")
+            seen[name]["theme"] = name  # this request personalises its copy
+            seen[name + " again"] = settings("t1")
+
+    threads = [threading.Thread(target=request, args=(name,)) for name in "ab"]
+    threads[0].start()
+    assert started.wait(5)
+    threads[1].start()
+    time.sleep(0.2)  # b waits for a's computation
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert seen["a"] is not seen["b"]
+    assert seen["a again"] == {"theme": "a"} and seen["b again"] == {"theme": "b"}
+    stats = cache.stats()
+    assert (stats.misses, stats.hits, stats.lock_waits) == (1, 0, 0)  # b joined a's flight
 
 
 def test_a_value_the_serializer_cannot_store_raises_a_clear_error(cache: RedisCache) -> None:

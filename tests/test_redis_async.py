@@ -44,6 +44,7 @@ def test_async_values_are_shared_and_concurrent_misses_compute_once(
 
         results = await asyncio.gather(*(request() for _ in range(50)))
         assert all(r == {"n": 1} for r in results)
+        assert len({id(r) for r in results}) == 50  # a copy of its own for every request
         async with request_scope():
             assert await rate(1) == {"n": 1}
             assert rate.cache_info() == expected

@@ -62,9 +62,10 @@ class AsyncRedisTier(RedisTier):
                         self.hits += 1
                         return value
                     step = self._replace_async
-        return await _flight.run_async(
+        payload = await _flight.run_async(
             self, key, step, (conn, key, fn, args, kwargs), {}, UNCOUNTED, None
         )
+        return cache._codec.loads(payload, key)  # a copy of its own for each caller
 
     async def _local_async(
         self,
@@ -105,11 +106,10 @@ class AsyncRedisTier(RedisTier):
             if reply[0] == 2:
                 return await self._compute_async(conn, key, token, fn, args, kwargs)
             if reply[0] == 1:
-                value = self._decoded(reply[1], key)
-                if value is MISSING:
+                if self._decoded(reply[1], key) is MISSING:
                     return await self._compute_async(conn, key, "", fn, args, kwargs)
                 self.hits += 1
-                return value
+                return reply[1]
             left = self._waited(deadline, pause)
             if left <= 0:
                 return await self._compute_async(conn, key, "", fn, args, kwargs)
@@ -126,13 +126,14 @@ class AsyncRedisTier(RedisTier):
         kwargs: dict[str, Any],
     ) -> Any:
         self.misses += 1
-        payload: bytes | None = None
+        payload = b""
         try:
-            payload, value = self._encoded(await fn(*args, **kwargs), key)
+            payload = self._encoded(await fn(*args, **kwargs), key)
         finally:
-            if conn is not None and (payload or token):
+            stored = payload if payload and self._fits(payload) else b""
+            if conn is not None and (stored or token):
                 try:
-                    await self.cache._store_async(conn, key, payload or b"", token)
+                    await self.cache._store_async(conn, key, stored, token)
                 except Exception as exc:
                     self.cache._failed(self, exc)
-        return value
+        return payload

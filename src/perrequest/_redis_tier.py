@@ -12,7 +12,9 @@ same script again and again until the value is there, the lock is free (its
 holder failed, or died and the lock expired: one of them takes it), or
 ``lock_timeout`` has passed (they compute too). On any Redis error the value
 is computed here (fail open). Every caller gets the value as the serializer
-gives it back, the computing one too, whether Redis answered or not.
+gives it back, the computing one too, whether Redis answered or not: this
+process's single-flight hands its callers the bytes, and each decodes a copy of
+its own, so no two requests ever hold the same object.
 """
 
 from __future__ import annotations
@@ -136,8 +138,8 @@ class RedisTier:
             exc if isinstance(exc, BadValue) else f"it does not decode: {type(exc).__name__}",
         )
 
-    def _encoded(self, value: Any, key: str) -> tuple[bytes | None, Any]:
-        """The bytes to store (None if too large) and the value every caller gets."""
+    def _encoded(self, value: Any, key: str) -> bytes:
+        """The value's bytes, which every caller decodes (they are checked to decode)."""
         cache = self.cache
         if type(value) is CoroutineType:
             _flight.refuse_coroutine(self.fn, value)
@@ -150,7 +152,12 @@ class RedisTier:
                 "JSON types (dict, list, str, int, float, bool, None), or use "
                 "serializer='pickle' with a secret."
             ) from None
-        value = cache._codec.loads(payload, key)
+        cache._codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
+        return payload
+
+    def _fits(self, payload: bytes) -> bool:
+        """Whether ``payload`` may be stored: not over ``max_value_bytes`` (counted, logged)."""
+        cache = self.cache
         if len(payload) > cache.max_value_bytes:
             self.too_large += 1
             cache._warn(
@@ -161,8 +168,8 @@ class RedisTier:
                 len(payload),
                 cache.max_value_bytes,
             )
-            return None, value
-        return payload, value
+            return False
+        return True
 
     # -- sync --------------------------------------------------------------------------
 
@@ -195,15 +202,13 @@ class RedisTier:
                 step = self._local
             else:
                 if raw is not None:
-                    try:
-                        value = cache._codec.loads(raw, key)
-                    except Exception as exc:  # a bad signature, or not JSON (pickle) at all
-                        self._refused(key, exc)
-                        step = self._replace
-                    else:
+                    value = self._decoded(raw, key)
+                    if value is not MISSING:
                         self.hits += 1
                         return value
-        return _flight.run(self, key, step, (key, fn, args, kwargs), {}, UNCOUNTED, None)
+                    step = self._replace
+        payload = _flight.run(self, key, step, (key, fn, args, kwargs), {}, UNCOUNTED, None)
+        return cache._codec.loads(payload, key)  # a copy of its own for each caller
 
     def _local(
         self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -229,11 +234,10 @@ class RedisTier:
             if reply[0] == 2:  # the lock is ours
                 return self._compute(True, key, token, fn, args, kwargs)
             if reply[0] == 1:  # the value is there
-                value = self._decoded(reply[1], key)
-                if value is MISSING:
+                if self._decoded(reply[1], key) is MISSING:
                     return self._compute(True, key, "", fn, args, kwargs)
                 self.hits += 1
-                return value
+                return reply[1]
             left = self._waited(deadline, pause)
             if left <= 0:
                 return self._compute(True, key, "", fn, args, kwargs)
@@ -258,18 +262,20 @@ class RedisTier:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        """Compute here; store the value (if ``store``) and release the lock (if ``token``)."""
+        """Compute here; store the value (if ``store``) and release the lock (if ``token``).
+        Returns the value's bytes."""
         self.misses += 1
-        payload: bytes | None = None
+        payload = b""
         try:
-            payload, value = self._encoded(fn(*args, **kwargs), key)
+            payload = self._encoded(fn(*args, **kwargs), key)
         finally:
-            if store and (payload or token):
+            stored = payload if payload and self._fits(payload) else b""
+            if store and (stored or token):
                 try:
-                    self.cache._store(key, payload or b"", token)
+                    self.cache._store(key, stored, token)
                 except Exception as exc:
                     self.cache._failed(self, exc)
-        return value
+        return payload
 
     # -- the functools-style extras ----------------------------------------------------
 

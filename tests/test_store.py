@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import perrequest
 from perrequest import MemoStore, ScopeClosed, request_scope
 
 
@@ -88,6 +89,46 @@ def test_bad_keys_and_factories() -> None:
     with pytest.raises(TypeError, match="coroutine"):
         store.get_or_set("k", coro)  # type: ignore[arg-type, return-value]
     assert "k" not in store
+
+
+UNHASHABLE = "store keys must be hashable, not list: use a tuple"
+
+
+def test_an_unhashable_key_is_refused_alike_whatever_the_store_holds() -> None:
+    """Before, ``get`` and ``in`` answered "absent" outside a scope and in an empty
+    store, and raised a bare "unhashable type" once anything was written: the same call
+    flipped from working to failing on an unrelated earlier write."""
+    with pytest.raises(TypeError, match=UNHASHABLE):
+        perrequest.get(["tenant", 1], "default")  # outside any scope
+    with request_scope() as store:
+        for when in ("empty", "written"):
+            with pytest.raises(TypeError, match=UNHASHABLE):
+                perrequest.get(["tenant", 1], "default")
+            with pytest.raises(TypeError, match=UNHASHABLE):
+                store.get(["tenant", 1])
+            with pytest.raises(TypeError, match=UNHASHABLE):
+                ["tenant", 1] in store  # noqa: B015
+            with pytest.raises(TypeError, match=UNHASHABLE):
+                store[["tenant", 1]]
+            for write in (
+                lambda: perrequest.set(["tenant", 1], 1),
+                lambda: perrequest.get_or_set(["tenant", 1], lambda: 1),
+                lambda: perrequest.delete(["tenant", 1]),
+                lambda: store.setdefault(["tenant", 1], 1),
+            ):
+                with pytest.raises(TypeError, match=UNHASHABLE):
+                    write()
+            perrequest.set(("tenant", 1), when)  # the tuple the message suggests
+        assert perrequest.get(("tenant", 1)) == "written"
+        assert store.stats.misses == 0  # the refused get_or_set counted nothing
+
+
+def test_get_or_set_refuses_a_factory_that_is_not_callable() -> None:
+    """Before: "'int' object is not callable" from inside the library, counted as a miss."""
+    with request_scope() as store:
+        with pytest.raises(TypeError, match=r"factory must be a callable .* lambda: value"):
+            perrequest.get_or_set("answer", 42)  # type: ignore[arg-type]
+        assert store.stats.misses == 0 and "answer" not in store
 
 
 def test_get_or_set_does_not_cache_exceptions() -> None:

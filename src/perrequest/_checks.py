@@ -8,7 +8,14 @@ from collections.abc import Callable
 from types import CoroutineType
 from typing import Any, cast
 
-__all__ = ["check_max_entries", "check_on_close", "is_async_callable", "refuse_generator"]
+__all__ = [
+    "check_factory",
+    "check_key",
+    "check_max_entries",
+    "check_on_close",
+    "is_async_callable",
+    "refuse_generator",
+]
 
 
 def check_max_entries(value: object, what: str = "max_entries") -> int | None:
@@ -29,6 +36,28 @@ def _call_of(fn: object) -> object:
     method decides whether a call returns a coroutine or a generator. A class is
     called to make an instance, whatever its instances' ``__call__`` does."""
     return None if isinstance(fn, type) else getattr(type(fn), "__call__", None)  # noqa: B004
+
+
+def check_key(key: object) -> None:
+    """Refuse an unhashable store key the same way wherever it is used (outside a scope,
+    in an empty store, in a full one), not only once a dict happens to hash it."""
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(
+            f"perrequest store keys must be hashable, not {type(key).__name__}: use a tuple "
+            "(tuple(key)) or another hashable value (a frozenset instead of a set)"
+        ) from None
+
+
+def check_factory(factory: object) -> None:
+    """``get_or_set(key, 42)`` would fail inside the library, counted as a miss."""
+    if not callable(factory):
+        raise TypeError(
+            "get_or_set(key, factory): factory must be a callable taking no arguments, "
+            f"called to make the value when the key is missing, not {type(factory).__name__} "
+            f"{factory!r}. Wrap a ready value: get_or_set(key, lambda: value)."
+        )
 
 
 def is_async_callable(fn: object) -> bool:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from ._active import OnClose, _current, active_store, close_scope, here, open_scope
 from ._checks import (
+    check_key,
     check_max_entries,
     check_on_close,
     is_async_callable,
@@ -67,9 +68,15 @@ def in_request_scope() -> bool:
 
 
 def get(key: Hashable, default: Any = None) -> Any:
-    """The value at ``key`` in the active store, or ``default`` (also outside a scope)."""
+    """The value at ``key`` in the active store, or ``default`` (also outside a scope).
+
+    An unhashable ``key`` raises ``TypeError`` in a scope or not, as it would in a dict.
+    """
     store = active_store()
-    return default if store is None else store.get(key, default)
+    if store is None:
+        check_key(key)  # refused as in a scope, not only once a store holds something
+        return default
+    return store.get(key, default)
 
 
 def set(key: Hashable, value: Any) -> None:
@@ -78,7 +85,8 @@ def set(key: Hashable, value: Any) -> None:
 
 
 def get_or_set(key: Hashable, factory: Callable[[], T]) -> T:
-    """The value at ``key``, ``factory()`` filling it once; ``NoActiveScope`` outside a scope."""
+    """The value at ``key``, ``factory()`` (a zero-argument callable) filling it once;
+    ``NoActiveScope`` outside a scope."""
     return current_store().get_or_set(key, factory)
 
 

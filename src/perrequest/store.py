@@ -20,7 +20,7 @@ from contextvars import Token
 from typing import Any, Final, NamedTuple, TypeVar
 
 from . import _flight
-from ._checks import check_max_entries
+from ._checks import check_factory, check_key, check_max_entries
 from ._entries import HELPERS, NO_COUNTERS, Entries
 from ._flight import MISSING
 from ._stats import ScopeStats
@@ -77,15 +77,24 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
 
     # -- Mapping ---------------------------------------------------------------
 
+    # An unhashable key raises check_key's TypeError, whether or not the store has
+    # anything to look it up in; checked on misses and failures only, so a hit pays nothing.
+
     def __getitem__(self, key: Hashable) -> Any:
-        value = self._lookup(self._split(key))
+        try:
+            value = self._lookup(self._split(key))
+        except TypeError:
+            check_key(key)
+            raise
         if value is MISSING:
+            check_key(key)
             raise KeyError(key)
         return value
 
     def __setitem__(self, key: Hashable, value: Any) -> None:
         if type(key) is MemoKey:
             raise _memo_key_write(key)
+        check_key(key)
         with self._writable(key):
             self._fill((HELPERS, key), value, self._helpers, None)
 
@@ -96,7 +105,14 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         return iter([key for key, _ in self._pairs()])  # a snapshot: safe from other threads
 
     def __contains__(self, key: object) -> bool:
-        return self._lookup(self._split(key), touch=False) is not MISSING
+        try:
+            found = self._lookup(self._split(key), touch=False) is not MISSING
+        except TypeError:
+            check_key(key)
+            raise
+        if not found:
+            check_key(key)
+        return found
 
     def items(self) -> ItemsView[Hashable, Any]:
         """A view whose iteration is a snapshot, and does not refresh recency."""
@@ -139,6 +155,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
 
     def pop(self, key: Hashable, default: Any = MISSING) -> Any:
         owner, inner = self._split(key)
+        check_key(inner)
         with self._writable(key):
             sub = self._subs.get(owner) if self._subs is not None else None
             if sub is None or inner not in sub:
@@ -161,6 +178,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
                 self._remove_owner(owner)
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
+        check_key(key)
         with self._writable(key):
             if type(key) is MemoKey:  # read it, never write it
                 value = self._lookup(self._split(key))
@@ -200,8 +218,15 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         Counted in ``stats``. Threads sharing this store that miss the same key
         wait for one call of ``factory`` instead of making their own.
         """
+        check_factory(factory)  # before anything is counted
         self._writable(key)
-        value = self._lookup(self._split(key))  # an unhashable key fails here
+        try:
+            value = self._lookup(self._split(key))
+        except TypeError:
+            check_key(key)
+            raise
+        if value is MISSING:
+            check_key(key)
         if value is MISSING and type(key) is MemoKey:
             raise _memo_key_write(key)
         if value is not MISSING:

@@ -300,6 +300,48 @@ def test_decorating_generators_is_refused() -> None:
             request_scope()(fn)  # type: ignore[arg-type]
 
 
+async def test_request_scope_above_or_below_staticmethod_and_classmethod() -> None:
+    """Above @staticmethod, the wrapper lost its staticmethod-ness (an instance call
+    passed self) and an async one was called a coroutine-returning sync function; above
+    @classmethod it was refused. Both orders now work, as for request_memo."""
+
+    class Jobs:
+        @request_scope()
+        @staticmethod
+        def static_above() -> bool:
+            return in_request_scope()
+
+        @staticmethod
+        @request_scope()
+        def static_below() -> bool:
+            return in_request_scope()
+
+        @request_scope()
+        @staticmethod
+        async def async_static() -> bool:
+            return in_request_scope()
+
+        @request_scope()
+        @classmethod
+        def class_above(cls) -> type:
+            assert in_request_scope()
+            return cls
+
+        @classmethod
+        @request_scope()
+        async def async_class_below(cls) -> type:
+            assert in_request_scope()
+            return cls
+
+    jobs = Jobs()
+    for static in (Jobs.static_above, jobs.static_above, Jobs.static_below, jobs.static_below):
+        assert static() is True
+    assert await Jobs.async_static() and await jobs.async_static()
+    assert Jobs.class_above() is Jobs and jobs.class_above() is Jobs
+    assert await Jobs.async_class_below() is Jobs
+    assert not in_request_scope() and live_scopes() == 0
+
+
 def test_callable_objects_whose_call_is_a_generator_are_refused() -> None:
     """Their body runs when the result is iterated, after the call has returned: outside
     the scope that the decorator or bind_scope set up for the call (before: accepted)."""

@@ -172,6 +172,10 @@ class request_scope:
         self.__exit__(exc_type, exc, tb)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        if isinstance(fn, (staticmethod, classmethod)):
+            # Above @staticmethod/@classmethod, as below it (and as request_memo): the
+            # function is scoped and stays a static or class method.
+            return cast("Callable[P, R]", type(fn)(self(fn.__func__)))
         if not callable(fn):
             raise TypeError(f"@request_scope() decorates a function, not {fn!r}")
         refuse_generator(fn, "@request_scope()")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import time
+import warnings
 from typing import Any
 
 import pytest
@@ -151,3 +154,29 @@ def test_async_exceptions_reach_every_waiter_and_are_not_cached(
         await aclient.aclose()
 
     asyncio.run(main())
+
+
+def test_async_a_pool_is_dropped_when_its_event_loop_has_closed(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    """A worker running each task under its own asyncio.run() keeps one pool, not one
+    per loop it ever ran (each with its socket open to the server)."""
+    cache = RedisCache(redis_server.aclient(), ttl=60, namespace="a")
+
+    @request_memo(shared=cache)
+    async def rate(currency: str) -> float:
+        return 1.0
+
+    async def task() -> float:
+        async with request_scope():
+            return await rate("EUR")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # sockets the collector closes
+        for _ in range(20):
+            assert asyncio.run(task()) == 1.0
+        gc.collect()
+    deadline = time.monotonic() + 5
+    while len(client.client_list()) > 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(client.client_list()) <= 3  # this client, the last loop's pool, maybe one more

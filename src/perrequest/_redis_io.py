@@ -124,7 +124,8 @@ class AsyncIO:
 
 
 class AsyncPools:
-    """One ``AsyncIO`` per event loop, dropped with its loop."""
+    """One ``AsyncIO`` per event loop. Its connections hold the loop, so a loop never
+    leaves the weak dict by itself: a new loop's first call drops the closed ones'."""
 
     def __init__(self, client: Any, op_timeout: float) -> None:
         self.source, self.op_timeout = client, op_timeout
@@ -137,6 +138,8 @@ class AsyncPools:
         conn = self.by_loop.get(loop)
         if conn is None:
             with self.lock:
+                for done in [old for old in self.by_loop if old.is_closed()]:
+                    del self.by_loop[done]
                 conn = self.by_loop.get(loop) or AsyncIO(self.source, self.op_timeout)
                 self.by_loop[loop] = conn
         return conn

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, make_asgi_app
 from prometheus_client.parser import text_string_to_metric_families
 from servers import serve_uvicorn
 
@@ -111,3 +111,27 @@ def test_instrument_is_idempotent_and_uninstrument_unregisters() -> None:
 def test_a_bad_registry_is_refused() -> None:
     with pytest.raises(TypeError, match="CollectorRegistry"):
         prometheus.instrument({})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("taken", ["perrequest_memo_hits", "perrequest_scope_saved_seconds"])
+def test_a_failed_instrument_changes_nothing(taken: str) -> None:
+    """A name clash in the new registry used to tear down the working instrumentation
+    first, and to leave the collectors registered before the clash behind, so that
+    every retry failed on a different name."""
+    working = CollectorRegistry()
+    prometheus.instrument(working)
+    clashing = CollectorRegistry()
+    (Counter if taken.endswith("hits") else Histogram)(taken, "someone else's", registry=clashing)
+    try:
+        for _ in range(2):  # the retry fails on the same name: nothing was left behind
+            with pytest.raises(ValueError, match=f"clashes with perrequest's .*{taken}"):
+                prometheus.instrument(clashing)
+        exposition = generate_latest(clashing).decode()
+        assert "perrequest_scope_entries" not in exposition
+        assert "perrequest_memo_misses" not in exposition
+        assert prometheus.is_instrumented()
+        with request_scope():
+            user(1)
+        assert working.get_sample_value("perrequest_memo_misses_total", {"function": NAME}) == 1
+    finally:
+        prometheus.uninstrument()

@@ -62,22 +62,41 @@ class _Listener:
     """The scope listener: the totals behind the counters, and the two histograms."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        """Made unregistered: ``register`` puts them in ``registry``, all or none."""
         self.registry = registry
         self.totals = Totals()
         self.counters = _Counters(self.totals)
-        registry.register(self.counters)
         self.entries = Histogram(
             "perrequest_scope_entries",
             "Most entries a request store held at once",
-            registry=registry,
+            registry=None,
             buckets=ENTRY_BUCKETS,
         )
         self.saved = Histogram(
             "perrequest_scope_saved_seconds",
             "Seconds the memo saved in a scope: hits x mean miss time, per function",
-            registry=registry,
+            registry=None,
             buckets=SAVED_BUCKETS,
         )
+
+    def register(self) -> None:
+        """Register the three collectors, or none: a name already taken in the registry
+        (by another library, or by hand) unregisters those done and raises ValueError."""
+        done: list[Collector] = []
+        for collector in (self.counters, self.entries, self.saved):
+            try:
+                self.registry.register(collector)
+            except ValueError as exc:
+                for registered in done:
+                    self.registry.unregister(registered)
+                names = ", ".join(sorted({family.name for family in collector.describe()}))
+                raise ValueError(
+                    "perrequest.prometheus.instrument(): a metric in the registry clashes "
+                    f"with perrequest's {names} ({exc}). Nothing was registered, and the "
+                    "instrumentation in force (if any) is unchanged. Unregister that "
+                    "collector, or instrument another registry."
+                ) from exc
+            done.append(collector)
 
     def __call__(self, stats: ScopeStats) -> None:
         if not used(stats):
@@ -94,7 +113,8 @@ class _Listener:
 def instrument(registry: CollectorRegistry | None = None) -> None:
     """Register perrequest's metrics in ``registry`` (default: prometheus-client's
     global ``REGISTRY``) and feed them from every scope that closes. Idempotent for
-    the same registry; another registry replaces the first."""
+    the same registry; another registry replaces the first. A metric name already
+    taken in ``registry`` raises ``ValueError`` and changes nothing."""
     global _installed
     if registry is None:
         registry = REGISTRY
@@ -104,13 +124,13 @@ def instrument(registry: CollectorRegistry | None = None) -> None:
             f"prometheus_client.CollectorRegistry, not {registry!r}"
         )
     with _lock:
+        if _installed is not None and _installed.registry is registry:
+            return
+        listener = _Listener(registry)
+        listener.register()  # first: a failure leaves the instrumentation in force alone
         if _installed is not None:
-            if _installed.registry is registry:
-                return
             remove_scope_listener(_installed)
             _installed.unregister()
-            _installed = None
-        listener = _Listener(registry)
         add_scope_listener(listener)
         _installed = listener
 

@@ -416,6 +416,30 @@ def test_json_with_a_secret_is_signed_too(client: redis.Redis) -> None:
     cache.close()
 
 
+def test_a_key_of_another_type_is_a_bad_value_overwritten_not_redis_down(
+    cache: RedisCache, client: redis.Redis
+) -> None:
+    calls = []
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> dict[str, str]:
+        calls.append(sku)
+        return {"sku": sku}
+
+    with request_scope():
+        price("a"), price("b")
+    key = _key("t", price, "a")
+    client.delete(key)
+    client.rpush(key, "junk")  # a list where a value belongs: WRONGTYPE for GET
+    for _ in range(2):
+        with request_scope():
+            assert price("a") == {"sku": "a"} and price("b") == {"sku": "b"}
+    assert calls == ["a", "b", "a"]  # "b" still read from Redis; "a" computed once
+    assert client.type(key) == b"string"  # overwritten
+    stats = cache.stats()
+    assert (stats.errors, stats.bad_values, stats.hits) == (0, 1, 3)
+
+
 def test_a_value_over_max_value_bytes_is_computed_and_not_stored(
     client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

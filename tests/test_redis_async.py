@@ -180,3 +180,31 @@ def test_async_a_pool_is_dropped_when_its_event_loop_has_closed(
     while len(client.client_list()) > 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(client.client_list()) <= 3  # this client, the last loop's pool, maybe one more
+
+
+def test_async_a_key_of_another_type_is_a_bad_value_overwritten(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="a")
+
+        @request_memo(shared=cache)
+        async def f(n: int) -> int:
+            return n
+
+        async with request_scope():
+            await f(1)
+        (key,) = client.scan_iter("a:*")
+        client.delete(key)
+        client.hset(key, "x", "y")
+        for _ in range(2):
+            async with request_scope():
+                assert await f(1) == 1 and await f(2) == 2
+        assert client.type(key) == b"string"
+        stats = cache.stats()
+        assert (stats.errors, stats.bad_values, stats.misses) == (0, 1, 3)
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())

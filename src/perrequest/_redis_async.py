@@ -53,8 +53,7 @@ class AsyncRedisTier(RedisTier):
                 async with asyncio.timeout(cache.op_timeout):
                     raw = await conn.client.get(key)
             except Exception as exc:
-                cache._failed(self, exc)
-                step = self._local_async
+                step = self._replace_async if self._wrong(key, exc) else self._local_async
             else:
                 if raw is not None:
                     value = self._decoded(raw, key)
@@ -101,8 +100,8 @@ class AsyncRedisTier(RedisTier):
             try:
                 reply = await cache._claim_async(conn, key, token)
             except Exception as exc:
-                cache._failed(self, exc)
-                return await self._compute_async(None, key, "", fn, args, kwargs)
+                mine = conn if self._wrong(key, exc) else None  # overwrite a wrong type
+                return await self._compute_async(mine, key, "", fn, args, kwargs)
             if reply[0] == 2:
                 return await self._compute_async(conn, key, token, fn, args, kwargs)
             if reply[0] == 1:
@@ -135,5 +134,5 @@ class AsyncRedisTier(RedisTier):
                 try:
                     await self.cache._store_async(conn, key, stored, token)
                 except Exception as exc:
-                    self.cache._failed(self, exc)
+                    self._wrong(key, exc)
         return payload

@@ -166,6 +166,12 @@ class AsyncPools:
         thread.join()
 
 
+def wrong_type(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a key that holds another type than a string
+    (written by someone else): that key's problem, not the server's."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE")
+
+
 def glob_escape(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 

@@ -28,6 +28,7 @@ from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _flight
+from . import _redis_io as io
 from ._flight import MISSING
 from ._redis_codec import BadValue, digest, key_problem
 from ._shared import _detached
@@ -129,14 +130,24 @@ class RedisTier:
 
     def _refused(self, key: str, exc: Exception) -> None:
         self.bad_values += 1
+        said = isinstance(exc, BadValue) or io.wrong_type(exc)
         self.cache._warn(
             "bad_value",
             "perrequest: the value in Redis at %s was refused (%s); treated as a miss "
             "and computed again. Another writer uses this namespace, or the secret or "
             "serializer changed.",
             key,
-            exc if isinstance(exc, BadValue) else f"it does not decode: {type(exc).__name__}",
+            exc if said else f"it does not decode: {type(exc).__name__}",
         )
+
+    def _wrong(self, key: str, exc: Exception) -> bool:
+        """Whether a failed command failed for this key alone (it holds another type: a
+        bad value, to overwrite); if not, Redis failed (counted, and left alone a while)."""
+        if io.wrong_type(exc):
+            self._refused(key, exc)
+            return True
+        self.cache._failed(self, exc)
+        return False
 
     def _encoded(self, value: Any, key: str) -> bytes:
         """The value's bytes, which every caller decodes (they are checked to decode)."""
@@ -198,8 +209,7 @@ class RedisTier:
             try:
                 raw = cache._client.get(key)
             except Exception as exc:
-                cache._failed(self, exc)
-                step = self._local
+                step = self._replace if self._wrong(key, exc) else self._local
             else:
                 if raw is not None:
                     value = self._decoded(raw, key)
@@ -229,8 +239,7 @@ class RedisTier:
             try:
                 reply = cache._claim(key, token)
             except Exception as exc:
-                cache._failed(self, exc)
-                return self._compute(False, key, "", fn, args, kwargs)
+                return self._compute(self._wrong(key, exc), key, "", fn, args, kwargs)
             if reply[0] == 2:  # the lock is ours
                 return self._compute(True, key, token, fn, args, kwargs)
             if reply[0] == 1:  # the value is there
@@ -274,7 +283,7 @@ class RedisTier:
                 try:
                     self.cache._store(key, stored, token)
                 except Exception as exc:
-                    self.cache._failed(self, exc)
+                    self._wrong(key, exc)
         return payload
 
     # -- the functools-style extras ----------------------------------------------------

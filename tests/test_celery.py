@@ -7,6 +7,7 @@ and ``ScopedTask`` ones, which bring their own scope.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -247,7 +248,12 @@ def test_on_close_given_as_an_option_is_not_bound_to_the_task() -> None:
 
 def test_scoped_task_options_are_checked_when_the_class_is_created() -> None:
     other = Celery("test_celery_options", broker="memory://")
-    with pytest.raises(TypeError, match="unknown option 'perrequest_max_entrys'"):
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "unknown option perrequest_max_entrys=. Did you mean perrequest_max_entries=?"
+        ),
+    ):
 
         @other.task(lazy=False, base=ScopedTask, perrequest_max_entrys=5)
         def typo() -> None: ...
@@ -266,6 +272,30 @@ def test_scoped_task_options_are_checked_when_the_class_is_created() -> None:
 
         class NotCallable(ScopedTask):
             perrequest_on_close = 42
+
+
+def _body() -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("perequest_max_entries", "perrequest_max_entries"),
+        ("perrequestmax_entries", "perrequest_max_entries"),
+        ("per_request_on_close", "perrequest_on_close"),
+    ],
+)
+def test_a_misspelt_option_prefix_is_refused(typo: str, meant: str) -> None:
+    """A typo in the prefix itself was one more class attribute among Celery's: the
+    task ran with the default bound, silently."""
+    other = Celery("test_celery_prefix", broker="memory://")
+    with pytest.raises(
+        TypeError, match=re.escape(f"unknown option {typo}=. Did you mean {meant}=?")
+    ):
+        other.task(lazy=False, base=ScopedTask, name="typo", **{typo: 50})(_body)
+    # Celery's own options, however close to a word of ours, are left alone.
+    task = other.task(lazy=False, base=ScopedTask, name="ok", max_retries=3)(_body)
+    assert task.max_retries == 3
 
 
 def test_install_checks_its_options() -> None:

@@ -31,6 +31,7 @@ done. The core never imports Celery; only this module does.
 
 from __future__ import annotations
 
+import difflib
 import weakref
 from contextvars import ContextVar
 from typing import Any, Final, NamedTuple
@@ -82,11 +83,13 @@ class ScopedTask(Task):  # type: ignore[misc]
 def _check_task_class(cls: type) -> None:
     """Refuse misspelt or bad options when the task class is created, not at the first run."""
     where = f"task class {cls.__qualname__}"
+    options = tuple(sorted(_OPTIONS))
     for name in vars(cls):
-        if name.startswith(_OPTION_PREFIX) and name not in _OPTIONS:
-            raise TypeError(
-                f"{where}: unknown option {name!r}; the options are {', '.join(sorted(_OPTIONS))}"
-            )
+        # A typo in the prefix (perequest_max_entries) would otherwise be one more
+        # attribute among Celery's, and the task would run with the default silently.
+        misspelt = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
+        if name not in _OPTIONS and (name.startswith(_OPTION_PREFIX) or misspelt):
+            raise TypeError(unknown_option(where, name, options))
     if "perrequest_max_entries" in vars(cls):
         check_max_entries(vars(cls)["perrequest_max_entries"], f"{where}: perrequest_max_entries")
     if "perrequest_on_close" in vars(cls):

@@ -178,3 +178,45 @@ def test_async_a_stopped_redis_is_bounded_by_op_timeout(own_redis: Callable[...,
         await client.aclose()
 
     asyncio.run(main())
+
+
+def _burst(fn: Callable[[int], Any], threads: int = 8, keys: int = 40) -> None:
+    def worker() -> None:
+        for n in range(keys):
+            with request_scope():
+                fn(n)
+
+    running = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+
+
+def test_a_busy_connection_pool_is_not_redis_down(redis_server: Any) -> None:
+    """A client's BlockingConnectionPool waits for a free connection in the cache too; a
+    plain pool out of connections fails the call, but does not switch Redis off."""
+    calls: list[int] = []
+
+    def lookup(n: int) -> int:
+        calls.append(n)
+        return n
+
+    blocking = redis.BlockingConnectionPool(host=HOST, port=redis_server.port, max_connections=2)
+    cache = RedisCache(redis.Redis(connection_pool=blocking), ttl=60, namespace="b")
+    f = request_memo(shared=cache)(lookup)
+    _burst(f, threads=1)  # every key in Redis
+    _burst(f)
+    assert len(calls) == 40 and cache.stats().errors == 0  # all 320 read from Redis
+    cache.close()
+
+    plain = redis.ConnectionPool(host=HOST, port=redis_server.port, max_connections=1)
+    cache = RedisCache(redis.Redis(connection_pool=plain), ttl=60, namespace="b", retry_after=60)
+    g = request_memo(shared=cache)(lookup)
+    _burst(g)
+    assert cache.stats().errors > 0  # "Too many connections": computed here
+    hits = cache.stats().hits
+    with request_scope():
+        g(1)
+    assert cache.stats().hits == hits + 1  # and yet Redis is not left alone for retry_after
+    cache.close()

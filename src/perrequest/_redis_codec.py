@@ -26,6 +26,7 @@ from typing import Any
 from ._keys import KWARGS
 
 _MAC_BYTES = 32  # HMAC-SHA256
+_MIN_SECRET = 16
 
 
 class BadValue(Exception):
@@ -89,6 +90,34 @@ def name_problem(fn: object) -> str | None:
     if "<lambda>" in qualname:
         return "every lambda is named <lambda>"
     return None
+
+
+def check_secret(serializer: object, secret: object) -> bytes | None:
+    """``RedisCache(serializer=..., secret=...)``: the secret as bytes, or None (JSON only)."""
+    if serializer not in ("json", "pickle"):
+        raise ValueError(
+            f"RedisCache(serializer=...) must be 'json' or 'pickle', not {serializer!r}"
+        )
+    if secret is None:
+        if serializer == "pickle":
+            raise ValueError(
+                "RedisCache(serializer='pickle') needs secret=: loading a pickle runs code, "
+                "so anyone able to write to Redis could run code in every process reading "
+                "it. With a secret, values are signed (HMAC-SHA256) and a value that does "
+                "not verify is a miss. Pass secret= (e.g. from secrets.token_hex(32), kept "
+                "out of the code), or keep serializer='json'."
+            )
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, bytes):
+        raise TypeError(f"RedisCache(secret=...) must be str or bytes, not {type(secret).__name__}")
+    if len(secret) < _MIN_SECRET:
+        raise ValueError(
+            f"RedisCache(secret=...) must be at least {_MIN_SECRET} bytes; generate one with "
+            "secrets.token_hex(32)"
+        )
+    return secret
 
 
 class Codec:

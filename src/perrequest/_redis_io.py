@@ -50,6 +50,7 @@ _PASSED = frozenset(
         "socket_read_size", "driver_info",
     )
 )  # fmt: skip
+_EXHAUSTED = ("Too many connections", "No connection available.")
 _SYNC_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
 _ASYNC_POOLS = (redis.asyncio.ConnectionPool, redis.asyncio.BlockingConnectionPool)
 
@@ -76,6 +77,30 @@ def check_client(client: object) -> bool:
     return isinstance(client, redis.asyncio.Redis)
 
 
+def _pool(module: Any, pool: Any, timeout: float, retry: Any) -> Any:
+    """A pool of ``module`` (``redis`` or ``redis.asyncio``) like ``pool``, with the cache's
+    settings: blocking if ``pool`` is (under load, a call waits for a free connection, at
+    most ``timeout``, where a plain pool fails at once), with as many connections."""
+    extra: dict[str, Any] = {}
+    kind = module.ConnectionPool
+    if isinstance(pool, (redis.BlockingConnectionPool, redis.asyncio.BlockingConnectionPool)):
+        kind = module.BlockingConnectionPool
+        extra["timeout"] = timeout if pool.timeout is None else min(pool.timeout, timeout)
+    return kind(
+        connection_class=pool.connection_class,
+        max_connections=pool.max_connections,
+        retry=retry,
+        **extra,
+        **_settings(pool, timeout),
+    )
+
+
+def exhausted(exc: BaseException) -> bool:
+    """Whether ``exc`` says the pool has no free connection: this process is busy, and
+    Redis may well be fine."""
+    return isinstance(exc, redis.ConnectionError) and str(exc) in _EXHAUSTED
+
+
 def _settings(pool: Any, socket_timeout: float) -> dict[str, Any]:
     given = pool.connection_kwargs
     settings = {k: v for k, v in given.items() if k in _PASSED or k.startswith("ssl_")}
@@ -89,13 +114,8 @@ class SyncIO:
     """The sync pool and scripts of one cache."""
 
     def __init__(self, client: Any, op_timeout: float) -> None:
-        pool = client.connection_pool
-        own = redis.ConnectionPool(
-            connection_class=pool.connection_class,
-            max_connections=pool.max_connections,
-            retry=Retry(NoBackoff(), 0),
-            **_settings(pool, op_timeout / 2),  # connecting, then the reply: op_timeout
-        )
+        # Connecting (or waiting for a pooled connection), then the reply: op_timeout.
+        own = _pool(redis, client.connection_pool, op_timeout / 2, Retry(NoBackoff(), 0))
         self.client = redis.Redis(connection_pool=own)
         self.claim = self.client.register_script(CLAIM)
         self.store = self.client.register_script(STORE)
@@ -108,13 +128,8 @@ class AsyncIO:
     """The async pool and scripts of one cache in one event loop."""
 
     def __init__(self, client: Any, op_timeout: float) -> None:
-        pool = client.connection_pool
-        own = redis.asyncio.ConnectionPool(
-            connection_class=pool.connection_class,
-            max_connections=pool.max_connections,
-            retry=AsyncRetry(NoBackoff(), 0),
-            **_settings(pool, op_timeout),  # and asyncio.timeout(op_timeout) around each
-        )
+        # And asyncio.timeout(op_timeout) around each command.
+        own = _pool(redis.asyncio, client.connection_pool, op_timeout, AsyncRetry(NoBackoff(), 0))
         self.client = redis.asyncio.Redis(connection_pool=own)
         self.claim = self.client.register_script(CLAIM)
         self.store = self.client.register_script(STORE)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 from . import _redis_io as io
 from ._checks import unknown_option
 from ._redis_async import AsyncRedisTier
-from ._redis_codec import Codec, name_problem
+from ._redis_codec import Codec, check_secret, name_problem
 from ._redis_tier import RedisCacheInfo, RedisTier
 from ._typing import MemoizedFunction
 
@@ -39,7 +39,6 @@ _OPTIONS = (
     "ttl", "namespace", "serializer", "secret", "version", "lock_timeout", "op_timeout",
     "max_value_bytes", "retry_after", "log_interval",
 )  # fmt: skip
-_MIN_SECRET = 16
 
 
 class RedisStats(NamedTuple):
@@ -85,33 +84,6 @@ def _check_ttl(ttl: object) -> float:
     if ttl < 0.001:
         raise ValueError(f"RedisCache(ttl={ttl!r}): Redis expiries are in milliseconds")
     return ttl
-
-
-def _check_secret(serializer: object, secret: object) -> bytes | None:
-    if serializer not in ("json", "pickle"):
-        raise ValueError(
-            f"RedisCache(serializer=...) must be 'json' or 'pickle', not {serializer!r}"
-        )
-    if secret is None:
-        if serializer == "pickle":
-            raise ValueError(
-                "RedisCache(serializer='pickle') needs secret=: loading a pickle runs code, "
-                "so anyone able to write to Redis could run code in every process reading "
-                "it. With a secret, values are signed (HMAC-SHA256) and a value that does "
-                "not verify is a miss. Pass secret= (e.g. from secrets.token_hex(32), kept "
-                "out of the code), or keep serializer='json'."
-            )
-        return None
-    if isinstance(secret, str):
-        secret = secret.encode()
-    if not isinstance(secret, bytes):
-        raise TypeError(f"RedisCache(secret=...) must be str or bytes, not {type(secret).__name__}")
-    if len(secret) < _MIN_SECRET:
-        raise ValueError(
-            f"RedisCache(secret=...) must be at least {_MIN_SECRET} bytes; generate one with "
-            "secrets.token_hex(32)"
-        )
-    return secret
 
 
 def check_version(version: object, where: str) -> str | int:
@@ -178,7 +150,7 @@ class RedisCache:
                 f"keys (e.g. 'shop'), not {namespace!r}"
             )
         self.namespace = namespace
-        self._codec = Codec(serializer, _check_secret(serializer, secret))
+        self._codec = Codec(serializer, check_secret(serializer, secret))
         self.serializer = serializer
         self.version = check_version(version, "RedisCache(version=...)")
         self.lock_timeout = _number("lock_timeout", lock_timeout)
@@ -284,6 +256,16 @@ class RedisCache:
     def _failed(self, tier: RedisTier, exc: BaseException) -> None:
         """A Redis operation failed: count it, leave Redis alone a while, and say so."""
         tier.errors += 1
+        if io.exhausted(exc):  # this process is busy; Redis may well be fine
+            self._warn(
+                "busy",
+                "perrequest: %r had no free connection (%s); the value was computed in "
+                "this process. Give the client's pool more max_connections, or make it a "
+                "redis.BlockingConnectionPool (the cache then waits for a connection).",
+                self,
+                exc,
+            )
+            return
         if self.retry_after:
             self._down_until = _now() + self.retry_after
         self._warn(

@@ -28,6 +28,7 @@ from starlette.testclient import TestClient
 
 import perrequest
 from perrequest import _metrics, otel, prometheus, request_memo, request_scope
+from perrequest._stats import function_name
 from perrequest.asgi import RequestScopeMiddleware
 
 MARK = "KEYTEXT-7f3a9c"
@@ -125,24 +126,45 @@ def test_no_key_text_in_metrics_spans_or_logs(
         assert MARK not in text, f"key text reached the {where} output"
 
 
-def test_a_callable_without_a_qualname_is_named_by_its_type(
+def test_a_partial_is_named_after_its_function_and_an_object_after_its_class(
     sinks: tuple[InMemoryMetricReader, CollectorRegistry],
 ) -> None:
     """A ``functools.partial`` has no ``__qualname__``; its repr would show its bound
-    arguments. It is named by its type, so neither stats nor metrics carry them."""
+    arguments. It was named "functools.partial", so the partials of unrelated functions
+    shared one set of counters (stats, ``cache_info``, metrics): it is now named after
+    the function it wraps. Neither stats nor metrics carry the bound arguments."""
     reader, registry = sinks
 
     def fetch(token: str, x: int) -> int:
         return x
 
+    def stock(warehouse: str, x: int) -> int:
+        return x
+
+    class Loader:
+        def __call__(self, x: int) -> int:
+            return x
+
     bound = request_memo(functools.partial(fetch, f"{MARK}-bound"))
+    in_stock = request_memo(functools.partial(stock, "W1"))
+    load = request_memo(Loader())
+    prefix = f"{__name__}.{fetch.__qualname__.removesuffix('.fetch')}"
     with request_scope() as store:
         bound(1)
         bound(1)
-        assert not any(MARK in name for name in store.stats.functions)
+        in_stock(1)
+        load(1)
+        assert in_stock.cache_info() == (0, 1, None, 1)  # before: bound's counters too
+        assert list(store.stats.functions) == [
+            f"{prefix}.fetch (partial)",
+            f"{prefix}.stock (partial)",
+            f"{prefix}.Loader",
+        ]
     exposition = generate_latest(registry).decode()
     assert MARK not in exposition and MARK not in reader.get_metrics_data().to_json()  # type: ignore[union-attr]
-    assert 'perrequest_memo_hits_total{function="functools.partial"} 1.0' in exposition
+    assert f'perrequest_memo_hits_total{{function="{prefix}.fetch (partial)"}} 1.0' in exposition
+    assert f'perrequest_memo_misses_total{{function="{prefix}.Loader"}} 1.0' in exposition
+    assert function_name(functools.partial(bound.__wrapped__, x=1)) == f"{prefix}.fetch (partial)"
 
 
 @pytest.mark.parametrize(
@@ -153,6 +175,8 @@ def test_a_callable_without_a_qualname_is_named_by_its_type(
         ("app.<lambda>", "app.<lambda>"),
         ("app.représentation", "app.représentation"),
         ("(other functions)", "(other functions)"),
+        ("app.views.fetch (partial)", "app.views.fetch (partial)"),
+        ("app.views.fetch (partial) and more", "(unnamed callable)"),
         ("functools.partial(<function f at 0x7f>, 'secret')", "(unnamed callable)"),
         ("app.<app.Loader object at 0x7f00>", "(unnamed callable)"),
         ("a" * 300, "(unnamed callable)"),

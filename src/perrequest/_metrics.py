@@ -3,8 +3,9 @@
 A metric attribute is a function's qualified name and nothing else: never an
 argument, a key or a value, so the number of series is bounded by the code,
 not by the traffic. ``label`` enforces it for names that are not plain
-qualified names (a ``functools.partial`` or a callable object is named by its
-``repr``, which can hold argument values or a memory address).
+qualified names (``_stats.function_name`` never uses a ``repr``, which can hold
+argument values or a memory address, but a loader or a hand-set ``__qualname__``
+might).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ ENTRY_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000
 SAVED_BUCKETS = (
     0, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 )  # fmt: skip
-_QUALIFIED = re.compile(r"[^\W\d][\w.<>]{0,199}|\(other functions\)")
+_QUALIFIED = re.compile(r"[^\W\d][\w.<>]{0,199}(?: \(partial\))?|\(other functions\)")
 
 
 @functools.lru_cache(maxsize=4096)
 def label(name: str) -> str:
-    """``name`` if it is a plain ``module.qualname``, else ``UNNAMED``."""
+    """``name`` if it is a plain ``module.qualname`` (of a partial: with its suffix),
+    else ``UNNAMED``."""
     return name if _QUALIFIED.fullmatch(name) else UNNAMED
 
 

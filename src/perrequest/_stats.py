@@ -8,6 +8,7 @@ process-wide scope listeners.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -17,7 +18,13 @@ from typing import NamedTuple
 
 from ._checks import check_on_close
 
-__all__ = ["FunctionStats", "ScopeStats", "add_scope_listener", "remove_scope_listener"]
+__all__ = [
+    "FunctionStats",
+    "ScopeStats",
+    "add_scope_listener",
+    "function_name",
+    "remove_scope_listener",
+]
 
 _NO_STATS: Mapping[str, FunctionStats] = MappingProxyType({})
 
@@ -61,6 +68,22 @@ class ScopeStats:
     evictions: int
     duration_s: float
     functions: Mapping[str, FunctionStats] = field(default_factory=lambda: _NO_STATS)
+
+
+def function_name(fn: object) -> str:
+    """The name a memoized function's stats, ``cache_info``, warnings and metric labels
+    go by: its ``module.qualname``. Counters are kept per name, so two functions with
+    one name (two lambdas of a module) share them; entries never are.
+
+    Never the ``repr``, which for a ``functools.partial`` shows the bound arguments:
+    a partial is named after the function it wraps, with a `` (partial)`` suffix (so
+    partials of one function share counters); a callable object after its class.
+    """
+    if isinstance(fn, functools.partial):
+        return function_name(fn.func).removesuffix(" (partial)") + " (partial)"
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{qualname}" if module else qualname
 
 
 class Counter:

@@ -27,7 +27,7 @@ from ._active import active_store
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._keys import call_key, is_method, unhashable
 from ._shared import Tier, check_shared, make_tier
-from ._stats import Counter
+from ._stats import Counter, function_name
 from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import PerRequestError, ScopeClosed
@@ -84,11 +84,7 @@ class _MemoSpec:
         self.outside_scope = outside_scope
         self.is_method = is_method(fn)
         self.is_async = is_async_callable(fn)
-        module = getattr(fn, "__module__", None)
-        # Never repr(): a functools.partial's would carry its bound arguments into
-        # stats, logs and metric labels.
-        qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-        self.name = f"{module}.{qualname}" if module else qualname
+        self.name = function_name(fn)
         self.keyof: Callable[..., tuple[Hashable, Any]] = self.keyof_call
         self.shared: Tier | None = None if shared is None else make_tier(shared, self, version)
 

@@ -521,6 +521,15 @@ def test_bad_options_are_refused_with_the_reason(client: redis.Redis) -> None:
         RedisCache(client, ttl=1, namespace="t", op_timeout=0)
     with pytest.raises(ValueError, match="':'"):
         RedisCache(client, ttl=1, namespace="t", version="a:b")
+    # Values Redis or the socket would refuse on every command at run time.
+    for option, value, most in (
+        ("ttl", 1e16, 31536000),
+        ("lock_timeout", 1e16, 3600),
+        ("op_timeout", 1e300, 60),
+        ("max_value_bytes", 2**40, 536870912),
+    ):
+        with pytest.raises(ValueError, match=rf"{option}=\.\.\.\) must be at most {most} "):
+            RedisCache(client, **{"ttl": 1, "namespace": "t", option: value})
     with pytest.raises(TypeError, match=r"redis\.Redis"):
         RedisCache({}, ttl=1, namespace="t")
     cache = RedisCache(client, ttl=1, namespace="t")

@@ -62,13 +62,27 @@ class RedisMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
         ...
 
 
+# The most each option may be, and why: beyond, Redis (or the socket) refuses every
+# command at run time, and the tier would be silently off.
+_MOST = {
+    "ttl": (365 * 86400, "seconds, a year: longer is as good as no expiry"),
+    "lock_timeout": (3600, "seconds, an hour: a request may wait this long for a value"),
+    "op_timeout": (60, "seconds: a cache must answer fast or not at all"),
+    "max_value_bytes": (512 * 1024 * 1024, "bytes, 512 MiB: the largest value Redis stores"),
+}
+
+
 def _number(name: str, value: object, *, zero: bool = False) -> float:
-    """A finite number of seconds (or bytes), positive (or zero if ``zero``)."""
+    """A finite number of seconds (or bytes), positive (or zero if ``zero``), at most
+    what ``_MOST`` says."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"RedisCache({name}=...) must be a number, not {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         least = "zero or more" if zero else "more than zero"
         raise ValueError(f"RedisCache({name}=...) must be finite and {least}, not {value!r}")
+    most, why = _MOST.get(name, (math.inf, ""))
+    if value > most:
+        raise ValueError(f"RedisCache({name}=...) must be at most {most} ({why}), not {value!r}")
     return value
 
 

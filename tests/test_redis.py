@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import pickle
 import threading
 import time
@@ -264,10 +265,15 @@ def test_every_caller_gets_what_the_serializer_gives_back(cache: RedisCache) -> 
     def pair(n: int) -> Any:
         return (n, {1: "one"})
 
-    with request_scope():
-        assert pair(1) == [1, {"1": "one"}]  # JSON's view, for the computing caller too
-    with request_scope():
-        assert pair(1) == [1, {"1": "one"}]
+    @request_memo(shared=cache)
+    def file_name(n: int) -> str:
+        return os.fsdecode(b"report-\xff.csv")  # a str with a lone surrogate
+
+    for _ in range(2):
+        with request_scope():
+            assert pair(1) == [1, {"1": "one"}]  # JSON's view, for the computing caller too
+            assert file_name(1) == "report-\udcff.csv"
+    assert cache.stats().hits == 2
 
 
 def test_concurrent_requests_in_one_process_get_copies_of_their_own(cache: RedisCache) -> None:

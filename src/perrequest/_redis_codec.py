@@ -145,7 +145,9 @@ class Codec:
 
 
 def _json_dumps(value: Any) -> bytes:
-    return _values.encode(value).encode()
+    # A lone surrogate (a file name through os.fsdecode) is a str too: json.loads of
+    # bytes decodes with "surrogatepass", so encode likewise.
+    return _values.encode(value).encode("utf-8", "surrogatepass")
 
 
 def _pickle_dumps(value: Any) -> bytes:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +21,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 import perrequest
-from perrequest import ScopeStats, current_store, in_request_scope, request_memo
+from perrequest import ScopeStats, current_store, in_request_scope, request_memo, request_scope
 from perrequest.celery import ScopedTask, install
 from perrequest.testing import assert_no_live_scopes, live_scopes
 
@@ -205,6 +205,44 @@ def test_nested_eager_apply_gets_its_own_scope_and_restores_the_outer_one() -> N
     assert outcome == {"inner_entries": 4, "restored": True}
     assert len(closed_installed) == 2
     assert live_scopes() == 0
+
+
+_abandoned: list[Generator[int, None, None]] = []
+
+
+def _rows() -> Generator[int, None, None]:
+    with request_scope():
+        yield 1
+        yield 2
+
+
+@app.task
+def installed_sloppy() -> str:
+    rows = _rows()
+    next(rows)  # its scope is open, and active here, until the generator is closed
+    _abandoned.append(rows)
+    return "ok"
+
+
+@app.task(base=ScopedTask)
+def scoped_sloppy() -> str:
+    return installed_sloppy.run()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("task", [installed_sloppy, scoped_sloppy], ids=["install", "ScopedTask"])
+def test_a_task_that_leaves_a_scope_open_does_not_leave_the_thread_in_it(task: Any) -> None:
+    """Before, the thread stayed inside the abandoned generator's scope after the task:
+    whatever ran on it next (another app's task, code outside any task) memoized in a
+    store as long-lived as the generator."""
+    assert task.apply().get() == "ok"
+    assert not in_request_scope()
+    assert live_scopes() == 1  # the generator's, until it is closed
+    _abandoned.pop().close()
+    assert live_scopes() == 0
+    with request_scope() as outer:  # a nested eager run gives the outer scope back
+        assert task.apply().get() == "ok"
+        assert current_store() is outer
+        _abandoned.pop().close()
 
 
 def test_direct_call_of_a_scoped_task_opens_a_scope() -> None:

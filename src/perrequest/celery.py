@@ -26,7 +26,8 @@ Two ways in, both built on ``open_scope``/``end_scope`` like the web middlewares
 
 Neither path caches anything between tasks: a worker thread (prefork child,
 ``threads`` pool thread, ``solo`` main thread) sees no store once a task is
-done. The core never imports Celery; only this module does.
+done, even if the task body left a scope of its own open. The core never
+imports Celery; only this module does.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any, Final, NamedTuple
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
-from ._active import OnClose, close_scope, open_scope
+from ._active import OnClose, _current, close_scope, open_scope
 from ._checks import check_max_entries, check_on_close, unknown_option
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
@@ -73,11 +74,13 @@ class ScopedTask(Task):  # type: ignore[misc]
         _check_task_class(cls)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        before = _current.get()
         store = open_scope(self.perrequest_max_entries, self.perrequest_on_close)
         try:
             return super().__call__(*args, **kwargs)
         finally:
             close_scope(store)
+            _restore(before)
 
 
 def _check_task_class(cls: type) -> None:
@@ -112,6 +115,15 @@ class _Options(NamedTuple):
 class _OpenJob(NamedTuple):
     task_id: str
     store: MemoStore
+    before: Any  # what was active when the job's scope opened: active again after it
+
+
+def _restore(before: Any) -> None:
+    """Make ``before`` the active store again, after a task whose body left a scope of
+    its own open (a generator holding ``with request_scope()`` across a yield, kept by
+    the task): the worker thread would run everything after it inside that scope."""
+    if _current.get() is not before:
+        _current.set(before)
 
 
 _installed: weakref.WeakKeyDictionary[Any, _Options] = weakref.WeakKeyDictionary()
@@ -165,7 +177,8 @@ def _open_job_scope(sender: Any = None, task_id: str = "", **_: Any) -> None:
     options = _installed.get(sender.app)
     if options is None:
         return
-    job = _OpenJob(task_id, open_scope(options.max_entries, options.on_close))
+    before = _current.get()
+    job = _OpenJob(task_id, open_scope(options.max_entries, options.on_close), before)
     _open_jobs.set((*_open_jobs.get(), job))
 
 
@@ -180,3 +193,4 @@ def _close_job_scope(task_id: str = "", **_: Any) -> None:
     _open_jobs.set(jobs[:index])
     for job in reversed(jobs[index:]):
         close_scope(job.store)
+    _restore(jobs[index].before)

@@ -69,9 +69,7 @@ def in_request_scope() -> bool:
 
 def get(key: Hashable, default: Any = None) -> Any:
     """The value at ``key`` in the active store, or ``default`` (also outside a scope).
-
-    An unhashable ``key`` raises ``TypeError`` in a scope or not, as it would in a dict.
-    """
+    An unhashable ``key`` raises ``TypeError``, in a scope or not, as a dict would."""
     store = active_store()
     if store is None:
         check_key(key)  # refused as in a scope, not only once a store holds something

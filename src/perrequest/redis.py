@@ -112,7 +112,9 @@ class RedisCache:
     """A ``shared=`` backend on Redis: bounded (``ttl``), safe (JSON, or signed pickle),
     computed once per expiry across processes, and never the cause of a failed request.
 
-    Redis keys are ``namespace:module.qualname:version:sha256(arguments as JSON)``.
+    Redis keys are ``namespace:module.qualname:version:sha256(arguments as JSON)``, so
+    a function's name must be its own: lambdas, partials, callable objects and a second
+    live function of the same name in one cache are refused at decoration time.
     The cache sends its commands through a connection pool of its own, with the
     client's connection settings but without retries, bounded by ``op_timeout``.
     After a Redis error the value is computed here, a WARNING logged (at most

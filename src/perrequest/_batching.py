@@ -21,7 +21,7 @@ from . import _outside
 from ._active import here
 from ._checks import refuse_coroutine
 from ._flight import MISSING, done_waiting, may_wait
-from ._stats import Counter
+from ._stats import Counter, function_name
 from .errors import ScopeClosed, UnhashableArguments
 from .store import MemoStore
 
@@ -66,9 +66,7 @@ class _BatchSpec:
         self.key_fn = key_fn
         self.max_entries = max_entries  # read by the store: this loader's own bound
         self.outside_scope = outside_scope
-        module = getattr(fn, "__module__", None)
-        qualname = getattr(fn, "__qualname__", None) or repr(fn)
-        self.name = f"{module}.{qualname}" if module else qualname
+        self.name = function_name(fn)  # never the repr: a partial's shows its arguments
 
     def __repr__(self) -> str:
         return f"<request_batch {self.name}>"
@@ -115,7 +113,10 @@ class _BatchSpec:
         if isinstance(result, Mapping):
             values = []
             for key, cache_key in zip(keys, cache_keys, strict=True):
-                value = result.get(key, MISSING)
+                try:
+                    value = result.get(key, MISSING)
+                except TypeError:  # an unhashable load key: the mapping is by cache key
+                    value = MISSING
                 if value is MISSING and cache_key is not key:
                     value = result.get(cache_key, MISSING)
                 if value is MISSING:
@@ -166,14 +167,6 @@ class _BatchSpec:
         values: list[Any] = []
         for chunk, cks in zip(self.chunks(keys), self.chunks(cache_keys), strict=True):
             values += self.spread(chunk, cks, self.call(chunk))
-        return settled(values)
-
-    async def outside_async(self, keys: list[Any], cache_keys: list[Hashable]) -> list[Any]:
-        """``outside`` for an async batch function."""
-        self.refuse_or_warn()
-        values: list[Any] = []
-        for chunk, cks in zip(self.chunks(keys), self.chunks(cache_keys), strict=True):
-            values += self.spread(chunk, cks, await self.fn(chunk))
         return settled(values)
 
     def call(self, keys: list[Any]) -> Any:

@@ -1,0 +1,314 @@
+"""The batch side of an async ``@request_batch``: the tasks that call the batch function.
+
+Each loader has a ``State`` per store and event loop, in the store's
+``_flights`` while it has work: the keys in flight with who waits for each, and
+the pending batch, which every key missing before it starts joins. The batch
+runs in a task of its own, held by the state, and settles every key it took in
+a ``finally``, whatever happened to the scope: each waiter gets the value or
+the key's exception; if the task itself was cancelled, a place in the next
+batch. A batch function that loads a key of its own batch gets it fetched by
+itself (waiting for the batch would wait for itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Hashable
+from contextvars import ContextVar
+from typing import Any
+
+from ._batching import _BatchSpec, now
+from ._stats import Counter
+from .errors import ScopeClosed
+from .store import MemoStore
+
+# Marks a failed key in _settle: its value is not stored.
+_FAILED: Any = object()
+_Future = asyncio.Future
+# In a batch task: its state and the cache keys it fetches (a load of one of them from
+# inside the batch function would wait for itself).
+_fetching: ContextVar[tuple[Any, list[Hashable]] | None] = ContextVar(
+    "perrequest.batch", default=None
+)
+
+
+class State:
+    """One loader's work in one store on one event loop. ``inflight`` maps a cache key
+    to who waits for it: a future (one ``load``), a ``(Waiter, index)`` pair (one
+    ``load_many``), or a list of those once several wait."""
+
+    __slots__ = ("cks", "counter", "inflight", "keys", "loop", "spec", "store", "tasks", "where")
+
+    def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.spec, self.store, self.loop = spec, store, loop
+        self.counter: Counter = store._counter(spec.name)  # ScopeClosed once closed
+        self.inflight: dict[Hashable, Any] = {}
+        self.keys: list[Any] | None = None  # the pending batch: its load keys,
+        self.cks: list[Hashable] | None = None  # and their cache keys (same list if no key=)
+        self.where = (spec, loop)
+        # Its batch tasks while they run (a loop keeps only weak references to tasks);
+        # held here, not in a global, so that a task a closed loop never ran is garbage.
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def join(self, key: Any, ck: Hashable, who: Any) -> None:
+        """Wait for ``ck``: with its flight, or in the pending batch (misses are counted
+        when it starts)."""
+        inflight = self.inflight
+        try:
+            other = inflight.get(ck)
+        except TypeError:
+            raise self.spec.unhashable([key], [ck]) from None
+        if other is None:
+            inflight[ck] = who
+            keys = self.keys
+            if keys is None:
+                keys = self.keys = []
+                self.cks = keys if self.spec.key_fn is None else []
+                self.loop.call_soon(start, self)
+            keys.append(key)
+            if self.cks is not keys:
+                self.cks.append(ck)  # type: ignore[union-attr]
+        elif _in_own_batch(self, ck):  # waiting for it would wait for ourselves
+            self.counter.misses += 1
+            _spawn(self.loop, _alone, self, key, ck, who)
+        else:
+            if type(other) is list:
+                other.append(who)
+            else:
+                inflight[ck] = [other, who]
+            self.counter.hits += 1
+
+
+def state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> State | None:
+    """The loader's state in ``store`` on ``loop``; None once the scope has ended."""
+    if store._closed:
+        return None
+    try:
+        state: State | None = store._flights.get((spec, loop))
+    except AttributeError:  # nothing written to the store yet
+        state = None
+    if state is None:
+        try:
+            state = State(spec, store, loop)
+        except ScopeClosed:
+            return None
+        with store._lock:
+            store._flights[state.where] = state
+            store._reserve(spec)  # lookups of keys in flight now miss without raising
+    return state
+
+
+class Waiter:
+    """A ``load_many`` waiting for keys: its future and the values it fills in."""
+
+    __slots__ = ("failed", "future", "remaining", "values")
+
+    def __init__(self, future: asyncio.Future[list[Any]], values: list[Any]) -> None:
+        self.future = future
+        self.values = values
+        self.remaining = 0
+        self.failed = False
+
+    def put(self, i: int, value: Any, failed: bool) -> None:
+        self.values[i] = value
+        self.failed |= failed
+        self.remaining -= 1
+        if not self.remaining:
+            if self.failed:
+                fail(self.future, next(v for v in self.values if isinstance(v, Exception)))
+            else:
+                self.future.set_result(self.values)
+
+
+def start(state: State) -> None:
+    _spawn(state.loop, _run, state)
+
+
+def _spawn(
+    loop: asyncio.AbstractEventLoop, run: Callable[..., Coroutine[Any, Any, None]], *args: Any
+) -> None:
+    """Run ``run(state, ..., started)`` in a task that ``state`` holds while it runs. One
+    cancelled before its first step (a shutdown cancelling every task) runs neither its
+    body nor its ``finally``: it is started again, or its keys go in the next batch."""
+    state: State = args[0]
+    started: list[bool] = []
+    task = loop.create_task(run(*args, started))
+    state.tasks.add(task)
+
+    def ended(task: asyncio.Task[None]) -> None:
+        state.tasks.discard(task)
+        if not started:
+            if run is _run_chunk:
+                _restart(*args)
+            else:
+                _spawn(loop, run, *args)
+
+    task.add_done_callback(ended)
+
+
+async def _run(state: State, started: list[bool]) -> None:
+    """Take the pending batch and fetch it, in calls of at most ``max_batch_size`` keys."""
+    started.append(True)
+    keys, cks = state.keys, state.cks
+    state.keys = state.cks = None
+    assert keys is not None and cks is not None
+    state.counter.misses += len(keys)
+    size = state.spec.max_batch_size
+    if size is not None and len(keys) > size:
+        for i in range(size, len(keys), size):
+            _spawn(state.loop, _run_chunk, state, keys[i : i + size], cks[i : i + size])
+        keys, cks = keys[:size], cks[:size]
+    await _run_chunk(state, keys, cks, started)
+
+
+async def _run_chunk(
+    state: State, keys: list[Any], cks: list[Hashable], started: list[bool]
+) -> None:
+    """One call of the batch function; each value is stored (scope open) and handed over."""
+    started.append(True)
+    spec, counter = state.spec, state.counter
+    _fetching.set((state, cks))  # in this task's own context
+    start = now() if counter.timed else 0.0
+    values: list[Any] | None = None
+    try:
+        values = spec.spread(keys, cks, await spec.fn(keys))
+    except Exception as exc:  # the whole batch failed: so does every key
+        values = [exc] * len(keys)
+    except BaseException as exc:
+        if not _cancelled():  # raised by the batch function itself: every key fails
+            values = [_interrupted(spec, exc)] * len(keys)
+        raise
+    finally:
+        if start:
+            counter.compute_s += now() - start
+        if state.loop.is_closed():  # collected after its loop closed: nobody can wait
+            _drop(state)
+        elif values is None:  # this task was cancelled: the waiters go in the next batch
+            _restart(state, keys, cks)
+        else:
+            _settle(state, cks, values)
+
+
+async def _alone(state: State, key: Any, ck: Hashable, who: Any, started: list[bool]) -> None:
+    """A key that the batch function loads while its own batch fetches it: fetched in a
+    call of its own, not stored (the batch stores it)."""
+    started.append(True)
+    spec, value = state.spec, None
+    try:
+        value = spec.spread([key], [ck], await spec.fn([key]))[0]
+    except Exception as exc:
+        value = exc
+    except BaseException as exc:
+        value = _interrupted(spec, exc)
+        raise
+    finally:
+        if not state.loop.is_closed():
+            _deliver(who, value, isinstance(value, Exception))
+
+
+def _in_own_batch(state: State, ck: Hashable) -> bool:
+    fetching = _fetching.get()
+    return fetching is not None and fetching[0] is state and ck in fetching[1]
+
+
+def _cancelled() -> bool:
+    """Whether the running batch task is being cancelled (rather than its batch function
+    raising ``CancelledError`` of its own)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # closed by the garbage collector, outside any loop
+        return True
+    return task is None or task.cancelling() > 0
+
+
+def _interrupted(spec: _BatchSpec, exc: BaseException) -> RuntimeError:
+    error = RuntimeError(
+        f"@request_batch {spec.name}: the batch function raised {exc!r} without its task "
+        "being cancelled, so every key of the batch fails. Let it return or raise an "
+        "Exception."
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _settle(state: State, cks: list[Hashable], values: list[Any]) -> None:
+    spec, store, inflight = state.spec, state.store, state.inflight
+    anchors: list[Any] = []
+    failures = False
+    with store._lock:
+        for ck, value in zip(cks, values, strict=True):
+            who = inflight.pop(ck)
+            if isinstance(value, Exception):
+                for one in who if type(who) is list else (who,):
+                    _deliver(one, value, True)
+                anchors.append(_FAILED)
+                failures = True
+            elif type(who) is _Future:  # the common case: one load
+                try:
+                    who.set_result(value)  # runs no code now: it schedules the wake-up
+                except asyncio.InvalidStateError:  # that caller was cancelled
+                    who = None
+                # A finished future of the value, for later hits on this loop.
+                anchors.append(None if who is None else (state.loop, who))
+            else:
+                kept = None
+                for one in who if type(who) is list else (who,):
+                    kept = _deliver(one, value, False) or kept
+                anchors.append(None if kept is None else (state.loop, kept))
+        if failures:  # failures are not stored
+            kept = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
+            cks, values = [cks[i] for i in kept], [values[i] for i in kept]
+            anchors = [anchors[i] for i in kept]
+        store._fill_many(spec, cks, values, anchors, state.counter)  # a closed store: nothing
+        _release(state)
+
+
+def _deliver(who: Any, value: Any, failed: bool) -> Any:
+    """Hand one waiter its value; the future now holding the value, if any."""
+    if type(who) is tuple:
+        waiter, i = who
+        if not waiter.future.done():
+            waiter.put(i, value, failed)
+        return None
+    if who.done():
+        return None
+    if failed:
+        fail(who, value)
+        return None
+    who.set_result(value)
+    return who
+
+
+def _restart(state: State, keys: list[Any], cks: list[Hashable]) -> None:
+    """The batch ended without values: the keys somebody still waits for go in the next."""
+    with state.store._lock:
+        for key, ck in zip(keys, cks, strict=True):
+            who = state.inflight.pop(ck)
+            for one in who if type(who) is list else (who,):
+                if not (one[0].future if type(one) is tuple else one).done():
+                    state.join(key, ck, one)
+        _release(state)
+
+
+def _drop(state: State) -> None:
+    """Forget the state's work: its loop has closed, so nobody waits for it any more."""
+    with state.store._lock:
+        state.inflight.clear()
+        state.keys = state.cks = None
+        _release(state)
+
+
+def _release(state: State) -> None:
+    """Drop the state from the store once it has nothing in flight or pending."""
+    if not state.inflight and state.keys is None:
+        flights = state.store._flights
+        if flights.get(state.where) is state:
+            del flights[state.where]
+            state.store._unreserve(state.spec)
+
+
+def fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except TypeError:  # StopIteration cannot travel through a future
+        future.set_exception(RuntimeError(f"the batch function's value was {exc!r}"))

@@ -1,0 +1,187 @@
+"""Async @request_batch at its edges: a batch function that raises BaseException, loads
+its own keys or runs under trio; event loops that come and go within one scope; a
+recency refresh that loses a race. Each test failed (or hung) before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import weakref
+from typing import Any
+
+import anyio
+import pytest
+
+from perrequest import current_store, request_batch, request_scope
+
+
+async def test_a_batch_function_raising_cancelled_error_fails_its_keys_once() -> None:
+    """Its own CancelledError (an inner await cancelled), not its task's: every key fails
+    with an error naming the function. Before: the batch was asked again, endlessly."""
+    calls = 0
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        inner = asyncio.get_running_loop().create_future()
+        inner.cancel()
+        await inner
+        return keys
+
+    async with request_scope():
+        with pytest.raises(RuntimeError, match=r"rows: the batch function raised Cancel"):
+            await asyncio.wait_for(rows.load(1), 5)
+    assert calls == 1
+
+
+def test_hits_under_a_second_event_loop_in_one_scope_work_with_gather_and_wait_for() -> None:
+    """Two asyncio.run calls in one scope (a worker, async_to_sync twice in a view): the
+    second loop's hits are its own futures. Before: gather raised 'Event loop is closed'
+    and wait_for 'The future belongs to a different loop'."""
+
+    @request_batch
+    async def users(keys: list[int]) -> list[str]:
+        return [f"u{k}" for k in keys]
+
+    async def first() -> list[str]:
+        return await asyncio.gather(users.load(1), users.load(2))
+
+    async def second() -> tuple[list[str], str]:
+        both = await asyncio.gather(users.load(1), users.load(2))
+        return both, await asyncio.wait_for(users.load(1), 5)
+
+    with request_scope() as store:
+        assert asyncio.run(first()) == ["u1", "u2"]
+        assert asyncio.run(second()) == (["u1", "u2"], "u1")
+        assert users.cache_info().misses == 2
+        assert not store._flights  # no state left for either loop
+
+
+def test_a_job_that_drops_its_load_leaves_nothing_after_asyncio_run() -> None:
+    """A job that starts a load and fails before awaiting it, once per asyncio.run (a
+    worker). Before: each left its batch task, and what it held, in a module-level set."""
+    held: list[weakref.ref[object]] = []
+
+    class Row:
+        pass
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[Row]:
+        row = Row()
+        held.append(weakref.ref(row))
+        await asyncio.sleep(0.01)
+        return [row for _ in keys]
+
+    async def job() -> None:
+        async with request_scope():
+            rows.load(1)
+            await asyncio.sleep(0)
+            raise RuntimeError("the job fails before awaiting its load")
+
+    logging.getLogger("asyncio").disabled = True  # "Task was destroyed but it is pending"
+    try:
+        for _ in range(5):
+            with pytest.raises(RuntimeError):
+                asyncio.run(job())
+        gc.collect()
+    finally:
+        logging.getLogger("asyncio").disabled = False
+    assert held and sum(ref() is not None for ref in held) <= 1  # the last run's, at most
+
+
+def test_per_loop_bookkeeping_goes_when_nothing_is_in_flight() -> None:
+    """A long scope, a loop per message: a load_many of hits only, or a refused load,
+    makes no record. Before: one record (and its closed loop) per asyncio.run."""
+
+    @request_batch
+    async def users(keys: list[Any]) -> list[str]:
+        return [f"u{k}" for k in keys]
+
+    async def message() -> None:
+        assert await users.load_many([1, 2]) == ["u1", "u2"]
+        with pytest.raises(TypeError):
+            users.load([3])
+
+    with request_scope(max_entries=10) as store:
+        asyncio.run(users.load_many([1, 2]))
+        for _ in range(20):
+            asyncio.run(message())
+        assert not store._flights
+
+
+async def test_a_batch_function_that_loads_a_key_of_its_own_batch_gets_it() -> None:
+    """A tree, parent by parent, with a parent in the same batch as its child: fetched by
+    itself, as the sync loader does. Before: it waited for itself, silently, forever."""
+    parent = {0: None, 1: 0, 2: 1}
+    calls: list[list[int]] = []
+
+    @request_batch
+    async def depth(ids: list[int]) -> list[int]:
+        calls.append(list(ids))
+        out = []
+        for i in ids:
+            up = parent[i]
+            out.append(0 if up is None else 1 + await depth.load(up))
+        return out
+
+    async with request_scope():
+        assert await asyncio.wait_for(depth.load_many([2, 1]), 5) == [2, 1]
+        assert await depth.load(0) == 0  # stored by its batch
+
+
+def test_a_mapping_keyed_by_cache_key_with_unhashable_load_keys() -> None:
+    """key= for dict load keys; the batch function maps cache keys. Before: TypeError."""
+
+    @request_batch(key=lambda q: q["id"])
+    async def rows(queries: list[dict[str, int]]) -> dict[int, str]:
+        return {q["id"]: f"row {q['id']}" for q in queries}
+
+    async def main() -> list[str]:
+        async with request_scope():
+            return [await rows.load({"id": 1}), *await rows.load_many([{"id": 2}])]
+
+    assert asyncio.run(main()) == ["row 1", "row 2"]
+
+
+async def test_a_hit_whose_entry_another_thread_evicts_meanwhile_is_a_miss() -> None:
+    """The state another thread's eviction leaves between the hit's two lookups (the
+    entry found, its recency gone). Before: a bare KeyError from load()."""
+
+    @request_batch
+    async def users(keys: list[int]) -> list[str]:
+        return [f"u{k}" for k in keys]
+
+    async with request_scope():
+        assert await users.load(1) == "u1"
+        store = current_store()
+        entry = store._subs[users._spec][1]  # type: ignore[attr-defined]
+        del store._order[entry[2]]
+        assert await users.load(1) == "u1"
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_loaders_under_anyio_backends(backend: str) -> None:
+    """Under trio each call fetches what the store lacks by itself (no asyncio loop to
+    batch a tick on), and caches it. Before: 'no running event loop' from every load."""
+    calls: list[list[int]] = []
+
+    @request_batch(max_batch_size=2)
+    async def users(keys: list[int]) -> list[str | Exception]:
+        calls.append(list(keys))
+        return [ValueError(k) if k == 9 else f"u{k}" for k in keys]
+
+    async def main() -> None:
+        async with request_scope():
+            users.prime(5, "primed")
+            assert await users.load(1) == "u1"
+            assert await users.load_many([1, 2, 3, 4, 5]) == ["u1", "u2", "u3", "u4", "primed"]
+            assert await users.load(2) == "u2"
+            with pytest.raises(ValueError):
+                await users.load(9)
+            info = users.cache_info()
+            assert (info.hits, info.misses) == (3, 5)
+
+    anyio.run(main, backend=backend)
+    assert calls == [[1], [2, 3], [4], [9]]

@@ -505,6 +505,25 @@ def test_outside_a_scope_nothing_touches_redis(cache: RedisCache, client: redis.
     assert f(1) == 1 and client.dbsize() == 0
 
 
+def test_cache_clear_and_cache_delete_act_on_redis_outside_a_scope_too(
+    cache: RedisCache, client: redis.Redis
+) -> None:
+    """A management command or deploy hook invalidates without a request. Before:
+    cache_delete did, cache_clear silently did nothing."""
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> int:
+        return len(sku)
+
+    with request_scope():
+        price("a"), price("bb"), price("ccc")
+    assert client.dbsize() == 3
+    price.cache_delete("a")
+    assert client.dbsize() == 2
+    price.cache_clear()
+    assert client.dbsize() == 0
+
+
 def test_bad_options_are_refused_with_the_reason(client: redis.Redis) -> None:
     for ttl in (None, 0):
         with pytest.raises(ValueError, match="leak perrequest exists to prevent"):

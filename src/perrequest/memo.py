@@ -166,12 +166,11 @@ class _MemoSpec:
         return self.shared.info(hits, misses, self.max_entries, currsize, store is not None)
 
     def cache_clear(self) -> None:
-        """Drop this function's entries in the active store, and in its shared cache;
-        outside a scope, do nothing."""
+        """Drop this function's entries in the active store, if any, and in its shared
+        cache, which outlives requests: from anywhere, as ``cache_delete`` does."""
         store = active_store()
-        if store is None:
-            return
-        store._remove_owner(self)
+        if store is not None:
+            store._remove_owner(self)
         if self.shared is not None:
             self.shared.clear(self)
 
@@ -187,7 +186,6 @@ class _MemoSpec:
                 f"{self.name}.cache_delete() takes the arguments a call takes ({exc}). A "
                 f"method's takes the instance too: obj.method.cache_delete(obj, ...)."
             ) from None
-        self.checked(key, args, kwargs)
         self.checked(key, args, kwargs)
         if self.shared is not None:
             self.shared.delete((self, key))

@@ -260,11 +260,12 @@ async def test_a_cancelled_batch_is_asked_again_for_its_waiters() -> None:
         return keys
 
     async with request_scope():
-        waiting = asyncio.ensure_future(flaky.load_many([1, 2]))
+        # Two waiters of key 1: both join the next batch (one call, not one each).
+        waiting = asyncio.gather(flaky.load_many([1, 2]), flaky.load(1))
         await asyncio.sleep(0.01)
         (batch,) = _batch_tasks()  # the batch's own task
         batch.cancel()  # from outside: a shutdown, say. Its waiters are not cancelled.
-        assert await asyncio.wait_for(waiting, 5) == [1, 2]
+        assert await asyncio.wait_for(waiting, 5) == [[1, 2], 1]
         assert calls == [[1, 2], [1, 2]]
 
 

@@ -179,6 +179,7 @@ async def _run_chunk(
             values = [_interrupted(spec, exc)] * len(keys)
         raise
     finally:
+        _fetching.set(None)  # re-joined keys (_restart) join, as anybody's would
         if start:
             counter.compute_s += now() - start
         if state.loop.is_closed():  # collected after its loop closed: nobody can wait

@@ -64,7 +64,7 @@ class State:
             if keys is None:
                 keys = self.keys = []
                 self.cks = keys if self.spec.key_fn is None else []
-                self.loop.call_soon(start, self)
+                self.loop.call_soon(_start, self)
             keys.append(key)
             if self.cks is not keys:
                 self.cks.append(ck)  # type: ignore[union-attr]
@@ -115,12 +115,12 @@ class Waiter:
         self.remaining -= 1
         if not self.remaining:
             if self.failed:
-                fail(self.future, next(v for v in self.values if isinstance(v, Exception)))
+                _fail(self.future, next(v for v in self.values if isinstance(v, Exception)))
             else:
                 self.future.set_result(self.values)
 
 
-def start(state: State) -> None:
+def _start(state: State) -> None:
     _spawn(state.loop, _run, state)
 
 
@@ -274,7 +274,7 @@ def _deliver(who: Any, value: Any, failed: bool) -> Any:
     if who.done():
         return None
     if failed:
-        fail(who, value)
+        _fail(who, value)
         return None
     who.set_result(value)
     return who
@@ -308,7 +308,7 @@ def _release(state: State) -> None:
             state.store._unreserve(state.spec)
 
 
-def fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     try:
         future.set_exception(exc)
     except TypeError:  # StopIteration cannot travel through a future

@@ -267,6 +267,8 @@ async def test_a_cancelled_batch_is_asked_again_for_its_waiters() -> None:
         batch.cancel()  # from outside: a shutdown, say. Its waiters are not cancelled.
         assert await asyncio.wait_for(waiting, 5) == [[1, 2], 1]
         assert calls == [[1, 2], [1, 2]]
+        info = flaky.cache_info()  # load(1) joined once: one hit; two keys fetched twice
+        assert (info.hits, info.misses) == (1, 4)
 
 
 @pytest.mark.parametrize(

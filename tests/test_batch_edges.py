@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import weakref
 from typing import Any
 
 import anyio
 import pytest
 
-from perrequest import current_store, request_batch, request_scope
+from perrequest import current_store, in_request_scope, request_batch, request_scope
 
 
 async def test_a_batch_function_raising_cancelled_error_fails_its_keys_once() -> None:
@@ -185,3 +186,104 @@ def test_async_loaders_under_anyio_backends(backend: str) -> None:
 
     anyio.run(main, backend=backend)
     assert calls == [[1], [2, 3], [4], [9]]
+
+
+async def test_chunks_of_one_batch_that_load_each_others_keys() -> None:
+    """A tree loaded 2 keys per call, a parent in the other chunk: fetched by a call of
+    its own, as a parent in the same chunk is. Before: each chunk waited for the other."""
+    parent = {1: 4, 2: None, 3: 2, 4: None}
+
+    @request_batch(max_batch_size=2)
+    async def rows(ids: list[int]) -> list[tuple[int, int | None]]:
+        out = []
+        for i in ids:
+            up = parent[i]
+            if up is not None:
+                await rows.load(up)
+            out.append((i, up))
+        return out
+
+    async with request_scope():
+        got = await asyncio.wait_for(rows.load_many([1, 2, 3, 4]), 5)
+    assert got == [(1, 4), (2, None), (3, 2), (4, None)]
+
+
+def test_a_long_scope_keeps_no_bookkeeping_of_loops_that_closed() -> None:
+    """One asyncio.run per message in one scope; each message starts a load and fails
+    without awaiting it. Before: one record per message (its closed loop, its task)."""
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        await asyncio.sleep(1)
+        return keys
+
+    async def message(i: int) -> None:
+        rows.load(i)
+        await asyncio.sleep(0)
+        raise ValueError("the message fails")
+
+    logging.getLogger("asyncio").disabled = True  # "Task was destroyed but it is pending"
+    try:
+        with request_scope(max_entries=100) as store:
+            for i in range(30):
+                with pytest.raises(ValueError):
+                    asyncio.run(message(i))
+            assert len(store._flights) <= 1  # the last message's, until the next batch
+    finally:
+        logging.getLogger("asyncio").disabled = False
+
+
+def test_a_shutdown_after_the_request_does_not_call_the_batch_function_again() -> None:
+    """asyncio.run's shutdown cancels a batch in flight after the request's scope ended:
+    its waits are cancelled. Before: its keys went in a new batch, run outside the scope."""
+    calls: list[tuple[list[int], bool]] = []
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        calls.append((list(keys), in_request_scope()))
+        await asyncio.sleep(1)
+        return keys
+
+    async def fails() -> None:
+        await asyncio.sleep(0.01)
+        raise ValueError("a sibling fails")
+
+    async def main() -> None:
+        async with request_scope():
+            await asyncio.gather(rows.load(1), fails())
+
+    logging.getLogger("asyncio").disabled = True
+    try:
+        with pytest.raises(ValueError):
+            asyncio.run(main())
+    finally:
+        logging.getLogger("asyncio").disabled = False
+    assert calls == [([1], True)]
+
+
+async def test_a_batch_whose_callers_are_gone_runs_to_its_end() -> None:
+    """The only caller times out and the scope closes while the batch awaits a future
+    nothing else holds strongly. Before: the collector destroyed the batch task mid-call."""
+    waiting: weakref.WeakValueDictionary[int, asyncio.Future[None]]
+    waiting = weakref.WeakValueDictionary()
+    finished: list[list[int]] = []
+    loop = asyncio.get_running_loop()
+
+    def answer(key: int) -> None:  # a client that keeps its pending replies weakly
+        reply = waiting.get(key)
+        if reply is not None and not reply.done():
+            reply.set_result(None)
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        reply = waiting[keys[0]] = loop.create_future()
+        threading.Timer(0.1, loop.call_soon_threadsafe, (answer, keys[0])).start()
+        await reply
+        finished.append(keys)
+        return keys
+
+    with request_scope(), pytest.raises(TimeoutError):
+        await asyncio.wait_for(rows.load(1), 0.01)
+    gc.collect()
+    await asyncio.sleep(0.3)
+    assert finished == [[1]]

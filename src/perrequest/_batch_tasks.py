@@ -3,7 +3,7 @@
 Each loader has a ``State`` per store and event loop, in the store's
 ``_flights`` while it has work: the keys in flight with who waits for each, and
 the pending batch, which every key missing before it starts joins. The batch
-runs in a task of its own, held by the state, and settles every key it took in
+runs in a task of its own (held in ``_running``), and settles every key it took in
 a ``finally``, whatever happened to the scope: each waiter gets the value or
 the key's exception; if the task itself was cancelled, a place in the next
 batch. A batch function that loads a key of its own batch gets it fetched by
@@ -25,11 +25,15 @@ from .store import MemoStore
 # Marks a failed key in _settle: its value is not stored.
 _FAILED: Any = object()
 _Future = asyncio.Future
-# In a batch task: its state and the cache keys it fetches (a load of one of them from
-# inside the batch function would wait for itself).
+# In a batch's tasks: its state and the cache keys of the whole batch, every chunk's (a
+# load of one of them from inside the batch function would wait for itself).
 _fetching: ContextVar[tuple[Any, list[Hashable]] | None] = ContextVar(
     "perrequest.batch", default=None
 )
+# Batch tasks while they run, by event loop (a loop keeps only weak references to its
+# tasks), with their states. A loop that closed with tasks it never finished (a shutdown)
+# leaves them here until the next batch task starts, which drops them and their states.
+_running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[None], State]] = {}
 
 
 class State:
@@ -37,7 +41,7 @@ class State:
     to who waits for it: a future (one ``load``), a ``(Waiter, index)`` pair (one
     ``load_many``), or a list of those once several wait."""
 
-    __slots__ = ("cks", "counter", "inflight", "keys", "loop", "spec", "store", "tasks", "where")
+    __slots__ = ("cks", "counter", "inflight", "keys", "loop", "spec", "store", "where")
 
     def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
         self.spec, self.store, self.loop = spec, store, loop
@@ -46,13 +50,10 @@ class State:
         self.keys: list[Any] | None = None  # the pending batch: its load keys,
         self.cks: list[Hashable] | None = None  # and their cache keys (same list if no key=)
         self.where = (spec, loop)
-        # Its batch tasks while they run (a loop keeps only weak references to tasks);
-        # held here, not in a global, so that a task a closed loop never ran is garbage.
-        self.tasks: set[asyncio.Task[None]] = set()
 
-    def join(self, key: Any, ck: Hashable, who: Any) -> None:
-        """Wait for ``ck``: with its flight, or in the pending batch (misses are counted
-        when it starts)."""
+    def join(self, key: Any, ck: Hashable, who: Any, again: bool = False) -> None:
+        """Wait for ``ck``: with its flight (a hit), or in the pending batch (misses are
+        counted when it starts). ``again``: a wait put back after a cancelled batch."""
         inflight = self.inflight
         try:
             other = inflight.get(ck)
@@ -68,7 +69,7 @@ class State:
             keys.append(key)
             if self.cks is not keys:
                 self.cks.append(ck)  # type: ignore[union-attr]
-        elif _in_own_batch(self, ck):  # waiting for it would wait for ourselves
+        elif not again and _in_own_batch(self, ck):  # waiting would wait for ourselves
             self.counter.misses += 1
             _spawn(self.loop, _alone, self, key, ck, who)
         else:
@@ -76,7 +77,7 @@ class State:
                 other.append(who)
             else:
                 inflight[ck] = [other, who]
-            self.counter.hits += 1
+            self.counter.hits += not again
 
 
 def state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> State | None:
@@ -121,25 +122,35 @@ class Waiter:
 
 
 def _start(state: State) -> None:
+    """Start the pending batch; first drop what loops that have closed left (no lock is
+    held here, so taking their stores' locks cannot deadlock)."""
+    for closed in [loop for loop in list(_running) if loop.is_closed()]:
+        for left in _running.pop(closed, {}).values():
+            _drop(left)
     _spawn(state.loop, _run, state)
 
 
 def _spawn(
     loop: asyncio.AbstractEventLoop, run: Callable[..., Coroutine[Any, Any, None]], *args: Any
 ) -> None:
-    """Run ``run(state, ..., started)`` in a task that ``state`` holds while it runs. One
+    """Run ``run(state, ..., started)`` in a task, held in ``_running`` while it runs. One
     cancelled before its first step (a shutdown cancelling every task) runs neither its
     body nor its ``finally``: it is started again, or its keys go in the next batch."""
     state: State = args[0]
     started: list[bool] = []
     task = loop.create_task(run(*args, started))
-    state.tasks.add(task)
+    _running.setdefault(loop, {})[task] = state
 
     def ended(task: asyncio.Task[None]) -> None:
-        state.tasks.discard(task)
+        tasks = _running.get(loop, {})
+        tasks.pop(task, None)
+        if not tasks:
+            _running.pop(loop, None)
         if not started:
             if run is _run_chunk:
                 _restart(*args)
+            elif run is _run:
+                _start(*args)
             else:
                 _spawn(loop, run, *args)
 
@@ -153,6 +164,7 @@ async def _run(state: State, started: list[bool]) -> None:
     state.keys = state.cks = None
     assert keys is not None and cks is not None
     state.counter.misses += len(keys)
+    _fetching.set((state, cks))  # in this task's context, which its chunks' tasks copy
     size = state.spec.max_batch_size
     if size is not None and len(keys) > size:
         for i in range(size, len(keys), size):
@@ -167,7 +179,6 @@ async def _run_chunk(
     """One call of the batch function; each value is stored (scope open) and handed over."""
     started.append(True)
     spec, counter = state.spec, state.counter
-    _fetching.set((state, cks))  # in this task's own context
     start = now() if counter.timed else 0.0
     values: list[Any] | None = None
     try:
@@ -281,13 +292,20 @@ def _deliver(who: Any, value: Any, failed: bool) -> Any:
 
 
 def _restart(state: State, keys: list[Any], cks: list[Hashable]) -> None:
-    """The batch ended without values: the keys somebody still waits for go in the next."""
+    """The batch's task was cancelled: the keys somebody still waits for go in the next
+    batch, while the scope is open; once it has ended (a shutdown after the request),
+    their waits are cancelled rather than the batch function called again."""
     with state.store._lock:
         for key, ck in zip(keys, cks, strict=True):
             who = state.inflight.pop(ck)
             for one in who if type(who) is list else (who,):
-                if not (one[0].future if type(one) is tuple else one).done():
-                    state.join(key, ck, one)
+                future = one[0].future if type(one) is tuple else one
+                if future.done():
+                    continue
+                if state.store._closed:
+                    future.cancel()
+                else:
+                    state.join(key, ck, one, again=True)
         _release(state)
 
 

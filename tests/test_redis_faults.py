@@ -220,3 +220,69 @@ def test_a_busy_connection_pool_is_not_redis_down(redis_server: Any) -> None:
         g(1)
     assert cache.stats().hits == hits + 1  # and yet Redis is not left alone for retry_after
     cache.close()
+
+
+def test_a_busy_pool_at_store_time_still_releases_the_lock(redis_server: Any) -> None:
+    """The lock holder's STORE waits (up to op_timeout) for a busy pool: a lock left
+    behind would make the key's next miss, anywhere, wait lock_timeout."""
+    blocking = redis.BlockingConnectionPool(host=HOST, port=redis_server.port, max_connections=2)
+    cache = RedisCache(redis.Redis(connection_pool=blocking), ttl=60, namespace="o", op_timeout=0.2)
+    own = cache._client.connection_pool
+    busy = [1]
+
+    @request_memo(shared=cache)
+    def report(n: int) -> int:
+        if busy and busy.pop():  # two other threads hold both connections a while
+            held = [own.get_connection() for _ in range(2)]
+            threading.Timer(0.15, lambda: [own.release(c) for c in held]).start()
+        return n * 2
+
+    assert _timed(lambda: report(1))[0] == 2  # the STORE's first try: no connection
+    with redis_server.client() as client:
+        assert [k for k in client.scan_iter("o:*") if k.endswith(b":lock")] == []
+    report.cache_delete(1)
+    value, elapsed = _timed(lambda: report(1))
+    assert value == 2 and elapsed < 0.2  # no orphaned lock to wait for
+    assert cache.stats().lock_waits == 0
+    cache.close()
+
+
+def test_async_a_busy_blocking_pool_is_not_redis_down(redis_server: Any) -> None:
+    """The async pool waits at most op_timeout / 2 for a connection, so a busy pool says
+    so before asyncio.timeout(op_timeout) fires: computed here, Redis not left alone."""
+    import redis.asyncio
+
+    calls: list[int] = []
+
+    async def main() -> None:
+        pool = redis.asyncio.BlockingConnectionPool(
+            host=HOST, port=redis_server.port, max_connections=1, timeout=5
+        )
+        cache = RedisCache(
+            redis.asyncio.Redis(connection_pool=pool), ttl=60, namespace="ab",
+            op_timeout=0.2, retry_after=60,
+        )  # fmt: skip
+
+        @request_memo(shared=cache)
+        async def lookup(n: int) -> int:
+            calls.append(n)
+            return n
+
+        async def one(n: int) -> int:
+            async with request_scope():
+                return await lookup(n)
+
+        await one(1)
+        own = cache._async_conn().client.connection_pool
+        held = await own.get_connection()
+        task = asyncio.gather(*(one(1) for _ in range(3)))
+        await asyncio.sleep(0.4)  # longer than op_timeout
+        await own.release(held)
+        assert await task == [1, 1, 1]
+        assert cache._down_until == 0.0  # busy, not down
+        calls.clear()
+        assert await one(1) == 1 and calls == []  # read from Redis again at once
+        await cache.aclose()
+        await pool.disconnect()
+
+    asyncio.run(main())

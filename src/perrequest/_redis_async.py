@@ -13,6 +13,7 @@ from typing import Any
 
 from . import _flight
 from ._flight import MISSING
+from ._redis_io import exhausted
 from ._redis_tier import FIRST_PAUSE, MAX_PAUSE, UNCOUNTED, RedisTier, now
 
 
@@ -132,7 +133,19 @@ class AsyncRedisTier(RedisTier):
             stored = payload if payload and self._fits(payload) else b""
             if conn is not None and (stored or token):
                 try:
-                    await self.cache._store_async(conn, key, stored, token)
+                    await self._store_async(conn, key, stored, token)
                 except Exception as exc:
                     self._wrong(key, exc)
         return payload
+
+    async def _store_async(self, conn: Any, key: str, stored: bytes, token: str) -> None:
+        """``RedisTier._store``, awaited: with a lock, a busy pool is waited for."""
+        deadline, pause = now() + self.cache.op_timeout, FIRST_PAUSE
+        while True:
+            try:
+                return await self.cache._store_async(conn, key, stored, token)
+            except Exception as exc:
+                if not (token and exhausted(exc)) or now() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_PAUSE)

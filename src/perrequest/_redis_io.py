@@ -7,7 +7,9 @@ a closed port. It opens a pool of its own with the same connection settings
 and always in bytes. A sync command gets half ``op_timeout`` to connect and
 half for its reply (socket timeouts); an async command is wrapped in
 ``asyncio.timeout(op_timeout)``, and gets one pool per event loop (an asyncio
-connection belongs to the loop that opened it).
+connection belongs to the loop that opened it). Either waits at most half
+``op_timeout`` for a free connection of a blocking pool, so that a busy pool
+says so ("No connection available.") before the operation's own timeout.
 """
 
 from __future__ import annotations
@@ -128,8 +130,12 @@ class AsyncIO:
     """The async pool and scripts of one cache in one event loop."""
 
     def __init__(self, client: Any, op_timeout: float) -> None:
-        # And asyncio.timeout(op_timeout) around each command.
-        own = _pool(redis.asyncio, client.connection_pool, op_timeout, AsyncRetry(NoBackoff(), 0))
+        # And asyncio.timeout(op_timeout) around each command: waiting for a pooled
+        # connection gets half of it, or that timeout would cut the wait first, and a
+        # busy pool would look like Redis down.
+        own = _pool(
+            redis.asyncio, client.connection_pool, op_timeout / 2, AsyncRetry(NoBackoff(), 0)
+        )
         self.client = redis.asyncio.Redis(connection_pool=own)
         self.claim = self.client.register_script(CLAIM)
         self.store = self.client.register_script(STORE)

@@ -281,10 +281,24 @@ class RedisTier:
             stored = payload if payload and self._fits(payload) else b""
             if store and (stored or token):
                 try:
-                    self.cache._store(key, stored, token)
+                    self._store(key, stored, token)
                 except Exception as exc:
                     self._wrong(key, exc)
         return payload
+
+    def _store(self, key: str, stored: bytes, token: str) -> None:
+        """Store the value and release our lock. A lock left behind would make the key's
+        next miss, in any process, wait ``lock_timeout``: so with a lock, a busy pool is
+        waited for, up to ``op_timeout`` more."""
+        deadline, pause = now() + self.cache.op_timeout, FIRST_PAUSE
+        while True:
+            try:
+                return self.cache._store(key, stored, token)
+            except Exception as exc:
+                if not (token and io.exhausted(exc)) or now() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, MAX_PAUSE)
 
     # -- the functools-style extras ----------------------------------------------------
 

@@ -446,6 +446,33 @@ def test_a_key_of_another_type_is_a_bad_value_overwritten_not_redis_down(
     assert (stats.errors, stats.bad_values, stats.hits) == (0, 1, 3)
 
 
+def test_a_lock_key_of_another_type_or_without_expiry_is_taken_over(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock no miss could get past (a list, a string without expiry) is overwritten
+    and logged as a bad value, not waited for lock_timeout on every miss."""
+    cache = RedisCache(client, ttl=60, namespace="t", lock_timeout=3, log_interval=0)
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    for n, plant in enumerate(
+        (lambda lock: client.rpush(lock, "junk"), lambda lock: client.set(lock, "forever"))
+    ):
+        lock = _key("t", price, str(n)) + ":lock"
+        plant(lock)
+        with caplog.at_level(logging.WARNING, logger="perrequest"):
+            start = time.monotonic()
+            with request_scope():
+                assert price(str(n)) == str(n)
+            assert time.monotonic() - start < 1
+        assert client.exists(lock) == 0 and lock in caplog.text  # released, the lock named
+    stats = cache.stats()
+    assert (stats.bad_values, stats.lock_waits, stats.errors) == (2, 0, 0)
+    cache.close()
+
+
 def test_a_value_over_max_value_bytes_is_computed_and_not_stored(
     client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -208,3 +208,31 @@ def test_async_a_key_of_another_type_is_a_bad_value_overwritten(
         await aclient.aclose()
 
     asyncio.run(main())
+
+
+def test_async_a_lock_key_of_another_type_is_taken_over(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="al", lock_timeout=3)
+
+        @request_memo(shared=cache)
+        async def f(n: int) -> int:
+            return n
+
+        async with request_scope():
+            await f(1)
+        (key,) = client.scan_iter("al:*")
+        client.delete(key)
+        client.sadd(key + b":lock", "junk")
+        start = time.monotonic()
+        async with request_scope():
+            assert await f(1) == 1
+        assert time.monotonic() - start < 1 and client.exists(key + b":lock") == 0
+        stats = cache.stats()
+        assert (stats.bad_values, stats.lock_waits) == (1, 0)
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())

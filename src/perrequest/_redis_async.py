@@ -103,7 +103,8 @@ class AsyncRedisTier(RedisTier):
             except Exception as exc:
                 mine = conn if self._wrong(key, exc) else None  # overwrite a wrong type
                 return await self._compute_async(mine, key, "", fn, args, kwargs)
-            if reply[0] == 2:
+            if reply[0] >= 2:  # the lock is ours (3: taken over a bad one)
+                self._bad_lock(key, reply[0])
                 return await self._compute_async(conn, key, token, fn, args, kwargs)
             if reply[0] == 1:
                 if self._decoded(reply[1], key) is MISSING:

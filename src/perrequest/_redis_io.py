@@ -29,17 +29,27 @@ from redis.retry import Retry
 
 LOCK = ":lock"  # a value's lock key is its key plus this
 
-# The value, or the lock (taken when free), in one atomic step: {1, value} | {2} | {0}.
+# The value, or the lock (taken when free), in one atomic step: {1, value} | {2} | {0};
+# {3}: the lock was taken over a bad one, which no miss would ever have got past (a
+# key of another type, or a string without expiry, written by someone else).
 CLAIM = """
 local value = redis.call('GET', KEYS[1])
 if value then return {1, value} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
-return {0}
+if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('PTTL', KEYS[2]) >= 0 then
+  return {0}
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {3}
 """
-# Store the value (if any), then release the lock if it is still ours.
+# Store the value (if any), then release the lock if it is still ours (a lock key
+# turned into another type is left for the next CLAIM to take over).
 STORE = """
 if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if ARGV[3] ~= '' and redis.call('TYPE', KEYS[2]).ok == 'string'
+    and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
+end
 return 1
 """
 

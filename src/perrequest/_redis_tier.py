@@ -140,6 +140,11 @@ class RedisTier:
             exc if said else f"it does not decode: {type(exc).__name__}",
         )
 
+    def _bad_lock(self, key: str, reply: int) -> None:
+        """CLAIM took the lock over a bad one (reply 3): count and log it as a bad value."""
+        if reply == 3:
+            self._refused(key + io.LOCK, BadValue("a lock of another type, or without expiry"))
+
     def _wrong(self, key: str, exc: Exception) -> bool:
         """Whether a failed command failed for this key alone (it holds another type: a
         bad value, to overwrite); if not, Redis failed (counted, and left alone a while)."""
@@ -240,7 +245,8 @@ class RedisTier:
                 reply = cache._claim(key, token)
             except Exception as exc:
                 return self._compute(self._wrong(key, exc), key, "", fn, args, kwargs)
-            if reply[0] == 2:  # the lock is ours
+            if reply[0] >= 2:  # the lock is ours (3: taken over a bad one)
+                self._bad_lock(key, reply[0])
                 return self._compute(True, key, token, fn, args, kwargs)
             if reply[0] == 1:  # the value is there
                 if self._decoded(reply[1], key) is MISSING:

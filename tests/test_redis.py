@@ -318,6 +318,31 @@ def test_a_value_the_serializer_cannot_store_raises_a_clear_error(cache: RedisCa
         when(1)
 
 
+def test_a_value_or_argument_nested_too_deep_for_json_raises_a_clear_error(
+    cache: RedisCache,
+) -> None:
+    """The JSON encoder's RecursionError is a value (or key) JSON cannot encode too."""
+
+    def nested(depth: int) -> Any:
+        value: Any = ()
+        for _ in range(depth):
+            value = (value,)
+        return value
+
+    @request_memo(shared=cache)
+    def tree(depth: int) -> Any:
+        return nested(depth)
+
+    @request_memo(shared=cache)
+    def size(value: Any) -> int:
+        return 1
+
+    with request_scope(), pytest.raises(TypeError, match=r"tree returned a tuple.*'json'"):
+        tree(5000)
+    with request_scope(), pytest.raises(UnhashableArguments, match=r"argument 'value'.*recursion"):
+        size(nested(5000))
+
+
 def test_exceptions_are_not_cached_and_release_the_lock(
     cache: RedisCache, client: redis.Redis
 ) -> None:

@@ -60,7 +60,8 @@ _one_shot = (
 
 
 def canonical(call_key: object) -> str:
-    """The canonical JSON of a call's key; TypeError or ValueError if it has none."""
+    """The canonical JSON of a call's key; TypeError, ValueError (or RecursionError,
+    nested too deep) if it has none."""
     if _one_shot is None:
         return _keys.encode(call_key)
     return "".join(_one_shot(call_key, 0))
@@ -75,7 +76,7 @@ def key_problem(value: object) -> str | None:
     """Why ``value`` cannot be part of a Redis key, or None if it can."""
     try:
         _keys.encode(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         return str(exc)
     return None
 

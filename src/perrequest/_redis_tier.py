@@ -94,7 +94,7 @@ class RedisTier:
         arguments have no canonical JSON form."""
         try:
             return self.prefix + digest(call_key)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise self._unencodable(args, kwargs, exc) from None
 
     def _unencodable(
@@ -161,7 +161,7 @@ class RedisTier:
             _flight.refuse_coroutine(self.fn, value)
         try:
             payload = cache._codec.dumps(value, key)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # the last: nested too deep
             raise TypeError(
                 f"@request_memo {self.name} returned a {type(value).__name__} that the "
                 f"RedisCache serializer {cache._codec.name!r} cannot store ({exc}). Return "

@@ -77,17 +77,22 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
 
     # -- Mapping ---------------------------------------------------------------
 
-    # An unhashable key raises check_key's TypeError, whether or not the store has
-    # anything to look it up in; checked on misses and failures only, so a hit pays nothing.
-
-    def __getitem__(self, key: Hashable) -> Any:
+    def _found(self, key: Hashable, touch: bool = True) -> Any:
+        """The value at ``key``, or MISSING. An unhashable key raises check_key's
+        TypeError whether or not the store has anything to look it up in; checked on
+        misses and failures only, so a hit pays nothing."""
         try:
-            value = self._lookup(self._split(key))
+            value = self._lookup(self._split(key), touch=touch)
         except TypeError:
             check_key(key)
             raise
         if value is MISSING:
             check_key(key)
+        return value
+
+    def __getitem__(self, key: Hashable) -> Any:
+        value = self._found(key)
+        if value is MISSING:
             raise KeyError(key)
         return value
 
@@ -105,14 +110,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         return iter([key for key, _ in self._pairs()])  # a snapshot: safe from other threads
 
     def __contains__(self, key: object) -> bool:
-        try:
-            found = self._lookup(self._split(key), touch=False) is not MISSING
-        except TypeError:
-            check_key(key)
-            raise
-        if not found:
-            check_key(key)
-        return found
+        return self._found(key, touch=False) is not MISSING
 
     def items(self) -> ItemsView[Hashable, Any]:
         """A view whose iteration is a snapshot, and does not refresh recency."""
@@ -220,13 +218,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         """
         check_factory(factory)  # before anything is counted
         self._writable(key)
-        try:
-            value = self._lookup(self._split(key))
-        except TypeError:
-            check_key(key)
-            raise
-        if value is MISSING:
-            check_key(key)
+        value = self._found(key)
         if value is MISSING and type(key) is MemoKey:
             raise _memo_key_write(key)
         if value is not MISSING:

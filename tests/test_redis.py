@@ -4,11 +4,14 @@ repeatable reads, TTL, bounds, cache_clear and cache_delete, and bad options."""
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
+import importlib
 import json
 import logging
 import os
 import pickle
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -258,6 +261,53 @@ def test_a_function_whose_name_is_not_its_own_is_refused(cache: RedisCache) -> N
 
     with request_scope(), pytest.raises(UnhashableArguments, match="defined in a function"):
         table_of(model())
+
+
+def test_a_function_defined_again_replaces_the_old_one_without_a_gc(
+    redis_server: Any, cache: RedisCache, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """importlib.reload and a notebook cell run twice redefine a function while the old one
+    is still bound to its global: a new code is a redefinition, not another live function
+    (and needs no gc.collect()); the same code twice (closures, a wrapper without
+    functools.wraps) is still refused."""
+    collected: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(1) or 0)
+    (tmp_path / "memo_caches.py").write_text(
+        "import redis\nfrom perrequest.redis import RedisCache\n"
+        f"shop = RedisCache(redis.Redis(port={redis_server.port}), ttl=60, namespace='r')\n"
+    )
+    (tmp_path / "memo_reloaded.py").write_text(
+        "from perrequest import request_memo\nfrom memo_caches import shop\n"
+        "@request_memo(shared=shop)\ndef price(sku):\n    return sku\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("memo_reloaded")
+    importlib.reload(module)  # the cache (another module) stays: price is defined again
+    cell = "@request_memo(shared=cache)\ndef quote(x):\n    return x\n"
+    namespace = {"cache": cache, "request_memo": request_memo, "__name__": "notebook"}
+
+    def logged(fn: Any) -> Any:
+        def wrapper(*args: Any) -> Any:
+            return fn(*args)
+
+        return wrapper
+
+    namespace["named"] = lambda fn: functools.wraps(fn)(logged(fn))
+    exec(cell, namespace)
+    first = namespace["quote"]
+    exec(cell, namespace)  # run again: replaces the first
+    wrapped = "@request_memo(shared=cache)\n@named\ndef total(x):\n    return x\n"
+    exec(wrapped, namespace)
+    exec(wrapped, namespace)  # the code under functools.wraps is new too
+    with request_scope():
+        assert module.price("a") == "a" and namespace["quote"](1) == first(1) == 1
+    assert collected == []
+    keep = request_memo(shared=cache)(logged(len))
+    with pytest.raises(TypeError, match=r"same code.*functools\.wraps"):
+        request_memo(shared=cache)(logged(abs))
+    del keep
+    module.shop.close()
+    del sys.modules["memo_reloaded"], sys.modules["memo_caches"]
 
 
 def test_every_caller_gets_what_the_serializer_gives_back(cache: RedisCache) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import math
 import threading
@@ -100,6 +101,11 @@ def _check_ttl(ttl: object) -> float:
     return ttl
 
 
+def _code(fn: object) -> object:
+    """The code behind ``fn`` (through ``functools.wraps``), or None if it has none."""
+    return getattr(inspect.unwrap(fn), "__code__", None)  # type: ignore[arg-type]
+
+
 def check_version(version: object, where: str) -> str | int:
     if isinstance(version, bool) or not isinstance(version, (str, int)) or version == "":
         raise TypeError(f"{where} must be a non-empty str or an int, not {version!r}")
@@ -113,8 +119,8 @@ class RedisCache:
     computed once per expiry across processes, and never the cause of a failed request.
 
     Redis keys are ``namespace:module.qualname:version:sha256(arguments as JSON)``, so
-    a function's name must be its own: lambdas, partials, callable objects and a second
-    live function of the same name in one cache are refused at decoration time.
+    a function's name must be its own: lambdas, partials, callable objects and another
+    live function of that name and code in one cache are refused at decoration time.
     The cache sends its commands through a connection pool of its own, with the
     client's connection settings but without retries, bounded by ``op_timeout``.
     After a Redis error the value is computed here, a WARNING logged (at most
@@ -212,7 +218,9 @@ class RedisCache:
 
     def _check_name(self, spec: Any) -> None:
         """Refuse a function whose ``module.qualname`` is not its own in this cache: the
-        name is its keys' identity, so two functions with one name would share values."""
+        name is its keys' identity, so two live functions with one name would share values.
+        One of another code is a redefinition (a reload, a notebook cell run again): it
+        replaces the old one, which the name's global still holds while this runs."""
         problem = name_problem(spec.fn)
         if problem is not None:
             raise TypeError(
@@ -220,19 +228,20 @@ class RedisCache:
                 "and Redis keys hold the function's module.qualname. Decorate a def with a "
                 "name of its own (for a partial: a def calling it)."
             )
-        if self._named(spec):
-            gc.collect()  # a function defined again (a notebook cell run twice) may be garbage
+        self._tiers -= {t for t in self._named(spec) if _code(t.fn) is not _code(spec.fn)}
+        if self._named(spec):  # the same code: maybe an earlier call's closure, garbage
+            gc.collect()  # its wrapper and spec refer to each other: only the GC frees them
         if self._named(spec):
             raise TypeError(
                 f"@request_memo(shared={self!r}): another live function is named {spec.name} "
-                "on this cache, and Redis keys hold the function's module.qualname: the two "
-                "would read each other's values. Functions made by one factory share a name: "
-                "give each its own before decorating (fn.__qualname__ = f'scaled_by_{factor}'"
+                "on this cache, made by the same code (a factory's closures; a decorator without "
+                "functools.wraps): Redis keys hold module.qualname, so the two would read each "
+                "other's values. Name each before decorating (fn.__qualname__ = f'scaled_by_{n}'"
                 "), or give each a RedisCache with a namespace of its own."
             )
 
-    def _named(self, spec: Any) -> bool:
-        return any(t.name == spec.name and t.fn != spec.fn for t in list(self._tiers))
+    def _named(self, spec: Any) -> list[RedisTier]:
+        return [t for t in list(self._tiers) if t.name == spec.name and t.fn is not spec.fn]
 
     def stats(self) -> RedisStats:
         """This process's counters, summed over every function using this cache."""

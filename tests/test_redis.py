@@ -310,6 +310,27 @@ def test_a_function_defined_again_replaces_the_old_one_without_a_gc(
     del sys.modules["memo_reloaded"], sys.modules["memo_caches"]
 
 
+def test_a_function_decorated_per_request_needs_no_gc(
+    cache: RedisCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A def decorated inside a view: the one before it is freed as its request returns,
+    so the name check finds no live function of that code and collects nothing."""
+    collected: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(1) or 0)
+
+    def view(n: int) -> int:
+        @request_memo(shared=cache)
+        def doubled(x: int) -> int:
+            return 2 * x
+
+        with request_scope():
+            return doubled(n) + doubled(n)
+
+    assert [view(n) for n in (1, 2, 1)] == [4, 8, 4]
+    assert collected == []
+    assert cache.stats().hits == 1  # the third request read the first one's value
+
+
 def test_every_caller_gets_what_the_serializer_gives_back(cache: RedisCache) -> None:
     @request_memo(shared=cache)
     def pair(n: int) -> Any:

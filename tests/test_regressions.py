@@ -230,6 +230,47 @@ def test_a_helper_defined_per_message_keeps_nothing_beyond_the_bound() -> None:
     assert sum(ref() is not None for ref in refs) == 0  # a closed store holds no function
 
 
+def test_a_helper_defined_per_call_is_freed_without_the_garbage_collector() -> None:
+    """The wrapper and its bookkeeping used to refer to each other: every dropped helper
+    waited for a collection (and a RedisCache name check ran gc.collect() for it)."""
+    refs: list[weakref.ref[Any]] = []
+
+    def handle(message: int, options: dict[str, Any]) -> int:
+        @request_memo(**options)
+        def helper(x: int) -> int:
+            return x + 1
+
+        refs.append(weakref.ref(helper))
+        return helper(message)
+
+    async def handle_async(message: int) -> int:
+        @request_memo
+        async def helper(x: int) -> int:
+            return x + 1
+
+        refs.append(weakref.ref(helper))
+        return await helper(message)
+
+    variants: list[dict[str, Any]] = [
+        {},
+        {"shared": cachetools.LRUCache(10)},
+        {"key": lambda x: x},
+        {"typed": True},
+        {"max_entries": 5},
+    ]
+    gc.disable()
+    try:
+        with request_scope(max_entries=100):
+            for message in range(20):
+                for options in variants:
+                    assert handle(message, options) == message + 1
+                    assert refs[-1]() is None  # gone as handle() returned, scope still open
+                assert asyncio.run(handle_async(message)) == message + 1
+                assert refs[-1]() is None
+    finally:
+        gc.enable()
+
+
 def test_function_names_beyond_the_bound_share_one_counter() -> None:
     with request_scope(max_entries=10) as store:
         for n in range(50):

@@ -59,7 +59,7 @@ class AsyncRedisTier(RedisTier):
                 if raw is not None:
                     value = self._decoded(raw, key)
                     if value is not MISSING:
-                        self.hits += 1
+                        self.count("hits")
                         return value
                     step = self._replace_async
         payload = await _flight.run_async(
@@ -109,7 +109,7 @@ class AsyncRedisTier(RedisTier):
             if reply[0] == 1:
                 if self._decoded(reply[1], key) is MISSING:
                     return await self._compute_async(conn, key, "", fn, args, kwargs)
-                self.hits += 1
+                self.count("hits")
                 return reply[1]
             left = self._waited(deadline, pause)
             if left <= 0:
@@ -126,7 +126,7 @@ class AsyncRedisTier(RedisTier):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        self.misses += 1
+        self.count("misses")
         payload = b""
         try:
             payload = self._encoded(await fn(*args, **kwargs), key)

@@ -82,6 +82,12 @@ class RedisTier:
         self.hits = self.misses = self.errors = self.lock_waits = 0
         self.lock_timeouts = self.too_large = self.bad_values = 0
 
+    def count(self, field: str) -> None:
+        """One more of ``field``: this function's (``cache_info()``), and the cache's, which
+        keeps counting what functions garbage-collected or defined again had counted."""
+        setattr(self, field, getattr(self, field) + 1)
+        self.cache._totals[field] += 1
+
     # This process's single-flight (_flight's cache protocol): nothing is kept here.
     def _lookup(self, key: Hashable) -> Any:
         return MISSING
@@ -129,7 +135,7 @@ class RedisTier:
             return MISSING
 
     def _refused(self, key: str, exc: Exception) -> None:
-        self.bad_values += 1
+        self.count("bad_values")
         said = isinstance(exc, BadValue) or io.wrong_type(exc)
         self.cache._warn(
             "bad_value",
@@ -175,7 +181,7 @@ class RedisTier:
         """Whether ``payload`` may be stored: not over ``max_value_bytes`` (counted, logged)."""
         cache = self.cache
         if len(payload) > cache.max_value_bytes:
-            self.too_large += 1
+            self.count("too_large")
             cache._warn(
                 "too_large",
                 "perrequest: %s returned %d bytes, over max_value_bytes=%d: computed, not "
@@ -219,7 +225,7 @@ class RedisTier:
                 if raw is not None:
                     value = self._decoded(raw, key)
                     if value is not MISSING:
-                        self.hits += 1
+                        self.count("hits")
                         return value
                     step = self._replace
         payload = _flight.run(self, key, step, (key, fn, args, kwargs), {}, UNCOUNTED, None)
@@ -251,7 +257,7 @@ class RedisTier:
             if reply[0] == 1:  # the value is there
                 if self._decoded(reply[1], key) is MISSING:
                     return self._compute(True, key, "", fn, args, kwargs)
-                self.hits += 1
+                self.count("hits")
                 return reply[1]
             left = self._waited(deadline, pause)
             if left <= 0:
@@ -262,10 +268,10 @@ class RedisTier:
     def _waited(self, deadline: float, pause: float) -> float:
         """Seconds left to wait for another caller's lock; counts waits and timeouts."""
         if pause == FIRST_PAUSE:
-            self.lock_waits += 1
+            self.count("lock_waits")
         left = deadline - now()
         if left <= 0:
-            self.lock_timeouts += 1
+            self.count("lock_timeouts")
         return left
 
     def _compute(
@@ -279,7 +285,7 @@ class RedisTier:
     ) -> Any:
         """Compute here; store the value (if ``store``) and release the lock (if ``token``).
         Returns the value's bytes."""
-        self.misses += 1
+        self.count("misses")
         payload = b""
         try:
             payload = self._encoded(fn(*args, **kwargs), key)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import keyword
+import weakref
 from asyncio import current_task
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -139,7 +140,7 @@ def _slow(spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any
     scope's cell (``scope.open_request``): the store is made and looked in again."""
     if type(store) is list:
         here()
-        return spec.wrapper(*args, **kwargs)
+        return spec.wrapper()(*args, **kwargs)
     counter = spec.prepare(store, where[1], args, kwargs)
     if counter is None:
         return spec.outside(args, kwargs, where[1])
@@ -151,7 +152,7 @@ async def _slow_async(
 ) -> Any:
     if type(store) is list:
         here()
-        return await spec.wrapper(*args, **kwargs)
+        return await spec.wrapper()(*args, **kwargs)
     counter = spec.prepare(store, where[1], args, kwargs)
     if counter is None:
         return await spec.outside_async(args, kwargs, where[1])
@@ -283,7 +284,7 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
     params = None if spec.key_fn is not None or spec.typed else parameters(spec.fn)
     if params is not None:
         wrapper, spec.keyof = generate(spec, params, run, outside)
-        spec.wrapper = wrapper
+        spec.wrapper = weakref.ref(wrapper)  # not a cycle: a dropped wrapper is freed at once
         return wrapper
     get_store, make_key, prepare, fn = _current.get, spec.make_key, spec.prepare, spec.fn
     simple, kwargs_mark = not (spec.key_fn or spec.typed or spec.is_method), KWARGS
@@ -307,17 +308,18 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
         async def memo_async(*args: Any, **kwargs: Any) -> Any:
             key, anchor = keyed(args, kwargs)
             store = get_store()
-            if store is not None:
+            while store is not None:
                 try:
                     return lookup(store, key)
                 except (KeyError, TypeError, AttributeError):
                     pass  # a miss: handled below, so that its errors carry no KeyError context
                 if type(store) is list:  # the scope's store is not made yet: make it, look again
-                    here()
-                    return await memo_async(*args, **kwargs)
+                    store = here()
+                    continue
                 counter = prepare(store, key, args, kwargs)
                 if counter is not None:
                     return await run(store, (spec, key), fn, args, kwargs, counter, anchor)
+                break
             return await outside(args, kwargs, key)
 
         return memo_async
@@ -325,17 +327,18 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
     def memo(*args: Any, **kwargs: Any) -> Any:
         key, anchor = keyed(args, kwargs)
         store = get_store()
-        if store is not None:
+        while store is not None:  # a loop, not a call to memo: no cycle through its closure
             try:
                 return lookup(store, key)
             except (KeyError, TypeError, AttributeError):
                 pass  # a miss: handled below, so that its errors carry no KeyError context
             if type(store) is list:  # the scope's store is not made yet: make it, look again
-                here()
-                return memo(*args, **kwargs)
+                store = here()
+                continue
             counter = prepare(store, key, args, kwargs)
             if counter is not None:
                 return run(store, (spec, key), fn, args, kwargs, counter, anchor)
+            break
         return outside(args, kwargs, key)
 
     return memo

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import (
     TYPE_CHECKING,
@@ -65,7 +66,7 @@ class _MemoSpec:
         "typed",
         "wrapper",
     )
-    wrapper: Callable[..., Any]  # the generated wrapper, which _wrappers._slow calls again
+    wrapper: weakref.ref[Callable[..., Any]]  # the generated wrapper, which _slow calls again
 
     def __init__(
         self,

@@ -191,6 +191,7 @@ class RedisCache:
         self._async = io.AsyncPools(client, self.op_timeout) if self.is_async else None
         self._down_until = 0.0
         self._tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
+        self._totals = dict.fromkeys(RedisStats._fields, 0)  # functions gone still count
         self._log_lock = threading.Lock()
         self._logged: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
@@ -244,9 +245,8 @@ class RedisCache:
         return [t for t in list(self._tiers) if t.name == spec.name and t.fn is not spec.fn]
 
     def stats(self) -> RedisStats:
-        """This process's counters, summed over every function using this cache."""
-        tiers = list(self._tiers)
-        return RedisStats(*(sum(getattr(t, name) for t in tiers) for name in RedisStats._fields))
+        """This process's counters for every function that used this cache, gone ones too."""
+        return RedisStats(**self._totals)
 
     def close(self) -> None:
         """Close the sync cache's connections (they reopen if it is used again)."""
@@ -280,7 +280,7 @@ class RedisCache:
 
     def _failed(self, tier: RedisTier, exc: BaseException) -> None:
         """A Redis operation failed: count it, leave Redis alone a while, and say so."""
-        tier.errors += 1
+        tier.count("errors")
         if io.exhausted(exc):  # this process is busy; Redis may well be fine
             self._warn(
                 "busy",

@@ -283,6 +283,23 @@ def test_a_misspelt_option_names_the_closest_valid_one(make: Any, typo: str, mea
         make(**{typo: 1})
 
 
+def test_help_shows_the_options_not_the_catch_alls_that_explain_typos() -> None:
+    """help(), IDEs and inspect show what to pass; *misused and **unknown only explain."""
+    import inspect
+
+    from perrequest.asgi import RequestScopeMiddleware as ASGIMiddleware
+    from perrequest.flask import PerRequest
+    from perrequest.wsgi import RequestScopeMiddleware as WSGIMiddleware
+
+    for made, options in (
+        (request_scope, ["max_entries", "on_close"]),
+        (ASGIMiddleware, ["app", "max_entries", "scope_types", "on_close"]),
+        (WSGIMiddleware, ["app", "max_entries", "on_close"]),
+        (PerRequest, ["app", "max_entries", "on_close"]),
+    ):
+        assert list(inspect.signature(made).parameters) == options
+
+
 def test_a_misspelt_add_middleware_option_says_where_it_came_from() -> None:
     from starlette.applications import Starlette
     from starlette.testclient import TestClient

@@ -14,8 +14,21 @@ __all__ = [
     "check_max_entries",
     "check_on_close",
     "is_async_callable",
+    "public_signature",
     "refuse_generator",
 ]
+
+
+def public_signature(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` as ``help()``, IDEs and ``inspect`` show it: without the ``*misused`` and
+    ``**unknown`` it takes only to explain a positional option or name the closest option
+    to a misspelt one (type checkers see a stub without them, under TYPE_CHECKING)."""
+    signature = inspect.signature(init)
+    shown = [
+        p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    init.__signature__ = signature.replace(parameters=shown)  # type: ignore[attr-defined]
+    return init
 
 
 def check_max_entries(value: object, what: str = "max_entries") -> int | None:

@@ -14,11 +14,12 @@ ASGI app: ``app = RequestScopeMiddleware(app)``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._active import (
     REQUEST_KEY,
     OnClose,
+    Options,
     _current,
     close_request,
     forget_closed,
@@ -26,7 +27,7 @@ from ._active import (
     opened_by_a_middleware,
     opened_outside,
 )
-from ._checks import check_max_entries, check_on_close, unknown_option
+from ._checks import check_max_entries, check_on_close, public_signature, unknown_option
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
@@ -100,31 +101,48 @@ class RequestScopeMiddleware:
     """
 
     __slots__ = ("_options", "_scope_types", "app")
+    app: ASGIApp
+    _options: Options
+    _scope_types: frozenset[str]
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        max_entries: int | None = DEFAULT_MAX_ENTRIES,
-        scope_types: tuple[str, ...] | list[str] | set[str] | frozenset[str] = ("http",),
-        on_close: OnClose | None = None,
-        **unknown: Any,
-    ) -> None:
-        if unknown:
-            raise TypeError(
-                unknown_option("RequestScopeMiddleware()", next(iter(unknown)), _OPTIONS)
-                + " (Starlette and FastAPI pass the options of app.add_middleware("
-                "RequestScopeMiddleware, ...) on when they build the middleware stack, at "
-                "startup or on the first request: the typo is in that call.)"
-            )
-        if not callable(app):
-            raise TypeError(
-                f"RequestScopeMiddleware wraps an ASGI app (an async callable taking "
-                f"scope, receive, send), not {type(app).__name__} {app!r}"
-            )
-        self.app = app
-        self._options = (check_max_entries(max_entries), check_on_close(on_close))
-        self._scope_types = _check_scope_types(scope_types)
+    if TYPE_CHECKING:  # what type checkers hold calls to (add_middleware's too)
+
+        def __init__(
+            self,
+            app: ASGIApp,
+            *,
+            max_entries: int | None = DEFAULT_MAX_ENTRIES,
+            scope_types: tuple[str, ...] | list[str] | set[str] | frozenset[str] = ("http",),
+            on_close: OnClose | None = None,
+        ) -> None: ...
+
+    else:  # what runs: names the closest option to a misspelt one
+
+        @public_signature
+        def __init__(
+            self,
+            app: ASGIApp,
+            *,
+            max_entries: int | None = DEFAULT_MAX_ENTRIES,
+            scope_types: tuple[str, ...] | list[str] | set[str] | frozenset[str] = ("http",),
+            on_close: OnClose | None = None,
+            **unknown: Any,
+        ) -> None:
+            if unknown:
+                raise TypeError(
+                    unknown_option("RequestScopeMiddleware()", next(iter(unknown)), _OPTIONS)
+                    + " (Starlette and FastAPI pass the options of app.add_middleware("
+                    "RequestScopeMiddleware, ...) on when they build the middleware stack, at "
+                    "startup or on the first request: the typo is in that call.)"
+                )
+            if not callable(app):
+                raise TypeError(
+                    f"RequestScopeMiddleware wraps an ASGI app (an async callable taking "
+                    f"scope, receive, send), not {type(app).__name__} {app!r}"
+                )
+            self.app = app
+            self._options = (check_max_entries(max_entries), check_on_close(on_close))
+            self._scope_types = _check_scope_types(scope_types)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if _get() is not None and REQUEST_KEY not in scope:

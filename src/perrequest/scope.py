@@ -17,6 +17,7 @@ from ._checks import (
     check_max_entries,
     check_on_close,
     is_async_callable,
+    public_signature,
     refuse_coroutine,
     refuse_generator,
     unknown_option,
@@ -123,7 +124,14 @@ class request_scope:
 
     else:  # what runs: explains a positional argument (a bare @request_scope) or a typo
 
-        def __init__(self, *misused, max_entries=DEFAULT_MAX_ENTRIES, on_close=None, **unknown):
+        @public_signature
+        def __init__(
+            self,
+            *misused: object,
+            max_entries: int | None = DEFAULT_MAX_ENTRIES,
+            on_close: OnClose | None = None,
+            **unknown: object,
+        ) -> None:
             if unknown:
                 options = ("max_entries", "on_close")
                 raise TypeError(unknown_option("request_scope()", next(iter(unknown)), options))

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import Token
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._active import (
     REQUEST_KEY,
     OnClose,
+    Options,
     _current,
     close_request,
     forget_closed,
@@ -34,7 +35,7 @@ from ._active import (
     open_request,
     opened_outside,
 )
-from ._checks import check_max_entries, check_on_close, unknown_option
+from ._checks import check_max_entries, check_on_close, public_signature, unknown_option
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
@@ -67,26 +68,41 @@ class RequestScopeMiddleware:
     """
 
     __slots__ = ("_options", "app")
+    app: WSGIApp
+    _options: Options
 
-    def __init__(
-        self,
-        app: WSGIApp,
-        *,
-        max_entries: int | None = DEFAULT_MAX_ENTRIES,
-        on_close: OnClose | None = None,
-        **unknown: Any,
-    ) -> None:
-        if unknown:
-            raise TypeError(
-                unknown_option("RequestScopeMiddleware()", next(iter(unknown)), _OPTIONS)
-            )
-        if not callable(app):
-            raise TypeError(
-                f"RequestScopeMiddleware wraps a WSGI app (a callable taking environ and "
-                f"start_response), not {type(app).__name__} {app!r}"
-            )
-        self.app = app
-        self._options = (check_max_entries(max_entries), check_on_close(on_close))
+    if TYPE_CHECKING:  # what type checkers hold calls to
+
+        def __init__(
+            self,
+            app: WSGIApp,
+            *,
+            max_entries: int | None = DEFAULT_MAX_ENTRIES,
+            on_close: OnClose | None = None,
+        ) -> None: ...
+
+    else:  # what runs: names the closest option to a misspelt one
+
+        @public_signature
+        def __init__(
+            self,
+            app: WSGIApp,
+            *,
+            max_entries: int | None = DEFAULT_MAX_ENTRIES,
+            on_close: OnClose | None = None,
+            **unknown: Any,
+        ) -> None:
+            if unknown:
+                raise TypeError(
+                    unknown_option("RequestScopeMiddleware()", next(iter(unknown)), _OPTIONS)
+                )
+            if not callable(app):
+                raise TypeError(
+                    f"RequestScopeMiddleware wraps a WSGI app (a callable taking environ and "
+                    f"start_response), not {type(app).__name__} {app!r}"
+                )
+            self.app = app
+            self._options = (check_max_entries(max_entries), check_on_close(on_close))
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if REQUEST_KEY in environ and opened_outside(environ):

@@ -35,3 +35,13 @@ class Repository:
 Repository().row.cache_delete(7)  # the extras are the function's: the instance comes first
 request_scope(5)  # options are keywords
 request_scope(max_entires=5)  # no such option
+
+
+def middlewares() -> None:
+    from starlette.applications import Starlette
+
+    from perrequest.asgi import RequestScopeMiddleware
+    from perrequest.flask import PerRequest
+
+    Starlette().add_middleware(RequestScopeMiddleware, max_entires=5)  # no such option
+    PerRequest(max_entires=5)  # no such option

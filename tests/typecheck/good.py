@@ -114,3 +114,20 @@ async def batching() -> None:
         sync_loader: BatchLoader[int, str] = rows
         info: CacheInfo = by_name.cache_info()
         print(user, users, again, length, row, many, cleared, loader, sync_loader, info)
+
+
+def middlewares() -> None:
+    """The registrations the docs show, options included: add_middleware checks them."""
+    from fastapi import FastAPI
+    from flask import Flask
+    from starlette.applications import Starlette
+
+    from perrequest.asgi import RequestScopeMiddleware
+    from perrequest.flask import PerRequest
+    from perrequest.wsgi import RequestScopeMiddleware as WSGIMiddleware
+
+    Starlette().add_middleware(RequestScopeMiddleware)
+    FastAPI().add_middleware(RequestScopeMiddleware, max_entries=500, scope_types=("http",))
+    flask_app = Flask(__name__)
+    PerRequest(flask_app, max_entries=100)
+    flask_app.wsgi_app = WSGIMiddleware(flask_app.wsgi_app, max_entries=None)  # type: ignore[method-assign]

@@ -367,6 +367,14 @@ def _middleware(**options: Any) -> RequestScopeMiddleware:
         return RequestScopeMiddleware(lambda request: HttpResponse())
 
 
+async def _async_hook(stats: Any) -> None:
+    pass
+
+
+def _two_argument_hook(stats: Any, extra: Any) -> None:
+    pass
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
@@ -388,6 +396,8 @@ def _middleware(**options: Any) -> RequestScopeMiddleware:
             r"hook', which cannot be imported",
         ),
         ({"ON_CLOSE": "no_dots"}, r'PERREQUEST\["ON_CLOSE"\] .*cannot be imported'),
+        ({"ON_CLOSE": _async_hook}, r'PERREQUEST\["ON_CLOSE"\] must be a plain \(sync\)'),
+        ({"ON_CLOSE": _two_argument_hook}, r"cannot be called with one argument"),
     ],
 )
 def test_bad_settings_raise_improperly_configured(options: dict[str, Any], expected: str) -> None:
@@ -526,3 +536,14 @@ def test_a_streaming_response_class_without_a_raw_iterator_is_still_scoped() -> 
     assert list(response.streaming_content) == [b"me"]
     response.close()
     assert live_scopes() == 0
+
+
+def test_the_integration_keeps_its_body_wrappers_to_itself() -> None:
+    """DESIGN.md's layout: an integration's body wrappers live in it; Django's middleware
+    does not bring in the WSGI one."""
+    import subprocess
+    import sys
+
+    code = "import sys, perrequest.django; print('perrequest.wsgi' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

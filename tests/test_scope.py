@@ -133,6 +133,7 @@ def test_on_close_errors_are_logged_not_raised(caplog: pytest.LogCaptureFixture)
     assert result == "done"
     records = [r for r in caplog.records if r.name == "perrequest"]
     assert records and records[0].levelno == logging.ERROR and records[0].exc_info
+    assert "the scope's on_close" in records[0].getMessage()  # not a listener's: none is there
     # The block's own exception is never replaced by on_close's.
     with pytest.raises(ValueError, match="mine"), request_scope(on_close=broken):
         raise ValueError("mine")
@@ -658,3 +659,20 @@ def test_an_exit_stack_closed_in_another_thread_closes_its_scope() -> None:
         assert not in_request_scope()
 
     contextvars.copy_context().run(body)  # so that the closed store stays in there
+
+
+def test_scopes_exited_out_of_order_leave_what_was_there_before_them() -> None:
+    """An ExitStack misused, a generator closed elsewhere: a exits while b (entered after
+    it) is open, then b exits. b's exit brings back a, closed; what a replaced comes back
+    instead, so that the thread is not left holding a closed store."""
+    from perrequest._active import _current
+
+    with request_scope() as outer:
+        a, b = request_scope(), request_scope()
+        a.__enter__()
+        b.__enter__()
+        a.__exit__(None, None, None)
+        assert perrequest.in_request_scope()  # b is still open and active
+        b.__exit__(None, None, None)
+        assert perrequest.current_store() is outer
+    assert _current.get() is None

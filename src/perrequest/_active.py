@@ -175,18 +175,36 @@ def here() -> MemoStore | None:
     return active  # type: ignore[no-any-return]
 
 
-def leave_scope(store: MemoStore) -> None:
+def leave_scope(store: MemoStore, closing: bool = False) -> None:
     """Restore, in this context, what was active before ``open_scope``; the scope stays open.
 
     Only while the store is the active one here: a scope opened since (another
-    request's body iterated in the same thread, say) is left alone.
+    request's body iterated in the same thread, say) is left alone. A scope
+    closing out of order (``a`` entered, ``b`` entered, ``a`` exited) keeps its
+    token: ``b``'s exit brings ``a`` back, closed, and then restores what ``a``
+    replaced instead.
     """
-    token, store._token = store._token, None
-    if token is not None and _current.get() is store:
-        try:
-            _current.reset(token)
-        except ValueError:  # another context than the one the scope was opened in
-            _set_back(token)
+    token = store._token
+    if token is None:
+        return
+    if _current.get() is not store:
+        if not closing:
+            store._token = None
+        return
+    store._token = None
+    _reset(token)
+    active = _current.get()
+    while type(active) is MemoStore and active._closed and active._token is not None:
+        token, active._token = active._token, None  # closed out of order: unwind it too
+        _reset(token)
+        active = _current.get()
+
+
+def _reset(token: Token[Any]) -> None:
+    try:
+        _current.reset(token)
+    except ValueError:  # another context than the one the scope was opened in
+        _set_back(token)
 
 
 def close_scope(store: MemoStore) -> None:
@@ -198,7 +216,7 @@ def close_scope(store: MemoStore) -> None:
     """
     if store._closed:
         return
-    leave_scope(store)
+    leave_scope(store, closing=True)
     if not store._opened_at and store._lock is None:  # unwritten, and nobody watches
         store._closed = True
         _live.pop()
@@ -215,7 +233,8 @@ def close_scope(store: MemoStore) -> None:
         try:
             listener(stats)
         except Exception:
-            logger.exception("perrequest: scope listener %r raised", listener)
+            what = "the scope's on_close" if listener is on_close else "scope listener"
+            logger.exception("perrequest: %s %r raised", what, listener)
 
 
 def live_scopes() -> int:

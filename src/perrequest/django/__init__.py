@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -38,7 +38,6 @@ from .._active import (
 )
 from .._checks import check_max_entries, check_on_close
 from ..store import DEFAULT_MAX_ENTRIES, MemoStore
-from ..wsgi import _produce
 
 __all__ = ["RequestScopeMiddleware"]
 
@@ -120,7 +119,7 @@ def _tie_to_response(response: Any, store: MemoStore) -> Any:
         if getattr(response, "is_async", False):
             response.streaming_content = _produce_async(content, store)
         else:
-            response.streaming_content = _produce(content, store, None)
+            response.streaming_content = _produce(content, store)
         response.close = _closing(weakref.ref(response), store, end)
     except BaseException:
         close_scope(store)
@@ -149,6 +148,23 @@ def _closing(
             end()
 
     return close
+
+
+def _produce(content: Iterable[Any], store: MemoStore) -> Iterator[Any]:
+    """Each chunk of a sync streaming body, produced with the request's store active.
+    The content's own ``close`` runs as Django closes the response (``_closing``)."""
+    iterator = None
+    while True:
+        token = _current.set(store)
+        try:
+            if iterator is None:
+                iterator = iter(content)
+            chunk = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            _current.reset(token)
+        yield chunk
 
 
 async def _produce_async(content: AsyncIterable[Any], store: MemoStore) -> AsyncIterator[Any]:
@@ -221,9 +237,7 @@ def _on_close(options: Mapping[str, Any]) -> OnClose | None:
                 f"which cannot be imported: {exc}"
             ) from exc
     try:
-        return check_on_close(value)
-    except TypeError as exc:
-        raise ImproperlyConfigured(
-            f'settings.PERREQUEST["ON_CLOSE"] must be a callable taking ScopeStats, a dotted '
-            f"path to one, or None, not {type(value).__name__} {value!r}"
-        ) from exc
+        return check_on_close(value, 'settings.PERREQUEST["ON_CLOSE"]')
+    except TypeError as exc:  # says what is wrong with it: not callable, async, arguments
+        hint = "" if callable(value) else " (or a dotted path to one)"
+        raise ImproperlyConfigured(f"{exc}{hint}") from exc

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,7 +16,14 @@ from typing import Any
 import cachetools
 import pytest
 
-from perrequest import SharedCacheInfo, request_memo, request_scope
+from perrequest import (
+    PerRequestError,
+    SharedCacheInfo,
+    SharedComputationError,
+    request_memo,
+    request_scope,
+)
+from perrequest._shared_errors import NOTE
 
 
 class FakeClock:
@@ -280,14 +289,17 @@ class Failed(Exception):
         self.who = who
 
 
-def _computing_and_waiting(error: Callable[[], BaseException]) -> list[BaseException]:
+def _computing_and_waiting(
+    error: Callable[[], BaseException], shared: Any = None
+) -> list[BaseException]:
     """Two requests call a shared memo that raises ``error()``, the second while the first
     computes: [the computing request's exception, the waiting request's]."""
     started, release = threading.Event(), threading.Event()
 
-    @request_memo(shared=cachetools.LRUCache(maxsize=10))
+    @request_memo(shared=cachetools.LRUCache(maxsize=10) if shared is None else shared)
     def load(key: str) -> str:
         secret = "request one's token"  # noqa: F841 - a local an error page would show
+        mine = Secret()  # noqa: F841 - an object only the computing request's frame holds
         started.set()
         assert release.wait(5)
         raise error()
@@ -307,8 +319,78 @@ def _computing_and_waiting(error: Callable[[], BaseException]) -> list[BaseExcep
         time.sleep(0.05)  # the second request is now waiting on the first's computation
         release.set()
         errors = [first.result(5), second.result(5)]
-    computing = next(e for e in errors if not getattr(e, "__notes__", None))
-    return [computing, next(e for e in errors if e is not computing)]
+    waiting = next(e for e in errors if NOTE in getattr(e, "__notes__", ()))
+    return [next(e for e in errors if e is not waiting), waiting]
+
+
+class Secret:
+    """What the computing request's frame holds: never reachable from a waiter's error."""
+
+
+def _reachable(error: BaseException) -> list[object]:
+    """Every object reachable from ``error`` (its traceback's frames and their callers
+    too), short of code and module-level things (types, functions, modules' globals),
+    which every request shares."""
+    shared = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+    globals_ = {id(vars(m)) for m in list(sys.modules.values()) if m is not None}
+    seen, todo, found = {id(error)}, [error], []
+    while todo:
+        obj = todo.pop()
+        found.append(obj)
+        assert len(found) < 200_000, "the walk left the waiter's own objects"
+        for ref in gc.get_referents(obj):
+            if id(ref) not in seen and not isinstance(ref, shared) and id(ref) not in globals_:
+                seen.add(id(ref))
+                todo.append(ref)
+    return found
+
+
+class MultiError(Exception):
+    """A common pattern: an error carrying the errors it collected, in a list."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+        self.by_part = {"parts": [(errors[-1],)]}  # and deeper
+
+
+def _collected() -> MultiError:
+    errors: list[Exception] = []
+    for part in (1, 2):
+        try:
+            raise ValueError(f"part {part} failed")
+        except ValueError as exc:
+            errors.append(exc)
+    return MultiError(errors)
+
+
+@pytest.mark.parametrize("tier", ["cachetools", "redis"])
+@pytest.mark.parametrize("make", [_collected, lambda: Failed("db down")], ids=["nested", "plain"])
+def test_nothing_of_the_computing_request_is_reachable_from_a_waiters_error(
+    tier: str, make: Callable[[], Exception], request: pytest.FixtureRequest
+) -> None:
+    """Errors inside lists, tuples and dicts of an error's arguments and attributes are
+    copied too; and no frame of the waiter's traceback (perrequest's own included)
+    holds the original."""
+    shared = None
+    if tier == "redis":
+        from perrequest.redis import RedisCache
+
+        client = request.getfixturevalue("redis_server").client()
+        shared = RedisCache(client, ttl=60, namespace="t")
+    computing, waiting = _computing_and_waiting(make, shared)
+    assert type(waiting) is type(computing) and waiting is not computing
+    if isinstance(waiting, MultiError):
+        assert [str(e) for e in waiting.errors] == ["part 1 failed", "part 2 failed"]
+        assert waiting.args[0] == waiting.errors
+        assert waiting.by_part["parts"][0][0] is waiting.errors[1]
+    theirs = [computing, *getattr(computing, "errors", ())]
+    assert all(e.__traceback__ is not None for e in theirs)  # their frames...
+    reached = _reachable(waiting)
+    assert not [o for o in reached if any(o is e for e in theirs)]  # ...are not the waiter's
+    assert not [o for o in reached if isinstance(o, Secret)]
+    frames = [o for o in reached if isinstance(o, types.FrameType)]
+    assert frames and not [f for f in frames if "mine" in f.f_code.co_varnames]
 
 
 def test_another_requests_waiter_gets_a_copy_of_the_error_without_its_frames() -> None:
@@ -328,6 +410,42 @@ def test_another_requests_waiter_gets_a_copy_of_the_error_without_its_frames() -
     assert "secret" in locals_in(computing)  # the computing request's frame...
     assert "secret" not in locals_in(waiting)  # ...is not in the waiter's copy
     assert "another request" in waiting.__notes__[-1]
+
+
+class Upstream:
+    """An object an error keeps (a response, a client): what it refers to is anyone's guess."""
+
+
+class WithResponse(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.response = Upstream()
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: WithResponse("502 from upstream"),
+        lambda: Wrapped("502 from upstream", list(range(5000))),
+        lambda: Wrapped("502 from upstream", _nested(50)),
+    ],
+    ids=["an object of any other type", "too many values", "nested too deep"],
+)
+def test_an_error_carrying_more_than_plain_values_reaches_a_waiter_by_name_only(
+    make: Callable[[], Exception],
+) -> None:
+    computing, waiting = _computing_and_waiting(make)
+    assert type(waiting) is SharedComputationError and isinstance(waiting, PerRequestError)
+    assert f"{type(computing).__qualname__}: {computing}" in str(waiting)
+    assert waiting.__cause__ is None and waiting.__context__ is None
+    assert not [o for o in _reachable(waiting) if o is computing or isinstance(o, Upstream)]
 
 
 def _inner_error() -> ValueError:

@@ -15,6 +15,7 @@ from . import _flight
 from ._flight import MISSING
 from ._redis_io import exhausted
 from ._redis_tier import FIRST_PAUSE, MAX_PAUSE, UNCOUNTED, RedisTier, now
+from ._shared_errors import Call, Raised, computed_async
 
 
 class AsyncRedisTier(RedisTier):
@@ -62,9 +63,14 @@ class AsyncRedisTier(RedisTier):
                         self.count("hits")
                         return value
                     step = self._replace_async
+        call = Call()
         payload = await _flight.run_async(
-            self, key, step, (conn, key, fn, args, kwargs), {}, UNCOUNTED, None
-        )
+            self, key, computed_async, (call, step, (conn, key, fn, args, kwargs), {}), {},
+            UNCOUNTED, None,
+        )  # fmt: skip
+        if type(payload) is Raised:
+            payload = payload.error_for(call)
+            raise payload
         return cache._codec.loads(payload, key)  # a copy of its own for each caller
 
     async def _local_async(

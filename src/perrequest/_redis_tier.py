@@ -31,7 +31,7 @@ from . import _flight
 from . import _redis_io as io
 from ._flight import MISSING
 from ._redis_codec import BadValue, digest, key_problem
-from ._shared import _detached
+from ._shared_errors import Call, Raised, computed
 from ._stats import Counter
 from .errors import UnhashableArguments
 
@@ -70,8 +70,6 @@ class RedisTier:
         "__weakref__", "_flights", "_lock", "bad_values", "base", "cache", "errors", "fn", "hits",
         "lock_timeouts", "lock_waits", "misses", "name", "prefix", "too_large",
     )  # fmt: skip
-
-    _detach = staticmethod(_detached)  # errors reach other requests' waiters as copies
 
     def __init__(self, cache: RedisCache, spec: Any, version: str | int) -> None:
         self.cache, self.fn, self.name = cache, spec.fn, spec.name
@@ -228,7 +226,13 @@ class RedisTier:
                         self.count("hits")
                         return value
                     step = self._replace
-        payload = _flight.run(self, key, step, (key, fn, args, kwargs), {}, UNCOUNTED, None)
+        call = Call()
+        payload = _flight.run(
+            self, key, computed, (call, step, (key, fn, args, kwargs), {}), {}, UNCOUNTED, None
+        )
+        if type(payload) is Raised:
+            payload = payload.error_for(call)  # a copy for another request's waiter
+            raise payload
         return cache._codec.loads(payload, key)  # a copy of its own for each caller
 
     def _local(

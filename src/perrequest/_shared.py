@@ -8,7 +8,8 @@ An unbounded mapping is refused: that is the leak this library prevents.
 Callers waiting on another request's computation are in other requests: an
 error reaches them as a copy without the computing request's traceback,
 frames, cause and context, or, when it cannot be copied, as a
-``SharedComputationError`` naming it. Never as the original object.
+``SharedComputationError`` naming it. Never as the original object
+(``_shared_errors``).
 
 A backend that is not a mapping (``perrequest.redis.RedisCache``) brings its
 own tier: an object with ``_make_tier(spec, version)`` returning a ``Tier``.
@@ -17,19 +18,18 @@ own tier: an object with ``_make_tier(spec, version)`` returning a ``Tier``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
-from types import FrameType, TracebackType
 from typing import Any, Protocol, TypeVar
 
 from . import _flight
 from ._flight import MISSING
+from ._shared_errors import Call, Raised, computed, computed_async
+from ._shared_errors import SharedComputationError as SharedComputationError
 from ._typing import SharedCacheInfo
-from .errors import PerRequestError
 
 _C = TypeVar("_C")
 
@@ -115,11 +115,6 @@ def _check_version(version: object, shared: object) -> str | int | None:
     return version
 
 
-class SharedComputationError(PerRequestError):
-    """Raised in a request that waited for another request's computation of a shared
-    entry, when that computation's exception could not be copied safely."""
-
-
 def _lock_for(cache: object) -> threading.RLock:
     with _locks_guard:
         lock = _locks.get(id(cache))
@@ -168,45 +163,6 @@ def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | Non
     return cache, version
 
 
-def _detached(error: BaseException, seen: dict[int, BaseException] | None = None) -> BaseException:
-    """A copy of ``error`` for another request: no traceback, frames, cause or context,
-    nor any in the exceptions it carries (a group's, in its arguments or attributes)."""
-    seen = {} if seen is None else seen
-    if id(error) in seen:  # an exception that refers to itself, or one met twice
-        return seen[id(error)]
-    clone: BaseException
-    try:
-        if isinstance(error, BaseExceptionGroup):
-            clone = error.derive([_detached(sub, seen) for sub in error.exceptions])
-            same = True
-        else:
-            clone = copy.copy(error)
-            same = type(clone) is type(error) and clone is not error and clone.args == error.args
-    except Exception:  # an exception that cannot be rebuilt from its args
-        same = False
-    if not same:
-        return SharedComputationError(
-            f"another request computing this shared entry raised "
-            f"{type(error).__module__}.{type(error).__qualname__}: {error}"
-        )
-    seen[id(error)] = clone
-    clone.__traceback__ = clone.__cause__ = clone.__context__ = None
-    clone.__suppress_context__ = False
-    if any(isinstance(arg, BaseException) for arg in clone.args):
-        clone.args = tuple(_carried(arg, seen) for arg in clone.args)
-    for name, value in list(getattr(clone, "__dict__", {}).items()):  # copy.copy's own dict
-        setattr(clone, name, _carried(value, seen))
-    clone.__notes__ = ["perrequest: raised by the same computation in another request"]
-    return clone
-
-
-def _carried(value: object, seen: dict[int, BaseException]) -> object:
-    """What an exception's copy may carry of ``value``: no frames or tracebacks."""
-    if isinstance(value, BaseException):
-        return _detached(value, seen)
-    return None if isinstance(value, (TracebackType, FrameType)) else value
-
-
 class SharedTier:
     """One function's view of a shared cache: thread-safe, single-flight, counted.
 
@@ -215,7 +171,6 @@ class SharedTier:
 
     __slots__ = ("_flights", "_lock", "cache", "compute_s", "hits", "maxsize", "misses")
 
-    _detach = staticmethod(_detached)
     timed = False  # nobody reads the shared tier's compute time
 
     def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
@@ -233,6 +188,8 @@ class SharedTier:
             return MISSING
 
     def _fill(self, key: Hashable, value: Any, counter: object, extra: object) -> None:
+        if type(value) is Raised:  # exceptions are not cached
+            return
         # cachetools refuses a value larger than the whole cache: skip caching it.
         with contextlib.suppress(ValueError):
             self.cache[key] = value
@@ -243,7 +200,11 @@ class SharedTier:
         """The shared value at ``key``, computed once across requests and threads."""
         value = self._hit(key)
         if value is MISSING:
-            value = _flight.run(self, key, fn, args, kwargs, self, None)
+            call = Call()
+            value = _flight.run(self, key, computed, (call, fn, args, kwargs), {}, self, None)
+            if type(value) is Raised:
+                value = value.error_for(call)  # no frame of a waiter holds the original
+                raise value
         return value
 
     def _hit(self, key: Hashable) -> Any:
@@ -263,7 +224,13 @@ class SharedTier:
         """The async twin of ``get``."""
         value = self._hit(key)
         if value is MISSING:
-            value = await _flight.run_async(self, key, fn, args, kwargs, self, None)
+            call = Call()
+            value = await _flight.run_async(
+                self, key, computed_async, (call, fn, args, kwargs), {}, self, None
+            )
+            if type(value) is Raised:
+                value = value.error_for(call)
+                raise value
         return value
 
     def run(

@@ -1,0 +1,155 @@
+"""What a shared computation raised, and the copy another request's waiter gets.
+
+A waiter in another request never receives the computing request's exception
+object, whose traceback's frames hold that request's local variables. It gets a
+copy that carries plain values only (and copies of the exceptions among them),
+or a ``SharedComputationError`` naming the original. The error reaches this
+process's waiters as a value (``Raised``), not through ``_flight``: so no frame
+of a waiter's traceback (``_flight``'s included) holds the original either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime, timedelta
+from datetime import time as dtime
+from decimal import Decimal
+from enum import Enum
+from types import FrameType, TracebackType
+from typing import Any
+from uuid import UUID
+
+from .errors import PerRequestError
+
+
+class SharedComputationError(PerRequestError):
+    """Raised in a request that waited for another request's computation of a shared
+    entry, when that computation's exception could not be copied safely."""
+
+
+NOTE = "perrequest: raised by the same computation in another request"
+# What a copy of an error may carry besides exceptions and the containers below:
+# values that cannot refer to a frame. Anything else makes it a SharedComputationError.
+_ATOMS = frozenset(
+    (type(None), bool, int, float, complex, str, bytes, Decimal, UUID, date, datetime, dtime,
+     timedelta)
+)  # fmt: skip
+_DEEPEST, _MOST = 10, 1000  # nesting and values a copy may carry, all told
+
+
+class Call:
+    """One caller of a shared computation: whether it ran the function itself."""
+
+    __slots__ = ("ran",)
+
+    def __init__(self) -> None:
+        self.ran = False
+
+
+class Raised:
+    """What a shared computation raised, handed to this process's waiters as a value, so
+    that no frame of theirs (``_flight``'s) ever holds it: ``error_for(call)``."""
+
+    __slots__ = ("call", "error")
+
+    def __init__(self, call: Call, error: Exception) -> None:
+        self.call, self.error = call, error
+
+    def error_for(self, call: Call) -> BaseException:
+        """The error itself for the call that raised it, a copy for any other."""
+        return self.error if call is self.call else detached(self.error)
+
+
+def computed(
+    call: Call, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``fn(*args, **kwargs)`` for ``call``, an ``Exception`` returned as ``Raised``."""
+    call.ran = True
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        return Raised(call, exc)
+
+
+async def computed_async(
+    call: Call, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    call.ran = True
+    try:
+        return await fn(*args, **kwargs)
+    except Exception as exc:
+        return Raised(call, exc)
+
+
+def detached(error: Exception) -> BaseException:
+    """A copy of ``error`` for another request: its type, arguments and attributes, the
+    exceptions among them copied alike, without traceback, frames, cause or context.
+    When it holds anything else than plain values (``_ATOMS``), tuples, lists, sets and
+    dicts of them, or cannot be rebuilt from its arguments: a SharedComputationError."""
+    try:
+        return _Copy().error(error, 0)
+    except Exception:  # _Unsafe, or the type's own code failing on its arguments
+        pass
+    try:
+        text = str(error)
+    except Exception:
+        text = "(its message could not be read)"
+    named = SharedComputationError(
+        f"another request computing this shared entry raised "
+        f"{type(error).__module__}.{type(error).__qualname__}: {text}"
+    )
+    named.__notes__ = [NOTE]
+    return named
+
+
+class _Unsafe(Exception):
+    """A value a copy of an error for another request may not carry."""
+
+
+class _Copy:
+    """One copy of one error: what it met (errors refer to each other), and what is left
+    of its budget."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, BaseException] = {}
+        self.left = _MOST
+
+    def error(self, error: BaseException, depth: int) -> BaseException:
+        clone = self.seen.get(id(error))
+        if clone is not None:  # an exception that refers to itself, or one met twice
+            return clone
+        if isinstance(error, BaseExceptionGroup):
+            clone = error.derive([self.error(sub, depth + 1) for sub in error.exceptions])
+            if not isinstance(clone, BaseExceptionGroup) or clone is error:
+                raise _Unsafe(error)
+        else:
+            args = self.value(error.args, depth)
+            clone = type(error)(*args)  # the type's own code sees copies only
+            if type(clone) is not type(error) or clone.args != args:
+                raise _Unsafe(error)  # not rebuilt by its arguments (an extra parameter)
+            clone.args = args
+        self.seen[id(error)] = clone
+        state = self.value(dict(vars(error)), depth)
+        vars(clone).clear()
+        vars(clone).update(state)
+        clone.__notes__ = [NOTE]
+        return clone
+
+    def value(self, value: Any, depth: int) -> Any:
+        self.left -= 1
+        if self.left < 0 or depth > _DEEPEST:
+            raise _Unsafe(value)
+        kind = type(value)
+        if kind in _ATOMS or isinstance(value, Enum):
+            return value
+        if isinstance(value, BaseException):
+            return self.error(value, depth + 1)
+        if kind is TracebackType or kind is FrameType:
+            return None
+        if kind is tuple or kind is list or kind is set or kind is frozenset:
+            return kind(self.value(item, depth + 1) for item in value)
+        if kind is dict:
+            return {
+                self.value(k, depth + 1): self.value(v, depth + 1) for k, v in list(value.items())
+            }
+        raise _Unsafe(value)

@@ -448,6 +448,18 @@ def test_an_error_carrying_more_than_plain_values_reaches_a_waiter_by_name_only(
     assert not [o for o in _reachable(waiting) if o is computing or isinstance(o, Upstream)]
 
 
+@pytest.mark.parametrize("kind", [Failed, WithResponse], ids=["a copy", "by name"])
+def test_a_waiters_error_keeps_the_errors_own_notes(kind: type[Exception]) -> None:
+    def make() -> Exception:
+        error = kind("db down")
+        error.add_note("while fetching price of sku-42")
+        return error
+
+    computing, waiting = _computing_and_waiting(make)
+    assert waiting.__notes__ == ["while fetching price of sku-42", NOTE]
+    assert computing.__notes__ == ["while fetching price of sku-42"]  # left as it was
+
+
 def _inner_error() -> ValueError:
     secret = "request one's token"  # noqa: F841 - a local an error page would show
     try:

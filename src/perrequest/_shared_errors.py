@@ -98,8 +98,13 @@ def detached(error: Exception) -> BaseException:
         f"another request computing this shared entry raised "
         f"{type(error).__module__}.{type(error).__qualname__}: {text}"
     )
-    named.__notes__ = [NOTE]
+    named.__notes__ = [*_notes(getattr(error, "__notes__", None)), NOTE]
     return named
+
+
+def _notes(notes: object) -> list[str]:
+    """An error's own notes (the strings among them), for its copy."""
+    return [n for n in notes if type(n) is str] if isinstance(notes, list) else []
 
 
 class _Unsafe(Exception):
@@ -132,7 +137,7 @@ class _Copy:
         state = self.value(dict(vars(error)), depth)
         vars(clone).clear()
         vars(clone).update(state)
-        clone.__notes__ = [NOTE]
+        clone.__notes__ = [*_notes(state.get("__notes__")), NOTE]  # its own notes kept
         return clone
 
     def value(self, value: Any, depth: int) -> Any:

@@ -117,6 +117,23 @@ def test_unbounded_caches_are_refused(cache: Any, error: type[Exception], messag
     assert "cachetools.LRUCache" in str(info.value) and "TTLCache" in str(info.value)
 
 
+@pytest.mark.parametrize("kind", ["RedisCache", "LRUCache"])
+def test_a_cache_class_instead_of_a_cache_is_refused_when_request_memo_is_called(
+    kind: str,
+) -> None:
+    from perrequest.redis import RedisCache
+
+    cls, make = {
+        "RedisCache": (RedisCache, "RedisCache(client, ttl=300, namespace='shop')"),
+        "LRUCache": (cachetools.LRUCache, "cachetools.LRUCache(maxsize=10_000)"),
+    }[kind]
+    with pytest.raises(TypeError) as info:
+        request_memo(shared=cls)  # before decorating anything
+    message = str(info.value)
+    assert f"shared={kind}) got the class" in message and "needs an instance" in message
+    assert make in message and "ABCMeta" not in message
+
+
 def test_repeatable_reads_within_a_request() -> None:
     clock = FakeClock()
     cache = cachetools.TTLCache(maxsize=10, ttl=10, timer=clock)

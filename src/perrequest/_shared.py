@@ -131,6 +131,18 @@ def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | Non
     """``request_memo(shared=..., version=...)``: a backend with a tier of its own
     (``RedisCache``), a bounded mapping (a cachetools cache, or any mapping with a
     ``maxsize``), or None; and its version."""
+    if isinstance(cache, type):  # a class's unbound _make_tier is callable too
+        example = (
+            "RedisCache(client, ttl=300, namespace='shop')"
+            if hasattr(cache, "_make_tier")
+            else "cachetools.LRUCache(maxsize=10_000) or cachetools.TTLCache(maxsize=10_000, "
+            "ttl=60)"
+        )
+        raise TypeError(
+            f"request_memo(shared={cache.__qualname__}) got the class, not a cache: shared= "
+            f"needs an instance, made once and given to every function that shares it, e.g. "
+            f"shared={example}."
+        )
     version = _check_version(version, cache)
     if cache is None or callable(getattr(cache, "_make_tier", None)):
         return cache, version

@@ -134,6 +134,11 @@ def test_a_cache_class_instead_of_a_cache_is_refused_when_request_memo_is_called
     assert make in message and "ABCMeta" not in message
 
 
+def test_version_is_refused_with_an_in_process_cache() -> None:
+    with pytest.raises(TypeError, match=r"LRUCache lives in one process.*Drop version="):
+        request_memo(shared=cachetools.LRUCache(maxsize=10), version=2)
+
+
 def test_repeatable_reads_within_a_request() -> None:
     clock = FakeClock()
     cache = cachetools.TTLCache(maxsize=10, ttl=10, timer=clock)

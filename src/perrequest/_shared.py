@@ -98,7 +98,7 @@ def make_tier(shared: object, spec: Any, version: str | int | None) -> Tier:
 
 def _check_version(version: object, shared: object) -> str | int | None:
     """``request_memo(version=...)``: a str or int naming the shape of the function's
-    values in a shared cache, and only with ``shared=``."""
+    values in a shared cache, and only with a ``RedisCache``."""
     if version is None:
         return None
     if isinstance(version, bool) or not isinstance(version, (str, int)) or version == "":
@@ -111,6 +111,13 @@ def _check_version(version: object, shared: object) -> str | int | None:
         raise TypeError(
             "request_memo(version=...) versions the function's entries in a shared cache, "
             "and this memo has none: add shared=RedisCache(...), or drop version=."
+        )
+    if not hasattr(shared, "_make_tier"):
+        raise TypeError(
+            f"request_memo(version=...) versions the function's entries in Redis, which "
+            f"outlive the code that wrote them; this memo's {type(shared).__name__} lives in "
+            "one process and starts empty with the new code, so version= would do nothing. "
+            "Drop version=, or use shared=RedisCache(...)."
         )
     return version
 

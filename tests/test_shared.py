@@ -251,6 +251,48 @@ def test_cache_clear_drops_this_functions_shared_entries_only() -> None:
     assert len(cache) == 1 and b(1) == "b1"
 
 
+# memo.py's cache_delete still returns the request store's answer alone; it needs
+#     deleted = self.shared is not None and self.shared.delete((self, key))
+# before the store's pop, and `return found or deleted` (False -> deleted outside a scope).
+NEEDS_MEMO = pytest.mark.xfail(
+    strict=True, reason="memo.py: cache_delete must return the shared tier's answer too"
+)
+
+
+@pytest.mark.parametrize("tier", ["cachetools", "redis"])
+@NEEDS_MEMO
+def test_cache_delete_says_whether_either_tier_had_the_entry(
+    tier: str, request: pytest.FixtureRequest
+) -> None:
+    shared: Any = cachetools.LRUCache(maxsize=10)
+    if tier == "redis":
+        from perrequest.redis import RedisCache
+
+        shared = RedisCache(request.getfixturevalue("redis_server").client(), ttl=60, namespace="t")
+
+    @request_memo(shared=shared)
+    def price(sku: str) -> int:
+        return len(sku)
+
+    with request_scope():
+        price("a"), price("bb")
+    with request_scope():  # a new request: the entries are in the shared tier only
+        assert price.cache_delete("a") is True
+        assert price.cache_delete("a") is False
+    assert price.cache_delete("bb") is True  # outside a scope (a deploy hook)
+    assert price.cache_delete("bb") is False
+
+
+@pytest.mark.parametrize("entry", [True, False])
+def test_the_shared_tier_says_whether_it_had_the_entry(entry: bool) -> None:
+    from perrequest._shared import SharedTier
+
+    cache = cachetools.LRUCache(maxsize=10)
+    if entry:
+        cache["k"] = 1
+    assert SharedTier(cache).delete("k") is entry and "k" not in cache
+
+
 def test_methods_need_a_key() -> None:
     with pytest.raises(TypeError, match="key="):
 

@@ -19,6 +19,7 @@ import re
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -181,20 +182,20 @@ class AsyncPools:
         if conn is not None:
             await conn.close()
 
-    def blocking(self, work: Callable[[AsyncIO], Awaitable[None]]) -> None:
-        """Run ``work`` to the end from sync code (``cache_clear()`` of an async memo), in
-        a thread with a loop and a pool of its own: this thread may be running a loop."""
+    def blocking(self, work: Callable[[Any], Awaitable[int]]) -> int:
+        """``work(client)`` run to the end from sync code (``cache_clear()`` of an async
+        memo), in a thread with a loop and a pool of its own (this thread may be running a
+        loop): its result, or its exception."""
 
-        async def main() -> None:
+        async def main() -> int:
             conn = AsyncIO(self.source, self.op_timeout)
             try:
-                await work(conn)
+                return await work(conn.client)
             finally:
                 await conn.close()
 
-        thread = threading.Thread(target=asyncio.run, args=(main(),), name="perrequest-redis")
-        thread.start()
-        thread.join()
+        with ThreadPoolExecutor(1, thread_name_prefix="perrequest-redis") as thread:
+            return thread.submit(asyncio.run, main()).result()
 
 
 def wrong_type(exc: BaseException) -> bool:
@@ -236,3 +237,8 @@ async def scan_delete_async(client: Any, base: str, op_timeout: float) -> int:
                 deleted += await client.unlink(*doomed)
         if cursor == 0:
             return deleted
+
+
+async def unlink_async(client: Any, key: str, op_timeout: float) -> int:
+    async with asyncio.timeout(op_timeout):
+        return int(await client.unlink(key))

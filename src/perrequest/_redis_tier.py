@@ -322,8 +322,9 @@ class RedisTier:
         """Delete this function's keys in the namespace, every version (SCAN, never KEYS)."""
         self.cache._clear(self, self.base)
 
-    def delete(self, where: Hashable) -> None:
-        self.cache._delete(self, self.redis_key(where[1], (), {}))  # type: ignore[index]
+    def delete(self, where: Hashable) -> bool:
+        """Whether Redis had the entry (and Redis answered)."""
+        return self.cache._delete(self, self.redis_key(where[1], (), {}))  # type: ignore[index]
 
     def info(
         self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool

@@ -73,7 +73,9 @@ class Tier(Protocol):
 
     def clear(self, spec: object) -> None: ...
 
-    def delete(self, where: Hashable) -> None: ...
+    def delete(self, where: Hashable) -> bool:
+        """Drop one entry; whether the shared tier had it."""
+        ...
 
     def info(
         self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
@@ -286,9 +288,9 @@ class SharedTier:
             for key in [k for k in self.cache if type(k) is tuple and k and k[0] is spec]:
                 self.cache.pop(key, None)
 
-    def delete(self, key: Hashable) -> None:
+    def delete(self, key: Hashable) -> bool:
         with self._lock:
-            self.cache.pop(key, None)
+            return self.cache.pop(key, MISSING) is not MISSING
 
     def info(
         self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool

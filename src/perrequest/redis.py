@@ -20,6 +20,7 @@ import math
 import threading
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from . import _redis_io as io
@@ -317,34 +318,31 @@ class RedisCache:
         logger.warning(f"{message} (Logged at most once per %g s{more}.)", *args, self.log_interval)
 
     def _clear(self, tier: RedisTier, base: str) -> None:
-        if self._sync is not None:
-            try:
-                io.scan_delete(self._sync.client, base)
-            except Exception as exc:
-                self._failed(tier, exc)
-            return
+        self._each(
+            tier,
+            lambda client: io.scan_delete(client, base),
+            lambda client: io.scan_delete_async(client, base, self.op_timeout),
+        )
 
-        async def work(conn: io.AsyncIO) -> None:
-            try:
-                await io.scan_delete_async(conn.client, base, self.op_timeout)
-            except Exception as exc:
-                self._failed(tier, exc)
+    def _delete(self, tier: RedisTier, key: str) -> bool:
+        """Whether Redis had the key (UNLINK's count); False if Redis failed."""
+        return bool(
+            self._each(
+                tier,
+                lambda client: client.unlink(key),
+                lambda client: io.unlink_async(client, key, self.op_timeout),
+            )
+        )
 
-        self._async.blocking(work)  # type: ignore[union-attr]
-
-    def _delete(self, tier: RedisTier, key: str) -> None:
-        if self._sync is not None:
-            try:
-                self._sync.client.unlink(key)
-            except Exception as exc:
-                self._failed(tier, exc)
-            return
-
-        async def work(conn: io.AsyncIO) -> None:
-            try:
-                async with asyncio.timeout(self.op_timeout):
-                    await conn.client.unlink(key)
-            except Exception as exc:
-                self._failed(tier, exc)
-
-        self._async.blocking(work)  # type: ignore[union-attr]
+    def _each(
+        self, tier: RedisTier, sync: Callable[[Any], int], run: Callable[[Any], Awaitable[int]]
+    ) -> int:
+        """One command from anywhere, a scope or not, a loop or not: ``sync(client)`` on the
+        sync pool, or ``run(client)`` on a pool of its own; 0 if Redis failed (counted)."""
+        try:
+            if self._sync is not None:
+                return sync(self._sync.client)
+            return self._async.blocking(run)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._failed(tier, exc)
+            return 0

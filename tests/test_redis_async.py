@@ -54,7 +54,7 @@ def test_async_values_are_shared_and_concurrent_misses_compute_once(
         await cache.aclose()
         await aclient.aclose()
 
-    asyncio.run(main(RedisCacheInfo(0, 1, None, 1, 1, 1, 0, 0)))
+    asyncio.run(main(RedisCacheInfo(0, 1, None, 1, 50, 1, 0, 0)))  # 49 waited
     assert calls == [1]
     # Another process (here: another cache, another loop) reads what this one wrote.
     asyncio.run(main(RedisCacheInfo(0, 1, None, 1, 51, 0, 0, 0)))

@@ -182,6 +182,34 @@ def test_concurrent_misses_across_requests_compute_once_in_threads() -> None:
     assert calls == [7]
 
 
+@pytest.mark.parametrize("tier", ["cachetools", "redis"])
+def test_both_tiers_count_a_waiter_as_a_shared_hit(
+    tier: str, request: pytest.FixtureRequest
+) -> None:
+    shared: Any = cachetools.LRUCache(maxsize=10)
+    if tier == "redis":
+        from perrequest.redis import RedisCache
+
+        shared = RedisCache(request.getfixturevalue("redis_server").client(), ttl=60, namespace="t")
+    start = threading.Barrier(8)
+
+    @request_memo(shared=shared)
+    def slow(x: int) -> int:
+        time.sleep(0.1)
+        return x * 3
+
+    @request_scope()
+    def one_request() -> int:
+        start.wait()
+        return slow(7)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert [f.result() for f in [pool.submit(one_request) for _ in range(8)]] == [21] * 8
+    with request_scope():
+        info = slow.cache_info()
+    assert (info.shared_hits, info.shared_misses) == (7, 1)  # every call, counted once
+
+
 async def test_concurrent_misses_across_requests_compute_once_in_asyncio() -> None:
     calls = []
 

@@ -68,6 +68,8 @@ class AsyncRedisTier(RedisTier):
             self, key, computed_async, (call, step, (conn, key, fn, args, kwargs), {}), {},
             UNCOUNTED, None,
         )  # fmt: skip
+        if not call.ran:  # a waiter: another caller read or computed it (a hit)
+            self.count("hits")
         if type(payload) is Raised:
             payload = payload.error_for(call)
             raise payload

@@ -47,10 +47,11 @@ now = time.monotonic
 class RedisCacheInfo(NamedTuple):
     """``CacheInfo`` plus the Redis tier's counters in this process, for one function.
 
-    ``shared_hits``: values read from Redis; ``shared_misses``: values computed
-    here; ``shared_errors``: failed Redis operations (each one computed
-    locally); ``shared_lock_waits``: misses that waited for another caller's
-    lock. Zeros outside a scope, as every ``cache_info()``.
+    ``shared_hits``: values read from Redis, or got from another caller in this
+    process that read or computed them; ``shared_misses``: values computed here;
+    ``shared_errors``: failed Redis operations (each one computed locally);
+    ``shared_lock_waits``: misses that waited for another caller's lock. Zeros
+    outside a scope, as every ``cache_info()``.
     """
 
     hits: int
@@ -230,6 +231,8 @@ class RedisTier:
         payload = _flight.run(
             self, key, computed, (call, step, (key, fn, args, kwargs), {}), {}, UNCOUNTED, None
         )
+        if not call.ran:  # another caller in this process read or computed it: a hit,
+            self.count("hits")  # as the in-process tier counts its waiters
         if type(payload) is Raised:
             payload = payload.error_for(call)  # a copy for another request's waiter
             raise payload

@@ -46,7 +46,7 @@ _OPTIONS = (
 class RedisStats(NamedTuple):
     """A ``RedisCache``'s counters in this process, summed over its functions."""
 
-    hits: int  # values read from Redis
+    hits: int  # values read from Redis, or waited for in this process
     misses: int  # values computed in this process
     errors: int  # Redis operations that failed (the value was computed here)
     lock_waits: int  # misses that waited for another caller's lock

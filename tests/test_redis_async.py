@@ -236,3 +236,34 @@ def test_async_a_lock_key_of_another_type_is_taken_over(
         await aclient.aclose()
 
     asyncio.run(main())
+
+
+def test_async_under_trio_computes_here_counts_and_says_why_once(
+    redis_server: Any, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis.asyncio needs an asyncio loop: under trio the tier fails open, as when Redis
+    is down, instead of failing the request with 'no running event loop'."""
+    trio = pytest.importorskip("trio")
+    cache = RedisCache(redis_server.aclient(), ttl=60, namespace="trio")
+    calls: list[str] = []
+
+    @request_memo(shared=cache)
+    async def price(sku: str) -> dict[str, str]:
+        calls.append(sku)
+        return {"sku": sku}
+
+    async def main() -> list[dict[str, str]]:
+        got = []
+        for _ in range(3):
+            async with request_scope():
+                got += [await price("a"), await price("a")]  # the second: a request hit
+        return got
+
+    with caplog.at_level("WARNING", logger="perrequest"):
+        assert trio.run(main) == [{"sku": "a"}] * 6
+    assert calls == ["a"] * 3 and client.dbsize() == 0
+    stats = cache.stats()
+    assert (stats.errors, stats.misses, stats.hits) == (3, 3, 0)
+    warned = [r.getMessage() for r in caplog.records if "trio" in r.getMessage()]
+    assert len(warned) == 1 and "asyncio event loop" in warned[0]
+    assert "in-process tier" in warned[0] and "asyncio backend" in warned[0]

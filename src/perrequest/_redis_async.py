@@ -1,7 +1,8 @@
 """The Redis tier of one ``async def`` memoized function: ``RedisTier``'s steps, awaited.
 
 Each Redis command runs under ``asyncio.timeout(op_timeout)``, on the connections
-of the running event loop; lock waits sleep with ``asyncio.sleep``.
+of the running event loop; lock waits sleep with ``asyncio.sleep``. Without an
+asyncio loop (trio) the value is computed here, as when Redis is down.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class AsyncRedisTier(RedisTier):
         step: Callable[..., Awaitable[Any]] = self._claim_async
         if cache._down_until > now():
             step = self._local_async
+        elif (conn := cache._async_conn()) is None:
+            step = self._local_async
+            self._no_asyncio()
         else:
-            conn = cache._async_conn()
             try:
                 async with asyncio.timeout(cache.op_timeout):
                     raw = await conn.client.get(key)
@@ -74,6 +77,19 @@ class AsyncRedisTier(RedisTier):
             payload = payload.error_for(call)
             raise payload
         return cache._codec.loads(payload, key)  # a copy of its own for each caller
+
+    def _no_asyncio(self) -> None:
+        """No asyncio event loop runs (trio): redis.asyncio cannot either. Fail open."""
+        self.count("errors")
+        self.cache._warn(
+            "no_asyncio",
+            "perrequest: %r is on a redis.asyncio client, which needs an asyncio event "
+            "loop, and %s was awaited under another (trio): computed in this request, "
+            "never shared through Redis. Under trio, give it the in-process tier "
+            "(shared=cachetools.TTLCache(...)), or run on asyncio (anyio's asyncio backend).",
+            self.cache,
+            self.name,
+        )
 
     async def _local_async(
         self,

@@ -165,8 +165,12 @@ class AsyncPools:
         self.by_loop = weakref.WeakKeyDictionary()
         self.lock = threading.Lock()
 
-    def current(self) -> AsyncIO:
-        loop = asyncio.get_running_loop()
+    def current(self) -> AsyncIO | None:
+        """This event loop's pool; None when no asyncio loop runs (trio)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
         conn = self.by_loop.get(loop)
         if conn is None:
             with self.lock:

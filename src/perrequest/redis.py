@@ -261,7 +261,7 @@ class RedisCache:
 
     # -- what the tiers call -------------------------------------------------------------
 
-    def _async_conn(self) -> io.AsyncIO:
+    def _async_conn(self) -> io.AsyncIO | None:
         return self._async.current()  # type: ignore[union-attr]
 
     def _claim(self, key: str, token: str) -> Any:

@@ -552,6 +552,14 @@ def test_a_waiters_error_keeps_the_errors_own_notes(kind: type[Exception]) -> No
     assert computing.__notes__ == ["while fetching price of sku-42"]  # left as it was
 
 
+def test_a_waiters_copy_is_rebuilt_as_copy_does_oserrors_filename_included() -> None:
+    computing, waiting = _computing_and_waiting(
+        lambda: FileNotFoundError(2, "No such file or directory", "/srv/prices.csv")
+    )
+    assert type(waiting) is FileNotFoundError and str(waiting) == str(computing)
+    assert (waiting.errno, waiting.filename) == (2, "/srv/prices.csv")
+
+
 def _inner_error() -> ValueError:
     secret = "request one's token"  # noqa: F841 - a local an error page would show
     try:

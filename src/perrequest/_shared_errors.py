@@ -128,8 +128,13 @@ class _Copy:
             if not isinstance(clone, BaseExceptionGroup) or clone is error:
                 raise _Unsafe(error)
         else:
+            # What rebuilds it, as copy and pickle do (OSError's filename too); the type's
+            # own code sees copies only.
+            rebuild = error.__reduce__()
+            if type(rebuild) is not tuple or len(rebuild) < 2 or rebuild[0] is not type(error):
+                raise _Unsafe(error)
+            clone = type(error)(*self.value(rebuild[1], depth))
             args = self.value(error.args, depth)
-            clone = type(error)(*args)  # the type's own code sees copies only
             if type(clone) is not type(error) or clone.args != args:
                 raise _Unsafe(error)  # not rebuilt by its arguments (an extra parameter)
             clone.args = args

@@ -4,12 +4,11 @@ One mechanism for threads and tasks. The computing caller registers itself in
 the cache's ``_flights``; the first caller that comes to wait replaces that with
 a ``concurrent.futures.Future``, which threads wait on with ``result()`` and
 tasks of any event loop await with ``asyncio.wrap_future``. The computing
-caller alone removes what it registered and resolves the future, in a
-``finally``, whatever happened to the cache meanwhile, so no waiter is ever
-stranded. A miss that nobody waits for costs one dict insert and one pop.
-
-Under an async library other than asyncio (trio), tasks compute without
-sharing: correct, only not deduplicated.
+caller alone removes what it registered and resolves the future, whatever
+happened to the cache meanwhile and whatever raises while it stores the value
+(a key's ``__eq__``), so no waiter is ever stranded. A miss that nobody waits
+for costs one dict insert and one pop. Under an async library other than
+asyncio (trio), tasks compute without sharing: correct, only not deduplicated.
 """
 
 from __future__ import annotations
@@ -23,9 +22,7 @@ from types import CoroutineType
 from typing import Any, Protocol
 
 MISSING: Any = object()
-# The computing caller ended without an outcome (cancelled, interrupted): waiters
-# try again, and one of them computes.
-_RESTART: Any = object()
+_RESTART: Any = object()  # the computing caller was interrupted: waiters try again
 
 _now = time.perf_counter
 _thread_id = threading.get_ident
@@ -84,8 +81,7 @@ class Waited:
     def __init__(self, owner: object) -> None:
         self.owner = owner
         self.future: Future[Any] = Future()
-        # A running future cannot be cancelled: a waiter's cancelled wrap_future
-        # must not cancel it for the others.
+        # Running, so that a waiter's cancelled wrap_future cannot cancel it for all.
         self.future.set_running_or_notify_cancel()
 
 
@@ -126,15 +122,82 @@ def refuse_coroutine(fn: object, value: Any) -> None:
     )
 
 
-def failed(cache: Cache, key: Hashable, counter: Counter, start: float, exc: BaseException) -> None:
+def failed(
+    cache: Cache, key: Hashable, me: object, counter: Counter, start: float, exc: BaseException
+) -> None:
     """The computing caller raised: unregister, and hand its waiters the error, or (for
     cancellation and other BaseExceptions, its own business) the turn to compute."""
     if start:
         counter.compute_s += _now() - start
     with cache._lock:
-        record = cache._flights.pop(key, None)
+        try:
+            record = cache._flights.pop(key, None)
+        except BaseException:  # the key's __hash__/__eq__ raised this time
+            return forget(cache, me)
     if type(record) is Waited:
         record.future.set_result((False, exc) if isinstance(exc, Exception) else _RESTART)
+
+
+_UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
+
+
+def finish(
+    cache: Cache, key: Hashable, me: object, value: Any, counter: Counter, extra: Any
+) -> Any:
+    """The computing caller's end: unregister, store ``value``, hand it to the waiters.
+    (The generated wrappers have this written out.)"""
+    lock = cache._lock
+    lock.acquire()  # not `with`: on CPython 3.11 that costs twice as much
+    record = _UNKNOWN
+    try:
+        record = cache._flights.pop(key, None)
+        if record is me:  # nobody waited: the common miss
+            cache._fill(key, value, counter, extra)
+            return value
+        return end(cache, key, me, record, value, counter, extra)
+    except BaseException:
+        if record is _UNKNOWN:  # the key's __hash__/__eq__ raised this time
+            forget(cache, me)
+        raise
+    finally:
+        lock.release()
+
+
+def end(
+    cache: Cache, key: Hashable, me: object, record: Any, value: Any, counter: Counter, extra: Any
+) -> Any:
+    """``finish`` once the record is unregistered, when it is not ``me`` alone: somebody
+    waits. Lock held. Storing may raise (a key's ``__eq__``): the waiters get that error
+    too, as their own lookup would raise it; an interrupt is the caller's own: the value."""
+    try:
+        cache._fill(key, value, counter, extra)
+    except BaseException as exc:
+        if type(record) is Waited:
+            record.future.set_result((False, exc) if isinstance(exc, Exception) else (True, value))
+        raise
+    if type(record) is Waited:
+        record.future.set_result((True, value))
+    return value
+
+
+def forget(cache: Cache, me: object) -> None:
+    """Unregister what ``me`` registered when a key's ``__hash__``/``__eq__`` raise: by
+    identity (``popitem`` hashes nothing), the others put back; lock held. Waiters of
+    what is taken out try again. Only a key whose hash or equality changed, or an
+    interrupt, gets here."""
+    flights = cache._flights
+    records = []
+    while flights:
+        records.append(flights.popitem())
+    for key, record in reversed(records):
+        try:
+            if not (record is me or (type(record) is Waited and record.owner is me)):
+                flights[key] = record
+                continue
+        except BaseException:
+            pass
+        if type(record) is Waited:
+            record.future.set_result(_RESTART)
 
 
 def run(
@@ -148,16 +211,15 @@ def run(
 ) -> Any:
     """The value at ``key``, computed by ``fn(*args, **kwargs)`` at most once at a time."""
     me = _thread_id()
-    # Most misses find nobody computing the key: register without the lock
-    # (setdefault is atomic). A value filled since the caller looked is computed
-    # again: "at most once at a time" still holds.
+    # Registered without the lock (setdefault is atomic). A value filled since the
+    # caller looked is computed again: "at most once at a time" still holds.
     record = cache._flights.setdefault(key, me)
     while record is not me:
         joined = _wait_or_join(cache, key, me, counter)
         if joined is True:
             break
-        if type(joined) is _Found:
-            return joined.value
+        if type(joined) is tuple:
+            return joined[0]
         if joined is not False:
             if joined.future.done() or may_wait(me, joined.owner):
                 try:
@@ -189,48 +251,28 @@ def run(
         if type(value) is CoroutineType:
             refuse_coroutine(fn, value)
     except BaseException as exc:
-        failed(cache, key, counter, start, exc)
+        failed(cache, key, me, counter, start, exc)
         raise
     if start:
         counter.compute_s += _now() - start
-    lock = cache._lock
-    lock.acquire()  # not `with`: on CPython 3.11 that costs twice as much
-    try:
-        record = cache._flights.pop(key, None)
-        cache._fill(key, value, counter, extra)
-    finally:
-        lock.release()
-    if type(record) is Waited:
-        record.future.set_result((True, value))
-    return value
+    return finish(cache, key, me, value, counter, extra)
 
 
 def _wait_or_join(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any:
-    """Someone registered ``key``: a future to wait on, ``True`` if this caller
-    registered after all (that computation ended), ``False`` to compute without
-    sharing, or a value found meanwhile, as ``(value,)``."""
+    """Someone registered ``key``: a ``Waited`` to wait on, ``True`` if this caller registered
+    after all, ``False`` to compute without sharing, or a value found, as ``(value,)``."""
     with cache._lock:
         value = cache._lookup(key)
         if value is not MISSING:
             counter.hits += 1
-            return _Found(value)
+            return (value,)
         if key in cache._flights:
             return _join(cache, key, me, counter)
         cache._flights[key] = me
         return True
 
 
-class _Found:
-    """A value found in the cache by a caller that expected to wait."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-def _uncount(cache: Cache, counter: Counter) -> None:
-    """A caller that joined a computation (a hit) computes after all (a miss)."""
+def _uncount(cache: Cache, counter: Counter) -> None:  # a hit computes after all: a miss
     with cache._lock:
         counter.hits -= 1
         counter.misses += 1
@@ -260,8 +302,8 @@ async def run_async(
         if joined is True:
             break
         if joined is not False:
-            if type(joined) is _Found:
-                return joined.value
+            if type(joined) is tuple:
+                return joined[0]
             if joined.future.done() or may_wait(me, joined.owner):
                 try:
                     result = await asyncio.wrap_future(joined.future)
@@ -279,20 +321,11 @@ async def run_async(
     try:
         value = await fn(*args, **kwargs)
     except BaseException as exc:  # cancellation too: a waiter computes instead
-        failed(cache, key, counter, start, exc)
+        failed(cache, key, me, counter, start, exc)
         raise
     if start:
         counter.compute_s += _now() - start
-    lock = cache._lock
-    lock.acquire()
-    try:
-        record = cache._flights.pop(key, None)
-        cache._fill(key, value, counter, extra)
-    finally:
-        lock.release()
-    if type(record) is Waited:
-        record.future.set_result((True, value))
-    return value
+    return finish(cache, key, me, value, counter, extra)
 
 
 async def _unshared_async(

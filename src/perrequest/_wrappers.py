@@ -1,20 +1,14 @@
 """The memo wrappers: generated with the memoized function's own signature, or a closure.
 
-A ``def wrapper(*args, **kwargs)`` closure must pack the arguments and build a
-key tuple on every call; a wrapper generated with the function's signature
-(as ``dataclasses`` generates ``__init__``) lets Python bind the arguments,
-and keys a one-argument call by the argument itself. That makes a hit about
-40% cheaper, which is what meets the performance targets (docs/performance.md).
-It also makes ``f(1, b=2)`` and ``f(1, 2)`` one entry.
-
-The hit is generated, and so is the common miss (nobody else computing the
-key): ``_flight.run`` written out in the wrapper's frame, which for an async
-function saves a coroutine per miss. Every other path (waiting for another
-caller, the shared tier, trio, a closed scope, unhashable arguments) is
-``_flight``'s and ``_MemoSpec``'s, shared with the plain closures below
-(``*args``/``**kwargs`` functions, ``key=``, ``typed=``, callables without a
-signature). ``tests/test_properties.py`` checks that the two kinds of wrapper
-behave alike, sync and async.
+A wrapper generated with the function's signature (as ``dataclasses`` generates
+``__init__``) lets Python bind the arguments and keys a one-argument call by the
+argument itself: a hit about 40% cheaper than a ``*args, **kwargs`` closure's,
+which meets the performance targets (docs/performance.md), and ``f(1, b=2)`` and
+``f(1, 2)`` are one entry. The hit is generated, and so is the common miss
+(``_flight.run`` written out: for an async function, one coroutine per miss, not
+two). Every other path is ``_flight``'s and ``_MemoSpec``'s, shared with the plain
+closures (``*args``/``**kwargs``, ``key=``, ``typed=``, callables without a
+signature); ``tests/test_properties.py`` checks that both behave alike.
 """
 
 from __future__ import annotations
@@ -36,9 +30,9 @@ from .store import MemoStore
 
 _TEMPLATE = """\
 def __pr_factory(
-    __pr_get, __pr_spec, __pr_fn, __pr_prepare, __pr_run, __pr_outside, __pr_id, __pr_d,
-    __pr_name, __pr_slow, __pr_waited, __pr_failed, __pr_now, __pr_coro, __pr_refuse,
-    __pr_thread, __pr_task,
+    __pr_get, __pr_spec, __pr_fn, __pr_outside, __pr_id, __pr_d,
+    __pr_name, __pr_slow, __pr_end, __pr_failed, __pr_now, __pr_coro, __pr_refuse,
+    __pr_thread, __pr_task, __pr_unknown, __pr_forget,
 ):
     {kind}def {name}({signature}):
         __pr_key = {key}
@@ -48,12 +42,14 @@ def __pr_factory(
                 __pr_sub = __pr_store._subs[__pr_spec]
                 __pr_entry = __pr_sub[__pr_key]
                 __pr_store._order.move_to_end(__pr_entry[2])
-{touch}            except (KeyError, TypeError, AttributeError):  # a miss; or no store yet
-                pass
+{touch}            except KeyError:  # a miss, or this function's first
+                __pr_odd = False
+            except (TypeError, AttributeError):  # no store yet; closed; unhashable; or the
+                __pr_odd = True  # key's __eq__ raised: _slow tells which
             else:
                 __pr_entry[1].hits += 1
                 return __pr_entry[0]
-            # Outside the except block, so that no error raised from here on
+            # Outside the except blocks, so that no error raised from here on
             # carries the miss's KeyError as its context.
 {miss}        return {await_}__pr_outside(({positional}), {{{keyword}}}, __pr_key)
 
@@ -63,19 +59,12 @@ def __pr_factory(
     return {name}, __pr_keyof
 """
 
-# A miss through the shared tier, or whatever ``spec.runner()`` is.
+# A miss through the shared tier (``spec.runner()``), all ``_slow``'s.
 _RUN = """\
-            if type(__pr_store) is list:  # the scope's store is not made yet: _slow's
-                return {await_}__pr_slow(
-                    __pr_spec, __pr_store, (__pr_spec, __pr_key), ({positional}), {{{keyword}}},
-                    {anchor},
-                )
-            __pr_counter = __pr_prepare(__pr_store, __pr_key, ({positional}), {{{keyword}}})
-            if __pr_counter is not None:
-                return {await_}__pr_run(
-                    __pr_store, (__pr_spec, __pr_key), __pr_fn, ({positional}), {{{keyword}}},
-                    __pr_counter, {anchor},
-                )
+            return {await_}__pr_slow(
+                __pr_spec, __pr_store, (__pr_spec, __pr_key), ({positional}), {{{keyword}}},
+                {anchor}, __pr_odd,
+            )
 """
 
 # A request-store miss: ``_flight.run`` written out, computed in the wrapper's own
@@ -86,34 +75,43 @@ _COMPUTE = """\
 {me}            try:  # register as computing the key, unless somebody else is
                 __pr_counter = __pr_store._counters[__pr_name]
                 __pr_mine = (
-                    __pr_me is not None
+                    not __pr_odd
+                    and __pr_me is not None
                     and __pr_store._flights.setdefault(__pr_where, __pr_me) is __pr_me
                 )
             except (AttributeError, KeyError, TypeError):  # first miss; closed; unhashable
                 __pr_mine = False
             if not __pr_mine:  # what remains is ``_slow``'s
                 return {await_}__pr_slow(
-                    __pr_spec, __pr_store, __pr_where, ({positional}), {{{keyword}}}, {anchor}
+                    __pr_spec, __pr_store, __pr_where, ({positional}), {{{keyword}}}, {anchor},
+                    __pr_odd,
                 )
             __pr_counter.misses += 1
             __pr_start = __pr_now() if __pr_counter.timed else 0.0
             try:
                 __pr_value = {await_}__pr_fn({arguments})
 {refuse}            except BaseException as __pr_exc:
-                __pr_failed(__pr_store, __pr_where, __pr_counter, __pr_start, __pr_exc)
+                __pr_failed(__pr_store, __pr_where, __pr_me, __pr_counter, __pr_start, __pr_exc)
                 raise
             if __pr_start:
                 __pr_counter.compute_s += __pr_now() - __pr_start
-            __pr_lock = __pr_store._lock
+            __pr_lock = __pr_store._lock  # _flight.finish, written out
             __pr_lock.acquire()
+            __pr_record = __pr_unknown
             try:
                 __pr_record = __pr_store._flights.pop(__pr_where, None)
-                __pr_store._fill(__pr_where, __pr_value, __pr_counter, {anchor})
+                if __pr_record is __pr_me:  # nobody waited: the common miss
+                    __pr_store._fill(__pr_where, __pr_value, __pr_counter, {anchor})
+                    return __pr_value
+                return __pr_end(
+                    __pr_store, __pr_where, __pr_me, __pr_record, __pr_value, __pr_counter, {anchor}
+                )
+            except BaseException:
+                if __pr_record is __pr_unknown:  # the key's __hash__/__eq__ raised this time
+                    __pr_forget(__pr_store, __pr_me)
+                raise
             finally:
                 __pr_lock.release()
-            if type(__pr_record) is __pr_waited:
-                __pr_record.future.set_result((True, __pr_value))
-            return __pr_value
 """
 
 _THREAD = """\
@@ -133,22 +131,26 @@ _REFUSE = """\
 """
 
 
-def _slow(spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any) -> Any:
-    """A miss the generated wrapper did not register: single-flight as the plain
-    wrappers do it (waiting for another caller, a store's or a function's first
-    miss, a closed scope, unhashable arguments, trio); or a call that found a
-    scope's cell (``scope.open_request``): the store is made and looked in again."""
+def _slow(
+    spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any, look: bool = False
+) -> Any:
+    """A miss the generated wrapper did not register (another caller computes the key,
+    a first miss, a closed scope, unhashable arguments, trio), as the closures do it;
+    or a scope's cell (``scope.open_request``): the store is made, looked in again.
+    ``look``: the lookup raised TypeError or AttributeError (see ``_relook``)."""
     if type(store) is list:
         here()
         return spec.wrapper()(*args, **kwargs)
     counter = spec.prepare(store, where[1], args, kwargs)
     if counter is None:
         return spec.outside(args, kwargs, where[1])
-    return _flight.run(store, where, spec.fn, args, kwargs, counter, anchor)
+    if look and (value := _relook(store, where, counter)) is not _flight.MISSING:
+        return value
+    return spec.runner()(store, where, spec.fn, args, kwargs, counter, anchor)
 
 
 async def _slow_async(
-    spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any
+    spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any, look: bool = False
 ) -> Any:
     if type(store) is list:
         here()
@@ -156,7 +158,19 @@ async def _slow_async(
     counter = spec.prepare(store, where[1], args, kwargs)
     if counter is None:
         return await spec.outside_async(args, kwargs, where[1])
-    return await _flight.run_async(store, where, spec.fn, args, kwargs, counter, anchor)
+    if look and (value := _relook(store, where, counter)) is not _flight.MISSING:
+        return value
+    return await spec.runner()(store, where, spec.fn, args, kwargs, counter, anchor)
+
+
+def _relook(store: MemoStore, where: Any, counter: Any) -> Any:
+    """A lookup of a hashable key raised TypeError or AttributeError: no store yet, a
+    closed one, or the key's ``__eq__`` raised. Look again: that error then comes out
+    of the call before the function runs, as with ``functools.lru_cache``."""
+    value = store._lookup(where)
+    if value is not _flight.MISSING:
+        counter.hits += 1
+    return value
 
 
 def parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
@@ -186,10 +200,7 @@ def parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
 
 
 def generate(
-    spec: Any,
-    params: list[inspect.Parameter],
-    run: Callable[..., Any],
-    outside: Callable[..., Any],
+    spec: Any, params: list[inspect.Parameter], outside: Callable[..., Any]
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """The wrapper, and ``keyof``: the same signature, returning ``(key, anchor)``."""
     defaults: list[Any] = []
@@ -254,20 +265,20 @@ def generate(
         _current.get,
         spec,
         spec.fn,
-        spec.prepare,
-        run,
         outside,
         id,
         tuple(defaults),
         spec.name,
         slow,
-        _flight.Waited,
+        _flight.end,
         _flight.failed,
         _flight._now,
         CoroutineType,
         _flight.refuse_coroutine,
         _thread_id,
         current_task,
+        _flight._UNKNOWN,
+        _flight.forget,
     )
 
 
@@ -280,13 +291,13 @@ def _code_name(fn: Callable[..., Any]) -> str:
 
 def make_wrapper(spec: Any) -> Callable[..., Any]:
     """The wrapper whose hit path is as short as the options allow."""
-    run, outside = spec.runner(), spec.outside_async if spec.is_async else spec.outside
+    outside = spec.outside_async if spec.is_async else spec.outside
     params = None if spec.key_fn is not None or spec.typed else parameters(spec.fn)
     if params is not None:
-        wrapper, spec.keyof = generate(spec, params, run, outside)
+        wrapper, spec.keyof = generate(spec, params, outside)
         spec.wrapper = weakref.ref(wrapper)  # not a cycle: a dropped wrapper is freed at once
         return wrapper
-    get_store, make_key, prepare, fn = _current.get, spec.make_key, spec.prepare, spec.fn
+    get_store, make_key = _current.get, spec.make_key
     simple, kwargs_mark = not (spec.key_fn or spec.typed or spec.is_method), KWARGS
 
     def lookup(store: MemoStore, key: Hashable) -> Any:
@@ -308,37 +319,31 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
         async def memo_async(*args: Any, **kwargs: Any) -> Any:
             key, anchor = keyed(args, kwargs)
             store = get_store()
-            while store is not None:
-                try:
-                    return lookup(store, key)
-                except (KeyError, TypeError, AttributeError):
-                    pass  # a miss: handled below, so that its errors carry no KeyError context
-                if type(store) is list:  # the scope's store is not made yet: make it, look again
-                    store = here()
-                    continue
-                counter = prepare(store, key, args, kwargs)
-                if counter is not None:
-                    return await run(store, (spec, key), fn, args, kwargs, counter, anchor)
-                break
-            return await outside(args, kwargs, key)
+            if store is None:
+                return await outside(args, kwargs, key)
+            try:
+                return lookup(store, key)
+            except KeyError:
+                odd = False  # a miss: handled below, so that its errors carry no KeyError context
+            except (TypeError, AttributeError):
+                odd = True  # see _relook
+            return await _slow_async(spec, store, (spec, key), args, kwargs, anchor, odd)
 
+        spec.wrapper = weakref.ref(memo_async)
         return memo_async
 
     def memo(*args: Any, **kwargs: Any) -> Any:
         key, anchor = keyed(args, kwargs)
         store = get_store()
-        while store is not None:  # a loop, not a call to memo: no cycle through its closure
-            try:
-                return lookup(store, key)
-            except (KeyError, TypeError, AttributeError):
-                pass  # a miss: handled below, so that its errors carry no KeyError context
-            if type(store) is list:  # the scope's store is not made yet: make it, look again
-                store = here()
-                continue
-            counter = prepare(store, key, args, kwargs)
-            if counter is not None:
-                return run(store, (spec, key), fn, args, kwargs, counter, anchor)
-            break
-        return outside(args, kwargs, key)
+        if store is None:
+            return outside(args, kwargs, key)
+        try:
+            return lookup(store, key)
+        except KeyError:
+            odd = False  # a miss: handled below, so that its errors carry no KeyError context
+        except (TypeError, AttributeError):
+            odd = True  # see _relook
+        return _slow(spec, store, (spec, key), args, kwargs, anchor, odd)
 
+    spec.wrapper = weakref.ref(memo)
     return memo

@@ -1,0 +1,191 @@
+"""Single-flight at its edges: storing a value that raises, writes re-entered from a
+key's ``__hash__``, restarts, invalidation in flight, cycles. Every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from perrequest import bind_scope, request_memo, request_scope
+
+WAIT = 5.0  # seconds: long enough for a slow machine, short enough to fail a hang
+
+
+def until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+class Key:
+    """A well-behaved key."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        return hash(self.n)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Key) and other.n == self.n
+
+
+class Ref:
+    """Hashes like ``Key``; its ``__eq__`` is the common sloppy one, which raises
+    AttributeError against anything without ``.id``."""
+
+    def __init__(self, id: int) -> None:
+        self.id = id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other: object) -> bool:
+        return self.id == other.id  # type: ignore[attr-defined,no-any-return]
+
+
+class Interrupt(BaseException):
+    """Stands for KeyboardInterrupt: a BaseException that is not an Exception."""
+
+
+# -- 1. storing the computed value raises: no waiter is stranded ----------------------------
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["generated", "closure"])
+def test_a_waiting_thread_gets_the_error_when_storing_the_value_raises(plain: bool) -> None:
+    """Thread A computes f(Key(5)), thread B waits; meanwhile f(Ref(5)) is stored, so A's
+    store compares Ref(5) == Key(5), which raises. B gets that error instead of a hang."""
+    go = threading.Event()
+    options: dict[str, Any] = {"key": lambda x: x} if plain else {}
+
+    @request_memo(**options)
+    def f(x: object) -> str:
+        if isinstance(x, Key):
+            assert go.wait(WAIT)
+        return type(x).__name__
+
+    with request_scope(), ThreadPoolExecutor(2) as pool:
+        a = pool.submit(contextvars.copy_context().run, f, Key(5))
+        until(lambda: f.cache_info().misses == 1)
+        b = pool.submit(contextvars.copy_context().run, f, Key(5))
+        until(lambda: f.cache_info().hits == 1)  # B waits for A
+        assert f(Ref(5)) == "Ref"
+        go.set()
+        for future in (a, b):
+            with pytest.raises(AttributeError, match="no attribute 'id'"):
+                future.result(timeout=WAIT)
+
+
+async def test_a_waiting_task_gets_the_error_when_storing_the_value_raises() -> None:
+    go = asyncio.Event()
+
+    @request_memo
+    async def f(x: object) -> str:
+        if isinstance(x, Key):
+            await go.wait()
+        return type(x).__name__
+
+    async with request_scope():
+        a = asyncio.create_task(f(Key(5)))
+        await asyncio.sleep(0)
+        b = asyncio.create_task(f(Key(5)))
+        await asyncio.sleep(0)
+        assert f.cache_info()[:2] == (1, 1)  # B waits for A
+        assert await f(Ref(5)) == "Ref"
+        go.set()
+        done, _ = await asyncio.wait([a, b], timeout=WAIT)
+        assert done == {a, b}
+        for task in (a, b):
+            with pytest.raises(AttributeError, match="no attribute 'id'"):
+                task.result()
+
+
+def test_an_interrupt_while_storing_hands_the_waiters_the_value() -> None:
+    """A BaseException raised while storing is the computing caller's own business: the
+    value was computed, so a waiter gets it."""
+    go = threading.Event()
+    armed = threading.Event()
+
+    class Touchy(Key):
+        __hash__ = Key.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            if armed.is_set() and threading.current_thread().name.startswith("A"):
+                raise Interrupt
+            return super().__eq__(other)
+
+    @request_memo
+    def f(x: Key) -> int:
+        if threading.current_thread().name.startswith("A"):
+            assert go.wait(WAIT)
+        return x.n
+
+    with request_scope():
+        a_result: Future[int] = Future()
+        b_result: Future[int] = Future()
+
+        def run(target: Future[int]) -> None:
+            try:
+                target.set_result(f(Touchy(1)))
+            except BaseException as exc:
+                target.set_exception(exc)
+
+        a = threading.Thread(target=bind_scope(run), args=(a_result,), name="A")
+        a.start()
+        until(lambda: f.cache_info().misses == 1)
+        b = threading.Thread(target=bind_scope(run), args=(b_result,), name="B")
+        b.start()
+        until(lambda: f.cache_info().hits == 1)
+        f(Touchy(1 + sys.hash_info.modulus))  # hashes like Touchy(1): a collision
+        armed.set()
+        go.set()
+        with pytest.raises(Interrupt):
+            a_result.result(timeout=WAIT)
+        assert b_result.result(timeout=WAIT) == 1
+        a.join(WAIT)
+        b.join(WAIT)
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["generated", "closure"])
+def test_a_raising_eq_raises_at_the_lookup_before_the_function_runs(plain: bool) -> None:
+    """As with functools.lru_cache: a key whose ``__eq__`` raises against a stored key
+    raises that error from the call, and the function is not run for it."""
+    calls: list[str] = []
+    options: dict[str, Any] = {"key": lambda x: x} if plain else {}
+
+    @request_memo(**options)
+    def f(x: object) -> str:
+        calls.append(type(x).__name__)
+        return calls[-1]
+
+    with request_scope():
+        assert f(Ref(5)) == "Ref"
+        with pytest.raises(AttributeError, match="no attribute 'id'"):
+            f(Key(5))  # the stored Ref(5) == Key(5) raises
+        assert calls == ["Ref"]
+        assert f.cache_info()[:2] == (0, 1)  # the refused call counts as neither
+        assert f(Ref(5)) == "Ref"
+
+
+async def test_a_raising_eq_raises_at_the_lookup_async() -> None:
+    calls: list[str] = []
+
+    @request_memo
+    async def f(x: object) -> str:
+        calls.append(type(x).__name__)
+        return calls[-1]
+
+    async with request_scope():
+        assert await f(Ref(5)) == "Ref"
+        with pytest.raises(AttributeError, match="no attribute 'id'"):
+            await f(Key(5))
+        assert calls == ["Ref"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import perrequest
 from perrequest import bind_scope, request_memo, request_scope
 
 WAIT = 5.0  # seconds: long enough for a slow machine, short enough to fail a hang
@@ -189,3 +190,114 @@ async def test_a_raising_eq_raises_at_the_lookup_async() -> None:
         with pytest.raises(AttributeError, match="no attribute 'id'"):
             await f(Key(5))
         assert calls == ["Ref"]
+
+
+# -- 2. a write re-entered from a key's __hash__ while the store stores --------------------
+
+
+class Writer:
+    """Its ``__hash__`` writes to the active store on its ``fire_at``-th call."""
+
+    fire_at: int | None = None
+    count = 0
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        Writer.count += 1
+        if Writer.count == Writer.fire_at:
+            perrequest.set(("side", Writer.count), 1)
+        return hash(self.n)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Writer) and other.n == self.n
+
+
+def _consistent(store: perrequest.MemoStore) -> None:
+    """What the store says it holds is what iterating it finds, within its bound, and
+    more writes (which evict) work."""
+    assert len(store) == len(list(store)) <= store.max_entries  # type: ignore[operator]
+    for i in range(5):
+        perrequest.set(("more", i), i)
+    assert len(store) == len(list(store)) == store.max_entries
+
+
+@pytest.mark.parametrize("fire_at", range(1, 9))
+@pytest.mark.parametrize("plain", [False, True], ids=["generated", "closure"])
+def test_a_write_from_a_keys_hash_while_storing_keeps_the_store_whole(
+    fire_at: int, plain: bool
+) -> None:
+    """Whichever hash call of a miss writes to the store (evicting the function's last
+    entry, which drops its dict), the value is stored where later calls find it."""
+    calls: list[int] = []
+    options: dict[str, Any] = {"key": lambda x: x} if plain else {}
+
+    @request_memo(**options)
+    def f(x: Writer) -> int:
+        calls.append(x.n)
+        return x.n
+
+    with request_scope(max_entries=2) as store:
+        f(Writer(1))  # f's only entry, the least recently used
+        perrequest.set("h", 0)  # the store is full
+        Writer.count, Writer.fire_at = 0, fire_at
+        try:
+            assert f(Writer(2)) == 2
+        finally:
+            Writer.fire_at = None
+        assert f(Writer(2)) == 2
+        assert calls == [1, 2]
+        _consistent(store)
+
+
+def test_a_memoized_helper_called_from_hash_keeps_the_store_whole() -> None:
+    @request_memo
+    def digest(n: int) -> int:
+        return n * 7
+
+    class Hashed:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __hash__(self) -> int:
+            return digest(self.n)
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Hashed) and other.n == self.n
+
+    @request_memo
+    def f(x: Hashed) -> int:
+        return x.n
+
+    with request_scope(max_entries=2) as store:
+        for n in range(20):  # every miss evicts, digest's entries among them
+            assert f(Hashed(n)) == n
+            assert len(store) == len(list(store)) <= 2
+        _consistent(store)
+
+
+def test_a_delete_from_a_keys_hash_keeps_the_store_whole() -> None:
+    armed = []
+
+    class Deleting(Key):
+        __hash__ = Key.__hash__
+
+        def __eq__(self, other: object) -> bool:
+            if armed:
+                armed.clear()
+                perrequest.delete("h")
+                f.cache_clear()
+            return super().__eq__(other)
+
+    @request_memo
+    def f(x: Key) -> int:
+        return x.n
+
+    with request_scope(max_entries=3) as store:
+        f(Deleting(1))
+        perrequest.set("h", 0)
+        armed.append(True)
+        assert f(Deleting(1 + sys.hash_info.modulus)) == 1 + sys.hash_info.modulus
+        assert f.cache_info().currsize == len(store) == len(list(store))
+        _consistent(store)

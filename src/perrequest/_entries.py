@@ -20,11 +20,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from contextvars import Token
-from types import MappingProxyType
 from typing import Any, Final
 
 from ._flight import MISSING
-from ._stats import Counter, FunctionStats, ScopeStats, observed
+from ._stats import Counter, ScopeStats, observed, stats_of
 from .errors import ScopeClosed
 
 # The owner of helper entries; memo entries are owned by their function's spec.
@@ -88,11 +87,9 @@ class Entries:
 
     def _writable(self, what: object) -> threading.RLock:
         """The store's lock, made with the dicts on the first write; ``ScopeClosed`` once closed.
-
-        The lock is published before ``_closed`` is checked under it, and closing
-        sets ``_closed`` before it looks for the lock: either a writer sees the
-        store closed, or the closing thread finds the lock and waits for it.
-        """
+        The lock is published before ``_closed`` is checked under it, and closing sets
+        ``_closed`` before it looks for the lock: either a writer sees the store closed,
+        or the closing thread finds the lock and waits for it."""
         lock: threading.RLock | None = self._lock
         if lock is None and not self._closed:  # (closed before its first write: nothing to make)
             # Made before taking _setup: an allocation under it could start a collection
@@ -161,8 +158,10 @@ class Entries:
     def _fill(
         self, where: tuple[object, Hashable], value: Any, counter: Counter, anchor: Any
     ) -> None:
-        """Store an entry at ``(owner, key)`` and enforce the bounds; the caller holds the
-        lock. Once closed, nothing is stored (a computation that outlived the scope)."""
+        """Store an entry at ``(owner, key)`` and enforce the bounds; lock held. Once closed,
+        nothing is stored. The key's ``__hash__``/``__eq__`` may write to this store too
+        (the lock is reentrant): every write moves ``_next_id``; if others moved it, the
+        order is rebuilt (``_resync``)."""
         subs = self._subs
         if subs is None:
             return
@@ -171,25 +170,28 @@ class Entries:
         if sub is None:
             sub = subs[owner] = {} if getattr(owner, "max_entries", None) is None else OrderedDict()
         order = self._order
+        entry_id = self._next_id = self._next_id + 1
         old = sub.get(key)
-        if old is None:
-            entry_id = self._next_id = self._next_id + 1
-            order[entry_id] = where
-        else:
-            entry_id = old[2]
-            order.move_to_end(entry_id)
         sub[key] = (value, counter, entry_id, anchor)
         if type(sub) is not dict:  # this function has a bound of its own
             sub.move_to_end(key)  # type: ignore[attr-defined]
             if len(sub) > owner.max_entries:  # type: ignore[attr-defined]
                 # popitem, never next(iter(...)): hits reorder without the lock.
                 _, entry = sub.popitem(last=False)  # type: ignore[call-arg]
-                self._peak = max(self._peak, len(order) - 1)  # the size before this fill
-                del order[entry[2]]
+                self._peak = max(self._peak, len(order))  # the size before this fill
+                order.pop(entry[2], None)
                 self._evicted(entry[1])
-        if len(order) > self._bound:
+        if self._next_id != entry_id:  # written to meanwhile, by the key's own code
+            self._resync(owner, sub)
+        else:
+            order[entry_id] = where
+            if old is not None:
+                del order[old[2]]
+        while len(order) > self._bound:
             self._peak = self._bound
-            self._evicted(self._drop(last=False)[3])
+            dropped = self._drop(last=False)
+            if dropped is not None:
+                self._evicted(dropped[3])
 
     def _fill_many(
         self,
@@ -211,22 +213,23 @@ class Entries:
             for key, value, anchor in zip(keys, values, anchors, strict=True):
                 self._fill((owner, key), value, counter, anchor)
             return
-        next_id = self._next_id
+        mark = self._next_id
         for key, value, anchor in zip(keys, values, anchors, strict=True):
-            if key in sub:  # stored meanwhile (prime): replaced, as _fill does
-                entry_id = sub[key][2]
-                order.move_to_end(entry_id)
-                sub[key] = (value, counter, entry_id, anchor)
+            old = sub.get(key)  # stored meanwhile (prime): replaced, as _fill does
+            entry_id = self._next_id = self._next_id + 1
+            sub[key] = (value, counter, entry_id if old is None else old[2], anchor)
+            if old is None:
+                order[entry_id] = (owner, key)
             else:
-                next_id += 1
-                order[next_id] = (owner, key)
-                sub[key] = (value, counter, next_id, anchor)
-        self._next_id = next_id
+                order.move_to_end(old[2])
+        if self._next_id != mark + len(keys):  # the keys' own code wrote here too
+            self._resync(owner, sub)
+            while len(order) > self._bound:
+                self._drop(last=False)
 
     def _reserve(self, owner: object) -> None:
-        """Make ``owner``'s dict before its first entry (a batch about to be fetched),
-        so that lookups of its keys miss without raising; lock held. ``_unreserve``
-        drops it again if it stayed empty."""
+        """Make ``owner``'s dict before its first entry (a batch about to be fetched), so
+        that lookups of its keys miss without raising; ``_unreserve`` drops it if empty."""
         subs = self._subs
         if subs is not None and owner not in subs:
             subs[owner] = {} if getattr(owner, "max_entries", None) is None else OrderedDict()
@@ -240,35 +243,62 @@ class Entries:
         counter.evictions += 1
         self._evictions += 1
 
-    def _drop(self, last: bool) -> tuple[object, Hashable, Any, Counter]:
-        """Remove the most (``last``) or least recently used entry; lock held."""
+    def _drop(self, last: bool) -> tuple[object, Hashable, Any, Counter] | None:
+        """Remove the most (``last``) or least recently used entry (None: gone meanwhile)."""
         _, (owner, key) = self._order.popitem(last=last)
-        sub = self._subs[owner]  # type: ignore[index]
-        value, counter, _, _ = sub.pop(key)
-        if not sub and owner is not HELPERS:
-            del self._subs[owner]  # type: ignore[union-attr]
-        return owner, key, value, counter
+        entry = self._take(owner, key)
+        return None if entry is None else (owner, key, entry[0], entry[1])
 
-    def _remove(self, owner: object, sub: dict[Hashable, tuple[Any, ...]], key: Hashable) -> Any:
-        """Drop one entry, and its function's dict with its last entry; lock held."""
+    def _remove(self, owner: object, key: Hashable) -> Any:
+        """Drop one entry; its value, or MISSING. Lock held."""
         self._peak = max(self._peak, len(self._order))
-        value, _, entry_id, _ = sub.pop(key)
-        del self._order[entry_id]
-        if not sub and owner is not HELPERS:
-            del self._subs[owner]  # type: ignore[union-attr]
-        return value
+        entry = self._take(owner, key)
+        if entry is None:
+            return MISSING
+        self._order.pop(entry[2], None)
+        return entry[0]
+
+    def _take(self, owner: object, key: Hashable) -> tuple[Any, ...] | None:
+        """Pop the entry at ``(owner, key)``, and its function's dict with its last entry."""
+        subs = self._subs
+        sub = None if subs is None else subs.get(owner)
+        if sub is None:
+            return None
+        mark = self._next_id = self._next_id + 1
+        entry = sub.pop(key, None)  # the key's __eq__: user code, which may write here
+        if not sub and owner is not HELPERS and subs.get(owner) is sub:  # type: ignore[union-attr]
+            del subs[owner]  # type: ignore[union-attr]
+        if self._next_id != mark:
+            self._resync()
+        return entry
+
+    def _resync(self, owner: object = None, sub: dict[Hashable, Any] | None = None) -> None:
+        """Make the recency order hold exactly the entries the dicts hold, after user code
+        run by a write wrote to the store too; by identity only (no key is hashed). A
+        dict that code dropped (``sub``, being filled) is put back if its place is free."""
+        subs = self._subs
+        if subs is None:
+            return
+        if sub and owner not in subs:
+            subs[owner] = sub
+        live = {e[2]: (o, k) for o, s in subs.items() for k, e in list(s.items())}
+        order = self._order
+        for entry_id in [i for i in order if i not in live]:
+            del order[entry_id]
+        for entry_id in sorted(live.keys() - order.keys()):
+            order[entry_id] = live[entry_id]
+        self._next_id = max(self._next_id, *live, 0) + 1
 
     def _remove_owner(self, owner: object) -> None:
         """Drop every entry of one memoized function (``fn.cache_clear()``)."""
         if self._subs is None or owner not in self._subs:
             return
         with self._writable("cache_clear()"):
-            sub = self._subs.get(owner)
-            for key in list(sub or ()):
-                self._remove(owner, sub, key)  # type: ignore[arg-type]
+            for key in list(self._subs.get(owner) or ()):
+                self._remove(owner, key)
 
     def _snapshot(self) -> ScopeStats:
-        return _stats_of(self._counts() if self._lock is not None else None, self._age())
+        return stats_of(self._counts() if self._lock is not None else None, self._age())
 
     def _age(self) -> float:
         start = self._opened_at  # 0.0: a scope nobody watched is not timed
@@ -315,20 +345,5 @@ class Entries:
         if final is None:
             return self._snapshot()
         if type(final) is tuple:
-            final = self._final = _stats_of(final, self._age())
+            final = self._final = stats_of(final, self._age())
         return final
-
-
-def _stats_of(counts: tuple[Any, ...] | None, duration: float) -> ScopeStats:
-    if counts is None:
-        return ScopeStats(0, 0, 0, 0, 0, duration)
-    hits, misses, entries, peak, evictions, functions = counts
-    return ScopeStats(
-        hits=hits + sum(f[1] for f in functions),
-        misses=misses + sum(f[2] for f in functions),
-        entries=entries,
-        peak_entries=max(peak, entries),
-        evictions=evictions,
-        duration_s=duration,
-        functions=MappingProxyType({f[0]: FunctionStats(*f[1:]) for f in functions}),
-    )

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ._checks import check_on_close
 
@@ -127,3 +127,19 @@ def remove_scope_listener(listener: Callable[[ScopeStats], object]) -> None:
     with _listeners_lock:
         if listener in listeners:
             listeners.remove(listener)
+
+
+def stats_of(counts: tuple[Any, ...] | None, duration: float) -> ScopeStats:
+    """The stats of a store from the numbers ``Entries._counts`` copied (None: no write)."""
+    if counts is None:
+        return ScopeStats(0, 0, 0, 0, 0, duration)
+    hits, misses, entries, peak, evictions, functions = counts
+    return ScopeStats(
+        hits=hits + sum(f[1] for f in functions),
+        misses=misses + sum(f[2] for f in functions),
+        entries=entries,
+        peak_entries=max(peak, entries),
+        evictions=evictions,
+        duration_s=duration,
+        functions=MappingProxyType({f[0]: FunctionStats(*f[1:]) for f in functions}),
+    )

@@ -155,20 +155,22 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         owner, inner = self._split(key)
         check_key(inner)
         with self._writable(key):
-            sub = self._subs.get(owner) if self._subs is not None else None
-            if sub is None or inner not in sub:
-                if default is MISSING:
-                    raise KeyError(key)
-                return default
-            return self._remove(owner, sub, inner)
+            value = self._remove(owner, inner)
+        if value is MISSING:
+            if default is MISSING:
+                raise KeyError(key)
+            return default
+        return value
 
     def popitem(self) -> tuple[Hashable, Any]:
         with self._writable("popitem()"):
             if not self._order:
                 raise KeyError("popitem(): the store is empty")
             self._peak = max(self._peak, len(self._order))
-            owner, key, value, _ = self._drop(last=True)  # the most recent, as dict does
-            return (key if owner is HELPERS else MemoKey(owner, key)), value
+            dropped = self._drop(last=True)  # the most recent, as dict does
+            if dropped is None:  # its key's own code removed it meanwhile
+                return self.popitem()
+            return (dropped[1] if dropped[0] is HELPERS else MemoKey(*dropped[:2])), dropped[2]
 
     def clear(self) -> None:
         with self._writable("clear()"):

@@ -301,3 +301,55 @@ def test_a_delete_from_a_keys_hash_keeps_the_store_whole() -> None:
         assert f(Deleting(1 + sys.hash_info.modulus)) == 1 + sys.hash_info.modulus
         assert f.cache_info().currsize == len(store) == len(list(store))
         _consistent(store)
+
+
+# -- 4. after the computing caller is interrupted, one waiter computes ----------------------
+
+
+async def test_after_a_cancelled_computation_one_waiter_computes_and_the_others_join() -> None:
+    runs: list[int] = []
+
+    @request_memo
+    async def load(x: int) -> int:
+        runs.append(x)
+        if len(runs) == 1:
+            await asyncio.sleep(WAIT)  # the first computation: its caller is cancelled
+        return x  # the restarted one is quick
+
+    async with request_scope():
+        first = asyncio.create_task(load(1))
+        await asyncio.sleep(0)
+        waiters = [asyncio.create_task(load(1)) for _ in range(8)]
+        await asyncio.sleep(0)
+        first.cancel()
+        assert await asyncio.wait_for(asyncio.gather(*waiters), WAIT) == [1] * 8
+        assert len(runs) == 2  # the cancelled computation and one restart
+        assert load.cache_info()[:2] == (7, 2)
+
+
+def test_after_a_computing_thread_dies_one_waiter_computes() -> None:
+    runs: list[str] = []
+    go = threading.Event()
+
+    @request_memo
+    def load(x: int) -> int:
+        runs.append(threading.current_thread().name)
+        if len(runs) == 1:
+            assert go.wait(WAIT)
+            raise Interrupt  # SystemExit/KeyboardInterrupt in the computing thread
+        return x  # the restarted computation is quick: later waiters find its value
+
+    def dying() -> None:
+        with pytest.raises(Interrupt):
+            load(1)
+
+    with request_scope(), ThreadPoolExecutor(4) as pool:
+        first = threading.Thread(target=bind_scope(dying))
+        first.start()
+        until(lambda: load.cache_info().misses == 1)
+        waiters = [pool.submit(bind_scope(load), 1) for _ in range(4)]
+        until(lambda: load.cache_info().hits == 4)
+        go.set()
+        assert [w.result(timeout=WAIT) for w in waiters] == [1] * 4
+        first.join(WAIT)
+        assert len(runs) == 2

@@ -227,8 +227,7 @@ def run(
                 finally:
                     done_waiting(me)
                 value = _outcome(cache, counter, result)
-                if value is MISSING:  # the computing caller was interrupted: try again
-                    record = cache._flights.setdefault(key, me)
+                if value is MISSING:  # its caller was interrupted: look, join or compute
                     continue
                 return value
             _uncount(cache, counter)
@@ -310,8 +309,7 @@ async def run_async(
                 finally:
                     done_waiting(me)
                 value = _outcome(cache, counter, result)
-                if value is MISSING:
-                    record = cache._flights.setdefault(key, me)
+                if value is MISSING:  # its caller was cancelled: look, join or compute
                     continue
                 return value
             _uncount(cache, counter)

@@ -353,3 +353,84 @@ def test_after_a_computing_thread_dies_one_waiter_computes() -> None:
         assert [w.result(timeout=WAIT) for w in waiters] == [1] * 4
         first.join(WAIT)
         assert len(runs) == 2
+
+
+# -- 3. a delete invalidates what is in flight: read your writes ------------------------------
+
+
+async def test_a_read_after_cache_delete_does_not_join_a_computation_started_before() -> None:
+    db = {1: "old name"}
+    read = asyncio.Event()
+
+    @request_memo
+    async def user(uid: int) -> str:
+        row = db[uid]
+        read.set()
+        await asyncio.sleep(0.05)  # more I/O after reading the row
+        return row
+
+    async with request_scope():
+        page = asyncio.create_task(user(1))  # in flight, with the old row
+        joined = asyncio.create_task(user(1))  # waits for the page's computation
+        await asyncio.wait_for(read.wait(), WAIT)
+        db[1] = "new name"
+        assert user.cache_delete(1) is False  # nothing was stored yet
+        assert await asyncio.wait_for(user(1), WAIT) == "new name"  # read your write
+        assert await asyncio.wait_for(page, WAIT) == "old name"  # its own callers get it
+        assert await asyncio.wait_for(joined, WAIT) == "old name"
+        assert await user(1) == "new name"  # the stale value was not stored
+        assert user.cache_info().currsize == 1
+
+
+@pytest.mark.parametrize("how", ["cache_clear", "cache_delete", "store.clear"])
+def test_a_thread_reading_after_a_delete_computes_afresh(how: str) -> None:
+    db = {1: "old"}
+    read, go = threading.Event(), threading.Event()
+
+    @request_memo
+    def row(uid: int) -> str:
+        value = db[uid]
+        if threading.current_thread().name == "page":
+            read.set()
+            assert go.wait(WAIT)
+        return value
+
+    with request_scope() as store:
+        page: Future[str] = Future()
+        worker = threading.Thread(target=bind_scope(lambda: page.set_result(row(1))), name="page")
+        worker.start()
+        assert read.wait(WAIT)
+        db[1] = "new"
+        {"cache_clear": row.cache_clear, "store.clear": store.clear}.get(
+            how, lambda: row.cache_delete(1)
+        )()
+        assert row(1) == "new"
+        go.set()
+        assert page.result(timeout=WAIT) == "old"
+        worker.join(WAIT)
+        assert row(1) == "new"
+
+
+def test_get_or_set_after_delete_does_not_join_the_stale_factory() -> None:
+    read, go = threading.Event(), threading.Event()
+    values = iter(["old", "new"])
+
+    def slow_factory() -> str:
+        value = next(values)
+        read.set()
+        assert go.wait(WAIT)
+        return value
+
+    with request_scope() as store:
+        page: Future[str] = Future()
+        worker = threading.Thread(
+            target=bind_scope(lambda: page.set_result(store.get_or_set("k", slow_factory)))
+        )
+        worker.start()
+        assert read.wait(WAIT)
+        perrequest.delete("k")
+        go.set()
+        assert store.get_or_set("k", lambda: next(values)) == "new"
+        assert page.result(timeout=WAIT) == "old"
+        worker.join(WAIT)
+        assert store["k"] == "new"

@@ -138,6 +138,17 @@ def refuse_coroutine(result: object, fn: object, what: str) -> None:
         )
 
 
+def refuse_memoized_result(fn: object, value: Any) -> None:
+    """A sync memo's function returned a coroutine: cached unawaited, it could be awaited
+    only once."""
+    value.close()
+    raise TypeError(
+        f"{getattr(fn, '__qualname__', fn)!r} returned a coroutine, which would be cached "
+        "unawaited and could be awaited only once. Memoize the async def itself (or make "
+        "the function around it async), so that the awaited result is cached."
+    )
+
+
 # What functools and cachetools users type.
 _ALIASES = {"maxsize": "max_entries", "max_size": "max_entries"}
 

@@ -58,6 +58,7 @@ class Entries:
         "_opened_at",
         "_order",
         "_peak",
+        "_stale",
         "_subs",
         "_token",
     )
@@ -70,6 +71,7 @@ class Entries:
     _next_id: int
     _order: OrderedDict[int, tuple[object, Hashable]]
     _peak: int
+    _stale: dict[Hashable, list[Any]]  # computations invalidated in flight: store._invalidate
     _closed_at: float  # set by _shut
     _final: ScopeStats | tuple[Any, ...]  # the numbers, until somebody asks
 
@@ -288,14 +290,6 @@ class Entries:
         for entry_id in sorted(live.keys() - order.keys()):
             order[entry_id] = live[entry_id]
         self._next_id = max(self._next_id, *live, 0) + 1
-
-    def _remove_owner(self, owner: object) -> None:
-        """Drop every entry of one memoized function (``fn.cache_clear()``)."""
-        if self._subs is None or owner not in self._subs:
-            return
-        with self._writable("cache_clear()"):
-            for key in list(self._subs.get(owner) or ()):
-                self._remove(owner, key)
 
     def _snapshot(self) -> ScopeStats:
         return stats_of(self._counts() if self._lock is not None else None, self._age())

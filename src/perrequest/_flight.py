@@ -16,20 +16,26 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from types import CoroutineType
 from typing import Any, Protocol
 
+from ._checks import refuse_memoized_result
+
+refuse_coroutine = refuse_memoized_result
+
 MISSING: Any = object()
 _RESTART: Any = object()  # the computing caller was interrupted: waiters try again
 
+Fn = Callable[..., Any]
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
 _now = time.perf_counter
 _thread_id = threading.get_ident
 
-# Who waits for whose computation (threads by id, tasks): a caller never waits for a
-# computation that, through others, waits for it (two threads fetching each other's
-# keys); it computes without sharing instead, as for recursion into its own.
+# Who waits for whose single-flight computation (threads by id, tasks): a caller never
+# waits for one that waits for it (two threads fetching each other's keys).
 _waits: dict[object, object] = {}
 _waits_lock = threading.Lock()
 
@@ -113,15 +119,6 @@ def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
     raise value if detach is None else detach(value)
 
 
-def refuse_coroutine(fn: object, value: Any) -> None:
-    value.close()
-    raise TypeError(
-        f"{getattr(fn, '__qualname__', fn)!r} returned a coroutine, which would be cached "
-        "unawaited and could be awaited only once. Memoize the async def itself (or make "
-        "the function around it async), so that the awaited result is cached."
-    )
-
-
 def failed(
     cache: Cache, key: Hashable, me: object, counter: Counter, start: float, exc: BaseException
 ) -> None:
@@ -134,6 +131,8 @@ def failed(
             record = cache._flights.pop(key, None)
         except BaseException:  # the key's __hash__/__eq__ raised this time
             return forget(cache, me)
+        if record is not me and not (type(record) is Waited and record.owner is me):
+            record = _invalidated(cache, key, me, record)
     if type(record) is Waited:
         record.future.set_result((False, exc) if isinstance(exc, Exception) else _RESTART)
 
@@ -167,8 +166,13 @@ def end(
     cache: Cache, key: Hashable, me: object, record: Any, value: Any, counter: Counter, extra: Any
 ) -> Any:
     """``finish`` once the record is unregistered, when it is not ``me`` alone: somebody
-    waits. Lock held. Storing may raise (a key's ``__eq__``): the waiters get that error
-    too, as their own lookup would raise it; an interrupt is the caller's own: the value."""
+    waits, or a delete invalidated it. Lock held. Storing may raise (a key's ``__eq__``):
+    the waiters get that error too, as their own lookup would; an interrupt: the value."""
+    if not (type(record) is Waited and record.owner is me):  # invalidated: not stored
+        record = _invalidated(cache, key, me, record)
+        if record is not None:
+            record.future.set_result((True, value))
+        return value
     try:
         cache._fill(key, value, counter, extra)
     except BaseException as exc:
@@ -180,11 +184,27 @@ def end(
     return value
 
 
+def _invalidated(cache: Cache, key: Hashable, me: object, record: Any) -> Waited | None:
+    """``me``'s computation was invalidated (``MemoStore._invalidate``): put back what
+    another caller registered since; ``me``'s own waiters, if any. Lock held."""
+    if record is not None:
+        try:
+            cache._flights[key] = record
+        except BaseException:  # its key's __hash__ raised: that computation's waiters retry
+            if type(record) is Waited:
+                record.future.set_result(_RESTART)
+    stale: dict[Hashable, list[Waited]] = getattr(cache, "_stale", None) or {}
+    mine = [w for w in stale.get(key, ()) if w.owner is me]
+    if mine:
+        stale[key].remove(mine[0])
+        if not stale[key]:
+            del stale[key]
+    return mine[0] if mine else None
+
+
 def forget(cache: Cache, me: object) -> None:
-    """Unregister what ``me`` registered when a key's ``__hash__``/``__eq__`` raise: by
-    identity (``popitem`` hashes nothing), the others put back; lock held. Waiters of
-    what is taken out try again. Only a key whose hash or equality changed, or an
-    interrupt, gets here."""
+    """Unregister ``me``'s records when a key's ``__hash__``/``__eq__`` raise (it changed, or
+    an interrupt): by identity (``popitem`` hashes nothing); their waiters retry."""
     flights = cache._flights
     records = []
     while flights:
@@ -201,13 +221,7 @@ def forget(cache: Cache, me: object) -> None:
 
 
 def run(
-    cache: Cache,
-    key: Hashable,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    counter: Counter,
-    extra: Any,
+    cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """The value at ``key``, computed by ``fn(*args, **kwargs)`` at most once at a time."""
     me = _thread_id()
@@ -278,13 +292,7 @@ def _uncount(cache: Cache, counter: Counter) -> None:  # a hit computes after al
 
 
 async def run_async(
-    cache: Cache,
-    key: Hashable,
-    fn: Callable[..., Awaitable[Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    counter: Counter,
-    extra: Any,
+    cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """The async twin of ``run``. The computation runs in the first caller's task; if
     that caller is cancelled, a waiter still alive computes instead."""
@@ -327,13 +335,7 @@ async def run_async(
 
 
 async def _unshared_async(
-    cache: Cache,
-    key: Hashable,
-    fn: Callable[..., Awaitable[Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    counter: Counter,
-    extra: Any,
+    cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """Compute without registering (trio, recursion, a cycle of waiters), timed like a
     shared computation: its misses count in ``compute_s`` and the time saved."""

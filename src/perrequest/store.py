@@ -8,6 +8,7 @@ equal a key a user passes, and cannot be written through the mapping.
 
 from __future__ import annotations
 
+from asyncio import Task
 from collections.abc import (
     Callable,
     Hashable,
@@ -22,7 +23,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 from . import _flight
 from ._checks import check_factory, check_key, check_max_entries
 from ._entries import HELPERS, NO_COUNTERS, Entries
-from ._flight import MISSING
+from ._flight import MISSING, Waited
 from ._stats import ScopeStats
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "MemoKey", "MemoStore"]
@@ -155,6 +156,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         owner, inner = self._split(key)
         check_key(inner)
         with self._writable(key):
+            self._invalidate(owner, inner)
             value = self._remove(owner, inner)
         if value is MISSING:
             if default is MISSING:
@@ -174,8 +176,43 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
 
     def clear(self) -> None:
         with self._writable("clear()"):
+            self._invalidate(None)
             for owner in list(self._subs or ()):
                 self._remove_owner(owner)
+
+    def _remove_owner(self, owner: object) -> None:
+        """Drop every entry of one memoized function (``fn.cache_clear()``)."""
+        if self._subs is None:
+            return
+        with self._writable("cache_clear()"):
+            self._invalidate(owner)
+            for key in list(self._subs.get(owner) or ()):
+                self._remove(owner, key)
+
+    def _invalidate(self, owner: object, key: Any = MISSING) -> None:
+        """Deleting ``(owner, key)`` (every key of ``owner``; of every owner for None)
+        invalidates its computations in flight, started before the delete: later
+        callers do not join them and they store nothing (read your writes); callers
+        waiting for one already get its value (``_flight.end``). Lock held."""
+        flights = self._flights
+        if not flights:
+            return
+        if key is not MISSING:
+            found = [((owner, key), flights.get((owner, key)))]
+        else:
+            found = [
+                (k, v)
+                for k, v in list(flights.items())
+                if type(k) is tuple and len(k) == 2 and (owner is None or k[0] is owner)
+            ]
+        for where, record in found:  # single-flight's records only, not a batch's
+            if type(record) is Waited or type(record) is int or isinstance(record, Task):
+                flights.pop(where, None)
+                if type(record) is Waited:
+                    stale = getattr(self, "_stale", None)
+                    if stale is None:
+                        stale = self._stale = {}
+                    stale.setdefault(where, []).append(record)
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         check_key(key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import sys
 import threading
 import time
@@ -434,3 +435,52 @@ def test_get_or_set_after_delete_does_not_join_the_stale_factory() -> None:
         assert page.result(timeout=WAIT) == "old"
         worker.join(WAIT)
         assert store["k"] == "new"
+
+
+# -- 7. a sync memo that returns a generator is refused ------------------------------------------
+
+
+def _logged(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A plain decorator, which hides from inspect that ``fn`` is a generator function."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _listed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator that consumes the generator: memoizing it is fine."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> list[Any]:
+        return list(fn(*args, **kwargs))
+
+    return wrapper
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["generated", "closure"])
+def test_a_memo_returning_a_generator_is_refused_at_call_time(plain: bool) -> None:
+    options: dict[str, Any] = {"key": lambda n: n} if plain else {}
+
+    @request_memo(**options)
+    @_logged
+    def rows(n: int) -> Any:
+        yield from range(n)
+
+    @request_memo(**options)
+    def expression(n: int) -> Any:
+        return (i for i in range(n))
+
+    @request_memo(**options)
+    @_listed
+    def listed(n: int) -> Any:
+        yield from range(n)
+
+    with request_scope():
+        for memo in (rows, expression):
+            with pytest.raises(TypeError, match="returned a generator"):
+                memo(3)
+            assert memo.cache_info().currsize == 0
+        assert listed(3) == listed(3) == [0, 1, 2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable
-from types import CoroutineType
+from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import Any, cast
 
 __all__ = [
@@ -138,14 +138,21 @@ def refuse_coroutine(result: object, fn: object, what: str) -> None:
         )
 
 
+# What a sync memo refuses to cache: it runs later, once (refuse_memoized_result).
+LAZY = frozenset({CoroutineType, GeneratorType, AsyncGeneratorType})
+
+
 def refuse_memoized_result(fn: object, value: Any) -> None:
-    """A sync memo's function returned a coroutine: cached unawaited, it could be awaited
-    only once."""
-    value.close()
+    """A sync memo's function returned a coroutine or a generator: cached, it would run
+    (or be awaited) once, and the next call would get it exhausted."""
+    kind = "a coroutine" if type(value) is CoroutineType else "a generator"
+    if type(value) is not AsyncGeneratorType:  # (aclose() would need awaiting)
+        value.close()
     raise TypeError(
-        f"{getattr(fn, '__qualname__', fn)!r} returned a coroutine, which would be cached "
-        "unawaited and could be awaited only once. Memoize the async def itself (or make "
-        "the function around it async), so that the awaited result is cached."
+        f"{getattr(fn, '__qualname__', fn)!r} returned {kind}, which would be cached "
+        "unconsumed and could be used only once. Memoize the async def itself (or make "
+        "the function around it async), or return a list (list(...)), so that the "
+        "result is cached."
     )
 
 

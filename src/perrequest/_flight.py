@@ -18,10 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from types import CoroutineType
 from typing import Any, Protocol
 
-from ._checks import refuse_memoized_result
+from ._checks import LAZY, refuse_memoized_result
 
 refuse_coroutine = refuse_memoized_result
 
@@ -252,7 +251,7 @@ def run(
         finally:
             if start:
                 counter.compute_s += _now() - start
-        if type(value) is CoroutineType:
+        if type(value) in LAZY:
             refuse_coroutine(fn, value)
         with cache._lock:
             cache._fill(key, value, counter, extra)
@@ -261,7 +260,7 @@ def run(
     start = _now() if counter.timed else 0.0
     try:
         value = fn(*args, **kwargs)
-        if type(value) is CoroutineType:
+        if type(value) in LAZY:
             refuse_coroutine(fn, value)
     except BaseException as exc:
         failed(cache, key, me, counter, start, exc)

@@ -20,18 +20,18 @@ from asyncio import current_task
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from threading import get_ident as _thread_id
-from types import CoroutineType
 from typing import Any
 
 from . import _flight
 from ._active import _current, here
+from ._checks import LAZY
 from ._keys import KWARGS
 from .store import MemoStore
 
 _TEMPLATE = """\
 def __pr_factory(
     __pr_get, __pr_spec, __pr_fn, __pr_outside, __pr_id, __pr_d,
-    __pr_name, __pr_slow, __pr_end, __pr_failed, __pr_now, __pr_coro, __pr_refuse,
+    __pr_name, __pr_slow, __pr_end, __pr_failed, __pr_now, __pr_lazy, __pr_refuse,
     __pr_thread, __pr_task, __pr_unknown, __pr_forget,
 ):
     {kind}def {name}({signature}):
@@ -126,7 +126,7 @@ _TASK = """\
 """
 
 _REFUSE = """\
-                if type(__pr_value) is __pr_coro:
+                if type(__pr_value) in __pr_lazy:  # a coroutine or generator
                     __pr_refuse(__pr_fn, __pr_value)
 """
 
@@ -273,7 +273,7 @@ def generate(
         _flight.end,
         _flight.failed,
         _flight._now,
-        CoroutineType,
+        LAZY,
         _flight.refuse_coroutine,
         _thread_id,
         current_task,

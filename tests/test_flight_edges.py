@@ -484,3 +484,78 @@ def test_a_memo_returning_a_generator_is_refused_at_call_time(plain: bool) -> No
                 memo(3)
             assert memo.cache_info().currsize == 0
         assert listed(3) == listed(3) == [0, 1, 2]
+
+
+# -- 5. what the cycle check catches (docs/semantics.md, Threads) ------------------------------
+
+
+async def test_recursion_on_the_same_key_in_one_task_computes_again() -> None:
+    @request_memo(key=lambda x, depth=0: x)
+    async def node(x: int, depth: int = 0) -> tuple[str, ...]:
+        if depth:
+            return ("leaf",)
+        return ("node", *await node(x, depth + 1))
+
+    async with request_scope():
+        assert await asyncio.wait_for(node(1), WAIT) == ("node", "leaf")
+
+
+@pytest.mark.parametrize("kind", ["executor", "to_thread"])
+def test_two_callers_computing_each_others_keys_finish(kind: str) -> None:
+    """a(1) needs b(1) and b(1) needs a(1), started at once from two threads (tasks):
+    the second waiter would close a cycle of single-flight waits, so it computes."""
+    both = threading.Barrier(2, timeout=WAIT)
+
+    @request_memo(key=lambda x, depth=0: x)
+    def a(x: int, depth: int = 0) -> str:
+        if depth:
+            return "a"
+        both.wait()  # b(1) is being computed by the other caller
+        return "a" + b(x, depth + 1)  # waits for it
+
+    @request_memo(key=lambda x, depth=0: x)
+    def b(x: int, depth: int = 0) -> str:
+        if depth:
+            return "b"
+        both.wait()
+        return "b" + a(x, depth + 1)  # would wait for a(1), which waits for b(1)
+
+    async def tasks() -> list[str]:
+        return list(
+            await asyncio.wait_for(
+                asyncio.gather(asyncio.to_thread(a, 1), asyncio.to_thread(b, 1)), WAIT
+            )
+        )
+
+    with request_scope():
+        if kind == "executor":
+            with ThreadPoolExecutor(2) as pool:
+                got = [
+                    f.result(WAIT)
+                    for f in (pool.submit(bind_scope(a), 1), pool.submit(bind_scope(b), 1))
+                ]
+        else:
+            got = asyncio.run(tasks())
+    assert sorted(got) in (["ab", "bab"], ["aba", "ba"])  # one of them computed the other's
+
+
+async def test_two_tasks_computing_each_others_keys_finish() -> None:
+    both = asyncio.Barrier(2)
+
+    @request_memo(key=lambda x, depth=0: x)
+    async def a(x: int, depth: int = 0) -> str:
+        if depth:
+            return "a"
+        await both.wait()
+        return "a" + await b(x, depth + 1)
+
+    @request_memo(key=lambda x, depth=0: x)
+    async def b(x: int, depth: int = 0) -> str:
+        if depth:
+            return "b"
+        await both.wait()
+        return "b" + await a(x, depth + 1)
+
+    async with request_scope():
+        got = await asyncio.wait_for(asyncio.gather(a(1), b(1)), WAIT)
+    assert sorted(got) in (["ab", "bab"], ["aba", "ba"])

@@ -279,16 +279,7 @@ def test_cache_clear_drops_this_functions_shared_entries_only() -> None:
     assert len(cache) == 1 and b(1) == "b1"
 
 
-# memo.py's cache_delete still returns the request store's answer alone; it needs
-#     deleted = self.shared is not None and self.shared.delete((self, key))
-# before the store's pop, and `return found or deleted` (False -> deleted outside a scope).
-NEEDS_MEMO = pytest.mark.xfail(
-    strict=True, reason="memo.py: cache_delete must return the shared tier's answer too"
-)
-
-
 @pytest.mark.parametrize("tier", ["cachetools", "redis"])
-@NEEDS_MEMO
 def test_cache_delete_says_whether_either_tier_had_the_entry(
     tier: str, request: pytest.FixtureRequest
 ) -> None:

@@ -114,8 +114,7 @@ def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
     ok, value = result
     if ok:
         return value
-    detach = getattr(cache, "_detach", None)  # a cache shared by requests copies errors
-    raise value if detach is None else detach(value)
+    raise value  # a shared tier hands its errors over as values (_shared_errors)
 
 
 def failed(

@@ -176,8 +176,8 @@ class _MemoSpec:
             self.shared.clear(self)
 
     def cache_delete(self, *args: Any, **kwargs: Any) -> bool:
-        """Drop the entry these arguments would hit in the active store (and the shared
-        cache); whether the request store had one. Outside a scope: False."""
+        """Drop the entry these arguments would hit in the active store and the shared
+        cache; whether either had one."""
         try:
             key, _ = self.keyof(*args, **kwargs)
         except TypeError as exc:
@@ -188,12 +188,11 @@ class _MemoSpec:
                 f"method's takes the instance too: obj.method.cache_delete(obj, ...)."
             ) from None
         self.checked(key, args, kwargs)
-        if self.shared is not None:
-            self.shared.delete((self, key))
+        deleted = self.shared is not None and self.shared.delete((self, key))
         store = active_store()
         if store is None:
-            return False
-        return store.pop(MemoKey(self, key), _ABSENT) is not _ABSENT
+            return deleted
+        return store.pop(MemoKey(self, key), _ABSENT) is not _ABSENT or deleted
 
 
 # -- the decorator -------------------------------------------------------------------------

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
+import enum
 import gc
+import logging
 import sys
 import threading
 import time
@@ -402,7 +405,7 @@ def _computing_and_waiting(
         time.sleep(0.05)  # the second request is now waiting on the first's computation
         release.set()
         errors = [first.result(5), second.result(5)]
-    waiting = next(e for e in errors if NOTE in getattr(e, "__notes__", ()))
+    waiting = next(e for e in errors if NOTE in vars(e).get("__notes__", ()))
     return [next(e for e in errors if e is not waiting), waiting]
 
 
@@ -526,7 +529,8 @@ def test_an_error_carrying_more_than_plain_values_reaches_a_waiter_by_name_only(
 ) -> None:
     computing, waiting = _computing_and_waiting(make)
     assert type(waiting) is SharedComputationError and isinstance(waiting, PerRequestError)
-    assert f"{type(computing).__qualname__}: {computing}" in str(waiting)
+    assert f"{type(computing).__qualname__}: {str(computing)[:500]}" in str(waiting)
+    assert len(str(waiting)) < 2_200  # quoted up to 2,000 characters
     assert waiting.__cause__ is None and waiting.__context__ is None
     assert not [o for o in _reachable(waiting) if o is computing or isinstance(o, Upstream)]
 
@@ -632,3 +636,126 @@ def test_a_cache_without_weak_references_shares_one_lock_instead_of_leaking() ->
         with request_scope():
             assert f(1) == 1
     assert len(_shared._locks) <= before  # (other tests' caches may have been collected)
+
+
+# -- what a waiter's error may not carry (second audit) ------------------------------------
+
+
+class Message(str):
+    """A str subclass: it may carry attributes of its own."""
+
+
+class Tz(datetime.tzinfo):
+    """A tzinfo of the app's own: any object, which a datetime keeps by reference."""
+
+    def utcoffset(self, dt: Any) -> datetime.timedelta:
+        return datetime.timedelta(0)
+
+
+class Colour(enum.Enum):
+    RED = [1]  # a mutable value
+
+
+class Interned(Exception):
+    """A type that hands out one instance per message: rebuilding it gives the original."""
+
+    made: dict[str, Interned] = {}
+
+    def __new__(cls, message: str) -> Interned:
+        return cls.made.setdefault(message, super().__new__(cls, message))
+
+
+class MyGroup(ExceptionGroup):  # type: ignore[type-arg]
+    """A group subclass: its derive() and fields are its own."""
+
+
+class Lookups(Exception):
+    """An error answering any attribute from a dict (__notes__ included: KeyError)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.fields: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return self.fields[name]
+
+
+def _local_error() -> type[Exception]:
+    class Local(Exception):
+        pass
+
+    return Local
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Wrapped("late", datetime.datetime(2026, 12, 4, tzinfo=Tz())),
+        lambda: Wrapped("colour", Colour.RED),
+        lambda: Interned("one per message"),
+        lambda: MyGroup("several", [ValueError("a")]),
+        lambda: ExceptionGroup(Message("several"), [ValueError("a")]),
+        lambda: _local_error()("made in the call"),
+    ],
+    ids=["datetime with own tzinfo", "enum with mutable value", "interned", "group subclass",
+         "group with str-subclass message", "class defined in the call"],
+)  # fmt: skip
+def test_what_cannot_be_copied_safely_reaches_a_waiter_by_name(
+    make: Callable[[], BaseException],
+) -> None:
+    computing, waiting = _computing_and_waiting(make)
+    assert type(waiting) is SharedComputationError and waiting is not computing
+    assert not [o for o in _reachable(waiting) if o is computing or isinstance(o, (Secret, Tz))]
+    assert waiting.__notes__[-1] == NOTE
+
+
+def test_an_error_with_a_getattr_of_its_own_is_copied_without_calling_it() -> None:
+    computing, waiting = _computing_and_waiting(lambda: Lookups("404"))
+    assert type(waiting) is Lookups and waiting is not computing and waiting.args == ("404",)
+    assert not [o for o in _reachable(waiting) if o is computing or isinstance(o, Secret)]
+
+
+def test_plain_timezones_and_groups_are_still_copied() -> None:
+    when = datetime.datetime(2026, 12, 4, tzinfo=datetime.UTC)
+    computing, waiting = _computing_and_waiting(lambda: Wrapped("late", when))
+    assert type(waiting) is Wrapped and waiting.args == ("late", when)
+    computing, waiting = _computing_and_waiting(
+        lambda: ExceptionGroup("several", [ValueError("a"), KeyError("b")])
+    )
+    assert type(waiting) is ExceptionGroup and waiting.message == "several"
+    assert [type(e) for e in waiting.exceptions] == [ValueError, KeyError]
+    assert not [o for o in _reachable(waiting) if o is computing or isinstance(o, Secret)]
+
+
+def test_a_cache_that_fails_to_store_never_hands_waiters_its_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A getsizeof that raises on the value: the error would carry the computing request's
+    frames to every waiter. The value is returned uncached instead, and that is logged."""
+    cache = cachetools.LRUCache(maxsize=10_000, getsizeof=len)  # sized for strings
+    started, release = threading.Event(), threading.Event()
+
+    @request_memo(shared=cache)
+    def price(item: str) -> int:
+        started.set()
+        assert release.wait(5)
+        return 42  # len(42) raises TypeError in cache[key] = 42
+
+    def request() -> int:
+        with request_scope():
+            return price("x")
+
+    with caplog.at_level(logging.ERROR, logger="perrequest"), ThreadPoolExecutor(3) as pool:
+        first = pool.submit(request)
+        assert started.wait(5)
+        others = [pool.submit(request) for _ in range(2)]
+        time.sleep(0.05)
+        release.set()
+        assert [f.result(5) for f in (first, *others)] == [42, 42, 42]
+    assert len(cache) == 0
+    assert [r.getMessage() for r in caplog.records if "could not store" in r.getMessage()]
+
+
+def test_a_huge_message_is_quoted_once_and_short() -> None:
+    _, waiting = _computing_and_waiting(lambda: Wrapped("big", list(range(200_000))))
+    assert type(waiting) is SharedComputationError and len(str(waiting)) < 2_200

@@ -17,7 +17,7 @@ own tier: an object with ``_make_tier(spec, version)`` returning a ``Tier``.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 import sys
 import threading
@@ -32,6 +32,7 @@ from ._shared_errors import SharedComputationError as SharedComputationError
 from ._typing import SharedCacheInfo
 
 _C = TypeVar("_C")
+logger = logging.getLogger("perrequest")
 
 # One lock per shared cache, so that functions sharing a cache share its lock.
 # Caches are mappings, so unhashable: keyed by id, and dropped with the cache.
@@ -190,7 +191,9 @@ class SharedTier:
     The counters are process-wide, like the cache itself.
     """
 
-    __slots__ = ("_flights", "_lock", "cache", "compute_s", "hits", "maxsize", "misses")
+    __slots__ = (
+        "_flights", "_lock", "cache", "compute_s", "hits", "maxsize", "misses", "refused",
+    )  # fmt: skip
 
     timed = False  # nobody reads the shared tier's compute time
 
@@ -201,6 +204,7 @@ class SharedTier:
         self._flights: dict[Hashable, Any] = {}
         self.hits = self.misses = 0
         self.compute_s = 0.0
+        self.refused = False
 
     def _lookup(self, key: Hashable) -> Any:
         try:
@@ -211,9 +215,18 @@ class SharedTier:
     def _fill(self, key: Hashable, value: Any, counter: object, extra: object) -> None:
         if type(value) is Raised:  # exceptions are not cached
             return
-        # cachetools refuses a value larger than the whole cache: skip caching it.
-        with contextlib.suppress(ValueError):
+        try:
             self.cache[key] = value
+        except ValueError:  # cachetools refuses a value larger than the whole cache
+            pass
+        except Exception:  # its waiters are in other requests: never hand them this error
+            if not self.refused:  # the cache's own fault (a getsizeof that raises): say so
+                self.refused = True
+                logger.exception(
+                    "perrequest: the shared cache %r could not store a value (logged once "
+                    "per function); the value was returned uncached",
+                    type(self.cache).__name__,
+                )
 
     def get(
         self, key: Hashable, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]

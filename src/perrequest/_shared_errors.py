@@ -11,13 +11,14 @@ of a waiter's traceback (``_flight``'s included) holds the original either.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from datetime import time as dtime
 from decimal import Decimal
 from enum import Enum
 from types import FrameType, TracebackType
 from typing import Any
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from .errors import PerRequestError
 
@@ -34,7 +35,9 @@ _ATOMS = frozenset(
     (type(None), bool, int, float, complex, str, bytes, Decimal, UUID, date, datetime, dtime,
      timedelta)
 )  # fmt: skip
+_ZONES = (timezone, ZoneInfo)  # tzinfo a copied datetime may keep: shared, immutable
 _DEEPEST, _MOST = 10, 1000  # nesting and values a copy may carry, all told
+_LONGEST = 2000  # characters of the original's message a SharedComputationError quotes
 
 
 class Call:
@@ -50,14 +53,25 @@ class Raised:
     """What a shared computation raised, handed to this process's waiters as a value, so
     that no frame of theirs (``_flight``'s) ever holds it: ``error_for(call)``."""
 
-    __slots__ = ("call", "error")
+    __slots__ = ("call", "error", "named")
 
     def __init__(self, call: Call, error: Exception) -> None:
         self.call, self.error = call, error
+        self.named: tuple[str, list[str]] | None = None  # the fallback's text, made once
 
     def error_for(self, call: Call) -> BaseException:
         """The error itself for the call that raised it, a copy for any other."""
-        return self.error if call is self.call else detached(self.error)
+        if call is self.call:
+            return self.error
+        try:
+            return _Copy().error(self.error, 0)
+        except Exception:  # _Unsafe, or the type's own code failing on its arguments
+            pass
+        if self.named is None:
+            self.named = _named(self.error)
+        named = SharedComputationError(self.named[0])
+        named.__notes__ = list(self.named[1])
+        return named
 
 
 def computed(
@@ -81,25 +95,21 @@ async def computed_async(
         return Raised(call, exc)
 
 
-def detached(error: Exception) -> BaseException:
-    """A copy of ``error`` for another request: its type, arguments and attributes, the
-    exceptions among them copied alike, without traceback, frames, cause or context.
-    When it holds anything else than plain values (``_ATOMS``), tuples, lists, sets and
-    dicts of them, or cannot be rebuilt from its arguments: a SharedComputationError."""
-    try:
-        return _Copy().error(error, 0)
-    except Exception:  # _Unsafe, or the type's own code failing on its arguments
-        pass
+def _named(error: BaseException) -> tuple[str, list[str]]:
+    """The message and notes of the SharedComputationError standing for ``error``."""
     try:
         text = str(error)
     except Exception:
         text = "(its message could not be read)"
-    named = SharedComputationError(
-        f"another request computing this shared entry raised "
-        f"{type(error).__module__}.{type(error).__qualname__}: {text}"
-    )
-    named.__notes__ = [*_notes(getattr(error, "__notes__", None)), NOTE]
-    return named
+    if len(text) > _LONGEST:
+        text = f"{text[:_LONGEST]}... ({len(text) - _LONGEST} more characters)"
+    try:
+        notes = _notes(getattr(error, "__notes__", None))
+    except Exception:  # a __getattr__ of its own
+        notes = []
+    kind = f"{type(error).__module__}.{type(error).__qualname__}"
+    message = f"another request computing this shared entry raised {kind}: {text}"
+    return message, [*notes, NOTE]
 
 
 def _notes(notes: object) -> list[str]:
@@ -123,10 +133,18 @@ class _Copy:
         clone = self.seen.get(id(error))
         if clone is not None:  # an exception that refers to itself, or one met twice
             return clone
+        kind = type(error)
+        if "<locals>" in kind.__qualname__:  # its methods may hold the computing call's locals
+            raise _Unsafe(error)
         if isinstance(error, BaseExceptionGroup):
-            clone = error.derive([self.error(sub, depth + 1) for sub in error.exceptions])
-            if not isinstance(clone, BaseExceptionGroup) or clone is error:
+            # Only the built-in groups: a subclass's derive() or __slots__ may carry anything.
+            if kind is not ExceptionGroup and kind is not BaseExceptionGroup:
                 raise _Unsafe(error)
+            message = self.value(error.message, depth)
+            # (an ExceptionGroup when every member is an Exception, as the original was)
+            clone = BaseExceptionGroup(
+                message, [self.error(e, depth + 1) for e in error.exceptions]
+            )
         else:
             # What rebuilds it, as copy and pickle do (OSError's filename too); the type's
             # own code sees copies only.
@@ -135,8 +153,8 @@ class _Copy:
                 raise _Unsafe(error)
             clone = type(error)(*self.value(rebuild[1], depth))
             args = self.value(error.args, depth)
-            if type(clone) is not type(error) or clone.args != args:
-                raise _Unsafe(error)  # not rebuilt by its arguments (an extra parameter)
+            if type(clone) is not type(error) or clone is error or clone.args != args:
+                raise _Unsafe(error)  # not rebuilt by its arguments, or not a new object
             clone.args = args
         self.seen[id(error)] = clone
         state = self.value(dict(vars(error)), depth)
@@ -150,7 +168,13 @@ class _Copy:
         if self.left < 0 or depth > _DEEPEST:
             raise _Unsafe(value)
         kind = type(value)
-        if kind in _ATOMS or isinstance(value, Enum):
+        if kind in _ATOMS:
+            if getattr(value, "tzinfo", None) is None or type(value.tzinfo) in _ZONES:
+                return value
+            raise _Unsafe(value)  # a tzinfo of its own: any object
+        if isinstance(value, Enum):  # a member of a class defined once, of a plain value
+            if "<locals>" in kind.__qualname__ or type(value.value) not in _ATOMS:
+                raise _Unsafe(value)
             return value
         if isinstance(value, BaseException):
             return self.error(value, depth + 1)

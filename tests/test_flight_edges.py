@@ -4,6 +4,7 @@ key's ``__hash__``, restarts, invalidation in flight, cycles. Every wait is boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import sys
@@ -377,8 +378,9 @@ async def test_a_read_after_cache_delete_does_not_join_a_computation_started_bef
         db[1] = "new name"
         assert user.cache_delete(1) is False  # nothing was stored yet
         assert await asyncio.wait_for(user(1), WAIT) == "new name"  # read your write
-        assert await asyncio.wait_for(page, WAIT) == "old name"  # its own callers get it
-        assert await asyncio.wait_for(joined, WAIT) == "old name"
+        assert await asyncio.wait_for(page, WAIT) == "old name"  # its own caller gets it
+        # A caller that was waiting for it starts again: it joins the fresh computation.
+        assert await asyncio.wait_for(joined, WAIT) == "new name"
         assert await user(1) == "new name"  # the stale value was not stored
         assert user.cache_info().currsize == 1
 
@@ -559,3 +561,121 @@ async def test_two_tasks_computing_each_others_keys_finish() -> None:
     async with request_scope():
         got = await asyncio.wait_for(asyncio.gather(a(1), b(1)), WAIT)
     assert sorted(got) in (["ab", "bab"], ["aba", "ba"])
+
+
+# -- second audit: the invalidation, the shared tier, re-entered writes ------------------------
+
+
+async def test_a_read_after_cache_delete_does_not_join_the_shared_tiers_old_computation() -> None:
+    """The shared tier computes in flight too: a delete invalidates it there as well, so the
+    read after an update gets the new value, and neither tier keeps the old one."""
+    import cachetools
+
+    db = {1: "old"}
+
+    @request_memo(shared=cachetools.LRUCache(100))
+    async def user(uid: int) -> str:
+        name = db[uid]
+        await asyncio.sleep(0.1)
+        return name
+
+    async with request_scope():
+        first = asyncio.ensure_future(user(1))
+        await asyncio.sleep(0.01)
+        db[1] = "new"
+        user.cache_delete(1)
+        assert await asyncio.wait_for(user(1), WAIT) == "new"
+        assert await asyncio.wait_for(first, WAIT) == "old"  # its own caller's
+        assert await user(1) == "new"
+    async with request_scope():
+        assert await user(1) == "new"  # the next request reads the new value too
+
+
+async def test_a_waiter_of_a_deleted_computation_is_never_stranded() -> None:
+    """A delete restarts whoever waits for the computation it invalidates, at once: nothing
+    that happens to that computation afterwards (a key whose __eq__ raises at unregistering)
+    can leave them waiting."""
+
+    @request_memo
+    async def f(x: Any) -> str:
+        await asyncio.sleep(0.1 if isinstance(x, Ref) else 0.3)
+        return type(x).__name__
+
+    async with request_scope() as store:
+        owner = asyncio.ensure_future(f(Ref(5)))
+        await asyncio.sleep(0.01)
+        waiter = asyncio.ensure_future(f(Ref(5)))
+        await asyncio.sleep(0.01)
+        f.cache_delete(Ref(5))
+        other = asyncio.ensure_future(f(5))  # the same hash, in flight: Ref's __eq__ raises
+        await asyncio.sleep(0.01)
+        for task in (owner, waiter, other):
+            with contextlib.suppress(AttributeError):  # Ref's __eq__ against an int
+                await asyncio.wait_for(task, WAIT)
+    assert store.closed and not store._flights
+
+
+def test_a_key_whose_hash_writes_to_the_store_keeps_a_bounded_function_consistent() -> None:
+    """Rebuilding the recency order must hash no key: an OrderedDict (a function with a
+    bound of its own) looks keys up again when iterated."""
+    writes = iter(["clear", "clear", "set", "call", "none", "clear"])
+
+    class Key:
+        def __init__(self, value: int) -> None:
+            self.value = value
+
+        def __hash__(self) -> int:
+            what = next(writes, "none")
+            if what == "set":
+                perrequest.set(("seen", self.value), 1)
+            elif what == "call":
+                other(self.value)
+            elif what == "clear":
+                other.cache_clear()
+            return hash(self.value)
+
+        def __eq__(self, o: object) -> bool:
+            return isinstance(o, Key) and o.value == self.value
+
+    @request_memo
+    def other(i: int) -> int:
+        return i
+
+    @request_memo(max_entries=2)
+    def bounded(key: Key) -> int:
+        return key.value
+
+    with request_scope() as store:
+        assert [bounded(Key(i)) for i in range(4)] == [0, 1, 2, 3]
+        held = sum(len(dict.items(sub)) for sub in (store._subs or {}).values())
+        assert held == len(store) == len(store._order)
+
+
+def test_a_write_while_get_or_set_computes_is_not_overwritten() -> None:
+    go = threading.Event()
+
+    def factory() -> str:
+        assert go.wait(WAIT)
+        return "old"
+
+    with request_scope() as store, ThreadPoolExecutor(1) as pool:
+        run = contextvars.copy_context().run
+        pending = pool.submit(run, perrequest.get_or_set, "user:1", factory)
+        deadline = time.monotonic() + WAIT
+        while not store._flights and time.monotonic() < deadline:
+            time.sleep(0.001)
+        perrequest.set("user:1", "new")
+        go.set()
+        assert pending.result(WAIT) == "old"  # its own caller's
+        assert perrequest.get("user:1") == "new"
+
+
+def test_a_shared_memo_returning_a_generator_is_refused_by_its_name() -> None:
+    import cachetools
+
+    @request_memo(shared=cachetools.LRUCache(10))
+    def numbers(n: int) -> Any:
+        return (i for i in range(n))
+
+    with request_scope(), pytest.raises(TypeError, match=r"'.*numbers' returned a generator"):
+        numbers(3)

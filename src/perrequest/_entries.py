@@ -58,7 +58,6 @@ class Entries:
         "_opened_at",
         "_order",
         "_peak",
-        "_stale",
         "_subs",
         "_token",
     )
@@ -71,7 +70,6 @@ class Entries:
     _next_id: int
     _order: OrderedDict[int, tuple[object, Hashable]]
     _peak: int
-    _stale: dict[Hashable, list[Any]]  # computations invalidated in flight: store._invalidate
     _closed_at: float  # set by _shut
     _final: ScopeStats | tuple[Any, ...]  # the numbers, until somebody asks
 
@@ -283,7 +281,8 @@ class Entries:
             return
         if sub and owner not in subs:
             subs[owner] = sub
-        live = {e[2]: (o, k) for o, s in subs.items() for k, e in list(s.items())}
+        # dict.items, also on an OrderedDict: its own iteration looks every key up again.
+        live = {e[2]: (o, k) for o, s in list(subs.items()) for k, e in list(dict.items(s))}
         order = self._order
         for entry_id in [i for i in order if i not in live]:
             del order[entry_id]

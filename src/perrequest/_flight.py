@@ -130,7 +130,8 @@ def failed(
         except BaseException:  # the key's __hash__/__eq__ raised this time
             return forget(cache, me)
         if record is not me and not (type(record) is Waited and record.owner is me):
-            record = _invalidated(cache, key, me, record)
+            _put_back(cache, key, record)  # invalidated: its waiters restarted then
+            return
     if type(record) is Waited:
         record.future.set_result((False, exc) if isinstance(exc, Exception) else _RESTART)
 
@@ -167,9 +168,7 @@ def end(
     waits, or a delete invalidated it. Lock held. Storing may raise (a key's ``__eq__``):
     the waiters get that error too, as their own lookup would; an interrupt: the value."""
     if not (type(record) is Waited and record.owner is me):  # invalidated: not stored
-        record = _invalidated(cache, key, me, record)
-        if record is not None:
-            record.future.set_result((True, value))
+        _put_back(cache, key, record)
         return value
     try:
         cache._fill(key, value, counter, extra)
@@ -182,22 +181,24 @@ def end(
     return value
 
 
-def _invalidated(cache: Cache, key: Hashable, me: object, record: Any) -> Waited | None:
-    """``me``'s computation was invalidated (``MemoStore._invalidate``): put back what
-    another caller registered since; ``me``'s own waiters, if any. Lock held."""
+def invalidate(cache: Cache, key: Hashable) -> None:
+    """``key`` was deleted: its computation in flight, started before, is not joined any
+    more and stores nothing (read your writes); whoever waits for it starts again, and
+    joins a fresh computation or computes. Lock held."""
+    record = cache._flights.pop(key, None)
+    if type(record) is Waited and not record.future.done():
+        record.future.set_result(_RESTART)
+
+
+def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
+    """A computation ``invalidate`` unregistered ended, and unregistered in its turn what
+    another caller registered since: put that back. Lock held."""
     if record is not None:
         try:
             cache._flights[key] = record
         except BaseException:  # its key's __hash__ raised: that computation's waiters retry
             if type(record) is Waited:
                 record.future.set_result(_RESTART)
-    stale: dict[Hashable, list[Waited]] = getattr(cache, "_stale", None) or {}
-    mine = [w for w in stale.get(key, ()) if w.owner is me]
-    if mine:
-        stale[key].remove(mine[0])
-        if not stale[key]:
-            del stale[key]
-    return mine[0] if mine else None
 
 
 def forget(cache: Cache, me: object) -> None:

@@ -296,13 +296,17 @@ class SharedTier:
         )
 
     def clear(self, spec: object) -> None:
-        """Drop one function's entries (their keys are ``(spec, key)``)."""
+        """Drop one function's entries (their keys are ``(spec, key)``), and what is in
+        flight for them: it stores nothing (``_flight.invalidate``)."""
         with self._lock:
             for key in [k for k in self.cache if type(k) is tuple and k and k[0] is spec]:
                 self.cache.pop(key, None)
+            for key in [k for k in list(self._flights) if type(k) is tuple and k[0] is spec]:
+                _flight.invalidate(self, key)
 
     def delete(self, key: Hashable) -> bool:
         with self._lock:
+            _flight.invalidate(self, key)
             return self.cache.pop(key, MISSING) is not MISSING
 
     def info(

@@ -20,6 +20,7 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+from ._checks import LAZY, refuse_memoized_result
 from .errors import PerRequestError
 
 
@@ -80,7 +81,10 @@ def computed(
     """``fn(*args, **kwargs)`` for ``call``, an ``Exception`` returned as ``Raised``."""
     call.ran = True
     try:
-        return fn(*args, **kwargs)
+        value = fn(*args, **kwargs)
+        if type(value) in LAZY:  # refused here, where the message can name fn
+            refuse_memoized_result(fn, value)
+        return value
     except Exception as exc:
         return Raised(call, exc)
 

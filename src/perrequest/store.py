@@ -102,6 +102,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
             raise _memo_key_write(key)
         check_key(key)
         with self._writable(key):
+            self._invalidate(HELPERS, key)  # a get_or_set in flight must not overwrite it
             self._fill((HELPERS, key), value, self._helpers, None)
 
     def __delitem__(self, key: Hashable) -> None:
@@ -191,28 +192,23 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
 
     def _invalidate(self, owner: object, key: Any = MISSING) -> None:
         """Deleting ``(owner, key)`` (every key of ``owner``; of every owner for None)
-        invalidates its computations in flight, started before the delete: later
-        callers do not join them and they store nothing (read your writes); callers
-        waiting for one already get its value (``_flight.end``). Lock held."""
+        invalidates its single-flight computations in flight (``_flight.invalidate``);
+        a batch's are left alone. Lock held."""
         flights = self._flights
         if not flights:
             return
         if key is not MISSING:
-            found = [((owner, key), flights.get((owner, key)))]
+            found = [(owner, key)]
         else:
             found = [
-                (k, v)
-                for k, v in list(flights.items())
+                k
+                for k in list(flights)
                 if type(k) is tuple and len(k) == 2 and (owner is None or k[0] is owner)
             ]
-        for where, record in found:  # single-flight's records only, not a batch's
+        for where in found:
+            record = flights.get(where)
             if type(record) is Waited or type(record) is int or isinstance(record, Task):
-                flights.pop(where, None)
-                if type(record) is Waited:
-                    stale = getattr(self, "_stale", None)
-                    if stale is None:
-                        stale = self._stale = {}
-                    stale.setdefault(where, []).append(record)
+                _flight.invalidate(self, where)
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         check_key(key)

@@ -3,32 +3,49 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 __all__ = [
     "check_factory",
     "check_key",
     "check_max_entries",
     "check_on_close",
+    "explains_options",
     "is_async_callable",
-    "public_signature",
     "refuse_generator",
 ]
 
+_Init = TypeVar("_Init", bound=Callable[..., None])
 
-def public_signature(init: Callable[..., None]) -> Callable[..., None]:
-    """``init`` as ``help()``, IDEs and ``inspect`` show it: without the ``*misused`` and
-    ``**unknown`` it takes only to explain a positional option or name the closest option
-    to a misspelt one (type checkers see a stub without them, under TYPE_CHECKING)."""
-    signature = inspect.signature(init)
-    shown = [
-        p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    init.__signature__ = signature.replace(parameters=shown)  # type: ignore[attr-defined]
-    return init
+
+def explains_options(where: str, hint: str = "", misused: str = "") -> Callable[[_Init], _Init]:
+    """An ``__init__`` whose options are keyword-only: a misspelt one is refused naming
+    the closest valid one (and ``hint``), an extra positional argument with ``misused``,
+    before Python's plain ``TypeError``. Type checkers, ``help()`` and ``inspect`` see
+    the ``__init__`` itself: its signature is written once."""
+
+    def decorate(init: _Init) -> _Init:
+        params = list(inspect.signature(init).parameters.values())[1:]  # after self
+        accepted = {p.name for p in params}
+        options = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+        positional = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+
+        @functools.wraps(init)
+        def checked(self: object, *args: Any, **kwargs: Any) -> None:
+            if len(args) > positional and misused:
+                raise TypeError(misused.format(args[positional]))
+            for name in kwargs:
+                if name not in accepted:
+                    raise TypeError(unknown_option(where, name, options) + hint)
+            init(self, *args, **kwargs)
+
+        return cast("_Init", checked)
+
+    return decorate
 
 
 def check_max_entries(value: object, what: str = "max_entries") -> int | None:

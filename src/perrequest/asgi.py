@@ -14,12 +14,11 @@ ASGI app: ``app = RequestScopeMiddleware(app)``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._active import (
     REQUEST_KEY,
     OnClose,
-    Options,
     _current,
     close_request,
     forget_closed,
@@ -27,7 +26,7 @@ from ._active import (
     opened_by_a_middleware,
     opened_outside,
 )
-from ._checks import check_max_entries, check_on_close, public_signature, unknown_option
+from ._checks import check_max_entries, check_on_close, explains_options
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
@@ -42,7 +41,6 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 _get = _current.get
 _SCOPE_TYPES = ("http", "websocket")
-_OPTIONS = ("max_entries", "scope_types", "on_close")
 
 
 def _check_scope_types(scope_types: object) -> frozenset[str]:
@@ -101,48 +99,29 @@ class RequestScopeMiddleware:
     """
 
     __slots__ = ("_options", "_scope_types", "app")
-    app: ASGIApp
-    _options: Options
-    _scope_types: frozenset[str]
 
-    if TYPE_CHECKING:  # what type checkers hold calls to (add_middleware's too)
-
-        def __init__(
-            self,
-            app: ASGIApp,
-            *,
-            max_entries: int | None = DEFAULT_MAX_ENTRIES,
-            scope_types: tuple[str, ...] | list[str] | set[str] | frozenset[str] = ("http",),
-            on_close: OnClose | None = None,
-        ) -> None: ...
-
-    else:  # what runs: names the closest option to a misspelt one
-
-        @public_signature
-        def __init__(
-            self,
-            app: ASGIApp,
-            *,
-            max_entries: int | None = DEFAULT_MAX_ENTRIES,
-            scope_types: tuple[str, ...] | list[str] | set[str] | frozenset[str] = ("http",),
-            on_close: OnClose | None = None,
-            **unknown: Any,
-        ) -> None:
-            if unknown:
-                raise TypeError(
-                    unknown_option("RequestScopeMiddleware()", next(iter(unknown)), _OPTIONS)
-                    + " (Starlette and FastAPI pass the options of app.add_middleware("
-                    "RequestScopeMiddleware, ...) on when they build the middleware stack, at "
-                    "startup or on the first request: the typo is in that call.)"
-                )
-            if not callable(app):
-                raise TypeError(
-                    f"RequestScopeMiddleware wraps an ASGI app (an async callable taking "
-                    f"scope, receive, send), not {type(app).__name__} {app!r}"
-                )
-            self.app = app
-            self._options = (check_max_entries(max_entries), check_on_close(on_close))
-            self._scope_types = _check_scope_types(scope_types)
+    @explains_options(
+        "RequestScopeMiddleware()",
+        hint=" (Starlette and FastAPI pass the options of app.add_middleware("
+        "RequestScopeMiddleware, ...) on when they build the middleware stack, at startup or "
+        "on the first request: the typo is in that call.)",
+    )
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
+        scope_types: tuple[str, ...] | list[str] | set[str] | frozenset[str] = ("http",),
+        on_close: OnClose | None = None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"RequestScopeMiddleware wraps an ASGI app (an async callable taking "
+                f"scope, receive, send), not {type(app).__name__} {app!r}"
+            )
+        self.app = app
+        self._options = (check_max_entries(max_entries), check_on_close(on_close))
+        self._scope_types = _check_scope_types(scope_types)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if _get() is not None and REQUEST_KEY not in scope:

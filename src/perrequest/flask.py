@@ -10,12 +10,10 @@ or a bare generator. The store closes when the server closes the response.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from flask import Flask
 
 from ._active import OnClose
-from ._checks import check_max_entries, check_on_close, public_signature, unknown_option
+from ._checks import check_max_entries, check_on_close, explains_options
 from .store import DEFAULT_MAX_ENTRIES
 from .wsgi import RequestScopeMiddleware
 
@@ -23,7 +21,6 @@ __all__ = ["EXTENSION_KEY", "PerRequest"]
 
 EXTENSION_KEY = "perrequest"
 """Where the extension registers itself: ``app.extensions["perrequest"]``."""
-_OPTIONS = ("max_entries", "on_close")
 
 
 class PerRequest:
@@ -46,36 +43,19 @@ class PerRequest:
     """
 
     __slots__ = ("_max_entries", "_on_close")
-    _max_entries: int | None
-    _on_close: OnClose | None
 
-    if TYPE_CHECKING:  # what type checkers hold calls to
-
-        def __init__(
-            self,
-            app: Flask | None = None,
-            *,
-            max_entries: int | None = DEFAULT_MAX_ENTRIES,
-            on_close: OnClose | None = None,
-        ) -> None: ...
-
-    else:  # what runs: names the closest option to a misspelt one
-
-        @public_signature
-        def __init__(
-            self,
-            app: Flask | None = None,
-            *,
-            max_entries: int | None = DEFAULT_MAX_ENTRIES,
-            on_close: OnClose | None = None,
-            **unknown: object,
-        ) -> None:
-            if unknown:
-                raise TypeError(unknown_option("PerRequest()", next(iter(unknown)), _OPTIONS))
-            self._max_entries = check_max_entries(max_entries)
-            self._on_close = check_on_close(on_close)
-            if app is not None:
-                self.init_app(app)
+    @explains_options("PerRequest()")
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
+        on_close: OnClose | None = None,
+    ) -> None:
+        self._max_entries = check_max_entries(max_entries)
+        self._on_close = check_on_close(on_close)
+        if app is not None:
+            self.init_app(app)
 
     @property
     def max_entries(self) -> int | None:

@@ -9,18 +9,17 @@ import functools
 import threading
 from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 from ._active import OnClose, _current, active_store, close_scope, here, open_scope
 from ._checks import (
     check_key,
     check_max_entries,
     check_on_close,
+    explains_options,
     is_async_callable,
-    public_signature,
     refuse_coroutine,
     refuse_generator,
-    unknown_option,
 )
 from ._stats import add_scope_listener, remove_scope_listener
 from .errors import NoActiveScope
@@ -116,33 +115,17 @@ class request_scope:
     _on_close: OnClose | None
     _store: MemoStore | bool | None  # None: not entered; True: entering; then the store
 
-    if TYPE_CHECKING:  # the signature type checkers hold calls to
-
-        def __init__(
-            self, *, max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
-        ) -> None: ...
-
-    else:  # what runs: explains a positional argument (a bare @request_scope) or a typo
-
-        @public_signature
-        def __init__(
-            self,
-            *misused: object,
-            max_entries: int | None = DEFAULT_MAX_ENTRIES,
-            on_close: OnClose | None = None,
-            **unknown: object,
-        ) -> None:
-            if unknown:
-                options = ("max_entries", "on_close")
-                raise TypeError(unknown_option("request_scope()", next(iter(unknown)), options))
-            if misused:
-                raise TypeError(
-                    f"request_scope() takes its options as keywords, not {misused[0]!r}. To "
-                    "decorate a function, call it: @request_scope(), with the parentheses."
-                )
-            self._max_entries = check_max_entries(max_entries)
-            self._on_close = check_on_close(on_close)
-            self._store = None
+    @explains_options(
+        "request_scope()",
+        misused="request_scope() takes its options as keywords, not {0!r}. To decorate a "
+        "function, call it: @request_scope(), with the parentheses.",
+    )
+    def __init__(
+        self, *, max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
+    ) -> None:
+        self._max_entries = check_max_entries(max_entries)
+        self._on_close = check_on_close(on_close)
+        self._store = None
 
     def __enter__(self) -> MemoStore:
         with _entering:

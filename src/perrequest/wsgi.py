@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import Token
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._active import (
     REQUEST_KEY,
     OnClose,
-    Options,
     _current,
     close_request,
     forget_closed,
@@ -35,7 +34,7 @@ from ._active import (
     open_request,
     opened_outside,
 )
-from ._checks import check_max_entries, check_on_close, public_signature, unknown_option
+from ._checks import check_max_entries, check_on_close, explains_options
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
@@ -46,7 +45,6 @@ _get, _set = _current.get, _current.set
 # with plain dicts and callables are all accepted.
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-_OPTIONS = ("max_entries", "on_close")
 
 
 class RequestScopeMiddleware:
@@ -68,41 +66,22 @@ class RequestScopeMiddleware:
     """
 
     __slots__ = ("_options", "app")
-    app: WSGIApp
-    _options: Options
 
-    if TYPE_CHECKING:  # what type checkers hold calls to
-
-        def __init__(
-            self,
-            app: WSGIApp,
-            *,
-            max_entries: int | None = DEFAULT_MAX_ENTRIES,
-            on_close: OnClose | None = None,
-        ) -> None: ...
-
-    else:  # what runs: names the closest option to a misspelt one
-
-        @public_signature
-        def __init__(
-            self,
-            app: WSGIApp,
-            *,
-            max_entries: int | None = DEFAULT_MAX_ENTRIES,
-            on_close: OnClose | None = None,
-            **unknown: Any,
-        ) -> None:
-            if unknown:
-                raise TypeError(
-                    unknown_option("RequestScopeMiddleware()", next(iter(unknown)), _OPTIONS)
-                )
-            if not callable(app):
-                raise TypeError(
-                    f"RequestScopeMiddleware wraps a WSGI app (a callable taking environ and "
-                    f"start_response), not {type(app).__name__} {app!r}"
-                )
-            self.app = app
-            self._options = (check_max_entries(max_entries), check_on_close(on_close))
+    @explains_options("RequestScopeMiddleware()")
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
+        on_close: OnClose | None = None,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"RequestScopeMiddleware wraps a WSGI app (a callable taking environ and "
+                f"start_response), not {type(app).__name__} {app!r}"
+            )
+        self.app = app
+        self._options = (check_max_entries(max_entries), check_on_close(on_close))
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if REQUEST_KEY in environ and opened_outside(environ):

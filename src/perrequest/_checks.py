@@ -162,14 +162,18 @@ LAZY = frozenset({CoroutineType, GeneratorType, AsyncGeneratorType})
 def refuse_memoized_result(fn: object, value: Any) -> None:
     """A sync memo's function returned a coroutine or a generator: cached, it would run
     (or be awaited) once, and the next call would get it exhausted."""
-    kind = "a coroutine" if type(value) is CoroutineType else "a generator"
+    if type(value) is CoroutineType:
+        kind, fix = (
+            "a coroutine",
+            "Memoize the async def itself, or make the function around it async",
+        )
+    else:
+        kind, fix = "a generator", "Return a list (list(...)), or memoize the function consuming it"
     if type(value) is not AsyncGeneratorType:  # (aclose() would need awaiting)
         value.close()
     raise TypeError(
         f"{getattr(fn, '__qualname__', fn)!r} returned {kind}, which would be cached "
-        "unconsumed and could be used only once. Memoize the async def itself (or make "
-        "the function around it async), or return a list (list(...)), so that the "
-        "result is cached."
+        f"unconsumed and could be used only once. {fix}, so that a result is cached."
     )
 
 

@@ -22,8 +22,6 @@ from typing import Any, Protocol
 
 from ._checks import LAZY, refuse_memoized_result
 
-refuse_coroutine = refuse_memoized_result
-
 MISSING: Any = object()
 _RESTART: Any = object()  # the computing caller was interrupted: waiters try again
 
@@ -252,7 +250,7 @@ def run(
             if start:
                 counter.compute_s += _now() - start
         if type(value) in LAZY:
-            refuse_coroutine(fn, value)
+            refuse_memoized_result(fn, value)
         with cache._lock:
             cache._fill(key, value, counter, extra)
         return value
@@ -261,7 +259,7 @@ def run(
     try:
         value = fn(*args, **kwargs)
         if type(value) in LAZY:
-            refuse_coroutine(fn, value)
+            refuse_memoized_result(fn, value)
     except BaseException as exc:
         failed(cache, key, me, counter, start, exc)
         raise

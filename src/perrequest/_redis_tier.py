@@ -24,11 +24,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable
-from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _flight
 from . import _redis_io as io
+from ._checks import LAZY, refuse_memoized_result
 from ._flight import MISSING
 from ._redis_codec import BadValue, digest, key_problem
 from ._shared_errors import Call, Raised, computed
@@ -162,8 +162,8 @@ class RedisTier:
     def _encoded(self, value: Any, key: str) -> bytes:
         """The value's bytes, which every caller decodes (they are checked to decode)."""
         cache = self.cache
-        if type(value) is CoroutineType:
-            _flight.refuse_coroutine(self.fn, value)
+        if type(value) in LAZY:
+            refuse_memoized_result(self.fn, value)
         try:
             payload = cache._codec.dumps(value, key)
         except (TypeError, ValueError, RecursionError) as exc:  # the last: nested too deep

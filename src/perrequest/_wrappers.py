@@ -24,7 +24,7 @@ from typing import Any
 
 from . import _flight
 from ._active import _current, here
-from ._checks import LAZY
+from ._checks import LAZY, refuse_memoized_result
 from ._keys import KWARGS
 from .store import MemoStore
 
@@ -274,7 +274,7 @@ def generate(
         _flight.failed,
         _flight._now,
         LAZY,
-        _flight.refuse_coroutine,
+        refuse_memoized_result,
         _thread_id,
         current_task,
         _flight._UNKNOWN,

@@ -697,3 +697,12 @@ def test_bad_options_are_refused_with_the_reason(client: redis.Redis) -> None:
         request_memo(shared=cache, versoin=2)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="RedisCache"):
         request_memo(shared=object())  # type: ignore[call-overload]
+
+
+def test_a_function_returning_a_generator_is_refused_by_its_name(cache: RedisCache) -> None:
+    @request_memo(shared=cache)
+    def rows(n: int) -> Any:
+        return (i for i in range(n))
+
+    with request_scope(), pytest.raises(TypeError, match=r"'.*rows' returned a generator"):
+        rows(3)

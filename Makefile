@@ -25,9 +25,10 @@ demo: $(VENV)/.installed-demo
 ## make test: lint, types, docs build and the whole test suite.
 test: lint typecheck docs pytest
 
-## make check: the fast loop while developing: lint, types, and the tests not marked slow.
+## make check: the fast loop while developing: lint, types, and the tests not marked slow,
+## in four pytest-xdist workers (most of a test's time is a server starting or a wait).
 check: lint typecheck redis-server
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n 4
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks docs/snippets

@@ -1,33 +1,13 @@
 """Celery integration: one request scope per task run, so task memos die with the job.
 
-Two ways in, both built on ``open_scope``/``end_scope`` like the web middlewares:
-
-- ``ScopedTask``, a task base class, for chosen tasks
-  (``@app.task(base=ScopedTask)``) or for every task of an app
-  (``Celery(..., task_cls="perrequest.celery:ScopedTask")``). Its ``__call__``
-  opens the scope, runs the body and closes the scope in one ``try/finally``,
-  in the thread or greenlet that runs the task, so nothing has to be paired up
-  across calls and a raising task still closes its scope. Options are class
-  attributes (``perrequest_max_entries``, ``perrequest_on_close``), checked
-  when the class is created; ``@app.task(base=ScopedTask,
-  perrequest_max_entries=100)`` sets them per task.
-- ``install(app, ...)`` scopes every task of an existing app, whatever its base
-  class and whether it was defined before or after the call, through Celery's
-  ``task_prerun``/``task_postrun`` signals. Celery sends both from the same
-  function, in the thread (or greenlet, with gevent/eventlet) that runs the
-  task, and sends ``task_postrun`` from a ``finally``. The open scopes are kept
-  on a stack in a ``ContextVar``, so nested eager runs (``other.apply()``
-  inside a task, eager retries) each get their own scope and unwind in order.
-  The scope also covers the task's ``before_start``, ``on_success``,
-  ``on_failure`` and ``after_return`` hooks, and closes just after the result
-  is stored. Call ``install`` where the app is created, before a worker
-  starts. Tasks whose class is a ``ScopedTask`` keep their own scope and are
-  skipped.
-
-Neither path caches anything between tasks: a worker thread (prefork child,
-``threads`` pool thread, ``solo`` main thread) sees no store once a task is
-done, even if the task body left a scope of its own open. The core never
-imports Celery; only this module does.
+``ScopedTask`` (a base class: ``@app.task(base=ScopedTask)``, or
+``task_cls=``) opens and closes the scope in its ``__call__``, one
+``try/finally`` in the thread or greenlet that runs the task. ``install(app)``
+scopes every task of an existing app through the ``task_prerun``/
+``task_postrun`` signals, which Celery sends from one function in the task's
+thread (``postrun`` from a ``finally``); the open scopes are a stack in a
+``ContextVar``, so nested eager runs unwind in order. Either way a worker
+thread sees no store once a task is done. docs/workers.md has the details.
 """
 
 from __future__ import annotations

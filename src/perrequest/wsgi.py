@@ -1,19 +1,11 @@
 """WSGI middleware: one store per request, for Flask, Pyramid, Bottle or any WSGI app.
 
-The store is active while the app is called, and again from the moment the
-server starts iterating the body until it calls ``close()`` (PEP 3333: also
-when the client went away mid-body), so a lazy or streaming body (a
-generator, Flask's ``stream_with_context``) and the app's close hooks still
-see it. In between, as the app returns, the thread gets back what it had,
-so the thread that called the app never keeps the store for a server that
-serves the body from another. The common case, a server that iterates and
-closes the body in its own thread with nothing else active, gets the chunks
-straight from the body; anywhere else (a scope already active there: an
-outer ``request_scope``, or another request's in a server that interleaves
-requests in one thread) each chunk and the close are produced with the store
-made active around them. A list, a tuple or the server's
-``wsgi.file_wrapper`` runs none of the app's code later: the scope closes as
-the app returns and the body is passed on untouched.
+The store stays open until the server calls the body's ``close()`` (PEP
+3333), so a streaming body and the app's close hooks still see it; as the
+app returns, the calling thread gets back what it had, so it never keeps the
+store for a server that serves the body from another thread (``ScopedBody``).
+A list, a tuple or the server's ``wsgi.file_wrapper`` runs none of the app's
+code later: the scope closes as the app returns.
 
 Any WSGI app: ``app = RequestScopeMiddleware(app)``. Flask: ``perrequest.flask.PerRequest``.
 """

@@ -1,8 +1,8 @@
 """The Redis tier of one ``async def`` memoized function: ``RedisTier``'s steps, awaited.
 
 Each Redis command runs under ``asyncio.timeout(op_timeout)``, on the connections
-of the running event loop; lock waits sleep with ``asyncio.sleep``. Without an
-asyncio loop (trio) the value is computed here, as when Redis is down.
+of the running event loop. Without an asyncio loop (trio) the value is computed
+here, as when Redis is down.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from . import _flight
 from ._flight import MISSING
-from ._redis_io import exhausted
+from ._redis_io import LOCK, AsyncIO, exhausted
 from ._redis_tier import FIRST_PAUSE, MAX_PAUSE, UNCOUNTED, RedisTier, now
 from ._shared_errors import Call, Raised, computed_async
 
@@ -46,31 +46,29 @@ class AsyncRedisTier(RedisTier):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        cache, conn = self.cache, None
-        step: Callable[..., Awaitable[Any]] = self._claim_async
+        cache, claim, conn = self.cache, True, None
         if cache._down_until > now():
-            step = self._local_async
-        elif (conn := cache._async_conn()) is None:
-            step = self._local_async
+            claim = False
+        elif (conn := cache._async.current()) is None:  # type: ignore[union-attr]
+            claim = False
             self._no_asyncio()
         else:
             try:
                 async with asyncio.timeout(cache.op_timeout):
                     raw = await conn.client.get(key)
             except Exception as exc:
-                step = self._replace_async if self._wrong(key, exc) else self._local_async
+                claim, conn = False, conn if self._wrong(key, exc) else None
             else:
                 if raw is not None:
                     value = self._decoded(raw, key)
                     if value is not MISSING:
                         self.count("hits")
                         return value
-                    step = self._replace_async
-        call = Call()
+                    claim = False
+        call, fetch = Call(), (claim, conn, key, fn, args, kwargs)
         payload = await _flight.run_async(
-            self, key, computed_async, (call, step, (conn, key, fn, args, kwargs), {}), {},
-            UNCOUNTED, None,
-        )  # fmt: skip
+            self, key, computed_async, (call, self._fetch_async, fetch, {}), {}, UNCOUNTED, None
+        )
         if not call.ran:  # a waiter: another caller read or computed it (a hit)
             self.count("hits")
         if type(payload) is Raised:
@@ -91,61 +89,42 @@ class AsyncRedisTier(RedisTier):
             self.name,
         )
 
-    async def _local_async(
+    async def _fetch_async(
         self,
-        conn: Any,
+        claim: bool,
+        conn: AsyncIO | None,
         key: str,
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        return await self._compute_async(None, key, "", fn, args, kwargs)
-
-    async def _replace_async(
-        self,
-        conn: Any,
-        key: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        return await self._compute_async(conn, key, "", fn, args, kwargs)
-
-    async def _claim_async(
-        self,
-        conn: Any,
-        key: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
+        """``RedisTier._fetch``, awaited; stored through ``conn`` unless it is None."""
         cache, token = self.cache, os.urandom(9).hex()
         deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
-        while True:
+        while claim and conn is not None:
             try:
-                reply = await cache._claim_async(conn, key, token)
+                async with asyncio.timeout(cache.op_timeout):
+                    reply = await conn.claim(keys=[key, key + LOCK], args=[token, cache._lock_ms])
             except Exception as exc:
-                mine = conn if self._wrong(key, exc) else None  # overwrite a wrong type
-                return await self._compute_async(mine, key, "", fn, args, kwargs)
-            if reply[0] >= 2:  # the lock is ours (3: taken over a bad one)
-                self._bad_lock(key, reply[0])
-                return await self._compute_async(conn, key, token, fn, args, kwargs)
+                conn = conn if self._wrong(key, exc) else None  # overwrite a wrong type
+                break
+            ours = self._claimed(reply, key)
+            if ours is not None:
+                return await self._compute_async(conn, token if ours else "", key, fn, args, kwargs)
             if reply[0] == 1:
-                if self._decoded(reply[1], key) is MISSING:
-                    return await self._compute_async(conn, key, "", fn, args, kwargs)
-                self.count("hits")
                 return reply[1]
             left = self._waited(deadline, pause)
             if left <= 0:
-                return await self._compute_async(conn, key, "", fn, args, kwargs)
+                break
             await asyncio.sleep(min(pause, left))
             pause = min(pause * 2, MAX_PAUSE)
+        return await self._compute_async(conn, "", key, fn, args, kwargs)
 
     async def _compute_async(
         self,
-        conn: Any,
-        key: str,
+        conn: AsyncIO | None,
         token: str,
+        key: str,
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -155,7 +134,7 @@ class AsyncRedisTier(RedisTier):
         try:
             payload = self._encoded(await fn(*args, **kwargs), key)
         finally:
-            stored = payload if payload and self._fits(payload) else b""
+            stored = self._stored(payload)
             if conn is not None and (stored or token):
                 try:
                     await self._store_async(conn, key, stored, token)
@@ -163,12 +142,16 @@ class AsyncRedisTier(RedisTier):
                     self._wrong(key, exc)
         return payload
 
-    async def _store_async(self, conn: Any, key: str, stored: bytes, token: str) -> None:
+    async def _store_async(self, conn: AsyncIO, key: str, stored: bytes, token: str) -> None:
         """``RedisTier._store``, awaited: with a lock, a busy pool is waited for."""
-        deadline, pause = now() + self.cache.op_timeout, FIRST_PAUSE
+        cache = self.cache
+        deadline, pause = now() + cache.op_timeout, FIRST_PAUSE
         while True:
             try:
-                return await self.cache._store_async(conn, key, stored, token)
+                async with asyncio.timeout(cache.op_timeout):
+                    return await conn.store(  # type: ignore[no-any-return]
+                        keys=[key, key + LOCK], args=[stored, cache._ttl_ms, token]
+                    )
             except Exception as exc:
                 if not (token and exhausted(exc)) or now() + pause > deadline:
                     raise

@@ -1,20 +1,14 @@
 """One function's Redis tier: a request-store miss read from Redis, or computed once
 across processes under a Redis lock.
 
-A request-store miss goes through the request store's single-flight (one
-caller per key in a request), then reads Redis (a GET; what it finds is
-copied into the request store). On a Redis miss, this process's
-single-flight (one caller per key in the process), then a script that
-atomically returns the value or takes the lock (``SET lock NX PX
-lock_timeout``). The lock holder computes, then
-writes the value and releases its lock in one script; the others run the
-same script again and again until the value is there, the lock is free (its
-holder failed, or died and the lock expired: one of them takes it), or
-``lock_timeout`` has passed (they compute too). On any Redis error the value
-is computed here (fail open). Every caller gets the value as the serializer
-gives it back, the computing one too, whether Redis answered or not: this
-process's single-flight hands its callers the bytes, and each decodes a copy of
-its own, so no two requests ever hold the same object.
+A miss in the request store goes through its single-flight, then GETs Redis. A
+Redis miss goes through this process's single-flight, then CLAIM: a script that
+returns the value or takes the lock (``SET NX PX``). The holder computes, then
+stores the value and releases the lock in one script; the others CLAIM again
+until the value is there, the lock is free (its holder died: one takes it) or
+``lock_timeout`` has passed (they compute too). On a Redis error the value is
+computed here (fail open). Single-flight hands its callers the bytes, and each
+decodes a copy of its own, so no two requests ever hold the same object.
 """
 
 from __future__ import annotations
@@ -48,10 +42,9 @@ class RedisCacheInfo(NamedTuple):
     """``CacheInfo`` plus the Redis tier's counters in this process, for one function.
 
     ``shared_hits``: values read from Redis, or got from another caller in this
-    process that read or computed them; ``shared_misses``: values computed here;
-    ``shared_errors``: failed Redis operations (each one computed locally);
-    ``shared_lock_waits``: misses that waited for another caller's lock. Zeros
-    outside a scope, as every ``cache_info()``.
+    process; ``shared_misses``: values computed here; ``shared_errors``: failed
+    Redis operations; ``shared_lock_waits``: misses that waited for another
+    caller's lock. Zeros outside a scope, as every ``cache_info()``.
     """
 
     hits: int
@@ -65,7 +58,7 @@ class RedisCacheInfo(NamedTuple):
 
 
 class RedisTier:
-    """The Redis tier of one memoized function (``_shared.Tier``)."""
+    """The Redis tier of one sync memoized function (``_shared.Tier``)."""
 
     __slots__ = (
         "__weakref__", "_flights", "_lock", "bad_values", "base", "cache", "errors", "fn", "hits",
@@ -82,8 +75,7 @@ class RedisTier:
         self.lock_timeouts = self.too_large = self.bad_values = 0
 
     def count(self, field: str) -> None:
-        """One more of ``field``: this function's (``cache_info()``), and the cache's, which
-        keeps counting what functions garbage-collected or defined again had counted."""
+        """One more of ``field``, here and in the cache's totals (which outlive us)."""
         setattr(self, field, getattr(self, field) + 1)
         self.cache._totals[field] += 1
 
@@ -145,10 +137,19 @@ class RedisTier:
             exc if said else f"it does not decode: {type(exc).__name__}",
         )
 
-    def _bad_lock(self, key: str, reply: int) -> None:
-        """CLAIM took the lock over a bad one (reply 3): count and log it as a bad value."""
-        if reply == 3:
+    def _claimed(self, reply: Any, key: str) -> bool | None:
+        """What a CLAIM reply means: True, the lock is ours; False, the value is there but
+        bad (compute, overwrite); None, the value is there (counted) or another holds the
+        lock (``reply[0] == 0``)."""
+        if reply[0] == 3:  # taken over a bad lock: a bad value
             self._refused(key + io.LOCK, BadValue("a lock of another type, or without expiry"))
+        if reply[0] >= 2:
+            return True
+        if reply[0] == 1:
+            if self._decoded(reply[1], key) is MISSING:
+                return False
+            self.count("hits")
+        return None
 
     def _wrong(self, key: str, exc: Exception) -> bool:
         """Whether a failed command failed for this key alone (it holds another type: a
@@ -176,10 +177,10 @@ class RedisTier:
         cache._codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
         return payload
 
-    def _fits(self, payload: bytes) -> bool:
-        """Whether ``payload`` may be stored: not over ``max_value_bytes`` (counted, logged)."""
+    def _stored(self, payload: bytes) -> bytes:
+        """``payload`` if it may be stored; b"" if over ``max_value_bytes`` (counted, logged)."""
         cache = self.cache
-        if len(payload) > cache.max_value_bytes:
+        if payload and len(payload) > cache.max_value_bytes:
             self.count("too_large")
             cache._warn(
                 "too_large",
@@ -189,10 +190,17 @@ class RedisTier:
                 len(payload),
                 cache.max_value_bytes,
             )
-            return False
-        return True
+            return b""
+        return payload
 
-    # -- sync --------------------------------------------------------------------------
+    def _waited(self, deadline: float, pause: float) -> float:
+        """Seconds left to wait for another caller's lock; counts waits and timeouts."""
+        if pause == FIRST_PAUSE:
+            self.count("lock_waits")
+        left = deadline - now()
+        if left <= 0:
+            self.count("lock_timeouts")
+        return left
 
     def run(
         self,
@@ -211,25 +219,24 @@ class RedisTier:
         self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         """Read Redis; what is not there is computed once in this process (its single-flight)."""
-        cache = self.cache
-        step: Callable[..., Any] = self._claim
-        if cache._down_until and cache._down_until > now():
-            step = self._local
+        cache, claim, store = self.cache, True, True
+        if cache._down_until > now():
+            claim = store = False
         else:
             try:
                 raw = cache._client.get(key)
             except Exception as exc:
-                step = self._replace if self._wrong(key, exc) else self._local
+                claim, store = False, self._wrong(key, exc)
             else:
                 if raw is not None:
                     value = self._decoded(raw, key)
                     if value is not MISSING:
                         self.count("hits")
                         return value
-                    step = self._replace
-        call = Call()
+                    claim = False
+        call, fetch = Call(), (claim, store, key, fn, args, kwargs)
         payload = _flight.run(
-            self, key, computed, (call, step, (key, fn, args, kwargs), {}), {}, UNCOUNTED, None
+            self, key, computed, (call, self._fetch, fetch, {}), {}, UNCOUNTED, None
         )
         if not call.ran:  # another caller in this process read or computed it: a hit,
             self.count("hits")  # as the in-process tier counts its waiters
@@ -238,66 +245,52 @@ class RedisTier:
             raise payload
         return cache._codec.loads(payload, key)  # a copy of its own for each caller
 
-    def _local(
-        self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        return self._compute(False, key, "", fn, args, kwargs)
-
-    def _replace(
-        self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        return self._compute(True, key, "", fn, args, kwargs)
-
-    def _claim(
-        self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        cache, token = self.cache, os.urandom(9).hex()
-        deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
-        while True:
-            try:
-                reply = cache._claim(key, token)
-            except Exception as exc:
-                return self._compute(self._wrong(key, exc), key, "", fn, args, kwargs)
-            if reply[0] >= 2:  # the lock is ours (3: taken over a bad one)
-                self._bad_lock(key, reply[0])
-                return self._compute(True, key, token, fn, args, kwargs)
-            if reply[0] == 1:  # the value is there
-                if self._decoded(reply[1], key) is MISSING:
-                    return self._compute(True, key, "", fn, args, kwargs)
-                self.count("hits")
-                return reply[1]
-            left = self._waited(deadline, pause)
-            if left <= 0:
-                return self._compute(True, key, "", fn, args, kwargs)
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, MAX_PAUSE)
-
-    def _waited(self, deadline: float, pause: float) -> float:
-        """Seconds left to wait for another caller's lock; counts waits and timeouts."""
-        if pause == FIRST_PAUSE:
-            self.count("lock_waits")
-        left = deadline - now()
-        if left <= 0:
-            self.count("lock_timeouts")
-        return left
-
-    def _compute(
+    def _fetch(
         self,
+        claim: bool,
         store: bool,
         key: str,
-        token: str,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        """Compute here; store the value (if ``store``) and release the lock (if ``token``).
-        Returns the value's bytes."""
+        """The value's bytes: under the lock if ``claim``, stored in Redis if ``store``."""
+        cache, token = self.cache, os.urandom(9).hex()
+        deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
+        while claim:
+            try:
+                reply = cache._sync.claim(keys=[key, key + io.LOCK], args=[token, cache._lock_ms])  # type: ignore[union-attr]
+            except Exception as exc:
+                store = self._wrong(key, exc)
+                break
+            ours = self._claimed(reply, key)
+            if ours is not None:
+                return self._compute(True, token if ours else "", key, fn, args, kwargs)
+            if reply[0] == 1:
+                return reply[1]
+            left = self._waited(deadline, pause)
+            if left <= 0:
+                break
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, MAX_PAUSE)
+        return self._compute(store, "", key, fn, args, kwargs)
+
+    def _compute(
+        self,
+        store: bool,
+        token: str,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Compute here, store the value (if ``store``) and release the lock (``token``)."""
         self.count("misses")
         payload = b""
         try:
             payload = self._encoded(fn(*args, **kwargs), key)
         finally:
-            stored = payload if payload and self._fits(payload) else b""
+            stored = self._stored(payload)
             if store and (stored or token):
                 try:
                     self._store(key, stored, token)
@@ -309,17 +302,16 @@ class RedisTier:
         """Store the value and release our lock. A lock left behind would make the key's
         next miss, in any process, wait ``lock_timeout``: so with a lock, a busy pool is
         waited for, up to ``op_timeout`` more."""
-        deadline, pause = now() + self.cache.op_timeout, FIRST_PAUSE
+        cache, keys = self.cache, [key, key + io.LOCK]
+        deadline, pause = now() + cache.op_timeout, FIRST_PAUSE
         while True:
             try:
-                return self.cache._store(key, stored, token)
+                return cache._sync.store(keys=keys, args=[stored, cache._ttl_ms, token])  # type: ignore[union-attr,no-any-return]
             except Exception as exc:
                 if not (token and io.exhausted(exc)) or now() + pause > deadline:
                     raise
             time.sleep(pause)
             pause = min(pause * 2, MAX_PAUSE)
-
-    # -- the functools-style extras ----------------------------------------------------
 
     def clear(self, spec: object) -> None:
         """Delete this function's keys in the namespace, every version (SCAN, never KEYS)."""

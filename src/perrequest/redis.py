@@ -12,7 +12,6 @@ Needs the ``redis`` package: ``pip install 'perrequest[redis]'``.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import inspect
 import logging
@@ -260,24 +259,6 @@ class RedisCache:
             await self._async.close()
 
     # -- what the tiers call -------------------------------------------------------------
-
-    def _async_conn(self) -> io.AsyncIO | None:
-        return self._async.current()  # type: ignore[union-attr]
-
-    def _claim(self, key: str, token: str) -> Any:
-        return self._sync.claim(keys=[key, key + io.LOCK], args=[token, self._lock_ms])  # type: ignore[union-attr]
-
-    def _store(self, key: str, payload: bytes, token: str) -> None:
-        sync = self._sync
-        sync.store(keys=[key, key + io.LOCK], args=[payload, self._ttl_ms, token])  # type: ignore[union-attr]
-
-    async def _claim_async(self, conn: io.AsyncIO, key: str, token: str) -> Any:
-        async with asyncio.timeout(self.op_timeout):
-            return await conn.claim(keys=[key, key + io.LOCK], args=[token, self._lock_ms])
-
-    async def _store_async(self, conn: io.AsyncIO, key: str, payload: bytes, token: str) -> None:
-        async with asyncio.timeout(self.op_timeout):
-            await conn.store(keys=[key, key + io.LOCK], args=[payload, self._ttl_ms, token])
 
     def _failed(self, tier: RedisTier, exc: BaseException) -> None:
         """A Redis operation failed: count it, leave Redis alone a while, and say so."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import _flight
 from ._flight import MISSING
-from ._redis_io import LOCK, AsyncIO, exhausted
+from ._redis_io import LOCK, Conn, exhausted
 from ._redis_tier import FIRST_PAUSE, MAX_PAUSE, UNCOUNTED, RedisTier, now
 from ._shared_errors import Call, Raised, computed_async
 
@@ -92,7 +92,7 @@ class AsyncRedisTier(RedisTier):
     async def _fetch_async(
         self,
         claim: bool,
-        conn: AsyncIO | None,
+        conn: Conn | None,
         key: str,
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
@@ -122,7 +122,7 @@ class AsyncRedisTier(RedisTier):
 
     async def _compute_async(
         self,
-        conn: AsyncIO | None,
+        conn: Conn | None,
         token: str,
         key: str,
         fn: Callable[..., Awaitable[Any]],
@@ -142,7 +142,7 @@ class AsyncRedisTier(RedisTier):
                     self._wrong(key, exc)
         return payload
 
-    async def _store_async(self, conn: AsyncIO, key: str, stored: bytes, token: str) -> None:
+    async def _store_async(self, conn: Conn, key: str, stored: bytes, token: str) -> None:
         """``RedisTier._store``, awaited: with a lock, a busy pool is waited for."""
         cache = self.cache
         deadline, pause = now() + cache.op_timeout, FIRST_PAUSE

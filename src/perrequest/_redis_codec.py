@@ -20,7 +20,6 @@ import hmac
 import json
 import pickle
 from collections.abc import Callable
-from json import encoder as _json_encoder
 from typing import Any
 
 from ._keys import KWARGS
@@ -48,28 +47,12 @@ def _key_default(obj: object) -> object:
 
 _keys = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=_key_default)
 _values = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-# The encoder JSONEncoder.encode builds on every call, built once: a third of the cost
-# of a key. The same C code, so the same text; the pure-Python encoder where it is missing.
-_make = getattr(_json_encoder, "c_make_encoder", None)
-_one_shot = (
-    None
-    if _make is None
-    else _make(None, _key_default, _json_encoder.encode_basestring_ascii, None, ":", ",",
-               False, False, True)
-)  # fmt: skip
-
-
-def canonical(call_key: object) -> str:
-    """The canonical JSON of a call's key; TypeError, ValueError (or RecursionError,
-    nested too deep) if it has none."""
-    if _one_shot is None:
-        return _keys.encode(call_key)
-    return "".join(_one_shot(call_key, 0))
 
 
 def digest(call_key: object) -> str:
-    """SHA-256 (hex) of the canonical JSON of a call's key."""
-    return hashlib.sha256(canonical(call_key).encode()).hexdigest()
+    """SHA-256 (hex) of the canonical JSON of a call's key; TypeError, ValueError (or
+    RecursionError, nested too deep) if it has none."""
+    return hashlib.sha256(_keys.encode(call_key).encode()).hexdigest()
 
 
 def key_problem(value: object) -> str | None:
@@ -122,27 +105,29 @@ def check_secret(serializer: object, secret: object) -> bytes | None:
 
 
 class Codec:
-    """Values to bytes and back: ``dumps(value, key)`` and ``loads(raw, key)``, which
-    raises ``BadValue`` for a bad signature, or whatever the decoder raises."""
+    """Values to bytes and back, signed (HMAC-SHA256 over key and bytes) with a secret.
+    ``loads`` raises ``BadValue`` for a bad signature, or whatever the decoder raises."""
 
-    __slots__ = ("dumps", "loads", "name")
-    dumps: Callable[[Any, str], bytes]
-    loads: Callable[[bytes, str], Any]
+    __slots__ = ("decode", "encode", "name", "secret")
 
     def __init__(self, serializer: str, secret: bytes | None) -> None:
-        self.name = serializer
-        encode: Callable[[Any], bytes]
-        decode: Callable[[bytes], Any]
+        self.name, self.secret = serializer, secret
+        self.encode: Callable[[Any], bytes] = _json_dumps
+        self.decode: Callable[[bytes], Any] = json.loads
         if serializer == "pickle":
-            encode, decode = _pickle_dumps, pickle.loads
-        else:
-            encode, decode = _json_dumps, json.loads
-        if secret is None:
-            self.dumps = lambda value, key: encode(value)
-            self.loads = lambda raw, key: decode(raw)
-        else:
-            self.dumps = _signer(encode, secret)
-            self.loads = _verifier(decode, secret)
+            self.encode, self.decode = _pickle_dumps, pickle.loads
+
+    def dumps(self, value: Any, key: str) -> bytes:
+        data = self.encode(value)
+        return data if self.secret is None else _mac(self.secret, key, data) + data
+
+    def loads(self, raw: bytes, key: str) -> Any:
+        if self.secret is None:
+            return self.decode(raw)
+        data = raw[_MAC_BYTES:]
+        if not hmac.compare_digest(raw[:_MAC_BYTES], _mac(self.secret, key, data)):
+            raise BadValue("failed its signature check")
+        return self.decode(data)
 
 
 def _json_dumps(value: Any) -> bytes:
@@ -160,21 +145,3 @@ def _pickle_dumps(value: Any) -> bytes:
 
 def _mac(secret: bytes, key: str, data: bytes) -> bytes:
     return hmac.digest(secret, key.encode() + b"\n" + data, "sha256")
-
-
-def _signer(encode: Callable[[Any], bytes], secret: bytes) -> Callable[[Any, str], bytes]:
-    def dumps(value: Any, key: str) -> bytes:
-        data = encode(value)
-        return _mac(secret, key, data) + data
-
-    return dumps
-
-
-def _verifier(decode: Callable[[bytes], Any], secret: bytes) -> Callable[[bytes, str], Any]:
-    def loads(raw: bytes, key: str) -> Any:
-        data = raw[_MAC_BYTES:]
-        if not hmac.compare_digest(raw[:_MAC_BYTES], _mac(secret, key, data)):
-            raise BadValue("failed its signature check")
-        return decode(data)
-
-    return loads

@@ -123,36 +123,22 @@ def _settings(pool: Any, socket_timeout: float) -> dict[str, Any]:
     return settings
 
 
-class SyncIO:
-    """The sync pool and scripts of one cache."""
+class Conn:
+    """A pool of the cache's own, like ``client``'s, with its client and scripts.
+
+    Connecting (or waiting for a pooled connection), then the reply, get half
+    ``op_timeout`` each; an async command also runs under ``asyncio.timeout(op_timeout)``,
+    which would otherwise cut a wait for a busy pool first and make it look like Redis down.
+    """
 
     def __init__(self, client: Any, op_timeout: float) -> None:
-        # Connecting (or waiting for a pooled connection), then the reply: op_timeout.
-        own = _pool(redis, client.connection_pool, op_timeout / 2, Retry(NoBackoff(), 0))
-        self.client = redis.Redis(connection_pool=own)
+        sync = not isinstance(client, redis.asyncio.Redis)
+        module: Any = redis if sync else redis.asyncio
+        retry = (Retry if sync else AsyncRetry)(NoBackoff(), 0)
+        own = _pool(module, client.connection_pool, op_timeout / 2, retry)
+        self.client = module.Redis(connection_pool=own)
         self.claim = self.client.register_script(CLAIM)
         self.store = self.client.register_script(STORE)
-
-    def close(self) -> None:
-        self.client.connection_pool.disconnect()
-
-
-class AsyncIO:
-    """The async pool and scripts of one cache in one event loop."""
-
-    def __init__(self, client: Any, op_timeout: float) -> None:
-        # And asyncio.timeout(op_timeout) around each command: waiting for a pooled
-        # connection gets half of it, or that timeout would cut the wait first, and a
-        # busy pool would look like Redis down.
-        own = _pool(
-            redis.asyncio, client.connection_pool, op_timeout / 2, AsyncRetry(NoBackoff(), 0)
-        )
-        self.client = redis.asyncio.Redis(connection_pool=own)
-        self.claim = self.client.register_script(CLAIM)
-        self.store = self.client.register_script(STORE)
-
-    async def close(self) -> None:
-        await self.client.connection_pool.disconnect()
 
 
 class AsyncPools:
@@ -161,11 +147,11 @@ class AsyncPools:
 
     def __init__(self, client: Any, op_timeout: float) -> None:
         self.source, self.op_timeout = client, op_timeout
-        self.by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncIO]
+        self.by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Conn]
         self.by_loop = weakref.WeakKeyDictionary()
         self.lock = threading.Lock()
 
-    def current(self) -> AsyncIO | None:
+    def current(self) -> Conn | None:
         """This event loop's pool; None when no asyncio loop runs (trio)."""
         try:
             loop = asyncio.get_running_loop()
@@ -176,7 +162,7 @@ class AsyncPools:
             with self.lock:
                 for done in [old for old in self.by_loop if old.is_closed()]:
                     del self.by_loop[done]
-                conn = self.by_loop.get(loop) or AsyncIO(self.source, self.op_timeout)
+                conn = self.by_loop.get(loop) or Conn(self.source, self.op_timeout)
                 self.by_loop[loop] = conn
         return conn
 
@@ -184,7 +170,7 @@ class AsyncPools:
         """Close the current loop's pool."""
         conn = self.by_loop.pop(asyncio.get_running_loop(), None)
         if conn is not None:
-            await conn.close()
+            await conn.client.connection_pool.disconnect()
 
     def blocking(self, work: Callable[[Any], Awaitable[int]]) -> int:
         """``work(client)`` run to the end from sync code (``cache_clear()`` of an async
@@ -192,11 +178,11 @@ class AsyncPools:
         loop): its result, or its exception."""
 
         async def main() -> int:
-            conn = AsyncIO(self.source, self.op_timeout)
+            conn = Conn(self.source, self.op_timeout)
             try:
                 return await work(conn.client)
             finally:
-                await conn.close()
+                await conn.client.connection_pool.disconnect()
 
         with ThreadPoolExecutor(1, thread_name_prefix="perrequest-redis") as thread:
             return thread.submit(asyncio.run, main()).result()

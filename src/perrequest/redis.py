@@ -186,7 +186,7 @@ class RedisCache:
         self.log_interval = _number("log_interval", log_interval, zero=True)
         self._ttl_ms = max(1, round(self.ttl * 1000))
         self._lock_ms = max(1, round(self.lock_timeout * 1000))
-        self._sync = None if self.is_async else io.SyncIO(client, self.op_timeout)
+        self._sync = None if self.is_async else io.Conn(client, self.op_timeout)
         self._client: Any = None if self._sync is None else self._sync.client
         self._async = io.AsyncPools(client, self.op_timeout) if self.is_async else None
         self._down_until = 0.0
@@ -251,7 +251,7 @@ class RedisCache:
     def close(self) -> None:
         """Close the sync cache's connections (they reopen if it is used again)."""
         if self._sync is not None:
-            self._sync.close()
+            self._sync.client.connection_pool.disconnect()
 
     async def aclose(self) -> None:
         """Close the async cache's connections in the running event loop."""

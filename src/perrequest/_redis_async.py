@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 from . import _flight
 from ._flight import MISSING
 from ._redis_io import LOCK, Conn, exhausted
 from ._redis_tier import FIRST_PAUSE, MAX_PAUSE, UNCOUNTED, RedisTier, now
-from ._shared_errors import Call, Raised, computed_async
+from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed_async
 
 
 class AsyncRedisTier(RedisTier):
@@ -28,9 +28,9 @@ class AsyncRedisTier(RedisTier):
         self,
         store: Any,
         where: Hashable,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
         counter: Any,
         anchor: Any,
     ) -> Any:
@@ -42,9 +42,9 @@ class AsyncRedisTier(RedisTier):
     async def _get_async(
         self,
         key: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
     ) -> Any:
         cache, claim, conn = self.cache, True, None
         if cache._down_until > now():
@@ -94,9 +94,9 @@ class AsyncRedisTier(RedisTier):
         claim: bool,
         conn: Conn | None,
         key: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
     ) -> Any:
         """``RedisTier._fetch``, awaited; stored through ``conn`` unless it is None."""
         cache, token = self.cache, os.urandom(9).hex()
@@ -125,9 +125,9 @@ class AsyncRedisTier(RedisTier):
         conn: Conn | None,
         token: str,
         key: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
     ) -> Any:
         self.count("misses")
         payload = b""

@@ -17,7 +17,7 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _flight
@@ -25,7 +25,7 @@ from . import _redis_io as io
 from ._checks import LAZY, refuse_memoized_result
 from ._flight import MISSING
 from ._redis_codec import BadValue, digest, key_problem
-from ._shared_errors import Call, Raised, computed
+from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed
 from ._stats import Counter
 from .errors import UnhashableArguments
 
@@ -86,7 +86,7 @@ class RedisTier:
     def _fill(self, key: Hashable, value: Any, counter: Any, extra: Any) -> None:
         pass
 
-    def redis_key(self, call_key: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    def redis_key(self, call_key: object, args: Args, kwargs: Kwargs) -> str:
         """``namespace:module.qualname:version:sha256``; ``UnhashableArguments`` when the
         arguments have no canonical JSON form."""
         try:
@@ -94,9 +94,7 @@ class RedisTier:
         except (TypeError, ValueError, RecursionError) as exc:
             raise self._unencodable(args, kwargs, exc) from None
 
-    def _unencodable(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], exc: Exception
-    ) -> UnhashableArguments:
+    def _unencodable(self, args: Args, kwargs: Kwargs, exc: Exception) -> UnhashableArguments:
         fix = (
             "Redis keys are built from the arguments' JSON form (str, int, float, bool, "
             "None and tuples of them). Give the decorator key=, a function of the same "
@@ -206,18 +204,16 @@ class RedisTier:
         self,
         store: Any,
         where: Hashable,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
         counter: Any,
         anchor: Any,
     ) -> Any:
         key = self.redis_key(where[1], args, kwargs)  # type: ignore[index]
         return _flight.run(store, where, self._get, (key, fn, args, kwargs), {}, counter, anchor)
 
-    def _get(
-        self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
+    def _get(self, key: str, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         """Read Redis; what is not there is computed once in this process (its single-flight)."""
         cache, claim, store = self.cache, True, True
         if cache._down_until > now():
@@ -250,9 +246,9 @@ class RedisTier:
         claim: bool,
         store: bool,
         key: str,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
     ) -> Any:
         """The value's bytes: under the lock if ``claim``, stored in Redis if ``store``."""
         cache, token = self.cache, os.urandom(9).hex()
@@ -280,9 +276,9 @@ class RedisTier:
         store: bool,
         token: str,
         key: str,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
     ) -> Any:
         """Compute here, store the value (if ``store``) and release the lock (``token``)."""
         self.count("misses")

@@ -21,63 +21,50 @@ import logging
 import math
 import sys
 import threading
-import weakref
-from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from collections.abc import Hashable, MutableMapping
 from typing import Any, Protocol, TypeVar
 
 from . import _flight
 from ._flight import MISSING
-from ._shared_errors import Call, Raised, computed, computed_async
+from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._shared_errors import SharedComputationError as SharedComputationError
 from ._typing import SharedCacheInfo
 
 _C = TypeVar("_C")
 logger = logging.getLogger("perrequest")
 
-# One lock per shared cache, so that functions sharing a cache share its lock.
-# Caches are mappings, so unhashable: keyed by id, and dropped with the cache.
-_locks: dict[int, threading.RLock] = {}
-_locks_guard = threading.RLock()
-# A cache that cannot be weakly referenced would never leave _locks: such
-# caches share this one lock instead.
-_fallback_lock = threading.RLock()
+# One lock for every in-process shared cache: functions sharing a cache must share its
+# lock, and a lock per cache would need a registry that outlives nothing. It is held for
+# one cache operation at a time, never while computing.
+_lock = threading.RLock()
 
 
 class Tier(Protocol):
-    """What a ``shared=`` memo needs of its shared tier, one per decorated function.
-
-    ``run``/``run_async`` compute a request-store miss (``_flight.run``'s
-    signature); ``info`` builds ``cache_info()`` from the request-level counts.
-    """
+    """A ``shared=`` memo's tier: ``run``/``run_async`` compute a request-store miss
+    (``_flight.run``'s signature); ``info`` builds ``cache_info()``."""
 
     def run(
         self,
         store: Any,
         where: Hashable,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
         counter: Any,
         anchor: Any,
     ) -> Any: ...
-
     async def run_async(
         self,
         store: Any,
         where: Hashable,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
         counter: Any,
         anchor: Any,
     ) -> Any: ...
-
     def clear(self, spec: object) -> None: ...
-
-    def delete(self, where: Hashable) -> bool:
-        """Drop one entry; whether the shared tier had it."""
-        ...
-
+    def delete(self, where: Hashable) -> bool: ...  # whether the shared tier had it
     def info(
         self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
     ) -> tuple[Any, ...]: ...
@@ -123,18 +110,6 @@ def _check_version(version: object, shared: object) -> str | int | None:
             "Drop version=, or use shared=RedisCache(...)."
         )
     return version
-
-
-def _lock_for(cache: object) -> threading.RLock:
-    with _locks_guard:
-        lock = _locks.get(id(cache))
-        if lock is None:
-            try:
-                weakref.finalize(cache, _locks.pop, id(cache), None)
-            except TypeError:
-                return _fallback_lock
-            lock = _locks[id(cache)] = threading.RLock()
-        return lock
 
 
 def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | None]:
@@ -200,7 +175,7 @@ class SharedTier:
     def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
         self.cache = cache
         self.maxsize = int(cache.maxsize)  # type: ignore[attr-defined]
-        self._lock = _lock_for(cache)
+        self._lock = _lock
         self._flights: dict[Hashable, Any] = {}
         self.hits = self.misses = 0
         self.compute_s = 0.0
@@ -228,9 +203,7 @@ class SharedTier:
                     type(self.cache).__name__,
                 )
 
-    def get(
-        self, key: Hashable, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
+    def get(self, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         """The shared value at ``key``, computed once across requests and threads."""
         value = self._hit(key)
         if value is MISSING:
@@ -251,9 +224,9 @@ class SharedTier:
     async def get_async(
         self,
         key: Hashable,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
     ) -> Any:
         """The async twin of ``get``."""
         value = self._hit(key)
@@ -271,9 +244,9 @@ class SharedTier:
         self,
         store: Any,
         where: Hashable,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
         counter: Any,
         anchor: Any,
     ) -> Any:
@@ -285,9 +258,9 @@ class SharedTier:
         self,
         store: Any,
         where: Hashable,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        fn: Fn,
+        args: Args,
+        kwargs: Kwargs,
         counter: Any,
         anchor: Any,
     ) -> Any:

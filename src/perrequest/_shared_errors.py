@@ -10,7 +10,7 @@ of a waiter's traceback (``_flight``'s included) holds the original either.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dtime
 from decimal import Decimal
@@ -29,6 +29,9 @@ class SharedComputationError(PerRequestError):
     entry, when that computation's exception could not be copied safely."""
 
 
+Fn = Callable[..., Any]
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
 NOTE = "perrequest: raised by the same computation in another request"
 # What a copy of an error may carry besides exceptions and the containers below:
 # values that cannot refer to a frame. Anything else makes it a SharedComputationError.
@@ -75,9 +78,7 @@ class Raised:
         return named
 
 
-def computed(
-    call: Call, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+def computed(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
     """``fn(*args, **kwargs)`` for ``call``, an ``Exception`` returned as ``Raised``."""
     call.ran = True
     try:
@@ -89,9 +90,7 @@ def computed(
         return Raised(call, exc)
 
 
-async def computed_async(
-    call: Call, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+async def computed_async(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
     call.ran = True
     try:
         return await fn(*args, **kwargs)

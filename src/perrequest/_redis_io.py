@@ -18,8 +18,7 @@ import asyncio
 import re
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -99,8 +98,11 @@ def _pool(module: Any, pool: Any, timeout: float, retry: Any) -> Any:
     if isinstance(pool, (redis.BlockingConnectionPool, redis.asyncio.BlockingConnectionPool)):
         kind = module.BlockingConnectionPool
         extra["timeout"] = timeout if pool.timeout is None else min(pool.timeout, timeout)
+    # The same kind of connection (TCP, TLS, Unix socket) in ``module``; a class of the
+    # user's own is kept (on an async client, the sync admin pool then fails open).
+    connection_class = getattr(module.connection, pool.connection_class.__name__, None)
     return kind(
-        connection_class=pool.connection_class,
+        connection_class=connection_class or pool.connection_class,
         max_connections=pool.max_connections,
         retry=retry,
         **extra,
@@ -131,8 +133,7 @@ class Conn:
     which would otherwise cut a wait for a busy pool first and make it look like Redis down.
     """
 
-    def __init__(self, client: Any, op_timeout: float) -> None:
-        sync = not isinstance(client, redis.asyncio.Redis)
+    def __init__(self, client: Any, op_timeout: float, sync: bool) -> None:
         module: Any = redis if sync else redis.asyncio
         retry = (Retry if sync else AsyncRetry)(NoBackoff(), 0)
         own = _pool(module, client.connection_pool, op_timeout / 2, retry)
@@ -162,7 +163,7 @@ class AsyncPools:
             with self.lock:
                 for done in [old for old in self.by_loop if old.is_closed()]:
                     del self.by_loop[done]
-                conn = self.by_loop.get(loop) or Conn(self.source, self.op_timeout)
+                conn = self.by_loop.get(loop) or Conn(self.source, self.op_timeout, False)
                 self.by_loop[loop] = conn
         return conn
 
@@ -171,21 +172,6 @@ class AsyncPools:
         conn = self.by_loop.pop(asyncio.get_running_loop(), None)
         if conn is not None:
             await conn.client.connection_pool.disconnect()
-
-    def blocking(self, work: Callable[[Any], Awaitable[int]]) -> int:
-        """``work(client)`` run to the end from sync code (``cache_clear()`` of an async
-        memo), in a thread with a loop and a pool of its own (this thread may be running a
-        loop): its result, or its exception."""
-
-        async def main() -> int:
-            conn = Conn(self.source, self.op_timeout)
-            try:
-                return await work(conn.client)
-            finally:
-                await conn.client.connection_pool.disconnect()
-
-        with ThreadPoolExecutor(1, thread_name_prefix="perrequest-redis") as thread:
-            return thread.submit(asyncio.run, main()).result()
 
 
 def wrong_type(exc: BaseException) -> bool:
@@ -214,21 +200,3 @@ def scan_delete(client: Any, base: str) -> int:
             deleted += client.unlink(*doomed)
         if cursor == 0:
             return deleted
-
-
-async def scan_delete_async(client: Any, base: str, op_timeout: float) -> int:
-    pattern, wanted, cursor, deleted = glob_escape(base) + "*", matcher(base), 0, 0
-    while True:
-        async with asyncio.timeout(op_timeout):
-            cursor, keys = await client.scan(cursor=cursor, match=pattern, count=1000)
-        doomed = [k for k in keys if wanted(k)]
-        if doomed:
-            async with asyncio.timeout(op_timeout):
-                deleted += await client.unlink(*doomed)
-        if cursor == 0:
-            return deleted
-
-
-async def unlink_async(client: Any, key: str, op_timeout: float) -> int:
-    async with asyncio.timeout(op_timeout):
-        return int(await client.unlink(key))

@@ -255,7 +255,7 @@ class RedisTier:
         deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
         while claim:
             try:
-                reply = cache._sync.claim(keys=[key, key + io.LOCK], args=[token, cache._lock_ms])  # type: ignore[union-attr]
+                reply = cache._sync.claim(keys=[key, key + io.LOCK], args=[token, cache._lock_ms])
             except Exception as exc:
                 store = self._wrong(key, exc)
                 break
@@ -302,7 +302,7 @@ class RedisTier:
         deadline, pause = now() + cache.op_timeout, FIRST_PAUSE
         while True:
             try:
-                return cache._sync.store(keys=keys, args=[stored, cache._ttl_ms, token])  # type: ignore[union-attr,no-any-return]
+                return cache._sync.store(keys=keys, args=[stored, cache._ttl_ms, token])  # type: ignore[no-any-return]
             except Exception as exc:
                 if not (token and io.exhausted(exc)) or now() + pause > deadline:
                     raise

@@ -19,7 +19,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from . import _redis_io as io
@@ -186,8 +186,10 @@ class RedisCache:
         self.log_interval = _number("log_interval", log_interval, zero=True)
         self._ttl_ms = max(1, round(self.ttl * 1000))
         self._lock_ms = max(1, round(self.lock_timeout * 1000))
-        self._sync = None if self.is_async else io.Conn(client, self.op_timeout)
-        self._client: Any = None if self._sync is None else self._sync.client
+        # A sync cache's commands, and any cache's cache_clear() and cache_delete(), which
+        # sync code may call (an async cache's too, from inside or outside a loop).
+        self._sync = io.Conn(client, self.op_timeout, True)
+        self._client = self._sync.client
         self._async = io.AsyncPools(client, self.op_timeout) if self.is_async else None
         self._down_until = 0.0
         self._tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
@@ -249,12 +251,12 @@ class RedisCache:
         return RedisStats(**self._totals)
 
     def close(self) -> None:
-        """Close the sync cache's connections (they reopen if it is used again)."""
-        if self._sync is not None:
-            self._sync.client.connection_pool.disconnect()
+        """Close the sync connections (they reopen if the cache is used again)."""
+        self._sync.client.connection_pool.disconnect()
 
     async def aclose(self) -> None:
-        """Close the async cache's connections in the running event loop."""
+        """Close the connections of the running event loop, and the sync ones."""
+        self.close()
         if self._async is not None:
             await self._async.close()
 
@@ -299,31 +301,16 @@ class RedisCache:
         logger.warning(f"{message} (Logged at most once per %g s{more}.)", *args, self.log_interval)
 
     def _clear(self, tier: RedisTier, base: str) -> None:
-        self._each(
-            tier,
-            lambda client: io.scan_delete(client, base),
-            lambda client: io.scan_delete_async(client, base, self.op_timeout),
-        )
+        self._admin(tier, lambda client: io.scan_delete(client, base))
 
     def _delete(self, tier: RedisTier, key: str) -> bool:
         """Whether Redis had the key (UNLINK's count); False if Redis failed."""
-        return bool(
-            self._each(
-                tier,
-                lambda client: client.unlink(key),
-                lambda client: io.unlink_async(client, key, self.op_timeout),
-            )
-        )
+        return bool(self._admin(tier, lambda client: client.unlink(key)))
 
-    def _each(
-        self, tier: RedisTier, sync: Callable[[Any], int], run: Callable[[Any], Awaitable[int]]
-    ) -> int:
-        """One command from anywhere, a scope or not, a loop or not: ``sync(client)`` on the
-        sync pool, or ``run(client)`` on a pool of its own; 0 if Redis failed (counted)."""
+    def _admin(self, tier: RedisTier, command: Callable[[Any], int]) -> int:
+        """``command(client)`` on the sync pool; 0 if Redis failed (counted)."""
         try:
-            if self._sync is not None:
-                return sync(self._sync.client)
-            return self._async.blocking(run)  # type: ignore[union-attr]
+            return command(self._client)
         except Exception as exc:
             self._failed(tier, exc)
             return 0

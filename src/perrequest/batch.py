@@ -44,8 +44,6 @@ class BatchLoader(Protocol[K_contra, V]):
     function; calling the loader is ``load_many``.
     """
 
-    __wrapped__: Callable[..., Any]
-
     def __call__(self, keys: Iterable[K_contra], /) -> list[V]: ...
 
     def load(self, key: K_contra, /) -> V:
@@ -53,6 +51,8 @@ class BatchLoader(Protocol[K_contra, V]):
 
     def load_many(self, keys: Iterable[K_contra], /) -> list[V]:
         """The values of ``keys``, in order; raises the first failing key's exception."""
+
+    __wrapped__: Callable[..., Any]
 
     def prime(self, key: K_contra, value: V, /) -> None:
         """Store ``value`` for ``key`` unless the store holds one (outside: nothing)."""
@@ -74,8 +74,6 @@ class AsyncBatchLoader(Protocol[K_contra, V]):
     made in one event-loop tick share one call of the batch function.
     """
 
-    __wrapped__: Callable[..., Any]
-
     def __call__(self, keys: Iterable[K_contra], /) -> Awaitable[list[V]]: ...
 
     def load(self, key: K_contra, /) -> Awaitable[V]:
@@ -83,6 +81,8 @@ class AsyncBatchLoader(Protocol[K_contra, V]):
 
     def load_many(self, keys: Iterable[K_contra], /) -> Awaitable[list[V]]:
         """Await the values of ``keys``, in order; the first failing key's exception."""
+
+    __wrapped__: Callable[..., Any]
 
     def prime(self, key: K_contra, value: V, /) -> None:
         """Store ``value`` for ``key`` unless the store holds one (outside: nothing)."""
@@ -121,8 +121,6 @@ class _Loader:
         return f"<request_batch loader {self._spec.name}>"
 
     def prime(self, key: Any, value: Any, /) -> None:
-        """Store ``value`` for ``key`` in the active store unless it holds one already
-        (``clear(key)`` first to replace it); outside a scope, do nothing."""
         spec = self._spec
         if isinstance(value, BaseException):
             raise TypeError(
@@ -143,8 +141,6 @@ class _Loader:
                 store._fill((spec, cache_key), value, counter, None)
 
     def clear(self, key: Any, /) -> bool:
-        """Drop the value of ``key`` from the active store (after a write, so the next load
-        fetches it again); whether there was one. Outside a scope: False."""
         _, (cache_key,) = self._spec.keys_of([key])
         store = active_store()
         if store is None:
@@ -152,14 +148,11 @@ class _Loader:
         return store.pop(MemoKey(self._spec, cache_key), _ABSENT) is not _ABSENT
 
     def cache_clear(self) -> None:
-        """Drop every value of this loader from the active store; outside a scope, nothing."""
         store = active_store()
         if store is not None:
             store._remove_owner(self._spec)
 
     def cache_info(self) -> CacheInfo:
-        """This loader's hits, misses (keys, not calls) and entries in the active store;
-        zeros outside a scope."""
         spec, store = self._spec, active_store()
         hits, misses, currsize = (0, 0, 0) if store is None else store._info(spec, spec.name)
         return CacheInfo(hits, misses, spec.max_entries, currsize)

@@ -1,21 +1,9 @@
 """OpenTelemetry metrics and span attributes (``pip install 'perrequest[otel]'``).
 
-Built on ``opentelemetry-api`` only: the SDK, exporters and views are the
-app's choice. ``instrument()`` adds a scope listener that, for every scope
-that closes in the process:
-
-- adds each memoized function's hits, misses and evictions to running totals,
-  reported by the counters ``perrequest.memo.hits``, ``.misses`` and
-  ``.evictions`` (attribute ``perrequest.function``: the function's qualified
-  name, never an argument, key or value). They are asynchronous counters: the
-  SDK reads the totals when it exports, so a request pays for a few dict
-  updates, not for one SDK call per function and counter;
-- records, for a scope that touched its store, its peak entries in the
-  histogram ``perrequest.scope.entries`` and the seconds its hits saved (hits x
-  mean miss time, per function) in ``perrequest.scope.saved``;
-- when a span is recording as the scope closes (the server span of
-  OpenTelemetry's ASGI, WSGI or Django instrumentation, which wraps
-  perrequest's middleware), sets the scope's totals on it as attributes.
+On ``opentelemetry-api`` only: the SDK, exporters and views are the app's choice.
+The counters are asynchronous, read from running totals when the SDK exports, so a
+request pays for a few dict updates, not an SDK call per function and counter. What
+is reported: docs/observability.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """Prometheus metrics (``pip install 'perrequest[prometheus]'``), on ``prometheus-client``.
 
-``instrument()`` registers, in the default registry or the one given:
-
-- ``perrequest_memo_hits_total``, ``perrequest_memo_misses_total`` and
-  ``perrequest_memo_evictions_total``, counters with the label ``function``
-  (a memoized function's qualified name, never an argument, key or value);
-- ``perrequest_scope_entries``, a histogram of the most entries each request
-  store held at once, and ``perrequest_scope_saved_seconds``, of the seconds
-  the memo saved per scope (hits x mean miss time, per function), both over
-  the scopes that touched their store;
-
-and adds the scope listener that feeds them. Serve them as usual, e.g.
-``app.mount("/metrics", prometheus_client.make_asgi_app())``.
+``instrument()`` registers three counters labelled by function (never an argument,
+key or value) and two histograms, and adds the scope listener that feeds them; what
+each means: docs/observability.md.
 """
 
 from __future__ import annotations

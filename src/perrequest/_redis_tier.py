@@ -24,7 +24,7 @@ from . import _flight
 from . import _redis_io as io
 from ._checks import LAZY, refuse_memoized_result
 from ._flight import MISSING
-from ._redis_codec import BadValue, digest, key_problem
+from ._redis_io import BadValue, digest, key_problem
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed
 from ._stats import Counter
 from .errors import UnhashableArguments

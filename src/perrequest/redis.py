@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 from . import _redis_io as io
 from ._checks import unknown_option
 from ._redis_async import AsyncRedisTier
-from ._redis_codec import Codec, check_secret, name_problem
+from ._redis_io import Codec, check_secret, name_problem
 from ._redis_tier import RedisCacheInfo, RedisTier
 from ._typing import MemoizedFunction
 

@@ -155,10 +155,8 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
         if value is MISSING:
             state.join(keys[i], cache_keys[i], (waiter, i))
             found -= 1
-    waiter.remaining = len(values) - found
+    waiter.remaining = len(values) - found  # at least one: all hits went to _hits
     state.counter.hits += found
-    if not waiter.remaining:
-        waiter.future.set_result(values)
     return waiter.future
 
 

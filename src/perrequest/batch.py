@@ -260,18 +260,8 @@ def request_batch(
     """
     if unknown:
         raise TypeError(unknown_option("request_batch()", next(iter(unknown)), _OPTIONS))
-    if max_batch_size is not None and (
-        isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
-    ):
-        raise TypeError(
-            f"request_batch(max_batch_size=...) must be a positive int or None, not "
-            f"{type(max_batch_size).__name__} {max_batch_size!r}"
-        )
-    if max_batch_size is not None and max_batch_size <= 0:
-        raise ValueError(
-            f"request_batch(max_batch_size=...) must be a positive int or None, not "
-            f"{max_batch_size!r}"
-        )
+    # The same rule and messages as a bound's.
+    max_batch_size = check_max_entries(max_batch_size, "request_batch(max_batch_size=...)")
     if key is not None and (not callable(key) or is_async_callable(key)):
         raise TypeError(
             "request_batch(key=...) must be a plain (sync) function of one load key returning "

@@ -47,7 +47,7 @@ class AsyncRedisTier(RedisTier):
         kwargs: Kwargs,
     ) -> Any:
         cache, claim, conn = self.cache, True, None
-        if cache._down_until > now():
+        if cache._down_until and cache._down_until > now():
             claim = False
         elif (conn := cache._async.current()) is None:  # type: ignore[union-attr]
             claim = False

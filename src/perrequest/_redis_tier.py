@@ -216,7 +216,7 @@ class RedisTier:
     def _get(self, key: str, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         """Read Redis; what is not there is computed once in this process (its single-flight)."""
         cache, claim, store = self.cache, True, True
-        if cache._down_until > now():
+        if cache._down_until and cache._down_until > now():  # no clock read while up
             claim = store = False
         else:
             try:

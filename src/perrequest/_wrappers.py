@@ -25,7 +25,7 @@ from typing import Any
 from . import _flight
 from ._active import _current, here
 from ._checks import LAZY, refuse_memoized_result
-from ._keys import KWARGS
+from ._keys import KWARGS, call_key
 from .store import MemoStore
 
 _TEMPLATE = """\
@@ -134,42 +134,28 @@ _REFUSE = """\
 def _slow(
     spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any, look: bool = False
 ) -> Any:
-    """A miss the generated wrapper did not register (another caller computes the key,
-    a first miss, a closed scope, unhashable arguments, trio), as the closures do it;
-    or a scope's cell (``scope.open_request``): the store is made, looked in again.
-    ``look``: the lookup raised TypeError or AttributeError (see ``_relook``)."""
+    """A miss the generated wrapper did not register (another caller computes the key, a
+    first miss, a closed scope, unhashable arguments, trio), and every closure's miss; or
+    a scope's cell (``_active.open_request``): the store is made, looked in again. For an
+    async function, an awaitable."""
     if type(store) is list:
         here()
         return spec.wrapper()(*args, **kwargs)
     counter = spec.prepare(store, where[1], args, kwargs)
     if counter is None:
         return spec.outside(args, kwargs, where[1])
-    if look and (value := _relook(store, where, counter)) is not _flight.MISSING:
-        return value
+    if look:
+        # The lookup raised TypeError or AttributeError: a closed store, or the key's
+        # __eq__ raised. Looking again raises that before the function runs, as
+        # functools.lru_cache does.
+        value = store._lookup(where)
+        if value is not _flight.MISSING:
+            counter.hits += 1
+            return _ready(value) if spec.is_async else value
     return spec.runner()(store, where, spec.fn, args, kwargs, counter, anchor)
 
 
-async def _slow_async(
-    spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any, look: bool = False
-) -> Any:
-    if type(store) is list:
-        here()
-        return await spec.wrapper()(*args, **kwargs)
-    counter = spec.prepare(store, where[1], args, kwargs)
-    if counter is None:
-        return await spec.outside_async(args, kwargs, where[1])
-    if look and (value := _relook(store, where, counter)) is not _flight.MISSING:
-        return value
-    return await spec.runner()(store, where, spec.fn, args, kwargs, counter, anchor)
-
-
-def _relook(store: MemoStore, where: Any, counter: Any) -> Any:
-    """A lookup of a hashable key raised TypeError or AttributeError: no store yet, a
-    closed one, or the key's ``__eq__`` raised. Look again: that error then comes out
-    of the call before the function runs, as with ``functools.lru_cache``."""
-    value = store._lookup(where)
-    if value is not _flight.MISSING:
-        counter.hits += 1
+async def _ready(value: Any) -> Any:
     return value
 
 
@@ -260,7 +246,6 @@ def generate(
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<request_memo {spec.name}>", "exec"), namespace)
     factory = namespace["__pr_factory"]
-    slow = _slow_async if spec.is_async else _slow
     return factory(  # type: ignore[no-any-return]
         _current.get,
         spec,
@@ -269,7 +254,7 @@ def generate(
         id,
         tuple(defaults),
         spec.name,
-        slow,
+        _slow,
         _flight.end,
         _flight.failed,
         _flight._now,
@@ -291,13 +276,13 @@ def _code_name(fn: Callable[..., Any]) -> str:
 
 def make_wrapper(spec: Any) -> Callable[..., Any]:
     """The wrapper whose hit path is as short as the options allow."""
-    outside = spec.outside_async if spec.is_async else spec.outside
+    outside = spec.outside
     params = None if spec.key_fn is not None or spec.typed else parameters(spec.fn)
     if params is not None:
         wrapper, spec.keyof = generate(spec, params, outside)
         spec.wrapper = weakref.ref(wrapper)  # not a cycle: a dropped wrapper is freed at once
         return wrapper
-    get_store, make_key = _current.get, spec.make_key
+    get_store = _current.get
     simple, kwargs_mark = not (spec.key_fn or spec.typed or spec.is_method), KWARGS
 
     def lookup(store: MemoStore, key: Hashable) -> Any:
@@ -312,7 +297,7 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
     def keyed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Hashable, Any]:
         if simple:
             return ((kwargs_mark, args, tuple(kwargs.items())) if kwargs else args), None
-        return make_key(args, kwargs)  # type: ignore[no-any-return]
+        return call_key(spec, args, kwargs)
 
     if spec.is_async:
 
@@ -326,8 +311,8 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
             except KeyError:
                 odd = False  # a miss: handled below, so that its errors carry no KeyError context
             except (TypeError, AttributeError):
-                odd = True  # see _relook
-            return await _slow_async(spec, store, (spec, key), args, kwargs, anchor, odd)
+                odd = True  # see _slow
+            return await _slow(spec, store, (spec, key), args, kwargs, anchor, odd)
 
         spec.wrapper = weakref.ref(memo_async)
         return memo_async
@@ -342,7 +327,7 @@ def make_wrapper(spec: Any) -> Callable[..., Any]:
         except KeyError:
             odd = False  # a miss: handled below, so that its errors carry no KeyError context
         except (TypeError, AttributeError):
-            odd = True  # see _relook
+            odd = True  # see _slow
         return _slow(spec, store, (spec, key), args, kwargs, anchor, odd)
 
     spec.wrapper = weakref.ref(memo)

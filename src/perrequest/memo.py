@@ -1,11 +1,9 @@
 """``@request_memo``: memoize a function within the active request scope.
 
-Each decorated function has a private ``_MemoSpec``, and its entries live in
-a dict of their own in the store, keyed by the spec: two functions never share
-entries and no user key can equal a memo key. A hit is the wrapper's own
-work (``_wrappers`` for a plain function, the closures below otherwise);
-everything else (misses, single-flight, errors, the outside-scope rule) is
-the spec's.
+Each decorated function's entries live in a dict of their own in the store,
+keyed by its private ``_MemoSpec``: two functions never share entries and no
+user key can equal a memo key. The hit is the wrapper's (``_wrappers``);
+everything else is the spec's.
 """
 
 from __future__ import annotations
@@ -86,20 +84,14 @@ class _MemoSpec:
         self.is_method = is_method(fn)
         self.is_async = is_async_callable(fn)
         self.name = function_name(fn)
-        self.keyof: Callable[..., tuple[Hashable, Any]] = self.keyof_call
+        # The generated wrapper's twin replaces it (_wrappers.generate).
+        self.keyof: Callable[..., tuple[Hashable, Any]] = lambda *a, **k: call_key(self, a, k)
         self.shared: Tier | None = None if shared is None else make_tier(shared, self, version)
 
     def __repr__(self) -> str:
         return f"<request_memo {self.name}>"
 
-    def make_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Hashable, Any]:
-        return call_key(self, args, kwargs)
-
-    def keyof_call(self, *args: Any, **kwargs: Any) -> tuple[Hashable, Any]:
-        return call_key(self, args, kwargs)
-
     def checked(self, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Raise ``UnhashableArguments`` naming the parameter when ``key`` cannot be hashed."""
         try:
             hash(key)
         except TypeError as exc:
@@ -108,19 +100,8 @@ class _MemoSpec:
     # -- calls that are not hits -------------------------------------------------------
 
     def outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable) -> Any:
-        """A call outside any scope: the key is still checked, nothing is cached."""
+        """A call outside any scope: the key is still checked (the same error everywhere)."""
         self.checked(key, args, kwargs)
-        self._refuse_or_warn()
-        return self.fn(*args, **kwargs)
-
-    async def outside_async(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable
-    ) -> Any:
-        self.checked(key, args, kwargs)
-        self._refuse_or_warn()
-        return await self.fn(*args, **kwargs)
-
-    def _refuse_or_warn(self) -> None:
         _outside.refuse_or_warn(
             "request_memo",
             self.name,
@@ -131,12 +112,13 @@ class _MemoSpec:
             "perrequest.request_scope():`, or hand the scope to a thread with "
             "perrequest.bind_scope(fn).",
         )
+        return self.fn(*args, **kwargs)  # for an async function, the caller awaits it
 
     def prepare(
         self, store: MemoStore, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Counter | None:
-        """Before a miss: check the key, and find this function's counters; None if the
-        scope has ended meanwhile (the call is then outside any scope)."""
+        """This function's counters, after checking the key; None if the scope has ended
+        meanwhile (the call is then outside any scope)."""
         try:
             hash(key)
             return store._counters[self.name]
@@ -149,8 +131,6 @@ class _MemoSpec:
                 return None
 
     def runner(self) -> Callable[..., Any]:
-        """What computes a miss: single-flight in the request store, through the shared
-        cache for ``shared=`` memos."""
         if self.shared is not None:
             return self.shared.run_async if self.is_async else self.shared.run
         return _flight.run_async if self.is_async else _flight.run
@@ -158,8 +138,6 @@ class _MemoSpec:
     # -- the functools-style extras ----------------------------------------------------
 
     def cache_info(self) -> CacheInfo | tuple[Any, ...]:
-        """This function's hits, misses and entries in the active store (zeros outside a
-        scope); with ``shared=``, the shared tier's process-wide counters too."""
         store = active_store()
         hits, misses, currsize = (0, 0, 0) if store is None else store._info(self, self.name)
         if self.shared is None:
@@ -167,8 +145,7 @@ class _MemoSpec:
         return self.shared.info(hits, misses, self.max_entries, currsize, store is not None)
 
     def cache_clear(self) -> None:
-        """Drop this function's entries in the active store, if any, and in its shared
-        cache, which outlives requests: from anywhere, as ``cache_delete`` does."""
+        # The shared cache outlives requests: cleared from anywhere, as cache_delete does.
         store = active_store()
         if store is not None:
             store._remove_owner(self)
@@ -176,8 +153,6 @@ class _MemoSpec:
             self.shared.clear(self)
 
     def cache_delete(self, *args: Any, **kwargs: Any) -> bool:
-        """Drop the entry these arguments would hit in the active store and the shared
-        cache; whether either had one."""
         try:
             key, _ = self.keyof(*args, **kwargs)
         except TypeError as exc:

@@ -1,12 +1,7 @@
-"""Which store is active: the ContextVar, and the one lifecycle that opens and closes scopes.
-
-The active store lives in a ``ContextVar``, so asyncio tasks and copied
-contexts (``asyncio.to_thread``, ``sync_to_async``, ``run_in_threadpool``)
-inherit it and concurrent requests never see each other's. ``request_scope``,
-``bind_scope`` and every integration open and close scopes here:
-``open_scope``/``close_scope`` for a store made at once, ``open_request``/
-``close_request`` for the middlewares' requests, whose store is made when
-first needed.
+"""Which store is active (a ``ContextVar``, so tasks and copied contexts inherit it), and
+the one lifecycle that opens and closes scopes: ``open_scope``/``close_scope`` for a
+store made at once, ``open_request``/``close_request`` for a middleware's request,
+whose store is made when first needed.
 """
 
 from __future__ import annotations
@@ -46,12 +41,7 @@ _now = time.perf_counter
 def open_scope(
     max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
 ) -> MemoStore:
-    """Make a new store and make it the active one in the current context.
-
-    The scope is timed (``stats.duration_s``) when somebody will see its stats:
-    an ``on_close``, a scope listener, DEBUG logging. Two clock reads are a
-    tenth of what the middleware may add to a request.
-    """
+    """Make a new store active here; timed only if somebody will see its stats."""
     store = MemoStore(max_entries, on_close)
     if on_close is not None or listeners or logger.isEnabledFor(logging.DEBUG):
         store._opened_at = _now()
@@ -69,19 +59,13 @@ _NONE_MADE._closed = True
 
 
 def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
-    """Open a middleware's scope for one request, and make it the active one here.
+    """Open a middleware's scope for one request: its "cell" and the ``Token`` to reset.
 
-    Returns the request's "cell" and the ``Token`` that ``close_request``
-    resets. The cell, ``[options]``, is what the ContextVar holds until the
-    store is first needed: a request that memoizes nothing makes no store.
-    Whoever makes it (``here``) appends it to the cell and sets it in its own
-    context, where the hit paths then find the store itself. A scope with an
-    ``on_close``, or opened while a scope listener is registered, gets its
-    store at once, timed.
-
-    The cell is what a middleware leaves in the request under ``REQUEST_KEY``;
-    it holds no ``Token``, so that a middleware that deep-copies the ASGI
-    scope can.
+    The cell, ``[options]``, is what the ContextVar holds until the store is first
+    needed, so a request that memoizes nothing makes no store; whoever makes it
+    (``here``) appends it to the cell and sets it in its own context. A watched
+    scope gets its store at once, timed. The cell holds no ``Token``, so that a
+    middleware that deep-copies the ASGI scope (where it is left) can.
     """
     _live.append(None)
     if options[1] is None and not listeners:
@@ -93,8 +77,7 @@ def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
 
 
 def close_request(cell: list[Any], token: Token[Any] | None) -> None:
-    """End the scope ``open_request`` opened: reset ``token`` if the scope is active
-    here, then close its store if one was made. Idempotent."""
+    """Reset ``token`` if the scope is active here, close its store if made. Idempotent."""
     if cell[0] is None:
         return
     cell[0] = None  # closed: nothing is made from it any more
@@ -115,9 +98,9 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
 
 
 def forget_closed() -> None:
-    """Drop a closed scope left active here: it means no scope (a generator that kept a
-    ``request_scope()`` open across its yields and was closed from elsewhere leaves one),
-    and a request that starts here should not carry it along, nor give it back."""
+    """Drop a closed scope left active here (a generator that kept a ``request_scope()``
+    open across yields, closed from elsewhere), so a request starting here does not
+    carry it along, nor give it back."""
     active = _current.get()
     if type(active) is list:
         if active[0] is None:
@@ -127,28 +110,23 @@ def forget_closed() -> None:
 
 
 def opened_by_a_middleware() -> bool:
-    """Whether the active scope is one a perrequest middleware opened for a request:
-    a cell, or a store made from one (its ``_token`` is None); not a ``request_scope()``."""
+    """A cell, or a store made from one (no ``_token``); not a ``request_scope()``."""
     active = _current.get()
     return type(active) is list or (active is not None and active._token is None)
 
 
 def holds(cell: list[Any]) -> bool:
-    """Whether the current context has ``cell``'s scope active (its store, if made)."""
     active = _current.get()
     return active is cell or (len(cell) > 1 and active is cell[1])
 
 
 def _set_back(token: Token[Any]) -> None:
-    """What ``reset(token)`` does, in a context other than the one it was set in."""
+    """``reset(token)``, in a context other than the one it was set in."""
     _current.set(None if token.old_value is token.MISSING else token.old_value)
 
 
 def _made(cell: list[Any]) -> MemoStore:
-    """The store of a cell, made by whoever needs it first; closed if the scope is.
-
-    Timed from then, if a listener or DEBUG logging will see its stats.
-    """
+    """The store of a cell, made by whoever needs it first; closed if the scope is."""
     if len(cell) == 1:
         options = cell[0]
         if options is None:  # closed meanwhile
@@ -163,11 +141,8 @@ def _made(cell: list[Any]) -> MemoStore:
 
 
 def here() -> MemoStore | None:
-    """The store active in this context (closed ones included), made if it was not yet.
-
-    Made, it is set in this context, where the hit paths then find it; the set
-    is undone with whatever set the cell (a middleware's reset, a task's end).
-    """
+    """The store active here (closed ones included), made if it was not yet, and set
+    here for the hit paths; undone with whatever set the cell."""
     active = _current.get()
     if type(active) is list:
         active = _made(active)
@@ -176,13 +151,11 @@ def here() -> MemoStore | None:
 
 
 def leave_scope(store: MemoStore, closing: bool = False) -> None:
-    """Restore, in this context, what was active before ``open_scope``; the scope stays open.
+    """Restore here what was active before ``open_scope``; the scope stays open.
 
-    Only while the store is the active one here: a scope opened since (another
-    request's body iterated in the same thread, say) is left alone. A scope
-    closing out of order (``a`` entered, ``b`` entered, ``a`` exited) keeps its
-    token: ``b``'s exit brings ``a`` back, closed, and then restores what ``a``
-    replaced instead.
+    Only while the store is active here: a scope opened since is left alone. A
+    scope closing out of order (enter a, enter b, exit a) keeps its token: b's
+    exit brings a back, closed, and then restores what a replaced.
     """
     token = store._token
     if token is None:
@@ -208,12 +181,9 @@ def _reset(token: Token[Any]) -> None:
 
 
 def close_scope(store: MemoStore) -> None:
-    """End the scope: restore the previous store if this one is active here, clear it,
-    then log its stats at DEBUG, call ``on_close`` and the listeners. Idempotent.
-
-    Runs for every request, so what nobody needs is skipped: a store nothing
-    was written to, that nobody watches, just closes.
-    """
+    """Restore the previous store if this one is active here, clear it, then log its
+    stats at DEBUG and call ``on_close`` and the listeners. Idempotent; an unwritten,
+    unwatched store just closes."""
     if store._closed:
         return
     leave_scope(store, closing=True)

@@ -1,15 +1,11 @@
 """The structure inside a ``MemoStore``: entries grouped by owner, one recency order.
 
-Helper entries (``store[key]``, ``get_or_set``) live in one dict, each
-memoized function's in a dict of its own, keyed by its spec, so a memo hit is
-two lookups and no key tuple to build: ``_subs[spec][key]`` gives the entry
-``(value, counter, entry_id, anchor)``. One ordered dict of entry ids holds
-the recency of every entry, so the bound and the least-recently-used order are
-the store's. A function's dict goes with its last entry: the bookkeeping never
-outgrows the entries, and a closed store holds no functions, keys or values.
-
-Reads take no lock. The lock and the dicts are made on the first write, so a
-request that writes nothing costs one small object.
+Helper entries live in one dict, each memoized function's in its own, keyed by
+its spec: a memo hit is two lookups and no key tuple to build
+(``_subs[spec][key]`` is ``(value, counter, entry_id, anchor)``). One ordered
+dict of entry ids is the store-wide recency. A function's dict goes with its
+last entry, so the bookkeeping never outgrows the entries. Reads take no lock;
+the lock and the dicts are made on the first write.
 """
 
 from __future__ import annotations
@@ -86,10 +82,10 @@ class Entries:
         return 0 if order is None else len(order)
 
     def _writable(self, what: object) -> threading.RLock:
-        """The store's lock, made with the dicts on the first write; ``ScopeClosed`` once closed.
-        The lock is published before ``_closed`` is checked under it, and closing sets
-        ``_closed`` before it looks for the lock: either a writer sees the store closed,
-        or the closing thread finds the lock and waits for it."""
+        """The lock, made with the dicts on the first write; ``ScopeClosed`` once closed.
+        The lock is published before ``_closed`` is checked, and closing sets ``_closed``
+        before it looks for the lock: a writer sees the store closed, or the closing
+        thread finds the lock and waits for it."""
         lock: threading.RLock | None = self._lock
         if lock is None and not self._closed:  # (closed before its first write: nothing to make)
             # Made before taking _setup: an allocation under it could start a collection
@@ -115,11 +111,8 @@ class Entries:
         return lock
 
     def _counter(self, name: str) -> Counter:
-        """The counters of the function called ``name``; raises ``ScopeClosed`` once closed.
-
-        Kept by name (``module.qualname``), not by function object, so a helper
-        defined anew per message adds nothing; bounded by ``max_entries`` names.
-        """
+        """Kept by name, not by function, so a helper defined anew per message adds
+        nothing; bounded by ``max_entries`` names. ``ScopeClosed`` once closed."""
         with self._writable(name):
             counters = self._counters
             counter = counters.get(name)
@@ -132,7 +125,6 @@ class Entries:
             return counter
 
     def _info(self, owner: object, name: str) -> tuple[int, int, int]:
-        """Hits, misses and entries of one function or loader, for ``cache_info()``."""
         if self._lock is None:
             return 0, 0, 0
         counter = self._counters.get(name)
@@ -140,7 +132,7 @@ class Entries:
         return hits, misses, len((self._subs or {}).get(owner, ()))
 
     def _lookup(self, key: tuple[object, Hashable], touch: bool = True) -> Any:
-        """The value at ``(owner, key)`` or ``MISSING``; a found entry becomes the most recent."""
+        """The value at ``(owner, key)`` or ``MISSING``."""
         subs = self._subs
         sub = None if subs is None else subs.get(key[0])
         entry = None if sub is None else sub.get(key[1])
@@ -158,10 +150,9 @@ class Entries:
     def _fill(
         self, where: tuple[object, Hashable], value: Any, counter: Counter, anchor: Any
     ) -> None:
-        """Store an entry at ``(owner, key)`` and enforce the bounds; lock held. Once closed,
-        nothing is stored. The key's ``__hash__``/``__eq__`` may write to this store too
-        (the lock is reentrant): every write moves ``_next_id``; if others moved it, the
-        order is rebuilt (``_resync``)."""
+        """Store an entry and enforce the bounds; lock held; nothing once closed. The key's
+        ``__hash__``/``__eq__`` may write here too (the lock is reentrant): every write
+        moves ``_next_id``, and if others moved it the order is rebuilt (``_resync``)."""
         subs = self._subs
         if subs is None:
             return
@@ -201,9 +192,8 @@ class Entries:
         anchors: list[Any],
         counter: Counter,
     ) -> None:
-        """``_fill`` of many entries of one owner (a batch of values); the caller holds
-        the lock. One loop without a call per entry when the owner has no bound of its
-        own and the store has room for them all."""
+        """``_fill`` of a batch of values; lock held. One loop, without a call per entry,
+        when the owner has no bound of its own and the store has room."""
         subs = self._subs
         if subs is None:
             return
@@ -228,8 +218,8 @@ class Entries:
                 self._drop(last=False)
 
     def _reserve(self, owner: object) -> None:
-        """Make ``owner``'s dict before its first entry (a batch about to be fetched), so
-        that lookups of its keys miss without raising; ``_unreserve`` drops it if empty."""
+        """Make ``owner``'s dict before a batch is fetched, so that its lookups miss
+        without raising; ``_unreserve`` drops it if still empty."""
         subs = self._subs
         if subs is not None and owner not in subs:
             subs[owner] = {} if getattr(owner, "max_entries", None) is None else OrderedDict()
@@ -259,7 +249,7 @@ class Entries:
         return entry[0]
 
     def _take(self, owner: object, key: Hashable) -> tuple[Any, ...] | None:
-        """Pop the entry at ``(owner, key)``, and its function's dict with its last entry."""
+        """Pop an entry, and its function's dict with its last entry."""
         subs = self._subs
         sub = None if subs is None else subs.get(owner)
         if sub is None:
@@ -273,9 +263,9 @@ class Entries:
         return entry
 
     def _resync(self, owner: object = None, sub: dict[Hashable, Any] | None = None) -> None:
-        """Make the recency order hold exactly the entries the dicts hold, after user code
-        run by a write wrote to the store too; by identity only (no key is hashed). A
-        dict that code dropped (``sub``, being filled) is put back if its place is free."""
+        """Rebuild the recency order from the dicts after a key's own code wrote here too,
+        by identity only (no key is hashed); ``sub``, being filled, is put back if its
+        place is free."""
         subs = self._subs
         if subs is None:
             return
@@ -300,7 +290,7 @@ class Entries:
         return (self._closed_at if self._closed else time.perf_counter()) - start
 
     def _counts(self) -> tuple[Any, ...]:
-        """The numbers the stats are made of, copied (cheaper than making the stats)."""
+        """The numbers the stats are made of (cheaper to copy than the stats)."""
         helpers, counters = self._helpers, self._counters.items()
         return (
             helpers.hits,
@@ -313,12 +303,8 @@ class Entries:
         )
 
     def _shut(self, want_stats: bool) -> ScopeStats | None:
-        """Close and empty the store; the final stats if ``want_stats``. Otherwise only
-        their numbers are kept, and ``stats`` makes them if somebody asks.
-
-        In-flight computations are left alone: each one releases its own
-        waiters when it ends, and a closed store stores nothing.
-        """
+        """Close and empty the store; the final stats if ``want_stats`` (otherwise their
+        numbers, for ``stats``). Computations in flight release their own waiters."""
         self._closed_at = time.perf_counter() if self._opened_at else 0.0
         self._closed = True
         lock = self._lock
@@ -333,7 +319,6 @@ class Entries:
         return self._final_stats() if want_stats else None
 
     def _final_stats(self) -> ScopeStats:
-        """The stats a closed store keeps, made from its numbers on first use."""
         final = getattr(self, "_final", None)  # None: closed during its first write
         if final is None:
             return self._snapshot()

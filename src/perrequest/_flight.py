@@ -1,14 +1,12 @@
 """Single-flight: a key is computed by one caller at a time; the others wait for the outcome.
 
 One mechanism for threads and tasks. The computing caller registers itself in
-the cache's ``_flights``; the first caller that comes to wait replaces that with
-a ``concurrent.futures.Future``, which threads wait on with ``result()`` and
-tasks of any event loop await with ``asyncio.wrap_future``. The computing
-caller alone removes what it registered and resolves the future, whatever
-happened to the cache meanwhile and whatever raises while it stores the value
-(a key's ``__eq__``), so no waiter is ever stranded. A miss that nobody waits
-for costs one dict insert and one pop. Under an async library other than
-asyncio (trio), tasks compute without sharing: correct, only not deduplicated.
+the cache's ``_flights``; the first caller to wait replaces that with a
+``concurrent.futures.Future`` (threads: ``result()``; tasks of any loop:
+``asyncio.wrap_future``). Only the computing caller removes its record and
+resolves the future, whatever happened to the cache meanwhile, so no waiter is
+ever stranded; a miss nobody waits for costs one dict insert and one pop.
+Under trio, tasks compute without sharing: correct, only not deduplicated.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ _waits_lock = threading.Lock()
 
 
 def may_wait(me: object, owner: object) -> bool:
-    """Record that ``me`` waits for ``owner``'s unfinished computation, unless that would
-    close a cycle of callers waiting for each other: then False. ``done_waiting(me)`` after."""
+    """Record that ``me`` waits for ``owner``, unless that closes a cycle (then False)."""
     with _waits_lock:
         who: object = owner
         for _ in range(len(_waits) + 1):
@@ -56,7 +53,7 @@ def done_waiting(me: object) -> None:
     _waits.pop(me, None)
 
 
-class Counter(Protocol):
+class Counter(Protocol):  # a store's _stats.Counter, or a shared tier's own counts
     hits: int
     misses: int
     compute_s: float
@@ -64,9 +61,8 @@ class Counter(Protocol):
 
 
 class Cache(Protocol):
-    """What single-flight needs of a cache: its lock, its in-flight records, and a
-    lookup and a fill, both called with the lock held. A closed cache looks up
-    nothing and fills nothing, so a computation that outlives it still ends well."""
+    """Lookup and fill are called with the lock held. A closed cache looks up and fills
+    nothing, so a computation that outlives it still ends well."""
 
     _lock: Any  # a threading lock: there before any computation starts
     _flights: dict[Hashable, Any]
@@ -77,7 +73,7 @@ class Cache(Protocol):
 
 
 class Waited:
-    """A computation that somebody waits for: its owner and the future they wait on."""
+    """A computation that somebody waits for."""
 
     __slots__ = ("future", "owner")
 
@@ -118,8 +114,8 @@ def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
 def failed(
     cache: Cache, key: Hashable, me: object, counter: Counter, start: float, exc: BaseException
 ) -> None:
-    """The computing caller raised: unregister, and hand its waiters the error, or (for
-    cancellation and other BaseExceptions, its own business) the turn to compute."""
+    """The computing caller raised: its waiters get the error or, for cancellation and
+    other BaseExceptions (its own business), the turn to compute."""
     if start:
         counter.compute_s += _now() - start
     with cache._lock:
@@ -140,8 +136,7 @@ _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
 def finish(
     cache: Cache, key: Hashable, me: object, value: Any, counter: Counter, extra: Any
 ) -> Any:
-    """The computing caller's end: unregister, store ``value``, hand it to the waiters.
-    (The generated wrappers have this written out.)"""
+    """Unregister, store ``value``, hand it to the waiters (written out in _wrappers)."""
     lock = cache._lock
     lock.acquire()  # not `with`: on CPython 3.11 that costs twice as much
     record = _UNKNOWN
@@ -162,9 +157,9 @@ def finish(
 def end(
     cache: Cache, key: Hashable, me: object, record: Any, value: Any, counter: Counter, extra: Any
 ) -> Any:
-    """``finish`` once the record is unregistered, when it is not ``me`` alone: somebody
-    waits, or a delete invalidated it. Lock held. Storing may raise (a key's ``__eq__``):
-    the waiters get that error too, as their own lookup would; an interrupt: the value."""
+    """``finish`` when somebody waits or a delete invalidated the record. Lock held.
+    If storing raises (a key's ``__eq__``) the waiters get that error, as their own
+    lookup would; on an interrupt, the value."""
     if not (type(record) is Waited and record.owner is me):  # invalidated: not stored
         _put_back(cache, key, record)
         return value
@@ -180,17 +175,16 @@ def end(
 
 
 def invalidate(cache: Cache, key: Hashable) -> None:
-    """``key`` was deleted: its computation in flight, started before, is not joined any
-    more and stores nothing (read your writes); whoever waits for it starts again, and
-    joins a fresh computation or computes. Lock held."""
+    """``key`` was deleted: its computation in flight stores nothing and is not joined any
+    more (read your writes); its waiters start again. Lock held."""
     record = cache._flights.pop(key, None)
     if type(record) is Waited and not record.future.done():
         record.future.set_result(_RESTART)
 
 
 def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
-    """A computation ``invalidate`` unregistered ended, and unregistered in its turn what
-    another caller registered since: put that back. Lock held."""
+    """An invalidated computation ended and popped what another caller registered
+    since: put that back. Lock held."""
     if record is not None:
         try:
             cache._flights[key] = record
@@ -200,8 +194,8 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
 
 
 def forget(cache: Cache, me: object) -> None:
-    """Unregister ``me``'s records when a key's ``__hash__``/``__eq__`` raise (it changed, or
-    an interrupt): by identity (``popitem`` hashes nothing); their waiters retry."""
+    """Unregister ``me``'s records by identity (``popitem`` hashes nothing) when a key's
+    ``__hash__``/``__eq__`` raised; their waiters retry."""
     flights = cache._flights
     records = []
     while flights:
@@ -269,8 +263,8 @@ def run(
 
 
 def _wait_or_join(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any:
-    """Someone registered ``key``: a ``Waited`` to wait on, ``True`` if this caller registered
-    after all, ``False`` to compute without sharing, or a value found, as ``(value,)``."""
+    """A ``Waited`` to wait on, ``True``: registered after all, ``False``: compute
+    without sharing, or ``(value,)`` found."""
     with cache._lock:
         value = cache._lookup(key)
         if value is not MISSING:
@@ -291,8 +285,7 @@ def _uncount(cache: Cache, counter: Counter) -> None:  # a hit computes after al
 async def run_async(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
-    """The async twin of ``run``. The computation runs in the first caller's task; if
-    that caller is cancelled, a waiter still alive computes instead."""
+    """``run`` for tasks; if the computing task is cancelled, a live waiter computes."""
     try:
         me: object = asyncio.current_task()
     except RuntimeError:
@@ -334,8 +327,7 @@ async def run_async(
 async def _unshared_async(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
-    """Compute without registering (trio, recursion, a cycle of waiters), timed like a
-    shared computation: its misses count in ``compute_s`` and the time saved."""
+    """Compute without registering (trio, recursion, a cycle of waiters), timed all the same."""
     start = _now() if counter.timed else 0.0
     try:
         value = await fn(*args, **kwargs)

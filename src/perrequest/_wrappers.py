@@ -1,14 +1,11 @@
 """The memo wrappers: generated with the memoized function's own signature, or a closure.
 
-A wrapper generated with the function's signature (as ``dataclasses`` generates
-``__init__``) lets Python bind the arguments and keys a one-argument call by the
-argument itself: a hit about 40% cheaper than a ``*args, **kwargs`` closure's,
-which meets the performance targets (docs/performance.md), and ``f(1, b=2)`` and
-``f(1, 2)`` are one entry. The hit is generated, and so is the common miss
-(``_flight.run`` written out: for an async function, one coroutine per miss, not
-two). Every other path is ``_flight``'s and ``_MemoSpec``'s, shared with the plain
-closures (``*args``/``**kwargs``, ``key=``, ``typed=``, callables without a
-signature); ``tests/test_properties.py`` checks that both behave alike.
+Generated (as ``dataclasses`` generates ``__init__``), Python binds the arguments
+and a one-argument call is keyed by the argument itself: a hit about 40% cheaper
+than a ``*args, **kwargs`` closure's (docs/performance.md), and ``f(1, b=2)`` and
+``f(1, 2)`` are one entry. The common miss is generated too (``_flight.run``
+written out: one coroutine per async miss, not two); every other path is shared
+with the closures. ``tests/test_properties.py`` checks that both behave alike.
 """
 
 from __future__ import annotations
@@ -160,12 +157,8 @@ async def _ready(value: Any) -> Any:
 
 
 def parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
-    """The parameters to generate the wrapper from, or None if it cannot be.
-
-    Only a plain Python function qualifies (a callable object, or a decorator's
-    ``*args, **kwargs`` wrapper, keeps the plain closure), without ``*args`` or
-    ``**kwargs``, and with hashable defaults, which become part of the key.
-    """
+    """The parameters to generate the wrapper from, or None (the closure then): a plain
+    function's, without ``*args``/``**kwargs``, whose defaults (part of the key) hash."""
     if not inspect.isfunction(fn) or "__signature__" in fn.__dict__:
         return None  # a __signature__ may say other than what the code accepts
     try:
@@ -185,9 +178,7 @@ def parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
     return params
 
 
-def generate(
-    spec: Any, params: list[inspect.Parameter], outside: Callable[..., Any]
-) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., Any], ...]:
     """The wrapper, and ``keyof``: the same signature, returning ``(key, anchor)``."""
     defaults: list[Any] = []
     signature: list[str] = []
@@ -250,7 +241,7 @@ def generate(
         _current.get,
         spec,
         spec.fn,
-        outside,
+        spec.outside,
         id,
         tuple(defaults),
         spec.name,
@@ -267,22 +258,19 @@ def generate(
     )
 
 
-def _code_name(fn: Callable[..., Any]) -> str:
-    """The function's own name, so that tracebacks and profilers show it."""
+def _code_name(fn: Callable[..., Any]) -> str:  # tracebacks and profilers show it
     name = getattr(fn, "__name__", "")
     ok = name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("__pr_")
     return name if ok else "__pr_wrapper"
 
 
 def make_wrapper(spec: Any) -> Callable[..., Any]:
-    """The wrapper whose hit path is as short as the options allow."""
-    outside = spec.outside
     params = None if spec.key_fn is not None or spec.typed else parameters(spec.fn)
     if params is not None:
-        wrapper, spec.keyof = generate(spec, params, outside)
+        wrapper, spec.keyof = generate(spec, params)
         spec.wrapper = weakref.ref(wrapper)  # not a cycle: a dropped wrapper is freed at once
         return wrapper
-    get_store = _current.get
+    get_store, outside = _current.get, spec.outside
     simple, kwargs_mark = not (spec.key_fn or spec.typed or spec.is_method), KWARGS
 
     def lookup(store: MemoStore, key: Hashable) -> Any:

@@ -9,17 +9,9 @@ everything else is the spec's.
 from __future__ import annotations
 
 import functools
-import logging
 import weakref
 from collections.abc import Callable, Hashable, MutableMapping
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Literal,
-    ParamSpec,
-    TypeVar,
-    overload,
-)
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _flight, _outside
 from ._active import active_store
@@ -39,8 +31,6 @@ __all__ = ["request_memo"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-logger = logging.getLogger("perrequest")
 
 _ABSENT: Any = object()  # what pop() returns for a missing entry
 _OUTSIDE_SCOPE = ("warn", "call", "raise")
@@ -119,11 +109,9 @@ class _MemoSpec:
     ) -> Counter | None:
         """This function's counters, after checking the key; None if the scope has ended
         meanwhile (the call is then outside any scope)."""
+        self.checked(key, args, kwargs)
         try:
-            hash(key)
             return store._counters[self.name]
-        except TypeError as exc:
-            raise unhashable(self, args, kwargs, exc) from None
         except KeyError:  # the store's or this function's first miss
             try:
                 return store._counter(self.name)

@@ -1,4 +1,4 @@
-"""Request scopes: the helpers that use the active store, ``request_scope`` and ``bind_scope``.
+"""Request scopes: the helpers on the active store, ``request_scope`` and ``bind_scope``.
 
 Which store is active, and opening and closing scopes, is ``_active``'s.
 """
@@ -48,9 +48,6 @@ NO_SCOPE_HINT = (
 )
 
 
-# -- the active store and the helpers ---------------------------------------------------------
-
-
 def current_store() -> MemoStore:
     """The active store; raises ``NoActiveScope`` when no scope is open."""
     store = here()
@@ -92,9 +89,6 @@ def delete(key: Hashable) -> bool:
     """Remove ``key`` from the active store; whether it was there. ``NoActiveScope`` outside."""
     absent = object()
     return current_store().pop(key, absent) is not absent
-
-
-# -- request_scope and bind_scope ----------------------------------------------------------------
 
 
 class request_scope:
@@ -168,31 +162,8 @@ class request_scope:
         if not callable(fn):
             raise TypeError(f"@request_scope() decorates a function, not {fn!r}")
         refuse_generator(fn, "@request_scope()")
-        max_entries, on_close = self._max_entries, self._on_close
-
-        if is_async_callable(fn):
-
-            @functools.wraps(fn)
-            async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                store = open_scope(max_entries, on_close)
-                try:
-                    return await cast("Awaitable[Any]", fn(*args, **kwargs))
-                finally:
-                    close_scope(store)
-
-            return cast("Callable[P, R]", run_async)
-
-        @functools.wraps(fn)
-        def run(*args: P.args, **kwargs: P.kwargs) -> R:
-            store = open_scope(max_entries, on_close)
-            try:
-                result = fn(*args, **kwargs)
-            finally:
-                close_scope(store)
-            refuse_coroutine(result, fn, "@request_scope()")
-            return result
-
-        return run
+        options = self._max_entries, self._on_close
+        return _around(fn, "@request_scope()", lambda: open_scope(*options), close_scope)
 
 
 def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
@@ -215,26 +186,33 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
             f"scope, so there is no scope to bind. Call it inside the request. {NO_SCOPE_HINT}"
         )
 
+    return _around(fn, "bind_scope()", lambda: _current.set(store), _current.reset)
+
+
+def _around(
+    fn: Callable[P, R], what: str, enter: Callable[[], T], leave: Callable[[T], object]
+) -> Callable[P, R]:
+    """``fn`` run between ``enter()`` and ``leave(entered)``; async if ``fn`` is."""
     if is_async_callable(fn):
 
         @functools.wraps(fn)
-        async def bound_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-            token = _current.set(store)
+        async def run_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+            entered = enter()
             try:
                 return await cast("Awaitable[Any]", fn(*args, **kwargs))
             finally:
-                _current.reset(token)
+                leave(entered)
 
-        return cast("Callable[P, R]", bound_async)
+        return cast("Callable[P, R]", run_async)
 
     @functools.wraps(fn)
-    def bound(*args: P.args, **kwargs: P.kwargs) -> R:
-        token = _current.set(store)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        entered = enter()
         try:
             result = fn(*args, **kwargs)
         finally:
-            _current.reset(token)
-        refuse_coroutine(result, fn, "bind_scope()")
+            leave(entered)
+        refuse_coroutine(result, fn, what)  # its body ran after leave(): outside the scope
         return result
 
-    return bound
+    return run

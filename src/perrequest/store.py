@@ -1,9 +1,7 @@
 """The per-request store: a bounded, thread-safe mapping with least-recently-used eviction.
 
-``MemoStore`` is the mapping users see (``current_store()``, ``with
-request_scope() as store``); how its entries are kept, bounded and counted is
-``_entries``. Memo entries show up in it as ``MemoKey`` objects, which never
-equal a key a user passes, and cannot be written through the mapping.
+How entries are kept, bounded and counted is ``_entries``'. Memo entries show up as
+``MemoKey`` objects, which never equal a user's key and are not writable here.
 """
 
 from __future__ import annotations
@@ -79,9 +77,8 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     # -- Mapping ---------------------------------------------------------------
 
     def _found(self, key: Hashable, touch: bool = True) -> Any:
-        """The value at ``key``, or MISSING. An unhashable key raises check_key's
-        TypeError whether or not the store has anything to look it up in; checked on
-        misses and failures only, so a hit pays nothing."""
+        """The value at ``key``, or MISSING. An unhashable key raises check_key's error
+        even in an empty store, checked on misses only, so a hit pays nothing."""
         try:
             value = self._lookup(self._split(key), touch=touch)
         except TypeError:
@@ -181,8 +178,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
             for owner in list(self._subs or ()):
                 self._remove_owner(owner)
 
-    def _remove_owner(self, owner: object) -> None:
-        """Drop every entry of one memoized function (``fn.cache_clear()``)."""
+    def _remove_owner(self, owner: object) -> None:  # fn.cache_clear()
         if self._subs is None:
             return
         with self._writable("cache_clear()"):
@@ -191,9 +187,8 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
                 self._remove(owner, key)
 
     def _invalidate(self, owner: object, key: Any = MISSING) -> None:
-        """Deleting ``(owner, key)`` (every key of ``owner``; of every owner for None)
-        invalidates its single-flight computations in flight (``_flight.invalidate``);
-        a batch's are left alone. Lock held."""
+        """A delete of ``(owner, key)`` (all of ``owner``'s keys; every owner's for None)
+        invalidates its computations in flight; a batch's are left alone. Lock held."""
         flights = self._flights
         if not flights:
             return

@@ -23,10 +23,9 @@ _Init = TypeVar("_Init", bound=Callable[..., None])
 
 
 def explains_options(where: str, hint: str = "", misused: str = "") -> Callable[[_Init], _Init]:
-    """An ``__init__`` whose options are keyword-only: a misspelt one is refused naming
-    the closest valid one (and ``hint``), an extra positional argument with ``misused``,
-    before Python's plain ``TypeError``. Type checkers, ``help()`` and ``inspect`` see
-    the ``__init__`` itself: its signature is written once."""
+    """Refuse a misspelt keyword option naming the closest valid one (and ``hint``), an
+    extra positional argument with ``misused``, before Python's plain ``TypeError``;
+    the signature is written once, in the ``__init__`` type checkers see."""
 
     def decorate(init: _Init) -> _Init:
         params = list(inspect.signature(init).parameters.values())[1:]  # after self
@@ -49,7 +48,6 @@ def explains_options(where: str, hint: str = "", misused: str = "") -> Callable[
 
 
 def check_max_entries(value: object, what: str = "max_entries") -> int | None:
-    """Validate a bound: a positive int, or None for an explicitly unbounded store."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -62,15 +60,14 @@ def check_max_entries(value: object, what: str = "max_entries") -> int | None:
 
 
 def _call_of(fn: object) -> object:
-    """What calling ``fn`` runs, when it is an object with a ``__call__`` method: that
-    method decides whether a call returns a coroutine or a generator. A class is
-    called to make an instance, whatever its instances' ``__call__`` does."""
+    """A callable object's ``__call__``, which decides whether a call returns a coroutine
+    or a generator (a class's instances' ``__call__`` does not)."""
     return None if isinstance(fn, type) else getattr(type(fn), "__call__", None)  # noqa: B004
 
 
 def check_key(key: object) -> None:
-    """Refuse an unhashable store key the same way wherever it is used (outside a scope,
-    in an empty store, in a full one), not only once a dict happens to hash it."""
+    """One error for an unhashable store key wherever it is used, even where no dict
+    would hash it (outside a scope, an empty store)."""
     try:
         hash(key)
     except TypeError:
@@ -97,8 +94,7 @@ def is_async_callable(fn: object) -> bool:
 def check_on_close(
     on_close: object, what: str = "on_close", *, optional: bool = True
 ) -> Callable[[Any], object] | None:
-    """Validate an ``on_close`` option: a sync callable taking ``ScopeStats``, or None
-    when ``optional`` (a scope listener must be a callable: None would fail at every close)."""
+    """A sync callable taking ``ScopeStats`` (or None when ``optional``)."""
     if on_close is None and optional:
         return None
     if not callable(on_close):
@@ -160,8 +156,7 @@ LAZY = frozenset({CoroutineType, GeneratorType, AsyncGeneratorType})
 
 
 def refuse_memoized_result(fn: object, value: Any) -> None:
-    """A sync memo's function returned a coroutine or a generator: cached, it would run
-    (or be awaited) once, and the next call would get it exhausted."""
+    """Cached, a coroutine or generator would run once: the next call gets it exhausted."""
     if type(value) is CoroutineType:
         kind, fix = (
             "a coroutine",
@@ -182,7 +177,6 @@ _ALIASES = {"maxsize": "max_entries", "max_size": "max_entries"}
 
 
 def unknown_option(where: str, name: str, valid: tuple[str, ...]) -> str:
-    """An unknown option's message, with the closest valid one ("did you mean")."""
     close = _ALIASES.get(name) or next(iter(difflib.get_close_matches(name, valid, n=1)), None)
     hint = f" Did you mean {close}=?" if close else ""
     return f"{where} got an unknown option {name}=.{hint} The options are {', '.join(valid)}."

@@ -1,30 +1,18 @@
 """Code that a garbage collection runs sees no store.
 
 A streaming body abandoned on a client disconnect is often kept alive by a
-reference cycle (anyio's task-group callback keeps the ``CancelledError``
-whose traceback holds the response and its body), so its ``finally`` runs
-when the collector finds the cycle: a generator is closed by the collector
-itself, an async generator by the event loop's finalizer hook, which
-schedules ``aclose()`` in a copy of the context of the moment. Either way in
-the context of whatever code the collection interrupted: another request's.
+reference cycle, so its ``finally`` runs when the collector finds the cycle, in
+the context of whatever code the collection interrupted: another request's. A
+``gc.callbacks`` hook hides the active store while each collection runs, so
+``__del__``, generator cleanups, weakref callbacks and the ``aclose()`` tasks
+scheduled meanwhile run outside any scope. One collection runs at a time, in one
+thread and context, so one slot holds the hiding token (docs/security.md).
 
-A ``gc.callbacks`` hook hides the active store (sets the ContextVar to None)
-while each collection runs and restores it afterwards, so ``__del__``,
-generator cleanups, weakref callbacks and the ``aclose()`` tasks scheduled
-meanwhile run outside any scope. CPython runs one collection at a time, with
-its callbacks and finalizers, in one thread and context, so one slot holds
-the token of the collection in progress.
-
-CPython 3.11 starts a collection inside an allocation, possibly in the middle
-of a contextvars operation holding a borrowed pointer to the context's
-variable mapping, which hiding the store replaces. A ``copy_context()`` taken
-first keeps that mapping alive until the operation has certainly returned. No
-other thread can start a collection while it runs (one holds the GIL from the
-end of a collection to the end of the operation), and while it runs, its
-thread's innermost Python frame stays at the same instruction: a collection
-that starts anywhere else proves it has returned, and drops the copies. So
-at most the contexts of one operation are kept, not every request's. CPython
-3.12+ collects between bytecodes, and needs none of that.
+CPython 3.11 collects inside allocations, possibly in the middle of a contextvars
+operation holding a borrowed pointer to the mapping that hiding replaces: a
+``copy_context()`` keeps it alive until that operation has returned, proved by a
+collection starting at another instruction (no other thread runs meanwhile).
+3.12+ collects between bytecodes.
 """
 
 from __future__ import annotations

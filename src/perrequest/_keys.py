@@ -1,8 +1,5 @@
-"""Memo keys: what identifies a call, and a clear error when it cannot be hashed.
-
-The generated hit path (``_fastpath``) builds its keys itself from the bound
-parameters; everything else (``*args``/``**kwargs`` functions, ``key=``,
-``typed=``) keys a call by its shape, as ``functools.lru_cache`` does.
+"""Memo keys of calls the generated wrappers (``_wrappers``) do not key themselves, by
+their shape as ``functools.lru_cache`` does, and a clear error when they cannot be hashed.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """What a scope reports when it closes: ``ScopeStats``, per function ``FunctionStats``.
 
-Counted in ``Counter`` objects as calls happen, and snapshotted into the
-immutable stats when asked (``store.stats``) or, when somebody watches (an
-``on_close``, a listener, DEBUG logging), at close, for ``on_close`` and the
-process-wide scope listeners.
+Counted in ``Counter`` objects as calls happen; made into the immutable stats only
+when somebody asks (``store.stats``) or watches (``on_close``, listeners, DEBUG).
 """
 
 from __future__ import annotations
@@ -71,14 +69,9 @@ class ScopeStats:
 
 
 def function_name(fn: object) -> str:
-    """The name a memoized function's stats, ``cache_info``, warnings and metric labels
-    go by: its ``module.qualname``. Counters are kept per name, so two functions with
-    one name (two lambdas of a module) share them; entries never are.
-
-    Never the ``repr``, which for a ``functools.partial`` shows the bound arguments:
-    a partial is named after the function it wraps, with a `` (partial)`` suffix (so
-    partials of one function share counters); a callable object after its class.
-    """
+    """``module.qualname``: what counters (shared by two functions of one name; entries
+    never are), warnings and metric labels go by. Never the ``repr``, which shows a
+    ``functools.partial``'s bound arguments: it is named after its function."""
     if isinstance(fn, functools.partial):
         return function_name(fn.func).removesuffix(" (partial)") + " (partial)"
     module = getattr(fn, "__module__", None)
@@ -87,12 +80,8 @@ def function_name(fn: object) -> str:
 
 
 class Counter:
-    """Hits, misses, evictions and compute time of one function (or the helpers).
-
-    The clock is read around a computation only when ``timed``: when somebody
-    will see the stats (``on_close``, a scope listener, DEBUG logging). A clock
-    read costs a sixth of a miss.
-    """
+    """One function's (or the helpers') counts. The clock is read around a computation
+    only when ``timed`` (somebody will see the stats): a read costs a sixth of a miss."""
 
     __slots__ = ("compute_s", "evictions", "hits", "misses", "timed")
 
@@ -108,8 +97,7 @@ _listeners_lock = threading.RLock()  # reentrant: a finalizer may add a listener
 _logger = logging.getLogger("perrequest")
 
 
-def observed() -> bool:
-    """Whether anybody beyond a scope's own ``on_close`` reads the stats of closed scopes."""
+def observed() -> bool:  # beyond a scope's own on_close
     return bool(listeners) or _logger.isEnabledFor(logging.DEBUG)
 
 
@@ -130,7 +118,7 @@ def remove_scope_listener(listener: Callable[[ScopeStats], object]) -> None:
 
 
 def stats_of(counts: tuple[Any, ...] | None, duration: float) -> ScopeStats:
-    """The stats of a store from the numbers ``Entries._counts`` copied (None: no write)."""
+    """The stats from ``Entries._counts``' numbers (None: nothing was written)."""
     if counts is None:
         return ScopeStats(0, 0, 0, 0, 0, duration)
     hits, misses, entries, peak, evictions, functions = counts

@@ -1,9 +1,6 @@
-"""What ``@request_memo`` returns, as type checkers and ``cache_info()`` see it.
-
-``MemoizedFunction`` is a Protocol generic in the decorated function's
-parameters and result, as typeshed types ``functools.lru_cache``'s wrapper,
-so that calls are checked against the function's signature and the
-``functools``-style extras are known to mypy and pyright.
+"""What ``@request_memo`` returns, as type checkers and ``cache_info()`` see it: a
+Protocol generic in the function's parameters and result, as typeshed types
+``functools.lru_cache``'s wrapper, so calls are checked against its signature.
 """
 
 from __future__ import annotations
@@ -61,15 +58,12 @@ class MemoizedFunction(Protocol[P, R_co]):
 
     def cache_info(self) -> CacheInfo:
         """This function's hits, misses and entries in the active store."""
-        ...
 
     def cache_clear(self) -> None:
         """Drop this function's entries in the active store."""
-        ...
 
     def cache_delete(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Drop the entry these arguments would hit; whether there was one."""
-        ...
 
     @overload
     def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
@@ -92,15 +86,12 @@ class BoundMemoizedFunction(Protocol[S_contra, P, R_co]):
 
     def cache_info(self) -> CacheInfo:
         """The method's hits, misses and entries in the active store (all instances)."""
-        ...
 
     def cache_clear(self) -> None:
         """Drop the method's entries in the active store, for every instance."""
-        ...
 
     def cache_delete(self, instance: S_contra, /, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Drop the entry ``instance`` and these arguments would hit; whether there was one."""
-        ...
 
 
 class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
@@ -108,4 +99,3 @@ class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
 
     def cache_info(self) -> SharedCacheInfo:  # type: ignore[override]
         """This function's counters in the active store and in the shared tier."""
-        ...

@@ -55,7 +55,7 @@ Options = tuple[int | None, OnClose | None]
 
 # The store of a cell closed before anybody needed one: closed, shared, never written.
 _NONE_MADE = MemoStore(1)
-_NONE_MADE._closed = True
+_NONE_MADE._shut(False)
 
 
 def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
@@ -182,15 +182,10 @@ def _reset(token: Token[Any]) -> None:
 
 def close_scope(store: MemoStore) -> None:
     """Restore the previous store if this one is active here, clear it, then log its
-    stats at DEBUG and call ``on_close`` and the listeners. Idempotent; an unwritten,
-    unwatched store just closes."""
+    stats at DEBUG and call ``on_close`` and the listeners. Idempotent."""
     if store._closed:
         return
     leave_scope(store, closing=True)
-    if not store._opened_at and store._lock is None:  # unwritten, and nobody watches
-        store._closed = True
-        _live.pop()
-        return
     on_close = store._on_close
     debug = logger.isEnabledFor(logging.DEBUG)
     stats = store._shut(on_close is not None or bool(listeners) or debug)

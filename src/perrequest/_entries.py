@@ -4,14 +4,11 @@ Helper entries live in one dict, each memoized function's in its own, keyed by
 its spec: a memo hit is two lookups and no key tuple to build
 (``_subs[spec][key]`` is ``(value, counter, entry_id, anchor)``). One ordered
 dict of entry ids is the store-wide recency. A function's dict goes with its
-last entry, so the bookkeeping never outgrows the entries. Reads take no lock;
-the lock and the dicts are made on the first write.
+last entry, so the bookkeeping never outgrows the entries. Reads take no lock.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -19,17 +16,12 @@ from contextvars import Token
 from typing import Any, Final
 
 from ._flight import MISSING
-from ._stats import Counter, ScopeStats, observed, stats_of
+from ._stats import Counter, ScopeStats, stats_of
 from .errors import ScopeClosed
 
 # The owner of helper entries; memo entries are owned by their function's spec.
 HELPERS: Final = "perrequest.helpers"
-# Serialises the first write's set-up of one store with another thread's.
-_setup = threading.RLock()
 _OTHER = "(other functions)"  # counters beyond max_entries distinct function names
-# A store's counters before its first write: shared, never written to (the first
-# write gives the store its own dict), so that looking a function up misses cheaply.
-NO_COUNTERS: Final[dict[str, Counter]] = {}
 
 
 class Entries:
@@ -57,9 +49,8 @@ class Entries:
         "_subs",
         "_token",
     )
-    # Made on the first write (_writable):
     _bound: int
-    _counters: dict[str, Counter]  # NO_COUNTERS until the first write
+    _counters: dict[str, Counter]
     _evictions: int
     _flights: dict[Hashable, Any]
     _helpers: Counter
@@ -69,8 +60,8 @@ class Entries:
     _closed_at: float  # set by _shut
     _final: ScopeStats | tuple[Any, ...]  # the numbers, until somebody asks
 
-    _subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None
-    _lock: Any  # a threading.RLock once written to
+    _subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None  # None once closed
+    _lock: Any  # a threading.RLock
     _closed: bool
     _max_entries: int | None
     _on_close: Callable[[ScopeStats], object] | None
@@ -78,37 +69,18 @@ class Entries:
     _opened_at: float
 
     def __len__(self) -> int:
-        order = self._order if self._subs is not None else None
-        return 0 if order is None else len(order)
+        return len(self._order)
 
-    def _writable(self, what: object) -> threading.RLock:
-        """The lock, made with the dicts on the first write; ``ScopeClosed`` once closed.
-        The lock is published before ``_closed`` is checked, and closing sets ``_closed``
-        before it looks for the lock: a writer sees the store closed, or the closing
-        thread finds the lock and waits for it."""
-        lock: threading.RLock | None = self._lock
-        if lock is None and not self._closed:  # (closed before its first write: nothing to make)
-            # Made before taking _setup: an allocation under it could start a collection
-            # whose finalizers write to a new store, and so take _setup again.
-            timed = self._on_close is not None or observed()
-            fresh: tuple[Any, ...] = (
-                OrderedDict(), {}, {}, Counter(timed), {HELPERS: {}}, threading.RLock()
-            )  # fmt: skip
-            with _setup:
-                lock = self._lock
-                if lock is None:
-                    self._order, self._flights, self._counters, self._helpers, subs, new = fresh
-                    self._next_id = self._evictions = self._peak = 0
-                    self._bound = sys.maxsize if self._max_entries is None else self._max_entries
-                    self._subs = subs
-                    lock = self._lock = new
-        if self._closed or lock is None:  # (None only if closed before the first write)
+    def _writable(self, what: object) -> Any:
+        """The lock; ``ScopeClosed`` once closed. A write racing the close stores nothing:
+        ``_shut`` empties the store under the lock, and a closed store fills nothing."""
+        if self._closed:
             raise ScopeClosed(
                 f"cannot write {what!r}: this MemoStore belongs to a request scope that has "
                 "ended. Use perrequest.current_store() inside the request instead of keeping "
                 "a reference to an old store."
             )
-        return lock
+        return self._lock
 
     def _counter(self, name: str) -> Counter:
         """Kept by name, not by function, so a helper defined anew per message adds
@@ -125,8 +97,6 @@ class Entries:
             return counter
 
     def _info(self, owner: object, name: str) -> tuple[int, int, int]:
-        if self._lock is None:
-            return 0, 0, 0
         counter = self._counters.get(name)
         hits, misses = (0, 0) if counter is None else (counter.hits, counter.misses)
         return hits, misses, len((self._subs or {}).get(owner, ()))
@@ -281,7 +251,7 @@ class Entries:
         self._next_id = max(self._next_id, *live, 0) + 1
 
     def _snapshot(self) -> ScopeStats:
-        return stats_of(self._counts() if self._lock is not None else None, self._age())
+        return stats_of(self._counts(), self._age())
 
     def _age(self) -> float:
         start = self._opened_at  # 0.0: a scope nobody watched is not timed
@@ -307,10 +277,7 @@ class Entries:
         numbers, for ``stats``). Computations in flight release their own waiters."""
         self._closed_at = time.perf_counter() if self._opened_at else 0.0
         self._closed = True
-        lock = self._lock
-        if lock is None:  # nothing was ever written: the stats are all zeros
-            return self._snapshot() if want_stats else None
-        with lock:
+        with self._lock:
             # Copied, so that a computation still in flight cannot change them later.
             self._final = self._counts()
             self._subs = None
@@ -319,9 +286,9 @@ class Entries:
         return self._final_stats() if want_stats else None
 
     def _final_stats(self) -> ScopeStats:
-        final = getattr(self, "_final", None)  # None: closed during its first write
+        final = getattr(self, "_final", None)  # None: read while another thread closes
         if final is None:
             return self._snapshot()
-        if type(final) is tuple:
+        if isinstance(final, tuple):
             final = self._final = stats_of(final, self._age())
         return final

@@ -117,10 +117,8 @@ def remove_scope_listener(listener: Callable[[ScopeStats], object]) -> None:
             listeners.remove(listener)
 
 
-def stats_of(counts: tuple[Any, ...] | None, duration: float) -> ScopeStats:
-    """The stats from ``Entries._counts``' numbers (None: nothing was written)."""
-    if counts is None:
-        return ScopeStats(0, 0, 0, 0, 0, duration)
+def stats_of(counts: tuple[Any, ...], duration: float) -> ScopeStats:
+    """The stats from ``Entries._counts``' numbers."""
     hits, misses, entries, peak, evictions, functions = counts
     return ScopeStats(
         hits=hits + sum(f[1] for f in functions),

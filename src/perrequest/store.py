@@ -6,7 +6,10 @@ How entries are kept, bounded and counted is ``_entries``'. Memo entries show up
 
 from __future__ import annotations
 
+import sys
+import threading
 from asyncio import Task
+from collections import OrderedDict
 from collections.abc import (
     Callable,
     Hashable,
@@ -15,14 +18,13 @@ from collections.abc import (
     MutableMapping,
     ValuesView,
 )
-from contextvars import Token
 from typing import Any, Final, NamedTuple, TypeVar
 
 from . import _flight
 from ._checks import check_factory, check_key, check_max_entries
-from ._entries import HELPERS, NO_COUNTERS, Entries
+from ._entries import HELPERS, Entries
 from ._flight import MISSING, Waited
-from ._stats import ScopeStats
+from ._stats import Counter, ScopeStats, observed
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "MemoKey", "MemoStore"]
 
@@ -66,13 +68,18 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         if max_entries is not None and (type(max_entries) is not int or max_entries <= 0):
             check_max_entries(max_entries)
         self._max_entries = max_entries
+        self._bound = sys.maxsize if max_entries is None else max_entries
         self._on_close = on_close
-        self._subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None = None
-        self._lock: Any = None  # a threading.RLock once written to
         self._closed = False
-        self._token: Token[MemoStore | None] | None = None  # set by the scope that opens it
+        self._token = None  # set by the scope that opens it
         self._opened_at = 0.0  # timed by the scope that opens it, when watched
-        self._counters = NO_COUNTERS  # a miss reads it before the first write
+        self._subs = {HELPERS: {}}
+        self._order = OrderedDict()
+        self._flights = {}
+        self._counters = {}
+        self._helpers = Counter(on_close is not None or observed())
+        self._next_id = self._evictions = self._peak = 0
+        self._lock = threading.RLock()
 
     # -- Mapping ---------------------------------------------------------------
 
@@ -238,7 +245,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     @property
     def stats(self) -> ScopeStats:
         """Hits, misses, entries, peak, evictions and age; once closed, the final stats."""
-        return self._final_stats() if self._closed and self._lock is not None else self._snapshot()
+        return self._final_stats() if self._closed else self._snapshot()
 
     def get_or_set(self, key: Hashable, factory: Callable[[], T]) -> T:
         """The value at ``key``, calling ``factory()`` once to fill it if missing.

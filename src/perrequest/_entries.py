@@ -16,7 +16,7 @@ from contextvars import Token
 from typing import Any, Final
 
 from ._flight import MISSING
-from ._stats import Counter, ScopeStats, stats_of
+from ._stats import Counter, ScopeStats, observed, stats_of
 from .errors import ScopeClosed
 
 # The owner of helper entries; memo entries are owned by their function's spec.
@@ -91,9 +91,9 @@ class Entries:
             if counter is None:
                 if self._max_entries is not None and len(counters) >= self._max_entries:
                     name = _OTHER
-                counter = counters.get(name) or counters.setdefault(
-                    name, Counter(self._helpers.timed)
-                )
+                # Timed if watched now: a listener may have come since the scope opened.
+                timed = self._on_close is not None or observed()
+                counter = counters.get(name) or counters.setdefault(name, Counter(timed))
             return counter
 
     def _info(self, owner: object, name: str) -> tuple[int, int, int]:

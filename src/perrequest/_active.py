@@ -43,7 +43,7 @@ def open_scope(
 ) -> MemoStore:
     """Make a new store active here; timed only if somebody will see its stats."""
     store = MemoStore(max_entries, on_close)
-    if on_close is not None or listeners or logger.isEnabledFor(logging.DEBUG):
+    if on_close is not None or observed():
         store._opened_at = _now()
     _live.append(None)
     store._token = _current.set(store)
@@ -87,10 +87,7 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
     if token is not None:
         active = _current.get()
         if active is cell or active is store:
-            try:
-                _current.reset(token)
-            except ValueError:  # another context than the one it was set in
-                _set_back(token)
+            _reset(token)
     if store is _NONE_MADE:
         _live.pop()
     else:
@@ -118,11 +115,6 @@ def opened_by_a_middleware() -> bool:
 def holds(cell: list[Any]) -> bool:
     active = _current.get()
     return active is cell or (len(cell) > 1 and active is cell[1])
-
-
-def _set_back(token: Token[Any]) -> None:
-    """``reset(token)``, in a context other than the one it was set in."""
-    _current.set(None if token.old_value is token.MISSING else token.old_value)
 
 
 def _made(cell: list[Any]) -> MemoStore:
@@ -176,8 +168,8 @@ def leave_scope(store: MemoStore, closing: bool = False) -> None:
 def _reset(token: Token[Any]) -> None:
     try:
         _current.reset(token)
-    except ValueError:  # another context than the one the scope was opened in
-        _set_back(token)
+    except ValueError:  # another context than the one it was set in: do what reset does
+        _current.set(None if token.old_value is token.MISSING else token.old_value)
 
 
 def close_scope(store: MemoStore) -> None:

@@ -9,25 +9,30 @@ last entry, so the bookkeeping never outgrows the entries. Reads take no lock.
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from contextvars import Token
 from typing import Any, Final
 
+from ._checks import check_max_entries
 from ._flight import MISSING
 from ._stats import Counter, ScopeStats, observed, stats_of
 from .errors import ScopeClosed
 
 # The owner of helper entries; memo entries are owned by their function's spec.
 HELPERS: Final = "perrequest.helpers"
+DEFAULT_MAX_ENTRIES: Final = 10_000
+"""The bound of a store when none is given: 10 000 entries, evicted least recently used."""
 _OTHER = "(other functions)"  # counters beyond max_entries distinct function names
 
 
 class Entries:
     """The entries, counters and lock of one store; ``MemoStore`` is its public face."""
 
-    # What the hit path reads is in slots, set in MemoStore.__init__: CPython
+    # What the hit path reads is in slots, set in __init__: CPython
     # 3.12+ does not specialise reading an attribute that a class attribute shadows.
     __slots__ = (
         "__weakref__",
@@ -49,24 +54,29 @@ class Entries:
         "_subs",
         "_token",
     )
-    _bound: int
-    _counters: dict[str, Counter]
-    _evictions: int
-    _flights: dict[Hashable, Any]
-    _helpers: Counter
-    _next_id: int
-    _order: OrderedDict[int, tuple[object, Hashable]]
-    _peak: int
     _closed_at: float  # set by _shut
     _final: ScopeStats | tuple[Any, ...]  # the numbers, until somebody asks
 
-    _subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None  # None once closed
-    _lock: Any  # a threading.RLock
-    _closed: bool
-    _max_entries: int | None
-    _on_close: Callable[[ScopeStats], object] | None
-    _token: Token[Any] | None
-    _opened_at: float
+    def __init__(
+        self,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
+        on_close: Callable[[ScopeStats], object] | None = None,
+    ) -> None:
+        if max_entries is not None and (type(max_entries) is not int or max_entries <= 0):
+            check_max_entries(max_entries)
+        self._max_entries = max_entries
+        self._bound = sys.maxsize if max_entries is None else max_entries
+        self._on_close = on_close
+        self._closed = False
+        self._token: Token[Any] | None = None  # set by the scope that opens it
+        self._opened_at = 0.0  # timed by the scope that opens it, when watched
+        self._subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None = {HELPERS: {}}
+        self._order: OrderedDict[int, tuple[object, Hashable]] = OrderedDict()
+        self._flights: dict[Hashable, Any] = {}
+        self._counters: dict[str, Counter] = {}
+        self._helpers = Counter(timed=False)  # its compute_s is reported nowhere
+        self._next_id = self._evictions = self._peak = 0
+        self._lock: Any = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._order)

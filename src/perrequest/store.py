@@ -6,23 +6,17 @@ How entries are kept, bounded and counted is ``_entries``'. Memo entries show up
 
 from __future__ import annotations
 
-import sys
-import threading
 from asyncio import Task
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, ItemsView, Iterator, MutableMapping, ValuesView
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from . import _flight
-from ._checks import check_factory, check_key, check_max_entries
-from ._entries import HELPERS, Entries
+from ._checks import check_factory, check_key
+from ._entries import DEFAULT_MAX_ENTRIES, HELPERS, Entries
 from ._flight import MISSING, Waited
-from ._stats import Counter, ScopeStats
+from ._stats import ScopeStats
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "MemoKey", "MemoStore"]
-
-DEFAULT_MAX_ENTRIES: Final = 10_000
-"""The bound of a store when none is given: 10 000 entries, evicted least recently used."""
 
 T = TypeVar("T")
 
@@ -52,27 +46,6 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     """
 
     __slots__ = ()
-
-    def __init__(
-        self,
-        max_entries: int | None = DEFAULT_MAX_ENTRIES,
-        on_close: Callable[[ScopeStats], object] | None = None,
-    ) -> None:
-        if max_entries is not None and (type(max_entries) is not int or max_entries <= 0):
-            check_max_entries(max_entries)
-        self._max_entries = max_entries
-        self._bound = sys.maxsize if max_entries is None else max_entries
-        self._on_close = on_close
-        self._closed = False
-        self._token = None  # set by the scope that opens it
-        self._opened_at = 0.0  # timed by the scope that opens it, when watched
-        self._subs = {HELPERS: {}}
-        self._order = OrderedDict()
-        self._flights = {}
-        self._counters = {}
-        self._helpers = Counter(timed=False)  # its compute_s is reported nowhere
-        self._next_id = self._evictions = self._peak = 0
-        self._lock = threading.RLock()
 
     # -- Mapping ---------------------------------------------------------------
 

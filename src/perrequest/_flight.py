@@ -84,21 +84,6 @@ class Waited:
         self.future.set_running_or_notify_cancel()
 
 
-def _join(cache: Cache, key: Hashable, owner: object, counter: Counter) -> Waited | bool:
-    """Under the lock, ``key`` being computed: the computation to wait for, or False to
-    compute unregistered (this very thread or task is computing the key: recursion)."""
-    flights = cache._flights
-    record = flights[key]
-    computing = record.owner if type(record) is Waited else record
-    if computing is owner or computing == owner:
-        counter.misses += 1
-        return False
-    if type(record) is not Waited:
-        record = flights[key] = Waited(computing)
-    counter.hits += 1
-    return record
-
-
 def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
     """What a waiter returns or raises; MISSING to try again (not counted as a hit)."""
     if result is _RESTART:
@@ -220,22 +205,19 @@ def run(
     # caller looked is computed again: "at most once at a time" still holds.
     record = cache._flights.setdefault(key, me)
     while record is not me:
-        joined = _wait_or_join(cache, key, me, counter)
-        if joined is True:
+        step = _next_step(cache, key, me, counter)
+        if step is True:
             break
-        if type(joined) is tuple:
-            return joined[0]
-        if joined is not False:
-            if joined.future.done() or may_wait(me, joined.owner):
-                try:
-                    result = joined.future.result()
-                finally:
-                    done_waiting(me)
-                value = _outcome(cache, counter, result)
-                if value is MISSING:  # its caller was interrupted: look, join or compute
-                    continue
-                return value
-            _uncount(cache, counter)
+        if type(step) is tuple:
+            return step[0]
+        if step is not False:
+            try:
+                value = _outcome(cache, counter, step.future.result())
+            finally:
+                done_waiting(me)
+            if value is MISSING:  # its caller was interrupted: look, join or compute
+                continue
+            return value
         # Recursion, or a cycle of waiters: compute without sharing, timed all the same.
         start = _now() if counter.timed else 0.0
         try:
@@ -262,24 +244,31 @@ def run(
     return finish(cache, key, me, value, counter, extra)
 
 
-def _wait_or_join(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any:
-    """A ``Waited`` to wait on, ``True``: registered after all, ``False``: compute
-    without sharing, or ``(value,)`` found."""
+def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any:
+    """Somebody registered ``key``: a ``Waited`` to wait on (then ``done_waiting``),
+    ``True``: registered after all, ``False``: compute without sharing, ``(value,)``."""
     with cache._lock:
         value = cache._lookup(key)
         if value is not MISSING:
             counter.hits += 1
             return (value,)
-        if key in cache._flights:
-            return _join(cache, key, me, counter)
-        cache._flights[key] = me
-        return True
-
-
-def _uncount(cache: Cache, counter: Counter) -> None:  # a hit computes after all: a miss
-    with cache._lock:
+        record = cache._flights.get(key)
+        if record is None:
+            cache._flights[key] = me
+            return True
+        computing = record.owner if type(record) is Waited else record
+        if computing is me or computing == me:  # recursion: this very caller computes it
+            counter.misses += 1
+            return False
+        if type(record) is not Waited:
+            record = cache._flights[key] = Waited(computing)
+        counter.hits += 1
+    if record.future.done() or may_wait(me, record.owner):
+        return record
+    with cache._lock:  # a cycle of waiters: counted as a hit, it computes after all
         counter.hits -= 1
         counter.misses += 1
+    return False
 
 
 async def run_async(
@@ -295,22 +284,19 @@ async def run_async(
         return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
     record = cache._flights.setdefault(key, me)
     while record is not me:
-        joined = _wait_or_join(cache, key, me, counter)
-        if joined is True:
+        step = _next_step(cache, key, me, counter)
+        if step is True:
             break
-        if joined is not False:
-            if type(joined) is tuple:
-                return joined[0]
-            if joined.future.done() or may_wait(me, joined.owner):
-                try:
-                    result = await asyncio.wrap_future(joined.future)
-                finally:
-                    done_waiting(me)
-                value = _outcome(cache, counter, result)
-                if value is MISSING:  # its caller was cancelled: look, join or compute
-                    continue
-                return value
-            _uncount(cache, counter)
+        if type(step) is tuple:
+            return step[0]
+        if step is not False:
+            try:
+                value = _outcome(cache, counter, await asyncio.wrap_future(step.future))
+            finally:
+                done_waiting(me)
+            if value is MISSING:  # its caller was cancelled: look, join or compute
+                continue
+            return value
         return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
     counter.misses += 1
     start = _now() if counter.timed else 0.0

@@ -278,9 +278,7 @@ def request_memo(
 
     if fn is None:
         return decorate
-    if isinstance(fn, (bool, int, str)) or (
-        not callable(fn) and not isinstance(fn, (classmethod, staticmethod))
-    ):
+    if not callable(fn) and not isinstance(fn, (classmethod, staticmethod)):
         raise TypeError(
             f"@request_memo takes a function, or options as keywords "
             f"(@request_memo(max_entries=100)), not {fn!r}"

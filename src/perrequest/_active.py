@@ -35,9 +35,6 @@ _live: deque[None] = deque()
 _now = time.perf_counter
 
 
-# -- the lifecycle -------------------------------------------------------------------------------
-
-
 def open_scope(
     max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
 ) -> MemoStore:

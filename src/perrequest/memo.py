@@ -87,8 +87,6 @@ class _MemoSpec:
         except TypeError as exc:
             raise unhashable(self, args, kwargs, exc) from None
 
-    # -- calls that are not hits -------------------------------------------------------
-
     def outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable) -> Any:
         """A call outside any scope: the key is still checked (the same error everywhere)."""
         self.checked(key, args, kwargs)
@@ -123,8 +121,6 @@ class _MemoSpec:
             return self.shared.run_async if self.is_async else self.shared.run
         return _flight.run_async if self.is_async else _flight.run
 
-    # -- the functools-style extras ----------------------------------------------------
-
     def cache_info(self) -> CacheInfo | tuple[Any, ...]:
         store = active_store()
         hits, misses, currsize = (0, 0, 0) if store is None else store._info(self, self.name)
@@ -156,9 +152,6 @@ class _MemoSpec:
         if store is None:
             return deleted
         return store.pop(MemoKey(self, key), _ABSENT) is not _ABSENT or deleted
-
-
-# -- the decorator -------------------------------------------------------------------------
 
 
 @overload

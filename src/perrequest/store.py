@@ -47,8 +47,6 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
 
     __slots__ = ()
 
-    # -- Mapping ---------------------------------------------------------------
-
     def _found(self, key: Hashable, touch: bool = True) -> Any:
         """The value at ``key``, or MISSING. An unhashable key raises check_key's error
         even in an empty store, checked on misses only, so a hit pays nothing."""
@@ -195,8 +193,6 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     def update(self, *args: Any, **kwargs: Any) -> None:
         self._writable("update()")
         super().update(*args, **kwargs)
-
-    # -- the rest of the public surface -------------------------------------------
 
     @property
     def max_entries(self) -> int | None:

@@ -142,8 +142,8 @@ def _slow(
     if counter is None:
         return spec.outside(args, kwargs, where[1])
     if look:
-        # The lookup raised TypeError or AttributeError: a closed store, or the key's
-        # __eq__ raised. Looking again raises that before the function runs, as
+        # The lookup of a hashable key raised TypeError or AttributeError: the key's
+        # __eq__ did. Looking again raises that before the function runs, as
         # functools.lru_cache does.
         value = store._lookup(where)
         if value is not _flight.MISSING:

@@ -428,12 +428,12 @@ def test_settings_defaults_and_valid_values(closed: list[ScopeStats]) -> None:
 
         del settings.PERREQUEST
         default = RequestScopeMiddleware(lambda request: HttpResponse())
-    assert (default._max_entries, default._on_close) == (DEFAULT_MAX_ENTRIES, None)
-    assert _middleware()._max_entries == DEFAULT_MAX_ENTRIES
-    assert _middleware(MAX_ENTRIES=None)._max_entries is None
-    assert _middleware(ON_CLOSE=None)._on_close is None
+    assert default._options == (DEFAULT_MAX_ENTRIES, None)
+    assert _middleware()._options[0] == DEFAULT_MAX_ENTRIES
+    assert _middleware(MAX_ENTRIES=None)._options[0] is None
+    assert _middleware(ON_CLOSE=None)._options[1] is None
     dotted = _middleware(ON_CLOSE="django_project.hooks.record_close")
-    assert dotted._on_close is hooks.record_close
+    assert dotted._options[1] is hooks.record_close
 
 
 def test_max_entries_bounds_each_request_store(closed: list[ScopeStats]) -> None:

@@ -139,19 +139,13 @@ def here() -> MemoStore | None:
     return active  # type: ignore[no-any-return]
 
 
-def leave_scope(store: MemoStore, closing: bool = False) -> None:
-    """Restore here what was active before ``open_scope``; the scope stays open.
-
-    Only while the store is active here: a scope opened since is left alone. A
-    scope closing out of order (enter a, enter b, exit a) keeps its token: b's
-    exit brings a back, closed, and then restores what a replaced.
-    """
+def _leave(store: MemoStore) -> None:
+    """Restore here what was active before ``open_scope``, while the store is active
+    here (a scope opened since is left alone). A scope closing out of order (enter
+    a, enter b, exit a) keeps its token: b's exit brings a back, closed, and then
+    restores what a replaced."""
     token = store._token
-    if token is None:
-        return
-    if _current.get() is not store:
-        if not closing:
-            store._token = None
+    if token is None or _current.get() is not store:
         return
     store._token = None
     _reset(token)
@@ -174,7 +168,7 @@ def close_scope(store: MemoStore) -> None:
     stats at DEBUG and call ``on_close`` and the listeners. Idempotent."""
     if store._closed:
         return
-    leave_scope(store, closing=True)
+    _leave(store)
     on_close = store._on_close
     debug = logger.isEnabledFor(logging.DEBUG)
     stats = store._shut(on_close is not None or bool(listeners) or debug)
@@ -202,16 +196,13 @@ def active_store() -> MemoStore | None:
     return None if store is None or store._closed else store
 
 
-# Where a middleware leaves the scope it opened (its cell; Django's middleware, its
-# store), in the ASGI scope or WSGI environ, so that a second perrequest layer on
-# the same request (a mounted sub-app with its own middleware, one registered
-# twice) shares it.
+# Where a middleware leaves the cell of the scope it opened, in the ASGI scope, WSGI
+# environ or Django request.META, so that a second perrequest layer on the same
+# request (a mounted sub-app with its own middleware, one registered twice) shares it.
 REQUEST_KEY = "perrequest.store"
 
 
 def opened_outside(request: Mapping[str, Any]) -> bool:
     """True when an outer perrequest layer opened this request's scope, still active here."""
-    outer: MemoStore | list[Any] | None = request.get(REQUEST_KEY)
-    if type(outer) is list:
-        return outer[0] is not None and holds(outer)
-    return outer is not None and outer is _current.get() and not outer._closed
+    outer = request.get(REQUEST_KEY)
+    return type(outer) is list and outer[0] is not None and holds(outer)

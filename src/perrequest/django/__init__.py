@@ -31,13 +31,12 @@ from .._active import (
     REQUEST_KEY,
     OnClose,
     _current,
-    close_scope,
-    leave_scope,
-    open_scope,
+    close_request,
+    open_request,
     opened_outside,
 )
 from .._checks import check_max_entries, check_on_close
-from ..store import DEFAULT_MAX_ENTRIES, MemoStore
+from ..store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
 
@@ -65,7 +64,7 @@ class RequestScopeMiddleware:
 
     def __init__(self, get_response: Callable[[Any], Any]) -> None:
         self.get_response = get_response
-        self._max_entries, self._on_close = _read_settings()
+        self._options = _read_settings()
         self._is_async = iscoroutinefunction(get_response)
         if self._is_async:
             markcoroutinefunction(self)
@@ -75,26 +74,28 @@ class RequestScopeMiddleware:
             return self._acall(request)
         if _opened_outside(request):
             return self.get_response(request)
-        store = request.META[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
+        cell, token = open_request(self._options)
+        request.META[REQUEST_KEY] = cell
         try:
             response = self.get_response(request)
         except BaseException:
-            close_scope(store)
+            close_request(cell, token)
             raise
-        leave_scope(store)
-        return _tie_to_response(response, store)
+        _current.reset(token)  # the thread as it was; the scope stays open
+        return _tie_to_response(response, cell)
 
     async def _acall(self, request: Any) -> Any:
         if _opened_outside(request):
             return await self.get_response(request)
-        store = request.META[REQUEST_KEY] = open_scope(self._max_entries, self._on_close)
+        cell, token = open_request(self._options)
+        request.META[REQUEST_KEY] = cell
         try:
             response = await self.get_response(request)
         except BaseException:  # cancellation (client gone) closes the store too
-            close_scope(store)
+            close_request(cell, token)
             raise
-        leave_scope(store)
-        return _tie_to_response(response, store)
+        _current.reset(token)
+        return _tie_to_response(response, cell)
 
 
 def _opened_outside(request: Any) -> bool:
@@ -104,31 +105,31 @@ def _opened_outside(request: Any) -> bool:
     return opened_outside(request.META) or (isinstance(scope, dict) and opened_outside(scope))
 
 
-def _tie_to_response(response: Any, store: MemoStore) -> Any:
+def _tie_to_response(response: Any, cell: list[Any]) -> Any:
     """End the scope now, or, for a streaming response, when Django closes it."""
     if not getattr(response, "streaming", False) or (
         getattr(response, "file_to_stream", None) is not None  # a file: no app code runs
     ):
-        close_scope(store)
+        close_request(cell, None)
         return response
     try:
         # A response dropped unclosed (a middleware above replaced it) ends the scope
         # when it is collected; on that path, the scope only.
-        end = weakref.finalize(response, close_scope, store)
+        end = weakref.finalize(response, close_request, cell, None)
         content = response.streaming_content
         if getattr(response, "is_async", False):
-            response.streaming_content = _produce_async(content, store)
+            response.streaming_content = _produce_async(content, cell)
         else:
-            response.streaming_content = _produce(content, store)
-        response.close = _closing(weakref.ref(response), store, end)
+            response.streaming_content = _produce(content, cell)
+        response.close = _closing(weakref.ref(response), cell, end)
     except BaseException:
-        close_scope(store)
+        close_request(cell, None)
         raise
     return response
 
 
 def _closing(
-    response: weakref.ref[Any], store: MemoStore, end: Callable[[], object]
+    response: weakref.ref[Any], cell: list[Any], end: Callable[[], object]
 ) -> Callable[[], None]:
     """``response.close`` for a streaming response: Django's own close (your generator's
     cleanup, GZip's, ``request_finished``) with the store active, then the scope ends.
@@ -139,7 +140,7 @@ def _closing(
 
     def close() -> None:
         target = response()
-        token = _current.set(store)
+        token = _current.set(cell)
         try:
             if target is not None:
                 type(target).close(target)
@@ -150,12 +151,12 @@ def _closing(
     return close
 
 
-def _produce(content: Iterable[Any], store: MemoStore) -> Iterator[Any]:
+def _produce(content: Iterable[Any], cell: list[Any]) -> Iterator[Any]:
     """Each chunk of a sync streaming body, produced with the request's store active.
     The content's own ``close`` runs as Django closes the response (``_closing``)."""
     iterator = None
     while True:
-        token = _current.set(store)
+        token = _current.set(cell)
         try:
             if iterator is None:
                 iterator = iter(content)
@@ -167,7 +168,7 @@ def _produce(content: Iterable[Any], store: MemoStore) -> Iterator[Any]:
         yield chunk
 
 
-async def _produce_async(content: AsyncIterable[Any], store: MemoStore) -> AsyncIterator[Any]:
+async def _produce_async(content: AsyncIterable[Any], cell: list[Any]) -> AsyncIterator[Any]:
     """The async twin of ``_produce``. Django does not close an async body left
     suspended (the client went away): the event loop finalizes it later, and its
     cleanup then runs with this request's store active, closed by then, so that
@@ -175,7 +176,7 @@ async def _produce_async(content: AsyncIterable[Any], store: MemoStore) -> Async
     iterator = aiter(content)
     try:
         while True:
-            token = _current.set(store)
+            token = _current.set(cell)
             try:
                 chunk = await anext(iterator)
             except StopAsyncIteration:
@@ -186,7 +187,7 @@ async def _produce_async(content: AsyncIterable[Any], store: MemoStore) -> Async
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
-            token = _current.set(store)
+            token = _current.set(cell)
             try:
                 await aclose()
             finally:

@@ -58,6 +58,8 @@ def _request_store(request: Any) -> MemoStore | None:
     scope = getattr(request, "scope", None)
     if store is None and isinstance(scope, Mapping):
         store = scope.get(REQUEST_KEY)
+    if type(store) is list:  # a middleware's cell: its store, once made
+        store = store[1] if len(store) > 1 else None
     return store if isinstance(store, MemoStore) else active_store()
 
 

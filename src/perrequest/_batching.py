@@ -17,12 +17,12 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Set
 from concurrent.futures import Future
 from typing import Any
 
-from . import _outside
 from ._active import here
 from ._checks import refuse_coroutine
 from ._flight import MISSING, done_waiting, may_wait
 from ._stats import Counter, function_name
 from .errors import ScopeClosed, UnhashableArguments
+from .memo import refuse_or_warn
 from .store import MemoStore
 
 logger = logging.getLogger("perrequest")
@@ -152,7 +152,7 @@ class _BatchSpec:
 
     def refuse_or_warn(self) -> None:
         """The ``outside_scope`` rule, for a call made outside any scope."""
-        _outside.refuse_or_warn(
+        refuse_or_warn(
             "request_batch",
             self.name,
             self.outside_scope,

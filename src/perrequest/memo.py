@@ -9,11 +9,13 @@ everything else is the spec's.
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 import weakref
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
-from . import _flight, _outside
+from . import _flight
 from ._active import active_store
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._keys import call_key, is_method, unhashable
@@ -21,7 +23,8 @@ from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter, function_name
 from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
 from ._wrappers import make_wrapper
-from .errors import PerRequestError, ScopeClosed
+from .errors import NoActiveScope, PerRequestError, ScopeClosed
+from .scope import NO_SCOPE_HINT
 from .store import MemoKey, MemoStore
 
 if TYPE_CHECKING:  # never imported at run time: the core does not import redis
@@ -33,6 +36,14 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _ABSENT: Any = object()  # what pop() returns for a missing entry
+logger = logging.getLogger("perrequest")
+# The test suite's choice for every memo and loader (the pytest plugin's
+# perrequest_outside_scope), over each one's own outside_scope.
+outside_override: str | None = None
+# Names warned about outside a scope, once each; bounded, like everything here.
+warned_outside: set[str] = set()
+_WARNED_MAX = 10_000
+_warned_lock = threading.Lock()
 _OUTSIDE_SCOPE = ("warn", "call", "raise")
 _OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared", "version")
 
@@ -90,7 +101,7 @@ class _MemoSpec:
     def outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable) -> Any:
         """A call outside any scope: the key is still checked (the same error everywhere)."""
         self.checked(key, args, kwargs)
-        _outside.refuse_or_warn(
+        refuse_or_warn(
             "request_memo",
             self.name,
             self.outside_scope,
@@ -277,3 +288,31 @@ def request_memo(
             f"(@request_memo(max_entries=100)), not {fn!r}"
         )
     return decorate(fn)
+
+
+def refuse_or_warn(decorator: str, name: str, outside_scope: str, what: str, fix: str) -> None:
+    """A call outside any scope (memos and loaders): raise ``NoActiveScope`` or log one
+    WARNING per name, as ``outside_scope`` (or the test suite's override) says."""
+    mode = outside_override or outside_scope
+    if mode == "call":
+        return
+    if mode == "raise":
+        raise NoActiveScope(
+            f"@{decorator} {name} was called outside a request scope "
+            f"(outside_scope='raise'). {NO_SCOPE_HINT}"
+        )
+    if name in warned_outside:
+        return
+    with _warned_lock:
+        if name in warned_outside or len(warned_outside) >= _WARNED_MAX:
+            return
+        warned_outside.add(name)
+    logger.warning(
+        "perrequest: %s was called outside a request scope, so nothing was %s (logged "
+        "once per function). %s To call it uncached on purpose, use "
+        "@%s(outside_scope='call').",
+        name,
+        what,
+        fix,
+        decorator,
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from . import _outside
+from . import memo
 from ._active import live_scopes
 from .scope import request_scope
 from .store import MemoStore
@@ -64,7 +64,7 @@ else:
             raise pytest.UsageError(
                 f"perrequest_outside_scope = {mode!r}: use one of {', '.join(_MODES)}"
             )
-        _outside.override = mode
+        memo.outside_override = mode
 
     def pytest_unconfigure(config: pytest.Config) -> None:
-        _outside.override = None
+        memo.outside_override = None

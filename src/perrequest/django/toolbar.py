@@ -27,7 +27,7 @@ from typing import Any
 from debug_toolbar.panels import Panel
 from django.template import Context, Engine
 
-from .. import _outside
+from .. import memo
 from .._active import REQUEST_KEY, active_store
 from .._metrics import saved_s
 from ..scope import add_scope_listener, remove_scope_listener
@@ -48,7 +48,7 @@ def _observe(stats: object) -> None:
 
 def _outside_names() -> frozenset[str]:
     """Functions called outside any scope so far in this process (warned once each)."""
-    return frozenset(_outside.warned)
+    return frozenset(memo.warned_outside)
 
 
 def _request_store(request: Any) -> MemoStore | None:

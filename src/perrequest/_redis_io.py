@@ -32,7 +32,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ._keys import KWARGS
+from ._checks import KWARGS
 
 LOCK = ":lock"  # a value's lock key is its key plus this
 

@@ -21,8 +21,7 @@ from typing import Any
 
 from . import _flight
 from ._active import _current, here
-from ._checks import LAZY, refuse_memoized_result
-from ._keys import KWARGS, call_key
+from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
 from .store import MemoStore
 
 _TEMPLATE = """\

@@ -15,12 +15,11 @@ import functools
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload
 
-from . import _batch_async
+from . import _batch_async, _checks
 from ._active import _current, active_store
 from ._batching import _BatchSpec
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._flight import MISSING
-from ._keys import is_method
 from ._typing import CacheInfo
 from .errors import ScopeClosed
 from .store import MemoKey
@@ -282,7 +281,7 @@ def request_batch(
                 f"@request_batch decorates a function of a list of keys, not {target!r}"
             )
         refuse_generator(target, "@request_batch")
-        if is_method(target):
+        if _checks.is_method(target):
             raise TypeError(
                 f"@request_batch cannot decorate the method {target.__qualname__}: a loader "
                 "is one per function, not per instance. Decorate a module-level function "

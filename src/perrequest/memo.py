@@ -15,10 +15,9 @@ import weakref
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
-from . import _flight
+from . import _checks, _flight
 from ._active import active_store
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
-from ._keys import call_key, is_method, unhashable
 from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter, function_name
 from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
@@ -82,11 +81,13 @@ class _MemoSpec:
         self.typed = typed
         self.max_entries = max_entries
         self.outside_scope = outside_scope
-        self.is_method = is_method(fn)
+        self.is_method = _checks.is_method(fn)
         self.is_async = is_async_callable(fn)
         self.name = function_name(fn)
         # The generated wrapper's twin replaces it (_wrappers.generate).
-        self.keyof: Callable[..., tuple[Hashable, Any]] = lambda *a, **k: call_key(self, a, k)
+        self.keyof: Callable[..., tuple[Hashable, Any]] = lambda *a, **k: _checks.call_key(
+            self, a, k
+        )
         self.shared: Tier | None = None if shared is None else make_tier(shared, self, version)
 
     def __repr__(self) -> str:
@@ -96,7 +97,7 @@ class _MemoSpec:
         try:
             hash(key)
         except TypeError as exc:
-            raise unhashable(self, args, kwargs, exc) from None
+            raise _checks.unhashable(self, args, kwargs, exc) from None
 
     def outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable) -> Any:
         """A call outside any scope: the key is still checked (the same error everywhere)."""

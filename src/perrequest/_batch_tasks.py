@@ -122,12 +122,19 @@ class Waiter:
 
 
 def _start(state: State) -> None:
-    """Start the pending batch; first drop what loops that have closed left (no lock is
-    held here, so taking their stores' locks cannot deadlock)."""
+    """Take the pending batch and start its calls, a task each of at most
+    ``max_batch_size`` keys; first drop what loops that have closed left (no lock is held
+    here, so taking their stores' locks cannot deadlock)."""
     for closed in [loop for loop in list(_running) if loop.is_closed()]:
         for left in _running.pop(closed, {}).values():
             _drop(left)
-    _spawn(state.loop, _run, state)
+    keys, cks = state.keys, state.cks
+    state.keys = state.cks = None
+    assert keys is not None and cks is not None
+    state.counter.misses += len(keys)
+    size = state.spec.max_batch_size or len(keys)
+    for i in range(0, len(keys), size):
+        _spawn(state.loop, _run_chunk, state, keys[i : i + size], cks[i : i + size], cks)
 
 
 def _spawn(
@@ -148,36 +155,20 @@ def _spawn(
             _running.pop(loop, None)
         if not started:
             if run is _run_chunk:
-                _restart(*args)
-            elif run is _run:
-                _start(*args)
+                _restart(*args[:3])
             else:
                 _spawn(loop, run, *args)
 
     task.add_done_callback(ended)
 
 
-async def _run(state: State, started: list[bool]) -> None:
-    """Take the pending batch and fetch it, in calls of at most ``max_batch_size`` keys."""
-    started.append(True)
-    keys, cks = state.keys, state.cks
-    state.keys = state.cks = None
-    assert keys is not None and cks is not None
-    state.counter.misses += len(keys)
-    _fetching.set((state, cks))  # in this task's context, which its chunks' tasks copy
-    size = state.spec.max_batch_size
-    if size is not None and len(keys) > size:
-        for i in range(size, len(keys), size):
-            _spawn(state.loop, _run_chunk, state, keys[i : i + size], cks[i : i + size])
-        keys, cks = keys[:size], cks[:size]
-    await _run_chunk(state, keys, cks, started)
-
-
 async def _run_chunk(
-    state: State, keys: list[Any], cks: list[Hashable], started: list[bool]
+    state: State, keys: list[Any], cks: list[Hashable], batch: list[Hashable], started: list[bool]
 ) -> None:
-    """One call of the batch function; each value is stored (scope open) and handed over."""
+    """One call of the batch function; each value is stored (scope open) and handed over.
+    ``batch``: the cache keys of every chunk of its batch (see ``_in_own_batch``)."""
     started.append(True)
+    _fetching.set((state, batch))
     spec, counter = state.spec, state.counter
     start = now() if counter.timed else 0.0
     values: list[Any] | None = None

@@ -238,7 +238,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_batch_for_others() -> None
 
 
 def _batch_tasks() -> list[asyncio.Task[Any]]:
-    names = ("_run_chunk",)
+    names = ("_call",)
     return [t for t in asyncio.all_tasks() if t.get_coro().__name__ in names]  # type: ignore[union-attr]
 
 

@@ -2,18 +2,19 @@
 
 Each loader has a ``State`` per store and event loop, in the store's
 ``_flights`` while it has work: the keys in flight with who waits for each, and
-the pending batch, which every key missing before it starts joins. The batch
-runs in a task of its own (held in ``_running``), and settles every key it took in
-a ``finally``, whatever happened to the scope: each waiter gets the value or
-the key's exception; if the task itself was cancelled, a place in the next
-batch. A batch function that loads a key of its own batch gets it fetched by
-itself (waiting for the batch would wait for itself).
+the pending batch, which every key missing before it starts joins. Each call of
+the batch function runs in a task of its own (held in ``_running``), whose
+done-callback settles every key it took, whatever happened to the task or the
+scope: each waiter gets the value or the key's exception; if the task was
+cancelled, a place in the next batch. A batch function that loads a key of its
+own batch gets it fetched by itself (waiting for the batch would wait for itself).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Hashable
+import functools
+from collections.abc import Hashable
 from contextvars import ContextVar
 from typing import Any
 
@@ -33,7 +34,7 @@ _fetching: ContextVar[tuple[Any, list[Hashable]] | None] = ContextVar(
 # Batch tasks while they run, by event loop (a loop keeps only weak references to its
 # tasks), with their states. A loop that closed with tasks it never finished (a shutdown)
 # leaves them here until the next batch task starts, which drops them and their states.
-_running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[None], State]] = {}
+_running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], State]] = {}
 
 
 class State:
@@ -69,9 +70,14 @@ class State:
             keys.append(key)
             if self.cks is not keys:
                 self.cks.append(ck)  # type: ignore[union-attr]
-        elif not again and _in_own_batch(self, ck):  # waiting would wait for ourselves
-            self.counter.misses += 1
-            _spawn(self.loop, _alone, self, key, ck, who)
+        elif (
+            not again
+            and (fetching := _fetching.get())
+            and fetching[0] is self
+            and ck in fetching[1]
+        ):
+            self.counter.misses += 1  # its own batch loads it: waiting would wait for itself
+            _spawn(self, [key], [ck], fetching[1], who)
         else:
             if type(other) is list:
                 other.append(who)
@@ -134,84 +140,67 @@ def _start(state: State) -> None:
     state.counter.misses += len(keys)
     size = state.spec.max_batch_size or len(keys)
     for i in range(0, len(keys), size):
-        _spawn(state.loop, _run_chunk, state, keys[i : i + size], cks[i : i + size], cks)
+        _spawn(state, keys[i : i + size], cks[i : i + size], cks)
 
 
 def _spawn(
-    loop: asyncio.AbstractEventLoop, run: Callable[..., Coroutine[Any, Any, None]], *args: Any
+    state: State, keys: list[Any], cks: list[Hashable], batch: list[Hashable], who: Any = None
 ) -> None:
-    """Run ``run(state, ..., started)`` in a task, held in ``_running`` while it runs. One
-    cancelled before its first step (a shutdown cancelling every task) runs neither its
-    body nor its ``finally``: it is started again, or its keys go in the next batch."""
-    state: State = args[0]
-    started: list[bool] = []
-    task = loop.create_task(run(*args, started))
-    _running.setdefault(loop, {})[task] = state
-
-    def ended(task: asyncio.Task[None]) -> None:
-        tasks = _running.get(loop, {})
-        tasks.pop(task, None)
-        if not tasks:
-            _running.pop(loop, None)
-        if not started:
-            if run is _run_chunk:
-                _restart(*args[:3])
-            else:
-                _spawn(loop, run, *args)
-
-    task.add_done_callback(ended)
+    """Call the batch function for ``keys`` in a task, held in ``_running`` while it runs
+    (a loop keeps only weak references). Its done-callback hands the outcome over, which
+    also covers a task cancelled before its first step (a shutdown cancelling every task),
+    whose body never ran."""
+    task = state.loop.create_task(_call(state, keys, cks, batch))
+    _running.setdefault(state.loop, {})[task] = state
+    task.add_done_callback(functools.partial(_ended, state, keys, cks, batch, who))
 
 
-async def _run_chunk(
-    state: State, keys: list[Any], cks: list[Hashable], batch: list[Hashable], started: list[bool]
-) -> None:
-    """One call of the batch function; each value is stored (scope open) and handed over.
-    ``batch``: the cache keys of every chunk of its batch (see ``_in_own_batch``)."""
-    started.append(True)
+async def _call(state: State, keys: list[Any], cks: list[Hashable], batch: list[Hashable]) -> Any:
+    """One call of the batch function: a value (or an ``Exception``) per key. ``batch``:
+    the cache keys of every chunk of its batch, which it cannot wait for (``join``)."""
     _fetching.set((state, batch))
     spec, counter = state.spec, state.counter
     start = now() if counter.timed else 0.0
-    values: list[Any] | None = None
     try:
-        values = spec.spread(keys, cks, await spec.fn(keys))
-    except Exception as exc:  # the whole batch failed: so does every key
-        values = [exc] * len(keys)
-    except BaseException as exc:
-        if not _cancelled():  # raised by the batch function itself: every key fails
-            values = [_interrupted(spec, exc)] * len(keys)
-        raise
+        return spec.spread(keys, cks, await spec.fn(keys))
+    except Exception as exc:  # the whole call failed: so does every key
+        return [exc] * len(keys)
+    except asyncio.CancelledError as exc:
+        if _cancelled():
+            raise
+        return [_interrupted(spec, exc)] * len(keys)  # raised by the batch function itself
     finally:
-        _fetching.set(None)  # re-joined keys (_restart) join, as anybody's would
         if start:
             counter.compute_s += now() - start
-        if state.loop.is_closed():  # collected after its loop closed: nobody can wait
-            _drop(state)
-        elif values is None:  # this task was cancelled: the waiters go in the next batch
+
+
+def _ended(
+    state: State,
+    keys: list[Any],
+    cks: list[Hashable],
+    batch: list[Hashable],
+    who: Any,
+    task: asyncio.Task[list[Any]],
+) -> None:
+    """Each value is stored (scope open) and handed over: to every waiter (``_settle``),
+    or to ``who`` alone for a key loaded by its own batch (the batch stores it). A
+    cancelled task's keys go in the next batch (a lone key: in a task again)."""
+    tasks = _running.get(state.loop, {})
+    tasks.pop(task, None)
+    if not tasks:
+        _running.pop(state.loop, None)
+    if task.cancelled():
+        if who is None:
             _restart(state, keys, cks)
         else:
-            _settle(state, cks, values)
-
-
-async def _alone(state: State, key: Any, ck: Hashable, who: Any, started: list[bool]) -> None:
-    """A key that the batch function loads while its own batch fetches it: fetched in a
-    call of its own, not stored (the batch stores it)."""
-    started.append(True)
-    spec, value = state.spec, None
-    try:
-        value = spec.spread([key], [ck], await spec.fn([key]))[0]
-    except Exception as exc:
-        value = exc
-    except BaseException as exc:
-        value = _interrupted(spec, exc)
-        raise
-    finally:
-        if not state.loop.is_closed():
-            _deliver(who, value, isinstance(value, Exception))
-
-
-def _in_own_batch(state: State, ck: Hashable) -> bool:
-    fetching = _fetching.get()
-    return fetching is not None and fetching[0] is state and ck in fetching[1]
+            _spawn(state, keys, cks, batch, who)
+        return
+    exc = task.exception()  # KeyboardInterrupt, SystemExit: every key fails
+    values = task.result() if exc is None else [_interrupted(state.spec, exc)] * len(keys)
+    if who is None:
+        _settle(state, cks, values)
+    else:
+        _deliver(who, values[0], isinstance(values[0], Exception))
 
 
 def _cancelled() -> bool:

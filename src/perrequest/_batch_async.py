@@ -83,10 +83,19 @@ def _miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
         return _unbatched(spec, [key], [ck], single=True)
     try:
         state = store._flights.get((spec, loop))
-    except AttributeError:  # nothing written to the store yet; or a scope's cell
+    except AttributeError:  # a scope's cell
         state = None
     if state is None or store._closed:
-        return _load_slow(spec, store, key, ck, loop)
+        if type(store) is list:  # a scope's cell (scope.open_request): make its store, load again
+            here()
+            return spec.load(key)
+        try:
+            hash(ck)
+        except TypeError:  # refused before any bookkeeping is made for it
+            raise spec.unhashable([key], [ck]) from None
+        state = state_of(spec, store, loop)
+        if state is None:  # the scope has ended: outside any scope now
+            return _outside_one(spec, key)
     future = loop.create_future()
     state.join(key, ck, future)
     return future
@@ -104,24 +113,6 @@ def _ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, .
     with store._lock:
         if store._lookup((spec, ck), touch=False) is entry[0]:
             store._fill((spec, ck), entry[0], entry[1], (loop, future))
-    return future
-
-
-def _load_slow(
-    spec: _BatchSpec, store: Any, key: Any, ck: Hashable, loop: asyncio.AbstractEventLoop
-) -> Any:
-    if type(store) is list:  # a scope's cell (scope.open_request): make its store, load again
-        here()
-        return spec.load(key)
-    try:
-        hash(ck)
-    except TypeError:  # refused before any bookkeeping is made for it
-        raise spec.unhashable([key], [ck]) from None
-    state = state_of(spec, store, loop)
-    if state is None:  # the scope has ended: outside any scope now
-        return _outside_one(spec, key)
-    future = loop.create_future()
-    state.join(key, ck, future)
     return future
 
 
@@ -145,7 +136,13 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
         return _unbatched(spec, keys, cache_keys)
     values = [store._lookup((spec, ck)) for ck in cache_keys]
     if all(value is not MISSING for value in values):  # no bookkeeping made for a hit
-        return _hits(spec, store, loop, keys, cache_keys, values)
+        try:
+            store._counter(spec.name).hits += len(values)
+        except ScopeClosed:  # closed since
+            return _outside(spec, keys, cache_keys)
+        future = loop.create_future()
+        future.set_result(values)
+        return future
     state = state_of(spec, store, loop)
     if state is None:
         return _outside(spec, keys, cache_keys)
@@ -158,23 +155,6 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
     waiter.remaining = len(values) - found  # at least one: all hits went to _hits
     state.counter.hits += found
     return waiter.future
-
-
-def _hits(
-    spec: _BatchSpec,
-    store: MemoStore,
-    loop: asyncio.AbstractEventLoop,
-    keys: list[Any],
-    cache_keys: list[Hashable],
-    values: list[Any],
-) -> Any:
-    try:
-        store._counter(spec.name).hits += len(values)
-    except ScopeClosed:  # closed since
-        return _outside(spec, keys, cache_keys)
-    future = loop.create_future()
-    future.set_result(values)
-    return future
 
 
 async def _outside(spec: _BatchSpec, keys: list[Any], cache_keys: list[Hashable]) -> list[Any]:

@@ -230,12 +230,8 @@ def _settle(state: State, cks: list[Hashable], values: list[Any]) -> None:
     with store._lock:
         for ck, value in zip(cks, values, strict=True):
             who = inflight.pop(ck)
-            if isinstance(value, Exception):
-                for one in who if type(who) is list else (who,):
-                    _deliver(one, value, True)
-                anchors.append(_FAILED)
-                failures = True
-            elif type(who) is _Future:  # the common case: one load
+            failed = isinstance(value, Exception)
+            if type(who) is _Future and not failed:  # the common case: one load
                 try:
                     who.set_result(value)  # runs no code now: it schedules the wake-up
                 except asyncio.InvalidStateError:  # that caller was cancelled
@@ -245,8 +241,9 @@ def _settle(state: State, cks: list[Hashable], values: list[Any]) -> None:
             else:
                 kept = None
                 for one in who if type(who) is list else (who,):
-                    kept = _deliver(one, value, False) or kept
-                anchors.append(None if kept is None else (state.loop, kept))
+                    kept = _deliver(one, value, failed) or kept
+                anchors.append(_FAILED if failed else None if kept is None else (state.loop, kept))
+                failures |= failed
         if failures:  # failures are not stored
             kept = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
             cks, values = [cks[i] for i in kept], [values[i] for i in kept]

@@ -184,7 +184,8 @@ def _ended(
 ) -> None:
     """Each value is stored (scope open) and handed over: to every waiter (``_settle``),
     or to ``who`` alone for a key loaded by its own batch (the batch stores it). A
-    cancelled task's keys go in the next batch (a lone key: in a task again)."""
+    cancelled task's keys go in the next batch (a lone key: in a task again) while the
+    scope is open."""
     tasks = _running.get(state.loop, {})
     tasks.pop(task, None)
     if not tasks:
@@ -192,8 +193,10 @@ def _ended(
     if task.cancelled():
         if who is None:
             _restart(state, keys, cks)
-        else:
+        elif not state.store._closed:
             _spawn(state, keys, cks, batch, who)
+        else:  # as _restart does once the scope has ended: no call after the request
+            (who[0].future if type(who) is tuple else who).cancel()
         return
     exc = task.exception()  # KeyboardInterrupt, SystemExit: every key fails
     values = task.result() if exc is None else [_interrupted(state.spec, exc)] * len(keys)

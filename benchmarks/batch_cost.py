@@ -67,8 +67,9 @@ class Variant:
     """A loader per request: ``request(body)`` runs ``body(loader)`` in a fresh request.
 
     perrequest's request has its store in use already, as in an app whose middleware,
-    memos or other loaders write to it: the store's set-up on its first write and its
-    closing after one are a cost of the request, measured on their own (``SETUP``).
+    memos or other loaders write to it: its first write and its closing after one are a
+    cost of the request, measured on their own (``SETUP``; the store is built whole when
+    the scope makes it, so its set-up is in every request of both variants).
     """
 
     def __init__(self, name: str, used: bool = True) -> None:
@@ -232,7 +233,7 @@ async def _empty(loader: Any) -> float:
 
 
 EMPTY, UNUSED = "empty request", "empty request, store never written"
-SETUP = "a store's set-up on its first write, and closing it"
+SETUP = "a store's first write, and closing it after one"
 
 
 def child(variant: str, case: str, n: int) -> None:

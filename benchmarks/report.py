@@ -132,7 +132,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         target = row.get("target") or ""
         table.append((what, target, f"{row['ratio']:.2f}", mark(row["met"])))
     if "store_setup_instructions" in batch:
-        what = "a store's set-up on first write and its close (instructions)"
+        what = "a store's first write and its close (instructions)"
         table.append((what, "", f"{batch['store_setup_instructions']:,d}", "info"))
     tp = results["throughput"]
     table.append(

@@ -111,7 +111,7 @@ def test_batch_cost_counts_instructions_under_callgrind(tmp_path: Path) -> None:
     counted = json.loads(out.read_text(encoding="utf-8"))["instructions"]
     assert set(counted) == {"cached load", "100 new keys, 100 loads gathered"}
     assert all(row["ours"] > 0 and row["dataloader"] > 0 for row in counted.values())
-    assert "a store's set-up on its first write" in proc.stdout
+    assert "a store's first write, and closing it" in proc.stdout
 
 
 @pytest.mark.timeout(360)

@@ -547,3 +547,54 @@ def test_the_integration_keeps_its_body_wrappers_to_itself() -> None:
     code = "import sys, perrequest.django; print('perrequest.wsgi' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_request_that_memoizes_nothing_makes_no_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Django's middleware opens the request's scope as the ASGI and WSGI ones do: the
+    store is made when first needed, sync and async, complete and streaming."""
+    made: list[object] = []
+
+    class CountingStore(perrequest.MemoStore):
+        __slots__ = ()
+
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(perrequest._active, "MemoStore", CountingStore)
+    seen: list[bool] = []
+
+    def view(request: Any) -> HttpResponse:
+        seen.append(perrequest.in_request_scope())
+        return HttpResponse("hi")
+
+    def streaming(request: Any) -> StreamingHttpResponse:
+        def chunks() -> Iterator[bytes]:
+            seen.append(perrequest.in_request_scope())
+            yield b"hi"
+
+        return StreamingHttpResponse(chunks())
+
+    async def async_view(request: Any) -> HttpResponse:
+        seen.append(perrequest.in_request_scope())
+        return HttpResponse("hi")
+
+    with override_settings(PERREQUEST={"MAX_ENTRIES": 100}):  # no ON_CLOSE: nobody watches
+        request = RequestFactory().get("/")
+        assert RequestScopeMiddleware(view)(request).content == b"hi"
+        response = RequestScopeMiddleware(streaming)(RequestFactory().get("/"))
+        assert b"".join(response.streaming_content) == b"hi"
+        response.close()
+        response = asyncio.run(RequestScopeMiddleware(async_view)(RequestFactory().get("/")))
+        assert response.content == b"hi"
+        assert seen == [True, True, True] and made == [] and live_scopes() == 0
+
+    @perrequest.request_memo
+    def double(n: int) -> int:
+        return 2 * n
+
+    def memoizing(request: Any) -> HttpResponse:
+        return HttpResponse(str(double(2) + double(2)))
+
+    assert RequestScopeMiddleware(memoizing)(RequestFactory().get("/")).content == b"8"
+    assert len(made) == 1 and made[0].closed and live_scopes() == 0  # type: ignore[attr-defined]

@@ -317,3 +317,23 @@ def test_each_store_counts_on_its_own() -> None:
     closed = MemoStore()
     closed._shut(True)
     assert closed.stats.misses == 0
+
+
+def test_a_close_between_the_check_and_the_lock_keeps_no_counter() -> None:
+    """A function's first miss racing the scope's close: the close takes the lock first."""
+    store = MemoStore()
+    real = store._lock
+
+    class ClosedWhileWaiting:
+        def __enter__(self) -> None:
+            store._lock = real
+            store._shut(False)  # another thread closed the store meanwhile
+            real.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            real.__exit__(*exc)
+
+    store._lock = ClosedWhileWaiting()
+    with pytest.raises(ScopeClosed):
+        store._counter("module.f")
+    assert store.closed and not store._counters

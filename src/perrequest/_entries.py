@@ -96,6 +96,7 @@ class Entries:
         """Kept by name, not by function, so a helper defined anew per message adds
         nothing; bounded by ``max_entries`` names. ``ScopeClosed`` once closed."""
         with self._writable(name):
+            self._writable(name)  # again under the lock: a close in between keeps no counter
             counters = self._counters
             counter = counters.get(name)
             if counter is None:

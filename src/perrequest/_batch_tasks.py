@@ -90,10 +90,7 @@ def state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop
     """The loader's state in ``store`` on ``loop``; None once the scope has ended."""
     if store._closed:
         return None
-    try:
-        state: State | None = store._flights.get((spec, loop))
-    except AttributeError:  # nothing written to the store yet
-        state = None
+    state: State | None = store._flights.get((spec, loop))
     if state is None:
         try:
             state = State(spec, store, loop)

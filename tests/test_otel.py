@@ -169,3 +169,9 @@ def test_a_bad_meter_provider_is_refused() -> None:
     with pytest.raises(TypeError, match="MeterProvider"):
         otel.instrument("console")  # type: ignore[arg-type]
     assert not otel.is_instrumented()
+
+
+def test_a_misspelt_option_names_the_right_one() -> None:
+    with pytest.raises(TypeError, match=r"meterprovider=\. Did you mean meter_provider="):
+        otel.instrument(meterprovider=None)  # type: ignore[call-arg]
+    assert not otel.is_instrumented()

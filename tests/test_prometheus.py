@@ -113,6 +113,12 @@ def test_a_bad_registry_is_refused() -> None:
         prometheus.instrument({})  # type: ignore[arg-type]
 
 
+def test_a_misspelt_option_names_the_right_one() -> None:
+    with pytest.raises(TypeError, match=r"registy=\. Did you mean registry="):
+        prometheus.instrument(registy=None)  # type: ignore[call-arg]
+    assert not prometheus.is_instrumented()
+
+
 @pytest.mark.parametrize("taken", ["perrequest_memo_hits", "perrequest_scope_saved_seconds"])
 def test_a_failed_instrument_changes_nothing(taken: str) -> None:
     """A name clash in the new registry used to tear down the working instrumentation

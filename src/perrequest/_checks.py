@@ -30,23 +30,25 @@ _Init = TypeVar("_Init", bound=Callable[..., None])
 
 def explains_options(where: str, hint: str = "", misused: str = "") -> Callable[[_Init], _Init]:
     """Refuse a misspelt keyword option naming the closest valid one (and ``hint``), an
-    extra positional argument with ``misused``, before Python's plain ``TypeError``;
-    the signature is written once, in the ``__init__`` type checkers see."""
+    extra positional argument with ``misused``, before Python's plain ``TypeError``
+    (also one for a required option); the signature is written once, in the
+    ``__init__`` or function type checkers see."""
 
     def decorate(init: _Init) -> _Init:
-        params = list(inspect.signature(init).parameters.values())[1:]  # after self
+        params = list(inspect.signature(init).parameters.values())
         accepted = {p.name for p in params}
         options = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
-        positional = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        options = options or tuple(p.name for p in params)  # a function's, all options
+        positional = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)  # self included
 
         @functools.wraps(init)
-        def checked(self: object, *args: Any, **kwargs: Any) -> None:
+        def checked(*args: Any, **kwargs: Any) -> None:
             if len(args) > positional and misused:
                 raise TypeError(misused.format(args[positional]))
             for name in kwargs:
                 if name not in accepted:
                     raise TypeError(unknown_option(where, name, options) + hint)
-            init(self, *args, **kwargs)
+            init(*args, **kwargs)
 
         return cast("_Init", checked)
 

@@ -15,6 +15,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from . import __version__
+from ._checks import explains_options
 from ._metrics import ENTRY_BUCKETS, SAVED_BUCKETS, Totals, scope_saved_s, used
 from ._stats import ScopeStats
 from .scope import add_scope_listener, remove_scope_listener
@@ -91,6 +92,7 @@ def _observer(column: int, provider: object) -> Callable[[CallbackOptions], Iter
     return observe
 
 
+@explains_options("perrequest.otel.instrument()")
 def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
     """Report every closing scope's stats to OpenTelemetry, through ``meter_provider``
     (default: the global one, which may be set later). Calling it again replaces the

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from ._checks import explains_options
 from ._metrics import ENTRY_BUCKETS, SAVED_BUCKETS, Totals, scope_saved_s, used
 from ._stats import ScopeStats
 from .scope import add_scope_listener, remove_scope_listener
@@ -101,6 +102,7 @@ class _Listener:
             self.registry.unregister(collector)
 
 
+@explains_options("perrequest.prometheus.instrument()")
 def instrument(registry: CollectorRegistry | None = None) -> None:
     """Register perrequest's metrics in ``registry`` (default: prometheus-client's
     global ``REGISTRY``) and feed them from every scope that closes. Idempotent for

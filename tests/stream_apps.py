@@ -10,16 +10,26 @@ its own store or none, never another request's.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
+import json
+import os
+import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
 
 import perrequest
 from perrequest.asgi import RequestScopeMiddleware
+from perrequest.testing import live_scopes
 
 CHUNK = b"x" * 16384
 counts = {"cleanups": 0, "own": 0, "none": 0, "other": 0}
@@ -86,3 +96,145 @@ app = Starlette(
     ]
 )
 app.add_middleware(RequestScopeMiddleware)
+
+
+# -- many clients at once, some hanging up mid-body (tests/test_isolation_load.py) --------
+#
+# Every request stores its id and memoizes ``ident()`` (the same key in every
+# request); each read, in the handler, a worker thread, every chunk of a sync or
+# async body, its ``finally``, background tasks, and a task and a thread that
+# outlive the request, is checked: its own id (or, after the scope closed, none;
+# a ``finally`` may see either), never another request's. Routes are served at
+# ``/`` and again under ``/sub``, a sub-app with a middleware of its own, and
+# ``PERREQUEST_TEST_BASE_HTTP`` puts a ``BaseHTTPMiddleware`` "outside" or
+# "inside" ours.
+
+LOAD_TALLY: dict[str, Any] = {"checks": {}, "bad": []}
+_tally_lock = threading.Lock()
+
+
+@perrequest.request_memo(outside_scope="call")
+def ident() -> Any:
+    return perrequest.get("rid")
+
+
+def check(place: str, rid: str, *, after: bool = False, either: bool = False) -> None:
+    """``rid`` expected (None ``after`` the scope closed, either one if ``either``)."""
+    seen = (perrequest.get("rid"), ident())
+    allowed = [(None, None)] if after else [(rid, rid), (None, None)] if either else [(rid, rid)]
+    with _tally_lock:
+        LOAD_TALLY["checks"][place] = LOAD_TALLY["checks"].get(place, 0) + 1
+        if seen not in allowed and len(LOAD_TALLY["bad"]) < 20:
+            LOAD_TALLY["bad"].append(f"{place} of {rid} saw {seen}")
+
+
+def _outlive(request: Request, rid: str) -> None:
+    """A task and a thread started by the request that check once its scope has closed."""
+    closed: threading.Event = request.scope["test.closed"]
+
+    def in_thread() -> None:
+        closed.wait(10)
+        check("outliving thread", rid, after=True)
+
+    async def in_task() -> None:
+        while not closed.is_set():
+            await asyncio.sleep(0.005)
+        check("outliving task", rid, after=True)
+
+    task = asyncio.create_task(in_task())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    threading.Thread(target=contextvars.copy_context().run, args=(in_thread,)).start()
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+async def load_stream(request: Request) -> StreamingResponse:
+    rid = request.path_params["rid"]
+    perrequest.set("rid", rid)
+    check("handler", rid)
+    _outlive(request, rid)
+
+    def sync_body() -> Iterator[bytes]:
+        try:
+            for _ in range(200):
+                check("sync chunk", rid)
+                yield CHUNK
+        finally:
+            check("sync finally", rid, either=True)
+
+    async def async_body() -> AsyncIterator[bytes]:
+        try:
+            for n in range(200):
+                check("async chunk", rid)
+                yield CHUNK
+                if n % 20 == 0:
+                    await run_in_threadpool(check, "async chunk thread", rid)
+        finally:
+            check("async finally", rid, either=True)
+
+    async def later() -> None:
+        await asyncio.sleep(0.01)
+        check("background", rid)
+
+    body = sync_body() if request.query_params["kind"] == "sync" else async_body()
+    return StreamingResponse(body, background=BackgroundTask(later))
+
+
+async def load_plain(request: Request) -> PlainTextResponse:
+    rid = request.path_params["rid"]
+    perrequest.set("rid", rid)
+    if int(rid.rsplit("-", 1)[-1]) % 7 == 0:
+        gc.collect()  # in the middle of other requests' bodies and cleanups
+    await asyncio.sleep(0.001)
+    await run_in_threadpool(check, "handler thread", rid)
+    return PlainTextResponse(f"{perrequest.get('rid')} {ident()}")
+
+
+def load_plain_sync(request: Request) -> PlainTextResponse:
+    rid = request.path_params["rid"]
+    perrequest.set("rid", rid)
+    check("sync handler", rid)
+    return PlainTextResponse(f"{perrequest.get('rid')} {ident()}")
+
+
+class _PassThrough(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+
+def _middleware() -> list[Middleware]:
+    ours = Middleware(RequestScopeMiddleware)
+    where = os.environ.get("PERREQUEST_TEST_BASE_HTTP")
+    if where == "outside":
+        return [Middleware(_PassThrough), ours]
+    if where == "inside":
+        return [ours, Middleware(_PassThrough)]
+    return [ours]
+
+
+_load_routes = [
+    Route("/stream/{rid}", load_stream),
+    Route("/plain/{rid}", load_plain),
+    Route("/plain-sync/{rid}", load_plain_sync),
+]
+_load_inner = Starlette(
+    routes=[Mount("/sub", Starlette(routes=_load_routes, middleware=_middleware())), *_load_routes],
+    middleware=_middleware(),
+)
+
+
+async def load_app(scope: Any, receive: Any, send: Any) -> None:
+    """Outside every middleware: ``/tally``, and the event set once the request is done."""
+    if scope["type"] == "http" and scope["path"] == "/tally":
+        with _tally_lock:
+            body = json.dumps({**LOAD_TALLY, "live": live_scopes()}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+        return
+    closed = scope["test.closed"] = threading.Event()
+    try:
+        await _load_inner(scope, receive, send)
+    finally:
+        closed.set()

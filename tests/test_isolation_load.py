@@ -11,6 +11,9 @@ so a test that checked nothing cannot pass.
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 import reliability_apps as apps
-from servers import serve_gunicorn, serve_uvicorn
+from servers import HOST, free_port, serve_gunicorn, serve_subprocess, serve_uvicorn
+from test_stream_cleanup import _argv
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
@@ -133,3 +137,82 @@ def test_gunicorn_gthread_requests_never_see_another_requests_values() -> None:
     assert tally["where"] == expected
     assert tally["checks"] == sum(expected.values()) > 20_000
     assert tally["tag_calls"] == REQUESTS
+
+
+# -- many clients at once under uvicorn, hypercorn and granian, some hanging up -----------
+
+HANGUPS = 300
+
+
+async def _stream_then_hang_up(port: int, path: str, keep: int, reset: bool) -> None:
+    """Read ``keep`` bytes of a long body (0: none), then close, with a RST if ``reset``."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    await writer.drain()
+    received = 0
+    while received < keep:
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        if not data:
+            break
+        received += len(data)
+    if reset:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+async def _hang_ups_and_requests(base: str, port: int) -> list[str]:
+    """HANGUPS requests, 40 at a time: abandoned streams, and requests whose answer is read."""
+    rng = random.Random(1)
+    limit = asyncio.Semaphore(40)
+    wrong: list[str] = []
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+        async def one(n: int) -> None:
+            path = f"{rng.choice(['', '/sub'])}/%s/r-{n}"
+            async with limit:
+                if n % 5 < 2:
+                    stream = path % "stream" + f"?kind={rng.choice(['sync', 'async'])}"
+                    keep = rng.choice([0, 20_000, 200_000])
+                    await _stream_then_hang_up(port, stream, keep, rng.random() < 0.5)
+                else:
+                    response = await client.get(path % rng.choice(["plain", "plain-sync"]))
+                    if response.text != f"r-{n} r-{n}":
+                        wrong.append(f"{path % '...'}: {response.status_code} {response.text}")
+
+        await asyncio.gather(*(one(n) for n in range(HANGUPS)))
+    return wrong
+
+
+@pytest.mark.parametrize(
+    ("server", "base_http"),
+    [("uvicorn", "none"), ("hypercorn", "outside"), ("granian", "inside")],
+)
+def test_hang_ups_under_load_never_show_a_request_another_requests_values(
+    server: str, base_http: str
+) -> None:
+    """Streams abandoned mid-body (FIN or RST) while other requests run, with collections
+    in their middle, on each server; a sub-app with its own middleware; Starlette's
+    BaseHTTPMiddleware outside or inside ours. Every read in every place (stream_apps's
+    load_app) sees its own request's values, none once its scope has closed (a task and a
+    thread that outlive the request), never another request's, and every scope closes."""
+    port = free_port()
+    argv = _argv(server, port, "stream_apps:load_app")
+    env = {"PERREQUEST_TEST_BASE_HTTP": base_http}
+    with serve_subprocess(argv, port, env=env) as base:
+        wrong = asyncio.run(_hang_ups_and_requests(base, port))
+        deadline = time.monotonic() + 20
+        while True:
+            tally = httpx.get(f"{base}/tally", timeout=10).json()
+            checks = tally["checks"]
+            streams = checks.get("handler", 0)
+            done = checks.get("outliving task") == checks.get("outliving thread") == streams
+            if (done and tally["live"] == 0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert wrong == []
+    assert tally["bad"] == [], tally
+    assert tally["live"] == 0, tally
+    assert done, tally
+    assert streams > 50 and checks["handler thread"] + checks["sync handler"] > 100, checks
+    assert checks["sync chunk"] > 0 and checks["async chunk"] > 0, checks

@@ -17,23 +17,20 @@ import httpx
 import pytest
 from servers import HOST, free_port, serve_subprocess
 
-SERVERS = {
-    "uvicorn": ["-m", "uvicorn", "stream_apps:app", "--host", HOST, "--log-level", "warning"],
-    "hypercorn": ["-m", "hypercorn", "stream_apps:app", "--log-level", "warning"],
-    "granian": ["-m", "granian", "--interface", "asgi", "--host", HOST, "--log-level", "warning"],
-}
+SERVERS = ("uvicorn", "hypercorn", "granian")
 DISCONNECTS = 30
 
 
-def _argv(server: str, port: int) -> list[str]:
-    argv = [sys.executable, *SERVERS[server]]
+def _argv(server: str, port: int, app: str = "stream_apps:app") -> list[str]:
+    """The command that serves ``app`` (``module:attribute``) on ``port``."""
+    argv = [sys.executable, "-m", server]
     if server == "uvicorn":
-        argv += ["--port", str(port)]
+        argv += [app, "--host", HOST, "--port", str(port)]
     elif server == "hypercorn":
-        argv += ["--bind", f"{HOST}:{port}"]
+        argv += [app, "--bind", f"{HOST}:{port}"]
     else:
-        argv += ["--port", str(port), "stream_apps:app"]
-    return argv
+        argv += ["--interface", "asgi", "--host", HOST, "--port", str(port), app]
+    return [*argv, "--log-level", "warning"]
 
 
 def _read_part_then_reset(port: int, path: str) -> None:
@@ -49,7 +46,7 @@ def _read_part_then_reset(port: int, path: str) -> None:
 
 
 @pytest.mark.parametrize("body", ["sync", "async"])
-@pytest.mark.parametrize("server", list(SERVERS))
+@pytest.mark.parametrize("server", SERVERS)
 def test_abandoned_stream_cleanups_never_see_another_requests_store(server: str, body: str) -> None:
     port = free_port()
     with (

@@ -7,20 +7,28 @@ own request ids, so the probe's records never mix between tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from servers import serve_hypercorn, serve_uvicorn
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.routing import Route
 from test_fastapi import build_fastapi_app
 from test_starlette import BOOM_HITS, Probe, build_app
 
+import perrequest
+from perrequest.asgi import RequestScopeMiddleware
 from perrequest.testing import live_scopes
 
 SERVERS = {"uvicorn": serve_uvicorn, "hypercorn": serve_hypercorn}
@@ -163,3 +171,70 @@ async def test_concurrent_requests_never_cross_talk(server: str, framework: str)
     assert len({body["token"] for body in bodies}) == CONCURRENT_REQUESTS
     assert probe.computed == CONCURRENT_REQUESTS
     assert max(body["live"] for body in bodies) > 1  # requests really overlapped
+
+
+def _shutdown_app() -> tuple[Starlette, list[str], list[str]]:
+    """Three requests that never end by themselves: an endless body, a handler asleep, and
+    a background task asleep. What their cleanups saw, and one entry per closed scope."""
+    seen: list[str] = []
+    closed: list[str] = []
+
+    def cleanup(where: str) -> None:
+        seen.append(f"{where}: {perrequest.get('rid')}")
+
+    async def endless(request: Request) -> StreamingResponse:
+        perrequest.set("rid", "endless")
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b"x" * 1024
+                    await asyncio.sleep(0.01)
+            finally:
+                cleanup("body")
+
+        return StreamingResponse(body())
+
+    async def asleep(request: Request) -> PlainTextResponse:
+        perrequest.set("rid", "asleep")
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cleanup("handler")
+        return PlainTextResponse("never")
+
+    async def background(request: Request) -> PlainTextResponse:
+        perrequest.set("rid", "background")
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(60)
+            finally:
+                cleanup("background")
+
+        return PlainTextResponse("sent", background=BackgroundTask(later))
+
+    app = Starlette(
+        routes=[Route("/endless", endless), Route("/asleep", asleep), Route("/bg", background)]
+    )
+    app.add_middleware(RequestScopeMiddleware, on_close=lambda stats: closed.append("closed"))
+    return app, seen, closed
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_a_server_shutting_down_mid_request_closes_each_store_once(server: str) -> None:
+    """uvicorn (timeout_graceful_shutdown) and hypercorn (graceful_timeout) cancel what is
+    still running when they stop: each request's cleanup sees its own store, then the
+    store closes, once."""
+    app, seen, closed = _shutdown_app()
+    options = {"timeout_graceful_shutdown": 1} if server == "uvicorn" else {}
+    with contextlib.ExitStack() as clients, SERVERS[server](app, **options) as base:
+        url = urlsplit(base)
+        assert url.hostname is not None and url.port is not None
+        for path in ("/endless", "/asleep", "/bg"):
+            sock = clients.enter_context(socket.create_connection((url.hostname, url.port)))
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        _wait_for(lambda: live_scopes() == 3)
+    assert sorted(seen) == ["background: background", "body: endless", "handler: asleep"]
+    assert closed == ["closed"] * 3
+    assert live_scopes() == 0

@@ -155,10 +155,11 @@ async def load_stream(request: Request) -> StreamingResponse:
     perrequest.set("rid", rid)
     check("handler", rid)
     _outlive(request, rid)
+    chunks = int(request.query_params.get("chunks", 200))
 
     def sync_body() -> Iterator[bytes]:
         try:
-            for _ in range(200):
+            for _ in range(chunks):
                 check("sync chunk", rid)
                 yield CHUNK
         finally:
@@ -166,7 +167,7 @@ async def load_stream(request: Request) -> StreamingResponse:
 
     async def async_body() -> AsyncIterator[bytes]:
         try:
-            for n in range(200):
+            for n in range(chunks):
                 check("async chunk", rid)
                 yield CHUNK
                 if n % 20 == 0:

@@ -161,8 +161,26 @@ async def _stream_then_hang_up(port: int, path: str, keep: int, reset: bool) -> 
     writer.close()
 
 
+async def _pipelined(port: int, stream: str, paths: list[str]) -> bytes:
+    """A short stream, whose background task runs as the requests pipelined behind it
+    start (uvicorn starts them from its task), then those requests; all answers."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    requests = [stream + "&chunks=3", *paths]
+    writer.write(b"".join(f"GET {p} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode() for p in requests))
+    received = b""
+    last = paths[-1].rsplit("/", 1)[-1].encode()
+    while not received.endswith(b"%s %s" % (last, last)):
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        if not data:
+            break
+        received += data
+    writer.close()
+    return received
+
+
 async def _hang_ups_and_requests(base: str, port: int) -> list[str]:
-    """HANGUPS requests, 40 at a time: abandoned streams, and requests whose answer is read."""
+    """HANGUPS requests, 40 at a time: abandoned streams, requests whose answer is read, and
+    short streams with requests pipelined behind them."""
     rng = random.Random(1)
     limit = asyncio.Semaphore(40)
     wrong: list[str] = []
@@ -171,10 +189,16 @@ async def _hang_ups_and_requests(base: str, port: int) -> list[str]:
         async def one(n: int) -> None:
             path = f"{rng.choice(['', '/sub'])}/%s/r-{n}"
             async with limit:
+                stream = path % "stream" + f"?kind={rng.choice(['sync', 'async'])}"
                 if n % 5 < 2:
-                    stream = path % "stream" + f"?kind={rng.choice(['sync', 'async'])}"
                     keep = rng.choice([0, 20_000, 200_000])
                     await _stream_then_hang_up(port, stream, keep, rng.random() < 0.5)
+                elif n % 5 == 2:
+                    behind = [f"/plain/r-{n}-{k}" for k in range(2)]
+                    received = await _pipelined(port, stream, behind)
+                    answers = [f"r-{n}-{k} r-{n}-{k}".encode() for k in range(2)]
+                    if answers[0] not in received or not received.endswith(answers[1]):
+                        wrong.append(f"pipelined behind {stream}: {received[-200:]!r}")
                 else:
                     response = await client.get(path % rng.choice(["plain", "plain-sync"]))
                     if response.text != f"r-{n} r-{n}":

@@ -20,12 +20,15 @@ import base64
 import json
 import os
 import socket
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
-from servers import serve_uvicorn
+from servers import HOST, free_port, serve_hypercorn, serve_subprocess, serve_uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -275,3 +278,30 @@ def test_a_request_uvicorn_starts_inside_another_never_sees_its_store(
             time.sleep(0.02)
     assert seen == expected
     assert live_scopes() == 0
+
+
+@contextmanager
+def _serve_granian(factory: str) -> Iterator[str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", HOST]
+    argv += ["--port", str(port), "--log-level", "warning", "--factory", factory]
+    with serve_subprocess(argv, port) as base:
+        yield base
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "granian"])
+@pytest.mark.parametrize(
+    "requests",
+    [(HOLD + WHO,), (UPLOAD, WHO), (HOLD + WS,), (HOLD + BOOM,), (UPLOAD, BOOM)],
+    ids=["pipelined", "after-a-large-body", "pipelined-websocket", "pipelined-500", "after-500"],
+)
+def test_hypercorn_and_granian_start_each_request_in_their_own_context(
+    server: str, requests: tuple[bytes, ...]
+) -> None:
+    """docs/security.md: no flag needed there, even outside the middleware (the 500 handler)."""
+    last = requests[-1]
+    label = "WHO" if last.endswith(WHO) else "WS" if last.endswith(WS) else "500"
+    serve = serve_hypercorn(_app()) if server == "hypercorn" else _serve_granian(f"{__name__}:_app")
+    with serve as base:
+        seen = _report(_exchange(base, *requests))
+    assert seen == (OWN if label == "WHO" else _none(label))

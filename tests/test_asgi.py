@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from servers import serve_uvicorn
+from servers import serve_hypercorn, serve_uvicorn
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
@@ -341,10 +343,13 @@ def test_max_entries_bounds_a_websocket_store_for_its_whole_life() -> None:
     assert closed[0].evictions == 14 - 5
 
 
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
 @pytest.mark.parametrize("scope_types", [("http",), ("http", "websocket")])
-def test_websocket_on_a_real_uvicorn_server(scope_types: tuple[str, ...]) -> None:
+def test_websocket_on_a_real_server(scope_types: tuple[str, ...], server: str) -> None:
+    """Two connections closed cleanly, then one the client resets mid-connection: each
+    connection has its own store, and each store closes once."""
     app, closed = _ws_app(scope_types=scope_types)
-    with serve_uvicorn(app) as base:
+    with (serve_uvicorn if server == "uvicorn" else serve_hypercorn)(app) as base:
         url = base.replace("http://", "ws://") + "/ws"
         for _ in range(2):
             with connect(url, open_timeout=10) as ws:
@@ -353,10 +358,18 @@ def test_websocket_on_a_real_uvicorn_server(scope_types: tuple[str, ...]) -> Non
                     ws.send("hi")
                     replies.append(json.loads(ws.recv(timeout=10)))
             assert {r["in_scope"] for r in replies} == {"websocket" in scope_types}
-        _wait(lambda: len(closed) == (2 if "websocket" in scope_types else 0))
+        with connect(url, open_timeout=10, close_timeout=1) as reset:
+            reset.send("hi")
+            assert json.loads(reset.recv(timeout=10))["in_scope"] == ("websocket" in scope_types)
+            linger = struct.pack("ii", 1, 0)  # close() sends a RST
+            reset.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            reset.socket.close()
+        _wait(lambda: len(closed) == (3 if "websocket" in scope_types else 0))
+        _wait(lambda: live_scopes() == 0)
     if "websocket" in scope_types:
         assert [r["count"] for r in replies] == [1, 2, 3]
         assert {r["token"] for r in replies} == {2}  # second connection, its own store
+        assert [stats.misses for stats in closed] == [1, 1, 1]
     else:
         assert closed == []
 

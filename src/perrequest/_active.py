@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
+from logging import DEBUG
 from typing import Any
 
 from . import _gc_guard
@@ -65,7 +66,7 @@ def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
     middleware that deep-copies the ASGI scope (where it is left) can.
     """
     _live.append(None)
-    if options[1] is None and not listeners:
+    if options[1] is None and not listeners and not logger.isEnabledFor(DEBUG):
         cell = [options]
         return cell, _current.set(cell)
     store = MemoStore(*options)
@@ -75,11 +76,12 @@ def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
 
 def close_request(cell: list[Any], token: Token[Any] | None) -> None:
     """Reset ``token`` if the scope is active here, close its store if made. Idempotent."""
-    if cell[0] is None:
+    options = cell[0]
+    if options is None:
         return
     cell[0] = None  # closed: nothing is made from it any more
-    if len(cell) == 1:
-        cell.append(_NONE_MADE)  # whoever still holds the cell finds a closed scope
+    if len(cell) == 1:  # whoever still holds the cell finds a closed scope
+        cell.append(MemoStore(*options) if listeners else _NONE_MADE)  # a listener since
     store = cell[1]
     if token is not None:
         active = _current.get()
@@ -170,7 +172,7 @@ def close_scope(store: MemoStore) -> None:
         return
     _leave(store)
     on_close = store._on_close
-    debug = logger.isEnabledFor(logging.DEBUG)
+    debug = logger.isEnabledFor(DEBUG)
     stats = store._shut(on_close is not None or bool(listeners) or debug)
     _live.pop()
     if stats is None:  # nobody watches: the stats are made only if store.stats is read

@@ -244,6 +244,41 @@ def test_mounted_apps_get_a_store_when_the_dispatcher_itself_is_wrapped() -> Non
             assert response.get_data(as_text=True) == f"root in_scope={expected}"
 
 
+def test_another_apps_body_dropped_unclosed_inside_a_view_never_writes_the_views_store() -> None:
+    """A view calls another wrapped WSGI app (its own request, its own scope), reads a
+    chunk and drops the response unclosed, against PEP 3333. Python then closes that
+    app's generator where it is freed, in the view's context: its cleanup must find no
+    store, never the view's."""
+
+    def other(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        perrequest.set("who", "other")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            for _ in range(100):
+                yield b"row\n"
+        finally:
+            seen.append((perrequest.in_request_scope(), perrequest.get("who")))
+            if perrequest.in_request_scope():
+                perrequest.set("cleanup", "other's")
+
+    seen: list[tuple[bool, Any]] = []
+    app = Flask("caller")
+    PerRequest(app)
+
+    @app.get("/")
+    def view() -> dict[str, Any]:
+        perrequest.set("who", "view")
+        response = Client(RequestScopeMiddleware(other)).get("/", buffered=False)
+        first = next(iter(response.response))
+        del response  # unclosed: the other request's cleanup runs now, here
+        return {"first": first.decode(), "cleanup": perrequest.get("cleanup")}
+
+    with app.test_client().get("/") as response:
+        assert response.get_json() == {"first": "row\n", "cleanup": None}
+    assert seen == [(False, None)]
+    assert live_scopes() == 0
+
+
 def test_flask_g_is_gone_in_a_bare_generator_and_the_store_is_not() -> None:
     """What the docs claim about flask.g against perrequest, checked."""
     app = Flask("g_vs_store")

@@ -107,8 +107,9 @@ class ScopedBody:
     body's own ``close`` run, with the store made active around it. A body the
     server never closes (against PEP 3333) ends its scope when it is garbage
     collected, and only the scope: the app's own close hooks (Flask's
-    ``call_on_close``, a generator's ``finally``) run as they would have
-    without perrequest, which is not at all.
+    ``call_on_close``) run as they would have without perrequest, which is not
+    at all; a generator's ``finally``, which Python runs as it frees it, finds
+    no store.
 
     Returned by ``RequestScopeMiddleware``; public so that code that drives a
     WSGI app by hand can recognise it.
@@ -166,8 +167,18 @@ class ScopedBody:
             close_request(cell, token)
 
     def __del__(self) -> None:
-        if self._cell is not None:
-            close_request(self._cell, self._token)
+        cell = self._cell
+        if cell is None:
+            return
+        close_request(cell, self._token)
+        # The body is freed with its own scope active, closed by now: the cleanup
+        # Python runs as it frees it (a generator's ``finally``) reads and writes
+        # nobody's store, not whatever is active where the server dropped it.
+        active = _set(cell)
+        try:
+            del self._body
+        finally:
+            _current.reset(active)
 
 
 def _hold(chunks: Iterator[bytes], keep: ScopedBody) -> Iterator[bytes]:
@@ -191,18 +202,26 @@ def _produce(body: Iterable[bytes], active: Any, keep: ScopedBody | None) -> Ite
     A generator, because resuming one costs less than a call to ``__next__``.
     It holds ``keep`` (the ``ScopedBody``), so that a server holding only the
     iterator keeps the scope open; the body does not hold the generator, so
-    there is no reference cycle.
+    there is no reference cycle. Dropped unfinished and unclosed, it lets go
+    of the body with ``active`` active, as ``ScopedBody.__del__`` does.
     """
     set_store, reset = _current.set, _current.reset
     iterator = None
-    while True:
+    try:
+        while True:
+            token = set_store(active)
+            try:
+                if iterator is None:
+                    iterator = iter(body)
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                reset(token)
+            yield chunk
+    finally:
         token = set_store(active)
         try:
-            if iterator is None:
-                iterator = iter(body)
-            chunk = next(iterator)
-        except StopIteration:
-            return
+            del body, iterator, keep
         finally:
             reset(token)
-        yield chunk

@@ -603,6 +603,48 @@ def test_wsgiref_server_streams_inside_the_store_and_closes_it() -> None:
     assert len(closed) == 1 and app.stores[0].closed
 
 
+def test_a_body_holding_a_scope_of_its_own_leaves_nothing_in_the_server_thread() -> None:
+    """A body generator that keeps a ``request_scope()`` open across its yields, served by
+    wsgiref, which runs every request in one thread. The client leaves mid-body: the
+    server closes the body, the generator's scope closes from a context where it is not
+    the active one, so it cannot reset itself. The thread must still be left with
+    nothing: the next request, to an app without the middleware, finds the variable
+    unset, not a closed store."""
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    def streaming(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        with request_scope():
+            for _ in range(400):
+                yield b"x" * 65536
+
+    def raw(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [repr(_current.get()).encode()]
+
+    wrapped = RequestScopeMiddleware(streaming)
+
+    def dispatch(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        return (raw if environ["PATH_INFO"] == "/raw" else wrapped)(environ, start_response)
+
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, dispatch, handler_class=Quiet)
+    thread = threading.Thread(target=lambda: [server.handle_request() for _ in range(2)])
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        with httpx.stream("GET", f"{url}/stream", timeout=10) as response:
+            for _ in response.iter_bytes():
+                break  # leave with most of the 25 MB body unread
+        assert httpx.get(f"{url}/raw", timeout=10).text == "None"
+    finally:
+        thread.join(10)
+        server.server_close()
+    assert live_scopes() == 0
+
+
 def test_a_server_that_iterates_and_never_closes_still_streams_inside_the_store() -> None:
     """asgiref's ``WsgiToAsgi`` (uvicorn's own WSGI interface alike) serves a body with
     ``for chunk in app(environ, start_response)`` and never calls ``close()``: the loop holds

@@ -165,6 +165,11 @@ class ScopedBody:
                     _current.reset(active)
         finally:
             close_request(cell, token)
+            if token is not None and _get() is not None:
+                # Iteration began with nothing here: what is left is a scope the body
+                # opened across its yields, closed just now, from where it could not
+                # reset itself. The thread keeps nothing (forget_closed drops it).
+                forget_closed()
 
     def __del__(self) -> None:
         cell = self._cell

@@ -66,7 +66,7 @@ def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
     middleware that deep-copies the ASGI scope (where it is left) can.
     """
     _live.append(None)
-    if options[1] is None and not listeners and not logger.isEnabledFor(DEBUG):
+    if options[1] is None and not listeners:
         cell = [options]
         return cell, _current.set(cell)
     store = MemoStore(*options)

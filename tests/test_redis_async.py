@@ -267,3 +267,38 @@ def test_async_under_trio_computes_here_counts_and_says_why_once(
     warned = [r.getMessage() for r in caplog.records if "trio" in r.getMessage()]
     assert len(warned) == 1 and "asyncio event loop" in warned[0]
     assert "in-process tier" in warned[0] and "asyncio backend" in warned[0]
+
+
+def test_async_a_holder_cancelled_again_and_again_still_releases_its_lock(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    """anyio's cancel scopes (Starlette's task groups, ``anyio.move_on_after``) cancel a
+    task at every await until it leaves the scope: the release after a cancelled
+    computation is cancelled too. The lock must not stay behind for the key's next
+    miss, in any process, to wait out (``lock_timeout``)."""
+    import anyio
+
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="a", lock_timeout=5)
+
+        @request_memo(shared=cache)
+        async def slow(n: int) -> int:
+            await asyncio.sleep(0.3)
+            return n
+
+        async def request() -> int:
+            async with request_scope():
+                return await slow(1)
+
+        with anyio.move_on_after(0.1):
+            await request()
+        await asyncio.sleep(0.05)  # what the cancelled caller left running ends
+        assert [k for k in client.scan_iter() if k.endswith(b":lock")] == []
+        start = time.monotonic()
+        assert await request() == 1
+        assert time.monotonic() - start < 1  # not lock_timeout
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())

@@ -18,6 +18,10 @@ from ._redis_io import LOCK, Conn, exhausted
 from ._redis_tier import FIRST_PAUSE, MAX_PAUSE, UNCOUNTED, RedisTier, now
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed_async
 
+# Stores that a cancelled caller left to finish, while they run (a loop keeps only weak
+# references to its tasks).
+_finishing: set[asyncio.Task[None]] = set()
+
 
 class AsyncRedisTier(RedisTier):
     """``RedisTier`` for ``async def`` functions, on a ``redis.asyncio`` client."""
@@ -138,9 +142,25 @@ class AsyncRedisTier(RedisTier):
             if conn is not None and (stored or token):
                 try:
                     await self._store_async(conn, key, stored, token)
+                except asyncio.CancelledError:  # cancelled again: anyio's cancel scopes
+                    self._finish_later(conn, key, stored, token)  # cancel every await
+                    raise
                 except Exception as exc:
                     self._wrong(key, exc)
         return payload
+
+    def _finish_later(self, conn: Conn, key: str, stored: bytes, token: str) -> None:
+        """Store and release in a task of its own (STORE can run twice): a lock left
+        behind would hold the key's next miss, in every process, for ``lock_timeout``."""
+        task = asyncio.get_running_loop().create_task(self._store_quietly(conn, key, stored, token))
+        _finishing.add(task)
+        task.add_done_callback(_finishing.discard)
+
+    async def _store_quietly(self, conn: Conn, key: str, stored: bytes, token: str) -> None:
+        try:
+            await self._store_async(conn, key, stored, token)
+        except Exception as exc:
+            self._wrong(key, exc)
 
     async def _store_async(self, conn: Conn, key: str, stored: bytes, token: str) -> None:
         """``RedisTier._store``, awaited: with a lock, a busy pool is waited for."""

@@ -49,14 +49,16 @@ end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {3}
 """
-# Store the value (if any), then release the lock if it is still ours (a lock key
-# turned into another type is left for the next CLAIM to take over).
+# Store the value (if any) and release the lock, if the lock is still ours: a holder whose
+# lock is gone (cache_delete, or expired) stores nothing, maybe computed from old data.
+# A lock key turned into another type is left for the next CLAIM to take over.
 STORE = """
-if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
-if ARGV[3] ~= '' and redis.call('TYPE', KEYS[2]).ok == 'string'
-    and redis.call('GET', KEYS[2]) == ARGV[3] then
-  redis.call('DEL', KEYS[2])
+local ours = ARGV[3] ~= '' and redis.call('TYPE', KEYS[2]).ok == 'string'
+    and redis.call('GET', KEYS[2]) == ARGV[3]
+if ARGV[1] ~= '' and (ours or ARGV[3] == '') then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
+if ours then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
@@ -192,13 +194,13 @@ def glob_escape(text: str) -> str:
 
 
 def matcher(base: str) -> Callable[[bytes], object]:
-    """Whether a key SCAN found is a value of the function whose keys start with ``base``:
-    one version (no colon) and a SHA-256, never a lock, never another namespace's key."""
-    return re.compile(re.escape(base.encode()) + rb"[^:]+:[0-9a-f]{64}\Z").match
+    """Whether a key SCAN found is a value of the function whose keys start with ``base``,
+    or its lock: one version (no colon) and a SHA-256, never another namespace's key."""
+    return re.compile(re.escape(base.encode()) + rb"[^:]+:[0-9a-f]{64}(?::lock)?\Z").match
 
 
 def scan_delete(client: Any, base: str) -> int:
-    """Delete the function's keys, a SCAN page at a time; how many were deleted."""
+    """Delete the function's keys and locks, a SCAN page at a time; how many."""
     pattern, wanted, cursor, deleted = glob_escape(base) + "*", matcher(base), 0, 0
     while True:
         cursor, keys = client.scan(cursor=cursor, match=pattern, count=1000)

@@ -310,12 +310,20 @@ class RedisTier:
             pause = min(pause * 2, MAX_PAUSE)
 
     def clear(self, spec: object) -> None:
-        """Delete this function's keys in the namespace, every version (SCAN, never KEYS)."""
+        """Delete this function's keys in the namespace, every version (SCAN, never KEYS),
+        and their locks: as ``delete``, for every key."""
+        with self._lock:
+            for key in list(self._flights):
+                _flight.invalidate(self, key)
         self.cache._clear(self, self.base)
 
     def delete(self, where: Hashable) -> bool:
-        """Whether Redis had the entry (and Redis answered)."""
-        return self.cache._delete(self, self.redis_key(where[1], (), {}))  # type: ignore[index]
+        """Whether Redis had the entry (and Redis answered). A computation of it in flight
+        here is not joined any more, and stores nothing (its lock is deleted too)."""
+        key = self.redis_key(where[1], (), {})  # type: ignore[index]
+        with self._lock:
+            _flight.invalidate(self, key)
+        return self.cache._delete(self, key)
 
     def info(
         self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool

@@ -304,8 +304,14 @@ class RedisCache:
         self._admin(tier, lambda client: io.scan_delete(client, base))
 
     def _delete(self, tier: RedisTier, key: str) -> bool:
-        """Whether Redis had the key (UNLINK's count); False if Redis failed."""
-        return bool(self._admin(tier, lambda client: client.unlink(key)))
+        """Whether Redis had the value; False if Redis failed. Its lock goes too, so that
+        a computation in flight, which may have read the old data, stores nothing."""
+        return bool(self._admin(tier, lambda client: self._unlink(client, key)))
+
+    @staticmethod
+    def _unlink(client: Any, key: str) -> int:
+        pipe = client.pipeline(transaction=False)  # one round trip
+        return int(pipe.unlink(key).unlink(key + io.LOCK).execute()[0])
 
     def _admin(self, tier: RedisTier, command: Callable[[Any], int]) -> int:
         """``command(client)`` on the sync pool; 0 if Redis failed (counted)."""

@@ -213,6 +213,51 @@ def test_both_tiers_count_a_waiter_as_a_shared_hit(
     assert (info.shared_hits, info.shared_misses) == (7, 1)  # every call, counted once
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+@pytest.mark.parametrize("tier", ["cachetools", "redis"])
+def test_a_process_forked_while_a_value_is_computed_does_not_wait_for_it(
+    tier: str, request: pytest.FixtureRequest
+) -> None:
+    """multiprocessing's fork (the default on Linux before Python 3.14) copies the
+    process with its shared tiers' bookkeeping, but not the thread computing a value:
+    the child must not wait for a computation that never ends there."""
+    import multiprocessing
+
+    shared: Any = cachetools.LRUCache(maxsize=10)
+    if tier == "redis":
+        from perrequest.redis import RedisCache
+
+        shared = RedisCache(request.getfixturevalue("redis_server").client(), ttl=60, namespace="f")
+    started = threading.Event()
+
+    @request_memo(shared=shared)
+    def slow(x: int) -> int:
+        if multiprocessing.parent_process() is None:  # the parent computes slowly
+            started.set()
+            time.sleep(1)
+        return x * 3
+
+    def child(out: Any) -> None:
+        with request_scope():
+            out.put(slow(7))
+
+    thread = threading.Thread(target=request_scope()(slow), args=(7,))
+    thread.start()
+    assert started.wait(5)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    try:
+        assert queue.get(timeout=5) == 21
+    finally:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+        thread.join(5)
+
+
 async def test_concurrent_misses_across_requests_compute_once_in_asyncio() -> None:
     calls = []
 

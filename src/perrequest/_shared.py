@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import threading
+import weakref
 from collections.abc import Hashable, MutableMapping
 from typing import Any, Protocol, TypeVar
 
@@ -37,6 +39,21 @@ logger = logging.getLogger("perrequest")
 # lock, and a lock per cache would need a registry that outlives nothing. It is held for
 # one cache operation at a time, never while computing.
 _lock = threading.RLock()
+_tiers: weakref.WeakSet[SharedTier] = weakref.WeakSet()  # for _forked
+
+
+def _forked() -> None:
+    """In a child made by fork: the threads computing values stayed in the parent, so
+    their records go (a waiter would wait for them forever), and so does the lock,
+    which one of them may have held."""
+    global _lock
+    _lock = threading.RLock()
+    for tier in list(_tiers):
+        tier._lock, tier._flights = _lock, {}
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forked)
 
 
 class Tier(Protocol):
@@ -167,7 +184,8 @@ class SharedTier:
     """
 
     __slots__ = (
-        "_flights", "_lock", "cache", "compute_s", "hits", "maxsize", "misses", "refused",
+        "__weakref__", "_flights", "_lock", "cache", "compute_s", "hits", "maxsize", "misses",
+        "refused",
     )  # fmt: skip
 
     timed = False  # nobody reads the shared tier's compute time
@@ -180,6 +198,7 @@ class SharedTier:
         self.hits = self.misses = 0
         self.compute_s = 0.0
         self.refused = False
+        _tiers.add(self)
 
     def _lookup(self, key: Hashable) -> Any:
         try:

@@ -16,6 +16,7 @@ import gc
 import inspect
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -114,6 +115,22 @@ def check_version(version: object, where: str) -> str | int:
     return version
 
 
+def _forked() -> None:
+    """In a child made by fork: the threads computing values stayed in the parent, so
+    their records go (a waiter would wait for them forever), with the locks they may
+    have held."""
+    for cache in list(_caches):
+        cache._log_lock = threading.Lock()
+        if cache._async is not None:
+            cache._async.lock = threading.Lock()
+        for tier in list(cache._tiers):
+            tier._lock, tier._flights = threading.Lock(), {}
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forked)
+
+
 class RedisCache:
     """A ``shared=`` backend on Redis: bounded (``ttl``), safe (JSON, or signed pickle),
     computed once per expiry across processes, and never the cause of a failed request.
@@ -197,6 +214,7 @@ class RedisCache:
         self._log_lock = threading.Lock()
         self._logged: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
+        _caches.add(self)
 
     def __repr__(self) -> str:
         kind = "async " if self.is_async else ""
@@ -320,3 +338,6 @@ class RedisCache:
         except Exception as exc:
             self._failed(tier, exc)
             return 0
+
+
+_caches: weakref.WeakSet[RedisCache] = weakref.WeakSet()  # for _forked

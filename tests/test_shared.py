@@ -327,6 +327,47 @@ def test_cache_clear_drops_this_functions_shared_entries_only() -> None:
     assert len(cache) == 1 and b(1) == "b1"
 
 
+@pytest.mark.slow  # fills a cache of 300,000 entries
+def test_clearing_a_big_cache_never_stalls_other_functions() -> None:
+    """One lock guards every in-process shared cache, so it is held for single reads
+    and writes only: a deploy hook's cache_clear() of a big cache must not hold every
+    other shared memo of the process (and the event loops calling them) meanwhile."""
+    big = cachetools.LRUCache(maxsize=300_000)
+
+    @request_memo(shared=big)
+    def price(n: int) -> int:
+        return n
+
+    @request_memo(shared=cachetools.LRUCache(maxsize=10))
+    def flag(name: str) -> bool:
+        return True
+
+    with request_scope(max_entries=None):
+        for n in range(300_000):
+            price(n)
+    waits: list[float] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            with request_scope():
+                flag("beta")
+            waits.append(time.perf_counter() - start)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.05)
+    start = time.perf_counter()
+    price.cache_clear()
+    took = time.perf_counter() - start
+    time.sleep(0.05)
+    done.set()
+    thread.join(10)
+    assert len(big) == 0
+    assert max(waits) < max(0.1, took / 3), (max(waits), took)
+
+
 @pytest.mark.parametrize("tier", ["cachetools", "redis"])
 def test_cache_delete_says_whether_either_tier_had_the_entry(
     tier: str, request: pytest.FixtureRequest

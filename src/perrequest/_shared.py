@@ -289,12 +289,17 @@ class SharedTier:
 
     def clear(self, spec: object) -> None:
         """Drop one function's entries (their keys are ``(spec, key)``), and what is in
-        flight for them: it stores nothing (``_flight.invalidate``)."""
+        flight for them: it stores nothing (``_flight.invalidate``). The lock, which
+        every shared cache of the process shares, is held for single steps: a copy of
+        the keys, then one removal at a time."""
         with self._lock:
-            for key in [k for k in self.cache if type(k) is tuple and k and k[0] is spec]:
-                self.cache.pop(key, None)
-            for key in [k for k in list(self._flights) if type(k) is tuple and k[0] is spec]:
-                _flight.invalidate(self, key)
+            for where in [k for k in list(self._flights) if type(k) is tuple and k[0] is spec]:
+                _flight.invalidate(self, where)
+            keys = list(self.cache)
+        for key in keys:
+            if type(key) is tuple and key and key[0] is spec:
+                with self._lock:
+                    self.cache.pop(key, None)
 
     def delete(self, key: Hashable) -> bool:
         with self._lock:

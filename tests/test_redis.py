@@ -622,6 +622,25 @@ def test_cache_clear_scans_the_function_keys_only(client: redis.Redis) -> None:
     assert not client.exists(_key("ns", g, 2, 2)) and client.exists(_key("ns", g, 1, 2))
 
 
+def test_a_function_slower_than_lock_timeout_is_still_stored(client: redis.Redis) -> None:
+    """Its lock expires while it computes; nobody else wanted the key meanwhile, so its
+    value must still be stored, or such a function would never be cached at all."""
+    cache = RedisCache(client, ttl=60, namespace="slow", lock_timeout=0.1)
+    calls = []
+
+    @request_memo(shared=cache)
+    def report(n: int) -> int:
+        calls.append(n)
+        time.sleep(0.3)
+        return n
+
+    for _ in range(2):
+        with request_scope():
+            assert report(1) == 1
+    assert calls == [1]
+    cache.close()
+
+
 @pytest.mark.parametrize("how", ["cache_delete", "cache_clear"])
 def test_a_delete_invalidates_a_computation_in_flight(client: redis.Redis, how: str) -> None:
     """Read your own writes: a request that updates a row, deletes its entry and reads

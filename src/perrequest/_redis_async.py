@@ -139,6 +139,8 @@ class AsyncRedisTier(RedisTier):
             payload = self._encoded(await fn(*args, **kwargs), key)
         finally:
             stored = self._stored(payload)
+            if stored and conn is not None and not self._current(key, asyncio.current_task()):
+                stored = b""  # invalidated meanwhile: the lock is released all the same
             if conn is not None and (stored or token):
                 try:
                     await self._store_async(conn, key, stored, token)

@@ -49,16 +49,14 @@ end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {3}
 """
-# Store the value (if any) and release the lock, if the lock is still ours: a holder whose
-# lock is gone (cache_delete, or expired) stores nothing, maybe computed from old data.
-# A lock key turned into another type is left for the next CLAIM to take over.
+# Store the value (if any), then release the lock if it is still ours (a lock key
+# turned into another type is left for the next CLAIM to take over).
 STORE = """
-local ours = ARGV[3] ~= '' and redis.call('TYPE', KEYS[2]).ok == 'string'
-    and redis.call('GET', KEYS[2]) == ARGV[3]
-if ARGV[1] ~= '' and (ours or ARGV[3] == '') then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+if ARGV[3] ~= '' and redis.call('TYPE', KEYS[2]).ok == 'string'
+    and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
 end
-if ours then redis.call('DEL', KEYS[2]) end
 return 1
 """
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import _flight
 from . import _redis_io as io
 from ._checks import LAZY, refuse_memoized_result
-from ._flight import MISSING
+from ._flight import MISSING, Waited
 from ._redis_io import BadValue, digest, key_problem
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed
 from ._stats import Counter
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 UNCOUNTED = Counter(timed=False)
 FIRST_PAUSE, MAX_PAUSE = 0.002, 0.05  # seconds between looks at another's lock
 now = time.monotonic
+_thread_id = threading.get_ident
 
 
 class RedisCacheInfo(NamedTuple):
@@ -287,12 +288,21 @@ class RedisTier:
             payload = self._encoded(fn(*args, **kwargs), key)
         finally:
             stored = self._stored(payload)
+            if stored and store and not self._current(key, _thread_id()):
+                stored = b""  # invalidated meanwhile: the lock is released all the same
             if store and (stored or token):
                 try:
                     self._store(key, stored, token)
                 except Exception as exc:
                     self._wrong(key, exc)
         return payload
+
+    def _current(self, key: str, me: object) -> bool:
+        """Whether ``me`` still computes ``key`` for this process: after a cache_delete
+        or cache_clear (``_flight.invalidate``), its value, maybe computed from old data,
+        is not stored (its lock is released all the same)."""
+        record = self._flights.get(key)
+        return record == me or (type(record) is Waited and record.owner == me)
 
     def _store(self, key: str, stored: bytes, token: str) -> None:
         """Store the value and release our lock. A lock left behind would make the key's

@@ -622,6 +622,40 @@ def test_cache_clear_scans_the_function_keys_only(client: redis.Redis) -> None:
     assert not client.exists(_key("ns", g, 2, 2)) and client.exists(_key("ns", g, 1, 2))
 
 
+def test_counters_lose_no_update_under_threads(client: redis.Redis) -> None:
+    """cache_info()'s shared counters are exact: threads counting at once (here made to
+    switch as often as the interpreter allows) lose no increment."""
+    cache = RedisCache(client, ttl=60, namespace="n")
+
+    @request_memo(shared=cache)
+    def flag(name: str) -> bool:
+        return True
+
+    with request_scope():
+        flag("x")  # stored in Redis: every later request reads it there
+
+    def requests() -> None:
+        for _ in range(1000):
+            with request_scope():
+                flag("x")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=requests) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+    with request_scope():
+        info = flag.cache_info()
+    assert (info.shared_hits, info.shared_misses) == (6000, 1)
+    assert cache.stats().hits == 6000
+    cache.close()
+
+
 def test_a_function_slower_than_lock_timeout_is_still_stored(client: redis.Redis) -> None:
     """Its lock expires while it computes; nobody else wanted the key meanwhile, so its
     value must still be stored, or such a function would never be cached at all."""

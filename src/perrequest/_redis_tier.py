@@ -76,9 +76,11 @@ class RedisTier:
         self.lock_timeouts = self.too_large = self.bad_values = 0
 
     def count(self, field: str) -> None:
-        """One more of ``field``, here and in the cache's totals (which outlive us)."""
-        setattr(self, field, getattr(self, field) + 1)
-        self.cache._totals[field] += 1
+        """One more of ``field``, here and in the cache's totals (which outlive us), under
+        the cache's lock: threads count at once."""
+        with self.cache._lock:
+            setattr(self, field, getattr(self, field) + 1)
+            self.cache._totals[field] += 1
 
     # This process's single-flight (_flight's cache protocol): nothing is kept here.
     def _lookup(self, key: Hashable) -> Any:

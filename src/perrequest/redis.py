@@ -120,7 +120,7 @@ def _forked() -> None:
     their records go (a waiter would wait for them forever), with the locks they may
     have held."""
     for cache in list(_caches):
-        cache._log_lock = threading.Lock()
+        cache._lock = threading.Lock()
         if cache._async is not None:
             cache._async.lock = threading.Lock()
         for tier in list(cache._tiers):
@@ -211,7 +211,7 @@ class RedisCache:
         self._down_until = 0.0
         self._tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
         self._totals = dict.fromkeys(RedisStats._fields, 0)  # functions gone still count
-        self._log_lock = threading.Lock()
+        self._lock = threading.Lock()  # for counts and logs
         self._logged: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
         _caches.add(self)
@@ -308,7 +308,7 @@ class RedisCache:
     def _warn(self, kind: str, message: str, *args: object) -> None:
         """Log a WARNING of this kind at most once per ``log_interval`` seconds."""
         now = _now()
-        with self._log_lock:
+        with self._lock:
             last = self._logged.get(kind)
             if last is not None and now - last < self.log_interval:
                 self._quiet[kind] = self._quiet.get(kind, 0) + 1

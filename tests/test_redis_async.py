@@ -306,3 +306,44 @@ def test_async_a_holder_cancelled_again_and_again_still_releases_its_lock(
         await aclient.aclose()
 
     asyncio.run(main())
+
+
+def test_async_cache_delete_invalidates_a_computation_in_flight(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    """Read your own writes, for async functions: after the delete, the next call
+    computes afresh, a caller that waited for the old computation starts again, and the
+    old computation's value (read from the old row) is not stored."""
+
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="rw")
+        row = {"price": 1}
+
+        @request_memo(shared=cache)
+        async def price(sku: str) -> int:
+            value = row["price"]
+            if value == 1:
+                await asyncio.sleep(0.5)
+            return value
+
+        async def request(delay: float) -> int:
+            await asyncio.sleep(delay)
+            async with request_scope():
+                return await price("a")
+
+        stale, waiter = asyncio.create_task(request(0)), asyncio.create_task(request(0.05))
+        await asyncio.sleep(0.1)
+        async with request_scope():
+            row["price"] = 2
+            price.cache_delete("a")
+            start = time.monotonic()
+            assert await price("a") == 2
+            assert time.monotonic() - start < 0.4  # it did not wait for the old one
+        assert (await stale, await waiter) == (1, 2)
+        assert await request(0) == 2  # not overwritten by the stale value
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())
+    assert [k for k in client.scan_iter() if k.endswith(b":lock")] == []

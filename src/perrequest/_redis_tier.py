@@ -331,7 +331,8 @@ class RedisTier:
 
     def delete(self, where: Hashable) -> bool:
         """Whether Redis had the entry (and Redis answered). A computation of it in flight
-        here is not joined any more, and stores nothing (its lock is deleted too)."""
+        here is not joined any more and stores nothing (``_current``); its lock goes with
+        the entry, so that the next miss, anywhere, does not wait for it."""
         key = self.redis_key(where[1], (), {})  # type: ignore[index]
         with self._lock:
             _flight.invalidate(self, key)

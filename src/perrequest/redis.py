@@ -322,8 +322,9 @@ class RedisCache:
         self._admin(tier, lambda client: io.scan_delete(client, base))
 
     def _delete(self, tier: RedisTier, key: str) -> bool:
-        """Whether Redis had the value; False if Redis failed. Its lock goes too, so that
-        a computation in flight, which may have read the old data, stores nothing."""
+        """Whether Redis had the value; False if Redis failed. Its lock goes too: the next
+        miss computes afresh instead of waiting for a computation in flight, which may
+        have read the old data."""
         return bool(self._admin(tier, lambda client: self._unlink(client, key)))
 
     @staticmethod

@@ -765,6 +765,8 @@ def test_bad_options_are_refused_with_the_reason(client: redis.Redis) -> None:
         RedisCache(client, ttl=1, namespace="t", serializer="yaml")
     with pytest.raises(TypeError, match="Did you mean lock_timeout="):
         RedisCache(client, ttl=1, namespace="t", lock_timout=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="Did you mean ttl="):  # a required one misspelt
+        RedisCache(client, tll=1, namespace="t")  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="op_timeout"):
         RedisCache(client, ttl=1, namespace="t", op_timeout=0)
     with pytest.raises(ValueError, match="':'"):

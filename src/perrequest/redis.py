@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from . import _redis_io as io
-from ._checks import unknown_option
+from ._checks import explains_options
 from ._redis_async import AsyncRedisTier
 from ._redis_io import Codec, check_secret, name_problem
 from ._redis_tier import RedisCacheInfo, RedisTier
@@ -37,10 +37,6 @@ R_co = TypeVar("R_co", covariant=True)
 
 logger = logging.getLogger("perrequest")
 _now = time.monotonic
-_OPTIONS = (
-    "ttl", "namespace", "serializer", "secret", "version", "lock_timeout", "op_timeout",
-    "max_value_bytes", "retry_after", "log_interval",
-)  # fmt: skip
 
 
 class RedisStats(NamedTuple):
@@ -163,6 +159,7 @@ class RedisCache:
         log_interval: Seconds between two WARNINGs of the same kind.
     """
 
+    @explains_options("RedisCache()")
     def __init__(
         self,
         client: Any,
@@ -177,10 +174,7 @@ class RedisCache:
         max_value_bytes: int = 1_048_576,
         retry_after: float = 1.0,
         log_interval: float = 60.0,
-        **unknown: Any,
     ) -> None:
-        if unknown:
-            raise TypeError(unknown_option("RedisCache()", next(iter(unknown)), _OPTIONS))
         self.is_async = io.check_client(client)
         self.ttl = _check_ttl(ttl)
         if not isinstance(namespace, str) or not namespace.strip():

@@ -299,6 +299,53 @@ def test_items_survive_another_thread_evicting() -> None:
         thread.join()
 
 
+def test_items_survive_hits_of_a_bounded_memo_in_another_thread() -> None:
+    """A memo with a bound of its own keeps its entries in an OrderedDict, which hits
+    reorder without the lock; iterating the store must not look its keys up again
+    (a frozen dataclass's Python __hash__ lets the hitting thread run meanwhile)."""
+    import contextvars
+    import sys
+    from dataclasses import dataclass
+
+    from perrequest import request_memo
+
+    @dataclass(frozen=True)
+    class Row:
+        id: int
+
+    @request_memo(max_entries=50)
+    def load(row: Row) -> int:
+        return row.id
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    stop = threading.Event()
+    try:
+        with request_scope() as store:
+            for i in range(50):
+                load(Row(i))
+
+            def hitter() -> None:
+                i = 0
+                while not stop.is_set():
+                    load(Row(i % 50))
+                    i += 1
+
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(hitter,))
+            thread.start()
+            try:
+                deadline = time.monotonic() + 1.5
+                while time.monotonic() < deadline:
+                    assert len(list(store.items())) == 50
+                    assert len(list(store.values())) == 50
+                    assert len(list(store)) == 50
+            finally:
+                stop.set()
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_each_store_counts_on_its_own() -> None:
     """A fresh store reads zeros, whatever earlier stores counted; a closed one keeps
     its final numbers."""

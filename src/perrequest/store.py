@@ -93,7 +93,10 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     def _pairs(self) -> list[tuple[Hashable, Any]]:
         pairs: list[tuple[Hashable, Any]] = []
         for owner, sub in list((self._subs or {}).items()):
-            for key, entry in list(sub.items()):  # list() copies in one step, under the GIL
+            # list() copies in one step, under the GIL; dict.items, also on a bounded
+            # function's OrderedDict, whose own items() hashes every key (Python code,
+            # during which another thread's hit reorders it: "mutated during iteration").
+            for key, entry in list(dict.items(sub)):
                 pairs.append((key if owner is HELPERS else MemoKey(owner, key), entry[0]))
         return pairs
 

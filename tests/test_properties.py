@@ -252,3 +252,154 @@ def test_the_generated_wrapper_behaves_as_the_plain_closure(
     assert _wrappers.parameters(fn) is not None and _wrappers.parameters(plain_) is None
     assert _run(generated, calls) == _run(plain, calls)
     assert generated_log == plain_log
+
+
+@settings(max_examples=150, deadline=None)
+@given(signatures, st.one_of(st.none(), st.integers(1, 3)), st.booleans(), st.data())
+def test_the_generated_wrapper_binds_every_call_shape_as_the_canonical_one(
+    signature: tuple[int, int, int, int],
+    max_entries: int | None,
+    is_async: bool,
+    data: st.DataObject,
+) -> None:
+    """Calls that leave defaults out, or pass positional-or-keyword parameters by
+    keyword, are bound by Python in the generated wrapper: they observe what the plain
+    closure observes for the same call written out in canonical form."""
+    positional_only, either, keyword_only, defaults = signature
+    positional = positional_only + either
+    generated_log: list[Any] = []
+    plain_log: list[Any] = []
+    fn = _function(signature, generated_log, is_async)
+    plain_fn = _function(signature, plain_log, is_async)
+    names = list(inspect.signature(fn).parameters)
+
+    def shapes(values: tuple[Any, ...]) -> Any:
+        """The call as the generated side makes it: defaults left out when they hold
+        their default, and a tail of positional-or-keyword parameters by keyword."""
+        cut = positional
+        while cut > positional - defaults and values[cut - 1] == 0 and values[cut - 1] != [0]:
+            cut -= 1
+        omit = data.draw(st.booleans())
+        shown = values[:cut] if omit else values[:positional]
+        by_keyword = data.draw(st.integers(0, max(0, len(shown) - positional_only)))
+        split = len(shown) - by_keyword
+        return shown[:split], dict(zip(names[split : len(shown)], shown[split:], strict=True))
+
+    call = st.tuples(
+        st.lists(arguments, min_size=positional, max_size=positional).map(tuple),
+        st.fixed_dictionaries({f"k{i}": arguments for i in range(keyword_only)}).map(
+            lambda kw: dict(sorted(kw.items()))
+        ),
+        st.sampled_from(["call", "call", "call", "delete", "clear"]),
+    )
+    canonical = data.draw(st.lists(call, max_size=25))
+    varied = []
+    for args, kwargs, action in canonical:
+        shown, by_keyword = shapes(args)
+        varied.append((shown, {**by_keyword, **kwargs}, action))
+
+    def plain_sync(*args: Any, **kwargs: Any) -> Any:
+        return plain_fn(*args, **kwargs)
+
+    async def plain_async(*args: Any, **kwargs: Any) -> Any:
+        return await plain_fn(*args, **kwargs)
+
+    plain_ = plain_async if is_async else plain_sync
+    plain_.__signature__ = inspect.signature(plain_fn)  # type: ignore[attr-defined]
+    plain_.__qualname__ = plain_.__name__ = "fn"
+    generated = request_memo(max_entries=max_entries)(fn)
+    plain = request_memo(max_entries=max_entries)(plain_)
+    assert _run(generated, varied) == _run(plain, canonical)
+    assert generated_log == plain_log
+
+
+@settings(max_examples=100, deadline=None)
+@given(signatures, st.one_of(st.none(), st.integers(1, 3)), st.booleans(), st.data())
+def test_a_generated_method_behaves_as_the_plain_closure(
+    signature: tuple[int, int, int, int],
+    max_entries: int | None,
+    is_async: bool,
+    data: st.DataObject,
+) -> None:
+    """Methods: ``self`` keyed by identity, by the generated wrapper and the closure
+    alike; two equal instances never share entries."""
+    positional = signature[0] + signature[1]
+    keyword_only = signature[2]
+    call = st.tuples(
+        st.integers(0, 1),  # which instance
+        st.lists(arguments, min_size=positional, max_size=positional).map(tuple),
+        st.fixed_dictionaries({f"k{i}": arguments for i in range(keyword_only)}).map(
+            lambda kw: dict(sorted(kw.items()))
+        ),
+        st.sampled_from(["call", "call", "call", "delete", "clear"]),
+    )
+    calls = data.draw(st.lists(call, max_size=25))
+
+    def make(generated: bool, log: list[Any]) -> Any:
+        inner = _function(signature, log, is_async)
+        params = str(inspect.signature(inner))[1:-1]
+        forward = ", ".join(
+            f"{n}={n}" if n.startswith("k") else n for n in inspect.signature(inner).parameters
+        )
+        if generated:
+            source = (
+                f"class Row:\n"
+                f"    def __eq__(self, other): return isinstance(other, Row)\n"
+                f"    __hash__ = None\n"
+                f"    @request_memo(max_entries={max_entries})\n"
+                f"    {'async ' if is_async else ''}def fn(self{', ' if params else ''}{params}):\n"
+                f"        log.append(id(self))\n"
+                f"        return {'await ' if is_async else ''}inner({forward})\n"
+            )
+        else:
+            source = (
+                f"class Row:\n"
+                f"    def __eq__(self, other): return isinstance(other, Row)\n"
+                f"    __hash__ = None\n"
+                f"    {'async ' if is_async else ''}def fn(self, *args, **kwargs):\n"
+                f"        log.append(id(self))\n"
+                f"        return {'await ' if is_async else ''}inner(*args, **kwargs)\n"
+            )
+        namespace: dict[str, Any] = {
+            "request_memo": request_memo,
+            "log": log,
+            "inner": inner,
+            "__name__": __name__,
+        }
+        exec(source, namespace)
+        cls = namespace["Row"]
+        if not generated:  # the closure, with the generated one's signature (error messages)
+            twin = make(True, [])
+            raw = cls.__dict__["fn"]
+            raw.__signature__ = inspect.signature(twin.__dict__["fn"].__wrapped__)
+            cls.fn = request_memo(max_entries=max_entries)(raw)
+        return cls
+
+    def observe(cls: Any, log: list[Any]) -> list[Any]:
+        rows = [cls(), cls()]
+        ids = [id(r) for r in rows]
+        seen: list[Any] = []
+        with request_scope(max_entries=4) as store:
+            for which, args, kwargs, action in calls:
+                row = rows[which]
+                try:
+                    if action == "delete":
+                        outcome: Any = ("deleted", row.fn.cache_delete(row, *args, **kwargs))
+                    elif action == "clear":
+                        row.fn.cache_clear()
+                        outcome = "cleared"
+                    elif is_async:
+                        outcome = ("value", asyncio.run(row.fn(*args, **kwargs)))
+                    else:
+                        outcome = ("value", row.fn(*args, **kwargs))
+                except Exception as exc:
+                    outcome = (type(exc).__name__, str(exc).split(":", 1)[-1])
+                seen.append((outcome, cls.fn.cache_info(), len(store)))
+        return [seen, [ids.index(x) if x in ids else x for x in log]]
+
+    generated_log: list[Any] = []
+    plain_log: list[Any] = []
+    generated, plain = make(True, generated_log), make(False, plain_log)
+    assert _wrappers.parameters(generated.fn.__wrapped__) is not None
+    assert _wrappers.parameters(plain.fn.__wrapped__) is None
+    assert observe(generated, generated_log) == observe(plain, plain_log)

@@ -279,6 +279,49 @@ def test_a_memoized_helper_called_from_hash_keeps_the_store_whole() -> None:
         _consistent(store)
 
 
+def test_a_write_from_a_keys_hash_while_another_thread_hits_keeps_the_store_whole() -> None:
+    """Rebuilding the recency order after a key's own code wrote to the store must not
+    trip over hits in another thread, which reorder it without the lock."""
+
+    class Sneaky(Key):
+        def __hash__(self) -> int:
+            perrequest.set(("side", self.n % 7), 1)  # a write while storing: a resync
+            return hash(self.n)
+
+    @request_memo
+    def load(x: int) -> int:
+        return x
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    stop = threading.Event()
+    try:
+        with request_scope(max_entries=400) as store:
+            for i in range(300):
+                load(i)
+
+            def hitter() -> None:
+                i = 0
+                while not stop.is_set():
+                    load(i % 300)
+                    i += 1
+
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(hitter,))
+            thread.start()
+            try:
+                deadline = time.monotonic() + 1.5
+                i = 0
+                while time.monotonic() < deadline:
+                    store[Sneaky(i)] = i
+                    i += 1
+            finally:
+                stop.set()
+                thread.join()
+            _consistent(store)
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_a_delete_from_a_keys_hash_keeps_the_store_whole() -> None:
     armed = []
 

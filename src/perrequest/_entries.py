@@ -255,7 +255,9 @@ class Entries:
         # dict.items, also on an OrderedDict: its own iteration looks every key up again.
         live = {e[2]: (o, k) for o, s in list(subs.items()) for k, e in list(dict.items(s))}
         order = self._order
-        for entry_id in [i for i in order if i not in live]:
+        # list(order) copies in one step: hits in other threads reorder it without the
+        # lock, which a loop over it in Python would see ("mutated during iteration").
+        for entry_id in [i for i in list(order) if i not in live]:
             del order[entry_id]
         for entry_id in sorted(live.keys() - order.keys()):
             order[entry_id] = live[entry_id]

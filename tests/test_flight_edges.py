@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import signal
 import sys
 import threading
 import time
@@ -156,6 +157,74 @@ def test_an_interrupt_while_storing_hands_the_waiters_the_value() -> None:
         assert b_result.result(timeout=WAIT) == 1
         a.join(WAIT)
         b.join(WAIT)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+@pytest.mark.parametrize("first", [True, False], ids=["first-miss", "later-miss"])
+@pytest.mark.parametrize("plain", [False, True], ids=["generated", "closure"])
+def test_a_signal_while_the_computing_thread_waits_for_the_lock_strands_no_waiter(
+    plain: bool, first: bool
+) -> None:
+    """Ctrl-C (here: a signal whose handler raises, in the main thread) while the computing
+    caller waits for the store's lock to store its value interrupts that wait. The lock
+    is not taken, and the waiter in the pool still gets an outcome: it is not left
+    waiting forever (nor is the pool's shutdown, nor the interpreter's exit)."""
+    options: dict[str, Any] = {"key": lambda x: x} if plain else {}
+    locked, unlock = threading.Event(), threading.Event()
+
+    class Holding(Key):
+        """A helper key whose hash, once armed, blocks: the writer holds the lock."""
+
+        hashes = 0
+        __eq__ = Key.__eq__
+
+        def __hash__(self) -> int:
+            if threading.current_thread().name == "holder":
+                Holding.hashes += 1
+                if Holding.hashes == 2:  # the first is checked before the lock is taken
+                    locked.set()
+                    assert unlock.wait(WAIT)
+            return hash(self.n)
+
+    @request_memo(**options)
+    def f(x: int) -> int:
+        if x == 5 and threading.current_thread() is threading.main_thread():
+            waiter.append(pool.submit(contextvars.copy_context().run, f, 5))
+            until(lambda: f.cache_info().hits == 1)  # the pool's thread waits for this call
+            holder.start()  # a write that takes the store's lock, and keeps it
+            assert locked.wait(WAIT)
+            # The main thread is about to block on the lock: interrupt it there, then
+            # let the writer go.
+            main = threading.main_thread().ident
+            threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1)).start()
+            threading.Timer(0.4, unlock.set).start()
+        return x
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupt
+
+    waiter: list[Future[int]] = []
+    pool = ThreadPoolExecutor(1)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with request_scope():
+            if not first:
+                f(1)  # f's counter and dict exist: the generated miss path
+            holder = threading.Thread(
+                target=contextvars.copy_context().run,
+                args=(perrequest.set, Holding(0), 0),
+                name="holder",
+            )
+            with pytest.raises(Interrupt):
+                f(5)  # computed here, in the main thread, where signals are handled
+            unlock.set()
+            holder.join(WAIT)
+            assert waiter[0].result(timeout=WAIT) == 5
+            assert f(5) == 5
+    finally:
+        unlock.set()
+        signal.signal(signal.SIGUSR1, previous)
+        pool.shutdown(wait=False)  # a stranded waiter would hang a waiting shutdown
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["generated", "closure"])

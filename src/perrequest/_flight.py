@@ -19,6 +19,8 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from ._checks import LAZY, refuse_memoized_result
+from ._waits import done_waiting as done_waiting  # _batching too
+from ._waits import may_wait as may_wait
 
 MISSING: Any = object()
 _RESTART: Any = object()  # the computing caller was interrupted: waiters try again
@@ -28,29 +30,6 @@ Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
 _now = time.perf_counter
 _thread_id = threading.get_ident
-
-# Who waits for whose single-flight computation (threads by id, tasks): a caller never
-# waits for one that waits for it (two threads fetching each other's keys).
-_waits: dict[object, object] = {}
-_waits_lock = threading.Lock()
-
-
-def may_wait(me: object, owner: object) -> bool:
-    """Record that ``me`` waits for ``owner``, unless that closes a cycle (then False)."""
-    with _waits_lock:
-        who: object = owner
-        for _ in range(len(_waits) + 1):
-            if who == me:
-                return False
-            who = _waits.get(who)
-            if who is None:
-                break
-        _waits[me] = owner
-        return True
-
-
-def done_waiting(me: object) -> None:
-    _waits.pop(me, None)
 
 
 class Counter(Protocol):  # a store's _stats.Counter, or a shared tier's own counts
@@ -121,42 +100,69 @@ _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
 def finish(
     cache: Cache, key: Hashable, me: object, value: Any, counter: Counter, extra: Any
 ) -> Any:
-    """Unregister, store ``value``, hand it to the waiters (written out in _wrappers)."""
+    """Unregister, store ``value``, hand it to the waiters (written out in _wrappers).
+    Not ``with lock`` (twice the cost on 3.11), but acquired inside the ``try``: an
+    interrupt (Ctrl-C) as ``acquire()`` returns still releases it."""
     lock = cache._lock
-    lock.acquire()  # not `with`: on CPython 3.11 that costs twice as much
     record = _UNKNOWN
     try:
+        lock.acquire()
         record = cache._flights.pop(key, None)
         if record is me:  # nobody waited: the common miss
             cache._fill(key, value, counter, extra)
             return value
         return end(cache, key, me, record, value, counter, extra)
-    except BaseException:
-        if record is _UNKNOWN:  # the key's __hash__/__eq__ raised this time
-            forget(cache, me)
+    except BaseException as exc:
+        abandon(cache, key, me, record, value, exc)
         raise
     finally:
-        lock.release()
+        try:  # noqa: SIM105 (contextlib.suppress costs a miss 10%)
+            lock.release()
+        except RuntimeError:  # acquire() itself was interrupted: not held
+            pass
 
 
 def end(
     cache: Cache, key: Hashable, me: object, record: Any, value: Any, counter: Counter, extra: Any
 ) -> Any:
     """``finish`` when somebody waits or a delete invalidated the record. Lock held.
-    If storing raises (a key's ``__eq__``) the waiters get that error, as their own
-    lookup would; on an interrupt, the value."""
+    If storing raises, ``abandon`` hands the waiters the outcome."""
     if not (type(record) is Waited and record.owner is me):  # invalidated: not stored
         _put_back(cache, key, record)
         return value
-    try:
-        cache._fill(key, value, counter, extra)
-    except BaseException as exc:
-        if type(record) is Waited:
-            record.future.set_result((False, exc) if isinstance(exc, Exception) else (True, value))
-        raise
-    if type(record) is Waited:
-        record.future.set_result((True, value))
+    cache._fill(key, value, counter, extra)
+    record.future.set_result((True, value))
     return value
+
+
+def abandon(
+    cache: Cache, key: Hashable, me: object, record: Any, value: Any, exc: BaseException
+) -> None:
+    """``finish`` raised (a key's ``__hash__``/``__eq__``, an interrupt): if its record
+    was not taken, the waiters retry; else they get the error (as their lookup would
+    raise it) or, on an interrupt, the value. Another caller's taken record goes back."""
+    if record is _UNKNOWN:
+        with cache._lock:  # held already, unless the interrupt came during acquire()
+            forget(cache, me)
+    elif type(record) is Waited and record.owner is me:
+        if not record.future.done():
+            record.future.set_result((False, exc) if isinstance(exc, Exception) else (True, value))
+    elif record is not me:
+        _put_back(cache, key, record)
+
+
+def interrupted(cache: Cache, key: Hashable, me: object, exc: BaseException) -> None:
+    """An interrupt as the call that registered ``me`` returned, before the ``try`` that
+    resolves it: the waiters compute. By identity (a thread's ``me`` is a new ``int``
+    per call, so a recursion's outer registration stays)."""
+    if isinstance(exc, Exception):
+        return
+    with cache._lock:
+        record = cache._flights.get(key)  # hashed fine just before
+        if record is me or (type(record) is Waited and record.owner is me):
+            del cache._flights[key]
+            if type(record) is Waited:
+                record.future.set_result(_RESTART)
 
 
 def invalidate(cache: Cache, key: Hashable) -> None:
@@ -168,8 +174,7 @@ def invalidate(cache: Cache, key: Hashable) -> None:
 
 
 def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
-    """An invalidated computation ended and popped what another caller registered
-    since: put that back. Lock held."""
+    """Put back what an invalidated computation popped (another's record). Lock held."""
     if record is not None:
         try:
             cache._flights[key] = record
@@ -201,47 +206,60 @@ def run(
 ) -> Any:
     """The value at ``key``, computed by ``fn(*args, **kwargs)`` at most once at a time."""
     me = _thread_id()
-    # Registered without the lock (setdefault is atomic). A value filled since the
-    # caller looked is computed again: "at most once at a time" still holds.
-    record = cache._flights.setdefault(key, me)
-    while record is not me:
-        step = _next_step(cache, key, me, counter)
-        if step is True:
-            break
-        if type(step) is tuple:
-            return step[0]
-        if step is not False:
+    try:
+        # Registered without the lock (setdefault is atomic). A value filled since the
+        # caller looked is computed again: "at most once at a time" still holds.
+        record = cache._flights.setdefault(key, me)
+        while record is not me:
+            step = _next_step(cache, key, me, counter)
+            if step is True:
+                break
+            if type(step) is tuple:
+                return step[0]
+            if step is False:  # recursion, or a cycle of waiters: compute without sharing
+                return _unshared(cache, key, fn, args, kwargs, counter, extra)
             try:
                 value = _outcome(cache, counter, step.future.result())
             finally:
                 done_waiting(me)
-            if value is MISSING:  # its caller was interrupted: look, join or compute
-                continue
-            return value
-        # Recursion, or a cycle of waiters: compute without sharing, timed all the same.
-        start = _now() if counter.timed else 0.0
-        try:
-            value = fn(*args, **kwargs)
-        finally:
-            if start:
-                counter.compute_s += _now() - start
-        if type(value) in LAZY:
-            refuse_memoized_result(fn, value)
-        with cache._lock:
-            cache._fill(key, value, counter, extra)
-        return value
-    counter.misses += 1
-    start = _now() if counter.timed else 0.0
+            if value is not MISSING:
+                return value
+            # its caller was interrupted: look, join or compute
+    except BaseException as exc:  # an interrupt may come as a registering call returns
+        interrupted(cache, key, me, exc)
+        raise
+    start = 0.0  # registered: every way out resolves it (no call, no interrupt before)
     try:
+        counter.misses += 1
+        if counter.timed:
+            start = _now()
         value = fn(*args, **kwargs)
         if type(value) in LAZY:
             refuse_memoized_result(fn, value)
-    except BaseException as exc:
+        if start:
+            counter.compute_s += _now() - start
+            start = 0.0
+        return finish(cache, key, me, value, counter, extra)
+    except BaseException as exc:  # finish's own failures are handled: this finds no record
         failed(cache, key, me, counter, start, exc)
         raise
-    if start:
-        counter.compute_s += _now() - start
-    return finish(cache, key, me, value, counter, extra)
+
+
+def _unshared(
+    cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
+) -> Any:
+    """Compute without registering (recursion, a cycle of waiters), timed all the same."""
+    start = _now() if counter.timed else 0.0
+    try:
+        value = fn(*args, **kwargs)
+    finally:
+        if start:
+            counter.compute_s += _now() - start
+    if type(value) in LAZY:
+        refuse_memoized_result(fn, value)
+    with cache._lock:
+        cache._fill(key, value, counter, extra)
+    return value
 
 
 def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any:
@@ -282,32 +300,39 @@ async def run_async(
     if me is None:  # not asyncio (trio): compute without sharing
         counter.misses += 1
         return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
-    record = cache._flights.setdefault(key, me)
-    while record is not me:
-        step = _next_step(cache, key, me, counter)
-        if step is True:
-            break
-        if type(step) is tuple:
-            return step[0]
-        if step is not False:
+    try:
+        record = cache._flights.setdefault(key, me)
+        while record is not me:
+            step = _next_step(cache, key, me, counter)
+            if step is True:
+                break
+            if type(step) is tuple:
+                return step[0]
+            if step is False:
+                return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
             try:
                 value = _outcome(cache, counter, await asyncio.wrap_future(step.future))
             finally:
                 done_waiting(me)
-            if value is MISSING:  # its caller was cancelled: look, join or compute
-                continue
-            return value
-        return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
-    counter.misses += 1
-    start = _now() if counter.timed else 0.0
+            if value is not MISSING:
+                return value
+            # its caller was cancelled: look, join or compute
+    except BaseException as exc:  # see run
+        interrupted(cache, key, me, exc)
+        raise
+    start = 0.0
     try:
+        counter.misses += 1
+        if counter.timed:
+            start = _now()
         value = await fn(*args, **kwargs)
+        if start:
+            counter.compute_s += _now() - start
+            start = 0.0
+        return finish(cache, key, me, value, counter, extra)
     except BaseException as exc:  # cancellation too: a waiter computes instead
         failed(cache, key, me, counter, start, exc)
         raise
-    if start:
-        counter.compute_s += _now() - start
-    return finish(cache, key, me, value, counter, extra)
 
 
 async def _unshared_async(

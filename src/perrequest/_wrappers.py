@@ -28,7 +28,7 @@ _TEMPLATE = """\
 def __pr_factory(
     __pr_get, __pr_spec, __pr_fn, __pr_outside, __pr_id, __pr_d,
     __pr_name, __pr_slow, __pr_end, __pr_failed, __pr_now, __pr_lazy, __pr_refuse,
-    __pr_thread, __pr_task, __pr_unknown, __pr_forget,
+    __pr_thread, __pr_task, __pr_unknown, __pr_abandon, __pr_interrupted,
 ):
     {kind}def {name}({signature}):
         __pr_key = {key}
@@ -77,24 +77,30 @@ _COMPUTE = """\
                 )
             except (AttributeError, KeyError, TypeError):  # first miss; closed; unhashable
                 __pr_mine = False
+            except BaseException as __pr_exc:  # an interrupt as setdefault returns
+                __pr_interrupted(__pr_store, __pr_where, __pr_me, __pr_exc)
+                raise
             if not __pr_mine:  # what remains is ``_slow``'s
                 return {await_}__pr_slow(
                     __pr_spec, __pr_store, __pr_where, ({positional}), {{{keyword}}}, {anchor},
                     __pr_odd,
                 )
-            __pr_counter.misses += 1
-            __pr_start = __pr_now() if __pr_counter.timed else 0.0
+            __pr_start = 0.0  # registered: every way out resolves it (see _flight.run)
             try:
+                __pr_counter.misses += 1
+                if __pr_counter.timed:
+                    __pr_start = __pr_now()
                 __pr_value = {await_}__pr_fn({arguments})
-{refuse}            except BaseException as __pr_exc:
+{refuse}                if __pr_start:
+                    __pr_counter.compute_s += __pr_now() - __pr_start
+                    __pr_start = 0.0
+            except BaseException as __pr_exc:
                 __pr_failed(__pr_store, __pr_where, __pr_me, __pr_counter, __pr_start, __pr_exc)
                 raise
-            if __pr_start:
-                __pr_counter.compute_s += __pr_now() - __pr_start
             __pr_lock = __pr_store._lock  # _flight.finish, written out
-            __pr_lock.acquire()
             __pr_record = __pr_unknown
             try:
+                __pr_lock.acquire()
                 __pr_record = __pr_store._flights.pop(__pr_where, None)
                 if __pr_record is __pr_me:  # nobody waited: the common miss
                     __pr_store._fill(__pr_where, __pr_value, __pr_counter, {anchor})
@@ -102,12 +108,16 @@ _COMPUTE = """\
                 return __pr_end(
                     __pr_store, __pr_where, __pr_me, __pr_record, __pr_value, __pr_counter, {anchor}
                 )
-            except BaseException:
-                if __pr_record is __pr_unknown:  # the key's __hash__/__eq__ raised this time
-                    __pr_forget(__pr_store, __pr_me)
+            except BaseException as __pr_exc:
+                __pr_abandon(
+                    __pr_store, __pr_where, __pr_me, __pr_record, __pr_value, __pr_exc
+                )
                 raise
             finally:
-                __pr_lock.release()
+                try:
+                    __pr_lock.release()
+                except RuntimeError:  # acquire() was interrupted: not held
+                    pass
 """
 
 _THREAD = """\
@@ -253,7 +263,8 @@ def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., 
         _thread_id,
         current_task,
         _flight._UNKNOWN,
-        _flight.forget,
+        _flight.abandon,
+        _flight.interrupted,
     )
 
 

@@ -230,6 +230,48 @@ def test_a_helper_defined_per_message_keeps_nothing_beyond_the_bound() -> None:
     assert sum(ref() is not None for ref in refs) == 0  # a closed store holds no function
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"key": lambda x: x}, {"typed": True}, {"star": True}, {"max_entries": 5}],
+    ids=["generated", "key", "typed", "star-args", "bounded"],
+)
+def test_what_a_helper_defined_per_message_holds_is_freed_when_its_scope_closes(
+    options: dict[str, Any],
+) -> None:
+    """Not only the wrapper: the decorated function and whatever its closure holds (the
+    message's data) go when the scope closes, without waiting for a collection, whichever
+    wrapper the memo gets (the closure one for key=, typed=True, *args)."""
+
+    class Payload:
+        pass
+
+    refs: list[weakref.ref[Any]] = []
+
+    def handle(message: int) -> int:
+        payload = Payload()
+        if options.get("star"):
+
+            def helper(*xs: int) -> tuple[int, Payload]:
+                return xs[0] + 1, payload
+        else:
+
+            def helper(x: int) -> tuple[int, Payload]:  # type: ignore[misc]
+                return x + 1, payload
+
+        refs.extend([weakref.ref(helper), weakref.ref(payload)])
+        memo = request_memo(**{k: v for k, v in options.items() if k != "star"})(helper)
+        return memo(message)[0]
+
+    gc.disable()
+    try:
+        for message in range(3):
+            with request_scope():
+                assert handle(message) == message + 1
+            assert [ref() for ref in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
+
+
 def test_a_helper_defined_per_call_is_freed_without_the_garbage_collector() -> None:
     """The wrapper and its bookkeeping used to refer to each other: every dropped helper
     waited for a collection (and a RedisCache name check ran gc.collect() for it)."""

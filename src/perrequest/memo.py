@@ -84,10 +84,9 @@ class _MemoSpec:
         self.is_method = _checks.is_method(fn)
         self.is_async = is_async_callable(fn)
         self.name = function_name(fn)
-        # The generated wrapper's twin replaces it (_wrappers.generate).
-        self.keyof: Callable[..., tuple[Hashable, Any]] = lambda *a, **k: _checks.call_key(
-            self, a, k
-        )
+        # The generated wrapper's twin (_wrappers.generate); None: _checks.call_key. Not a
+        # closure over self: that cycle kept fn, and all its closure holds, for the GC.
+        self.keyof: Callable[..., tuple[Hashable, Any]] | None = None
         self.shared: Tier | None = None if shared is None else make_tier(shared, self, version)
 
     def __repr__(self) -> str:
@@ -150,7 +149,8 @@ class _MemoSpec:
 
     def cache_delete(self, *args: Any, **kwargs: Any) -> bool:
         try:
-            key, _ = self.keyof(*args, **kwargs)
+            keyof = self.keyof
+            key, _ = keyof(*args, **kwargs) if keyof else _checks.call_key(self, args, kwargs)
         except TypeError as exc:
             if self.key_fn is not None or isinstance(exc, PerRequestError):
                 raise

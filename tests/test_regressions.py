@@ -272,6 +272,61 @@ def test_what_a_helper_defined_per_message_holds_is_freed_when_its_scope_closes(
         gc.enable()
 
 
+def test_an_error_handed_to_waiters_is_freed_without_the_garbage_collector() -> None:
+    """A computation that raises while threads and tasks wait for it: once every caller
+    has handled the error, it and what it refers to (the request's data) are freed at
+    once. A waiter's frame used to hold the record whose future holds the error, whose
+    traceback holds that frame: a cycle, kept until a collection."""
+
+    class Payload:
+        pass
+
+    refs: list[weakref.ref[Any]] = []
+
+    @request_memo
+    def load(x: int) -> int:
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        _wait_until(lambda: load.cache_info().hits == 2)  # both waiters wait
+        raise ValueError(payload)
+
+    @request_memo
+    async def load_async(x: int) -> int:
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        await asyncio.sleep(0.05)
+        raise ValueError(payload)
+
+    def call() -> str:
+        try:
+            load(1)
+        except ValueError:
+            return "error"
+        return "value"
+
+    async def call_async() -> str:
+        try:
+            await load_async(1)
+        except ValueError:
+            return "error"
+        return "value"
+
+    async def gather() -> list[str]:
+        return list(await asyncio.gather(call_async(), call_async(), call_async()))
+
+    gc.disable()
+    try:
+        with request_scope(), ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(bind_scope(call)) for _ in range(3)]
+            assert [f.result(timeout=10) for f in futures] == ["error"] * 3
+            del futures
+        with request_scope():
+            assert asyncio.run(gather()) == ["error"] * 3
+        assert len(refs) == 2 and [ref() for ref in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
 def test_a_helper_defined_per_call_is_freed_without_the_garbage_collector() -> None:
     """The wrapper and its bookkeeping used to refer to each other: every dropped helper
     waited for a collection (and a RedisCache name check ran gc.collect() for it)."""

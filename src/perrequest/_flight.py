@@ -1,11 +1,10 @@
 """Single-flight: a key is computed by one caller at a time; the others wait for the outcome.
 
-One mechanism for threads and tasks. The computing caller registers itself in
-the cache's ``_flights``; the first caller to wait replaces that with a
-``concurrent.futures.Future`` (threads: ``result()``; tasks of any loop:
-``asyncio.wrap_future``). Only the computing caller removes its record and
-resolves the future, whatever happened to the cache meanwhile, so no waiter is
-ever stranded; a miss nobody waits for costs one dict insert and one pop.
+One mechanism for threads and tasks. The computing caller registers itself in the
+cache's ``_flights``; the first caller to wait replaces that with a ``Future`` (threads:
+``result()``; tasks of any loop: ``asyncio.wrap_future``). Only the computing caller
+removes its record and resolves the future, whatever happened to the cache meanwhile,
+so no waiter is stranded; a miss nobody waits for costs one dict insert and one pop.
 Under trio, tasks compute without sharing: correct, only not deduplicated.
 """
 
@@ -40,8 +39,8 @@ class Counter(Protocol):  # a store's _stats.Counter, or a shared tier's own cou
 
 
 class Cache(Protocol):
-    """Lookup and fill are called with the lock held. A closed cache looks up and fills
-    nothing, so a computation that outlives it still ends well."""
+    """Lookup and fill, lock held; a closed cache finds and fills nothing (so a late
+    computation still ends well)."""
 
     _lock: Any  # a threading lock: there before any computation starts
     _flights: dict[Hashable, Any]
@@ -59,8 +58,7 @@ class Waited:
     def __init__(self, owner: object) -> None:
         self.owner = owner
         self.future: Future[Any] = Future()
-        # Running, so that a waiter's cancelled wrap_future cannot cancel it for all.
-        self.future.set_running_or_notify_cancel()
+        self.future.set_running_or_notify_cancel()  # no waiter's wrap_future cancels it
 
 
 def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
@@ -72,7 +70,10 @@ def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
     ok, value = result
     if ok:
         return value
-    raise value  # a shared tier hands its errors over as values (_shared_errors)
+    try:
+        raise value  # a shared tier hands its errors over as values (_shared_errors)
+    finally:
+        result = value = None  # this frame, in the error's traceback: a GC cycle
 
 
 def failed(
@@ -100,9 +101,9 @@ _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
 def finish(
     cache: Cache, key: Hashable, me: object, value: Any, counter: Counter, extra: Any
 ) -> Any:
-    """Unregister, store ``value``, hand it to the waiters (written out in _wrappers).
-    Not ``with lock`` (twice the cost on 3.11), but acquired inside the ``try``: an
-    interrupt (Ctrl-C) as ``acquire()`` returns still releases it."""
+    """Unregister, store ``value``, hand it to the waiters (written out in _wrappers). Not
+    ``with`` (twice the cost on 3.11): acquired in the ``try``, so an interrupt (Ctrl-C) as
+    ``acquire()`` returns still releases it."""
     lock = cache._lock
     record = _UNKNOWN
     try:
@@ -152,9 +153,8 @@ def abandon(
 
 
 def interrupted(cache: Cache, key: Hashable, me: object, exc: BaseException) -> None:
-    """An interrupt as the call that registered ``me`` returned, before the ``try`` that
-    resolves it: the waiters compute. By identity (a thread's ``me`` is a new ``int``
-    per call, so a recursion's outer registration stays)."""
+    """An interrupt as the call registering ``me`` returned: the waiters compute. By
+    identity (a thread's ``me`` is a new ``int`` per call: a recursion's outer stays)."""
     if isinstance(exc, Exception):
         return
     with cache._lock:
@@ -184,8 +184,8 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
 
 
 def forget(cache: Cache, me: object) -> None:
-    """Unregister ``me``'s records by identity (``popitem`` hashes nothing) when a key's
-    ``__hash__``/``__eq__`` raised; their waiters retry."""
+    """Unregister ``me``'s records by identity (``popitem`` hashes nothing: a key's
+    ``__hash__``/``__eq__`` raised); their waiters retry. Lock held."""
     flights = cache._flights
     records = []
     while flights:
@@ -222,9 +222,9 @@ def run(
                 value = _outcome(cache, counter, step.future.result())
             finally:
                 done_waiting(me)
-            if value is not MISSING:
+                record = step = None  # Waited -> error -> traceback -> here: a GC cycle
+            if value is not MISSING:  # else its caller was interrupted: look, join, compute
                 return value
-            # its caller was interrupted: look, join or compute
     except BaseException as exc:  # an interrupt may come as a registering call returns
         interrupted(cache, key, me, exc)
         raise
@@ -314,9 +314,9 @@ async def run_async(
                 value = _outcome(cache, counter, await asyncio.wrap_future(step.future))
             finally:
                 done_waiting(me)
-            if value is not MISSING:
+                record = step = None  # as in run
+            if value is not MISSING:  # else its caller was cancelled: look, join, compute
                 return value
-            # its caller was cancelled: look, join or compute
     except BaseException as exc:  # see run
         interrupted(cache, key, me, exc)
         raise

@@ -193,14 +193,14 @@ def test_a_signal_while_the_computing_thread_waits_for_the_lock_strands_no_waite
             until(lambda: f.cache_info().hits == 1)  # the pool's thread waits for this call
             holder.start()  # a write that takes the store's lock, and keeps it
             assert locked.wait(WAIT)
-            # The main thread is about to block on the lock: interrupt it there, then
-            # let the writer go.
+            # The main thread is about to block on the lock: interrupt it there (the
+            # handler then lets the writer go).
             main = threading.main_thread().ident
             threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1)).start()
-            threading.Timer(0.4, unlock.set).start()
         return x
 
     def interrupt(signum: int, frame: object) -> None:
+        unlock.set()
         raise Interrupt
 
     waiter: list[Future[int]] = []

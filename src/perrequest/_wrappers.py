@@ -10,6 +10,7 @@ with the closures. ``tests/test_properties.py`` checks that both behave alike.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import keyword
 import weakref
@@ -244,7 +245,7 @@ def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., 
         miss=miss,
     )
     namespace: dict[str, Any] = {}
-    exec(compile(source, f"<request_memo {spec.name}>", "exec"), namespace)
+    exec(_compiled(source, f"<request_memo {spec.name}>"), namespace)
     factory = namespace["__pr_factory"]
     return factory(  # type: ignore[no-any-return]
         _current.get,
@@ -266,6 +267,13 @@ def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., 
         _flight.abandon,
         _flight.interrupted,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str, filename: str) -> Any:
+    """Compiling is most of a decoration's cost: a helper decorated anew per message
+    (the same source each time) is compiled once. Code objects are immutable."""
+    return compile(source, filename, "exec")
 
 
 def _code_name(fn: Callable[..., Any]) -> str:  # tracebacks and profilers show it

@@ -176,6 +176,28 @@ def test_closing_frees_values_at_once() -> None:
     assert ref() is None  # no garbage collection needed
 
 
+def test_a_closed_store_keeps_no_on_close() -> None:
+    """A closed store holds no functions: not its on_close either, which may be a
+    closure over a job's data, kept by whatever still holds the store (a task that
+    outlived its scope, the ASGI scope dict)."""
+    import weakref
+
+    class Job:
+        pass
+
+    def run() -> MemoStore:
+        job = Job()
+        refs.append(weakref.ref(job))
+        with request_scope(on_close=lambda stats: job) as store:
+            store["k"] = 1
+        return store
+
+    refs: list[weakref.ref[Job]] = []
+    store = run()  # kept past its scope
+    assert store.closed and store.stats.entries == 1
+    assert refs[0]() is None  # no garbage collection needed
+
+
 def test_threads_sharing_one_store_compute_once() -> None:
     store = MemoStore()
     calls = []

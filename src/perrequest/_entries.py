@@ -296,6 +296,7 @@ class Entries:
             self._subs = None
             self._order.clear()
             self._counters.clear()
+            self._on_close = None  # a function too (close_scope has read it already)
         return self._final_stats() if want_stats else None
 
     def _final_stats(self) -> ScopeStats:

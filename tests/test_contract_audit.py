@@ -351,3 +351,31 @@ def test_the_testing_helpers_import_without_pytest() -> None:
         env={"PYTHONPATH": str(SRC), "PATH": ""},
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_raising_on_close_never_replaces_a_decorated_functions_result_or_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Boom(Exception):
+        pass
+
+    def on_close(stats: ScopeStats) -> None:
+        raise Boom("on_close")
+
+    @request_scope(on_close=on_close)
+    def job(x: int) -> int:
+        return perrequest.get_or_set("x", lambda: x)
+
+    @request_scope(on_close=on_close)
+    async def async_job(x: int) -> int:
+        if x < 0:
+            raise ValueError("the job's own error")
+        return perrequest.get_or_set("x", lambda: x)
+
+    assert job(1) == 1
+    assert asyncio.run(async_job(2)) == 2
+    with pytest.raises(ValueError, match="the job's own error"):
+        asyncio.run(async_job(-1))
+    errors = [r for r in caplog.records if r.name == "perrequest" and r.levelno == logging.ERROR]
+    assert len(errors) == 3
+    assert all(r.exc_info is not None and r.exc_info[0] is Boom for r in errors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 from dataclasses import dataclass
@@ -152,6 +153,34 @@ def test_custom_key() -> None:
         assert total([1, 2], label="b") == 3  # key ignores label
         assert total([2, 2]) == 4
     assert calls == ["a", ""]
+
+
+def test_parameters_named_like_builtins_work_on_every_call() -> None:
+    """The generated wrapper uses ``type`` and exception classes: a parameter of that
+    name (``def find(type, pk)``) must not shadow them, from the second miss on."""
+    calls: list[tuple[str, int]] = []
+
+    @request_memo
+    def find(type: str, pk: int) -> str:
+        calls.append((type, pk))
+        return f"{type}:{pk}"
+
+    @request_memo
+    async def find_async(type: str, KeyError: int) -> str:
+        return f"{type}:{KeyError}"
+
+    class Repository:
+        @request_memo
+        def row(self, type: str, TypeError: int) -> str:
+            return f"{type}:{TypeError}"
+
+    with request_scope():
+        repo = Repository()
+        for pk in (1, 2, 3, 1):
+            assert find("user", pk) == f"user:{pk}"
+            assert repo.row("user", pk) == f"user:{pk}"
+            assert asyncio.run(find_async("user", pk)) == f"user:{pk}"
+    assert calls == [("user", 1), ("user", 2), ("user", 3)]
 
 
 def test_unhashable_arguments_name_the_parameter() -> None:

@@ -30,6 +30,8 @@ def __pr_factory(
     __pr_get, __pr_spec, __pr_fn, __pr_outside, __pr_id, __pr_d,
     __pr_name, __pr_slow, __pr_end, __pr_failed, __pr_now, __pr_lazy, __pr_refuse,
     __pr_thread, __pr_task, __pr_unknown, __pr_abandon, __pr_interrupted,
+    __pr_type, __pr_KeyError, __pr_TypeError, __pr_AttributeError, __pr_BaseException,
+    __pr_RuntimeError,
 ):
     {kind}def {name}({signature}):
         __pr_key = {key}
@@ -39,10 +41,10 @@ def __pr_factory(
                 __pr_sub = __pr_store._subs[__pr_spec]
                 __pr_entry = __pr_sub[__pr_key]
                 __pr_store._order.move_to_end(__pr_entry[2])
-{touch}            except KeyError:  # a miss, or this function's first
+{touch}            except __pr_KeyError:  # a miss, or this function's first
                 __pr_odd = False
-            except (TypeError, AttributeError):  # no store yet; closed; unhashable; or the
-                __pr_odd = True  # key's __eq__ raised: _slow tells which
+            except (__pr_TypeError, __pr_AttributeError):  # no store yet; closed;
+                __pr_odd = True  # unhashable; or the key's __eq__ raised: _slow tells which
             else:
                 __pr_entry[1].hits += 1
                 return __pr_entry[0]
@@ -76,9 +78,9 @@ _COMPUTE = """\
                     and __pr_me is not None
                     and __pr_store._flights.setdefault(__pr_where, __pr_me) is __pr_me
                 )
-            except (AttributeError, KeyError, TypeError):  # first miss; closed; unhashable
-                __pr_mine = False
-            except BaseException as __pr_exc:  # an interrupt as setdefault returns
+            except (__pr_AttributeError, __pr_KeyError, __pr_TypeError):
+                __pr_mine = False  # first miss; closed; unhashable
+            except __pr_BaseException as __pr_exc:  # an interrupt as setdefault returns
                 __pr_interrupted(__pr_store, __pr_where, __pr_me, __pr_exc)
                 raise
             if not __pr_mine:  # what remains is ``_slow``'s
@@ -95,7 +97,7 @@ _COMPUTE = """\
 {refuse}                if __pr_start:
                     __pr_counter.compute_s += __pr_now() - __pr_start
                     __pr_start = 0.0
-            except BaseException as __pr_exc:
+            except __pr_BaseException as __pr_exc:
                 __pr_failed(__pr_store, __pr_where, __pr_me, __pr_counter, __pr_start, __pr_exc)
                 raise
             __pr_lock = __pr_store._lock  # _flight.finish, written out
@@ -109,7 +111,7 @@ _COMPUTE = """\
                 return __pr_end(
                     __pr_store, __pr_where, __pr_me, __pr_record, __pr_value, __pr_counter, {anchor}
                 )
-            except BaseException as __pr_exc:
+            except __pr_BaseException as __pr_exc:
                 __pr_abandon(
                     __pr_store, __pr_where, __pr_me, __pr_record, __pr_value, __pr_exc
                 )
@@ -117,7 +119,7 @@ _COMPUTE = """\
             finally:
                 try:
                     __pr_lock.release()
-                except RuntimeError:  # acquire() was interrupted: not held
+                except __pr_RuntimeError:  # acquire() was interrupted: not held
                     pass
 """
 
@@ -128,14 +130,18 @@ _THREAD = """\
 _TASK = """\
             try:
                 __pr_me = __pr_task()
-            except RuntimeError:  # not asyncio (trio): computed unshared, by _slow
+            except __pr_RuntimeError:  # not asyncio (trio): computed unshared, by _slow
                 __pr_me = None
 """
 
 _REFUSE = """\
-                if type(__pr_value) in __pr_lazy:  # a coroutine or generator
+                if __pr_type(__pr_value) in __pr_lazy:  # a coroutine or generator
                     __pr_refuse(__pr_fn, __pr_value)
 """
+
+
+# The builtins the generated code uses, passed in: a parameter may be called ``type``.
+_BUILTINS = (type, KeyError, TypeError, AttributeError, BaseException, RuntimeError)
 
 
 def _slow(
@@ -266,6 +272,7 @@ def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., 
         _flight._UNKNOWN,
         _flight.abandon,
         _flight.interrupted,
+        *_BUILTINS,
     )
 
 

@@ -51,6 +51,9 @@ class MemoizedFunction(Protocol[P, R_co]):
     """What ``@request_memo`` returns, as type checkers see it: the function, with the
     ``functools``-style extras, generic in its parameters and result."""
 
+    __name__: str
+    __qualname__: str
+
     @property
     def __wrapped__(self) -> Callable[P, R_co]: ...
 

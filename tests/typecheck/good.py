@@ -81,7 +81,8 @@ async def main() -> None:
         Repository.row.cache_info()
         text: str = Repository.normalise("A")
         plain: float = price.__wrapped__("apple")
-        print(total, hits, deleted, name, row, text, plain, shared_cache().shared_hits)
+        label: str = price.__name__ + price.__qualname__  # as on functools' wrappers
+        print(total, hits, deleted, name, row, text, plain, label, shared_cache().shared_hits)
 
 
 @request_batch

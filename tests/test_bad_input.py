@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from perrequest import UnhashableArguments, request_memo, request_scope
+from perrequest import MemoStore, UnhashableArguments, request_memo, request_scope
 
 # Hypothesis warns that the nested strategies' repr is long; it is only a repr.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -276,11 +276,20 @@ def _wsgi(**options: Any) -> Any:
         (_wsgi, "maxentries", "max_entries"),
         (_flask_ext, "on_closed", "on_close"),
         (_celery_install, "max_entry", "max_entries"),
+        (lambda **o: MemoStore(**o), "maxsize", "max_entries"),
     ],
 )
 def test_a_misspelt_option_names_the_closest_valid_one(make: Any, typo: str, meant: str) -> None:
     with pytest.raises(TypeError, match=f"unknown option {typo}=. Did you mean {meant}=?"):
         make(**{typo: 1})
+
+
+def test_a_store_you_make_takes_no_on_close() -> None:
+    """Only a scope calls on_close: a store made by hand is never closed by one."""
+    with pytest.raises(
+        TypeError, match=r"MemoStore\(\) got an unknown option on_close=.*request_scope"
+    ):
+        MemoStore(on_close=print)  # type: ignore[call-arg]
 
 
 def test_help_shows_the_options_not_the_catch_alls_that_explain_typos() -> None:

@@ -40,7 +40,8 @@ def open_scope(
     max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
 ) -> MemoStore:
     """Make a new store active here; timed only if somebody will see its stats."""
-    store = MemoStore(max_entries, on_close)
+    store = MemoStore(max_entries)
+    store._on_close = on_close
     if on_close is not None or observed():
         store._opened_at = _now()
     _live.append(None)
@@ -69,7 +70,8 @@ def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
     if options[1] is None and not listeners:
         cell = [options]
         return cell, _current.set(cell)
-    store = MemoStore(*options)
+    store = MemoStore(options[0])
+    store._on_close = options[1]
     store._opened_at = _now()
     return [options, store], _current.set(store)
 
@@ -81,7 +83,7 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
         return
     cell[0] = None  # closed: nothing is made from it any more
     if len(cell) == 1:  # whoever still holds the cell finds a closed scope
-        cell.append(MemoStore(*options) if listeners else _NONE_MADE)  # a listener since
+        cell.append(MemoStore(options[0]) if listeners else _NONE_MADE)  # a listener since
     store = cell[1]
     if token is not None:
         active = _current.get()
@@ -123,7 +125,7 @@ def _made(cell: list[Any]) -> MemoStore:
         if options is None:  # closed meanwhile
             cell.append(_NONE_MADE)
         else:
-            new = MemoStore(*options)
+            new = MemoStore(options[0])  # a cell's scope has no on_close
             if observed():
                 new._opened_at = _now()
             cell.append(new)  # of two threads' stores, the first appended is the store

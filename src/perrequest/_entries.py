@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable
 from contextvars import Token
 from typing import Any, Final
 
-from ._checks import check_max_entries
+from ._checks import check_max_entries, unknown_option
 from ._flight import MISSING
 from ._stats import Counter, ScopeStats, observed, stats_of
 from .errors import ScopeClosed
@@ -57,16 +57,16 @@ class Entries:
     _closed_at: float  # set by _shut
     _final: ScopeStats | tuple[Any, ...]  # the numbers, until somebody asks
 
-    def __init__(
-        self,
-        max_entries: int | None = DEFAULT_MAX_ENTRIES,
-        on_close: Callable[[ScopeStats], object] | None = None,
-    ) -> None:
+    def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES, **unknown: Any) -> None:
+        if unknown:
+            name = next(iter(unknown))
+            hint = " It is a scope's option: request_scope(on_close=...)." * (name == "on_close")
+            raise TypeError(unknown_option("MemoStore()", name, ("max_entries",)) + hint)
         if max_entries is not None and (type(max_entries) is not int or max_entries <= 0):
             check_max_entries(max_entries)
         self._max_entries = max_entries
         self._bound = sys.maxsize if max_entries is None else max_entries
-        self._on_close = on_close
+        self._on_close: Callable[[ScopeStats], object] | None = None  # the scope's (_active)
         self._closed = False
         self._token: Token[Any] | None = None  # set by the scope that opens it
         self._opened_at = 0.0  # timed by the scope that opens it, when watched

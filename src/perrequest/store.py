@@ -36,13 +36,12 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     keys and, for memo entries, ``MemoKey`` objects.
 
     A store you create yourself is just a bounded mapping: it is not a scope,
-    never active, and not counted by ``live_scopes()``.
+    never active, and not counted by ``live_scopes()`` (an ``on_close`` is a
+    scope's option: ``request_scope(on_close=...)``).
 
     Args:
         max_entries: The bound, counting memo and helper entries together; the
             least recently used entry is evicted beyond it. ``None``: unbounded.
-        on_close: Called with the final ``ScopeStats`` when the scope that owns
-            the store closes it.
     """
 
     __slots__ = ()

@@ -502,6 +502,21 @@ def test_request_scope_used_without_parentheses_says_how() -> None:
         request_scope(job)  # type: ignore[call-arg]
 
 
+def test_with_request_scope_without_parentheses_says_how() -> None:
+    with (
+        pytest.raises(TypeError, match=r"`with request_scope\(\):`.*with the parentheses"),
+        request_scope,  # type: ignore[attr-defined]
+    ):
+        pass
+
+    async def forgot() -> None:
+        async with request_scope:  # type: ignore[attr-defined]
+            pass
+
+    with pytest.raises(TypeError, match=r"`with request_scope\(\):`.*with the parentheses"):
+        asyncio.run(forgot())
+
+
 def test_a_sync_wrapper_returning_a_coroutine_is_refused_not_run_outside() -> None:
     async def work() -> int:
         return 1

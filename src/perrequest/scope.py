@@ -9,7 +9,7 @@ import functools
 import threading
 from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
 from ._active import OnClose, _current, active_store, close_scope, here, open_scope
 from ._checks import (
@@ -91,7 +91,31 @@ def delete(key: Hashable) -> bool:
     return current_store().pop(key, absent) is not absent
 
 
-class request_scope:
+if TYPE_CHECKING:  # type checkers flag ``with request_scope:`` themselves
+    _Forgotten = type
+else:
+
+    class _Forgotten(type):
+        """``with request_scope:`` (the class, not a scope): say how, not Python's plain
+        "does not support the context manager protocol"."""
+
+        def __enter__(cls) -> NoReturn:
+            raise TypeError(
+                "`with request_scope:` uses the class itself: call it, "
+                "`with request_scope():` (or `async with request_scope():`), with the parentheses."
+            )
+
+        def __exit__(cls, *exc: object) -> None:  # never reached: __enter__ raised
+            pass
+
+        async def __aenter__(cls) -> NoReturn:
+            _Forgotten.__enter__(cls)  # not cls.__enter__: the class's own, for its objects
+
+        async def __aexit__(cls, *exc: object) -> None:
+            pass
+
+
+class request_scope(metaclass=_Forgotten):
     """Open a fresh, isolated store for a ``with``/``async with`` block or each decorated call.
 
     On exit the previous store (or none) is active again and the new one is

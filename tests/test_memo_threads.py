@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -130,3 +132,39 @@ def test_many_threads_hammering_one_bounded_store(workers: int) -> None:
         # contention an increment can be lost, never invented.
         counted = store.stats.hits + store.stats.misses
         assert workers * 3000 * 0.9 <= counted <= workers * 3000
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+def test_a_process_forked_in_a_request_while_a_thread_computes_does_not_wait_for_it() -> None:
+    """multiprocessing's fork copies the request's store with its single-flight records,
+    but not the thread computing one: the child computes the key itself."""
+    import multiprocessing
+
+    started = threading.Event()
+
+    @request_memo
+    def slow(x: int) -> int:
+        if multiprocessing.parent_process() is None:  # the parent computes slowly
+            started.set()
+            time.sleep(1)
+        return x * 3
+
+    def child(out: Any) -> None:
+        out.put((slow(7), slow(7)))  # in the store it inherited
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    with request_scope():
+        thread = threading.Thread(target=bind_scope(slow), args=(7,))
+        thread.start()
+        assert started.wait(5)
+        process = context.Process(target=child, args=(queue,))
+        process.start()
+        try:
+            assert queue.get(timeout=5) == (21, 21)
+        finally:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+            thread.join(5)

@@ -7,6 +7,8 @@ whose store is made when first needed.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -34,6 +36,21 @@ _gc_guard.install(_current)  # finalizers run by the garbage collector see no st
 # nothing at a small size).
 _live: deque[None] = deque()
 _now = time.perf_counter
+
+
+def _forked() -> None:
+    """In a child made by fork (``multiprocessing``): the threads computing keys of the
+    store active here stayed in the parent, so their records go (a waiter would wait
+    for them forever), and so does the lock, which one of them may have held."""
+    store = _current.get()
+    if type(store) is list:
+        store = store[1] if len(store) > 1 else None
+    if store is not None and not store._closed:
+        store._flights, store._lock = {}, threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forked)
 
 
 def open_scope(

@@ -645,25 +645,6 @@ def test_a_body_holding_a_scope_of_its_own_leaves_nothing_in_the_server_thread()
     assert live_scopes() == 0
 
 
-def test_a_server_that_iterates_and_never_closes_still_streams_inside_the_store() -> None:
-    """asgiref's ``WsgiToAsgi`` (uvicorn's own WSGI interface alike) serves a body with
-    ``for chunk in app(environ, start_response)`` and never calls ``close()``: the loop holds
-    only the iterator, not the body. The scope must last as long as that iterator, not end
-    when the body object is dropped, before the first chunk."""
-    from asgiref.wsgi import WsgiToAsgi
-    from servers import serve_uvicorn
-
-    closed: list[ScopeStats] = []
-    app = Recorder()
-    with serve_uvicorn(WsgiToAsgi(RequestScopeMiddleware(app, on_close=closed.append))) as url:
-        response = httpx.get(url, timeout=10)
-    assert response.text == "perms-of-alice;" * 3
-    assert [step for step, in_scope, _ in app.seen if not in_scope] == []
-    assert [step for step, _, value in app.seen] == ["call", "chunk0", "chunk1", "chunk2"]
-    assert app.computed == 1 and len(closed) == 1 and app.stores[0].closed
-    assert live_scopes() == 0
-
-
 def test_wrapped_twice_one_scope_serves_the_request() -> None:
     computed: list[int] = []
 

@@ -102,8 +102,8 @@ class ScopedBody:
     """A response body whose scope stays open until ``close()`` ends it.
 
     Iterated in a thread or context with nothing active (a server's thread),
-    it makes the store active there until ``close()``: the chunks come from
-    the body with nothing done around each. Anywhere else each chunk is produced, and the
+    it makes the store active there until ``close()``: the chunks come
+    straight from the body. Anywhere else each chunk is produced, and the
     body's own ``close`` run, with the store made active around it. A body the
     server never closes (against PEP 3333) ends its scope when it is garbage
     collected, and only the scope: the app's own close hooks (Flask's
@@ -141,8 +141,7 @@ class ScopedBody:
             return iter(())
         if self._token is None and _get() is None:
             self._token = _set(cell)  # until close(), which resets it
-            chunks = iter(self._body)
-            return chunks if keep is None else _hold(chunks, keep)
+            return iter(self._body)
         return _produce(self._body, cell, keep)
 
     def close(self) -> None:
@@ -184,20 +183,6 @@ class ScopedBody:
             del self._body
         finally:
             _current.reset(active)
-
-
-def _hold(chunks: Iterator[bytes], keep: ScopedBody) -> Iterator[bytes]:
-    """The body's chunks as they come, holding ``keep`` (the ``ScopedBody``).
-
-    A server that never closes the body (``for chunk in app(environ,
-    start_response)``: asgiref's ``WsgiToAsgi``, uvicorn's WSGI interface) holds
-    only the iterator; the scope must last as long as it does, not end when the
-    body is dropped, before the first chunk. A plain loop, not ``yield from``,
-    which would close the body when this is collected: its close hooks run at
-    ``close()`` only.
-    """
-    for chunk in chunks:  # noqa: UP028 (yield from would close the body)
-        yield chunk
 
 
 def _produce(body: Iterable[bytes], active: Any, keep: ScopedBody | None) -> Iterator[bytes]:

@@ -13,7 +13,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
-from logging import DEBUG
 from typing import Any
 
 from . import _gc_guard
@@ -191,7 +190,7 @@ def close_scope(store: MemoStore) -> None:
         return
     _leave(store)
     on_close = store._on_close
-    debug = logger.isEnabledFor(DEBUG)
+    debug = logger.isEnabledFor(logging.DEBUG)
     stats = store._shut(on_close is not None or bool(listeners) or debug)
     _live.pop()
     if stats is None:  # nobody watches: the stats are made only if store.stats is read

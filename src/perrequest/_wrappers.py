@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import keyword
+import textwrap
 import weakref
 from asyncio import current_task
 from collections import OrderedDict
@@ -25,14 +26,8 @@ from ._active import _current, here
 from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
 from .store import MemoStore
 
+# Indented one level, as the miss templates below are; dedented before compiling.
 _TEMPLATE = """\
-def __pr_factory(
-    __pr_get, __pr_spec, __pr_fn, __pr_outside, __pr_id, __pr_d,
-    __pr_name, __pr_slow, __pr_end, __pr_failed, __pr_now, __pr_lazy, __pr_refuse,
-    __pr_thread, __pr_task, __pr_unknown, __pr_abandon, __pr_interrupted,
-    __pr_type, __pr_KeyError, __pr_TypeError, __pr_AttributeError, __pr_BaseException,
-    __pr_RuntimeError,
-):
     {kind}def {name}({signature}):
         __pr_key = {key}
         __pr_store = __pr_get()
@@ -51,11 +46,13 @@ def __pr_factory(
             # Outside the except blocks, so that no error raised from here on
             # carries the miss's KeyError as its context.
 {miss}        return {await_}__pr_outside(({positional}), {{{keyword}}}, __pr_key)
+"""
 
-    def __pr_keyof({signature}):
-        return {key}, {anchor}
-
-    return {name}, __pr_keyof
+# The wrapper's twin for cache_delete: the same signature, returning ``(key, anchor)``.
+# Compiled apart, in a namespace without the spec: the spec holds it.
+_KEYOF = """\
+def __pr_keyof({signature}):
+    return {key}, {anchor}
 """
 
 # A miss through the shared tier (``spec.runner()``), all ``_slow``'s.
@@ -140,8 +137,15 @@ _REFUSE = """\
 """
 
 
-# The builtins the generated code uses, passed in: a parameter may be called ``type``.
-_BUILTINS = (type, KeyError, TypeError, AttributeError, BaseException, RuntimeError)
+# The generated code's names: the same for every wrapper (builtins included, as a parameter
+# may be called ``type``), then its function's own.
+_NAMES = (
+    "__pr_get", "__pr_id", "__pr_slow", "__pr_end", "__pr_failed", "__pr_now", "__pr_lazy",
+    "__pr_refuse", "__pr_thread", "__pr_task", "__pr_unknown", "__pr_abandon",
+    "__pr_interrupted", "__pr_type", "__pr_KeyError", "__pr_TypeError",
+    "__pr_AttributeError", "__pr_BaseException", "__pr_RuntimeError",
+    "__pr_spec", "__pr_fn", "__pr_outside", "__pr_d", "__pr_name",
+)  # fmt: skip
 
 
 def _slow(
@@ -170,6 +174,13 @@ def _slow(
 
 async def _ready(value: Any) -> Any:
     return value
+
+
+_FIXED = (
+    _current.get, id, _slow, _flight.end, _flight.failed, _flight._now, LAZY,
+    refuse_memoized_result, _thread_id, current_task, _flight._UNKNOWN, _flight.abandon,
+    _flight.interrupted, type, KeyError, TypeError, AttributeError, BaseException, RuntimeError,
+)  # fmt: skip
 
 
 def parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
@@ -250,30 +261,18 @@ def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., 
         touch=touch,
         miss=miss,
     )
-    namespace: dict[str, Any] = {}
-    exec(_compiled(source, f"<request_memo {spec.name}>"), namespace)
-    factory = namespace["__pr_factory"]
-    return factory(  # type: ignore[no-any-return]
-        _current.get,
-        spec,
-        spec.fn,
-        spec.outside,
-        id,
-        tuple(defaults),
-        spec.name,
-        _slow,
-        _flight.end,
-        _flight.failed,
-        _flight._now,
-        LAZY,
-        refuse_memoized_result,
-        _thread_id,
-        current_task,
-        _flight._UNKNOWN,
-        _flight.abandon,
-        _flight.interrupted,
-        *_BUILTINS,
+    keyof_source = _KEYOF.format(**parts, signature=", ".join(signature), key=key)
+    # What the code uses are its globals, in a namespace of its own: a closure's cells
+    # would be copied into the frame and released again on every call, a hit included.
+    namespace: dict[str, Any] = dict(
+        zip(_NAMES, (*_FIXED, spec, spec.fn, spec.outside, tuple(defaults), spec.name), strict=True)
     )
+    filename = f"<request_memo {spec.name}>"
+    exec(_compiled(textwrap.dedent(source), filename), namespace)
+    keyof: dict[str, Any] = {"__pr_id": id, "__pr_d": namespace["__pr_d"]}
+    exec(_compiled(keyof_source, filename), keyof)
+    # Taken out, so that a namespace and its function form no reference cycle.
+    return namespace.pop(_code_name(spec.fn)), keyof.pop("__pr_keyof")
 
 
 @functools.lru_cache(maxsize=256)

@@ -368,6 +368,85 @@ def test_clearing_a_big_cache_never_stalls_other_functions() -> None:
     assert max(waits) < max(0.1, took / 3), (max(waits), took)
 
 
+class Stalling(collections.UserDict[Any, Any]):
+    """A cache whose stores can be held up, as a TTLCache's expiry of many entries does
+    (its ``__setitem__`` removes every expired entry first), and which notes whether two
+    threads were ever inside it at once."""
+
+    maxsize = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.inside, self.overlapped = 0, False
+
+    def __getitem__(self, key: Any) -> Any:
+        self.inside += 1
+        self.overlapped |= self.inside > 1
+        try:
+            time.sleep(0.001)
+            return super().__getitem__(key)
+        finally:
+            self.inside -= 1
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.inside += 1
+        self.overlapped |= self.inside > 1
+        try:
+            self.entered.set()
+            assert self.release.wait(5)
+            super().__setitem__(key, value)
+        finally:
+            self.inside -= 1
+
+
+def test_a_slow_store_in_one_cache_never_stalls_functions_on_other_caches() -> None:
+    """A TTLCache with 300,000 expired entries spent 0.26 s in one store, while every
+    other shared memo of the process waited for the one lock they shared."""
+    slow_cache = Stalling()
+
+    @request_memo(shared=slow_cache)
+    def price(n: int) -> int:
+        return n
+
+    @request_memo(shared=cachetools.LRUCache(maxsize=10))
+    def flag(name: str) -> bool:
+        return True
+
+    with ThreadPoolExecutor(2) as pool:
+        storing = pool.submit(request_scope()(price), 1)
+        assert slow_cache.entered.wait(5)
+        try:
+            assert pool.submit(request_scope()(flag), "beta").result(timeout=2) is True
+        finally:
+            slow_cache.release.set()
+        assert storing.result(5) == 1
+
+
+def test_functions_sharing_a_cache_never_use_it_at_once() -> None:
+    """cachetools caches are not thread-safe: functions that share one share its lock."""
+    cache = Stalling()
+    cache.release.set()
+
+    @request_memo(shared=cache)
+    def a(n: int) -> int:
+        return n
+
+    @request_memo(shared=cache)
+    def b(n: int) -> int:
+        return -n
+
+    def calls(fn: Callable[[int], int]) -> None:
+        for n in range(30):
+            with request_scope():
+                fn(n % 5)
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(calls, a), pool.submit(calls, b)]:
+            done.result(10)
+    assert not cache.overlapped and len(cache) == 10
+
+
 @pytest.mark.parametrize("tier", ["cachetools", "redis"])
 def test_cache_delete_says_whether_either_tier_had_the_entry(
     tier: str, request: pytest.FixtureRequest

@@ -35,21 +35,24 @@ from ._typing import SharedCacheInfo
 _C = TypeVar("_C")
 logger = logging.getLogger("perrequest")
 
-# One lock for every in-process shared cache: functions sharing a cache must share its
-# lock, and a lock per cache would need a registry that outlives nothing. It is held for
-# one cache operation at a time, never while computing.
-_lock = threading.RLock()
-_tiers: weakref.WeakSet[SharedTier] = weakref.WeakSet()  # for _forked
+# The in-process shared caches in use, by id, each with its own lock: functions sharing a
+# cache share its lock (cachetools caches are not thread-safe), and a slow operation on
+# one cache (a TTLCache expiring many entries as it stores) never holds up the others.
+# Its functions' tiers hold an entry, which holds its cache: an id here is always its
+# cache's, and the entry goes with the last of them, whether the cache has weak
+# references or not.
+_guarded: weakref.WeakValueDictionary[int, _Guarded] = weakref.WeakValueDictionary()
+_registry_lock = threading.Lock()
 
 
 def _forked() -> None:
     """In a child made by fork: the threads computing values stayed in the parent, so
-    their records go (a waiter would wait for them forever), and so does the lock,
+    their records go (a waiter would wait for them forever), and so do the locks,
     which one of them may have held."""
-    global _lock
-    _lock = threading.RLock()
-    for tier in list(_tiers):
-        tier._lock, tier._flights = _lock, {}
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for guarded in list(_guarded.values()):
+        guarded._lock, guarded._flights = threading.RLock(), {}
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
@@ -177,28 +180,17 @@ def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | Non
     return cache, version
 
 
-class SharedTier:
-    """One function's view of a shared cache: thread-safe, single-flight, counted.
+class _Guarded:
+    """One in-process shared cache, its lock and what is computing for it
+    (``_flight.Cache``), for every function using it. The lock is held for one cache
+    operation at a time, never while computing."""
 
-    The counters are process-wide, like the cache itself.
-    """
-
-    __slots__ = (
-        "__weakref__", "_flights", "_lock", "cache", "compute_s", "hits", "maxsize", "misses",
-        "refused",
-    )  # fmt: skip
-
-    timed = False  # nobody reads the shared tier's compute time
+    __slots__ = ("__weakref__", "_flights", "_lock", "cache")
 
     def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
         self.cache = cache
-        self.maxsize = int(cache.maxsize)  # type: ignore[attr-defined]
-        self._lock = _lock
+        self._lock = threading.RLock()
         self._flights: dict[Hashable, Any] = {}
-        self.hits = self.misses = 0
-        self.compute_s = 0.0
-        self.refused = False
-        _tiers.add(self)
 
     def _lookup(self, key: Hashable) -> Any:
         try:
@@ -206,7 +198,7 @@ class SharedTier:
         except KeyError:
             return MISSING
 
-    def _fill(self, key: Hashable, value: Any, counter: object, extra: object) -> None:
+    def _fill(self, key: Hashable, value: Any, counter: SharedTier, extra: object) -> None:
         if type(value) is Raised:  # exceptions are not cached
             return
         try:
@@ -214,28 +206,53 @@ class SharedTier:
         except ValueError:  # cachetools refuses a value larger than the whole cache
             pass
         except Exception:  # its waiters are in other requests: never hand them this error
-            if not self.refused:  # the cache's own fault (a getsizeof that raises): say so
-                self.refused = True
+            if not counter.refused:  # the cache's own fault (a getsizeof that raises): say so
+                counter.refused = True
                 logger.exception(
                     "perrequest: the shared cache %r could not store a value (logged once "
                     "per function); the value was returned uncached",
                     type(self.cache).__name__,
                 )
 
+
+class SharedTier:
+    """One function's view of a shared cache: thread-safe, single-flight, counted.
+
+    The counters are process-wide, like the cache itself.
+    """
+
+    __slots__ = ("_guarded", "compute_s", "hits", "maxsize", "misses", "refused")
+
+    timed = False  # nobody reads the shared tier's compute time
+
+    def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
+        self.maxsize = int(cache.maxsize)  # type: ignore[attr-defined]
+        with _registry_lock:
+            guarded = _guarded.get(id(cache))
+            if guarded is None:
+                guarded = _guarded[id(cache)] = _Guarded(cache)
+        self._guarded = guarded
+        self.hits = self.misses = 0
+        self.compute_s = 0.0
+        self.refused = False
+
     def get(self, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         """The shared value at ``key``, computed once across requests and threads."""
         value = self._hit(key)
         if value is MISSING:
             call = Call()
-            value = _flight.run(self, key, computed, (call, fn, args, kwargs), {}, self, None)
+            value = _flight.run(
+                self._guarded, key, computed, (call, fn, args, kwargs), {}, self, None
+            )
             if type(value) is Raised:
                 value = value.error_for(call)  # no frame of a waiter holds the original
                 raise value
         return value
 
     def _hit(self, key: Hashable) -> Any:
-        with self._lock:  # cachetools caches reorder on reads: never read without it
-            value = self._lookup(key)
+        guarded = self._guarded
+        with guarded._lock:  # cachetools caches reorder on reads: never read without it
+            value = guarded._lookup(key)
             if value is not MISSING:
                 self.hits += 1
             return value
@@ -252,7 +269,7 @@ class SharedTier:
         if value is MISSING:
             call = Call()
             value = await _flight.run_async(
-                self, key, computed_async, (call, fn, args, kwargs), {}, self, None
+                self._guarded, key, computed_async, (call, fn, args, kwargs), {}, self, None
             )
             if type(value) is Raised:
                 value = value.error_for(call)
@@ -289,22 +306,24 @@ class SharedTier:
 
     def clear(self, spec: object) -> None:
         """Drop one function's entries (their keys are ``(spec, key)``), and what is in
-        flight for them: it stores nothing (``_flight.invalidate``). The lock, which
-        every shared cache of the process shares, is held for single steps: a copy of
-        the keys, then one removal at a time."""
-        with self._lock:
-            for where in [k for k in list(self._flights) if type(k) is tuple and k[0] is spec]:
-                _flight.invalidate(self, where)
-            keys = list(self.cache)
+        flight for them: it stores nothing (``_flight.invalidate``). Other functions may
+        use the cache: the lock is held for single steps, a copy of the keys, then one
+        removal at a time."""
+        guarded, cache = self._guarded, self._guarded.cache
+        with guarded._lock:
+            for where in [k for k in list(guarded._flights) if type(k) is tuple and k[0] is spec]:
+                _flight.invalidate(guarded, where)
+            keys = list(cache)
         for key in keys:
             if type(key) is tuple and key and key[0] is spec:
-                with self._lock:
-                    self.cache.pop(key, None)
+                with guarded._lock:
+                    cache.pop(key, None)
 
     def delete(self, key: Hashable) -> bool:
-        with self._lock:
-            _flight.invalidate(self, key)
-            return self.cache.pop(key, MISSING) is not MISSING
+        guarded = self._guarded
+        with guarded._lock:
+            _flight.invalidate(guarded, key)
+            return guarded.cache.pop(key, MISSING) is not MISSING
 
     def info(
         self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
@@ -312,5 +331,6 @@ class SharedTier:
         if not in_scope:  # zeros outside a scope, the shared tier's too (DESIGN.md)
             return SharedCacheInfo(hits, misses, maxsize, 0, 0, 0, self.maxsize, 0)
         return SharedCacheInfo(
-            hits, misses, maxsize, currsize, self.hits, self.misses, self.maxsize, len(self.cache)
-        )
+            hits, misses, maxsize, currsize, self.hits, self.misses, self.maxsize,
+            len(self._guarded.cache),
+        )  # fmt: skip

@@ -39,6 +39,7 @@ _ATOMS = frozenset(
     (type(None), bool, int, float, complex, str, bytes, Decimal, UUID, date, datetime, dtime,
      timedelta)
 )  # fmt: skip
+_GROUPS = (ExceptionGroup, BaseExceptionGroup)  # copied; a subclass is not
 _ZONES = (timezone, ZoneInfo)  # tzinfo a copied datetime may keep: shared, immutable
 _DEEPEST, _MOST = 10, 1000  # nesting and values a copy may carry, all told
 _LONGEST = 2000  # characters of the original's message a SharedComputationError quotes
@@ -133,32 +134,26 @@ class _Copy:
         self.left = _MOST
 
     def error(self, error: BaseException, depth: int) -> BaseException:
-        clone = self.seen.get(id(error))
-        if clone is not None:  # an exception that refers to itself, or one met twice
-            return clone
+        known = self.seen.get(id(error))
+        if known is not None:  # an exception that refers to itself, or one met twice
+            return known
         kind = type(error)
-        if "<locals>" in kind.__qualname__:  # its methods may hold the computing call's locals
+        # A class defined in a call (its methods may hold that call's locals), or a group
+        # subclass (its derive() and __slots__ may carry anything): not rebuilt.
+        if "<locals>" in kind.__qualname__ or (
+            isinstance(error, BaseExceptionGroup) and kind not in _GROUPS
+        ):
             raise _Unsafe(error)
-        if isinstance(error, BaseExceptionGroup):
-            # Only the built-in groups: a subclass's derive() or __slots__ may carry anything.
-            if kind is not ExceptionGroup and kind is not BaseExceptionGroup:
-                raise _Unsafe(error)
-            message = self.value(error.message, depth)
-            # (an ExceptionGroup when every member is an Exception, as the original was)
-            clone = BaseExceptionGroup(
-                message, [self.error(e, depth + 1) for e in error.exceptions]
-            )
-        else:
-            # What rebuilds it, as copy and pickle do (OSError's filename too); the type's
-            # own code sees copies only.
-            rebuild = error.__reduce__()
-            if type(rebuild) is not tuple or len(rebuild) < 2 or rebuild[0] is not type(error):
-                raise _Unsafe(error)
-            clone = type(error)(*self.value(rebuild[1], depth))
-            args = self.value(error.args, depth)
-            if type(clone) is not type(error) or clone is error or clone.args != args:
-                raise _Unsafe(error)  # not rebuilt by its arguments, or not a new object
-            clone.args = args
+        # What rebuilds it, as copy and pickle do (OSError's filename too; a group's members,
+        # copied): the type's own code sees copies only.
+        rebuild = error.__reduce__()
+        if type(rebuild) is not tuple or len(rebuild) < 2 or rebuild[0] is not kind:
+            raise _Unsafe(error)
+        clone: BaseException = kind(*self.value(rebuild[1], depth))
+        args = self.value(error.args, depth)
+        if type(clone) is not kind or clone is error or clone.args != args:
+            raise _Unsafe(error)  # not rebuilt by its arguments, or not a new object
+        clone.args = args
         self.seen[id(error)] = clone
         state = self.value(dict(vars(error)), depth)
         vars(clone).clear()

@@ -18,7 +18,6 @@ own tier: an object with ``_make_tier(spec, version)`` returning a ``Tier``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
@@ -168,14 +167,11 @@ def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | Non
             "maxsize, so nothing would ever be removed from it and it would grow for the "
             f"life of the process (the leak perrequest exists to prevent). {fix}"
         )
-    if isinstance(maxsize, bool) or not isinstance(maxsize, (int, float)) or maxsize <= 0:
+    number = isinstance(maxsize, (int, float)) and not isinstance(maxsize, bool)
+    if not number or not 0 < maxsize <= sys.maxsize:  # NaN and infinity too
         raise ValueError(
-            f"request_memo(shared=...): maxsize must be a positive number, not {maxsize!r}. {fix}"
-        )
-    if maxsize > sys.maxsize or (isinstance(maxsize, float) and not math.isfinite(maxsize)):
-        raise ValueError(
-            f"request_memo(shared=...): maxsize={maxsize!r} is not a finite bound any process "
-            f"could reach, so the cache is unbounded in practice. {fix}"
+            f"request_memo(shared=...): maxsize must be a positive, finite number no larger "
+            f"than sys.maxsize (a bound some process could reach), not {maxsize!r}. {fix}"
         )
     return cache, version
 

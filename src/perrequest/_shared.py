@@ -253,13 +253,7 @@ class SharedTier:
                 self.hits += 1
             return value
 
-    async def get_async(
-        self,
-        key: Hashable,
-        fn: Fn,
-        args: Args,
-        kwargs: Kwargs,
-    ) -> Any:
+    async def get_async(self, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         """The async twin of ``get``."""
         value = self._hit(key)
         if value is MISSING:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import re
 import shutil
 import subprocess
@@ -80,7 +81,11 @@ def _freeze() -> None:
 
 
 def _instructions(protocol: str, variant: str, requests: int) -> int:
+    # A fixed hash seed and no address randomisation (setarch -R, where there is one):
+    # otherwise dict and context layouts, hence counts, drift by thousands between runs.
+    setarch = ["setarch", "-R"] if shutil.which("setarch") else []
     argv = [
+        *setarch,
         "valgrind",
         "--tool=callgrind",
         "--callgrind-out-file=/dev/null",
@@ -91,7 +96,8 @@ def _instructions(protocol: str, variant: str, requests: int) -> int:
         variant,
         str(requests),
     ]
-    run = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=HERE)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    run = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=HERE, env=env)
     found = re.search(r"Collected : (\d+)", run.stderr)
     if found is None:
         raise RuntimeError(f"callgrind printed no total:\n{run.stderr[-2000:]}")

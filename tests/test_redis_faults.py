@@ -5,6 +5,7 @@ once per interval. Against real redis-servers of the tests' own."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -286,3 +287,66 @@ def test_async_a_busy_blocking_pool_is_not_redis_down(redis_server: Any) -> None
         await pool.disconnect()
 
     asyncio.run(main())
+
+
+# Keeps the server busy (it runs one command at a time) for 0.6 s: a slow command of
+# another client, as a big DEL, a fork for a snapshot or a slow script would.
+_BUSY = """
+local start = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - start[1]) * 1000000 + now[2] - start[2] > 600000
+return 1
+"""
+
+
+def _stalled(n: int) -> int:
+    return n
+
+
+async def _stalled_async(n: int) -> int:
+    return n
+
+
+def _call_once(fn: Callable[[int], Any], client: Any) -> float:
+    """Seconds ``fn(1)`` takes in a request, through a RedisCache of its own on ``client``
+    (as in another process), with the default lock_timeout (5 s)."""
+    cache = RedisCache(client, ttl=60, namespace="st", op_timeout=0.5)
+    memo = request_memo(shared=cache)(fn)
+    if fn is _stalled:
+        elapsed = _timed(lambda: memo(1))[1]
+        cache.close()
+        return elapsed
+
+    async def main() -> float:
+        start = time.monotonic()
+        async with request_scope():
+            assert await memo(1) == 1
+        elapsed = time.monotonic() - start
+        await cache.aclose()
+        await client.aclose()
+        return elapsed
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("fn", [_stalled, _stalled_async], ids=["sync", "async"])
+def test_a_claim_that_times_out_and_runs_later_holds_other_misses_op_timeout_at_most(
+    redis_server: Any, fn: Callable[[int], Any]
+) -> None:
+    """Redis stalls while a miss's CLAIM waits in its socket: the caller gives up after
+    op_timeout and computes, and the server runs the CLAIM once it is free, taking the
+    lock for a caller that will never release it. The key's next miss in another process
+    must not wait lock_timeout for it: the lock is a lease of op_timeout until its
+    holder extends it, which only a holder that got the reply does."""
+    digest = hashlib.sha256(b"1").hexdigest()
+    key = f"st:{fn.__module__}.{fn.__qualname__}:1:{digest}"
+    make = redis_server.client if fn is _stalled else redis_server.aclient
+    with redis_server.client() as admin:
+        admin.set(key + ":lock", "another process", px=300)  # the first CLAIMs wait
+        threading.Timer(0.1, lambda: redis_server.client().eval(_BUSY, 0)).start()
+        _call_once(fn, make())  # gives up on a CLAIM, computes here
+        admin.ping()  # the server is free again, and has run the CLAIM
+        assert admin.pttl(key + ":lock") > 0  # the lock that CLAIM took, for nobody
+        assert _call_once(fn, make()) < 0.5 + 0.3  # not lock_timeout (5 s)
+        assert admin.get(key) == b"1" and not admin.exists(key + ":lock")

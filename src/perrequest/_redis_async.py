@@ -108,7 +108,10 @@ class AsyncRedisTier(RedisTier):
         while claim and conn is not None:
             try:
                 async with asyncio.timeout(cache.op_timeout):
-                    reply = await conn.claim(keys=[key, key + LOCK], args=[token, cache._lock_ms])
+                    reply = await conn.claim(keys=[key, key + LOCK], args=[token, cache._lease_ms])
+                if reply[0] >= 2 and cache._lease_ms < cache._lock_ms:  # ours: a lease
+                    async with asyncio.timeout(cache.op_timeout):
+                        await conn.extend(keys=[key + LOCK], args=[token, cache._lock_ms])
             except Exception as exc:
                 conn = conn if self._wrong(key, exc) else None  # overwrite a wrong type
                 break

@@ -36,9 +36,10 @@ from ._checks import KWARGS
 
 LOCK = ":lock"  # a value's lock key is its key plus this
 
-# The value, or the lock (taken when free), in one atomic step: {1, value} | {2} | {0};
-# {3}: the lock was taken over a bad one, which no miss would ever have got past (a
-# key of another type, or a string without expiry, written by someone else).
+# The value, or the lock (taken when free, for ARGV[2] ms), in one atomic step:
+# {1, value} | {2} | {0}; {3}: the lock was taken over a bad one, which no miss would
+# ever have got past (a key of another type, or a string without expiry, written by
+# someone else).
 CLAIM = """
 local value = redis.call('GET', KEYS[1])
 if value then return {1, value} end
@@ -48,6 +49,13 @@ if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('PTTL', KEYS[2]) >=
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {3}
+"""
+# Our lock (if still ours) lives ARGV[2] ms from now.
+EXTEND = """
+if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
 """
 # Store the value (if any), then release the lock if it is still ours (a lock key
 # turned into another type is left for the next CLAIM to take over).
@@ -146,6 +154,7 @@ class Conn:
         own = _pool(module, client.connection_pool, op_timeout / 2, retry)
         self.client = module.Redis(connection_pool=own)
         self.claim = self.client.register_script(CLAIM)
+        self.extend = self.client.register_script(EXTEND)
         self.store = self.client.register_script(STORE)
 
 
@@ -207,6 +216,12 @@ def scan_delete(client: Any, base: str) -> int:
             deleted += client.unlink(*doomed)
         if cursor == 0:
             return deleted
+
+
+def unlink(client: Any, key: str) -> int:
+    """Delete a value and its lock, in one round trip; whether the value was there."""
+    pipe = client.pipeline(transaction=False)
+    return int(pipe.unlink(key).unlink(key + LOCK).execute()[0])
 
 
 # -- encodings ------------------------------------------------------------------------

@@ -258,7 +258,9 @@ class RedisTier:
         deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
         while claim:
             try:
-                reply = cache._sync.claim(keys=[key, key + io.LOCK], args=[token, cache._lock_ms])
+                reply = cache._sync.claim(keys=[key, key + io.LOCK], args=[token, cache._lease_ms])
+                if reply[0] >= 2 and cache._lease_ms < cache._lock_ms:  # ours: a lease
+                    cache._sync.extend(keys=[key + io.LOCK], args=[token, cache._lock_ms])
             except Exception as exc:
                 store = self._wrong(key, exc)
                 break

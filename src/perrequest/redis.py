@@ -197,6 +197,9 @@ class RedisCache:
         self.log_interval = _number("log_interval", log_interval, zero=True)
         self._ttl_ms = max(1, round(self.ttl * 1000))
         self._lock_ms = max(1, round(self.lock_timeout * 1000))
+        # A miss's lock lives this long until its holder says it got the CLAIM's reply:
+        # a CLAIM its caller gave up on holds the key's other misses no longer.
+        self._lease_ms = min(self._lock_ms, max(1, round(self.op_timeout * 1000)))
         # A sync cache's commands, and any cache's cache_clear() and cache_delete(), which
         # sync code may call (an async cache's too, from inside or outside a loop).
         self._sync = io.Conn(client, self.op_timeout, True)

@@ -228,7 +228,7 @@ def test_a_busy_pool_at_store_time_still_releases_the_lock(redis_server: Any) ->
     behind would make the key's next miss, anywhere, wait lock_timeout."""
     blocking = redis.BlockingConnectionPool(host=HOST, port=redis_server.port, max_connections=2)
     cache = RedisCache(redis.Redis(connection_pool=blocking), ttl=60, namespace="o", op_timeout=0.2)
-    own = cache._client.connection_pool
+    own = cache._sync.client.connection_pool
     busy = [1]
 
     @request_memo(shared=cache)

@@ -3,40 +3,52 @@ across processes under a Redis lock.
 
 A miss in the request store goes through its single-flight, then GETs Redis. A
 Redis miss goes through this process's single-flight, then CLAIM: a script that
-returns the value or takes the lock (``SET NX PX``). The holder computes, then
-stores the value and releases the lock in one script; the others CLAIM again
-until the value is there, the lock is free (its holder died: one takes it) or
-``lock_timeout`` has passed (they compute too). On a Redis error the value is
-computed here (fail open). Single-flight hands its callers the bytes, and each
-decodes a copy of its own, so no two requests ever hold the same object.
+returns the value or takes the lock (``SET NX PX``) for ``op_timeout`` (a lease),
+which the holder extends to ``lock_timeout`` once it has the reply. So a CLAIM that
+runs after its caller gave up on it holds the key's other misses for ``op_timeout``
+at most. The holder computes, then stores the value and releases the lock in one
+script; the others CLAIM again until the value is there, the lock is free (its
+holder died: one takes it) or ``lock_timeout`` has passed (they compute too).
+
+The steps of a Redis miss are written once, as generators (``_claim``, ``_store``)
+yielding the commands to send (or a pause), which ``_run`` and ``_run_async`` send
+on sync or asyncio connections, handing back each reply or error. On a Redis error
+the value is computed here (fail open). Single-flight hands its callers the bytes,
+and each decodes a copy of its own, so no two requests ever hold the same object.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Generator, Hashable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _flight
 from . import _redis_io as io
 from ._checks import LAZY, refuse_memoized_result
 from ._flight import MISSING, Waited
-from ._redis_io import BadValue, digest, key_problem
-from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed
+from ._redis_io import LOCK, BadValue, Conn, digest, key_problem
+from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._stats import Counter
 from .errors import UnhashableArguments
 
 if TYPE_CHECKING:
     from .redis import RedisCache
 
+# Commands to send, ``(script, keys, args)``, or a pause in seconds; each gets back
+# the command's reply, or the exception it raised.
+Steps = Generator[Any, Any, Any]
 # This process's single-flight needs a counter; the tier counts for itself.
 UNCOUNTED = Counter(timed=False)
 FIRST_PAUSE, MAX_PAUSE = 0.002, 0.05  # seconds between looks at another's lock
 now = time.monotonic
-_thread_id = threading.get_ident
+# Stores that a cancelled caller left to finish, while they run (a loop keeps only weak
+# references to its tasks).
+_finishing: set[asyncio.Task[Any]] = set()
 
 
 class RedisCacheInfo(NamedTuple):
@@ -59,7 +71,7 @@ class RedisCacheInfo(NamedTuple):
 
 
 class RedisTier:
-    """The Redis tier of one sync memoized function (``_shared.Tier``)."""
+    """The Redis tier of one memoized function, sync or async (``_shared.Tier``)."""
 
     __slots__ = (
         "__weakref__", "_flights", "_lock", "bad_values", "base", "cache", "errors", "fn", "hits",
@@ -88,6 +100,238 @@ class RedisTier:
 
     def _fill(self, key: Hashable, value: Any, counter: Any, extra: Any) -> None:
         pass
+
+    # -- a request-store miss: GET, then this process's single-flight ----------------------
+
+    def run(
+        self, store: Any, where: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Any,
+        anchor: Any,
+    ) -> Any:  # fmt: skip
+        key = self.redis_key(where[1], args, kwargs)  # type: ignore[index]
+        return _flight.run(store, where, self._get, (key, fn, args, kwargs), {}, counter, anchor)
+
+    async def run_async(
+        self, store: Any, where: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Any,
+        anchor: Any,
+    ) -> Any:  # fmt: skip
+        key = self.redis_key(where[1], args, kwargs)  # type: ignore[index]
+        return await _flight.run_async(
+            store, where, self._get_async, (key, fn, args, kwargs), {}, counter, anchor
+        )
+
+    def _get(self, key: str, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
+        """Read Redis; what is not there is computed once in this process (its single-flight)."""
+        conn: Conn | None = None if self.cache._down() else self.cache._sync
+        raw = None
+        if conn is not None:
+            try:
+                raw = conn.client.get(key)
+            except Exception as exc:
+                raw, conn = MISSING, conn if self._wrong(key, exc) else None
+        value = self._hit(raw, key)
+        if value is not MISSING:
+            return value
+        call, fetch = Call(), (raw is None and conn is not None, conn, key, fn, args, kwargs)
+        # No local holds what it computed: an error raised from it, for another
+        # request's caller, must not reach the original (``_copy``).
+        return self._copy(
+            call,
+            _flight.run(self, key, computed, (call, self._fetch, fetch, {}), {}, UNCOUNTED, None),
+            key,
+        )
+
+    async def _get_async(self, key: str, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
+        """``_get`` on the running event loop's connections."""
+        conn = None if self.cache._down() else self._loop_conn()
+        raw = None
+        if conn is not None:
+            try:
+                async with asyncio.timeout(self.cache.op_timeout):
+                    raw = await conn.client.get(key)
+            except Exception as exc:
+                raw, conn = MISSING, conn if self._wrong(key, exc) else None
+        value = self._hit(raw, key)
+        if value is not MISSING:
+            return value
+        call, fetch = Call(), (raw is None and conn is not None, conn, key, fn, args, kwargs)
+        return self._copy(
+            call,
+            await _flight.run_async(
+                self, key, computed_async, (call, self._fetch_async, fetch, {}), {}, UNCOUNTED, None
+            ),
+            key,
+        )
+
+    def _hit(self, raw: Any, key: str) -> Any:
+        """The value in ``raw`` (counted), or MISSING."""
+        if raw is None or raw is MISSING:  # not there, or Redis failed
+            return MISSING
+        value = self._decoded(raw, key)
+        if value is not MISSING:
+            self.count("hits")
+        return value
+
+    def _copy(self, call: Call, payload: Any, key: str) -> Any:
+        """What this process's single-flight gave ``call``: its own copy of the value, or
+        of the error (the original for the caller that raised it)."""
+        if not call.ran:  # another caller in this process read or computed it: a hit,
+            self.count("hits")  # as the in-process tier counts its waiters
+        if type(payload) is Raised:
+            payload = payload.error_for(call)  # no frame of a waiter holds the original
+            raise payload
+        return self.cache._codec.loads(payload, key)
+
+    def _loop_conn(self) -> Conn | None:
+        """This event loop's connections; None under trio (counted, logged: fail open)."""
+        conn = self.cache._async.current()  # type: ignore[union-attr]
+        if conn is None:
+            self.count("errors")
+            self.cache._warn(
+                "no_asyncio",
+                "perrequest: %r is on a redis.asyncio client, which needs an asyncio event "
+                "loop, and %s was awaited under another (trio): computed in this request, "
+                "never shared through Redis. Under trio, give it the in-process tier "
+                "(shared=cachetools.TTLCache(...)), or run on asyncio (anyio's asyncio "
+                "backend).",
+                self.cache,
+                self.name,
+            )
+        return conn
+
+    # -- a Redis miss: claim, compute, store -------------------------------------------------
+
+    def _fetch(
+        self, claim: bool, conn: Conn | None, key: str, fn: Fn, args: Args, kwargs: Kwargs
+    ) -> Any:
+        """The value's bytes: read or computed under the lock if ``claim``, stored through
+        ``conn`` unless it is None."""
+        token = os.urandom(9).hex() if claim else ""
+        if claim:
+            found, conn, token = self._run(conn, self._claim(conn, key, token))
+            if found is not None:
+                return found
+        self.count("misses")
+        payload = b""
+        try:
+            payload = self._encoded(fn(*args, **kwargs), key)
+        finally:
+            stored = self._storable(conn, payload, key, threading.get_ident())
+            if conn is not None and (stored or token):
+                self._run(conn, self._store(key, stored, token))
+        return payload
+
+    async def _fetch_async(
+        self, claim: bool, conn: Conn | None, key: str, fn: Fn, args: Args, kwargs: Kwargs
+    ) -> Any:
+        """``_fetch``, awaited. A store cancelled (anyio's cancel scopes cancel every await)
+        runs again in a task of its own: a lock left behind would hold the key's next miss,
+        in every process, for ``lock_timeout``."""
+        token = os.urandom(9).hex() if claim else ""
+        if claim:
+            found, conn, token = await self._run_async(conn, self._claim(conn, key, token))
+            if found is not None:
+                return found
+        self.count("misses")
+        payload = b""
+        try:
+            payload = self._encoded(await fn(*args, **kwargs), key)
+        finally:
+            me = None if conn is None else asyncio.current_task()  # None: trio
+            stored = self._storable(conn, payload, key, me)
+            if conn is not None and (stored or token):
+                try:
+                    await self._run_async(conn, self._store(key, stored, token))
+                except asyncio.CancelledError:  # STORE can run twice
+                    again = self._run_async(conn, self._store(key, stored, token))
+                    task = asyncio.get_running_loop().create_task(again)
+                    _finishing.add(task)
+                    task.add_done_callback(_finishing.discard)
+                    raise
+        return payload
+
+    def _claim(self, conn: Conn | None, key: str, token: str) -> Steps:
+        """CLAIM until the value is there, the lock is ours or ``lock_timeout`` has passed:
+        ``(the value's bytes or None, the connection to store through or None, our lock's
+        token or "")``."""
+        cache, keys = self.cache, [key, key + LOCK]
+        deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
+        while True:
+            reply = yield ("claim", keys, [token, cache._lease_ms])
+            if isinstance(reply, Exception):
+                return None, conn if self._wrong(key, reply) else None, ""
+            if reply[0] == 3:  # taken over a lock no miss would get past: a bad value
+                self._refused(key + LOCK, BadValue("a lock of another type, or without expiry"))
+            if reply[0] >= 2:  # ours: for op_timeout, until we have said we got the reply
+                if cache._lease_ms < cache._lock_ms:
+                    reply = yield ("extend", keys[1:], [token, cache._lock_ms])
+                    if isinstance(reply, Exception) and not self._wrong(key, reply):
+                        return None, None, token  # the lease ends by itself
+                return None, conn, token
+            if reply[0] == 1:
+                if self._decoded(reply[1], key) is MISSING:
+                    return None, conn, ""  # compute, and overwrite it
+                self.count("hits")
+                return reply[1], conn, ""
+            if pause == FIRST_PAUSE:
+                self.count("lock_waits")
+            left = deadline - now()
+            if left <= 0:
+                self.count("lock_timeouts")
+                return None, conn, ""
+            yield min(pause, left)
+            pause = min(pause * 2, MAX_PAUSE)
+
+    def _store(self, key: str, stored: bytes, token: str) -> Steps:
+        """STORE the value (if any) and release our lock (if ``token``). A lock left behind
+        would make the key's next miss, in any process, wait ``lock_timeout``: so with a
+        lock, a busy pool is waited for, up to ``op_timeout`` more."""
+        deadline, pause = now() + self.cache.op_timeout, FIRST_PAUSE
+        while True:
+            reply = yield ("store", [key, key + LOCK], [stored, self.cache._ttl_ms, token])
+            if not isinstance(reply, Exception):
+                return
+            if not (token and io.exhausted(reply)) or now() + pause > deadline:
+                self._wrong(key, reply)
+                return
+            yield pause
+            pause = min(pause * 2, MAX_PAUSE)
+
+    def _run(self, conn: Any, steps: Steps) -> Any:
+        """Send ``steps``' commands on the sync connections; what the generator returns."""
+        reply = None
+        try:
+            while True:
+                step = steps.send(reply)
+                if type(step) is float:
+                    time.sleep(step)
+                    reply = None
+                    continue
+                try:
+                    reply = getattr(conn, step[0])(keys=step[1], args=step[2])
+                except Exception as exc:
+                    reply = exc
+        except StopIteration as done:
+            return done.value
+
+    async def _run_async(self, conn: Any, steps: Steps) -> Any:
+        """``_run`` on an event loop's connections, each command within ``op_timeout``."""
+        reply = None
+        try:
+            while True:
+                step = steps.send(reply)
+                if type(step) is float:
+                    await asyncio.sleep(step)
+                    reply = None
+                    continue
+                try:
+                    async with asyncio.timeout(self.cache.op_timeout):
+                        reply = await getattr(conn, step[0])(keys=step[1], args=step[2])
+                except Exception as exc:
+                    reply = exc
+        except StopIteration as done:
+            return done.value
+
+    # -- keys, values, and what went wrong ---------------------------------------------------
 
     def redis_key(self, call_key: object, args: Args, kwargs: Kwargs) -> str:
         """``namespace:module.qualname:version:sha256``; ``UnhashableArguments`` when the
@@ -138,20 +382,6 @@ class RedisTier:
             exc if said else f"it does not decode: {type(exc).__name__}",
         )
 
-    def _claimed(self, reply: Any, key: str) -> bool | None:
-        """What a CLAIM reply means: True, the lock is ours; False, the value is there but
-        bad (compute, overwrite); None, the value is there (counted) or another holds the
-        lock (``reply[0] == 0``)."""
-        if reply[0] == 3:  # taken over a bad lock: a bad value
-            self._refused(key + io.LOCK, BadValue("a lock of another type, or without expiry"))
-        if reply[0] >= 2:
-            return True
-        if reply[0] == 1:
-            if self._decoded(reply[1], key) is MISSING:
-                return False
-            self.count("hits")
-        return None
-
     def _wrong(self, key: str, exc: Exception) -> bool:
         """Whether a failed command failed for this key alone (it holds another type: a
         bad value, to overwrite); if not, Redis failed (counted, and left alone a while)."""
@@ -163,25 +393,27 @@ class RedisTier:
 
     def _encoded(self, value: Any, key: str) -> bytes:
         """The value's bytes, which every caller decodes (they are checked to decode)."""
-        cache = self.cache
+        codec = self.cache._codec
         if type(value) in LAZY:
             refuse_memoized_result(self.fn, value)
         try:
-            payload = cache._codec.dumps(value, key)
+            payload = codec.dumps(value, key)
         except (TypeError, ValueError, RecursionError) as exc:  # the last: nested too deep
             raise TypeError(
                 f"@request_memo {self.name} returned a {type(value).__name__} that the "
-                f"RedisCache serializer {cache._codec.name!r} cannot store ({exc}). Return "
+                f"RedisCache serializer {codec.name!r} cannot store ({exc}). Return "
                 "JSON types (dict, list, str, int, float, bool, None), or use "
                 "serializer='pickle' with a secret."
             ) from None
-        cache._codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
+        codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
         return payload
 
-    def _stored(self, payload: bytes) -> bytes:
-        """``payload`` if it may be stored; b"" if over ``max_value_bytes`` (counted, logged)."""
+    def _storable(self, conn: Conn | None, payload: bytes, key: str, me: object) -> bytes:
+        """``payload`` if it is to be stored; b"" if over ``max_value_bytes`` (counted,
+        logged), or if a cache_delete or cache_clear (``_flight.invalidate``) took ``key``
+        from ``me`` meanwhile: maybe computed from old data (its lock goes all the same)."""
         cache = self.cache
-        if payload and len(payload) > cache.max_value_bytes:
+        if len(payload) > cache.max_value_bytes:
             self.count("too_large")
             cache._warn(
                 "too_large",
@@ -192,136 +424,13 @@ class RedisTier:
                 cache.max_value_bytes,
             )
             return b""
-        return payload
-
-    def _waited(self, deadline: float, pause: float) -> float:
-        """Seconds left to wait for another caller's lock; counts waits and timeouts."""
-        if pause == FIRST_PAUSE:
-            self.count("lock_waits")
-        left = deadline - now()
-        if left <= 0:
-            self.count("lock_timeouts")
-        return left
-
-    def run(
-        self,
-        store: Any,
-        where: Hashable,
-        fn: Fn,
-        args: Args,
-        kwargs: Kwargs,
-        counter: Any,
-        anchor: Any,
-    ) -> Any:
-        key = self.redis_key(where[1], args, kwargs)  # type: ignore[index]
-        return _flight.run(store, where, self._get, (key, fn, args, kwargs), {}, counter, anchor)
-
-    def _get(self, key: str, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
-        """Read Redis; what is not there is computed once in this process (its single-flight)."""
-        cache, claim, store = self.cache, True, True
-        if cache._down_until and cache._down_until > now():  # no clock read while up
-            claim = store = False
-        else:
-            try:
-                raw = cache._client.get(key)
-            except Exception as exc:
-                claim, store = False, self._wrong(key, exc)
-            else:
-                if raw is not None:
-                    value = self._decoded(raw, key)
-                    if value is not MISSING:
-                        self.count("hits")
-                        return value
-                    claim = False
-        call, fetch = Call(), (claim, store, key, fn, args, kwargs)
-        payload = _flight.run(
-            self, key, computed, (call, self._fetch, fetch, {}), {}, UNCOUNTED, None
-        )
-        if not call.ran:  # another caller in this process read or computed it: a hit,
-            self.count("hits")  # as the in-process tier counts its waiters
-        if type(payload) is Raised:
-            payload = payload.error_for(call)  # a copy for another request's waiter
-            raise payload
-        return cache._codec.loads(payload, key)  # a copy of its own for each caller
-
-    def _fetch(
-        self,
-        claim: bool,
-        store: bool,
-        key: str,
-        fn: Fn,
-        args: Args,
-        kwargs: Kwargs,
-    ) -> Any:
-        """The value's bytes: under the lock if ``claim``, stored in Redis if ``store``."""
-        cache, token = self.cache, os.urandom(9).hex()
-        deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
-        while claim:
-            try:
-                reply = cache._sync.claim(keys=[key, key + io.LOCK], args=[token, cache._lease_ms])
-                if reply[0] >= 2 and cache._lease_ms < cache._lock_ms:  # ours: a lease
-                    cache._sync.extend(keys=[key + io.LOCK], args=[token, cache._lock_ms])
-            except Exception as exc:
-                store = self._wrong(key, exc)
-                break
-            ours = self._claimed(reply, key)
-            if ours is not None:
-                return self._compute(True, token if ours else "", key, fn, args, kwargs)
-            if reply[0] == 1:
-                return reply[1]
-            left = self._waited(deadline, pause)
-            if left <= 0:
-                break
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, MAX_PAUSE)
-        return self._compute(store, "", key, fn, args, kwargs)
-
-    def _compute(
-        self,
-        store: bool,
-        token: str,
-        key: str,
-        fn: Fn,
-        args: Args,
-        kwargs: Kwargs,
-    ) -> Any:
-        """Compute here, store the value (if ``store``) and release the lock (``token``)."""
-        self.count("misses")
-        payload = b""
-        try:
-            payload = self._encoded(fn(*args, **kwargs), key)
-        finally:
-            stored = self._stored(payload)
-            if stored and store and not self._current(key, _thread_id()):
-                stored = b""  # invalidated meanwhile: the lock is released all the same
-            if store and (stored or token):
-                try:
-                    self._store(key, stored, token)
-                except Exception as exc:
-                    self._wrong(key, exc)
-        return payload
-
-    def _current(self, key: str, me: object) -> bool:
-        """Whether ``me`` still computes ``key`` for this process: after a cache_delete
-        or cache_clear (``_flight.invalidate``), its value, maybe computed from old data,
-        is not stored (its lock is released all the same)."""
+        if conn is None:
+            return b""
         record = self._flights.get(key)
-        return record == me or (type(record) is Waited and record.owner == me)
+        current = record == me or (type(record) is Waited and record.owner == me)
+        return payload if current else b""
 
-    def _store(self, key: str, stored: bytes, token: str) -> None:
-        """Store the value and release our lock. A lock left behind would make the key's
-        next miss, in any process, wait ``lock_timeout``: so with a lock, a busy pool is
-        waited for, up to ``op_timeout`` more."""
-        cache, keys = self.cache, [key, key + io.LOCK]
-        deadline, pause = now() + cache.op_timeout, FIRST_PAUSE
-        while True:
-            try:
-                return cache._sync.store(keys=keys, args=[stored, cache._ttl_ms, token])  # type: ignore[no-any-return]
-            except Exception as exc:
-                if not (token and io.exhausted(exc)) or now() + pause > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(pause * 2, MAX_PAUSE)
+    # -- the memo's cache_clear(), cache_delete(), cache_info() ------------------------------
 
     def clear(self, spec: object) -> None:
         """Delete this function's keys in the namespace, every version (SCAN, never KEYS),
@@ -329,16 +438,25 @@ class RedisTier:
         with self._lock:
             for key in list(self._flights):
                 _flight.invalidate(self, key)
-        self.cache._clear(self, self.base)
+        self._admin(lambda client: io.scan_delete(client, self.base))
 
     def delete(self, where: Hashable) -> bool:
         """Whether Redis had the entry (and Redis answered). A computation of it in flight
-        here is not joined any more and stores nothing (``_current``); its lock goes with
+        here is not joined any more and stores nothing (``_storable``); its lock goes with
         the entry, so that the next miss, anywhere, does not wait for it."""
         key = self.redis_key(where[1], (), {})  # type: ignore[index]
         with self._lock:
             _flight.invalidate(self, key)
-        return self.cache._delete(self, key)
+        return bool(self._admin(lambda client: io.unlink(client, key)))
+
+    def _admin(self, command: Any) -> int:
+        """``command(client)`` on the sync pool, from sync or async code alike; 0 if Redis
+        failed (counted)."""
+        try:
+            return int(command(self.cache._sync.client))
+        except Exception as exc:
+            self.cache._failed(self, exc)
+            return 0
 
     def info(
         self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool

@@ -20,12 +20,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from . import _redis_io as io
 from ._checks import explains_options
-from ._redis_async import AsyncRedisTier
 from ._redis_io import Codec, check_secret, name_problem
 from ._redis_tier import RedisCacheInfo, RedisTier
 from ._typing import MemoizedFunction
@@ -203,7 +201,6 @@ class RedisCache:
         # A sync cache's commands, and any cache's cache_clear() and cache_delete(), which
         # sync code may call (an async cache's too, from inside or outside a loop).
         self._sync = io.Conn(client, self.op_timeout, True)
-        self._client = self._sync.client
         self._async = io.AsyncPools(client, self.op_timeout) if self.is_async else None
         self._down_until = 0.0
         self._tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
@@ -229,8 +226,7 @@ class RedisCache:
         if version is not None:
             version = check_version(version, "request_memo(version=...)")
         self._check_name(spec)
-        kind = AsyncRedisTier if self.is_async else RedisTier
-        tier = kind(self, spec, self.version if version is None else version)
+        tier = RedisTier(self, spec, self.version if version is None else version)
         self._tiers.add(tier)
         return tier
 
@@ -277,6 +273,10 @@ class RedisCache:
 
     # -- what the tiers call -------------------------------------------------------------
 
+    def _down(self) -> bool:
+        """Whether Redis is left alone after an error (no clock read while up)."""
+        return bool(self._down_until) and self._down_until > _now()
+
     def _failed(self, tier: RedisTier, exc: BaseException) -> None:
         """A Redis operation failed: count it, leave Redis alone a while, and say so."""
         tier.count("errors")
@@ -314,28 +314,6 @@ class RedisCache:
             quiet = self._quiet.pop(kind, 0)
         more = f"; {quiet} more since the last" if quiet else ""
         logger.warning(f"{message} (Logged at most once per %g s{more}.)", *args, self.log_interval)
-
-    def _clear(self, tier: RedisTier, base: str) -> None:
-        self._admin(tier, lambda client: io.scan_delete(client, base))
-
-    def _delete(self, tier: RedisTier, key: str) -> bool:
-        """Whether Redis had the value; False if Redis failed. Its lock goes too: the next
-        miss computes afresh instead of waiting for a computation in flight, which may
-        have read the old data."""
-        return bool(self._admin(tier, lambda client: self._unlink(client, key)))
-
-    @staticmethod
-    def _unlink(client: Any, key: str) -> int:
-        pipe = client.pipeline(transaction=False)  # one round trip
-        return int(pipe.unlink(key).unlink(key + io.LOCK).execute()[0])
-
-    def _admin(self, tier: RedisTier, command: Callable[[Any], int]) -> int:
-        """``command(client)`` on the sync pool; 0 if Redis failed (counted)."""
-        try:
-            return command(self._client)
-        except Exception as exc:
-            self._failed(tier, exc)
-            return 0
 
 
 _caches: weakref.WeakSet[RedisCache] = weakref.WeakSet()  # for _forked

@@ -274,7 +274,7 @@ def test_async_a_busy_blocking_pool_is_not_redis_down(redis_server: Any) -> None
                 return await lookup(n)
 
         await one(1)
-        own = cache._async.current().client.connection_pool
+        own = cache._loops[asyncio.get_running_loop()].client.connection_pool
         held = await own.get_connection()
         task = asyncio.gather(*(one(1) for _ in range(3)))
         await asyncio.sleep(0.4)  # longer than op_timeout

@@ -4,7 +4,8 @@ A cache must answer fast or not at all, so ``RedisCache`` does not use the user'
 client, whose defaults retry for seconds against a closed port: it opens a pool of
 its own with the same connection settings, without retries, in bytes. Connecting
 (or waiting for a pooled connection) and the reply get half ``op_timeout`` each, so
-a busy pool says so ("No connection available.") before the operation times out.
+a busy pool says so ("No connection available.") before the operation times out
+(an async command runs under ``asyncio.timeout(op_timeout)`` besides).
 
 Keys are the SHA-256 of the canonical JSON of the call's key, whatever the value
 serializer: pickle is not canonical (a set pickles in hash order, which differs
@@ -15,14 +16,11 @@ another key, does not verify and is a miss.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import pickle
 import re
-import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -104,90 +102,42 @@ def check_client(client: object) -> bool:
     return isinstance(client, redis.asyncio.Redis)
 
 
-def _pool(module: Any, pool: Any, timeout: float, retry: Any) -> Any:
-    """A pool of ``module`` (``redis`` or ``redis.asyncio``) like ``pool``, with the cache's
-    settings: blocking if ``pool`` is (under load, a call waits for a free connection, at
-    most ``timeout``, where a plain pool fails at once), with as many connections."""
-    extra: dict[str, Any] = {}
-    kind = module.ConnectionPool
-    if isinstance(pool, (redis.BlockingConnectionPool, redis.asyncio.BlockingConnectionPool)):
-        kind = module.BlockingConnectionPool
-        extra["timeout"] = timeout if pool.timeout is None else min(pool.timeout, timeout)
-    # The same kind of connection (TCP, TLS, Unix socket) in ``module``; a class of the
-    # user's own is kept (on an async client, the sync admin pool then fails open).
-    connection_class = getattr(module.connection, pool.connection_class.__name__, None)
-    return kind(
-        connection_class=connection_class or pool.connection_class,
-        max_connections=pool.max_connections,
-        retry=retry,
-        **extra,
-        **_settings(pool, timeout),
-    )
-
-
 def exhausted(exc: BaseException) -> bool:
     """Whether ``exc`` says the pool has no free connection: this process is busy, and
     Redis may well be fine."""
     return isinstance(exc, redis.ConnectionError) and str(exc) in _EXHAUSTED
 
 
-def _settings(pool: Any, socket_timeout: float) -> dict[str, Any]:
-    given = pool.connection_kwargs
-    settings = {k: v for k, v in given.items() if k in _PASSED or k.startswith("ssl_")}
-    settings.update(
-        socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, decode_responses=False
-    )
-    return settings
-
-
 class Conn:
-    """A pool of the cache's own, like ``client``'s, with its client and scripts.
-
-    Connecting (or waiting for a pooled connection), then the reply, get half
-    ``op_timeout`` each; an async command also runs under ``asyncio.timeout(op_timeout)``,
-    which would otherwise cut a wait for a busy pool first and make it look like Redis down.
-    """
+    """A pool of the cache's own, like ``client``'s (blocking if it is, with as many
+    connections), with its client and scripts."""
 
     def __init__(self, client: Any, op_timeout: float, sync: bool) -> None:
         module: Any = redis if sync else redis.asyncio
-        retry = (Retry if sync else AsyncRetry)(NoBackoff(), 0)
-        own = _pool(module, client.connection_pool, op_timeout / 2, retry)
+        pool, timeout = client.connection_pool, op_timeout / 2
+        settings = {
+            k: v for k, v in pool.connection_kwargs.items() if k in _PASSED or k.startswith("ssl_")
+        }
+        kind = module.ConnectionPool
+        if isinstance(pool, (redis.BlockingConnectionPool, redis.asyncio.BlockingConnectionPool)):
+            kind = module.BlockingConnectionPool
+            settings["timeout"] = timeout if pool.timeout is None else min(pool.timeout, timeout)
+        # The same kind of connection (TCP, TLS, Unix socket) in ``module``; a class of the
+        # user's own is kept (on an async client, the sync admin pool then fails open).
+        connection_class = getattr(module.connection, pool.connection_class.__name__, None)
+        own = kind(
+            connection_class=connection_class or pool.connection_class,
+            max_connections=pool.max_connections,
+            retry=(Retry if sync else AsyncRetry)(NoBackoff(), 0),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=False,
+            **settings,
+        )
         self.client = module.Redis(connection_pool=own)
         self.claim = self.client.register_script(CLAIM)
         self.extend = self.client.register_script(EXTEND)
         self.store = self.client.register_script(STORE)
-
-
-class AsyncPools:
-    """One ``AsyncIO`` per event loop. Its connections hold the loop, so a loop never
-    leaves the weak dict by itself: a new loop's first call drops the closed ones'."""
-
-    def __init__(self, client: Any, op_timeout: float) -> None:
-        self.source, self.op_timeout = client, op_timeout
-        self.by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Conn]
-        self.by_loop = weakref.WeakKeyDictionary()
-        self.lock = threading.Lock()
-
-    def current(self) -> Conn | None:
-        """This event loop's pool; None when no asyncio loop runs (trio)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return None
-        conn = self.by_loop.get(loop)
-        if conn is None:
-            with self.lock:
-                for done in [old for old in self.by_loop if old.is_closed()]:
-                    del self.by_loop[done]
-                conn = self.by_loop.get(loop) or Conn(self.source, self.op_timeout, False)
-                self.by_loop[loop] = conn
-        return conn
-
-    async def close(self) -> None:
-        """Close the current loop's pool."""
-        conn = self.by_loop.pop(asyncio.get_running_loop(), None)
-        if conn is not None:
-            await conn.client.connection_pool.disconnect()
 
 
 def wrong_type(exc: BaseException) -> bool:
@@ -196,19 +146,13 @@ def wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
-def glob_escape(text: str) -> str:
-    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
-
-
-def matcher(base: str) -> Callable[[bytes], object]:
-    """Whether a key SCAN found is a value of the function whose keys start with ``base``,
-    or its lock: one version (no colon) and a SHA-256, never another namespace's key."""
-    return re.compile(re.escape(base.encode()) + rb"[^:]+:[0-9a-f]{64}(?::lock)?\Z").match
-
-
 def scan_delete(client: Any, base: str) -> int:
-    """Delete the function's keys and locks, a SCAN page at a time; how many."""
-    pattern, wanted, cursor, deleted = glob_escape(base) + "*", matcher(base), 0, 0
+    """Delete the keys and locks of the function whose keys start with ``base``, every
+    version, a SCAN page at a time; how many. Only one version (no colon) and a SHA-256
+    after ``base``: never another namespace's key that starts alike."""
+    pattern = re.sub(r"([\\*?\[\]])", r"\\\1", base) + "*"  # glob-escaped
+    wanted = re.compile(re.escape(base.encode()) + rb"[^:]+:[0-9a-f]{64}(?::lock)?\Z").match
+    cursor, deleted = 0, 0
     while True:
         cursor, keys = client.scan(cursor=cursor, match=pattern, count=1000)
         doomed = [k for k in keys if wanted(k)]

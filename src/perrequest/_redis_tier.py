@@ -182,9 +182,11 @@ class RedisTier:
         return self.cache._codec.loads(payload, key)
 
     def _loop_conn(self) -> Conn | None:
-        """This event loop's connections; None under trio (counted, logged: fail open)."""
-        conn = self.cache._async.current()  # type: ignore[union-attr]
-        if conn is None:
+        """This event loop's connections (a pool per loop, as its connections belong to
+        it); None under trio (counted, logged: fail open)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
             self.count("errors")
             self.cache._warn(
                 "no_asyncio",
@@ -196,6 +198,13 @@ class RedisTier:
                 self.cache,
                 self.name,
             )
+            return None
+        loops = self.cache._loops
+        conn = loops.get(loop)
+        if conn is None:  # its connections hold the loop: the closed ones' go now
+            for closed in [old for old in list(loops) if old.is_closed()]:
+                loops.pop(closed, None)
+            conn = loops[loop] = Conn(self.cache._client, self.cache.op_timeout, False)
         return conn
 
     # -- a Redis miss: claim, compute, store -------------------------------------------------

@@ -12,6 +12,7 @@ Needs the ``redis`` package: ``pip install 'perrequest[redis]'``.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import inspect
 import logging
@@ -115,8 +116,6 @@ def _forked() -> None:
     have held."""
     for cache in list(_caches):
         cache._lock = threading.Lock()
-        if cache._async is not None:
-            cache._async.lock = threading.Lock()
         for tier in list(cache._tiers):
             tier._lock, tier._flights = threading.Lock(), {}
 
@@ -201,7 +200,8 @@ class RedisCache:
         # A sync cache's commands, and any cache's cache_clear() and cache_delete(), which
         # sync code may call (an async cache's too, from inside or outside a loop).
         self._sync = io.Conn(client, self.op_timeout, True)
-        self._async = io.AsyncPools(client, self.op_timeout) if self.is_async else None
+        self._client = client  # what each event loop's pool is made like
+        self._loops: dict[asyncio.AbstractEventLoop, io.Conn] = {}
         self._down_until = 0.0
         self._tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
         self._totals = dict.fromkeys(RedisStats._fields, 0)  # functions gone still count
@@ -268,8 +268,9 @@ class RedisCache:
     async def aclose(self) -> None:
         """Close the connections of the running event loop, and the sync ones."""
         self.close()
-        if self._async is not None:
-            await self._async.close()
+        conn = self._loops.pop(asyncio.get_running_loop(), None)
+        if conn is not None:
+            await conn.client.connection_pool.disconnect()
 
     # -- what the tiers call -------------------------------------------------------------
 

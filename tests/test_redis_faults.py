@@ -350,3 +350,22 @@ def test_a_claim_that_times_out_and_runs_later_holds_other_misses_op_timeout_at_
         assert admin.pttl(key + ":lock") > 0  # the lock that CLAIM took, for nobody
         assert _call_once(fn, make()) < 0.5 + 0.3  # not lock_timeout (5 s)
         assert admin.get(key) == b"1" and not admin.exists(key + ":lock")
+
+
+def test_a_lost_extend_reply_still_releases_the_lock_and_stores(redis_server: Any) -> None:
+    """The holder's EXTEND ran, but its reply was lost (a timeout): the lock may now live
+    lock_timeout, so the holder still stores its value and releases the lock."""
+    cache = RedisCache(redis_server.client(), ttl=60, namespace="ex", retry_after=0)
+    extend = cache._sync.extend
+
+    def lost(**kwargs: Any) -> None:
+        extend(**kwargs)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    cache._sync.extend = lost
+    assert _timed(lambda: request_memo(shared=cache)(_stalled)(2))[0] == 2
+    with redis_server.client() as client:
+        (key,) = client.scan_iter("ex:*")
+        assert not key.endswith(b":lock") and client.get(key) == b"2"
+    assert cache.stats().errors == 1
+    cache.close()

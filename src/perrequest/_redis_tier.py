@@ -276,8 +276,8 @@ class RedisTier:
             if reply[0] >= 2:  # ours: for op_timeout, until we have said we got the reply
                 if cache._lease_ms < cache._lock_ms:
                     reply = yield ("extend", keys[1:], [token, cache._lock_ms])
-                    if isinstance(reply, Exception) and not self._wrong(key, reply):
-                        return None, None, token  # the lease ends by itself
+                    if isinstance(reply, Exception):  # it may run yet: release it all the
+                        self._wrong(key, reply)  # same once computed
                 return None, conn, token
             if reply[0] == 1:
                 if self._decoded(reply[1], key) is MISSING:

@@ -124,16 +124,18 @@ class RedisTier:
 
     def _get(self, key: str, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         """Read Redis; what is not there is computed once in this process (its single-flight)."""
-        conn: Conn | None = None if self.cache._down() else self.cache._sync
-        raw = None
+        cache, raw = self.cache, None
+        conn: Conn | None = None if cache._down_until and cache._down() else cache._sync
         if conn is not None:
             try:
                 raw = conn.client.get(key)
             except Exception as exc:
                 raw, conn = MISSING, conn if self._wrong(key, exc) else None
-        value = self._hit(raw, key)
-        if value is not MISSING:
-            return value
+            else:
+                value = MISSING if raw is None else self._decoded(raw, key)
+                if value is not MISSING:
+                    self.count("hits")
+                    return value
         call, fetch = Call(), (raw is None and conn is not None, conn, key, fn, args, kwargs)
         # No local holds what it computed: an error raised from it, for another
         # request's caller, must not reach the original (``_copy``).
@@ -145,17 +147,19 @@ class RedisTier:
 
     async def _get_async(self, key: str, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         """``_get`` on the running event loop's connections."""
-        conn = None if self.cache._down() else self._loop_conn()
-        raw = None
+        cache, raw = self.cache, None
+        conn = None if cache._down_until and cache._down() else self._loop_conn()
         if conn is not None:
             try:
-                async with asyncio.timeout(self.cache.op_timeout):
+                async with asyncio.timeout(cache.op_timeout):
                     raw = await conn.client.get(key)
             except Exception as exc:
                 raw, conn = MISSING, conn if self._wrong(key, exc) else None
-        value = self._hit(raw, key)
-        if value is not MISSING:
-            return value
+            else:
+                value = MISSING if raw is None else self._decoded(raw, key)
+                if value is not MISSING:
+                    self.count("hits")
+                    return value
         call, fetch = Call(), (raw is None and conn is not None, conn, key, fn, args, kwargs)
         return self._copy(
             call,
@@ -164,15 +168,6 @@ class RedisTier:
             ),
             key,
         )
-
-    def _hit(self, raw: Any, key: str) -> Any:
-        """The value in ``raw`` (counted), or MISSING."""
-        if raw is None or raw is MISSING:  # not there, or Redis failed
-            return MISSING
-        value = self._decoded(raw, key)
-        if value is not MISSING:
-            self.count("hits")
-        return value
 
     def _copy(self, call: Call, payload: Any, key: str) -> Any:
         """What this process's single-flight gave ``call``: its own copy of the value, or

@@ -275,8 +275,9 @@ class RedisCache:
     # -- what the tiers call -------------------------------------------------------------
 
     def _down(self) -> bool:
-        """Whether Redis is left alone after an error (no clock read while up)."""
-        return bool(self._down_until) and self._down_until > _now()
+        """Whether Redis is left alone after an error (callers look at ``_down_until``
+        first: no clock read, nor call, while up)."""
+        return self._down_until > _now()
 
     def _failed(self, tier: RedisTier, exc: BaseException) -> None:
         """A Redis operation failed: count it, leave Redis alone a while, and say so."""

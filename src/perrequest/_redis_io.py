@@ -221,19 +221,7 @@ def key_problem(value: object) -> str | None:
     return None
 
 
-def name_problem(fn: object) -> str | None:
-    """Why ``fn`` cannot name its Redis keys, or None. The keys hold ``module.qualname``,
-    so a callable whose name others share would share their values: every lambda is
-    ``<lambda>``; a partial or a callable object has only its class's name."""
-    qualname = getattr(fn, "__qualname__", None)
-    if not isinstance(qualname, str):
-        return f"a {type(fn).__name__} object has no __qualname__ of its own"
-    if "<lambda>" in qualname:
-        return "every lambda is named <lambda>"
-    return None
-
-
-def check_secret(serializer: object, secret: object) -> bytes | None:
+def _check_secret(serializer: object, secret: object) -> bytes | None:
     """``RedisCache(serializer=..., secret=...)``: the secret as bytes, or None (JSON only)."""
     if serializer not in ("json", "pickle"):
         raise ValueError(
@@ -267,8 +255,8 @@ class Codec:
 
     __slots__ = ("decode", "encode", "name", "secret")
 
-    def __init__(self, serializer: str, secret: bytes | None) -> None:
-        self.name, self.secret = serializer, secret
+    def __init__(self, serializer: str, secret: object) -> None:
+        self.name, self.secret = serializer, _check_secret(serializer, secret)
         self.encode: Callable[[Any], bytes] = _json_dumps
         self.decode: Callable[[bytes], Any] = json.loads
         if serializer == "pickle":

@@ -77,8 +77,7 @@ class RedisTier:
     """The Redis tier of one memoized function, sync or async (``_shared.Tier``)."""
 
     __slots__ = (
-        "__weakref__", "_flights", "_lock", "bad_values", "base", "cache", "errors", "fn", "hits",
-        "lock_timeouts", "lock_waits", "misses", "name", "prefix", "too_large",
+        "__weakref__", "_flights", "_lock", "base", "cache", "counts", "fn", "name", "prefix"
     )  # fmt: skip
 
     def __init__(self, cache: RedisCache, spec: Any, version: str | int) -> None:
@@ -87,14 +86,13 @@ class RedisTier:
         self.prefix = f"{self.base}{version}:"
         self._flights: dict[Hashable, Any] = {}
         self._lock = threading.Lock()
-        self.hits = self.misses = self.errors = self.lock_waits = 0
-        self.lock_timeouts = self.too_large = self.bad_values = 0
+        self.counts = dict.fromkeys(cache._totals, 0)  # RedisStats' fields
 
     def count(self, field: str) -> None:
         """One more of ``field``, here and in the cache's totals (which outlive us), under
         the cache's lock: threads count at once."""
         with self.cache._lock:
-            setattr(self, field, getattr(self, field) + 1)
+            self.counts[field] += 1
             self.cache._totals[field] += 1
 
     # This process's single-flight (_flight's cache protocol): nothing is kept here.
@@ -470,6 +468,7 @@ class RedisTier:
     ) -> RedisCacheInfo:
         if not in_scope:
             return RedisCacheInfo(hits, misses, maxsize, 0, 0, 0, 0, 0)
+        n = self.counts
         return RedisCacheInfo(
-            hits, misses, maxsize, currsize, self.hits, self.misses, self.errors, self.lock_waits
+            hits, misses, maxsize, currsize, n["hits"], n["misses"], n["errors"], n["lock_waits"]
         )

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from . import _redis_io as io
 from ._checks import explains_options
-from ._redis_io import Codec, check_secret, name_problem
+from ._redis_io import Codec
 from ._redis_tier import RedisCacheInfo, RedisTier
 from ._typing import MemoizedFunction
 
@@ -100,6 +100,18 @@ def _check_ttl(ttl: object) -> float:
 def _code(fn: object) -> object:
     """The code behind ``fn`` (through ``functools.wraps``), or None if it has none."""
     return getattr(inspect.unwrap(fn), "__code__", None)  # type: ignore[arg-type]
+
+
+def _name_problem(fn: object) -> str | None:
+    """Why ``fn`` cannot name its Redis keys, or None. The keys hold ``module.qualname``,
+    so a callable whose name others share would share their values: every lambda is
+    ``<lambda>``; a partial or a callable object has only its class's name."""
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return f"a {type(fn).__name__} object has no __qualname__ of its own"
+    if "<lambda>" in qualname:
+        return "every lambda is named <lambda>"
+    return None
 
 
 def check_version(version: object, where: str) -> str | int:
@@ -180,7 +192,7 @@ class RedisCache:
                 f"keys (e.g. 'shop'), not {namespace!r}"
             )
         self.namespace = namespace
-        self._codec = Codec(serializer, check_secret(serializer, secret))
+        self._codec = Codec(serializer, secret)
         self.serializer = serializer
         self.version = check_version(version, "RedisCache(version=...)")
         self.lock_timeout = _number("lock_timeout", lock_timeout)
@@ -235,7 +247,7 @@ class RedisCache:
         name is its keys' identity, so two live functions with one name would share values.
         One of another code is a redefinition (a reload, a notebook cell run again): it
         replaces the old one, which the name's global still holds while this runs."""
-        problem = name_problem(spec.fn)
+        problem = _name_problem(spec.fn)
         if problem is not None:
             raise TypeError(
                 f"@request_memo(shared={self!r}) cannot key {spec.name} in Redis: {problem}, "

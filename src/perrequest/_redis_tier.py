@@ -210,9 +210,9 @@ class RedisTier:
     ) -> Any:
         """The value's bytes: read or computed under the lock if ``claim``, stored through
         ``conn`` unless it is None."""
-        token = os.urandom(9).hex() if claim else ""
+        token = ""
         if claim:
-            found, conn, token = self._run(conn, self._claim(conn, key, token))
+            found, conn, token = self._run(conn, self._claim(conn, key))
             if found is not None:
                 return found
         self.count("misses")
@@ -231,9 +231,9 @@ class RedisTier:
         """``_fetch``, awaited. A store cancelled (anyio's cancel scopes cancel every await)
         runs again in a task of its own: a lock left behind would hold the key's next miss,
         in every process, for ``lock_timeout``."""
-        token = os.urandom(9).hex() if claim else ""
+        token = ""
         if claim:
-            found, conn, token = await self._run_async(conn, self._claim(conn, key, token))
+            found, conn, token = await self._run_async(conn, self._claim(conn, key))
             if found is not None:
                 return found
         self.count("misses")
@@ -254,11 +254,11 @@ class RedisTier:
                     raise
         return payload
 
-    def _claim(self, conn: Conn | None, key: str, token: str) -> Steps:
+    def _claim(self, conn: Conn | None, key: str) -> Steps:
         """CLAIM until the value is there, the lock is ours or ``lock_timeout`` has passed:
         ``(the value's bytes or None, the connection to store through or None, our lock's
         token or "")``."""
-        cache, keys = self.cache, [key, key + LOCK]
+        cache, keys, token = self.cache, [key, key + LOCK], os.urandom(9).hex()
         deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
         while True:
             reply = yield ("claim", keys, [token, cache._lease_ms])

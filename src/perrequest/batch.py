@@ -1,28 +1,44 @@
 """``@request_batch``: per-request batching and caching of loads, with nothing to pass around.
 
-A batch function takes a list of keys and returns their values (a sequence
-in the same order, or a mapping). Decorated, it becomes a loader: ``load(key)``
-and ``load_many(keys)`` answer from the request store, and fetch what is
-missing in as few calls as the keys allow. Async loads awaited in the same
-event-loop tick join one call (``_batch_async``); a sync ``load_many`` fetches
-what it lacks in one call (``_batching``). Values live in the request store,
-so they are bounded, counted in the scope's stats and gone with the request.
+A batch function takes a list of keys and returns their values (a sequence in the
+same order, or a mapping). Decorated, it becomes a loader whose ``load(key)`` and
+``load_many(keys)`` answer from the request store, so values are bounded, counted in
+the scope's stats and gone with the request. What the store lacks is fetched:
+
+- sync: in one call per ``load_many``. A fetch registers its keys in the store's
+  ``_flights`` with a ``concurrent.futures.Future`` of their outcomes, which threads
+  that share the scope and want the same keys wait on;
+- async: the keys missing in one event-loop tick form a batch, one task per call of
+  the batch function; the task's done-callback hands each waiter (each caller has its
+  own future) its value, whatever happened to the task or the scope.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence, Set
+from concurrent.futures import Future
+from contextvars import ContextVar
 from typing import Any, Literal, Protocol, TypeVar, overload
 
-from . import _batch_async, _checks
-from ._active import _current, active_store
-from ._batching import _BatchSpec
-from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
-from ._flight import MISSING
+from . import _checks
+from ._active import _current, active_store, here
+from ._checks import (
+    check_max_entries,
+    is_async_callable,
+    refuse_coroutine,
+    refuse_generator,
+    unknown_option,
+)
+from ._flight import MISSING, done_waiting, may_wait
+from ._stats import Counter, function_name
 from ._typing import CacheInfo
-from .errors import ScopeClosed
-from .store import MemoKey
+from .errors import ScopeClosed, UnhashableArguments
+from .memo import refuse_or_warn
+from .store import MemoKey, MemoStore
 
 __all__ = ["AsyncBatchLoader", "BatchLoader", "request_batch"]
 
@@ -33,6 +49,9 @@ K_contra = TypeVar("K_contra", contravariant=True)
 _OPTIONS = ("max_batch_size", "key", "max_entries", "outside_scope")
 _OUTSIDE_SCOPE = ("warn", "call", "raise")
 _ABSENT: Any = object()  # pop()'s default: MISSING there means "no default"
+_UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
+_now = time.perf_counter
+_thread_id = threading.get_ident
 
 
 class BatchLoader(Protocol[K_contra, V]):
@@ -96,6 +115,305 @@ class AsyncBatchLoader(Protocol[K_contra, V]):
         """Hits and misses (keys), bound and entries in the active store."""
 
 
+class _BatchSpec:
+    """One decorated batch function: its options, its keys and results, and the sync
+    path. It owns the loader's entries in a store, as a memo's spec does
+    (``store._subs[spec][cache_key]``, bounded by its ``max_entries``), counted by name."""
+
+    __slots__ = (
+        "__weakref__",
+        "fn",
+        "is_async",
+        "key_fn",
+        "max_batch_size",
+        "max_entries",
+        "name",
+        "outside_scope",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        is_async: bool,
+        max_batch_size: int | None,
+        key_fn: Callable[[Any], Hashable] | None,
+        max_entries: int | None,
+        outside_scope: str,
+    ) -> None:
+        self.fn = fn
+        self.is_async = is_async
+        self.max_batch_size = max_batch_size
+        self.key_fn = key_fn
+        self.max_entries = max_entries  # read by the store: this loader's own bound
+        self.outside_scope = outside_scope
+        self.name = function_name(fn)  # never the repr: a partial's shows its arguments
+
+    def __repr__(self) -> str:
+        return f"<request_batch {self.name}>"
+
+    # -- keys and results ------------------------------------------------------------
+
+    def keys_of(self, keys: Iterable[Any]) -> tuple[list[Any], list[Hashable]]:
+        """The load keys as a list, and their cache keys, checked hashable."""
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+            raise TypeError(
+                f"@request_batch {self.name}: load_many() takes an iterable of keys, not "
+                f"{type(keys).__name__} {keys!r}. Use load(key) for one key."
+            )
+        keys = keys if type(keys) is list else list(keys)
+        cache_keys = keys if self.key_fn is None else [self.key_fn(key) for key in keys]
+        try:
+            set(cache_keys)
+        except TypeError:
+            raise self.unhashable(keys, cache_keys) from None
+        return keys, cache_keys
+
+    def unhashable(self, keys: list[Any], cache_keys: list[Any]) -> UnhashableArguments:
+        for key, cache_key in zip(keys, cache_keys, strict=True):
+            try:
+                hash(cache_key)
+            except TypeError:
+                if self.key_fn is not None:
+                    return UnhashableArguments(
+                        f"the key= function of @request_batch {self.name} returned an "
+                        f"unhashable {type(cache_key).__name__} for key {key!r}. Make it "
+                        "return a hashable value, such as a tuple of strings and numbers."
+                    )
+                return UnhashableArguments(
+                    f"@request_batch {self.name}: key {key!r} is unhashable "
+                    f"({type(key).__name__}), so it cannot be cached. Pass hashable keys (a "
+                    "tuple instead of a list), or give the decorator key=, a function of one "
+                    "key that returns a hashable cache key."
+                )
+        return UnhashableArguments(f"@request_batch {self.name}: a key cannot be hashed")
+
+    def spread(self, keys: list[Any], cache_keys: list[Hashable], result: Any) -> list[Any]:
+        """One value per key from what the batch function returned; an ``Exception``
+        instance where that key failed. ``TypeError`` when the shape is wrong."""
+        if isinstance(result, Mapping):
+            values = []
+            for key, cache_key in zip(keys, cache_keys, strict=True):
+                try:
+                    value = result.get(key, MISSING)
+                except TypeError:  # an unhashable load key: the mapping is by cache key
+                    value = MISSING
+                if value is MISSING and cache_key is not key:
+                    value = result.get(cache_key, MISSING)
+                if value is MISSING:
+                    value = KeyError(
+                        f"@request_batch {self.name} returned a mapping without key {key!r}. "
+                        "Map every key it is given (to None, if that means absent)."
+                    )
+                values.append(value)
+            return values
+        if type(result) is not list:
+            if isinstance(result, (str, bytes, Set)) or not isinstance(result, Iterable):
+                raise TypeError(
+                    f"@request_batch {self.name} returned {type(result).__name__}: a batch "
+                    "function returns a sequence of values in the order of its keys, or a "
+                    "mapping from key to value."
+                )
+            result = list(result)
+        if len(result) != len(keys):
+            raise TypeError(
+                f"@request_batch {self.name} returned {len(result)} values for {len(keys)} "
+                "keys: it must return one value per key, in the order of the keys it was "
+                "given (an Exception instance fails one key), or a mapping from key to value."
+            )
+        return result  # type: ignore[no-any-return]
+
+    def chunks(self, items: list[Any]) -> list[list[Any]]:
+        size = self.max_batch_size
+        if size is None or len(items) <= size:
+            return [items]
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    # -- fetching without batching across callers (sync, trio, outside any scope) ----
+
+    def counter_in(self, store: MemoStore | None) -> Counter | None:
+        """This loader's counter in ``store``; None outside any scope or once it ended."""
+        if store is None or store._closed:
+            return None
+        try:
+            return store._counter(self.name)
+        except ScopeClosed:
+            return None
+
+    def look(
+        self, store: MemoStore, counter: Counter, keys: list[Any], cks: list[Hashable]
+    ) -> tuple[list[Any], dict[Hashable, Any]]:
+        """The stored values (MISSING where none), and the keys missing (cache key to load
+        key, in first-asked order); what is found, or asked for twice, is a hit."""
+        values = [store._lookup((self, ck)) for ck in cks]
+        wanted = _wanted(keys, cks, values)
+        counter.hits += len(values) - len(wanted)
+        return values, wanted
+
+    def fetch(
+        self, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
+    ) -> None:
+        """Call the batch function for ``wanted`` (per ``max_batch_size``): each key's value,
+        or the ``Exception`` it failed with, into ``out`` as each call ends."""
+        for cks in self.chunks(list(wanted)):
+            keys = [wanted[ck] for ck in cks]
+            start = _now() if counter.timed else 0.0
+            try:
+                result: Any = self.fn(keys)
+                refuse_coroutine(result, self.fn, f"@request_batch {self.name}")
+                values = self.spread(keys, cks, result)
+            except Exception as exc:
+                values = [exc] * len(keys)
+            finally:
+                if start:
+                    counter.compute_s += _now() - start
+            out.update(zip(cks, values, strict=True))
+
+    async def fetch_async(
+        self, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
+    ) -> None:
+        """``fetch`` of an async batch function."""
+        for cks in self.chunks(list(wanted)):
+            keys = [wanted[ck] for ck in cks]
+            start = _now() if counter.timed else 0.0
+            try:
+                values = self.spread(keys, cks, await self.fn(keys))
+            except Exception as exc:
+                values = [exc] * len(keys)
+            finally:
+                if start:
+                    counter.compute_s += _now() - start
+            out.update(zip(cks, values, strict=True))
+
+    def keep(self, store: MemoStore, counter: Counter, fetched: dict[Hashable, Any]) -> None:
+        """Store what was fetched; failures are not cached (a closed store keeps nothing)."""
+        with store._lock:
+            for ck, value in fetched.items():
+                if not isinstance(value, Exception):
+                    store._fill((self, ck), value, counter, None)
+
+    def refuse_or_warn(self) -> None:
+        """The ``outside_scope`` rule, for a call made outside any scope."""
+        refuse_or_warn(
+            "request_batch",
+            self.name,
+            self.outside_scope,
+            "batched or cached",
+            "Register RequestScopeMiddleware, or wrap the code in `with "
+            "perrequest.request_scope():`.",
+        )
+
+    def outside(self, keys: list[Any], cks: list[Hashable]) -> list[Any]:
+        """Outside any scope: called directly (per ``max_batch_size``), nothing cached."""
+        self.refuse_or_warn()
+        out: dict[Hashable, Any] = {}
+        self.fetch(_UNTIMED, _wanted(keys, cks), out)
+        return settled([out[ck] for ck in cks])
+
+    # -- the sync path: threads sharing a scope never fetch a key twice at once --------
+
+    def load_many(self, keys: Iterable[Any]) -> list[Any]:
+        """The values of ``keys``: from the store, or fetched in one call (per
+        ``max_batch_size``) with other threads' fetches of the same keys awaited."""
+        keys, cks = self.keys_of(keys)
+        store = here()
+        counter = self.counter_in(store)
+        if store is None or counter is None:
+            return self.outside(keys, cks)
+        values, wanted = self.look(store, counter, keys, cks)
+        got: dict[Hashable, Any] = {}
+        alone: set[Hashable] = set()  # keys whose fetch waits for this thread's
+        while wanted:
+            wanted = self._fetch(store, counter, wanted, got, alone)
+        return settled([got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)])
+
+    def _fetch(
+        self,
+        store: MemoStore,
+        counter: Counter,
+        wanted: dict[Hashable, Any],
+        got: dict[Hashable, Any],
+        alone: set[Hashable],
+    ) -> dict[Hashable, Any]:
+        """Into ``got``: fetch what nobody is fetching, wait for the rest. What to ask
+        again for: a fetch that was interrupted, or one that waits for this thread's (so
+        fetched here too). A key this thread fetches already (a batch function loading
+        its own keys) is fetched again, not waited for."""
+        me = _Fetch(_thread_id())
+        flights = store._flights
+        mine: dict[Hashable, Any] = {}
+        theirs: list[tuple[Hashable, _Fetch]] = []
+        registered: list[Hashable] = []
+        with store._lock:
+            for ck, key in wanted.items():
+                value = store._lookup((self, ck))
+                if value is not MISSING:
+                    got[ck] = value
+                    counter.hits += 1
+                    continue
+                other = flights.get((self, ck))
+                if other is None or other.owner == me.owner or ck in alone:
+                    if other is None:
+                        flights[(self, ck)] = me
+                        registered.append(ck)
+                    mine[ck] = key
+                    counter.misses += 1
+                else:
+                    theirs.append((ck, other))
+                    counter.hits += 1
+        if mine:
+            outcomes: dict[Hashable, Any] = {}
+            try:
+                self.fetch(counter, mine, outcomes)
+            finally:  # interrupted (KeyboardInterrupt...): its waiters ask again
+                self.keep(store, counter, outcomes)
+                with store._lock:
+                    for ck in registered:
+                        flights.pop((self, ck), None)
+                me.set_result(outcomes)
+            got.update(outcomes)
+        again = {}
+        for ck, other in theirs:
+            if not other.done() and not may_wait(me.owner, other.owner):  # it waits for us
+                alone.add(ck)
+                again[ck] = wanted[ck]
+                continue
+            try:
+                value = other.result().get(ck, MISSING)
+            finally:
+                done_waiting(me.owner)
+            if value is MISSING:
+                again[ck] = wanted[ck]
+            else:
+                got[ck] = value
+        return again
+
+
+class _Fetch(Future[dict[Hashable, Any]]):
+    """One thread's fetch of some keys, as registered in ``_flights``: its result is
+    their outcomes (a key without one was interrupted: ask again)."""
+
+    def __init__(self, owner: int) -> None:
+        super().__init__()
+        self.owner = owner
+
+
+def _wanted(keys: list[Any], cks: list[Hashable], values: Any = None) -> dict[Hashable, Any]:
+    """The keys missing (all, without ``values``): cache key to first load key."""
+    wanted: dict[Hashable, Any] = {}
+    for i, ck in enumerate(cks):
+        if (values is None or values[i] is MISSING) and ck not in wanted:
+            wanted[ck] = keys[i]
+    return wanted
+
+
+def settled(values: list[Any]) -> list[Any]:
+    """``values``, or the first failure among them raised."""
+    for value in values:
+        if isinstance(value, Exception):
+            raise value
+    return values
+
+
 class _Loader:
     """The object a batch function is decorated into; its ``load`` and ``load_many``
     are closures set per loader, so that calling them binds nothing."""
@@ -106,8 +424,8 @@ class _Loader:
     def __init__(self, spec: _BatchSpec) -> None:
         self._spec = spec
         if spec.is_async:
-            self.load = _batch_async.make_load(spec)
-            self.load_many = functools.partial(_batch_async.load_many, spec)
+            self.load = make_load(spec)
+            self.load_many = functools.partial(load_many, spec)
         else:
             self.load = _make_sync_load(spec)
             self.load_many = spec.load_many
@@ -129,11 +447,8 @@ class _Loader:
             )
         _, (cache_key,) = spec.keys_of([key])
         store = active_store()
-        if store is None:
-            return
-        try:
-            counter = store._counter(spec.name)
-        except ScopeClosed:
+        counter = spec.counter_in(store)
+        if store is None or counter is None:
             return
         with store._lock:
             if store._lookup((spec, cache_key), touch=False) is MISSING:
@@ -158,7 +473,8 @@ class _Loader:
 
 
 def _make_sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:
-    """``load(key)``: a hit is the store's two lookups; a miss is ``load_many([key])[0]``."""
+    """A sync loader's ``load(key)``: a hit is the store's two lookups; a miss is
+    ``load_many([key])[0]``."""
     get_store, key_fn, owner, load_many = _current.get, spec.key_fn, spec, spec.load_many
     bounded = spec.max_entries is not None
 
@@ -302,3 +618,445 @@ def request_batch(
             f"(@request_batch(max_batch_size=100)), not {fn!r}"
         )
     return decorate(fn)
+
+
+# -- the async path: the loads of one event-loop tick share one call ------------------------
+
+
+def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
+    """An async loader's ``load(key)``: a hit is the store's two lookups and returns the
+    finished future kept with the value; anything else is ``_miss``'s."""
+    get_store, key_fn, owner = _current.get, spec.key_fn, spec
+    bounded = spec.max_entries is not None
+
+    def load(key: Any) -> Any:
+        store = get_store()
+        if store is None:
+            return _outside_one(spec, key)
+        try:
+            entry = store._subs[owner].get(key)
+            if entry is not None:
+                store._order.move_to_end(entry[2])  # KeyError: evicted by another thread
+        except (KeyError, TypeError, AttributeError):  # a miss; no store yet; unhashable
+            entry = None
+        if entry is None:
+            if type(store) is list:  # a middleware's scope, its store not made yet
+                here()
+                return load(key)
+            return _miss(spec, store, key, key)
+        entry[1].hits += 1
+        anchor = entry[3]
+        # (loop, its finished future) while that loop runs: after asyncio.run or
+        # async_to_sync, the next loop's gather() and wait_for() would refuse it.
+        if anchor is not None and anchor[0].is_running():
+            return anchor[1]
+        return _ready(store, owner, key, entry)
+
+    def load_keyed(key: Any) -> Any:  # with key= or a bound of its own
+        store = get_store()
+        if store is None:
+            return _outside_one(spec, key)
+        ck = key if key_fn is None else key_fn(key)
+        try:
+            sub = store._subs[owner]
+            entry = sub.get(ck)
+            if entry is not None:
+                store._order.move_to_end(entry[2])
+                if bounded:
+                    sub.move_to_end(ck)
+        except (KeyError, TypeError, AttributeError):
+            entry = None
+        if entry is None:
+            if type(store) is list:
+                here()
+                return load_keyed(key)
+            return _miss(spec, store, key, ck)
+        entry[1].hits += 1
+        anchor = entry[3]
+        if anchor is not None and anchor[0].is_running():
+            return anchor[1]
+        return _ready(store, owner, ck, entry)
+
+    return load if key_fn is None and not bounded else load_keyed
+
+
+def _miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
+    """The key joins this tick's batch (a batch of 100 loads makes 100 of these)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no asyncio loop running: trio
+        return _unbatched(spec, [key], [ck], single=True)
+    if store._closed:
+        return _outside_one(spec, key)
+    state = store._flights.get((spec, loop))
+    if state is None:
+        try:
+            hash(ck)
+        except TypeError:  # refused before any bookkeeping is made for it
+            raise spec.unhashable([key], [ck]) from None
+        state = _state_of(spec, store, loop)
+        if state is None:  # the scope has ended: outside any scope now
+            return _outside_one(spec, key)
+    future = loop.create_future()
+    state.join(key, ck, future)
+    return future
+
+
+def _ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, ...]) -> Any:
+    """A finished future of a stored value, on this loop, kept for later hits: for a value
+    stored without one (``prime``, ``load_many``) or with a loop's that has stopped."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no asyncio loop running: trio
+        return _value(entry[0])
+    future = loop.create_future()
+    future.set_result(entry[0])
+    with store._lock:
+        if store._lookup((spec, ck), touch=False) is entry[0]:
+            store._fill((spec, ck), entry[0], entry[1], (loop, future))
+    return future
+
+
+async def _value(value: Any) -> Any:
+    return value
+
+
+async def _outside_one(spec: _BatchSpec, key: Any) -> Any:
+    return (await load_many(spec, [key]))[0]
+
+
+def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
+    """An async loader's ``load_many(keys)``: a future of the values in order, or of the
+    first failing key's exception."""
+    keys, cks = spec.keys_of(keys)
+    store = here()
+    if store is None or store._closed:
+        return _outside(spec, keys, cks)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no asyncio loop running: trio
+        return _unbatched(spec, keys, cks)
+    values = [store._lookup((spec, ck)) for ck in cks]
+    missing = [i for i, value in enumerate(values) if value is MISSING]
+    state = _state_of(spec, store, loop) if missing else None  # none made for hits alone
+    if state is None:
+        counter = spec.counter_in(store)
+        if missing or counter is None:  # the scope has ended meanwhile
+            return _outside(spec, keys, cks)
+        counter.hits += len(values)
+        future = loop.create_future()
+        future.set_result(values)
+        return future
+    many = _Many(loop.create_future(), values, len(missing))
+    for i in missing:
+        state.join(keys[i], cks[i], (many, i))
+    state.counter.hits += len(values) - len(missing)
+    return many.future
+
+
+async def _outside(spec: _BatchSpec, keys: list[Any], cks: list[Hashable]) -> list[Any]:
+    """Outside any scope: called directly (per ``max_batch_size``), nothing cached."""
+    spec.refuse_or_warn()
+    out: dict[Hashable, Any] = {}
+    await spec.fetch_async(_UNTIMED, _wanted(keys, cks), out)
+    return settled([out[ck] for ck in cks])
+
+
+async def _unbatched(
+    spec: _BatchSpec, keys: list[Any], cks: list[Hashable], single: bool = False
+) -> Any:
+    """With no asyncio loop running (trio): what the store lacks is fetched by this call
+    (per ``max_batch_size``) and cached; loads are not batched across calls."""
+    store = here()
+    counter = spec.counter_in(store)
+    if store is None or counter is None:
+        values = await _outside(spec, keys, cks)
+    else:
+        values, wanted = spec.look(store, counter, keys, cks)
+        counter.misses += len(wanted)
+        got: dict[Hashable, Any] = {}
+        await spec.fetch_async(counter, wanted, got)
+        spec.keep(store, counter, got)
+        values = settled(
+            [got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)]
+        )
+    return values[0] if single else values
+
+
+class _Many:
+    """A ``load_many`` waiting for keys: its future, its values, how many are to come."""
+
+    __slots__ = ("failed", "future", "remaining", "values")
+
+    def __init__(self, future: asyncio.Future[list[Any]], values: list[Any], remaining: int):
+        self.future, self.values, self.remaining = future, values, remaining
+        self.failed = False
+
+    def put(self, i: int, value: Any, failed: bool) -> None:
+        self.values[i] = value
+        self.failed |= failed
+        self.remaining -= 1
+        if not self.remaining:
+            if self.failed:
+                _fail(self.future, next(v for v in self.values if isinstance(v, Exception)))
+            else:
+                self.future.set_result(self.values)
+
+
+def _hand(who: Any, value: Any, failed: bool) -> Any:
+    """Hand ``value`` to a waiter (a caller's future, a ``(_Many, index)``) or to each of a
+    list of them; the future now holding the value, if any, for later hits."""
+    if type(who) is list:
+        kept = None
+        for one in who:
+            kept = _hand(one, value, failed) or kept
+        return kept
+    if type(who) is tuple:
+        if not who[0].future.done():
+            who[0].put(who[1], value, failed)
+        return None
+    if who.done():  # that caller was cancelled
+        return None
+    if failed:
+        _fail(who, value)
+        return None
+    who.set_result(value)
+    return who
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except TypeError:  # StopIteration cannot travel through a future
+        future.set_exception(RuntimeError(f"the batch function's value was {exc!r}"))
+
+
+# -- the async batches and their tasks ------------------------------------------------------
+
+_Future = asyncio.Future
+# In a batch's tasks (and the tasks they make): the batch. Its keys are fetched by a call
+# of their own when it loads them: waiting for the batch would wait for itself.
+_fetching: ContextVar[_Batch | None] = ContextVar("perrequest.batch", default=None)
+# Batch tasks while they run, by event loop (a loop keeps only weak references to its
+# tasks), with their states. A loop that closed with tasks it never finished (a shutdown)
+# leaves them here until the next batch starts, which drops them and their states.
+_running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], _State]] = {}
+
+
+class _Batch:
+    """Keys fetched together: their load keys, their cache keys (the same list without
+    ``key=``) and who waits for each: a future, a ``(_Many, index)``, or a list of those."""
+
+    __slots__ = ("cks", "keys", "waiters")
+
+    def __init__(self, same: bool) -> None:
+        self.keys: list[Any] = []
+        self.cks: list[Hashable] = self.keys if same else []
+        self.waiters: dict[Hashable, Any] = {}
+
+    def add(self, key: Any, ck: Hashable, who: Any) -> None:
+        other = self.waiters.get(ck)
+        if other is None:
+            self.waiters[ck] = who
+            self.keys.append(key)
+            if self.cks is not self.keys:
+                self.cks.append(ck)
+        elif type(other) is list:
+            other.append(who)
+        else:
+            self.waiters[ck] = [other, who]
+
+
+class _State:
+    """One loader's batches in one store on one event loop, in the store's ``_flights``
+    while it has work: the pending batch, which every key missing before it starts
+    joins, and the batch each key in flight comes from (``calls``)."""
+
+    __slots__ = ("calls", "counter", "loop", "pending", "spec", "store", "where")
+
+    def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.spec, self.store, self.loop = spec, store, loop
+        self.counter: Counter = store._counter(spec.name)  # ScopeClosed once closed
+        self.calls: dict[Hashable, _Batch] = {}
+        self.pending: _Batch | None = None
+        self.where = (spec, loop)
+
+    def join(self, key: Any, ck: Hashable, who: Any) -> None:
+        """Wait for ``ck``: with its batch (a hit), or in the pending one (misses are
+        counted when it starts), also when the batch it is in loads it."""
+        try:
+            batch = self.calls.get(ck)
+        except TypeError:
+            raise self.spec.unhashable([key], [ck]) from None
+        if batch is None or batch is _fetching.get():
+            pending = self.next_batch()
+            if batch is None:
+                self.calls[ck] = pending
+            pending.add(key, ck, who)
+        else:
+            batch.add(key, ck, who)
+            self.counter.hits += 1
+
+    def next_batch(self) -> _Batch:
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = _Batch(self.spec.key_fn is None)
+            self.loop.call_soon(_start, self)
+        return pending
+
+
+def _state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> _State | None:
+    """The loader's state in ``store`` on ``loop``; None once the scope has ended."""
+    if store._closed:
+        return None
+    state: _State | None = store._flights.get((spec, loop))
+    if state is None:
+        try:
+            state = _State(spec, store, loop)
+        except ScopeClosed:
+            return None
+        with store._lock:
+            store._flights[state.where] = state
+            store._reserve(spec)  # lookups of keys in flight now miss without raising
+    return state
+
+
+def _start(state: _State) -> None:
+    """Start the pending batch: a task per call of at most ``max_batch_size`` keys,
+    held in ``_running`` while it runs. First drop what loops that have closed left
+    (no lock is held here, so taking their stores' locks cannot deadlock)."""
+    for closed in [loop for loop in list(_running) if loop.is_closed()]:
+        for left in _running.pop(closed, {}).values():
+            _drop(left)
+    batch, state.pending = state.pending, None
+    assert batch is not None
+    keys, cks = batch.keys, batch.cks
+    state.counter.misses += len(keys)
+    size = state.spec.max_batch_size or len(keys)
+    for i in range(0, len(keys), size):
+        part, part_cks = keys[i : i + size], cks[i : i + size]
+        task = state.loop.create_task(_call(state, batch, part, part_cks))
+        _running.setdefault(state.loop, {})[task] = state
+        # A callback, not a finally: a task cancelled before its first step runs no code.
+        task.add_done_callback(functools.partial(_ended, state, batch, part, part_cks))
+
+
+async def _call(state: _State, batch: _Batch, keys: list[Any], cks: list[Hashable]) -> Any:
+    """One call of the batch function: a value (or an ``Exception``) per key."""
+    _fetching.set(batch)
+    spec, counter = state.spec, state.counter
+    start = _now() if counter.timed else 0.0
+    try:
+        return spec.spread(keys, cks, await spec.fn(keys))
+    except Exception as exc:  # the whole call failed: so does every key
+        return [exc] * len(keys)
+    except asyncio.CancelledError as exc:
+        if _cancelled():
+            raise
+        return [_interrupted(spec, exc)] * len(keys)  # raised by the batch function itself
+    finally:
+        if start:
+            counter.compute_s += _now() - start
+
+
+def _ended(
+    state: _State, batch: _Batch, keys: list[Any], cks: list[Hashable], task: asyncio.Task[Any]
+) -> None:
+    """Each key's waiters get its value, and the value is stored (scope open). A
+    cancelled task's keys go in the next batch while the scope is open, for whoever
+    still waits; once it has ended, their waits are cancelled instead (no call after
+    the request)."""
+    tasks = _running.get(state.loop, {})
+    tasks.pop(task, None)
+    if not tasks:
+        _running.pop(state.loop, None)
+    if task.cancelled():
+        values = None
+    else:
+        exc = task.exception()  # KeyboardInterrupt, SystemExit: every key fails
+        values = task.result() if exc is None else [_interrupted(state.spec, exc)] * len(keys)
+    store, calls, loop = state.store, state.calls, state.loop
+    anchors: list[Any] = []
+    failures = False
+    with store._lock:
+        for i, ck in enumerate(cks):
+            who = batch.waiters.pop(ck)
+            other = calls.pop(ck, None)
+            if other is not batch and other is not None:  # loaded by its own batch
+                calls[ck] = other
+            if values is None:
+                _again(state, keys[i], ck, who)
+                continue
+            value = values[i]
+            if type(who) is _Future and not isinstance(value, Exception):  # one load
+                try:
+                    who.set_result(value)  # runs no code now: it schedules the wake-up
+                    anchors.append((loop, who))  # a finished future of it, for later hits
+                except asyncio.InvalidStateError:  # that caller was cancelled
+                    anchors.append(None)
+            else:
+                failed = isinstance(value, Exception)
+                kept = _hand(who, value, failed)
+                anchors.append(_FAILED if failed else None if kept is None else (loop, kept))
+                failures |= failed
+        if values is not None:
+            if failures:  # failures are not stored
+                kept_at = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
+                cks, values = [cks[i] for i in kept_at], [values[i] for i in kept_at]
+                anchors = [anchors[i] for i in kept_at]
+            store._fill_many(state.spec, cks, values, anchors, state.counter)
+        _release(state)
+
+
+_FAILED: Any = object()  # an anchor's place for a failed key: it is not stored
+
+
+def _again(state: _State, key: Any, ck: Hashable, who: Any) -> None:
+    """Put the waits of a key whose call was cancelled in the next batch (lock held)."""
+    for one in who if type(who) is list else (who,):
+        future = one[0].future if type(one) is tuple else one
+        if future.done():
+            continue
+        if state.store._closed:
+            future.cancel()
+        else:
+            pending = state.next_batch()
+            state.calls.setdefault(ck, pending)
+            pending.add(key, ck, one)
+
+
+def _cancelled() -> bool:
+    """Whether the running batch task is being cancelled (rather than its batch function
+    raising ``CancelledError`` of its own)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # closed by the garbage collector, outside any loop
+        return True
+    return task is None or task.cancelling() > 0
+
+
+def _interrupted(spec: _BatchSpec, exc: BaseException) -> RuntimeError:
+    error = RuntimeError(
+        f"@request_batch {spec.name}: the batch function raised {exc!r} without its task "
+        "being cancelled, so every key of the batch fails. Let it return or raise an "
+        "Exception."
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _drop(state: _State) -> None:
+    """Forget the state's work: its loop has closed, so nobody waits for it any more."""
+    with state.store._lock:
+        state.calls.clear()
+        state.pending = None
+        _release(state)
+
+
+def _release(state: _State) -> None:
+    """Drop the state from the store once nothing is in flight or pending."""
+    if not state.calls and state.pending is None:
+        flights = state.store._flights
+        if flights.get(state.where) is state:
+            del flights[state.where]
+            state.store._unreserve(state.spec)

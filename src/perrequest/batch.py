@@ -834,9 +834,9 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 # -- the async batches and their tasks ------------------------------------------------------
 
 _Future = asyncio.Future
-# In a batch's tasks (and the tasks they make): the batch. Its keys are fetched by a call
-# of their own when it loads them: waiting for the batch would wait for itself.
-_fetching: ContextVar[_Batch | None] = ContextVar("perrequest.batch", default=None)
+# In a batch's tasks (and the tasks they make): its state and batch, whose keys it cannot
+# wait for (it would wait for itself).
+_fetching: ContextVar[tuple[_State, _Batch] | None] = ContextVar("perrequest.batch", default=None)
 # Batch tasks while they run, by event loop (a loop keeps only weak references to its
 # tasks), with their states. A loop that closed with tasks it never finished (a shutdown)
 # leaves them here until the next batch starts, which drops them and their states.
@@ -844,65 +844,76 @@ _running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], _State]] = {}
 
 
 class _Batch:
-    """Keys fetched together: their load keys, their cache keys (the same list without
-    ``key=``) and who waits for each: a future, a ``(_Many, index)``, or a list of those."""
+    """Keys fetched together: their load keys and cache keys (the same list without
+    ``key=``), and the waiters of the keys fetched for a batch that loads its own."""
 
-    __slots__ = ("cks", "keys", "waiters")
+    __slots__ = ("cks", "keys", "own")
 
     def __init__(self, same: bool) -> None:
         self.keys: list[Any] = []
         self.cks: list[Hashable] = self.keys if same else []
-        self.waiters: dict[Hashable, Any] = {}
+        self.own: dict[Hashable, Any] = {}
 
-    def add(self, key: Any, ck: Hashable, who: Any) -> None:
-        other = self.waiters.get(ck)
-        if other is None:
-            self.waiters[ck] = who
-            self.keys.append(key)
-            if self.cks is not self.keys:
-                self.cks.append(ck)
-        elif type(other) is list:
-            other.append(who)
-        else:
-            self.waiters[ck] = [other, who]
+    def add(self, key: Any, ck: Hashable) -> None:
+        self.keys.append(key)
+        if self.cks is not self.keys:
+            self.cks.append(ck)
 
 
 class _State:
     """One loader's batches in one store on one event loop, in the store's ``_flights``
-    while it has work: the pending batch, which every key missing before it starts
-    joins, and the batch each key in flight comes from (``calls``)."""
+    while it has work: who waits for each key in flight (``inflight``: a future, a
+    ``(_Many, index)``, or a list of those), and the pending batch, which every key
+    missing before it starts joins."""
 
-    __slots__ = ("calls", "counter", "loop", "pending", "spec", "store", "where")
+    __slots__ = ("counter", "inflight", "loop", "pending", "spec", "store", "where")
 
     def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
         self.spec, self.store, self.loop = spec, store, loop
         self.counter: Counter = store._counter(spec.name)  # ScopeClosed once closed
-        self.calls: dict[Hashable, _Batch] = {}
+        self.inflight: dict[Hashable, Any] = {}
         self.pending: _Batch | None = None
         self.where = (spec, loop)
 
     def join(self, key: Any, ck: Hashable, who: Any) -> None:
-        """Wait for ``ck``: with its batch (a hit), or in the pending one (misses are
-        counted when it starts), also when the batch it is in loads it."""
+        """Wait for ``ck``: with its flight (a hit), or in the pending batch (misses are
+        counted when it starts); for a batch that loads its own key, in the pending
+        batch apart from the others."""
+        inflight = self.inflight
         try:
-            batch = self.calls.get(ck)
+            other = inflight.get(ck)
         except TypeError:
             raise self.spec.unhashable([key], [ck]) from None
-        if batch is None or batch is _fetching.get():
-            pending = self.next_batch()
-            if batch is None:
-                self.calls[ck] = pending
-            pending.add(key, ck, who)
+        if other is None:  # (the common case, written out: _Batch.add)
+            inflight[ck] = who
+            pending = self.pending or self.next_batch()
+            pending.keys.append(key)
+            if pending.cks is not pending.keys:
+                pending.cks.append(ck)
+        elif (fetching := _fetching.get()) and fetching[0] is self and ck in fetching[1].cks:
+            self.own(key, ck, who)
         else:
-            batch.add(key, ck, who)
+            inflight[ck] = _with(other, who)
             self.counter.hits += 1
 
+    def own(self, key: Any, ck: Hashable, who: Any) -> None:
+        pending = self.pending or self.next_batch()
+        other = pending.own.get(ck)
+        if other is None:
+            pending.add(key, ck)
+        pending.own[ck] = who if other is None else _with(other, who)
+
     def next_batch(self) -> _Batch:
-        pending = self.pending
-        if pending is None:
-            pending = self.pending = _Batch(self.spec.key_fn is None)
-            self.loop.call_soon(_start, self)
+        pending = self.pending = _Batch(self.spec.key_fn is None)
+        self.loop.call_soon(_start, self)
         return pending
+
+
+def _with(waiters: Any, who: Any) -> Any:
+    if type(waiters) is list:
+        waiters.append(who)
+        return waiters
+    return [waiters, who]
 
 
 def _state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> _State | None:
@@ -943,7 +954,7 @@ def _start(state: _State) -> None:
 
 async def _call(state: _State, batch: _Batch, keys: list[Any], cks: list[Hashable]) -> Any:
     """One call of the batch function: a value (or an ``Exception``) per key."""
-    _fetching.set(batch)
+    _fetching.set((state, batch))
     spec, counter = state.spec, state.counter
     start = _now() if counter.timed else 0.0
     try:
@@ -975,19 +986,18 @@ def _ended(
     else:
         exc = task.exception()  # KeyboardInterrupt, SystemExit: every key fails
         values = task.result() if exc is None else [_interrupted(state.spec, exc)] * len(keys)
-    store, calls, loop = state.store, state.calls, state.loop
-    anchors: list[Any] = []
-    failures = False
+    store, inflight, own, loop = state.store, state.inflight, batch.own, state.loop
     with store._lock:
-        for i, ck in enumerate(cks):
-            who = batch.waiters.pop(ck)
-            other = calls.pop(ck, None)
-            if other is not batch and other is not None:  # loaded by its own batch
-                calls[ck] = other
-            if values is None:
-                _again(state, keys[i], ck, who)
-                continue
-            value = values[i]
+        if values is None:
+            for key, ck in zip(keys, cks, strict=True):
+                mine = bool(own) and ck in own
+                _again(state, key, ck, own.pop(ck) if mine else inflight.pop(ck), mine)
+            _release(state)
+            return
+        anchors: list[Any] = []
+        failures = False
+        for ck, value in zip(cks, values, strict=True):
+            who = own.pop(ck) if own and ck in own else inflight.pop(ck)
             if type(who) is _Future and not isinstance(value, Exception):  # one load
                 try:
                     who.set_result(value)  # runs no code now: it schedules the wake-up
@@ -999,19 +1009,18 @@ def _ended(
                 kept = _hand(who, value, failed)
                 anchors.append(_FAILED if failed else None if kept is None else (loop, kept))
                 failures |= failed
-        if values is not None:
-            if failures:  # failures are not stored
-                kept_at = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
-                cks, values = [cks[i] for i in kept_at], [values[i] for i in kept_at]
-                anchors = [anchors[i] for i in kept_at]
-            store._fill_many(state.spec, cks, values, anchors, state.counter)
+        if failures:  # failures are not stored
+            kept_at = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
+            cks, values = [cks[i] for i in kept_at], [values[i] for i in kept_at]
+            anchors = [anchors[i] for i in kept_at]
+        store._fill_many(state.spec, cks, values, anchors, state.counter)
         _release(state)
 
 
 _FAILED: Any = object()  # an anchor's place for a failed key: it is not stored
 
 
-def _again(state: _State, key: Any, ck: Hashable, who: Any) -> None:
+def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
     """Put the waits of a key whose call was cancelled in the next batch (lock held)."""
     for one in who if type(who) is list else (who,):
         future = one[0].future if type(one) is tuple else one
@@ -1019,10 +1028,13 @@ def _again(state: _State, key: Any, ck: Hashable, who: Any) -> None:
             continue
         if state.store._closed:
             future.cancel()
+        elif own:
+            state.own(key, ck, one)
+        elif ck in state.inflight:  # put back already, for its other waiters
+            state.inflight[ck] = _with(state.inflight[ck], one)
         else:
-            pending = state.next_batch()
-            state.calls.setdefault(ck, pending)
-            pending.add(key, ck, one)
+            state.inflight[ck] = one
+            (state.pending or state.next_batch()).add(key, ck)
 
 
 def _cancelled() -> bool:
@@ -1048,14 +1060,14 @@ def _interrupted(spec: _BatchSpec, exc: BaseException) -> RuntimeError:
 def _drop(state: _State) -> None:
     """Forget the state's work: its loop has closed, so nobody waits for it any more."""
     with state.store._lock:
-        state.calls.clear()
+        state.inflight.clear()
         state.pending = None
         _release(state)
 
 
 def _release(state: _State) -> None:
     """Drop the state from the store once nothing is in flight or pending."""
-    if not state.calls and state.pending is None:
+    if not state.inflight and state.pending is None:
         flights = state.store._flights
         if flights.get(state.where) is state:
             del flights[state.where]

@@ -132,6 +132,23 @@ async def test_a_batch_function_that_loads_a_key_of_its_own_batch_gets_it() -> N
         assert await depth.load(0) == 0  # stored by its batch
 
 
+async def test_loads_of_a_key_of_its_own_batch_made_in_one_tick_share_one_call() -> None:
+    """Two children in a batch look up their parent, also in the batch, at once: one
+    call fetches it for both. Before: a call per load, the key asked for three times."""
+    calls: list[list[int]] = []
+
+    @request_batch
+    async def rows(ids: list[int]) -> list[int]:
+        calls.append(list(ids))
+        if 2 in ids:
+            await asyncio.gather(rows.load(1), rows.load(1))
+        return ids
+
+    async with request_scope():
+        assert await asyncio.wait_for(rows.load_many([1, 2]), 5) == [1, 2]
+    assert calls == [[1, 2], [1]]
+
+
 def test_a_mapping_keyed_by_cache_key_with_unhashable_load_keys() -> None:
     """key= for dict load keys; the batch function maps cache keys. Before: TypeError."""
 

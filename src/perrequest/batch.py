@@ -739,18 +739,15 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
     values = [store._lookup((spec, ck)) for ck in cks]
     missing = [i for i, value in enumerate(values) if value is MISSING]
     state = _state_of(spec, store, loop) if missing else None  # none made for hits alone
-    if state is None:
-        counter = spec.counter_in(store)
-        if missing or counter is None:  # the scope has ended meanwhile
-            return _outside(spec, keys, cks)
-        counter.hits += len(values)
-        future = loop.create_future()
-        future.set_result(values)
-        return future
+    counter = spec.counter_in(store) if state is None else state.counter
+    if counter is None:  # the scope has ended meanwhile
+        return _outside(spec, keys, cks)
     many = _Many(loop.create_future(), values, len(missing))
     for i in missing:
-        state.join(keys[i], cks[i], (many, i))
-    state.counter.hits += len(values) - len(missing)
+        state.join(keys[i], cks[i], (many, i))  # type: ignore[union-attr]
+    counter.hits += len(values) - len(missing)
+    if not missing:
+        many.future.set_result(values)
     return many.future
 
 

@@ -125,11 +125,14 @@ class _BatchSpec:
         "fn",
         "is_async",
         "key_fn",
+        "load",
         "max_batch_size",
         "max_entries",
         "name",
         "outside_scope",
     )
+
+    load: Callable[[Any], Any]  # an async loader's, which _miss calls again
 
     def __init__(
         self,
@@ -640,9 +643,6 @@ def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
         except (KeyError, TypeError, AttributeError):  # a miss; no store yet; unhashable
             entry = None
         if entry is None:
-            if type(store) is list:  # a middleware's scope, its store not made yet
-                here()
-                return load(key)
             return _miss(spec, store, key, key)
         entry[1].hits += 1
         anchor = entry[3]
@@ -667,9 +667,6 @@ def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
         except (KeyError, TypeError, AttributeError):
             entry = None
         if entry is None:
-            if type(store) is list:
-                here()
-                return load_keyed(key)
             return _miss(spec, store, key, ck)
         entry[1].hits += 1
         anchor = entry[3]
@@ -677,7 +674,8 @@ def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
             return anchor[1]
         return _ready(store, owner, ck, entry)
 
-    return load if key_fn is None and not bounded else load_keyed
+    spec.load = load if key_fn is None and not bounded else load_keyed
+    return spec.load
 
 
 def _miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
@@ -686,10 +684,14 @@ def _miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no asyncio loop running: trio
         return _unbatched(spec, [key], [ck], single=True)
-    if store._closed:
-        return _outside_one(spec, key)
-    state = store._flights.get((spec, loop))
-    if state is None:
+    try:
+        state = store._flights.get((spec, loop))
+    except AttributeError:  # a middleware's scope, its store not made yet
+        state = None
+    if state is None or store._closed:
+        if type(store) is list:  # make it, and load again
+            here()
+            return spec.load(key)
         try:
             hash(ck)
         except TypeError:  # refused before any bookkeeping is made for it
@@ -831,79 +833,75 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 # -- the async batches and their tasks ------------------------------------------------------
 
 _Future = asyncio.Future
-# In a batch's tasks (and the tasks they make): its state and batch, whose keys it cannot
-# wait for (it would wait for itself).
-_fetching: ContextVar[tuple[_State, _Batch] | None] = ContextVar("perrequest.batch", default=None)
+# In a batch's tasks (and the tasks they make): its state and the cache keys of the whole
+# batch, every call's, which it cannot wait for (it would wait for itself).
+_fetching: ContextVar[tuple[_State, list[Hashable]] | None] = ContextVar(
+    "perrequest.batch", default=None
+)
 # Batch tasks while they run, by event loop (a loop keeps only weak references to its
 # tasks), with their states. A loop that closed with tasks it never finished (a shutdown)
 # leaves them here until the next batch starts, which drops them and their states.
 _running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], _State]] = {}
 
 
-class _Batch:
-    """Keys fetched together: their load keys and cache keys (the same list without
-    ``key=``), and the waiters of the keys fetched for a batch that loads its own."""
-
-    __slots__ = ("cks", "keys", "own")
-
-    def __init__(self, same: bool) -> None:
-        self.keys: list[Any] = []
-        self.cks: list[Hashable] = self.keys if same else []
-        self.own: dict[Hashable, Any] = {}
-
-    def add(self, key: Any, ck: Hashable) -> None:
-        self.keys.append(key)
-        if self.cks is not self.keys:
-            self.cks.append(ck)
-
-
 class _State:
     """One loader's batches in one store on one event loop, in the store's ``_flights``
     while it has work: who waits for each key in flight (``inflight``: a future, a
     ``(_Many, index)``, or a list of those), and the pending batch, which every key
-    missing before it starts joins."""
+    missing before it starts joins: its load keys, its cache keys (the same list
+    without ``key=``), and ``own``: the waiters of keys that a batch in flight loads
+    of its own, which this one fetches for them."""
 
-    __slots__ = ("counter", "inflight", "loop", "pending", "spec", "store", "where")
+    __slots__ = ("cks", "counter", "inflight", "keys", "loop", "own", "spec", "store", "where")
 
     def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
         self.spec, self.store, self.loop = spec, store, loop
         self.counter: Counter = store._counter(spec.name)  # ScopeClosed once closed
         self.inflight: dict[Hashable, Any] = {}
-        self.pending: _Batch | None = None
+        self.keys: list[Any] | None = None
+        self.cks: list[Hashable] | None = None
+        self.own: dict[Hashable, Any] | None = None
         self.where = (spec, loop)
 
     def join(self, key: Any, ck: Hashable, who: Any) -> None:
         """Wait for ``ck``: with its flight (a hit), or in the pending batch (misses are
-        counted when it starts); for a batch that loads its own key, in the pending
-        batch apart from the others."""
+        counted when it starts); apart, if its own batch loads it."""
         inflight = self.inflight
         try:
             other = inflight.get(ck)
         except TypeError:
             raise self.spec.unhashable([key], [ck]) from None
-        if other is None:  # (the common case, written out: _Batch.add)
+        if other is None:
             inflight[ck] = who
-            pending = self.pending or self.next_batch()
-            pending.keys.append(key)
-            if pending.cks is not pending.keys:
-                pending.cks.append(ck)
-        elif (fetching := _fetching.get()) and fetching[0] is self and ck in fetching[1].cks:
-            self.own(key, ck, who)
+            keys = self.keys
+            if keys is None:
+                keys = self.pend()
+            keys.append(key)
+            if self.cks is not keys:
+                self.cks.append(ck)  # type: ignore[union-attr]
+        elif (fetching := _fetching.get()) and fetching[0] is self and ck in fetching[1]:
+            self.join_own(key, ck, who)
         else:
             inflight[ck] = _with(other, who)
             self.counter.hits += 1
 
-    def own(self, key: Any, ck: Hashable, who: Any) -> None:
-        pending = self.pending or self.next_batch()
-        other = pending.own.get(ck)
+    def join_own(self, key: Any, ck: Hashable, who: Any) -> None:
+        if self.keys is None:
+            self.pend()
+        own = self.own = self.own or {}
+        other = own.get(ck)
+        own[ck] = who if other is None else _with(other, who)
         if other is None:
-            pending.add(key, ck)
-        pending.own[ck] = who if other is None else _with(other, who)
+            self.keys.append(key)  # type: ignore[union-attr]
+            if self.cks is not self.keys:
+                self.cks.append(ck)  # type: ignore[union-attr]
 
-    def next_batch(self) -> _Batch:
-        pending = self.pending = _Batch(self.spec.key_fn is None)
+    def pend(self) -> list[Any]:
+        """Make the pending batch, started on the next step of the loop."""
+        keys = self.keys = []
+        self.cks = keys if self.spec.key_fn is None else []
         self.loop.call_soon(_start, self)
-        return pending
+        return keys
 
 
 def _with(waiters: Any, who: Any) -> Any:
@@ -936,21 +934,22 @@ def _start(state: _State) -> None:
     for closed in [loop for loop in list(_running) if loop.is_closed()]:
         for left in _running.pop(closed, {}).values():
             _drop(left)
-    batch, state.pending = state.pending, None
-    assert batch is not None
-    keys, cks = batch.keys, batch.cks
+    keys, cks, own = state.keys, state.cks, state.own or {}
+    state.keys = state.cks = state.own = None
+    assert keys is not None and cks is not None
     state.counter.misses += len(keys)
     size = state.spec.max_batch_size or len(keys)
     for i in range(0, len(keys), size):
         part, part_cks = keys[i : i + size], cks[i : i + size]
-        task = state.loop.create_task(_call(state, batch, part, part_cks))
+        task = state.loop.create_task(_call(state, part, part_cks, cks))
         _running.setdefault(state.loop, {})[task] = state
         # A callback, not a finally: a task cancelled before its first step runs no code.
-        task.add_done_callback(functools.partial(_ended, state, batch, part, part_cks))
+        task.add_done_callback(functools.partial(_ended, state, part, part_cks, own))
 
 
-async def _call(state: _State, batch: _Batch, keys: list[Any], cks: list[Hashable]) -> Any:
-    """One call of the batch function: a value (or an ``Exception``) per key."""
+async def _call(state: _State, keys: list[Any], cks: list[Hashable], batch: list[Hashable]) -> Any:
+    """One call of the batch function: a value (or an ``Exception``) per key. ``batch``:
+    the cache keys of the whole batch, every call's."""
     _fetching.set((state, batch))
     spec, counter = state.spec, state.counter
     start = _now() if counter.timed else 0.0
@@ -968,7 +967,11 @@ async def _call(state: _State, batch: _Batch, keys: list[Any], cks: list[Hashabl
 
 
 def _ended(
-    state: _State, batch: _Batch, keys: list[Any], cks: list[Hashable], task: asyncio.Task[Any]
+    state: _State,
+    keys: list[Any],
+    cks: list[Hashable],
+    own: dict[Hashable, Any],
+    task: asyncio.Task[Any],
 ) -> None:
     """Each key's waiters get its value, and the value is stored (scope open). A
     cancelled task's keys go in the next batch while the scope is open, for whoever
@@ -983,7 +986,7 @@ def _ended(
     else:
         exc = task.exception()  # KeyboardInterrupt, SystemExit: every key fails
         values = task.result() if exc is None else [_interrupted(state.spec, exc)] * len(keys)
-    store, inflight, own, loop = state.store, state.inflight, batch.own, state.loop
+    store, inflight, loop = state.store, state.inflight, state.loop
     with store._lock:
         if values is None:
             for key, ck in zip(keys, cks, strict=True):
@@ -1026,12 +1029,11 @@ def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
         if state.store._closed:
             future.cancel()
         elif own:
-            state.own(key, ck, one)
+            state.join_own(key, ck, one)
         elif ck in state.inflight:  # put back already, for its other waiters
             state.inflight[ck] = _with(state.inflight[ck], one)
         else:
-            state.inflight[ck] = one
-            (state.pending or state.next_batch()).add(key, ck)
+            state.join(key, ck, one)
 
 
 def _cancelled() -> bool:
@@ -1058,13 +1060,13 @@ def _drop(state: _State) -> None:
     """Forget the state's work: its loop has closed, so nobody waits for it any more."""
     with state.store._lock:
         state.inflight.clear()
-        state.pending = None
+        state.keys = state.cks = state.own = None
         _release(state)
 
 
 def _release(state: _State) -> None:
     """Drop the state from the store once nothing is in flight or pending."""
-    if not state.inflight and state.pending is None:
+    if not state.inflight and state.keys is None:
         flights = state.store._flights
         if flights.get(state.where) is state:
             del flights[state.where]

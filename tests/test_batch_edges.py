@@ -149,6 +149,28 @@ async def test_loads_of_a_key_of_its_own_batch_made_in_one_tick_share_one_call()
     assert calls == [[1, 2], [1]]
 
 
+async def test_two_batches_of_one_loader_that_load_each_others_keys_both_end() -> None:
+    """Batch A's function loads a key of batch B, in flight, whose function loads one of
+    A's: a batch function's loads never wait for its own loader's batches, so neither
+    waits for the other. Before: both waited forever."""
+    started: set[int] = set()
+
+    @request_batch
+    async def friends(ids: list[int]) -> list[int]:
+        await asyncio.sleep(0.01)  # both batches are in flight now
+        for i in ids:
+            if i not in started:  # each looks its friend up once
+                started.add(i)
+                await friends.load(3 - i)
+        return ids
+
+    async with request_scope():
+        a = asyncio.ensure_future(friends.load_many([1]))
+        await asyncio.sleep(0)  # batch A starts
+        b = asyncio.ensure_future(friends.load_many([2]))
+        assert await asyncio.wait_for(asyncio.gather(a, b), 5) == [[1], [2]]
+
+
 def test_a_mapping_keyed_by_cache_key_with_unhashable_load_keys() -> None:
     """key= for dict load keys; the batch function maps cache keys. Before: TypeError."""
 

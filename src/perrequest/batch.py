@@ -833,11 +833,9 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 # -- the async batches and their tasks ------------------------------------------------------
 
 _Future = asyncio.Future
-# In a batch's tasks (and the tasks they make): its state and the cache keys of the whole
-# batch, every call's, which it cannot wait for (it would wait for itself).
-_fetching: ContextVar[tuple[_State, list[Hashable]] | None] = ContextVar(
-    "perrequest.batch", default=None
-)
+# In a batch's tasks (and the tasks they make): the state whose batches they must not wait
+# for (their own, or one that may wait for theirs).
+_fetching: ContextVar[_State | None] = ContextVar("perrequest.batch", default=None)
 # Batch tasks while they run, by event loop (a loop keeps only weak references to its
 # tasks), with their states. A loop that closed with tasks it never finished (a shutdown)
 # leaves them here until the next batch starts, which drops them and their states.
@@ -848,11 +846,22 @@ class _State:
     """One loader's batches in one store on one event loop, in the store's ``_flights``
     while it has work: who waits for each key in flight (``inflight``: a future, a
     ``(_Many, index)``, or a list of those), and the pending batch, which every key
-    missing before it starts joins: its load keys, its cache keys (the same list
-    without ``key=``), and ``own``: the waiters of keys that a batch in flight loads
-    of its own, which this one fetches for them."""
+    missing before it starts joins: its load keys and cache keys (the same list without
+    ``key=``). The loader's own batch functions load apart (``own``, ``own_keys``: who
+    waits for each cache key, and its load key), in batches of their own."""
 
-    __slots__ = ("cks", "counter", "inflight", "keys", "loop", "own", "spec", "store", "where")
+    __slots__ = (
+        "cks",
+        "counter",
+        "inflight",
+        "keys",
+        "loop",
+        "own",
+        "own_keys",
+        "spec",
+        "store",
+        "where",
+    )
 
     def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
         self.spec, self.store, self.loop = spec, store, loop
@@ -861,11 +870,13 @@ class _State:
         self.keys: list[Any] | None = None
         self.cks: list[Hashable] | None = None
         self.own: dict[Hashable, Any] | None = None
+        self.own_keys: dict[Hashable, Any] = {}
         self.where = (spec, loop)
 
     def join(self, key: Any, ck: Hashable, who: Any) -> None:
         """Wait for ``ck``: with its flight (a hit), or in the pending batch (misses are
-        counted when it starts); apart, if its own batch loads it."""
+        counted when it starts). A batch function of this loader never waits for a batch
+        that has started (its own, or one that may wait for it): it loads apart."""
         inflight = self.inflight
         try:
             other = inflight.get(ck)
@@ -879,29 +890,34 @@ class _State:
             keys.append(key)
             if self.cks is not keys:
                 self.cks.append(ck)  # type: ignore[union-attr]
-        elif (fetching := _fetching.get()) and fetching[0] is self and ck in fetching[1]:
+        elif _fetching.get() is self and (self.cks is None or ck not in self.cks):
             self.join_own(key, ck, who)
         else:
             inflight[ck] = _with(other, who)
             self.counter.hits += 1
 
-    def join_own(self, key: Any, ck: Hashable, who: Any) -> None:
-        if self.keys is None:
-            self.pend()
-        own = self.own = self.own or {}
-        other = own.get(ck)
-        own[ck] = who if other is None else _with(other, who)
-        if other is None:
-            self.keys.append(key)  # type: ignore[union-attr]
-            if self.cks is not self.keys:
-                self.cks.append(ck)  # type: ignore[union-attr]
-
     def pend(self) -> list[Any]:
-        """Make the pending batch, started on the next step of the loop."""
+        """Make the pending batch (its start is scheduled unless own loads' is)."""
         keys = self.keys = []
         self.cks = keys if self.spec.key_fn is None else []
-        self.loop.call_soon(_start, self)
+        if self.own is None:
+            self.loop.call_soon(_start, self)
         return keys
+
+    def join_own(self, key: Any, ck: Hashable, who: Any) -> None:
+        """Wait for ``ck`` in the pending batch of keys in flight that batch functions load."""
+        own = self.own
+        if own is None:
+            own = self.own = {}
+            if self.keys is None:
+                self.loop.call_soon(_start, self)
+        other = own.get(ck)
+        if other is None:
+            own[ck] = who
+            self.own_keys[ck] = key
+        else:
+            own[ck] = _with(other, who)
+            self.counter.hits += 1
 
 
 def _with(waiters: Any, who: Any) -> Any:
@@ -928,29 +944,39 @@ def _state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoo
 
 
 def _start(state: _State) -> None:
-    """Start the pending batch: a task per call of at most ``max_batch_size`` keys,
+    """Start the pending batches: a task per call of at most ``max_batch_size`` keys,
     held in ``_running`` while it runs. First drop what loops that have closed left
     (no lock is held here, so taking their stores' locks cannot deadlock)."""
     for closed in [loop for loop in list(_running) if loop.is_closed()]:
         for left in _running.pop(closed, {}).values():
             _drop(left)
-    keys, cks, own = state.keys, state.cks, state.own or {}
+    keys, cks, own = state.keys, state.cks, state.own
     state.keys = state.cks = state.own = None
-    assert keys is not None and cks is not None
+    if keys is not None:
+        _spawn(state, keys, cks, state.inflight)  # type: ignore[arg-type]
+    if own is not None:
+        own_keys, state.own_keys = state.own_keys, {}
+        _spawn(state, [own_keys[ck] for ck in own], list(own), own)
+
+
+def _spawn(
+    state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any]
+) -> None:
+    """A task per call of the batch function; its done-callback hands the values to
+    ``waiters`` (a callback, not a finally: a task cancelled before its first step runs
+    no code)."""
     state.counter.misses += len(keys)
     size = state.spec.max_batch_size or len(keys)
     for i in range(0, len(keys), size):
         part, part_cks = keys[i : i + size], cks[i : i + size]
-        task = state.loop.create_task(_call(state, part, part_cks, cks))
+        task = state.loop.create_task(_call(state, part, part_cks))
         _running.setdefault(state.loop, {})[task] = state
-        # A callback, not a finally: a task cancelled before its first step runs no code.
-        task.add_done_callback(functools.partial(_ended, state, part, part_cks, own))
+        task.add_done_callback(functools.partial(_ended, state, part, part_cks, waiters))
 
 
-async def _call(state: _State, keys: list[Any], cks: list[Hashable], batch: list[Hashable]) -> Any:
-    """One call of the batch function: a value (or an ``Exception``) per key. ``batch``:
-    the cache keys of the whole batch, every call's."""
-    _fetching.set((state, batch))
+async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
+    """One call of the batch function: a value (or an ``Exception``) per key."""
+    _fetching.set(state)
     spec, counter = state.spec, state.counter
     start = _now() if counter.timed else 0.0
     try:
@@ -970,7 +996,7 @@ def _ended(
     state: _State,
     keys: list[Any],
     cks: list[Hashable],
-    own: dict[Hashable, Any],
+    waiters: dict[Hashable, Any],
     task: asyncio.Task[Any],
 ) -> None:
     """Each key's waiters get its value, and the value is stored (scope open). A
@@ -986,18 +1012,18 @@ def _ended(
     else:
         exc = task.exception()  # KeyboardInterrupt, SystemExit: every key fails
         values = task.result() if exc is None else [_interrupted(state.spec, exc)] * len(keys)
-    store, inflight, loop = state.store, state.inflight, state.loop
+    store, loop = state.store, state.loop
     with store._lock:
         if values is None:
+            own = waiters is not state.inflight
             for key, ck in zip(keys, cks, strict=True):
-                mine = bool(own) and ck in own
-                _again(state, key, ck, own.pop(ck) if mine else inflight.pop(ck), mine)
+                _again(state, key, ck, waiters.pop(ck), own)
             _release(state)
             return
         anchors: list[Any] = []
         failures = False
         for ck, value in zip(cks, values, strict=True):
-            who = own.pop(ck) if own and ck in own else inflight.pop(ck)
+            who = waiters.pop(ck)
             if type(who) is _Future and not isinstance(value, Exception):  # one load
                 try:
                     who.set_result(value)  # runs no code now: it schedules the wake-up
@@ -1061,12 +1087,13 @@ def _drop(state: _State) -> None:
     with state.store._lock:
         state.inflight.clear()
         state.keys = state.cks = state.own = None
+        state.own_keys = {}
         _release(state)
 
 
 def _release(state: _State) -> None:
     """Drop the state from the store once nothing is in flight or pending."""
-    if not state.inflight and state.keys is None:
+    if not state.inflight and state.keys is None and state.own is None:
         flights = state.store._flights
         if flights.get(state.where) is state:
             del flights[state.where]

@@ -288,11 +288,11 @@ class _BatchSpec:
             out.update(zip(cks, values, strict=True))
 
     def keep(self, store: MemoStore, counter: Counter, fetched: dict[Hashable, Any]) -> None:
-        """Store what was fetched; failures are not cached (a closed store keeps nothing)."""
-        with store._lock:
-            for ck, value in fetched.items():
-                if not isinstance(value, Exception):
-                    store._fill((self, ck), value, counter, None)
+        """Store what was fetched, lock held; failures are not cached (a closed store
+        keeps nothing)."""
+        for ck, value in fetched.items():
+            if not isinstance(value, Exception):
+                store._fill((self, ck), value, counter, None)
 
     def refuse_or_warn(self) -> None:
         """The ``outside_scope`` rule, for a call made outside any scope."""
@@ -344,7 +344,7 @@ class _BatchSpec:
         me = _Fetch(_thread_id())
         flights = store._flights
         mine: dict[Hashable, Any] = {}
-        theirs: list[tuple[Hashable, _Fetch]] = []
+        theirs: list[tuple[Hashable, int, Future[dict[Hashable, Any]]]] = []
         registered: list[Hashable] = []
         with store._lock:
             for ck, key in wanted.items():
@@ -361,27 +361,31 @@ class _BatchSpec:
                     mine[ck] = key
                     counter.misses += 1
                 else:
-                    theirs.append((ck, other))
+                    if other.future is None:  # the first to wait makes it
+                        other.future = Future()
+                    theirs.append((ck, other.owner, other.future))
                     counter.hits += 1
         if mine:
             outcomes: dict[Hashable, Any] = {}
             try:
                 self.fetch(counter, mine, outcomes)
             finally:  # interrupted (KeyboardInterrupt...): its waiters ask again
-                self.keep(store, counter, outcomes)
                 with store._lock:
+                    self.keep(store, counter, outcomes)
                     for ck in registered:
                         flights.pop((self, ck), None)
-                me.set_result(outcomes)
+                    future = me.future  # no waiter comes once unregistered
+                if future is not None:
+                    future.set_result(outcomes)
             got.update(outcomes)
         again = {}
-        for ck, other in theirs:
-            if not other.done() and not may_wait(me.owner, other.owner):  # it waits for us
+        for ck, owner, future in theirs:
+            if not future.done() and not may_wait(me.owner, owner):  # it waits for us
                 alone.add(ck)
                 again[ck] = wanted[ck]
                 continue
             try:
-                value = other.result().get(ck, MISSING)
+                value = future.result().get(ck, MISSING)
             finally:
                 done_waiting(me.owner)
             if value is MISSING:
@@ -391,13 +395,16 @@ class _BatchSpec:
         return again
 
 
-class _Fetch(Future[dict[Hashable, Any]]):
-    """One thread's fetch of some keys, as registered in ``_flights``: its result is
-    their outcomes (a key without one was interrupted: ask again)."""
+class _Fetch:
+    """One thread's fetch of some keys, as registered in ``_flights`` for each. The first
+    thread to wait for it makes its ``Future``, whose result is their outcomes (a key
+    without one was interrupted: ask again); a fetch nobody waits for makes none."""
+
+    __slots__ = ("future", "owner")
 
     def __init__(self, owner: int) -> None:
-        super().__init__()
         self.owner = owner
+        self.future: Future[dict[Hashable, Any]] | None = None
 
 
 def _wanted(keys: list[Any], cks: list[Hashable], values: Any = None) -> dict[Hashable, Any]:
@@ -775,7 +782,8 @@ async def _unbatched(
         counter.misses += len(wanted)
         got: dict[Hashable, Any] = {}
         await spec.fetch_async(counter, wanted, got)
-        spec.keep(store, counter, got)
+        with store._lock:
+            spec.keep(store, counter, got)
         values = settled(
             [got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)]
         )

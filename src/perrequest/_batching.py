@@ -1,0 +1,336 @@
+"""A batch function's spec: its options, its keys and results, and the sync path.
+
+What ``batch.py``'s loaders and the async path (``_batch_async``, ``_batch_tasks``)
+share: keying and spreading results, fetching without batching (trio, outside a
+scope), and the sync fetch, whose keys threads that share a scope wait on together
+through a ``concurrent.futures.Future``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Set
+from concurrent.futures import Future
+from typing import Any
+
+from ._active import here
+from ._checks import refuse_coroutine
+from ._flight import MISSING, done_waiting, may_wait
+from ._stats import Counter, function_name
+from .errors import ScopeClosed, UnhashableArguments
+from .memo import refuse_or_warn
+from .store import MemoStore
+
+UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
+now = time.perf_counter
+_thread_id = threading.get_ident
+
+
+class _BatchSpec:
+    """One decorated batch function: its options, its keys and results, and the sync
+    path. It owns the loader's entries in a store, as a memo's spec does
+    (``store._subs[spec][cache_key]``, bounded by its ``max_entries``), counted by name."""
+
+    __slots__ = (
+        "__weakref__",
+        "fn",
+        "is_async",
+        "key_fn",
+        "load",
+        "max_batch_size",
+        "max_entries",
+        "name",
+        "outside_scope",
+    )
+
+    load: Callable[[Any], Any]  # an async loader's, which _miss calls again
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        is_async: bool,
+        max_batch_size: int | None,
+        key_fn: Callable[[Any], Hashable] | None,
+        max_entries: int | None,
+        outside_scope: str,
+    ) -> None:
+        self.fn = fn
+        self.is_async = is_async
+        self.max_batch_size = max_batch_size
+        self.key_fn = key_fn
+        self.max_entries = max_entries  # read by the store: this loader's own bound
+        self.outside_scope = outside_scope
+        self.name = function_name(fn)  # never the repr: a partial's shows its arguments
+
+    def __repr__(self) -> str:
+        return f"<request_batch {self.name}>"
+
+    # -- keys and results ------------------------------------------------------------
+
+    def keys_of(self, keys: Iterable[Any]) -> tuple[list[Any], list[Hashable]]:
+        """The load keys as a list, and their cache keys, checked hashable."""
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+            raise TypeError(
+                f"@request_batch {self.name}: load_many() takes an iterable of keys, not "
+                f"{type(keys).__name__} {keys!r}. Use load(key) for one key."
+            )
+        keys = keys if type(keys) is list else list(keys)
+        cache_keys = keys if self.key_fn is None else [self.key_fn(key) for key in keys]
+        try:
+            set(cache_keys)
+        except TypeError:
+            raise self.unhashable(keys, cache_keys) from None
+        return keys, cache_keys
+
+    def unhashable(self, keys: list[Any], cache_keys: list[Any]) -> UnhashableArguments:
+        for key, cache_key in zip(keys, cache_keys, strict=True):
+            try:
+                hash(cache_key)
+            except TypeError:
+                if self.key_fn is not None:
+                    return UnhashableArguments(
+                        f"the key= function of @request_batch {self.name} returned an "
+                        f"unhashable {type(cache_key).__name__} for key {key!r}. Make it "
+                        "return a hashable value, such as a tuple of strings and numbers."
+                    )
+                return UnhashableArguments(
+                    f"@request_batch {self.name}: key {key!r} is unhashable "
+                    f"({type(key).__name__}), so it cannot be cached. Pass hashable keys (a "
+                    "tuple instead of a list), or give the decorator key=, a function of one "
+                    "key that returns a hashable cache key."
+                )
+        return UnhashableArguments(f"@request_batch {self.name}: a key cannot be hashed")
+
+    def spread(self, keys: list[Any], cache_keys: list[Hashable], result: Any) -> list[Any]:
+        """One value per key from what the batch function returned; an ``Exception``
+        instance where that key failed. ``TypeError`` when the shape is wrong."""
+        if isinstance(result, Mapping):
+            values = []
+            for key, cache_key in zip(keys, cache_keys, strict=True):
+                try:
+                    value = result.get(key, MISSING)
+                except TypeError:  # an unhashable load key: the mapping is by cache key
+                    value = MISSING
+                if value is MISSING and cache_key is not key:
+                    value = result.get(cache_key, MISSING)
+                if value is MISSING:
+                    value = KeyError(
+                        f"@request_batch {self.name} returned a mapping without key {key!r}. "
+                        "Map every key it is given (to None, if that means absent)."
+                    )
+                values.append(value)
+            return values
+        if type(result) is not list:
+            if isinstance(result, (str, bytes, Set)) or not isinstance(result, Iterable):
+                raise TypeError(
+                    f"@request_batch {self.name} returned {type(result).__name__}: a batch "
+                    "function returns a sequence of values in the order of its keys, or a "
+                    "mapping from key to value."
+                )
+            result = list(result)
+        if len(result) != len(keys):
+            raise TypeError(
+                f"@request_batch {self.name} returned {len(result)} values for {len(keys)} "
+                "keys: it must return one value per key, in the order of the keys it was "
+                "given (an Exception instance fails one key), or a mapping from key to value."
+            )
+        return result  # type: ignore[no-any-return]
+
+    def chunks(self, items: list[Any]) -> list[list[Any]]:
+        size = self.max_batch_size
+        if size is None or len(items) <= size:
+            return [items]
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    # -- fetching without batching across callers (sync, trio, outside any scope) ----
+
+    def counter_in(self, store: MemoStore | None) -> Counter | None:
+        """This loader's counter in ``store``; None outside any scope or once it ended."""
+        if store is None or store._closed:
+            return None
+        try:
+            return store._counter(self.name)
+        except ScopeClosed:
+            return None
+
+    def look(
+        self, store: MemoStore, counter: Counter, keys: list[Any], cks: list[Hashable]
+    ) -> tuple[list[Any], dict[Hashable, Any]]:
+        """The stored values (MISSING where none), and the keys missing (cache key to load
+        key, in first-asked order); what is found, or asked for twice, is a hit."""
+        values = [store._lookup((self, ck)) for ck in cks]
+        wanted = missing_keys(keys, cks, values)
+        counter.hits += len(values) - len(wanted)
+        return values, wanted
+
+    def fetch(
+        self, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
+    ) -> None:
+        """Call the batch function for ``wanted`` (per ``max_batch_size``): each key's value,
+        or the ``Exception`` it failed with, into ``out`` as each call ends."""
+        for cks in self.chunks(list(wanted)):
+            keys = [wanted[ck] for ck in cks]
+            start = now() if counter.timed else 0.0
+            try:
+                result: Any = self.fn(keys)
+                refuse_coroutine(result, self.fn, f"@request_batch {self.name}")
+                values = self.spread(keys, cks, result)
+            except Exception as exc:
+                values = [exc] * len(keys)
+            finally:
+                if start:
+                    counter.compute_s += now() - start
+            out.update(zip(cks, values, strict=True))
+
+    async def fetch_async(
+        self, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
+    ) -> None:
+        """``fetch`` of an async batch function."""
+        for cks in self.chunks(list(wanted)):
+            keys = [wanted[ck] for ck in cks]
+            start = now() if counter.timed else 0.0
+            try:
+                values = self.spread(keys, cks, await self.fn(keys))
+            except Exception as exc:
+                values = [exc] * len(keys)
+            finally:
+                if start:
+                    counter.compute_s += now() - start
+            out.update(zip(cks, values, strict=True))
+
+    def keep(self, store: MemoStore, counter: Counter, fetched: dict[Hashable, Any]) -> None:
+        """Store what was fetched, lock held; failures are not cached (a closed store
+        keeps nothing)."""
+        for ck, value in fetched.items():
+            if not isinstance(value, Exception):
+                store._fill((self, ck), value, counter, None)
+
+    def refuse_or_warn(self) -> None:
+        """The ``outside_scope`` rule, for a call made outside any scope."""
+        refuse_or_warn(
+            "request_batch",
+            self.name,
+            self.outside_scope,
+            "batched or cached",
+            "Register RequestScopeMiddleware, or wrap the code in `with "
+            "perrequest.request_scope():`.",
+        )
+
+    def outside(self, keys: list[Any], cks: list[Hashable]) -> list[Any]:
+        """Outside any scope: called directly (per ``max_batch_size``), nothing cached."""
+        self.refuse_or_warn()
+        out: dict[Hashable, Any] = {}
+        self.fetch(UNTIMED, missing_keys(keys, cks), out)
+        return settled([out[ck] for ck in cks])
+
+    # -- the sync path: threads sharing a scope never fetch a key twice at once --------
+
+    def load_many(self, keys: Iterable[Any]) -> list[Any]:
+        """The values of ``keys``: from the store, or fetched in one call (per
+        ``max_batch_size``) with other threads' fetches of the same keys awaited."""
+        keys, cks = self.keys_of(keys)
+        store = here()
+        counter = self.counter_in(store)
+        if store is None or counter is None:
+            return self.outside(keys, cks)
+        values, wanted = self.look(store, counter, keys, cks)
+        got: dict[Hashable, Any] = {}
+        alone: set[Hashable] = set()  # keys whose fetch waits for this thread's
+        while wanted:
+            wanted = self._fetch(store, counter, wanted, got, alone)
+        return settled([got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)])
+
+    def _fetch(
+        self,
+        store: MemoStore,
+        counter: Counter,
+        wanted: dict[Hashable, Any],
+        got: dict[Hashable, Any],
+        alone: set[Hashable],
+    ) -> dict[Hashable, Any]:
+        """Into ``got``: fetch what nobody is fetching, wait for the rest. What to ask
+        again for: a fetch that was interrupted, or one that waits for this thread's (so
+        fetched here too). A key this thread fetches already (a batch function loading
+        its own keys) is fetched again, not waited for."""
+        me = _Fetch(_thread_id())
+        flights = store._flights
+        mine: dict[Hashable, Any] = {}
+        theirs: list[tuple[Hashable, int, Future[dict[Hashable, Any]]]] = []
+        registered: list[Hashable] = []
+        with store._lock:
+            for ck, key in wanted.items():
+                value = store._lookup((self, ck))
+                if value is not MISSING:
+                    got[ck] = value
+                    counter.hits += 1
+                    continue
+                other = flights.get((self, ck))
+                if other is None or other.owner == me.owner or ck in alone:
+                    if other is None:
+                        flights[(self, ck)] = me
+                        registered.append(ck)
+                    mine[ck] = key
+                    counter.misses += 1
+                else:
+                    if other.future is None:  # the first to wait makes it
+                        other.future = Future()
+                    theirs.append((ck, other.owner, other.future))
+                    counter.hits += 1
+        if mine:
+            outcomes: dict[Hashable, Any] = {}
+            try:
+                self.fetch(counter, mine, outcomes)
+            finally:  # interrupted (KeyboardInterrupt...): its waiters ask again
+                with store._lock:
+                    self.keep(store, counter, outcomes)
+                    for ck in registered:
+                        flights.pop((self, ck), None)
+                    future = me.future  # no waiter comes once unregistered
+                if future is not None:
+                    future.set_result(outcomes)
+            got.update(outcomes)
+        again = {}
+        for ck, owner, future in theirs:
+            if not future.done() and not may_wait(me.owner, owner):  # it waits for us
+                alone.add(ck)
+                again[ck] = wanted[ck]
+                continue
+            try:
+                value = future.result().get(ck, MISSING)
+            finally:
+                done_waiting(me.owner)
+            if value is MISSING:
+                again[ck] = wanted[ck]
+            else:
+                got[ck] = value
+        return again
+
+
+class _Fetch:
+    """One thread's fetch of some keys, as registered in ``_flights`` for each. The first
+    thread to wait for it makes its ``Future``, whose result is their outcomes (a key
+    without one was interrupted: ask again); a fetch nobody waits for makes none."""
+
+    __slots__ = ("future", "owner")
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        self.future: Future[dict[Hashable, Any]] | None = None
+
+
+def missing_keys(keys: list[Any], cks: list[Hashable], values: Any = None) -> dict[Hashable, Any]:
+    """The keys missing (all, without ``values``): cache key to first load key."""
+    wanted: dict[Hashable, Any] = {}
+    for i, ck in enumerate(cks):
+        if (values is None or values[i] is MISSING) and ck not in wanted:
+            wanted[ck] = keys[i]
+    return wanted
+
+
+def settled(values: list[Any]) -> list[Any]:
+    """``values``, or the first failure among them raised."""
+    for value in values:
+        if isinstance(value, Exception):
+            raise value
+    return values

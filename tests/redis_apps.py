@@ -154,3 +154,28 @@ def many_keys(port: int, start: int, count: int, out: Any) -> None:
             for n in range(first, min(first + 1000, start + count)):
                 unique(n)
     out.put(cache.stats()._asdict())
+
+
+def _priced(port: int, sku: str) -> int:
+    """Read the row; the old one (1): say so, then wait for the test's word, a
+    computation in flight."""
+    with redis.Redis(host=HOST, port=port) as client:
+        price = int(client.get("row") or 0)
+        if price == 1:
+            client.set("computing", os.getpid())
+            deadline = time.monotonic() + 10
+            while not client.exists("release") and time.monotonic() < deadline:
+                time.sleep(0.01)
+    return price
+
+
+_priced.__qualname__ = "priced"
+
+
+def price_slowly(port: int, lock_timeout: float) -> int:
+    """``priced("a")`` through Redis in this process, as a request would."""
+    cache = RedisCache(
+        redis.Redis(host=HOST, port=port), ttl=60, namespace="stale", lock_timeout=lock_timeout
+    )
+    with request_scope():
+        return int(request_memo(shared=cache, key=lambda port, sku: sku)(_priced)(port, "a"))

@@ -149,3 +149,35 @@ def test_ten_times_more_distinct_keys_than_fit_stay_within_redis_maxmemory(own_r
     assert sum(s["errors"] for s in stats) == 0
     assert peak <= maxmemory * 1.02, peak
     assert size < MANY and evicted + size >= MANY, (evicted, size)  # the rest was evicted
+
+
+@pytest.mark.parametrize("how", ["its lock expired", "cache_delete"])
+def test_a_computation_that_lost_its_lock_never_overwrites_a_fresher_value(
+    redis_server: Any, client: redis.Redis, how: str
+) -> None:
+    """A process computes from the old row and is still at it when its lock expires, or
+    when another process updates the row and deletes the entry (read your own writes).
+    The other process computes from the new row and stores it; the first one, ending
+    later, must not write its stale value over the fresh one, for a whole ttl."""
+    lock_timeout = 0.3
+    client.set("row", 1)
+    with ProcessPoolExecutor(1, mp_context=_spawn) as pool:
+        slow = pool.submit(redis_apps.price_slowly, redis_server.port, lock_timeout)
+        deadline = time.monotonic() + 60
+        while not client.exists("computing"):
+            assert not slow.done() and time.monotonic() < deadline
+            time.sleep(0.01)
+        cache = RedisCache(client, ttl=60, namespace="stale", lock_timeout=lock_timeout)
+        priced = request_memo(shared=cache, key=lambda port, sku: sku)(redis_apps._priced)
+        client.set("row", 2)
+        if how == "cache_delete":
+            assert not priced.cache_delete(redis_server.port, "a")  # nothing stored yet
+        else:
+            time.sleep(lock_timeout + 0.1)
+        with request_scope():
+            assert priced(redis_server.port, "a") == 2
+        client.set("release", 1)
+        assert slow.result(30) == 1  # the stale computation ends, after ours
+    with request_scope():
+        assert priced(redis_server.port, "a") == 2
+    assert cache.stats().misses == 1 and cache.stats().hits == 1

@@ -56,13 +56,18 @@ end
 return 1
 """
 # Store the value (if any), then release the lock if it is still ours (a lock key
-# turned into another type is left for the next CLAIM to take over).
+# turned into another type is left for the next CLAIM to take over). A holder that
+# lost its lock (it expired, or a delete took it) stores only where no value is: the
+# one there was computed later, by the lock's next holder. Without a lock (ARGV[3]
+# empty: a wait that timed out, a bad value) the value is overwritten.
 STORE = """
-if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
-if ARGV[3] ~= '' and redis.call('TYPE', KEYS[2]).ok == 'string'
-    and redis.call('GET', KEYS[2]) == ARGV[3] then
-  redis.call('DEL', KEYS[2])
+local ours = ARGV[3] == '' or (redis.call('TYPE', KEYS[2]).ok == 'string'
+    and redis.call('GET', KEYS[2]) == ARGV[3])
+if ARGV[1] ~= '' then
+  if ours then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') end
 end
+if ARGV[3] ~= '' and ours then redis.call('DEL', KEYS[2]) end
 return 1
 """
 

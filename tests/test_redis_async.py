@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import time
@@ -347,3 +348,95 @@ def test_async_cache_delete_invalidates_a_computation_in_flight(
 
     asyncio.run(main())
     assert [k for k in client.scan_iter() if k.endswith(b":lock")] == []
+
+
+class _SlowLink:
+    """A TCP relay to the redis-server on 127.0.0.1 that holds back, for ``delay``
+    seconds, every write of the client's that holds ``marker`` (a slow link for one
+    command). Its threads end with the connections."""
+
+    def __init__(self, port: int, marker: bytes, delay: float) -> None:
+        import socket
+
+        self.upstream, self.marker, self.delay = port, marker, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pump, args=(conn, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, conn, False), daemon=True).start()
+
+    def _pump(self, source: Any, sink: Any, slow: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if slow and self.marker in data:
+                    time.sleep(self.delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(2)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_async_a_holder_cancelled_while_extending_its_lock_releases_it(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    """The holder is cancelled while its EXTEND is on the way (a slow link): the server
+    runs it, and the lock would live lock_timeout with nobody to release it. The key's
+    next miss, in any process, must not wait that out."""
+    import hashlib
+
+    from perrequest._redis_io import EXTEND
+
+    link = _SlowLink(redis_server.port, hashlib.sha1(EXTEND.encode()).hexdigest().encode(), 0.3)
+
+    async def main() -> None:
+        import redis.asyncio
+
+        aclient = redis.asyncio.Redis(host="127.0.0.1", port=link.port)
+        cache = RedisCache(
+            aclient, ttl=60, namespace="ext", lock_timeout=5, op_timeout=1, retry_after=0
+        )
+
+        @request_memo(shared=cache)
+        async def slow(n: int) -> int:
+            return n
+
+        async def request() -> int:
+            async with request_scope():
+                return await slow(1)
+
+        async with request_scope():
+            assert await slow(0) == 0  # the server has the scripts (the steady state)
+        task = asyncio.create_task(request())
+        for _ in range(200):  # the lock is taken: its EXTEND is on the way
+            if any(k.endswith(b":lock") for k in client.scan_iter("ext:*")):
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # the EXTEND has run meanwhile
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())
+    link.close()
+    # Another process's miss: the lock is gone, not there for lock_timeout.
+    locks = [k for k in client.scan_iter("ext:*") if k.endswith(b":lock")]
+    assert not locks, [client.pttl(k) for k in locks]

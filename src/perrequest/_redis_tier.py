@@ -54,6 +54,15 @@ now = time.monotonic
 _finishing: set[asyncio.Task[Any]] = set()
 
 
+def _finish(tier: RedisTier, conn: Any, key: str, stored: bytes, token: str) -> None:
+    """STORE in a task of its own, kept until it ends."""
+    task = asyncio.get_running_loop().create_task(
+        tier._run_async(conn, tier._store(key, stored, token))
+    )
+    _finishing.add(task)
+    task.add_done_callback(_finishing.discard)
+
+
 class RedisCacheInfo(NamedTuple):
     """``CacheInfo`` plus the Redis tier's counters in this process, for one function.
 
@@ -212,7 +221,7 @@ class RedisTier:
         ``conn`` unless it is None."""
         token = ""
         if claim:
-            found, conn, token = self._run(conn, self._claim(conn, key))
+            found, conn, token = self._run(conn, self._claim(conn, key, os.urandom(9).hex()))
             if found is not None:
                 return found
         self.count("misses")
@@ -228,12 +237,17 @@ class RedisTier:
     async def _fetch_async(
         self, claim: bool, conn: Conn | None, key: str, fn: Fn, args: Args, kwargs: Kwargs
     ) -> Any:
-        """``_fetch``, awaited. A store cancelled (anyio's cancel scopes cancel every await)
-        runs again in a task of its own: a lock left behind would hold the key's next miss,
-        in every process, for ``lock_timeout``."""
+        """``_fetch``, awaited. A claim or a store cancelled (anyio's cancel scopes cancel
+        every await) releases the lock in a task of its own: a lock left behind (its EXTEND
+        on the way) would hold the key's next miss, in every process, for ``lock_timeout``."""
         token = ""
         if claim:
-            found, conn, token = await self._run_async(conn, self._claim(conn, key))
+            mine = os.urandom(9).hex()
+            try:
+                found, conn, token = await self._run_async(conn, self._claim(conn, key, mine))
+            except asyncio.CancelledError:  # the lock may be ours: release it if it is
+                _finish(self, conn, key, b"", mine)
+                raise
             if found is not None:
                 return found
         self.count("misses")
@@ -247,18 +261,15 @@ class RedisTier:
                 try:
                     await self._run_async(conn, self._store(key, stored, token))
                 except asyncio.CancelledError:  # STORE can run twice
-                    again = self._run_async(conn, self._store(key, stored, token))
-                    task = asyncio.get_running_loop().create_task(again)
-                    _finishing.add(task)
-                    task.add_done_callback(_finishing.discard)
+                    _finish(self, conn, key, stored, token)
                     raise
         return payload
 
-    def _claim(self, conn: Conn | None, key: str) -> Steps:
-        """CLAIM until the value is there, the lock is ours or ``lock_timeout`` has passed:
-        ``(the value's bytes or None, the connection to store through or None, our lock's
-        token or "")``."""
-        cache, keys, token = self.cache, [key, key + LOCK], os.urandom(9).hex()
+    def _claim(self, conn: Conn | None, key: str, token: str) -> Steps:
+        """CLAIM (our lock: ``token``) until the value is there, the lock is ours or
+        ``lock_timeout`` has passed: ``(the value's bytes or None, the connection to store
+        through or None, our lock's token or "")``."""
+        cache, keys = self.cache, [key, key + LOCK]
         deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
         while True:
             reply = yield ("claim", keys, [token, cache._lease_ms])

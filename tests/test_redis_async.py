@@ -440,3 +440,36 @@ def test_async_a_holder_cancelled_while_extending_its_lock_releases_it(
     # Another process's miss: the lock is gone, not there for lock_timeout.
     locks = [k for k in client.scan_iter("ext:*") if k.endswith(b":lock")]
     assert not locks, [client.pttl(k) for k in locks]
+
+
+def test_async_a_holder_cancelled_as_asyncio_run_ends_still_releases_its_lock(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    """A script or a Celery task (``asyncio.run`` per call) gives up on a computation
+    (an anyio cancel scope: the release goes to a task of its own) and returns;
+    ``asyncio.run`` then cancels every task left, the release of the lock too. The lock
+    must not stay behind for the next run, or another process, to wait out
+    (``lock_timeout``)."""
+    aclient = redis_server.aclient()
+    cache = RedisCache(aclient, ttl=60, namespace="run", lock_timeout=5)
+
+    @request_memo(shared=cache)
+    async def slow(n: int) -> int:
+        await asyncio.sleep(0.3)
+        return n
+
+    async def request() -> int:
+        async with request_scope():
+            return await slow(1)
+
+    async def gives_up() -> None:
+        import anyio
+
+        with anyio.move_on_after(0.1):  # cancels every await, the release's too
+            await request()
+
+    asyncio.run(gives_up())
+    assert not [k for k in client.scan_iter("run:*") if k.endswith(b":lock")]
+    start = time.monotonic()
+    assert asyncio.run(request()) == 1
+    assert time.monotonic() - start < 1  # not lock_timeout

@@ -55,10 +55,19 @@ _finishing: set[asyncio.Task[Any]] = set()
 
 
 def _finish(tier: RedisTier, conn: Any, key: str, stored: bytes, token: str) -> None:
-    """STORE in a task of its own, kept until it ends."""
-    task = asyncio.get_running_loop().create_task(
-        tier._run_async(conn, tier._store(key, stored, token))
-    )
+    """STORE in a task of its own, kept until it ends. ``asyncio.run`` ending cancels
+    every task left: the STORE then runs again (it can run twice), each within
+    ``op_timeout``."""
+
+    async def store() -> None:
+        for _ in range(3):
+            try:
+                await tier._run_async(conn, tier._store(key, stored, token))
+                return
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.get_running_loop().create_task(store())
     _finishing.add(task)
     task.add_done_callback(_finishing.discard)
 

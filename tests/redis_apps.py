@@ -9,7 +9,9 @@ itself (``RPUSH``), the one place every process can see.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -179,3 +181,41 @@ def price_slowly(port: int, lock_timeout: float) -> int:
     )
     with request_scope():
         return int(request_memo(shared=cache, key=lambda port, sku: sku)(_priced)(port, "a"))
+
+
+class SlowLink:
+    """A TCP relay to the redis-server on 127.0.0.1 that holds back, for ``delay``
+    seconds, every write of the client's that holds ``marker`` (a slow link for one
+    command). Its threads end with the connections."""
+
+    def __init__(self, port: int, marker: bytes, delay: float) -> None:
+        self.upstream, self.marker, self.delay = port, marker, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pump, args=(conn, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, conn, False), daemon=True).start()
+
+    def _pump(self, source: Any, sink: Any, slow: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if slow and self.marker in data:
+                    time.sleep(self.delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(2)
+
+    def close(self) -> None:
+        self.listener.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import threading
 import time
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis_apps import SlowLink
 
 from perrequest import request_memo, request_scope
 from perrequest.redis import RedisCache, RedisCacheInfo
@@ -350,48 +350,6 @@ def test_async_cache_delete_invalidates_a_computation_in_flight(
     assert [k for k in client.scan_iter() if k.endswith(b":lock")] == []
 
 
-class _SlowLink:
-    """A TCP relay to the redis-server on 127.0.0.1 that holds back, for ``delay``
-    seconds, every write of the client's that holds ``marker`` (a slow link for one
-    command). Its threads end with the connections."""
-
-    def __init__(self, port: int, marker: bytes, delay: float) -> None:
-        import socket
-
-        self.upstream, self.marker, self.delay = port, marker, delay
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:  # closed
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream))
-            threading.Thread(target=self._pump, args=(conn, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, conn, False), daemon=True).start()
-
-    def _pump(self, source: Any, sink: Any, slow: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if slow and self.marker in data:
-                    time.sleep(self.delay)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(2)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_async_a_holder_cancelled_while_extending_its_lock_releases_it(
     redis_server: Any, client: redis.Redis
 ) -> None:
@@ -402,7 +360,7 @@ def test_async_a_holder_cancelled_while_extending_its_lock_releases_it(
 
     from perrequest._redis_io import EXTEND
 
-    link = _SlowLink(redis_server.port, hashlib.sha1(EXTEND.encode()).hexdigest().encode(), 0.3)
+    link = SlowLink(redis_server.port, hashlib.sha1(EXTEND.encode()).hexdigest().encode(), 0.3)
 
     async def main() -> None:
         import redis.asyncio

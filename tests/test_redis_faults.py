@@ -369,3 +369,48 @@ def test_a_lost_extend_reply_still_releases_the_lock_and_stores(redis_server: An
         assert not key.endswith(b":lock") and client.get(key) == b"2"
     assert cache.stats().errors == 1
     cache.close()
+
+
+def test_a_holder_interrupted_while_extending_its_lock_releases_it(redis_server: Any) -> None:
+    """A signal's exception (gunicorn's sync worker exits on a timeout from its signal
+    handler, Ctrl-C raises KeyboardInterrupt) interrupts the holder while its EXTEND is
+    on the way (a slow link): the server runs it, and the lock would live lock_timeout
+    with nobody to release it. The holder releases it as it unwinds."""
+    import signal
+
+    from redis_apps import SlowLink
+
+    from perrequest._redis_io import EXTEND
+
+    link = SlowLink(redis_server.port, hashlib.sha1(EXTEND.encode()).hexdigest().encode(), 0.3)
+    client = redis.Redis(host="127.0.0.1", port=link.port)
+    cache = RedisCache(client, ttl=60, namespace="sig", lock_timeout=5, op_timeout=1)
+    memo = request_memo(shared=cache)(_stalled)
+    assert _timed(lambda: memo(0))[0] == 0  # the server has the scripts (the steady state)
+
+    def exit_(signum: int, frame: object) -> None:
+        raise SystemExit(1)
+
+    def interrupt(main: int) -> None:
+        with redis_server.client() as admin:
+            for _ in range(400):
+                if any(k.endswith(b":lock") for k in admin.scan_iter("sig:*")):
+                    time.sleep(0.05)
+                    signal.pthread_kill(main, signal.SIGUSR1)
+                    return
+                time.sleep(0.005)
+
+    before = signal.signal(signal.SIGUSR1, exit_)
+    try:
+        threading.Thread(target=interrupt, args=(threading.get_ident(),)).start()
+        with pytest.raises(SystemExit):
+            _timed(lambda: memo(1))
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    time.sleep(0.5)  # the EXTEND has run meanwhile
+    link.close()
+    with redis_server.client() as admin:
+        locks = [k for k in admin.scan_iter("sig:*") if k.endswith(b":lock")]
+        assert not locks, [admin.pttl(k) for k in locks]
+    cache.close()
+    client.close()

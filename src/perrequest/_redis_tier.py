@@ -230,7 +230,12 @@ class RedisTier:
         ``conn`` unless it is None."""
         token = ""
         if claim:
-            found, conn, token = self._run(conn, self._claim(conn, key, os.urandom(9).hex()))
+            mine = os.urandom(9).hex()
+            try:
+                found, conn, token = self._run(conn, self._claim(conn, key, mine))
+            except BaseException:  # a signal's (SystemExit, KeyboardInterrupt): the lock
+                self._run(conn, self._store(key, b"", mine))  # may be ours; release it
+                raise
             if found is not None:
                 return found
         self.count("misses")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import time
@@ -431,3 +432,48 @@ def test_async_a_holder_cancelled_as_asyncio_run_ends_still_releases_its_lock(
     start = time.monotonic()
     assert asyncio.run(request()) == 1
     assert time.monotonic() - start < 1  # not lock_timeout
+
+
+def test_async_callers_cancelled_at_random_points_leave_no_lock(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    """anyio cancel scopes with random deadlines around calls of three keys that expire
+    fast, some raising: a caller is cancelled at every await of a miss (GET, CLAIM,
+    EXTEND, the computation, STORE). Once they are done, no lock is left in Redis for
+    the keys' next misses, in any process, to wait out."""
+    import random
+
+    import anyio
+
+    rng = random.Random(7)
+
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=0.05, namespace="storm", lock_timeout=5)
+
+        @request_memo(shared=cache)
+        async def f(n: int) -> int:
+            await asyncio.sleep(rng.random() * 0.01)
+            if rng.random() < 0.1:
+                raise ValueError(n)
+            return n
+
+        async def caller() -> None:
+            for _ in range(100):
+                with anyio.move_on_after(rng.random() * 0.012):
+                    async with request_scope():
+                        with contextlib.suppress(ValueError):
+                            await f(rng.randrange(3))
+
+        await asyncio.gather(*(caller() for _ in range(10)))
+        for _ in range(40):  # the releases left to tasks of their own end; a CLAIM the
+            locks = [k for k in client.scan_iter("storm:*") if k.endswith(b":lock")]
+            if not locks:  # server ran after its caller's release holds op_timeout at most
+                break
+            await asyncio.sleep(0.025)
+        else:
+            raise AssertionError([client.pttl(k) for k in locks])
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())

@@ -49,27 +49,6 @@ Steps = Generator[Any, Any, Any]
 UNCOUNTED = Counter(timed=False)
 FIRST_PAUSE, MAX_PAUSE = 0.002, 0.05  # seconds between looks at another's lock
 now = time.monotonic
-# Stores that a cancelled caller left to finish, while they run (a loop keeps only weak
-# references to its tasks).
-_finishing: set[asyncio.Task[Any]] = set()
-
-
-def _finish(tier: RedisTier, conn: Any, key: str, stored: bytes, token: str) -> None:
-    """STORE in a task of its own, kept until it ends. ``asyncio.run`` ending cancels
-    every task left: the STORE then runs again (it can run twice), each within
-    ``op_timeout``."""
-
-    async def store() -> None:
-        for _ in range(3):
-            try:
-                await tier._run_async(conn, tier._store(key, stored, token))
-                return
-            except asyncio.CancelledError:
-                continue
-
-    task = asyncio.get_running_loop().create_task(store())
-    _finishing.add(task)
-    task.add_done_callback(_finishing.discard)
 
 
 class RedisCacheInfo(NamedTuple):
@@ -260,7 +239,7 @@ class RedisTier:
             try:
                 found, conn, token = await self._run_async(conn, self._claim(conn, key, mine))
             except asyncio.CancelledError:  # the lock may be ours: release it if it is
-                _finish(self, conn, key, b"", mine)
+                io.finish_later(lambda: self._run_async(conn, self._store(key, b"", mine)))
                 raise
             if found is not None:
                 return found
@@ -275,7 +254,7 @@ class RedisTier:
                 try:
                     await self._run_async(conn, self._store(key, stored, token))
                 except asyncio.CancelledError:  # STORE can run twice
-                    _finish(self, conn, key, stored, token)
+                    io.finish_later(lambda: self._run_async(conn, self._store(key, stored, token)))
                     raise
         return payload
 

@@ -382,9 +382,9 @@ def test_a_holder_interrupted_while_extending_its_lock_releases_it(redis_server:
 
     from perrequest._redis_io import EXTEND
 
-    link = SlowLink(redis_server.port, hashlib.sha1(EXTEND.encode()).hexdigest().encode(), 0.3)
+    link = SlowLink(redis_server.port, hashlib.sha1(EXTEND.encode()).hexdigest().encode(), 0.5)
     client = redis.Redis(host="127.0.0.1", port=link.port)
-    cache = RedisCache(client, ttl=60, namespace="sig", lock_timeout=5, op_timeout=1)
+    cache = RedisCache(client, ttl=60, namespace="sig", lock_timeout=5, op_timeout=2)
     memo = request_memo(shared=cache)(_stalled)
     assert _timed(lambda: memo(0))[0] == 0  # the server has the scripts (the steady state)
 
@@ -407,7 +407,7 @@ def test_a_holder_interrupted_while_extending_its_lock_releases_it(redis_server:
             _timed(lambda: memo(1))
     finally:
         signal.signal(signal.SIGUSR1, before)
-    time.sleep(0.5)  # the EXTEND has run meanwhile
+    time.sleep(0.8)  # the EXTEND has run meanwhile
     link.close()
     with redis_server.client() as admin:
         locks = [k for k in admin.scan_iter("sig:*") if k.endswith(b":lock")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -269,3 +269,73 @@ def test_two_threads_fetching_each_others_keys_do_not_deadlock() -> None:
         threads, results = crossing.run(friends.load)
     assert not any(thread.is_alive() for thread in threads)  # before: both, forever
     assert set(results) == {"a", "b"} and all(v[0] == k for k, v in results.items())
+
+
+class _UserId:
+    """A key equal to another _UserId of the same number; compared with an int (which
+    hashes alike), its ``__eq__`` raises AttributeError."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        return hash(self.n)
+
+    def __eq__(self, other: object) -> bool:
+        return self.n == other.n  # type: ignore[attr-defined, no-any-return]
+
+
+def _soon(get: Callable[[], list[object]]) -> list[object]:
+    """What ``get`` returns once it is not empty, waiting 5 s at most."""
+    deadline = time.monotonic() + 5
+    while not get() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return get()
+
+
+def test_a_key_whose_eq_raises_strands_no_thread() -> None:
+    """A load_many whose key's ``__eq__`` raised while its fetch was registered (among the
+    fetches in flight, or storing what it fetched) left its keys registered, with nobody
+    to hand them out: threads that then loaded them waited forever."""
+    gate = threading.Event()
+    done = threading.Event()  # threads stay alive till the end: a new one could reuse an id
+
+    @request_batch
+    def users(keys: list[object]) -> list[str]:
+        if any(type(k) is _UserId for k in keys) or 5 in keys:
+            gate.wait(5)
+        return [f"u{getattr(k, 'n', k)}" for k in keys]
+
+    def load_in_thread(keys: list[object]) -> list[object]:
+        out: list[object] = []
+
+        def run() -> None:
+            try:
+                out.append(users.load_many(keys))
+            except Exception as exc:
+                out.append(exc)
+            done.wait(10)
+
+        threading.Thread(target=bind_scope(run), daemon=True).start()
+        time.sleep(0.05)
+        return out
+
+    with request_scope():
+        load_in_thread([5])
+        # 7 is registered, then (5, int) in flight is compared with _UserId(5): raises
+        failed = load_in_thread([7, _UserId(5)])
+        assert type(_soon(lambda: failed)[0]) is AttributeError
+        got = load_in_thread([7])
+        gate.set()
+        assert _soon(lambda: got) == [["u7"]]  # before: it waited for that fetch forever
+
+    gate.clear()
+    with request_scope():
+        # _UserId(6) is fetched; 6, primed meanwhile, is compared with it when it is stored
+        fetched = load_in_thread([_UserId(6)])
+        got = load_in_thread([_UserId(6)])
+        users.prime(6, "primed")
+        gate.set()
+        assert type(_soon(lambda: fetched)[0]) is AttributeError
+        assert _soon(lambda: got)  # before: it waited forever
+    done.set()

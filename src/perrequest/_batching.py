@@ -257,39 +257,35 @@ class _BatchSpec:
         flights = store._flights
         mine: dict[Hashable, Any] = {}
         theirs: list[tuple[Hashable, int, Future[dict[Hashable, Any]]]] = []
-        registered: list[Hashable] = []
-        with store._lock:
-            for ck, key in wanted.items():
-                value = store._lookup((self, ck))
-                if value is not MISSING:
-                    got[ck] = value
-                    counter.hits += 1
-                    continue
-                other = flights.get((self, ck))
-                if other is None or other.owner == me.owner or ck in alone:
-                    if other is None:
-                        flights[(self, ck)] = me
-                        registered.append(ck)
-                    mine[ck] = key
-                    counter.misses += 1
-                else:
-                    if other.future is None:  # the first to wait makes it
-                        other.future = Future()
-                    theirs.append((ck, other.owner, other.future))
-                    counter.hits += 1
-        if mine:
-            outcomes: dict[Hashable, Any] = {}
-            try:
+        outcomes: dict[Hashable, Any] = {}
+        try:
+            with store._lock:
+                for ck, key in wanted.items():
+                    value = store._lookup((self, ck))
+                    if value is not MISSING:
+                        got[ck] = value
+                        counter.hits += 1
+                        continue
+                    other = flights.get((self, ck))
+                    if other is not None and other.ended:  # left by a failed unregister
+                        other = None
+                    if other is None or other.owner == me.owner or ck in alone:
+                        if other is None:
+                            flights[(self, ck)] = me
+                            me.keys.append(ck)
+                        mine[ck] = key
+                        counter.misses += 1
+                    else:
+                        if other.future is None:  # the first to wait makes it
+                            other.future = Future()
+                        theirs.append((ck, other.owner, other.future))
+                        counter.hits += 1
+            if mine:
                 self.fetch(counter, mine, outcomes)
-            finally:  # interrupted (KeyboardInterrupt...): its waiters ask again
-                with store._lock:
-                    self.keep(store, counter, outcomes)
-                    for ck in registered:
-                        flights.pop((self, ck), None)
-                    future = me.future  # no waiter comes once unregistered
-                if future is not None:
-                    future.set_result(outcomes)
-            got.update(outcomes)
+        finally:  # interrupted, or a key's __eq__ raised: its waiters ask again
+            if mine:
+                self._end(store, counter, me, outcomes)
+        got.update(outcomes)
         again = {}
         for ck, owner, future in theirs:
             if not future.done() and not may_wait(me.owner, owner):  # it waits for us
@@ -306,17 +302,35 @@ class _BatchSpec:
                 got[ck] = value
         return again
 
+    def _end(
+        self, store: MemoStore, counter: Counter, me: _Fetch, out: dict[Hashable, Any]
+    ) -> None:
+        """Store what was fetched, unregister, hand the outcomes to whoever waits; a key's
+        ``__eq__`` raising meanwhile strands nobody (the fetch has ended regardless)."""
+        with store._lock:
+            me.ended = True  # no waiter comes now, even if a key stays registered
+            try:
+                self.keep(store, counter, out)
+                for ck in me.keys:
+                    store._flights.pop((self, ck), None)
+            finally:
+                if me.future is not None:
+                    me.future.set_result(out)
+
 
 class _Fetch:
-    """One thread's fetch of some keys, as registered in ``_flights`` for each. The first
+    """One thread's fetch of ``keys``, as registered in ``_flights`` for each. The first
     thread to wait for it makes its ``Future``, whose result is their outcomes (a key
-    without one was interrupted: ask again); a fetch nobody waits for makes none."""
+    without one was interrupted: ask again); a fetch nobody waits for makes none. Once
+    ``ended``, it is as if unregistered (a key's ``__eq__`` may raise in ``pop``)."""
 
-    __slots__ = ("future", "owner")
+    __slots__ = ("ended", "future", "keys", "owner")
 
     def __init__(self, owner: int) -> None:
         self.owner = owner
+        self.keys: list[Hashable] = []
         self.future: Future[dict[Hashable, Any]] | None = None
+        self.ended = False
 
 
 def missing_keys(keys: list[Any], cks: list[Hashable], values: Any = None) -> dict[Hashable, Any]:

@@ -199,6 +199,32 @@ async def test_prime_clear_and_cache_clear() -> None:
     assert calls == [[1], [2, 3]]
 
 
+async def test_a_prime_while_the_key_is_loaded_never_replaces_a_value_seen() -> None:
+    """A prime of a key whose batch was in flight was stored, then replaced by the batch's
+    value: a load returned the primed value, and a later one the older value fetched."""
+    db = {1: "old"}
+    started = asyncio.Event()
+
+    @request_batch
+    async def users(keys: list[int]) -> list[str]:
+        values = [db[k] for k in keys]  # read before the write below
+        started.set()
+        await asyncio.sleep(0.01)
+        return values
+
+    async with request_scope():
+        loading = asyncio.ensure_future(users.load(1))
+        await started.wait()
+        db[1] = "new"
+        users.prime(1, "new")  # does nothing: the key is being loaded, as in DataLoader
+        during = await users.load(1)
+        assert await loading == "old"
+        assert during == await users.load(1) == "old"  # before: "new", then "old"
+        users.clear(1)  # the way to replace it: clear, then prime, once it is loaded
+        users.prime(1, "new")
+        assert await users.load(1) == "new"
+
+
 async def test_bounded_by_max_entries_and_by_the_store_counted_in_stats() -> None:
     users, _ = make_loader(max_entries=2)
     seen: list[ScopeStats] = []

@@ -272,16 +272,19 @@ def test_two_threads_fetching_each_others_keys_do_not_deadlock() -> None:
 
 
 class _UserId:
-    """A key equal to another _UserId of the same number; compared with an int (which
-    hashes alike), its ``__eq__`` raises AttributeError."""
+    """A key equal to another _UserId of the same number. Compared with an int (which
+    hashes alike), its ``__eq__`` raises AttributeError; a negative one's (which hashes as
+    its opposite) raises ValueError when compared with any other _UserId."""
 
     def __init__(self, n: int) -> None:
         self.n = n
 
     def __hash__(self) -> int:
-        return hash(self.n)
+        return hash(abs(self.n))
 
     def __eq__(self, other: object) -> bool:
+        if self.n < 0 and other is not self:
+            raise ValueError("a negative id")
         return self.n == other.n  # type: ignore[attr-defined, no-any-return]
 
 
@@ -331,11 +334,35 @@ def test_a_key_whose_eq_raises_strands_no_thread() -> None:
 
     gate.clear()
     with request_scope():
-        # _UserId(6) is fetched; 6, primed meanwhile, is compared with it when it is stored
+        # _UserId(6), fetched, is compared with _UserId(-6), stored meanwhile: raises
         fetched = load_in_thread([_UserId(6)])
         got = load_in_thread([_UserId(6)])
-        users.prime(6, "primed")
+        users.prime(_UserId(-6), "primed")
         gate.set()
-        assert type(_soon(lambda: fetched)[0]) is AttributeError
+        assert type(_soon(lambda: fetched)[0]) is ValueError
         assert _soon(lambda: got)  # before: it waited forever
     done.set()
+
+
+def test_a_prime_while_another_thread_loads_the_key_never_replaces_a_value_seen() -> None:
+    """The sync twin: a prime while another thread fetched the key was replaced by the
+    fetched (older) value."""
+    db = {1: "old"}
+    started, written = threading.Event(), threading.Event()
+
+    @request_batch
+    def users(keys: list[int]) -> list[str]:
+        values = [db[k] for k in keys]
+        started.set()
+        written.wait(5)
+        return values
+
+    with request_scope(), ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(bind_scope(users.load), 1)
+        assert started.wait(5)
+        db[1] = "new"
+        users.prime(1, "new")  # does nothing: the key is being loaded
+        assert users.cache_info().currsize == 0  # before: "new", a load's for now
+        written.set()
+        assert loading.result(5) == "old"
+        assert users.load(1) == "old"  # before: "new" was replaced by "old"

@@ -15,6 +15,7 @@ the scope's stats and gone with the request. What the store lacks is fetched:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload
@@ -26,7 +27,7 @@ from ._batching import _BatchSpec
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._flight import MISSING
 from ._typing import CacheInfo
-from .store import MemoKey
+from .store import MemoKey, MemoStore
 
 __all__ = ["AsyncBatchLoader", "BatchLoader", "request_batch"]
 
@@ -58,7 +59,8 @@ class BatchLoader(Protocol[K_contra, V]):
     __wrapped__: Callable[..., Any]
 
     def prime(self, key: K_contra, value: V, /) -> None:
-        """Store ``value`` for ``key`` unless the store holds one (outside: nothing)."""
+        """Store ``value`` for ``key`` unless the store holds one or it is being loaded
+        (outside: nothing)."""
 
     def clear(self, key: K_contra, /) -> bool:
         """Drop the stored value of ``key``; whether there was one."""
@@ -88,7 +90,8 @@ class AsyncBatchLoader(Protocol[K_contra, V]):
     __wrapped__: Callable[..., Any]
 
     def prime(self, key: K_contra, value: V, /) -> None:
-        """Store ``value`` for ``key`` unless the store holds one (outside: nothing)."""
+        """Store ``value`` for ``key`` unless the store holds one or it is being loaded
+        (outside: nothing)."""
 
     def clear(self, key: K_contra, /) -> bool:
         """Drop the stored value of ``key``; whether there was one."""
@@ -137,7 +140,9 @@ class _Loader:
         if store is None or counter is None:
             return
         with store._lock:
-            if store._lookup((spec, cache_key), touch=False) is MISSING:
+            if store._lookup((spec, cache_key), touch=False) is MISSING and not _loading(
+                spec, store, cache_key
+            ):
                 store._fill((spec, cache_key), value, counter, None)
 
     def clear(self, key: Any, /) -> bool:
@@ -156,6 +161,20 @@ class _Loader:
         spec, store = self._spec, active_store()
         hits, misses, currsize = (0, 0, 0) if store is None else store._info(spec, spec.name)
         return CacheInfo(hits, misses, spec.max_entries, currsize)
+
+
+def _loading(spec: _BatchSpec, store: MemoStore, cache_key: Hashable) -> bool:
+    """Whether ``cache_key`` is being loaded (a thread's fetch; a batch on the running loop,
+    pending or in flight): a prime then does nothing, as DataLoader's, for the load would
+    replace its value with one perhaps older. Lock held."""
+    if not spec.is_async:
+        fetch = store._flights.get((spec, cache_key))
+        return fetch is not None and not fetch.ended
+    try:
+        state = store._flights.get((spec, asyncio.get_running_loop()))
+    except RuntimeError:  # no asyncio loop running here
+        return False
+    return state is not None and (cache_key in state.inflight or cache_key in (state.own or ()))
 
 
 def _make_sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:

@@ -227,6 +227,33 @@ def test_async_loaders_under_anyio_backends(backend: str) -> None:
     assert calls == [[1], [2, 3], [4], [9]]
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_nothing_to_fetch_calls_no_batch_function(backend: str) -> None:
+    """A load_many of stored keys under trio, and of no keys outside a scope, called the
+    batch function with an empty list (a query per cached load_many, an ``IN ()``)."""
+    calls: list[list[int]] = []
+
+    @request_batch(outside_scope="call")
+    async def users(keys: list[int]) -> list[str]:
+        calls.append(list(keys))
+        return [f"u{k}" for k in keys]
+
+    @request_batch(outside_scope="call")
+    def users_sync(keys: list[int]) -> list[str]:
+        calls.append(list(keys))
+        return [f"u{k}" for k in keys]
+
+    async def main() -> None:
+        assert await users.load_many([]) == [] and users_sync.load_many([]) == []
+        async with request_scope():
+            assert await users.load_many([1, 2]) == ["u1", "u2"]
+            assert await users.load_many([2, 1]) == ["u2", "u1"]
+            assert await users.load_many([]) == []
+
+    anyio.run(main, backend=backend)
+    assert calls == [[1, 2]]
+
+
 async def test_chunks_of_one_batch_that_load_each_others_keys() -> None:
     """A tree loaded 2 keys per call, a parent in the other chunk: fetched by a call of
     its own, as a parent in the same chunk is. Before: each chunk waited for the other."""

@@ -140,7 +140,7 @@ class _BatchSpec:
     def chunks(self, items: list[Any]) -> list[list[Any]]:
         size = self.max_batch_size
         if size is None or len(items) <= size:
-            return [items]
+            return [items] if items else []  # nothing to fetch: no call
         return [items[i : i + size] for i in range(0, len(items), size)]
 
     # -- fetching without batching across callers (sync, trio, outside any scope) ----

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -366,3 +367,28 @@ def test_a_prime_while_another_thread_loads_the_key_never_replaces_a_value_seen(
         written.set()
         assert loading.result(5) == "old"
         assert users.load(1) == "old"  # before: "new" was replaced by "old"
+
+
+def test_a_batch_function_that_loads_its_keys_in_worker_threads_does_not_deadlock() -> None:
+    """A tree whose batch function computes each key in a worker thread (with the context
+    copied, as asyncio.to_thread and run_in_threadpool do), each loading its parent, a
+    key of that very fetch: the worker waited for the fetch, which waited for the
+    worker. Now a worker of a fetch fetches its keys again, as the fetching thread does."""
+    pool = ThreadPoolExecutor(32)  # more than the tasks at once: nested ones never queue
+
+    @request_batch
+    def tree(keys: list[int]) -> list[int]:
+        def value(key: int) -> int:
+            return 0 if key == 0 else tree.load(key // 2) + 1
+
+        futures = [pool.submit(contextvars.copy_context().run, value, k) for k in keys]
+        return [future.result(timeout=5) for future in futures]
+
+    with request_scope():
+        out: list[list[int]] = []
+        worker = threading.Thread(target=bind_scope(lambda: out.append(tree([4, 2, 1]))))
+        worker.daemon = True
+        worker.start()
+        worker.join(5)
+        assert out == [[3, 2, 1]]  # before: it waited forever (then a TimeoutError)
+    pool.shutdown(wait=False, cancel_futures=True)

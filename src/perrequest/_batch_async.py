@@ -10,8 +10,9 @@ from typing import Any
 
 from ._active import _current, here
 from ._batch_tasks import fail, state_of
-from ._batching import UNTIMED, _BatchSpec, missing_keys, settled
+from ._batching import UNTIMED, _BatchSpec, missing_keys, now, settled
 from ._flight import MISSING
+from ._stats import Counter
 from .store import MemoStore
 
 
@@ -146,7 +147,7 @@ async def _outside(spec: _BatchSpec, keys: list[Any], cks: list[Hashable]) -> li
     """Outside any scope: called directly (per ``max_batch_size``), nothing cached."""
     spec.refuse_or_warn()
     out: dict[Hashable, Any] = {}
-    await spec.fetch_async(UNTIMED, missing_keys(keys, cks), out)
+    await fetch_async(spec, UNTIMED, missing_keys(keys, cks), out)
     return settled([out[ck] for ck in cks])
 
 
@@ -163,13 +164,30 @@ async def _unbatched(
         values, wanted = spec.look(store, counter, keys, cks)
         counter.misses += len(wanted)
         got: dict[Hashable, Any] = {}
-        await spec.fetch_async(counter, wanted, got)
+        await fetch_async(spec, counter, wanted, got)
         with store._lock:
             spec.keep(store, counter, got)
         values = settled(
             [got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)]
         )
     return values[0] if single else values
+
+
+async def fetch_async(
+    spec: _BatchSpec, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
+) -> None:
+    """``spec.fetch`` of an async batch function."""
+    for cks in spec.chunks(list(wanted)):
+        keys = [wanted[ck] for ck in cks]
+        start = now() if counter.timed else 0.0
+        try:
+            values = spec.spread(keys, cks, await spec.fn(keys))
+        except Exception as exc:
+            values = [exc] * len(keys)
+        finally:
+            if start:
+                counter.compute_s += now() - start
+        out.update(zip(cks, values, strict=True))
 
 
 class _Many:

@@ -3,7 +3,7 @@
 What ``batch.py``'s loaders and the async path (``_batch_async``, ``_batch_tasks``)
 share: keying and spreading results, fetching without batching (trio, outside a
 scope), and the sync fetch, whose keys threads that share a scope wait on together
-through a ``concurrent.futures.Future``.
+through a ``concurrent.futures.Future``. (``fetch_async`` is in ``_batch_async``.)
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Set
 from concurrent.futures import Future
+from contextvars import ContextVar
 from typing import Any
 
 from ._active import here
@@ -25,6 +26,10 @@ from .store import MemoStore
 UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
 now = time.perf_counter
 _thread_id = threading.get_ident
+# The sync fetches whose batch function runs here: in this thread, or in one it started
+# with this context copied (asyncio.to_thread, run_in_threadpool). Their keys are
+# fetched again here, never waited for: the fetch waits for this code.
+_within: ContextVar[tuple[_Fetch, ...]] = ContextVar("perrequest.fetching", default=())
 
 
 class _BatchSpec:
@@ -183,22 +188,6 @@ class _BatchSpec:
                     counter.compute_s += now() - start
             out.update(zip(cks, values, strict=True))
 
-    async def fetch_async(
-        self, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
-    ) -> None:
-        """``fetch`` of an async batch function."""
-        for cks in self.chunks(list(wanted)):
-            keys = [wanted[ck] for ck in cks]
-            start = now() if counter.timed else 0.0
-            try:
-                values = self.spread(keys, cks, await self.fn(keys))
-            except Exception as exc:
-                values = [exc] * len(keys)
-            finally:
-                if start:
-                    counter.compute_s += now() - start
-            out.update(zip(cks, values, strict=True))
-
     def keep(self, store: MemoStore, counter: Counter, fetched: dict[Hashable, Any]) -> None:
         """Store what was fetched, lock held; failures are not cached (a closed store
         keeps nothing)."""
@@ -251,13 +240,15 @@ class _BatchSpec:
     ) -> dict[Hashable, Any]:
         """Into ``got``: fetch what nobody is fetching, wait for the rest. What to ask
         again for: a fetch that was interrupted, or one that waits for this thread's (so
-        fetched here too). A key this thread fetches already (a batch function loading
+        fetched here too). A key of a fetch whose batch function runs this code (loading
         its own keys) is fetched again, not waited for."""
         me = _Fetch(_thread_id())
         flights = store._flights
         mine: dict[Hashable, Any] = {}
         theirs: list[tuple[Hashable, int, Future[dict[Hashable, Any]]]] = []
         outcomes: dict[Hashable, Any] = {}
+        within = _within.get()
+        token = _within.set((*within, me))
         try:
             with store._lock:
                 for ck, key in wanted.items():
@@ -269,7 +260,7 @@ class _BatchSpec:
                     other = flights.get((self, ck))
                     if other is not None and other.ended:  # left by a failed unregister
                         other = None
-                    if other is None or other.owner == me.owner or ck in alone:
+                    if other is None or other in within or ck in alone:
                         if other is None:
                             flights[(self, ck)] = me
                             me.keys.append(ck)
@@ -283,6 +274,7 @@ class _BatchSpec:
             if mine:
                 self.fetch(counter, mine, outcomes)
         finally:  # interrupted, or a key's __eq__ raised: its waiters ask again
+            _within.reset(token)
             if mine:
                 self._end(store, counter, me, outcomes)
         got.update(outcomes)

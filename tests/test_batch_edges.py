@@ -254,6 +254,30 @@ def test_nothing_to_fetch_calls_no_batch_function(backend: str) -> None:
     assert calls == [[1, 2]]
 
 
+def test_a_prime_while_trio_loads_the_key_is_kept() -> None:
+    """Under trio (no batch to find the key in), a value primed while a load fetched the
+    key was replaced by the fetched, older one: a load saw "new", a later one "old"."""
+    db = {1: "old"}
+
+    @request_batch
+    async def users(keys: list[int]) -> list[str]:
+        values = [db[k] for k in keys]
+        await anyio.sleep(0.02)
+        return values
+
+    async def main() -> None:
+        async with request_scope(), anyio.create_task_group() as tasks:
+            tasks.start_soon(users.load, 1)
+            await anyio.sleep(0.005)
+            db[1] = "new"
+            users.prime(1, "new")
+            assert await users.load(1) == "new"
+            await anyio.sleep(0.05)  # the first load has stored what it fetched
+            assert await users.load(1) == "new"  # before: "old"
+
+    anyio.run(main, backend="trio")
+
+
 async def test_chunks_of_one_batch_that_load_each_others_keys() -> None:
     """A tree loaded 2 keys per call, a parent in the other chunk: fetched by a call of
     its own, as a parent in the same chunk is. Before: each chunk waited for the other."""

@@ -165,8 +165,9 @@ async def _unbatched(
         counter.misses += len(wanted)
         got: dict[Hashable, Any] = {}
         await fetch_async(spec, counter, wanted, got)
-        with store._lock:
-            spec.keep(store, counter, got)
+        with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
+            new = {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING}
+            spec.keep(store, counter, new)
         values = settled(
             [got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)]
         )

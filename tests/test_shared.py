@@ -389,6 +389,14 @@ class Stalling(collections.UserDict[Any, Any]):
         finally:
             self.inside -= 1
 
+    def __len__(self) -> int:
+        self.inside += 1
+        self.overlapped |= self.inside > 1
+        try:
+            return super().__len__()
+        finally:
+            self.inside -= 1
+
     def __setitem__(self, key: Any, value: Any) -> None:
         self.inside += 1
         self.overlapped |= self.inside > 1
@@ -445,6 +453,29 @@ def test_functions_sharing_a_cache_never_use_it_at_once() -> None:
         for done in [pool.submit(calls, a), pool.submit(calls, b)]:
             done.result(10)
     assert not cache.overlapped and len(cache) == 10
+
+
+def test_cache_info_reads_the_cache_size_under_its_lock() -> None:
+    """A TTLCache's ``len()`` removes the expired entries first: cache_info() called while
+    another thread stored in the cache raised KeyError from inside cachetools, and left
+    the cache corrupt (its length and its keys no longer agreed)."""
+    cache = Stalling()
+
+    @request_memo(shared=cache)
+    def price(n: int) -> int:
+        return n
+
+    with ThreadPoolExecutor(2) as pool:
+        storing = pool.submit(request_scope()(price), 1)
+        assert cache.entered.wait(5)
+        try:
+            info = pool.submit(request_scope()(price.cache_info))
+            time.sleep(0.2)  # time enough to read the size while price(1) is storing
+        finally:
+            cache.release.set()
+        assert storing.result(5) == 1
+        assert info.result(5).shared_currsize in (0, 1)
+    assert not cache.overlapped
 
 
 @pytest.mark.parametrize("tier", ["cachetools", "redis"])

@@ -320,7 +320,9 @@ class SharedTier:
     ) -> SharedCacheInfo:
         if not in_scope:  # zeros outside a scope, the shared tier's too (DESIGN.md)
             return SharedCacheInfo(hits, misses, maxsize, 0, 0, 0, self.maxsize, 0)
+        guarded = self._guarded
+        with guarded._lock:  # a TTLCache's len() removes the expired entries first
+            size = len(guarded.cache)
         return SharedCacheInfo(
-            hits, misses, maxsize, currsize, self.hits, self.misses, self.maxsize,
-            len(self._guarded.cache),
-        )  # fmt: skip
+            hits, misses, maxsize, currsize, self.hits, self.misses, self.maxsize, size
+        )

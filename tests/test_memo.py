@@ -578,6 +578,20 @@ def test_tracebacks_name_the_generated_wrapper_after_the_function() -> None:
     assert names.count("price") == 2 and "__pr_wrapper" not in names
 
 
+def test_a_function_renamed_to_a_name_no_def_can_take_is_memoized() -> None:
+    """The generated wrapper is a ``def`` named after the function: ``__debug__`` is an
+    identifier and no keyword, yet no ``def`` may take it (decorating raised SyntaxError)."""
+
+    def price(sku: str) -> str:
+        return sku
+
+    price.__name__ = "__debug__"
+    memo = request_memo(price)
+    with request_scope():
+        assert memo("x") == "x" and memo("x") == "x"
+        assert memo.cache_info().hits == 1  # type: ignore[attr-defined]
+
+
 def test_cache_delete_drops_the_entry_those_arguments_would_hit() -> None:
     """Read-your-writes: update, delete the memo entry, read again."""
     prices = {"apple": 1}

@@ -285,7 +285,7 @@ def _compiled(source: str, filename: str) -> Any:
 def _code_name(fn: Callable[..., Any]) -> str:  # tracebacks and profilers show it
     name = getattr(fn, "__name__", "")
     ok = name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("__pr_")
-    return name if ok else "__pr_wrapper"
+    return name if ok and name != "__debug__" else "__pr_wrapper"  # no def takes __debug__
 
 
 def make_wrapper(spec: Any) -> Callable[..., Any]:

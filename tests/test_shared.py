@@ -258,6 +258,43 @@ def test_a_process_forked_while_a_value_is_computed_does_not_wait_for_it(
         thread.join(5)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+def test_a_process_forked_while_another_thread_stores_gets_the_cache_whole() -> None:
+    """A fork copies a cache as it is at that instant: forked while another thread was
+    halfway through a store (a TTLCache unlinking expired entries), the child got the
+    cache halfway, and a fresh lock to use it with. The fork waits for the operation."""
+    import multiprocessing
+
+    cache = Stalling()
+
+    @request_memo(shared=cache)
+    def price(n: int) -> int:
+        return n
+
+    def child(out: Any) -> None:
+        inside = cache.inside  # how many threads were using the cache at the fork
+        with request_scope():
+            out.put((inside, price(2)))
+
+    with ThreadPoolExecutor(1) as pool:
+        storing = pool.submit(request_scope()(price), 1)
+        assert cache.entered.wait(5)
+        threading.Timer(0.3, cache.release.set).start()  # the store ends after the fork starts
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        process = context.Process(target=child, args=(queue,))
+        process.start()
+        try:
+            assert queue.get(timeout=10) == (0, 2)
+        finally:
+            cache.release.set()
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        assert storing.result(5) == 1
+
+
 async def test_concurrent_misses_across_requests_compute_once_in_asyncio() -> None:
     calls = []
 

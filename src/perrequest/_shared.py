@@ -44,18 +44,37 @@ _guarded: weakref.WeakValueDictionary[int, _Guarded] = weakref.WeakValueDictiona
 _registry_lock = threading.Lock()
 
 
+_held: list[_Guarded] = []  # during a fork
+
+
+def _forking() -> None:
+    """Before a fork: wait for the cache operations in progress (never a computation), so
+    that the child gets every cache whole, not halfway through another thread's store."""
+    _registry_lock.acquire()
+    _held[:] = _guarded.values()
+    for guarded in _held:
+        guarded._lock.acquire()
+
+
+def _forked_parent() -> None:
+    for guarded in _held:
+        guarded._lock.release()
+    _held.clear()
+    _registry_lock.release()
+
+
 def _forked() -> None:
     """In a child made by fork: the threads computing values stayed in the parent, so
-    their records go (a waiter would wait for them forever), and so do the locks,
-    which one of them may have held."""
+    their records go (a waiter would wait for them forever); the locks are new."""
     global _registry_lock
     _registry_lock = threading.Lock()
-    for guarded in list(_guarded.values()):
+    for guarded in _held:
         guarded._lock, guarded._flights = threading.RLock(), {}
+    _held.clear()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_forked)
+    os.register_at_fork(before=_forking, after_in_parent=_forked_parent, after_in_child=_forked)
 
 
 class Tier(Protocol):

@@ -635,11 +635,26 @@ def _computing_and_waiting(
         first = pool.submit(request)
         assert started.wait(5)
         second = pool.submit(request)
-        time.sleep(0.05)  # the second request is now waiting on the first's computation
+        if shared is None:  # the second request waits on the first's computation
+            _until_waiting(load, 1)
+        else:  # Redis: it waits for the first's lock, counted once it reads the value
+            time.sleep(0.05)
         release.set()
         errors = [first.result(5), second.result(5)]
     waiting = next(e for e in errors if NOTE in vars(e).get("__notes__", ()))
     return [next(e for e in errors if e is not waiting), waiting]
+
+
+def _until_waiting(fn: Any, waiters: int) -> None:
+    """Until ``waiters`` calls of ``fn`` wait on its computation (each counts as a shared
+    hit as it starts waiting): a fixed sleep was too short on a loaded machine."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with request_scope():
+            if fn.cache_info().shared_hits >= waiters:
+                return
+        time.sleep(0.001)
+    raise AssertionError(f"{waiters} calls never waited")
 
 
 class Secret:
@@ -979,7 +994,7 @@ def test_a_cache_that_fails_to_store_never_hands_waiters_its_error(
         first = pool.submit(request)
         assert started.wait(5)
         others = [pool.submit(request) for _ in range(2)]
-        time.sleep(0.05)
+        _until_waiting(price, 2)
         release.set()
         assert [f.result(5) for f in (first, *others)] == [42, 42, 42]
     assert len(cache) == 0

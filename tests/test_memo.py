@@ -391,6 +391,8 @@ def test_a_methods_cache_delete_takes_the_instance_and_says_so_when_it_is_missin
         with pytest.raises(TypeError, match=r"cache_delete\(obj, \.\.\.\)") as caught:
             repo.row.cache_delete(7)  # type: ignore[call-arg, arg-type]
         assert "row_id" in str(caught.value)
+        assert "__pr_" not in str(caught.value)  # the binding error names the method
+        assert "Repository.row()" in str(caught.value)
 
 
 def test_methods_memoize_per_instance_by_identity() -> None:

@@ -271,8 +271,10 @@ def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., 
     exec(_compiled(textwrap.dedent(source), filename), namespace)
     keyof: dict[str, Any] = {"__pr_id": id, "__pr_d": namespace["__pr_d"]}
     exec(_compiled(keyof_source, filename), keyof)
+    keyof_fn = keyof.pop("__pr_keyof")
+    keyof_fn.__qualname__ = spec.fn.__qualname__  # what its binding errors name
     # Taken out, so that a namespace and its function form no reference cycle.
-    return namespace.pop(_code_name(spec.fn)), keyof.pop("__pr_keyof")
+    return namespace.pop(_code_name(spec.fn)), keyof_fn
 
 
 @functools.lru_cache(maxsize=256)

@@ -327,6 +327,39 @@ def test_an_error_handed_to_waiters_is_freed_without_the_garbage_collector() -> 
         gc.enable()
 
 
+def test_an_async_shared_memos_error_is_freed_without_the_garbage_collector() -> None:
+    """An async shared memo that raises: the tier's frame that raised the error held it,
+    and the error's traceback held that frame, so the error, the computing request's
+    frames and what they refer to waited for a collection."""
+
+    class Payload:
+        pass
+
+    refs: list[weakref.ref[Any]] = []
+
+    @request_memo(shared=cachetools.LRUCache(maxsize=10))
+    async def load(x: int) -> int:
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        await asyncio.sleep(0)
+        raise ValueError(payload)
+
+    async def call() -> str:
+        try:
+            await load(1)
+        except ValueError:
+            return "error"
+        return "value"
+
+    gc.disable()
+    try:
+        with request_scope():
+            assert asyncio.run(call()) == "error"
+        assert len(refs) == 1 and refs[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_a_helper_defined_per_message_compiles_its_wrapper_once() -> None:
     """Decorating generates the wrapper's source and compiles it: a quarter of a
     millisecond, a thousand times a lru_cache decoration, paid again by every message

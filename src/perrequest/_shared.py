@@ -42,8 +42,6 @@ logger = logging.getLogger("perrequest")
 # references or not.
 _guarded: weakref.WeakValueDictionary[int, _Guarded] = weakref.WeakValueDictionary()
 _registry_lock = threading.Lock()
-
-
 _held: list[_Guarded] = []  # during a fork
 
 
@@ -248,8 +246,7 @@ class SharedTier:
                 guarded = _guarded[id(cache)] = _Guarded(cache)
         self._guarded = guarded
         self.hits = self.misses = 0
-        self.compute_s = 0.0
-        self.refused = False
+        self.compute_s, self.refused = 0.0, False
 
     def get(self, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         """The shared value at ``key``, computed once across requests and threads."""
@@ -261,7 +258,10 @@ class SharedTier:
             )
             if type(value) is Raised:
                 value = value.error_for(call)  # no frame of a waiter holds the original
-                raise value
+                try:
+                    raise value
+                finally:  # this frame, in the error's traceback: a reference cycle
+                    value = None
         return value
 
     def _hit(self, key: Hashable) -> Any:
@@ -282,7 +282,10 @@ class SharedTier:
             )
             if type(value) is Raised:
                 value = value.error_for(call)
-                raise value
+                try:
+                    raise value
+                finally:  # as in get
+                    value = None
         return value
 
     def run(

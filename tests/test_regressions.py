@@ -555,3 +555,65 @@ def test_a_body_without_a_cycle_ends_its_scope_without_the_collector() -> None:
         assert live_scopes() == 0
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_an_async_memos_error_in_a_task_frees_the_request_without_the_collector(
+    shared: bool,
+) -> None:
+    """A memoized coroutine that raises in a task that ends with its error: the frames that
+    held the current task (the wrapper's, single-flight's) formed a cycle through the task's
+    exception, so the request's data lived until a collection."""
+
+    class Payload:
+        pass
+
+    options: dict[str, Any] = {"shared": cachetools.LRUCache(10)} if shared else {}
+    refs: list[weakref.ref[Any]] = []
+
+    @request_memo(**options)
+    async def boom(x: int) -> int:
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        await asyncio.sleep(0)
+        raise ValueError("boom")
+
+    async def main() -> None:
+        with pytest.raises(ValueError):
+            await asyncio.create_task(boom(1))
+        with pytest.raises(ValueError):
+            await asyncio.gather(boom(2), boom(2))
+
+    gc.collect()
+    gc.disable()
+    try:
+        with request_scope():
+            asyncio.run(main())
+        assert refs and [ref() for ref in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
+
+
+def test_a_sync_shared_memos_error_frees_the_request_without_the_collector() -> None:
+    """Single-flight's frame held the shared tier's error (as a value) that the error's own
+    traceback held it by: a cycle, until a collection."""
+
+    class Payload:
+        pass
+
+    refs: list[weakref.ref[Any]] = []
+
+    @request_memo(shared=cachetools.LRUCache(10))
+    def boom(x: int) -> int:
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        raise ValueError("boom")
+
+    gc.collect()
+    gc.disable()
+    try:
+        with request_scope(), pytest.raises(ValueError):
+            boom(1)
+        assert refs and [ref() for ref in refs] == [None] * len(refs)
+    finally:
+        gc.enable()

@@ -17,8 +17,9 @@ from typing import Any
 
 from ._active import here
 from ._checks import refuse_coroutine
-from ._flight import MISSING, done_waiting, may_wait
+from ._flight import MISSING
 from ._stats import Counter, function_name
+from ._waits import done_waiting, may_wait
 from .errors import ScopeClosed, UnhashableArguments
 from .memo import refuse_or_warn
 from .store import MemoStore

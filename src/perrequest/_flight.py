@@ -18,8 +18,8 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from ._checks import LAZY, refuse_memoized_result
-from ._waits import done_waiting as done_waiting  # _batching too
-from ._waits import may_wait as may_wait
+from ._stats import CountsLike as Counter
+from ._waits import done_waiting, may_wait
 
 MISSING: Any = object()
 _RESTART: Any = object()  # the computing caller was interrupted: waiters try again
@@ -29,13 +29,6 @@ Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
 _now = time.perf_counter
 _thread_id = threading.get_ident
-
-
-class Counter(Protocol):  # a store's _stats.Counter, or a shared tier's own counts
-    hits: int
-    misses: int
-    compute_s: float
-    timed: bool  # whether to read the clock around computations
 
 
 class Cache(Protocol):
@@ -243,6 +236,8 @@ def run(
     except BaseException as exc:  # finish's own failures are handled: this finds no record
         failed(cache, key, me, counter, start, exc)
         raise
+    finally:
+        value = None  # a shared tier's Raised: its error's frames hold this one
 
 
 def _unshared(
@@ -319,6 +314,7 @@ async def run_async(
                 return value
     except BaseException as exc:  # see run
         interrupted(cache, key, me, exc)
+        me = record = None  # the task, in the frame its error holds: a cycle if it fails
         raise
     start = 0.0
     try:
@@ -332,7 +328,10 @@ async def run_async(
         return finish(cache, key, me, value, counter, extra)
     except BaseException as exc:  # cancellation too: a waiter computes instead
         failed(cache, key, me, counter, start, exc)
+        me = record = None  # as above
         raise
+    finally:
+        value = None
 
 
 async def _unshared_async(

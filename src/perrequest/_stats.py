@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from ._checks import check_on_close
 
@@ -89,6 +89,15 @@ class Counter:
         self.hits = self.misses = self.evictions = 0
         self.compute_s = 0.0
         self.timed = timed
+
+
+class CountsLike(Protocol):
+    """What single-flight counts into: a ``Counter``, or a shared tier's own counts."""
+
+    hits: int
+    misses: int
+    compute_s: float
+    timed: bool  # whether to read the clock around computations
 
 
 # Called with the ScopeStats of every scope that closes (perrequest.add_scope_listener).

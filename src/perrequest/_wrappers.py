@@ -79,8 +79,10 @@ _COMPUTE = """\
                 __pr_mine = False  # first miss; closed; unhashable
             except __pr_BaseException as __pr_exc:  # an interrupt as setdefault returns
                 __pr_interrupted(__pr_store, __pr_where, __pr_me, __pr_exc)
+                __pr_me = None
                 raise
             if not __pr_mine:  # what remains is ``_slow``'s
+                __pr_me = None
                 return {await_}__pr_slow(
                     __pr_spec, __pr_store, __pr_where, ({positional}), {{{keyword}}}, {anchor},
                     __pr_odd,
@@ -96,6 +98,7 @@ _COMPUTE = """\
                     __pr_start = 0.0
             except __pr_BaseException as __pr_exc:
                 __pr_failed(__pr_store, __pr_where, __pr_me, __pr_counter, __pr_start, __pr_exc)
+                __pr_me = None
                 raise
             __pr_lock = __pr_store._lock  # _flight.finish, written out
             __pr_record = __pr_unknown
@@ -137,17 +140,6 @@ _REFUSE = """\
 """
 
 
-# The generated code's names: the same for every wrapper (builtins included, as a parameter
-# may be called ``type``), then its function's own.
-_NAMES = (
-    "__pr_get", "__pr_id", "__pr_slow", "__pr_end", "__pr_failed", "__pr_now", "__pr_lazy",
-    "__pr_refuse", "__pr_thread", "__pr_task", "__pr_unknown", "__pr_abandon",
-    "__pr_interrupted", "__pr_type", "__pr_KeyError", "__pr_TypeError",
-    "__pr_AttributeError", "__pr_BaseException", "__pr_RuntimeError",
-    "__pr_spec", "__pr_fn", "__pr_outside", "__pr_d", "__pr_name",
-)  # fmt: skip
-
-
 def _slow(
     spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any, look: bool = False
 ) -> Any:
@@ -176,11 +168,17 @@ async def _ready(value: Any) -> Any:
     return value
 
 
-_FIXED = (
-    _current.get, id, _slow, _flight.end, _flight.failed, _flight._now, LAZY,
-    refuse_memoized_result, _thread_id, current_task, _flight._UNKNOWN, _flight.abandon,
-    _flight.interrupted, type, KeyError, TypeError, AttributeError, BaseException, RuntimeError,
-)  # fmt: skip
+# The names the generated code uses that are the same for every wrapper (builtins too,
+# as a parameter may be called ``type``).
+_FIXED = {
+    "__pr_get": _current.get, "__pr_id": id, "__pr_slow": _slow, "__pr_end": _flight.end,
+    "__pr_failed": _flight.failed, "__pr_now": _flight._now, "__pr_lazy": LAZY,
+    "__pr_refuse": refuse_memoized_result, "__pr_thread": _thread_id, "__pr_task": current_task,
+    "__pr_unknown": _flight._UNKNOWN, "__pr_abandon": _flight.abandon,
+    "__pr_interrupted": _flight.interrupted, "__pr_type": type, "__pr_KeyError": KeyError,
+    "__pr_TypeError": TypeError, "__pr_AttributeError": AttributeError,
+    "__pr_BaseException": BaseException, "__pr_RuntimeError": RuntimeError,
+}  # fmt: skip
 
 
 def parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
@@ -264,9 +262,10 @@ def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., 
     keyof_source = _KEYOF.format(**parts, signature=", ".join(signature), key=key)
     # What the code uses are its globals, in a namespace of its own: a closure's cells
     # would be copied into the frame and released again on every call, a hit included.
-    namespace: dict[str, Any] = dict(
-        zip(_NAMES, (*_FIXED, spec, spec.fn, spec.outside, tuple(defaults), spec.name), strict=True)
-    )
+    namespace = {
+        **_FIXED, "__pr_spec": spec, "__pr_fn": spec.fn, "__pr_outside": spec.outside,
+        "__pr_d": tuple(defaults), "__pr_name": spec.name,
+    }  # fmt: skip
     filename = f"<request_memo {spec.name}>"
     exec(_compiled(textwrap.dedent(source), filename), namespace)
     keyof: dict[str, Any] = {"__pr_id": id, "__pr_d": namespace["__pr_d"]}

@@ -7,7 +7,11 @@ import datetime
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 from typing import Any
 
 
@@ -45,3 +49,18 @@ def arguments(doc: str | None, rounds: bool = True) -> argparse.ArgumentParser:
     if rounds:
         parser.add_argument("--rounds", type=int, help="override the number of rounds")
     return parser
+
+
+def callgrind(script: str, *args: str, cwd: str | None = None) -> int:
+    """The instructions ``python script args...`` executes, counted by callgrind. With a
+    fixed hash seed and no address randomisation (``setarch -R``, where there is one):
+    otherwise dict and context layouts, hence counts, drift by thousands between runs."""
+    setarch = ["setarch", "-R"] if shutil.which("setarch") else []
+    argv = [*setarch, "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    argv += [sys.executable, script, *args]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    run = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=cwd, env=env)
+    found = re.search(r"Collected : (\d+)", run.stderr)
+    if found is None:
+        raise RuntimeError(f"callgrind printed no total:\n{run.stderr[-2000:]}")
+    return int(found.group(1))

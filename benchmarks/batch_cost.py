@@ -36,10 +36,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -258,13 +256,7 @@ def child(variant: str, case: str, n: int) -> None:
 
 
 def _count(variant: str, case: str, n: int) -> int:
-    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
-    argv += [str(Path(__file__).resolve()), "--child", variant, case, str(n)]
-    run = subprocess.run(argv, capture_output=True, text=True, check=True)
-    found = re.search(r"Collected : (\d+)", run.stderr)
-    if found is None:
-        raise RuntimeError(f"callgrind printed no total:\n{run.stderr[-2000:]}")
-    return int(found.group(1))
+    return common.callgrind(str(Path(__file__).resolve()), "--child", variant, case, str(n))
 
 
 def instructions(quick: bool) -> tuple[dict[str, Any], int]:

@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
-import re
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,27 +78,8 @@ def _freeze() -> None:
 
 
 def _instructions(protocol: str, variant: str, requests: int) -> int:
-    # A fixed hash seed and no address randomisation (setarch -R, where there is one):
-    # otherwise dict and context layouts, hence counts, drift by thousands between runs.
-    setarch = ["setarch", "-R"] if shutil.which("setarch") else []
-    argv = [
-        *setarch,
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        protocol,
-        variant,
-        str(requests),
-    ]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    run = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=HERE, env=env)
-    found = re.search(r"Collected : (\d+)", run.stderr)
-    if found is None:
-        raise RuntimeError(f"callgrind printed no total:\n{run.stderr[-2000:]}")
-    return int(found.group(1))
+    script = str(Path(__file__).resolve())
+    return common.callgrind(script, "--child", protocol, variant, str(requests), cwd=str(HERE))
 
 
 def measure(n1: int, n2: int) -> dict[str, dict[str, int]]:

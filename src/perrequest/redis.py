@@ -127,7 +127,7 @@ def _forked() -> None:
     their records go (a waiter would wait for them forever), with the locks they may
     have held."""
     for cache in list(_caches):
-        cache._lock, cache._loops = threading.Lock(), {}  # the parent's async sockets too
+        cache._lock = threading.Lock()  # (no loop's connections: asyncio runs none here)
         for tier in list(cache._tiers):
             tier._lock, tier._flights = threading.Lock(), {}
 

@@ -392,3 +392,28 @@ def test_a_batch_function_that_loads_its_keys_in_worker_threads_does_not_deadloc
         worker.join(5)
         assert out == [[3, 2, 1]]  # before: it waited forever (then a TimeoutError)
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_a_batch_function_whose_bind_scope_workers_load_its_keys_does_not_deadlock() -> None:
+    """The same tree with workers fed through bind_scope (which does not copy the
+    context): bind_scope carried the store and not the fetch the worker belongs to, so
+    the worker waited for the fetch, which waited for the worker."""
+    pool = ThreadPoolExecutor(32)
+
+    @request_batch
+    def tree(keys: list[int]) -> list[int]:
+        def value(key: int) -> int:
+            return 0 if key == 0 else tree.load(key // 2) + 1
+
+        futures = [pool.submit(bind_scope(value), k) for k in keys]
+        return [future.result(timeout=5) for future in futures]
+
+    with request_scope():
+        out: list[list[int]] = []
+        worker = threading.Thread(target=bind_scope(lambda: out.append(tree([4, 2, 1]))))
+        worker.daemon = True
+        worker.start()
+        worker.join(10)
+        assert out == [[3, 2, 1]]  # before: a TimeoutError in the batch function
+        assert tree.cache_info().misses >= 3
+    pool.shutdown(wait=False, cancel_futures=True)

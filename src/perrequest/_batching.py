@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Set
 from concurrent.futures import Future
-from contextvars import ContextVar
 from typing import Any
 
 from ._active import here
@@ -20,6 +19,7 @@ from ._checks import refuse_coroutine
 from ._flight import MISSING
 from ._stats import Counter, function_name
 from ._waits import done_waiting, may_wait
+from ._waits import within as _within
 from .errors import ScopeClosed, UnhashableArguments
 from .memo import refuse_or_warn
 from .store import MemoStore
@@ -27,10 +27,6 @@ from .store import MemoStore
 UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
 now = time.perf_counter
 _thread_id = threading.get_ident
-# The sync fetches whose batch function runs here: in this thread, or in one it started
-# with this context copied (asyncio.to_thread, run_in_threadpool). Their keys are
-# fetched again here, never waited for: the fetch waits for this code.
-_within: ContextVar[tuple[_Fetch, ...]] = ContextVar("perrequest.fetching", default=())
 
 
 class _BatchSpec:

@@ -5,6 +5,8 @@ otherwise wait forever. Consulted only when a caller is about to wait."""
 from __future__ import annotations
 
 import threading
+from contextvars import ContextVar
+from typing import Any
 
 _waits: dict[object, object] = {}
 _waits_lock = threading.Lock()
@@ -26,3 +28,9 @@ def may_wait(me: object, owner: object) -> bool:
 
 def done_waiting(me: object) -> None:
     _waits.pop(me, None)
+
+
+# The sync batch fetches whose batch function runs here: in this thread, or in one it
+# started with this context copied (asyncio.to_thread) or bound (``bind_scope``). Their
+# keys are fetched again here, never waited for: the fetch waits for this code.
+within: ContextVar[tuple[Any, ...]] = ContextVar("perrequest.fetching", default=())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Hashable
+from contextvars import Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
@@ -22,6 +23,7 @@ from ._checks import (
     refuse_generator,
 )
 from ._stats import add_scope_listener, remove_scope_listener
+from ._waits import within
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
@@ -210,7 +212,16 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
             f"scope, so there is no scope to bind. Call it inside the request. {NO_SCOPE_HINT}"
         )
 
-    return _around(fn, "bind_scope()", lambda: _current.set(store), _current.reset)
+    fetching = within.get()  # a batch function's worker loads its fetch's keys itself
+
+    def enter() -> tuple[Token[Any], Token[tuple[Any, ...]]]:
+        return _current.set(store), within.set(fetching)
+
+    def leave(tokens: tuple[Token[Any], Token[tuple[Any, ...]]]) -> None:
+        within.reset(tokens[1])
+        _current.reset(tokens[0])
+
+    return _around(fn, "bind_scope()", enter, leave)
 
 
 def _around(

@@ -34,7 +34,9 @@ _gc_guard.install(_current)  # finalizers run by the garbage collector see no st
 # costs no lock on the path every request takes (and, unlike a list's, allocate
 # nothing at a small size).
 _live: deque[None] = deque()
+_opened, _closed = _live.append, _live.pop  # bound once: a call through ``_live.`` binds anew
 _now = time.perf_counter
+_get, _set = _current.get, _current.set
 
 
 def _forked() -> None:
@@ -60,7 +62,7 @@ def open_scope(
     store._on_close = on_close
     if on_close is not None or observed():
         store._opened_at = _now()
-    _live.append(None)
+    _opened(None)
     store._token = _current.set(store)
     return store
 
@@ -82,10 +84,10 @@ def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
     scope gets its store at once, timed. The cell holds no ``Token``, so that a
     middleware that deep-copies the ASGI scope (where it is left) can.
     """
-    _live.append(None)
+    _opened(None)
     if options[1] is None and not listeners:
         cell = [options]
-        return cell, _current.set(cell)
+        return cell, _set(cell)
     store = MemoStore(options[0])
     store._on_close = options[1]
     store._opened_at = _now()
@@ -102,11 +104,14 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
         cell.append(MemoStore(options[0]) if listeners else _NONE_MADE)  # a listener since
     store = cell[1]
     if token is not None:
-        active = _current.get()
+        active = _get()
         if active is cell or active is store:
-            _reset(token)
+            try:
+                _current.reset(token)
+            except ValueError:  # set in another context than this one
+                _reset(token)
     if store is _NONE_MADE:
-        _live.pop()
+        _closed()
     else:
         close_scope(store)
 
@@ -192,7 +197,7 @@ def close_scope(store: MemoStore) -> None:
     on_close = store._on_close
     debug = logger.isEnabledFor(logging.DEBUG)
     stats = store._shut(on_close is not None or bool(listeners) or debug)
-    _live.pop()
+    _closed()
     if stats is None:  # nobody watches: the stats are made only if store.stats is read
         return
     if debug:

@@ -124,21 +124,23 @@ class RequestScopeMiddleware:
         self._scope_types = _check_scope_types(scope_types)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if _get() is not None and REQUEST_KEY not in scope:
-            forget_closed()
-            if opened_by_a_middleware():
-                # Another request's scope: one that calls this app in-process, or one whose
-                # context the server copied into this request's task (uvicorn; see
-                # docs/security.md). Hidden while this request runs, given back after.
-                hidden = _current.set(None)
-                try:
-                    await self(scope, receive, send)
-                finally:
-                    _current.reset(hidden)
+        if _get() is not None:  # a scope is active where this request starts
+            if REQUEST_KEY not in scope:
+                forget_closed()
+                if opened_by_a_middleware():
+                    # Another request's scope: one that calls this app in-process, or one
+                    # whose context the server copied into this request's task (uvicorn;
+                    # see docs/security.md). Hidden while this request runs, given back.
+                    hidden = _current.set(None)
+                    try:
+                        await self(scope, receive, send)
+                    finally:
+                        _current.reset(hidden)
+                    return
+            elif opened_outside(scope):  # an outer perrequest layer's, for this request
+                await self.app(scope, receive, send)
                 return
-        if scope["type"] not in self._scope_types or (
-            REQUEST_KEY in scope and opened_outside(scope)
-        ):
+        if scope["type"] not in self._scope_types:
             await self.app(scope, receive, send)
             return
         cell, token = open_request(self._options)

@@ -22,7 +22,6 @@ from ._active import (
     _current,
     close_request,
     forget_closed,
-    holds,
     open_request,
     opened_outside,
 )
@@ -76,9 +75,9 @@ class RequestScopeMiddleware:
         self._options = (check_max_entries(max_entries), check_on_close(on_close))
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if REQUEST_KEY in environ and opened_outside(environ):
-            return self.app(environ, start_response)  # an outer perrequest layer's scope
         if _get() is not None:
+            if REQUEST_KEY in environ and opened_outside(environ):
+                return self.app(environ, start_response)  # an outer perrequest layer's scope
             forget_closed()
         cell, token = open_request(self._options)
         environ[REQUEST_KEY] = cell
@@ -128,6 +127,9 @@ class ScopedBody:
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
+        if self._token is None and self._cell is not None and _get() is None:
+            self._token = _set(self._cell)  # until close(), which resets it
+            return iter(self._body)
         return self._start(self)
 
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator
@@ -152,16 +154,16 @@ class ScopedBody:
         token, self._token = self._token, None
         close = getattr(self._body, "close", None)
         try:
-            if close is None:
-                pass
-            elif holds(cell):
-                close()
-            else:
-                active = _set(cell)
-                try:
+            if close is not None:
+                active = _get()
+                if active is cell or (len(cell) > 1 and active is cell[1]):  # active here
                     close()
-                finally:
-                    _current.reset(active)
+                else:
+                    active = _set(cell)
+                    try:
+                        close()
+                    finally:
+                        _current.reset(active)
         finally:
             close_request(cell, token)
             if token is not None and _get() is not None:

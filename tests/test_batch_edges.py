@@ -377,3 +377,26 @@ async def test_a_batch_whose_callers_are_gone_runs_to_its_end() -> None:
     gc.collect()
     await asyncio.sleep(0.3)
     assert finished == [[1]]
+
+
+async def test_a_batch_pending_when_its_request_ends_serves_a_task_that_outlived_it() -> None:
+    """A task of the request loads a key and is still waiting when the scope closes (the
+    batch is gathered, not yet called): the batch is called all the same, the task gets
+    its value, and nothing is stored in the closed store."""
+    calls: list[list[int]] = []
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        return [k * 10 for k in keys]
+
+    async def handler_task() -> int:
+        return await rows.load(7)
+
+    async with request_scope() as store:
+        late = asyncio.create_task(handler_task())
+        await asyncio.sleep(0)  # the task has asked: the batch is pending
+    assert store.closed
+    assert await asyncio.wait_for(late, 5) == 70
+    assert calls == [[7]]
+    assert len(store) == 0

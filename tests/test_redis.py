@@ -613,7 +613,11 @@ def test_cache_clear_scans_the_function_keys_only(client: redis.Redis) -> None:
     with request_scope():
         f.cache_clear()
         assert f.cache_info().currsize == 0
-    assert client.dbsize() == 2  # g's and h's (KEYS is disabled on this server)
+    # g's and h's values (KEYS is disabled on this server), and the lock marked deleted
+    # for lock_timeout: its holder, maybe computing from old data, stores nothing.
+    assert client.dbsize() == 3
+    lock = _key("ns", f, 99999) + ":lock"
+    assert client.get(lock) == b"perrequest:deleted" and 0 < client.pttl(lock) <= 5000
     assert cache.stats().errors == 0
     with request_scope():
         assert f.cache_delete(5) is False
@@ -742,9 +746,10 @@ def test_cache_clear_and_cache_delete_act_on_redis_outside_a_scope_too(
         price("a"), price("bb"), price("ccc")
     assert client.dbsize() == 3
     price.cache_delete("a")
-    assert client.dbsize() == 2
+    values = [k for k in client.scan_iter() if not k.endswith(b":lock")]
+    assert len(values) == 2  # and a lock marked deleted, for lock_timeout
     price.cache_clear()
-    assert client.dbsize() == 0
+    assert [k for k in client.scan_iter() if not k.endswith(b":lock")] == []
 
 
 def test_bad_options_are_refused_with_the_reason(client: redis.Redis) -> None:
@@ -806,3 +811,55 @@ def test_a_function_returning_a_generator_is_refused_by_its_name(cache: RedisCac
 
     with request_scope(), pytest.raises(TypeError, match=r"'.*rows' returned a generator"):
         rows(3)
+
+
+@pytest.mark.parametrize("how", ["cache_delete", "cache_clear"])
+@pytest.mark.parametrize("read_between", [True, False])
+def test_a_delete_invalidates_another_process_computation_in_flight(
+    redis_server: Any, how: str, read_between: bool
+) -> None:
+    """Read your own writes across processes (two caches with clients of their own, as
+    two worker processes have): worker A computes from the old row and is still running
+    when worker B updates the row and deletes the entry. Before: A's value went into
+    Redis when it ended (no value was there any more), stale for a whole ttl."""
+    row = {"price": 1}
+    started, release = threading.Event(), threading.Event()
+
+    def worker(namespace: str) -> tuple[RedisCache, Any]:
+        cache = RedisCache(redis.Redis(port=redis_server.port), ttl=60, namespace=namespace)
+
+        @request_memo(shared=cache)
+        def price(sku: str) -> int:
+            value = row["price"]
+            if value == 1:
+                started.set()
+                release.wait(10)
+            return value
+
+        return cache, price
+
+    (cache_a, price_a), (cache_b, price_b) = worker("rw2"), worker("rw2")
+    old: list[int] = []
+
+    def in_a() -> None:
+        with request_scope():
+            old.append(price_a("a"))
+
+    thread = threading.Thread(target=in_a)
+    thread.start()
+    try:
+        assert started.wait(10)
+        row["price"] = 2
+        price_b.cache_delete("a") if how == "cache_delete" else price_b.cache_clear()
+        if read_between:
+            with request_scope():
+                assert price_b("a") == 2  # B computes afresh, without waiting for A
+    finally:
+        release.set()
+        thread.join(10)
+    assert old == [1]  # A's own caller still gets what it computed
+    for price in (price_b, price_a):
+        with request_scope():
+            assert price("a") == 2
+    cache_a.close()
+    cache_b.close()

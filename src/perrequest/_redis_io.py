@@ -35,19 +35,26 @@ from ._checks import KWARGS
 
 LOCK = ":lock"  # a value's lock key is its key plus this
 
-# The value, or the lock (taken when free, for ARGV[2] ms), in one atomic step:
-# {1, value} | {2} | {0}; {3}: the lock was taken over a bad one, which no miss would
-# ever have got past (a key of another type, or a string without expiry, written by
-# someone else).
-CLAIM = """
+# What a delete leaves in a value's lock key for ``lock_timeout``: a computation still
+# in flight (in any process; it may have read the old data) no longer holds the lock,
+# so it stores nothing, and the next miss takes the lock over at once.
+DELETED = "perrequest:deleted"
+
+# The value, or the lock (taken when free, or over a delete's mark, for ARGV[2] ms), in
+# one atomic step: {1, value} | {2} | {0}; {3}: the lock was taken over a bad one, which
+# no miss would ever have got past (a key of another type, or a string without expiry,
+# written by someone else).
+CLAIM = f"""
 local value = redis.call('GET', KEYS[1])
-if value then return {1, value} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+if value then return {{1, value}} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {{2}} end
 if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('PTTL', KEYS[2]) >= 0 then
-  return {0}
+  if redis.call('GET', KEYS[2]) ~= '{DELETED}' then return {{0}} end
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return {{2}}
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {3}
+return {{3}}
 """
 # Our lock (if still ours) lives ARGV[2] ms from now.
 EXTEND = """
@@ -58,17 +65,21 @@ return 1
 """
 # Store the value (if any), then release the lock if it is still ours (a lock key
 # turned into another type is left for the next CLAIM to take over). A holder that
-# lost its lock (it expired, or a delete took it) stores only where no value is: the
-# one there was computed later, by the lock's next holder. Without a lock (ARGV[3]
-# empty: a wait that timed out, a bad value) the value is overwritten.
-STORE = """
-local ours = ARGV[3] == '' or (redis.call('TYPE', KEYS[2]).ok == 'string'
-    and redis.call('GET', KEYS[2]) == ARGV[3])
+# lost its lock stores only if nobody holds it and no value is there: it expired, and
+# nobody wanted the key since; otherwise the lock's next holder, or a delete, came
+# after it. Without a lock (ARGV[3] empty: a wait that timed out, a bad value) the
+# value is overwritten, unless a delete came meanwhile.
+STORE = f"""
+local kind = redis.call('TYPE', KEYS[2]).ok
+local lock = kind == 'string' and redis.call('GET', KEYS[2])
 if ARGV[1] ~= '' then
-  if ours then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') end
+  if (ARGV[3] == '' and lock ~= '{DELETED}') or (ARGV[3] ~= '' and lock == ARGV[3]) then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  elseif ARGV[3] ~= '' and kind == 'none' then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
+  end
 end
-if ARGV[3] ~= '' and ours then redis.call('DEL', KEYS[2]) end
+if ARGV[3] ~= '' and lock == ARGV[3] then redis.call('DEL', KEYS[2]) end
 return 1
 """
 
@@ -175,26 +186,35 @@ def wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
-def scan_delete(client: Any, base: str) -> int:
-    """Delete the keys and locks of the function whose keys start with ``base``, every
-    version, a SCAN page at a time; how many. Only one version (no colon) and a SHA-256
-    after ``base``: never another namespace's key that starts alike."""
+def scan_delete(client: Any, base: str, lock_ms: int) -> int:
+    """Delete the values of the function whose keys start with ``base``, every version,
+    a SCAN page at a time, and mark the locks found ``DELETED``; how many values. Only
+    one version (no colon) and a SHA-256 after ``base``: never another namespace's key
+    that starts alike."""
     pattern = re.sub(r"([\\*?\[\]])", r"\\\1", base) + "*"  # glob-escaped
     wanted = re.compile(re.escape(base.encode()) + rb"[^:]+:[0-9a-f]{64}(?::lock)?\Z").match
     cursor, deleted = 0, 0
     while True:
         cursor, keys = client.scan(cursor=cursor, match=pattern, count=1000)
         doomed = [k for k in keys if wanted(k)]
+        locks = [k for k in doomed if k.endswith(b":lock")]
+        values = [k for k in doomed if not k.endswith(b":lock")]
         if doomed:
-            deleted += client.unlink(*doomed)
+            pipe = client.pipeline()  # MULTI: no STORE runs in between
+            for lock in locks:
+                pipe.set(lock, DELETED, px=lock_ms)
+            if values:
+                pipe.unlink(*values)
+            replies = pipe.execute()
+            deleted += replies[-1] if values else 0
         if cursor == 0:
             return deleted
 
 
-def unlink(client: Any, key: str) -> int:
-    """Delete a value and its lock, in one round trip; whether the value was there."""
-    pipe = client.pipeline(transaction=False)
-    return int(pipe.unlink(key).unlink(key + LOCK).execute()[0])
+def unlink(client: Any, key: str, lock_ms: int) -> int:
+    """Delete a value and mark its lock ``DELETED``, at once (MULTI) and in one round
+    trip; whether the value was there."""
+    return int(client.pipeline().unlink(key).set(key + LOCK, DELETED, px=lock_ms).execute()[0])
 
 
 # -- encodings ------------------------------------------------------------------------

@@ -447,7 +447,7 @@ class RedisTier:
         with self._lock:
             for key in list(self._flights):
                 _flight.invalidate(self, key)
-        self._admin(lambda client: io.scan_delete(client, self.base))
+        self._admin(lambda client: io.scan_delete(client, self.base, self.cache._lock_ms))
 
     def delete(self, where: Hashable) -> bool:
         """Whether Redis had the entry (and Redis answered). A computation of it in flight
@@ -456,7 +456,7 @@ class RedisTier:
         key = self.redis_key(where[1], (), {})  # type: ignore[index]
         with self._lock:
             _flight.invalidate(self, key)
-        return bool(self._admin(lambda client: io.unlink(client, key)))
+        return bool(self._admin(lambda client: io.unlink(client, key, self.cache._lock_ms)))
 
     def _admin(self, command: Any) -> int:
         """``command(client)`` on the sync pool, from sync or async code alike; 0 if Redis

@@ -83,16 +83,18 @@ class RequestScopeMiddleware:
         environ[REQUEST_KEY] = cell
         try:
             body = self.app(environ, start_response)
+            wrapper = environ.get("wsgi.file_wrapper")
+            if type(body) in (list, tuple) or (
+                isinstance(wrapper, type) and isinstance(body, wrapper)  # may run its code
+            ):
+                # Nothing of the app's runs later: end the scope now, and hand the body
+                # over as it is (the server still sees a list's len(), and its own file
+                # wrapper, which it serves with sendfile).
+                close_request(cell, token)
+                return body
         except BaseException:
             close_request(cell, token)
             raise
-        wrapper = environ.get("wsgi.file_wrapper")
-        if type(body) in (list, tuple) or (isinstance(wrapper, type) and isinstance(body, wrapper)):
-            # Nothing of the app's runs later: end the scope now, and hand the body
-            # over as it is (the server still sees a list's len(), and its own file
-            # wrapper, which it serves with sendfile).
-            close_request(cell, token)
-            return body
         _current.reset(token)  # the thread as it was; iterating makes the store active
         return ScopedBody(body, cell)
 
@@ -152,8 +154,8 @@ class ScopedBody:
         if cell is None:
             return
         token, self._token = self._token, None
-        close = getattr(self._body, "close", None)
         try:
+            close = getattr(self._body, "close", None)  # a property may raise: in the try
             if close is not None:
                 active = _get()
                 if active is cell or (len(cell) > 1 and active is cell[1]):  # active here

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import multiprocessing
 import socket
 import struct
 import sys
@@ -28,7 +30,7 @@ from asgiref.sync import async_to_sync
 from servers import HOST, free_port, serve_gunicorn, serve_subprocess
 
 import perrequest
-from perrequest import request_memo
+from perrequest import bind_scope, request_batch, request_memo, request_scope
 from perrequest.scope import _current
 from perrequest.testing import live_scopes
 from perrequest.wsgi import RequestScopeMiddleware
@@ -255,3 +257,72 @@ def test_granian_wsgi_serves_each_body_in_its_own_store() -> None:
     with serve_subprocess([*argv, f"{__name__}:served_app"], port) as base:
         state = _attack(base, paths, hang_ups=6)
     _check(state, paths)
+
+
+# -- fork while another thread computes, from a thread outside the scope ---------------
+
+
+def _in_child(out: Any, load: Callable[[], Any]) -> None:
+    out.put(load())
+
+
+@pytest.mark.parametrize("kind", ["memo", "memo-waited-for", "batch"])
+def test_a_child_forked_outside_the_scope_computes_what_a_parent_thread_was_computing(
+    kind: str,
+) -> None:
+    """multiprocessing forks from a thread with no scope active (a helper thread), and the
+    child runs a function bound to the request's store, in which another parent thread is
+    computing the key (a second one waiting for it, or a batch fetching it). Only the
+    store active in the forking thread had its records dropped in the child: the child
+    waited forever for a thread that stayed in the parent."""
+    started, release = threading.Event(), threading.Event()
+
+    def parent_computes_slowly() -> None:
+        if multiprocessing.parent_process() is None:
+            started.set()
+            release.wait(10)
+
+    @request_memo
+    def triple(x: int) -> int:
+        parent_computes_slowly()
+        return x * 3
+
+    @request_batch
+    def triples(keys: list[int]) -> list[int]:
+        parent_computes_slowly()
+        return [key * 3 for key in keys]
+
+    fn: Callable[[int], Any] = triple if kind.startswith("memo") else triples.load
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    processes: list[Any] = []
+    with request_scope():
+        threads = [threading.Thread(target=bind_scope(fn), args=(7,))]
+        threads[0].start()
+        assert started.wait(5)
+        if kind == "memo-waited-for":
+            threads.append(threading.Thread(target=bind_scope(fn), args=(7,)))
+            threads[1].start()
+            deadline = time.monotonic() + 5
+            while triple.cache_info().hits < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the second thread is waiting for the first
+        bound = bind_scope(functools.partial(fn, 7))
+
+        def fork() -> None:
+            processes.append(context.Process(target=_in_child, args=(queue, bound)))
+            processes[0].start()
+
+        helper = threading.Thread(target=fork)  # nothing is active in it
+        helper.start()
+        helper.join(5)
+        try:
+            assert queue.get(timeout=5) == 21
+        finally:
+            release.set()
+            for thread in threads:
+                thread.join(5)
+            for process in processes:
+                process.join(5)
+                if process.is_alive():
+                    process.kill()
+                    process.join(5)

@@ -18,7 +18,7 @@ from ._active import here
 from ._checks import refuse_coroutine
 from ._flight import MISSING
 from ._stats import Counter, function_name
-from ._waits import done_waiting, may_wait
+from ._waits import done_waiting, gone, may_wait
 from ._waits import within as _within
 from .errors import ScopeClosed, UnhashableArguments
 from .memo import refuse_or_warn
@@ -255,8 +255,8 @@ class _BatchSpec:
                         counter.hits += 1
                         continue
                     other = flights.get((self, ck))
-                    if other is not None and other.ended:  # left by a failed unregister
-                        other = None
+                    if other is not None and (other.ended or gone(other.owner)):
+                        other = None  # left by a failed unregister, or in a forked parent
                     if other is None or other in within or ck in alone:
                         if other is None:
                             flights[(self, ck)] = me

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from ._checks import LAZY, refuse_memoized_result
 from ._stats import CountsLike as Counter
-from ._waits import done_waiting, may_wait
+from ._waits import done_waiting, gone, may_wait
 
 MISSING: Any = object()
 _RESTART: Any = object()  # the computing caller was interrupted: waiters try again
@@ -266,10 +266,10 @@ def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any
             counter.hits += 1
             return (value,)
         record = cache._flights.get(key)
-        if record is None:
+        computing = record.owner if type(record) is Waited else record
+        if record is None or gone(computing):  # gone: its owner stayed in the parent
             cache._flights[key] = me
             return True
-        computing = record.owner if type(record) is Waited else record
         if computing is me or computing == me:  # recursion: this very caller computes it
             counter.misses += 1
             return False

@@ -4,12 +4,43 @@ otherwise wait forever. Consulted only when a caller is about to wait."""
 
 from __future__ import annotations
 
+import os
 import threading
 from contextvars import ContextVar
 from typing import Any
 
 _waits: dict[object, object] = {}
 _waits_lock = threading.Lock()
+
+# In a process made by fork: the threads of its parents (all but the one that forked),
+# which records copied with the memory may name as computing a key. They do not run
+# here, so they never finish: a caller that finds one computes the key itself.
+_gone: frozenset[object] = frozenset()
+_at_fork: frozenset[object] = frozenset()
+
+
+def gone(owner: object) -> bool:
+    """True when ``owner``, a thread computing a key, ran in a parent of this process and
+    does not exist here (a thread started here may reuse its id: then it is not gone)."""
+    return bool(_gone) and owner in _gone and all(t.ident != owner for t in threading.enumerate())
+
+
+def _before_fork() -> None:
+    global _at_fork
+    _at_fork = frozenset(thread.ident for thread in threading.enumerate())
+
+
+def _after_fork_in_child() -> None:
+    """The parent's waits are not this process's; nor is the lock, which one of its
+    threads may have held."""
+    global _gone, _waits_lock
+    _gone = _gone | (_at_fork - {threading.get_ident()})
+    _waits.clear()
+    _waits_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def may_wait(me: object, owner: object) -> bool:

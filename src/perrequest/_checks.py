@@ -22,6 +22,7 @@ __all__ = [
     "check_on_close",
     "explains_options",
     "is_async_callable",
+    "is_wsgi_app",
     "refuse_generator",
 ]
 
@@ -97,6 +98,26 @@ def check_factory(factory: object) -> None:
 
 def is_async_callable(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(_call_of(fn))
+
+
+def is_wsgi_app(app: object) -> bool:
+    """A sync callable taking ``(environ, start_response)`` and no third argument: a WSGI
+    app, which no ASGI server can call. False when its signature cannot be read."""
+    if is_async_callable(app):
+        return False
+    try:
+        signature = inspect.signature(app)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+    def binds(count: int) -> bool:
+        try:
+            signature.bind(*range(count))
+        except TypeError:
+            return False
+        return True
+
+    return binds(2) and not binds(3)
 
 
 def check_on_close(

@@ -26,7 +26,7 @@ from ._active import (
     opened_by_a_middleware,
     opened_outside,
 )
-from ._checks import check_max_entries, check_on_close, explains_options
+from ._checks import check_max_entries, check_on_close, explains_options, is_wsgi_app
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
@@ -93,7 +93,7 @@ class RequestScopeMiddleware:
     Raises:
         TypeError: An unknown option (naming the closest valid one; with
             ``add_middleware``, raised when Starlette builds the stack), an
-            ``app`` that is not callable, or a bad value.
+            ``app`` that is not callable or is a WSGI app, or a bad value.
         ValueError: ``max_entries`` not positive, ``scope_types`` empty or
             listing ``"lifespan"`` or an unknown type.
     """
@@ -118,6 +118,14 @@ class RequestScopeMiddleware:
             raise TypeError(
                 f"RequestScopeMiddleware wraps an ASGI app (an async callable taking "
                 f"scope, receive, send), not {type(app).__name__} {app!r}"
+            )
+        if is_wsgi_app(app):
+            raise TypeError(
+                f"perrequest.asgi.RequestScopeMiddleware wraps an ASGI app, but {app!r} is a "
+                "WSGI app (it takes environ and start_response): wrap it with "
+                "perrequest.wsgi.RequestScopeMiddleware instead (Flask: "
+                "perrequest.flask.PerRequest(app); Django: "
+                "perrequest.django.RequestScopeMiddleware in MIDDLEWARE)"
             )
         self.app = app
         self._options = (check_max_entries(max_entries), check_on_close(on_close))

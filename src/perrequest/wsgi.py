@@ -25,7 +25,7 @@ from ._active import (
     open_request,
     opened_outside,
 )
-from ._checks import check_max_entries, check_on_close, explains_options
+from ._checks import check_max_entries, check_on_close, explains_options, is_async_callable
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
@@ -52,7 +52,7 @@ class RequestScopeMiddleware:
 
     Raises:
         TypeError: An unknown option (naming the closest valid one), an
-            ``app`` that is not callable, or a bad value.
+            ``app`` that is not callable or is an ASGI app, or a bad value.
         ValueError: ``max_entries`` zero or negative.
     """
 
@@ -70,6 +70,12 @@ class RequestScopeMiddleware:
             raise TypeError(
                 f"RequestScopeMiddleware wraps a WSGI app (a callable taking environ and "
                 f"start_response), not {type(app).__name__} {app!r}"
+            )
+        if is_async_callable(app):
+            raise TypeError(
+                f"perrequest.wsgi.RequestScopeMiddleware wraps a WSGI app, but {app!r} is an "
+                "ASGI app (it is async): wrap it with perrequest.asgi.RequestScopeMiddleware "
+                "instead (Starlette, FastAPI: app.add_middleware(RequestScopeMiddleware))"
             )
         self.app = app
         self._options = (check_max_entries(max_entries), check_on_close(on_close))

@@ -103,7 +103,7 @@ def test_each_middleware_still_takes_every_app_of_its_protocol() -> None:
     for asgi_app in (Starlette(), _asgi_function, _AsgiObject(), _returns_a_coroutine):
         perrequest.asgi.RequestScopeMiddleware(asgi_app)
     perrequest.asgi.RequestScopeMiddleware(functools.partial(_asgi_function))
-    perrequest.asgi.RequestScopeMiddleware(len)  # no signature to read: not refused
+    perrequest.asgi.RequestScopeMiddleware(max)  # no signature to read: not refused
     for wsgi_app in (Flask(__name__), _wsgi_function, _WsgiObject()):
         perrequest.wsgi.RequestScopeMiddleware(wsgi_app)
 

@@ -38,6 +38,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 from test_inherited_context import BOOM, HOLD, OWN, UPLOAD, WHO, WS, _app, _exchange, _none, _report
 
@@ -106,6 +107,45 @@ def test_each_middleware_still_takes_every_app_of_its_protocol() -> None:
     perrequest.asgi.RequestScopeMiddleware(max)  # no signature to read: not refused
     for wsgi_app in (Flask(__name__), _wsgi_function, _WsgiObject()):
         perrequest.wsgi.RequestScopeMiddleware(wsgi_app)
+
+
+# -- a deep copy of the scope between two perrequest layers --------------------------------
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["store-not-made-yet", "store-made"])
+def test_two_layers_share_one_scope_across_a_middleware_that_deep_copies_it(made: bool) -> None:
+    """hypercorn's ProxyFixMiddleware deep-copies the ASGI scope, marker and all. The
+    inner layer (a sub-app's own middleware) opened a second scope when the outer one's
+    store had not been made before the copy (the lazy cell, a plain list, was copied),
+    and shared it when it had: what the endpoint stored was lost to the outer code."""
+    from hypercorn.middleware import ProxyFixMiddleware
+
+    seen: dict[str, Any] = {}
+
+    async def endpoint(request: Request) -> Response:
+        perrequest.set("user", "alice")
+        seen["live inside"] = live_scopes()
+        seen["bound inside"] = perrequest.current_store().max_entries
+        return PlainTextResponse("ok")
+
+    inner = Starlette(
+        routes=[Route("/", endpoint)],
+        middleware=[Middleware(perrequest.asgi.RequestScopeMiddleware)],  # its own layer
+    )
+    proxied = ProxyFixMiddleware(inner, mode="legacy", trusted_hops=1)
+
+    async def logging_middleware(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and made:
+            perrequest.get("anything")  # makes the store before the copy
+        await proxied(scope, receive, send)
+        if scope["type"] == "http":
+            seen["user after"] = perrequest.get("user")
+
+    app = perrequest.asgi.RequestScopeMiddleware(logging_middleware, max_entries=50)
+    with TestClient(app) as client:
+        assert client.get("/", headers={"X-Forwarded-For": "1.2.3.4"}).text == "ok"
+    assert seen == {"live inside": 1, "bound inside": 50, "user after": "alice"}
+    assert live_scopes() == 0
 
 
 # -- what held: hypercorn's trio worker starts each request in its own context -----------

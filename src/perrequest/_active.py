@@ -228,6 +228,14 @@ REQUEST_KEY = "perrequest.store"
 
 
 def opened_outside(request: Mapping[str, Any]) -> bool:
-    """True when an outer perrequest layer opened this request's scope, still active here."""
+    """True when an outer perrequest layer opened this request's scope, still active here:
+    the cell it left, or a deep copy of it (hypercorn's ``ProxyFixMiddleware`` deep-copies
+    the ASGI scope), whose options are the very tuple of the cell active here (``deepcopy``
+    keeps a tuple of ints and None; a scope with ``on_close`` has its store at once)."""
     outer = request.get(REQUEST_KEY)
-    return type(outer) is list and outer[0] is not None and holds(outer)
+    if type(outer) is not list or outer[0] is None:
+        return False
+    active = _current.get()
+    if type(active) is list:
+        return active[0] is outer[0]  # the cell, or a copy of it, open
+    return len(outer) > 1 and active is outer[1]  # its store, made before any copy

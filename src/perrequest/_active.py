@@ -134,11 +134,6 @@ def opened_by_a_middleware() -> bool:
     return type(active) is list or (active is not None and active._token is None)
 
 
-def holds(cell: list[Any]) -> bool:
-    active = _current.get()
-    return active is cell or (len(cell) > 1 and active is cell[1])
-
-
 def _made(cell: list[Any]) -> MemoStore:
     """The store of a cell, made by whoever needs it first; closed if the scope is."""
     if len(cell) == 1:

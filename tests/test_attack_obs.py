@@ -1,0 +1,117 @@
+"""Attacks on observability: listeners, ``on_close``, stats, metrics and the test helpers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from servers import serve_uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import perrequest
+from perrequest import ScopeStats, request_memo, request_scope
+from perrequest.asgi import RequestScopeMiddleware
+from perrequest.testing import live_scopes
+
+NAME = f"{__name__}.double"
+
+
+@request_memo
+def double(x: int) -> int:
+    return 2 * x
+
+
+@pytest.fixture
+def errors(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.LogRecord]]:
+    with caplog.at_level(logging.ERROR, logger="perrequest"):
+        yield caplog.records
+
+
+def _wait_for(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+# -- a listener or on_close that opens a scope of its own ----------------------------------
+
+
+def test_a_listener_that_opens_a_scope_is_not_called_for_it(
+    errors: list[logging.LogRecord],
+) -> None:
+    """A listener that stores its stats through code that opens a scope (a memo in a
+    ``request_scope()``, a worker helper decorated ``@request_scope()``) was called for
+    that scope too, which opened another: it recursed until ``RecursionError``, ~300
+    scopes and a logged traceback per closing scope. Another listener still sees the
+    inner scope."""
+    got: list[ScopeStats] = []
+    seen: list[ScopeStats] = []
+
+    def store_stats(stats: ScopeStats) -> None:
+        got.append(stats)
+        with request_scope():
+            double(len(got))
+
+    perrequest.add_scope_listener(store_stats)
+    perrequest.add_scope_listener(seen.append)
+    try:
+        with request_scope():
+            assert double(1) == 2
+    finally:
+        perrequest.remove_scope_listener(store_stats)
+        perrequest.remove_scope_listener(seen.append)
+    assert len(got) == 1 and got[0].functions[NAME].misses == 1
+    assert len(seen) == 2  # the outer scope, and the one store_stats opened
+    assert not errors
+    assert live_scopes() == 0
+
+
+def test_an_on_close_that_opens_a_scope_with_itself_does_not_recurse(
+    errors: list[logging.LogRecord],
+) -> None:
+    """An ``on_close`` that runs code opening a scope with the same ``on_close`` (a
+    Celery task run eagerly, whose scopes get the app's ``on_close``) recursed too."""
+    calls: list[ScopeStats] = []
+
+    def on_close(stats: ScopeStats) -> None:
+        calls.append(stats)
+        with request_scope(on_close=on_close):
+            double(3)
+
+    with request_scope(on_close=on_close):
+        double(2)
+    assert len(calls) == 1
+    assert not errors
+
+
+def test_under_uvicorn_a_listener_opening_scopes_leaves_responses_and_log_clean(
+    errors: list[logging.LogRecord],
+) -> None:
+    got: list[ScopeStats] = []
+
+    def store_stats(stats: ScopeStats) -> None:
+        with request_scope():
+            double(-1)
+        got.append(stats)
+
+    async def index(request: Any) -> PlainTextResponse:
+        return PlainTextResponse(str(double(int(request.query_params["x"]))))
+
+    app = Starlette(routes=[Route("/", index)])
+    app.add_middleware(RequestScopeMiddleware)
+    perrequest.add_scope_listener(store_stats)
+    try:
+        with serve_uvicorn(app) as url:
+            for x in range(5):
+                assert httpx.get(url + f"/?x={x}", timeout=10).text == str(2 * x)
+            _wait_for(lambda: len(got) >= 5)
+    finally:
+        perrequest.remove_scope_listener(store_stats)
+    assert [s.misses for s in got] == [1] * 5
+    assert not errors

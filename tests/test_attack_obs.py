@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import logging
+import pickle
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -115,3 +119,27 @@ def test_under_uvicorn_a_listener_opening_scopes_leaves_responses_and_log_clean(
         perrequest.remove_scope_listener(store_stats)
     assert [s.misses for s in got] == [1] * 5
     assert not errors
+
+
+# -- what a listener does with the stats ----------------------------------------------------
+
+
+def test_stats_can_be_pickled_copied_and_made_a_dict_by_a_listener() -> None:
+    """``functions`` was a ``MappingProxyType``: ``dataclasses.asdict(stats)`` (to log
+    them as JSON), ``pickle`` (a listener handing them to a queue, a Celery task) and
+    ``copy.deepcopy`` raised "cannot pickle 'mappingproxy' object", and ``hash`` of the
+    frozen stats raised too. Still read-only."""
+    with request_scope() as store:
+        double(1)
+        double(1)
+    stats = store.stats
+    as_dict = dataclasses.asdict(stats)
+    assert json.loads(json.dumps(as_dict))["functions"] == {NAME: [1, 1, 0, 0.0]}
+    again = pickle.loads(pickle.dumps(stats))
+    assert again == stats and again.functions[NAME].hits == 1
+    assert copy.deepcopy(stats) == stats and hash(stats) == hash(again)
+    with pytest.raises(TypeError, match="read-only"):
+        stats.functions[NAME] = stats.functions[NAME]  # type: ignore[index]
+    with pytest.raises(TypeError, match="read-only"):
+        again.functions.clear()  # type: ignore[attr-defined]
+    assert stats.functions == {NAME: (1, 1, 0, 0.0)}

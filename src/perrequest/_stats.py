@@ -11,8 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 from ._checks import check_on_close
 
@@ -23,8 +22,6 @@ __all__ = [
     "function_name",
     "remove_scope_listener",
 ]
-
-_NO_STATS: Mapping[str, FunctionStats] = MappingProxyType({})
 
 
 class FunctionStats(NamedTuple):
@@ -42,6 +39,35 @@ class FunctionStats(NamedTuple):
     misses: int
     evictions: int
     compute_s: float
+
+
+class FunctionsStats(dict[str, FunctionStats]):
+    """``ScopeStats.functions``: a read-only dict, so that the stats can be pickled (a
+    listener handing them to a queue or a task), deep-copied and ``asdict``-ed, which a
+    ``MappingProxyType`` cannot be, and hashed with the rest of the stats."""
+
+    __slots__ = ()
+
+    def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("ScopeStats.functions is read-only: copy it with dict() to change it")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> tuple[type[FunctionsStats], tuple[dict[str, FunctionStats]]]:
+        return FunctionsStats, (dict(self),)  # not rebuilt through __setitem__
+
+    def __copy__(self) -> FunctionsStats:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> FunctionsStats:
+        return self  # holds only immutable values
+
+
+_NO_STATS: Mapping[str, FunctionStats] = FunctionsStats()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,5 +162,5 @@ def stats_of(counts: tuple[Any, ...], duration: float) -> ScopeStats:
         peak_entries=max(peak, entries),
         evictions=evictions,
         duration_s=duration,
-        functions=MappingProxyType({f[0]: FunctionStats(*f[1:]) for f in functions}),
+        functions=FunctionsStats({f[0]: FunctionStats(*f[1:]) for f in functions}),
     )

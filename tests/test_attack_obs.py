@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import pickle
@@ -31,10 +32,25 @@ def double(x: int) -> int:
     return 2 * x
 
 
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.fixture
-def errors(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.LogRecord]]:
-    with caplog.at_level(logging.ERROR, logger="perrequest"):
-        yield caplog.records
+def errors() -> Iterator[list[logging.LogRecord]]:
+    """What the ``perrequest`` logger logs at ERROR during the test."""
+    handler = _Kept()
+    logger = logging.getLogger("perrequest")
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
 
 
 def _wait_for(condition: Any, timeout: float = 5.0) -> None:
@@ -143,3 +159,30 @@ def test_stats_can_be_pickled_copied_and_made_a_dict_by_a_listener() -> None:
     with pytest.raises(TypeError, match="read-only"):
         again.functions.clear()  # type: ignore[attr-defined]
     assert stats.functions == {NAME: (1, 1, 0, 0.0)}
+
+
+def test_a_listener_returning_a_coroutine_is_logged_not_silently_dropped(
+    errors: list[logging.LogRecord], recwarn: pytest.WarningsRecorder
+) -> None:
+    """``add_scope_listener(lambda stats: send(stats))`` (``send`` async) passed the async
+    check and then did nothing: its coroutine was never awaited, and only Python's
+    RuntimeWarning (hidden by default) said so. It is closed and logged at ERROR."""
+    sent: list[ScopeStats] = []
+
+    async def send(stats: ScopeStats) -> None:
+        sent.append(stats)
+
+    def listener(stats: ScopeStats) -> Any:
+        return send(stats)
+
+    perrequest.add_scope_listener(listener)
+    try:
+        with request_scope(on_close=listener):
+            double(4)
+    finally:
+        perrequest.remove_scope_listener(listener)
+    gc.collect()
+    assert not sent
+    assert len(errors) == 2  # as on_close, then as a listener
+    assert all("returned a coroutine" in str(r.exc_info[1]) for r in errors if r.exc_info)
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]

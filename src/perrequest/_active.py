@@ -13,7 +13,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
-from typing import Any
+from types import CoroutineType
+from typing import Any, NoReturn
 
 from . import _gc_guard
 from ._stats import ScopeStats, listeners, observed
@@ -209,12 +210,23 @@ def close_scope(store: MemoStore) -> None:
             continue  # a scope it opened itself (a memo in a scope, a task run eagerly)
         running.append(listener)
         try:
-            listener(stats)
+            returned = listener(stats)
+            if type(returned) is CoroutineType:  # its body would never run
+                returned.close()
+                _coroutine_refused(listener)
         except Exception:
             what = "the scope's on_close" if listener is on_close else "scope listener"
             logger.exception("perrequest: %s %r raised", what, listener)
         finally:
             running.pop()
+
+
+def _coroutine_refused(listener: OnClose) -> NoReturn:
+    raise TypeError(
+        f"{listener!r} returned a coroutine, which nothing awaits: it runs as the scope "
+        "closes, in sync code. Make it a plain function that hands the stats to a task "
+        "(loop.create_task) or a queue."
+    )
 
 
 def live_scopes() -> int:

@@ -10,11 +10,12 @@ import logging
 import pickle
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from servers import serve_uvicorn
+from servers import serve_gunicorn, serve_uvicorn
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -186,3 +187,24 @@ def test_a_listener_returning_a_coroutine_is_logged_not_silently_dropped(
     assert len(errors) == 2  # as on_close, then as a listener
     assert all("returned a coroutine" in str(r.exc_info[1]) for r in errors if r.exc_info)
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+# -- Prometheus under gunicorn ----------------------------------------------------------------
+
+
+def test_prometheus_multiprocess_mode_under_gunicorn_has_the_counters(tmp_path: Path) -> None:
+    """docs/observability.md says to use prometheus-client's multiprocess mode with
+    several gunicorn workers; the counters were a custom collector of in-process totals,
+    which multiprocess mode never scrapes: ``perrequest_memo_*_total`` were missing
+    (the histograms were there). They are ``Counter`` objects in that mode."""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    with serve_gunicorn("obs_apps:multiprocess_app", workers=2, env=env) as url:
+        for n in range(20):
+            assert httpx.get(f"{url}/{n}", timeout=10).text == f"/{n}/{n}"
+        scraped = httpx.get(url + "/metrics", timeout=10).text
+    function = 'function="obs_apps.load"'
+    assert f"perrequest_memo_hits_total{{{function}}} 20.0" in scraped
+    assert f"perrequest_memo_misses_total{{{function}}} 20.0" in scraped
+    assert f"perrequest_memo_evictions_total{{{function}}} 0.0" in scraped
+    assert "perrequest_scope_entries_count 20.0" in scraped
+    assert "/7" not in scraped  # keys never reach a label

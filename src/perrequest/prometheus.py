@@ -7,15 +7,26 @@ each means: docs/observability.md.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from ._checks import explains_options
-from ._metrics import ENTRY_BUCKETS, SAVED_BUCKETS, Totals, scope_saved_s, used
+from ._metrics import (
+    ENTRY_BUCKETS,
+    HELPERS,
+    MAX_NAMES,
+    OTHER,
+    SAVED_BUCKETS,
+    Totals,
+    label,
+    scope_saved_s,
+    used,
+)
 from ._stats import ScopeStats
 from .scope import add_scope_listener, remove_scope_listener
 
@@ -50,6 +61,45 @@ class _Counters(Collector):
             yield CounterMetricFamily(name, documentation, labels=("function",))
 
 
+def _multiprocess() -> bool:
+    """prometheus-client's multiprocess mode (gunicorn workers), chosen by the environment
+    as prometheus-client chooses it: there only its own metrics' values, kept in files,
+    are scraped; a collector like ``_Counters`` is not."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+
+
+class _FileCounters:
+    """The three counters as prometheus-client ``Counter`` objects, for multiprocess mode:
+    each closing scope increments them, per function (bounded as ``Totals`` is)."""
+
+    def __init__(self) -> None:
+        self.counters = [
+            Counter(name, documentation, labelnames=("function",), registry=None)
+            for name, documentation in _COUNTERS
+        ]
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, stats: ScopeStats) -> None:
+        hits = misses = evictions = 0
+        for name, fn in stats.functions.items():
+            hits, misses, evictions = hits + fn.hits, misses + fn.misses, evictions + fn.evictions
+            self._inc(name, fn.hits, fn.misses, fn.evictions)
+        if hits != stats.hits or misses != stats.misses or evictions != stats.evictions:
+            self._inc(
+                HELPERS, stats.hits - hits, stats.misses - misses, stats.evictions - evictions
+            )
+
+    def _inc(self, name: str, *counts: int) -> None:
+        if name not in self._names:
+            with self._lock:
+                if len(self._names) >= MAX_NAMES:
+                    name = OTHER
+                self._names.add(name)
+        for counter, count in zip(self.counters, counts, strict=True):
+            counter.labels(label(name)).inc(count)  # 0 too: the three series start together
+
+
 class _Listener:
     """The scope listener: the totals behind the counters, and the two histograms."""
 
@@ -57,7 +107,11 @@ class _Listener:
         """Made unregistered: ``register`` puts them in ``registry``, all or none."""
         self.registry = registry
         self.totals = Totals()
-        self.counters = _Counters(self.totals)
+        # In multiprocess mode, Counter objects: prometheus-client aggregates only those.
+        self.files = _FileCounters() if _multiprocess() else None
+        counters: list[_Counters | Counter] = (
+            [_Counters(self.totals)] if self.files is None else list(self.files.counters)
+        )
         self.entries = Histogram(
             "perrequest_scope_entries",
             "Most entries a request store held at once",
@@ -70,12 +124,17 @@ class _Listener:
             registry=None,
             buckets=SAVED_BUCKETS,
         )
+        self.collectors: list[_Counters | Counter | Histogram] = [
+            *counters,
+            self.entries,
+            self.saved,
+        ]
 
     def register(self) -> None:
         """Register the three collectors, or none: a name already taken in the registry
         (by another library, or by hand) unregisters those done and raises ValueError."""
         done: list[Collector] = []
-        for collector in (self.counters, self.entries, self.saved):
+        for collector in self.collectors:
             try:
                 self.registry.register(collector)
             except ValueError as exc:
@@ -93,12 +152,15 @@ class _Listener:
     def __call__(self, stats: ScopeStats) -> None:
         if not used(stats):
             return
-        self.totals.add(stats)
+        if self.files is None:
+            self.totals.add(stats)
+        else:
+            self.files.add(stats)
         self.entries.observe(stats.peak_entries)
         self.saved.observe(scope_saved_s(stats))
 
     def unregister(self) -> None:
-        for collector in (self.counters, self.entries, self.saved):
+        for collector in self.collectors:
             self.registry.unregister(collector)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import gc
@@ -109,6 +110,36 @@ def test_an_on_close_that_opens_a_scope_with_itself_does_not_recurse(
         double(2)
     assert len(calls) == 1
     assert not errors
+
+
+async def test_a_listener_handing_its_work_to_a_task_that_opens_a_scope_ends() -> None:
+    """A listener that hands its async work to a task (what the docs advise), whose
+    code opens a scope: that scope's close called the listener, which made another
+    task: an endless chain of scopes, ~60,000 a second, for the life of the loop."""
+    calls: list[ScopeStats] = []
+    seen: list[ScopeStats] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def report(stats: ScopeStats) -> None:
+        async with request_scope():
+            double(stats.misses)
+
+    def listener(stats: ScopeStats) -> None:
+        calls.append(stats)
+        tasks.append(asyncio.get_running_loop().create_task(report(stats)))
+
+    perrequest.add_scope_listener(listener)
+    perrequest.add_scope_listener(seen.append)
+    try:
+        async with request_scope():
+            double(5)
+        await asyncio.sleep(0.2)
+    finally:
+        perrequest.remove_scope_listener(listener)
+        perrequest.remove_scope_listener(seen.append)
+    await asyncio.gather(*tasks)
+    assert len(calls) == 1
+    assert len(seen) == 2  # the request's scope, and the one report opened
 
 
 def test_under_uvicorn_a_listener_opening_scopes_leaves_responses_and_log_clean(

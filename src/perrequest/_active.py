@@ -184,15 +184,16 @@ def _reset(token: Token[Any]) -> None:
         _current.set(None if token.old_value is token.MISSING else token.old_value)
 
 
-# The on_close callbacks and listeners running in this thread: one is not called for a
-# scope that closes while it runs (one it opened itself), which would recurse forever.
-_calling = threading.local()
+# The on_close callbacks and listeners running here: one is not called for a scope that
+# closes while it runs, or in a task or context copied meanwhile (a scope it opened
+# itself), which would recurse, or chain tasks, forever.
+_calling: ContextVar[tuple[OnClose, ...]] = ContextVar("perrequest.calling", default=())
 
 
 def close_scope(store: MemoStore) -> None:
     """Restore the previous store if this one is active here, clear it, then log its
-    stats at DEBUG and call ``on_close`` and the listeners (but those running in this
-    thread: the scope is one they opened). Idempotent."""
+    stats at DEBUG and call ``on_close`` and the listeners (but those running here: the
+    scope is one they opened). Idempotent."""
     if store._closed:
         return
     _leave(store)
@@ -204,11 +205,11 @@ def close_scope(store: MemoStore) -> None:
         return
     if debug:
         logger.debug("request scope closed: %s", stats)
-    running = _calling.__dict__.setdefault("running", [])
+    running = _calling.get()
     for listener in (on_close, *listeners) if on_close is not None else tuple(listeners):
         if any(listener is other for other in running):
-            continue  # a scope it opened itself (a memo in a scope, a task run eagerly)
-        running.append(listener)
+            continue  # a scope it opened itself (in a scope, a task, a task run eagerly)
+        token = _calling.set((*running, listener))
         try:
             returned = listener(stats)
             if type(returned) is CoroutineType:  # its body would never run
@@ -218,7 +219,7 @@ def close_scope(store: MemoStore) -> None:
             what = "the scope's on_close" if listener is on_close else "scope listener"
             logger.exception("perrequest: %s %r raised", what, listener)
         finally:
-            running.pop()
+            _calling.reset(token)
 
 
 def _coroutine_refused(listener: OnClose) -> NoReturn:

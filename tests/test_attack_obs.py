@@ -16,13 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from servers import serve_gunicorn, serve_uvicorn
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import perrequest
-from perrequest import ScopeStats, request_memo, request_scope
+from perrequest import ScopeStats, prometheus, request_memo, request_scope
 from perrequest.asgi import RequestScopeMiddleware
 from perrequest.testing import live_scopes
 
@@ -239,3 +240,36 @@ def test_prometheus_multiprocess_mode_under_gunicorn_has_the_counters(tmp_path: 
     assert f"perrequest_memo_evictions_total{{{function}}} 0.0" in scraped
     assert "perrequest_scope_entries_count 20.0" in scraped
     assert "/7" not in scraped  # keys never reach a label
+
+
+@request_memo
+def triple(x: int) -> int:
+    return 3 * x
+
+
+def test_multiprocess_counters_keep_the_name_bound_and_the_helpers_row(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The multiprocess mode's ``Counter`` objects are fed as the running totals are:
+    names past the bound (``perrequest.helpers`` included) under ``(other
+    functions)``, the three series of a function together."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(prometheus, "MAX_NAMES", 1)
+    registry = CollectorRegistry()
+    prometheus.instrument(registry)
+    try:
+        with request_scope():
+            double(1)
+            double(1)
+            triple(1)
+            perrequest.get_or_set("plain", lambda: 1)
+        scraped = generate_latest(registry).decode()
+    finally:
+        prometheus.uninstrument()
+    lines = set(scraped.splitlines())
+    assert f'perrequest_memo_hits_total{{function="{NAME}"}} 1.0' in lines
+    assert f'perrequest_memo_misses_total{{function="{NAME}"}} 1.0' in lines
+    assert f'perrequest_memo_evictions_total{{function="{NAME}"}} 0.0' in lines
+    # triple and get_or_set, past the bound of one name
+    assert 'perrequest_memo_misses_total{function="(other functions)"} 2.0' in lines
+    assert "triple" not in scraped

@@ -207,7 +207,7 @@ def close_scope(store: MemoStore) -> None:
         logger.debug("request scope closed: %s", stats)
     running = _calling.get()
     for listener in (on_close, *listeners) if on_close is not None else tuple(listeners):
-        if any(listener is other for other in running):
+        if running and any(listener is other for other in running):
             continue  # a scope it opened itself (in a scope, a task, a task run eagerly)
         token = _calling.set((*running, listener))
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -111,6 +112,42 @@ def test_an_on_close_that_opens_a_scope_with_itself_does_not_recurse(
         double(2)
     assert len(calls) == 1
     assert not errors
+
+
+def test_an_on_close_made_anew_for_each_scope_does_not_recurse(
+    errors: list[logging.LogRecord],
+) -> None:
+    """The check was by identity: ``on_close=self.record`` is a new bound method at each
+    call, ``functools.partial(record, tag)`` a new partial, and both recursed until
+    ``RecursionError`` again. A bound method is recognised; anything else stops after
+    a few nested callbacks."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def record(self, stats: ScopeStats) -> None:
+            self.calls += 1
+            with request_scope(on_close=self.record):
+                double(6)
+
+    recorder = Recorder()
+    with request_scope(on_close=recorder.record):
+        double(7)
+    assert recorder.calls == 1
+
+    calls: list[str] = []
+
+    def record(tag: str, stats: ScopeStats) -> None:
+        calls.append(tag)
+        with request_scope(on_close=functools.partial(record, tag)):
+            double(8)
+
+    with request_scope(on_close=functools.partial(record, "outer")):
+        double(9)
+    assert 1 < len(calls) <= 10
+    assert not errors
+    assert live_scopes() == 0
 
 
 async def test_a_listener_handing_its_work_to_a_task_that_opens_a_scope_ends() -> None:

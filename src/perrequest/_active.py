@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
-from types import CoroutineType
+from types import CoroutineType, MethodType
 from typing import Any, NoReturn
 
 from . import _gc_guard
@@ -188,6 +188,9 @@ def _reset(token: Token[Any]) -> None:
 # closes while it runs, or in a task or context copied meanwhile (a scope it opened
 # itself), which would recurse, or chain tasks, forever.
 _calling: ContextVar[tuple[OnClose, ...]] = ContextVar("perrequest.calling", default=())
+# Callbacks running one inside another's scope, beyond which none is called: each may be
+# made anew (a partial, a lambda), so that none is recognised as running already.
+_NESTED_MAX = 8
 
 
 def close_scope(store: MemoStore) -> None:
@@ -207,7 +210,7 @@ def close_scope(store: MemoStore) -> None:
         logger.debug("request scope closed: %s", stats)
     running = _calling.get()
     for listener in (on_close, *listeners) if on_close is not None else tuple(listeners):
-        if running and any(listener is other for other in running):
+        if running and (len(running) >= _NESTED_MAX or any(_same(listener, r) for r in running)):
             continue  # a scope it opened itself (in a scope, a task, a task run eagerly)
         token = _calling.set((*running, listener))
         try:
@@ -220,6 +223,16 @@ def close_scope(store: MemoStore) -> None:
             logger.exception("perrequest: %s %r raised", what, listener)
         finally:
             _calling.reset(token)
+
+
+def _same(callback: OnClose, running: OnClose) -> bool:
+    """The same callback: the object, or a bound method made again (``self.record``)."""
+    return callback is running or (
+        type(callback) is MethodType
+        and type(running) is MethodType
+        and callback.__self__ is running.__self__
+        and callback.__func__ is running.__func__
+    )
 
 
 def _coroutine_refused(listener: OnClose) -> NoReturn:

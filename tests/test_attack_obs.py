@@ -9,7 +9,10 @@ import functools
 import gc
 import json
 import logging
+import os
 import pickle
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from servers import serve_gunicorn, serve_uvicorn
+from servers import ROOT, serve_gunicorn, serve_uvicorn
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -310,3 +313,57 @@ def test_multiprocess_counters_keep_the_name_bound_and_the_helpers_row(
     # triple and get_or_set, past the bound of one name
     assert 'perrequest_memo_misses_total{function="(other functions)"} 2.0' in lines
     assert "triple" not in scraped
+
+
+# -- OpenTelemetry ----------------------------------------------------------------------------
+
+_GLOBAL_AND_EXPLICIT = """
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from perrequest import otel, request_memo, request_scope
+
+@request_memo
+def f(x):
+    return x
+
+def hits(reader):
+    data = reader.get_metrics_data()
+    return [
+        point.value
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "perrequest.memo.hits"
+        for point in metric.data.data_points
+    ]
+
+reader = InMemoryMetricReader()
+provider = MeterProvider(metric_readers=[reader])
+metrics.set_meter_provider(provider)
+for first, then in ((provider, None), (None, provider)):
+    otel.instrument(first)
+    otel.instrument(then)
+    with request_scope():
+        f(1)
+        f(1)
+    print(hits(reader))
+    otel.uninstrument()
+"""
+
+
+def test_otel_instrument_of_the_global_provider_by_name_and_by_default_agree() -> None:
+    """``instrument(provider)`` then ``instrument()`` (or the reverse) with ``provider``
+    the global one: both get one meter, whose counters keep the first call's callback,
+    which looked for a listener installed for that very argument: the counters
+    reported nothing from then on."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # this checkout's perrequest
+    result = subprocess.run(
+        [sys.executable, "-c", _GLOBAL_AND_EXPLICIT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[1]", "[1]"]

@@ -80,16 +80,22 @@ def _observer(column: int, provider: object) -> Callable[[CallbackOptions], Iter
 
     A meter gives back the counter it made before when asked again for the same
     name, with its first callback, so the callback finds the current listener
-    rather than holding one.
+    rather than holding one. ``None`` is the global provider, whichever it is now:
+    ``instrument()`` and ``instrument(provider)`` of that very provider share one
+    meter, so its counters' callback is the first call's.
     """
 
     def observe(options: CallbackOptions) -> Iterable[Observation]:
         listener = _installed
-        if listener is None or listener.provider is not provider:
+        if listener is None or _resolved(listener.provider) is not _resolved(provider):
             return []
         return [Observation(n, {FUNCTION: name}) for name, n in listener.totals.series(column)]
 
     return observe
+
+
+def _resolved(provider: object) -> object:
+    return metrics.get_meter_provider() if provider is None else provider
 
 
 @explains_options("perrequest.otel.instrument()")

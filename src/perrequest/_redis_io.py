@@ -35,30 +35,30 @@ from ._checks import KWARGS
 
 LOCK = ":lock"  # a value's lock key is its key plus this
 
-# What a delete leaves in a value's lock key for ``lock_timeout``: a computation still
-# in flight (in any process; it may have read the old data) no longer holds the lock,
-# so it stores nothing, and the next miss takes the lock over at once.
+# What a delete leaves in a value's lock key for ``lock_timeout``: a computation still in
+# flight anywhere (maybe from old data) stores nothing; the next miss takes it over.
 DELETED = "perrequest:deleted"
 
 # The value, or the lock (taken when free, or over a delete's mark, for ARGV[2] ms), in
 # one atomic step: {1, value} | {2} | {0}; {3}: the lock was taken over a bad one, which
 # no miss would ever have got past (a key of another type, or a string without expiry,
-# written by someone else).
+# written by someone else). One taken over a mark is ``DELETED:token`` (see STORE).
 CLAIM = f"""
 local value = redis.call('GET', KEYS[1])
 if value then return {{1, value}} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {{2}} end
 if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('PTTL', KEYS[2]) >= 0 then
   if redis.call('GET', KEYS[2]) ~= '{DELETED}' then return {{0}} end
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[2], '{DELETED}:' .. ARGV[1], 'PX', ARGV[2])
   return {{2}}
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {{3}}
 """
 # Our lock (if still ours) lives ARGV[2] ms from now.
-EXTEND = """
-if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+EXTEND = f"""
+local lock = redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1])
+if lock == ARGV[1] or lock == '{DELETED}:' .. ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 1
@@ -68,18 +68,26 @@ return 1
 # lost its lock stores only if nobody holds it and no value is there: it expired, and
 # nobody wanted the key since; otherwise the lock's next holder, or a delete, came
 # after it. Without a lock (ARGV[3] empty: a wait that timed out, a bad value) the
-# value is overwritten, unless a delete came meanwhile.
+# value is overwritten, unless a delete came meanwhile (its mark, or a lock taken over
+# it, is there). A lock taken over a mark is released into the mark again, for what
+# is left of it: a computation older than the delete still stores nothing, after this
+# holder's value as after its failure (which would otherwise leave no lock, no value).
 STORE = f"""
 local kind = redis.call('TYPE', KEYS[2]).ok
 local lock = kind == 'string' and redis.call('GET', KEYS[2])
+local ours = ARGV[3] ~= '' and (lock == ARGV[3] or lock == '{DELETED}:' .. ARGV[3])
+local marked = lock and string.sub(lock, 1, {len(DELETED)}) == '{DELETED}'
 if ARGV[1] ~= '' then
-  if (ARGV[3] == '' and lock ~= '{DELETED}') or (ARGV[3] ~= '' and lock == ARGV[3]) then
+  if ours or (ARGV[3] == '' and not marked) then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   elseif ARGV[3] ~= '' and kind == 'none' then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
   end
 end
-if ARGV[3] ~= '' and lock == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if ours and lock == ARGV[3] then redis.call('DEL', KEYS[2])
+elseif ours then
+  redis.call('SET', KEYS[2], '{DELETED}', 'PX', math.max(1, redis.call('PTTL', KEYS[2])))
+end
 return 1
 """
 

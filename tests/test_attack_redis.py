@@ -1,0 +1,176 @@
+"""Attacks on the Redis tier's delete marks (a delete marks the value's lock deleted, so
+that a computation in flight anywhere stores nothing), against a real redis-server.
+Several RedisCache objects, each with a client of its own, stand for several worker
+processes (they share nothing but Redis)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from perrequest import request_memo, request_scope
+from perrequest.redis import RedisCache
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Row:
+    """The database row the memoized function reads; ``hold`` makes the next read of the
+    old value wait for ``release`` (a computation in flight, from old data). A thread
+    named in ``gates`` waits for its gate before reading, and one in ``failing`` then
+    fails (the database is down a moment)."""
+
+    def __init__(self) -> None:
+        self.price = 1
+        self.started, self.release = threading.Event(), threading.Event()
+        self.fail_next = False
+        self.gates: dict[str, threading.Event] = {}
+        self.failing: set[str] = set()
+        self.reached: dict[str, threading.Event] = {}
+
+    def read(self) -> int:
+        name = threading.current_thread().name
+        if name in self.gates:
+            price = self.price
+            self.reached[name].set()
+            assert self.gates[name].wait(10)
+            if name in self.failing:
+                raise RuntimeError("the database failed")
+            return price
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the database failed")
+        price = self.price
+        if price == 1 and not self.release.is_set():
+            self.started.set()
+            assert self.release.wait(10)
+        return price
+
+    def gate(self, name: str, fail: bool = False) -> threading.Event:
+        self.gates[name] = threading.Event()
+        self.reached[name] = threading.Event()
+        if fail:
+            self.failing.add(name)
+        return self.gates[name]
+
+
+def workers(port: int, row: Row, n: int, **options: Any) -> list[tuple[RedisCache, Any]]:
+    """``n`` workers, each with its own cache and client: ``price(sku)`` reads ``row``."""
+    made = []
+    for _ in range(n):
+        cache = RedisCache(redis.Redis(port=port), ttl=60, namespace="atk", **options)
+
+        def price(sku: str) -> int:
+            return row.read()
+
+        made.append((cache, request_memo(shared=cache)(price)))
+    return made
+
+
+def lock_of(fn: Any, sku: str) -> str:
+    """The documented key format, computed independently of the library."""
+    digest = hashlib.sha256(json.dumps(sku).encode()).hexdigest()
+    return f"atk:{fn.__module__}.{fn.__qualname__}:1:{digest}:lock"
+
+
+def in_thread(fn: Callable[[], Any], name: str | None = None) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def run() -> None:
+        with request_scope():
+            try:
+                out.append(fn())
+            except Exception as exc:
+                out.append(exc)
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    return thread, out
+
+
+def test_a_failed_computation_after_a_delete_lets_no_older_one_store(redis_server: Any) -> None:
+    """A computes from the old row; B updates it and deletes the entry; C's miss takes
+    the marked lock over and fails (the database is down a moment). A ends: its old
+    value must not go in, now that C's failure released the lock."""
+    row = Row()
+    (_, price_a), (_, price_b), (_, price_c) = workers(redis_server.port, row, 3)
+    thread, old = in_thread(lambda: price_a("k"))
+    try:
+        assert row.started.wait(10)
+        row.price = 2
+        price_b.cache_delete("k")
+        row.fail_next = True
+        with request_scope(), pytest.raises(RuntimeError):
+            price_c("k")
+    finally:
+        row.release.set()
+        thread.join(10)
+    assert old == [1]
+    with request_scope():
+        assert price_b("k") == 2
+
+
+def test_a_waiter_that_timed_out_never_overwrites_a_value_computed_after_a_delete(
+    redis_server: Any,
+) -> None:
+    """W waits for another process's lock (one with a longer lock_timeout), gives up and
+    computes from the old row. The row changes, the entry is deleted, and B computes and
+    stores the new value. W ends: its old value must not overwrite B's."""
+    row = Row()
+    (cache_w, price_w), (_, price_b) = workers(redis_server.port, row, 2, lock_timeout=0.3)
+    client = redis.Redis(port=redis_server.port)
+    client.set(lock_of(price_w, "k"), "another-process", px=10_000)
+    thread, old = in_thread(lambda: price_w("k"))
+    try:
+        assert row.started.wait(10)
+        assert cache_w.stats().lock_timeouts == 1
+        row.price = 2
+        price_b.cache_delete("k")
+        with request_scope():
+            assert price_b("k") == 2
+    finally:
+        row.release.set()
+        thread.join(10)
+    assert old == [1]
+    with request_scope():
+        assert price_b("k") == 2
+
+
+def test_a_waiter_that_timed_out_stores_nothing_while_a_delete_marked_lock_is_held(
+    redis_server: Any,
+) -> None:
+    """W gives up waiting for another process's lock and computes from the old row. The
+    entry is deleted; B takes the marked lock over and computes. W ends first: its old
+    value must not go in (B then fails, and would leave it there for a whole ttl)."""
+    row = Row()
+    (cache_w, price_w), (_, price_b) = workers(redis_server.port, row, 2, lock_timeout=0.3)
+    client = redis.Redis(port=redis_server.port)
+    client.set(lock_of(price_w, "k"), "another-process", px=10_000)
+    w_gate, b_gate = row.gate("w"), row.gate("b", fail=True)
+    w, old = in_thread(lambda: price_w("k"), "w")
+    b: threading.Thread | None = None
+    try:
+        assert row.reached["w"].wait(10)
+        assert cache_w.stats().lock_timeouts == 1
+        row.price = 2
+        price_b.cache_delete("k")
+        b, failed = in_thread(lambda: price_b("k"), "b")
+        assert row.reached["b"].wait(10)
+        w_gate.set()
+        w.join(10)
+        assert old == [1]
+    finally:
+        w_gate.set()
+        b_gate.set()
+        w.join(10)
+        if b is not None:
+            b.join(10)
+    assert type(failed[0]) is RuntimeError
+    with request_scope():
+        assert price_b("k") == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -174,3 +175,47 @@ def test_a_waiter_that_timed_out_stores_nothing_while_a_delete_marked_lock_is_he
     assert type(failed[0]) is RuntimeError
     with request_scope():
         assert price_b("k") == 2
+
+
+def test_cache_clear_leaves_no_value_computed_before_it_whatever_the_scan_order(
+    redis_server: Any,
+) -> None:
+    """A computes 40 keys from the old rows; the rows change and B clears the function,
+    a SCAN page at a time (3,000 other keys of it make several pages). A's computations
+    end between two pages: a key whose value's slot the SCAN had passed (no value then)
+    and whose lock's slot it had not (no lock any more) kept A's old value."""
+    row = Row()
+    (_, price_a), (cache_b, price_b) = workers(redis_server.port, row, 2)
+    client = redis.Redis(port=redis_server.port)
+    prefix = lock_of(price_a, "x")[: -len(":lock") - 64]
+    with client.pipeline(transaction=False) as pipe:
+        for n in range(3000):
+            pipe.set(prefix + hashlib.sha256(b"%d" % n).hexdigest(), b"0", ex=60)
+        pipe.execute()
+    threads = [in_thread(lambda n=n: price_a(f"k{n}"))[0] for n in range(40)]  # type: ignore[misc]
+    deadline = time.monotonic() + 20
+    while sum(k.endswith(b":lock") for k in client.scan_iter(count=1000)) < 40:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    scan, pages = cache_b._sync.client.scan, []
+
+    def paged(*args: Any, **kwargs: Any) -> Any:
+        if pages:  # A's computations end between two pages of the clear
+            row.release.set()
+            for thread in threads:
+                thread.join(10)
+        pages.append(1)
+        return scan(*args, **kwargs)
+
+    row.price = 2
+    cache_b._sync.client.scan = paged
+    try:
+        price_b.cache_clear()
+    finally:
+        row.release.set()
+        for thread in threads:
+            thread.join(10)
+    assert len(pages) > 1
+    with request_scope():
+        stale = [n for n in range(40) if price_b(f"k{n}") != 2]
+    assert stale == []

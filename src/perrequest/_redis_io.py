@@ -195,28 +195,28 @@ def wrong_type(exc: BaseException) -> bool:
 
 
 def scan_delete(client: Any, base: str, lock_ms: int) -> int:
-    """Delete the values of the function whose keys start with ``base``, every version,
-    a SCAN page at a time, and mark the locks found ``DELETED``; how many values. Only
-    one version (no colon) and a SHA-256 after ``base``: never another namespace's key
-    that starts alike."""
+    """Delete the values of the function whose keys start with ``base`` (one version, no
+    colon, then a SHA-256: never another namespace's key that starts alike), a SCAN page
+    at a time, and mark the locks found ``DELETED``; how many values. Then the values
+    again: a computation ending meanwhile stored its value as it dropped its lock, which
+    one SCAN can both miss (passing the value's slot before, the lock's after). A lock
+    there all along was marked: the second SCAN leaves the computations begun since."""
     pattern = re.sub(r"([\\*?\[\]])", r"\\\1", base) + "*"  # glob-escaped
     wanted = re.compile(re.escape(base.encode()) + rb"[^:]+:[0-9a-f]{64}(?::lock)?\Z").match
-    cursor, deleted = 0, 0
-    while True:
-        cursor, keys = client.scan(cursor=cursor, match=pattern, count=1000)
-        doomed = [k for k in keys if wanted(k)]
-        locks = [k for k in doomed if k.endswith(b":lock")]
-        values = [k for k in doomed if not k.endswith(b":lock")]
-        if doomed:
-            pipe = client.pipeline()  # MULTI: no STORE runs in between
-            for lock in locks:
-                pipe.set(lock, DELETED, px=lock_ms)
-            if values:
-                pipe.unlink(*values)
-            replies = pipe.execute()
-            deleted += replies[-1] if values else 0
-        if cursor == 0:
-            return deleted
+    deleted = 0
+    for mark in (True, False):
+        cursor = None
+        while cursor != 0:
+            cursor, keys = client.scan(cursor=cursor or 0, match=pattern, count=1000)
+            doomed = [k for k in keys if wanted(k)]
+            values = [k for k in doomed if not k.endswith(b":lock")]
+            if values or (mark and doomed):
+                pipe = client.pipeline()  # MULTI: no STORE runs in between
+                for lock in set(doomed).difference(values) if mark else ():
+                    pipe.set(lock, DELETED, px=lock_ms)
+                replies = (pipe.unlink(*values) if values else pipe).execute()
+                deleted += replies[-1] if values else 0
+    return deleted
 
 
 def unlink(client: Any, key: str, lock_ms: int) -> int:

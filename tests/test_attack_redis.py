@@ -219,3 +219,37 @@ def test_cache_clear_leaves_no_value_computed_before_it_whatever_the_scan_order(
     with request_scope():
         stale = [n for n in range(40) if price_b(f"k{n}") != 2]
     assert stale == []
+
+
+def test_a_waiter_that_timed_out_stores_nothing_after_a_cache_clear(redis_server: Any) -> None:
+    """H (a long lock_timeout) computes; W (a short one) gives up waiting for it and
+    computes from the old row too. H stores and ends; the row changes and the function
+    is cleared: no lock is there to mark. W ends: its old value must not go in."""
+    row = Row()
+    (_, price_h), (cache_w, price_w) = (
+        workers(redis_server.port, row, 1, lock_timeout=10)[0],
+        workers(redis_server.port, row, 1, lock_timeout=0.3)[0],
+    )
+    h_gate, w_gate = row.gate("h"), row.gate("w")
+    h, _ = in_thread(lambda: price_h("k"), "h")
+    w: threading.Thread | None = None
+    try:
+        assert row.reached["h"].wait(10)
+        w, old = in_thread(lambda: price_w("k"), "w")
+        assert row.reached["w"].wait(10)
+        assert cache_w.stats().lock_timeouts == 1
+        h_gate.set()
+        h.join(10)
+        row.price = 2
+        price_h.cache_clear()
+        w_gate.set()
+        w.join(10)
+        assert old == [1]
+    finally:
+        h_gate.set()
+        w_gate.set()
+        h.join(10)
+        if w is not None:
+            w.join(10)
+    with request_scope():
+        assert price_h("k") == 2

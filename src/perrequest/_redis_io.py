@@ -67,7 +67,7 @@ return 1
 # turned into another type is left for the next CLAIM to take over). A holder that
 # lost its lock stores only if nobody holds it and no value is there: it expired, and
 # nobody wanted the key since; otherwise the lock's next holder, or a delete, came
-# after it. Without a lock (ARGV[3] empty: a wait that timed out, a bad value) the
+# after it. Without a lock (ARGV[3] empty: a bad value, to replace) the
 # value is overwritten, unless a delete came meanwhile (its mark, or a lock taken over
 # it, is there). A lock taken over a mark is released into the mark again, for what
 # is left of it: a computation older than the delete still stores nothing, after this

@@ -284,9 +284,9 @@ class RedisTier:
             if pause == FIRST_PAUSE:
                 self.count("lock_waits")
             left = deadline - now()
-            if left <= 0:
-                self.count("lock_timeouts")
-                return None, conn, ""
+            if left <= 0:  # compute, and store nothing: the holder will, and ours, which
+                self.count("lock_timeouts")  # holds no lock, outlives any cache_clear
+                return None, None, ""
             yield min(pause, left)
             pause = min(pause * 2, MAX_PAUSE)
 

@@ -6,6 +6,7 @@ processes (they share nothing but Redis)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 import time
@@ -253,3 +254,50 @@ def test_a_waiter_that_timed_out_stores_nothing_after_a_cache_clear(redis_server
             w.join(10)
     with request_scope():
         assert price_h("k") == 2
+
+
+@pytest.mark.parametrize("how", ["cache_delete", "cache_clear"])
+def test_a_hot_key_deleted_again_and_again_is_computed_once_per_delete(
+    redis_server: Any, how: str
+) -> None:
+    """4 workers x 4 threads call one key while another deletes (or clears) it every
+    80 ms: each delete costs one computation, across workers (never two between two
+    deletes: a clear's second SCAN leaves the computation begun since its first), nobody
+    waits lock_timeout, and the counters add up to the calls."""
+    computations: list[float] = []
+    made = []
+    for _ in range(4):
+        cache = RedisCache(redis.Redis(port=redis_server.port), ttl=60, namespace="hot")
+
+        def hot(k: str) -> int:
+            computations.append(time.monotonic())
+            time.sleep(0.03)
+            return 1
+
+        made.append((cache, request_memo(shared=cache)(hot)))
+    stop, deletes, calls = time.monotonic() + 1.5, [0.0], [0] * 4
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        while time.monotonic() < stop:
+            with request_scope():
+                assert made[i][1]("k") == 1
+            with lock:
+                calls[i] += 1
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    while time.monotonic() < stop:
+        time.sleep(0.08)
+        deletes.append(time.monotonic())
+        getattr(made[1][1], how)(*(["k"] if how == "cache_delete" else []))
+    for thread in threads:
+        thread.join(10)
+    per = [sum(a <= c < b for c in computations) for a, b in itertools.pairwise(deletes)]
+    assert max(per) == 1 and sum(per) >= len(per) - 2, per
+    stats = [cache.stats() for cache, _ in made]
+    assert sum(s.lock_timeouts for s in stats) == sum(s.errors for s in stats) == 0
+    assert sum(s.misses for s in stats) == len(computations)
+    assert [s.hits + s.misses for s in stats] == calls

@@ -301,3 +301,52 @@ def test_a_hot_key_deleted_again_and_again_is_computed_once_per_delete(
     assert sum(s.lock_timeouts for s in stats) == sum(s.errors for s in stats) == 0
     assert sum(s.misses for s in stats) == len(computations)
     assert [s.hits + s.misses for s in stats] == calls
+
+
+def test_a_computation_replacing_a_bad_value_stores_nothing_after_a_cache_clear(
+    redis_server: Any,
+) -> None:
+    """W finds a value it cannot read (another writer's, or one signed with an old
+    secret) and computes from the old row. The row changes and the function is cleared:
+    W held no lock for the clear to mark. W ends: its old value must not go in."""
+    row = Row()
+    (cache_w, price_w), (_, price_b) = workers(redis_server.port, row, 2)
+    client = redis.Redis(port=redis_server.port)
+    client.set(lock_of(price_w, "k")[: -len(":lock")], b"not json")
+    w_gate = row.gate("w")
+    w, old = in_thread(lambda: price_w("k"), "w")
+    try:
+        assert row.reached["w"].wait(10)
+        assert cache_w.stats().bad_values == 1
+        row.price = 2
+        price_b.cache_clear()
+    finally:
+        w_gate.set()
+        w.join(10)
+    assert old == [1]
+    with request_scope():
+        assert price_b("k") == 2
+
+
+def test_a_bad_value_is_replaced_once_across_workers(redis_server: Any) -> None:
+    """Every worker finds a value it cannot read at once (the secret changed): one
+    computes its replacement, under the lock, and the others wait for it."""
+    row = Row()
+    row.price = 3
+    made = workers(redis_server.port, row, 4)
+    redis.Redis(port=redis_server.port).set(lock_of(made[0][1], "k")[: -len(":lock")], b"?")
+    computed = []
+    read = row.read
+
+    def slow_read() -> int:
+        computed.append(1)
+        time.sleep(0.2)
+        return read()
+
+    row.read = slow_read  # type: ignore[method-assign]
+    threads = [in_thread(lambda fn=fn: fn("k")) for _, fn in made]  # type: ignore[misc]
+    for thread, _ in threads:
+        thread.join(10)
+    assert [out for _, out in threads] == [[3]] * 4
+    assert len(computed) == 1
+    assert sum(cache.stats().lock_waits for cache, _ in made) == 3

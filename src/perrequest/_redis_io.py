@@ -39,13 +39,14 @@ LOCK = ":lock"  # a value's lock key is its key plus this
 # flight anywhere (maybe from old data) stores nothing; the next miss takes it over.
 DELETED = "perrequest:deleted"
 
-# The value, or the lock (taken when free, or over a delete's mark, for ARGV[2] ms), in
-# one atomic step: {1, value} | {2} | {0}; {3}: the lock was taken over a bad one, which
-# no miss would ever have got past (a key of another type, or a string without expiry,
-# written by someone else). One taken over a mark is ``DELETED:token`` (see STORE).
+# The value (unless its SHA-1 is ARGV[3]: one that did not decode), or the lock (taken
+# when free, or over a delete's mark, for ARGV[2] ms), in one atomic step: {1, value} |
+# {2} | {0}; {3}: the lock was taken over a bad one, which no miss would ever have got
+# past (a key of another type, or a string without expiry, written by someone else).
+# One taken over a mark is ``DELETED:token`` (see STORE).
 CLAIM = f"""
 local value = redis.call('GET', KEYS[1])
-if value then return {{1, value}} end
+if value and (ARGV[3] == '' or redis.sha1hex(value) ~= ARGV[3]) then return {{1, value}} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {{2}} end
 if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('PTTL', KEYS[2]) >= 0 then
   if redis.call('GET', KEYS[2]) ~= '{DELETED}' then return {{0}} end
@@ -67,7 +68,7 @@ return 1
 # turned into another type is left for the next CLAIM to take over). A holder that
 # lost its lock stores only if nobody holds it and no value is there: it expired, and
 # nobody wanted the key since; otherwise the lock's next holder, or a delete, came
-# after it. Without a lock (ARGV[3] empty: a bad value, to replace) the
+# after it. Without a lock (ARGV[3] empty: a key of another type, to replace) the
 # value is overwritten, unless a delete came meanwhile (its mark, or a lock taken over
 # it, is there). A lock taken over a mark is released into the mark again, for what
 # is left of it: a computation older than the delete still stores nothing, after this

@@ -23,6 +23,7 @@ once (they were two modules, the second repeating the first, awaited).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import os
 import threading
@@ -131,7 +132,8 @@ class RedisTier:
                 if value is not MISSING:
                     self.count("hits")
                     return value
-        call, fetch = Call(), (raw is None and conn is not None, conn, key, fn, args, kwargs)
+        claim = raw is not MISSING and conn is not None  # not after GET failed
+        call, fetch = Call(), (claim, conn, key, fn, raw, args, kwargs)
         # No local holds what it computed: an error raised from it, for another
         # request's caller, must not reach the original (``_copy``).
         return self._copy(
@@ -155,7 +157,8 @@ class RedisTier:
                 if value is not MISSING:
                     self.count("hits")
                     return value
-        call, fetch = Call(), (raw is None and conn is not None, conn, key, fn, args, kwargs)
+        claim = raw is not MISSING and conn is not None  # not after GET failed
+        call, fetch = Call(), (claim, conn, key, fn, raw, args, kwargs)
         return self._copy(
             call,
             await _flight.run_async(
@@ -203,15 +206,16 @@ class RedisTier:
     # -- a Redis miss: claim, compute, store -------------------------------------------------
 
     def _fetch(
-        self, claim: bool, conn: Conn | None, key: str, fn: Fn, args: Args, kwargs: Kwargs
-    ) -> Any:
-        """The value's bytes: read or computed under the lock if ``claim``, stored through
-        ``conn`` unless it is None."""
+        self, claim: bool, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args,
+        kwargs: Kwargs,
+    ) -> Any:  # fmt: skip
+        """The value's bytes: read or computed under the lock if ``claim`` (over ``bad``,
+        a value that did not decode, if not None), stored through ``conn`` unless None."""
         token = ""
         if claim:
             mine = os.urandom(9).hex()
             try:
-                found, conn, token = self._run(conn, self._claim(conn, key, mine))
+                found, conn, token = self._run(conn, self._claim(conn, key, mine, bad))
             except BaseException:  # a signal's (SystemExit, KeyboardInterrupt): the lock
                 self._run(conn, self._store(key, b"", mine))  # may be ours; release it
                 raise
@@ -228,8 +232,9 @@ class RedisTier:
         return payload
 
     async def _fetch_async(
-        self, claim: bool, conn: Conn | None, key: str, fn: Fn, args: Args, kwargs: Kwargs
-    ) -> Any:
+        self, claim: bool, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args,
+        kwargs: Kwargs,
+    ) -> Any:  # fmt: skip
         """``_fetch``, awaited. A claim or a store cancelled (anyio's cancel scopes cancel
         every await) releases the lock in a task of its own: a lock left behind (its EXTEND
         on the way) would hold the key's next miss, in every process, for ``lock_timeout``."""
@@ -237,7 +242,7 @@ class RedisTier:
         if claim:
             mine = os.urandom(9).hex()
             try:
-                found, conn, token = await self._run_async(conn, self._claim(conn, key, mine))
+                found, conn, token = await self._run_async(conn, self._claim(conn, key, mine, bad))
             except asyncio.CancelledError:  # the lock may be ours: release it if it is
                 io.finish_later(lambda: self._run_async(conn, self._store(key, b"", mine)))
                 raise
@@ -258,14 +263,16 @@ class RedisTier:
                     raise
         return payload
 
-    def _claim(self, conn: Conn | None, key: str, token: str) -> Steps:
+    def _claim(self, conn: Conn | None, key: str, token: str, bad: bytes | None) -> Steps:
         """CLAIM (our lock: ``token``) until the value is there, the lock is ours or
         ``lock_timeout`` has passed: ``(the value's bytes or None, the connection to store
-        through or None, our lock's token or "")``."""
+        through or None, our lock's token or "")``. A value that does not decode (``bad``)
+        is taken as none: its replacement is computed under the lock too."""
         cache, keys = self.cache, [key, key + LOCK]
         deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
         while True:
-            reply = yield ("claim", keys, [token, cache._lease_ms])
+            over = "" if bad is None else hashlib.sha1(bad).hexdigest()
+            reply = yield ("claim", keys, [token, cache._lease_ms, over])
             if isinstance(reply, Exception):
                 return None, conn if self._wrong(key, reply) else None, ""
             if reply[0] == 3:  # taken over a lock no miss would get past: a bad value
@@ -277,10 +284,13 @@ class RedisTier:
                         self._wrong(key, reply)  # same once computed
                 return None, conn, token
             if reply[0] == 1:
-                if self._decoded(reply[1], key) is MISSING:
-                    return None, conn, ""  # compute, and overwrite it
-                self.count("hits")
-                return reply[1], conn, ""
+                if self._decoded(reply[1], key) is not MISSING:
+                    self.count("hits")
+                    return reply[1], conn, ""
+                bad = reply[1]  # another bad value: CLAIM again, over it
+                if now() < deadline:
+                    continue
+                return None, None, ""
             if pause == FIRST_PAUSE:
                 self.count("lock_waits")
             left = deadline - now()

@@ -5,6 +5,7 @@ processes (they share nothing but Redis)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -350,3 +351,75 @@ def test_a_bad_value_is_replaced_once_across_workers(redis_server: Any) -> None:
     assert [out for _, out in threads] == [[3]] * 4
     assert len(computed) == 1
     assert sum(cache.stats().lock_waits for cache, _ in made) == 3
+
+
+def test_a_request_after_another_process_deleted_does_not_join_the_old_computation(
+    redis_server: Any,
+) -> None:
+    """Worker A computes from the old row. Worker B updates the row and deletes the
+    entry; the user's next request lands on A, where the old computation is still in
+    flight: it must not get that computation's value (nor wait for it to get it)."""
+    row = Row()
+    (_, price_a), (_, price_b) = workers(redis_server.port, row, 2)
+    a1_gate = row.gate("a1")
+    a1, old = in_thread(lambda: price_a("k"), "a1")
+    a2: threading.Thread | None = None
+    try:
+        assert row.reached["a1"].wait(10)
+        row.price = 2
+        price_b.cache_delete("k")
+        a2, new = in_thread(lambda: price_a("k"), "a2")
+        a2.join(0.3)  # it computes afresh (or waits for the old computation)
+        a1_gate.set()
+        a1.join(10)
+        a2.join(10)
+    finally:
+        a1_gate.set()
+        a1.join(10)
+        if a2 is not None:
+            a2.join(10)
+    assert old == [1]
+    assert new == [2]
+
+
+def test_async_a_request_after_another_process_deleted_does_not_join_the_old_computation(
+    redis_server: Any,
+) -> None:
+    """As above, for async functions: worker A's tasks."""
+    row = {"price": 1}
+
+    async def main() -> tuple[int, int]:
+        release = asyncio.Event()
+        made = []
+        for _ in range(2):
+            cache = RedisCache(redis_server.aclient(), ttl=60, namespace="atk-async")
+
+            async def price(sku: str) -> int:
+                value = row["price"]
+                if value == 1:
+                    await release.wait()
+                return value
+
+            made.append((cache, request_memo(shared=cache)(price)))
+        (cache_a, price_a), (_, price_b) = made
+
+        async def request(fn: Any) -> int:
+            async with request_scope():
+                return int(await fn("k"))
+
+        a1 = asyncio.create_task(request(price_a))
+        deadline = time.monotonic() + 10
+        while cache_a.stats().misses == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        row["price"] = 2
+        price_b.cache_delete("k")
+        a2 = asyncio.create_task(request(price_a))
+        await asyncio.sleep(0.2)
+        release.set()
+        result = await asyncio.wait_for(asyncio.gather(a1, a2), 10)
+        for cache, _ in made:
+            await cache.aclose()
+        return result[0], result[1]
+
+    assert asyncio.run(main()) == (1, 2)

@@ -40,10 +40,9 @@ LOCK = ":lock"  # a value's lock key is its key plus this
 DELETED = "perrequest:deleted"
 
 # The value (unless its SHA-1 is ARGV[3]: one that did not decode), or the lock (taken
-# when free, or over a delete's mark, for ARGV[2] ms), in one atomic step: {1, value} |
-# {2} | {0}; {3}: the lock was taken over a bad one, which no miss would ever have got
-# past (a key of another type, or a string without expiry, written by someone else).
-# One taken over a mark is ``DELETED:token`` (see STORE).
+# when free, or over a delete's mark: then ``DELETED:token``, for ARGV[2] ms), in one
+# atomic step: {1, value} | {2} | {0}; {3}: the lock was taken over a bad one, which no
+# miss would get past (another type, or a string without expiry, written by others).
 CLAIM = f"""
 local value = redis.call('GET', KEYS[1])
 if value and (ARGV[3] == '' or redis.sha1hex(value) ~= ARGV[3]) then return {{1, value}} end
@@ -66,13 +65,12 @@ return 1
 """
 # Store the value (if any), then release the lock if it is still ours (a lock key
 # turned into another type is left for the next CLAIM to take over). A holder that
-# lost its lock stores only if nobody holds it and no value is there: it expired, and
-# nobody wanted the key since; otherwise the lock's next holder, or a delete, came
-# after it. Without a lock (ARGV[3] empty: a key of another type, to replace) the
-# value is overwritten, unless a delete came meanwhile (its mark, or a lock taken over
-# it, is there). A lock taken over a mark is released into the mark again, for what
-# is left of it: a computation older than the delete still stores nothing, after this
-# holder's value as after its failure (which would otherwise leave no lock, no value).
+# lost its lock stores only where no lock and no value are: it expired, and nobody
+# wanted the key since. Without a lock (ARGV[3] empty: a key of another type, to
+# replace) the value is overwritten unless a delete came (its mark, or a lock taken
+# over it, is there). A lock taken over a mark is released into the mark again, for
+# what is left of it: a computation older than the delete still stores nothing, after
+# this holder's value as after its failure. 2: a delete took our lock.
 STORE = f"""
 local kind = redis.call('TYPE', KEYS[2]).ok
 local lock = kind == 'string' and redis.call('GET', KEYS[2])
@@ -88,6 +86,7 @@ end
 if ours and lock == ARGV[3] then redis.call('DEL', KEYS[2])
 elseif ours then
   redis.call('SET', KEYS[2], '{DELETED}', 'PX', math.max(1, redis.call('PTTL', KEYS[2])))
+elseif marked and ARGV[3] ~= '' then return 2
 end
 return 1
 """

@@ -52,6 +52,12 @@ FIRST_PAUSE, MAX_PAUSE = 0.002, 0.05  # seconds between looks at another's lock
 now = time.monotonic
 
 
+class Late(bytes):
+    """A value whose computation lost its lock to a delete (in any process): its waiters
+    in this process, which may have come after the delete, try once more (the next
+    computation begins after they came)."""
+
+
 class RedisCacheInfo(NamedTuple):
     """``CacheInfo`` plus the Redis tier's counters in this process, for one function.
 
@@ -136,9 +142,12 @@ class RedisTier:
         call, fetch = Call(), (claim, conn, key, fn, raw, args, kwargs)
         # No local holds what it computed: an error raised from it, for another
         # request's caller, must not reach the original (``_copy``).
+        join: Args = (call, self._fetch, fetch, {})
         return self._copy(
             call,
-            _flight.run(self, key, computed, (call, self._fetch, fetch, {}), {}, UNCOUNTED, None),
+            self._again(
+                call, _flight.run(self, key, computed, join, {}, UNCOUNTED, None), key, join
+            ),
             key,
         )
 
@@ -159,13 +168,29 @@ class RedisTier:
                     return value
         claim = raw is not MISSING and conn is not None  # not after GET failed
         call, fetch = Call(), (claim, conn, key, fn, raw, args, kwargs)
+        join: Args = (call, self._fetch_async, fetch, {})
         return self._copy(
             call,
-            await _flight.run_async(
-                self, key, computed_async, (call, self._fetch_async, fetch, {}), {}, UNCOUNTED, None
+            await self._again_async(
+                call,
+                await _flight.run_async(self, key, computed_async, join, {}, UNCOUNTED, None),
+                key,
+                join,
             ),
             key,
         )
+
+    def _again(self, call: Call, got: Any, key: str, join: Args) -> Any:
+        """``got``; for a waiter given a ``Late`` value (it may have come after the delete),
+        this process's single-flight once more (its next computation began after it came)."""
+        if type(got) is not Late or call.ran:
+            return got
+        return _flight.run(self, key, computed, join, {}, UNCOUNTED, None)
+
+    async def _again_async(self, call: Call, got: Any, key: str, join: Args) -> Any:
+        if type(got) is not Late or call.ran:
+            return got
+        return await _flight.run_async(self, key, computed_async, join, {}, UNCOUNTED, None)
 
     def _copy(self, call: Call, payload: Any, key: str) -> Any:
         """What this process's single-flight gave ``call``: its own copy of the value, or
@@ -222,14 +247,14 @@ class RedisTier:
             if found is not None:
                 return found
         self.count("misses")
-        payload = b""
+        payload, late = b"", None
         try:
             payload = self._encoded(fn(*args, **kwargs), key)
         finally:
             stored = self._storable(conn, payload, key, threading.get_ident())
             if conn is not None and (stored or token):
-                self._run(conn, self._store(key, stored, token))
-        return payload
+                late = self._run(conn, self._store(key, stored, token))
+        return Late(payload) if late == 2 else payload
 
     async def _fetch_async(
         self, claim: bool, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args,
@@ -249,7 +274,7 @@ class RedisTier:
             if found is not None:
                 return found
         self.count("misses")
-        payload = b""
+        payload, late = b"", None
         try:
             payload = self._encoded(await fn(*args, **kwargs), key)
         finally:
@@ -257,11 +282,11 @@ class RedisTier:
             stored = self._storable(conn, payload, key, me)
             if conn is not None and (stored or token):
                 try:
-                    await self._run_async(conn, self._store(key, stored, token))
+                    late = await self._run_async(conn, self._store(key, stored, token))
                 except asyncio.CancelledError:  # STORE can run twice
                     io.finish_later(lambda: self._run_async(conn, self._store(key, stored, token)))
                     raise
-        return payload
+        return Late(payload) if late == 2 else payload
 
     def _claim(self, conn: Conn | None, key: str, token: str, bad: bytes | None) -> Steps:
         """CLAIM (our lock: ``token``) until the value is there, the lock is ours or
@@ -308,10 +333,10 @@ class RedisTier:
         while True:
             reply = yield ("store", [key, key + LOCK], [stored, self.cache._ttl_ms, token])
             if not isinstance(reply, Exception):
-                return
+                return reply
             if not (token and io.exhausted(reply)) or now() + pause > deadline:
                 self._wrong(key, reply)
-                return
+                return None
             yield pause
             pause = min(pause * 2, MAX_PAUSE)
 

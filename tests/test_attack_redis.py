@@ -457,3 +457,61 @@ def test_a_delete_storm_strands_no_caller(redis_server: Any) -> None:
     for thread in threads:
         thread.join(10)
     assert slowest[0] < 2, slowest
+
+
+def test_async_a_cancelled_caller_that_took_a_delete_mark_over_leaves_the_mark(
+    redis_server: Any,
+) -> None:
+    """A (async) computes from the old row; the entry is deleted; C takes the marked
+    lock over and is cancelled mid-computation. The next caller does not wait for
+    anything, and A's old value still does not go in when A ends."""
+    row = {"price": 1}
+
+    async def main() -> None:
+        old_gate, c_gate = asyncio.Event(), asyncio.Event()
+        made = []
+        for _ in range(3):
+            cache = RedisCache(redis_server.aclient(), ttl=60, namespace="atk-cancel")
+
+            async def price(sku: str) -> int:
+                value = row["price"]
+                await (old_gate if value == 1 else c_gate).wait()
+                return value
+
+            made.append((cache, request_memo(shared=cache)(price)))
+        (cache_a, price_a), (cache_c, price_c), (_, price_d) = made
+
+        async def request(fn: Any) -> int:
+            async with request_scope():
+                return int(await fn("k"))
+
+        async def until(cache: RedisCache) -> None:
+            deadline = time.monotonic() + 10
+            while cache.stats().misses == 0:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+
+        a = asyncio.create_task(request(price_a))
+        await until(cache_a)
+        row["price"] = 2
+        price_d.cache_delete("k")
+        c = asyncio.create_task(request(price_c))
+        await until(cache_c)
+        c.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await c
+        await asyncio.sleep(0.05)  # its release, in a task of its own
+        c_gate.set()
+        start = time.monotonic()
+        assert await request(price_d) == 2
+        assert time.monotonic() - start < 1  # not lock_timeout (5 s)
+        old_gate.set()
+        assert await a == 1
+        assert await request(price_c) == 2
+        for cache, _ in made:
+            await cache.aclose()
+
+    asyncio.run(main())
+    with redis.Redis(port=redis_server.port) as admin:
+        locks = [k for k in admin.scan_iter() if k.endswith(b":lock")]
+        assert [admin.get(k) for k in locks] in ([], [b"perrequest:deleted"])

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis_apps
 
 from perrequest import request_memo, request_scope
 from perrequest.redis import RedisCache
@@ -515,3 +517,40 @@ def test_async_a_cancelled_caller_that_took_a_delete_mark_over_leaves_the_mark(
     with redis.Redis(port=redis_server.port) as admin:
         locks = [k for k in admin.scan_iter() if k.endswith(b":lock")]
         assert [admin.get(k) for k in locks] in ([], [b"perrequest:deleted"])
+
+
+@pytest.mark.timeout(120)
+def test_a_stampede_of_4_processes_with_deletes_computes_once_per_delete(
+    redis_server: Any,
+) -> None:
+    """tests/test_redis_processes.py's stampede (4 spawned processes x 20 threads or
+    tasks on one key), with a long ttl and the test process deleting the key every
+    300 ms: one computation after each delete, never two between two deletes."""
+    spawn = multiprocessing.get_context("spawn")
+    kinds, port, compute_s, seconds = ("sync", "sync", "async", "async"), redis_server.port, 0.1, 3
+    barrier, out = spawn.Barrier(len(kinds) + 1), spawn.Queue()
+    children = [
+        spawn.Process(
+            target=redis_apps.stampede, args=(port, kind, 60, compute_s, seconds, barrier, out)
+        )
+        for kind in kinds
+    ]
+    for child in children:
+        child.start()
+    cache = RedisCache(redis.Redis(port=port), ttl=60, namespace="stampede")
+    hot = request_memo(shared=cache)(redis_apps._sync_hot)
+    barrier.wait(60)
+    deletes, stop = [0.0], time.monotonic() + seconds - 0.3
+    while time.monotonic() < stop:
+        time.sleep(0.3)
+        deletes.append(time.time())
+        hot.cache_delete(port, compute_s)
+    deletes.append(time.time() + 60)
+    calls = [out.get(timeout=90) for _ in children]
+    for child in children:
+        child.join(30)
+        assert child.exitcode == 0
+    with redis.Redis(port=port) as client:
+        starts = sorted(float(item.split()[0]) for item in client.lrange("computations", 0, -1))
+    per = [sum(a <= s < b for s in starts) for a, b in itertools.pairwise(deletes)]
+    assert per == [1] * len(per), (per, calls)

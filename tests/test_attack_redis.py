@@ -554,3 +554,54 @@ def test_a_stampede_of_4_processes_with_deletes_computes_once_per_delete(
         starts = sorted(float(item.split()[0]) for item in client.lrange("computations", 0, -1))
     per = [sum(a <= s < b for s in starts) for a, b in itertools.pairwise(deletes)]
     assert per == [1] * len(per), (per, calls)
+
+
+@pytest.mark.parametrize("how", ["cache_delete", "cache_clear"])
+@pytest.mark.parametrize("step", ["claim", "extend", "compute", "store", "store-retry"])
+def test_an_update_and_delete_at_any_step_of_a_miss_leaves_no_old_value(
+    redis_server: Any, step: str, how: str
+) -> None:
+    """Another worker updates the row and deletes the entry at one step of A's miss:
+    before its CLAIM, between CLAIM and EXTEND, during its computation, before its
+    STORE, between two tries of its STORE (a busy pool). A's caller gets what A read;
+    the next read anywhere gets the new row at once."""
+    row = {"price": 1}
+    made = []
+    for _ in range(2):
+        cache = RedisCache(redis.Redis(port=redis_server.port), ttl=60, namespace="steps",
+                           lock_timeout=5)  # fmt: skip
+
+        def price(sku: str) -> int:
+            value = row["price"]
+            if step == "compute" and value == 1:
+                update()
+            return value
+
+        made.append((cache, request_memo(shared=cache)(price)))
+    (cache_a, price_a), (_, price_b) = made
+
+    def update() -> None:
+        row["price"] = 2
+        price_b.cache_delete("k") if how == "cache_delete" else price_b.cache_clear()
+
+    name = "store" if step == "store-retry" else step
+    real, tries = getattr(cache_a._sync, name, None), []
+
+    def hooked(**kwargs: Any) -> Any:
+        tries.append(1)
+        if len(tries) == 1:
+            update()
+            if step == "store-retry":
+                raise redis.ConnectionError("No connection available.")
+        return real(**kwargs)  # type: ignore[misc]
+
+    if real is not None:
+        setattr(cache_a._sync, name, hooked)
+    with request_scope():
+        assert price_a("k") == (2 if step in ("claim", "extend") else 1)
+    assert tries or step == "compute"
+    start = time.monotonic()
+    for fn in (price_b, price_a):
+        with request_scope():
+            assert fn("k") == 2
+    assert time.monotonic() - start < 1

@@ -295,8 +295,8 @@ class RedisTier:
         is taken as none: its replacement is computed under the lock too."""
         cache, keys = self.cache, [key, key + LOCK]
         deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
+        over = "" if bad is None else hashlib.sha1(bad, usedforsecurity=False).hexdigest()
         while True:
-            over = "" if bad is None else hashlib.sha1(bad).hexdigest()
             reply = yield ("claim", keys, [token, cache._lease_ms, over])
             if isinstance(reply, Exception):
                 return None, conn if self._wrong(key, reply) else None, ""
@@ -312,8 +312,8 @@ class RedisTier:
                 if self._decoded(reply[1], key) is not MISSING:
                     self.count("hits")
                     return reply[1], conn, ""
-                bad = reply[1]  # another bad value: CLAIM again, over it
-                if now() < deadline:
+                if now() < deadline:  # another bad value: CLAIM again, over it
+                    over = hashlib.sha1(reply[1], usedforsecurity=False).hexdigest()
                     continue
                 return None, None, ""
             if pause == FIRST_PAUSE:

@@ -605,3 +605,28 @@ def test_an_update_and_delete_at_any_step_of_a_miss_leaves_no_old_value(
         with request_scope():
             assert fn("k") == 2
     assert time.monotonic() - start < 1
+
+
+def test_a_delete_from_a_cache_with_a_shorter_lock_timeout_still_outlives_the_lock(
+    redis_server: Any,
+) -> None:
+    """A management command (its RedisCache with lock_timeout=0.2) deletes a key that a
+    web worker (lock_timeout=30, for a slow report) computes from the old row. The
+    mark lasts as long as the lock it replaced: the report, ending after 0.2 s but
+    within its own lock, stores nothing."""
+    row = Row()
+    (_, web) = workers(redis_server.port, row, 1, lock_timeout=30)[0]
+    (_, admin) = workers(redis_server.port, row, 1, lock_timeout=0.2)[0]
+    gate = row.gate("web")
+    thread, old = in_thread(lambda: web("k"), "web")
+    try:
+        assert row.reached["web"].wait(10)
+        row.price = 2
+        admin.cache_delete("k")
+        time.sleep(0.4)
+    finally:
+        gate.set()
+        thread.join(10)
+    assert old == [1]
+    with request_scope():
+        assert admin("k") == 2

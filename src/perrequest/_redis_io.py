@@ -32,64 +32,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ._checks import KWARGS
-
-LOCK = ":lock"  # a value's lock key is its key plus this
-
-# What a delete leaves in a value's lock key for ``lock_timeout``: a computation still in
-# flight anywhere (maybe from old data) stores nothing; the next miss takes it over.
-DELETED = "perrequest:deleted"
-
-# The value (unless its SHA-1 is ARGV[3]: one that did not decode), or the lock (taken
-# when free, or over a delete's mark: then ``DELETED:token``, for ARGV[2] ms), in one
-# atomic step: {1, value} | {2} | {0}; {3}: the lock was taken over a bad one, which no
-# miss would get past (another type, or a string without expiry, written by others).
-CLAIM = f"""
-local value = redis.call('GET', KEYS[1])
-if value and (ARGV[3] == '' or redis.sha1hex(value) ~= ARGV[3]) then return {{1, value}} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {{2}} end
-if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('PTTL', KEYS[2]) >= 0 then
-  if redis.call('GET', KEYS[2]) ~= '{DELETED}' then return {{0}} end
-  redis.call('SET', KEYS[2], '{DELETED}:' .. ARGV[1], 'PX', ARGV[2])
-  return {{2}}
-end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {{3}}
-"""
-# Our lock (if still ours) lives ARGV[2] ms from now.
-EXTEND = f"""
-local lock = redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1])
-if lock == ARGV[1] or lock == '{DELETED}:' .. ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 1
-"""
-# Store the value (if any), then release the lock if it is still ours (a lock key
-# turned into another type is left for the next CLAIM to take over). A holder that
-# lost its lock stores only where no lock and no value are: it expired, and nobody
-# wanted the key since. Without a lock (ARGV[3] empty: a key of another type, to
-# replace) the value is overwritten unless a delete came (its mark, or a lock taken
-# over it, is there). A lock taken over a mark is released into the mark again, for
-# what is left of it: a computation older than the delete still stores nothing, after
-# this holder's value as after its failure. 2: a delete took our lock.
-STORE = f"""
-local kind = redis.call('TYPE', KEYS[2]).ok
-local lock = kind == 'string' and redis.call('GET', KEYS[2])
-local ours = ARGV[3] ~= '' and (lock == ARGV[3] or lock == '{DELETED}:' .. ARGV[3])
-local marked = lock and string.sub(lock, 1, {len(DELETED)}) == '{DELETED}'
-if ARGV[1] ~= '' then
-  if ours or (ARGV[3] == '' and not marked) then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  elseif ARGV[3] ~= '' and kind == 'none' then
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
-  end
-end
-if ours and lock == ARGV[3] then redis.call('DEL', KEYS[2])
-elseif ours then
-  redis.call('SET', KEYS[2], '{DELETED}', 'PX', math.max(1, redis.call('PTTL', KEYS[2])))
-elseif marked and ARGV[3] ~= '' then return 2
-end
-return 1
-"""
+from ._redis_scripts import CLAIM, DROP, EXTEND, LOCK, STORE
 
 # Connection settings that say where the server is and who connects; the
 # rest (timeouts, retries, decoding, pool behaviour) is the cache's own.
@@ -163,6 +106,7 @@ class Conn:
         self.claim = self.client.register_script(CLAIM)
         self.extend = self.client.register_script(EXTEND)
         self.store = self.client.register_script(STORE)
+        self.drop = self.client.register_script(DROP)
 
 
 # Releases a cancelled caller left to finish, while they run (a loop keeps only weak
@@ -194,7 +138,7 @@ def wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
-def scan_delete(client: Any, base: str, lock_ms: int) -> int:
+def scan_delete(conn: Conn, base: str, lock_ms: int) -> int:
     """Delete the values of the function whose keys start with ``base`` (one version, no
     colon, then a SHA-256: never another namespace's key that starts alike), a SCAN page
     at a time, and mark the locks found ``DELETED``; how many values. Then the values
@@ -207,22 +151,18 @@ def scan_delete(client: Any, base: str, lock_ms: int) -> int:
     for mark in (True, False):
         cursor = None
         while cursor != 0:
-            cursor, keys = client.scan(cursor=cursor or 0, match=pattern, count=1000)
+            cursor, keys = conn.client.scan(cursor=cursor or 0, match=pattern, count=1000)
             doomed = [k for k in keys if wanted(k)]
+            locks = [k for k in doomed if mark and k.endswith(b":lock")]
             values = [k for k in doomed if not k.endswith(b":lock")]
-            if values or (mark and doomed):
-                pipe = client.pipeline()  # MULTI: no STORE runs in between
-                for lock in set(doomed).difference(values) if mark else ():
-                    pipe.set(lock, DELETED, px=lock_ms)
-                replies = (pipe.unlink(*values) if values else pipe).execute()
-                deleted += replies[-1] if values else 0
+            if locks or values:
+                deleted += conn.drop(keys=locks + values, args=[lock_ms, len(locks)])
     return deleted
 
 
-def unlink(client: Any, key: str, lock_ms: int) -> int:
-    """Delete a value and mark its lock ``DELETED``, at once (MULTI) and in one round
-    trip; whether the value was there."""
-    return int(client.pipeline().unlink(key).set(key + LOCK, DELETED, px=lock_ms).execute()[0])
+def unlink(conn: Conn, key: str, lock_ms: int) -> int:
+    """Delete a value and mark its lock ``DELETED``, at once; whether the value was there."""
+    return int(conn.drop(keys=[key + LOCK, key], args=[lock_ms, 1]))
 
 
 # -- encodings ------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from . import _flight
 from . import _redis_io as io
 from ._checks import LAZY, refuse_memoized_result
 from ._flight import MISSING, Waited
-from ._redis_io import LOCK, BadValue, Conn, digest, key_problem
+from ._redis_io import BadValue, Conn, digest, key_problem
+from ._redis_scripts import LOCK
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._stats import Counter
 from .errors import UnhashableArguments
@@ -482,7 +483,7 @@ class RedisTier:
         with self._lock:
             for key in list(self._flights):
                 _flight.invalidate(self, key)
-        self._admin(lambda client: io.scan_delete(client, self.base, self.cache._lock_ms))
+        self._admin(lambda conn: io.scan_delete(conn, self.base, self.cache._lock_ms))
 
     def delete(self, where: Hashable) -> bool:
         """Whether Redis had the entry (and Redis answered). A computation of it in flight
@@ -491,13 +492,13 @@ class RedisTier:
         key = self.redis_key(where[1], (), {})  # type: ignore[index]
         with self._lock:
             _flight.invalidate(self, key)
-        return bool(self._admin(lambda client: io.unlink(client, key, self.cache._lock_ms)))
+        return bool(self._admin(lambda conn: io.unlink(conn, key, self.cache._lock_ms)))
 
     def _admin(self, command: Any) -> int:
-        """``command(client)`` on the sync pool, from sync or async code alike; 0 if Redis
+        """``command(conn)`` on the sync pool, from sync or async code alike; 0 if Redis
         failed (counted)."""
         try:
-            return int(command(self.cache._sync.client))
+            return int(command(self.cache._sync))
         except Exception as exc:
             self.cache._failed(self, exc)
             return 0

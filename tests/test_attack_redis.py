@@ -630,3 +630,32 @@ def test_a_delete_from_a_cache_with_a_shorter_lock_timeout_still_outlives_the_lo
     assert old == [1]
     with request_scope():
         assert admin("k") == 2
+
+
+@pytest.mark.parametrize("how", ["cache_delete", "cache_clear"])
+def test_a_full_server_still_deletes(own_redis: Any, how: str) -> None:
+    """A server at maxmemory with noeviction refuses writes that need memory, not the
+    deletes that free it: cache_delete and cache_clear still delete (and mark), as they
+    did before the marks. A script is refused only if its first write needs memory."""
+    server = own_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    row = Row()
+    row.release.set()
+    ((cache, price),) = workers(server.port, row, 1)
+    with request_scope():
+        assert price("k") == 1
+    client = redis.Redis(port=server.port)
+    n = 0
+    for size in (1000, 1):  # fill it until even a small new key is refused
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            while n < 100_000:
+                client.set(f"filler:{n}", b"x" * size)
+                n += 1
+    row.price = 2
+    if how == "cache_delete":
+        assert price.cache_delete("k") is True
+        assert price.cache_delete("absent") is False
+    else:
+        price.cache_clear()
+    assert cache.stats().errors == 0
+    values = [k for k in client.scan_iter("atk:*") if not k.endswith(b":lock")]
+    assert values == []

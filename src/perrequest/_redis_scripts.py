@@ -66,15 +66,18 @@ elseif marked and ARGV[3] ~= '' then return 2
 end
 return 1
 """
-# A delete, at once: mark the locks (the first ARGV[2] KEYS) ``DELETED`` for ARGV[1] ms,
-# or what is left of the lock there if longer (its holder's lock_timeout may be longer
-# than ours), and unlink the values (the other KEYS); how many were there.
+# A delete, at once: unlink the values (KEYS after the first ARGV[2]), and mark the
+# locks (those first ARGV[2]) ``DELETED`` for ARGV[1] ms, or what is left of the lock
+# there if longer (its holder's lock_timeout may be longer than ours); how many values
+# were there. Each lock is unlinked before its mark is written: a full server (maxmemory,
+# noeviction) refuses a script's first write if it needs memory, and only the first.
 DROP = f"""
 local n, dropped = tonumber(ARGV[2]), 0
+for i = n + 1, #KEYS do dropped = dropped + redis.call('UNLINK', KEYS[i]) end
 for i = 1, n do
   local left = redis.call('PTTL', KEYS[i])
+  redis.call('UNLINK', KEYS[i])
   redis.call('SET', KEYS[i], '{DELETED}', 'PX', math.max(tonumber(ARGV[1]), left))
 end
-for i = n + 1, #KEYS do dropped = dropped + redis.call('UNLINK', KEYS[i]) end
 return dropped
 """

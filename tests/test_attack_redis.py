@@ -659,3 +659,30 @@ def test_a_full_server_still_deletes(own_redis: Any, how: str) -> None:
     assert cache.stats().errors == 0
     values = [k for k in client.scan_iter("atk:*") if not k.endswith(b":lock")]
     assert values == []
+
+
+def test_a_mark_taken_over_by_a_claim_nobody_extends_still_lasts(redis_server: Any) -> None:
+    """A computes from the old row; the entry is deleted; a CLAIM takes the mark over
+    and its caller never extends the lock (Redis ran it after the caller gave up; the
+    process died). Its lease (op_timeout) ends: the next miss takes the lock over at
+    once, and A, ending after the lease, still stores nothing: the mark lives on."""
+    row = Row()
+    (cache_a, price_a), (_, price_b) = workers(redis_server.port, row, 2, op_timeout=0.2)
+    gate = row.gate("a")
+    thread, old = in_thread(lambda: price_a("k"), "a")
+    lock = lock_of(price_a, "k")
+    try:
+        assert row.reached["a"].wait(10)
+        row.price = 2
+        price_b.cache_delete("k")
+        ghost = cache_a._sync.claim(keys=[lock[: -len(":lock")], lock], args=["ab" * 9, 200, ""])
+        assert ghost == [2]
+        time.sleep(0.3)  # the lease is over
+    finally:
+        gate.set()
+        thread.join(10)
+    assert old == [1]
+    start = time.monotonic()
+    with request_scope():
+        assert price_b("k") == 2
+    assert time.monotonic() - start < 1  # not lock_timeout (5 s)

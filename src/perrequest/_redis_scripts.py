@@ -16,26 +16,36 @@ LOCK = ":lock"  # a value's lock key is its key plus this
 DELETED = "perrequest:deleted"
 
 # The value (unless its SHA-1 is ARGV[3]: one that did not decode), or the lock (taken
-# when free, or over a delete's mark: then ``DELETED:token``, for ARGV[2] ms), in one
-# atomic step: {1, value} | {2} | {0}; {3}: the lock was taken over a bad one, which no
-# miss would get past (another type, or a string without expiry, written by others).
+# when free, for ARGV[2] ms), in one atomic step: {1, value} | {2} | {0}; {3}: the lock
+# was taken over a bad one, which no miss would get past (another type, or a string
+# without expiry, written by others). A delete's mark is taken over as
+# ``DELETED:token:T``, keeping the mark's time: a lease until its PTTL falls under T
+# (ARGV[2] ms), after which, not extended, it is taken over again, still a mark.
 CLAIM = f"""
 local value = redis.call('GET', KEYS[1])
 if value and (ARGV[3] == '' or redis.sha1hex(value) ~= ARGV[3]) then return {{1, value}} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {{2}} end
-if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('PTTL', KEYS[2]) >= 0 then
-  if redis.call('GET', KEYS[2]) ~= '{DELETED}' then return {{0}} end
-  redis.call('SET', KEYS[2], '{DELETED}:' .. ARGV[1], 'PX', ARGV[2])
+local left = redis.call('PTTL', KEYS[2])
+if redis.call('TYPE', KEYS[2]).ok == 'string' and left >= 0 then
+  local lock = redis.call('GET', KEYS[2])
+  local lease = tonumber(string.match(lock, '^{DELETED}:%x+:(%d+)$') or -1)
+  if lock ~= '{DELETED}' and left >= lease then return {{0}} end
+  local px = math.max(left, tonumber(ARGV[2]))
+  redis.call('SET', KEYS[2], '{DELETED}:' .. ARGV[1] .. ':' .. (px - ARGV[2]), 'PX', px)
   return {{2}}
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {{3}}
 """
-# Our lock (if still ours) lives ARGV[2] ms from now.
+# Our lock (if still ours) lives ARGV[2] ms from now (one taken over a mark: at least
+# the mark's time, and no more a lease).
 EXTEND = f"""
 local lock = redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1])
-if lock == ARGV[1] or lock == '{DELETED}:' .. ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local mark = '{DELETED}:' .. ARGV[1]
+if lock == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2])
+elseif lock and (lock == mark or string.sub(lock, 1, #mark + 1) == mark .. ':') then
+  local px = math.max(redis.call('PTTL', KEYS[1]), tonumber(ARGV[2]))
+  redis.call('SET', KEYS[1], mark, 'PX', px)
 end
 return 1
 """
@@ -50,7 +60,9 @@ return 1
 STORE = f"""
 local kind = redis.call('TYPE', KEYS[2]).ok
 local lock = kind == 'string' and redis.call('GET', KEYS[2])
-local ours = ARGV[3] ~= '' and (lock == ARGV[3] or lock == '{DELETED}:' .. ARGV[3])
+local mark = '{DELETED}:' .. ARGV[3]
+local ours = ARGV[3] ~= '' and lock and (lock == ARGV[3] or lock == mark
+    or string.sub(lock, 1, #mark + 1) == mark .. ':')
 local marked = lock and string.sub(lock, 1, {len(DELETED)}) == '{DELETED}'
 if ARGV[1] ~= '' then
   if ours or (ARGV[3] == '' and not marked) then

@@ -5,7 +5,6 @@ its event-loop tick (``_batch_tasks``), ``load_many``, and loads outside any sco
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
@@ -15,8 +14,6 @@ from ._batching import UNTIMED, _BatchSpec, missing_keys, now, settled
 from ._flight import MISSING
 from ._stats import Counter
 from .store import MemoStore
-
-_thread_id = threading.get_ident
 
 
 def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
@@ -72,18 +69,16 @@ def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
 
 
 def _miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
-    """The key joins this tick's batch (a batch of 100 loads makes 100 of these). The
-    loader's state in this thread, while its loop runs, spares the others of a tick
-    ``get_running_loop()``, a ``getpid()`` system call on Python 3.11."""
+    """The key joins this tick's batch (a batch of 100 loads makes 100 of these)."""
     try:
-        state = store._flights.get((spec, _thread_id()))
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no asyncio loop running: trio
+        return _unbatched(spec, [key], [ck], single=True)
+    try:
+        state = store._flights.get((spec, loop))
     except AttributeError:  # a middleware's scope, its store not made yet
         state = None
-    if state is None or store._closed or not state.loop.is_running():
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no asyncio loop running: trio
-            return _unbatched(spec, [key], [ck], single=True)
+    if state is None or store._closed:
         if type(store) is list:  # make it, and load again
             here()
             return spec.load(key)
@@ -94,7 +89,7 @@ def _miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
         state = state_of(spec, store, loop)
         if state is None:  # the scope has ended: outside any scope now
             return _outside_one(spec, key)
-    future = state.loop.create_future()
+    future = loop.create_future()
     state.join(key, ck, future)
     return future
 

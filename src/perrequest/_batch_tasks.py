@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import Hashable
 from contextvars import ContextVar
 from typing import Any
@@ -58,12 +57,11 @@ _running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], _State]] = {}
 
 class _State:
     """One loader's batches in one store on one event loop, in the store's ``_flights``
-    (under the thread the loop runs in) while it has work: who waits for each key in
-    flight (``inflight``: a future, a ``(_Many, index)``, or a list of those), and the
-    pending batch, which every key missing before it starts joins: its load keys and
-    cache keys (the same list without ``key=``). The loader's own batch functions load
-    apart (``own``, ``own_keys``: who waits for each cache key, and its load key), in
-    batches of their own."""
+    while it has work: who waits for each key in flight (``inflight``: a future, a
+    ``(_Many, index)``, or a list of those), and the pending batch, which every key
+    missing before it starts joins: its load keys and cache keys (the same list without
+    ``key=``). The loader's own batch functions load apart (``own``, ``own_keys``: who
+    waits for each cache key, and its load key), in batches of their own."""
 
     __slots__ = (
         "cks",
@@ -86,7 +84,7 @@ class _State:
         self.cks: list[Hashable] | None = None
         self.own: dict[Hashable, Any] | None = None
         self.own_keys: dict[Hashable, Any] = {}
-        self.where = (spec, threading.get_ident())  # one loop runs in a thread at a time
+        self.where = (spec, loop)
 
     def join(self, key: Any, ck: Hashable, who: Any) -> None:
         """Wait for ``ck``: with its flight (a hit), or in the pending batch (misses are
@@ -146,8 +144,8 @@ def state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop
     """The loader's state in ``store`` on ``loop``; None once the scope has ended."""
     if store._closed:
         return None
-    state: _State | None = store._flights.get((spec, threading.get_ident()))
-    if state is None or state.loop is not loop:  # (that of a loop that ran here before)
+    state: _State | None = store._flights.get((spec, loop))
+    if state is None:
         try:
             state = _State(spec, store, loop)
         except ScopeClosed:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload
 
@@ -172,13 +171,10 @@ def _loading(spec: _BatchSpec, store: MemoStore, cache_key: Hashable) -> bool:
         fetch = store._flights.get((spec, cache_key))
         return fetch is not None and not fetch.ended
     try:
-        loop = asyncio.get_running_loop()
+        state = store._flights.get((spec, asyncio.get_running_loop()))
     except RuntimeError:  # no asyncio loop running here
         return False
-    state = store._flights.get((spec, threading.get_ident()))
-    if state is None or state.loop is not loop:
-        return False
-    return cache_key in state.inflight or cache_key in (state.own or ())
+    return state is not None and (cache_key in state.inflight or cache_key in (state.own or ()))
 
 
 def _make_sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:

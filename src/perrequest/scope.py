@@ -215,7 +215,8 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
     fetching = within.get()  # a batch function's worker loads its fetch's keys itself
 
     def enter() -> tuple[Token[Any], Token[tuple[Any, ...]]]:
-        return _current.set(store), within.set(fetching)
+        # Added to the caller's: called in another batch function, it keeps that fetch.
+        return _current.set(store), within.set((*within.get(), *fetching))
 
     def leave(tokens: tuple[Token[Any], Token[tuple[Any, ...]]]) -> None:
         within.reset(tokens[1])

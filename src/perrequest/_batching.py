@@ -305,6 +305,9 @@ class _BatchSpec:
             finally:
                 if me.future is not None:
                     me.future.set_result(out)
+                # Its waiters hold the future; a function bound in its batch function
+                # holds the fetch (``within``), maybe past the request: not its values.
+                me.future, me.keys = None, []
 
 
 class _Fetch:

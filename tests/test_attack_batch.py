@@ -4,8 +4,12 @@ bind_scope carrying the batch fetch it is called in."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import threading
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from perrequest import bind_scope, request_batch, request_scope
@@ -122,3 +126,71 @@ def test_a_load_in_a_thread_whose_former_loop_now_runs_in_another_gets_its_own_l
                 break
             time.sleep(0.01)
         loop.close()
+
+
+def test_a_bound_helper_called_in_a_batch_function_keeps_that_fetch() -> None:
+    """A helper bound at the start of the request, called inside a batch function, hands
+    its loads to a pool with the context copied: bind_scope replaced the fetch the batch
+    function runs in with the (empty) one of its binding, so the pool's load of a key of
+    that fetch waited for the fetch, which waited for the pool."""
+    pool = ThreadPoolExecutor(4)
+    out: list[Any] = []
+
+    def run() -> None:
+        def helper(keys: list[int]) -> list[int]:
+            run_here = contextvars.copy_context().run
+            return list(pool.submit(run_here, tree.load_many, keys).result(timeout=3))
+
+        bound = bind_scope(helper)
+
+        @request_batch
+        def tree(keys: list[int]) -> list[int]:
+            below = bound([k // 2 for k in keys if k])
+            return [0 if not k else below.pop(0) + 1 for k in keys]
+
+        try:
+            out.append(tree.load_many([4, 2, 1]))
+        except Exception as exc:  # a TimeoutError before
+            out.append(exc)
+
+    with request_scope():
+        worker = threading.Thread(target=bind_scope(run), daemon=True)
+        worker.start()
+        worker.join(10)
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert out == [[3, 2, 1]]
+
+
+class _Value:
+    pass
+
+
+def test_a_function_bound_in_a_batch_function_holds_no_value_after_the_request() -> None:
+    """A callable bound inside a batch function and kept past the request (a callback
+    registry) carries that fetch: the fetch must not hold its values once it has ended
+    (a waiting thread made it keep them in its future)."""
+    kept: list[Any] = []
+    started = threading.Event()
+
+    @request_batch
+    def values(keys: list[int]) -> list[_Value]:
+        kept.append(bind_scope(lambda: None))
+        started.set()
+        time.sleep(0.2)  # another thread comes to wait for this fetch
+        return [_Value() for _ in keys]
+
+    got: list[Any] = []
+    with request_scope():
+        first = threading.Thread(target=bind_scope(lambda: got.append(values.load(1))))
+        first.start()
+        assert started.wait(5)
+        second = threading.Thread(target=bind_scope(lambda: got.append(values.load(1))))
+        second.start()
+        first.join(5)
+        second.join(5)
+        assert len(got) == 2 and got[0] is got[1]
+        assert values.cache_info().misses == 1
+    ref = weakref.ref(got[0])
+    del got[:]
+    gc.collect()
+    assert kept and ref() is None  # before: alive, in the fetch's future's outcomes

@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import pickle
 import re
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ._checks import KWARGS
-from ._redis_scripts import CLAIM, DROP, EXTEND, LOCK, STORE
+from ._redis_scripts import CLAIM, DROP, EXTEND, GEN, LOCK, RENEW, STORE
 
 # Connection settings that say where the server is and who connects; the
 # rest (timeouts, retries, decoding, pool behaviour) is the cache's own.
@@ -107,6 +108,7 @@ class Conn:
         self.extend = self.client.register_script(EXTEND)
         self.store = self.client.register_script(STORE)
         self.drop = self.client.register_script(DROP)
+        self.renew = self.client.register_script(RENEW)
 
 
 # Releases a cancelled caller left to finish, while they run (a loop keeps only weak
@@ -140,29 +142,29 @@ def wrong_type(exc: BaseException) -> bool:
 
 def scan_delete(conn: Conn, base: str, lock_ms: int) -> int:
     """Delete the values of the function whose keys start with ``base`` (one version, no
-    colon, then a SHA-256: never another namespace's key that starts alike), a SCAN page
-    at a time, and mark the locks found ``DELETED``; how many values. Then the values
-    again: a computation ending meanwhile stored its value as it dropped its lock, which
-    one SCAN can both miss (passing the value's slot before, the lock's after). A lock
-    there all along was marked: the second SCAN leaves the computations begun since."""
+    colon, then a SHA-256: never another namespace's key that starts alike) and their
+    locks, a SCAN page at a time, after writing the function's generation anew: a
+    computation in flight stores nothing, and a value stored before is there all along
+    the SCAN, which finds it; how many values."""
+    conn.renew(keys=[base + GEN], args=[os.urandom(9).hex()])
     pattern = re.sub(r"([\\*?\[\]])", r"\\\1", base) + "*"  # glob-escaped
     wanted = re.compile(re.escape(base.encode()) + rb"[^:]+:[0-9a-f]{64}(?::lock)?\Z").match
-    deleted = 0
-    for mark in (True, False):
-        cursor = None
-        while cursor != 0:
-            cursor, keys = conn.client.scan(cursor=cursor or 0, match=pattern, count=1000)
-            doomed = [k for k in keys if wanted(k)]
-            locks = [k for k in doomed if mark and k.endswith(b":lock")]
-            values = [k for k in doomed if not k.endswith(b":lock")]
-            if locks or values:
-                deleted += conn.drop(keys=locks + values, args=[lock_ms, len(locks)])
+    deleted, cursor = 0, None
+    while cursor != 0:
+        cursor, keys = conn.client.scan(cursor=cursor or 0, match=pattern, count=1000)
+        locks = [k for k in keys if wanted(k) and k.endswith(b":lock")]
+        values = [k for k in keys if wanted(k) and not k.endswith(b":lock")]
+        if locks:
+            conn.client.unlink(*locks)
+        if values:
+            deleted += conn.client.unlink(*values)
     return deleted
 
 
 def unlink(conn: Conn, key: str, lock_ms: int) -> int:
-    """Delete a value and mark its lock ``DELETED``, at once; whether the value was there."""
-    return int(conn.drop(keys=[key + LOCK, key], args=[lock_ms, 1]))
+    """Delete a value and its lock, and write its generation anew, at once; whether the
+    value was there."""
+    return int(conn.drop(keys=[key + GEN, key + LOCK, key], args=[lock_ms, os.urandom(9).hex()]))
 
 
 # -- encodings ------------------------------------------------------------------------

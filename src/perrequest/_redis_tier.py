@@ -36,7 +36,7 @@ from . import _redis_io as io
 from ._checks import LAZY, refuse_memoized_result
 from ._flight import MISSING, Waited
 from ._redis_io import BadValue, Conn, digest, key_problem
-from ._redis_scripts import LOCK
+from ._redis_scripts import GEN, LOCK
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._stats import Counter
 from .errors import UnhashableArguments
@@ -51,6 +51,10 @@ Steps = Generator[Any, Any, Any]
 UNCOUNTED = Counter(timed=False)
 FIRST_PAUSE, MAX_PAUSE = 0.002, 0.05  # seconds between looks at another's lock
 now = time.monotonic
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 class Late(bytes):
@@ -294,7 +298,7 @@ class RedisTier:
         ``lock_timeout`` has passed: ``(the value's bytes or None, the connection to store
         through or None, our lock's token or "")``. A value that does not decode (``bad``)
         is taken as none: its replacement is computed under the lock too."""
-        cache, keys = self.cache, [key, key + LOCK]
+        cache, keys = self.cache, [key, key + LOCK, key + GEN, self.base + GEN]
         deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
         over = "" if bad is None else hashlib.sha1(bad, usedforsecurity=False).hexdigest()
         while True:
@@ -305,10 +309,11 @@ class RedisTier:
                 self._refused(key + LOCK, BadValue("a lock of another type, or without expiry"))
             if reply[0] >= 2:  # ours: for op_timeout, until we have said we got the reply
                 if cache._lease_ms < cache._lock_ms:
-                    reply = yield ("extend", keys[1:], [token, cache._lock_ms])
+                    got, reply = reply, (yield ("extend", keys[1:2], [token, cache._lock_ms]))
                     if isinstance(reply, Exception):  # it may run yet: release it all the
                         self._wrong(key, reply)  # same once computed
-                return None, conn, token
+                    reply = got
+                return None, conn, f"{token}|{_text(reply[1])}"  # and the generations
             if reply[0] == 1:
                 if self._decoded(reply[1], key) is not MISSING:
                     self.count("hits")
@@ -332,7 +337,9 @@ class RedisTier:
         lock, a busy pool is waited for, up to ``op_timeout`` more."""
         deadline, pause = now() + self.cache.op_timeout, FIRST_PAUSE
         while True:
-            reply = yield ("store", [key, key + LOCK], [stored, self.cache._ttl_ms, token])
+            mine, _, gen = token.partition("|")
+            keys, args = [key, key + LOCK, key + GEN, self.base + GEN], [stored, self.cache._ttl_ms]
+            reply = yield ("store", keys, [*args, mine, gen or "/"])
             if not isinstance(reply, Exception):
                 return reply
             if not (token and io.exhausted(reply)) or now() + pause > deadline:

@@ -688,3 +688,42 @@ def test_a_mark_taken_over_by_a_claim_nobody_extends_still_lasts(redis_server: A
     with request_scope():
         assert price_b("k") == 2
     assert time.monotonic() - start < 1  # not lock_timeout (5 s)
+
+
+def test_a_holder_that_dies_after_a_delete_holds_the_key_no_longer_than_its_lock(
+    redis_server: Any,
+) -> None:
+    """A worker with lock_timeout=20 computes from the old row; a cache with
+    lock_timeout=1 deletes the entry; another process's miss takes the lock, extends
+    it to its 1 s and dies. With delete marks, the mark it took over kept the worker's
+    20 s: every call waited its 1 s, computed and stored nothing, for 20 s. Now the
+    first call waits at most the dead holder's second, and the next one is a hit."""
+    row = Row()
+    ((slow, price_slow),) = workers(redis_server.port, row, 1, lock_timeout=20)
+    ((fast, price_fast),) = workers(redis_server.port, row, 1, lock_timeout=1)
+    gate = row.gate("slow")
+    thread, old = in_thread(lambda: price_slow("k"), "slow")
+    lock = lock_of(price_fast, "k")
+    key = lock[: -len(":lock")]
+    try:
+        assert row.reached["slow"].wait(10)
+        row.price = 2
+        price_fast.cache_delete("k")
+        keys = [key, lock, key + ":gen", key.rsplit(":", 2)[0] + "::gen"]
+        ghost = "ab" * 9
+        assert fast._sync.claim(keys=keys, args=[ghost, 500, ""])[0] == 2
+        fast._sync.extend(keys=[lock], args=[ghost, 1000])  # then it dies
+        for call in range(3):
+            start = time.monotonic()
+            with request_scope():
+                assert price_fast("k") == 2
+            assert time.monotonic() - start < (1.8 if call == 0 else 0.5), call
+        assert redis.Redis(port=redis_server.port).exists(key)  # stored
+    finally:
+        gate.set()
+        thread.join(10)
+    assert old == [1]
+    with request_scope():
+        assert price_fast("k") == 2  # the old computation stored nothing
+    slow.close()
+    fast.close()

@@ -140,24 +140,21 @@ def wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
-def scan_delete(conn: Conn, base: str, lock_ms: int) -> int:
+def scan_delete(conn: Conn, base: str) -> int:
     """Delete the values of the function whose keys start with ``base`` (one version, no
     colon, then a SHA-256: never another namespace's key that starts alike) and their
     locks, a SCAN page at a time, after writing the function's generation anew: a
     computation in flight stores nothing, and a value stored before is there all along
-    the SCAN, which finds it; how many values."""
+    the SCAN, which finds it; how many keys (values and locks)."""
     conn.renew(keys=[base + GEN], args=[os.urandom(9).hex()])
     pattern = re.sub(r"([\\*?\[\]])", r"\\\1", base) + "*"  # glob-escaped
     wanted = re.compile(re.escape(base.encode()) + rb"[^:]+:[0-9a-f]{64}(?::lock)?\Z").match
     deleted, cursor = 0, None
     while cursor != 0:
         cursor, keys = conn.client.scan(cursor=cursor or 0, match=pattern, count=1000)
-        locks = [k for k in keys if wanted(k) and k.endswith(b":lock")]
-        values = [k for k in keys if wanted(k) and not k.endswith(b":lock")]
-        if locks:
-            conn.client.unlink(*locks)
-        if values:
-            deleted += conn.client.unlink(*values)
+        doomed = [k for k in keys if wanted(k)]
+        if doomed:
+            deleted += conn.client.unlink(*doomed)
     return deleted
 
 

@@ -490,7 +490,7 @@ class RedisTier:
         with self._lock:
             for key in list(self._flights):
                 _flight.invalidate(self, key)
-        self._admin(lambda conn: io.scan_delete(conn, self.base, self.cache._lock_ms))
+        self._admin(lambda conn: io.scan_delete(conn, self.base))
 
     def delete(self, where: Hashable) -> bool:
         """Whether Redis had the entry (and Redis answered). A computation of it in flight

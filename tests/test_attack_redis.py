@@ -1,5 +1,7 @@
-"""Attacks on the Redis tier's delete marks (a delete marks the value's lock deleted, so
-that a computation in flight anywhere stores nothing), against a real redis-server.
+"""Attacks on the Redis tier's invalidation (a delete or clear writes the key's or the
+function's generation anew, so that a computation in flight anywhere stores nothing;
+written first with delete marks in the lock key, which these tests broke nine times),
+against a real redis-server.
 Several RedisCache objects, each with a client of its own, stand for several worker
 processes (they share nothing but Redis)."""
 
@@ -101,7 +103,7 @@ def in_thread(fn: Callable[[], Any], name: str | None = None) -> tuple[threading
 
 def test_a_failed_computation_after_a_delete_lets_no_older_one_store(redis_server: Any) -> None:
     """A computes from the old row; B updates it and deletes the entry; C's miss takes
-    the marked lock over and fails (the database is down a moment). A ends: its old
+    the lock and fails (the database is down a moment). A ends: its old
     value must not go in, now that C's failure released the lock."""
     row = Row()
     (_, price_a), (_, price_b), (_, price_c) = workers(redis_server.port, row, 3)
@@ -147,11 +149,11 @@ def test_a_waiter_that_timed_out_never_overwrites_a_value_computed_after_a_delet
         assert price_b("k") == 2
 
 
-def test_a_waiter_that_timed_out_stores_nothing_while_a_delete_marked_lock_is_held(
+def test_a_waiter_that_timed_out_stores_nothing_while_a_lock_taken_after_a_delete_is_held(
     redis_server: Any,
 ) -> None:
     """W gives up waiting for another process's lock and computes from the old row. The
-    entry is deleted; B takes the marked lock over and computes. W ends first: its old
+    entry is deleted; B takes the lock and computes. W ends first: its old
     value must not go in (B then fails, and would leave it there for a whole ttl)."""
     row = Row()
     (cache_w, price_w), (_, price_b) = workers(redis_server.port, row, 2, lock_timeout=0.3)
@@ -228,7 +230,7 @@ def test_cache_clear_leaves_no_value_computed_before_it_whatever_the_scan_order(
 def test_a_waiter_that_timed_out_stores_nothing_after_a_cache_clear(redis_server: Any) -> None:
     """H (a long lock_timeout) computes; W (a short one) gives up waiting for it and
     computes from the old row too. H stores and ends; the row changes and the function
-    is cleared: no lock is there to mark. W ends: its old value must not go in."""
+    is cleared, with no lock there. W ends: its old value must not go in."""
     row = Row()
     (_, price_h), (cache_w, price_w) = (
         workers(redis_server.port, row, 1, lock_timeout=10)[0],
@@ -311,7 +313,7 @@ def test_a_computation_replacing_a_bad_value_stores_nothing_after_a_cache_clear(
 ) -> None:
     """W finds a value it cannot read (another writer's, or one signed with an old
     secret) and computes from the old row. The row changes and the function is cleared:
-    W held no lock for the clear to mark. W ends: its old value must not go in."""
+    W held no lock. W ends: its old value must not go in."""
     row = Row()
     (cache_w, price_w), (_, price_b) = workers(redis_server.port, row, 2)
     client = redis.Redis(port=redis_server.port)
@@ -461,11 +463,11 @@ def test_a_delete_storm_strands_no_caller(redis_server: Any) -> None:
     assert slowest[0] < 3, slowest
 
 
-def test_async_a_cancelled_caller_that_took_a_delete_mark_over_leaves_the_mark(
+def test_async_a_cancelled_caller_that_took_the_lock_after_a_delete_leaves_no_stall(
     redis_server: Any,
 ) -> None:
-    """A (async) computes from the old row; the entry is deleted; C takes the marked
-    lock over and is cancelled mid-computation. The next caller does not wait for
+    """A (async) computes from the old row; the entry is deleted; C takes the
+    lock and is cancelled mid-computation. The next caller does not wait for
     anything, and A's old value still does not go in when A ends."""
     row = {"price": 1}
 
@@ -612,7 +614,7 @@ def test_a_delete_from_a_cache_with_a_shorter_lock_timeout_still_outlives_the_lo
 ) -> None:
     """A management command (its RedisCache with lock_timeout=0.2) deletes a key that a
     web worker (lock_timeout=30, for a slow report) computes from the old row. The
-    mark lasts as long as the lock it replaced: the report, ending after 0.2 s but
+    key's generation lasts as long as the lock it removed: the report, ending after 0.2 s but
     within its own lock, stores nothing."""
     row = Row()
     (_, web) = workers(redis_server.port, row, 1, lock_timeout=30)[0]
@@ -635,8 +637,8 @@ def test_a_delete_from_a_cache_with_a_shorter_lock_timeout_still_outlives_the_lo
 @pytest.mark.parametrize("how", ["cache_delete", "cache_clear"])
 def test_a_full_server_still_deletes(own_redis: Any, how: str) -> None:
     """A server at maxmemory with noeviction refuses writes that need memory, not the
-    deletes that free it: cache_delete and cache_clear still delete (and mark), as they
-    did before the marks. A script is refused only if its first write needs memory."""
+    deletes that free it: cache_delete and cache_clear still delete (and renew the
+    generation). A script is refused only if its first write needs memory."""
     server = own_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
     row = Row()
     row.release.set()
@@ -661,11 +663,11 @@ def test_a_full_server_still_deletes(own_redis: Any, how: str) -> None:
     assert values == []
 
 
-def test_a_mark_taken_over_by_a_claim_nobody_extends_still_lasts(redis_server: Any) -> None:
-    """A computes from the old row; the entry is deleted; a CLAIM takes the mark over
+def test_a_lock_taken_after_a_delete_by_a_claim_nobody_extends_still_invalidates(redis_server: Any) -> None:
+    """A computes from the old row; the entry is deleted; a CLAIM takes the lock
     and its caller never extends the lock (Redis ran it after the caller gave up; the
     process died). Its lease (op_timeout) ends: the next miss takes the lock over at
-    once, and A, ending after the lease, still stores nothing: the mark lives on."""
+    once, and A, ending after the lease, still stores nothing: the generation changed."""
     row = Row()
     (cache_a, price_a), (_, price_b) = workers(redis_server.port, row, 2, op_timeout=0.2)
     gate = row.gate("a")

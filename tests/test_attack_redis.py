@@ -663,7 +663,9 @@ def test_a_full_server_still_deletes(own_redis: Any, how: str) -> None:
     assert values == []
 
 
-def test_a_lock_taken_after_a_delete_by_a_claim_nobody_extends_still_invalidates(redis_server: Any) -> None:
+def test_a_lock_taken_after_a_delete_by_a_claim_nobody_extends_still_invalidates(
+    redis_server: Any,
+) -> None:
     """A computes from the old row; the entry is deleted; a CLAIM takes the lock
     and its caller never extends the lock (Redis ran it after the caller gave up; the
     process died). Its lease (op_timeout) ends: the next miss takes the lock over at

@@ -1,42 +1,28 @@
 """One function's Redis tier: a request-store miss read from Redis, or computed once
-across processes under a Redis lock.
+across processes under a Redis lock (``_redis_lock``).
 
 A miss in the request store goes through its single-flight, then GETs Redis. A
-Redis miss goes through this process's single-flight, then CLAIM: a script that
-returns the value or takes the lock (``SET NX PX``) for ``op_timeout`` (a lease),
-which the holder extends to ``lock_timeout`` once it has the reply. So a CLAIM that
-runs after its caller gave up on it holds the key's other misses for ``op_timeout``
-at most. The holder computes, then stores the value and releases the lock in one
-script; the others CLAIM again until the value is there, the lock is free (its
-holder died: one takes it) or ``lock_timeout`` has passed (they compute too).
-
-The steps of a Redis miss are written once, as generators (``_claim``, ``_store``)
-yielding the commands to send (or a pause), which ``_run`` and ``_run_async`` send
-on sync or asyncio connections, handing back each reply or error. On a Redis error
-the value is computed here (fail open). Single-flight hands its callers the bytes,
-and each decodes a copy of its own, so no two requests ever hold the same object.
-
-Over 350 lines: one class serves sync and async functions, so that each step exists
-once (they were two modules, the second repeating the first, awaited).
+Redis miss goes through this process's single-flight, then ``_redis_lock.fetch``.
+On a Redis error the value is computed here (fail open). Single-flight hands its
+callers the bytes, and each decodes a copy of its own, so no two requests ever hold
+the same object.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
-import os
 import threading
-import time
-from collections.abc import Generator, Hashable
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _flight
 from . import _redis_io as io
+from . import _redis_lock as lock
 from ._checks import LAZY, refuse_memoized_result
 from ._flight import MISSING, Waited
 from ._redis_io import BadValue, Conn, digest, key_problem
-from ._redis_scripts import GEN, LOCK
+from ._redis_lock import Late
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._stats import Counter
 from .errors import UnhashableArguments
@@ -44,23 +30,8 @@ from .errors import UnhashableArguments
 if TYPE_CHECKING:
     from .redis import RedisCache
 
-# Commands to send, ``(script, keys, args)``, or a pause in seconds; each gets back
-# the command's reply, or the exception it raised.
-Steps = Generator[Any, Any, Any]
 # This process's single-flight needs a counter; the tier counts for itself.
 UNCOUNTED = Counter(timed=False)
-FIRST_PAUSE, MAX_PAUSE = 0.002, 0.05  # seconds between looks at another's lock
-now = time.monotonic
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
-class Late(bytes):
-    """A value whose computation lost its lock to a delete (in any process): its waiters
-    in this process, which may have come after the delete, try once more (the next
-    computation begins after they came)."""
 
 
 class RedisCacheInfo(NamedTuple):
@@ -144,10 +115,10 @@ class RedisTier:
                     self.count("hits")
                     return value
         claim = raw is not MISSING and conn is not None  # not after GET failed
-        call, fetch = Call(), (claim, conn, key, fn, raw, args, kwargs)
+        call, fetch = Call(), (self, claim, conn, key, fn, raw, args, kwargs)
         # No local holds what it computed: an error raised from it, for another
         # request's caller, must not reach the original (``_copy``).
-        join: Args = (call, self._fetch, fetch, {})
+        join: Args = (call, lock.fetch, fetch, {})
         return self._copy(
             call,
             self._again(
@@ -172,8 +143,8 @@ class RedisTier:
                     self.count("hits")
                     return value
         claim = raw is not MISSING and conn is not None  # not after GET failed
-        call, fetch = Call(), (claim, conn, key, fn, raw, args, kwargs)
-        join: Args = (call, self._fetch_async, fetch, {})
+        call, fetch = Call(), (self, claim, conn, key, fn, raw, args, kwargs)
+        join: Args = (call, lock.fetch_async, fetch, {})
         return self._copy(
             call,
             await self._again_async(
@@ -232,156 +203,6 @@ class RedisTier:
                 loops.pop(closed, None)
             conn = loops[loop] = Conn(self.cache._client, self.cache.op_timeout, False)
         return conn
-
-    # -- a Redis miss: claim, compute, store -------------------------------------------------
-
-    def _fetch(
-        self, claim: bool, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args,
-        kwargs: Kwargs,
-    ) -> Any:  # fmt: skip
-        """The value's bytes: read or computed under the lock if ``claim`` (over ``bad``,
-        a value that did not decode, if not None), stored through ``conn`` unless None."""
-        token = ""
-        if claim:
-            mine = os.urandom(9).hex()
-            try:
-                found, conn, token = self._run(conn, self._claim(conn, key, mine, bad))
-            except BaseException:  # a signal's (SystemExit, KeyboardInterrupt): the lock
-                self._run(conn, self._store(key, b"", mine))  # may be ours; release it
-                raise
-            if found is not None:
-                return found
-        self.count("misses")
-        payload, late = b"", None
-        try:
-            payload = self._encoded(fn(*args, **kwargs), key)
-        finally:
-            stored = self._storable(conn, payload, key, threading.get_ident())
-            if conn is not None and (stored or token):
-                late = self._run(conn, self._store(key, stored, token))
-        return Late(payload) if late == 2 else payload
-
-    async def _fetch_async(
-        self, claim: bool, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args,
-        kwargs: Kwargs,
-    ) -> Any:  # fmt: skip
-        """``_fetch``, awaited. A claim or a store cancelled (anyio's cancel scopes cancel
-        every await) releases the lock in a task of its own: a lock left behind (its EXTEND
-        on the way) would hold the key's next miss, in every process, for ``lock_timeout``."""
-        token = ""
-        if claim:
-            mine = os.urandom(9).hex()
-            try:
-                found, conn, token = await self._run_async(conn, self._claim(conn, key, mine, bad))
-            except asyncio.CancelledError:  # the lock may be ours: release it if it is
-                io.finish_later(lambda: self._run_async(conn, self._store(key, b"", mine)))
-                raise
-            if found is not None:
-                return found
-        self.count("misses")
-        payload, late = b"", None
-        try:
-            payload = self._encoded(await fn(*args, **kwargs), key)
-        finally:
-            me = None if conn is None else asyncio.current_task()  # None: trio
-            stored = self._storable(conn, payload, key, me)
-            if conn is not None and (stored or token):
-                try:
-                    late = await self._run_async(conn, self._store(key, stored, token))
-                except asyncio.CancelledError:  # STORE can run twice
-                    io.finish_later(lambda: self._run_async(conn, self._store(key, stored, token)))
-                    raise
-        return Late(payload) if late == 2 else payload
-
-    def _claim(self, conn: Conn | None, key: str, token: str, bad: bytes | None) -> Steps:
-        """CLAIM (our lock: ``token``) until the value is there, the lock is ours or
-        ``lock_timeout`` has passed: ``(the value's bytes or None, the connection to store
-        through or None, our lock's token or "")``. A value that does not decode (``bad``)
-        is taken as none: its replacement is computed under the lock too."""
-        cache, keys = self.cache, [key, key + LOCK, key + GEN, self.base + GEN]
-        deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
-        over = "" if bad is None else hashlib.sha1(bad, usedforsecurity=False).hexdigest()
-        while True:
-            reply = yield ("claim", keys, [token, cache._lease_ms, over])
-            if isinstance(reply, Exception):
-                return None, conn if self._wrong(key, reply) else None, ""
-            if reply[0] == 3:  # taken over a lock no miss would get past: a bad value
-                self._refused(key + LOCK, BadValue("a lock of another type, or without expiry"))
-            if reply[0] >= 2:  # ours: for op_timeout, until we have said we got the reply
-                if cache._lease_ms < cache._lock_ms:
-                    got, reply = reply, (yield ("extend", keys[1:2], [token, cache._lock_ms]))
-                    if isinstance(reply, Exception):  # it may run yet: release it all the
-                        self._wrong(key, reply)  # same once computed
-                    reply = got
-                return None, conn, f"{token}|{_text(reply[1])}"  # and the generations
-            if reply[0] == 1:
-                if self._decoded(reply[1], key) is not MISSING:
-                    self.count("hits")
-                    return reply[1], conn, ""
-                if now() < deadline:  # another bad value: CLAIM again, over it
-                    over = hashlib.sha1(reply[1], usedforsecurity=False).hexdigest()
-                    continue
-                return None, None, ""
-            if pause == FIRST_PAUSE:
-                self.count("lock_waits")
-            left = deadline - now()
-            if left <= 0:  # compute, and store nothing: the holder will, and ours, which
-                self.count("lock_timeouts")  # holds no lock, outlives any cache_clear
-                return None, None, ""
-            yield min(pause, left)
-            pause = min(pause * 2, MAX_PAUSE)
-
-    def _store(self, key: str, stored: bytes, token: str) -> Steps:
-        """STORE the value (if any) and release our lock (if ``token``). A lock left behind
-        would make the key's next miss, in any process, wait ``lock_timeout``: so with a
-        lock, a busy pool is waited for, up to ``op_timeout`` more."""
-        deadline, pause = now() + self.cache.op_timeout, FIRST_PAUSE
-        while True:
-            mine, _, gen = token.partition("|")
-            keys, args = [key, key + LOCK, key + GEN, self.base + GEN], [stored, self.cache._ttl_ms]
-            reply = yield ("store", keys, [*args, mine, gen or "/"])
-            if not isinstance(reply, Exception):
-                return reply
-            if not (token and io.exhausted(reply)) or now() + pause > deadline:
-                self._wrong(key, reply)
-                return None
-            yield pause
-            pause = min(pause * 2, MAX_PAUSE)
-
-    def _run(self, conn: Any, steps: Steps) -> Any:
-        """Send ``steps``' commands on the sync connections; what the generator returns."""
-        reply = None
-        try:
-            while True:
-                step = steps.send(reply)
-                if type(step) is float:
-                    time.sleep(step)
-                    reply = None
-                    continue
-                try:
-                    reply = getattr(conn, step[0])(keys=step[1], args=step[2])
-                except Exception as exc:
-                    reply = exc
-        except StopIteration as done:
-            return done.value
-
-    async def _run_async(self, conn: Any, steps: Steps) -> Any:
-        """``_run`` on an event loop's connections, each command within ``op_timeout``."""
-        reply = None
-        try:
-            while True:
-                step = steps.send(reply)
-                if type(step) is float:
-                    await asyncio.sleep(step)
-                    reply = None
-                    continue
-                try:
-                    async with asyncio.timeout(self.cache.op_timeout):
-                        reply = await getattr(conn, step[0])(keys=step[1], args=step[2])
-                except Exception as exc:
-                    reply = exc
-        except StopIteration as done:
-            return done.value
 
     # -- keys, values, and what went wrong ---------------------------------------------------
 

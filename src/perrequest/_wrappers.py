@@ -1,11 +1,12 @@
-"""The memo wrappers: generated with the memoized function's own signature, or a closure.
+"""The memo wrappers, generated (as ``dataclasses`` generates ``__init__``).
 
-Generated (as ``dataclasses`` generates ``__init__``), Python binds the arguments
-and a one-argument call is keyed by the argument itself: a hit about 40% cheaper
-than a ``*args, **kwargs`` closure's (docs/performance.md), and ``f(1, b=2)`` and
-``f(1, 2)`` are one entry. The common miss is generated too (``_flight.run``
-written out: one coroutine per async miss, not two); every other path is shared
-with the closures. ``tests/test_properties.py`` checks that both behave alike.
+With the memoized function's own signature, Python binds the arguments and a
+one-argument call is keyed by the argument itself: a hit about 40% cheaper than a
+``*args, **kwargs`` closure's (docs/performance.md), and ``f(1, b=2)`` and ``f(1, 2)``
+are one entry. Other functions (``*args``, ``key=``, ``typed=``, callable objects) get
+a ``*args, **kwargs`` wrapper keyed by call shape. The common miss is generated too
+(``_flight.run`` written out: one coroutine per async miss, not two).
+``tests/test_properties.py`` checks that both kinds behave alike.
 """
 
 from __future__ import annotations
@@ -16,20 +17,18 @@ import keyword
 import textwrap
 import weakref
 from asyncio import current_task
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from threading import get_ident as _thread_id
 from typing import Any
 
 from . import _flight
 from ._active import _current, here
 from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
-from .store import MemoStore
 
 # Indented one level, as the miss templates below are; dedented before compiling.
 _TEMPLATE = """\
     {kind}def {name}({signature}):
-        __pr_key = {key}
+        {key}
         __pr_store = __pr_get()
         if __pr_store is not None:
             try:
@@ -45,21 +44,22 @@ _TEMPLATE = """\
                 return __pr_entry[0]
             # Outside the except blocks, so that no error raised from here on
             # carries the miss's KeyError as its context.
-{miss}        return {await_}__pr_outside(({positional}), {{{keyword}}}, __pr_key)
+{miss}        return {await_}__pr_outside({args}, {kwargs}, __pr_key)
 """
 
 # The wrapper's twin for cache_delete: the same signature, returning ``(key, anchor)``.
 # Compiled apart, in a namespace without the spec: the spec holds it.
 _KEYOF = """\
 def __pr_keyof({signature}):
-    return {key}, {anchor}
+    {key}
+    return __pr_key, {anchor}
 """
 
 # A miss through the shared tier (``spec.runner()``), all ``_slow``'s.
 _RUN = """\
             return {await_}__pr_slow(
-                __pr_spec, __pr_store, (__pr_spec, __pr_key), ({positional}), {{{keyword}}},
-                {anchor}, __pr_odd,
+                __pr_spec, __pr_store, (__pr_spec, __pr_key), {args}, {kwargs}, {anchor},
+                __pr_odd,
             )
 """
 
@@ -84,8 +84,7 @@ _COMPUTE = """\
             if not __pr_mine:  # what remains is ``_slow``'s
                 __pr_me = None
                 return {await_}__pr_slow(
-                    __pr_spec, __pr_store, __pr_where, ({positional}), {{{keyword}}}, {anchor},
-                    __pr_odd,
+                    __pr_spec, __pr_store, __pr_where, {args}, {kwargs}, {anchor}, __pr_odd,
                 )
             __pr_start = 0.0  # registered: every way out resolves it (see _flight.run)
             try:
@@ -143,10 +142,10 @@ _REFUSE = """\
 def _slow(
     spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any, look: bool = False
 ) -> Any:
-    """A miss the generated wrapper did not register (another caller computes the key, a
-    first miss, a closed scope, unhashable arguments, trio), and every closure's miss; or
-    a scope's cell (``_active.open_request``): the store is made, looked in again. For an
-    async function, an awaitable."""
+    """A miss the wrapper did not register (another caller computes the key, a first
+    miss, a closed scope, unhashable arguments, trio, a shared tier); or a scope's cell
+    (``_active.open_request``): the store is made, looked in again. For an async
+    function, an awaitable."""
     if type(store) is list:
         here()
         return spec.wrapper()(*args, **kwargs)
@@ -178,11 +177,12 @@ _FIXED = {
     "__pr_interrupted": _flight.interrupted, "__pr_type": type, "__pr_KeyError": KeyError,
     "__pr_TypeError": TypeError, "__pr_AttributeError": AttributeError,
     "__pr_BaseException": BaseException, "__pr_RuntimeError": RuntimeError,
+    "__pr_call_key": call_key, "__pr_KWARGS": KWARGS, "__pr_tuple": tuple,
 }  # fmt: skip
 
 
 def parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
-    """The parameters to generate the wrapper from, or None (the closure then): a plain
+    """The parameters to generate the wrapper from, or None (``*args, **kwargs``): a plain
     function's, without ``*args``/``**kwargs``, whose defaults (part of the key) hash."""
     if not inspect.isfunction(fn) or "__signature__" in fn.__dict__:
         return None  # a __signature__ may say other than what the code accepts
@@ -203,8 +203,66 @@ def parameters(fn: Callable[..., Any]) -> list[inspect.Parameter] | None:
     return params
 
 
-def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., Any], ...]:
-    """The wrapper, and ``keyof``: the same signature, returning ``(key, anchor)``."""
+def generate(
+    spec: Any, params: list[inspect.Parameter] | None
+) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    """The wrapper, and ``keyof``: the same signature, returning ``(key, anchor)``; without
+    ``params``, a ``*args, **kwargs`` wrapper keyed by call shape, and no ``keyof``."""
+    parts = _generic(spec) if params is None else _signature(spec, params)
+    defaults = parts.pop("defaults")
+    parts["await_"] = "await " if spec.is_async else ""
+    miss = (_RUN if spec.shared is not None else _COMPUTE).format(
+        **parts, refuse="" if spec.is_async else _REFUSE, me=_TASK if spec.is_async else _THREAD
+    )
+    source = _TEMPLATE.format(
+        **parts,
+        kind="async " if spec.is_async else "",
+        name=_code_name(spec.fn),
+        touch="                __pr_sub.move_to_end(__pr_key)\n" if spec.max_entries else "",
+        miss=miss,
+    )
+    # What the code uses are its globals, in a namespace of its own: a closure's cells
+    # would be copied into the frame and released again on every call, a hit included.
+    namespace = {
+        **_FIXED, "__pr_spec": spec, "__pr_fn": spec.fn, "__pr_outside": spec.outside,
+        "__pr_d": defaults, "__pr_name": spec.name,
+    }  # fmt: skip
+    filename = f"<request_memo {spec.name}>"
+    exec(_compiled(textwrap.dedent(source), filename), namespace)
+    # Taken out, so that a namespace and its function form no reference cycle.
+    wrapper = namespace.pop(_code_name(spec.fn))
+    if params is None:
+        return wrapper, None
+    keyof: dict[str, Any] = {"__pr_id": id, "__pr_d": defaults}
+    exec(_compiled(_KEYOF.format(**parts), filename), keyof)
+    keyof_fn = keyof.pop("__pr_keyof")
+    keyof_fn.__qualname__ = spec.fn.__qualname__  # what its binding errors name
+    return wrapper, keyof_fn
+
+
+def _generic(spec: Any) -> dict[str, Any]:
+    """The texts of a ``*args, **kwargs`` wrapper: ``call_key``'s key, written out when
+    it is the arguments alone."""
+    key = "__pr_call_key(__pr_spec, __pr_args, __pr_kwargs)"
+    if not (spec.key_fn or spec.typed or spec.is_method):
+        key = (
+            "((__pr_KWARGS, __pr_args, __pr_tuple(__pr_kwargs.items())) "
+            "if __pr_kwargs else __pr_args), None"
+        )
+    signature = "*__pr_args, **__pr_kwargs"
+    return {
+        "key": f"__pr_key, __pr_anchor = {key}",
+        "signature": signature,
+        "arguments": signature,
+        "args": "__pr_args",
+        "kwargs": "__pr_kwargs",
+        "anchor": "__pr_anchor",
+        "defaults": (),
+    }
+
+
+def _signature(spec: Any, params: list[inspect.Parameter]) -> dict[str, Any]:
+    """The texts of a wrapper with the function's own parameters."""
     defaults: list[Any] = []
     signature: list[str] = []
     positional: list[str] = []
@@ -234,46 +292,16 @@ def generate(spec: Any, params: list[inspect.Parameter]) -> tuple[Callable[..., 
         key = names[0]
     else:
         key = f"({''.join(n + ', ' for n in names)})"
-    touch = ""
-    if spec.max_entries is not None:
-        touch = "                __pr_sub.move_to_end(__pr_key)\n"
-    parts = {
-        "await_": "await " if spec.is_async else "",
-        "anchor": names[0] if spec.is_method else "None",
-        "positional": "".join(n + ", " for n in positional),
-        "keyword": ", ".join(keywords),
-    }
     arguments = [*positional, *(f"{n}={n}" for n in names if n not in positional)]
-    miss = (_RUN if spec.shared is not None else _COMPUTE).format(
-        **parts,
-        arguments=", ".join(arguments),
-        refuse="" if spec.is_async else _REFUSE,
-        me=_TASK if spec.is_async else _THREAD,
-    )
-    source = _TEMPLATE.format(
-        **parts,
-        kind="async " if spec.is_async else "",
-        name=_code_name(spec.fn),
-        signature=", ".join(signature),
-        key=key,
-        touch=touch,
-        miss=miss,
-    )
-    keyof_source = _KEYOF.format(**parts, signature=", ".join(signature), key=key)
-    # What the code uses are its globals, in a namespace of its own: a closure's cells
-    # would be copied into the frame and released again on every call, a hit included.
-    namespace = {
-        **_FIXED, "__pr_spec": spec, "__pr_fn": spec.fn, "__pr_outside": spec.outside,
-        "__pr_d": tuple(defaults), "__pr_name": spec.name,
-    }  # fmt: skip
-    filename = f"<request_memo {spec.name}>"
-    exec(_compiled(textwrap.dedent(source), filename), namespace)
-    keyof: dict[str, Any] = {"__pr_id": id, "__pr_d": namespace["__pr_d"]}
-    exec(_compiled(keyof_source, filename), keyof)
-    keyof_fn = keyof.pop("__pr_keyof")
-    keyof_fn.__qualname__ = spec.fn.__qualname__  # what its binding errors name
-    # Taken out, so that a namespace and its function form no reference cycle.
-    return namespace.pop(_code_name(spec.fn)), keyof_fn
+    return {
+        "key": f"__pr_key = {key}",
+        "signature": ", ".join(signature),
+        "arguments": ", ".join(arguments),
+        "args": f"({''.join(n + ', ' for n in positional)})",
+        "kwargs": "{" + ", ".join(keywords) + "}",
+        "anchor": names[0] if spec.is_method else "None",
+        "defaults": tuple(defaults),
+    }
 
 
 @functools.lru_cache(maxsize=256)
@@ -291,57 +319,6 @@ def _code_name(fn: Callable[..., Any]) -> str:  # tracebacks and profilers show 
 
 def make_wrapper(spec: Any) -> Callable[..., Any]:
     params = None if spec.key_fn is not None or spec.typed else parameters(spec.fn)
-    if params is not None:
-        wrapper, spec.keyof = generate(spec, params)
-        spec.wrapper = weakref.ref(wrapper)  # not a cycle: a dropped wrapper is freed at once
-        return wrapper
-    get_store, outside = _current.get, spec.outside
-    simple, kwargs_mark = not (spec.key_fn or spec.typed or spec.is_method), KWARGS
-
-    def lookup(store: MemoStore, key: Hashable) -> Any:
-        sub = store._subs[spec]  # type: ignore[index]
-        entry = sub[key]
-        store._order.move_to_end(entry[2])
-        if type(sub) is OrderedDict:
-            sub.move_to_end(key)
-        entry[1].hits += 1
-        return entry[0]
-
-    def keyed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Hashable, Any]:
-        if simple:
-            return ((kwargs_mark, args, tuple(kwargs.items())) if kwargs else args), None
-        return call_key(spec, args, kwargs)
-
-    if spec.is_async:
-
-        async def memo_async(*args: Any, **kwargs: Any) -> Any:
-            key, anchor = keyed(args, kwargs)
-            store = get_store()
-            if store is None:
-                return await outside(args, kwargs, key)
-            try:
-                return lookup(store, key)
-            except KeyError:
-                odd = False  # a miss: handled below, so that its errors carry no KeyError context
-            except (TypeError, AttributeError):
-                odd = True  # see _slow
-            return await _slow(spec, store, (spec, key), args, kwargs, anchor, odd)
-
-        spec.wrapper = weakref.ref(memo_async)
-        return memo_async
-
-    def memo(*args: Any, **kwargs: Any) -> Any:
-        key, anchor = keyed(args, kwargs)
-        store = get_store()
-        if store is None:
-            return outside(args, kwargs, key)
-        try:
-            return lookup(store, key)
-        except KeyError:
-            odd = False  # a miss: handled below, so that its errors carry no KeyError context
-        except (TypeError, AttributeError):
-            odd = True  # see _slow
-        return _slow(spec, store, (spec, key), args, kwargs, anchor, odd)
-
-    spec.wrapper = weakref.ref(memo)
-    return memo
+    wrapper, spec.keyof = generate(spec, params)
+    spec.wrapper = weakref.ref(wrapper)  # not a cycle: a dropped wrapper is freed at once
+    return wrapper

@@ -43,7 +43,7 @@ outside_override: str | None = None
 warned_outside: set[str] = set()
 _WARNED_MAX = 10_000
 _warned_lock = threading.Lock()
-_OUTSIDE_SCOPE = ("warn", "call", "raise")
+OUTSIDE_SCOPE = ("warn", "call", "raise")
 _OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared", "version")
 
 
@@ -259,7 +259,7 @@ def request_memo(
             "what key= returns (e.g. key=lambda x: (type(x), x))."
         )
     max_entries = check_max_entries(max_entries, "request_memo(max_entries=...)")
-    if outside_scope not in _OUTSIDE_SCOPE:
+    if outside_scope not in OUTSIDE_SCOPE:
         raise ValueError(
             f"request_memo(outside_scope=...) must be 'warn' (call uncached, log once), "
             f"'call' (call uncached) or 'raise' (raise NoActiveScope), not {outside_scope!r}"

@@ -17,8 +17,6 @@ from .store import MemoStore
 
 __all__ = ["assert_no_live_scopes", "live_scopes"]
 
-_MODES = ("warn", "call", "raise")
-
 
 def assert_no_live_scopes() -> None:
     """Fail when any scope is still open: a request or job that never ended."""
@@ -52,7 +50,7 @@ else:
             "outside_scope)"
         )
         parser.addini("perrequest_outside_scope", help)
-        parser.addoption("--perrequest-outside-scope", choices=_MODES, help=help)
+        parser.addoption("--perrequest-outside-scope", choices=memo.OUTSIDE_SCOPE, help=help)
 
     def pytest_configure(config: pytest.Config) -> None:
         mode = config.getoption("--perrequest-outside-scope", None) or config.getini(
@@ -60,9 +58,9 @@ else:
         )
         if not mode:
             return
-        if mode not in _MODES:
+        if mode not in memo.OUTSIDE_SCOPE:
             raise pytest.UsageError(
-                f"perrequest_outside_scope = {mode!r}: use one of {', '.join(_MODES)}"
+                f"perrequest_outside_scope = {mode!r}: use one of {', '.join(memo.OUTSIDE_SCOPE)}"
             )
         memo.outside_override = mode
 

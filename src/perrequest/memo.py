@@ -22,7 +22,7 @@ from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter, function_name
 from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
 from ._wrappers import make_wrapper
-from .errors import NoActiveScope, PerRequestError, ScopeClosed
+from .errors import NoActiveScope, ScopeClosed
 from .scope import NO_SCOPE_HINT
 from .store import MemoKey, MemoStore
 
@@ -148,16 +148,16 @@ class _MemoSpec:
             self.shared.clear(self)
 
     def cache_delete(self, *args: Any, **kwargs: Any) -> bool:
-        try:
-            keyof = self.keyof
-            key, _ = keyof(*args, **kwargs) if keyof else _checks.call_key(self, args, kwargs)
-        except TypeError as exc:
-            if self.key_fn is not None or isinstance(exc, PerRequestError):
-                raise
-            raise TypeError(
-                f"{self.name}.cache_delete() takes the arguments a call takes ({exc}). A "
-                f"method's takes the instance too: obj.method.cache_delete(obj, ...)."
-            ) from None
+        if self.keyof is None:  # keyed by call shape: any arguments make a key
+            key, _ = _checks.call_key(self, args, kwargs)
+        else:
+            try:
+                key, _ = self.keyof(*args, **kwargs)
+            except TypeError as exc:  # the arguments do not bind: its only error
+                raise TypeError(
+                    f"{self.name}.cache_delete() takes the arguments a call takes ({exc}). A "
+                    f"method's takes the instance too: obj.method.cache_delete(obj, ...)."
+                ) from None
         self.checked(key, args, kwargs)
         deleted = self.shared is not None and self.shared.delete((self, key))
         store = active_store()

@@ -1,14 +1,9 @@
 """ASGI middleware: one store per request, for Starlette, FastAPI and any ASGI app.
 
-Pure ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` runs the app in
-another task, so a store set there is invisible to code outside it and its
-context can hide one set further out. A pure middleware sets the ContextVar
-in the same task that runs the app, so dependencies, endpoints, streaming
-bodies and background tasks (all of which run before the app returns) see
-the store, and it is closed once the app has returned.
-
-Starlette/FastAPI: ``app.add_middleware(RequestScopeMiddleware)``. Any other
-ASGI app: ``app = RequestScopeMiddleware(app)``.
+Pure ASGI on purpose: ``BaseHTTPMiddleware`` runs the app in another task,
+where a store set is invisible outside it. Setting the ContextVar in the
+task that runs the app shows the store to everything the app runs before it
+returns (docs/frameworks/asgi.md).
 """
 
 from __future__ import annotations
@@ -35,8 +30,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-# The wrapped app is typed loosely, as Starlette does: apps typed with asgiref's
-# TypedDict scopes or a plain dict must be accepted too.
+# Typed loosely, as Starlette does, to accept apps typed with asgiref's TypedDicts.
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 _get = _current.get
@@ -77,23 +71,21 @@ def _check_scope_types(scope_types: object) -> frozenset[str]:
 class RequestScopeMiddleware:
     """Open a fresh store for each ASGI scope whose type is in ``scope_types``.
 
-    The store is closed (cleared, ``on_close(stats)`` called, stats logged at
-    DEBUG) when the downstream app returns: after the last body message and
-    any background tasks, also on errors, disconnects and cancellation. A
-    listed ``websocket`` scope keeps its store, bounded by ``max_entries``, for
-    the connection's whole life. Other scopes (``lifespan``) pass straight through.
+    The store closes when the app returns, also on errors, disconnects and
+    cancellation; a ``websocket`` scope keeps its store for the connection's
+    whole life. Other scopes (``lifespan``) pass straight through.
 
     Args:
         app: The ASGI 3 application to wrap.
         max_entries: The bound of each store; ``None``: unbounded.
-        scope_types: The ASGI scope types that get a store: ``"http"``, and
-            ``"websocket"`` if listed (then for the connection's whole life).
+        scope_types: The ASGI scope types that get a store: ``"http"``
+            and/or ``"websocket"``.
         on_close: Called with each store's ``ScopeStats`` as it closes.
 
     Raises:
-        TypeError: An unknown option (naming the closest valid one; with
-            ``add_middleware``, raised when Starlette builds the stack), an
-            ``app`` that is not callable or is a WSGI app, or a bad value.
+        TypeError: An unknown option (with ``add_middleware``, raised when
+            Starlette builds the stack), an ``app`` that is not callable or
+            is a WSGI app, or a bad value.
         ValueError: ``max_entries`` not positive, ``scope_types`` empty or
             listing ``"lifespan"`` or an unknown type.
     """

@@ -1,18 +1,11 @@
 """Django middleware: one store per request, for sync and async views alike.
 
-Add ``"perrequest.django.RequestScopeMiddleware"`` to ``MIDDLEWARE`` (near
-the top, so other middleware sees the store too). Options come from
-``settings.PERREQUEST = {"MAX_ENTRIES": int | None, "ON_CLOSE": callable or
-dotted path}``, read once when Django creates the middleware.
-
-The store is opened and reset around ``get_response`` in ``__call__``, never
-in ``process_request``/``process_response``: under ASGI those run in different
-contexts, and a token set in one cannot be reset in the other. A response
-whose content is complete when the view returns runs none of the app's code
-later, so its scope closes then, as a WSGI list's does. A streaming response
-is produced after ``__call__`` has returned: its content is wrapped (through
-the public ``streaming_content`` setter) so that each chunk is produced with
-the store active, and its scope closes when Django closes the response.
+The store is set and reset around ``get_response`` in ``__call__``, never in
+``process_request``/``process_response``: under ASGI those run in different
+contexts, and a token set in one cannot be reset in the other. A streaming
+response's content is wrapped (through the public ``streaming_content``
+setter) so each chunk sees the store, which closes when Django closes the
+response. docs/frameworks/django.md has the details.
 """
 
 from __future__ import annotations
@@ -46,9 +39,8 @@ _KEYS = ("MAX_ENTRIES", "ON_CLOSE")
 class RequestScopeMiddleware:
     """Open a fresh store for each request; close it when the response is complete.
 
-    Sync and async capable: Django hands it an async ``get_response`` under
-    ASGI, and then it runs as a coroutine, so async views get no thread switch.
-    List ``"perrequest.django.RequestScopeMiddleware"`` first in ``MIDDLEWARE``.
+    Sync and async capable, so async views get no thread switch. List it
+    first in ``MIDDLEWARE``.
 
     Args:
         get_response: The rest of the middleware stack, as Django passes it.
@@ -131,12 +123,8 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
 def _closing(
     response: weakref.ref[Any], cell: list[Any], end: Callable[[], object]
 ) -> Callable[[], None]:
-    """``response.close`` for a streaming response: Django's own close (your generator's
-    cleanup, GZip's, ``request_finished``) with the store active, then the scope ends.
-
-    Holds the response weakly, so that a response is never in a reference cycle
-    with its own close.
-    """
+    """``response.close`` for a streaming response: Django's own close with the store
+    active, then the scope ends. Holds the response weakly: no cycle with its close."""
 
     def close() -> None:
         target = response()
@@ -152,8 +140,7 @@ def _closing(
 
 
 def _produce(content: Iterable[Any], cell: list[Any]) -> Iterator[Any]:
-    """Each chunk of a sync streaming body, produced with the request's store active.
-    The content's own ``close`` runs as Django closes the response (``_closing``)."""
+    """Each chunk of a sync streaming body, produced with the request's store active."""
     iterator = None
     while True:
         token = _current.set(cell)
@@ -170,9 +157,8 @@ def _produce(content: Iterable[Any], cell: list[Any]) -> Iterator[Any]:
 
 async def _produce_async(content: AsyncIterable[Any], cell: list[Any]) -> AsyncIterator[Any]:
     """The async twin of ``_produce``. Django does not close an async body left
-    suspended (the client went away): the event loop finalizes it later, and its
-    cleanup then runs with this request's store active, closed by then, so that
-    it reads and writes nobody's store."""
+    suspended: its cleanup runs when the loop finalizes it, with this request's
+    store active, closed by then, so that it touches nobody's store."""
     iterator = aiter(content)
     try:
         while True:

@@ -1,20 +1,10 @@
 """A Django Debug Toolbar panel: what the request's memo store did.
 
-Add ``"perrequest.django.toolbar.PerRequestPanel"`` to ``DEBUG_TOOLBAR_PANELS``.
-For the current request it lists each memoized function with its hits,
-misses, entries and the time its hits saved (hits x mean miss time), the
-store's size against its bound, and a warning row for every function called
-outside any request scope (uncached).
-
-Entries per function are counted while the store is open: list
-``perrequest.django.RequestScopeMiddleware`` above ``DebugToolbarMiddleware``
-in ``MIDDLEWARE``. With the toolbar outside the scope, the scope has closed by
-the time the panel reads it, and the panel shows the final totals only.
-
-Calls outside a scope are known without any cost on the memo's paths: an
-uncached call with ``outside_scope="warn"`` (the default) records the
-function's name once per process for its warning, and the panel reads that
-record. Names new since the request began are shown as this request's.
+Add ``"perrequest.django.toolbar.PerRequestPanel"`` to ``DEBUG_TOOLBAR_PANELS``,
+and list ``perrequest.django.RequestScopeMiddleware`` above
+``DebugToolbarMiddleware``, so that the panel reads the store while it is open
+(docs/observability.md). Calls outside a scope cost the memo nothing to show:
+the panel reads the names ``outside_scope="warn"`` records once per process.
 """
 
 from __future__ import annotations
@@ -46,14 +36,9 @@ def _observe(stats: object) -> None:
     time its misses (``compute_s``), which "time saved" needs."""
 
 
-def _outside_names() -> frozenset[str]:
-    """Functions called outside any scope so far in this process (warned once each)."""
-    return frozenset(memo.warned_outside)
-
-
 def _request_store(request: Any) -> MemoStore | None:
-    """The store perrequest opened for ``request``: left in ``request.META`` by the
-    Django middleware or the WSGI wrapper, in the ASGI scope by the ASGI one."""
+    """The store perrequest opened for ``request``: in ``request.META`` or, left by the
+    ASGI middleware, in the ASGI scope."""
     store = request.META.get(REQUEST_KEY)
     scope = getattr(request, "scope", None)
     if store is None and isinstance(scope, Mapping):
@@ -73,7 +58,7 @@ def _entries(store: MemoStore) -> Tally[str]:
 
 def _collect(store: MemoStore | None, outside_before: frozenset[str]) -> dict[str, Any]:
     """The panel's data, JSON-serialisable (the toolbar may keep it in a database)."""
-    outside_now = _outside_names()
+    outside_now = frozenset(memo.warned_outside)
     outside = [{"name": name, "now": name not in outside_before} for name in sorted(outside_now)]
     outside.sort(key=lambda row: not row["now"])
     if store is None:
@@ -144,7 +129,7 @@ class PerRequestPanel(Panel):
         add_scope_listener(_observe)  # idempotent; stays: a development process
 
     def process_request(self, request: Any) -> Any:
-        self._outside_before = _outside_names()
+        self._outside_before = frozenset(memo.warned_outside)
         return super().process_request(request)
 
     def generate_stats(self, request: Any, response: Any) -> None:

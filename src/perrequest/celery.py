@@ -1,13 +1,11 @@
 """Celery integration: one request scope per task run, so task memos die with the job.
 
-``ScopedTask`` (a base class: ``@app.task(base=ScopedTask)``, or
-``task_cls=``) opens and closes the scope in its ``__call__``, one
-``try/finally`` in the thread or greenlet that runs the task. ``install(app)``
-scopes every task of an existing app through the ``task_prerun``/
-``task_postrun`` signals, which Celery sends from one function in the task's
-thread (``postrun`` from a ``finally``); the open scopes are a stack in a
-``ContextVar``, so nested eager runs unwind in order. Either way a worker
-thread sees no store once a task is done. docs/workers.md has the details.
+``ScopedTask`` (``@app.task(base=ScopedTask)``) opens and closes the scope in
+its ``__call__``, one ``try/finally``. ``install(app)`` scopes every task of an
+app through ``task_prerun``/``task_postrun``, which Celery sends from one
+function in the task's thread (``postrun`` from a ``finally``); the open
+scopes are a stack in a ``ContextVar``, so nested eager runs unwind in order.
+docs/workers.md has the details.
 """
 
 from __future__ import annotations
@@ -26,18 +24,14 @@ from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __all__ = ["ScopedTask", "install"]
 
-_OPTION_PREFIX: Final = "perrequest_"
-_OPTIONS: Final = frozenset({"perrequest_max_entries", "perrequest_on_close"})
+_OPTIONS: Final = ("perrequest_max_entries", "perrequest_on_close")
 
 
 # Celery ships no type hints, so Task is Any to mypy; subclassing it is the point.
 class ScopedTask(Task):  # type: ignore[misc]
     """A Celery task base class whose every run gets a fresh request scope.
 
-    Memos used by the task body are computed once per run and cleared when
-    the run ends, also when it raises: nothing accumulates in the worker.
-    Subclass it, or pass options through ``@app.task``, to change
-    ``perrequest_max_entries`` or ``perrequest_on_close(stats)``.
+    Subclass it, or pass options through ``@app.task``, to change the options.
 
     Attributes:
         perrequest_max_entries: The bound of each run's store; ``None``:
@@ -66,13 +60,12 @@ class ScopedTask(Task):  # type: ignore[misc]
 def _check_task_class(cls: type) -> None:
     """Refuse misspelt or bad options when the task class is created, not at the first run."""
     where = f"task class {cls.__qualname__}"
-    options = tuple(sorted(_OPTIONS))
     for name in vars(cls):
         # A typo in the prefix (perequest_max_entries) would otherwise be one more
         # attribute among Celery's, and the task would run with the default silently.
-        misspelt = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
-        if name not in _OPTIONS and (name.startswith(_OPTION_PREFIX) or misspelt):
-            raise TypeError(unknown_option(where, name, options))
+        misspelt = difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.8)
+        if name not in _OPTIONS and (name.startswith("perrequest_") or misspelt):
+            raise TypeError(unknown_option(where, name, _OPTIONS))
     if "perrequest_max_entries" in vars(cls):
         check_max_entries(vars(cls)["perrequest_max_entries"], f"{where}: perrequest_max_entries")
     if "perrequest_on_close" in vars(cls):
@@ -85,11 +78,6 @@ def _check_task_class(cls: type) -> None:
             raise TypeError(f"{where}: perrequest_{exc}") from None
         # A plain function stored on a class would be bound to the task as a method.
         cls.perrequest_on_close = staticmethod(raw) if raw is not None else None  # type: ignore[attr-defined]
-
-
-class _Options(NamedTuple):
-    max_entries: int | None
-    on_close: OnClose | None
 
 
 class _OpenJob(NamedTuple):
@@ -106,7 +94,9 @@ def _restore(before: Any) -> None:
         _current.set(before)
 
 
-_installed: weakref.WeakKeyDictionary[Any, _Options] = weakref.WeakKeyDictionary()
+# Per app, install()'s (max_entries, on_close).
+_installed: weakref.WeakKeyDictionary[Any, tuple[int | None, OnClose | None]]
+_installed = weakref.WeakKeyDictionary()
 _open_jobs: ContextVar[tuple[_OpenJob, ...]] = ContextVar("perrequest.celery.jobs", default=())
 
 
@@ -119,9 +109,8 @@ def install(
 ) -> None:
     """Give every task of ``app`` its own request scope, for each run.
 
-    Call it once, where the app is created and before a worker starts. Tasks
-    of other apps are not affected; tasks based on ``ScopedTask`` keep their
-    own options.
+    Call it once, where the app is created and before a worker starts.
+    Tasks based on ``ScopedTask`` keep their own options.
 
     Args:
         app: The Celery app.
@@ -140,7 +129,7 @@ def install(
         raise TypeError(
             f"perrequest.celery.install() takes a Celery app, not {type(app).__name__} {app!r}"
         )
-    options = _Options(check_max_entries(max_entries), check_on_close(on_close))
+    options = check_max_entries(max_entries), check_on_close(on_close)
     if app in _installed:
         raise RuntimeError(
             f"perrequest is already installed on Celery app {app.main!r}; call "
@@ -158,7 +147,7 @@ def _open_job_scope(sender: Any = None, task_id: str = "", **_: Any) -> None:
     if options is None:
         return
     before = _current.get()
-    job = _OpenJob(task_id, open_scope(options.max_entries, options.on_close), before)
+    job = _OpenJob(task_id, open_scope(*options), before)
     _open_jobs.set((*_open_jobs.get(), job))
 
 

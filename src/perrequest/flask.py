@@ -1,11 +1,8 @@
 """Flask extension: one store per request, through the WSGI middleware.
 
-``PerRequest(app)``, or ``ext = PerRequest(); ext.init_app(app)`` in an app
-factory. It wraps ``app.wsgi_app`` (not ``before_request``/``teardown_request``
-hooks) so that everything Flask runs for a request sees one store:
-``before_request``, the view, ``after_request``, ``teardown_request``, error
-handlers, and the response body while it streams, with ``stream_with_context``
-or a bare generator. The store closes when the server closes the response.
+It wraps ``app.wsgi_app``, not ``before_request``/``teardown_request`` hooks,
+so that everything Flask runs for a request, the streamed body included, sees
+one store (docs/frameworks/flask.md).
 """
 
 from __future__ import annotations
@@ -26,9 +23,8 @@ EXTENSION_KEY = "perrequest"
 class PerRequest:
     """Give every request of a Flask app its own perrequest store.
 
-    The options are ``RequestScopeMiddleware``'s and are validated here, when
-    the extension is created, so a typo fails at import time, not on the
-    first request.
+    The options are ``RequestScopeMiddleware``'s, validated here so that a
+    typo fails at import time, not on the first request.
 
     Args:
         app: A Flask app to register on now; or call ``init_app`` later, in an
@@ -37,8 +33,7 @@ class PerRequest:
         on_close: Called with each store's ``ScopeStats`` as it closes.
 
     Raises:
-        TypeError: An unknown option (naming the closest valid one) or a bad
-            value.
+        TypeError: An unknown option or a bad value.
         ValueError: ``max_entries`` zero or negative.
     """
 
@@ -65,8 +60,7 @@ class PerRequest:
     def init_app(self, app: Flask) -> None:
         """Wrap ``app.wsgi_app`` with the middleware; register as ``app.extensions["perrequest"]``.
 
-        Refuses an app that already has the extension: wrapping twice would
-        give the inner stack its own store, hiding the outer one.
+        Refuses an app that has the extension: wrapping twice would hide a store.
 
         Args:
             app: The Flask app.

@@ -13,10 +13,10 @@ from __future__ import annotations
 import functools
 import re
 import threading
+from collections.abc import Iterator
 
 from ._stats import FunctionStats, ScopeStats
 
-# get_or_set and store[key] entries: counted in the totals under this name.
 HELPERS = "perrequest.helpers"
 UNNAMED = "(unnamed callable)"
 OTHER = "(other functions)"
@@ -51,6 +51,19 @@ def used(stats: ScopeStats) -> bool:
     return bool(stats.peak_entries or stats.hits or stats.misses)
 
 
+def per_function(stats: ScopeStats) -> Iterator[tuple[str, int, int, int]]:
+    """``(name, hits, misses, evictions)`` of each function, then of what no function
+    accounts for (``get_or_set``, ``store[key]``) under ``HELPERS``."""
+    hits = misses = evictions = 0
+    for name, fn in stats.functions.items():
+        hits += fn.hits
+        misses += fn.misses
+        evictions += fn.evictions
+        yield name, fn.hits, fn.misses, fn.evictions
+    if hits != stats.hits or misses != stats.misses or evictions != stats.evictions:
+        yield HELPERS, stats.hits - hits, stats.misses - misses, stats.evictions - evictions
+
+
 class Totals:
     """Running per-function totals since ``instrument()``: added to as each scope closes
     (a few dict updates), read when the metrics are collected (every export or scrape).
@@ -66,22 +79,12 @@ class Totals:
         self._by_name: dict[str, list[int]] = {}
 
     def add(self, stats: ScopeStats) -> None:
-        hits = misses = evictions = 0
         with self._lock:
-            by_name = self._by_name
-            for name, fn in stats.functions.items():
-                hits += fn.hits
-                misses += fn.misses
-                evictions += fn.evictions
-                row = by_name.get(name) or self._row(name)
-                row[0] += fn.hits
-                row[1] += fn.misses
-                row[2] += fn.evictions
-            if hits != stats.hits or misses != stats.misses or evictions != stats.evictions:
-                row = by_name.get(HELPERS) or self._row(HELPERS)
-                row[0] += stats.hits - hits
-                row[1] += stats.misses - misses
-                row[2] += stats.evictions - evictions
+            for name, hits, misses, evictions in per_function(stats):
+                row = self._by_name.get(name) or self._row(name)
+                row[0] += hits
+                row[1] += misses
+                row[2] += evictions
 
     def _row(self, name: str) -> list[int]:
         """A new function's counters (lock held); labelled when read, not here."""

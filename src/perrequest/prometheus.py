@@ -18,12 +18,12 @@ from prometheus_client.registry import Collector
 from ._checks import explains_options
 from ._metrics import (
     ENTRY_BUCKETS,
-    HELPERS,
     MAX_NAMES,
     OTHER,
     SAVED_BUCKETS,
     Totals,
     label,
+    per_function,
     scope_saved_s,
     used,
 )
@@ -61,13 +61,6 @@ class _Counters(Collector):
             yield CounterMetricFamily(name, documentation, labels=("function",))
 
 
-def _multiprocess() -> bool:
-    """prometheus-client's multiprocess mode (gunicorn workers), chosen by the environment
-    as prometheus-client chooses it: there only its own metrics' values, kept in files,
-    are scraped; a collector like ``_Counters`` is not."""
-    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
-
-
 class _FileCounters:
     """The three counters as prometheus-client ``Counter`` objects, for multiprocess mode:
     each closing scope increments them, per function (bounded as ``Totals`` is)."""
@@ -81,23 +74,14 @@ class _FileCounters:
         self._lock = threading.Lock()
 
     def add(self, stats: ScopeStats) -> None:
-        hits = misses = evictions = 0
-        for name, fn in stats.functions.items():
-            hits, misses, evictions = hits + fn.hits, misses + fn.misses, evictions + fn.evictions
-            self._inc(name, fn.hits, fn.misses, fn.evictions)
-        if hits != stats.hits or misses != stats.misses or evictions != stats.evictions:
-            self._inc(
-                HELPERS, stats.hits - hits, stats.misses - misses, stats.evictions - evictions
-            )
-
-    def _inc(self, name: str, *counts: int) -> None:
-        if name not in self._names:
-            with self._lock:
-                if len(self._names) >= MAX_NAMES:
-                    name = OTHER
-                self._names.add(name)
-        for counter, count in zip(self.counters, counts, strict=True):
-            counter.labels(label(name)).inc(count)  # 0 too: the three series start together
+        for name, *counts in per_function(stats):
+            if name not in self._names:
+                with self._lock:
+                    if len(self._names) >= MAX_NAMES:
+                        name = OTHER
+                    self._names.add(name)
+            for counter, count in zip(self.counters, counts, strict=True):
+                counter.labels(label(name)).inc(count)  # 0 too: the three series start together
 
 
 class _Listener:
@@ -107,11 +91,11 @@ class _Listener:
         """Made unregistered: ``register`` puts them in ``registry``, all or none."""
         self.registry = registry
         self.totals = Totals()
-        # In multiprocess mode, Counter objects: prometheus-client aggregates only those.
-        self.files = _FileCounters() if _multiprocess() else None
-        counters: list[_Counters | Counter] = (
-            [_Counters(self.totals)] if self.files is None else list(self.files.counters)
-        )
+        # prometheus-client's multiprocess mode (gunicorn workers), detected as it does:
+        # there only its own metrics, kept in files, are scraped, so Counter objects.
+        multiprocess = {"PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"} & set(os.environ)
+        self.files = _FileCounters() if multiprocess else None
+        counters = [_Counters(self.totals)] if self.files is None else self.files.counters
         self.entries = Histogram(
             "perrequest_scope_entries",
             "Most entries a request store held at once",

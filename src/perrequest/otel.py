@@ -78,11 +78,10 @@ class _Listener:
 def _observer(column: int, provider: object) -> Callable[[CallbackOptions], Iterable[Observation]]:
     """The callback of one counter: the totals of the listener installed for ``provider``.
 
-    A meter gives back the counter it made before when asked again for the same
-    name, with its first callback, so the callback finds the current listener
-    rather than holding one. ``None`` is the global provider, whichever it is now:
-    ``instrument()`` and ``instrument(provider)`` of that very provider share one
-    meter, so its counters' callback is the first call's.
+    A meter asked again for a counter gives back the first one, with its first
+    callback, so the callback looks the current listener up rather than holding
+    one. ``None`` is the global provider, whichever it is now: ``instrument()``
+    and ``instrument(provider)`` of that very provider share one meter.
     """
 
     def observe(options: CallbackOptions) -> Iterable[Observation]:

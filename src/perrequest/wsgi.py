@@ -1,13 +1,9 @@
 """WSGI middleware: one store per request, for Flask, Pyramid, Bottle or any WSGI app.
 
 The store stays open until the server calls the body's ``close()`` (PEP
-3333), so a streaming body and the app's close hooks still see it; as the
-app returns, the calling thread gets back what it had, so it never keeps the
-store for a server that serves the body from another thread (``ScopedBody``).
-A list, a tuple or the server's ``wsgi.file_wrapper`` runs none of the app's
-code later: the scope closes as the app returns.
-
-Any WSGI app: ``app = RequestScopeMiddleware(app)``. Flask: ``perrequest.flask.PerRequest``.
+3333), so a streaming body and the app's close hooks still see it; the
+calling thread gets back what it had as the app returns (``ScopedBody``).
+docs/frameworks/wsgi.md has the details.
 """
 
 from __future__ import annotations
@@ -32,8 +28,7 @@ __all__ = ["RequestScopeMiddleware", "ScopedBody"]
 
 _get, _set = _current.get, _current.set
 
-# Typed loosely, as Werkzeug does, so that apps typed with _typeshed.wsgi or
-# with plain dicts and callables are all accepted.
+# Typed loosely, as Werkzeug does, to accept apps typed with _typeshed.wsgi.
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
@@ -41,18 +36,14 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 class RequestScopeMiddleware:
     """Open a fresh store for each WSGI request; close it when the response is closed.
 
-    Closing clears the store, logs its stats at DEBUG on the ``perrequest``
-    logger and calls ``on_close(stats)`` (an exception there is logged, never
-    raised into the server).
-
     Args:
         app: The WSGI application to wrap.
         max_entries: The bound of each store; ``None``: unbounded.
         on_close: Called with each store's ``ScopeStats`` as it closes.
 
     Raises:
-        TypeError: An unknown option (naming the closest valid one), an
-            ``app`` that is not callable or is an ASGI app, or a bad value.
+        TypeError: An unknown option, an ``app`` that is not callable or is an
+            ASGI app, or a bad value.
         ValueError: ``max_entries`` zero or negative.
     """
 
@@ -108,18 +99,11 @@ class RequestScopeMiddleware:
 class ScopedBody:
     """A response body whose scope stays open until ``close()`` ends it.
 
-    Iterated in a thread or context with nothing active (a server's thread),
-    it makes the store active there until ``close()``: the chunks come
-    straight from the body. Anywhere else each chunk is produced, and the
-    body's own ``close`` run, with the store made active around it. A body the
-    server never closes (against PEP 3333) ends its scope when it is garbage
-    collected, and only the scope: the app's own close hooks (Flask's
-    ``call_on_close``) run as they would have without perrequest, which is not
-    at all; a generator's ``finally``, which Python runs as it frees it, finds
-    no store.
-
-    Returned by ``RequestScopeMiddleware``; public so that code that drives a
-    WSGI app by hand can recognise it.
+    Iterated where nothing is active (a server's thread), it makes the store
+    active there until ``close()``; anywhere else each chunk, and the body's
+    own ``close``, is produced with the store active around it. A body never
+    closed (against PEP 3333) ends its scope, only, when it is collected.
+    Public so that code that drives a WSGI app by hand can recognise it.
 
     Args:
         body: The app's response iterable.
@@ -196,14 +180,11 @@ class ScopedBody:
 
 
 def _produce(body: Iterable[bytes], active: Any, keep: ScopedBody | None) -> Iterator[bytes]:
-    """The chunks of ``body``, each produced with ``active`` (a store or a scope's cell)
-    active.
+    """The chunks of ``body``, each produced with ``active`` (a scope's cell) active.
 
-    A generator, because resuming one costs less than a call to ``__next__``.
-    It holds ``keep`` (the ``ScopedBody``), so that a server holding only the
-    iterator keeps the scope open; the body does not hold the generator, so
-    there is no reference cycle. Dropped unfinished and unclosed, it lets go
-    of the body with ``active`` active, as ``ScopedBody.__del__`` does.
+    A generator: resuming one costs less than a call to ``__next__``. It holds
+    ``keep`` (the ``ScopedBody``) so that a server holding only the iterator
+    keeps the scope open; nothing holds the generator back, so no cycle.
     """
     set_store, reset = _current.set, _current.reset
     iterator = None

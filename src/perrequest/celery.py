@@ -19,7 +19,7 @@ from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
 from ._active import OnClose, _current, close_scope, open_scope
-from ._checks import check_max_entries, check_on_close, unknown_option
+from ._checks import check_max_entries, check_on_close, explains_options, unknown_option
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __all__ = ["ScopedTask", "install"]
@@ -100,12 +100,9 @@ _installed = weakref.WeakKeyDictionary()
 _open_jobs: ContextVar[tuple[_OpenJob, ...]] = ContextVar("perrequest.celery.jobs", default=())
 
 
+@explains_options("install()")
 def install(
-    app: Any,
-    *,
-    max_entries: int | None = DEFAULT_MAX_ENTRIES,
-    on_close: OnClose | None = None,
-    **unknown: object,
+    app: Any, *, max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
 ) -> None:
     """Give every task of ``app`` its own request scope, for each run.
 
@@ -122,9 +119,6 @@ def install(
         TypeError: An unknown option or a bad value.
         ValueError: ``max_entries`` zero or negative.
     """
-    if unknown:
-        valid = ("max_entries", "on_close")
-        raise TypeError(unknown_option("install()", next(iter(unknown)), valid))
     if not isinstance(app, Celery):
         raise TypeError(
             f"perrequest.celery.install() takes a Celery app, not {type(app).__name__} {app!r}"

@@ -1,11 +1,8 @@
 """What the metric listeners (``otel``, ``prometheus``) and the toolbar panel share.
 
-A metric attribute is a function's qualified name and nothing else: never an
-argument, a key or a value, so the number of series is bounded by the code,
-not by the traffic. ``label`` enforces it for names that are not plain
-qualified names (``_stats.function_name`` never uses a ``repr``, which can hold
-argument values or a memory address, but a loader or a hand-set ``__qualname__``
-might).
+A metric attribute is a function's qualified name and nothing else, never an
+argument, a key or a value, so that the number of series is bounded by the code,
+not by the traffic: ``label`` enforces it for a loader's or a hand-set name.
 """
 
 from __future__ import annotations
@@ -81,16 +78,14 @@ class Totals:
     def add(self, stats: ScopeStats) -> None:
         with self._lock:
             for name, hits, misses, evictions in per_function(stats):
-                row = self._by_name.get(name) or self._row(name)
+                row = self._by_name.get(name)
+                if row is None:  # a new function: labelled when read, not here
+                    if len(self._by_name) >= MAX_NAMES:
+                        name = OTHER
+                    row = self._by_name.setdefault(name, [0, 0, 0])
                 row[0] += hits
                 row[1] += misses
                 row[2] += evictions
-
-    def _row(self, name: str) -> list[int]:
-        """A new function's counters (lock held); labelled when read, not here."""
-        if len(self._by_name) >= MAX_NAMES:
-            name = OTHER
-        return self._by_name.setdefault(name, [0, 0, 0])
 
     def series(self, column: int) -> list[tuple[str, int]]:
         """``(label, total)`` per function seen so far: hits (0), misses (1), evictions (2)."""

@@ -198,22 +198,14 @@ def _read_settings() -> tuple[int | None, OnClose | None]:
                 f"settings.PERREQUEST has an unknown key {key!r}; the valid keys are "
                 f"{', '.join(_KEYS)}.{hint}"
             )
-    return _max_entries(options), _on_close(options)
-
-
-def _max_entries(options: Mapping[str, Any]) -> int | None:
-    if "MAX_ENTRIES" not in options:
-        return DEFAULT_MAX_ENTRIES
     try:
-        return check_max_entries(options["MAX_ENTRIES"], 'settings.PERREQUEST["MAX_ENTRIES"]')
+        max_entries = options.get("MAX_ENTRIES", DEFAULT_MAX_ENTRIES)
+        max_entries = check_max_entries(max_entries, 'settings.PERREQUEST["MAX_ENTRIES"]')
     except (TypeError, ValueError) as exc:
         raise ImproperlyConfigured(
             f"{exc} (None means unbounded; leave the key out for the default, "
             f"{DEFAULT_MAX_ENTRIES})"
         ) from exc
-
-
-def _on_close(options: Mapping[str, Any]) -> OnClose | None:
     value = options.get("ON_CLOSE")
     if isinstance(value, str):
         try:
@@ -224,7 +216,7 @@ def _on_close(options: Mapping[str, Any]) -> OnClose | None:
                 f"which cannot be imported: {exc}"
             ) from exc
     try:
-        return check_on_close(value, 'settings.PERREQUEST["ON_CLOSE"]')
+        return max_entries, check_on_close(value, 'settings.PERREQUEST["ON_CLOSE"]')
     except TypeError as exc:  # says what is wrong with it: not callable, async, arguments
         hint = "" if callable(value) else " (or a dotted path to one)"
         raise ImproperlyConfigured(f"{exc}{hint}") from exc

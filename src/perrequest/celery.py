@@ -1,11 +1,9 @@
 """Celery integration: one request scope per task run, so task memos die with the job.
 
-``ScopedTask`` (``@app.task(base=ScopedTask)``) opens and closes the scope in
-its ``__call__``, one ``try/finally``. ``install(app)`` scopes every task of an
-app through ``task_prerun``/``task_postrun``, which Celery sends from one
-function in the task's thread (``postrun`` from a ``finally``); the open
-scopes are a stack in a ``ContextVar``, so nested eager runs unwind in order.
-docs/workers.md has the details.
+``ScopedTask`` opens and closes the scope in one ``try/finally``. ``install(app)``
+uses ``task_prerun``/``task_postrun``, which Celery sends from one function in
+the task's thread (``postrun`` from a ``finally``); the open scopes are a stack
+in a ``ContextVar``, so nested eager runs unwind in order (docs/workers.md).
 """
 
 from __future__ import annotations

@@ -84,9 +84,8 @@ class RequestScopeMiddleware:
             if type(body) in (list, tuple) or (
                 isinstance(wrapper, type) and isinstance(body, wrapper)  # may run its code
             ):
-                # Nothing of the app's runs later: end the scope now, and hand the body
-                # over as it is (the server still sees a list's len(), and its own file
-                # wrapper, which it serves with sendfile).
+                # No app code runs later: end the scope now, and hand the body over as it
+                # is (the server still sees a list's len(), and its sendfile wrapper).
                 close_request(cell, token)
                 return body
         except BaseException:
@@ -160,8 +159,7 @@ class ScopedBody:
             close_request(cell, token)
             if token is not None and _get() is not None:
                 # Iteration began with nothing here: what is left is a scope the body
-                # opened across its yields, closed just now, from where it could not
-                # reset itself. The thread keeps nothing (forget_closed drops it).
+                # opened across its yields, just closed, that it could not reset.
                 forget_closed()
 
     def __del__(self) -> None:
@@ -169,9 +167,8 @@ class ScopedBody:
         if cell is None:
             return
         close_request(cell, self._token)
-        # The body is freed with its own scope active, closed by now: the cleanup
-        # Python runs as it frees it (a generator's ``finally``) reads and writes
-        # nobody's store, not whatever is active where the server dropped it.
+        # Freed with its own closed scope active, the body's cleanup (a generator's
+        # ``finally``) touches nobody's store, not what is active where it was dropped.
         active = _set(cell)
         try:
             del self._body

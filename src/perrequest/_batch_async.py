@@ -1,79 +1,29 @@
-"""Async loads: a cached ``load`` answered from the store, a miss joining the batch of
-its event-loop tick (``_batch_tasks``), ``load_many``, and loads outside any scope.
-"""
+"""Async misses: the keys missing in one event-loop tick form a batch, a task per call of
+the batch function, whose done-callback hands each caller (each has its own future) its
+value, whatever happened to the task or the scope."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable, Iterable
+import functools
+from collections.abc import Hashable, Iterable
+from contextvars import ContextVar
 from typing import Any
 
-from ._active import _current, here
-from ._batch_tasks import fail, state_of
-from ._batching import UNTIMED, _BatchSpec, missing_keys, now, settled
+from ._active import here
+from ._batching import _BatchSpec, now, unbatched
 from ._flight import MISSING
 from ._stats import Counter
+from .errors import ScopeClosed
 from .store import MemoStore
 
 
-def make_load(spec: _BatchSpec) -> Callable[[Any], Any]:
-    """An async loader's ``load(key)``: a hit is the store's two lookups and returns the
-    finished future kept with the value; anything else is ``_miss``'s."""
-    get_store, key_fn, owner = _current.get, spec.key_fn, spec
-    bounded = spec.max_entries is not None
-
-    def load(key: Any) -> Any:
-        store = get_store()
-        if store is None:
-            return _outside_one(spec, key)
-        try:
-            entry = store._subs[owner].get(key)
-            if entry is not None:
-                store._order.move_to_end(entry[2])  # KeyError: evicted by another thread
-        except (KeyError, TypeError, AttributeError):  # a miss; no store yet; unhashable
-            entry = None
-        if entry is None:
-            return _miss(spec, store, key, key)
-        entry[1].hits += 1
-        anchor = entry[3]
-        # (loop, its finished future) while that loop runs: after asyncio.run or
-        # async_to_sync, the next loop's gather() and wait_for() would refuse it.
-        if anchor is not None and anchor[0].is_running():
-            return anchor[1]
-        return _ready(store, owner, key, entry)
-
-    def load_keyed(key: Any) -> Any:  # with key= or a bound of its own
-        store = get_store()
-        if store is None:
-            return _outside_one(spec, key)
-        ck = key if key_fn is None else key_fn(key)
-        try:
-            sub = store._subs[owner]
-            entry = sub.get(ck)
-            if entry is not None:
-                store._order.move_to_end(entry[2])
-                if bounded:
-                    sub.move_to_end(ck)
-        except (KeyError, TypeError, AttributeError):
-            entry = None
-        if entry is None:
-            return _miss(spec, store, key, ck)
-        entry[1].hits += 1
-        anchor = entry[3]
-        if anchor is not None and anchor[0].is_running():
-            return anchor[1]
-        return _ready(store, owner, ck, entry)
-
-    spec.load = load if key_fn is None and not bounded else load_keyed
-    return spec.load
-
-
-def _miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
+def miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
     """The key joins this tick's batch (a batch of 100 loads makes 100 of these)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no asyncio loop running: trio
-        return _unbatched(spec, [key], [ck], single=True)
+        return _first(unbatched(spec, [key], [ck]))
     try:
         state = store._flights.get((spec, loop))
     except AttributeError:  # a middleware's scope, its store not made yet
@@ -88,15 +38,15 @@ def _miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
             raise spec.unhashable([key], [ck]) from None
         state = state_of(spec, store, loop)
         if state is None:  # the scope has ended: outside any scope now
-            return _outside_one(spec, key)
+            return outside_one(spec, key)
     future = loop.create_future()
     state.join(key, ck, future)
     return future
 
 
-def _ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, ...]) -> Any:
-    """A finished future of a stored value, on this loop, kept for later hits: for a value
-    stored without one (``prime``, ``load_many``) or with a loop's that has stopped."""
+def ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, ...]) -> Any:
+    """A finished future of a stored value, kept for later hits on this loop (a value
+    stored without one, or with a stopped loop's)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no asyncio loop running: trio
@@ -113,27 +63,30 @@ async def _value(value: Any) -> Any:
     return value
 
 
-async def _outside_one(spec: _BatchSpec, key: Any) -> Any:
+async def _first(values: Any) -> Any:
+    return (await values)[0]
+
+
+async def outside_one(spec: _BatchSpec, key: Any) -> Any:
     return (await load_many(spec, [key]))[0]
 
 
 def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
-    """An async loader's ``load_many(keys)``: a future of the values in order, or of the
-    first failing key's exception."""
+    """A future of the values in order, or of the first failing key's exception."""
     keys, cks = spec.keys_of(keys)
     store = here()
     if store is None or store._closed:
-        return _outside(spec, keys, cks)
+        return unbatched(spec, keys, cks, outside=True)
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no asyncio loop running: trio
-        return _unbatched(spec, keys, cks)
+        return unbatched(spec, keys, cks)
     values = [store._lookup((spec, ck)) for ck in cks]
     missing = [i for i, value in enumerate(values) if value is MISSING]
     state = state_of(spec, store, loop) if missing else None  # none made for hits alone
     counter = spec.counter_in(store) if state is None else state.counter
     if counter is None:  # the scope has ended meanwhile
-        return _outside(spec, keys, cks)
+        return unbatched(spec, keys, cks, outside=True)
     many = _Many(loop.create_future(), values, len(missing))
     for i in missing:
         state.join(keys[i], cks[i], (many, i))  # type: ignore[union-attr]
@@ -141,54 +94,6 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
     if not missing:
         many.future.set_result(values)
     return many.future
-
-
-async def _outside(spec: _BatchSpec, keys: list[Any], cks: list[Hashable]) -> list[Any]:
-    """Outside any scope: called directly (per ``max_batch_size``), nothing cached."""
-    spec.refuse_or_warn()
-    out: dict[Hashable, Any] = {}
-    await fetch_async(spec, UNTIMED, missing_keys(keys, cks), out)
-    return settled([out[ck] for ck in cks])
-
-
-async def _unbatched(
-    spec: _BatchSpec, keys: list[Any], cks: list[Hashable], single: bool = False
-) -> Any:
-    """With no asyncio loop running (trio): what the store lacks is fetched by this call
-    (per ``max_batch_size``) and cached; loads are not batched across calls."""
-    store = here()
-    counter = spec.counter_in(store)
-    if store is None or counter is None:
-        values = await _outside(spec, keys, cks)
-    else:
-        values, wanted = spec.look(store, counter, keys, cks)
-        counter.misses += len(wanted)
-        got: dict[Hashable, Any] = {}
-        await fetch_async(spec, counter, wanted, got)
-        with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
-            new = {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING}
-            spec.keep(store, counter, new)
-        values = settled(
-            [got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)]
-        )
-    return values[0] if single else values
-
-
-async def fetch_async(
-    spec: _BatchSpec, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
-) -> None:
-    """``spec.fetch`` of an async batch function."""
-    for cks in spec.chunks(list(wanted)):
-        keys = [wanted[ck] for ck in cks]
-        start = now() if counter.timed else 0.0
-        try:
-            values = spec.spread(keys, cks, await spec.fn(keys))
-        except Exception as exc:
-            values = [exc] * len(keys)
-        finally:
-            if start:
-                counter.compute_s += now() - start
-        out.update(zip(cks, values, strict=True))
 
 
 class _Many:
@@ -206,6 +111,270 @@ class _Many:
         self.remaining -= 1
         if not self.remaining:
             if self.failed:
-                fail(self.future, next(v for v in self.values if isinstance(v, Exception)))
+                _fail(self.future, next(v for v in self.values if isinstance(v, Exception)))
             else:
                 self.future.set_result(self.values)
+
+
+# -- batches -----------------------------------------------------------------------------
+
+_Future = asyncio.Future
+# In a batch's tasks (and the tasks they make): the state whose batches they must not wait
+# for (their own, or one that may wait for theirs).
+_fetching: ContextVar[_State | None] = ContextVar("perrequest.batch", default=None)
+# Batch tasks while they run, by event loop (a loop keeps only weak references to its
+# tasks), with their states. A loop that closed with tasks it never finished (a shutdown)
+# leaves them here until the next batch starts, which drops them and their states.
+_running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], _State]] = {}
+
+
+class _State:
+    """One loader's batches in one store on one loop, in ``store._flights`` while it has
+    work: who waits for each key in flight (a future, a ``(_Many, index)``, or a list of
+    those) and the pending batch (``cks`` is ``keys`` without ``key=``). Keys in flight
+    that its own batch functions load form a batch apart (``own``, ``own_keys``)."""
+
+    __slots__ = ("cks", "counter", "inflight", "keys", "loop", "own", "own_keys", "spec", "store")
+
+    def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.spec, self.store, self.loop = spec, store, loop
+        self.counter: Counter = store._counter(spec.name)  # ScopeClosed once closed
+        self.inflight: dict[Hashable, Any] = {}
+        self.keys: list[Any] | None = None
+        self.cks: list[Hashable] | None = None
+        self.own: dict[Hashable, Any] | None = None
+        self.own_keys: dict[Hashable, Any] = {}
+
+    def join(self, key: Any, ck: Hashable, who: Any) -> None:
+        """Wait for ``ck``: with its flight (a hit), or in the pending batch. A batch function
+        of this loader never waits for a batch that has started (its own, or one that may
+        wait for it): it loads apart."""
+        inflight = self.inflight
+        try:
+            other = inflight.get(ck)
+        except TypeError:
+            raise self.spec.unhashable([key], [ck]) from None
+        if other is None:
+            inflight[ck] = who
+            keys = self.keys
+            if keys is None:  # the first: the batch's start is scheduled unless own's is
+                keys = self.keys = []
+                self.cks = keys if self.spec.key_fn is None else []
+                if self.own is None:
+                    self.loop.call_soon(_start, self)
+            keys.append(key)
+            if self.cks is not keys:
+                self.cks.append(ck)  # type: ignore[union-attr]
+        elif _fetching.get() is self and (self.cks is None or ck not in self.cks):
+            self.join_own(key, ck, who)
+        else:
+            inflight[ck] = _with(other, who)
+            self.counter.hits += 1
+
+    def join_own(self, key: Any, ck: Hashable, who: Any) -> None:
+        own = self.own
+        if own is None:
+            own = self.own = {}
+            if self.keys is None:
+                self.loop.call_soon(_start, self)
+        other = own.get(ck)
+        if other is None:
+            own[ck] = who
+            self.own_keys[ck] = key
+        else:
+            own[ck] = _with(other, who)
+            self.counter.hits += 1
+
+
+def _with(waiters: Any, who: Any) -> Any:
+    if type(waiters) is list:
+        waiters.append(who)
+        return waiters
+    return [waiters, who]
+
+
+def state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> _State | None:
+    """The loader's state in ``store`` on ``loop``; None once the scope has ended."""
+    if store._closed:
+        return None
+    state: _State | None = store._flights.get((spec, loop))
+    if state is None:
+        try:
+            state = _State(spec, store, loop)
+        except ScopeClosed:
+            return None
+        with store._lock:
+            store._flights[(spec, loop)] = state
+            store._reserve(spec)  # lookups of keys in flight now miss without raising
+    return state
+
+
+def _start(state: _State) -> None:
+    """Start the pending batches; first drop what closed loops left (no lock is held
+    here, so taking their stores' locks cannot deadlock)."""
+    for closed in [loop for loop in list(_running) if loop.is_closed()]:
+        for left in _running.pop(closed, {}).values():
+            with left.store._lock:  # nobody waits for a closed loop's work any more
+                left.inflight.clear()
+                left.keys = left.cks = left.own = None
+                left.own_keys = {}
+                _release(left)
+    keys, cks, own = state.keys, state.cks, state.own
+    state.keys = state.cks = state.own = None
+    if keys is not None:
+        _spawn(state, keys, cks, state.inflight)  # type: ignore[arg-type]
+    if own is not None:
+        own_keys, state.own_keys = state.own_keys, {}
+        _spawn(state, [own_keys[ck] for ck in own], list(own), own)
+
+
+def _spawn(
+    state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any]
+) -> None:
+    """A task per call, held in ``_running``; its done-callback hands the values to
+    ``waiters`` (a callback: a task cancelled before its first step runs no code)."""
+    state.counter.misses += len(keys)
+    size = state.spec.max_batch_size or len(keys)
+    for i in range(0, len(keys), size):
+        part, part_cks = keys[i : i + size], cks[i : i + size]
+        task = state.loop.create_task(_call(state, part, part_cks))
+        _running.setdefault(state.loop, {})[task] = state
+        task.add_done_callback(functools.partial(_ended, state, part, part_cks, waiters))
+
+
+async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
+    """One call of the batch function: a value (or an ``Exception``) per key."""
+    _fetching.set(state)
+    spec, counter = state.spec, state.counter
+    start = now() if counter.timed else 0.0
+    try:
+        return spec.spread(keys, cks, await spec.fn(keys))
+    except Exception as exc:  # the whole call failed: so does every key
+        return [exc] * len(keys)
+    except asyncio.CancelledError as exc:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # closed by the garbage collector, outside any loop
+            task = None
+        if task is None or task.cancelling():  # the task's, not the batch function's own
+            raise
+        return [_interrupted(spec, exc)] * len(keys)
+    finally:
+        if start:
+            counter.compute_s += now() - start
+
+
+def _ended(
+    state: _State,
+    keys: list[Any],
+    cks: list[Hashable],
+    waiters: dict[Hashable, Any],
+    task: asyncio.Task[Any],
+) -> None:
+    """Hand each key's value to its waiters and store it; a cancelled call's keys go in
+    the next batch (``_again``)."""
+    tasks = _running.get(state.loop, {})
+    tasks.pop(task, None)
+    if not tasks:
+        _running.pop(state.loop, None)
+    if task.cancelled():
+        values = None
+    else:
+        exc = task.exception()  # KeyboardInterrupt, SystemExit: every key fails
+        values = task.result() if exc is None else [_interrupted(state.spec, exc)] * len(keys)
+    store, loop = state.store, state.loop
+    with store._lock:
+        if values is None:
+            own = waiters is not state.inflight
+            for key, ck in zip(keys, cks, strict=True):
+                _again(state, key, ck, waiters.pop(ck), own)
+            _release(state)
+            return
+        anchors: list[Any] = []
+        failures = False
+        for ck, value in zip(cks, values, strict=True):
+            who = waiters.pop(ck)
+            if type(who) is _Future and not isinstance(value, Exception):  # one load
+                try:
+                    who.set_result(value)  # runs no code now: it schedules the wake-up
+                    anchors.append((loop, who))  # a finished future of it, for later hits
+                except asyncio.InvalidStateError:  # that caller was cancelled
+                    anchors.append(None)
+            else:
+                failed = isinstance(value, Exception)
+                kept = _hand(who, value, failed)
+                anchors.append(_FAILED if failed else None if kept is None else (loop, kept))
+                failures |= failed
+        if failures:  # failures are not stored
+            kept_at = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
+            cks, values = [cks[i] for i in kept_at], [values[i] for i in kept_at]
+            anchors = [anchors[i] for i in kept_at]
+        store._fill_many(state.spec, cks, values, anchors, state.counter)
+        _release(state)
+
+
+_FAILED: Any = object()  # an anchor's place for a failed key: it is not stored
+
+
+def _hand(who: Any, value: Any, failed: bool) -> Any:
+    """Hand ``value`` to a waiter (a future, a ``(_Many, index)``) or a list of them; the
+    future now holding the value, if any, for later hits."""
+    if type(who) is list:
+        kept = None
+        for one in who:
+            kept = _hand(one, value, failed) or kept
+        return kept
+    if type(who) is tuple:
+        if not who[0].future.done():
+            who[0].put(who[1], value, failed)
+        return None
+    if who.done():  # that caller was cancelled
+        return None
+    if failed:
+        _fail(who, value)
+        return None
+    who.set_result(value)
+    return who
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except TypeError:  # StopIteration cannot travel through a future
+        future.set_exception(RuntimeError(f"the batch function's value was {exc!r}"))
+
+
+def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
+    """Put the waits of a key whose call was cancelled in the next batch; once the scope
+    has ended, cancel them instead: no call after the request. Lock held."""
+    for one in who if type(who) is list else (who,):
+        future = one[0].future if type(one) is tuple else one
+        if future.done():
+            continue
+        if state.store._closed:
+            future.cancel()
+        elif own:
+            state.join_own(key, ck, one)
+        elif ck in state.inflight:  # put back already, for its other waiters
+            state.inflight[ck] = _with(state.inflight[ck], one)
+        else:
+            state.join(key, ck, one)
+
+
+def _interrupted(spec: _BatchSpec, exc: BaseException) -> RuntimeError:
+    error = RuntimeError(
+        f"@request_batch {spec.name}: the batch function raised {exc!r} without its task "
+        "being cancelled, so every key of the batch fails. Let it return or raise an "
+        "Exception."
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _release(state: _State) -> None:
+    """Drop the state from the store once nothing is in flight or pending."""
+    if not state.inflight and state.keys is None and state.own is None:
+        flights, where = state.store._flights, (state.spec, state.loop)
+        if flights.get(where) is state:
+            del flights[where]
+            state.store._unreserve(state.spec)

@@ -1,9 +1,6 @@
-"""A batch function's spec: its options, its keys and results, and the sync path.
-
-What ``batch.py``'s loaders and the async path (``_batch_async``, ``_batch_tasks``)
-share: keying and spreading results, fetching without batching (trio, outside a
-scope), and the sync fetch, whose keys threads that share a scope wait on together
-through a ``concurrent.futures.Future``. (``fetch_async`` is in ``_batch_async``.)
+"""A batch function's spec (options, keys, results) and the loads that do not batch a
+tick: sync ones, whose keys threads sharing a scope wait for together on a
+``concurrent.futures.Future``, and async ones under trio or outside any scope.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ._active import here
-from ._checks import refuse_coroutine
+from ._checks import is_async_callable, refuse_coroutine
 from ._flight import MISSING
 from ._stats import Counter, function_name
 from ._waits import done_waiting, gone, may_wait
@@ -30,35 +27,21 @@ _thread_id = threading.get_ident
 
 
 class _BatchSpec:
-    """One decorated batch function: its options, its keys and results, and the sync
-    path. It owns the loader's entries in a store, as a memo's spec does
-    (``store._subs[spec][cache_key]``, bounded by its ``max_entries``), counted by name."""
+    """One decorated batch function. It owns the loader's entries in a store, as a memo's
+    spec does (``store._subs[spec][cache_key]``, bounded by its ``max_entries``)."""
 
-    __slots__ = (
-        "__weakref__",
-        "fn",
-        "is_async",
-        "key_fn",
-        "load",
-        "max_batch_size",
-        "max_entries",
-        "name",
-        "outside_scope",
-    )
-
-    load: Callable[[Any], Any]  # an async loader's, which _miss calls again
+    load: Callable[[Any], Any]  # an async loader's, which a miss calls again
 
     def __init__(
         self,
         fn: Callable[..., Any],
-        is_async: bool,
         max_batch_size: int | None,
         key_fn: Callable[[Any], Hashable] | None,
         max_entries: int | None,
         outside_scope: str,
     ) -> None:
         self.fn = fn
-        self.is_async = is_async
+        self.is_async = is_async_callable(fn)
         self.max_batch_size = max_batch_size
         self.key_fn = key_fn
         self.max_entries = max_entries  # read by the store: this loader's own bound
@@ -67,8 +50,6 @@ class _BatchSpec:
 
     def __repr__(self) -> str:
         return f"<request_batch {self.name}>"
-
-    # -- keys and results ------------------------------------------------------------
 
     def keys_of(self, keys: Iterable[Any]) -> tuple[list[Any], list[Hashable]]:
         """The load keys as a list, and their cache keys, checked hashable."""
@@ -105,8 +86,8 @@ class _BatchSpec:
         return UnhashableArguments(f"@request_batch {self.name}: a key cannot be hashed")
 
     def spread(self, keys: list[Any], cache_keys: list[Hashable], result: Any) -> list[Any]:
-        """One value per key from what the batch function returned; an ``Exception``
-        instance where that key failed. ``TypeError`` when the shape is wrong."""
+        """One value per key (an ``Exception`` where it failed) from what the batch
+        function returned; ``TypeError`` when its shape is wrong."""
         if isinstance(result, Mapping):
             values = []
             for key, cache_key in zip(keys, cache_keys, strict=True):
@@ -145,8 +126,6 @@ class _BatchSpec:
             return [items] if items else []  # nothing to fetch: no call
         return [items[i : i + size] for i in range(0, len(items), size)]
 
-    # -- fetching without batching across callers (sync, trio, outside any scope) ----
-
     def counter_in(self, store: MemoStore | None) -> Counter | None:
         """This loader's counter in ``store``; None outside any scope or once it ended."""
         if store is None or store._closed:
@@ -169,8 +148,7 @@ class _BatchSpec:
     def fetch(
         self, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
     ) -> None:
-        """Call the batch function for ``wanted`` (per ``max_batch_size``): each key's value,
-        or the ``Exception`` it failed with, into ``out`` as each call ends."""
+        """Each wanted key's value, or the ``Exception`` it failed with, into ``out``."""
         for cks in self.chunks(list(wanted)):
             keys = [wanted[ck] for ck in cks]
             start = now() if counter.timed else 0.0
@@ -185,15 +163,30 @@ class _BatchSpec:
                     counter.compute_s += now() - start
             out.update(zip(cks, values, strict=True))
 
+    async def fetch_async(
+        self, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
+    ) -> None:
+        """``fetch`` of an async batch function."""
+        for cks in self.chunks(list(wanted)):
+            keys = [wanted[ck] for ck in cks]
+            start = now() if counter.timed else 0.0
+            try:
+                values = self.spread(keys, cks, await self.fn(keys))
+            except Exception as exc:
+                values = [exc] * len(keys)
+            finally:
+                if start:
+                    counter.compute_s += now() - start
+            out.update(zip(cks, values, strict=True))
+
     def keep(self, store: MemoStore, counter: Counter, fetched: dict[Hashable, Any]) -> None:
-        """Store what was fetched, lock held; failures are not cached (a closed store
-        keeps nothing)."""
+        """Store what was fetched, lock held; failures are not cached."""
         for ck, value in fetched.items():
             if not isinstance(value, Exception):
                 store._fill((self, ck), value, counter, None)
 
-    def refuse_or_warn(self) -> None:
-        """The ``outside_scope`` rule, for a call made outside any scope."""
+    def outside(self, keys: list[Any], cks: list[Hashable]) -> dict[Hashable, Any]:
+        """Outside any scope, after its rule: every key is wanted, and nothing is cached."""
         refuse_or_warn(
             "request_batch",
             self.name,
@@ -202,26 +195,19 @@ class _BatchSpec:
             "Register RequestScopeMiddleware, or wrap the code in `with "
             "perrequest.request_scope():`.",
         )
+        return missing_keys(keys, cks)
 
-    def outside(self, keys: list[Any], cks: list[Hashable]) -> list[Any]:
-        """Outside any scope: called directly (per ``max_batch_size``), nothing cached."""
-        self.refuse_or_warn()
-        out: dict[Hashable, Any] = {}
-        self.fetch(UNTIMED, missing_keys(keys, cks), out)
-        return settled([out[ck] for ck in cks])
-
-    # -- the sync path: threads sharing a scope never fetch a key twice at once --------
+    # -- sync loads: threads sharing a scope never fetch a key twice at once -------------
 
     def load_many(self, keys: Iterable[Any]) -> list[Any]:
-        """The values of ``keys``: from the store, or fetched in one call (per
-        ``max_batch_size``) with other threads' fetches of the same keys awaited."""
         keys, cks = self.keys_of(keys)
         store = here()
         counter = self.counter_in(store)
-        if store is None or counter is None:
-            return self.outside(keys, cks)
-        values, wanted = self.look(store, counter, keys, cks)
         got: dict[Hashable, Any] = {}
+        if store is None or counter is None:
+            self.fetch(UNTIMED, self.outside(keys, cks), got)
+            return settled([got[ck] for ck in cks])
+        values, wanted = self.look(store, counter, keys, cks)
         alone: set[Hashable] = set()  # keys whose fetch waits for this thread's
         while wanted:
             wanted = self._fetch(store, counter, wanted, got, alone)
@@ -235,10 +221,9 @@ class _BatchSpec:
         got: dict[Hashable, Any],
         alone: set[Hashable],
     ) -> dict[Hashable, Any]:
-        """Into ``got``: fetch what nobody is fetching, wait for the rest. What to ask
-        again for: a fetch that was interrupted, or one that waits for this thread's (so
-        fetched here too). A key of a fetch whose batch function runs this code (loading
-        its own keys) is fetched again, not waited for."""
+        """Into ``got``: fetch what nobody is fetching, wait for the rest; what to ask for
+        again (an interrupted fetch, or one that waits for this thread's). A key of a fetch
+        whose batch function runs this code is fetched again, never waited for."""
         me = _Fetch(_thread_id())
         flights = store._flights
         mine: dict[Hashable, Any] = {}
@@ -294,8 +279,8 @@ class _BatchSpec:
     def _end(
         self, store: MemoStore, counter: Counter, me: _Fetch, out: dict[Hashable, Any]
     ) -> None:
-        """Store what was fetched, unregister, hand the outcomes to whoever waits; a key's
-        ``__eq__`` raising meanwhile strands nobody (the fetch has ended regardless)."""
+        """Store, unregister, hand the outcomes to the waiters; a key's ``__eq__`` raising
+        meanwhile strands nobody (the fetch has ended regardless)."""
         with store._lock:
             me.ended = True  # no waiter comes now, even if a key stays registered
             try:
@@ -311,10 +296,9 @@ class _BatchSpec:
 
 
 class _Fetch:
-    """One thread's fetch of ``keys``, as registered in ``_flights`` for each. The first
-    thread to wait for it makes its ``Future``, whose result is their outcomes (a key
-    without one was interrupted: ask again); a fetch nobody waits for makes none. Once
-    ``ended``, it is as if unregistered (a key's ``__eq__`` may raise in ``pop``)."""
+    """One thread's fetch, registered in ``_flights`` for each of its keys. The first
+    thread to wait for it makes its ``Future``, whose result is its outcomes (a key
+    without one was interrupted: ask again)."""
 
     __slots__ = ("ended", "future", "keys", "owner")
 
@@ -323,6 +307,26 @@ class _Fetch:
         self.keys: list[Hashable] = []
         self.future: Future[dict[Hashable, Any]] | None = None
         self.ended = False
+
+
+async def unbatched(
+    spec: _BatchSpec, keys: list[Any], cks: list[Hashable], outside: bool = False
+) -> list[Any]:
+    """Async loads with no asyncio loop running (trio), or ``outside`` any scope as found
+    when called: what the store lacks is fetched by this call and cached (in a scope)."""
+    store = None if outside else here()
+    counter = spec.counter_in(store)
+    got: dict[Hashable, Any] = {}
+    if store is None or counter is None:
+        await spec.fetch_async(UNTIMED, spec.outside(keys, cks), got)
+        return settled([got[ck] for ck in cks])
+    values, wanted = spec.look(store, counter, keys, cks)
+    counter.misses += len(wanted)
+    await spec.fetch_async(counter, wanted, got)
+    with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
+        new = {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING}
+        spec.keep(store, counter, new)
+    return settled([got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)])
 
 
 def missing_keys(keys: list[Any], cks: list[Hashable], values: Any = None) -> dict[Hashable, Any]:

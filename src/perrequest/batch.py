@@ -1,17 +1,5 @@
-"""``@request_batch``: per-request batching and caching of loads, with nothing to pass around.
-
-A batch function takes a list of keys and returns their values (a sequence in the
-same order, or a mapping). Decorated, it becomes a loader whose ``load(key)`` and
-``load_many(keys)`` answer from the request store, so values are bounded, counted in
-the scope's stats and gone with the request. What the store lacks is fetched:
-
-- sync: in one call per ``load_many``. A fetch registers its keys in the store's
-  ``_flights`` with a ``concurrent.futures.Future`` of their outcomes, which threads
-  that share the scope and want the same keys wait on;
-- async: the keys missing in one event-loop tick form a batch, one task per call of
-  the batch function; the task's done-callback hands each waiter (each caller has its
-  own future) its value, whatever happened to the task or the scope.
-"""
+"""``@request_batch``: per-request batching and caching of loads (docs/batching.md). Hits
+are answered here; misses by ``_batching`` (sync, trio) and ``_batch_async``."""
 
 from __future__ import annotations
 
@@ -22,12 +10,12 @@ from typing import Any, Literal, Protocol, TypeVar, overload
 
 from . import _checks
 from ._active import _current, active_store
-from ._batch_async import load_many, make_load
+from ._batch_async import load_many, miss, outside_one, ready
 from ._batching import _BatchSpec
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._flight import MISSING
 from ._typing import CacheInfo
-from .store import MemoKey, MemoStore
+from .store import MemoKey
 
 __all__ = ["AsyncBatchLoader", "BatchLoader", "request_batch"]
 
@@ -36,7 +24,6 @@ V = TypeVar("V")
 K_contra = TypeVar("K_contra", contravariant=True)
 
 _OPTIONS = ("max_batch_size", "key", "max_entries", "outside_scope")
-_OUTSIDE_SCOPE = ("warn", "call", "raise")
 _ABSENT: Any = object()  # pop()'s default: MISSING there means "no default"
 
 
@@ -59,8 +46,7 @@ class BatchLoader(Protocol[K_contra, V]):
     __wrapped__: Callable[..., Any]
 
     def prime(self, key: K_contra, value: V, /) -> None:
-        """Store ``value`` for ``key`` unless the store holds one or it is being loaded
-        (outside: nothing)."""
+        """Store ``value`` for ``key`` unless it has one or is being loaded (outside: nothing)."""
 
     def clear(self, key: K_contra, /) -> bool:
         """Drop the stored value of ``key``; whether there was one."""
@@ -90,8 +76,7 @@ class AsyncBatchLoader(Protocol[K_contra, V]):
     __wrapped__: Callable[..., Any]
 
     def prime(self, key: K_contra, value: V, /) -> None:
-        """Store ``value`` for ``key`` unless the store holds one or it is being loaded
-        (outside: nothing)."""
+        """Store ``value`` for ``key`` unless it has one or is being loaded (outside: nothing)."""
 
     def clear(self, key: K_contra, /) -> bool:
         """Drop the stored value of ``key``; whether there was one."""
@@ -104,8 +89,7 @@ class AsyncBatchLoader(Protocol[K_contra, V]):
 
 
 class _Loader:
-    """The object a batch function is decorated into; its ``load`` and ``load_many``
-    are closures set per loader, so that calling them binds nothing."""
+    """A decorated batch function: ``load`` and ``load_many`` are closures (no binding)."""
 
     load: Callable[[Any], Any]
     load_many: Callable[[Iterable[Any]], Any]
@@ -113,10 +97,10 @@ class _Loader:
     def __init__(self, spec: _BatchSpec) -> None:
         self._spec = spec
         if spec.is_async:
-            self.load = make_load(spec)
+            self.load = _async_load(spec)
             self.load_many = functools.partial(load_many, spec)
         else:
-            self.load = _make_sync_load(spec)
+            self.load = _sync_load(spec)
             self.load_many = spec.load_many
 
     def __call__(self, keys: Iterable[Any], /) -> Any:
@@ -134,16 +118,27 @@ class _Loader:
                 "exception cannot be primed. Prime values only; a load of the key will ask "
                 "the batch function."
             )
-        _, (cache_key,) = spec.keys_of([key])
+        _, (ck,) = spec.keys_of([key])
         store = active_store()
         counter = spec.counter_in(store)
         if store is None or counter is None:
             return
         with store._lock:
-            if store._lookup((spec, cache_key), touch=False) is MISSING and not _loading(
-                spec, store, cache_key
-            ):
-                store._fill((spec, cache_key), value, counter, None)
+            if store._lookup((spec, ck), touch=False) is not MISSING:
+                return
+            # Not while the key is loaded (a thread's fetch; a batch of the running loop),
+            # as DataLoader's: the load would replace the value with one perhaps older.
+            if spec.is_async:
+                try:
+                    state = store._flights.get((spec, asyncio.get_running_loop()))
+                except RuntimeError:  # no asyncio loop running here
+                    state = None
+                loading = state is not None and (ck in state.inflight or ck in (state.own or ()))
+            else:
+                fetch = store._flights.get((spec, ck))
+                loading = fetch is not None and not fetch.ended
+            if not loading:
+                store._fill((spec, ck), value, counter, None)
 
     def clear(self, key: Any, /) -> bool:
         _, (cache_key,) = self._spec.keys_of([key])
@@ -163,24 +158,9 @@ class _Loader:
         return CacheInfo(hits, misses, spec.max_entries, currsize)
 
 
-def _loading(spec: _BatchSpec, store: MemoStore, cache_key: Hashable) -> bool:
-    """Whether ``cache_key`` is being loaded (a thread's fetch; a batch on the running loop,
-    pending or in flight): a prime then does nothing, as DataLoader's, for the load would
-    replace its value with one perhaps older. Lock held."""
-    if not spec.is_async:
-        fetch = store._flights.get((spec, cache_key))
-        return fetch is not None and not fetch.ended
-    try:
-        state = store._flights.get((spec, asyncio.get_running_loop()))
-    except RuntimeError:  # no asyncio loop running here
-        return False
-    return state is not None and (cache_key in state.inflight or cache_key in (state.own or ()))
-
-
-def _make_sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:
-    """A sync loader's ``load(key)``: a hit is the store's two lookups; a miss is
-    ``load_many([key])[0]``."""
-    get_store, key_fn, owner, load_many = _current.get, spec.key_fn, spec, spec.load_many
+def _sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:
+    """A sync ``load(key)``: a hit is two lookups; a miss, ``load_many([key])[0]``."""
+    get_store, key_fn, load_many = _current.get, spec.key_fn, spec.load_many
     bounded = spec.max_entries is not None
 
     def load(key: Any) -> Any:
@@ -188,7 +168,7 @@ def _make_sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:
         if store is not None:
             ck = key if key_fn is None else key_fn(key)
             try:
-                sub = store._subs[owner]
+                sub = store._subs[spec]
                 entry = sub[ck]
                 store._order.move_to_end(entry[2])
                 if bounded:
@@ -203,7 +183,56 @@ def _make_sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:
     return load
 
 
-# -- the decorator -------------------------------------------------------------------------
+def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
+    """An async ``load(key)``: a hit is two lookups and returns the finished future kept
+    with the value. ``load`` is ``load_keyed`` without ``key=`` or a bound of its own."""
+    get_store, key_fn = _current.get, spec.key_fn
+    bounded = spec.max_entries is not None
+
+    def load(key: Any) -> Any:
+        store = get_store()
+        if store is None:
+            return outside_one(spec, key)
+        try:
+            entry = store._subs[spec].get(key)
+            if entry is not None:
+                store._order.move_to_end(entry[2])  # KeyError: evicted by another thread
+        except (KeyError, TypeError, AttributeError):  # a miss; no store yet; unhashable
+            entry = None
+        if entry is None:
+            return miss(spec, store, key, key)
+        entry[1].hits += 1
+        anchor = entry[3]
+        # (loop, its finished future) while that loop runs: after asyncio.run or
+        # async_to_sync, the next loop's gather() and wait_for() would refuse it.
+        if anchor is not None and anchor[0].is_running():
+            return anchor[1]
+        return ready(store, spec, key, entry)
+
+    def load_keyed(key: Any) -> Any:
+        store = get_store()
+        if store is None:
+            return outside_one(spec, key)
+        ck = key if key_fn is None else key_fn(key)
+        try:
+            sub = store._subs[spec]
+            entry = sub.get(ck)
+            if entry is not None:
+                store._order.move_to_end(entry[2])
+                if bounded:
+                    sub.move_to_end(ck)
+        except (KeyError, TypeError, AttributeError):
+            entry = None
+        if entry is None:
+            return miss(spec, store, key, ck)
+        entry[1].hits += 1
+        anchor = entry[3]
+        if anchor is not None and anchor[0].is_running():
+            return anchor[1]
+        return ready(store, spec, ck, entry)
+
+    spec.load = load if key_fn is None and not bounded else load_keyed
+    return spec.load
 
 
 class _Decorator(Protocol):
@@ -249,13 +278,12 @@ def request_batch(
 ) -> Any:
     """Make a batch function into a per-request loader: batched, cached, bounded.
 
-    The batch function takes a list of keys and returns their values: a
-    sequence in the same order (an ``Exception`` instance in it fails that key
-    alone) or a mapping from key to value (a key it lacks fails with
-    ``KeyError``). Async: the loads made in one event-loop tick within a scope
-    share one call; keys cached or in flight are not asked for again. Sync:
-    ``load_many`` asks for the keys it lacks in one call. Values live in the
-    request store; failures are not cached. Outside any scope nothing is
+    The batch function takes a list of keys and returns their values: a sequence in the
+    same order (an ``Exception`` instance in it fails that key alone) or a mapping from
+    key to value (a key it lacks fails with ``KeyError``). Async: the loads made in one
+    event-loop tick within a scope share one call; keys cached or in flight are not
+    asked for again. Sync: ``load_many`` asks for the keys it lacks in one call. Values
+    live in the request store; failures are not cached. Outside any scope nothing is
     batched or cached. Also usable bare: ``@request_batch``.
 
     Args:
@@ -280,7 +308,6 @@ def request_batch(
     """
     if unknown:
         raise TypeError(unknown_option("request_batch()", next(iter(unknown)), _OPTIONS))
-    # The same rule and messages as a bound's.
     max_batch_size = check_max_entries(max_batch_size, "request_batch(max_batch_size=...)")
     if key is not None and (not callable(key) or is_async_callable(key)):
         raise TypeError(
@@ -288,7 +315,7 @@ def request_batch(
             f"a hashable cache key, not {type(key).__name__} {key!r}"
         )
     max_entries = check_max_entries(max_entries, "request_batch(max_entries=...)")
-    if outside_scope not in _OUTSIDE_SCOPE:
+    if outside_scope not in ("warn", "call", "raise"):
         raise ValueError(
             f"request_batch(outside_scope=...) must be 'warn' (call uncached, log once), "
             f"'call' (call uncached) or 'raise' (raise NoActiveScope), not {outside_scope!r}"
@@ -308,9 +335,7 @@ def request_batch(
                 "is one per function, not per instance. Decorate a module-level function "
                 "(or a @staticmethod) of the keys alone."
             )
-        spec = _BatchSpec(
-            target, is_async_callable(target), max_batch_size, key, max_entries, outside_scope
-        )
+        spec = _BatchSpec(target, max_batch_size, key, max_entries, outside_scope)
         return functools.update_wrapper(_Loader(spec), target)
 
     if fn is None:

@@ -1,0 +1,277 @@
+"""Each event-loop tick's batches: a task per call of the batch function, whose
+done-callback hands each caller (a future, or a ``load_many``'s place) its value,
+whatever happened to the task or the scope."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Hashable
+from contextvars import ContextVar
+from typing import Any
+
+from ._batching import _BatchSpec, now
+from ._stats import Counter
+from .errors import ScopeClosed
+from .store import MemoStore
+
+_Future = asyncio.Future
+# In a batch's tasks (and the tasks they make): the state whose batches they must not wait
+# for (their own, or one that may wait for theirs).
+_fetching: ContextVar[_State | None] = ContextVar("perrequest.batch", default=None)
+# Batch tasks while they run, by event loop (a loop keeps only weak references to its
+# tasks), with their states. A loop that closed with tasks it never finished (a shutdown)
+# leaves them here until the next batch starts, which drops them and their states.
+_running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], _State]] = {}
+
+
+class _State:
+    """One loader's batches in one store on one loop, in ``store._flights`` while it has
+    work: who waits for each key in flight (a future, a ``(_Many, index)``, or a list of
+    those) and the pending batch (``cks`` is ``keys`` without ``key=``). Keys in flight
+    that its own batch functions load form a batch apart (``own``, ``own_keys``)."""
+
+    __slots__ = ("cks", "counter", "inflight", "keys", "loop", "own", "own_keys", "spec", "store")
+
+    def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.spec, self.store, self.loop = spec, store, loop
+        self.counter: Counter = store._counter(spec.name)  # ScopeClosed once closed
+        self.inflight: dict[Hashable, Any] = {}
+        self.keys: list[Any] | None = None
+        self.cks: list[Hashable] | None = None
+        self.own: dict[Hashable, Any] | None = None
+        self.own_keys: dict[Hashable, Any] = {}
+
+    def join(self, key: Any, ck: Hashable, who: Any) -> None:
+        """Wait for ``ck``: with its flight (a hit), or in the pending batch. A batch function
+        of this loader never waits for a batch that has started (its own, or one that may
+        wait for it): it loads apart."""
+        inflight = self.inflight
+        try:
+            other = inflight.get(ck)
+        except TypeError:
+            raise self.spec.unhashable([key], [ck]) from None
+        if other is None:
+            inflight[ck] = who
+            keys = self.keys
+            if keys is None:  # the first: the batch's start is scheduled unless own's is
+                keys = self.keys = []
+                self.cks = keys if self.spec.key_fn is None else []
+                if self.own is None:
+                    self.loop.call_soon(_start, self)
+            keys.append(key)
+            if self.cks is not keys:
+                self.cks.append(ck)  # type: ignore[union-attr]
+        elif _fetching.get() is self and (self.cks is None or ck not in self.cks):
+            self.join_own(key, ck, who)
+        else:
+            inflight[ck] = _with(other, who)
+            self.counter.hits += 1
+
+    def join_own(self, key: Any, ck: Hashable, who: Any) -> None:
+        own = self.own
+        if own is None:
+            own = self.own = {}
+            if self.keys is None:
+                self.loop.call_soon(_start, self)
+        other = own.get(ck)
+        if other is None:
+            own[ck] = who
+            self.own_keys[ck] = key
+        else:
+            own[ck] = _with(other, who)
+            self.counter.hits += 1
+
+
+def _with(waiters: Any, who: Any) -> Any:
+    if type(waiters) is list:
+        waiters.append(who)
+        return waiters
+    return [waiters, who]
+
+
+def state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> _State | None:
+    """The loader's state in ``store`` on ``loop``; None once the scope has ended."""
+    if store._closed:
+        return None
+    state: _State | None = store._flights.get((spec, loop))
+    if state is None:
+        try:
+            state = _State(spec, store, loop)
+        except ScopeClosed:
+            return None
+        with store._lock:
+            store._flights[(spec, loop)] = state
+            store._reserve(spec)  # lookups of keys in flight now miss without raising
+    return state
+
+
+def _start(state: _State) -> None:
+    """Start the pending batches; first drop what closed loops left (no lock is held
+    here, so taking their stores' locks cannot deadlock)."""
+    for closed in [loop for loop in list(_running) if loop.is_closed()]:
+        for left in _running.pop(closed, {}).values():
+            with left.store._lock:  # nobody waits for a closed loop's work any more
+                left.inflight.clear()
+                left.keys = left.cks = left.own = None
+                left.own_keys = {}
+                _release(left)
+    keys, cks, own = state.keys, state.cks, state.own
+    state.keys = state.cks = state.own = None
+    if keys is not None:
+        _spawn(state, keys, cks, state.inflight)  # type: ignore[arg-type]
+    if own is not None:
+        own_keys, state.own_keys = state.own_keys, {}
+        _spawn(state, [own_keys[ck] for ck in own], list(own), own)
+
+
+def _spawn(
+    state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any]
+) -> None:
+    """A task per call, held in ``_running``; its done-callback hands the values to
+    ``waiters`` (a callback: a task cancelled before its first step runs no code)."""
+    state.counter.misses += len(keys)
+    size = state.spec.max_batch_size or len(keys)
+    for i in range(0, len(keys), size):
+        part, part_cks = keys[i : i + size], cks[i : i + size]
+        task = state.loop.create_task(_call(state, part, part_cks))
+        _running.setdefault(state.loop, {})[task] = state
+        task.add_done_callback(functools.partial(_ended, state, part, part_cks, waiters))
+
+
+async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
+    """One call of the batch function: a value (or an ``Exception``) per key."""
+    _fetching.set(state)
+    spec, counter = state.spec, state.counter
+    start = now() if counter.timed else 0.0
+    try:
+        return spec.spread(keys, cks, await spec.fn(keys))
+    except Exception as exc:  # the whole call failed: so does every key
+        return [exc] * len(keys)
+    except asyncio.CancelledError as exc:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # closed by the garbage collector, outside any loop
+            task = None
+        if task is None or task.cancelling():  # the task's, not the batch function's own
+            raise
+        return [_interrupted(spec, exc)] * len(keys)
+    finally:
+        if start:
+            counter.compute_s += now() - start
+
+
+def _ended(
+    state: _State,
+    keys: list[Any],
+    cks: list[Hashable],
+    waiters: dict[Hashable, Any],
+    task: asyncio.Task[Any],
+) -> None:
+    """Hand each key's value to its waiters and store it; a cancelled call's keys go in
+    the next batch (``_again``)."""
+    tasks = _running.get(state.loop, {})
+    tasks.pop(task, None)
+    if not tasks:
+        _running.pop(state.loop, None)
+    if task.cancelled():
+        values = None
+    else:
+        exc = task.exception()  # KeyboardInterrupt, SystemExit: every key fails
+        values = task.result() if exc is None else [_interrupted(state.spec, exc)] * len(keys)
+    store, loop = state.store, state.loop
+    with store._lock:
+        if values is None:
+            own = waiters is not state.inflight
+            for key, ck in zip(keys, cks, strict=True):
+                _again(state, key, ck, waiters.pop(ck), own)
+            _release(state)
+            return
+        anchors: list[Any] = []
+        failures = False
+        for ck, value in zip(cks, values, strict=True):
+            who = waiters.pop(ck)
+            if type(who) is _Future and not isinstance(value, Exception):  # one load
+                try:
+                    who.set_result(value)  # runs no code now: it schedules the wake-up
+                    anchors.append((loop, who))  # a finished future of it, for later hits
+                except asyncio.InvalidStateError:  # that caller was cancelled
+                    anchors.append(None)
+            else:
+                failed = isinstance(value, Exception)
+                kept = _hand(who, value, failed)
+                anchors.append(_FAILED if failed else None if kept is None else (loop, kept))
+                failures |= failed
+        if failures:  # failures are not stored
+            kept_at = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
+            cks, values = [cks[i] for i in kept_at], [values[i] for i in kept_at]
+            anchors = [anchors[i] for i in kept_at]
+        store._fill_many(state.spec, cks, values, anchors, state.counter)
+        _release(state)
+
+
+_FAILED: Any = object()  # an anchor's place for a failed key: it is not stored
+
+
+def _hand(who: Any, value: Any, failed: bool) -> Any:
+    """Hand ``value`` to a waiter (a future, a ``(_Many, index)``) or a list of them; the
+    future now holding the value, if any, for later hits."""
+    if type(who) is list:
+        kept = None
+        for one in who:
+            kept = _hand(one, value, failed) or kept
+        return kept
+    if type(who) is tuple:
+        if not who[0].future.done():
+            who[0].put(who[1], value, failed)
+        return None
+    if who.done():  # that caller was cancelled
+        return None
+    if failed:
+        fail(who, value)
+        return None
+    who.set_result(value)
+    return who
+
+
+def fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except TypeError:  # StopIteration cannot travel through a future
+        future.set_exception(RuntimeError(f"the batch function's value was {exc!r}"))
+
+
+def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
+    """Put the waits of a key whose call was cancelled in the next batch; once the scope
+    has ended, cancel them instead: no call after the request. Lock held."""
+    for one in who if type(who) is list else (who,):
+        future = one[0].future if type(one) is tuple else one
+        if future.done():
+            continue
+        if state.store._closed:
+            future.cancel()
+        elif own:
+            state.join_own(key, ck, one)
+        elif ck in state.inflight:  # put back already, for its other waiters
+            state.inflight[ck] = _with(state.inflight[ck], one)
+        else:
+            state.join(key, ck, one)
+
+
+def _interrupted(spec: _BatchSpec, exc: BaseException) -> RuntimeError:
+    error = RuntimeError(
+        f"@request_batch {spec.name}: the batch function raised {exc!r} without its task "
+        "being cancelled, so every key of the batch fails. Let it return or raise an "
+        "Exception."
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _release(state: _State) -> None:
+    """Drop the state from the store once nothing is in flight or pending."""
+    if not state.inflight and state.keys is None and state.own is None:
+        flights, where = state.store._flights, (state.spec, state.loop)
+        if flights.get(where) is state:
+            del flights[where]
+            state.store._unreserve(state.spec)

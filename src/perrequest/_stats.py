@@ -15,14 +15,6 @@ from typing import Any, NamedTuple, NoReturn, Protocol
 
 from ._checks import check_on_close
 
-__all__ = [
-    "FunctionStats",
-    "ScopeStats",
-    "add_scope_listener",
-    "function_name",
-    "remove_scope_listener",
-]
-
 
 class FunctionStats(NamedTuple):
     """One function's counters in one scope.
@@ -58,13 +50,7 @@ class FunctionsStats(dict[str, FunctionStats]):
         return hash(frozenset(self.items()))
 
     def __reduce__(self) -> tuple[type[FunctionsStats], tuple[dict[str, FunctionStats]]]:
-        return FunctionsStats, (dict(self),)  # not rebuilt through __setitem__
-
-    def __copy__(self) -> FunctionsStats:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> FunctionsStats:
-        return self  # holds only immutable values
+        return FunctionsStats, (dict(self),)  # not rebuilt through __setitem__ (copy too)
 
 
 _NO_STATS: Mapping[str, FunctionStats] = FunctionsStats()

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 import perrequest
-from perrequest import _gc_guard
+from perrequest import _active
 from perrequest.scope import _current
 
 
@@ -40,7 +40,7 @@ class _Cycle:
 
 
 def test_the_hook_is_installed_at_import() -> None:
-    assert gc.callbacks.count(_gc_guard._hide_during_collections) == 1
+    assert gc.callbacks.count(_active._hide_during_collections) == 1
 
 
 def test_a_finalizer_run_by_a_collection_sees_no_store_and_the_store_comes_back() -> None:
@@ -52,7 +52,7 @@ def test_a_finalizer_run_by_a_collection_sees_no_store_and_the_store_comes_back(
         assert perrequest.current_store() is store
         assert perrequest.get("rid") == "B"
     assert seen == ["no store"]
-    assert _gc_guard._hidden is None
+    assert _active._hidden is None
 
 
 def test_a_token_made_before_a_collection_resets_after_it() -> None:
@@ -140,10 +140,8 @@ def test_a_finalizer_may_open_its_own_scope() -> None:
     assert seen == ["own", "no store"]
 
 
-def test_install_is_idempotent_and_without_the_hook_the_finalizer_sees_the_store() -> None:
-    _gc_guard.install(_current)
-    assert gc.callbacks.count(_gc_guard._hide_during_collections) == 1
-    gc.callbacks.remove(_gc_guard._hide_during_collections)
+def test_without_the_hook_the_finalizer_sees_the_store() -> None:
+    gc.callbacks.remove(_active._hide_during_collections)
     try:
         seen: list[object] = []
         with perrequest.request_scope():
@@ -152,8 +150,8 @@ def test_install_is_idempotent_and_without_the_hook_the_finalizer_sees_the_store
             gc.collect()
         assert seen == ["B"]  # what happens without the hook: another request's store
     finally:
-        _gc_guard.install(_current)
-    assert gc.callbacks.count(_gc_guard._hide_during_collections) == 1
+        gc.callbacks.append(_active._hide_during_collections)
+    assert gc.callbacks.count(_active._hide_during_collections) == 1
 
 
 def test_no_store_outside_a_scope_leaves_the_context_untouched() -> None:
@@ -161,7 +159,7 @@ def test_no_store_outside_a_scope_leaves_the_context_untouched() -> None:
     gc.collect()
     assert _current not in before or before[_current] is None
     assert _current.get() is None
-    assert _gc_guard._hidden is None
+    assert _active._hidden is None
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.11 collects inside allocations")
@@ -222,8 +220,8 @@ def test_collections_inside_contextvars_operations_keep_the_mapping_alive() -> N
             t.join(30)
         gc.set_threshold(*old)
     assert not errors, errors[:5]
-    assert _gc_guard._hidden is None
-    assert len(_gc_guard._keep) <= 64
+    assert _active._hidden is None
+    assert len(_active._keep) <= 64
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.11 collects inside allocations")

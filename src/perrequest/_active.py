@@ -6,8 +6,12 @@ whose store is made when first needed.
 
 from __future__ import annotations
 
+import contextvars
+import gc
+import inspect
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -16,7 +20,6 @@ from contextvars import ContextVar, Token
 from types import CoroutineType, MethodType
 from typing import Any, NoReturn
 
-from . import _gc_guard
 from ._stats import ScopeStats, listeners, observed
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
@@ -29,7 +32,6 @@ logger = logging.getLogger("perrequest")
 # when made (see ``open_request``). Typed Any: the hit paths read a
 # store's attributes from it, and a cell's AttributeError sends them to ``here()``.
 _current: ContextVar[Any] = ContextVar("perrequest.store", default=None)
-_gc_guard.install(_current)  # finalizers run by the garbage collector see no store
 
 # One item per open scope. deque.append and deque.pop are atomic, so counting
 # costs no lock on the path every request takes (and, unlike a list's, allocate
@@ -272,3 +274,61 @@ def opened_outside(request: Mapping[str, Any]) -> bool:
     if type(active) is list:
         return active[0] is outer[0]  # the cell, or a copy of it, open
     return len(outer) > 1 and active is outer[1]  # its store, made before any copy
+
+
+# Code that a garbage collection runs sees no store. A streaming body abandoned on a
+# client disconnect is often kept alive by a reference cycle, so its ``finally`` runs
+# when the collector finds the cycle, in the context of whatever code the collection
+# interrupted: another request's. This ``gc.callbacks`` hook hides the active store
+# while each collection runs, so ``__del__``, generator cleanups, weakref callbacks and
+# the ``aclose()`` tasks scheduled meanwhile run outside any scope. One collection runs
+# at a time, in one thread and context, so one slot holds the hiding token
+# (docs/security.md).
+#
+# CPython 3.11 collects inside allocations, possibly in the middle of a contextvars
+# operation holding a borrowed pointer to the mapping that hiding replaces: a
+# ``copy_context()`` keeps it alive until that operation has returned, proved by a
+# collection starting at another instruction (no other thread runs meanwhile).
+# 3.12+ collects between bytecodes.
+_COLLECTS_INSIDE_ALLOCATIONS = sys.version_info < (3, 12)
+_keep: list[contextvars.Context] = []
+_kept_at: tuple[int, int, int] | None = None  # (thread, frame, instruction)
+_hidden: Token[Any] | None = None
+
+
+def _hide_during_collections(phase: str, info: dict[str, Any]) -> None:
+    global _hidden
+    if phase == "start":
+        if _current.get() is None:
+            return  # nothing to hide: leave the context untouched
+        if _COLLECTS_INSIDE_ALLOCATIONS:
+            _keep_mapping_alive()
+        _hidden = _current.set(None)
+    elif _hidden is not None:
+        token, _hidden = _hidden, None
+        try:
+            _current.reset(token)
+        except ValueError:  # another context than at "start": cannot happen, never fail
+            _current.set(token.old_value)
+        if _COLLECTS_INSIDE_ALLOCATIONS:
+            # The interrupted operation may be a reset that removes the variable: it
+            # cleared the variable's cached value before allocating, and will install
+            # its mapping after we return, but our reset just cached the store again.
+            # Entering and leaving a context invalidates every cached value.
+            contextvars.Context().run(int)
+
+
+def _keep_mapping_alive() -> None:
+    """3.11: keep the current mapping alive, and drop what earlier operations needed."""
+    global _kept_at
+    hook = inspect.currentframe()
+    frame = hook.f_back.f_back if hook and hook.f_back else None  # the interrupted code
+    at = (threading.get_ident(), id(frame), frame.f_lasti if frame else -1)
+    if at != _kept_at:
+        _keep.clear()
+        _kept_at = at
+    if len(_keep) < 64:  # one operation allocates a few dozen objects at most
+        _keep.append(contextvars.copy_context())  # shares the current mapping
+
+
+gc.callbacks.append(_hide_during_collections)

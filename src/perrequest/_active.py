@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
 from types import CoroutineType, MethodType
-from typing import Any, NoReturn
+from typing import Any
 
 from ._stats import ScopeStats, listeners, observed
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
@@ -124,10 +124,7 @@ def forget_closed() -> None:
     open across yields, closed from elsewhere), so a request starting here does not
     carry it along, nor give it back."""
     active = _current.get()
-    if type(active) is list:
-        if active[0] is None:
-            _current.set(None)
-    elif active is not None and active._closed:
+    if active is not None and (active[0] is None if type(active) is list else active._closed):
         _current.set(None)
 
 
@@ -137,27 +134,21 @@ def opened_by_a_middleware() -> bool:
     return type(active) is list or (active is not None and active._token is None)
 
 
-def _made(cell: list[Any]) -> MemoStore:
-    """The store of a cell, made by whoever needs it first; closed if the scope is."""
-    if len(cell) == 1:
-        options = cell[0]
-        if options is None:  # closed meanwhile
-            cell.append(_NONE_MADE)
-        else:
-            new = MemoStore(options[0])  # a cell's scope has no on_close
-            if observed():
-                new._opened_at = _now()
-            cell.append(new)  # of two threads' stores, the first appended is the store
-    store: MemoStore = cell[1]
-    return store
-
-
 def here() -> MemoStore | None:
-    """The store active here (closed ones included), made if it was not yet, and set
-    here for the hit paths; undone with whatever set the cell."""
+    """The store active here (closed ones included); a cell's is made by whoever needs it
+    first, and set here for the hit paths, undone with whatever set the cell."""
     active = _current.get()
     if type(active) is list:
-        active = _made(active)
+        if len(active) == 1:
+            options = active[0]
+            if options is None:  # closed meanwhile
+                active.append(_NONE_MADE)
+            else:
+                store = MemoStore(options[0])  # a cell's scope has no on_close
+                if observed():
+                    store._opened_at = _now()
+                active.append(store)  # of two threads' stores, the first appended is the store
+        active = active[1]
         _current.set(active)
     return active  # type: ignore[no-any-return]
 
@@ -219,7 +210,11 @@ def close_scope(store: MemoStore) -> None:
             returned = listener(stats)
             if type(returned) is CoroutineType:  # its body would never run
                 returned.close()
-                _coroutine_refused(listener)
+                raise TypeError(
+                    f"{listener!r} returned a coroutine, which nothing awaits: it runs as the "
+                    "scope closes, in sync code. Make it a plain function that hands the stats "
+                    "to a task (loop.create_task) or a queue."
+                )
         except Exception:
             what = "the scope's on_close" if listener is on_close else "scope listener"
             logger.exception("perrequest: %s %r raised", what, listener)
@@ -234,14 +229,6 @@ def _same(callback: OnClose, running: OnClose) -> bool:
         and type(running) is MethodType
         and callback.__self__ is running.__self__
         and callback.__func__ is running.__func__
-    )
-
-
-def _coroutine_refused(listener: OnClose) -> NoReturn:
-    raise TypeError(
-        f"{listener!r} returned a coroutine, which nothing awaits: it runs as the scope "
-        "closes, in sync code. Make it a plain function that hands the stats to a task "
-        "(loop.create_task) or a queue."
     )
 
 

@@ -181,13 +181,10 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         check_key(key)
         with self._writable(key):
-            if type(key) is MemoKey:  # read it, never write it
-                value = self._lookup(self._split(key))
-                if value is MISSING:
-                    raise _memo_key_write(key)
-                return value
-            value = self._lookup((HELPERS, key))
+            value = self._lookup(self._split(key))
             if value is MISSING:
+                if type(key) is MemoKey:  # read it, never write it
+                    raise _memo_key_write(key)
                 self._fill((HELPERS, key), default, self._helpers, None)
                 value = default
             return value

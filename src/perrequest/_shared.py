@@ -5,11 +5,8 @@
 reads repeatable within a request even if the shared entry expires meanwhile.
 An unbounded mapping is refused: that is the leak this library prevents.
 
-Callers waiting on another request's computation are in other requests: an
-error reaches them as a copy without the computing request's traceback,
-frames, cause and context, or, when it cannot be copied, as a
-``SharedComputationError`` naming it. Never as the original object
-(``_shared_errors``).
+A computation's error reaches waiters in other requests as a copy, never as the
+original object (``_shared_errors``).
 
 A backend that is not a mapping (``perrequest.redis.RedisCache``) brings its
 own tier: an object with ``_make_tier(spec, version)`` returning a ``Tier``.

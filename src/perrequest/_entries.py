@@ -152,7 +152,8 @@ class Entries:
                 _, entry = sub.popitem(last=False)  # type: ignore[call-arg]
                 self._peak = max(self._peak, len(order))  # the size before this fill
                 order.pop(entry[2], None)
-                self._evicted(entry[1])
+                entry[1].evictions += 1
+                self._evictions += 1
         if self._next_id != entry_id:  # written to meanwhile, by the key's own code
             self._resync(owner, sub)
         else:
@@ -163,7 +164,8 @@ class Entries:
             self._peak = self._bound
             dropped = self._drop(last=False)
             if dropped is not None:
-                self._evicted(dropped[3])
+                dropped[3].evictions += 1
+                self._evictions += 1
 
     def _fill_many(
         self,
@@ -209,10 +211,6 @@ class Entries:
         subs = self._subs
         if subs is not None and not subs.get(owner, True):
             del subs[owner]
-
-    def _evicted(self, counter: Counter) -> None:
-        counter.evictions += 1
-        self._evictions += 1
 
     def _drop(self, last: bool) -> tuple[object, Hashable, Any, Counter] | None:
         """Remove the most (``last``) or least recently used entry (None: gone meanwhile)."""

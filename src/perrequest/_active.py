@@ -79,14 +79,10 @@ _NONE_MADE._shut(False)
 
 
 def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
-    """Open a middleware's scope for one request: its "cell" and the ``Token`` to reset.
-
-    The cell, ``[options]``, is what the ContextVar holds until the store is first
-    needed, so a request that memoizes nothing makes no store; whoever makes it
-    (``here``) appends it to the cell and sets it in its own context. A watched
-    scope gets its store at once, timed. The cell holds no ``Token``, so that a
-    middleware that deep-copies the ASGI scope (where it is left) can.
-    """
+    """Open a middleware's scope for one request: its cell (``_current``: a request that
+    memoizes nothing makes no store) and the ``Token`` to reset. A watched scope gets its
+    store at once, timed. The cell holds no ``Token``, so that a middleware that
+    deep-copies the ASGI scope (where it is left) can."""
     _opened(None)
     if options[1] is None and not listeners:
         cell = [options]

@@ -145,17 +145,16 @@ def _check_version(version: object, shared: object) -> str | int | None:
     return version
 
 
+_BOUNDED = "cachetools.LRUCache(maxsize=10_000) or cachetools.TTLCache(maxsize=10_000, ttl=60)"
+
+
 def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | None]:
     """``request_memo(shared=..., version=...)``: a backend with a tier of its own
     (``RedisCache``), a bounded mapping (a cachetools cache, or any mapping with a
     ``maxsize``), or None; and its version."""
     if isinstance(cache, type):  # a class's unbound _make_tier is callable too
-        example = (
-            "RedisCache(client, ttl=300, namespace='shop')"
-            if hasattr(cache, "_make_tier")
-            else "cachetools.LRUCache(maxsize=10_000) or cachetools.TTLCache(maxsize=10_000, "
-            "ttl=60)"
-        )
+        redis = "RedisCache(client, ttl=300, namespace='shop')"
+        example = redis if hasattr(cache, "_make_tier") else _BOUNDED
         raise TypeError(
             f"request_memo(shared={cache.__qualname__}) got the class, not a cache: shared= "
             f"needs an instance, made once and given to every function that shares it, e.g. "
@@ -164,10 +163,7 @@ def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | Non
     version = _check_version(version, cache)
     if cache is None or callable(getattr(cache, "_make_tier", None)):
         return cache, version
-    fix = (
-        "Use a bounded cache with an eviction policy, such as "
-        "cachetools.LRUCache(maxsize=10_000) or cachetools.TTLCache(maxsize=10_000, ttl=60)."
-    )
+    fix = f"Use a bounded cache with an eviction policy, such as {_BOUNDED}."
     if not isinstance(cache, MutableMapping):
         raise TypeError(
             f"request_memo(shared=...) needs a mutable mapping with a maxsize, or a "

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Hashable, MutableMapping
+from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from typing import Any, Protocol, TypeVar
 
 from . import _flight
@@ -29,6 +29,7 @@ from ._shared_errors import SharedComputationError as SharedComputationError
 from ._typing import SharedCacheInfo
 
 _C = TypeVar("_C")
+_R = TypeVar("_R")
 logger = logging.getLogger("perrequest")
 
 # The in-process shared caches in use, by id, each with its own lock: functions sharing a
@@ -72,30 +73,18 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(before=_forking, after_in_parent=_forked_parent, after_in_child=_forked)
 
 
+# What a tier's run/run_async are: _flight.run's signature.
+_Run = Callable[[Any, Hashable, Fn, Args, Kwargs, Any, Any], _R]
+
+
 class Tier(Protocol):
     """A ``shared=`` memo's tier: ``run``/``run_async`` compute a request-store miss
     (``_flight.run``'s signature); ``info`` builds ``cache_info()``."""
 
-    def run(
-        self,
-        store: Any,
-        where: Hashable,
-        fn: Fn,
-        args: Args,
-        kwargs: Kwargs,
-        counter: Any,
-        anchor: Any,
-    ) -> Any: ...
-    async def run_async(
-        self,
-        store: Any,
-        where: Hashable,
-        fn: Fn,
-        args: Args,
-        kwargs: Kwargs,
-        counter: Any,
-        anchor: Any,
-    ) -> Any: ...
+    @property
+    def run(self) -> _Run[Any]: ...
+    @property
+    def run_async(self) -> _Run[Awaitable[Any]]: ...
     def clear(self, spec: object) -> None: ...
     def delete(self, where: Hashable) -> bool: ...  # whether the shared tier had it
     def info(

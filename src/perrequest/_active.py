@@ -259,19 +259,16 @@ def opened_outside(request: Mapping[str, Any]) -> bool:
     return len(outer) > 1 and active is outer[1]  # its store, made before any copy
 
 
-# Code that a garbage collection runs sees no store. A streaming body abandoned on a
-# client disconnect is often kept alive by a reference cycle, so its ``finally`` runs
-# when the collector finds the cycle, in the context of whatever code the collection
-# interrupted: another request's. This ``gc.callbacks`` hook hides the active store
-# while each collection runs, so ``__del__``, generator cleanups, weakref callbacks and
-# the ``aclose()`` tasks scheduled meanwhile run outside any scope. One collection runs
-# at a time, in one thread and context, so one slot holds the hiding token
-# (docs/security.md).
-#
-# CPython 3.11 collects inside allocations, possibly in the middle of a contextvars
-# operation holding a borrowed pointer to the mapping that hiding replaces: a
-# ``copy_context()`` keeps it alive until that operation has returned, proved by a
-# collection starting at another instruction (no other thread runs meanwhile).
+# Code that a garbage collection runs sees no store (docs/security.md): a streaming body
+# abandoned on a client disconnect is often in a reference cycle, so its ``finally`` runs
+# inside a collection, in the context of whatever code that interrupted (another
+# request's). This ``gc.callbacks`` hook hides the active store while each collection
+# runs, from ``__del__``, generator cleanups, weakref callbacks and the ``aclose()`` tasks
+# scheduled meanwhile. One collection runs at a time, in one thread and context, so one
+# slot holds the hiding token. CPython 3.11 collects inside allocations, possibly in the
+# middle of a contextvars operation holding a borrowed pointer to the mapping that hiding
+# replaces: a ``copy_context()`` keeps it alive until that operation has returned, proved
+# by a collection starting at another instruction (no other thread runs meanwhile).
 # 3.12+ collects between bytecodes.
 _COLLECTS_INSIDE_ALLOCATIONS = sys.version_info < (3, 12)
 _keep: list[contextvars.Context] = []

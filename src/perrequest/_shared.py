@@ -211,10 +211,8 @@ class _Guarded:
 
 
 class SharedTier:
-    """One function's view of a shared cache: thread-safe, single-flight, counted.
-
-    The counters are process-wide, like the cache itself.
-    """
+    """One function's view of a shared cache: thread-safe, single-flight, counted
+    (process-wide, like the cache itself)."""
 
     __slots__ = ("_guarded", "compute_s", "hits", "maxsize", "misses", "refused")
 

@@ -45,7 +45,7 @@ def test_the_core_imports_no_framework_nor_optional_dependency() -> None:
 
 def test_no_module_reads_the_callers_frames() -> None:
     """Scope objects are single-use: nothing needs to know who entered them. (Only the
-    collector hook of ``_gc_guard`` looks at a frame, the one a collection interrupted.)"""
+    collector hook in ``_active`` looks at a frame, the one a collection interrupted.)"""
     for path in MODULES:
         text = path.read_text()
         for banned in ("sys._getframe", "f_locals"):

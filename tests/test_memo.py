@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
+import threading
+import traceback
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -619,3 +622,57 @@ def test_delete_removes_a_helper_entry_and_says_whether_it_was_there() -> None:
         assert perrequest.delete("k") is False and perrequest.get("k", "gone") == "gone"
     with pytest.raises(perrequest.NoActiveScope):
         perrequest.delete("k")
+
+
+def _recursive(shape: str) -> Any:
+    """A memo recursing one key deeper per call, of each generated wrapper's shape."""
+    if shape == "args":
+
+        @request_memo
+        def deep(*args: int) -> int:
+            return 0 if args[0] == 0 else deep(args[0] - 1) + 1
+
+        return deep
+    if shape == "kwargs":
+
+        @request_memo
+        def deep_kw(**kwargs: int) -> int:
+            return 0 if kwargs["n"] == 0 else deep_kw(n=kwargs["n"] - 1) + 1
+
+        return lambda n: deep_kw(n=n)
+
+    class Row:
+        @request_memo
+        def deep(self, n: int) -> int:
+            return 0 if n == 0 else self.deep(n - 1) + 1
+
+    return Row().deep
+
+
+@pytest.mark.parametrize("shape", ["args", "kwargs", "method"])
+def test_a_recursion_error_leaves_no_key_registered(shape: str) -> None:
+    """A memo that recurses into ``RecursionError`` unregisters every key it registered,
+    wherever the limit falls: a record left behind made another thread asking for that
+    key in the scope wait for ever (the computation it waits for is gone)."""
+    deep = _recursive(shape)
+    limit = sys.getrecursionlimit()
+    base = len(traceback.extract_stack()) + 60
+    try:
+        for extra in range(8):  # the limit at each place in a level's frames
+            with request_scope() as store:
+                sys.setrecursionlimit(base + extra)
+                with pytest.raises(RecursionError):
+                    deep(10**6)
+                sys.setrecursionlimit(limit)
+                left = list(store._flights)
+                if left and shape == "args":  # what a user sees: another thread's
+                    n = left[0][1][0]  # call of that key waits for ever
+                    thread = threading.Thread(
+                        target=perrequest.bind_scope(deep), args=(n,), daemon=True
+                    )
+                    thread.start()
+                    thread.join(1)
+                    assert not thread.is_alive(), f"a call of deep({n}) hangs"
+                assert left == []
+    finally:
+        sys.setrecursionlimit(limit)

@@ -167,12 +167,20 @@ async def _ready(value: Any) -> Any:
     return value
 
 
+def _me() -> int:
+    """A thread's ``me``, got through a frame of its own: a miss registers only once the
+    two levels of stack that unregistering takes (``_flight.failed``, and the lock it
+    takes) are free, so that a ``RecursionError`` comes before registering, not between
+    it and unregistering (a record left behind: other threads would wait for ever)."""
+    return _thread_id()
+
+
 # The names the generated code uses that are the same for every wrapper (builtins too,
 # as a parameter may be called ``type``).
 _FIXED = {
     "__pr_get": _current.get, "__pr_id": id, "__pr_slow": _slow, "__pr_end": _flight.end,
     "__pr_failed": _flight.failed, "__pr_now": _flight._now, "__pr_lazy": LAZY,
-    "__pr_refuse": refuse_memoized_result, "__pr_thread": _thread_id, "__pr_task": current_task,
+    "__pr_refuse": refuse_memoized_result, "__pr_thread": _me, "__pr_task": current_task,
     "__pr_unknown": _flight._UNKNOWN, "__pr_abandon": _flight.abandon,
     "__pr_interrupted": _flight.interrupted, "__pr_type": type, "__pr_KeyError": KeyError,
     "__pr_TypeError": TypeError, "__pr_AttributeError": AttributeError,

@@ -168,3 +168,49 @@ def test_a_process_forked_in_a_request_while_a_thread_computes_does_not_wait_for
                 process.kill()
                 process.join(5)
             thread.join(5)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+def test_a_process_forked_after_the_request_while_a_thread_calls_does_not_hang() -> None:
+    """A thread still calling a memo function once its request has ended (the store it
+    finds is closed) must not take that store's lock: a child forked meanwhile (the
+    store is closed, so ``_forked`` leaves its lock) would wait for it for ever."""
+    import os
+
+    @request_memo(outside_scope="call")
+    def double(x: int) -> int:
+        return 2 * x
+
+    with request_scope():
+        thread_context = contextvars.copy_context()
+        child_context = contextvars.copy_context()
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            double(1)  # computed outside any scope
+
+    thread = threading.Thread(target=thread_context.run, args=(spin,), daemon=True)
+    thread.start()
+    outcomes = []
+    try:
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:  # the child: one call, then out without any cleanup
+                code = 1
+                try:
+                    code = 0 if child_context.run(double, 3) == 6 else 1
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 5
+            while (ended := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+            outcomes.append("hung" if ended == (0, 0) else ended[1])
+    finally:
+        stop.set()
+        thread.join(5)
+    assert outcomes == [0] * 40

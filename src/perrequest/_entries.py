@@ -95,8 +95,11 @@ class Entries:
     def _counter(self, name: str) -> Counter:
         """Kept by name, not by function, so a helper defined anew per message adds
         nothing; bounded by ``max_entries`` names. ``ScopeClosed`` once closed."""
-        with self._lock:
-            self._writable(name)  # under the lock: a close before it keeps no counter
+        # Checked before the lock too: a call finding a closed store (a thread outliving
+        # its request) never takes its lock, which a child forked meanwhile would inherit
+        # held (``_forked`` renews only an open store's).
+        with self._writable(name):
+            self._writable(name)  # again under the lock: a close in between keeps no counter
             counters = self._counters
             counter = counters.get(name)
             if counter is None:

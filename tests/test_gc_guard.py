@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 import gc
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -251,3 +252,24 @@ def test_a_collection_inside_the_reset_that_ends_a_scope_leaves_no_stale_store()
     finally:
         gc.set_threshold(*old)
     assert seen == [None] * 40
+
+
+def test_a_collection_after_the_exiting_interpreter_wiped_the_module_raises_nothing() -> None:
+    """As the interpreter exits, a module still referenced has its names set to None
+    (``_current`` among the first, as ``_``-names go first), and collections still run
+    (a finalizer's allocations start them): the hook must not fail on a wiped name, which
+    Python reports as "Exception ignored in: <function _hide_during_collections>"."""
+    script = """if True:
+        import gc
+        from perrequest import _active  # referenced to the end: wiped, not freed
+
+        class Late:
+            def __del__(self, collect=gc.collect):
+                collect()  # as any finalizer's allocations may
+
+        _active.late = Late()  # freed as the public names are wiped, after _current
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "Exception ignored" not in done.stderr, done.stderr

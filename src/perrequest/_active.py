@@ -276,20 +276,25 @@ _kept_at: tuple[int, int, int] | None = None  # (thread, frame, instruction)
 _hidden: Token[Any] | None = None
 
 
-def _hide_during_collections(phase: str, info: dict[str, Any]) -> None:
+def _hide_during_collections(
+    phase: str, info: dict[str, Any], var: ContextVar[Any] = _current
+) -> None:
+    # ``var``, not the global: an exiting interpreter sets a module's names to None while
+    # collections still run (a finalizer's allocations start them), and a wiped module
+    # has nothing to hide.
     global _hidden
     if phase == "start":
-        if _current.get() is None:
+        if var.get() is None:
             return  # nothing to hide: leave the context untouched
         if _COLLECTS_INSIDE_ALLOCATIONS:
             _keep_mapping_alive()
-        _hidden = _current.set(None)
+        _hidden = var.set(None)
     elif _hidden is not None:
         token, _hidden = _hidden, None
         try:
-            _current.reset(token)
+            var.reset(token)
         except ValueError:  # another context than at "start": cannot happen, never fail
-            _current.set(token.old_value)
+            var.set(token.old_value)
         if _COLLECTS_INSIDE_ALLOCATIONS:
             # The interrupted operation may be a reset that removes the variable: it
             # cleared the variable's cached value before allocating, and will install

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import os
 import random
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -269,7 +271,13 @@ def test_a_collection_after_the_exiting_interpreter_wiped_the_module_raises_noth
 
         _active.late = Late()  # freed as the public names are wiped, after _current
     """
+    src = str(Path(perrequest.__file__).parent.parent)  # this checkout's, as imported here
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": src},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert "Exception ignored" not in done.stderr, done.stderr

@@ -8,6 +8,7 @@ import contextvars
 import gc
 import threading
 import time
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -194,3 +195,72 @@ def test_a_function_bound_in_a_batch_function_holds_no_value_after_the_request()
     del got[:]
     gc.collect()
     assert kept and ref() is None  # before: alive, in the fetch's future's outcomes
+
+
+def test_a_load_under_trio_never_awaited_warns_once() -> None:
+    """Under trio a load is a coroutine; one never awaited gets Python's one warning. The
+    single-key path made the coroutine of unbatched() as it was called and passed it to
+    another: two warnings, one naming a private helper and coming whenever the first's
+    record let the inner one go."""
+    import anyio
+
+    @request_batch
+    async def users(keys: list[int]) -> list[int]:
+        return keys
+
+    async def main() -> None:
+        with request_scope():
+            users.load(1)  # never awaited
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        anyio.run(main, backend="trio")
+        gc.collect()
+        for record in caught:
+            record.source = None  # the coroutine, and whatever its frame holds
+        gc.collect()
+    unawaited = [w for w in caught if "was never awaited" in str(w.message)]
+    assert len(unawaited) == 1, [str(w.message) for w in unawaited]
+
+
+def test_a_batch_function_loading_its_own_keys_under_trio_recurses_as_deep_as_before() -> None:
+    """Under trio a load of one key is one coroutine, as a load_many is: wrapping
+    unbatched() in another coroutine to take its first value cost a frame per level of a
+    batch function that loads its own keys (a tree), so load() hit RecursionError a
+    quarter sooner than load_many() (246 levels instead of 329, 3.12)."""
+    import anyio
+
+    @request_batch
+    async def tree(keys: list[int]) -> list[int]:
+        out = []
+        for k in keys:
+            below = 0 if not k else (await tree.load(k - 1)) if one else (await tree([k - 1]))[0]
+            out.append(0 if not k else below + 1)
+        return out
+
+    one = False
+    deepest: list[int] = []
+
+    async def main() -> None:
+        nonlocal one
+        with request_scope():
+            low, high = 1, 5000  # the deepest tree load_many() loads
+            while low < high:
+                mid = (low + high + 1) // 2
+                try:
+                    await tree.load_many([mid])
+                    low = mid
+                except RecursionError:
+                    high = mid - 1
+                tree.cache_clear()
+            deepest.append(low)
+            one = True
+            try:
+                deepest.append(await tree.load(low))
+            except RecursionError as exc:
+                deepest.append(exc)  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=anyio.run, args=(main,), kwargs={"backend": "trio"})
+    thread.start()
+    thread.join(30)
+    assert len(deepest) == 2 and deepest[1] == deepest[0] > 100, deepest

@@ -19,7 +19,7 @@ def miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no asyncio loop running: trio
-        return _first(unbatched(spec, [key], [ck]))
+        return unbatched(spec, [key], [ck], one=True)
     try:
         state = store._flights.get((spec, loop))
     except AttributeError:  # a middleware's scope, its store not made yet
@@ -57,10 +57,6 @@ def ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, ..
 
 async def _value(value: Any) -> Any:
     return value
-
-
-async def _first(values: Any) -> Any:
-    return (await values)[0]
 
 
 async def outside_one(spec: _BatchSpec, key: Any) -> Any:

@@ -310,23 +310,27 @@ class _Fetch:
 
 
 async def unbatched(
-    spec: _BatchSpec, keys: list[Any], cks: list[Hashable], outside: bool = False
-) -> list[Any]:
+    spec: _BatchSpec, keys: list[Any], cks: list[Hashable], outside: bool = False, one: bool = False
+) -> Any:
     """Async loads with no asyncio loop running (trio), or ``outside`` any scope as found
-    when called: what the store lacks is fetched by this call and cached (in a scope)."""
+    when called: what the store lacks is fetched by this call and cached (in a scope).
+    ``one``: ``load(key)``'s value, so that a load is one coroutine (one frame per level
+    of a batch function loading its own keys; one warning when never awaited)."""
     store = None if outside else here()
     counter = spec.counter_in(store)
     got: dict[Hashable, Any] = {}
     if store is None or counter is None:
+        values: list[Any] = [MISSING] * len(cks)
         await spec.fetch_async(UNTIMED, spec.outside(keys, cks), got)
-        return settled([got[ck] for ck in cks])
-    values, wanted = spec.look(store, counter, keys, cks)
-    counter.misses += len(wanted)
-    await spec.fetch_async(counter, wanted, got)
-    with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
-        new = {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING}
-        spec.keep(store, counter, new)
-    return settled([got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)])
+    else:
+        values, wanted = spec.look(store, counter, keys, cks)
+        counter.misses += len(wanted)
+        await spec.fetch_async(counter, wanted, got)
+        with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
+            new = {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING}
+            spec.keep(store, counter, new)
+    values = settled([got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)])
+    return values[0] if one else values
 
 
 def missing_keys(keys: list[Any], cks: list[Hashable], values: Any = None) -> dict[Hashable, Any]:

@@ -236,7 +236,7 @@ def generate(
         "__pr_d": defaults, "__pr_name": spec.name,
     }  # fmt: skip
     filename = f"<request_memo {spec.name}>"
-    exec(_compiled(textwrap.dedent(source), filename), namespace)
+    exec(_compiled(source, filename), namespace)
     # Taken out, so that a namespace and its function form no reference cycle.
     wrapper = namespace.pop(_code_name(spec.fn))
     if params is None:
@@ -314,9 +314,9 @@ def _signature(spec: Any, params: list[inspect.Parameter]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=256)
 def _compiled(source: str, filename: str) -> Any:
-    """Compiling is most of a decoration's cost: a helper decorated anew per message
-    (the same source each time) is compiled once. Code objects are immutable."""
-    return compile(source, filename, "exec")
+    """Compiling (and dedenting) is most of a decoration's cost: a helper decorated anew
+    per message (the same source each time) is compiled once. Code objects are immutable."""
+    return compile(textwrap.dedent(source), filename, "exec")
 
 
 def _code_name(fn: Callable[..., Any]) -> str:  # tracebacks and profilers show it

@@ -7,6 +7,7 @@ import contextvars
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -214,3 +215,46 @@ def test_a_process_forked_after_the_request_while_a_thread_calls_does_not_hang()
         stop.set()
         thread.join(5)
     assert outcomes == [0] * 40
+
+
+def test_a_thread_waiting_for_a_computation_that_dies_at_the_recursion_limit_is_freed() -> None:
+    """Waking a key's waiters takes a few frames; a computation that ends in a
+    ``RecursionError`` at the limit may have none left, and its waiter waited for ever.
+    A waiter looks every second: a computation gone without an outcome is done again."""
+    bottom: list[int] = []
+    ready = threading.Lock()
+    ready.acquire()
+
+    @request_memo
+    def deep(n: int) -> int:
+        try:
+            return deep(n + 1) + 1
+        except RecursionError:
+            if not bottom:  # the deepest key registered: C calls only, no frame left here
+                bottom.append(n)
+                ready.release()  # a thread asks for this key, and waits
+                time.sleep(0.3)
+            raise
+
+    results: list[object] = []
+
+    def wait_for_the_deepest_key() -> None:
+        ready.acquire()
+        try:
+            results.append(deep(bottom[0]))
+        except RecursionError as exc:  # computed again in this thread: as deep, as bad
+            results.append(exc)
+
+    limit = sys.getrecursionlimit()
+    with request_scope():
+        waiter = threading.Thread(target=bind_scope(wait_for_the_deepest_key), daemon=True)
+        waiter.start()
+        sys.setrecursionlimit(len(traceback.extract_stack()) + 60)
+        try:
+            with pytest.raises(RecursionError):
+                deep(0)
+        finally:
+            sys.setrecursionlimit(limit)
+        waiter.join(10)
+    assert not waiter.is_alive(), "the waiter still waits for a computation that has ended"
+    assert len(results) == 1 and isinstance(results[0], RecursionError)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from ._checks import LAZY, refuse_memoized_result
 from ._stats import CountsLike as Counter
-from ._waits import done_waiting, gone, may_wait
+from ._waits import STRANDED, done_waiting, gone, may_wait, result
 
 MISSING: Any = object()
 _RESTART: Any = object()  # the computing caller was interrupted: waiters try again
@@ -212,7 +212,8 @@ def run(
             if step is False:  # recursion, or a cycle of waiters: compute without sharing
                 return _unshared(cache, key, fn, args, kwargs, counter, extra)
             try:
-                value = _outcome(cache, counter, step.future.result())
+                got = result(step.future, cache._flights, key, step)
+                value = _outcome(cache, counter, _RESTART if got is STRANDED else got)
             finally:
                 done_waiting(me)
                 record = step = None  # Waited -> error -> traceback -> here: a GC cycle

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Hashable
+from concurrent.futures import Future
 from contextvars import ContextVar
 from typing import Any
 
@@ -59,6 +61,27 @@ def may_wait(me: object, owner: object) -> bool:
 
 def done_waiting(me: object) -> None:
     _waits.pop(me, None)
+
+
+STRANDED: Any = object()  # what ``result`` returns for a future nobody will resolve
+
+
+def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any) -> Any:
+    """``future``'s result, looked at every second: STRANDED once it is seen twice
+    unresolved with its ``record`` gone from ``flights``. Its computation ended without
+    resolving it: waking the waiters takes a few frames, and a computation that ends
+    in a ``RecursionError`` at the limit may have none left."""
+    seen_gone = False
+    while True:
+        try:
+            return future.result(timeout=1.0)
+        except TimeoutError:
+            if flights.get(key) is record:
+                seen_gone = False
+            elif seen_gone:
+                return STRANDED
+            else:
+                seen_gone = True
 
 
 # The sync batch fetches whose batch function runs here: in this thread, or in one it

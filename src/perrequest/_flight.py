@@ -216,7 +216,7 @@ def run(
                 value = _outcome(cache, counter, _RESTART if got is STRANDED else got)
             finally:
                 done_waiting(me)
-                record = step = None  # Waited -> error -> traceback -> here: a GC cycle
+                record = step = got = None  # Waited -> error -> traceback -> here: a GC cycle
             if value is not MISSING:  # else its caller was interrupted: look, join, compute
                 return value
     except BaseException as exc:  # an interrupt may come as a registering call returns

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import time
+import traceback
 
 import anyio
 import pytest
@@ -270,3 +272,46 @@ def test_a_recursive_sync_miss_is_timed_like_any_miss() -> None:
         assert load(1) == 1
     (loaded,) = closed[0].functions.values()
     assert loaded.misses == 2 and loaded.compute_s >= 0.09
+
+
+async def test_a_task_waiting_for_a_computation_that_dies_at_the_recursion_limit_is_freed() -> None:
+    """The async twin of test_memo_threads' test: waking a key's waiters takes a few
+    frames, and a computation that ends in a ``RecursionError`` at the limit may have
+    none left, so its waiting task waited for ever. A waiter looks every second: a
+    computation gone without an outcome is done again, here."""
+    loop = asyncio.get_running_loop()
+    pause = loop.create_future()
+    reached = asyncio.Event()
+    bottom: list[int] = []
+
+    @request_memo
+    async def deep(n: int) -> int:
+        try:
+            return await deep(n + 1) + 1
+        except RecursionError:
+            if not bottom:  # the deepest key registered: no frame left here
+                bottom.append(n)
+                reached.set()
+                await pause  # awaiting a Future takes no frame; the waiter joins meanwhile
+            raise
+
+    async def wait_for_the_deepest_key() -> object:
+        await reached.wait()
+        try:
+            return await deep(bottom[0])
+        except RecursionError as exc:  # computed again in this task: as deep, as bad
+            return exc
+
+    limit = sys.getrecursionlimit()
+    async with request_scope():
+        waiter = asyncio.ensure_future(wait_for_the_deepest_key())
+        loop.call_later(0.3, pause.set_result, None)
+        sys.setrecursionlimit(len(traceback.extract_stack()) + 60)
+        try:
+            with pytest.raises(RecursionError):
+                await deep(0)
+        finally:
+            sys.setrecursionlimit(limit)
+        done, _ = await asyncio.wait({waiter}, timeout=10)
+        assert done, "the waiting task still waits for a computation that has ended"
+        assert isinstance(waiter.result(), RecursionError)

@@ -19,10 +19,9 @@ from typing import Any, Protocol
 
 from ._checks import LAZY, refuse_memoized_result
 from ._stats import CountsLike as Counter
-from ._waits import STRANDED, done_waiting, gone, may_wait, result
+from ._waits import RESTART, done_waiting, gone, may_wait, result, result_async
 
 MISSING: Any = object()
-_RESTART: Any = object()  # the computing caller was interrupted: waiters try again
 
 Fn = Callable[..., Any]
 Args = tuple[Any, ...]
@@ -56,7 +55,7 @@ class Waited:
 
 def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
     """What a waiter returns or raises; MISSING to try again (not counted as a hit)."""
-    if result is _RESTART:
+    if result is RESTART:
         with cache._lock:
             counter.hits -= 1  # it computes after all
         return MISSING
@@ -85,7 +84,7 @@ def failed(
             _put_back(cache, key, record)  # invalidated: its waiters restarted then
             return
     if type(record) is Waited:
-        record.future.set_result((False, exc) if isinstance(exc, Exception) else _RESTART)
+        record.future.set_result((False, exc) if isinstance(exc, Exception) else RESTART)
 
 
 _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
@@ -155,7 +154,7 @@ def interrupted(cache: Cache, key: Hashable, me: object, exc: BaseException) -> 
         if record is me or (type(record) is Waited and record.owner is me):
             del cache._flights[key]
             if type(record) is Waited:
-                record.future.set_result(_RESTART)
+                record.future.set_result(RESTART)
 
 
 def invalidate(cache: Cache, key: Hashable) -> None:
@@ -163,7 +162,7 @@ def invalidate(cache: Cache, key: Hashable) -> None:
     more (read your writes); its waiters start again. Lock held."""
     record = cache._flights.pop(key, None)
     if type(record) is Waited and not record.future.done():
-        record.future.set_result(_RESTART)
+        record.future.set_result(RESTART)
 
 
 def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
@@ -173,7 +172,7 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
             cache._flights[key] = record
         except BaseException:  # its key's __hash__ raised: that computation's waiters retry
             if type(record) is Waited:
-                record.future.set_result(_RESTART)
+                record.future.set_result(RESTART)
 
 
 def forget(cache: Cache, me: object) -> None:
@@ -191,7 +190,7 @@ def forget(cache: Cache, me: object) -> None:
         except BaseException:
             pass
         if type(record) is Waited:
-            record.future.set_result(_RESTART)
+            record.future.set_result(RESTART)
 
 
 def run(
@@ -213,7 +212,7 @@ def run(
                 return _unshared(cache, key, fn, args, kwargs, counter, extra)
             try:
                 got = result(step.future, cache._flights, key, step)
-                value = _outcome(cache, counter, _RESTART if got is STRANDED else got)
+                value = _outcome(cache, counter, got)
             finally:
                 done_waiting(me)
                 record = step = got = None  # Waited -> error -> traceback -> here: a GC cycle
@@ -307,10 +306,11 @@ async def run_async(
             if step is False:
                 return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
             try:
-                value = _outcome(cache, counter, await asyncio.wrap_future(step.future))
+                got = await result_async(step.future, cache._flights, key, step)
+                value = _outcome(cache, counter, got)
             finally:
                 done_waiting(me)
-                record = step = None  # as in run
+                record = step = got = None  # as in run
             if value is not MISSING:  # else its caller was cancelled: look, join, compute
                 return value
     except BaseException as exc:  # see run

@@ -4,6 +4,7 @@ otherwise wait forever. Consulted only when a caller is about to wait."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Hashable
@@ -63,11 +64,13 @@ def done_waiting(me: object) -> None:
     _waits.pop(me, None)
 
 
-STRANDED: Any = object()  # what ``result`` returns for a future nobody will resolve
+# What a waiter gets when it should look again (and compute the key itself if need be): the
+# computing caller was interrupted, or ended without resolving the future.
+RESTART: Any = object()
 
 
 def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any) -> Any:
-    """``future``'s result, looked at every second: STRANDED once it is seen twice
+    """``future``'s result, looked at every second: RESTART once it is seen twice
     unresolved with its ``record`` gone from ``flights``. Its computation ended without
     resolving it: waking the waiters takes a few frames, and a computation that ends
     in a ``RecursionError`` at the limit may have none left."""
@@ -76,12 +79,26 @@ def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, rec
         try:
             return future.result(timeout=1.0)
         except TimeoutError:
-            if flights.get(key) is record:
-                seen_gone = False
-            elif seen_gone:
-                return STRANDED
-            else:
-                seen_gone = True
+            ended = flights.get(key) is not record
+            if ended and seen_gone:
+                return RESTART
+            seen_gone = ended
+
+
+async def result_async(
+    future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any
+) -> Any:
+    """``result`` for a task (of any loop), which waits without blocking its loop."""
+    seen_gone = False
+    while True:
+        try:
+            async with asyncio.timeout(1.0):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            ended = flights.get(key) is not record
+            if ended and seen_gone:
+                return RESTART
+            seen_gone = ended
 
 
 # The sync batch fetches whose batch function runs here: in this thread, or in one it

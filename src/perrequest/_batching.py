@@ -23,7 +23,6 @@ from .store import MemoStore
 
 UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
 now = time.perf_counter
-_thread_id = threading.get_ident
 
 
 class _BatchSpec:
@@ -224,7 +223,7 @@ class _BatchSpec:
         """Into ``got``: fetch what nobody is fetching, wait for the rest; what to ask for
         again (an interrupted fetch, or one that waits for this thread's). A key of a fetch
         whose batch function runs this code is fetched again, never waited for."""
-        me = _Fetch(_thread_id())
+        me = _Fetch(threading.get_ident())  # as in _flight.run
         flights = store._flights
         mine: dict[Hashable, Any] = {}
         theirs: list[tuple[Hashable, int, Future[dict[Hashable, Any]]]] = []

@@ -27,7 +27,6 @@ Fn = Callable[..., Any]
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
 _now = time.perf_counter
-_thread_id = threading.get_ident
 
 
 class Cache(Protocol):
@@ -197,7 +196,7 @@ def run(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """The value at ``key``, computed by ``fn(*args, **kwargs)`` at most once at a time."""
-    me = _thread_id()
+    me = threading.get_ident()  # looked up now: gevent may have patched it since import
     try:
         # Registered without the lock (setdefault is atomic). A value filled since the
         # caller looked is computed again: "at most once at a time" still holds.

@@ -15,10 +15,10 @@ import functools
 import inspect
 import keyword
 import textwrap
+import threading
 import weakref
 from asyncio import current_task
 from collections.abc import Callable
-from threading import get_ident as _thread_id
 from typing import Any
 
 from . import _flight
@@ -171,8 +171,11 @@ def _me() -> int:
     """A thread's ``me``, got through a frame of its own: a miss registers only once the
     two levels of stack that unregistering takes (``_flight.failed``, and the lock it
     takes) are free, so that a ``RecursionError`` comes before registering, not between
-    it and unregistering (a record left behind: other threads would wait for ever)."""
-    return _thread_id()
+    it and unregistering (a record left behind: other threads would wait for ever).
+    Looked up per call, not bound at import: imported before gevent's monkey-patching
+    (gunicorn ``--preload``), every greenlet would have its thread's id, and each would
+    take the others' computations for its own recursion (computing, not waiting)."""
+    return threading.get_ident()
 
 
 # The names the generated code uses that are the same for every wrapper (builtins too,

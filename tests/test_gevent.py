@@ -1,0 +1,255 @@
+"""gevent: gunicorn's ``gevent`` worker serving Flask and Django, and greenlets in-process.
+
+The servers run tests/gevent_apps.py, whose views switch greenlets (``gevent.sleep``,
+socket I/O) between storing a request's value and reading it back. Each app is served
+twice: loaded in the worker after gevent's monkey-patching, and with ``--preload``,
+imported in the master before it. The in-process checks run in a subprocess of their
+own, patched (or not yet) as each case says: patching this process would change every
+other test's threads. eventlet is not tested: gunicorn 24 and later ship no eventlet
+worker, and eventlet itself is deprecated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from servers import HOST, ROOT, free_port, serve_subprocess
+
+pytest.importorskip("gevent")  # a dev dependency: installed wherever the suite runs
+
+pytestmark = pytest.mark.timeout(90)
+
+SERVERS = ["flask", "flask-preload", "django", "django-preload"]
+
+
+def _gunicorn(app: str, *extra: str) -> tuple[list[str], int]:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "gunicorn", "--bind", f"{HOST}:{port}", "--worker-class", "gevent",
+        "--worker-connections", "200", "--graceful-timeout", "2", "--log-level", "warning",
+        *extra, f"gevent_apps:{app}_application",
+    ]  # fmt: skip
+    return argv, port
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request: pytest.FixtureRequest) -> Iterator[str]:
+    app, _, preload = request.param.partition("-")
+    argv, port = _gunicorn(app, "--timeout", "60", *(["--preload"] if preload else []))
+    with serve_subprocess(argv, port) as url:
+        yield url
+
+
+def _live(base: str, done: Any = lambda live: live["live"] == 0) -> dict[str, Any]:
+    """The worker's open scopes (not the /live request's own), once ``done`` (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        live = httpx.get(f"{base}/live", timeout=10).json()
+        if done(live):
+            return live  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, live
+        time.sleep(0.05)
+
+
+def _client_run(base: str, client: int, requests: int) -> list[str]:
+    """One keep-alive connection: each request's value, then /raw on the same greenlet's
+    connection. What went wrong, if anything."""
+    errors = []
+    with httpx.Client(base_url=base, timeout=30) as http:
+        for i in range(requests):
+            value = f"c{client}-r{i}"
+            got = http.get("/echo", params={"v": value}).json()
+            if (got["before"], got["seen"], got["memo"]) != (None, value, value):
+                errors.append(f"{value}: {got}")
+            raw = http.get("/raw").json()
+            if raw != {"in_scope": False, "held": None}:
+                errors.append(f"{value} then /raw: {raw}")
+    return errors
+
+
+def _load(base: str, clients: int, requests: int) -> list[str]:
+    with ThreadPoolExecutor(clients) as pool:
+        runs = [pool.submit(_client_run, base, c, requests) for c in range(clients)]
+        return [error for run in runs for error in run.result(timeout=60)]
+
+
+def test_isolation_under_concurrent_load(server: str) -> None:
+    """16 connections at once, 25 requests each: no request sees another's value, the
+    greenlet holds no store between requests, and every store is closed."""
+    assert _load(server, clients=16, requests=25) == []
+    _live(server)
+
+
+def test_streams_see_their_own_store_to_the_end(server: str) -> None:
+    def read(value: str) -> list[dict[str, Any]]:
+        with httpx.stream("GET", f"{server}/stream", params={"v": value}, timeout=30) as r:
+            return [json.loads(line) for line in r.iter_lines() if line.strip()]
+
+    with ThreadPoolExecutor(8) as pool:
+        values = [f"s{i}" for i in range(16)]
+        for value, lines in zip(values, pool.map(read, values), strict=True):
+            assert [(x["seen"], x["memo"]) for x in lines] == [(value, value)] * 5
+    _live(server)
+
+
+def test_client_leaving_a_stream_closes_its_store(server: str) -> None:
+    """Clients that read one chunk of a long stream and hang up: each stream's generator
+    is closed (its ``finally`` runs) and its store with it."""
+    aborted = _live(server)["aborted"]
+    for _ in range(3):
+        with socket.create_connection((HOST, int(server.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(b"GET /stream?v=gone&chunks=100000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            seen = b""
+            while b"gone" not in seen:  # the headers, then the first chunk
+                seen += sock.recv(65536)
+                assert seen, "the server closed the stream"
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    _live(server, lambda live: live["live"] == 0 and live["aborted"] == aborted + 3)
+    assert _load(server, clients=2, requests=3) == []
+
+
+def test_single_flight_across_greenlets_of_a_request(server: str) -> None:
+    """8 greenlets (``bind_scope``) ask for one key while one computes it, gevent.sleep
+    inside: all get the value, computed once, also when perrequest was imported before
+    gevent patched ``threading`` (``--preload``)."""
+
+    def fanout(value: str) -> dict[str, Any]:
+        got = httpx.get(f"{server}/fanout", params={"v": value, "n": 8}, timeout=30)
+        return got.json()  # type: ignore[no-any-return]
+
+    with ThreadPoolExecutor(4) as pool:
+        values = [f"f{i}" for i in range(8)]
+        for value, got in zip(values, pool.map(fanout, values), strict=True):
+            assert got == {"done": 8, "values": [f"k:{value}"] * 8, "computed": 1}
+    _live(server)
+
+
+# -- in-process: greenlets of one scope, perrequest imported before or after patching ------
+
+_GREENLETS = """
+import json, sys
+if sys.argv[1] == "before":
+    import perrequest
+from gevent import monkey
+monkey.patch_all()
+import cachetools, gevent, gevent.pool, threading
+import perrequest
+from perrequest import bind_scope, request_batch, request_memo, request_scope
+from perrequest.testing import live_scopes
+
+calls = []
+out = {}
+
+@request_memo
+def slow(key):
+    calls.append(key)
+    gevent.sleep(0.05)
+    return f"v{key}"
+
+@request_memo(shared=cachetools.LRUCache(100))
+def shared(key):
+    calls.append(key)
+    gevent.sleep(0.05)
+    return f"s{key}"
+
+@request_batch
+def rows(keys):
+    calls.append(sorted(keys))
+    gevent.sleep(0.05)
+    return [f"r{k}" for k in keys]
+
+def spawn_all(fn, *argss):
+    greenlets = [gevent.spawn(fn, *args) for args in argss]
+    assert len(gevent.joinall(greenlets, timeout=10)) == len(greenlets), "a greenlet hangs"
+    return [g.get() for g in greenlets]
+
+with request_scope():  # one key, 6 greenlets: computed once
+    out["memo"] = spawn_all(bind_scope(slow), *[("k",)] * 6), calls[:]
+calls.clear()
+with request_scope():  # overlapping batches: each key fetched once
+    out["batch"] = spawn_all(bind_scope(rows.load_many), ([1, 2],), ([2, 3],), ([1, 3],)), calls[:]
+calls.clear()
+def two_scopes(key):  # the process-wide tier: greenlets of 3 requests
+    with request_scope():
+        return spawn_all(bind_scope(shared), *[(key,)] * 3)
+out["shared"] = spawn_all(two_scopes, ("x",), ("x",), ("x",)), calls[:]
+calls.clear()
+
+# A pool: the scope closes while one greenlet computes and three wait for it.
+pool = gevent.pool.Pool(8)
+with request_scope():
+    bound = bind_scope(slow)
+    computing = pool.spawn(bound, "p")
+    gevent.sleep(0.01)
+    waiting = [pool.spawn(bound, "p") for _ in range(3)]
+    gevent.sleep(0.01)
+assert pool.join(timeout=10), "a greenlet hangs"
+out["closed"] = [g.get() for g in [computing, *waiting]], calls[:], live_scopes()
+calls.clear()
+
+# The computing greenlet killed while the others wait: one of them computes it.
+with request_scope():
+    bound = bind_scope(slow)
+    computing = pool.spawn(bound, "q")
+    gevent.sleep(0.01)
+    waiting = [pool.spawn(bound, "q") for _ in range(3)]
+    gevent.sleep(0.01)
+    computing.kill(block=True, timeout=5)
+    assert pool.join(timeout=10), "a greenlet hangs"
+    out["killed"] = [g.get() for g in waiting], calls[:]
+calls.clear()
+
+# Killed while the scope closes: its waiters restart outside it, and still end.
+with request_scope():
+    bound = bind_scope(slow)
+    computing = pool.spawn(bound, "z")
+    gevent.sleep(0.01)
+    waiting = [pool.spawn(bound, "z") for _ in range(3)]
+    gevent.sleep(0.01)
+computing.kill(block=True, timeout=5)
+assert pool.join(timeout=10), "a greenlet hangs"
+out["killed_closed"] = [g.get() for g in waiting], live_scopes()
+out["after"] = perrequest.in_request_scope(), live_scopes()
+print(json.dumps(out))
+"""
+
+
+def _greenlets(order: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    script = textwrap.dedent(_GREENLETS)
+    done = subprocess.run(
+        [sys.executable, "-c", script, order], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_greenlets_of_one_scope(order: str) -> None:
+    """Imported before gevent's monkey-patching (as with ``--preload``) or after: greenlets
+    bound to one scope share computations (memo, batch, the shared tier), and closing the
+    scope, or killing the computing greenlet, strands no waiter."""
+    out = _greenlets(order)
+    assert out["memo"] == [["vk"] * 6, ["k"]]
+    batch, fetched = out["batch"]
+    assert batch == [["r1", "r2"], ["r2", "r3"], ["r1", "r3"]]
+    assert sorted(k for keys in fetched for k in keys) == [1, 2, 3]
+    assert out["shared"] == [[["sx"] * 3] * 3, ["x"]]
+    assert out["closed"] == [["vp"] * 4, ["p"], 0]
+    waiters, computed = out["killed"]
+    assert waiters == ["vq"] * 3
+    assert computed == ["q", "q"]  # the killed computation, then one waiter's
+    assert out["killed_closed"] == [["vz"] * 3, 0]
+    assert out["after"] == [False, 0]

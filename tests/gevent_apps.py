@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import gevent
+import gevent.monkey
 from flask import Flask, Response, request, stream_with_context
 
 import perrequest
@@ -136,6 +137,14 @@ def _flask_stream() -> Response:
     perrequest.set("value", request.args["v"])
     body = _stream(request.args["v"], int(request.args.get("chunks", "5")))
     return Response(stream_with_context(body), mimetype="application/x-ndjson")
+
+
+@flask_app.get("/block")
+def _flask_block() -> dict[str, Any]:
+    """Block the worker's only thread (the unpatched sleep): gunicorn's ``--timeout`` kills it."""
+    perrequest.set("value", "blocked")
+    gevent.monkey.get_original("time", "sleep")(float(request.args["s"]))
+    return {"seen": _value()}
 
 
 @flask_app.get("/live")

@@ -1,12 +1,13 @@
-"""gevent: gunicorn's ``gevent`` worker serving Flask and Django, and greenlets in-process.
+"""gevent: gunicorn's gevent workers serving Flask and Django, Celery's gevent pool, and
+greenlets in-process.
 
 The servers run tests/gevent_apps.py, whose views switch greenlets (``gevent.sleep``,
 socket I/O) between storing a request's value and reading it back. Each app is served
-twice: loaded in the worker after gevent's monkey-patching, and with ``--preload``,
-imported in the master before it. The in-process checks run in a subprocess of their
-own, patched (or not yet) as each case says: patching this process would change every
-other test's threads. eventlet is not tested: gunicorn 24 and later ship no eventlet
-worker, and eventlet itself is deprecated.
+by the ``gevent`` worker loaded after gevent's monkey-patching, by the same with
+``--preload`` (perrequest imported in the master, before it), and by ``gevent_pywsgi``.
+The in-process checks run in a Python of their own, patched as each case says:
+patching this process would change every other test's threads. eventlet is not
+tested: the gunicorn installed here ships no eventlet worker, and eventlet is deprecated.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ pytest.importorskip("gevent")  # a dev dependency: installed wherever the suite 
 
 pytestmark = pytest.mark.timeout(90)
 
-SERVERS = ["flask", "flask-preload", "django", "django-preload"]
+SERVERS = ["flask", "flask-preload", "django", "django-preload", "flask-pywsgi", "django-pywsgi"]
 
 
-def _gunicorn(app: str, *extra: str) -> tuple[list[str], int]:
+def _gunicorn(app: str, *extra: str, worker: str = "gevent") -> tuple[list[str], int]:
     port = free_port()
     argv = [
-        sys.executable, "-m", "gunicorn", "--bind", f"{HOST}:{port}", "--worker-class", "gevent",
+        sys.executable, "-m", "gunicorn", "--bind", f"{HOST}:{port}", "--worker-class", worker,
         "--worker-connections", "200", "--graceful-timeout", "2", "--log-level", "warning",
         *extra, f"gevent_apps:{app}_application",
     ]  # fmt: skip
@@ -46,8 +47,10 @@ def _gunicorn(app: str, *extra: str) -> tuple[list[str], int]:
 
 @pytest.fixture(scope="module", params=SERVERS)
 def server(request: pytest.FixtureRequest) -> Iterator[str]:
-    app, _, preload = request.param.partition("-")
-    argv, port = _gunicorn(app, "--timeout", "60", *(["--preload"] if preload else []))
+    app, _, variant = request.param.partition("-")
+    preload = ["--preload"] if variant == "preload" else []
+    worker = "gevent_pywsgi" if variant == "pywsgi" else "gevent"
+    argv, port = _gunicorn(app, "--timeout", "60", *preload, worker=worker)
     with serve_subprocess(argv, port) as url:
         yield url
 
@@ -140,11 +143,10 @@ def test_single_flight_across_greenlets_of_a_request(server: str) -> None:
 
 _GREENLETS = """
 import json, sys
-if sys.argv[1] == "before":
-    import perrequest
 from gevent import monkey
-monkey.patch_all()
-import cachetools, gevent, gevent.pool, threading
+if sys.argv[1] == "after":
+    monkey.patch_all()
+import cachetools, gevent, gevent.pool
 import perrequest
 from perrequest import bind_scope, request_batch, request_memo, request_scope
 from perrequest.testing import live_scopes
@@ -169,6 +171,9 @@ def rows(keys):
     calls.append(sorted(keys))
     gevent.sleep(0.05)
     return [f"r{k}" for k in keys]
+
+if sys.argv[1] == "before":  # as gunicorn --preload: the app's objects made unpatched
+    monkey.patch_all()
 
 def spawn_all(fn, *argss):
     greenlets = [gevent.spawn(fn, *args) for args in argss]
@@ -221,16 +226,43 @@ with request_scope():
 computing.kill(block=True, timeout=5)
 assert pool.join(timeout=10), "a greenlet hangs"
 out["killed_closed"] = [g.get() for g in waiting], live_scopes()
+
+# A waiter interrupted by gevent.Timeout: the computation goes on, and is kept.
+with request_scope():
+    bound = bind_scope(slow)
+    computing = pool.spawn(bound, "t")
+    gevent.sleep(0.01)
+    try:
+        with gevent.Timeout(0.01):
+            bound("t")
+    except gevent.Timeout:
+        timed_out = True
+    out["timeout"] = timed_out, computing.get(timeout=5), bound("t"), calls.count("t")
+
+# Spawned without bind_scope: a greenlet starts with an empty context, sees no store.
+def late():
+    gevent.sleep(0.05)
+    return perrequest.in_request_scope(), perrequest.get("who")
+with request_scope():
+    perrequest.set("who", "A")
+    unbound = gevent.spawn(late)
+with request_scope():
+    perrequest.set("who", "B")
+    out["unbound"] = unbound.get(timeout=5)
 out["after"] = perrequest.in_request_scope(), live_scopes()
 print(json.dumps(out))
 """
 
 
-def _greenlets(order: str) -> dict[str, Any]:
+def _script(script: str, *args: str) -> dict[str, Any]:
+    """Run ``script`` in a Python of its own; what it printed last, as JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
-    script = textwrap.dedent(_GREENLETS)
     done = subprocess.run(
-        [sys.executable, "-c", script, order], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
@@ -241,7 +273,7 @@ def test_greenlets_of_one_scope(order: str) -> None:
     """Imported before gevent's monkey-patching (as with ``--preload``) or after: greenlets
     bound to one scope share computations (memo, batch, the shared tier), and closing the
     scope, or killing the computing greenlet, strands no waiter."""
-    out = _greenlets(order)
+    out = _script(_GREENLETS, order)
     assert out["memo"] == [["vk"] * 6, ["k"]]
     batch, fetched = out["batch"]
     assert batch == [["r1", "r2"], ["r2", "r3"], ["r1", "r3"]]
@@ -252,4 +284,114 @@ def test_greenlets_of_one_scope(order: str) -> None:
     assert waiters == ["vq"] * 3
     assert computed == ["q", "q"]  # the killed computation, then one waiter's
     assert out["killed_closed"] == [["vz"] * 3, 0]
+    assert out["timeout"] == [True, "vt", "vt", 1]
+    assert out["unbound"] == [False, None]
     assert out["after"] == [False, 0]
+
+
+def _get_retrying(url: str, **params: Any) -> dict[str, Any]:
+    """GET on a new connection; a worker restarting between requests is tried again."""
+    for _ in range(100):
+        try:
+            response = httpx.get(url, params=params, timeout=30)
+        except httpx.TransportError:
+            time.sleep(0.1)
+            continue
+        if response.status_code == 200:
+            return response.json()  # type: ignore[no-any-return]
+        time.sleep(0.1)
+    raise AssertionError(f"{url}: no answer")
+
+
+@pytest.mark.slow  # about 10 s: two worker restarts, and a --timeout
+def test_worker_restarts_and_timeouts() -> None:
+    """``--max-requests`` restarts the worker; one request blocking the worker's thread
+    past ``--timeout`` gets it killed. The workers after each serve isolated requests,
+    hold no store between them, and close every store."""
+    argv, port = _gunicorn(
+        "flask", "--timeout", "2", "--max-requests", "25", "--max-requests-jitter", "1"
+    )
+    with serve_subprocess(argv, port) as base:
+        pids = set()
+        for i in range(60):
+            got = _get_retrying(f"{base}/echo", v=f"r{i}")
+            assert (got["before"], got["seen"], got["memo"]) == (None, f"r{i}", f"r{i}")
+            pids.add(got["pid"])
+        assert len(pids) >= 2, "the worker was never restarted"
+        blocked = _live(base)["pid"]
+        with pytest.raises(httpx.TransportError):  # the worker is killed under it
+            httpx.get(f"{base}/block", params={"s": 30}, timeout=20)
+        assert _get_retrying(f"{base}/echo", v="next")["pid"] != blocked
+        assert _load(base, clients=4, requests=5) == []
+        _live(base)
+
+
+_CELERY = """
+import json
+from gevent import monkey
+monkey.patch_all()
+import gevent
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+import perrequest
+from perrequest import request_memo
+from perrequest.celery import ScopedTask, install
+from perrequest.testing import live_scopes
+
+computed = {}
+running = [0, 0]
+
+@request_memo
+def lookup(key):
+    job = perrequest.get("job")
+    computed[job] = computed.get(job, 0) + 1
+    gevent.sleep(0.01)
+    return [job, key]
+
+def run_job(job):
+    running[0] += 1
+    running[1] = max(running)
+    try:
+        perrequest.set("job", job)
+        values = [lookup(k) for k in (1, 2, 3, 1, 2, 3, 1)]
+        return sum(1 for owner, _ in values if owner != job)
+    finally:
+        running[0] -= 1
+
+app = Celery("g", broker="memory://", backend="cache+memory://")
+app.conf.broker_transport_options = {"polling_interval": 0.01}
+install(app)
+
+@app.task
+def installed_job(job):
+    return run_job(job)
+
+@app.task(base=ScopedTask)
+def scoped_job(job):
+    return run_job(job)
+
+out = {}
+with start_worker(app, pool="gevent", concurrency=8, perform_ping_check=False):
+    for task in (installed_job, scoped_job):
+        computed.clear()
+        results = [task.delay(f"{task.name}-{i}") for i in range(16)]
+        foreign = [r.get(timeout=20) for r in results]
+        out[task.name.rsplit(".", 1)[-1]] = foreign, sorted(set(computed.values()))
+    for _ in range(500):  # install() closes the scope just after the result is stored
+        if live_scopes() == 0:
+            break
+        gevent.sleep(0.01)
+    out["live"], out["peak"] = live_scopes(), running[1]
+print(json.dumps(out))
+"""
+
+
+def test_celery_gevent_pool() -> None:
+    """Celery's gevent pool, 8 tasks at once switching inside their memos: each task (by
+    ``install`` or ``ScopedTask``) computes each key once, sees only its own entries, and
+    its scope is closed after it."""
+    out = _script(_CELERY)
+    assert out["peak"] > 1, "the pool never ran two tasks at once"
+    for kind in ("installed_job", "scoped_job"):
+        assert out[kind] == [[0] * 16, [3]]
+    assert out["live"] == 0

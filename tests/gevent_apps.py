@@ -64,10 +64,10 @@ def _socket_io() -> None:
         right.close()
 
 
-def echo(value: str) -> dict[str, Any]:
+def echo(value: str, sleep: str = "0.001") -> dict[str, Any]:
     before = perrequest.get("value")
     perrequest.set("value", value)
-    gevent.sleep(0.001)
+    gevent.sleep(float(sleep))
     _socket_io()
     time.sleep(0.001)  # patched: a switch too
     return {"before": before, "seen": _value(), "memo": memo(), "pid": os.getpid()}
@@ -124,7 +124,7 @@ PerRequest(flask_app)
 
 @flask_app.get("/echo")
 def _flask_echo() -> dict[str, Any]:
-    return echo(request.args["v"])
+    return echo(request.args["v"], request.args.get("s", "0.001"))
 
 
 @flask_app.get("/fanout")
@@ -182,7 +182,7 @@ def _django() -> Callable[..., Iterable[bytes]]:
         return StreamingHttpResponse(body, content_type="application/x-ndjson")
 
     urlpatterns[:] = [
-        path("echo", lambda req: JsonResponse(echo(req.GET["v"]))),
+        path("echo", lambda req: JsonResponse(echo(req.GET["v"], req.GET.get("s", "0.001")))),
         path("fanout", lambda req: JsonResponse(fanout(req.GET["v"], int(req.GET["n"])))),
         path("stream", stream),
         path("live", lambda req: JsonResponse(live())),

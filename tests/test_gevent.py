@@ -123,6 +123,19 @@ def test_client_leaving_a_stream_closes_its_store(server: str) -> None:
     assert _load(server, clients=2, requests=3) == []
 
 
+def test_client_leaving_before_the_response_closes_its_store(server: str) -> None:
+    """Clients that hang up while a slow handler sleeps (the greenlet switched away): the
+    handler ends, its response cannot be sent, and its store is closed all the same."""
+    port = int(server.rsplit(":", 1)[1])
+    for i in range(5):
+        with socket.create_connection((HOST, port), timeout=10) as sock:
+            sock.sendall(f"GET /echo?v=gone{i}&s=0.2 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    time.sleep(0.3)
+    _live(server)
+    assert _load(server, clients=2, requests=3) == []
+
+
 def test_single_flight_across_greenlets_of_a_request(server: str) -> None:
     """8 greenlets (``bind_scope``) ask for one key while one computes it, gevent.sleep
     inside: all get the value, computed once, also when perrequest was imported before

@@ -408,3 +408,53 @@ def test_celery_gevent_pool() -> None:
     for kind in ("installed_job", "scoped_job"):
         assert out[kind] == [[0] * 16, [3]]
     assert out["live"] == 0
+
+
+_REDIS = """
+import json, sys
+from gevent import monkey
+if sys.argv[1] == "after":
+    monkey.patch_all()
+import gevent, redis
+from perrequest import bind_scope, request_memo, request_scope
+from perrequest.redis import RedisCache
+from perrequest.testing import live_scopes
+
+calls = []
+cache = RedisCache(redis.Redis(host="127.0.0.1", port=int(sys.argv[2])), namespace="g", ttl=60)
+
+@request_memo(shared=cache)
+def price(key):
+    calls.append(key)
+    gevent.sleep(0.05)
+    return f"p{key}"
+
+if sys.argv[1] == "before":  # as gunicorn --preload: the app's objects made unpatched
+    monkey.patch_all()
+
+def request(key):
+    with request_scope():
+        greenlets = [gevent.spawn(bind_scope(price), key) for _ in range(4)]
+        assert len(gevent.joinall(greenlets, timeout=10)) == 4, "a greenlet hangs"
+        return [g.get() for g in greenlets]
+
+requests = [gevent.spawn(request, "a") for _ in range(3)]
+assert len(gevent.joinall(requests, timeout=20)) == 3, "a request hangs"
+first = [r.get() for r in requests]
+later = request("a")  # a request after them: Redis has the value
+stats = cache.stats()
+print(json.dumps([first, later, calls, stats.misses, stats.hits, live_scopes()]))
+"""
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_redis_tier_under_greenlets(order: str, redis_server: Any) -> None:
+    """The Redis tier, with perrequest, the cache and the memo made before gevent's
+    monkey-patching (``--preload``) or after: 3 requests of 4 greenlets each compute the
+    key once, and store it: a later request reads it. (Made before, the tier stored
+    nothing: the id it registered a computation by was not the one it stored it by.)"""
+    first, later, calls, misses, hits, live = _script(_REDIS, order, str(redis_server.port))
+    assert first == [["pa"] * 4] * 3
+    assert later == ["pa"] * 4
+    assert calls == ["a"]
+    assert (misses, hits, live) == (1, 3, 0)

@@ -55,11 +55,13 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
         yield url
 
 
-def _live(base: str, done: Any = lambda live: live["live"] == 0) -> dict[str, Any]:
+def _live(
+    base: str, done: Any = lambda live: live["live"] == 0, path: str = "/live"
+) -> dict[str, Any]:
     """The worker's open scopes (not the /live request's own), once ``done`` (10 s at most)."""
     deadline = time.monotonic() + 10
     while True:
-        live = httpx.get(f"{base}/live", timeout=10).json()
+        live = httpx.get(f"{base}{path}", timeout=10).json()
         if done(live):
             return live  # type: ignore[no-any-return]
         assert time.monotonic() < deadline, live
@@ -111,14 +113,8 @@ def test_client_leaving_a_stream_closes_its_store(server: str) -> None:
     """Clients that read one chunk of a long stream and hang up: each stream's generator
     is closed (its ``finally`` runs) and its store with it."""
     aborted = _live(server)["aborted"]
-    for _ in range(3):
-        with socket.create_connection((HOST, int(server.rsplit(":", 1)[1])), timeout=10) as sock:
-            sock.sendall(b"GET /stream?v=gone&chunks=100000 HTTP/1.1\r\nHost: x\r\n\r\n")
-            seen = b""
-            while b"gone" not in seen:  # the headers, then the first chunk
-                seen += sock.recv(65536)
-                assert seen, "the server closed the stream"
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    for _ in range(3):  # the headers, then the first chunk
+        _hang_up_mid_body(server, "/stream?v=gone&chunks=100000", b"gone")
     _live(server, lambda live: live["live"] == 0 and live["aborted"] == aborted + 3)
     assert _load(server, clients=2, requests=3) == []
 
@@ -150,6 +146,63 @@ def test_single_flight_across_greenlets_of_a_request(server: str) -> None:
         for value, got in zip(values, pool.map(fanout, values), strict=True):
             assert got == {"done": 8, "values": [f"k:{value}"] * 8, "computed": 1}
     _live(server)
+
+
+def _hang_up_mid_body(base: str, path: str, until: bytes) -> None:
+    """Read the response until ``until``, then reset the connection."""
+    with socket.create_connection((HOST, int(base.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        seen = b""
+        while until not in seen:
+            seen += sock.recv(65536)
+            assert seen, "the server closed the stream"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_the_django_test_project_under_gevent() -> None:
+    """tests/django_project (perrequest's middleware, a project middleware, a context
+    processor, sync and async streams) under the gevent worker: one lookup per request
+    shared by middleware, view and template; streams in their request's store to the end;
+    concurrent sync views isolated; streams left mid-body closed. (Its async views are
+    not served concurrently: under gevent, Django's async_to_sync refuses to start a
+    second event loop in the worker's one thread, with or without perrequest.)"""
+    argv, port = _gunicorn("unused", "--timeout", "60")
+    argv[-1] = "django_project.wsgi:application"
+    env = {"DJANGO_SETTINGS_MODULE": "django_project.settings"}
+    with serve_subprocess(argv, port, env=env) as base, httpx.Client(base_url=base) as http:
+        first, second = http.get("/shared/").json(), http.get("/shared/").json()
+        for seen in (first, second):
+            assert seen["before"] is None and seen["lookups"] == 1
+            assert seen["page"] == f"lookup={seen['lookup']}" == f"lookup={seen['mw']}"
+        assert first["lookup"] != second["lookup"]
+        for path in ("/stream/sync/", "/stream/async/"):
+            response = http.get(path)
+            lines = [json.loads(line) for line in response.text.splitlines()]
+            expected = {
+                "in_scope": True,
+                "marker": response.headers["X-Marker"],
+                "lookup": response.headers["X-Lookup"],
+                "lookups": 1,
+            }
+            assert lines == [expected] * 3
+
+        def client(c: int) -> list[str]:
+            errors = []
+            with httpx.Client(base_url=base, timeout=30) as mine:
+                for i in range(10):
+                    value = f"c{c}-{i}"
+                    got = mine.get("/echo/", params={"v": value}).json()
+                    if got != {"before": None, "seen": value, "memo": value}:
+                        errors.append(f"{value}: {got}")
+            return errors
+
+        with ThreadPoolExecutor(16) as pool:
+            assert [e for run in pool.map(client, range(16)) for e in run] == []
+        aborted = _live(base, path="/_live")["aborted"]
+        for _ in range(2):
+            _hang_up_mid_body(base, "/stream/slow/", b"xxxx")
+        ended = lambda live: live["live"] == 0 and live["aborted"] == aborted + 2  # noqa: E731
+        _live(base, ended, path="/_live")
 
 
 # -- in-process: greenlets of one scope, perrequest imported before or after patching ------

@@ -28,8 +28,6 @@ import httpx
 import pytest
 from servers import HOST, ROOT, free_port, serve_subprocess
 
-pytest.importorskip("gevent")  # a dev dependency: installed wherever the suite runs
-
 pytestmark = pytest.mark.timeout(90)
 
 SERVERS = ["flask", "flask-preload", "django", "django-preload", "flask-pywsgi", "django-pywsgi"]

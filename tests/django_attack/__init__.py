@@ -1,0 +1,8 @@
+"""A Django project to attack perrequest's middleware with, on real servers (subprocesses).
+
+Its own database (sessions, auth) and middleware order, so it never runs in the test
+process: ``asgi.py`` and ``wsgi.py`` configure it, migrate a SQLite file named by
+``ATTACK_DB`` and serve it. ``ATTACK_ORDER`` picks the order of ``MIDDLEWARE``:
+``first`` (perrequest first, as documented) or ``after`` (below GZip, ConditionalGet,
+the whole-site cache, sessions and auth).
+"""

@@ -1,0 +1,45 @@
+"""Settings of the attack project; see ``__init__``."""
+
+import os
+
+SECRET_KEY = "perrequest-attack-not-a-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
+ROOT_URLCONF = "django_attack.urls"
+USE_TZ = True
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.sessions",
+]
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ.get("ATTACK_DB", ":memory:"),
+    }
+}
+SESSION_ENGINE = "django.contrib.sessions.backends.db"
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+CACHE_MIDDLEWARE_SECONDS = 60
+
+_PERREQUEST = "perrequest.django.RequestScopeMiddleware"
+_PROBE = "django_attack.middleware.probe"  # outermost: what a request finds before any scope
+_INNER = [
+    "django_attack.middleware.Retaining",
+    "django_attack.middleware.Raising",
+    "django_attack.middleware.Recovering",
+]
+_DJANGO = [
+    "django.middleware.cache.UpdateCacheMiddleware",
+    "django.middleware.gzip.GZipMiddleware",
+    "django.middleware.http.ConditionalGetMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+]
+_FETCH = "django.middleware.cache.FetchFromCacheMiddleware"
+if os.environ.get("ATTACK_ORDER", "first") == "first":
+    MIDDLEWARE = [_PROBE, _PERREQUEST, *_DJANGO, *_INNER, _FETCH]
+else:
+    MIDDLEWARE = [_PROBE, *_DJANGO, _PERREQUEST, *_INNER, _FETCH]
+
+PERREQUEST = {"MAX_ENTRIES": 1000}

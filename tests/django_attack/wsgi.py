@@ -1,0 +1,17 @@
+"""``gunicorn django_attack.wsgi:application`` (tests/ on the path; ``ATTACK_DB`` set)."""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_attack.settings")
+
+import django
+
+django.setup()
+
+from django.core.management import call_command  # noqa: E402
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+
+import django_attack.middleware  # noqa: E402, F401 - the signal receivers
+
+call_command("migrate", verbosity=0, interactive=False)
+application = get_wsgi_application()

@@ -1,0 +1,364 @@
+"""The Django integration attacked as an adversarial user would, on real servers.
+
+The project under attack is ``tests/django_attack``: sessions and auth on SQLite, the
+whole-site cache, GZip and ConditionalGet, a middleware that raises, one with
+``process_exception``, ``request_started``/``request_finished`` receivers that use a
+memo, and an outermost probe that reports any store found where no scope is open.
+It runs in subprocesses (uvicorn serving Django's ASGI handler, gunicorn ``sync`` and
+``gthread``), with perrequest listed first or below all of Django's middleware, and
+reports what it saw at ``/_live``. Each request sets its own marker; whatever runs
+for it later (a body's ``finally``, a receiver, a thread that outlived it) records
+the marker it saw, which must be its own or none, never another request's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from servers import HOST, ROOT, free_port, serve_gunicorn, serve_subprocess
+
+pytestmark = pytest.mark.timeout(120)
+
+TESTS = ROOT / "tests"
+
+
+def _env(tmp: Path, order: str) -> dict[str, str]:
+    return {
+        "ATTACK_DB": str(tmp / "attack.sqlite3"),
+        "ATTACK_ORDER": order,
+        "DJANGO_SETTINGS_MODULE": "django_attack.settings",
+    }
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("uvicorn", "first"),
+        ("uvicorn", "after"),
+        ("gthread", "first"),
+        ("gthread", "after"),
+        ("sync", "after"),
+    ],
+    ids=lambda p: "-".join(p),
+)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str, str]]:
+    """(server kind, middleware order, base URL)."""
+    kind, order = request.param
+    env = _env(tmp_path_factory.mktemp(f"{kind}-{order}"), order)
+    if kind == "uvicorn":
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "django_attack.asgi:application",
+        ]
+        with serve_subprocess(argv, port, env=env) as url:
+            yield kind, order, url
+        return
+    spec = "django_attack.wsgi:application"
+    threads = 4 if kind == "gthread" else 1
+    with serve_gunicorn(spec, worker_class=kind, threads=threads, env=env) as url:
+        yield kind, order, url
+
+
+def _get(url: str, status: int = 200, **kwargs: Any) -> httpx.Response:
+    response = httpx.get(url, timeout=30, **kwargs)
+    assert response.status_code == status, response.text[:500]
+    return response
+
+
+def _live(base: str, **params: str) -> dict[str, Any]:
+    return _get(f"{base}/_live", params=params).json()  # type: ignore[no-any-return]
+
+
+def _settled(
+    base: str, done: Any = None, what: str = "stores left open", *, collect: bool = True
+) -> dict[str, Any]:
+    """The server's report once no scope is open (and ``done`` holds); with ``collect``,
+    after a garbage collection in the server."""
+    deadline = time.monotonic() + 10
+    while True:
+        live = _live(base, **({"gc": "1"} if collect else {}))
+        if live["live"] == 0 and (done is None or done(live)):
+            return live
+        assert time.monotonic() < deadline, f"{what}: {live}"
+        time.sleep(0.05)
+
+
+def _no_crossing(live: dict[str, Any]) -> None:
+    """Nothing found a store where no scope was open; no cleanup, receiver or late thread
+    saw another request's marker; and nothing failed where nobody would have seen it."""
+    assert live["leaked"] == []
+    assert live["errors"] == []
+    for seen in live["cleanups"]:
+        assert seen["marker"] in (seen["v"], None), seen
+        assert seen.get("memo", seen["marker"]) == seen["marker"], seen
+        if not seen.get("in_scope", True):
+            assert seen["marker"] is None, seen
+
+
+# -- views, middleware and receivers see the right store ----------------------------------
+
+
+def test_sync_and_async_views_mixed_each_see_their_own_store(
+    server: tuple[str, str, str],
+) -> None:
+    _, _, base = server
+    for n in range(6):
+        path = ("mark", "amark")[n % 2]
+        seen = _get(f"{base}/{path}/", params={"v": f"m{n}"}).json()
+        assert seen["before"] is None
+        assert seen["seen"] == seen["memo"] == seen["again"] == f"m{n}"
+        assert seen.get("thread_memo", f"m{n}") == f"m{n}"  # sync_to_async in an async view
+    _no_crossing(_settled(base))
+
+
+def test_concurrent_mixed_views_never_see_each_other(server: tuple[str, str, str]) -> None:
+    """100 requests at once, sync and async views, each sleeping a little mid-request."""
+    _, _, base = server
+
+    async def run() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def one(n: int) -> dict[str, Any]:
+                view = ("mark", "amark")[n % 2]
+                response = await client.get(
+                    f"{base}/{view}/", params={"v": f"c{n}", "sleep": "0.01"}
+                )
+                assert response.status_code == 200, response.text
+                seen: dict[str, Any] = response.json()
+                return {**seen, "v": f"c{n}"}
+
+            return await asyncio.gather(*(one(n) for n in range(100)))
+
+    for seen in asyncio.run(run()):
+        assert seen["before"] is None
+        assert seen["seen"] == seen["memo"] == seen["again"] == seen["v"], seen
+    _no_crossing(_settled(base))
+
+
+def test_process_exception_and_handler500_see_the_views_store(
+    server: tuple[str, str, str],
+) -> None:
+    _, _, base = server
+    handled = _get(f"{base}/raise-view/", status=409, params={"v": "px"}).json()
+    assert handled == {"in_scope": True, "marker": "px", "memo": "px"}
+    failed = _get(f"{base}/raise-mw/", status=500, params={"v": "mw"}).json()
+    assert failed == {"in_scope": True, "marker": "mw"}
+    _no_crossing(_settled(base))
+
+
+def test_sessions_auth_and_the_site_cache_around_the_scope(server: tuple[str, str, str]) -> None:
+    """Sessions and auth query SQLite lazily in the view; the site cache answers the
+    second request without calling the view: either way, one store per request, closed."""
+    _, _, base = server
+    seen = _get(f"{base}/user/", params={"v": "u1"}).json()
+    assert seen == {"authenticated": False, "memo": "u1", "session": "u1"}
+    first = _get(f"{base}/cached/", params={"v": "k1"})
+    second = _get(f"{base}/cached/", params={"v": "k1"})
+    assert first.json() == second.json() == {"seen": "k1", "memo": "k1"}
+    live = _settled(base)
+    assert live["calls"]["cached-k1"] == 1  # served from the cache the second time
+    _no_crossing(live)
+
+
+def test_etag_304_and_head(server: tuple[str, str, str]) -> None:
+    _, _, base = server
+    first = _get(f"{base}/tagged/", params={"v": "t1"})
+    assert first.text == "tagged t1"
+    again = _get(
+        f"{base}/tagged/", status=304, params={"v": "t2"}, headers={"If-None-Match": '"fixed"'}
+    )
+    assert again.content == b""
+    head = httpx.head(f"{base}/stream/async/", params={"v": "h1", "n": "2"}, timeout=30)
+    assert head.status_code == 200 and head.content == b""
+    head = httpx.head(f"{base}/file/", params={"v": "h2"}, timeout=30)
+    assert head.status_code == 200 and head.content == b""
+    _no_crossing(_settled(base))
+
+
+def test_request_finished_runs_in_scope_only_for_streaming_responses(
+    server: tuple[str, str, str],
+) -> None:
+    """As docs/frameworks/django.md says: Django sends ``request_finished`` from
+    ``response.close()``; a complete response's store has closed before that, a
+    streaming response's closes just after (so that its body's cleanup sees it)."""
+    _, _, base = server
+    _live(base, clear="1")
+    _get(f"{base}/mark/", params={"v": "f1"})
+    _get(f"{base}/stream/async/", params={"v": "f2", "n": "2"})
+    _get(f"{base}/stream/sync/", params={"v": "f3", "n": "2"})
+
+    def three(live: dict[str, Any]) -> bool:
+        return {"f2", "f3"} <= {seen["marker"] for seen in live["finished"]}
+
+    live = _settled(base, three)
+    markers = [seen["marker"] for seen in live["finished"]]
+    assert "f1" not in markers  # a complete response: its store had closed
+    for seen in live["finished"]:
+        expected = {"in_scope": seen["marker"] is not None, "memo": seen["marker"]}
+        assert seen == {**expected, "marker": seen["marker"]}
+    _no_crossing(live)
+
+
+# -- streaming bodies abandoned by their clients --------------------------------------------
+
+
+def _abandon(base: str, target: str, after: int = 128 * 1024) -> None:
+    """GET ``target``, read ``after`` bytes of the body, then reset the connection."""
+    url = urlsplit(base)
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    try:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode())
+        received = 0
+        while received < after:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += len(chunk)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, not a polite FIN
+
+
+@pytest.mark.parametrize("body", ["sync", "async"])
+def test_abandoned_streams_cleanups_never_see_another_request(
+    server: tuple[str, str, str], body: str
+) -> None:
+    """Clients leave mid-body while other requests run; every body's ``finally`` sees
+    its own store or none, every store closes, nothing is left set anywhere."""
+    kind, _, base = server
+    _live(base, clear="1")
+    streams = 8
+    # Under ASGI Django reads a sync body whole (in a thread) before sending it: keep it small.
+    n = 40 if (kind == "uvicorn" and body == "sync") else 2000
+
+    async def others(stop: asyncio.Event) -> int:
+        done = 0
+        async with httpx.AsyncClient(timeout=30) as client:
+            while not stop.is_set():
+                view = ("mark", "amark")[done % 2]
+                response = await client.get(f"{base}/{view}/", params={"v": f"o{done}"})
+                assert response.json()["seen"] == f"o{done}"
+                done += 1
+        return done
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        busy = asyncio.ensure_future(others(stop))
+        await asyncio.gather(
+            *(
+                asyncio.to_thread(_abandon, base, f"/stream/{body}/?v=s{i}&n={n}")
+                for i in range(streams)
+            )
+        )
+        stop.set()
+        return await busy
+
+    assert asyncio.run(run()) > 0
+    for n_after in range(20):  # many more requests after the abandoned ones
+        _get(f"{base}/amark/", params={"v": f"a{n_after}"})
+
+    def all_cleaned(live: dict[str, Any]) -> bool:
+        return len([c for c in live["cleanups"] if c["where"] == body]) >= streams
+
+    live = _settled(base, all_cleaned, "a stream's cleanup never ran, or its store stayed open")
+    _no_crossing(live)
+
+
+# -- single-flight between a view's tasks and threads ---------------------------------------
+
+
+def test_one_computation_for_the_views_tasks_and_threads(server: tuple[str, str, str]) -> None:
+    """An async view's tasks ask for one sync memo through ``sync_to_async`` (thread
+    sensitive or not) and ``asyncio.to_thread``; a sync view does the same through
+    ``async_to_sync``: computed once, every caller gets the value."""
+    _, _, base = server
+    seen = _get(f"{base}/flight/", params={"v": "g1"}).json()
+    assert seen == {"results": ["flight-g1:g1"] * 4, "calls": 1}
+    seen = _get(f"{base}/sync-flight/", params={"v": "g2"}).json()
+    assert seen == {"results": ["sflight-g2:g2"] * 3, "mine": "sflight-g2:g2", "calls": 1}
+    _no_crossing(_settled(base))
+
+
+def test_a_caller_timing_out_does_not_fail_the_one_waiting_with_it(
+    server: tuple[str, str, str],
+) -> None:
+    """``asyncio.wait_for`` gives up on a ``sync_to_async`` computation (and on an async
+    memo) that a second caller waits on: the second gets the value, the sync one computed
+    once (its thread carries on); the async one is computed again by the waiter."""
+    _, _, base = server
+    seen = _get(f"{base}/flight-timeout/", params={"v": "t1"}).json()
+    assert seen["outcomes"] == ["TimeoutError", "timeout-t1:t1", "TimeoutError", "atimeout-t1:t1"]
+    assert seen["calls"][0] == 1 and seen["calls"][1] in (1, 2)
+    _no_crossing(_settled(base))
+
+
+def test_threads_outliving_their_request_finish_and_see_no_store(
+    server: tuple[str, str, str],
+) -> None:
+    """The request ends while one thread computes a key and another waits on it: both
+    finish (nobody hangs on the closed scope), outside any scope, with the value."""
+    kind, _, base = server
+    _live(base, clear="1")
+    _get(f"{base}/{'outlive' if kind == 'uvicorn' else 'outlive-sync'}/", params={"v": "l1"})
+
+    def both(live: dict[str, Any]) -> bool:
+        return len([c for c in live["cleanups"] if c["v"] == "l1"]) == 2
+
+    live = _settled(base, both, "a thread that outlived its request never finished")
+    late = [c for c in live["cleanups"] if c["v"] == "l1"]
+    assert {c["marker"] for c in late} == {None}  # the scope had closed
+    assert {c["value"] for c in late} <= {"outlive-l1:l1", "outlive-l1:None"}
+    _no_crossing(live)
+
+
+def test_pooled_threads_and_the_loop_hold_no_store_between_requests(
+    server: tuple[str, str, str],
+) -> None:
+    _, _, base = server
+    for n in range(10):
+        _get(f"{base}/{('mark', 'amark')[n % 2]}/", params={"v": f"p{n}"})
+        assert _get(f"{base}/executor/").json() == {"found": ["None"] * 4}
+    _no_crossing(_settled(base))
+
+
+# -- files --------------------------------------------------------------------------------
+
+
+def test_file_responses_keep_no_scope_open(server: tuple[str, str, str]) -> None:
+    """A ``FileResponse`` (sendfile through ``wsgi.file_wrapper`` under gunicorn), its HEAD,
+    and one over a file-like object whose ``read`` is app code: it runs in the scope
+    when a middleware below perrequest re-wrapped the body (GZip), else outside any."""
+    _, order, base = server
+    _live(base, clear="1")
+    plain = _get(f"{base}/file/", params={"v": "f1"}, headers={"Accept-Encoding": "identity"})
+    assert plain.content == b"f" * 300_000
+    head = httpx.head(f"{base}/file/", params={"v": "f2"}, timeout=30)
+    assert head.status_code == 200 and head.content == b""
+    custom = _get(f"{base}/file-custom/", params={"v": "f3"})
+    assert custom.content == b"r" * 5000
+    live = _settled(base, lambda live: any(c["where"] == "file close" for c in live["cleanups"]))
+    reads = [c for c in live["cleanups"] if c["v"] == "f3"]
+    assert len(reads) == 6
+    assert {c["in_scope"] for c in reads} == {order == "first"}  # GZip below perrequest
+    _no_crossing(live)

@@ -220,6 +220,29 @@ def test_request_finished_runs_in_scope_only_for_streaming_responses(
     _no_crossing(live)
 
 
+@pytest.mark.parametrize("body", ["sync", "async"])
+def test_a_streaming_body_that_raises_ends_its_scope_without_the_collector(
+    server: tuple[str, str, str], body: str
+) -> None:
+    """Django's ASGI handler never calls ``close()`` on a response whose body raised: the
+    store (and what it holds) stayed open until a garbage collection freed the response,
+    or for ever while anything kept the response (here a middleware keeping the last
+    two). The body's failure ends its scope now, on every server."""
+    _, _, base = server
+    _live(base, clear="1")
+    for i in range(3):
+        try:
+            response = httpx.get(
+                f"{base}/stream/{body}/", params={"v": f"x{i}", "n": "5", "fail": "2"}
+            )
+            assert response.status_code in (200, 500)  # WSGI reads an async body before sending
+        except httpx.RemoteProtocolError:
+            pass  # the server cut the chunked body short: the body failed after sending
+    live = _settled(base, what="the failed body's store stayed open", collect=False)
+    assert [c["v"] for c in live["cleanups"] if c["where"] == body] == ["x0", "x1", "x2"]
+    _no_crossing(live)
+
+
 # -- streaming bodies abandoned by their clients --------------------------------------------
 
 

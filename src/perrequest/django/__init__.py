@@ -110,9 +110,9 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
         end = weakref.finalize(response, close_request, cell, None)
         content = response.streaming_content
         if getattr(response, "is_async", False):
-            response.streaming_content = _produce_async(content, cell)
+            response.streaming_content = _produce_async(content, cell, end)
         else:
-            response.streaming_content = _produce(content, cell)
+            response.streaming_content = _produce(content, cell, end)
         response.close = _closing(weakref.ref(response), cell, end)
     except BaseException:
         close_request(cell, None)
@@ -139,36 +139,50 @@ def _closing(
     return close
 
 
-def _produce(content: Iterable[Any], cell: list[Any]) -> Iterator[Any]:
-    """Each chunk of a sync streaming body, produced with the request's store active."""
+def _produce(content: Iterable[Any], cell: list[Any], end: Callable[[], object]) -> Iterator[Any]:
+    """Each chunk of a sync streaming body, produced with the request's store active.
+    A body that raises ends the scope at once (``end``): Django's ASGI handler never
+    closes a response whose body failed."""
     iterator = None
     while True:
+        failed = True
         token = _current.set(cell)
         try:
             if iterator is None:
                 iterator = iter(content)
             chunk = next(iterator)
+            failed = False
         except StopIteration:
+            failed = False
             return
         finally:
             _current.reset(token)
+            if failed:
+                end()
         yield chunk
 
 
-async def _produce_async(content: AsyncIterable[Any], cell: list[Any]) -> AsyncIterator[Any]:
+async def _produce_async(
+    content: AsyncIterable[Any], cell: list[Any], end: Callable[[], object]
+) -> AsyncIterator[Any]:
     """The async twin of ``_produce``. Django does not close an async body left
     suspended: its cleanup runs when the loop finalizes it, with this request's
     store active, closed by then, so that it touches nobody's store."""
     iterator = aiter(content)
     try:
         while True:
+            failed = True
             token = _current.set(cell)
             try:
                 chunk = await anext(iterator)
+                failed = False
             except StopAsyncIteration:
+                failed = False
                 return
             finally:
                 _current.reset(token)
+                if failed:  # cancelled too: the body's own cleanup has run meanwhile
+                    end()
             yield chunk
     finally:
         aclose = getattr(iterator, "aclose", None)

@@ -10,7 +10,7 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction
 from django.core.signals import request_finished, request_started
 from django.http import HttpResponse, JsonResponse
-from django.utils.decorators import sync_and_async_middleware
+from django.utils.decorators import sync_and_async_middleware, sync_only_middleware
 from django.utils.deprecation import MiddlewareMixin
 
 import perrequest
@@ -44,6 +44,16 @@ def probe(get_response: Callable[[Any], Any]) -> Callable[[Any], Any]:
         response = get_response(request)
         _leftover("probe after (sync)")
         return response
+
+    return middleware
+
+
+@sync_only_middleware
+def sync_only(get_response: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Sync only: below it, Django adapts the chain to sync; above it, perrequest runs sync."""
+
+    def middleware(request: Any) -> Any:
+        return get_response(request)
 
     return middleware
 

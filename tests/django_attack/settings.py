@@ -37,8 +37,12 @@ _DJANGO = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
 ]
 _FETCH = "django.middleware.cache.FetchFromCacheMiddleware"
-if os.environ.get("ATTACK_ORDER", "first") == "first":
+_ORDER = os.environ.get("ATTACK_ORDER", "first")
+if _ORDER == "first":
     MIDDLEWARE = [_PROBE, _PERREQUEST, *_DJANGO, *_INNER, _FETCH]
+elif _ORDER == "sync-below":  # under ASGI, Django runs perrequest's middleware in a thread
+    _SYNC = "django_attack.middleware.sync_only"
+    MIDDLEWARE = [_PROBE, _PERREQUEST, _SYNC, *_DJANGO, *_INNER, _FETCH]
 else:
     MIDDLEWARE = [_PROBE, *_DJANGO, _PERREQUEST, *_INNER, _FETCH]
 

@@ -11,6 +11,7 @@ urlpatterns = [
     path("amark/", never_cache(views.amark)),
     path("stream/sync/", never_cache(views.stream_sync)),
     path("stream/async/", never_cache(views.stream_async)),
+    path("bad-cookie/", never_cache(views.stream_bad_cookie)),
     path("flight/", never_cache(views.flight)),
     path("flight-timeout/", never_cache(views.flight_timeout)),
     path("sync-flight/", never_cache(views.sync_flight)),

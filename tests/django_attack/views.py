@@ -334,3 +334,17 @@ def live(request: Any) -> JsonResponse:
             **report,
         }
     )
+
+
+def stream_bad_cookie(request: Any) -> StreamingHttpResponse:
+    """A cookie that Django's ASGI handler cannot encode: it fails before the body."""
+    v = request.GET["v"]
+    perrequest.set("marker", v)
+    big(v)
+
+    def body() -> Iterator[bytes]:
+        yield b"never"
+
+    response = StreamingHttpResponse(body())
+    response.set_cookie("name", "\u65e5\u672c")
+    return response

@@ -261,8 +261,9 @@ def test_a_streaming_response_the_server_cannot_send_ends_its_scope_when_freed(
 # -- streaming bodies abandoned by their clients --------------------------------------------
 
 
-def _abandon(base: str, target: str, after: int = 128 * 1024) -> None:
-    """GET ``target``, read ``after`` bytes of the body, then reset the connection."""
+def _abandon(base: str, target: str, after: int = 128 * 1024, hold: float = 0.0) -> None:
+    """GET ``target``, read ``after`` bytes of the body (or wait ``hold`` seconds), then
+    reset the connection."""
     url = urlsplit(base)
     sock = socket.create_connection((url.hostname, url.port), timeout=30)
     try:
@@ -273,6 +274,7 @@ def _abandon(base: str, target: str, after: int = 128 * 1024) -> None:
             if not chunk:
                 break
             received += len(chunk)
+        time.sleep(hold)
     finally:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # a reset, not a polite FIN
@@ -320,6 +322,31 @@ def test_abandoned_streams_cleanups_never_see_another_request(
         return len([c for c in live["cleanups"] if c["where"] == body]) >= streams
 
     live = _settled(base, all_cleaned, "a stream's cleanup never ran, or its store stayed open")
+    _no_crossing(live)
+
+
+def test_clients_leaving_while_views_run(server: tuple[str, str, str]) -> None:
+    """Under ASGI Django cancels the view (an async one stops, a sync one carries on in
+    its thread, outside any scope by then); under WSGI the view finishes in its scope."""
+    kind, order, base = server
+    _live(base, clear="1")
+    for n in range(4):
+        view = ("mark", "amark")[n % 2]
+        _abandon(base, f"/{view}/?v=d{n}&sleep=0.3", after=0, hold=0.1)
+    for n in range(10):
+        _get(f"{base}/{('mark', 'amark')[n % 2]}/", params={"v": f"e{n}"})
+
+    def finished(live: dict[str, Any]) -> bool:
+        after = [c for c in live["cleanups"] if c["where"] == "after sleep"]
+        return len(after) >= (1 if kind == "uvicorn" else 4)  # ASGI: the sync views
+
+    live = _settled(base, finished, "a view never finished")
+    after = [c for c in live["cleanups"] if c["where"] == "after sleep"]
+    # perrequest's middleware itself run in a thread (sync-below) is not cancelled either.
+    cancelled = kind == "uvicorn" and order != "sync-below"
+    for seen in after:
+        assert seen["in_scope"] is not cancelled, after
+        assert seen["marker"] == (None if cancelled else seen["v"]), after
     _no_crossing(live)
 
 

@@ -33,15 +33,31 @@ def _mark(request: Any) -> dict[str, Any]:
     return {"before": before, "seen": perrequest.get("marker"), "memo": who()}
 
 
+def _after_sleep(request: Any) -> None:
+    """What a view sees once it has slept (its client may have left meanwhile)."""
+    if request.GET.get("sleep"):
+        EVENTS["cleanups"].append(
+            {
+                "v": request.GET["v"],
+                "where": "after sleep",
+                "in_scope": perrequest.in_request_scope(),
+                "marker": perrequest.get("marker"),
+                "memo": who(),
+            }
+        )
+
+
 def mark(request: Any) -> JsonResponse:
     seen = _mark(request)
     time.sleep(float(request.GET.get("sleep", 0)))
+    _after_sleep(request)
     return JsonResponse({**seen, "again": who(), "thread": threading.get_ident()})
 
 
 async def amark(request: Any) -> JsonResponse:
     seen = _mark(request)
     await asyncio.sleep(float(request.GET.get("sleep", 0)))
+    _after_sleep(request)
     inner = await sync_to_async(who)()  # the thread-sensitive executor, same store
     return JsonResponse({**seen, "again": who(), "thread_memo": inner})
 

@@ -258,6 +258,21 @@ def test_a_streaming_response_the_server_cannot_send_ends_its_scope_when_freed(
     _no_crossing(_settled(base, what="a response dropped unclosed kept its store"))
 
 
+@pytest.mark.parametrize("body", ["sync", "async"])
+def test_a_middleware_above_failing_after_a_streaming_response(
+    server: tuple[str, str, str], body: str
+) -> None:
+    """Django drops the streaming response unclosed and builds a 500 outside the scope;
+    the body never runs, and the dropped response's scope ends when it is freed."""
+    _, _, base = server
+    _live(base, clear="1")
+    seen = _get(f"{base}/stream/{body}/", status=500, params={"v": "r1", "raise_above": "1"}).json()
+    assert seen == {"in_scope": False, "marker": None}
+    live = _settled(base, what="the dropped response's store stayed open")
+    assert [c for c in live["cleanups"] if c["v"] == "r1"] == []  # the body never started
+    _no_crossing(live)
+
+
 # -- streaming bodies abandoned by their clients --------------------------------------------
 
 

@@ -58,6 +58,16 @@ def sync_only(get_response: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return middleware
 
 
+class RaisingAbove(MiddlewareMixin):
+    """Listed above perrequest: fails after it returned the response (``?raise_above=1``),
+    so that Django drops that response unclosed and answers with handler500."""
+
+    def process_response(self, request: Any, response: Any) -> Any:
+        if request.GET.get("raise_above"):
+            raise RuntimeError("a middleware above perrequest failed")
+        return response
+
+
 class Raising(MiddlewareMixin):
     """``/raise-mw/`` fails in ``process_request``, before the view."""
 
@@ -90,7 +100,8 @@ class Retaining(MiddlewareMixin):
     kept: deque[Any] = deque(maxlen=2)
 
     def process_response(self, request: Any, response: Any) -> Any:
-        if request.path.startswith("/stream/"):
+        # Not one that a middleware above drops unclosed: kept, its scope would stay open.
+        if request.path.startswith("/stream/") and not request.GET.get("raise_above"):
             self.kept.append(response)
         return response
 

@@ -23,7 +23,9 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"
 CACHE_MIDDLEWARE_SECONDS = 60
 
 _PERREQUEST = "perrequest.django.RequestScopeMiddleware"
-_PROBE = "django_attack.middleware.probe"  # outermost: what a request finds before any scope
+# Outermost: what a request finds before any scope; then one failing after perrequest.
+_PROBE = "django_attack.middleware.probe"
+_ABOVE = "django_attack.middleware.RaisingAbove"
 _INNER = [
     "django_attack.middleware.Retaining",
     "django_attack.middleware.Raising",
@@ -39,11 +41,11 @@ _DJANGO = [
 _FETCH = "django.middleware.cache.FetchFromCacheMiddleware"
 _ORDER = os.environ.get("ATTACK_ORDER", "first")
 if _ORDER == "first":
-    MIDDLEWARE = [_PROBE, _PERREQUEST, *_DJANGO, *_INNER, _FETCH]
+    MIDDLEWARE = [_PROBE, _ABOVE, _PERREQUEST, *_DJANGO, *_INNER, _FETCH]
 elif _ORDER == "sync-below":  # under ASGI, Django runs perrequest's middleware in a thread
     _SYNC = "django_attack.middleware.sync_only"
-    MIDDLEWARE = [_PROBE, _PERREQUEST, _SYNC, *_DJANGO, *_INNER, _FETCH]
+    MIDDLEWARE = [_PROBE, _ABOVE, _PERREQUEST, _SYNC, *_DJANGO, *_INNER, _FETCH]
 else:
-    MIDDLEWARE = [_PROBE, *_DJANGO, _PERREQUEST, *_INNER, _FETCH]
+    MIDDLEWARE = [_PROBE, _ABOVE, *_DJANGO, _PERREQUEST, *_INNER, _FETCH]
 
 PERREQUEST = {"MAX_ENTRIES": 1000}

@@ -145,20 +145,18 @@ def _produce(content: Iterable[Any], cell: list[Any], end: Callable[[], object])
     closes a response whose body failed."""
     iterator = None
     while True:
-        failed = True
         token = _current.set(cell)
         try:
             if iterator is None:
                 iterator = iter(content)
             chunk = next(iterator)
-            failed = False
         except StopIteration:
-            failed = False
             return
+        except BaseException:
+            end()
+            raise
         finally:
             _current.reset(token)
-            if failed:
-                end()
         yield chunk
 
 
@@ -171,18 +169,16 @@ async def _produce_async(
     iterator = aiter(content)
     try:
         while True:
-            failed = True
             token = _current.set(cell)
             try:
                 chunk = await anext(iterator)
-                failed = False
             except StopAsyncIteration:
-                failed = False
                 return
+            except BaseException:  # cancelled too: the body's own cleanup has run meanwhile
+                end()
+                raise
             finally:
                 _current.reset(token)
-                if failed:  # cancelled too: the body's own cleanup has run meanwhile
-                    end()
             yield chunk
     finally:
         aclose = getattr(iterator, "aclose", None)

@@ -294,7 +294,9 @@ class Entries:
         with self._lock:
             # Copied, so that a computation still in flight cannot change them later.
             self._final = self._counts()
-            self._subs = None
+            subs, self._subs = self._subs, None
+            for sub in (subs or {}).values():
+                sub.clear()  # a call in flight holds its function's dict: freed now all the same
             self._order.clear()
             self._counters.clear()
             self._on_close = None  # a function too (close_scope has read it already)

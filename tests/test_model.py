@@ -107,6 +107,7 @@ class World:
         self.ran = 0
         self.serial = 0
         self.failing: set[Any] = set()
+        self.fail_all = False
         self.refs: list[weakref.ref[Any]] = []
         self.inside: Callable[[], None] = lambda: None
 
@@ -126,7 +127,7 @@ class Failed(Exception):
 
 
 def _run(arg: Any) -> Box | ErrBox:
-    if arg in WORLD.failing:
+    if WORLD.fail_all or arg in WORLD.failing:
         WORLD.ran += 1
         raise Failed(arg)
     return WORLD.produce(err=isinstance(arg, int) and not isinstance(arg, bool) and arg % 2 == 0)
@@ -320,6 +321,7 @@ class MemoStoreMachine(RuleBasedStateMachine):
     @initialize(bound=st.integers(1, 6))
     def open_request(self, bound: int) -> None:
         WORLD.failing.clear()
+        WORLD.fail_all = False
         self.stack.append(Scope(bound))
 
     @property
@@ -351,7 +353,16 @@ class MemoStoreMachine(RuleBasedStateMachine):
         assert not alive, f"the closed store still holds {alive}"
 
     # -- memo calls
-    def _memo(self, fid: str, owner: Any, key: Hashable, call: Callable[[], Any]) -> None:
+    def _memo(
+        self, fid: str, owner: Any, key: Hashable, call: Callable[[], Any], fail: bool = False
+    ) -> None:
+        WORLD.fail_all = fail  # the function raises, if it runs: nothing is cached
+        try:
+            self._memo_call(fid, owner, key, call)
+        finally:
+            WORLD.fail_all = False
+
+    def _memo_call(self, fid: str, owner: Any, key: Hashable, call: Callable[[], Any]) -> None:
         scope = self.active
         fn = FIXED.get(fid, self.helper)
         before = WORLD.ran
@@ -395,8 +406,16 @@ class MemoStoreMachine(RuleBasedStateMachine):
         finally:
             WORLD.failing.discard(x)
 
-    @rule(a=args, b=st.integers(0, 1), form=st.integers(0, 4))
-    def call_two(self, a: Any, b: int, form: int) -> None:
+    @rule(n=st.integers(0, 2), fail=st.booleans())
+    def call_one_with_a_key_object(self, n: int, fail: bool) -> None:
+        """The memo keeps the first key object it stored: gone with the scope too."""
+        key = Key(n)
+        if self.active is not None:
+            self.active.refs.append(weakref.ref(key))
+        self._memo("one", "one", ("key", n), lambda: one(key), fail)
+
+    @rule(a=args, b=st.integers(0, 1), form=st.integers(0, 4), fail=st.booleans())
+    def call_two(self, a: Any, b: int, form: int, fail: bool) -> None:
         calls: list[Callable[[], Any]] = [
             lambda: two(a, b),
             lambda: two(a, b=b),
@@ -404,24 +423,24 @@ class MemoStoreMachine(RuleBasedStateMachine):
             lambda: two(a) if b == 0 else two(a, b),  # the default is part of the key
             lambda: two(a=a) if b == 0 else two(b=b, a=a),
         ]
-        self._memo("two", "two", (a, b), calls[form])
+        self._memo("two", "two", (a, b), calls[form], fail)
 
-    @rule(x=args)
-    def call_fetch(self, x: Any) -> None:
-        self._memo("fetch", "fetch", x, lambda: asyncio.run(fetch(x)))
+    @rule(x=args, fail=st.booleans())
+    def call_fetch(self, x: Any, fail: bool) -> None:
+        self._memo("fetch", "fetch", x, lambda: asyncio.run(fetch(x)), fail)
 
-    @rule(x=args)
-    def call_bounded(self, x: Any) -> None:
-        self._memo("bounded", "bounded", x, lambda: bounded(x))
+    @rule(x=args, fail=st.booleans())
+    def call_bounded(self, x: Any, fail: bool) -> None:
+        self._memo("bounded", "bounded", x, lambda: bounded(x), fail)
 
-    @rule(a=args, tag=st.sampled_from(["p", "q"]))
-    def call_keyed(self, a: Any, tag: str) -> None:
-        self._memo("keyed", "keyed", a, lambda: keyed(a, tag))  # key= decides alone
+    @rule(a=args, tag=st.sampled_from(["p", "q"]), fail=st.booleans())
+    def call_keyed(self, a: Any, tag: str, fail: bool) -> None:
+        self._memo("keyed", "keyed", a, lambda: keyed(a, tag), fail)  # key= decides alone
 
-    @rule(which=st.integers(0, 1), x=args)
-    def call_row(self, which: int, x: Any) -> None:
+    @rule(which=st.integers(0, 1), x=args, fail=st.booleans())
+    def call_row(self, which: int, x: Any, fail: bool) -> None:
         repo = self.repos[which]  # equal instances never share entries
-        self._memo("row", "row", (which, x), lambda: repo.row(x))
+        self._memo("row", "row", (which, x), lambda: repo.row(x), fail)
 
     @rule()
     def define_helper(self) -> None:
@@ -432,10 +451,10 @@ class MemoStoreMachine(RuleBasedStateMachine):
         self.helper_id += 1
 
     @precondition(lambda self: self.helper is not None)
-    @rule(x=args)
-    def call_helper(self, x: Any) -> None:
+    @rule(x=args, fail=st.booleans())
+    def call_helper(self, x: Any, fail: bool) -> None:
         helper = self.helper
-        self._memo("helper", ("helper", self.helper_id), x, lambda: helper(x))
+        self._memo("helper", ("helper", self.helper_id), x, lambda: helper(x), fail)
 
     @rule(x=args)
     def call_unhashable(self, x: Any) -> None:
@@ -464,13 +483,22 @@ class MemoStoreMachine(RuleBasedStateMachine):
             for where in [w for w in self.active.model.entries if w[0] == owner]:
                 del self.active.model.entries[where]
 
-    @rule(fid=st.sampled_from(["one", "two", "fetch", "bounded", "keyed", "row", "helper"]), x=args)
-    def cache_delete(self, fid: str, x: Any) -> None:
+    @rule(
+        fid=st.sampled_from(["one", "two", "fetch", "bounded", "keyed", "row", "helper"]),
+        x=args,
+        form=st.integers(0, 2),
+    )
+    def cache_delete(self, fid: str, x: Any, form: int) -> None:
         owner, fn = self._owner_fn(fid)
         if fn is None:
             return
-        if fid == "two":
-            got, key = fn.cache_delete(x, b=1), (x, 1)
+        if fid == "two":  # bound as a call is: the default is part of the key
+            if form == 0:
+                got, key = fn.cache_delete(x, b=1), (x, 1)
+            elif form == 1:
+                got, key = fn.cache_delete(x), (x, 0)
+            else:
+                got, key = fn.cache_delete(b=0, a=x), (x, 0)
         elif fid == "keyed":
             got, key = fn.cache_delete(x, "other tag"), x
         elif fid == "row":
@@ -750,7 +778,14 @@ class MemoStoreMachine(RuleBasedStateMachine):
     # -- misuse: a clear error, and nothing counted
     @rule(
         what=st.sampled_from(
-            ["unhashable get", "unhashable set", "factory not callable", "write a memo key"]
+            [
+                "unhashable get",
+                "unhashable set",
+                "factory not callable",
+                "write a memo key",
+                "unhashable key=",
+                "bad max_entries",
+            ]
         )
     )
     def misuse(self, what: str) -> None:
@@ -762,6 +797,21 @@ class MemoStoreMachine(RuleBasedStateMachine):
                 if scope is None:
                     return
                 perrequest.set(["k"], 1)
+            elif what == "unhashable key=":  # key= returned a list: named, not cached
+                before = WORLD.ran
+                try:
+                    request_memo(key=lambda x: [x], outside_scope="call")(_run)(1)
+                except UnhashableArguments:
+                    assert WORLD.ran == before
+                    return
+                raise AssertionError("an unhashable key= result was accepted")
+            elif what == "bad max_entries":
+                for bad, error in (("3", TypeError), (True, TypeError), (0, ValueError)):
+                    with pytest.raises(error):
+                        request_scope(max_entries=bad)  # type: ignore[arg-type]
+                    with pytest.raises(error):
+                        request_memo(max_entries=bad)  # type: ignore[arg-type]
+                return
             elif what == "factory not callable":
                 if scope is None:
                     return

@@ -27,6 +27,17 @@ class MemoKey(NamedTuple):
     owner: object
     key: Hashable
 
+    # A tuple equals a tuple of the same items: a user's key (owner, key), taken apart
+    # from one seen while iterating, would be equal to it, and the store hold both.
+    def __eq__(self, other: object) -> bool:
+        return type(other) is MemoKey and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self)
+
 
 class MemoStore(Entries, MutableMapping[Hashable, Any]):
     """The memo store of one scope: bounded, least-recently-used, thread-safe.

@@ -313,6 +313,7 @@ class MemoStoreMachine(RuleBasedStateMachine):
         self.stack: list[Scope] = []  # entered, in order; closed ones may sit under the top
         self.closed: list[Scope] = []
         self.repos = [Repo("r"), Repo("r")]
+        self.new_repos = 0
         self.helper: Any = None
         self.helper_id = 0
         self.old_helpers: dict[int, weakref.ref[Any]] = {}  # id -> the undecorated function
@@ -441,6 +442,22 @@ class MemoStoreMachine(RuleBasedStateMachine):
     def call_row(self, which: int, x: Any, fail: bool) -> None:
         repo = self.repos[which]  # equal instances never share entries
         self._memo("row", "row", (which, x), lambda: repo.row(x), fail)
+
+    @rule(x=args)
+    def call_row_of_a_new_instance(self, x: Any) -> None:
+        """An instance made per message: its entries are its own, and the memo never
+        keeps it alive past its scope."""
+        repo = Repo("r")  # equal to self.repos' instances, and to the earlier new ones
+        self.new_repos += 1
+        if self.active is not None:
+            self.active.refs.append(weakref.ref(repo))
+        self._memo("row", "row", (f"new {self.new_repos}", x), lambda: repo.row(x))
+
+    @precondition(lambda self: self.active is not None)
+    @rule()
+    def enter_an_open_scope_again(self) -> None:
+        with pytest.raises(RuntimeError, match="single-use"):
+            self.active.obj.__enter__()  # type: ignore[union-attr]
 
     @rule()
     def define_helper(self) -> None:
@@ -602,16 +619,27 @@ class MemoStoreMachine(RuleBasedStateMachine):
         x=args,
         y=args,
         action=st.sampled_from(
-            ["call one", "delete own", "clear own", "clear store", "set helper", "close"]
+            [
+                "call one",
+                "delete own",
+                "delete own, call self",
+                "clear own",
+                "clear store",
+                "set helper",
+                "close",
+            ]
         ),
+        fail=st.booleans(),
     )
-    def call_nest(self, x: Any, y: Any, action: str) -> None:
+    def call_nest(self, x: Any, y: Any, action: str, fail: bool) -> None:
+        """``nest(x)`` does ``action`` while it computes, then returns or (``fail``) raises."""
         scope = self.active
         invalidated = False
         ran_inside = False
 
         def inside() -> None:
             nonlocal invalidated, ran_inside
+            WORLD.inside = lambda: None  # once: not in a nested call of nest
             ran_inside = True
             active = self.active
             if action == "call one":
@@ -619,6 +647,10 @@ class MemoStoreMachine(RuleBasedStateMachine):
             elif action == "delete own":  # in flight, so not there: no value stored later
                 assert nest.cache_delete(x) is False
                 invalidated = True
+            elif action == "delete own, call self":  # the nested call computes afresh
+                assert nest.cache_delete(x) is False
+                invalidated = True
+                self._memo("nest", "nest", x, lambda: nest(x))
             elif action == "clear own":
                 nest.cache_clear()
                 if active is not None:
@@ -635,12 +667,14 @@ class MemoStoreMachine(RuleBasedStateMachine):
             elif action == "close" and active is not None:
                 self._close(active)  # the call returns its value and caches nothing
                 invalidated = True
+            WORLD.fail_all = fail
 
         WORLD.inside = inside
         before = WORLD.ran
         try:
             if scope is None:
-                serial_of(nest(x))
+                with contextlib.suppress(Failed):
+                    serial_of(nest(x))
                 assert ran_inside
                 return
             model = scope.model
@@ -652,13 +686,18 @@ class MemoStoreMachine(RuleBasedStateMachine):
                 return
             counter = model.counter_for(name_of(nest))
             model.counters[counter][1] += 1
-            got = nest(x)
-            assert ran_inside and WORLD.ran > before
+            try:
+                got = nest(x)
+            except Failed:
+                assert fail and ran_inside
+                return
+            assert ran_inside and WORLD.ran > before and not fail
             if not invalidated:
                 model.fill(("nest", x), serial_of(got), counter)
                 scope.refs.append(weakref.ref(got))
         finally:
             WORLD.inside = lambda: None
+            WORLD.fail_all = False
 
     @precondition(lambda self: self.active is not None)
     @rule(n=st.integers(0, 3), action=st.sampled_from(["set", "delete", "set other", "close"]))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import weakref
 from collections.abc import Callable, Hashable
@@ -172,6 +173,16 @@ class Repo:  # a plain dataclass: unhashable, and two of them compare equal
     def row(self, x: Any) -> Any:
         return _run(x)
 
+    @classmethod
+    @request_memo(outside_scope="call")
+    def kind(cls, x: Any) -> Any:  # below @classmethod
+        return _run(x)
+
+    @request_memo(outside_scope="call")
+    @staticmethod
+    def static(x: Any) -> Any:  # above @staticmethod
+        return _run(x)
+
 
 def make_helper() -> Any:
     """A helper decorated per message, as a long scope might."""
@@ -195,6 +206,8 @@ FIXED: dict[str, Any] = {
     "keyed": keyed,
     "row": Repo.row,
     "nest": nest,
+    "kind": Repo.kind,
+    "static": Repo.static,
 }
 FN_BOUND = {"bounded": 2}
 HELPER_NAME = name_of(make_helper())
@@ -440,6 +453,12 @@ class MemoStoreMachine(RuleBasedStateMachine):
     def call_row(self, which: int, x: Any, fail: bool) -> None:
         repo = self.repos[which]  # equal instances never share entries
         self._memo("row", "row", (which, x), lambda: repo.row(x), fail)
+
+    @rule(x=args, through_instance=st.booleans(), fail=st.booleans())
+    def call_class_and_static_methods(self, x: Any, through_instance: bool, fail: bool) -> None:
+        owner = self.repos[0] if through_instance else Repo
+        self._memo("kind", "kind", x, lambda: owner.kind(x), fail)  # type: ignore[call-arg]
+        self._memo("static", "static", x, lambda: owner.static(x), fail)
 
     @rule(x=args)
     def call_row_of_a_new_instance(self, x: Any) -> None:
@@ -916,7 +935,9 @@ class MemoStoreMachine(RuleBasedStateMachine):
                 want = CacheInfo(0, 0, maxsize, 0)
             else:
                 want = scope.model.info(owner, name_of(fn), maxsize)
-            assert fn.cache_info() == want, fid
+            info = fn.cache_info()
+            assert info == want, fid
+            assert info._fields == functools._CacheInfo._fields  # type: ignore[attr-defined]
         for s in self.stack + self.closed:
             assert real_stats(s.store) == s.model.stats(), "stats"
             assert len(s.store) == len(s.model.entries)
@@ -953,7 +974,8 @@ class MemoStoreMachine(RuleBasedStateMachine):
         WORLD.failing.clear()
 
 
-# About 8 s on one core; PERREQUEST_MODEL_EXAMPLES=20000 for a long search.
+# About 8 s on one core. A long search: PERREQUEST_MODEL_EXAMPLES=20000 (and maybe
+# PERREQUEST_MODEL_STEPS=150), with pytest's --timeout=0.
 # ---------------------------------------------------------------------------------------
 # What the machine found, as plain regression tests.
 
@@ -1023,7 +1045,7 @@ def test_a_memo_key_never_equals_a_users_key() -> None:
 
 MemoStoreMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("PERREQUEST_MODEL_EXAMPLES", "500")),
-    stateful_step_count=50,
+    stateful_step_count=int(os.environ.get("PERREQUEST_MODEL_STEPS", "50")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -8,6 +8,7 @@ docs/frameworks/wsgi.md has the details.
 
 from __future__ import annotations
 
+from asyncio import _get_running_loop
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import Token
 from typing import Any
@@ -99,8 +100,10 @@ class ScopedBody:
     """A response body whose scope stays open until ``close()`` ends it.
 
     Iterated where nothing is active (a server's thread), it makes the store
-    active there until ``close()``; anywhere else each chunk, and the body's
-    own ``close``, is produced with the store active around it. A body never
+    active there until ``close()``; anywhere else (where a scope is active,
+    or on a running event loop, which may fetch the chunks in other threads,
+    as Tornado's ``WSGIContainer`` does) each chunk, and the body's own
+    ``close``, is produced with the store active around it. A body never
     closed (against PEP 3333) ends its scope, only, when it is collected.
     Public so that code that drives a WSGI app by hand can recognise it.
 
@@ -118,7 +121,12 @@ class ScopedBody:
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        if self._token is None and self._cell is not None and _get() is None:
+        if (
+            self._token is None
+            and self._cell is not None
+            and _get() is None
+            and _get_running_loop() is None  # not a loop that fetches chunks elsewhere
+        ):
             self._token = _set(self._cell)  # until close(), which resets it
             return iter(self._body)
         return self._start(self)
@@ -132,7 +140,7 @@ class ScopedBody:
         cell = self._cell
         if cell is None:
             return iter(())
-        if self._token is None and _get() is None:
+        if self._token is None and _get() is None and _get_running_loop() is None:
             self._token = _set(cell)  # until close(), which resets it
             return iter(self._body)
         return _produce(self._body, cell, keep)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import json
 import random
 import sys
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from flask import Flask, Response, request, stream_with_context
+from flask import Flask, Response, request, send_file, stream_with_context
 
 import perrequest
 from perrequest._active import _current
@@ -113,6 +114,15 @@ def stream() -> Response:
 
     flask_ctx = "plain" not in request.args
     return Response(stream_with_context(body()) if flask_ctx else body())
+
+
+@flask_app.get("/file")
+def file() -> Response:
+    """Through the server's ``wsgi.file_wrapper`` where it has one (waitress)."""
+    rid = request.args["rid"]
+    perrequest.set("rid", rid)
+    check("view", rid)
+    return send_file(io.BytesIO(f"{rid} {ident()}".encode()), mimetype="text/plain")
 
 
 PerRequest(flask_app)

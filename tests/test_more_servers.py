@@ -107,16 +107,22 @@ def test_concurrent_requests_keep_their_own_values_and_leave_nothing_behind(serv
 
         def run(worker: int) -> list[str]:
             with httpx.Client(base_url=base, timeout=20) as own:
-                return [
+                wrong = [
                     bad
                     for n in range(worker, REQUESTS, CLIENTS)
                     if (bad := _one(own, server, n)) is not None
                 ]
+                if server != "daphne":  # a file body (waitress: its wsgi.file_wrapper)
+                    seen = own.get("/file", params={"rid": f"file-{worker}"}).text
+                    wrong += [] if seen == f"file-{worker} file-{worker}" else [seen]
+                raw = own.get("/raw").json()  # the same connection, after ours
+                return wrong + ([] if raw["var"] == "None" else [f"raw saw {raw}"])
 
         with ThreadPoolExecutor(CLIENTS) as pool:
             wrong = [bad for bads in pool.map(run, range(CLIENTS)) for bad in bads]
         streams = REQUESTS // 2
-        state = _state(client, {"view": REQUESTS // 2, "chunk": streams * CHUNKS})
+        views = REQUESTS // 2 + (0 if server == "daphne" else CLIENTS)
+        state = _state(client, {"view": views, "chunk": streams * CHUNKS})
         raw = _raw_everywhere(client, base)
         pool_state: Any = client.get("/pool").json() if server == "tornado" else None
 

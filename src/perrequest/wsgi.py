@@ -8,6 +8,8 @@ docs/frameworks/wsgi.md has the details.
 
 from __future__ import annotations
 
+# In asyncio.__all__ (for event loops): None at once where no loop runs, unlike the public
+# get_running_loop, which raises there (a WSGI server's thread: every request).
 from asyncio import _get_running_loop
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import Token

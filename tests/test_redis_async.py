@@ -33,7 +33,9 @@ def test_async_values_are_shared_and_concurrent_misses_compute_once(
 
     async def main(expected: RedisCacheInfo) -> None:
         aclient = redis_server.aclient()
-        cache = RedisCache(aclient, ttl=60, namespace="a")
+        # 50 connections opened at once: on a loaded machine (the suite in 4 workers on 2
+        # cores) one took over the default op_timeout of 0.5 s, and the tier stood aside.
+        cache = RedisCache(aclient, ttl=60, namespace="a", op_timeout=10)
 
         @request_memo(shared=cache)
         async def rate(n: int) -> dict[str, int]:

@@ -26,9 +26,10 @@ demo: $(VENV)/.installed-demo
 test: lint typecheck docs pytest
 
 ## make check: the fast loop while developing: lint, types, and the tests not marked slow,
-## in four pytest-xdist workers (most of a test's time is a server starting or a wait).
+## in four pytest-xdist workers (most of a test's time is a server starting or a wait), and the
+## model-based check (tests/test_model.py) searching 150 examples instead of 500.
 check: lint typecheck redis-server
-	$(PY) -m pytest -m "not slow" -q -n 4
+	PERREQUEST_MODEL_EXAMPLES=150 $(PY) -m pytest -m "not slow" -q -n 4
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks docs/snippets

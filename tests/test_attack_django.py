@@ -27,7 +27,8 @@ import httpx
 import pytest
 from servers import HOST, ROOT, free_port, serve_gunicorn, serve_subprocess
 
-pytestmark = pytest.mark.timeout(120)
+# Server farms: CI runs them (make test); make check, the fast loop, skips them.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 TESTS = ROOT / "tests"
 

@@ -28,7 +28,8 @@ import httpx
 import pytest
 from servers import HOST, ROOT, free_port, serve_subprocess
 
-pytestmark = pytest.mark.timeout(90)
+# Server farms: CI runs them (make test); make check, the fast loop, skips them.
+pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
 SERVERS = ["flask", "flask-preload", "django", "django-preload", "flask-pywsgi", "django-pywsgi"]
 

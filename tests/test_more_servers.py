@@ -32,7 +32,8 @@ from perrequest._active import _current
 from perrequest.testing import live_scopes
 from perrequest.wsgi import RequestScopeMiddleware
 
-pytestmark = pytest.mark.timeout(60)
+# Server farms: CI runs them (make test); make check, the fast loop, skips them.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 WSGI_SERVERS = ("waitress", "cheroot", "tornado", "tornado-inline")
 SERVERS = (*WSGI_SERVERS, "daphne")

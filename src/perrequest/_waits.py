@@ -88,17 +88,22 @@ def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, rec
 async def result_async(
     future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any
 ) -> Any:
-    """``result`` for a task (of any loop), which waits without blocking its loop."""
-    seen_gone = False
-    while True:
-        try:
-            async with asyncio.timeout(1.0):
-                return await asyncio.wrap_future(future)
-        except TimeoutError:
+    """``result`` for a task (of any loop), which waits without blocking its loop. The
+    future is wrapped once: each wrapping adds a callback to it for good (a waiter
+    that wrapped it every second would leave one per second until it resolves)."""
+    waiter = asyncio.wrap_future(future)
+    try:
+        seen_gone = False
+        while True:
+            await asyncio.wait((waiter,), timeout=1.0)  # cancels nothing when it times out
+            if waiter.done():
+                return waiter.result()
             ended = flights.get(key) is not record
             if ended and seen_gone:
                 return RESTART
             seen_gone = ended
+    finally:
+        waiter.cancel()  # this task was cancelled: nothing left to wake (a no-op once done)
 
 
 # The sync batch fetches whose batch function runs here: in this thread, or in one it

@@ -89,21 +89,26 @@ async def result_async(
     future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any
 ) -> Any:
     """``result`` for a task (of any loop), which waits without blocking its loop. The
-    future is wrapped once: each wrapping adds a callback to it for good (a waiter
-    that wrapped it every second would leave one per second until it resolves)."""
+    future is wrapped once (each wrapping adds a callback to it for good), and each
+    second's timeout cancels a shield, not the wrapper. Not ``asyncio.wait``: cancelled
+    in it, its frame (in the error's traceback) holds the wrapper, and so the value."""
     waiter = asyncio.wrap_future(future)
     try:
         seen_gone = False
         while True:
-            await asyncio.wait((waiter,), timeout=1.0)  # cancels nothing when it times out
-            if waiter.done():
-                return waiter.result()
+            try:
+                async with asyncio.timeout(1.0):
+                    return await asyncio.shield(waiter)
+            except TimeoutError:
+                pass
             ended = flights.get(key) is not record
             if ended and seen_gone:
                 return RESTART
             seen_gone = ended
     finally:
         waiter.cancel()  # this task was cancelled: nothing left to wake (a no-op once done)
+        # A cancellation's traceback holds this frame: no value left in it (a GC cycle).
+        future = record = waiter = None  # type: ignore[assignment]
 
 
 # The sync batch fetches whose batch function runs here: in this thread, or in one it

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import sys
 import time
 import traceback
+import weakref
 
 import anyio
 import pytest
@@ -343,3 +345,37 @@ async def test_a_task_waiting_several_seconds_leaves_one_callback_on_the_shared_
         assert await asyncio.gather(computing, *waiters) == [10] * 101
     assert calls == [1], "the waiters computed again instead of waiting"
     assert callbacks <= 100, f"{callbacks} callbacks for 100 waiting tasks"
+
+
+async def test_a_waiter_cancelled_by_its_task_group_frees_the_value_without_the_collector() -> None:
+    """The second task waits for the first's computation; the first then fails, and the
+    task group cancels the second as it is woken. Its cancellation's traceback holds the
+    waiting frames: none of them may hold the value (asyncio.wait's did: a cycle)."""
+    refs: list[weakref.ref[object]] = []
+
+    class Value:
+        pass
+
+    @request_memo
+    async def slow(tag: str) -> Value:
+        await asyncio.sleep(0.02)
+        value = Value()
+        refs.append(weakref.ref(value))
+        return value
+
+    async def fails() -> None:
+        await slow("tg")
+        raise LookupError("the first to finish fails the group")
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with request_scope():
+            with pytest.raises(BaseExceptionGroup):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(fails)
+                    group.start_soon(fails)
+        await asyncio.sleep(0.05)
+        assert len(refs) == 1 and refs[0]() is None, "the value outlived its scope"
+    finally:
+        gc.enable()

@@ -259,23 +259,24 @@ calls.clear()
 
 # A pool: the scope closes while one greenlet computes and three wait for it.
 pool = gevent.pool.Pool(8)
-with request_scope():
+
+def one_computes_three_wait(key):  # in a scope: bound to it
     bound = bind_scope(slow)
-    computing = pool.spawn(bound, "p")
+    computing = pool.spawn(bound, key)
     gevent.sleep(0.01)
-    waiting = [pool.spawn(bound, "p") for _ in range(3)]
+    waiting = [pool.spawn(bound, key) for _ in range(3)]
     gevent.sleep(0.01)
+    return bound, computing, waiting
+
+with request_scope():
+    bound, computing, waiting = one_computes_three_wait("p")
 assert pool.join(timeout=10), "a greenlet hangs"
 out["closed"] = [g.get() for g in [computing, *waiting]], calls[:], live_scopes()
 calls.clear()
 
 # The computing greenlet killed while the others wait: one of them computes it.
 with request_scope():
-    bound = bind_scope(slow)
-    computing = pool.spawn(bound, "q")
-    gevent.sleep(0.01)
-    waiting = [pool.spawn(bound, "q") for _ in range(3)]
-    gevent.sleep(0.01)
+    bound, computing, waiting = one_computes_three_wait("q")
     computing.kill(block=True, timeout=5)
     assert pool.join(timeout=10), "a greenlet hangs"
     out["killed"] = [g.get() for g in waiting], calls[:]
@@ -283,11 +284,7 @@ calls.clear()
 
 # Killed while the scope closes: its waiters restart outside it, and still end.
 with request_scope():
-    bound = bind_scope(slow)
-    computing = pool.spawn(bound, "z")
-    gevent.sleep(0.01)
-    waiting = [pool.spawn(bound, "z") for _ in range(3)]
-    gevent.sleep(0.01)
+    bound, computing, waiting = one_computes_three_wait("z")
 computing.kill(block=True, timeout=5)
 assert pool.join(timeout=10), "a greenlet hangs"
 out["killed_closed"] = [g.get() for g in waiting], live_scopes()

@@ -177,6 +177,18 @@ def sync_flight(request: Any) -> JsonResponse:
     return JsonResponse({"results": results, "mine": slow(key), "calls": EVENTS["calls"][key]})
 
 
+def _late(v: str, key: str, n: int) -> None:
+    """A thread still computing (or waiting for) ``key`` after request ``v`` has ended."""
+    try:
+        value = slow(key, 0.3)
+        where = f"late thread {n}"
+        EVENTS["cleanups"].append(
+            {"v": v, "where": where, "marker": perrequest.get("marker"), "value": value}
+        )
+    except BaseException as exc:
+        EVENTS["errors"].append(f"late thread: {exc!r}")
+
+
 async def outlive(request: Any) -> JsonResponse:
     """Two threads still computing one key when the request ends (one computes, one
     waits): both finish, neither touches another request's store, nobody hangs."""
@@ -184,22 +196,8 @@ async def outlive(request: Any) -> JsonResponse:
     perrequest.set("marker", v)
     key = f"outlive-{v}"
 
-    def late(n: int) -> None:
-        try:
-            value = slow(key, 0.3)
-            EVENTS["cleanups"].append(
-                {
-                    "v": v,
-                    "where": f"late thread {n}",
-                    "marker": perrequest.get("marker"),
-                    "value": value,
-                }
-            )
-        except BaseException as exc:
-            EVENTS["errors"].append(f"late thread: {exc!r}")
-
     for n in range(2):
-        task = asyncio.ensure_future(sync_to_async(late, thread_sensitive=False)(n))
+        task = asyncio.ensure_future(sync_to_async(_late, thread_sensitive=False)(v, key, n))
         _TASKS.add(task)
         task.add_done_callback(_TASKS.discard)
     await asyncio.sleep(0.05)  # both threads are in: one computes, the other waits
@@ -215,22 +213,8 @@ def outlive_sync(request: Any) -> JsonResponse:
     perrequest.set("marker", v)
     key = f"outlive-{v}"
 
-    def late(n: int) -> None:
-        try:
-            value = slow(key, 0.3)
-            EVENTS["cleanups"].append(
-                {
-                    "v": v,
-                    "where": f"late thread {n}",
-                    "marker": perrequest.get("marker"),
-                    "value": value,
-                }
-            )
-        except BaseException as exc:
-            EVENTS["errors"].append(f"late thread: {exc!r}")
-
     for n in range(2):
-        threading.Thread(target=contextvars.copy_context().run, args=(late, n)).start()
+        threading.Thread(target=contextvars.copy_context().run, args=(_late, v, key, n)).start()
     time.sleep(0.05)
     return JsonResponse({"started": key})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -164,3 +165,15 @@ def serve_gunicorn(
     ]
     with serve_subprocess(argv, port, cwd=cwd, env=env) as url:
         yield url
+
+
+def read_part_then_reset(port: int, path: str) -> None:
+    """A client that reads the start of a long body, then goes away (RST)."""
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        received = 0
+        while received < 64 * 1024:
+            data = sock.recv(65536)
+            assert data, "the server closed the stream early"
+            received += len(data)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -12,8 +12,6 @@ open, and no body's cleanup sees another request's store.
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 import sys
 import threading
 import time
@@ -25,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from more_servers_apps import WORKER_THREADS
-from servers import HOST, free_port, serve_subprocess
+from servers import HOST, free_port, read_part_then_reset, serve_subprocess
 
 import perrequest
 from perrequest._active import _current
@@ -150,18 +148,6 @@ def test_concurrent_requests_keep_their_own_values_and_leave_nothing_behind(serv
         assert all(p["var"] == "None" for p in pool_state["pool"]), pool_state
 
 
-def _read_part_then_reset(port: int, path: str) -> None:
-    """A client that reads the start of a long body, then goes away (RST)."""
-    with socket.create_connection((HOST, port), timeout=10) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-        received = 0
-        while received < 64 * 1024:
-            data = sock.recv(65536)
-            assert data, "the server closed the stream early"
-            received += len(data)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
 DISCONNECTS = 8
 
 
@@ -174,7 +160,7 @@ def test_clients_leaving_mid_body_leave_no_scope_and_no_cleanup_in_anothers(serv
         for n in range(DISCONNECTS):
             query = _stream_query(server, n)
             path = f"/stream?rid=gone-{n}&chunks={chunks}&size=16384&{query}"
-            _read_part_then_reset(port, path)
+            read_part_then_reset(port, path)
             assert _one(client, server, 2 * n) is None  # a view while that body unwinds
         state = _state(client, {"view": DISCONNECTS})
         raw = _raw_everywhere(client, base)

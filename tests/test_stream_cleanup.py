@@ -9,13 +9,11 @@ requests in whose middle the collector runs (tests/stream_apps.py).
 
 from __future__ import annotations
 
-import socket
-import struct
 import sys
 
 import httpx
 import pytest
-from servers import HOST, free_port, serve_subprocess
+from servers import HOST, free_port, read_part_then_reset, serve_subprocess
 
 SERVERS = ("uvicorn", "hypercorn", "granian")
 DISCONNECTS = 30
@@ -33,18 +31,6 @@ def _argv(server: str, port: int, app: str = "stream_apps:app") -> list[str]:
     return [*argv, "--log-level", "warning"]
 
 
-def _read_part_then_reset(port: int, path: str) -> None:
-    """A client that reads the start of a long body, then goes away (RST)."""
-    with socket.create_connection((HOST, port), timeout=10) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-        received = 0
-        while received < 64 * 1024:
-            data = sock.recv(65536)
-            assert data, "the server closed the stream early"
-            received += len(data)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
 @pytest.mark.parametrize("body", ["sync", "async"])
 @pytest.mark.parametrize("server", SERVERS)
 def test_abandoned_stream_cleanups_never_see_another_requests_store(server: str, body: str) -> None:
@@ -54,7 +40,7 @@ def test_abandoned_stream_cleanups_never_see_another_requests_store(server: str,
         httpx.Client(base_url=base, timeout=10) as client,
     ):
         for n in range(DISCONNECTS):
-            _read_part_then_reset(port, f"/stream/{body}?rid=stream-{n}")
+            read_part_then_reset(port, f"/stream/{body}?rid=stream-{n}")
             if n % 3 == 2:  # other requests, with collections in their middle
                 assert client.get("/collect", params={"rid": f"other-{n}"}).text == "True"
         for n in range(3):

@@ -76,7 +76,10 @@ def wait_for_checks(read: Callable[[], dict[str, Any]], total: int) -> dict[str,
     return tally
 
 
-def test_uvicorn_asyncio_requests_never_see_another_requests_values() -> None:
+# uvicorn picks uvloop and httptools when installed (``uvicorn[standard]``, the usual
+# production install), and asyncio with h11 otherwise: both run.
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_uvicorn_asyncio_requests_never_see_another_requests_values(loop: str) -> None:
     apps.TALLY.reset()
     paths = [f"/iso/a{i}" if i % 4 else f"/iso-sync/s{i}" for i in range(REQUESTS)]
     bad_bodies: list[str] = []
@@ -92,7 +95,8 @@ def test_uvicorn_asyncio_requests_never_see_another_requests_values() -> None:
     async def clients(base: str) -> None:
         await asyncio.gather(*(client(base, paths[i::CLIENTS]) for i in range(CLIENTS)))
 
-    with serve_uvicorn(apps.asgi_app) as base:
+    http = "httptools" if loop == "uvloop" else "h11"
+    with serve_uvicorn(apps.asgi_app, loop=loop, http=http) as base:
         asyncio.run(clients(base))
         sync_requests = sum(1 for path in paths if path.startswith("/iso-sync/"))
         expected = expected_places(
@@ -210,7 +214,12 @@ async def _hang_ups_and_requests(base: str, port: int) -> list[str]:
 
 @pytest.mark.parametrize(
     ("server", "base_http"),
-    [("uvicorn", "none"), ("hypercorn", "outside"), ("granian", "inside")],
+    [
+        ("uvicorn", "none"),
+        ("uvicorn-asyncio", "inside"),
+        ("hypercorn", "outside"),
+        ("granian", "inside"),
+    ],
 )
 def test_hang_ups_under_load_never_show_a_request_another_requests_values(
     server: str, base_http: str

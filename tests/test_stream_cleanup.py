@@ -15,15 +15,18 @@ import httpx
 import pytest
 from servers import HOST, free_port, read_part_then_reset, serve_subprocess
 
-SERVERS = ("uvicorn", "hypercorn", "granian")
+# "uvicorn": uvloop and httptools (uvicorn[standard]); "uvicorn-asyncio": asyncio and h11.
+SERVERS = ("uvicorn", "uvicorn-asyncio", "hypercorn", "granian")
 DISCONNECTS = 30
 
 
 def _argv(server: str, port: int, app: str = "stream_apps:app") -> list[str]:
     """The command that serves ``app`` (``module:attribute``) on ``port``."""
-    argv = [sys.executable, "-m", server]
+    argv = [sys.executable, "-m", server.split("-")[0]]
     if server == "uvicorn":
-        argv += [app, "--host", HOST, "--port", str(port)]
+        argv += [app, "--host", HOST, "--port", str(port), "--loop", "uvloop"]
+    elif server == "uvicorn-asyncio":
+        argv += [app, "--host", HOST, "--port", str(port), "--loop", "asyncio", "--http", "h11"]
     elif server == "hypercorn":
         argv += [app, "--bind", f"{HOST}:{port}"]
     else:

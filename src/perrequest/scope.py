@@ -44,9 +44,14 @@ T = TypeVar("T")
 # a finalizer that takes the lock again.
 _entering = threading.RLock()
 
-NO_SCOPE_HINT = (
+OPEN_SCOPE_HINT = (
     "Add perrequest's RequestScopeMiddleware to the app, or wrap the code in "
     "`with perrequest.request_scope():` (workers, scripts, tests)."
+)
+NO_SCOPE_HINT = (
+    f"{OPEN_SCOPE_HINT} If the middleware is there, this code runs in a thread that "
+    "does not copy the context (loop.run_in_executor, threading.Thread, "
+    "executor.submit): hand it the scope with perrequest.bind_scope(fn)."
 )
 
 
@@ -209,7 +214,7 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
     if store is None:
         raise NoActiveScope(
             f"bind_scope({getattr(fn, '__qualname__', fn)!r}) was called outside a request "
-            f"scope, so there is no scope to bind. Call it inside the request. {NO_SCOPE_HINT}"
+            f"scope, so there is no scope to bind. Call it inside the request. {OPEN_SCOPE_HINT}"
         )
 
     fetching = within.get()  # a batch function's worker loads its fetch's keys itself

@@ -115,3 +115,114 @@ def test_outside_scope_warning_reads_as_errors_md_quotes(
                 f"errors.md quotes {part!r}; the WARNING is {message!r}"
             )
     assert name in message
+
+
+# -- the defaults the pages state are the signatures' -----------------------------------------
+
+
+def _defaults(obj: object) -> dict[str, object]:
+    import inspect
+
+    assert callable(obj)
+    return {
+        name: p.default
+        for name, p in inspect.signature(obj).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def test_stated_defaults_are_the_signatures() -> None:
+    from perrequest.asgi import RequestScopeMiddleware as Asgi
+    from perrequest.flask import PerRequest
+    from perrequest.wsgi import RequestScopeMiddleware as Wsgi
+
+    assert perrequest.DEFAULT_MAX_ENTRIES == 10_000  # "10 000" in index.md, semantics.md
+    for page in ("index.md", "semantics.md"):
+        assert "10 000" in (DOCS / page).read_text()
+    # frameworks/asgi.md's options fragment
+    asgi = (DOCS / "frameworks" / "asgi.md").read_text()
+    assert _defaults(Asgi) == {"max_entries": 10_000, "scope_types": ("http",), "on_close": None}
+    for shown in ("max_entries=10_000,", 'scope_types=("http",),', "on_close=None,"):
+        assert shown in asgi
+    assert _defaults(Wsgi) == {"max_entries": 10_000, "on_close": None}
+    # frameworks/flask.md's signature line
+    flask = (DOCS / "frameworks" / "flask.md").read_text()
+    assert "`PerRequest(app=None, *, max_entries=10_000, on_close=None)`" in flask
+    assert _defaults(PerRequest) == {"app": None, "max_entries": 10_000, "on_close": None}
+    assert _defaults(request_memo) == {
+        "fn": None,
+        "key": None,
+        "typed": False,
+        "max_entries": None,
+        "outside_scope": "warn",
+        "shared": None,
+        "version": None,
+    }
+
+
+def test_redis_md_defaults_are_the_signatures() -> None:
+    pytest.importorskip("redis")
+    from perrequest.redis import RedisCache
+
+    page = (DOCS / "redis.md").read_text()
+    defaults = _defaults(RedisCache)
+    stated = {
+        "lock_timeout": ("`lock_timeout` (default 5 s)", 5.0),
+        "op_timeout": ("**`op_timeout`** (default 0.5 s)", 0.5),
+        "max_value_bytes": ("`max_value_bytes` (default 1 MiB)", 1024 * 1024),
+        "retry_after": ("**`retry_after`** (default 1 s)", 1.0),
+    }
+    for name, (sentence, value) in stated.items():
+        assert sentence in page, f"redis.md no longer says {sentence!r}: update this test"
+        assert defaults[name] == value, f"redis.md says {sentence}; the code's is {defaults[name]}"
+    assert "ttl" not in defaults and "namespace" not in defaults  # required, as stated
+
+
+# -- frameworks/django.md: the ImproperlyConfigured table ------------------------------------
+
+
+def _table_rows(page: Path, header: str) -> list[list[str]]:
+    """The rows of the Markdown table whose header line starts with ``header``."""
+    lines = page.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def _quoted_pieces(cell: str) -> list[str]:
+    """The literal parts of a quoted message: `a ... b` is a and b."""
+    (quote,) = re.findall(r"`([^`]+)`", cell)
+    return [piece.strip() for piece in quote.split("...") if piece.strip()]
+
+
+DJANGO_MISTAKES: dict[str, object] = {
+    "`PERREQUEST` not a dict": [1],
+    "an unknown key": {"MAX_ENTIRES": 3},
+    "`MAX_ENTRIES` not an int": {"MAX_ENTRIES": "100"},
+    "`ON_CLOSE` a dotted path that does not import": {"ON_CLOSE": "nowhere.record"},
+    "`ON_CLOSE` not callable": {"ON_CLOSE": 3},
+}
+
+
+def test_django_settings_errors_read_as_the_table_quotes() -> None:
+    pytest.importorskip("django")
+    import django_project
+
+    django_project.setup()  # as tests/test_django.py: unless configured already
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test import override_settings
+
+    from perrequest.django import RequestScopeMiddleware
+
+    rows = _table_rows(DOCS / "frameworks" / "django.md", "| mistake | message says |")
+    assert len(rows) == len(DJANGO_MISTAKES)
+    for mistake, says in rows:
+        (value,) = [v for k, v in DJANGO_MISTAKES.items() if mistake.startswith(k)]
+        with override_settings(PERREQUEST=value), pytest.raises(ImproperlyConfigured) as info:
+            RequestScopeMiddleware(lambda request: None)
+        for piece in _quoted_pieces(says):
+            assert piece in str(info.value), f"django.md: {mistake}: {piece!r} not in {info.value}"

@@ -14,7 +14,7 @@ concurrent requests never mix their counts).
 
 Run it (from the repository root):
 
-    uvicorn examples.graphql_app:app
+    uvicorn examples.graphql_app:app --reset-contextvars
     python examples/graphql_app.py     # serves on 127.0.0.1:8000 (or $PORT)
 
 Then:

@@ -1,7 +1,8 @@
 """FastAPI: one permissions query per request, however many places ask.
 
 Run it: `python fastapi_app.py` (it serves three requests through
-FastAPI's test client), or serve it: `uvicorn fastapi_app:app`.
+FastAPI's test client), or serve it:
+`uvicorn fastapi_app:app --reset-contextvars`.
 """
 
 from typing import Annotated

@@ -181,10 +181,10 @@ def test_redis_md_defaults_are_the_signatures() -> None:
 # -- frameworks/django.md: the ImproperlyConfigured table ------------------------------------
 
 
-def _table_rows(page: Path, header: str) -> list[list[str]]:
-    """The rows of the Markdown table whose header line starts with ``header``."""
+def _table_rows(page: Path, header: str, nth: int = 0) -> list[list[str]]:
+    """The rows of the ``nth`` Markdown table whose header line starts with ``header``."""
     lines = page.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    start = [i for i, line in enumerate(lines) if line.startswith(header)][nth]
     rows = []
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
@@ -226,3 +226,166 @@ def test_django_settings_errors_read_as_the_table_quotes() -> None:
             RequestScopeMiddleware(lambda request: None)
         for piece in _quoted_pieces(says):
             assert piece in str(info.value), f"django.md: {mistake}: {piece!r} not in {info.value}"
+
+
+# -- errors.md: every configuration mistake raises what its table says -----------------------
+
+
+def _gen() -> object:
+    yield 1
+
+
+def _wsgi_app(environ: object, start_response: object) -> list[bytes]:
+    return []
+
+
+async def _asgi_app(scope: object, receive: object, send: object) -> None:
+    return None
+
+
+async def _async_on_close(stats: object) -> None:
+    return None
+
+
+def _enter_class_itself() -> None:
+    with request_scope:  # type: ignore[attr-defined]
+        pass
+
+
+def _config_mistakes() -> dict[str, list[object]]:
+    """errors.md's first column (its start) -> calls that each make that mistake."""
+    import collections
+
+    import cachetools
+
+    from perrequest.asgi import RequestScopeMiddleware as Asgi
+    from perrequest.wsgi import RequestScopeMiddleware as Wsgi
+
+    return {
+        "`max_entries` not an int": [
+            lambda v=v: request_scope(max_entries=v) for v in ("10", 1.5, True)
+        ],
+        "`max_entries` zero or negative": [lambda: request_scope(max_entries=0)],
+        "`on_close` not callable": [
+            lambda: request_scope(on_close=1),
+            lambda: request_scope(on_close=_async_on_close),
+            lambda: request_scope(on_close=lambda a, b: None),
+        ],
+        "an unknown option name": [
+            lambda: request_memo(maxsize=10),
+            lambda: request_scope(max_entires=1),
+            lambda: Asgi(_asgi_app, max_entires=1),
+            lambda: Wsgi(_wsgi_app, max_entires=1),
+            lambda: perrequest.request_batch(maxsize=1),
+        ],
+        "`request_memo(outside_scope=...)`": [lambda: request_memo(outside_scope="ignore")],
+        "`request_memo(key=...)`": [
+            lambda: request_memo(key=_async_on_close),
+            lambda: request_memo(typed=1),
+        ],
+        "`request_memo(shared=...)` a `dict`": [
+            lambda: request_memo(shared={}),
+            lambda: request_memo(shared=collections.OrderedDict()),
+        ],
+        "`request_memo(shared=...)` given a class": [
+            lambda: request_memo(shared=cachetools.LRUCache)
+        ],
+        "`RedisCache(ttl=None)`": [],  # tests/test_redis.py (needs redis-py)
+        "`RedisCache` on something else": [],  # tests/test_redis.py
+        "`request_memo(version=...)`": [
+            lambda: request_memo(version=2),
+            lambda: request_memo(version=2, shared=cachetools.LRUCache(10)),
+        ],
+        "`@request_memo`, `@request_scope()` or `bind_scope` on a generator": [
+            lambda: request_memo(_gen),
+            lambda: request_scope()(_gen),
+        ],
+        "`add_scope_listener(None)`": [lambda: perrequest.add_scope_listener(None)],
+        "`@request_scope` without the parentheses": [lambda: request_scope(print)],
+        "`with request_scope:`": [_enter_class_itself],
+        "`MemoStore(on_close=...)`": [lambda: perrequest.MemoStore(on_close=print)],
+        '`scope_types` containing `"lifespan"`': [
+            lambda: Asgi(_asgi_app, scope_types=("lifespan",))
+        ],
+        "the ASGI middleware": [lambda: Asgi(_wsgi_app), lambda: Wsgi(_asgi_app)],
+        "a bad `settings.PERREQUEST`": [],  # test_django_settings_errors_read_as_the_table_quotes
+    }
+
+
+def test_every_configuration_mistake_raises_what_errors_md_says() -> None:
+    rows = _table_rows(DOCS / "errors.md", "| mistake | error |")
+    mistakes = _config_mistakes()
+    unmatched = [m for m, _ in rows if not any(m.startswith(k) for k in mistakes)]
+    assert not unmatched, f"errors.md rows without a check here: {unmatched}"
+    for mistake, error in rows:
+        (calls,) = [v for k, v in mistakes.items() if mistake.startswith(k)]
+        named = set(re.findall(r"`(\w+Error|ImproperlyConfigured)`", error.split(":")[0]))
+        assert named, f"errors.md: {mistake}: no exception class named in {error!r}"
+        for call in calls:
+            exc = _error(call)
+            assert type(exc).__name__ in named, f"{mistake}: {type(exc).__name__}: {exc}"
+    assert "Did you mean max_entries=?" in str(_error(lambda: request_memo(maxsize=10)))
+    shared = str(_error(lambda: request_memo(shared={})))
+    assert "cachetools.LRUCache" in shared and "TTLCache" in shared
+
+
+async def _coroutine() -> int:
+    return 1
+
+
+def _runtime_mistakes() -> dict[str, list[object]]:
+    """errors.md's "can only be seen when the code runs" table -> calls making each."""
+
+    @request_memo
+    def returns_a_coroutine() -> object:
+        return _coroutine()
+
+    @request_memo
+    def returns_a_generator() -> object:
+        return (x for x in [1])
+
+    def assign_a_memo_key() -> None:
+        @request_memo
+        def f(x: int) -> int:
+            return x
+
+        f(1)
+        store = perrequest.current_store()
+        (memo_key,) = list(store)
+        store[memo_key] = 2
+
+    def exit_unentered() -> None:
+        request_scope().__exit__(None, None, None)
+
+    return {
+        "a sync memoized function (or one run by": [returns_a_coroutine],
+        "a sync memoized function returns a generator": [returns_a_generator],
+        "a `shared=RedisCache(...)` memo called with": [],  # tests/test_redis.py
+        "a `shared=RedisCache(...)` memo returning": [],  # tests/test_redis.py
+        "an unhashable key": [
+            lambda: perrequest.get([1]),
+            lambda: perrequest.set([1], 1),
+            lambda: perrequest.current_store().__contains__([1]),
+        ],
+        "`get_or_set(key, 42)`": [lambda: perrequest.get_or_set("k", 42)],
+        "`get_or_set` with a factory that returns a coroutine": [
+            lambda: perrequest.get_or_set("k", _coroutine)
+        ],
+        "assigning to a memo entry's key": [assign_a_memo_key],
+        "exiting a `request_scope()` object": [exit_unentered],
+    }
+
+
+def test_every_runtime_mistake_raises_what_errors_md_says() -> None:
+    rows = _table_rows(DOCS / "errors.md", "| mistake | error |", nth=1)
+    mistakes = _runtime_mistakes()
+    unmatched = [m for m, _ in rows if not any(m.startswith(k) for k in mistakes)]
+    assert not unmatched, f"errors.md rows without a check here: {unmatched}"
+    for mistake, error in rows:
+        (calls,) = [v for k, v in mistakes.items() if mistake.startswith(k)]
+        named = set(re.findall(r"`(\w+Error|\w+Arguments)`", error.split(":")[0]))
+        assert named, f"errors.md: {mistake}: no exception class named in {error!r}"
+        for call in calls:
+            with request_scope():
+                exc = _error(call)
+            assert type(exc).__name__ in named, f"{mistake}: {type(exc).__name__}: {exc}"

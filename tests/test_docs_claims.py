@@ -389,3 +389,29 @@ def test_every_runtime_mistake_raises_what_errors_md_says() -> None:
             with request_scope():
                 exc = _error(call)
             assert type(exc).__name__ in named, f"{mistake}: {type(exc).__name__}: {exc}"
+
+
+# -- the tests the pages cite exist -----------------------------------------------------------
+
+
+def test_every_test_a_page_cites_exists() -> None:
+    """security.md and reliability.md say which test checks each guarantee: a renamed
+    or removed test must take the sentence with it."""
+    pages = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+    missing = []
+    for page in pages:
+        text = page.read_text()
+        for path, name in re.findall(r"(tests/\w+\.py)::(\w+)", text):
+            source = (ROOT / path).read_text() if (ROOT / path).is_file() else ""
+            if not re.search(rf"^(?:def|class|async def) {name}\b|^{name} = ", source, re.M):
+                missing.append(f"{page.name}: {path}::{name}")
+        for path in re.findall(r"(?<![\w/])(tests/\w+\.py)\b", text):
+            if not (ROOT / path).is_file():
+                missing.append(f"{page.name}: {path}")
+        for name in re.findall(r"`(test_\w+)`", text):
+            in_tests = any(
+                re.search(rf"def {name}\b", p.read_text()) for p in (ROOT / "tests").glob("*.py")
+            )
+            if not in_tests and not (ROOT / "tests" / f"{name}.py").is_file():
+                missing.append(f"{page.name}: {name}")
+    assert not missing, f"pages cite tests that do not exist: {missing}"

@@ -415,3 +415,41 @@ def test_every_test_a_page_cites_exists() -> None:
             if not in_tests and not (ROOT / "tests" / f"{name}.py").is_file():
                 missing.append(f"{page.name}: {name}")
     assert not missing, f"pages cite tests that do not exist: {missing}"
+
+
+# -- links between pages ----------------------------------------------------------------------
+
+
+def _slug(heading: str) -> str:
+    """Python-Markdown's toc slug, as mkdocs makes a heading's anchor."""
+    import unicodedata
+
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.replace("`", ""))
+    text = unicodedata.normalize("NFKD", text)
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def _prose(page: Path) -> str:
+    return re.sub(r"^(`{3,}).*?^\1", "", page.read_text(), flags=re.S | re.M)
+
+
+def test_links_between_pages_and_their_anchors_exist() -> None:
+    """mkdocs checks docs/ in strict mode; README.md, read on GitHub and PyPI, too."""
+    pages = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+    anchors = {
+        page.resolve(): {_slug(h) for h in re.findall(r"^#+\s+(.*)$", _prose(page), re.M)}
+        for page in pages
+    }
+    dead = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", _prose(page)):
+            if link.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page.resolve()
+            if not target.exists():
+                dead.append(f"{page.relative_to(ROOT)}: {link}")
+            elif anchor and target.suffix == ".md" and anchor not in anchors.get(target, set()):
+                dead.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
+    assert not dead, f"dead links: {dead}"

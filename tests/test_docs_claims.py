@@ -453,3 +453,10 @@ def test_links_between_pages_and_their_anchors_exist() -> None:
             elif anchor and target.suffix == ".md" and anchor not in anchors.get(target, set()):
                 dead.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
     assert not dead, f"dead links: {dead}"
+
+
+def test_exiting_an_unentered_scope_says_what_to_do() -> None:
+    """DESIGN.md, Errors: every misuse's message says what to do instead."""
+    exc = _error(lambda: request_scope().__exit__(None, None, None))
+    assert type(exc) is RuntimeError
+    assert "not entered" in str(exc) and "`with request_scope():`" in str(exc), str(exc)

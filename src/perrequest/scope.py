@@ -171,7 +171,11 @@ class request_scope(metaclass=_Forgotten):
         tb: TracebackType | None,
     ) -> None:
         if not isinstance(self._store, MemoStore):
-            raise RuntimeError("request_scope() exited, but it was not entered")
+            raise RuntimeError(
+                "request_scope() exited, but it was not entered: let the statement that "
+                "enters it exit it, `with request_scope():` (or an ExitStack's "
+                "enter_context), rather than calling __exit__ by hand."
+            )
         close_scope(self._store)
 
     async def __aenter__(self) -> MemoStore:

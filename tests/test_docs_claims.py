@@ -460,3 +460,10 @@ def test_exiting_an_unentered_scope_says_what_to_do() -> None:
     exc = _error(lambda: request_scope().__exit__(None, None, None))
     assert type(exc) is RuntimeError
     assert "not entered" in str(exc) and "`with request_scope():`" in str(exc), str(exc)
+
+
+def test_a_bad_listener_is_told_how_to_stop_one() -> None:
+    """errors.md: add_scope_listener(None) -> TypeError "(to stop one,
+    remove_scope_listener)": None is what a caller passes meaning "no listener"."""
+    exc = _error(lambda: perrequest.add_scope_listener(None))  # type: ignore[arg-type]
+    assert type(exc) is TypeError and "remove_scope_listener" in str(exc), str(exc)

@@ -125,6 +125,11 @@ def observed() -> bool:  # beyond a scope's own on_close
 def add_scope_listener(listener: Callable[[ScopeStats], object]) -> None:
     """Call ``listener(stats)`` for every scope that closes in this process, after its
     ``on_close``. A listener that raises is logged, never propagated."""
+    if listener is None:
+        raise TypeError(
+            "add_scope_listener() must be a callable taking ScopeStats, not None. "
+            "To stop a listener, call remove_scope_listener(fn) with it."
+        )
     listener = check_on_close(listener, "add_scope_listener()", optional=False)  # type: ignore[assignment]
     with _listeners_lock:
         if listener not in listeners:

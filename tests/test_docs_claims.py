@@ -467,3 +467,26 @@ def test_a_bad_listener_is_told_how_to_stop_one() -> None:
     remove_scope_listener)": None is what a caller passes meaning "no listener"."""
     exc = _error(lambda: perrequest.add_scope_listener(None))  # type: ignore[arg-type]
     assert type(exc) is TypeError and "remove_scope_listener" in str(exc), str(exc)
+
+
+def test_a_loader_outside_a_scope_names_the_same_fixes_as_a_memo(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """batching.md: a loader's outside_scope is request_memo's; semantics.md: the WARNING
+    names the fix, bind_scope for a thread included. The loader's named only the
+    middleware and request_scope()."""
+
+    @perrequest.request_batch
+    def loader_outside(keys: list[int]) -> list[int]:
+        return keys
+
+    @request_memo
+    def memo_outside(key: int) -> int:
+        return key
+
+    with caplog.at_level(logging.WARNING, logger="perrequest"):
+        loader_outside.load(1)
+        memo_outside(1)
+    loader, memo = (r.getMessage() for r in caplog.records if r.name == "perrequest")
+    for fix in ("PerRequest(app)", "perrequest.django.RequestScopeMiddleware", "bind_scope"):
+        assert fix in memo and fix in loader, (fix, loader)

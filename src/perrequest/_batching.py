@@ -18,7 +18,7 @@ from ._stats import Counter, function_name
 from ._waits import done_waiting, gone, may_wait
 from ._waits import within as _within
 from .errors import ScopeClosed, UnhashableArguments
-from .memo import refuse_or_warn
+from .memo import OUTSIDE_FIX, refuse_or_warn
 from .store import MemoStore
 
 UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
@@ -191,8 +191,7 @@ class _BatchSpec:
             self.name,
             self.outside_scope,
             "batched or cached",
-            "Register RequestScopeMiddleware, or wrap the code in `with "
-            "perrequest.request_scope():`.",
+            OUTSIDE_FIX,
         )
         return missing_keys(keys, cks)
 

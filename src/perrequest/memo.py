@@ -106,10 +106,7 @@ class _MemoSpec:
             self.name,
             self.outside_scope,
             "cached",
-            "Register RequestScopeMiddleware (Flask: PerRequest(app); Django: "
-            "perrequest.django.RequestScopeMiddleware), wrap worker code in `with "
-            "perrequest.request_scope():`, or hand the scope to a thread with "
-            "perrequest.bind_scope(fn).",
+            OUTSIDE_FIX,
         )
         return self.fn(*args, **kwargs)  # for an async function, the caller awaits it
 
@@ -289,6 +286,14 @@ def request_memo(
             f"(@request_memo(max_entries=100)), not {fn!r}"
         )
     return decorate(fn)
+
+
+OUTSIDE_FIX = (
+    "Register RequestScopeMiddleware (Flask: PerRequest(app); Django: "
+    "perrequest.django.RequestScopeMiddleware), wrap worker code in `with "
+    "perrequest.request_scope():`, or hand the scope to a thread with "
+    "perrequest.bind_scope(fn)."
+)
 
 
 def refuse_or_warn(decorator: str, name: str, outside_scope: str, what: str, fix: str) -> None:

@@ -284,6 +284,20 @@ def test_a_misspelt_option_names_the_closest_valid_one(make: Any, typo: str, mea
         make(**{typo: 1})
 
 
+def test_an_option_passed_positionally_says_options_are_keywords() -> None:
+    """``RequestScopeMiddleware(app, 100)``: Python alone would only count arguments."""
+    from perrequest.asgi import RequestScopeMiddleware as ASGIMiddleware
+    from perrequest.flask import PerRequest
+    from perrequest.wsgi import RequestScopeMiddleware as WSGIMiddleware
+
+    for made in (ASGIMiddleware, WSGIMiddleware, PerRequest):
+        app = None if made is PerRequest else (lambda *a: None)
+        with pytest.raises(
+            TypeError, match=r"takes its options as keywords \(max_entries=.*not 100"
+        ):
+            made(app, 100)  # type: ignore[misc]
+
+
 def test_a_store_you_make_takes_no_on_close() -> None:
     """Only a scope calls on_close: a store made by hand is never closed by one."""
     with pytest.raises(

@@ -56,6 +56,10 @@ def explains_options(where: str, hint: str = "", misused: str = "") -> Callable[
     return decorate
 
 
+# ``misused`` for the middlewares and extensions: what Python would say is a bare count.
+KEYWORD_ONLY = "{where} takes its options as keywords ({options}), not {{0!r}}"
+
+
 def check_max_entries(value: object, what: str = "max_entries") -> int | None:
     if value is None:
         return None

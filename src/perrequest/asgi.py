@@ -21,7 +21,13 @@ from ._active import (
     opened_by_a_middleware,
     opened_outside,
 )
-from ._checks import check_max_entries, check_on_close, explains_options, is_wsgi_app
+from ._checks import (
+    KEYWORD_ONLY,
+    check_max_entries,
+    check_on_close,
+    explains_options,
+    is_wsgi_app,
+)
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
@@ -97,6 +103,10 @@ class RequestScopeMiddleware:
         hint=" (Starlette and FastAPI pass the options of app.add_middleware("
         "RequestScopeMiddleware, ...) on when they build the middleware stack, at startup or "
         "on the first request: the typo is in that call.)",
+        misused=KEYWORD_ONLY.format(
+            where="RequestScopeMiddleware(app, ...)",
+            options="max_entries=..., scope_types=..., on_close=...",
+        ),
     )
     def __init__(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flask import Flask
 
 from ._active import OnClose
-from ._checks import check_max_entries, check_on_close, explains_options
+from ._checks import KEYWORD_ONLY, check_max_entries, check_on_close, explains_options
 from .store import DEFAULT_MAX_ENTRIES
 from .wsgi import RequestScopeMiddleware
 
@@ -39,7 +39,12 @@ class PerRequest:
 
     __slots__ = ("_max_entries", "_on_close")
 
-    @explains_options("PerRequest()")
+    @explains_options(
+        "PerRequest()",
+        misused=KEYWORD_ONLY.format(
+            where="PerRequest(app, ...)", options="max_entries=..., on_close=..."
+        ),
+    )
     def __init__(
         self,
         app: Flask | None = None,

@@ -24,7 +24,13 @@ from ._active import (
     open_request,
     opened_outside,
 )
-from ._checks import check_max_entries, check_on_close, explains_options, is_async_callable
+from ._checks import (
+    KEYWORD_ONLY,
+    check_max_entries,
+    check_on_close,
+    explains_options,
+    is_async_callable,
+)
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
@@ -52,7 +58,12 @@ class RequestScopeMiddleware:
 
     __slots__ = ("_options", "app")
 
-    @explains_options("RequestScopeMiddleware()")
+    @explains_options(
+        "RequestScopeMiddleware()",
+        misused=KEYWORD_ONLY.format(
+            where="RequestScopeMiddleware(app, ...)", options="max_entries=..., on_close=..."
+        ),
+    )
     def __init__(
         self,
         app: WSGIApp,

@@ -1,0 +1,421 @@
+"""The shared tiers attacked on real servers with real faults: gunicorn (``sync`` and
+``gthread``, several workers) with Flask, ``uvicorn --workers 2`` with Starlette, and a
+real redis-server that is killed, restarted and paused while requests run.
+
+Apps: ``tests/redis_attack_apps.py``. Every computation is a line in a log file that
+every worker appends to, so "computed once" is counted across processes, also while
+Redis is down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from servers import HOST, free_port, serve_gunicorn, serve_subprocess
+
+pytestmark = pytest.mark.timeout(240)
+
+
+class App:
+    """A served app, its log of computations, and an HTTP client that opens a new
+    connection per request (a kept-alive one stays with one worker)."""
+
+    def __init__(self, base: str, log: Path) -> None:
+        self.base, self.log = base, log
+        limits = httpx.Limits(max_keepalive_connections=0, max_connections=64)
+        self.http = httpx.Client(base_url=base, timeout=30, limits=limits)
+
+    def get(self, path: str, **kw: Any) -> dict[str, Any]:
+        response = self.http.get(path, **kw)
+        assert response.status_code == 200, (path, response.status_code, response.text[:2000])
+        return dict(response.json())
+
+    def post(self, path: str, body: Any, **kw: Any) -> dict[str, Any]:
+        response = self.http.post(path, json=body, **kw)
+        assert response.status_code == 200, (path, response.status_code, response.text[:2000])
+        return dict(response.json())
+
+    def computed(self, kind: str | None = None) -> list[list[str]]:
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        rows = [line.split(" ") for line in lines]
+        return [r for r in rows if kind is None or r[0] == kind]
+
+    def burst(self, path: str, n: int) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(lambda _: self.get(path), range(n)))
+
+    def states(self, workers: int, rounds: int = 200) -> dict[int, dict[str, Any]]:
+        """``/_state`` of every worker (new connections until each has answered)."""
+        seen: dict[int, dict[str, Any]] = {}
+        for _ in range(rounds):
+            got = self.get("/_state")  # one at a time: no other request is live
+            seen[got["pid"]] = got
+            if len(seen) >= workers:
+                return seen
+            time.sleep(0.02)
+        raise AssertionError(f"only {len(seen)} of {workers} workers answered")
+
+
+@contextmanager
+def served(
+    kind: str, port: int, tmp: Path, workers: int = 2, threads: int = 4, **env: str
+) -> Iterator[App]:
+    full_env = {"REDIS_PORT": str(port), "LOG_DIR": str(tmp), **env}
+    if kind == "uvicorn":
+        http_port = free_port()
+        argv = [
+            sys.executable, "-m", "uvicorn", "redis_attack_apps:starlette_app", "--host", HOST,
+            "--port", str(http_port), "--workers", str(workers), "--log-level", "warning",
+        ]  # fmt: skip
+        server = serve_subprocess(argv, http_port, env={**full_env, "APP": "starlette"})
+    else:
+        threads = 1 if kind == "sync" else threads  # (more threads make it gthread)
+        server = serve_gunicorn(
+            "redis_attack_apps:flask_app", worker_class=kind, threads=threads, workers=workers,
+            env={**full_env, "APP": "flask"},
+        )  # fmt: skip
+    with server as base:
+        app = App(base, tmp / "computed")
+        try:
+            # every worker up (uvicorn's children import after the port is bound)
+            app.states(workers)
+            yield app
+        finally:
+            app.http.close()
+
+
+def _hammer(
+    app: App, names: list[str], stop: threading.Event, limit: float
+) -> Callable[[], tuple[list[float], list[str]]]:
+    """Threads requesting ``/value/<name>`` until ``stop``; returns a join that gives
+    the durations and the failures (any status but 200, any answer over ``limit`` s)."""
+    durations: list[float] = []
+    failures: list[str] = []
+
+    def run(i: int) -> None:
+        n = i
+        while not stop.is_set():
+            n += 1
+            name = names[n % len(names)]
+            start = time.monotonic()
+            try:
+                got = app.get(f"/value/{name}", timeout=limit + 10)
+                assert got["arg"] == name and got["repeatable"], got
+            except Exception as exc:  # counted, reported
+                failures.append(f"{name}: {type(exc).__name__}: {exc}"[:500])
+            elapsed = time.monotonic() - start
+            durations.append(elapsed)
+            if elapsed > limit:
+                failures.append(f"{name}: took {elapsed:.2f} s")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+
+    def join() -> tuple[list[float], list[str]]:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        return durations, failures
+
+    return join
+
+
+def _shared_again(app: App, name: str) -> None:
+    """A new key, asked by concurrent requests on every worker: computed once."""
+    before = len(app.computed())
+    answers = app.burst(f"/value/{name}", 12)
+    assert len({a["at"] for a in answers}) == 1, answers
+    assert len(app.computed()) == before + 1
+
+
+# -- Redis killed, restarted and paused while requests run ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["gthread", "sync", "uvicorn"])
+def test_redis_killed_paused_and_restarted_under_workers(
+    kind: str, own_redis: Any, tmp_path: Path
+) -> None:
+    redis_server = own_redis()
+    env = {"OP_TIMEOUT": "0.3", "RETRY_AFTER": "0.5", "COMPUTE": "0.05"}
+    workers, threads = 2, 4 if kind == "gthread" else 1
+    with served(kind, redis_server.port, tmp_path, workers, threads, **env) as app:
+        _shared_again(app, "warm")
+        stop = threading.Event()
+        # op_timeout for the GET, the CLAIM, the STORE, plus the computation, plus a
+        # worker's queue of requests under load: well within 5 s, far from a hang.
+        join = _hammer(app, [f"k{i}" for i in range(20)], stop, limit=5)
+        time.sleep(1)
+        redis_server.pause()
+        time.sleep(2)
+        redis_server.resume()
+        time.sleep(1)
+        redis_server.kill()
+        time.sleep(1.5)
+        redis_server.start()
+        time.sleep(1)
+        redis_server.pause()
+        time.sleep(0.5)
+        redis_server.kill()  # killed while stopped: its clients' sockets are reset
+        redis_server.start()
+        time.sleep(1.5)
+        durations, failures = join()
+        assert not failures, failures[:10]
+        assert len(durations) > 50
+        time.sleep(0.6)  # retry_after
+        _shared_again(app, "after")  # no worker wedged, values shared again
+        states = app.states(workers)
+        assert sum(s["stats"]["errors"] for s in states.values()) >= 1
+        assert all(s["live"] == 1 for s in states.values()), states  # (the /_state request's)
+
+
+# -- the stampede, errors, slow computations, values Redis cannot take ---------------------
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+def test_a_stampede_over_workers_computes_once_and_errors_are_copies(
+    kind: str, redis_server: Any, tmp_path: Path
+) -> None:
+    with served(kind, redis_server.port, tmp_path, workers=2, threads=8, COMPUTE="0.5") as app:
+        answers = app.burst("/value/hot", 24)
+        assert len({a["served_by"] for a in answers}) == 2  # both workers stampeded
+        assert len({a["at"] for a in answers}) == 1 and all(a["repeatable"] for a in answers)
+        assert len(app.computed("value") + app.computed("avalue")) == 1
+        errors = app.burst("/boom/b", 24)
+        for error in errors:
+            assert error["type"] == "AppError" and error["message"] == "('b failed', 1)", error
+            assert not error["cause"], error
+            # the original only for the caller that computed it; no waiter's traceback
+            # holds the computing frame
+            assert error["original"] == error["computed_here"], error
+        computed = app.computed("boom")
+        assert 1 <= len(computed) <= len(errors)
+        # a process's waiters got copies: fewer computations than requests
+        assert sum(e["original"] for e in errors) == len(computed)
+        assert len(computed) < len(errors)
+        assert all(s["live"] == 1 for s in app.states(2).values())
+
+
+def test_a_computation_slower_than_its_lock(redis_server: Any, tmp_path: Path) -> None:
+    env = {"LOCK_TIMEOUT": "1"}
+    with served("gthread", redis_server.port, tmp_path, workers=2, threads=4, **env) as app:
+        start = time.monotonic()
+        answers = app.burst("/slow/s?s=2.5", 8)
+        elapsed = time.monotonic() - start
+        assert elapsed < 2.5 * 3 + 3, elapsed  # nobody waits for ever
+        computed = app.computed("slow")
+        assert 1 <= len(computed) <= 2 * 2, computed  # per worker: its single-flight
+        stored = app.get("/slow/s?s=2.5")  # the value kept, read back at once
+        assert stored["at"] in {a["at"] for a in answers}
+        with redis_server.client() as client:
+            assert not [k for k in client.scan_iter("*:lock")]  # no lock left behind
+
+
+def test_values_redis_cannot_take(redis_server: Any, tmp_path: Path) -> None:
+    with served("gthread", redis_server.port, tmp_path, workers=2, threads=4) as app:
+        start = time.monotonic()
+        for _ in range(6):  # a clear error each time, and no lock held for lock_timeout
+            got = app.get("/unstorable/u")
+            assert "unstorable" in got["error"] and "serializer 'json'" in got["error"], got
+            assert "set" in got["error"]
+        assert time.monotonic() - start < 5
+        with redis_server.client() as client:
+            assert not list(client.scan_iter("*unstorable*"))
+        # over max_value_bytes: computed, returned, not stored; under it: shared
+        big = [app.get("/sized/2000000") for _ in range(4)]
+        assert all(b["length"] == 2_000_000 for b in big)
+        assert len(app.computed("sized")) == 4
+        fits = [app.get("/sized/900000") for _ in range(6)]
+        assert all(b["length"] == 900_000 for b in fits)
+        assert len(app.computed("sized")) == 5
+        states = app.states(2)
+        assert sum(s["stats"]["too_large"] for s in states.values()) == 4
+        assert sum(s["stats"]["errors"] for s in states.values()) == 0
+
+
+ODD = ["a*b?[c]\\", "ключ 🔑", "\n\r:\t", "", " ", "x" * 5000, "a:b:lock", "{}", "\u0000"]
+
+
+def test_odd_keys_two_namespaces_and_invalidation_across_workers(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    with (
+        served("gthread", redis_server.port, tmp_path, workers=2, threads=4) as app,
+        served("sync", redis_server.port, other, workers=2, NS="atk*[x]?") as app2,
+    ):
+        first = {arg: app.post("/echo", {"arg": arg}) for arg in ODD}
+        for arg in ODD:  # read back, from any worker
+            for _ in range(3):
+                assert app.post("/echo", {"arg": arg}) == first[arg]
+        assert len(app.computed("echo")) == len(ODD)
+        # the other app (another namespace, the same functions) shares nothing
+        second = {arg: app2.post("/echo", {"arg": arg}) for arg in ODD}
+        assert all(second[a]["ns"] == "atk*[x]?" and second[a]["at"] != first[a]["at"] for a in ODD)
+        # a delete in one worker: every worker computes anew, once
+        for arg in ODD:
+            assert app.post("/delete/echo", {"args": [arg]})["deleted"] is True
+            again = [app.post("/echo", {"arg": arg}) for _ in range(3)]
+            assert len({a["at"] for a in again}) == 1 and again[0]["at"] != first[arg]["at"]
+        assert app.post("/delete/echo", {"args": ["never"]})["deleted"] is False
+        # cache_clear in one namespace leaves the other's values, globs and all
+        app2.post("/delete/echo?all=1", {})
+        for arg in ODD:
+            assert app.post("/echo", {"arg": arg})["ns"] == "atk"
+        assert len(app.computed("echo")) == 2 * len(ODD)  # nothing computed again
+        with redis_server.client() as client:
+            ours = [k for k in client.scan_iter("atk:*echo:1:*") if not k.endswith(b":gen")]
+            assert len(ours) == len(ODD)
+            assert not [
+                k for k in client.scan_iter("atk\\*\\[x\\]\\?:*echo:1:*") if not k.endswith(b":gen")
+            ]
+
+
+# -- the in-process tier under gunicorn gthread ------------------------------------------
+
+
+def test_the_in_process_tier_under_gthread_threads(redis_server: Any, tmp_path: Path) -> None:
+    env = {"COMPUTE": "0.1"}
+    with served("gthread", redis_server.port, tmp_path, workers=1, threads=8, **env) as app:
+        answers = app.burst("/local/hot", 16)
+        assert len({a["at"] for a in answers}) == 1 and all(a["same"] for a in answers)
+        assert len(app.computed("local")) == 1
+        nxt = app.get("/local/hot", headers={"X-User": "bob"})  # the next request: a hit
+        assert nxt["at"] == answers[0]["at"] and nxt["mine"] == "secret of bob"
+        assert nxt["store_user"] == "bob"
+        for i in range(120):  # bounded: LRUCache(maxsize=50)
+            app.get(f"/local/n{i}", headers={"X-User": f"u{i}"})
+        # errors are not cached: the failure, then a value
+        assert app.get("/local_flaky/f") == {"error": "('f failed once', 0)"}
+        assert app.get("/local_flaky/f")["arg"] == "f"
+        (state,) = app.states(1).values()
+        assert state["local_size"] == 50 and state["live"] == 1
+        keys = " ".join(state["local_keys"])
+        assert "secret of" not in keys and "whoami" not in keys and "u1" not in keys
+
+
+# -- nothing left behind: scopes, connections, memory ------------------------------------
+
+
+def _clients(redis_server: Any) -> int:
+    with redis_server.client() as client:
+        return len(client.client_list()) - 1  # not this one
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+def test_many_requests_leave_nothing_behind(kind: str, redis_server: Any, tmp_path: Path) -> None:
+    with served(kind, redis_server.port, tmp_path, workers=1, threads=4, COMPUTE="0") as app:
+        paths = ["/value/{i}", "/boom/{i}", "/value/same"]
+        if kind == "gthread":
+            paths += ["/local/{i}", "/unstorable/{i}", "/sized/{i}"]
+
+        def round_(start: int, n: int) -> None:
+            with ThreadPoolExecutor(4) as pool:
+                list(
+                    pool.map(
+                        lambda i: app.get(paths[i % len(paths)].format(i=i)),
+                        range(start, start + n),
+                    )
+                )
+
+        round_(0, 300)  # warm up: every connection the pool will have
+        time.sleep(0.2)
+        clients, (before,) = _clients(redis_server), app.states(1).values()
+        for start in range(300, 2100, 300):
+            round_(start, 300)
+        time.sleep(0.2)
+        (after,) = app.states(1).values()
+        assert after["live"] == 1
+        assert _clients(redis_server) <= clients + 1, (clients, _clients(redis_server))
+        assert after["rss"] - before["rss"] < 8 * 2**20, (before["rss"], after["rss"])
+        assert after["threads"] <= before["threads"]
+        assert after["stats"]["errors"] == 0
+
+
+# -- a slow server, one that closes idle connections, a preloaded master ------------------
+
+
+def test_a_slow_redis_and_one_closing_idle_connections(own_redis: Any, tmp_path: Path) -> None:
+    redis_server = own_redis("--timeout", "1")  # idle clients closed after 1 s
+    env = {"OP_TIMEOUT": "0.4", "COMPUTE": "0.05"}
+    with served("gthread", redis_server.port, tmp_path, workers=2, threads=4, **env) as app:
+        for _ in range(3):
+            _shared_again(app, f"idle{time.monotonic()}")
+            time.sleep(2.5)  # every pooled connection closed by the server meanwhile
+        assert sum(s["stats"]["errors"] for s in app.states(2).values()) == 0
+        stop = threading.Event()
+        join = _hammer(app, [f"s{i}" for i in range(10)], stop, limit=4)
+        with redis_server.client() as admin:
+            for _ in range(4):  # writes (and so scripts) paused, then all paused
+                admin.execute_command("CLIENT", "PAUSE", "1200", "WRITE")
+                time.sleep(1.5)
+                admin.execute_command("CLIENT", "PAUSE", "800", "ALL")
+                time.sleep(1)
+        _, failures = join()
+        assert not failures, failures[:10]
+        time.sleep(1.1)
+        _shared_again(app, "after-pauses")
+
+
+def test_gunicorn_preload_forks_a_master_that_used_redis(redis_server: Any, tmp_path: Path) -> None:
+    env = {"GUNICORN_CMD_ARGS": "--preload", "WARM": "1"}
+    with served("gthread", redis_server.port, tmp_path, workers=2, threads=4, **env) as app:
+        assert len(app.computed("value")) == 1  # the master's
+        assert {a["arg"] for a in app.burst("/value/warm", 8)} == {"warm"}
+        assert len(app.computed("value")) == 1
+        _shared_again(app, "forked")
+        states = app.states(2)
+        assert sum(s["stats"]["errors"] for s in states.values()) == 0
+
+
+def test_a_worker_aborted_mid_computation_releases_its_lock(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """gunicorn's worker timeout sends SIGABRT, which a sync worker turns into
+    ``sys.exit(1)`` in the middle of the computation: its lock goes with it, so that the
+    other worker's next request computes at once, not after lock_timeout."""
+    with served("sync", redis_server.port, tmp_path, workers=2, LOCK_TIMEOUT="20") as app:
+        with ThreadPoolExecutor(1) as pool:
+            doomed = pool.submit(lambda: app.http.get("/hang/h"))
+            deadline = time.monotonic() + 10
+            while not app.computed("hang_started"):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            (started,) = app.computed("hang_started")
+            os.kill(int(started[2]), signal.SIGABRT)
+            with pytest.raises(httpx.HTTPError):
+                doomed.result(15).raise_for_status()
+        (tmp_path / "release").touch()
+        start = time.monotonic()
+        got = app.get("/hang/h")
+        assert time.monotonic() - start < 5, "waited for the dead worker's lock"
+        assert got["arg"] == "h" and int(started[2]) != got["pid"]
+        with redis_server.client() as client:
+            assert not list(client.scan_iter("*:lock"))
+
+
+def test_too_many_clients_and_async_invalidation(own_redis: Any, tmp_path: Path) -> None:
+    redis_server = own_redis("--maxclients", "3")
+    with served("uvicorn", redis_server.port, tmp_path, workers=2, COMPUTE="0.05") as app:
+        with redis_server.client() as hog1, redis_server.client() as hog2:
+            hog1.ping(), hog2.ping()  # the server is nearly full: refusals fail open
+            answers = app.burst("/value/full", 12)
+            assert {a["arg"] for a in answers} == {"full"}
+        time.sleep(1.1)  # retry_after
+        first = app.get("/value/inv")
+        assert app.get("/value/inv")["at"] == first["at"]
+        assert app.post("/delete/inv", {})["deleted"] is True
+        again = app.burst("/value/inv", 6)
+        assert len({a["at"] for a in again}) == 1 and again[0]["at"] != first["at"]

@@ -178,6 +178,15 @@ def test_redis_killed_paused_and_restarted_under_workers(
         states = app.states(workers)
         assert sum(s["stats"]["errors"] for s in states.values()) >= 1
         assert all(s["live"] == 1 for s in states.values()), states  # (the /_state request's)
+        # connections: no more than the requests in flight need, and no more over time
+        clients = _clients(redis_server)
+        assert clients <= workers * 8, clients
+        for i in range(4):
+            app.burst(f"/value/more{i}", 6)
+        assert _clients(redis_server) <= max(clients, 6 * workers), _clients(redis_server)
+        rss = {pid: s["rss"] for pid, s in states.items()}
+        for pid, s in app.states(workers).items():
+            assert s["rss"] - rss[pid] < 4 * 2**20
 
 
 # -- the stampede, errors, slow computations, values Redis cannot take ---------------------
@@ -366,6 +375,9 @@ def test_a_slow_redis_and_one_closing_idle_connections(
                 time.sleep(1.5)
                 admin.execute_command("CLIENT", "PAUSE", "800", "ALL")
                 time.sleep(1)
+                for _ in range(5):  # a proxy restarting: every connection cut
+                    admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                    time.sleep(0.1)
         _, failures = join()
         assert not failures, failures[:10]
         time.sleep(1.1)
@@ -429,3 +441,22 @@ def test_async_invalidation_across_workers(redis_server: Any, tmp_path: Path, ro
             again = app.burst("/value/inv", 6)
             assert len({a["at"] for a in again}) == 1 and again[0]["at"] != first["at"], again
             first = again[0]
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+def test_a_hot_key_expiring_under_load_is_computed_once_per_expiry(
+    kind: str, redis_server: Any, tmp_path: Path
+) -> None:
+    env = {"TTL": "0.5", "COMPUTE": "0.1"}
+    with served(kind, redis_server.port, tmp_path, workers=2, threads=8, **env) as app:
+        stop = threading.Event()
+        join = _hammer(app, ["hot"], stop, limit=5)
+        time.sleep(4)
+        _, failures = join()
+        assert not failures, failures[:5]
+        ends = sorted(float(r[-1]) for r in app.computed() if r[0] in ("value", "avalue"))
+        assert len(ends) >= 4
+        gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        # a value lives 0.5 s once stored: the next computation ends 0.5 s + at least
+        # the computation's 0.1 s later
+        assert min(gaps) > 0.5, gaps

@@ -34,6 +34,8 @@ OPTIONS: dict[str, Any] = {
     "lock_timeout": float(ENV.get("LOCK_TIMEOUT", "5")),
     "op_timeout": float(ENV.get("OP_TIMEOUT", "0.5")),
     "retry_after": float(ENV.get("RETRY_AFTER", "1")),
+    "serializer": ENV.get("SERIALIZER", "json"),
+    "secret": ENV.get("SECRET") or None,
 }
 COMPUTE = float(ENV.get("COMPUTE", "0.2"))  # seconds one computation takes
 

@@ -521,3 +521,26 @@ def test_two_apps_in_one_namespace_with_other_serializers_or_secrets(
                 assert got["pid"] == app.states(1).popitem()[0]  # its own value, never another's
         refused = sum(app.states(1).popitem()[1]["stats"]["bad_values"] for app in apps)
         assert refused >= 6
+
+
+@pytest.mark.parametrize("kind", ["gthread", "uvicorn"])
+def test_clients_gone_while_redis_is_stopped_leave_no_scope(
+    kind: str, own_redis: Any, tmp_path: Path
+) -> None:
+    redis_server = own_redis()
+    with served(kind, redis_server.port, tmp_path, workers=1, threads=4, COMPUTE="0.3") as app:
+        redis_server.pause()
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                gone = pool.map(
+                    lambda i: app.http.get(f"/value/gone{i}", timeout=0.1), range(8)
+                )
+                with pytest.raises(httpx.TimeoutException):
+                    list(gone)
+        finally:
+            redis_server.resume()
+        deadline = time.monotonic() + 10
+        while app.states(1).popitem()[1]["live"] != 1:
+            assert time.monotonic() < deadline, "a scope outlived its request"
+            time.sleep(0.1)
+        _shared_again(app, "back")

@@ -9,9 +9,12 @@ Redis is down.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -532,9 +535,7 @@ def test_clients_gone_while_redis_is_stopped_leave_no_scope(
         redis_server.pause()
         try:
             with ThreadPoolExecutor(8) as pool:
-                gone = pool.map(
-                    lambda i: app.http.get(f"/value/gone{i}", timeout=0.1), range(8)
-                )
+                gone = pool.map(lambda i: app.http.get(f"/value/gone{i}", timeout=0.1), range(8))
                 with pytest.raises(httpx.TimeoutException):
                     list(gone)
         finally:
@@ -544,3 +545,64 @@ def test_clients_gone_while_redis_is_stopped_leave_no_scope(
             assert time.monotonic() < deadline, "a scope outlived its request"
             time.sleep(0.1)
         _shared_again(app, "back")
+
+
+class Latency:
+    """A TCP relay to a redis-server on 127.0.0.1 through which every client write
+    arrives ``delay`` seconds late (a far server: latency, not bandwidth)."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.upstream, self.delay = port, delay
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection((HOST, self.upstream))
+            for source, sink, delay in ((client, server, self.delay), (server, client, 0.0)):
+                threading.Thread(target=self._pump, args=(source, sink, delay), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, delay: float) -> None:
+        chunks: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+
+        def send() -> None:
+            while (item := chunks.get()) is not None:
+                time.sleep(max(0.0, item[0] - time.monotonic()))
+                with contextlib.suppress(OSError):
+                    sink.sendall(item[1])
+
+        threading.Thread(target=send, daemon=True).start()
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                chunks.put((time.monotonic() + delay, data))
+        chunks.put(None)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_far_redis_whose_round_trip_fits_in_op_timeout_is_shared(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """Each round trip (0.3 s) fits in op_timeout (0.8 s). A new connection's handshake
+    (HELLO 3, then CLIENT SETINFO) cost two more round trips, so an async operation on
+    a new connection never finished within op_timeout: cancelled, its connection closed,
+    and the next one new again. The tier was off for good, each request paying op_timeout."""
+    from perrequest import _redis_scripts
+
+    with redis_server.client() as client:  # loaded: only the handshake is tested here
+        for script in (_redis_scripts.CLAIM, _redis_scripts.EXTEND, _redis_scripts.STORE):
+            client.script_load(script)
+    link = Latency(redis_server.port, 0.3)
+    try:
+        env = {"OP_TIMEOUT": "0.8", "COMPUTE": "0.05"}
+        with served("uvicorn", link.port, tmp_path, workers=2, **env) as app:
+            _shared_again(app, "far")
+            assert sum(s["stats"]["errors"] for s in app.states(2).values()) == 0
+    finally:
+        link.close()

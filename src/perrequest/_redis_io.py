@@ -36,14 +36,19 @@ from ._checks import KWARGS
 from ._redis_scripts import CLAIM, DROP, EXTEND, GEN, LOCK, RENEW, STORE
 
 # Connection settings that say where the server is and who connects; the
-# rest (timeouts, retries, decoding, pool behaviour) is the cache's own.
+# rest (timeouts, retries, decoding, protocol, pool behaviour) is the cache's own.
 _PASSED = frozenset(
     (
         "host", "port", "path", "db", "username", "password", "credential_provider",
-        "client_name", "protocol", "socket_keepalive", "socket_keepalive_options",
-        "socket_read_size", "driver_info",
+        "client_name", "socket_keepalive", "socket_keepalive_options", "socket_read_size",
     )
 )  # fmt: skip
+# What makes a new connection's handshake cost round trips the command's op_timeout
+# pays for (HELLO 3, and CLIENT SETINFO, with maintenance notifications, after it):
+# RESP2 and no SETINFO leave AUTH and SELECT, when asked for. Otherwise a server a
+# third of op_timeout away is never reached by an async cache (each new connection is
+# cancelled in its handshake, and the next one is new again).
+_NO_HANDSHAKE = ("driver_info", "lib_name", "lib_version")  # redis-py 8; 5 to 7
 _EXHAUSTED = ("Too many connections", "No connection available.")
 _SYNC_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
 _ASYNC_POOLS = (redis.asyncio.ConnectionPool, redis.asyncio.BlockingConnectionPool)
@@ -87,6 +92,7 @@ class Conn:
         settings = {
             k: v for k, v in pool.connection_kwargs.items() if k in _PASSED or k.startswith("ssl_")
         }
+        settings.update({k: None for k in _NO_HANDSHAKE if k in pool.connection_kwargs})
         kind = module.ConnectionPool
         if isinstance(pool, (redis.BlockingConnectionPool, redis.asyncio.BlockingConnectionPool)):
             kind = module.BlockingConnectionPool
@@ -101,6 +107,7 @@ class Conn:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             decode_responses=False,
+            protocol=2,  # every server speaks it without a HELLO
             **settings,
         )
         self.client = module.Redis(connection_pool=own)

@@ -606,3 +606,22 @@ def test_a_far_redis_whose_round_trip_fits_in_op_timeout_is_shared(
             assert sum(s["stats"]["errors"] for s in app.states(2).values()) == 0
     finally:
         link.close()
+
+
+def test_a_far_redis_that_has_not_seen_the_scripts_is_shared_at_once(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """A script's first use on a server (a new one, a restarted one) was EVALSHA, then
+    SCRIPT LOAD, then EVALSHA: three round trips within one op_timeout. Over a link
+    with a round trip over op_timeout/3, each script's first use failed (fail open:
+    computed again in every worker, Redis left alone for retry_after), one script
+    after the other."""
+    link = Latency(redis_server.port, 0.3)
+    try:
+        env = {"OP_TIMEOUT": "0.8", "COMPUTE": "0.05"}
+        with served("uvicorn", link.port, tmp_path, workers=2, **env) as app:
+            _shared_again(app, "first")
+            _shared_again(app, "second")
+            assert sum(s["stats"]["errors"] for s in app.states(2).values()) == 0
+    finally:
+        link.close()

@@ -111,11 +111,39 @@ class Conn:
             **settings,
         )
         self.client = module.Redis(connection_pool=own)
-        self.claim = self.client.register_script(CLAIM)
-        self.extend = self.client.register_script(EXTEND)
-        self.store = self.client.register_script(STORE)
-        self.drop = self.client.register_script(DROP)
-        self.renew = self.client.register_script(RENEW)
+        script = _script if sync else _script_async
+        self.claim = script(self.client, CLAIM)
+        self.extend = script(self.client, EXTEND)
+        self.store = script(self.client, STORE)
+        self.drop = script(self.client, DROP)
+        self.renew = script(self.client, RENEW)
+
+
+# A script by its SHA-1, or, on a server that does not have it yet (a new one, a
+# restarted one), by its text, which loads it: two round trips at most within the
+# command's op_timeout (redis-py's Script sends EVALSHA, SCRIPT LOAD, then EVALSHA).
+def _script(client: Any, body: str) -> Callable[..., Any]:
+    sha = hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()
+
+    def run(keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return client.evalsha(sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return client.eval(body, len(keys), *keys, *args)
+
+    return run
+
+
+def _script_async(client: Any, body: str) -> Callable[..., Any]:  # (awaitable)
+    sha = hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()
+
+    async def run(keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await client.eval(body, len(keys), *keys, *args)
+
+    return run
 
 
 # Releases a cancelled caller left to finish, while they run (a loop keeps only weak

@@ -589,18 +589,20 @@ class Latency:
 def test_a_far_redis_whose_round_trip_fits_in_op_timeout_is_shared(
     redis_server: Any, tmp_path: Path
 ) -> None:
-    """Each round trip (0.3 s) fits in op_timeout (0.8 s). A new connection's handshake
+    """Each round trip (0.4 s) fits in op_timeout (1 s). A new connection's handshake
     (HELLO 3, then CLIENT SETINFO) cost two more round trips, so an async operation on
     a new connection never finished within op_timeout: cancelled, its connection closed,
-    and the next one new again. The tier was off for good, each request paying op_timeout."""
+    and the next one new again. The tier was off for good, each request paying op_timeout.
+    (Async: bounded end to end. A sync read gets op_timeout/2, too close to a round trip
+    here for a loaded machine.)"""
     from perrequest import _redis_scripts
 
     with redis_server.client() as client:  # loaded: only the handshake is tested here
         for script in (_redis_scripts.CLAIM, _redis_scripts.EXTEND, _redis_scripts.STORE):
             client.script_load(script)
-    link = Latency(redis_server.port, 0.3)
+    link = Latency(redis_server.port, 0.4)
     try:
-        env = {"OP_TIMEOUT": "0.8", "COMPUTE": "0.05"}
+        env = {"OP_TIMEOUT": "1", "COMPUTE": "0.05"}
         with served("uvicorn", link.port, tmp_path, workers=2, **env) as app:
             _shared_again(app, "far")
             assert sum(s["stats"]["errors"] for s in app.states(2).values()) == 0
@@ -616,9 +618,9 @@ def test_a_far_redis_that_has_not_seen_the_scripts_is_shared_at_once(
     with a round trip over op_timeout/3, each script's first use failed (fail open:
     computed again in every worker, Redis left alone for retry_after), one script
     after the other."""
-    link = Latency(redis_server.port, 0.3)
+    link = Latency(redis_server.port, 0.4)
     try:
-        env = {"OP_TIMEOUT": "0.8", "COMPUTE": "0.05"}
+        env = {"OP_TIMEOUT": "1", "COMPUTE": "0.05"}
         with served("uvicorn", link.port, tmp_path, workers=2, **env) as app:
             _shared_again(app, "first")
             _shared_again(app, "second")

@@ -106,7 +106,16 @@ def state(extra: dict[str, Any]) -> dict[str, Any]:
 
 # -- sync: Flask, for gunicorn --------------------------------------------------------
 
-sync_cache = RedisCache(redis.Redis(host="127.0.0.1", port=PORT), **OPTIONS)
+
+def _client(module: Any) -> Any:
+    """A client on a plain pool, or (``POOL=blocking``) on a blocking pool of 2."""
+    if ENV.get("POOL") != "blocking":
+        return module.Redis(host="127.0.0.1", port=PORT)
+    pool = module.BlockingConnectionPool(host="127.0.0.1", port=PORT, max_connections=2)
+    return module.Redis(connection_pool=pool)
+
+
+sync_cache = RedisCache(_client(redis), **OPTIONS)
 local_cache: cachetools.LRUCache[Any, Any] = cachetools.LRUCache(maxsize=50)
 _fails: dict[str, int] = {}
 
@@ -270,7 +279,7 @@ if ENV.get("WARM"):  # gunicorn --preload: the master uses Redis before it forks
 
 # -- async: Starlette, for uvicorn --workers 2 -----------------------------------------
 
-async_cache = RedisCache(redis.asyncio.Redis(host="127.0.0.1", port=PORT), **OPTIONS)
+async_cache = RedisCache(_client(redis.asyncio), **OPTIONS)
 
 
 @request_memo(shared=async_cache)

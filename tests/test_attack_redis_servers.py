@@ -157,12 +157,16 @@ def _shared_again(app: App, name: str) -> None:
 # -- Redis killed, restarted and paused while requests run ------------------------------
 
 
-@pytest.mark.parametrize("kind", ["gthread", "sync", "uvicorn"])
+@pytest.mark.parametrize(
+    ("kind", "pool"),
+    [("gthread", "plain"), ("sync", "plain"), ("uvicorn", "plain"), ("gthread", "blocking"),
+     ("uvicorn", "blocking")],
+)  # fmt: skip
 def test_redis_killed_paused_and_restarted_under_workers(
-    kind: str, own_redis: Any, tmp_path: Path
+    kind: str, pool: str, own_redis: Any, tmp_path: Path
 ) -> None:
     redis_server = own_redis()
-    env = {"OP_TIMEOUT": "0.3", "RETRY_AFTER": "0.5", "COMPUTE": "0.05"}
+    env = {"OP_TIMEOUT": "0.3", "RETRY_AFTER": "0.5", "COMPUTE": "0.05", "POOL": pool}
     workers, threads = 2, 4 if kind == "gthread" else 1
     with served(kind, redis_server.port, tmp_path, workers, threads, **env) as app:
         _shared_again(app, "warm")

@@ -33,6 +33,7 @@ import perrequest
 import perrequest.asgi
 from perrequest import bind_scope, in_request_scope, request_memo
 from perrequest._active import _current
+from perrequest.scope import passed_through
 from perrequest.testing import live_scopes
 
 _lock = threading.Lock()
@@ -323,8 +324,7 @@ async def _dispatch_outside(request: Request, call_next: Any) -> Response:
 api.add_middleware(BaseHTTPMiddleware, dispatch=_dispatch_inside)
 api.add_middleware(_Tag)
 api.add_middleware(GZipMiddleware, minimum_size=10)
-if not __import__("os").environ.get("ATTACK_NO_PERREQUEST"):
-    api.add_middleware(perrequest.asgi.RequestScopeMiddleware, scope_types=("http", "websocket"))
+api.add_middleware(perrequest.asgi.RequestScopeMiddleware, scope_types=("http", "websocket"))
 api.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"])
 api.add_middleware(BaseHTTPMiddleware, dispatch=_dispatch_outside)
 
@@ -433,7 +433,7 @@ async def _load(
 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
-    if _current.get() is not None:  # where the server calls the app: never a store
+    if _current.get() is not None or passed_through.get() is not None:  # never set here
         LEFT_SET.append(f"{scope['type']} {scope.get('path')}")
     if scope["type"] == "http" and scope["path"] == "/_report":
         with _lock:
@@ -505,17 +505,36 @@ small.add_middleware(
     perrequest.asgi.RequestScopeMiddleware, max_entries=16, scope_types=("http", "websocket")
 )
 
-http_only = FastAPI()
+
+def _errors() -> list[str]:
+    """What the errors say where no scope is active."""
+    messages = []
+    for call in (lambda: perrequest.set("rid", "x"), lambda: _raises("x")):
+        try:
+            call()
+        except perrequest.NoActiveScope as exc:
+            messages.append(str(exc))
+    return messages
+
+
+@request_memo(outside_scope="raise")
+def _raises(rid: str) -> str:
+    return rid
+
+
+@asynccontextmanager
+async def _lifespan_errors(app: FastAPI) -> AsyncIterator[dict[str, list[str]]]:
+    yield {"startup_errors": _errors()}
+
+
+http_only = FastAPI(lifespan=_lifespan_errors)
 
 
 @http_only.websocket("/ws")
 async def _ws_outside(websocket: WebSocket) -> None:
-    """Without "websocket" in scope_types: what the errors say here."""
+    """Without "websocket" in scope_types: what the errors say here, and at start-up."""
     await websocket.accept()
-    try:
-        perrequest.set("rid", "ws")
-    except perrequest.NoActiveScope as exc:
-        await websocket.send_text(str(exc))
+    await websocket.send_json([*_errors(), *websocket.state.startup_errors])
     await websocket.close()
 
 

@@ -133,12 +133,11 @@ def test_every_place_of_a_fastapi_app_sees_its_own_requests_store(server: str) -
         ws_base = base.replace("http", "ws")
         with websockets.sync.client.connect(f"{ws_base}/wsdep/q1") as ws:
             assert ws.recv() == "q1"
-        ws = websockets.sync.client.connect(f"{ws_base}/ws/ws1")
-        for n in range(50):
-            ws.send(str(n))
-            assert ws.recv().split()[0] == "ws1"
-        ws.send("slow")  # the client leaves while the server handles it
-        ws.close()
+        with websockets.sync.client.connect(f"{ws_base}/ws/ws1") as ws:
+            for n in range(50):
+                ws.send(str(n))
+                assert str(ws.recv()).split()[0] == "ws1"
+            ws.send("slow")  # the client leaves while the server handles it
         time.sleep(0.5)  # the long background task (0.5 s) and the outliving task (0.2 s)
         report = _report(base)
     assert report["seen"] == _expected(server)
@@ -334,4 +333,24 @@ def test_a_long_websocket_with_a_memo_per_message_stays_within_max_entries(serve
             while live_scopes() and time.monotonic() < deadline:
                 time.sleep(0.02)
     assert max(sizes) <= 16 and sizes[-1] >= 2
+    assert live_scopes() == 0
+
+
+# -- what broke: a websocket or the lifespan told to add the middleware it runs under ------------
+
+
+def test_no_scope_errors_in_a_websocket_left_out_and_in_the_lifespan_name_the_fix() -> None:
+    """RequestScopeMiddleware registered with the default scope_types: a websocket endpoint's
+    `perrequest.set` and `outside_scope="raise"` memo said "Add perrequest's
+    RequestScopeMiddleware to the app", which the app had; the fix is scope_types (or a
+    request_scope() per message). At start-up (the lifespan), request_scope() is the fix."""
+    with TestClient(apps.http_only) as client, client.websocket_connect("/ws") as ws:
+        in_websocket_set, in_websocket_memo, at_startup_set, at_startup_memo = ws.receive_json()
+    for message in (in_websocket_set, in_websocket_memo):
+        assert "websocket" in message and "Add perrequest's" not in message
+        assert "scope_types=('http', 'websocket')" in message
+        assert "request_scope()" in message
+    for message in (at_startup_set, at_startup_memo):
+        assert "lifespan" in message and "Add perrequest's" not in message
+        assert "request_scope()" in message
     assert live_scopes() == 0

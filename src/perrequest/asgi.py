@@ -28,6 +28,7 @@ from ._checks import (
     explains_options,
     is_wsgi_app,
 )
+from .scope import passed_through
 from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
@@ -150,8 +151,12 @@ class RequestScopeMiddleware:
             elif opened_outside(scope):  # an outer perrequest layer's, for this request
                 await self.app(scope, receive, send)
                 return
-        if scope["type"] not in self._scope_types:
-            await self.app(scope, receive, send)
+        if scope["type"] not in self._scope_types:  # no store: errors there say why
+            passing = passed_through.set(scope["type"])
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                passed_through.reset(passing)
             return
         cell, token = open_request(self._options)
         scope[REQUEST_KEY] = cell

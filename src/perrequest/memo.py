@@ -23,7 +23,7 @@ from ._stats import Counter, function_name
 from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import NoActiveScope, ScopeClosed
-from .scope import NO_SCOPE_HINT
+from .scope import no_scope_hint
 from .store import MemoKey, MemoStore
 
 if TYPE_CHECKING:  # never imported at run time: the core does not import redis
@@ -305,7 +305,7 @@ def refuse_or_warn(decorator: str, name: str, outside_scope: str, what: str, fix
     if mode == "raise":
         raise NoActiveScope(
             f"@{decorator} {name} was called outside a request scope "
-            f"(outside_scope='raise'). {NO_SCOPE_HINT}"
+            f"(outside_scope='raise'). {no_scope_hint()}"
         )
     if name in warned_outside:
         return
@@ -319,6 +319,6 @@ def refuse_or_warn(decorator: str, name: str, outside_scope: str, what: str, fix
         "@%s(outside_scope='call').",
         name,
         what,
-        fix,
+        no_scope_hint(fix),
         decorator,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Hashable
-from contextvars import Token
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
@@ -54,12 +54,36 @@ NO_SCOPE_HINT = (
     "executor.submit): hand it the scope with perrequest.bind_scope(fn)."
 )
 
+# The ASGI scope type that the middleware let through without a store (a "websocket"
+# left out of its scope_types, the "lifespan"), so that errors there name the fix
+# rather than the middleware the app has.
+passed_through: ContextVar[str | None] = ContextVar("perrequest.passed_through", default=None)
+
+
+def no_scope_hint(hint: str = NO_SCOPE_HINT) -> str:
+    """``hint``, or what to do where the ASGI middleware let the scope through."""
+    kind = passed_through.get()
+    if kind is None:
+        return hint
+    if kind == "lifespan":
+        return (
+            "This code runs in (or was started from) the ASGI lifespan, which never gets "
+            "a store: wrap the start-up or shutdown work in "
+            "`with perrequest.request_scope():`."
+        )
+    return (
+        f"This code runs in (or was started from) an ASGI {kind!r} scope, which "
+        "RequestScopeMiddleware let through without a store, as its scope_types say: for "
+        f"a store per connection list it, RequestScopeMiddleware(app, scope_types=('http', "
+        f"{kind!r})), or wrap each message's work in `with perrequest.request_scope():`."
+    )
+
 
 def current_store() -> MemoStore:
     """The active store; raises ``NoActiveScope`` when no scope is open."""
     store = here()
     if store is None or store._closed:
-        raise NoActiveScope(f"no request scope is active. {NO_SCOPE_HINT}")
+        raise NoActiveScope(f"no request scope is active. {no_scope_hint()}")
     return store
 
 
@@ -218,7 +242,8 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
     if store is None:
         raise NoActiveScope(
             f"bind_scope({getattr(fn, '__qualname__', fn)!r}) was called outside a request "
-            f"scope, so there is no scope to bind. Call it inside the request. {OPEN_SCOPE_HINT}"
+            f"scope, so there is no scope to bind. Call it inside the request. "
+            f"{no_scope_hint(OPEN_SCOPE_HINT)}"
         )
 
     fetching = within.get()  # a batch function's worker loads its fetch's keys itself

@@ -358,3 +358,72 @@ def test_no_scope_errors_in_a_websocket_left_out_and_in_the_lifespan_name_the_fi
         assert "lifespan" in message and "Add perrequest's" not in message
         assert "request_scope()" in message
     assert live_scopes() == 0
+
+
+# -- what held: a WSGI app mounted with Starlette's WSGIMiddleware -------------------------------
+
+
+def _flask_in_fastapi(calls: list[str]) -> FastAPI:
+    import warnings
+
+    from flask import Flask
+
+    from perrequest.flask import PerRequest
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from starlette.middleware.wsgi import WSGIMiddleware
+
+    @request_memo
+    def lookup(rid: str) -> str:
+        calls.append(rid)
+        return rid
+
+    flask = Flask(__name__)
+
+    @flask.get("/page/<rid>")
+    def page(rid: str) -> Any:
+        outer = perrequest.get("outer")  # the FastAPI side's value: not in this store
+        perrequest.set("inner", rid)
+
+        def body() -> Iterator[str]:  # iterated by Starlette in a pool thread
+            yield f"{rid} {outer} {perrequest.get('inner')} {lookup(rid)} {lookup(rid)}"
+
+        return flask.response_class(body())
+
+    PerRequest(flask)
+    api = FastAPI()
+
+    @api.middleware("http")
+    async def outer(request: Any, call_next: Any) -> Any:  # inside ours: the request's store
+        perrequest.set("outer", "fastapi")
+        return await call_next(request)
+
+    api.mount("/flask", WSGIMiddleware(flask))  # type: ignore[arg-type]
+    api.add_middleware(perrequest.asgi.RequestScopeMiddleware)
+    return api
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "testclient"])
+def test_a_flask_app_mounted_with_its_own_perrequest_gets_a_store_of_its_own(server: str) -> None:
+    """Starlette's WSGIMiddleware builds a WSGI environ afresh (no "perrequest.store"
+    marker), so Flask's PerRequest opens a scope of its own, nested, as for any sub-request
+    built afresh (semantics.md, Nested registration); it never calls the body's close(),
+    and the scope still closes as the body is dropped. A mounted WSGI app without a
+    perrequest middleware of its own sees the request's store (test above: "wsgi app")."""
+    calls: list[str] = []
+    app = _flask_in_fastapi(calls)
+    answers = []
+    if server == "testclient":
+        with TestClient(app) as client:
+            answers = [client.get(f"/flask/page/r{n}").text for n in range(3)]
+    else:
+        serve = serve_uvicorn if server == "uvicorn" else serve_hypercorn
+        with serve(app) as base:
+            answers = [httpx.get(f"{base}/flask/page/r{n}", timeout=10).text for n in range(3)]
+            deadline = time.monotonic() + 10
+            while live_scopes() and time.monotonic() < deadline:
+                time.sleep(0.02)
+    assert answers == [f"r{n} None r{n} r{n} r{n}" for n in range(3)]
+    assert calls == ["r0", "r1", "r2"]
+    assert live_scopes() == 0

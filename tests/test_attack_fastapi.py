@@ -427,3 +427,21 @@ def test_a_flask_app_mounted_with_its_own_perrequest_gets_a_store_of_its_own(ser
     assert answers == [f"r{n} None r{n} r{n} r{n}" for n in range(3)]
     assert calls == ["r0", "r1", "r2"]
     assert live_scopes() == 0
+
+
+def test_an_http_request_left_out_of_scope_types_is_told_to_list_http() -> None:
+    """scope_types=("websocket",): an endpoint's error names "http", and suggests listing
+    both types (it suggested scope_types=('http', 'http') while being written)."""
+    app = FastAPI()
+
+    @app.get("/")
+    async def endpoint() -> str:
+        with pytest.raises(perrequest.NoActiveScope) as raised:
+            perrequest.set("rid", "x")
+        return str(raised.value)
+
+    app.add_middleware(perrequest.asgi.RequestScopeMiddleware, scope_types=("websocket",))
+    with TestClient(app) as client:
+        message = client.get("/").json()
+    assert "'http' scope" in message and "scope_types=('http', 'websocket')" in message
+    assert "'http', 'http'" not in message

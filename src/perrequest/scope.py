@@ -73,9 +73,10 @@ def no_scope_hint(hint: str = NO_SCOPE_HINT) -> str:
         )
     return (
         f"This code runs in (or was started from) an ASGI {kind!r} scope, which "
-        "RequestScopeMiddleware let through without a store, as its scope_types say: for "
-        f"a store per connection list it, RequestScopeMiddleware(app, scope_types=('http', "
-        f"{kind!r})), or wrap each message's work in `with perrequest.request_scope():`."
+        f"RequestScopeMiddleware let through without a store, as its scope_types say: list "
+        f"{kind!r} there (RequestScopeMiddleware(app, scope_types=('http', 'websocket')): a "
+        "websocket's store lasts as long as its connection), or wrap the work (each "
+        "message's, in a websocket) in `with perrequest.request_scope():`."
     )
 
 

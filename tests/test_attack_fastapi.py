@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import fastapi_attack_apps as apps
 import httpx
 import pytest
+import websockets.asyncio.client
 import websockets.sync.client
 from fastapi import Depends, FastAPI, Header, Query
 from fastapi.testclient import TestClient
@@ -192,7 +193,18 @@ async def _leave(port: int, request: bytes, reset: bool, read: bool) -> None:
 async def _one_client(base: str, port: int, number: int, wrong: list[Any]) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=20) as client:
         for n in range(8):
-            rid, kind, reset = f"c{number}-{n}", (number + n) % 6, bool(n % 2)
+            rid, kind, reset = f"c{number}-{n}", (number + n) % 7, bool(n % 2)
+            if kind == 6:  # a websocket: a few messages, then it leaves (mid-message or not)
+                url = f"{base.replace('http', 'ws')}/ws/{rid}"
+                async with websockets.asyncio.client.connect(url) as ws:
+                    for text in "abc":
+                        await ws.send(text)
+                        answer = str(await ws.recv())
+                        if answer.split()[0] != rid:
+                            wrong.append((rid, "websocket", answer))
+                    if reset:
+                        await ws.send("slow")
+                continue
             if kind == 0:  # a long stream (async or sync), left after its first chunks
                 body = "stream" if n % 4 < 2 else "sync-stream"
                 get = f"GET /load/{rid}?kind={body} HTTP/1.1\r\nHost: x\r\n\r\n"

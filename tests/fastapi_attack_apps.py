@@ -357,7 +357,7 @@ def _mount_wsgi() -> None:
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")  # StarletteDeprecationWarning: a2wsgi is not installed
         from starlette.middleware.wsgi import WSGIMiddleware
 
     api.mount("/wsgi", WSGIMiddleware(_wsgi))  # type: ignore[arg-type]

@@ -383,7 +383,7 @@ def _flask_in_fastapi(calls: list[str]) -> FastAPI:
     from perrequest.flask import PerRequest
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")  # StarletteDeprecationWarning: a2wsgi is not installed
         from starlette.middleware.wsgi import WSGIMiddleware
 
     @request_memo

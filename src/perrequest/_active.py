@@ -43,18 +43,31 @@ _get, _set = _current.get, _current.set
 
 
 def _forked() -> None:
-    """In a child made by fork (``multiprocessing``): the threads computing keys of the
-    store active here stayed in the parent, so their records go (a waiter would wait
-    for them forever), and so does the lock, which one of them may have held."""
-    store = _current.get()
-    if type(store) is list:
-        store = store[1] if len(store) > 1 else None
-    if store is not None and not store._closed:
-        store._flights, store._lock = {}, threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_forked)
+    """In a child made by fork: the scopes open in the forking thread are the parent's,
+    which closes them; the child is outside them (a process pool started in a request
+    would otherwise run every later job in that request's store, for its whole life).
+    Closed here quietly: the parent's scope reports, not its copy. A fresh lock first:
+    a thread that stayed in the parent may have held it."""
+    active = _current.get()
+    for _ in range(_NESTED_SCOPES_MAX):
+        if type(active) is list:  # a middleware's cell: closed, with its store if made
+            if active[0] is None:  # closed already
+                return
+            if len(active) == 1:  # no store made
+                active[:] = [None, _NONE_MADE]
+                _closed()
+                return
+            active[0] = None
+            active = active[1]
+        if type(active) is not MemoStore or active._closed:
+            return
+        active._flights, active._lock = {}, threading.RLock()
+        active._shut(False)
+        _closed()
+        token, active._token = active._token, None
+        if token is None or token.old_value is Token.MISSING:
+            return
+        active = token.old_value  # the scope this one was opened in
 
 
 def open_scope(
@@ -76,6 +89,11 @@ Options = tuple[int | None, OnClose | None]
 # The store of a cell closed before anybody needed one: closed, shared, never written.
 _NONE_MADE = MemoStore(1)
 _NONE_MADE._shut(False)
+# Scopes open one inside another in one thread, beyond which a fork leaves the outer ones.
+_NESTED_SCOPES_MAX = 1000
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forked)
 
 
 def open_request(options: Options) -> tuple[list[Any], Token[Any]]:

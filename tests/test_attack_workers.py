@@ -7,14 +7,21 @@ saw (what the task before it left on its thread, its own store, its memos' value
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import multiprocessing
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
+from servers import ROOT
 
 import perrequest
 from perrequest import in_request_scope, request_memo, request_scope
@@ -106,3 +113,136 @@ def test_a_child_forked_in_nested_scopes_leaves_them_quietly() -> None:
     os.close(read)
     assert status == 0 and report.startswith("True"), report
     assert closed == ["inner", "outer"]
+
+
+# -- real Celery workers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def apps(redis_server: Any) -> ModuleType:
+    """The app module, its broker and backend on this session's redis-server (emptied)."""
+    os.environ["ATTACK_REDIS_URL"] = redis_server.url  # read when the module is imported
+    module = importlib.import_module("workers_attack_apps")
+    assert redis_server.url == module.URL
+    return module
+
+
+@contextlib.contextmanager
+def celery_worker(apps: ModuleType, pool: str, *options: str) -> Iterator[None]:
+    """``celery worker`` in a process of its own; stopped warm, killed if it hangs."""
+    argv = [sys.executable, "-m", "celery", "-A", "workers_attack_apps", "worker", "-l", "warning"]
+    argv += [f"--pool={pool}", "--without-heartbeat", "--without-gossip", "--without-mingle"]
+    env = {
+        **os.environ,
+        "ATTACK_REDIS_URL": apps.URL,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+    }
+    with tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False) as log_file:
+        log = Path(log_file.name)
+        proc = subprocess.Popen([*argv, *options], env=env, stdout=log_file, stderr=log_file)
+    try:
+        # The first task waits for the worker to start.
+        assert apps.state.delay().get(timeout=60)["pid"] != os.getpid()
+        yield
+    except BaseException:
+        print(log.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.unlink(missing_ok=True)
+
+
+def _alone(report: dict[str, Any], tag: str) -> bool:
+    """The task started outside any scope, in a fresh store, and saw only its own values."""
+    before = report["before"]
+    return (
+        report["tag"] == tag
+        and before is not None
+        and before[0] is False
+        and report["leftover_tag"] is None
+        and report["foreign"] == 0
+        and report["entries"] == 3
+    )
+
+
+POOLS = {"prefork": ["-c", "2"], "solo": [], "threads": ["-c", "4"]}
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_every_task_of_a_real_worker_starts_alone(apps: ModuleType, pool: str) -> None:
+    """Plain and ScopedTask tasks, retries (self.retry, autoretry_for), a chain, a group,
+    a chord, and a task running others synchronously (apply(), a direct call): each run
+    starts outside any scope, in a store of its own, and leaves none open."""
+    from celery import chain, chord, group
+
+    with celery_worker(apps, pool, *POOLS[pool]):
+        plain = [apps.probe.delay(f"p{i}") for i in range(24)]
+        scoped = [apps.scoped_probe.delay(f"s{i}") for i in range(12)]
+        assert all(_alone(r.get(timeout=60), f"p{i}") for i, r in enumerate(plain))
+        assert all(_alone(r.get(timeout=60), f"s{i}") for i, r in enumerate(scoped))
+        assert _alone(apps.retrying.delay("r").get(timeout=60), "r-2")
+        assert _alone(apps.autoretrying.delay("a").get(timeout=60), "a-2")
+        # add and total raise unless they start alone.
+        assert chain(apps.add.s(1, 2), apps.add.s(3)).delay().get(timeout=60) == 6
+        assert group(apps.add.s(i, i) for i in range(4)).delay().get(timeout=60) == [0, 2, 4, 6]
+        summed = chord((apps.add.s(i, i) for i in range(4)), apps.total.s()).delay()
+        assert summed.get(timeout=60) == 12
+        calls = apps.calls_others.delay("c").get(timeout=60)
+        assert calls["after_apply"] and calls["after_direct"]
+        # apply() in a task: a scope of its own, inside the caller's; a ScopedTask called
+        # directly: no prerun, a scope all the same. Both start empty.
+        for nested in (calls["applied"], calls["direct"]):
+            assert nested["leftover_tag"] is None and nested["foreign"] == 0
+            assert nested["entries"] == 3 and (nested["live_in_task"] == 2 or pool == "threads")
+        if pool != "threads":  # one task at a time per process: nothing left between tasks
+            states = [apps.state.delay().get(timeout=60) for _ in range(6)]
+            assert all(s["before"] == [False, 0] and s["live_in_task"] == 1 for s in states)
+
+
+def test_prefork_time_limits_strand_no_waiter_and_leave_no_scope(apps: ModuleType) -> None:
+    """The soft time limit strikes in a memo computation while a helper thread of the task
+    waits for the same key (the helper gets the task's SoftTimeLimitExceeded, as any
+    waiter gets the computation's exception, and the key is computed again after), or
+    while the task's thread waits for a helper's computation (it leaves; the helper
+    finishes). A hard time limit kills the process. No scope is left either way."""
+    from celery.exceptions import TimeLimitExceeded
+
+    with celery_worker(apps, "prefork", "-c", "1"):
+        computing = apps.soft_limited_computing.delay("x").get(timeout=60)
+        assert computing == {
+            "main": "soft limit in the computation",
+            "helper": "raised SoftTimeLimitExceeded",
+            "again": "computed k",
+            "live": 1,
+        }
+        waiting = apps.soft_limited_waiting.delay("x").get(timeout=60)
+        assert waiting == {
+            "main": "soft limit while waiting",
+            "helper": "computed k",
+            "live": 1,
+            "in_scope": True,
+        }
+        after_soft = apps.state.delay().get(timeout=60)
+        assert after_soft["before"] == [False, 0] and after_soft["live_in_task"] == 1
+        with pytest.raises(TimeLimitExceeded):
+            apps.hard_limited.delay("x").get(timeout=60)
+        after_hard = apps.state.delay().get(timeout=60)
+        assert after_hard["before"] == [False, 0] and after_hard["pid"] != after_soft["pid"]
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_worker_memory_stays_flat_over_thousands_of_tasks(apps: ModuleType, pool: str) -> None:
+    """1,600 tasks, each memoizing 50 kB under a key no other task uses (80 MB in all):
+    the worker's RSS after the last 400 is within a few MB of after the first 400."""
+    options = ["-c", "1", "--max-tasks-per-child=100000"] if pool == "prefork" else []
+    with celery_worker(apps, pool, *options):
+        rss = []
+        for batch in range(4):
+            results = [apps.leaky.delay(f"L{batch}-{i}", 50_000) for i in range(400)]
+            rss.append(max(r.get(timeout=120) for r in results))
+    assert rss[-1] - rss[0] < 8 * 2**20, [f"{r / 2**20:.1f} MB" for r in rss]

@@ -9,17 +9,20 @@ opens the task's scope), its own store, and what its memos computed.
 
 from __future__ import annotations
 
+import gc
 import os
+import random
+import signal
 import threading
 import time
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Celery
-from celery.signals import task_prerun
+from celery.signals import task_postrun, task_prerun
 
 import perrequest
-from perrequest import bind_scope, current_store, in_request_scope, request_memo
+from perrequest import MemoStore, bind_scope, current_store, in_request_scope, request_memo
 from perrequest.celery import ScopedTask, install
 from perrequest.testing import live_scopes
 
@@ -41,9 +44,35 @@ _seen = threading.local()
 def _before_perrequest(task_id: str = "", **_: Any) -> None:
     # Connected before install(): Celery calls receivers in the order they connected.
     _seen.before = (in_request_scope(), live_scopes())
+    _seen.tracing = True
 
 
 install(app, max_entries=10_000)
+
+
+@task_postrun.connect(weak=False)
+def _after_perrequest(**_: Any) -> None:
+    # Connected after install(): perrequest's postrun has run (or was cut short) by now.
+    _seen.tracing = False
+
+
+def _soft_limit(signum: int, frame: Any) -> None:
+    """What billiard's soft time limit does in the child (SIGUSR1 there), but only while
+    the tracer runs a task: anywhere from prerun to perrequest's postrun."""
+    if getattr(_seen, "tracing", False):
+        raise SoftTimeLimitExceeded()
+
+
+@app.task
+def interrupted_late(seconds: float) -> str:
+    """Arms a soft-limit-like interrupt that strikes ``seconds`` later: in the body, as the
+    result is stored, or as the task_postrun receivers run."""
+    signal.signal(signal.SIGALRM, _soft_limit)
+    perrequest.set("tag", "interrupted")
+    lookup(f"interrupted-{random.random()}")
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    return "done"
+
 
 _lock = threading.Lock()
 computed: dict[str, int] = {}
@@ -187,7 +216,18 @@ def state() -> dict[str, Any]:
     """What the process holds between tasks, seen from inside one."""
     before = getattr(_seen, "before", None)
     _seen.before = None
-    return {"pid": os.getpid(), "before": before, "live_in_task": live_scopes()}
+    from perrequest.celery import _open_jobs  # what install() holds on this thread
+
+    jobs = len(_open_jobs.get())
+    gc.collect()
+    stores = sum(1 for o in gc.get_objects() if type(o) is MemoStore and not o.closed)
+    return {
+        "pid": os.getpid(),
+        "before": before,
+        "live_in_task": live_scopes(),
+        "jobs": jobs,
+        "open_stores": stores,  # the task's own, and any left open by an earlier run
+    }
 
 
 @app.task(bind=True)

@@ -138,9 +138,26 @@ def _open_job_scope(sender: Any = None, task_id: str = "", **_: Any) -> None:
     options = _installed.get(sender.app)
     if options is None:
         return
+    if not sender.request.is_eager:
+        _drop_leftovers()
     before = _current.get()
     job = _OpenJob(task_id, open_scope(*options), before)
     _open_jobs.set((*_open_jobs.get(), job))
+
+
+def _drop_leftovers() -> None:
+    """Before a worker's run of a task (not ``apply()``): a worker runs one task at a time
+    per thread, never inside a scope, so whatever is open or active here was left by an
+    earlier run cut short as its scope opened or closed, by an exception a signal handler
+    raised (the soft time limit's): Celery logs a receiver's exception and goes on."""
+    for job in reversed(_open_jobs.get()):
+        close_scope(job.store)
+    _open_jobs.set(())
+    active = _current.get()
+    if type(active) is MemoStore:
+        close_scope(active)
+    if active is not None:
+        _current.set(None)
 
 
 def _close_job_scope(task_id: str = "", **_: Any) -> None:

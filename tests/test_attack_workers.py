@@ -270,3 +270,35 @@ def test_a_run_cut_short_as_its_scope_closes_leaves_nothing_for_the_next(
             # and its counting is not undone. docs/workers.md)
             assert after["before"][0] is False, after
             assert after["jobs"] == after["open_stores"] == 1, after
+
+
+# -- ScopedTask on a body that runs after the call ----------------------------------------
+
+
+async def _async_body() -> bool:
+    return in_request_scope()
+
+
+def _generator_body() -> Iterator[bool]:
+    yield in_request_scope()
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [(_async_body, "an async def function"), (_generator_body, "a generator function")],
+)
+def test_scoped_task_refuses_a_body_that_would_run_outside_its_scope(body: Any, kind: str) -> None:
+    """Celery does not await an ``async def`` task: ``ScopedTask`` returned the coroutine
+    (``await my_task()`` from async code, or a worker storing it), whose body then ran
+    after the scope had closed, outside it. A generator's body alike. Refused when the
+    task is created, as ``@request_scope()`` refuses them."""
+    from celery import Celery
+
+    from perrequest.celery import ScopedTask
+
+    other = Celery("test_attack_workers_async", broker="memory://")
+    with pytest.raises(TypeError, match=f"ScopedTask cannot take {kind}"):
+        other.task(lazy=False, base=ScopedTask, name="refused")(body)
+
+    with pytest.raises(TypeError, match=f"ScopedTask cannot take {kind}"):
+        type("Subclassed", (ScopedTask,), {"run": body})

@@ -17,7 +17,14 @@ from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
 
 from ._active import OnClose, _current, close_scope, open_scope
-from ._checks import check_max_entries, check_on_close, explains_options, unknown_option
+from ._checks import (
+    check_max_entries,
+    check_on_close,
+    explains_options,
+    is_async_callable,
+    refuse_generator,
+    unknown_option,
+)
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __all__ = ["ScopedTask", "install"]
@@ -64,6 +71,17 @@ def _check_task_class(cls: type) -> None:
         misspelt = difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.8)
         if name not in _OPTIONS and (name.startswith("perrequest_") or misspelt):
             raise TypeError(unknown_option(where, name, _OPTIONS))
+    run = vars(cls).get("run")
+    run = run.__func__ if isinstance(run, staticmethod) else run
+    if run is not None:  # its body must run inside __call__, where the scope is open
+        refuse_generator(run, "ScopedTask")
+        if is_async_callable(run):
+            raise TypeError(
+                f"ScopedTask cannot take an async def function ({run.__qualname__}): "
+                "Celery does not await it, so its body would run after the task's scope "
+                "ended. Make the task a plain function that runs the async code with "
+                "asyncio.run(...): the scope reaches it."
+            )
     if "perrequest_max_entries" in vars(cls):
         check_max_entries(vars(cls)["perrequest_max_entries"], f"{where}: perrequest_max_entries")
     if "perrequest_on_close" in vars(cls):

@@ -138,7 +138,8 @@ def test_many_threads_hammering_one_bounded_store(workers: int) -> None:
 @pytest.mark.skipif(sys.platform == "win32", reason="fork")
 def test_a_process_forked_in_a_request_while_a_thread_computes_does_not_wait_for_it() -> None:
     """multiprocessing's fork copies the request's store with its single-flight records,
-    but not the thread computing one: the child computes the key itself."""
+    but not the thread computing one: the child, outside the request's scope (closed
+    there), computes the key itself."""
     import multiprocessing
 
     started = threading.Event()
@@ -151,7 +152,7 @@ def test_a_process_forked_in_a_request_while_a_thread_computes_does_not_wait_for
         return x * 3
 
     def child(out: Any) -> None:
-        out.put((slow(7), slow(7)))  # in the store it inherited
+        out.put((slow(7), slow(7)))  # outside any scope: the request's is closed here
 
     context = multiprocessing.get_context("fork")
     queue = context.Queue()

@@ -421,3 +421,26 @@ def test_ctrl_c_in_asyncio_run_closes_the_scope() -> None:
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(job())
     assert len(closed) == 1 and live_scopes() == 0 and not in_request_scope()
+
+
+def test_a_memo_in_a_task_of_an_app_without_install_names_the_celery_fix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Celery app whose install() was forgotten: every task's memos call through, and
+    the one WARNING named middlewares and request_scope(), not the one-line fix."""
+    from celery import Celery
+
+    other = Celery("test_attack_workers_forgotten", broker="memory://")
+
+    @request_memo
+    def price(sku: str) -> int:
+        return len(sku)
+
+    @other.task(lazy=False)
+    def job() -> int:
+        return price("apple") + price("apple")
+
+    with caplog.at_level("WARNING", logger="perrequest"):
+        assert job.apply().get() == 10
+    (record,) = [r for r in caplog.records if "outside a request scope" in r.getMessage()]
+    assert "Celery: perrequest.celery.install(app)" in record.getMessage()

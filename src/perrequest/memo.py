@@ -290,7 +290,8 @@ def request_memo(
 
 OUTSIDE_FIX = (
     "Register RequestScopeMiddleware (Flask: PerRequest(app); Django: "
-    "perrequest.django.RequestScopeMiddleware), wrap worker code in `with "
+    "perrequest.django.RequestScopeMiddleware; Celery: "
+    "perrequest.celery.install(app)), wrap other worker code in `with "
     "perrequest.request_scope():`, or hand the scope to a thread with "
     "perrequest.bind_scope(fn)."
 )

@@ -267,11 +267,21 @@ def test_a_run_cut_short_as_its_scope_closes_leaves_nothing_for_the_next(
             for result in results:
                 with contextlib.suppress(Exception):
                     result.get(timeout=60)
-            after = apps.state.delay().get(timeout=60)
-            # Only its own run and its own store open: what an interrupted run left is
+            # The next run, a plain task or a ScopedTask (whose scope is its own, not
+            # install()'s): only its own store open. What an interrupted run left is
             # closed as the next one starts. (live_scopes() may count one more: an
             # interrupt between a store's closing and its counting is not undone.)
+            after = apps.state.delay().get(timeout=60)
             assert after["jobs"] == after["open_stores"] == 1, after
+        pairs = [
+            (apps.interrupted_late.delay(rng.uniform(0, 0.002)), apps.scoped_state.delay())
+            for _ in range(200)
+        ]
+        for interrupted, checked in pairs:
+            with contextlib.suppress(Exception):
+                interrupted.get(timeout=60)
+            after = checked.get(timeout=60)
+            assert after["jobs"] == 0 and after["open_stores"] == 1, after
 
 
 # -- ScopedTask on a body that runs after the call ----------------------------------------

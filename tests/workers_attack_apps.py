@@ -41,10 +41,10 @@ _seen = threading.local()
 
 
 @task_prerun.connect(weak=False)
-def _before_perrequest(task_id: str = "", **_: Any) -> None:
+def _before_perrequest(sender: Any = None, **_: Any) -> None:
     # Connected before install(): Celery calls receivers in the order they connected.
     _seen.before = (in_request_scope(), live_scopes())
-    _seen.tracing = True
+    _seen.tracing = getattr(sender, "name", "").endswith(".interrupted_late")
 
 
 install(app, max_entries=10_000)
@@ -58,7 +58,7 @@ def _after_perrequest(**_: Any) -> None:
 
 def _soft_limit(signum: int, frame: Any) -> None:
     """What billiard's soft time limit does in the child (SIGUSR1 there), but only while
-    the tracer runs a task: anywhere from prerun to perrequest's postrun."""
+    the tracer runs interrupted_late: anywhere from prerun to perrequest's postrun."""
     if getattr(_seen, "tracing", False):
         raise SoftTimeLimitExceeded()
 
@@ -228,6 +228,12 @@ def state() -> dict[str, Any]:
         "jobs": jobs,
         "open_stores": stores,  # the task's own, and any left open by an earlier run
     }
+
+
+@app.task(base=ScopedTask)
+def scoped_state() -> dict[str, Any]:
+    """``state`` from a ScopedTask: install() opens no scope for it (jobs: 0)."""
+    return state.run()  # type: ignore[no-any-return]
 
 
 @app.task(bind=True)

@@ -151,13 +151,13 @@ def install(
 
 
 def _open_job_scope(sender: Any = None, task_id: str = "", **_: Any) -> None:
-    if sender is None or isinstance(sender, ScopedTask):
-        return
-    options = _installed.get(sender.app)
+    options = None if sender is None else _installed.get(sender.app)
     if options is None:
         return
     if not sender.request.is_eager:
         _drop_leftovers()
+    if isinstance(sender, ScopedTask):  # its __call__ opens its scope
+        return
     before = _current.get()
     job = _OpenJob(task_id, open_scope(*options), before)
     _open_jobs.set((*_open_jobs.get(), job))

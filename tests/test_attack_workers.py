@@ -310,7 +310,8 @@ def test_scoped_task_refuses_a_body_that_would_run_outside_its_scope(body: Any, 
 
     other = Celery("test_attack_workers_async", broker="memory://")
     with pytest.raises(TypeError, match=f"ScopedTask cannot take {kind}"):
-        other.task(lazy=False, base=ScopedTask, name="refused")(body)
+        # shared=False: a shared task is made again in every app finalized later.
+        other.task(lazy=False, shared=False, base=ScopedTask, name="refused")(body)
 
     with pytest.raises(TypeError, match=f"ScopedTask cannot take {kind}"):
         type("Subclassed", (ScopedTask,), {"run": body})

@@ -19,6 +19,7 @@ def miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no asyncio loop running: trio
+        _hashable(spec, key, ck)
         return unbatched(spec, [key], [ck], one=True)
     try:
         state = store._flights.get((spec, loop))
@@ -28,16 +29,20 @@ def miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
         if type(store) is list:  # make it, and load again
             here()
             return spec.load(key)
-        try:
-            hash(ck)
-        except TypeError:  # refused before any bookkeeping is made for it
-            raise spec.unhashable([key], [ck]) from None
+        _hashable(spec, key, ck)  # refused before any bookkeeping is made for it
         state = state_of(spec, store, loop)
         if state is None:  # the scope has ended: outside any scope now
             return outside_one(spec, key)
     future = loop.create_future()
     state.join(key, ck, future)
     return future
+
+
+def _hashable(spec: _BatchSpec, key: Any, ck: Hashable) -> None:
+    try:
+        hash(ck)
+    except TypeError:
+        raise spec.unhashable([key], [ck]) from None
 
 
 def ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, ...]) -> Any:

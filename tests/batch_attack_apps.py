@@ -358,3 +358,110 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": body})
         return
     await wrapped(scope, receive, send)
+
+
+# -- WSGI: Flask under gunicorn gthread, sync loaders in threads, async views' own loops --
+
+from concurrent.futures import TimeoutError as FutureTimeout  # noqa: E402
+
+from flask import Flask, jsonify  # noqa: E402
+from flask import request as flask_request  # noqa: E402
+
+from perrequest.flask import PerRequest  # noqa: E402
+
+
+@request_batch
+def slow_sync(keys: list[int]) -> list[str]:
+    rid = record([("slow", k) for k in keys])
+    import time
+
+    time.sleep(perrequest.get("delay", 0.3))
+    after = perrequest.get("rid")
+    with _lock:
+        LATE["own" if after == rid else "none" if after is None else "other"] += 1
+    return [f"{rid}:{k}" for k in keys]
+
+
+@request_memo
+def sync_label(key: int) -> str:
+    return f"label({items_sync.load(key)})"
+
+
+flask_app = Flask(__name__)
+
+
+def _flask_begin() -> str:
+    rid = flask_request.args["rid"]
+    perrequest.set("rid", rid)
+    perrequest.set("delay", float(flask_request.args.get("delay", 0.3)))
+    return rid
+
+
+@flask_app.get("/sync")
+def flask_sync() -> Any:
+    """A bound pool's threads, the request's thread and a memo load overlapping keys."""
+    rid = _flask_begin()
+    first = int(flask_request.args.get("first", 0))
+    keys = list(range(first, first + 24))
+    with ThreadPoolExecutor(3) as pool:
+        parts = list(pool.map(bind_scope(items_sync.load_many), [keys[:12], keys[6:18], keys[12:]]))
+        labels = list(pool.map(bind_scope(sync_label), keys))
+    values = items_sync(keys)
+    for part in [*parts, values, [v[len("label(") :] for v in labels]]:
+        _mine(rid, part)
+    return jsonify({"values": values, "fetched": _fetched(rid)})
+
+
+@flask_app.get("/sync-timeout")
+def flask_sync_timeout() -> Any:
+    """A pool thread fetches slowly, another waits for its key; the request gives up on
+    both and ends while they run (the pool is not waited for)."""
+    _flask_begin()
+    pool = ThreadPoolExecutor(2)
+    fetching = pool.submit(bind_scope(slow_sync.load_many), [1, 2])
+    waiting = pool.submit(bind_scope(slow_sync.load), 2)
+    timed_out = 0
+    for future in (fetching, waiting):
+        try:
+            future.result(timeout=0.05)
+        except FutureTimeout:
+            timed_out += 1
+    pool.shutdown(wait=False)
+    return jsonify({"timed_out": timed_out})
+
+
+@flask_app.get("/async")
+async def flask_async() -> Any:
+    """An async view: a loop of its own per request (asgiref), loads from several tasks;
+    ``leave``: one more load never awaited, pending when the loop ends."""
+    rid = _flask_begin()
+    keys = list(range(int(flask_request.args.get("first", 0)), 15))
+    values = await asyncio.gather(*(items.load(k) for k in keys))
+    if "leave" in flask_request.args:
+        items.load(999)
+    _mine(rid, values)
+    return jsonify({"values": values, "fetched": _fetched(rid)})
+
+
+PerRequest(flask_app)
+
+
+def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+    """``/state`` outside perrequest (what this worker thread holds); the rest: Flask."""
+    if environ["PATH_INFO"] != "/state":
+        return flask_app(environ, start_response)
+    gc.collect()
+    with _lock:
+        state = {
+            "live": live_scopes(),
+            "var": repr(_current.get()),
+            "running": sum(len(t) for t in _running.values()),
+            "tasks": [],
+            "rss_kb": _rss_kb(),
+            "bad": list(BAD),
+            "twice": list(TWICE),
+            "late": dict(LATE),
+            "fetched_left": sorted(FETCHED),
+        }
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(state).encode()]

@@ -144,6 +144,9 @@ async def weird(keys: list[Any]) -> Any:
         inner = asyncio.ensure_future(asyncio.sleep(5))
         inner.cancel()
         await inner
+    if mode == "self-cancel":  # its own task cancelled, every time it is asked
+        asyncio.current_task().cancel()  # type: ignore[union-attr]
+        await asyncio.sleep(0)
     if mode == "none":
         return None
     if mode == "unhashable-values":

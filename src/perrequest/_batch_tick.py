@@ -29,9 +29,21 @@ class _State:
     """One loader's batches in one store on one loop, in ``store._flights`` while it has
     work: who waits for each key in flight (a future, a ``(_Many, index)``, or a list of
     those) and the pending batch (``cks`` is ``keys`` without ``key=``). Keys in flight
-    that its own batch functions load form a batch apart (``own``, ``own_keys``)."""
+    that its own batch functions load form a batch apart (``own``, ``own_keys``). Keys
+    asked again after their call was cancelled are in ``again`` until a call ends."""
 
-    __slots__ = ("cks", "counter", "inflight", "keys", "loop", "own", "own_keys", "spec", "store")
+    __slots__ = (
+        "again",
+        "cks",
+        "counter",
+        "inflight",
+        "keys",
+        "loop",
+        "own",
+        "own_keys",
+        "spec",
+        "store",
+    )
 
     def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
         self.spec, self.store, self.loop = spec, store, loop
@@ -41,6 +53,7 @@ class _State:
         self.cks: list[Hashable] | None = None
         self.own: dict[Hashable, Any] | None = None
         self.own_keys: dict[Hashable, Any] = {}
+        self.again: set[Hashable] = set()
 
     def join(self, key: Any, ck: Hashable, who: Any) -> None:
         """Wait for ``ck``: with its flight (a hit), or in the pending batch. A batch function
@@ -187,6 +200,8 @@ def _ended(
                 _again(state, key, ck, waiters.pop(ck), own)
             _release(state)
             return
+        if state.again:  # asked again, and answered this time
+            state.again.difference_update(cks)
         anchors: list[Any] = []
         failures = False
         for ck, value in zip(cks, values, strict=True):
@@ -243,7 +258,14 @@ def fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
     """Put the waits of a key whose call was cancelled in the next batch; once the scope
-    has ended, cancel them instead: no call after the request. Lock held."""
+    has ended, cancel them instead: no call after the request. A key whose call is
+    cancelled again when asked again fails (its task is cancelled every time: asking
+    again would never end). Lock held."""
+    if ck in state.again and not state.store._closed:
+        state.again.discard(ck)
+        _hand(who, _cancelled_again(state.spec), True)
+        return
+    state.again.add(ck)
     for one in who if type(who) is list else (who,):
         future = one[0].future if type(one) is tuple else one
         if future.done():
@@ -256,6 +278,15 @@ def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
             state.inflight[ck] = _with(state.inflight[ck], one)
         else:
             state.join(key, ck, one)
+
+
+def _cancelled_again(spec: _BatchSpec) -> RuntimeError:
+    return RuntimeError(
+        f"@request_batch {spec.name}: the batch's task was cancelled again when its keys "
+        "were asked again, so they fail instead of being asked forever. Something cancels "
+        "the batch's task each time it runs (asyncio.current_task().cancel() in the batch "
+        "function?): let the batch function return, or raise an Exception."
+    )
 
 
 def _interrupted(spec: _BatchSpec, exc: BaseException) -> RuntimeError:

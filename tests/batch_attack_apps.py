@@ -89,7 +89,7 @@ async def items(keys: list[int]) -> list[str]:
 
 @request_batch
 def items_sync(keys: list[int]) -> dict[int, str]:
-    rid = record(keys)
+    rid = record([("sync", k) for k in keys])
     return {key: f"{rid}:{key}" for key in keys}
 
 
@@ -468,3 +468,73 @@ def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
         }
     start_response("200 OK", [("Content-Type", "application/json")])
     return [json.dumps(state).encode()]
+
+
+# -- Django under uvicorn: async views' batches, sync views' loaders (thread-sensitive
+# thread), an async loader called from a sync view through async_to_sync -------------------
+
+
+def django_asgi() -> Any:
+    """uvicorn --factory: Django's ASGI handler with perrequest's middleware; ``/state``
+    beside it, outside both."""
+    import django
+    from django.conf import settings
+    from django.core.asgi import get_asgi_application
+    from django.urls import path
+
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="perrequest-batch-attack",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=["perrequest.django.RequestScopeMiddleware"],
+        INSTALLED_APPS=[],
+        DATABASES={},
+    )
+    django.setup()
+    globals()["urlpatterns"] = [
+        path("dj/async", django_async_view),
+        path("dj/sync", django_sync_view),
+    ]
+    handler = get_asgi_application()
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/state":
+            await app(scope, receive, send)
+        else:
+            await handler(scope, receive, send)
+
+    return asgi
+
+
+def _django_begin(request: Any) -> str:
+    rid = request.GET["rid"]
+    perrequest.set("rid", rid)
+    perrequest.set("delay", 0.02)
+    return rid  # type: ignore[no-any-return]
+
+
+async def django_async_view(request: Any) -> Any:
+    from django.http import JsonResponse
+
+    rid = _django_begin(request)
+    first = int(request.GET.get("first", 0))
+    values = await asyncio.gather(*(items.load(k) for k in range(first, first + 15)))
+    values += await items.load_many(range(first, first + 20))
+    _mine(rid, values)
+    return JsonResponse({"values": values, "fetched": _fetched(rid)})
+
+
+def django_sync_view(request: Any) -> Any:
+    from asgiref.sync import async_to_sync
+    from django.http import JsonResponse
+
+    rid = _django_begin(request)
+    first = int(request.GET.get("first", 0))
+    keys = list(range(first, first + 20))
+    with ThreadPoolExecutor(2) as pool:
+        parts = list(pool.map(bind_scope(items_sync.load_many), [keys[:12], keys[8:]]))
+    looped = async_to_sync(items.load_many)(keys)  # on the server's loop, in this request
+    for part in [*parts, looped, items_sync(keys)]:
+        _mine(rid, part)
+    return JsonResponse({"fetched": _fetched(rid)})

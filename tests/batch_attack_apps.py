@@ -154,6 +154,41 @@ async def weird(keys: list[Any]) -> Any:
     return [f"v{k}" for k in keys]
 
 
+class SavedKey:
+    """A key whose hash changes when it is saved, as the batch function does: a model
+    instance hashed by a primary key the save assigns, say."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.saved = n, False
+
+    def __hash__(self) -> int:
+        return hash((self.n, self.saved))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SavedKey) and (other.n, other.saved) == (self.n, self.saved)
+
+
+@request_batch
+async def save(keys: list[SavedKey]) -> list[str]:
+    rid = record([("save", k.n) for k in keys])
+    await sleep(0)
+    for key in keys:
+        key.saved = True
+    return [f"{rid}:{key.n}" for key in keys]
+
+
+async def save_view(request: Request) -> JSONResponse:
+    """Loads of keys the batch function changes: each caller gets its value, the server
+    goes on."""
+    rid = _begin(request)
+    keys = [SavedKey(n) for n in range(4)]
+    values = await gather(*(save.load(k) for k in keys))
+    values += await save.load_many([SavedKey(n) for n in range(4, 8)])
+    values.append(await save.load(keys[0]))  # stored as it is now: a hit
+    _mine(rid, values)
+    return JSONResponse({"values": values, "fetched": _fetched(rid)})
+
+
 def _outcome(value: Any) -> Any:
     return f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else value
 
@@ -347,6 +382,7 @@ starlette = Starlette(
         Route("/mix", mix_view),
         Route("/threads", threads_view),
         Route("/unique", unique_view),
+        Route("/save", save_view),
     ]
 )
 wrapped = RequestScopeMiddleware(starlette)

@@ -313,3 +313,20 @@ def test_django_under_uvicorn_async_views_sync_views_and_async_to_sync() -> None
             assert len(fetched) == (40 if path == "/dj/sync" else 20)  # two loaders
         state = settled(url, lambda s: s["live"] == 0 and s["running"] == 0 and not s["tasks"])
     left_nothing(state, trio=False)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_batch_function_changing_its_keys_hashes_strands_nobody(server: str) -> None:
+    """The batch function saves its keys, which changes their hash. Before: the batch's
+    done-callback failed to find the keys' waiters (KeyError), and asyncio, formatting
+    that callback's arguments for the log, hit the same KeyError outside any handler:
+    the server's event loop stopped, every request on it with it."""
+    trio = server.endswith("trio")
+    with serve(server) as url:
+        for n in range(3):
+            body = get(url, "/save", rid=f"k{n}")
+            assert body["values"] == [f"k{n}:{k}" for k in (*range(8), 0)]
+            assert set(body["fetched"].values()) == {1}
+        assert get(url, "/slow", rid="next", keys="1,2")["values"] == ["next:1", "next:2"]
+        state = settled(url, lambda s: s["live"] == 0 and s["running"] == 0 and not s["tasks"])
+    left_nothing(state, trio)

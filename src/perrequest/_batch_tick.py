@@ -10,6 +10,7 @@ from collections.abc import Hashable
 from contextvars import ContextVar
 from typing import Any
 
+from ._active import logger
 from ._batching import _BatchSpec, now
 from ._stats import Counter
 from .errors import ScopeClosed
@@ -197,15 +198,20 @@ def _ended(
         if values is None:
             own = waiters is not state.inflight
             for key, ck in zip(keys, cks, strict=True):
-                _again(state, key, ck, waiters.pop(ck), own)
+                try:
+                    who = waiters.pop(ck)
+                except Exception:  # the batch function changed the key: see _taken
+                    who = _taken(waiters, ck)
+                _again(state, key, ck, who, own)
             _release(state)
             return
-        if state.again:  # asked again, and answered this time
-            state.again.difference_update(cks)
         anchors: list[Any] = []
         failures = False
         for ck, value in zip(cks, values, strict=True):
-            who = waiters.pop(ck)
+            try:
+                who = waiters.pop(ck)
+            except Exception:  # the batch function changed the key: see _taken
+                who = _taken(waiters, ck)
             if type(who) is _Future and not isinstance(value, Exception):  # one load
                 try:
                     who.set_result(value)  # runs no code now: it schedules the wake-up
@@ -221,11 +227,41 @@ def _ended(
             kept_at = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
             cks, values = [cks[i] for i in kept_at], [values[i] for i in kept_at]
             anchors = [anchors[i] for i in kept_at]
-        store._fill_many(state.spec, cks, values, anchors, state.counter)
+        try:
+            if state.again:  # asked again, and answered this time
+                state.again.difference_update(cks)
+            store._fill_many(state.spec, cks, values, anchors, state.counter)
+        except Exception:  # a key that cannot be hashed any more: its value was handed
+            logger.exception("perrequest: @request_batch %s could not store", state.spec.name)
         _release(state)
 
 
+def _taken(waiters: dict[Hashable, Any], ck: Hashable) -> Any:
+    """``waiters.pop(ck)`` for a key whose hash or equality the batch function changed (it
+    saved a model hashed by its primary key, say), or that raises now: found by identity.
+    The others are put back under their hashes now (the dict lost track of changed keys:
+    a lookup, or asyncio formatting it for a log, would raise); one that cannot be hashed
+    any more fails its waiters now. None: the key had nobody waiting any more."""
+    entries = list(dict.items(waiters))
+    waiters.clear()
+    found = None
+    for key, who in entries:
+        if key is ck:
+            found = who
+            continue
+        try:
+            other = waiters.get(key)  # changed into a key equal to another one: both wait
+            waiters[key] = who if other is None else [*_listed(other), *_listed(who)]
+        except Exception as exc:
+            _hand(who, exc, True)
+    return found
+
+
 _FAILED: Any = object()  # an anchor's place for a failed key: it is not stored
+
+
+def _listed(who: Any) -> list[Any]:
+    return who if type(who) is list else [who]
 
 
 def _hand(who: Any, value: Any, failed: bool) -> Any:
@@ -236,6 +272,8 @@ def _hand(who: Any, value: Any, failed: bool) -> Any:
         for one in who:
             kept = _hand(one, value, failed) or kept
         return kept
+    if who is None:  # nobody (a key lost by _taken)
+        return None
     if type(who) is tuple:
         if not who[0].future.done():
             who[0].put(who[1], value, failed)
@@ -268,7 +306,7 @@ def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
     state.again.add(ck)
     for one in who if type(who) is list else (who,):
         future = one[0].future if type(one) is tuple else one
-        if future.done():
+        if future is None or future.done():
             continue
         if state.store._closed:
             future.cancel()

@@ -327,6 +327,21 @@ async def threads_view(request: Request) -> JSONResponse:
     return JSONResponse({"fetched": _fetched(rid)})
 
 
+async def threads_timeout_view(request: Request) -> JSONResponse:
+    """A sync fetch in anyio's thread pool, and a second thread waiting for its key: the
+    request stops waiting for both (move_on_after; the threads are abandoned, as
+    run_in_threadpool's are not) and ends while they run."""
+    _begin(request)
+    perrequest.set("delay", 0.3)
+    run = anyio.to_thread.run_sync
+    with anyio.move_on_after(0.05) as scope:
+        await gather(
+            run(slow_sync.load_many, [1, 2], abandon_on_cancel=True),
+            run(slow_sync.load, 2, abandon_on_cancel=True),
+        )
+    return JSONResponse({"timed_out": scope.cancelled_caught, "fetched": {}})
+
+
 async def unique_view(request: Request) -> JSONResponse:
     """Keys no other request loads, values of 2 kB: what a leak would keep."""
     n = int(request.query_params["n"])
@@ -383,6 +398,7 @@ starlette = Starlette(
         Route("/threads", threads_view),
         Route("/unique", unique_view),
         Route("/save", save_view),
+        Route("/threads-timeout", threads_timeout_view),
     ]
 )
 wrapped = RequestScopeMiddleware(starlette)

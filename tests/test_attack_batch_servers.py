@@ -6,10 +6,15 @@ memos mixed in, sync loaders in thread pools; then what the server process holds
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import signal
 import socket
 import struct
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import HOST, free_port, serve_gunicorn, serve_subprocess
+from servers import HOST, ROOT, free_port, serve_gunicorn, serve_subprocess, wait_for_port
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -84,6 +89,8 @@ def _requests(n: int, trio: bool) -> list[tuple[str, dict[str, Any]]]:
         kinds.append(("/mix", {"rid": rid + "m"}))
         kinds.append(("/tree", {"rid": rid + "t", "keys": "5,9,10,11,2,3"}))
         kinds.append(("/threads", {"rid": rid + "s", "first": i % 5}))
+        if i % 3 == 0:
+            kinds.append(("/threads-timeout", {"rid": rid + "p"}))
         keys = ",".join(str(k) for k in range(i % 3, i % 3 + 6))
         hows = ["anyio"] if trio else ["anyio", "asyncio"]
         kinds.append(("/timeout", {"rid": rid + "o", "keys": keys, "how": hows[i % len(hows)]}))
@@ -125,6 +132,8 @@ def _check_bodies(bodies: list[Any], trio: bool) -> None:
                 [1, 2],
                 [1, 3],
             ]
+        if path == "/threads-timeout":
+            assert body["timed_out"] is True
         if path == "/timeout":
             assert body["timed_out"] is True
             assert body["values"] == [f"{rid}:{k}" for k in params["keys"].split(",")]
@@ -330,3 +339,44 @@ def test_a_batch_function_changing_its_keys_hashes_strands_nobody(server: str) -
         assert get(url, "/slow", rid="next", keys="1,2")["values"] == ["next:1", "next:2"]
         state = settled(url, lambda s: s["live"] == 0 and s["running"] == 0 and not s["tasks"])
     left_nothing(state, trio)
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+def test_a_server_stopping_with_batches_in_flight_exits(server: str) -> None:
+    """SIGINT while requests wait for a batch function that would run 30 s: uvicorn
+    (graceful shutdown bounded to 1 s) and hypercorn cancel the requests; the batch
+    tasks, cancelled as the loop ends, are not asked again after their requests."""
+    port = free_port()
+    if server == "uvicorn":
+        argv = ["-m", "uvicorn", "--host", HOST, "--port", str(port)]
+        argv += ["--timeout-graceful-shutdown", "1"]
+    else:
+        argv = ["-m", "hypercorn", "-b", f"{HOST}:{port}", "-g", "1"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.Popen(
+        [sys.executable, *argv, "batch_attack_apps:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        url = f"http://{HOST}:{port}"
+        clients = [threading.Thread(target=_try_get, args=(url, i), daemon=True) for i in range(5)]
+        for client in clients:
+            client.start()
+        time.sleep(1)  # the requests wait for the batch function
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def _try_get(url: str, i: int) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.get(f"{url}/slow", params={"rid": f"x{i}", "keys": "1,2", "delay": 30}, timeout=40)

@@ -158,6 +158,10 @@ async def _while_hanging_up(url: str, trio: bool) -> list[Any]:
         asyncio.to_thread(hang_up, url, f"/slow?rid=h{i}&delay=0.4&keys=1,2,3", 0.05 + i % 4 / 10)
         for i in range(20)
     ]
+    hang_ups += [  # a memo awaiting a loader, awaited by another loader's batch function
+        asyncio.to_thread(hang_up, url, f"/mix?rid=m{i}&delay=0.3", 0.05 + i % 3 / 10)
+        for i in range(9)
+    ]
     kinds: list[tuple[str, dict[str, Any]]] = []
     for i in range(20):
         kinds.append(("/slow", {"rid": f"n{i}", "keys": "1,2,3"}))

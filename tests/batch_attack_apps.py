@@ -472,6 +472,7 @@ def flask_sync_timeout() -> Any:
     """A pool thread fetches slowly, another waits for its key; the request gives up on
     both and ends while they run (the pool is not waited for)."""
     _flask_begin()
+    perrequest.set("delay", 1.0)  # longer than both waits, on a loaded machine too
     pool = ThreadPoolExecutor(2)
     fetching = pool.submit(bind_scope(slow_sync.load_many), [1, 2])
     waiting = pool.submit(bind_scope(slow_sync.load), 2)

@@ -270,7 +270,7 @@ def test_flask_under_gunicorn_gthread_sync_loaders_in_threads_and_async_views() 
                 assert body["timed_out"] == 2
             if path in ("/sync", "/async"):
                 assert set(body["fetched"].values()) == {1}, body["fetched"]
-        time.sleep(1)  # the pools' threads end
+        time.sleep(1.5)  # the pools' threads end
         states = [get(url, "/state") for _ in range(40)]  # every worker thread, likely
         state = settled(url, lambda s: s["live"] == 0)
     assert {s["var"] for s in states} == {"None"}

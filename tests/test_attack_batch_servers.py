@@ -24,7 +24,8 @@ import httpx
 import pytest
 from servers import HOST, ROOT, free_port, serve_gunicorn, serve_subprocess, wait_for_port
 
-pytestmark = pytest.mark.timeout(240)
+# A server farm (about 2 minutes): `make check` skips it, `make test` and CI run it.
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 SERVERS = ["uvicorn", "hypercorn", "hypercorn-trio"]
 

@@ -38,7 +38,7 @@ import perrequest.asgi
 from perrequest import request_memo
 from perrequest.testing import live_scopes
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # a server farm
 
 SERVERS = ("uvicorn", "hypercorn", "hypercorn-trio", "granian")
 

@@ -28,7 +28,7 @@ import httpx
 import pytest
 from servers import HOST, free_port, serve_gunicorn, serve_subprocess
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # a server farm
 
 
 class App:

@@ -177,6 +177,7 @@ def _alone(report: dict[str, Any], tag: str) -> bool:
 POOLS = {"prefork": ["-c", "2"], "solo": [], "threads": ["-c", "4"]}
 
 
+@pytest.mark.slow  # real Celery workers
 @pytest.mark.parametrize("pool", POOLS)
 def test_every_task_of_a_real_worker_starts_alone(apps: ModuleType, pool: str) -> None:
     """Plain and ScopedTask tasks, retries (self.retry, autoretry_for), a chain, a group,
@@ -208,6 +209,7 @@ def test_every_task_of_a_real_worker_starts_alone(apps: ModuleType, pool: str) -
             assert all(s["before"] == [False, 0] and s["live_in_task"] == 1 for s in states)
 
 
+@pytest.mark.slow  # real Celery workers
 def test_prefork_time_limits_strand_no_waiter_and_leave_no_scope(apps: ModuleType) -> None:
     """The soft time limit strikes in a memo computation while a helper thread of the task
     waits for the same key (the helper gets the task's SoftTimeLimitExceeded, as any
@@ -239,6 +241,7 @@ def test_prefork_time_limits_strand_no_waiter_and_leave_no_scope(apps: ModuleTyp
         assert after_hard["before"] == [False, 0] and after_hard["pid"] != after_soft["pid"]
 
 
+@pytest.mark.slow  # real Celery workers
 @pytest.mark.parametrize("pool", ["solo", "prefork"])
 def test_a_worker_memory_stays_flat_over_thousands_of_tasks(apps: ModuleType, pool: str) -> None:
     """1,600 tasks, each memoizing 50 kB under a key no other task uses (80 MB in all):
@@ -252,6 +255,7 @@ def test_a_worker_memory_stays_flat_over_thousands_of_tasks(apps: ModuleType, po
     assert rss[-1] - rss[0] < 8 * 2**20, [f"{r / 2**20:.1f} MB" for r in rss]
 
 
+@pytest.mark.slow  # real Celery workers
 def test_a_run_cut_short_as_its_scope_closes_leaves_nothing_for_the_next(
     apps: ModuleType,
 ) -> None:

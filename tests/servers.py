@@ -106,6 +106,21 @@ def serve_subprocess(
     argv: Sequence[str], port: int, *, cwd: Path = ROOT, env: dict[str, str] | None = None
 ) -> Iterator[str]:
     """Run a server command that listens on ``port``; yields the base URL."""
+    with run_process(argv, cwd=cwd, env=env) as (proc, log):
+        wait_for_port(port, proc=proc, log=log)
+        yield f"http://{HOST}:{port}"
+
+
+@contextmanager
+def run_process(
+    argv: Sequence[str],
+    *,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    stop_timeout: float = 15,
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Run ``argv`` with this checkout first on the path, its output in a log file; stopped
+    (killed if it hangs) and the log removed afterwards. Yields the process and the log."""
     full_env = {
         **os.environ,
         # This checkout's src first: from another worktree, the editable install
@@ -119,12 +134,11 @@ def serve_subprocess(
             list(argv), cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
         )
     try:
-        wait_for_port(port, proc=proc, log=log)
-        yield f"http://{HOST}:{port}"
+        yield proc, log
     finally:
         proc.terminate()
         try:
-            proc.wait(15)
+            proc.wait(stop_timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)

@@ -14,18 +14,15 @@ import multiprocessing
 import os
 import random
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-from servers import ROOT
+from servers import run_process
 
 import perrequest
 from perrequest import ScopeStats, in_request_scope, request_memo, request_scope
@@ -136,29 +133,15 @@ def celery_worker(apps: ModuleType, pool: str, *options: str) -> Iterator[None]:
     """``celery worker`` in a process of its own; stopped warm, killed if it hangs."""
     argv = [sys.executable, "-m", "celery", "-A", "workers_attack_apps", "worker", "-l", "warning"]
     argv += [f"--pool={pool}", "--without-heartbeat", "--without-gossip", "--without-mingle"]
-    env = {
-        **os.environ,
-        "ATTACK_REDIS_URL": apps.URL,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
-    }
-    with tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False) as log_file:
-        log = Path(log_file.name)
-        proc = subprocess.Popen([*argv, *options], env=env, stdout=log_file, stderr=log_file)
-    try:
-        # The first task waits for the worker to start.
-        assert apps.state.delay().get(timeout=60)["pid"] != os.getpid()
-        yield
-    except BaseException:
-        print(log.read_text(errors="replace")[-4000:])
-        raise
-    finally:
-        proc.terminate()
+    env = {"ATTACK_REDIS_URL": apps.URL}
+    with run_process([*argv, *options], env=env, stop_timeout=20) as (_, log):
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.unlink(missing_ok=True)
+            # The first task waits for the worker to start.
+            assert apps.state.delay().get(timeout=60)["pid"] != os.getpid()
+            yield
+        except BaseException:
+            print(log.read_text(errors="replace")[-4000:])
+            raise
 
 
 def _alone(report: dict[str, Any], tag: str) -> bool:
@@ -266,7 +249,7 @@ def test_a_run_cut_short_as_its_scope_closes_leaves_nothing_for_the_next(
     stack of open runs kept it too)."""
     rng = random.Random(1)
     with celery_worker(apps, "prefork", "-c", "1"):
-        for _ in range(6):
+        for _ in range(3):
             results = [apps.interrupted_late.delay(rng.uniform(0, 0.002)) for _ in range(100)]
             for result in results:
                 with contextlib.suppress(Exception):
@@ -279,7 +262,7 @@ def test_a_run_cut_short_as_its_scope_closes_leaves_nothing_for_the_next(
             assert after["jobs"] == after["open_stores"] == 1, after
         pairs = [
             (apps.interrupted_late.delay(rng.uniform(0, 0.002)), apps.scoped_state.delay())
-            for _ in range(200)
+            for _ in range(100)
         ]
         for interrupted, checked in pairs:
             with contextlib.suppress(Exception):

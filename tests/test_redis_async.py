@@ -169,6 +169,8 @@ def test_async_a_pool_is_dropped_when_its_event_loop_has_closed(
 ) -> None:
     """A worker running each task under its own asyncio.run() keeps one pool, not one
     per loop it ever ran (each with its socket open to the server)."""
+    # Other tests on this session's server (a Celery app's broker) may keep clients open.
+    others = len(client.client_list())
     cache = RedisCache(redis_server.aclient(), ttl=60, namespace="a")
 
     @request_memo(shared=cache)
@@ -185,9 +187,9 @@ def test_async_a_pool_is_dropped_when_its_event_loop_has_closed(
             assert asyncio.run(task()) == 1.0
         gc.collect()
     deadline = time.monotonic() + 5
-    while len(client.client_list()) > 3 and time.monotonic() < deadline:
+    while len(client.client_list()) > others + 2 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert len(client.client_list()) <= 3  # this client, the last loop's pool, maybe one more
+    assert len(client.client_list()) <= others + 2  # the last loop's pool, maybe one more
 
 
 def test_async_a_key_of_another_type_is_a_bad_value_overwritten(

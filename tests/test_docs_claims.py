@@ -7,9 +7,11 @@ advice a page promises the message gives.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -312,23 +314,6 @@ def _config_mistakes() -> dict[str, list[object]]:
     }
 
 
-def test_every_configuration_mistake_raises_what_errors_md_says() -> None:
-    rows = _table_rows(DOCS / "errors.md", "| mistake | error |")
-    mistakes = _config_mistakes()
-    unmatched = [m for m, _ in rows if not any(m.startswith(k) for k in mistakes)]
-    assert not unmatched, f"errors.md rows without a check here: {unmatched}"
-    for mistake, error in rows:
-        (calls,) = [v for k, v in mistakes.items() if mistake.startswith(k)]
-        named = set(re.findall(r"`(\w+Error|ImproperlyConfigured)`", error.split(":")[0]))
-        assert named, f"errors.md: {mistake}: no exception class named in {error!r}"
-        for call in calls:
-            exc = _error(call)
-            assert type(exc).__name__ in named, f"{mistake}: {type(exc).__name__}: {exc}"
-    assert "Did you mean max_entries=?" in str(_error(lambda: request_memo(maxsize=10)))
-    shared = str(_error(lambda: request_memo(shared={})))
-    assert "cachetools.LRUCache" in shared and "TTLCache" in shared
-
-
 async def _coroutine() -> int:
     return 1
 
@@ -376,17 +361,27 @@ def _runtime_mistakes() -> dict[str, list[object]]:
     }
 
 
-def test_every_runtime_mistake_raises_what_errors_md_says() -> None:
-    rows = _table_rows(DOCS / "errors.md", "| mistake | error |", nth=1)
-    mistakes = _runtime_mistakes()
-    unmatched = [m for m, _ in rows if not any(m.startswith(k) for k in mistakes)]
+@pytest.mark.parametrize(
+    ("nth", "mistakes", "in_scope"),
+    [(0, _config_mistakes, False), (1, _runtime_mistakes, True)],
+    ids=["configuration", "runtime"],
+)
+def test_every_mistake_raises_what_errors_md_says(
+    nth: int, mistakes: Callable[[], dict[str, list[object]]], in_scope: bool
+) -> None:
+    """errors.md's two mistake tables: configuration, then mistakes made in a scope."""
+    rows = _table_rows(DOCS / "errors.md", "| mistake | error |", nth=nth)
+    checks = mistakes()
+    unmatched = [m for m, _ in rows if not any(m.startswith(k) for k in checks)]
     assert not unmatched, f"errors.md rows without a check here: {unmatched}"
     for mistake, error in rows:
-        (calls,) = [v for k, v in mistakes.items() if mistake.startswith(k)]
-        named = set(re.findall(r"`(\w+Error|\w+Arguments)`", error.split(":")[0]))
+        (calls,) = [v for k, v in checks.items() if mistake.startswith(k)]
+        named = set(
+            re.findall(r"`(\w+Error|\w+Arguments|ImproperlyConfigured)`", error.split(":")[0])
+        )
         assert named, f"errors.md: {mistake}: no exception class named in {error!r}"
         for call in calls:
-            with request_scope():
+            with request_scope() if in_scope else contextlib.nullcontext():
                 exc = _error(call)
             assert type(exc).__name__ in named, f"{mistake}: {type(exc).__name__}: {exc}"
 

@@ -41,7 +41,7 @@ typecheck: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet --site-dir site
 
-## Two pytest-xdist workers, one per core: the whole suite in about 6 minutes, not 10.
+## Two pytest-xdist workers, one per core: the whole suite in about 8 minutes, not 15.
 pytest: $(STAMP) system-deps
 	$(PY) -m pytest -n 2
 

@@ -78,20 +78,31 @@ def _cleanup(v: str, done: bool, where: str) -> None:
         EVENTS["errors"].append(f"cleanup {v}: {exc!r}")
 
 
-def stream_sync(request: Any) -> StreamingHttpResponse:
+def _stream(request: Any) -> tuple[str, int, bool, int]:
+    """A stream's parameters, its marker stored: the value, the chunks, whether to pause
+    between them (``fast``: a client leaving finds the body at a yield), and the chunk at
+    which the body raises."""
     v, n = request.GET["v"], int(request.GET.get("n", 3))
-    pause = not request.GET.get("fast")  # fast: a client leaving finds the body at a yield
-    fail = int(request.GET.get("fail", -1))  # the chunk at which the body raises
     perrequest.set("marker", v)
+    return v, n, not request.GET.get("fast"), int(request.GET.get("fail", -1))
+
+
+def _chunk(v: str, i: int, fail: int) -> bytes:
+    """Chunk ``i``, read in the request's own store (or the body fails at ``fail``)."""
+    assert perrequest.get("marker") == v, perrequest.get("marker")
+    if i == fail:
+        raise RuntimeError("the body failed")
+    return _CHUNK
+
+
+def stream_sync(request: Any) -> StreamingHttpResponse:
+    v, n, pause, fail = _stream(request)
 
     def body() -> Iterator[bytes]:
         done = False
         try:
             for i in range(n):
-                assert perrequest.get("marker") == v, perrequest.get("marker")
-                if i == fail:
-                    raise RuntimeError("the body failed")
-                yield _CHUNK
+                yield _chunk(v, i, fail)
                 if pause:
                     time.sleep(0.001)
             done = True
@@ -102,19 +113,13 @@ def stream_sync(request: Any) -> StreamingHttpResponse:
 
 
 def stream_async(request: Any) -> StreamingHttpResponse:
-    v, n = request.GET["v"], int(request.GET.get("n", 3))
-    pause = not request.GET.get("fast")  # fast: a client leaving finds the body at a yield
-    fail = int(request.GET.get("fail", -1))  # the chunk at which the body raises
-    perrequest.set("marker", v)
+    v, n, pause, fail = _stream(request)
 
     async def body() -> AsyncIterator[bytes]:
         done = False
         try:
             for i in range(n):
-                assert perrequest.get("marker") == v, perrequest.get("marker")
-                if i == fail:
-                    raise RuntimeError("the body failed")
-                yield _CHUNK
+                yield _chunk(v, i, fail)
                 if pause:
                     await asyncio.sleep(0.001)
             done = True

@@ -1025,24 +1025,6 @@ def test_closing_frees_the_entries_of_a_function_whose_call_closes_the_scope() -
     assert refs[0]() is None
 
 
-def test_a_memo_key_never_equals_a_users_key() -> None:
-    """Iteration shows memo entries as ``MemoKey`` objects, which never equal a key a
-    user passes: not even the plain tuple of the same items (a NamedTuple's equality)."""
-
-    @request_memo
-    def f(x: int) -> int:
-        return x * 10
-
-    with request_scope() as store:
-        f(1)
-        (memo_key,) = list(store)
-        assert memo_key != tuple(memo_key) and tuple(memo_key) != memo_key
-        perrequest.set(tuple(memo_key), "a user's value")
-        assert len(dict(store)) == len(store) == 2  # two keys, not two equal ones
-        assert store[memo_key] == 10 and perrequest.get(tuple(memo_key)) == "a user's value"
-        assert memo_key == type(memo_key)(*memo_key) and len({memo_key, tuple(memo_key)}) == 2
-
-
 MemoStoreMachine.TestCase.settings = settings(
     max_examples=int(os.environ.get("PERREQUEST_MODEL_EXAMPLES", "500")),
     stateful_step_count=int(os.environ.get("PERREQUEST_MODEL_STEPS", "50")),

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import perrequest
-from perrequest import MemoStore, ScopeClosed, request_scope
+from perrequest import MemoStore, ScopeClosed, request_memo, request_scope
 
 
 def test_mapping_basics() -> None:
@@ -263,6 +263,24 @@ async def test_store_is_usable_from_the_event_loop_and_threads() -> None:
     async with request_scope() as store:
         await asyncio.to_thread(store.__setitem__, "t", 1)
         assert store["t"] == 1
+
+
+def test_a_memo_key_never_equals_a_users_key() -> None:
+    """Iteration shows memo entries as ``MemoKey`` objects, which never equal a key a
+    user passes: not even the plain tuple of the same items (a NamedTuple's equality)."""
+
+    @request_memo
+    def f(x: int) -> int:
+        return x * 10
+
+    with request_scope() as store:
+        f(1)
+        (memo_key,) = list(store)
+        assert memo_key != tuple(memo_key) and tuple(memo_key) != memo_key
+        perrequest.set(tuple(memo_key), "a user's value")
+        assert len(dict(store)) == len(store) == 2  # two keys, not two equal ones
+        assert store[memo_key] == 10 and perrequest.get(tuple(memo_key)) == "a user's value"
+        assert memo_key == type(memo_key)(*memo_key) and len({memo_key, tuple(memo_key)}) == 2
 
 
 def test_memo_entries_are_read_not_written_through_the_mapping() -> None:

@@ -94,7 +94,9 @@ def _requests(n: int, trio: bool) -> list[tuple[str, dict[str, Any]]]:
             kinds.append(("/threads-timeout", {"rid": rid + "p"}))
         keys = ",".join(str(k) for k in range(i % 3, i % 3 + 6))
         hows = ["anyio"] if trio else ["anyio", "asyncio"]
-        kinds.append(("/timeout", {"rid": rid + "o", "keys": keys, "how": hows[i % len(hows)]}))
+        # The batch takes 0.3 s, the load's timeout 0.05 s: it times out whatever the load.
+        how = hows[i % len(hows)]
+        kinds.append(("/timeout", {"rid": rid + "o", "keys": keys, "how": how, "delay": 0.3}))
     random.Random(n).shuffle(kinds)
     return kinds
 
@@ -168,7 +170,8 @@ async def _while_hanging_up(url: str, trio: bool) -> list[Any]:
         kinds.append(("/slow", {"rid": f"n{i}", "keys": "1,2,3"}))
         kinds.append(("/slow", {"rid": f"l{i}", "keys": "2,3,4", "leave": 1}))
         how = "anyio" if trio or i % 2 else "asyncio"
-        kinds.append(("/timeout", {"rid": f"o{i}", "keys": "3,4", "how": how, "leave": 1}))
+        timeout = {"rid": f"o{i}", "keys": "3,4", "how": how, "leave": 1, "delay": 0.3}
+        kinds.append(("/timeout", timeout))
     gathered = await asyncio.gather(_fire(url, kinds), *hang_ups)
     return gathered[0]  # type: ignore[no-any-return]
 

@@ -11,6 +11,7 @@ the tests can show a pooled thread really does carry context over.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import os
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import (
+    Blueprint,
     Flask,
     Response,
     g,
@@ -33,7 +35,7 @@ from flask import (
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 import perrequest
-from perrequest import request_memo
+from perrequest import request_batch, request_memo
 from perrequest.flask import PerRequest
 from perrequest.scope import _current
 from perrequest.testing import live_scopes
@@ -64,6 +66,54 @@ def lookup() -> str:
 @request_memo
 def echo(value: str) -> str:
     return value
+
+
+@request_memo
+async def profile(user_id: int) -> str:
+    """An async memo, run by Flask's async views in an event loop of their own."""
+    perrequest.set("profiles", perrequest.get("profiles", 0) + 1)
+    await asyncio.sleep(0.001)
+    return f"{request.args['rid']}:{user_id}:{uuid.uuid4().hex}"
+
+
+@request_batch
+async def names(keys: list[int]) -> list[str]:
+    perrequest.set("batches", perrequest.get("batches", 0) + 1)
+    await asyncio.sleep(0.001)
+    return [f"{request.args['rid']}:{key}" for key in keys]
+
+
+def async_views() -> Blueprint:
+    """``async def`` hooks and views (``flask[async]``): Flask runs each in a new event
+    loop (asgiref's ``async_to_sync``), so one request's memo and loader values cross
+    two loops, the hook's and the view's."""
+    views = Blueprint("async_views", __name__, url_prefix="/async")
+
+    @views.before_request
+    async def _early() -> None:
+        g.early = (await profile(1), await names.load(1), id(perrequest.current_store()))
+
+    @views.get("/echo")
+    async def echo() -> dict[str, Any]:
+        rid = request.args["rid"]
+        before = perrequest.get("v")
+        perrequest.set("v", rid)
+        again = await asyncio.gather(profile(1), profile(1))  # the hook's: hits
+        new = await asyncio.gather(profile(2), profile(2))  # one computation
+        loaded = await asyncio.gather(names.load(1), names.load(2), names.load(3))
+        return {
+            "before": before,
+            "seen": perrequest.get("v"),
+            "early": list(g.early[:2]),
+            "same_store": g.early[2] == id(perrequest.current_store()),
+            "again": again,
+            "new": new,
+            "loaded": loaded,
+            "profiles": perrequest.get("profiles"),
+            "batches": perrequest.get("batches"),
+        }
+
+    return views
 
 
 def helper() -> str:
@@ -192,6 +242,8 @@ def create_app(ext: PerRequest | None = None) -> Flask:
         perrequest.set("v", value)
         time.sleep(0.002)
         return {"before": before, "seen": perrequest.get("v"), "memo": echo(value)}
+
+    app.register_blueprint(async_views())
 
     @app.get("/_live")
     def live() -> dict[str, Any]:

@@ -279,6 +279,28 @@ def test_another_apps_body_dropped_unclosed_inside_a_view_never_writes_the_views
     assert live_scopes() == 0
 
 
+def _check_async_echo(seen: dict[str, Any], rid: str) -> None:
+    """One request of ``/async/echo``: its own store across the hook's event loop and the
+    view's, the hook's values hit in the view, and each computation made once."""
+    assert seen["before"] is None and seen["seen"] == rid and seen["same_store"]
+    early_profile, early_name = seen["early"]
+    assert early_profile.startswith(f"{rid}:1:") and early_name == f"{rid}:1"
+    assert seen["again"] == [early_profile, early_profile]  # hits, on another loop
+    assert seen["new"][0] == seen["new"][1] and seen["new"][0].startswith(f"{rid}:2:")
+    assert seen["loaded"] == [f"{rid}:1", f"{rid}:2", f"{rid}:3"]
+    assert seen["profiles"] == 2 and seen["batches"] == 2  # [1] in the hook, [2, 3]
+
+
+def test_async_hooks_and_views_share_the_requests_store_across_their_loops(
+    client: Any,
+) -> None:
+    for rid in ("a", "b", "c"):
+        with client.get("/async/echo", query_string={"rid": rid}) as response:
+            assert response.status_code == 200, response.text
+            _check_async_echo(response.get_json(), rid)
+    assert live_scopes() == 0
+
+
 def test_flask_g_is_gone_in_a_bare_generator_and_the_store_is_not() -> None:
     """What the docs claim about flask.g against perrequest, checked."""
     app = Flask("g_vs_store")
@@ -402,6 +424,21 @@ def test_served_pooled_thread_carries_no_store_into_an_unwrapped_app(base: str) 
     # and those threads did carry over the ContextVar that /leaky set without a reset.
     assert {r["thread"] for r in raw} & shared_threads
     assert any(r["leak"] is not None for r in raw)
+
+
+def test_served_async_views_keep_their_own_store_under_concurrency(base: str) -> None:
+    async def one(client: httpx.AsyncClient, n: int) -> None:
+        rid = f"{n}-{uuid.uuid4().hex}"
+        response = await client.get("/async/echo", params={"rid": rid})
+        assert response.status_code == 200, response.text
+        _check_async_echo(response.json(), rid)
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            await asyncio.gather(*(one(client, n) for n in range(60)))
+
+    asyncio.run(burst())
+    _wait_for(base, lambda live: live["live"] == 0, "stores of async views left open")
 
 
 @pytest.mark.slow

@@ -10,8 +10,6 @@ Under trio, tasks compute without sharing: correct, only not deduplicated.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -19,7 +17,7 @@ from typing import Any, Protocol
 
 from ._checks import LAZY, refuse_memoized_result
 from ._stats import CountsLike as Counter
-from ._waits import RESTART, done_waiting, gone, may_wait, result, result_async
+from ._waits import RESTART, done_waiting, gone, may_wait, result, result_async, task_me, thread_me
 
 MISSING: Any = object()
 
@@ -196,7 +194,7 @@ def run(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """The value at ``key``, computed by ``fn(*args, **kwargs)`` at most once at a time."""
-    me = threading.get_ident()  # looked up now: gevent may have patched it since import
+    me = thread_me()
     try:
         # Registered without the lock (setdefault is atomic). A value filled since the
         # caller looked is computed again: "at most once at a time" still holds.
@@ -287,10 +285,7 @@ async def run_async(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """``run`` for tasks; if the computing task is cancelled, a live waiter computes."""
-    try:
-        me: object = asyncio.current_task()
-    except RuntimeError:
-        me = None
+    me = task_me()
     if me is None:  # not asyncio (trio): compute without sharing
         counter.misses += 1
         return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
@@ -328,10 +323,11 @@ async def run_async(
         return finish(cache, key, me, value, counter, extra)
     except BaseException as exc:  # cancellation too: a waiter computes instead
         failed(cache, key, me, counter, start, exc)
-        me = record = None  # as above
         raise
     finally:
-        value = None
+        # The task, left here, is kept by its own error where a frame keeps its caller's
+        # (3.12+, f_back): a shared tier's error, caught below, holds this frame.
+        value = me = record = None
 
 
 async def _unshared_async(

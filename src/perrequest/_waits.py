@@ -12,6 +12,26 @@ from concurrent.futures import Future
 from contextvars import ContextVar
 from typing import Any
 
+
+def thread_me() -> int:
+    """A thread's ``me`` in single-flight, got through a frame of its own: a miss registers
+    only once a frame is free for unregistering (``_flight.failed``), so that a
+    ``RecursionError`` comes before registering, not between it and unregistering (a
+    record left behind: others would wait for ever). Looked up per call, not bound at
+    import: imported before gevent's monkey-patching (gunicorn ``--preload``), every
+    greenlet would have its thread's id, and take the others' computations for its own."""
+    return threading.get_ident()
+
+
+def task_me() -> object:
+    """``thread_me`` for tasks: the current asyncio task, through a frame of its own
+    (3.12+ counts the frames of awaited coroutines as calls); None under trio."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no asyncio loop running here
+        return None
+
+
 _waits: dict[object, object] = {}
 _waits_lock = threading.Lock()
 

@@ -15,15 +15,14 @@ import functools
 import inspect
 import keyword
 import textwrap
-import threading
 import weakref
-from asyncio import current_task
 from collections.abc import Callable
 from typing import Any
 
 from . import _flight
 from ._active import _current, here
 from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
+from ._waits import task_me, thread_me
 
 # Indented one level, as the miss templates below are; dedented before compiling.
 _TEMPLATE = """\
@@ -127,10 +126,7 @@ _THREAD = """\
 """
 
 _TASK = """\
-            try:
-                __pr_me = __pr_task()
-            except __pr_RuntimeError:  # not asyncio (trio): computed unshared, by _slow
-                __pr_me = None
+            __pr_me = __pr_task()  # None under trio: computed unshared, by _slow
 """
 
 _REFUSE = """\
@@ -167,23 +163,12 @@ async def _ready(value: Any) -> Any:
     return value
 
 
-def _me() -> int:
-    """A thread's ``me``, got through a frame of its own: a miss registers only once the
-    two levels of stack that unregistering takes (``_flight.failed``, and the lock it
-    takes) are free, so that a ``RecursionError`` comes before registering, not between
-    it and unregistering (a record left behind: other threads would wait for ever).
-    Looked up per call, not bound at import: imported before gevent's monkey-patching
-    (gunicorn ``--preload``), every greenlet would have its thread's id, and each would
-    take the others' computations for its own recursion (computing, not waiting)."""
-    return threading.get_ident()
-
-
 # The names the generated code uses that are the same for every wrapper (builtins too,
 # as a parameter may be called ``type``).
 _FIXED = {
     "__pr_get": _current.get, "__pr_id": id, "__pr_slow": _slow, "__pr_end": _flight.end,
     "__pr_failed": _flight.failed, "__pr_now": _flight._now, "__pr_lazy": LAZY,
-    "__pr_refuse": refuse_memoized_result, "__pr_thread": _me, "__pr_task": current_task,
+    "__pr_refuse": refuse_memoized_result, "__pr_thread": thread_me, "__pr_task": task_me,
     "__pr_unknown": _flight._UNKNOWN, "__pr_abandon": _flight.abandon,
     "__pr_interrupted": _flight.interrupted, "__pr_type": type, "__pr_KeyError": KeyError,
     "__pr_TypeError": TypeError, "__pr_AttributeError": AttributeError,

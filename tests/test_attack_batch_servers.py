@@ -22,7 +22,15 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import HOST, ROOT, free_port, serve_gunicorn, serve_subprocess, wait_for_port
+from servers import (
+    HOST,
+    ROOT,
+    STOPPING_HYPERCORN,
+    free_port,
+    serve_gunicorn,
+    serve_subprocess,
+    wait_for_port,
+)
 
 # A server farm (about 2 minutes): `make check` skips it, `make test` and CI run it.
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -349,7 +357,7 @@ def test_a_batch_function_changing_its_keys_hashes_strands_nobody(server: str) -
     left_nothing(state, trio)
 
 
-@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("server", ["uvicorn", STOPPING_HYPERCORN])
 def test_a_server_stopping_with_batches_in_flight_exits(server: str) -> None:
     """SIGINT while requests wait for a batch function that would run 30 s: uvicorn
     (graceful shutdown bounded to 1 s) and hypercorn cancel the requests; the batch

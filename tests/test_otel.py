@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -111,8 +114,10 @@ def test_totals_are_set_on_the_span_active_as_the_scope_closes(
     assert attributes["perrequest.scope.saved"] > 0
 
 
-class TracingMiddleware:
-    """What OpenTelemetry's ASGI instrumentation does: a server span around the app."""
+class SpanAroundTheApp:
+    """A server span around the whole app call, which the scope closes inside: what
+    Django's instrumentation does (below), and what an ASGI app gets by wrapping
+    perrequest's middleware in a span of its own (docs/observability.md)."""
 
     def __init__(self, app: Any, tracer: trace.Tracer) -> None:
         self.app, self.tracer = app, tracer
@@ -125,17 +130,36 @@ class TracingMiddleware:
             await self.app(scope, receive, send)
 
 
-def test_under_uvicorn_the_request_span_gets_the_totals(
+async def _index(request: Any) -> PlainTextResponse:
+    return PlainTextResponse(str(sum(lookup(x) for x in (1, 2, 1, 2, 1))))
+
+
+def _served_spans(app: Any, exporter: InMemorySpanExporter, count: int) -> list[Any]:
+    """``count`` requests to ``app`` under uvicorn; the server spans they made."""
+    with serve_uvicorn(app) as url:
+        for _ in range(count):
+            assert httpx.get(url + "/").text == "7"
+        deadline = time.monotonic() + 5
+        while len(_server(exporter)) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _server(exporter)
+
+
+def _server(exporter: InMemorySpanExporter) -> list[Any]:
+    return [s for s in exporter.get_finished_spans() if s.kind is trace.SpanKind.SERVER]
+
+
+def _totals(span: Any) -> dict[str, Any]:
+    return {k: v for k, v in (span.attributes or {}).items() if k.startswith("perrequest.")}
+
+
+def test_under_uvicorn_a_span_around_the_app_gets_the_totals(
     reader: InMemoryMetricReader, spans: tuple[trace.Tracer, InMemorySpanExporter]
 ) -> None:
     tracer, exporter = spans
-
-    async def index(request: Any) -> PlainTextResponse:
-        return PlainTextResponse(str(sum(lookup(x) for x in (1, 2, 1, 2, 1))))
-
-    app = Starlette(routes=[Route("/", index)])
+    app = Starlette(routes=[Route("/", _index)])
     app.add_middleware(RequestScopeMiddleware)
-    with serve_uvicorn(TracingMiddleware(app, tracer)) as url:
+    with serve_uvicorn(SpanAroundTheApp(app, tracer)) as url:
         for _ in range(3):
             assert httpx.get(url + "/").text == "7"
         deadline = time.monotonic() + 5
@@ -144,6 +168,109 @@ def test_under_uvicorn_the_request_span_gets_the_totals(
     finished = exporter.get_finished_spans()
     assert [s.attributes["perrequest.scope.hits"] for s in finished] == [3, 3, 3]  # type: ignore[index]
     assert by_function(points(reader)["perrequest.memo.hits"]) == {NAME: 9}
+
+
+def test_opentelemetrys_asgi_server_span_ends_before_the_scope_closes(
+    reader: InMemoryMetricReader,
+) -> None:
+    """opentelemetry-instrumentation-asgi (FastAPI's and Starlette's instrumentors too) ends
+    its server span as the response's last body message is sent, before the app returns
+    and the scope closes: the span gets no totals; the metrics count the requests."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = Starlette(routes=[Route("/", _index)])
+    app.add_middleware(RequestScopeMiddleware)
+    server_spans = _served_spans(
+        OpenTelemetryMiddleware(app, tracer_provider=provider), exporter, 3
+    )
+    provider.shutdown()
+    assert len(server_spans) == 3 and [_totals(s) for s in server_spans] == [{}, {}, {}]
+    assert by_function(points(reader)["perrequest.memo.hits"]) == {NAME: 9}
+
+
+def test_opentelemetrys_wsgi_server_span_ends_before_the_body_is_closed(
+    reader: InMemoryMetricReader,
+) -> None:
+    """opentelemetry-instrumentation-wsgi (Flask's instrumentor too) ends its server span
+    before the server closes the body, where the scope closes: no totals on it."""
+    from flask import Flask
+    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware as OtelWSGI
+
+    from perrequest.flask import PerRequest
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = Flask(__name__)
+    PerRequest(app)
+    app.get("/")(lambda: str(sum(lookup(x) for x in (1, 2, 1, 2, 1))))
+    app.wsgi_app = OtelWSGI(app.wsgi_app, tracer_provider=provider)  # type: ignore[method-assign]
+    client = app.test_client()
+    for _ in range(3):
+        with client.get("/") as response:
+            assert response.get_data(as_text=True) == "7"
+    server_spans = _server(exporter)
+    provider.shutdown()
+    assert len(server_spans) == 3 and [_totals(s) for s in server_spans] == [{}, {}, {}]
+    assert by_function(points(reader)["perrequest.memo.hits"]) == {NAME: 9}
+
+
+_DJANGO_INSTRUMENTED = """
+import json
+import django
+from django.conf import settings
+
+settings.configure(
+    SECRET_KEY="otel", ALLOWED_HOSTS=["*"], ROOT_URLCONF="__main__",
+    MIDDLEWARE=["perrequest.django.RequestScopeMiddleware"],
+)
+from opentelemetry.instrumentation.django import DjangoInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import perrequest.otel
+from perrequest import request_memo
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+DjangoInstrumentor().instrument(tracer_provider=provider)
+perrequest.otel.instrument()
+django.setup()
+from django.http import HttpResponse
+from django.test import Client
+from django.urls import path
+
+
+@request_memo
+def lookup(x):
+    return x
+
+
+urlpatterns = [path("", lambda request: HttpResponse(str(sum(map(lookup, (1, 2, 1, 2, 1))))))]
+assert Client().get("/").content == b"7"
+print(json.dumps([dict(s.attributes) for s in exporter.get_finished_spans()]))
+"""
+
+
+def test_opentelemetrys_django_server_span_gets_the_totals() -> None:
+    """DjangoInstrumentor's middleware, first in the stack, keeps its server span current
+    until after perrequest's middleware has closed the scope (a process of its own:
+    instrumenting patches Django's settings)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DJANGO_INSTRUMENTED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    [span] = json.loads(done.stdout)
+    assert span["perrequest.scope.hits"] == 3 and span["perrequest.scope.misses"] == 2
 
 
 def test_instrument_again_replaces_and_uninstrument_stops() -> None:

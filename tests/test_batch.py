@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -424,3 +425,31 @@ async def test_futures_kept_for_hits_never_keep_a_closed_request_alive() -> None
     del store
     gc.collect()
     assert perrequest.testing.live_scopes() == 0
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="eager tasks are 3.12's (make test runs this there)"
+)
+async def test_eager_tasks_still_share_one_batch_per_tick() -> None:
+    """With ``asyncio.eager_task_factory`` each gathered ``load`` runs at once, inside
+    ``create_task``: the loads of one tick still make one call of the batch function."""
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)
+    calls: list[list[int]] = []
+
+    @request_batch
+    async def tens(keys: list[int]) -> list[int]:
+        calls.append(keys)
+        await asyncio.sleep(0)
+        return [k * 10 for k in keys]
+
+    async def one(key: int) -> int:
+        return await tens.load(key)
+
+    try:
+        async with request_scope():
+            assert await asyncio.gather(*(one(k) for k in (1, 2, 3, 2))) == [10, 20, 30, 20]
+            assert await asyncio.gather(one(1), one(4)) == [10, 40]
+        assert calls == [[1, 2, 3], [4]]
+    finally:
+        loop.set_task_factory(None)

@@ -379,3 +379,38 @@ async def test_a_waiter_cancelled_by_its_task_group_frees_the_value_without_the_
         assert len(refs) == 1 and refs[0]() is None, "the value outlived its scope"
     finally:
         gc.enable()
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="eager tasks are 3.12's (make test runs this there)"
+)
+async def test_eager_tasks_share_one_computation_and_the_store() -> None:
+    """With ``asyncio.eager_task_factory`` a task runs at once, inside ``create_task``, up
+    to its first suspension: the first caller registers and computes in its own task
+    before the second exists; the second waits for it. Cancelling the computing task
+    hands the key to the waiter, and tasks still inherit the store."""
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)
+    computed: list[int] = []
+
+    @request_memo
+    async def slow(x: int) -> object:
+        computed.append(x)
+        await asyncio.sleep(0.01)
+        return object()
+
+    try:
+        async with request_scope() as store:
+            first, second, third = await asyncio.gather(slow(1), slow(1), slow(1))
+            assert first is second is third and computed == [1]
+            computing = asyncio.create_task(slow(2))  # registered already: eager
+            waiting = asyncio.create_task(slow(2))
+            computing.cancel()
+            assert await waiting is not None and computed == [1, 2, 2]
+            assert await asyncio.create_task(_store_seen()) is store
+    finally:
+        loop.set_task_factory(None)
+
+
+async def _store_seen() -> object:
+    return current_store()

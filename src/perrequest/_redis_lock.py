@@ -95,8 +95,10 @@ async def fetch_async(
     try:
         payload = tier._encoded(await fn(*args, **kwargs), key)
     finally:
-        me = None if conn is None else asyncio.current_task()  # None: trio
-        stored = tier._storable(conn, payload, key, me)
+        # The task is not kept in this frame, which the error's traceback holds: a cycle.
+        task = None if conn is None else asyncio.current_task()
+        stored = tier._storable(conn, payload, key, task)
+        del task
         if conn is not None and (stored or token):
             try:
                 late = await _run_async(conn, _store(tier, key, stored, token), timeout)

@@ -175,7 +175,10 @@ class RedisTier:
             self.count("hits")  # as the in-process tier counts its waiters
         if type(payload) is Raised:
             payload = payload.error_for(call)  # no frame of a waiter holds the original
-            raise payload
+            try:
+                raise payload
+            finally:  # this frame, in the error's traceback: a reference cycle
+                payload = None
         return self.cache._codec.loads(payload, key)
 
     def _loop_conn(self) -> Conn | None:

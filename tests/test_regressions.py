@@ -634,3 +634,55 @@ def test_a_sync_shared_memos_error_frees_the_request_without_the_collector(
         assert refs and [ref() for ref in refs] == [None] * len(refs)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("kind", ["sync", "asyncio", "trio"])
+def test_a_batch_keys_failure_frees_the_request_without_the_collector(kind: str) -> None:
+    """A key the batch function fails (an ``Exception`` in its results) was raised from
+    frames that held it (the loader's, the list of values): a cycle through the error's
+    traceback kept it, and what it refers to, until a collection."""
+    import anyio
+
+    from perrequest import request_batch
+
+    class Payload:
+        pass
+
+    class Failed(Exception):
+        def __init__(self, payload: Payload) -> None:
+            super().__init__("failed")
+            self.payload = payload
+
+    refs: list[weakref.ref[Any]] = []
+
+    def values(keys: list[int]) -> list[Any]:
+        out: list[Any] = []
+        for key in keys:
+            payload = Payload()
+            refs.append(weakref.ref(payload))
+            out.append(Failed(payload) if key % 2 else key)
+        return out
+
+    async def async_values(keys: list[int]) -> list[Any]:
+        return values(keys)
+
+    loader: Any = request_batch(values if kind == "sync" else async_values)
+
+    async def main() -> None:
+        for load in (lambda: loader.load(1), lambda: loader.load_many([2, 3])):
+            with pytest.raises(Failed):
+                await load()
+
+    gc.collect()
+    gc.disable()
+    try:
+        with request_scope():
+            if kind == "sync":
+                for load in (lambda: loader.load(1), lambda: loader.load_many([2, 3])):
+                    with pytest.raises(Failed):
+                        load()
+            else:
+                anyio.run(main, backend=kind)
+        assert len(refs) == 3 and [ref() for ref in refs] == [None] * 3
+    finally:
+        gc.enable()

@@ -1,5 +1,6 @@
 """Async misses: the keys missing in one event-loop tick form a batch (``_batch_tick``);
-each caller has its own future, a ``load_many`` one for all its keys."""
+each caller has its own future, a ``load_many`` one for all its keys. Under trio, or
+outside any scope, nothing is batched (``unbatched``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from ._active import here
 from ._batch_tick import fail, state_of
-from ._batching import _BatchSpec, unbatched
+from ._batching import UNTIMED, _BatchSpec, settled
 from ._flight import MISSING
 from .store import MemoStore
 
@@ -111,3 +112,35 @@ class _Many:
                 fail(self.future, next(v for v in self.values if isinstance(v, Exception)))
             else:
                 self.future.set_result(self.values)
+
+
+async def unbatched(
+    spec: _BatchSpec, keys: list[Any], cks: list[Hashable], outside: bool = False, one: bool = False
+) -> Any:
+    """Async loads with no asyncio loop running (trio), or ``outside`` any scope as found
+    when called: what the store lacks is fetched by this call and cached (in a scope).
+    ``one``: ``load(key)``'s value, so that a load is one coroutine (one frame per level
+    of a batch function loading its own keys; one warning when never awaited)."""
+    store = None if outside else here()
+    counter = spec.counter_in(store)
+    got: dict[Hashable, Any] = {}
+    if store is None or counter is None:
+        values: list[Any] = [MISSING] * len(cks)
+        await spec.fetch_async(UNTIMED, spec.outside(keys, cks), got)
+    else:
+        values, wanted = spec.look(store, counter, keys, cks)
+        counter.misses += len(wanted)
+        await spec.fetch_async(counter, wanted, got)
+        with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
+            # Not in a local: a failure among them, kept by this frame, which its traceback
+            # holds, would be a cycle (``got`` is dropped below for the same reason).
+            spec.keep(
+                store,
+                counter,
+                {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING},
+            )
+    try:
+        values = settled(cks, values, got)
+    finally:  # as in _BatchSpec.load_many
+        got = None  # type: ignore[assignment]
+    return values[0] if one else values

@@ -1,6 +1,5 @@
-"""A batch function's spec (options, keys, results) and the loads that do not batch a
-tick: sync ones, whose keys threads sharing a scope wait for together on a
-``concurrent.futures.Future``, and async ones under trio or outside any scope.
+"""A batch function's spec (options, keys, results) and its sync loads, whose keys
+threads sharing a scope wait for together on a ``concurrent.futures.Future``.
 """
 
 from __future__ import annotations
@@ -202,14 +201,18 @@ class _BatchSpec:
         store = here()
         counter = self.counter_in(store)
         got: dict[Hashable, Any] = {}
+        values: list[Any] = [MISSING] * len(cks)
         if store is None or counter is None:
             self.fetch(UNTIMED, self.outside(keys, cks), got)
-            return settled([got[ck] for ck in cks])
-        values, wanted = self.look(store, counter, keys, cks)
-        alone: set[Hashable] = set()  # keys whose fetch waits for this thread's
-        while wanted:
-            wanted = self._fetch(store, counter, wanted, got, alone)
-        return settled([got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)])
+        else:
+            values, wanted = self.look(store, counter, keys, cks)
+            alone: set[Hashable] = set()  # keys whose fetch waits for this thread's
+            while wanted:
+                wanted = self._fetch(store, counter, wanted, got, alone)
+        try:
+            return settled(cks, values, got)
+        finally:  # a failure's traceback holds this frame: not what it fetched (a cycle)
+            got = values = None  # type: ignore[assignment]
 
     def _fetch(
         self,
@@ -307,30 +310,6 @@ class _Fetch:
         self.ended = False
 
 
-async def unbatched(
-    spec: _BatchSpec, keys: list[Any], cks: list[Hashable], outside: bool = False, one: bool = False
-) -> Any:
-    """Async loads with no asyncio loop running (trio), or ``outside`` any scope as found
-    when called: what the store lacks is fetched by this call and cached (in a scope).
-    ``one``: ``load(key)``'s value, so that a load is one coroutine (one frame per level
-    of a batch function loading its own keys; one warning when never awaited)."""
-    store = None if outside else here()
-    counter = spec.counter_in(store)
-    got: dict[Hashable, Any] = {}
-    if store is None or counter is None:
-        values: list[Any] = [MISSING] * len(cks)
-        await spec.fetch_async(UNTIMED, spec.outside(keys, cks), got)
-    else:
-        values, wanted = spec.look(store, counter, keys, cks)
-        counter.misses += len(wanted)
-        await spec.fetch_async(counter, wanted, got)
-        with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
-            new = {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING}
-            spec.keep(store, counter, new)
-    values = settled([got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)])
-    return values[0] if one else values
-
-
 def missing_keys(keys: list[Any], cks: list[Hashable], values: Any = None) -> dict[Hashable, Any]:
     """The keys missing (all, without ``values``): cache key to first load key."""
     wanted: dict[Hashable, Any] = {}
@@ -340,9 +319,14 @@ def missing_keys(keys: list[Any], cks: list[Hashable], values: Any = None) -> di
     return wanted
 
 
-def settled(values: list[Any]) -> list[Any]:
-    """``values``, or the first failure among them raised."""
-    for value in values:
+def settled(cks: list[Hashable], values: list[Any], got: dict[Hashable, Any]) -> list[Any]:
+    """The value of each key (``values``', else what was ``got``), or the first failure
+    among them raised."""
+    found = [got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)]
+    for value in found:
         if isinstance(value, Exception):
-            raise value
-    return values
+            try:
+                raise value
+            finally:  # this frame, in the error's traceback: a reference cycle
+                value = found = values = got = None  # type: ignore[assignment]
+    return found

@@ -201,8 +201,8 @@ class _BatchSpec:
         store = here()
         counter = self.counter_in(store)
         got: dict[Hashable, Any] = {}
-        values: list[Any] = [MISSING] * len(cks)
         if store is None or counter is None:
+            values: list[Any] = [MISSING] * len(cks)
             self.fetch(UNTIMED, self.outside(keys, cks), got)
         else:
             values, wanted = self.look(store, counter, keys, cks)

@@ -320,8 +320,8 @@ async def test_an_asyncio_consumer_with_timeouts_and_cancellation_leaves_no_scop
         await asyncio.sleep(0.03)
         return perrequest.get("job"), key
 
-    async def outlive(job: int) -> None:
-        await asyncio.sleep(0.1)  # its job's scope has closed by now
+    async def outlive(job: int, ended: asyncio.Event) -> None:
+        await ended.wait()  # its job's scope has closed
         late.append((job, in_request_scope(), perrequest.get("job")))
 
     results: dict[int, Any] = {}
@@ -331,15 +331,17 @@ async def test_an_asyncio_consumer_with_timeouts_and_cancellation_leaves_no_scop
     async def consumer() -> None:
         while True:
             job = await queue.get()
+            ended = asyncio.Event()
             try:
                 async with request_scope(on_close=closed.append):
                     perrequest.set("job", job)
-                    leftovers.append(asyncio.create_task(outlive(job)))
+                    leftovers.append(asyncio.create_task(outlive(job, ended)))
                     async with asyncio.timeout(0.01 if job % 3 == 0 else 5):
                         results[job] = await asyncio.gather(fetch(1), fetch(1), fetch(2))
             except TimeoutError:
                 results[job] = "timeout"
             finally:
+                ended.set()  # the scope has closed, whichever way the job ended
                 queue.task_done()
 
     consumers = [asyncio.create_task(consumer()) for _ in range(4)]

@@ -35,8 +35,8 @@ class App:
     """A served app, its log of computations, and an HTTP client that opens a new
     connection per request (a kept-alive one stays with one worker)."""
 
-    def __init__(self, base: str, log: Path) -> None:
-        self.base, self.log = base, log
+    def __init__(self, base: str, log: Path, workers: int) -> None:
+        self.base, self.log, self.workers = base, log, workers
         limits = httpx.Limits(max_keepalive_connections=0, max_connections=64)
         self.http = httpx.Client(base_url=base, timeout=30, limits=limits)
 
@@ -94,7 +94,7 @@ def served(
             env={**full_env, "APP": "flask"},
         )  # fmt: skip
     with server as base:
-        app = App(base, tmp / "computed")
+        app = App(base, tmp / "computed", workers)
         try:
             # every worker up (uvicorn's children import after the port is bound)
             app.states(workers)
@@ -147,11 +147,24 @@ def _hammer(
 
 
 def _shared_again(app: App, name: str) -> None:
-    """A new key, asked by concurrent requests on every worker: computed once."""
-    before = len(app.computed())
-    answers = app.burst(f"/value/{name}", 12)
-    assert len({a["at"] for a in answers}) == 1, answers
-    assert len(app.computed()) == before + 1
+    """A new key, asked by concurrent requests on every worker: computed once. A loaded
+    machine can make one Redis operation outlast a short ``op_timeout``; that request
+    fails open, as it must, and computes: a try during which the workers counted such a
+    failure, and only such a try, is made again with another key."""
+    for attempt in range(3):
+        failed = _failed(app)
+        before = len(app.computed())
+        answers = app.burst(f"/value/{name}{'-again' * attempt}", 12)
+        if len({a["at"] for a in answers}) == 1 and len(app.computed()) == before + 1:
+            return
+        assert _failed(app) > failed, answers  # computed twice, and nothing failed: a bug
+    raise AssertionError(f"{name}: computed more than once in three tries: {answers}")
+
+
+def _failed(app: App) -> int:
+    """Redis operations that failed, and lock waits that gave up, in every worker."""
+    states = app.states(app.workers).values()
+    return sum(s["stats"]["errors"] + s["stats"]["lock_timeouts"] for s in states)
 
 
 # -- Redis killed, restarted and paused while requests run ------------------------------

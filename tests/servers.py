@@ -162,6 +162,15 @@ def run_process(
         log.unlink(missing_ok=True)
 
 
+def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a Python process of its own, this checkout's perrequest first on
+    its path (for what patches a process for good: Django settings, instrumentations)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
 @contextmanager
 def serve_gunicorn(
     app_spec: str,

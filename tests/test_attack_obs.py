@@ -9,10 +9,7 @@ import functools
 import gc
 import json
 import logging
-import os
 import pickle
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from servers import ROOT, serve_gunicorn, serve_uvicorn
+from servers import run_python, serve_gunicorn, serve_uvicorn
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -357,13 +354,6 @@ def test_otel_instrument_of_the_global_provider_by_name_and_by_default_agree() -
     the global one: both get one meter, whose counters keep the first call's callback,
     which looked for a listener installed for that very argument: the counters
     reported nothing from then on."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # this checkout's perrequest
-    result = subprocess.run(
-        [sys.executable, "-c", _GLOBAL_AND_EXPLICIT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    result = run_python(_GLOBAL_AND_EXPLICIT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["[1]", "[1]"]

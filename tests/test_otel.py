@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +15,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from servers import ROOT, serve_uvicorn
+from servers import run_python, serve_uvicorn
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -262,15 +259,7 @@ def test_opentelemetrys_django_server_span_gets_the_totals() -> None:
     """DjangoInstrumentor's middleware, first in the stack, keeps its server span current
     until after perrequest's middleware has closed the scope (a process of its own:
     instrumenting patches Django's settings)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # this checkout's perrequest
-    done = subprocess.run(
-        [sys.executable, "-c", _DJANGO_INSTRUMENTED],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    done = run_python(_DJANGO_INSTRUMENTED)
     assert done.returncode == 0, done.stderr
     [span] = json.loads(done.stdout)
     assert span["perrequest.scope.hits"] == 3 and span["perrequest.scope.misses"] == 2

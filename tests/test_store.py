@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -265,9 +268,9 @@ async def test_store_is_usable_from_the_event_loop_and_threads() -> None:
         assert store["t"] == 1
 
 
-def test_a_memo_key_never_equals_a_users_key() -> None:
-    """Iteration shows memo entries as ``MemoKey`` objects, which never equal a key a
-    user passes: not even the plain tuple of the same items (a NamedTuple's equality)."""
+@contextlib.contextmanager
+def _one_memo_entry() -> Iterator[tuple[MemoStore, Any]]:
+    """A scope whose store holds one memo entry, ``f(1) == 10``, and its key as iterated."""
 
     @request_memo
     def f(x: int) -> int:
@@ -276,6 +279,14 @@ def test_a_memo_key_never_equals_a_users_key() -> None:
     with request_scope() as store:
         f(1)
         (memo_key,) = list(store)
+        yield store, memo_key
+
+
+def test_a_memo_key_never_equals_a_users_key() -> None:
+    """Iteration shows memo entries as ``MemoKey`` objects, which never equal a key a
+    user passes: not even the plain tuple of the same items (a NamedTuple's equality)."""
+
+    with _one_memo_entry() as (store, memo_key):
         assert memo_key != tuple(memo_key) and tuple(memo_key) != memo_key
         perrequest.set(tuple(memo_key), "a user's value")
         assert len(dict(store)) == len(store) == 2  # two keys, not two equal ones
@@ -284,15 +295,7 @@ def test_a_memo_key_never_equals_a_users_key() -> None:
 
 
 def test_memo_entries_are_read_not_written_through_the_mapping() -> None:
-    from perrequest import request_memo
-
-    @request_memo
-    def f(x: int) -> int:
-        return x * 10
-
-    with request_scope() as store:
-        f(1)
-        (memo_key,) = list(store)
+    with _one_memo_entry() as (store, memo_key):
         assert store[memo_key] == 10 and memo_key in store
         assert store.setdefault(memo_key, "X") == 10  # an existing entry: read, not replaced
         assert store.get_or_set(memo_key, lambda: "Y") == 10

@@ -322,6 +322,36 @@ def test_a_write_from_a_keys_hash_while_storing_keeps_the_store_whole(
         _consistent(store)
 
 
+@pytest.mark.parametrize("fire_at", range(1, 6))
+def test_a_write_from_a_keys_hash_in_a_store_with_room_keeps_the_store_whole(
+    fire_at: int,
+) -> None:
+    """The common miss stores a new key itself (the generated wrapper); a write from the
+    key's ``__hash__`` meanwhile rebuilds the order, and both entries are found."""
+    calls: list[int] = []
+
+    @request_memo
+    def f(x: Writer) -> int:
+        calls.append(x.n)
+        return x.n
+
+    with request_scope(max_entries=100) as store:
+        f(Writer(1))  # f's dict exists: the next miss takes the written-out path
+        Writer.count, Writer.fire_at = 0, fire_at
+        try:
+            assert f(Writer(2)) == 2
+        finally:
+            Writer.fire_at = None
+        fired = fire_at <= Writer.count  # the miss hashes the key four times
+        assert f(Writer(2)) == 2 and f(Writer(1)) == 1
+        assert calls == [1, 2]
+        assert perrequest.get(("side", fire_at)) == (1 if fired else None)
+        assert len(store) == len(list(store)) == 2 + fired
+        for i in range(200):  # the order still evicts what it should, to the bound
+            perrequest.set(("more", i), i)
+        assert len(store) == len(list(store)) == 100
+
+
 def test_a_memoized_helper_called_from_hash_keeps_the_store_whole() -> None:
     @request_memo
     def digest(n: int) -> int:

@@ -136,7 +136,8 @@ class Entries:
     ) -> None:
         """Store an entry and enforce the bounds; lock held; nothing once closed. The key's
         ``__hash__``/``__eq__`` may write here too (the lock is reentrant): every write
-        moves ``_next_id``, and if others moved it the order is rebuilt (``_resync``)."""
+        moves ``_next_id``, and if others moved it the order is rebuilt (``_resync``).
+        The generated memo miss (``_wrappers._COMPUTE``) writes out the common case."""
         subs = self._subs
         if subs is None:
             return
@@ -163,12 +164,8 @@ class Entries:
             order[entry_id] = where
             if old is not None:
                 del order[old[2]]
-        while len(order) > self._bound:
-            self._peak = self._bound
-            dropped = self._drop(last=False)
-            if dropped is not None:
-                dropped[3].evictions += 1
-                self._evictions += 1
+            if len(order) > self._bound:
+                self._evict()
 
     def _fill_many(
         self,
@@ -200,8 +197,6 @@ class Entries:
                 order.move_to_end(old[2])
         if self._next_id != mark + len(keys):  # the keys' own code wrote here too
             self._resync(owner, sub)
-            while len(order) > self._bound:
-                self._drop(last=False)
 
     def _reserve(self, owner: object) -> None:
         """Make ``owner``'s dict before a batch is fetched, so that its lookups miss
@@ -244,10 +239,20 @@ class Entries:
             self._resync()
         return entry
 
+    def _evict(self) -> None:
+        """Drop the least recently used entries beyond the bound. Lock held."""
+        order = self._order
+        while len(order) > self._bound:
+            self._peak = self._bound
+            dropped = self._drop(last=False)
+            if dropped is not None:
+                dropped[3].evictions += 1
+                self._evictions += 1
+
     def _resync(self, owner: object = None, sub: dict[Hashable, Any] | None = None) -> None:
         """Rebuild the recency order from the dicts after a key's own code wrote here too,
-        by identity only (no key is hashed); ``sub``, being filled, is put back if its
-        place is free."""
+        by identity only (no key is hashed), then the bound; ``sub``, being filled, is put
+        back if its place is free."""
         subs = self._subs
         if subs is None:
             return
@@ -263,6 +268,7 @@ class Entries:
         for entry_id in sorted(live.keys() - order.keys()):
             order[entry_id] = live[entry_id]
         self._next_id = max(self._next_id, *live, 0) + 1
+        self._evict()
 
     def _snapshot(self) -> ScopeStats:
         return stats_of(self._counts(), self._age())

@@ -181,6 +181,68 @@ def test_async_a_stopped_redis_is_bounded_by_op_timeout(own_redis: Callable[...,
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_reply_later_than_half_of_op_timeout_fails_open_and_one_within_it_is_read(
+    own_redis: Callable[..., Any], kind: str
+) -> None:
+    """docs/redis.md: each read of a reply gets half of ``op_timeout``, sync and async
+    alike (the async operation is also bounded end to end)."""
+    server = own_redis()
+    calls: list[int] = []
+    if kind == "sync":
+        client: Any = server.client()
+    else:
+        client = server.aclient()
+    cache = RedisCache(client, ttl=60, namespace="t", op_timeout=1.6, retry_after=0)
+
+    def compute(n: int) -> int:
+        calls.append(n)
+        return n
+
+    if kind == "sync":
+        memo: Any = request_memo(shared=cache)(compute)
+
+        def call(n: int) -> tuple[int, float]:
+            return _timed(lambda: memo(n))
+
+    else:
+
+        @request_memo(shared=cache)
+        async def amemo(n: int) -> int:
+            return compute(n)
+
+        async def scoped(n: int) -> int:
+            async with request_scope():
+                return await amemo(n)
+
+        loop = asyncio.new_event_loop()
+
+        def call(n: int) -> tuple[int, float]:
+            start = time.monotonic()
+            return loop.run_until_complete(scoped(n)), time.monotonic() - start
+
+    try:
+        assert call(1)[0] == 1 and calls == [1]  # stored in Redis
+        pauser = server.client(socket_timeout=5)
+        pauser.execute_command("CLIENT", "PAUSE", 100, "ALL")
+        value, elapsed = call(1)  # answered after 0.1 s, within the half (0.8 s)
+        assert value == 1 and calls == [1] and cache.stats().errors == 0
+        pauser.execute_command("CLIENT", "PAUSE", 1_400, "ALL")
+        value, elapsed = call(1)  # not answered within the half: computed here
+        assert value == 1 and calls == [1, 1] and cache.stats().errors == 1
+        assert 0.7 < elapsed < 1.35, elapsed
+        time.sleep(0.2)  # the pause is over
+        pauser.close()
+    finally:
+        if kind == "async":
+            loop.run_until_complete(cache.aclose())
+            loop.run_until_complete(client.aclose())
+            loop.close()
+        else:
+            cache.close()
+            client.close()
+
+
 def _burst(fn: Callable[[int], Any], threads: int = 8, keys: int = 40) -> None:
     def worker() -> None:
         for n in range(keys):

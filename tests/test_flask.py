@@ -222,6 +222,13 @@ def test_bad_options_fail_when_the_extension_is_created(
     assert app.wsgi_app == wsgi_app and "perrequest" not in app.extensions
 
 
+def test_init_app_refuses_options_and_says_where_they_go() -> None:
+    app = Flask("options")
+    with pytest.raises(TypeError, match=r"not max_entries=.*PerRequest\(max_entries=\.\.\."):
+        PerRequest().init_app(app, max_entries=100)  # type: ignore[arg-type]
+    assert "perrequest" not in app.extensions  # nothing half done
+
+
 def test_init_app_refuses_what_is_not_a_flask_app() -> None:
     with pytest.raises(TypeError, match="RequestScopeMiddleware"):
         PerRequest().init_app(flask_apps.raw_app)  # type: ignore[arg-type]

@@ -398,6 +398,66 @@ def test_a_methods_cache_delete_takes_the_instance_and_says_so_when_it_is_missin
         assert "Repository.row()" in str(caught.value)
 
 
+def test_a_methods_cache_delete_that_binds_without_the_instance_is_refused() -> None:
+    """The arguments would bind with the id taken for the instance, match nothing and
+    return False (a stale read after an update): refused, as the docs say."""
+
+    class Repository:
+        @request_memo
+        def row(self, row_id: int, fresh: bool = False) -> int:
+            return row_id
+
+        @request_memo
+        def rows(self, *ids: int) -> tuple[int, ...]:
+            return ids
+
+        @request_memo
+        @classmethod
+        def kind(cls, name: str) -> str:
+            return name
+
+    class Cached(Repository):
+        pass
+
+    repo, sub = Repository(), Cached()
+    with request_scope():
+        repo.row(7, True), repo.rows(7), sub.row(8), Repository.kind("k")
+        for wrong in (
+            lambda: repo.row.cache_delete(7, True),
+            lambda: Repository.row.cache_delete(7, True),
+            lambda: repo.rows.cache_delete(7),
+            lambda: Repository.kind.cache_delete("k"),
+        ):
+            with pytest.raises(TypeError, match=r"instance.*cache_delete\(obj, \.\.\.\)"):
+                wrong()
+        assert repo.row.cache_info().currsize == 2  # nothing deleted
+        assert repo.row.cache_delete(repo, 7, True) is True
+        assert repo.rows.cache_delete(repo, 7) is True
+        assert Repository.row.cache_delete(sub, 8) is True  # a subclass's instance
+        assert Repository.kind.cache_delete(Repository, "k") is True
+        assert repo.row.cache_delete(self=repo, row_id=7, fresh=True) is False  # gone
+
+
+def test_a_property_under_request_memo_is_refused_with_the_order_that_works() -> None:
+    for decorator in (request_memo, request_memo()):
+        with pytest.raises(TypeError, match=r"put @property above it.*def size\(self\)"):
+
+            class Box:
+                @decorator  # type: ignore[misc]
+                @property
+                def size(self) -> int:
+                    return 1
+
+    class Works:
+        @property
+        @request_memo
+        def size(self) -> int:
+            return 1
+
+    with request_scope():
+        assert Works().size == 1
+
+
 def test_methods_memoize_per_instance_by_identity() -> None:
     with request_scope():
         a, b = Repo("same"), Repo("same")

@@ -7,6 +7,8 @@ one store (docs/frameworks/flask.md).
 
 from __future__ import annotations
 
+from typing import Never
+
 from flask import Flask
 
 from ._active import OnClose
@@ -62,19 +64,27 @@ class PerRequest:
         """The bound of each request's store."""
         return self._max_entries
 
-    def init_app(self, app: Flask) -> None:
+    def init_app(self, app: Flask, **options: Never) -> None:
         """Wrap ``app.wsgi_app`` with the middleware; register as ``app.extensions["perrequest"]``.
 
         Refuses an app that has the extension: wrapping twice would hide a store.
 
         Args:
             app: The Flask app.
+            options: None: the options are the extension's, ``PerRequest(max_entries=...)``
+                (a habit of other extensions' ``init_app``, refused with that fix).
 
         Raises:
             TypeError: ``app`` is not a Flask app (wrap other WSGI apps with
-                ``perrequest.wsgi.RequestScopeMiddleware``).
+                ``perrequest.wsgi.RequestScopeMiddleware``), or an option is given.
             RuntimeError: The app already has the extension.
         """
+        if options:
+            raise TypeError(
+                f"PerRequest.init_app() takes the app alone, not {next(iter(options))}=...: "
+                "the options are the extension's, given when it is made: "
+                "PerRequest(max_entries=..., on_close=...), then init_app(app)"
+            )
         if not isinstance(app, Flask):
             raise TypeError(
                 f"PerRequest.init_app() takes a Flask app, not {type(app).__name__} {app!r}; "

@@ -210,6 +210,12 @@ def test_a_listener_must_be_callable() -> None:
         perrequest.add_scope_listener("not a function")  # type: ignore[arg-type]
 
 
+def test_a_listener_of_no_argument_is_refused_in_plain_words() -> None:
+    with pytest.raises(TypeError) as caught:
+        perrequest.add_scope_listener(lambda: None)  # type: ignore[arg-type,misc]
+    assert str(caught.value).startswith("add_scope_listener() must take one argument, the")
+
+
 def test_none_is_no_listener() -> None:
     """None was accepted (the check was on_close's, where None means "no callback"),
     and every scope that closed then logged an ERROR calling it."""

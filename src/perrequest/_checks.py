@@ -145,8 +145,8 @@ def check_on_close(
         inspect.signature(on_close).bind(None)
     except TypeError:
         raise TypeError(
-            f"{what}={on_close!r} cannot be called with one argument; it is called with "
-            "the ScopeStats of the scope that closed"
+            f"{what} must take one argument, the ScopeStats of the scope that closed: "
+            f"{on_close!r} cannot be called with one argument"
         ) from None
     except ValueError:  # no signature to check (some builtins): trust it
         pass

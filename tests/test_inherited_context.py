@@ -10,7 +10,9 @@ middleware hides such a scope while the request runs, its own code and a scope
 type it does not cover (a websocket) alike, and gives it back after, so the
 calling request keeps its scope. What runs outside the middleware in a copied
 task (Starlette's 500 handler) is out of its reach: ``--reset-contextvars``
-covers that (docs/security.md).
+covers that, or the middleware wrapping the whole app, which is the fix under
+daphne: it starts a pipelined request the same way, and has no flag
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ async def test_a_request_scope_the_caller_opened_around_the_app_is_kept() -> Non
 # -- under real uvicorn: a request pipelined behind one whose background task runs -------
 
 
-def _app() -> Starlette:
+def _app(outermost: bool = False) -> Any:
+    """``outermost``: the middleware wraps the whole app, Starlette's 500 handler included
+    (the fix for servers that copy a request's context into the next, docs/security.md)."""
+
     @request_memo(outside_scope="call")
     def ident(tag: str) -> str:
         return f"{tag} by {perrequest.get('owner')}"
@@ -191,7 +196,7 @@ def _app() -> Starlette:
     async def on_500(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(report("500"), status_code=500)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/hold", hold),
             Route("/upload", upload, methods=["POST"]),
@@ -199,9 +204,17 @@ def _app() -> Starlette:
             Route("/boom", boom),
             WebSocketRoute("/ws", ws),
         ],
-        middleware=[Middleware(RequestScopeMiddleware)],
+        middleware=[] if outermost else [Middleware(RequestScopeMiddleware)],
         exception_handlers={500: on_500},
     )
+    return RequestScopeMiddleware(app) if outermost else app
+
+
+def __getattr__(name: str) -> Any:
+    """The apps daphne imports by name (``module:attribute``), made when asked for."""
+    if name in ("daphne_app", "daphne_outermost_app"):
+        return _app(outermost=name == "daphne_outermost_app")
+    raise AttributeError(name)
 
 
 def _exchange(base: str, *requests: bytes) -> bytes:
@@ -242,6 +255,7 @@ WS = (
 
 
 OWN = {"in_scope": True, "owner": None, "ident": "WHO by None", "write": "ok"}
+OWN_500 = {**OWN, "ident": "500 by None"}  # the 500 handler, inside the outermost middleware
 
 
 def _none(label: str) -> dict[str, Any]:
@@ -278,6 +292,50 @@ def test_a_request_uvicorn_starts_inside_another_never_sees_its_store(
             time.sleep(0.02)
     assert seen == expected
     assert live_scopes() == 0
+
+
+@pytest.mark.parametrize(
+    "requests",
+    [(HOLD + WHO,), (HOLD + BOOM,), (UPLOAD, BOOM)],
+    ids=["pipelined", "500", "after-500"],
+)
+def test_the_middleware_wrapping_the_whole_app_needs_no_flag_under_uvicorn(
+    requests: tuple[bytes, ...],
+) -> None:
+    """docs/security.md: outermost, the middleware hides the copied scope from the whole
+    request; the 500 handler then runs in the request's own store."""
+    with serve_uvicorn(_app(outermost=True), log_level="critical") as base:
+        seen = _report(_exchange(base, *requests))
+        deadline = time.monotonic() + 5
+        while live_scopes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert seen == (OWN if requests[-1].endswith(WHO) else OWN_500)
+    assert live_scopes() == 0
+
+
+@pytest.mark.parametrize(
+    ("requests", "outermost", "expected"),
+    [
+        ((HOLD + WHO,), False, OWN),
+        ((UPLOAD, WHO), False, OWN),
+        ((HOLD + WS,), False, _none("WS")),
+        ((HOLD + BOOM,), True, OWN_500),
+        ((UPLOAD, BOOM), True, OWN_500),
+    ],
+    ids=["pipelined", "after-a-large-body", "pipelined-websocket", "500", "after-500"],
+)
+def test_a_request_daphne_starts_inside_another_never_sees_its_store(
+    requests: tuple[bytes, ...], outermost: bool, expected: dict[str, Any]
+) -> None:
+    """daphne starts a pipelined request from the previous one's context too, and has no
+    flag to stop it: the middleware hides it in the request's own code; wrapping the whole
+    app covers the 500 handler (docs/security.md)."""
+    port = free_port()
+    app = "daphne_outermost_app" if outermost else "daphne_app"
+    argv = [sys.executable, "-m", "daphne", "-b", HOST, "-p", str(port), f"{__name__}:{app}"]
+    with serve_subprocess(argv, port) as base:
+        seen = _report(_exchange(base, *requests))
+    assert seen == expected
 
 
 @contextmanager

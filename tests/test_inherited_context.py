@@ -211,9 +211,17 @@ def _app(outermost: bool = False) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    """The apps daphne imports by name (``module:attribute``), made when asked for."""
+    """What daphne and gunicorn import by name (``module:attribute``), made when asked for:
+    the apps, and the uvicorn worker that docs/security.md shows for gunicorn."""
     if name in ("daphne_app", "daphne_outermost_app"):
         return _app(outermost=name == "daphne_outermost_app")
+    if name == "ResetContextvarsWorker":
+        from uvicorn.workers import UvicornWorker
+
+        class ResetContextvarsWorker(UvicornWorker):
+            CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "reset_contextvars": True}
+
+        return ResetContextvarsWorker
     raise AttributeError(name)
 
 
@@ -336,6 +344,21 @@ def test_a_request_daphne_starts_inside_another_never_sees_its_store(
     with serve_subprocess(argv, port) as base:
         seen = _report(_exchange(base, *requests))
     assert seen == expected
+
+
+@pytest.mark.parametrize("worker", ["uvicorn.workers.UvicornWorker", "ResetContextvarsWorker"])
+def test_gunicorns_uvicorn_worker_takes_reset_contextvars_from_a_subclass(worker: str) -> None:
+    """docs/security.md: the flag cannot be given on gunicorn's command line; a worker
+    subclass gives it, and the 500 handler of a pipelined request sees nothing then."""
+    port = free_port()
+    worker = worker if "." in worker else f"{__name__}.{worker}"
+    argv = [sys.executable, "-m", "gunicorn", "-k", worker, "-b", f"{HOST}:{port}"]
+    with serve_subprocess([*argv, "-w", "1", f"{__name__}:daphne_app"], port) as base:
+        seen = _report(_exchange(base, HOLD + BOOM))
+    if worker.endswith("ResetContextvarsWorker"):
+        assert seen == _none("500")
+    else:  # the leak the flag stops: the first request's owner, memo and store
+        assert seen == {"in_scope": True, "owner": "A", "ident": "500 by A", "write": "ok"}
 
 
 @contextmanager

@@ -27,6 +27,6 @@ if __name__ == "__main__":
     try:
         request_memo(property(lambda self: 1))  # above @property
     except TypeError as exc:
-        assert "takes a function" in str(exc)
+        assert "put @property above it" in str(exc)
     else:
         raise AssertionError("expected TypeError")

@@ -237,6 +237,31 @@ def is_method(fn: Callable[..., Any]) -> bool:
     )
 
 
+def check_instance(name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Without its instance, a method's ``cache_delete`` would take the first argument for
+    it and match nothing: refused when that has no such attribute (``__name``: unchecked)."""
+    first = args[0] if args else next((kwargs[n] for n in _SELF if n in kwargs), _NONE)
+    if first is _NONE or (method.startswith("__") and not method.endswith("__")):
+        return
+    if inspect.getattr_static(first, method, _NONE) is _NONE:
+        raise TypeError(
+            f"{name}.cache_delete() takes the instance first, as a call of the function "
+            f"does: obj.{method}.cache_delete(obj, ...), not {first!r}, which has no {method}."
+        )
+
+
+_SELF = ("self", "cls", "mcs")  # what ``is_method`` recognises
+_NONE: Any = object()
+
+
+def on_property(prop: property) -> TypeError:
+    name = getattr(prop.fget, "__name__", "x")
+    return TypeError(
+        f"@request_memo cannot decorate a property ({name}): put @property above it, "
+        f"so that the getter is memoized: @property, then @request_memo, then def {name}(self)"
+    )
+
+
 def typed_tag(value: object) -> object:
     """A type tag for ``typed=True``, deep enough that equal-but-different values differ:
     ``1``/``1.0``/``True``, signed zeros, and the same inside tuples and frozensets."""

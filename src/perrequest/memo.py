@@ -9,7 +9,6 @@ everything else is the spec's.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import weakref
@@ -36,7 +35,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _ABSENT: Any = object()  # what pop() returns for a missing entry
-_SELF = ("self", "cls", "mcs")  # the first parameter's names of a method (_checks.is_method)
 logger = logging.getLogger("perrequest")
 # The test suite's choice for every memo and loader (the pytest plugin's
 # perrequest_outside_scope), over each one's own outside_scope.
@@ -158,28 +156,13 @@ class _MemoSpec:
                     f"method's takes the instance too: obj.method.cache_delete(obj, ...)."
                 ) from None
         if self.is_method:
-            self._check_instance(args, kwargs)
+            _checks.check_instance(self.name, self.fn.__name__, args, kwargs)
         self.checked(key, args, kwargs)
         deleted = self.shared is not None and self.shared.delete((self, key))
         store = active_store()
         if store is None:
             return deleted
         return store.pop(MemoKey(self, key), _ABSENT) is not _ABSENT or deleted
-
-    def _check_instance(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """A method's ``cache_delete`` without its instance would take the first argument
-        for it, match nothing and return False: refused when that argument has no
-        attribute of the method's name (a mangled ``__name`` is not checked)."""
-        name = self.fn.__name__
-        first = args[0] if args else next((kwargs[n] for n in _SELF if n in kwargs), _ABSENT)
-        if first is _ABSENT or (name.startswith("__") and not name.endswith("__")):
-            return
-        if inspect.getattr_static(first, name, _ABSENT) is _ABSENT:
-            raise TypeError(
-                f"{self.name}.cache_delete() takes the instance first, as a call of the "
-                f"function does: obj.{name}.cache_delete(obj, ...), not {first!r}, which "
-                f"has no {name}."
-            )
 
 
 @overload
@@ -284,7 +267,7 @@ def request_memo(
 
     def decorate(target: Any) -> Any:
         if isinstance(target, property):
-            raise _on_property(target)
+            raise _checks.on_property(target)
         if isinstance(target, classmethod):
             return classmethod(decorate(target.__func__))
         if isinstance(target, staticmethod):
@@ -302,21 +285,13 @@ def request_memo(
     if fn is None:
         return decorate
     if isinstance(fn, property):
-        raise _on_property(fn)
+        raise _checks.on_property(fn)
     if not callable(fn) and not isinstance(fn, (classmethod, staticmethod)):
         raise TypeError(
             f"@request_memo takes a function, or options as keywords "
             f"(@request_memo(max_entries=100)), not {fn!r}"
         )
     return decorate(fn)
-
-
-def _on_property(prop: property) -> TypeError:
-    name = getattr(prop.fget, "__name__", "x")
-    return TypeError(
-        f"@request_memo cannot decorate a property ({name}): put @property above it, "
-        f"so that the getter is memoized: @property, then @request_memo, then def {name}(self)"
-    )
 
 
 OUTSIDE_FIX = (

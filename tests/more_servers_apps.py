@@ -1,4 +1,5 @@
-"""Apps that tests/test_more_servers.py serves under waitress, cheroot, Tornado and daphne.
+"""Apps that tests/test_more_servers.py serves under waitress, cheroot, Tornado, Twisted and
+daphne.
 
 ``python more_servers_apps.py SERVER PORT`` serves them. Every request stores its
 id and memoizes ``ident()`` (the same key in every request); each read, in the
@@ -114,6 +115,18 @@ def stream() -> Response:
 
     flask_ctx = "plain" not in request.args
     return Response(stream_with_context(body()) if flask_ctx else body())
+
+
+@flask_app.get("/fails")
+def fails() -> Response:
+    """A body that raises after its first chunk (Twisted then never calls ``close()``)."""
+    perrequest.set("rid", request.args["rid"])
+
+    def body() -> Iterator[bytes]:
+        yield b"first"
+        raise RuntimeError("the body failed mid-iteration")
+
+    return Response(body())
 
 
 @flask_app.get("/file")
@@ -247,6 +260,24 @@ def _tornado(port: int, *, inline: bool = False) -> None:
     asyncio.run(main())
 
 
+def _twisted(port: int) -> None:
+    """Twisted's ``WSGIResource`` on a pool of ``WORKER_THREADS``, logging started (as
+    ``twistd`` starts it: until then Twisted keeps every logged error, and its frames)."""
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+    from twisted.python.threadpool import ThreadPool
+    from twisted.web.server import Site
+    from twisted.web.wsgi import WSGIResource
+
+    globalLogBeginner.beginLoggingTo([lambda event: None])
+    pool = ThreadPool(minthreads=WORKER_THREADS, maxthreads=WORKER_THREADS)
+    pool.start()
+    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)  # type: ignore[attr-defined]
+    site = Site(WSGIResource(reactor, pool, wsgi_app))
+    reactor.listenTCP(port, site, interface=HOST)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
 def main(server: str, port: int) -> None:
     if server == "waitress":
         import waitress
@@ -258,6 +289,8 @@ def main(server: str, port: int) -> None:
         wsgi.Server((HOST, port), wsgi_app, numthreads=WORKER_THREADS).safe_start()
     elif server in ("tornado", "tornado-inline"):
         _tornado(port, inline=server == "tornado-inline")
+    elif server == "twisted":
+        _twisted(port)
     else:
         raise SystemExit(f"unknown server {server!r}")
 

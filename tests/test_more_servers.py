@@ -1,4 +1,5 @@
-"""waitress, cheroot, Tornado's ``WSGIContainer`` and daphne, served for real and loaded.
+"""waitress, cheroot, Tornado's ``WSGIContainer``, Twisted's ``WSGIResource`` and daphne,
+served for real and loaded.
 
 The apps are in tests/more_servers_apps.py (a Flask app wrapped by ``PerRequest``
 for the WSGI servers, a Starlette app with the ASGI middleware for daphne, each
@@ -33,7 +34,7 @@ from perrequest.wsgi import RequestScopeMiddleware
 # Server farms: CI runs them (make test); make check, the fast loop, skips them.
 pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
-WSGI_SERVERS = ("waitress", "cheroot", "tornado", "tornado-inline")
+WSGI_SERVERS = ("waitress", "cheroot", "tornado", "tornado-inline", "twisted")
 SERVERS = (*WSGI_SERVERS, "daphne")
 CLIENTS = 8
 REQUESTS = 160  # per test: half views, half short streamed bodies
@@ -170,6 +171,22 @@ def test_clients_leaving_mid_body_leave_no_scope_and_no_cleanup_in_anothers(serv
     assert state["finally"].get("other", 0) == 0, state
     assert sum(state["finally"].values()) == DISCONNECTS, state  # every body cleaned up
     assert all(r["var"] == "None" for r in raw), raw
+
+
+def test_twisted_skips_close_when_a_body_fails_yet_requests_keep_their_own_store() -> None:
+    """docs/frameworks/wsgi.md: Twisted's ``WSGIResource`` hands a body's error to the
+    reactor thread without calling ``close()``. Requests through the middleware on the
+    same pool threads see their own store; each failed body's scope closes once Twisted
+    has logged the error and dropped it."""
+    with _serve("twisted") as base, httpx.Client(base_url=base, timeout=20) as client:
+        for n in range(12):
+            own = httpx.Client(base_url=base, timeout=20)
+            with own, pytest.raises(httpx.HTTPError):  # the connection ends mid-body
+                own.get("/fails", params={"rid": f"failed-{n}"}).read()
+            assert _one(client, "twisted", 2 * n) is None  # a view: its own store only
+        state = _state(client, {"view": 12})
+    assert state["bad"] == [], state["bad"]
+    assert state["live"] == 0, state
 
 
 def test_a_body_iterated_on_a_loop_and_fetched_in_pool_threads_sees_its_store() -> None:

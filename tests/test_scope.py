@@ -28,6 +28,7 @@ from perrequest import (
     request_memo,
     request_scope,
 )
+from perrequest._active import _current
 from perrequest.testing import assert_no_live_scopes, live_scopes
 
 
@@ -584,6 +585,64 @@ async def test_closing_a_generator_from_another_request_leaves_that_request_alon
 
     assert await asyncio.create_task(request_b()) == "B's data"
     assert live_scopes() == 0
+
+
+@request_memo(outside_scope="raise")
+def _memoized_user() -> Any:
+    return perrequest.get("user")
+
+
+@perrequest.request_batch(outside_scope="raise")
+async def _users(names: list[str]) -> list[str]:
+    return [name.upper() for name in names]
+
+
+async def test_a_generators_scope_closed_by_the_loop_gives_the_caller_its_own_back() -> None:
+    """A helper generator that scopes its own work, left early: the event loop closes it
+    later in an ``aclose()`` task of its own, a copy of the caller's context. The caller
+    got the generator's store back as long as it was suspended (context semantics), and
+    then found no scope at all, inside its own open one, until its block ended."""
+
+    async def rows() -> AsyncIterator[int]:
+        async with request_scope():
+            yield 1
+            yield 2
+
+    async with request_scope() as mine:
+        perrequest.set("user", "alice")
+        async for _ in rows():
+            break
+        for _ in range(20):  # the loop's aclose() task runs meanwhile
+            await asyncio.sleep(0)
+        assert in_request_scope() and current_store() is mine
+        assert perrequest.get("user") == "alice" and _memoized_user() == "alice"
+        assert await _users.load("alice") == "ALICE" and await _users.load("alice") == "ALICE"
+        assert _users.cache_info().hits == 1  # batched and cached in the caller's store
+        perrequest.set("after", 1)
+    assert not in_request_scope() and _current.get() is None
+    assert mine.closed and live_scopes() == 0
+
+
+def test_a_generators_scope_closed_by_the_collector_gives_the_caller_its_own_back() -> None:
+    """The same for a sync generator left in a reference cycle: the collector closes it,
+    with the store hidden (docs/security.md), so its exit restores nothing here."""
+
+    def rows() -> Iterator[int]:
+        with request_scope():
+            yield 1
+            yield 2
+
+    with request_scope() as mine:
+        perrequest.set("user", "bob")
+        generator = rows()
+        next(generator)
+        cycle: list[Any] = [generator]
+        cycle.append(cycle)
+        del generator, cycle
+        gc.collect()
+        assert in_request_scope() and current_store() is mine
+        assert _memoized_user() == "bob"
+    assert not in_request_scope() and _current.get() is None and live_scopes() == 0
 
 
 def test_closing_a_sync_generator_elsewhere_keeps_the_other_store() -> None:

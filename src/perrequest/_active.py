@@ -1,7 +1,6 @@
-"""Which store is active (a ``ContextVar``, so tasks and copied contexts inherit it), and
-the one lifecycle that opens and closes scopes: ``open_scope``/``close_scope`` for a
-store made at once, ``open_request``/``close_request`` for a middleware's request,
-whose store is made when first needed.
+"""Which store is active (a ``ContextVar``: tasks and copied contexts inherit it), and the
+one lifecycle that opens and closes scopes: ``open_scope``/``close_scope`` (a store made at
+once), ``open_request``/``close_request`` (a middleware's, its store made when needed).
 """
 
 from __future__ import annotations
@@ -43,11 +42,9 @@ _get, _set = _current.get, _current.set
 
 
 def _forked() -> None:
-    """In a child made by fork: the scopes open in the forking thread are the parent's,
-    which closes them; the child is outside them (a process pool started in a request
-    would otherwise run every later job in that request's store, for its whole life).
-    Closed here quietly: the parent's scope reports, not its copy. A fresh lock first:
-    a thread that stayed in the parent may have held it."""
+    """In a forked child, the forking thread's scopes are the parent's to close and report:
+    closed here quietly (a process pool started in a request would otherwise run every job
+    in its store), each with a fresh lock first (a thread left in the parent may hold it)."""
     active = _current.get()
     for _ in range(_NESTED_SCOPES_MAX):
         if type(active) is list:  # a middleware's cell: closed, with its store if made
@@ -89,8 +86,7 @@ Options = tuple[int | None, OnClose | None]
 # The store of a cell closed before anybody needed one: closed, shared, never written.
 _NONE_MADE = MemoStore(1)
 _NONE_MADE._shut(False)
-# Scopes open one inside another in one thread, beyond which a fork leaves the outer ones.
-_NESTED_SCOPES_MAX = 1000
+_NESTED_SCOPES_MAX = 1000  # in one thread, beyond which a fork leaves the outer ones open
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_forked)
@@ -123,10 +119,7 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
     if token is not None:
         active = _get()
         if active is cell or active is store:
-            try:
-                _current.reset(token)
-            except ValueError:  # set in another context than this one
-                _reset(token)
+            _reset(token)
     if store is _NONE_MADE:
         _closed()
     else:
@@ -134,9 +127,8 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
 
 
 def forget_closed() -> None:
-    """Drop a closed scope left active here (a generator that kept a ``request_scope()``
-    open across yields, closed from elsewhere), so a request starting here does not
-    carry it along, nor give it back."""
+    """Drop a closed scope left active here (a generator's, closed elsewhere), so that a
+    request starting here neither carries it along nor gives it back."""
     active = _current.get()
     if active is not None and (active[0] is None if type(active) is list else active._closed):
         _current.set(None)
@@ -152,6 +144,8 @@ def here() -> MemoStore | None:
     """The store active here (closed ones included); a cell's is made by whoever needs it
     first, and set here for the hit paths, undone with whatever set the cell."""
     active = _current.get()
+    if type(active) is MemoStore and active._closed and active._token is not None:
+        active = _unwound(active)
     if type(active) is list:
         if len(active) == 1:
             options = active[0]
@@ -167,21 +161,40 @@ def here() -> MemoStore | None:
     return active  # type: ignore[no-any-return]
 
 
+def is_resolved(active: Any) -> bool:
+    """``active``, as read, is what ``here()`` makes of it (not a cell, whose store it makes,
+    nor a scope closed elsewhere, which it unwinds): else, look again."""
+    return here() is active
+
+
 def _leave(store: MemoStore) -> None:
-    """Restore here what was active before ``open_scope``, while the store is active
-    here (a scope opened since is left alone). A scope closing out of order (enter
-    a, enter b, exit a) keeps its token: b's exit brings a back, closed, and then
-    restores what a replaced."""
+    """Restore here what was active before ``open_scope``, while the store is active here
+    (a scope opened since is left alone). A scope closing out of order (enter a, enter b,
+    exit a) keeps its token, and so does one closed in a copy of the context that opened
+    it (a generator's, finalized by the loop's ``aclose()`` task or the collector): the
+    context that opened it unwinds it as it next looks (``_unwound``)."""
     token = store._token
-    if token is None or _current.get() is not store:
+    if token is None or _unwound(_current.get()) is not store:
         return
-    store._token = None
-    _reset(token)
-    active = _current.get()
+    try:
+        _current.reset(token)
+        store._token = None
+    except ValueError:  # a copy of the context that set it: restore here, keep the token
+        _current.set(None if token.old_value is token.MISSING else token.old_value)
+    _unwound(_current.get())  # a scope under it that closed out of order
+
+
+def _unwound(active: MemoStore) -> Any:
+    """What was active before ``active``, closed in another context with its token kept,
+    and before any such scope under it: their tokens reset here, where they were set."""
     while type(active) is MemoStore and active._closed and active._token is not None:
-        token, active._token = active._token, None  # closed out of order: unwind it too
-        _reset(token)
+        try:
+            _current.reset(active._token)
+        except (ValueError, RuntimeError):  # set in another context: not this one's
+            break
+        active._token = None
         active = _current.get()
+    return active
 
 
 def _reset(token: Token[Any]) -> None:
@@ -265,9 +278,9 @@ REQUEST_KEY = "perrequest.store"
 
 def opened_outside(request: Mapping[str, Any]) -> bool:
     """True when an outer perrequest layer opened this request's scope, still active here:
-    the cell it left, or a deep copy of it (hypercorn's ``ProxyFixMiddleware`` deep-copies
-    the ASGI scope), whose options are the very tuple of the cell active here (``deepcopy``
-    keeps a tuple of ints and None; a scope with ``on_close`` has its store at once)."""
+    its cell, or a deep copy (hypercorn's ``ProxyFixMiddleware`` deep-copies the ASGI scope)
+    holding the very options tuple (``deepcopy`` keeps a tuple of ints and None; a scope
+    with ``on_close`` has its store at once)."""
     outer = request.get(REQUEST_KEY)
     if type(outer) is not list or outer[0] is None:
         return False

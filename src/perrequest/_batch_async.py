@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Hashable, Iterable
 from typing import Any
 
-from ._active import here
+from ._active import here, is_resolved
 from ._batch_tick import fail, state_of
 from ._batching import UNTIMED, _BatchSpec, settled
 from ._flight import MISSING
@@ -27,8 +27,7 @@ def miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
     except AttributeError:  # a middleware's scope, its store not made yet
         state = None
     if state is None or store._closed:
-        if type(store) is list:  # make it, and load again
-            here()
+        if not is_resolved(store):
             return spec.load(key)
         _hashable(spec, key, ck)  # refused before any bookkeeping is made for it
         state = state_of(spec, store, loop)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _flight
-from ._active import _current, here
+from ._active import _current, is_resolved
 from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
 from ._waits import task_me, thread_me
 
@@ -153,11 +153,10 @@ def _slow(
     spec: Any, store: Any, where: Any, args: Any, kwargs: Any, anchor: Any, look: bool = False
 ) -> Any:
     """A miss the wrapper did not register (another caller computes the key, a first
-    miss, a closed scope, unhashable arguments, trio, a shared tier); or a scope's cell
-    (``_active.open_request``): the store is made, looked in again. For an async
-    function, an awaitable."""
-    if type(store) is list:
-        here()
+    miss, a closed scope, unhashable arguments, trio, a shared tier); or what ``here()``
+    changes (a scope's cell, whose store is made; a scope closed in another context, which
+    is unwound): then looked in again. For an async function, an awaitable."""
+    if not is_resolved(store):
         return spec.wrapper()(*args, **kwargs)
     counter = spec.prepare(store, where[1], args, kwargs)
     if counter is None:

@@ -93,6 +93,9 @@ def in_request_scope() -> bool:
     store = _current.get()
     if type(store) is list:
         return store[0] is not None  # a cell: open until close_request
+    if store is not None and store._closed and store._token is not None:
+        store = here()  # closed in another context: what it replaced, unwound
+        return store is not None and not store._closed
     return store is not None and not store._closed
 
 

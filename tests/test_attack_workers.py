@@ -116,6 +116,44 @@ def test_a_child_forked_in_nested_scopes_leaves_them_quietly() -> None:
     assert closed == ["inner", "outer"]
 
 
+@fork_only
+def test_a_child_forked_while_another_thread_is_in_a_scope_counts_no_open_scope() -> None:
+    """That thread's scope is the parent's, and the thread is not in the child: its count
+    stayed in the child's live_scopes() for good (an audit found it), so that
+    assert_no_live_scopes() always failed there."""
+    entered, leave = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        with request_scope():
+            entered.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    read, write = os.pipe()
+    try:
+        assert entered.wait(10) and live_scopes() == 1
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                with request_scope():
+                    inside = live_scopes()
+                os.write(write, f"{live_scopes()} {inside}".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        report = os.read(read, 100).decode()
+        os.close(read)
+    finally:
+        leave.set()
+        thread.join(10)
+    assert status == 0 and report == "0 1", report
+    assert live_scopes() == 0
+
+
 # -- real Celery workers ------------------------------------------------------------------
 
 

@@ -49,22 +49,21 @@ def _forked() -> None:
     for _ in range(_NESTED_SCOPES_MAX):
         if type(active) is list:  # a middleware's cell: closed, with its store if made
             if active[0] is None:  # closed already
-                return
+                break
             if len(active) == 1:  # no store made
                 active[:] = [None, _NONE_MADE]
-                _closed()
-                return
+                break
             active[0] = None
             active = active[1]
         if type(active) is not MemoStore or active._closed:
-            return
+            break
         active._flights, active._lock = {}, threading.RLock()
         active._shut(False)
-        _closed()
         token, active._token = active._token, None
         if token is None or token.old_value is Token.MISSING:
-            return
+            break
         active = token.old_value  # the scope this one was opened in
+    _live.clear()  # the count: these, and other threads' scopes, which are not here
 
 
 def open_scope(

@@ -284,6 +284,45 @@ def test_instrument_again_replaces_and_uninstrument_stops() -> None:
     otel.uninstrument()  # again: nothing to do
 
 
+@pytest.mark.parametrize("temporality", ["cumulative", "delta"])
+def test_a_counter_never_goes_back_when_instrument_is_called_again(temporality: str) -> None:
+    """The SDK hands a meter's counters back as first made, callback included: a second
+    instrument() (or uninstrument() then instrument()) for the same provider reported
+    the new listener's totals, from zero: 5 hits, then 1 (-4 as a delta). An audit
+    found it."""
+    from opentelemetry.sdk.metrics import Counter, ObservableCounter
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    kinds = (Counter, ObservableCounter)
+    chosen = getattr(AggregationTemporality, temporality.upper())
+    reader = InMemoryMetricReader(preferred_temporality=dict.fromkeys(kinds, chosen))
+    provider = MeterProvider(metric_readers=[reader])
+
+    def hits() -> int:
+        found = by_function(points(reader).get("perrequest.memo.hits", []))
+        return found.get(NAME, 0)
+
+    seen = []
+    try:
+        otel.instrument(provider)
+        for _ in range(5):
+            with request_scope():
+                lookup(1), lookup(1)
+        seen.append(hits())
+        otel.instrument(provider)
+        with request_scope():
+            lookup(1), lookup(1)
+        seen.append(hits())
+        otel.uninstrument()
+        otel.instrument(provider)
+        with request_scope():
+            lookup(1), lookup(1)
+        seen.append(hits())
+    finally:
+        otel.uninstrument()
+    assert seen == ([5, 6, 7] if temporality == "cumulative" else [5, 1, 1]), seen
+
+
 def test_a_bad_meter_provider_is_refused() -> None:
     with pytest.raises(TypeError, match="MeterProvider"):
         otel.instrument("console")  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ is reported: docs/observability.md.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics, trace
@@ -31,6 +32,9 @@ _COUNTERS = (  # in the order of Totals' columns
 
 _lock = threading.Lock()
 _installed: _Listener | None = None
+# The totals reported through each provider, kept across instrument() calls: the SDK
+# gives a meter's counters back as first made, and a counter must never go back.
+_totals: weakref.WeakKeyDictionary[object, Totals] = weakref.WeakKeyDictionary()
 
 
 class _Listener:
@@ -38,9 +42,9 @@ class _Listener:
 
     __slots__ = ("entries", "provider", "saved", "totals")
 
-    def __init__(self, meter: metrics.Meter, provider: object) -> None:
+    def __init__(self, meter: metrics.Meter, provider: object, totals: Totals) -> None:
         self.provider = provider
-        self.totals = Totals()
+        self.totals = totals
         self.entries = meter.create_histogram(
             "perrequest.scope.entries",
             "{entry}",
@@ -101,7 +105,8 @@ def _resolved(provider: object) -> object:
 def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
     """Report every closing scope's stats to OpenTelemetry, through ``meter_provider``
     (default: the global one, which may be set later). Calling it again replaces the
-    previous listener, its totals starting from zero; ``uninstrument()`` stops."""
+    previous listener; the counters of a provider reported through before go on from
+    their totals (they never go back). ``uninstrument()`` stops."""
     global _installed
     if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
         raise TypeError(
@@ -109,7 +114,9 @@ def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
             f"MeterProvider (opentelemetry.sdk.metrics.MeterProvider), not {meter_provider!r}"
         )
     meter = metrics.get_meter("perrequest", __version__, meter_provider=meter_provider)
-    listener = _Listener(meter, meter_provider)
+    with _lock:
+        totals = _totals.setdefault(_resolved(meter_provider), Totals())
+    listener = _Listener(meter, meter_provider, totals)
     for column, (name, unit, description) in enumerate(_COUNTERS):
         meter.create_observable_counter(
             name, [_observer(column, meter_provider)], unit, description

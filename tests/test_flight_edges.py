@@ -352,6 +352,39 @@ def test_a_write_from_a_keys_hash_in_a_store_with_room_keeps_the_store_whole(
         assert len(store) == len(list(store)) == 100
 
 
+@pytest.mark.parametrize("room", [True, False], ids=["with-room", "full"])
+@pytest.mark.parametrize("fire_at", range(1, 6))
+def test_a_key_whose_hash_closes_the_scope_while_storing_leaves_nothing_in_it(
+    fire_at: int, room: bool
+) -> None:
+    """A closed store holds no keys: one closed while a miss stores (a key's own code,
+    a collection that finalizes a generator holding the scope) stores nothing."""
+    scope = request_scope(max_entries=100 if room else 2)
+    store = scope.__enter__()
+    closer = {"at": 0, "count": 0}
+
+    class Closing:
+        def __hash__(self) -> int:
+            closer["count"] += 1
+            if closer["count"] == closer["at"]:
+                scope.__exit__(None, None, None)
+            return 7
+
+    @request_memo
+    def f(x: object) -> int:
+        return 1
+
+    f(0)  # f's dict exists
+    perrequest.set("h", 0)
+    closer["at"] = fire_at
+    key = Closing()
+    f(key)
+    if not store.closed:
+        scope.__exit__(None, None, None)
+    assert store.closed and len(store) == len(list(store)) == 0
+    assert len(store._order) == 0 and store._subs is None
+
+
 def test_a_memoized_helper_called_from_hash_keeps_the_store_whole() -> None:
     @request_memo
     def digest(n: int) -> int:

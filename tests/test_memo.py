@@ -400,7 +400,8 @@ def test_a_methods_cache_delete_takes_the_instance_and_says_so_when_it_is_missin
 
 def test_a_methods_cache_delete_that_binds_without_the_instance_is_refused() -> None:
     """The arguments would bind with the id taken for the instance, match nothing and
-    return False (a stale read after an update): refused, as the docs say."""
+    return False (a stale read after an update): refused where the first argument
+    cannot be the instance (a plain int, str, ...), or, for a class method, the class."""
 
     class Repository:
         @request_memo
@@ -413,7 +414,7 @@ def test_a_methods_cache_delete_that_binds_without_the_instance_is_refused() -> 
 
         @request_memo
         @classmethod
-        def kind(cls, name: str) -> str:
+        def kind(cls, name: str, plural: bool = False) -> str:
             return name
 
     class Cached(Repository):
@@ -421,21 +422,54 @@ def test_a_methods_cache_delete_that_binds_without_the_instance_is_refused() -> 
 
     repo, sub = Repository(), Cached()
     with request_scope():
-        repo.row(7, True), repo.rows(7), sub.row(8), Repository.kind("k")
+        repo.row(7, True), repo.rows(7), sub.row(8), Repository.kind("k", True)
         for wrong in (
             lambda: repo.row.cache_delete(7, True),
             lambda: Repository.row.cache_delete(7, True),
             lambda: repo.rows.cache_delete(7),
-            lambda: Repository.kind.cache_delete("k"),
+            lambda: Repository.kind.cache_delete("k", True),
+            lambda: Repository.kind.cache_delete(repo, "k", True),  # an instance
         ):
-            with pytest.raises(TypeError, match=r"instance.*cache_delete\(obj, \.\.\.\)"):
+            with pytest.raises(TypeError, match=r"first.*cache_delete\((obj|Cls), \.\.\.\)"):
                 wrong()
         assert repo.row.cache_info().currsize == 2  # nothing deleted
         assert repo.row.cache_delete(repo, 7, True) is True
         assert repo.rows.cache_delete(repo, 7) is True
         assert Repository.row.cache_delete(sub, 8) is True  # a subclass's instance
-        assert Repository.kind.cache_delete(Repository, "k") is True
+        assert Repository.kind.cache_delete(Repository, "k", True) is True
         assert repo.row.cache_delete(self=repo, row_id=7, fresh=True) is False  # gone
+
+
+def test_a_methods_cache_delete_takes_what_a_call_takes_without_guessing() -> None:
+    """No false refusal: a lambda or renamed method, a duck-typed first argument, a mock,
+    and a key= that leaves the instance out (an audit found each refused)."""
+    from unittest.mock import Mock
+
+    class Prices:
+        area = request_memo(lambda self, k: k * 2)
+
+        @request_memo
+        def _load(self, x: int) -> int:
+            return x
+
+        load = _load
+
+        @request_memo(key=lambda *args: args[-1])
+        def price(self, sku: str) -> int:
+            return 10
+
+    class Order:
+        pass
+
+    prices, order, mock = Prices(), Order(), Mock(spec=Prices)
+    with request_scope():
+        prices.area(3), prices.load(1), Prices.load(order, 2), Prices.load(mock, 3)
+        prices.price("A1")
+        assert Prices.area.cache_delete(prices, 3) is True
+        assert Prices.load.cache_delete(prices, 1) is True
+        assert Prices.load.cache_delete(order, 2) is True
+        assert Prices.load.cache_delete(mock, 3) is True
+        assert Prices.price.cache_delete("A1") is True
 
 
 def test_a_property_under_request_memo_is_refused_with_the_order_that_works() -> None:

@@ -6,8 +6,10 @@ import asyncio
 import contextvars
 import gc
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -643,6 +645,86 @@ def test_a_generators_scope_closed_by_the_collector_gives_the_caller_its_own_bac
         assert in_request_scope() and current_store() is mine
         assert _memoized_user() == "bob"
     assert not in_request_scope() and _current.get() is None and live_scopes() == 0
+
+
+async def test_tasks_and_threads_started_after_a_generators_scope_closed_share_the_store() -> None:
+    """Started before the caller looked for its store again, they copied the closed
+    scope, whose token is not theirs to reset: they too find what it replaced."""
+
+    async def rows() -> AsyncIterator[int]:
+        async with request_scope():
+            yield 1
+            yield 2
+
+    def seen() -> tuple[bool, Any]:
+        return in_request_scope(), perrequest.get("user")
+
+    async def child() -> tuple[bool, Any]:
+        return seen()
+
+    async with request_scope():
+        perrequest.set("user", "alice")
+        async for _ in rows():
+            break
+        for _ in range(20):  # the loop's aclose() task runs meanwhile
+            await asyncio.sleep(0)
+        assert await asyncio.create_task(child()) == (True, "alice")
+        assert await asyncio.to_thread(seen) == (True, "alice")
+        assert seen() == (True, "alice")
+    assert live_scopes() == 0
+
+
+async def test_generators_left_again_and_again_keep_no_chain_of_closed_scopes() -> None:
+    """Each closed scope kept what it replaced: a loop leaving a scoped generator at every
+    turn, and not reading its store, kept every one of them alive."""
+    kept: list[Any] = []
+
+    async def rows() -> AsyncIterator[int]:
+        async with request_scope() as store:
+            kept.append(weakref.ref(store))
+            yield 1
+            yield 2
+
+    async with request_scope():
+        for _ in range(200):
+            async for _ in rows():
+                break
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        gc.collect()
+        assert sum(ref() is not None for ref in kept) <= 2
+    assert live_scopes() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+async def test_a_child_forked_under_a_generators_closed_scope_is_outside_every_scope() -> None:
+    async def rows() -> AsyncIterator[int]:
+        async with request_scope():
+            yield 1
+            yield 2
+
+    read, write = os.pipe()
+    async with request_scope() as mine:
+        perrequest.set("user", "alice")
+        async for _ in rows():
+            break
+        for _ in range(20):
+            await asyncio.sleep(0)
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                report = f"{in_request_scope()} {perrequest.get('user')} {live_scopes()}"
+                os.write(write, report.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        report = os.read(read, 100).decode()
+        os.close(read)
+        assert perrequest.get("user") == "alice" and not mine.closed
+    assert status == 0 and report == "False None 0", report
 
 
 def test_closing_a_sync_generator_elsewhere_keeps_the_other_store() -> None:

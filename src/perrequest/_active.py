@@ -55,10 +55,11 @@ def _forked() -> None:
                 break
             active[0] = None
             active = active[1]
-        if type(active) is not MemoStore or active._closed:
+        if type(active) is not MemoStore:
             break
-        active._flights, active._lock = {}, threading.RLock()
-        active._shut(False)
+        if not active._closed:  # a closed one that kept its token: what it replaced
+            active._flights, active._lock = {}, threading.RLock()
+            active._shut(False)
         token, active._token = active._token, None
         if token is None or token.old_value is Token.MISSING:
             break
@@ -75,6 +76,7 @@ def open_scope(
     if on_close is not None or observed():
         store._opened_at = _now()
     _opened(None)
+    _unwound(_current.get())  # never a closed scope under this one: no chain of them
     store._token = _current.set(store)
     return store
 
@@ -142,9 +144,7 @@ def opened_by_a_middleware() -> bool:
 def here() -> MemoStore | None:
     """The store active here (closed ones included); a cell's is made by whoever needs it
     first, and set here for the hit paths, undone with whatever set the cell."""
-    active = _current.get()
-    if type(active) is MemoStore and active._closed and active._token is not None:
-        active = _unwound(active)
+    active = _unwound(_current.get())
     if type(active) is list:
         if len(active) == 1:
             options = active[0]
@@ -183,16 +183,14 @@ def _leave(store: MemoStore) -> None:
     _unwound(_current.get())  # a scope under it that closed out of order
 
 
-def _unwound(active: MemoStore) -> Any:
-    """What was active before ``active``, closed in another context with its token kept,
-    and before any such scope under it: their tokens reset here, where they were set."""
+def _unwound(active: Any) -> Any:
+    """``active``; or, for a scope closed in another context that kept its token, what was
+    active before it (and before any such scope under it), made active here: in the
+    context that opened it, and in copies of that context (tasks, threads) alike."""
     while type(active) is MemoStore and active._closed and active._token is not None:
-        try:
-            _current.reset(active._token)
-        except (ValueError, RuntimeError):  # set in another context: not this one's
-            break
-        active._token = None
-        active = _current.get()
+        old = active._token.old_value
+        active = None if old is Token.MISSING else old
+        _current.set(active)
     return active
 
 

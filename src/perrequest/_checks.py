@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable
 from decimal import Decimal
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import Any, TypeVar, cast
+from uuid import UUID
 
 from .errors import UnhashableArguments
 
@@ -237,29 +238,26 @@ def is_method(fn: Callable[..., Any]) -> bool:
     )
 
 
-def check_instance(name: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Without its instance, a method's ``cache_delete`` would take the first argument for
-    it and match nothing: refused when that has no such attribute (``__name``: unchecked)."""
-    first = args[0] if args else next((kwargs[n] for n in _SELF if n in kwargs), _NONE)
-    if first is _NONE or (method.startswith("__") and not method.endswith("__")):
+def check_instance(name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+    """A method's ``cache_delete`` given no instance would take the first argument for it,
+    match nothing and say False: refused where that cannot be one (a class method's is a
+    class; an instance, a plain ``int``, ``str``, ... never): docs/semantics.md."""
+    first_name = next(iter(inspect.signature(fn).parameters))
+    first = args[0] if args else kwargs.get(first_name, _NONE)
+    if first is _NONE:
         return
-    if inspect.getattr_static(first, method, _NONE) is _NONE:
+    is_class = first_name != "self"
+    if (not isinstance(first, type)) if is_class else (type(first) in _NOT_INSTANCES):
+        what, example = ("class", "Cls") if is_class else ("instance", "obj")
         raise TypeError(
-            f"{name}.cache_delete() takes the instance first, as a call of the function "
-            f"does: obj.{method}.cache_delete(obj, ...), not {first!r}, which has no {method}."
+            f"{name}.cache_delete() takes the {what} first, as a call of the function does: "
+            f"{example}.{fn.__name__}.cache_delete({example}, ...), not {first!r}."
         )
 
 
+_NOT_INSTANCES = frozenset({int, str, bytes, float, bool, type(None), UUID})
 _SELF = ("self", "cls", "mcs")  # what ``is_method`` recognises
 _NONE: Any = object()
-
-
-def on_property(prop: property) -> TypeError:
-    name = getattr(prop.fget, "__name__", "x")
-    return TypeError(
-        f"@request_memo cannot decorate a property ({name}): put @property above it, "
-        f"so that the getter is memoized: @property, then @request_memo, then def {name}(self)"
-    )
 
 
 def typed_tag(value: object) -> object:

@@ -301,6 +301,9 @@ class Entries:
             # Copied, so that a computation still in flight cannot change them later.
             self._final = self._counts()
             subs, self._subs = self._subs, None
+            # A store under way in this thread (a collection, or a key's own code, closed
+            # the scope meanwhile) sees the id move, and stores nothing (``_resync``).
+            self._next_id += 1
             for sub in (subs or {}).values():
                 sub.clear()  # a call in flight holds its function's dict: freed now all the same
             self._order.clear()

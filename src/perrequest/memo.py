@@ -155,8 +155,8 @@ class _MemoSpec:
                     f"{self.name}.cache_delete() takes the arguments a call takes ({exc}). A "
                     f"method's takes the instance too: obj.method.cache_delete(obj, ...)."
                 ) from None
-        if self.is_method:
-            _checks.check_instance(self.name, self.fn.__name__, args, kwargs)
+        if self.is_method and self.key_fn is None:  # key= may leave the instance out
+            _checks.check_instance(self.name, self.fn, args, kwargs)
         self.checked(key, args, kwargs)
         deleted = self.shared is not None and self.shared.delete((self, key))
         store = active_store()
@@ -267,7 +267,7 @@ def request_memo(
 
     def decorate(target: Any) -> Any:
         if isinstance(target, property):
-            raise _checks.on_property(target)
+            raise _on_property(target)
         if isinstance(target, classmethod):
             return classmethod(decorate(target.__func__))
         if isinstance(target, staticmethod):
@@ -285,13 +285,21 @@ def request_memo(
     if fn is None:
         return decorate
     if isinstance(fn, property):
-        raise _checks.on_property(fn)
+        raise _on_property(fn)
     if not callable(fn) and not isinstance(fn, (classmethod, staticmethod)):
         raise TypeError(
             f"@request_memo takes a function, or options as keywords "
             f"(@request_memo(max_entries=100)), not {fn!r}"
         )
     return decorate(fn)
+
+
+def _on_property(prop: property) -> TypeError:
+    name = getattr(prop.fget, "__name__", "x")
+    return TypeError(
+        f"@request_memo cannot decorate a property ({name}): put @property above it, "
+        f"so that the getter is memoized: @property, then @request_memo, then def {name}(self)"
+    )
 
 
 OUTSIDE_FIX = (

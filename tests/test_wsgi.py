@@ -378,6 +378,38 @@ def test_a_pooled_thread_is_left_without_a_store_after_each_request() -> None:
     assert live_scopes() == 0
 
 
+@pytest.mark.parametrize("body", ["list", "generator"])
+def test_a_generators_scope_left_suspended_by_the_view_leaves_the_thread_with_the_response(
+    body: str,
+) -> None:
+    """A view that leaves a helper generator suspended inside its own request_scope()
+    (kept somewhere, in a reference cycle) left that open scope active in the server's
+    thread after the response: the next requests there, and code without the middleware,
+    found it (an audit found it)."""
+    kept: list[Any] = []
+
+    def helper() -> Iterator[int]:
+        with request_scope():
+            perrequest.set("secret", "the helper's")
+            yield 1
+            yield 2
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        generator = helper()
+        next(generator)
+        kept.append(generator)
+        return [b"ok"] if body == "list" else iter([b"o", b"k"])
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        assert pool.submit(_serve, RequestScopeMiddleware(app)).result() == b"ok"
+        after = pool.submit(lambda: (_current.get(), perrequest.get("secret"))).result()
+        assert after == (None, None)
+    kept.clear()
+    gc.collect()
+    assert live_scopes() == 0
+
+
 def test_a_layer_that_calls_the_app_in_one_thread_and_serves_the_body_from_another() -> None:
     """An outer layer runs the app in a pool thread, and the server's thread iterates and
     closes the body. The pool thread runs other requests' code meanwhile: it must not find

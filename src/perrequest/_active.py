@@ -109,7 +109,8 @@ def open_request(options: Options) -> tuple[list[Any], Token[Any]]:
 
 
 def close_request(cell: list[Any], token: Token[Any] | None) -> None:
-    """Reset ``token`` if the scope is active here, close its store if made. Idempotent."""
+    """Reset ``token`` here, where it was set (with whatever the request left active: a
+    generator's scope left suspended), or where the scope is active; close its store."""
     options = cell[0]
     if options is None:
         return
@@ -118,9 +119,11 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
         cell.append(MemoStore(options[0]) if listeners else _NONE_MADE)  # a listener since
     store = cell[1]
     if token is not None:
-        active = _get()
-        if active is cell or active is store:
-            _reset(token)
+        try:
+            _current.reset(token)
+        except (ValueError, RuntimeError):  # another context's; or reset already
+            if (active := _get()) is cell or active is store:  # a copy holding the scope
+                _current.set(None if token.old_value is token.MISSING else token.old_value)
     if store is _NONE_MADE:
         _closed()
     else:
@@ -192,13 +195,6 @@ def _unwound(active: Any) -> Any:
         active = None if old is Token.MISSING else old
         _current.set(active)
     return active
-
-
-def _reset(token: Token[Any]) -> None:
-    try:
-        _current.reset(token)
-    except ValueError:  # another context than the one it was set in: do what reset does
-        _current.set(None if token.old_value is token.MISSING else token.old_value)
 
 
 # The on_close callbacks and listeners running here: one is not called for a scope that

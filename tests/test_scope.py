@@ -648,11 +648,14 @@ def test_a_generators_scope_closed_by_the_collector_gives_the_caller_its_own_bac
 
 
 async def test_tasks_and_threads_started_after_a_generators_scope_closed_share_the_store() -> None:
-    """Started before the caller looked for its store again, they copied the closed
-    scope, whose token is not theirs to reset: they too find what it replaced."""
+    """Once the caller has its store back (any read of it unwinds the closed scope), the
+    tasks and threads it starts share it. A bound callable made inside the generator's
+    scope stays bound to that closed scope, wherever it is called: outside any scope,
+    never in the caller's (an audit found a version that let it in)."""
 
     async def rows() -> AsyncIterator[int]:
         async with request_scope():
+            late.append(bind_scope(seen))
             yield 1
             yield 2
 
@@ -662,15 +665,18 @@ async def test_tasks_and_threads_started_after_a_generators_scope_closed_share_t
     async def child() -> tuple[bool, Any]:
         return seen()
 
+    late: list[Any] = []
     async with request_scope():
         perrequest.set("user", "alice")
         async for _ in rows():
             break
         for _ in range(20):  # the loop's aclose() task runs meanwhile
             await asyncio.sleep(0)
+        assert seen() == (True, "alice")
         assert await asyncio.create_task(child()) == (True, "alice")
         assert await asyncio.to_thread(seen) == (True, "alice")
-        assert seen() == (True, "alice")
+        assert await asyncio.to_thread(late[0]) == (False, None)
+        assert late[0]() == (False, None)
     assert live_scopes() == 0
 
 

@@ -410,6 +410,43 @@ def test_a_generators_scope_left_suspended_by_the_view_leaves_the_thread_with_th
     assert live_scopes() == 0
 
 
+def test_an_app_called_in_process_after_a_generators_scope_closed_leaves_the_callers_store() -> (
+    None
+):
+    """The inner middleware dropped the closed scope it found active (the view's helper
+    generator's, closed by the collector) instead of what it replaced: the view lost its
+    own store for the rest of the request (an audit found it)."""
+
+    def helper() -> Iterator[int]:
+        with request_scope():
+            yield 1
+            yield 2
+
+    def inner(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        start_response("200 OK", [])
+        perrequest.set("owner", "inner")
+        return [b"inner"]
+
+    seen: list[Any] = []
+
+    def outer(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        perrequest.set("owner", "outer")
+        generator = helper()
+        next(generator)
+        cycle: list[Any] = [generator]
+        cycle.append(cycle)
+        del generator, cycle
+        gc.collect()
+        seen.append(_serve(RequestScopeMiddleware(inner)))
+        seen.append(perrequest.get("owner"))
+        start_response("200 OK", [])
+        return [b"outer"]
+
+    assert _serve(RequestScopeMiddleware(outer)) == b"outer"
+    assert seen == [b"inner", "outer"]
+    assert _current.get() is None and live_scopes() == 0
+
+
 def test_a_layer_that_calls_the_app_in_one_thread_and_serves_the_body_from_another() -> None:
     """An outer layer runs the app in a pool thread, and the server's thread iterates and
     closes the body. The pool thread runs other requests' code meanwhile: it must not find

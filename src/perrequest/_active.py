@@ -133,7 +133,7 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
 def forget_closed() -> None:
     """Drop a closed scope left active here (a generator's, closed elsewhere), so that a
     request starting here neither carries it along nor gives it back."""
-    active = _current.get()
+    active = _unwound(_current.get())  # a generator's, closed elsewhere: what it replaced
     if active is not None and (active[0] is None if type(active) is list else active._closed):
         _current.set(None)
 
@@ -188,12 +188,15 @@ def _leave(store: MemoStore) -> None:
 
 def _unwound(active: Any) -> Any:
     """``active``; or, for a scope closed in another context that kept its token, what was
-    active before it (and before any such scope under it), made active here: in the
-    context that opened it, and in copies of that context (tasks, threads) alike."""
+    active before it (and before any such scope under it), where the token was set: only
+    there (a copy, a bound callable, another request's task: it stays closed)."""
     while type(active) is MemoStore and active._closed and active._token is not None:
-        old = active._token.old_value
-        active = None if old is Token.MISSING else old
-        _current.set(active)
+        try:
+            _current.reset(active._token)
+        except (ValueError, RuntimeError):  # set in another context: not this one's
+            break
+        active._token = None
+        active = _current.get()
     return active
 
 

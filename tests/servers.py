@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,25 @@ def run_process(
             proc.kill()
             proc.wait(5)
         log.unlink(missing_ok=True)
+
+
+def in_forked_child(report: Callable[[], str]) -> str:
+    """Fork here; the child returns ``report()`` through a pipe and exits at once."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            os.write(write, report().encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    result = os.read(read, 1000).decode()
+    os.close(read)
+    assert status == 0, result
+    return result
 
 
 def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

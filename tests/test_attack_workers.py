@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from servers import run_process
+from servers import in_forked_child, run_process
 
 import perrequest
 from perrequest import ScopeStats, in_request_scope, request_memo, request_scope
@@ -128,29 +128,20 @@ def test_a_child_forked_while_another_thread_is_in_a_scope_counts_no_open_scope(
             entered.set()
             leave.wait(10)
 
+    def counts() -> str:
+        with request_scope():
+            inside = live_scopes()
+        return f"{live_scopes()} {inside}"
+
     thread = threading.Thread(target=other_thread)
     thread.start()
-    read, write = os.pipe()
     try:
         assert entered.wait(10) and live_scopes() == 1
-        pid = os.fork()
-        if pid == 0:  # the child
-            code = 1
-            try:
-                with request_scope():
-                    inside = live_scopes()
-                os.write(write, f"{live_scopes()} {inside}".encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        _, status = os.waitpid(pid, 0)
-        report = os.read(read, 100).decode()
-        os.close(read)
+        report = in_forked_child(counts)
     finally:
         leave.set()
         thread.join(10)
-    assert status == 0 and report == "0 1", report
+    assert report == "0 1", report
     assert live_scopes() == 0
 
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from servers import in_forked_child
 
 import perrequest
 from perrequest import (
@@ -599,23 +600,30 @@ async def _users(names: list[str]) -> list[str]:
     return [name.upper() for name in names]
 
 
-async def test_a_generators_scope_closed_by_the_loop_gives_the_caller_its_own_back() -> None:
-    """A helper generator that scopes its own work, left early: the event loop closes it
-    later in an ``aclose()`` task of its own, a copy of the caller's context. The caller
-    got the generator's store back as long as it was suspended (context semantics), and
-    then found no scope at all, inside its own open one, until its block ended."""
+async def _leave_a_scoped_generator_early() -> None:
+    """Leave a helper that scopes its own work with ``break``: the event loop closes it
+    soon after, in an ``aclose()`` task of its own (a copy of this context)."""
 
     async def rows() -> AsyncIterator[int]:
         async with request_scope():
             yield 1
             yield 2
 
+    async for _ in rows():
+        break
+    for _ in range(20):  # the loop's aclose() task runs meanwhile
+        await asyncio.sleep(0)
+
+
+async def test_a_generators_scope_closed_by_the_loop_gives_the_caller_its_own_back() -> None:
+    """A helper generator that scopes its own work, left early: the event loop closes it
+    later in an ``aclose()`` task of its own, a copy of the caller's context. The caller
+    got the generator's store back as long as it was suspended (context semantics), and
+    then found no scope at all, inside its own open one, until its block ended."""
+
     async with request_scope() as mine:
         perrequest.set("user", "alice")
-        async for _ in rows():
-            break
-        for _ in range(20):  # the loop's aclose() task runs meanwhile
-            await asyncio.sleep(0)
+        await _leave_a_scoped_generator_early()
         assert in_request_scope() and current_store() is mine
         assert perrequest.get("user") == "alice" and _memoized_user() == "alice"
         assert await _users.load("alice") == "ALICE" and await _users.load("alice") == "ALICE"
@@ -704,33 +712,14 @@ async def test_generators_left_again_and_again_keep_no_chain_of_closed_scopes() 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
 async def test_a_child_forked_under_a_generators_closed_scope_is_outside_every_scope() -> None:
-    async def rows() -> AsyncIterator[int]:
-        async with request_scope():
-            yield 1
-            yield 2
-
-    read, write = os.pipe()
     async with request_scope() as mine:
         perrequest.set("user", "alice")
-        async for _ in rows():
-            break
-        for _ in range(20):
-            await asyncio.sleep(0)
-        pid = os.fork()
-        if pid == 0:  # the child
-            code = 1
-            try:
-                report = f"{in_request_scope()} {perrequest.get('user')} {live_scopes()}"
-                os.write(write, report.encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        _, status = os.waitpid(pid, 0)
-        report = os.read(read, 100).decode()
-        os.close(read)
+        await _leave_a_scoped_generator_early()
+        report = in_forked_child(
+            lambda: f"{in_request_scope()} {perrequest.get('user')} {live_scopes()}"
+        )
         assert perrequest.get("user") == "alice" and not mine.closed
-    assert status == 0 and report == "False None 0", report
+    assert report == "False None 0", report
 
 
 def test_closing_a_sync_generator_elsewhere_keeps_the_other_store() -> None:

@@ -133,7 +133,7 @@ def close_request(cell: list[Any], token: Token[Any] | None) -> None:
 def forget_closed() -> None:
     """Drop a closed scope left active here (a generator's, closed elsewhere), so that a
     request starting here neither carries it along nor gives it back."""
-    active = _unwound(_current.get())  # a generator's, closed elsewhere: what it replaced
+    active = _unwound(_current.get())
     if active is not None and (active[0] is None if type(active) is list else active._closed):
         _current.set(None)
 
@@ -147,7 +147,9 @@ def opened_by_a_middleware() -> bool:
 def here() -> MemoStore | None:
     """The store active here (closed ones included); a cell's is made by whoever needs it
     first, and set here for the hit paths, undone with whatever set the cell."""
-    active = _unwound(_current.get())
+    active = _current.get()
+    if type(active) is MemoStore and active._closed and active._token is not None:
+        active = _unwound(active)  # a call only where there is something to unwind
     if type(active) is list:
         if len(active) == 1:
             options = active[0]

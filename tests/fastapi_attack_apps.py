@@ -251,9 +251,13 @@ async def _concurrency(rid: str) -> str:
         group.start_soon(_background, rid, "task group")
     await anyio.to_thread.run_sync(_in_thread, rid, "anyio thread")
     await run_in_threadpool(bind_scope(_in_thread), rid, "bound threadpool")
+    store = perrequest.current_store()
 
     async def later() -> None:
         await _sleep(0.2)  # the response is complete by then
+        deadline = time.monotonic() + 10  # and its scope closed (later on a loaded machine)
+        while not store.closed and time.monotonic() < deadline:
+            await _sleep(0.01)
         _seen(rid, "outliving task")
 
     if _is_asyncio():

@@ -20,7 +20,7 @@ some leaving mid-body. All of that held; what broke is at the end.
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
@@ -56,12 +56,14 @@ def _serve(server: str, app: str = "fastapi_attack_apps:app") -> Iterator[tuple[
         yield base, port
 
 
-def _report(base: str, until_closed: bool = True) -> dict[str, Any]:
-    """What the app recorded, once every scope has closed (or the deadline passed)."""
+def _report(base: str, until_closed: bool = True, seen: Iterable[str] = ()) -> dict[str, Any]:
+    """What the app recorded, once every scope has closed and each record in ``seen`` is
+    there (or the deadline passed)."""
     deadline = time.monotonic() + 20
     while True:
         report: dict[str, Any] = httpx.get(f"{base}/_report", timeout=10).json()
-        if not until_closed or report["live"] == 0 or time.monotonic() > deadline:
+        done = report["live"] == 0 and set(seen) <= report["seen"].keys()
+        if not until_closed or done or time.monotonic() > deadline:
             return report
         time.sleep(0.05)
 
@@ -139,9 +141,10 @@ def test_every_place_of_a_fastapi_app_sees_its_own_requests_store(server: str) -
                 ws.send(str(n))
                 assert str(ws.recv()).split()[0] == "ws1"
             ws.send("slow")  # the client leaves while the server handles it
-        time.sleep(0.5)  # the long background task (0.5 s) and the outliving task (0.2 s)
-        report = _report(base)
-    assert report["seen"] == _expected(server)
+        # the long background task (0.5 s), and the outliving task (0.2 s, after its scope)
+        expected = _expected(server)
+        report = _report(base, seen=expected)
+    assert report["seen"] == expected
     calls = {rid: n for rid, n in report["calls"].items() if rid != "lifespan"}
     assert calls == dict.fromkeys(calls, 1) and "d1 cached dep" in calls
     assert report["calls"]["lifespan"] == 2

@@ -131,6 +131,11 @@ EVENTS: deque[tuple[str, str | None, Any]] = deque(maxlen=2000)
 @request_memo
 def slow_id(key: int) -> Any:
     time.sleep(0.3)
+    # Read once the request has ended: on a loaded machine its body may still be being
+    # sent after 0.3 s (a scope still open after 10 s reads its id, and fails the test).
+    deadline = time.monotonic() + 10
+    while perrequest.in_request_scope() and time.monotonic() < deadline:
+        time.sleep(0.01)
     return perrequest.get("id")
 
 

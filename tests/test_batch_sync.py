@@ -95,6 +95,15 @@ def test_threads_sharing_a_scope_never_fetch_a_key_twice_at_once() -> None:
         assert info.misses == 5 and info.hits == 32 - 5
 
 
+def _until(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds (10 s at most): a thread just started may not run for a
+    while on a loaded machine, longer than any fixed sleep."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.001)
+
+
 def test_a_waiting_thread_gets_the_fetching_threads_error_not_cached() -> None:
     gate = threading.Event()
     calls: list[list[int]] = []
@@ -108,9 +117,9 @@ def test_a_waiting_thread_gets_the_fetching_threads_error_not_cached() -> None:
     with request_scope(), ThreadPoolExecutor(2) as pool:
         load = bind_scope(failing.load)
         first = pool.submit(load, 1)
-        time.sleep(0.05)
+        _until(lambda: calls == [[1]])  # the first thread fetches
         second = pool.submit(load, 1)
-        time.sleep(0.05)
+        _until(lambda: failing.cache_info().hits == 1)  # the second waits for that fetch
         gate.set()
         for future in (first, second):
             with pytest.raises(ConnectionError):
@@ -139,9 +148,9 @@ def test_an_interrupted_fetch_lets_its_waiters_ask_again() -> None:
     with request_scope(), ThreadPoolExecutor(2) as pool:
         load = bind_scope(once_interrupted.load)
         first = pool.submit(load, 1)
-        time.sleep(0.05)
+        _until(lambda: calls == [[1]])  # the first thread fetches
         second = pool.submit(load, 1)
-        time.sleep(0.05)
+        _until(lambda: once_interrupted.cache_info().hits == 1)  # the second waits for it
         gate.set()
         with pytest.raises(Interrupt):
             first.result(timeout=5)

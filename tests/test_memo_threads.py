@@ -46,7 +46,11 @@ def test_waiting_threads_get_the_exception() -> None:
     @request_memo
     def load() -> int:
         calls.append(1)
-        time.sleep(0.05)
+        # Until the three others wait for this call (a waiter counts as a hit): a thread
+        # late past a fixed sleep, on a loaded machine, would call again after the error.
+        deadline = time.monotonic() + 10
+        while load.cache_info().hits < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
         raise OSError("disk")
 
     def job() -> str:

@@ -53,13 +53,15 @@ def _serve(server: str) -> Iterator[str]:
         yield url
 
 
-def _state(client: httpx.Client, expect: dict[str, int]) -> dict[str, Any]:
-    """The tally once every check expected has run and every scope has closed (bodies
-    finish, and close, after the client has its bytes)."""
+def _state(client: httpx.Client, expect: dict[str, int], cleanups: int = 0) -> dict[str, Any]:
+    """The tally once every check expected has run, ``cleanups`` bodies have run their
+    ``finally``, and every scope has closed (bodies finish, and close, after the client
+    has its bytes; an abandoned async body's cleanup runs in a task after its scope)."""
     deadline = time.monotonic() + 15
     while True:
         state: dict[str, Any] = client.get("/state").json()
         done = all(state["checks"].get(place, 0) >= n for place, n in expect.items())
+        done = done and sum(state["finally"].values()) >= cleanups
         if (done and state["live"] == 0) or time.monotonic() > deadline:
             return state
         time.sleep(0.05)
@@ -163,7 +165,7 @@ def test_clients_leaving_mid_body_leave_no_scope_and_no_cleanup_in_anothers(serv
             path = f"/stream?rid=gone-{n}&chunks={chunks}&size=16384&{query}"
             read_part_then_reset(port, path)
             assert _one(client, server, 2 * n) is None  # a view while that body unwinds
-        state = _state(client, {"view": DISCONNECTS})
+        state = _state(client, {"view": DISCONNECTS}, cleanups=DISCONNECTS)
         raw = _raw_everywhere(client, base)
 
     assert state["bad"] == [], state["bad"]

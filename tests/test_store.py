@@ -228,7 +228,11 @@ def test_threads_waiting_get_the_exception_and_it_is_not_cached() -> None:
 
     def failing() -> int:
         calls.append(1)
-        time.sleep(0.05)
+        # Until the three others wait for this call (a waiter counts as a hit): a thread
+        # late past a fixed sleep, on a loaded machine, would call again after the error.
+        deadline = time.monotonic() + 10
+        while store.stats.hits < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
         raise ValueError("db down")
 
     def worker() -> str:

@@ -100,8 +100,57 @@ def test_the_wsgi_middleware_refuses_an_asgi_app_and_names_the_asgi_one(app: Any
         perrequest.wsgi.RequestScopeMiddleware(app)
 
 
+class _Asgi2App:
+    """ASGI 2: made from the scope, then called with receive and send."""
+
+    def __init__(self, scope: Any) -> None:
+        self.scope = scope
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        body = b"store" if perrequest.in_request_scope() else b"none"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _asgi2_function(scope: Any) -> Any:
+    return _Asgi2App(scope)
+
+
+@pytest.mark.parametrize("app", [_Asgi2App, _asgi2_function], ids=["class", "function"])
+def test_the_asgi_middleware_refuses_an_asgi2_app_and_names_the_wrapper(app: Any) -> None:
+    """Taken, every request failed with '__init__() takes 2 positional arguments but 4 were
+    given', naming neither perrequest nor the fix (an audit of 5 December 2026)."""
+    with pytest.raises(TypeError, match=r"ASGI 2 app.*guarantee_single_callable\(app\)"):
+        perrequest.asgi.RequestScopeMiddleware(app)
+    from asgiref.compatibility import guarantee_single_callable
+
+    wrapped = perrequest.asgi.RequestScopeMiddleware(guarantee_single_callable(app))
+    assert TestClient(wrapped).get("/").content == b"store"  # (no lifespan: not used)
+
+
+def test_the_middleware_registered_as_a_function_middleware_names_add_middleware() -> None:
+    """``app.middleware("http")(RequestScopeMiddleware)`` calls it with a request and
+    ``call_next``: the error says how to add it."""
+    app = FastAPI()
+    app.middleware("http")(perrequest.asgi.RequestScopeMiddleware)
+    with (
+        pytest.raises(TypeError, match=r"app\.add_middleware\(RequestScopeMiddleware"),
+        TestClient(app) as client,
+    ):
+        client.get("/")
+
+
 def test_each_middleware_still_takes_every_app_of_its_protocol() -> None:
-    for asgi_app in (Starlette(), _asgi_function, _AsgiObject(), _returns_a_coroutine):
+    def _with_defaults(scope: Any, receive: Any = None, send: Any = None) -> Any:
+        return _asgi_function(scope, receive, send)
+
+    for asgi_app in (
+        Starlette(),
+        _asgi_function,
+        _AsgiObject(),
+        _returns_a_coroutine,
+        _with_defaults,  # sync, and takes three: not ASGI 2
+    ):
         perrequest.asgi.RequestScopeMiddleware(asgi_app)
     perrequest.asgi.RequestScopeMiddleware(functools.partial(_asgi_function))
     perrequest.asgi.RequestScopeMiddleware(max)  # no signature to read: not refused

@@ -8,6 +8,7 @@ returns (docs/frameworks/asgi.md).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -75,6 +76,26 @@ def _check_scope_types(scope_types: object) -> frozenset[str]:
     return frozenset(scope_types)
 
 
+def _is_asgi2_app(app: object) -> bool:
+    """ASGI 2's double callable, told as servers tell it: a class that is not awaitable (its
+    instance, made from the scope, takes receive and send), or a sync function of one
+    argument. Anything else may be ASGI 3, and is let through."""
+    if inspect.isclass(app):
+        return not hasattr(app, "__await__")
+    if not inspect.isfunction(app) or inspect.iscoroutinefunction(app):
+        return False
+    signature = inspect.signature(app)
+    try:
+        signature.bind(None)
+    except TypeError:
+        return False
+    try:
+        signature.bind(None, None, None)  # a sync wrapper returning the coroutine: ASGI 3
+    except TypeError:
+        return True
+    return False
+
+
 class RequestScopeMiddleware:
     """Open a fresh store for each ASGI scope whose type is in ``scope_types``.
 
@@ -107,7 +128,10 @@ class RequestScopeMiddleware:
         misused=KEYWORD_ONLY.format(
             where="RequestScopeMiddleware(app, ...)",
             options="max_entries=..., scope_types=..., on_close=...",
-        ),
+        )
+        + " (Starlette and FastAPI: add it with app.add_middleware(RequestScopeMiddleware, "
+        "...), not with app.middleware('http'), which takes a function of request and "
+        "call_next)",
     )
     def __init__(
         self,
@@ -129,6 +153,13 @@ class RequestScopeMiddleware:
                 "perrequest.wsgi.RequestScopeMiddleware instead (Flask: "
                 "perrequest.flask.PerRequest(app); Django: "
                 "perrequest.django.RequestScopeMiddleware in MIDDLEWARE)"
+            )
+        if _is_asgi2_app(app):
+            raise TypeError(
+                f"RequestScopeMiddleware wraps an ASGI 3 app (an async callable taking scope, "
+                f"receive, send), but {app!r} is an ASGI 2 app (called with the scope alone, "
+                "it returns what takes receive and send): wrap it first, "
+                "RequestScopeMiddleware(asgiref.compatibility.guarantee_single_callable(app))"
             )
         self.app = app
         self._options = (check_max_entries(max_entries), check_on_close(on_close))

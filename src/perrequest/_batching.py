@@ -14,7 +14,7 @@ from ._active import here
 from ._checks import is_async_callable, refuse_coroutine
 from ._flight import MISSING
 from ._stats import Counter, function_name
-from ._waits import done_waiting, gone, may_wait
+from ._waits import done_waiting, gone, may_wait, take_out
 from ._waits import within as _within
 from .errors import ScopeClosed, UnhashableArguments
 from .memo import OUTSIDE_FIX, refuse_or_warn
@@ -288,6 +288,8 @@ class _BatchSpec:
                 self.keep(store, counter, out)
                 for ck in me.keys:
                     store._flights.pop((self, ck), None)
+                if any(record is me for record in list(store._flights.values())):
+                    take_out(store._flights, lambda _, record: record is me)  # keys changed
             finally:
                 if me.future is not None:
                     me.future.set_result(out)

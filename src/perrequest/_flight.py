@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
 from typing import Any, Protocol
 
 from ._checks import LAZY, refuse_memoized_result
 from ._stats import CountsLike as Counter
-from ._waits import RESTART, done_waiting, gone, may_wait, result, result_async, task_me, thread_me
+from ._waits import (
+    RESTART,
+    Waited,
+    done_waiting,
+    gone,
+    may_wait,
+    result,
+    result_async,
+    take_out,
+    task_me,
+    thread_me,
+)
 
 MISSING: Any = object()
 
@@ -37,17 +47,6 @@ class Cache(Protocol):
     def _lookup(self, key: Any) -> Any: ...
 
     def _fill(self, key: Any, value: Any, counter: Any, extra: Any) -> None: ...
-
-
-class Waited:
-    """A computation that somebody waits for."""
-
-    __slots__ = ("future", "owner")
-
-    def __init__(self, owner: object) -> None:
-        self.owner = owner
-        self.future: Future[Any] = Future()
-        self.future.set_running_or_notify_cancel()  # no waiter's wrap_future cancels it
 
 
 def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
@@ -77,6 +76,8 @@ def failed(
             record = cache._flights.pop(key, None)
         except BaseException:  # the key's __hash__/__eq__ raised this time
             return forget(cache, me)
+        if record is None:
+            record = moved(cache, key)
         if record is not me and not (type(record) is Waited and record.owner is me):
             _put_back(cache, key, record)  # invalidated: its waiters restarted then
             return
@@ -115,8 +116,13 @@ def finish(
 def end(
     cache: Cache, key: Hashable, me: object, record: Any, value: Any, counter: Counter, extra: Any
 ) -> Any:
-    """``finish`` when somebody waits or a delete invalidated the record. Lock held.
-    If storing raises, ``abandon`` hands the waiters the outcome."""
+    """``finish`` when somebody waits, a delete invalidated the record, or the key's hash
+    changed. Lock held. If storing raises, ``abandon`` hands the waiters the outcome."""
+    if record is None:
+        record = moved(cache, key)
+        if record is me:
+            cache._fill(key, value, counter, extra)
+            return value
     if not (type(record) is Waited and record.owner is me):  # invalidated: not stored
         _put_back(cache, key, record)
         return value
@@ -173,21 +179,20 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
 
 
 def forget(cache: Cache, me: object) -> None:
-    """Unregister ``me``'s records by identity (``popitem`` hashes nothing: a key's
-    ``__hash__``/``__eq__`` raised); their waiters retry. Lock held."""
-    flights = cache._flights
-    records = []
-    while flights:
-        records.append(flights.popitem())
-    for key, record in reversed(records):
-        try:
-            if not (record is me or (type(record) is Waited and record.owner is me)):
-                flights[key] = record
-                continue
-        except BaseException:
-            pass
+    """Unregister ``me``'s records by identity (a key's ``__hash__``/``__eq__`` raised);
+    their waiters retry. Lock held."""
+    stale = lambda _, record: record is me or getattr(record, "owner", None) is me  # noqa: E731
+    for record in take_out(cache._flights, stale):
         if type(record) is Waited:
             record.future.set_result(RESTART)
+
+
+def moved(cache: Cache, key: Hashable) -> Any:
+    """The record filed under ``key`` (this object), its hash changed since; or None."""
+    if not any(filed is key for filed in list(cache._flights)):
+        return None
+    taken = take_out(cache._flights, lambda filed, _: filed is key)
+    return taken[0] if taken else None
 
 
 def run(

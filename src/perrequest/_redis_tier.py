@@ -20,11 +20,12 @@ from . import _flight
 from . import _redis_io as io
 from . import _redis_lock as lock
 from ._checks import LAZY, refuse_memoized_result
-from ._flight import MISSING, Waited
+from ._flight import MISSING
 from ._redis_io import BadValue, Conn, digest, key_problem
 from ._redis_lock import Late
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._stats import Counter
+from ._waits import Waited
 from .errors import UnhashableArguments
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from contextvars import ContextVar
 from typing import Any
@@ -82,6 +82,40 @@ def may_wait(me: object, owner: object) -> bool:
 
 def done_waiting(me: object) -> None:
     _waits.pop(me, None)
+
+
+class Waited:
+    """A computation that somebody waits for."""
+
+    __slots__ = ("future", "owner")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.future: Future[Any] = Future()
+        self.future.set_running_or_notify_cancel()  # no waiter's wrap_future cancels it
+
+
+def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) -> list[Any]:
+    """Take the records that ``stale(filed, record)`` names out of ``flights`` by identity,
+    where a lookup by key cannot find them: their key's hash changed since it was filed (a
+    computation that changes its argument, as a save assigning the primary key its hash
+    uses does) or its ``__eq__`` raises. The others are filed again (``popitem`` hashes
+    nothing; filing hashes anew); the waiters of one that cannot be filed any more start
+    again. Returns those taken out. The caller holds the lock."""
+    records = []
+    while flights:
+        records.append(flights.popitem())
+    taken = []
+    for filed, record in reversed(records):
+        try:
+            if stale(filed, record):
+                taken.append(record)
+            else:
+                flights[filed] = record
+        except BaseException:
+            if type(record) is Waited:
+                record.future.set_result(RESTART)
+    return taken
 
 
 # What a waiter gets when it should look again (and compute the key itself if need be): the

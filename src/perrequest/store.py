@@ -13,8 +13,9 @@ from typing import Any, NamedTuple, TypeVar
 from . import _flight
 from ._checks import check_factory, check_key
 from ._entries import DEFAULT_MAX_ENTRIES, HELPERS, Entries
-from ._flight import MISSING, Waited
+from ._flight import MISSING
 from ._stats import ScopeStats
+from ._waits import Waited
 
 __all__ = ["DEFAULT_MAX_ENTRIES", "MemoKey", "MemoStore"]
 

@@ -931,3 +931,41 @@ def test_a_thread_waiting_for_a_key_whose_hash_its_computation_changes_gets_the_
         assert first.result(WAIT) == second.result(WAIT) == row.pk
         assert time.monotonic() - start < 0.9  # not after a second's look again
         assert not store._flights
+
+
+async def test_tasks_that_give_up_waiting_leave_nothing_on_the_computation() -> None:
+    """Each task's ``asyncio.wrap_future`` left a callback on the computation's future
+    for good: 690 bytes per request that gave up, for as long as the computation hung
+    (an audit of 5 December 2026). Now one callback for all; a late waiter still gets
+    the value."""
+    import tracemalloc
+
+    release = asyncio.Event()
+
+    @request_memo
+    async def slow(x: int) -> int:
+        await release.wait()
+        return x
+
+    async with request_scope() as store:
+        computing = asyncio.create_task(slow(1))
+        await asyncio.sleep(0)
+        tracemalloc.start()
+        try:
+            for _ in range(100):  # warm up
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(slow(1), 0.0001)
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(3000):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(slow(1), 0.0001)
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 300_000, grown  # was about 2 MB
+        (record,) = store._flights.values()
+        assert not record.tasks
+        late = asyncio.create_task(slow(1))
+        await asyncio.sleep(0)
+        release.set()
+        assert await computing == await late == 1

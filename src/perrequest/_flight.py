@@ -2,7 +2,7 @@
 
 One mechanism for threads and tasks. The computing caller registers itself in the
 cache's ``_flights``; the first caller to wait replaces that with a ``Future`` (threads:
-``result()``; tasks of any loop: ``asyncio.wrap_future``). Only the computing caller
+``result()``; tasks: a future of their loop, ``_waits.Waited``). Only the computing caller
 removes its record and resolves the future, whatever happened to the cache meanwhile,
 so no waiter is stranded; a miss nobody waits for costs one dict insert and one pop.
 Under trio, tasks compute without sharing: correct, only not deduplicated.

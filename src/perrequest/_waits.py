@@ -5,6 +5,8 @@ otherwise wait forever. Consulted only when a caller is about to wait."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Hashable
@@ -85,14 +87,18 @@ def done_waiting(me: object) -> None:
 
 
 class Waited:
-    """A computation that somebody waits for."""
+    """A computation that somebody waits for: threads on ``future``; tasks on a future of
+    their own loop each, in ``tasks`` until they stop waiting, which ``future``'s one
+    callback wakes (``asyncio.wrap_future`` per task would leave a callback on ``future``
+    for each task that gave up: unbounded while a computation hangs)."""
 
-    __slots__ = ("future", "owner")
+    __slots__ = ("future", "owner", "tasks")
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
         self.future: Future[Any] = Future()
-        self.future.set_running_or_notify_cancel()  # no waiter's wrap_future cancels it
+        self.future.set_running_or_notify_cancel()  # a waiter's cancel() cannot cancel it
+        self.tasks: set[asyncio.Future[None]] | None = None  # made by the first task
 
 
 def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) -> list[Any]:
@@ -140,29 +146,54 @@ def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, rec
 
 
 async def result_async(
-    future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any
+    future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Waited
 ) -> Any:
-    """``result`` for a task (of any loop), which waits without blocking its loop. The
-    future is wrapped once (each wrapping adds a callback to it for good), and each
-    second's timeout cancels a shield, not the wrapper. Not ``asyncio.wait``: cancelled
-    in it, its frame (in the error's traceback) holds the wrapper, and so the value."""
-    waiter = asyncio.wrap_future(future)
+    """``result`` for a task (of any loop), which waits without blocking its loop, on a
+    future of its own (each second's timeout cancels a shield of it, not it). Not
+    ``asyncio.wait``: cancelled in it, its frame (in the error's traceback) holds the
+    future, and so the value."""
+    mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    with _waits_lock:
+        tasks, first = record.tasks, record.tasks is None
+        if tasks is None:
+            tasks = record.tasks = set()
+        tasks.add(mine)
+    if first:  # the set, not the record: no cycle holding the value until a collection
+        future.add_done_callback(functools.partial(_wake, tasks))  # at once if done
     try:
         seen_gone = False
-        while True:
+        while not future.done():
             try:
                 async with asyncio.timeout(1.0):
-                    return await asyncio.shield(waiter)
+                    await asyncio.shield(mine)
             except TimeoutError:
                 pass
+            if future.done():
+                break
             ended = flights.get(key) is not record
             if ended and seen_gone:
                 return RESTART
             seen_gone = ended
+        return future.result()
     finally:
-        waiter.cancel()  # this task was cancelled: nothing left to wake (a no-op once done)
+        with _waits_lock:
+            tasks.discard(mine)
         # A cancellation's traceback holds this frame: no value left in it (a GC cycle).
-        future = record = waiter = None  # type: ignore[assignment]
+        future = record = mine = tasks = None  # type: ignore[assignment]
+
+
+def _wake(tasks: set[asyncio.Future[None]], _: object) -> None:
+    """The computation ended: wake the tasks waiting for it, each on its loop."""
+    with _waits_lock:
+        waiting = list(tasks)
+    for mine in waiting:
+        with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits there
+            mine.get_loop().call_soon_threadsafe(_settle, mine)
+
+
+def _settle(mine: asyncio.Future[None]) -> None:
+    if not mine.done():
+        mine.set_result(None)
 
 
 # The sync batch fetches whose batch function runs here: in this thread, or in one it

@@ -237,7 +237,9 @@ def generate(
         **_FIXED, "__pr_spec": spec, "__pr_fn": spec.fn, "__pr_outside": spec.outside,
         "__pr_d": defaults, "__pr_name": spec.name,
     }  # fmt: skip
-    filename = f"<request_memo {spec.name}>"
+    # One file name for all: CPython keeps what it makes for each new one (a memo named
+    # anew per request grew the process by 88 bytes a request); tracebacks show the name.
+    filename = "<request_memo>"
     exec(_compiled(source, filename), namespace)
     # Taken out, so that a namespace and its function form no reference cycle.
     wrapper = namespace.pop(_code_name(spec.fn))

@@ -281,3 +281,32 @@ def test_a_collection_after_the_exiting_interpreter_wiped_the_module_raises_noth
         check=True,
     )
     assert "Exception ignored" not in done.stderr, done.stderr
+
+
+class _Session:
+    """What an app keeps in a ``ContextVar`` of its own for a request."""
+
+
+_session: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("session", default=None)
+
+
+def test_a_collection_outside_any_scope_drops_the_copies_of_a_requests_context() -> None:
+    """On 3.11 the hook keeps copies of the context a collection interrupted (docs/
+    security.md), with the request's other variables, until the next collection; one
+    that started with no store active kept them, for good on an idle worker (an audit of
+    5 December 2026: a 10 MB object alive after its request and a collection)."""
+    import weakref
+
+    def request() -> weakref.ref[_Session]:
+        session = _Session()
+        token = _session.set(session)
+        try:
+            with perrequest.request_scope():
+                gc.collect()  # a collection in the middle of the request
+        finally:
+            _session.reset(token)
+        return weakref.ref(session)
+
+    kept = contextvars.Context().run(request)
+    gc.collect()  # outside any scope
+    assert kept() is None

@@ -306,15 +306,16 @@ _hidden: Token[Any] | None = None
 
 
 def _hide_during_collections(
-    phase: str, info: dict[str, Any], var: ContextVar[Any] = _current
+    phase: str, info: dict[str, Any], var: ContextVar[Any] = _current, keep: list[Any] = _keep
 ) -> None:
-    # ``var``, not the global: an exiting interpreter sets a module's names to None while
+    # ``var``, ``keep``, not the globals: an exiting interpreter sets a module's names to None while
     # collections still run (a finalizer's allocations start them), and a wiped module
     # has nothing to hide.
     global _hidden
     if phase == "start":
-        if var.get() is None:
-            return  # nothing to hide: leave the context untouched
+        if var.get() is None:  # nothing to hide: leave the context untouched
+            keep.clear()  # and no operation interrupted here needs earlier copies
+            return
         if _COLLECTS_INSIDE_ALLOCATIONS:
             _keep_mapping_alive()
         _hidden = var.set(None)

@@ -969,3 +969,37 @@ async def test_tasks_that_give_up_waiting_leave_nothing_on_the_computation() -> 
         await asyncio.sleep(0)
         release.set()
         assert await computing == await late == 1
+
+
+class HashFailsFrom:
+    """A key whose ``__hash__`` raises from its ``n``-th call on: at every step of a miss."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __hash__(self) -> int:
+        self.calls += 1
+        if self.calls >= self.n:
+            raise RuntimeError("hash")
+        return 7
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_a_key_whose_hash_starts_failing_at_any_step_leaves_no_record(n: int) -> None:
+    """A sync batch registered the key, then its hash raised before the fetch was under
+    way: its record stayed, in the closed store too (an audit of 5 December 2026)."""
+
+    @perrequest.request_batch
+    def load(keys: list[HashFailsFrom]) -> list[int]:
+        return [1 for _ in keys]
+
+    @request_memo
+    def memo(key: HashFailsFrom) -> int:
+        return 1
+
+    with request_scope() as store:
+        for call in (load.load, memo):
+            with contextlib.suppress(RuntimeError):
+                call(HashFailsFrom(n))
+        assert not store._flights
+    assert not store._flights

@@ -258,7 +258,7 @@ class _BatchSpec:
                 self.fetch(counter, mine, outcomes)
         finally:  # interrupted, or a key's __eq__ raised: its waiters ask again
             _within.reset(token)
-            if mine:
+            if mine or me.keys:  # (a key registered, then its hash raised)
                 self._end(store, counter, me, outcomes)
         got.update(outcomes)
         again = {}
@@ -288,9 +288,10 @@ class _BatchSpec:
                 self.keep(store, counter, out)
                 for ck in me.keys:
                     store._flights.pop((self, ck), None)
-                if any(record is me for record in list(store._flights.values())):
-                    take_out(store._flights, lambda _, record: record is me)  # keys changed
             finally:
+                # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.
+                if any(record is me for record in list(store._flights.values())):
+                    take_out(store._flights, lambda _, record: record is me)
                 if me.future is not None:
                     me.future.set_result(out)
                 # Its waiters hold the future; a function bound in its batch function

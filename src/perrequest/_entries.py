@@ -153,7 +153,10 @@ class Entries:
             sub.move_to_end(key)  # type: ignore[attr-defined]
             if len(sub) > owner.max_entries:  # type: ignore[attr-defined]
                 # popitem, never next(iter(...)): hits reorder without the lock.
-                _, entry = sub.popitem(last=False)  # type: ignore[call-arg]
+                try:
+                    _, entry = sub.popitem(last=False)  # type: ignore[call-arg]
+                except KeyError:  # a key's __eq__ wrote here as popitem looked it up
+                    return self._resync(owner, sub)  # (the next fill evicts)
                 self._peak = max(self._peak, len(order))  # the size before this fill
                 order.pop(entry[2], None)
                 entry[1].evictions += 1

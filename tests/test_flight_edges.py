@@ -1003,3 +1003,26 @@ def test_a_key_whose_hash_starts_failing_at_any_step_leaves_no_record(n: int) ->
                 call(HashFailsFrom(n))
         assert not store._flights
     assert not store._flights
+
+
+async def test_callers_that_give_up_on_a_hanging_batch_are_not_all_kept() -> None:
+    """Every cancelled caller's future stayed in the batch's list for the key until the
+    batch ended: 20,000 for a hung upstream in a long scope (an audit of 5 December
+    2026). Now at most twice as many as wait; the one still waiting gets the value."""
+    release = asyncio.Event()
+
+    @perrequest.request_batch
+    async def users(keys: list[int]) -> list[int]:
+        await release.wait()
+        return keys
+
+    async with request_scope() as store:
+        first = asyncio.ensure_future(users.load(1))
+        await asyncio.sleep(0)
+        for _ in range(3000):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(users.load(1), 0.0001)
+        (state,) = store._flights.values()
+        assert len(state.inflight[1]) <= 128
+        release.set()
+        assert await first == 1

@@ -99,6 +99,10 @@ class _State:
 
 def _with(waiters: Any, who: Any) -> Any:
     if type(waiters) is list:
+        if len(waiters) >= 64 and not len(waiters) & (len(waiters) - 1):  # 64, 128, ...
+            # Callers that gave up (cancelled) go, while a batch hangs: at most twice
+            # as many kept as wait.
+            waiters[:] = [w for w in waiters if type(w) is tuple or not w.cancelled()]
         waiters.append(who)
         return waiters
     return [waiters, who]

@@ -35,7 +35,7 @@ def task_me() -> object:
 
 
 _waits: dict[object, object] = {}
-_waits_lock = threading.Lock()
+_waits_lock = threading.RLock()  # reentrant: a collection inside may run a waiter
 
 # In a process made by fork: the threads of its parents (all but the one that forked),
 # which records copied with the memory may name as computing a key. They do not run
@@ -61,7 +61,7 @@ def _after_fork_in_child() -> None:
     global _gone, _waits_lock
     _gone = _gone | (_at_fork - {threading.get_ident()})
     _waits.clear()
-    _waits_lock = threading.Lock()
+    _waits_lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
@@ -98,7 +98,11 @@ class Waited:
         self.owner = owner
         self.future: Future[Any] = Future()
         self.future.set_running_or_notify_cancel()  # a waiter's cancel() cannot cancel it
-        self.tasks: set[asyncio.Future[None]] | None = None  # made by the first task
+        # No lock: a set's add, discard and copy are atomic (a collection's finalizer may
+        # end a computation, and so wake, in a thread in the middle of waiting). The set,
+        # not the record, in the callback: no cycle to keep the value until a collection.
+        self.tasks: set[asyncio.Future[None]] = set()
+        self.future.add_done_callback(functools.partial(_wake, self.tasks))
 
 
 def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) -> list[Any]:
@@ -153,13 +157,8 @@ async def result_async(
     ``asyncio.wait``: cancelled in it, its frame (in the error's traceback) holds the
     future, and so the value."""
     mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    with _waits_lock:
-        tasks, first = record.tasks, record.tasks is None
-        if tasks is None:
-            tasks = record.tasks = set()
-        tasks.add(mine)
-    if first:  # the set, not the record: no cycle holding the value until a collection
-        future.add_done_callback(functools.partial(_wake, tasks))  # at once if done
+    tasks = record.tasks
+    tasks.add(mine)  # then look: woken, or done already
     try:
         seen_gone = False
         while not future.done():
@@ -176,17 +175,14 @@ async def result_async(
             seen_gone = ended
         return future.result()
     finally:
-        with _waits_lock:
-            tasks.discard(mine)
+        tasks.discard(mine)
         # A cancellation's traceback holds this frame: no value left in it (a GC cycle).
         future = record = mine = tasks = None  # type: ignore[assignment]
 
 
 def _wake(tasks: set[asyncio.Future[None]], _: object) -> None:
     """The computation ended: wake the tasks waiting for it, each on its loop."""
-    with _waits_lock:
-        waiting = list(tasks)
-    for mine in waiting:
+    for mine in list(tasks):
         with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits there
             mine.get_loop().call_soon_threadsafe(_settle, mine)
 

@@ -141,6 +141,11 @@ def test_the_middleware_registered_as_a_function_middleware_names_add_middleware
 
 
 def test_each_middleware_still_takes_every_app_of_its_protocol() -> None:
+    def _unreadable(*args: Any) -> Any:
+        return _asgi_function(*args)
+
+    _unreadable.__wrapped__ = type  # type: ignore[attr-defined]
+
     def _with_defaults(scope: Any, receive: Any = None, send: Any = None) -> Any:
         return _asgi_function(scope, receive, send)
 
@@ -150,6 +155,7 @@ def test_each_middleware_still_takes_every_app_of_its_protocol() -> None:
         _AsgiObject(),
         _returns_a_coroutine,
         _with_defaults,  # sync, and takes three: not ASGI 2
+        _unreadable,  # a signature inspect cannot read: not refused
     ):
         perrequest.asgi.RequestScopeMiddleware(asgi_app)
     perrequest.asgi.RequestScopeMiddleware(functools.partial(_asgi_function))

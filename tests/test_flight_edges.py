@@ -1026,3 +1026,33 @@ async def test_callers_that_give_up_on_a_hanging_batch_are_not_all_kept() -> Non
         assert len(state.inflight[1]) <= 128
         release.set()
         assert await first == 1
+
+
+def test_a_computation_ending_where_the_waits_lock_is_held_wakes_its_tasks() -> None:
+    """Waking took the waits' lock, which a collection may interrupt a thread holding:
+    a computing task closed by that collection (its loop dropped) ended there, and the
+    thread deadlocked, then every single-flight wait of the process (a review of 5
+    December 2026). Waking takes no lock now; the lock is reentrant."""
+    from perrequest import _waits
+
+    record = _waits.Waited(owner=object())
+    woken: list[Any] = []
+
+    async def waiter() -> None:
+        woken.append(await _waits.result_async(record.future, {}, "k", record))
+
+    def end_holding_the_lock() -> None:
+        with _waits._waits_lock:
+            record.future.set_result((True, 1))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0.01)
+        thread = threading.Thread(target=end_holding_the_lock, daemon=True)
+        thread.start()
+        thread.join(WAIT)
+        assert not thread.is_alive(), "deadlocked"
+        await asyncio.wait_for(task, WAIT)
+
+    asyncio.run(main())
+    assert woken == [(True, 1)]

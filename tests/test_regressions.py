@@ -373,7 +373,8 @@ def test_a_helper_defined_per_message_compiles_its_wrapper_once() -> None:
         return helper
 
     first, second = handle(1), handle(2)
-    assert first.__code__ is second.__code__  # one compiled wrapper, two closures
+    # compiled once: equal code; each a copy of its own, specialised for its own globals
+    assert first.__code__ == second.__code__ and first.__code__ is not second.__code__
     with request_scope():
         assert (first(1), second(1)) == (4, 5)
 
@@ -717,3 +718,25 @@ def test_a_memo_named_anew_per_request_does_not_grow_the_process() -> None:
     finally:
         tracemalloc.stop()
     assert grown < 150_000, grown  # was about 440,000
+
+
+def test_memos_of_one_name_and_signature_each_have_their_own_code() -> None:
+    """Compiled under one file name, memos named alike shared one code object, whose
+    specialised instructions each one's globals undid: a hit 10% slower for 20 such
+    memos called in turn (a review of 5 December 2026)."""
+
+    class A:
+        @staticmethod
+        @request_memo
+        def get(x: int) -> int:
+            return x
+
+    class B:
+        @staticmethod
+        @request_memo
+        def get(x: int) -> int:
+            return x + 1
+
+    assert A.get.__code__ is not B.get.__code__
+    with request_scope():
+        assert (A.get(1), B.get(1)) == (1, 2)

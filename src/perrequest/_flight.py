@@ -5,8 +5,7 @@ cache's ``_flights``; the first caller to wait replaces that with a ``Future`` (
 ``result()``; tasks: a future of their loop, ``_waits.Waited``). Only the computing caller
 removes its record and resolves the future, whatever happened to the cache meanwhile,
 so no waiter is stranded; a miss nobody waits for costs one dict insert and one pop.
-Under trio, tasks compute without sharing: correct, only not deduplicated.
-"""
+Under trio, tasks compute without sharing: correct, only not deduplicated."""
 
 from __future__ import annotations
 
@@ -188,7 +187,8 @@ def forget(cache: Cache, me: object) -> None:
 
 
 def moved(cache: Cache, key: Hashable) -> Any:
-    """The record filed under ``key`` (this object), its hash changed since; or None."""
+    """``key``'s record (this object) filed under its old hash, or None: never left there,
+    where a rebuild (``take_out``) would file it under the new hash for others to join."""
     if not any(filed is key for filed in list(cache._flights)):
         return None
     taken = take_out(cache._flights, lambda filed, _: filed is key)

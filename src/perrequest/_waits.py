@@ -110,8 +110,9 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
     where a lookup by key cannot find them: their key's hash changed since it was filed (a
     computation that changes its argument, as a save assigning the primary key its hash
     uses does) or its ``__eq__`` raises. The others are filed again (``popitem`` hashes
-    nothing; filing hashes anew); the waiters of one that cannot be filed any more start
-    again. Returns those taken out. The caller holds the lock."""
+    nothing; filing hashes anew); the waiters of one that cannot be filed any more, or
+    whose key a caller registered meanwhile (registering takes no lock: that caller
+    computes too), start again and join it. Returns those taken out. Lock held."""
     records = []
     while flights:
         records.append(flights.popitem())
@@ -120,11 +121,13 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
         try:
             if stale(filed, record):
                 taken.append(record)
-            else:
-                flights[filed] = record
+                continue
+            if flights.setdefault(filed, record) is record:
+                continue
         except BaseException:
-            if type(record) is Waited:
-                record.future.set_result(RESTART)
+            pass
+        if type(record) is Waited:
+            record.future.set_result(RESTART)
     return taken
 
 

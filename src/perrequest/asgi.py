@@ -84,7 +84,10 @@ def _is_asgi2_app(app: object) -> bool:
         return not hasattr(app, "__await__")
     if not inspect.isfunction(app) or inspect.iscoroutinefunction(app):
         return False
-    signature = inspect.signature(app)
+    try:
+        signature = inspect.signature(app)
+    except (TypeError, ValueError):  # a signature it cannot read (a ``__wrapped__``'s)
+        return False
     try:
         signature.bind(None)
     except TypeError:

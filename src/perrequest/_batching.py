@@ -284,13 +284,14 @@ class _BatchSpec:
         meanwhile strands nobody (the fetch has ended regardless)."""
         with store._lock:
             me.ended = True  # no waiter comes now, even if a key stays registered
+            left = len(me.keys)
             try:
                 self.keep(store, counter, out)
                 for ck in me.keys:
-                    store._flights.pop((self, ck), None)
+                    left -= store._flights.pop((self, ck), None) is me
             finally:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.
-                if any(record is me for record in list(store._flights.values())):
+                if left and any(record is me for record in list(store._flights.values())):
                     take_out(store._flights, lambda _, record: record is me)
                 if me.future is not None:
                     me.future.set_result(out)

@@ -94,10 +94,8 @@ class RequestScopeMiddleware:
         environ[REQUEST_KEY] = cell
         try:
             body = self.app(environ, start_response)
-            wrapper = environ.get("wsgi.file_wrapper")
-            if type(body) in (list, tuple) or (
-                isinstance(wrapper, type) and isinstance(body, wrapper)  # may run its code
-            ):
+            kind = type(body)  # the server's file wrapper is its own class: no isinstance
+            if kind is list or kind is tuple or kind is environ.get("wsgi.file_wrapper"):
                 # No app code runs later: end the scope now, and hand the body over as it
                 # is (the server still sees a list's len(), and its sendfile wrapper).
                 close_request(cell, token)

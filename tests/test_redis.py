@@ -164,6 +164,22 @@ def test_a_new_version_never_reads_what_the_old_code_wrote(
     assert client.exists(_key("t", shape, 5, 1), _key("t", shape, 5, "2")) == 2
 
 
+def test_a_key_function_returning_what_json_cannot_encode_is_named_as_the_cause(
+    cache: RedisCache,
+) -> None:
+    """The arguments are fine and key= is there: the message blames key='s value."""
+
+    @request_memo(shared=cache, key=lambda tags: frozenset(tags))
+    def by_tags(tags: tuple[str, ...]) -> int:
+        return 1
+
+    with request_scope(), pytest.raises(UnhashableArguments) as info:
+        by_tags(("a", "b"))
+    message = str(info.value)
+    assert "by_tags" in message and "its key= function returned" in message
+    assert "frozenset" in message and "Give the decorator key=" not in message
+
+
 def test_arguments_json_cannot_encode_need_key(cache: RedisCache) -> None:
     @dataclass(frozen=True)
     class Day:

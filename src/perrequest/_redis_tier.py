@@ -58,11 +58,13 @@ class RedisTier:
     """The Redis tier of one memoized function, sync or async (``_shared.Tier``)."""
 
     __slots__ = (
-        "__weakref__", "_flights", "_lock", "base", "cache", "counts", "fn", "name", "prefix"
+        "__weakref__", "_flights", "_lock", "base", "cache", "counts", "fn", "keyed", "name",
+        "prefix",
     )  # fmt: skip
 
     def __init__(self, cache: RedisCache, spec: Any, version: str | int) -> None:
         self.cache, self.fn, self.name = cache, spec.fn, spec.name
+        self.keyed = spec.key_fn is not None  # the key is key='s value, not the arguments
         self.base = f"{cache.namespace}:{spec.name}:"  # every version's keys start so
         self.prefix = f"{self.base}{version}:"
         self._flights: dict[Hashable, Any] = {}
@@ -219,6 +221,13 @@ class RedisTier:
             raise self._unencodable(args, kwargs, exc) from None
 
     def _unencodable(self, args: Args, kwargs: Kwargs, exc: Exception) -> UnhashableArguments:
+        if self.keyed:  # the arguments are fine: key= returned what has no JSON form
+            return UnhashableArguments(
+                f"@request_memo {self.name}: its key= function returned a value that cannot "
+                f"be part of a Redis key ({exc}). Redis keys are built from the key's JSON "
+                "form: make key= return str, int, float, bool, None or tuples of them "
+                "(e.g. key=lambda day: day.isoformat(), key=lambda tags: tuple(sorted(tags)))."
+            )
         fix = (
             "Redis keys are built from the arguments' JSON form (str, int, float, bool, "
             "None and tuples of them). Give the decorator key=, a function of the same "

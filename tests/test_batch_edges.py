@@ -185,6 +185,31 @@ def test_a_mapping_keyed_by_cache_key_with_unhashable_load_keys() -> None:
     assert asyncio.run(main()) == ["row 1", "row 2"]
 
 
+def test_a_mapping_is_read_by_one_kind_of_key_when_a_load_key_is_another_keys_cache_key() -> None:
+    """key=lambda k: k + 1: load key 2 is load key 1's cache key. Before: load key 2 got
+    load key 1's value (looked up by load key first), silently, and kept it."""
+
+    @request_batch(key=lambda k: k + 1)
+    def by_cache_key(keys: list[int]) -> dict[int, str]:
+        return {k + 1: f"value of {k}" for k in keys}
+
+    @request_batch(key=lambda k: k + 1)
+    def by_load_key(keys: list[int]) -> dict[int, str]:
+        return {k: f"value of {k}" for k in keys if k != 3}  # 3 absent: a KeyError
+
+    @request_batch(key=lambda k: k + 1)
+    def ambiguous(keys: list[int]) -> dict[int, str]:
+        return {2: "whose?"}  # load key 2, or load key 1's cache key
+
+    with request_scope():
+        assert by_cache_key.load_many([1, 2]) == ["value of 1", "value of 2"]
+        assert by_load_key.load_many([1, 2]) == ["value of 1", "value of 2"]
+        with pytest.raises(KeyError, match="without key 3"):
+            by_load_key.load_many([1, 2, 3])
+        with pytest.raises(TypeError, match="as many of its keys by their load keys"):
+            ambiguous.load_many([1, 2])
+
+
 async def test_a_hit_whose_entry_another_thread_evicts_meanwhile_is_a_miss() -> None:
     """The state another thread's eviction leaves between the hit's two lookups (the
     entry found, its recency gone). Before: a bare KeyError from load()."""

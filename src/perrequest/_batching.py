@@ -24,6 +24,13 @@ UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
 now = time.perf_counter
 
 
+def _get(result: Mapping[Any, Any], key: Any) -> Any:
+    try:
+        return result.get(key, MISSING)
+    except TypeError:  # an unhashable load key: the mapping is by cache key
+        return MISSING
+
+
 class _BatchSpec:
     """One decorated batch function. It owns the loader's entries in a store, as a memo's
     spec does (``store._subs[spec][cache_key]``, bounded by its ``max_entries``)."""
@@ -87,14 +94,13 @@ class _BatchSpec:
         """One value per key (an ``Exception`` where it failed) from what the batch
         function returned; ``TypeError`` when its shape is wrong."""
         if isinstance(result, Mapping):
+            by_load = [_get(result, key) for key in keys]
+            if self.key_fn is not None:
+                by_cache = [_get(result, key) for key in cache_keys]
+                if any(a is not b for a, b in zip(by_load, by_cache, strict=True)):  # no __eq__
+                    by_load = self._keyed(by_load, by_cache)
             values = []
-            for key, cache_key in zip(keys, cache_keys, strict=True):
-                try:
-                    value = result.get(key, MISSING)
-                except TypeError:  # an unhashable load key: the mapping is by cache key
-                    value = MISSING
-                if value is MISSING and cache_key is not key:
-                    value = result.get(cache_key, MISSING)
+            for key, value in zip(keys, by_load, strict=True):
                 if value is MISSING:
                     value = KeyError(
                         f"@request_batch {self.name} returned a mapping without key {key!r}. "
@@ -117,6 +123,19 @@ class _BatchSpec:
                 "given (an Exception instance fails one key), or a mapping from key to value."
             )
         return result  # type: ignore[no-any-return]
+
+    def _keyed(self, by_load: list[Any], by_cache: list[Any]) -> list[Any]:
+        """With ``key=``, a mapping keyed by load keys or by cache keys: whichever finds
+        more of the batch's keys, never a mix (a load key may be another key's cache key)."""
+        found_by_load = sum(value is not MISSING for value in by_load)
+        found_by_cache = sum(value is not MISSING for value in by_cache)
+        if found_by_load == found_by_cache:
+            raise TypeError(
+                f"@request_batch {self.name} returned a mapping that finds as many of its "
+                f"keys by their load keys as by their cache keys (key=), with other values: "
+                "key the mapping by one kind only, or return a sequence in the keys' order."
+            )
+        return by_load if found_by_load > found_by_cache else by_cache
 
     def chunks(self, items: list[Any]) -> list[list[Any]]:
         size = self.max_batch_size

@@ -388,10 +388,37 @@ def test_closed_scope_is_outside_any_scope_for_leftover_contexts() -> None:
     with pytest.raises(NoActiveScope):
         leftover.run(current_store)
     assert leftover.run(perrequest.get, "k", "d") == "d"
-    with pytest.raises(NoActiveScope):
+    with pytest.raises(NoActiveScope, match="request scope that has ended") as info:
         leftover.run(perrequest.set, "k", 1)
+    assert "bind_scope(fn)" not in str(info.value)  # before: blamed a missing middleware
     with pytest.raises(ScopeClosed, match="ended"):
         store["k"] = 1
+
+
+async def test_a_task_that_outlives_its_request_is_told_that_the_scope_ended() -> None:
+    """Through the ASGI middleware (a cell, closed). Before: "Add perrequest's
+    RequestScopeMiddleware ... hand it the scope with perrequest.bind_scope(fn)"."""
+    from perrequest.asgi import RequestScopeMiddleware
+
+    later: list[asyncio.Task[None]] = []
+    messages: list[str] = []
+
+    async def late() -> None:
+        await asyncio.sleep(0)
+        try:
+            perrequest.set("audit", 1)
+        except NoActiveScope as exc:
+            messages.append(str(exc))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        later.append(asyncio.create_task(late()))
+
+    async def nothing() -> Any:
+        return {}
+
+    await RequestScopeMiddleware(app)({"type": "http"}, nothing, nothing)
+    await later[0]
+    assert len(messages) == 1 and "request scope that has ended" in messages[0]
 
 
 def test_bind_scope_carries_the_store_into_threads() -> None:

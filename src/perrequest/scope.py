@@ -60,8 +60,21 @@ NO_SCOPE_HINT = (
 passed_through: ContextVar[str | None] = ContextVar("perrequest.passed_through", default=None)
 
 
+ENDED_HINT = (
+    "This code runs in a request scope that has ended: after its request (a task that "
+    "outlived it, a callback or a bind_scope() callable called late), where nothing is "
+    "cached any more. Do the work within the request (await the task; a Starlette "
+    "BackgroundTask runs within the scope), or give it a scope of its own: "
+    "`with perrequest.request_scope():`."
+)
+
+
 def no_scope_hint(hint: str = NO_SCOPE_HINT) -> str:
-    """``hint``, or what to do where the ASGI middleware let the scope through."""
+    """``hint``; or why there is no store here: the scope ended, or the ASGI middleware let
+    the scope through."""
+    active = here()
+    if active is not None and active._closed:
+        return ENDED_HINT
     kind = passed_through.get()
     if kind is None:
         return hint

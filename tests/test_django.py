@@ -385,6 +385,8 @@ def _two_argument_hook(stats: Any, extra: Any) -> None:
         ({"MAX_ENTRIES": -5}, r'PERREQUEST\["MAX_ENTRIES"\] must be a positive int'),
         ({"MAX_ENTIRES": 5}, r"unknown key 'MAX_ENTIRES'.*Did you mean 'MAX_ENTRIES'"),
         ({"on_close": print}, r"unknown key 'on_close'.*Did you mean 'ON_CLOSE'"),
+        ({"MAXSIZE": 5}, r"unknown key 'MAXSIZE'.*Did you mean 'MAX_ENTRIES'"),
+        ({"max_size": 5}, r"unknown key 'max_size'.*Did you mean 'MAX_ENTRIES'"),
         ({"ON_CLOSE": 42}, r'PERREQUEST\["ON_CLOSE"\] must be a callable.*not int 42'),
         (
             {"ON_CLOSE": "django_project.settings.SECRET_KEY"},

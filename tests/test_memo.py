@@ -376,6 +376,16 @@ class SubRepo(Repo):
     pass
 
 
+def test_a_functions_cache_delete_with_wrong_arguments_does_not_speak_of_instances() -> None:
+    @request_memo
+    def price(sku: str, currency: str = "EUR") -> int:
+        return 1
+
+    with request_scope(), pytest.raises(TypeError, match="takes the arguments a call") as info:
+        price.cache_delete("a", "EUR", "extra")  # type: ignore[call-arg]
+    assert "takes the instance" not in str(info.value)  # before: it did
+
+
 def test_a_methods_cache_delete_takes_the_instance_and_says_so_when_it_is_missing() -> None:
     """The extras are the function's, as with functools.lru_cache: through an instance as
     through the class, cache_delete takes the instance first (the types say so too)."""

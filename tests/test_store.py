@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import perrequest
-from perrequest import MemoStore, ScopeClosed, request_memo, request_scope
+from perrequest import MemoStore, ScopeClosed, current_store, request_memo, request_scope
 
 
 def test_mapping_basics() -> None:
@@ -132,6 +132,24 @@ def test_get_or_set_refuses_a_factory_that_is_not_callable() -> None:
         with pytest.raises(TypeError, match=r"factory must be a callable .* lambda: value"):
             perrequest.get_or_set("answer", 42)  # type: ignore[arg-type]
         assert store.stats.misses == 0 and "answer" not in store
+
+
+def test_get_or_set_names_a_factory_that_takes_arguments_and_keeps_its_own_type_errors() -> None:
+    """Before: Python's bare "<lambda>() missing 1 required positional argument"."""
+
+    def needs_key(key: str) -> str:
+        return key
+
+    def broken() -> str:
+        raise TypeError("inside the factory")
+
+    with request_scope():
+        with pytest.raises(TypeError, match=r"calls factory\(\) with no arguments") as info:
+            perrequest.get_or_set("user:1", needs_key)  # type: ignore[arg-type]
+        assert "needs_key" in str(info.value) and "'key'" in str(info.value)
+        with pytest.raises(TypeError, match=r"^inside the factory$"):
+            perrequest.get_or_set("user:2", broken)
+        assert "user:1" not in current_store() and "user:2" not in current_store()
 
 
 def test_get_or_set_does_not_cache_exceptions() -> None:

@@ -6,6 +6,7 @@ How entries are kept, bounded and counted is ``_entries``'. Memo entries show up
 
 from __future__ import annotations
 
+import inspect
 from asyncio import Task
 from collections.abc import Callable, Hashable, ItemsView, Iterator, MutableMapping, ValuesView
 from typing import Any, NamedTuple, TypeVar
@@ -234,7 +235,26 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         if value is not MISSING:
             self._helpers.hits += 1
             return value  # type: ignore[no-any-return]
-        return _flight.run(self, (HELPERS, key), factory, (), {}, self._helpers, None)  # type: ignore[no-any-return]
+        try:
+            return _flight.run(self, (HELPERS, key), factory, (), {}, self._helpers, None)  # type: ignore[no-any-return]
+        except TypeError as exc:
+            if _binds_no_arguments(factory):  # its own TypeError
+                raise
+            raise TypeError(
+                f"get_or_set(key, factory) calls factory() with no arguments, but {factory!r} "
+                f"takes some ({exc}). Pass a callable of no arguments: "
+                "get_or_set(key, lambda: make(key))."
+            ) from exc
+
+
+def _binds_no_arguments(factory: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read: the error may be anything's
+        pass
+    return True
 
 
 class _SnapshotItems(ItemsView[Hashable, Any]):

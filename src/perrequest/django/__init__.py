@@ -34,6 +34,7 @@ from ..store import DEFAULT_MAX_ENTRIES
 __all__ = ["RequestScopeMiddleware"]
 
 _KEYS = ("MAX_ENTRIES", "ON_CLOSE")
+_ALIASES = {"MAXSIZE": "MAX_ENTRIES", "MAX_SIZE": "MAX_ENTRIES"}  # functools', cachetools' name
 
 
 class RequestScopeMiddleware:
@@ -202,7 +203,12 @@ def _read_settings() -> tuple[int | None, OnClose | None]:
         )
     for key in options:
         if key not in _KEYS:
-            close = difflib.get_close_matches(str(key).upper(), _KEYS, n=1)
+            name = str(key).upper()
+            close = (
+                [_ALIASES[name]]
+                if name in _ALIASES
+                else difflib.get_close_matches(name, _KEYS, n=1)
+            )
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ImproperlyConfigured(
                 f"settings.PERREQUEST has an unknown key {key!r}; the valid keys are "

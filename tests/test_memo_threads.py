@@ -67,6 +67,33 @@ def test_waiting_threads_get_the_exception() -> None:
         assert len(calls) == 1 and load.cache_info().currsize == 0
 
 
+async def test_waiters_raise_the_error_from_where_it_failed_not_from_every_other_waiter() -> None:
+    """One error object for all (as asyncio futures hand out), its traceback reset before
+    each waiter raises it. Before: each raise added the waiter's frames, 30 waiters 90
+    more entries, every waiter's frames kept while the error was."""
+    waiters = 30
+    errors: list[BaseException] = []
+
+    @request_memo
+    async def load() -> int:
+        while load.cache_info().hits < waiters:  # until every other caller waits
+            await asyncio.sleep(0.001)
+        raise OSError("disk")
+
+    async def call() -> None:
+        try:
+            await load()
+        except OSError as exc:
+            errors.append(exc)
+
+    async with request_scope():
+        await asyncio.wait_for(asyncio.gather(*(call() for _ in range(waiters + 1))), 10)
+    assert len(errors) == waiters + 1 and len({id(e) for e in errors}) == 1
+    entries = traceback.extract_tb(errors[0].__traceback__)
+    assert len(entries) < 12, len(entries)  # one waiter's frames and the computation's
+    assert entries[-1].name == "load"
+
+
 def test_two_threads_computing_each_others_keys_do_not_deadlock() -> None:
     """Thread A computes f("a"), which needs f("b"); thread B computes f("b"), which needs
     f("a"). Waiting for each other would hang both forever: the second to wait computes

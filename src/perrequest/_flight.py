@@ -37,8 +37,7 @@ _now = time.perf_counter
 
 
 class Cache(Protocol):
-    """Lookup and fill, lock held; a closed cache finds and fills nothing (so a late
-    computation still ends well)."""
+    """Lookup and fill, lock held; closed, it finds and fills nothing (a late end is fine)."""
 
     _lock: Any  # a threading lock: there before any computation starts
     _flights: dict[Hashable, Any]
@@ -54,9 +53,9 @@ def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
         with cache._lock:
             counter.hits -= 1  # it computes after all
         return MISSING
-    ok, value = result
-    if ok:
-        return value
+    if result[0]:
+        return result[1]
+    value = result[1].with_traceback(result[2])  # as an asyncio future: no waiter's frames
     try:
         raise value  # a shared tier hands its errors over as values (_shared_errors)
     finally:
@@ -81,7 +80,8 @@ def failed(
             _put_back(cache, key, record)  # invalidated: its waiters restarted then
             return
     if type(record) is Waited:
-        record.future.set_result((False, exc) if isinstance(exc, Exception) else RESTART)
+        outcome = (False, exc, exc.__traceback__) if isinstance(exc, Exception) else RESTART
+        record.future.set_result(outcome)
 
 
 _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
@@ -141,7 +141,8 @@ def abandon(
             forget(cache, me)
     elif type(record) is Waited and record.owner is me:
         if not record.future.done():
-            record.future.set_result((False, exc) if isinstance(exc, Exception) else (True, value))
+            failure = (False, exc, exc.__traceback__) if isinstance(exc, Exception) else None
+            record.future.set_result(failure or (True, value))
     elif record is not me:
         _put_back(cache, key, record)
 
@@ -178,8 +179,7 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
 
 
 def forget(cache: Cache, me: object) -> None:
-    """Unregister ``me``'s records by identity (a key's ``__hash__``/``__eq__`` raised);
-    their waiters retry. Lock held."""
+    """Unregister ``me``'s records by identity (a key's hash raised); waiters retry. Locked."""
     stale = lambda _, record: record is me or getattr(record, "owner", None) is me  # noqa: E731
     for record in take_out(cache._flights, stale):
         if type(record) is Waited:

@@ -99,15 +99,15 @@ class _BatchSpec:
                 by_cache = [_get(result, key) for key in cache_keys]
                 if any(a is not b for a, b in zip(by_load, by_cache, strict=True)):  # no __eq__
                     by_load = self._keyed(by_load, by_cache)
-            values = []
-            for key, value in zip(keys, by_load, strict=True):
-                if value is MISSING:
-                    value = KeyError(
-                        f"@request_batch {self.name} returned a mapping without key {key!r}. "
-                        "Map every key it is given (to None, if that means absent)."
-                    )
-                values.append(value)
-            return values
+            return [
+                KeyError(
+                    f"@request_batch {self.name} returned a mapping without key {key!r}. "
+                    "Map every key it is given (to None, if that means absent)."
+                )
+                if value is MISSING
+                else value
+                for key, value in zip(keys, by_load, strict=True)
+            ]
         if type(result) is not list:
             if isinstance(result, (str, bytes, Set)) or not isinstance(result, Iterable):
                 raise TypeError(
@@ -127,15 +127,14 @@ class _BatchSpec:
     def _keyed(self, by_load: list[Any], by_cache: list[Any]) -> list[Any]:
         """With ``key=``, a mapping keyed by load keys or by cache keys: whichever finds
         more of the batch's keys, never a mix (a load key may be another key's cache key)."""
-        found_by_load = sum(value is not MISSING for value in by_load)
-        found_by_cache = sum(value is not MISSING for value in by_cache)
-        if found_by_load == found_by_cache:
+        found = [sum(value is not MISSING for value in kind) for kind in (by_load, by_cache)]
+        if found[0] == found[1]:
             raise TypeError(
                 f"@request_batch {self.name} returned a mapping that finds as many of its "
                 f"keys by their load keys as by their cache keys (key=), with other values: "
                 "key the mapping by one kind only, or return a sequence in the keys' order."
             )
-        return by_load if found_by_load > found_by_cache else by_cache
+        return by_load if found[0] > found[1] else by_cache
 
     def chunks(self, items: list[Any]) -> list[list[Any]]:
         size = self.max_batch_size
@@ -204,13 +203,8 @@ class _BatchSpec:
 
     def outside(self, keys: list[Any], cks: list[Hashable]) -> dict[Hashable, Any]:
         """Outside any scope, after its rule: every key is wanted, and nothing is cached."""
-        refuse_or_warn(
-            "request_batch",
-            self.name,
-            self.outside_scope,
-            "batched or cached",
-            OUTSIDE_FIX,
-        )
+        what = "batched or cached"
+        refuse_or_warn("request_batch", self.name, self.outside_scope, what, OUTSIDE_FIX)
         return missing_keys(keys, cks)
 
     # -- sync loads: threads sharing a scope never fetch a key twice at once -------------

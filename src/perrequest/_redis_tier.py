@@ -1,11 +1,9 @@
 """One function's Redis tier: a request-store miss read from Redis, or computed once
 across processes under a Redis lock (``_redis_lock``).
 
-A miss in the request store goes through its single-flight, then GETs Redis. A
-Redis miss goes through this process's single-flight, then ``_redis_lock.fetch``.
-On a Redis error the value is computed here (fail open). Single-flight hands its
-callers the bytes, and each decodes a copy of its own, so no two requests ever hold
-the same object.
+A request-store miss goes through its single-flight, then GETs Redis; a Redis miss
+through this process's single-flight, then ``_redis_lock.fetch``. On a Redis error the
+value is computed here (fail open). Callers get the bytes, each decoding its own copy.
 """
 
 from __future__ import annotations
@@ -72,8 +70,7 @@ class RedisTier:
         self.counts = dict.fromkeys(cache._totals, 0)  # RedisStats' fields
 
     def count(self, field: str) -> None:
-        """One more of ``field``, here and in the cache's totals (which outlive us), under
-        the cache's lock: threads count at once."""
+        """One more of ``field``, here and in the cache's totals (which outlive us)."""
         with self.cache._lock:
             self.counts[field] += 1
             self.cache._totals[field] += 1
@@ -213,8 +210,7 @@ class RedisTier:
     # -- keys, values, and what went wrong ---------------------------------------------------
 
     def redis_key(self, call_key: object, args: Args, kwargs: Kwargs) -> str:
-        """``namespace:module.qualname:version:sha256``; ``UnhashableArguments`` when the
-        arguments have no canonical JSON form."""
+        """``namespace:module.qualname:version:sha256``, or ``UnhashableArguments``."""
         try:
             return self.prefix + digest(call_key)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -223,10 +219,9 @@ class RedisTier:
     def _unencodable(self, args: Args, kwargs: Kwargs, exc: Exception) -> UnhashableArguments:
         if self.keyed:  # the arguments are fine: key= returned what has no JSON form
             return UnhashableArguments(
-                f"@request_memo {self.name}: its key= function returned a value that cannot "
-                f"be part of a Redis key ({exc}). Redis keys are built from the key's JSON "
-                "form: make key= return str, int, float, bool, None or tuples of them "
-                "(e.g. key=lambda day: day.isoformat(), key=lambda tags: tuple(sorted(tags)))."
+                f"@request_memo {self.name}: its key= function returned a value that cannot be "
+                f"part of a Redis key ({exc}): make key= return str, int, float, bool, None or "
+                "tuples of them (e.g. key=lambda tags: tuple(sorted(tags)))."
             )
         fix = (
             "Redis keys are built from the arguments' JSON form (str, int, float, bool, "

@@ -6,12 +6,28 @@ Protocol generic in the function's parameters and result, as typeshed types
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Concatenate, NamedTuple, ParamSpec, Protocol, Self, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    NamedTuple,
+    ParamSpec,
+    Protocol,
+    Self,
+    TypeVar,
+    overload,
+)
+
+if TYPE_CHECKING:  # the Redis tier's, imported with perrequest.redis only
+    from ._redis_tier import RedisCacheInfo
 
 __all__ = [
     "BoundMemoizedFunction",
     "CacheInfo",
     "MemoizedFunction",
+    "RedisBoundMemoizedFunction",
+    "RedisMemoizedFunction",
+    "SharedBoundMemoizedFunction",
     "SharedCacheInfo",
     "SharedMemoizedFunction",
 ]
@@ -76,6 +92,9 @@ class MemoizedFunction(Protocol[P, R_co]):
         self: MemoizedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any], /
     ) -> BoundMemoizedFunction[S, P2, R]: ...
 
+    @overload  # a staticmethod's, got from an instance (pyright; mypy binds it)
+    def __get__(self, instance: object, owner: type[Any], /) -> Self: ...
+
 
 class BoundMemoizedFunction(Protocol[S_contra, P, R_co]):
     """A memoized method got from an instance (``repo.row``): called without ``self``.
@@ -84,6 +103,12 @@ class BoundMemoizedFunction(Protocol[S_contra, P, R_co]):
     ``functools.lru_cache``), so ``cache_delete`` takes the instance too:
     ``repo.row.cache_delete(repo, 7)``.
     """
+
+    __name__: str
+    __qualname__: str
+
+    @property
+    def __wrapped__(self) -> Callable[Concatenate[S_contra, P], R_co]: ...
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
@@ -102,3 +127,47 @@ class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
 
     def cache_info(self) -> SharedCacheInfo:  # type: ignore[override]
         """This function's counters in the active store and in the shared tier."""
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
+
+    @overload
+    def __get__(
+        self: SharedMemoizedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any], /
+    ) -> SharedBoundMemoizedFunction[S, P2, R]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type[Any], /) -> Self: ...
+
+
+class SharedBoundMemoizedFunction(BoundMemoizedFunction[S_contra, P, R_co], Protocol):
+    """A ``shared=`` memoized method got from an instance."""
+
+    def cache_info(self) -> SharedCacheInfo:  # type: ignore[override]
+        """The method's counters in the active store and in the shared tier."""
+
+
+class RedisMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
+    """What ``@request_memo(shared=RedisCache(...))`` returns, as type checkers see it:
+    ``cache_info()`` adds the Redis tier's counters."""
+
+    def cache_info(self) -> RedisCacheInfo:  # type: ignore[override]
+        """This function's counters in the active store and in the Redis tier."""
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
+
+    @overload
+    def __get__(
+        self: RedisMemoizedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any], /
+    ) -> RedisBoundMemoizedFunction[S, P2, R]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type[Any], /) -> Self: ...
+
+
+class RedisBoundMemoizedFunction(BoundMemoizedFunction[S_contra, P, R_co], Protocol):
+    """A memoized method with a Redis tier, got from an instance."""
+
+    def cache_info(self) -> RedisCacheInfo:  # type: ignore[override]
+        """The method's counters in the active store and in the Redis tier."""

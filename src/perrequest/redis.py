@@ -21,18 +21,15 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
+from typing import Any, NamedTuple
 
 from . import _redis_io as io
 from ._checks import explains_options
 from ._redis_io import Codec
 from ._redis_tier import RedisCacheInfo, RedisTier
-from ._typing import MemoizedFunction
+from ._typing import RedisMemoizedFunction
 
 __all__ = ["RedisCache", "RedisCacheInfo", "RedisMemoizedFunction", "RedisStats"]
-
-P = ParamSpec("P")
-R_co = TypeVar("R_co", covariant=True)
 
 logger = logging.getLogger("perrequest")
 _now = time.monotonic
@@ -48,15 +45,6 @@ class RedisStats(NamedTuple):
     lock_timeouts: int  # waits that gave up after lock_timeout and computed
     too_large: int  # values over max_value_bytes: computed, not stored
     bad_values: int  # values that did not verify or decode: treated as misses
-
-
-class RedisMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
-    """What ``@request_memo(shared=RedisCache(...))`` returns, as type checkers see it:
-    ``cache_info()`` adds the Redis tier's counters."""
-
-    def cache_info(self) -> RedisCacheInfo:  # type: ignore[override]
-        """This function's counters in the active store and in the Redis tier."""
-        ...
 
 
 # The most each option may be, and why: beyond, Redis (or the socket) refuses every

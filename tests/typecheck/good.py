@@ -49,6 +49,20 @@ def shared_cache() -> SharedCacheInfo:
         return rate.cache_info()
 
 
+def shared_method() -> SharedCacheInfo:
+    import cachetools
+
+    class Rates:
+        @request_memo(shared=cachetools.LRUCache(maxsize=100), key=lambda self, c: c)
+        def rate(self, currency: str) -> float:
+            return 1.0
+
+    rates = Rates()
+    with perrequest.request_scope():
+        assert rates.rate("EUR") == 1.0
+        return rates.rate.cache_info()
+
+
 def redis_tier() -> RedisCacheInfo:
     import redis
 
@@ -82,7 +96,10 @@ async def main() -> None:
         text: str = Repository.normalise("A")
         plain: float = price.__wrapped__("apple")
         label: str = price.__name__ + price.__qualname__  # as on functools' wrappers
+        method: str = repository.row.__name__ + repository.row.__qualname__
+        unbound: dict[str, int] = repository.row.__wrapped__(repository, 7)
         print(total, hits, deleted, name, row, text, plain, label, shared_cache().shared_hits)
+        print(method, unbound, shared_method().shared_hits)
 
 
 @request_batch

@@ -353,6 +353,7 @@ def _runtime_mistakes() -> dict[str, list[object]]:
             lambda: perrequest.current_store().__contains__([1]),
         ],
         "`get_or_set(key, 42)`": [lambda: perrequest.get_or_set("k", 42)],
+        "`get_or_set(key, make)`": [lambda: perrequest.get_or_set("k", lambda key: key)],
         "`get_or_set` with a factory that returns a coroutine": [
             lambda: perrequest.get_or_set("k", _coroutine)
         ],

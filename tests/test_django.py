@@ -452,6 +452,29 @@ def test_max_entries_bounds_each_request_store(closed: list[ScopeStats]) -> None
     assert (closed[0].entries, closed[0].evictions) == (2, 3)
 
 
+def test_a_close_hook_set_on_a_streaming_response_below_still_runs_in_the_scope() -> None:
+    """A view or a middleware below (an APM's) sets ``response.close`` on the instance.
+    Before: perrequest called the class's close, and the hook never ran."""
+    ran: list[object] = []
+
+    def view(request: Any) -> StreamingHttpResponse:
+        perrequest.set("who", "this request")
+        response = StreamingHttpResponse(iter([b"a", b"b"]))
+        original = response.close
+
+        def close() -> None:
+            ran.append(perrequest.get("who"))
+            original()
+
+        response.close = close  # type: ignore[method-assign]
+        return response
+
+    response = RequestScopeMiddleware(view)(RequestFactory().get("/"))
+    assert b"".join(response) == b"ab" and live_scopes() == 1
+    response.close()
+    assert ran == ["this request"] and live_scopes() == 0
+
+
 def test_gzip_below_the_middleware_still_closes_the_views_generator_in_the_scope() -> None:
     from django.middleware.gzip import GZipMiddleware
 

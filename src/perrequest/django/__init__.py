@@ -114,7 +114,8 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
             response.streaming_content = _produce_async(content, cell, end)
         else:
             response.streaming_content = _produce(content, cell, end)
-        response.close = _closing(weakref.ref(response), cell, end)
+        hook = vars(response).get("close")  # set on the response by a view or middleware
+        response.close = _closing(weakref.ref(response), hook, cell, end)
     except BaseException:
         close_request(cell, None)
         raise
@@ -122,16 +123,19 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
 
 
 def _closing(
-    response: weakref.ref[Any], cell: list[Any], end: Callable[[], object]
+    response: weakref.ref[Any], hook: Callable[[], object] | None, cell: list[Any], end: Any
 ) -> Callable[[], None]:
-    """``response.close`` for a streaming response: Django's own close with the store
-    active, then the scope ends. Holds the response weakly: no cycle with its close."""
+    """``response.close`` for a streaming response: its own close (a ``hook`` set on it,
+    or its class's) with the store active, then the scope ends. Holds the response
+    weakly: no cycle with its close."""
 
     def close() -> None:
         target = response()
         token = _current.set(cell)
         try:
-            if target is not None:
+            if hook is not None:
+                hook()
+            elif target is not None:
                 type(target).close(target)
         finally:
             _current.reset(token)

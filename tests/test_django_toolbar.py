@@ -105,7 +105,7 @@ def test_panel_shows_each_function_the_store_and_time_saved(toolbars: list[Debug
     content = rendered(client, bar)
     for text in (f"{VIEWS}.product", f"{VIEWS}.price", "6 / 20 (30%)", "Time saved"):
         assert text in content, text
-    assert "reached its bound" not in content and "came within" not in content
+    assert "reached its bound" not in content and "% of its bound" not in content
     assert not [row for row in stats["outside"] if row["now"]]  # none during this request
 
 

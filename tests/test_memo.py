@@ -283,6 +283,30 @@ def test_refuses_generators_and_non_callables() -> None:
         request_memo(5)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda xs: map(str, xs),
+        lambda xs: filter(None, xs),
+        lambda xs: zip(xs, xs, strict=True),
+        lambda xs: iter(xs),
+        lambda xs: reversed(xs),
+        lambda xs: enumerate(xs),
+    ],
+)
+def test_a_one_shot_iterator_is_refused_not_cached_exhausted(make: Any) -> None:
+    """Before: a map() was cached as is, and the second call got it empty."""
+
+    @request_memo
+    def names(xs: tuple[int, ...]) -> Any:
+        return make(list(xs))
+
+    with request_scope() as store:
+        with pytest.raises(TypeError, match=r"returned a one-shot iterator \(\w+\)"):
+            names((1, 2))
+        assert names.cache_info().currsize == 0 and len(store) == 0
+
+
 def test_cache_info_cache_clear_and_wrapped() -> None:
     def raw(x: int) -> int:
         return x

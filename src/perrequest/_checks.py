@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Hashable
 from decimal import Decimal
@@ -181,20 +182,24 @@ def refuse_coroutine(result: object, fn: object, what: str) -> None:
         )
 
 
-# What a sync memo refuses to cache: it runs later, once (refuse_memoized_result).
-LAZY = frozenset({CoroutineType, GeneratorType, AsyncGeneratorType})
+# What a sync memo refuses to cache: it runs later, once (refuse_memoized_result); and
+# the builtins' one-shot iterators (a map(), a zip()), which the first caller would exhaust.
+_ONE_SHOT = [iter([]), iter(()), iter(""), iter(range(0)), iter(set()), iter({}), reversed([])]
+_ITERATORS = {map, filter, zip, enumerate, itertools.chain, *map(type, _ONE_SHOT)}
+LAZY: frozenset[type] = frozenset({CoroutineType, GeneratorType, AsyncGeneratorType, *_ITERATORS})
 
 
 def refuse_memoized_result(fn: object, value: Any) -> None:
     """Cached, a coroutine or generator would run once: the next call gets it exhausted."""
+    kind, fix = "a generator", "Return a list (list(...)), or memoize the function consuming it"
     if type(value) is CoroutineType:
         kind, fix = (
             "a coroutine",
             "Memoize the async def itself, or make the function around it async",
         )
-    else:
-        kind, fix = "a generator", "Return a list (list(...)), or memoize the function consuming it"
-    if type(value) is not AsyncGeneratorType:  # (aclose() would need awaiting)
+    elif type(value) in _ITERATORS:
+        kind = f"a one-shot iterator ({type(value).__name__})"
+    if type(value) in (CoroutineType, GeneratorType):  # (an async generator's needs awaiting)
         value.close()
     raise TypeError(
         f"{getattr(fn, '__qualname__', fn)!r} returned {kind}, which would be cached "
@@ -227,15 +232,8 @@ def is_method(fn: Callable[..., Any]) -> bool:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return False
-    return (
-        bool(params)
-        and params[0].name in ("self", "cls", "mcs")
-        and params[0].kind
-        in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        )
-    )
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return bool(params) and params[0].name in _SELF and params[0].kind in positional
 
 
 def check_instance(name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:

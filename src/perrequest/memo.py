@@ -23,7 +23,7 @@ from ._stats import Counter, function_name
 from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import NoActiveScope, ScopeClosed
-from .scope import no_scope_hint
+from .scope import REGISTERED_HINT, no_scope_hint
 from .store import MemoKey, MemoStore
 
 if TYPE_CHECKING:  # never imported at run time: the core does not import redis
@@ -304,11 +304,11 @@ def _on_property(prop: property) -> TypeError:
 
 
 OUTSIDE_FIX = (
-    "Register RequestScopeMiddleware (Flask: PerRequest(app); Django: "
-    "perrequest.django.RequestScopeMiddleware; Celery: "
-    "perrequest.celery.install(app)), wrap other worker code in `with "
-    "perrequest.request_scope():`, or hand the scope to a thread with "
-    "perrequest.bind_scope(fn)."
+    "Register perrequest's middleware (ASGI: perrequest.asgi.RequestScopeMiddleware; "
+    "WSGI: perrequest.wsgi.RequestScopeMiddleware; Flask: perrequest.flask.PerRequest(app); "
+    "Django: perrequest.django.RequestScopeMiddleware; Celery: "
+    "perrequest.celery.install(app)), or wrap worker code in `with "
+    f"perrequest.request_scope():`. {REGISTERED_HINT}"
 )
 
 

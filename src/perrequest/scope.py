@@ -48,11 +48,16 @@ OPEN_SCOPE_HINT = (
     "Add perrequest's RequestScopeMiddleware to the app, or wrap the code in "
     "`with perrequest.request_scope():` (workers, scripts, tests)."
 )
-NO_SCOPE_HINT = (
-    f"{OPEN_SCOPE_HINT} If the middleware is there, this code runs in a thread that "
-    "does not copy the context (loop.run_in_executor, threading.Thread, "
-    "executor.submit): hand it the scope with perrequest.bind_scope(fn)."
+# Where code runs outside a scope although the app has the middleware.
+REGISTERED_HINT = (
+    "If the middleware is there, this code runs outside the requests it serves: in a "
+    "thread that does not copy the context (loop.run_in_executor, threading.Thread, "
+    "executor.submit, Flask's copy_current_request_context: hand it the scope with "
+    "perrequest.bind_scope(fn)), or in code the middleware does not wrap (a middleware "
+    "outside it, Starlette's 500 handler, Flask's test_request_context(), start-up code: "
+    "open `with perrequest.request_scope():` there)."
 )
+NO_SCOPE_HINT = f"{OPEN_SCOPE_HINT} {REGISTERED_HINT}"
 
 # The ASGI scope type that the middleware let through without a store (a "websocket"
 # left out of its scope_types, the "lifespan"), so that errors there name the fix

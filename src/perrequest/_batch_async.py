@@ -64,8 +64,22 @@ async def _value(value: Any) -> Any:
     return value
 
 
-async def outside_one(spec: _BatchSpec, key: Any) -> Any:
+def outside_one(spec: _BatchSpec, key: Any) -> Any:
+    """``load(key)`` outside any scope: a future where an asyncio loop runs, as in a scope
+    (``asyncio.create_task`` refuses it in a unit test as in production); else a coroutine."""
+    return _future(_one(spec, key))
+
+
+async def _one(spec: _BatchSpec, key: Any) -> Any:
     return (await load_many(spec, [key]))[0]
+
+
+def _future(coroutine: Any) -> Any:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio: no asyncio loop to run a task
+        return coroutine
+    return asyncio.ensure_future(coroutine)
 
 
 def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
@@ -73,7 +87,7 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
     keys, cks = spec.keys_of(keys)
     store = here()
     if store is None or store._closed:
-        return unbatched(spec, keys, cks, outside=True)
+        return _future(unbatched(spec, keys, cks, outside=True))
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no asyncio loop running: trio
@@ -83,7 +97,7 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
     state = state_of(spec, store, loop) if missing else None  # none made for hits alone
     counter = spec.counter_in(store) if state is None else state.counter
     if counter is None:  # the scope has ended meanwhile
-        return unbatched(spec, keys, cks, outside=True)
+        return _future(unbatched(spec, keys, cks, outside=True))
     many = _Many(loop.create_future(), values, len(missing))
     for i in missing:
         state.join(keys[i], cks[i], (many, i))  # type: ignore[union-attr]

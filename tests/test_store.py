@@ -152,6 +152,43 @@ def test_get_or_set_names_a_factory_that_takes_arguments_and_keeps_its_own_type_
         assert "user:1" not in current_store() and "user:2" not in current_store()
 
 
+def test_keys_whose_hash_changes_after_they_are_stored_are_evicted_all_the_same() -> None:
+    """A model hashed by its primary key, the key changed after its entry was stored
+    (Django's copy idiom: pk = None, save()). Before: eviction popped by the new hash,
+    missed, and the entry stayed in its function's dict outside the bound: 10,000
+    messages of a long scope bounded to 100 kept 10,000 entries."""
+
+    class Model:
+        def __init__(self, pk: int) -> None:
+            self.pk = pk
+
+        def __hash__(self) -> int:
+            return hash(self.pk)
+
+        def __eq__(self, other: object) -> bool:
+            return type(other) is Model and other.pk == self.pk
+
+    @request_memo
+    def permissions(model: Model) -> list[str]:
+        return ["read"]
+
+    @request_memo(max_entries=10)  # a bound of its own: an OrderedDict
+    def owner(model: Model) -> str:
+        return "me"
+
+    with request_scope(max_entries=100) as store:
+        for i in range(2_000):
+            model = Model(i)
+            permissions(model), owner(model)
+            perrequest.set(("seen", model), True)
+            model.pk = -1 - i  # saved as a copy
+        held = sum(len(sub) for sub in store._subs.values())  # type: ignore[union-attr]
+        assert len(store) == 100 and held == 100, held
+        assert store.stats.evictions == 3 * 2_000 - 100
+        entries = [e for sub in store._subs.values() for e in dict.values(sub)]  # type: ignore[union-attr]
+        assert sorted(e[2] for e in entries) == sorted(store._order)  # one index, both ways
+
+
 def test_get_or_set_does_not_cache_exceptions() -> None:
     store = MemoStore()
     with pytest.raises(ZeroDivisionError):

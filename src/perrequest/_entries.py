@@ -215,8 +215,8 @@ class Entries:
 
     def _drop(self, last: bool) -> tuple[object, Hashable, Any, Counter] | None:
         """Remove the most (``last``) or least recently used entry (None: gone meanwhile)."""
-        _, (owner, key) = self._order.popitem(last=last)
-        entry = self._take(owner, key)
+        entry_id, (owner, key) = self._order.popitem(last=last)
+        entry = self._take(owner, key, entry_id)
         return None if entry is None else (owner, key, entry[0], entry[1])
 
     def _remove(self, owner: object, key: Hashable) -> Any:
@@ -228,19 +228,44 @@ class Entries:
         self._order.pop(entry[2], None)
         return entry[0]
 
-    def _take(self, owner: object, key: Hashable) -> tuple[Any, ...] | None:
-        """Pop an entry, and its function's dict with its last entry."""
+    def _take(self, owner: object, key: Hashable, entry_id: int = 0) -> tuple[Any, ...] | None:
+        """Pop an entry (``entry_id``'s), and its function's dict with its last entry."""
         subs = self._subs
         sub = None if subs is None else subs.get(owner)
         if sub is None:
             return None
         mark = self._next_id = self._next_id + 1
         entry = sub.pop(key, None)  # the key's __eq__: user code, which may write here
+        if entry_id and (entry is None or entry[2] != entry_id):
+            entry = self._refile(sub, key, entry, entry_id)
         if not sub and owner is not HELPERS and subs.get(owner) is sub:  # type: ignore[union-attr]
             del subs[owner]  # type: ignore[union-attr]
         if self._next_id != mark:
             self._resync()
         return entry
+
+    def _refile(self, sub: dict[Hashable, Any], key: Hashable, popped: Any, entry_id: int) -> Any:
+        """``entry_id``'s entry, taken out of ``sub`` by identity where a pop missed it (or
+        found another's, put back): its key's hash changed since it was stored (a model's
+        primary key assigned). The others are filed again under their hashes now; one that
+        cannot be (now equal to another's key, or its hash raises) goes too."""
+        if popped is not None:
+            sub[key] = popped
+        entries, found = list(dict.items(sub)), None
+        sub.clear()
+        for filed, entry in entries:
+            if entry[2] == entry_id:
+                found = entry
+                continue
+            try:
+                if sub.setdefault(filed, entry) is entry:
+                    continue
+            except Exception:  # its __hash__ or __eq__ raises now
+                pass
+            self._order.pop(entry[2], None)
+            entry[1].evictions += 1
+            self._evictions += 1
+        return found
 
     def _evict(self) -> None:
         """Drop the least recently used entries beyond the bound. Lock held."""

@@ -230,8 +230,13 @@ def test_init_app_refuses_options_and_says_where_they_go() -> None:
 
 
 def test_init_app_refuses_what_is_not_a_flask_app() -> None:
-    with pytest.raises(TypeError, match="RequestScopeMiddleware"):
+    with pytest.raises(TypeError, match=r"perrequest\.wsgi\.RequestScopeMiddleware"):
         PerRequest().init_app(flask_apps.raw_app)  # type: ignore[arg-type]
+    from starlette.applications import Starlette
+
+    # Before: "for another WSGI app use perrequest.wsgi..." for an ASGI app.
+    with pytest.raises(TypeError, match=r"ASGI app .* perrequest\.asgi\.RequestScope"):
+        PerRequest(Starlette())  # type: ignore[arg-type]
 
 
 def test_mounted_apps_get_a_store_when_the_dispatcher_itself_is_wrapped() -> None:

@@ -12,7 +12,13 @@ from typing import Never
 from flask import Flask
 
 from ._active import OnClose
-from ._checks import KEYWORD_ONLY, check_max_entries, check_on_close, explains_options
+from ._checks import (
+    KEYWORD_ONLY,
+    check_max_entries,
+    check_on_close,
+    explains_options,
+    is_async_callable,
+)
 from .store import DEFAULT_MAX_ENTRIES
 from .wsgi import RequestScopeMiddleware
 
@@ -88,7 +94,12 @@ class PerRequest:
         if not isinstance(app, Flask):
             raise TypeError(
                 f"PerRequest.init_app() takes a Flask app, not {type(app).__name__} {app!r}; "
-                "for another WSGI app use perrequest.wsgi.RequestScopeMiddleware"
+                + (
+                    "for an ASGI app (FastAPI, Starlette) use perrequest.asgi."
+                    "RequestScopeMiddleware: app.add_middleware(RequestScopeMiddleware)"
+                    if is_async_callable(app)
+                    else "for another WSGI app use perrequest.wsgi.RequestScopeMiddleware"
+                )
             )
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(

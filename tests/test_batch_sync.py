@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextvars
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -426,3 +428,50 @@ def test_a_batch_function_whose_bind_scope_workers_load_its_keys_does_not_deadlo
         assert out == [[3, 2, 1]]  # before: a TimeoutError in the batch function
         assert tree.cache_info().misses >= 3
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_a_thread_waiting_for_a_fetch_that_dies_at_the_recursion_limit_is_freed() -> None:
+    """As a memo's waiter (tests/test_memo_threads.py): ending a fetch takes a few frames,
+    which a fetch that ends in a ``RecursionError`` at the limit may not have. Before: its
+    waiter called ``future.result()`` without a timeout and waited for ever."""
+    bottom: list[int] = []
+    ready = threading.Lock()
+    ready.acquire()
+
+    @request_batch
+    def deep(keys: list[int]) -> list[int]:
+        (n,) = keys
+        try:
+            return [deep.load(n + 1) + 1]
+        except RecursionError:
+            if not bottom:  # the deepest key registered: a thread asks for it, and waits
+                bottom.append(n)
+                ready.release()
+                time.sleep(0.3)
+            raise
+
+    results: list[object] = []
+
+    def wait_for_the_deepest_key() -> None:
+        ready.acquire()
+        try:
+            results.append(deep.load(bottom[0]))
+        except RecursionError as exc:  # fetched again in this thread: as deep, as bad
+            results.append(exc)
+
+    limit = sys.getrecursionlimit()
+    for extra in range(40, 80, 3):  # where the limit strikes in the fetch's end varies
+        bottom.clear()
+        results.clear()
+        with request_scope():
+            waiter = threading.Thread(target=bind_scope(wait_for_the_deepest_key), daemon=True)
+            waiter.start()
+            sys.setrecursionlimit(len(traceback.extract_stack()) + extra)
+            try:
+                with pytest.raises(RecursionError):
+                    deep.load(0)
+            finally:
+                sys.setrecursionlimit(limit)
+            waiter.join(10)
+        assert not waiter.is_alive(), f"the waiter still waits for a fetch that ended ({extra})"
+        assert len(results) == 1 and isinstance(results[0], RecursionError), results

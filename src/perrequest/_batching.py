@@ -14,7 +14,7 @@ from ._active import here
 from ._checks import is_async_callable, refuse_coroutine
 from ._flight import MISSING
 from ._stats import Counter, function_name
-from ._waits import done_waiting, gone, may_wait, take_out
+from ._waits import RESTART, done_waiting, gone, may_wait, result, take_out
 from ._waits import within as _within
 from .errors import ScopeClosed, UnhashableArguments
 from .memo import OUTSIDE_FIX, refuse_or_warn
@@ -241,7 +241,7 @@ class _BatchSpec:
         me = _Fetch(threading.get_ident())  # as in _flight.run
         flights = store._flights
         mine: dict[Hashable, Any] = {}
-        theirs: list[tuple[Hashable, int, Future[dict[Hashable, Any]]]] = []
+        theirs: list[tuple[Hashable, _Fetch, Future[dict[Hashable, Any]]]] = []
         outcomes: dict[Hashable, Any] = {}
         within = _within.get()
         token = _within.set((*within, me))
@@ -265,25 +265,26 @@ class _BatchSpec:
                     else:
                         if other.future is None:  # the first to wait makes it
                             other.future = Future()
-                        theirs.append((ck, other.owner, other.future))
+                        theirs.append((ck, other, other.future))
                         counter.hits += 1
             if mine:
                 self.fetch(counter, mine, outcomes)
         finally:  # interrupted, or a key's __eq__ raised: its waiters ask again
-            _within.reset(token)
             if mine or me.keys:  # (a key registered, then its hash raised)
                 self._end(store, counter, me, outcomes)
+            _within.reset(token)
         got.update(outcomes)
         again = {}
-        for ck, owner, future in theirs:
-            if not future.done() and not may_wait(me.owner, owner):  # it waits for us
+        for ck, other, future in theirs:
+            if not future.done() and not may_wait(me.owner, other.owner):  # it waits for us
                 alone.add(ck)
                 again[ck] = wanted[ck]
                 continue
-            try:
-                value = future.result().get(ck, MISSING)
+            try:  # looked at every second: a fetch may end without a word (as a memo's)
+                outcome = result(future, flights, (self, ck), other)
             finally:
                 done_waiting(me.owner)
+            value = MISSING if outcome is RESTART else outcome.get(ck, MISSING)
             if value is MISSING:
                 again[ck] = wanted[ck]
             else:

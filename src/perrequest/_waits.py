@@ -138,15 +138,15 @@ RESTART: Any = object()
 
 def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any) -> Any:
     """``future``'s result, looked at every second: RESTART once it is seen twice
-    unresolved with its ``record`` gone from ``flights``. Its computation ended without
-    resolving it: waking the waiters takes a few frames, and a computation that ends
-    in a ``RecursionError`` at the limit may have none left."""
+    unresolved with its ``record`` gone from ``flights`` (or, a batch's fetch, ended).
+    Its computation ended without resolving it: waking the waiters takes a few frames,
+    and a computation that ends in a ``RecursionError`` at the limit may have none left."""
     seen_gone = False
     while True:
         try:
             return future.result(timeout=1.0)
         except TimeoutError:
-            ended = flights.get(key) is not record
+            ended = flights.get(key) is not record or getattr(record, "ended", False)
             if ended and seen_gone:
                 return RESTART
             seen_gone = ended

@@ -210,6 +210,65 @@ def test_a_mapping_is_read_by_one_kind_of_key_when_a_load_key_is_another_keys_ca
             ambiguous.load_many([1, 2])
 
 
+def test_a_mapping_that_makes_its_values_on_access_is_read_by_either_kind_of_key() -> None:
+    """key=str.lower on keys already lower-case: load key and cache key are equal, so the
+    two lookups' values (each made anew) are not a mix of kinds."""
+    from collections.abc import Iterator, Mapping
+
+    class Rows(Mapping[str, dict[str, str]]):
+        def __init__(self, names: list[str]) -> None:
+            self.names = names
+
+        def __getitem__(self, name: str) -> dict[str, str]:
+            if name not in self.names:
+                raise KeyError(name)
+            return {"name": name}  # decoded on each access
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self.names)
+
+        def __len__(self) -> int:
+            return len(self.names)
+
+    @request_batch(key=str.lower)
+    def users(names: list[str]) -> Rows:
+        return Rows(names)
+
+    with request_scope():
+        assert users.load_many(["alice", "bob"]) == [{"name": "alice"}, {"name": "bob"}]
+
+
+def test_a_fetch_whose_end_raises_leaves_nothing_in_the_threads_context() -> None:
+    """A key whose hash raises once its batch function ran (a model being saved)."""
+    from perrequest._waits import within
+
+    broken = threading.local()
+
+    class Key:
+        def __init__(self, v: int) -> None:
+            self.v = v
+
+        def __hash__(self) -> int:
+            if getattr(broken, "on", False):
+                raise RuntimeError("hash of a model being saved")
+            return hash(self.v)
+
+        def __eq__(self, other: object) -> bool:
+            return type(other) is Key and other.v == self.v
+
+    @request_batch
+    def load(keys: list[Key]) -> list[int]:
+        broken.on = True
+        return [k.v for k in keys]
+
+    with request_scope():
+        for i in range(3):
+            with pytest.raises(RuntimeError):
+                load.load(Key(i))
+            broken.on = False
+        assert within.get() == ()  # a fetch left here would be carried by bind_scope
+
+
 async def test_a_hit_whose_entry_another_thread_evicts_meanwhile_is_a_miss() -> None:
     """The state another thread's eviction leaves between the hit's two lookups (the
     entry found, its recency gone). Before: a bare KeyError from load()."""

@@ -67,11 +67,12 @@ def test_waiting_threads_get_the_exception() -> None:
         assert len(calls) == 1 and load.cache_info().currsize == 0
 
 
-async def test_waiters_raise_the_error_from_where_it_failed_not_from_every_other_waiter() -> None:
-    """One error object for all (as asyncio futures hand out), its traceback reset before
-    each waiter raises it. Before: each raise added the waiter's frames, 30 waiters 90
-    more entries, every waiter's frames kept while the error was."""
-    waiters = 30
+async def test_waiters_raise_the_computations_own_error_and_leave_its_frames_alone() -> None:
+    """One error object for all (as concurrent.futures hands out), raised as it is: its
+    traceback keeps the computation's frames, the waiters' added in front. (Resetting it
+    for each waiter, as an asyncio future does, was tried and dropped: a thread still
+    unwinding from the computation lost its own outer frames.)"""
+    waiters = 5
     errors: list[BaseException] = []
 
     @request_memo
@@ -89,9 +90,8 @@ async def test_waiters_raise_the_error_from_where_it_failed_not_from_every_other
     async with request_scope():
         await asyncio.wait_for(asyncio.gather(*(call() for _ in range(waiters + 1))), 10)
     assert len(errors) == waiters + 1 and len({id(e) for e in errors}) == 1
-    entries = traceback.extract_tb(errors[0].__traceback__)
-    assert len(entries) < 12, len(entries)  # one waiter's frames and the computation's
-    assert entries[-1].name == "load"
+    names = [entry.name for entry in traceback.extract_tb(errors[0].__traceback__)]
+    assert names[-1] == "load" and names.count("call") == waiters + 1, names
 
 
 def test_two_threads_computing_each_others_keys_do_not_deadlock() -> None:

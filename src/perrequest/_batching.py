@@ -24,6 +24,13 @@ UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
 now = time.perf_counter
 
 
+def _same(key: Any, cache_key: Any) -> bool:
+    try:
+        return key is cache_key or bool(key == cache_key)
+    except Exception:  # a load key that cannot be compared: not the same
+        return False
+
+
 def _get(result: Mapping[Any, Any], key: Any) -> Any:
     try:
         return result.get(key, MISSING)
@@ -38,19 +45,12 @@ class _BatchSpec:
     load: Callable[[Any], Any]  # an async loader's, which a miss calls again
 
     def __init__(
-        self,
-        fn: Callable[..., Any],
-        max_batch_size: int | None,
-        key_fn: Callable[[Any], Hashable] | None,
-        max_entries: int | None,
-        outside_scope: str,
-    ) -> None:
-        self.fn = fn
-        self.is_async = is_async_callable(fn)
-        self.max_batch_size = max_batch_size
-        self.key_fn = key_fn
+        self, fn: Callable[..., Any], max_batch_size: int | None, key_fn: Any,
+        max_entries: int | None, outside_scope: str,
+    ) -> None:  # fmt: skip
+        self.fn, self.is_async, self.key_fn = fn, is_async_callable(fn), key_fn
+        self.max_batch_size, self.outside_scope = max_batch_size, outside_scope
         self.max_entries = max_entries  # read by the store: this loader's own bound
-        self.outside_scope = outside_scope
         self.name = function_name(fn)  # never the repr: a partial's shows its arguments
 
     def __repr__(self) -> str:
@@ -94,20 +94,7 @@ class _BatchSpec:
         """One value per key (an ``Exception`` where it failed) from what the batch
         function returned; ``TypeError`` when its shape is wrong."""
         if isinstance(result, Mapping):
-            by_load = [_get(result, key) for key in keys]
-            if self.key_fn is not None:
-                by_cache = [_get(result, key) for key in cache_keys]
-                if any(a is not b for a, b in zip(by_load, by_cache, strict=True)):  # no __eq__
-                    by_load = self._keyed(by_load, by_cache)
-            return [
-                KeyError(
-                    f"@request_batch {self.name} returned a mapping without key {key!r}. "
-                    "Map every key it is given (to None, if that means absent)."
-                )
-                if value is MISSING
-                else value
-                for key, value in zip(keys, by_load, strict=True)
-            ]
+            return self._from_mapping(keys, cache_keys, result)
         if type(result) is not list:
             if isinstance(result, (str, bytes, Set)) or not isinstance(result, Iterable):
                 raise TypeError(
@@ -124,17 +111,30 @@ class _BatchSpec:
             )
         return result  # type: ignore[no-any-return]
 
-    def _keyed(self, by_load: list[Any], by_cache: list[Any]) -> list[Any]:
+    def _from_mapping(self, keys: list[Any], cks: list[Hashable], result: Any) -> list[Any]:
         """With ``key=``, a mapping keyed by load keys or by cache keys: whichever finds
         more of the batch's keys, never a mix (a load key may be another key's cache key)."""
-        found = [sum(value is not MISSING for value in kind) for kind in (by_load, by_cache)]
-        if found[0] == found[1]:
-            raise TypeError(
-                f"@request_batch {self.name} returned a mapping that finds as many of its "
-                f"keys by their load keys as by their cache keys (key=), with other values: "
-                "key the mapping by one kind only, or return a sequence in the keys' order."
-            )
-        return by_load if found[0] > found[1] else by_cache
+        values = [_get(result, key) for key in keys]
+        if self.key_fn is not None:  # (a key read twice may give two equal values)
+            pairs = zip(keys, cks, values, strict=True)
+            other = [v if _same(k, c) else _get(result, c) for k, c, v in pairs]
+            found = [sum(value is not MISSING for value in kind) for kind in (values, other)]
+            differ = any(a is not b for a, b in zip(values, other, strict=True))
+            if differ and found[0] <= found[1]:
+                if found[0] == found[1]:
+                    raise TypeError(
+                        f"@request_batch {self.name} returned a mapping that finds as many of "
+                        "its keys by their load keys as by their cache keys (key=), with other "
+                        "values: key it by one kind only, or return a sequence in key order."
+                    )
+                values = other
+        missing = "Map every key it is given (to None, if that means absent)."
+        return [
+            KeyError(f"@request_batch {self.name} returned a mapping without key {k!r}. {missing}")
+            if v is MISSING
+            else v
+            for k, v in zip(keys, values, strict=True)
+        ]
 
     def chunks(self, items: list[Any]) -> list[list[Any]]:
         size = self.max_batch_size
@@ -270,9 +270,11 @@ class _BatchSpec:
             if mine:
                 self.fetch(counter, mine, outcomes)
         finally:  # interrupted, or a key's __eq__ raised: its waiters ask again
-            if mine or me.keys:  # (a key registered, then its hash raised)
-                self._end(store, counter, me, outcomes)
-            _within.reset(token)
+            try:
+                if mine or me.keys:  # (a key registered, then its hash raised)
+                    self._end(store, counter, me, outcomes)
+            finally:
+                _within.reset(token)
         got.update(outcomes)
         again = {}
         for ck, other, future in theirs:
@@ -291,13 +293,10 @@ class _BatchSpec:
                 got[ck] = value
         return again
 
-    def _end(
-        self, store: MemoStore, counter: Counter, me: _Fetch, out: dict[Hashable, Any]
-    ) -> None:
+    def _end(self, store: MemoStore, counter: Counter, me: _Fetch, out: dict[Any, Any]) -> None:
         """Store, unregister, hand the outcomes to the waiters; a key's ``__eq__`` raising
         meanwhile strands nobody (the fetch has ended regardless)."""
-        with store._lock:
-            me.ended = True  # no waiter comes now, even if a key stays registered
+        with store._lock:  # held throughout: no waiter joins meanwhile
             left = len(me.keys)
             try:
                 self.keep(store, counter, out)
@@ -307,11 +306,11 @@ class _BatchSpec:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.
                 if left and any(record is me for record in list(store._flights.values())):
                     take_out(store._flights, lambda _, record: record is me)
+                me.ended = True  # none joins it now, even if a key stays registered
                 if me.future is not None:
                     me.future.set_result(out)
-                # Its waiters hold the future; a function bound in its batch function
-                # holds the fetch (``within``), maybe past the request: not its values.
-                me.future, me.keys = None, []
+                # Its waiters hold the future; a function bound in its batch function holds
+                me.future, me.keys = None, []  # the fetch (maybe past the request): no values
 
 
 class _Fetch:

@@ -35,25 +35,10 @@ class Entries:
     # What the hit path reads is in slots, set in __init__: CPython
     # 3.12+ does not specialise reading an attribute that a class attribute shadows.
     __slots__ = (
-        "__weakref__",
-        "_bound",
-        "_closed",
-        "_closed_at",
-        "_counters",
-        "_evictions",
-        "_final",
-        "_flights",
-        "_helpers",
-        "_lock",
-        "_max_entries",
-        "_next_id",
-        "_on_close",
-        "_opened_at",
-        "_order",
-        "_peak",
-        "_subs",
-        "_token",
-    )
+        "__weakref__", "_bound", "_closed", "_closed_at", "_counters", "_evictions", "_final",
+        "_flights", "_helpers", "_lock", "_max_entries", "_next_id", "_on_close", "_opened_at",
+        "_order", "_peak", "_subs", "_token",
+    )  # fmt: skip
     _closed_at: float  # set by _shut
     _final: ScopeStats | tuple[Any, ...]  # the numbers, until somebody asks
 
@@ -237,35 +222,46 @@ class Entries:
         mark = self._next_id = self._next_id + 1
         entry = sub.pop(key, None)  # the key's __eq__: user code, which may write here
         if entry_id and (entry is None or entry[2] != entry_id):
-            entry = self._refile(sub, key, entry, entry_id)
+            entry, sub = self._refile(owner, sub, key, entry, entry_id)
         if not sub and owner is not HELPERS and subs.get(owner) is sub:  # type: ignore[union-attr]
             del subs[owner]  # type: ignore[union-attr]
         if self._next_id != mark:
             self._resync()
         return entry
 
-    def _refile(self, sub: dict[Hashable, Any], key: Hashable, popped: Any, entry_id: int) -> Any:
-        """``entry_id``'s entry, taken out of ``sub`` by identity where a pop missed it (or
-        found another's, put back): its key's hash changed since it was stored (a model's
-        primary key assigned). The others are filed again under their hashes now; one that
-        cannot be (now equal to another's key, or its hash raises) goes too."""
+    def _refile(
+        self, owner: object, sub: dict[Hashable, Any], key: Hashable, popped: Any, entry_id: int
+    ) -> tuple[Any, dict[Hashable, Any]]:
+        """``entry_id``'s entry, taken by identity where a pop missed it (or found another's,
+        put back): its key's hash changed since it was stored (a model's primary key
+        assigned). So may others' have: an entry its own key no longer finds goes too, as
+        a dict would never find it again. The rest make a new dict, in the same order,
+        swapped in at once: a hit in another thread finds the old dict or the new one."""
         if popped is not None:
             sub[key] = popped
-        entries, found = list(dict.items(sub)), None
-        sub.clear()
-        for filed, entry in entries:
+        # In the store's recency order (an OrderedDict's own iteration would look its keys
+        # up), with any entry missing from it last.
+        by_id = {entry[2]: (filed, entry) for filed, entry in dict.items(sub)}
+        order = [by_id.pop(i) for i in list(self._order) if i in by_id] + list(by_id.values())
+        new: dict[Hashable, Any] = {} if type(sub) is dict else OrderedDict()
+        found = None
+        for filed, entry in order:
             if entry[2] == entry_id:
                 found = entry
                 continue
             try:
-                if sub.setdefault(filed, entry) is entry:
+                if dict.get(sub, filed) is entry:
+                    new[filed] = entry
                     continue
             except Exception:  # its __hash__ or __eq__ raises now
                 pass
             self._order.pop(entry[2], None)
             entry[1].evictions += 1
             self._evictions += 1
-        return found
+        subs = self._subs
+        if subs is not None and subs.get(owner) is sub:
+            subs[owner] = new
+        return found, new
 
     def _evict(self) -> None:
         """Drop the least recently used entries beyond the bound. Lock held."""

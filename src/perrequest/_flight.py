@@ -53,9 +53,9 @@ def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
         with cache._lock:
             counter.hits -= 1  # it computes after all
         return MISSING
-    if result[0]:
-        return result[1]
-    value = result[1].with_traceback(result[2])  # as an asyncio future: no waiter's frames
+    ok, value = result
+    if ok:
+        return value
     try:
         raise value  # a shared tier hands its errors over as values (_shared_errors)
     finally:
@@ -80,8 +80,7 @@ def failed(
             _put_back(cache, key, record)  # invalidated: its waiters restarted then
             return
     if type(record) is Waited:
-        outcome = (False, exc, exc.__traceback__) if isinstance(exc, Exception) else RESTART
-        record.future.set_result(outcome)
+        record.future.set_result((False, exc) if isinstance(exc, Exception) else RESTART)
 
 
 _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
@@ -141,8 +140,7 @@ def abandon(
             forget(cache, me)
     elif type(record) is Waited and record.owner is me:
         if not record.future.done():
-            failure = (False, exc, exc.__traceback__) if isinstance(exc, Exception) else None
-            record.future.set_result(failure or (True, value))
+            record.future.set_result((False, exc) if isinstance(exc, Exception) else (True, value))
     elif record is not me:
         _put_back(cache, key, record)
 

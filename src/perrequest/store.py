@@ -249,7 +249,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
 
 def _binds_no_arguments(factory: Callable[..., Any]) -> bool:
     try:
-        inspect.signature(factory).bind()
+        inspect.signature(factory, follow_wrapped=False).bind()  # as it is called
     except TypeError:
         return False
     except ValueError:  # no signature to read: the error may be anything's

@@ -33,6 +33,7 @@ import perrequest
 import perrequest.asgi
 import perrequest.wsgi
 from perrequest import request_memo
+from perrequest._active import _current
 from perrequest.testing import live_scopes
 
 CHUNKS = 3
@@ -249,4 +250,17 @@ def wsgi_isolation(environ: dict[str, Any], start_response: StartResponse) -> It
     return _Body(rid)
 
 
-wsgi_app = perrequest.wsgi.RequestScopeMiddleware(wsgi_isolation)
+def _thread_checked(app: Any) -> Any:
+    """Outside perrequest's middleware: what a pooled thread has active as a request
+    starts. Nothing, ever: a store an earlier request left there shows here, where no
+    middleware has set this request's yet ("fresh", inside, could not see it)."""
+
+    def checked(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") not in ("/tally", "/live"):
+            TALLY.check("thread", None, _current.get())
+        return app(environ, start_response)  # type: ignore[no-any-return]
+
+    return checked
+
+
+wsgi_app = _thread_checked(perrequest.wsgi.RequestScopeMiddleware(wsgi_isolation))

@@ -586,3 +586,4 @@ def test_gunicorn_gthread_survives_every_fault_with_nothing_left_open() -> None:
     assert live == 1  # only the /live request's own scope
     assert tally["mismatches"] == 0, tally["examples"]
     assert tally["where"]["fresh"] == 40
+    assert tally["where"]["thread"] == 30 + 5 + 5 + 40  # every request, outside the middleware

@@ -48,6 +48,7 @@ ASGI_SYNC_CHECKS = {
     "background_sync.memo": 1,
 }
 WSGI_CHECKS = {
+    "thread": 1,
     "fresh": 1,
     "handler": 1,
     "handler.memo": 1,

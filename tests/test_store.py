@@ -181,7 +181,9 @@ def test_keys_whose_hash_changes_after_they_are_stored_are_evicted_all_the_same(
             return hash(self.pk)
 
         def __eq__(self, other: object) -> bool:
-            return type(other) is Model and other.pk == self.pk
+            if type(other) is not Model:
+                return NotImplemented  # as Django's, dataclasses', attrs'
+            return other.pk == self.pk
 
     @request_memo
     def permissions(model: Model) -> list[str]:
@@ -233,6 +235,55 @@ def test_keys_whose_hash_changes_after_they_are_stored_are_evicted_all_the_same(
         computed.clear()
         bounded(a), bounded(b)
         assert computed == [11]
+
+
+def test_keys_changed_as_django_models_change_never_break_eviction_or_cache_clear() -> None:
+    """Django's model hash: by pk, and a TypeError while pk is None (a copy being saved).
+    Before a review: an unrelated call raised that TypeError as it evicted such a key; a
+    key whose new hash probed its old slot kept serving its old value; a bounded
+    function's cache_clear() raised KeyError, or never returned."""
+
+    class Model:
+        def __init__(self, pk: int | None) -> None:
+            self.pk = pk
+
+        def __hash__(self) -> int:
+            if self.pk is None:
+                raise TypeError("Model instances without primary key value are unhashable")
+            return hash(self.pk)
+
+        def __eq__(self, other: object) -> bool:
+            if not isinstance(other, Model):
+                return NotImplemented
+            return self is other if self.pk is None else self.pk == other.pk
+
+    @request_memo
+    def f(model: Model) -> int:
+        return model.pk or 0
+
+    @request_memo(max_entries=8)
+    def g(model: Model) -> int:
+        return model.pk or 0
+
+    with request_scope(max_entries=3) as store:
+        a = Model(1)
+        f(a), f(Model(2)), f(Model(3))
+        a.pk = None  # being saved as a copy
+        assert f(Model(4)) == 4  # evicts a's entry: by identity, no TypeError
+        assert len(store) == 3
+    with request_scope(max_entries=3):
+        a, b = Model(1), Model(2)
+        f(a), f(b), f(Model(3))
+        b.pk, a.pk = 10, 100  # 10 probes 2's slot first in a small dict
+        f(Model(4))  # evicts a's entry; b's, which its key no longer finds, goes too
+        assert f(Model(10)) == 10
+    with request_scope() as store:
+        keys = [Model(i) for i in range(3)]
+        for key in keys:
+            g(key)
+        keys[0].pk, keys[2].pk = 30, 1  # one changed, one now equal to another's
+        g.cache_clear()
+        assert g.cache_info().currsize == 0 and len(store) == 0
 
 
 def test_get_or_set_does_not_cache_exceptions() -> None:

@@ -20,6 +20,7 @@ from typing import Any, Final
 from ._checks import check_max_entries, unknown_option
 from ._flight import MISSING
 from ._stats import Counter, ScopeStats, observed, stats_of
+from ._waits import Probe
 from .errors import ScopeClosed
 
 # The owner of helper entries; memo entries are owned by their function's spec.
@@ -220,7 +221,12 @@ class Entries:
         if sub is None:
             return None
         mark = self._next_id = self._next_id + 1
-        entry = sub.pop(key, None)  # the key's __eq__: user code, which may write here
+        try:
+            entry = sub.pop(key, None)  # the key's __eq__: user code, which may write here
+        except Exception:
+            if not entry_id:  # a delete by the caller's key: its error, as a dict's
+                raise
+            entry = None  # an eviction: the key's hash raises now; taken by identity
         if entry_id and (entry is None or entry[2] != entry_id):
             entry, sub = self._refile(owner, sub, key, entry, entry_id)
         if not sub and owner is not HELPERS and subs.get(owner) is sub:  # type: ignore[union-attr]
@@ -249,8 +255,8 @@ class Entries:
             if entry[2] == entry_id:
                 found = entry
                 continue
-            try:
-                if dict.get(sub, filed) is entry:
+            try:  # by the key's hash now: a dict finds a key by identity whatever its hash
+                if dict.get(sub, Probe(filed)) is entry:
                     new[filed] = entry
                     continue
             except Exception:  # its __hash__ or __eq__ raises now

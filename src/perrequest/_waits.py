@@ -131,6 +131,23 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
     return taken
 
 
+class Probe:
+    """``key`` looked up by its hash now and by identity: a dict holding it finds it only
+    if it is filed under that hash (a plain lookup matches a key by identity first,
+    whatever its hash; a store's eviction, ``_entries._refile``)."""
+
+    __slots__ = ("hash", "key")
+
+    def __init__(self, key: Hashable) -> None:
+        self.key, self.hash = key, hash(key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return other is self.key
+
+
 # What a waiter gets when it should look again (and compute the key itself if need be): the
 # computing caller was interrupted, or ended without resolving the future.
 RESTART: Any = object()

@@ -165,12 +165,21 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
                 self._remove_owner(owner)
 
     def _remove_owner(self, owner: object) -> None:  # fn.cache_clear()
+        """Every entry of ``owner``, by identity: no key is hashed (one whose hash changed
+        since it was stored goes too; a bounded function's own iteration would hash)."""
         if self._subs is None:
             return
         with self._writable("cache_clear()"):
             self._invalidate(owner)
-            for key in list(self._subs.get(owner) or ()):
-                self._remove(owner, key)
+            sub = (self._subs or {}).get(owner)
+            if not sub:
+                return
+            self._peak = max(self._peak, len(self._order))
+            for entry in list(dict.values(sub)):
+                self._order.pop(entry[2], None)
+            sub.clear()
+            if owner is not HELPERS and self._subs and self._subs.get(owner) is sub:
+                del self._subs[owner]
 
     def _invalidate(self, owner: object, key: Any = MISSING) -> None:
         """A delete of ``(owner, key)`` (all of ``owner``'s keys; every owner's for None)

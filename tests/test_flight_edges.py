@@ -1056,3 +1056,40 @@ def test_a_computation_ending_where_the_waits_lock_is_held_wakes_its_tasks() -> 
 
     asyncio.run(main())
     assert woken == [(True, 1)]
+
+
+def test_cache_clear_is_not_failed_by_another_keys_hash_in_flight() -> None:
+    """A computation in flight whose key's ``__hash__`` raises now (a model being saved,
+    in another thread): ``cache_clear()`` invalidates what it can. Before: it raised that
+    other key's error."""
+    saving = threading.Event()
+    started, finish = threading.Event(), threading.Event()
+
+    class Model:
+        def __init__(self, pk: int) -> None:
+            self.pk = pk
+
+        def __hash__(self) -> int:
+            if saving.is_set():
+                raise TypeError("Model instances without primary key value are unhashable")
+            return hash(self.pk)
+
+        def __eq__(self, other: object) -> bool:
+            return NotImplemented if type(other) is not Model else other.pk == self.pk
+
+    @request_memo
+    def slow(model: Model) -> int:
+        started.set()
+        finish.wait(5)
+        return model.pk
+
+    with request_scope(), ThreadPoolExecutor(1) as pool:
+        computing = pool.submit(bind_scope(slow), Model(1))
+        assert started.wait(5)
+        saving.set()
+        try:
+            slow.cache_clear()  # before: TypeError, another key's
+        finally:
+            saving.clear()
+            finish.set()
+        assert computing.result(5) == 1

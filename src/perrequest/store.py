@@ -196,9 +196,13 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
                 if type(k) is tuple and len(k) == 2 and (owner is None or k[0] is owner)
             ]
         for where in found:
-            record = flights.get(where)
-            if type(record) is Waited or type(record) is int or isinstance(record, Task):
-                _flight.invalidate(self, where)
+            try:
+                record = flights.get(where)
+                if type(record) is Waited or type(record) is int or isinstance(record, Task):
+                    _flight.invalidate(self, where)
+            except Exception:  # another key's __hash__ or __eq__: not this call's error
+                if key is not MISSING:
+                    raise
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
         check_key(key)

@@ -245,10 +245,10 @@ class Entries:
         swapped in at once: a hit in another thread finds the old dict or the new one."""
         if popped is not None:
             sub[key] = popped
-        # In the store's recency order (an OrderedDict's own iteration would look its keys
-        # up), with any entry missing from it last.
-        by_id = {entry[2]: (filed, entry) for filed, entry in dict.items(sub)}
-        order = [by_id.pop(i) for i in list(self._order) if i in by_id] + list(by_id.values())
+        order = list(dict.items(sub))  # a plain dict's order means nothing: the store's does
+        if type(sub) is not dict:  # a bounded function's recency (its own iteration hashes)
+            by_id = {entry[2]: (filed, entry) for filed, entry in order}
+            order = [by_id.pop(i) for i in list(self._order) if i in by_id] + [*by_id.values()]
         new: dict[Hashable, Any] = {} if type(sub) is dict else OrderedDict()
         found = None
         for filed, entry in order:

@@ -623,3 +623,27 @@ def test_a_request_that_memoizes_nothing_makes_no_store(monkeypatch: pytest.Monk
 
     assert RequestScopeMiddleware(memoizing)(RequestFactory().get("/")).content == b"8"
     assert len(made) == 1 and made[0].closed and live_scopes() == 0  # type: ignore[attr-defined]
+
+
+def test_an_unsaved_model_argument_is_refused_naming_djangos_reason() -> None:
+    """A model without a primary key cannot be hashed: the error says Django's reason (save
+    it first), not only "pass a tuple instead of a list"."""
+    from django.db import models
+
+    class Product(models.Model):
+        name = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "perrequest_unsaved"
+
+    @perrequest.request_memo
+    def describe(product: Product) -> str:
+        return product.name
+
+    with request_scope():
+        with pytest.raises(perrequest.UnhashableArguments) as raised:
+            describe(Product(name="new"))
+        assert describe(Product(pk=3, name="saved")) == "saved"
+    assert "argument 'product' is unhashable (Product: Model instances without primary key" in (
+        str(raised.value)
+    )

@@ -17,17 +17,6 @@ from uuid import UUID
 
 from .errors import UnhashableArguments
 
-__all__ = [
-    "check_factory",
-    "check_key",
-    "check_max_entries",
-    "check_on_close",
-    "explains_options",
-    "is_async_callable",
-    "is_wsgi_app",
-    "refuse_generator",
-]
-
 _Init = TypeVar("_Init", bound=Callable[..., None])
 
 
@@ -80,16 +69,26 @@ def _call_of(fn: object) -> object:
     return None if isinstance(fn, type) else getattr(type(fn), "__call__", None)  # noqa: B004
 
 
+def unhashable_because(value: object) -> str | None:
+    """None if ``value`` hashes; else its type, and the reason when the type gives one of
+    its own (a Django model without a primary key: "save it first")."""
+    try:
+        hash(value)
+    except TypeError as exc:
+        reason = str(exc)
+        generic = not reason or reason.startswith("unhashable type")
+        return type(value).__name__ if generic else f"{type(value).__name__}: {reason}"
+    return None
+
+
 def check_key(key: object) -> None:
     """One error for an unhashable store key wherever it is used, even where no dict
     would hash it (outside a scope, an empty store)."""
-    try:
-        hash(key)
-    except TypeError:
+    if (why := unhashable_because(key)) is not None:
         raise TypeError(
-            f"perrequest store keys must be hashable, not {type(key).__name__}: use a tuple "
+            f"perrequest store keys must be hashable, not {why}: use a tuple "
             "(tuple(key)) or another hashable value (a frozenset instead of a set)"
-        ) from None
+        )
 
 
 def check_factory(factory: object) -> None:
@@ -334,12 +333,10 @@ def unhashable(
         "hashable key."
     )
     for name, value in named:
-        try:
-            hash(value)
-        except TypeError:
+        if (why := unhashable_because(value)) is not None:
             return UnhashableArguments(
                 f"@request_memo {spec.name}: argument {name!r} is unhashable "
-                f"({type(value).__name__}), so it cannot be part of a cache key. {fix}"
+                f"({why}), so it cannot be part of a cache key. {fix}"
             )
     return UnhashableArguments(
         f"@request_memo {spec.name}: the arguments cannot be hashed ({error}). {fix}"

@@ -484,3 +484,49 @@ async def test_a_batch_pending_when_its_request_ends_serves_a_task_that_outlived
     assert await asyncio.wait_for(late, 5) == 70
     assert calls == [[7]]
     assert len(store) == 0
+
+
+def _sorting(keys: list[int]) -> list[int]:
+    keys.sort()  # then returns the values in its own, sorted, order
+    return [k * 10 for k in keys]
+
+
+def _draining(keys: list[int]) -> list[int]:
+    values = [k * 10 for k in keys]
+    keys.clear()  # a queue drained as it is read
+    return values
+
+
+@pytest.mark.parametrize("body", [_sorting, _draining])
+def test_a_sync_batch_function_that_changes_its_list_of_keys_fails_them_clearly(
+    body: Any,
+) -> None:
+    """Which value is whose is then unknown: every key fails with a TypeError saying so.
+    Before: sorting stored key 3 with key 1's value; draining raised a bare ValueError."""
+    rows = request_batch(body)
+    with request_scope():
+        for _ in range(2):  # not cached: asked again, and refused again
+            with pytest.raises(TypeError, match=r"changed the list of keys it was given"):
+                rows.load_many([3, 1, 2])
+        if body is _sorting:  # keys already in order: unchanged, so served
+            assert rows.load_many([1, 2]) == [10, 20]
+
+
+@pytest.mark.parametrize("body", [_sorting, _draining])
+async def test_an_async_batch_function_that_changes_its_list_of_keys_fails_every_waiter(
+    body: Any,
+) -> None:
+    """Before: the batch's end raised inside a loop callback and both loads waited for
+    ever (draining), or key 3 got key 1's value (sorting)."""
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        return body(keys)
+
+    async with request_scope():
+        loads = asyncio.gather(rows.load(3), rows.load(1), return_exceptions=True)
+        outcomes = await asyncio.wait_for(loads, 5)
+        assert [type(outcome) for outcome in outcomes] == [TypeError, TypeError]
+        assert "changed the list of keys" in str(outcomes[0])
+        if body is _sorting:
+            assert await asyncio.wait_for(rows.load_many([1, 2]), 5) == [10, 20]

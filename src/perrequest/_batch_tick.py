@@ -163,7 +163,7 @@ async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
     spec, counter = state.spec, state.counter
     start = now() if counter.timed else 0.0
     try:
-        return spec.spread(keys, cks, await spec.fn(keys))
+        return spec.spread(keys, cks, await spec.fn(passed := list(keys)), passed)
     except Exception as exc:  # the whole call failed: so does every key
         return [exc] * len(keys)
     except asyncio.CancelledError as exc:

@@ -1,6 +1,5 @@
 """A batch function's spec (options, keys, results) and its sync loads, whose keys
-threads sharing a scope wait for together on a ``concurrent.futures.Future``.
-"""
+threads sharing a scope wait for together on a ``concurrent.futures.Future``."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ._active import here
-from ._checks import is_async_callable, refuse_coroutine
+from ._checks import is_async_callable, refuse_coroutine, unhashable_because
 from ._flight import MISSING
 from ._stats import Counter, function_name
 from ._waits import RESTART, done_waiting, gone, may_wait, result, take_out
@@ -73,26 +72,32 @@ class _BatchSpec:
 
     def unhashable(self, keys: list[Any], cache_keys: list[Any]) -> UnhashableArguments:
         for key, cache_key in zip(keys, cache_keys, strict=True):
-            try:
-                hash(cache_key)
-            except TypeError:
+            if (why := unhashable_because(cache_key)) is not None:
                 if self.key_fn is not None:
                     return UnhashableArguments(
                         f"the key= function of @request_batch {self.name} returned an "
-                        f"unhashable {type(cache_key).__name__} for key {key!r}. Make it "
+                        f"unhashable value ({why}) for key {key!r}. Make it "
                         "return a hashable value, such as a tuple of strings and numbers."
                     )
                 return UnhashableArguments(
                     f"@request_batch {self.name}: key {key!r} is unhashable "
-                    f"({type(key).__name__}), so it cannot be cached. Pass hashable keys (a "
+                    f"({why}), so it cannot be cached. Pass hashable keys (a "
                     "tuple instead of a list), or give the decorator key=, a function of one "
                     "key that returns a hashable cache key."
                 )
         return UnhashableArguments(f"@request_batch {self.name}: a key cannot be hashed")
 
-    def spread(self, keys: list[Any], cache_keys: list[Hashable], result: Any) -> list[Any]:
-        """One value per key (an ``Exception`` where it failed) from what the batch
-        function returned; ``TypeError`` when its shape is wrong."""
+    def spread(
+        self, keys: list[Any], cache_keys: list[Hashable], result: Any, passed: list[Any]
+    ) -> list[Any]:
+        """One value per key (an ``Exception`` where it failed) from what the batch function
+        returned, given ``passed``, a copy of ``keys``; ``TypeError`` when its shape is wrong."""
+        if passed != keys:  # sorted, cleared or drained: which value is whose is unknown
+            raise TypeError(
+                f"@request_batch {self.name} changed the list of keys it was given: work on a "
+                "copy (sorted(keys), list(keys)) and return the values in the order of the "
+                "keys as given, or a mapping from key to value."
+            )
         if isinstance(result, Mapping):
             return self._from_mapping(keys, cache_keys, result)
         if type(result) is not list:
@@ -137,9 +142,7 @@ class _BatchSpec:
         ]
 
     def chunks(self, items: list[Any]) -> list[list[Any]]:
-        size = self.max_batch_size
-        if size is None or len(items) <= size:
-            return [items] if items else []  # nothing to fetch: no call
+        size = self.max_batch_size or len(items) or 1  # nothing to fetch: no call
         return [items[i : i + size] for i in range(0, len(items), size)]
 
     def counter_in(self, store: MemoStore | None) -> Counter | None:
@@ -169,9 +172,9 @@ class _BatchSpec:
             keys = [wanted[ck] for ck in cks]
             start = now() if counter.timed else 0.0
             try:
-                result: Any = self.fn(keys)
+                result: Any = self.fn(passed := list(keys))
                 refuse_coroutine(result, self.fn, f"@request_batch {self.name}")
-                values = self.spread(keys, cks, result)
+                values = self.spread(keys, cks, result, passed)
             except Exception as exc:
                 values = [exc] * len(keys)
             finally:
@@ -187,7 +190,7 @@ class _BatchSpec:
             keys = [wanted[ck] for ck in cks]
             start = now() if counter.timed else 0.0
             try:
-                values = self.spread(keys, cks, await self.fn(keys))
+                values = self.spread(keys, cks, await self.fn(passed := list(keys)), passed)
             except Exception as exc:
                 values = [exc] * len(keys)
             finally:
@@ -203,8 +206,8 @@ class _BatchSpec:
 
     def outside(self, keys: list[Any], cks: list[Hashable]) -> dict[Hashable, Any]:
         """Outside any scope, after its rule: every key is wanted, and nothing is cached."""
-        what = "batched or cached"
-        refuse_or_warn("request_batch", self.name, self.outside_scope, what, OUTSIDE_FIX)
+        how = self.outside_scope
+        refuse_or_warn("request_batch", self.name, how, "batched or cached", OUTSIDE_FIX)
         return missing_keys(keys, cks)
 
     # -- sync loads: threads sharing a scope never fetch a key twice at once -------------
@@ -228,13 +231,9 @@ class _BatchSpec:
             got = values = None  # type: ignore[assignment]
 
     def _fetch(
-        self,
-        store: MemoStore,
-        counter: Counter,
-        wanted: dict[Hashable, Any],
-        got: dict[Hashable, Any],
-        alone: set[Hashable],
-    ) -> dict[Hashable, Any]:
+        self, store: MemoStore, counter: Counter, wanted: dict[Hashable, Any],
+        got: dict[Hashable, Any], alone: set[Hashable],
+    ) -> dict[Hashable, Any]:  # fmt: skip
         """Into ``got``: fetch what nobody is fetching, wait for the rest; what to ask for
         again (an interrupted fetch, or one that waits for this thread's). A key of a fetch
         whose batch function runs this code is fetched again, never waited for."""

@@ -27,6 +27,13 @@ def test_loader_called_outside_any_scope():
 
 def test_inside_the_fixture(memo_scope):
     assert lookup(2) == 2 and len(memo_scope) == 1
+
+@request_memo(outside_scope="call")  # meant to run outside requests too: its author's choice
+def label(key):
+    return str(key)
+
+def test_a_memo_declared_call_runs_outside_any_scope():
+    assert label(3) == "3"
 """
 
 
@@ -35,7 +42,7 @@ def test_by_default_a_memo_outside_a_scope_is_called_and_warned_about(
 ) -> None:
     pytester.makepyfile(USER_TEST)
     result = pytester.runpytest_subprocess()  # the plugin loads through its entry point
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
 
 
 @pytest.mark.parametrize("how", ["flag", "ini"])
@@ -48,8 +55,10 @@ def test_the_option_makes_every_memo_and_loader_outside_a_scope_raise(
         result = pytester.runpytest_subprocess()
     else:
         result = pytester.runpytest_subprocess("--perrequest-outside-scope=raise")
-    result.assert_outcomes(passed=1, failed=2)
-    result.stdout.fnmatch_lines(["*NoActiveScope*lookup was called outside a request scope*"])
+    result.assert_outcomes(passed=2, failed=2)  # the fixture's test, and the "call" memo's
+    result.stdout.fnmatch_lines(
+        ["*NoActiveScope*lookup was called outside a request scope (the tests'*"]
+    )
     result.stdout.fnmatch_lines(["*NoActiveScope*names was called outside a request scope*"])
 
 

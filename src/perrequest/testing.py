@@ -45,9 +45,8 @@ else:
 
     def pytest_addoption(parser: pytest.Parser) -> None:
         help = (
-            "what every @request_memo and @request_batch does when called outside a "
-            "request scope during the tests: warn, call or raise (overrides their own "
-            "outside_scope)"
+            "what every @request_memo and @request_batch left at outside_scope='warn' does "
+            "when called outside a request scope during the tests: warn, call or raise"
         )
         parser.addini("perrequest_outside_scope", help)
         parser.addoption("--perrequest-outside-scope", choices=memo.OUTSIDE_SCOPE, help=help)

@@ -647,3 +647,33 @@ def test_an_unsaved_model_argument_is_refused_naming_djangos_reason() -> None:
     assert "argument 'product' is unhashable (Product: Model instances without primary key" in (
         str(raised.value)
     )
+
+
+@pytest.mark.parametrize("module", ["asgi", "wsgi"])
+@pytest.mark.parametrize("client", [Client, AsyncClient], ids=["sync", "async"])
+def test_the_asgi_or_wsgi_middleware_in_middleware_names_djangos(module: str, client: Any) -> None:
+    """The three integrations' classes share a name. Listed in MIDDLEWARE, the ASGI one
+    advised wrapping Django's get_response as an ASGI 2 app, or failed each request with
+    "missing 2 required positional arguments" (an audit of 5 December 2026)."""
+    with override_settings(MIDDLEWARE=[f"perrequest.{module}.RequestScopeMiddleware"]):
+        with pytest.raises(TypeError, match=r"takes one argument, request.*\n?.*MIDDLEWARE"):
+            request = client().get("/lookup")
+            if asyncio.iscoroutine(request):
+                asyncio.run(request)
+        with pytest.raises(TypeError) as raised:
+            request = client().get("/lookup")
+            if asyncio.iscoroutine(request):
+                asyncio.run(request)
+    assert '"perrequest.django.RequestScopeMiddleware" there instead' in str(raised.value)
+
+
+@pytest.mark.parametrize(("app", "kind"), [(ASGIHandler, "asgi"), (WSGIHandler, "wsgi")])
+def test_the_django_middleware_made_with_an_application_names_the_one_that_wraps_it(
+    app: Any, kind: str
+) -> None:
+    """Made with Django's application instead of listed in MIDDLEWARE: each request failed
+    with "takes 2 positional arguments but 4 were given"."""
+    with pytest.raises(TypeError, match=rf"is an? {kind.upper()} app: wrap it with "):
+        RequestScopeMiddleware(app())
+    with pytest.raises(TypeError, match=rf"perrequest\.{kind}\.RequestScopeMiddleware instead"):
+        RequestScopeMiddleware(app())

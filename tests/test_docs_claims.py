@@ -310,8 +310,16 @@ def _config_mistakes() -> dict[str, list[object]]:
             lambda: Asgi(_asgi_app, scope_types=("lifespan",))
         ],
         "the ASGI middleware": [lambda: Asgi(_wsgi_app), lambda: Wsgi(_asgi_app)],
+        "the ASGI or WSGI middleware listed": [
+            lambda: Asgi(_get_response),
+            lambda: Wsgi(_get_response),
+        ],  # and the Django one: test_django.py
         "a bad `settings.PERREQUEST`": [],  # test_django_settings_errors_read_as_the_table_quotes
     }
+
+
+def _get_response(request: object) -> object:  # as Django makes each MIDDLEWARE class
+    return request
 
 
 async def _coroutine() -> int:

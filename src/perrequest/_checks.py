@@ -108,21 +108,28 @@ def is_async_callable(fn: object) -> bool:
 def is_wsgi_app(app: object) -> bool:
     """A sync callable taking ``(environ, start_response)`` and no third argument: a WSGI
     app, which no ASGI server can call. False when its signature cannot be read."""
-    if is_async_callable(app):
-        return False
+    return not is_async_callable(app) and binds(app, 2) and not binds(app, 3)
+
+
+def binds(fn: object, count: int) -> bool:  # takes ``count`` positional arguments
     try:
-        signature = inspect.signature(app)  # type: ignore[arg-type]
+        inspect.signature(fn).bind(*range(count))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False
+    return True
 
-    def binds(count: int) -> bool:
-        try:
-            signature.bind(*range(count))
-        except TypeError:
-            return False
-        return True
 
-    return binds(2) and not binds(3)
+IN_MIDDLEWARE = (  # what a WSGI or ASGI middleware says when given Django's get_response
+    "it takes one argument, request, as the get_response Django gives each class listed in "
+    'settings.MIDDLEWARE: list "perrequest.django.RequestScopeMiddleware" there instead'
+)
+
+
+def takes_a_request(app: object) -> bool:  # Django's get_response: never an app
+    try:
+        return list(inspect.signature(app).parameters) == ["request"]  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def check_on_close(

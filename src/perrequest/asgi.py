@@ -23,11 +23,13 @@ from ._active import (
     opened_outside,
 )
 from ._checks import (
+    IN_MIDDLEWARE,
     KEYWORD_ONLY,
     check_max_entries,
     check_on_close,
     explains_options,
     is_wsgi_app,
+    takes_a_request,
 )
 from .scope import passed_through
 from .store import DEFAULT_MAX_ENTRIES
@@ -122,6 +124,9 @@ class RequestScopeMiddleware:
     """
 
     __slots__ = ("_options", "_scope_types", "app")
+    # Read by Django only: listed in MIDDLEWARE by mistake, it gets get_response unadapted,
+    # so that it can tell (takes_a_request) and name the Django middleware.
+    sync_capable = async_capable = True
 
     @explains_options(
         "RequestScopeMiddleware()",
@@ -148,6 +153,11 @@ class RequestScopeMiddleware:
             raise TypeError(
                 f"RequestScopeMiddleware wraps an ASGI app (an async callable taking "
                 f"scope, receive, send), not {type(app).__name__} {app!r}"
+            )
+        if takes_a_request(app):
+            raise TypeError(
+                f"perrequest.asgi.RequestScopeMiddleware wraps an ASGI app, not {app!r}: "
+                f"{IN_MIDDLEWARE}"
             )
         if is_wsgi_app(app):
             raise TypeError(

@@ -25,11 +25,13 @@ from ._active import (
     opened_outside,
 )
 from ._checks import (
+    IN_MIDDLEWARE,
     KEYWORD_ONLY,
     check_max_entries,
     check_on_close,
     explains_options,
     is_async_callable,
+    takes_a_request,
 )
 from .store import DEFAULT_MAX_ENTRIES
 
@@ -57,6 +59,7 @@ class RequestScopeMiddleware:
     """
 
     __slots__ = ("_options", "app")
+    sync_capable = async_capable = True  # read by Django only: see asgi.py
 
     @explains_options(
         "RequestScopeMiddleware()",
@@ -75,6 +78,11 @@ class RequestScopeMiddleware:
             raise TypeError(
                 f"RequestScopeMiddleware wraps a WSGI app (a callable taking environ and "
                 f"start_response), not {type(app).__name__} {app!r}"
+            )
+        if takes_a_request(app):
+            raise TypeError(
+                f"perrequest.wsgi.RequestScopeMiddleware wraps a WSGI app, not {app!r}: "
+                f"{IN_MIDDLEWARE}"
             )
         if is_async_callable(app):
             raise TypeError(

@@ -28,7 +28,7 @@ from .._active import (
     open_request,
     opened_outside,
 )
-from .._checks import check_max_entries, check_on_close
+from .._checks import binds, check_max_entries, check_on_close, is_wsgi_app
 from ..store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
@@ -56,6 +56,7 @@ class RequestScopeMiddleware:
     async_capable = True
 
     def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        _check_get_response(get_response)
         self.get_response = get_response
         self._options = _read_settings()
         self._is_async = iscoroutinefunction(get_response)
@@ -89,6 +90,22 @@ class RequestScopeMiddleware:
             raise
         _current.reset(token)
         return _tie_to_response(response, cell)
+
+
+def _check_get_response(get_response: object) -> None:
+    """Made with an application (Django's ``ASGIHandler``, ``WSGIHandler``) instead of
+    listed in ``MIDDLEWARE``: say which middleware wraps it."""
+    if is_wsgi_app(get_response):
+        kind, article = "wsgi", "a"
+    elif binds(get_response, 3) and not binds(get_response, 1):
+        kind, article = "asgi", "an"
+    else:
+        return
+    raise TypeError(
+        f"perrequest.django.RequestScopeMiddleware goes in settings.MIDDLEWARE, where Django "
+        f"makes it with get_response, a callable of the request; {get_response!r} is {article} "
+        f"{kind.upper()} app: wrap it with perrequest.{kind}.RequestScopeMiddleware instead"
+    )
 
 
 def _opened_outside(request: Any) -> bool:

@@ -398,6 +398,8 @@ def _two_argument_hook(stats: Any, extra: Any) -> None:
             r"hook', which cannot be imported",
         ),
         ({"ON_CLOSE": "no_dots"}, r'PERREQUEST\["ON_CLOSE"\] .*cannot be imported'),
+        ({"ON_CLOSE": "django_project"}, r"the module 'django_project', not of a callable"),
+        ({"ON_CLOSE": "email.headerregistry"}, r"module 'email.headerregistry', not of a c"),
         ({"ON_CLOSE": _async_hook}, r'PERREQUEST\["ON_CLOSE"\] must be a plain \(sync\)'),
         ({"ON_CLOSE": _two_argument_hook}, r"cannot be called with one argument"),
     ],

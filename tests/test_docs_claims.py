@@ -207,6 +207,7 @@ DJANGO_MISTAKES: dict[str, object] = {
     "`MAX_ENTRIES` not an int": {"MAX_ENTRIES": "100"},
     "`ON_CLOSE` a dotted path that does not import": {"ON_CLOSE": "nowhere.record"},
     "`ON_CLOSE` not callable": {"ON_CLOSE": 3},
+    "`ON_CLOSE` the dotted path of a module": {"ON_CLOSE": "django_project"},
 }
 
 

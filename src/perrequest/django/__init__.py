@@ -11,8 +11,10 @@ response. docs/frameworks/django.md has the details.
 from __future__ import annotations
 
 import difflib
+import importlib
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from types import ModuleType
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -248,10 +250,18 @@ def _read_settings() -> tuple[int | None, OnClose | None]:
         try:
             value = import_string(value)
         except Exception as exc:  # ImportError, or whatever the module raised on import
-            raise ImproperlyConfigured(
-                f'settings.PERREQUEST["ON_CLOSE"] is the dotted path {options["ON_CLOSE"]!r}, '
-                f"which cannot be imported: {exc}"
-            ) from exc
+            try:  # a module's path, of a submodule not yet imported
+                value = importlib.import_module(value)
+            except Exception:
+                raise ImproperlyConfigured(
+                    f'settings.PERREQUEST["ON_CLOSE"] is the dotted path {value!r}, which '
+                    f"cannot be imported: {exc}"
+                ) from exc
+    if isinstance(value, ModuleType):
+        raise ImproperlyConfigured(
+            f'settings.PERREQUEST["ON_CLOSE"] is the dotted path of the module '
+            f"{value.__name__!r}, not of a callable: name the function in it"
+        )
     try:
         return max_entries, check_on_close(value, 'settings.PERREQUEST["ON_CLOSE"]')
     except TypeError as exc:  # says what is wrong with it: not callable, async, arguments

@@ -54,8 +54,9 @@ REGISTERED_HINT = (
     "thread that does not copy the context (loop.run_in_executor, threading.Thread, "
     "executor.submit, Flask's copy_current_request_context: hand it the scope with "
     "perrequest.bind_scope(fn)), or in code the middleware does not wrap (a middleware "
-    "outside it, Starlette's 500 handler, Flask's test_request_context(), start-up code: "
-    "open `with perrequest.request_scope():` there)."
+    "outside it, Starlette's 500 handler, Flask's test_request_context(), start-up code, "
+    "a Django management command or a signal sent outside a request: open `with "
+    "perrequest.request_scope():` there, or decorate it with @perrequest.request_scope())."
 )
 NO_SCOPE_HINT = f"{OPEN_SCOPE_HINT} {REGISTERED_HINT}"
 

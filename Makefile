@@ -30,7 +30,7 @@ test: lint typecheck docs pytest other-pythons
 ## in four pytest-xdist workers (most of a test's time is a server starting or a wait), and the
 ## model-based check (tests/test_model.py) searching 150 examples instead of 500.
 check: lint typecheck redis-server
-	PERREQUEST_MODEL_EXAMPLES=150 $(PY) -m pytest -m "not slow" -q -n 4
+	PERREQUEST_MODEL_EXAMPLES=150 $(PY) -m pytest -m "not slow" -q -n 4 --dist worksteal
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks docs/snippets

@@ -433,6 +433,7 @@ def test_async_a_request_after_another_process_deleted_does_not_join_the_old_com
     assert asyncio.run(main()) == (1, 2)
 
 
+@pytest.mark.slow  # seconds of waits: make check skips it
 def test_a_delete_storm_strands_no_caller(redis_server: Any) -> None:
     """Deletes every 20 ms, by one of 4 workers x 8 threads, of a key that takes 50 ms
     to compute: no value lasts, yet every call ends within about lock_timeout (a waiter
@@ -525,6 +526,7 @@ def test_async_a_cancelled_caller_that_took_the_lock_after_a_delete_leaves_no_st
         assert locks == []
 
 
+@pytest.mark.slow  # seconds of waits: make check skips it
 @pytest.mark.timeout(120)
 def test_a_stampede_of_4_processes_with_deletes_computes_once_per_delete(
     redis_server: Any,

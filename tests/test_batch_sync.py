@@ -430,6 +430,7 @@ def test_a_batch_function_whose_bind_scope_workers_load_its_keys_does_not_deadlo
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+@pytest.mark.slow  # seconds of waits: make check skips it
 def test_a_thread_waiting_for_a_fetch_that_dies_at_the_recursion_limit_is_freed() -> None:
     """As a memo's waiter (tests/test_memo_threads.py): ending a fetch takes a few frames,
     which a fetch that ends in a ``RecursionError`` at the limit may not have. Before: its

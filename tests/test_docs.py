@@ -305,6 +305,7 @@ def snippet_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, Future[ob
         yield {path.name: pool.submit(_run, _command(path)) for path in wanted}
 
 
+@pytest.mark.slow  # a Python process per snippet: make check skips them
 @pytest.mark.parametrize("path", SNIPPET_FILES, ids=[p.name for p in SNIPPET_FILES])
 def test_snippet_runs(path: Path, snippet_runs: dict[str, Future[object]]) -> None:
     done = snippet_runs[path.name].result()

@@ -933,6 +933,7 @@ def test_a_thread_waiting_for_a_key_whose_hash_its_computation_changes_gets_the_
         assert not store._flights
 
 
+@pytest.mark.slow  # seconds of waits: make check skips it
 async def test_tasks_that_give_up_waiting_leave_nothing_on_the_computation() -> None:
     """Each task's ``asyncio.wrap_future`` left a callback on the computation's future
     for good: 690 bytes per request that gave up, for as long as the computation hung
@@ -1005,6 +1006,7 @@ def test_a_key_whose_hash_starts_failing_at_any_step_leaves_no_record(n: int) ->
     assert not store._flights
 
 
+@pytest.mark.slow  # seconds of waits: make check skips it
 async def test_callers_that_give_up_on_a_hanging_batch_are_not_all_kept() -> None:
     """Every cancelled caller's future stayed in the batch's list for the key until the
     batch ended: 20,000 for a hung upstream in a long scope (an audit of 5 December

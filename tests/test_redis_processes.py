@@ -49,6 +49,7 @@ def test_values_computed_in_one_process_are_read_in_the_others(
     assert client.dbsize() == 2
 
 
+@pytest.mark.slow  # seconds of waits: make check skips it
 @pytest.mark.parametrize("kinds", [("sync",) * 4, ("sync", "sync", "async", "async")])
 def test_a_stampede_of_4_processes_computes_once_per_expiry(
     redis_server: Any, client: redis.Redis, kinds: tuple[str, ...]

@@ -50,6 +50,25 @@ def test_redis_never_there_costs_nothing_and_is_logged_once(
     assert "ConnectionError" in warnings[0].getMessage() and "'t'" in warnings[0].getMessage()
 
 
+def test_cache_delete_and_cache_clear_with_redis_down_fail_open_and_are_counted() -> None:
+    """Deleting is a write that can fail like any other: it counts an error and never
+    raises into the request (coverage found this path untested)."""
+    client = redis.Redis(host=HOST, port=free_port())
+    cache = RedisCache(client, ttl=60, namespace="t", retry_after=0)
+
+    @request_memo(shared=cache)
+    def f(n: int) -> int:
+        return n * 2
+
+    with request_scope():
+        assert f(1) == 2
+        assert f.cache_delete(1) is True  # the request's own entry
+        assert f.cache_delete(5) is False  # nowhere known: Redis did not answer
+        f.cache_clear()
+        assert f.cache_info().currsize == 0
+    assert cache.stats().errors == 4  # the read, two deletes, the clear
+
+
 def test_a_stopped_redis_costs_op_timeout_once_then_nothing_until_retry_after(
     own_redis: Callable[..., Any],
 ) -> None:

@@ -854,3 +854,31 @@ def test_scopes_exited_out_of_order_leave_what_was_there_before_them() -> None:
         b.__exit__(None, None, None)
         assert perrequest.current_store() is outer
     assert _current.get() is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+@pytest.mark.parametrize("made", [False, True], ids=["no-store-yet", "store-made"])
+def test_a_child_forked_in_a_middlewares_request_is_outside_every_scope(made: bool) -> None:
+    """A process pool started in a view: the child must not run its jobs in the parent's
+    request store, whether the middleware's scope had made its store yet or not."""
+    from perrequest.wsgi import RequestScopeMiddleware
+
+    reports: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if made:
+            perrequest.set("user", "alice")
+        reports.append(
+            in_forked_child(
+                lambda: f"{in_request_scope()} {perrequest.get('user')} {live_scopes()}"
+            )
+        )
+        perrequest.set("after", "fork")  # the parent's request goes on in its store
+        reports.append(f"{in_request_scope()} {perrequest.get('after')}")
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    body = RequestScopeMiddleware(app)({"REQUEST_METHOD": "GET"}, lambda *args: None)
+    assert list(body) == [b"ok"]
+    assert reports == ["False None 0", "True fork"]
+    assert_no_live_scopes()

@@ -25,6 +25,7 @@ from ._active import (
 from ._checks import (
     IN_MIDDLEWARE,
     KEYWORD_ONLY,
+    binds,
     check_max_entries,
     check_on_close,
     explains_options,
@@ -86,19 +87,8 @@ def _is_asgi2_app(app: object) -> bool:
         return not hasattr(app, "__await__")
     if not inspect.isfunction(app) or inspect.iscoroutinefunction(app):
         return False
-    try:
-        signature = inspect.signature(app)
-    except (TypeError, ValueError):  # a signature it cannot read (a ``__wrapped__``'s)
-        return False
-    try:
-        signature.bind(None)
-    except TypeError:
-        return False
-    try:
-        signature.bind(None, None, None)  # a sync wrapper returning the coroutine: ASGI 3
-    except TypeError:
-        return True
-    return False
+    # Taking three: a sync wrapper returning the coroutine, ASGI 3.
+    return binds(app, 1) and not binds(app, 3)
 
 
 class RequestScopeMiddleware:

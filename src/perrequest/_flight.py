@@ -21,6 +21,7 @@ from ._waits import (
     done_waiting,
     gone,
     may_wait,
+    restart,
     result,
     result_async,
     take_out,
@@ -154,16 +155,13 @@ def interrupted(cache: Cache, key: Hashable, me: object, exc: BaseException) -> 
         record = cache._flights.get(key)  # hashed fine just before
         if record is me or (type(record) is Waited and record.owner is me):
             del cache._flights[key]
-            if type(record) is Waited:
-                record.future.set_result(RESTART)
+            restart(record)
 
 
 def invalidate(cache: Cache, key: Hashable) -> None:
     """``key`` was deleted: its computation in flight stores nothing and is not joined any
     more (read your writes); its waiters start again. Lock held."""
-    record = cache._flights.pop(key, None)
-    if type(record) is Waited and not record.future.done():
-        record.future.set_result(RESTART)
+    restart(cache._flights.pop(key, None))
 
 
 def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
@@ -172,16 +170,14 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
         try:
             cache._flights[key] = record
         except BaseException:  # its key's __hash__ raised: that computation's waiters retry
-            if type(record) is Waited:
-                record.future.set_result(RESTART)
+            restart(record)
 
 
 def forget(cache: Cache, me: object) -> None:
     """Unregister ``me``'s records by identity (a key's hash raised); waiters retry. Locked."""
     stale = lambda _, record: record is me or getattr(record, "owner", None) is me  # noqa: E731
     for record in take_out(cache._flights, stale):
-        if type(record) is Waited:
-            record.future.set_result(RESTART)
+        restart(record)
 
 
 def moved(cache: Cache, key: Hashable) -> Any:

@@ -105,6 +105,13 @@ class Waited:
         self.future.add_done_callback(functools.partial(_wake, self.tasks))
 
 
+def restart(record: object) -> None:
+    """A computation's waiters look again (it stores nothing for them, or ended without
+    an outcome); nothing for a record nobody waits for, or one already resolved."""
+    if type(record) is Waited and not record.future.done():
+        record.future.set_result(RESTART)
+
+
 def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) -> list[Any]:
     """Take the records that ``stale(filed, record)`` names out of ``flights`` by identity,
     where a lookup by key cannot find them: their key's hash changed since it was filed (a
@@ -126,8 +133,7 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
                 continue
         except BaseException:
             pass
-        if type(record) is Waited:
-            record.future.set_result(RESTART)
+        restart(record)
     return taken
 
 

@@ -687,3 +687,43 @@ def test_under_load_every_read_is_the_requests_own_or_none(server: str) -> None:
         _wait_for(lambda: live_scopes() == 0 and not _KEEP)
     assert _WRONG == []
     assert _CHECKS[0] > 12 * 15 * 4
+
+
+def test_apps_made_by_decorators_around_a_function_of_request_are_still_apps() -> None:
+    """Only a callable whose own parameters are ``(request)`` is refused (Django's
+    get_response, a view): Werkzeug's ``@Request.application`` and an ASGI app made by a
+    ``functools.wraps`` decorator around an endpoint keep their wrappers' signatures (a
+    review of the check found both refused)."""
+    from werkzeug.test import Client
+    from werkzeug.wrappers import Request, Response
+
+    @Request.application  # type: ignore[arg-type]
+    def application(request: Request) -> Response:
+        return Response(f"hi {request.args.get('name')} {perrequest.in_request_scope()}")
+
+    wsgi = perrequest.wsgi.RequestScopeMiddleware(application)
+    assert Client(wsgi).get("/?name=bob").get_data() == b"hi bob True"
+
+    def asgi_endpoint(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            body = (await fn(scope)).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+        return app
+
+    @asgi_endpoint
+    async def homepage(request: Any) -> str:
+        return f"home {perrequest.in_request_scope()}"
+
+    asgi = perrequest.asgi.RequestScopeMiddleware(homepage)
+    assert TestClient(asgi).get("/").content == b"home True"
+
+
+def test_an_endpoint_given_for_an_app_is_told_to_wrap_the_application() -> None:
+    async def homepage(request: Any) -> None:
+        pass
+
+    with pytest.raises(TypeError, match=r"as a view, an endpoint.*wrap the application itself"):
+        perrequest.asgi.RequestScopeMiddleware(homepage)

@@ -679,3 +679,21 @@ def test_the_django_middleware_made_with_an_application_names_the_one_that_wraps
         RequestScopeMiddleware(app())
     with pytest.raises(TypeError, match=rf"perrequest\.{kind}\.RequestScopeMiddleware instead"):
         RequestScopeMiddleware(app())
+
+
+def test_a_get_response_taking_the_request_and_more_is_not_taken_for_an_app() -> None:
+    """A view or middleware taking optional arguments after the request: Django's
+    get_response, not a WSGI app (a review found the first version refused it)."""
+
+    def view(request: Any, pk: int | None = None) -> HttpResponse:
+        return HttpResponse(str(perrequest.in_request_scope()))
+
+    class Extra:
+        def __init__(self, get_response: Any) -> None:
+            self.get_response = get_response
+
+        def __call__(self, request: Any, extra: object = None) -> Any:
+            return self.get_response(request)
+
+    assert RequestScopeMiddleware(view)(RequestFactory().get("/")).content == b"True"
+    assert RequestScopeMiddleware(Extra(view))(RequestFactory().get("/")).content == b"True"

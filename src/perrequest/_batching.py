@@ -91,15 +91,17 @@ class _BatchSpec:
         self, keys: list[Any], cache_keys: list[Hashable], result: Any, passed: list[Any]
     ) -> list[Any]:
         """One value per key (an ``Exception`` where it failed) from what the batch function
-        returned, given ``passed``, a copy of ``keys``; ``TypeError`` when its shape is wrong."""
-        if passed != keys:  # sorted, cleared or drained: which value is whose is unknown
-            raise TypeError(
-                f"@request_batch {self.name} changed the list of keys it was given: work on a "
-                "copy (sorted(keys), list(keys)) and return the values in the order of the "
-                "keys as given, or a mapping from key to value."
-            )
+        returned, given ``passed``, its copy of ``keys``; ``TypeError`` when its shape is
+        wrong, or when it reordered ``passed`` (sorted it in place) and returned a sequence."""
         if isinstance(result, Mapping):
             return self._from_mapping(keys, cache_keys, result)
+        moved = any(a is not b for a, b in zip(passed, keys, strict=False))
+        if moved and sorted(map(id, passed)) == sorted(map(id, keys)):  # by identity: no __eq__
+            raise TypeError(
+                f"@request_batch {self.name} reordered the list of keys it was given (sorted "
+                "it in place), so which value is whose is unknown: sort a copy (sorted(keys)) "
+                "and return the values in the order of the keys as given, or a mapping."
+            )
         if type(result) is not list:
             if isinstance(result, (str, bytes, Set)) or not isinstance(result, Iterable):
                 raise TypeError(

@@ -75,7 +75,10 @@ def unhashable_because(value: object) -> str | None:
     try:
         hash(value)
     except TypeError as exc:
-        reason = str(exc)
+        try:
+            reason = str(exc)[:200]
+        except Exception:  # an error whose message cannot be read
+            reason = ""
         generic = not reason or reason.startswith("unhashable type")
         return type(value).__name__ if generic else f"{type(value).__name__}: {reason}"
     return None
@@ -119,17 +122,19 @@ def binds(fn: object, count: int) -> bool:  # takes ``count`` positional argumen
     return True
 
 
-IN_MIDDLEWARE = (  # what a WSGI or ASGI middleware says when given Django's get_response
-    "it takes one argument, request, as the get_response Django gives each class listed in "
-    'settings.MIDDLEWARE: list "perrequest.django.RequestScopeMiddleware" there instead'
+IN_MIDDLEWARE = (  # what a WSGI or ASGI middleware says when given a view or get_response
+    "it takes one argument, request, as a view, an endpoint or the get_response Django gives "
+    "each class in settings.MIDDLEWARE does: wrap the application itself (in Django's "
+    'MIDDLEWARE, list "perrequest.django.RequestScopeMiddleware" there instead)'
 )
 
 
-def takes_a_request(app: object) -> bool:  # Django's get_response: never an app
+def takes_a_request(app: object) -> bool:  # its own parameters: a decorator's may differ
     try:
-        return list(inspect.signature(app).parameters) == ["request"]  # type: ignore[arg-type]
+        signature = inspect.signature(app, follow_wrapped=False)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False
+    return list(signature.parameters) == ["request"]
 
 
 def check_on_close(

@@ -280,11 +280,13 @@ class RedisTier:
         try:
             payload = codec.dumps(value, key)
         except (TypeError, ValueError, RecursionError) as exc:  # the last: nested too deep
+            fix = "Return a value pickle can store (no lambdas, local classes, locks)."
+            if codec.name == "json":
+                fix = "Return JSON types (dict, list, str, int, float, bool, None), or use "
+                fix += "serializer='pickle' with a secret."
             raise TypeError(
                 f"@request_memo {self.name} returned a {type(value).__name__} that the "
-                f"RedisCache serializer {codec.name!r} cannot store ({exc}). Return "
-                "JSON types (dict, list, str, int, float, bool, None), or use "
-                "serializer='pickle' with a secret."
+                f"RedisCache serializer {codec.name!r} cannot store ({exc}). {fix}"
             ) from None
         codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
         return payload
@@ -314,8 +316,7 @@ class RedisTier:
     # -- the memo's cache_clear(), cache_delete(), cache_info() ------------------------------
 
     def clear(self, spec: object) -> None:
-        """Delete this function's keys in the namespace, every version (SCAN, never KEYS),
-        and their locks: as ``delete``, for every key."""
+        """``delete`` of every key of this function, every version (SCAN, never KEYS)."""
         with self._lock:
             for key in list(self._flights):
                 _flight.invalidate(self, key)
@@ -331,8 +332,7 @@ class RedisTier:
         return bool(self._admin(lambda conn: io.unlink(conn, key, self.cache._lock_ms)))
 
     def _admin(self, command: Any) -> int:
-        """``command(conn)`` on the sync pool, from sync or async code alike; 0 if Redis
-        failed (counted)."""
+        """``command(conn)`` on the sync pool, sync or async; 0 if Redis failed (counted)."""
         try:
             return int(command(self.cache._sync))
         except Exception as exc:

@@ -1,6 +1,7 @@
 """Helpers for test suites: count open scopes, a ``memo_scope`` pytest fixture, and
-the ``perrequest_outside_scope`` option (``raise``: every memo called outside a
-scope fails the test, so a forgotten middleware or ``bind_scope`` shows up).
+the ``perrequest_outside_scope`` option (``raise``: every memo and loader left at
+``outside_scope="warn"`` fails the test when called outside a scope, so a forgotten
+middleware or ``bind_scope`` shows up).
 
 Registered as a pytest plugin through the ``pytest11`` entry point, so all of
 it is available wherever perrequest is installed.

@@ -97,6 +97,8 @@ class RequestScopeMiddleware:
 def _check_get_response(get_response: object) -> None:
     """Made with an application (Django's ``ASGIHandler``, ``WSGIHandler``) instead of
     listed in ``MIDDLEWARE``: say which middleware wraps it."""
+    if binds(get_response, 1):  # what Django gives: a callable of the request
+        return
     if is_wsgi_app(get_response):
         kind, article = "wsgi", "a"
     elif binds(get_response, 3) and not binds(get_response, 1):
@@ -247,21 +249,22 @@ def _read_settings() -> tuple[int | None, OnClose | None]:
         ) from exc
     value = options.get("ON_CLOSE")
     if isinstance(value, str):
+        path = value
         try:
-            value = import_string(value)
+            try:
+                value = import_string(path)
+            except ImportError:  # a module's own path, of a submodule not imported yet?
+                value = importlib.import_module(path)
         except Exception as exc:  # ImportError, or whatever the module raised on import
-            try:  # a module's path, of a submodule not yet imported
-                value = importlib.import_module(value)
-            except Exception:
-                raise ImproperlyConfigured(
-                    f'settings.PERREQUEST["ON_CLOSE"] is the dotted path {value!r}, which '
-                    f"cannot be imported: {exc}"
-                ) from exc
-    if isinstance(value, ModuleType):
-        raise ImproperlyConfigured(
-            f'settings.PERREQUEST["ON_CLOSE"] is the dotted path of the module '
-            f"{value.__name__!r}, not of a callable: name the function in it"
-        )
+            raise ImproperlyConfigured(
+                f'settings.PERREQUEST["ON_CLOSE"] is the dotted path {path!r}, which cannot '
+                f"be imported: {exc}"
+            ) from exc
+        if isinstance(value, ModuleType):
+            raise ImproperlyConfigured(
+                f'settings.PERREQUEST["ON_CLOSE"] is the dotted path of the module {path!r}, '
+                "not of a callable: name the function in it"
+            )
     try:
         return max_entries, check_on_close(value, 'settings.PERREQUEST["ON_CLOSE"]')
     except TypeError as exc:  # says what is wrong with it: not callable, async, arguments

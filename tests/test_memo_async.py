@@ -414,3 +414,46 @@ async def test_eager_tasks_share_one_computation_and_the_store() -> None:
 
 async def _store_seen() -> object:
     return current_store()
+
+
+def test_single_flight_holds_when_event_loops_and_threads_take_turns() -> None:
+    """On 3.11 the task lookup asks the last loop seen first (a system call less per miss).
+    A loop that stopped (``asyncio.run`` again in one scope), or another thread's, must not
+    lose the sharing, deadlock a recursion, or hand a caller another loop's value."""
+    import threading
+
+    from perrequest import bind_scope
+
+    calls: list[int] = []
+
+    @request_memo
+    async def slow(key: int) -> int:
+        calls.append(key)
+        await asyncio.sleep(0.02)
+        return key * 10
+
+    @request_memo
+    async def recursive(key: int) -> int:
+        return key if key <= 0 else await recursive(key) + 1  # the same key: no deadlock
+
+    async def round_of(base: int) -> list[int]:
+        return await asyncio.gather(*(slow(base + k) for k in (0, 0, 0, 1, 1)))
+
+    outcomes: list[list[int]] = []
+
+    def in_a_thread(base: int) -> None:
+        outcomes.append(asyncio.run(round_of(base)))
+
+    with request_scope():
+        for base in (100, 200, 300):  # a new loop each time, in this thread
+            assert asyncio.run(round_of(base)) == [base * 10] * 3 + [base * 10 + 10] * 2
+        threads = [threading.Thread(target=bind_scope(in_a_thread), args=(b,)) for b in (400, 500)]
+        for thread in threads:
+            thread.start()
+        assert asyncio.run(round_of(600)) == [6000] * 3 + [6010] * 2
+        for thread in threads:
+            thread.join(10)
+        with pytest.raises(RecursionError):
+            asyncio.run(asyncio.wait_for(recursive(1), 10))
+    assert sorted(outcomes) == [[4000] * 3 + [4010] * 2, [5000] * 3 + [5010] * 2]
+    assert sorted(calls) == [100, 101, 200, 201, 300, 301, 400, 401, 500, 501, 600, 601]

@@ -33,9 +33,10 @@ def task_me() -> object:
     On 3.11 ``asyncio.current_task()`` asks ``get_running_loop()``, which makes a
     ``getpid()`` system call each time (200 ns here, an async miss's eighth): the last
     loop found, with its thread, is asked first. Stale (that loop stopped, or runs in
-    another thread now), it answers None, or another thread's task: two callers then
-    share one ``me``, which can only add cycles to who-waits-for-whom (a recursion or
-    cycle is computed without sharing), never hide one, nor change a value."""
+    another thread now), it answers None (then asked anew), or another thread's task:
+    two callers then share one ``me``, and may compute a key side by side, or see a
+    cycle in who-waits-for-whom and compute without sharing; merging two waiters can
+    hide no cycle, so nothing hangs, and no value changes."""
     global _last
     try:
         if not _PID_PER_CALL:

@@ -697,3 +697,23 @@ def test_a_get_response_taking_the_request_and_more_is_not_taken_for_an_app() ->
 
     assert RequestScopeMiddleware(view)(RequestFactory().get("/")).content == b"True"
     assert RequestScopeMiddleware(Extra(view))(RequestFactory().get("/")).content == b"True"
+
+
+def test_manage_py_check_validates_the_setting_when_the_app_is_installed() -> None:
+    """Without it a typo in PERREQUEST passed ``manage.py check`` (and migrate, shell,
+    a Celery worker) and raised only when Django built the middleware stack."""
+    from django.core import checks
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    with override_settings(INSTALLED_APPS=["perrequest.django"]):
+        from django.apps import apps
+
+        assert apps.get_app_config("perrequest").name == "perrequest.django"
+        with override_settings(PERREQUEST={"MAX_ENTIRES": 5}):
+            (error,) = [e for e in checks.run_checks() if e.id.startswith("perrequest")]
+            assert error.id == "perrequest.E001" and "Did you mean 'MAX_ENTRIES'" in error.msg
+            with pytest.raises(SystemCheckError, match=r"perrequest\.E001"):
+                call_command("check")
+        with override_settings(PERREQUEST={"MAX_ENTRIES": 5}):
+            assert not [e for e in checks.run_checks() if e.id.startswith("perrequest")]

@@ -63,9 +63,7 @@ def check_max_entries(value: object, what: str = "max_entries") -> int | None:
     return value
 
 
-def _call_of(fn: object) -> object:
-    """A callable object's ``__call__``, which decides whether a call returns a coroutine
-    or a generator (a class's instances' ``__call__`` does not)."""
+def _call_of(fn: object) -> object:  # an object's __call__ says if it returns a coroutine
     return None if isinstance(fn, type) else getattr(type(fn), "__call__", None)  # noqa: B004
 
 
@@ -75,18 +73,15 @@ def unhashable_because(value: object) -> str | None:
     try:
         hash(value)
     except TypeError as exc:
-        try:
-            reason = str(exc)[:200]
-        except Exception:  # an error whose message cannot be read
-            reason = ""
-        generic = not reason or reason.startswith("unhashable type")
-        return type(value).__name__ if generic else f"{type(value).__name__}: {reason}"
+        reason = exc.args[0][:200] if exc.args and isinstance(exc.args[0], str) else ""
+        if not reason or reason.startswith("unhashable type"):  # (no str(): it may raise)
+            return type(value).__name__
+        return f"{type(value).__name__}: {reason}"
     return None
 
 
 def check_key(key: object) -> None:
-    """One error for an unhashable store key wherever it is used, even where no dict
-    would hash it (outside a scope, an empty store)."""
+    """One error for an unhashable store key, even where no dict would hash it."""
     if (why := unhashable_because(key)) is not None:
         raise TypeError(
             f"perrequest store keys must be hashable, not {why}: use a tuple "

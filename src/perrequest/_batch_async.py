@@ -122,7 +122,7 @@ class _Many:
         self.remaining -= 1
         if not self.remaining:
             if self.failed:
-                fail(self.future, next(v for v in self.values if isinstance(v, Exception)))
+                fail(self.future, next(v for v in self.values if issubclass(type(v), Exception)))
             else:
                 self.future.set_result(self.values)
 

@@ -17,34 +17,22 @@ from .errors import ScopeClosed
 from .store import MemoStore
 
 _Future = asyncio.Future
-# In a batch's tasks (and the tasks they make): the state whose batches they must not wait
-# for (their own, or one that may wait for theirs).
+# In a batch's tasks and theirs: the state whose batches they must not wait for.
 _fetching: ContextVar[_State | None] = ContextVar("perrequest.batch", default=None)
-# Batch tasks while they run, by event loop (a loop keeps only weak references to its
-# tasks), with their states. A loop that closed with tasks it never finished (a shutdown)
-# leaves them here until the next batch starts, which drops them and their states.
+# Batch tasks while they run, with their states, by loop (a loop holds its tasks weakly);
+# a loop closed with tasks unfinished (a shutdown) leaves them until the next batch starts.
 _running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], _State]] = {}
 
 
 class _State:
     """One loader's batches in one store on one loop, in ``store._flights`` while it has
     work: who waits for each key in flight (a future, a ``(_Many, index)``, or a list of
-    those) and the pending batch (``cks`` is ``keys`` without ``key=``). Keys in flight
-    that its own batch functions load form a batch apart (``own``, ``own_keys``). Keys
-    asked again after their call was cancelled are in ``again`` until a call ends."""
+    those), the pending batch (``cks`` is ``keys`` without ``key=``), a batch apart of keys
+    its own batch functions load (``own``), keys asked again after a cancel (``again``)."""
 
     __slots__ = (
-        "again",
-        "cks",
-        "counter",
-        "inflight",
-        "keys",
-        "loop",
-        "own",
-        "own_keys",
-        "spec",
-        "store",
-    )
+        "again", "cks", "counter", "inflight", "keys", "loop", "own", "own_keys", "spec", "store",
+    )  # fmt: skip
 
     def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
         self.spec, self.store, self.loop = spec, store, loop
@@ -152,7 +140,13 @@ def _spawn(
     size = state.spec.max_batch_size or len(keys)
     for i in range(0, len(keys), size):
         part, part_cks = keys[i : i + size], cks[i : i + size]
-        task = state.loop.create_task(_call(state, part, part_cks))
+        call = _call(state, part, part_cks)
+        try:
+            task = state.loop.create_task(call)
+        except Exception as exc:  # a task factory that raises: the part fails, as a call would
+            call.close()  # (never started)
+            task = state.loop.create_future()  # type: ignore[assignment]
+            task.set_result([exc] * len(part))
         _running.setdefault(state.loop, {})[task] = state
         task.add_done_callback(functools.partial(_ended, state, part, part_cks, waiters))
 
@@ -180,11 +174,22 @@ async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
 
 
 def _ended(
-    state: _State,
-    keys: list[Any],
-    cks: list[Hashable],
-    waiters: dict[Hashable, Any],
-    task: asyncio.Task[Any],
+    state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any], task: Any
+) -> None:
+    """``_hand_out``; if that raised (a bug: a loop callback's error is only logged), the
+    call's waiters get the error rather than wait for ever."""
+    try:
+        _hand_out(state, keys, cks, waiters, task)
+    except Exception as exc:
+        logger.exception("perrequest: @request_batch %s: a batch's end failed", state.spec.name)
+        with state.store._lock:
+            for ck in cks:
+                _hand(_taken(waiters, ck), exc, True)
+        _release(state)
+
+
+def _hand_out(
+    state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any], task: Any
 ) -> None:
     """Hand each key's value to its waiters and store it; a cancelled call's keys go in
     the next batch (``_again``)."""
@@ -216,14 +221,14 @@ def _ended(
                 who = waiters.pop(ck)
             except Exception:  # the batch function changed the key: see _taken
                 who = _taken(waiters, ck)
-            if type(who) is _Future and not isinstance(value, Exception):  # one load
+            failed = issubclass(type(value), Exception)  # type(): runs no code of the value
+            if type(who) is _Future and not failed:  # one load
                 try:
                     who.set_result(value)  # runs no code now: it schedules the wake-up
                     anchors.append((loop, who))  # a finished future of it, for later hits
                 except asyncio.InvalidStateError:  # that caller was cancelled
                     anchors.append(None)
             else:
-                failed = isinstance(value, Exception)
                 kept = _hand(who, value, failed)
                 anchors.append(_FAILED if failed else None if kept is None else (loop, kept))
                 failures |= failed
@@ -241,11 +246,9 @@ def _ended(
 
 
 def _taken(waiters: dict[Hashable, Any], ck: Hashable) -> Any:
-    """``waiters.pop(ck)`` for a key whose hash or equality the batch function changed (it
-    saved a model hashed by its primary key, say), or that raises now: found by identity.
-    The others are put back under their hashes now (the dict lost track of changed keys:
-    a lookup, or asyncio formatting it for a log, would raise); one that cannot be hashed
-    any more fails its waiters now. None: the key had nobody waiting any more."""
+    """``waiters.pop(ck)`` by identity, for a key whose hash the batch function changed (a
+    model saved) or that raises now; the others filed again under their hashes now (one
+    that cannot be hashed any more fails its waiters). None: nobody waits for it."""
     entries = list(dict.items(waiters))
     waiters.clear()
     found = None
@@ -299,10 +302,8 @@ def fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 
 def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
-    """Put the waits of a key whose call was cancelled in the next batch; once the scope
-    has ended, cancel them instead: no call after the request. A key whose call is
-    cancelled again when asked again fails (its task is cancelled every time: asking
-    again would never end). Lock held."""
+    """Put the waits of a key whose call was cancelled in the next batch (cancel them once
+    the scope has ended); fail them if it is cancelled again (it would be, for ever)."""
     if ck in state.again and not state.store._closed:
         state.again.discard(ck)
         _hand(who, _cancelled_again(state.spec), True)
@@ -334,8 +335,7 @@ def _cancelled_again(spec: _BatchSpec) -> RuntimeError:
 def _interrupted(spec: _BatchSpec, exc: BaseException) -> RuntimeError:
     error = RuntimeError(
         f"@request_batch {spec.name}: the batch function raised {exc!r} without its task "
-        "being cancelled, so every key of the batch fails. Let it return or raise an "
-        "Exception."
+        "being cancelled, so every key of the batch fails. Let it return or raise an Exception."
     )
     error.__cause__ = exc
     return error

@@ -90,26 +90,25 @@ class _BatchSpec:
     def spread(
         self, keys: list[Any], cache_keys: list[Hashable], result: Any, passed: list[Any]
     ) -> list[Any]:
-        """One value per key (an ``Exception`` where it failed) from what the batch function
-        returned, given ``passed``, its copy of ``keys``; ``TypeError`` when its shape is
-        wrong, or when it reordered ``passed`` (sorted it in place) and returned a sequence."""
+        """One value per key (an ``Exception`` where it failed), in a list of our own, from
+        what the batch function returned given ``passed`` (a copy of ``keys``); ``TypeError``
+        when its shape is wrong, or when it changed ``passed`` and returned a sequence."""
         if isinstance(result, Mapping):
             return self._from_mapping(keys, cache_keys, result)
-        moved = any(a is not b for a, b in zip(passed, keys, strict=False))
-        if moved and sorted(map(id, passed)) == sorted(map(id, keys)):  # by identity: no __eq__
-            raise TypeError(
-                f"@request_batch {self.name} reordered the list of keys it was given (sorted "
-                "it in place), so which value is whose is unknown: sort a copy (sorted(keys)) "
-                "and return the values in the order of the keys as given, or a mapping."
+        if len(passed) != len(keys) or any(a is not b for a, b in zip(passed, keys, strict=True)):
+            raise TypeError(  # told by identity: no key's __eq__ runs
+                f"@request_batch {self.name} changed the list of keys it was given (sorted, "
+                "converted or drained it in place), so which value is whose is unknown: work "
+                "on a copy (sorted(keys), list(keys)) and return the values in the order of "
+                "the keys as given, or a mapping from key to value."
             )
-        if type(result) is not list:
-            if isinstance(result, (str, bytes, Set)) or not isinstance(result, Iterable):
-                raise TypeError(
-                    f"@request_batch {self.name} returned {type(result).__name__}: a batch "
-                    "function returns a sequence of values in the order of its keys, or a "
-                    "mapping from key to value."
-                )
-            result = list(result)
+        if isinstance(result, (str, bytes, Set)) or not isinstance(result, Iterable):
+            raise TypeError(
+                f"@request_batch {self.name} returned {type(result).__name__}: a batch "
+                "function returns a sequence of values in the order of its keys, or a "
+                "mapping from key to value."
+            )
+        result = list(result)  # ours: the function may reuse or change its list later
         if len(result) != len(keys):
             raise TypeError(
                 f"@request_batch {self.name} returned {len(result)} values for {len(keys)} "
@@ -203,7 +202,7 @@ class _BatchSpec:
     def keep(self, store: MemoStore, counter: Counter, fetched: dict[Hashable, Any]) -> None:
         """Store what was fetched, lock held; failures are not cached."""
         for ck, value in fetched.items():
-            if not isinstance(value, Exception):
+            if not issubclass(type(value), Exception):  # type(): runs no code of the value
                 store._fill((self, ck), value, counter, None)
 
     def outside(self, keys: list[Any], cks: list[Hashable]) -> dict[Hashable, Any]:
@@ -342,7 +341,7 @@ def settled(cks: list[Hashable], values: list[Any], got: dict[Hashable, Any]) ->
     among them raised."""
     found = [got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)]
     for value in found:
-        if isinstance(value, Exception):
+        if issubclass(type(value), Exception):
             try:
                 raise value
             finally:  # this frame, in the error's traceback: a reference cycle

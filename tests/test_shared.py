@@ -1004,3 +1004,29 @@ def test_a_cache_that_fails_to_store_never_hands_waiters_its_error(
 def test_a_huge_message_is_quoted_once_and_short() -> None:
     _, waiting = _computing_and_waiting(lambda: Wrapped("big", list(range(200_000))))
     assert type(waiting) is SharedComputationError and len(str(waiting)) < 2_200
+
+
+async def test_what_the_computing_request_adds_to_its_error_later_never_reaches_a_waiter() -> None:
+    """The waiter's copy is taken as the error is raised, not as the waiter wakes: by
+    then the computing request's own handler may have annotated the original with its
+    data. Before: the other request's error carried "while serving alice"."""
+
+    @request_memo(shared=cachetools.TTLCache(maxsize=10, ttl=60))
+    async def price(sku: str) -> int:
+        await asyncio.sleep(0.05)
+        raise ValueError(f"upstream 503 for {sku}")
+
+    async def view(user: str) -> list[str]:
+        async with request_scope():
+            try:
+                await price("sku-1")
+            except ValueError as exc:
+                exc.add_note(f"while serving {user}")  # the request's own error handling
+                return list(exc.__notes__)
+        raise AssertionError("price() should have raised")
+
+    alice = asyncio.create_task(view("alice"))
+    await asyncio.sleep(0.01)  # alice computes; bob waits for her computation
+    bob = asyncio.create_task(view("bob"))
+    notes = await asyncio.wait_for(asyncio.gather(alice, bob), 5)
+    assert notes == [["while serving alice"], [NOTE, "while serving bob"]]

@@ -58,24 +58,26 @@ class Raised:
     """What a shared computation raised, handed to this process's waiters as a value, so
     that no frame of theirs (``_flight``'s) ever holds it: ``error_for(call)``."""
 
-    __slots__ = ("call", "error", "named")
+    __slots__ = ("call", "copy", "error")
 
     def __init__(self, call: Call, error: Exception) -> None:
         self.call, self.error = call, error
-        self.named: tuple[str, list[str]] | None = None  # the fallback's text, made once
+        # Copied now, as it is raised: its request may go on to change it (add_note).
+        self.copy = _safe_copy(error, _Copy())
 
     def error_for(self, call: Call) -> BaseException:
-        """The error itself for the call that raised it, a copy for any other."""
-        if call is self.call:
-            return self.error
-        try:
-            return _Copy().error(self.error, 0)
-        except Exception:  # _Unsafe, or the type's own code failing on its arguments
-            pass
-        if self.named is None:
-            self.named = _named(self.error)
-        named = SharedComputationError(self.named[0])
-        named.__notes__ = list(self.named[1])
+        """The error itself for the call that raised it, a copy of its copy for any other
+        (each waiter's own: another may change it too)."""
+        return self.error if call is self.call else _safe_copy(self.copy, _Copy(note=False))
+
+
+def _safe_copy(error: BaseException, copy: _Copy) -> BaseException:
+    try:
+        return copy.error(error, 0)
+    except Exception:  # _Unsafe, or the type's own code failing on its arguments
+        message, notes = _named(error)
+        named = SharedComputationError(message)
+        named.__notes__ = notes
         return named
 
 
@@ -129,9 +131,10 @@ class _Copy:
     """One copy of one error: what it met (errors refer to each other), and what is left
     of its budget."""
 
-    def __init__(self) -> None:
+    def __init__(self, note: bool = True) -> None:
         self.seen: dict[int, BaseException] = {}
         self.left = _MOST
+        self.note = [NOTE] if note else []  # added to each copied error's own notes
 
     def error(self, error: BaseException, depth: int) -> BaseException:
         known = self.seen.get(id(error))
@@ -158,7 +161,7 @@ class _Copy:
         state = self.value(dict(vars(error)), depth)
         vars(clone).clear()
         vars(clone).update(state)
-        clone.__notes__ = [*_notes(state.get("__notes__")), NOTE]  # its own notes kept
+        clone.__notes__ = [*_notes(state.get("__notes__")), *self.note]  # its own kept
         return clone
 
     def value(self, value: Any, depth: int) -> Any:

@@ -717,3 +717,24 @@ def test_manage_py_check_validates_the_setting_when_the_app_is_installed() -> No
                 call_command("check")
         with override_settings(PERREQUEST={"MAX_ENTRIES": 5}):
             assert not [e for e in checks.run_checks() if e.id.startswith("perrequest")]
+
+
+def test_the_settings_check_reports_what_reading_an_odd_setting_raised() -> None:
+    """A check must report, not raise: a Mapping whose iteration raises is E001 too."""
+    from collections.abc import Mapping
+
+    from perrequest.django.apps import check_settings
+
+    class Odd(Mapping[str, object]):
+        def __getitem__(self, key: str) -> object:
+            raise KeyError(key)
+
+        def __iter__(self) -> Any:
+            raise RuntimeError("cannot iterate")
+
+        def __len__(self) -> int:
+            return 1
+
+    with override_settings(PERREQUEST=Odd()):
+        (error,) = check_settings()
+    assert error.id == "perrequest.E001" and "RuntimeError('cannot iterate')" in error.msg

@@ -1030,3 +1030,23 @@ async def test_what_the_computing_request_adds_to_its_error_later_never_reaches_
     bob = asyncio.create_task(view("bob"))
     notes = await asyncio.wait_for(asyncio.gather(alice, bob), 5)
     assert notes == [["while serving alice"], [NOTE, "while serving bob"]]
+
+
+class _SecondCopyFails(Exception):
+    made = 0
+
+    def __init__(self, *args: object) -> None:
+        type(self).made += 1
+        if type(self).made == 3:  # the original, the copy taken as raised, then a waiter's
+            raise RuntimeError("this copy fails")
+        super().__init__(*args)
+
+
+def test_a_waiters_copy_that_fails_names_the_error_with_one_note_of_ours() -> None:
+    """The waiter's copy is made from the copy taken as the error was raised: if that
+    second copy fails, the SharedComputationError standing for it says "another request"
+    once (a review of the change saw the note twice)."""
+    _SecondCopyFails.made = 0
+    _, waiting = _computing_and_waiting(lambda: _SecondCopyFails("m"))
+    assert type(waiting) is SharedComputationError
+    assert waiting.__notes__ == [NOTE]

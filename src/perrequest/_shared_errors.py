@@ -115,7 +115,7 @@ def _named(error: BaseException) -> tuple[str, list[str]]:
         notes = []
     kind = f"{type(error).__module__}.{type(error).__qualname__}"
     message = f"another request computing this shared entry raised {kind}: {text}"
-    return message, [*notes, NOTE]
+    return message, [*(note for note in notes if note != NOTE), NOTE]  # (of a copy: once)
 
 
 def _notes(notes: object) -> list[str]:

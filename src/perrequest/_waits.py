@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import sys
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -28,31 +27,12 @@ def thread_me() -> int:
 
 def task_me() -> object:
     """``thread_me`` for tasks: the current asyncio task, through a frame of its own
-    (3.12+ counts the frames of awaited coroutines as calls); None under trio.
-
-    On 3.11 ``asyncio.current_task()`` asks ``get_running_loop()``, which makes a
-    ``getpid()`` system call each time (200 ns here, an async miss's eighth): the last
-    loop found, with its thread, is asked first. Stale (that loop stopped, or runs in
-    another thread now), it answers None (then asked anew), or another thread's task:
-    two callers then share one ``me``, and may compute a key side by side, or see a
-    cycle in who-waits-for-whom and compute without sharing; merging two waiters can
-    hide no cycle, so nothing hangs, and no value changes."""
-    global _last
+    (3.12+ counts the frames of awaited coroutines as calls); None under trio. (On 3.11
+    it costs a ``getpid()`` system call; docs/performance.md says why it is not cached.)"""
     try:
-        if not _PID_PER_CALL:
-            return asyncio.current_task()
-        thread, loop = _last
-        if thread == threading.get_ident() and (task := asyncio.current_task(loop)):
-            return task
-        loop = asyncio.get_running_loop()
+        return asyncio.current_task()
     except RuntimeError:  # no asyncio loop running here
         return None
-    _last = (threading.get_ident(), loop)
-    return asyncio.current_task(loop)
-
-
-_PID_PER_CALL = sys.version_info < (3, 12)  # 3.12+: current_task() is C, and as fast
-_last: tuple[int, Any] = (0, None)  # (thread, loop)
 
 
 _waits: dict[object, object] = {}
@@ -79,8 +59,7 @@ def _before_fork() -> None:
 def _after_fork_in_child() -> None:
     """The parent's waits are not this process's; nor is the lock, which one of its
     threads may have held."""
-    global _gone, _waits_lock, _last
-    _last = (0, None)  # the parent's loop, which does not run here
+    global _gone, _waits_lock
     _gone = _gone | (_at_fork - {threading.get_ident()})
     _waits.clear()
     _waits_lock = threading.RLock()

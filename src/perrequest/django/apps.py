@@ -26,6 +26,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
 
     try:
         _read_settings()
-    except ImproperlyConfigured as exc:
-        return [checks.Error(str(exc), id="perrequest.E001")]
+    except Exception as exc:  # ImproperlyConfigured; or what an odd value raised reading it
+        text = str(exc) if isinstance(exc, ImproperlyConfigured) else f"reading it raised {exc!r}"
+        return [checks.Error(f"settings.PERREQUEST: {text}", id="perrequest.E001")]
     return []

@@ -28,6 +28,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from test_otel import points
 
 django_project.setup()
 
@@ -59,17 +60,6 @@ SCOPE_MW = "perrequest.django.RequestScopeMiddleware"
 def _offline_client() -> redis.Redis:
     """A client that is never used to connect: RedisCache's checks run at construction."""
     return redis.Redis(host="127.0.0.1", port=1)
-
-
-def _metric_points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
-    """Metric name -> its data points (as tests/test_otel.py reads them)."""
-    data = reader.get_metrics_data()
-    found: dict[str, list[Any]] = {}
-    for resource in data.resource_metrics if data else ():
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                found.setdefault(metric.name, []).extend(metric.data.data_points)
-    return found
 
 
 @pytest.fixture
@@ -256,7 +246,7 @@ def test_metrics_count_function_names_past_the_bound_under_other(
         for fn in (first, second, third, fourth, first):
             with request_scope():
                 fn(1)
-        found = _metric_points(reader)
+        found = points(reader)
     finally:
         otel.uninstrument()
     misses = {p.attributes[otel.FUNCTION]: p.value for p in found["perrequest.memo.misses"]}
@@ -379,7 +369,7 @@ def test_otel_records_nothing_for_a_scope_that_did_nothing(
     try:
         with tracer.start_as_current_span("GET /health"), request_scope():
             pass
-        found = _metric_points(reader)
+        found = points(reader)
         [span] = exporter.get_finished_spans()
     finally:
         provider.shutdown()
@@ -388,7 +378,7 @@ def test_otel_records_nothing_for_a_scope_that_did_nothing(
     assert not [name for name in span.attributes or {} if name.startswith("perrequest.")]
     with request_scope():  # the control: a scope that did something is recorded
         perrequest.get_or_set("k", lambda: 1)
-    [entries] = _metric_points(reader)["perrequest.scope.entries"]
+    [entries] = points(reader)["perrequest.scope.entries"]
     assert entries.count == 1
 
 

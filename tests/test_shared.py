@@ -1011,9 +1011,11 @@ async def test_what_the_computing_request_adds_to_its_error_later_never_reaches_
     then the computing request's own handler may have annotated the original with its
     data. Before: the other request's error carried "while serving alice"."""
 
+    release = asyncio.Event()
+
     @request_memo(shared=cachetools.TTLCache(maxsize=10, ttl=60))
     async def price(sku: str) -> int:
-        await asyncio.sleep(0.05)
+        await release.wait()
         raise ValueError(f"upstream 503 for {sku}")
 
     async def view(user: str) -> list[str]:
@@ -1026,8 +1028,14 @@ async def test_what_the_computing_request_adds_to_its_error_later_never_reaches_
         raise AssertionError("price() should have raised")
 
     alice = asyncio.create_task(view("alice"))
-    await asyncio.sleep(0.01)  # alice computes; bob waits for her computation
+    await asyncio.sleep(0.01)  # alice computes
     bob = asyncio.create_task(view("bob"))
+    for _ in range(5000):  # until bob waits for her computation (a shared hit as it starts)
+        await asyncio.sleep(0.001)
+        with request_scope():
+            if price.cache_info().shared_hits:
+                break
+    release.set()
     notes = await asyncio.wait_for(asyncio.gather(alice, bob), 5)
     assert notes == [["while serving alice"], [NOTE, "while serving bob"]]
 

@@ -347,7 +347,8 @@ def test_an_unpicklable_value_fails_the_call_with_a_type_error_naming_the_functi
                     handler(1)
                 message = str(caught.value)
                 assert f"{__name__}" in message and "handler" in message
-                assert "'pickle' cannot store" in message and "Can't pickle" in message
+                assert "'pickle' cannot store" in message and "<lambda>" in message  # (pickle's
+                # own words differ between CPythons: "Can't pickle", "Can't get local object")
             assert calls == [1, 1]  # the failure was not cached
             assert [k for k in client.scan_iter() if not k.endswith((b":lock", b":gen"))] == []
         finally:

@@ -176,21 +176,6 @@ async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
 def _ended(
     state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any], task: Any
 ) -> None:
-    """``_hand_out``; if that raised (a bug: a loop callback's error is only logged), the
-    call's waiters get the error rather than wait for ever."""
-    try:
-        _hand_out(state, keys, cks, waiters, task)
-    except Exception as exc:
-        logger.exception("perrequest: @request_batch %s: a batch's end failed", state.spec.name)
-        with state.store._lock:
-            for ck in cks:
-                _hand(_taken(waiters, ck), exc, True)
-        _release(state)
-
-
-def _hand_out(
-    state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any], task: Any
-) -> None:
     """Hand each key's value to its waiters and store it; a cancelled call's keys go in
     the next batch (``_again``)."""
     tasks = _running.get(state.loop, {})

@@ -101,7 +101,7 @@ def _check_get_response(get_response: object) -> None:
         return
     if is_wsgi_app(get_response):
         kind, article = "wsgi", "a"
-    elif binds(get_response, 3) and not binds(get_response, 1):
+    elif binds(get_response, 3):
         kind, article = "asgi", "an"
     else:
         return

@@ -58,3 +58,17 @@ def own_redis() -> Iterator[Callable[..., Any]]:
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def reader() -> Iterator[Any]:
+    """An OpenTelemetry SDK in-memory metric reader, perrequest.otel instrumented on it."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from perrequest import otel
+
+    metric_reader = InMemoryMetricReader()
+    otel.instrument(MeterProvider(metric_readers=[metric_reader]))
+    yield metric_reader
+    otel.uninstrument()

@@ -14,7 +14,7 @@ import contextvars
 import io
 import json
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -60,14 +60,6 @@ SCOPE_MW = "perrequest.django.RequestScopeMiddleware"
 def _offline_client() -> redis.Redis:
     """A client that is never used to connect: RedisCache's checks run at construction."""
     return redis.Redis(host="127.0.0.1", port=1)
-
-
-@pytest.fixture
-def reader() -> Iterator[InMemoryMetricReader]:
-    reader = InMemoryMetricReader()
-    otel.instrument(MeterProvider(metric_readers=[reader]))
-    yield reader
-    otel.uninstrument()
 
 
 # -- 1. batch.py: a sync loader's hit refreshes its LRU recency ---------------------------

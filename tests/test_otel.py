@@ -39,14 +39,6 @@ def one_at_a_time(x: int) -> int:
 
 
 @pytest.fixture
-def reader() -> Iterator[InMemoryMetricReader]:
-    reader = InMemoryMetricReader()
-    otel.instrument(MeterProvider(metric_readers=[reader]))
-    yield reader
-    otel.uninstrument()
-
-
-@pytest.fixture
 def spans() -> Iterator[tuple[trace.Tracer, InMemorySpanExporter]]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -661,10 +661,13 @@ def test_a_far_redis_that_has_not_seen_the_scripts_is_shared_at_once(
     SCRIPT LOAD, then EVALSHA: three round trips within one op_timeout. Over a link
     with a round trip over op_timeout/3, each script's first use failed (fail open:
     computed again in every worker, Redis left alone for retry_after), one script
-    after the other."""
-    link = Latency(redis_server.port, 0.4)
+    after the other. A round trip of 0.36 of op_timeout: over its third (three of them
+    outlast it: the old protocol fails, the more so on a loaded machine), and 0.14 of it
+    under the half that one read may take (0.4 of 1 s left a loaded CI run 0.1 s, and
+    one read outlasted it)."""
+    link = Latency(redis_server.port, 0.72)
     try:
-        env = {"OP_TIMEOUT": "1", "COMPUTE": "0.05"}
+        env = {"OP_TIMEOUT": "2", "COMPUTE": "0.05"}
         with served("uvicorn", link.port, tmp_path, workers=2, **env) as app:
             _shared_again(app, "first")
             _shared_again(app, "second")

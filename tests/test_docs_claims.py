@@ -351,6 +351,14 @@ def _runtime_mistakes() -> dict[str, list[object]]:
     def exit_unentered() -> None:
         request_scope().__exit__(None, None, None)
 
+    def key_for_another_signature() -> None:
+        class Repo:
+            @request_memo(key=lambda user_id: user_id)
+            def user(self, user_id: int) -> int:
+                return user_id
+
+        Repo().user(1)
+
     return {
         "a sync memoized function (or one run by": [returns_a_coroutine],
         "a sync memoized function returns a generator": [returns_a_generator],
@@ -366,6 +374,7 @@ def _runtime_mistakes() -> dict[str, list[object]]:
         "`get_or_set` with a factory that returns a coroutine": [
             lambda: perrequest.get_or_set("k", _coroutine)
         ],
+        "a `key=` function that cannot take": [key_for_another_signature],
         "assigning to a memo entry's key": [assign_a_memo_key],
         "exiting a `request_scope()` object": [exit_unentered],
     }

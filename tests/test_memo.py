@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sys
 import threading
@@ -222,6 +223,33 @@ def test_key_function_returning_unhashable() -> None:
 
     with request_scope(), pytest.raises(UnhashableArguments, match=r"key= function.*f"):
         f(1)
+
+
+def test_a_key_function_of_another_signature_is_named_and_its_own_errors_pass() -> None:
+    """``key=lambda user_id: ...`` on a method: Python's bare "takes 1 positional argument
+    but 2 were given" named neither the memo nor ``key=`` (a newcomer's audit). A
+    ``TypeError`` from the key function's body is its own, passed on unchanged."""
+
+    class Repo:
+        @request_memo(key=lambda user_id: user_id)
+        def user(self, user_id: int) -> int:
+            return user_id
+
+    @request_memo(key=lambda name: len(name))
+    def length(name: object) -> object:
+        return name
+
+    for scope in (request_scope, contextlib.nullcontext):  # outside a scope too
+        with scope():
+            with pytest.raises(
+                TypeError,
+                match=r"key= function of @request_memo .*Repo\.user "
+                r"cannot take .*self or cls included",
+            ) as info:
+                Repo().user(1)
+            assert "2 were given" in str(info.value) and info.value.__cause__ is None
+            with pytest.raises(TypeError, match=r"^object of type 'int' has no len\(\)$"):
+                length(5)
 
 
 def test_exceptions_are_not_cached() -> None:

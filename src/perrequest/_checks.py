@@ -80,25 +80,6 @@ def unhashable_because(value: object) -> str | None:
     return None
 
 
-def check_key(key: object) -> None:
-    """One error for an unhashable store key, even where no dict would hash it."""
-    if (why := unhashable_because(key)) is not None:
-        raise TypeError(
-            f"perrequest store keys must be hashable, not {why}: use a tuple "
-            "(tuple(key)) or another hashable value (a frozenset instead of a set)"
-        )
-
-
-def check_factory(factory: object) -> None:
-    """``get_or_set(key, 42)`` would fail inside the library, counted as a miss."""
-    if not callable(factory):
-        raise TypeError(
-            "get_or_set(key, factory): factory must be a callable taking no arguments, "
-            f"called to make the value when the key is missing, not {type(factory).__name__} "
-            f"{factory!r}. Wrap a ready value: get_or_set(key, lambda: value)."
-        )
-
-
 def is_async_callable(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(_call_of(fn))
 
@@ -110,10 +91,17 @@ def is_wsgi_app(app: object) -> bool:
 
 
 def binds(fn: object, count: int) -> bool:  # takes ``count`` positional arguments
+    return bool(takes(fn, tuple(range(count)), {}))
+
+
+def takes(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool | None:
+    """Whether ``fn`` takes these arguments; None when its signature cannot be read."""
     try:
-        inspect.signature(fn).bind(*range(count))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        inspect.signature(fn).bind(*args, **kwargs)  # type: ignore[arg-type]
+    except TypeError:
         return False
+    except ValueError:
+        return None
     return True
 
 
@@ -286,7 +274,17 @@ def call_key(spec: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
     ``id`` cannot be reused within the scope). Not checked for hashability."""
     key: Any
     if spec.key_fn is not None:
-        key = spec.key_fn(*args, **kwargs)
+        try:
+            key = spec.key_fn(*args, **kwargs)
+        except TypeError as exc:
+            if takes(spec.key_fn, args, kwargs) is False:  # else its body raised: its own
+                raise TypeError(
+                    f"the key= function of @request_memo {spec.name} cannot take this call's "
+                    f"arguments ({exc}): it gets exactly the memoized function's arguments, "
+                    "self or cls included for a method. Give it the same parameters "
+                    "(key=lambda self, user_id: user_id)."
+                ) from None
+            raise
         try:
             hash(key)
         except TypeError as exc:

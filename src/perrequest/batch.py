@@ -115,8 +115,7 @@ class _Loader:
         if isinstance(value, BaseException):
             raise TypeError(
                 f"{spec.name}.prime({key!r}, {value!r}): failures are never cached, so an "
-                "exception cannot be primed. Prime values only; a load of the key will ask "
-                "the batch function."
+                "exception cannot be primed. Prime values only (a load asks the batch function)."
             )
         _, (ck,) = spec.keys_of([key])
         store = active_store()
@@ -142,10 +141,8 @@ class _Loader:
 
     def clear(self, key: Any, /) -> bool:
         _, (cache_key,) = self._spec.keys_of([key])
-        store = active_store()
-        if store is None:
-            return False
-        return store.pop(MemoKey(self._spec, cache_key), _ABSENT) is not _ABSENT
+        store, absent = active_store(), _ABSENT
+        return store is not None and store.pop(MemoKey(self._spec, cache_key), absent) is not absent
 
     def cache_clear(self) -> None:
         store = active_store()
@@ -309,7 +306,9 @@ def request_batch(
     if unknown:
         raise TypeError(unknown_option("request_batch()", next(iter(unknown)), _OPTIONS))
     max_batch_size = check_max_entries(max_batch_size, "request_batch(max_batch_size=...)")
-    if key is not None and (not callable(key) or is_async_callable(key)):
+    if key is not None and (  # takes: False if it cannot take one argument
+        not callable(key) or is_async_callable(key) or _checks.takes(key, (0,), {}) is False
+    ):
         raise TypeError(
             "request_batch(key=...) must be a plain (sync) function of one load key returning "
             f"a hashable cache key, not {type(key).__name__} {key!r}"

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
 from ._active import OnClose, _current, active_store, close_scope, here, open_scope
 from ._checks import (
-    check_key,
     check_max_entries,
     check_on_close,
     explains_options,
@@ -25,7 +24,7 @@ from ._checks import (
 from ._stats import add_scope_listener, remove_scope_listener
 from ._waits import within
 from .errors import NoActiveScope
-from .store import DEFAULT_MAX_ENTRIES, MemoStore
+from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_key
 
 __all__ = [
     "add_scope_listener",

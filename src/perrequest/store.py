@@ -12,7 +12,7 @@ from collections.abc import Callable, Hashable, ItemsView, Iterator, MutableMapp
 from typing import Any, NamedTuple, TypeVar
 
 from . import _flight
-from ._checks import check_factory, check_key
+from ._checks import unhashable_because
 from ._entries import DEFAULT_MAX_ENTRIES, HELPERS, Entries
 from ._flight import MISSING
 from ._stats import ScopeStats
@@ -21,6 +21,25 @@ from ._waits import Waited
 __all__ = ["DEFAULT_MAX_ENTRIES", "MemoKey", "MemoStore"]
 
 T = TypeVar("T")
+
+
+def check_key(key: object) -> None:
+    """One error for an unhashable store key, even where no dict would hash it."""
+    if (why := unhashable_because(key)) is not None:
+        raise TypeError(
+            f"perrequest store keys must be hashable, not {why}: use a tuple "
+            "(tuple(key)) or another hashable value (a frozenset instead of a set)"
+        )
+
+
+def check_factory(factory: object) -> None:
+    """``get_or_set(key, 42)`` would fail inside the library, counted as a miss."""
+    if not callable(factory):
+        raise TypeError(
+            "get_or_set(key, factory): factory must be a callable taking no arguments, "
+            f"called to make the value when the key is missing, not {type(factory).__name__} "
+            f"{factory!r}. Wrap a ready value: get_or_set(key, lambda: value)."
+        )
 
 
 class MemoKey(NamedTuple):

@@ -237,3 +237,50 @@ async def test_real_hypercorn_dependencies_and_background_tasks() -> None:
     assert set(probe.seen["h2"].values()) == set(lines) and len(set(lines)) == 1
     assert first not in lines
     assert probe.computed == 2
+
+
+def test_a_scope_opened_in_a_sync_generator_or_sync_yield_dependency_stays_in_that_step() -> None:
+    """docs/frameworks/fastapi.md: Starlette runs each step of a sync streaming generator, and
+    FastAPI enters a sync ``yield`` dependency, in a worker thread with a fresh copy of the
+    request's context, so a ``request_scope()`` opened there covers that step only (a
+    newcomer's audit); opened in ``async def`` code, it covers what follows."""
+    app = FastAPI()
+
+    def sync_scoped() -> Iterator[None]:
+        with perrequest.request_scope():
+            yield
+
+    async def async_scoped() -> Any:
+        async with perrequest.request_scope():
+            yield
+
+    @app.get("/dep/sync", dependencies=[Depends(sync_scoped)])
+    def under_sync() -> bool:
+        return in_request_scope()
+
+    @app.get("/dep/async", dependencies=[Depends(async_scoped)])
+    def under_async() -> bool:
+        return in_request_scope()
+
+    def sync_rows() -> Iterator[str]:
+        with perrequest.request_scope() as own:
+            for _ in range(3):
+                yield f"{perrequest.current_store() is own} "
+
+    async def async_rows() -> Any:
+        async with perrequest.request_scope() as own:
+            for _ in range(3):
+                yield f"{perrequest.current_store() is own} "
+
+    @app.get("/stream/{kind}")
+    def stream(kind: str) -> StreamingResponse:
+        return StreamingResponse(sync_rows() if kind == "sync" else async_rows())
+
+    app.add_middleware(RequestScopeMiddleware)
+    with TestClient(app) as client:
+        assert client.get("/stream/sync").text == "True False False "
+        assert client.get("/stream/async").text == "True True True "
+    plain = TestClient(FastAPI(routes=app.router.routes))  # no middleware: the dependency's
+    assert plain.get("/dep/sync").json() is False
+    assert plain.get("/dep/async").json() is True
+    assert live_scopes() == 0

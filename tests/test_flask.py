@@ -480,3 +480,39 @@ def test_served_concurrent_requests_never_see_each_other(
             _wait_for(url, lambda live: live["live"] == 0, "stores left open after the burst")
     cross_talk = results.count(False)
     assert len(results) == total and cross_talk == 0
+
+
+def test_copy_current_request_context_runs_teardowns_again_in_its_thread() -> None:
+    """docs/frameworks/flask.md: a thread's function under ``copy_current_request_context``
+    pops the copied context as it returns, which runs the app's teardowns again there,
+    outside the scope; ``bind_scope`` around it brings the scope along (an audit)."""
+    import threading
+
+    from flask import copy_current_request_context
+
+    app = Flask(__name__)
+    PerRequest(app)
+    seen: list[tuple[str, bool]] = []
+
+    @app.teardown_request
+    def record(_: BaseException | None) -> None:
+        seen.append((threading.current_thread().name, perrequest.in_request_scope()))
+
+    @app.get("/<how>")
+    def view(how: str) -> str:
+        work = copy_current_request_context(lambda: None)
+        target = perrequest.bind_scope(work) if how == "bound" else work
+        thread = threading.Thread(target=target, name="worker")
+        thread.start()
+        thread.join(10)
+        return how
+
+    client = app.test_client()
+    with client.get("/alone") as response:
+        assert response.text == "alone"
+    assert seen == [("worker", False), ("MainThread", True)]
+    seen.clear()
+    with client.get("/bound") as response:
+        assert response.text == "bound"
+    assert seen == [("worker", True), ("MainThread", True)]
+    assert live_scopes() == 0

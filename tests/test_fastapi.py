@@ -265,7 +265,7 @@ def test_a_scope_opened_in_a_sync_generator_or_sync_yield_dependency_stays_in_th
     def sync_rows() -> Iterator[str]:
         with perrequest.request_scope() as own:
             for _ in range(3):
-                yield f"{perrequest.current_store() is own} "
+                yield f"{perrequest.current_store() is own}:{perrequest.get('set by')} "
 
     async def async_rows() -> Any:
         async with perrequest.request_scope() as own:
@@ -274,11 +274,13 @@ def test_a_scope_opened_in_a_sync_generator_or_sync_yield_dependency_stays_in_th
 
     @app.get("/stream/{kind}")
     def stream(kind: str) -> StreamingResponse:
+        perrequest.set("set by", "request")
         return StreamingResponse(sync_rows() if kind == "sync" else async_rows())
 
     app.add_middleware(RequestScopeMiddleware)
     with TestClient(app) as client:
-        assert client.get("/stream/sync").text == "True False False "
+        # After the first step, the request's store again.
+        assert client.get("/stream/sync").text == "True:None False:request False:request "
         assert client.get("/stream/async").text == "True True True "
     plain = TestClient(FastAPI(routes=app.router.routes))  # no middleware: the dependency's
     assert plain.get("/dep/sync").json() is False

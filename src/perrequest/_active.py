@@ -47,9 +47,7 @@ def _forked() -> None:
     in its store), each with a fresh lock first (a thread left in the parent may hold it)."""
     active = _current.get()
     for _ in range(_NESTED_SCOPES_MAX):
-        if type(active) is list:  # a middleware's cell: closed, with its store if made
-            if active[0] is None:  # closed already
-                break
+        if type(active) is list:  # a middleware's cell (a closed one ends below)
             if len(active) == 1:  # no store made
                 active[:] = [None, _NONE_MADE]
                 break

@@ -1,0 +1,54 @@
+"""Guards of the checks of what users pass in (_checks) that no other test needed: each test
+here fails with its guard deleted (a block-deletion mutation pass of the core, 5 December
+2026)."""
+
+from __future__ import annotations
+
+import pytest
+
+from perrequest import request_memo, request_scope
+from perrequest.errors import UnhashableArguments
+
+
+def test_unhashable_arguments_that_do_not_bind_are_named_by_position() -> None:
+    """A call keyed by its shape (typed=True) with an unhashable argument and one argument
+    too many: the error still says which argument, by position, not inspect's
+    "too many positional arguments"."""
+
+    @request_memo(typed=True)
+    def f(x: object) -> object:
+        return x
+
+    with request_scope(), pytest.raises(UnhashableArguments, match="'#0' is unhashable"):
+        f([1], 2)  # type: ignore[call-arg]
+
+
+def test_a_builtin_method_without_a_signature_can_be_memoized() -> None:
+    """_checks.is_method: a callable in a class whose signature cannot be
+    read (str.format) is not taken for a method, and decorating it does not fail."""
+    fmt = request_memo(str.format)
+    with request_scope():
+        assert fmt("{}-{}", 1, 2) == "1-2"
+        assert fmt("{}-{}", 1, 2) == "1-2"
+        assert fmt.cache_info().hits == 1
+
+
+def test_a_refused_coroutine_result_is_closed_not_left_never_awaited() -> None:
+    """_checks.refuse_memoized_result: the coroutine a sync memo returned
+    is refused and closed: no "coroutine ... was never awaited" warning later."""
+    import gc
+    import warnings
+
+    async def body() -> int:
+        return 1
+
+    @request_memo
+    def f(x: int) -> object:
+        return body()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with request_scope(), pytest.raises(TypeError, match="coroutine"):
+            f(1)
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]

@@ -1,0 +1,327 @@
+"""Guards of single-flight (_flight, _waits) that no other test needed: each test here fails
+with its guard deleted (a block-deletion mutation pass of the core, 5 December 2026)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+import perrequest
+from perrequest import _flight, bind_scope, request_memo, request_scope
+
+
+class Model:
+    """Django's model hash: by pk, a TypeError while pk is None."""
+
+    def __init__(self, pk: int | None) -> None:
+        self.pk = pk
+
+    def __hash__(self) -> int:
+        if self.pk is None:
+            raise TypeError("Model instances without primary key value are unhashable")
+        return hash(self.pk)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Model):
+            return NotImplemented
+        return self is other if self.pk is None else self.pk == other.pk
+
+
+def test_a_key_moved_while_another_in_flight_is_unhashable_raises_nothing() -> None:
+    """_waits.take_out: finishing a computation whose key's hash changed
+    takes the records out and files the others again; one whose key cannot be hashed now
+    (an outer computation saving a copy: pk None) is dropped, not raised from here."""
+    a, b = Model(1), Model(2)
+
+    @request_memo
+    def g(m: Model) -> int:
+        m.pk = 99  # saved: its hash changes while it is computed
+        return 2
+
+    @request_memo
+    def f(m: Model) -> int:
+        if m is a:
+            a.pk = None  # being saved, for a moment
+            assert g(b) == 2
+            a.pk = 1
+        return m.pk or 0
+
+    with request_scope():
+        g(Model(5)), f(Model(6))  # past each function's first miss
+        assert f(a) == 1
+
+
+def test_an_interrupt_as_the_registering_call_returns_leaves_no_record() -> None:
+    """_flight.interrupted: an interrupt (Ctrl-C) that comes just after a
+    miss registered itself as computing the key unregisters it; a record left behind
+    would have another thread wait for it for ever."""
+    run_code = _flight.run.__code__
+    fired = False
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not run_code:
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            nonlocal fired
+            f_locals = frame.f_locals
+            if (
+                not fired
+                and event == "line"
+                and f_locals.get("record") is not None
+                and f_locals.get("record") is f_locals.get("me")
+            ):
+                fired = True
+                raise KeyboardInterrupt
+            return local
+
+        return local
+
+    with request_scope() as store:
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                store.get_or_set("k", lambda: 1)
+        finally:
+            sys.settrace(None)
+        assert fired
+        got: list[int] = []
+        thread = threading.Thread(
+            target=bind_scope(lambda: got.append(store.get_or_set("k", lambda: 2))), daemon=True
+        )
+        thread.start()
+        thread.join(timeout=5)
+        assert got == [2], "the other thread waits for a computation that was interrupted"
+        assert perrequest.get("k") == 2
+
+
+async def _until(cond: Any) -> None:
+    import asyncio
+
+    for _ in range(200):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("never happened")
+
+
+async def test_a_deleted_computation_that_fails_leaves_the_next_ones_waiters_alone() -> None:
+    """_flight.failed: a computation whose key was deleted meanwhile, which
+    then raises, finds another caller's record (registered since): it puts it back, and
+    that caller's waiters get that caller's value, not the first one's error."""
+    import asyncio
+
+    go_a, go_b = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    @request_memo
+    async def f(x: int) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # task A
+            f.cache_delete(x)
+            await go_a.wait()
+            raise ValueError("A's error")
+        if calls == 3:  # task B
+            await go_b.wait()
+            return "B"
+        return "warm"
+
+    async with request_scope() as store:
+        await f(0)  # past the first miss
+        a = asyncio.create_task(f(1))
+        await _until(lambda: calls == 2)
+        b = asyncio.create_task(f(1))
+        await _until(lambda: calls == 3)
+        c = asyncio.create_task(f(1))  # waits for B
+        await _until(lambda: any(type(r).__name__ == "Waited" for r in store._flights.values()))
+        go_a.set()
+        with pytest.raises(ValueError):
+            await a
+        go_b.set()
+        assert await b == "B"
+        assert await c == "B"
+        assert await f(1) == "B" and calls == 3
+
+
+async def test_a_deleted_computation_that_ends_puts_the_next_ones_record_back() -> None:
+    """_flight._put_back: a computation whose key was deleted meanwhile
+    ends after another caller registered the key: it stores nothing and puts that
+    caller's record back, whose value is then stored."""
+    import asyncio
+
+    go_a, go_b = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    @request_memo
+    async def f(x: int) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # task A
+            f.cache_delete(x)
+            await go_a.wait()
+            return "A"
+        if calls == 3:  # task B
+            await go_b.wait()
+            return "B"
+        return "warm"
+
+    async with request_scope():
+        await f(0)
+        a = asyncio.create_task(f(1))
+        await _until(lambda: calls == 2)
+        b = asyncio.create_task(f(1))
+        await _until(lambda: calls == 3)
+        go_a.set()
+        assert await a == "A"
+        go_b.set()
+        assert await b == "B"
+        assert await f(1) == "B" and calls == 3  # B's value stored
+
+
+def test_a_waiter_gets_the_error_of_a_computation_whose_store_raised() -> None:
+    """_flight.abandon: storing the value raised (a colliding key's
+    __eq__): the waiters get that error at once, not, seconds later, a turn to compute."""
+    import time
+
+    armed = False
+    registered = threading.Event()
+    release = threading.Event()
+
+    class K:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __hash__(self) -> int:
+            return 7
+
+        def __eq__(self, other: object) -> bool:
+            if armed:
+                raise RuntimeError("compared")
+            return isinstance(other, K) and other.n == self.n
+
+    k0, k1 = K(0), K(1)
+
+    @request_memo
+    def f(k: K) -> int:
+        if k is k1 and not registered.is_set():
+            registered.set()
+            release.wait(5)
+        return k.n
+
+    with request_scope() as store:
+        f(k0)  # a colliding key, stored (and the first miss past)
+        outcome_main: list[object] = []
+        outcome: list[object] = []
+
+        def call(out: list[object]) -> None:
+            started = time.monotonic()
+            try:
+                out.append(f(k1))
+            except RuntimeError as exc:
+                out.append(exc)
+            out.append(time.monotonic() - started)
+
+        main = threading.Thread(target=bind_scope(call), args=(outcome_main,), daemon=True)
+        main.start()
+        registered.wait(5)
+        thread = threading.Thread(target=bind_scope(call), args=(outcome,), daemon=True)
+        thread.start()
+        for _ in range(500):
+            if any(type(r).__name__ == "Waited" for r in list(store._flights.values())):
+                break
+            time.sleep(0.005)
+        armed = True
+        release.set()
+        thread.join(10)
+        main.join(10)
+        armed = False
+        assert isinstance(outcome_main[0], RuntimeError), outcome_main  # the computing call
+        assert outcome and isinstance(outcome[0], RuntimeError), outcome  # its waiter
+        assert outcome[1] < 1.5, outcome  # not the 2 s of polling
+
+
+def test_a_computation_that_fails_after_making_its_key_unhashable_raises_its_own_error() -> None:
+    """_flight.failed: unregistering a failed computation whose key's hash
+    raises now (a save that failed half-way: pk None) unregisters it by identity; the
+    caller gets the function's error, not the key's TypeError."""
+
+    @request_memo
+    def save(m: Model) -> int:
+        if m.pk == 1:
+            m.pk = None
+            raise ValueError("the save failed")
+        return 0
+
+    with request_scope() as store:
+        save(Model(0))  # past the first miss
+        with pytest.raises(ValueError, match="the save failed"):
+            save(Model(1))
+        assert not store._flights
+
+
+def test_a_delete_sends_the_waiters_of_a_computation_to_compute_at_once() -> None:
+    """_waits.restart: a delete of a key being computed invalidates the
+    computation; its waiters compute again at once (read your writes), not after the
+    two seconds in which their polling would notice the record gone."""
+    import time
+
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow() -> int:
+        started.set()
+        release.wait(5)
+        return 1
+
+    with request_scope() as store:
+        first = threading.Thread(
+            target=bind_scope(lambda: store.get_or_set("k", slow)), daemon=True
+        )
+        first.start()
+        started.wait(5)
+        took: list[float] = []
+
+        def waiter() -> None:
+            t = time.monotonic()
+            assert store.get_or_set("k", lambda: 2) == 2
+            took.append(time.monotonic() - t)
+
+        second = threading.Thread(target=bind_scope(waiter), daemon=True)
+        second.start()
+        for _ in range(500):
+            if any(type(r).__name__ == "Waited" for r in list(store._flights.values())):
+                break
+            time.sleep(0.002)
+        store.pop("k", None)  # invalidates the computation in flight
+        second.join(5)
+        release.set()
+        first.join(5)
+        assert took and took[0] < 1.5, took  # not the 2 s of polling
+
+
+def test_a_recursive_miss_returning_a_generator_is_refused_not_cached() -> None:
+    """_flight._unshared: the inner call of a recursion (computed without
+    sharing) refuses a generator result as any miss does, so nothing one-shot is cached."""
+    calls = 0
+
+    @request_memo
+    def f(x: int) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return "warm"  # f(0): past the first miss
+        if calls == 2:
+            return f(x)  # the outer call recurses on its own key
+        return (i for i in range(3))  # the inner call, computed unshared
+
+    with request_scope():
+        f(0)
+        with pytest.raises(TypeError, match="generator"):
+            f(1)
+        calls = 1
+        with pytest.raises(TypeError, match="generator"):
+            f(1)  # nothing was cached: refused again

@@ -1,0 +1,122 @@
+"""Guards of the store (store, _entries) that no other test needed: each test here fails with
+its guard deleted (a block-deletion mutation pass of the core, 5 December 2026)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+
+import perrequest
+from perrequest import request_memo, request_scope
+from perrequest._active import close_scope
+
+
+def test_a_closed_store_refuses_an_unhashable_key_as_an_open_one_does() -> None:
+    """store._found: a closed store holds no dicts, so its lookup hashes
+    nothing; the key is checked all the same on a miss, as a dict would."""
+    with request_scope() as store:
+        pass
+    with pytest.raises(TypeError, match="must be hashable"):
+        ["a"] in store  # noqa: B015
+    with pytest.raises(TypeError, match="must be hashable"):
+        store.get(["a"])
+
+
+def test_popitem_skips_an_entry_its_own_key_removed_meanwhile() -> None:
+    """store.popitem: popping the most recent entry looks its key up;
+    a colliding key's __eq__ (user code) may delete that very entry meanwhile: the
+    next one is popped instead."""
+    armed = False
+
+    class K:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __hash__(self) -> int:
+            return 7
+
+        def __eq__(self, other: object) -> bool:
+            nonlocal armed
+            if armed and self is k1 and other is k2:
+                armed = False
+                del store[k2]
+            if not isinstance(other, K):
+                return NotImplemented  # as Django's, dataclasses', attrs'
+            return other.n == self.n
+
+    k1, k2 = K(1), K(2)
+    with request_scope() as store:
+        store[k1] = 1
+        store[k2] = 2
+        armed = True
+        assert store.popitem() == (k1, 1)
+        assert not armed and len(store) == 0
+
+
+def test_cache_clear_of_functions_made_anew_keeps_nothing_of_them() -> None:
+    """store._remove_owner: a function's dict goes with its last entry,
+    cache_clear() included, so that a long scope does not keep every function (and
+    what its closure holds) that was defined and cleared in it."""
+    with request_scope() as store:
+        refs = []
+        for i in range(20):
+
+            @request_memo
+            def per_message(x: int) -> int:
+                return x
+
+            per_message(i)
+            per_message.cache_clear()
+            refs.append(weakref.ref(per_message))
+            del per_message
+        gc.collect()
+        assert len(store._subs) == 1  # type: ignore[arg-type]  # the helpers' dict only
+        assert all(r() is None for r in refs)
+
+
+def test_stats_read_while_another_thread_closes_the_store_are_stats() -> None:
+    """_entries._final_stats: a store is marked closed before its final
+    numbers are copied under the lock; stats read in between are a snapshot."""
+    with request_scope() as store:
+        perrequest.set("k", 1)
+        with store._lock:  # the closing thread waits here, the store marked closed
+            closing = threading.Thread(target=close_scope, args=(store,))
+            closing.start()
+            for _ in range(500):
+                if store.closed:
+                    break
+                time.sleep(0.002)
+            assert store.closed
+            stats = store.stats
+        closing.join(5)
+        assert stats is not None and stats.entries == 1
+
+
+def test_a_delete_whose_key_cannot_be_compared_with_a_key_in_flight_raises() -> None:
+    """store._invalidate: a delete by a key whose __eq__ raises against a
+    computation in flight (get_or_set of a colliding key) raises that error, as a dict's
+    lookup would; only the whole-function invalidations (cache_clear) swallow it."""
+
+    class Odd:
+        def __hash__(self) -> int:
+            return 7
+
+        def __eq__(self, other: object) -> bool:
+            raise RuntimeError("no comparing")
+
+    class Seven:
+        def __hash__(self) -> int:
+            return 7
+
+    with request_scope() as store:
+
+        def factory() -> int:
+            with pytest.raises(RuntimeError, match="no comparing"):
+                store.pop(Odd(), None)
+            return 1
+
+        assert store.get_or_set(Seven(), factory) == 1

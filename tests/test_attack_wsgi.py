@@ -245,6 +245,7 @@ def _check(state: dict[str, Any], paths: tuple[str, ...]) -> None:
         assert {e[2] for e in events if e[0] == "pool"} == {None}
 
 
+@pytest.mark.slow  # seconds of waiting, on purpose (make check skips it)
 def test_gunicorn_gthread_survives_timeouts_async_to_sync_and_hang_ups() -> None:
     paths = ("/pool-timeout", "/a2s", "/plain")
     with serve_gunicorn(f"{__name__}:served_app", worker_class="gthread", threads=4) as base:

@@ -276,6 +276,7 @@ def test_a_recursive_sync_miss_is_timed_like_any_miss() -> None:
     assert loaded.misses == 2 and loaded.compute_s >= 0.09
 
 
+@pytest.mark.slow  # seconds of waiting, on purpose (make check skips it)
 async def test_a_task_waiting_for_a_computation_that_dies_at_the_recursion_limit_is_freed() -> None:
     """The async twin of test_memo_threads' test: waking a key's waiters takes a few
     frames, and a computation that ends in a ``RecursionError`` at the limit may have
@@ -319,6 +320,7 @@ async def test_a_task_waiting_for_a_computation_that_dies_at_the_recursion_limit
         assert isinstance(waiter.result(), RecursionError)
 
 
+@pytest.mark.slow  # seconds of waiting, on purpose (make check skips it)
 async def test_a_task_waiting_several_seconds_leaves_one_callback_on_the_shared_future() -> None:
     """A waiting task looks every second whether the computation has ended. It wrapped
     the shared future anew each second, and every ``wrap_future`` adds a callback to it

@@ -255,6 +255,7 @@ def test_a_process_forked_after_the_request_while_a_thread_calls_does_not_hang()
     assert outcomes == [0] * 40
 
 
+@pytest.mark.slow  # seconds of waiting, on purpose (make check skips it)
 def test_a_thread_waiting_for_a_computation_that_dies_at_the_recursion_limit_is_freed() -> None:
     """Waking a key's waiters takes a few frames; a computation that ends in a
     ``RecursionError`` at the limit may have none left, and its waiter waited for ever.

@@ -1,0 +1,93 @@
+"""Guards of the shared tier's error copies (_shared_errors) that no other test needed: each
+test here fails with its guard deleted (a block-deletion mutation pass, 5 December 2026)."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from perrequest._shared_errors import NOTE, Call, Raised, SharedComputationError
+
+
+class Upstream:
+    """An object an error keeps: it makes the error unsafe to copy, so it goes by name."""
+
+
+class Unreadable(Exception):
+    """An error whose message cannot be read (a __str__ of its own that fails)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.response = Upstream()
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message here")
+
+
+class NotesFail(Exception):
+    """An error whose __notes__ cannot be read (a property of its own that fails)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.response = Upstream()
+
+    @property
+    def __notes__(self) -> list[str]:  # type: ignore[override]
+        raise RuntimeError("no notes here")
+
+
+def test_an_error_whose_message_cannot_be_read_still_reaches_a_waiter_by_name() -> None:
+    """_shared_errors._named: an error that cannot be copied goes to waiters by name, quoting
+    its message; a message that raises as it is read is said to be unreadable. Unguarded,
+    the __str__'s error escapes from where the computing request's error is recorded."""
+    error = Unreadable("db down")
+    raised = Raised(Call(), error)
+    waiting = raised.error_for(Call())
+    assert type(waiting) is SharedComputationError
+    assert "Unreadable: (its message could not be read)" in str(waiting)
+    assert waiting.__notes__ == [NOTE]
+    assert raised.error_for(raised.call) is error  # the computing request's own, untouched
+
+
+def test_an_error_whose_notes_cannot_be_read_still_reaches_a_waiter_by_name() -> None:
+    """_shared_errors._named: the notes of an error going by name are read through its own
+    code, which may raise (a property, a __getattr__): then it has none of its own. Unguarded,
+    that error escapes from where the computing request's error is recorded."""
+    error = NotesFail("db down")
+    waiting = Raised(Call(), error).error_for(Call())
+    assert type(waiting) is SharedComputationError
+    assert "NotesFail: db down" in str(waiting)
+    assert waiting.__notes__ == [NOTE]
+
+
+class Carrying(Exception):
+    """An error carrying a value besides its message."""
+
+    def __init__(self, message: str, value: object) -> None:
+        super().__init__(message, value)
+
+
+def test_an_error_carrying_a_plain_enum_member_reaches_a_waiter_as_a_copy() -> None:
+    """_shared_errors._Copy.value: a member of an enum defined once, of a plain value (an
+    HTTPStatus), refers to no frame: the copy keeps it, so the waiter gets the error's
+    own type, not a SharedComputationError. Unguarded, every enum member is unsafe."""
+    error = Carrying("upstream failed", HTTPStatus.BAD_GATEWAY)
+    waiting = Raised(Call(), error).error_for(Call())
+    assert type(waiting) is Carrying and waiting is not error
+    assert waiting.args == ("upstream failed", HTTPStatus.BAD_GATEWAY)
+    assert waiting.args[1] is HTTPStatus.BAD_GATEWAY
+
+
+def test_an_error_keeping_a_traceback_reaches_a_waiter_as_a_copy_without_it() -> None:
+    """_shared_errors._Copy.value: a traceback or frame an error keeps (an exc_info it saved)
+    holds the computing request's locals; the copy carries None in its place and is still
+    the error's own type. Unguarded, such an error reaches waiters by name only."""
+    try:
+        raise ValueError("inner")
+    except ValueError as inner:
+        tb = inner.__traceback__
+    error = Carrying("retry failed", tb)
+    error.frame = tb.tb_frame if tb is not None else None  # type: ignore[attr-defined]
+    waiting = Raised(Call(), error).error_for(Call())
+    assert type(waiting) is Carrying
+    assert waiting.args == ("retry failed", None)
+    assert waiting.frame is None  # type: ignore[attr-defined]

@@ -5,25 +5,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from keys import Model, Odd, Seven
+
 import perrequest
 from perrequest import request_memo, request_scope
-
-
-class Model:
-    """Django's model hash: by pk, a TypeError while pk is None."""
-
-    def __init__(self, pk: int | None) -> None:
-        self.pk = pk
-
-    def __hash__(self) -> int:
-        if self.pk is None:
-            raise TypeError("Model instances without primary key value are unhashable")
-        return hash(self.pk)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Model):
-            return NotImplemented
-        return self is other if self.pk is None else self.pk == other.pk
 
 
 def test_evicting_a_moved_key_beside_an_unhashable_one_raises_nothing() -> None:
@@ -104,17 +89,6 @@ def test_deleting_a_key_whose_eq_raises_raises_that_error_as_a_dict_would() -> N
     (comparing with a stored key of the same hash) raises that error, as dict.pop does;
     not a KeyError, nor the default."""
     import pytest
-
-    class Odd:
-        def __hash__(self) -> int:
-            return 7
-
-        def __eq__(self, other: object) -> bool:
-            raise RuntimeError("no comparing")
-
-    class Seven:
-        def __hash__(self) -> int:
-            return 7
 
     with request_scope() as store:
         store[Seven()] = 1

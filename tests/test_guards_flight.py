@@ -8,26 +8,10 @@ import threading
 from typing import Any
 
 import pytest
+from keys import Model
 
 import perrequest
 from perrequest import _flight, bind_scope, request_memo, request_scope
-
-
-class Model:
-    """Django's model hash: by pk, a TypeError while pk is None."""
-
-    def __init__(self, pk: int | None) -> None:
-        self.pk = pk
-
-    def __hash__(self) -> int:
-        if self.pk is None:
-            raise TypeError("Model instances without primary key value are unhashable")
-        return hash(self.pk)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Model):
-            return NotImplemented
-        return self is other if self.pk is None else self.pk == other.pk
 
 
 def test_a_key_moved_while_another_in_flight_is_unhashable_raises_nothing() -> None:

@@ -9,6 +9,7 @@ import time
 import weakref
 
 import pytest
+from keys import Odd, Seven
 
 import perrequest
 from perrequest import request_memo, request_scope
@@ -100,17 +101,6 @@ def test_a_delete_whose_key_cannot_be_compared_with_a_key_in_flight_raises() -> 
     """store._invalidate: a delete by a key whose __eq__ raises against a
     computation in flight (get_or_set of a colliding key) raises that error, as a dict's
     lookup would; only the whole-function invalidations (cache_clear) swallow it."""
-
-    class Odd:
-        def __hash__(self) -> int:
-            return 7
-
-        def __eq__(self, other: object) -> bool:
-            raise RuntimeError("no comparing")
-
-    class Seven:
-        def __hash__(self) -> int:
-            return 7
 
     with request_scope() as store:
 

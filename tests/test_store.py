@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from keys import Model
 
 import perrequest
 from perrequest import MemoStore, ScopeClosed, current_store, request_memo, request_scope
@@ -242,20 +243,6 @@ def test_keys_changed_as_django_models_change_never_break_eviction_or_cache_clea
     Before a review: an unrelated call raised that TypeError as it evicted such a key; a
     key whose new hash probed its old slot kept serving its old value; a bounded
     function's cache_clear() raised KeyError, or never returned."""
-
-    class Model:
-        def __init__(self, pk: int | None) -> None:
-            self.pk = pk
-
-        def __hash__(self) -> int:
-            if self.pk is None:
-                raise TypeError("Model instances without primary key value are unhashable")
-            return hash(self.pk)
-
-        def __eq__(self, other: object) -> bool:
-            if not isinstance(other, Model):
-                return NotImplemented
-            return self is other if self.pk is None else self.pk == other.pk
 
     @request_memo
     def f(model: Model) -> int:

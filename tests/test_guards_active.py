@@ -176,3 +176,26 @@ def test_a_middlewares_store_made_when_debug_logging_is_on_is_timed(caplog: Any)
             body.close()
     stats = [r.args[0] for r in caplog.records if r.getMessage().startswith("request scope closed")]
     assert stats and stats[-1].duration_s >= 0.02
+
+
+def test_a_missed_stop_of_the_collection_hook_never_gives_a_store_to_another_thread() -> None:
+    """_active._hide_during_collections: at the recursion limit Python cannot call the
+    hook, so a collection's "stop" may be missed, leaving its token; the next collection,
+    stopping in another thread with no store, used to set the first thread's store there
+    (another request's). Now that thread stays outside any scope."""
+    from perrequest._active import _hide_during_collections
+
+    seen: list[object] = []
+    with perrequest.request_scope():
+        _hide_during_collections("start", {})  # hidden here; its "stop" never comes
+        assert not perrequest.in_request_scope()
+
+        def next_collection_elsewhere() -> None:
+            _hide_during_collections("start", {})  # nothing to hide in this thread
+            _hide_during_collections("stop", {})
+            seen.append(_current.get())
+
+        thread = threading.Thread(target=next_collection_elsewhere)
+        thread.start()
+        thread.join(10)
+        assert seen == [None]

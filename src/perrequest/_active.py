@@ -319,10 +319,10 @@ def _hide_during_collections(
         _hidden = var.set(None)
     elif _hidden is not None:
         token, _hidden = _hidden, None
-        try:
+        try:  # noqa: SIM105 (no module globals here: see above)
             var.reset(token)
-        except ValueError:  # another context than at "start": cannot happen, never fail
-            var.set(token.old_value)
+        except ValueError:  # another context's: its "stop" was missed (the recursion limit)
+            pass  # never set here: the store belongs to the context that hid it
         if _COLLECTS_INSIDE_ALLOCATIONS:
             # The interrupted operation may be a reset that removes the variable: it
             # cleared the variable's cached value before allocating, and will install

@@ -310,11 +310,13 @@ async def test_a_task_waiting_for_a_computation_that_dies_at_the_recursion_limit
         waiter = asyncio.ensure_future(wait_for_the_deepest_key())
         loop.call_later(0.3, pause.set_result, None)
         sys.setrecursionlimit(len(traceback.extract_stack()) + 60)
+        gc.disable()  # no collection at the limit: see test_memo_threads
         try:
             with pytest.raises(RecursionError):
                 await deep(0)
         finally:
             sys.setrecursionlimit(limit)
+            gc.enable()
         done, _ = await asyncio.wait({waiter}, timeout=10)
         assert done, "the waiting task still waits for a computation that has ended"
         assert isinstance(waiter.result(), RecursionError)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from keys import Model
 
 import perrequest
 from perrequest import _flight, bind_scope, request_memo, request_scope
+from perrequest._waits import Waited
 
 
 def test_a_key_moved_while_another_in_flight_is_unhashable_raises_nothing() -> None:
@@ -82,6 +84,18 @@ def test_an_interrupt_as_the_registering_call_returns_leaves_no_record() -> None
         assert perrequest.get("k") == 2
 
 
+def _somebody_waits(store: Any) -> bool:
+    return any(type(record) is Waited for record in list(store._flights.values()))
+
+
+def _until_somebody_waits(store: Any) -> None:
+    """From another thread: until a caller waits for a computation (2.5 s at most)."""
+    for _ in range(500):
+        if _somebody_waits(store):
+            return
+        time.sleep(0.005)
+
+
 async def _until(cond: Any) -> None:
     import asyncio
 
@@ -121,7 +135,7 @@ async def test_a_deleted_computation_that_fails_leaves_the_next_ones_waiters_alo
         b = asyncio.create_task(f(1))
         await _until(lambda: calls == 3)
         c = asyncio.create_task(f(1))  # waits for B
-        await _until(lambda: any(type(r).__name__ == "Waited" for r in store._flights.values()))
+        await _until(lambda: _somebody_waits(store))
         go_a.set()
         with pytest.raises(ValueError):
             await a
@@ -214,10 +228,7 @@ def test_a_waiter_gets_the_error_of_a_computation_whose_store_raised() -> None:
         registered.wait(5)
         thread = threading.Thread(target=bind_scope(call), args=(outcome,), daemon=True)
         thread.start()
-        for _ in range(500):
-            if any(type(r).__name__ == "Waited" for r in list(store._flights.values())):
-                break
-            time.sleep(0.005)
+        _until_somebody_waits(store)
         armed = True
         release.set()
         thread.join(10)
@@ -276,10 +287,7 @@ def test_a_delete_sends_the_waiters_of_a_computation_to_compute_at_once() -> Non
 
         second = threading.Thread(target=bind_scope(waiter), daemon=True)
         second.start()
-        for _ in range(500):
-            if any(type(r).__name__ == "Waited" for r in list(store._flights.values())):
-                break
-            time.sleep(0.002)
+        _until_somebody_waits(store)
         store.pop("k", None)  # invalidates the computation in flight
         second.join(5)
         release.set()

@@ -141,8 +141,8 @@ class _Loader:
 
     def clear(self, key: Any, /) -> bool:
         _, (cache_key,) = self._spec.keys_of([key])
-        store, absent = active_store(), _ABSENT
-        return store is not None and store.pop(MemoKey(self._spec, cache_key), absent) is not absent
+        store, entry = active_store(), MemoKey(self._spec, cache_key)
+        return store is not None and store.pop(entry, _ABSENT) is not _ABSENT
 
     def cache_clear(self) -> None:
         store = active_store()

@@ -275,15 +275,13 @@ def user(request: Any) -> JsonResponse:
     )
 
 
-_FILE = os.path.join(tempfile.gettempdir(), f"perrequest-attack-{os.getpid()}.bin")
-
-
 def file(request: Any) -> FileResponse:
     perrequest.set("marker", request.GET.get("v"))
-    if not os.path.exists(_FILE):
-        with open(_FILE, "wb") as out:
-            out.write(b"f" * 300_000)
-    return FileResponse(open(_FILE, "rb"))
+    # A real file (sendfile through file_wrapper), deleted by the response's close().
+    body = tempfile.TemporaryFile()  # noqa: SIM115
+    body.write(b"f" * 300_000)
+    body.seek(0)
+    return FileResponse(body)
 
 
 class _Reader:

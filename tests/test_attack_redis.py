@@ -686,8 +686,8 @@ def test_a_lock_taken_after_a_delete_by_a_claim_nobody_extends_still_invalidates
         row.price = 2
         price_b.cache_delete("k")
         key = lock[: -len(":lock")]
-        keys = [key, lock, key + ":gen", key.rsplit(":", 2)[0] + "::gen"]
-        ghost = cache_a._sync.claim(keys=keys, args=["ab" * 9, 200, ""])
+        keys = [key, lock, key + ":gen", key.rsplit(":", 2)[0] + "::gen", key + ":last"]
+        ghost = cache_a._sync.claim(keys=keys, args=["ab" * 9, 200, "", 60_000])
         assert ghost[0] == 2
         time.sleep(0.3)  # the lease is over
     finally:
@@ -719,9 +719,9 @@ def test_a_holder_that_dies_after_a_delete_holds_the_key_no_longer_than_its_lock
         assert row.reached["slow"].wait(10)
         row.price = 2
         price_fast.cache_delete("k")
-        keys = [key, lock, key + ":gen", key.rsplit(":", 2)[0] + "::gen"]
+        keys = [key, lock, key + ":gen", key.rsplit(":", 2)[0] + "::gen", key + ":last"]
         ghost = "ab" * 9
-        assert fast._sync.claim(keys=keys, args=[ghost, 500, ""])[0] == 2
+        assert fast._sync.claim(keys=keys, args=[ghost, 500, "", 60_000])[0] == 2
         fast._sync.extend(keys=[lock], args=[ghost, 1000])  # then it dies
         for call in range(3):
             start = time.monotonic()

@@ -587,6 +587,34 @@ def test_a_lock_key_of_another_type_or_without_expiry_is_taken_over(
     cache.close()
 
 
+@pytest.mark.parametrize("whose", ["the value's", "the function's"])
+def test_a_generation_key_of_another_type_leaves_the_tier_on(
+    client: redis.Redis, whose: str
+) -> None:
+    """A generation key (written by a delete or a clear) of another type, planted by
+    others: a generation all the same. It turned the function's tier off until a
+    cache_clear (every call computed, stored nothing, and was logged as the value's bad
+    value)."""
+    cache = RedisCache(client, ttl=60, namespace="t")
+    calls = []
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        calls.append(sku)
+        return sku
+
+    value = _key("t", price, "a")
+    gen = value + ":gen" if whose == "the value's" else value.rsplit(":", 2)[0] + "::gen"
+    client.hset(gen, "junk", 1)
+    for _ in range(3):
+        with request_scope():
+            assert price("a") == "a"
+    assert calls == ["a"] and client.get(value) == b'"a"'
+    stats = cache.stats()
+    assert (stats.errors, stats.bad_values, stats.hits) == (0, 0, 2)
+    cache.close()
+
+
 def test_a_value_over_max_value_bytes_is_computed_and_not_stored(
     client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

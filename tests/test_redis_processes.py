@@ -182,3 +182,38 @@ def test_a_computation_that_lost_its_lock_never_overwrites_a_fresher_value(
     with request_scope():
         assert priced(redis_server.port, "a") == 2
     assert cache.stats().misses == 1 and cache.stats().hits == 1
+
+
+def test_of_two_computations_that_outlive_their_locks_the_later_ones_value_is_kept(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    """Both slower than ``lock_timeout`` (if the function is slow for one process, it is
+    for the next): the first process's lock expires, ours takes it over from the new row
+    and outlives its lock too; the first ends and offers its old value while ours still
+    computes. Ours, the later one, is what stays for the ttl (docs/redis.md)."""
+    lock_timeout = 0.3
+    client.set("row", 1)
+    with ProcessPoolExecutor(1, mp_context=_spawn) as pool:
+        slow = pool.submit(redis_apps.price_slowly, redis_server.port, lock_timeout)
+        deadline = time.monotonic() + 60
+        while not client.exists("computing"):
+            assert not slow.done() and time.monotonic() < deadline
+            time.sleep(0.01)
+        client.set("row", 2)
+        time.sleep(lock_timeout + 0.1)  # the first process's lock expires
+
+        def priced(port: int, sku: str) -> int:
+            price = redis_apps._priced(port, sku)  # the new row
+            time.sleep(lock_timeout + 0.1)  # our lock expires too
+            client.set("release", 1)
+            assert slow.result(30) == 1  # the first ends and offers its value, before us
+            return price
+
+        priced.__module__, priced.__qualname__ = "redis_apps", "priced"  # the same key
+        cache = RedisCache(client, ttl=60, namespace="stale", lock_timeout=lock_timeout)
+        memo = request_memo(shared=cache, key=lambda port, sku: sku)(priced)
+        with request_scope():
+            assert memo(redis_server.port, "a") == 2
+    with request_scope():
+        assert memo(redis_server.port, "a") == 2
+    assert cache.stats().misses == 1 and cache.stats().hits == 1

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import _redis_io as io
 from ._flight import MISSING
 from ._redis_io import BadValue, Conn
-from ._redis_scripts import GEN, LOCK
+from ._redis_scripts import GEN, LAST, LOCK
 from ._shared_errors import Args, Fn, Kwargs
 
 if TYPE_CHECKING:
@@ -113,11 +113,12 @@ def _claim(tier: RedisTier, conn: Conn | None, key: str, token: str, bad: bytes 
     ``lock_timeout`` has passed: ``(the value's bytes or None, the connection to store
     through or None, our lock's token or "")``. A value that does not decode (``bad``)
     is taken as none: its replacement is computed under the lock too."""
-    cache, keys = tier.cache, [key, key + LOCK, key + GEN, tier.base + GEN]
+    cache, keys = tier.cache, [key, key + LOCK, key + GEN, tier.base + GEN, key + LAST]
     deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
     over = "" if bad is None else hashlib.sha1(bad, usedforsecurity=False).hexdigest()
+    latest_ms = max(cache._ttl_ms, cache._lock_ms)  # how long a holder is known the latest
     while True:
-        reply = yield ("claim", keys, [token, cache._lease_ms, over])
+        reply = yield ("claim", keys, [token, cache._lease_ms, over, latest_ms])
         if isinstance(reply, Exception):
             return None, conn if tier._wrong(key, reply) else None, ""
         if reply[0] == 3:  # taken over a lock no miss would get past: a bad value
@@ -154,7 +155,8 @@ def _store(tier: RedisTier, key: str, stored: bytes, token: str) -> Steps:
     deadline, pause = now() + tier.cache.op_timeout, FIRST_PAUSE
     while True:
         mine, _, gen = token.partition("|")
-        keys, args = [key, key + LOCK, key + GEN, tier.base + GEN], [stored, tier.cache._ttl_ms]
+        keys = [key, key + LOCK, key + GEN, tier.base + GEN, key + LAST]
+        args = [stored, tier.cache._ttl_ms]
         reply = yield ("store", keys, [*args, mine, gen or "/"])
         if not isinstance(reply, Exception):
             return reply

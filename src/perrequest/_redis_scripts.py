@@ -6,29 +6,40 @@ key's and the function's generations (``GEN``: a nonce that each ``cache_delete`
 the key, and each ``cache_clear`` of the function, writes anew); STORE stores only
 under the generations it claimed under. A delete also removes the lock: the next miss
 takes it at once, and a computation in flight anywhere, maybe from the old data,
-stores nothing when it ends.
+stores nothing when it ends. Each CLAIM that takes the lock also names its holder the
+key's latest (``LAST``), which outlives the lock: a holder whose lock expired stores
+only if no later one took it since.
 """
 
 from __future__ import annotations
 
 LOCK = ":lock"  # a value's lock key is its key plus this
 GEN = ":gen"  # a value's generation key is its key plus this; a function's, its base plus
+LAST = ":last"  # who took the value's lock last, until it stores or ARGV[4] ms pass
 
-# KEYS: value, lock, the value's generation, the function's. The value (unless its
-# SHA-1 is ARGV[3]: one that did not decode), or the lock (taken when free, for ARGV[2]
-# ms), in one atomic step: {1, value} | {2, generations} | {0}; {3, generations}: the
-# lock was taken over a bad one, which no miss would get past (another type, or a
-# string without expiry, written by others).
+# KEYS: value, lock, the value's generation, the function's, the latest holder. The
+# value (unless its SHA-1 is ARGV[3]: one that did not decode), or the lock (taken when
+# free, for ARGV[2] ms; its holder the latest for ARGV[4] ms), in one atomic step:
+# {1, value} | {2, generations} | {0}; {3, generations}: the lock was taken over a bad
+# one, which no miss would get past (another type, or a string without expiry, written
+# by others). A generation key of another type (others' again) reads as '?': a
+# generation all the same, not an error that would turn the function's tier off.
 CLAIM = """
 local value = redis.call('GET', KEYS[1])
 if value and (ARGV[3] == '' or redis.sha1hex(value) ~= ARGV[3]) then return {1, value} end
-local gen = (redis.call('GET', KEYS[3]) or '') .. '/' .. (redis.call('GET', KEYS[4]) or '')
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, gen} end
-if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('PTTL', KEYS[2]) >= 0 then
-  return {0}
+local g1, g2 = redis.pcall('GET', KEYS[3]), redis.pcall('GET', KEYS[4])
+g1, g2 = type(g1) == 'table' and '?' or g1 or '', type(g2) == 'table' and '?' or g2 or ''
+local gen = g1 .. '/' .. g2
+local kind = 2
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if redis.call('TYPE', KEYS[2]).ok == 'string' and redis.call('PTTL', KEYS[2]) >= 0 then
+    return {0}
+  end
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  kind = 3
 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {3, gen}
+redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[4])
+return {kind, gen}
 """
 # Our lock (if still ours) lives ARGV[2] ms from now.
 EXTEND = """
@@ -41,18 +52,26 @@ return 1
 # (ARGV[3]; a lock key of another type is left for the next CLAIM to take over), only
 # under the generations ARGV[4] (what CLAIM gave; without a lock, ARGV[3] empty: a key
 # of another type to replace, only where no delete or clear is remembered). A holder
-# that lost its lock stores only where no lock and no value are: it expired, and
-# nobody wanted the key since. 2: a delete or a clear came since the CLAIM.
+# that lost its lock stores only where no lock and no value are and no later holder
+# is known: its lock expired, and nobody took it since (a later holder's value, from
+# later data, is the one to keep). 2: a delete or a clear came since the CLAIM.
 STORE = """
 local kind = redis.call('TYPE', KEYS[2]).ok
 local lock = kind == 'string' and redis.call('GET', KEYS[2])
-local gen = (redis.call('GET', KEYS[3]) or '') .. '/' .. (redis.call('GET', KEYS[4]) or '')
+local g1, g2 = redis.pcall('GET', KEYS[3]), redis.pcall('GET', KEYS[4])
+g1, g2 = type(g1) == 'table' and '?' or g1 or '', type(g2) == 'table' and '?' or g2 or ''
+local gen = g1 .. '/' .. g2
 local ours = ARGV[3] ~= '' and lock == ARGV[3]
 if ours then redis.call('DEL', KEYS[2]) end
+local last = redis.pcall('GET', KEYS[5])
+local latest = type(last) ~= 'string' or last == ARGV[3]
+if ARGV[3] ~= '' and last == ARGV[3] then redis.call('DEL', KEYS[5]) end
 if gen ~= ARGV[4] then return ARGV[3] ~= '' and 2 or 1 end
 if ARGV[1] ~= '' then
   if ours or ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  elseif kind == 'none' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') end
+  elseif kind == 'none' and latest then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
+  end
 end
 return 1
 """

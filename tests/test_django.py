@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import logging
+import pickle
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +21,13 @@ from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
 from django.http import FileResponse, HttpResponse, StreamingHttpResponse  # noqa: E402
-from django.test import AsyncClient, Client, RequestFactory, override_settings  # noqa: E402
+from django.test import (  # noqa: E402
+    AsyncClient,
+    AsyncRequestFactory,
+    Client,
+    RequestFactory,
+    override_settings,
+)
 from django_project import hooks  # noqa: E402
 from django_project import settings as project_settings  # noqa: E402
 
@@ -397,6 +404,10 @@ def _two_argument_hook(stats: Any, extra: Any) -> None:
             r"PERREQUEST\[\"ON_CLOSE\"\] is the dotted path 'django_project.hooks.no_such_"
             r"hook', which cannot be imported",
         ),
+        (  # the module's own error, not the retry's "No module named" (an audit, 5 Dec)
+            {"ON_CLOSE": "django_project.hooks.record_clsoe"},
+            r'does not define a "record_clsoe" .*did you mean django_project.hooks.record_close',
+        ),
         ({"ON_CLOSE": "no_dots"}, r'PERREQUEST\["ON_CLOSE"\] .*cannot be imported'),
         ({"ON_CLOSE": "django_project"}, r"the module 'django_project', not of a callable"),
         ({"ON_CLOSE": "email.headerregistry"}, r"module 'email.headerregistry', not of a c"),
@@ -651,13 +662,21 @@ def test_an_unsaved_model_argument_is_refused_naming_djangos_reason() -> None:
     )
 
 
-@pytest.mark.parametrize("module", ["asgi", "wsgi"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "perrequest.asgi.RequestScopeMiddleware",
+        "perrequest.wsgi.RequestScopeMiddleware",
+        "perrequest.flask.PerRequest",
+    ],
+)
 @pytest.mark.parametrize("client", [Client, AsyncClient], ids=["sync", "async"])
-def test_the_asgi_or_wsgi_middleware_in_middleware_names_djangos(module: str, client: Any) -> None:
+def test_another_integrations_class_in_middleware_names_djangos(path: str, client: Any) -> None:
     """The three integrations' classes share a name. Listed in MIDDLEWARE, the ASGI one
     advised wrapping Django's get_response as an ASGI 2 app, or failed each request with
-    "missing 2 required positional arguments" (an audit of 5 December 2026)."""
-    with override_settings(MIDDLEWARE=[f"perrequest.{module}.RequestScopeMiddleware"]):
+    "missing 2 required positional arguments" (an audit of 5 December 2026); Flask's
+    pointed to the WSGI middleware, as wrong there (an audit of the next evening)."""
+    with override_settings(MIDDLEWARE=[path]):
         with pytest.raises(TypeError, match=r"takes one argument, request.*\n?.*MIDDLEWARE"):
             request = client().get("/lookup")
             if asyncio.iscoroutine(request):
@@ -713,6 +732,7 @@ def test_manage_py_check_validates_the_setting_when_the_app_is_installed() -> No
         with override_settings(PERREQUEST={"MAX_ENTIRES": 5}):
             (error,) = [e for e in checks.run_checks() if e.id.startswith("perrequest")]
             assert error.id == "perrequest.E001" and "Did you mean 'MAX_ENTRIES'" in error.msg
+            assert error.msg.count("settings.PERREQUEST") == 1  # said once, not as a prefix too
             with pytest.raises(SystemCheckError, match=r"perrequest\.E001"):
                 call_command("check")
         with override_settings(PERREQUEST={"MAX_ENTRIES": 5}):
@@ -738,3 +758,25 @@ def test_the_settings_check_reports_what_reading_an_odd_setting_raised() -> None
     with override_settings(PERREQUEST=Odd()):
         (error,) = check_settings()
     assert error.id == "perrequest.E001" and "RuntimeError('cannot iterate')" in error.msg
+
+
+async def test_request_meta_stays_plain_values_under_asgi() -> None:
+    """Code pickles ``request.META`` or logs it as JSON (a task queue, an error reporter).
+    Under ASGI it is a dict of plain values, and the middleware's cell there (the store
+    in it, and an ``ON_CLOSE`` function) broke both (an audit of 5 December 2026): the
+    cell is on the request now, where a second listing of the middleware still finds it."""
+    seen: list[Any] = []
+
+    async def view(request: Any) -> HttpResponse:
+        perrequest.get_or_set("k", lambda: 1)  # the store made
+        seen.append(
+            pickle.loads(pickle.dumps(request.META)) == json.loads(json.dumps(request.META))
+        )
+        return HttpResponse()
+
+    with override_settings(PERREQUEST={"ON_CLOSE": hooks.record_close}):
+        outer = RequestScopeMiddleware(RequestScopeMiddleware(view))  # listed twice
+        await outer(AsyncRequestFactory().get("/"))
+    assert seen == [True] and live_scopes() == 0
+    assert len(hooks.CLOSED) == 1  # one scope: the inner listing found the outer's
+    hooks.CLOSED.clear()

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import CoroutineType, MethodType
 from typing import Any
@@ -266,18 +266,18 @@ def active_store() -> MemoStore | None:
     return None if store is None or store._closed else store
 
 
-# Where a middleware leaves the cell of the scope it opened, in the ASGI scope, WSGI
-# environ or Django request.META, so that a second perrequest layer on the same
-# request (a mounted sub-app with its own middleware, one registered twice) shares it.
+# Where a middleware leaves the cell of the scope it opened, in the ASGI scope or WSGI
+# environ (Django's middleware: on the request), so that a second perrequest layer on the
+# same request (a mounted sub-app with its own middleware, one registered twice) shares it.
 REQUEST_KEY = "perrequest.store"
 
 
-def opened_outside(request: Mapping[str, Any]) -> bool:
-    """True when an outer perrequest layer opened this request's scope, still active here:
-    its cell, or a deep copy (hypercorn's ``ProxyFixMiddleware`` deep-copies the ASGI scope)
-    holding the very options tuple (``deepcopy`` keeps a tuple of ints and None; a scope
-    with ``on_close`` has its store at once)."""
-    outer = request.get(REQUEST_KEY)
+def opened_outside(outer: object) -> bool:
+    """True when ``outer``, what a request carries at ``REQUEST_KEY``, is the scope an outer
+    perrequest layer opened, still active here: its cell, or a deep copy (hypercorn's
+    ``ProxyFixMiddleware`` deep-copies the ASGI scope) holding the very options tuple
+    (``deepcopy`` keeps a tuple of ints and None; a scope with ``on_close`` has its store
+    at once)."""
     if type(outer) is not list or outer[0] is None:
         return False
     active = _current.get()

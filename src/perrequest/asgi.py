@@ -182,7 +182,7 @@ class RequestScopeMiddleware:
                     finally:
                         _current.reset(hidden)
                     return
-            elif opened_outside(scope):  # an outer perrequest layer's, for this request
+            elif opened_outside(scope[REQUEST_KEY]):  # an outer layer's, for this request
                 await self.app(scope, receive, send)
                 return
         if scope["type"] not in self._scope_types:  # no store: errors there say why

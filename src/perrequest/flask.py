@@ -13,11 +13,13 @@ from flask import Flask
 
 from ._active import OnClose
 from ._checks import (
+    IN_MIDDLEWARE,
     KEYWORD_ONLY,
     check_max_entries,
     check_on_close,
     explains_options,
     is_async_callable,
+    takes_a_request,
 )
 from .store import DEFAULT_MAX_ENTRIES
 from .wsgi import RequestScopeMiddleware
@@ -46,6 +48,9 @@ class PerRequest:
     """
 
     __slots__ = ("_max_entries", "_on_close")
+    # Read by Django only: listed in MIDDLEWARE by mistake, it gets get_response unadapted
+    # (under ASGI too), so that init_app can tell and name the Django middleware.
+    sync_capable = async_capable = True
 
     @explains_options(
         "PerRequest()",
@@ -92,14 +97,17 @@ class PerRequest:
                 "PerRequest(max_entries=..., on_close=...), then init_app(app)"
             )
         if not isinstance(app, Flask):
-            raise TypeError(
-                f"PerRequest.init_app() takes a Flask app, not {type(app).__name__} {app!r}; "
-                + (
+            if takes_a_request(app):  # in Django's MIDDLEWARE: get_response
+                fix = IN_MIDDLEWARE
+            elif is_async_callable(app):
+                fix = (
                     "for an ASGI app (FastAPI, Starlette) use perrequest.asgi."
                     "RequestScopeMiddleware: app.add_middleware(RequestScopeMiddleware)"
-                    if is_async_callable(app)
-                    else "for another WSGI app use perrequest.wsgi.RequestScopeMiddleware"
                 )
+            else:
+                fix = "for another WSGI app use perrequest.wsgi.RequestScopeMiddleware"
+            raise TypeError(
+                f"PerRequest.init_app() takes a Flask app, not {type(app).__name__} {app!r}; {fix}"
             )
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(

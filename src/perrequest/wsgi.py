@@ -95,7 +95,7 @@ class RequestScopeMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if _get() is not None:
-            if REQUEST_KEY in environ and opened_outside(environ):
+            if opened_outside(environ.get(REQUEST_KEY)):
                 return self.app(environ, start_response)  # an outer perrequest layer's scope
             forget_closed()
         cell, token = open_request(self._options)

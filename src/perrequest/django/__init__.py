@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import sys
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from types import ModuleType
@@ -71,7 +72,7 @@ class RequestScopeMiddleware:
         if _opened_outside(request):
             return self.get_response(request)
         cell, token = open_request(self._options)
-        request.META[REQUEST_KEY] = cell
+        request._perrequest_cell = cell
         try:
             response = self.get_response(request)
         except BaseException:
@@ -84,7 +85,7 @@ class RequestScopeMiddleware:
         if _opened_outside(request):
             return await self.get_response(request)
         cell, token = open_request(self._options)
-        request.META[REQUEST_KEY] = cell
+        request._perrequest_cell = cell
         try:
             response = await self.get_response(request)
         except BaseException:  # cancellation (client gone) closes the store too
@@ -114,9 +115,15 @@ def _check_get_response(get_response: object) -> None:
 
 def _opened_outside(request: Any) -> bool:
     """An outer perrequest layer opened this request's scope: the same middleware
-    listed twice, or the WSGI/ASGI application wrapped as well."""
+    listed twice (its cell on the request: not in ``request.META``, which under ASGI is a
+    dict of plain values that code pickles or logs as JSON), or the WSGI/ASGI application
+    wrapped as well (in the environ, which is ``request.META``, or the ASGI scope)."""
     scope = getattr(request, "scope", None)  # Django's ASGIRequest: the ASGI scope
-    return opened_outside(request.META) or (isinstance(scope, dict) and opened_outside(scope))
+    return (
+        opened_outside(getattr(request, "_perrequest_cell", None))
+        or opened_outside(request.META.get(REQUEST_KEY))
+        or (isinstance(scope, dict) and opened_outside(scope.get(REQUEST_KEY)))
+    )
 
 
 def _tie_to_response(response: Any, cell: list[Any]) -> Any:
@@ -251,10 +258,7 @@ def _read_settings() -> tuple[int | None, OnClose | None]:
     if isinstance(value, str):
         path = value
         try:
-            try:
-                value = import_string(path)
-            except ImportError:  # a module's own path, of a submodule not imported yet?
-                value = importlib.import_module(path)
+            value = _import(path)
         except Exception as exc:  # ImportError, or whatever the module raised on import
             raise ImproperlyConfigured(
                 f'settings.PERREQUEST["ON_CLOSE"] is the dotted path {path!r}, which cannot '
@@ -270,3 +274,22 @@ def _read_settings() -> tuple[int | None, OnClose | None]:
     except TypeError as exc:  # says what is wrong with it: not callable, async, arguments
         hint = "" if callable(value) else " (or a dotted path to one)"
         raise ImproperlyConfigured(f"{exc}{hint}") from exc
+
+
+def _import(path: str) -> object:
+    """What ``path`` names; a module too (a submodule not imported yet). A name its module
+    lacks is the error told, with the closest name there (a misspelt function's)."""
+    try:
+        return import_string(path)
+    except ImportError as missing:
+        try:
+            return importlib.import_module(path)
+        except ModuleNotFoundError as exc:
+            if exc.name != path:  # a module on the way, or one it imports
+                raise
+        module, _, name = path.rpartition(".")
+        close = difflib.get_close_matches(
+            name, dir(sys.modules[module]) if module in sys.modules else [], n=1
+        )
+        hint = f"; did you mean {module}.{close[0]}?" if close else ""
+        raise ImportError(f"{missing}{hint}") from missing

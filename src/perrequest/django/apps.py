@@ -27,6 +27,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     try:
         _read_settings()
     except Exception as exc:  # ImproperlyConfigured; or what an odd value raised reading it
+        # Our messages name settings.PERREQUEST (and the key) already.
         text = str(exc) if isinstance(exc, ImproperlyConfigured) else f"reading it raised {exc!r}"
-        return [checks.Error(f"settings.PERREQUEST: {text}", id="perrequest.E001")]
+        if not text.startswith("settings.PERREQUEST"):
+            text = f"settings.PERREQUEST: {text}"
+        return [checks.Error(text, id="perrequest.E001")]
     return []

@@ -37,9 +37,9 @@ def _observe(stats: object) -> None:
 
 
 def _request_store(request: Any) -> MemoStore | None:
-    """The store perrequest opened for ``request``: in ``request.META`` or, left by the
-    ASGI middleware, in the ASGI scope."""
-    store = request.META.get(REQUEST_KEY)
+    """The store perrequest opened for ``request``: on it (the Django middleware's), in
+    ``request.META`` (the WSGI middleware's) or in the ASGI scope (the ASGI middleware's)."""
+    store = getattr(request, "_perrequest_cell", None) or request.META.get(REQUEST_KEY)
     scope = getattr(request, "scope", None)
     if store is None and isinstance(scope, Mapping):
         store = scope.get(REQUEST_KEY)

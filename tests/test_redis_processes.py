@@ -152,6 +152,19 @@ def test_ten_times_more_distinct_keys_than_fit_stay_within_redis_maxmemory(own_r
     assert size < MANY and evicted + size >= MANY, (evicted, size)  # the rest was evicted
 
 
+def _computing_from_the_old_row(
+    pool: ProcessPoolExecutor, port: int, client: redis.Redis, lock_timeout: float
+) -> Any:
+    """Another process computing ``priced("a")`` under its lock, from the old row (1),
+    until the key "release" is set: the future of its result."""
+    slow = pool.submit(redis_apps.price_slowly, port, lock_timeout)
+    deadline = time.monotonic() + 60
+    while not client.exists("computing"):
+        assert not slow.done() and time.monotonic() < deadline
+        time.sleep(0.01)
+    return slow
+
+
 @pytest.mark.parametrize("how", ["its lock expired", "cache_delete"])
 def test_a_computation_that_lost_its_lock_never_overwrites_a_fresher_value(
     redis_server: Any, client: redis.Redis, how: str
@@ -163,11 +176,7 @@ def test_a_computation_that_lost_its_lock_never_overwrites_a_fresher_value(
     lock_timeout = 0.3
     client.set("row", 1)
     with ProcessPoolExecutor(1, mp_context=_spawn) as pool:
-        slow = pool.submit(redis_apps.price_slowly, redis_server.port, lock_timeout)
-        deadline = time.monotonic() + 60
-        while not client.exists("computing"):
-            assert not slow.done() and time.monotonic() < deadline
-            time.sleep(0.01)
+        slow = _computing_from_the_old_row(pool, redis_server.port, client, lock_timeout)
         cache = RedisCache(client, ttl=60, namespace="stale", lock_timeout=lock_timeout)
         priced = request_memo(shared=cache, key=lambda port, sku: sku)(redis_apps._priced)
         client.set("row", 2)
@@ -194,11 +203,7 @@ def test_of_two_computations_that_outlive_their_locks_the_later_ones_value_is_ke
     lock_timeout = 0.3
     client.set("row", 1)
     with ProcessPoolExecutor(1, mp_context=_spawn) as pool:
-        slow = pool.submit(redis_apps.price_slowly, redis_server.port, lock_timeout)
-        deadline = time.monotonic() + 60
-        while not client.exists("computing"):
-            assert not slow.done() and time.monotonic() < deadline
-            time.sleep(0.01)
+        slow = _computing_from_the_old_row(pool, redis_server.port, client, lock_timeout)
         client.set("row", 2)
         time.sleep(lock_timeout + 0.1)  # the first process's lock expires
 

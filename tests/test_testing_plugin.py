@@ -70,3 +70,83 @@ def test_a_bad_option_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
         ["*perrequest_outside_scope = 'loud': use one of warn, call, raise*"]
     )
     assert result.ret != 0
+
+
+@pytest.mark.parametrize("how", ["conftest", "-p", "-p, autoload off"])
+def test_the_plugin_loaded_by_name_too(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Loaded by name as well as through its entry point (the usual set-up of a CI with
+    autoload off, run where autoload is on), pytest failed to start: "Plugin already
+    registered under a different name" (an audit of 5 December 2026)."""
+    pytester.makepyfile(USER_TEST)
+    if how == "conftest":
+        pytester.makeconftest('pytest_plugins = ["perrequest.testing"]')
+    if how == "-p, autoload off":
+        monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    args = () if how == "conftest" else ("-p", "perrequest.testing")
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=4)  # memo_scope among them
+
+
+def test_an_inner_pytest_run_leaves_the_option_in_force(pytester: pytest.Pytester) -> None:
+    """A run of pytest inside the tests (pytester, a plugin's own tests) ended by setting
+    the option back to nothing, for the rest of the outer run."""
+    pytester.makepyfile(
+        """
+        import pytest
+        from perrequest import NoActiveScope, request_memo
+
+        pytest_plugins = ["pytester"]
+
+        @request_memo
+        def price(sku):
+            return len(sku)
+
+        def test_0_raises():
+            with pytest.raises(NoActiveScope):
+                price("a")
+
+        def test_1_inner_run(pytester):
+            pytester.makepyfile("def test_x(): pass")
+            pytester.runpytest_inprocess("-p", "no:asyncio").assert_outcomes(passed=1)
+
+        def test_2_still_raises():
+            with pytest.raises(NoActiveScope):
+                price("a")
+        """
+    )
+    result = pytester.runpytest_subprocess("--perrequest-outside-scope=raise")
+    result.assert_outcomes(passed=3)
+
+
+def test_a_test_that_leaves_a_scope_open_fails_alone(pytester: pytest.Pytester) -> None:
+    """A scope entered and never exited in one test was active in every test after it:
+    the next one read its entries (an audit of 5 December 2026). That test fails now,
+    naming the fix, and the scope is closed: the next one runs outside any scope."""
+    pytester.makepyfile(
+        """
+        import perrequest
+        from perrequest import request_scope
+
+        def test_a_leaves_its_scope_open():
+            request_scope().__enter__()
+            perrequest.set("user", "alice")
+
+        def test_b_sees_no_scope():
+            assert perrequest.get("user") is None and not perrequest.in_request_scope()
+
+        def test_c_closes_what_it_opens(memo_scope):
+            with request_scope():
+                perrequest.set("user", "bob")
+            assert perrequest.get("user") is None
+
+        def test_d_sees_no_scope_either():
+            assert not perrequest.in_request_scope()
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*test_a_leaves_its_scope_open left a perrequest scope active*memo_scope fixture*"]
+    )

@@ -9,10 +9,11 @@ it is available wherever perrequest is installed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import Any
 
 from . import memo
-from ._active import live_scopes
+from ._active import _current, _unwound, close_request, close_scope, live_scopes
 from .scope import request_scope
 from .store import MemoStore
 
@@ -52,6 +53,8 @@ else:
         parser.addini("perrequest_outside_scope", help)
         parser.addoption("--perrequest-outside-scope", choices=memo.OUTSIDE_SCOPE, help=help)
 
+    _OVERRIDDEN = pytest.StashKey[str | None]()
+
     def pytest_configure(config: pytest.Config) -> None:
         mode = config.getoption("--perrequest-outside-scope", None) or config.getini(
             "perrequest_outside_scope"
@@ -62,7 +65,48 @@ else:
             raise pytest.UsageError(
                 f"perrequest_outside_scope = {mode!r}: use one of {', '.join(memo.OUTSIDE_SCOPE)}"
             )
+        # Given back as it was: a run inside this one (pytester) ends before it does.
+        config.stash[_OVERRIDDEN] = memo.outside_override
         memo.outside_override = mode
 
     def pytest_unconfigure(config: pytest.Config) -> None:
-        memo.outside_override = None
+        if _OVERRIDDEN in config.stash:
+            memo.outside_override = config.stash[_OVERRIDDEN]
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
+        """A test that leaves a scope active (``request_scope().__enter__()`` without its
+        exit) fails, and the scope is closed: every test after it would share its store."""
+        before = _current.get()
+        outcome = yield
+        if not _left_open(before):
+            return
+        for _ in range(100):  # scopes opened one inside another, the latest first
+            left = _left_open(before)
+            if left is None:
+                break
+            if type(left) is list:  # a middleware's, its body never closed
+                close_request(left, None)
+            else:
+                close_scope(left)
+            if _current.get() is left:  # not undone here (opened in another context)
+                _current.set(before)
+        if outcome.excinfo is None:
+            outcome.force_exception(
+                AssertionError(
+                    f"{item.nodeid} left a perrequest scope active: a request_scope() entered "
+                    "and never exited (its __enter__ called by hand, an ExitStack never "
+                    "closed), or a WSGI response iterated and never closed. It is closed "
+                    "now; the tests after this one would have shared its store. Use "
+                    "'with request_scope():', or the memo_scope fixture."
+                )
+            )
+
+
+def _left_open(before: object) -> Any:
+    """The scope active here that is open and not ``before``, or None. A closed one left
+    active (closed in another thread) is harmless: the next look unwinds it, as here."""
+    left = _unwound(_current.get())
+    if left is before or left is None:
+        return None
+    return left if (left[0] is not None if type(left) is list else not left._closed) else None

@@ -164,7 +164,7 @@ class RequestScopeMiddleware:
                 "it returns what takes receive and send): wrap it first, "
                 "RequestScopeMiddleware(asgiref.compatibility.guarantee_single_callable(app))"
             )
-        self.app = app
+        self.app: ASGIApp = app
         self._options = (check_max_entries(max_entries), check_on_close(on_close))
         self._scope_types = _check_scope_types(scope_types)
 

@@ -172,26 +172,26 @@ class RedisCache:
         retry_after: float = 1.0,
         log_interval: float = 60.0,
     ) -> None:
-        self.is_async = io.check_client(client)
-        self.ttl = _check_ttl(ttl)
+        self.is_async: bool = io.check_client(client)
+        self.ttl: float = _check_ttl(ttl)
         if not isinstance(namespace, str) or not namespace.strip():
             raise TypeError(
                 f"RedisCache(namespace=...) must be a non-empty str naming your application's "
                 f"keys (e.g. 'shop'), not {namespace!r}"
             )
-        self.namespace = namespace
+        self.namespace: str = namespace
         self._codec = Codec(serializer, secret)
-        self.serializer = serializer
-        self.version = check_version(version, "RedisCache(version=...)")
-        self.lock_timeout = _number("lock_timeout", lock_timeout)
-        self.op_timeout = _number("op_timeout", op_timeout)
+        self.serializer: str = serializer
+        self.version: str | int = check_version(version, "RedisCache(version=...)")
+        self.lock_timeout: float = _number("lock_timeout", lock_timeout)
+        self.op_timeout: float = _number("op_timeout", op_timeout)
         if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int):
             raise TypeError(
                 f"RedisCache(max_value_bytes=...) must be an int, not {max_value_bytes!r}"
             )
-        self.max_value_bytes = int(_number("max_value_bytes", max_value_bytes))
-        self.retry_after = _number("retry_after", retry_after, zero=True)
-        self.log_interval = _number("log_interval", log_interval, zero=True)
+        self.max_value_bytes: int = int(_number("max_value_bytes", max_value_bytes))
+        self.retry_after: float = _number("retry_after", retry_after, zero=True)
+        self.log_interval: float = _number("log_interval", log_interval, zero=True)
         self._ttl_ms = max(1, round(self.ttl * 1000))
         self._lock_ms = max(1, round(self.lock_timeout * 1000))
         # A miss's lock lives this long until its holder says it got the CLAIM's reply:

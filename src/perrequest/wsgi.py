@@ -90,7 +90,7 @@ class RequestScopeMiddleware:
                 "ASGI app (it is async): wrap it with perrequest.asgi.RequestScopeMiddleware "
                 "instead (Starlette, FastAPI: app.add_middleware(RequestScopeMiddleware))"
             )
-        self.app = app
+        self.app: WSGIApp = app
         self._options = (check_max_entries(max_entries), check_on_close(on_close))
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:

@@ -89,8 +89,13 @@ def _with(waiters: Any, who: Any) -> Any:
     if type(waiters) is list:
         if len(waiters) >= 64 and not len(waiters) & (len(waiters) - 1):  # 64, 128, ...
             # Callers that gave up (cancelled) go, while a batch hangs: at most twice
-            # as many kept as wait.
-            waiters[:] = [w for w in waiters if type(w) is tuple or not w.cancelled()]
+            # as many kept as wait. A load_many's slot, (its _Many, index), once its
+            # future is done: it is done only cancelled while a key is in flight.
+            waiters[:] = [
+                w
+                for w in waiters
+                if not (w[0].future.done() if type(w) is tuple else w.cancelled())
+            ]
         waiters.append(who)
         return waiters
     return [waiters, who]

@@ -82,6 +82,17 @@ def _future(coroutine: Any) -> Any:
     return asyncio.ensure_future(coroutine)
 
 
+def in_flight(spec: _BatchSpec, store: MemoStore, ck: Hashable) -> bool:
+    """Whether ``ck`` is in a batch of the running loop's, or of any loop's from a thread
+    where none runs (``asyncio.to_thread``); the store's lock held."""
+    try:
+        states = [store._flights.get((spec, asyncio.get_running_loop()))]
+    except RuntimeError:  # no asyncio loop running here
+        flights = list(store._flights.items())  # keys by identity: no key's code runs
+        states = [v for k, v in flights if type(k) is tuple and len(k) == 2 and k[0] is spec]
+    return any(s is not None and (ck in s.inflight or ck in (s.own or ())) for s in states)
+
+
 def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
     """A future of the values in order, or of the first failing key's exception."""
     keys, cks = spec.keys_of(keys)

@@ -3,14 +3,13 @@ are answered here; misses by ``_batching`` (sync, trio) and ``_batch_async``."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload
 
 from . import _checks
 from ._active import _current, active_store
-from ._batch_async import load_many, miss, outside_one, ready
+from ._batch_async import in_flight, load_many, miss, outside_one, ready
 from ._batching import _BatchSpec
 from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
 from ._flight import MISSING
@@ -128,11 +127,7 @@ class _Loader:
             # Not while the key is loaded (a thread's fetch; a batch of the running loop),
             # as DataLoader's: the load would replace the value with one perhaps older.
             if spec.is_async:
-                try:
-                    state = store._flights.get((spec, asyncio.get_running_loop()))
-                except RuntimeError:  # no asyncio loop running here
-                    state = None
-                loading = state is not None and (ck in state.inflight or ck in (state.own or ()))
+                loading = in_flight(spec, store, ck)
             else:
                 fetch = store._flights.get((spec, ck))
                 loading = fetch is not None and not fetch.ended

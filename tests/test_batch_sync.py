@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import gc
 import operator
@@ -84,6 +85,16 @@ def test_wrong_counts_and_coroutines_are_refused() -> None:
 
     with request_scope(), pytest.raises(TypeError, match="returned a coroutine"):
         sneaky.load(1)  # type: ignore[arg-type]
+
+    @request_batch
+    def gathers(keys: list[int]) -> object:  # a plain def handing back asyncio.gather(...)
+        return asyncio.gather(*(later([key]) for key in keys))
+
+    async def view() -> None:  # each key failed with "await wasn't used with future"
+        with request_scope(), pytest.raises(TypeError, match="returned _GatheringFuture: a b"):
+            gathers.load(1)  # type: ignore[arg-type]
+
+    asyncio.run(view())
 
 
 def test_threads_sharing_a_scope_never_fetch_a_key_twice_at_once() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Set
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Set
 from concurrent.futures import Future
 from typing import Any
 
@@ -102,11 +102,11 @@ class _BatchSpec:
                 "on a copy (sorted(keys), list(keys)) and return the values in the order of "
                 "the keys as given, or a mapping from key to value."
             )
-        if isinstance(result, (str, bytes, Set)) or not isinstance(result, Iterable):
-            raise TypeError(
+        if isinstance(result, (str, bytes, Set, Awaitable)) or not isinstance(result, Iterable):
+            raise TypeError(  # an Awaitable: a Future a plain def returned (gather(...))
                 f"@request_batch {self.name} returned {type(result).__name__}: a batch "
                 "function returns a sequence of values in the order of its keys, or a "
-                "mapping from key to value."
+                "mapping from key to value (awaiting what it needs: an async def)."
             )
         result = list(result)  # ours: the function may reuse or change its list later
         if len(result) != len(keys):

@@ -13,11 +13,12 @@ import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import perrequest
-from perrequest import NoActiveScope, request_memo, request_scope
+from perrequest import NoActiveScope, request_batch, request_memo, request_scope
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -359,7 +360,29 @@ def _runtime_mistakes() -> dict[str, list[object]]:
 
         Repo().user(1)
 
+    @request_batch
+    def counts_wrong(keys: list[Any]) -> list[Any]:
+        return [*keys, 0]
+
+    @request_batch
+    def lacks_a_key(keys: list[Any]) -> dict[Any, Any]:
+        return {}
+
+    @request_batch
+    def returns_a_set(keys: list[Any]) -> Any:
+        return set(keys)
+
+    @request_batch
+    def sorts_its_keys(keys: list[Any]) -> list[Any]:
+        keys.sort()
+        return keys
+
     return {
+        "a `@request_batch` function that returns another number": [lambda: counts_wrong.load(1)],
+        "a `@request_batch` function whose mapping lacks": [lambda: lacks_a_key.load(1)],
+        "a `@request_batch` function that returns something else": [lambda: returns_a_set.load(1)],
+        "a `@request_batch` function that changes": [lambda: sorts_its_keys.load_many([2, 1])],
+        "an unhashable load key": [lambda: counts_wrong.load([1, 2])],
         "a sync memoized function (or one run by": [returns_a_coroutine],
         "a sync memoized function returns a generator": [returns_a_generator],
         "a `shared=RedisCache(...)` memo called with": [],  # tests/test_redis.py

@@ -781,6 +781,9 @@ def test_an_error_carrying_more_than_plain_values_reaches_a_waiter_by_name_only(
     assert len(str(waiting)) < 2_200  # quoted up to 2,000 characters
     assert waiting.__cause__ is None and waiting.__context__ is None
     assert not [o for o in _reachable(waiting) if o is computing or isinstance(o, Upstream)]
+    # What an except clause can tell it by (a 502 page for the original type): the type's
+    # name, not only in the message (an audit of 5 December 2026).
+    assert waiting.original_type == f"{__name__}.{type(computing).__qualname__}"
 
 
 @pytest.mark.parametrize("kind", [Failed, WithResponse], ids=["a copy", "by name"])
@@ -1058,3 +1061,4 @@ def test_a_waiters_copy_that_fails_names_the_error_with_one_note_of_ours() -> No
     _, waiting = _computing_and_waiting(lambda: _SecondCopyFails("m"))
     assert type(waiting) is SharedComputationError
     assert waiting.__notes__ == [NOTE]
+    assert waiting.original_type == f"{__name__}._SecondCopyFails"

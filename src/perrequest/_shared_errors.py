@@ -26,7 +26,13 @@ from .errors import PerRequestError
 
 class SharedComputationError(PerRequestError):
     """Raised in a request that waited for another request's computation of a shared
-    entry, when that computation's exception could not be copied safely."""
+    entry, when that computation's exception could not be copied safely (it carried
+    objects other than plain values: ``httpx.HTTPStatusError``'s request and response).
+    ``except`` the original type does not catch it: catch this too, or handle the
+    failure inside the memoized function."""
+
+    original_type: str = ""
+    """The original exception's type, ``module.qualname`` (``"httpx.HTTPStatusError"``)."""
 
 
 Fn = Callable[..., Any]
@@ -78,6 +84,11 @@ def _safe_copy(error: BaseException, copy: _Copy) -> BaseException:
         message, notes = _named(error)
         named = SharedComputationError(message)
         named.__notes__ = notes
+        named.original_type = (
+            error.original_type
+            if type(error) is SharedComputationError
+            else f"{type(error).__module__}.{type(error).__qualname__}"
+        )
         return named
 
 

@@ -1,0 +1,764 @@
+"""Guards of @request_batch (_batch_tick, _batch_async, _batching, batch) that no other fast
+test needed: each test here fails with its guard deleted (a block-deletion mutation pass of
+the batching modules, 5 December 2026)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import inspect
+import logging
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from perrequest import (
+    NoActiveScope,
+    ScopeStats,
+    UnhashableArguments,
+    _batch_async,
+    _batch_tick,
+    request_batch,
+    request_scope,
+)
+from perrequest._batching import _BatchSpec
+
+WAIT = 5
+
+
+class SavedKey:
+    """A key whose hash changes when the batch function saves it (a model hashed by the
+    primary key the save assigns); ``broken``: its hash raises (a copy being saved)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.saved, self.broken = n, False, False
+
+    def __hash__(self) -> int:
+        if self.broken:
+            raise TypeError("Model instances without primary key value are unhashable")
+        return hash((self.n, self.saved))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SavedKey) and (other.n, other.saved) == (self.n, self.saved)
+
+
+def _flat(waiters: Any) -> list[Any]:
+    return [w for one in waiters for w in _flat(one)] if type(waiters) is list else [waiters]
+
+
+def _batch_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_call"]  # type: ignore[union-attr]
+
+
+async def test_each_load_of_keys_the_batch_function_changes_gets_its_value() -> None:
+    """_batch_tick._ended/_taken: a key whose hash the batch function changed is no longer
+    found under it among the waiters; it is found by identity, so every caller is answered
+    (before _taken, the callback raised and its callers hung)."""
+
+    @request_batch
+    async def save(keys: list[SavedKey]) -> list[int]:
+        for key in keys:
+            key.saved = True
+        return [key.n * 10 for key in keys]
+
+    async with request_scope():
+        keys = [SavedKey(n) for n in range(4)]
+        loads = asyncio.gather(*(save.load(k) for k in keys))
+        assert await asyncio.wait_for(loads, WAIT) == [0, 10, 20, 30]
+
+
+async def test_a_cancelled_batch_of_keys_it_changed_asks_for_them_again() -> None:
+    """_batch_tick._ended, its cancelled branch: the batch's task is cancelled (a shutdown)
+    after the batch function changed its keys; its waiters, found by identity, are asked
+    again and get their values."""
+    started = asyncio.Event()
+    calls = 0
+
+    @request_batch
+    async def save(keys: list[SavedKey]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        for key in keys:
+            key.saved = True
+        if calls == 1:
+            started.set()
+            await asyncio.Event().wait()  # until cancelled
+        return [key.n * 10 for key in keys]
+
+    async with request_scope():
+        loads = asyncio.gather(save.load(SavedKey(1)), save.load(SavedKey(2)))
+        await asyncio.wait_for(started.wait(), WAIT)
+        (batch,) = _batch_tasks()
+        batch.cancel()  # from outside: its waiters are not cancelled
+        assert await asyncio.wait_for(loads, WAIT) == [10, 20]
+        assert calls == 2
+
+
+async def test_a_key_in_flight_that_cannot_be_hashed_any_more_fails_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """_batch_tick._taken and _ended's store: a batch changes its key's hash and breaks the
+    hash of a key of another batch in flight. Its own key gets its value; the other key's
+    caller fails with its hash's error (nobody hangs), and storing the other batch's value
+    logs perrequest's error rather than escaping the loop's callback."""
+    a, b = SavedKey(1), SavedKey(2)
+    release = asyncio.Event()
+
+    @request_batch
+    async def save(keys: list[SavedKey]) -> list[int]:
+        if any(key is b for key in keys):
+            await release.wait()
+        else:
+            a.saved, b.broken = True, True
+        return [key.n * 10 for key in keys]
+
+    with caplog.at_level(logging.ERROR):
+        async with request_scope():
+            second = save.load(b)
+            await asyncio.sleep(0)  # b's batch has started
+            first = save.load(a)
+            assert await asyncio.wait_for(first, WAIT) == 10
+            with pytest.raises(TypeError, match="unhashable"):
+                await asyncio.wait_for(second, WAIT)
+            release.set()
+            await asyncio.wait_for(asyncio.gather(*_batch_tasks()), WAIT)
+    assert any(
+        r.name == "perrequest" and "could not store" in r.getMessage() for r in caplog.records
+    )
+
+
+async def test_a_cancelled_load_does_not_strand_the_other_keys_of_its_batch() -> None:
+    """_batch_tick._ended: handing a value to a load cancelled meanwhile (its future done)
+    raises InvalidStateError, which is caught: the batch's other keys get theirs, and the
+    values are stored (each key with its own kept future)."""
+    release = asyncio.Event()
+    calls: list[list[int]] = []
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        await release.wait()
+        return [k * 10 for k in keys]
+
+    async with request_scope():
+        doomed, other = rows.load(1), rows.load(2)  # one batch, key 1 handed first
+        await asyncio.sleep(0)  # the batch has started
+        doomed.cancel()
+        release.set()
+        assert await asyncio.wait_for(other, WAIT) == 20
+        assert doomed.cancelled()
+        assert await rows.load(1) == 10 and await rows.load(2) == 20
+        assert calls == [[1, 2]]
+
+
+async def test_a_stop_iteration_value_fails_its_key_without_stranding_it() -> None:
+    """_batch_tick.fail: a StopIteration instance (an Exception) fails its key, but cannot
+    travel through a future: it fails with a RuntimeError naming it instead."""
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[Any]:
+        return [StopIteration() if k == 1 else k for k in keys]
+
+    async with request_scope():
+        one, two = rows.load(1), rows.load(2)
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(one, WAIT)
+        assert await asyncio.wait_for(two, WAIT) == 2
+
+
+async def test_a_batch_whose_task_is_cancelled_each_time_fails_its_keys() -> None:
+    """_batch_tick._again: a batch cancelled from outside is asked again once; cancelled
+    again, its keys fail with an error saying so instead of being asked for ever."""
+    calls = 0
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        asyncio.current_task().cancel()  # type: ignore[union-attr]
+        await asyncio.sleep(0)
+        return keys
+
+    async with request_scope():
+        with pytest.raises(RuntimeError, match="cancelled again"):
+            await asyncio.wait_for(rows.load(1), WAIT)
+        assert calls == 2
+
+
+async def test_an_unhashable_key_joining_a_pending_batch_raises_unhashable_arguments() -> None:
+    """_batch_tick._State.join: a key joining the tick's pending batch is hashed there; an
+    unhashable one raises UnhashableArguments, as a load outside a batch does, not a bare
+    TypeError."""
+
+    @request_batch
+    async def rows(keys: list[Any]) -> list[Any]:
+        return keys
+
+    async with request_scope():
+        pending = rows.load(1)  # the tick's batch is pending
+        with pytest.raises(UnhashableArguments, match="unhashable"):
+            rows.load([2])
+        assert await asyncio.wait_for(pending, WAIT) == 1
+
+
+async def test_loads_that_gave_up_on_a_hanging_batch_are_not_all_kept() -> None:
+    """_batch_tick._with: the waiters of a key in flight are pruned of cancelled loads as
+    their list doubles, so a hanging batch keeps at most about twice as many as wait."""
+    release = asyncio.Event()
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        await release.wait()
+        return keys
+
+    async with request_scope() as store:
+        waiting = rows.load(1)
+        await asyncio.sleep(0)  # the batch has started: later loads of 1 join its flight
+        for _ in range(300):
+            rows.load(1).cancel()  # a caller that gave up (a timeout)
+        state = store._flights[(rows._spec, asyncio.get_running_loop())]  # type: ignore[attr-defined]
+        assert len(_flat(state.inflight[1])) <= 128
+        release.set()
+        assert await asyncio.wait_for(waiting, WAIT) == 1
+
+
+async def test_thousands_of_loads_of_one_key_in_flight_are_all_answered() -> None:
+    """_batch_tick._with: the waiters of a key in flight are one flat list, handed their
+    value in a loop; nested one level per caller they would be handed recursively, past
+    the recursion limit."""
+    release = asyncio.Event()
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        await release.wait()
+        return [k * 10 for k in keys]
+
+    async with request_scope():
+        first = rows.load(1)
+        await asyncio.sleep(0)  # the batch has started: later loads of 1 join its flight
+        loads = [first, *(rows.load(1) for _ in range(3000))]
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*loads), WAIT) == [10] * 3001
+
+
+async def test_a_key_answered_after_a_cancel_may_be_cancelled_once_more_later() -> None:
+    """_batch_tick._ended: a key asked again after its batch was cancelled, and answered,
+    leaves the set of keys asked again; a later batch of it cancelled once (while the
+    loader's other keys keep its state) is asked again, not failed as cancelled twice."""
+    hold, started = asyncio.Event(), asyncio.Event()
+    tasks: dict[tuple[int, ...], asyncio.Task[Any]] = {}
+    cancel = False
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        nonlocal cancel
+        tasks[tuple(keys)] = asyncio.current_task()  # type: ignore[assignment]
+        if keys == [0]:
+            await hold.wait()
+        elif cancel:
+            cancel = False
+            started.set()
+            await asyncio.Event().wait()  # until cancelled
+        return [k * 10 for k in keys]
+
+    async with request_scope():
+        held = rows.load(0)  # in flight throughout: the loader's state stays
+        await asyncio.sleep(0)
+        for _ in range(2):
+            cancel = True
+            started.clear()
+            load = rows.load(1)
+            await asyncio.wait_for(started.wait(), WAIT)
+            tasks[(1,)].cancel()  # from outside, once
+            assert await asyncio.wait_for(load, WAIT) == 10
+            assert rows.clear(1)
+        hold.set()
+        assert await asyncio.wait_for(held, WAIT) == 0
+
+
+def test_a_loop_that_ran_a_batch_is_not_kept_once_closed() -> None:
+    """_batch_tick._ended: a loop whose batch tasks have all ended leaves the registry of
+    running batches, which holds its loops strongly: asyncio.run's loop is freed."""
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        return [k * 10 for k in keys]
+
+    async def main() -> weakref.ref[asyncio.AbstractEventLoop]:
+        async with request_scope():
+            assert await rows.load(1) == 10
+        return weakref.ref(asyncio.get_running_loop())
+
+    loop = asyncio.run(main())
+    gc.collect()
+    assert loop() is None
+
+
+async def test_a_load_after_its_scope_ended_is_outside_even_with_a_batch_in_flight() -> None:
+    """_batch_tick.state_of: a task outliving its scope loads as outside any scope (here:
+    NoActiveScope), even while the ended scope's batch is still in flight; it does not
+    join that batch."""
+    release = asyncio.Event()
+
+    @request_batch(outside_scope="raise")
+    async def rows(keys: list[int]) -> list[int]:
+        await release.wait()
+        return [k * 10 for k in keys]
+
+    async with request_scope():
+        first = rows.load(1)
+        await asyncio.sleep(0)  # its batch is in flight as the scope ends
+
+        async def late() -> int:
+            await asyncio.sleep(0)  # past the scope's end
+            return await rows.load(2)
+
+        task = asyncio.create_task(late())
+    with pytest.raises(NoActiveScope):
+        await asyncio.wait_for(task, WAIT)
+    release.set()
+    assert await asyncio.wait_for(first, WAIT) == 10
+
+
+async def test_a_cancelled_batch_of_its_own_keys_is_asked_again_apart() -> None:
+    """_batch_tick._again: the batch a batch function made of its own batch's keys (apart,
+    as it must not wait for itself), cancelled from outside, is asked again apart; in the
+    regular batch it would wait for the batch that waits for it, for ever."""
+    started = asyncio.Event()
+    tasks: dict[tuple[int, ...], asyncio.Task[Any]] = {}
+    cancel = True
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        nonlocal cancel
+        tasks[tuple(keys)] = asyncio.current_task()  # type: ignore[assignment]
+        if keys == [1, 2]:
+            return [await rows.load(2) + 1, 20]  # 2: a key of its own batch
+        if cancel:
+            cancel = False
+            started.set()
+            await asyncio.Event().wait()  # until cancelled
+        return [k * 10 for k in keys]
+
+    async with request_scope():
+        loads = rows.load_many([1, 2])
+        await asyncio.wait_for(started.wait(), WAIT)
+        tasks[(2,)].cancel()  # the batch apart, from outside, once
+        assert await asyncio.wait_for(loads, WAIT) == [21, 20]
+
+
+async def test_a_cancelled_batch_whose_callers_gave_up_is_not_asked_again() -> None:
+    """_batch_tick._again and _ended: the keys of a batch cancelled from outside are asked
+    again for their waiters that still wait; a caller that gave up (cancelled) asks for
+    nothing, and the loader's state leaves the store."""
+    started = asyncio.Event()
+    calls: list[list[int]] = []
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        started.set()
+        await asyncio.Event().wait()  # until cancelled
+        return keys
+
+    async with request_scope() as store:
+        load = rows.load(1)
+        await asyncio.wait_for(started.wait(), WAIT)
+        load.cancel()  # the caller gives up
+        (batch,) = _batch_tasks()
+        batch.cancel()
+        await asyncio.wait_for(asyncio.gather(batch, return_exceptions=True), WAIT)
+        for _ in range(3):
+            await asyncio.sleep(0)  # a batch asked again would have started by now
+        assert calls == [[1]] and _batch_tasks() == []
+        assert not store._flights  # type: ignore[attr-defined]  # nothing left in flight
+
+
+@contextlib.contextmanager
+def _running_at(func: Any, marker: str, action: Any) -> Iterator[None]:
+    """Run ``action()`` once, as ``func`` reaches its line holding ``marker``."""
+    lines, first = inspect.getsourcelines(func)
+    at = first + next(i for i, line in enumerate(lines) if marker in line)
+    code = func.__code__
+    fired: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == at and not fired:
+                fired.append(True)
+                action()
+            return local
+
+        return local
+
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(None)
+    assert fired
+
+
+def _closed_by_another_thread_at(func: Any, marker: str, scope: Any) -> Any:
+    """Close ``scope`` from another thread as ``func`` reaches its line holding ``marker``."""
+
+    def close() -> None:
+        closer = threading.Thread(target=scope.__exit__, args=(None, None, None))
+        closer.start()
+        closer.join(WAIT)
+
+    return _running_at(func, marker, close)
+
+
+async def test_a_load_racing_its_scopes_close_is_outside_the_scope() -> None:
+    """_batch_tick.state_of: the scope closes (another thread) between the check that it
+    is open and the making of the loader's state there: the load runs outside any scope
+    (here: uncached, silently), rather than raising ScopeClosed."""
+
+    @request_batch(outside_scope="call")
+    async def rows(keys: list[int]) -> list[int]:
+        return [k * 10 for k in keys]
+
+    scope = request_scope()
+    with scope:
+        with _closed_by_another_thread_at(_batch_tick.state_of, "_State(", scope):
+            load = rows.load(1)
+        assert await asyncio.wait_for(load, WAIT) == 10
+
+
+async def test_a_load_many_racing_its_scopes_close_is_outside_the_scope() -> None:
+    """_batch_async.load_many: the scope closes (another thread) after the check that it
+    is open, before the loader's state is made: no counter then, and the load runs outside
+    any scope (here: uncached, silently)."""
+
+    @request_batch(outside_scope="call")
+    async def rows(keys: list[int]) -> list[int]:
+        return [k * 10 for k in keys]
+
+    scope = request_scope()
+    with scope:
+        with _closed_by_another_thread_at(_batch_async.load_many, "state_of(", scope):
+            load = rows.load_many([1, 2])
+        assert await asyncio.wait_for(load, WAIT) == [10, 20]
+
+
+def test_a_load_key_whose_eq_raises_is_found_in_a_mapping_by_its_cache_key() -> None:
+    """_batching._same: with key=, a mapping is read by load keys or by cache keys; a load
+    key whose ``__eq__`` raises (compared with its cache key) is not the same as it, and
+    every key is still found (not the whole batch failed with that error)."""
+
+    class Touchy:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __hash__(self) -> int:
+            return hash(("touchy", self.n))
+
+        def __eq__(self, other: object) -> bool:
+            if not isinstance(other, Touchy):
+                raise TypeError("compared with a cache key")
+            return other.n == self.n
+
+    @request_batch(key=lambda t: t.n)
+    def rows(keys: list[Touchy]) -> dict[int, int]:
+        return {t.n: t.n * 10 for t in keys}
+
+    with request_scope():
+        assert rows.load_many([Touchy(1), Touchy(2)]) == [10, 20]
+
+
+def test_a_sync_load_racing_its_scopes_close_is_outside_the_scope() -> None:
+    """_batching.counter_in: the scope closes (another thread) between the check that it
+    is open and the taking of the loader's counter: the load runs outside any scope (here:
+    uncached, silently), rather than raising ScopeClosed."""
+
+    @request_batch(outside_scope="call")
+    def rows(keys: list[int]) -> list[int]:
+        return [k * 10 for k in keys]
+
+    scope = request_scope()
+    with scope, _closed_by_another_thread_at(_BatchSpec.counter_in, "store._counter(", scope):
+        assert rows.load_many([1, 2]) == [10, 20]
+
+
+def test_under_trio_a_failing_chunk_fails_its_keys_and_keeps_the_others() -> None:
+    """_BatchSpec.fetch_async: under trio (no batch: each call fetches by itself), a call
+    of one chunk that raises fails that chunk's keys alone; the other chunks' values are
+    stored as ever."""
+    calls: list[list[int]] = []
+
+    @request_batch(max_batch_size=1)
+    async def rows(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        if 2 in keys:
+            raise LookupError("row 2")
+        return [k * 10 for k in keys]
+
+    async def main() -> None:
+        async with request_scope():
+            with pytest.raises(LookupError, match="row 2"):
+                await rows.load_many([1, 2])
+            assert await rows.load(1) == 10  # stored by the call that failed for 2
+
+    anyio.run(main, backend="trio")
+    assert calls == [[1], [2]]
+
+
+@pytest.mark.parametrize("kind", ["sync", "trio"])
+def test_a_batch_calls_time_is_in_the_scopes_stats(kind: str) -> None:
+    """_BatchSpec.fetch and fetch_async: the time a sync batch function (or an async one
+    under trio) takes is counted in its compute_s when the stats are read (on_close)."""
+    stats: list[ScopeStats] = []
+
+    @request_batch
+    def rows(keys: list[int]) -> list[int]:
+        time.sleep(0.002)  # the work being timed
+        return keys
+
+    @request_batch
+    async def rows_async(keys: list[int]) -> list[int]:
+        await anyio.sleep(0.002)
+        return keys
+
+    if kind == "sync":
+        with request_scope(on_close=stats.append):
+            assert rows.load_many([1, 2]) == [1, 2]
+    else:
+
+        async def main() -> None:
+            async with request_scope(on_close=stats.append):
+                assert await rows_async.load_many([1, 2]) == [1, 2]
+
+        anyio.run(main, backend="trio")
+    (function,) = stats[0].functions.values()
+    assert function.misses == 2 and function.compute_s >= 0.002
+
+
+@pytest.mark.parametrize(
+    ("key", "loader_bound", "store_bound"),
+    [(int, 2, None), (int, None, 2), (None, None, 2)],
+    ids=["loader's bound", "store's bound", "store's bound, no key="],
+)
+async def test_an_async_hit_makes_its_key_the_most_recently_used(
+    key: Any, loader_bound: int | None, store_bound: int | None
+) -> None:
+    """batch._async_load: a hit answered with the finished future kept for its key moves
+    the key to the end of the loader's and the store's recency, so a bound evicts another."""
+
+    @request_batch(key=key, max_entries=loader_bound)
+    async def rows(keys: list[int]) -> list[int]:
+        return [k * 10 for k in keys]
+
+    async with request_scope(max_entries=store_bound) as store:
+        assert await asyncio.gather(rows.load(1), rows.load(2)) == [10, 20]
+        assert await rows.load(1) == 10  # a hit (its kept future): the most recent now
+        assert await rows.load(3) == 30  # one too many: the least recently used goes
+        assert sorted(k.key for k in store) == [1, 3]
+        assert rows.cache_info().hits == 1
+
+
+async def test_an_async_keyed_load_outside_any_scope_is_called_uncached() -> None:
+    """batch._async_load's load_keyed: outside any scope a load of a loader with key= (or
+    max_entries=) follows outside_scope, as one without does: here, called uncached."""
+    calls: list[list[int]] = []
+
+    @request_batch(key=int, max_entries=4, outside_scope="call")
+    async def rows(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        return [k * 10 for k in keys]
+
+    assert await asyncio.wait_for(rows.load(1), WAIT) == 10
+    assert await asyncio.wait_for(rows.load(1), WAIT) == 10
+    assert calls == [[1], [1]]
+
+
+async def test_a_batch_cancelled_after_its_scope_ended_cancels_its_waiters() -> None:
+    """_batch_tick._again: a batch cancelled (a shutdown) once its scope has ended is not
+    asked again: its waiters, a task outliving the request, are cancelled, not left to
+    wait for ever."""
+    started = asyncio.Event()
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        started.set()
+        await asyncio.Event().wait()  # until cancelled
+        return keys
+
+    async def handler() -> int:
+        return await rows.load(1)
+
+    async with request_scope():
+        task = asyncio.create_task(handler())
+        await asyncio.wait_for(started.wait(), WAIT)
+    (batch,) = _batch_tasks()
+    batch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+
+
+async def test_loads_of_a_key_of_its_own_batch_count_the_second_as_a_hit() -> None:
+    """_batch_tick._State.join_own: a batch function loading a key of its own batch twice
+    in one tick makes one call apart for it; the second load is a hit, as in a batch."""
+
+    @request_batch
+    async def rows(ids: list[int]) -> list[int]:
+        if 2 in ids:
+            await asyncio.gather(rows.load(1), rows.load(1))
+        return ids
+
+    async with request_scope():
+        assert await asyncio.wait_for(rows.load_many([2, 1]), WAIT) == [2, 1]
+        info = rows.cache_info()
+        assert (info.hits, info.misses) == (1, 3)
+
+
+async def test_a_batch_whose_task_cannot_be_made_leaves_no_coroutine_never_awaited() -> None:
+    """_batch_tick._spawn: the call's coroutine, made before the task factory refused
+    its task, is closed: no "never awaited" RuntimeWarning when it is collected."""
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        return keys
+
+    loop = asyncio.get_running_loop()
+
+    def refusing(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        del coro
+        raise RuntimeError("task factory refuses")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with request_scope():
+            loop.set_task_factory(refusing)
+            try:
+                with pytest.raises(RuntimeError, match="task factory refuses"):
+                    await asyncio.wait_for(rows.load(1), WAIT)
+            finally:
+                loop.set_task_factory(None)
+        gc.collect()
+    assert [w for w in caught if "never awaited" in str(w.message)] == []
+
+
+def test_a_batch_left_pending_by_a_closed_loop_leaves_the_store_at_the_next_start() -> None:
+    """_batch_tick._start: a loop closed with a batch unfinished and another pending (not
+    started) leaves its loader's state in the store; the next batch to start, on another
+    loop, drops it, pending batch and all."""
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        if keys == [1]:
+            await asyncio.Event().wait()  # unfinished as its loop closes
+        return keys
+
+    with request_scope() as store:
+        loop = asyncio.new_event_loop()
+
+        async def first() -> None:
+            rows.load(1)
+            for _ in range(2):
+                await asyncio.sleep(0)  # its batch has started, and waits
+            rows.load(2)  # a batch pending: it starts next time round
+            loop.stop()  # which never comes
+
+        starting = loop.create_task(first())
+        loop.run_forever()
+        assert starting.done()
+        loop.close()
+        assert store._flights  # type: ignore[attr-defined]  # the closed loop's state
+
+        async def second() -> int:
+            return await rows.load(3)
+
+        assert asyncio.run(second()) == 3
+        assert not store._flights  # type: ignore[attr-defined]
+
+
+async def test_a_key_failed_as_cancelled_again_may_be_asked_again_later() -> None:
+    """_batch_tick._again: a key failed for being cancelled twice leaves the set of keys
+    asked again: a later batch of it, cancelled once (while the loader's other keys keep
+    its state), is asked again rather than failed at once."""
+    hold = asyncio.Event()
+    cancels = 0
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[int]:
+        nonlocal cancels
+        if keys == [0]:
+            await hold.wait()
+        elif cancels:
+            cancels -= 1
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            await asyncio.sleep(0)
+        return [k * 10 for k in keys]
+
+    async with request_scope():
+        held = rows.load(0)  # in flight throughout: the loader's state stays
+        await asyncio.sleep(0)
+        cancels = 2
+        with pytest.raises(RuntimeError, match="cancelled again"):
+            await asyncio.wait_for(rows.load(1), WAIT)
+        cancels = 1
+        assert await asyncio.wait_for(rows.load(1), WAIT) == 10
+        hold.set()
+        assert await asyncio.wait_for(held, WAIT) == 0
+
+
+def test_a_value_stored_as_a_sync_load_starts_its_fetch_is_used() -> None:
+    """_BatchSpec._fetch: a key missing when looked up, whose value is stored (another
+    thread's prime, or its fetch ending) before this thread registers its own fetch, is
+    answered with that value, a hit; it is not fetched again."""
+    calls: list[list[int]] = []
+
+    @request_batch
+    def rows(keys: list[int]) -> list[str]:
+        calls.append(list(keys))
+        return [f"v{k}" for k in keys]
+
+    with request_scope():
+        with _running_at(_BatchSpec._fetch, "with store._lock:", lambda: rows.prime(1, "p")):
+            assert rows.load_many([1, 2]) == ["p", "v2"]
+        assert calls == [[2]]
+        info = rows.cache_info()
+        assert (info.hits, info.misses) == (1, 1)
+
+
+def test_a_sync_hit_makes_its_key_the_most_recently_used() -> None:
+    """batch._sync_load: a hit moves its key to the end of the store's recency, so the
+    store's bound evicts another."""
+
+    @request_batch
+    def rows(keys: list[int]) -> list[int]:
+        return [k * 10 for k in keys]
+
+    with request_scope(max_entries=2) as store:
+        assert rows.load_many([1, 2]) == [10, 20]
+        assert rows.load(1) == 10  # a hit: the most recently used now
+        assert rows.load(3) == 30  # one too many: the least recently used goes
+        assert sorted(k.key for k in store) == [1, 3]
+
+
+def test_under_trio_an_unhashable_key_raises_unhashable_arguments() -> None:
+    """_batch_async.miss: under trio (no batch) a load's key is checked hashable before it
+    is fetched: UnhashableArguments, as under asyncio, not a bare TypeError from within."""
+
+    @request_batch
+    async def rows(keys: list[Any]) -> list[Any]:
+        return keys
+
+    async def main() -> None:
+        async with request_scope():
+            with pytest.raises(UnhashableArguments, match="unhashable"):
+                await rows.load([1])
+
+    anyio.run(main, backend="trio")

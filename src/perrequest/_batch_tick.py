@@ -11,6 +11,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from ._active import logger
+from ._batch_waiters import hand, hashes, joined, popped
 from ._batching import _BatchSpec, now
 from ._stats import Counter
 from .errors import ScopeClosed
@@ -67,7 +68,7 @@ class _State:
         elif _fetching.get() is self and (self.cks is None or ck not in self.cks):
             self.join_own(key, ck, who)
         else:
-            inflight[ck] = _with(other, who)
+            inflight[ck] = joined(other, who)
             self.counter.hits += 1
 
     def join_own(self, key: Any, ck: Hashable, who: Any) -> None:
@@ -81,24 +82,8 @@ class _State:
             own[ck] = who
             self.own_keys[ck] = key
         else:
-            own[ck] = _with(other, who)
+            own[ck] = joined(other, who)
             self.counter.hits += 1
-
-
-def _with(waiters: Any, who: Any) -> Any:
-    if type(waiters) is list:
-        if len(waiters) >= 64 and not len(waiters) & (len(waiters) - 1):  # 64, 128, ...
-            # Callers that gave up (cancelled) go, while a batch hangs: at most twice
-            # as many kept as wait. A load_many's slot, (its _Many, index), once its
-            # future is done: it is done only cancelled while a key is in flight.
-            waiters[:] = [
-                w
-                for w in waiters
-                if not (w[0].future.done() if type(w) is tuple else w.cancelled())
-            ]
-        waiters.append(who)
-        return waiters
-    return [waiters, who]
 
 
 def state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> _State | None:
@@ -153,7 +138,8 @@ def _spawn(
             task = state.loop.create_future()  # type: ignore[assignment]
             task.set_result([exc] * len(part))
         _running.setdefault(state.loop, {})[task] = state
-        task.add_done_callback(functools.partial(_ended, state, part, part_cks, waiters))
+        ended = functools.partial(_ended, state, part, part_cks, hashes(part_cks), waiters)
+        task.add_done_callback(ended)
 
 
 async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
@@ -179,8 +165,9 @@ async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
 
 
 def _ended(
-    state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any], task: Any
-) -> None:
+    state: _State, keys: list[Any], cks: list[Hashable], hashes: list[int] | None,
+    waiters: dict[Hashable, Any], task: Any,
+) -> None:  # fmt: skip
     """Hand each key's value to its waiters and store it; a cancelled call's keys go in
     the next batch (``_again``)."""
     tasks = _running.get(state.loop, {})
@@ -196,21 +183,13 @@ def _ended(
     with store._lock:
         if values is None:
             own = waiters is not state.inflight
-            for key, ck in zip(keys, cks, strict=True):
-                try:
-                    who = waiters.pop(ck)
-                except Exception:  # the batch function changed the key: see _taken
-                    who = _taken(waiters, ck)
+            for key, ck, who in zip(keys, cks, popped(waiters, cks, hashes), strict=True):
                 _again(state, key, ck, who, own)
             _release(state)
             return
         anchors: list[Any] = []
         failures = False
-        for ck, value in zip(cks, values, strict=True):
-            try:
-                who = waiters.pop(ck)
-            except Exception:  # the batch function changed the key: see _taken
-                who = _taken(waiters, ck)
+        for value, who in zip(values, popped(waiters, cks, hashes), strict=True):
             failed = issubclass(type(value), Exception)  # type(): runs no code of the value
             if type(who) is _Future and not failed:  # one load
                 try:
@@ -219,7 +198,7 @@ def _ended(
                 except asyncio.InvalidStateError:  # that caller was cancelled
                     anchors.append(None)
             else:
-                kept = _hand(who, value, failed)
+                kept = hand(who, value, failed)
                 anchors.append(_FAILED if failed else None if kept is None else (loop, kept))
                 failures |= failed
         if failures:  # failures are not stored
@@ -235,60 +214,7 @@ def _ended(
         _release(state)
 
 
-def _taken(waiters: dict[Hashable, Any], ck: Hashable) -> Any:
-    """``waiters.pop(ck)`` by identity, for a key whose hash the batch function changed (a
-    model saved) or that raises now; the others filed again under their hashes now (one
-    that cannot be hashed any more fails its waiters). None: nobody waits for it."""
-    entries = list(dict.items(waiters))
-    waiters.clear()
-    found = None
-    for key, who in entries:
-        if key is ck:
-            found = who
-            continue
-        try:
-            other = waiters.get(key)  # changed into a key equal to another one: both wait
-            waiters[key] = who if other is None else [*_listed(other), *_listed(who)]
-        except Exception as exc:
-            _hand(who, exc, True)
-    return found
-
-
 _FAILED: Any = object()  # an anchor's place for a failed key: it is not stored
-
-
-def _listed(who: Any) -> list[Any]:
-    return who if type(who) is list else [who]
-
-
-def _hand(who: Any, value: Any, failed: bool) -> Any:
-    """Hand ``value`` to a waiter (a future, a ``(_Many, index)``) or a list of them; the
-    future now holding the value, if any, for later hits."""
-    if type(who) is list:
-        kept = None
-        for one in who:
-            kept = _hand(one, value, failed) or kept
-        return kept
-    if who is None:  # nobody (a key lost by _taken)
-        return None
-    if type(who) is tuple:
-        if not who[0].future.done():
-            who[0].put(who[1], value, failed)
-        return None
-    if who.done():  # that caller was cancelled
-        return None
-    if failed:
-        fail(who, value)
-        return None
-    who.set_result(value)
-    return who
-
-
-def fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    try:
-        future.set_exception(exc)
-    except TypeError:  # StopIteration cannot travel through a future
-        future.set_exception(RuntimeError(f"the batch function's value was {exc!r}"))
 
 
 def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
@@ -296,7 +222,7 @@ def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
     the scope has ended); fail them if it is cancelled again (it would be, for ever)."""
     if ck in state.again and not state.store._closed:
         state.again.discard(ck)
-        _hand(who, _cancelled_again(state.spec), True)
+        hand(who, _cancelled_again(state.spec), True)
         return
     state.again.add(ck)
     for one in who if type(who) is list else (who,):
@@ -308,7 +234,7 @@ def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
         elif own:
             state.join_own(key, ck, one)
         elif ck in state.inflight:  # put back already, for its other waiters
-            state.inflight[ck] = _with(state.inflight[ck], one)
+            state.inflight[ck] = joined(state.inflight[ck], one)
         else:
             state.join(key, ck, one)
 

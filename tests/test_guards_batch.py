@@ -9,12 +9,14 @@ import contextlib
 import gc
 import inspect
 import logging
+import queue
 import sys
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import anyio
@@ -27,6 +29,7 @@ from perrequest import (
     UnhashableArguments,
     _batch_async,
     _batch_tick,
+    bind_scope,
     request_batch,
     request_scope,
 )
@@ -810,3 +813,67 @@ async def test_a_key_its_batch_makes_equal_to_another_key_gets_its_own_value(
     _NEW.update(new)
     async with request_scope():
         assert await _each_loaded(*map(Model, pks)) == values
+
+
+# -- a thread that waited for another's fetch, later waited for by it ----------------------
+
+
+class _Worker:
+    """One thread of its own, running the jobs handed to it (each bound to the scope)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue[Any] = queue.Queue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            job()
+
+    def submit(self, fn: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        bound = bind_scope(fn)
+        self.jobs.put(lambda: future.set_result(bound()))
+        return future
+
+
+def test_a_thread_that_waited_for_anothers_fetch_may_be_waited_for_by_it_later() -> None:
+    """_batching._BatchSpec._fetch: a thread done waiting for another thread's fetch is
+    forgotten as a waiter (``done_waiting``). Remembered, the other thread waiting for its
+    fetch later reads as a cycle (each waiting for the other), and fetches the key again:
+    twice at once, which threads sharing a scope never do."""
+    gates = {1: threading.Event(), 2: threading.Event()}
+    calls: list[list[int]] = []
+
+    @request_batch
+    def rows(keys: list[int]) -> list[int]:
+        calls.append(list(keys))
+        assert gates[keys[0]].wait(WAIT)
+        return [k * 10 for k in keys]
+
+    def waited_for(store: Any, key: int) -> None:
+        deadline = time.monotonic() + WAIT
+        while (fetch := store._flights.get((rows._spec, key))) is None or fetch.future is None:
+            assert time.monotonic() < deadline, f"nobody waits for the fetch of {key}"
+            time.sleep(0.001)
+
+    a, b = _Worker(), _Worker()
+    try:
+        with request_scope() as store:
+            fetching = a.submit(lambda: rows.load(1))
+            while (rows._spec, 1) not in store._flights:  # type: ignore[attr-defined]
+                time.sleep(0.001)
+            waiting = b.submit(lambda: rows.load(1))
+            waited_for(store, 1)
+            gates[1].set()
+            assert fetching.result(WAIT) == waiting.result(WAIT) == 10
+            fetching = b.submit(lambda: rows.load(2))  # the other way round now
+            while (rows._spec, 2) not in store._flights:  # type: ignore[attr-defined]
+                time.sleep(0.001)
+            waiting = a.submit(lambda: rows.load(2))
+            waited_for(store, 2)
+            gates[2].set()
+            assert fetching.result(WAIT) == waiting.result(WAIT) == 20
+    finally:
+        gates[1].set(), gates[2].set()
+        a.jobs.put(None), b.jobs.put(None)
+    assert calls == [[1], [2]]

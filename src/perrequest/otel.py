@@ -34,16 +34,10 @@ _lock = threading.Lock()
 _installed: _Listener | None = None
 # The totals reported through each provider, kept across instrument() calls: the SDK
 # gives a meter's counters back as first made, and a counter must never go back. The
-# global provider's under one key, whichever it is: before the app sets it, a proxy that
-# hands the counters made through it to the provider set later.
+# global provider's are one, whichever it is: before the app sets it, a proxy that hands
+# the counters made through it to the provider set later.
 _totals: weakref.WeakKeyDictionary[object, Totals] = weakref.WeakKeyDictionary()
-
-
-class _Global:
-    """The key of the global provider's totals (a weak key needs an object)."""
-
-
-_GLOBAL = _Global()
+_global_totals = Totals()
 
 
 class _Listener:
@@ -125,7 +119,7 @@ def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
     meter = metrics.get_meter("perrequest", __version__, meter_provider=meter_provider)
     is_global = meter_provider is None or meter_provider is metrics.get_meter_provider()
     with _lock:
-        totals = _totals.setdefault(_GLOBAL if is_global else meter_provider, Totals())
+        totals = _global_totals if is_global else _totals.setdefault(meter_provider, Totals())
     listener = _Listener(meter, meter_provider, totals)
     for column, (name, unit, description) in enumerate(_COUNTERS):
         meter.create_observable_counter(

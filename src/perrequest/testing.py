@@ -79,19 +79,19 @@ else:
         exit) fails, and the scope is closed: every test after it would share its store."""
         before = _current.get()
         outcome = yield
-        if not _left_open(before):
-            return
+        left_open = False
         for _ in range(100):  # scopes opened one inside another, the latest first
             left = _left_open(before)
             if left is None:
                 break
+            left_open = True
             if type(left) is list:  # a middleware's, its body never closed
                 close_request(left, None)
             else:
                 close_scope(left)
             if _current.get() is left:  # not undone here (opened in another context)
                 _current.set(before)
-        if outcome.excinfo is None:
+        if left_open and outcome.excinfo is None:
             outcome.force_exception(
                 AssertionError(
                     f"{item.nodeid} left a perrequest scope active: a request_scope() entered "

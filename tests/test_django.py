@@ -20,6 +20,7 @@ django_project.setup()
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
+from django.core.signals import request_finished  # noqa: E402
 from django.http import FileResponse, HttpResponse, StreamingHttpResponse  # noqa: E402
 from django.test import (  # noqa: E402
     AsyncClient,
@@ -126,8 +127,9 @@ async def test_middleware_is_a_coroutine_function_only_over_async_get_response()
         response = call(request)
         response = await response if call is amw else response
         assert response.content == b"True"
-        assert live_scopes() == 0  # a complete response: nothing of the app runs later
+        assert live_scopes() == 1  # open until Django closes the response
         response.close()
+        assert live_scopes() == 0
 
 
 async def test_the_asgi_token_trap_that_wrapping_get_response_avoids() -> None:
@@ -196,28 +198,84 @@ def test_streaming_response_closed_unread_closes_the_store(closed: list[ScopeSta
     assert live_scopes() == 0 and len(closed) == 1
 
 
-def test_file_response_keeps_sendfile_and_its_scope_ends_at_once(
+def test_file_response_keeps_sendfile_and_its_scope_ends_as_it_closes(
     closed: list[ScopeStats],
 ) -> None:
     with Path(__file__).open("rb") as handle:
         mw = RequestScopeMiddleware(lambda request: FileResponse(handle))
         response = mw(RequestFactory().get("/"))
         assert response.file_to_stream is handle  # not wrapped: wsgi.file_wrapper still applies
-        assert live_scopes() == 0 and len(closed) == 1  # reading a file runs no app code
+        assert live_scopes() == 1 and not closed
         response.close()
-        assert handle.closed
+        assert handle.closed and live_scopes() == 0 and len(closed) == 1
 
 
-def test_a_complete_response_ends_its_scope_when_the_middleware_returns(
+def test_a_complete_response_ends_its_scope_as_django_closes_it(
     closed: list[ScopeStats],
 ) -> None:
-    """Nothing of the app runs after a complete response is returned, so its store is
-    freed before the response is even sent, and a response dropped unclosed (Django's
-    ASGI handler on a disconnect) leaves nothing open."""
-    mw = RequestScopeMiddleware(lambda request: HttpResponse("ok"))
+    """The store is open, and active, while Django closes a complete response
+    (``request_finished`` receivers, resource closers); a response dropped unclosed (a
+    middleware above replaced it) ends its scope as it is freed."""
+    finished: list[object] = []
+
+    def receiver(**kwargs: Any) -> None:
+        finished.append(perrequest.get("who"))
+
+    def view(request: Any) -> HttpResponse:
+        perrequest.set("who", "this request")
+        response = HttpResponse("ok")
+        response._resource_closers.append(lambda: finished.append(perrequest.get("who")))
+        return response
+
+    mw = RequestScopeMiddleware(view)
     response = mw(RequestFactory().get("/"))
-    assert live_scopes() == 0 and len(closed) == 1
-    del response
+    assert live_scopes() == 1 and not closed and not perrequest.in_request_scope()
+    request_finished.connect(receiver)
+    try:
+        response.close()
+    finally:
+        request_finished.disconnect(receiver)
+    assert finished == ["this request", "this request"]
+    assert live_scopes() == 0 and len(closed) == 1 and not perrequest.in_request_scope()
+    response = mw(RequestFactory().get("/"))
+    del response  # never closed
+    assert live_scopes() == 0 and len(closed) == 2
+
+
+_HOOKED: list[object] = []
+
+
+def _close_hook() -> None:
+    """A response's own close, set by a view: picklable, as the site cache needs."""
+    _HOOKED.append(perrequest.get("who"))
+
+
+def test_a_pickled_response_reads_back_closing_as_its_class_does(
+    closed: list[ScopeStats],
+) -> None:
+    """The site cache pickles responses (perrequest listed after UpdateCacheMiddleware):
+    the copy read back closes as Django's own, and has no scope to end."""
+    hooked = _HOOKED
+    hooked.clear()
+
+    def view(request: Any) -> HttpResponse:
+        perrequest.set("who", "this request")
+        response = HttpResponse("ok")
+        if request.GET.get("hook"):
+            response.close = _close_hook  # type: ignore[method-assign]
+        return response
+
+    mw = RequestScopeMiddleware(view)
+    for query in ({}, {"hook": "1"}):
+        response = mw(RequestFactory().get("/", query))
+        copy = pickle.loads(pickle.dumps(response))
+        assert copy.content == b"ok" and live_scopes() == 1
+        copy.close()  # Django's close, or the view's hook, outside any scope
+        assert copy.closed or hooked == [None]
+        assert live_scopes() == 1
+        response.close()
+        assert live_scopes() == 0
+    assert hooked == [None, "this request"] and len(closed) == 2
 
 
 @pytest.mark.parametrize("is_async", [False, True])
@@ -625,6 +683,7 @@ def test_a_request_that_memoizes_nothing_makes_no_store(monkeypatch: pytest.Monk
         response.close()
         response = asyncio.run(RequestScopeMiddleware(async_view)(RequestFactory().get("/")))
         assert response.content == b"hi"
+        response.close()
         assert seen == [True, True, True] and made == [] and live_scopes() == 0
 
     @perrequest.request_memo

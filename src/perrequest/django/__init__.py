@@ -2,10 +2,11 @@
 
 The store is set and reset around ``get_response`` in ``__call__``, never in
 ``process_request``/``process_response``: under ASGI those run in different
-contexts, and a token set in one cannot be reset in the other. A streaming
-response's content is wrapped (through the public ``streaming_content``
-setter) so each chunk sees the store, which closes when Django closes the
-response. docs/frameworks/django.md has the details.
+contexts, and a token set in one cannot be reset in the other. The store
+closes when Django closes the response (its ``close``, set on the response,
+runs Django's own with the store active); a streaming response's content is
+wrapped (through the public ``streaming_content`` setter) so each chunk sees
+the store. docs/frameworks/django.md has the details.
 """
 
 from __future__ import annotations
@@ -127,49 +128,64 @@ def _opened_outside(request: Any) -> bool:
 
 
 def _tie_to_response(response: Any, cell: list[Any]) -> Any:
-    """End the scope now, or, for a streaming response, when Django closes it."""
-    if not getattr(response, "streaming", False) or (
-        getattr(response, "file_to_stream", None) is not None  # a file: no app code runs
-    ):
-        close_request(cell, None)
-        return response
+    """End the scope when Django closes the response (the WSGI server's ``close()``, the
+    ASGI handler's after the last byte), its own close (``request_finished``, resource
+    closers) run with the store active; a streaming body's chunks see the store too."""
     try:
         # A response dropped unclosed (a middleware above replaced it) ends the scope
         # when it is collected; on that path, the scope only.
         end = weakref.finalize(response, close_request, cell, None)
-        content = response.streaming_content
-        if getattr(response, "is_async", False):
-            response.streaming_content = _produce_async(content, cell, end)
-        else:
-            response.streaming_content = _produce(content, cell, end)
+        if getattr(response, "streaming", False) and (
+            getattr(response, "file_to_stream", None) is None  # a file: no app code runs
+        ):
+            content = response.streaming_content
+            if getattr(response, "is_async", False):
+                response.streaming_content = _produce_async(content, cell, end)
+            else:
+                response.streaming_content = _produce(content, cell, end)
         hook = vars(response).get("close")  # set on the response by a view or middleware
-        response.close = _closing(weakref.ref(response), hook, cell, end)
+        response.close = _Closing(response, hook, cell, end)
     except BaseException:
         close_request(cell, None)
         raise
     return response
 
 
-def _closing(
-    response: weakref.ref[Any], hook: Callable[[], object] | None, cell: list[Any], end: Any
-) -> Callable[[], None]:
-    """``response.close`` for a streaming response: its own close (a ``hook`` set on it,
-    or its class's) with the store active, then the scope ends. Holds the response
-    weakly: no cycle with its close."""
+class _Closing:
+    """``response.close``: the response's own close (a ``hook`` set on it by a view or
+    middleware, or its class's) with the store active, then the scope ends. Holds the
+    response weakly (no cycle with its close). Pickled (the site cache stores responses)
+    as the class's close of the response: a copy read back has no scope to end."""
 
-    def close() -> None:
-        target = response()
-        token = _current.set(cell)
+    __slots__ = ("_cell", "_end", "_hook", "_response")
+
+    def __init__(
+        self, response: Any, hook: Callable[[], object] | None, cell: list[Any], end: Any
+    ) -> None:
+        self._response = weakref.ref(response)
+        self._hook, self._cell, self._end = hook, cell, end
+
+    def __call__(self) -> None:
+        target = self._response()
+        token = _current.set(self._cell)
         try:
-            if hook is not None:
-                hook()
+            if self._hook is not None:
+                self._hook()
             elif target is not None:
                 type(target).close(target)
         finally:
             _current.reset(token)
-            end()
+            self._end()
 
-    return close
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._hook is not None:
+            return _hook_of, (self._hook,)
+        return getattr, (self._response(), "close")  # read back: the class's, bound
+
+
+def _hook_of(hook: Callable[[], object]) -> Callable[[], object]:
+    """A response's own ``close`` hook, as read back from a pickle (``_Closing``)."""
+    return hook
 
 
 def _produce(content: Iterable[Any], cell: list[Any], end: Callable[[], object]) -> Iterator[Any]:

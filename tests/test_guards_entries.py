@@ -3,6 +3,7 @@ with its guard deleted (a block-deletion mutation pass of the core, 5 December 2
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 from keys import Model, Odd, Seven
@@ -117,12 +118,24 @@ def test_evicting_a_key_whose_hash_now_finds_another_entry_keeps_that_entry() ->
         assert f(b) == 2 and computed == [1, 2, 3]  # b's entry still there: a hit
 
 
-def test_an_unwatched_scope_reports_no_duration() -> None:
-    """_entries._age: duration_s is measured only in watched scopes,
-    "elsewhere they stay 0.0" (docs/semantics.md), open or closed."""
+def test_an_unwatched_scope_reports_its_duration_but_no_compute_time() -> None:
+    """_entries._age: every store is timed from when it is made (one clock read), open or
+    closed; compute_s only in watched scopes (two reads per miss)."""
+
+    @request_memo
+    def slow() -> int:
+        time.sleep(0.02)
+        return 1
+
     with request_scope() as store:
-        assert store.stats.duration_s == 0.0
-    assert store.stats.duration_s == 0.0
+        slow()
+        during = store.stats
+        (fn,) = during.functions.values()
+        assert during.duration_s >= 0.02 and fn.compute_s == 0.0
+    closed = store.stats.duration_s
+    assert closed >= during.duration_s
+    time.sleep(0.01)
+    assert store.stats.duration_s == closed  # stopped as it closed
 
 
 def test_reading_a_bounded_functions_entry_through_the_store_refreshes_it() -> None:

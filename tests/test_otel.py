@@ -223,8 +223,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import perrequest.otel
-from perrequest import request_memo
+from perrequest import add_scope_listener, request_memo
 
+closed = []
+add_scope_listener(lambda stats: closed.append([stats.hits, stats.misses]))
 exporter = InMemorySpanExporter()
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -243,18 +245,20 @@ def lookup(x):
 
 urlpatterns = [path("", lambda request: HttpResponse(str(sum(map(lookup, (1, 2, 1, 2, 1))))))]
 assert Client().get("/").content == b"7"
-print(json.dumps([dict(s.attributes) for s in exporter.get_finished_spans()]))
+print(json.dumps([[dict(s.attributes) for s in exporter.get_finished_spans()], closed]))
 """
 
 
-def test_opentelemetrys_django_server_span_gets_the_totals() -> None:
-    """DjangoInstrumentor's middleware, first in the stack, keeps its server span current
-    until after perrequest's middleware has closed the scope (a process of its own:
-    instrumenting patches Django's settings)."""
+def test_opentelemetrys_django_server_span_ends_before_the_scope() -> None:
+    """DjangoInstrumentor's middleware ends its server span in process_response; the scope
+    ends later, as Django closes the response (DESIGN.md): the totals reach the metrics,
+    not that span (a process of its own: instrumenting patches Django's settings)."""
     done = run_python(_DJANGO_INSTRUMENTED)
     assert done.returncode == 0, done.stderr
-    [span] = json.loads(done.stdout)
-    assert span["perrequest.scope.hits"] == 3 and span["perrequest.scope.misses"] == 2
+    [[span], closed] = json.loads(done.stdout)
+    assert "http.request.method" in span or "http.method" in span  # the server span
+    assert not [name for name in span if name.startswith("perrequest.")]
+    assert closed == [[3, 2]]
 
 
 def test_instrument_again_replaces_and_uninstrument_stops() -> None:

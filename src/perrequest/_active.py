@@ -19,7 +19,7 @@ from contextvars import ContextVar, Token
 from types import CoroutineType, MethodType
 from typing import Any
 
-from ._stats import ScopeStats, listeners, observed
+from ._stats import ScopeStats, listeners
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 OnClose = Callable[[ScopeStats], object]
@@ -68,11 +68,10 @@ def _forked() -> None:
 def open_scope(
     max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
 ) -> MemoStore:
-    """Make a new store active here; timed only if somebody will see its stats."""
+    """Make a new store active here."""
     store = MemoStore(max_entries)
     store._on_close = on_close
-    if on_close is not None or observed():
-        store._opened_at = _now()
+    store._opened_at = _now()  # one clock read: cheaper than asking who will see it
     _opened(None)
     _unwound(_current.get())  # never a closed scope under this one: no chain of them
     store._token = _current.set(store)
@@ -155,8 +154,7 @@ def here() -> MemoStore | None:
                 active.append(_NONE_MADE)
             else:
                 store = MemoStore(options[0])  # a cell's scope has no on_close
-                if observed():
-                    store._opened_at = _now()
+                store._opened_at = _now()  # its duration_s counts from here
                 active.append(store)  # of two threads' stores, the first appended is the store
         active = active[1]
         _current.set(active)

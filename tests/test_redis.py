@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from perrequest import UnhashableArguments, request_memo, request_scope
+from perrequest import CacheInfo, UnhashableArguments, request_memo, request_scope
 from perrequest.redis import RedisCache, RedisCacheInfo
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,7 +61,8 @@ def test_values_are_shared_across_requests_and_read_repeatably(
     with request_scope():
         assert price("abc") == {"sku": "abc", "cents": 300}
         assert price("abc") == {"sku": "abc", "cents": 300}  # a request-store hit
-        assert price.cache_info() == RedisCacheInfo(1, 1, None, 1, 0, 1, 0, 0)
+        assert price.cache_info() == CacheInfo(1, 1, None, 1)
+        assert price.shared_info() == RedisCacheInfo(0, 1, 0, 0)
     key = _key("t", price, "abc")
     assert json.loads(client.get(key)) == {"sku": "abc", "cents": 300}
     assert 59_000 < client.pttl(key) <= 60_000  # every entry has the TTL
@@ -70,11 +71,11 @@ def test_values_are_shared_across_requests_and_read_repeatably(
         client.set(key, json.dumps({"sku": "abc", "cents": 1}))  # another process updates it
         client.delete(key)
         assert price("abc") == {"sku": "abc", "cents": 300}  # repeatable within the request
-        info = price.cache_info()
-        assert (info.shared_hits, info.shared_misses) == (1, 1)
+        assert price.shared_info() == RedisCacheInfo(1, 1, 0, 0)
     assert calls == ["abc"]
-    # Outside a scope: zeros, and the call is not cached.
-    assert price.cache_info() == RedisCacheInfo(0, 0, None, 0, 0, 0, 0, 0)
+    # Outside a scope: zeros, and the call is not cached; the tier's counts are the process's.
+    assert price.cache_info() == CacheInfo(0, 0, None, 0)
+    assert price.shared_info() == RedisCacheInfo(1, 1, 0, 0)
     assert cache.stats().hits == 1 and cache.stats().misses == 1
 
 
@@ -121,7 +122,7 @@ def test_typed_keyword_only_and_star_args_calls_have_keys_of_their_own(
     with request_scope():
         assert (typed(1), typed(1.0), typed(True)) == ("1", "1.0", "True")
         assert star(1, b=2) == [[1], {"b": 2}] and star(1, 2) == [[1, 2], {}]
-        assert typed.cache_info().shared_hits == 3 and star.cache_info().shared_hits == 2
+        assert typed.shared_info().hits == 3 and star.shared_info().hits == 2
     assert client.dbsize() == 5
 
 
@@ -202,7 +203,7 @@ def test_arguments_json_cannot_encode_need_key(cache: RedisCache) -> None:
         assert sales_by_key(Day("2026-01-01"), "north") == 2
     with request_scope():
         assert sales_by_key(Day("2026-01-01"), "north") == 2
-        assert sales_by_key.cache_info().shared_hits == 1
+        assert sales_by_key.shared_info().hits == 1
 
 
 def test_methods_need_key_and_then_share_across_instances(cache: RedisCache) -> None:
@@ -225,7 +226,7 @@ def test_methods_need_key_and_then_share_across_instances(cache: RedisCache) -> 
         assert Repo("a").user(1) == {"tenant": "a", "uid": 1}
     with request_scope():
         assert Repo("a").user(1) == {"tenant": "a", "uid": 1}
-        assert Repo.user.cache_info().shared_hits == 1  # type: ignore[attr-defined]
+        assert Repo.user.shared_info().hits == 1  # type: ignore[attr-defined]
 
 
 def test_a_function_whose_name_is_not_its_own_is_refused(cache: RedisCache) -> None:
@@ -450,7 +451,7 @@ def test_exceptions_are_not_cached_and_release_the_lock(
     start = time.monotonic()
     with request_scope():
         assert flaky(1) == 1
-    assert time.monotonic() - start < 1 and flaky.cache_info().shared_lock_waits == 0
+    assert time.monotonic() - start < 1 and flaky.shared_info().lock_waits == 0
 
 
 def test_ttl_expiry_between_two_requests(client: redis.Redis) -> None:
@@ -698,9 +699,7 @@ def test_counters_lose_no_update_under_threads(client: redis.Redis) -> None:
             thread.join(30)
     finally:
         sys.setswitchinterval(interval)
-    with request_scope():
-        info = flag.cache_info()
-    assert (info.shared_hits, info.shared_misses) == (6000, 1)
+    assert flag.shared_info()[:2] == (6000, 1)
     assert cache.stats().hits == 6000
     cache.close()
 

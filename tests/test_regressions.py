@@ -181,8 +181,7 @@ def test_a_waiter_in_another_request_gets_a_detached_error(error: type[Exception
     assert started.wait(5)
     waiting = threading.Thread(target=request, args=("waiting",))
     waiting.start()
-    info = request_scope()(lambda: fetch.cache_info())  # type: ignore[attr-defined]
-    _wait_until(lambda: info().shared_hits == 1)
+    _wait_until(lambda: fetch.shared_info().hits == 1)  # type: ignore[attr-defined]
     release.set()
     computing.join(5)
     waiting.join(5)

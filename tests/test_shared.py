@@ -20,6 +20,7 @@ import cachetools
 import pytest
 
 from perrequest import (
+    CacheInfo,
     PerRequestError,
     SharedCacheInfo,
     SharedComputationError,
@@ -58,11 +59,10 @@ def test_hits_across_requests(cache: MutableMapping[Any, Any]) -> None:
         assert price("abc") == 3 and price("abc") == 3
     with request_scope():
         assert price("abc") == 3
-        info = price.cache_info()
-        assert isinstance(info, SharedCacheInfo)
-        assert (info.hits, info.misses) == (0, 1)  # request level: a miss, served by shared
-        assert (info.shared_hits, info.shared_misses) == (1, 1)
-        assert info.shared_maxsize == 100 and info.shared_currsize == 1
+        assert price.cache_info() == CacheInfo(0, 1, None, 1)  # a miss, served by shared
+        assert price.shared_info() == SharedCacheInfo(1, 1, 100, 1)
+    assert price.cache_info() == CacheInfo(0, 0, None, 0)  # outside a scope: zeros
+    assert price.shared_info() == SharedCacheInfo(1, 1, 100, 1)  # the process's
     assert calls == ["abc"]
 
 
@@ -79,9 +79,9 @@ def test_any_mapping_with_a_maxsize() -> None:
 
     with request_scope():
         assert f(1) == 1
-        assert f.cache_info() == (0, 1, None, 1, 0, 1, 2, 1)
-    # Outside a scope cache_info() reports zeros (DESIGN.md), the bounds aside.
-    assert f.cache_info() == (0, 0, None, 0, 0, 0, 2, 0)
+        assert f.cache_info() == (0, 1, None, 1) and f.shared_info() == (0, 1, 2, 1)
+    # Outside a scope cache_info() reports zeros (DESIGN.md); the shared cache is the process's.
+    assert f.cache_info() == (0, 0, None, 0) and f.shared_info() == (0, 1, 2, 1)
 
 
 class NoBound(MutableMapping[Any, Any]):
@@ -162,7 +162,7 @@ def test_repeatable_reads_within_a_request() -> None:
         assert config() == 2  # expired between requests: recomputed
     clock.now = 105
     with request_scope():
-        assert config() == 2 and config.cache_info().shared_hits >= 1  # type: ignore[union-attr]
+        assert config() == 2 and config.shared_info().hits >= 1  # type: ignore[union-attr]
 
 
 def test_concurrent_misses_across_requests_compute_once_in_threads() -> None:
@@ -208,9 +208,7 @@ def test_both_tiers_count_a_waiter_as_a_shared_hit(
 
     with ThreadPoolExecutor(8) as pool:
         assert [f.result() for f in [pool.submit(one_request) for _ in range(8)]] == [21] * 8
-    with request_scope():
-        info = slow.cache_info()
-    assert (info.shared_hits, info.shared_misses) == (7, 1)  # every call, counted once
+    assert slow.shared_info()[:2] == (7, 1)  # every call, counted once
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fork")
@@ -506,12 +504,12 @@ def test_cache_info_reads_the_cache_size_under_its_lock() -> None:
         storing = pool.submit(request_scope()(price), 1)
         assert cache.entered.wait(5)
         try:
-            info = pool.submit(request_scope()(price.cache_info))
+            info = pool.submit(price.shared_info)
             time.sleep(0.2)  # time enough to read the size while price(1) is storing
         finally:
             cache.release.set()
         assert storing.result(5) == 1
-        assert info.result(5).shared_currsize in (0, 1)
+        assert info.result(5).currsize in (0, 1)
     assert not cache.overlapped
 
 
@@ -570,7 +568,7 @@ def test_methods_need_a_key() -> None:
         assert Users("t1").name(1) == "t1:1"
     with request_scope():
         assert Users("t1").name(1) == "t1:1"
-        assert Users.name.cache_info().shared_hits == 1  # type: ignore[attr-defined]
+        assert Users.name.shared_info().hits == 1  # type: ignore[attr-defined]
 
 
 def test_shared_tier_stays_within_its_bound() -> None:
@@ -587,7 +585,7 @@ def test_shared_tier_stays_within_its_bound() -> None:
             assert len(store) == 500
         assert len(cache) == 1000
     with request_scope():
-        assert ident.cache_info().shared_misses == 100_000  # type: ignore[attr-defined]
+        assert ident.shared_info().misses == 100_000  # type: ignore[attr-defined]
 
 
 def test_oversized_values_are_served_but_not_cached() -> None:
@@ -651,7 +649,7 @@ def _until_waiting(fn: Any, waiters: int) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         with request_scope():
-            if fn.cache_info().shared_hits >= waiters:
+            if fn.shared_info().hits >= waiters:
                 return
         time.sleep(0.001)
     raise AssertionError(f"{waiters} calls never waited")
@@ -1036,7 +1034,7 @@ async def test_what_the_computing_request_adds_to_its_error_later_never_reaches_
     for _ in range(5000):  # until bob waits for her computation (a shared hit as it starts)
         await asyncio.sleep(0.001)
         with request_scope():
-            if price.cache_info().shared_hits:
+            if price.shared_info().hits:
                 break
     release.set()
     notes = await asyncio.wait_for(asyncio.gather(alice, bob), 5)

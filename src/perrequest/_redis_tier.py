@@ -34,22 +34,17 @@ UNCOUNTED = Counter(timed=False)
 
 
 class RedisCacheInfo(NamedTuple):
-    """``CacheInfo`` plus the Redis tier's counters in this process, for one function.
+    """A memo's counters in the Redis tier, in this process (``shared_info()``).
 
-    ``shared_hits``: values read from Redis, or got from another caller in this
-    process; ``shared_misses``: values computed here; ``shared_errors``: failed
-    Redis operations; ``shared_lock_waits``: misses that waited for another
-    caller's lock. Zeros outside a scope, as every ``cache_info()``.
+    ``hits``: values read from Redis, or got from another caller in this
+    process; ``misses``: values computed here; ``errors``: failed Redis
+    operations; ``lock_waits``: misses that waited for another caller's lock.
     """
 
     hits: int
     misses: int
-    maxsize: int | None
-    currsize: int
-    shared_hits: int
-    shared_misses: int
-    shared_errors: int
-    shared_lock_waits: int
+    errors: int
+    lock_waits: int
 
 
 class RedisTier:
@@ -313,7 +308,7 @@ class RedisTier:
         current = record == me or (type(record) is Waited and record.owner == me)
         return payload if current else b""
 
-    # -- the memo's cache_clear(), cache_delete(), cache_info() ------------------------------
+    # -- the memo's cache_clear(), cache_delete(), shared_info() ------------------------------
 
     def clear(self, spec: object) -> None:
         """``delete`` of every key of this function, every version (SCAN, never KEYS)."""
@@ -339,12 +334,6 @@ class RedisTier:
             self.cache._failed(self, exc)
             return 0
 
-    def info(
-        self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
-    ) -> RedisCacheInfo:
-        if not in_scope:
-            return RedisCacheInfo(hits, misses, maxsize, 0, 0, 0, 0, 0)
+    def info(self) -> RedisCacheInfo:
         n = self.counts
-        return RedisCacheInfo(
-            hits, misses, maxsize, currsize, n["hits"], n["misses"], n["errors"], n["lock_waits"]
-        )
+        return RedisCacheInfo(n["hits"], n["misses"], n["errors"], n["lock_waits"])

@@ -79,7 +79,7 @@ _Run = Callable[[Any, Hashable, Fn, Args, Kwargs, Any, Any], _R]
 
 class Tier(Protocol):
     """A ``shared=`` memo's tier: ``run``/``run_async`` compute a request-store miss
-    (``_flight.run``'s signature); ``info`` builds ``cache_info()``."""
+    (``_flight.run``'s signature); ``info`` is the memo's ``shared_info()``."""
 
     @property
     def run(self) -> _Run[Any]: ...
@@ -87,9 +87,7 @@ class Tier(Protocol):
     def run_async(self) -> _Run[Awaitable[Any]]: ...
     def clear(self, spec: object) -> None: ...
     def delete(self, where: Hashable) -> bool: ...  # whether the shared tier had it
-    def info(
-        self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
-    ) -> tuple[Any, ...]: ...
+    def info(self) -> tuple[Any, ...]: ...
 
 
 def make_tier(shared: object, spec: Any, version: str | int | None) -> Tier:
@@ -317,14 +315,8 @@ class SharedTier:
             _flight.invalidate(guarded, key)
             return guarded.cache.pop(key, MISSING) is not MISSING
 
-    def info(
-        self, hits: int, misses: int, maxsize: int | None, currsize: int, in_scope: bool
-    ) -> SharedCacheInfo:
-        if not in_scope:  # zeros outside a scope, the shared tier's too (DESIGN.md)
-            return SharedCacheInfo(hits, misses, maxsize, 0, 0, 0, self.maxsize, 0)
+    def info(self) -> SharedCacheInfo:
         guarded = self._guarded
         with guarded._lock:  # a TTLCache's len() removes the expired entries first
             size = len(guarded.cache)
-        return SharedCacheInfo(
-            hits, misses, maxsize, currsize, self.hits, self.misses, self.maxsize, size
-        )
+        return SharedCacheInfo(self.hits, self.misses, self.maxsize, size)

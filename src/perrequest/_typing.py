@@ -51,16 +51,13 @@ class CacheInfo(NamedTuple):
 
 
 class SharedCacheInfo(NamedTuple):
-    """``CacheInfo`` plus the shared tier's process-wide counters, for ``shared=`` memos."""
+    """A ``shared=`` memo's counters in the shared cache, process-wide (``shared_info()``):
+    values found there, values computed, the cache's bound and size (all functions')."""
 
     hits: int
     misses: int
-    maxsize: int | None
+    maxsize: int
     currsize: int
-    shared_hits: int
-    shared_misses: int
-    shared_maxsize: int
-    shared_currsize: int
 
 
 class MemoizedFunction(Protocol[P, R_co]):
@@ -123,10 +120,10 @@ class BoundMemoizedFunction(Protocol[S_contra, P, R_co]):
 
 
 class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
-    """``MemoizedFunction`` for ``shared=`` memos: ``cache_info()`` adds the shared tier."""
+    """``MemoizedFunction`` for ``shared=`` memos, with ``shared_info()``."""
 
-    def cache_info(self) -> SharedCacheInfo:  # type: ignore[override]
-        """This function's counters in the active store and in the shared tier."""
+    def shared_info(self) -> SharedCacheInfo:
+        """This function's counters in the shared cache, in this process."""
 
     @overload
     def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
@@ -143,16 +140,16 @@ class SharedMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
 class SharedBoundMemoizedFunction(BoundMemoizedFunction[S_contra, P, R_co], Protocol):
     """A ``shared=`` memoized method got from an instance."""
 
-    def cache_info(self) -> SharedCacheInfo:  # type: ignore[override]
-        """The method's counters in the active store and in the shared tier."""
+    def shared_info(self) -> SharedCacheInfo:
+        """The method's counters in the shared cache, in this process."""
 
 
 class RedisMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
     """What ``@request_memo(shared=RedisCache(...))`` returns, as type checkers see it:
-    ``cache_info()`` adds the Redis tier's counters."""
+    with ``shared_info()``, the Redis tier's counters."""
 
-    def cache_info(self) -> RedisCacheInfo:  # type: ignore[override]
-        """This function's counters in the active store and in the Redis tier."""
+    def shared_info(self) -> RedisCacheInfo:
+        """This function's counters in the Redis tier, in this process."""
 
     @overload
     def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
@@ -169,5 +166,5 @@ class RedisMemoizedFunction(MemoizedFunction[P, R_co], Protocol):
 class RedisBoundMemoizedFunction(BoundMemoizedFunction[S_contra, P, R_co], Protocol):
     """A memoized method with a Redis tier, got from an instance."""
 
-    def cache_info(self) -> RedisCacheInfo:  # type: ignore[override]
-        """The method's counters in the active store and in the Redis tier."""
+    def shared_info(self) -> RedisCacheInfo:
+        """The method's counters in the Redis tier, in this process."""

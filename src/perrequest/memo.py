@@ -129,12 +129,10 @@ class _MemoSpec:
             return self.shared.run_async if self.is_async else self.shared.run
         return _flight.run_async if self.is_async else _flight.run
 
-    def cache_info(self) -> CacheInfo | tuple[Any, ...]:
+    def cache_info(self) -> CacheInfo:
         store = active_store()
         hits, misses, currsize = (0, 0, 0) if store is None else store._info(self, self.name)
-        if self.shared is None:
-            return CacheInfo(hits, misses, self.max_entries, currsize)
-        return self.shared.info(hits, misses, self.max_entries, currsize, store is not None)
+        return CacheInfo(hits, misses, self.max_entries, currsize)
 
     def cache_clear(self) -> None:
         # The shared cache outlives requests: cleared from anywhere, as cache_delete does.
@@ -241,7 +239,8 @@ def request_memo(
 
     Returns:
         A ``MemoizedFunction``: the function, typed as itself, plus
-        ``cache_info()``, ``cache_clear()``, ``cache_delete(...)``.
+        ``cache_info()``, ``cache_clear()``, ``cache_delete(...)``; with ``shared=``,
+        ``shared_info()`` too (the shared tier's counters in this process).
     """
     if unknown:
         raise TypeError(unknown_option("request_memo()", next(iter(unknown)), _OPTIONS))
@@ -281,6 +280,8 @@ def request_memo(
         wrapper.cache_info = spec.cache_info  # type: ignore[attr-defined]
         wrapper.cache_clear = spec.cache_clear  # type: ignore[attr-defined]
         wrapper.cache_delete = spec.cache_delete  # type: ignore[attr-defined]
+        if spec.shared is not None:
+            wrapper.shared_info = spec.shared.info  # type: ignore[attr-defined]
         return wrapper
 
     if fn is None:

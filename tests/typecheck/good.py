@@ -46,7 +46,7 @@ def shared_cache() -> SharedCacheInfo:
 
     with perrequest.request_scope():
         assert rate("EUR") == 1.0
-        return rate.cache_info()
+        return rate.shared_info()
 
 
 def shared_method() -> SharedCacheInfo:
@@ -60,7 +60,7 @@ def shared_method() -> SharedCacheInfo:
     rates = Rates()
     with perrequest.request_scope():
         assert rates.rate("EUR") == 1.0
-        return rates.rate.cache_info()
+        return rates.rate.shared_info()
 
 
 def redis_tier() -> RedisCacheInfo:
@@ -74,8 +74,8 @@ def redis_tier() -> RedisCacheInfo:
 
     with perrequest.request_scope():
         count: int = stock("apple")
-        info = stock.cache_info()
-        errors: int = info.shared_errors + info.shared_lock_waits + count
+        info = stock.shared_info()
+        errors: int = info.errors + info.lock_waits + count
         print(errors, cache.stats().lock_timeouts)
         return info
 
@@ -98,8 +98,8 @@ async def main() -> None:
         label: str = price.__name__ + price.__qualname__  # as on functools' wrappers
         method: str = repository.row.__name__ + repository.row.__qualname__
         unbound: dict[str, int] = repository.row.__wrapped__(repository, 7)
-        print(total, hits, deleted, name, row, text, plain, label, shared_cache().shared_hits)
-        print(method, unbound, shared_method().shared_hits)
+        print(total, hits, deleted, name, row, text, plain, label, shared_cache().hits)
+        print(method, unbound, shared_method().hits)
 
 
 @request_batch

@@ -217,6 +217,36 @@ def test_request_finished_runs_in_the_requests_scope(server: tuple[str, str, str
     _no_crossing(live)
 
 
+def test_a_request_pipelined_behind_another_starts_with_no_store(
+    server: tuple[str, str, str],
+) -> None:
+    """uvicorn starts a request pipelined on a keep-alive connection from the previous
+    response's last ``send()``, in a copy of that request's context, before Django closes
+    that response (and its scope): the store is active only below perrequest, while a
+    chunk is made and while Django closes the response, so the next request's outermost
+    probe and ``request_started`` receiver find none (docs/security.md)."""
+    kind, _, base = server
+    _live(base, clear="1")
+    url = urlsplit(base)
+    pipelined = b"".join(
+        f"GET {path} HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n".encode()
+        for path in ("/stream/sync/?v=q1&n=3", "/mark/?v=q2", "/stream/async/?v=q3&n=3", "/a")
+    ).replace(b"GET /a ", b"GET /mark/?v=q4 ")
+    received = b""
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(pipelined)
+        deadline = time.monotonic() + 10
+        while received.count(b"HTTP/1.1 200") < 4 and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break  # gunicorn's sync worker answers one request per connection
+            received += chunk
+    assert received.count(b"HTTP/1.1 200") == (1 if kind == "sync" else 4)
+    live = _settled(base)
+    assert live["leaked"] == [] and live["errors"] == []
+    _no_crossing(live)
+
+
 @pytest.mark.parametrize("body", ["sync", "async"])
 def test_a_streaming_body_that_raises_ends_its_scope_without_the_collector(
     server: tuple[str, str, str], body: str

@@ -12,6 +12,7 @@ the store. docs/frameworks/django.md has the details.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import sys
 import weakref
@@ -132,9 +133,7 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
     ASGI handler's after the last byte), its own close (``request_finished``, resource
     closers) run with the store active; a streaming body's chunks see the store too."""
     try:
-        # A response dropped unclosed (a middleware above replaced it) ends the scope
-        # when it is collected; on that path, the scope only.
-        end = weakref.finalize(response, close_request, cell, None)
+        end = functools.partial(close_request, cell, None)  # idempotent
         if getattr(response, "streaming", False) and (
             getattr(response, "file_to_stream", None) is None  # a file: no app code runs
         ):
@@ -144,7 +143,7 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
             else:
                 response.streaming_content = _produce(content, cell, end)
         hook = vars(response).get("close")  # set on the response by a view or middleware
-        response.close = _Closing(response, hook, cell, end)
+        response.close = _Closing(response, hook, cell)
     except BaseException:
         close_request(cell, None)
         raise
@@ -154,16 +153,16 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
 class _Closing:
     """``response.close``: the response's own close (a ``hook`` set on it by a view or
     middleware, or its class's) with the store active, then the scope ends. Holds the
-    response weakly (no cycle with its close). Pickled (the site cache stores responses)
-    as the class's close of the response: a copy read back has no scope to end."""
+    response weakly (no cycle with its close). A response dropped unclosed (a middleware
+    above replaced it) frees it, which ends the scope, and only the scope: cheaper than a
+    ``weakref.finalize`` per response. Pickled (the site cache stores responses) as the
+    class's close of the response: a copy read back has no scope to end."""
 
-    __slots__ = ("_cell", "_end", "_hook", "_response")
+    __slots__ = ("_cell", "_hook", "_response")
 
-    def __init__(
-        self, response: Any, hook: Callable[[], object] | None, cell: list[Any], end: Any
-    ) -> None:
+    def __init__(self, response: Any, hook: Callable[[], object] | None, cell: list[Any]) -> None:
         self._response = weakref.ref(response)
-        self._hook, self._cell, self._end = hook, cell, end
+        self._hook, self._cell = hook, cell
 
     def __call__(self) -> None:
         target = self._response()
@@ -175,7 +174,11 @@ class _Closing:
                 type(target).close(target)
         finally:
             _current.reset(token)
-            self._end()
+            close_request(self._cell, None)
+
+    def __del__(self, close_request: Callable[..., None] = close_request) -> None:
+        # A default, not the global: an exiting interpreter may have wiped the module.
+        close_request(self._cell, None)  # closed already: nothing to do
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._hook is not None:

@@ -54,6 +54,18 @@ async def test_loads_of_one_tick_share_one_call_and_values_stay_in_the_store() -
     assert users.cache_info() == (0, 0, None, 0)  # gone with the request
 
 
+async def test_a_load_is_a_future_for_await_gather_and_ensure_future() -> None:
+    """docs/batching.md: as DataLoader's, a future, not a coroutine: create_task refuses it."""
+    users, calls = make_loader()
+    async with request_scope():
+        pending = users.load(1)
+        assert isinstance(pending, asyncio.Future)
+        with pytest.raises(TypeError, match="coroutine was expected"):
+            asyncio.create_task(pending)  # type: ignore[arg-type]
+        assert await asyncio.ensure_future(pending) == "u1"
+        assert await asyncio.gather(users.load(2)) == ["u2"] and calls == [[1], [2]]
+
+
 async def test_tasks_of_one_request_join_one_call_two_requests_never_share() -> None:
     users, calls = make_loader()
 

@@ -61,7 +61,7 @@ async def test_a_load_is_a_future_for_await_gather_and_ensure_future() -> None:
         pending = users.load(1)
         assert isinstance(pending, asyncio.Future)
         with pytest.raises(TypeError, match="coroutine was expected"):
-            asyncio.create_task(pending)  # type: ignore[arg-type]
+            asyncio.create_task(pending)  # type: ignore[arg-type]  # noqa: RUF006
         assert await asyncio.ensure_future(pending) == "u1"
         assert await asyncio.gather(users.load(2)) == ["u2"] and calls == [[1], [2]]
 

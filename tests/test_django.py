@@ -303,6 +303,34 @@ def test_a_dropped_streaming_response_ends_its_scope_when_collected(
     assert live_scopes() == 0 and len(closed) == 1
 
 
+def test_a_close_replaced_above_perrequest_leaves_the_body_its_store(
+    closed: list[ScopeStats],
+) -> None:
+    """A middleware above that sets its own ``close`` (without calling the one it
+    replaces): the body still sees the store, and holds the scope open until it ends."""
+    seen: list[object] = []
+
+    def view(request: Any) -> StreamingHttpResponse:
+        perrequest.set("who", "this request")
+
+        def body() -> Iterator[bytes]:
+            seen.append(perrequest.get("who"))
+            yield b"x"
+
+        return StreamingHttpResponse(body())
+
+    def above(request: Any) -> StreamingHttpResponse:
+        response = RequestScopeMiddleware(view)(request)
+        response.close = lambda: None  # type: ignore[method-assign]
+        return response
+
+    response = above(RequestFactory().get("/"))
+    gc.collect()
+    assert live_scopes() == 1 and not closed
+    assert b"".join(response) == b"x" and seen == ["this request"]
+    assert live_scopes() == 0 and len(closed) == 1  # the body ended: nothing holds it
+
+
 def test_the_generators_cleanup_runs_in_the_scope_when_the_client_leaves() -> None:
     seen: list[object] = []
 

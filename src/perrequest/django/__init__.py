@@ -12,7 +12,6 @@ the store. docs/frameworks/django.md has the details.
 from __future__ import annotations
 
 import difflib
-import functools
 import importlib
 import sys
 import weakref
@@ -133,17 +132,19 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
     ASGI handler's after the last byte), its own close (``request_finished``, resource
     closers) run with the store active; a streaming body's chunks see the store too."""
     try:
-        end = functools.partial(close_request, cell, None)  # idempotent
+        hook = vars(response).get("close")  # set on the response by a view or middleware
+        closing = _Closing(response, hook, cell)
         if getattr(response, "streaming", False) and (
             getattr(response, "file_to_stream", None) is None  # a file: no app code runs
         ):
+            # The body holds ``closing`` (its ``end``): a middleware above that replaces
+            # ``close`` does not end the scope under the body.
             content = response.streaming_content
             if getattr(response, "is_async", False):
-                response.streaming_content = _produce_async(content, cell, end)
+                response.streaming_content = _produce_async(content, cell, closing.end)
             else:
-                response.streaming_content = _produce(content, cell, end)
-        hook = vars(response).get("close")  # set on the response by a view or middleware
-        response.close = _Closing(response, hook, cell)
+                response.streaming_content = _produce(content, cell, closing.end)
+        response.close = closing
     except BaseException:
         close_request(cell, None)
         raise
@@ -175,6 +176,10 @@ class _Closing:
         finally:
             _current.reset(token)
             close_request(self._cell, None)
+
+    def end(self) -> None:
+        """End the scope, and only the scope (idempotent)."""
+        close_request(self._cell, None)
 
     def __del__(self, close_request: Callable[..., None] = close_request) -> None:
         # A default, not the global: an exiting interpreter may have wiped the module.

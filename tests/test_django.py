@@ -242,6 +242,143 @@ def test_a_complete_response_ends_its_scope_as_django_closes_it(
     assert live_scopes() == 0 and len(closed) == 2
 
 
+def _finished_sees(who: list[object]) -> Any:
+    """A ``request_finished`` receiver recording the store's "who" (disconnect it after)."""
+
+    def receiver(**kwargs: Any) -> None:
+        who.append(perrequest.get("who"))
+
+    request_finished.connect(receiver)
+    return receiver
+
+
+def test_a_file_response_handed_to_the_servers_file_wrapper_still_closes_in_its_scope(
+    closed: list[ScopeStats],
+) -> None:
+    """Django's WSGI handler gives a server that offers sendfile its file wrapper and keeps
+    only ``response.close`` (on the file): a collection before the server closes it freed
+    the response, and Django's close (``request_finished``, the file's close) never ran."""
+
+    class Wrapper:
+        def __init__(self, file: Any, block_size: int = 8192) -> None:
+            self.file = file
+
+        def __iter__(self) -> Iterator[bytes]:
+            return iter(lambda: self.file.read(8192), b"")
+
+        def close(self) -> None:
+            self.file.close()
+
+    who: list[object] = []
+    handle = Path(__file__).open("rb")  # noqa: SIM115 (closed by Django, tested below)
+
+    def view(request: Any) -> FileResponse:
+        perrequest.set("who", "this request")
+        return FileResponse(handle)
+
+    receiver = _finished_sees(who)
+    try:
+        handler = WSGIHandler()
+        handler.get_response = RequestScopeMiddleware(view)  # type: ignore[method-assign]
+        environ = RequestFactory().get("/").environ
+        environ["wsgi.file_wrapper"] = Wrapper
+        body: Any = handler(environ, lambda status, headers: None)
+        assert type(body) is Wrapper
+        gc.collect()  # the response is in a reference cycle of Django's own
+        assert b"".join(body) == Path(__file__).read_bytes()
+        body.close()
+    finally:
+        request_finished.disconnect(receiver)
+    assert handle.closed and who == ["this request"]
+    assert live_scopes() == 0 and len(closed) == 1
+
+
+def test_a_response_object_returned_again_is_tied_to_each_request_alone(
+    closed: list[ScopeStats],
+) -> None:
+    """A view returning one module-level response every time: each request's close wrapped
+    the last one's (a chain growing by one per request, a RecursionError after ~500)."""
+    shared = HttpResponse("ok")
+    seen: list[object] = []
+
+    def view(request: Any) -> HttpResponse:
+        perrequest.set("who", request.GET["n"])
+        return shared
+
+    receiver = _finished_sees(seen)
+    try:
+        for n in range(3):
+            response = RequestScopeMiddleware(view)(RequestFactory().get("/", {"n": n}))
+            assert vars(response)["close"]._hook is None
+            response.close()
+    finally:
+        request_finished.disconnect(receiver)
+    assert seen == ["0", "1", "2"] and live_scopes() == 0 and len(closed) == 3
+
+
+def test_a_page_read_back_from_the_cache_ends_its_scope_as_it_is_dropped(
+    closed: list[ScopeStats],
+) -> None:
+    """A pickled response reads back with its class's close bound to itself: taken for a
+    view's hook, it held the response in a cycle, and a 304 above perrequest that dropped
+    it left its scope open until a collection."""
+    cached = pickle.dumps(
+        RequestScopeMiddleware(lambda r: HttpResponse("ok"))(RequestFactory().get("/"))
+    )
+    gc.collect()
+    assert live_scopes() == 0
+    gc.disable()
+    try:
+        response = RequestScopeMiddleware(lambda r: pickle.loads(cached))(RequestFactory().get("/"))
+        assert vars(response)["close"]._hook is None and live_scopes() == 1
+        del response  # dropped unclosed, as ConditionalGetMiddleware drops it for a 304
+        assert live_scopes() == 0
+    finally:
+        gc.enable()
+
+
+async def test_an_async_body_the_client_left_keeps_its_scope_for_djangos_close(
+    closed: list[ScopeStats],
+) -> None:
+    """Django 5 closes the response after a disconnect cancels the task reading its async
+    body: ``request_finished`` then runs in the request's store (it ran outside it)."""
+    seen: list[object] = []
+    started = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first"
+        started.set()
+        await asyncio.sleep(60)
+        yield b"never"
+
+    async def view(request: Any) -> StreamingHttpResponse:
+        perrequest.set("who", "this request")
+        return StreamingHttpResponse(body())
+
+    response = await RequestScopeMiddleware(view)(RequestFactory().get("/"))
+    chunks = aiter(response.streaming_content)
+
+    async def read() -> None:
+        async for _ in chunks:
+            pass
+
+    reading = asyncio.create_task(read())
+    await started.wait()
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert live_scopes() == 1 and not closed
+    receiver = _finished_sees(seen)
+    try:
+        response.close()
+    finally:
+        request_finished.disconnect(receiver)
+    assert seen == ["this request"] and live_scopes() == 0 and len(closed) == 1
+
+
+_HOOKED: list[object] = []
+
+
 _HOOKED: list[object] = []
 
 

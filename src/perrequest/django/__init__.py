@@ -11,12 +11,13 @@ the store. docs/frameworks/django.md has the details.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import importlib
 import sys
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
-from types import ModuleType
+from types import MethodType, ModuleType
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -132,8 +133,7 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
     ASGI handler's after the last byte), its own close (``request_finished``, resource
     closers) run with the store active; a streaming body's chunks see the store too."""
     try:
-        hook = vars(response).get("close")  # set on the response by a view or middleware
-        closing = _Closing(response, hook, cell)
+        closing = _Closing(response, _hook(response), cell)
         if getattr(response, "streaming", False) and (
             getattr(response, "file_to_stream", None) is None  # a file: no app code runs
         ):
@@ -159,14 +159,17 @@ class _Closing:
     ``weakref.finalize`` per response. Pickled (the site cache stores responses) as the
     class's close of the response: a copy read back has no scope to end."""
 
-    __slots__ = ("_cell", "_hook", "_response")
+    __slots__ = ("_cell", "_file", "_hook", "_response")
 
     def __init__(self, response: Any, hook: Callable[[], object] | None, cell: list[Any]) -> None:
         self._response = weakref.ref(response)
         self._hook, self._cell = hook, cell
+        # Django's WSGI handler hands a file's response over as the server's file wrapper,
+        # keeping only this close (on the file): it must keep the response until then.
+        self._file = response if getattr(response, "file_to_stream", None) is not None else None
 
     def __call__(self) -> None:
-        target = self._response()
+        target, self._file = self._response(), None
         token = _current.set(self._cell)
         try:
             if self._hook is not None:
@@ -189,6 +192,22 @@ class _Closing:
         if self._hook is not None:
             return _hook_of, (self._hook,)
         return getattr, (self._response(), "close")  # read back: the class's, bound
+
+
+def _hook(response: Any) -> Callable[[], object] | None:
+    """The ``close`` a view or middleware set on ``response`` itself, if any: not
+    perrequest's (a response object returned again), nor the class's own bound to it (a
+    page read back from the cache: ``_Closing.__reduce__``), which would hold it in a cycle."""
+    hook = vars(response).get("close")
+    while type(hook) is _Closing:
+        hook = hook._hook
+    if (
+        type(hook) is MethodType
+        and hook.__self__ is response
+        and hook.__func__ is type(response).close
+    ):
+        return None
+    return hook
 
 
 def _hook_of(hook: Callable[[], object]) -> Callable[[], object]:
@@ -231,7 +250,9 @@ async def _produce_async(
                 chunk = await anext(iterator)
             except StopAsyncIteration:
                 return
-            except BaseException:  # cancelled too: the body's own cleanup has run meanwhile
+            except asyncio.CancelledError:  # the client left: Django closes the response
+                raise
+            except BaseException:
                 end()
                 raise
             finally:

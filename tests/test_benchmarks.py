@@ -57,6 +57,18 @@ def test_middleware_overhead_quick(tmp_path: Path) -> None:
     assert set(results["protocols"]) == {"ASGI", "WSGI"}
 
 
+@pytest.mark.timeout(150)
+def test_django_overhead_quick(tmp_path: Path) -> None:
+    stdout, results = run_quick("django_overhead.py", tmp_path)
+    for row in ("bare Django", "perrequest RequestScopeMiddleware", "minimal ContextVar"):
+        assert row in stdout
+    assert set(results["variants"]) == {
+        "bare Django",
+        "perrequest RequestScopeMiddleware",
+        "minimal ContextVar middleware",
+    }
+
+
 @pytest.mark.timeout(300)
 def test_instructions_quick_under_callgrind(tmp_path: Path) -> None:
     out = tmp_path / "results.json"

@@ -198,15 +198,11 @@ def _hook(response: Any) -> Callable[[], object] | None:
     """The ``close`` a view or middleware set on ``response`` itself, if any: not
     perrequest's (a response object returned again), nor the class's own bound to it (a
     page read back from the cache: ``_Closing.__reduce__``), which would hold it in a cycle."""
-    hook = vars(response).get("close")
+    hook: Callable[[], object] | None = vars(response).get("close")
     while type(hook) is _Closing:
         hook = hook._hook
-    if (
-        type(hook) is MethodType
-        and hook.__self__ is response
-        and hook.__func__ is type(response).close
-    ):
-        return None
+    if type(hook) is MethodType and hook.__self__ is response:
+        return None if hook.__func__ is getattr(type(response), "close", None) else hook
     return hook
 
 

@@ -133,10 +133,12 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
     ASGI handler's after the last byte), its own close (``request_finished``, resource
     closers) run with the store active; a streaming body's chunks see the store too."""
     try:
-        closing = _Closing(response, _hook(response), cell)
-        if getattr(response, "streaming", False) and (
-            getattr(response, "file_to_stream", None) is None  # a file: no app code runs
-        ):
+        # A file's (no app code runs as it is read) is left alone; read only on a streaming
+        # response: a missing attribute costs an exception inside getattr.
+        streaming = getattr(response, "streaming", False)
+        file = streaming and getattr(response, "file_to_stream", None) is not None
+        closing = _Closing(response, _hook(response), cell, file)
+        if streaming and not file:
             # The body holds ``closing`` (its ``end``): a middleware above that replaces
             # ``close`` does not end the scope under the body.
             content = response.streaming_content
@@ -161,12 +163,14 @@ class _Closing:
 
     __slots__ = ("_cell", "_file", "_hook", "_response")
 
-    def __init__(self, response: Any, hook: Callable[[], object] | None, cell: list[Any]) -> None:
+    def __init__(
+        self, response: Any, hook: Callable[[], object] | None, cell: list[Any], file: bool
+    ) -> None:
         self._response = weakref.ref(response)
         self._hook, self._cell = hook, cell
         # Django's WSGI handler hands a file's response over as the server's file wrapper,
         # keeping only this close (on the file): it must keep the response until then.
-        self._file = response if getattr(response, "file_to_stream", None) is not None else None
+        self._file = response if file else None
 
     def __call__(self) -> None:
         target, self._file = self._response(), None
@@ -186,7 +190,8 @@ class _Closing:
 
     def __del__(self, close_request: Callable[..., None] = close_request) -> None:
         # A default, not the global: an exiting interpreter may have wiped the module.
-        close_request(self._cell, None)  # closed already: nothing to do
+        if self._cell[0] is not None:  # not closed yet (a call less: the common case)
+            close_request(self._cell, None)
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._hook is not None:

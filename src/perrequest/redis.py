@@ -244,7 +244,7 @@ class RedisCache:
             )
         self._tiers -= {t for t in self._named(spec) if _code(t.fn) is not _code(spec.fn)}
         if self._named(spec):  # the same code: maybe an earlier call's closure, garbage
-            gc.collect()  # its wrapper and spec refer to each other: only the GC frees them
+            gc.collect()  # a closure calling itself is in a cycle: only the GC frees it
         if self._named(spec):
             raise TypeError(
                 f"@request_memo(shared={self!r}): another live function is named {spec.name} "

@@ -1,0 +1,500 @@
+"""Guards of the Redis tier (redis, _redis_tier, _redis_lock, _redis_io, _redis_scripts) that
+no other test needed: each test here fails with its guard deleted (a block-deletion mutation
+pass of the Redis tier, its Lua scripts included, 5 December 2026)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from servers import HOST
+
+from perrequest import UnhashableArguments, request_memo, request_scope
+from perrequest import _redis_io as io
+from perrequest.redis import RedisCache
+
+pytestmark = pytest.mark.timeout(30)
+
+SECRET = "0123456789abcdef0123456789abcdef"
+
+
+class Refusal(Exception):
+    """Pickles, but does not load: its __init__ needs two arguments, its args are one."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+
+
+def _key(namespace: str, fn: Any, call_key: Any) -> str:
+    """The documented key format, computed independently of the library."""
+    text = json.dumps(call_key, separators=(",", ":"), ensure_ascii=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return f"{namespace}:{fn.__module__}.{fn.__qualname__}:1:{digest}"
+
+
+def _scripts_run(client: redis.Redis) -> int:
+    """How many scripts the server ran (EVALSHA and EVAL) since its stats were reset."""
+    stats = client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
+
+
+@pytest.fixture
+def client(redis_server: Any) -> Iterator[redis.Redis]:
+    with redis_server.client() as client:
+        yield client
+
+
+def test_a_miss_waiting_for_another_lock_pauses_between_claims(client: redis.Redis) -> None:
+    """_redis_lock._run: a pause step sleeps. Unguarded, the pause is sent to Redis as a
+    command, fails, and the waiter CLAIMs again at once: a busy loop on the server."""
+    cache = RedisCache(client, ttl=60, namespace="g")
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    client.set(_key("g", price, "a") + ":lock", "another process", px=250)
+    client.config_resetstat()
+    with request_scope():
+        assert price("a") == "a"
+    assert cache.stats().lock_waits == 1
+    assert _scripts_run(client) < 30  # about 10 CLAIMs in 250 ms, and a STORE
+    cache.close()
+
+
+def test_an_async_miss_waiting_for_another_lock_pauses_between_claims(redis_server: Any) -> None:
+    """_redis_lock._run_async: the same, awaited (asyncio.sleep)."""
+
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="g")
+
+        @request_memo(shared=cache)
+        async def price(sku: str) -> str:
+            return sku
+
+        with redis_server.client() as client:
+            client.set(_key("g", price, "a") + ":lock", "another process", px=250)
+            client.config_resetstat()
+            async with request_scope():
+                assert await price("a") == "a"
+            assert cache.stats().lock_waits == 1
+            assert _scripts_run(client) < 30
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_claim_finding_another_bad_value_claims_again_over_it(client: redis.Redis) -> None:
+    """_redis_lock._claim: the value read was bad, and by the CLAIM another bad value
+    is there (another writer): the miss CLAIMs again over that one, takes the lock and
+    stores its value. Unguarded, it computes and stores nothing: the bad value stays
+    (or, without the new value's SHA-1, CLAIMs over the old one until lock_timeout)."""
+    cache = RedisCache(client, ttl=60, namespace="g", lock_timeout=1, log_interval=0)
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    key = _key("g", price, "a")
+    client.set(key, b"{not json", px=60_000)
+    claim = cache._sync.claim
+
+    def rewritten_first(**kwargs: Any) -> Any:
+        cache._sync.claim = claim
+        client.set(key, b"{another", px=60_000)
+        return claim(**kwargs)
+
+    cache._sync.claim = rewritten_first
+    with request_scope():
+        assert price("a") == "a"
+    assert client.get(key) == b'"a"'
+    assert (cache.stats().bad_values, cache.stats().errors) == (2, 0)
+    cache.close()
+
+
+def test_a_store_that_fails_is_not_sent_again(client: redis.Redis) -> None:
+    """_redis_lock._store: only a busy pool (with a lock to release) is waited for; any
+    other error is Redis failing: counted, and the STORE not sent again. Unguarded,
+    STORE is sent again and again until it goes through (forever if Redis is down)."""
+    cache = RedisCache(client, ttl=60, namespace="g")
+    store, sent = cache._sync.store, []
+
+    def failing_once(**kwargs: Any) -> Any:
+        sent.append(1)
+        if len(sent) == 1:
+            raise redis.ConnectionError("Connection reset by peer")
+        return store(**kwargs)
+
+    cache._sync.store = failing_once
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    start = time.monotonic()
+    with request_scope():
+        assert price("a") == "a"
+    assert time.monotonic() - start < 0.5
+    assert sent == [1] and cache.stats().errors == 1
+    assert client.get(_key("g", price, "a")) is None
+    cache.close()
+
+
+def test_an_async_hit_is_one_get(redis_server: Any) -> None:
+    """_redis_tier._get_async: a request-store miss GETs Redis first, and a value found
+    there is read with that GET alone. Unguarded, every read runs the CLAIM script (which
+    returns the value too): a script where a GET would do, on every hit."""
+
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="g")
+
+        @request_memo(shared=cache)
+        async def price(sku: str) -> str:
+            return sku
+
+        async with request_scope():
+            assert await price("a") == "a"
+        with redis_server.client() as client:
+            client.config_resetstat()
+            async with request_scope():
+                assert await price("a") == "a"
+            assert _scripts_run(client) == 0
+            assert client.info("commandstats")["cmdstat_get"]["calls"] == 1
+        assert (cache.stats().hits, cache.stats().misses) == (1, 1)
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_unencodable_call_that_does_not_bind_is_still_unhashable_arguments(
+    client: redis.Redis,
+) -> None:
+    """_redis_tier._unencodable: the bad argument is named from the function's signature,
+    which a call may not bind (through a decorator taking ``*args``, the signature is the
+    wrapped function's): the error is then the generic UnhashableArguments. Unguarded,
+    inspect's TypeError from the binding escapes in its place."""
+    cache = RedisCache(client, ttl=60, namespace="g")
+
+    def logged(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    @request_memo(shared=cache)
+    @logged
+    def price(sku: str) -> str:
+        return sku
+
+    with request_scope(), pytest.raises(UnhashableArguments, match="cannot be encoded"):
+        price(object(), 2)
+    cache.close()
+
+
+def test_a_busy_pool_is_logged_as_busy_not_as_redis_down(
+    redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis.RedisCache._failed: a pool out of connections is this process being busy:
+    a WARNING says so and how to fix it. Unguarded, nothing is logged."""
+    plain = redis.ConnectionPool(host=HOST, port=redis_server.port, max_connections=1)
+    cache = RedisCache(redis.Redis(connection_pool=plain), ttl=60, namespace="g")
+    held = cache._sync.client.connection_pool.get_connection()
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    with caplog.at_level(logging.WARNING, logger="perrequest"), request_scope():
+        assert price("a") == "a"
+    assert cache.stats().errors == 1 and "had no free connection" in caplog.text
+    cache._sync.client.connection_pool.release(held)
+    cache.close()
+
+
+def _in_a_child(run: Any) -> int:
+    """``run()`` in a process made by fork: its exit status (-1 if still running after 5 s)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        code = 1
+        try:
+            run()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return -1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_child_forked_while_a_lock_of_the_cache_is_held_gets_free_ones(
+    client: redis.Redis,
+) -> None:
+    """redis._forked: a thread of the parent may hold the cache's lock (counting) or a
+    tier's (a cache_delete) as another forks: the child's copies would stay held, with
+    nobody to release them. The child gets new ones. Unguarded, its first count hangs."""
+    cache = RedisCache(client, ttl=60, namespace="g")
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    def use() -> None:
+        with request_scope():
+            assert price("a") == "a"
+        price.cache_delete("a")
+
+    (tier,) = cache._tiers
+    with cache._lock, tier._lock:
+        assert _in_a_child(use) == 0
+    cache.close()
+
+
+def test_aclose_closes_the_running_loops_connections(redis_server: Any) -> None:
+    """redis.RedisCache.aclose: the running event loop's pool is disconnected, and the
+    sync one (cache_delete's). Unguarded, their connections stay open on the server."""
+
+    async def main() -> None:
+        aclient = redis_server.aclient(client_name="guarded-async")
+        cache = RedisCache(aclient, ttl=60, namespace="g")
+
+        @request_memo(shared=cache)
+        async def price(sku: str) -> str:
+            return sku
+
+        async with request_scope():
+            assert await price("a") == "a"
+        assert price.cache_delete("a")  # on the sync pool
+        with redis_server.client() as client:
+            assert sum(c.get("name") == "guarded-async" for c in client.client_list()) == 2
+            await cache.aclose()
+            assert _connected(client, "guarded-async") == 0
+        await aclient.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_busy_pool_at_store_time_is_waited_for_with_growing_pauses(
+    client: redis.Redis,
+) -> None:
+    """_redis_lock._store: a STORE refused for a busy pool (with a lock to release) is
+    sent again after a pause that doubles, up to MAX_PAUSE. Unguarded, it is sent again
+    every 2 ms until op_timeout."""
+    cache = RedisCache(client, ttl=60, namespace="g", op_timeout=0.3)
+    store, sent = cache._sync.store, []
+    busy_until = time.monotonic() + 0.15
+
+    def busy(**kwargs: Any) -> Any:
+        sent.append(1)
+        if time.monotonic() < busy_until:
+            raise redis.ConnectionError("No connection available.")
+        return store(**kwargs)
+
+    cache._sync.store = busy
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    with request_scope():
+        assert price("a") == "a"
+    assert client.get(_key("g", price, "a")) == b'"a"'
+    assert 3 < len(sent) < 12  # 2, 4, 8, 16, 32, 50, 50 ms: not 75 tries of 2 ms
+    assert cache.stats().errors == 0
+    cache.close()
+
+
+def test_a_value_that_pickles_but_does_not_load_is_not_stored(client: redis.Redis) -> None:
+    """_redis_tier._encoded: the bytes are loaded once before they are stored, so a value
+    that pickles but cannot load (an exception class whose __init__ takes more than its
+    args) fails the call that computed it and is never stored. Unguarded, it is stored,
+    and every later read finds a bad value."""
+    cache = RedisCache(client, ttl=60, namespace="g", serializer="pickle", secret=SECRET)
+
+    @request_memo(shared=cache)
+    def outcome(n: int) -> Refusal:
+        return Refusal(n, "declined")
+
+    with request_scope(), pytest.raises(TypeError, match="missing 1 required"):
+        outcome(1)
+    assert list(client.scan_iter("g:*")) == []
+    cache.close()
+
+
+def test_a_new_connection_of_the_cache_costs_no_handshake_round_trips(
+    redis_server: Any, client: redis.Redis
+) -> None:
+    """_redis_io.Conn: the cache's connections say nothing of the library (no CLIENT
+    SETINFO after connecting), which would cost round trips out of the first command's
+    op_timeout. Unguarded, each new connection sends two, which a server before 7.2
+    refuses."""
+    client.config_resetstat()
+    cache = RedisCache(redis_server.client(), ttl=60, namespace="g")
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    with request_scope():
+        assert price("a") == "a"
+    assert "errorstat_ERR" not in client.info("errorstats")
+    assert "cmdstat_client|setinfo" not in client.info("commandstats")
+    cache.close()
+
+
+def test_a_release_left_to_finish_is_dropped_once_done() -> None:
+    """_redis_io.finish_later: a cancelled caller's STORE, left to finish in a task of its
+    own, is kept while it runs and dropped once done. Unguarded, every such task (and
+    what its STORE holds) is kept for good."""
+
+    async def main() -> None:
+        ran: list[int] = []
+
+        async def release() -> None:
+            await asyncio.sleep(0)
+            ran.append(1)
+
+        before = set(io._finishing)  # (another test's, if any)
+        io.finish_later(release)
+        assert len(io._finishing - before) == 1
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert ran == [1] and not io._finishing - before
+
+    asyncio.run(main())
+
+
+def test_the_options_are_the_caches_attributes(client: redis.Redis) -> None:
+    """redis.RedisCache.__init__: each option is an attribute of the cache (as ttl and
+    namespace in its repr). Unguarded, ``serializer`` is not."""
+    cache = RedisCache(client, ttl=60, namespace="g", serializer="pickle", secret=SECRET)
+    assert (cache.serializer, cache.ttl, cache.namespace, cache.version) == ("pickle", 60, "g", 1)
+    cache.close()
+
+
+def _connected(client: redis.Redis, name: str) -> int:
+    """How many connections named ``name`` the server has, after those closing are gone."""
+    deadline = time.monotonic() + 2
+    while True:
+        n = sum(c.get("name") == name for c in client.client_list())
+        if n == 0 or time.monotonic() > deadline:
+            return n
+        time.sleep(0.01)
+
+
+def test_close_closes_the_sync_connections(redis_server: Any, client: redis.Redis) -> None:
+    """redis.RedisCache.close: the cache's own pool is disconnected. Unguarded, its
+    connections stay open on the server."""
+    cache = RedisCache(redis_server.client(client_name="guarded-sync"), ttl=60, namespace="g")
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    with request_scope():
+        assert price("a") == "a"
+    assert sum(c.get("name") == "guarded-sync" for c in client.client_list()) == 1
+    cache.close()
+    assert _connected(client, "guarded-sync") == 0
+
+
+def test_a_recursive_closure_made_again_replaces_the_garbage_one(client: redis.Redis) -> None:
+    """redis.RedisCache._check_name: a memoized closure that calls itself is garbage in a
+    reference cycle once its factory's caller drops it, which only the GC frees; made
+    again, the name check collects it rather than refuse the new one as another live
+    function of that name. Unguarded, the second one is refused."""
+    cache = RedisCache(client, ttl=60, namespace="g")
+
+    def make() -> Any:
+        @request_memo(shared=cache)
+        def factorial(n: int) -> int:
+            return 1 if n <= 1 else n * factorial(n - 1)
+
+        return factorial
+
+    gc.disable()  # no collection but the name check's
+    try:
+        with request_scope():
+            assert make()(4) == 24
+        with request_scope():
+            assert make()(5) == 120
+    finally:
+        gc.enable()
+    cache.close()
+
+
+def test_a_holder_computing_longer_than_op_timeout_keeps_its_lock(client: redis.Redis) -> None:
+    """_redis_scripts.EXTEND: a CLAIM takes the lock for op_timeout (a lease), which its
+    holder extends to lock_timeout once it has the reply. Unguarded, the lock expires
+    after op_timeout, and another process's miss computes the value a second time."""
+    calls: list[str] = []
+    started = threading.Event()
+
+    def worker() -> tuple[RedisCache, Any]:
+        cache = RedisCache(client, ttl=60, namespace="g", op_timeout=0.1, lock_timeout=5)
+
+        def report(n: int) -> int:
+            calls.append(threading.current_thread().name)
+            started.set()
+            time.sleep(0.4)
+            return n
+
+        return cache, request_memo(shared=cache)(report)
+
+    (cache_a, report_a), (cache_b, report_b) = worker(), worker()
+    thread = threading.Thread(target=request_scope()(report_a), args=(1,), name="a")
+    thread.start()
+    assert started.wait(5)
+    with request_scope():
+        assert report_b(1) == 1  # waited for the holder's value
+    thread.join(5)
+    assert calls == ["a"] and cache_b.stats().lock_waits == 1
+    cache_a.close()
+    cache_b.close()
+
+
+def test_a_warning_after_a_quiet_interval_says_how_many_were_not_logged(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis.RedisCache._warn: a WARNING within log_interval of the last of its kind is
+    not logged but counted, and the next one logged says how many. Unguarded, it says
+    nothing of them."""
+    cache = RedisCache(client, ttl=60, namespace="g", log_interval=0.2)
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> str:
+        return sku
+
+    with caplog.at_level(logging.WARNING, logger="perrequest"):
+        for n, sku in enumerate("abc"):
+            if n == 2:
+                time.sleep(0.25)
+            client.set(_key("g", price, sku), b"{not json", px=60_000)
+            with request_scope():
+                assert price(sku) == sku
+    warned = [r.getMessage() for r in caplog.records if "was refused" in r.getMessage()]
+    assert len(warned) == 2 and "1 more since the last" in warned[1]
+    assert cache.stats().bad_values == 3
+    cache.close()

@@ -367,6 +367,27 @@ def test_abandoned_streams_cleanups_never_see_another_request(
     _no_crossing(live)
 
 
+def test_request_finished_of_an_abandoned_stream_runs_in_its_scope(
+    server: tuple[str, str, str],
+) -> None:
+    """A client leaves mid-body (an async body under uvicorn, a sync one under gunicorn):
+    Django still closes the response, and its ``request_finished`` receivers see the
+    request's store. Under ASGI the cancelled async body ended the scope before that."""
+    kind, _, base = server
+    body = "async" if kind == "uvicorn" else "sync"
+    _live(base, clear="1")
+    for i in range(3):
+        _abandon(base, f"/stream/{body}/?v=x{i}&n=2000")
+
+    def three(live: dict[str, Any]) -> bool:
+        return {"x0", "x1", "x2"} <= {seen["marker"] for seen in live["finished"]}
+
+    live = _settled(base, three, "an abandoned stream's request_finished ran outside it")
+    for seen in live["finished"]:
+        assert seen["in_scope"] and seen["memo"] == seen["marker"], seen
+    _no_crossing(live)
+
+
 def test_clients_leaving_while_views_run(server: tuple[str, str, str]) -> None:
     """Under ASGI Django cancels the view (an async one stops, a sync one carries on in
     its thread, outside any scope by then); under WSGI the view finishes in its scope."""

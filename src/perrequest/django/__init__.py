@@ -130,11 +130,12 @@ def _opened_outside(request: Any) -> bool:
 
 def _tie_to_response(response: Any, cell: list[Any]) -> Any:
     """End the scope when Django closes the response (the WSGI server's ``close()``, the
-    ASGI handler's after the last byte), its own close (``request_finished``, resource
-    closers) run with the store active; a streaming body's chunks see the store too."""
+    ASGI handler's after the last byte), after Django's own close (its closers, then
+    ``request_finished``) has run with the store active; a streaming body's chunks see
+    the store too."""
     try:
-        # A file's (no app code runs as it is read) is left alone; read only on a streaming
-        # response: a missing attribute costs an exception inside getattr.
+        # A file's content (read as it is sent: no app code) is left alone. Looked for on
+        # streaming responses only: a missing attribute costs an exception in getattr.
         streaming = getattr(response, "streaming", False)
         file = streaming and getattr(response, "file_to_stream", None) is not None
         closing = _Closing(response, _hook(response), cell, file)
@@ -156,10 +157,11 @@ def _tie_to_response(response: Any, cell: list[Any]) -> Any:
 class _Closing:
     """``response.close``: the response's own close (a ``hook`` set on it by a view or
     middleware, or its class's) with the store active, then the scope ends. Holds the
-    response weakly (no cycle with its close). A response dropped unclosed (a middleware
-    above replaced it) frees it, which ends the scope, and only the scope: cheaper than a
-    ``weakref.finalize`` per response. Pickled (the site cache stores responses) as the
-    class's close of the response: a copy read back has no scope to end."""
+    response weakly (no cycle with its close; a file's strongly, until closed). A
+    response dropped unclosed (a middleware above replaced it) frees it, which ends the
+    scope, and only the scope: cheaper than a ``weakref.finalize`` per response. Pickled
+    (the site cache stores responses) as the class's close of the response: a copy read
+    back has no scope to end."""
 
     __slots__ = ("_cell", "_file", "_hook", "_response")
 

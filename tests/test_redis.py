@@ -821,6 +821,8 @@ def test_bad_options_are_refused_with_the_reason(client: redis.Redis) -> None:
         RedisCache(client, tll=1, namespace="t")  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="op_timeout"):
         RedisCache(client, ttl=1, namespace="t", op_timeout=0)
+    with pytest.raises(ValueError, match=r"op_timeout is in seconds.*silently off"):
+        RedisCache(client, ttl=1, namespace="t", op_timeout=1e-9)  # every read would fail
     with pytest.raises(ValueError, match="':'"):
         RedisCache(client, ttl=1, namespace="t", version="a:b")
     # Values Redis or the socket would refuse on every command at run time.

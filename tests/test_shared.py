@@ -112,6 +112,7 @@ class NoBound(MutableMapping[Any, Any]):
         (NoBound(), TypeError, "no maxsize"),
         ([], TypeError, "mutable mapping"),
         (cachetools.LRUCache(maxsize=float("inf")), ValueError, "finite"),
+        (cachetools.LRUCache(maxsize=0.5), ValueError, "from 1"),  # refuses every value
     ],
 )
 def test_unbounded_caches_are_refused(cache: Any, error: type[Exception], message: str) -> None:

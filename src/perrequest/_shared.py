@@ -165,10 +165,11 @@ def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | Non
             f"life of the process (the leak perrequest exists to prevent). {fix}"
         )
     number = isinstance(maxsize, (int, float)) and not isinstance(maxsize, bool)
-    if not number or not 0 < maxsize <= sys.maxsize:  # NaN and infinity too
+    if not number or not 1 <= maxsize <= sys.maxsize:  # NaN and infinity too
         raise ValueError(
-            f"request_memo(shared=...): maxsize must be a positive, finite number no larger "
-            f"than sys.maxsize (a bound some process could reach), not {maxsize!r}. {fix}"
+            f"request_memo(shared=...): maxsize must be a finite number from 1 (below it "
+            f"the cache refuses every value, and nothing is shared) to sys.maxsize (a bound "
+            f"some process could reach), not {maxsize!r}. {fix}"
         )
     return cache, version
 

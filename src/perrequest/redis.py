@@ -185,6 +185,12 @@ class RedisCache:
         self.version: str | int = check_version(version, "RedisCache(version=...)")
         self.lock_timeout: float = _number("lock_timeout", lock_timeout)
         self.op_timeout: float = _number("op_timeout", op_timeout)
+        if self.op_timeout < 0.001:
+            raise ValueError(
+                f"RedisCache(op_timeout={op_timeout!r}): op_timeout is in seconds, and no "
+                "Redis command answers in less than a millisecond: every read would fail open "
+                "and the tier would be silently off (e.g. op_timeout=0.05)"
+            )
         if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int):
             raise TypeError(
                 f"RedisCache(max_value_bytes=...) must be an int, not {max_value_bytes!r}"

@@ -18,6 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -67,7 +68,22 @@ async def stream_async(request: Request) -> StreamingResponse:
         try:
             for _ in range(2000):
                 yield CHUNK
-                await asyncio.sleep(0)
+                await anyio.sleep(0)  # anyio: the trio worker too
+        finally:
+            _cleanup(rid)
+
+    return StreamingResponse(body())
+
+
+async def stream_async_bare(request: Request) -> StreamingResponse:
+    """No await between chunks: a disconnect's cancellation lands in the server's send,
+    with the generator suspended at its ``yield``, left for the loop's finalizer."""
+    rid = _rid(request)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            for _ in range(2000):
+                yield CHUNK
         finally:
             _cleanup(rid)
 
@@ -78,7 +94,7 @@ async def collect(request: Request) -> PlainTextResponse:
     """Another request, in whose middle the garbage collector runs."""
     rid = _rid(request)
     gc.collect()
-    await asyncio.sleep(0.01)  # the async-generator finalizer's aclose() tasks run here
+    await anyio.sleep(0.01)  # the async-generator finalizer's aclose() tasks run here
     gc.collect()
     return PlainTextResponse(str(perrequest.get("rid") == rid))
 
@@ -91,6 +107,7 @@ app = Starlette(
     routes=[
         Route("/stream/sync", stream_sync),
         Route("/stream/async", stream_async),
+        Route("/stream/async-bare", stream_async_bare),
         Route("/collect", collect),
         Route("/counts", report),
     ]

@@ -55,7 +55,7 @@ def _stall_then_reset(port: int, path: str) -> None:
 AT_ONCE = ("uvicorn", "uvicorn-asyncio", "hypercorn")
 
 
-@pytest.mark.parametrize("client", ["reading", "stalled"])
+@pytest.mark.parametrize("client", ["reading", pytest.param("stalled", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("body", ["sync", "async", "async-bare"])
 @pytest.mark.parametrize("server", SERVERS)
 def test_abandoned_stream_cleanups_never_see_another_requests_store(

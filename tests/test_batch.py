@@ -316,6 +316,48 @@ async def test_a_cancelled_batch_is_asked_again_for_its_waiters() -> None:
         assert (info.hits, info.misses) == (1, 4)
 
 
+async def test_a_key_that_failed_when_asked_again_is_asked_again_after_its_next_cancel() -> None:
+    """Cancelled, asked again and failing (failures are not stored), then loaded anew and
+    cancelled once more: asked again, as after a first cancel. Before: the failed key was
+    left marked as asked again, and its next cancel failed it as cancelled twice."""
+    calls: list[list[int]] = []
+    outcomes = iter(["hang", "fail", "hang", "ok"])
+    finished = asyncio.Event()
+
+    @request_batch
+    async def flaky(keys: list[int]) -> list[Any]:
+        if keys == [2]:  # in flight throughout: the loop's batch state stays
+            await finished.wait()
+            return [20]
+        calls.append(list(keys))
+        outcome = next(outcomes)
+        if outcome == "hang":
+            await asyncio.sleep(10)
+        return [LookupError(k) if outcome == "fail" else k * 10 for k in keys]
+
+    async def cancel_the_batch() -> None:
+        await asyncio.sleep(0.01)
+        (batch,) = [task for task in _batch_tasks() if task is not other]
+        batch.cancel()  # from outside: a shutdown, say
+
+    async with request_scope():
+        other = None
+        two = asyncio.ensure_future(flaky.load(2))
+        await asyncio.sleep(0.01)
+        (other,) = _batch_tasks()
+        for expected in (LookupError, 10):
+            load = asyncio.ensure_future(flaky.load(1))
+            await cancel_the_batch()
+            if expected is LookupError:
+                with pytest.raises(LookupError):
+                    await asyncio.wait_for(load, 5)
+            else:
+                assert await asyncio.wait_for(load, 5) == expected
+        assert calls == [[1], [1], [1], [1]]
+        finished.set()
+        assert await asyncio.wait_for(two, 5) == 20
+
+
 @pytest.mark.parametrize(
     ("steps", "max_batch_size"), [(1, None), (2, 1)], ids=["the batch", "its chunks"]
 )

@@ -201,13 +201,13 @@ def _ended(
                 kept = hand(who, value, failed)
                 anchors.append(_FAILED if failed else None if kept is None else (loop, kept))
                 failures |= failed
-        if failures:  # failures are not stored
-            kept_at = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
-            cks, values = [cks[i] for i in kept_at], [values[i] for i in kept_at]
-            anchors = [anchors[i] for i in kept_at]
         try:
-            if state.again:  # asked again, and answered this time
+            if state.again:  # asked again, and answered this time (failures too)
                 state.again.difference_update(cks)
+            if failures:  # failures are not stored
+                kept_at = [i for i, anchor in enumerate(anchors) if anchor is not _FAILED]
+                cks, values = [cks[i] for i in kept_at], [values[i] for i in kept_at]
+                anchors = [anchors[i] for i in kept_at]
             store._fill_many(state.spec, cks, values, anchors, state.counter)
         except Exception:  # a key that cannot be hashed any more: its value was handed
             logger.exception("perrequest: @request_batch %s could not store", state.spec.name)

@@ -9,8 +9,10 @@ import sys
 import time
 import traceback
 import weakref
+from typing import Any
 
 import anyio
+import cachetools
 import pytest
 
 from perrequest import ScopeStats, current_store, request_memo, request_scope
@@ -186,6 +188,87 @@ def test_memo_under_trio_through_anyio() -> None:
 
     assert anyio.run(main, backend="trio") == (1, 1)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["request store", "shared="])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_delete_during_a_computation_keeps_its_stale_value_out(
+    backend: str, shared: bool
+) -> None:
+    """A task reads a row slowly; the request writes the row and deletes the memo's entry.
+    The slow read ends later: under trio (no single-flight) its value was stored anyway,
+    so the request, and with shared= every later request, read the old row."""
+    row = {"value": 1}
+    events: dict[str, anyio.Event] = {}
+    options: dict[str, Any] = {"shared": cachetools.LRUCache(10)} if shared else {}
+
+    @request_memo(**options)
+    async def read(key: str) -> int:
+        value = row["value"]
+        if not events["started"].is_set():
+            events["started"].set()
+            await events["go on"].wait()
+        return value
+
+    async def slow_read(got: list[int]) -> None:
+        got.append(await read("row"))
+
+    async def main() -> tuple[list[int], int, int, int]:
+        events["started"], events["go on"] = anyio.Event(), anyio.Event()
+        got: list[int] = []
+        async with request_scope():
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(slow_read, got)
+                await events["started"].wait()
+                row["value"] = 2
+                read.cache_delete("row")
+                after_write = await read("row")
+                events["go on"].set()
+            at_end = await read("row")
+        async with request_scope():
+            return got, after_write, at_end, await read("row")
+
+    got, after_write, at_end, next_request = anyio.run(main, backend=backend)
+    assert got == [1]  # its own value, as a waiter-less computation's
+    assert after_write == at_end == 2  # before, under trio: 1 at the end
+    assert next_request == 2  # before, under trio with shared=: 1 until it expired
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["request store", "shared="])
+def test_under_trio_callers_that_miss_at_once_all_read_the_first_value_stored(
+    shared: bool,
+) -> None:
+    """Two tasks miss one key at once and each computes (no single-flight under trio).
+    Before: the last to finish overwrote the first's value, so one request read 1, then 2."""
+    counter = iter(range(1, 100))
+    order: list[anyio.Event] = []
+    options: dict[str, Any] = {"shared": cachetools.LRUCache(10)} if shared else {}
+
+    @request_memo(**options)
+    async def token(key: str) -> int:
+        value = next(counter)
+        await order[value - 1].wait()  # the first call ends first
+        return value
+
+    async def call(got: list[int]) -> None:
+        got.append(await token("k"))
+
+    async def main() -> list[int]:
+        order.extend([anyio.Event(), anyio.Event()])
+        got: list[int] = []
+        async with request_scope():
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(call, got)
+                tasks.start_soon(call, got)
+                await anyio.sleep(0.01)
+                order[0].set()
+                await anyio.sleep(0.01)
+                got.append(await token("k"))  # a hit: the first value
+                order[1].set()
+            got.append(await token("k"))
+        return got
+
+    assert anyio.run(main, backend="trio") == [1, 1, 1, 1]  # before: [1, 1, 2, 2]
 
 
 async def test_two_tasks_computing_each_others_keys_do_not_deadlock() -> None:

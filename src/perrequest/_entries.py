@@ -36,9 +36,9 @@ class Entries:
     # What the hit path reads is in slots, set in __init__: CPython
     # 3.12+ does not specialise reading an attribute that a class attribute shadows.
     __slots__ = (
-        "__weakref__", "_bound", "_closed", "_closed_at", "_counters", "_evictions", "_final",
-        "_flights", "_helpers", "_lock", "_max_entries", "_next_id", "_on_close", "_opened_at",
-        "_order", "_peak", "_subs", "_token",
+        "__weakref__", "_bound", "_closed", "_closed_at", "_counters", "_deletes", "_evictions",
+        "_final", "_flights", "_helpers", "_lock", "_max_entries", "_next_id", "_on_close",
+        "_opened_at", "_order", "_peak", "_subs", "_token",
     )  # fmt: skip
     _closed_at: float  # set by _shut
     _final: ScopeStats | tuple[Any, ...]  # the numbers, until somebody asks
@@ -61,7 +61,7 @@ class Entries:
         self._flights: dict[Hashable, Any] = {}
         self._counters: dict[str, Counter] = {}
         self._helpers = Counter(timed=False)  # its compute_s is reported nowhere
-        self._next_id = self._evictions = self._peak = 0
+        self._next_id = self._evictions = self._peak = self._deletes = 0
         self._lock: Any = threading.RLock()
 
     def __len__(self) -> int:

@@ -5,7 +5,7 @@ cache's ``_flights``; the first caller to wait replaces that with a ``Future`` (
 ``result()``; tasks: a future of their loop, ``_waits.Waited``). Only the computing caller
 removes its record and resolves the future, whatever happened to the cache meanwhile,
 so no waiter is stranded; a miss nobody waits for costs one dict insert and one pop.
-Under trio, tasks compute without sharing: correct, only not deduplicated."""
+Under trio, tasks compute without sharing (``_keep``): correct, only not deduplicated."""
 
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ class Cache(Protocol):
 
     _lock: Any  # a threading lock: there before any computation starts
     _flights: dict[Hashable, Any]
+    _deletes: int  # entries deleted so far, for computations not in _flights (``_keep``)
 
     def _lookup(self, key: Any) -> Any: ...
-
     def _fill(self, key: Any, value: Any, counter: Any, extra: Any) -> None: ...
 
 
@@ -183,9 +183,8 @@ def forget(cache: Cache, me: object) -> None:
 def moved(cache: Cache, key: Hashable) -> Any:
     """``key``'s record (this object) filed under its old hash, or None: never left there,
     where a rebuild (``take_out``) would file it under the new hash for others to join."""
-    if not any(filed is key for filed in list(cache._flights)):
-        return None
-    taken = take_out(cache._flights, lambda filed, _: filed is key)
+    filed_here = any(filed is key for filed in list(cache._flights))
+    taken = filed_here and take_out(cache._flights, lambda filed, _: filed is key)
     return taken[0] if taken else None
 
 
@@ -240,7 +239,7 @@ def _unshared(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """Compute without registering (recursion, a cycle of waiters), timed all the same."""
-    start = _now() if counter.timed else 0.0
+    deletes, start = cache._deletes, _now() if counter.timed else 0.0
     try:
         value = fn(*args, **kwargs)
     finally:
@@ -248,8 +247,17 @@ def _unshared(
             counter.compute_s += _now() - start
     if type(value) in LAZY:
         refuse_memoized_result(fn, value)
+    return _keep(cache, key, value, counter, extra, deletes)
+
+
+def _keep(cache: Cache, key: Hashable, value: Any, counter: Counter, extra: Any, n: int) -> Any:
+    """Fill as ``finish`` does: not after a delete (stale?); a value stored since stays."""
     with cache._lock:
-        cache._fill(key, value, counter, extra)
+        if cache._deletes == n:
+            stored = cache._lookup(key)
+            if stored is not MISSING:
+                return stored
+            cache._fill(key, value, counter, extra)
     return value
 
 
@@ -333,12 +341,10 @@ async def _unshared_async(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """Compute without registering (trio, recursion, a cycle of waiters), timed all the same."""
-    start = _now() if counter.timed else 0.0
+    deletes, start = cache._deletes, _now() if counter.timed else 0.0
     try:
         value = await fn(*args, **kwargs)
     finally:
         if start:
             counter.compute_s += _now() - start
-    with cache._lock:
-        cache._fill(key, value, counter, extra)
-    return value
+    return _keep(cache, key, value, counter, extra, deletes)

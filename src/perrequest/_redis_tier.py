@@ -71,6 +71,8 @@ class RedisTier:
             self.cache._totals[field] += 1
 
     # This process's single-flight (_flight's cache protocol): nothing is kept here.
+    _deletes = 0  # its fills store nothing (_get writes Redis, after _storable)
+
     def _lookup(self, key: Hashable) -> Any:
         return MISSING
 

@@ -179,12 +179,13 @@ class _Guarded:
     (``_flight.Cache``), for every function using it. The lock is held for one cache
     operation at a time, never while computing."""
 
-    __slots__ = ("__weakref__", "_flights", "_lock", "cache")
+    __slots__ = ("__weakref__", "_deletes", "_flights", "_lock", "cache")
 
     def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
         self.cache = cache
         self._lock = threading.RLock()
         self._flights: dict[Hashable, Any] = {}
+        self._deletes = 0  # for computations not in _flights (trio: _flight._keep)
 
     def _lookup(self, key: Hashable) -> Any:
         try:
@@ -302,6 +303,7 @@ class SharedTier:
         removal at a time."""
         guarded, cache = self._guarded, self._guarded.cache
         with guarded._lock:
+            guarded._deletes += 1
             for where in [k for k in list(guarded._flights) if type(k) is tuple and k[0] is spec]:
                 _flight.invalidate(guarded, where)
             keys = list(cache)
@@ -313,6 +315,7 @@ class SharedTier:
     def delete(self, key: Hashable) -> bool:
         guarded = self._guarded
         with guarded._lock:
+            guarded._deletes += 1
             _flight.invalidate(guarded, key)
             return guarded.cache.pop(key, MISSING) is not MISSING
 

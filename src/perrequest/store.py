@@ -203,6 +203,8 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     def _invalidate(self, owner: object, key: Any = MISSING) -> None:
         """A delete of ``(owner, key)`` (all of ``owner``'s keys; every owner's for None)
         invalidates its computations in flight; a batch's are left alone. Lock held."""
+        if owner is not HELPERS:  # memo entries: for computations not in _flights (trio)
+            self._deletes += 1
         flights = self._flights
         if not flights:
             return

@@ -362,6 +362,30 @@ def test_a_prime_while_trio_loads_the_key_is_kept() -> None:
     anyio.run(main, backend="trio")
 
 
+def test_a_trio_load_many_cancelled_between_calls_keeps_and_counts_what_it_fetched() -> None:
+    """Six keys, two per call, cancelled during the second call (move_on_after). Before:
+    all six were counted as misses though four were asked for, and the first call's two
+    values were dropped (the next loads fetched them again)."""
+    calls: list[list[int]] = []
+
+    @request_batch(max_batch_size=2)
+    async def rows(keys: list[int]) -> list[int]:
+        calls.append(keys)
+        await anyio.sleep(0.05 if len(calls) == 1 else 10)
+        return [k * 10 for k in keys]
+
+    async def main() -> tuple[int, int, list[int]]:
+        async with request_scope():
+            with anyio.move_on_after(0.5):
+                await rows.load_many(range(6))
+            info = rows.cache_info()
+            return info.misses, info.currsize, await rows.load_many([0, 1])
+
+    misses, entries, again = anyio.run(main, backend="trio")
+    assert calls == [[0, 1], [2, 3]]  # nothing fetched [0, 1] again
+    assert (misses, entries, again) == (4, 2, [0, 10])  # before: 6 misses, no entries
+
+
 async def test_chunks_of_one_batch_that_load_each_others_keys() -> None:
     """A tree loaded 2 keys per call, a parent in the other chunk: fetched by a call of
     its own, as a parent in the same chunk is. Before: each chunk waited for the other."""

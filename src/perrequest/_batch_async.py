@@ -154,16 +154,17 @@ async def unbatched(
         await spec.fetch_async(UNTIMED, spec.outside(keys, cks), got)
     else:
         values, wanted = spec.look(store, counter, keys, cks)
-        counter.misses += len(wanted)
-        await spec.fetch_async(counter, wanted, got)
-        with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
-            # Not in a local: a failure among them, kept by this frame, which its traceback
-            # holds, would be a cycle (``got`` is dropped below for the same reason).
-            spec.keep(
-                store,
-                counter,
-                {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING},
-            )
+        try:
+            await spec.fetch_async(counter, wanted, got)
+        finally:  # cancelled between chunks (trio's move_on_after): what came is kept too
+            with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
+                # Not in a local: a failure among them, kept by this frame, which its
+                # traceback holds, would be a cycle (``got`` is dropped below, likewise).
+                spec.keep(
+                    store,
+                    counter,
+                    {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING},
+                )
     try:
         values = settled(cks, values, got)
     finally:  # as in _BatchSpec.load_many

@@ -186,9 +186,10 @@ class _BatchSpec:
     async def fetch_async(
         self, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
     ) -> None:
-        """``fetch`` of an async batch function."""
+        """``fetch`` of an async batch function, counting each call's keys as it starts."""
         for cks in self.chunks(list(wanted)):
             keys = [wanted[ck] for ck in cks]
+            counter.misses += len(keys) if counter is not UNTIMED else 0
             start = now() if counter.timed else 0.0
             try:
                 values = self.spread(keys, cks, await self.fn(passed := list(keys)), passed)

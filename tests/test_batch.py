@@ -316,6 +316,68 @@ async def test_a_cancelled_batch_is_asked_again_for_its_waiters() -> None:
         assert (info.hits, info.misses) == (1, 4)
 
 
+def _batch_task_of(keys: list[Any]) -> asyncio.Task[Any]:
+    (task,) = [t for t in _batch_tasks() if t.get_coro().cr_frame.f_locals["keys"] == keys]  # type: ignore[union-attr]
+    return task
+
+
+async def test_a_cancelled_batch_nobody_waits_for_leaves_no_mark_on_its_keys() -> None:
+    """Key B's caller gives up, then its batch's task is cancelled: nobody waits, B is not
+    asked again. Before: B stayed marked as asked again while the loader had anything in
+    flight (one mark per such key), and a new caller's first cancel failed it."""
+    calls: list[list[str]] = []
+    finished = asyncio.Event()
+
+    @request_batch
+    async def load(keys: list[str]) -> list[str]:
+        calls.append(keys)
+        await (finished.wait() if "slow" in keys else asyncio.sleep(0.02))
+        return [f"v:{k}" for k in keys]
+
+    async with request_scope() as store:
+        slow = asyncio.ensure_future(load.load("slow"))  # in flight throughout
+        await asyncio.sleep(0.005)
+        for n in range(20):
+            gave_up = asyncio.ensure_future(load.load(f"k{n}"))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            gave_up.cancel()
+            _batch_task_of([f"k{n}"]).cancel()
+            await asyncio.sleep(0)
+        (state,) = [s for s in store._flights.values() if hasattr(s, "again")]
+        assert not state.again  # before: 20 marks
+        caller = asyncio.ensure_future(load.load("k0"))  # later, a new caller
+        await asyncio.sleep(0.005)
+        _batch_task_of(["k0"]).cancel()  # once
+        assert await asyncio.wait_for(caller, 5) == "v:k0"  # before: RuntimeError
+        finished.set()
+        assert await asyncio.wait_for(slow, 5) == "v:slow"
+
+
+async def test_a_batch_of_its_own_keys_asked_again_counts_no_second_hit() -> None:
+    """The batch function loads its own key from two tasks (a miss, a hit), and that batch
+    of its own keys is cancelled and asked again: no second hit, as for other batches."""
+    calls: list[list[str]] = []
+
+    @request_batch
+    async def tree(keys: list[str]) -> list[str]:
+        calls.append(keys)
+        if len(calls) == 1:  # the outer batch loads its own key, twice
+            a, b = await asyncio.gather(tree.load("root"), tree.load("root"))
+            return [f"<{a},{b}>"]
+        await asyncio.sleep(0.02)
+        return [f"v:{k}" for k in keys]
+
+    async with request_scope():
+        outer = tree.load("root")
+        for _ in range(6):
+            await asyncio.sleep(0)
+        hits = tree.cache_info().hits
+        max(_batch_tasks(), key=lambda t: int(t.get_name().split("-")[1])).cancel()  # its own
+        assert await asyncio.wait_for(outer, 5) == "<v:root,v:root>"
+        assert tree.cache_info().hits == hits == 1  # before: 2 after asking again
+
+
 async def test_a_key_that_failed_when_asked_again_is_asked_again_after_its_next_cancel() -> None:
     """Cancelled, asked again and failing (failures are not stored), then loaded anew and
     cancelled once more: asked again, as after a first cancel. Before: the failed key was

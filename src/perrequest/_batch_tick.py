@@ -224,19 +224,21 @@ def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
         state.again.discard(ck)
         hand(who, _cancelled_again(state.spec), True)
         return
-    state.again.add(ck)
     for one in who if type(who) is list else (who,):
         future = one[0].future if type(one) is tuple else one
         if future is None or future.done():
             continue
         if state.store._closed:
             future.cancel()
+            continue
+        waiting = state.own if own else state.inflight
+        if waiting is not None and ck in waiting:  # put back already, for its other waiters
+            waiting[ck] = joined(waiting[ck], one)  # (no second hit)
         elif own:
             state.join_own(key, ck, one)
-        elif ck in state.inflight:  # put back already, for its other waiters
-            state.inflight[ck] = joined(state.inflight[ck], one)
         else:
             state.join(key, ck, one)
+        state.again.add(ck)  # asked again only for somebody: marked until answered
 
 
 def _cancelled_again(spec: _BatchSpec) -> RuntimeError:

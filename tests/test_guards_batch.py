@@ -79,6 +79,31 @@ async def test_each_load_of_keys_the_batch_function_changes_gets_its_value() -> 
         assert await asyncio.wait_for(loads, WAIT) == [0, 10, 20, 30]
 
 
+async def test_a_key_loaded_again_after_its_batch_changed_it_answers_both_callers() -> None:
+    """_batch_waiters._taken: the batch function saves the key (its hash changes) and the
+    same object is loaded again while that batch is in flight, so it is filed twice, under
+    each hash. Before: the first batch's end took the second waiter in place of the first,
+    whose caller was never answered (a hang)."""
+    saved, release = asyncio.Event(), asyncio.Event()
+
+    @request_batch
+    async def save(keys: list[SavedKey]) -> list[int]:
+        for key in keys:
+            key.saved = True
+        saved.set()
+        await release.wait()
+        return [key.n * 10 for key in keys]
+
+    async with request_scope():
+        key = SavedKey(1)
+        first = asyncio.ensure_future(save.load(key))
+        await asyncio.wait_for(saved.wait(), WAIT)
+        second = asyncio.ensure_future(save.load(key))  # the same object, saved now
+        await asyncio.sleep(0.01)
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(first, second), WAIT) == [10, 10]
+
+
 async def test_a_cancelled_batch_of_keys_it_changed_asks_for_them_again() -> None:
     """_batch_tick._ended, its cancelled branch: the batch's task is cancelled (a shutdown)
     after the batch function changed its keys; its waiters, found by identity, are asked

@@ -61,8 +61,8 @@ def _taken(waiters: dict[Hashable, Any], cks: list[Hashable]) -> list[Any]:
     found: list[Any] = [None] * len(cks)
     for key, who in entries:
         i = at.get(id(key))
-        if i is not None:
-            found[i] = who
+        if i is not None:  # filed twice (loaded again under its new hash): both get it
+            found[i] = who if found[i] is None else [*_listed(found[i]), *_listed(who)]
             continue
         try:
             other = waiters.get(key)  # changed into a key equal to another one: both wait

@@ -933,6 +933,47 @@ def test_a_thread_waiting_for_a_key_whose_hash_its_computation_changes_gets_the_
         assert not store._flights
 
 
+async def test_a_caller_after_the_hash_changed_does_not_hide_the_first_record() -> None:
+    """A computes and saves the row (its hash changes); W joined A before the save, B
+    calls after it and computes alongside under the new hash. Before: A's end popped B's
+    record under the new hash, took itself for invalidated and left its own record: W
+    waited two seconds' looks, then computed again; a record stayed per save."""
+    joined, saved, go, go_after = (asyncio.Event() for _ in range(4))
+    calls = 0
+
+    @request_memo
+    async def save(row: Row) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await joined.wait()
+            row.save()
+            saved.set()
+            await go.wait()
+        else:
+            await go_after.wait()  # still computing as the first ends
+        return row.pk
+
+    row = Row(-1)
+    async with request_scope() as store:
+        first = asyncio.create_task(save(row))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(save(row))  # joins the first
+        await asyncio.sleep(0)
+        assert save.cache_info().hits == 1
+        joined.set()
+        await asyncio.wait_for(saved.wait(), WAIT)
+        after = asyncio.create_task(save(row))  # the row hashes anew: computes alongside
+        await asyncio.sleep(0.01)
+        go.set()
+        start = time.monotonic()
+        assert await asyncio.wait_for(asyncio.gather(first, waiter), WAIT) == [row.pk] * 2
+        assert time.monotonic() - start < 0.9  # before: ~2 s
+        go_after.set()
+        assert await asyncio.wait_for(after, WAIT) == row.pk and calls == 2  # before: 3
+        assert not store._flights  # before: the first's record stayed
+
+
 @pytest.mark.slow  # seconds of waits: make check skips it
 async def test_tasks_that_give_up_waiting_leave_nothing_on_the_computation() -> None:
     """Each task's ``asyncio.wrap_future`` left a callback on the computation's future

@@ -75,10 +75,8 @@ def failed(
             record = cache._flights.pop(key, None)
         except BaseException:  # the key's __hash__/__eq__ raised this time
             return forget(cache, me)
-        if record is None:
-            record = moved(cache, key)
-        if record is not me and not (type(record) is Waited and record.owner is me):
-            _put_back(cache, key, record)  # invalidated: its waiters restarted then
+        record = _own(cache, key, me, record)
+        if record is None:  # invalidated: its waiters restarted then
             return
     if type(record) is Waited:
         record.future.set_result((False, exc) if isinstance(exc, Exception) else RESTART)
@@ -117,16 +115,12 @@ def end(
 ) -> Any:
     """``finish`` when somebody waits, a delete invalidated the record, or the key's hash
     changed. Lock held. If storing raises, ``abandon`` hands the waiters the outcome."""
-    if record is None:
-        record = moved(cache, key)
-        if record is me:
-            cache._fill(key, value, counter, extra)
-            return value
-    if not (type(record) is Waited and record.owner is me):  # invalidated: not stored
-        _put_back(cache, key, record)
+    record = _own(cache, key, me, record)
+    if record is None:  # invalidated: not stored
         return value
     cache._fill(key, value, counter, extra)
-    record.future.set_result((True, value))
+    if record is not me:
+        record.future.set_result((True, value))
     return value
 
 
@@ -159,8 +153,7 @@ def interrupted(cache: Cache, key: Hashable, me: object, exc: BaseException) -> 
 
 
 def invalidate(cache: Cache, key: Hashable) -> None:
-    """``key`` was deleted: its computation in flight stores nothing and is not joined any
-    more (read your writes); its waiters start again. Lock held."""
+    """``key`` was deleted: its computation stores nothing, is joined no more. Lock held."""
     restart(cache._flights.pop(key, None))
 
 
@@ -180,11 +173,18 @@ def forget(cache: Cache, me: object) -> None:
         restart(record)
 
 
-def moved(cache: Cache, key: Hashable) -> Any:
-    """``key``'s record (this object) filed under its old hash, or None: never left there,
-    where a rebuild (``take_out``) would file it under the new hash for others to join."""
-    filed_here = any(filed is key for filed in list(cache._flights))
-    taken = filed_here and take_out(cache._flights, lambda filed, _: filed is key)
+def _own(cache: Cache, key: Hashable, me: object, record: Any) -> Any:
+    """``me``'s record, given what popping ``key`` found; taken out by identity if the key's
+    hash changed meanwhile; None if a delete took it. Another's goes back. Lock held."""
+
+    def mine(_: object, found: Any) -> bool:
+        return found is me or (type(found) is Waited and found.owner is me)
+
+    if mine(key, record):
+        return record
+    filed = any(mine(key, found) for found in list(cache._flights.values()))
+    taken = take_out(cache._flights, mine) if filed else []
+    _put_back(cache, key, record)
     return taken[0] if taken else None
 
 

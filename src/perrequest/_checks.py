@@ -149,22 +149,6 @@ def check_on_close(
     return cast("Callable[[Any], object]", on_close)
 
 
-def refuse_generator(fn: object, decorator: str) -> None:
-    """Generator bodies run after the call returns, outside any scope the call set up."""
-    for target, kind in ((fn, ""), (_call_of(fn), "a callable object whose __call__ is ")):
-        if inspect.isgeneratorfunction(target):
-            kind += "a generator function"
-        elif inspect.isasyncgenfunction(target):
-            kind += "an async generator function"
-        else:
-            continue
-        raise TypeError(
-            f"{decorator} cannot take {kind} ({getattr(fn, '__qualname__', fn)}): its body "
-            "runs after the call returns, outside the scope. Use it on a function that "
-            "returns a list, or on the function that consumes the generator."
-        )
-
-
 def refuse_coroutine(result: object, fn: object, what: str) -> None:
     """A sync call that returned a coroutine ran its body outside the scope: say so."""
     if type(result) is CoroutineType:

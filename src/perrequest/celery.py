@@ -22,9 +22,9 @@ from ._checks import (
     check_on_close,
     explains_options,
     is_async_callable,
-    refuse_generator,
     unknown_option,
 )
+from ._targets import refuse_generator
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __all__ = ["ScopedTask", "install"]

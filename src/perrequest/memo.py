@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _checks, _flight
 from ._active import active_store
-from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
+from ._checks import check_max_entries, is_async_callable, unknown_option
 from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter, function_name
+from ._targets import refuse_generator
 from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import NoActiveScope, ScopeClosed

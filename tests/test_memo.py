@@ -248,8 +248,41 @@ def test_a_key_function_of_another_signature_is_named_and_its_own_errors_pass() 
             ) as info:
                 Repo().user(1)
             assert "2 were given" in str(info.value) and info.value.__cause__ is None
+            # Its advice keeps instances apart: key= alone is the key, for every instance.
+            assert "(self.tenant_id, user_id)" in str(info.value), info.value
+            assert "self, user_id: user_id)" not in str(info.value)
             with pytest.raises(TypeError, match=r"^object of type 'int' has no len\(\)$"):
                 length(5)
+
+
+def test_an_unhashable_argument_of_a_method_gets_advice_that_keeps_instances_apart() -> None:
+    """The advice was ``key=`` "of the same arguments": on a method its result alone is
+    the key, so ``key=lambda self, ids: tuple(ids)`` would make two tenants' repositories
+    share entries. The message says to put what tells instances apart in the key; a plain
+    function's is unchanged."""
+
+    class Repo:
+        def __init__(self, tenant_id: str) -> None:
+            self.tenant_id = tenant_id
+
+        @request_memo
+        def rows(self, ids: list[int]) -> list[int]:
+            return ids
+
+    @request_memo
+    def rows(ids: list[int]) -> list[int]:
+        return ids
+
+    with request_scope():
+        with pytest.raises(UnhashableArguments, match=r"argument 'ids' is unhashable") as info:
+            Repo("a").rows([7])
+        assert "(self included)" in str(info.value)
+        assert "what tells them apart" in str(info.value)
+        assert "key=lambda self, ids: (self.tenant_id, tuple(ids))" in str(info.value)
+        with pytest.raises(UnhashableArguments) as info:
+            rows([7])
+        assert "self" not in str(info.value)
+        assert str(info.value).endswith("that returns a hashable key.")
 
 
 def test_exceptions_are_not_cached() -> None:

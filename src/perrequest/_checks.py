@@ -231,6 +231,11 @@ def check_instance(name: str, fn: Callable[..., Any], args: Any, kwargs: Any) ->
         )
 
 
+METHOD_KEY = (  # key= replaces the instance's part of a method's key: keep one in it
+    "(self included) that returns a hashable key; its result alone is the key, for every "
+    "instance, so put in it what tells them apart: "
+    "key=lambda self, ids: (self.tenant_id, tuple(ids))."
+)
 _NOT_INSTANCES = frozenset({int, str, bytes, float, bool, type(None), UUID})
 _SELF = ("self", "cls", "mcs")  # what ``is_method`` recognises
 _NONE: Any = object()
@@ -265,8 +270,9 @@ def call_key(spec: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
                 raise TypeError(
                     f"the key= function of @request_memo {spec.name} cannot take this call's "
                     f"arguments ({exc}): it gets exactly the memoized function's arguments, "
-                    "self or cls included for a method. Give it the same parameters "
-                    "(key=lambda self, user_id: user_id)."
+                    "self or cls included for a method. Give it the same parameters, and "
+                    "for a method return what tells instances apart too, as its result alone "
+                    "is the key: key=lambda self, user_id: (self.tenant_id, user_id)."
                 ) from None
             raise
         try:
@@ -318,8 +324,8 @@ def unhashable(
             named = named[1:]
     fix = (
         "Pass a hashable value (a tuple instead of a list, a frozenset instead of a set), "
-        "or give the decorator key=, a function of the same arguments that returns a "
-        "hashable key."
+        "or give the decorator key=, a function of the same arguments "
+        + (METHOD_KEY if spec.is_method else "that returns a hashable key.")
     )
     for name, value in named:
         if (why := unhashable_because(value)) is not None:

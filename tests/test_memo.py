@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import sys
 import threading
 import traceback
@@ -19,6 +20,7 @@ from perrequest import (
     NoActiveScope,
     UnhashableArguments,
     current_store,
+    request_batch,
     request_memo,
     request_scope,
 )
@@ -283,6 +285,35 @@ def test_an_unhashable_argument_of_a_method_gets_advice_that_keeps_instances_apa
             rows([7])
         assert "self" not in str(info.value)
         assert str(info.value).endswith("that returns a hashable key.")
+
+
+def test_a_tuple_holding_an_unhashable_value_is_named_with_what_it_holds() -> None:
+    """``by_list(([1],))`` said "'items' is unhashable (tuple) ... a tuple instead of a
+    list": advice that contradicted itself. A tuple names what it holds that does not
+    hash, however deep, in memo, loader and store messages alike."""
+
+    @request_memo
+    def by_list(items: object) -> object:
+        return items
+
+    @request_batch
+    def load(keys: list[object]) -> list[object]:
+        return keys
+
+    with request_scope():
+        for value, why in [
+            (([1],), "tuple holding a list"),
+            ((1, (2, {})), "tuple holding a tuple holding a dict"),
+        ]:
+            with pytest.raises(UnhashableArguments) as info:
+                by_list(value)
+            assert f"argument 'items' is unhashable ({why}), so" in str(info.value)
+            with pytest.raises(UnhashableArguments, match=re.escape(f"unhashable ({why})")):
+                load.load(value)
+            with pytest.raises(TypeError, match=re.escape(f"must be hashable, not {why}:")):
+                perrequest.set(value, 1)
+        with pytest.raises(UnhashableArguments, match=r"unhashable \(list\), so"):
+            by_list([1])
 
 
 def test_exceptions_are_not_cached() -> None:

@@ -69,12 +69,18 @@ def _call_of(fn: object) -> object:  # an object's __call__ says if it returns a
 
 def unhashable_because(value: object) -> str | None:
     """None if ``value`` hashes; else its type, and the reason when the type gives one of
-    its own (a Django model without a primary key: "save it first")."""
+    its own (a Django model without a primary key: "save it first"); for a tuple, what
+    it holds that does not hash ("tuple holding a list"): the advice, a tuple instead of
+    a list, is about that. (A frozenset hashes its items' hashes stored when it was made.)"""
     try:
         hash(value)
     except TypeError as exc:
         reason = exc.args[0][:200] if exc.args and isinstance(exc.args[0], str) else ""
         if not reason or reason.startswith("unhashable type"):  # (no str(): it may raise)
+            if isinstance(value, tuple):
+                held = (unhashable_because(item) for item in value)
+                if (inner := next((why for why in held if why is not None), None)) is not None:
+                    return f"{type(value).__name__} holding a {inner}"
             return type(value).__name__
         return f"{type(value).__name__}: {reason}"
     return None

@@ -7,6 +7,7 @@ advice a page promises the message gives.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import re
@@ -527,3 +528,17 @@ def test_a_loader_outside_a_scope_names_the_same_fixes_as_a_memo(
     loader, memo = (r.getMessage() for r in caplog.records if r.name == "perrequest")
     for fix in ("PerRequest(app)", "perrequest.django.RequestScopeMiddleware", "bind_scope"):
         assert fix in memo and fix in loader, (fix, loader)
+
+
+def test_every_example_run_under_uvicorn_resets_contextvars() -> None:
+    """README: "Under uvicorn, run with --reset-contextvars". examples/graphql_app.py's
+    ``__main__`` ran ``uvicorn.run(app, ...)`` without it, while its docstring, and the
+    other examples, pass it."""
+    runs = []
+    for path in sorted([*ROOT.glob("examples/**/*.py"), *ROOT.glob("docs/snippets/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "uvicorn.run":
+                given = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                runs.append((path.relative_to(ROOT).as_posix(), given.get("reset_contextvars")))
+    assert len(runs) >= 4, runs  # the glob found them
+    assert [run for run in runs if run[1] != "True"] == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import logging
 import re
 import threading
@@ -304,6 +305,14 @@ def _config_mistakes() -> dict[str, list[object]]:
         "`@request_memo`, `@request_scope()` or `bind_scope` on a generator": [
             lambda: request_memo(_gen),
             lambda: request_scope()(_gen),
+        ],
+        "`@request_memo` over `@functools.lru_cache`": [
+            lambda: request_memo(functools.lru_cache(_coroutine)),
+            lambda: request_memo()(functools.cache(_coroutine)),
+        ],
+        "`@request_memo` over `@property`": [
+            lambda: request_memo(property(_coroutine)),
+            lambda: request_memo(functools.cached_property(_coroutine)),
         ],
         "`add_scope_listener(None)`": [lambda: perrequest.add_scope_listener(None)],
         "`@request_scope` without the parentheses": [lambda: request_scope(print)],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import re
 import sys
@@ -616,6 +617,62 @@ def test_a_property_under_request_memo_is_refused_with_the_order_that_works() ->
 
     with request_scope():
         assert Works().size == 1
+
+
+def test_a_cached_property_under_request_memo_gets_the_order_that_works() -> None:
+    """It got the generic "takes a function, or options as keywords"; functools' and
+    Django's cached_property keep the value for the instance's life: the message says so
+    and gives the order that works, as for a property."""
+    from django.utils.functional import cached_property as django_cached_property
+
+    for cached in (functools.cached_property, django_cached_property):
+        for decorator in (request_memo, request_memo()):
+            with pytest.raises(
+                TypeError,
+                match=r"cannot decorate a [\w.]+\.cached_property \(admins\), which keeps its "
+                r"value on the instance.*@property, then @request_memo, then def admins\(self\)",
+            ):
+
+                class Directory:
+                    @decorator  # type: ignore[misc]
+                    @cached
+                    def admins(self) -> int:
+                        return 1
+
+
+def test_request_memo_over_lru_cache_or_cache_is_refused_at_decoration() -> None:
+    """``@request_memo`` over ``@functools.lru_cache`` or ``@functools.cache`` kept every
+    value for the life of the process anyway, silently: the leak this library exists to
+    prevent. Refused when decorating (through ``functools.wraps`` chains, on methods,
+    classmethods and staticmethods too), naming lru_cache and saying to remove it."""
+
+    def passes_through(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any) -> Any:
+            return fn(*args)
+
+        return wrapper
+
+    targets: list[Any] = [
+        functools.lru_cache(lambda x: x),
+        functools.lru_cache(maxsize=8)(lambda x: x),
+        functools.cache(lambda x: x),
+        passes_through(passes_through(functools.cache(lambda x: x))),
+        classmethod(functools.cache(lambda cls, x: x)),
+        staticmethod(functools.lru_cache(lambda x: x)),
+    ]
+    for target in targets:
+        for decorator in (request_memo, request_memo(), request_memo(max_entries=5)):
+            with pytest.raises(
+                TypeError,
+                match=r"cannot go over functools\.lru_cache or functools\.cache .*life of the "
+                r"process.*Remove @functools\.lru_cache",
+            ):
+                decorator(target)
+    # A memo over a memo, or over a plain wrapper, is not a process cache: accepted.
+    inner = request_memo(lambda x: x)
+    request_memo(inner)
+    request_memo(passes_through(lambda x: x))
 
 
 def test_methods_memoize_per_instance_by_identity() -> None:

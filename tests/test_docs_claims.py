@@ -314,6 +314,7 @@ def _config_mistakes() -> dict[str, list[object]]:
             lambda: request_memo(property(_coroutine)),
             lambda: request_memo(functools.cached_property(_coroutine)),
         ],
+        "`import perrequest.prometheus`": [],  # tests/test_extras.py (hides the package)
         "`add_scope_listener(None)`": [lambda: perrequest.add_scope_listener(None)],
         "`@request_scope` without the parentheses": [lambda: request_scope(print)],
         "`with request_scope:`": [_enter_class_itself],

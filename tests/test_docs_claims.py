@@ -552,3 +552,18 @@ def test_every_example_run_under_uvicorn_resets_contextvars() -> None:
                 runs.append((path.relative_to(ROOT).as_posix(), given.get("reset_contextvars")))
     assert len(runs) >= 4, runs  # the glob found them
     assert [run for run in runs if run[1] != "True"] == []
+
+
+def test_every_extra_the_pages_name_is_in_pyproject() -> None:
+    """The FastAPI page said ``pip install perrequest fastapi`` where every other framework
+    page names an extra: ``perrequest[fastapi]`` now exists, and every extra a page or an
+    error message names is one pyproject.toml declares."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = set(extras["optional-dependencies"])
+    texts = [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("src/**/*.py")]
+    named = {e for p in texts for e in re.findall(r"perrequest\[(\w+)\]", p.read_text())}
+    assert "fastapi" in named and {"prometheus", "otel", "toolbar"} <= named
+    assert named <= declared, named - declared
+    assert "pip install perrequest fastapi" not in (DOCS / "frameworks/fastapi.md").read_text()

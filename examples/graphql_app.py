@@ -215,4 +215,5 @@ if __name__ == "__main__":
     import uvicorn
 
     port = int(os.environ.get("PORT", "8000"))
-    uvicorn.run(app, host="127.0.0.1", port=port)
+    # reset_contextvars: each request starts in an empty context (docs/security.md).
+    uvicorn.run(app, host="127.0.0.1", port=port, reset_contextvars=True)

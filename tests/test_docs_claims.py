@@ -7,7 +7,9 @@ advice a page promises the message gives.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import logging
 import re
 import threading
@@ -304,6 +306,15 @@ def _config_mistakes() -> dict[str, list[object]]:
             lambda: request_memo(_gen),
             lambda: request_scope()(_gen),
         ],
+        "`@request_memo` over `@functools.lru_cache`": [
+            lambda: request_memo(functools.lru_cache(_coroutine)),
+            lambda: request_memo()(functools.cache(_coroutine)),
+        ],
+        "`@request_memo` over `@property`": [
+            lambda: request_memo(property(_coroutine)),
+            lambda: request_memo(functools.cached_property(_coroutine)),
+        ],
+        "`import perrequest.prometheus`": [],  # tests/test_extras.py (hides the package)
         "`add_scope_listener(None)`": [lambda: perrequest.add_scope_listener(None)],
         "`@request_scope` without the parentheses": [lambda: request_scope(print)],
         "`with request_scope:`": [_enter_class_itself],
@@ -527,3 +538,32 @@ def test_a_loader_outside_a_scope_names_the_same_fixes_as_a_memo(
     loader, memo = (r.getMessage() for r in caplog.records if r.name == "perrequest")
     for fix in ("PerRequest(app)", "perrequest.django.RequestScopeMiddleware", "bind_scope"):
         assert fix in memo and fix in loader, (fix, loader)
+
+
+def test_every_example_run_under_uvicorn_resets_contextvars() -> None:
+    """README: "Under uvicorn, run with --reset-contextvars". examples/graphql_app.py's
+    ``__main__`` ran ``uvicorn.run(app, ...)`` without it, while its docstring, and the
+    other examples, pass it."""
+    runs = []
+    for path in sorted([*ROOT.glob("examples/**/*.py"), *ROOT.glob("docs/snippets/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "uvicorn.run":
+                given = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                runs.append((path.relative_to(ROOT).as_posix(), given.get("reset_contextvars")))
+    assert len(runs) >= 4, runs  # the glob found them
+    assert [run for run in runs if run[1] != "True"] == []
+
+
+def test_every_extra_the_pages_name_is_in_pyproject() -> None:
+    """The FastAPI page said ``pip install perrequest fastapi`` where every other framework
+    page names an extra: ``perrequest[fastapi]`` now exists, and every extra a page or an
+    error message names is one pyproject.toml declares."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = set(extras["optional-dependencies"])
+    texts = [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("src/**/*.py")]
+    named = {e for p in texts for e in re.findall(r"perrequest\[(\w+)\]", p.read_text())}
+    assert "fastapi" in named and {"prometheus", "otel", "toolbar"} <= named
+    assert named <= declared, named - declared
+    assert "pip install perrequest fastapi" not in (DOCS / "frameworks/fastapi.md").read_text()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
+import re
 import sys
 import threading
 import traceback
@@ -19,6 +21,7 @@ from perrequest import (
     NoActiveScope,
     UnhashableArguments,
     current_store,
+    request_batch,
     request_memo,
     request_scope,
 )
@@ -248,8 +251,70 @@ def test_a_key_function_of_another_signature_is_named_and_its_own_errors_pass() 
             ) as info:
                 Repo().user(1)
             assert "2 were given" in str(info.value) and info.value.__cause__ is None
+            # Its advice keeps instances apart: key= alone is the key, for every instance.
+            assert "(self.tenant_id, user_id)" in str(info.value), info.value
+            assert "self, user_id: user_id)" not in str(info.value)
             with pytest.raises(TypeError, match=r"^object of type 'int' has no len\(\)$"):
                 length(5)
+
+
+def test_an_unhashable_argument_of_a_method_gets_advice_that_keeps_instances_apart() -> None:
+    """The advice was ``key=`` "of the same arguments": on a method its result alone is
+    the key, so ``key=lambda self, ids: tuple(ids)`` would make two tenants' repositories
+    share entries. The message says to put what tells instances apart in the key; a plain
+    function's is unchanged."""
+
+    class Repo:
+        def __init__(self, tenant_id: str) -> None:
+            self.tenant_id = tenant_id
+
+        @request_memo
+        def rows(self, ids: list[int]) -> list[int]:
+            return ids
+
+    @request_memo
+    def rows(ids: list[int]) -> list[int]:
+        return ids
+
+    with request_scope():
+        with pytest.raises(UnhashableArguments, match=r"argument 'ids' is unhashable") as info:
+            Repo("a").rows([7])
+        assert "(self included)" in str(info.value)
+        assert "what tells them apart" in str(info.value)
+        assert "key=lambda self, ids: (self.tenant_id, tuple(ids))" in str(info.value)
+        with pytest.raises(UnhashableArguments) as info:
+            rows([7])
+        assert "self" not in str(info.value)
+        assert str(info.value).endswith("that returns a hashable key.")
+
+
+def test_a_tuple_holding_an_unhashable_value_is_named_with_what_it_holds() -> None:
+    """``by_list(([1],))`` said "'items' is unhashable (tuple) ... a tuple instead of a
+    list": advice that contradicted itself. A tuple names what it holds that does not
+    hash, however deep, in memo, loader and store messages alike."""
+
+    @request_memo
+    def by_list(items: object) -> object:
+        return items
+
+    @request_batch
+    def load(keys: list[object]) -> list[object]:
+        return keys
+
+    with request_scope():
+        for value, why in [
+            (([1],), "tuple holding a list"),
+            ((1, (2, {})), "tuple holding a tuple holding a dict"),
+        ]:
+            with pytest.raises(UnhashableArguments) as info:
+                by_list(value)
+            assert f"argument 'items' is unhashable ({why}), so" in str(info.value)
+            with pytest.raises(UnhashableArguments, match=re.escape(f"unhashable ({why})")):
+                load.load(value)
+            with pytest.raises(TypeError, match=re.escape(f"must be hashable, not {why}:")):
+                perrequest.set(value, 1)
+        with pytest.raises(UnhashableArguments, match=r"unhashable \(list\), so"):
+            by_list([1])
 
 
 def test_exceptions_are_not_cached() -> None:
@@ -552,6 +617,62 @@ def test_a_property_under_request_memo_is_refused_with_the_order_that_works() ->
 
     with request_scope():
         assert Works().size == 1
+
+
+def test_a_cached_property_under_request_memo_gets_the_order_that_works() -> None:
+    """It got the generic "takes a function, or options as keywords"; functools' and
+    Django's cached_property keep the value for the instance's life: the message says so
+    and gives the order that works, as for a property."""
+    from django.utils.functional import cached_property as django_cached_property
+
+    for cached in (functools.cached_property, django_cached_property):
+        for decorator in (request_memo, request_memo()):
+            with pytest.raises(
+                TypeError,
+                match=r"cannot decorate a [\w.]+\.cached_property \(admins\), which keeps its "
+                r"value on the instance.*@property, then @request_memo, then def admins\(self\)",
+            ):
+
+                class Directory:
+                    @decorator  # type: ignore[misc]
+                    @cached
+                    def admins(self) -> int:
+                        return 1
+
+
+def test_request_memo_over_lru_cache_or_cache_is_refused_at_decoration() -> None:
+    """``@request_memo`` over ``@functools.lru_cache`` or ``@functools.cache`` kept every
+    value for the life of the process anyway, silently: the leak this library exists to
+    prevent. Refused when decorating (through ``functools.wraps`` chains, on methods,
+    classmethods and staticmethods too), naming lru_cache and saying to remove it."""
+
+    def passes_through(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any) -> Any:
+            return fn(*args)
+
+        return wrapper
+
+    targets: list[Any] = [
+        functools.lru_cache(lambda x: x),
+        functools.lru_cache(maxsize=8)(lambda x: x),
+        functools.cache(lambda x: x),
+        passes_through(passes_through(functools.cache(lambda x: x))),
+        classmethod(functools.cache(lambda cls, x: x)),
+        staticmethod(functools.lru_cache(lambda x: x)),
+    ]
+    for target in targets:
+        for decorator in (request_memo, request_memo(), request_memo(max_entries=5)):
+            with pytest.raises(
+                TypeError,
+                match=r"cannot go over functools\.lru_cache or functools\.cache .*life of the "
+                r"process.*Remove @functools\.lru_cache",
+            ):
+                decorator(target)
+    # A memo over a memo, or over a plain wrapper, is not a process cache: accepted.
+    inner = request_memo(lambda x: x)
+    request_memo(inner)
+    request_memo(passes_through(lambda x: x))
 
 
 def test_methods_memoize_per_instance_by_identity() -> None:

@@ -150,3 +150,53 @@ def test_a_test_that_leaves_a_scope_open_fails_alone(pytester: pytest.Pytester) 
     result.stdout.fnmatch_lines(
         ["*test_a_leaves_its_scope_open left a perrequest scope active*memo_scope fixture*"]
     )
+
+
+def test_a_scope_left_open_fails_with_the_message_alone_and_a_response_is_told_to_close(
+    pytester: pytest.Pytester,
+) -> None:
+    """The failure was an AssertionError under some 99 lines of pluggy's internals, and
+    for a WSGI response kept open (a Flask test client's) it said only to use 'with
+    request_scope():'. It is the message alone now, and a response left open is told to
+    close it."""
+    pytest.importorskip("flask")
+    pytester.makepyfile(
+        """
+        import flask
+        from perrequest import request_scope
+        from perrequest.flask import PerRequest
+
+        app = flask.Flask(__name__)
+        PerRequest(app)
+        kept = []
+
+        @app.get("/")
+        def index():
+            return app.response_class(iter(["a", "b"]))
+
+        def test_a_keeps_a_response_open():
+            response = app.test_client().get("/", buffered=False)
+            next(iter(response.response))
+            kept.append(response)
+
+        def test_b_leaves_its_scope_open():
+            request_scope().__enter__()
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_a_keeps_a_response_open _*",
+            "test_*::test_a_keeps_a_response_open left a perrequest scope active: a response "
+            "iterated and never closed*Close the response*"
+            "'with client.get(...) as response:'*response.close().",
+            "*_ test_b_leaves_its_scope_open _*",
+            "test_*::test_b_leaves_its_scope_open left a perrequest scope active: a "
+            "request_scope() entered*memo_scope fixture.",
+        ],
+        consecutive=False,
+    )
+    failures = result.stdout.str().split("= FAILURES =")[1].split("short test summary")[0]
+    assert "pluggy" not in failures and "AssertionError" not in failures, failures
+    assert len(failures.strip().splitlines()) <= 6, failures  # two headers, two messages

@@ -69,12 +69,18 @@ def _call_of(fn: object) -> object:  # an object's __call__ says if it returns a
 
 def unhashable_because(value: object) -> str | None:
     """None if ``value`` hashes; else its type, and the reason when the type gives one of
-    its own (a Django model without a primary key: "save it first")."""
+    its own (a Django model without a primary key: "save it first"); for a tuple, what
+    it holds that does not hash ("tuple holding a list"): the advice, a tuple instead of
+    a list, is about that. (A frozenset hashes its items' hashes stored when it was made.)"""
     try:
         hash(value)
     except TypeError as exc:
         reason = exc.args[0][:200] if exc.args and isinstance(exc.args[0], str) else ""
         if not reason or reason.startswith("unhashable type"):  # (no str(): it may raise)
+            if isinstance(value, tuple):
+                held = (unhashable_because(item) for item in value)
+                if (inner := next((why for why in held if why is not None), None)) is not None:
+                    return f"{type(value).__name__} holding a {inner}"
             return type(value).__name__
         return f"{type(value).__name__}: {reason}"
     return None
@@ -147,22 +153,6 @@ def check_on_close(
     except ValueError:  # no signature to check (some builtins): trust it
         pass
     return cast("Callable[[Any], object]", on_close)
-
-
-def refuse_generator(fn: object, decorator: str) -> None:
-    """Generator bodies run after the call returns, outside any scope the call set up."""
-    for target, kind in ((fn, ""), (_call_of(fn), "a callable object whose __call__ is ")):
-        if inspect.isgeneratorfunction(target):
-            kind += "a generator function"
-        elif inspect.isasyncgenfunction(target):
-            kind += "an async generator function"
-        else:
-            continue
-        raise TypeError(
-            f"{decorator} cannot take {kind} ({getattr(fn, '__qualname__', fn)}): its body "
-            "runs after the call returns, outside the scope. Use it on a function that "
-            "returns a list, or on the function that consumes the generator."
-        )
 
 
 def refuse_coroutine(result: object, fn: object, what: str) -> None:
@@ -247,6 +237,11 @@ def check_instance(name: str, fn: Callable[..., Any], args: Any, kwargs: Any) ->
         )
 
 
+METHOD_KEY = (  # key= replaces the instance's part of a method's key: keep one in it
+    "(self included) that returns a hashable key; its result alone is the key, for every "
+    "instance, so put in it what tells them apart: "
+    "key=lambda self, ids: (self.tenant_id, tuple(ids))."
+)
 _NOT_INSTANCES = frozenset({int, str, bytes, float, bool, type(None), UUID})
 _SELF = ("self", "cls", "mcs")  # what ``is_method`` recognises
 _NONE: Any = object()
@@ -281,8 +276,9 @@ def call_key(spec: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
                 raise TypeError(
                     f"the key= function of @request_memo {spec.name} cannot take this call's "
                     f"arguments ({exc}): it gets exactly the memoized function's arguments, "
-                    "self or cls included for a method. Give it the same parameters "
-                    "(key=lambda self, user_id: user_id)."
+                    "self or cls included for a method. Give it the same parameters, and "
+                    "for a method return what tells instances apart too, as its result alone "
+                    "is the key: key=lambda self, user_id: (self.tenant_id, user_id)."
                 ) from None
             raise
         try:
@@ -334,8 +330,8 @@ def unhashable(
             named = named[1:]
     fix = (
         "Pass a hashable value (a tuple instead of a list, a frozenset instead of a set), "
-        "or give the decorator key=, a function of the same arguments that returns a "
-        "hashable key."
+        "or give the decorator key=, a function of the same arguments "
+        + (METHOD_KEY if spec.is_method else "that returns a hashable key.")
     )
     for name, value in named:
         if (why := unhashable_because(value)) is not None:

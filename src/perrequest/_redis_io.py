@@ -26,11 +26,16 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import redis
-import redis.asyncio
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+try:
+    import redis
+    import redis.asyncio
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # name the extra to install
+    from ._extras import missing_extra
+
+    missing_extra(exc, "perrequest.redis", "redis", "redis")
 
 from ._checks import KWARGS
 from ._redis_scripts import CLAIM, DROP, EXTEND, GEN, LOCK, RENEW, STORE

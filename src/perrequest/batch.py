@@ -11,8 +11,9 @@ from . import _checks
 from ._active import _current, active_store
 from ._batch_async import in_flight, load_many, miss, outside_one, ready
 from ._batching import _BatchSpec
-from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
+from ._checks import check_max_entries, is_async_callable, unknown_option
 from ._flight import MISSING
+from ._targets import refuse_generator
 from ._typing import CacheInfo
 from .store import MemoKey
 

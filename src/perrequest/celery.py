@@ -13,8 +13,13 @@ import weakref
 from contextvars import ContextVar
 from typing import Any, Final, NamedTuple
 
-from celery import Celery, Task
-from celery.signals import task_postrun, task_prerun
+try:
+    from celery import Celery, Task
+    from celery.signals import task_postrun, task_prerun
+except ImportError as exc:  # name the extra to install
+    from ._extras import missing_extra
+
+    missing_extra(exc, __name__, "celery", "celery")
 
 from ._active import OnClose, _current, close_scope, open_scope
 from ._checks import (
@@ -22,9 +27,9 @@ from ._checks import (
     check_on_close,
     explains_options,
     is_async_callable,
-    refuse_generator,
     unknown_option,
 )
+from ._targets import refuse_generator
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
 __all__ = ["ScopedTask", "install"]

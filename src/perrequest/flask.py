@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Never
 
-from flask import Flask
+try:
+    from flask import Flask
+except ImportError as exc:  # name the extra to install
+    from ._extras import missing_extra
+
+    missing_extra(exc, __name__, "flask", "flask")
 
 from ._active import OnClose
 from ._checks import (

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _checks, _flight
 from ._active import active_store
-from ._checks import check_max_entries, is_async_callable, refuse_generator, unknown_option
+from ._checks import check_max_entries, is_async_callable, unknown_option
 from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter, function_name
+from ._targets import refuse_generator, refuse_memo_target
 from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import NoActiveScope, ScopeClosed
@@ -266,8 +267,7 @@ def request_memo(
     shared, version = check_shared(shared, version)
 
     def decorate(target: Any) -> Any:
-        if isinstance(target, property):
-            raise _on_property(target)
+        refuse_memo_target(target)
         if isinstance(target, classmethod):
             return classmethod(decorate(target.__func__))
         if isinstance(target, staticmethod):
@@ -286,22 +286,13 @@ def request_memo(
 
     if fn is None:
         return decorate
-    if isinstance(fn, property):
-        raise _on_property(fn)
+    refuse_memo_target(fn)
     if not callable(fn) and not isinstance(fn, (classmethod, staticmethod)):
         raise TypeError(
             f"@request_memo takes a function, or options as keywords "
             f"(@request_memo(max_entries=100)), not {fn!r}"
         )
     return decorate(fn)
-
-
-def _on_property(prop: property) -> TypeError:
-    name = getattr(prop.fget, "__name__", "x")
-    return TypeError(
-        f"@request_memo cannot decorate a property ({name}): put @property above it, "
-        f"so that the getter is memoized: @property, then @request_memo, then def {name}(self)"
-    )
 
 
 OUTSIDE_FIX = (

@@ -12,8 +12,13 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 
-from opentelemetry import metrics, trace
-from opentelemetry.metrics import CallbackOptions, Observation
+try:
+    from opentelemetry import metrics, trace
+    from opentelemetry.metrics import CallbackOptions, Observation
+except ImportError as exc:  # name the extra to install
+    from ._extras import missing_extra
+
+    missing_extra(exc, __name__, "otel", "opentelemetry")
 
 from . import __version__
 from ._checks import explains_options

@@ -11,9 +11,14 @@ import os
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
+try:
+    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import CounterMetricFamily
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # name the extra to install
+    from ._extras import missing_extra
+
+    missing_extra(exc, __name__, "prometheus", "prometheus_client")
 
 from ._checks import explains_options
 from ._metrics import (

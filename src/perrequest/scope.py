@@ -19,9 +19,9 @@ from ._checks import (
     explains_options,
     is_async_callable,
     refuse_coroutine,
-    refuse_generator,
 )
 from ._stats import add_scope_listener, remove_scope_listener
+from ._targets import refuse_generator
 from ._waits import within
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_key

@@ -79,28 +79,39 @@ else:
         exit) fails, and the scope is closed: every test after it would share its store."""
         before = _current.get()
         outcome = yield
-        left_open = False
+        why: tuple[str, str] | None = None
         for _ in range(100):  # scopes opened one inside another, the latest first
             left = _left_open(before)
             if left is None:
                 break
-            left_open = True
             if type(left) is list:  # a middleware's, its body never closed
+                why = why or _RESPONSE
                 close_request(left, None)
             else:
+                why = why or _SCOPE
                 close_scope(left)
             if _current.get() is left:  # not undone here (opened in another context)
                 _current.set(before)
-        if left_open and outcome.excinfo is None:
+        if why and outcome.excinfo is None:  # the message alone: no trace of pluggy's
             outcome.force_exception(
-                AssertionError(
-                    f"{item.nodeid} left a perrequest scope active: a request_scope() entered "
-                    "and never exited (its __enter__ called by hand, an ExitStack never "
-                    "closed), or a WSGI response iterated and never closed. It is closed "
-                    "now; the tests after this one would have shared its store. Use "
-                    "'with request_scope():', or the memo_scope fixture."
+                pytest.fail.Exception(
+                    f"{item.nodeid} left a perrequest scope active: {why[0]}. It is closed "
+                    f"now; the tests after this one would have shared its store. {why[1]}",
+                    pytrace=False,
                 )
             )
+
+    _SCOPE = (
+        "a request_scope() entered and never exited (its __enter__ called by hand, an "
+        "ExitStack never closed)",
+        "Use 'with request_scope():', or the memo_scope fixture.",
+    )
+    _RESPONSE = (
+        "a response iterated and never closed, whose scope lasts until its close() (a "
+        "WSGI app's, Flask's or Django's: a test client's response kept in a variable)",
+        "Close the response when done with it: 'with client.get(...) as response:' "
+        "(Flask, Werkzeug), or response.close().",
+    )
 
 
 def _left_open(before: object) -> Any:

@@ -20,19 +20,17 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from types import MethodType, ModuleType
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
-from django.utils.module_loading import import_string
+try:
+    from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+    from django.utils.module_loading import import_string
+except ImportError as exc:  # name the extra to install
+    from .._extras import missing_extra
 
-from .._active import (
-    REQUEST_KEY,
-    OnClose,
-    _current,
-    close_request,
-    open_request,
-    opened_outside,
-)
+    missing_extra(exc, __name__, "django", "django")
+
+from .._active import REQUEST_KEY, OnClose, _current, close_request, open_request, opened_outside
 from .._checks import binds, check_max_entries, check_on_close, is_wsgi_app
 from ..store import DEFAULT_MAX_ENTRIES
 

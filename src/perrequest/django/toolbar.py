@@ -14,8 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from debug_toolbar.panels import Panel
-from django.template import Context, Engine
+try:
+    from debug_toolbar.panels import Panel
+    from django.template import Context, Engine
+except ImportError as exc:  # name the extra to install
+    from .._extras import missing_extra
+
+    missing_extra(exc, __name__, "toolbar", "debug_toolbar", "django")
 
 from .. import memo
 from .._active import REQUEST_KEY, active_store

@@ -1,0 +1,66 @@
+"""What the decorators refuse to decorate, at decoration time (never on the call path),
+each refusal saying what to write instead."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+from ._checks import _call_of
+
+
+def refuse_generator(fn: object, decorator: str) -> None:
+    """Generator bodies run after the call returns, outside any scope the call set up."""
+    for target, kind in ((fn, ""), (_call_of(fn), "a callable object whose __call__ is ")):
+        if inspect.isgeneratorfunction(target):
+            kind += "a generator function"
+        elif inspect.isasyncgenfunction(target):
+            kind += "an async generator function"
+        else:
+            continue
+        raise TypeError(
+            f"{decorator} cannot take {kind} ({getattr(fn, '__qualname__', fn)}): its body "
+            "runs after the call returns, outside the scope. Use it on a function that "
+            "returns a list, or on the function that consumes the generator."
+        )
+
+
+def refuse_memo_target(target: object) -> None:
+    """What ``@request_memo`` cannot go over: a property or ``cached_property`` (which is
+    not called per call; put it above instead), and a process-lifetime cache
+    (``functools.lru_cache``, ``functools.cache``), which would keep every value for the
+    life of the process, across requests: the leak per-request memoization avoids."""
+    if isinstance(target, property):
+        name = getattr(target.fget, "__name__", "x")
+        raise TypeError(
+            f"@request_memo cannot decorate a property ({name}): put @property above it, so "
+            f"that the getter is memoized: @property, then @request_memo, then def {name}(self)"
+        )
+    kind = type(target)
+    if issubclass(kind, functools.cached_property) or kind.__name__ == "cached_property":
+        fn = getattr(target, "real_func", None) or getattr(target, "func", None)  # Django's
+        name = getattr(fn, "__name__", "x")
+        raise TypeError(
+            f"@request_memo cannot decorate a {kind.__module__}.cached_property ({name}), "
+            "which keeps its value on the instance for the instance's life, not per request: "
+            "replace it with @property above @request_memo: @property, then @request_memo, "
+            f"then def {name}(self)"
+        )
+    wrapped: object = target
+    for _ in range(100):  # through functools.wraps chains (__wrapped__)
+        if hasattr(wrapped, "cache_parameters") and hasattr(wrapped, "cache_info"):
+            name = getattr(target, "__qualname__", target)
+            raise TypeError(
+                f"@request_memo cannot go over functools.lru_cache or functools.cache "
+                f"({name}): that cache keeps every value for the life of the process, "
+                "across requests, the leak per-request memoization avoids. Remove "
+                "@functools.lru_cache (or @functools.cache) and keep @request_memo; for a "
+                "bounded cache shared between requests, use "
+                "@request_memo(shared=cachetools.LRUCache(maxsize=...))."
+            )
+        try:
+            wrapped = getattr(wrapped, "__wrapped__", None)
+        except Exception:  # a proxy whose attributes raise: nothing more to look at
+            return
+        if wrapped is None:
+            return

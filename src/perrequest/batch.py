@@ -231,22 +231,26 @@ def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
 class _Decorator(Protocol):
     @overload
     def __call__(
-        self, fn: Callable[[list[K]], Awaitable[Sequence[V] | Mapping[K, V]]], /
+        self,
+        fn: Callable[[list[K]], Awaitable[Sequence[V | Exception] | Mapping[K, V | Exception]]],
+        /,
     ) -> AsyncBatchLoader[K, V]: ...
     @overload
     def __call__(
-        self, fn: Callable[[list[K]], Sequence[V] | Mapping[K, V]], /
+        self, fn: Callable[[list[K]], Sequence[V | Exception] | Mapping[K, V | Exception]], /
     ) -> BatchLoader[K, V]: ...
 
 
 @overload
 def request_batch(
-    fn: Callable[[list[K]], Awaitable[Sequence[V] | Mapping[K, V]]], /
+    fn: Callable[[list[K]], Awaitable[Sequence[V | Exception] | Mapping[K, V | Exception]]], /
 ) -> AsyncBatchLoader[K, V]: ...
 
 
 @overload
-def request_batch(fn: Callable[[list[K]], Sequence[V] | Mapping[K, V]], /) -> BatchLoader[K, V]: ...
+def request_batch(
+    fn: Callable[[list[K]], Sequence[V | Exception] | Mapping[K, V | Exception]], /
+) -> BatchLoader[K, V]: ...
 
 
 @overload

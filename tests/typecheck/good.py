@@ -119,8 +119,8 @@ def rows(ids: list[int]) -> dict[int, str]:
 
 async def batching() -> None:
     async with perrequest.request_scope():
-        user: str | Exception = await load_users.load(1)
-        users: list[str | Exception] = await load_users.load_many([1, 2])
+        user: str = await load_users.load(1)  # an Exception in the list fails its key
+        users: list[str] = await load_users.load_many([1, 2])
         again = await load_users([3])
         length: int = await by_name.load("Ann")
         row: str = rows.load(3)
@@ -128,7 +128,7 @@ async def batching() -> None:
         rows.prime(4, "four")
         cleared: bool = rows.clear(4)
         rows.cache_clear()
-        loader: AsyncBatchLoader[int, str | Exception] = load_users
+        loader: AsyncBatchLoader[int, str] = load_users
         sync_loader: BatchLoader[int, str] = rows
         info: CacheInfo = by_name.cache_info()
         print(user, users, again, length, row, many, cleared, loader, sync_loader, info)

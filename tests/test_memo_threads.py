@@ -302,3 +302,53 @@ def test_a_thread_waiting_for_a_computation_that_dies_at_the_recursion_limit_is_
         waiter.join(10)
     assert not waiter.is_alive(), "the waiter still waits for a computation that has ended"
     assert len(results) == 1 and isinstance(results[0], RecursionError)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["request store", "shared="])
+def test_threads_computing_each_others_keys_leave_one_value_per_key(shared: bool) -> None:
+    """Two threads of one request each compute a key whose computation reads the other's
+    (a cycle: the second to wait computes the other's key itself). Before: the first
+    computation ended later and replaced that value, so the request read two values."""
+    import itertools
+
+    import cachetools
+
+    made = itertools.count()
+    both_started = threading.Barrier(2, timeout=5)
+    outer = threading.local()
+    seen: dict[int, str] = {}
+    options: dict[str, Any] = {"shared": cachetools.LRUCache(100)} if shared else {}
+
+    @request_memo(**options)
+    def node(k: int) -> str:
+        value = f"node{k}#{next(made)}"
+        if not getattr(outer, "done", False):  # each thread's outer computation only
+            outer.done = True
+            both_started.wait()
+            friend = 2 if k == 1 else 1
+            seen[friend] = node(friend)
+        return value
+
+    with request_scope(), ThreadPoolExecutor(2) as pool:
+        first = pool.submit(bind_scope(node), 1)
+        second = pool.submit(bind_scope(node), 2)
+        got = {1: first.result(timeout=10), 2: second.result(timeout=10)}
+        assert seen == got == {1: node(1), 2: node(2)}  # before: one of them differed
+
+
+def test_a_recursion_into_the_same_key_keeps_the_inner_value() -> None:
+    """The inner call stores its value; the outer call, ending later, returns that one
+    instead of replacing it (one value per key in a request)."""
+    made = iter(range(10))
+    depth = [0]
+
+    @request_memo
+    def f(k: int) -> int:
+        value = next(made)
+        if depth[0] == 0:
+            depth[0] += 1
+            assert f(k) == 1  # the inner call's own value
+        return value
+
+    with request_scope():
+        assert f(1) == 1 and f(1) == 1  # before: 0, the outer's, replaced the inner's

@@ -66,8 +66,7 @@ def _outcome(cache: Cache, counter: Counter, result: Any) -> Any:
 def failed(
     cache: Cache, key: Hashable, me: object, counter: Counter, start: float, exc: BaseException
 ) -> None:
-    """The computing caller raised: its waiters get the error or, for cancellation and
-    other BaseExceptions (its own business), the turn to compute."""
+    """The computing caller raised: its waiters get the error (an Exception) or compute."""
     if start:
         counter.compute_s += _now() - start
     with cache._lock:
@@ -88,17 +87,15 @@ _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
 def finish(
     cache: Cache, key: Hashable, me: object, value: Any, counter: Counter, extra: Any
 ) -> Any:
-    """Unregister, store ``value``, hand it to the waiters (written out in _wrappers). Not
-    ``with`` (twice the cost on 3.11): acquired in the ``try``, so an interrupt (Ctrl-C) as
-    ``acquire()`` returns still releases it."""
+    """Unregister, store, hand the value to the waiters (written out in _wrappers). Not
+    ``with`` (3.11: twice the cost): acquired in the ``try``, an interrupt still releases it."""
     lock = cache._lock
     record = _UNKNOWN
     try:
         lock.acquire()
         record = cache._flights.pop(key, None)
         if record is me:  # nobody waited: the common miss
-            cache._fill(key, value, counter, extra)
-            return value
+            return _first(cache, key, value, counter, extra)
         return end(cache, key, me, record, value, counter, extra)
     except BaseException as exc:
         abandon(cache, key, me, record, value, exc)
@@ -118,7 +115,7 @@ def end(
     record = _own(cache, key, me, record)
     if record is None:  # invalidated: not stored
         return value
-    cache._fill(key, value, counter, extra)
+    value = _first(cache, key, value, counter, extra)
     if record is not me:
         record.future.set_result((True, value))
     return value
@@ -127,9 +124,8 @@ def end(
 def abandon(
     cache: Cache, key: Hashable, me: object, record: Any, value: Any, exc: BaseException
 ) -> None:
-    """``finish`` raised (a key's ``__hash__``/``__eq__``, an interrupt): if its record
-    was not taken, the waiters retry; else they get the error (as their lookup would
-    raise it) or, on an interrupt, the value. Another caller's taken record goes back."""
+    """``finish`` raised (a key's ``__hash__``/``__eq__``, an interrupt): its record not taken,
+    waiters retry; else they get the error, or the value on an interrupt. Others' go back."""
     if record is _UNKNOWN:
         with cache._lock:  # held already, unless the interrupt came during acquire()
             forget(cache, me)
@@ -141,8 +137,7 @@ def abandon(
 
 
 def interrupted(cache: Cache, key: Hashable, me: object, exc: BaseException) -> None:
-    """An interrupt as the call registering ``me`` returned: the waiters compute. By
-    identity (a thread's ``me`` is a new ``int`` per call: a recursion's outer stays)."""
+    """An interrupt as registering ``me`` returned: waiters compute (by identity: per call)."""
     if isinstance(exc, Exception):
         return
     with cache._lock:
@@ -251,14 +246,19 @@ def _unshared(
 
 
 def _keep(cache: Cache, key: Hashable, value: Any, counter: Counter, extra: Any, n: int) -> Any:
-    """Fill as ``finish`` does: not after a delete (stale?); a value stored since stays."""
+    """``_first`` for an unregistered computation: nothing after a delete since ``n``."""
     with cache._lock:
-        if cache._deletes == n:
-            stored = cache._lookup(key)
-            if stored is not MISSING:
-                return stored
-            cache._fill(key, value, counter, extra)
-    return value
+        return _first(cache, key, value, counter, extra) if cache._deletes == n else value
+
+
+def _first(cache: Cache, key: Hashable, value: Any, counter: Counter, extra: Any) -> Any:
+    """Fill, lock held; a value stored since the caller looked (a race, a cycle) stays, and
+    is what it returns: one value per key."""
+    stored = cache._lookup(key)
+    if stored is MISSING:
+        cache._fill(key, value, counter, extra)
+        return value
+    return stored
 
 
 def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any:

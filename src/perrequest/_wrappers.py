@@ -112,12 +112,14 @@ _COMPUTE = """\
                     if __pr_room and __pr_type(__pr_sub) is __pr_dict:
                         __pr_eid = __pr_store._next_id = __pr_store._next_id + 1
                         __pr_entry = (__pr_value, __pr_counter, __pr_eid, {anchor})
-                        if __pr_sub.setdefault(__pr_key, __pr_entry) is __pr_entry:
+                        __pr_kept = __pr_sub.setdefault(__pr_key, __pr_entry)
+                        if __pr_kept is __pr_entry:
                             if __pr_store._next_id == __pr_eid:
                                 __pr_store._order[__pr_eid] = __pr_where
                             else:  # the key's own code wrote here meanwhile
                                 __pr_store._resync(__pr_spec, __pr_sub)
                             return __pr_value
+                        return __pr_kept[0]  # stored since it looked: one value per key
                     __pr_store._fill(__pr_where, __pr_value, __pr_counter, {anchor})
                     return __pr_value
                 return __pr_end(

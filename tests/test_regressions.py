@@ -739,3 +739,49 @@ def test_memos_of_one_name_and_signature_each_have_their_own_code() -> None:
     assert A.get.__code__ is not B.get.__code__
     with request_scope():
         assert (A.get(1), B.get(1)) == (1, 2)
+
+
+def test_a_loop_closed_under_a_waiting_task_leaves_nothing_in_the_process() -> None:
+    """Jobs that open a scope and an event loop, start a memoized call twice (one task
+    computes, one waits) and close the loop under both (run_until_complete, then close).
+    Before: a process-wide record of who waits for whom kept an entry per job, and with
+    it the tasks, the closed store and the job's arguments (23 KB a job, for ever)."""
+    import logging
+
+    from perrequest import _waits
+
+    class Payload:
+        pass
+
+    @request_memo(key=id)
+    async def fetch(payload: Payload) -> int:
+        await asyncio.sleep(10)
+        return 1
+
+    alive: list[weakref.ref[Payload]] = []
+
+    def job() -> None:
+        with request_scope():
+            payload = Payload()
+            alive.append(weakref.ref(payload))
+
+            async def main() -> None:
+                left = [asyncio.ensure_future(fetch(payload)) for _ in range(2)]  # one waits
+                await asyncio.sleep(0.001)
+                del left  # pending as the loop closes
+
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(main())
+            finally:
+                loop.close()
+
+    logging.getLogger("asyncio").disabled = True  # "Task was destroyed but it is pending"
+    try:
+        for _ in range(20):
+            job()
+        gc.collect()
+    finally:
+        logging.getLogger("asyncio").disabled = False
+    assert sum(ref() is not None for ref in alive) == 0  # before: 20
+    assert len(_waits._task_waits) == 0

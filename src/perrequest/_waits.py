@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from contextvars import ContextVar
@@ -35,8 +36,17 @@ def task_me() -> object:
         return None
 
 
+# Who waits for whom: threads by id (a thread's wait always ends: ``done_waiting``), tasks
+# weakly, both ways (a task left pending on a loop closed under it never ends its wait: its
+# entry goes with it, not for the life of the process, holding its request).
 _waits: dict[object, object] = {}
+_task_waits: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
 _waits_lock = threading.RLock()  # reentrant: a collection inside may run a waiter
+
+
+def _waits_of(who: object) -> Any:
+    return _waits if type(who) is int else _task_waits
+
 
 # In a process made by fork: the threads of its parents (all but the one that forked),
 # which records copied with the memory may name as computing a key. They do not run
@@ -62,6 +72,7 @@ def _after_fork_in_child() -> None:
     global _gone, _waits_lock
     _gone = _gone | (_at_fork - {threading.get_ident()})
     _waits.clear()
+    _task_waits.clear()
     _waits_lock = threading.RLock()
 
 
@@ -73,18 +84,20 @@ def may_wait(me: object, owner: object) -> bool:
     """Record that ``me`` waits for ``owner``, unless that closes a cycle (then False)."""
     with _waits_lock:
         who: object = owner
-        for _ in range(len(_waits) + 1):
+        for _ in range(len(_waits) + len(_task_waits) + 1):
             if who == me:
                 return False
-            who = _waits.get(who)
+            who = _waits_of(who).get(who)
+            if type(who) is weakref.ref:
+                who = who()
             if who is None:
                 break
-        _waits[me] = owner
+        _waits_of(me)[me] = owner if type(owner) is int else weakref.ref(owner)
         return True
 
 
 def done_waiting(me: object) -> None:
-    _waits.pop(me, None)
+    _waits_of(me).pop(me, None)
 
 
 class Waited:

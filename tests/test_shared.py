@@ -1061,3 +1061,28 @@ def test_a_waiters_copy_that_fails_names_the_error_with_one_note_of_ours() -> No
     assert type(waiting) is SharedComputationError
     assert waiting.__notes__ == [NOTE]
     assert waiting.original_type == f"{__name__}._SecondCopyFails"
+
+
+def test_a_key_whose_hash_changed_after_it_was_stored_is_named_as_the_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model stored as a key, then saved as a copy (pk = None: its hash raises). The
+    cache cannot find the entry again, so cache_clear() cannot drop it (it raised
+    TypeError before), and cachetools' eviction stumbles on it from then on: the logged
+    error names the likely cause and key= as the fix (docs/shared.md)."""
+    from keys import Model
+
+    cache: cachetools.LRUCache[Any, Any] = cachetools.LRUCache(maxsize=1)
+
+    @request_memo(shared=cache)
+    def price(item: Model) -> int:
+        return 1
+
+    model = Model(5)
+    with request_scope():
+        price(model)
+    model.pk = None  # "save as copy"
+    price.cache_clear()  # before: TypeError from the cache's lookup
+    with request_scope(), caplog.at_level(logging.ERROR, logger="perrequest"):
+        price(Model(6))  # evicting the changed key fails inside cachetools
+    assert "key=lambda obj: obj.pk" in caplog.text

@@ -14,6 +14,7 @@ own tier: an object with ``_make_tier(spec, version)`` returning a ``Tier``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -205,7 +206,10 @@ class _Guarded:
                 counter.refused = True
                 logger.exception(
                     "perrequest: the shared cache %r could not store a value (logged once "
-                    "per function); the value was returned uncached",
+                    "per function); the value was returned uncached. A KeyError or TypeError "
+                    "here is most often a key whose hash changed after it was stored (a model "
+                    "instance saved, its pk assigned): the cache cannot evict it any more. "
+                    "Key such functions by an immutable value: key=lambda obj: obj.pk",
                     type(self.cache).__name__,
                 )
 
@@ -309,7 +313,7 @@ class SharedTier:
             keys = list(cache)
         for key in keys:
             if type(key) is tuple and key and key[0] is spec:
-                with guarded._lock:
+                with guarded._lock, contextlib.suppress(Exception):  # a key whose hash changed
                     cache.pop(key, None)
 
     def delete(self, key: Hashable) -> bool:

@@ -16,7 +16,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from crossing import Crossing
 
-from perrequest import bind_scope, current_store, request_memo, request_scope
+from perrequest import bind_scope, current_store, request_batch, request_memo, request_scope
 
 
 def test_copied_contexts_share_the_store_and_compute_once() -> None:
@@ -352,3 +352,50 @@ def test_a_recursion_into_the_same_key_keeps_the_inner_value() -> None:
 
     with request_scope():
         assert f(1) == 1 and f(1) == 1  # before: 0, the outer's, replaced the inner's
+
+
+@pytest.mark.parametrize("kind", ["memo", "batch"])
+def test_a_wait_that_ended_closes_no_cycle(kind: str) -> None:
+    """B computes key 2, which needs key 1, which A computes: B waits for A. A ends key 1
+    and asks for key 2: it must wait for B, whose wait for A is over though B has not run
+    yet to say so. Before: that ended wait made a cycle, and A computed key 2 too, twice
+    at once (which threads sharing a scope never do)."""
+    running: dict[int, int] = {1: 0, 2: 0}
+    twice: list[int] = []
+    guard = threading.Lock()
+
+    def compute(k: int, load: Any) -> int:
+        with guard:
+            running[k] += 1
+            if running[k] > 1:
+                twice.append(k)
+        try:
+            time.sleep(0.2 if k == 1 else 0.05)
+            if k == 2:
+                load(1)
+                time.sleep(0.2)
+            return k * 10
+        finally:
+            with guard:
+                running[k] -= 1
+
+    @request_memo
+    def row(k: int) -> int:
+        return compute(k, row)
+
+    @request_batch
+    def rows(keys: list[int]) -> list[int]:
+        return [compute(k, rows.load) for k in keys]
+
+    got: dict[str, Any] = {}
+    first = (lambda: row(2)) if kind == "memo" else (lambda: rows.load(2))
+    second = (lambda: [row(1), row(2)]) if kind == "memo" else (lambda: rows.load_many([1, 2]))
+    with request_scope():
+        b = threading.Thread(target=bind_scope(lambda: got.__setitem__("B", first())))
+        a = threading.Thread(target=bind_scope(lambda: got.__setitem__("A", second())))
+        b.start()
+        time.sleep(0.02)
+        a.start()
+        a.join(10)
+        b.join(10)
+    assert got == {"B": 20, "A": [10, 20]} and twice == []  # before: [2]

@@ -279,7 +279,7 @@ class _BatchSpec:
         got.update(outcomes)
         again = {}
         for ck, other, future in theirs:
-            if not future.done() and not may_wait(me.owner, other.owner):  # it waits for us
+            if not future.done() and not may_wait(me.owner, other.owner, future):  # waits for us
                 alone.add(ck)
                 again[ck] = wanted[ck]
                 continue

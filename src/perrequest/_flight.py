@@ -280,7 +280,7 @@ def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any
         if type(record) is not Waited:
             record = cache._flights[key] = Waited(computing)
         counter.hits += 1
-    if record.future.done() or may_wait(me, record.owner):
+    if record.future.done() or may_wait(me, record.owner, record.future):
         return record
     with cache._lock:  # a cycle of waiters: counted as a hit, it computes after all
         counter.hits -= 1

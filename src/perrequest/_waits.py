@@ -80,19 +80,22 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
-def may_wait(me: object, owner: object) -> bool:
-    """Record that ``me`` waits for ``owner``, unless that closes a cycle (then False)."""
+def may_wait(me: object, owner: object, future: Any) -> bool:
+    """Record that ``me`` waits for ``owner``'s ``future``, unless that closes a cycle (then
+    False). A wait whose future is done is over, though its waiter has not run to say so."""
     with _waits_lock:
         who: object = owner
         for _ in range(len(_waits) + len(_task_waits) + 1):
             if who == me:
                 return False
-            who = _waits_of(who).get(who)
-            if type(who) is weakref.ref:
-                who = who()
-            if who is None:
+            entry = _waits_of(who).get(who)
+            if entry is None:
                 break
-        _waits_of(me)[me] = owner if type(owner) is int else weakref.ref(owner)
+            who, done = entry[0] if type(entry[0]) is int else entry[0](), entry[1]()
+            if who is None or done is None or done.done():
+                break
+        target = owner if type(owner) is int else weakref.ref(owner)
+        _waits_of(me)[me] = (target, weakref.ref(future))
         return True
 
 

@@ -160,17 +160,20 @@ def test_an_interrupted_fetch_lets_its_waiters_ask_again() -> None:
             raise Interrupt
         return keys
 
-    with request_scope(), ThreadPoolExecutor(2) as pool:
+    with request_scope() as store, ThreadPoolExecutor(2) as pool:
         load = bind_scope(once_interrupted.load)
         first = pool.submit(load, 1)
         _until(lambda: calls == [[1]])  # the first thread fetches
         second = pool.submit(load, 1)
-        _until(lambda: once_interrupted.cache_info().hits == 1)  # the second waits for it
+        fetch = store._flights[(once_interrupted._spec, 1)]
+        _until(lambda: fetch.future is not None)  # the second waits for it
         gate.set()
         with pytest.raises(Interrupt):
             first.result(timeout=5)
         assert second.result(timeout=5) == 1  # it fetched the key itself
         assert calls == [[1], [1]]
+        # Two loads, each fetched: two misses. Before: the waiter counted a hit as well.
+        assert once_interrupted.cache_info()[:2] == (0, 2)
 
 
 def test_a_batch_function_that_loads_its_own_keys_does_not_deadlock() -> None:

@@ -266,8 +266,7 @@ class _BatchSpec:
                     else:
                         if other.future is None:  # the first to wait makes it
                             other.future = Future()
-                        theirs.append((ck, other, other.future))
-                        counter.hits += 1
+                        theirs.append((ck, other, other.future))  # a hit once it answers
             if mine:
                 self.fetch(counter, mine, outcomes)
         finally:  # interrupted, or a key's __eq__ raised: its waiters ask again
@@ -292,6 +291,7 @@ class _BatchSpec:
                 again[ck] = wanted[ck]
             else:
                 got[ck] = value
+                counter.hits += 1  # (asked again, it would count a miss: not both)
         return again
 
     def _end(self, store: MemoStore, counter: Counter, me: _Fetch, out: dict[Any, Any]) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -53,6 +53,21 @@ def _scripts_run(client: redis.Redis) -> int:
 def client(redis_server: Any) -> Iterator[redis.Redis]:
     with redis_server.client() as client:
         yield client
+
+
+def _failing_stores(cache: RedisCache, fails: Callable[[int], bool], message: str) -> list[int]:
+    """Make the cache's STOREs raise ``ConnectionError(message)`` while ``fails(n)`` (n: the
+    STOREs sent so far, this one included); the list of those sent."""
+    store, sent = cache._sync.store, []
+
+    def patched(**kwargs: Any) -> Any:
+        sent.append(1)
+        if fails(len(sent)):
+            raise redis.ConnectionError(message)
+        return store(**kwargs)
+
+    cache._sync.store = patched
+    return sent
 
 
 def test_a_miss_waiting_for_another_lock_pauses_between_claims(client: redis.Redis) -> None:
@@ -130,15 +145,7 @@ def test_a_store_that_fails_is_not_sent_again(client: redis.Redis) -> None:
     other error is Redis failing: counted, and the STORE not sent again. Unguarded,
     STORE is sent again and again until it goes through (forever if Redis is down)."""
     cache = RedisCache(client, ttl=60, namespace="g")
-    store, sent = cache._sync.store, []
-
-    def failing_once(**kwargs: Any) -> Any:
-        sent.append(1)
-        if len(sent) == 1:
-            raise redis.ConnectionError("Connection reset by peer")
-        return store(**kwargs)
-
-    cache._sync.store = failing_once
+    sent = _failing_stores(cache, lambda n: n == 1, "Connection reset by peer")
 
     @request_memo(shared=cache)
     def price(sku: str) -> str:
@@ -303,16 +310,10 @@ def test_a_busy_pool_at_store_time_is_waited_for_with_growing_pauses(
     sent again after a pause that doubles, up to MAX_PAUSE. Unguarded, it is sent again
     every 2 ms until op_timeout."""
     cache = RedisCache(client, ttl=60, namespace="g", op_timeout=0.3)
-    store, sent = cache._sync.store, []
     busy_until = time.monotonic() + 0.15
-
-    def busy(**kwargs: Any) -> Any:
-        sent.append(1)
-        if time.monotonic() < busy_until:
-            raise redis.ConnectionError("No connection available.")
-        return store(**kwargs)
-
-    cache._sync.store = busy
+    sent = _failing_stores(
+        cache, lambda n: time.monotonic() < busy_until, "No connection available."
+    )
 
     @request_memo(shared=cache)
     def price(sku: str) -> str:

@@ -16,7 +16,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import anyio
@@ -902,3 +902,80 @@ def test_a_thread_that_waited_for_anothers_fetch_may_be_waited_for_by_it_later()
         gates[1].set(), gates[2].set()
         a.jobs.put(None), b.jobs.put(None)
     assert calls == [[1], [2]]
+
+
+# -- a batch function that makes its own key unhashable (a model copy it saves) -----------
+
+
+def _breaking_saves() -> tuple[Any, list[list[int]]]:
+    """A sync and an async batch function that break the hash of key 1 as they save it."""
+    calls: list[list[int]] = []
+
+    def save(keys: list[SavedKey]) -> list[int]:
+        calls.append([key.n for key in keys])
+        for key in keys:
+            key.broken = key.n == 1
+        return [key.n * 10 for key in keys]
+
+    async def save_async(keys: list[SavedKey]) -> list[int]:
+        return save(keys)
+
+    return (request_batch(save), request_batch(save_async)), calls
+
+
+def test_a_key_a_sync_batch_function_makes_unhashable_still_gets_its_value(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """_batching.fetch, settled and _end: the sync batch function breaks one key's hash.
+    Every caller gets its value, the other keys are stored, the broken one is not (logged),
+    as for an async loader; before, the whole call raised the key's TypeError."""
+    (save, _), calls = _breaking_saves()
+    with caplog.at_level(logging.ERROR), request_scope() as store:
+        a, b = SavedKey(1), SavedKey(2)
+        assert save.load_many([a, b, a]) == [10, 20, 10]
+        assert save.load(SavedKey(2)) == 20  # stored
+        assert calls == [[1, 2]]
+        assert [k.key.n for k in store] == [2]
+        assert not store._flights
+    assert any("could not store" in r.getMessage() for r in caplog.records)
+
+
+def test_a_thread_waiting_for_a_key_its_fetch_makes_unhashable_gets_its_value() -> None:
+    """_batching._fetch's waiter: another thread waits for the same key object, whose hash
+    the fetching thread's batch function breaks; it gets the value, found by identity."""
+    started, release = threading.Event(), threading.Event()
+    calls = 0
+
+    @request_batch
+    def save(keys: list[SavedKey]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        started.set()
+        assert release.wait(WAIT)
+        for key in keys:
+            key.broken = True
+        return [key.n * 10 for key in keys]
+
+    with request_scope():
+        key = SavedKey(3)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(bind_scope(save.load), key)
+            assert started.wait(WAIT)
+            second = pool.submit(bind_scope(save.load), key)
+            time.sleep(0.05)  # the second thread waits for the first's fetch
+            release.set()
+            assert (first.result(WAIT), second.result(WAIT)) == (30, 30)
+        assert calls == 1
+
+
+def test_under_trio_a_key_the_batch_function_makes_unhashable_still_gets_its_value() -> None:
+    """_batching.fetch_async and settled (trio: no batching, the caller fetches)."""
+    (_, save), calls = _breaking_saves()
+
+    async def main() -> list[int]:
+        async with request_scope():
+            a, b = SavedKey(1), SavedKey(2)
+            return await save.load_many([a, b])  # type: ignore[no-any-return]
+
+    assert anyio.run(main, backend="trio") == [10, 20]
+    assert calls == [[1, 2]]

@@ -9,9 +9,10 @@ from collections.abc import Hashable, Iterable
 from typing import Any
 
 from ._active import here, is_resolved
+from ._batch_outcomes import settled
 from ._batch_tick import state_of
 from ._batch_waiters import fail
-from ._batching import UNTIMED, _BatchSpec, settled
+from ._batching import UNTIMED, _BatchSpec
 from ._flight import MISSING
 from .store import MemoStore
 

@@ -7,9 +7,11 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Set
 from concurrent.futures import Future
+from contextlib import suppress
 from typing import Any
 
-from ._active import here
+from ._active import here, logger
+from ._batch_outcomes import Unhashed, missing_keys, pick, put_all, same, settled
 from ._checks import is_async_callable, refuse_coroutine, unhashable_because
 from ._flight import MISSING
 from ._stats import Counter, function_name
@@ -21,13 +23,7 @@ from .store import MemoStore
 
 UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
 now = time.perf_counter
-
-
-def _same(key: Any, cache_key: Any) -> bool:
-    try:
-        return key is cache_key or bool(key == cache_key)
-    except Exception:  # a load key that cannot be compared: not the same
-        return False
+_UNSTORED = "perrequest: @request_batch %s could not store key %r: its hash raised after it ran"
 
 
 def _get(result: Mapping[Any, Any], key: Any) -> Any:
@@ -123,7 +119,7 @@ class _BatchSpec:
         values = [_get(result, key) for key in keys]
         if self.key_fn is not None:  # (a key read twice may give two equal values)
             pairs = zip(keys, cks, values, strict=True)
-            other = [v if _same(k, c) else _get(result, c) for k, c, v in pairs]
+            other = [v if same(k, c) else _get(result, c) for k, c, v in pairs]
             found = [sum(value is not MISSING for value in kind) for kind in (values, other)]
             differ = any(a is not b for a, b in zip(values, other, strict=True))
             if differ and found[0] <= found[1]:
@@ -181,7 +177,7 @@ class _BatchSpec:
             finally:
                 if start:
                     counter.compute_s += now() - start
-            out.update(zip(cks, values, strict=True))
+            put_all(out, cks, values)
 
     async def fetch_async(
         self, counter: Counter, wanted: dict[Hashable, Any], out: dict[Hashable, Any]
@@ -198,12 +194,14 @@ class _BatchSpec:
             finally:
                 if start:
                     counter.compute_s += now() - start
-            out.update(zip(cks, values, strict=True))
+            put_all(out, cks, values)
 
     def keep(self, store: MemoStore, counter: Counter, fetched: dict[Hashable, Any]) -> None:
         """Store what was fetched, lock held; failures are not cached."""
         for ck, value in fetched.items():
-            if not issubclass(type(value), Exception):  # type(): runs no code of the value
+            if type(ck) is Unhashed:
+                logger.error(_UNSTORED, self.name, ck.key)
+            elif not issubclass(type(value), Exception):  # type(): runs no code of the value
                 store._fill((self, ck), value, counter, None)
 
     def outside(self, keys: list[Any], cks: list[Hashable]) -> dict[Hashable, Any]:
@@ -286,11 +284,11 @@ class _BatchSpec:
                 outcome = result(future, flights, (self, ck), other)
             finally:
                 done_waiting(me.owner)
-            value = MISSING if outcome is RESTART else outcome.get(ck, MISSING)
+            value = MISSING if outcome is RESTART else pick(outcome, ck)
             if value is MISSING:
                 again[ck] = wanted[ck]
             else:
-                got[ck] = value
+                put_all(got, [ck], [value])
                 counter.hits += 1  # (asked again, it would count a miss: not both)
         return again
 
@@ -302,7 +300,8 @@ class _BatchSpec:
             try:
                 self.keep(store, counter, out)
                 for ck in me.keys:
-                    left -= store._flights.pop((self, ck), None) is me
+                    with suppress(TypeError):  # its hash raised: taken out below
+                        left -= store._flights.pop((self, ck), None) is me
             finally:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.
                 if left and any(record is me for record in list(store._flights.values())):
@@ -326,25 +325,3 @@ class _Fetch:
         self.keys: list[Hashable] = []
         self.future: Future[dict[Hashable, Any]] | None = None
         self.ended = False
-
-
-def missing_keys(keys: list[Any], cks: list[Hashable], values: Any = None) -> dict[Hashable, Any]:
-    """The keys missing (all, without ``values``): cache key to first load key."""
-    wanted: dict[Hashable, Any] = {}
-    for i, ck in enumerate(cks):
-        if (values is None or values[i] is MISSING) and ck not in wanted:
-            wanted[ck] = keys[i]
-    return wanted
-
-
-def settled(cks: list[Hashable], values: list[Any], got: dict[Hashable, Any]) -> list[Any]:
-    """The value of each key (``values``', else what was ``got``), or the first failure
-    among them raised."""
-    found = [got[ck] if v is MISSING else v for ck, v in zip(cks, values, strict=True)]
-    for value in found:
-        if issubclass(type(value), Exception):
-            try:
-                raise value
-            finally:  # this frame, in the error's traceback: a reference cycle
-                value = found = values = got = None  # type: ignore[assignment]
-    return found

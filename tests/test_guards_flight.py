@@ -3,6 +3,7 @@ with its guard deleted (a block-deletion mutation pass of the core, 5 December 2
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -317,3 +318,83 @@ def test_a_recursive_miss_returning_a_generator_is_refused_not_cached() -> None:
         calls = 1
         with pytest.raises(TypeError, match="generator"):
             f(1)  # nothing was cached: refused again
+
+
+# -- a computation left pending on an event loop closed under it ---------------------------
+
+
+@request_memo
+async def _pending_user(user_id: int) -> str:
+    if _PENDING_FOREVER:
+        await asyncio.sleep(3600)  # its loop is closed while it waits here
+    return f"user {user_id}"
+
+
+_PENDING_FOREVER = True
+
+
+def _leave_pending(user_id: int) -> None:
+    """Start ``_pending_user(user_id)`` on a loop that is then closed without cancelling its
+    tasks (a worker running ``run_until_complete`` per message)."""
+
+    async def start() -> None:
+        asyncio.ensure_future(_pending_user(user_id))  # noqa: RUF006 (left pending on purpose)
+        await asyncio.sleep(0)  # registered, now waiting
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start())
+    loop.close()
+
+
+def test_a_caller_of_a_key_computed_on_a_closed_loop_computes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_waits.gone: the task computing the key was left pending on a loop closed under it,
+    so it never ends. A caller on another loop computes the key; before, it waited for it
+    for ever (as a caller that started waiting before the loop closed still would)."""
+    with request_scope():
+        _leave_pending(1)
+        monkeypatch.setattr(sys.modules[__name__], "_PENDING_FOREVER", False)
+        got = asyncio.run(asyncio.wait_for(_pending_user(1), 5))
+        assert got == "user 1"
+
+
+def test_a_waiter_whose_computation_is_left_on_a_closed_loop_computes_it() -> None:
+    """_waits.result_async: a task of another thread waits for a computation whose loop is
+    then closed; its looks see the computation never ends and it computes the key itself."""
+    waited: list[str] = []
+    computing = threading.Event()
+
+    @request_memo
+    async def user(user_id: int) -> str:
+        if not computing.is_set():
+            computing.set()
+            await asyncio.sleep(3600)
+        return f"user {user_id}"
+
+    async def start() -> None:
+        asyncio.ensure_future(user(1))  # noqa: RUF006 (left pending on purpose)
+        await asyncio.sleep(0)
+
+    def wait() -> None:
+        waited.append(asyncio.run(asyncio.wait_for(user(1), 8)))
+
+    with request_scope() as store:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(start())
+        waiter = threading.Thread(target=bind_scope(wait))
+        waiter.start()
+        _until_somebody_waits(store)
+        loop.close()
+        waiter.join(10)
+    assert waited == ["user 1"]
+
+
+def test_a_closed_store_holds_no_computation_left_on_a_closed_loop() -> None:
+    """_waits.drop_dead at close: a long scope that closed a loop per message with a memo
+    pending keeps no record of them once closed (each held the task and its arguments)."""
+    with request_scope() as store:
+        for user_id in range(20):
+            _leave_pending(user_id)
+        assert len(store._flights) == 20  # until their keys are asked for again
+    assert not store._flights

@@ -20,7 +20,7 @@ from typing import Any, Final
 from ._checks import check_max_entries, unknown_option
 from ._flight import MISSING
 from ._stats import Counter, ScopeStats, observed, stats_of
-from ._waits import Probe
+from ._waits import Probe, drop_dead
 from .errors import ScopeClosed
 
 # The owner of helper entries; memo entries are owned by their function's spec.
@@ -81,9 +81,8 @@ class Entries:
     def _counter(self, name: str) -> Counter:
         """Kept by name, not by function, so a helper defined anew per message adds
         nothing; bounded by ``max_entries`` names. ``ScopeClosed`` once closed."""
-        # Checked before the lock too: a call finding a closed store (a thread outliving
-        # its request) never takes its lock, which a child forked meanwhile would inherit
-        # held (``_forked`` renews only an open store's).
+        # Checked before the lock too: a call finding a closed store (a thread outliving its
+        # request) never takes its lock, which a child forked meanwhile inherits held.
         with self._writable(name):
             self._writable(name)  # again under the lock: a close in between keeps no counter
             counters = self._counters
@@ -339,6 +338,7 @@ class Entries:
             self._order.clear()
             self._counters.clear()
             self._on_close = None  # a function too (close_scope has read it already)
+            drop_dead(self._flights)  # computations that never end: nothing else leaves
         return self._final_stats() if want_stats else None
 
     def _final_stats(self) -> ScopeStats:

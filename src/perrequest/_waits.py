@@ -55,9 +55,12 @@ _gone: frozenset[object] = frozenset()
 _at_fork: frozenset[object] = frozenset()
 
 
-def gone(owner: object) -> bool:
-    """True when ``owner``, a thread computing a key, ran in a parent of this process and
-    does not exist here (a thread started here may reuse its id: then it is not gone)."""
+def gone(owner: Any) -> bool:
+    """True when ``owner``, computing a key, never ends: a task left pending on an event
+    loop closed under it, or a thread that ran in a parent of this process and does not
+    exist here (a thread started here may reuse its id: then it is not gone)."""
+    if type(owner) is not int:
+        return owner is not None and bool(owner.get_loop().is_closed())
     return bool(_gone) and owner in _gone and all(t.ident != owner for t in threading.enumerate())
 
 
@@ -154,6 +157,20 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
     return taken
 
 
+def drop_dead(flights: dict[Hashable, Any]) -> None:
+    """Unregister the computations that never end (tasks left pending on a loop closed under
+    them): a closed store would hold them, and their arguments, for as long as it is held.
+    Their waiters look again. Lock held."""
+
+    def dead(_: object, record: Any) -> bool:
+        owner = record.owner if type(record) is Waited else record
+        return (type(owner) is int or isinstance(owner, asyncio.Task)) and gone(owner)
+
+    if any(dead(None, record) for record in list(flights.values())):
+        for record in take_out(flights, dead):
+            restart(record)
+
+
 class Probe:
     """``key`` looked up by its hash now and by identity: a dict holding it finds it only
     if it is filed under that hash (a plain lookup matches a key by identity first,
@@ -187,6 +204,7 @@ def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, rec
             return future.result(timeout=1.0)
         except TimeoutError:
             ended = flights.get(key) is not record or getattr(record, "ended", False)
+            ended = ended or gone(record.owner)
             if ended and seen_gone:
                 return RESTART
             seen_gone = ended
@@ -212,7 +230,7 @@ async def result_async(
                 pass
             if future.done():
                 break
-            ended = flights.get(key) is not record
+            ended = flights.get(key) is not record or gone(record.owner)
             if ended and seen_gone:
                 return RESTART
             seen_gone = ended

@@ -771,6 +771,38 @@ def test_a_delete_invalidates_a_computation_in_flight(client: redis.Redis, how: 
     cache.close()
 
 
+@pytest.mark.parametrize("how", ["cache_delete", "cache_clear"])
+def test_a_miss_waiting_for_another_process_lock_through_a_delete_stores_its_value(
+    client: redis.Redis, how: str
+) -> None:
+    """A request waiting for another process's lock when its own process deletes the
+    key takes the lock the delete freed and computes from the new data: its value is
+    stored. Before, it stored nothing (the delete had taken its record in this
+    process's single-flight), and the next miss computed the key once more."""
+    cache = RedisCache(client, ttl=60, namespace="rw3")
+    calls = []
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> int:
+        calls.append(sku)
+        return 2
+
+    key = _key("rw3", price, "a")
+    client.set(key + ":lock", "another process", px=10_000)
+    thread = threading.Thread(target=request_scope()(price), args=("a",))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while cache.stats().lock_waits == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    price.cache_delete("a") if how == "cache_delete" else price.cache_clear()
+    thread.join(10)
+    assert calls == ["a"] and client.get(key) == b"2"
+    with request_scope():
+        assert price("a") == 2  # read from Redis
+    assert calls == ["a"] and price.shared_info().hits == 1
+    cache.close()
+
+
 def test_outside_a_scope_nothing_touches_redis(cache: RedisCache, client: redis.Redis) -> None:
     @request_memo(shared=cache, outside_scope="call")
     def f(n: int) -> int:

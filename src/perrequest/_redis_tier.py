@@ -51,8 +51,8 @@ class RedisTier:
     """The Redis tier of one memoized function, sync or async (``_shared.Tier``)."""
 
     __slots__ = (
-        "__weakref__", "_flights", "_lock", "base", "cache", "counts", "fn", "keyed", "name",
-        "prefix",
+        "__weakref__", "_deletes", "_flights", "_lock", "base", "cache", "counts", "fn",
+        "keyed", "name", "prefix",
     )  # fmt: skip
 
     def __init__(self, cache: RedisCache, spec: Any, version: str | int) -> None:
@@ -62,6 +62,7 @@ class RedisTier:
         self.prefix = f"{self.base}{version}:"
         self._flights: dict[Hashable, Any] = {}
         self._lock = threading.Lock()
+        self._deletes = 0  # this process's deletes and clears so far (``_storable``)
         self.counts = dict.fromkeys(cache._totals, 0)  # RedisStats' fields
 
     def count(self, field: str) -> None:
@@ -70,9 +71,8 @@ class RedisTier:
             self.counts[field] += 1
             self.cache._totals[field] += 1
 
-    # This process's single-flight (_flight's cache protocol): nothing is kept here.
-    _deletes = 0  # its fills store nothing (_get writes Redis, after _storable)
-
+    # This process's single-flight (_flight's cache protocol): nothing is kept here (its
+    # fills store nothing: _get writes Redis, after _storable).
     def _lookup(self, key: Hashable) -> Any:
         return MISSING
 
@@ -288,10 +288,14 @@ class RedisTier:
         codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
         return payload
 
-    def _storable(self, conn: Conn | None, payload: bytes, key: str, me: object) -> bytes:
+    def _storable(
+        self, conn: Conn | None, payload: bytes, key: str, me: object, deletes: int
+    ) -> bytes:
         """``payload`` if it is to be stored; b"" if over ``max_value_bytes`` (counted,
-        logged), or if a cache_delete or cache_clear (``_flight.invalidate``) took ``key``
-        from ``me`` meanwhile: maybe computed from old data (its lock goes all the same)."""
+        logged), or if a cache_delete or cache_clear here (``_flight.invalidate``) took
+        ``key`` from ``me`` and came after its CLAIM (``deletes``, the count then): maybe
+        computed from old data (its lock goes all the same). One that came before, while
+        it waited for another's lock, left it data read after the delete."""
         cache = self.cache
         if len(payload) > cache.max_value_bytes:
             self.count("too_large")
@@ -308,13 +312,14 @@ class RedisTier:
             return b""
         record = self._flights.get(key)
         current = record == me or (type(record) is Waited and record.owner == me)
-        return payload if current else b""
+        return payload if current or deletes == self._deletes else b""
 
     # -- the memo's cache_clear(), cache_delete(), shared_info() ------------------------------
 
     def clear(self, spec: object) -> None:
         """``delete`` of every key of this function, every version (SCAN, never KEYS)."""
         with self._lock:
+            self._deletes += 1
             for key in list(self._flights):
                 _flight.invalidate(self, key)
         self._admin(lambda conn: io.scan_delete(conn, self.base))
@@ -325,6 +330,7 @@ class RedisTier:
         the entry, so that the next miss, anywhere, does not wait for it."""
         key = self.redis_key(where[1], (), {})  # type: ignore[index]
         with self._lock:
+            self._deletes += 1
             _flight.invalidate(self, key)
         return bool(self._admin(lambda conn: io.unlink(conn, key, self.cache._lock_ms)))
 

@@ -561,6 +561,52 @@ def test_a_key_of_another_type_is_a_bad_value_overwritten_not_redis_down(
     assert (stats.errors, stats.bad_values, stats.hits) == (0, 1, 3)
 
 
+def test_a_key_of_another_type_is_computed_once_under_the_lock_also_after_a_cache_clear(
+    client: redis.Redis,
+) -> None:
+    """A list at a value's key goes through the CLAIM like any miss (the script removes
+    it): two processes missing it compute it once, and its value replaces the list.
+    Before, each process computed it without the lock, and once the function had had a
+    cache_clear it was never overwritten (every call computed)."""
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def worker() -> tuple[RedisCache, Any]:
+        cache = RedisCache(client, ttl=60, namespace="wt")
+
+        def price(sku: str) -> str:
+            calls.append(sku)
+            started.set()
+            release.wait(10)
+            return sku
+
+        return cache, request_memo(shared=cache)(price)
+
+    (cache_a, price_a), (cache_b, price_b) = worker(), worker()
+    price_a.cache_clear()  # the function's generation, for good
+    key = _key("wt", price_a, "a")
+    client.rpush(key, "junk")
+    thread = threading.Thread(target=request_scope()(price_a), args=("a",))
+    thread.start()
+    assert started.wait(10)
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
+    try:
+        with request_scope():
+            assert price_b("a") == "a"  # waited for A's lock, then read A's value
+    finally:
+        release.set()
+        thread.join(10)
+        timer.cancel()
+    assert calls == ["a"] and client.get(key) == b'"a"'
+    assert (cache_a.stats().bad_values, cache_b.stats().lock_waits) == (1, 1)
+    for price in (price_a, price_b):
+        with request_scope():
+            assert price("a") == "a"
+    assert calls == ["a"]
+    cache_a.close()
+    cache_b.close()
+
+
 def test_a_lock_key_of_another_type_or_without_expiry_is_taken_over(
     client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

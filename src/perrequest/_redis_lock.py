@@ -47,13 +47,12 @@ class Late(bytes):
 
 
 def fetch(
-    tier: RedisTier, claim: bool, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args,
-    kwargs: Kwargs,
-) -> Any:  # fmt: skip
-    """The value's bytes: read or computed under the lock if ``claim`` (over ``bad``,
-    a value that did not decode, if not None), stored through ``conn`` unless None."""
+    tier: RedisTier, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args, kwargs: Kwargs
+) -> Any:
+    """The value's bytes: read, or computed under the lock (over ``bad``, a value that did
+    not decode, if not None) and stored, through ``conn``; computed only if it is None."""
     token, deletes = "", -1
-    if claim:
+    if conn is not None:
         mine = os.urandom(9).hex()
         try:
             found, conn, token, deletes = _run(conn, _claim(tier, conn, key, mine, bad))
@@ -68,20 +67,19 @@ def fetch(
         payload = tier._encoded(fn(*args, **kwargs), key)
     finally:
         stored = tier._storable(conn, payload, key, threading.get_ident(), deletes)
-        if conn is not None and (stored or token):
+        if token:  # our lock to release (with our value, if stored)
             late = _run(conn, _store(tier, key, stored, token))
     return Late(payload) if late == 2 else payload
 
 
 async def fetch_async(
-    tier: RedisTier, claim: bool, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args,
-    kwargs: Kwargs,
-) -> Any:  # fmt: skip
+    tier: RedisTier, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args, kwargs: Kwargs
+) -> Any:
     """``fetch``, awaited. A claim or a store cancelled (anyio's cancel scopes cancel
     every await) releases the lock in a task of its own: a lock left behind (its EXTEND
     on the way) would hold the key's next miss, in every process, for ``lock_timeout``."""
     token, deletes, timeout = "", -1, tier.cache.op_timeout
-    if claim:
+    if conn is not None:
         mine = os.urandom(9).hex()
         try:
             claimed = await _run_async(conn, _claim(tier, conn, key, mine, bad), timeout)
@@ -100,7 +98,7 @@ async def fetch_async(
         task = None if conn is None else asyncio.current_task()
         stored = tier._storable(conn, payload, key, task, deletes)
         del task
-        if conn is not None and (stored or token):
+        if token:
             try:
                 late = await _run_async(conn, _store(tier, key, stored, token), timeout)
             except asyncio.CancelledError:  # STORE can run twice
@@ -109,7 +107,7 @@ async def fetch_async(
     return Late(payload) if late == 2 else payload
 
 
-def _claim(tier: RedisTier, conn: Conn | None, key: str, token: str, bad: bytes | None) -> Steps:
+def _claim(tier: RedisTier, conn: Conn, key: str, token: str, bad: bytes | None) -> Steps:
     """CLAIM (our lock: ``token``) until the value is there, the lock is ours or
     ``lock_timeout`` has passed: ``(the value's bytes or None, the connection to store
     through or None, our lock's token or "", this process's deletes before the CLAIM
@@ -122,8 +120,9 @@ def _claim(tier: RedisTier, conn: Conn | None, key: str, token: str, bad: bytes 
     while True:
         deletes = tier._deletes  # counted before the CLAIM: a delete from here may predate it
         reply = yield ("claim", keys, [token, cache._lease_ms, over, latest_ms])
-        if isinstance(reply, Exception):
-            return None, conn if tier._wrong(key, reply) else None, "", -1
+        if isinstance(reply, Exception):  # (a key of another type is the script's to replace)
+            tier._wrong(key, reply)
+            return None, None, "", -1
         if reply[0] == 3:  # taken over a lock no miss would get past: a bad value
             tier._refused(key + LOCK, BadValue("a lock of another type, or without expiry"))
         if reply[0] >= 2:  # ours: for op_timeout, until we have said we got the reply
@@ -152,9 +151,9 @@ def _claim(tier: RedisTier, conn: Conn | None, key: str, token: str, bad: bytes 
 
 
 def _store(tier: RedisTier, key: str, stored: bytes, token: str) -> Steps:
-    """STORE the value (if any) and release our lock (if ``token``). A lock left behind
-    would make the key's next miss, in any process, wait ``lock_timeout``: so with a
-    lock, a busy pool is waited for, up to ``op_timeout`` more."""
+    """STORE the value (if any) and release our lock (``token``). A lock left behind
+    would make the key's next miss, in any process, wait ``lock_timeout``: so a busy
+    pool is waited for, up to ``op_timeout`` more."""
     deadline, pause = now() + tier.cache.op_timeout, FIRST_PAUSE
     while True:
         mine, _, gen = token.partition("|")
@@ -163,7 +162,7 @@ def _store(tier: RedisTier, key: str, stored: bytes, token: str) -> Steps:
         reply = yield ("store", keys, [*args, mine, gen or "/"])
         if not isinstance(reply, Exception):
             return reply
-        if not (token and io.exhausted(reply)) or now() + pause > deadline:
+        if not io.exhausted(reply) or now() + pause > deadline:
             tier._wrong(key, reply)
             return None
         yield pause

@@ -2,8 +2,9 @@
 across processes under a Redis lock (``_redis_lock``).
 
 A request-store miss goes through its single-flight, then GETs Redis; a Redis miss
-through this process's single-flight, then ``_redis_lock.fetch``. On a Redis error the
-value is computed here (fail open). Callers get the bytes, each decoding its own copy.
+through this process's single-flight, then ``_redis_lock.fetch`` (so is a key of another
+Redis type, which the CLAIM replaces). On a Redis error the value is computed here (fail
+open). Callers get the bytes, each decoding its own copy.
 """
 
 from __future__ import annotations
@@ -105,14 +106,13 @@ class RedisTier:
             try:
                 raw = conn.client.get(key)
             except Exception as exc:
-                raw, conn = MISSING, conn if self._wrong(key, exc) else None
+                conn = conn if self._wrong(key, exc) else None  # another type: CLAIMed over
             else:
                 value = MISSING if raw is None else self._decoded(raw, key)
                 if value is not MISSING:
                     self.count("hits")
                     return value
-        claim = raw is not MISSING and conn is not None  # not after GET failed
-        call, fetch = Call(), (self, claim, conn, key, fn, raw, args, kwargs)
+        call, fetch = Call(), (self, conn, key, fn, raw, args, kwargs)
         # No local holds what it computed: an error raised from it, for another
         # request's caller, must not reach the original (``_copy``).
         join: Args = (call, lock.fetch, fetch, {})
@@ -133,14 +133,13 @@ class RedisTier:
                 async with asyncio.timeout(cache.op_timeout):
                     raw = await conn.client.get(key)
             except Exception as exc:
-                raw, conn = MISSING, conn if self._wrong(key, exc) else None
+                conn = conn if self._wrong(key, exc) else None  # another type: CLAIMed over
             else:
                 value = MISSING if raw is None else self._decoded(raw, key)
                 if value is not MISSING:
                     self.count("hits")
                     return value
-        claim = raw is not MISSING and conn is not None  # not after GET failed
-        call, fetch = Call(), (self, claim, conn, key, fn, raw, args, kwargs)
+        call, fetch = Call(), (self, conn, key, fn, raw, args, kwargs)
         join: Args = (call, lock.fetch_async, fetch, {})
         return self._copy(
             call,

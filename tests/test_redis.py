@@ -561,6 +561,52 @@ def test_a_key_of_another_type_is_a_bad_value_overwritten_not_redis_down(
     assert (stats.errors, stats.bad_values, stats.hits) == (0, 1, 3)
 
 
+def test_a_key_of_another_type_is_computed_once_under_the_lock_also_after_a_cache_clear(
+    client: redis.Redis,
+) -> None:
+    """A list at a value's key goes through the CLAIM like any miss (the script removes
+    it): two processes missing it compute it once, and its value replaces the list.
+    Before, each process computed it without the lock, and once the function had had a
+    cache_clear it was never overwritten (every call computed)."""
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def worker() -> tuple[RedisCache, Any]:
+        cache = RedisCache(client, ttl=60, namespace="wt")
+
+        def price(sku: str) -> str:
+            calls.append(sku)
+            started.set()
+            release.wait(10)
+            return sku
+
+        return cache, request_memo(shared=cache)(price)
+
+    (cache_a, price_a), (cache_b, price_b) = worker(), worker()
+    price_a.cache_clear()  # the function's generation, for good
+    key = _key("wt", price_a, "a")
+    client.rpush(key, "junk")
+    thread = threading.Thread(target=request_scope()(price_a), args=("a",))
+    thread.start()
+    assert started.wait(10)
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
+    try:
+        with request_scope():
+            assert price_b("a") == "a"  # waited for A's lock, then read A's value
+    finally:
+        release.set()
+        thread.join(10)
+        timer.cancel()
+    assert calls == ["a"] and client.get(key) == b'"a"'
+    assert (cache_a.stats().bad_values, cache_b.stats().lock_waits) == (1, 1)
+    for price in (price_a, price_b):
+        with request_scope():
+            assert price("a") == "a"
+    assert calls == ["a"]
+    cache_a.close()
+    cache_b.close()
+
+
 def test_a_lock_key_of_another_type_or_without_expiry_is_taken_over(
     client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -768,6 +814,38 @@ def test_a_delete_invalidates_a_computation_in_flight(client: redis.Redis, how: 
     # computation took it over, and left it when it ended).
     locks = [k for k in client.scan_iter() if k.endswith(b":lock")]
     assert locks == []
+    cache.close()
+
+
+@pytest.mark.parametrize("how", ["cache_delete", "cache_clear"])
+def test_a_miss_waiting_for_another_process_lock_through_a_delete_stores_its_value(
+    client: redis.Redis, how: str
+) -> None:
+    """A request waiting for another process's lock when its own process deletes the
+    key takes the lock the delete freed and computes from the new data: its value is
+    stored. Before, it stored nothing (the delete had taken its record in this
+    process's single-flight), and the next miss computed the key once more."""
+    cache = RedisCache(client, ttl=60, namespace="rw3")
+    calls = []
+
+    @request_memo(shared=cache)
+    def price(sku: str) -> int:
+        calls.append(sku)
+        return 2
+
+    key = _key("rw3", price, "a")
+    client.set(key + ":lock", "another process", px=10_000)
+    thread = threading.Thread(target=request_scope()(price), args=("a",))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while cache.stats().lock_waits == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    price.cache_delete("a") if how == "cache_delete" else price.cache_clear()
+    thread.join(10)
+    assert calls == ["a"] and client.get(key) == b"2"
+    with request_scope():
+        assert price("a") == 2  # read from Redis
+    assert calls == ["a"] and price.shared_info().hits == 1
     cache.close()
 
 

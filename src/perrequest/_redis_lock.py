@@ -47,16 +47,15 @@ class Late(bytes):
 
 
 def fetch(
-    tier: RedisTier, claim: bool, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args,
-    kwargs: Kwargs,
-) -> Any:  # fmt: skip
-    """The value's bytes: read or computed under the lock if ``claim`` (over ``bad``,
-    a value that did not decode, if not None), stored through ``conn`` unless None."""
-    token = ""
-    if claim:
+    tier: RedisTier, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args, kwargs: Kwargs
+) -> Any:
+    """The value's bytes: read, or computed under the lock (over ``bad``, a value that did
+    not decode, if not None) and stored, through ``conn``; computed only if it is None."""
+    token, deletes = "", -1
+    if conn is not None:
         mine = os.urandom(9).hex()
         try:
-            found, conn, token = _run(conn, _claim(tier, conn, key, mine, bad))
+            found, conn, token, deletes = _run(conn, _claim(tier, conn, key, mine, bad))
         except BaseException:  # a signal's (SystemExit, KeyboardInterrupt): the lock
             _run(conn, _store(tier, key, b"", mine))  # may be ours; release it
             raise
@@ -67,27 +66,27 @@ def fetch(
     try:
         payload = tier._encoded(fn(*args, **kwargs), key)
     finally:
-        stored = tier._storable(conn, payload, key, threading.get_ident())
-        if conn is not None and (stored or token):
+        stored = tier._storable(conn, payload, key, threading.get_ident(), deletes)
+        if token:  # our lock to release (with our value, if stored)
             late = _run(conn, _store(tier, key, stored, token))
     return Late(payload) if late == 2 else payload
 
 
 async def fetch_async(
-    tier: RedisTier, claim: bool, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args,
-    kwargs: Kwargs,
-) -> Any:  # fmt: skip
+    tier: RedisTier, conn: Conn | None, key: str, fn: Fn, bad: Any, args: Args, kwargs: Kwargs
+) -> Any:
     """``fetch``, awaited. A claim or a store cancelled (anyio's cancel scopes cancel
     every await) releases the lock in a task of its own: a lock left behind (its EXTEND
     on the way) would hold the key's next miss, in every process, for ``lock_timeout``."""
-    token, timeout = "", tier.cache.op_timeout
-    if claim:
+    token, deletes, timeout = "", -1, tier.cache.op_timeout
+    if conn is not None:
         mine = os.urandom(9).hex()
         try:
-            found, conn, token = await _run_async(conn, _claim(tier, conn, key, mine, bad), timeout)
+            claimed = await _run_async(conn, _claim(tier, conn, key, mine, bad), timeout)
         except asyncio.CancelledError:  # the lock may be ours: release it if it is
             io.finish_later(lambda: _run_async(conn, _store(tier, key, b"", mine), timeout))
             raise
+        found, conn, token, deletes = claimed
         if found is not None:
             return found
     tier.count("misses")
@@ -97,9 +96,9 @@ async def fetch_async(
     finally:
         # The task is not kept in this frame, which the error's traceback holds: a cycle.
         task = None if conn is None else asyncio.current_task()
-        stored = tier._storable(conn, payload, key, task)
+        stored = tier._storable(conn, payload, key, task, deletes)
         del task
-        if conn is not None and (stored or token):
+        if token:
             try:
                 late = await _run_async(conn, _store(tier, key, stored, token), timeout)
             except asyncio.CancelledError:  # STORE can run twice
@@ -108,19 +107,22 @@ async def fetch_async(
     return Late(payload) if late == 2 else payload
 
 
-def _claim(tier: RedisTier, conn: Conn | None, key: str, token: str, bad: bytes | None) -> Steps:
+def _claim(tier: RedisTier, conn: Conn, key: str, token: str, bad: bytes | None) -> Steps:
     """CLAIM (our lock: ``token``) until the value is there, the lock is ours or
     ``lock_timeout`` has passed: ``(the value's bytes or None, the connection to store
-    through or None, our lock's token or "")``. A value that does not decode (``bad``)
-    is taken as none: its replacement is computed under the lock too."""
+    through or None, our lock's token or "", this process's deletes before the CLAIM
+    that took it)``. A value that does not decode (``bad``) is taken as none: its
+    replacement is computed under the lock too."""
     cache, keys = tier.cache, [key, key + LOCK, key + GEN, tier.base + GEN, key + LAST]
     deadline, pause = now() + cache.lock_timeout, FIRST_PAUSE
     over = "" if bad is None else hashlib.sha1(bad, usedforsecurity=False).hexdigest()
     latest_ms = max(cache._ttl_ms, cache._lock_ms)  # how long a holder is known the latest
     while True:
+        deletes = tier._deletes  # counted before the CLAIM: a delete from here may predate it
         reply = yield ("claim", keys, [token, cache._lease_ms, over, latest_ms])
-        if isinstance(reply, Exception):
-            return None, conn if tier._wrong(key, reply) else None, ""
+        if isinstance(reply, Exception):  # (a key of another type is the script's to replace)
+            tier._wrong(key, reply)
+            return None, None, "", -1
         if reply[0] == 3:  # taken over a lock no miss would get past: a bad value
             tier._refused(key + LOCK, BadValue("a lock of another type, or without expiry"))
         if reply[0] >= 2:  # ours: for op_timeout, until we have said we got the reply
@@ -129,29 +131,29 @@ def _claim(tier: RedisTier, conn: Conn | None, key: str, token: str, bad: bytes 
                 if isinstance(reply, Exception):  # it may run yet: release it all the
                     tier._wrong(key, reply)  # same once computed
                 reply = got
-            return None, conn, f"{token}|{_text(reply[1])}"  # and the generations
+            return None, conn, f"{token}|{_text(reply[1])}", deletes  # and the generations
         if reply[0] == 1:
             if tier._decoded(reply[1], key) is not MISSING:
                 tier.count("hits")
-                return reply[1], conn, ""
+                return reply[1], conn, "", -1
             if now() < deadline:  # another bad value: CLAIM again, over it
                 over = hashlib.sha1(reply[1], usedforsecurity=False).hexdigest()
                 continue
-            return None, None, ""
+            return None, None, "", -1
         if pause == FIRST_PAUSE:
             tier.count("lock_waits")
         left = deadline - now()
         if left <= 0:  # compute, and store nothing: the holder will, and ours, which
             tier.count("lock_timeouts")  # holds no lock, outlives any cache_clear
-            return None, None, ""
+            return None, None, "", -1
         yield min(pause, left)
         pause = min(pause * 2, MAX_PAUSE)
 
 
 def _store(tier: RedisTier, key: str, stored: bytes, token: str) -> Steps:
-    """STORE the value (if any) and release our lock (if ``token``). A lock left behind
-    would make the key's next miss, in any process, wait ``lock_timeout``: so with a
-    lock, a busy pool is waited for, up to ``op_timeout`` more."""
+    """STORE the value (if any) and release our lock (``token``). A lock left behind
+    would make the key's next miss, in any process, wait ``lock_timeout``: so a busy
+    pool is waited for, up to ``op_timeout`` more."""
     deadline, pause = now() + tier.cache.op_timeout, FIRST_PAUSE
     while True:
         mine, _, gen = token.partition("|")
@@ -160,7 +162,7 @@ def _store(tier: RedisTier, key: str, stored: bytes, token: str) -> Steps:
         reply = yield ("store", keys, [*args, mine, gen or "/"])
         if not isinstance(reply, Exception):
             return reply
-        if not (token and io.exhausted(reply)) or now() + pause > deadline:
+        if not io.exhausted(reply) or now() + pause > deadline:
             tier._wrong(key, reply)
             return None
         yield pause

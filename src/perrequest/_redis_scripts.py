@@ -19,13 +19,15 @@ LAST = ":last"  # who took the value's lock last, until it stores or ARGV[4] ms 
 
 # KEYS: value, lock, the value's generation, the function's, the latest holder. The
 # value (unless its SHA-1 is ARGV[3]: one that did not decode), or the lock (taken when
-# free, for ARGV[2] ms; its holder the latest for ARGV[4] ms), in one atomic step:
+# free, for ARGV[2] ms; its holder the latest for ARGV[4] ms), in one atomic step. A
+# value key of another type (others') is removed: a miss, computed once under the lock:
 # {1, value} | {2, generations} | {0}; {3, generations}: the lock was taken over a bad
 # one, which no miss would get past (another type, or a string without expiry, written
 # by others). A generation key of another type (others' again) reads as '?': a
 # generation all the same, not an error that would turn the function's tier off.
 CLAIM = """
-local value = redis.call('GET', KEYS[1])
+local value = redis.pcall('GET', KEYS[1])
+if type(value) == 'table' then redis.call('UNLINK', KEYS[1]) value = false end
 if value and (ARGV[3] == '' or redis.sha1hex(value) ~= ARGV[3]) then return {1, value} end
 local g1, g2 = redis.pcall('GET', KEYS[3]), redis.pcall('GET', KEYS[4])
 g1, g2 = type(g1) == 'table' and '?' or g1 or '', type(g2) == 'table' and '?' or g2 or ''
@@ -50,25 +52,24 @@ return 1
 """
 # KEYS as CLAIM's. Store the value (if any), then release the lock if it is still ours
 # (ARGV[3]; a lock key of another type is left for the next CLAIM to take over), only
-# under the generations ARGV[4] (what CLAIM gave; without a lock, ARGV[3] empty: a key
-# of another type to replace, only where no delete or clear is remembered). A holder
-# that lost its lock stores only where no lock and no value are and no later holder
-# is known: its lock expired, and nobody took it since (a later holder's value, from
-# later data, is the one to keep). 2: a delete or a clear came since the CLAIM.
+# under the generations ARGV[4] (what CLAIM gave). A holder that lost its lock stores
+# only where no lock and no value are and no later holder is known: its lock expired,
+# and nobody took it since (a later holder's value, from later data, is the one to
+# keep). 2: a delete or a clear came since the CLAIM.
 STORE = """
 local kind = redis.call('TYPE', KEYS[2]).ok
 local lock = kind == 'string' and redis.call('GET', KEYS[2])
 local g1, g2 = redis.pcall('GET', KEYS[3]), redis.pcall('GET', KEYS[4])
 g1, g2 = type(g1) == 'table' and '?' or g1 or '', type(g2) == 'table' and '?' or g2 or ''
 local gen = g1 .. '/' .. g2
-local ours = ARGV[3] ~= '' and lock == ARGV[3]
+local ours = lock == ARGV[3]
 if ours then redis.call('DEL', KEYS[2]) end
 local last = redis.pcall('GET', KEYS[5])
 local latest = type(last) ~= 'string' or last == ARGV[3]
-if ARGV[3] ~= '' and last == ARGV[3] then redis.call('DEL', KEYS[5]) end
-if gen ~= ARGV[4] then return ARGV[3] ~= '' and 2 or 1 end
+if last == ARGV[3] then redis.call('DEL', KEYS[5]) end
+if gen ~= ARGV[4] then return 2 end
 if ARGV[1] ~= '' then
-  if ours or ARGV[3] == '' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  if ours then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   elseif kind == 'none' and latest then
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX')
   end

@@ -2,8 +2,9 @@
 across processes under a Redis lock (``_redis_lock``).
 
 A request-store miss goes through its single-flight, then GETs Redis; a Redis miss
-through this process's single-flight, then ``_redis_lock.fetch``. On a Redis error the
-value is computed here (fail open). Callers get the bytes, each decoding its own copy.
+through this process's single-flight, then ``_redis_lock.fetch`` (so is a key of another
+Redis type, which the CLAIM replaces). On a Redis error the value is computed here (fail
+open). Callers get the bytes, each decoding its own copy.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class RedisTier:
     """The Redis tier of one memoized function, sync or async (``_shared.Tier``)."""
 
     __slots__ = (
-        "__weakref__", "_flights", "_lock", "base", "cache", "counts", "fn", "keyed", "name",
-        "prefix",
+        "__weakref__", "_deletes", "_flights", "_lock", "base", "cache", "counts", "fn",
+        "keyed", "name", "prefix",
     )  # fmt: skip
 
     def __init__(self, cache: RedisCache, spec: Any, version: str | int) -> None:
@@ -62,6 +63,7 @@ class RedisTier:
         self.prefix = f"{self.base}{version}:"
         self._flights: dict[Hashable, Any] = {}
         self._lock = threading.Lock()
+        self._deletes = 0  # this process's deletes and clears so far (``_storable``)
         self.counts = dict.fromkeys(cache._totals, 0)  # RedisStats' fields
 
     def count(self, field: str) -> None:
@@ -70,9 +72,8 @@ class RedisTier:
             self.counts[field] += 1
             self.cache._totals[field] += 1
 
-    # This process's single-flight (_flight's cache protocol): nothing is kept here.
-    _deletes = 0  # its fills store nothing (_get writes Redis, after _storable)
-
+    # This process's single-flight (_flight's cache protocol): nothing is kept here (its
+    # fills store nothing: _get writes Redis, after _storable).
     def _lookup(self, key: Hashable) -> Any:
         return MISSING
 
@@ -105,14 +106,15 @@ class RedisTier:
             try:
                 raw = conn.client.get(key)
             except Exception as exc:
-                raw, conn = MISSING, conn if self._wrong(key, exc) else None
+                conn = conn if self._wrong(key, exc) else None  # another type: CLAIMed over
             else:
+                if cache._down_until:  # it answered: a probe after an error, maybe
+                    cache._up()
                 value = MISSING if raw is None else self._decoded(raw, key)
                 if value is not MISSING:
                     self.count("hits")
                     return value
-        claim = raw is not MISSING and conn is not None  # not after GET failed
-        call, fetch = Call(), (self, claim, conn, key, fn, raw, args, kwargs)
+        call, fetch = Call(), (self, conn, key, fn, raw, args, kwargs)
         # No local holds what it computed: an error raised from it, for another
         # request's caller, must not reach the original (``_copy``).
         join: Args = (call, lock.fetch, fetch, {})
@@ -133,14 +135,15 @@ class RedisTier:
                 async with asyncio.timeout(cache.op_timeout):
                     raw = await conn.client.get(key)
             except Exception as exc:
-                raw, conn = MISSING, conn if self._wrong(key, exc) else None
+                conn = conn if self._wrong(key, exc) else None  # another type: CLAIMed over
             else:
+                if cache._down_until:  # it answered: a probe after an error, maybe
+                    cache._up()
                 value = MISSING if raw is None else self._decoded(raw, key)
                 if value is not MISSING:
                     self.count("hits")
                     return value
-        claim = raw is not MISSING and conn is not None  # not after GET failed
-        call, fetch = Call(), (self, claim, conn, key, fn, raw, args, kwargs)
+        call, fetch = Call(), (self, conn, key, fn, raw, args, kwargs)
         join: Args = (call, lock.fetch_async, fetch, {})
         return self._copy(
             call,
@@ -288,10 +291,14 @@ class RedisTier:
         codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
         return payload
 
-    def _storable(self, conn: Conn | None, payload: bytes, key: str, me: object) -> bytes:
+    def _storable(
+        self, conn: Conn | None, payload: bytes, key: str, me: object, deletes: int
+    ) -> bytes:
         """``payload`` if it is to be stored; b"" if over ``max_value_bytes`` (counted,
-        logged), or if a cache_delete or cache_clear (``_flight.invalidate``) took ``key``
-        from ``me`` meanwhile: maybe computed from old data (its lock goes all the same)."""
+        logged), or if a cache_delete or cache_clear here (``_flight.invalidate``) took
+        ``key`` from ``me`` and came after its CLAIM (``deletes``, the count then): maybe
+        computed from old data (its lock goes all the same). One that came before, while
+        it waited for another's lock, left it data read after the delete."""
         cache = self.cache
         if len(payload) > cache.max_value_bytes:
             self.count("too_large")
@@ -308,13 +315,14 @@ class RedisTier:
             return b""
         record = self._flights.get(key)
         current = record == me or (type(record) is Waited and record.owner == me)
-        return payload if current else b""
+        return payload if current or deletes == self._deletes else b""
 
     # -- the memo's cache_clear(), cache_delete(), shared_info() ------------------------------
 
     def clear(self, spec: object) -> None:
         """``delete`` of every key of this function, every version (SCAN, never KEYS)."""
         with self._lock:
+            self._deletes += 1
             for key in list(self._flights):
                 _flight.invalidate(self, key)
         self._admin(lambda conn: io.scan_delete(conn, self.base))
@@ -325,6 +333,7 @@ class RedisTier:
         the entry, so that the next miss, anywhere, does not wait for it."""
         key = self.redis_key(where[1], (), {})  # type: ignore[index]
         with self._lock:
+            self._deletes += 1
             _flight.invalidate(self, key)
         return bool(self._admin(lambda conn: io.unlink(conn, key, self.cache._lock_ms)))
 

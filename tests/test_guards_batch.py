@@ -979,3 +979,76 @@ def test_under_trio_a_key_the_batch_function_makes_unhashable_still_gets_its_val
 
     assert anyio.run(main, backend="trio") == [10, 20]
     assert calls == [[1, 2]]
+
+
+def test_two_threads_fetching_each_others_keys_read_one_value_of_each() -> None:
+    """_BatchSpec.keep: in a cycle of two threads' fetches, the second fetches the first's
+    key again and stores it; the first's fetch, ending after, replaced it: the request read
+    two values of one key. The first value stored stays and is what every load gets."""
+    calls = iter(range(100))
+    busy = threading.local()
+    seen: list[str] = []
+
+    @request_batch
+    def people(keys: list[str]) -> list[str]:
+        if not getattr(busy, "on", False):
+            busy.on = True
+            time.sleep(0.1)  # both fetches start
+            seen.append(people.load({"a": "b", "b": "a"}[keys[0]]))
+            busy.on = False
+        return [f"{k}{next(calls)}" for k in keys]
+
+    with request_scope(), ThreadPoolExecutor(2) as pool:
+        first = pool.submit(bind_scope(people.load), "a")
+        time.sleep(0.02)
+        second = pool.submit(bind_scope(people.load), "b")
+        seen += [first.result(10), second.result(10), people.load("a"), people.load("b")]
+        assert len({v for v in seen if v[0] == "a"}) == 1, seen
+        assert len({v for v in seen if v[0] == "b"}) == 1, seen
+
+
+def test_concurrent_trio_loads_of_one_key_read_one_value() -> None:
+    """_batch_async.unbatched: under trio, concurrent loads each fetch; the later-ending one
+    kept the stored value but returned what it fetched: two values of one key."""
+    calls = iter(range(100))
+
+    @request_batch
+    async def users(keys: list[str]) -> list[str]:
+        call = next(calls)
+        await anyio.sleep(0.05 if call == 0 else 0.01)  # the first call ends last
+        return [f"{k}{call}" for k in keys]
+
+    async def main() -> None:
+        got: list[str] = []
+
+        async def load() -> None:
+            got.append(await users.load("u"))
+
+        async with request_scope():
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(load)
+                tasks.start_soon(load)
+            got.append(await users.load("u"))
+        assert got == ["u1", "u1", "u1"]
+
+    anyio.run(main, backend="trio")
+
+
+async def test_a_key_its_own_batch_function_loads_again_reads_one_value() -> None:
+    """_batch_tick._firsts: a batch function loading a key of its own batch in flight gets
+    it fetched apart, stored first; the batch, ending after, replaced it: the function had
+    read one value of the key, every later load another."""
+    calls = iter(range(100))
+    seen: list[str] = []
+
+    @request_batch
+    async def node(keys: list[str]) -> list[str]:
+        call = next(calls)
+        if call == 0:
+            seen.append(await node.load(keys[-1]))  # in flight: fetched apart
+        return [f"{k}{call}" for k in keys]
+
+    async with request_scope():
+        seen += await asyncio.gather(node.load("a"), node.load("b"))
+        seen.append(await node.load("b"))
+        assert seen == ["b1", "a0", "b1", "b1"]

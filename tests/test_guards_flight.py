@@ -398,3 +398,34 @@ def test_a_closed_store_holds_no_computation_left_on_a_closed_loop() -> None:
             _leave_pending(user_id)
         assert len(store._flights) == 20  # until their keys are asked for again
     assert not store._flights
+
+
+@pytest.mark.parametrize("how", ["deleted", "saved"])
+async def test_a_nested_computation_that_loses_its_record_never_takes_its_callers(
+    how: str,
+) -> None:
+    """_flight._mine: a task is the ``me`` of every computation it nests. One whose record a
+    delete took, or whose key's hash changed (a model saved), took the task's first record
+    by identity, its caller's: the caller's waiters got the inner key's value."""
+
+    @request_memo
+    async def g(m: Model) -> str:
+        await asyncio.sleep(0.01)
+        if how == "deleted":
+            g.cache_delete(m)
+        else:
+            m.pk = 99
+        return "g"
+
+    @request_memo
+    async def f(x: int) -> str:
+        await asyncio.sleep(0)  # the waiter joins
+        await g(Model(x))
+        return "f"
+
+    async with request_scope():
+        await g(Model(0)), await f(-1)  # past each function's first miss
+        owner = asyncio.create_task(f(1))
+        await asyncio.sleep(0)
+        assert await asyncio.gather(owner, f(1)) == ["f", "f"]
+        assert await f(1) == "f"

@@ -110,3 +110,18 @@ def test_a_delete_whose_key_cannot_be_compared_with_a_key_in_flight_raises() -> 
             return 1
 
         assert store.get_or_set(Seven(), factory) == 1
+
+
+def test_a_helper_deleted_while_computed_unshared_stores_nothing() -> None:
+    """MemoStore._invalidate: a get_or_set computed without registering (recursion on its
+    key, a cycle of waiters) stores nothing after a delete of its key (``_flight._keep``);
+    a helper's delete did not count, so the stale value was stored after it."""
+    with request_scope() as store:
+
+        def inner() -> str:
+            store["k"] = "written"  # a write while this computes, then its delete
+            del store["k"]
+            return "stale"
+
+        assert store.get_or_set("k", lambda: store.get_or_set("k", inner)) == "stale"
+        assert "k" not in store  # before: "stale", stored after the delete

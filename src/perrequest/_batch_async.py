@@ -158,14 +158,8 @@ async def unbatched(
         try:
             await spec.fetch_async(counter, wanted, got)
         finally:  # cancelled between chunks (trio's move_on_after): what came is kept too
-            with store._lock:  # a value stored meanwhile (prime) stays: loads may have seen it
-                # Not in a local: a failure among them, kept by this frame, which its
-                # traceback holds, would be a cycle (``got`` is dropped below, likewise).
-                spec.keep(
-                    store,
-                    counter,
-                    {ck: v for ck, v in got.items() if store._lookup((spec, ck), False) is MISSING},
-                )
+            with store._lock:  # a value stored meanwhile (prime) stays, and is returned
+                spec.keep(store, counter, got)
     try:
         values = settled(cks, values, got)
     finally:  # as in _BatchSpec.load_many

@@ -187,6 +187,7 @@ def _ended(
                 _again(state, key, ck, who, own)
             _release(state)
             return
+        values = _firsts(store, state.spec, cks, values)
         anchors: list[Any] = []
         failures = False
         for value, who in zip(values, popped(waiters, cks, hashes), strict=True):
@@ -215,6 +216,21 @@ def _ended(
 
 
 _FAILED: Any = object()  # an anchor's place for a failed key: it is not stored
+
+
+def _firsts(store: MemoStore, spec: _BatchSpec, cks: list[Hashable], values: list[Any]) -> Any:
+    """A value stored since the batch started (its key fetched twice: by another loop's
+    batch, or apart for its own batch function) stays, and is what its loads get: one
+    value per key. Lock held."""
+    sub = (store._subs or {}).get(spec)
+    if not sub:
+        return values
+    try:
+        pairs = zip(cks, values, strict=True)
+        got = [None if issubclass(type(v), Exception) else sub.get(ck) for ck, v in pairs]
+    except Exception:  # a key that cannot be hashed any more: handed what was fetched
+        return values
+    return [v if entry is None else entry[0] for v, entry in zip(values, got, strict=True)]
 
 
 def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:

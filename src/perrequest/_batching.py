@@ -197,12 +197,17 @@ class _BatchSpec:
             put_all(out, cks, values)
 
     def keep(self, store: MemoStore, counter: Counter, fetched: dict[Hashable, Any]) -> None:
-        """Store what was fetched, lock held; failures are not cached."""
-        for ck, value in fetched.items():
+        """Store what was fetched, lock held; failures are not cached. A value stored since
+        (the key fetched twice: a cycle of threads, trio) stays, and is what its loads get."""
+        for ck, value in list(fetched.items()):
             if type(ck) is Unhashed:
                 logger.error(_UNSTORED, self.name, ck.key)
             elif not issubclass(type(value), Exception):  # type(): runs no code of the value
-                store._fill((self, ck), value, counter, None)
+                stored = store._lookup((self, ck), touch=False)
+                if stored is MISSING:
+                    store._fill((self, ck), value, counter, None)
+                else:
+                    fetched[ck] = stored  # one value per key
 
     def outside(self, keys: list[Any], cks: list[Hashable]) -> dict[Hashable, Any]:
         """Outside any scope, after its rule: every key is wanted, and nothing is cached."""

@@ -1,11 +1,11 @@
 """Single-flight: a key is computed by one caller at a time; the others wait for the outcome.
 
-One mechanism for threads and tasks. The computing caller registers itself in the
-cache's ``_flights``; the first caller to wait replaces that with a ``Future`` (threads:
-``result()``; tasks: a future of their loop, ``_waits.Waited``). Only the computing caller
-removes its record and resolves the future, whatever happened to the cache meanwhile,
-so no waiter is stranded; a miss nobody waits for costs one dict insert and one pop.
-Under trio, tasks compute without sharing (``_keep``): correct, only not deduplicated."""
+One mechanism for threads and tasks. The computing caller registers itself in the cache's
+``_flights``; the first caller to wait replaces that with a ``Future`` (threads: ``result()``;
+tasks: a future of their loop, ``_waits.Waited``). Only the computing caller removes its
+record and resolves the future, whatever happened to the cache meanwhile, so no waiter is
+stranded; a miss nobody waits for costs one dict insert and one pop. Under trio, tasks
+compute without sharing (``_keep``): correct, only not deduplicated."""
 
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ def failed(
     with cache._lock:
         try:
             record = cache._flights.pop(key, None)
-        except BaseException:  # the key's __hash__/__eq__ raised this time
-            return forget(cache, me)
+        except BaseException:  # the key's __hash__/__eq__ raised this time: by identity
+            record = None
         record = _own(cache, key, me, record)
         if record is None:  # invalidated: its waiters restarted then
             return
@@ -128,7 +128,7 @@ def abandon(
     waiters retry; else they get the error, or the value on an interrupt. Others' go back."""
     if record is _UNKNOWN:
         with cache._lock:  # held already, unless the interrupt came during acquire()
-            forget(cache, me)
+            restart(_own(cache, key, me, None))  # waiters retry
     elif type(record) is Waited and record.owner is me:
         if not record.future.done():
             record.future.set_result((False, exc) if isinstance(exc, Exception) else (True, value))
@@ -161,23 +161,19 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
             restart(record)
 
 
-def forget(cache: Cache, me: object) -> None:
-    """Unregister ``me``'s records by identity (a key's hash raised); waiters retry. Locked."""
-    stale = lambda _, record: record is me or getattr(record, "owner", None) is me  # noqa: E731
-    for record in take_out(cache._flights, stale):
-        restart(record)
+def _mine(key: Hashable, me: object) -> Callable[[object, Any], bool]:
+    """This call's record, by identity: ``me``'s, filed under this call's ``key`` (a task is
+    the ``me`` of its nested computations too, each with a record of its own)."""
+    return lambda filed, rec: filed is key and (rec is me or getattr(rec, "owner", None) is me)
 
 
 def _own(cache: Cache, key: Hashable, me: object, record: Any) -> Any:
     """``me``'s record, given what popping ``key`` found; taken out by identity if the key's
     hash changed meanwhile; None if a delete took it. Another's goes back. Lock held."""
-
-    def mine(_: object, found: Any) -> bool:
-        return found is me or (type(found) is Waited and found.owner is me)
-
-    if mine(key, record):
+    if record is me or (type(record) is Waited and record.owner is me):
         return record
-    filed = any(mine(key, found) for found in list(cache._flights.values()))
+    mine = _mine(key, me)
+    filed = any(mine(*item) for item in list(cache._flights.items()))
     taken = take_out(cache._flights, mine) if filed else []
     _put_back(cache, key, record)
     return taken[0] if taken else None
@@ -272,6 +268,7 @@ def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any
         record = cache._flights.get(key)
         computing = record.owner if type(record) is Waited else record
         if record is None or gone(computing):  # gone: its owner stayed in the parent
+            cache._flights.pop(key, None)  # filed anew under this call's key (_mine)
             cache._flights[key] = me
             return True
         if computing is me or computing == me:  # recursion: this very caller computes it

@@ -101,7 +101,7 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
             raise _memo_key_write(key)
         check_key(key)
         with self._writable(key):
-            self._invalidate(HELPERS, key)  # a get_or_set in flight must not overwrite it
+            self._invalidate(HELPERS, key, deleted=False)  # a get_or_set in flight keeps it
             self._fill((HELPERS, key), value, self._helpers, None)
 
     def __delitem__(self, key: Hashable) -> None:
@@ -200,10 +200,10 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
             if owner is not HELPERS and self._subs and self._subs.get(owner) is sub:
                 del self._subs[owner]
 
-    def _invalidate(self, owner: object, key: Any = MISSING) -> None:
+    def _invalidate(self, owner: object, key: Any = MISSING, deleted: bool = True) -> None:
         """A delete of ``(owner, key)`` (all of ``owner``'s keys; every owner's for None)
         invalidates its computations in flight; a batch's are left alone. Lock held."""
-        if owner is not HELPERS:  # memo entries: for computations not in _flights (trio)
+        if deleted:  # for computations not in _flights (trio, recursion, a cycle): _keep
             self._deletes += 1
         flights = self._flights
         if not flights:

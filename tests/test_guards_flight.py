@@ -4,6 +4,7 @@ with its guard deleted (a block-deletion mutation pass of the core, 5 December 2
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -429,3 +430,36 @@ async def test_a_nested_computation_that_loses_its_record_never_takes_its_caller
         await asyncio.sleep(0)
         assert await asyncio.gather(owner, f(1)) == ["f", "f"]
         assert await f(1) == "f"
+
+
+def test_a_caller_of_a_key_computed_on_a_stopped_loop_computes_it() -> None:
+    """_waits.gone: the task computing the key was left pending on a loop that stopped and
+    is kept (a worker thread's loop between two run_until_complete calls). A caller on
+    another loop computes the key, and its value is the one stored; before, it waited until
+    that loop ran again, for ever if it never did."""
+    computing = threading.Event()
+
+    @request_memo
+    async def user(user_id: int) -> str:
+        if not computing.is_set():
+            computing.set()
+            await asyncio.sleep(3600)
+            return "the stopped loop's"
+        return f"user {user_id}"
+
+    async def start() -> asyncio.Task[str]:
+        task = asyncio.ensure_future(user(1))
+        await asyncio.sleep(0)
+        return task
+
+    with request_scope():
+        loop = asyncio.new_event_loop()
+        try:
+            pending = loop.run_until_complete(start())
+            assert asyncio.run(asyncio.wait_for(user(1), 5)) == "user 1"
+            assert asyncio.run(user(1)) == "user 1"  # stored
+        finally:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(pending)
+            loop.close()

@@ -267,8 +267,8 @@ def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any
             return (value,)
         record = cache._flights.get(key)
         computing = record.owner if type(record) is Waited else record
-        if record is None or gone(computing):  # gone: its owner stayed in the parent
-            cache._flights.pop(key, None)  # filed anew under this call's key (_mine)
+        if record is None or gone(computing):  # a stopped loop's, or the parent process's
+            restart(cache._flights.pop(key, None))  # filed anew under this key (_mine)
             cache._flights[key] = me
             return True
         if computing is me or computing == me:  # recursion: this very caller computes it

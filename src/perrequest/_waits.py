@@ -56,11 +56,12 @@ _at_fork: frozenset[object] = frozenset()
 
 
 def gone(owner: Any) -> bool:
-    """True when ``owner``, computing a key, never ends: a task left pending on an event
-    loop closed under it, or a thread that ran in a parent of this process and does not
-    exist here (a thread started here may reuse its id: then it is not gone)."""
-    if type(owner) is not int:
-        return owner is not None and bool(owner.get_loop().is_closed())
+    """True when ``owner``, computing a key, may never end: a task left pending on an event
+    loop that stopped (closed, or kept to run again some day: a waiter computes instead),
+    or a thread that ran in a parent of this process and does not exist here (a thread
+    started here may reuse its id: then it is not gone)."""
+    if type(owner) is not int:  # a task registers as its loop runs: only a stop stops it
+        return owner is not None and not owner.get_loop().is_running()
     return bool(_gone) and owner in _gone and all(t.ident != owner for t in threading.enumerate())
 
 
@@ -158,8 +159,8 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
 
 
 def drop_dead(flights: dict[Hashable, Any]) -> None:
-    """Unregister the computations that never end (tasks left pending on a loop closed under
-    them): a closed store would hold them, and their arguments, for as long as it is held.
+    """Unregister the computations that may never end (tasks left pending on a stopped
+    loop): a closed store would hold them, and their arguments, for as long as it is held.
     Their waiters look again. Lock held."""
 
     def dead(_: object, record: Any) -> bool:

@@ -271,6 +271,45 @@ def test_under_trio_callers_that_miss_at_once_all_read_the_first_value_stored(
     assert anyio.run(main, backend="trio") == [1, 1, 1, 1]  # before: [1, 1, 2, 2]
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["request store", "shared="])
+def test_under_trio_a_delete_of_another_key_keeps_a_computation_in_flight_stored(
+    shared: bool,
+) -> None:
+    """_flight.run_async: under trio a computation registers as its thread, so a delete
+    finds it by its key. Before, it was not registered and any delete in the store (here
+    of an unrelated key) kept its value out: the next call computed again and the request
+    read two values of one key."""
+    values = iter(range(1, 100))
+    options: dict[str, Any] = {"shared": cachetools.LRUCache(10)} if shared else {}
+
+    @request_memo(**options)
+    async def token(key: str) -> int:
+        value = next(values)
+        await anyio.sleep(0.05)
+        return value
+
+    @request_memo
+    async def other(key: str) -> str:
+        return key
+
+    async def main() -> list[int]:
+        got: list[int] = []
+        async with request_scope():
+            await other("x")
+
+            async def call() -> None:
+                got.append(await token("k"))
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(call)
+                await anyio.sleep(0.01)
+                other.cache_delete("x")  # another key
+            got.append(await token("k"))
+        return got
+
+    assert anyio.run(main, backend="trio") == [1, 1]  # before: [1, 2]
+
+
 async def test_two_tasks_computing_each_others_keys_do_not_deadlock() -> None:
     """Task A computes f("a"), which awaits f("b"); task B computes f("b"), which awaits
     f("a"). Awaiting each other would hang both: the second to wait computes itself."""

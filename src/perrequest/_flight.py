@@ -4,8 +4,9 @@ One mechanism for threads and tasks. The computing caller registers itself in th
 ``_flights``; the first caller to wait replaces that with a ``Future`` (threads: ``result()``;
 tasks: a future of their loop, ``_waits.Waited``). Only the computing caller removes its
 record and resolves the future, whatever happened to the cache meanwhile, so no waiter is
-stranded; a miss nobody waits for costs one dict insert and one pop. Under trio, tasks
-compute without sharing (``_keep``): correct, only not deduplicated."""
+stranded; a miss nobody waits for costs one dict insert and one pop. Under trio a task
+registers as its thread (asyncio tasks of other threads wait for it) but never waits:
+a key in flight is computed again (``_keep``): correct, only not deduplicated."""
 
 from __future__ import annotations
 
@@ -289,13 +290,15 @@ async def run_async(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """``run`` for tasks; if the computing task is cancelled, a live waiter computes."""
-    me = task_me()
-    if me is None:  # not asyncio (trio): compute without sharing
-        counter.misses += 1
-        return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
+    trio = (me := task_me()) is None  # (no local holds the task: its error's frames would)
+    if trio:  # registered as its thread: a delete finds it; nobody else's waited for
+        me = thread_me()
     try:
         record = cache._flights.setdefault(key, me)
         while record is not me:
+            if trio:  # another trio task computes it: it cannot be waited for
+                counter.misses += 1
+                return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
             step = _next_step(cache, key, me, counter)
             if step is True:
                 break

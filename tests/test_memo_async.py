@@ -6,16 +6,19 @@ import asyncio
 import gc
 import inspect
 import sys
+import threading
 import time
 import traceback
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import anyio
 import cachetools
 import pytest
+from sniffio import current_async_library
 
-from perrequest import ScopeStats, current_store, request_memo, request_scope
+from perrequest import ScopeStats, bind_scope, current_store, request_memo, request_scope
 from perrequest.testing import live_scopes
 
 
@@ -308,6 +311,35 @@ def test_under_trio_a_delete_of_another_key_keeps_a_computation_in_flight_stored
         return got
 
     assert anyio.run(main, backend="trio") == [1, 1]  # before: [1, 2]
+
+
+def test_an_asyncio_task_of_another_thread_waits_for_a_trio_computation() -> None:
+    """_flight.run_async: a trio computation registers as its thread, so an asyncio task
+    of a thread sharing the store (bind_scope) waits for it instead of computing too."""
+    calls: list[str] = []
+    started = threading.Event()
+
+    @request_memo
+    async def user(user_id: int) -> str:
+        calls.append(current_async_library())
+        started.set()
+        await anyio.sleep(0.3)  # the other thread's task asks meanwhile
+        return f"user {user_id}"
+
+    def other_thread(bound: Any) -> str:
+        assert started.wait(5)
+        return asyncio.run(asyncio.wait_for(bound(1), 5))  # type: ignore[no-any-return]
+
+    with ThreadPoolExecutor(1) as pool:
+
+        async def main() -> tuple[str, Future[str]]:
+            async with request_scope():
+                waiter = pool.submit(other_thread, bind_scope(user))
+                return await user(1), waiter
+
+        mine, waiter = anyio.run(main, backend="trio")
+        assert (mine, waiter.result(5)) == ("user 1", "user 1")
+    assert calls == ["trio"]  # before: ["trio", "asyncio"]
 
 
 async def test_two_tasks_computing_each_others_keys_do_not_deadlock() -> None:

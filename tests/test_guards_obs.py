@@ -5,13 +5,20 @@ registry, the scope machinery itself."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from perrequest import get_or_set, prometheus, request_scope
+from perrequest import get_or_set, memo, prometheus, request_scope
 from perrequest.testing import assert_no_live_scopes
+
+pytest_plugins = ["pytester"]
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture
@@ -48,3 +55,46 @@ def test_assert_no_live_scopes_fails_while_a_scope_is_open() -> None:
     finally:
         scope.__exit__(None, None, None)
     assert_no_live_scopes()
+
+
+def test_the_testing_helpers_import_without_pytest() -> None:
+    """``assert_no_live_scopes`` is for any test runner: without pytest the module
+    imports, and only the fixture and hooks are missing."""
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"
+        "import perrequest.testing as testing\n"
+        "from perrequest import request_scope\n"
+        "with request_scope():\n"
+        "    try:\n"
+        "        testing.assert_no_live_scopes()\n"
+        "    except AssertionError:\n"
+        "        print('open')\n"
+        "testing.assert_no_live_scopes()\n"
+        "print(sorted(testing.__all__))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={"PYTHONPATH": str(SRC), "PATH": ""},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["open", "['assert_no_live_scopes',", "'live_scopes']"]
+
+
+def test_an_inner_pytest_run_with_the_option_gives_the_outer_run_its_own_back(
+    pytester: pytest.Pytester,
+) -> None:
+    """A run of pytest inside the tests with ``--perrequest-outside-scope`` set the mode
+    for the rest of the outer run, unless its end gives the outer one back."""
+    before = memo.outside_override
+    mode = "call" if before != "call" else "raise"
+    pytester.makepyfile(
+        f"""
+        from perrequest import memo
+
+        def test_in_force():
+            assert memo.outside_override == {mode!r}
+        """
+    )
+    result = pytester.runpytest_inprocess(f"--perrequest-outside-scope={mode}", "-p", "no:asyncio")
+    result.assert_outcomes(passed=1)
+    assert memo.outside_override == before

@@ -98,3 +98,11 @@ def test_an_inner_pytest_run_with_the_option_gives_the_outer_run_its_own_back(
     result = pytester.runpytest_inprocess(f"--perrequest-outside-scope={mode}", "-p", "no:asyncio")
     result.assert_outcomes(passed=1)
     assert memo.outside_override == before
+
+
+def test_a_star_import_of_the_testing_helpers_brings_the_fixture() -> None:
+    """``from perrequest.testing import *`` in a conftest makes ``memo_scope`` a fixture
+    there (the plugin not loaded: autoload off)."""
+    namespace: dict[str, object] = {}
+    exec("from perrequest.testing import *", namespace)
+    assert {"memo_scope", "assert_no_live_scopes", "live_scopes"} <= set(namespace)

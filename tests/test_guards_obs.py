@@ -106,3 +106,37 @@ def test_a_star_import_of_the_testing_helpers_brings_the_fixture() -> None:
     namespace: dict[str, object] = {}
     exec("from perrequest.testing import *", namespace)
     assert {"memo_scope", "assert_no_live_scopes", "live_scopes"} <= set(namespace)
+
+
+def test_a_response_left_open_by_a_test_is_closed_before_the_next(
+    pytester: pytest.Pytester,
+) -> None:
+    """The failure says the scope "is closed now": a response kept open (a test client's,
+    its body half read) has its scope closed by the plugin, not left live."""
+    pytest.importorskip("flask")
+    pytester.makepyfile(
+        """
+        import flask
+        from perrequest.flask import PerRequest
+        from perrequest.testing import live_scopes
+
+        app = flask.Flask(__name__)
+        PerRequest(app)
+        kept = []
+
+        @app.get("/")
+        def index():
+            return app.response_class(iter(["a", "b"]))
+
+        def test_a_keeps_a_response_open():
+            response = app.test_client().get("/", buffered=False)
+            next(iter(response.response))
+            kept.append(response)
+
+        def test_b_nothing_is_left_live():
+            assert live_scopes() == 0
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "no:asyncio", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_a_keeps_a_response_open left a perrequest scope*"])

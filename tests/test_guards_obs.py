@@ -108,15 +108,17 @@ def test_a_star_import_of_the_testing_helpers_brings_the_fixture() -> None:
     assert {"memo_scope", "assert_no_live_scopes", "live_scopes"} <= set(namespace)
 
 
-def test_a_response_left_open_by_a_test_is_closed_before_the_next(
+def test_a_scope_or_response_left_open_by_a_test_is_closed_before_the_next(
     pytester: pytest.Pytester,
 ) -> None:
-    """The failure says the scope "is closed now": a response kept open (a test client's,
-    its body half read) has its scope closed by the plugin, not left live."""
+    """The failure says the scope "is closed now": a request_scope() entered by hand, a
+    response kept open (a test client's, its body half read) has its scope closed by
+    the plugin, not only made inactive and left live."""
     pytest.importorskip("flask")
     pytester.makepyfile(
         """
         import flask
+        from perrequest import request_scope
         from perrequest.flask import PerRequest
         from perrequest.testing import live_scopes
 
@@ -135,8 +137,20 @@ def test_a_response_left_open_by_a_test_is_closed_before_the_next(
 
         def test_b_nothing_is_left_live():
             assert live_scopes() == 0
+
+        def test_c_leaves_a_scope_open():
+            kept.append(request_scope())
+            kept[-1].__enter__()
+
+        def test_d_nothing_is_left_live():
+            assert live_scopes() == 0
         """
     )
     result = pytester.runpytest_inprocess("-p", "no:asyncio", "-p", "no:randomly")
-    result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*test_a_keeps_a_response_open left a perrequest scope*"])
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_a_keeps_a_response_open left a perrequest scope*",
+            "*test_c_leaves_a_scope_open left a perrequest scope*",
+        ]
+    )

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from perrequest import get_or_set, memo, prometheus, request_scope
 from perrequest.testing import assert_no_live_scopes
@@ -43,6 +43,21 @@ def test_prometheus_records_nothing_for_a_scope_that_did_nothing(
         get_or_set("k", lambda: 1)
     assert registry.get_sample_value("perrequest_scope_entries_count") == 1
     assert registry.get_sample_value("perrequest_scope_saved_seconds_count") == 1
+
+
+def test_instrumenting_another_registry_unregisters_the_first() -> None:
+    """Moved to another registry, perrequest's metrics leave the first: it exposes none
+    of them, and instrumenting it again later finds no clash with perrequest's own."""
+    first, second = CollectorRegistry(), CollectorRegistry()
+    prometheus.instrument(first)
+    try:
+        prometheus.instrument(second)
+        assert "perrequest_" not in generate_latest(first).decode()
+        assert "perrequest_scope_entries" in generate_latest(second).decode()
+        prometheus.instrument(first)
+        assert "perrequest_scope_entries" in generate_latest(first).decode()
+    finally:
+        prometheus.uninstrument()
 
 
 def test_assert_no_live_scopes_fails_while_a_scope_is_open() -> None:

@@ -20,7 +20,7 @@ django_project.setup()
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django_project import toolbar_settings  # noqa: E402
 
-from perrequest import _stats  # noqa: E402
+from perrequest import _stats, memo, request_memo, request_scope  # noqa: E402
 from perrequest.django import toolbar  # noqa: E402
 
 if TYPE_CHECKING:  # imported once the toolbar's app is installed, by the fixture
@@ -168,3 +168,44 @@ def test_the_panel_turns_compute_timing_on_and_can_be_turned_off() -> None:
     assert toolbar._observe in _stats.listeners
     toolbar.remove_listener()
     assert toolbar._observe not in _stats.listeners
+
+
+def test_the_calls_outside_a_scope_of_this_request_come_first() -> None:
+    """Listed by name, the names warned about during the request first: the warning rows
+    of the request shown above those of earlier requests."""
+
+    @request_memo
+    def aa_earlier(x: int) -> int:
+        return x
+
+    @request_memo
+    def zz_now(x: int) -> int:
+        return x
+
+    aa_earlier(1)  # outside any scope: warned once, before the request
+    before = frozenset(memo.warned_outside)
+    zz_now(1)  # during it
+    rows = toolbar._collect(None, before)["outside"]
+    names = [row["name"].rsplit(".", 1)[1] for row in rows]
+    assert names.index("zz_now") < names.index("aa_earlier")
+    assert [row for row in rows if row["now"]] == rows[:1]
+
+
+def test_the_functions_that_saved_most_come_first() -> None:
+    @request_memo
+    def called_first(x: int) -> int:
+        return x
+
+    @request_memo
+    def hit_most(x: int) -> int:
+        return x
+
+    with request_scope() as store:
+        called_first(1)
+        for _ in range(4):
+            hit_most(1)
+        rows = toolbar._collect(store, frozenset())["functions"]
+    assert [(row["name"].rsplit(".", 1)[1], row["hits"]) for row in rows] == [
+        ("hit_most", 3),
+        ("called_first", 0),
+    ]

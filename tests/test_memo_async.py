@@ -313,6 +313,83 @@ def test_under_trio_a_delete_of_another_key_keeps_a_computation_in_flight_stored
     assert anyio.run(main, backend="trio") == [1, 1]  # before: [1, 2]
 
 
+@pytest.mark.parametrize("first_ends", ["first", "second"])
+def test_under_trio_a_key_computed_twice_across_a_delete_of_another_key_has_one_value(
+    first_ends: str,
+) -> None:
+    """_flight._keep: under trio a second caller of a key in flight computes it unshared. A
+    delete of another key meanwhile kept its value out and it returned it all the same:
+    ending first, the registered computation then stored its own; ending last, it returned
+    its value over the one stored. Either way the request read two values of one key."""
+    values = iter(range(1, 100))
+
+    @request_memo
+    async def token(key: str) -> int:
+        value = next(values)
+        await anyio.sleep(0.05 if (value == 1) == (first_ends == "first") else 0.2)
+        return value
+
+    @request_memo
+    async def other(key: str) -> str:
+        return key
+
+    async def main() -> set[int]:
+        got: set[int] = set()
+        async with request_scope():
+            await other("x")
+
+            async def call() -> None:
+                got.add(await token("k"))
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(call)
+                await anyio.sleep(0.01)
+                tasks.start_soon(call)
+                await anyio.sleep(0.01)
+                other.cache_delete("x")  # another key
+            got.add(await token("k"))
+        return got
+
+    assert len(anyio.run(main, backend="trio")) == 1  # before: {1, 2}
+
+
+async def test_a_cycle_of_waiters_computing_across_a_delete_of_another_key_has_one_value() -> None:
+    """_flight._keep: the task that closes a cycle of waiters computes the key unshared; a
+    delete of another key meanwhile kept its value out, and the cycle's first task then
+    stored its own: the request read two values of one key."""
+    counter = iter(range(1, 100))
+    seen: list[int] = []
+
+    @request_memo
+    async def other(key: str) -> str:
+        return key
+
+    @request_memo
+    async def first() -> int:
+        value = next(counter)
+        await asyncio.sleep(0.05)
+        if value == 1:
+            await second()  # waits for the task that computes second
+        return value
+
+    @request_memo
+    async def second() -> str:
+        await asyncio.sleep(0.1)
+        seen.append(await first())  # closes the cycle: computed unshared
+        return "second"
+
+    async with request_scope():
+        await other("x")
+        waiting = asyncio.create_task(second())
+        await asyncio.sleep(0.01)
+        computing = asyncio.create_task(first())
+        await asyncio.sleep(0.12)
+        other.cache_delete("x")  # another key, while the unshared computation runs
+        await asyncio.gather(waiting, computing)
+        seen.append(await first())
+    assert seen == [2, 2]  # before: [2, 1]
+
+
 def test_an_asyncio_task_of_another_thread_waits_for_a_trio_computation() -> None:
     """_flight.run_async: a trio computation registers as its thread, so an asyncio task
     of a thread sharing the store (bind_scope) waits for it instead of computing too."""

@@ -1,12 +1,11 @@
 """Single-flight: a key is computed by one caller at a time; the others wait for the outcome.
 
-One mechanism for threads and tasks. The computing caller registers itself in the cache's
-``_flights``; the first caller to wait replaces that with a ``Future`` (threads: ``result()``;
-tasks: a future of their loop, ``_waits.Waited``). Only the computing caller removes its
-record and resolves the future, whatever happened to the cache meanwhile, so no waiter is
-stranded; a miss nobody waits for costs one dict insert and one pop. Under trio a task
-registers as its thread (asyncio tasks of other threads wait for it) but never waits:
-a key in flight is computed again (``_keep``): correct, only not deduplicated."""
+One mechanism for threads and tasks. The computing caller registers itself in ``_flights``;
+the first to wait replaces that with a ``Future`` (threads: ``result()``; tasks: a future of
+their loop, ``_waits.Waited``). Only the computing caller removes its record and resolves the
+future, whatever happened meanwhile: no waiter is stranded; a miss nobody waits for costs a
+dict insert and a pop. Under trio a task registers as its thread (asyncio tasks of other
+threads wait for it) but never waits: a key in flight is computed again (``_keep``)."""
 
 from __future__ import annotations
 
@@ -75,9 +74,7 @@ def failed(
             record = cache._flights.pop(key, None)
         except BaseException:  # the key's __hash__/__eq__ raised this time: by identity
             record = None
-        record = _own(cache, key, me, record)
-        if record is None:  # invalidated: its waiters restarted then
-            return
+        record = _own(cache, key, me, record)  # None: invalidated, its waiters restarted
     if type(record) is Waited:
         record.future.set_result((False, exc) if isinstance(exc, Exception) else RESTART)
 
@@ -113,11 +110,9 @@ def end(
 ) -> Any:
     """``finish`` when somebody waits, a delete invalidated the record, or the key's hash
     changed. Lock held. If storing raises, ``abandon`` hands the waiters the outcome."""
-    record = _own(cache, key, me, record)
-    if record is None:  # invalidated: not stored
-        return value
-    value = _first(cache, key, value, counter, extra)
-    if record is not me:
+    record = _own(cache, key, me, record)  # None: invalidated, not stored
+    value = value if record is None else _first(cache, key, value, counter, extra)
+    if type(record) is Waited:
         record.future.set_result((True, value))
     return value
 
@@ -162,18 +157,16 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
             restart(record)
 
 
-def _mine(key: Hashable, me: object) -> Callable[[object, Any], bool]:
-    """This call's record, by identity: ``me``'s, filed under this call's ``key`` (a task is
-    the ``me`` of its nested computations too, each with a record of its own)."""
-    return lambda filed, rec: filed is key and (rec is me or getattr(rec, "owner", None) is me)
-
-
 def _own(cache: Cache, key: Hashable, me: object, record: Any) -> Any:
     """``me``'s record, given what popping ``key`` found; taken out by identity if the key's
-    hash changed meanwhile; None if a delete took it. Another's goes back. Lock held."""
+    hash changed (``me``'s filed under this ``key``: a task is the ``me`` of its nested
+    computations too); None if a delete took it. Another's goes back. Lock held."""
     if record is me or (type(record) is Waited and record.owner is me):
         return record
-    mine = _mine(key, me)
+
+    def mine(at: object, rec: Any) -> bool:
+        return at is key and getattr(rec, "owner", rec) is me
+
     filed = any(mine(*item) for item in list(cache._flights.items()))
     taken = take_out(cache._flights, mine) if filed else []
     _put_back(cache, key, record)
@@ -231,7 +224,7 @@ def _unshared(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """Compute without registering (recursion, a cycle of waiters), timed all the same."""
-    deletes, start = cache._deletes, _now() if counter.timed else 0.0
+    seen, start = _seen(cache, key), _now() if counter.timed else 0.0
     try:
         value = fn(*args, **kwargs)
     finally:
@@ -239,26 +232,36 @@ def _unshared(
             counter.compute_s += _now() - start
     if type(value) in LAZY:
         refuse_memoized_result(fn, value)
-    return _keep(cache, key, value, counter, extra, deletes)
+    return _keep(cache, key, value, counter, extra, seen)
 
 
-def _keep(cache: Cache, key: Hashable, value: Any, counter: Counter, extra: Any, n: int) -> Any:
-    """``_first`` for an unregistered computation: nothing after a delete since ``n``."""
+def _seen(cache: Cache, key: Hashable) -> tuple[int, Any]:  # what ``_keep`` compares:
+    return cache._deletes, getattr(rec := cache._flights.get(key), "owner", rec)  # who computes
+
+
+def _keep(cache: Cache, key: Hashable, value: Any, counter: Counter, extra: Any, seen: Any) -> Any:
+    """``_first`` for an unregistered computation: nothing stored after a delete since
+    ``seen`` (the deletes, the key's computing caller), unless that caller holds it still."""
     with cache._lock:
-        return _first(cache, key, value, counter, extra) if cache._deletes == n else value
+        now = _seen(cache, key)
+        fill = now[0] == seen[0] or (seen[1] is not None and now[1] is seen[1])
+        return _first(cache, key, value, counter, extra, fill)
 
 
-def _first(cache: Cache, key: Hashable, value: Any, counter: Counter, extra: Any) -> Any:
-    """Fill, lock held; a value stored since the caller looked (a race, a cycle) stays, and
-    is what it returns: one value per key."""
+def _first(
+    cache: Cache, key: Hashable, value: Any, counter: Counter, extra: Any, fill: bool = True
+) -> Any:
+    """Fill (if ``fill``), lock held; a value stored since the caller looked (a race, a
+    cycle, a later computation) stays, and is what it returns: one value per key."""
     stored = cache._lookup(key)
-    if stored is MISSING:
+    if stored is not MISSING:
+        return stored
+    if fill:
         cache._fill(key, value, counter, extra)
-        return value
-    return stored
+    return value
 
 
-def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any:
+def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter, alone: Any = 0) -> Any:
     """Somebody registered ``key``: a ``Waited`` to wait on (then ``done_waiting``),
     ``True``: registered after all, ``False``: compute without sharing, ``(value,)``."""
     with cache._lock:
@@ -269,10 +272,10 @@ def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter) -> Any
         record = cache._flights.get(key)
         computing = record.owner if type(record) is Waited else record
         if record is None or gone(computing):  # a stopped loop's, or the parent process's
-            restart(cache._flights.pop(key, None))  # filed anew under this key (_mine)
+            restart(cache._flights.pop(key, None))  # filed anew under this key (_own)
             cache._flights[key] = me
             return True
-        if computing is me or computing == me:  # recursion: this very caller computes it
+        if alone or computing is me or computing == me:  # recursion: this caller computes it
             counter.misses += 1
             return False
         if type(record) is not Waited:
@@ -296,10 +299,7 @@ async def run_async(
     try:
         record = cache._flights.setdefault(key, me)
         while record is not me:
-            if trio:  # another trio task computes it: it cannot be waited for
-                counter.misses += 1
-                return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
-            step = _next_step(cache, key, me, counter)
+            step = _next_step(cache, key, me, counter, trio)  # trio: another's is not waited for
             if step is True:
                 break
             if type(step) is tuple:
@@ -341,10 +341,10 @@ async def _unshared_async(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """Compute without registering (trio, recursion, a cycle of waiters), timed all the same."""
-    deletes, start = cache._deletes, _now() if counter.timed else 0.0
+    seen, start = _seen(cache, key), _now() if counter.timed else 0.0
     try:
         value = await fn(*args, **kwargs)
     finally:
         if start:
             counter.compute_s += _now() - start
-    return _keep(cache, key, value, counter, extra, deletes)
+    return _keep(cache, key, value, counter, extra, seen)

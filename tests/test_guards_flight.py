@@ -463,3 +463,39 @@ def test_a_caller_of_a_key_computed_on_a_stopped_loop_computes_it() -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 loop.run_until_complete(pending)
             loop.close()
+
+
+def test_a_computation_resumed_after_its_key_was_taken_over_returns_the_value_stored() -> None:
+    """_flight.end: a computation paused on a stopped loop is taken over (computed and
+    stored by a caller on another loop); when its loop runs again and it ends, its caller
+    gets the value stored, not its own: one value per key. Before, it got its own."""
+    calls: list[int] = []
+    release: list[asyncio.Event] = []
+
+    @request_memo
+    async def user(user_id: int) -> str:
+        calls.append(user_id)
+        if len(calls) == 1:
+            await release[0].wait()
+            return "the paused loop's"
+        return "the other loop's"
+
+    async def start() -> asyncio.Task[str]:
+        release.append(asyncio.Event())
+        task = asyncio.ensure_future(user(1))
+        await asyncio.sleep(0)
+        return task
+
+    async def resume(task: asyncio.Task[str]) -> str:
+        release[0].set()
+        return await task
+
+    with request_scope():
+        loop = asyncio.new_event_loop()
+        try:
+            pending = loop.run_until_complete(start())
+            other = asyncio.run(asyncio.wait_for(user(1), 5))  # that loop is stopped
+            resumed = loop.run_until_complete(asyncio.wait_for(resume(pending), 5))
+        finally:
+            loop.close()
+        assert (resumed, other, asyncio.run(user(1))) == ("the other loop's",) * 3

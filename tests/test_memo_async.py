@@ -200,7 +200,8 @@ def test_a_delete_during_a_computation_keeps_its_stale_value_out(
 ) -> None:
     """A task reads a row slowly; the request writes the row and deletes the memo's entry.
     The slow read ends later: under trio (no single-flight) its value was stored anyway,
-    so the request, and with shared= every later request, read the old row."""
+    so the request, and with shared= every later request, read the old row. Its caller
+    gets the value read and stored since the delete (_flight.end), not its own stale one."""
     row = {"value": 1}
     events: dict[str, anyio.Event] = {}
     options: dict[str, Any] = {"shared": cachetools.LRUCache(10)} if shared else {}
@@ -232,7 +233,7 @@ def test_a_delete_during_a_computation_keeps_its_stale_value_out(
             return got, after_write, at_end, await read("row")
 
     got, after_write, at_end, next_request = anyio.run(main, backend=backend)
-    assert got == [1]  # its own value, as a waiter-less computation's
+    assert got == [2]  # the value stored since (one value per key); before: its own, 1
     assert after_write == at_end == 2  # before, under trio: 1 at the end
     assert next_request == 2  # before, under trio with shared=: 1 until it expired
 

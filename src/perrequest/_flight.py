@@ -110,8 +110,8 @@ def end(
 ) -> Any:
     """``finish`` when somebody waits, a delete invalidated the record, or the key's hash
     changed. Lock held. If storing raises, ``abandon`` hands the waiters the outcome."""
-    record = _own(cache, key, me, record)  # None: invalidated, not stored
-    value = value if record is None else _first(cache, key, value, counter, extra)
+    record = _own(cache, key, me, record)  # None: invalidated (a delete, a takeover)
+    value = _first(cache, key, value, counter, extra, record is not None)  # not stored then
     if type(record) is Waited:
         record.future.set_result((True, value))
     return value

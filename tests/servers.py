@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -137,29 +138,37 @@ def run_process(
     stop_timeout: float = 15,
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """Run ``argv`` with this checkout first on the path, its output in a log file; stopped
-    (killed if it hangs) and the log removed afterwards. Yields the process and the log."""
+    (killed if it hangs) and the log removed afterwards. Yields the process and the log.
+
+    The process gets a temporary directory of its own as ``TMPDIR``, removed once it has
+    stopped: what it makes there (the Django example's SQLite files, say) goes with it,
+    also when it was killed before its ``atexit`` handlers could run."""
+    tmp = Path(tempfile.mkdtemp(prefix="perrequest-server-"))
     full_env = {
         **os.environ,
         # This checkout's src first: from another worktree, the editable install
         # would otherwise bring in another checkout's perrequest.
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), str(ROOT)]),
+        "TMPDIR": str(tmp),
         **(env or {}),
     }
-    with tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False) as log_file:
-        log = Path(log_file.name)
-        proc = subprocess.Popen(
-            list(argv), cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
-        )
+    log = tmp / "server.log"
     try:
-        yield proc, log
-    finally:
-        proc.terminate()
+        with log.open("w+b") as log_file:
+            proc = subprocess.Popen(
+                list(argv), cwd=cwd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+            )
         try:
-            proc.wait(stop_timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.unlink(missing_ok=True)
+            yield proc, log
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def in_forked_child(report: Callable[[], str]) -> str:

@@ -60,9 +60,11 @@ def _redis_session() -> Iterator[Any]:
 
     if BINARY is None:
         pytest.skip(MISSING)
-    server = RedisServer().start()
-    yield server
-    server.close()
+    server = RedisServer()
+    try:  # closed (its directory removed) also when it failed to start
+        yield server.start()
+    finally:
+        server.close()
 
 
 @pytest.fixture
@@ -83,9 +85,9 @@ def own_redis() -> Iterator[Callable[..., Any]]:
     servers: list[Any] = []
 
     def start(*options: str) -> Any:
-        server = RedisServer(*options).start()
-        servers.append(server)
-        return server
+        server = RedisServer(*options)
+        servers.append(server)  # closed (its directory removed) also when it fails to start
+        return server.start()
 
     yield start
     for server in servers:

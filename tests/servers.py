@@ -8,6 +8,7 @@ the app under test reports its own state through an endpoint.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -233,6 +235,35 @@ def serve_gunicorn(
     ]
     with serve_subprocess(argv, port, cwd=cwd, env=env) as url:
         yield url
+
+
+def fetch_all(
+    base: str, targets: Sequence[str], connections: int, timeout: float = 60
+) -> list[tuple[int, bytes]]:
+    """GET every target (a path and its query) of ``base``, over ``connections`` keep-alive
+    connections at once; each response's status and body, in the order of ``targets``.
+
+    For the load loops of thousands of requests: a thread per connection with
+    ``http.client`` costs the test process about 0.1 ms of CPU a request, where an
+    ``httpx.AsyncClient`` with 20 connections costs 2 ms (its pool's bookkeeping grows
+    with the connections), and the test measured its client more than the server."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    results: list[tuple[int, bytes]] = [(0, b"")] * len(targets)
+
+    def run(first: int) -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            for n in range(first, len(targets), connections):
+                conn.request("GET", targets[n])
+                response = conn.getresponse()
+                results[n] = (response.status, response.read())
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(connections) as pool:
+        for done in [pool.submit(run, first) for first in range(connections)]:
+            done.result()
+    return results
 
 
 def read_part_then_reset(port: int, path: str) -> None:

@@ -25,7 +25,9 @@ def _share_httpx_default_ssl_context() -> None:
         from httpx._transports import default as transports
     except ImportError:  # another httpx: its clients make their own
         return
-    make = transports.create_ssl_context
+    make = getattr(transports, "create_ssl_context", None)
+    if make is None:
+        return
 
     @functools.cache
     def default_context() -> ssl.SSLContext:

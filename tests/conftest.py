@@ -1,8 +1,11 @@
-"""Every test ends with no request scope left open in this process; and the Redis
-servers of the Redis tier's tests (``tests/redis_server.py``), started on demand."""
+"""Every test ends with no request scope left open in this process; the Redis servers of
+the Redis tier's tests (``tests/redis_server.py``), started on demand; and httpx's default
+SSL context made once per process, not once per client."""
 
 from __future__ import annotations
 
+import functools
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,6 +13,37 @@ from typing import Any
 import pytest
 
 from perrequest.testing import assert_no_live_scopes, live_scopes
+
+
+def _share_httpx_default_ssl_context() -> None:
+    """httpx makes an SSL context for every client, and ``httpx.get()`` makes a client per
+    call: loading the CA certificates into it costs about 20 ms of CPU each time, which the
+    tests paid tens of thousands of times (one request at a time, polling a server's state
+    every 50 ms) to talk plain HTTP to 127.0.0.1; over half of some server tests' time.
+    Here a process makes the default one (the same certificates, the same checks) once."""
+    try:
+        from httpx._transports import default as transports
+    except ImportError:  # another httpx: its clients make their own
+        return
+    make = getattr(transports, "create_ssl_context", None)
+    if make is None:
+        return
+
+    @functools.cache
+    def default_context() -> ssl.SSLContext:
+        return make()
+
+    def create_ssl_context(
+        verify: Any = True, cert: Any = None, trust_env: bool = True
+    ) -> ssl.SSLContext:
+        if verify is True and cert is None and trust_env:
+            return default_context()
+        return make(verify=verify, cert=cert, trust_env=trust_env)
+
+    transports.create_ssl_context = create_ssl_context
+
+
+_share_httpx_default_ssl_context()
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +62,11 @@ def _redis_session() -> Iterator[Any]:
 
     if BINARY is None:
         pytest.skip(MISSING)
-    server = RedisServer().start()
-    yield server
-    server.close()
+    server = RedisServer()
+    try:  # closed (its directory removed) also when it failed to start
+        yield server.start()
+    finally:
+        server.close()
 
 
 @pytest.fixture
@@ -51,9 +87,9 @@ def own_redis() -> Iterator[Callable[..., Any]]:
     servers: list[Any] = []
 
     def start(*options: str) -> Any:
-        server = RedisServer(*options).start()
-        servers.append(server)
-        return server
+        server = RedisServer(*options)
+        servers.append(server)  # closed (its directory removed) also when it fails to start
+        return server.start()
 
     yield start
     for server in servers:

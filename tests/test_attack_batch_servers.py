@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -26,6 +27,7 @@ from servers import (
     HOST,
     ROOT,
     STOPPING_HYPERCORN,
+    fetch_all,
     free_port,
     serve_gunicorn,
     serve_subprocess,
@@ -299,22 +301,15 @@ def test_memory_stays_flat_over_5000_requests_of_unique_keys(server: str) -> Non
     """Each request loads 20 keys of its own (2 kB values), twice: 80 kB per request that a
     leak would keep, 400 MB over the run."""
 
-    async def run(start: int, count: int) -> None:
-        limits = httpx.Limits(max_connections=20)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
-            semaphore = asyncio.Semaphore(20)
-
-            async def one(n: int) -> None:
-                async with semaphore:
-                    response = await http.get("/unique", params={"n": n})
-                    assert response.json() == {"count": 40}
-
-            await asyncio.gather(*(one(n) for n in range(start, start + count)))
+    def run(start: int, count: int) -> None:  # 20 connections at once
+        targets = [f"/unique?n={n}" for n in range(start, start + count)]
+        for status, body in fetch_all(url, targets, connections=20):
+            assert (status, json.loads(body)) == (200, {"count": 40})
 
     with serve(server) as url:
-        asyncio.run(run(0, 500))
+        run(0, 500)
         before = get(url, "/state")["rss_kb"]
-        asyncio.run(run(500, 5000))
+        run(500, 5000)
         state = settled(url, lambda s: s["live"] == 0 and s["running"] == 0 and not s["tasks"])
     left_nothing(state, server.endswith("trio"))
     assert state["rss_kb"] - before < 8 * 1024, (before, state["rss_kb"])

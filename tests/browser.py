@@ -108,8 +108,14 @@ def chromium() -> Iterator[Page]:
             f"--remote-debugging-port={port}",
             "about:blank",
         ]
+        scratch = os.path.join(profile, "tmp")  # its own scratch (org.chromium.*) goes too
+        os.mkdir(scratch)
         proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "TMPDIR": scratch},
         )
         try:
             url = _page_socket(f"http://{HOST}:{port}", proc)

@@ -152,6 +152,28 @@ def test_a_test_that_leaves_a_scope_open_fails_alone(pytester: pytest.Pytester) 
     )
 
 
+# A Flask app whose first test keeps a response open, its body half read.
+_KEEPS_A_RESPONSE_OPEN = """
+import flask
+from perrequest import request_scope
+from perrequest.flask import PerRequest
+from perrequest.testing import live_scopes
+
+app = flask.Flask(__name__)
+PerRequest(app)
+kept = []
+
+@app.get("/")
+def index():
+    return app.response_class(iter(["a", "b"]))
+
+def test_a_keeps_a_response_open():
+    response = app.test_client().get("/", buffered=False)
+    next(iter(response.response))
+    kept.append(response)
+"""
+
+
 def test_a_scope_left_open_fails_with_the_message_alone_and_a_response_is_told_to_close(
     pytester: pytest.Pytester,
 ) -> None:
@@ -161,27 +183,11 @@ def test_a_scope_left_open_fails_with_the_message_alone_and_a_response_is_told_t
     close it."""
     pytest.importorskip("flask")
     pytester.makepyfile(
-        """
-        import flask
-        from perrequest import request_scope
-        from perrequest.flask import PerRequest
-
-        app = flask.Flask(__name__)
-        PerRequest(app)
-        kept = []
-
-        @app.get("/")
-        def index():
-            return app.response_class(iter(["a", "b"]))
-
-        def test_a_keeps_a_response_open():
-            response = app.test_client().get("/", buffered=False)
-            next(iter(response.response))
-            kept.append(response)
-
-        def test_b_leaves_its_scope_open():
-            request_scope().__enter__()
-        """
+        _KEEPS_A_RESPONSE_OPEN
+        + """
+def test_b_leaves_its_scope_open():
+    request_scope().__enter__()
+"""
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
     result.assert_outcomes(failed=2)
@@ -200,3 +206,34 @@ def test_a_scope_left_open_fails_with_the_message_alone_and_a_response_is_told_t
     failures = result.stdout.str().split("= FAILURES =")[1].split("short test summary")[0]
     assert "pluggy" not in failures and "AssertionError" not in failures, failures
     assert len(failures.strip().splitlines()) <= 6, failures  # two headers, two messages
+
+
+def test_a_scope_or_response_left_open_by_a_test_is_closed_before_the_next(
+    pytester: pytest.Pytester,
+) -> None:
+    """The failure says the scope "is closed now": a request_scope() entered by hand, a
+    response kept open (a test client's, its body half read) has its scope closed by
+    the plugin, not only made inactive and left live (a mutation pass of 6 December)."""
+    pytest.importorskip("flask")
+    pytester.makepyfile(
+        _KEEPS_A_RESPONSE_OPEN
+        + """
+def test_b_nothing_is_left_live():
+    assert live_scopes() == 0
+
+def test_c_leaves_a_scope_open():
+    kept.append(request_scope())
+    kept[-1].__enter__()
+
+def test_d_nothing_is_left_live():
+    assert live_scopes() == 0
+"""
+    )
+    result = pytester.runpytest_inprocess("-p", "no:asyncio", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_a_keeps_a_response_open left a perrequest scope*",
+            "*test_c_leaves_a_scope_open left a perrequest scope*",
+        ]
+    )

@@ -499,3 +499,60 @@ def test_a_computation_resumed_after_its_key_was_taken_over_returns_the_value_st
         finally:
             loop.close()
         assert (resumed, other, asyncio.run(user(1))) == ("the other loop's",) * 3
+
+
+def _paused_then_taken_over(delete: bool) -> tuple[list[str], list[str]]:
+    """A computation paused on a stopped loop (a worker thread's persistent loop between
+    two run_until_complete calls) is taken over by a caller on another loop; the paused one
+    resumes and ends while the other still computes (``delete``: after a delete of the key).
+    Returns what the request read of the key, and the computations."""
+    calls: list[str] = []
+    other_started, paused_ended = threading.Event(), threading.Event()
+
+    @request_memo
+    async def user(user_id: int) -> str:
+        calls.append(name := ("paused", "other", "later")[min(len(calls), 2)])
+        if name == "other":
+            other_started.set()
+            while not paused_ended.is_set():
+                await asyncio.sleep(0.005)
+        else:
+            await asyncio.sleep(0.01)
+        return name
+
+    async def start() -> asyncio.Task[str]:
+        task = asyncio.ensure_future(user(1))
+        await asyncio.sleep(0)
+        return task
+
+    with request_scope():
+        loop = asyncio.new_event_loop()
+        try:
+            pending = loop.run_until_complete(start())  # the loop stops: the task is paused
+            helper = threading.Thread(target=bind_scope(lambda: read.append(asyncio.run(user(1)))))
+            read: list[str] = []
+            helper.start()
+            assert other_started.wait(5)
+            if delete:
+                user.cache_delete(1)
+            read.append(loop.run_until_complete(asyncio.wait_for(pending, 5)))
+            paused_ended.set()
+            helper.join(5)
+        finally:
+            loop.close()
+        read.append(asyncio.run(user(1)))
+    return read, calls
+
+
+def test_a_computation_resumed_while_its_taker_computes_stores_its_value() -> None:
+    """_waits.resumed: the paused computation ends first and stores its value (no delete
+    came), which the one that took over then returns: one value per key. Before, it stored
+    nothing and returned its own, and the other stored its own: the request read two."""
+    read, calls = _paused_then_taken_over(delete=False)
+    assert (read, calls) == (["paused"] * 3, ["paused", "other"])
+
+
+def test_a_computation_resumed_after_a_delete_stores_nothing() -> None:
+    """_waits.resumed: a delete came after the takeover: the paused value is stale, kept out."""
+    read, calls = _paused_then_taken_over(delete=True)
+    assert read[0] == "paused" and read[2] == "later" and calls == ["paused", "other", "later"]

@@ -24,7 +24,9 @@ from ._waits import (
     restart,
     result,
     result_async,
+    resumed,
     take_out,
+    take_over,
     task_me,
     thread_me,
 )
@@ -110,8 +112,8 @@ def end(
 ) -> Any:
     """``finish`` when somebody waits, a delete invalidated the record, or the key's hash
     changed. Lock held. If storing raises, ``abandon`` hands the waiters the outcome."""
-    record = _own(cache, key, me, record)  # None: invalidated (a delete, a takeover)
-    value = _first(cache, key, value, counter, extra, record is not None)  # not stored then
+    record = _own(cache, key, me, record)  # None: a delete, a takeover (``resumed``) took it
+    value = _first(cache, key, value, counter, extra, record is not None or resumed(cache, key, me))
     if type(record) is Waited:
         record.future.set_result((True, value))
     return value
@@ -272,9 +274,7 @@ def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter, alone:
         record = cache._flights.get(key)
         computing = record.owner if type(record) is Waited else record
         if record is None or gone(computing):  # a stopped loop's, or the parent process's
-            restart(cache._flights.pop(key, None))  # filed anew under this key (_own)
-            cache._flights[key] = me
-            return True
+            return take_over(cache, key, computing, me)  # filed anew under this key (_own)
         if alone or computing is me or computing == me:  # recursion: this caller computes it
             counter.misses += 1
             return False

@@ -158,6 +158,39 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
     return taken
 
 
+# The tasks whose keys a caller took over as their loops stopped, with their store's count of
+# deletes then: ended when the loop runs again, one stores its value if no delete came since
+# (``resumed``): else it returned its own while the one that took over, still computing,
+# stored another later. Weakly: a task never resumed goes with its loop.
+_taken: weakref.WeakKeyDictionary[Any, list[tuple[Any, Hashable, int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def take_over(cache: Any, key: Hashable, owner: object, me: object) -> bool:
+    """``me`` computes ``key`` instead of ``owner`` (None, or gone: its loop stopped, its
+    process the parent), whose waiters look again. Lock held."""
+    restart(cache._flights.pop(key, None))
+    if isinstance(owner, asyncio.Task):
+        with _waits_lock:
+            _taken.setdefault(owner, []).append((weakref.ref(cache), key, cache._deletes))
+    cache._flights[key] = me
+    return True
+
+
+def resumed(cache: Any, key: Hashable, me: object) -> bool:
+    """Whether ``me``'s computation of ``key``, taken over, may store its value: no delete
+    came since (it was not invalidated, only its loop paused). Lock held."""
+    with _waits_lock:
+        taken = _taken.get(me) if isinstance(me, asyncio.Task) else None
+        for at, entry in enumerate(taken or ()):
+            with contextlib.suppress(Exception):  # a key's __eq__ raising: not this one
+                if entry[0]() is cache and (entry[1] is key or entry[1] == key):
+                    del taken[at]  # type: ignore[union-attr]
+                    return bool(entry[2] == cache._deletes)
+    return False
+
+
 def drop_dead(flights: dict[Hashable, Any]) -> None:
     """Unregister the computations that may never end (tasks left pending on a stopped
     loop): a closed store would hold them, and their arguments, for as long as it is held.

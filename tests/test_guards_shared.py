@@ -59,3 +59,164 @@ def test_a_forked_child_uses_the_shared_caches_from_any_thread_and_makes_new_one
         if process.is_alive():
             process.kill()
             process.join(5)
+
+
+# -- found by a red-team pass of the shared tier (6 December 2026) -------------------------
+
+
+class _Saved:
+    """A model keyed by its primary key, which the computation reassigns (a save)."""
+
+    def __init__(self, pk: int) -> None:
+        self.pk = pk
+
+    def __hash__(self) -> int:
+        return hash(self.pk)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Saved) and other.pk == self.pk
+
+
+def test_a_record_put_back_under_another_key_object_is_still_found_by_its_thread() -> None:
+    """_flight._own: B's invalidated computation ends after A registered the key (an equal
+    key object) and W waits for A; B's end puts A's record back under B's key object. A's
+    computation then changes its key's hash: A finds its record by its thread's per-call
+    identity. Before, only under its own key object: the record stayed, W waited for ever."""
+    import time
+
+    def compute(model: _Saved) -> str:
+        name = threading.current_thread().name
+        if name == "B":
+            time.sleep(0.5)
+        elif name == "A":
+            time.sleep(0.7)
+            model.pk = 99  # saved: its hash changes
+        return f"value {model.pk}"
+
+    f = request_memo(shared=cachetools.LRUCache(10))(compute)
+    out: dict[str, str] = {}
+
+    def run(name: str) -> threading.Thread:
+        def request() -> None:
+            with request_scope():
+                out[name] = f(_Saved(1))
+
+        thread = threading.Thread(target=request, name=name)
+        thread.start()
+        return thread
+
+    b = run("B")
+    time.sleep(0.1)
+    assert f.cache_delete(_Saved(1)) is False  # invalidates B's computation
+    a = run("A")
+    time.sleep(0.1)
+    w = run("W")  # waits for A
+    for thread in (b, a, w):
+        thread.join(5)
+    assert not w.is_alive()
+    assert out["W"] == out["A"] == "value 99"
+    later = run("later")
+    later.join(5)
+    assert not later.is_alive()
+
+
+def test_a_lookup_that_raises_as_a_value_is_stored_never_reaches_a_waiter() -> None:
+    """_shared._Guarded._lookup: as A's value is stored, the lookup meets a colliding key
+    whose __eq__ raises. Before, that TypeError (its traceback holding A's frames) was
+    handed as it was to C, a waiter in another request; now it is a miss, and C gets A's
+    value."""
+    import time
+
+    class Key:
+        def __init__(self, raising: bool) -> None:
+            self.raising = raising
+
+        def __hash__(self) -> int:
+            return 42
+
+        def __eq__(self, other: object) -> bool:
+            if self.raising and other is not self:
+                raise TypeError("cannot compare")
+            return other is self
+
+    k0, k1 = Key(raising=True), Key(raising=False)
+
+    @request_memo(shared=cachetools.LRUCache(10))
+    def f(key: Key) -> str:
+        time.sleep(0.6 if key is k1 else 0.0)
+        return "value 1" if key is k1 else "value 0"
+
+    got: dict[str, Any] = {}
+
+    def request(name: str, key: Key) -> None:
+        with request_scope():
+            try:
+                got[name] = f(key)
+            except Exception as exc:  # what the test looks at
+                got[name] = exc
+
+    a = threading.Thread(target=request, args=("A", k1))
+    a.start()
+    time.sleep(0.1)
+    c = threading.Thread(target=request, args=("C", k1))  # waits for A
+    c.start()
+    time.sleep(0.1)
+    request("D", k0)  # stored: its key collides with A's, and its __eq__ raises
+    a.join(5)
+    c.join(5)
+    assert got["C"] == got["A"] == "value 1"
+
+
+def test_a_stale_unregistered_computation_is_not_stored_after_a_delete() -> None:
+    """_flight._keep: a trio computation (not registered) started while an asyncio task
+    computed the key; a delete came, and the same task, in its next scope, registered the
+    key again. Before, that same task holding the key passed for "no delete came": the
+    trio value, read before the delete, was stored in the shared cache after it."""
+    import asyncio
+    import time
+
+    import trio
+
+    data = {"v": 0}
+    shared = cachetools.LRUCache(10)
+
+    @request_memo(shared=shared)
+    async def f(key: str) -> str:
+        value = data["v"]
+        try:
+            asyncio.current_task()
+        except RuntimeError:  # trio
+            await trio.sleep(1.0)
+        else:
+            await asyncio.sleep(0.3 if value == 0 else 1.5)
+        return f"from v{value}"
+
+    again = threading.Event()
+
+    async def one_task_two_scopes() -> None:  # a worker's task, a scope per message
+        with request_scope():
+            await f("k")
+        assert again.wait(5)
+        with request_scope():
+            await f("k")
+
+    def in_trio() -> None:
+        async def main() -> None:
+            with request_scope():
+                await f("k")
+
+        trio.run(main)
+
+    worker = threading.Thread(target=asyncio.run, args=(one_task_two_scopes(),))
+    worker.start()
+    time.sleep(0.1)  # the task computes, from v0
+    other = threading.Thread(target=in_trio)
+    other.start()
+    time.sleep(0.1)  # trio computes too, from v0
+    data["v"] = 1
+    f.cache_delete("k")
+    time.sleep(0.3)  # the task's first computation ended (invalidated)
+    again.set()  # it computes again, from v1
+    worker.join(10)
+    other.join(10)
+    assert list(shared.values()) == ["from v1"]

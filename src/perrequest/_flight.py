@@ -166,8 +166,8 @@ def _own(cache: Cache, key: Hashable, me: object, record: Any) -> Any:
     if record is me or (type(record) is Waited and record.owner is me):
         return record
 
-    def mine(at: object, rec: Any) -> bool:
-        return at is key and getattr(rec, "owner", rec) is me
+    def mine(at: object, rec: Any) -> bool:  # a thread's me is new per call: by it alone
+        return (at is key or type(me) is int) and getattr(rec, "owner", rec) is me
 
     filed = any(mine(*item) for item in list(cache._flights.items()))
     taken = take_out(cache._flights, mine) if filed else []
@@ -237,16 +237,16 @@ def _unshared(
     return _keep(cache, key, value, counter, extra, seen)
 
 
-def _seen(cache: Cache, key: Hashable) -> tuple[int, Any]:  # what ``_keep`` compares:
-    return cache._deletes, getattr(rec := cache._flights.get(key), "owner", rec)  # who computes
+def _seen(cache: Cache, key: Hashable) -> tuple[int, Any]:  # what ``_keep`` compares: the
+    return cache._deletes, cache._flights.get(key)  # deletes, the key's record (who computes)
 
 
 def _keep(cache: Cache, key: Hashable, value: Any, counter: Counter, extra: Any, seen: Any) -> Any:
-    """``_first`` for an unregistered computation: nothing stored after a delete since
-    ``seen`` (the deletes, the key's computing caller), unless that caller holds it still."""
+    """``_first`` for an unregistered computation: nothing stored after a delete since ``seen``
+    unless the key's registration then holds it still (a task is its own record in each)."""
     with cache._lock:
-        now = _seen(cache, key)
-        fill = now[0] == seen[0] or (seen[1] is not None and now[1] is seen[1])
+        now, once = _seen(cache, key), type(seen[1]) is int or type(seen[1]) is Waited
+        fill = now[0] == seen[0] or (once and now[1] is seen[1])
         return _first(cache, key, value, counter, extra, fill)
 
 

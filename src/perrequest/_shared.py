@@ -191,8 +191,8 @@ class _Guarded:
     def _lookup(self, key: Hashable) -> Any:
         try:
             return self.cache[key]  # not .get(): cachetools' get looks the key up twice
-        except KeyError:
-            return MISSING
+        except Exception:  # a colliding key's __eq__ raising: a miss (waiters in other
+            return MISSING  # requests must never get this error: it holds this frame)
 
     def _fill(self, key: Hashable, value: Any, counter: SharedTier, extra: object) -> None:
         if type(value) is Raised:  # exceptions are not cached

@@ -99,52 +99,6 @@ def test_a_stopped_redis_costs_op_timeout_once_then_nothing_until_retry_after(
     client.close()
 
 
-def test_as_retry_after_ends_one_caller_probes_and_the_others_keep_away(
-    own_redis: Callable[..., Any],
-) -> None:
-    """After an error, the first caller as the pause ends tries Redis; the others
-    compute here until its GET answers (or for op_timeout), then use Redis at once.
-    Before, every caller missing at that moment sent a GET, each waiting op_timeout on
-    a stopped server."""
-    server = own_redis()
-    client = server.client()
-    cache = RedisCache(client, ttl=60, namespace="t", op_timeout=0.3, retry_after=0.2)
-    get, sent = cache._sync.client.get, []
-
-    def counted(key: str) -> Any:
-        sent.append(key)
-        return get(key)
-
-    cache._sync.client.get = counted
-
-    @request_memo(shared=cache)
-    def f(n: int) -> int:
-        return n
-
-    server.pause()  # SIGSTOP: each GET waits its op_timeout
-    assert _timed(lambda: f(0))[0] == 0
-    time.sleep(0.25)  # retry_after is over
-    barrier, took = threading.Barrier(8), []
-
-    def caller(n: int) -> None:
-        barrier.wait()
-        took.append(_timed(lambda: f(n))[1])
-
-    threads = [threading.Thread(target=caller, args=(n,)) for n in range(1, 9)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert len(sent) == 2 and sorted(took)[-2] < 0.1  # one probe; the others did not wait
-    server.resume()
-    time.sleep(0.25)
-    assert _timed(lambda: f(1))[0] == 1  # the next probe, answered: Redis is back
-    assert _timed(lambda: f(1))[0] == 1 and len(sent) == 4  # at once, not op_timeout later
-    assert cache.stats().errors == 2
-    cache.close()
-    client.close()
-
-
 def test_redis_killed_mid_run_then_restarted(own_redis: Callable[..., Any]) -> None:
     server = own_redis()
     client = server.client()
@@ -240,51 +194,6 @@ def test_async_a_stopped_redis_is_bounded_by_op_timeout(own_redis: Callable[...,
         async with request_scope():
             assert await f(1) == 1
         assert cache.stats().hits == 1
-        await cache.aclose()
-        await client.aclose()
-
-    asyncio.run(main())
-
-
-def test_async_as_retry_after_ends_one_task_probes_and_the_others_keep_away(
-    own_redis: Callable[..., Any],
-) -> None:
-    """The same for tasks on one event loop: one GET as the pause ends, not one per task."""
-    server = own_redis()
-
-    async def main() -> None:
-        client = server.aclient()
-        cache = RedisCache(client, ttl=60, namespace="t", op_timeout=0.3, retry_after=0.2)
-
-        @request_memo(shared=cache)
-        async def f(n: int) -> int:
-            return n
-
-        async def timed(n: int) -> float:
-            start = time.monotonic()
-            async with request_scope():
-                assert await f(n) == n
-            return time.monotonic() - start
-
-        await timed(0)  # the loop's connections, made
-        conn = cache._loops[asyncio.get_running_loop()].client
-        get, sent = conn.get, []
-
-        def counted(key: str) -> Any:
-            sent.append(key)
-            return get(key)
-
-        conn.get = counted
-        server.pause()
-        await timed(0)
-        await asyncio.sleep(0.25)
-        took = sorted(await asyncio.gather(*(timed(n) for n in range(1, 9))))
-        assert len(sent) == 2 and took[-2] < 0.1
-        server.resume()
-        await asyncio.sleep(0.25)
-        await timed(1)
-        await timed(1)
-        assert len(sent) == 4 and cache.stats().hits == 1  # f(1) read, at once
         await cache.aclose()
         await client.aclose()
 

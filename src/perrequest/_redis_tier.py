@@ -108,8 +108,6 @@ class RedisTier:
             except Exception as exc:
                 conn = conn if self._wrong(key, exc) else None  # another type: CLAIMed over
             else:
-                if cache._down_until:  # it answered: a probe after an error, maybe
-                    cache._up()
                 value = MISSING if raw is None else self._decoded(raw, key)
                 if value is not MISSING:
                     self.count("hits")
@@ -137,8 +135,6 @@ class RedisTier:
             except Exception as exc:
                 conn = conn if self._wrong(key, exc) else None  # another type: CLAIMed over
             else:
-                if cache._down_until:  # it answered: a probe after an error, maybe
-                    cache._up()
                 value = MISSING if raw is None else self._decoded(raw, key)
                 if value is not MISSING:
                     self.count("hits")

@@ -208,11 +208,10 @@ class RedisCache:
         self._sync = io.Conn(client, self.op_timeout, True)
         self._client = client  # what each event loop's pool is made like
         self._loops: dict[asyncio.AbstractEventLoop, io.Conn] = {}
-        self._down_until = 0.0  # Redis left alone until then (0.0: up)
-        self._probing = False  # one caller is trying Redis again, the others keep away
+        self._down_until = 0.0
         self._tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
         self._totals = dict.fromkeys(RedisStats._fields, 0)  # functions gone still count
-        self._lock = threading.Lock()  # for counts, logs and the probe after an error
+        self._lock = threading.Lock()  # for counts and logs
         self._logged: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
         _caches.add(self)
@@ -283,24 +282,8 @@ class RedisCache:
 
     def _down(self) -> bool:
         """Whether Redis is left alone after an error (callers look at ``_down_until``
-        first: no clock read, nor call, while up). As the pause ends, the first caller
-        tries it again; the others keep away for ``op_timeout``, unless it answers
-        (``_up``): a stopped server costs one ``op_timeout``, not one per caller."""
-        now = _now()
-        if self._down_until > now:
-            return True
-        with self._lock:
-            if self._down_until > now:  # another caller probes
-                return True
-            if self._down_until:  # (not if its probe has answered meanwhile)
-                self._down_until, self._probing = now + self.op_timeout, True
-        return False
-
-    def _up(self) -> None:
-        """Redis answered: if that was the probe's window, everyone uses it again."""
-        with self._lock:
-            if self._probing:
-                self._down_until, self._probing = 0.0, False
+        first: no clock read, nor call, while up)."""
+        return self._down_until > _now()
 
     def _failed(self, tier: RedisTier, exc: BaseException) -> None:
         """A Redis operation failed: count it, leave Redis alone a while, and say so."""
@@ -316,8 +299,7 @@ class RedisCache:
             )
             return
         if self.retry_after:
-            with self._lock:
-                self._down_until, self._probing = _now() + self.retry_after, False
+            self._down_until = _now() + self.retry_after
         self._warn(
             "error",
             "perrequest: Redis failed for %r (%s: %s); the values are computed in this "

@@ -220,3 +220,39 @@ def test_a_stale_unregistered_computation_is_not_stored_after_a_delete() -> None
     worker.join(10)
     other.join(10)
     assert list(shared.values()) == ["from v1"]
+
+
+async def test_a_record_put_back_under_another_key_object_strands_no_task() -> None:
+    """_waits.gone: as above with tasks, whose records cannot be told apart by identity (a
+    task is its own record in each registration): A's record, put back under B's key
+    object, is not found when A's key changes hash. Once A's task is done, W, waiting for
+    it, takes the key over instead of waiting for ever."""
+    import asyncio
+
+    release = {name: asyncio.Event() for name in "AB"}
+
+    async def compute(model: _Saved, name: str) -> str:
+        if name in release:
+            await release[name].wait()
+        if name == "A":
+            model.pk = 99  # saved: its hash changes
+        return f"{name}: {model.pk}"
+
+    f = request_memo(key=lambda model, name: model, shared=cachetools.LRUCache(10))(compute)
+
+    async def request(name: str) -> str:
+        async with request_scope():
+            return await f(_Saved(1), name)
+
+    b = asyncio.create_task(request("B"))
+    await asyncio.sleep(0.01)
+    f.cache_delete(_Saved(1), "B")  # invalidates B's computation
+    a = asyncio.create_task(request("A"))
+    await asyncio.sleep(0.01)
+    w = asyncio.create_task(request("W"))  # waits for A
+    await asyncio.sleep(0.01)
+    release["B"].set()
+    assert await b == "B: 1"  # B's end puts A's record back under B's key object
+    release["A"].set()
+    assert await a == "A: 99"
+    assert (await asyncio.wait_for(w, 8)).startswith("W")  # before: waited for ever

@@ -56,12 +56,13 @@ _at_fork: frozenset[object] = frozenset()
 
 
 def gone(owner: Any) -> bool:
-    """True when ``owner``, computing a key, may never end: a task left pending on an event
-    loop that stopped (closed, or kept to run again some day: a waiter computes instead),
+    """True when ``owner``, computing a key, may never end: a task done (its record left by
+    a lost lookup), or left pending on an event loop that stopped (closed, or kept to run
+    again some day: a waiter computes instead),
     or a thread that ran in a parent of this process and does not exist here (a thread
     started here may reuse its id: then it is not gone)."""
     if type(owner) is not int:  # a task registers as its loop runs: only a stop stops it
-        return owner is not None and not owner.get_loop().is_running()
+        return owner is not None and (owner.done() or not owner.get_loop().is_running())
     return bool(_gone) and owner in _gone and all(t.ident != owner for t in threading.enumerate())
 
 

@@ -338,12 +338,8 @@ def _leave_pending(user_id: int) -> None:
     """Start ``_pending_user(user_id)`` on a loop that is then closed without cancelling its
     tasks (a worker running ``run_until_complete`` per message)."""
 
-    async def start() -> None:
-        asyncio.ensure_future(_pending_user(user_id))  # noqa: RUF006 (left pending on purpose)
-        await asyncio.sleep(0)  # registered, now waiting
-
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(start())
+    loop.run_until_complete(_started(_pending_user(user_id)))  # registered, now waiting
     loop.close()
 
 
@@ -373,16 +369,12 @@ def test_a_waiter_whose_computation_is_left_on_a_closed_loop_computes_it() -> No
             await asyncio.sleep(3600)
         return f"user {user_id}"
 
-    async def start() -> None:
-        asyncio.ensure_future(user(1))  # noqa: RUF006 (left pending on purpose)
-        await asyncio.sleep(0)
-
     def wait() -> None:
         waited.append(asyncio.run(asyncio.wait_for(user(1), 8)))
 
     with request_scope() as store:
         loop = asyncio.new_event_loop()
-        loop.run_until_complete(start())
+        loop.run_until_complete(_started(user(1)))
         waiter = threading.Thread(target=bind_scope(wait))
         waiter.start()
         _until_somebody_waits(store)
@@ -447,15 +439,10 @@ def test_a_caller_of_a_key_computed_on_a_stopped_loop_computes_it() -> None:
             return "the stopped loop's"
         return f"user {user_id}"
 
-    async def start() -> asyncio.Task[str]:
-        task = asyncio.ensure_future(user(1))
-        await asyncio.sleep(0)
-        return task
-
     with request_scope():
         loop = asyncio.new_event_loop()
         try:
-            pending = loop.run_until_complete(start())
+            pending = loop.run_until_complete(_started(user(1)))
             assert asyncio.run(asyncio.wait_for(user(1), 5)) == "user 1"
             assert asyncio.run(user(1)) == "user 1"  # stored
         finally:
@@ -480,20 +467,15 @@ def test_a_computation_resumed_after_its_key_was_taken_over_returns_the_value_st
             return "the paused loop's"
         return "the other loop's"
 
-    async def start() -> asyncio.Task[str]:
-        release.append(asyncio.Event())
-        task = asyncio.ensure_future(user(1))
-        await asyncio.sleep(0)
-        return task
-
     async def resume(task: asyncio.Task[str]) -> str:
         release[0].set()
         return await task
 
     with request_scope():
         loop = asyncio.new_event_loop()
+        release.append(asyncio.Event())
         try:
-            pending = loop.run_until_complete(start())
+            pending = loop.run_until_complete(_started(user(1)))
             other = asyncio.run(asyncio.wait_for(user(1), 5))  # that loop is stopped
             resumed = loop.run_until_complete(asyncio.wait_for(resume(pending), 5))
         finally:
@@ -520,15 +502,10 @@ def _paused_then_taken_over(delete: bool) -> tuple[list[str], list[str]]:
             await asyncio.sleep(0.01)
         return name
 
-    async def start() -> asyncio.Task[str]:
-        task = asyncio.ensure_future(user(1))
-        await asyncio.sleep(0)
-        return task
-
     with request_scope():
         loop = asyncio.new_event_loop()
         try:
-            pending = loop.run_until_complete(start())  # the loop stops: the task is paused
+            pending = loop.run_until_complete(_started(user(1)))  # the loop stops: paused
             helper = threading.Thread(target=bind_scope(lambda: read.append(asyncio.run(user(1)))))
             read: list[str] = []
             helper.start()
@@ -556,3 +533,10 @@ def test_a_computation_resumed_after_a_delete_stores_nothing() -> None:
     """_waits.resumed: a delete came after the takeover: the paused value is stale, kept out."""
     read, calls = _paused_then_taken_over(delete=True)
     assert read[0] == "paused" and read[2] == "later" and calls == ["paused", "other", "later"]
+
+
+async def _started(call: Any) -> asyncio.Task[Any]:
+    """``call`` in a task of the running loop, started: it has registered its key."""
+    task = asyncio.ensure_future(call)
+    await asyncio.sleep(0)
+    return task

@@ -9,6 +9,7 @@ from typing import Any
 
 import cachetools
 import pytest
+from keys import Model
 
 from perrequest import request_memo, request_scope
 
@@ -64,19 +65,6 @@ def test_a_forked_child_uses_the_shared_caches_from_any_thread_and_makes_new_one
 # -- found by a red-team pass of the shared tier (6 December 2026) -------------------------
 
 
-class _Saved:
-    """A model keyed by its primary key, which the computation reassigns (a save)."""
-
-    def __init__(self, pk: int) -> None:
-        self.pk = pk
-
-    def __hash__(self) -> int:
-        return hash(self.pk)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Saved) and other.pk == self.pk
-
-
 def test_a_record_put_back_under_another_key_object_is_still_found_by_its_thread() -> None:
     """_flight._own: B's invalidated computation ends after A registered the key (an equal
     key object) and W waits for A; B's end puts A's record back under B's key object. A's
@@ -84,7 +72,7 @@ def test_a_record_put_back_under_another_key_object_is_still_found_by_its_thread
     identity. Before, only under its own key object: the record stayed, W waited for ever."""
     import time
 
-    def compute(model: _Saved) -> str:
+    def compute(model: Model) -> str:
         name = threading.current_thread().name
         if name == "B":
             time.sleep(0.5)
@@ -99,7 +87,7 @@ def test_a_record_put_back_under_another_key_object_is_still_found_by_its_thread
     def run(name: str) -> threading.Thread:
         def request() -> None:
             with request_scope():
-                out[name] = f(_Saved(1))
+                out[name] = f(Model(1))
 
         thread = threading.Thread(target=request, name=name)
         thread.start()
@@ -107,7 +95,7 @@ def test_a_record_put_back_under_another_key_object_is_still_found_by_its_thread
 
     b = run("B")
     time.sleep(0.1)
-    assert f.cache_delete(_Saved(1)) is False  # invalidates B's computation
+    assert f.cache_delete(Model(1)) is False  # invalidates B's computation
     a = run("A")
     time.sleep(0.1)
     w = run("W")  # waits for A
@@ -231,7 +219,7 @@ async def test_a_record_put_back_under_another_key_object_strands_no_task() -> N
 
     release = {name: asyncio.Event() for name in "AB"}
 
-    async def compute(model: _Saved, name: str) -> str:
+    async def compute(model: Model, name: str) -> str:
         if name in release:
             await release[name].wait()
         if name == "A":
@@ -242,11 +230,11 @@ async def test_a_record_put_back_under_another_key_object_strands_no_task() -> N
 
     async def request(name: str) -> str:
         async with request_scope():
-            return await f(_Saved(1), name)
+            return await f(Model(1), name)
 
     b = asyncio.create_task(request("B"))
     await asyncio.sleep(0.01)
-    f.cache_delete(_Saved(1), "B")  # invalidates B's computation
+    f.cache_delete(Model(1), "B")  # invalidates B's computation
     a = asyncio.create_task(request("A"))
     await asyncio.sleep(0.01)
     w = asyncio.create_task(request("W"))  # waits for A

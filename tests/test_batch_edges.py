@@ -239,7 +239,9 @@ def test_a_mapping_that_makes_its_values_on_access_is_read_by_either_kind_of_key
 
 
 def test_a_fetch_whose_end_raises_leaves_nothing_in_the_threads_context() -> None:
-    """A key whose hash raises once its batch function ran (a model being saved)."""
+    """A key whose hash raises once its batch function ran (a model being saved): its
+    callers get its value, unstored (a RuntimeError failed the call until 6 December 2026,
+    only TypeError was handled)."""
     from perrequest._waits import within
 
     broken = threading.local()
@@ -263,8 +265,7 @@ def test_a_fetch_whose_end_raises_leaves_nothing_in_the_threads_context() -> Non
 
     with request_scope():
         for i in range(3):
-            with pytest.raises(RuntimeError):
-                load.load(Key(i))
+            assert load.load(Key(i)) == i
             broken.on = False
         assert within.get() == ()  # a fetch left here would be carried by bind_scope
 

@@ -40,14 +40,17 @@ WAIT = 5
 
 class SavedKey:
     """A key whose hash changes when the batch function saves it (a model hashed by the
-    primary key the save assigns); ``broken``: its hash raises (a copy being saved)."""
+    primary key the save assigns); ``broken``: its hash raises ``error`` (a copy being saved:
+    Django's TypeError; a model of another library may raise something else)."""
+
+    error: type[Exception] = TypeError
 
     def __init__(self, n: int) -> None:
         self.n, self.saved, self.broken = n, False, False
 
     def __hash__(self) -> int:
         if self.broken:
-            raise TypeError("Model instances without primary key value are unhashable")
+            raise self.error("Model instances without primary key value are unhashable")
         return hash((self.n, self.saved))
 
     def __eq__(self, other: object) -> bool:
@@ -907,14 +910,14 @@ def test_a_thread_that_waited_for_anothers_fetch_may_be_waited_for_by_it_later()
 # -- a batch function that makes its own key unhashable (a model copy it saves) -----------
 
 
-def _breaking_saves() -> tuple[Any, list[list[int]]]:
+def _breaking_saves(error: type[Exception] = TypeError) -> tuple[Any, list[list[int]]]:
     """A sync and an async batch function that break the hash of key 1 as they save it."""
     calls: list[list[int]] = []
 
     def save(keys: list[SavedKey]) -> list[int]:
         calls.append([key.n for key in keys])
         for key in keys:
-            key.broken = key.n == 1
+            key.broken, key.error = key.n == 1, error
         return [key.n * 10 for key in keys]
 
     async def save_async(keys: list[SavedKey]) -> list[int]:
@@ -923,13 +926,15 @@ def _breaking_saves() -> tuple[Any, list[list[int]]]:
     return (request_batch(save), request_batch(save_async)), calls
 
 
+@pytest.mark.parametrize("error", [TypeError, ValueError])
 def test_a_key_a_sync_batch_function_makes_unhashable_still_gets_its_value(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, error: type[Exception]
 ) -> None:
     """_batching.fetch, settled and _end: the sync batch function breaks one key's hash.
     Every caller gets its value, the other keys are stored, the broken one is not (logged),
-    as for an async loader; before, the whole call raised the key's TypeError."""
-    (save, _), calls = _breaking_saves()
+    as for an async loader; before, the whole call raised the key's error (any error: a
+    hash raising ValueError failed the call until 6 December 2026)."""
+    (save, _), calls = _breaking_saves(error)
     with caplog.at_level(logging.ERROR), request_scope() as store:
         a, b = SavedKey(1), SavedKey(2)
         assert save.load_many([a, b, a]) == [10, 20, 10]

@@ -37,11 +37,11 @@ def same(key: Any, cache_key: Any) -> bool:
 def put_all(out: dict[Hashable, Any], cks: list[Hashable], values: list[Any]) -> None:
     try:
         out.update(zip(cks, values, strict=True))
-    except TypeError:  # a key's hash raised: that one by identity
+    except Exception:  # a key's hash raised (TypeError, or whatever its model raises): by identity
         for ck, value in zip(cks, values, strict=True):
             try:
                 out[ck] = value
-            except TypeError:
+            except Exception:
                 out[Unhashed(ck)] = value
 
 
@@ -49,7 +49,7 @@ def pick(out: dict[Hashable, Any], ck: Hashable) -> Any:
     """``ck``'s outcome in ``out``, MISSING if none."""
     try:
         return out[ck]
-    except (TypeError, KeyError):  # (KeyError: an equal key, whose hash raised)
+    except Exception:  # its hash raised; or KeyError: an equal key, whose hash raised
         for kept, value in out.items():
             if type(kept) is Unhashed and same(ck, kept.key):
                 return value

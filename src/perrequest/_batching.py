@@ -305,7 +305,7 @@ class _BatchSpec:
             try:
                 self.keep(store, counter, out)
                 for ck in me.keys:
-                    with suppress(TypeError):  # its hash raised: taken out below
+                    with suppress(Exception):  # its hash raised: taken out below
                         left -= store._flights.pop((self, ck), None) is me
             finally:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.

@@ -108,3 +108,16 @@ def reader() -> Iterator[Any]:
     otel.instrument(MeterProvider(metric_readers=[metric_reader]))
     yield metric_reader
     otel.uninstrument()
+
+
+@pytest.fixture
+def registry() -> Iterator[Any]:
+    """A fresh prometheus-client registry, perrequest.prometheus instrumented on it."""
+    from prometheus_client import CollectorRegistry
+
+    from perrequest import prometheus
+
+    collector_registry = CollectorRegistry()
+    prometheus.instrument(collector_registry)
+    yield collector_registry
+    prometheus.uninstrument()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ from perrequest.testing import assert_no_live_scopes
 pytest_plugins = ["pytester"]
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture
-def registry() -> Iterator[CollectorRegistry]:
-    registry = CollectorRegistry()
-    prometheus.instrument(registry)
-    yield registry
-    prometheus.uninstrument()
 
 
 def test_prometheus_records_nothing_for_a_scope_that_did_nothing(

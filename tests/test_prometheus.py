@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -28,14 +27,6 @@ def user(uid: int) -> dict[str, int]:
 @request_memo(max_entries=1)
 def page(n: int) -> int:
     return n
-
-
-@pytest.fixture
-def registry() -> Iterator[CollectorRegistry]:
-    registry = CollectorRegistry()
-    prometheus.instrument(registry)
-    yield registry
-    prometheus.uninstrument()
 
 
 def scrape(url: str) -> dict[str, list[Any]]:

@@ -38,6 +38,17 @@ def _spread(base: str, path: str, rounds: int = 60, concurrent: int = 16) -> lis
     return answers
 
 
+def _stats_of(base: str, pid: int) -> dict[str, Any]:
+    """The /stats of the worker ``pid``: asked on new connections until it answers."""
+    limits = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=base, timeout=30, limits=limits) as http:
+        for _ in range(400):
+            stats: dict[str, Any] = http.get("/stats").json()
+            if stats["worker"] == pid:
+                return stats
+    raise AssertionError(f"worker {pid} never answered /stats")
+
+
 def test_fastapi_under_uvicorn_workers_fetches_the_rate_once(redis_server: Any) -> None:
     port = free_port()
     argv = [
@@ -46,9 +57,13 @@ def test_fastapi_under_uvicorn_workers_fetches_the_rate_once(redis_server: Any) 
     ]  # fmt: skip
     with serve_subprocess(argv, port, env={"REDIS_URL": redis_server.url}) as base:
         answers = _spread(base, "/convert/EUR?amount=20")
+        rates = sorted({(a["rate"]["fetched_at"], a["rate"]["fetched_by"]) for a in answers})
+        later = {pid: _stats_of(base, pid) for _, pid in rates[1:]}
     assert len({a["served_by"] for a in answers}) >= 2  # several processes answered
-    rates = {(a["rate"]["fetched_by"], a["rate"]["fetched_at"]) for a in answers}
-    assert len(rates) == 1  # and all of them got the one value fetched once
+    # All of them got the one value fetched once; or a worker that fetched it again
+    # failed to reach Redis (a machine so loaded that an operation took op_timeout):
+    # failing open, as documented, is the only way a second fetch may happen.
+    assert all(stats["errors"] or stats["lock_timeouts"] for stats in later.values()), later
     assert all(a["amount"] == 18.4 and a["fee"] == 0.18 for a in answers)
     with redis_server.client() as client:
         keys = [k.decode() for k in client.scan_iter()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import multiprocessing
 import os
 import random
@@ -143,6 +144,39 @@ def test_a_child_forked_while_another_thread_is_in_a_scope_counts_no_open_scope(
         thread.join(10)
     assert report == "0 1", report
     assert live_scopes() == 0
+
+
+@fork_only
+def test_a_forked_child_warns_once_about_a_memo_its_parent_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """"One WARNING per function per process": a child is a process of its own (gunicorn
+    --preload's workers, after a call at import in the master). Before: the warned names
+    were copied with the memory, and no worker ever said its calls ran outside a scope."""
+
+    @request_memo
+    def lookup(n: int) -> int:
+        return n
+
+    def child() -> str:
+        handler = _Collect()
+        logging.getLogger("perrequest").addHandler(handler)
+        lookup(1), lookup(2)
+        return str(len(handler.messages))
+
+    with caplog.at_level(logging.WARNING, logger="perrequest"):
+        lookup(1), lookup(2)
+        assert in_forked_child(child) == "1"
+    assert len([r for r in caplog.records if "outside a request scope" in r.getMessage()]) == 1
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 # -- real Celery workers ------------------------------------------------------------------

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import subprocess
 import sys
@@ -67,6 +68,30 @@ def test_every_name_of_the_public_api_table_exists_and_is_documented() -> None:
         assert (obj.__doc__ or "").strip(), f"perrequest.{name} has no docstring"
         assert (name in perrequest.__all__) is (name not in HELPERS), name
     assert "DEFAULT_MAX_ENTRIES" in perrequest.__all__
+
+
+def test_the_parameters_are_named_as_the_public_api_table_writes_them() -> None:
+    """DESIGN.md writes ``add_scope_listener(fn)``, ``bind_scope(fn)``, ``get(key, default)``
+    ...: a call by those keywords works (an audit found ``add_scope_listener(listener)``)."""
+    listener = []
+    perrequest.add_scope_listener(fn=listener.append)
+    try:
+        with request_scope():
+            bound = perrequest.bind_scope(fn=lambda: perrequest.get(key="k", default=1))
+            assert bound() == 1
+            perrequest.set(key="k", value=2)
+            assert perrequest.get_or_set(key="k", factory=lambda: 3) == 2
+            assert perrequest.delete(key="k") is True
+    finally:
+        perrequest.remove_scope_listener(fn=listener.append)
+    assert len(listener) == 1
+    for name, params in {
+        "request_scope": ["max_entries", "on_close"],
+        "add_scope_listener": ["fn"],
+        "remove_scope_listener": ["fn"],
+        "bind_scope": ["fn"],
+    }.items():
+        assert list(inspect.signature(getattr(perrequest, name)).parameters) == params, name
 
 
 def test_every_integration_entry_point_exists_and_is_documented() -> None:

@@ -122,25 +122,25 @@ def observed() -> bool:  # beyond a scope's own on_close
     return bool(listeners) or _logger.isEnabledFor(logging.DEBUG)
 
 
-def add_scope_listener(listener: Callable[[ScopeStats], object]) -> None:
-    """Call ``listener(stats)`` for every scope that closes in this process, after its
+def add_scope_listener(fn: Callable[[ScopeStats], object]) -> None:
+    """Call ``fn(stats)`` for every scope that closes in this process, after its
     ``on_close``. A listener that raises is logged, never propagated."""
-    if listener is None:
+    if fn is None:
         raise TypeError(
             "add_scope_listener() must be a callable taking ScopeStats, not None. "
             "To stop a listener, call remove_scope_listener(fn) with it."
         )
-    listener = check_on_close(listener, "add_scope_listener()", optional=False)  # type: ignore[assignment]
+    fn = check_on_close(fn, "add_scope_listener()", optional=False)  # type: ignore[assignment]
     with _listeners_lock:
-        if listener not in listeners:
-            listeners.append(listener)
+        if fn not in listeners:
+            listeners.append(fn)
 
 
-def remove_scope_listener(listener: Callable[[ScopeStats], object]) -> None:
-    """Stop calling ``listener``; a listener that was not added is ignored."""
+def remove_scope_listener(fn: Callable[[ScopeStats], object]) -> None:
+    """Stop calling ``fn``; a listener that was not added is ignored."""
     with _listeners_lock:
-        if listener in listeners:
-            listeners.remove(listener)
+        if fn in listeners:
+            listeners.remove(fn)
 
 
 def stats_of(counts: tuple[Any, ...], duration: float) -> ScopeStats:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Hashable, MutableMapping
@@ -44,6 +45,18 @@ outside_override: str | None = None
 warned_outside: set[str] = set()
 _WARNED_MAX = 10_000
 _warned_lock = threading.Lock()
+
+
+def _forked() -> None:
+    """A forked child is a process of its own: it warns once per function too (gunicorn
+    --preload's workers after a call at import), with a lock no parent thread holds."""
+    global _warned_lock
+    warned_outside.clear()
+    _warned_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forked)
 OUTSIDE_SCOPE = ("warn", "call", "raise")
 _OPTIONS = ("key", "typed", "max_entries", "outside_scope", "shared", "version")
 

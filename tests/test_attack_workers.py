@@ -150,7 +150,7 @@ def test_a_child_forked_while_another_thread_is_in_a_scope_counts_no_open_scope(
 def test_a_forked_child_warns_once_about_a_memo_its_parent_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """"One WARNING per function per process": a child is a process of its own (gunicorn
+    """ "One WARNING per function per process": a child is a process of its own (gunicorn
     --preload's workers, after a call at import in the master). Before: the warned names
     were copied with the memory, and no worker ever said its calls ran outside a scope."""
 

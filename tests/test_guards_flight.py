@@ -8,6 +8,7 @@ import contextlib
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from keys import Model
 import perrequest
 from perrequest import _flight, bind_scope, request_memo, request_scope
 from perrequest._waits import Waited
+
+WAIT = 10  # seconds: a hang fails the test instead of the run
 
 
 def test_a_key_moved_while_another_in_flight_is_unhashable_raises_nothing() -> None:
@@ -540,3 +543,80 @@ async def _started(call: Any) -> asyncio.Task[Any]:
     task = asyncio.ensure_future(call)
     await asyncio.sleep(0)
     return task
+
+
+# -- a wait inside a wait (a finalizer run by a collection in a waiting thread) -------------
+
+
+def test_a_wait_nested_in_a_wait_gives_back_the_outer_waits_for_entry() -> None:
+    """_waits.done_waiting: a collection can run a finalizer inside a thread's wait loop,
+    and the finalizer can wait for a memo too. Its end of waiting popped the thread's only
+    waits-for entry, the outer wait's: a caller the thread waits for, then waiting for the
+    thread, saw no cycle and waited for ever. The outer entry is given back; an end of
+    waiting that made no entry (the future was done) leaves the entry alone."""
+    from concurrent.futures import Future
+
+    from perrequest._waits import done_waiting, may_wait
+
+    me, other, third = threading.get_ident(), -1, -2
+    outer, inner, done = Future[Any](), Future[Any](), Future[Any]()
+    done.set_result(None)
+    try:
+        assert may_wait(me, other, outer)
+        done_waiting(me, done)  # a wait on a done future: may_wait was never asked
+        assert may_wait(me, third, inner)  # the finalizer's wait
+        done_waiting(me, inner)
+        assert not may_wait(other, me, Future())  # other waits for me, who waits for it
+    finally:
+        done_waiting(me, outer)
+    last = Future[Any]()
+    assert may_wait(other, me, last)  # no wait of mine left: no cycle
+    done_waiting(other, last)
+
+
+def test_a_cycle_through_a_thread_whose_finalizer_waited_is_still_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The promise behind the test above, with threads: T computes x and waits for a (U
+    computes it); inside T's wait a finalizer waits for b (V computes it) and ends; then U
+    needs x. Before: T's waits-for entry was gone, U waited for T, T for U, for ever."""
+    from perrequest import _waits
+
+    gates = {name: threading.Event() for name in ("a", "b", "release b", "u needs x")}
+    local, nested = threading.local(), []
+
+    @request_memo
+    def f(name: str) -> str:
+        if name == "x":  # T's computation; U's, once it sees the cycle, is plain
+            return "x" + f("a") if getattr(local, "t", False) else "x"
+        if name == "a":  # U
+            gates["a"].set()
+            assert gates["u needs x"].wait(WAIT)
+            return "a" + f("x")
+        gates["b"].set()  # V
+        assert gates["release b"].wait(WAIT)
+        return "b"
+
+    real_gone = _waits.gone
+
+    def gone(owner: Any) -> bool:  # in T's wait loop, each second: where a finalizer runs
+        if getattr(local, "t", False) and not nested:
+            threading.Timer(0.2, gates["release b"].set).start()
+            nested.append(f("b"))  # a wait for V's computation, inside the wait for U's
+            gates["u needs x"].set()
+        return real_gone(owner)
+
+    def t_computes_x() -> str:
+        local.t = True
+        return f("x")
+
+    monkeypatch.setattr(_waits, "gone", gone)
+    with request_scope(), ThreadPoolExecutor(3) as pool:
+        u = pool.submit(bind_scope(f), "a")
+        v = pool.submit(bind_scope(f), "b")
+        assert gates["a"].wait(WAIT) and gates["b"].wait(WAIT)
+        t = pool.submit(bind_scope(t_computes_x))
+        # U saw the cycle and computed x itself, stored first: T's x returns that (one
+        # value per key in a request).
+        assert u.result(WAIT) == "ax" and t.result(WAIT) == "x" and v.result(WAIT) == "b"
+    assert nested == ["b"]

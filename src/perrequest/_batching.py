@@ -288,7 +288,7 @@ class _BatchSpec:
             try:  # looked at every second: a fetch may end without a word (as a memo's)
                 outcome = result(future, flights, (self, ck), other)
             finally:
-                done_waiting(me.owner)
+                done_waiting(me.owner, future)
             value = MISSING if outcome is RESTART else pick(outcome, ck)
             if value is MISSING:
                 again[ck] = wanted[ck]

@@ -196,7 +196,7 @@ def run(
                 got = result(step.future, cache._flights, key, step)
                 value = _outcome(cache, counter, got)
             finally:
-                done_waiting(me)
+                done_waiting(me, step.future)
                 record = step = got = None  # Waited -> error -> traceback -> here: a GC cycle
             if value is not MISSING:  # else its caller was interrupted: look, join, compute
                 return value
@@ -310,7 +310,7 @@ async def run_async(
                 got = await result_async(step.future, cache._flights, key, step)
                 value = _outcome(cache, counter, got)
             finally:
-                done_waiting(me)
+                done_waiting(me, step.future)
                 record = step = got = None  # as in run
             if value is not MISSING:  # else its caller was cancelled: look, join, compute
                 return value

@@ -100,12 +100,23 @@ def may_wait(me: object, owner: object, future: Any) -> bool:
             if who is None or done is None or done.done():
                 break
         target = owner if type(owner) is int else weakref.ref(owner)
-        _waits_of(me)[me] = (target, weakref.ref(future))
+        waits = _waits_of(me)
+        waits[me] = (target, weakref.ref(future), waits.get(me))  # a wait in a wait: nested
         return True
 
 
-def done_waiting(me: object) -> None:
-    _waits_of(me).pop(me, None)
+def done_waiting(me: object, future: Any) -> None:
+    """``me`` waits no more for ``future``: its entry goes, and the entry of a wait it was
+    nested in (a finalizer that waits, run by a collection in a waiting thread) is back.
+    A wait ``may_wait`` made no entry for (the future was done) leaves the entry alone."""
+    with _waits_lock:
+        waits = _waits_of(me)
+        entry = waits.get(me)
+        if entry is not None and entry[1]() is future:
+            if entry[2] is None:
+                del waits[me]
+            else:
+                waits[me] = entry[2]
 
 
 class Waited:

@@ -4,6 +4,7 @@ its guard deleted (a block-deletion mutation pass of the core, 5 December 2026).
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 import weakref
@@ -125,3 +126,37 @@ def test_a_helper_deleted_while_computed_unshared_stores_nothing() -> None:
 
         assert store.get_or_set("k", lambda: store.get_or_set("k", inner)) == "stale"
         assert "k" not in store  # before: "stale", stored after the delete
+
+
+@pytest.mark.parametrize("write", ["set", "memo"])
+def test_another_thread_never_sees_a_full_store_over_its_bound(write: str) -> None:
+    """Entries.__len__ and _pairs: a fill into a full store puts the new entry in, then
+    evicts the oldest, under the store's lock. Read without it, another thread saw
+    max_entries + 1 entries (in 6 to 10% of its reads, an audit found)."""
+
+    @request_memo
+    def f(n: int) -> int:
+        return n
+
+    seen: set[int] = set()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between the fill's two steps
+    try:
+        with request_scope(max_entries=50) as store:
+            stop = time.monotonic() + 0.5
+
+            def fill() -> None:
+                n = 0
+                while time.monotonic() < stop:
+                    n += 1
+                    perrequest.set(n, n) if write == "set" else f(n)
+
+            writer = threading.Thread(target=perrequest.bind_scope(fill))
+            writer.start()
+            while writer.is_alive():
+                seen.add(len(store))
+                seen.add(len(list(store.items())))
+            writer.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert max(seen) == 50, seen

@@ -64,9 +64,6 @@ class Entries:
         self._next_id = self._evictions = self._peak = self._deletes = 0
         self._lock: Any = threading.RLock()
 
-    def __len__(self) -> int:
-        return len(self._order)
-
     def _writable(self, what: object) -> Any:
         """The lock; ``ScopeClosed`` once closed. A write racing the close stores nothing:
         ``_shut`` empties the store under the lock, and a closed store fills nothing."""

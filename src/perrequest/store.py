@@ -107,6 +107,10 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     def __delitem__(self, key: Hashable) -> None:
         self.pop(key)
 
+    def __len__(self) -> int:
+        with self._lock:  # a fill adds, then evicts, under it: never seen over the bound
+            return len(self._order)
+
     def __iter__(self) -> Iterator[Hashable]:
         return iter([key for key, _ in self._pairs()])  # a snapshot: safe from other threads
 
@@ -122,13 +126,14 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         return _SnapshotValues(self)
 
     def _pairs(self) -> list[tuple[Hashable, Any]]:
+        """A snapshot, taken under the lock (a fill adds, then evicts: never over the bound).
+        dict.items, also on a bounded function's OrderedDict, whose own items() hashes
+        every key: user code, during which a hit in another thread reorders it."""
         pairs: list[tuple[Hashable, Any]] = []
-        for owner, sub in list((self._subs or {}).items()):
-            # list() copies in one step, under the GIL; dict.items, also on a bounded
-            # function's OrderedDict, whose own items() hashes every key (Python code,
-            # during which another thread's hit reorders it: "mutated during iteration").
-            for key, entry in list(dict.items(sub)):
-                pairs.append((key if owner is HELPERS else MemoKey(owner, key), entry[0]))
+        with self._lock:
+            for owner, sub in list((self._subs or {}).items()):
+                for key, entry in list(dict.items(sub)):
+                    pairs.append((key if owner is HELPERS else MemoKey(owner, key), entry[0]))
         return pairs
 
     # A store is a handle on one scope's memory, like a lock: copying a structure

@@ -13,6 +13,7 @@ import asyncio
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 import cachetools
@@ -48,7 +49,11 @@ class AppError(Exception):
         self.code = code
 
 
-ORIGINALS: list[BaseException] = []  # every exception ``boom`` raised in this process
+# Every exception ``boom`` raised in this process and still alive (a request that got one
+# holds it). Weakly: the last 50, held, kept their tracebacks' frames, whose turnover left
+# the worker's RSS 6 to 11 MB above where the old warm-up measured it before settling
+# (CPython 3.12: past test_many_requests_leave_nothing_behind's 8 MB; 0.5 MB without them).
+ORIGINALS: weakref.WeakSet[BaseException] = weakref.WeakSet()
 
 
 def record(kind: str, arg: object) -> None:
@@ -69,8 +74,7 @@ def _boom(name: str) -> None:
     record("boom", name)
     private = {"request": f"data of {os.getpid()}"}  # a local a frame would keep
     error = AppError(f"{name} failed", code=len(private))
-    ORIGINALS.append(error)
-    del ORIGINALS[:-50]
+    ORIGINALS.add(error)
     raise error
 
 

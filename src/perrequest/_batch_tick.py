@@ -125,11 +125,15 @@ def _spawn(
     state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any]
 ) -> None:
     """A task per call, held in ``_running``; its done-callback hands the values to
-    ``waiters`` (a callback: a task cancelled before its first step runs no code)."""
+    ``waiters`` (a callback: a task cancelled before its first step runs no code). The
+    keys' hashes are read before any task exists: an eager task factory (3.12+) runs a
+    batch function inside ``create_task``, where a save may change them."""
     state.counter.misses += len(keys)
     size = state.spec.max_batch_size or len(keys)
-    for i in range(0, len(keys), size):
+    starts = range(0, len(keys), size)
+    for i, part_hashes in zip(starts, [hashes(cks[i : i + size]) for i in starts], strict=True):
         part, part_cks = keys[i : i + size], cks[i : i + size]
+        ended = functools.partial(_ended, state, part, part_cks, part_hashes, waiters)
         call = _call(state, part, part_cks)
         try:
             task = state.loop.create_task(call)
@@ -138,7 +142,6 @@ def _spawn(
             task = state.loop.create_future()  # type: ignore[assignment]
             task.set_result([exc] * len(part))
         _running.setdefault(state.loop, {})[task] = state
-        ended = functools.partial(_ended, state, part, part_cks, hashes(part_cks), waiters)
         task.add_done_callback(ended)
 
 

@@ -130,9 +130,10 @@ def _spawn(
     batch function inside ``create_task``, where a save may change them."""
     state.counter.misses += len(keys)
     size = state.spec.max_batch_size or len(keys)
-    starts = range(0, len(keys), size)
-    for i, part_hashes in zip(starts, [hashes(cks[i : i + size]) for i in starts], strict=True):
+    known = hashes(cks)  # None: a key cannot be hashed now; all are then told by identity
+    for i in range(0, len(keys), size):
         part, part_cks = keys[i : i + size], cks[i : i + size]
+        part_hashes = None if known is None else known[i : i + size]
         ended = functools.partial(_ended, state, part, part_cks, part_hashes, waiters)
         call = _call(state, part, part_cks)
         try:

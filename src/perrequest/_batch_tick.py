@@ -130,10 +130,14 @@ def _spawn(
     batch function inside ``create_task``, where a save may change them."""
     state.counter.misses += len(keys)
     size = state.spec.max_batch_size or len(keys)
-    known = hashes(cks)  # None: a key cannot be hashed now; all are then told by identity
-    for i in range(0, len(keys), size):
+    known = hashes(cks)  # None: a key cannot be hashed now: then per part, before any task
+    starts = range(0, len(keys), size)
+    per_part = {} if known is not None else {i: hashes(cks[i : i + size]) for i in starts}
+    for i in starts:
         part, part_cks = keys[i : i + size], cks[i : i + size]
-        part_hashes = None if known is None else known[i : i + size]
+        # One key that cannot be hashed sends only its own part to identity: another
+        # part's end would otherwise file this part's keys again under their hashes now.
+        part_hashes = per_part[i] if known is None else known[i : i + size]
         ended = functools.partial(_ended, state, part, part_cks, part_hashes, waiters)
         call = _call(state, part, part_cks)
         try:

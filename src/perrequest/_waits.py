@@ -96,6 +96,8 @@ def may_wait(me: object, owner: object, future: Any) -> bool:
             entry = _waits_of(who).get(who)
             if entry is None:
                 break
+            while entry[2] is not None and _over(entry):  # a nested wait ended: the outer
+                entry = entry[2]  # one is about to go on (its thread has not said so yet)
             who, done = entry[0] if type(entry[0]) is int else entry[0](), entry[1]()
             if who is None or done is None or done.done():
                 break
@@ -105,18 +107,24 @@ def may_wait(me: object, owner: object, future: Any) -> bool:
         return True
 
 
+def _over(entry: Any) -> bool:
+    done = entry[1]()
+    return done is None or done.done()
+
+
 def done_waiting(me: object, future: Any) -> None:
     """``me`` waits no more for ``future``: its entry goes, and the entry of a wait it was
     nested in (a finalizer that waits, run by a collection in a waiting thread) is back.
     A wait ``may_wait`` made no entry for (the future was done) leaves the entry alone."""
-    with _waits_lock:
-        waits = _waits_of(me)
-        entry = waits.get(me)
-        if entry is not None and entry[1]() is future:
-            if entry[2] is None:
-                del waits[me]
-            else:
-                waits[me] = entry[2]
+    # No lock: only ``me`` writes its own entry (others read it), and a collection in
+    # may_wait may run a finalizer that waits, holding _waits_lock, for ``me`` to finish.
+    waits = _waits_of(me)
+    entry = waits.get(me)
+    if entry is not None and entry[1]() is future:
+        if entry[2] is None:
+            waits.pop(me, None)
+        else:
+            waits[me] = entry[2]
 
 
 class Waited:

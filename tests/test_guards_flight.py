@@ -620,3 +620,56 @@ def test_a_cycle_through_a_thread_whose_finalizer_waited_is_still_seen(
         # value per key in a request).
         assert u.result(WAIT) == "ax" and t.result(WAIT) == "x" and v.result(WAIT) == "b"
     assert nested == ["b"]
+
+
+def test_a_nested_wait_that_ended_shows_the_wait_it_was_nested_in() -> None:
+    """_waits.may_wait: between a nested wait's future ending and its thread's
+    done_waiting, the thread is about to wait again for the outer owner: a caller that
+    owner is, asking then, must see the cycle (a review found it waiting for ever)."""
+    from concurrent.futures import Future
+
+    from perrequest._waits import done_waiting, may_wait
+
+    a, b, c = -11, -12, -13
+    for_b, for_c, for_a = Future[Any](), Future[Any](), Future[Any]()
+    try:
+        assert may_wait(a, b, for_b)
+        assert may_wait(a, c, for_c)  # a's finalizer, nested
+        for_c.set_result(None)  # ended; a has not said so yet
+        assert not may_wait(b, a, for_a)  # b waits for a, who waits for b
+    finally:
+        done_waiting(a, for_c)
+        done_waiting(a, for_b)
+    assert may_wait(b, a, for_a)
+    done_waiting(b, for_a)
+
+
+def test_ending_a_wait_never_waits_for_the_waits_lock() -> None:
+    """_waits.done_waiting takes no lock: a collection inside may_wait (which holds the
+    lock) can run a finalizer that waits for the very thread now ending its wait: that
+    thread blocked on the lock, and neither moved again (a review found it)."""
+    from concurrent.futures import Future
+
+    from perrequest import _waits
+
+    me, future = threading.get_ident(), Future[Any]()
+    assert _waits.may_wait(me, -21, future)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _waits._waits_lock:
+            held.set()
+            release.wait(WAIT)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(WAIT)
+        ended = threading.Thread(target=_waits.done_waiting, args=(me, future))
+        ended.start()
+        ended.join(2)
+        assert not ended.is_alive()
+    finally:
+        release.set()
+        holder.join(WAIT)
+    assert me not in _waits._waits

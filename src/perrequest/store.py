@@ -108,8 +108,9 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         self.pop(key)
 
     def __len__(self) -> int:
-        with self._lock:  # a fill adds, then evicts, under it: never seen over the bound
-            return len(self._order)
+        # A fill into a full store adds, then evicts (under the lock, which a read does not
+        # take: a value's __del__ run by that eviction may ask): never over the bound.
+        return min(len(self._order), self._bound)
 
     def __iter__(self) -> Iterator[Hashable]:
         return iter([key for key, _ in self._pairs()])  # a snapshot: safe from other threads
@@ -126,14 +127,13 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
         return _SnapshotValues(self)
 
     def _pairs(self) -> list[tuple[Hashable, Any]]:
-        """A snapshot, taken under the lock (a fill adds, then evicts: never over the bound).
-        dict.items, also on a bounded function's OrderedDict, whose own items() hashes
-        every key: user code, during which a hit in another thread reorders it."""
         pairs: list[tuple[Hashable, Any]] = []
-        with self._lock:
-            for owner, sub in list((self._subs or {}).items()):
-                for key, entry in list(dict.items(sub)):
-                    pairs.append((key if owner is HELPERS else MemoKey(owner, key), entry[0]))
+        for owner, sub in list((self._subs or {}).items()):
+            # list() copies in one step, under the GIL; dict.items, also on a bounded
+            # function's OrderedDict, whose own items() hashes every key (Python code,
+            # during which another thread's hit reorders it: "mutated during iteration").
+            for key, entry in list(dict.items(sub)):
+                pairs.append((key if owner is HELPERS else MemoKey(owner, key), entry[0]))
         return pairs
 
     # A store is a handle on one scope's memory, like a lock: copying a structure

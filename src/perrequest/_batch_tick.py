@@ -130,14 +130,10 @@ def _spawn(
     batch function inside ``create_task``, where a save may change them."""
     state.counter.misses += len(keys)
     size = state.spec.max_batch_size or len(keys)
-    known = hashes(cks)  # None: a key cannot be hashed now: then per part, before any task
-    starts = range(0, len(keys), size)
-    per_part = {} if known is not None else {i: hashes(cks[i : i + size]) for i in starts}
-    for i in starts:
-        part, part_cks = keys[i : i + size], cks[i : i + size]
-        # One key that cannot be hashed sends only its own part to identity: another
-        # part's end would otherwise file this part's keys again under their hashes now.
-        part_hashes = per_part[i] if known is None else known[i : i + size]
+    parts = []  # each with its keys' hashes, before any task exists
+    for i in range(0, len(keys), size):
+        parts.append((keys[i : i + size], cks[i : i + size], hashes(cks[i : i + size])))
+    for part, part_cks, part_hashes in parts:
         ended = functools.partial(_ended, state, part, part_cks, part_hashes, waiters)
         call = _call(state, part, part_cks)
         try:

@@ -359,10 +359,8 @@ def test_a_caller_of_a_key_computed_on_a_closed_loop_computes_it(
         assert got == "user 1"
 
 
-def test_a_waiter_whose_computation_is_left_on_a_closed_loop_computes_it() -> None:
-    """_waits.result_async: a task of another thread waits for a computation whose loop is
-    then closed; its looks see the computation never ends and it computes the key itself."""
-    waited: list[str] = []
+def _first_call_pends() -> Any:
+    """A memo whose first call pends (an hour); the others answer at once."""
     computing = threading.Event()
 
     @request_memo
@@ -370,7 +368,17 @@ def test_a_waiter_whose_computation_is_left_on_a_closed_loop_computes_it() -> No
         if not computing.is_set():
             computing.set()
             await asyncio.sleep(3600)
+            return "the stopped loop's"
         return f"user {user_id}"
+
+    return user
+
+
+def test_a_waiter_whose_computation_is_left_on_a_closed_loop_computes_it() -> None:
+    """_waits.result_async: a task of another thread waits for a computation whose loop is
+    then closed; its looks see the computation never ends and it computes the key itself."""
+    waited: list[str] = []
+    user = _first_call_pends()
 
     def wait() -> None:
         waited.append(asyncio.run(asyncio.wait_for(user(1), 8)))
@@ -432,15 +440,7 @@ def test_a_caller_of_a_key_computed_on_a_stopped_loop_computes_it() -> None:
     is kept (a worker thread's loop between two run_until_complete calls). A caller on
     another loop computes the key, and its value is the one stored; before, it waited until
     that loop ran again, for ever if it never did."""
-    computing = threading.Event()
-
-    @request_memo
-    async def user(user_id: int) -> str:
-        if not computing.is_set():
-            computing.set()
-            await asyncio.sleep(3600)
-            return "the stopped loop's"
-        return f"user {user_id}"
+    user = _first_call_pends()
 
     with request_scope():
         loop = asyncio.new_event_loop()

@@ -134,13 +134,14 @@ async def test_a_cancelled_batch_of_keys_it_changed_asks_for_them_again() -> Non
         assert calls == 2
 
 
-async def test_a_key_in_flight_that_cannot_be_hashed_any_more_fails_alone(
+async def test_a_key_in_flight_that_cannot_be_hashed_any_more_still_gets_its_value(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """_batch_waiters._taken and _batch_tick._ended's store: a batch changes its key's hash
-    and breaks the hash of a key of another batch in flight. Its own key gets its value;
-    the other key's caller fails with its hash's error (nobody hangs), and storing the
-    other batch's value logs perrequest's error rather than escaping the loop's callback."""
+    """_batch_waiters.unfiled and _batch_tick._ended's store: a batch changes its key's hash
+    and breaks the hash of a key of another batch in flight. Each caller gets its own
+    key's value (its batch holds its waiters; before, the first batch's end failed the
+    other key's caller with its hash's error), and storing the other batch's value logs
+    perrequest's error rather than escaping the loop's callback."""
     a, b = SavedKey(1), SavedKey(2)
     release = asyncio.Event()
 
@@ -158,13 +159,34 @@ async def test_a_key_in_flight_that_cannot_be_hashed_any_more_fails_alone(
             await asyncio.sleep(0)  # b's batch has started
             first = save.load(a)
             assert await asyncio.wait_for(first, WAIT) == 10
-            with pytest.raises(TypeError, match="unhashable"):
-                await asyncio.wait_for(second, WAIT)
             release.set()
-            await asyncio.wait_for(asyncio.gather(*_batch_tasks()), WAIT)
+            assert await asyncio.wait_for(second, WAIT) == 20
     assert any(
         r.name == "perrequest" and "could not store" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_cancelled_batch_of_a_key_it_broke_fails_its_callers_with_the_hash_error() -> None:
+    """_batch_tick._again: a batch cancelled from outside after its batch function broke a
+    key's hash cannot ask for that key again: its caller fails with the hash's error (before,
+    the loop's callback raised it and the caller waited for ever)."""
+    broke = asyncio.Event()
+
+    @request_batch
+    async def save(keys: list[SavedKey]) -> list[int]:
+        for key in keys:
+            key.broken = True
+        broke.set()
+        await asyncio.Event().wait()  # until cancelled
+        return [key.n for key in keys]
+
+    async with request_scope():
+        load = save.load(SavedKey(1))
+        await asyncio.wait_for(broke.wait(), WAIT)
+        (batch,) = _batch_tasks()
+        batch.cancel()
+        with pytest.raises(TypeError, match="unhashable"):
+            await asyncio.wait_for(load, WAIT)
 
 
 async def test_a_cancelled_load_does_not_strand_the_other_keys_of_its_batch() -> None:
@@ -1122,3 +1144,37 @@ async def test_a_key_unhashable_as_its_batch_starts_sends_only_its_own_part_to_i
         broken["on"] = True  # from the batch's start on
         got = await asyncio.gather(*loads, return_exceptions=True)
     assert got == ["v1", "v2", "v3", "v4"]
+
+
+async def test_a_part_changing_a_key_does_not_merge_the_keys_another_part_changed() -> None:
+    """_batch_waiters.unfiled: two ``max_batch_size`` parts in flight; one's batch function
+    makes its key ``a`` equal to its other key ``b`` and ends later, the other's changes its
+    own key's hash and ends first. Each part holds its keys' waiters, so ``b``'s caller
+    gets ``b``'s value. Before, the first end re-filed the waiters in flight by their hashes
+    now, merging ``a``'s and ``b``'s: ``b``'s caller got ``a``'s value."""
+
+    class Key:
+        def __init__(self, n: int) -> None:
+            self.n, self.first = n, n
+
+        def __hash__(self) -> int:
+            return hash(self.n)
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Key) and other.n == self.n
+
+    a, b, c, x = Key(1), Key(2), Key(3), Key(9)
+
+    @request_batch(max_batch_size=2)
+    async def fetch(keys: list[Key]) -> list[str]:
+        values = [f"v{key.first}" for key in keys]
+        if any(key is a for key in keys):
+            a.n = 2  # saved: now equal to b
+            await asyncio.sleep(0.05)  # the other part ends meanwhile
+        else:
+            x.n = 99  # saved: its hash changed
+        return values
+
+    async with request_scope():
+        loads = asyncio.gather(*(fetch.load(key) for key in (a, b, c, x)))
+        assert await asyncio.wait_for(loads, WAIT) == ["v1", "v2", "v3", "v9"]

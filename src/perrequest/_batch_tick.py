@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from ._active import logger
-from ._batch_waiters import hand, hashes, joined, popped
+from ._batch_waiters import hand, joined, unfiled
 from ._batching import _BatchSpec, now
 from ._stats import Counter
 from .errors import ScopeClosed
@@ -27,22 +27,24 @@ _running: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], _State]] = {}
 
 class _State:
     """One loader's batches in one store on one loop, in ``store._flights`` while it has
-    work: who waits for each key in flight (a future, a ``(_Many, index)``, or a list of
-    those), the pending batch (``cks`` is ``keys`` without ``key=``), a batch apart of keys
-    its own batch functions load (``own``), keys asked again after a cancel (``again``)."""
+    work: each key in flight's slot (its waiters), the pending batch (``cks`` is ``keys``
+    without ``key=``; ``slots`` theirs), a batch apart of keys its own batch functions
+    load (``own``, ``own_keys``), keys asked again after a cancel (``again``)."""
 
     __slots__ = (
-        "again", "cks", "counter", "inflight", "keys", "loop", "own", "own_keys", "spec", "store",
+        "again", "cks", "counter", "inflight", "keys", "loop", "own", "own_keys", "slots",
+        "spec", "store",
     )  # fmt: skip
 
     def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
         self.spec, self.store, self.loop = spec, store, loop
         self.counter: Counter = store._counter(spec.name)  # ScopeClosed once closed
-        self.inflight: dict[Hashable, Any] = {}
+        self.inflight: dict[Hashable, list[Any]] = {}
         self.keys: list[Any] | None = None
         self.cks: list[Hashable] | None = None
-        self.own: dict[Hashable, Any] | None = None
-        self.own_keys: dict[Hashable, Any] = {}
+        self.slots: list[list[Any]] = []
+        self.own: dict[Hashable, list[Any]] | None = None
+        self.own_keys: list[tuple[Any, Hashable, list[Any]]] = []
         self.again: set[Hashable] = set()
 
     def join(self, key: Any, ck: Hashable, who: Any) -> None:
@@ -51,24 +53,26 @@ class _State:
         wait for it): it loads apart."""
         inflight = self.inflight
         try:
-            other = inflight.get(ck)
+            slot = inflight.get(ck)
         except TypeError:
             raise self.spec.unhashable([key], [ck]) from None
-        if other is None:
-            inflight[ck] = who
+        if slot is None:
+            inflight[ck] = slot = [who]
             keys = self.keys
             if keys is None:  # the first: the batch's start is scheduled unless own's is
                 keys = self.keys = []
                 self.cks = keys if self.spec.key_fn is None else []
+                self.slots = []
                 if self.own is None:
                     self.loop.call_soon(_start, self)
             keys.append(key)
             if self.cks is not keys:
                 self.cks.append(ck)  # type: ignore[union-attr]
+            self.slots.append(slot)
         elif _fetching.get() is self and (self.cks is None or ck not in self.cks):
             self.join_own(key, ck, who)
         else:
-            inflight[ck] = joined(other, who)
+            joined(slot, who)
             self.counter.hits += 1
 
     def join_own(self, key: Any, ck: Hashable, who: Any) -> None:
@@ -77,12 +81,12 @@ class _State:
             own = self.own = {}
             if self.keys is None:
                 self.loop.call_soon(_start, self)
-        other = own.get(ck)
-        if other is None:
-            own[ck] = who
-            self.own_keys[ck] = key
+        slot = own.get(ck)
+        if slot is None:
+            own[ck] = slot = [who]
+            self.own_keys.append((key, ck, slot))
         else:
-            own[ck] = joined(other, who)
+            joined(slot, who)
             self.counter.hits += 1
 
 
@@ -110,31 +114,31 @@ def _start(state: _State) -> None:
             with left.store._lock:  # nobody waits for a closed loop's work any more
                 left.inflight.clear()
                 left.keys = left.cks = left.own = None
-                left.own_keys = {}
+                left.slots, left.own_keys = [], []
                 _release(left)
-    keys, cks, own = state.keys, state.cks, state.own
+    keys, cks, slots, own = state.keys, state.cks, state.slots, state.own
     state.keys = state.cks = state.own = None
+    state.slots = []
     if keys is not None:
-        _spawn(state, keys, cks, state.inflight)  # type: ignore[arg-type]
+        _spawn(state, keys, cks, slots, state.inflight)  # type: ignore[arg-type]
     if own is not None:
-        own_keys, state.own_keys = state.own_keys, {}
-        _spawn(state, [own_keys[ck] for ck in own], list(own), own)
+        pending, state.own_keys = state.own_keys, []
+        own_cks = [ck for _, ck, _ in pending]
+        _spawn(state, [p[0] for p in pending], own_cks, [p[2] for p in pending], own)
 
 
 def _spawn(
-    state: _State, keys: list[Any], cks: list[Hashable], waiters: dict[Hashable, Any]
-) -> None:
-    """A task per call, held in ``_running``; its done-callback hands the values to
-    ``waiters`` (a callback: a task cancelled before its first step runs no code). The
-    keys' hashes are read before any task exists: an eager task factory (3.12+) runs a
-    batch function inside ``create_task``, where a save may change them."""
+    state: _State, keys: list[Any], cks: list[Hashable], slots: list[list[Any]],
+    waiters: dict[Hashable, Any],
+) -> None:  # fmt: skip
+    """A task per call, held in ``_running``; its done-callback hands the values to the
+    keys' ``slots`` and takes them out of ``waiters`` (a callback: a task cancelled before
+    its first step runs no code)."""
     state.counter.misses += len(keys)
     size = state.spec.max_batch_size or len(keys)
-    parts = []  # each with its keys' hashes, before any task exists
     for i in range(0, len(keys), size):
-        parts.append((keys[i : i + size], cks[i : i + size], hashes(cks[i : i + size])))
-    for part, part_cks, part_hashes in parts:
-        ended = functools.partial(_ended, state, part, part_cks, part_hashes, waiters)
+        part, part_cks = keys[i : i + size], cks[i : i + size]
+        ended = functools.partial(_ended, state, part, part_cks, slots[i : i + size], waiters)
         call = _call(state, part, part_cks)
         try:
             task = state.loop.create_task(call)
@@ -169,7 +173,7 @@ async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
 
 
 def _ended(
-    state: _State, keys: list[Any], cks: list[Hashable], hashes: list[int] | None,
+    state: _State, keys: list[Any], cks: list[Hashable], slots: list[list[Any]],
     waiters: dict[Hashable, Any], task: Any,
 ) -> None:  # fmt: skip
     """Hand each key's value to its waiters and store it; a cancelled call's keys go in
@@ -185,25 +189,26 @@ def _ended(
         values = task.result() if exc is None else [_interrupted(state.spec, exc)] * len(keys)
     store, loop = state.store, state.loop
     with store._lock:
+        unfiled(waiters, cks, slots)
         if values is None:
             own = waiters is not state.inflight
-            for key, ck, who in zip(keys, cks, popped(waiters, cks, hashes), strict=True):
-                _again(state, key, ck, who, own)
+            for key, ck, slot in zip(keys, cks, slots, strict=True):
+                _again(state, key, ck, slot, own)
             _release(state)
             return
         values = _firsts(store, state.spec, cks, values)
         anchors: list[Any] = []
         failures = False
-        for value, who in zip(values, popped(waiters, cks, hashes), strict=True):
+        for value, slot in zip(values, slots, strict=True):
             failed = issubclass(type(value), Exception)  # type(): runs no code of the value
-            if type(who) is _Future and not failed:  # one load
+            if len(slot) == 1 and type(who := slot[0]) is _Future and not failed:  # one load
                 try:
                     who.set_result(value)  # runs no code now: it schedules the wake-up
                     anchors.append((loop, who))  # a finished future of it, for later hits
                 except asyncio.InvalidStateError:  # that caller was cancelled
                     anchors.append(None)
             else:
-                kept = hand(who, value, failed)
+                kept = hand(slot, value, failed)
                 anchors.append(_FAILED if failed else None if kept is None else (loop, kept))
                 failures |= failed
         try:
@@ -237,14 +242,20 @@ def _firsts(store: MemoStore, spec: _BatchSpec, cks: list[Hashable], values: lis
     return [v if entry is None else entry[0] for v, entry in zip(values, got, strict=True)]
 
 
-def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
+def _again(state: _State, key: Any, ck: Hashable, slot: list[Any], own: bool) -> None:
     """Put the waits of a key whose call was cancelled in the next batch (cancel them once
-    the scope has ended); fail them if it is cancelled again (it would be, for ever)."""
+    the scope has ended); fail them if it is cancelled again (it would be, for ever), or
+    with its hash's error if the batch function broke it (it cannot be asked again)."""
+    try:
+        hash(ck)
+    except Exception as exc:
+        hand(slot, exc, True)
+        return
     if ck in state.again and not state.store._closed:
         state.again.discard(ck)
-        hand(who, _cancelled_again(state.spec), True)
+        hand(slot, _cancelled_again(state.spec), True)
         return
-    for one in who if type(who) is list else (who,):
+    for one in slot:
         future = one[0].future if type(one) is tuple else one
         if future is None or future.done():
             continue
@@ -253,7 +264,7 @@ def _again(state: _State, key: Any, ck: Hashable, who: Any, own: bool) -> None:
             continue
         waiting = state.own if own else state.inflight
         if waiting is not None and ck in waiting:  # put back already, for its other waiters
-            waiting[ck] = joined(waiting[ck], one)  # (no second hit)
+            joined(waiting[ck], one)  # (no second hit)
         elif own:
             state.join_own(key, ck, one)
         else:

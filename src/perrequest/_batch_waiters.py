@@ -1,102 +1,65 @@
-"""Who waits for a key of a batch in flight: a future, a ``load_many``'s place
-``(_Many, index)``, or a list of those; joining them, handing them a value, and finding
-them again when the batch function changed its keys (a model saved: its hash moved)."""
+"""Who waits for a key of a batch in flight: its slot, a list of futures and ``load_many``
+places ``(_Many, index)``. The batch holds each key's slot, so it hands each caller its
+value whatever its batch function did to the keys' hashes (a model saved)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable
+from contextlib import suppress
 from typing import Any
 
 
-def joined(waiters: Any, who: Any) -> Any:
-    """``waiters`` of a key with ``who`` added (a list once two wait)."""
-    if type(waiters) is list:
-        if len(waiters) >= 64 and not len(waiters) & (len(waiters) - 1):  # 64, 128, ...
-            # Callers that gave up (cancelled) go, while a batch hangs: at most twice
-            # as many kept as wait. A load_many's slot, (its _Many, index), once its
-            # future is done: it is done only cancelled while a key is in flight.
-            waiters[:] = [
-                w
-                for w in waiters
-                if not (w[0].future.done() if type(w) is tuple else w.cancelled())
-            ]
-        waiters.append(who)
-        return waiters
-    return [waiters, who]
+def joined(slot: list[Any], who: Any) -> None:
+    """``who`` added to the waiters of a key in flight."""
+    if len(slot) >= 64 and not len(slot) & (len(slot) - 1):  # 64, 128, ...
+        # Callers that gave up (cancelled) go, while a batch hangs: at most twice
+        # as many kept as wait. A load_many's slot, (its _Many, index), once its
+        # future is done: it is done only cancelled while a key is in flight.
+        slot[:] = [
+            w for w in slot if not (w[0].future.done() if type(w) is tuple else w.cancelled())
+        ]
+    slot.append(who)
 
 
-def hashes(cks: list[Hashable]) -> list[int] | None:
-    """The keys' hashes as the batch starts, to tell at its end the keys it changed."""
+def unfiled(waiters: dict[Hashable, Any], cks: list[Hashable], slots: list[list[Any]]) -> None:
+    """A batch's keys no longer joined: each removed by its key while that still finds its
+    slot; else (the batch function changed a key's hash, or its __hash__ raises now) the
+    others filed again under their hashes now. A key that cannot be filed, or that now
+    equals another key in flight, is joined no more: its own batch still hands its slot."""
     try:
-        return list(map(hash, cks))
-    except Exception:  # one that cannot be hashed now: all are found by identity
-        return None
-
-
-def popped(waiters: dict[Hashable, Any], cks: list[Hashable], hashes: Any) -> list[Any]:
-    """The waiters of each key of a batch, popped: by hash while no key's hash changed
-    since the batch started; else by identity (``_taken``). A key changed into one equal
-    to another key's, found by its hash now, would take the other's waiters."""
-    whos: list[Any] = []
-    try:
-        if hashes is not None and list(map(hash, cks)) == hashes:
-            pop = waiters.pop
-            for ck in cks:
-                whos.append(pop(ck))
-    except Exception:  # a key's __hash__ or __eq__ raises now, or it changed
+        for ck, slot in zip(cks, slots, strict=True):
+            if waiters.get(ck) is not slot:
+                break
+            del waiters[ck]
+        else:
+            return
+    except Exception:  # a key's __hash__ or __eq__ raises now
         pass
-    if len(whos) < len(cks):
-        whos += _taken(waiters, cks[len(whos) :])
-    return whos
-
-
-def _taken(waiters: dict[Hashable, Any], cks: list[Hashable]) -> list[Any]:
-    """The waiters of ``cks`` popped by identity, for keys whose hash the batch function
-    changed (a model saved) or that raise now; the others filed again under their hashes
-    now (one that cannot be hashed any more fails its waiters). None: nobody waits."""
-    entries = list(dict.items(waiters))
+    ended = {id(slot) for slot in slots}
+    others = [(ck, slot) for ck, slot in dict.items(waiters) if id(slot) not in ended]
     waiters.clear()
-    at = {id(ck): i for i, ck in enumerate(cks)}  # cks holds them: ids are unique
-    found: list[Any] = [None] * len(cks)
-    for key, who in entries:
-        i = at.get(id(key))
-        if i is not None:  # filed twice (loaded again under its new hash): both get it
-            found[i] = who if found[i] is None else [*_listed(found[i]), *_listed(who)]
-            continue
-        try:
-            other = waiters.get(key)  # changed into a key equal to another one: both wait
-            waiters[key] = who if other is None else [*_listed(other), *_listed(who)]
-        except Exception as exc:
-            hand(who, exc, True)
-    return found
+    for ck, slot in others:
+        with suppress(Exception):
+            waiters.setdefault(ck, slot)
 
 
-def _listed(who: Any) -> list[Any]:
-    return who if type(who) is list else [who]
-
-
-def hand(who: Any, value: Any, failed: bool) -> Any:
-    """Hand ``value`` to a waiter (a future, a ``(_Many, index)``) or a list of them; the
-    future now holding the value, if any, for later hits."""
-    if type(who) is list:
-        kept = None
-        for one in who:
-            kept = hand(one, value, failed) or kept
-        return kept
-    if who is None:  # nobody (a key lost by _taken)
-        return None
-    if type(who) is tuple:
-        if not who[0].future.done():
-            who[0].put(who[1], value, failed)
-        return None
-    if who.done():  # that caller was cancelled
-        return None
-    if failed:
-        fail(who, value)
-        return None
-    who.set_result(value)
-    return who
+def hand(slot: list[Any], value: Any, failed: bool) -> Any:
+    """Hand ``value`` to a key's waiters (futures, ``(_Many, index)`` places); the future
+    now holding the value, if any, for later hits."""
+    kept = None
+    for who in slot:
+        if type(who) is tuple:
+            if not who[0].future.done():
+                who[0].put(who[1], value, failed)
+        elif who.done():  # that caller was cancelled
+            pass
+        elif failed:
+            fail(who, value)
+        else:
+            who.set_result(value)
+            kept = who
+    return kept
 
 
 def fail(future: asyncio.Future[Any], exc: BaseException) -> None:

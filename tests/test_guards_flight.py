@@ -673,3 +673,40 @@ def test_ending_a_wait_never_waits_for_the_waits_lock() -> None:
         release.set()
         holder.join(WAIT)
     assert me not in _waits._waits
+
+
+def test_an_interrupt_as_a_wait_begins_leaves_no_waits_for_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_flight.interrupted: a KeyboardInterrupt right after ``may_wait`` recorded that this
+    thread waits (before the wait's ``try``) drops that entry. Before, it stayed: a later
+    wait nested over it, and a caller this thread never waited for saw a cycle (it then
+    computed the key a second time)."""
+    from perrequest import _waits
+
+    started, release = threading.Event(), threading.Event()
+
+    @request_memo
+    def slow(n: int) -> int:
+        started.set()
+        release.wait(WAIT)
+        return n
+
+    real = _flight.may_wait
+
+    def interrupted_after(*args: Any) -> bool:
+        assert real(*args)
+        raise KeyboardInterrupt
+
+    me = threading.get_ident()
+    with request_scope(), ThreadPoolExecutor(1) as pool:
+        computing = pool.submit(bind_scope(slow), 1)
+        assert started.wait(WAIT)
+        monkeypatch.setattr(_flight, "may_wait", interrupted_after)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                slow(1)
+            assert me not in _waits._waits
+        finally:
+            release.set()
+        assert computing.result(WAIT) == 1

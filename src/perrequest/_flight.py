@@ -1,11 +1,10 @@
 """Single-flight: a key is computed by one caller at a time; the others wait for the outcome.
 
-One mechanism for threads and tasks. The computing caller registers itself in ``_flights``;
-the first to wait replaces that with a ``Future`` (threads: ``result()``; tasks: a future of
-their loop, ``_waits.Waited``). Only the computing caller removes its record and resolves the
-future, whatever happened meanwhile: no waiter is stranded; a miss nobody waits for costs a
-dict insert and a pop. Under trio a task registers as its thread (asyncio tasks of other
-threads wait for it) but never waits: a key in flight is computed again (``_keep``)."""
+The computing caller, thread or task, registers itself in ``_flights``; the first to wait
+replaces that with a ``Waited`` (threads wait on its ``Future``, tasks on their loop's). Only
+the computing caller removes its record and resolves it, whatever happened meanwhile: no
+waiter is stranded; a miss nobody waits for costs a dict insert and a pop. Under trio a
+task registers as its thread but never waits: a key in flight is computed again."""
 
 from __future__ import annotations
 
@@ -140,6 +139,8 @@ def interrupted(cache: Cache, key: Hashable, me: object, exc: BaseException) -> 
         return
     with cache._lock:
         record = cache._flights.get(key)  # hashed fine just before
+        if type(record) is Waited:  # interrupted as its wait began: that wait is over
+            done_waiting(me, record.future)
         if record is me or (type(record) is Waited and record.owner is me):
             del cache._flights[key]
             restart(record)
@@ -181,8 +182,7 @@ def run(
     """The value at ``key``, computed by ``fn(*args, **kwargs)`` at most once at a time."""
     me = thread_me()
     try:
-        # Registered without the lock (setdefault is atomic). A value filled since the
-        # caller looked is computed again: "at most once at a time" still holds.
+        # No lock (setdefault is atomic); a value filled since the caller looked is computed again.
         record = cache._flights.setdefault(key, me)
         while record is not me:
             step = _next_step(cache, key, me, counter)

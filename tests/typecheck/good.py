@@ -36,6 +36,16 @@ class Repository:
     def normalise(text: str) -> str:
         return text.lower()
 
+    @classmethod
+    @request_memo
+    def default(cls, row_id: int) -> int:
+        return row_id
+
+
+def default_row() -> int:
+    # Both checkers take a memoized classmethod for one that needs cls (docs/semantics.md).
+    return Repository.default(1)  # type: ignore[call-arg, arg-type]  # pyright: ignore[reportCallIssue]
+
 
 def shared_cache() -> SharedCacheInfo:
     import cachetools
@@ -94,6 +104,7 @@ async def main() -> None:
         repository.row.cache_delete(repository, 7)
         Repository.row.cache_info()
         text: str = Repository.normalise("A")
+        text = repository.normalise("A")  # type: ignore[call-arg]  # (mypy: docs/semantics.md)
         plain: float = price.__wrapped__("apple")
         label: str = price.__name__ + price.__qualname__  # as on functools' wrappers
         method: str = repository.row.__name__ + repository.row.__qualname__

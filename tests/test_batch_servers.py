@@ -80,8 +80,33 @@ def _counts() -> dict[str, int]:
     return {"calls": perrequest.get("calls"), "fetched": perrequest.get("fetched")}
 
 
+first_calls: list[list[str]] = []
+
+
+@request_batch(key=lambda key: key.lower(), max_entries=50)
+async def load_first(keys: list[str]) -> list[str]:
+    first_calls.append(keys)
+    return [key.upper() for key in keys]
+
+
+async def first_use(request: Request) -> JSONResponse:
+    """A keyed, bounded loader is the first thing to use the request's store, which the
+    middleware makes only then."""
+    number = request.query_params["request"]
+    keys = [f"r{number}-{n}" for n in range(3)]
+    values = await asyncio.gather(*(load_first.load(key) for key in keys))
+    again = await asyncio.gather(*(load_first.load(key.upper()) for key in keys))
+    return JSONResponse({"values": values, "again": again, "info": load_first.cache_info()})
+
+
 app = RequestScopeMiddleware(
-    Starlette(routes=[Route("/async", async_items), Route("/sync", sync_items)])
+    Starlette(
+        routes=[
+            Route("/async", async_items),
+            Route("/sync", sync_items),
+            Route("/first", first_use),
+        ]
+    )
 )
 
 
@@ -108,4 +133,19 @@ def test_fifty_concurrent_requests_never_share_a_batch(path: str) -> None:
         assert body["calls"] == (1 if path == "/async" else 2)
         assert body["fetched"] == 20
     assert mixed == []
+    assert live_scopes() == 0
+
+
+def test_a_keyed_loader_first_to_use_a_middlewares_store_batches_and_caches() -> None:
+    """_batch_async.miss: the first load of a request whose store the middleware has not
+    made yet (a keyed, bounded loader looks for it first) makes it, batches the request's
+    loads in one call and caches them under their cache keys."""
+    first_calls.clear()
+    with serve_uvicorn(app) as url, httpx.Client(timeout=30) as http:
+        bodies = [http.get(f"{url}/first", params={"request": i}).json() for i in range(3)]
+    for i, body in enumerate(bodies):
+        wanted = [f"R{i}-{n}" for n in range(3)]
+        assert body["values"] == wanted and body["again"] == wanted
+        assert body["info"] == [3, 3, 50, 3]  # hits, misses, maxsize, currsize
+    assert first_calls == [[f"r{i}-{n}" for n in range(3)] for i in range(3)]
     assert live_scopes() == 0

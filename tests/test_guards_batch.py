@@ -881,9 +881,9 @@ def _at_once(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
 async def test_a_batch_run_eagerly_that_changes_its_keys_still_hands_each_its_value() -> None:
     """_batch_tick._spawn: with an eager task factory (3.12+), a batch function that does
     not suspend runs inside ``create_task``, and a save changes its keys' hashes there.
-    The hashes its end compares with were read after ``create_task``, so the change went
-    unseen: a key made equal to another took that key's waiters, and its own caller waited
-    for ever (the test above, under ``asyncio.eager_task_factory``)."""
+    When a batch's end looked its waiters up by the hashes read after ``create_task``, the
+    change went unseen: a key made equal to another took that key's waiters, and its own
+    caller waited for ever (the test above, under ``asyncio.eager_task_factory``)."""
     loop = asyncio.get_running_loop()
     loop.set_task_factory(getattr(asyncio, "eager_task_factory", _at_once))
     _NEW.clear()
@@ -893,6 +893,90 @@ async def test_a_batch_run_eagerly_that_changes_its_keys_still_hands_each_its_va
             assert await _each_loaded(Model(1), Model(2)) == ["v1", "v2"]
     finally:
         loop.set_task_factory(None)
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="eager tasks are 3.12's (make test runs this there)"
+)
+async def test_an_eager_batch_loading_its_own_key_starts_the_next_batch_apart() -> None:
+    """_batch_tick._start: a tick starts a batch and a batch apart (a batch function's own
+    load of a key in flight); under ``asyncio.eager_task_factory`` the first runs inside
+    ``create_task`` and loads its own key, which starts the next batch apart. Before, that
+    load went into the batch apart being started: the next start had no keys, and raised
+    in the loop's callback (a review found it; before the slots, a KeyError and a hang)."""
+    loop = asyncio.get_running_loop()
+    errors: list[Any] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+    seen: set[str] = set()
+
+    @request_batch
+    async def node(keys: list[str]) -> list[str]:
+        first = keys[0] not in seen
+        seen.update(keys)
+        if keys == ["a"] and first:
+            await asyncio.sleep(0)  # in flight; then a load of its own key: apart
+            return [f"a+{await node.load('a')}"]
+        if keys == ["y"] and first:  # run inside create_task: its own key, apart
+            return [f"y+{await node.load('y')}"]
+        return [f"{key}!" for key in keys]
+
+    try:
+        async with request_scope():
+            a = asyncio.ensure_future(node.load("a"))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a's batch waits for a, apart; y joins the next batch
+            y = asyncio.ensure_future(node.load("y"))
+            # one value per key: what the batch apart stored first
+            assert await asyncio.wait_for(asyncio.gather(a, y), WAIT) == ["a!", "y!"]
+            await asyncio.sleep(0.01)
+    finally:
+        loop.set_task_factory(None)
+        loop.set_exception_handler(None)
+    assert errors == []
+
+
+async def test_a_cancelled_batch_of_a_key_whose_eq_it_broke_fails_that_key_alone() -> None:
+    """_batch_tick._ended: a batch cancelled from outside asks for its keys again; one whose
+    ``__eq__`` its batch function broke (another key of the same hash in flight) fails with
+    that error, and the others are asked again. Before, the error escaped the loop's
+    callback: the keys after it were never asked again (their callers waited for ever)."""
+
+    class Key:
+        def __init__(self, n: int) -> None:
+            self.n, self.broken = n, False
+
+        def __hash__(self) -> int:
+            return 7  # all collide
+
+        def __eq__(self, other: object) -> bool:
+            if self.broken or getattr(other, "broken", False):
+                raise ValueError("eq broken")
+            return isinstance(other, Key) and other.n == self.n
+
+    a, b, c = Key(1), Key(2), Key(3)
+    first: list[asyncio.Task[Any] | None] = []
+
+    @request_batch(max_batch_size=2)
+    async def fetch(keys: list[Key]) -> list[str]:
+        if any(key is a for key in keys) and not first:
+            first.append(asyncio.current_task())
+            a.broken = True
+        await asyncio.sleep(0.1)
+        return [f"v{key.n}" for key in keys]
+
+    async with request_scope():
+        loads = [asyncio.ensure_future(fetch.load(key)) for key in (a, c, b)]
+        await asyncio.sleep(0.02)
+        first[0].cancel()  # type: ignore[union-attr]
+        await asyncio.sleep(0.02)  # its end has asked for its keys again
+        a.broken = False
+        outcomes = await asyncio.wait_for(asyncio.gather(*loads, return_exceptions=True), WAIT)
+    assert [repr(o) if isinstance(o, Exception) else o for o in outcomes] == [
+        "ValueError('eq broken')",
+        "v3",
+        "v2",
+    ]
 
 
 # -- a thread that waited for another's fetch, later waited for by it ----------------------

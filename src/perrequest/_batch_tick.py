@@ -116,13 +116,14 @@ def _start(state: _State) -> None:
                 left.keys = left.cks = left.own = None
                 left.slots, left.own_keys = [], []
                 _release(left)
-    keys, cks, slots, own = state.keys, state.cks, state.slots, state.own
+    # All taken before any task exists: under an eager task factory (3.12+) a batch
+    # function runs inside create_task, where its loads start the next batches.
+    keys, cks, slots, own, pending = state.keys, state.cks, state.slots, state.own, state.own_keys
     state.keys = state.cks = state.own = None
-    state.slots = []
+    state.slots, state.own_keys = [], []
     if keys is not None:
         _spawn(state, keys, cks, slots, state.inflight)  # type: ignore[arg-type]
     if own is not None:
-        pending, state.own_keys = state.own_keys, []
         own_cks = [ck for _, ck, _ in pending]
         _spawn(state, [p[0] for p in pending], own_cks, [p[2] for p in pending], own)
 
@@ -193,7 +194,10 @@ def _ended(
         if values is None:
             own = waiters is not state.inflight
             for key, ck, slot in zip(keys, cks, slots, strict=True):
-                _again(state, key, ck, slot, own)
+                try:
+                    _again(state, key, ck, slot, own)
+                except Exception as exc:  # the batch function broke its hash or __eq__
+                    hand(slot, exc, True)  # so it cannot be asked for again
             _release(state)
             return
         values = _firsts(store, state.spec, cks, values)
@@ -244,13 +248,7 @@ def _firsts(store: MemoStore, spec: _BatchSpec, cks: list[Hashable], values: lis
 
 def _again(state: _State, key: Any, ck: Hashable, slot: list[Any], own: bool) -> None:
     """Put the waits of a key whose call was cancelled in the next batch (cancel them once
-    the scope has ended); fail them if it is cancelled again (it would be, for ever), or
-    with its hash's error if the batch function broke it (it cannot be asked again)."""
-    try:
-        hash(ck)
-    except Exception as exc:
-        hand(slot, exc, True)
-        return
+    the scope has ended); fail them if it is cancelled again (it would be, for ever)."""
     if ck in state.again and not state.store._closed:
         state.again.discard(ck)
         hand(slot, _cancelled_again(state.spec), True)

@@ -66,9 +66,9 @@ def _batch_tasks() -> list[asyncio.Task[Any]]:
 
 
 async def test_each_load_of_keys_the_batch_function_changes_gets_its_value() -> None:
-    """_batch_tick._ended/_taken: a key whose hash the batch function changed is no longer
-    found under it among the waiters; it is found by identity, so every caller is answered
-    (before _taken, the callback raised and its callers hung)."""
+    """_batch_tick._ended: a key whose hash the batch function changed is no longer found
+    under it among the waiters; its batch holds its waiters, so every caller is answered
+    (before the waiters were found by identity, the callback raised and its callers hung)."""
 
     @request_batch
     async def save(keys: list[SavedKey]) -> list[int]:
@@ -83,9 +83,9 @@ async def test_each_load_of_keys_the_batch_function_changes_gets_its_value() -> 
 
 
 async def test_a_key_loaded_again_after_its_batch_changed_it_answers_both_callers() -> None:
-    """_batch_waiters._taken: the batch function saves the key (its hash changes) and the
+    """_batch_waiters.unfiled: the batch function saves the key (its hash changes) and the
     same object is loaded again while that batch is in flight, so it is filed twice, under
-    each hash. Before: the first batch's end took the second waiter in place of the first,
+    each hash. Once, the first batch's end took the second waiter in place of the first,
     whose caller was never answered (a hang)."""
     saved, release = asyncio.Event(), asyncio.Event()
 
@@ -109,7 +109,7 @@ async def test_a_key_loaded_again_after_its_batch_changed_it_answers_both_caller
 
 async def test_a_cancelled_batch_of_keys_it_changed_asks_for_them_again() -> None:
     """_batch_tick._ended, its cancelled branch: the batch's task is cancelled (a shutdown)
-    after the batch function changed its keys; its waiters, found by identity, are asked
+    after the batch function changed its keys; its waiters, held by the batch, are asked
     again and get their values."""
     started = asyncio.Event()
     calls = 0
@@ -855,10 +855,10 @@ async def _each_loaded(*rows: Model) -> list[Any]:
 async def test_a_key_its_batch_makes_equal_to_another_key_gets_its_own_value(
     new: dict[int | None, int], pks: tuple[int, ...], values: list[str]
 ) -> None:
-    """_batch_waiters.popped: the waiters were popped by each key's hash as the batch
-    ended; a key changed into one equal to another key of the batch found the other's
+    """_batch_tick._ended: when the waiters were popped by each key's hash as the batch
+    ended, a key changed into one equal to another key of the batch found the other's
     waiters, which got its value, and its own caller waited for ever (found with the
-    mutation pass of 5 December 2026). A key whose hash moved sends them all by identity."""
+    mutation pass of 5 December 2026). The batch holds each key's waiters now."""
     _NEW.clear()
     _NEW.update(new)
     async with request_scope():
@@ -1197,9 +1197,9 @@ async def test_a_key_its_own_batch_function_loads_again_reads_one_value() -> Non
 
 async def test_a_key_unhashable_as_its_batch_starts_sends_only_its_own_part_to_identity() -> None:
     """_batch_tick._spawn: a key of part 1 cannot be hashed as the batch starts (a model
-    whose primary key was reset), and part 2 ends first. With every part told by identity,
-    part 2's end filed part 1's keys again under their hashes, and part 1's own caller got
-    a TypeError for a value its batch function returned (a review found it)."""
+    whose primary key was reset), and part 2 ends first. When every part was told by
+    identity, part 2's end filed part 1's keys again under their hashes, and part 1's own
+    caller got a TypeError for a value its batch function returned (a review found it)."""
     broken = {"on": False}
 
     class Key:

@@ -129,17 +129,18 @@ def test_a_waiting_thread_gets_the_fetching_threads_error_not_cached() -> None:
         gate.wait(5)
         raise ConnectionError("down")
 
-    with request_scope(), ThreadPoolExecutor(2) as pool:
+    with request_scope() as store, ThreadPoolExecutor(2) as pool:
         load = bind_scope(failing.load)
         first = pool.submit(load, 1)
         _until(lambda: calls == [[1]])  # the first thread fetches
         second = pool.submit(load, 1)
-        _until(lambda: failing.cache_info().hits == 1)  # the second waits for that fetch
+        # the second waits for that fetch (the first to wait makes the fetch's future)
+        _until(lambda: any(f.future is not None for f in list(store._flights.values())))
         gate.set()
         for future in (first, second):
             with pytest.raises(ConnectionError):
                 future.result(timeout=5)
-        assert calls == [[1]]
+        assert calls == [[1]] and failing.cache_info().hits == 1  # the second waited
         with pytest.raises(ConnectionError):
             failing.load(1)
         assert calls == [[1], [1]]

@@ -160,11 +160,8 @@ async def _call(state: _State, keys: list[Any], cks: list[Hashable]) -> Any:
         return spec.spread(keys, cks, await spec.fn(passed := list(keys)), passed)
     except Exception as exc:  # the whole call failed: so does every key
         return [exc] * len(keys)
-    except asyncio.CancelledError as exc:
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # closed by the garbage collector, outside any loop
-            task = None
+    except asyncio.CancelledError as exc:  # (a collected coroutine gets GeneratorExit)
+        task = asyncio.current_task()  # a batch runs in a task of its running loop
         if task is None or task.cancelling():  # the task's, not the batch function's own
             raise
         return [_interrupted(spec, exc)] * len(keys)

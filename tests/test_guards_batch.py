@@ -57,10 +57,6 @@ class SavedKey:
         return isinstance(other, SavedKey) and (other.n, other.saved) == (self.n, self.saved)
 
 
-def _flat(waiters: Any) -> list[Any]:
-    return [w for one in waiters for w in _flat(one)] if type(waiters) is list else [waiters]
-
-
 def _batch_tasks() -> list[asyncio.Task[Any]]:
     return [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_call"]  # type: ignore[union-attr]
 
@@ -76,10 +72,12 @@ async def test_each_load_of_keys_the_batch_function_changes_gets_its_value() -> 
             key.saved = True
         return [key.n * 10 for key in keys]
 
-    async with request_scope():
+    async with request_scope() as store:
         keys = [SavedKey(n) for n in range(4)]
         loads = asyncio.gather(*(save.load(k) for k in keys))
         assert await asyncio.wait_for(loads, WAIT) == [0, 10, 20, 30]
+        await asyncio.sleep(0)  # the batch's end has run
+        assert not store._flights  # nothing left in flight (its keys taken out though moved)
 
 
 async def test_a_key_loaded_again_after_its_batch_changed_it_answers_both_callers() -> None:
@@ -279,7 +277,7 @@ async def test_loads_that_gave_up_on_a_hanging_batch_are_not_all_kept() -> None:
         for _ in range(300):
             rows.load(1).cancel()  # a caller that gave up (a timeout)
         state = store._flights[(rows._spec, asyncio.get_running_loop())]  # type: ignore[attr-defined]
-        assert len(_flat(state.inflight[1])) <= 128
+        assert len(state.inflight[1]) <= 128  # the key's slot: its waiters
         release.set()
         assert await asyncio.wait_for(waiting, WAIT) == 1
 
@@ -979,6 +977,52 @@ async def test_a_cancelled_batch_of_a_key_whose_eq_it_broke_fails_that_key_alone
     ]
 
 
+async def test_a_load_many_place_handed_twice_takes_the_first() -> None:
+    """_batch_async._Many.put: a key asked again after a cancel whose ``__eq__`` or hash
+    then raises fails its whole slot, a ``load_many`` place put back in the next batch
+    included, which then hands it again. Before, the second hand counted twice for one
+    key: the ``load_many`` never ended, or a StopIteration escaped the loop's callback."""
+    from perrequest._batch_async import _Many
+    from perrequest._flight import MISSING
+
+    many = _Many(asyncio.get_running_loop().create_future(), [MISSING, MISSING], 2)
+    error = ValueError("eq raised")
+    many.put(0, error, True)
+    many.put(0, "v0", False)  # the next batch's hand: ignored
+    assert not many.future.done()
+    many.put(1, "v1", False)
+    with pytest.raises(ValueError, match="eq raised"):
+        await many.future
+
+
+async def test_a_state_stays_in_its_store_while_a_part_of_its_batch_runs() -> None:
+    """_batch_tick._release: a part's end cannot file another part's key again (its hash
+    raises now), so nothing is left in ``inflight`` while that part still runs. Before, the
+    state left the store then (``prime`` and later loads found no state, and made another
+    one); it stays until its last part ends."""
+    a, b = SavedKey(1), SavedKey(2)
+    release = asyncio.Event()
+
+    @request_batch(max_batch_size=1)
+    async def save(keys: list[SavedKey]) -> list[int]:
+        if keys[0] is a:
+            a.saved, b.broken = True, True  # a's hash moved; b's raises
+        else:
+            await release.wait()
+        return [key.n * 10 for key in keys]
+
+    async with request_scope() as store:
+        second = asyncio.ensure_future(save.load(b))
+        assert await asyncio.wait_for(save.load(a), WAIT) == 10
+        b.broken = False
+        (state,) = store._flights.values()
+        assert type(state) is _batch_tick._State and state.parts == 1
+        release.set()
+        assert await asyncio.wait_for(second, WAIT) == 20
+        await asyncio.sleep(0)
+        assert not store._flights
+
+
 # -- a thread that waited for another's fetch, later waited for by it ----------------------
 
 
@@ -1195,7 +1239,7 @@ async def test_a_key_its_own_batch_function_loads_again_reads_one_value() -> Non
         assert seen == ["b1", "a0", "b1", "b1"]
 
 
-async def test_a_key_unhashable_as_its_batch_starts_sends_only_its_own_part_to_identity() -> None:
+async def test_a_key_unhashable_as_its_batch_starts_fails_no_other_parts_key() -> None:
     """_batch_tick._spawn: a key of part 1 cannot be hashed as the batch starts (a model
     whose primary key was reset), and part 2 ends first. When every part was told by
     identity, part 2's end filed part 1's keys again under their hashes, and part 1's own

@@ -130,6 +130,8 @@ class _Many:
         self.failed = False
 
     def put(self, i: int, value: Any, failed: bool) -> None:
+        if self.values[i] is not MISSING:  # handed already (a key failed as it was asked again)
+            return
         self.values[i] = value
         self.failed |= failed
         self.remaining -= 1

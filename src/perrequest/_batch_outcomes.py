@@ -2,7 +2,8 @@
 
 A batch function may break the hash of a key it is given (a model instance it saves, hashed
 by a primary key it does not have yet). That key's value is kept by identity: its callers
-get it, and it is not stored (``_BatchSpec.keep`` logs it), as for an async batch."""
+get it, and it is not stored (``_BatchSpec.keep`` logs it); an async batch hands it to
+the callers it holds, and does not store it either."""
 
 from __future__ import annotations
 

@@ -29,11 +29,12 @@ class _State:
     """One loader's batches in one store on one loop, in ``store._flights`` while it has
     work: each key in flight's slot (its waiters), the pending batch (``cks`` is ``keys``
     without ``key=``; ``slots`` theirs), a batch apart of keys its own batch functions
-    load (``own``, ``own_keys``), keys asked again after a cancel (``again``)."""
+    load (``own``, ``own_keys``), keys asked again after a cancel (``again``), the calls
+    of the batch function running (``parts``: a key may be in flight but in no slot)."""
 
     __slots__ = (
-        "again", "cks", "counter", "inflight", "keys", "loop", "own", "own_keys", "slots",
-        "spec", "store",
+        "again", "cks", "counter", "inflight", "keys", "loop", "own", "own_keys", "parts",
+        "slots", "spec", "store",
     )  # fmt: skip
 
     def __init__(self, spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop) -> None:
@@ -46,6 +47,7 @@ class _State:
         self.own: dict[Hashable, list[Any]] | None = None
         self.own_keys: list[tuple[Any, Hashable, list[Any]]] = []
         self.again: set[Hashable] = set()
+        self.parts = 0
 
     def join(self, key: Any, ck: Hashable, who: Any) -> None:
         """Wait for ``ck``: with its flight (a hit), or in the pending batch. A batch function
@@ -62,7 +64,6 @@ class _State:
             if keys is None:  # the first: the batch's start is scheduled unless own's is
                 keys = self.keys = []
                 self.cks = keys if self.spec.key_fn is None else []
-                self.slots = []
                 if self.own is None:
                     self.loop.call_soon(_start, self)
             keys.append(key)
@@ -114,7 +115,7 @@ def _start(state: _State) -> None:
             with left.store._lock:  # nobody waits for a closed loop's work any more
                 left.inflight.clear()
                 left.keys = left.cks = left.own = None
-                left.slots, left.own_keys = [], []
+                left.slots, left.own_keys, left.parts = [], [], 0
                 _release(left)
     # All taken before any task exists: under an eager task factory (3.12+) a batch
     # function runs inside create_task, where its loads start the next batches.
@@ -148,6 +149,7 @@ def _spawn(
             task = state.loop.create_future()  # type: ignore[assignment]
             task.set_result([exc] * len(part))
         _running.setdefault(state.loop, {})[task] = state
+        state.parts += 1
         task.add_done_callback(ended)
 
 
@@ -176,6 +178,7 @@ def _ended(
 ) -> None:  # fmt: skip
     """Hand each key's value to its waiters and store it; a cancelled call's keys go in
     the next batch (``_again``)."""
+    state.parts -= 1
     tasks = _running.get(state.loop, {})
     tasks.pop(task, None)
     if not tasks:
@@ -286,8 +289,8 @@ def _interrupted(spec: _BatchSpec, exc: BaseException) -> RuntimeError:
 
 
 def _release(state: _State) -> None:
-    """Drop the state from the store once nothing is in flight or pending."""
-    if not state.inflight and state.keys is None and state.own is None:
+    """Drop the state from the store once nothing is in flight, pending or running."""
+    if not state.inflight and state.keys is None and state.own is None and not state.parts:
         flights, where = state.store._flights, (state.spec, state.loop)
         if flights.get(where) is state:
             del flights[where]

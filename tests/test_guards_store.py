@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import weakref
+from typing import Any
 
 import pytest
 from keys import Odd, Seven
@@ -160,3 +161,57 @@ def test_another_thread_never_sees_a_full_store_over_its_bound(write: str) -> No
     finally:
         sys.setswitchinterval(switch)
     assert max(seen) == 50, seen
+
+
+class _Signalled(Exception):
+    """What a signal handler raises (Celery's SoftTimeLimitExceeded is an Exception)."""
+
+
+def _raise_after(function: str, method: str) -> object:
+    """A profile function raising ``_Signalled`` once, right after ``function`` called the
+    C method ``method``: where a signal handler runs, once that call has returned."""
+    armed = [True]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        called = event == "c_return" and getattr(arg, "__name__", "") == method
+        if armed[0] and called and frame.f_code.co_name == function:
+            armed[0] = False
+            raise _Signalled
+
+    return profile
+
+
+def test_a_signal_right_after_an_eviction_pops_its_entry_reaches_the_caller() -> None:
+    """_entries._take: an eviction's pop is in a ``try`` for keys whose hash raises now; an
+    exception a signal handler raised as that pop returned (Celery's soft time limit) was
+    caught there and dropped: the task never saw its limit (an audit, on Celery prefork
+    workers). The key is gone, so the pop ended: the exception goes on."""
+    with request_scope(max_entries=3) as store:
+        for i in range(3):
+            perrequest.set(i, i)
+        sys.setprofile(_raise_after("_take", "pop"))  # type: ignore[arg-type]
+        try:
+            with pytest.raises(_Signalled):
+                perrequest.set(3, 3)  # evicts 0
+        finally:
+            sys.setprofile(None)
+        assert sorted(store) == [1, 2, 3]
+        perrequest.set(4, 4)
+        assert sorted(store) == [2, 3, 4]
+
+
+def test_a_signal_between_an_evictions_two_pops_leaves_the_store_usable() -> None:
+    """_entries._fill: an interrupt between an eviction's pop of the recency order and its
+    pop of the entry left the entry without its place in the order; setting its key again
+    raised a bare KeyError (``del order[...]``) from then on (an audit)."""
+    with request_scope(max_entries=3) as store:
+        for i in range(3):
+            perrequest.set(i, i)
+        sys.setprofile(_raise_after("_drop", "popitem"))  # type: ignore[arg-type]
+        try:
+            with pytest.raises(_Signalled):
+                perrequest.set(3, 3)  # evicts 0: interrupted between its two pops
+        finally:
+            sys.setprofile(None)
+        perrequest.set(0, "again")  # 0 kept its entry, not its place in the order
+        assert store[0] == "again" and len(store) == 3

@@ -147,8 +147,8 @@ class Entries:
             self._resync(owner, sub)
         else:
             order[entry_id] = where
-            if old is not None:
-                del order[old[2]]
+            if old is not None:  # (gone if an interrupt came between an eviction's two pops)
+                order.pop(old[2], None)
             if len(order) > self._bound:
                 self._evict()
 
@@ -220,7 +220,9 @@ class Entries:
         try:
             entry = sub.pop(key, None)  # the key's __eq__: user code, which may write here
         except Exception:
-            if not entry_id:  # a delete by the caller's key: its error, as a dict's
+            if not entry_id or not any(filed is key for filed in dict.keys(sub)):
+                # A delete by the caller's key: its error, as a dict's. Or the key is gone:
+                # the pop ended, and a signal handler raised (Celery's soft time limit).
                 raise
             entry = None  # an eviction: the key's hash raises now; taken by identity
         if entry_id and (entry is None or entry[2] != entry_id):

@@ -271,3 +271,29 @@ def add(x: int, y: int) -> int:
 def total(values: list[int]) -> int:
     _check("total")
     return sum(values)
+
+
+@request_memo
+def _echo(n: int) -> int:
+    return n
+
+
+@app.task(soft_time_limit=0.2)
+def soft_limit_on_a_full_store() -> str:
+    """Memos and writes on a full store (each write evicts) until the soft limit strikes,
+    2 s at most; then, as Celery advises, some clean-up in the same store."""
+    with perrequest.request_scope(max_entries=50):
+        deadline, i = time.monotonic() + 2, 0
+        try:
+            while time.monotonic() < deadline:
+                i += 1
+                _echo(i % 20)
+                perrequest.set(("x", i % 70), i)
+        except SoftTimeLimitExceeded:
+            try:
+                for j in range(100):
+                    perrequest.set(("x", j % 70), j)
+            except Exception as exc:
+                return f"clean-up failed: {exc!r}"
+            return "limit seen"
+        return "limit never seen"

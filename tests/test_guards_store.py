@@ -215,3 +215,32 @@ def test_a_signal_between_an_evictions_two_pops_leaves_the_store_usable() -> Non
             sys.setprofile(None)
         perrequest.set(0, "again")  # 0 kept its entry, not its place in the order
         assert store[0] == "again" and len(store) == 3
+
+
+def test_an_eviction_of_a_rewritten_key_whose_hash_raises_now_is_not_an_interrupt() -> None:
+    """_entries._take: an eviction's pop that raises while the entry is still there is the
+    key's own error (its hash raises now: taken out by identity), whichever equal key object
+    last wrote the entry (a dict keeps the first). Told by the key object, a key written
+    again through an equal object looked gone, and its hash's error went out of the write
+    that evicted it."""
+
+    class Model:
+        def __init__(self, pk: int) -> None:
+            self.pk: int | None = pk
+
+        def __hash__(self) -> int:
+            if self.pk is None:
+                raise TypeError("Model instances without primary key value are unhashable")
+            return hash(self.pk)
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Model) and other.pk == self.pk
+
+    first, again = Model(1), Model(1)
+    with request_scope(max_entries=2) as store:
+        perrequest.set(first, "a")
+        perrequest.set(again, "b")  # the entry keeps the key object first
+        first.pk = again.pk = None  # deleted: both unhashable now
+        perrequest.set(2, 2)
+        perrequest.set(3, 3)  # evicts the model's entry
+        assert sorted(store.values()) == [2, 3]

@@ -220,8 +220,8 @@ class Entries:
         try:
             entry = sub.pop(key, None)  # the key's __eq__: user code, which may write here
         except Exception:
-            if not entry_id or not any(filed is key for filed in dict.keys(sub)):
-                # A delete by the caller's key: its error, as a dict's. Or the key is gone:
+            if not entry_id or all(e[2] != entry_id for e in dict.values(sub)):
+                # A delete by the caller's key: its error, as a dict's. Or the entry is gone:
                 # the pop ended, and a signal handler raised (Celery's soft time limit).
                 raise
             entry = None  # an eviction: the key's hash raises now; taken by identity

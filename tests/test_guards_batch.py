@@ -261,9 +261,12 @@ async def test_an_unhashable_key_joining_a_pending_batch_raises_unhashable_argum
         assert await asyncio.wait_for(pending, WAIT) == 1
 
 
-async def test_loads_that_gave_up_on_a_hanging_batch_are_not_all_kept() -> None:
-    """_batch_waiters.joined: the waiters of a key in flight are pruned of cancelled loads as
-    their list doubles, so a hanging batch keeps at most about twice as many as wait."""
+@pytest.mark.parametrize("many", [False, True], ids=["load", "load_many"])
+async def test_loads_that_gave_up_on_a_hanging_batch_are_not_all_kept(many: bool) -> None:
+    """_batch_waiters.joined: the waiters of a key in flight are pruned of cancelled loads,
+    and of the places of ``load_many`` calls that gave up (their future done), as their list
+    doubles, so a hanging batch keeps at most about twice as many as wait (a mutation pass
+    found the ``load_many`` places unguarded)."""
     release = asyncio.Event()
 
     @request_batch
@@ -275,7 +278,7 @@ async def test_loads_that_gave_up_on_a_hanging_batch_are_not_all_kept() -> None:
         waiting = rows.load(1)
         await asyncio.sleep(0)  # the batch has started: later loads of 1 join its flight
         for _ in range(300):
-            rows.load(1).cancel()  # a caller that gave up (a timeout)
+            (rows.load_many([1]) if many else rows.load(1)).cancel()  # a caller that gave up
         state = store._flights[(rows._spec, asyncio.get_running_loop())]  # type: ignore[attr-defined]
         assert len(state.inflight[1]) <= 128  # the key's slot: its waiters
         release.set()

@@ -204,28 +204,6 @@ async def test_a_key_asked_again_whose_batch_is_cancelled_after_its_scope_ended_
         await asyncio.wait_for(task, WAIT)
 
 
-async def test_load_manys_that_gave_up_on_a_hanging_batch_are_not_all_kept() -> None:
-    """_batch_waiters.joined: the waiters of a key in flight are pruned as their list
-    doubles, of cancelled loads and of the places of ``load_many`` calls that gave up (their
-    future done). With those places never pruned, a hanging batch kept every one."""
-    release = asyncio.Event()
-
-    @request_batch
-    async def rows(keys: list[int]) -> list[int]:
-        await release.wait()
-        return keys
-
-    async with request_scope() as store:
-        waiting = rows.load(1)
-        await asyncio.sleep(0)  # the batch has started: later loads of 1 join its flight
-        for _ in range(300):
-            rows.load_many([1]).cancel()  # a caller that gave up (a timeout)
-        state = store._flights[(rows._spec, asyncio.get_running_loop())]  # type: ignore[attr-defined]
-        assert len(state.inflight[1]) <= 128  # the key's slot: its waiters
-        release.set()
-        assert await asyncio.wait_for(waiting, WAIT) == 1
-
-
 async def test_a_batch_functions_own_error_is_the_cause_of_its_keys_failure() -> None:
     """_batch_tick._interrupted: a batch function raising CancelledError without its task
     being cancelled fails its keys with a RuntimeError whose ``__cause__`` is that error

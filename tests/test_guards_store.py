@@ -14,7 +14,7 @@ import pytest
 from keys import Odd, Seven
 
 import perrequest
-from perrequest import request_memo, request_scope
+from perrequest import MemoStore, request_memo, request_scope
 from perrequest._active import close_scope
 
 
@@ -167,9 +167,12 @@ class _Signalled(Exception):
     """What a signal handler raises (Celery's SoftTimeLimitExceeded is an Exception)."""
 
 
-def _raise_after(function: str, method: str) -> object:
-    """A profile function raising ``_Signalled`` once, right after ``function`` called the
-    C method ``method``: where a signal handler runs, once that call has returned."""
+def _set_interrupted(store: MemoStore, function: str, method: str) -> None:
+    """Fill ``store`` (3 entries at most) with keys 0 to 2, then set key 3 (evicting 0) with
+    ``_Signalled`` raised once, right after ``function`` called the C method ``method``:
+    where a signal handler runs, once that call has returned (a profile function)."""
+    for i in range(3):
+        perrequest.set(i, i)
     armed = [True]
 
     def profile(frame: Any, event: str, arg: Any) -> None:
@@ -178,7 +181,12 @@ def _raise_after(function: str, method: str) -> object:
             armed[0] = False
             raise _Signalled
 
-    return profile
+    sys.setprofile(profile)
+    try:
+        with pytest.raises(_Signalled):
+            perrequest.set(3, 3)
+    finally:
+        sys.setprofile(None)
 
 
 def test_a_signal_right_after_an_eviction_pops_its_entry_reaches_the_caller() -> None:
@@ -187,14 +195,7 @@ def test_a_signal_right_after_an_eviction_pops_its_entry_reaches_the_caller() ->
     caught there and dropped: the task never saw its limit (an audit, on Celery prefork
     workers). The key is gone, so the pop ended: the exception goes on."""
     with request_scope(max_entries=3) as store:
-        for i in range(3):
-            perrequest.set(i, i)
-        sys.setprofile(_raise_after("_take", "pop"))  # type: ignore[arg-type]
-        try:
-            with pytest.raises(_Signalled):
-                perrequest.set(3, 3)  # evicts 0
-        finally:
-            sys.setprofile(None)
+        _set_interrupted(store, "_take", "pop")
         assert sorted(store) == [1, 2, 3]
         perrequest.set(4, 4)
         assert sorted(store) == [2, 3, 4]
@@ -205,14 +206,7 @@ def test_a_signal_between_an_evictions_two_pops_leaves_the_store_usable() -> Non
     pop of the entry left the entry without its place in the order; setting its key again
     raised a bare KeyError (``del order[...]``) from then on (an audit)."""
     with request_scope(max_entries=3) as store:
-        for i in range(3):
-            perrequest.set(i, i)
-        sys.setprofile(_raise_after("_drop", "popitem"))  # type: ignore[arg-type]
-        try:
-            with pytest.raises(_Signalled):
-                perrequest.set(3, 3)  # evicts 0: interrupted between its two pops
-        finally:
-            sys.setprofile(None)
+        _set_interrupted(store, "_drop", "popitem")  # between the eviction of 0's two pops
         perrequest.set(0, "again")  # 0 kept its entry, not its place in the order
         assert store[0] == "again" and len(store) == 3
 

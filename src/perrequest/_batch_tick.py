@@ -124,9 +124,9 @@ def _start(state: _State) -> None:
     state.slots, state.own_keys = [], []
     if keys is not None:
         _spawn(state, keys, cks, slots, state.inflight)  # type: ignore[arg-type]
-    if own is not None:
-        own_cks = [ck for _, ck, _ in pending]
-        _spawn(state, [p[0] for p in pending], own_cks, [p[2] for p in pending], own)
+    if own is not None:  # (pending: the (key, cache key, slot) of each of own's keys)
+        own_keys, own_cks, own_slots = (list(column) for column in zip(*pending, strict=True))
+        _spawn(state, own_keys, own_cks, own_slots, own)
 
 
 def _spawn(
@@ -255,7 +255,7 @@ def _again(state: _State, key: Any, ck: Hashable, slot: list[Any], own: bool) ->
         return
     for one in slot:
         future = one[0].future if type(one) is tuple else one
-        if future is None or future.done():
+        if future.done():
             continue
         if state.store._closed:
             future.cancel()

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from perrequest import current_store, in_request_scope, request_batch, request_scope
+from perrequest import bind_scope, current_store, in_request_scope, request_batch, request_scope
 
 
 async def test_a_batch_function_raising_cancelled_error_fails_its_keys_once() -> None:
@@ -58,6 +58,30 @@ def test_hits_under_a_second_event_loop_in_one_scope_work_with_gather_and_wait_f
         assert asyncio.run(second()) == (["u1", "u2"], "u1")
         assert users.cache_info().misses == 2
         assert not store._flights  # no state left for either loop
+
+
+async def test_hits_in_a_thread_running_its_own_loop_beside_the_first_work_with_gather() -> None:
+    """A scope shared with a thread that runs a loop of its own while the first one still
+    runs (``bind_scope`` and ``asyncio.run`` in an executor): that thread's hits are its
+    loop's futures. Before: the first loop's, which ``gather`` and ``wait_for`` refuse
+    ("attached to a different loop"), because that loop was running, elsewhere."""
+
+    @request_batch
+    async def users(keys: list[int]) -> list[str]:
+        return [f"u{k}" for k in keys]
+
+    async def in_the_other_loop() -> tuple[list[str], str]:
+        both = await asyncio.gather(users.load(1), users.load(2))
+        return both, await asyncio.wait_for(users.load(1), 5)
+
+    async with request_scope():
+        assert await asyncio.gather(users.load(1), users.load(2)) == ["u1", "u2"]
+        assert await users.load(1) == "u1"  # a hit: its future kept for this loop
+        job = bind_scope(lambda: asyncio.run(in_the_other_loop()))
+        got = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, job), 5)
+        assert got == (["u1", "u2"], "u1")
+        assert await asyncio.gather(users.load(1), users.load(2)) == ["u1", "u2"]  # and back
+        assert users.cache_info().misses == 2
 
 
 def test_a_job_that_drops_its_load_leaves_nothing_after_asyncio_run() -> None:

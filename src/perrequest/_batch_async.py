@@ -5,6 +5,7 @@ outside any scope, nothing is batched (``unbatched``)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Hashable, Iterable
 from typing import Any
 
@@ -58,7 +59,7 @@ def ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, ..
     future.set_result(entry[0])
     with store._lock:
         if store._lookup((spec, ck), touch=False) is entry[0]:
-            store._fill((spec, ck), entry[0], entry[1], (loop, future))
+            store._fill((spec, ck), entry[0], entry[1], (loop, future, threading.get_ident()))
     return future
 
 

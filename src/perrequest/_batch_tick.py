@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import Hashable
 from contextvars import ContextVar
 from typing import Any
@@ -202,18 +203,18 @@ def _ended(
             return
         values = _firsts(store, state.spec, cks, values)
         anchors: list[Any] = []
-        failures = False
+        failures, here = False, threading.get_ident()  # the loop's thread
         for value, slot in zip(values, slots, strict=True):
             failed = issubclass(type(value), Exception)  # type(): runs no code of the value
             if len(slot) == 1 and type(who := slot[0]) is _Future and not failed:  # one load
                 try:
                     who.set_result(value)  # runs no code now: it schedules the wake-up
-                    anchors.append((loop, who))  # a finished future of it, for later hits
+                    anchors.append((loop, who, here))  # a finished future of it, for later hits
                 except asyncio.InvalidStateError:  # that caller was cancelled
                     anchors.append(None)
             else:
                 kept = hand(slot, value, failed)
-                anchors.append(_FAILED if failed else None if kept is None else (loop, kept))
+                anchors.append(_FAILED if failed else None if kept is None else (loop, kept, here))
                 failures |= failed
         try:
             if state.again:  # asked again, and answered this time (failures too)

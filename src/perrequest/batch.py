@@ -4,6 +4,7 @@ are answered here; misses by ``_batching`` (sync, trio) and ``_batch_async``."""
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload
 
@@ -179,7 +180,7 @@ def _sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:
 def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
     """An async ``load(key)``: a hit is two lookups and returns the finished future kept
     with the value. ``load`` is ``load_keyed`` without ``key=`` or a bound of its own."""
-    get_store, key_fn = _current.get, spec.key_fn
+    get_store, key_fn, thread = _current.get, spec.key_fn, threading.get_ident
     bounded = spec.max_entries is not None
 
     def load(key: Any) -> Any:
@@ -196,9 +197,10 @@ def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
             return miss(spec, store, key, key)
         entry[1].hits += 1
         anchor = entry[3]
-        # (loop, its finished future) while that loop runs: after asyncio.run or
-        # async_to_sync, the next loop's gather() and wait_for() would refuse it.
-        if anchor is not None and anchor[0].is_running():
+        # (loop, its finished future, its thread) while that loop runs here: the next
+        # loop's gather() and wait_for() would refuse it (after asyncio.run or
+        # async_to_sync; or in another thread, running a loop of its own meanwhile).
+        if anchor is not None and anchor[2] == thread() and anchor[0].is_running():
             return anchor[1]
         return ready(store, spec, key, entry)
 
@@ -220,7 +222,7 @@ def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
             return miss(spec, store, key, ck)
         entry[1].hits += 1
         anchor = entry[3]
-        if anchor is not None and anchor[0].is_running():
+        if anchor is not None and anchor[2] == thread() and anchor[0].is_running():
             return anchor[1]
         return ready(store, spec, ck, entry)
 

@@ -73,7 +73,7 @@ def failed(
     with cache._lock:
         try:
             record = cache._flights.pop(key, None)
-        except BaseException:  # the key's __hash__/__eq__ raised this time: by identity
+        except Exception:  # the key's __hash__/__eq__ raised this time: by identity
             record = None
         record = _own(cache, key, me, record)  # None: invalidated, its waiters restarted
     if type(record) is Waited:
@@ -156,7 +156,7 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
     if record is not None:
         try:
             cache._flights[key] = record
-        except BaseException:  # its key's __hash__ raised: that computation's waiters retry
+        except Exception:  # its key's __hash__ raised: that computation's waiters retry
             restart(record)
 
 

@@ -160,20 +160,23 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
     uses does) or its ``__eq__`` raises. The others are filed again (``popitem`` hashes
     nothing; filing hashes anew); the waiters of one that cannot be filed any more, or
     whose key a caller registered meanwhile (registering takes no lock: that caller
-    computes too), start again and join it. Returns those taken out. Lock held."""
+    computes too), start again and join it. Returns those taken out. Lock held. A signal
+    handler's exception goes on; the records it leaves out are not found by their waiters,
+    who compute within two of their one-second looks (``result``)."""
     records = []
     while flights:
         records.append(flights.popitem())
     taken = []
     for filed, record in reversed(records):
+        if stale(filed, record):  # runs no code of the key
+            taken.append(record)
+            continue
         try:
-            if stale(filed, record):
-                taken.append(record)
-                continue
             if flights.setdefault(filed, record) is record:
                 continue
-        except BaseException:
-            pass
+        except Exception:  # the key's __hash__ or __eq__: it cannot be filed any more
+            if any(other is record for other in flights.values()):
+                raise  # it was filed: a signal handler's, raised as setdefault returned
         restart(record)
     return taken
 

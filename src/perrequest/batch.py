@@ -197,9 +197,8 @@ def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
             return miss(spec, store, key, key)
         entry[1].hits += 1
         anchor = entry[3]
-        # (loop, its finished future, its thread) while that loop runs here: the next
-        # loop's gather() and wait_for() would refuse it (after asyncio.run or
-        # async_to_sync; or in another thread, running a loop of its own meanwhile).
+        # (loop, its finished future, its thread) while that loop runs here: another loop's
+        # gather() and wait_for() refuse it (a later asyncio.run; another thread's loop).
         if anchor is not None and anchor[2] == thread() and anchor[0].is_running():
             return anchor[1]
         return ready(store, spec, key, entry)

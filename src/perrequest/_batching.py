@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Set
 from concurrent.futures import Future
-from contextlib import suppress
 from typing import Any
 
 from ._active import here, logger
@@ -305,8 +304,12 @@ class _BatchSpec:
             try:
                 self.keep(store, counter, out)
                 for ck in me.keys:
-                    with suppress(Exception):  # its hash raised: taken out below
+                    size = len(store._flights)
+                    try:
                         left -= store._flights.pop((self, ck), None) is me
+                    except Exception:  # its hash raised: taken out below
+                        if len(store._flights) < size:
+                            raise  # popped: a signal handler's, raised as pop returned
             finally:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.
                 if left and any(record is me for record in list(store._flights.values())):

@@ -309,7 +309,7 @@ class _BatchSpec:
                         left -= store._flights.pop((self, ck), None) is me
                     except Exception:  # its hash raised: taken out below
                         if len(store._flights) < size:
-                            raise  # popped: a signal handler's, raised as pop returned
+                            raise  # popped (others remove under our lock): a signal handler's
             finally:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.
                 if left and any(record is me for record in list(store._flights.values())):

@@ -57,9 +57,11 @@ def ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, ..
         return _value(entry[0])
     future = loop.create_future()
     future.set_result(entry[0])
-    with store._lock:
-        if store._lookup((spec, ck), touch=False) is entry[0]:
-            store._fill((spec, ck), entry[0], entry[1], (loop, future, threading.get_ident()))
+    with store._lock:  # in place: another thread's hit refreshes the entry by its id
+        sub = None if store._subs is None else store._subs.get(spec)
+        now = None if sub is None else sub.get(ck)
+        if sub is not None and now is not None and now[0] is entry[0]:
+            sub[ck] = (*now[:3], (loop, future, threading.get_ident()))
     return future
 
 
@@ -86,13 +88,15 @@ def _future(coroutine: Any) -> Any:
 
 
 def in_flight(spec: _BatchSpec, store: MemoStore, ck: Hashable) -> bool:
-    """Whether ``ck`` is in a batch of the running loop's, or of any loop's from a thread
-    where none runs (``asyncio.to_thread``); the store's lock held."""
+    """Whether ``ck`` is in a batch of the running loop's, or of any running loop's from a
+    thread where none runs (``asyncio.to_thread``; a closed loop's batch never ends: its
+    state stays until the next batch starts); the store's lock held."""
     try:
         states = [store._flights.get((spec, asyncio.get_running_loop()))]
     except RuntimeError:  # no asyncio loop running here
         flights = list(store._flights.items())  # keys by identity: no key's code runs
-        states = [v for k, v in flights if type(k) is tuple and len(k) == 2 and k[0] is spec]
+        mine = [v for k, v in flights if type(k) is tuple and len(k) == 2 and k[0] is spec]
+        states = [state for state in mine if state.loop.is_running()]
     return any(s is not None and (ck in s.inflight or ck in (s.own or ())) for s in states)
 
 

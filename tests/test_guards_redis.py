@@ -20,7 +20,7 @@ import pytest
 import redis
 from servers import HOST
 
-from perrequest import UnhashableArguments, request_memo, request_scope
+from perrequest import UnhashableArguments, bind_scope, request_memo, request_scope
 from perrequest import _redis_io as io
 from perrequest.redis import RedisCache
 
@@ -499,3 +499,52 @@ def test_a_warning_after_a_quiet_interval_says_how_many_were_not_logged(
     assert len(warned) == 2 and "1 more since the last" in warned[1]
     assert cache.stats().bad_values == 3
     cache.close()
+
+
+class _Interrupt(BaseException):
+    """A KeyboardInterrupt that pytest does not take for the user's."""
+
+
+def test_an_interrupt_as_a_tiers_computation_takes_its_lock_never_hangs(
+    client: redis.Redis,
+) -> None:
+    """_flight.finish: an interrupt right after acquiring the cache's lock leaves what was
+    unregistered unknown; ``abandon`` takes the lock again to send the waiters back, as the
+    store's reentrant lock allows. The Redis tier's lock was not reentrant: that thread
+    blocked on itself for ever (an audit, from reading)."""
+    import sys
+
+    cache = RedisCache(client, ttl=60, namespace="g")
+    armed = [False]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        called = event == "c_return" and getattr(arg, "__name__", "") == "acquire"
+        if armed[0] and called and frame.f_code.co_name == "finish":
+            armed[0] = False
+            raise _Interrupt
+
+    @request_memo(shared=cache)
+    def price(item: int) -> int:
+        if item:
+            sys.setprofile(profile)
+        return item * 10
+
+    outcome: list[object] = []
+
+    def call() -> None:
+        armed[0] = True
+        try:
+            outcome.append(price(1))
+        except _Interrupt:
+            outcome.append("interrupted")
+        finally:
+            sys.setprofile(None)
+
+    with request_scope():
+        price(0)
+        thread = threading.Thread(target=bind_scope(call), daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "the thread blocks on the lock it holds"
+        assert outcome == ["interrupted"] and not armed[0]
+        assert price(1) == 10  # computed again: nothing was left in flight

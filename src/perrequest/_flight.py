@@ -41,7 +41,7 @@ _now = time.perf_counter
 class Cache(Protocol):
     """Lookup and fill, lock held; closed, it finds and fills nothing (a late end is fine)."""
 
-    _lock: Any  # a threading lock: there before any computation starts
+    _lock: Any  # a reentrant threading lock (abandon), there before any computation starts
     _flights: dict[Hashable, Any]
     _deletes: int  # entries deleted so far, for computations not in _flights (``_keep``)
 

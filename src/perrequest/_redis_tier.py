@@ -62,7 +62,7 @@ class RedisTier:
         self.base = f"{cache.namespace}:{spec.name}:"  # every version's keys start so
         self.prefix = f"{self.base}{version}:"
         self._flights: dict[Hashable, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant, as _flight's caches' (finish, abandon)
         self._deletes = 0  # this process's deletes and clears so far (``_storable``)
         self.counts = dict.fromkeys(cache._totals, 0)  # RedisStats' fields
 

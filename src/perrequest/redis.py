@@ -117,7 +117,7 @@ def _forked() -> None:
     for cache in list(_caches):
         cache._lock = threading.Lock()  # (no loop's connections: asyncio runs none here)
         for tier in list(cache._tiers):
-            tier._lock, tier._flights = threading.Lock(), {}
+            tier._lock, tier._flights = threading.RLock(), {}
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork

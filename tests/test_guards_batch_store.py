@@ -50,7 +50,8 @@ def test_a_signal_as_a_sync_batch_unregisters_a_key_reaches_the_caller() -> None
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         called = event == "c_return" and getattr(arg, "__name__", "") == "pop"
-        if armed[0] and called and frame.f_code.co_name == "_end":
+        popping = frame.f_code.co_name == "pop_record" and frame.f_back.f_code.co_name == "_end"
+        if armed[0] and called and popping:
             armed[0] = False
             raise _Signalled
 

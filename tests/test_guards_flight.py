@@ -110,17 +110,21 @@ def test_a_signal_as_a_moved_keys_neighbour_is_filed_again_reaches_the_caller(
         assert f(Model(1)) == 1
 
 
-def test_an_interrupt_as_a_failed_computation_unregisters_reaches_the_caller() -> None:
+@pytest.mark.parametrize("signal", [_Interrupt, _Signalled])
+def test_a_signal_as_a_failed_computation_unregisters_reaches_the_caller(
+    signal: type[BaseException],
+) -> None:
     """_flight.failed: unregistering a computation that raised is in a ``try`` for keys whose
-    hash raises now. A Ctrl-C that came as that pop returned was taken for such a key and
-    dropped (the computation's own error went out in its place)."""
+    hash raises now. A Ctrl-C, or a soft time limit, that came as that pop returned was
+    taken for such a key and dropped (the computation's own error went out in its place)."""
     armed = [False]
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         called = event == "c_return" and getattr(arg, "__name__", "") == "pop"
-        if armed[0] and called and frame.f_code.co_name == "failed":
+        popping = frame.f_code.co_name == "pop_record" and frame.f_back.f_code.co_name == "failed"
+        if armed[0] and called and popping:
             armed[0] = False
-            raise _Interrupt
+            raise signal
 
     @request_memo
     def f(x: int) -> int:
@@ -133,7 +137,7 @@ def test_an_interrupt_as_a_failed_computation_unregisters_reaches_the_caller() -
         f(0)
         armed[0] = True
         try:
-            with pytest.raises(_Interrupt):
+            with pytest.raises(signal):
                 f(1)
         finally:
             sys.setprofile(None)

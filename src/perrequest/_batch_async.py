@@ -88,7 +88,7 @@ def _future(coroutine: Any) -> Any:
 
 
 def in_flight(spec: _BatchSpec, store: MemoStore, ck: Hashable) -> bool:
-    """Whether ``ck`` is in a batch of the running loop's, or of any running loop's from a
+    """Whether ``ck`` is in a batch of the running loop's, or of any open loop's from a
     thread where none runs (``asyncio.to_thread``; a closed loop's batch never ends: its
     state stays until the next batch starts); the store's lock held."""
     try:
@@ -96,7 +96,7 @@ def in_flight(spec: _BatchSpec, store: MemoStore, ck: Hashable) -> bool:
     except RuntimeError:  # no asyncio loop running here
         flights = list(store._flights.items())  # keys by identity: no key's code runs
         mine = [v for k, v in flights if type(k) is tuple and len(k) == 2 and k[0] is spec]
-        states = [state for state in mine if state.loop.is_running()]
+        states = [state for state in mine if not state.loop.is_closed()]
     return any(s is not None and (ck in s.inflight or ck in (s.own or ())) for s in states)
 
 

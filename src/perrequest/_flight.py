@@ -20,6 +20,7 @@ from ._waits import (
     done_waiting,
     gone,
     may_wait,
+    pop_record,
     restart,
     result,
     result_async,
@@ -71,11 +72,7 @@ def failed(
     if start:
         counter.compute_s += _now() - start
     with cache._lock:
-        try:
-            record = cache._flights.pop(key, None)
-        except Exception:  # the key's __hash__/__eq__ raised this time: by identity
-            record = None
-        record = _own(cache, key, me, record)  # None: invalidated, its waiters restarted
+        record = _own(cache, key, me, pop_record(cache._flights, key))  # None: invalidated
     if type(record) is Waited:
         record.future.set_result((False, exc) if isinstance(exc, Exception) else RESTART)
 

@@ -436,22 +436,31 @@ def test_a_prime_while_trio_loads_the_key_is_kept() -> None:
     """Under trio (no batch to find the key in), a value primed while a load fetched the
     key was replaced by the fetched, older one: a load saw "new", a later one "old"."""
     db = {1: "old"}
+    events: dict[str, anyio.Event] = {}
 
     @request_batch
     async def users(keys: list[int]) -> list[str]:
         values = [db[k] for k in keys]
-        await anyio.sleep(0.02)
+        events["fetched"].set()
+        await events["release"].wait()
         return values
 
+    async def first_load() -> None:
+        await users.load(1)
+        events["stored"].set()
+
     async def main() -> None:
-        async with request_scope(), anyio.create_task_group() as tasks:
-            tasks.start_soon(users.load, 1)
-            await anyio.sleep(0.005)
-            db[1] = "new"
-            users.prime(1, "new")
-            assert await users.load(1) == "new"
-            await anyio.sleep(0.05)  # the first load has stored what it fetched
-            assert await users.load(1) == "new"  # before: "old"
+        events.update(fetched=anyio.Event(), release=anyio.Event(), stored=anyio.Event())
+        with anyio.fail_after(5):
+            async with request_scope(), anyio.create_task_group() as tasks:
+                tasks.start_soon(first_load)
+                await events["fetched"].wait()  # it read "old", and is fetching
+                db[1] = "new"
+                users.prime(1, "new")
+                assert await users.load(1) == "new"
+                events["release"].set()
+                await events["stored"].wait()  # the first load has stored what it fetched
+                assert await users.load(1) == "new"  # before: "old"
 
     anyio.run(main, backend="trio")
 

@@ -37,12 +37,12 @@ VARIANTS = {
 def child(protocol: str, variant: str, requests: int) -> None:
     """Serve ``requests`` requests (after a warm-up) through one variant, then exit."""
     import middleware_overhead as mo
-    from starlette.middleware import Middleware
 
-    import perrequest.asgi
-    import perrequest.wsgi
+    if protocol == "ASGI":  # each protocol's imports only: most of a child's time
+        from starlette.middleware import Middleware
 
-    if protocol == "ASGI":
+        import perrequest.asgi
+
         middleware = {
             "bare": [],
             "minimal": [Middleware(mo.MinimalASGIMiddleware)],
@@ -55,6 +55,8 @@ def child(protocol: str, variant: str, requests: int) -> None:
         _freeze()
         loop.run_until_complete(mo.serve_asgi(app, requests))
     else:
+        import perrequest.wsgi
+
         flask = mo.flask_app()
         wsgi_app = {
             "bare": flask,

@@ -42,19 +42,18 @@ import statistics
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from time import perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _common as common
-from flask import Flask
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse
-from starlette.routing import Route
-from starlette_context.middleware import ContextMiddleware, RawContextMiddleware
 
-import perrequest.asgi
-import perrequest.wsgi
+# The frameworks are imported where an app is made: instructions.py's child processes,
+# which run under callgrind, then import only their protocol's (the imports were most of
+# each child's time there).
+if TYPE_CHECKING:
+    from flask import Flask
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -146,15 +145,20 @@ class UntilCloseWSGIMiddleware:
 # -- the apps ---------------------------------------------------------------------------------
 
 
-async def hello(request: Request) -> PlainTextResponse:
-    return PlainTextResponse("Hello, world!")
-
-
 def starlette_app(*middleware: Middleware) -> ASGIApp:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("Hello, world!")
+
     return Starlette(routes=[Route("/", hello)], middleware=list(middleware))
 
 
 def flask_app() -> Flask:
+    from flask import Flask
+
     app = Flask("hello")
 
     @app.route("/")
@@ -172,6 +176,11 @@ UNTIL_CLOSE = "minimal, store until close()"
 
 
 def asgi_variants() -> dict[str, ASGIApp]:
+    from starlette.middleware import Middleware
+    from starlette_context.middleware import ContextMiddleware, RawContextMiddleware
+
+    import perrequest.asgi
+
     return {
         "bare Starlette": starlette_app(),
         "perrequest RequestScopeMiddleware": starlette_app(
@@ -185,6 +194,8 @@ def asgi_variants() -> dict[str, ASGIApp]:
 
 
 def wsgi_variants() -> dict[str, WSGIApp]:
+    import perrequest.wsgi
+
     app = flask_app()
     return {
         "bare Flask": app,

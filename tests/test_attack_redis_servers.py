@@ -418,7 +418,7 @@ def test_a_slow_redis_and_one_closing_idle_connections(
     with served(kind, redis_server.port, tmp_path, workers=2, threads=4, **env) as app:
         for _ in range(2):
             _shared_again(app, f"idle{time.monotonic()}")
-            time.sleep(2.5)  # every pooled connection closed by the server meanwhile
+            _until_closed_as_idle(redis_server)  # every pooled connection
         assert sum(s["stats"]["errors"] for s in app.states(2).values()) == 0
         stop = threading.Event()
         join = _hammer(app, [f"s{i}" for i in range(10)], stop, limit=4)
@@ -435,6 +435,19 @@ def test_a_slow_redis_and_one_closing_idle_connections(
         assert not failures, failures[:10]
         _until_quiet(app)
         _shared_again(app, "after-pauses")
+
+
+def _until_closed_as_idle(redis_server: Any) -> None:
+    """Until the server (``--timeout 1``) has closed every connection the apps had open
+    now, for being idle (at most 10 s)."""
+    with redis_server.client() as admin:
+        me = admin.client_id()
+        idle = {c["id"] for c in admin.client_list() if c["id"] != str(me)}
+        assert idle, "the apps keep no connection to close"
+        deadline = time.monotonic() + 10
+        while idle & {c["id"] for c in admin.client_list()}:
+            assert time.monotonic() < deadline, admin.client_list()
+            time.sleep(0.1)
 
 
 def _until_quiet(app: App, quiet: float = 1.5) -> None:

@@ -24,11 +24,13 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from servers import HOST, free_port, serve_hypercorn, serve_subprocess, serve_uvicorn
@@ -167,7 +169,19 @@ class _Resource:
 
 def _app(outermost: bool = False) -> Any:
     """``outermost``: the middleware wraps the whole app, Starlette's 500 handler included
-    (the fix for servers that copy a request's context into the next, docs/security.md)."""
+    (the fix for servers that copy a request's context into the next, docs/security.md).
+    ``/hold``'s background task keeps its request open (its scope too) until ``/release``
+    (which ``_exchange`` asks for once it has every answer), 1 s at most."""
+    release = threading.Event()
+
+    async def linger() -> None:  # also under trio (hypercorn's trio worker)
+        with anyio.move_on_after(1.0):
+            while not release.is_set():
+                await anyio.sleep(0.01)
+
+    async def released(request: Request) -> PlainTextResponse:
+        release.set()
+        return PlainTextResponse("released")
 
     @request_memo(outside_scope="call")
     def ident(tag: str) -> str:
@@ -187,7 +201,7 @@ def _app(outermost: bool = False) -> Any:
         ident("A")  # A's memo, keyed by the same argument as the others' calls below
         ident("WS")
         ident("500")
-        return PlainTextResponse("held", background=BackgroundTask(asyncio.sleep, 1.0))
+        return PlainTextResponse("held", background=BackgroundTask(linger))
 
     async def upload(request: Request) -> PlainTextResponse:
         await request.body()  # over uvicorn's 64 KiB high-water mark: reading pauses, resumes
@@ -222,6 +236,7 @@ def _app(outermost: bool = False) -> Any:
             Route("/boom", boom),
             Route("/resource", resource),
             Route("/freed", freed),
+            Route("/release", released),
             WebSocketRoute("/ws", ws),
         ],
         middleware=[] if outermost else [Middleware(RequestScopeMiddleware)],
@@ -247,7 +262,8 @@ def __getattr__(name: str) -> Any:
 
 def _exchange(base: str, *requests: bytes) -> bytes:
     """Send each request on one connection, the next as soon as the previous response's
-    first bytes arrived (the last request's answer must be JSON)."""
+    first bytes arrived (the last request's answer must be JSON); then, on another
+    connection, end ``/hold``'s background task (it waited for this, 1 s at most)."""
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         received = b""
@@ -262,7 +278,8 @@ def _exchange(base: str, *requests: bytes) -> bytes:
             if not chunk:
                 break
             received += chunk
-        return received
+    httpx.get(f"{base}/release", timeout=5).raise_for_status()
+    return received
 
 
 def _report(received: bytes) -> dict[str, Any]:

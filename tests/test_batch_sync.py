@@ -466,9 +466,13 @@ def test_a_thread_waiting_for_a_fetch_that_dies_at_the_recursion_limit_is_freed(
     """As a memo's waiter (tests/test_memo_threads.py): ending a fetch takes a few frames,
     which a fetch that ends in a ``RecursionError`` at the limit may not have. Before: its
     waiter called ``future.result()`` without a timeout and waited for ever."""
+    from perrequest._waits import result as waiting_for_a_fetch
+
     bottom: list[int] = []
     ready = threading.Lock()
     ready.acquire()
+    waiter_id = [0]
+    waited: list[int] = []
 
     @request_batch
     def deep(keys: list[int]) -> list[int]:
@@ -479,7 +483,17 @@ def test_a_thread_waiting_for_a_fetch_that_dies_at_the_recursion_limit_is_freed(
             if not bottom:  # the deepest key registered: a thread asks for it, and waits
                 bottom.append(n)
                 ready.release()
-                time.sleep(0.3)
+                # Until the waiter waits for this fetch (0.3 s at most, as the sleep that
+                # was here): C calls and attribute reads only, no frame left here.
+                deadline = time.monotonic() + 0.3
+                while time.monotonic() < deadline:
+                    frame = sys._current_frames().get(waiter_id[0])
+                    while frame is not None and frame.f_code is not waiting_for_a_fetch.__code__:
+                        frame = frame.f_back
+                    if frame is not None:
+                        waited.append(n)
+                        break
+                    time.sleep(0.001)
             raise
 
     results: list[object] = []
@@ -498,6 +512,7 @@ def test_a_thread_waiting_for_a_fetch_that_dies_at_the_recursion_limit_is_freed(
         with request_scope():
             waiter = threading.Thread(target=bind_scope(wait_for_the_deepest_key), daemon=True)
             waiter.start()
+            waiter_id[0] = waiter.ident or 0
             sys.setrecursionlimit(len(traceback.extract_stack()) + extra)
             gc.disable()  # no collection at the limit: see test_memo_threads
             try:
@@ -509,3 +524,4 @@ def test_a_thread_waiting_for_a_fetch_that_dies_at_the_recursion_limit_is_freed(
             waiter.join(10)
         assert not waiter.is_alive(), f"the waiter still waits for a fetch that ended ({extra})"
         assert len(results) == 1 and isinstance(results[0], RecursionError), results
+    assert waited, "the waiter never waited for the deepest key's fetch"

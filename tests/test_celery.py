@@ -140,7 +140,7 @@ def _no_scope_left() -> Iterator[None]:
 @pytest.mark.parametrize("task", [installed_job, scoped_job], ids=["install", "ScopedTask"])
 def test_each_task_computes_once_and_sees_only_its_own_entries(worker: object, task: Any) -> None:
     results = [task.delay(f"job{i}") for i in range(JOBS)]
-    outcomes = [result.get(timeout=20) for result in results]
+    outcomes = [result.get(timeout=20, interval=0.01) for result in results]
     assert all(outcome["foreign"] == 0 for outcome in outcomes)
     assert all(outcome["entries"] == 4 for outcome in outcomes)  # 3 lookups + "job"
     assert computed == {f"job{i}": 3 for i in range(JOBS)}
@@ -155,8 +155,8 @@ def test_each_task_computes_once_and_sees_only_its_own_entries(worker: object, t
 def test_on_close_once_per_task_and_nothing_survives(
     worker: object, task: Any, closed: list[ScopeStats], max_entries: int
 ) -> None:
-    first = task.delay("same").get(timeout=20)
-    second = task.delay("same").get(timeout=20)
+    first = task.delay("same").get(timeout=20, interval=0.01)
+    second = task.delay("same").get(timeout=20, interval=0.01)
     assert first["max_entries"] == second["max_entries"] == max_entries
     assert computed["same"] == 6, "the second task reused the first one's entries"
     assert _wait_until(lambda: len(closed) == 2)
@@ -174,7 +174,7 @@ def test_a_failing_task_closes_its_scope(
 ) -> None:
     result = task.delay("bad")
     with pytest.raises(RuntimeError, match="job bad failed"):
-        result.get(timeout=20)
+        result.get(timeout=20, interval=0.01)
     assert _wait_until(lambda: len(closed) == 1)
     assert closed[0].misses == 1
     assert _wait_until(lambda: live_scopes() == 0)

@@ -377,7 +377,9 @@ def test_a_server_stopping_with_batches_in_flight_exits(server: str) -> None:
         clients = [threading.Thread(target=_try_get, args=(url, i), daemon=True) for i in range(5)]
         for client in clients:
             client.start()
-        time.sleep(1)  # the requests wait for the batch function
+        # Until every request waits for its batch function (5 requests, 5 batches running).
+        state = settled(url, lambda s: s["live"] == 5 and s["running"] == 5)
+        assert (state["live"], state["running"]) == (5, 5), state
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0

@@ -5,7 +5,6 @@ outside any scope, nothing is batched (``unbatched``)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Hashable, Iterable
 from typing import Any
 
@@ -13,7 +12,7 @@ from ._active import here, is_resolved
 from ._batch_outcomes import settled
 from ._batch_tick import state_of
 from ._batch_waiters import fail
-from ._batching import UNTIMED, _BatchSpec
+from ._batching import THREAD, UNTIMED, _BatchSpec
 from ._flight import MISSING
 from .store import MemoStore
 
@@ -61,7 +60,7 @@ def ready(store: MemoStore, spec: _BatchSpec, ck: Hashable, entry: tuple[Any, ..
         sub = None if store._subs is None else store._subs.get(spec)
         now = None if sub is None else sub.get(ck)
         if sub is not None and now is not None and now[0] is entry[0]:
-            sub[ck] = (*now[:3], (loop, future, threading.get_ident()))
+            sub[ck] = (*now[:3], (loop, future, THREAD.__dict__))
     return future
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import Hashable
 from contextvars import ContextVar
 from typing import Any
 
 from ._active import logger
 from ._batch_waiters import hand, joined, unfiled
-from ._batching import _BatchSpec, now
+from ._batching import THREAD, _BatchSpec, now
 from ._stats import Counter
 from .errors import ScopeClosed
 from .store import MemoStore
@@ -203,7 +202,7 @@ def _ended(
             return
         values = _firsts(store, state.spec, cks, values)
         anchors: list[Any] = []
-        failures, here = False, threading.get_ident()  # the loop's thread
+        failures, here = False, THREAD.__dict__  # the loop's thread
         for value, slot in zip(values, slots, strict=True):
             failed = issubclass(type(value), Exception)  # type(): runs no code of the value
             if len(slot) == 1 and type(who := slot[0]) is _Future and not failed:  # one load

@@ -22,6 +22,10 @@ from .store import MemoStore
 
 UNTIMED = Counter(timed=False)  # outside any scope: nothing is counted
 now = time.perf_counter
+# Each thread's own dict (``THREAD.__dict__``), kept with the futures that async hits hand back
+# (``batch._async_load``): told by identity, cheaper than a thread id, never another thread's
+# while it is held.
+THREAD = threading.local()
 _UNSTORED = "perrequest: @request_batch %s could not store key %r: its hash raised after it ran"
 
 

@@ -4,14 +4,13 @@ are answered here; misses by ``_batching`` (sync, trio) and ``_batch_async``."""
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload
 
 from . import _checks
 from ._active import _current, active_store
 from ._batch_async import in_flight, load_many, miss, outside_one, ready
-from ._batching import _BatchSpec
+from ._batching import THREAD, _BatchSpec
 from ._checks import check_max_entries, is_async_callable, unknown_option
 from ._flight import MISSING
 from ._targets import refuse_generator
@@ -180,7 +179,7 @@ def _sync_load(spec: _BatchSpec) -> Callable[[Any], Any]:
 def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
     """An async ``load(key)``: a hit is two lookups and returns the finished future kept
     with the value. ``load`` is ``load_keyed`` without ``key=`` or a bound of its own."""
-    get_store, key_fn, thread = _current.get, spec.key_fn, threading.get_ident
+    get_store, key_fn, thread = _current.get, spec.key_fn, THREAD
     bounded = spec.max_entries is not None
 
     def load(key: Any) -> Any:
@@ -197,9 +196,9 @@ def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
             return miss(spec, store, key, key)
         entry[1].hits += 1
         anchor = entry[3]
-        # (loop, its finished future, its thread) while that loop runs here: another loop's
+        # (loop, its finished future, its thread's dict) while that loop runs here: another loop's
         # gather() and wait_for() refuse it (a later asyncio.run; another thread's loop).
-        if anchor is not None and anchor[2] == thread() and anchor[0].is_running():
+        if anchor is not None and anchor[2] is thread.__dict__ and anchor[0].is_running():
             return anchor[1]
         return ready(store, spec, key, entry)
 
@@ -221,7 +220,7 @@ def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
             return miss(spec, store, key, ck)
         entry[1].hits += 1
         anchor = entry[3]
-        if anchor is not None and anchor[2] == thread() and anchor[0].is_running():
+        if anchor is not None and anchor[2] is thread.__dict__ and anchor[0].is_running():
             return anchor[1]
         return ready(store, spec, ck, entry)
 

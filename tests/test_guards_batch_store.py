@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import pytest
+from signals import RaiseAfter, Signalled
 
 from perrequest import request_batch, request_scope
 
@@ -34,26 +36,12 @@ async def test_a_batch_that_ends_after_its_request_stores_nothing_and_logs_nothi
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-class _Signalled(Exception):
-    """What a signal handler raises (Celery's SoftTimeLimitExceeded is an Exception)."""
-
-
 def test_a_signal_as_a_sync_batch_unregisters_a_key_reaches_the_caller() -> None:
     """_batching._end: unregistering each fetched key is in a ``try`` for keys whose hash
     raises now. An exception a signal handler raised as that pop returned (Celery's soft
     time limit) was taken for such a key and dropped: the call returned as if nothing had
     happened. Nothing stays registered either way."""
-    import sys
-    from typing import Any
-
-    armed = [False]
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        called = event == "c_return" and getattr(arg, "__name__", "") == "pop"
-        popping = frame.f_code.co_name == "pop_record" and frame.f_back.f_code.co_name == "_end"
-        if armed[0] and called and popping:
-            armed[0] = False
-            raise _Signalled
+    at = RaiseAfter(Signalled, "pop", "pop_record", caller="_end")
 
     @request_batch
     def rows(keys: list[int]) -> list[int]:
@@ -61,13 +49,13 @@ def test_a_signal_as_a_sync_batch_unregisters_a_key_reaches_the_caller() -> None
 
     with request_scope() as store:
         assert rows.load_many([1]) == [10]
-        armed[0] = True
-        sys.setprofile(profile)
+        at.armed = True
+        sys.setprofile(at)
         try:
-            with pytest.raises(_Signalled):
+            with pytest.raises(Signalled):
                 rows.load_many([2, 3])
         finally:
             sys.setprofile(None)
-        assert not armed[0], "the signal never came: the test tests nothing"
+        assert not at.armed, "the signal never came: the test tests nothing"
         assert not store._flights  # its other key unregistered all the same
         assert rows.load_many([2, 3]) == [20, 30]

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from servers import HOST
+from signals import Interrupt, RaiseAfter
 
 from perrequest import UnhashableArguments, bind_scope, request_memo, request_scope
 from perrequest import _redis_io as io
@@ -501,10 +502,6 @@ def test_a_warning_after_a_quiet_interval_says_how_many_were_not_logged(
     cache.close()
 
 
-class _Interrupt(BaseException):
-    """A KeyboardInterrupt that pytest does not take for the user's."""
-
-
 def test_an_interrupt_as_a_tiers_computation_takes_its_lock_never_hangs(
     client: redis.Redis,
 ) -> None:
@@ -515,27 +512,21 @@ def test_an_interrupt_as_a_tiers_computation_takes_its_lock_never_hangs(
     import sys
 
     cache = RedisCache(client, ttl=60, namespace="g")
-    armed = [False]
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        called = event == "c_return" and getattr(arg, "__name__", "") == "acquire"
-        if armed[0] and called and frame.f_code.co_name == "finish":
-            armed[0] = False
-            raise _Interrupt
+    at = RaiseAfter(Interrupt, "acquire", "finish")
 
     @request_memo(shared=cache)
     def price(item: int) -> int:
         if item:
-            sys.setprofile(profile)
+            sys.setprofile(at)
         return item * 10
 
     outcome: list[object] = []
 
     def call() -> None:
-        armed[0] = True
+        at.armed = True
         try:
             outcome.append(price(1))
-        except _Interrupt:
+        except Interrupt:
             outcome.append("interrupted")
         finally:
             sys.setprofile(None)
@@ -546,5 +537,5 @@ def test_an_interrupt_as_a_tiers_computation_takes_its_lock_never_hangs(
         thread.start()
         thread.join(10)
         assert not thread.is_alive(), "the thread blocks on the lock it holds"
-        assert outcome == ["interrupted"] and not armed[0]
+        assert outcome == ["interrupted"] and not at.armed
         assert price(1) == 10  # computed again: nothing was left in flight

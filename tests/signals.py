@@ -1,0 +1,37 @@
+"""Signals raised where CPython runs their handlers: right after a C call returns. For the
+guards of code that must tell a signal handler's exception from the failure of what it
+called (a key's ``__hash__``), and must not swallow a ``KeyboardInterrupt``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Signalled(Exception):
+    """What a signal handler raises (Celery's SoftTimeLimitExceeded is an Exception)."""
+
+
+class Interrupt(BaseException):
+    """A KeyboardInterrupt that pytest does not take for the user's."""
+
+
+class RaiseAfter:
+    """A profile function (``sys.setprofile``) that, once ``armed``, raises ``signal`` as the
+    C call ``c_call`` returns in a frame of ``function`` (called from ``caller``, if given),
+    and disarms: ``armed`` still true afterwards means the signal never came."""
+
+    def __init__(
+        self, signal: type[BaseException], c_call: str, function: str, caller: str = ""
+    ) -> None:
+        self.signal, self.c_call, self.function, self.caller = signal, c_call, function, caller
+        self.armed = False
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        if not self.armed or event != "c_return" or frame.f_code.co_name != self.function:
+            return
+        if getattr(arg, "__name__", "") != self.c_call:
+            return
+        if self.caller and frame.f_back.f_code.co_name != self.caller:
+            return
+        self.armed = False
+        raise self.signal

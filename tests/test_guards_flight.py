@@ -108,7 +108,7 @@ def test_a_signal_as_a_failed_computation_unregisters_reaches_the_caller(
     """_flight.failed: unregistering a computation that raised is in a ``try`` for keys whose
     hash raises now. A Ctrl-C, or a soft time limit, that came as that pop returned was
     taken for such a key and dropped (the computation's own error went out in its place)."""
-    at = RaiseAfter(signal, "pop", "pop_record", caller="failed")
+    at = RaiseAfter(signal, "pop", "failed")
 
     @request_memo
     def f(x: int) -> int:

@@ -20,7 +20,6 @@ from ._waits import (
     done_waiting,
     gone,
     may_wait,
-    pop_record,
     restart,
     result,
     result_async,
@@ -71,8 +70,15 @@ def failed(
     """The computing caller raised: its waiters get the error (an Exception) or compute."""
     if start:
         counter.compute_s += _now() - start
-    with cache._lock:
-        record = _own(cache, key, me, pop_record(cache._flights, key))  # None: invalidated
+    with cache._lock:  # pop_record written out: a RecursionError leaves one frame (thread_me)
+        size = len(cache._flights)
+        try:
+            record = cache._flights.pop(key, None)
+        except Exception:  # the key's __hash__/__eq__ raised now: by identity
+            if len(cache._flights) < size:
+                raise  # popped: a signal handler's, raised as pop returned
+            record = None
+        record = _own(cache, key, me, record)  # None: invalidated
     if type(record) is Waited:
         record.future.set_result((False, exc) if isinstance(exc, Exception) else RESTART)
 
@@ -83,12 +89,10 @@ _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
 def finish(
     cache: Cache, key: Hashable, me: object, value: Any, counter: Counter, extra: Any
 ) -> Any:
-    """Unregister, store, hand the value to the waiters (written out in _wrappers). Not
-    ``with`` (3.11: twice the cost): acquired in the ``try``, an interrupt still releases it."""
-    lock = cache._lock
-    record = _UNKNOWN
+    """Unregister, store, hand the value to the waiters (written out in _wrappers)."""
+    lock, record = cache._lock, _UNKNOWN  # not ``with``: twice the cost on 3.11
     try:
-        lock.acquire()
+        lock.acquire()  # in the ``try``: an interrupt still releases it
         record = cache._flights.pop(key, None)
         if record is me:  # nobody waited: the common miss
             return _first(cache, key, value, counter, extra)
@@ -329,8 +333,7 @@ async def run_async(
         failed(cache, key, me, counter, start, exc)
         raise
     finally:
-        # The task, left here, is kept by its own error where a frame keeps its caller's
-        # (3.12+, f_back): a shared tier's error, caught below, holds this frame.
+        # The task, kept by its own error where a frame keeps its caller's (3.12+, f_back).
         value = me = record = None
 
 

@@ -41,7 +41,7 @@ def test_a_signal_as_a_sync_batch_unregisters_a_key_reaches_the_caller() -> None
     raises now. An exception a signal handler raised as that pop returned (Celery's soft
     time limit) was taken for such a key and dropped: the call returned as if nothing had
     happened. Nothing stays registered either way."""
-    at = RaiseAfter(Signalled, "pop", "pop_record", caller="_end")
+    at = RaiseAfter(Signalled, "pop", "_end")
 
     @request_batch
     def rows(keys: list[int]) -> list[int]:

@@ -14,7 +14,7 @@ from ._batch_outcomes import Unhashed, missing_keys, pick, put_all, same, settle
 from ._checks import is_async_callable, refuse_coroutine, unhashable_because
 from ._flight import MISSING
 from ._stats import Counter, function_name
-from ._waits import RESTART, done_waiting, gone, may_wait, pop_record, result, take_out
+from ._waits import RESTART, done_waiting, gone, may_wait, result, take_out
 from ._waits import within as _within
 from .errors import ScopeClosed, UnhashableArguments
 from .memo import OUTSIDE_FIX, refuse_or_warn
@@ -307,8 +307,13 @@ class _BatchSpec:
             left = len(me.keys)
             try:
                 self.keep(store, counter, out)
-                for ck in me.keys:  # a key whose hash raises now: taken out below
-                    left -= pop_record(store._flights, (self, ck)) is me
+                for ck in me.keys:
+                    size = len(store._flights)
+                    try:
+                        left -= store._flights.pop((self, ck), None) is me
+                    except Exception:  # its hash raises now: taken out below
+                        if len(store._flights) < size:  # the pop ended: a signal handler's
+                            raise
             finally:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.
                 if left and any(record is me for record in list(store._flights.values())):

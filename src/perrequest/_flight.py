@@ -70,8 +70,8 @@ def failed(
     """The computing caller raised: its waiters get the error (an Exception) or compute."""
     if start:
         counter.compute_s += _now() - start
-    with cache._lock:  # pop_record written out: a RecursionError leaves one frame (thread_me)
-        size = len(cache._flights)
+    with cache._lock:  # in this frame: at the recursion limit no other is free (thread_me)
+        size = len(cache._flights)  # the pop ended if the dict shrank (removals take the lock)
         try:
             record = cache._flights.pop(key, None)
         except Exception:  # the key's __hash__/__eq__ raised now: by identity

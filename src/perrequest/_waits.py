@@ -153,19 +153,6 @@ def restart(record: object) -> None:
         record.future.set_result(RESTART)
 
 
-def pop_record(flights: dict[Hashable, Any], key: Hashable) -> Any:
-    """``flights.pop(key, None)``, None too when the key's ``__hash__``/``__eq__`` raises now
-    (its record is found by identity then). A signal handler's exception raised as the pop
-    returned goes on: the dict shrank (others remove under the lock the caller holds)."""
-    size = len(flights)
-    try:
-        return flights.pop(key, None)
-    except Exception:
-        if len(flights) < size:
-            raise
-        return None
-
-
 def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) -> list[Any]:
     """Take the records that ``stale(filed, record)`` names out of ``flights`` by identity,
     where a lookup by key cannot find them: their key's hash changed since it was filed (a

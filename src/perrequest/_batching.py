@@ -278,7 +278,12 @@ class _BatchSpec:
         finally:  # interrupted, or a key's __eq__ raised: its waiters ask again
             try:
                 if mine or me.keys:  # (a key registered, then its hash raised)
-                    self._end(store, counter, me, outcomes)
+                    try:
+                        self._end(store, counter, me, outcomes)
+                    except BaseException:  # a signal as it began: once more, unless it ended
+                        if not me.ended:
+                            self._end(store, counter, me, outcomes)
+                        raise
             finally:
                 _within.reset(token)
         got.update(outcomes)

@@ -19,6 +19,7 @@ from ._waits import (
     Waited,
     done_waiting,
     gone,
+    interrupted,
     may_wait,
     restart,
     result,
@@ -134,19 +135,6 @@ def abandon(
         _put_back(cache, key, record)
 
 
-def interrupted(cache: Cache, key: Hashable, me: object, exc: BaseException) -> None:
-    """An interrupt as registering ``me`` returned: waiters compute (by identity: per call)."""
-    if isinstance(exc, Exception):
-        return
-    with cache._lock:
-        record = cache._flights.get(key)  # hashed fine just before
-        if type(record) is Waited:  # interrupted as its wait began: that wait is over
-            done_waiting(me, record.future)
-        if record is me or (type(record) is Waited and record.owner is me):
-            del cache._flights[key]
-            restart(record)
-
-
 def invalidate(cache: Cache, key: Hashable) -> None:
     """``key`` was deleted: its computation stores nothing, is joined no more. Lock held."""
     restart(cache._flights.pop(key, None))
@@ -181,7 +169,7 @@ def run(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """The value at ``key``, computed by ``fn(*args, **kwargs)`` at most once at a time."""
-    me = thread_me()
+    me, record = thread_me(), None
     try:
         # No lock (setdefault is atomic); a value filled since the caller looked is computed again.
         record = cache._flights.setdefault(key, me)
@@ -202,7 +190,7 @@ def run(
             if value is not MISSING:  # else its caller was interrupted: look, join, compute
                 return value
     except BaseException as exc:  # an interrupt may come as a registering call returns
-        interrupted(cache, key, me, exc)
+        interrupted(cache, key, me, exc, record)
         raise
     start = 0.0  # registered: every way out resolves it (no call, no interrupt before)
     try:
@@ -217,7 +205,11 @@ def run(
             start = 0.0
         return finish(cache, key, me, value, counter, extra)
     except BaseException as exc:  # finish's own failures are handled: this finds no record
-        failed(cache, key, me, counter, start, exc)
+        try:
+            failed(cache, key, me, counter, start, exc)
+        except BaseException:  # a signal as it began: once more (it pops, or finds nothing)
+            failed(cache, key, me, counter, 0.0, exc)
+            raise
         raise
     finally:
         value = None  # a shared tier's Raised: its error's frames hold this one
@@ -294,7 +286,7 @@ async def run_async(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """``run`` for tasks; if the computing task is cancelled, a live waiter computes."""
-    trio = (me := task_me()) is None  # (no local holds the task: its error's frames would)
+    trio, record = (me := task_me()) is None, None  # (no local holds the task: see below)
     if trio:  # registered as its thread: a delete finds it; nobody else's waited for
         me = thread_me()
     try:
@@ -316,7 +308,7 @@ async def run_async(
             if value is not MISSING:  # else its caller was cancelled: look, join, compute
                 return value
     except BaseException as exc:  # see run
-        interrupted(cache, key, me, exc)
+        interrupted(cache, key, me, exc, record)
         me = record = None  # the task, in the frame its error holds: a cycle if it fails
         raise
     start = 0.0
@@ -330,7 +322,11 @@ async def run_async(
             start = 0.0
         return finish(cache, key, me, value, counter, extra)
     except BaseException as exc:  # cancellation too: a waiter computes instead
-        failed(cache, key, me, counter, start, exc)
+        try:
+            failed(cache, key, me, counter, start, exc)
+        except BaseException:  # see run
+            failed(cache, key, me, counter, 0.0, exc)
+            raise
         raise
     finally:
         # The task, kept by its own error where a frame keeps its caller's (3.12+, f_back).

@@ -181,6 +181,27 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
     return taken
 
 
+def interrupted(
+    cache: Any, key: Hashable, me: object, exc: BaseException, record: Any = None
+) -> None:
+    """A miss (``_flight.run``) interrupted as registering ``me`` returned (``record`` None:
+    not got; a signal handler's ``Exception`` then too, where the key's own finds nothing)
+    or as a wait began: its waiters compute (by identity: per call). Other ``Exception``s
+    are the computation's, handed to a waiter."""
+    if isinstance(exc, Exception) and record is not None:
+        return
+    with cache._lock:
+        try:
+            record = cache._flights.get(key)
+        except Exception:  # the key's __hash__/__eq__: it registered nothing
+            return
+        if type(record) is Waited:  # interrupted as its wait began: that wait is over
+            done_waiting(me, record.future)
+        if record is me or (type(record) is Waited and record.owner is me):
+            del cache._flights[key]
+            restart(record)
+
+
 # The tasks whose keys a caller took over as their loops stopped, with their store's count of
 # deletes then: ended when the loop runs again, one stores its value if no delete came since
 # (``resumed``): else it returned its own while the one that took over, still computing,

@@ -23,7 +23,7 @@ from typing import Any
 from . import _flight
 from ._active import _current, is_resolved
 from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
-from ._waits import task_me, thread_me
+from ._waits import interrupted, task_me, thread_me
 
 # Indented one level, as the miss templates below are; dedented before compiling.
 _TEMPLATE = """\
@@ -96,7 +96,14 @@ _COMPUTE = """\
                     __pr_counter.compute_s += __pr_now() - __pr_start
                     __pr_start = 0.0
             except __pr_BaseException as __pr_exc:
-                __pr_failed(__pr_store, __pr_where, __pr_me, __pr_counter, __pr_start, __pr_exc)
+                try:
+                    __pr_failed(
+                        __pr_store, __pr_where, __pr_me, __pr_counter, __pr_start, __pr_exc
+                    )
+                except __pr_BaseException:  # a signal as it began: once more (_flight.run)
+                    __pr_failed(__pr_store, __pr_where, __pr_me, __pr_counter, 0.0, __pr_exc)
+                    __pr_me = None
+                    raise
                 __pr_me = None
                 raise
             __pr_lock = __pr_store._lock  # _flight.finish, written out
@@ -185,7 +192,7 @@ _FIXED = {
     "__pr_failed": _flight.failed, "__pr_now": _flight._now, "__pr_lazy": LAZY,
     "__pr_refuse": refuse_memoized_result, "__pr_thread": thread_me, "__pr_task": task_me,
     "__pr_unknown": _flight._UNKNOWN, "__pr_abandon": _flight.abandon,
-    "__pr_interrupted": _flight.interrupted, "__pr_type": type, "__pr_KeyError": KeyError,
+    "__pr_interrupted": interrupted, "__pr_type": type, "__pr_KeyError": KeyError,
     "__pr_TypeError": TypeError, "__pr_AttributeError": AttributeError,
     "__pr_BaseException": BaseException, "__pr_RuntimeError": RuntimeError,
     "__pr_call_key": call_key, "__pr_KWARGS": KWARGS, "__pr_tuple": tuple, "__pr_dict": dict,

@@ -1,0 +1,245 @@
+"""A signal whose handler raises (Ctrl-C; Celery's soft time limit) as the cleanup of a
+failed computation, or of a sync batch fetch, begins: before it unregisters the key. The
+key stayed registered to a thread that had moved on, and a thread waiting for it blocked
+for good (a task, until the computing task ended). Each cleanup is run once more when it
+is interrupted, before the signal goes on, and the waiters get the computation's outcome;
+these tests fail without that."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from signals import Interrupt, RaiseAfter, Signalled
+
+import perrequest
+from perrequest import MemoStore, bind_scope, request_batch, request_memo, request_scope
+from perrequest._waits import restart
+
+WAIT = 5.0  # seconds: the fix answers the waiter at once; without it, it never answers
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "the second caller never came to wait"
+        time.sleep(0.005)
+
+
+def _someone_waits(store: MemoStore) -> bool:
+    return any(getattr(r, "future", None) is not None for r in list(store._flights.values()))
+
+
+def _release(store: MemoStore) -> None:
+    """Unblock a stranded waiter (the bug): the test fails, the run goes on."""
+    with store._lock:
+        for where, record in list(store._flights.items()):
+            del store._flights[where]
+            restart(record)
+            future = getattr(record, "future", None)
+            if future is not None and not future.done():
+                future.set_result({})
+
+
+class _Waiter(threading.Thread):
+    def __init__(self, call: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.call, self.outcome = bind_scope(call), None
+
+    def run(self) -> None:
+        try:
+            self.outcome = ("value", self.call())
+        except Exception as exc:
+            self.outcome = ("error", exc)
+
+
+def _thread_waits_for_a_failure(signal: type[BaseException], call_in: str) -> None:
+    at = RaiseAfter(signal, "len", "failed")  # failed's first C call: before its pop
+    main = threading.current_thread()
+    waiter: list[_Waiter] = []
+
+    def compute(x: int) -> int:
+        if x == 0:
+            return 0
+        assert threading.current_thread() is main, "the waiter computes: it got no outcome"
+        waiter.append(_Waiter(lambda: call(x)))
+        waiter[0].start()
+        _until(lambda: _someone_waits(store))
+        at.armed = True
+        sys.setprofile(at)
+        raise ValueError("the computation fails")
+
+    memo = request_memo(compute)
+
+    def call(x: int) -> int:
+        if call_in == "memo":
+            return memo(x)
+        return perrequest.get_or_set(("key", x), lambda: compute(x))  # type: ignore[no-any-return]
+
+    with request_scope() as store:
+        call(0)  # past the function's first miss, which takes the slow path
+        try:
+            with pytest.raises(signal):
+                call(1)
+        finally:
+            sys.setprofile(None)
+        assert not at.armed, "the signal never came: the test tests nothing"
+        waiter[0].join(WAIT)
+        stranded = waiter[0].is_alive()
+        if stranded:
+            _release(store)
+            waiter[0].join(WAIT)
+        assert not stranded, "the waiting thread was stranded"
+        kind, error = waiter[0].outcome  # type: ignore[misc]
+        assert kind == "error" and str(error) == "the computation fails"  # its outcome
+        assert not store._flights
+
+
+@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+def test_a_signal_as_a_failed_memo_cleans_up_strands_no_waiting_thread(
+    signal: type[BaseException],
+) -> None:
+    """The generated miss of ``@request_memo`` (``_wrappers``)."""
+    _thread_waits_for_a_failure(signal, "memo")
+
+
+@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+def test_a_signal_as_a_failed_get_or_set_cleans_up_strands_no_waiting_thread(
+    signal: type[BaseException],
+) -> None:
+    """``_flight.run`` (``get_or_set``, shared tiers, ``*args`` wrappers' slow path)."""
+    _thread_waits_for_a_failure(signal, "get_or_set")
+
+
+@pytest.mark.parametrize("path", ["generated", "run_async"])
+@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+def test_a_signal_as_a_failed_async_memo_cleans_up_strands_no_waiting_task(
+    signal: type[BaseException], path: str
+) -> None:
+    """The generated async miss, and ``_flight.run_async`` (a function's first miss in a
+    store): the computing task lives on, so its waiters waited for it (they look again
+    when it ends)."""
+    at = RaiseAfter(signal, "len", "failed")
+    tasks: list[asyncio.Task[Any]] = []
+
+    @request_memo
+    async def compute(x: int) -> int:
+        if x == 0:
+            return 0
+        assert asyncio.current_task() is first, "the waiter computes: it got no outcome"
+        tasks.append(asyncio.create_task(compute(x)))
+        while not _someone_waits(store):
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)  # the waiter in its wait
+        at.armed = True
+        sys.setprofile(at)
+        raise ValueError("the computation fails")
+
+    async def main() -> None:
+        nonlocal first, store
+        first = asyncio.current_task()
+        async with request_scope() as store:
+            if path == "generated":
+                await compute(0)  # past the function's first miss, which takes run_async
+            try:
+                with pytest.raises(signal):
+                    await compute(1)
+            finally:
+                sys.setprofile(None)
+            assert not at.armed, "the signal never came: the test tests nothing"
+            try:  # this task lives on: without the fix the waiter waits for it
+                got = await asyncio.wait_for(asyncio.shield(tasks[0]), WAIT)
+            except ValueError as exc:
+                got = exc
+            except TimeoutError:
+                _release(store)
+                await tasks[0]
+                pytest.fail("the waiting task was stranded while the computing one lived")
+            assert isinstance(got, ValueError) and str(got) == "the computation fails"
+            assert not store._flights
+
+    first: Any = None
+    store: Any = None
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+def test_a_signal_as_a_sync_batch_fetch_ends_strands_no_waiting_thread(
+    signal: type[BaseException],
+) -> None:
+    """``_batching._end``: the fetch never marked ended, its key left registered."""
+    at = RaiseAfter(signal, "len", "_end")  # _end's first C call: before anything
+    main = threading.current_thread()
+    waiter: list[_Waiter] = []
+
+    @request_batch
+    def rows(keys: list[int]) -> list[int]:
+        if threading.current_thread() is main:
+            waiter[0].start()
+            _until(lambda: _someone_waits(store))
+            at.armed = True
+            sys.setprofile(at)
+        return [k * 10 for k in keys]
+
+    with request_scope() as store:
+        # Bound here: bound inside the batch function, it would fetch the key itself.
+        waiter.append(_Waiter(lambda: rows.load(2)))
+        try:
+            with pytest.raises(signal):
+                rows.load(2)
+        finally:
+            sys.setprofile(None)
+        assert not at.armed, "the signal never came: the test tests nothing"
+        waiter[0].join(WAIT)
+        stranded = waiter[0].is_alive()
+        if stranded:
+            _release(store)
+            waiter[0].join(WAIT)
+        assert not stranded, "the waiting thread was stranded"
+        assert waiter[0].outcome == ("value", 20)
+        assert not store._flights
+        assert rows.load(2) == 20
+
+
+@pytest.mark.parametrize("call_in", ["memo", "get_or_set"])
+def test_a_signal_handlers_exception_as_a_miss_registers_leaves_no_record(call_in: str) -> None:
+    """``_flight.interrupted``: an ``Exception`` out of the registering ``setdefault`` was
+    taken for the key's own (its ``__hash__``), which registers nothing; one a signal
+    handler raised as ``setdefault`` returned left the key registered to a call that was
+    gone, and the next thread to miss it waited for good."""
+    at = RaiseAfter(Signalled, "setdefault", "compute" if call_in == "memo" else "run")
+
+    @request_memo
+    def compute(x: int) -> int:
+        return x * 10
+
+    def call(x: int) -> int:
+        if call_in == "memo":
+            return compute(x)
+        return perrequest.get_or_set(("key", x), lambda: x * 10)  # type: ignore[no-any-return]
+
+    with request_scope() as store:
+        call(0)  # past the function's first miss, which takes the slow path
+        at.armed = True
+        sys.setprofile(at)
+        try:
+            with pytest.raises(Signalled):
+                call(1)
+        finally:
+            sys.setprofile(None)
+        assert not at.armed, "the signal never came: the test tests nothing"
+        assert not store._flights, "the key stayed registered"
+        other = _Waiter(lambda: call(1))
+        other.start()
+        other.join(WAIT)
+        stranded = other.is_alive()
+        if stranded:
+            _release(store)
+            other.join(WAIT)
+        assert not stranded, "the next thread to miss the key waited for good"
+        assert other.outcome == ("value", 10)

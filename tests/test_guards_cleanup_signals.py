@@ -57,6 +57,16 @@ class _Waiter(threading.Thread):
         except Exception as exc:
             self.outcome = ("error", exc)
 
+    def outcome_in(self, store: MemoStore) -> Any:
+        """What it got, failing the test if it waits still (unblocked first)."""
+        self.join(WAIT)
+        stranded = self.is_alive()
+        if stranded:
+            _release(store)
+            self.join(WAIT)
+        assert not stranded, "the waiting thread was stranded"
+        return self.outcome
+
 
 def _thread_waits_for_a_failure(signal: type[BaseException], call_in: str) -> None:
     at = RaiseAfter(signal, "len", "failed")  # failed's first C call: before its pop
@@ -89,13 +99,7 @@ def _thread_waits_for_a_failure(signal: type[BaseException], call_in: str) -> No
         finally:
             sys.setprofile(None)
         assert not at.armed, "the signal never came: the test tests nothing"
-        waiter[0].join(WAIT)
-        stranded = waiter[0].is_alive()
-        if stranded:
-            _release(store)
-            waiter[0].join(WAIT)
-        assert not stranded, "the waiting thread was stranded"
-        kind, error = waiter[0].outcome  # type: ignore[misc]
+        kind, error = waiter[0].outcome_in(store)
         assert kind == "error" and str(error) == "the computation fails"  # its outcome
         assert not store._flights
 
@@ -195,13 +199,7 @@ def test_a_signal_as_a_sync_batch_fetch_ends_strands_no_waiting_thread(
         finally:
             sys.setprofile(None)
         assert not at.armed, "the signal never came: the test tests nothing"
-        waiter[0].join(WAIT)
-        stranded = waiter[0].is_alive()
-        if stranded:
-            _release(store)
-            waiter[0].join(WAIT)
-        assert not stranded, "the waiting thread was stranded"
-        assert waiter[0].outcome == ("value", 20)
+        assert waiter[0].outcome_in(store) == ("value", 20)
         assert not store._flights
         assert rows.load(2) == 20
 
@@ -236,10 +234,4 @@ def test_a_signal_handlers_exception_as_a_miss_registers_leaves_no_record(call_i
         assert not store._flights, "the key stayed registered"
         other = _Waiter(lambda: call(1))
         other.start()
-        other.join(WAIT)
-        stranded = other.is_alive()
-        if stranded:
-            _release(store)
-            other.join(WAIT)
-        assert not stranded, "the next thread to miss the key waited for good"
-        assert other.outcome == ("value", 10)
+        assert other.outcome_in(store) == ("value", 10), "the next thread to miss it"

@@ -35,3 +35,20 @@ class RaiseAfter:
             return
         self.armed = False
         raise self.signal
+
+
+class RaiseAtCall:
+    """``RaiseAfter`` for a Python function's start (its ``RESUME``, where CPython runs
+    handlers too): raises ``signal`` as ``function``, called from ``caller``, begins."""
+
+    def __init__(self, signal: type[BaseException], function: str, caller: str) -> None:
+        self.signal, self.function, self.caller = signal, function, caller
+        self.armed = False
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        if not self.armed or event != "call" or frame.f_code.co_name != self.function:
+            return
+        if frame.f_back.f_code.co_name != self.caller:
+            return
+        self.armed = False
+        raise self.signal

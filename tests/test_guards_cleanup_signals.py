@@ -8,6 +8,7 @@ these tests fail without that."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from signals import Interrupt, RaiseAfter, Signalled
+from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled
 
 import perrequest
 from perrequest import MemoStore, bind_scope, request_batch, request_memo, request_scope
@@ -235,3 +236,109 @@ def test_a_signal_handlers_exception_as_a_miss_registers_leaves_no_record(call_i
         other = _Waiter(lambda: call(1))
         other.start()
         assert other.outcome_in(store) == ("value", 10), "the next thread to miss it"
+
+
+@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+def test_a_signal_as_a_caller_takes_over_a_failed_key_leaves_no_record(
+    signal: type[BaseException],
+) -> None:
+    """``_flight.run``: a caller whose registering ``setdefault`` found another's record,
+    which then failed and went, takes the key over in ``_next_step``. A signal handler's
+    ``Exception`` as that step returned left the key registered to this call (it was taken
+    for the computation's error, handed to a waiter), and the next thread to miss the key
+    waited for good."""
+    other_registered, other_failed = threading.Event(), threading.Event()
+    step = {"at": 0}
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event != "c_return" or getattr(arg, "__name__", "") not in ("setdefault", "__exit__"):
+            return
+        if step["at"] == 0 and frame.f_code.co_name == "run":
+            step["at"] = 1  # found the other's record: it fails now
+            other_failed.wait(WAIT)
+        elif step["at"] == 1 and frame.f_code.co_name == "_next_step":
+            step["at"] = 2
+            raise signal  # as the step that took the key over lets its lock go
+
+    def compute(x: int) -> int:
+        if threading.current_thread().name == "other":
+            other_registered.set()
+            _until(lambda: step["at"] == 1)
+            raise ValueError("the other's computation fails")
+        return x * 10
+
+    def other() -> None:
+        with contextlib.suppress(ValueError):
+            perrequest.get_or_set("k", lambda: compute(1))
+        other_failed.set()
+
+    with request_scope() as store:
+        threading.Thread(target=bind_scope(other), name="other", daemon=True).start()
+        assert other_registered.wait(WAIT)
+        sys.setprofile(profile)
+        try:
+            with pytest.raises(signal):
+                perrequest.get_or_set("k", lambda: compute(1))
+        finally:
+            sys.setprofile(None)
+        assert step["at"] == 2, "the signal never came: the test tests nothing"
+        assert not store._flights, "the key stayed registered"
+        after = _Waiter(lambda: perrequest.get_or_set("k", lambda: compute(1)))
+        after.start()
+        assert after.outcome_in(store) == ("value", 10), "the next thread to miss it"
+
+
+def test_a_signal_as_a_sync_batch_answers_its_waiters_reaches_them_at_once() -> None:
+    """``_batching._end``: the fetch was marked ended before its waiters were answered, so
+    a signal as that answer began skipped the second run: the waiting thread had no answer
+    until its second one-second look (then it asked again)."""
+    at = RaiseAtCall(Interrupt, "set_result", "_end")
+    main = threading.current_thread()
+    waiter: list[_Waiter] = []
+    calls: list[list[int]] = []
+
+    @request_batch
+    def rows(keys: list[int]) -> list[int]:
+        calls.append(keys)
+        if threading.current_thread() is main:
+            waiter[0].start()
+            _until(lambda: _someone_waits(store))
+            at.armed = True
+            sys.setprofile(at)
+        return [k * 10 for k in keys]
+
+    with request_scope() as store:
+        waiter.append(_Waiter(lambda: rows.load(2)))  # bound here: see above
+        try:
+            with pytest.raises(Interrupt):
+                rows.load(2)
+        finally:
+            sys.setprofile(None)
+        assert not at.armed, "the signal never came: the test tests nothing"
+        waiter[0].join(1.5)  # answered at once; its looks come a second apart
+        at_once = not waiter[0].is_alive()
+        assert waiter[0].outcome_in(store) == ("value", 20)
+        assert at_once, "the waiter had no answer until its second look"
+        assert calls == [[2]]
+
+
+def test_a_signal_as_a_batchs_values_are_gathered_reaches_the_caller() -> None:
+    """``_batch_outcomes.put_all``: gathering a batch's values is in a ``try`` for keys
+    whose hash raises now; an ``Exception`` a signal handler raised as that ``update``
+    returned was taken for such a key and dropped."""
+    at = RaiseAfter(Signalled, "update", "put_all")
+
+    @request_batch
+    def rows(keys: list[int]) -> list[int]:
+        return [k * 10 for k in keys]
+
+    with request_scope():
+        at.armed = True
+        sys.setprofile(at)
+        try:
+            with pytest.raises(Signalled):
+                rows.load_many([1, 2])
+        finally:
+            sys.setprofile(None)
+        assert not at.armed, "the signal never came: the test tests nothing"
+        assert rows.load_many([1, 2]) == [10, 20]

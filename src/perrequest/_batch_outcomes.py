@@ -39,11 +39,14 @@ def put_all(out: dict[Hashable, Any], cks: list[Hashable], values: list[Any]) ->
     try:
         out.update(zip(cks, values, strict=True))
     except Exception:  # a key's hash raised (TypeError, or whatever its model raises): by identity
+        size = len(out)
         for ck, value in zip(cks, values, strict=True):
             try:
                 out[ck] = value
             except Exception:
                 out[Unhashed(ck)] = value
+        if len(out) == size:  # every key was in: update had ended, a signal handler raised
+            raise
 
 
 def pick(out: dict[Hashable, Any], ck: Hashable) -> Any:

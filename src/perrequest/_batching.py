@@ -323,9 +323,9 @@ class _BatchSpec:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.
                 if left and any(record is me for record in list(store._flights.values())):
                     take_out(store._flights, lambda _, record: record is me)
-                me.ended = True  # none joins it now, even if a key stays registered
-                if me.future is not None:
+                if me.future is not None and not me.future.done():  # (done: run again)
                     me.future.set_result(out)
+                me.ended = True  # none joins it now, even if a key stays registered
                 # Its waiters hold the future; a function bound in its batch function holds
                 me.future, me.keys = None, []  # the fetch (maybe past the request): no values
 

@@ -85,6 +85,7 @@ def failed(
 
 
 _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
+_STARTED: Any = object()  # ``run``'s step until it asks ``_next_step`` (see ``interrupted``)
 
 
 def finish(
@@ -169,11 +170,12 @@ def run(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """The value at ``key``, computed by ``fn(*args, **kwargs)`` at most once at a time."""
-    me, record = thread_me(), None
+    me, record, step = thread_me(), None, _STARTED
     try:
         # No lock (setdefault is atomic); a value filled since the caller looked is computed again.
         record = cache._flights.setdefault(key, me)
         while record is not me:
+            step = None  # until it returns: it may register this call (take_over)
             step = _next_step(cache, key, me, counter)
             if step is True:
                 break
@@ -190,7 +192,7 @@ def run(
             if value is not MISSING:  # else its caller was interrupted: look, join, compute
                 return value
     except BaseException as exc:  # an interrupt may come as a registering call returns
-        interrupted(cache, key, me, exc, record)
+        interrupted(cache, key, me, exc, None if step is None else record)
         raise
     start = 0.0  # registered: every way out resolves it (no call, no interrupt before)
     try:
@@ -286,12 +288,13 @@ async def run_async(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """``run`` for tasks; if the computing task is cancelled, a live waiter computes."""
-    trio, record = (me := task_me()) is None, None  # (no local holds the task: see below)
+    trio, record, step = (me := task_me()) is None, None, _STARTED  # (no local holds the task)
     if trio:  # registered as its thread: a delete finds it; nobody else's waited for
         me = thread_me()
     try:
         record = cache._flights.setdefault(key, me)
         while record is not me:
+            step = None  # see run
             step = _next_step(cache, key, me, counter, trio)  # trio: another's is not waited for
             if step is True:
                 break
@@ -308,7 +311,7 @@ async def run_async(
             if value is not MISSING:  # else its caller was cancelled: look, join, compute
                 return value
     except BaseException as exc:  # see run
-        interrupted(cache, key, me, exc, record)
+        interrupted(cache, key, me, exc, None if step is None else record)
         me = record = None  # the task, in the frame its error holds: a cycle if it fails
         raise
     start = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 
@@ -54,13 +56,31 @@ def arguments(doc: str | None, rounds: bool = True) -> argparse.ArgumentParser:
 def callgrind(script: str, *args: str, cwd: str | None = None) -> int:
     """The instructions ``python script args...`` executes, counted by callgrind. With a
     fixed hash seed and no address randomisation (``setarch -R``, where there is one):
-    otherwise dict and context layouts, hence counts, drift by thousands between runs."""
+    otherwise dict and context layouts, hence counts, drift by thousands between runs.
+    Its bytecode is compiled first, uncounted, into a cache of this process's own: two
+    counts that differ by a compilation (another process writing the checkout's
+    ``__pycache__`` between them, as the tests' children do) would make no sense."""
     setarch = ["setarch", "-R"] if shutil.which("setarch") else []
     argv = [*setarch, "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     argv += [sys.executable, script, *args]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPYCACHEPREFIX": _bytecode_cache()}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run(
+        argv[argv.index(sys.executable) :], capture_output=True, check=True, cwd=cwd, env=env
+    )
     run = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=cwd, env=env)
     found = re.search(r"Collected : (\d+)", run.stderr)
     if found is None:
         raise RuntimeError(f"callgrind printed no total:\n{run.stderr[-2000:]}")
     return int(found.group(1))
+
+
+_CACHE: list[str] = []
+
+
+def _bytecode_cache() -> str:
+    """A bytecode cache directory for this process's counted children, removed at exit."""
+    if not _CACHE:
+        _CACHE.append(tempfile.mkdtemp(prefix="perrequest-bench-pycache-"))
+        atexit.register(shutil.rmtree, _CACHE[0], True)
+    return _CACHE[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import py_compile
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +185,27 @@ def test_soak_runs_a_short_flat_run_under_real_uvicorn(tmp_path: Path) -> None:
     summary = json.loads(out.read_text(encoding="utf-8"))
     assert summary["requests"] == 3000 and summary["errors"] == 0 and summary["flat"]
     assert "verdict (perrequest): FLAT" in proc.stdout
+
+
+@pytest.mark.timeout(150)
+def test_a_callgrind_count_does_not_depend_on_the_checkouts_bytecode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_common.callgrind: a count is one child's total, and a request's cost the difference
+    of two. With ``PYTHONDONTWRITEBYTECODE`` set, a child compiled the modules whose bytecode
+    the checkout lacked; a test's child writing it between two counts (test_layout's, in a
+    fresh clone) made one count compile and the next not: a negative cost per request."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    module = tmp_path / "imported.py"
+    module.write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(3000)))
+    script = tmp_path / "main.py"
+    script.write_text("import imported\n")
+    first = _common.callgrind(str(script), cwd=str(tmp_path))
+    py_compile.compile(str(module), doraise=True)  # as another process's import writes it
+    second = _common.callgrind(str(script), cwd=str(tmp_path))
+    assert abs(first - second) < first * 0.01, (first, second)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 from servers import HOST
-from signals import Interrupt, RaiseAfter
+from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled
 
 from perrequest import UnhashableArguments, bind_scope, request_memo, request_scope
 from perrequest import _redis_io as io
@@ -539,3 +539,51 @@ def test_an_interrupt_as_a_tiers_computation_takes_its_lock_never_hangs(
         assert not thread.is_alive(), "the thread blocks on the lock it holds"
         assert outcome == ["interrupted"] and not at.armed
         assert price(1) == 10  # computed again: nothing was left in flight
+
+
+def test_a_signal_as_a_tiers_value_is_stored_never_reaches_the_waiting_request(
+    client: redis.Redis,
+) -> None:
+    """_waits.outcome_of: a signal handler's ``Exception`` (Celery's soft time limit) in the
+    Redis tier's single-flight, as the computing request stores the value, was handed to
+    the waiter in another request as the very object, its traceback holding the computing
+    request's frames (a sweep of every handler point). The waiter computes instead."""
+    import sys
+
+    from perrequest._waits import Waited
+
+    at = RaiseAtCall(Signalled, "finish", "run")
+    main = threading.current_thread()
+    out: dict[str, Any] = {}
+
+    @request_memo(shared=RedisCache(client, ttl=60, namespace="signalled"))
+    def price(item: int) -> int:
+        if threading.current_thread() is main:
+            other.start()
+            flights = price.__globals__["__pr_spec"].shared._flights  # type: ignore[attr-defined]
+            for _ in range(1000):
+                if any(type(r) is Waited for r in list(flights.values())):
+                    break
+                time.sleep(0.005)
+            at.armed = True
+            sys.setprofile(at)
+        return item * 10
+
+    def other_request() -> None:
+        try:
+            with request_scope():
+                out["got"] = ("value", price(1))
+        except BaseException as exc:  # what the other request got
+            out["got"] = ("error", exc)
+
+    other = threading.Thread(target=other_request, daemon=True)
+    with request_scope():
+        try:
+            with pytest.raises(Signalled):
+                price(1)
+        finally:
+            sys.setprofile(None)
+    assert not at.armed, "the signal never came: the test tests nothing"
+    other.join(10)
+    assert not other.is_alive()
+    assert out["got"] == ("value", 10)

@@ -21,6 +21,7 @@ from ._waits import (
     gone,
     interrupted,
     may_wait,
+    outcome_of,
     restart,
     result,
     result_async,
@@ -81,7 +82,7 @@ def failed(
             record = None
         record = _own(cache, key, me, record)  # None: invalidated
     if type(record) is Waited:
-        record.future.set_result((False, exc) if isinstance(exc, Exception) else RESTART)
+        record.future.set_result(outcome_of(cache, exc, RESTART))
 
 
 _UNKNOWN: Any = object()  # what ``finish`` unregistered, until it knows
@@ -131,7 +132,7 @@ def abandon(
             restart(_own(cache, key, me, None))  # waiters retry
     elif type(record) is Waited and record.owner is me:
         if not record.future.done():
-            record.future.set_result((False, exc) if isinstance(exc, Exception) else (True, value))
+            record.future.set_result(outcome_of(cache, exc, (True, value)))
     elif record is not me:
         _put_back(cache, key, record)
 

@@ -55,6 +55,7 @@ class RedisTier:
         "__weakref__", "_deletes", "_flights", "_lock", "base", "cache", "counts", "fn",
         "keyed", "name", "prefix",
     )  # fmt: skip
+    _values_only = True  # as _shared._Guarded's
 
     def __init__(self, cache: RedisCache, spec: Any, version: str | int) -> None:
         self.cache, self.fn, self.name = cache, spec.fn, spec.name

@@ -181,6 +181,7 @@ class _Guarded:
     operation at a time, never while computing."""
 
     __slots__ = ("__weakref__", "_deletes", "_flights", "_lock", "cache")
+    _values_only = True  # its function's errors reach waiters as values (_waits.outcome_of)
 
     def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
         self.cache = cache
@@ -191,8 +192,16 @@ class _Guarded:
     def _lookup(self, key: Hashable) -> Any:
         try:
             return self.cache[key]  # not .get(): cachetools' get looks the key up twice
-        except Exception:  # a colliding key's __eq__ raising: a miss (waiters in other
-            return MISSING  # requests must never get this error: it holds this frame)
+        except KeyError:
+            return MISSING
+        except Exception as first:  # a colliding key's __eq__ raising: a miss (waiters in
+            try:  # other requests must never get this error: it holds this frame)
+                self.cache[key]
+            except KeyError:
+                pass
+            except Exception:
+                return MISSING
+            raise first  # it looks up now: the first was a signal handler's
 
     def _fill(self, key: Hashable, value: Any, counter: SharedTier, extra: object) -> None:
         if type(value) is Raised:  # exceptions are not cached
@@ -201,7 +210,13 @@ class _Guarded:
             self.cache[key] = value
         except ValueError:  # cachetools refuses a value larger than the whole cache
             pass
-        except Exception:  # its waiters are in other requests: never hand them this error
+        except Exception as first:  # its waiters are in other requests: never hand them this
+            try:  # error; a signal handler's comes once: stored now, the first was one
+                self.cache[key] = value
+            except Exception:
+                pass
+            else:
+                raise first
             if not counter.refused:  # the cache's own fault (a getsizeof that raises): say so
                 counter.refused = True
                 logger.exception(

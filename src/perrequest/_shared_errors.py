@@ -97,11 +97,11 @@ def computed(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
     call.ran = True
     try:
         value = fn(*args, **kwargs)
-        if type(value) in LAZY:  # refused here, where the message can name fn
-            refuse_memoized_result(fn, value)
-        return value
-    except Exception as exc:
+    except Exception as exc:  # only fn's: a signal handler's after it is no value to share
         return Raised(call, exc)
+    if type(value) in LAZY:  # refused here, where the message can name fn
+        refuse_memoized_result(fn, value)
+    return value
 
 
 async def computed_async(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:

@@ -146,6 +146,16 @@ class Waited:
         self.future.add_done_callback(functools.partial(_wake, self.tasks))
 
 
+def outcome_of(cache: Any, exc: BaseException, otherwise: Any) -> Any:
+    """What the waiters of a computation that raised ``exc`` get: that ``Exception``; from a
+    shared tier (``_values_only``: its function's errors reach them as values, a copy each)
+    RESTART: what it raises is a signal handler's or its own, for no other request to see.
+    ``otherwise`` for a ``BaseException``."""
+    if not isinstance(exc, Exception):
+        return otherwise
+    return RESTART if getattr(cache, "_values_only", False) else (False, exc)
+
+
 def restart(record: object) -> None:
     """A computation's waiters look again (it stores nothing for them, or ended without
     an outcome); nothing for a record nobody waits for, or one already resolved."""

@@ -587,3 +587,106 @@ def test_a_signal_as_a_tiers_value_is_stored_never_reaches_the_waiting_request(
     other.join(10)
     assert not other.is_alive()
     assert out["got"] == ("value", 10)
+
+
+@pytest.mark.parametrize(
+    ("command", "nth"), [("get", 1), ("evalsha", 1), ("evalsha", 3)], ids=["GET", "CLAIM", "STORE"]
+)
+def test_a_signal_during_a_redis_command_reaches_the_caller(
+    client: redis.Redis, command: str, nth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_redis_io.FAILURES: a command's failure fails open (computed here, logged, Redis off
+    for ``retry_after``). A signal handler's ``Exception`` (Celery's soft time limit, where a
+    worker waiting on Redis spends its time) was taken for one: the task never saw it, the
+    tier logged Redis as failing and turned itself off (a sweep of every handler point)."""
+    import sys
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal nth
+        if event == "call" and frame.f_code.co_name == command and nth:
+            nth -= 1
+            if not nth:
+                raise Signalled
+
+    cache = RedisCache(client, ttl=60, namespace=f"signalled-{command}-{nth}")
+
+    @request_memo(shared=cache)
+    def price(item: int) -> int:
+        return item * 10
+
+    with request_scope(), caplog.at_level(logging.WARNING, logger="perrequest"):
+        sys.setprofile(profile)
+        try:
+            with pytest.raises(Signalled):
+                price(1)
+        finally:
+            sys.setprofile(None)
+    assert not nth, "the signal never came: the test tests nothing"
+    assert not [r for r in caplog.records if "Redis" in r.getMessage()], "taken for Redis failing"
+    with request_scope():
+        assert price(1) == 10
+
+
+@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+def test_a_signal_as_a_computed_value_is_stored_releases_the_lock(
+    client: redis.Redis, signal: type[BaseException]
+) -> None:
+    """_redis_lock.fetch: the lock is released as the value is stored. A signal between the
+    claim and that store (as the value is made storable) left the lock to expire: every
+    process's next miss of the key waited ``lock_timeout`` (a sweep of every handler point)."""
+    import sys
+
+    at = RaiseAtCall(signal, "_storable", "fetch")
+    cache = RedisCache(client, ttl=60, namespace="released", lock_timeout=30)
+
+    @request_memo(shared=cache)
+    def price(item: int) -> int:
+        return item * 10
+
+    with request_scope():
+        at.armed = True
+        sys.setprofile(at)
+        try:
+            with pytest.raises(signal):
+                price(1)
+        finally:
+            sys.setprofile(None)
+    assert not at.armed, "the signal never came: the test tests nothing"
+    assert list(client.scan_iter("released:*:lock")) == [], "the lock was left to expire"
+
+
+@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+def test_a_signal_as_an_async_value_is_stored_releases_the_lock(
+    redis_server: Any, signal: type[BaseException]
+) -> None:
+    """_redis_lock.fetch_async: the same, released in a task of its own."""
+    import sys
+
+    async def main() -> None:
+        aclient = redis_server.aclient()
+        cache = RedisCache(aclient, ttl=60, namespace="released", lock_timeout=30)
+
+        @request_memo(shared=cache)
+        async def price(item: int) -> int:
+            return item * 10
+
+        at = RaiseAtCall(signal, "_storable", "fetch_async")
+        async with request_scope():
+            at.armed = True
+            sys.setprofile(at)
+            try:
+                with pytest.raises(signal):
+                    await price(1)
+            finally:
+                sys.setprofile(None)
+        assert not at.armed, "the signal never came: the test tests nothing"
+        for _ in range(30):  # the release, a task of its own (before op_timeout's 0.5 s)
+            left = [key async for key in aclient.scan_iter("released:*:lock")]
+            if not left:
+                break
+            await asyncio.sleep(0.01)
+        assert left == [], "the lock was left to expire"
+        await cache.aclose()
+        await aclient.aclose()
+
+    asyncio.run(main())

@@ -55,6 +55,9 @@ _PASSED = frozenset(
 # cancelled in its handshake, and the next one is new again).
 _NO_HANDSHAKE = ("driver_info", "lib_name", "lib_version")  # redis-py 8; 5 to 7
 _EXHAUSTED = ("Too many connections", "No connection available.")
+# What a Redis command that fails raises (redis-py's errors, sockets, a loop gone): the tier
+# fails open. Any other Exception is a signal handler's (Celery's soft limit): it goes on.
+FAILURES = (redis.RedisError, OSError, EOFError, RuntimeError, ValueError)
 _SYNC_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
 _ASYNC_POOLS = (redis.asyncio.ConnectionPool, redis.asyncio.BlockingConnectionPool)
 

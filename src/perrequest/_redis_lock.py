@@ -61,14 +61,19 @@ def fetch(
             raise
         if found is not None:
             return found
-    tier.count("misses")
     payload, late = b"", None
     try:
+        tier.count("misses")
         payload = tier._encoded(fn(*args, **kwargs), key)
     finally:
-        stored = tier._storable(conn, payload, key, threading.get_ident(), deletes)
-        if token:  # our lock to release (with our value, if stored)
-            late = _run(conn, _store(tier, key, stored, token))
+        try:
+            stored = tier._storable(conn, payload, key, threading.get_ident(), deletes)
+            if token:  # our lock to release (with our value, if stored)
+                late = _run(conn, _store(tier, key, stored, token))
+        except BaseException:  # a signal's: the lock released all the same (STORE runs twice)
+            if token:
+                _run(conn, _store(tier, key, b"", token))
+            raise
     return Late(payload) if late == 2 else payload
 
 
@@ -83,27 +88,29 @@ async def fetch_async(
         mine = os.urandom(9).hex()
         try:
             claimed = await _run_async(conn, _claim(tier, conn, key, mine, bad), timeout)
-        except asyncio.CancelledError:  # the lock may be ours: release it if it is
+        except BaseException:  # cancelled, or a signal's: the lock may be ours: release it
             io.finish_later(lambda: _run_async(conn, _store(tier, key, b"", mine), timeout))
             raise
         found, conn, token, deletes = claimed
         if found is not None:
             return found
-    tier.count("misses")
-    payload, late = b"", None
+    payload, late, stored = b"", None, b""
     try:
+        tier.count("misses")
         payload = tier._encoded(await fn(*args, **kwargs), key)
     finally:
-        # The task is not kept in this frame, which the error's traceback holds: a cycle.
-        task = None if conn is None else asyncio.current_task()
-        stored = tier._storable(conn, payload, key, task, deletes)
-        del task
-        if token:
-            try:
+        try:
+            # The task is not kept in this frame, which the error's traceback holds: a cycle.
+            task = None if conn is None else asyncio.current_task()
+            stored = tier._storable(conn, payload, key, task, deletes)
+            task = None
+            if token:
                 late = await _run_async(conn, _store(tier, key, stored, token), timeout)
-            except asyncio.CancelledError:  # STORE can run twice
+        except BaseException:  # cancelled, or a signal's: STORE can run twice
+            task = None
+            if token:
                 io.finish_later(lambda: _run_async(conn, _store(tier, key, stored, token), timeout))
-                raise
+            raise
     return Late(payload) if late == 2 else payload
 
 
@@ -181,7 +188,7 @@ def _run(conn: Any, steps: Steps) -> Any:
                 continue
             try:
                 reply = getattr(conn, step[0])(keys=step[1], args=step[2])
-            except Exception as exc:
+            except io.FAILURES as exc:
                 reply = exc
     except StopIteration as done:
         return done.value
@@ -200,7 +207,7 @@ async def _run_async(conn: Any, steps: Steps, op_timeout: float) -> Any:
             try:
                 async with asyncio.timeout(op_timeout):
                     reply = await getattr(conn, step[0])(keys=step[1], args=step[2])
-            except Exception as exc:
+            except io.FAILURES as exc:
                 reply = exc
     except StopIteration as done:
         return done.value

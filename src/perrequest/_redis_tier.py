@@ -106,7 +106,7 @@ class RedisTier:
         if conn is not None:
             try:
                 raw = conn.client.get(key)
-            except Exception as exc:
+            except io.FAILURES as exc:
                 conn = conn if self._wrong(key, exc) else None  # another type: CLAIMed over
             else:
                 value = MISSING if raw is None else self._decoded(raw, key)
@@ -133,7 +133,7 @@ class RedisTier:
             try:
                 async with asyncio.timeout(cache.op_timeout):
                     raw = await conn.client.get(key)
-            except Exception as exc:
+            except io.FAILURES as exc:
                 conn = conn if self._wrong(key, exc) else None  # another type: CLAIMed over
             else:
                 value = MISSING if raw is None else self._decoded(raw, key)
@@ -338,7 +338,7 @@ class RedisTier:
         """``command(conn)`` on the sync pool, sync or async; 0 if Redis failed (counted)."""
         try:
             return int(command(self.cache._sync))
-        except Exception as exc:
+        except io.FAILURES as exc:
             self.cache._failed(self, exc)
             return 0
 

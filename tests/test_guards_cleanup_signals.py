@@ -174,16 +174,27 @@ def test_a_signal_as_a_failed_async_memo_cleans_up_strands_no_waiting_task(
 
 
 @pytest.mark.parametrize("signal", [Interrupt, Signalled])
+@pytest.mark.parametrize("point", ["as-it-begins", "as-it-answers"])
 def test_a_signal_as_a_sync_batch_fetch_ends_strands_no_waiting_thread(
-    signal: type[BaseException],
+    signal: type[BaseException], point: str
 ) -> None:
-    """``_batching._end``: the fetch never marked ended, its key left registered."""
-    at = RaiseAfter(signal, "len", "_end")  # _end's first C call: before anything
+    """``_batching._end``: the fetch never marked ended, its key left registered (a
+    signal as the end began: the waiter blocked for good); and, the fetch marked ended
+    before its waiters were answered, a signal as that answer began skipped the second
+    end: the waiting thread had no answer until its second one-second look (then it
+    asked again)."""
+    at: Any = (
+        RaiseAfter(signal, "len", "_end")  # _end's first C call: before anything
+        if point == "as-it-begins"
+        else RaiseAtCall(signal, "set_result", "_end")
+    )
     main = threading.current_thread()
     waiter: list[_Waiter] = []
+    calls: list[list[int]] = []
 
     @request_batch
     def rows(keys: list[int]) -> list[int]:
+        calls.append(keys)
         if threading.current_thread() is main:
             waiter[0].start()
             _until(lambda: _someone_waits(store))
@@ -200,7 +211,11 @@ def test_a_signal_as_a_sync_batch_fetch_ends_strands_no_waiting_thread(
         finally:
             sys.setprofile(None)
         assert not at.armed, "the signal never came: the test tests nothing"
+        waiter[0].join(1.5)  # answered at once; its looks come a second apart
+        at_once = not waiter[0].is_alive()
         assert waiter[0].outcome_in(store) == ("value", 20)
+        assert at_once, "the waiter had no answer until its second look"
+        assert calls == [[2]]
         assert not store._flights
         assert rows.load(2) == 20
 
@@ -286,40 +301,6 @@ def test_a_signal_as_a_caller_takes_over_a_failed_key_leaves_no_record(
         after = _Waiter(lambda: perrequest.get_or_set("k", lambda: compute(1)))
         after.start()
         assert after.outcome_in(store) == ("value", 10), "the next thread to miss it"
-
-
-def test_a_signal_as_a_sync_batch_answers_its_waiters_reaches_them_at_once() -> None:
-    """``_batching._end``: the fetch was marked ended before its waiters were answered, so
-    a signal as that answer began skipped the second run: the waiting thread had no answer
-    until its second one-second look (then it asked again)."""
-    at = RaiseAtCall(Interrupt, "set_result", "_end")
-    main = threading.current_thread()
-    waiter: list[_Waiter] = []
-    calls: list[list[int]] = []
-
-    @request_batch
-    def rows(keys: list[int]) -> list[int]:
-        calls.append(keys)
-        if threading.current_thread() is main:
-            waiter[0].start()
-            _until(lambda: _someone_waits(store))
-            at.armed = True
-            sys.setprofile(at)
-        return [k * 10 for k in keys]
-
-    with request_scope() as store:
-        waiter.append(_Waiter(lambda: rows.load(2)))  # bound here: see above
-        try:
-            with pytest.raises(Interrupt):
-                rows.load(2)
-        finally:
-            sys.setprofile(None)
-        assert not at.armed, "the signal never came: the test tests nothing"
-        waiter[0].join(1.5)  # answered at once; its looks come a second apart
-        at_once = not waiter[0].is_alive()
-        assert waiter[0].outcome_in(store) == ("value", 20)
-        assert at_once, "the waiter had no answer until its second look"
-        assert calls == [[2]]
 
 
 def test_a_signal_as_a_batchs_values_are_gathered_reaches_the_caller() -> None:

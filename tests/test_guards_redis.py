@@ -541,18 +541,23 @@ def test_an_interrupt_as_a_tiers_computation_takes_its_lock_never_hangs(
         assert price(1) == 10  # computed again: nothing was left in flight
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+@pytest.mark.parametrize("point", ["flight", "redis"])
 def test_a_signal_as_a_tiers_value_is_stored_never_reaches_the_waiting_request(
-    client: redis.Redis,
+    client: redis.Redis, point: str, fails: bool
 ) -> None:
-    """_waits.outcome_of: a signal handler's ``Exception`` (Celery's soft time limit) in the
-    Redis tier's single-flight, as the computing request stores the value, was handed to
-    the waiter in another request as the very object, its traceback holding the computing
-    request's frames (a sweep of every handler point). The waiter computes instead."""
+    """_waits.outcome_of, _shared_errors.own: a signal handler's ``Exception`` (Celery's
+    soft time limit) in the computing request, as the tier's single-flight stores the
+    value, was handed to the waiter in another request as the very object, its traceback
+    holding the computing request's frames; as the value is stored in Redis, as a copy (in
+    place of the function's own error, if it raised: a sweep of every handler point). The
+    waiter computes instead, and gets its own value or error."""
     import sys
 
     from perrequest._waits import Waited
 
-    at = RaiseAtCall(Signalled, "finish", "run")
+    at = RaiseAtCall(Signalled, "finish", "run") if point == "flight" else None
+    at = at or RaiseAtCall(Signalled, "_storable", "fetch")
     main = threading.current_thread()
     out: dict[str, Any] = {}
 
@@ -567,6 +572,8 @@ def test_a_signal_as_a_tiers_value_is_stored_never_reaches_the_waiting_request(
                 time.sleep(0.005)
             at.armed = True
             sys.setprofile(at)
+        if fails:
+            raise ValueError(threading.current_thread().name)
         return item * 10
 
     def other_request() -> None:
@@ -586,7 +593,11 @@ def test_a_signal_as_a_tiers_value_is_stored_never_reaches_the_waiting_request(
     assert not at.armed, "the signal never came: the test tests nothing"
     other.join(10)
     assert not other.is_alive()
-    assert out["got"] == ("value", 10)
+    if fails:
+        kind, got = out["got"]
+        assert kind == "error" and type(got) is ValueError and str(got) == other.name
+    else:
+        assert out["got"] == ("value", 10)
 
 
 @pytest.mark.parametrize(

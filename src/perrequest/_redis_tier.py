@@ -15,7 +15,7 @@ import threading
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import _flight
+from . import _flight, _shared_errors
 from . import _redis_io as io
 from . import _redis_lock as lock
 from ._checks import LAZY, refuse_memoized_result
@@ -113,7 +113,8 @@ class RedisTier:
                 if value is not MISSING:
                     self.count("hits")
                     return value
-        call, fetch = Call(), (self, conn, key, fn, raw, args, kwargs)
+        call = Call()
+        fetch = (self, conn, key, _shared_errors.own(call, fn), raw, args, kwargs)
         # No local holds what it computed: an error raised from it, for another
         # request's caller, must not reach the original (``_copy``).
         join: Args = (call, lock.fetch, fetch, {})
@@ -140,7 +141,8 @@ class RedisTier:
                 if value is not MISSING:
                     self.count("hits")
                     return value
-        call, fetch = Call(), (self, conn, key, fn, raw, args, kwargs)
+        call = Call()
+        fetch = (self, conn, key, _shared_errors.own_async(call, fn), raw, args, kwargs)
         join: Args = (call, lock.fetch_async, fetch, {})
         return self._copy(
             call,

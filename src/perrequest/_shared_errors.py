@@ -52,12 +52,45 @@ _LONGEST = 2000  # characters of the original's message a SharedComputationError
 
 
 class Call:
-    """One caller of a shared computation: whether it ran the function itself."""
+    """One caller of a shared computation: whether it ran the function itself; and, where
+    the computation runs more than the function (the Redis tier stores), what it raised."""
 
-    __slots__ = ("ran",)
+    __slots__ = ("error", "ran")
 
     def __init__(self) -> None:
         self.ran = False
+        # What the function raised, by id (the error would hold its frames, which hold this:
+        # a cycle); 0: watched, nothing raised yet; None: the computation is the function.
+        self.error: int | None = None
+
+
+def own(call: Call, fn: Fn) -> Fn:
+    """``fn``, its own ``Exception`` kept on ``call``: only that one is handed to waiters,
+    not one the rest of the computation raises (a signal handler's, as the value is stored)."""
+    call.error = 0
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            call.error = id(exc)  # compared while it propagates, alive
+            raise
+
+    return run
+
+
+def own_async(call: Call, fn: Fn) -> Fn:
+    """``own`` for an async ``fn``."""
+    call.error = 0
+
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:
+            call.error = id(exc)
+            raise
+
+    return run
 
 
 class Raised:
@@ -98,6 +131,8 @@ def computed(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
     try:
         value = fn(*args, **kwargs)
     except Exception as exc:  # only fn's: a signal handler's after it is no value to share
+        if call.error is not None and id(exc) != call.error:
+            raise  # the rest of the computation's (``own``): waiters compute
         return Raised(call, exc)
     if type(value) in LAZY:  # refused here, where the message can name fn
         refuse_memoized_result(fn, value)
@@ -109,6 +144,8 @@ async def computed_async(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
     try:
         return await fn(*args, **kwargs)
     except Exception as exc:
+        if call.error is not None and id(exc) != call.error:
+            raise
         return Raised(call, exc)
 
 

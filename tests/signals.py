@@ -4,7 +4,12 @@ called (a key's ``__hash__``), and must not swallow a ``KeyboardInterrupt``."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 
 class Signalled(Exception):
@@ -52,3 +57,16 @@ class RaiseAtCall:
             return
         self.armed = False
         raise self.signal
+
+
+@contextlib.contextmanager
+def interrupted_by(signal: type[BaseException], at: Any = None) -> Iterator[None]:
+    """The block raises ``signal``; the profile function set for it is removed whatever
+    happens; and ``at`` (a ``RaiseAfter``, a ``RaiseAtCall``), if given, must have fired."""
+    try:
+        with pytest.raises(signal):
+            yield
+    finally:
+        sys.setprofile(None)
+    if at is not None:
+        assert not at.armed, "the signal never came: the test tests nothing"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled
+from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
 import perrequest
 from perrequest import MemoStore, bind_scope, request_batch, request_memo, request_scope
@@ -94,12 +94,8 @@ def _thread_waits_for_a_failure(signal: type[BaseException], call_in: str) -> No
 
     with request_scope() as store:
         call(0)  # past the function's first miss, which takes the slow path
-        try:
-            with pytest.raises(signal):
-                call(1)
-        finally:
-            sys.setprofile(None)
-        assert not at.armed, "the signal never came: the test tests nothing"
+        with interrupted_by(signal, at):
+            call(1)
         kind, error = waiter[0].outcome_in(store)
         assert kind == "error" and str(error) == "the computation fails"  # its outcome
         assert not store._flights
@@ -151,12 +147,8 @@ def test_a_signal_as_a_failed_async_memo_cleans_up_strands_no_waiting_task(
         async with request_scope() as store:
             if path == "generated":
                 await compute(0)  # past the function's first miss, which takes run_async
-            try:
-                with pytest.raises(signal):
-                    await compute(1)
-            finally:
-                sys.setprofile(None)
-            assert not at.armed, "the signal never came: the test tests nothing"
+            with interrupted_by(signal, at):
+                await compute(1)
             try:  # this task lives on: without the fix the waiter waits for it
                 got = await asyncio.wait_for(asyncio.shield(tasks[0]), WAIT)
             except ValueError as exc:
@@ -205,12 +197,8 @@ def test_a_signal_as_a_sync_batch_fetch_ends_strands_no_waiting_thread(
     with request_scope() as store:
         # Bound here: bound inside the batch function, it would fetch the key itself.
         waiter.append(_Waiter(lambda: rows.load(2)))
-        try:
-            with pytest.raises(signal):
-                rows.load(2)
-        finally:
-            sys.setprofile(None)
-        assert not at.armed, "the signal never came: the test tests nothing"
+        with interrupted_by(signal, at):
+            rows.load(2)
         waiter[0].join(1.5)  # answered at once; its looks come a second apart
         at_once = not waiter[0].is_alive()
         assert waiter[0].outcome_in(store) == ("value", 20)
@@ -241,12 +229,8 @@ def test_a_signal_handlers_exception_as_a_miss_registers_leaves_no_record(call_i
         call(0)  # past the function's first miss, which takes the slow path
         at.armed = True
         sys.setprofile(at)
-        try:
-            with pytest.raises(Signalled):
-                call(1)
-        finally:
-            sys.setprofile(None)
-        assert not at.armed, "the signal never came: the test tests nothing"
+        with interrupted_by(Signalled, at):
+            call(1)
         assert not store._flights, "the key stayed registered"
         other = _Waiter(lambda: call(1))
         other.start()
@@ -291,11 +275,8 @@ def test_a_signal_as_a_caller_takes_over_a_failed_key_leaves_no_record(
         threading.Thread(target=bind_scope(other), name="other", daemon=True).start()
         assert other_registered.wait(WAIT)
         sys.setprofile(profile)
-        try:
-            with pytest.raises(signal):
-                perrequest.get_or_set("k", lambda: compute(1))
-        finally:
-            sys.setprofile(None)
+        with interrupted_by(signal):
+            perrequest.get_or_set("k", lambda: compute(1))
         assert step["at"] == 2, "the signal never came: the test tests nothing"
         assert not store._flights, "the key stayed registered"
         after = _Waiter(lambda: perrequest.get_or_set("k", lambda: compute(1)))
@@ -316,10 +297,6 @@ def test_a_signal_as_a_batchs_values_are_gathered_reaches_the_caller() -> None:
     with request_scope():
         at.armed = True
         sys.setprofile(at)
-        try:
-            with pytest.raises(Signalled):
-                rows.load_many([1, 2])
-        finally:
-            sys.setprofile(None)
-        assert not at.armed, "the signal never came: the test tests nothing"
+        with interrupted_by(Signalled, at):
+            rows.load_many([1, 2])
         assert rows.load_many([1, 2]) == [10, 20]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 from servers import HOST
-from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled
+from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
 from perrequest import UnhashableArguments, bind_scope, request_memo, request_scope
 from perrequest import _redis_io as io
@@ -584,12 +584,8 @@ def test_a_signal_as_a_tiers_value_is_stored_never_reaches_the_waiting_request(
             out["got"] = ("error", exc)
 
     other = threading.Thread(target=other_request, daemon=True)
-    with request_scope():
-        try:
-            with pytest.raises(Signalled):
-                price(1)
-        finally:
-            sys.setprofile(None)
+    with request_scope(), interrupted_by(Signalled):
+        price(1)
     assert not at.armed, "the signal never came: the test tests nothing"
     other.join(10)
     assert not other.is_alive()
@@ -627,11 +623,8 @@ def test_a_signal_during_a_redis_command_reaches_the_caller(
 
     with request_scope(), caplog.at_level(logging.WARNING, logger="perrequest"):
         sys.setprofile(profile)
-        try:
-            with pytest.raises(Signalled):
-                price(1)
-        finally:
-            sys.setprofile(None)
+        with interrupted_by(Signalled):
+            price(1)
     assert not nth, "the signal never came: the test tests nothing"
     assert not [r for r in caplog.records if "Redis" in r.getMessage()], "taken for Redis failing"
     with request_scope():
@@ -657,11 +650,8 @@ def test_a_signal_as_a_computed_value_is_stored_releases_the_lock(
     with request_scope():
         at.armed = True
         sys.setprofile(at)
-        try:
-            with pytest.raises(signal):
-                price(1)
-        finally:
-            sys.setprofile(None)
+        with interrupted_by(signal):
+            price(1)
     assert not at.armed, "the signal never came: the test tests nothing"
     assert list(client.scan_iter("released:*:lock")) == [], "the lock was left to expire"
 
@@ -685,11 +675,8 @@ def test_a_signal_as_an_async_value_is_stored_releases_the_lock(
         async with request_scope():
             at.armed = True
             sys.setprofile(at)
-            try:
-                with pytest.raises(signal):
-                    await price(1)
-            finally:
-                sys.setprofile(None)
+            with interrupted_by(signal):
+                await price(1)
         assert not at.armed, "the signal never came: the test tests nothing"
         for _ in range(30):  # the release, a task of its own (before op_timeout's 0.5 s)
             left = [key async for key in aclient.scan_iter("released:*:lock")]

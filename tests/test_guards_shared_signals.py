@@ -11,7 +11,7 @@ from typing import Any
 
 import cachetools
 import pytest
-from signals import RaiseAtCall, Signalled
+from signals import RaiseAtCall, Signalled, interrupted_by
 
 from perrequest import _shared, request_memo, request_scope
 from perrequest._waits import Waited
@@ -66,12 +66,8 @@ def test_a_signal_in_the_computing_request_never_reaches_the_waiting_one(
         return x * 10
 
     other, out = _other_request_waits(compute, 1)
-    with request_scope():
-        try:
-            with pytest.raises(Signalled):
-                compute(1)
-        finally:
-            sys.setprofile(None)
+    with request_scope(), interrupted_by(Signalled):
+        compute(1)
     assert not at.armed, "the signal never came: the test tests nothing"
     other.join(WAIT)
     assert not other.is_alive()
@@ -101,12 +97,8 @@ def test_a_signal_in_the_shared_caches_own_code_reaches_the_caller(method: str) 
     with request_scope():
         at.armed = True
         sys.setprofile(at)
-        try:
-            with pytest.raises(Signalled):
-                compute(1)
-        finally:
-            sys.setprofile(None)
-        assert not at.armed, "the signal never came: the test tests nothing"
+        with interrupted_by(Signalled, at):
+            compute(1)
     with request_scope():
         assert compute(1) == 10
     assert compute.shared_info().currsize in (1, 2)

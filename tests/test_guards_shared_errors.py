@@ -3,7 +3,10 @@ test here fails with its guard deleted (a block-deletion mutation pass, 5 Decemb
 
 from __future__ import annotations
 
+import sys
 from http import HTTPStatus
+
+from signals import RaiseAfter, Signalled, interrupted_by
 
 from perrequest._shared_errors import NOTE, Call, Raised, SharedComputationError
 
@@ -91,3 +94,18 @@ def test_an_error_keeping_a_traceback_reaches_a_waiter_as_a_copy_without_it() ->
     assert type(waiting) is Carrying
     assert waiting.args == ("retry failed", None)
     assert waiting.frame is None  # type: ignore[attr-defined]
+
+
+def test_a_signal_while_a_waiters_copy_is_made_reaches_that_waiter() -> None:
+    """_shared_errors._safe_copy: a signal handler's ``Exception`` (Celery's soft time limit)
+    raised inside the copy made for a waiter was taken for an error that cannot be copied:
+    the waiter got a SharedComputationError and the signal was lost. The copy is tried once
+    more; it works, so the failure was the signal's, and it goes on."""
+    raised = Raised(Call(), ValueError("db down"))
+    at = RaiseAfter(Signalled, "__reduce__", "error", "_safe_copy")
+    at.armed = True
+    sys.setprofile(at)
+    with interrupted_by(Signalled, at):
+        raised.error_for(Call())
+    waiting = raised.error_for(Call())  # no signal: a copy, as ever
+    assert type(waiting) is ValueError and str(waiting) == "db down"

@@ -11,7 +11,7 @@ from typing import Any
 
 import cachetools
 import pytest
-from signals import RaiseAtCall, Signalled, interrupted_by
+from signals import RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
 from perrequest import _shared, request_memo, request_scope
 from perrequest._waits import Waited
@@ -37,8 +37,11 @@ def _other_request_waits(compute: Any, x: int) -> tuple[threading.Thread, dict[s
     [
         (RaiseAtCall(Signalled, "finish", "run"), False),  # the tier's single-flight stores
         (RaiseAtCall(Signalled, "__init__", "computed"), True),  # Raised: the error's copy
+        # Inside the copy: it was taken for an error that cannot be copied (the caller got
+        # its function's error, not the signal; the waiter a SharedComputationError).
+        (RaiseAfter(Signalled, "__reduce__", "error", "_safe_copy"), True),
     ],
-    ids=["as-the-value-is-stored", "as-the-error-is-copied"],
+    ids=["as-the-value-is-stored", "as-the-error-is-copied", "inside-the-copy"],
 )
 def test_a_signal_in_the_computing_request_never_reaches_the_waiting_one(
     at: Any, fails: bool

@@ -113,7 +113,9 @@ class Raised:
 def _safe_copy(error: BaseException, copy: _Copy) -> BaseException:
     try:
         return copy.error(error, 0)
-    except Exception:  # _Unsafe, or the type's own code failing on its arguments
+    except Exception as failure:  # _Unsafe, or the type's own code failing on its arguments
+        if type(failure) is not _Unsafe and _copies(error, bool(copy.note)):
+            raise  # it copies when asked once more: a signal handler's (a soft time limit)
         message, notes = _named(error)
         named = SharedComputationError(message)
         named.__notes__ = notes
@@ -123,6 +125,14 @@ def _safe_copy(error: BaseException, copy: _Copy) -> BaseException:
             else f"{type(error).__module__}.{type(error).__qualname__}"
         )
         return named
+
+
+def _copies(error: BaseException, note: bool) -> bool:
+    try:
+        _Copy(note).error(error, 0)
+    except Exception:
+        return False
+    return True
 
 
 def computed(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:

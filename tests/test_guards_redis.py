@@ -688,3 +688,35 @@ def test_a_signal_as_an_async_value_is_stored_releases_the_lock(
         await aclient.aclose()
 
     asyncio.run(main())
+
+
+def test_a_signal_as_a_value_read_from_redis_is_decoded_reaches_the_caller(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_redis_tier._decoded: a value that does not verify or decode is refused (counted,
+    logged, computed again). A signal handler's ``Exception`` (Celery's soft time limit)
+    raised while a good value was decoded was taken for a bad value: the task never saw
+    it, and the log blamed another writer. The value is decoded once more: it decodes, so
+    the failure was the signal's, and it goes on."""
+    import sys
+
+    cache = RedisCache(client, ttl=60, namespace="signalled-decode")
+    calls: list[int] = []
+
+    @request_memo(shared=cache)
+    def price(item: int) -> dict[str, int]:
+        calls.append(item)
+        return {"price": item * 10}
+
+    with request_scope():
+        assert price(1) == {"price": 10}  # stored in Redis
+    at = RaiseAfter(Signalled, "decode", "loads", "loads")  # json.loads, from Codec.loads
+    with request_scope(), caplog.at_level(logging.WARNING, logger="perrequest"):
+        at.armed = True
+        sys.setprofile(at)
+        with interrupted_by(Signalled, at):
+            price(1)
+    assert not [r for r in caplog.records if "refused" in r.getMessage()], "taken for a bad value"
+    with request_scope():
+        assert price(1) == {"price": 10}
+    assert calls == [1]  # read from Redis each time after the first

@@ -314,6 +314,16 @@ class Codec:
         return self.decode(data)
 
 
+def decodes(codec: Codec, raw: bytes, key: str) -> bool:
+    """Whether ``raw`` decodes when asked once more: a failure that does not come again was
+    a signal handler's exception (Celery's soft time limit), not the value's."""
+    try:
+        codec.loads(raw, key)
+    except Exception:
+        return False
+    return True
+
+
 def _json_dumps(value: Any) -> bytes:
     # A lone surrogate (a file name through os.fsdecode) is a str too: json.loads of
     # bytes decodes with "surrogatepass", so encode likewise.

@@ -168,8 +168,7 @@ class RedisTier:
         return await _flight.run_async(self, key, computed_async, join, {}, UNCOUNTED, None)
 
     def _copy(self, call: Call, payload: Any, key: str) -> Any:
-        """What this process's single-flight gave ``call``: its own copy of the value, or
-        of the error (the original for the caller that raised it)."""
+        """``call``'s own copy of what this process's single-flight gave (the raiser: its error)."""
         if not call.ran:  # another caller in this process read or computed it: a hit,
             self.count("hits")  # as the in-process tier counts its waiters
         if type(payload) is Raised:
@@ -247,6 +246,8 @@ class RedisTier:
         try:
             return self.cache._codec.loads(raw, key)
         except Exception as exc:  # a bad signature, or not JSON (or pickle) at all
+            if io.decodes(self.cache._codec, raw, key):  # once more: a signal handler's
+                raise
             self._refused(key, exc)
             return MISSING
 

@@ -37,6 +37,16 @@ class Refusal(Exception):
         super().__init__(why)
 
 
+class Priced:
+    """A value that pickles through Python code of its own (where a signal's handler runs)."""
+
+    def __init__(self, price: int) -> None:
+        self.price = price
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Priced, (self.price,))
+
+
 def _key(namespace: str, fn: Any, call_key: Any) -> str:
     """The documented key format, computed independently of the library."""
     text = json.dumps(call_key, separators=(",", ":"), ensure_ascii=True)
@@ -720,3 +730,27 @@ def test_a_signal_as_a_value_read_from_redis_is_decoded_reaches_the_caller(
     with request_scope():
         assert price(1) == {"price": 10}
     assert calls == [1]  # read from Redis each time after the first
+
+
+def test_a_signal_as_a_value_is_pickled_for_redis_reaches_the_caller(client: redis.Redis) -> None:
+    """_redis_io._pickle_dumps: a value pickle refuses is a ``TypeError`` naming the fix. A
+    signal handler's ``Exception`` (Celery's soft time limit) raised as a large value was
+    pickled was turned into that ``TypeError``: the task's ``except SoftTimeLimitExceeded``
+    never saw it. The value is pickled once more: it pickles, so the signal goes on."""
+    import sys
+
+    cache = RedisCache(client, ttl=60, namespace="signalled-pickle", serializer="pickle",
+                       secret=SECRET)  # fmt: skip
+
+    @request_memo(shared=cache)
+    def price(item: int) -> Priced:
+        return Priced(item * 10)
+
+    at = RaiseAtCall(Signalled, "__reduce__", "_pickle_dumps")
+    with request_scope():
+        at.armed = True
+        sys.setprofile(at)
+        with interrupted_by(Signalled, at):
+            price(1)
+    with request_scope():
+        assert price(1).price == 10

@@ -334,7 +334,11 @@ def _pickle_dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # PicklingError, or the TypeError/AttributeError pickle raises
-        raise TypeError(f"{type(exc).__name__}: {exc}") from None
+        try:
+            pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            raise TypeError(f"{type(exc).__name__}: {exc}") from None
+        raise  # it pickles when asked once more: a signal handler's (as in ``decodes``)
 
 
 def _mac(secret: bytes, key: str, data: bytes) -> bytes:

@@ -102,7 +102,7 @@ def test_a_signal_while_a_waiters_copy_is_made_reaches_that_waiter() -> None:
     the waiter got a SharedComputationError and the signal was lost. The copy is tried once
     more; it works, so the failure was the signal's, and it goes on."""
     raised = Raised(Call(), ValueError("db down"))
-    at = RaiseAfter(Signalled, "__reduce__", "error", "_safe_copy")
+    at = RaiseAfter(Signalled, "vars", "error", "_safe_copy")
     at.armed = True
     sys.setprofile(at)
     with interrupted_by(Signalled, at):

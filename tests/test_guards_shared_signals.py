@@ -39,7 +39,7 @@ def _other_request_waits(compute: Any, x: int) -> tuple[threading.Thread, dict[s
         (RaiseAtCall(Signalled, "__init__", "computed"), True),  # Raised: the error's copy
         # Inside the copy: it was taken for an error that cannot be copied (the caller got
         # its function's error, not the signal; the waiter a SharedComputationError).
-        (RaiseAfter(Signalled, "__reduce__", "error", "_safe_copy"), True),
+        (RaiseAfter(Signalled, "vars", "error", "_safe_copy"), True),
     ],
     ids=["as-the-value-is-stored", "as-the-error-is-copied", "inside-the-copy"],
 )

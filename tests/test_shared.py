@@ -1045,9 +1045,14 @@ async def test_what_the_computing_request_adds_to_its_error_later_never_reaches_
 class _SecondCopyFails(Exception):
     made = 0
 
+    def __new__(cls, *args: object) -> _SecondCopyFails:  # of its own: copied through its
+        return super().__new__(cls, *args)  # constructor, which runs the __init__ below
+
     def __init__(self, *args: object) -> None:
         type(self).made += 1
-        if type(self).made == 3:  # the original, the copy taken as raised, then a waiter's
+        # The original, the copy taken as raised, then a waiter's, which fails (each time:
+        # a failure that does not come again is a signal handler's, which goes on).
+        if type(self).made >= 3:
             raise RuntimeError("this copy fails")
         super().__init__(*args)
 
@@ -1086,3 +1091,45 @@ def test_a_key_whose_hash_changed_after_it_was_stored_is_named_as_the_cause(
     with request_scope(), caplog.at_level(logging.ERROR, logger="perrequest"):
         price(Model(6))  # evicting the changed key fails inside cachetools
     assert "key=lambda obj: obj.pk" in caplog.text
+
+
+class Rejected(Exception):
+    """An error whose ``__init__`` takes keywords only: its ``args`` cannot rebuild it."""
+
+    def __init__(self, *, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code, self.reason = code, reason
+
+
+def _http_404() -> BaseException:
+    from fastapi import HTTPException
+
+    return HTTPException(status_code=404, detail="no such product")
+
+
+def _starlette_404() -> BaseException:
+    from starlette.exceptions import HTTPException
+
+    return HTTPException(status_code=404, detail="no such product", headers={"X-Why": "gone"})
+
+
+@pytest.mark.parametrize(
+    "make", [_http_404, _starlette_404, lambda: Rejected(code=409, reason="taken")],
+    ids=["fastapi HTTPException", "starlette HTTPException", "keyword-only __init__"],
+)  # fmt: skip
+def test_an_error_made_with_keywords_reaches_a_waiter_as_its_own_type(
+    make: Callable[[], BaseException],
+) -> None:
+    """FastAPI teaches ``raise HTTPException(status_code=404, detail=...)``: keywords, so its
+    ``args`` are empty, and rebuilding it from them (as copy and pickle do) raised. Every
+    request waiting for the computation got a SharedComputationError (a 500, not the 404).
+    An error whose class keeps nothing but its args and attributes is copied without its
+    ``__init__``: the same type, args and attributes (copies), none of the original."""
+    computing, waiting = _computing_and_waiting(make)
+    assert type(waiting) is type(computing) and waiting is not computing
+    assert waiting.args == computing.args
+    own = {k: v for k, v in vars(waiting).items() if k != "__notes__"}
+    assert own == vars(computing) and own  # status_code, detail, headers; code, reason
+    assert waiting.__notes__ == [NOTE]
+    assert waiting.__traceback__ is not computing.__traceback__
+    assert not [o for o in _reachable(waiting) if o is computing]

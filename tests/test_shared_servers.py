@@ -104,6 +104,46 @@ def test_concurrent_misses_across_requests_compute_once(server: Uvicorn | Gunico
     assert counts["live"] in (0, 1)  # gunicorn: the /_counts request's own scope
 
 
+def test_a_404_raised_in_a_shared_computation_is_a_404_for_every_waiting_request() -> None:
+    """FastAPI's ``raise HTTPException(status_code=404, detail=...)`` in a shared memo,
+    under uvicorn, requests for the key at once: the requests that waited for the one that
+    computed got a SharedComputationError (its keyword arguments could not rebuild it), a
+    500. Each gets a copy of the 404 now."""
+    from fastapi import FastAPI, HTTPException
+
+    from perrequest.asgi import RequestScopeMiddleware
+
+    waiting = 5
+    computed: list[str] = []
+
+    @request_memo(shared=cachetools.TTLCache(maxsize=100, ttl=60))
+    async def product(sku: str) -> dict[str, str]:
+        computed.append(sku)
+        for _ in range(2000):  # until the other requests wait for this computation
+            if product.shared_info().hits >= waiting:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.005)
+        raise HTTPException(status_code=404, detail=f"no product {sku}")
+
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+
+    @app.get("/product/{sku}")
+    async def show(sku: str) -> dict[str, str]:
+        return await product(sku)
+
+    async def burst(base: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            return await asyncio.gather(*(client.get("/product/x1") for _ in range(waiting + 1)))
+
+    with serve_uvicorn(app) as base:
+        responses = asyncio.run(burst(base))
+    assert [r.status_code for r in responses] == [404] * (waiting + 1)
+    assert {r.json()["detail"] for r in responses} == {"no product x1"}
+    assert computed == ["x1"]  # one computation; the others waited for it
+    assert live_scopes() == 0
+
+
 @pytest.mark.slow
 def test_a_million_unique_keys_stay_within_the_shared_bound() -> None:
     cache: cachetools.LRUCache[Any, Any] = cachetools.LRUCache(maxsize=1000)

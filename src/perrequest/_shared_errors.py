@@ -181,6 +181,27 @@ def _notes(notes: object) -> list[str]:
     return [n for n in notes if type(n) is str] if isinstance(notes, list) else []
 
 
+_PLAIN_SIZE = type("_Plain", (Exception,), {}).__basicsize__  # BaseException's, __weakref__
+
+
+def _plain(kind: type) -> bool:
+    """Whether an error of ``kind`` holds nothing but its ``args`` and attributes (no fields
+    of C, ``__slots__``, ``__new__`` or ``__reduce__`` of its own), so that a new object given
+    copies of both is a copy: its ``__init__`` is not asked to rebuild it from ``args``,
+    which need not be its parameters (``HTTPException(status_code=404)``: ``args`` empty)."""
+    for cls in kind.__mro__[:-1]:  # object's __new__ and __reduce__ are BaseException's
+        if cls.__module__ == "builtins":
+            if cls.__basicsize__ != BaseException.__basicsize__:  # StopIteration's value
+                return False
+        elif (
+            cls.__basicsize__ > _PLAIN_SIZE
+            or vars(cls).get("__slots__")
+            or any(name in vars(cls) for name in ("__new__", "__reduce__", "__reduce_ex__"))
+        ):
+            return False
+    return True
+
+
 class _Unsafe(Exception):
     """A value a copy of an error for another request may not carry."""
 
@@ -205,15 +226,16 @@ class _Copy:
             isinstance(error, BaseExceptionGroup) and kind not in _GROUPS
         ):
             raise _Unsafe(error)
-        # What rebuilds it, as copy and pickle do (OSError's filename too; a group's members,
-        # copied): the type's own code sees copies only.
-        rebuild = error.__reduce__()
-        if type(rebuild) is not tuple or len(rebuild) < 2 or rebuild[0] is not kind:
-            raise _Unsafe(error)
-        clone: BaseException = kind(*self.value(rebuild[1], depth))
         args = self.value(error.args, depth)
-        if type(clone) is not kind or clone is error or clone.args != args:
-            raise _Unsafe(error)  # not rebuilt by its arguments, or not a new object
+        if _plain(kind):  # its state is its args and attributes: no code of its own runs
+            clone: BaseException = kind.__new__(kind)
+        else:  # what rebuilds it, as copy and pickle do (OSError's filename too; a group's
+            rebuild = error.__reduce__()  # members, copied): its own code sees copies only
+            if type(rebuild) is not tuple or len(rebuild) < 2 or rebuild[0] is not kind:
+                raise _Unsafe(error)
+            clone = kind(*self.value(rebuild[1], depth))
+            if type(clone) is not kind or clone is error or clone.args != args:
+                raise _Unsafe(error)  # not rebuilt by its arguments, or not a new object
         clone.args = args
         self.seen[id(error)] = clone
         state = self.value(dict(vars(error)), depth)

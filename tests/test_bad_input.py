@@ -298,6 +298,22 @@ def test_an_option_passed_positionally_says_options_are_keywords() -> None:
             made(app, 100)  # type: ignore[misc]
 
 
+def test_a_middleware_made_without_its_app_says_how_to_pass_it() -> None:
+    """``app.add_middleware(RequestScopeMiddleware(max_entries=100))``: an instance, made
+    without the app. Python alone said "missing 1 required positional argument: 'app'"."""
+    from starlette.applications import Starlette
+
+    from perrequest.asgi import RequestScopeMiddleware as ASGIMiddleware
+    from perrequest.wsgi import RequestScopeMiddleware as WSGIMiddleware
+
+    with pytest.raises(TypeError, match=r"add_middleware\(RequestScopeMiddleware, max_entries"):
+        Starlette().add_middleware(ASGIMiddleware(max_entries=100))  # type: ignore[call-arg,arg-type]
+    with pytest.raises(TypeError, match=r"needs the WSGI app it wraps: app = Request"):
+        WSGIMiddleware(max_entries=100)  # type: ignore[call-arg]
+    ASGIMiddleware(app=Starlette(), max_entries=100)  # the app as a keyword: fine
+    WSGIMiddleware(app=lambda environ, start_response: [])
+
+
 def test_a_store_you_make_takes_no_on_close() -> None:
     """Only a scope calls on_close: a store made by hand is never closed by one."""
     with pytest.raises(

@@ -20,11 +20,13 @@ from .errors import UnhashableArguments
 _Init = TypeVar("_Init", bound=Callable[..., None])
 
 
-def explains_options(where: str, hint: str = "", misused: str = "") -> Callable[[_Init], _Init]:
+def explains_options(
+    where: str, hint: str = "", misused: str = "", missing: str = ""
+) -> Callable[[_Init], _Init]:
     """Refuse a misspelt keyword option naming the closest valid one (and ``hint``), an
-    extra positional argument with ``misused``, before Python's plain ``TypeError``
-    (also one for a required option); the signature is written once, in the
-    ``__init__`` or function type checkers see."""
+    extra positional argument with ``misused``, a missing one (a middleware's app) with
+    ``missing``, before Python's plain ``TypeError`` (also one for a required option); the
+    signature is written once, in the ``__init__`` or function type checkers see."""
 
     def decorate(init: _Init) -> _Init:
         params = list(inspect.signature(init).parameters.values())
@@ -37,6 +39,8 @@ def explains_options(where: str, hint: str = "", misused: str = "") -> Callable[
         def checked(*args: Any, **kwargs: Any) -> None:
             if len(args) > positional and misused:
                 raise TypeError(misused.format(args[positional]))
+            if len(args) < positional and missing and params[len(args)].name not in kwargs:
+                raise TypeError(missing)
             for name in kwargs:
                 if name not in accepted:
                     raise TypeError(unknown_option(where, name, options) + hint)

@@ -130,6 +130,10 @@ class RequestScopeMiddleware:
         + " (Starlette and FastAPI: add it with app.add_middleware(RequestScopeMiddleware, "
         "...), not with app.middleware('http'), which takes a function of request and "
         "call_next)",
+        missing="perrequest.asgi.RequestScopeMiddleware needs the ASGI app it wraps: "
+        "RequestScopeMiddleware(app, max_entries=...); with Starlette and FastAPI, pass the "
+        "class and its options, app.add_middleware(RequestScopeMiddleware, max_entries=...), "
+        "not an instance: Starlette makes it, with the app",
     )
     def __init__(
         self,

@@ -66,6 +66,10 @@ class RequestScopeMiddleware:
         misused=KEYWORD_ONLY.format(
             where="RequestScopeMiddleware(app, ...)", options="max_entries=..., on_close=..."
         ),
+        missing="perrequest.wsgi.RequestScopeMiddleware needs the WSGI app it wraps: "
+        "app = RequestScopeMiddleware(app, max_entries=...) (Flask: "
+        "perrequest.flask.PerRequest(app, max_entries=...); Django: "
+        "perrequest.django.RequestScopeMiddleware in MIDDLEWARE)",
     )
     def __init__(
         self,

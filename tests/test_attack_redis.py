@@ -305,7 +305,11 @@ def test_a_hot_key_deleted_again_and_again_is_computed_once_per_delete(
     for thread in threads:
         thread.join(10)
     per = [sum(a <= c < b for c in computations) for a, b in itertools.pairwise(deletes)]
-    assert max(per) == 1 and sum(per) >= len(per) // 2, per  # (a loaded machine calls less)
+    # At most one computation per delete (and the first): in all, since on a loaded machine
+    # the one a delete causes may start after the next delete's time is taken, before that
+    # delete has run (its interval then shows 2, the one before it 0).
+    assert len(computations) <= len(deletes), (len(deletes), per)
+    assert max(per) <= 2 and sum(per) >= len(per) // 2, per  # (a loaded machine calls less)
     stats = [cache.stats() for cache, _ in made]
     assert sum(s.lock_timeouts for s in stats) == sum(s.errors for s in stats) == 0
     assert sum(s.misses for s in stats) == len(computations)

@@ -79,19 +79,7 @@ else:
         exit) fails, and the scope is closed: every test after it would share its store."""
         before = _current.get()
         outcome = yield
-        why: tuple[str, str] | None = None
-        for _ in range(100):  # scopes opened one inside another, the latest first
-            left = _left_open(before)
-            if left is None:
-                break
-            if type(left) is list:  # a middleware's, its body never closed
-                why = why or _RESPONSE
-                close_request(left, None)
-            else:
-                why = why or _SCOPE
-                close_scope(left)
-            if _current.get() is left:  # not undone here (opened in another context)
-                _current.set(before)
+        why = _close_left_open(before)
         if why and outcome.excinfo is None:  # the message alone: no trace of pluggy's
             outcome.force_exception(
                 pytest.fail.Exception(
@@ -101,17 +89,24 @@ else:
                 )
             )
 
-    _SCOPE = (
-        "a request_scope() entered and never exited (its __enter__ called by hand, an "
-        "ExitStack never closed)",
-        "Use 'with request_scope():', or the memo_scope fixture.",
-    )
-    _RESPONSE = (
-        "a response iterated and never closed, whose scope lasts until its close() (a "
-        "WSGI app's, Flask's or Django's: a test client's response kept in a variable)",
-        "Close the response when done with it: 'with client.get(...) as response:' "
-        "(Flask, Werkzeug), or response.close().",
-    )
+
+def _close_left_open(before: object) -> tuple[str, str] | None:
+    """Close the scopes active here that were opened since ``before`` was, the latest first,
+    and make ``before`` active again; say what the first was, or None."""
+    why: tuple[str, str] | None = None
+    for _ in range(100):  # scopes opened one inside another, the latest first
+        left = _left_open(before)
+        if left is None:
+            break
+        if type(left) is list:  # a middleware's, its body never closed
+            why = why or _RESPONSE
+            close_request(left, None)
+        else:
+            why = why or _SCOPE
+            close_scope(left)
+        if _current.get() is left:  # not undone here (opened in another context)
+            _current.set(before)
+    return why
 
 
 def _left_open(before: object) -> Any:
@@ -121,3 +116,16 @@ def _left_open(before: object) -> Any:
     if left is before or left is None:
         return None
     return left if (left[0] is not None if type(left) is list else not left._closed) else None
+
+
+_SCOPE = (
+    "a request_scope() entered and never exited (its __enter__ called by hand, an "
+    "ExitStack never closed)",
+    "Use 'with request_scope():', or the memo_scope fixture.",
+)
+_RESPONSE = (
+    "a response iterated and never closed, whose scope lasts until its close() (a "
+    "WSGI app's, Flask's or Django's: a test client's response kept in a variable)",
+    "Close the response when done with it: 'with client.get(...) as response:' "
+    "(Flask, Werkzeug), or response.close().",
+)

@@ -9,7 +9,9 @@ it is available wherever perrequest is installed.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from typing import Any
 
 from . import memo
@@ -76,10 +78,19 @@ else:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, None]:
         """A test that leaves a scope active (``request_scope().__enter__()`` without its
-        exit) fails, and the scope is closed: every test after it would share its store."""
+        exit) fails, and the scope is closed: every test after it would share its store.
+        An async test is checked in its own context (see ``_in_its_context``)."""
         before = _current.get()
+        left_in_its_context: list[tuple[str, str]] = []
+        found = _async_test(item)
+        if found is not None:  # run wrapped, then given back
+            holder, name, function = found
+            funcargs = getattr(item, "funcargs", {})
+            setattr(holder, name, _in_its_context(function, funcargs, left_in_its_context))
         outcome = yield
-        why = _close_left_open(before)
+        if found is not None:
+            setattr(holder, name, function)
+        why = _close_left_open(before) or next(iter(left_in_its_context), None)
         if why and outcome.excinfo is None:  # the message alone: no trace of pluggy's
             outcome.force_exception(
                 pytest.fail.Exception(
@@ -88,6 +99,44 @@ else:
                     pytrace=False,
                 )
             )
+
+
+def _async_test(item: object) -> tuple[Any, str, Any] | None:
+    """An async test's coroutine function, where anyio's plugin and pytest-asyncio's find
+    it: (object, attribute, function); the test's function (``item.obj``), or under
+    Hypothesis' ``@given``, its inner test. None for another test (an async generator,
+    which neither runs)."""
+    test: Any = getattr(item, "obj", None)
+    holder, name = (test.hypothesis, "inner_test") if hasattr(test, "hypothesis") else (item, "obj")
+    function = getattr(holder, name, None)
+    return (holder, name, function) if inspect.iscoroutinefunction(function) else None
+
+
+def _in_its_context(
+    test: Callable[..., Awaitable[Any]], funcargs: dict[str, Any], left: list[tuple[str, str]]
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """``test``, run with ``memo_scope``'s store active in its own context; the scopes it
+    leaves active there are closed, and what the first was is appended to ``left``. That
+    context is not pytest's: anyio runs the async fixtures and tests sharing its runner
+    (kept by a module-scoped async fixture, say) in one task, made as the first of them
+    starts, where a store that a sync fixture makes active later is not, and one left
+    active stays for the next test; pytest-asyncio runs a test in a copy of pytest's."""
+
+    @functools.wraps(test)
+    async def in_its_context(*args: Any, **kwargs: Any) -> Any:
+        store = funcargs.get("memo_scope")
+        token = _current.set(store) if type(store) is MemoStore and not store._closed else None
+        before = _current.get()
+        try:
+            return await test(*args, **kwargs)
+        finally:
+            why = _close_left_open(before)
+            if why:
+                left.append(why)
+            if token is not None:
+                _current.reset(token)
+
+    return in_its_context
 
 
 def _close_left_open(before: object) -> tuple[str, str] | None:

@@ -300,3 +300,41 @@ def test_a_signal_as_a_batchs_values_are_gathered_reaches_the_caller() -> None:
         with interrupted_by(Signalled, at):
             rows.load_many([1, 2])
         assert rows.load_many([1, 2]) == [10, 20]
+
+
+def test_a_signal_while_on_close_runs_reaches_the_task(caplog: pytest.LogCaptureFixture) -> None:
+    """A real signal whose handler raises an ``Exception``, as Celery's soft time limit does
+    (``SoftTimeLimitExceeded`` from a SIGUSR1 handler), landing while a scope's ``on_close``
+    pushes its stats somewhere slow, was logged as on_close raising: the task never saw its
+    soft limit and ran on until the hard one killed it (a real celery worker, 6 December).
+    It goes on now, once the listeners after on_close have run; on_close's own failures
+    are still logged, never raised."""
+    import logging
+    import os
+    import signal
+
+    def soft_time_limit(signum: int, frame: Any) -> None:
+        raise Signalled("soft time limit")
+
+    def report(stats: Any) -> None:  # a slow push of the stats: the signal lands here
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(1000):
+            time.sleep(0.001)
+        raise AssertionError("the handler never ran")
+
+    ran: list[str] = []
+    perrequest.add_scope_listener(ran.append)
+    previous = signal.signal(signal.SIGUSR1, soft_time_limit)
+    try:
+        with caplog.at_level(logging.ERROR, logger="perrequest"):
+            with pytest.raises(Signalled, match="soft time limit"), request_scope(on_close=report):
+                pass
+            assert len(ran) == 1 and not caplog.records  # the listener ran; nothing logged
+            with request_scope(on_close=lambda stats: 1 / 0):  # its own failure: logged
+                pass
+            assert [r.getMessage() for r in caplog.records] == [
+                f"perrequest: the scope's on_close {caplog.records[0].args[1]!r} raised"
+            ]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        perrequest.remove_scope_listener(ran.append)

@@ -14,17 +14,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from contextvars import ContextVar, Token
-from types import CoroutineType, MethodType
 from typing import Any
 
-from ._stats import ScopeStats, listeners
+from ._listeners import OnClose as OnClose  # re-exported: the integrations import it here
+from ._listeners import logger as logger
+from ._listeners import notify
+from ._stats import listeners
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
-
-OnClose = Callable[[ScopeStats], object]
-
-logger = logging.getLogger("perrequest")
 
 # The active store; or, for a scope a middleware opened, until its store is first
 # needed, the request's "cell": a list ``[options]`` that the store is appended to
@@ -198,15 +195,6 @@ def _unwound(active: Any) -> Any:
     return active
 
 
-# The on_close callbacks and listeners running here: one is not called for a scope that
-# closes while it runs, or in a task or context copied meanwhile (a scope it opened
-# itself), which would recurse, or chain tasks, forever.
-_calling: ContextVar[tuple[OnClose, ...]] = ContextVar("perrequest.calling", default=())
-# Callbacks running one inside another's scope, beyond which none is called: each may be
-# made anew (a partial, a lambda), so that none is recognised as running already.
-_NESTED_MAX = 8
-
-
 def close_scope(store: MemoStore) -> None:
     """Restore the previous store if this one is active here, clear it, then log its
     stats at DEBUG and call ``on_close`` and the listeners (but those running here: the
@@ -222,35 +210,7 @@ def close_scope(store: MemoStore) -> None:
         return
     if debug:
         logger.debug("request scope closed: %s", stats)
-    running = _calling.get()
-    for listener in (on_close, *listeners) if on_close is not None else tuple(listeners):
-        if running and (len(running) >= _NESTED_MAX or any(_same(listener, r) for r in running)):
-            continue  # a scope it opened itself (in a scope, a task, a task run eagerly)
-        token = _calling.set((*running, listener))
-        try:
-            returned = listener(stats)
-            if type(returned) is CoroutineType:  # its body would never run
-                returned.close()
-                raise TypeError(
-                    f"{listener!r} returned a coroutine, which nothing awaits: it runs as the "
-                    "scope closes, in sync code. Make it a plain function that hands the stats "
-                    "to a task (loop.create_task) or a queue."
-                )
-        except Exception:
-            what = "the scope's on_close" if listener is on_close else "scope listener"
-            logger.exception("perrequest: %s %r raised", what, listener)
-        finally:
-            _calling.reset(token)
-
-
-def _same(callback: OnClose, running: OnClose) -> bool:
-    """The same callback: the object, or a bound method made again (``self.record``)."""
-    return callback is running or (
-        type(callback) is MethodType
-        and type(running) is MethodType
-        and callback.__self__ is running.__self__
-        and callback.__func__ is running.__func__
-    )
+    notify(stats, on_close)
 
 
 def live_scopes() -> int:

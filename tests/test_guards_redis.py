@@ -21,8 +21,7 @@ import redis
 from servers import HOST
 from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
-from perrequest import UnhashableArguments, bind_scope, request_memo, request_scope
-from perrequest import _redis_io as io
+from perrequest import UnhashableArguments, _redis_lock, bind_scope, request_memo, request_scope
 from perrequest.redis import RedisCache
 
 pytestmark = pytest.mark.timeout(30)
@@ -377,7 +376,7 @@ def test_a_new_connection_of_the_cache_costs_no_handshake_round_trips(
 
 
 def test_a_release_left_to_finish_is_dropped_once_done() -> None:
-    """_redis_io.finish_later: a cancelled caller's STORE, left to finish in a task of its
+    """_redis_lock.finish_later: a cancelled caller's STORE, left to finish in a task of its
     own, is kept while it runs and dropped once done. Unguarded, every such task (and
     what its STORE holds) is kept for good."""
 
@@ -388,12 +387,12 @@ def test_a_release_left_to_finish_is_dropped_once_done() -> None:
             await asyncio.sleep(0)
             ran.append(1)
 
-        before = set(io._finishing)  # (another test's, if any)
-        io.finish_later(release)
-        assert len(io._finishing - before) == 1
+        before = set(_redis_lock._finishing)  # (another test's, if any)
+        _redis_lock.finish_later(release)
+        assert len(_redis_lock._finishing - before) == 1
         for _ in range(10):
             await asyncio.sleep(0)
-        assert ran == [1] and not io._finishing - before
+        assert ran == [1] and not _redis_lock._finishing - before
 
     asyncio.run(main())
 
@@ -754,3 +753,58 @@ def test_a_signal_as_a_value_is_pickled_for_redis_reaches_the_caller(client: red
             price(1)
     with request_scope():
         assert price(1).price == 10
+
+
+def quote(k: int) -> int:
+    """Computed by another worker: the sync holder of the key's Redis lock (below)."""
+    return k
+
+
+def test_asyncio_run_ending_while_a_miss_waits_for_a_lock_leaves_no_task(redis_server: Any) -> None:
+    """_redis_lock.fetch_async: a miss waiting for another worker's lock is cancelled as
+    ``asyncio.run`` ends (a sibling in ``gather`` raised; a Celery task's soft limit): its
+    release of the lock it may hold went to a task of its own, made on the loop
+    ``asyncio.run`` was closing, which never ran to its end. Each such job kept, for the
+    life of the process, that task, its closed loop and the loop's Redis connection (a
+    red-team's real worker, 6 December). The release is awaited where it was cancelled:
+    ``asyncio.run`` waits for it."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow(k: int) -> int:
+        started.set()
+        release.wait(5)
+        return k
+
+    slow.__qualname__ = quote.__qualname__  # one Redis key, as in two workers' code
+    held = request_memo(shared=RedisCache(redis_server.client(), ttl=60, namespace="closing"))(slow)
+
+    async def waits(k: int) -> int:
+        return k
+
+    waits.__qualname__ = quote.__qualname__
+    cache = RedisCache(redis_server.aclient(), ttl=60, namespace="closing")
+    waiting = request_memo(shared=cache)(waits)
+
+    async def failing() -> None:
+        await asyncio.sleep(0.2)  # while the other waits for the holder's lock
+        raise RuntimeError("a sibling failed")
+
+    async def main() -> None:
+        await asyncio.gather(waiting(1), failing())
+
+    holder = threading.Thread(target=lambda: request_scope()(held)(1))
+    holder.start()
+    try:
+        assert started.wait(5)
+        for _ in range(5):
+            with request_scope(), pytest.raises(RuntimeError, match="sibling"):
+                asyncio.run(main())
+        gc.collect()
+        left = [
+            o for o in gc.get_objects()
+            if isinstance(o, asyncio.Task) and not o.done() and o.get_loop().is_closed()
+        ]  # fmt: skip
+        assert not left, left
+    finally:
+        release.set()
+        holder.join(5)

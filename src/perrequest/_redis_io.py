@@ -16,14 +16,13 @@ another key, does not verify and is a miss.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import os
 import pickle
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -152,29 +151,6 @@ def _script_async(client: Any, body: str) -> Callable[..., Any]:  # (awaitable)
             return await client.eval(body, len(keys), *keys, *args)
 
     return run
-
-
-# Releases a cancelled caller left to finish, while they run (a loop keeps only weak
-# references to its tasks).
-_finishing: set[asyncio.Task[Any]] = set()
-
-
-def finish_later(make: Callable[[], Awaitable[Any]]) -> None:
-    """Await ``make()`` (a STORE: it can run twice) in a task of its own, kept until it
-    ends; again if that task is cancelled (``asyncio.run`` ending cancels every task
-    left), three times at most, each within ``op_timeout``."""
-
-    async def run() -> None:
-        for _ in range(3):
-            try:
-                await make()
-                return
-            except asyncio.CancelledError:
-                continue
-
-    task = asyncio.get_running_loop().create_task(run())
-    _finishing.add(task)
-    task.add_done_callback(_finishing.discard)
 
 
 def wrong_type(exc: BaseException) -> bool:

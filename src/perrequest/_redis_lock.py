@@ -17,7 +17,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from . import _redis_io as io
@@ -89,7 +89,7 @@ async def fetch_async(
         try:
             claimed = await _run_async(conn, _claim(tier, conn, key, mine, bad), timeout)
         except BaseException:  # cancelled, or a signal's: the lock may be ours: release it
-            io.finish_later(lambda: _run_async(conn, _store(tier, key, b"", mine), timeout))
+            await finish(lambda: _run_async(conn, _store(tier, key, b"", mine), timeout))
             raise
         found, conn, token, deletes = claimed
         if found is not None:
@@ -109,7 +109,7 @@ async def fetch_async(
         except BaseException:  # cancelled, or a signal's: STORE can run twice
             task = None
             if token:
-                io.finish_later(lambda: _run_async(conn, _store(tier, key, stored, token), timeout))
+                finish_later(lambda: _run_async(conn, _store(tier, key, stored, token), timeout))
             raise
     return Late(payload) if late == 2 else payload
 
@@ -211,3 +211,39 @@ async def _run_async(conn: Any, steps: Steps, op_timeout: float) -> Any:
                 reply = exc
     except StopIteration as done:
         return done.value
+
+
+# Releases a cancelled caller left to finish, while they run (a loop keeps only weak
+# references to its tasks).
+_finishing: set[asyncio.Task[Any]] = set()
+
+
+async def finish(make: Callable[[], Awaitable[Any]]) -> None:
+    """Await ``make()`` (a STORE: it can run twice) where its caller was cancelled:
+    ``asyncio.run`` ending waits for it there (a task made now would be left pending on
+    the closed loop); in a task of its own if this await is cancelled too (anyio)."""
+    try:
+        await make()
+    except asyncio.CancelledError:
+        finish_later(make)
+
+
+def finish_later(make: Callable[[], Awaitable[Any]]) -> None:
+    """Await ``make()`` (a STORE: it can run twice) in a task of its own, kept until it
+    ends; again if that task is cancelled (``asyncio.run`` ending cancels every task
+    left), three times at most, each within ``op_timeout``. Tasks left on loops closed
+    meanwhile are let go: they never end."""
+    for left in [task for task in _finishing if task.get_loop().is_closed()]:
+        _finishing.discard(left)
+
+    async def run() -> None:
+        for _ in range(3):
+            try:
+                await make()
+                return
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.get_running_loop().create_task(run())
+    _finishing.add(task)
+    task.add_done_callback(_finishing.discard)

@@ -808,3 +808,37 @@ def test_asyncio_run_ending_while_a_miss_waits_for_a_lock_leaves_no_task(redis_s
     finally:
         release.set()
         holder.join(5)
+
+
+def test_asyncio_run_ending_as_a_value_is_stored_still_stores_it(redis_server: Any) -> None:
+    """_redis_lock.fetch_async: ``asyncio.run`` ending (a sibling in ``gather`` raised) as a
+    computed value's STORE was on its way (a slow Redis: here paused for writes) cancelled
+    it, and the STORE went to a task made on the closing loop, which never ran: the value
+    was lost and its lock held every process's next miss for ``lock_timeout``. It is sent
+    once more where it was cancelled, and ``asyncio.run`` waits for it."""
+    admin = redis_server.client()
+    cache = RedisCache(redis_server.aclient(), ttl=60, namespace="stored", lock_timeout=8)
+    computed: list[int] = []
+
+    @request_memo(shared=cache)
+    async def quote(k: int) -> int:
+        computed.append(k)
+        await asyncio.sleep(0.1)
+        return k
+
+    async def sibling() -> None:
+        await asyncio.sleep(0.09)  # quote is about to store its value
+        admin.execute_command("CLIENT", "PAUSE", 200, "WRITE")
+        await asyncio.sleep(0.05)
+        raise RuntimeError("a sibling failed")
+
+    async def job() -> None:
+        await asyncio.gather(quote(1), sibling())
+
+    with request_scope(), pytest.raises(RuntimeError, match="sibling"):
+        asyncio.run(job())
+    assert not list(admin.scan_iter("stored:*:lock")), "the lock was left to expire"
+    with request_scope():
+        assert asyncio.run(quote(1)) == 1
+    assert computed == [1], "the value was lost"
+    assert cache.stats().errors == 0

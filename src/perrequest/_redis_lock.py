@@ -108,8 +108,8 @@ async def fetch_async(
                 late = await _run_async(conn, _store(tier, key, stored, token), timeout)
         except BaseException:  # cancelled, or a signal's: STORE can run twice
             task = None
-            if token:
-                finish_later(lambda: _run_async(conn, _store(tier, key, stored, token), timeout))
+            if token:  # once more here (asyncio.run ending waits for it), else in a task
+                await finish(lambda: _run_async(conn, _store(tier, key, stored, token), timeout))
             raise
     return Late(payload) if late == 2 else payload
 

@@ -370,3 +370,31 @@ def test_the_core_never_imports_celery() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["app.task (a PromiseProxy)", "a Task"])
+def test_a_decorator_above_app_task_is_refused_naming_the_order(lazy: bool) -> None:
+    """``@request_scope()`` (or ``@request_memo``, ``@request_batch``) above ``@app.task``:
+    decoration succeeded, the name held a plain function (``job.delay`` an AttributeError)
+    and the worker ran the task Celery registered without a scope (a red-team, 6
+    December). Refused now, saying to put it below."""
+    from perrequest import request_batch
+
+    app = Celery("order", broker="memory://", backend="cache+memory://")
+
+    def job(x: int) -> int:
+        return x
+
+    def jobs(keys: list[int]) -> list[int]:
+        return keys
+
+    for decorate, name in (
+        (request_scope(), "@request_scope()"),
+        (request_memo, "@request_memo"),
+        (request_batch, "@request_batch"),
+    ):
+        task = app.task(job if name != "@request_batch" else jobs, lazy=lazy)
+        with pytest.raises(TypeError, match=re.escape(f"{name} cannot go above @app.task")):
+            decorate(task)
+    below = app.task(request_scope()(job))  # the right order works
+    assert below.apply(args=(3,)).get() == 3

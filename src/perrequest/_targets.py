@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 from ._checks import _call_of
 
@@ -22,6 +23,21 @@ def refuse_generator(fn: object, decorator: str) -> None:
             f"{decorator} cannot take {kind} ({getattr(fn, '__qualname__', fn)}): its body "
             "runs after the call returns, outside the scope. Use it on a function that "
             "returns a list, or on the function that consumes the generator."
+        )
+
+
+def refuse_task(fn: object, decorator: str) -> None:
+    """A Celery task, decorated from above: the name would hold a plain function (no
+    ``.delay()``), and the worker would run the task Celery registered, undecorated."""
+    local, task = sys.modules.get("celery.local"), sys.modules.get("celery.app.task")
+    # By type: a PromiseProxy (app.task before the app is finalized) is not evaluated.
+    if (local and isinstance(fn, local.Proxy)) or (task and isinstance(fn, task.Task)):
+        fix = "scoped: perrequest.celery.install(app), or base=ScopedTask"
+        raise TypeError(
+            f"{decorator} cannot go above @app.task (on {fn!r}): the name would hold a plain "
+            "function, without .delay(), and the worker would run the task Celery registered "
+            f"without it. Put it below @app.task (@app.task, then {decorator}, then def); "
+            f"for every task {fix}."
         )
 
 

@@ -13,7 +13,7 @@ from ._batch_async import in_flight, load_many, miss, outside_one, ready
 from ._batching import THREAD, _BatchSpec
 from ._checks import check_max_entries, is_async_callable, unknown_option
 from ._flight import MISSING
-from ._targets import refuse_generator
+from ._targets import refuse_generator, refuse_task
 from ._typing import CacheInfo
 from .store import MemoKey
 
@@ -328,6 +328,7 @@ def request_batch(
                 f"@request_batch decorates a function of a list of keys, not {target!r}"
             )
         refuse_generator(target, "@request_batch")
+        refuse_task(target, "@request_batch")
         if _checks.is_method(target):
             raise TypeError(
                 f"@request_batch cannot decorate the method {target.__qualname__}: a loader "

@@ -21,7 +21,7 @@ from ._checks import (
     refuse_coroutine,
 )
 from ._stats import add_scope_listener, remove_scope_listener
-from ._targets import refuse_generator
+from ._targets import refuse_generator, refuse_task
 from ._waits import within
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_key
@@ -243,6 +243,7 @@ class request_scope(metaclass=_Forgotten):
         if not callable(fn):
             raise TypeError(f"@request_scope() decorates a function, not {fn!r}")
         refuse_generator(fn, "@request_scope()")
+        refuse_task(fn, "@request_scope()")
         options = self._max_entries, self._on_close
         return _around(fn, "@request_scope()", lambda: open_scope(*options), close_scope)
 

@@ -388,13 +388,12 @@ def test_a_decorator_above_app_task_is_refused_naming_the_order(lazy: bool) -> N
     def jobs(keys: list[int]) -> list[int]:
         return keys
 
-    for decorate, name in (
-        (request_scope(), "@request_scope()"),
-        (request_memo, "@request_memo"),
-        (request_batch, "@request_batch"),
-    ):
-        task = app.task(job if name != "@request_batch" else jobs, lazy=lazy)
+    for i, (decorate, name) in enumerate(
+        ((request_scope(), "@request_scope()"), (request_memo, "@request_memo"),
+         (request_batch, "@request_batch"))
+    ):  # fmt: skip
+        task = app.task(job if name != "@request_batch" else jobs, lazy=lazy, name=f"order.{i}")
         with pytest.raises(TypeError, match=re.escape(f"{name} cannot go above @app.task")):
             decorate(task)
-    below = app.task(request_scope()(job))  # the right order works
+    below = app.task(request_scope()(job), name="order.below")  # the right order works
     assert below.apply(args=(3,)).get() == 3

@@ -802,7 +802,7 @@ def test_asyncio_run_ending_while_a_miss_waits_for_a_lock_leaves_no_task(redis_s
         gc.collect()
         left = [
             o for o in gc.get_objects()
-            if isinstance(o, asyncio.Task) and not o.done() and o.get_loop().is_closed()
+            if issubclass(type(o), asyncio.Task) and not o.done() and o.get_loop().is_closed()
         ]  # fmt: skip
         assert not left, left
     finally:

@@ -912,6 +912,20 @@ class Interned(Exception):
         return cls.made.setdefault(message, super().__new__(cls, message))
 
 
+class Disguised(Exception):
+    """One instance for all, in a class that says it is built in (pytest's own outcome
+    exceptions set ``__module__`` so): the copy must still be a new object."""
+
+    __module__ = "builtins"
+    __slots__ = ()
+    one: Disguised | None = None
+
+    def __new__(cls, *args: object) -> Disguised:
+        if cls.one is None:
+            cls.one = super().__new__(cls, *args)
+        return cls.one
+
+
 class MyGroup(ExceptionGroup):  # type: ignore[type-arg]
     """A group subclass: its derive() and fields are its own."""
 
@@ -940,12 +954,14 @@ def _local_error() -> type[Exception]:
         lambda: Wrapped("late", datetime.datetime(2026, 12, 4, tzinfo=Tz())),
         lambda: Wrapped("colour", Colour.RED),
         lambda: Interned("one per message"),
+        lambda: Disguised("one for all"),
         lambda: MyGroup("several", [ValueError("a")]),
         lambda: ExceptionGroup(Message("several"), [ValueError("a")]),
         lambda: _local_error()("made in the call"),
     ],
-    ids=["datetime with own tzinfo", "enum with mutable value", "interned", "group subclass",
-         "group with str-subclass message", "class defined in the call"],
+    ids=["datetime with own tzinfo", "enum with mutable value", "interned",
+         "disguised as built in", "group subclass", "group with str-subclass message",
+         "class defined in the call"],
 )  # fmt: skip
 def test_what_cannot_be_copied_safely_reaches_a_waiter_by_name(
     make: Callable[[], BaseException],

@@ -182,6 +182,7 @@ def _notes(notes: object) -> list[str]:
 
 
 _PLAIN_SIZE = type("_Plain", (Exception,), {}).__basicsize__  # BaseException's, __weakref__
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement or type()
 
 
 def _plain(kind: type) -> bool:
@@ -190,7 +191,7 @@ def _plain(kind: type) -> bool:
     copies of both is a copy: its ``__init__`` is not asked to rebuild it from ``args``,
     which need not be its parameters (``HTTPException(status_code=404)``: ``args`` empty)."""
     for cls in kind.__mro__[:-1]:  # object's __new__ and __reduce__ are BaseException's
-        if cls.__module__ == "builtins":
+        if not cls.__flags__ & _HEAPTYPE:  # built in (not by its __module__: a class sets it)
             if cls.__basicsize__ != BaseException.__basicsize__:  # StopIteration's value
                 return False
         elif (
@@ -234,8 +235,10 @@ class _Copy:
             if type(rebuild) is not tuple or len(rebuild) < 2 or rebuild[0] is not kind:
                 raise _Unsafe(error)
             clone = kind(*self.value(rebuild[1], depth))
-            if type(clone) is not kind or clone is error or clone.args != args:
-                raise _Unsafe(error)  # not rebuilt by its arguments, or not a new object
+            if clone.args != args:
+                raise _Unsafe(error)  # not rebuilt by its arguments
+        if type(clone) is not kind or clone is error:
+            raise _Unsafe(error)  # not a new object of its type (one instance per message)
         clone.args = args
         self.seen[id(error)] = clone
         state = self.value(dict(vars(error)), depth)

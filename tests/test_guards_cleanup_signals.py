@@ -338,3 +338,45 @@ def test_a_signal_while_on_close_runs_reaches_the_task(caplog: pytest.LogCapture
     finally:
         signal.signal(signal.SIGUSR1, previous)
         perrequest.remove_scope_listener(ran.append)
+
+
+def test_a_listener_sharing_code_with_a_signal_handler_is_still_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """_signals.raised_by_a_signal_handler: a handler's frame is one of its code whose
+    arguments hold the frame below it (CPython passes the interrupted frame). Matched by
+    code alone, a listener's own failure through a decorator's wrapper that the installed
+    handler shares was raised out of the scope's end instead of logged (a review)."""
+    import functools
+    import logging
+    import signal
+
+    def logged(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    @logged
+    def on_usr1(signum: int, frame: Any) -> None:
+        raise Signalled("soft time limit")
+
+    @logged
+    def send_metrics(stats: Any) -> None:
+        raise ConnectionError("statsd unreachable")
+
+    previous = signal.signal(signal.SIGUSR1, on_usr1)
+    try:
+        with caplog.at_level(logging.ERROR, logger="perrequest"):
+            with request_scope(on_close=send_metrics):  # its failure: logged, not raised
+                pass
+            assert len(caplog.records) == 1 and "raised" in caplog.records[0].getMessage()
+
+            def report(stats: Any) -> None:  # the decorated handler itself, interrupting
+                signal.raise_signal(signal.SIGUSR1)
+
+            with pytest.raises(Signalled), request_scope(on_close=report):
+                pass
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sys
 from http import HTTPStatus
+from typing import Any
 
+import pytest
 from signals import RaiseAfter, Signalled, interrupted_by
 
 from perrequest._shared_errors import NOTE, Call, Raised, SharedComputationError
@@ -13,6 +15,14 @@ from perrequest._shared_errors import NOTE, Call, Raised, SharedComputationError
 
 class Upstream:
     """An object an error keeps: it makes the error unsafe to copy, so it goes by name."""
+
+
+class Keeps(Exception):
+    """An error keeping an object: not copied, named (as httpx.HTTPStatusError)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.response = Upstream()
 
 
 class Unreadable(Exception):
@@ -109,3 +119,32 @@ def test_a_signal_while_a_waiters_copy_is_made_reaches_that_waiter() -> None:
         raised.error_for(Call())
     waiting = raised.error_for(Call())  # no signal: a copy, as ever
     assert type(waiting) is ValueError and str(waiting) == "db down"
+
+
+def test_a_real_signal_while_an_uncopyable_error_is_copied_reaches_the_caller() -> None:
+    """_shared_errors._safe_copy: for an error that cannot be copied (an object it keeps),
+    copying once more fails too, so a soft time limit's exception raised by its SIGUSR1
+    handler during the first copy was dropped: the caller got its own error (a review).
+    The handler's frame in the traceback tells it now."""
+    import signal
+
+    def soft_time_limit(signum: int, frame: Any) -> None:
+        raise Signalled("soft time limit")
+
+    def tracer(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "value" and armed:
+            armed.clear()
+            signal.raise_signal(signal.SIGUSR1)  # the soft limit lands in the copy
+
+    error = Keeps("502 from upstream")
+    armed = [True]
+    previous = signal.signal(signal.SIGUSR1, soft_time_limit)
+    try:
+        sys.settrace(tracer)
+        with pytest.raises(Signalled):
+            Raised(Call(), error)
+    finally:
+        sys.settrace(None)
+        signal.signal(signal.SIGUSR1, previous)
+    assert not armed, "the signal never came: the test tests nothing"
+    assert type(Raised(Call(), error).error_for(Call())) is SharedComputationError

@@ -5,11 +5,11 @@ that interrupted them (Celery's soft time limit), which is the task's, not their
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import Callable
 from contextvars import ContextVar
 from types import CoroutineType, MethodType
 
+from ._signals import raised_by_a_signal_handler
 from ._stats import ScopeStats, listeners
 
 OnClose = Callable[[ScopeStats], object]
@@ -55,26 +55,6 @@ def notify(stats: ScopeStats, on_close: OnClose | None) -> None:
             raise signalled
         finally:
             signalled = None  # this frame, in its traceback: a reference cycle
-
-
-def raised_by_a_signal_handler(exc: BaseException) -> bool:
-    """Whether a Python signal handler installed now raised ``exc``: CPython runs a handler
-    as if called where the signal interrupted, so its frame is in the traceback."""
-    handlers = set()
-    for number in signal.valid_signals():
-        try:
-            handler = signal.getsignal(number)
-        except (OSError, ValueError):  # a number this platform does not let Python read
-            continue
-        code = getattr(getattr(handler, "__func__", handler), "__code__", None)
-        if code is not None:
-            handlers.add(code)
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code in handlers:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _same(callback: OnClose, running: OnClose) -> bool:

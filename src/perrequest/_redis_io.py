@@ -38,6 +38,7 @@ except ImportError as exc:  # name the extra to install
 
 from ._checks import KWARGS
 from ._redis_scripts import CLAIM, DROP, EXTEND, GEN, LOCK, RENEW, STORE
+from ._signals import raised_by_a_signal_handler
 
 # Connection settings that say where the server is and who connects; the
 # rest (timeouts, retries, decoding, protocol, pool behaviour) is the cache's own.
@@ -290,9 +291,11 @@ class Codec:
         return self.decode(data)
 
 
-def decodes(codec: Codec, raw: bytes, key: str) -> bool:
-    """Whether ``raw`` decodes when asked once more: a failure that does not come again was
-    a signal handler's exception (Celery's soft time limit), not the value's."""
+def signalled(exc: Exception, codec: Codec, raw: bytes, key: str) -> bool:
+    """Whether decoding ``raw`` failed with a signal handler's exception (Celery's soft time
+    limit), not the value's: told so, or it decodes when asked once more."""
+    if raised_by_a_signal_handler(exc):
+        return True
     try:
         codec.loads(raw, key)
     except Exception:
@@ -310,11 +313,13 @@ def _pickle_dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # PicklingError, or the TypeError/AttributeError pickle raises
+        if raised_by_a_signal_handler(exc):
+            raise
         try:
             pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:
             raise TypeError(f"{type(exc).__name__}: {exc}") from None
-        raise  # it pickles when asked once more: a signal handler's (as in ``decodes``)
+        raise  # it pickles when asked once more: a signal handler's (as in ``signalled``)
 
 
 def _mac(secret: bytes, key: str, data: bytes) -> bytes:

@@ -246,7 +246,7 @@ class RedisTier:
         try:
             return self.cache._codec.loads(raw, key)
         except Exception as exc:  # a bad signature, or not JSON (or pickle) at all
-            if io.decodes(self.cache._codec, raw, key):  # once more: a signal handler's
+            if io.signalled(exc, self.cache._codec, raw, key):  # a signal handler's
                 raise
             self._refused(key, exc)
             return MISSING

@@ -21,6 +21,7 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from ._checks import LAZY, refuse_memoized_result
+from ._signals import raised_by_a_signal_handler
 from .errors import PerRequestError
 
 
@@ -114,8 +115,10 @@ def _safe_copy(error: BaseException, copy: _Copy) -> BaseException:
     try:
         return copy.error(error, 0)
     except Exception as failure:  # _Unsafe, or the type's own code failing on its arguments
-        if type(failure) is not _Unsafe and _copies(error, bool(copy.note)):
-            raise  # it copies when asked once more: a signal handler's (a soft time limit)
+        if raised_by_a_signal_handler(failure) or (
+            type(failure) is not _Unsafe and _copies(error, bool(copy.note))
+        ):  # a signal handler's (a soft time limit): told so, or it copies once more
+            raise
         message, notes = _named(error)
         named = SharedComputationError(message)
         named.__notes__ = notes

@@ -215,3 +215,38 @@ async def test_e_an_async_generator():  # pytest-asyncio marks it xfail, not run
     result = pytester.runpytest_subprocess("-p", "no:randomly", "-W", "ignore")
     result.assert_outcomes(passed=4, failed=3, xfailed=1)
     result.stdout.fnmatch_lines([_LEFT_OPEN, _LEFT_OPEN, _LEFT_OPEN])
+
+
+def test_an_async_fixtures_own_scope_is_the_tests(pytester: pytest.Pytester) -> None:
+    """An async fixture that opens a scope for the test (inside memo_scope's, say: the
+    pattern docs/testing.md gives for anyio) is where the test runs: memo_scope's store
+    was made active over it (a review)."""
+    pytester.makepyfile(
+        """
+import pytest, pytest_asyncio, perrequest
+from perrequest import request_scope
+
+@pytest_asyncio.fixture
+async def tenant_scope(memo_scope):
+    with request_scope() as store:
+        yield store
+
+@pytest.mark.asyncio
+async def test_in_the_async_fixtures_scope(tenant_scope):
+    assert perrequest.current_store() is tenant_scope
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+@pytest.fixture
+async def tenant_scope_anyio(memo_scope):
+    with request_scope() as store:
+        yield store
+
+@pytest.mark.anyio
+async def test_anyio_in_the_async_fixtures_scope(tenant_scope_anyio):
+    assert perrequest.current_store() is tenant_scope_anyio
+"""
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)

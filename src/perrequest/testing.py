@@ -124,8 +124,9 @@ def _in_its_context(
 
     @functools.wraps(test)
     async def in_its_context(*args: Any, **kwargs: Any) -> Any:
-        store = funcargs.get("memo_scope")
-        token = _current.set(store) if type(store) is MemoStore and not store._closed else None
+        store = funcargs.get("memo_scope")  # unless an async fixture opened one here
+        usable = type(store) is MemoStore and not store._closed and _left_open(None) is None
+        token = _current.set(store) if usable else None
         before = _current.get()
         try:
             return await test(*args, **kwargs)

@@ -397,3 +397,19 @@ def test_a_decorator_above_app_task_is_refused_naming_the_order(lazy: bool) -> N
             decorate(task)
     below = app.task(request_scope()(job), name="order.below")  # the right order works
     assert below.apply(args=(3,)).get() == 3
+
+
+def test_a_lazy_task_is_refused_without_being_evaluated() -> None:
+    """The refusal must not evaluate a lazy task (its repr would): with an app made with
+    ``autofinalize=False``, as workers often are, Celery's "Contract breach: app not
+    finalized" came out instead of the refusal (a review)."""
+    app = Celery("unfinalized", broker="memory://", autofinalize=False)
+
+    def lazy_job(x: int) -> int:
+        return x
+
+    lazy = app.task(lazy_job, name="unfinalized.lazy_job")  # a PromiseProxy
+    for decorate in (request_memo, request_scope()):
+        with pytest.raises(TypeError, match=r"cannot go above @app.task \(on a Celery task\)"):
+            decorate(lazy)
+    assert not app.finalized

@@ -233,7 +233,7 @@ def finish_later(make: Callable[[], Awaitable[Any]]) -> None:
     ends; again if that task is cancelled (``asyncio.run`` ending cancels every task
     left), three times at most, each within ``op_timeout``. Tasks left on loops closed
     meanwhile are let go: they never end."""
-    for left in [task for task in _finishing if task.get_loop().is_closed()]:
+    for left in [task for task in list(_finishing) if task.get_loop().is_closed()]:  # (threads)
         _finishing.discard(left)
 
     async def run() -> None:

@@ -33,11 +33,12 @@ def refuse_task(fn: object, decorator: str) -> None:
     # By type: a PromiseProxy (app.task before the app is finalized) is not evaluated.
     if (local and isinstance(fn, local.Proxy)) or (task and isinstance(fn, task.Task)):
         fix = "scoped: perrequest.celery.install(app), or base=ScopedTask"
-        raise TypeError(
-            f"{decorator} cannot go above @app.task (on {fn!r}): the name would hold a plain "
-            "function, without .delay(), and the worker would run the task Celery registered "
-            f"without it. Put it below @app.task (@app.task, then {decorator}, then def); "
-            f"for every task {fix}."
+        raise TypeError(  # not naming it: a lazy task's repr would evaluate it
+            f"{decorator} cannot go above @app.task (on a Celery task): the name would hold a "
+            "plain function, without .delay(), and the worker would run the task Celery "
+            f"registered without it. Put it below @app.task (@app.task, then {decorator}, "
+            f"then def); for every task {fix}; for one direct call in a scope of its own, "
+            "with request_scope(): task(...)."
         )
 
 
@@ -46,6 +47,7 @@ def refuse_memo_target(target: object) -> None:
     not called per call; put it above instead), and a process-lifetime cache
     (``functools.lru_cache``, ``functools.cache``), which would keep every value for the
     life of the process, across requests: the leak per-request memoization avoids."""
+    refuse_task(target, "@request_memo")  # first: a check by isinstance evaluates a proxy
     if isinstance(target, property):
         name = getattr(target.fget, "__name__", "x")
         raise TypeError(

@@ -321,6 +321,7 @@ def request_batch(
         )
 
     def decorate(target: Any) -> Any:
+        refuse_task(target, "@request_batch")  # first: a check by isinstance evaluates a proxy
         if isinstance(target, staticmethod):
             target = target.__func__
         if isinstance(target, classmethod) or not callable(target):
@@ -328,7 +329,6 @@ def request_batch(
                 f"@request_batch decorates a function of a list of keys, not {target!r}"
             )
         refuse_generator(target, "@request_batch")
-        refuse_task(target, "@request_batch")
         if _checks.is_method(target):
             raise TypeError(
                 f"@request_batch cannot decorate the method {target.__qualname__}: a loader "

@@ -21,7 +21,7 @@ from ._active import active_store
 from ._checks import check_max_entries, is_async_callable, unknown_option
 from ._shared import Tier, check_shared, make_tier
 from ._stats import Counter, function_name
-from ._targets import refuse_generator, refuse_memo_target, refuse_task
+from ._targets import refuse_generator, refuse_memo_target
 from ._typing import CacheInfo, MemoizedFunction, SharedMemoizedFunction
 from ._wrappers import make_wrapper
 from .errors import NoActiveScope, ScopeClosed
@@ -288,7 +288,6 @@ def request_memo(
         if not callable(target):
             raise TypeError(f"@request_memo decorates a function or method, not {target!r}")
         refuse_generator(target, "@request_memo")
-        refuse_task(target, "@request_memo")
         spec = _MemoSpec(target, key, typed, max_entries, outside_scope, shared, version)
         wrapper = functools.update_wrapper(make_wrapper(spec), target)
         wrapper.cache_info = spec.cache_info  # type: ignore[attr-defined]

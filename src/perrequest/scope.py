@@ -236,6 +236,7 @@ class request_scope(metaclass=_Forgotten):
         self.__exit__(exc_type, exc, tb)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        refuse_task(fn, "@request_scope()")  # first: a check by isinstance evaluates a proxy
         if isinstance(fn, (staticmethod, classmethod)):
             # Above @staticmethod/@classmethod, as below it (and as request_memo): the
             # function is scoped and stays a static or class method.
@@ -243,7 +244,6 @@ class request_scope(metaclass=_Forgotten):
         if not callable(fn):
             raise TypeError(f"@request_scope() decorates a function, not {fn!r}")
         refuse_generator(fn, "@request_scope()")
-        refuse_task(fn, "@request_scope()")
         options = self._max_entries, self._on_close
         return _around(fn, "@request_scope()", lambda: open_scope(*options), close_scope)
 

@@ -413,3 +413,41 @@ def test_a_lazy_task_is_refused_without_being_evaluated() -> None:
         with pytest.raises(TypeError, match=r"cannot go above @app.task \(on a Celery task\)"):
             decorate(lazy)
     assert not app.finalized
+
+
+def test_a_soft_time_limit_in_on_close_still_gives_the_thread_back() -> None:
+    """ScopedTask: a soft time limit's exception raised while the run's on_close pushes its
+    stats goes on to the task (_listeners); the thread must still get back what it had
+    (``_restore``) when the body left a scope of its own open, or everything after the
+    task ran inside that scope (a review)."""
+    import signal
+
+    from perrequest._active import close_scope
+
+    class SoftTimeLimit(Exception):
+        pass
+
+    def soft_time_limit(signum: int, frame: Any) -> None:
+        raise SoftTimeLimit("soft time limit")
+
+    def report(stats: ScopeStats) -> None:
+        signal.raise_signal(signal.SIGUSR1)
+
+    app = Celery("soft", broker="memory://", backend="cache+memory://")
+    left: list[Any] = []
+
+    @app.task(base=ScopedTask, perrequest_on_close=report, name="soft.leaves_a_scope")
+    def leaves_a_scope() -> int:
+        left.append(request_scope().__enter__())  # a body that never exits its scope
+        return 1
+
+    previous = signal.signal(signal.SIGUSR1, soft_time_limit)
+    try:
+        with pytest.raises(SoftTimeLimit):
+            leaves_a_scope()
+        assert not in_request_scope(), "the thread kept the scope the body left open"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        for store in left:
+            close_scope(store)
+        perrequest._active._current.set(None)

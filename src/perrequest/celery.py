@@ -63,8 +63,10 @@ class ScopedTask(Task):  # type: ignore[misc]
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            close_scope(store)
-            _restore(before)
+            try:  # a soft time limit in its on_close goes on (_listeners): restored first
+                close_scope(store)
+            finally:
+                _restore(before)
 
 
 def _check_task_class(cls: type) -> None:
@@ -192,6 +194,8 @@ def _close_job_scope(task_id: str = "", **_: Any) -> None:
     else:
         return
     _open_jobs.set(jobs[:index])
-    for job in reversed(jobs[index:]):
-        close_scope(job.store)
-    _restore(jobs[index].before)
+    try:
+        for job in reversed(jobs[index:]):
+            close_scope(job.store)
+    finally:
+        _restore(jobs[index].before)

@@ -380,3 +380,26 @@ def test_a_listener_sharing_code_with_a_signal_handler_is_still_logged(
                 pass
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_handler_that_uninstalls_itself_is_still_told_for_a_signals() -> None:
+    """_signals: told by the shape of the handler's call (a signal number and the frame it
+    interrupted as its arguments), not by the handlers installed when asked: a one-shot
+    handler that puts SIG_DFL back before raising ("first SIGTERM graceful, the second
+    kills"), or one behind a proxy that forwards ``__code__`` (wrapt), was missed, and its
+    exception logged as on_close's failure (a second review)."""
+    import signal
+
+    def one_shot(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise Signalled("graceful exit")
+
+    def report(stats: Any) -> None:
+        signal.raise_signal(signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, one_shot)
+    try:
+        with pytest.raises(Signalled, match="graceful exit"), request_scope(on_close=report):
+            pass
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -250,3 +250,48 @@ async def test_anyio_in_the_async_fixtures_scope(tenant_scope_anyio):
 """
     )
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_memo_scope_wins_over_a_module_fixtures_scope_opened_before_it(
+    pytester: pytest.Pytester,
+) -> None:
+    """A module-scoped async fixture holding a scope open (anyio runs it in the module's
+    one task): the scope opened latest is the test's, as nested scopes go, so memo_scope's
+    fresh store, opened after it, is where each test runs. A first version kept whatever
+    open scope was there: the tests ran in the module's store, the second one served the
+    first one's entry (a second review)."""
+    pytester.makepyfile(
+        """
+import pytest, perrequest
+from perrequest import request_memo, request_scope
+
+calls = []
+
+@request_memo(outside_scope="raise")
+async def price(sku):
+    calls.append(sku)
+    return len(sku)
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+@pytest.fixture(scope="module")
+async def seeded():
+    with request_scope() as store:
+        await price("seed")
+        yield store
+
+@pytest.mark.anyio
+async def test_a_runs_in_its_fresh_memo_scope(seeded, memo_scope):
+    await price("abc")
+    assert perrequest.current_store() is memo_scope and len(memo_scope) == 1
+
+@pytest.mark.anyio
+async def test_b_does_not_see_test_a_entries(seeded, memo_scope):
+    before = len(calls)
+    await price("abc")
+    assert len(calls) == before + 1
+"""
+    )
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)

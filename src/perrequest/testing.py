@@ -124,9 +124,14 @@ def _in_its_context(
 
     @functools.wraps(test)
     async def in_its_context(*args: Any, **kwargs: Any) -> Any:
-        store = funcargs.get("memo_scope")  # unless an async fixture opened one here
-        usable = type(store) is MemoStore and not store._closed and _left_open(None) is None
-        token = _current.set(store) if usable else None
+        store, here = funcargs.get("memo_scope"), _left_open(None)
+        if type(store) is not MemoStore or store._closed:
+            store = None
+        elif here is not None and not (
+            type(here) is MemoStore and here._opened_at < store._opened_at
+        ):
+            store = None  # the latest opened wins, as nested scopes do: an async fixture's
+        token = _current.set(store) if store is not None else None
         before = _current.get()
         try:
             return await test(*args, **kwargs)

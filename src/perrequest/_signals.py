@@ -20,6 +20,9 @@ def raised_by_a_signal_handler(exc: BaseException) -> bool:
         return False
     numbers = signal.valid_signals()
     tb = exc.__traceback__
+    # Not the first frame: the one handling it, still running (a handler's has returned),
+    # whose locals read now (a copy kept on the frame, on 3.11) would hold ``exc``: a cycle.
+    tb = None if tb is None else tb.tb_next
     while tb is not None:
         if _called_for_a_signal(tb.tb_frame, numbers):
             return True

@@ -5,7 +5,9 @@ called (a key's ``__hash__``), and must not swallow a ``KeyboardInterrupt``."""
 from __future__ import annotations
 
 import contextlib
+import signal as signals
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +16,23 @@ import pytest
 
 class Signalled(Exception):
     """What a signal handler raises (Celery's SoftTimeLimitExceeded is an Exception)."""
+
+
+def _soft_time_limit(signum: int, frame: Any) -> None:
+    raise Signalled("soft time limit")  # as billiard's SIGUSR1 handler does
+
+
+def _raise(signal: type[BaseException]) -> None:
+    """``Signalled`` comes from a real SIGUSR1 handler in the main thread, as Celery's soft
+    time limit does (code that tells a handler's exception by its traceback sees one)."""
+    if signal is not Signalled or threading.current_thread() is not threading.main_thread():
+        raise signal
+    previous = signals.signal(signals.SIGUSR1, _soft_time_limit)
+    try:
+        signals.raise_signal(signals.SIGUSR1)  # its handler runs before this returns
+    finally:
+        signals.signal(signals.SIGUSR1, previous)
+    raise AssertionError("SIGUSR1's handler did not run")
 
 
 class Interrupt(BaseException):
@@ -39,7 +58,7 @@ class RaiseAfter:
         if self.caller and frame.f_back.f_code.co_name != self.caller:
             return
         self.armed = False
-        raise self.signal
+        _raise(self.signal)
 
 
 class RaiseAtCall:
@@ -56,7 +75,7 @@ class RaiseAtCall:
         if frame.f_back.f_code.co_name != self.caller:
             return
         self.armed = False
-        raise self.signal
+        _raise(self.signal)
 
 
 @contextlib.contextmanager

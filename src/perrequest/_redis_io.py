@@ -291,18 +291,6 @@ class Codec:
         return self.decode(data)
 
 
-def signalled(exc: Exception, codec: Codec, raw: bytes, key: str) -> bool:
-    """Whether decoding ``raw`` failed with a signal handler's exception (Celery's soft time
-    limit), not the value's: told so, or it decodes when asked once more."""
-    if raised_by_a_signal_handler(exc):
-        return True
-    try:
-        codec.loads(raw, key)
-    except Exception:
-        return False
-    return True
-
-
 def _json_dumps(value: Any) -> bytes:
     # A lone surrogate (a file name through os.fsdecode) is a str too: json.loads of
     # bytes decodes with "surrogatepass", so encode likewise.
@@ -313,13 +301,9 @@ def _pickle_dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # PicklingError, or the TypeError/AttributeError pickle raises
-        if raised_by_a_signal_handler(exc):
+        if raised_by_a_signal_handler(exc):  # a soft time limit: the task's
             raise
-        try:
-            pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            raise TypeError(f"{type(exc).__name__}: {exc}") from None
-        raise  # it pickles when asked once more: a signal handler's (as in ``signalled``)
+        raise TypeError(f"{type(exc).__name__}: {exc}") from None
 
 
 def _mac(secret: bytes, key: str, data: bytes) -> bytes:

@@ -20,9 +20,9 @@ from . import _redis_io as io
 from . import _redis_lock as lock
 from ._checks import LAZY, refuse_memoized_result
 from ._flight import MISSING
-from ._redis_io import BadValue, Conn, digest, key_problem
 from ._redis_lock import Late
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
+from ._signals import raised_by_a_signal_handler
 from ._stats import Counter
 from ._waits import Waited
 from .errors import UnhashableArguments
@@ -102,7 +102,7 @@ class RedisTier:
     def _get(self, key: str, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         """Read Redis; what is not there is computed once in this process (its single-flight)."""
         cache, raw = self.cache, None
-        conn: Conn | None = None if cache._down_until and cache._down() else cache._sync
+        conn: io.Conn | None = None if cache._down_until and cache._down() else cache._sync
         if conn is not None:
             try:
                 raw = conn.client.get(key)
@@ -179,7 +179,7 @@ class RedisTier:
                 payload = None
         return self.cache._codec.loads(payload, key)
 
-    def _loop_conn(self) -> Conn | None:
+    def _loop_conn(self) -> io.Conn | None:
         """This event loop's connections (a pool per loop, as its connections belong to
         it); None under trio (counted, logged: fail open)."""
         try:
@@ -202,7 +202,7 @@ class RedisTier:
         if conn is None:  # its connections hold the loop: the closed ones' go now
             for closed in [old for old in list(loops) if old.is_closed()]:
                 loops.pop(closed, None)
-            conn = loops[loop] = Conn(self.cache._client, self.cache.op_timeout, False)
+            conn = loops[loop] = io.Conn(self.cache._client, self.cache.op_timeout, False)
         return conn
 
     # -- keys, values, and what went wrong ---------------------------------------------------
@@ -210,7 +210,7 @@ class RedisTier:
     def redis_key(self, call_key: object, args: Args, kwargs: Kwargs) -> str:
         """``namespace:module.qualname:version:sha256``, or ``UnhashableArguments``."""
         try:
-            return self.prefix + digest(call_key)
+            return self.prefix + io.digest(call_key)
         except (TypeError, ValueError, RecursionError) as exc:
             raise self._unencodable(args, kwargs, exc) from None
 
@@ -231,7 +231,7 @@ class RedisTier:
         except (TypeError, ValueError):
             bound = {}.items()
         for name, value in bound:
-            problem = key_problem(value)
+            problem = io.key_problem(value)
             if problem is not None:
                 return UnhashableArguments(
                     f"@request_memo {self.name}: argument {name!r} ({problem}) cannot be part "
@@ -246,14 +246,14 @@ class RedisTier:
         try:
             return self.cache._codec.loads(raw, key)
         except Exception as exc:  # a bad signature, or not JSON (or pickle) at all
-            if io.signalled(exc, self.cache._codec, raw, key):  # a signal handler's
+            if raised_by_a_signal_handler(exc):  # a soft time limit: the task's
                 raise
             self._refused(key, exc)
             return MISSING
 
     def _refused(self, key: str, exc: Exception) -> None:
         self.count("bad_values")
-        said = isinstance(exc, BadValue) or io.wrong_type(exc)
+        said = isinstance(exc, io.BadValue) or io.wrong_type(exc)
         self.cache._warn(
             "bad_value",
             "perrequest: the value in Redis at %s was refused (%s); treated as a miss "
@@ -292,7 +292,7 @@ class RedisTier:
         return payload
 
     def _storable(
-        self, conn: Conn | None, payload: bytes, key: str, me: object, deletes: int
+        self, conn: io.Conn | None, payload: bytes, key: str, me: object, deletes: int
     ) -> bytes:
         """``payload`` if it is to be stored; b"" if over ``max_value_bytes`` (counted,
         logged), or if a cache_delete or cache_clear here (``_flight.invalidate``) took

@@ -27,6 +27,7 @@ from . import _flight
 from ._flight import MISSING
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._shared_errors import SharedComputationError as SharedComputationError
+from ._signals import raised_by_a_signal_handler
 from ._typing import SharedCacheInfo
 
 _C = TypeVar("_C")
@@ -194,14 +195,10 @@ class _Guarded:
             return self.cache[key]  # not .get(): cachetools' get looks the key up twice
         except KeyError:
             return MISSING
-        except Exception as first:  # a colliding key's __eq__ raising: a miss (waiters in
-            try:  # other requests must never get this error: it holds this frame)
-                self.cache[key]
-            except KeyError:
-                pass
-            except Exception:
-                return MISSING
-            raise first  # it looks up now: the first was a signal handler's
+        except Exception as exc:  # a colliding key's __eq__ raising: a miss (waiters in
+            if raised_by_a_signal_handler(exc):  # other requests must never get this error:
+                raise  # it holds this frame); a soft time limit is the task's
+            return MISSING
 
     def _fill(self, key: Hashable, value: Any, counter: SharedTier, extra: object) -> None:
         if type(value) is Raised:  # exceptions are not cached
@@ -210,13 +207,9 @@ class _Guarded:
             self.cache[key] = value
         except ValueError:  # cachetools refuses a value larger than the whole cache
             pass
-        except Exception as first:  # its waiters are in other requests: never hand them this
-            try:  # error; a signal handler's comes once: stored now, the first was one
-                self.cache[key] = value
-            except Exception:
-                pass
-            else:
-                raise first
+        except Exception as exc:  # its waiters are in other requests: never hand them this
+            if raised_by_a_signal_handler(exc):  # error; a soft time limit is the task's
+                raise
             if not counter.refused:  # the cache's own fault (a getsizeof that raises): say so
                 counter.refused = True
                 logger.exception(

@@ -115,9 +115,7 @@ def _safe_copy(error: BaseException, copy: _Copy) -> BaseException:
     try:
         return copy.error(error, 0)
     except Exception as failure:  # _Unsafe, or the type's own code failing on its arguments
-        if raised_by_a_signal_handler(failure) or (
-            type(failure) is not _Unsafe and _copies(error, bool(copy.note))
-        ):  # a signal handler's (a soft time limit): told so, or it copies once more
+        if raised_by_a_signal_handler(failure):  # a soft time limit: the task's, not error's
             raise
         message, notes = _named(error)
         named = SharedComputationError(message)
@@ -128,14 +126,6 @@ def _safe_copy(error: BaseException, copy: _Copy) -> BaseException:
             else f"{type(error).__module__}.{type(error).__qualname__}"
         )
         return named
-
-
-def _copies(error: BaseException, note: bool) -> bool:
-    try:
-        _Copy(note).error(error, 0)
-    except Exception:
-        return False
-    return True
 
 
 def computed(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from keys import Odd, Seven
+from signals import RaiseAtCall, Signalled, interrupted_by
 
 import perrequest
 from perrequest import MemoStore, request_memo, request_scope
@@ -199,6 +200,41 @@ def test_a_signal_right_after_an_eviction_pops_its_entry_reaches_the_caller() ->
         assert sorted(store) == [1, 2, 3]
         perrequest.set(4, 4)
         assert sorted(store) == [2, 3, 4]
+
+
+class _Model:
+    """A key with a ``__hash__`` and ``__eq__`` of its own, in Python (a model instance)."""
+
+    def __init__(self, pk: int) -> None:
+        self.pk = pk
+
+    def __hash__(self) -> int:
+        return hash(self.pk)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Model):
+            return NotImplemented  # as Django's (docs/semantics.md: else the others go too)
+        return other.pk == self.pk
+
+
+def test_a_signal_in_an_evicted_keys_own_hash_reaches_the_caller() -> None:
+    """_entries._take: a signal handler's exception (Celery's soft time limit, a real
+    SIGUSR1 handler here) raised inside the evicted key's own ``__hash__`` was taken for
+    the key's error (a hash that raises now): the entry was taken by identity and the
+    signal dropped, so the task never saw its limit. It is told by its traceback now: the
+    entry is still taken, and the signal goes on."""
+    at = RaiseAtCall(Signalled, "__hash__", "_take")
+    with request_scope(max_entries=3) as store:
+        for pk in range(3):
+            perrequest.set(_Model(pk), pk)
+        at.armed = True
+        sys.setprofile(at)
+        with interrupted_by(Signalled, at):
+            perrequest.set(3, 3)  # evicts _Model(0)
+        assert sorted(store.values()) == [1, 2, 3]
+        perrequest.set(4, 4)
+        assert sorted(store.values()) == [2, 3, 4]
+        assert perrequest.get(_Model(2)) == 2
 
 
 def test_a_signal_between_an_evictions_two_pops_leaves_the_store_usable() -> None:

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from ._checks import check_max_entries, unknown_option
 from ._flight import MISSING
+from ._signals import raised_by_a_signal_handler
 from ._stats import Counter, ScopeStats, observed, stats_of
 from ._waits import Probe, drop_dead
 from .errors import ScopeClosed
@@ -216,21 +217,28 @@ class Entries:
         sub = None if subs is None else subs.get(owner)
         if sub is None:
             return None
-        mark = self._next_id = self._next_id + 1
+        mark, signal = self._next_id + 1, None
+        self._next_id = mark
         try:
             entry = sub.pop(key, None)  # the key's __eq__: user code, which may write here
-        except Exception:
+        except Exception as exc:
             if not entry_id or all(e[2] != entry_id for e in dict.values(sub)):
                 # A delete by the caller's key: its error, as a dict's. Or the entry is gone:
                 # the pop ended, and a signal handler raised (Celery's soft time limit).
                 raise
-            entry = None  # an eviction: the key's hash raises now; taken by identity
+            entry = None  # an eviction: the key's hash raises now; taken by identity, as
+            signal = exc if raised_by_a_signal_handler(exc) else None  # is one a signal's
         if entry_id and (entry is None or entry[2] != entry_id):
             entry, sub = self._refile(owner, sub, key, entry, entry_id)
         if not sub and owner is not HELPERS and subs.get(owner) is sub:  # type: ignore[union-attr]
             del subs[owner]  # type: ignore[union-attr]
         if self._next_id != mark:
             self._resync()
+        if signal is not None:  # in the key's __eq__ or __hash__: the entry is gone, the
+            try:  # signal goes on to the task
+                raise signal
+            finally:  # this frame, in its traceback: a reference cycle
+                signal = None
         return entry
 
     def _refile(
@@ -309,16 +317,9 @@ class Entries:
 
     def _counts(self) -> tuple[Any, ...]:
         """The numbers the stats are made of (cheaper to copy than the stats)."""
-        helpers, counters = self._helpers, self._counters.items()
-        return (
-            helpers.hits,
-            helpers.misses,
-            len(self._order),
-            self._peak,
-            self._evictions,
-            # list() first: another thread may add a function meanwhile
-            [(n, c.hits, c.misses, c.evictions, c.compute_s) for n, c in list(counters)],
-        )
+        helpers, counters = self._helpers, list(self._counters.items())  # a new one may come
+        named = [(n, c.hits, c.misses, c.evictions, c.compute_s) for n, c in counters]
+        return helpers.hits, helpers.misses, len(self._order), self._peak, self._evictions, named
 
     def _shut(self, want_stats: bool) -> ScopeStats | None:
         """Close and empty the store; the final stats if ``want_stats`` (otherwise their

@@ -148,3 +148,34 @@ def test_a_real_signal_while_an_uncopyable_error_is_copied_reaches_the_caller() 
         signal.signal(signal.SIGUSR1, previous)
     assert not armed, "the signal never came: the test tests nothing"
     assert type(Raised(Call(), error).error_for(Call())) is SharedComputationError
+
+
+def test_an_import_error_reaches_a_waiter_with_its_name_and_path() -> None:
+    """_Copy.error: ``ImportError`` keeps ``name`` and ``path`` beside its arguments, in its
+    ``__reduce__`` state; the copy dropped them (a waiter's ``exc.name`` was None). They
+    are set as pickle sets them."""
+    error = ModuleNotFoundError("No module named 'plugins.pay'", name="plugins.pay", path="/p")
+    waiting = Raised(Call(), error).error_for(Call())
+    assert type(waiting) is ModuleNotFoundError and waiting is not error
+    assert (waiting.name, waiting.path) == ("plugins.pay", "/p")
+    assert waiting.__notes__ == [NOTE]
+
+
+def test_an_error_carrying_a_module_level_class_reaches_a_waiter_as_a_copy() -> None:
+    """_Copy.value: ``decimal.DivisionByZero``'s arguments hold classes (the signals that
+    fired); a class defined at module level refers to no request's frame, so the copy keeps
+    it (a SharedComputationError before). One defined in a call may: not copied."""
+    import decimal
+
+    try:
+        decimal.Decimal(1) / decimal.Decimal(0)
+    except decimal.DivisionByZero as exc:
+        error = exc
+    waiting = Raised(Call(), error).error_for(Call())
+    assert type(waiting) is decimal.DivisionByZero and waiting.args == error.args
+
+    class Local:
+        pass
+
+    named = Raised(Call(), ValueError(Local)).error_for(Call())
+    assert type(named) is SharedComputationError

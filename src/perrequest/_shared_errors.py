@@ -230,6 +230,8 @@ class _Copy:
             clone = kind(*self.value(rebuild[1], depth))
             if clone.args != args:
                 raise _Unsafe(error)  # not rebuilt by its arguments
+            if len(rebuild) > 2 and type(rebuild[2]) is dict:  # ImportError's name and path
+                clone.__setstate__(self.value(rebuild[2], depth))  # as pickle sets them
         if type(clone) is not kind or clone is error:
             raise _Unsafe(error)  # not a new object of its type (one instance per message)
         clone.args = args
@@ -255,6 +257,8 @@ class _Copy:
             return value
         if isinstance(value, BaseException):
             return self.error(value, depth + 1)
+        if isinstance(value, type) and "<locals>" not in value.__qualname__:  # a global class
+            return value  # (decimal.DivisionByZero's args): refers to no request's frame
         if kind is TracebackType or kind is FrameType:
             return None
         if kind is tuple or kind is list or kind is set or kind is frozenset:

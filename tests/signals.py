@@ -63,16 +63,17 @@ class RaiseAfter:
 
 class RaiseAtCall:
     """``RaiseAfter`` for a Python function's start (its ``RESUME``, where CPython runs
-    handlers too): raises ``signal`` as ``function``, called from ``caller``, begins."""
+    handlers too): raises ``signal`` as ``function``, called from ``caller`` (if given),
+    begins."""
 
-    def __init__(self, signal: type[BaseException], function: str, caller: str) -> None:
+    def __init__(self, signal: type[BaseException], function: str, caller: str = "") -> None:
         self.signal, self.function, self.caller = signal, function, caller
         self.armed = False
 
     def __call__(self, frame: Any, event: str, arg: Any) -> None:
         if not self.armed or event != "call" or frame.f_code.co_name != self.function:
             return
-        if frame.f_back.f_code.co_name != self.caller:
+        if self.caller and frame.f_back.f_code.co_name != self.caller:
             return
         self.armed = False
         _raise(self.signal)

@@ -70,7 +70,7 @@ class _Waiter(threading.Thread):
 
 
 def _thread_waits_for_a_failure(signal: type[BaseException], call_in: str) -> None:
-    at = RaiseAfter(signal, "len", "failed")  # failed's first C call: before its pop
+    at = RaiseAtCall(signal, "failed")  # as failed begins: before its pop
     main = threading.current_thread()
     waiter: list[_Waiter] = []
 
@@ -125,7 +125,7 @@ def test_a_signal_as_a_failed_async_memo_cleans_up_strands_no_waiting_task(
     """The generated async miss, and ``_flight.run_async`` (a function's first miss in a
     store): the computing task lives on, so its waiters waited for it (they look again
     when it ends)."""
-    at = RaiseAfter(signal, "len", "failed")
+    at = RaiseAtCall(signal, "failed")
     tasks: list[asyncio.Task[Any]] = []
 
     @request_memo

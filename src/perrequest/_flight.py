@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 from ._checks import LAZY, refuse_memoized_result
+from ._signals import raised_by_a_signal_handler
 from ._stats import CountsLike as Counter
 from ._waits import (
     RESTART,
@@ -73,12 +74,11 @@ def failed(
     if start:
         counter.compute_s += _now() - start
     with cache._lock:  # in this frame: at the recursion limit no other is free (thread_me)
-        size = len(cache._flights)  # the pop ended if the dict shrank (removals take the lock)
         try:
             record = cache._flights.pop(key, None)
-        except Exception:  # the key's __hash__/__eq__ raised now: by identity
-            if len(cache._flights) < size:
-                raise  # popped: a signal handler's, raised as pop returned
+        except Exception as error:  # the key's __hash__/__eq__ raised now: by identity
+            if raised_by_a_signal_handler(error):  # a soft time limit: the task's (``run``
+                raise  # ends the computation once more)
             record = None
         record = _own(cache, key, me, record)  # None: invalidated
     if type(record) is Waited:

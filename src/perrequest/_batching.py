@@ -13,6 +13,7 @@ from ._active import here, logger
 from ._batch_outcomes import Unhashed, missing_keys, pick, put_all, same, settled
 from ._checks import is_async_callable, refuse_coroutine, unhashable_because
 from ._flight import MISSING
+from ._signals import raised_by_a_signal_handler
 from ._stats import Counter, function_name
 from ._waits import RESTART, done_waiting, gone, may_wait, result, take_out
 from ._waits import within as _within
@@ -313,11 +314,10 @@ class _BatchSpec:
             try:
                 self.keep(store, counter, out)
                 for ck in me.keys:
-                    size = len(store._flights)
                     try:
                         left -= store._flights.pop((self, ck), None) is me
-                    except Exception:  # its hash raises now: taken out below
-                        if len(store._flights) < size:  # the pop ended: a signal handler's
+                    except Exception as exc:  # its hash raises now: taken out below
+                        if raised_by_a_signal_handler(exc):  # a soft time limit: the task's
                             raise
             finally:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.

@@ -11,6 +11,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from ._flight import MISSING
+from ._signals import raised_by_a_signal_handler
 
 
 class Unhashed:
@@ -38,15 +39,14 @@ def same(key: Any, cache_key: Any) -> bool:
 def put_all(out: dict[Hashable, Any], cks: list[Hashable], values: list[Any]) -> None:
     try:
         out.update(zip(cks, values, strict=True))
-    except Exception:  # a key's hash raised (TypeError, or whatever its model raises): by identity
-        size = len(out)
-        for ck, value in zip(cks, values, strict=True):
+    except Exception as exc:  # a key's hash raised (TypeError, or what its model raises)
+        if raised_by_a_signal_handler(exc):  # a soft time limit: the task's
+            raise
+        for ck, value in zip(cks, values, strict=True):  # by identity
             try:
                 out[ck] = value
             except Exception:
                 out[Unhashed(ck)] = value
-        if len(out) == size:  # every key was in: update had ended, a signal handler raised
-            raise
 
 
 def pick(out: dict[Hashable, Any], ck: Hashable) -> Any:

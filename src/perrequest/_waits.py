@@ -15,6 +15,8 @@ from concurrent.futures import Future
 from contextvars import ContextVar
 from typing import Any
 
+from ._signals import raised_by_a_signal_handler
+
 
 def thread_me() -> int:
     """A thread's ``me`` in single-flight, got through a frame of its own: a miss registers
@@ -184,9 +186,9 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
         try:
             if flights.setdefault(filed, record) is record:
                 continue
-        except Exception:  # the key's __hash__ or __eq__: it cannot be filed any more
-            if any(other is record for other in flights.values()):
-                raise  # it was filed: a signal handler's, raised as setdefault returned
+        except Exception as exc:  # the key's __hash__ or __eq__: it cannot be filed any more
+            if raised_by_a_signal_handler(exc):  # a soft time limit: the task's
+                raise
         restart(record)
     return taken
 

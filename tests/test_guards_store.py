@@ -8,11 +8,10 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any
 
 import pytest
 from keys import Odd, Seven
-from signals import RaiseAtCall, Signalled, interrupted_by
+from signals import RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
 import perrequest
 from perrequest import MemoStore, request_memo, request_scope
@@ -164,37 +163,24 @@ def test_another_thread_never_sees_a_full_store_over_its_bound(write: str) -> No
     assert max(seen) == 50, seen
 
 
-class _Signalled(Exception):
-    """What a signal handler raises (Celery's SoftTimeLimitExceeded is an Exception)."""
-
-
 def _set_interrupted(store: MemoStore, function: str, method: str) -> None:
     """Fill ``store`` (3 entries at most) with keys 0 to 2, then set key 3 (evicting 0) with
-    ``_Signalled`` raised once, right after ``function`` called the C method ``method``:
-    where a signal handler runs, once that call has returned (a profile function)."""
+    ``Signalled`` raised once by a real SIGUSR1 handler, right after ``function`` called the
+    C method ``method``: where a signal handler runs, once that call has returned."""
     for i in range(3):
         perrequest.set(i, i)
-    armed = [True]
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        called = event == "c_return" and getattr(arg, "__name__", "") == method
-        if armed[0] and called and frame.f_code.co_name == function:
-            armed[0] = False
-            raise _Signalled
-
-    sys.setprofile(profile)
-    try:
-        with pytest.raises(_Signalled):
-            perrequest.set(3, 3)
-    finally:
-        sys.setprofile(None)
+    at = RaiseAfter(Signalled, method, function)
+    at.armed = True
+    sys.setprofile(at)
+    with interrupted_by(Signalled, at):
+        perrequest.set(3, 3)
 
 
 def test_a_signal_right_after_an_eviction_pops_its_entry_reaches_the_caller() -> None:
     """_entries._take: an eviction's pop is in a ``try`` for keys whose hash raises now; an
     exception a signal handler raised as that pop returned (Celery's soft time limit) was
     caught there and dropped: the task never saw its limit (an audit, on Celery prefork
-    workers). The key is gone, so the pop ended: the exception goes on."""
+    workers). It is told by its traceback: the exception goes on."""
     with request_scope(max_entries=3) as store:
         _set_interrupted(store, "_take", "pop")
         assert sorted(store) == [1, 2, 3]

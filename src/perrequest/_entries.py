@@ -222,12 +222,10 @@ class Entries:
         try:
             entry = sub.pop(key, None)  # the key's __eq__: user code, which may write here
         except Exception as exc:
-            if not entry_id or all(e[2] != entry_id for e in dict.values(sub)):
-                # A delete by the caller's key: its error, as a dict's. Or the entry is gone:
-                # the pop ended, and a signal handler raised (Celery's soft time limit).
+            if not entry_id:  # a delete by the caller's key: its error, as a dict's
                 raise
-            entry = None  # an eviction: the key's hash raises now; taken by identity, as
-            signal = exc if raised_by_a_signal_handler(exc) else None  # is one a signal's
+            entry = None  # an eviction: the key's hash raises now; taken by identity (the
+            signal = exc if raised_by_a_signal_handler(exc) else None  # pop may have ended)
         if entry_id and (entry is None or entry[2] != entry_id):
             entry, sub = self._refile(owner, sub, key, entry, entry_id)
         if not sub and owner is not HELPERS and subs.get(owner) is sub:  # type: ignore[union-attr]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from keys import Model
-from signals import Interrupt, RaiseAfter, Signalled
+from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
 import perrequest
 from perrequest import _flight, bind_scope, request_memo, request_scope
@@ -129,6 +129,30 @@ def test_a_signal_as_a_failed_computation_unregisters_reaches_the_caller(
         assert not store._flights
         with pytest.raises(ValueError, match="the computation fails"):
             f(1)
+
+
+def test_a_signal_in_a_failed_computations_key_as_it_unregisters_reaches_the_caller() -> None:
+    """_flight.failed: an ``Exception`` a signal handler raised inside the key's own
+    ``__hash__`` as the failed computation unregisters (told by its traceback) goes on,
+    not taken for a key whose hash raises now (the computation's own error in its place);
+    the computation is unregistered all the same (``run`` ends it once more)."""
+    at = RaiseAtCall(Signalled, "__hash__", "failed")
+
+    @request_memo
+    def f(m: Model) -> int:
+        if m.pk:
+            sys.setprofile(at)
+            raise ValueError("the computation fails")
+        return 0
+
+    with request_scope() as store:
+        f(Model(0))  # past the function's first miss, which takes the slow path
+        at.armed = True
+        with interrupted_by(Signalled, at):
+            f(Model(1))
+        assert not store._flights
+        with pytest.raises(ValueError, match="the computation fails"):
+            f(Model(1))
 
 
 def test_an_interrupt_as_the_registering_call_returns_leaves_no_record() -> None:

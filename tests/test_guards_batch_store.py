@@ -9,7 +9,8 @@ import logging
 import sys
 
 import pytest
-from signals import RaiseAfter, Signalled
+from keys import Model
+from signals import RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
 from perrequest import request_batch, request_scope
 
@@ -59,3 +60,23 @@ def test_a_signal_as_a_sync_batch_unregisters_a_key_reaches_the_caller() -> None
         assert not at.armed, "the signal never came: the test tests nothing"
         assert not store._flights  # its other key unregistered all the same
         assert rows.load_many([2, 3]) == [20, 30]
+
+
+def test_a_signal_in_a_keys_own_hash_as_a_sync_batch_unregisters_it_reaches_the_caller() -> None:
+    """_batching._end: an ``Exception`` a signal handler raised inside the key's own
+    ``__hash__`` as the fetched key is unregistered (told by its traceback) goes on, not
+    taken for a key whose hash raises now; the fetch is unregistered all the same."""
+    at = RaiseAtCall(Signalled, "__hash__", "_end")
+
+    @request_batch
+    def rows(keys: list[Model]) -> list[int]:
+        return [k.pk * 10 for k in keys]  # type: ignore[operator]
+
+    with request_scope() as store:
+        assert rows.load_many([Model(1)]) == [10]
+        at.armed = True
+        sys.setprofile(at)
+        with interrupted_by(Signalled, at):
+            rows.load_many([Model(2)])
+        assert not store._flights
+        assert rows.load_many([Model(2), Model(3)]) == [20, 30]

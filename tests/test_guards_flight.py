@@ -62,15 +62,24 @@ def test_a_key_moved_while_another_in_flight_is_unhashable_raises_nothing() -> N
         assert f(a) == 1
 
 
-@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+@pytest.mark.parametrize(
+    ("signal", "where"),
+    [(Interrupt, "as-setdefault-returns"), (Signalled, "as-setdefault-returns"),
+     (Signalled, "in-the-keys-own-hash")],
+)  # fmt: skip
 def test_a_signal_as_a_moved_keys_neighbour_is_filed_again_reaches_the_caller(
-    signal: type[BaseException],
+    signal: type[BaseException], where: str
 ) -> None:
     """_waits.take_out: finishing a computation whose key's hash moved files the other
     records in flight again, in a ``try`` for keys whose hash raises now. What a signal
     handler raised there as ``setdefault`` returned (Ctrl-C; Celery's soft time limit) was
-    taken for such a key and dropped: the call returned as if nothing had happened."""
-    at = RaiseAfter(signal, "setdefault", "take_out")
+    taken for such a key and dropped: the call returned as if nothing had happened; so
+    was one inside the key's own ``__hash__`` (told by its traceback now)."""
+    at: Any = (
+        RaiseAfter(signal, "setdefault", "take_out")
+        if where == "as-setdefault-returns"
+        else RaiseAtCall(signal, "__hash__", "take_out")
+    )
 
     @request_memo
     def g(m: Model) -> int:

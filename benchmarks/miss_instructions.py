@@ -35,9 +35,12 @@ VARIANTS = ("plain", "minimal", "ours")
 
 def child(case: str, variant: str, n: int) -> None:
     """Make ``n`` misses of one case and variant (after a warm-up), for callgrind to count."""
+    sys.path.insert(0, str(HERE.parent / "src"))  # this checkout's, whatever is installed
     import hit_cost as hc
 
     import perrequest
+
+    assert Path(perrequest.__file__).is_relative_to(HERE.parent), perrequest.__file__
 
     hit = case in HITS
     fn: Callable[..., Any] = {

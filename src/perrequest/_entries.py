@@ -120,7 +120,7 @@ class Entries:
         """Store an entry and enforce the bounds; lock held; nothing once closed. The key's
         ``__hash__``/``__eq__`` may write here too (the lock is reentrant): every write
         moves ``_next_id``, and if others moved it the order is rebuilt (``_resync``).
-        The generated memo miss (``_wrappers._COMPUTE``) writes out the common case."""
+        The generated memo miss (``_templates._COMPUTE``) writes out the common case."""
         subs = self._subs
         if subs is None:
             return

@@ -6,12 +6,13 @@ one-argument call is keyed by the argument itself: a hit about 30% cheaper than 
 ``f(1, 2)`` are one entry. Other functions (``*args``, ``key=``, ``typed=``, callable objects) get
 a ``*args, **kwargs`` wrapper keyed by call shape. The common miss is generated too
 (``_flight.run`` written out: one coroutine per async miss, not two; and the common
-case of ``Entries._fill``, a call less: a miss about 7% cheaper).
-``tests/test_properties.py`` checks that both kinds behave alike.
+case of ``Entries._fill``, a call less: a miss about 7% cheaper). The source is
+``_templates``'s. ``tests/test_properties.py`` checks that both kinds behave alike.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import keyword
@@ -20,142 +21,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import _flight
+from . import _flight, _templates
 from ._active import _current, is_resolved
 from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
 from ._waits import interrupted, task_me, thread_me
-
-# Indented one level, as the miss templates below are; dedented before compiling.
-_TEMPLATE = """\
-    {kind}def {name}({signature}):
-        {key}
-        __pr_store = __pr_get()
-        if __pr_store is not None:
-            try:
-                __pr_sub = __pr_store._subs[__pr_spec]
-                __pr_entry = __pr_sub[__pr_key]
-                __pr_store._order.move_to_end(__pr_entry[2])
-{touch}            except __pr_KeyError:  # a miss, or this function's first
-                __pr_odd = False
-            except (__pr_TypeError, __pr_AttributeError):  # no store yet; closed;
-                __pr_odd = True  # unhashable; or the key's __eq__ raised: _slow tells which
-            else:
-                __pr_entry[1].hits += 1
-                return __pr_entry[0]
-            # Outside the except blocks, so that no error raised from here on
-            # carries the miss's KeyError as its context.
-{miss}        return {await_}__pr_outside({args}, {kwargs}, __pr_key)
-"""
-
-# The wrapper's twin for cache_delete: the same signature, returning ``(key, anchor)``.
-# Compiled apart, in a namespace without the spec: the spec holds it.
-_KEYOF = """\
-def __pr_keyof({signature}):
-    {key}
-    return __pr_key, {anchor}
-"""
-
-# A miss through the shared tier (``spec.runner()``), all ``_slow``'s.
-_RUN = """\
-            return {await_}__pr_slow(
-                __pr_spec, __pr_store, (__pr_spec, __pr_key), {args}, {kwargs}, {anchor},
-                __pr_odd,
-            )
-"""
-
-# A request-store miss: ``_flight.run`` written out, computed in the wrapper's own
-# frame when nobody else computes the key (for an async function, one coroutine
-# instead of two).
-_COMPUTE = """\
-            __pr_where = (__pr_spec, __pr_key)
-{me}            try:  # register as computing the key, unless somebody else is
-                __pr_counter = __pr_store._counters[__pr_name]
-                __pr_mine = (
-                    not __pr_odd
-                    and __pr_me is not None
-                    and __pr_store._flights.setdefault(__pr_where, __pr_me) is __pr_me
-                )
-            except (__pr_AttributeError, __pr_KeyError, __pr_TypeError):
-                __pr_mine = False  # first miss; closed; unhashable
-            except __pr_BaseException as __pr_exc:  # an interrupt as setdefault returns
-                __pr_interrupted(__pr_store, __pr_where, __pr_me, __pr_exc)
-                __pr_me = None
-                raise
-            if not __pr_mine:  # what remains is ``_slow``'s
-                __pr_me = None
-                return {await_}__pr_slow(
-                    __pr_spec, __pr_store, __pr_where, {args}, {kwargs}, {anchor}, __pr_odd,
-                )
-            __pr_start = 0.0  # registered: every way out resolves it (see _flight.run)
-            try:
-                __pr_counter.misses += 1
-                if __pr_counter.timed:
-                    __pr_start = __pr_now()
-                __pr_value = {await_}__pr_fn({arguments})
-{refuse}                if __pr_start:
-                    __pr_counter.compute_s += __pr_now() - __pr_start
-                    __pr_start = 0.0
-            except __pr_BaseException as __pr_exc:
-                try:
-                    __pr_failed(
-                        __pr_store, __pr_where, __pr_me, __pr_counter, __pr_start, __pr_exc
-                    )
-                except __pr_BaseException:  # a signal as it began: once more (_flight.run)
-                    __pr_failed(__pr_store, __pr_where, __pr_me, __pr_counter, 0.0, __pr_exc)
-                    __pr_me = None
-                    raise
-                __pr_me = None
-                raise
-            __pr_lock = __pr_store._lock  # _flight.finish, written out
-            __pr_record = __pr_unknown
-            try:
-                __pr_lock.acquire()
-                __pr_record = __pr_store._flights.pop(__pr_where, None)
-                if __pr_record is __pr_me:  # nobody waited: the common miss
-                    # Entries._fill written out for a new key in a plain dict with room.
-                    __pr_sub = __pr_store._subs
-                    __pr_sub = None if __pr_sub is None else __pr_sub.get(__pr_spec)
-                    __pr_room = __pr_len(__pr_store._order) < __pr_store._bound
-                    if __pr_room and __pr_type(__pr_sub) is __pr_dict:
-                        __pr_eid = __pr_store._next_id = __pr_store._next_id + 1
-                        __pr_entry = (__pr_value, __pr_counter, __pr_eid, {anchor})
-                        __pr_kept = __pr_sub.setdefault(__pr_key, __pr_entry)
-                        if __pr_kept is __pr_entry:
-                            if __pr_store._next_id == __pr_eid:
-                                __pr_store._order[__pr_eid] = __pr_where
-                            else:  # the key's own code wrote here meanwhile
-                                __pr_store._resync(__pr_spec, __pr_sub)
-                            return __pr_value
-                        return __pr_kept[0]  # stored since it looked: one value per key
-                    __pr_store._fill(__pr_where, __pr_value, __pr_counter, {anchor})
-                    return __pr_value
-                return __pr_end(
-                    __pr_store, __pr_where, __pr_me, __pr_record, __pr_value, __pr_counter, {anchor}
-                )
-            except __pr_BaseException as __pr_exc:
-                __pr_abandon(
-                    __pr_store, __pr_where, __pr_me, __pr_record, __pr_value, __pr_exc
-                )
-                raise
-            finally:
-                try:
-                    __pr_lock.release()
-                except __pr_RuntimeError:  # acquire() was interrupted: not held
-                    pass
-"""
-
-_THREAD = """\
-            __pr_me = __pr_thread()
-"""
-
-_TASK = """\
-            __pr_me = __pr_task()  # None under trio: computed unshared, by _slow
-"""
-
-_REFUSE = """\
-                if __pr_type(__pr_value) in __pr_lazy:  # a coroutine or generator
-                    __pr_refuse(__pr_fn, __pr_value)
-"""
 
 
 def _slow(
@@ -196,7 +65,7 @@ _FIXED = {
     "__pr_TypeError": TypeError, "__pr_AttributeError": AttributeError,
     "__pr_BaseException": BaseException, "__pr_RuntimeError": RuntimeError,
     "__pr_call_key": call_key, "__pr_KWARGS": KWARGS, "__pr_tuple": tuple, "__pr_dict": dict,
-    "__pr_len": len,
+    "__pr_len": len, "__pr_asyncio": asyncio,
 }  # fmt: skip
 
 
@@ -230,16 +99,8 @@ def generate(
     parts = _generic(spec) if params is None else _signature(spec, params)
     defaults = parts.pop("defaults")
     parts["await_"] = "await " if spec.is_async else ""
-    miss = (_RUN if spec.shared is not None else _COMPUTE).format(
-        **parts, refuse="" if spec.is_async else _REFUSE, me=_TASK if spec.is_async else _THREAD
-    )
-    source = _TEMPLATE.format(
-        **parts,
-        kind="async " if spec.is_async else "",
-        name=_code_name(spec.fn),
-        touch="                __pr_sub.move_to_end(__pr_key)\n" if spec.max_entries else "",
-        miss=miss,
-    )
+    parts["name"] = _code_name(spec.fn)
+    source = _templates.source(spec, parts)
     # What the code uses are its globals, in a namespace of its own: a closure's cells
     # would be copied into the frame and released again on every call, a hit included.
     namespace = {
@@ -258,7 +119,7 @@ def generate(
     if params is None:
         return wrapper, None
     keyof: dict[str, Any] = {"__pr_id": id, "__pr_d": defaults}
-    exec(_compiled(_KEYOF.format(**parts), filename), keyof)
+    exec(_compiled(_templates.keyof_source(parts), filename), keyof)
     keyof_fn = keyof.pop("__pr_keyof")
     keyof_fn.__qualname__ = spec.fn.__qualname__  # what its binding errors name
     return wrapper, keyof_fn

@@ -87,6 +87,22 @@ def test_instructions_quick_under_callgrind(tmp_path: Path) -> None:
     assert "perrequest - minimal middleware" in proc.stdout
 
 
+@pytest.mark.timeout(300)
+def test_miss_instructions_quick_under_callgrind(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    script = str(BENCHMARKS / "miss_instructions.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--quick", "--only", "ours", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cases = json.loads(out.read_text(encoding="utf-8"))["cases"]
+    assert set(cases) == {"f(1)", "g(1, 2, c=3)", "await h(1)"}
+    assert all(2_000 < case["ours"] < 100_000 for case in cases.values()), cases
+
+
 @pytest.mark.timeout(150)
 def test_throughput_quick_under_a_real_uvicorn_server(tmp_path: Path) -> None:
     stdout, results = run_quick("throughput.py", tmp_path)

@@ -5,14 +5,18 @@ December 2026)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
+import threading
+from typing import Any
 
 import pytest
 from keys import Model
-from signals import RaiseAfter, RaiseAtCall, Signalled, interrupted_by
+from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
-from perrequest import request_batch, request_scope
+from perrequest import bind_scope, request_batch, request_scope
+from perrequest._batching import _BatchSpec
 
 
 async def test_a_batch_that_ends_after_its_request_stores_nothing_and_logs_nothing(
@@ -80,3 +84,66 @@ def test_a_signal_in_a_keys_own_hash_as_a_sync_batch_unregisters_it_reaches_the_
             rows.load_many([Model(2)])
         assert not store._flights
         assert rows.load_many([Model(2), Model(3)]) == [20, 30]
+
+
+def _line_of(function: Any, text: str) -> int:
+    """The number of the line of ``function`` that holds ``text``."""
+    lines, first = inspect.getsourcelines(function)
+    (at,) = [n for n, line in enumerate(lines, first) if text in line]
+    return at
+
+
+def test_a_fetch_that_ended_with_a_key_still_registered_is_not_waited_for() -> None:
+    """_batching._fetch: a registered fetch that has ended (``other.ended``) counts as
+    absent. An exception between registering a key (``flights[...] = me``) and noting it
+    in ``me.keys`` leaves the key registered to a fetch whose end, unregistering the keys
+    it noted, does not see it: here a KeyboardInterrupt a trace function raises (as a
+    debugger's can; CPython looks for pending signals nowhere between those two lines, so
+    no other way in was found). Without the check, a thread that then loads the key waits
+    for that fetch, gives up after two one-second looks (it has ended), finds the same
+    record again, and waits again: for ever."""
+    code, line = _BatchSpec._fetch.__code__, _line_of(_BatchSpec._fetch, "me.keys.append(ck)")
+    fired: list[int] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            at_it = event == "line" and frame.f_lineno == line and not fired
+            if at_it and frame.f_locals["ck"] == 2:
+                fired.append(2)
+                raise Interrupt  # key 2 registered, not noted: key 1 was
+            return local
+
+        return local
+
+    @request_batch
+    def rows(keys: list[int]) -> list[int]:
+        return [k * 10 for k in keys]
+
+    got: list[int] = []
+    with request_scope() as store:
+        assert rows.load_many([0]) == [0]  # past the loader's first load
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(Interrupt):
+                rows.load_many([1, 2])
+        finally:
+            sys.settrace(previous)
+        assert fired, "the interrupt never came: the test tests nothing"
+        left = list(store._flights.values())
+        assert len(left) == 1 and left[0].ended  # the case: ended, and still registered
+        thread = threading.Thread(target=bind_scope(lambda: got.append(rows.load(2))))
+        thread.daemon = True
+        thread.start()
+        thread.join(5)
+        stranded = thread.is_alive()
+        if stranded:  # the bug: let it go (it fetches the key once the record is gone)
+            store._flights.clear()
+            thread.join(5)
+        assert not stranded, "the thread waits for a fetch that has ended, for ever"
+        assert got == [20]
+        assert not store._flights  # the thread's fetch took the stale record's place
+        assert rows.load_many([1, 2]) == [10, 20]

@@ -52,3 +52,33 @@ def test_a_refused_coroutine_result_is_closed_not_left_never_awaited() -> None:
             f(1)
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+def test_a_callable_whose_wrapped_attribute_raises_can_be_memoized() -> None:
+    """_targets.refuse_memo_target: looking for functools.lru_cache down the ``__wrapped__``
+    chain reads each object's ``__wrapped__``, and ``getattr``'s default covers an
+    AttributeError only. A callable whose ``__wrapped__`` raises something else (a proxy
+    that resolves its target on demand, none registered yet) is looked at no further:
+    without the ``try``, decorating it raised that error. (A proxy whose every attribute
+    raises, as an unbound werkzeug LocalProxy's, raises at the ``cache_parameters`` look
+    before: only ``__wrapped__`` raising reaches this.)"""
+    calls: list[int] = []
+    looked: list[bool] = []
+
+    class Lazy:
+        def __call__(self, x: int) -> int:
+            calls.append(x)
+            return x * 2
+
+        @property
+        def __wrapped__(self) -> object:
+            looked.append(True)
+            raise LookupError("no target registered yet")
+
+    for decorator in (request_memo, request_memo()):
+        calls.clear()
+        double = decorator(Lazy())
+        with request_scope():
+            assert double(2) == 4 and double(2) == 4
+        assert calls == [2]
+    assert looked, "__wrapped__ was never read: the test tests nothing"

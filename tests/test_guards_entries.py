@@ -155,3 +155,36 @@ def test_reading_a_bounded_functions_entry_through_the_store_refreshes_it() -> N
         f(3)
         f(1)
         assert computed == [1, 2, 3]
+
+
+def test_a_write_from_a_keys_hash_as_an_eviction_refiles_keeps_the_order_in_step() -> None:
+    """_entries._take: an eviction whose key's hash moved (its pop misses) refiles the
+    other keys, hashing each: user code, which may write to the store (a key whose
+    ``__hash__`` calls ``perrequest.set``). That write moves ``_next_id``; without the
+    rebuild of the recency order it then asks for (``_resync``), the order kept an entry
+    that had gone with the dict the refile replaced: the store counted two entries and
+    held one, and the next fill evicted a real entry for it (``{4: "d"}`` under a bound
+    of 2, where ``3`` was the least recent entry still there)."""
+
+    class Writing(Model):
+        """A model whose hash, once, writes to the store (an audit trail kept there)."""
+
+        write = False
+
+        def __hash__(self) -> int:
+            if self.write:
+                self.write = False
+                perrequest.set("audit", self.pk)
+            return super().__hash__()
+
+    with request_scope(max_entries=2) as store:
+        moved, writer = Model(1), Writing(2)
+        perrequest.set(moved, "a")
+        perrequest.set(writer, "b")
+        moved.pk = 99  # saved: its hash moved, so its eviction's pop misses it
+        writer.write = True
+        perrequest.set(3, "c")  # evicts moved: refiling the others hashes writer, which writes
+        assert not writer.write, "the key never wrote: the test tests nothing"
+        assert len(store) == len(list(store)) == len(store._order)
+        perrequest.set(4, "d")
+        assert dict(store.items()) == {3: "c", 4: "d"}

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from keys import Model
+from keys import Model, Odd, Seven
 from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
 import perrequest
@@ -208,6 +208,39 @@ def test_an_interrupt_as_the_registering_call_returns_leaves_no_record() -> None
         assert perrequest.get("k") == 2
 
 
+@pytest.mark.parametrize("call_in", ["memo", "get_or_set"])
+def test_an_interrupt_as_a_key_whose_eq_raises_registers_reaches_the_caller(call_in: str) -> None:
+    """_waits.interrupted: a miss interrupted as it registers unregisters its record, looked
+    up by its key, in a ``try`` for keys whose ``__hash__``/``__eq__`` raises (it registered
+    nothing). A Ctrl-C that came inside the ``__eq__`` of such a key as its registration met
+    a colliding key in flight (``Odd`` beside ``Seven``) made that lookup compare again: the
+    key's own error went out in the interrupt's place (the caller saw a RuntimeError, never
+    its KeyboardInterrupt)."""
+    at = RaiseAtCall(Interrupt, "__eq__", "compute" if call_in == "memo" else "run")
+
+    @request_memo
+    def compute(x: object) -> int:
+        if type(x) is Seven:  # in flight (hash 7) as the colliding key registers
+            return compute(Odd()) if call_in == "memo" else perrequest.get_or_set(Odd(), int)
+        return 1
+
+    def call(x: object) -> int:
+        if call_in == "memo":
+            return compute(x)
+        return perrequest.get_or_set(x, lambda: compute(x))  # type: ignore[no-any-return]
+
+    with request_scope() as store:
+        call(0)  # past the function's first miss, which takes the slow path
+        at.armed = True
+        sys.setprofile(at)
+        with interrupted_by(Interrupt, at):
+            call(Seven())
+        assert not store._flights
+        with pytest.raises(RuntimeError, match="no comparing"):  # uninterrupted: its own
+            call(Seven())
+        assert not store._flights and call(0) == 1
+
+
 def _somebody_waits(store: Any) -> bool:
     return any(type(record) is Waited for record in list(store._flights.values()))
 
@@ -332,6 +365,65 @@ async def test_a_deleted_computation_that_ends_puts_the_next_ones_record_back(
         assert await b == "B"
         if not interrupted:
             assert await f(Key()) == "B" and calls == 3  # B's value stored
+
+
+async def test_a_record_whose_key_cannot_be_put_back_has_its_waiters_start_again() -> None:
+    """_flight._put_back: a computation whose key was deleted meanwhile ends after another
+    caller registered the key, and puts that caller's record back, in a ``try`` for a key
+    whose hash raises then (a model whose save has set its pk to None for that moment:
+    here its hash raises there alone). Without it, the hash's error went out of the first
+    computation, which had a value to return, and the other record, dropped, was not
+    restarted: its waiter waited until its second one-second look. Now the first returns
+    its value and the waiter starts again at once (it computes the key: nobody else does)."""
+
+    class Key:
+        unsaved = False
+        raised = 0
+
+        def __hash__(self) -> int:
+            if Key.unsaved and sys._getframe(1).f_code.co_name == "_put_back":
+                Key.raised += 1
+                raise TypeError("Model instances without primary key value are unhashable")
+            return 1
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Key)
+
+    go_a, go_b = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    @request_memo
+    async def f(x: object) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # task A
+            f.cache_delete(x)
+            await go_a.wait()
+            Key.unsaved = True
+            return "A"
+        if calls == 3:  # task B
+            await go_b.wait()
+            return "B"
+        return "C" if calls == 4 else "warm"
+
+    async with request_scope() as store:
+        await f(0)  # past the first miss
+        a = asyncio.create_task(f(Key()))
+        await _until(lambda: calls == 2)
+        b = asyncio.create_task(f(Key()))
+        await _until(lambda: calls == 3)
+        c = asyncio.create_task(f(Key()))  # waits for B
+        await _until(lambda: _somebody_waits(store))
+        go_a.set()
+        try:
+            assert await asyncio.wait_for(a, WAIT) == "A"  # not the key's TypeError
+            assert await asyncio.wait_for(c, 1.5) == "C"  # at once, not at its 2nd look
+        finally:
+            Key.unsaved = False
+            go_b.set()
+        assert await asyncio.wait_for(b, WAIT) == "C"  # the value stored: one per key
+        assert not store._flights
+        assert Key.raised == 1, "the hash never raised as put back: the test tests nothing"
 
 
 def test_a_waiter_gets_the_error_of_a_computation_whose_store_raised() -> None:

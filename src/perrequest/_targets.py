@@ -78,7 +78,7 @@ def refuse_memo_target(target: object) -> None:
             )
         try:
             wrapped = getattr(wrapped, "__wrapped__", None)
-        except Exception:  # a proxy whose attributes raise: nothing more to look at
+        except Exception:  # a __wrapped__ of its own that raises: nothing more to look at
             return
         if wrapped is None:
             return

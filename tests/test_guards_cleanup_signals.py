@@ -321,6 +321,39 @@ def test_a_signal_in_a_keys_own_hash_as_a_batchs_values_are_gathered_reaches_the
         assert rows.load_many([Model(1), Model(2)]) == [10, 20]
 
 
+def _hash_by_pk(self: Model) -> int:  # Model's __hash__ by a name of its own (RaiseAtCall)
+    if self.pk is None:
+        raise TypeError("Model instances without primary key value are unhashable")
+    return hash(self.pk)
+
+
+class Named(Model):
+    """A model whose ``__hash__`` a profile function tells from the other keys'."""
+
+    __hash__ = _hash_by_pk
+
+
+def test_a_signal_in_a_keys_own_hash_after_another_keys_hash_raised_reaches_the_caller() -> None:
+    """``_batch_outcomes.put_all``: once a key's hash raised in the ``update`` (a model its
+    batch function saved as a copy), each key is put by itself, a failure there taken for
+    that key's; a signal handler's ``Exception`` inside the next key's own ``__hash__``
+    (told by its traceback) was taken so and dropped. It goes on."""
+    at = RaiseAtCall(Signalled, "_hash_by_pk", "put_all")  # Named's, the second key's
+
+    @request_batch
+    def rows(keys: list[Model]) -> list[int]:
+        values = [k.pk * 10 for k in keys]  # type: ignore[operator]
+        keys[0].pk = None  # saved as a copy: its hash raises from now on
+        return values
+
+    with request_scope():
+        at.armed = True
+        sys.setprofile(at)
+        with interrupted_by(Signalled, at):
+            rows.load_many([Model(1), Named(2)])
+        assert rows.load_many([Model(3), Named(2)]) == [30, 20]
+
+
 def test_a_signal_while_on_close_runs_reaches_the_task(caplog: pytest.LogCaptureFixture) -> None:
     """A real signal whose handler raises an ``Exception``, as Celery's soft time limit does
     (``SoftTimeLimitExceeded`` from a SIGUSR1 handler), landing while a scope's ``on_close``

@@ -45,7 +45,9 @@ def put_all(out: dict[Hashable, Any], cks: list[Hashable], values: list[Any]) ->
         for ck, value in zip(cks, values, strict=True):  # by identity
             try:
                 out[ck] = value
-            except Exception:
+            except Exception as failure:
+                if raised_by_a_signal_handler(failure):  # in another key's __hash__
+                    raise
                 out[Unhashed(ck)] = value
 
 

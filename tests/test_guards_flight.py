@@ -933,7 +933,7 @@ def test_an_interrupt_as_a_wait_begins_leaves_no_waits_for_entry(
         release.wait(WAIT)
         return n
 
-    real = _flight.may_wait
+    real = _waits.may_wait
 
     def interrupted_after(*args: Any) -> bool:
         assert real(*args)
@@ -943,7 +943,7 @@ def test_an_interrupt_as_a_wait_begins_leaves_no_waits_for_entry(
     with request_scope(), ThreadPoolExecutor(1) as pool:
         computing = pool.submit(bind_scope(slow), 1)
         assert started.wait(WAIT)
-        monkeypatch.setattr(_flight, "may_wait", interrupted_after)
+        monkeypatch.setattr(_waits, "may_wait", interrupted_after)
         try:
             with pytest.raises(KeyboardInterrupt):
                 slow(1)

@@ -1,10 +1,10 @@
 """Single-flight: a key is computed by one caller at a time; the others wait for the outcome.
 
-The computing caller, thread or task, registers itself in ``_flights``; the first to wait
-replaces that with a ``Waited`` (threads wait on its ``Future``, tasks on their loop's). Only
-the computing caller removes its record and resolves it, whatever happened meanwhile: no
-waiter is stranded; a miss nobody waits for costs a dict insert and a pop. Under trio a
-task registers as its thread but never waits: a key in flight is computed again."""
+The computing caller, thread or task, registers in ``_flights``; the first to wait replaces
+that with a ``Waited`` (threads wait on its ``Future``, tasks on their loop's). Only the
+computing caller removes and resolves its record, whatever happened: no waiter is stranded;
+a miss nobody waits for costs a dict insert and a pop. Under trio a task registers as its
+thread but never waits: a key in flight is computed again."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
+from . import _waits
 from ._checks import LAZY, refuse_memoized_result
 from ._signals import raised_by_a_signal_handler
 from ._stats import CountsLike as Counter
@@ -21,15 +22,11 @@ from ._waits import (
     done_waiting,
     gone,
     interrupted,
-    may_wait,
     outcome_of,
     restart,
     result,
-    result_async,
     resumed,
-    take_out,
     take_over,
-    task_me,
     thread_me,
 )
 
@@ -77,8 +74,9 @@ def failed(
         try:
             record = cache._flights.pop(key, None)
         except Exception as error:  # the key's __hash__/__eq__ raised now: by identity
-            if raised_by_a_signal_handler(error):  # a soft time limit: the task's (``run``
-                raise  # ends the computation once more)
+            if raised_by_a_signal_handler(error):  # a soft time limit: the task's, once its
+                restart(_own(cache, key, me, None))  # waiters compute (``run`` ends it again)
+                raise
             record = None
         record = _own(cache, key, me, record)  # None: invalidated
     if type(record) is Waited:
@@ -147,8 +145,10 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
     if record is not None:
         try:
             cache._flights[key] = record
-        except Exception:  # its key's __hash__ raised: that computation's waiters retry
-            restart(record)
+        except Exception as error:  # its key's __hash__ raised: that computation's waiters
+            restart(record)  # retry; a soft time limit then goes on (the task's)
+            if raised_by_a_signal_handler(error):
+                raise
 
 
 def _own(cache: Cache, key: Hashable, me: object, record: Any) -> Any:
@@ -162,7 +162,7 @@ def _own(cache: Cache, key: Hashable, me: object, record: Any) -> Any:
         return (at is key or type(me) is int) and getattr(rec, "owner", rec) is me
 
     filed = any(mine(*item) for item in list(cache._flights.items()))
-    taken = take_out(cache._flights, mine) if filed else []
+    taken = _waits.take_out(cache._flights, mine) if filed else []
     _put_back(cache, key, record)
     return taken[0] if taken else None
 
@@ -277,7 +277,7 @@ def _next_step(cache: Cache, key: Hashable, me: object, counter: Counter, alone:
         if type(record) is not Waited:
             record = cache._flights[key] = Waited(computing)
         counter.hits += 1
-    if record.future.done() or may_wait(me, record.owner, record.future):
+    if record.future.done() or _waits.may_wait(me, record.owner, record.future):
         return record
     with cache._lock:  # a cycle of waiters: counted as a hit, it computes after all
         counter.hits -= 1
@@ -289,7 +289,7 @@ async def run_async(
     cache: Cache, key: Hashable, fn: Fn, args: Args, kwargs: Kwargs, counter: Counter, extra: Any
 ) -> Any:
     """``run`` for tasks; if the computing task is cancelled, a live waiter computes."""
-    trio, record, step = (me := task_me()) is None, None, _STARTED  # (no local holds the task)
+    trio, record, step = (me := _waits.task_me()) is None, None, _STARTED  # (no local holds it)
     if trio:  # registered as its thread: a delete finds it; nobody else's waited for
         me = thread_me()
     try:
@@ -304,7 +304,7 @@ async def run_async(
             if step is False:
                 return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
             try:
-                got = await result_async(step.future, cache._flights, key, step)
+                got = await _waits.result_async(step.future, cache._flights, key, step)
                 value = _outcome(cache, counter, got)
             finally:
                 done_waiting(me, step.future)

@@ -10,6 +10,7 @@ of a waiter's traceback (``_flight``'s included) holds the original either.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dtime
@@ -196,6 +197,19 @@ def _plain(kind: type) -> bool:
     return True
 
 
+def _global(cls: type) -> bool:
+    """Whether ``cls`` is what its module holds at its name, as pickle checks a global: a
+    class defined there refers to no request's frame; one made at run time (``type()``,
+    a factory, a class in a function) may hold its request's data."""
+    found: Any = sys.modules.get(cls.__module__)
+    for name in cls.__qualname__.split("."):
+        try:
+            found = vars(found)[name]  # no __getattr__ of a module's or a class's runs
+        except (TypeError, KeyError):
+            return False
+    return found is cls
+
+
 class _Unsafe(Exception):
     """A value a copy of an error for another request may not carry."""
 
@@ -257,8 +271,8 @@ class _Copy:
             return value
         if isinstance(value, BaseException):
             return self.error(value, depth + 1)
-        if isinstance(value, type) and "<locals>" not in value.__qualname__:  # a global class
-            return value  # (decimal.DivisionByZero's args): refers to no request's frame
+        if isinstance(value, type) and _global(value):  # (decimal.DivisionByZero's args)
+            return value
         if kind is TracebackType or kind is FrameType:
             return None
         if kind is tuple or kind is list or kind is set or kind is frozenset:

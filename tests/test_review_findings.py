@@ -11,6 +11,7 @@ from typing import Any
 
 import cachetools
 import pytest
+from keys import Model
 
 from perrequest import request_memo, request_scope
 
@@ -212,21 +213,6 @@ def test_a_class_made_in_a_request_is_not_handed_to_another_requests_waiter() ->
     ), "the waiter's copy holds the computing request's data"
 
 
-class _DjangoModel:
-    """Hashed by its primary key; unhashable once deleted (``pk = None``), as Django's."""
-
-    def __init__(self, pk: int) -> None:
-        self.pk: int | None = pk
-
-    def __hash__(self) -> int:
-        if self.pk is None:
-            raise TypeError("Model instances without primary key value are unhashable")
-        return hash(self.pk)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _DjangoModel) and other.pk == self.pk
-
-
 def test_a_signal_as_an_eviction_tells_its_keys_error_leaves_the_store_bounded() -> None:
     """``Entries._take``: an eviction whose key's hash raises (a deleted model) checks the
     error with ``raised_by_a_signal_handler`` (about 90 us, mostly
@@ -241,7 +227,7 @@ def test_a_signal_as_an_eviction_tells_its_keys_error_leaves_the_store_bounded()
     import perrequest
 
     at = RaiseAtCall(Signalled, "raised_by_a_signal_handler", "_take")
-    deleted = _DjangoModel(1)
+    deleted = Model(1)
     with request_scope(max_entries=2) as store:
         perrequest.set(deleted, "a")
         perrequest.set(2, 2)

@@ -242,6 +242,31 @@ def test_a_signal_as_an_eviction_tells_its_keys_error_leaves_the_store_bounded()
         assert len(values) <= 2, f"{len(values)} values kept, len(store) says {len(store)}"
 
 
+def test_a_signal_in_another_keys_hash_as_an_eviction_refiles_reaches_the_caller() -> None:
+    """``Entries._refile`` (an eviction whose key's hash raises: the function's dict is
+    rebuilt, each other key looked up by its hash now through ``Probe``) catches
+    ``Exception`` without telling a signal handler's: a soft time limit arriving in
+    another key's ``__hash__`` there is dropped (that entry evicted as if its key were
+    broken), and the task runs on past its limit. It goes on now, once the rebuild is
+    done (the entry evicted all the same)."""
+    from signals import RaiseAtCall, Signalled, interrupted_by
+
+    import perrequest
+
+    at = RaiseAtCall(Signalled, "__hash__", "__init__")  # Probe(filed): hash(filed)
+    deleted = Model(1)
+    with request_scope(max_entries=2) as store:
+        perrequest.set(deleted, "a")
+        perrequest.set(Model(2), 2)
+        deleted.pk = None
+        at.armed = True
+        sys.setprofile(at)
+        with interrupted_by(Signalled, at):
+            perrequest.set(3, 3)  # evicts the deleted model's entry: _refile
+        perrequest.set(4, 4)
+        assert len(list(store.values())) <= 2 and perrequest.get(4) == 4
+
+
 async def test_a_signal_in_the_keys_hash_as_another_callers_record_is_put_back_goes_on() -> None:
     """``_flight._put_back`` (a computation whose key was deleted meanwhile ends after
     another caller registered the key, and puts that caller's record back) catches

@@ -24,8 +24,7 @@ from ._stats import Counter, ScopeStats, observed, stats_of
 from ._waits import Probe, drop_dead
 from .errors import ScopeClosed
 
-# The owner of helper entries; memo entries are owned by their function's spec.
-HELPERS: Final = "perrequest.helpers"
+HELPERS: Final = "perrequest.helpers"  # the owner of helper entries (a memo's: its spec)
 DEFAULT_MAX_ENTRIES: Final = 10_000
 """The bound of a store when none is given: 10 000 entries, evicted least recently used."""
 _OTHER = "(other functions)"  # counters beyond max_entries distinct function names
@@ -154,13 +153,9 @@ class Entries:
                 self._evict()
 
     def _fill_many(
-        self,
-        owner: object,
-        keys: list[Hashable],
-        values: list[Any],
-        anchors: list[Any],
+        self, owner: object, keys: list[Hashable], values: list[Any], anchors: list[Any],
         counter: Counter,
-    ) -> None:
+    ) -> None:  # fmt: skip
         """``_fill`` of a batch of values; lock held. One loop, without a call per entry,
         when the owner has no bound of its own and the store has room."""
         subs = self._subs
@@ -255,7 +250,7 @@ class Entries:
             by_id = {entry[2]: (filed, entry) for filed, entry in order}
             order = [by_id.pop(i) for i in list(self._order) if i in by_id] + [*by_id.values()]
         new: dict[Hashable, Any] = {} if type(sub) is dict else OrderedDict()
-        found = None
+        found = signal = None
         for filed, entry in order:
             if entry[2] == entry_id:
                 found = entry
@@ -264,14 +259,19 @@ class Entries:
                 if dict.get(sub, Probe(filed)) is entry:
                     new[filed] = entry
                     continue
-            except Exception:  # its __hash__ or __eq__ raises now
-                pass
+            except Exception as exc:  # its __hash__ or __eq__ raises now (or a signal came)
+                signal = signal or (exc if raised_by_a_signal_handler(exc) else None)
             self._order.pop(entry[2], None)
             entry[1].evictions += 1
             self._evictions += 1
         subs = self._subs
         if subs is not None and subs.get(owner) is sub:
             subs[owner] = new
+        if signal is not None:  # its entry went all the same: a soft time limit goes on
+            try:
+                raise signal
+            finally:  # this frame, in its traceback: a reference cycle
+                signal = None
         return found, new
 
     def _evict(self) -> None:

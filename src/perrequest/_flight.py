@@ -141,8 +141,8 @@ def invalidate(cache: Cache, key: Hashable) -> None:
 
 
 def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
-    """Put back what an invalidated computation popped (another's record). Lock held."""
-    if record is not None:
+    """Put back another's record an invalidated computation popped (not once restarted)."""
+    if record is not None and not (type(record) is Waited and record.future.done()):
         try:
             cache._flights[key] = record
         except Exception as error:  # its key's __hash__ raised: that computation's waiters

@@ -221,18 +221,17 @@ class Entries:
                 raise
             entry, signal = None, exc  # an eviction: the key's hash raises now, or a signal
             # came (in it, or as the pop ended): taken by identity, then told which (below)
-        if entry_id and (entry is None or entry[2] != entry_id):
-            entry, sub = self._refile(owner, sub, key, entry, entry_id)
-        if not sub and owner is not HELPERS and subs.get(owner) is sub:  # type: ignore[union-attr]
-            del subs[owner]  # type: ignore[union-attr]
-        if self._next_id != mark:
-            self._resync()
-        if signal is not None and raised_by_a_signal_handler(signal):  # the entry is gone:
-            try:  # a soft time limit goes on to the task
-                raise signal
-            finally:  # this frame, in its traceback: a reference cycle
-                signal = None
-        signal = None
+        try:
+            if entry_id and (entry is None or entry[2] != entry_id):
+                entry, sub = self._refile(owner, sub, key, entry, entry_id)
+            if not sub and owner is not HELPERS and subs.get(owner) is sub:  # type: ignore
+                del subs[owner]  # type: ignore[union-attr]
+            if self._next_id != mark:
+                self._resync()
+            if signal is not None and raised_by_a_signal_handler(signal):  # the entry is
+                raise signal  # gone: a soft time limit goes on to the task
+        finally:  # (this frame, in its traceback: a reference cycle)
+            signal = None
         return entry
 
     def _refile(

@@ -228,11 +228,9 @@ class _Copy:
         if known is not None:  # an exception that refers to itself, or one met twice
             return known
         kind = type(error)
-        # A class defined in a call (its methods may hold that call's locals), or a group
+        # A class made in a call (it, its methods, may hold that call's data), or a group
         # subclass (its derive() and __slots__ may carry anything): not rebuilt.
-        if "<locals>" in kind.__qualname__ or (
-            isinstance(error, BaseExceptionGroup) and kind not in _GROUPS
-        ):
+        if not _global(kind) or (isinstance(error, BaseExceptionGroup) and kind not in _GROUPS):
             raise _Unsafe(error)
         args = self.value(error.args, depth)
         if _plain(kind):  # its state is its args and attributes: no code of its own runs
@@ -266,7 +264,7 @@ class _Copy:
                 return value
             raise _Unsafe(value)  # a tzinfo of its own: any object
         if isinstance(value, Enum):  # a member of a class defined once, of a plain value
-            if "<locals>" in kind.__qualname__ or type(value.value) not in _ATOMS:
+            if not _global(kind) or type(value.value) not in _ATOMS:
                 raise _Unsafe(value)
             return value
         if isinstance(value, BaseException):

@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any
 
 _NUMBERS = frozenset(int(number) for number in signal.valid_signals())  # (an enum each: once)
+_INTS = (int, signal.Signals)  # as CPython passes it, or made a Signals by the handler
 
 
 def raised_by_a_signal_handler(exc: BaseException) -> bool:
@@ -51,4 +52,4 @@ def _called_for_a_signal(frame: FrameType) -> bool:
         value = values.get(name)
         spread.extend(value if type(value) is tuple else (value,))
     pairs = itertools.pairwise(spread)
-    return any(b is caller and type(a) is int and a in _NUMBERS for a, b in pairs)
+    return any(b is caller and type(a) in _INTS and a in _NUMBERS for a, b in pairs)

@@ -22,7 +22,7 @@ def _soft_time_limit(signum: int, frame: Any) -> None:
     raise Signalled("soft time limit")  # as billiard's SIGUSR1 handler does
 
 
-def _raise(signal: type[BaseException]) -> None:
+def raise_like_a_signal(signal: type[BaseException]) -> None:
     """``Signalled`` comes from a real SIGUSR1 handler in the main thread, as Celery's soft
     time limit does (code that tells a handler's exception by its traceback sees one)."""
     if signal is not Signalled or threading.current_thread() is not threading.main_thread():
@@ -58,7 +58,7 @@ class RaiseAfter:
         if self.caller and frame.f_back.f_code.co_name != self.caller:
             return
         self.armed = False
-        _raise(self.signal)
+        raise_like_a_signal(self.signal)
 
 
 class RaiseAtCall:
@@ -76,7 +76,7 @@ class RaiseAtCall:
         if self.caller and frame.f_back.f_code.co_name != self.caller:
             return
         self.armed = False
-        _raise(self.signal)
+        raise_like_a_signal(self.signal)
 
 
 @contextlib.contextmanager

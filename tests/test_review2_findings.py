@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from keys import Model
-from signals import RaiseAtCall, Signalled, _raise
+from signals import RaiseAtCall, Signalled, raise_like_a_signal
 
 import perrequest
 from perrequest import bind_scope, request_memo, request_scope
@@ -28,7 +28,7 @@ class _Key:
     def __hash__(self) -> int:
         if _Key.interrupt and threading.current_thread() is threading.main_thread():
             _Key.interrupt = False
-            _raise(Signalled)
+            raise_like_a_signal(Signalled)
         return 1
 
     def __eq__(self, other: object) -> bool:

@@ -335,7 +335,7 @@ def test_a_fetch_whose_end_raises_leaves_nothing_in_the_threads_context() -> Non
     """A key whose hash raises once its batch function ran (a model being saved): its
     callers get its value, unstored (a RuntimeError failed the call until 6 December 2026,
     only TypeError was handled)."""
-    from perrequest._waits import within
+    from perrequest._active import within
 
     broken = threading.local()
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import cachetools
 import pytest
 from keys import Model, Odd, Seven
 from signals import (
@@ -26,8 +27,8 @@ from signals import (
 )
 
 import perrequest
-from perrequest import _flight, bind_scope, request_memo, request_scope
-from perrequest._waits import Waited
+from perrequest import _flight, _shared, bind_scope, request_memo, request_scope
+from perrequest._waits import FLIGHTS, Waited
 
 WAIT = 10  # seconds: a hang fails the test instead of the run
 
@@ -83,9 +84,9 @@ def test_a_signal_as_a_moved_keys_neighbour_is_filed_again_reaches_the_caller(
     taken for such a key and dropped: the call returned as if nothing had happened; so
     was one inside the key's own ``__hash__`` (told by its traceback now)."""
     at: Any = (
-        RaiseAfter(signal, "setdefault", "take_out")
+        RaiseAfter(signal, "setdefault", "_file")
         if where == "as-setdefault-returns"
-        else RaiseAtCall(signal, "__hash__", "take_out")
+        else RaiseAtCall(signal, "__hash__", "_file")
     )
 
     @request_memo
@@ -115,6 +116,63 @@ def test_a_signal_as_a_moved_keys_neighbour_is_filed_again_reaches_the_caller(
         assert not at.armed, "the signal never came: the test tests nothing"
         assert not store._flights  # nothing left in flight
         assert f(Model(pk)) == 1
+
+
+@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+def test_a_signal_as_a_moved_keys_neighbours_are_filed_again_leaves_none_out(
+    signal: type[BaseException],
+) -> None:
+    """_waits.take_out: a signal as the first of the other records in flight was filed again
+    left the rest out: their computations then stored nothing and answered no waiter, and
+    a thread waiting for one computed the key again after two one-second looks. The rest
+    are filed again before the signal goes on."""
+    at = RaiseAfter(signal, "setdefault", "_file")
+    go, computed = threading.Event(), []
+
+    @request_memo
+    def h(x: int) -> int:
+        computed.append(x)
+        assert go.wait(WAIT)
+        return x * 10
+
+    def registered(store: Any, n: int, waited: bool = False) -> None:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            records = list(store._flights.values())
+            if len(records) == n and (not waited or type(records[-1]) is Waited):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"not registered: {store._flights}")
+
+    @request_memo
+    def g(m: Model) -> int:
+        if not at.armed:
+            return 1
+        store = perrequest.current_store()
+        pool.submit(bind_scope(h), 2)  # filed second: the first filed again
+        registered(store, 2)
+        computing = pool.submit(bind_scope(h), 1)  # filed third, then waited for
+        registered(store, 3)
+        waiting = pool.submit(bind_scope(h), 1)
+        registered(store, 3, waited=True)
+        futures.extend([computing, waiting])
+        m.pk = 99  # saved: its hash moves while it is computed
+        sys.setprofile(at)
+        return 2
+
+    futures: list[Any] = []
+    with ThreadPoolExecutor(3) as pool, request_scope() as store:
+        go.set(), h(0), go.clear(), g(Model(5))  # past each function's first miss
+        computed.clear()
+        at.armed = True
+        with interrupted_by(signal, at):
+            g(Model(6))
+        started = time.monotonic()
+        go.set()
+        assert [f.result(WAIT) for f in futures] == [10, 10]
+        assert time.monotonic() - started < 0.9, "the waiter looked twice: its record was lost"
+        assert sorted(computed) == [1, 2], "h(1) computed twice"
+        assert not store._flights
 
 
 @pytest.mark.parametrize("signal", [Interrupt, Signalled])
@@ -653,6 +711,55 @@ def test_a_closed_store_holds_no_computation_left_on_a_closed_loop() -> None:
             _leave_pending(user_id)
         assert len(store._flights) == 20  # until their keys are asked for again
     assert not store._flights
+
+
+@pytest.mark.parametrize("tier", ["store", "shared"])
+def test_a_long_scope_closing_a_loop_per_message_keeps_a_bounded_number_of_records(
+    tier: str,
+) -> None:
+    """_waits.drop_dead on a task's miss: a long scope (a worker's job, one loop per message
+    run with ``run_until_complete``, closed without cancelling) whose memo was left pending
+    on each loop kept a record of each, with its task and arguments, until the scope closed
+    (a ``shared=`` memo's, in its process-wide cache: for ever). At most ``FLIGHTS`` now."""
+    cache = cachetools.LRUCache(1000)
+
+    @request_memo(shared=cache if tier == "shared" else None)
+    async def pending(user_id: int) -> str:
+        await asyncio.sleep(3600)  # its loop is closed while it waits here
+        return f"user {user_id}"
+
+    with request_scope(max_entries=100) as store:
+        for user_id in range(3 * FLIGHTS):
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(_started(pending(user_id)))
+            loop.close()
+        flights = store._flights if tier == "store" else _shared._guarded[id(cache)]._flights
+        assert 0 < len(flights) <= FLIGHTS
+
+
+async def test_many_computations_in_flight_at_once_are_never_dropped() -> None:
+    """_waits.drop_dead looks for dead records once more than ``FLIGHTS`` are in flight: live
+    ones (their loop running) stay, each computed once however many wait."""
+    calls: list[int] = []
+    release = asyncio.Event()
+
+    @request_memo
+    async def user(user_id: int) -> str:
+        calls.append(user_id)
+        await release.wait()
+        return f"user {user_id}"
+
+    async with request_scope() as store:
+        await asyncio.wait_for(asyncio.gather(release.set() or user(-1)), 5)  # first miss
+        release.clear()
+        keys = range(3 * FLIGHTS)
+        tasks = [asyncio.create_task(user(k)) for k in keys for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert len(store._flights) == len(keys)  # each registered once, none dropped
+        release.set()
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert got == [f"user {k}" for k in keys for _ in range(2)]
+    assert sorted(calls) == [-1, *keys]
 
 
 @pytest.mark.parametrize("how", ["deleted", "saved"])

@@ -37,6 +37,11 @@ _opened, _closed = _live.append, _live.pop  # bound once: a call through ``_live
 _now = time.perf_counter
 _get, _set = _current.get, _current.set
 
+# The sync batch fetches whose batch function runs here: in this thread, or in one it
+# started with this context copied (asyncio.to_thread) or bound (``bind_scope``). Their
+# keys are fetched again here, never waited for: the fetch waits for this code.
+within: ContextVar[tuple[Any, ...]] = ContextVar("perrequest.fetching", default=())
+
 
 def _forked() -> None:
     """In a forked child, the forking thread's scopes are the parent's to close and report:

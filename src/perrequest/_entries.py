@@ -21,7 +21,7 @@ from ._checks import check_max_entries, unknown_option
 from ._flight import MISSING
 from ._signals import raised_by_a_signal_handler
 from ._stats import Counter, ScopeStats, observed, stats_of
-from ._waits import Probe, drop_dead
+from ._waits import FLIGHTS, Probe, drop_dead
 from .errors import ScopeClosed
 
 HELPERS: Final = "perrequest.helpers"  # the owner of helper entries (a memo's: its spec)
@@ -37,8 +37,8 @@ class Entries:
     # 3.12+ does not specialise reading an attribute that a class attribute shadows.
     __slots__ = (
         "__weakref__", "_bound", "_closed", "_closed_at", "_counters", "_deletes", "_evictions",
-        "_final", "_flights", "_helpers", "_lock", "_max_entries", "_next_id", "_on_close",
-        "_opened_at", "_order", "_peak", "_subs", "_token",
+        "_final", "_flights", "_flights_cap", "_helpers", "_lock", "_max_entries", "_next_id",
+        "_on_close", "_opened_at", "_order", "_peak", "_subs", "_token",
     )  # fmt: skip
     _closed_at: float  # set by _shut
     _final: ScopeStats | tuple[Any, ...]  # the numbers, until somebody asks
@@ -59,6 +59,7 @@ class Entries:
         self._subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None = {HELPERS: {}}
         self._order: OrderedDict[int, tuple[object, Hashable]] = OrderedDict()
         self._flights: dict[Hashable, Any] = {}
+        self._flights_cap = FLIGHTS
         self._counters: dict[str, Counter] = {}
         self._helpers = Counter(timed=False)  # its compute_s is reported nowhere
         self._next_id = self._evictions = self._peak = self._deletes = 0
@@ -336,7 +337,7 @@ class Entries:
             self._order.clear()
             self._counters.clear()
             self._on_close = None  # a function too (close_scope has read it already)
-            drop_dead(self._flights)  # computations that never end: nothing else leaves
+            drop_dead(self)  # computations that never end: nothing else leaves
         return self._final_stats() if want_stats else None
 
     def _final_stats(self) -> ScopeStats:

@@ -2,9 +2,8 @@
 
 The computing caller, thread or task, registers in ``_flights``; the first to wait replaces
 that with a ``Waited`` (threads wait on its ``Future``, tasks on their loop's). Only the
-computing caller removes and resolves its record, whatever happened: no waiter is stranded;
-a miss nobody waits for costs a dict insert and a pop. Under trio a task registers as its
-thread but never waits: a key in flight is computed again."""
+computing caller resolves its record, whatever happened: no waiter is stranded. Under trio
+a task registers as its thread but never waits: a key in flight is computed again."""
 
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ from ._waits import (
     interrupted,
     outcome_of,
     restart,
-    result,
     resumed,
     take_over,
     thread_me,
@@ -43,6 +41,7 @@ class Cache(Protocol):
 
     _lock: Any  # a reentrant threading lock (abandon), there before any computation starts
     _flights: dict[Hashable, Any]
+    _flights_cap: int  # beyond which a task's miss looks for dead ones (_waits.drop_dead)
     _deletes: int  # entries deleted so far, for computations not in _flights (``_keep``)
 
     def _lookup(self, key: Any) -> Any: ...
@@ -153,8 +152,8 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
 
 def _own(cache: Cache, key: Hashable, me: object, record: Any) -> Any:
     """``me``'s record, given what popping ``key`` found; taken out by identity if the key's
-    hash changed (``me``'s filed under this ``key``: a task is the ``me`` of its nested
-    computations too); None if a delete took it. Another's goes back. Lock held."""
+    hash changed (a task is the ``me`` of its nested computations too: by ``key`` then);
+    None if a delete took it. Another's goes back. Lock held."""
     if record is me or (type(record) is Waited and record.owner is me):
         return record
 
@@ -185,7 +184,7 @@ def run(
             if step is False:  # recursion, or a cycle of waiters: compute without sharing
                 return _unshared(cache, key, fn, args, kwargs, counter, extra)
             try:
-                got = result(step.future, cache._flights, key, step)
+                got = _waits.result(step.future, cache._flights, key, step)
                 value = _outcome(cache, counter, got)
             finally:
                 done_waiting(me, step.future)
@@ -251,8 +250,7 @@ def _first(
 ) -> Any:
     """Fill (if ``fill``), lock held; a value stored since the caller looked (a race, a
     cycle, a later computation) stays, and is what it returns: one value per key."""
-    stored = cache._lookup(key)
-    if stored is not MISSING:
+    if (stored := cache._lookup(key)) is not MISSING:
         return stored
     if fill:
         cache._fill(key, value, counter, extra)
@@ -317,6 +315,8 @@ async def run_async(
         raise
     start = 0.0
     try:
+        if len(cache._flights) > cache._flights_cap:  # tasks of stopped loops, one a message
+            _waits.drop_dead(cache)
         counter.misses += 1
         if counter.timed:
             start = _now()

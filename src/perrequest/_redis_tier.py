@@ -24,7 +24,7 @@ from ._redis_lock import Late
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._signals import raised_by_a_signal_handler
 from ._stats import Counter
-from ._waits import Waited
+from ._waits import FLIGHTS, Waited
 from .errors import UnhashableArguments
 
 if TYPE_CHECKING:
@@ -52,8 +52,8 @@ class RedisTier:
     """The Redis tier of one memoized function, sync or async (``_shared.Tier``)."""
 
     __slots__ = (
-        "__weakref__", "_deletes", "_flights", "_lock", "base", "cache", "counts", "fn",
-        "keyed", "name", "prefix",
+        "__weakref__", "_deletes", "_flights", "_flights_cap", "_lock", "base", "cache",
+        "counts", "fn", "keyed", "name", "prefix",
     )  # fmt: skip
     _values_only = True  # as _shared._Guarded's
 
@@ -63,6 +63,7 @@ class RedisTier:
         self.base = f"{cache.namespace}:{spec.name}:"  # every version's keys start so
         self.prefix = f"{self.base}{version}:"
         self._flights: dict[Hashable, Any] = {}
+        self._flights_cap = FLIGHTS  # _waits.drop_dead
         self._lock = threading.RLock()  # reentrant, as _flight's caches' (finish, abandon)
         self._deletes = 0  # this process's deletes and clears so far (``_storable``)
         self.counts = dict.fromkeys(cache._totals, 0)  # RedisStats' fields
@@ -180,8 +181,7 @@ class RedisTier:
         return self.cache._codec.loads(payload, key)
 
     def _loop_conn(self) -> io.Conn | None:
-        """This event loop's connections (a pool per loop, as its connections belong to
-        it); None under trio (counted, logged: fail open)."""
+        """This event loop's connections (a pool per loop); None under trio (fail open)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -29,6 +29,7 @@ from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_a
 from ._shared_errors import SharedComputationError as SharedComputationError
 from ._signals import raised_by_a_signal_handler
 from ._typing import SharedCacheInfo
+from ._waits import FLIGHTS
 
 _C = TypeVar("_C")
 _R = TypeVar("_R")
@@ -181,13 +182,14 @@ class _Guarded:
     (``_flight.Cache``), for every function using it. The lock is held for one cache
     operation at a time, never while computing."""
 
-    __slots__ = ("__weakref__", "_deletes", "_flights", "_lock", "cache")
+    __slots__ = ("__weakref__", "_deletes", "_flights", "_flights_cap", "_lock", "cache")
     _values_only = True  # its function's errors reach waiters as values (_waits.outcome_of)
 
     def __init__(self, cache: MutableMapping[Hashable, Any]) -> None:
         self.cache = cache
         self._lock = threading.RLock()
         self._flights: dict[Hashable, Any] = {}
+        self._flights_cap = FLIGHTS  # _waits.drop_dead
         self._deletes = 0  # for computations not in _flights (trio: _flight._keep)
 
     def _lookup(self, key: Hashable) -> Any:

@@ -1,6 +1,6 @@
 """Who waits for whose single-flight computation (threads by id, tasks), so that a caller
-never waits for one that waits for it: two threads fetching each other's keys would
-otherwise wait forever. Consulted only when a caller is about to wait."""
+never waits for one that waits for it (two threads fetching each other's keys would
+otherwise wait forever); and the records in flight, filed again, taken out, dropped."""
 
 from __future__ import annotations
 
@@ -12,19 +12,15 @@ import threading
 import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from contextvars import ContextVar
 from typing import Any
 
 from ._signals import raised_by_a_signal_handler
 
 
 def thread_me() -> int:
-    """A thread's ``me`` in single-flight, got through a frame of its own: a miss registers
-    only once a frame is free for unregistering (``_flight.failed``), so that a
-    ``RecursionError`` comes before registering, not between it and unregistering (a
-    record left behind: others would wait for ever). Looked up per call, not bound at
-    import: imported before gevent's monkey-patching (gunicorn ``--preload``), every
-    greenlet would have its thread's id, and take the others' computations for its own."""
+    """A thread's ``me`` in single-flight, through a frame of its own: a ``RecursionError``
+    comes before registering, not before unregistering (``_flight.failed``). Looked up per
+    call: bound before gevent's patching (``--preload``), greenlets would share an id."""
     return threading.get_ident()
 
 
@@ -44,6 +40,7 @@ def task_me() -> object:
 _waits: dict[object, object] = {}
 _task_waits: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
 _waits_lock = threading.RLock()  # reentrant: a collection inside may run a waiter
+FLIGHTS = 64  # computations in flight in one cache before ``drop_dead`` looks
 
 
 def _waits_of(who: object) -> Any:
@@ -59,10 +56,8 @@ _at_fork: frozenset[object] = frozenset()
 
 def gone(owner: Any) -> bool:
     """True when ``owner``, computing a key, may never end: a task done (its record left by
-    a lost lookup), or left pending on an event loop that stopped (closed, or kept to run
-    again some day: a waiter computes instead),
-    or a thread that ran in a parent of this process and does not exist here (a thread
-    started here may reuse its id: then it is not gone)."""
+    a lost lookup) or left pending on a stopped event loop, or a thread of a parent of
+    this process that does not exist here (one started here may reuse its id)."""
     if type(owner) is not int:  # a task registers as its loop runs: only a stop stops it
         return owner is not None and (owner.done() or not owner.get_loop().is_running())
     return bool(_gone) and owner in _gone and all(t.ident != owner for t in threading.enumerate())
@@ -74,8 +69,7 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """The parent's waits are not this process's; nor is the lock, which one of its
-    threads may have held."""
+    """The parent's waits are not this process's; nor is the lock (a thread there held it?)."""
     global _gone, _waits_lock
     _gone = _gone | (_at_fork - {threading.get_ident()})
     _waits.clear()
@@ -110,14 +104,13 @@ def may_wait(me: object, owner: object, future: Any) -> bool:
 
 
 def _over(entry: Any) -> bool:
-    done = entry[1]()
-    return done is None or done.done()
+    return (done := entry[1]()) is None or done.done()
 
 
 def done_waiting(me: object, future: Any) -> None:
-    """``me`` waits no more for ``future``: its entry goes, and the entry of a wait it was
-    nested in (a finalizer that waits, run by a collection in a waiting thread) is back.
-    A wait ``may_wait`` made no entry for (the future was done) leaves the entry alone."""
+    """``me`` waits no more for ``future``: its entry goes, the entry of a wait it was nested
+    in (a finalizer run by a collection in a waiting thread) is back; one ``may_wait``
+    made no entry for (the future was done) leaves the entry alone."""
     # No lock: only ``me`` writes its own entry (others read it), and a collection in
     # may_wait may run a finalizer that waits, holding _waits_lock, for ``me`` to finish.
     waits = _waits_of(me)
@@ -131,9 +124,8 @@ def done_waiting(me: object, future: Any) -> None:
 
 class Waited:
     """A computation that somebody waits for: threads on ``future``; tasks on a future of
-    their own loop each, in ``tasks`` until they stop waiting, which ``future``'s one
-    callback wakes (``asyncio.wrap_future`` per task would leave a callback on ``future``
-    for each task that gave up: unbounded while a computation hangs)."""
+    their own loop each, in ``tasks`` while they wait, woken by ``future``'s one callback
+    (``wrap_future`` per task: a callback per task that gave up, while it hangs)."""
 
     __slots__ = ("future", "owner", "tasks")
 
@@ -170,36 +162,48 @@ def take_out(flights: dict[Hashable, Any], stale: Callable[[Any, Any], bool]) ->
     where a lookup by key cannot find them: their key's hash changed since it was filed (a
     computation that changes its argument, as a save assigning the primary key its hash
     uses does) or its ``__eq__`` raises. The others are filed again (``popitem`` hashes
-    nothing; filing hashes anew); the waiters of one that cannot be filed any more, or
-    whose key a caller registered meanwhile (registering takes no lock: that caller
-    computes too), start again and join it. Returns those taken out. Lock held. A signal
-    handler's exception goes on; the records it leaves out are not found by their waiters,
-    who compute within two of their one-second looks (``result``)."""
+    nothing); the waiters of one that cannot be (``_file``) start again and join it.
+    Returns those taken out. Lock held. A signal handler's exception goes on once the rest
+    are filed again (the waiters of those taken out start again: the caller gets none)."""
     records = []
     while flights:
         records.append(flights.popitem())
     taken = []
-    for filed, record in reversed(records):
-        if stale(filed, record):  # runs no code of the key
-            taken.append(record)
-            continue
-        try:
-            if flights.setdefault(filed, record) is record:
-                continue
-        except Exception as exc:  # the key's __hash__ or __eq__: it cannot be filed any more
-            if raised_by_a_signal_handler(exc):  # a soft time limit: the task's
-                raise
-        restart(record)
+    try:
+        while records:
+            filed, record = records[-1]  # in the order they were filed
+            if stale(filed, record):  # runs no code of the key
+                taken.append(record)
+            elif not _file(flights, filed, record):
+                restart(record)
+            records.pop()
+    except BaseException:
+        for record in taken:
+            restart(record)
+        for filed, record in reversed(records):  # the one it was at may be filed: kept
+            if stale(filed, record) or not _file(flights, filed, record):
+                restart(record)
+        raise
     return taken
+
+
+def _file(flights: dict[Hashable, Any], filed: Hashable, record: Any) -> bool:
+    """False if the key's ``__hash__`` or ``__eq__`` raises now, or a caller registered it
+    meanwhile (registering takes no lock: that caller computes too)."""
+    try:
+        return flights.setdefault(filed, record) is record
+    except Exception as exc:
+        if raised_by_a_signal_handler(exc):  # a soft time limit: the task's
+            raise
+        return False
 
 
 def interrupted(
     cache: Any, key: Hashable, me: object, exc: BaseException, record: Any = None
 ) -> None:
     """A miss (``_flight.run``) interrupted as registering ``me`` returned (``record`` None:
-    not got; a signal handler's ``Exception`` then too, where the key's own finds nothing)
-    or as a wait began: its waiters compute (by identity: per call). Other ``Exception``s
-    are the computation's, handed to a waiter."""
+    not got; a signal's ``Exception`` too) or as a wait began: its waiters compute (by
+    identity: per call). Other ``Exception``s are the computation's, handed to a waiter."""
     if isinstance(exc, Exception) and record is not None:
         return
     with cache._lock:
@@ -215,9 +219,8 @@ def interrupted(
 
 
 # The tasks whose keys a caller took over as their loops stopped, with their store's count of
-# deletes then: ended when the loop runs again, one stores its value if no delete came since
-# (``resumed``): else it returned its own while the one that took over, still computing,
-# stored another later. Weakly: a task never resumed goes with its loop.
+# deletes then: resumed, one stores its value only if no delete came since (``resumed``).
+# Weakly: a task never resumed goes with its loop.
 _taken: weakref.WeakKeyDictionary[Any, list[tuple[Any, Hashable, int]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -247,18 +250,22 @@ def resumed(cache: Any, key: Hashable, me: object) -> bool:
     return False
 
 
-def drop_dead(flights: dict[Hashable, Any]) -> None:
+def drop_dead(cache: Any) -> None:
     """Unregister the computations that may never end (tasks left pending on a stopped
-    loop): a closed store would hold them, and their arguments, for as long as it is held.
-    Their waiters look again. Lock held."""
+    loop, one per message of a long scope): a cache would hold them, and their arguments,
+    for as long as it is held. Their waiters look again. Looked for again once more than
+    ``FLIGHTS`` and twice as many as are left are in flight (amortized: O(1) a miss)."""
 
     def dead(_: object, record: Any) -> bool:
         owner = record.owner if type(record) is Waited else record
         return (type(owner) is int or isinstance(owner, asyncio.Task)) and gone(owner)
 
-    if any(dead(None, record) for record in list(flights.values())):
-        for record in take_out(flights, dead):
-            restart(record)
+    with cache._lock:
+        flights = cache._flights
+        if any(dead(None, record) for record in list(flights.values())):
+            for record in take_out(flights, dead):
+                restart(record)
+        cache._flights_cap = max(FLIGHTS, 2 * len(flights))
 
 
 class Probe:
@@ -341,9 +348,3 @@ def _wake(tasks: set[asyncio.Future[None]], _: object) -> None:
 def _settle(mine: asyncio.Future[None]) -> None:
     if not mine.done():
         mine.set_result(None)
-
-
-# The sync batch fetches whose batch function runs here: in this thread, or in one it
-# started with this context copied (asyncio.to_thread) or bound (``bind_scope``). Their
-# keys are fetched again here, never waited for: the fetch waits for this code.
-within: ContextVar[tuple[Any, ...]] = ContextVar("perrequest.fetching", default=())

@@ -12,7 +12,7 @@ from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
-from ._active import OnClose, _current, active_store, close_scope, here, open_scope
+from ._active import OnClose, _current, active_store, close_scope, here, open_scope, within
 from ._checks import (
     check_max_entries,
     check_on_close,
@@ -22,7 +22,6 @@ from ._checks import (
 )
 from ._stats import add_scope_listener, remove_scope_listener
 from ._targets import refuse_generator, refuse_task
-from ._waits import within
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_key
 

@@ -163,10 +163,18 @@ def test_a_signal_as_a_moved_keys_neighbours_are_filed_again_leaves_none_out(
     futures: list[Any] = []
     with ThreadPoolExecutor(3) as pool, request_scope() as store:
         go.set(), h(0), go.clear(), g(Model(5))  # past each function's first miss
-        computed.clear()
-        at.armed = True
-        with interrupted_by(signal, at):
-            g(Model(6))
+        for pk in range(6, 50):  # until g's moved key is not found by identity (see above)
+            computed.clear(), futures.clear()
+            at.armed = True
+            try:
+                g(Model(pk))
+            except signal:
+                break
+            finally:
+                sys.setprofile(None)
+            at.armed = False  # popped from its old slot: nothing taken out; again
+            go.set(), [f.result(WAIT) for f in futures], go.clear(), h.cache_clear()
+        assert not at.armed, "the signal never came: the test tests nothing"
         started = time.monotonic()
         go.set()
         assert [f.result(WAIT) for f in futures] == [10, 10]
@@ -735,6 +743,37 @@ def test_a_long_scope_closing_a_loop_per_message_keeps_a_bounded_number_of_recor
             loop.close()
         flights = store._flights if tier == "store" else _shared._guarded[id(cache)]._flights
         assert 0 < len(flights) <= FLIGHTS
+
+
+def test_computations_on_a_loop_stopped_between_messages_are_kept() -> None:
+    """_waits.drop_dead looks past ``FLIGHTS`` for tasks that never end: those of a loop that
+    is only stopped (one kept, ``run_until_complete`` per message) go on when it runs again
+    and store their values, each computed once."""
+    calls: list[int] = []
+    loop = asyncio.new_event_loop()
+    release = asyncio.Event()
+
+    @request_memo
+    async def user(user_id: int, wait: bool = True) -> str:
+        calls.append(user_id)
+        if wait:
+            await release.wait()
+        return f"user {user_id}"
+
+    try:
+        with request_scope() as store:
+            keys = range(FLIGHTS)
+            tasks = [loop.run_until_complete(_started(user(k))) for k in keys]
+            assert asyncio.run(user(-1, wait=False)) == "user -1"  # another loop's miss,
+            assert asyncio.run(user(-2, wait=False)) == "user -2"  # past the cap: a look
+            assert len(store._flights) == len(keys)  # none dropped
+            loop.call_soon(release.set)
+            got = loop.run_until_complete(asyncio.wait_for(asyncio.gather(*tasks), 5))
+            assert got == [f"user {k}" for k in keys]
+            assert loop.run_until_complete(user(5)) == "user 5"  # stored
+            assert calls == [*keys, -1, -2] and not store._flights
+    finally:
+        loop.close()
 
 
 async def test_many_computations_in_flight_at_once_are_never_dropped() -> None:

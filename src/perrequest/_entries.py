@@ -337,7 +337,7 @@ class Entries:
             self._order.clear()
             self._counters.clear()
             self._on_close = None  # a function too (close_scope has read it already)
-            drop_dead(self)  # computations that never end: nothing else leaves
+            drop_dead(self, closing=True)  # computations that never end: nothing else leaves
         return self._final_stats() if want_stats else None
 
     def _final_stats(self) -> ScopeStats:

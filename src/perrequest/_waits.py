@@ -250,15 +250,17 @@ def resumed(cache: Any, key: Hashable, me: object) -> bool:
     return False
 
 
-def drop_dead(cache: Any) -> None:
-    """Unregister the computations that may never end (tasks left pending on a stopped
-    loop, one per message of a long scope): a cache would hold them, and their arguments,
-    for as long as it is held. Their waiters look again. Looked for again once more than
-    ``FLIGHTS`` and twice as many as are left are in flight (amortized: O(1) a miss)."""
+def drop_dead(cache: Any, closing: bool = False) -> None:
+    """Unregister the computations that never end (tasks of closed loops, one per message of
+    a long scope; at ``closing``, of stopped ones too): a cache would hold them, and their
+    arguments, for as long as it is held. Their waiters look again. Looked for again once
+    more than ``FLIGHTS`` and twice as many as are left are in flight (O(1) a miss)."""
 
-    def dead(_: object, record: Any) -> bool:
+    def dead(_: object, record: Any) -> bool:  # a stopped loop may run again: its task too
         owner = record.owner if type(record) is Waited else record
-        return (type(owner) is int or isinstance(owner, asyncio.Task)) and gone(owner)
+        if type(owner) is int or not isinstance(owner, asyncio.Task):
+            return type(owner) is int and gone(owner)
+        return owner.done() or owner.get_loop().is_closed() or (closing and gone(owner))
 
     with cache._lock:
         flights = cache._flights
@@ -291,10 +293,9 @@ RESTART: Any = object()
 
 
 def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any) -> Any:
-    """``future``'s result, looked at every second: RESTART once it is seen twice
-    unresolved with its ``record`` gone from ``flights`` (or, a batch's fetch, ended).
-    Its computation ended without resolving it: waking the waiters takes a few frames,
-    and a computation that ends in a ``RecursionError`` at the limit may have none left."""
+    """``future``'s result, looked at every second: RESTART once seen twice unresolved with
+    its ``record`` gone from ``flights`` (a batch's fetch: ended), as a computation that
+    ended in a ``RecursionError`` at the limit may have had no frame left to resolve it."""
     seen_gone = False
     while True:
         try:
@@ -310,10 +311,9 @@ def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, rec
 async def result_async(
     future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Waited
 ) -> Any:
-    """``result`` for a task (of any loop), which waits without blocking its loop, on a
-    future of its own (each second's timeout cancels a shield of it, not it). Not
-    ``asyncio.wait``: cancelled in it, its frame (in the error's traceback) holds the
-    future, and so the value."""
+    """``result`` for a task (of any loop), on a future of its own (each second's timeout
+    cancels a shield of it). Not ``asyncio.wait``: cancelled in it, its frame (in the
+    error's traceback) holds the future, and so the value."""
     mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     tasks = record.tasks
     tasks.add(mine)  # then look: woken, or done already

@@ -41,7 +41,7 @@ class Cache(Protocol):
 
     _lock: Any  # a reentrant threading lock (abandon), there before any computation starts
     _flights: dict[Hashable, Any]
-    _flights_cap: int  # beyond which a task's miss looks for dead ones (_waits.drop_dead)
+    _flights_cap: int  # beyond which run_async looks for dead ones (_waits.drop_dead)
     _deletes: int  # entries deleted so far, for computations not in _flights (``_keep``)
 
     def _lookup(self, key: Any) -> Any: ...
@@ -315,8 +315,8 @@ async def run_async(
         raise
     start = 0.0
     try:
-        if len(cache._flights) > cache._flights_cap:  # tasks of stopped loops, one a message
-            _waits.drop_dead(cache)
+        if len(cache._flights) > cache._flights_cap:  # tasks of closed loops (a shared tier:
+            _waits.drop_dead(cache)  # for ever); not in the generated miss: 290 instructions
         counter.misses += 1
         if counter.timed:
             start = _now()

@@ -93,7 +93,7 @@ _COMPUTE = """\
                 )
             __pr_start = 0.0  # registered: every way out resolves it (see _flight.run)
             try:
-{prune}                __pr_counter.misses += 1
+                __pr_counter.misses += 1
                 if __pr_counter.timed:
                     __pr_start = __pr_now()
                 __pr_value = {await_}__pr_fn({arguments})
@@ -168,13 +168,6 @@ _TASK_INLINE = """\
                 __pr_me = None
 """
 
-# A task's miss: the records of tasks left pending on stopped loops (a long scope running
-# a loop per message) are dropped once there are many (see _flight.run_async).
-_PRUNE = """\
-                if __pr_len(__pr_store._flights) > __pr_store._flights_cap:
-                    __pr_drop_dead(__pr_store)
-"""
-
 _REFUSE = """\
                 if __pr_type(__pr_value) in __pr_lazy:  # a coroutine or generator
                     __pr_refuse(__pr_fn, __pr_value)
@@ -187,7 +180,6 @@ def source(spec: Any, parts: dict[str, Any]) -> str:
     miss = (_RUN if spec.shared is not None else _COMPUTE).format(
         **parts,
         refuse="" if is_async else _REFUSE,
-        prune=_PRUNE if is_async else "",
         me=_me(is_async),
         known="\n                    and __pr_me is not None" if is_async else "",
     )

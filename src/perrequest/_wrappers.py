@@ -24,7 +24,7 @@ from typing import Any
 from . import _flight, _templates
 from ._active import _current, is_resolved
 from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
-from ._waits import drop_dead, interrupted, task_me, thread_me
+from ._waits import interrupted, task_me, thread_me
 
 
 def _slow(
@@ -65,7 +65,7 @@ _FIXED = {
     "__pr_TypeError": TypeError, "__pr_AttributeError": AttributeError,
     "__pr_BaseException": BaseException, "__pr_RuntimeError": RuntimeError,
     "__pr_call_key": call_key, "__pr_KWARGS": KWARGS, "__pr_tuple": tuple, "__pr_dict": dict,
-    "__pr_len": len, "__pr_asyncio": asyncio, "__pr_drop_dead": drop_dead,
+    "__pr_len": len, "__pr_asyncio": asyncio,
 }  # fmt: skip
 
 

@@ -27,8 +27,9 @@ from signals import (
 )
 
 import perrequest
-from perrequest import _flight, _shared, bind_scope, request_memo, request_scope
-from perrequest._waits import FLIGHTS, Waited
+from perrequest import _flight, _records, _shared, bind_scope, request_memo, request_scope
+from perrequest._records import FLIGHTS
+from perrequest._waits import Waited
 
 WAIT = 10  # seconds: a hang fails the test instead of the run
 
@@ -47,7 +48,7 @@ def _collect_tasks_left_pending() -> Iterator[None]:
 
 
 def test_a_key_moved_while_another_in_flight_is_unhashable_raises_nothing() -> None:
-    """_waits.take_out: finishing a computation whose key's hash changed
+    """_records.take_out: finishing a computation whose key's hash changed
     takes the records out and files the others again; one whose key cannot be hashed now
     (an outer computation saving a copy: pk None) is dropped, not raised from here."""
     a, b = Model(1), Model(2)
@@ -78,7 +79,7 @@ def test_a_key_moved_while_another_in_flight_is_unhashable_raises_nothing() -> N
 def test_a_signal_as_a_moved_keys_neighbour_is_filed_again_reaches_the_caller(
     signal: type[BaseException], where: str
 ) -> None:
-    """_waits.take_out: finishing a computation whose key's hash moved files the other
+    """_records.take_out: finishing a computation whose key's hash moved files the other
     records in flight again, in a ``try`` for keys whose hash raises now. What a signal
     handler raised there as ``setdefault`` returned (Ctrl-C; Celery's soft time limit) was
     taken for such a key and dropped: the call returned as if nothing had happened; so
@@ -122,7 +123,7 @@ def test_a_signal_as_a_moved_keys_neighbour_is_filed_again_reaches_the_caller(
 def test_a_signal_as_a_moved_keys_neighbours_are_filed_again_leaves_none_out(
     signal: type[BaseException],
 ) -> None:
-    """_waits.take_out: a signal as the first of the other records in flight was filed again
+    """_records.take_out: a signal as the first of the other records in flight was filed again
     left the rest out: their computations then stored nothing and answered no waiter, and
     a thread waiting for one computed the key again after two one-second looks. The rest
     are filed again before the signal goes on."""
@@ -283,7 +284,7 @@ def test_an_interrupt_as_the_registering_call_returns_leaves_no_record() -> None
 
 @pytest.mark.parametrize("call_in", ["memo", "get_or_set"])
 def test_an_interrupt_as_a_key_whose_eq_raises_registers_reaches_the_caller(call_in: str) -> None:
-    """_waits.interrupted: a miss interrupted as it registers unregisters its record, looked
+    """_records.interrupted: a miss interrupted as it registers unregisters its record, looked
     up by its key, in a ``try`` for keys whose ``__hash__``/``__eq__`` raises (it registered
     nothing). A Ctrl-C that came inside the ``__eq__`` of such a key as its registration met
     a colliding key in flight (``Odd`` beside ``Seven``) made that lookup compare again: the
@@ -712,7 +713,7 @@ def test_a_waiter_whose_computation_is_left_on_a_closed_loop_computes_it() -> No
 
 
 def test_a_closed_store_holds_no_computation_left_on_a_closed_loop() -> None:
-    """_waits.drop_dead at close: a long scope that closed a loop per message with a memo
+    """_records.drop_dead at close: a long scope that closed a loop per message with a memo
     pending keeps no record of them once closed (each held the task and its arguments)."""
     with request_scope() as store:
         for user_id in range(20):
@@ -722,7 +723,7 @@ def test_a_closed_store_holds_no_computation_left_on_a_closed_loop() -> None:
 
 
 def test_a_shared_memo_left_pending_on_a_loop_per_message_keeps_a_bounded_number() -> None:
-    """_waits.drop_dead in ``_flight.run_async``: a ``shared=`` memo left pending on each loop
+    """_records.drop_dead in ``_flight.run_async``: a ``shared=`` memo left pending on each loop
     of a worker that closes a loop per message (``run_until_complete``, no cancelling) kept a
     record of each, with its task and arguments, in its process-wide cache's flights: for
     the life of the process. At most ``FLIGHTS`` now (a request store's: until it closes)."""
@@ -741,8 +742,84 @@ def test_a_shared_memo_left_pending_on_a_loop_per_message_keeps_a_bounded_number
     assert 0 < len(_shared._guarded[id(cache)]._flights) <= FLIGHTS
 
 
+def test_a_live_computation_stays_registered_while_dead_ones_are_dropped() -> None:
+    """_records.drop_dead unregisters dead records in place: it emptied the cache's flights
+    and filed the live ones again (take_out), and a thread registering meanwhile (callers
+    register without the lock) found a key in flight free and computed it a second time
+    (a review's finding: ``h(1) computed twice``)."""
+    cache = cachetools.LRUCache(1000)
+    go, absent = threading.Event(), []
+
+    @request_memo(shared=cache)
+    def h(x: int) -> int:
+        assert go.wait(WAIT)
+        return x * 10
+
+    @request_memo(shared=cache)
+    async def pending(n: int) -> int:
+        await asyncio.sleep(3600)  # its loop is closed while it waits here
+        return n
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event != "c_return" or frame.f_code.co_name not in ("drop_dead", "_drop", "take_out"):
+            return
+        if not any(record is live for record in list(flights.values())):
+            absent.append(getattr(arg, "__name__", arg))
+
+    with ThreadPoolExecutor(1) as pool, request_scope():
+        go.set(), h(0), go.clear()  # past the first miss
+        computing = pool.submit(bind_scope(h), 1)
+        flights = _shared._guarded[id(cache)]._flights
+        deadline = time.monotonic() + WAIT
+        while not flights and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (live,) = flights.values()
+        try:
+            for n in range(2 * FLIGHTS):  # a loop per message, closed with its memo pending
+                loop = asyncio.new_event_loop()
+                sys.setprofile(watch)
+                try:
+                    loop.run_until_complete(_started(pending(n)))
+                finally:
+                    sys.setprofile(None)
+                loop.close()
+            assert len(flights) <= FLIGHTS, "no look for dead records: the test tests nothing"
+        finally:
+            go.set()
+        assert computing.result(WAIT) == 10
+    assert not absent, f"the live record was out of the flights as {absent[0]} returned"
+
+
+@pytest.mark.parametrize("call", ["clear", "setdefault", "append"])
+@pytest.mark.parametrize("signal", [Interrupt, Signalled])
+def test_a_signal_anywhere_in_take_out_leaves_no_live_record_out(
+    signal: type[BaseException], call: str
+) -> None:
+    """_records.take_out popped every record before its ``try`` (a review's finding): a
+    signal as a ``popitem()`` returned left those popped so far out of the flights, their
+    values unstored, their waiters computing again after two one-second looks."""
+    live = [Waited(1000 + n) for n in range(5)]
+    stale = Waited(2000)
+    keys = [("spec", n) for n in range(6)]
+    flights: dict[Any, Any] = dict(zip(keys, [*live[:3], stale, *live[3:]], strict=True))
+    at = RaiseAfter(signal, call, "take_out" if call != "setdefault" else "_file")
+    at.armed = True
+    sys.setprofile(at)
+    try:
+        _records.take_out(flights, lambda _, record: record is stale)
+    except signal:
+        pass
+    finally:
+        sys.setprofile(None)
+    assert not at.armed, "the signal never came: the test tests nothing"
+    for key, record in zip([*keys[:3], *keys[4:]], live, strict=True):
+        assert flights.get(key) is record, f"{key}'s live record left out"
+        assert not record.future.done(), "a live computation's waiters told to retry"
+    assert keys[3] not in flights and stale.future.done()  # taken out: its waiters retry
+
+
 def test_computations_on_a_loop_stopped_between_messages_are_kept() -> None:
-    """_waits.drop_dead looks past ``FLIGHTS`` for tasks that never end: those of a loop that
+    """_records.drop_dead looks past ``FLIGHTS`` for tasks that never end: those of a loop that
     is only stopped (one kept, ``run_until_complete`` per message) go on when it runs again
     and store their values, each computed once."""
     calls: list[int] = []
@@ -776,7 +853,7 @@ def test_computations_on_a_loop_stopped_between_messages_are_kept() -> None:
 
 
 async def test_many_computations_in_flight_at_once_are_never_dropped() -> None:
-    """_waits.drop_dead looks for dead records once more than ``FLIGHTS`` are in flight: live
+    """_records.drop_dead looks for dead records once more than ``FLIGHTS`` are in flight: live
     ones (their loop running) stay, each computed once however many wait."""
     calls: list[int] = []
     release = asyncio.Event()
@@ -921,7 +998,7 @@ def _paused_then_taken_over(delete: bool) -> tuple[list[str], list[str]]:
 
 
 def test_a_computation_resumed_while_its_taker_computes_stores_its_value() -> None:
-    """_waits.resumed: the paused computation ends first and stores its value (no delete
+    """_records.resumed: the paused computation ends first and stores its value (no delete
     came), which the one that took over then returns: one value per key. Before, it stored
     nothing and returned its own, and the other stored its own: the request read two."""
     read, calls = _paused_then_taken_over(delete=False)
@@ -929,7 +1006,7 @@ def test_a_computation_resumed_while_its_taker_computes_stores_its_value() -> No
 
 
 def test_a_computation_resumed_after_a_delete_stores_nothing() -> None:
-    """_waits.resumed: a delete came after the takeover: the paused value is stale, kept out."""
+    """_records.resumed: a delete came after the takeover: the paused value is stale, kept out."""
     read, calls = _paused_then_taken_over(delete=True)
     assert read[0] == "paused" and read[2] == "later" and calls == ["paused", "other", "later"]
 

@@ -14,9 +14,10 @@ from ._active import within as _within
 from ._batch_outcomes import Unhashed, missing_keys, pick, put_all, same, settled
 from ._checks import is_async_callable, refuse_coroutine, unhashable_because
 from ._flight import MISSING
+from ._records import take_out
 from ._signals import raised_by_a_signal_handler
 from ._stats import Counter, function_name
-from ._waits import RESTART, done_waiting, gone, may_wait, result, take_out
+from ._waits import RESTART, done_waiting, gone, may_wait, result
 from .errors import ScopeClosed, UnhashableArguments
 from .memo import OUTSIDE_FIX, refuse_or_warn
 from .store import MemoStore

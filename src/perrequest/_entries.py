@@ -19,9 +19,9 @@ from typing import Any, Final
 
 from ._checks import check_max_entries, unknown_option
 from ._flight import MISSING
+from ._records import FLIGHTS, Probe, drop_dead
 from ._signals import raised_by_a_signal_handler
 from ._stats import Counter, ScopeStats, observed, stats_of
-from ._waits import FLIGHTS, Probe, drop_dead
 from .errors import ScopeClosed
 
 HELPERS: Final = "perrequest.helpers"  # the owner of helper entries (a memo's: its spec)

@@ -13,20 +13,10 @@ from typing import Any, Protocol
 
 from . import _waits
 from ._checks import LAZY, refuse_memoized_result
+from ._records import drop_dead, interrupted, resumed, take_out, take_over
 from ._signals import raised_by_a_signal_handler
 from ._stats import CountsLike as Counter
-from ._waits import (
-    RESTART,
-    Waited,
-    done_waiting,
-    gone,
-    interrupted,
-    outcome_of,
-    restart,
-    resumed,
-    take_over,
-    thread_me,
-)
+from ._waits import RESTART, Waited, done_waiting, gone, outcome_of, restart, thread_me
 
 MISSING: Any = object()
 
@@ -41,7 +31,7 @@ class Cache(Protocol):
 
     _lock: Any  # a reentrant threading lock (abandon), there before any computation starts
     _flights: dict[Hashable, Any]
-    _flights_cap: int  # beyond which run_async looks for dead ones (_waits.drop_dead)
+    _flights_cap: int  # beyond which run_async looks for dead ones (_records.drop_dead)
     _deletes: int  # entries deleted so far, for computations not in _flights (``_keep``)
 
     def _lookup(self, key: Any) -> Any: ...
@@ -161,7 +151,7 @@ def _own(cache: Cache, key: Hashable, me: object, record: Any) -> Any:
         return (at is key or type(me) is int) and getattr(rec, "owner", rec) is me
 
     filed = any(mine(*item) for item in list(cache._flights.items()))
-    taken = _waits.take_out(cache._flights, mine) if filed else []
+    taken = take_out(cache._flights, mine) if filed else []
     _put_back(cache, key, record)
     return taken[0] if taken else None
 
@@ -316,7 +306,7 @@ async def run_async(
     start = 0.0
     try:
         if len(cache._flights) > cache._flights_cap:  # tasks of closed loops (a shared tier:
-            _waits.drop_dead(cache)  # for ever); not in the generated miss: 290 instructions
+            drop_dead(cache)  # for ever); not in the generated miss: 290 instructions
         counter.misses += 1
         if counter.timed:
             start = _now()

@@ -20,11 +20,12 @@ from . import _redis_io as io
 from . import _redis_lock as lock
 from ._checks import LAZY, refuse_memoized_result
 from ._flight import MISSING
+from ._records import FLIGHTS
 from ._redis_lock import Late
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._signals import raised_by_a_signal_handler
 from ._stats import Counter
-from ._waits import FLIGHTS, Waited
+from ._waits import Waited
 from .errors import UnhashableArguments
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class RedisTier:
         self.base = f"{cache.namespace}:{spec.name}:"  # every version's keys start so
         self.prefix = f"{self.base}{version}:"
         self._flights: dict[Hashable, Any] = {}
-        self._flights_cap = FLIGHTS  # _waits.drop_dead
+        self._flights_cap = FLIGHTS  # _records.drop_dead
         self._lock = threading.RLock()  # reentrant, as _flight's caches' (finish, abandon)
         self._deletes = 0  # this process's deletes and clears so far (``_storable``)
         self.counts = dict.fromkeys(cache._totals, 0)  # RedisStats' fields
@@ -297,8 +298,7 @@ class RedisTier:
         """``payload`` if it is to be stored; b"" if over ``max_value_bytes`` (counted,
         logged), or if a cache_delete or cache_clear here (``_flight.invalidate``) took
         ``key`` from ``me`` and came after its CLAIM (``deletes``, the count then): maybe
-        computed from old data (its lock goes all the same). One that came before, while
-        it waited for another's lock, left it data read after the delete."""
+        computed from old data (its lock goes all the same; one before it left it newer)."""
         cache = self.cache
         if len(payload) > cache.max_value_bytes:
             self.count("too_large")

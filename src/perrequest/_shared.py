@@ -25,11 +25,11 @@ from typing import Any, Protocol, TypeVar
 
 from . import _flight
 from ._flight import MISSING
+from ._records import FLIGHTS
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._shared_errors import SharedComputationError as SharedComputationError
 from ._signals import raised_by_a_signal_handler
 from ._typing import SharedCacheInfo
-from ._waits import FLIGHTS
 
 _C = TypeVar("_C")
 _R = TypeVar("_R")
@@ -189,7 +189,7 @@ class _Guarded:
         self.cache = cache
         self._lock = threading.RLock()
         self._flights: dict[Hashable, Any] = {}
-        self._flights_cap = FLIGHTS  # _waits.drop_dead
+        self._flights_cap = FLIGHTS  # _records.drop_dead
         self._deletes = 0  # for computations not in _flights (trio: _flight._keep)
 
     def _lookup(self, key: Hashable) -> Any:

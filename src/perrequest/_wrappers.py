@@ -24,7 +24,8 @@ from typing import Any
 from . import _flight, _templates
 from ._active import _current, is_resolved
 from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
-from ._waits import interrupted, task_me, thread_me
+from ._records import interrupted
+from ._waits import task_me, thread_me
 
 
 def _slow(

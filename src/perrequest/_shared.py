@@ -68,7 +68,7 @@ def _forked() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
     for guarded in _held:
-        guarded._lock, guarded._flights = threading.RLock(), {}
+        guarded._lock, guarded._flights, guarded._flights_cap = threading.RLock(), {}, FLIGHTS
     _held.clear()
 
 

@@ -118,7 +118,9 @@ def drop_dead(cache: Any, closing: bool = False) -> None:
     """Unregister the computations that never end (tasks of closed loops, one per message of
     a long scope; at ``closing``, of stopped ones too): a cache would hold them, and their
     arguments, for as long as it is held. Their waiters look again. Looked for again once
-    more than ``FLIGHTS`` and twice as many as are left are in flight (O(1) a miss)."""
+    more than ``FLIGHTS`` and twice as many as are left are in flight (O(1) a miss). One
+    whose key's hash moved stays (its waiters are told to look again) but at ``closing``:
+    only ``take_out`` finds it, and a live cache (a shared tier) must never be emptied."""
 
     def dead(_: object, record: Any) -> bool:  # a stopped loop may run again: its task too
         owner = record.owner if type(record) is Waited else record
@@ -130,10 +132,11 @@ def drop_dead(cache: Any, closing: bool = False) -> None:
         flights, moved = cache._flights, False
         for filed, record in list(flights.items()):
             if dead(filed, record) and not _drop(flights, filed, record):
+                restart(record)  # its key's hash moved: its waiters take over (by the key now)
                 moved = True
-        if moved:  # a dead record whose key's hash moved since: only take_out finds it
-            for record in take_out(flights, dead):
-                restart(record)
+        if moved and closing:  # a closed store keeps no key: only take_out finds these, and
+            for record in take_out(flights, dead):  # empties the dict as it does (callers
+                restart(record)  # register without the lock: one may compute a key twice)
         cache._flights_cap = max(FLIGHTS, 2 * len(flights))
 
 

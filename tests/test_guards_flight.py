@@ -190,8 +190,9 @@ def test_a_signal_as_a_failed_computation_unregisters_reaches_the_caller(
 ) -> None:
     """_flight.failed: unregistering a computation that raised is in a ``try`` for keys whose
     hash raises now. A Ctrl-C, or a soft time limit, that came as that pop returned was
-    taken for such a key and dropped (the computation's own error went out in its place)."""
-    at = RaiseAfter(signal, "pop", "failed")
+    taken for such a key and dropped (the computation's own error went out in its place).
+    (It looks with ``get`` before it deletes: another's record is never popped.)"""
+    at = RaiseAfter(signal, "get", "failed")
 
     @request_memo
     def f(x: int) -> int:

@@ -137,3 +137,89 @@ def test_a_dead_record_whose_key_moved_never_unregisters_live_ones() -> None:
     first.join(WAIT)
     second.join(WAIT)
     assert during == ["first"], f"work(slow) computed twice at once: {during}"
+
+
+def _run_in_scope(call: Any) -> Any:
+    async def main() -> Any:
+        async with request_scope():
+            return await call
+
+    return asyncio.run(main())
+
+
+def test_a_dropped_task_collected_never_unregisters_the_live_computation_of_its_key() -> None:
+    """A dead task that drop_dead unregistered is collected: its coroutine closes, and
+    _flight.failed popped whatever was filed under its key since, the record of the caller
+    computing it now, to put it back: in between a thread registering found the key free
+    and computed it too (HEAD 8998fef)."""
+    cache: cachetools.LRUCache[Any, Any] = cachetools.LRUCache(10_000)
+    calls, go, window = [], threading.Event(), threading.Event()
+
+    @request_memo(shared=cache)
+    async def user(n: int) -> int:
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "closed":
+            await asyncio.Event().wait()  # its loop is closed while it waits here
+        while not go.is_set():
+            await asyncio.sleep(0.01)
+        return n
+
+    @request_memo(shared=cache)
+    async def quick(n: int) -> int:
+        return n
+
+    def leave_pending() -> None:
+        loop = asyncio.new_event_loop()
+        with request_scope():  # the tasks copy its context: its store
+            for n in range(FLIGHTS):
+                loop.create_task(user(n))  # noqa: RUF006 (collected: the test)
+            loop.run_until_complete(asyncio.sleep(0.05))
+            loop.close()
+
+    met: list[object] = []
+
+    def put_back(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code.co_name == "failed":
+            cache_, key = frame.f_locals.get("cache"), frame.f_locals.get("key")
+            if cache_ is _shared._guarded[id(cache)] and cache_._flights.get(key) is not None:
+                met.append(key)  # a dropped task ends where a live one computes its key now
+        if (
+            event == "call"
+            and frame.f_code.co_name == "_put_back"
+            and frame.f_locals.get("record") is not None
+            and not window.is_set()
+        ):
+            window.set()
+            time.sleep(0.5)
+        return put_back if event == "call" else None
+
+    gc.disable()
+    try:
+        closed = threading.Thread(target=leave_pending, name="closed")
+        closed.start()
+        closed.join(WAIT)
+        flights = _shared._guarded[id(cache)]._flights
+        _in_a_loop(lambda: quick(1), "trigger").join(WAIT)  # past FLIGHTS: a look
+        assert len(flights) < FLIGHTS, "no look: the test tests nothing"
+        live = _in_a_loop(lambda: user(1), "live")
+        deadline = time.monotonic() + WAIT
+        while "live" not in calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        other = _parked_before_registering(lambda: _run_in_scope(user(1)), "other", window)
+        sys.settrace(put_back)
+        try:
+            gc.enable()
+            gc.collect()  # the dropped tasks: their coroutines close, each in _flight.failed
+        finally:
+            sys.settrace(None)
+        assert met, "no dropped task ended where another computes: the test tests nothing"
+        window.set()  # the other registers now, if it has not yet
+        time.sleep(0.3)
+        during = [name for name in calls if name != "closed"]
+    finally:
+        gc.enable()
+        window.set()
+        go.set()
+    live.join(WAIT)
+    other.join(WAIT)
+    assert during == ["live"], f"user(1) computed twice at once: {during}"

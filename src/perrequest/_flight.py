@@ -61,7 +61,13 @@ def failed(
         counter.compute_s += _now() - start
     with cache._lock:  # in this frame: at the recursion limit no other is free (thread_me)
         try:
-            record = cache._flights.pop(key, None)
+            # Looked at before it goes: another's (a dropped or taken-over task, collected,
+            # ends here: its key computed anew meanwhile) is never out, not even for a moment.
+            record = cache._flights.get(key)
+            if record is me or (type(record) is Waited and record.owner is me):
+                del cache._flights[key]
+            else:
+                record = None
         except Exception as error:  # the key's __hash__/__eq__ raised now: by identity
             if raised_by_a_signal_handler(error):  # a soft time limit: the task's, once its
                 restart(_own(cache, key, me, None))  # waiters compute (``run`` ends it again)

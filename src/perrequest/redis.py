@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from . import _redis_io as io
 from ._checks import explains_options
+from ._records import FLIGHTS
 from ._redis_io import Codec
 from ._redis_tier import RedisCacheInfo, RedisTier
 from ._typing import RedisMemoizedFunction
@@ -117,7 +118,7 @@ def _forked() -> None:
     for cache in list(_caches):
         cache._lock = threading.Lock()  # (no loop's connections: asyncio runs none here)
         for tier in list(cache._tiers):
-            tier._lock, tier._flights = threading.RLock(), {}
+            tier._lock, tier._flights, tier._flights_cap = threading.RLock(), {}, FLIGHTS
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork

@@ -127,7 +127,10 @@ app.add_middleware(RequestScopeMiddleware)
 # "inside" ours.
 
 LOAD_TALLY: dict[str, Any] = {"checks": {}, "bad": []}
-_tally_lock = threading.Lock()
+# Reentrant: a collection may start inside ``check``'s block (3.12+ collect at any
+# eval-breaker check, scheduled by any thread's allocations) and finalize an abandoned
+# body whose ``finally`` checks in the same thread: a plain Lock deadlocked the server.
+_tally_lock = threading.RLock()
 
 
 @perrequest.request_memo(outside_scope="call")

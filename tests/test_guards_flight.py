@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -1184,3 +1185,59 @@ def test_an_interrupt_as_a_wait_begins_leaves_no_waits_for_entry(
         finally:
             release.set()
         assert computing.result(WAIT) == 1
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring: CPython 3.12+")
+@pytest.mark.parametrize("ended", [1, 2], ids=["walk-on", "past-nested-waits"])
+def test_a_signal_at_a_back_edge_of_may_waits_walk_leaves_its_lock_free(ended: int) -> None:
+    """_waits.may_wait: an exception raised at a loop's back edge in the walk along who waits
+    for whom (CPython runs signal handlers there), walking on to the next waiter or past
+    nested waits that ended, leaves ``_waits_lock`` free. On 3.13 such an exception skipped
+    the ``with`` around the loop (python/cpython#130279): the lock stayed held, and every
+    other thread's next wait hung. (A real signal there: 3.13; raised as a JUMP event of
+    sys.monitoring, on 3.12 too.)"""
+    from concurrent.futures import Future
+
+    from perrequest import _waits
+
+    monitoring = sys.monitoring
+    tool = next(i for i in range(6) if monitoring.get_tool(i) is None)
+    done, pending = Future[None](), Future[None]()
+    done.set_result(None)
+    owner, other = -1, -2  # idents no thread has: ``owner`` waits for ``other``, nested
+    entry: Any = (other, weakref.ref(pending), None)
+    for _ in range(ended):
+        entry = (other, weakref.ref(done), entry)
+    _waits._waits[owner] = entry
+    armed = [True]
+
+    def at_jump(code: Any, at: int, to: int) -> Any:
+        if code.co_filename == _waits.__file__ and to < at and armed:
+            raise Interrupt(armed.pop())
+        return monitoring.DISABLE
+
+    monitoring.use_tool_id(tool, "perrequest test")
+    monitoring.register_callback(tool, monitoring.events.JUMP, at_jump)
+    monitoring.set_events(tool, monitoring.events.JUMP)
+    try:
+        with pytest.raises(Interrupt):
+            _waits.may_wait(-3, owner, Future())
+    finally:
+        monitoring.set_events(tool, 0)
+        monitoring.register_callback(tool, monitoring.events.JUMP, None)
+        monitoring.free_tool_id(tool)
+        _waits._waits.pop(owner, None)
+
+    def lock_is_free() -> bool:
+        if not _waits._waits_lock.acquire(timeout=1):
+            return False
+        _waits._waits_lock.release()
+        return True
+
+    with ThreadPoolExecutor(1) as pool:
+        free = pool.submit(lock_is_free).result()
+    with contextlib.suppress(RuntimeError):  # held here: freed for the tests after this one
+        while True:
+            _waits._waits_lock.release()
+    assert free
+    assert -3 not in _waits._waits

@@ -80,28 +80,30 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
 
 def may_wait(me: object, owner: object, future: Any) -> bool:
     """Record that ``me`` waits for ``owner``'s ``future``, unless that closes a cycle (then
-    False). A wait whose future is done is over, though its waiter has not run to say so."""
+    False). No loop under the lock: 3.13 kept it at a signal at its back edge (cpython#130279)."""
     with _waits_lock:
-        who: object = owner
-        for _ in range(len(_waits) + len(_task_waits) + 1):
-            if who == me:
-                return False
-            entry = _waits_of(who).get(who)
-            if entry is None:
-                break
-            while entry[2] is not None and _over(entry):  # a nested wait ended: the outer
-                entry = entry[2]  # one is about to go on (its thread has not said so yet)
-            who, done = entry[0] if type(entry[0]) is int else entry[0](), entry[1]()
-            if who is None or done is None or done.done():
-                break
+        if _waits_for(owner, me):
+            return False
         target = owner if type(owner) is int else weakref.ref(owner)
         waits = _waits_of(me)
         waits[me] = (target, weakref.ref(future), waits.get(me))  # a wait in a wait: nested
         return True
 
 
-def _over(entry: Any) -> bool:
-    return (done := entry[1]()) is None or done.done()
+def _waits_for(who: object, me: object) -> bool:
+    """Whether ``who`` waits for ``me`` through whom it waits for (a done future's: over)."""
+    for _ in range(len(_waits) + len(_task_waits) + 1):
+        if who == me:
+            return True
+        entry = _waits_of(who).get(who)
+        if entry is None:
+            return False
+        while entry[2] is not None and ((done := entry[1]()) is None or done.done()):
+            entry = entry[2]
+        who, done = entry[0] if type(entry[0]) is int else entry[0](), entry[1]()
+        if who is None or done is None or done.done():
+            return False
+    return False
 
 
 def done_waiting(me: object, future: Any) -> None:

@@ -3,6 +3,7 @@ fails with its guard deleted (a block-deletion mutation pass, 5 December 2026)."
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from typing import Any
@@ -244,3 +245,62 @@ async def test_a_record_put_back_under_another_key_object_strands_no_task() -> N
     release["A"].set()
     assert await a == "A: 99"
     assert (await asyncio.wait_for(w, 8)).startswith("W")  # before: waited for ever
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring: CPython 3.12+")
+def test_a_signal_in_cache_clears_look_at_what_is_in_flight_leaves_the_lock_free() -> None:
+    """SharedTier.clear: an exception raised at a back edge of the look for this function's
+    computations in flight (CPython runs signal handlers there), past another's, leaves the
+    shared cache's lock free. On 3.13 such an exception in an inlined comprehension skipped
+    the ``with`` around it (python/cpython#130279): the lock stayed held, and every other
+    thread's next call of a function on that cache hung. (A real signal there: 3.13; raised
+    as a JUMP event of sys.monitoring, on 3.12 too.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from perrequest import _shared
+
+    cache = cachetools.LRUCache(maxsize=10)
+
+    @request_memo(shared=cache)
+    def a(x: int) -> int:
+        return x
+
+    with request_scope():
+        a(1)
+    guarded = _shared._guarded[id(cache)]
+    guarded._flights["another's"] = 0  # in flight, not this function's
+    monitoring = sys.monitoring
+    tool = next(i for i in range(6) if monitoring.get_tool(i) is None)
+    armed = [True]
+
+    def at_jump(code: Any, at: int, to: int) -> Any:
+        if code.co_filename == _shared.__file__ and to < at and armed:
+            raise KeyboardInterrupt(armed.pop())
+        return monitoring.DISABLE
+
+    monitoring.use_tool_id(tool, "perrequest test")
+    monitoring.register_callback(tool, monitoring.events.JUMP, at_jump)
+    monitoring.set_events(tool, monitoring.events.JUMP)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            a.cache_clear()
+    finally:
+        monitoring.set_events(tool, 0)
+        monitoring.register_callback(tool, monitoring.events.JUMP, None)
+        monitoring.free_tool_id(tool)
+        guarded._flights.pop("another's", None)
+
+    def lock_is_free() -> bool:
+        if not guarded._lock.acquire(timeout=1):
+            return False
+        guarded._lock.release()
+        return True
+
+    with ThreadPoolExecutor(1) as pool:
+        free = pool.submit(lock_is_free).result()
+    with contextlib.suppress(RuntimeError):  # held here: freed for the tests after this one
+        while True:
+            guarded._lock.release()
+    assert free
+    a.cache_clear()
+    assert len(cache) == 0

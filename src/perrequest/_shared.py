@@ -318,7 +318,10 @@ class SharedTier:
         guarded, cache = self._guarded, self._guarded.cache
         with guarded._lock:
             guarded._deletes += 1
-            for where in [k for k in list(guarded._flights) if type(k) is tuple and k[0] is spec]:
+            # A generator, not a list comprehension (inlined): 3.13 skipped the with for a
+            # signal at its back edge (python/cpython#130279), the lock held for good.
+            mine = (k for k in list(guarded._flights) if type(k) is tuple and k[0] is spec)
+            for where in mine:
                 _flight.invalidate(guarded, where)
             keys = list(cache)
         for key in keys:

@@ -314,3 +314,49 @@ def test_a_collection_outside_any_scope_drops_the_copies_of_a_requests_context()
     kept = contextvars.Context().run(request)
     gc.collect()  # outside any scope
     assert kept() is None
+
+
+def test_a_collection_starting_as_a_memo_warns_outside_a_scope_may_warn_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """memo.refuse_or_warn: a collection may start while a thread records the name it warns
+    about (3.12+ start collections at eval-breaker checks, not in allocations, which this
+    block makes none of; on 3.12 one another thread's allocation scheduled) and run a
+    cleanup that calls another memo, outside any scope (the collection hides the store):
+    that one warns too. With a plain Lock the thread waited for itself for good, and
+    so did every later first warning."""
+    from perrequest import memo
+
+    @perrequest.request_memo
+    def in_a_cleanup() -> int:
+        return 1
+
+    @perrequest.request_memo
+    def in_a_handler() -> int:
+        return 2
+
+    class Abandoned:  # a streaming body left in a reference cycle
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            in_a_cleanup()
+
+    class CollectedAsAdded(set[str]):
+        def add(self, name: str) -> None:
+            if name.endswith("in_a_handler"):
+                Abandoned()
+                gc.collect()  # as if started at the eval-breaker check after this call
+            super().add(name)
+
+    kind = threading.RLock if type(memo._warned_lock).__name__ == "RLock" else threading.Lock
+    monkeypatch.setattr(memo, "_warned_lock", kind())  # a deadlocked thread keeps this one
+    monkeypatch.setattr(memo, "outside_override", None)
+    monkeypatch.setattr(memo, "warned_outside", CollectedAsAdded())
+    done = threading.Event()
+    threading.Thread(target=lambda: (in_a_handler(), done.set()), daemon=True).start()
+    assert done.wait(5), "the thread waits for itself"
+    assert {name.rsplit(".", 1)[-1] for name in memo.warned_outside} == {
+        "in_a_cleanup",
+        "in_a_handler",
+    }

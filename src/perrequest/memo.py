@@ -44,7 +44,9 @@ outside_override: str | None = None
 # Names warned about outside a scope, once each; bounded, like everything here.
 warned_outside: set[str] = set()
 _WARNED_MAX = 10_000
-_warned_lock = threading.Lock()
+# Reentrant: a collection starting in it (3.12+: at any eval-breaker check) may run a cleanup
+# that calls a memo outside any scope (the store is hidden), in this thread.
+_warned_lock = threading.RLock()
 
 
 def _forked() -> None:
@@ -52,7 +54,7 @@ def _forked() -> None:
     --preload's workers after a call at import), with a lock no parent thread holds."""
     global _warned_lock
     warned_outside.clear()
-    _warned_lock = threading.Lock()
+    _warned_lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork

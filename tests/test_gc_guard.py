@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -360,3 +361,40 @@ def test_a_collection_starting_as_a_memo_warns_outside_a_scope_may_warn_too(
         "in_a_cleanup",
         "in_a_handler",
     }
+
+
+def test_a_collection_starting_as_a_redis_cache_logs_a_failure_may_log_one_too() -> None:
+    """RedisCache._warn: a collection may start while a thread notes when it last logged a
+    failure (see above) and run a cleanup whose memo, on the same Redis, fails too and logs.
+    With a plain Lock the thread waited for itself for good, and so did every thread that
+    met a failure of that cache later (a Redis outage: all of them)."""
+    import redis
+
+    from perrequest.redis import RedisCache
+
+    cache = RedisCache(redis.Redis(host="127.0.0.1", port=1), ttl=60, namespace="gc")
+
+    class Abandoned:  # a streaming body left in a reference cycle, whose memo fails too
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            cache._warn("in a cleanup", "perrequest test: %s", "in a cleanup")
+
+    class CollectedAsRead(dict[str, float]):
+        def get(self, kind: str, default: Any = None) -> Any:
+            if kind == "in a handler":
+                Abandoned()
+                gc.collect()  # as if started at the eval-breaker check after this call
+            return super().get(kind, default)
+
+    cache._logged = CollectedAsRead()
+    done = threading.Event()
+
+    def handler() -> None:
+        cache._warn("in a handler", "perrequest test: %s", "in a handler")
+        done.set()
+
+    threading.Thread(target=handler, daemon=True).start()
+    assert done.wait(5), "the thread waits for itself"
+    assert set(cache._logged) == {"in a handler", "in a cleanup"}

@@ -116,7 +116,7 @@ def _forked() -> None:
     their records go (a waiter would wait for them forever), with the locks they may
     have held."""
     for cache in list(_caches):
-        cache._lock = threading.Lock()  # (no loop's connections: asyncio runs none here)
+        cache._lock = threading.RLock()  # (no loop's connections: asyncio runs none here)
         for tier in list(cache._tiers):
             tier._lock, tier._flights, tier._flights_cap = threading.RLock(), {}, FLIGHTS
 
@@ -212,7 +212,9 @@ class RedisCache:
         self._down_until = 0.0
         self._tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
         self._totals = dict.fromkeys(RedisStats._fields, 0)  # functions gone still count
-        self._lock = threading.Lock()  # for counts and logs
+        # For counts and logs; reentrant: a collection starting in it (3.12+: at an eval-breaker
+        # check) may run a cleanup whose memo on this cache fails and logs, in this thread.
+        self._lock = threading.RLock()
         self._logged: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
         _caches.add(self)

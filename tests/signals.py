@@ -90,3 +90,29 @@ def interrupted_by(signal: type[BaseException], at: Any = None) -> Iterator[None
         sys.setprofile(None)
     if at is not None:
         assert not at.armed, "the signal never came: the test tests nothing"
+
+
+@contextlib.contextmanager
+def raising_at_a_back_edge(filename: str, signal: type[BaseException]) -> Iterator[list[bool]]:
+    """The first backward jump of code in ``filename`` raises ``signal`` (a JUMP event of
+    ``sys.monitoring``, CPython 3.12+), as a signal handler's exception at a loop's back
+    edge, which CPython 3.13 lets escape the ``with`` around the loop (cpython#130279).
+    Yields ``armed``, empty once it fired."""
+    monitoring = sys.monitoring
+    tool = next(i for i in range(6) if monitoring.get_tool(i) is None)
+    armed = [True]
+
+    def at_jump(code: Any, at: int, to: int) -> Any:
+        if code.co_filename == filename and to < at and armed:
+            raise signal(armed.pop())
+        return monitoring.DISABLE
+
+    monitoring.use_tool_id(tool, "perrequest test")
+    monitoring.register_callback(tool, monitoring.events.JUMP, at_jump)
+    monitoring.set_events(tool, monitoring.events.JUMP)
+    try:
+        yield armed
+    finally:
+        monitoring.set_events(tool, 0)
+        monitoring.register_callback(tool, monitoring.events.JUMP, None)
+        monitoring.free_tool_id(tool)

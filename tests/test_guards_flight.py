@@ -25,6 +25,7 @@ from signals import (
     Signalled,
     interrupted_by,
     raise_like_a_signal,
+    raising_at_a_back_edge,
 )
 
 import perrequest
@@ -1200,8 +1201,6 @@ def test_a_signal_at_a_back_edge_of_may_waits_walk_leaves_its_lock_free(ended: i
 
     from perrequest import _waits
 
-    monitoring = sys.monitoring
-    tool = next(i for i in range(6) if monitoring.get_tool(i) is None)
     done, pending = Future[None](), Future[None]()
     done.set_result(None)
     owner, other = -1, -2  # idents no thread has: ``owner`` waits for ``other``, nested
@@ -1209,23 +1208,10 @@ def test_a_signal_at_a_back_edge_of_may_waits_walk_leaves_its_lock_free(ended: i
     for _ in range(ended):
         entry = (other, weakref.ref(done), entry)
     _waits._waits[owner] = entry
-    armed = [True]
-
-    def at_jump(code: Any, at: int, to: int) -> Any:
-        if code.co_filename == _waits.__file__ and to < at and armed:
-            raise Interrupt(armed.pop())
-        return monitoring.DISABLE
-
-    monitoring.use_tool_id(tool, "perrequest test")
-    monitoring.register_callback(tool, monitoring.events.JUMP, at_jump)
-    monitoring.set_events(tool, monitoring.events.JUMP)
     try:
-        with pytest.raises(Interrupt):
+        with raising_at_a_back_edge(_waits.__file__, Interrupt), pytest.raises(Interrupt):
             _waits.may_wait(-3, owner, Future())
     finally:
-        monitoring.set_events(tool, 0)
-        monitoring.register_callback(tool, monitoring.events.JUMP, None)
-        monitoring.free_tool_id(tool)
         _waits._waits.pop(owner, None)
 
     def lock_is_free() -> bool:

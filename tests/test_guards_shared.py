@@ -11,6 +11,7 @@ from typing import Any
 import cachetools
 import pytest
 from keys import Model
+from signals import raising_at_a_back_edge
 
 from perrequest import request_memo, request_scope
 
@@ -269,25 +270,11 @@ def test_a_signal_in_cache_clears_look_at_what_is_in_flight_leaves_the_lock_free
         a(1)
     guarded = _shared._guarded[id(cache)]
     guarded._flights["another's"] = 0  # in flight, not this function's
-    monitoring = sys.monitoring
-    tool = next(i for i in range(6) if monitoring.get_tool(i) is None)
-    armed = [True]
-
-    def at_jump(code: Any, at: int, to: int) -> Any:
-        if code.co_filename == _shared.__file__ and to < at and armed:
-            raise KeyboardInterrupt(armed.pop())
-        return monitoring.DISABLE
-
-    monitoring.use_tool_id(tool, "perrequest test")
-    monitoring.register_callback(tool, monitoring.events.JUMP, at_jump)
-    monitoring.set_events(tool, monitoring.events.JUMP)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        signal = KeyboardInterrupt
+        with pytest.raises(signal), raising_at_a_back_edge(_shared.__file__, signal):
             a.cache_clear()
     finally:
-        monitoring.set_events(tool, 0)
-        monitoring.register_callback(tool, monitoring.events.JUMP, None)
-        monitoring.free_tool_id(tool)
         guarded._flights.pop("another's", None)
 
     def lock_is_free() -> bool:

@@ -58,7 +58,8 @@ CORE_TESTS := tests/test_memo.py tests/test_memo_async.py tests/test_memo_thread
 	tests/test_guards_entries.py tests/test_guards_flight.py tests/test_guards_store.py \
 	tests/test_guards_shared.py tests/test_guards_shared_errors.py tests/test_guards_batch.py \
 	tests/test_guards_batch_tick.py tests/test_guards_cleanup_signals.py \
-	tests/test_guards_shared_signals.py
+	tests/test_guards_shared_signals.py tests/test_review_findings.py tests/test_review2_findings.py \
+	tests/test_review3_findings.py
 OTHER_PYTHONS ?= $(shell for v in 3.12 3.13; do \
 	p=$$(command -v python$$v 2>/dev/null); \
 	if [ -n "$$p" ] && "$$p" -c '' 2>/dev/null; then echo "$$p"; \

@@ -58,6 +58,7 @@ class Entries:
         self._opened_at = 0.0  # timed by the scope that opens it, when watched
         self._subs: dict[object, dict[Hashable, tuple[Any, ...]]] | None = {HELPERS: {}}
         self._order: OrderedDict[int, tuple[object, Hashable]] = OrderedDict()
+        vars(self._order)  # a __dict__: 3.11 specialises the hit's move_to_end only then
         self._flights: dict[Hashable, Any] = {}
         self._flights_cap = FLIGHTS
         self._counters: dict[str, Counter] = {}

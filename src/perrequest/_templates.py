@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 from typing import Any
 
 # Indented one level, as the miss templates below are; dedented before compiling.
@@ -18,22 +19,24 @@ _TEMPLATE = """\
     {kind}def {name}({signature}):
         {key}
         __pr_store = __pr_get()
-        if __pr_store is not None:
+        if __pr_store is None:  # first: a hit jumps over one return, no EXTENDED_ARG
+            return {await_}__pr_outside({args}, {kwargs}, __pr_key)
+        if True:  # _BODY: dedented by source()
             try:
-                __pr_sub = __pr_store._subs[__pr_spec]
 {lookup}            except __pr_KeyError:  # a miss, or this function's first
                 __pr_odd = False
             except (__pr_TypeError, __pr_AttributeError):  # no store yet; closed;
                 __pr_odd = True  # unhashable; or the key's __eq__ raised: _slow tells which
 {hit}            # Outside the except blocks, so that no error raised from here on
             # carries the miss's KeyError as its context.
-{miss}        return {await_}__pr_outside({args}, {kwargs}, __pr_key)
-"""
+{miss}"""
+
+_BODY = "        if True:  # _BODY: dedented by source()\n"
 
 # A sync lookup: a miss raises KeyError (some 1,900 instructions of a miss's 12,000), a
 # hit is 130 cheaper than through ``dict.get``: 6% of ``f(1)``'s hit, the thinnest target.
 _SUBSCRIPT = """\
-                __pr_entry = __pr_sub[__pr_key]
+                __pr_entry = __pr_store._subs[__pr_spec][__pr_key]
                 __pr_store._order.move_to_end(__pr_entry[2])
 {touch}"""
 _SUBSCRIPT_HIT = """\
@@ -45,7 +48,7 @@ _SUBSCRIPT_HIT = """\
 # An async lookup, through ``dict.get``: a miss raises no KeyError, 2,000 instructions
 # less; a hit (no target as thin as the sync one's) 130 more.
 _GET = """\
-                __pr_entry = __pr_sub.get(__pr_key)
+                __pr_entry = __pr_store._subs[__pr_spec].get(__pr_key)
                 if __pr_entry is not None:
                     __pr_store._order.move_to_end(__pr_entry[2])
 {touch}                    __pr_entry[1].hits += 1
@@ -187,13 +190,26 @@ def source(spec: Any, parts: dict[str, Any]) -> str:
     lookup = (_GET if is_async else _SUBSCRIPT).format(
         touch=" " * (20 if is_async else 16) + touch if touch else ""
     )
-    return _TEMPLATE.format(
+    text = _TEMPLATE.format(
         **parts,
         kind="async " if is_async else "",
         lookup=lookup,
         hit="" if is_async else _SUBSCRIPT_HIT,
         miss=miss,
     )
+    if touch:  # a bounded function's dict is touched too: kept in a local
+        text = text.replace(
+            "__pr_entry = __pr_store._subs[__pr_spec]",
+            "__pr_sub = __pr_store._subs[__pr_spec]\n                __pr_entry = __pr_sub",
+        )
+    # Everything after the None check one level out (the templates are written inside it).
+    head, rest = text.split(_BODY, 1)
+    text = head + "".join(line[4:] for line in rest.splitlines(keepends=True))
+    named = re.fullmatch(r"__pr_key = (\w+)", parts["key"])
+    if named:  # the argument is the key: no local of its own (one store and load less)
+        text = text.replace(f"        {parts['key']}\n", "", 1)
+        text = re.sub(r"\b__pr_key\b", named[1], text)
+    return text
 
 
 def keyof_source(parts: dict[str, Any]) -> str:

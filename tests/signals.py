@@ -116,3 +116,22 @@ def raising_at_a_back_edge(filename: str, signal: type[BaseException]) -> Iterat
         monitoring.set_events(tool, 0)
         monitoring.register_callback(tool, monitoring.events.JUMP, None)
         monitoring.free_tool_id(tool)
+
+
+def free_for_another_thread(lock: Any) -> bool:
+    """Whether another thread can take ``lock`` (within a second); then frees any hold this
+    thread was left with (a reentrant lock a skipped ``with`` kept), for the tests after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def take() -> bool:
+        if not lock.acquire(timeout=1):
+            return False
+        lock.release()
+        return True
+
+    with ThreadPoolExecutor(1) as pool:
+        free = pool.submit(take).result()
+    with contextlib.suppress(RuntimeError):  # held here: not any more
+        while True:
+            lock.release()
+    return free

@@ -23,6 +23,7 @@ from signals import (
     RaiseAfter,
     RaiseAtCall,
     Signalled,
+    free_for_another_thread,
     interrupted_by,
     raise_like_a_signal,
     raising_at_a_back_edge,
@@ -1214,16 +1215,5 @@ def test_a_signal_at_a_back_edge_of_may_waits_walk_leaves_its_lock_free(ended: i
     finally:
         _waits._waits.pop(owner, None)
 
-    def lock_is_free() -> bool:
-        if not _waits._waits_lock.acquire(timeout=1):
-            return False
-        _waits._waits_lock.release()
-        return True
-
-    with ThreadPoolExecutor(1) as pool:
-        free = pool.submit(lock_is_free).result()
-    with contextlib.suppress(RuntimeError):  # held here: freed for the tests after this one
-        while True:
-            _waits._waits_lock.release()
-    assert free
+    assert free_for_another_thread(_waits._waits_lock)
     assert -3 not in _waits._waits

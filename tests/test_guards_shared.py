@@ -3,7 +3,6 @@ fails with its guard deleted (a block-deletion mutation pass, 5 December 2026)."
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import cachetools
 import pytest
 from keys import Model
-from signals import raising_at_a_back_edge
+from signals import free_for_another_thread, raising_at_a_back_edge
 
 from perrequest import request_memo, request_scope
 
@@ -256,7 +255,6 @@ def test_a_signal_in_cache_clears_look_at_what_is_in_flight_leaves_the_lock_free
     the ``with`` around it (python/cpython#130279): the lock stayed held, and every other
     thread's next call of a function on that cache hung. (A real signal there: 3.13; raised
     as a JUMP event of sys.monitoring, on 3.12 too.)"""
-    from concurrent.futures import ThreadPoolExecutor
 
     from perrequest import _shared
 
@@ -277,17 +275,6 @@ def test_a_signal_in_cache_clears_look_at_what_is_in_flight_leaves_the_lock_free
     finally:
         guarded._flights.pop("another's", None)
 
-    def lock_is_free() -> bool:
-        if not guarded._lock.acquire(timeout=1):
-            return False
-        guarded._lock.release()
-        return True
-
-    with ThreadPoolExecutor(1) as pool:
-        free = pool.submit(lock_is_free).result()
-    with contextlib.suppress(RuntimeError):  # held here: freed for the tests after this one
-        while True:
-            guarded._lock.release()
-    assert free
+    assert free_for_another_thread(guarded._lock)
     a.cache_clear()
     assert len(cache) == 0

@@ -225,3 +225,12 @@ def test_a_callgrind_count_does_not_depend_on_the_checkouts_bytecode(
     py_compile.compile(str(module), doraise=True)  # as another process's import writes it
     second = _common.callgrind(str(script), cwd=str(tmp_path))
     assert abs(first - second) < first * 0.01, (first, second)
+
+
+@pytest.mark.timeout(150)
+def test_lookup_shapes_quick(tmp_path: Path) -> None:
+    stdout, results = run_quick("lookup_shapes.py", tmp_path)
+    assert "model, an equal one" in stdout
+    shapes = {"subscript", "in, then subscript", "get"}
+    assert all(set(row) == shapes for row in results["ns"].values())
+    assert all(ns > 0 for row in results["ns"].values() for ns in row.values())

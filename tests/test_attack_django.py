@@ -33,6 +33,32 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 TESTS = ROOT / "tests"
 
 
+_ASGI_APP, _WSGI_APP = "django_attack.asgi:application", "django_attack.wsgi:application"
+# Served with ``python -m``: uvicorn, where Django was first attacked, and the servers it
+# was not attacked under before (daphne, Django's own; hypercorn; granian; waitress).
+_SERVED = ("uvicorn", "daphne", "hypercorn", "granian-asgi", "granian-wsgi", "waitress")
+
+
+def _argv(kind: str, port: int) -> list[str]:
+    """The ``python -m`` arguments that serve the attack project with ``kind``."""
+    if kind == "uvicorn":
+        return ["uvicorn", "--host", HOST, "--port", str(port), _ASGI_APP]
+    if kind == "daphne":
+        return ["daphne", "-b", HOST, "-p", str(port), "-v", "0", _ASGI_APP]
+    if kind == "hypercorn":
+        return ["hypercorn", "-b", f"{HOST}:{port}", _ASGI_APP]
+    if kind == "waitress":
+        return ["waitress", "--host", HOST, "--port", str(port), "--threads", "4", _WSGI_APP]
+    interface = kind.removeprefix("granian-")
+    app = _ASGI_APP if interface == "asgi" else _WSGI_APP
+    argv = ["granian", "--interface", interface, "--host", HOST, "--port", str(port)]
+    threads = "1" if interface == "asgi" else "4"  # granian runs ASGI apps in one thread
+    return [*argv, "--blocking-threads", threads, "--log-level", "warning", app]
+
+
+ASGI = ("uvicorn", "daphne", "hypercorn", "granian-asgi")
+
+
 def _env(tmp: Path, order: str) -> dict[str, str]:
     return {
         "ATTACK_DB": str(tmp / "attack.sqlite3"),
@@ -50,6 +76,11 @@ def _env(tmp: Path, order: str) -> dict[str, str]:
         ("gthread", "first"),
         ("gthread", "after"),
         ("sync", "after"),
+        ("daphne", "first"),
+        ("hypercorn", "first"),
+        ("granian-asgi", "first"),
+        ("granian-wsgi", "first"),
+        ("waitress", "first"),
     ],
     ids=lambda p: "-".join(p),
 )
@@ -59,20 +90,9 @@ def server(
     """(server kind, middleware order, base URL)."""
     kind, order = request.param
     env = _env(tmp_path_factory.mktemp(f"{kind}-{order}"), order)
-    if kind == "uvicorn":
+    if kind in _SERVED:
         port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "django_attack.asgi:application",
-        ]
+        argv = [sys.executable, "-m", *_argv(kind, port)]
         with serve_subprocess(argv, port, env=env) as url:
             yield kind, order, url
         return
@@ -241,7 +261,9 @@ def test_a_request_pipelined_behind_another_starts_with_no_store(
             if not chunk:
                 break  # gunicorn's sync worker answers one request per connection
             received += chunk
-    assert received.count(b"HTTP/1.1 200") == (1 if kind == "sync" else 4)
+    # gunicorn's sync worker answers one request per connection; waitress closes the
+    # connection after a streamed body it cannot tell the length of.
+    assert received.count(b"HTTP/1.1 200") == (1 if kind in ("sync", "waitress") else 4)
     live = _settled(base)
     assert live["leaked"] == [] and live["errors"] == []
     _no_crossing(live)
@@ -255,16 +277,22 @@ def test_a_streaming_body_that_raises_ends_its_scope_without_the_collector(
     store (and what it holds) stayed open until a garbage collection freed the response,
     or for ever while anything kept the response (here a middleware keeping the last
     two). The body's failure ends its scope now, on every server."""
-    _, _, base = server
+    kind, _, base = server
     _live(base, clear="1")
+    # daphne (4.2) never ends a response whose body failed: the client gives up.
+    cut: Any = (httpx.RemoteProtocolError, httpx.ReadTimeout) if kind == "daphne" else ()
     for i in range(3):
         try:
             response = httpx.get(
-                f"{base}/stream/{body}/", params={"v": f"x{i}", "n": "5", "fail": "2"}
+                f"{base}/stream/{body}/",
+                params={"v": f"x{i}", "n": "5", "fail": "2"},
+                timeout=2 if kind == "daphne" else 5,
             )
             assert response.status_code in (200, 500)  # WSGI reads an async body before sending
         except httpx.RemoteProtocolError:
             pass  # the server cut the chunked body short: the body failed after sending
+        except cut:
+            pass
     live = _settled(base, what="the failed body's store stayed open", collect=False)
     assert [c["v"] for c in live["cleanups"] if c["where"] == body] == ["x0", "x1", "x2"]
     _no_crossing(live)
@@ -278,9 +306,19 @@ def test_a_streaming_response_the_server_cannot_send_ends_its_scope_when_freed(
     scope ends when the response is freed: at once under gunicorn, at the next garbage
     collection under uvicorn (the failed task and its exception hold it in a cycle).
     A known limit of a middleware: wrapping the ASGI application ends it at once."""
-    _, _, base = server
+    kind, _, base = server
+    if kind == "daphne":
+        # daphne 4.2, once a body has failed after its response started (above), never
+        # answers a request whose app fails before its response starts, and keeps it (and
+        # so its scope) in flight, with or without perrequest: a bug of daphne's.
+        pytest.skip("daphne hangs this request after a failed body")
     for i in range(3):
-        _get(f"{base}/bad-cookie/", status=500, params={"v": f"b{i}"})
+        # granian's WSGI interface sends the header as it is (UTF-8): no failure there.
+        _get(
+            f"{base}/bad-cookie/",
+            status=200 if kind == "granian-wsgi" else 500,
+            params={"v": f"b{i}"},
+        )
     _no_crossing(_settled(base, what="a response dropped unclosed kept its store"))
 
 
@@ -332,7 +370,7 @@ def test_abandoned_streams_cleanups_never_see_another_request(
     streams = 8
     # Django reads a body of the wrong kind whole before sending it (a sync one under
     # ASGI, an async one under WSGI): keep those small.
-    n = 40 if (kind == "uvicorn") == (body == "sync") else 2000
+    n = 40 if (kind in ASGI) == (body == "sync") else 2000
 
     async def others(stop: asyncio.Event) -> int:
         done = 0
@@ -374,7 +412,7 @@ def test_request_finished_of_an_abandoned_stream_runs_in_its_scope(
     Django still closes the response, and its ``request_finished`` receivers see the
     request's store. Under ASGI the cancelled async body ended the scope before that."""
     kind, _, base = server
-    body = "async" if kind == "uvicorn" else "sync"
+    body = "async" if kind in ASGI else "sync"
     _live(base, clear="1")
     for i in range(3):
         _abandon(base, f"/stream/{body}/?v=x{i}&n=2000")
@@ -401,12 +439,12 @@ def test_clients_leaving_while_views_run(server: tuple[str, str, str]) -> None:
 
     def finished(live: dict[str, Any]) -> bool:
         after = [c for c in live["cleanups"] if c["where"] == "after sleep"]
-        return len(after) >= (1 if kind == "uvicorn" else 4)  # ASGI: the sync views
+        return len(after) >= (1 if kind in ASGI else 4)  # ASGI: the sync views
 
     live = _settled(base, finished, "a view never finished")
     after = [c for c in live["cleanups"] if c["where"] == "after sleep"]
     # perrequest's middleware itself run in a thread (sync-below) is not cancelled either.
-    cancelled = kind == "uvicorn" and order != "sync-below"
+    cancelled = kind in ASGI and order != "sync-below"
     for seen in after:
         assert seen["in_scope"] is not cancelled, after
         assert seen["marker"] == (None if cancelled else seen["v"]), after
@@ -448,7 +486,7 @@ def test_threads_outliving_their_request_finish_and_see_no_store(
     finish (nobody hangs on the closed scope), outside any scope, with the value."""
     kind, _, base = server
     _live(base, clear="1")
-    _get(f"{base}/{'outlive' if kind == 'uvicorn' else 'outlive-sync'}/", params={"v": "l1"})
+    _get(f"{base}/{'outlive' if kind in ASGI else 'outlive-sync'}/", params={"v": "l1"})
 
     def both(live: dict[str, Any]) -> bool:
         return len([c for c in live["cleanups"] if c["v"] == "l1"]) == 2

@@ -1,5 +1,5 @@
-"""waitress, cheroot, Tornado's ``WSGIContainer``, Twisted's ``WSGIResource`` and daphne,
-served for real and loaded.
+"""waitress, cheroot, Tornado's ``WSGIContainer``, Twisted's ``WSGIResource``, hypercorn's
+own WSGI interface and daphne, served for real and loaded.
 
 The apps are in tests/more_servers_apps.py (a Flask app wrapped by ``PerRequest``
 for the WSGI servers, a Starlette app with the ASGI middleware for daphne, each
@@ -34,7 +34,9 @@ from perrequest.wsgi import RequestScopeMiddleware
 # Server farms: CI runs them (make test); make check, the fast loop, skips them.
 pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
-WSGI_SERVERS = ("waitress", "cheroot", "tornado", "tornado-inline", "twisted")
+# hypercorn serves a WSGI app itself: it calls, iterates and closes it in the loop's default
+# executor (no context copied), and sends each chunk through run_coroutine_threadsafe.
+WSGI_SERVERS = ("waitress", "cheroot", "tornado", "tornado-inline", "twisted", "hypercorn")
 SERVERS = (*WSGI_SERVERS, "daphne")
 CLIENTS = 8
 REQUESTS = 160  # per test: half views, half short streamed bodies
@@ -47,6 +49,9 @@ def _serve(server: str) -> Iterator[str]:
     if server == "daphne":
         argv = [sys.executable, "-m", "daphne", "-b", HOST, "-p", str(port)]
         argv += ["-v", "0", "more_servers_apps:asgi_app"]
+    elif server == "hypercorn":
+        argv = [sys.executable, "-m", "hypercorn", "-b", f"{HOST}:{port}"]
+        argv += ["more_servers_apps:wsgi_app"]
     else:
         argv = [sys.executable, "tests/more_servers_apps.py", server, str(port)]
     with serve_subprocess(argv, port) as url:

@@ -6,6 +6,9 @@ unhashable default, ``cache_clear()`` racing a ``shared=`` computation, the metr
 on function names, Django's middleware listed twice under ASGI, the toolbar panel's ASGI
 store lookup and empty subtitle, an unpicklable value in a pickle ``RedisCache``, a scope
 that did nothing under OpenTelemetry, and the input checks that raise a clear error.
+A second pass (coverage's tracer restored after the tests that set their own) added a
+builtin factory or ``on_close`` without a signature, a parameter named like the generated
+wrapper's names, the bound on names warned about, and a loader's entry as listed.
 """
 
 from __future__ import annotations
@@ -502,3 +505,85 @@ def test_an_unhashable_reason_is_cut_short_and_one_that_cannot_be_read_is_left_o
         with pytest.raises(perrequest.UnhashableArguments, match=r"unhashable \(Mute\), so"):
             f(Mute())
     assert f"(Chatty: {'x' * 200}), so" in str(chatty.value)
+
+
+# -- guards a second coverage pass found unreached ------------------------------------------
+
+
+def test_a_factory_without_a_signature_raising_typeerror_gets_its_own_error() -> None:
+    """store._binds_no_arguments: a builtin factory whose signature cannot be read (``iter``)
+    raising its own TypeError: that error, not the ValueError of reading its signature."""
+    with request_scope() as store, pytest.raises(TypeError, match=r"^iter expected"):
+        store.get_or_set("k", iter)
+    assert list(store) == []
+
+
+def test_an_on_close_without_a_signature_is_trusted() -> None:
+    """_checks.check_on_close: a builtin whose signature cannot be read (``dir``) is called,
+    not refused with the ValueError of reading its signature."""
+    seen: list[object] = []
+    with request_scope(on_close=dir):
+        pass
+    perrequest.add_scope_listener(dir)
+    try:
+        with request_scope(on_close=seen.append):
+            pass
+    finally:
+        perrequest.remove_scope_listener(dir)
+    assert len(seen) == 1
+
+
+def test_a_parameter_named_like_the_generated_code_s_names_is_keyed_all_the_same() -> None:
+    """_wrappers.parameters: a parameter named ``__pr_*`` (the generated wrapper's own
+    names, ``__pr_get`` among them) gets the generic wrapper (keyed by call shape, as
+    ``functools.lru_cache`` keys), never one whose parameter hides a name it uses."""
+    calls: list[int] = []
+
+    @request_memo
+    def double(__pr_get: int) -> int:
+        calls.append(__pr_get)
+        return 2 * __pr_get
+
+    with request_scope():
+        assert [double(1), double(1), double(2), double(2)] == [2, 2, 4, 4]
+    assert calls == [1, 2]
+
+
+def test_warnings_outside_a_scope_stop_at_the_bound_of_names(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """memo.refuse_or_warn: once ``_WARNED_MAX`` names were warned about, a new one is
+    called without a warning, and not remembered: the set stays bounded."""
+    from perrequest import memo
+
+    monkeypatch.setattr(memo, "warned_outside", set())
+    monkeypatch.setattr(memo, "_WARNED_MAX", 1)
+
+    @request_memo
+    def first() -> int:
+        return 1
+
+    @request_memo
+    def second() -> int:
+        return 2
+
+    with caplog.at_level("WARNING", logger="perrequest"):
+        assert (first(), second(), first()) == (1, 2, 1)
+    warned = [r.getMessage() for r in caplog.records if "outside a request scope" in r.message]
+    assert len(warned) == 1 and ".first was called" in warned[0]
+    assert len(memo.warned_outside) == 1
+
+
+def test_a_batch_entry_listed_from_the_store_names_its_loader() -> None:
+    """_batching._BatchSpec.__repr__: a loader's entry shows up as a ``MemoKey`` whose
+    owner names the batch function, not an object address."""
+
+    @request_batch
+    def labels(keys: list[int]) -> list[str]:
+        return [str(key) for key in keys]
+
+    with request_scope() as store:
+        assert labels.load(7) == "7"
+        [key] = list(store)
+        assert type(key) is MemoKey and key.key == 7
+        assert repr(key.owner) == f"<request_batch {__name__}.{labels.__qualname__}>"

@@ -289,7 +289,8 @@ def test_multiprocess_counters_keep_the_name_bound_and_the_helpers_row(
 ) -> None:
     """The multiprocess mode's ``Counter`` objects are fed as the running totals are:
     names past the bound (``perrequest.helpers`` included) under ``(other
-    functions)``, the three series of a function together."""
+    functions)``, the three series of a function together; a name counted already keeps
+    its own series in later scopes."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setattr(prometheus, "MAX_NAMES", 1)
     registry = CollectorRegistry()
@@ -300,12 +301,14 @@ def test_multiprocess_counters_keep_the_name_bound_and_the_helpers_row(
             double(1)
             triple(1)
             perrequest.get_or_set("plain", lambda: 1)
+        with request_scope():  # a name known already keeps its series past the bound
+            double(2)
         scraped = generate_latest(registry).decode()
     finally:
         prometheus.uninstrument()
     lines = set(scraped.splitlines())
     assert f'perrequest_memo_hits_total{{function="{NAME}"}} 1.0' in lines
-    assert f'perrequest_memo_misses_total{{function="{NAME}"}} 1.0' in lines
+    assert f'perrequest_memo_misses_total{{function="{NAME}"}} 2.0' in lines
     assert f'perrequest_memo_evictions_total{{function="{NAME}"}} 0.0' in lines
     # triple and get_or_set, past the bound of one name
     assert 'perrequest_memo_misses_total{function="(other functions)"} 2.0' in lines

@@ -587,3 +587,20 @@ def test_a_batch_entry_listed_from_the_store_names_its_loader() -> None:
         [key] = list(store)
         assert type(key) is MemoKey and key.key == 7
         assert repr(key.owner) == f"<request_batch {__name__}.{labels.__qualname__}>"
+
+
+def test_a_shared_cache_that_cannot_store_is_logged_once_per_function(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """_shared.SharedCache._fill: a cache whose ``getsizeof`` raises on every value fails at
+    each miss; that is said once per function, not once per miss."""
+    cache = cachetools.LRUCache(maxsize=10_000, getsizeof=len)  # len(int) raises TypeError
+
+    @request_memo(shared=cache)
+    def price(item: str) -> int:
+        return len(item)
+
+    with caplog.at_level("ERROR", logger="perrequest"), request_scope():
+        assert [price("a"), price("bb"), price("ccc")] == [1, 2, 3]
+    logged = [r for r in caplog.records if "could not store a value" in r.getMessage()]
+    assert len(logged) == 1 and len(cache) == 0

@@ -14,6 +14,7 @@ wrapper's names, the bound on names warned about, and a loader's entry as listed
 from __future__ import annotations
 
 import contextvars
+import functools
 import io
 import json
 import threading
@@ -604,3 +605,17 @@ def test_a_shared_cache_that_cannot_store_is_logged_once_per_function(
         assert [price("a"), price("bb"), price("ccc")] == [1, 2, 3]
     logged = [r for r in caplog.records if "could not store a value" in r.getMessage()]
     assert len(logged) == 1 and len(cache) == 0
+
+
+def test_a_function_whose_signature_cannot_be_read_gets_the_generic_wrapper() -> None:
+    """_wrappers.parameters: a plain function whose signature inspect cannot read (one
+    ``functools.partialmethod`` makes over a builtin without one) is memoized by call
+    shape, not refused with the ValueError of reading its signature."""
+
+    class Holder:
+        names = functools.partialmethod(dir)
+
+    listed = request_memo(Holder.names)
+    with request_scope():
+        first = listed(3)
+        assert first == dir(3) and listed(3) is first

@@ -912,6 +912,21 @@ class Interned(Exception):
         return cls.made.setdefault(message, super().__new__(cls, message))
 
 
+class Renumbered(Exception):
+    """A ``__reduce__`` whose arguments rebuild another error than the one raised: a copy
+    made from them would say something else."""
+
+    def __reduce__(self) -> tuple[type[Renumbered], tuple[object, ...]]:
+        return type(self), (f"{self.args[0]} (renumbered)",)
+
+
+class Reduced(Exception):
+    """A ``__reduce__`` that rebuilds it as another type."""
+
+    def __reduce__(self) -> tuple[type[Exception], tuple[object, ...]]:
+        return ValueError, self.args
+
+
 class Disguised(Exception):
     """One instance for all, in a class that says it is built in (pytest's own outcome
     exceptions set ``__module__`` so): the copy must still be a new object."""
@@ -958,10 +973,12 @@ def _local_error() -> type[Exception]:
         lambda: MyGroup("several", [ValueError("a")]),
         lambda: ExceptionGroup(Message("several"), [ValueError("a")]),
         lambda: _local_error()("made in the call"),
+        lambda: Renumbered("order 7"),
+        lambda: Reduced("order 7"),
     ],
     ids=["datetime with own tzinfo", "enum with mutable value", "interned",
          "disguised as built in", "group subclass", "group with str-subclass message",
-         "class defined in the call"],
+         "class defined in the call", "rebuilt with other arguments", "reduced to another type"],
 )  # fmt: skip
 def test_what_cannot_be_copied_safely_reaches_a_waiter_by_name(
     make: Callable[[], BaseException],

@@ -619,3 +619,44 @@ def test_a_function_whose_signature_cannot_be_read_gets_the_generic_wrapper() ->
     with request_scope():
         first = listed(3)
         assert first == dir(3) and listed(3) is first
+
+
+def test_prometheus_instrument_defaults_to_the_global_registry() -> None:
+    """prometheus.instrument(): no registry given is prometheus-client's global ``REGISTRY``
+    (not refused as a registry of the wrong type); uninstrument() twice is harmless."""
+    from prometheus_client import REGISTRY
+
+    from perrequest import prometheus
+
+    @request_memo
+    def double(x: int) -> int:
+        return 2 * x
+
+    prometheus.instrument()
+    try:
+        with request_scope():
+            double(1)
+        name = f"{__name__}.{double.__qualname__}"
+        assert REGISTRY.get_sample_value("perrequest_memo_misses_total", {"function": name}) == 1
+    finally:
+        prometheus.uninstrument()
+    prometheus.uninstrument()
+    assert not prometheus.is_instrumented()
+    assert REGISTRY.get_sample_value("perrequest_memo_misses_total", {"function": name}) is None
+
+
+def test_a_class_methods_cache_delete_without_arguments_finds_nothing() -> None:
+    """_checks.check_instance: ``cache_delete()`` of a class method taking ``*args``, given
+    no arguments at all, has no class to check: it deletes nothing, as a call would key
+    ``Repo.find()``, and is not refused for a missing class."""
+
+    class Repo:
+        @request_memo
+        @classmethod
+        def find(cls, *ids: int) -> tuple[int, ...]:
+            return ids
+
+    with request_scope():
+        assert Repo.find(1, 2) == (1, 2)
+        assert Repo.find.cache_delete() is False
+        assert Repo.find.cache_delete(Repo, 1, 2) is True

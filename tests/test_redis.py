@@ -195,6 +195,13 @@ def test_arguments_json_cannot_encode_need_key(cache: RedisCache) -> None:
     message = str(info.value)
     assert "sales" in message and "'day'" in message and "key=" in message
 
+    @request_memo(shared=cache)
+    def sales_in(region: str, day: Day) -> int:  # the argument at fault comes second
+        return 1
+
+    with request_scope(), pytest.raises(UnhashableArguments, match=r"argument 'day' \("):
+        sales_in("north", Day("2026-01-01"))
+
     @request_memo(shared=cache, key=lambda day, region: (day.iso, region))
     def sales_by_key(day: Day, region: str) -> int:
         return 2

@@ -660,3 +660,16 @@ def test_a_class_methods_cache_delete_without_arguments_finds_nothing() -> None:
         assert Repo.find(1, 2) == (1, 2)
         assert Repo.find.cache_delete() is False
         assert Repo.find.cache_delete(Repo, 1, 2) is True
+
+
+def test_an_unhashable_tuple_subclass_of_hashable_items_is_named_alone() -> None:
+    """_checks.unhashable_because: a tuple type that refuses hashing itself (``__hash__ =
+    None``) holds nothing at fault: the message names the type, and no item."""
+
+    class Row(tuple[int, ...]):
+        __hash__ = None  # type: ignore[assignment]
+
+    with request_scope() as store:
+        with pytest.raises(TypeError, match=r"must be hashable, not Row: use a tuple"):
+            store[Row((1, 2))] = 1
+        assert list(store) == []

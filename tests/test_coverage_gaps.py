@@ -673,3 +673,23 @@ def test_an_unhashable_tuple_subclass_of_hashable_items_is_named_alone() -> None
         with pytest.raises(TypeError, match=r"must be hashable, not Row: use a tuple"):
             store[Row((1, 2))] = 1
         assert list(store) == []
+
+
+async def test_an_asgi_scope_carrying_a_closed_layers_cell_gets_a_store_of_its_own() -> None:
+    """asgi.RequestScopeMiddleware: an ASGI scope dict used again (a test calling the app
+    twice with one dict) carries the cell of a scope closed since; inside a scope of the
+    caller's, the request opens one of its own, neither the caller's nor the closed one."""
+    seen: list[MemoStore | None] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(perrequest.current_store())
+
+    middleware = AsgiScopeMiddleware(app)
+    scope: dict[str, Any] = {"type": "http", "path": "/"}
+    await middleware(scope, None, None)
+    with request_scope() as outer:
+        await middleware(scope, None, None)
+        assert perrequest.current_store() is outer
+    first, second = seen
+    assert first is not None and first.closed
+    assert second is not None and second is not outer and second is not first and second.closed

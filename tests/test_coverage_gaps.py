@@ -7,8 +7,11 @@ on function names, Django's middleware listed twice under ASGI, the toolbar pane
 store lookup and empty subtitle, an unpicklable value in a pickle ``RedisCache``, a scope
 that did nothing under OpenTelemetry, and the input checks that raise a clear error.
 A second pass (coverage's tracer restored after the tests that set their own) added a
-builtin factory or ``on_close`` without a signature, a parameter named like the generated
-wrapper's names, the bound on names warned about, and a loader's entry as listed.
+builtin factory, ``on_close`` or memoized function without a readable signature, a
+parameter named like the generated wrapper's names, the bound on names warned about, a
+loader's entry as listed, a shared cache failing to store (logged once), prometheus'
+default registry, a class method's ``cache_delete()`` without arguments, an unhashable
+tuple subclass of hashable items, and an ASGI scope dict carrying a closed layer's cell.
 """
 
 from __future__ import annotations

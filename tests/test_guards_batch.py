@@ -457,11 +457,12 @@ def _running_at(func: Any, marker: str, action: Any) -> Iterator[None]:
 
         return local
 
+    previous = sys.gettrace()  # coverage's, when it measures: left running after
     sys.settrace(tracer)
     try:
         yield
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
     assert fired
 
 

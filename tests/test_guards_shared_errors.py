@@ -139,12 +139,13 @@ def test_a_real_signal_while_an_uncopyable_error_is_copied_reaches_the_caller() 
     error = Keeps("502 from upstream")
     armed = [True]
     previous = signal.signal(signal.SIGUSR1, soft_time_limit)
+    tracing = sys.gettrace()  # coverage's, when it measures: left running after
     try:
         sys.settrace(tracer)
         with pytest.raises(Signalled):
             Raised(Call(), error)
     finally:
-        sys.settrace(None)
+        sys.settrace(tracing)
         signal.signal(signal.SIGUSR1, previous)
     assert not armed, "the signal never came: the test tests nothing"
     assert type(Raised(Call(), error).error_for(Call())) is SharedComputationError

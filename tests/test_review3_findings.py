@@ -25,8 +25,9 @@ WAIT = 10
 
 @pytest.fixture(autouse=True)
 def _collect_tasks_left_pending() -> Iterator[None]:
+    tracing = sys.gettrace()  # coverage's, when it measures
     yield
-    sys.settrace(None)
+    sys.settrace(tracing)  # whatever a failed test left set: gone
     logging.getLogger("asyncio").disabled = True
     try:
         gc.collect()
@@ -64,11 +65,12 @@ def _parked_before_registering(
             until.wait(WAIT)
 
     def body() -> None:
+        previous = sys.gettrace()  # coverage's, when it measures: left running after
         sys.settrace(trace)
         try:
             call()
         finally:
-            sys.settrace(None)
+            sys.settrace(previous)
 
     thread = threading.Thread(target=body, name=name, daemon=True)
     thread.start()
@@ -206,12 +208,13 @@ def test_a_dropped_task_collected_never_unregisters_the_live_computation_of_its_
         while "live" not in calls and time.monotonic() < deadline:
             time.sleep(0.01)
         other = _parked_before_registering(lambda: _run_in_scope(user(1)), "other", window)
+        previous = sys.gettrace()  # coverage's, when it measures: left running after
         sys.settrace(put_back)
         try:
             gc.enable()
             gc.collect()  # the dropped tasks: their coroutines close, each in _flight.failed
         finally:
-            sys.settrace(None)
+            sys.settrace(previous)
         assert met, "no dropped task ended where another computes: the test tests nothing"
         window.set()  # the other registers now, if it has not yet
         time.sleep(0.3)

@@ -285,7 +285,12 @@ def test_a_busy_connection_pool_is_not_redis_down(redis_server: Any) -> None:
         return n
 
     blocking = redis.BlockingConnectionPool(host=HOST, port=redis_server.port, max_connections=2)
-    cache = RedisCache(redis.Redis(connection_pool=blocking), ttl=60, namespace="b")
+    # The wait for a connection is bounded by half op_timeout: with the default 0.5 s, a
+    # thread holding one of the two connections, descheduled for 0.25 s on a loaded machine,
+    # made another fail ("No connection available.") and compute its key here (seen under load:
+    # 42 calls). 5 s waits as long as any burst needs; a pool that did not wait would still
+    # fail at once, as the plain one below does.
+    cache = RedisCache(redis.Redis(connection_pool=blocking), ttl=60, namespace="b", op_timeout=5)
     f = request_memo(shared=cache)(lookup)
     _burst(f, threads=1)  # every key in Redis
     _burst(f)

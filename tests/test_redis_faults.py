@@ -169,9 +169,14 @@ def test_a_full_redis_is_an_error_the_request_never_sees(own_redis: Callable[...
 def test_async_a_stopped_redis_is_bounded_by_op_timeout(own_redis: Callable[..., Any]) -> None:
     server = own_redis()
 
+    # op_timeout 0.5 s, not 0.2: the call after the resume opens a new connection, with
+    # half op_timeout to connect; 0.1 s was once not enough beside a loaded run (a second
+    # error, no hit). A call that went to the stopped Redis would still take 0.25 s or
+    # more: the gathered calls' 0.2 s bound tells them apart (0.05 was tight under load),
+    # and retry_after (1.5 s) still outlasts them.
     async def main() -> None:
         client = server.aclient()
-        cache = RedisCache(client, ttl=60, namespace="t", op_timeout=0.2, retry_after=0.5)
+        cache = RedisCache(client, ttl=60, namespace="t", op_timeout=0.5, retry_after=1.5)
 
         @request_memo(shared=cache)
         async def f(n: int) -> int:
@@ -183,14 +188,14 @@ def test_async_a_stopped_redis_is_bounded_by_op_timeout(own_redis: Callable[...,
         start = time.monotonic()
         async with request_scope():
             assert await f(1) == 1
-        assert time.monotonic() - start < 0.2 + 0.15
+        assert time.monotonic() - start < 0.5 + 0.15
         start = time.monotonic()
         async with request_scope():
             assert await asyncio.gather(*(f(n) for n in range(10))) == list(range(10))
-        assert time.monotonic() - start < 0.05
+        assert time.monotonic() - start < 0.2
         assert cache.stats().errors == 1
         server.resume()
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.6)
         async with request_scope():
             assert await f(1) == 1
         assert cache.stats().hits == 1
@@ -345,9 +350,12 @@ def test_async_a_busy_blocking_pool_is_not_redis_down(redis_server: Any) -> None
         pool = redis.asyncio.BlockingConnectionPool(
             host=HOST, port=redis_server.port, max_connections=1, timeout=5
         )
+        # op_timeout 1 s (the pool's wait 0.5 s): with 0.2 s, a loop that ran 0.1 s late
+        # (seen once under load) passed both deadlines at once, and the command's
+        # asyncio.timeout, not the pool's "No connection available.", ended the wait.
         cache = RedisCache(
             redis.asyncio.Redis(connection_pool=pool), ttl=60, namespace="ab",
-            op_timeout=0.2, retry_after=60,
+            op_timeout=1.0, retry_after=60,
         )  # fmt: skip
 
         @request_memo(shared=cache)
@@ -363,7 +371,7 @@ def test_async_a_busy_blocking_pool_is_not_redis_down(redis_server: Any) -> None
         own = cache._loops[asyncio.get_running_loop()].client.connection_pool
         held = await own.get_connection()
         task = asyncio.gather(*(one(1) for _ in range(3)))
-        await asyncio.sleep(0.4)  # longer than op_timeout
+        await asyncio.sleep(1.2)  # longer than op_timeout
         await own.release(held)
         assert await task == [1, 1, 1]
         assert cache._down_until == 0.0  # busy, not down

@@ -73,8 +73,12 @@ def test_a_record_put_back_under_another_key_object_is_still_found_by_its_thread
     identity. Before, only under its own key object: the record stayed, W waited for ever."""
     import time
 
+    computing = {name: threading.Event() for name in "BA"}
+
     def compute(model: Model) -> str:
         name = threading.current_thread().name
+        if name in computing:
+            computing[name].set()
         if name == "B":
             time.sleep(0.5)
         elif name == "A":
@@ -94,11 +98,13 @@ def test_a_record_put_back_under_another_key_object_is_still_found_by_its_thread
         thread.start()
         return thread
 
+    # Each waited for, not slept for: a thread that started 0.1 s late on a loaded machine
+    # (W registering before A) computed in A's place, and W and A then had "value 1".
     b = run("B")
-    time.sleep(0.1)
+    assert computing["B"].wait(5)
     assert f.cache_delete(Model(1)) is False  # invalidates B's computation
     a = run("A")
-    time.sleep(0.1)
+    assert computing["A"].wait(5)
     w = run("W")  # waits for A
     for thread in (b, a, w):
         thread.join(5)

@@ -318,7 +318,11 @@ def test_a_busy_pool_at_store_time_still_releases_the_lock(redis_server: Any) ->
     """The lock holder's STORE waits (up to op_timeout) for a busy pool: a lock left
     behind would make the key's next miss, anywhere, wait lock_timeout."""
     blocking = redis.BlockingConnectionPool(host=HOST, port=redis_server.port, max_connections=2)
-    cache = RedisCache(redis.Redis(connection_pool=blocking), ttl=60, namespace="o", op_timeout=0.2)
+    # op_timeout 1 s: the STORE's first try waits 0.5 s for a connection and fails, the
+    # connections come back at 0.6 s, and the STORE may wait until 1 s. With 0.2 s (0.1,
+    # 0.15, 0.2) a timer thread 50 ms late under load (a whole-suite run) let the STORE
+    # give up: the lock stayed.
+    cache = RedisCache(redis.Redis(connection_pool=blocking), ttl=60, namespace="o", op_timeout=1)
     own = cache._sync.client.connection_pool
     busy = [1]
 
@@ -326,7 +330,7 @@ def test_a_busy_pool_at_store_time_still_releases_the_lock(redis_server: Any) ->
     def report(n: int) -> int:
         if busy and busy.pop():  # two other threads hold both connections a while
             held = [own.get_connection() for _ in range(2)]
-            threading.Timer(0.15, lambda: [own.release(c) for c in held]).start()
+            threading.Timer(0.6, lambda: [own.release(c) for c in held]).start()
         return n * 2
 
     assert _timed(lambda: report(1))[0] == 2  # the STORE's first try: no connection

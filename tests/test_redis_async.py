@@ -371,14 +371,16 @@ def test_async_a_holder_cancelled_while_extending_its_lock_releases_it(
 
     from perrequest._redis_io import EXTEND
 
-    link = SlowLink(redis_server.port, hashlib.sha1(EXTEND.encode()).hexdigest().encode(), 0.5)
+    # Held back 1.5 s: the cancel below comes while it is on the way even when a loaded
+    # machine runs this loop late (0.5 s left 0.45 s to find the lock and cancel).
+    link = SlowLink(redis_server.port, hashlib.sha1(EXTEND.encode()).hexdigest().encode(), 1.5)
 
     async def main() -> None:
         import redis.asyncio
 
         aclient = redis.asyncio.Redis(host="127.0.0.1", port=link.port)
         cache = RedisCache(
-            aclient, ttl=60, namespace="ext", lock_timeout=5, op_timeout=2, retry_after=0
+            aclient, ttl=60, namespace="ext", lock_timeout=5, op_timeout=4, retry_after=0
         )
 
         @request_memo(shared=cache)
@@ -400,7 +402,7 @@ def test_async_a_holder_cancelled_while_extending_its_lock_releases_it(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.8)  # the EXTEND has run meanwhile
+        await asyncio.sleep(1.8)  # the EXTEND has run meanwhile
         await cache.aclose()
         await aclient.aclose()
 

@@ -28,9 +28,12 @@ test: lint typecheck docs pytest other-pythons
 
 ## make check: the fast loop while developing: lint, types, and the tests not marked slow,
 ## in four pytest-xdist workers (most of a test's time is a server starting or a wait), and the
-## model-based check (tests/test_model.py) searching 150 examples instead of 500.
+## model-based check (tests/test_model.py) searching 150 examples instead of 500. Bytecode is
+## written even where PYTHONDONTWRITEBYTECODE is set: pytest then keeps each test module's
+## rewritten asserts in __pycache__, and four workers collect in 2 s, not 7.
 check: lint typecheck redis-server
-	PERREQUEST_MODEL_EXAMPLES=150 $(PY) -m pytest -m "not slow" -q -n 4 --dist worksteal
+	env -u PYTHONDONTWRITEBYTECODE PERREQUEST_MODEL_EXAMPLES=150 \
+		$(PY) -m pytest -m "not slow" -q -n 4 --dist worksteal
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks docs/snippets

@@ -17,6 +17,7 @@ import pytest
 
 django_project.setup()
 
+from django.conf import settings  # noqa: E402
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django_project import toolbar_settings  # noqa: E402
 
@@ -37,6 +38,8 @@ def _toolbar_project() -> Iterator[None]:
     # toolbar's settings imports its models, which need its app installed.
     names = [n for n in dir(toolbar_settings) if n.isupper() and n != "SECRET_KEY"]
     plain = [n for n in names if n != "INSTALLED_APPS" and not n.startswith("DEBUG_TOOLBAR")]
+    # Only what differs: overriding DATABASES, even with its own value, makes Django warn.
+    plain = [n for n in plain if getattr(settings, n, None) != getattr(toolbar_settings, n)]
     with (
         override_settings(**{n: getattr(toolbar_settings, n) for n in plain}),
         override_settings(INSTALLED_APPS=toolbar_settings.INSTALLED_APPS),

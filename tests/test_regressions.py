@@ -688,6 +688,7 @@ def test_a_batch_keys_failure_frees_the_request_without_the_collector(kind: str)
         gc.enable()
 
 
+@pytest.mark.slow  # 5,000 requests under tracemalloc
 def test_a_memo_named_anew_per_request_does_not_grow_the_process() -> None:
     """Each wrapper was compiled under a file name of its function's name, and CPython
     keeps what it makes for each new file name: a factory naming its closures

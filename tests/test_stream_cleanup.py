@@ -24,6 +24,11 @@ from servers import HOST, free_port, read_part_then_reset, serve_subprocess
 # is finalized later, by trio, outside any scope (docs/frameworks/asgi.md).
 SERVERS = ("uvicorn", "uvicorn-asyncio", "hypercorn", "hypercorn-trio", "granian")
 DISCONNECTS = 30
+# ``make check`` (the fast loop) tries uvicorn's two; the others' runs are marked slow.
+SERVERS_FAST_FIRST = [
+    server if server.startswith("uvicorn") else pytest.param(server, marks=pytest.mark.slow)
+    for server in SERVERS
+]
 
 
 def _argv(server: str, port: int, app: str = "stream_apps:app") -> list[str]:
@@ -77,7 +82,7 @@ def _cleanups(server: str, body: str, leave: Any, disconnects: int) -> dict[str,
 
 
 @pytest.mark.parametrize("body", ["sync", "async", "async-bare"])
-@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize("server", SERVERS_FAST_FIRST)
 def test_abandoned_stream_cleanups_never_see_another_requests_store(server: str, body: str) -> None:
     counts = _cleanups(server, body, read_part_then_reset, DISCONNECTS)
     if body != "sync" and server in AT_ONCE:  # docs/frameworks/asgi.md

@@ -50,7 +50,10 @@ def server(request: pytest.FixtureRequest) -> Iterator[str]:
     app, _, variant = request.param.partition("-")
     preload = ["--preload"] if variant == "preload" else []
     worker = "gevent_pywsgi" if variant == "pywsgi" else "gevent"
-    argv, port = _gunicorn(app, "--timeout", "60", *preload, worker=worker)
+    # --keep-alive 30: gunicorn closes a connection idle for 2 s by default, and a client
+    # starved of CPU for that long sent its next request into the closing socket
+    # (connection reset by peer, once in CI).
+    argv, port = _gunicorn(app, "--timeout", "60", "--keep-alive", "30", *preload, worker=worker)
     with serve_subprocess(argv, port) as url:
         yield url
 

@@ -229,6 +229,8 @@ def serve_gunicorn(
         "2",
         "--timeout",
         "60",
+        "--keep-alive",  # not 2 s: a client starved of CPU that long met a closing socket
+        "30",
         "--log-level",
         "warning",
         app_spec,

@@ -17,8 +17,8 @@ import pytest
 
 django_project.setup()
 
-from django.conf import settings  # noqa: E402
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
+from django_project import _FIXED as FIXED  # noqa: E402
 from django_project import toolbar_settings  # noqa: E402
 
 from perrequest import _stats, memo, request_memo, request_scope  # noqa: E402
@@ -36,10 +36,10 @@ VIEWS = "django_project.toolbar_views"
 def _toolbar_project() -> Iterator[None]:
     # In three steps: the apps' ready() reads the plain settings, and a change of the
     # toolbar's settings imports its models, which need its app installed.
-    names = [n for n in dir(toolbar_settings) if n.isupper() and n != "SECRET_KEY"]
-    plain = [n for n in names if n != "INSTALLED_APPS" and not n.startswith("DEBUG_TOOLBAR")]
-    # Only what differs: overriding DATABASES, even with its own value, makes Django warn.
-    plain = [n for n in plain if getattr(settings, n, None) != getattr(toolbar_settings, n)]
+    # Not DATABASES either (as django_project.use_settings): the project's, and overriding
+    # it makes Django warn.
+    names = [n for n in dir(toolbar_settings) if n.isupper() and n not in FIXED]
+    plain = [n for n in names if not n.startswith("DEBUG_TOOLBAR")]
     with (
         override_settings(**{n: getattr(toolbar_settings, n) for n in plain}),
         override_settings(INSTALLED_APPS=toolbar_settings.INSTALLED_APPS),

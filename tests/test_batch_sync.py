@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import gc
 import operator
 import sys
@@ -12,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from crossing import Crossing
@@ -292,6 +294,36 @@ def test_methods_are_refused_with_a_way_out() -> None:
             @request_batch
             def rows(self, keys: list[int]) -> list[int]:
                 return keys
+
+
+def _needs_a_db(ids: list[int], db: object) -> list[int]:
+    return ids
+
+
+async def _takes_nothing() -> list[int]:
+    return []
+
+
+@pytest.mark.parametrize(
+    "fn", [_needs_a_db, _takes_nothing, lambda: []], ids=["db", "async", "none"]
+)
+def test_a_function_that_cannot_take_the_keys_is_refused_when_decorating(fn: Any) -> None:
+    """It would fail on its first load, in a request, with Python's missing-argument error
+    (an outside review, 7 December 2026)."""
+    with pytest.raises(TypeError, match=r"called with one argument, the list of keys.*partial"):
+        request_batch(fn)
+    with pytest.raises(TypeError, match=r"called with one argument"):
+        request_batch(max_batch_size=10)(fn)
+
+
+def test_a_function_taking_the_keys_with_others_bound_or_defaulted_is_taken() -> None:
+    loaders = [
+        request_batch(functools.partial(_needs_a_db, db=None)),
+        request_batch(lambda ids, db=None: ids),
+        request_batch(lambda *keys: keys[0]),
+    ]
+    with request_scope():
+        assert [loader.load_many([1, 2]) for loader in loaders] == [[1, 2]] * 3
 
 
 def test_two_threads_fetching_each_others_keys_do_not_deadlock() -> None:

@@ -237,6 +237,11 @@ def test_django_settings_errors_read_as_the_table_quotes() -> None:
 # -- errors.md: every configuration mistake raises what its table says -----------------------
 
 
+class _Repo:
+    def rows(self, keys: list[int]) -> list[int]:
+        return keys
+
+
 def _gen() -> object:
     yield 1
 
@@ -305,6 +310,10 @@ def _config_mistakes() -> dict[str, list[object]]:
         "`@request_memo`, `@request_scope()` or `bind_scope` on a generator": [
             lambda: request_memo(_gen),
             lambda: request_scope()(_gen),
+        ],
+        "`@request_batch` on a method": [
+            lambda: request_batch(lambda ids, db: ids),
+            lambda: request_batch(_Repo.rows),
         ],
         "`@request_memo` over `@functools.lru_cache`": [
             lambda: request_memo(functools.lru_cache(_coroutine)),

@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from ._checks import _call_of
+from ._checks import _call_of, is_method, takes
 
 
 def refuse_generator(fn: object, decorator: str) -> None:
@@ -23,6 +25,27 @@ def refuse_generator(fn: object, decorator: str) -> None:
             f"{decorator} cannot take {kind} ({getattr(fn, '__qualname__', fn)}): its body "
             "runs after the call returns, outside the scope. Use it on a function that "
             "returns a list, or on the function that consumes the generator."
+        )
+
+
+def refuse_batch_function(fn: Callable[..., Any]) -> None:
+    """A batch function is called with one argument, the list of keys, once per function:
+    a generator, a method, or a function that needs other arguments (or none) would fail
+    on its first load, inside a request, rather than here."""
+    refuse_generator(fn, "@request_batch")
+    name = getattr(fn, "__qualname__", fn)
+    if is_method(fn):
+        raise TypeError(
+            f"@request_batch cannot decorate the method {name}: a loader is one per "
+            "function, not per instance. Decorate a module-level function (or a "
+            "@staticmethod) of the keys alone."
+        )
+    if takes(fn, ([],), {}) is False:  # None: no signature to read (a builtin), trusted
+        raise TypeError(
+            f"@request_batch decorates a function called with one argument, the list of "
+            f"keys, but {name}{inspect.signature(fn)} cannot be called so "
+            "(fn(keys)): make the keys its one required parameter; give the others "
+            "defaults, or bind them first (request_batch(functools.partial(fn, db=db)))."
         )
 
 

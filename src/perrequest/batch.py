@@ -13,7 +13,7 @@ from ._batch_async import in_flight, load_many, miss, outside_one, ready
 from ._batching import THREAD, _BatchSpec
 from ._checks import check_max_entries, is_async_callable, unknown_option
 from ._flight import MISSING
-from ._targets import refuse_generator, refuse_task
+from ._targets import refuse_batch_function, refuse_task
 from ._typing import CacheInfo
 from .store import MemoKey
 
@@ -300,8 +300,9 @@ def request_batch(
         ``__wrapped__``; calling it is ``load_many``.
 
     Raises:
-        TypeError: A generator or a method, or a bad option value or name
-            (``ValueError`` for a value out of range).
+        TypeError: A generator, a method, a function that cannot take one argument
+            (the keys), or a bad option value or name (``ValueError`` for a value out of
+            range).
     """
     if unknown:
         raise TypeError(unknown_option("request_batch()", next(iter(unknown)), _OPTIONS))
@@ -328,13 +329,7 @@ def request_batch(
             raise TypeError(
                 f"@request_batch decorates a function of a list of keys, not {target!r}"
             )
-        refuse_generator(target, "@request_batch")
-        if _checks.is_method(target):
-            raise TypeError(
-                f"@request_batch cannot decorate the method {target.__qualname__}: a loader "
-                "is one per function, not per instance. Decorate a module-level function "
-                "(or a @staticmethod) of the keys alone."
-            )
+        refuse_batch_function(target)
         spec = _BatchSpec(target, max_batch_size, key, max_entries, outside_scope)
         return functools.update_wrapper(_Loader(spec), target)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import itertools
 import sys
 import threading
 import time
@@ -399,3 +400,50 @@ def test_a_wait_that_ended_closes_no_cycle(kind: str) -> None:
         a.join(10)
         b.join(10)
     assert got == {"B": 20, "A": [10, 20]} and twice == []  # before: [2]
+
+
+@pytest.mark.parametrize("bound", ["store", "function"])
+def test_readers_in_other_threads_never_count_over_the_bound(bound: str) -> None:
+    """A fill into a full store (or function) adds, then evicts, under the lock a read does
+    not take: ``cache_info().currsize``, ``stats.entries`` and ``peak_entries`` read from
+    another thread meanwhile showed one over the bound (an outside review, 7 December
+    2026; ``len(store)`` was already capped)."""
+    memo = (
+        request_memo(max_entries=3)(lambda k: k)
+        if bound == "function"
+        else request_memo(lambda k: k)
+    )
+    over: list[tuple[str, int]] = []
+    stop = threading.Event()
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython can
+    try:
+        with request_scope(max_entries=3 if bound == "store" else 100) as store:
+
+            def fill() -> None:
+                for i in itertools.count():
+                    if stop.is_set():
+                        return
+                    memo(i)
+
+            def read() -> None:
+                while not stop.is_set():
+                    stats = store.stats
+                    counts = {
+                        "currsize": memo.cache_info().currsize,
+                        "entries": stats.entries,
+                        "peak_entries": stats.peak_entries,
+                    }
+                    over.extend((name, n) for name, n in counts.items() if n > 3)
+
+            threads = [threading.Thread(target=bind_scope(f)) for f in (fill, read)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.5)
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+            assert memo.cache_info().hits == 0 and memo.cache_info().misses > 100
+    finally:
+        sys.setswitchinterval(previous)
+    assert over == []

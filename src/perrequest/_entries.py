@@ -1,10 +1,10 @@
 """The structure inside a ``MemoStore``: entries grouped by owner, one recency order.
 
-Helper entries live in one dict, each memoized function's in its own, keyed by
-its spec: a memo hit is two lookups and no key tuple to build
-(``_subs[spec][key]`` is ``(value, counter, entry_id, anchor)``). One ordered
-dict of entry ids is the store-wide recency. A function's dict goes with its
-last entry, so the bookkeeping never outgrows the entries. Reads take no lock.
+Helper entries live in one dict, each memoized function's in its own, keyed by its spec:
+a memo hit is two lookups and no key tuple to build (``_subs[spec][key]`` is ``(value,
+counter, entry_id, anchor)``). One ordered dict of entry ids is the store-wide recency. A
+function's dict goes with its last entry, so the bookkeeping never outgrows the entries.
+Reads take no lock: a fill adds, then evicts, so what a read counts is capped at the bound.
 """
 
 from __future__ import annotations
@@ -94,15 +94,14 @@ class Entries:
                 counter = counters.get(name) or counters.setdefault(name, Counter(timed))
             return counter
 
-    def _info(self, owner: object, name: str) -> tuple[int, int, int]:
-        counter = self._counters.get(name)
+    def _info(self, owner: Any, name: str) -> tuple[int, int, int]:  # owner: a spec
+        counter, size = self._counters.get(name), len((self._subs or {}).get(owner, ()))
         hits, misses = (0, 0) if counter is None else (counter.hits, counter.misses)
-        return hits, misses, len((self._subs or {}).get(owner, ()))
+        return hits, misses, min(size, self._bound, owner.max_entries or self._bound)
 
     def _lookup(self, key: tuple[object, Hashable], touch: bool = True) -> Any:
         """The value at ``(owner, key)`` or ``MISSING``."""
-        subs = self._subs
-        sub = None if subs is None else subs.get(key[0])
+        sub = (self._subs or {}).get(key[0])  # None once closed
         entry = None if sub is None else sub.get(key[1])
         if entry is None:
             return MISSING
@@ -319,7 +318,8 @@ class Entries:
         """The numbers the stats are made of (cheaper to copy than the stats)."""
         helpers, counters = self._helpers, list(self._counters.items())  # a new one may come
         named = [(n, c.hits, c.misses, c.evictions, c.compute_s) for n, c in counters]
-        return helpers.hits, helpers.misses, len(self._order), self._peak, self._evictions, named
+        entries = min(len(self._order), self._bound)  # a fill adds, then evicts
+        return helpers.hits, helpers.misses, entries, self._peak, self._evictions, named
 
     def _shut(self, want_stats: bool) -> ScopeStats | None:
         """Close and empty the store; the final stats if ``want_stats`` (otherwise their

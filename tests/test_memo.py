@@ -953,3 +953,25 @@ def test_a_recursion_error_leaves_no_key_registered(shape: str) -> None:
                 assert left == []
     finally:
         sys.setrecursionlimit(limit)
+
+
+def test_a_methods_cache_delete_without_its_instance_or_class_says_to_pass_it() -> None:
+    class Prices:
+        @request_memo
+        @classmethod
+        def for_region(cls, region: str) -> tuple[str, str]:
+            return (cls.__name__, region)
+
+        @request_memo
+        def for_user(self, user: str) -> str:
+            return user
+
+    prices = Prices()
+    with request_scope():
+        Prices.for_region("eu"), prices.for_user("ann")
+        with pytest.raises(TypeError, match=r"a classmethod's, its class\) too"):
+            Prices.for_region.cache_delete("eu")
+        with pytest.raises(TypeError, match=r"takes its instance .*cache_delete\(obj, \.\.\.\)"):
+            Prices.for_user.cache_delete("ann")
+        assert Prices.for_region.cache_delete(Prices, "eu") is True
+        assert Prices.for_user.cache_delete(prices, "ann") is True

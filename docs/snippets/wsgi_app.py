@@ -49,7 +49,8 @@ if __name__ == "__main__":
     try:
         chunks = list(body)
     finally:
-        body.close()  # the store closes here
+        if hasattr(body, "close"):  # PEP 3333: a list body has none
+            body.close()  # the store closes here
     # --8<-- [end:drive]
     assert b"".join(chunks) == b"region,amount\nnorth,120\n"
     assert queries == ["alice"]

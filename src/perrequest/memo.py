@@ -165,10 +165,10 @@ class _MemoSpec:
             try:
                 key, _ = self.keyof(*args, **kwargs)
             except TypeError as exc:  # the arguments do not bind: its only error
-                method = " A method's takes the instance too: obj.method.cache_delete(obj, ...)."
                 raise TypeError(
                     f"{self.name}.cache_delete() takes the arguments a call takes ({exc})."
-                    + method * self.is_method
+                    + " A method's takes its instance (a classmethod's, its class) too:"
+                    " obj.method.cache_delete(obj, ...)." * self.is_method
                 ) from None
         if self.is_method and self.key_fn is None:  # key= may leave the instance out
             _checks.check_instance(self.name, self.fn, args, kwargs)

@@ -421,7 +421,10 @@ def test_a_slow_redis_and_one_closing_idle_connections(
             _until_closed_as_idle(redis_server)  # every pooled connection
         assert sum(s["stats"]["errors"] for s in app.states(2).values()) == 0
         stop = threading.Event()
-        join = _hammer(app, [f"s{i}" for i in range(10)], stop, limit=4)
+        # 8 s: a waiter whose holder's release was cut (CLIENT KILL) waits out the lock's
+        # lock_timeout (5 s, docs/redis.md), then a few op_timeouts; a loaded machine
+        # took 5.05 s against the 4 s this was once. A hang would take the client's 18 s.
+        join = _hammer(app, [f"s{i}" for i in range(10)], stop, limit=8)
         with redis_server.client() as admin:
             for _ in range(2):  # writes (and so scripts) paused, then all paused
                 admin.execute_command("CLIENT", "PAUSE", "1200", "WRITE")

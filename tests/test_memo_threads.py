@@ -17,7 +17,14 @@ import pytest
 from asgiref.sync import sync_to_async
 from crossing import Crossing
 
-from perrequest import bind_scope, current_store, request_batch, request_memo, request_scope
+from perrequest import (
+    NoActiveScope,
+    bind_scope,
+    current_store,
+    request_batch,
+    request_memo,
+    request_scope,
+)
 
 
 def test_copied_contexts_share_the_store_and_compute_once() -> None:
@@ -447,3 +454,30 @@ def test_readers_in_other_threads_never_count_over_the_bound(bound: str) -> None
     finally:
         sys.setswitchinterval(previous)
     assert over == []
+
+
+def test_a_thread_outside_the_open_scope_is_told_to_use_bind_scope_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The warning and the error of code in a plain thread while a request's scope is open
+    (the middleware is there) lead with bind_scope, not with registering the middleware
+    (a newcomer's walk-through, 7 December 2026)."""
+
+    @request_memo
+    def rate_in_a_plain_thread(currency: str) -> str:
+        return currency
+
+    caplog.set_level("WARNING", logger="perrequest")
+    with request_scope(), ThreadPoolExecutor(1) as pool:
+        assert pool.submit(rate_in_a_plain_thread, "EUR").result(10) == "EUR"
+        error = pool.submit(current_store).exception(10)
+    (warning,) = [
+        r.getMessage() for r in caplog.records if "rate_in_a_plain_thread" in r.getMessage()
+    ]
+    for told in (warning, str(error)):
+        assert "A request scope is open in this process, but not here" in told
+        assert "perrequest.bind_scope(fn)" in told and "Register" not in told
+    caplog.clear()
+    assert rate_in_a_plain_thread("USD") == "USD"  # no scope anywhere: warned once only
+    with pytest.raises(NoActiveScope, match="Add perrequest's RequestScopeMiddleware"):
+        current_store()

@@ -12,7 +12,16 @@ from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
-from ._active import OnClose, _current, active_store, close_scope, here, open_scope, within
+from ._active import (
+    OnClose,
+    _current,
+    active_store,
+    close_scope,
+    here,
+    live_scopes,
+    open_scope,
+    within,
+)
 from ._checks import (
     check_max_entries,
     check_on_close,
@@ -64,6 +73,16 @@ NO_SCOPE_HINT = f"{OPEN_SCOPE_HINT} {REGISTERED_HINT}"
 passed_through: ContextVar[str | None] = ContextVar("perrequest.passed_through", default=None)
 
 
+# Where a scope is open in the process but not here: the middleware is there, most likely.
+ELSEWHERE_HINT = (
+    "A request scope is open in this process, but not here: this code most likely runs in "
+    "a thread that does not copy the context (loop.run_in_executor, threading.Thread, "
+    "executor.submit, Flask's copy_current_request_context): hand it the request's scope "
+    "with perrequest.bind_scope(fn). Or it runs in code the middleware does not wrap (a "
+    "middleware outside it, Starlette's 500 handler, start-up code): open `with "
+    "perrequest.request_scope():` there. docs/errors.md, 'Called outside a scope'."
+)
+
 ENDED_HINT = (
     "This code runs in a request scope that has ended: after its request (a task that "
     "outlived it, a callback or a bind_scope() callable called late), where nothing is "
@@ -74,14 +93,14 @@ ENDED_HINT = (
 
 
 def no_scope_hint(hint: str = NO_SCOPE_HINT) -> str:
-    """``hint``; or why there is no store here: the scope ended, or the ASGI middleware let
-    the scope through."""
+    """``hint``; or why there is no store here: the scope ended, the ASGI middleware let
+    the scope through, or a scope is open in another thread (the middleware is there)."""
     active = here()
     if active is not None and active._closed:
         return ENDED_HINT
     kind = passed_through.get()
     if kind is None:
-        return hint
+        return ELSEWHERE_HINT if live_scopes() else hint
     if kind == "lifespan":
         return (
             "This code runs in (or was started from) the ASGI lifespan, which never gets "

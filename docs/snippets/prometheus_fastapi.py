@@ -1,4 +1,4 @@
-"""Prometheus metrics from a FastAPI app, served at /metrics.
+"""Prometheus metrics from a FastAPI app, at /metrics/ (/metrics redirects).
 
 Run it: `python prometheus_fastapi.py` (it serves two requests through
 FastAPI's test client, then scrapes /metrics).

@@ -576,3 +576,20 @@ async def test_eager_tasks_still_share_one_batch_per_tick() -> None:
         assert calls == [[1, 2, 3], [4]]
     finally:
         loop.set_task_factory(None)
+
+
+def test_an_async_loader_called_from_sync_code_names_the_loader_when_never_awaited() -> None:
+    """A ``def`` endpoint calling an async loader's ``load`` gets a coroutine; Python's
+    "never awaited" warning names the loader's load, not a private ``unbatched`` (a
+    newcomer's walk-through, 7 December 2026)."""
+
+    @request_batch
+    async def users_from_sync_code(ids: list[int]) -> list[int]:
+        return ids
+
+    with request_scope():
+        one, many = users_from_sync_code.load(1), users_from_sync_code.load_many([1, 2])
+        names = (one.__qualname__, many.__qualname__)
+        assert asyncio.run(one) == 1 and asyncio.run(many) == [1, 2]  # still usable so
+    name = f"{__name__}.{users_from_sync_code.__qualname__}"
+    assert names == (f"{name}.load", f"{name}.load_many"), names

@@ -21,9 +21,9 @@ def miss(spec: _BatchSpec, store: Any, key: Any, ck: Hashable) -> Any:
     """The key joins this tick's batch (a batch of 100 loads makes 100 of these)."""
     try:
         loop = asyncio.get_running_loop()
-    except RuntimeError:  # no asyncio loop running: trio
+    except RuntimeError:  # no asyncio loop running: trio; or sync code, which must await
         _hashable(spec, key, ck)
-        return unbatched(spec, [key], [ck], one=True)
+        return _named(unbatched(spec, [key], [ck], one=True), spec, "load")
     try:
         state = store._flights.get((spec, loop))
     except AttributeError:  # a middleware's scope, its store not made yet
@@ -108,7 +108,7 @@ def load_many(spec: _BatchSpec, keys: Iterable[Any]) -> Any:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # no asyncio loop running: trio
-        return unbatched(spec, keys, cks)
+        return _named(unbatched(spec, keys, cks), spec, "load_many")
     values = [store._lookup((spec, ck)) for ck in cks]
     missing = [i for i, value in enumerate(values) if value is MISSING]
     state = state_of(spec, store, loop) if missing else None  # none made for hits alone
@@ -144,6 +144,14 @@ class _Many:
                 fail(self.future, next(v for v in self.values if issubclass(type(v), Exception)))
             else:
                 self.future.set_result(self.values)
+
+
+def _named(coroutine: Any, spec: _BatchSpec, method: str) -> Any:
+    """Named after the loader, so that one never awaited (a ``def`` endpoint calling an
+    async loader's ``load``) is reported as ``coroutine 'app.users.load' was never
+    awaited``, not as this module's ``unbatched``."""
+    coroutine.__qualname__ = coroutine.__name__ = f"{spec.name}.{method}"
+    return coroutine
 
 
 async def unbatched(

@@ -56,14 +56,20 @@ OPEN_SCOPE_HINT = (
     "`with perrequest.request_scope():` (workers, scripts, tests)."
 )
 # Where code runs outside a scope although the app has the middleware.
+_IN_A_THREAD = (
+    "a thread that does not copy the context (loop.run_in_executor, threading.Thread, "
+    "executor.submit, Flask's copy_current_request_context): hand it the request's scope "
+    "with perrequest.bind_scope(fn)"
+)
+_UNWRAPPED = (
+    "code the middleware does not wrap (a middleware outside it, Starlette's 500 handler, "
+    "Flask's test_request_context(), start-up code, a Django management command or a "
+    "signal sent outside a request): open `with perrequest.request_scope():` there, or "
+    "decorate it with @perrequest.request_scope()"
+)
 REGISTERED_HINT = (
-    "If the middleware is there, this code runs outside the requests it serves: in a "
-    "thread that does not copy the context (loop.run_in_executor, threading.Thread, "
-    "executor.submit, Flask's copy_current_request_context: hand it the scope with "
-    "perrequest.bind_scope(fn)), or in code the middleware does not wrap (a middleware "
-    "outside it, Starlette's 500 handler, Flask's test_request_context(), start-up code, "
-    "a Django management command or a signal sent outside a request: open `with "
-    "perrequest.request_scope():` there, or decorate it with @perrequest.request_scope())."
+    "If the middleware is there, this code runs outside the requests it serves: in "
+    f"{_IN_A_THREAD}; or in {_UNWRAPPED}."
 )
 NO_SCOPE_HINT = f"{OPEN_SCOPE_HINT} {REGISTERED_HINT}"
 
@@ -76,11 +82,7 @@ passed_through: ContextVar[str | None] = ContextVar("perrequest.passed_through",
 # Where a scope is open in the process but not here: the middleware is there, most likely.
 ELSEWHERE_HINT = (
     "A request scope is open in this process, but not here: this code most likely runs in "
-    "a thread that does not copy the context (loop.run_in_executor, threading.Thread, "
-    "executor.submit, Flask's copy_current_request_context): hand it the request's scope "
-    "with perrequest.bind_scope(fn). Or it runs in code the middleware does not wrap (a "
-    "middleware outside it, Starlette's 500 handler, start-up code): open `with "
-    "perrequest.request_scope():` there. docs/errors.md, 'Called outside a scope'."
+    f"{_IN_A_THREAD}. Or it runs in {_UNWRAPPED}. docs/errors.md, 'Called outside a scope'."
 )
 
 ENDED_HINT = (

@@ -286,3 +286,34 @@ def test_a_scope_opened_in_a_sync_generator_or_sync_yield_dependency_stays_in_th
     assert plain.get("/dep/sync").json() is False
     assert plain.get("/dep/async").json() is True
     assert live_scopes() == 0
+
+
+def test_an_async_loader_in_a_def_endpoint_is_named_when_never_awaited() -> None:
+    """A ``def`` endpoint (run in a thread, no event loop there) calling an async loader's
+    ``load`` gets a coroutine: Python's "never awaited" warning names the loader's
+    ``load`` (a newcomer's walk-through, 7 December 2026); awaited, it loads."""
+
+    @perrequest.request_batch
+    async def users_for_endpoints(ids: list[int]) -> list[str]:
+        return [f"user{i}" for i in ids]
+
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+
+    @app.get("/sync")
+    def sync_endpoint() -> dict[str, str]:
+        pending = users_for_endpoints.load(1)
+        name = pending.__qualname__
+        pending.close()  # a test's tidiness: a user's would warn under that name
+        return {"name": name}
+
+    @app.get("/async")
+    async def async_endpoint() -> dict[str, str]:
+        return {"user": await users_for_endpoints.load(2)}
+
+    with TestClient(app) as client:
+        assert client.get("/sync").json() == {
+            "name": f"{__name__}.{users_for_endpoints.__qualname__}.load"
+        }
+        assert client.get("/async").json() == {"user": "user2"}
+    assert live_scopes() == 0

@@ -529,3 +529,47 @@ def test_copy_current_request_context_runs_teardowns_again_in_its_thread() -> No
         assert response.text == "bound"
     assert seen == [("worker", True), ("MainThread", True)]
     assert live_scopes() == 0
+
+
+def test_a_memo_run_in_a_plain_thread_pool_from_a_view_is_told_to_use_bind_scope(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The newcomer's case (7 December 2026): a view hands a memo to a thread pool without
+    ``bind_scope``; the middleware is there, so the WARNING leads with ``bind_scope``, and
+    with it the same call is cached in the request's store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    computed: list[str] = []
+
+    @perrequest.request_memo
+    def rate_for_a_view(currency: str) -> str:
+        computed.append(currency)
+        return currency
+
+    app = Flask(__name__)
+    PerRequest(app)
+    pool = ThreadPoolExecutor(1)
+
+    @app.get("/plain")
+    def plain() -> str:
+        return pool.submit(rate_for_a_view, "EUR").result(10)
+
+    @app.get("/bound")
+    def bound() -> str:
+        run = perrequest.bind_scope(rate_for_a_view)
+        return "".join(pool.submit(run, "USD").result(10) for _ in range(2))
+
+    caplog.set_level("WARNING", logger="perrequest")
+    try:
+        with app.test_client() as client:
+            with client.get("/plain") as response:
+                assert response.text == "EUR"
+            with client.get("/bound") as response:
+                assert response.text == "USDUSD"
+    finally:
+        pool.shutdown()
+    (warning,) = [r.getMessage() for r in caplog.records if "rate_for_a_view" in r.getMessage()]
+    assert "A request scope is open in this process, but not here" in warning
+    assert "perrequest.bind_scope(fn)" in warning and "Register" not in warning
+    assert computed == ["EUR", "USD"]  # bound: computed once for the two calls
+    assert live_scopes() == 0

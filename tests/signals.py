@@ -1,6 +1,7 @@
 """Signals raised where CPython runs their handlers: right after a C call returns. For the
-guards of code that must tell a signal handler's exception from the failure of what it
-called (a key's ``__hash__``), and must not swallow a ``KeyboardInterrupt``."""
+guards of code that must tell Celery's soft time limit (billiard's ``SoftTimeLimitExceeded``,
+raised by its SIGUSR1 handler) from the failure of what it called (a key's ``__hash__``),
+and must not swallow a ``KeyboardInterrupt``."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from billiard.exceptions import SoftTimeLimitExceeded
 
 
-class Signalled(Exception):
-    """What a signal handler raises (Celery's SoftTimeLimitExceeded is an Exception)."""
+class Signalled(SoftTimeLimitExceeded):
+    """What billiard's SIGUSR1 handler raises: Celery's soft time limit (an Exception)."""
 
 
 def _soft_time_limit(signum: int, frame: Any) -> None:
@@ -24,7 +26,7 @@ def _soft_time_limit(signum: int, frame: Any) -> None:
 
 def raise_like_a_signal(signal: type[BaseException]) -> None:
     """``Signalled`` comes from a real SIGUSR1 handler in the main thread, as Celery's soft
-    time limit does (code that tells a handler's exception by its traceback sees one)."""
+    time limit does (where CPython runs handlers: the windows the guards must cover)."""
     if signal is not Signalled or threading.current_thread() is not threading.main_thread():
         raise signal
     previous = signals.signal(signals.SIGUSR1, _soft_time_limit)

@@ -68,7 +68,7 @@ def test_a_signal_as_a_sync_batch_unregisters_a_key_reaches_the_caller() -> None
 
 def test_a_signal_in_a_keys_own_hash_as_a_sync_batch_unregisters_it_reaches_the_caller() -> None:
     """_batching._end: an ``Exception`` a signal handler raised inside the key's own
-    ``__hash__`` as the fetched key is unregistered (told by its traceback) goes on, not
+    ``__hash__`` as the fetched key is unregistered (told by type) goes on, not
     taken for a key whose hash raises now; the fetch is unregistered all the same."""
     at = RaiseAtCall(Signalled, "__hash__", "_end")
 

@@ -86,7 +86,7 @@ def test_a_signal_as_a_moved_keys_neighbour_is_filed_again_reaches_the_caller(
     records in flight again, in a ``try`` for keys whose hash raises now. What a signal
     handler raised there as ``setdefault`` returned (Ctrl-C; Celery's soft time limit) was
     taken for such a key and dropped: the call returned as if nothing had happened; so
-    was one inside the key's own ``__hash__`` (told by its traceback now)."""
+    was one inside the key's own ``__hash__`` (told by type now)."""
     at: Any = (
         RaiseAfter(signal, "setdefault", "_file")
         if where == "as-setdefault-returns"
@@ -220,7 +220,7 @@ def test_a_signal_as_a_failed_computation_unregisters_reaches_the_caller(
 
 def test_a_signal_in_a_failed_computations_key_as_it_unregisters_reaches_the_caller() -> None:
     """_flight.failed: an ``Exception`` a signal handler raised inside the key's own
-    ``__hash__`` as the failed computation unregisters (told by its traceback) goes on,
+    ``__hash__`` as the failed computation unregisters (told by type) goes on,
     not taken for a key whose hash raises now (the computation's own error in its place);
     the computation is unregistered all the same (``run`` ends it once more)."""
     at = RaiseAtCall(Signalled, "__hash__", "failed")

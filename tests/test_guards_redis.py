@@ -705,8 +705,8 @@ def test_a_signal_as_a_value_read_from_redis_is_decoded_reaches_the_caller(
     """_redis_tier._decoded: a value that does not verify or decode is refused (counted,
     logged, computed again). A signal handler's ``Exception`` (Celery's soft time limit)
     raised while a good value was decoded was taken for a bad value: the task never saw
-    it, and the log blamed another writer. The handler's frame in the traceback tells it
-    (a real SIGUSR1 handler: tests/signals.py), and it goes on."""
+    it, and the log blamed another writer. Its type tells it (raised by a real SIGUSR1
+    handler: tests/signals.py), and it goes on."""
     import sys
 
     cache = RedisCache(client, ttl=60, namespace="signalled-decode")
@@ -735,7 +735,7 @@ def test_a_signal_as_a_value_is_pickled_for_redis_reaches_the_caller(client: red
     """_redis_io._pickle_dumps: a value pickle refuses is a ``TypeError`` naming the fix. A
     signal handler's ``Exception`` (Celery's soft time limit) raised as a large value was
     pickled was turned into that ``TypeError``: the task's ``except SoftTimeLimitExceeded``
-    never saw it. The handler's frame in the traceback tells it, and it goes on."""
+    never saw it. Its type tells it, and it goes on."""
     import sys
 
     cache = RedisCache(client, ttl=60, namespace="signalled-pickle", serializer="pickle",

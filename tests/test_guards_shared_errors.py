@@ -109,8 +109,8 @@ def test_an_error_keeping_a_traceback_reaches_a_waiter_as_a_copy_without_it() ->
 def test_a_signal_while_a_waiters_copy_is_made_reaches_that_waiter() -> None:
     """_shared_errors._safe_copy: a signal handler's ``Exception`` (Celery's soft time limit)
     raised inside the copy made for a waiter was taken for an error that cannot be copied:
-    the waiter got a SharedComputationError and the signal was lost. The handler's frame in
-    the traceback tells it (a real SIGUSR1 handler: tests/signals.py), and it goes on."""
+    the waiter got a SharedComputationError and the signal was lost. Its type tells it
+    (raised by a real SIGUSR1 handler: tests/signals.py), and it goes on."""
     raised = Raised(Call(), ValueError("db down"))
     at = RaiseAfter(Signalled, "vars", "error", "_safe_copy")
     at.armed = True
@@ -124,8 +124,7 @@ def test_a_signal_while_a_waiters_copy_is_made_reaches_that_waiter() -> None:
 def test_a_real_signal_while_an_uncopyable_error_is_copied_reaches_the_caller() -> None:
     """_shared_errors._safe_copy: for an error that cannot be copied (an object it keeps),
     a soft time limit's exception raised by its SIGUSR1 handler during the copy was
-    dropped: the caller got its own error (a review). The handler's frame in the
-    traceback tells it."""
+    dropped: the caller got its own error (a review). Its type tells it."""
     import signal
 
     def soft_time_limit(signum: int, frame: Any) -> None:

@@ -180,7 +180,7 @@ def test_a_signal_right_after_an_eviction_pops_its_entry_reaches_the_caller() ->
     """_entries._take: an eviction's pop is in a ``try`` for keys whose hash raises now; an
     exception a signal handler raised as that pop returned (Celery's soft time limit) was
     caught there and dropped: the task never saw its limit (an audit, on Celery prefork
-    workers). It is told by its traceback: the exception goes on."""
+    workers). It is told by type: the exception goes on."""
     with request_scope(max_entries=3) as store:
         _set_interrupted(store, "_take", "pop")
         assert sorted(store) == [1, 2, 3]
@@ -207,7 +207,7 @@ def test_a_signal_in_an_evicted_keys_own_hash_reaches_the_caller() -> None:
     """_entries._take: a signal handler's exception (Celery's soft time limit, a real
     SIGUSR1 handler here) raised inside the evicted key's own ``__hash__`` was taken for
     the key's error (a hash that raises now): the entry was taken by identity and the
-    signal dropped, so the task never saw its limit. It is told by its traceback now: the
+    signal dropped, so the task never saw its limit. It is told by type now: the
     entry is still taken, and the signal goes on."""
     at = RaiseAtCall(Signalled, "__hash__", "_take")
     with request_scope(max_entries=3) as store:

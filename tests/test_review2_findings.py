@@ -162,30 +162,6 @@ def test_a_signal_as_another_callers_record_is_put_back_does_not_fail_that_compu
     assert not any(r.future.done() for r in left), "a resolved record is filed again"
 
 
-def test_a_handler_that_makes_its_number_a_signals_member_is_told_for_a_signals() -> None:
-    """_signals._called_for_a_signal reads a handler's arguments as they are when it is
-    asked, not as CPython passed them: a handler that rebinds its number to a member of
-    ``signal.Signals`` (an IntEnum) before it raises was not found; its exception (a soft
-    time limit) landing in ``on_close`` was logged as on_close's failure and dropped.
-    (One that deletes its arguments, ``del signum, frame``, is still not found:
-    docs/workers.md.)"""
-    import signal
-
-    def soft_time_limit(signum: int, frame: Any) -> None:
-        signum = signal.Signals(signum)
-        raise Signalled(f"soft time limit ({signum.name})")
-
-    def report(stats: Any) -> None:
-        signal.raise_signal(signal.SIGUSR1)
-
-    previous = signal.signal(signal.SIGUSR1, soft_time_limit)
-    try:
-        with pytest.raises(Signalled, match="soft time limit"), request_scope(on_close=report):
-            pass
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-
-
 def _evict_through_refile(store: Any, deleted: Model, value: object) -> RaiseAtCall:
     """Fill a store of 2 with the deleted model's entry and Model(2)'s; a real SIGUSR1
     handler's exception lands in Model(2)'s hash as the third write evicts the deleted

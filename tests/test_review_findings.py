@@ -1,7 +1,9 @@
 """Findings of a review of the signal-by-traceback change (6aed794 and after, 6 December,
 night): each test failed before its fix. The first ones passed before that change too: a
 handler's shape was matched too loosely (any local holding the frame below and a small
-int: ``traceback.print_stack(limit=5)``), taking real failures for signals."""
+int: ``traceback.print_stack(limit=5)``), taking real failures for signals. Soft time
+limits are told by type now (``_signals.is_soft_time_limit``): such failures are trivially
+not one; the tests pin that they stay the code's."""
 
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ class _Broken:
 class _Colliding:
     """A key whose ``__eq__`` logs the stack before comparing, to a log that fails:
     ``traceback.print_stack(limit=5)`` holds its caller's frame (``f``) and an int in
-    the signal numbers' range (``limit``) — the shape ``raised_by_a_signal_handler``
-    takes for a signal handler's frame."""
+    the signal numbers' range (``limit``) — the shape the traceback test took for a
+    signal handler's frame (no soft time limit by type)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -46,7 +48,7 @@ def test_a_real_failure_in_a_shared_keys_eq_is_a_miss_not_a_signal() -> None:
     """A colliding key's ``__eq__`` raising in the shared cache's lookup is a miss
     (``_Guarded._lookup``). Its traceback passes through a frame holding its caller's
     frame and a small int (``traceback.print_stack(limit=5)``), which the traceback test
-    takes for a signal handler's: the OSError reached the caller of the memo function
+    took for a signal handler's: the OSError reached the caller of the memo function
     (in the main thread, where Celery's and gunicorn's sync workers run requests)."""
 
     @request_memo(shared=cachetools.LRUCache(100))
@@ -215,8 +217,8 @@ def test_a_class_made_in_a_request_is_not_handed_to_another_requests_waiter() ->
 
 def test_a_signal_as_an_eviction_tells_its_keys_error_leaves_the_store_bounded() -> None:
     """``Entries._take``: an eviction whose key's hash raises (a deleted model) checks the
-    error with ``raised_by_a_signal_handler`` (about 90 us, mostly
-    ``signal.valid_signals()``: a wide window). A soft time limit arriving there leaves
+    error with ``is_soft_time_limit`` (was ``raised_by_a_signal_handler``, about 90 us:
+    a wide window; a type check now). A soft time limit arriving there leaves
     ``_take`` before ``_refile``: the entry stays in its function's dict with its place
     in the recency order already popped (``_drop``), so no eviction ever reaches it; the
     store holds more than ``max_entries`` for the rest of the request (``len(store)``
@@ -226,7 +228,7 @@ def test_a_signal_as_an_eviction_tells_its_keys_error_leaves_the_store_bounded()
 
     import perrequest
 
-    at = RaiseAtCall(Signalled, "raised_by_a_signal_handler", "_take")
+    at = RaiseAtCall(Signalled, "is_soft_time_limit", "_take")
     deleted = Model(1)
     with request_scope(max_entries=2) as store:
         perrequest.set(deleted, "a")

@@ -13,5 +13,5 @@ import sys
 
 def is_soft_time_limit(exc: BaseException) -> bool:
     """Whether ``exc`` is billiard's (Celery's) ``SoftTimeLimitExceeded``."""
-    exceptions = sys.modules.get("billiard.exceptions")
-    return exceptions is not None and isinstance(exc, exceptions.SoftTimeLimitExceeded)
+    limit = getattr(sys.modules.get("billiard.exceptions"), "SoftTimeLimitExceeded", None)
+    return limit is not None and isinstance(exc, limit)  # (none while billiard is importing)

@@ -227,7 +227,7 @@ def is_method(fn: Callable[..., Any]) -> bool:
 def check_instance(name: str, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
     """A method's ``cache_delete`` given no instance would take the first argument for it,
     match nothing and say False: refused where that cannot be one (a class method's is a
-    class; an instance, a plain ``int``, ``str``, ... never): docs/semantics.md."""
+    class; an instance, a plain ``int``, ``str``, ... never): docs/errors.md."""
     first_name = next(iter(inspect.signature(fn).parameters))
     first = args[0] if args else kwargs.get(first_name, _NONE)
     if first is _NONE:

@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 from keys import Model
+from rq.timeouts import JobTimeoutException
 from signals import Interrupt, RaiseAfter, RaiseAtCall, Signalled, interrupted_by
 
 import perrequest
 from perrequest import MemoStore, bind_scope, request_batch, request_memo, request_scope
 from perrequest._waits import restart
+from perrequest.testing import live_scopes
 
 WAIT = 5.0  # seconds: the fix answers the waiter at once; without it, it never answers
 
@@ -425,10 +427,11 @@ def test_another_signal_handlers_exception_in_a_listener_is_logged_as_its_failur
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_a_soft_time_limit_is_told_by_type_without_importing_billiard() -> None:
-    """_signals.is_soft_time_limit: Celery's ``SoftTimeLimitExceeded`` is billiard's class,
-    looked up in ``sys.modules``, never imported (the core imports no framework: without
-    billiard, no soft time limit can come); any other ``Exception`` is not one."""
+def test_a_time_limit_is_told_by_type_without_importing_its_runner() -> None:
+    """_signals.is_soft_time_limit: Celery's ``SoftTimeLimitExceeded`` (billiard's class) and
+    RQ's ``JobTimeoutException``, looked up in ``sys.modules``, never imported (the core
+    imports no framework: a runner never imported raises no time limit); any other
+    ``Exception`` is not one, RQ's monitor's timeout (raised in the parent) included."""
     import subprocess
     from pathlib import Path
 
@@ -439,6 +442,9 @@ def test_a_soft_time_limit_is_told_by_type_without_importing_billiard() -> None:
         "assert 'billiard' not in sys.modules\n"
         "from celery.exceptions import SoftTimeLimitExceeded\n"
         "assert told(SoftTimeLimitExceeded()) and not told(Exception())\n"
+        "assert 'rq' not in sys.modules\n"
+        "from rq.timeouts import HorseMonitorTimeoutException, JobTimeoutException\n"
+        "assert told(JobTimeoutException()) and not told(HorseMonitorTimeoutException())\n"
     )
     src = Path(__file__).resolve().parents[1] / "src"
     done = subprocess.run(
@@ -446,3 +452,29 @@ def test_a_soft_time_limit_is_told_by_type_without_importing_billiard() -> None:
         env={"PYTHONPATH": str(src), "PATH": ""},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_an_rq_job_timeout_while_on_close_runs_reaches_the_job(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """_signals.is_soft_time_limit: RQ's job timeout (its SIGALRM handler raises
+    ``JobTimeoutException``, an ``Exception``) landing in an ``on_close`` is the job's, not
+    the callback's failure: it goes on, as Celery's soft time limit does, and the scope is
+    closed all the same."""
+    import logging
+    import signal
+
+    from rq.timeouts import UnixSignalDeathPenalty
+
+    def report(stats: Any) -> None:  # the job's timeout lands here
+        signal.raise_signal(signal.SIGALRM)
+
+    with (
+        UnixSignalDeathPenalty(60, JobTimeoutException, job_id="j"),
+        caplog.at_level(logging.ERROR, logger="perrequest"),
+        pytest.raises(JobTimeoutException),
+        request_scope(on_close=report) as store,
+    ):
+        pass
+    assert store.closed and not caplog.records
+    assert live_scopes() == 0

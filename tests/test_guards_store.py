@@ -199,7 +199,8 @@ class _Model:
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _Model):
-            return NotImplemented  # as Django's (docs/semantics.md: else the others go too)
+            # As Django's (docs/security.md, How the bound holds: else the others go too).
+            return NotImplemented
         return other.pk == self.pk
 
 

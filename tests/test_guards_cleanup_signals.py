@@ -397,7 +397,7 @@ def test_a_signal_while_on_close_runs_reaches_the_task(caplog: pytest.LogCapture
 def test_another_signal_handlers_exception_in_a_listener_is_logged_as_its_failure(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """_signals.is_soft_time_limit: told by type, Celery's ``SoftTimeLimitExceeded`` (here
+    """_signals.is_time_limit: told by type, Celery's ``SoftTimeLimitExceeded`` (here
     ``Signalled``). Any other signal handler's ``Exception`` landing in a listener is taken
     for the listener's failure, as Python's ``logging`` and ``atexit`` take it: logged, not
     raised; the soft time limit, raised by the very same handler, still goes on."""
@@ -428,7 +428,7 @@ def test_another_signal_handlers_exception_in_a_listener_is_logged_as_its_failur
 
 
 def test_a_time_limit_is_told_by_type_without_importing_its_runner() -> None:
-    """_signals.is_soft_time_limit: Celery's ``SoftTimeLimitExceeded`` (billiard's class) and
+    """_signals.is_time_limit: Celery's ``SoftTimeLimitExceeded`` (billiard's class) and
     RQ's ``JobTimeoutException``, looked up in ``sys.modules``, never imported (the core
     imports no framework: a runner never imported raises no time limit); any other
     ``Exception`` is not one, RQ's monitor's timeout (raised in the parent) included."""
@@ -437,7 +437,7 @@ def test_a_time_limit_is_told_by_type_without_importing_its_runner() -> None:
 
     code = (
         "import sys\n"
-        "from perrequest._signals import is_soft_time_limit as told\n"
+        "from perrequest._signals import is_time_limit as told\n"
         "assert not told(Exception()) and not told(TimeoutError())\n"
         "assert 'billiard' not in sys.modules\n"
         "from celery.exceptions import SoftTimeLimitExceeded\n"
@@ -457,7 +457,7 @@ def test_a_time_limit_is_told_by_type_without_importing_its_runner() -> None:
 def test_an_rq_job_timeout_while_on_close_runs_reaches_the_job(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """_signals.is_soft_time_limit: RQ's job timeout (its SIGALRM handler raises
+    """_signals.is_time_limit: RQ's job timeout (its SIGALRM handler raises
     ``JobTimeoutException``, an ``Exception``) landing in an ``on_close`` is the job's, not
     the callback's failure: it goes on, as Celery's soft time limit does, and the scope is
     closed all the same."""

@@ -2,7 +2,7 @@
 night): each test failed before its fix. The first ones passed before that change too: a
 handler's shape was matched too loosely (any local holding the frame below and a small
 int: ``traceback.print_stack(limit=5)``), taking real failures for signals. Soft time
-limits are told by type now (``_signals.is_soft_time_limit``): such failures are trivially
+limits are told by type now (``_signals.is_time_limit``): such failures are trivially
 not one; the tests pin that they stay the code's."""
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def test_a_class_made_in_a_request_is_not_handed_to_another_requests_waiter() ->
 
 def test_a_signal_as_an_eviction_tells_its_keys_error_leaves_the_store_bounded() -> None:
     """``Entries._take``: an eviction whose key's hash raises (a deleted model) checks the
-    error with ``is_soft_time_limit`` (was ``raised_by_a_signal_handler``, about 90 us:
+    error with ``is_time_limit`` (was ``raised_by_a_signal_handler``, about 90 us:
     a wide window; a type check now). A soft time limit arriving there leaves
     ``_take`` before ``_refile``: the entry stays in its function's dict with its place
     in the recency order already popped (``_drop``), so no eviction ever reaches it; the
@@ -228,7 +228,7 @@ def test_a_signal_as_an_eviction_tells_its_keys_error_leaves_the_store_bounded()
 
     import perrequest
 
-    at = RaiseAtCall(Signalled, "is_soft_time_limit", "_take")
+    at = RaiseAtCall(Signalled, "is_time_limit", "_take")
     deleted = Model(1)
     with request_scope(max_entries=2) as store:
         perrequest.set(deleted, "a")

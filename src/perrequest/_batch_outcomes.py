@@ -11,7 +11,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from ._flight import MISSING
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 
 
 class Unhashed:
@@ -40,13 +40,13 @@ def put_all(out: dict[Hashable, Any], cks: list[Hashable], values: list[Any]) ->
     try:
         out.update(zip(cks, values, strict=True))
     except Exception as exc:  # a key's hash raised (TypeError, or what its model raises)
-        if is_soft_time_limit(exc):  # a soft time limit: the task's
+        if is_time_limit(exc):  # a soft time limit: the task's
             raise
         for ck, value in zip(cks, values, strict=True):  # by identity
             try:
                 out[ck] = value
             except Exception as failure:
-                if is_soft_time_limit(failure):  # in another key's __hash__
+                if is_time_limit(failure):  # in another key's __hash__
                     raise
                 out[Unhashed(ck)] = value
 

@@ -15,7 +15,7 @@ from ._batch_outcomes import Unhashed, missing_keys, pick, put_all, same, settle
 from ._checks import is_async_callable, refuse_coroutine, unhashable_because
 from ._flight import MISSING
 from ._records import take_out
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 from ._stats import Counter, function_name
 from ._waits import RESTART, done_waiting, gone, may_wait, result
 from .errors import ScopeClosed, UnhashableArguments
@@ -318,7 +318,7 @@ class _BatchSpec:
                     try:
                         left -= store._flights.pop((self, ck), None) is me
                     except Exception as exc:  # its hash raises now: taken out below
-                        if is_soft_time_limit(exc):  # a soft time limit: the task's
+                        if is_time_limit(exc):  # a soft time limit: the task's
                             raise
             finally:
                 # Keys whose hash changed, or whose __hash__/__eq__ raised: by identity.

@@ -20,7 +20,7 @@ from typing import Any, Final
 from ._checks import check_max_entries, unknown_option
 from ._flight import MISSING
 from ._records import FLIGHTS, Probe, drop_dead
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 from ._stats import Counter, ScopeStats, observed, stats_of
 from .errors import ScopeClosed
 
@@ -229,7 +229,7 @@ class Entries:
                 del subs[owner]  # type: ignore[union-attr]
             if self._next_id != mark:
                 self._resync()
-            if signal is not None and is_soft_time_limit(signal):  # the entry is
+            if signal is not None and is_time_limit(signal):  # the entry is
                 raise signal  # gone: a soft time limit goes on to the task
         finally:  # (this frame, in its traceback: a reference cycle)
             signal = None
@@ -260,7 +260,7 @@ class Entries:
                     new[filed] = entry
                     continue
             except Exception as exc:  # its __hash__ or __eq__ raises now (or a signal came)
-                signal = signal or (exc if is_soft_time_limit(exc) else None)
+                signal = signal or (exc if is_time_limit(exc) else None)
             self._order.pop(entry[2], None)
             entry[1].evictions += 1
             self._evictions += 1

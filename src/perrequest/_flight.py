@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from . import _waits
 from ._checks import LAZY, refuse_memoized_result
 from ._records import drop_dead, interrupted, resumed, take_out, take_over
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 from ._stats import CountsLike as Counter
 from ._waits import RESTART, Waited, done_waiting, gone, outcome_of, restart, thread_me
 
@@ -69,7 +69,7 @@ def failed(
             else:
                 record = None
         except Exception as error:  # the key's __hash__/__eq__ raised now: by identity
-            if is_soft_time_limit(error):  # a soft time limit: the task's, once its
+            if is_time_limit(error):  # a soft time limit: the task's, once its
                 restart(_own(cache, key, me, None))  # waiters compute (``run`` ends it again)
                 raise
             record = None
@@ -142,7 +142,7 @@ def _put_back(cache: Cache, key: Hashable, record: Any) -> None:
             cache._flights[key] = record
         except Exception as error:  # its key's __hash__ raised: that computation's waiters
             restart(record)  # retry; a soft time limit then goes on (the task's)
-            if is_soft_time_limit(error):
+            if is_time_limit(error):
                 raise
 
 

@@ -1,6 +1,6 @@
 """A closed scope's ``on_close`` and the scope listeners, called with its stats: a failure
-of theirs is logged, never raised (DESIGN.md), except Celery's soft time limit landing in
-one (``SoftTimeLimitExceeded``, told by type), which is the task's, not theirs."""
+of theirs is logged, never raised (DESIGN.md), except a task runner's time limit landing
+in one (Celery's, RQ's: ``_signals``), which is the task's, not theirs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from types import CoroutineType, MethodType
 
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 from ._stats import ScopeStats, listeners
 
 OnClose = Callable[[ScopeStats], object]
@@ -27,7 +27,7 @@ _NESTED_MAX = 8
 
 def notify(stats: ScopeStats, on_close: OnClose | None) -> None:
     """Call ``on_close`` then each listener (but those running here: the scope is one they
-    opened); a soft time limit in one goes on once the others have run."""
+    opened); a time limit in one goes on once the others have run."""
     running, signalled = _calling.get(), None
     for listener in (on_close, *listeners) if on_close is not None else tuple(listeners):
         if running and (len(running) >= _NESTED_MAX or any(_same(listener, r) for r in running)):
@@ -43,7 +43,7 @@ def notify(stats: ScopeStats, on_close: OnClose | None) -> None:
                     "to a task (loop.create_task) or a queue."
                 )
         except Exception as exc:
-            if signalled is None and is_soft_time_limit(exc):
+            if signalled is None and is_time_limit(exc):
                 signalled = exc  # the task's: it must see it (a soft time limit's cleanup)
             else:
                 what = "the scope's on_close" if listener is on_close else "scope listener"

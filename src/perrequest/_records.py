@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from . import _waits
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 from ._waits import Waited, done_waiting, restart
 
 FLIGHTS = 64  # computations in flight in one cache before ``drop_dead`` looks
@@ -57,7 +57,7 @@ def _file(flights: dict[Hashable, Any], filed: Hashable, record: Any) -> bool:
     try:
         return flights.setdefault(filed, record) is record
     except Exception as exc:
-        if is_soft_time_limit(exc):  # a soft time limit: the task's
+        if is_time_limit(exc):  # a soft time limit: the task's
             raise
         return False
 
@@ -151,7 +151,7 @@ def _drop(flights: dict[Hashable, Any], filed: Hashable, record: Any) -> bool:
             restart(record)
             return True
     except Exception as exc:  # its __hash__ (or a colliding key's __eq__) raises now
-        if is_soft_time_limit(exc):
+        if is_time_limit(exc):
             raise
     return False
 

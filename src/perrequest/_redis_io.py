@@ -38,7 +38,7 @@ except ImportError as exc:  # name the extra to install
 
 from ._checks import KWARGS
 from ._redis_scripts import CLAIM, DROP, EXTEND, GEN, LOCK, RENEW, STORE
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 
 # Connection settings that say where the server is and who connects; the
 # rest (timeouts, retries, decoding, protocol, pool behaviour) is the cache's own.
@@ -301,7 +301,7 @@ def _pickle_dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # PicklingError, or the TypeError/AttributeError pickle raises
-        if is_soft_time_limit(exc):  # a soft time limit: the task's
+        if is_time_limit(exc):  # a soft time limit: the task's
             raise
         raise TypeError(f"{type(exc).__name__}: {exc}") from None
 

@@ -23,7 +23,7 @@ from ._flight import MISSING
 from ._records import FLIGHTS
 from ._redis_lock import Late
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 from ._stats import Counter
 from ._waits import Waited
 from .errors import UnhashableArguments
@@ -247,7 +247,7 @@ class RedisTier:
         try:
             return self.cache._codec.loads(raw, key)
         except Exception as exc:  # a bad signature, or not JSON (or pickle) at all
-            if is_soft_time_limit(exc):  # a soft time limit: the task's
+            if is_time_limit(exc):  # a soft time limit: the task's
                 raise
             self._refused(key, exc)
             return MISSING

@@ -28,7 +28,7 @@ from ._flight import MISSING
 from ._records import FLIGHTS
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._shared_errors import SharedComputationError as SharedComputationError
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 from ._typing import SharedCacheInfo
 
 _C = TypeVar("_C")
@@ -198,7 +198,7 @@ class _Guarded:
         except KeyError:
             return MISSING
         except Exception as exc:  # a colliding key's __eq__ raising: a miss (waiters in
-            if is_soft_time_limit(exc):  # other requests must never get this error:
+            if is_time_limit(exc):  # other requests must never get this error:
                 raise  # it holds this frame); a soft time limit is the task's
             return MISSING
 
@@ -210,7 +210,7 @@ class _Guarded:
         except ValueError:  # cachetools refuses a value larger than the whole cache
             pass
         except Exception as exc:  # its waiters are in other requests: never hand them this
-            if is_soft_time_limit(exc):  # error; a soft time limit is the task's
+            if is_time_limit(exc):  # error; a soft time limit is the task's
                 raise
             if not counter.refused:  # the cache's own fault (a getsizeof that raises): say so
                 counter.refused = True

@@ -22,7 +22,7 @@ from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from ._checks import LAZY, refuse_memoized_result
-from ._signals import is_soft_time_limit
+from ._signals import is_time_limit
 from .errors import PerRequestError
 
 
@@ -116,7 +116,7 @@ def _safe_copy(error: BaseException, copy: _Copy) -> BaseException:
     try:
         return copy.error(error, 0)
     except Exception as failure:  # _Unsafe, or the type's own code failing on its arguments
-        if is_soft_time_limit(failure):  # a soft time limit: the task's, not error's
+        if is_time_limit(failure):  # a soft time limit: the task's, not error's
             raise
         message, notes = _named(error)
         named = SharedComputationError(message)

@@ -18,7 +18,7 @@ _TIME_LIMITS = (
 )
 
 
-def is_soft_time_limit(exc: BaseException) -> bool:
+def is_time_limit(exc: BaseException) -> bool:
     """Whether ``exc`` is a task runner's time limit (Celery's, RQ's)."""
     for module, name in _TIME_LIMITS:
         limit = getattr(sys.modules.get(module), name, None)  # (none while importing)

@@ -322,6 +322,24 @@ def test_the_toolbar_subtitle_of_no_stats_is_empty_and_of_an_idle_store_has_no_s
     assert panel.nav_subtitle == "no request scope"
 
 
+@pytest.mark.parametrize(
+    ("saved_ms", "subtitle"),
+    [
+        (0.004, "3 hits, 1 misses"),
+        (0.04, "3 hits, 1 misses, 0.04 ms saved"),
+        (12.345, "3 hits, 1 misses, 12.35 ms saved"),
+    ],
+)
+def test_the_toolbar_subtitle_shows_time_saved_as_the_panel_does(
+    saved_ms: float, subtitle: str
+) -> None:
+    """Two decimals, as the panel's table; no "0.00 ms saved" (a probe saw "0.0 ms")."""
+    bar = SimpleNamespace(stats={})
+    panel = toolbar.PerRequestPanel(bar, lambda request: None)
+    bar.stats[panel.panel_id] = {"scope": True, "hits": 3, "misses": 1, "saved_ms": saved_ms}
+    assert panel.nav_subtitle == subtitle
+
+
 # -- 9. _redis_io.py: a value pickle cannot store ----------------------------------------
 
 

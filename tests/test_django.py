@@ -620,7 +620,8 @@ def _two_argument_hook(stats: Any, extra: Any) -> None:
         ({"ON_CLOSE": 42}, r'PERREQUEST\["ON_CLOSE"\] must be a callable.*not int 42'),
         (
             {"ON_CLOSE": "django_project.settings.SECRET_KEY"},
-            r'PERREQUEST\["ON_CLOSE"\] must be a callable.*not str',
+            r'PERREQUEST\["ON_CLOSE"\] must be a callable.*not str .*'
+            r"\('django_project.settings.SECRET_KEY' names that object\)$",
         ),
         (
             {"ON_CLOSE": "django_project.hooks.no_such_hook"},

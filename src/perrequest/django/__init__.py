@@ -321,7 +321,10 @@ def _read_settings() -> tuple[int | None, OnClose | None]:
     try:
         return max_entries, check_on_close(value, 'settings.PERREQUEST["ON_CLOSE"]')
     except TypeError as exc:  # says what is wrong with it: not callable, async, arguments
-        hint = "" if callable(value) else " (or a dotted path to one)"
+        if isinstance(options.get("ON_CLOSE"), str):
+            hint = f" ({options['ON_CLOSE']!r} names that object)"
+        else:
+            hint = "" if callable(value) else " (or a dotted path to one)"
         raise ImproperlyConfigured(f"{exc}{hint}") from exc
 
 

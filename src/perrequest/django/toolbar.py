@@ -123,7 +123,8 @@ class PerRequestPanel(Panel):
         if not stats.get("scope"):
             return "no request scope"
         text = f"{stats['hits']} hits, {stats['misses']} misses"
-        return text + (f", {stats['saved_ms']:.1f} ms saved" if stats["saved_ms"] else "")
+        saved = stats["saved_ms"]  # as the panel shows it; none where that would read 0.00
+        return text + (f", {saved:.2f} ms saved" if saved >= 0.005 else "")
 
     @property
     def content(self) -> str:

@@ -4,6 +4,10 @@ here fails with its guard deleted (a block-deletion mutation pass of the core, 5
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from unittest import mock
+
 import pytest
 
 from perrequest import request_memo, request_scope
@@ -82,3 +86,40 @@ def test_a_callable_whose_wrapped_attribute_raises_can_be_memoized() -> None:
             assert double(2) == 4 and double(2) == 4
         assert calls == [2]
     assert looked, "__wrapped__ was never read: the test tests nothing"
+
+
+@pytest.mark.parametrize("kind", ["Mock", "MagicMock", "AsyncMock", "autospec"])
+def test_a_mock_can_be_memoized(kind: str) -> None:
+    """A Mock answers every ``hasattr``, so the look for functools.lru_cache's attributes
+    took one for an lru_cache and refused it; they are looked up statically now."""
+    fetch = (
+        mock.create_autospec(lambda x: x, return_value=3)
+        if kind == "autospec"
+        else getattr(mock, kind)(return_value=3)
+    )
+    memo = request_memo(fetch)
+
+    async def twice() -> list[int]:
+        async with request_scope():
+            return [await memo(1), await memo(1)]
+
+    with request_scope():
+        results = asyncio.run(twice()) if kind == "AsyncMock" else [memo(1), memo(1)]
+    assert results == [3, 3] and fetch.call_count == 1
+    with pytest.raises(TypeError, match="lru_cache"):  # the real one is still refused
+        request_memo(functools.lru_cache(lambda x: x))
+
+
+@pytest.mark.parametrize("name", ["get_n\u00ba", "\ufb01nd_user", "\uff55ser"])
+def test_a_function_whose_name_python_would_normalise_can_be_memoized(name: str) -> None:
+    """Python stores identifiers NFKC-normalised: a generated ``def`` of such a name (a
+    factory's ``fn.__name__ = f"get_{field}"``) was not found under it (KeyError)."""
+
+    def getter(row: int) -> tuple[str, int]:
+        return (name, row)
+
+    getter.__name__ = getter.__qualname__ = name
+    memo = request_memo(getter)
+    with request_scope():
+        assert memo(1) == memo(1) == (name, 1)
+        assert memo.cache_info().hits == 1

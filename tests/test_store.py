@@ -464,6 +464,45 @@ def test_items_and_values_are_snapshots_that_leave_recency_alone() -> None:
     assert "a" not in store and set(store) == {"b", "c", "d"}
 
 
+def test_membership_in_items_and_values_leaves_recency_alone() -> None:
+    """``x in store.values()`` and ``(k, v) in store.items()``: collections.abc's views
+    read ``store[key]``, a touch (of every key, for ``values()``); a probe evicted the
+    entry just read instead of the least recently used one."""
+    store = MemoStore(max_entries=3)
+    store["a"], store["b"], store["c"] = 1, 2, 3
+    assert store["a"] == 1  # recency now b, c, a
+    assert 99 not in store.values() and 2 in store.values()
+    assert ("b", 2) in store.items() and ("b", 3) not in store.items()
+    assert ("zz", 1) not in store.items() and "ab" not in store.items()
+    store["d"] = 4  # b, the least recently used, goes
+    assert set(store) == {"a", "c", "d"}
+    with pytest.raises(TypeError, match="keys must be hashable"):  # as in the store
+        ([], 1) in store.items()  # noqa: B015
+
+
+def test_membership_in_values_survives_another_thread_evicting() -> None:
+    """ValuesView's ``in`` looked each key up again: a key evicted meanwhile raised KeyError."""
+    store = MemoStore(max_entries=200)
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            store[i] = i
+            i += 1
+
+    for i in range(200):
+        store[i] = i
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(1500):
+            assert -1 not in store.values()
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_items_survive_another_thread_evicting() -> None:
     store = MemoStore(max_entries=50)
     stop = threading.Event()

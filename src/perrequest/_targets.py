@@ -89,7 +89,8 @@ def refuse_memo_target(target: object) -> None:
         )
     wrapped: object = target
     for _ in range(100):  # through functools.wraps chains (__wrapped__)
-        if hasattr(wrapped, "cache_parameters") and hasattr(wrapped, "cache_info"):
+        # Statically: a Mock (a stand-in for a fetcher, in tests) answers every hasattr.
+        if _has(wrapped, "cache_parameters") and _has(wrapped, "cache_info"):
             name = getattr(target, "__qualname__", target)
             raise TypeError(
                 f"@request_memo cannot go over functools.lru_cache or functools.cache "
@@ -105,3 +106,7 @@ def refuse_memo_target(target: object) -> None:
             return
         if wrapped is None:
             return
+
+
+def _has(obj: object, name: str) -> bool:
+    return inspect.getattr_static(obj, name, None) is not None

@@ -17,6 +17,7 @@ import functools
 import inspect
 import keyword
 import textwrap
+import unicodedata
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -200,6 +201,7 @@ def _compiled(source: str, filename: str) -> Any:
 def _code_name(fn: Callable[..., Any]) -> str:  # tracebacks and profilers show it
     name = getattr(fn, "__name__", "")
     ok = name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("__pr_")
+    ok = ok and unicodedata.normalize("NFKC", name) == name  # as compile() would store it
     return name if ok and name != "__debug__" else "__pr_wrapper"  # no def takes __debug__
 
 

@@ -302,12 +302,21 @@ class _SnapshotItems(ItemsView[Hashable, Any]):
     def __iter__(self) -> Iterator[tuple[Hashable, Any]]:
         return iter(self._mapping._pairs())
 
+    def __contains__(self, item: object) -> bool:  # ItemsView's reads with store[key]: a touch
+        if not isinstance(item, tuple) or len(item) != 2:
+            return False
+        found = self._mapping._found(item[0], touch=False)
+        return found is not MISSING and (found is item[1] or found == item[1])
+
 
 class _SnapshotValues(ValuesView[Any]):
     _mapping: MemoStore
 
     def __iter__(self) -> Iterator[Any]:
         return iter([value for _, value in self._mapping._pairs()])
+
+    def __contains__(self, value: object) -> bool:  # ValuesView's: a touch per key, KeyError
+        return any(v is value or v == value for v in self)  # for one evicted meanwhile
 
 
 def _memo_key_write(key: MemoKey) -> TypeError:

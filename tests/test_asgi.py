@@ -427,5 +427,19 @@ def test_a_store_is_shared_by_copies_and_refuses_pickling() -> None:
     with perrequest.request_scope() as store:
         holder = {"store": store, "headers": [(b"a", b"b")]}
         assert copy.deepcopy(holder)["store"] is store and copy.copy(store) is store
-        with pytest.raises(TypeError, match="cannot be pickled"):
+        with pytest.raises(TypeError, match="cannot be pickled") as refused:
             pickle.dumps(store)
+        # What the error advises works with memo entries in the store too (a probe: the
+        # advice was dict(store), whose memo keys hold an unpicklable spec).
+        store["user"] = 1
+        _module_memo(2)
+        advice = str(refused.value).split("Pickle the entries you set: ")[1].split(" (memo")[0]
+        kept = eval(advice, {"store": store, "perrequest": perrequest})
+        assert pickle.loads(pickle.dumps(kept)) == {"user": 1} and len(store) == 2
+        store.update(self=3, other=4)  # MutableMapping.update's own: both are keys
+        assert store["self"] == 3 and store["other"] == 4
+
+
+@perrequest.request_memo
+def _module_memo(x: int) -> int:
+    return x

@@ -147,7 +147,9 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
     def __reduce__(self) -> Any:
         raise TypeError(
             "a MemoStore cannot be pickled: it belongs to one request scope in this "
-            "process. Pickle dict(store) if you need its contents."
+            "process. Pickle the entries you set: {k: v for k, v in store.items() if "
+            "not isinstance(k, perrequest.store.MemoKey)} (memo entries are keyed by their "
+            "function's private spec, which does not pickle)."
         )
 
     def __repr__(self) -> str:
@@ -241,9 +243,9 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
                 value = default
             return value
 
-    def update(self, *args: Any, **kwargs: Any) -> None:
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:  # update(self=1): a key
         self._writable("update()")
-        super().update(*args, **kwargs)
+        super().update(other, **kwargs)
 
     @property
     def max_entries(self) -> int | None:

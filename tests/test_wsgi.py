@@ -470,6 +470,69 @@ def test_a_layer_that_calls_the_app_in_one_thread_and_serves_the_body_from_anoth
     assert [step for step, in_scope, _ in app.seen if not in_scope] == []
 
 
+def test_a_layer_that_calls_iter_in_the_apps_thread_and_serves_the_chunks_from_another() -> None:
+    """As above, with werkzeug's ClosingIterator between the pool job and the middleware:
+    it calls iter() on the body as it wraps it, in the pool thread. A probe (7 December):
+    the store was made active there (so other code on the pool thread saw this request's
+    open store, and kept it after close()), and the chunks, served here, saw none."""
+    from werkzeug.wsgi import ClosingIterator
+
+    app = Recorder()
+    wrapped = RequestScopeMiddleware(app)
+
+    def layer(environ: dict[str, Any], start_response: StartResponse) -> Any:
+        return ClosingIterator(wrapped(environ, start_response), [lambda: None])
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        body: Any = pool.submit(layer, _environ(), _start_response).result()
+        store = app.stores[0]
+        seen = pool.submit(lambda: (perrequest.in_request_scope(), _current.get())).result()
+        assert seen == (False, None)
+        assert list(body) == [b"perms-of-alice;"] * 3
+        assert perrequest.current_store() is store
+        body.close()
+        assert store.closed and _current.get() is None and live_scopes() == 0
+        assert pool.submit(_current.get).result() is None
+    assert app.computed == 1
+    assert [step for step, in_scope, _ in app.seen if not in_scope] == []
+
+
+def test_dropping_the_iterator_after_close_does_not_close_the_body_again() -> None:
+    """The server's iterator is a generator around the body's: closed or collected after
+    close(), it must not close the body's own iterator (a body that is its own iterator,
+    whose close() runs callbacks) a second time, outside the scope (``yield from`` would)."""
+    closes: list[bool] = []
+
+    class Body:
+        def __init__(self) -> None:
+            self.sent = 0
+
+        def __iter__(self) -> Body:
+            return self
+
+        def __next__(self) -> bytes:
+            self.sent += 1
+            if self.sent > 3:
+                raise StopIteration
+            return b"x"
+
+        def close(self) -> None:
+            closes.append(perrequest.in_request_scope())
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Body:
+        start_response("200 OK", [])
+        return Body()
+
+    body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+    chunks = iter(body)
+    assert next(chunks) == b"x"
+    body.close()
+    chunks.close()
+    del chunks
+    gc.collect()
+    assert closes == [True] and live_scopes() == 0
+
+
 def test_a_closed_scope_left_in_the_thread_is_not_carried_through_the_next_request() -> None:
     """A generator that kept a request_scope() open across its yields, closed from elsewhere,
     leaves a closed store active in the server's thread. It means no scope; the next request

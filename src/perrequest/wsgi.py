@@ -144,15 +144,12 @@ class ScopedBody:
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        if (
-            self._token is None
-            and self._cell is not None
-            and _get() is None
-            and _get_running_loop() is None  # not a loop that fetches chunks elsewhere
-        ):
-            self._token = _set(self._cell)  # until close(), which resets it
-            return iter(self._body)
-        return self._start(self)
+        # Decided at the first chunk, in the thread that pulls it: a layer may call iter()
+        # in the thread that called the app and serve the chunks from another (werkzeug's
+        # ClosingIterator calls iter() as it wraps the body). Not ``yield from``: closing
+        # this generator would close the body's iterator, outside close() and its scope.
+        for chunk in self._start(self):  # noqa: UP028
+            yield chunk
 
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator
         if self._chunks is None:
@@ -163,8 +160,10 @@ class ScopedBody:
         cell = self._cell
         if cell is None:
             return iter(())
+        # Nothing active here, and no loop that may fetch the chunks in other threads
+        # (Tornado's WSGIContainer): the store stays active here until close() resets it.
         if self._token is None and _get() is None and _get_running_loop() is None:
-            self._token = _set(cell)  # until close(), which resets it
+            self._token = _set(cell)
             return iter(self._body)
         return _produce(self._body, cell, keep)
 

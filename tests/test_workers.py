@@ -449,3 +449,48 @@ def test_a_waiter_whose_event_loop_is_gone_fails_neither_the_computation_nor_oth
         live = in_scope(asyncio.run, slow(1))
         assert computing.result(5) == "v1" and live.result(5) == "v1"
     assert live_scopes() == 0
+
+
+def test_trio_guest_mode_on_asyncio_memoizes_but_cannot_batch() -> None:
+    """trio run as a guest of an asyncio loop (``trio.lowlevel.start_guest_run``): memos
+    work as under trio (each first await computes), and ``request_batch`` is not
+    supported, as docs/workers.md says: it takes the host's running asyncio loop for its
+    own, and trio refuses the asyncio future (a probe, 7 December)."""
+    import trio
+
+    calls: list[int] = []
+
+    @perrequest.request_memo
+    async def double(k: int) -> int:
+        calls.append(k)
+        await trio.sleep(0.01)
+        return 2 * k
+
+    @perrequest.request_batch
+    async def doubles(keys: list[int]) -> list[int]:
+        return [2 * k for k in keys]
+
+    async def guest() -> tuple[list[int], str]:
+        async with perrequest.request_scope():
+            got = [await double(1), await double(1)]
+            try:
+                await doubles.load(1)
+            except TypeError as exc:
+                return got, str(exc)
+        return got, ""
+
+    async def host() -> Any:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        trio.lowlevel.start_guest_run(
+            guest,
+            run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+            done_callback=done.set_result,
+            host_uses_signal_set_wakeup_fd=True,
+        )
+        return (await asyncio.wait_for(done, 20)).unwrap()
+
+    got, error = asyncio.run(host())
+    assert got == [2, 2] and calls == [1]
+    assert "unrecognized yield message" in error
+    assert live_scopes() == 0

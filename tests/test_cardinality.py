@@ -179,7 +179,11 @@ def test_a_partial_is_named_after_its_function_and_an_object_after_its_class(
         ("app.views.fetch (partial) and more", "(unnamed callable)"),
         ("functools.partial(<function f at 0x7f>, 'secret')", "(unnamed callable)"),
         ("app.<app.Loader object at 0x7f00>", "(unnamed callable)"),
-        ("a" * 300, "(unnamed callable)"),
+        (
+            "app." + ".".join(["Outer"] * 60) + ".fetch",
+            "app." + ".".join(["Outer"] * 60) + ".fetch",
+        ),
+        ("a" * 1001, "(unnamed callable)"),
         ("", "(unnamed callable)"),
     ],
 )

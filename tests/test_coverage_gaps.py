@@ -480,7 +480,9 @@ def test_get_or_set_reads_a_memo_key_but_never_writes_one() -> None:
         assert type(key) is MemoKey
         assert store.get_or_set(key, lambda: -1) == 9  # present: read, factory not called
         square.cache_clear()
-        with pytest.raises(TypeError, match=r"is a memo entry: @request_memo writes those"):
+        with pytest.raises(
+            TypeError, match=r"is a memo entry: its @request_memo or @request_batch"
+        ):
             store.get_or_set(key, lambda: -1)
         assert list(store) == []  # nothing was written
 

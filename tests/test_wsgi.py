@@ -533,6 +533,39 @@ def test_dropping_the_iterator_after_close_does_not_close_the_body_again() -> No
     assert closes == [True] and live_scopes() == 0
 
 
+async def test_asgirefs_wsgi_to_asgi_which_never_closes_the_body_serves_chunks_in_scope() -> None:
+    """asgiref's WsgiToAsgi loops ``for chunk in app(...)`` and never calls ``close()``
+    (against PEP 3333). The server's iterator holds the body, so its chunks see the
+    request's store; the scope closes as the loop drops the iterator, and the app's own
+    close hook never runs (it would not have without perrequest)."""
+    from asgiref.wsgi import WsgiToAsgi
+
+    seen: list[object] = []
+    closes: list[bool] = []
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            seen.append(perrequest.get("k"))
+            yield b"a"
+            seen.append(perrequest.get("k"))
+            yield b"b"
+
+        def close(self) -> None:
+            closes.append(True)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Body:
+        perrequest.set("k", environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body()
+
+    transport = httpx.ASGITransport(app=WsgiToAsgi(RequestScopeMiddleware(app)))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.get("/one")
+    gc.collect()
+    assert response.text == "ab" and seen == ["/one", "/one"]
+    assert closes == [] and live_scopes() == 0
+
+
 def test_a_closed_scope_left_in_the_thread_is_not_carried_through_the_next_request() -> None:
     """A generator that kept a request_scope() open across its yields, closed from elsewhere,
     leaves a closed store active in the server's thread. It means no scope; the next request

@@ -22,7 +22,7 @@ Then::
 
     curl -i -H 'X-User: alice' http://127.0.0.1:8000/           # X-Permission-Queries: 1
     curl -i -H 'X-User: bob' http://127.0.0.1:8000/api/orders/  # async view, 1 query
-    curl -i http://127.0.0.1:8000/                              # guest: 403, 1 query
+    curl -i http://127.0.0.1:8000/                              # guest: 403 (1 query: /stats/)
     curl http://127.0.0.1:8000/stats/                           # totals across requests
 
 ``/stats/`` reports how many permission queries and requests ran so far, and

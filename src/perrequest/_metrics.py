@@ -23,7 +23,8 @@ ENTRY_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000
 SAVED_BUCKETS = (
     0, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 )  # fmt: skip
-_QUALIFIED = re.compile(r"[^\W\d][\w.<>]{0,199}(?: \(partial\))?|\(other functions\)")
+# Up to 1,000 characters: deeply nested classes make long real names (a probe: 312).
+_QUALIFIED = re.compile(r"[^\W\d][\w.<>]{0,999}(?: \(partial\))?|\(other functions\)")
 
 
 @functools.lru_cache(maxsize=4096)

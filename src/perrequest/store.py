@@ -323,6 +323,6 @@ class _SnapshotValues(ValuesView[Any]):
 
 def _memo_key_write(key: MemoKey) -> TypeError:
     return TypeError(
-        f"{key!r} is a memo entry: @request_memo writes those. Delete it, or use the "
-        "function's cache_clear(), instead of writing to it."
+        f"{key!r} is a memo entry: its @request_memo or @request_batch writes those. Delete "
+        "it, or use the function's cache_clear(), instead of writing to it."
     )

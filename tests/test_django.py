@@ -33,7 +33,7 @@ from django_project import hooks  # noqa: E402
 from django_project import settings as project_settings  # noqa: E402
 
 import perrequest  # noqa: E402
-from perrequest import DEFAULT_MAX_ENTRIES, ScopeStats, request_scope  # noqa: E402
+from perrequest import DEFAULT_MAX_ENTRIES, MemoStore, ScopeStats, request_scope  # noqa: E402
 from perrequest.django import RequestScopeMiddleware  # noqa: E402
 from perrequest.testing import live_scopes  # noqa: E402
 
@@ -102,6 +102,23 @@ def _adapted(caplog: pytest.LogCaptureFixture, middleware: list[str]) -> list[st
     ):
         ASGIHandler()
     return [r.getMessage() for r in caplog.records if "adapted" in r.getMessage()]
+
+
+def test_process_view_of_a_middleware_listed_above_runs_in_the_store() -> None:
+    """docs/frameworks/django.md, "What sees the store": a middleware listed above
+    perrequest runs its __call__, process_request and process_response outside the store,
+    but Django runs every process_view around the view, inside the innermost layer."""
+    from django_project.middleware import hooks_seen
+
+    hooks_seen.clear()
+    above = ["django_project.middleware.HooksAbove", *project_settings.MIDDLEWARE]
+    with override_settings(MIDDLEWARE=above):
+        assert Client().get("/sync/").status_code == 200
+    assert hooks_seen == [
+        ("process_request", False),
+        ("process_view", True),
+        ("process_response", False),
+    ]
 
 
 def test_async_chain_is_not_adapted_to_sync(caplog: pytest.LogCaptureFixture) -> None:
@@ -437,6 +454,55 @@ def test_a_dropped_streaming_response_ends_its_scope_when_collected(
     assert live_scopes() == 1
     del response  # a middleware above replaced it, say, and never closed it
     gc.collect()
+    assert live_scopes() == 0 and len(closed) == 1
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_request_scope_held_across_a_streaming_bodys_yields_stays_its_own(
+    closed: list[ScopeStats], is_async: bool
+) -> None:
+    """A streaming body that opens ``request_scope()`` and yields inside it: each chunk
+    is produced with the store active around it, and that used to reset the nested
+    scope away after the first chunk, so the block's later chunks read and wrote the
+    request's store (a probe, 7 December). As a generator's own ContextVar does without
+    perrequest, the nested store stays active for the block, and the request's after."""
+    seen: list[tuple[object, object]] = []
+
+    def step(inner: MemoStore, chunk: int) -> bytes:
+        seen.append((perrequest.current_store() is inner, perrequest.get("k")))
+        perrequest.set("k", "inner")
+        return str(chunk).encode()
+
+    def sync_body() -> Iterator[bytes]:
+        with request_scope() as inner:
+            perrequest.set("k", "inner")
+            for chunk in range(3):
+                yield step(inner, chunk)
+        seen.append(("after", perrequest.get("k")))
+
+    async def async_body() -> AsyncIterator[bytes]:
+        async with request_scope() as inner:
+            perrequest.set("k", "inner")
+            for chunk in range(3):
+                yield step(inner, chunk)
+        seen.append(("after", perrequest.get("k")))
+
+    def view(request: Any) -> StreamingHttpResponse:
+        perrequest.set("k", "outer")
+        return StreamingHttpResponse(async_body() if is_async else sync_body())
+
+    response = RequestScopeMiddleware(view)(RequestFactory().get("/"))
+    if is_async:
+
+        async def read() -> bytes:
+            return b"".join([chunk async for chunk in response.streaming_content])
+
+        body = asyncio.run(read())
+    else:
+        body = b"".join(response.streaming_content)
+    response.close()
+    assert body == b"012"
+    assert seen == [(True, "inner")] * 3 + [("after", "outer")]
     assert live_scopes() == 0 and len(closed) == 1
 
 

@@ -566,6 +566,35 @@ async def test_asgirefs_wsgi_to_asgi_which_never_closes_the_body_serves_chunks_i
     assert closes == [] and live_scopes() == 0
 
 
+def test_a_request_scope_held_across_yields_of_a_body_served_chunk_by_chunk_stays_its_own() -> None:
+    """Iterated where another scope is active, each chunk is produced with the request's
+    store set around it; a ``request_scope()`` the body holds across its yields used to be
+    reset away after the first chunk, and the block then wrote the request's store."""
+    seen: list[tuple[object, object]] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        perrequest.set("k", "outer")
+        start_response("200 OK", [])
+
+        def body() -> Iterator[bytes]:
+            with request_scope() as inner:
+                perrequest.set("k", "inner")
+                for _ in range(3):
+                    seen.append((perrequest.current_store() is inner, perrequest.get("k")))
+                    yield b"x"
+            seen.append(("after", perrequest.get("k")))
+
+        return body()
+
+    with request_scope() as server_side:  # what is active where the body is iterated
+        body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+        assert b"".join(body) == b"xxx"
+        body.close()
+        assert perrequest.current_store() is server_side and "k" not in server_side
+    assert seen == [(True, "inner")] * 3 + [("after", "outer")]
+    assert live_scopes() == 0
+
+
 def test_a_closed_scope_left_in_the_thread_is_not_carried_through_the_next_request() -> None:
     """A generator that kept a request_scope() open across its yields, closed from elsewhere,
     leaves a closed store active in the server's thread. It means no scope; the next request

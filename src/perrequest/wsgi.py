@@ -225,6 +225,7 @@ def _produce(body: Iterable[bytes], active: Any, keep: ScopedBody | None) -> Ite
             except StopIteration:
                 return
             finally:
+                active = _get()  # a request_scope() the body holds across its yields
                 reset(token)
             yield chunk
     finally:

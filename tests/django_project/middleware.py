@@ -10,6 +10,8 @@ from asgiref.sync import iscoroutinefunction
 from django.utils.decorators import sync_and_async_middleware, sync_only_middleware
 from django.utils.deprecation import MiddlewareMixin
 
+import perrequest
+
 from .hooks import lookup
 
 
@@ -47,4 +49,21 @@ class NaiveScopeMiddleware(MiddlewareMixin):
 
     def process_response(self, request: Any, response: Any) -> Any:
         _naive.reset(request.naive_token)
+        return response
+
+
+hooks_seen: list[tuple[str, bool]] = []
+
+
+class HooksAbove(MiddlewareMixin):
+    """Listed above perrequest by a test: which of its hooks run in the request's store."""
+
+    def process_request(self, request: Any) -> None:
+        hooks_seen.append(("process_request", perrequest.in_request_scope()))
+
+    def process_view(self, request: Any, *args: Any) -> None:
+        hooks_seen.append(("process_view", perrequest.in_request_scope()))
+
+    def process_response(self, request: Any, response: Any) -> Any:
+        hooks_seen.append(("process_response", perrequest.in_request_scope()))
         return response

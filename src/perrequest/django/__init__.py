@@ -223,9 +223,9 @@ def _produce(content: Iterable[Any], cell: list[Any], end: Callable[[], object])
     """Each chunk of a sync streaming body, produced with the request's store active.
     A body that raises ends the scope at once (``end``): Django's ASGI handler never
     closes a response whose body failed."""
-    iterator = None
+    iterator, active = None, cell
     while True:
-        token = _current.set(cell)
+        token = _current.set(active)
         try:
             if iterator is None:
                 iterator = iter(content)
@@ -236,6 +236,7 @@ def _produce(content: Iterable[Any], cell: list[Any], end: Callable[[], object])
             end()
             raise
         finally:
+            active = _current.get()  # a request_scope() the body holds across its yields
             _current.reset(token)
         yield chunk
 
@@ -246,10 +247,10 @@ async def _produce_async(
     """The async twin of ``_produce``. Django does not close an async body left
     suspended: its cleanup runs when the loop finalizes it, with this request's
     store active, closed by then, so that it touches nobody's store."""
-    iterator = aiter(content)
+    iterator, active = aiter(content), cell
     try:
         while True:
-            token = _current.set(cell)
+            token = _current.set(active)
             try:
                 chunk = await anext(iterator)
             except StopAsyncIteration:
@@ -260,12 +261,13 @@ async def _produce_async(
                 end()
                 raise
             finally:
+                active = _current.get()  # as in _produce
                 _current.reset(token)
             yield chunk
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
-            token = _current.set(cell)
+            token = _current.set(active)
             try:
                 await aclose()
             finally:

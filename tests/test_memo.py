@@ -975,3 +975,23 @@ def test_a_methods_cache_delete_without_its_instance_or_class_says_to_pass_it() 
             Prices.for_user.cache_delete("ann")
         assert Prices.for_region.cache_delete(Prices, "eu") is True
         assert Prices.for_user.cache_delete(prices, "ann") is True
+
+
+def test_self_passed_as_a_keyword_is_keyed_by_identity_as_when_passed_first() -> None:
+    """``Cls.method(self=obj)`` through the generic wrapper (``**kwargs``): ``self`` was
+    keyed by value there, so two equal instances shared an entry (a probe, 7 December)."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Account:
+        name: str
+
+        @request_memo
+        def report(self, **opts: object) -> int:
+            return id(self)
+
+    a, b = Account("x"), Account("x")
+    with request_scope():
+        assert Account.report(self=a) == id(a) and Account.report(self=b) == id(b)
+        assert Account.report(a) == id(a)  # the same entry as self=a
+        assert Account.report.cache_info().hits == 1

@@ -595,6 +595,36 @@ def test_a_request_scope_held_across_yields_of_a_body_served_chunk_by_chunk_stay
     assert live_scopes() == 0
 
 
+def test_a_body_closed_early_cleans_up_inside_the_request_scope_it_holds_open() -> None:
+    """A client leaves mid-stream: the server closes a body suspended inside its own
+    ``with request_scope():``. Its ``finally`` (inside the block) sees the block's store,
+    as a plain generator's ContextVar would; close() used to set the request's store over
+    it, and the block's cleanup read and wrote the request's store (a probe, 7 December)."""
+    seen: list[tuple[bool, object]] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        perrequest.set("who", "request")
+        start_response("200 OK", [])
+
+        def body() -> Iterator[bytes]:
+            with request_scope() as mine:
+                perrequest.set("who", "generator")
+                try:
+                    while True:
+                        yield b"x"
+                finally:
+                    seen.append((perrequest.current_store() is mine, perrequest.get("who")))
+
+        return body()
+
+    body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+    chunks = iter(body)
+    assert next(chunks) == b"x"
+    body.close()
+    assert seen == [(True, "generator")]
+    assert live_scopes() == 0 and _current.get() is None
+
+
 def test_a_closed_scope_left_in_the_thread_is_not_carried_through_the_next_request() -> None:
     """A generator that kept a request_scope() open across its yields, closed from elsewhere,
     leaves a closed store active in the server's thread. It means no scope; the next request

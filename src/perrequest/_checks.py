@@ -294,15 +294,15 @@ def call_key(spec: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
                 "a tuple of strings and numbers."
             ) from None
         return key, None
+    if spec.is_method and not args and kwargs:  # Cls.method(self=obj): keyed as Cls.method(obj)
+        first = next(iter(inspect.signature(spec.fn).parameters))
+        if first in kwargs:
+            args, kwargs = (kwargs[first],), {k: v for k, v in kwargs.items() if k != first}
     method = spec.is_method and bool(args)
     rest = args[1:] if method else args
     if spec.typed:
-        key = (
-            rest,
-            tuple(kwargs.items()),
-            tuple(map(typed_tag, rest)),
-            tuple(map(typed_tag, kwargs.values())),
-        )
+        tags = tuple(map(typed_tag, rest)), tuple(map(typed_tag, kwargs.values()))
+        key = (rest, tuple(kwargs.items()), *tags)
     elif kwargs:
         key = (KWARGS, rest, tuple(kwargs.items()))
     else:

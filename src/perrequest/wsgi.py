@@ -23,6 +23,7 @@ from ._active import (
     forget_closed,
     open_request,
     opened_outside,
+    within_request,
 )
 from ._checks import (
     IN_MIDDLEWARE,
@@ -176,8 +177,7 @@ class ScopedBody:
         try:
             close = getattr(self._body, "close", None)  # a property may raise: in the try
             if close is not None:
-                active = _get()
-                if active is cell or (len(cell) > 1 and active is cell[1]):  # active here
+                if within_request(cell):  # (and a scope the body holds open: its own)
                     close()
                 else:
                     active = _set(cell)

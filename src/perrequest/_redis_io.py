@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -201,10 +202,24 @@ def _key_default(obj: object) -> object:
     if obj is KWARGS:  # a call with keyword arguments: (KWARGS, args, kwargs items)
         return {"kwargs": 1}
     if isinstance(obj, type):  # typed=True tags, and classes as arguments
-        if "<locals>" in obj.__qualname__:  # every class made by that function has the name
-            raise TypeError(f"class {obj.__qualname__} is defined in a function: not unique")
+        if not _found_by_name(obj):  # a class defined in a function, type(), namedtuple()
+            raise TypeError(
+                f"class {obj.__module__}.{obj.__qualname__} is not found by that name (made "
+                "in a function or at run time, as others of that name may be): not unique"
+            )
         return {"type": f"{obj.__module__}.{obj.__qualname__}"}
     raise TypeError(f"{type(obj).__module__}.{type(obj).__qualname__} is not a JSON type")
+
+
+def _found_by_name(cls: type) -> bool:
+    """``module.qualname`` finds ``cls``, as pickle looks a class up (builtins' own types,
+    ``NoneType`` and the like, are one of a kind though their module does not name them)."""
+    if cls.__module__ == "builtins":
+        return True
+    found: object = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is cls
 
 
 _keys = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=_key_default)

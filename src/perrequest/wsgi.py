@@ -145,12 +145,12 @@ class ScopedBody:
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        # Decided at the first chunk, in the thread that pulls it: a layer may call iter()
-        # in the thread that called the app and serve the chunks from another (werkzeug's
-        # ClosingIterator calls iter() as it wraps the body). Not ``yield from``: closing
-        # this generator would close the body's iterator, outside close() and its scope.
-        for chunk in self._start(self):  # noqa: UP028
-            yield chunk
+        if _get_running_loop() is not None:  # a loop that may fetch each chunk elsewhere
+            return self._start(self)
+        # Else decided at the first chunk, in the thread that pulls it: a layer may call
+        # iter() in the thread that called the app and serve the chunks from another
+        # (werkzeug's ClosingIterator calls iter() as it wraps the body).
+        return _first_chunk(self)
 
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator
         if self._chunks is None:
@@ -204,6 +204,13 @@ class ScopedBody:
             del self._body
         finally:
             _current.reset(active)
+
+
+def _first_chunk(body: ScopedBody) -> Iterator[bytes]:
+    """``body._start`` where the first chunk is pulled. Not ``yield from``: closing this
+    generator would close the body's iterator, outside close() and its scope."""
+    for chunk in body._start(body):  # noqa: UP028
+        yield chunk
 
 
 def _produce(body: Iterable[bytes], active: Any, keep: ScopedBody | None) -> Iterator[bytes]:

@@ -177,7 +177,8 @@ class ScopedBody:
         try:
             close = getattr(self._body, "close", None)  # a property may raise: in the try
             if close is not None:
-                if within_request(cell):  # (and a scope the body holds open: its own)
+                active = _get()  # this request's; or a scope the body holds open: its own
+                if active is cell or (len(cell) > 1 and active is cell[1]) or within_request(cell):
                     close()
                 else:
                     active = _set(cell)

@@ -10,6 +10,7 @@ computes: then ``_wrappers._slow``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import re
 from typing import Any
@@ -179,14 +180,22 @@ _REFUSE = """\
 
 def source(spec: Any, parts: dict[str, Any]) -> str:
     """The wrapper's source, from ``parts`` (``_wrappers._generic`` or ``_signature``)."""
-    is_async = spec.is_async
-    miss = (_RUN if spec.shared is not None else _COMPUTE).format(
+    shape = spec.is_async, spec.shared is not None, bool(spec.max_entries)
+    return _source(*shape, tuple(parts.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _source(is_async: bool, shared: bool, bounded: bool, items: tuple[Any, ...]) -> str:
+    """Built once per shape: a helper decorated anew per request or message (its
+    ``_wrappers._compiled`` code is cached too) costs no string work after the first."""
+    parts = dict(items)
+    miss = (_RUN if shared else _COMPUTE).format(
         **parts,
         refuse="" if is_async else _REFUSE,
         me=_me(is_async),
         known="\n                    and __pr_me is not None" if is_async else "",
     )
-    touch = "__pr_sub.move_to_end(__pr_key)\n" if spec.max_entries else ""
+    touch = "__pr_sub.move_to_end(__pr_key)\n" if bounded else ""
     lookup = (_GET if is_async else _SUBSCRIPT).format(
         touch=" " * (20 if is_async else 16) + touch if touch else ""
     )

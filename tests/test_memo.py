@@ -995,3 +995,19 @@ def test_self_passed_as_a_keyword_is_keyed_by_identity_as_when_passed_first() ->
         assert Account.report(self=a) == id(a) and Account.report(self=b) == id(b)
         assert Account.report(a) == id(a)  # the same entry as self=a
         assert Account.report.cache_info().hits == 1
+
+
+def test_a_positional_only_self_passed_as_a_keyword_is_refused_as_python_refuses_it() -> None:
+    """``A.po(self=obj)`` for ``def po(self, /, **kw)``: Python raises TypeError; it
+    must not return ``obj.po()``'s cached value instead (a review, 7 December)."""
+
+    class A:
+        @request_memo
+        def po(self, /, **kw: object) -> int:
+            return id(self)
+
+    a = A()
+    with request_scope():
+        assert a.po() == id(a)
+        with pytest.raises(TypeError, match="positional"):
+            A.po(self=a)  # type: ignore[call-arg]

@@ -341,6 +341,45 @@ def test_classes_made_at_run_time_and_bound_methods_are_refused(cache: RedisCach
         assert row_of(7) == "tenant_a:7"
 
 
+def test_a_closure_named_by_functools_wraps_is_checked_as_a_closure(cache: RedisCache) -> None:
+    """functools.wraps gives a closure another function's name, so the closure check
+    looks at its code's qualname; one decorator's wrapper around two functions named
+    apart is two functions, and equal numbers and strings read are the same objects."""
+
+    def base(x: int) -> str:
+        return str(x)
+
+    def view(user: str) -> Any:
+        @request_memo(shared=cache)
+        @functools.wraps(base)
+        def rows(x: int) -> str:
+            return f"{user}:{x}"
+
+        return rows
+
+    assert view("alice") is not None
+    with pytest.raises(TypeError, match="reads user from the function it is defined in"):
+        view("bob")
+    assert view("".join(["ali", "ce"])) is not None  # an equal str: the same for a key
+
+    def logged(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any) -> Any:
+            return fn(*args)
+
+        return wrapper
+
+    def first(x: int) -> int:
+        return x
+
+    def second(x: int) -> int:
+        return -x
+
+    one, two = (request_memo(shared=cache)(logged(fn)) for fn in (first, second))
+    with request_scope():
+        assert (one(3), two(3)) == (3, -3)
+
+
 def test_a_function_defined_again_replaces_the_old_one_without_a_gc(
     redis_server: Any, cache: RedisCache, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -625,6 +625,33 @@ def test_a_body_closed_early_cleans_up_inside_the_request_scope_it_holds_open() 
     assert live_scopes() == 0 and _current.get() is None
 
 
+def test_a_body_that_raises_on_a_server_that_never_closes_it_leaves_nothing_active() -> None:
+    """uvicorn's WSGI interface and asgiref's WsgiToAsgi drop a body that raised without
+    calling close(), and keep the error a while. The iterator's frame, in the error's
+    traceback, held the body, so its scope ended later, elsewhere, and the thread kept
+    the request's open store (a review of 7 December caught that regression)."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [])
+
+        def body() -> Iterator[bytes]:
+            raise ValueError("boom")
+            yield b"never"  # a generator
+
+        return body()
+
+    body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+    kept = None
+    try:
+        for _ in body:
+            pass
+    except ValueError as exc:
+        kept = exc
+    del body  # dropped unclosed; the error lives on (an error reporter holds it)
+    assert _current.get() is None and live_scopes() == 0
+    assert kept is not None
+
+
 def test_a_closed_scope_left_in_the_thread_is_not_carried_through_the_next_request() -> None:
     """A generator that kept a request_scope() open across its yields, closed from elsewhere,
     leaves a closed store active in the server's thread. It means no scope; the next request

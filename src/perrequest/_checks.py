@@ -295,9 +295,9 @@ def call_key(spec: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
             ) from None
         return key, None
     if spec.is_method and not args and kwargs:  # Cls.method(self=obj): keyed as Cls.method(obj)
-        first = next(iter(inspect.signature(spec.fn).parameters))
-        if first in kwargs:
-            args, kwargs = (kwargs[first],), {k: v for k, v in kwargs.items() if k != first}
+        first = next(iter(inspect.signature(spec.fn).parameters.values()))
+        if (name := first.name) in kwargs and first.kind is not first.POSITIONAL_ONLY:
+            args, kwargs = (kwargs[name],), {k: v for k, v in kwargs.items() if k != name}
     method = spec.is_method and bool(args)
     rest = args[1:] if method else args
     if spec.typed:

@@ -39,11 +39,13 @@ def state_problem(fn: object, made: dict[object, tuple[Any, ...]]) -> str | None
         )
     code = getattr(fn, "__code__", None)
     cells = getattr(fn, "__closure__", None) or ()
-    if code is None or "<locals>" not in getattr(fn, "__qualname__", ""):
+    # The code's own qualname: functools.wraps gives a closure another function's name.
+    if code is None or "<locals>" not in getattr(code, "co_qualname", ""):
         return None
     read = [(n, c) for n, c in zip(code.co_freevars, cells, strict=False) if n != "__class__"]
     values = tuple(_held(c) for _, c in read)
-    first = made.setdefault(code, values)
+    # By name too: one decorator's wrapper (its code) around two functions named apart.
+    first = made.setdefault((code, getattr(fn, "__qualname__", None)), values)
     if first is values or all(map(_same, first, values)):
         return None
     return (
@@ -59,10 +61,15 @@ def _held(cell: Any) -> Any:
         value = cell.cell_contents
     except ValueError:  # not assigned yet
         return None
+    if inspect.isfunction(value):  # a decorator's wrapped function: by its name, as keys
+        return (f"{value.__module__}.{value.__qualname__}",)  # (one defined again: the same)
     try:
         return weakref.ref(value)
     except TypeError:  # an int, a str, a list: held as it is
         return (value,)
+
+
+_VALUES = (str, int, float, bytes, bool, complex)  # equal is the same, for what a key reads
 
 
 def _same(first: Any, now: Any) -> bool:
@@ -70,4 +77,6 @@ def _same(first: Any, now: Any) -> bool:
         return False
     if isinstance(first, weakref.ref):
         return first() is not None and first() is now()
-    return first is None or first[0] is now[0]
+    if first is None or first[0] is now[0]:
+        return True
+    return type(first[0]) in _VALUES and type(now[0]) is type(first[0]) and first[0] == now[0]

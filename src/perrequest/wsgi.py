@@ -210,8 +210,14 @@ class ScopedBody:
 def _first_chunk(body: ScopedBody) -> Iterator[bytes]:
     """``body._start`` where the first chunk is pulled. Not ``yield from``: closing this
     generator would close the body's iterator, outside close() and its scope."""
-    for chunk in body._start(body):  # noqa: UP028
-        yield chunk
+    try:
+        for chunk in body._start(body):  # noqa: UP028
+            yield chunk
+    except BaseException:
+        # Not held by the error's traceback (this frame): a server that drops the body
+        # without close() (uvicorn's WSGI interface) ends its scope here, where it was set.
+        del body
+        raise
 
 
 def _produce(body: Iterable[bytes], active: Any, keep: ScopedBody | None) -> Iterator[bytes]:

@@ -651,6 +651,26 @@ def test_a_body_that_raises_on_a_server_that_never_closes_it_leaves_nothing_acti
     assert _current.get() is None and live_scopes() == 0
     assert kept is not None
 
+    class Unstartable:  # its __iter__ raises: the error's traceback holds the ScopedBody
+        def __iter__(self) -> Iterator[bytes]:
+            raise ValueError("no body")
+
+    def unstartable(environ: dict[str, Any], start_response: StartResponse) -> Unstartable:
+        start_response("200 OK", [])
+        return Unstartable()
+
+    body = RequestScopeMiddleware(unstartable)(_environ(), _start_response)
+    try:
+        for _ in body:
+            pass
+    except ValueError as exc:
+        kept = exc
+    del body
+    assert _current.get() is None  # the thread as it was, though the body lives on
+    del kept
+    gc.collect()
+    assert live_scopes() == 0
+
 
 def test_a_closed_scope_left_in_the_thread_is_not_carried_through_the_next_request() -> None:
     """A generator that kept a request_scope() open across its yields, closed from elsewhere,

@@ -212,9 +212,10 @@ def _key_default(obj: object) -> object:
 
 
 def _found_by_name(cls: type) -> bool:
-    """``module.qualname`` finds ``cls``, as pickle looks a class up (builtins' own types,
-    ``NoneType`` and the like, are one of a kind though their module does not name them)."""
-    if cls.__module__ == "builtins":
+    """``module.qualname`` finds ``cls``, as pickle looks a class up (the types of modules
+    built into the interpreter, ``NoneType``, ``sys.flags``' type, are one of a kind though
+    their module may not name them)."""
+    if cls.__module__ in sys.builtin_module_names:  # builtins, sys: types one of a kind
         return True
     found: object = sys.modules.get(cls.__module__)
     for part in cls.__qualname__.split("."):

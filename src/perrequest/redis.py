@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import math
 import os
@@ -23,7 +24,6 @@ import weakref
 from typing import Any, NamedTuple
 
 from . import _redis_io as io
-from . import _redis_names as names
 from ._checks import explains_options
 from ._records import FLIGHTS
 from ._redis_io import Codec
@@ -84,6 +84,34 @@ def _check_ttl(ttl: object) -> float:
     if ttl < 0.001:
         raise ValueError(f"RedisCache(ttl={ttl!r}): Redis expiries are in milliseconds")
     return ttl
+
+
+def _code(fn: object) -> object:
+    """The code behind ``fn`` (through ``functools.wraps``), or None if it has none."""
+    return getattr(inspect.unwrap(fn), "__code__", None)  # type: ignore[arg-type]
+
+
+def _name_problem(fn: object) -> str | None:
+    """Why ``fn`` cannot name its Redis keys, or None. The keys hold ``module.qualname``,
+    so a callable whose name others share would share their values: every lambda is
+    ``<lambda>``; a partial or a callable object has only its class's name."""
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return f"a {type(fn).__name__} object has no __qualname__ of its own"
+    if "<lambda>" in qualname:
+        return "every lambda is named <lambda>"
+    return None
+
+
+def _state_problem(fn: object) -> str | None:
+    """Why ``fn``'s values depend on more than its name and arguments, or None: a bound
+    method's instance is not in the key, so one instance would read another's values."""
+    if inspect.ismethod(fn):
+        return (
+            "a bound method's instance is not in its Redis keys. Give key=, a function of "
+            "the same arguments returning what tells instances apart too"
+        )
+    return None
 
 
 def check_version(version: object, where: str) -> str | int:
@@ -194,7 +222,6 @@ class RedisCache:
         self._loops: dict[asyncio.AbstractEventLoop, io.Conn] = {}
         self._down_until = 0.0
         self._tiers: weakref.WeakSet[RedisTier] = weakref.WeakSet()
-        self._made: dict[object, tuple[Any, ...]] = {}  # closures' first objects (names)
         self._totals = dict.fromkeys(RedisStats._fields, 0)  # functions gone still count
         # For counts and logs; reentrant: a collection starting in it (3.12+: at an eval-breaker
         # check) may run a cleanup whose memo on this cache fails and logs, in this thread.
@@ -228,18 +255,16 @@ class RedisCache:
         name is its keys' identity, so two live functions with one name would share values.
         One of another code is a redefinition (a reload, a notebook cell run again): it
         replaces the old one, which the name's global still holds while this runs."""
-        problem = names.name_problem(spec.fn)
+        problem = _name_problem(spec.fn)
         if problem is not None:
             raise TypeError(
                 f"@request_memo(shared={self!r}) cannot key {spec.name} in Redis: {problem}, "
                 "and Redis keys hold the function's module.qualname. Decorate a def with a "
                 "name of its own (for a partial: a def calling it)."
             )
-        if (state := None if spec.key_fn else names.state_problem(spec.fn, self._made)) is not None:
+        if (state := None if spec.key_fn else _state_problem(spec.fn)) is not None:
             raise TypeError(f"@request_memo(shared={self!r}) cannot key {spec.name}: {state}.")
-        self._tiers -= {
-            t for t in self._named(spec) if names.code_of(t.fn) is not names.code_of(spec.fn)
-        }
+        self._tiers -= {t for t in self._named(spec) if _code(t.fn) is not _code(spec.fn)}
         if self._named(spec):  # the same code: maybe an earlier call's closure, garbage
             gc.collect()  # a closure calling itself is in a cycle: only the GC frees it
         if self._named(spec):

@@ -165,7 +165,12 @@ class ScopedBody:
         # (Tornado's WSGIContainer): the store stays active here until close() resets it.
         if self._token is None and _get() is None and _get_running_loop() is None:
             self._token = _set(cell)
-            return iter(self._body)
+            try:
+                return iter(self._body)
+            except BaseException:  # the error's traceback holds this frame, and self: the
+                token, self._token = self._token, None  # thread is restored here, now
+                _current.reset(token)
+                raise
         return _produce(self._body, cell, keep)
 
     def close(self) -> None:

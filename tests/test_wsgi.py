@@ -287,7 +287,9 @@ def test_an_exception_mid_body_reaches_the_server_and_close_still_closes_the_sto
     with pytest.raises(Boom) as info:
         next(body)
     assert info.value is error
-    assert perrequest.current_store() is app.stores[0]  # the request is not over yet
+    # The thread is given back as the chunk fails (a server may keep the error, and the
+    # body in its traceback, a long while); the scope stays open until close().
+    assert not perrequest.in_request_scope() and _current.get() is None
     assert not app.stores[0].closed  # the server has not closed the response yet
     body.close()
     assert app.stores[0].closed and live_scopes() == 0
@@ -318,7 +320,7 @@ def test_a_body_never_iterated_nor_closed_is_closed_when_garbage_collected() -> 
 def test_a_pooled_thread_is_left_without_a_store_after_each_request() -> None:
     """The gthread trap, in-process: every step of a request, then a check, on one thread.
     Nothing is left as the app returns; the request's own store is there from the first
-    chunk until the server closes the body; then nothing."""
+    chunk until the server closes the body, or a chunk fails; then nothing."""
     error_app = RequestScopeMiddleware(Recorder(body_error=Boom("mid-body")))
 
     def fails(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
@@ -363,7 +365,7 @@ def test_a_pooled_thread_is_left_without_a_store_after_each_request() -> None:
     def check() -> tuple[int, bool, MemoStore | None]:
         return threading.get_ident(), perrequest.in_request_scope(), _current.get()
 
-    mid_request = (chunk, failing_chunk)
+    mid_request = (chunk,)  # a failing chunk gives the thread back at once
     with ThreadPoolExecutor(max_workers=1) as pool:
         for step in steps:
             thread_of_step = pool.submit(run, step).result()
@@ -667,6 +669,49 @@ def test_a_body_that_raises_on_a_server_that_never_closes_it_leaves_nothing_acti
         kept = exc
     del body
     assert _current.get() is None  # the thread as it was, though the body lives on
+    del kept
+    gc.collect()
+    assert live_scopes() == 0
+
+
+@pytest.mark.parametrize("drive", ["wrapped", "next"])
+def test_a_failing_chunk_gives_the_thread_back_though_the_error_keeps_the_body(
+    drive: str,
+) -> None:
+    """A chunk raises, the server never closes the body, the error is kept (a reporter)
+    and its traceback holds the body: through a wrapper's frame (sentry_sdk's WSGI
+    middleware iterates the body so), or ScopedBody.__next__'s own. The thread must
+    not keep the request's store meanwhile: the next request there would see it (a
+    review, 7 December). The scope itself ends when the body is freed."""
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        perrequest.set("who", "failed request")
+        start_response("200 OK", [])
+
+        def body() -> Iterator[bytes]:
+            yield b"a"
+            raise RuntimeError("chunk 2 fails")
+
+        return body()
+
+    def reporter(body: Any) -> Iterator[bytes]:  # its frame holds the body
+        for chunk in body:  # noqa: UP028
+            yield chunk
+
+    body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+    kept = None
+    try:
+        if drive == "next":
+            while True:
+                next(body)
+        else:
+            for _ in reporter(body):
+                pass
+    except RuntimeError as exc:
+        kept = exc
+    del body
+    assert _current.get() is None and perrequest.get("who") is None
+    assert kept is not None
     del kept
     gc.collect()
     assert live_scopes() == 0

@@ -155,7 +155,24 @@ class ScopedBody:
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator
         if self._chunks is None:
             self._chunks = self._start(None)  # no reference to self: no cycle
-        return next(self._chunks)
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise
+        except BaseException:
+            self._restore()
+            raise
+
+    def _restore(self) -> None:
+        """A chunk failed: give the thread back now, not when the body is freed (the error,
+        kept by a server or a reporter, holds this body in a traceback's frame a while);
+        close(), if it comes, still closes the body in the scope, and ends the scope."""
+        token, self._token = self._token, None
+        if token is not None:
+            try:
+                _current.reset(token)
+            except ValueError:  # set in another thread, which pulled the first chunk
+                self._token = token
 
     def _start(self, keep: ScopedBody | None) -> Iterator[bytes]:
         cell = self._cell
@@ -167,9 +184,8 @@ class ScopedBody:
             self._token = _set(cell)
             try:
                 return iter(self._body)
-            except BaseException:  # the error's traceback holds this frame, and self: the
-                token, self._token = self._token, None  # thread is restored here, now
-                _current.reset(token)
+            except BaseException:
+                self._restore()
                 raise
         return _produce(self._body, cell, keep)
 
@@ -219,9 +235,8 @@ def _first_chunk(body: ScopedBody) -> Iterator[bytes]:
         for chunk in body._start(body):  # noqa: UP028
             yield chunk
     except BaseException:
-        # Not held by the error's traceback (this frame): a server that drops the body
-        # without close() (uvicorn's WSGI interface) ends its scope here, where it was set.
-        del body
+        body._restore()
+        del body  # not held by the error's traceback (this frame): freed, it ends its scope
         raise
 
 

@@ -234,6 +234,8 @@ def _first_chunk(body: ScopedBody) -> Iterator[bytes]:
     try:
         for chunk in body._start(body):  # noqa: UP028
             yield chunk
+    except GeneratorExit:  # the server dropped or closed this iterator: not a failure
+        raise
     except BaseException:
         body._restore()
         del body  # not held by the error's traceback (this frame): freed, it ends its scope

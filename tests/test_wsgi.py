@@ -717,6 +717,48 @@ def test_a_failing_chunk_gives_the_thread_back_though_the_error_keeps_the_body(
     assert live_scopes() == 0
 
 
+def test_chunks_pulled_by_next_after_a_failed_one_see_their_own_store() -> None:
+    """A caller that goes on calling next() on a body after a chunk raised (no server
+    does; a test might) gets each later chunk with its own request's store around it,
+    never what the thread has then (another request's, a review found, 7 December)."""
+    seen: list[tuple[str, object]] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Any:
+        name = environ["PATH_INFO"]
+        perrequest.set("who", name)
+        start_response("200 OK", [])
+
+        class Flaky:
+            sent = 0
+
+            def __iter__(self) -> Any:
+                return self
+
+            def __next__(self) -> bytes:
+                self.sent += 1
+                seen.append((name, perrequest.get("who")))
+                if self.sent == 2:
+                    raise RuntimeError("flaky")
+                if self.sent > 3:
+                    raise StopIteration
+                return b"x"
+
+        return Flaky()
+
+    wrapped = RequestScopeMiddleware(app)
+    first: Any = wrapped(_environ("/r1"), _start_response)
+    assert next(first) == b"x"
+    with pytest.raises(RuntimeError):
+        next(first)
+    second: Any = wrapped(_environ("/r2"), _start_response)
+    assert next(second) == b"x"  # r2's store is active in this thread now
+    assert next(first) == b"x"
+    first.close()
+    second.close()
+    assert [who for name, who in seen if name == "/r1"] == ["/r1"] * 3
+    assert live_scopes() == 0 and _current.get() is None
+
+
 def test_a_closed_scope_left_in_the_thread_is_not_carried_through_the_next_request() -> None:
     """A generator that kept a request_scope() open across its yields, closed from elsewhere,
     leaves a closed store active in the server's thread. It means no scope; the next request

@@ -160,6 +160,8 @@ class ScopedBody:
         except StopIteration:
             raise
         except BaseException:
+            if self._token is not None and self._cell is not None:  # a caller going on
+                self._chunks = _produce(self._chunks, self._cell, None)  # gets chunk by chunk
             self._restore()
             raise
 

@@ -480,29 +480,6 @@ def test_membership_in_items_and_values_leaves_recency_alone() -> None:
         ([], 1) in store.items()  # noqa: B015
 
 
-def test_membership_in_values_survives_another_thread_evicting() -> None:
-    """ValuesView's ``in`` looked each key up again: a key evicted meanwhile raised KeyError."""
-    store = MemoStore(max_entries=200)
-    stop = threading.Event()
-
-    def writer() -> None:
-        i = 0
-        while not stop.is_set():
-            store[i] = i
-            i += 1
-
-    for i in range(200):
-        store[i] = i
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
-        for _ in range(1500):
-            assert -1 not in store.values()
-    finally:
-        stop.set()
-        thread.join()
-
-
 def test_items_survive_another_thread_evicting() -> None:
     store = MemoStore(max_entries=50)
     stop = threading.Event()
@@ -519,6 +496,9 @@ def test_items_survive_another_thread_evicting() -> None:
         for _ in range(2000):
             assert all(k == v for k, v in store.items())
             assert len(list(store.values())) <= 51
+            # ValuesView's ``in`` looked each key up again: one evicted meanwhile raised
+            # KeyError (a probe, 7 December); the snapshot's does not.
+            assert -1 not in store.values()
     finally:
         stop.set()
         thread.join()

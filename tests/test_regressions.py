@@ -479,6 +479,18 @@ def test_a_shared_cache_too_large_to_bound_anything_is_refused_clearly() -> None
         request_memo(shared=cachetools.LRUCache(10**400))
 
 
+def test_a_shared_cache_whose_maxsize_fails_is_refused_naming_it() -> None:
+    """A probe (7 December): the property's own RuntimeError came through bare."""
+
+    class Broken(cachetools.LRUCache):  # type: ignore[type-arg]
+        @property
+        def maxsize(self) -> int:  # type: ignore[override]
+            raise RuntimeError("not configured")
+
+    with pytest.raises(TypeError, match=r"reading Broken\.maxsize raised RuntimeError"):
+        request_memo(shared=Broken(10))
+
+
 def test_testing_helpers_import_without_pytest() -> None:
     code = (
         "import sys; sys.modules['pytest'] = None\n"

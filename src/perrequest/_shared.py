@@ -160,7 +160,13 @@ def check_shared(cache: _C, version: object = None) -> tuple[_C, str | int | Non
             f"perrequest.redis.RedisCache, not {type(cache).__name__}. {fix} Across "
             "processes: perrequest.redis.RedisCache(client, ttl=..., namespace=...)."
         )
-    maxsize = getattr(cache, "maxsize", None)
+    try:
+        maxsize = getattr(cache, "maxsize", None)
+    except Exception as exc:  # a property of its own that fails: say which
+        raise TypeError(
+            f"request_memo(shared=...): reading {type(cache).__name__}.maxsize "
+            f"raised {exc!r}, so its bound is unknown. {fix}"
+        ) from exc
     if maxsize is None:
         raise TypeError(
             f"request_memo(shared=...) refuses {type(cache).__name__}: it has no "

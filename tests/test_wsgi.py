@@ -449,14 +449,27 @@ def test_an_app_called_in_process_after_a_generators_scope_closed_leaves_the_cal
     assert _current.get() is None and live_scopes() == 0
 
 
-def test_a_layer_that_calls_the_app_in_one_thread_and_serves_the_body_from_another() -> None:
+@pytest.mark.parametrize("between", [None, "ClosingIterator"])
+def test_a_layer_that_calls_the_app_in_one_thread_and_serves_the_body_from_another(
+    between: str | None,
+) -> None:
     """An outer layer runs the app in a pool thread, and the server's thread iterates and
     closes the body. The pool thread runs other requests' code meanwhile: it must not find
-    the request's store (it did when the store stayed active from the call to close())."""
+    the request's store (it did when the store stayed active from the call to close()).
+    With werkzeug's ClosingIterator between, iter() is called on the body in the pool
+    thread as it is wrapped: the store was made active there (a probe, 7 December), kept
+    after close(), and the chunks, served here, saw none."""
+    from werkzeug.wsgi import ClosingIterator
+
     app = Recorder()
     wrapped = RequestScopeMiddleware(app)
+
+    def layer(environ: dict[str, Any], start_response: StartResponse) -> Any:
+        body = wrapped(environ, start_response)
+        return body if between is None else ClosingIterator(body, [lambda: None])
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        body: Any = pool.submit(wrapped, _environ(), _start_response).result()
+        body: Any = pool.submit(layer, _environ(), _start_response).result()
         store = app.stores[0]
         # Another request's code on the pool thread, outside any perrequest middleware.
         seen = pool.submit(lambda: (perrequest.in_request_scope(), _current.get())).result()
@@ -465,33 +478,6 @@ def test_a_layer_that_calls_the_app_in_one_thread_and_serves_the_body_from_anoth
             pool.submit(perrequest.set, "step", "another request's").result()
         assert list(body) == [b"perms-of-alice;"] * 3  # served here, with the store active
         assert perrequest.get("step") == "call" and perrequest.current_store() is store
-        body.close()
-        assert store.closed and _current.get() is None and live_scopes() == 0
-        assert pool.submit(_current.get).result() is None
-    assert app.computed == 1
-    assert [step for step, in_scope, _ in app.seen if not in_scope] == []
-
-
-def test_a_layer_that_calls_iter_in_the_apps_thread_and_serves_the_chunks_from_another() -> None:
-    """As above, with werkzeug's ClosingIterator between the pool job and the middleware:
-    it calls iter() on the body as it wraps it, in the pool thread. A probe (7 December):
-    the store was made active there (so other code on the pool thread saw this request's
-    open store, and kept it after close()), and the chunks, served here, saw none."""
-    from werkzeug.wsgi import ClosingIterator
-
-    app = Recorder()
-    wrapped = RequestScopeMiddleware(app)
-
-    def layer(environ: dict[str, Any], start_response: StartResponse) -> Any:
-        return ClosingIterator(wrapped(environ, start_response), [lambda: None])
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        body: Any = pool.submit(layer, _environ(), _start_response).result()
-        store = app.stores[0]
-        seen = pool.submit(lambda: (perrequest.in_request_scope(), _current.get())).result()
-        assert seen == (False, None)
-        assert list(body) == [b"perms-of-alice;"] * 3
-        assert perrequest.current_store() is store
         body.close()
         assert store.closed and _current.get() is None and live_scopes() == 0
         assert pool.submit(_current.get).result() is None
@@ -568,11 +554,9 @@ async def test_asgirefs_wsgi_to_asgi_which_never_closes_the_body_serves_chunks_i
     assert closes == [] and live_scopes() == 0
 
 
-def test_a_request_scope_held_across_yields_of_a_body_served_chunk_by_chunk_stays_its_own() -> None:
-    """Iterated where another scope is active, each chunk is produced with the request's
-    store set around it; a ``request_scope()`` the body holds across its yields used to be
-    reset away after the first chunk, and the block then wrote the request's store."""
-    seen: list[tuple[object, object]] = []
+def _holding_a_scope(seen: list[tuple[object, ...]]) -> Callable[..., Iterator[bytes]]:
+    """An app whose body holds a ``request_scope()`` of its own across three yields,
+    noting in ``seen`` what each chunk, its ``finally`` and the code after the block see."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
         perrequest.set("k", "outer")
@@ -581,19 +565,32 @@ def test_a_request_scope_held_across_yields_of_a_body_served_chunk_by_chunk_stay
         def body() -> Iterator[bytes]:
             with request_scope() as inner:
                 perrequest.set("k", "inner")
-                for _ in range(3):
-                    seen.append((perrequest.current_store() is inner, perrequest.get("k")))
-                    yield b"x"
+                try:
+                    for _ in range(3):
+                        seen.append((perrequest.current_store() is inner, perrequest.get("k")))
+                        yield b"x"
+                finally:
+                    seen.append(
+                        ("finally", perrequest.current_store() is inner, perrequest.get("k"))
+                    )
             seen.append(("after", perrequest.get("k")))
 
         return body()
 
+    return app
+
+
+def test_a_request_scope_held_across_yields_of_a_body_served_chunk_by_chunk_stays_its_own() -> None:
+    """Iterated where another scope is active, each chunk is produced with the request's
+    store set around it; a ``request_scope()`` the body holds across its yields used to be
+    reset away after the first chunk, and the block then wrote the request's store."""
+    seen: list[tuple[object, ...]] = []
     with request_scope() as server_side:  # what is active where the body is iterated
-        body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+        body: Any = RequestScopeMiddleware(_holding_a_scope(seen))(_environ(), _start_response)
         assert b"".join(body) == b"xxx"
         body.close()
         assert perrequest.current_store() is server_side and "k" not in server_side
-    assert seen == [(True, "inner")] * 3 + [("after", "outer")]
+    assert seen == [(True, "inner")] * 3 + [("finally", True, "inner"), ("after", "outer")]
     assert live_scopes() == 0
 
 
@@ -602,28 +599,12 @@ def test_a_body_closed_early_cleans_up_inside_the_request_scope_it_holds_open() 
     ``with request_scope():``. Its ``finally`` (inside the block) sees the block's store,
     as a plain generator's ContextVar would; close() used to set the request's store over
     it, and the block's cleanup read and wrote the request's store (a probe, 7 December)."""
-    seen: list[tuple[bool, object]] = []
-
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
-        perrequest.set("who", "request")
-        start_response("200 OK", [])
-
-        def body() -> Iterator[bytes]:
-            with request_scope() as mine:
-                perrequest.set("who", "generator")
-                try:
-                    while True:
-                        yield b"x"
-                finally:
-                    seen.append((perrequest.current_store() is mine, perrequest.get("who")))
-
-        return body()
-
-    body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+    seen: list[tuple[object, ...]] = []
+    body: Any = RequestScopeMiddleware(_holding_a_scope(seen))(_environ(), _start_response)
     chunks = iter(body)
     assert next(chunks) == b"x"
     body.close()
-    assert seen == [(True, "generator")]
+    assert seen == [(True, "inner"), ("finally", True, "inner")]  # the block's, not the request's
     assert live_scopes() == 0 and _current.get() is None
 
 

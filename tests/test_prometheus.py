@@ -99,6 +99,31 @@ def test_instrument_is_idempotent_and_uninstrument_unregisters() -> None:
     prometheus.uninstrument()
 
 
+def test_a_registry_cleared_behind_its_back_is_fed_again_and_left_cleanly() -> None:
+    """A test fixture that unregisters every collector between tests: instrumenting the
+    same registry again registered nothing (idempotent), and moving to another one, or
+    uninstrumenting, raised KeyError on the gone collectors ever after (a probe)."""
+    registry = CollectorRegistry()
+    prometheus.instrument(registry)
+    for collector in list(registry._collector_to_names):  # what such fixtures do
+        registry.unregister(collector)
+    try:
+        prometheus.instrument(registry)  # registered again
+        with request_scope():
+            user(1)
+        assert registry.get_sample_value("perrequest_memo_misses_total", {"function": NAME}) == 1
+        for collector in list(registry._collector_to_names):
+            registry.unregister(collector)
+        other = CollectorRegistry()
+        prometheus.instrument(other)  # moves there, whatever is left in the first
+        with request_scope():
+            user(1)
+        assert other.get_sample_value("perrequest_memo_misses_total", {"function": NAME}) == 1
+    finally:
+        prometheus.uninstrument()
+    assert not prometheus.is_instrumented()
+
+
 def test_a_bad_registry_is_refused() -> None:
     with pytest.raises(TypeError, match="CollectorRegistry"):
         prometheus.instrument({})  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ each means: docs/observability.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -119,14 +120,18 @@ class _Listener:
             self.saved,
         ]
 
-    def register(self) -> None:
+    def register(self, again: bool = False) -> None:
         """Register the three collectors, or none: a name already taken in the registry
-        (by another library, or by hand) unregisters those done and raises ValueError."""
+        (by another library, or by hand) unregisters those done and raises ValueError.
+        ``again``: those still registered stay; those removed behind our back (a test
+        fixture clearing the registry) come back."""
         done: list[Collector] = []
         for collector in self.collectors:
             try:
                 self.registry.register(collector)
             except ValueError as exc:
+                if again:
+                    continue
                 for registered in done:
                     self.registry.unregister(registered)
                 names = ", ".join(sorted({family.name for family in collector.describe()}))
@@ -150,14 +155,16 @@ class _Listener:
 
     def unregister(self) -> None:
         for collector in self.collectors:
-            self.registry.unregister(collector)
+            with contextlib.suppress(KeyError):  # removed behind our back already
+                self.registry.unregister(collector)
 
 
 @explains_options("perrequest.prometheus.instrument()")
 def instrument(registry: CollectorRegistry | None = None) -> None:
     """Register perrequest's metrics in ``registry`` (default: prometheus-client's
     global ``REGISTRY``) and feed them from every scope that closes. Idempotent for
-    the same registry; another registry replaces the first. A metric name already
+    the same registry (metrics unregistered from it since are registered again); another
+    registry replaces the first. A metric name already
     taken in ``registry`` raises ``ValueError`` and changes nothing."""
     global _installed
     if registry is None:
@@ -169,6 +176,7 @@ def instrument(registry: CollectorRegistry | None = None) -> None:
         )
     with _lock:
         if _installed is not None and _installed.registry is registry:
+            _installed.register(again=True)
             return
         listener = _Listener(registry)
         listener.register()  # first: a failure leaves the instrumentation in force alone

@@ -192,6 +192,44 @@ def test_failing_listener_is_logged_and_never_breaks_a_response(
     assert len(recorder.stats) == 2  # the listener after the broken one still ran
 
 
+def test_a_log_handler_that_raises_neither_fails_the_request_nor_skips_callbacks(
+    recorder: Recorder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A handler on the perrequest logger whose emit() raises (a log sink down): the
+    DEBUG line of a closing scope raised out of the middleware before on_close and the
+    listeners ran, and a failing on_close's ERROR line skipped the listeners (a probe).
+    Reported on stderr, as logging's own handlers report their failures."""
+
+    class Down(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise OSError("log sink down")
+
+    closed: list[ScopeStats] = []
+
+    def on_close(stats: ScopeStats) -> None:
+        closed.append(stats)
+        raise RuntimeError("on_close bug")
+
+    async def index(request: object) -> PlainTextResponse:
+        return PlainTextResponse(str(square(8)))
+
+    app = Starlette(routes=[Route("/", index)])
+    app.add_middleware(ASGIMiddleware, on_close=on_close)
+    log, handler = logging.getLogger("perrequest"), Down()
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        with TestClient(app) as client:
+            response = client.get("/")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert (response.status_code, response.text) == (200, "64")
+    assert len(closed) == 1 and len(recorder.stats) == 1  # on_close, then the listener
+    assert capsys.readouterr().err.count("OSError: log sink down") == 2
+
+
 def test_add_is_idempotent_remove_stops_and_ignores_strangers() -> None:
     listener = Recorder()
     perrequest.add_scope_listener(listener)

@@ -882,3 +882,22 @@ def test_a_child_forked_in_a_middlewares_request_is_outside_every_scope(made: bo
     assert list(body) == [b"ok"]
     assert reports == ["False None 0", "True fork"]
     assert_no_live_scopes()
+
+
+def test_code_run_as_a_closing_store_clears_is_not_told_a_scope_is_open_elsewhere() -> None:
+    """A value's ``__del__`` run as the store clears: the scope still counted as open, so
+    the error blamed a thread without the context, with no other scope anywhere (a probe)."""
+    told: list[str] = []
+
+    class Touches:
+        def __del__(self) -> None:
+            try:
+                perrequest.set("late", 1)
+            except NoActiveScope as exc:
+                told.append(str(exc))
+
+    assert live_scopes() == 0
+    with request_scope() as store:
+        store["value"] = Touches()
+    assert len(told) == 1 and "but not here" not in told[0]
+    assert "no request scope is active" in told[0]

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._listeners import OnClose as OnClose  # re-exported: the integrations import it here
 from ._listeners import logger as logger
-from ._listeners import notify
+from ._listeners import log, notify
 from ._stats import listeners
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 
@@ -224,12 +224,12 @@ def close_scope(store: MemoStore) -> None:
     _leave(store)
     on_close = store._on_close
     debug = logger.isEnabledFor(logging.DEBUG)
+    _closed()  # first: code its values' __del__ run as it clears finds no scope open here
     stats = store._shut(on_close is not None or bool(listeners) or debug)
-    _closed()
     if stats is None:  # nobody watches: the stats are made only if store.stats is read
         return
     if debug:
-        logger.debug("request scope closed: %s", stats)
+        log(logger.debug, "request scope closed: %s", stats)
     notify(stats, on_close)
 
 

@@ -5,6 +5,7 @@ in one (Celery's, RQ's: ``_signals``), which is the task's, not theirs."""
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 from contextvars import ContextVar
 from types import CoroutineType, MethodType
@@ -47,7 +48,7 @@ def notify(stats: ScopeStats, on_close: OnClose | None) -> None:
                 signalled = exc  # the task's: it must see it (a soft time limit's cleanup)
             else:
                 what = "the scope's on_close" if listener is on_close else "scope listener"
-                logger.exception("perrequest: %s %r raised", what, listener)
+                log(logger.exception, "perrequest: %s %r raised", what, listener)
         finally:
             _calling.reset(token)
     if signalled is not None:
@@ -55,6 +56,16 @@ def notify(stats: ScopeStats, on_close: OnClose | None) -> None:
             raise signalled
         finally:
             signalled = None  # this frame, in its traceback: a reference cycle
+
+
+def log(method: Callable[..., None], message: str, *args: object) -> None:
+    """Log as a scope closes. A handler whose ``emit`` raises is reported on stderr, as
+    logging's own handlers report their failures: it never fails the request, nor keeps
+    the scope's other callbacks from running."""
+    try:
+        method(message, *args)
+    except Exception:
+        traceback.print_exc()
 
 
 def _same(callback: OnClose, running: OnClose) -> bool:

@@ -277,6 +277,8 @@ def _wsgi(**options: Any) -> Any:
         (_flask_ext, "on_closed", "on_close"),
         (_celery_install, "max_entry", "max_entries"),
         (lambda **o: MemoStore(**o), "maxsize", "max_entries"),
+        (lambda **o: request_scope(**o), "MAX_ENTRIES", "max_entries"),  # as in settings
+        (lambda **o: request_memo(**o), "MaxSize", "max_entries"),
     ],
 )
 def test_a_misspelt_option_names_the_closest_valid_one(make: Any, typo: str, meant: str) -> None:

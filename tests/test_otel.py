@@ -371,6 +371,10 @@ def test_a_counter_never_goes_back_when_the_global_provider_is_set_after_instrum
 def test_a_bad_meter_provider_is_refused() -> None:
     with pytest.raises(TypeError, match="MeterProvider"):
         otel.instrument("console")  # type: ignore[arg-type]
+    # The class, its get_meter a function: it failed later, on "'str' object has no
+    # attribute '_disabled'" (a probe).
+    with pytest.raises(TypeError, match="a class: pass an instance of it"):
+        otel.instrument(MeterProvider)  # type: ignore[arg-type]
     assert not otel.is_instrumented()
 
 

@@ -200,7 +200,8 @@ _ALIASES = {"maxsize": "max_entries", "max_size": "max_entries"}
 
 
 def unknown_option(where: str, name: str, valid: tuple[str, ...]) -> str:
-    close = _ALIASES.get(name) or next(iter(difflib.get_close_matches(name, valid, n=1)), None)
+    match = difflib.get_close_matches(name.lower(), valid, n=1)  # MAX_ENTRIES too
+    close = _ALIASES.get(name.lower()) or next(iter(match), None)
     hint = f" Did you mean {close}=?" if close else ""
     return f"{where} got an unknown option {name}=.{hint} The options are {', '.join(valid)}."
 

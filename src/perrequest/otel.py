@@ -116,10 +116,13 @@ def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
     previous listener; the counters of a provider reported through before go on from
     their totals (they never go back). ``uninstrument()`` stops."""
     global _installed
-    if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+    if isinstance(meter_provider, type) or (  # the class: an instance's method is wanted
+        meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None))
+    ):
         raise TypeError(
             "perrequest.otel.instrument(meter_provider=...) takes an OpenTelemetry "
             f"MeterProvider (opentelemetry.sdk.metrics.MeterProvider), not {meter_provider!r}"
+            + " (a class: pass an instance of it)" * isinstance(meter_provider, type)
         )
     meter = metrics.get_meter("perrequest", __version__, meter_provider=meter_provider)
     is_global = meter_provider is None or meter_provider is metrics.get_meter_provider()

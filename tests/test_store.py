@@ -495,6 +495,7 @@ def test_items_survive_another_thread_evicting() -> None:
     try:
         for _ in range(2000):
             assert all(k == v for k, v in store.items())
+            assert all(k == v for k, v in dict(store.items()).items())  # the copy semantics.md
             assert len(list(store.values())) <= 51
             # ValuesView's ``in`` looked each key up again: one evicted meanwhile raised
             # KeyError (a probe, 7 December); the snapshot's does not.

@@ -18,8 +18,8 @@ from contextvars import ContextVar, Token
 from typing import Any
 
 from ._listeners import OnClose as OnClose  # re-exported: the integrations import it here
-from ._listeners import logger as logger
 from ._listeners import log, notify
+from ._listeners import logger as logger
 from ._stats import listeners
 from .store import DEFAULT_MAX_ENTRIES, MemoStore
 

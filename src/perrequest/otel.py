@@ -122,7 +122,8 @@ def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
         raise TypeError(
             "perrequest.otel.instrument(meter_provider=...) takes an OpenTelemetry "
             f"MeterProvider (opentelemetry.sdk.metrics.MeterProvider), not {meter_provider!r}"
-            + " (a class: pass an instance of it)" * isinstance(meter_provider, type)
+            + " (a class: pass an instance of it)"
+            * isinstance(meter_provider, type)
         )
     meter = metrics.get_meter("perrequest", __version__, meter_provider=meter_provider)
     is_global = meter_provider is None or meter_provider is metrics.get_meter_provider()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -351,3 +352,24 @@ def test_a_misspelt_add_middleware_option_says_where_it_came_from() -> None:
     app.add_middleware(RequestScopeMiddleware, max_entrys=10)  # accepted here, used later
     with pytest.raises(TypeError, match=r"max_entrys=.*app\.add_middleware"), TestClient(app):
         pass
+
+
+@pytest.mark.parametrize(
+    ("make", "where"),
+    [
+        (lambda **o: request_scope(**o), "request_scope("),
+        (lambda **o: MemoStore(**o), "MemoStore("),
+        (_asgi, "perrequest.asgi.RequestScopeMiddleware("),
+        (_wsgi, "perrequest.wsgi.RequestScopeMiddleware("),
+        (_flask_ext, "PerRequest("),
+        (_celery_install, "perrequest.celery.install("),
+    ],
+)
+def test_a_bad_value_names_the_entry_point_and_the_option(make: Any, where: str) -> None:
+    """Through ``app.add_middleware(..., max_entries="100")`` the error surfaces as
+    Starlette builds its stack: "max_entries must be..." alone pointed nowhere (a probe)."""
+    with pytest.raises(TypeError, match=rf"^{re.escape(where)}max_entries=\.\.\.\) must be"):
+        make(max_entries="100")
+    if where != "MemoStore(":  # a store has no on_close: a scope's option
+        with pytest.raises(TypeError, match=rf"^{re.escape(where)}on_close=\.\.\.\) must be"):
+            make(on_close="print")

@@ -49,7 +49,7 @@ class Entries:
             hint = " It is a scope's option: request_scope(on_close=...)." * (name == "on_close")
             raise TypeError(unknown_option("MemoStore()", name, ("max_entries",)) + hint)
         if max_entries is not None and (type(max_entries) is not int or max_entries <= 0):
-            check_max_entries(max_entries)
+            check_max_entries(max_entries, "MemoStore(max_entries=...)")
         self._max_entries = max_entries
         self._bound = sys.maxsize if max_entries is None else max_entries
         self._on_close: Callable[[ScopeStats], object] | None = None  # the scope's (_active)

@@ -169,7 +169,11 @@ class RequestScopeMiddleware:
                 "RequestScopeMiddleware(asgiref.compatibility.guarantee_single_callable(app))"
             )
         self.app: ASGIApp = app
-        self._options = (check_max_entries(max_entries), check_on_close(on_close))
+        where = "perrequest.asgi.RequestScopeMiddleware"
+        self._options = (
+            check_max_entries(max_entries, f"{where}(max_entries=...)"),
+            check_on_close(on_close, f"{where}(on_close=...)"),
+        )
         self._scope_types = _check_scope_types(scope_types)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -146,7 +146,10 @@ def install(
         raise TypeError(
             f"perrequest.celery.install() takes a Celery app, not {type(app).__name__} {app!r}"
         )
-    options = check_max_entries(max_entries), check_on_close(on_close)
+    options = (
+        check_max_entries(max_entries, "perrequest.celery.install(max_entries=...)"),
+        check_on_close(on_close, "perrequest.celery.install(on_close=...)"),
+    )
     if app in _installed:
         raise RuntimeError(
             f"perrequest is already installed on Celery app {app.main!r}; call "

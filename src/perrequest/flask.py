@@ -70,8 +70,8 @@ class PerRequest:
         max_entries: int | None = DEFAULT_MAX_ENTRIES,
         on_close: OnClose | None = None,
     ) -> None:
-        self._max_entries = check_max_entries(max_entries)
-        self._on_close = check_on_close(on_close)
+        self._max_entries = check_max_entries(max_entries, "PerRequest(max_entries=...)")
+        self._on_close = check_on_close(on_close, "PerRequest(on_close=...)")
         if app is not None:
             self.init_app(app)
 

@@ -214,8 +214,8 @@ class request_scope(metaclass=_Forgotten):
     def __init__(
         self, *, max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
     ) -> None:
-        self._max_entries = check_max_entries(max_entries)
-        self._on_close = check_on_close(on_close)
+        self._max_entries = check_max_entries(max_entries, "request_scope(max_entries=...)")
+        self._on_close = check_on_close(on_close, "request_scope(on_close=...)")
         self._store = None
 
     def __enter__(self) -> MemoStore:

@@ -96,7 +96,11 @@ class RequestScopeMiddleware:
                 "instead (Starlette, FastAPI: app.add_middleware(RequestScopeMiddleware))"
             )
         self.app: WSGIApp = app
-        self._options = (check_max_entries(max_entries), check_on_close(on_close))
+        where = "perrequest.wsgi.RequestScopeMiddleware"
+        self._options = (
+            check_max_entries(max_entries, f"{where}(max_entries=...)"),
+            check_on_close(on_close, f"{where}(on_close=...)"),
+        )
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if _get() is not None:

@@ -460,9 +460,13 @@ def test_redis_cache_refuses_a_secret_that_is_neither_str_nor_bytes() -> None:
 
 def test_a_store_of_no_entries_is_refused() -> None:
     """``MemoStore(max_entries=0)`` could hold nothing: ``None`` is how to say unbounded."""
-    with pytest.raises(ValueError, match=r"max_entries must be a positive int or None, not 0"):
+    with pytest.raises(
+        ValueError, match=r"MemoStore\(max_entries=\.\.\.\) must be a positive int or None, not 0"
+    ):
         MemoStore(max_entries=0)
-    with pytest.raises(TypeError, match=r"max_entries must be a positive int or None"):
+    with pytest.raises(
+        TypeError, match=r"MemoStore\(max_entries=\.\.\.\) must be a positive int or None"
+    ):
         MemoStore(max_entries=1.5)  # type: ignore[arg-type]
 
 

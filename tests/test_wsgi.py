@@ -698,6 +698,47 @@ def test_a_failing_chunk_gives_the_thread_back_though_the_error_keeps_the_body(
     assert live_scopes() == 0
 
 
+def test_a_body_freed_during_a_later_request_leaves_that_requests_store_alone() -> None:
+    """A layer that breaks PEP 3333: it stops iterating on its own error, keeps the error
+    (its traceback holds the body) and never calls close(). The next request in the
+    thread frees it mid-way, by reference counting: the body's scope ended then, and
+    its token unset the running request's store (a probe, 7 December)."""
+    kept: list[Any] = []
+    seen: list[tuple[object, bool]] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        perrequest.set("who", environ["PATH_INFO"])
+        start_response("200 OK", [])
+        if environ["PATH_INFO"] == "/two":
+            kept.clear()  # frees request one's body, now
+            seen.append((perrequest.get("who"), perrequest.in_request_scope()))
+            perrequest.set("after", 1)  # raised NoActiveScope
+
+        def body() -> Iterator[bytes]:
+            yield b"a"
+            yield b"b"
+
+        return body()
+
+    def serve(path: str, leave: bool) -> None:
+        body: Any = RequestScopeMiddleware(app)(_environ(path), _start_response)
+        try:
+            for _ in body:
+                if leave:
+                    raise ConnectionResetError("the layer's own error")
+        except ConnectionResetError as exc:
+            kept.append(exc)  # its traceback holds this frame, and the body
+            return
+        body.close()
+
+    serve("/one", leave=True)
+    serve("/two", leave=False)
+    assert seen == [("/two", True)]
+    forget = perrequest.get("who")  # what the thread has now: no store, or a closed one
+    assert forget is None and not perrequest.in_request_scope()
+    assert live_scopes() == 0
+
+
 def test_chunks_pulled_by_next_after_a_failed_one_see_their_own_store() -> None:
     """A caller that goes on calling next() on a body after a chunk raised (no server
     does; a test might) gets each later chunk with its own request's store around it,

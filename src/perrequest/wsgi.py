@@ -224,7 +224,9 @@ class ScopedBody:
         cell = self._cell
         if cell is None:
             return
-        close_request(cell, self._token)
+        # Its token rewinds this thread only while the request's scope is what is active
+        # here: freed by a layer during a later request, it would unset that one's store.
+        close_request(cell, self._token if within_request(cell) else None)
         # Freed with its own closed scope active, the body's cleanup (a generator's
         # ``finally``) touches nobody's store, not what is active where it was dropped.
         active = _set(cell)

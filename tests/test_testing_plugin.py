@@ -237,3 +237,132 @@ def test_d_nothing_is_left_live():
             "*test_c_leaves_a_scope_open left a perrequest scope*",
         ]
     )
+
+
+def test_a_scope_a_fixture_or_setup_leaves_open_fails_its_teardown_and_is_closed(
+    pytester: pytest.Pytester,
+) -> None:
+    """Only the test's own call was checked: a fixture, or an xunit setup_function, that
+    entered a request_scope() and never exited, or returned a response never closed, left
+    its store active for every later test, which read its entries (a probe, 7 December).
+    A fixture that yields inside 'with request_scope():' is fine, module-scoped too."""
+    pytest.importorskip("flask")
+    pytester.makepyfile(
+        """
+import flask
+import pytest
+import perrequest
+from perrequest import request_scope
+from perrequest.flask import PerRequest
+from perrequest.testing import live_scopes
+
+app = flask.Flask(__name__)
+PerRequest(app)
+
+@app.get("/")
+def index():
+    perrequest.set("user", "carol")
+    return "ok"
+
+@pytest.fixture
+def entered():
+    request_scope().__enter__()  # never exited
+    perrequest.set("user", "alice")
+
+@pytest.fixture
+def response():
+    return app.test_client().get("/")  # never closed
+
+@pytest.fixture(scope="module")
+def module_scope():
+    with request_scope():
+        perrequest.set("module", 1)
+        yield
+
+def setup_function(function):
+    if function.__name__ == "test_e_set_up_by_hand":
+        request_scope().__enter__()
+        perrequest.set("user", "bob")
+
+def test_a_entered(entered):
+    assert perrequest.get("user") == "alice"
+
+def test_b_clean():
+    assert perrequest.get("user") is None and live_scopes() == 0
+
+def test_c_response(response):
+    assert perrequest.get("user") == "carol"  # reading it made its store: still the response's
+
+def test_d_clean():
+    assert perrequest.get("user") is None and live_scopes() == 0
+
+def test_e_set_up_by_hand():
+    pass
+
+def test_f_clean():
+    assert perrequest.get("user") is None and live_scopes() == 0
+
+def test_g_module_scope(module_scope):
+    assert perrequest.get("module") == 1
+
+def test_h_module_scope_still(module_scope):
+    assert perrequest.get("module") == 1
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
+    result.assert_outcomes(passed=8, errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_a_entered*",
+            "The fixture 'entered' left a perrequest scope active: a request_scope() entered*",
+            "*ERROR at teardown of test_c_response*",
+            "The fixture 'response' left a perrequest scope active: a response iterated*",
+            "*ERROR at teardown of test_e_set_up_by_hand*",
+            "An xunit setup_*() left a perrequest scope active: a request_scope() entered*",
+        ],
+        consecutive=False,
+    )
+    assert "FAILED" not in result.stdout.str()  # nor the test that read a fixture's response
+
+
+def test_a_test_reading_a_kept_responses_store_is_told_to_close_the_response(
+    pytester: pytest.Pytester,
+) -> None:
+    """A memo called after client.get(...) makes the response's store: the test was then
+    told it had entered a request_scope() and never exited it (a probe)."""
+    pytest.importorskip("flask")
+    pytester.makepyfile(
+        _KEEPS_A_RESPONSE_OPEN
+        + """
+from perrequest import request_memo
+
+@request_memo
+def user():
+    return "alice"
+
+def test_b_keeps_one_and_reads_its_store():
+    kept.append(app.test_client().get("/"))
+    assert user() == "alice"
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
+    result.assert_outcomes(failed=2)
+    assert result.stdout.str().count("left a perrequest scope active: a response iterated") == 2
+
+
+def test_the_plugin_stands_aside_under_a_pytest_older_than_it_needs() -> None:
+    """Under pytest 6 (no StashKey) perrequest's entry point crashed every test run of a
+    project that had it installed, whether it used perrequest or not (a probe): the
+    plugin needs pytest 7 and pluggy 1.1 and registers nothing without them."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys, types\n"
+        "sys.modules['pytest'] = types.ModuleType('pytest')  # as old as you like\n"
+        "import perrequest.testing as t\n"
+        "assert t.live_scopes() == 0 and t.__all__ == ['assert_no_live_scopes', 'live_scopes']\n"
+        "assert not hasattr(t, 'pytest_runtest_call') and not hasattr(t, 'memo_scope')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

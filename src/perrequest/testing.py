@@ -21,6 +21,8 @@ from .store import MemoStore
 
 __all__ = ["assert_no_live_scopes", "live_scopes"]
 
+_NOTHING: Any = object()
+
 
 def assert_no_live_scopes() -> None:
     """Fail when any scope is still open: a request or job that never ended."""
@@ -34,10 +36,13 @@ def assert_no_live_scopes() -> None:
 
 
 try:
+    import pluggy
     import pytest
 except ImportError:  # pragma: no cover - the helpers above work without pytest
-    pass
-else:
+    pytest = None  # type: ignore[assignment]
+# The plugin needs pytest 7+ (StashKey) and pluggy 1.1+ (force_exception); with older ones
+# (docs/testing.md) only the helpers above are here, and a suite runs as without perrequest.
+if hasattr(pytest, "StashKey") and hasattr(getattr(pluggy, "Result", None), "force_exception"):
 
     @pytest.fixture
     def memo_scope() -> Iterator[MemoStore]:
@@ -92,13 +97,52 @@ else:
             setattr(holder, name, function)
         why = _close_left_open(before) or next(iter(left_in_its_context), None)
         if why and outcome.excinfo is None:  # the message alone: no trace of pluggy's
-            outcome.force_exception(
-                pytest.fail.Exception(
-                    f"{item.nodeid} left a perrequest scope active: {why[0]}. It is closed "
-                    f"now; the tests after this one would have shared its store. {why[1]}",
-                    pytrace=False,
-                )
-            )
+            outcome.force_exception(_left_active(item.nodeid, why))
+
+    # The scope a fixture's set-up (an xunit setup_function's too) left active, by fixture:
+    # open when the fixture is finalized, it was entered and never exited, or is a
+    # response's never closed, and every test in between shared its store (a fixture that
+    # yields inside ``with request_scope():`` has closed it by then).
+    _opened_by: dict[object, tuple[object, Any]] = {}
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(fixturedef: object) -> Generator[None, Any, None]:
+        before = _current.get()
+        yield
+        opened = _left_open(before)
+        if opened is not None:
+            _opened_by[fixturedef] = before, opened
+
+    # Reported by the teardown they happen in: raised here, some pytest versions would
+    # keep the fixture's cached value.
+    _leaked: list[BaseException] = []
+
+    def pytest_fixture_post_finalizer(fixturedef: Any) -> None:
+        before, opened = _opened_by.pop(fixturedef, (None, None))
+        if opened is None or _left_open(None, opened) is None:  # closed, as it should be
+            return
+        why = _close(opened)
+        if _current.get() is opened or _current.get() is _store_of(opened):
+            _current.set(before)
+        name = fixturedef.argname  # pytest runs setup_function and its kin as fixtures
+        who = "An xunit setup_*()" if name.startswith("_xunit_") else f"The fixture {name!r}"
+        _leaked.append(_left_active(who, why))
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown() -> Generator[None, Any, None]:
+        outcome = yield
+        if _leaked:
+            failure = _leaked[0]
+            _leaked.clear()
+            if outcome.excinfo is None:
+                outcome.force_exception(failure)
+
+    def _left_active(who: str, why: tuple[str, str]) -> BaseException:
+        return pytest.fail.Exception(
+            f"{who} left a perrequest scope active: {why[0]}. It is closed now; the tests "
+            f"after this one would have shared its store. {why[1]}",
+            pytrace=False,
+        )
 
 
 def _async_test(item: object) -> tuple[Any, str, Any] | None:
@@ -153,24 +197,35 @@ def _close_left_open(before: object) -> tuple[str, str] | None:
         left = _left_open(before)
         if left is None:
             break
-        if type(left) is list:  # a middleware's, its body never closed
-            why = why or _RESPONSE
-            close_request(left, None)
-        else:
-            why = why or _SCOPE
-            close_scope(left)
+        why = why or _close(left)
         if _current.get() is left:  # not undone here (opened in another context)
             _current.set(before)
     return why
 
 
-def _left_open(before: object) -> Any:
-    """The scope active here that is open and not ``before``, or None. A closed one left
+def _close(left: Any) -> tuple[str, str]:
+    """Close ``left``; say what it was."""
+    if type(left) is list:  # a middleware's, its body never closed
+        close_request(left, None)
+        return _RESPONSE
+    why = _RESPONSE if left._token is None else _SCOPE  # a middleware's, its store made
+    close_scope(left)
+    return why
+
+
+def _left_open(before: object, left: Any = _NOTHING) -> Any:
+    """``left`` (by default, the scope active here) if it is open and not ``before`` (nor
+    the store made from ``before``, a middleware's cell, since), or None. A closed one left
     active (closed in another thread) is harmless: the next look unwinds it, as here."""
-    left = _unwound(_current.get())
-    if left is before or left is None:
+    left = _unwound(_current.get()) if left is _NOTHING else left
+    if left is before or left is None or left is _store_of(before):
         return None
     return left if (left[0] is not None if type(left) is list else not left._closed) else None
+
+
+def _store_of(cell: object) -> object:
+    """The store made from a middleware's cell (by the first memo that needed one), or None."""
+    return cell[1] if type(cell) is list and len(cell) > 1 else None
 
 
 _SCOPE = (

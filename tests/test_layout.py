@@ -54,3 +54,15 @@ def test_no_module_reads_the_callers_frames() -> None:
     signals = (SRC / "perrequest" / "_signals.py").read_text()
     for banned in ("f_back", "f_code", "tb_frame", "tb_next", "__traceback__", "inspect"):
         assert banned not in signals, f"_signals reads frames: {banned}"
+
+
+def test_the_license_the_metadata_names_ships_with_its_text() -> None:
+    """pyproject.toml said MIT with no license file anywhere: MIT's notice must go with
+    every copy (a packaging probe). hatchling ships a root LICENSE as License-File."""
+    import tomllib
+
+    root = SRC.parent
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]
+    text = (root / "LICENSE").read_text()
+    assert declared == "MIT" and text.startswith("MIT License\n")
+    assert "The above copyright notice and this permission notice shall be included" in text

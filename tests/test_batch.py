@@ -593,3 +593,39 @@ def test_an_async_loader_called_from_sync_code_names_the_loader_when_never_await
         assert asyncio.run(one) == 1 and asyncio.run(many) == [1, 2]  # still usable so
     name = f"{__name__}.{users_from_sync_code.__qualname__}"
     assert names == (f"{name}.load", f"{name}.load_many"), names
+
+
+@pytest.mark.parametrize("apart", [0, 1])
+async def test_loads_a_loop_iteration_apart_join_one_batch_as_with_dataloader(apart: int) -> None:
+    """In a GraphQL query, the children of one batch's callers resume in different loop
+    iterations (a list of one item finishes before a list of two): DataLoader, whose
+    dispatch is a task made on the next iteration, joins their loads; a batch started on
+    the next iteration split them, one more round trip a level (a probe, 7 December)."""
+    from aiodataloader import DataLoader
+
+    calls: dict[str, list[list[int]]] = {"ours": [], "dataloader": []}
+
+    @request_batch
+    async def ours(ids: list[int]) -> list[str]:
+        calls["ours"].append(list(ids))
+        return [f"u{i}" for i in ids]
+
+    async def theirs(ids: list[int]) -> list[str]:
+        calls["dataloader"].append(list(ids))
+        return [f"u{i}" for i in ids]
+
+    async def two_loads(load: Any) -> list[str]:
+        async def first() -> str:
+            return await load(1)  # type: ignore[no-any-return]
+
+        async def second() -> str:
+            for _ in range(apart):  # one more level of the query
+                await asyncio.sleep(0)
+            return await load(2)  # type: ignore[no-any-return]
+
+        return await asyncio.gather(first(), second())
+
+    assert await two_loads(DataLoader(theirs).load) == ["u1", "u2"]
+    async with request_scope():
+        assert await two_loads(ours.load) == ["u1", "u2"]
+    assert calls["ours"] == calls["dataloader"] == [[1, 2]]

@@ -38,6 +38,13 @@ from perrequest._batching import _BatchSpec
 WAIT = 5
 
 
+async def _batch_started() -> None:
+    """Two loop iterations: a batch starts on the second after its first key is loaded
+    (``_batch_tick._schedule``, as DataLoader's)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
 class SavedKey:
     """A key whose hash changes when the batch function saves it (a model hashed by the
     primary key the save assigns); ``broken``: its hash raises ``error`` (a copy being saved:
@@ -154,7 +161,7 @@ async def test_a_key_in_flight_that_cannot_be_hashed_any_more_still_gets_its_val
     with caplog.at_level(logging.ERROR):
         async with request_scope():
             second = save.load(b)
-            await asyncio.sleep(0)  # b's batch has started
+            await _batch_started()
             first = save.load(a)
             assert await asyncio.wait_for(first, WAIT) == 10
             release.set()
@@ -326,7 +333,7 @@ async def test_a_key_answered_after_a_cancel_may_be_cancelled_once_more_later() 
 
     async with request_scope():
         held = rows.load(0)  # in flight throughout: the loader's state stays
-        await asyncio.sleep(0)
+        await _batch_started()
         for _ in range(2):
             cancel = True
             started.clear()
@@ -768,7 +775,7 @@ async def test_a_key_failed_as_cancelled_again_may_be_asked_again_later() -> Non
 
     async with request_scope():
         held = rows.load(0)  # in flight throughout: the loader's state stays
-        await asyncio.sleep(0)
+        await _batch_started()
         cancels = 2
         with pytest.raises(RuntimeError, match="cancelled again"):
             await asyncio.wait_for(rows.load(1), WAIT)

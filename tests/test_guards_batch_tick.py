@@ -16,6 +16,13 @@ from perrequest import ScopeStats, request_batch, request_scope
 WAIT = 5
 
 
+async def _batch_started() -> None:
+    """Two loop iterations: a batch starts on the second after its first key is loaded
+    (``_batch_tick._schedule``, as DataLoader's)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
 async def test_a_batch_function_loading_its_own_key_after_a_new_one_loads_it_apart() -> None:
     """_batch_tick._State.join: a batch function that loads a new key (a pending batch now
     exists) and then a key of its own batch, in flight, must load that one apart: a key
@@ -73,7 +80,7 @@ async def test_a_tick_with_a_batch_and_a_batch_apart_schedules_one_start(x_first
     the start of both, the second none. Under ``asyncio.eager_task_factory`` the batch
     started first runs inside ``create_task`` and loads a new key (``y``): that makes the
     next pending batch, which a later load of the same tick (``z``) joins. With a second
-    start scheduled (``call_soon(_start)`` whether or not the other had it), that start
+    start scheduled (``_schedule`` whether or not the other had it), that start
     ran the pending batch of ``y`` at once, alone: ``z`` was a batch of its own."""
     loop = asyncio.get_running_loop()
     loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
@@ -97,12 +104,12 @@ async def test_a_tick_with_a_batch_and_a_batch_apart_schedules_one_start(x_first
     try:
         async with request_scope():
             if x_first:  # x joins the pending batch, then a is loaded apart (same tick)
-                x = asyncio.ensure_future(later(2, "x"))
+                x = asyncio.ensure_future(later(3, "x"))
                 a = node.load("a")
             else:  # a is loaded apart, then x joins the pending batch (same tick)
                 a = node.load("a")
-                x = asyncio.ensure_future(later(2, "x"))
-            z = asyncio.ensure_future(later(3, "z"))  # the tick both batches start
+                x = asyncio.ensure_future(later(3, "x"))
+            z = asyncio.ensure_future(later(5, "z"))  # the tick both batches start
             values = await asyncio.wait_for(asyncio.gather(a, x, z), WAIT)
     finally:
         loop.set_task_factory(None)
@@ -243,7 +250,7 @@ async def test_a_cancelled_batch_apart_started_with_the_tick_is_asked_again_apar
 
     async with request_scope():
         a = node.load("a")
-        await asyncio.sleep(0)  # a's batch waits for go
+        await _batch_started()  # a's batch waits for go
         go.set()  # a's batch function resumes first in the next tick...
         x = node.load("x")  # ...after this load scheduled the start (of x and of a apart)
         await asyncio.sleep(0.01)

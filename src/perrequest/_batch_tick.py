@@ -65,7 +65,7 @@ class _State:
                 keys = self.keys = []
                 self.cks = keys if self.spec.key_fn is None else []
                 if self.own is None:
-                    self.loop.call_soon(_start, self)
+                    _schedule(self)
             keys.append(key)
             if self.cks is not keys:
                 self.cks.append(ck)  # type: ignore[union-attr]
@@ -81,7 +81,7 @@ class _State:
         if own is None:
             own = self.own = {}
             if self.keys is None:
-                self.loop.call_soon(_start, self)
+                _schedule(self)
         slot = own.get(ck)
         if slot is None:
             own[ck] = slot = [who]
@@ -105,6 +105,13 @@ def state_of(spec: _BatchSpec, store: MemoStore, loop: asyncio.AbstractEventLoop
             store._flights[(spec, loop)] = state
             store._reserve(spec)  # lookups of keys in flight now miss without raising
     return state
+
+
+def _schedule(state: _State) -> None:
+    """Start the batch two loop iterations on, as DataLoader does (its dispatch is a task
+    made on the next one): keys loaded one iteration apart (a GraphQL list of one item
+    resolved before its sibling of two) join one call, not two."""
+    state.loop.call_soon(state.loop.call_soon, _start, state)
 
 
 def _start(state: _State) -> None:

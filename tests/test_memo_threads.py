@@ -344,22 +344,36 @@ def test_threads_computing_each_others_keys_leave_one_value_per_key(shared: bool
         assert seen == got == {1: node(1), 2: node(2)}  # before: one of them differed
 
 
-def test_a_recursion_into_the_same_key_keeps_the_inner_value() -> None:
+@pytest.mark.parametrize(
+    ("function_bound", "store_bound"),
+    [(None, 10), (5, 10), (None, 1)],
+    ids=["room", "bounded function", "full store"],
+)
+@pytest.mark.parametrize("first_miss", [True, False], ids=["first miss", "generated miss"])
+def test_a_recursion_into_the_same_key_keeps_the_inner_value(
+    function_bound: int | None, store_bound: int, first_miss: bool
+) -> None:
     """The inner call stores its value; the outer call, ending later, returns that one
-    instead of replacing it (one value per key in a request)."""
+    instead of replacing it (one value per key in a request). The generated miss of a
+    function bounded, or in a full store, stored the outer value over the inner one
+    (a model-based probe, 7 December)."""
     made = iter(range(10))
     depth = [0]
 
-    @request_memo
+    @request_memo(max_entries=function_bound)
     def f(k: int) -> int:
         value = next(made)
-        if depth[0] == 0:
+        if k and depth[0] == 0:
             depth[0] += 1
-            assert f(k) == 1  # the inner call's own value
+            assert f(k) == value + 1  # the inner call's own value
         return value
 
-    with request_scope():
-        assert f(1) == 1 and f(1) == 1  # before: 0, the outer's, replaced the inner's
+    with request_scope(max_entries=store_bound):
+        if not first_miss:
+            f(0)  # its counter made: the next miss is the generated one
+        inner = next(made) - 1 + 2  # what the inner call will compute
+        made = iter(range(inner - 1, inner + 10))
+        assert f(1) == inner and f(1) == inner  # before: the outer's, over the inner's
 
 
 @pytest.mark.parametrize("kind", ["memo", "batch"])

@@ -138,8 +138,9 @@ _COMPUTE = """\
                                 __pr_store._resync(__pr_spec, __pr_sub)
                             return __pr_value
                         return __pr_kept[0]  # stored since it looked: one value per key
-                    __pr_store._fill(__pr_where, __pr_value, __pr_counter, {anchor})
-                    return __pr_value
+                    # A bound to keep: a value stored since it looked (a recursion, a race)
+                    # stays, and is what it returns (_flight._first): one value per key.
+                    return __pr_first(__pr_store, __pr_where, __pr_value, __pr_counter, {anchor})
                 return __pr_end(
                     __pr_store, __pr_where, __pr_me, __pr_record, __pr_value, __pr_counter, {anchor}
                 )

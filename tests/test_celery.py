@@ -450,3 +450,36 @@ def test_a_soft_time_limit_in_on_close_still_gives_the_thread_back() -> None:
         for store in left:
             close_scope(store)
         perrequest._active._current.set(None)
+
+
+def test_an_eager_replace_by_a_scoped_task_keeps_the_replaced_tasks_scope() -> None:
+    """Eager ``self.replace()`` runs the replacement under the replaced task's id. A
+    ScopedTask replacement opens no install() job, but its task_postrun closed the
+    replaced task's: that task went on outside any scope, or, applied inside a request's
+    scope, read and wrote the request's store (a probe, 7 December)."""
+    closed: list[ScopeStats] = []
+    other = Celery("test_celery_replace", broker="memory://")
+    other.conf.task_always_eager = True
+    install(other, on_close=closed.append)
+    seen: dict[str, Any] = {}
+
+    @other.task(base=ScopedTask)
+    def replacement() -> str:
+        return "replaced"
+
+    @other.task(bind=True)
+    def replaced(self: Any) -> Any:
+        perrequest.set("mine", "the task's")
+        value = self.replace(replacement.s())
+        seen["after"] = perrequest.get("mine")
+        seen["closed so far"] = len(closed)
+        perrequest.set("written after", True)
+        return value
+
+    assert replaced.apply().get() == "replaced"
+    assert seen == {"after": "the task's", "closed so far": 0} and len(closed) == 1
+    with request_scope() as request_store:
+        perrequest.set("mine", "the request's")
+        replaced.apply().get()
+    assert seen["after"] == "the task's" and "written after" not in request_store
+    assert len(closed) == 2 and live_scopes() == 0

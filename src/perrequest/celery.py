@@ -188,7 +188,9 @@ def _drop_leftovers() -> None:
         _current.set(None)
 
 
-def _close_job_scope(task_id: str = "", **_: Any) -> None:
+def _close_job_scope(sender: Any = None, task_id: str = "", **_: Any) -> None:
+    if isinstance(sender, ScopedTask):  # none was opened for it (a replace() in eager mode
+        return  # runs its replacement under the replaced task's id: that task's job stays)
     jobs = _open_jobs.get()
     # The innermost run first; a postrun without its prerun finds nothing and does nothing.
     for index in range(len(jobs) - 1, -1, -1):

@@ -483,3 +483,47 @@ def test_an_eager_replace_by_a_scoped_task_keeps_the_replaced_tasks_scope() -> N
         replaced.apply().get()
     assert seen["after"] == "the task's" and "written after" not in request_store
     assert len(closed) == 2 and live_scopes() == 0
+
+
+def test_receivers_of_task_success_failure_and_retry_see_the_tasks_store() -> None:
+    """workers.md says which of a user's own signal receivers see the task's store."""
+    from celery.signals import task_failure, task_retry, task_success
+
+    other = Celery("test_celery_signals", broker="memory://")
+    other.conf.task_always_eager = True
+    install(other)
+    seen: dict[str, Any] = {}
+
+    def receiver(name: str) -> Callable[..., None]:
+        def receive(sender: Any = None, **_: Any) -> None:
+            if sender is not None and sender.app is other:
+                seen[name] = perrequest.get("k")
+
+        return receive
+
+    receivers = {name: receiver(name) for name in ("success", "failure", "retry")}
+    task_success.connect(receivers["success"])
+    task_failure.connect(receivers["failure"])
+    task_retry.connect(receivers["retry"])
+
+    @other.task
+    def failing() -> None:
+        perrequest.set("k", "failing")
+        raise ValueError("fails")
+
+    @other.task(bind=True, max_retries=1)
+    def retried(self: Any) -> int:
+        perrequest.set("k", f"try {self.request.retries}")
+        if self.request.retries == 0:
+            raise self.retry(countdown=0)
+        return 2
+
+    try:
+        failing.apply()
+        retried.apply()
+    finally:
+        task_success.disconnect(receivers["success"])
+        task_failure.disconnect(receivers["failure"])
+        task_retry.disconnect(receivers["retry"])
+    assert seen == {"failure": "failing", "retry": "try 0", "success": "try 1"}
+    assert live_scopes() == 0

@@ -1011,3 +1011,66 @@ def test_a_positional_only_self_passed_as_a_keyword_is_refused_as_python_refuses
         assert a.po() == id(a)
         with pytest.raises(TypeError, match="positional"):
             A.po(self=a)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first miss", "generated miss"])
+def test_a_miss_that_returns_a_value_stored_meanwhile_reads_it(warm: bool) -> None:
+    """The outer call of a recursion on one key returns the inner call's value: a read,
+    as every other path makes it, so that entry is the most recently used. The generated
+    miss returned it untouched, and the next fill evicted it (a probe, 7 December)."""
+    runs: list[str] = []
+
+    with request_scope(max_entries=3) as store:
+
+        @request_memo
+        def f(x: str) -> object:
+            runs.append(x)
+            if x == "k" and runs.count("k") == 1:
+                inner = f("k")  # stores "k" first
+                perrequest.set("x", 1)
+                return ("outer", inner)
+            return "inner"
+
+        if warm:
+            f("w")  # its counter made: the next miss is the generated one
+            f.cache_delete("w")
+        runs.clear()
+        assert f("k") == "inner"  # one value per key
+        perrequest.set("y", 2)
+        perrequest.set("z", 3)  # over the bound: "x", the least recently used, goes
+        assert "x" not in store and "y" in store and "z" in store
+        assert f("k") == "inner" and runs == ["k", "k"]  # a hit: not computed a third time
+
+
+@pytest.mark.parametrize("error", [TypeError, KeyError, AttributeError])
+@pytest.mark.parametrize("warm", [False, True], ids=["first miss", "generated miss"])
+def test_a_key_whose_hash_raises_as_the_miss_registers_raises_before_the_function_runs(
+    warm: bool, error: type[Exception]
+) -> None:
+    """semantics.md: an argument whose __hash__ raises makes the call raise that error
+    before the function runs. A hash that raised only as the generated miss registered
+    the key (its second hash) was taken for a first miss there: the function ran."""
+
+    class Flaky:
+        hashed = 0
+
+        def __hash__(self) -> int:
+            self.hashed += 1
+            if self.hashed == 2:
+                raise error("hash failed")
+            return 7
+
+    runs: list[object] = []
+
+    @request_memo
+    def f(x: object) -> str:
+        runs.append(x)
+        return "computed"
+
+    with request_scope():
+        if warm:
+            f("w")
+            runs.clear()
+        with pytest.raises(error, match="hash failed"):
+            f(Flaky())
+    assert runs == []

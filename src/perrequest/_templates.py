@@ -78,18 +78,27 @@ _RUN = """\
 # instead of two).
 _COMPUTE = """\
             __pr_where = (__pr_spec, __pr_key)
-{me}            try:  # register as computing the key, unless somebody else is
+{me}            try:
                 __pr_counter = __pr_store._counters[__pr_name]
+            except (__pr_AttributeError, __pr_KeyError, __pr_TypeError):
+                __pr_counter = None  # first miss; no store yet
+            try:  # register as computing the key, unless somebody else is
                 __pr_mine = (
-                    not __pr_odd{known}
+                    __pr_counter is not None
+                    and not __pr_odd{known}
                     and __pr_store._flights.setdefault(__pr_where, __pr_me) is __pr_me
                 )
-            except (__pr_AttributeError, __pr_KeyError, __pr_TypeError):
-                __pr_mine = False  # first miss; closed; unhashable
-            except __pr_BaseException as __pr_exc:  # an interrupt as setdefault returns
-                __pr_interrupted(__pr_store, __pr_where, __pr_me, __pr_exc)
-                __pr_me = None
-                raise
+            except __pr_TypeError:
+                try:  # unhashable, found no sooner (cache_clear() dropped the function's
+                    __pr_hash(__pr_key)  # dict, where looking would have hashed it): _slow
+                except __pr_TypeError:  # names the argument
+                    __pr_mine = False
+                else:  # the key's __hash__ or a colliding key's __eq__ just now: raised
+                    raise
+            except __pr_BaseException as __pr_exc:  # an interrupt as setdefault returns; the
+                __pr_interrupted(__pr_store, __pr_where, __pr_me, __pr_exc)  # key's __hash__
+                __pr_me = None  # or a colliding key's __eq__ now: raised before the function
+                raise  # runs, as on the slow path
             if not __pr_mine:  # what remains is ``_slow``'s
                 __pr_me = None
                 return {await_}__pr_slow(
@@ -137,7 +146,10 @@ _COMPUTE = """\
                             else:  # the key's own code wrote here meanwhile
                                 __pr_store._resync(__pr_spec, __pr_sub)
                             return __pr_value
-                        return __pr_kept[0]  # stored since it looked: one value per key
+                        # Stored since it looked: that one, read (_flight._first), as elsewhere.
+                        return __pr_first(
+                            __pr_store, __pr_where, __pr_value, __pr_counter, {anchor}
+                        )
                     # A bound to keep: a value stored since it looked (a recursion, a race)
                     # stays, and is what it returns (_flight._first): one value per key.
                     return __pr_first(__pr_store, __pr_where, __pr_value, __pr_counter, {anchor})

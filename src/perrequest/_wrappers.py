@@ -67,7 +67,7 @@ _FIXED = {
     "__pr_TypeError": TypeError, "__pr_AttributeError": AttributeError,
     "__pr_BaseException": BaseException, "__pr_RuntimeError": RuntimeError,
     "__pr_call_key": call_key, "__pr_KWARGS": KWARGS, "__pr_tuple": tuple, "__pr_dict": dict,
-    "__pr_len": len, "__pr_asyncio": asyncio, "__pr_first": _flight._first,
+    "__pr_len": len, "__pr_asyncio": asyncio, "__pr_first": _flight._first, "__pr_hash": hash,
 }  # fmt: skip
 
 

@@ -443,3 +443,52 @@ def test_a_store_is_shared_by_copies_and_refuses_pickling() -> None:
 @perrequest.request_memo
 def _module_memo(x: int) -> int:
     return x
+
+
+async def test_an_inner_layer_reached_inside_a_request_scope_gives_the_mark_back() -> None:
+    """semantics.md: a sub-request with a copy of the scope shares the request's store.
+    An inner layer called with the request's own scope dict inside a request_scope()
+    (a scope of its own, rightly) left its mark in that dict: every later copy then
+    opened a store of its own (a probe, 7 December)."""
+    seen: dict[str, Any] = {}
+
+    async def leaf(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen[scope["path"]] = perrequest.get("user")
+
+    inner = RequestScopeMiddleware(leaf)
+
+    async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        perrequest.set("user", "alice")
+        await inner(dict(scope, path="/first"), receive, send)
+        with perrequest.request_scope():
+            await inner(scope, receive, send)  # its own store: the block's, isolated
+        await inner(dict(scope, path="/after"), receive, send)
+
+    await RequestScopeMiddleware(handler)({"type": "http", "path": "/"}, None, None)
+    assert seen == {"/first": "alice", "/": None, "/after": "alice"}
+
+
+async def test_a_deep_copied_scope_shares_the_store_with_an_int_subclass_bound() -> None:
+    """semantics.md: a deep copy of the scope (hypercorn's ProxyFixMiddleware) shares the
+    store. The inner layer knows the outer's scope by its options tuple, which deepcopy
+    keeps only if its items copy to themselves: an int subclass's max_entries did not,
+    and the inner layer's writes went to a store of its own (a probe)."""
+    import copy
+
+    class Size(int):  # a settings library's validated int
+        pass
+
+    seen: list[object] = []
+
+    async def leaf(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        perrequest.set("user", "alice")
+
+    inner = RequestScopeMiddleware(leaf)
+
+    async def handler(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await inner(copy.deepcopy(scope), receive, send)
+        seen.append(perrequest.get("user"))
+
+    outer = RequestScopeMiddleware(handler, max_entries=Size(100))
+    await outer({"type": "http", "path": "/"}, None, None)
+    assert seen == ["alice"]

@@ -64,7 +64,7 @@ def check_max_entries(value: object, what: str = "max_entries") -> int | None:
         )
     if value <= 0:
         raise ValueError(f"{what} must be a positive int or None, not {value!r}")
-    return value
+    return int(value)  # a subclass's value: what deepcopy keeps (asgi.opened_outside)
 
 
 def _call_of(fn: object) -> object:  # an object's __call__ says if it returns a coroutine

@@ -901,3 +901,56 @@ def test_code_run_as_a_closing_store_clears_is_not_told_a_scope_is_open_elsewher
         store["value"] = Touches()
     assert len(told) == 1 and "but not here" not in told[0]
     assert "no request scope is active" in told[0]
+
+
+def test_a_bind_scope_callable_of_a_scope_closed_elsewhere_leaves_the_callers_alone() -> None:
+    """A generator holding a request_scope() is closed in another context, its bound
+    callable then called in the caller's: the call set the closed store, whose token
+    unwound there to the caller's scope (the call saw it), and the reset after it put
+    the closed store back with no token left: the caller's scope was gone for the rest
+    of its block (a probe, 7 December)."""
+
+    def probe() -> tuple[object, bool]:
+        return perrequest.get("who"), perrequest.in_request_scope()
+
+    def helper() -> Iterator[Any]:
+        with request_scope():
+            perrequest.set("who", "generator")
+            yield bind_scope(probe)
+
+    with request_scope():
+        perrequest.set("who", "caller")
+        body = helper()
+        bound = next(body)
+        contextvars.copy_context().run(body.close)  # as the collector, another request
+        assert bound() == (None, False)
+        assert probe() == ("caller", True)
+        perrequest.set("after", 1)  # raised NoActiveScope
+    assert live_scopes() == 0
+
+
+def test_a_bind_scope_callable_that_exits_its_own_scope_restores_what_it_replaced() -> None:
+    """A cleanup bound to a scope that exits it, called in the scope's own thread:
+    the previous store came back only for the call; after it, the closed scope."""
+    with request_scope():
+        perrequest.set("who", "outer")
+        inner = request_scope()
+        inner.__enter__()
+        bind_scope(lambda: inner.__exit__(None, None, None))()
+        assert perrequest.in_request_scope() and perrequest.get("who") == "outer"
+
+
+def test_a_bind_scope_callable_of_a_scope_exited_out_of_order_sees_none() -> None:
+    """Enter a, enter b, exit a: a callable bound to a and called then runs outside any
+    scope (it saw the outer one), and b's exit still gives the outer scope back (it was
+    lost)."""
+    with request_scope():
+        perrequest.set("who", "outer")
+        a, b = request_scope(), request_scope()
+        a.__enter__()
+        late = bind_scope(perrequest.in_request_scope)
+        b.__enter__()
+        a.__exit__(None, None, None)
+        assert late() is False
+        b.__exit__(None, None, None)
+        assert perrequest.in_request_scope() and perrequest.get("who") == "outer"

@@ -291,13 +291,22 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
 
     fetching = within.get()  # a batch function's worker loads its fetch's keys itself
 
-    def enter() -> tuple[Token[Any], Token[tuple[Any, ...]]]:
+    def enter() -> tuple[Token[Any], Token[tuple[Any, ...]], Token[Any] | None]:
+        # A closed store is not set: unwound by the call's code where it was opened, its
+        # token would show the caller's scope to the call and be lost to the caller.
+        closed, opened_by = store._closed, store._token  # (the fn may close it)
         # Added to the caller's: called in another batch function, it keeps that fetch.
-        return _current.set(store), within.set((*within.get(), *fetching))
+        fetch = within.set((*within.get(), *fetching))
+        return _current.set(None if closed else store), fetch, opened_by
 
-    def leave(tokens: tuple[Token[Any], Token[tuple[Any, ...]]]) -> None:
+    def leave(tokens: tuple[Token[Any], Token[tuple[Any, ...]], Token[Any] | None]) -> None:
         within.reset(tokens[1])
         _current.reset(tokens[0])
+        opened_by = tokens[2]
+        if opened_by is not None and store._closed and _current.get() is store:
+            # The call closed the scope it was bound to, active here too, with that scope's
+            # own token (its exit, in a bound cleanup): what that token replaced is back.
+            _current.set(None if opened_by.old_value is Token.MISSING else opened_by.old_value)
 
     return _around(fn, "bind_scope()", enter, leave)
 

@@ -202,6 +202,10 @@ def test_arguments_json_cannot_encode_need_key(cache: RedisCache) -> None:
 
     with request_scope(), pytest.raises(UnhashableArguments, match=r"argument 'day' \("):
         sales_in("north", Day("2026-01-01"))
+    # Outside a scope too, as semantics.md promises for every key: a unit test without a
+    # scope fails as production would (it called the function; a probe, 7 December).
+    with pytest.raises(UnhashableArguments, match=r"argument 'day' \("):
+        sales_in("north", Day("2026-01-01"))
 
     @request_memo(shared=cache, key=lambda day, region: (day.iso, region))
     def sales_by_key(day: Day, region: str) -> int:

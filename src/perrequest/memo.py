@@ -117,13 +117,10 @@ class _MemoSpec:
     def outside(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable) -> Any:
         """A call outside any scope: the key is still checked (the same error everywhere)."""
         self.checked(key, args, kwargs)
-        refuse_or_warn(
-            "request_memo",
-            self.name,
-            self.outside_scope,
-            "cached",
-            OUTSIDE_FIX,
-        )
+        redis_key = getattr(self.shared, "redis_key", None)  # a Redis tier's: encodable too
+        if redis_key is not None:
+            redis_key(key, args, kwargs)
+        refuse_or_warn("request_memo", self.name, self.outside_scope, "cached", OUTSIDE_FIX)
         return self.fn(*args, **kwargs)  # for an async function, the caller awaits it
 
     def prepare(

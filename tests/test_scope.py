@@ -954,3 +954,36 @@ def test_a_bind_scope_callable_of_a_scope_exited_out_of_order_sees_none() -> Non
         assert late() is False
         b.__exit__(None, None, None)
         assert perrequest.in_request_scope() and perrequest.get("who") == "outer"
+
+
+def test_one_scope_exited_from_two_threads_at_once_closes_once() -> None:
+    """An ExitStack closed by a worker and by a timeout handler at once: both exits got
+    past the closed check, on_close ran twice and the open-scope count dropped twice,
+    so another scope's exit then failed on an empty count (a probe, 7 December: after
+    500 to 1,200 tries)."""
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with request_scope():
+            for _ in range(2_500):
+                closed: list[ScopeStats] = []
+                scope = request_scope(on_close=closed.append)
+                scope.__enter__()
+                both = threading.Barrier(2)
+
+                def leave(scope: request_scope = scope, both: threading.Barrier = both) -> None:
+                    both.wait()
+                    scope.__exit__(None, None, None)
+
+                threads = [threading.Thread(target=leave) for _ in range(2)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                perrequest.in_request_scope()  # unwinds the closed scope here
+                assert len(closed) == 1 and live_scopes() == 1
+    finally:
+        sys.setswitchinterval(interval)
+    assert live_scopes() == 0

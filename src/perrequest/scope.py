@@ -204,7 +204,7 @@ class request_scope(metaclass=_Forgotten):
     __slots__ = ("_max_entries", "_on_close", "_store")
     _max_entries: int | None
     _on_close: OnClose | None
-    _store: MemoStore | bool | None  # None: not entered; True: entering; then the store
+    _store: MemoStore | bool | None  # None: not entered; True: entering; the store; False: exited
 
     @explains_options(
         "request_scope()",
@@ -236,13 +236,17 @@ class request_scope(metaclass=_Forgotten):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not isinstance(self._store, MemoStore):
+        with _entering:  # two threads exiting it at once: one closes it, once
+            store, self._store = self._store, False if self._store is not None else None
+        if store is False:
+            return  # exited already: a no-op
+        if not isinstance(store, MemoStore):
             raise RuntimeError(
                 "request_scope() exited, but it was not entered: let the statement that "
                 "enters it exit it, `with request_scope():` (or an ExitStack's "
                 "enter_context), rather than calling __exit__ by hand."
             )
-        close_scope(self._store)
+        close_scope(store)
 
     async def __aenter__(self) -> MemoStore:
         return self.__enter__()

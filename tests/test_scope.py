@@ -987,3 +987,20 @@ def test_one_scope_exited_from_two_threads_at_once_closes_once() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert live_scopes() == 0
+
+
+def test_a_returned_generator_is_let_through_and_runs_outside_the_scope() -> None:
+    """semantics.md: @request_scope() and bind_scope refuse a returned coroutine, not a
+    returned generator, whose body runs when iterated, after the scope."""
+
+    def rows() -> Iterator[bool]:
+        yield perrequest.in_request_scope()
+
+    @request_scope()
+    def job() -> Iterator[bool]:
+        return rows()
+
+    assert list(job()) == [False]
+    with request_scope():
+        bound = bind_scope(lambda: rows())  # a function returning one
+    assert list(bound()) == [False]

@@ -492,3 +492,32 @@ async def test_a_deep_copied_scope_shares_the_store_with_an_int_subclass_bound()
     outer = RequestScopeMiddleware(handler, max_entries=Size(100))
     await outer({"type": "http", "path": "/"}, None, None)
     assert seen == ["alice"]
+
+
+async def test_inner_layers_called_concurrently_inside_request_scopes_leave_the_mark() -> None:
+    """Two in-process calls of an inner layer with the request's own scope dict, each in
+    a request_scope(), gathered: the second saved the first's mark as the one to give
+    back, and a later layer then opened a store of its own (a review of the day's fix).
+    The inner layer now works on a copy, and the caller's dict keeps its mark."""
+    seen: dict[str, list[object]] = {}
+
+    async def leaf(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.setdefault(scope["path"], []).append(perrequest.current_store())
+        await asyncio.sleep(0.01)
+
+    inner = RequestScopeMiddleware(leaf)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen["outer"] = [perrequest.current_store()]
+
+        async def scoped_call() -> None:
+            with perrequest.request_scope():
+                await inner(scope, receive, send)
+
+        await asyncio.gather(scoped_call(), scoped_call())
+        scope["path"] = "/later"
+        await inner(scope, receive, send)
+
+    await RequestScopeMiddleware(app)({"type": "http", "path": "/"}, None, None)
+    assert seen["/later"][0] is seen["outer"][0]  # (by identity: a store is a Mapping)
+    assert all(store is not seen["outer"][0] for store in seen["/"])

@@ -1004,3 +1004,36 @@ def test_a_returned_generator_is_let_through_and_runs_outside_the_scope() -> Non
     with request_scope():
         bound = bind_scope(lambda: rows())  # a function returning one
     assert list(bound()) == [False]
+
+
+async def test_a_task_calling_a_bound_callable_of_a_scope_closed_elsewhere_stays_outside() -> None:
+    """A generator holds a request_scope() and hands out a bound callable; a task started
+    while it was suspended calls it after the generator was closed in another thread:
+    the task, outside any scope before the call, was inside its creator's scope after
+    it (a review of the day's bind_scope change)."""
+
+    def rows() -> Iterator[Any]:
+        with request_scope():
+            yield bind_scope(lambda: None)
+            yield None
+
+    with request_scope():
+        closed = asyncio.Event()
+        seen: list[bool] = []
+
+        async def worker(bound: Any) -> None:
+            await closed.wait()
+            seen.append(perrequest.in_request_scope())
+            bound()
+            seen.append(perrequest.in_request_scope())
+
+        body = rows()
+        bound = next(body)
+        task = asyncio.create_task(worker(bound))
+        await asyncio.sleep(0)
+        closer = threading.Thread(target=body.close)
+        closer.start()
+        closer.join()
+        closed.set()
+        await task
+        assert seen == [False, False]

@@ -366,3 +366,59 @@ def test_the_plugin_stands_aside_under_a_pytest_older_than_it_needs() -> None:
     )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_fixtures_whose_scope_closes_later_in_the_same_teardown_are_not_failed(
+    pytester: pytest.Pytester,
+) -> None:
+    """The fixture check looked when the fixture itself was finalized: a scope closed
+    later in the same teardown (an ExitStack fixture it used, a node finalizer) or one
+    belonging to memo_scope asked for by getfixturevalue failed working suites (a
+    review of the day's change, 7 December)."""
+    pytester.makepyfile(
+        """
+from contextlib import ExitStack
+import pytest
+import perrequest
+from perrequest import request_scope
+from perrequest.testing import live_scopes
+
+@pytest.fixture
+def stack():
+    with ExitStack() as s:
+        yield s
+
+@pytest.fixture
+def on_a_stack(stack):
+    return stack.enter_context(request_scope())
+
+@pytest.fixture
+def node_finalized(request):
+    scope = request_scope()
+    store = scope.__enter__()
+    request.node.addfinalizer(lambda: scope.__exit__(None, None, None))
+    return store
+
+@pytest.fixture
+def asked(request):
+    return request.getfixturevalue("memo_scope")
+
+def check(store):
+    assert perrequest.current_store() is store and "x" not in store
+    perrequest.set("x", 1)
+
+def test_a_stack(on_a_stack):
+    check(on_a_stack)
+
+def test_a_node_finalizer(node_finalized):
+    check(node_finalized)
+
+def test_a_asked(asked):
+    check(asked)
+
+def test_b_nothing_left():
+    assert live_scopes() == 0 and not perrequest.in_request_scope()
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
+    result.assert_outcomes(passed=4)

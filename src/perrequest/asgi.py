@@ -190,15 +190,13 @@ class RequestScopeMiddleware:
                     finally:
                         _current.reset(hidden)
                     return
-            elif opened_outside(outer := scope[REQUEST_KEY]):  # an outer layer's, for this
-                await self.app(scope, receive, send)  # request
+            elif opened_outside(scope[REQUEST_KEY]):  # an outer layer's, for this request
+                await self.app(scope, receive, send)
                 return
             else:  # a request_scope() on it (around an in-process call): a scope of its own,
-                del scope[REQUEST_KEY]  # and the mark given back, so that later copies of
-                try:  # the scope still share the request's store
-                    await self(scope, receive, send)
-                finally:
-                    scope[REQUEST_KEY] = outer
+                # in a copy, so that the request's own dict keeps its mark for later copies
+                # (the caller's, which concurrent calls share: nothing to give back)
+                await self({k: v for k, v in scope.items() if k != REQUEST_KEY}, receive, send)
                 return
         if scope["type"] not in self._scope_types:  # no store: errors there say why
             passing = passed_through.set(scope["type"])

@@ -100,10 +100,12 @@ if hasattr(pytest, "StashKey") and hasattr(getattr(pluggy, "Result", None), "for
             outcome.force_exception(_left_active(item.nodeid, why))
 
     # The scope a fixture's set-up (an xunit setup_function's too) left active, by fixture:
-    # open when the fixture is finalized, it was entered and never exited, or is a
+    # still open once the teardown its fixture is finalized in has ended (every finalizer
+    # run: an ExitStack fixture's, the node's), it was entered and never exited, or is a
     # response's never closed, and every test in between shared its store (a fixture that
     # yields inside ``with request_scope():`` has closed it by then).
     _opened_by: dict[object, tuple[object, Any]] = {}
+    _finalized: list[tuple[object, object, Any]] = []
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_fixture_setup(fixturedef: object) -> Generator[None, Any, None]:
@@ -113,29 +115,28 @@ if hasattr(pytest, "StashKey") and hasattr(getattr(pluggy, "Result", None), "for
         if opened is not None:
             _opened_by[fixturedef] = before, opened
 
-    # Reported by the teardown they happen in: raised here, some pytest versions would
-    # keep the fixture's cached value.
-    _leaked: list[BaseException] = []
-
     def pytest_fixture_post_finalizer(fixturedef: Any) -> None:
-        before, opened = _opened_by.pop(fixturedef, (None, None))
-        if opened is None or _left_open(None, opened) is None:  # closed, as it should be
-            return
-        why = _close(opened)
-        if _current.get() is opened or _current.get() is _store_of(opened):
-            _current.set(before)
-        name = fixturedef.argname  # pytest runs setup_function and its kin as fixtures
-        who = "An xunit setup_*()" if name.startswith("_xunit_") else f"The fixture {name!r}"
-        _leaked.append(_left_active(who, why))
+        if fixturedef in _opened_by:
+            _finalized.append((fixturedef.argname, *_opened_by.pop(fixturedef)))
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_teardown() -> Generator[None, Any, None]:
         outcome = yield
-        if _leaked:
-            failure = _leaked[0]
-            _leaked.clear()
-            if outcome.excinfo is None:
-                outcome.force_exception(failure)
+        failure = None
+        for name, before, opened in _finalized:
+            if _left_open(None, opened) is None:  # closed, as it should be
+                continue
+            why = _close(opened)
+            if _current.get() is opened or _current.get() is _store_of(opened):
+                _current.set(before)
+            # pytest runs setup_function and its kin as fixtures
+            who = (
+                "An xunit setup_*()" if str(name).startswith("_xunit_") else f"The fixture {name!r}"
+            )
+            failure = failure or _left_active(who, why)
+        _finalized.clear()
+        if failure is not None and outcome.excinfo is None:
+            outcome.force_exception(failure)
 
     def _left_active(who: str, why: tuple[str, str]) -> BaseException:
         return pytest.fail.Exception(

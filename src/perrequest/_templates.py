@@ -146,12 +146,9 @@ _COMPUTE = """\
                             else:  # the key's own code wrote here meanwhile
                                 __pr_store._resync(__pr_spec, __pr_sub)
                             return __pr_value
-                        # Stored since it looked: that one, read (_flight._first), as elsewhere.
-                        return __pr_first(
-                            __pr_store, __pr_where, __pr_value, __pr_counter, {anchor}
-                        )
-                    # A bound to keep: a value stored since it looked (a recursion, a race)
-                    # stays, and is what it returns (_flight._first): one value per key.
+                    # Stored since it looked (a recursion, a race), or a bound to keep: what
+                    # _flight.run does (_first): a value stored meanwhile stays, read, and is
+                    # what it returns; one value per key.
                     return __pr_first(__pr_store, __pr_where, __pr_value, __pr_counter, {anchor})
                 return __pr_end(
                     __pr_store, __pr_where, __pr_me, __pr_record, __pr_value, __pr_counter, {anchor}

@@ -164,8 +164,8 @@ def instrument(registry: CollectorRegistry | None = None) -> None:
     """Register perrequest's metrics in ``registry`` (default: prometheus-client's
     global ``REGISTRY``) and feed them from every scope that closes. Idempotent for
     the same registry (metrics unregistered from it since are registered again); another
-    registry replaces the first. A metric name already
-    taken in ``registry`` raises ``ValueError`` and changes nothing."""
+    registry replaces the first. A metric name already taken in ``registry`` raises
+    ``ValueError`` and changes nothing."""
     global _installed
     if registry is None:
         registry = REGISTRY

@@ -317,3 +317,34 @@ def test_an_async_loader_in_a_def_endpoint_is_named_when_never_awaited() -> None
         }
         assert client.get("/async").json() == {"user": "user2"}
     assert live_scopes() == 0
+
+
+def test_an_async_loaders_load_is_no_dependency_by_itself_an_async_def_around_it_is() -> None:
+    """``Depends(users.load)``: ``load`` is a plain ``def`` returning an awaitable, so
+    FastAPI runs it in a thread and hands the endpoint an un-awaited coroutine (a probe, 7
+    December 2026). fastapi.md says so and gives the one-line ``async def`` around it."""
+
+    @perrequest.request_batch
+    async def users_by_key(keys: list[str]) -> list[str]:
+        return [f"user-{k}" for k in keys]
+
+    async def user(key: str) -> str:  # the documented dependency
+        return await users_by_key.load(key)
+
+    app = FastAPI()
+    app.add_middleware(RequestScopeMiddleware)
+
+    @app.get("/bare/{key}")
+    async def bare(loaded: Annotated[Any, Depends(users_by_key.load)]) -> str:
+        kind = type(loaded).__name__
+        loaded.close()  # a test's tidiness: a user's would warn "never awaited"
+        return kind
+
+    @app.get("/wrapped/{key}")
+    async def wrapped(name: Annotated[str, Depends(user)]) -> str:
+        return name
+
+    with TestClient(app) as client:
+        assert client.get("/bare/7").json() == "coroutine"  # as fastapi.md warns
+        assert client.get("/wrapped/7").json() == "user-7"
+    assert live_scopes() == 0

@@ -350,7 +350,8 @@ def test_b_keeps_one_and_reads_its_store():
     # Each failure's own section, not the short summary: whether a FAILED line is cut
     # before the message depends on the terminal's width (COLUMNS), so it is left out.
     sections = [line for line in result.stdout.lines if not line.startswith("FAILED ")]
-    told = [line for line in sections if "left a perrequest scope active: a response iterated" in line]
+    message = "left a perrequest scope active: a response iterated"
+    told = [line for line in sections if message in line]
     assert len(told) == 2, result.stdout.str()
 
 

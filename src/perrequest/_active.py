@@ -17,6 +17,7 @@ from collections import deque
 from contextvars import ContextVar, Token
 from typing import Any
 
+from ._checks import check_max_entries, check_on_close
 from ._listeners import OnClose as OnClose  # re-exported: the integrations import it here
 from ._listeners import log, notify
 from ._listeners import logger as logger
@@ -82,6 +83,15 @@ def open_scope(
 
 # What a middleware's scope is opened with: (max_entries, on_close).
 Options = tuple[int | None, OnClose | None]
+
+
+def check_options(where: str, max_entries: object, on_close: object) -> Options:
+    """The options of a scope, checked; errors name ``where(option=...)``."""
+    return (
+        check_max_entries(max_entries, f"{where}(max_entries=...)"),
+        check_on_close(on_close, f"{where}(on_close=...)"),
+    )
+
 
 # The store of a cell closed before anybody needed one: closed, shared, never written.
 _NONE_MADE = MemoStore(1)

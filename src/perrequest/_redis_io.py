@@ -120,18 +120,15 @@ class Conn:
             **settings,
         )
         self.client = module.Redis(connection_pool=own)
-        script = _script if sync else _script_async
-        self.claim = script(self.client, CLAIM)
-        self.extend = script(self.client, EXTEND)
-        self.store = script(self.client, STORE)
-        self.drop = script(self.client, DROP)
-        self.renew = script(self.client, RENEW)
+        self.claim, self.extend, self.store, self.drop, self.renew = (
+            _script(self.client, body, sync) for body in (CLAIM, EXTEND, STORE, DROP, RENEW)
+        )
 
 
 # A script by its SHA-1, or, on a server that does not have it yet (a new one, a
 # restarted one), by its text, which loads it: two round trips at most within the
 # command's op_timeout (redis-py's Script sends EVALSHA, SCRIPT LOAD, then EVALSHA).
-def _script(client: Any, body: str) -> Callable[..., Any]:
+def _script(client: Any, body: str, sync: bool) -> Callable[..., Any]:  # async: awaitable
     sha = hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()
 
     def run(keys: list[Any], args: list[Any]) -> Any:
@@ -140,19 +137,13 @@ def _script(client: Any, body: str) -> Callable[..., Any]:
         except redis.exceptions.NoScriptError:
             return client.eval(body, len(keys), *keys, *args)
 
-    return run
-
-
-def _script_async(client: Any, body: str) -> Callable[..., Any]:  # (awaitable)
-    sha = hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()
-
-    async def run(keys: list[Any], args: list[Any]) -> Any:
+    async def run_async(keys: list[Any], args: list[Any]) -> Any:
         try:
             return await client.evalsha(sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             return await client.eval(body, len(keys), *keys, *args)
 
-    return run
+    return run if sync else run_async
 
 
 def wrong_type(exc: BaseException) -> bool:

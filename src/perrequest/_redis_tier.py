@@ -116,7 +116,7 @@ class RedisTier:
                     self.count("hits")
                     return value
         call = Call()
-        fetch = (self, conn, key, _shared_errors.own(call, fn), raw, args, kwargs)
+        fetch = (self, conn, key, _shared_errors.own(call, fn, False), raw, args, kwargs)
         # No local holds what it computed: an error raised from it, for another
         # request's caller, must not reach the original (``_copy``).
         join: Args = (call, lock.fetch, fetch, {})
@@ -144,7 +144,7 @@ class RedisTier:
                     self.count("hits")
                     return value
         call = Call()
-        fetch = (self, conn, key, _shared_errors.own_async(call, fn), raw, args, kwargs)
+        fetch = (self, conn, key, _shared_errors.own(call, fn, True), raw, args, kwargs)
         join: Args = (call, lock.fetch_async, fetch, {})
         return self._copy(
             call,

@@ -66,7 +66,7 @@ class Call:
         self.error: int | None = None
 
 
-def own(call: Call, fn: Fn) -> Fn:
+def own(call: Call, fn: Fn, is_async: bool) -> Fn:
     """``fn``, its own ``Exception`` kept on ``call``: only that one is handed to waiters,
     not one the rest of the computation raises (a signal handler's, as the value is stored)."""
     call.error = 0
@@ -78,21 +78,14 @@ def own(call: Call, fn: Fn) -> Fn:
             call.error = id(exc)  # compared while it propagates, alive
             raise
 
-    return run
-
-
-def own_async(call: Call, fn: Fn) -> Fn:
-    """``own`` for an async ``fn``."""
-    call.error = 0
-
-    async def run(*args: Any, **kwargs: Any) -> Any:
+    async def run_async(*args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:
             call.error = id(exc)
             raise
 
-    return run
+    return run_async if is_async else run
 
 
 class Raised:

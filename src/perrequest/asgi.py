@@ -16,6 +16,7 @@ from ._active import (
     REQUEST_KEY,
     OnClose,
     _current,
+    check_options,
     close_request,
     forget_closed,
     open_request,
@@ -26,8 +27,6 @@ from ._checks import (
     IN_MIDDLEWARE,
     KEYWORD_ONLY,
     binds,
-    check_max_entries,
-    check_on_close,
     explains_options,
     is_wsgi_app,
     takes_a_request,
@@ -169,10 +168,8 @@ class RequestScopeMiddleware:
                 "RequestScopeMiddleware(asgiref.compatibility.guarantee_single_callable(app))"
             )
         self.app: ASGIApp = app
-        where = "perrequest.asgi.RequestScopeMiddleware"
-        self._options = (
-            check_max_entries(max_entries, f"{where}(max_entries=...)"),
-            check_on_close(on_close, f"{where}(on_close=...)"),
+        self._options = check_options(
+            "perrequest.asgi.RequestScopeMiddleware", max_entries, on_close
         )
         self._scope_types = _check_scope_types(scope_types)
 

@@ -21,7 +21,7 @@ except ImportError as exc:  # name the extra to install
 
     missing_extra(exc, __name__, "celery", "celery")
 
-from ._active import OnClose, _current, close_scope, open_scope
+from ._active import OnClose, _current, check_options, close_scope, open_scope
 from ._checks import (
     check_max_entries,
     check_on_close,
@@ -146,10 +146,7 @@ def install(
         raise TypeError(
             f"perrequest.celery.install() takes a Celery app, not {type(app).__name__} {app!r}"
         )
-    options = (
-        check_max_entries(max_entries, "perrequest.celery.install(max_entries=...)"),
-        check_on_close(on_close, "perrequest.celery.install(on_close=...)"),
-    )
+    options = check_options("perrequest.celery.install", max_entries, on_close)
     if app in _installed:
         raise RuntimeError(
             f"perrequest is already installed on Celery app {app.main!r}; call "

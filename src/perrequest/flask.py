@@ -16,12 +16,10 @@ except ImportError as exc:  # name the extra to install
 
     missing_extra(exc, __name__, "flask", "flask")
 
-from ._active import OnClose
+from ._active import OnClose, check_options
 from ._checks import (
     IN_MIDDLEWARE,
     KEYWORD_ONLY,
-    check_max_entries,
-    check_on_close,
     explains_options,
     is_async_callable,
     takes_a_request,
@@ -70,8 +68,7 @@ class PerRequest:
         max_entries: int | None = DEFAULT_MAX_ENTRIES,
         on_close: OnClose | None = None,
     ) -> None:
-        self._max_entries = check_max_entries(max_entries, "PerRequest(max_entries=...)")
-        self._on_close = check_on_close(on_close, "PerRequest(on_close=...)")
+        self._max_entries, self._on_close = check_options("PerRequest", max_entries, on_close)
         if app is not None:
             self.init_app(app)
 

@@ -16,19 +16,14 @@ from ._active import (
     OnClose,
     _current,
     active_store,
+    check_options,
     close_scope,
     here,
     live_scopes,
     open_scope,
     within,
 )
-from ._checks import (
-    check_max_entries,
-    check_on_close,
-    explains_options,
-    is_async_callable,
-    refuse_coroutine,
-)
+from ._checks import explains_options, is_async_callable, refuse_coroutine
 from ._stats import add_scope_listener, remove_scope_listener
 from ._targets import refuse_generator, refuse_task
 from .errors import NoActiveScope
@@ -133,7 +128,6 @@ def in_request_scope() -> bool:
         return store[0] is not None  # a cell: open until close_request
     if store is not None and store._closed and store._token is not None:
         store = here()  # closed in another context: what it replaced, unwound
-        return store is not None and not store._closed
     return store is not None and not store._closed
 
 
@@ -214,8 +208,7 @@ class request_scope(metaclass=_Forgotten):
     def __init__(
         self, *, max_entries: int | None = DEFAULT_MAX_ENTRIES, on_close: OnClose | None = None
     ) -> None:
-        self._max_entries = check_max_entries(max_entries, "request_scope(max_entries=...)")
-        self._on_close = check_on_close(on_close, "request_scope(on_close=...)")
+        self._max_entries, self._on_close = check_options("request_scope", max_entries, on_close)
         self._store = None
 
     def __enter__(self) -> MemoStore:

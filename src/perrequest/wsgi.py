@@ -19,6 +19,7 @@ from ._active import (
     REQUEST_KEY,
     OnClose,
     _current,
+    check_options,
     close_request,
     forget_closed,
     open_request,
@@ -28,8 +29,6 @@ from ._active import (
 from ._checks import (
     IN_MIDDLEWARE,
     KEYWORD_ONLY,
-    check_max_entries,
-    check_on_close,
     explains_options,
     is_async_callable,
     takes_a_request,
@@ -96,10 +95,8 @@ class RequestScopeMiddleware:
                 "instead (Starlette, FastAPI: app.add_middleware(RequestScopeMiddleware))"
             )
         self.app: WSGIApp = app
-        where = "perrequest.wsgi.RequestScopeMiddleware"
-        self._options = (
-            check_max_entries(max_entries, f"{where}(max_entries=...)"),
-            check_on_close(on_close, f"{where}(on_close=...)"),
+        self._options = check_options(
+            "perrequest.wsgi.RequestScopeMiddleware", max_entries, on_close
         )
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:

@@ -270,7 +270,7 @@ async def _agen(keys: list[int]):  # type: ignore[no-untyped-def]
         (lambda: request_batch(batch_size=10), TypeError, "Did you mean max_batch_size="),
         (lambda: request_batch(maxsize=10), TypeError, "Did you mean max_entries="),
         (lambda: request_batch(10), TypeError, "takes a function, or options"),
-        (lambda: request_batch(classmethod(_gen)), TypeError, "a function of a list of keys"),
+        (lambda: request_batch(classmethod(_gen)), TypeError, "the class method _gen"),
     ],
 )
 def test_misuse_is_refused_when_decorating(call: object, error: type, match: str) -> None:

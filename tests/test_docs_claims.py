@@ -323,6 +323,11 @@ def _config_mistakes() -> dict[str, list[object]]:
             lambda: request_memo(property(_coroutine)),
             lambda: request_memo(functools.cached_property(_coroutine)),
         ],
+        "`@request_memo` over `functools.singledispatchmethod`": [
+            lambda: request_memo(functools.singledispatchmethod(_coroutine)),
+            lambda: request_memo(functools.partialmethod(_coroutine)),
+        ],
+        "`@request_scope()` on a class": [lambda: request_scope()(Exception)],
         "`import perrequest.prometheus`": [],  # tests/test_extras.py (hides the package)
         "`add_scope_listener(None)`": [lambda: perrequest.add_scope_listener(None)],
         "`@request_scope` without the parentheses": [lambda: request_scope(print)],

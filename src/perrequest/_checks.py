@@ -68,6 +68,8 @@ def check_max_entries(value: object, what: str = "max_entries") -> int | None:
 
 
 def _call_of(fn: object) -> object:  # an object's __call__ says if it returns a coroutine
+    while isinstance(fn, functools.partial):  # of an object: inspect looks into it, not this
+        fn = fn.func
     return None if isinstance(fn, type) else getattr(type(fn), "__call__", None)  # noqa: B004
 
 
@@ -181,10 +183,8 @@ def refuse_memoized_result(fn: object, value: Any) -> None:
     """Cached, a coroutine or generator would run once: the next call gets it exhausted."""
     kind, fix = "a generator", "Return a list (list(...)), or memoize the function consuming it"
     if type(value) is CoroutineType:
-        kind, fix = (
-            "a coroutine",
-            "Memoize the async def itself, or make the function around it async",
-        )
+        kind = "a coroutine"
+        fix = "Memoize the async def itself, or make the function around it async"
     elif type(value) in _ITERATORS:
         kind = f"a one-shot iterator ({type(value).__name__})"
     if type(value) in (CoroutineType, GeneratorType):  # (an async generator's needs awaiting)
@@ -195,8 +195,7 @@ def refuse_memoized_result(fn: object, value: Any) -> None:
     )
 
 
-# What functools and cachetools users type.
-_ALIASES = {"maxsize": "max_entries", "max_size": "max_entries"}
+_ALIASES = {"maxsize": "max_entries", "max_size": "max_entries"}  # functools', cachetools'
 
 
 def unknown_option(where: str, name: str, valid: tuple[str, ...]) -> str:

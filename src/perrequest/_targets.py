@@ -49,6 +49,32 @@ def refuse_batch_function(fn: Callable[..., Any]) -> None:
         )
 
 
+def refuse_batch_target(target: object) -> None:
+    """A loader is one per function: a class method (like a method) would need one per class,
+    and a non-callable is no batch function."""
+    if isinstance(target, classmethod):
+        raise TypeError(
+            f"@request_batch cannot decorate the class method "
+            f"{getattr(target.__func__, '__qualname__', target)}: a loader is one per "
+            "function, not per class. Decorate a module-level function (or a @staticmethod) "
+            "of the keys alone."
+        )
+    if not callable(target):
+        raise TypeError(f"@request_batch decorates a function of a list of keys, not {target!r}")
+
+
+def refuse_class(target: object, decorator: str) -> None:
+    """A decorated class would become a function (``isinstance`` and subclassing fail), and
+    only its ``__init__`` would run in the scope, not the methods that do the work."""
+    if isinstance(target, type):
+        raise TypeError(
+            f"{decorator} decorates a function, not the class {target.__qualname__}: the name "
+            "would hold a function (isinstance() and subclasses fail) and only __init__ would "
+            "run in the scope. Decorate the method that does the work, or open "
+            "'with request_scope():' around it."
+        )
+
+
 def refuse_task(fn: object, decorator: str) -> None:
     """A Celery task, decorated from above: the name would hold a plain function (no
     ``.delay()``), and the worker would run the task Celery registered, undecorated."""
@@ -78,6 +104,16 @@ def refuse_memo_target(target: object) -> None:
             f"that the getter is memoized: @property, then @request_memo, then def {name}(self)"
         )
     kind = type(target)
+    if kind is functools.singledispatchmethod or kind is functools.partialmethod:
+        raise TypeError(
+            f"@request_memo cannot go over functools.{kind.__name__}, which is not called: it "
+            f"makes a method as the attribute is looked up. Memoize the function it wraps: "
+            + (
+                "@functools.singledispatchmethod above @request_memo"
+                if kind is functools.singledispatchmethod
+                else "functools.partialmethod(request_memo(fn), ...)"
+            )
+        )
     if issubclass(kind, functools.cached_property) or kind.__name__ == "cached_property":
         fn = getattr(target, "real_func", None) or getattr(target, "func", None)  # Django's
         name = getattr(fn, "__name__", "x")

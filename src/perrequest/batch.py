@@ -13,7 +13,7 @@ from ._batch_async import in_flight, load_many, miss, outside_one, ready
 from ._batching import THREAD, _BatchSpec
 from ._checks import check_max_entries, is_async_callable, unknown_option
 from ._flight import MISSING
-from ._targets import refuse_batch_function, refuse_task
+from ._targets import refuse_batch_function, refuse_batch_target, refuse_task
 from ._typing import CacheInfo
 from .store import MemoKey
 
@@ -109,6 +109,9 @@ class _Loader:
 
     def __repr__(self) -> str:
         return f"<request_batch loader {self._spec.name}>"
+
+    def __reduce__(self) -> str:  # by name: copies are itself (a copied spec lost clear())
+        return str(getattr(self, "__qualname__", self._spec.name))
 
     def prime(self, key: Any, value: Any, /) -> None:
         spec = self._spec
@@ -325,10 +328,7 @@ def request_batch(
         refuse_task(target, "@request_batch")  # first: a check by isinstance evaluates a proxy
         if isinstance(target, staticmethod):
             target = target.__func__
-        if isinstance(target, classmethod) or not callable(target):
-            raise TypeError(
-                f"@request_batch decorates a function of a list of keys, not {target!r}"
-            )
+        refuse_batch_target(target)
         refuse_batch_function(target)
         spec = _BatchSpec(target, max_batch_size, key, max_entries, outside_scope)
         return functools.update_wrapper(_Loader(spec), target)

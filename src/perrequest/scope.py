@@ -25,7 +25,7 @@ from ._active import (
 )
 from ._checks import explains_options, is_async_callable, refuse_coroutine
 from ._stats import add_scope_listener, remove_scope_listener
-from ._targets import refuse_generator, refuse_task
+from ._targets import refuse_class, refuse_generator, refuse_task
 from .errors import NoActiveScope
 from .store import DEFAULT_MAX_ENTRIES, MemoStore, check_key
 
@@ -260,6 +260,7 @@ class request_scope(metaclass=_Forgotten):
             return cast("Callable[P, R]", type(fn)(self(fn.__func__)))
         if not callable(fn):
             raise TypeError(f"@request_scope() decorates a function, not {fn!r}")
+        refuse_class(fn, "@request_scope()")
         refuse_generator(fn, "@request_scope()")
         options = self._max_entries, self._on_close
         return _around(fn, "@request_scope()", lambda: open_scope(*options), close_scope)

@@ -590,3 +590,20 @@ def test_a_close_between_the_check_and_the_lock_keeps_no_counter() -> None:
     with pytest.raises(ScopeClosed):
         store._counter("module.f")
     assert store.closed and not store._counters
+
+
+def test_a_keys_own_key_error_is_no_miss_for_get() -> None:
+    """``MemoStore.get`` was Mapping's (``self[key]``, a ``KeyError`` taken for a miss):
+    a key whose ``__hash__`` raised ``KeyError`` got the default in a scope, and the error
+    outside one and from every other method (a probe, 7 December 2026)."""
+
+    class Unsaved:
+        def __hash__(self) -> int:
+            return hash({}["id"])  # a model whose id is not filled in yet
+
+    with request_scope() as store:
+        for read in (lambda: perrequest.get(Unsaved(), "D"), lambda: store.get(Unsaved())):
+            with pytest.raises(KeyError, match="id"):
+                read()
+        store["k"] = 1
+        assert store.get("k") == 1 and store.get("absent", "D") == "D"

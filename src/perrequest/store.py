@@ -96,6 +96,11 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
             raise KeyError(key)
         return value
 
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        """Not Mapping's: a ``KeyError`` of the key's own ``__hash__`` is not a miss."""
+        value = self._found(key)
+        return default if value is MISSING else value
+
     def __setitem__(self, key: Hashable, value: Any) -> None:
         if type(key) is MemoKey:
             raise _memo_key_write(key)

@@ -372,6 +372,34 @@ def test_an_unpicklable_value_fails_the_call_with_a_type_error_naming_the_functi
             cache.close()
 
 
+class _QuoteError(Exception):  # pickles; unpickling calls __init__(message) alone
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+
+
+def test_a_value_that_pickles_but_cannot_load_back_fails_naming_the_function(
+    redis_server: Any,
+) -> None:
+    """A value that pickle stores but cannot load (an exception whose __init__ takes more
+    than its args) failed every call with the unpickler's own bare error, naming neither
+    the function nor the serializer (a probe, 7 December 2026)."""
+    with redis_server.client() as client:
+        cache = RedisCache(client, ttl=60, namespace="ul", serializer="pickle", secret=SECRET)
+
+        @request_memo(shared=cache)
+        def quote(country: str) -> Any:
+            return {"country": country, "errors": [_QuoteError(404, "no carrier")]}
+
+        try:
+            with request_scope(), pytest.raises(TypeError) as caught:
+                quote("FR")
+            message = str(caught.value)
+            assert "quote" in message and "'pickle' cannot store (TypeError:" in message
+            assert "can store and load" in message
+        finally:
+            cache.close()
+
+
 # -- 10. otel.py: a scope that did nothing ------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import flask_apps
 import httpx
 import pytest
-from flask import Flask, Response, g, stream_with_context
+from flask import Blueprint, Flask, Response, g, stream_with_context
 from flask_apps import TEARDOWNS, Boom, create_app
 from servers import serve_gunicorn
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
@@ -237,6 +237,9 @@ def test_init_app_refuses_what_is_not_a_flask_app() -> None:
     # Before: "for another WSGI app use perrequest.wsgi..." for an ASGI app.
     with pytest.raises(TypeError, match=r"ASGI app .* perrequest\.asgi\.RequestScope"):
         PerRequest(Starlette())  # type: ignore[arg-type]
+    # A blueprint was told to use the WSGI middleware, which it is no app for (a probe).
+    with pytest.raises(TypeError, match=r"not Blueprint .*the Flask app the blueprint is"):
+        PerRequest(Blueprint("reports", __name__))  # type: ignore[arg-type]
 
 
 def test_mounted_apps_get_a_store_when_the_dispatcher_itself_is_wrapped() -> None:

@@ -382,3 +382,22 @@ def test_a_misspelt_option_names_the_right_one() -> None:
     with pytest.raises(TypeError, match=r"meterprovider=\. Did you mean meter_provider="):
         otel.instrument(meterprovider=None)  # type: ignore[call-arg]
     assert not otel.is_instrumented()
+
+
+def test_a_provider_that_cannot_be_kept_weakly_is_refused_saying_what_to_do() -> None:
+    """A provider wrapper (a dataclass, a slotted class) passed the get_meter check, then
+    failed with the WeakKeyDictionary's own words (a probe, 7 December 2026)."""
+
+    class Slotted:
+        __slots__ = ("inner",)
+
+        def __init__(self, inner: MeterProvider) -> None:
+            self.inner = inner
+
+        def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+            return self.inner.get_meter(*args, **kwargs)
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    with pytest.raises(TypeError, match=r"Slotted cannot be hashed or weakly referenced.*wraps"):
+        otel.instrument(Slotted(provider))  # type: ignore[arg-type]
+    assert not otel.is_instrumented()

@@ -157,3 +157,31 @@ def test_a_failed_instrument_changes_nothing(taken: str) -> None:
         assert working.get_sample_value("perrequest_memo_misses_total", {"function": NAME}) == 1
     finally:
         prometheus.uninstrument()
+
+
+def test_a_registry_failing_otherwise_than_by_a_clash_keeps_none_of_perrequests() -> None:
+    """Only a clash (ValueError) unregistered the collectors done: a registry of its own
+    that failed otherwise kept them, and every later instrument() blamed a clash with
+    perrequest's own metrics (a probe, 7 December 2026). All or nothing, as documented."""
+
+    class Flaky(CollectorRegistry):
+        fail = True
+
+        def register(self, collector: Any) -> None:
+            if self.fail and "perrequest_scope_entries" in str(collector.describe()):
+                raise RuntimeError("registry backend unavailable")
+            super().register(collector)
+
+    registry = Flaky()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        prometheus.instrument(registry)
+    assert not prometheus.is_instrumented()
+    assert list(registry.collect()) == []  # nothing of perrequest's left
+    registry.fail = False
+    prometheus.instrument(registry)  # no clash with leftovers
+    try:
+        with request_scope():
+            user(1)
+        assert registry.get_sample_value("perrequest_memo_misses_total", {"function": NAME}) == 1
+    finally:
+        prometheus.uninstrument()

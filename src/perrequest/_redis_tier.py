@@ -36,12 +36,10 @@ UNCOUNTED = Counter(timed=False)
 
 
 class RedisCacheInfo(NamedTuple):
-    """A memo's counters in the Redis tier, in this process (``shared_info()``).
-
-    ``hits``: values read from Redis, or got from another caller in this
-    process; ``misses``: values computed here; ``errors``: failed Redis
-    operations; ``lock_waits``: misses that waited for another caller's lock.
-    """
+    """A memo's counters in the Redis tier, in this process (``shared_info()``): ``hits``,
+    values read from Redis, or got from another caller in this process; ``misses``, values
+    computed here; ``errors``, failed Redis operations; ``lock_waits``, misses that waited
+    for another caller's lock."""
 
     hits: int
     misses: int
@@ -278,18 +276,19 @@ class RedisTier:
         codec = self.cache._codec
         if type(value) in LAZY:
             refuse_memoized_result(self.fn, value)
-        try:
+        try:  # any error of the value's own code too (a __reduce__, an __init__ unpickling)
             payload = codec.dumps(value, key)
-        except (TypeError, ValueError, RecursionError) as exc:  # the last: nested too deep
-            fix = "Return a value pickle can store (no lambdas, local classes, locks)."
+            codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
+        except Exception as exc:
+            if is_time_limit(exc):  # a signal handler's (a soft time limit), not the value's
+                raise
+            fix = "Return a value pickle can store and load (no lambdas, local classes, locks)."
             if codec.name == "json":
-                fix = "Return JSON types (dict, list, str, int, float, bool, None), or use "
-                fix += "serializer='pickle' with a secret."
+                fix = "Return JSON types (dict, list, str, int, float, bool, None) or use pickle."
             raise TypeError(
-                f"@request_memo {self.name} returned a {type(value).__name__} that the "
-                f"RedisCache serializer {codec.name!r} cannot store ({exc}). {fix}"
+                f"@request_memo {self.name} returned a {type(value).__name__} that the RedisCache "
+                f"serializer {codec.name!r} cannot store ({type(exc).__name__}: {exc}). {fix}"
             ) from None
-        codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
         return payload
 
     def _storable(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Never
 
 try:
-    from flask import Flask
+    from flask import Blueprint, Flask
 except ImportError as exc:  # name the extra to install
     from ._extras import missing_extra
 
@@ -106,6 +106,8 @@ class PerRequest:
                     "for an ASGI app (FastAPI, Starlette) use perrequest.asgi."
                     "RequestScopeMiddleware: app.add_middleware(RequestScopeMiddleware)"
                 )
+            elif isinstance(app, Blueprint):  # its requests are the app's: one scope
+                fix = "register it on the Flask app the blueprint is registered on"
             else:
                 fix = "for another WSGI app use perrequest.wsgi.RequestScopeMiddleware"
             raise TypeError(

@@ -126,22 +126,25 @@ class _Listener:
         ``again``: those still registered stay; those removed behind our back (a test
         fixture clearing the registry) come back."""
         done: list[Collector] = []
-        for collector in self.collectors:
-            try:
-                self.registry.register(collector)
-            except ValueError as exc:
-                if again:
-                    continue
-                for registered in done:
-                    self.registry.unregister(registered)
-                names = ", ".join(sorted({family.name for family in collector.describe()}))
-                raise ValueError(
-                    "perrequest.prometheus.instrument(): a metric in the registry clashes "
-                    f"with perrequest's {names} ({exc}). Nothing was registered, and the "
-                    "instrumentation in force (if any) is unchanged. Unregister that "
-                    "collector, or instrument another registry."
-                ) from exc
-            done.append(collector)
+        try:
+            for collector in self.collectors:
+                try:
+                    self.registry.register(collector)
+                except ValueError as exc:
+                    if again:
+                        continue
+                    names = ", ".join(sorted({family.name for family in collector.describe()}))
+                    raise ValueError(
+                        "perrequest.prometheus.instrument(): a metric in the registry clashes "
+                        f"with perrequest's {names} ({exc}). Nothing was registered, and the "
+                        "instrumentation in force (if any) is unchanged. Unregister that "
+                        "collector, or instrument another registry."
+                    ) from exc
+                done.append(collector)
+        except BaseException:  # a clash, or a registry of its own failing: none registered
+            for registered in done:
+                self.registry.unregister(registered)
+            raise
 
     def __call__(self, stats: ScopeStats) -> None:
         if not used(stats):

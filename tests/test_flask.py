@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, Response, g, stream_with_context
 from flask_apps import TEARDOWNS, Boom, create_app
 from servers import serve_gunicorn
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
-from werkzeug.test import Client
+from werkzeug.test import Client, create_environ
 
 import perrequest
 from perrequest import ScopeStats
@@ -575,4 +575,74 @@ def test_a_memo_run_in_a_plain_thread_pool_from_a_view_is_told_to_use_bind_scope
     assert "A request scope is open in this process, but not here" in warning
     assert "perrequest.bind_scope(fn)" in warning and "Register" not in warning
     assert computed == ["EUR", "USD"]  # bound: computed once for the two calls
+    assert live_scopes() == 0
+
+
+def _debugged_stream_app(log: list[str]) -> Any:
+    """What ``flask run --debug`` serves: Werkzeug's debugger (a generator doing ``yield
+    from`` over the app's body) around a Flask app streaming with ``stream_with_context``
+    and a ``call_on_close`` hook."""
+    from werkzeug.debug import DebuggedApplication
+
+    app = Flask("debugged")
+    PerRequest(app)
+
+    @app.get("/stream")
+    def stream() -> Response:
+        perrequest.set("who", "stream")
+
+        def rows() -> Iterator[str]:
+            try:
+                for i in range(100_000):
+                    yield f"row {i}\n" + "x" * 1000
+            finally:
+                log.append(f"finally {perrequest.get('who')}")
+
+        response = Response(stream_with_context(rows()))
+        response.call_on_close(lambda: log.append(f"call_on_close {perrequest.get('who')}"))
+        return response
+
+    return DebuggedApplication(app, evalex=False)
+
+
+def test_the_debuggers_iterator_closed_mid_stream_closes_the_response_in_its_scope() -> None:
+    """Werkzeug's debugger, closed as a client leaves, closes the iterator it got from the
+    body (``yield from``): that closes a generator body or Flask's ClosingIterator. It
+    closed only perrequest's iterator: call_on_close never ran, and the stream's cleanup
+    ran later with no store (a probe, 7 December 2026). A dropped iterator closes nothing
+    (test_another_apps_body_dropped_unclosed_inside_a_view_never_writes_the_views_store)."""
+    log: list[str] = []
+    environ = dict(create_environ("/stream"))
+    body: Any = _debugged_stream_app(log)(environ, lambda status, headers, exc_info=None: None)
+    chunks = iter(body)
+    next(chunks), next(chunks)
+    body.close()  # the dev server, on a broken pipe
+    assert log == ["finally stream", "call_on_close stream"]
+    assert live_scopes() == 0
+
+
+def test_flask_run_debug_runs_close_hooks_in_scope_when_a_client_leaves_mid_stream() -> None:
+    """The same through Werkzeug's own threaded dev server, the client resetting mid-body."""
+    import socket
+    import struct
+    import threading
+
+    from werkzeug.serving import make_server
+
+    log: list[str] = []
+    server = make_server("127.0.0.1", 0, _debugged_stream_app(log), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(server.server_address, timeout=10) as client:
+            client.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(5000)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        deadline = time.monotonic() + 10
+        while len(log) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.shutdown()
+        thread.join(10)
+    assert log == ["finally stream", "call_on_close stream"]
     assert live_scopes() == 0

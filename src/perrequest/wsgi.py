@@ -8,6 +8,8 @@ docs/frameworks/wsgi.md has the details.
 
 from __future__ import annotations
 
+import weakref
+
 # In asyncio.__all__ (for event loops): None at once where no loop runs, unlike the public
 # get_running_loop, which raises there (a WSGI server's thread: every request).
 from asyncio import _get_running_loop
@@ -151,7 +153,10 @@ class ScopedBody:
         # Else decided at the first chunk, in the thread that pulls it: a layer may call
         # iter() in the thread that called the app and serve the chunks from another
         # (werkzeug's ClosingIterator calls iter() as it wraps the body).
-        return _first_chunk(self)
+        held: list[Any] = []  # a weak reference to the iterator: alive, unless finalized
+        chunks = _first_chunk(self, held)
+        held.append(weakref.ref(chunks))
+        return chunks
 
     def __next__(self) -> bytes:  # for callers that treat the body as an iterator
         if self._chunks is None:
@@ -233,13 +238,18 @@ class ScopedBody:
             _current.reset(active)
 
 
-def _first_chunk(body: ScopedBody) -> Iterator[bytes]:
+def _first_chunk(body: ScopedBody, held: list[Any]) -> Iterator[bytes]:
     """``body._start`` where the first chunk is pulled. Not ``yield from``: closing this
     generator would close the body's iterator, outside close() and its scope."""
     try:
         for chunk in body._start(body):  # noqa: UP028
             yield chunk
-    except GeneratorExit:  # the server dropped or closed this iterator: not a failure
+    except GeneratorExit:  # not a failure: dropped, or closed by a layer above
+        # Closed (its weak reference alive, as it is not when it is finalized, collected
+        # or dropped) by a layer's ``yield from`` being closed: the response too, as a
+        # generator body or werkzeug's ClosingIterator (whose iter() is itself) would be.
+        if held[0]() is not None:
+            body.close()
         raise
     except BaseException:
         body._restore()

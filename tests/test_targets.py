@@ -117,3 +117,27 @@ def test_request_scope_on_a_class_is_refused() -> None:
         class ImportJob:
             def run(self) -> None:
                 pass
+
+
+def test_a_partial_subclass_with_a_call_of_its_own_is_judged_by_that_call() -> None:
+    """Unwrapping every functools.partial (the fix above) ignored a subclass's own
+    __call__: an async one was taken for sync, a generator one let through (a review)."""
+
+    def fetch(user_id: int, db: str) -> dict[str, Any]:
+        return {"id": user_id, "db": db}
+
+    class AsyncPartial(functools.partial[Any]):
+        async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return super().__call__(*args, **kwargs)
+
+    class GeneratorPartial(functools.partial[Any]):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            yield from super().__call__(*args, **kwargs)
+
+    async def main() -> Any:
+        async with request_scope():
+            return await request_memo(AsyncPartial(fetch, db="main"))(1)
+
+    assert asyncio.run(main()) == {"id": 1, "db": "main"}
+    with pytest.raises(TypeError, match="__call__ is a generator function"):
+        request_scope()(GeneratorPartial(fetch, db="main"))

@@ -1046,3 +1046,34 @@ def test_wrapped_twice_one_scope_serves_the_request() -> None:
         body.close()
     assert computed == [1, 1] and [s.hits for s in closed] == [1, 1]
     assert live_scopes() == 0
+
+
+def test_a_layer_closing_an_earlier_response_during_a_later_request_leaves_that_one_alone() -> None:
+    """A ``yield from`` layer over request 1's body, dropped during request 2 in the same
+    thread: its finalizer closes request 1's iterator, which closes request 1's response;
+    that close reset request 1's token there, and request 2 lost its store (a review of
+    the day's change, 7 December 2026)."""
+    held: dict[str, Any] = {}
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        if environ["n"] == 2:
+            perrequest.set("mine", 2)
+            held.pop("first")  # request 1's response, dropped unclosed
+            seen.append(perrequest.get("mine"))
+        return iter([b"x", b"y"])
+
+    inner = RequestScopeMiddleware(app)
+
+    def layer(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        yield from inner(environ, start_response)
+
+    first = layer({**_environ(), "n": 1}, _start_response)
+    next(iter(first))  # its first chunk: its scope active in this thread
+    held["first"] = first
+    del first
+    second: Any = inner({**_environ(), "n": 2}, _start_response)
+    assert list(second) == [b"x", b"y"]
+    second.close()
+    assert seen == [2] and live_scopes() == 0

@@ -68,7 +68,7 @@ def check_max_entries(value: object, what: str = "max_entries") -> int | None:
 
 
 def _call_of(fn: object) -> object:  # an object's __call__ says if it returns a coroutine
-    while isinstance(fn, functools.partial):  # of an object: inspect looks into it, not this
+    while type(fn) is functools.partial:  # of an object (a subclass has a __call__ of its own)
         fn = fn.func
     return None if isinstance(fn, type) else getattr(type(fn), "__call__", None)  # noqa: B004
 

@@ -280,14 +280,15 @@ class RedisTier:
             payload = codec.dumps(value, key)
             codec.loads(payload, key)  # a pickle that cannot load fails here, not stored
         except Exception as exc:
-            if is_time_limit(exc):  # a signal handler's (a soft time limit), not the value's
+            if is_time_limit(exc) or isinstance(exc, MemoryError):  # not the value's
                 raise
             fix = "Return a value pickle can store and load (no lambdas, local classes, locks)."
             if codec.name == "json":
-                fix = "Return JSON types (dict, list, str, int, float, bool, None) or use pickle."
+                fix = "Return JSON types (dict, list, str, int, float, bool, None), or use "
+                fix += "serializer='pickle' with a secret."
             raise TypeError(
                 f"@request_memo {self.name} returned a {type(value).__name__} that the RedisCache "
-                f"serializer {codec.name!r} cannot store ({type(exc).__name__}: {exc}). {fix}"
+                f"serializer {codec.name!r} cannot store ({exc}). {fix}"
             ) from None
         return payload
 

@@ -127,10 +127,10 @@ def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
         )
     meter = metrics.get_meter("perrequest", __version__, meter_provider=meter_provider)
     is_global = meter_provider is None or meter_provider is metrics.get_meter_provider()
-    with _lock:
+    if not is_global:  # its totals outlive this call: kept by a weak, hashed key
         try:
-            totals = _global_totals if is_global else _totals.setdefault(meter_provider, Totals())
-        except TypeError as exc:  # its totals outlive this call: kept by a weak, hashed key
+            hash(weakref.ref(meter_provider))
+        except TypeError as exc:
             raise TypeError(
                 f"perrequest.otel.instrument(meter_provider=...): {type(meter_provider).__name__}"
                 f" cannot be hashed or weakly referenced ({exc}), which perrequest needs to "
@@ -138,6 +138,8 @@ def instrument(meter_provider: metrics.MeterProvider | None = None) -> None:
                 "it wraps, or make it hashable (a dataclass: eq=False) and weakly "
                 "referenceable (__slots__: add '__weakref__')."
             ) from None
+    with _lock:
+        totals = _global_totals if is_global else _totals.setdefault(meter_provider, Totals())
     listener = _Listener(meter, meter_provider, totals)
     for column, (name, unit, description) in enumerate(_COUNTERS):
         meter.create_observable_counter(

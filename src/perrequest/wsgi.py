@@ -203,11 +203,14 @@ class ScopedBody:
         if cell is None:
             return
         token, self._token = self._token, None
+        active = _get()  # this request's; or a scope the body holds open: its own
+        mine = active is cell or (len(cell) > 1 and active is cell[1]) or within_request(cell)
+        if not mine:  # closed during a later request here (a layer's finalizer): its token
+            token = None  # would unset that one's store
         try:
             close = getattr(self._body, "close", None)  # a property may raise: in the try
             if close is not None:
-                active = _get()  # this request's; or a scope the body holds open: its own
-                if active is cell or (len(cell) > 1 and active is cell[1]) or within_request(cell):
+                if mine:
                     close()
                 else:
                     active = _set(cell)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import keyword
 import textwrap
-import unicodedata
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -101,7 +99,7 @@ def generate(
     parts = _generic(spec) if params is None else _signature(spec, params)
     defaults = parts.pop("defaults")
     parts["await_"] = "await " if spec.is_async else ""
-    parts["name"] = _code_name(spec.fn)
+    parts["name"] = "__pr_wrapper"  # the function's own name is given to its code below
     source = _templates.source(spec, parts)
     # What the code uses are its globals, in a namespace of its own: a closure's cells
     # would be copied into the frame and released again on every call, a hit included.
@@ -114,10 +112,13 @@ def generate(
     filename = "<request_memo>"
     exec(_compiled(source, filename), namespace)
     # Taken out, so that a namespace and its function form no reference cycle.
-    wrapper = namespace.pop(_code_name(spec.fn))
+    wrapper = namespace.pop("__pr_wrapper")
     # A code object of its own: shared, each function's globals would undo the others'
     # specialised instructions (a hit of 20 memos of one name and signature, 10% slower).
-    wrapper.__code__ = wrapper.__code__.replace()
+    # Named here, not in the source: 3.12+ interns a compiled source's names for good (a
+    # function named anew per tenant grew the process by 110 bytes a name).
+    name = _code_name(spec.fn)
+    wrapper.__code__ = wrapper.__code__.replace(co_name=name, co_qualname=name)
     if params is None:
         return wrapper, None
     keyof: dict[str, Any] = {"__pr_id": id, "__pr_d": defaults}
@@ -199,10 +200,8 @@ def _compiled(source: str, filename: str) -> Any:
 
 
 def _code_name(fn: Callable[..., Any]) -> str:  # tracebacks and profilers show it
-    name = getattr(fn, "__name__", "")
-    ok = name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("__pr_")
-    ok = ok and unicodedata.normalize("NFKC", name) == name  # as compile() would store it
-    return name if ok and name != "__debug__" else "__pr_wrapper"  # no def takes __debug__
+    name = getattr(fn, "__name__", None)
+    return name if type(name) is str else "__pr_wrapper"
 
 
 def make_wrapper(spec: Any) -> Callable[..., Any]:

@@ -865,7 +865,7 @@ def test_functions_named_anew_are_compiled_once_and_grow_nothing() -> None:
     CPython 3.12+ interns a compiled source's names for good, so a helper named per tenant
     grew the process by about 110 bytes a name, for ever (a probe, 7 December 2026). The
     code is named after compiling; tracebacks still show the name (above)."""
-    import tracemalloc
+    from test_leaks import traced_growth
 
     from perrequest import _wrappers
 
@@ -880,18 +880,8 @@ def test_functions_named_anew_are_compiled_once_and_grow_nothing() -> None:
     memos = [decorate(i) for i in range(50)]
     assert _wrappers._compiled.cache_info().misses - compiled <= 2  # the wrapper, its keyof
     assert memos[7].__code__.co_name == "load_for_tenant_7"
-    tracemalloc.start()
-    try:
-        for i in range(300):
-            decorate(i)
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        for i in range(1_000, 4_000):
-            decorate(i)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    names = iter(range(1_000, 10_000))
+    grown = traced_growth(lambda count: [decorate(next(names)) for _ in range(count)], 3_000)
     assert grown < 100_000, grown  # 3,000 names: about 330 KB before, on 3.12
 
 

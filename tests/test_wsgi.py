@@ -1077,3 +1077,4 @@ def test_a_layer_closing_an_earlier_response_during_a_later_request_leaves_that_
     assert list(second) == [b"x", b"y"]
     second.close()
     assert seen == [2] and live_scopes() == 0
+    assert _current.get() is None  # not request 1's closed scope: the thread as it was

@@ -220,9 +220,9 @@ class ScopedBody:
                         _current.reset(active)
         finally:
             close_request(cell, token)
-            if token is not None and _get() is not None:
-                # Iteration began with nothing here: what is left is a scope the body
-                # opened across its yields, just closed, that it could not reset.
+            if _get() is not None:
+                # A scope the body opened across its yields, just closed, that it could not
+                # reset; an earlier request's, closed while this one ran (its token unused)
                 forget_closed()
 
     def __del__(self) -> None:

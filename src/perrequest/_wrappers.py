@@ -117,7 +117,8 @@ def generate(
     # specialised instructions (a hit of 20 memos of one name and signature, 10% slower).
     # Named here, not in the source: 3.12+ interns a compiled source's names for good (a
     # function named anew per tenant grew the process by 110 bytes a name).
-    name = _code_name(spec.fn)
+    name = getattr(spec.fn, "__name__", None)  # what tracebacks and profilers show
+    name = name if type(name) is str else "__pr_wrapper"
     wrapper.__code__ = wrapper.__code__.replace(co_name=name, co_qualname=name)
     if params is None:
         return wrapper, None
@@ -197,11 +198,6 @@ def _compiled(source: str, filename: str) -> Any:
     """Compiling (and dedenting) is most of a decoration's cost: a helper decorated anew
     per message (the same source each time) is compiled once. Code objects are immutable."""
     return compile(textwrap.dedent(source), filename, "exec")
-
-
-def _code_name(fn: Callable[..., Any]) -> str:  # tracebacks and profilers show it
-    name = getattr(fn, "__name__", None)
-    return name if type(name) is str else "__pr_wrapper"
 
 
 def make_wrapper(spec: Any) -> Callable[..., Any]:

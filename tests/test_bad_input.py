@@ -325,6 +325,12 @@ def test_a_store_you_make_takes_no_on_close() -> None:
         MemoStore(on_close=print)  # type: ignore[call-arg]
 
 
+def test_a_store_given_two_positional_arguments_is_named_memostore_in_the_error() -> None:
+    """Python's own argument error names the class the user wrote, not a private base."""
+    with pytest.raises(TypeError, match=r"^MemoStore\.__init__\(\) takes"):
+        MemoStore(3, 4)  # type: ignore[call-arg]
+
+
 def test_help_shows_the_options_not_the_catch_alls_that_explain_typos() -> None:
     """help(), IDEs and inspect show what to pass; *misused and **unknown only explain."""
     import inspect

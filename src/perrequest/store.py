@@ -78,6 +78,9 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
 
     __slots__ = ()
 
+    def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES, **unknown: Any) -> None:
+        super().__init__(max_entries, **unknown)  # here: Python's own errors name MemoStore
+
     def _found(self, key: Hashable, touch: bool = True) -> Any:
         """The value at ``key``, or MISSING. An unhashable key raises check_key's error
         even in an empty store, checked on misses only, so a hit pays nothing."""

@@ -129,6 +129,43 @@ def test_a_load_in_a_thread_whose_former_loop_now_runs_in_another_gets_its_own_l
         loop.close()
 
 
+def test_a_hit_in_a_thread_whose_former_loop_now_runs_in_another_fails_loudly() -> None:
+    """The limit batching.md states: a hit made where a loop that moved to another thread
+    was running gets that loop's finished future. Awaited it gives the value; gather()
+    raises at once: never a hang, never another request's value."""
+    users, calls = _async_loader()
+    loop = asyncio.new_event_loop()
+    try:
+        with request_scope():
+
+            async def first() -> str:
+                return str(await users.load(1))
+
+            assert loop.run_until_complete(first()) == "u1"
+            thread = threading.Thread(
+                target=bind_scope(loop.run_until_complete), args=(asyncio.sleep(0.5),)
+            )
+            thread.start()
+            while not loop.is_running():
+                time.sleep(0.001)
+
+            async def here() -> tuple[str, str]:
+                value = str(await users.load(1))
+                try:
+                    await asyncio.gather(users.load(1))
+                except RuntimeError as exc:  # wait_for(): ValueError, the same words
+                    return value, str(exc)
+                return value, "gathered"
+
+            value, gathered = asyncio.run(here())
+            thread.join(5)
+            assert value == "u1"
+            assert "different loop" in gathered
+            assert calls == [[1]]
+    finally:
+        loop.close()
+
+
 def test_a_bound_helper_called_in_a_batch_function_keeps_that_fetch() -> None:
     """A helper bound at the start of the request, called inside a batch function, hands
     its loads to a pool with the context copied: bind_scope replaced the fetch the batch

@@ -860,6 +860,27 @@ def test_tracebacks_name_the_generated_wrapper_after_the_function() -> None:
     assert names.count("price") == 2 and "__pr_wrapper" not in names
 
 
+def test_a_memo_of_a_partial_or_a_callable_object_is_named_after_what_it_calls() -> None:
+    """Neither has a ``__name__`` for update_wrapper to copy: the memo was named
+    ``__pr_wrapper`` (its repr; a Flask endpoint's name, so two such views collided)."""
+
+    def users(key: int, db: str = "") -> str:
+        return f"{db}{key}"
+
+    class Prices:
+        def __call__(self, sku: str) -> str:
+            return sku
+
+    by_partial = request_memo(functools.partial(users, db="x"))
+    by_object = request_memo(Prices())
+    assert (by_partial.__name__, by_partial.__qualname__) == ("users", users.__qualname__)
+    assert (by_object.__name__, by_object.__qualname__) == ("Prices", Prices.__qualname__)
+    assert "__pr_" not in repr(by_partial) + repr(by_object)
+    assert by_object.__code__.co_name == "Prices"
+    with request_scope():
+        assert by_partial(1) == "x1" and by_object("a") == "a"
+
+
 def test_functions_named_anew_are_compiled_once_and_grow_nothing() -> None:
     """The wrapper's source held the function's name: each new name compiled anew, and
     CPython 3.12+ interns a compiled source's names for good, so a helper named per tenant

@@ -117,9 +117,11 @@ def generate(
     # specialised instructions (a hit of 20 memos of one name and signature, 10% slower).
     # Named here, not in the source: 3.12+ interns a compiled source's names for good (a
     # function named anew per tenant grew the process by 110 bytes a name).
-    name = getattr(spec.fn, "__name__", None)  # what tracebacks and profilers show
-    name = name if type(name) is str else "__pr_wrapper"
-    wrapper.__code__ = wrapper.__code__.replace(co_name=name, co_qualname=name)
+    named = _named_after(spec.fn)  # what tracebacks and profilers show
+    wrapper.__code__ = wrapper.__code__.replace(co_name=named.__name__, co_qualname=named.__name__)
+    # update_wrapper takes the function's names; a partial or a callable object has none:
+    # its function's or class's, not __pr_wrapper (in a repr, a Flask endpoint's name).
+    wrapper.__name__, wrapper.__qualname__ = named.__name__, named.__qualname__
     if params is None:
         return wrapper, None
     keyof: dict[str, Any] = {"__pr_id": id, "__pr_d": defaults}
@@ -198,6 +200,14 @@ def _compiled(source: str, filename: str) -> Any:
     """Compiling (and dedenting) is most of a decoration's cost: a helper decorated anew
     per message (the same source each time) is compiled once. Code objects are immutable."""
     return compile(textwrap.dedent(source), filename, "exec")
+
+
+def _named_after(fn: Any) -> Any:
+    """What has the names to show: the function, a partial's function, a callable's class."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    named = fn if type(getattr(fn, "__name__", None)) is str else type(fn)
+    return named if type(getattr(named, "__qualname__", None)) is str else type(named)
 
 
 def make_wrapper(spec: Any) -> Callable[..., Any]:

@@ -436,8 +436,13 @@ def test_bind_scope_carries_the_store_into_threads() -> None:
             assert pool.submit(in_request_scope).result() is False
         assert results == [store]
     assert bound.__name__ == "current_store"
-    with pytest.raises(NoActiveScope):
-        bound()  # called late: outside any scope
+    with pytest.raises(NoActiveScope, match="request scope that has ended"):
+        bound()  # called late: outside any scope, told why (it said: add the middleware)
+    out: list[BaseException] = []
+    thread = threading.Thread(target=lambda: out.append(pytest.raises(NoActiveScope, bound).value))
+    thread.start()
+    thread.join()
+    assert "has ended" in str(out[0]) and in_request_scope() is False
 
 
 async def test_bind_scope_on_async_functions_and_executors() -> None:

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
 from ._active import (
+    _NONE_MADE,
     OnClose,
     _current,
     active_store,
@@ -291,11 +292,12 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
 
     def enter() -> tuple[Token[Any], Token[tuple[Any, ...]], Token[Any] | None]:
         # A closed store is not set: unwound by the call's code where it was opened, its
-        # token would show the caller's scope to the call and be lost to the caller.
+        # token would show the caller's scope to the call and be lost to the caller. The
+        # shared closed one, with no token, is: misuse errors say the scope has ended.
         closed, opened_by = store._closed, store._token  # (the fn may close it)
         # Added to the caller's: called in another batch function, it keeps that fetch.
         fetch = within.set((*within.get(), *fetching))
-        return _current.set(None if closed else store), fetch, opened_by
+        return _current.set(_NONE_MADE if closed else store), fetch, opened_by
 
     def leave(tokens: tuple[Token[Any], Token[tuple[Any, ...]], Token[Any] | None]) -> None:
         within.reset(tokens[1])

@@ -439,7 +439,14 @@ def test_bind_scope_carries_the_store_into_threads() -> None:
     with pytest.raises(NoActiveScope, match="request scope that has ended"):
         bound()  # called late: outside any scope, told why (it said: add the middleware)
     out: list[BaseException] = []
-    thread = threading.Thread(target=lambda: out.append(pytest.raises(NoActiveScope, bound).value))
+
+    def in_a_thread() -> None:
+        try:
+            bound()
+        except NoActiveScope as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=in_a_thread)
     thread.start()
     thread.join()
     assert "has ended" in str(out[0]) and in_request_scope() is False

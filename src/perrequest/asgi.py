@@ -9,7 +9,7 @@ returns (docs/frameworks/asgi.md).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._active import (
@@ -36,10 +36,6 @@ from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 # Typed loosely, as Starlette does, to accept apps typed with asgiref's TypedDicts.
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
@@ -173,7 +169,9 @@ class RequestScopeMiddleware:
         )
         self._scope_types = _check_scope_types(scope_types)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    # Any, as the app it wraps: code typed with Starlette's scope and with asgiref's
+    # TypedDicts (hypercorn's serve(), asgiref.typing.ASGI3Application) both take it.
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if _get() is not None:  # a scope is active where this request starts
             if REQUEST_KEY not in scope:
                 forget_closed()

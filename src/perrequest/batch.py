@@ -231,29 +231,29 @@ def _async_load(spec: _BatchSpec) -> Callable[[Any], Any]:
     return spec.load
 
 
-class _Decorator(Protocol):
+class _Decorator(Protocol):  # sync first: a function returning Any is a sync loader
+    @overload
+    def __call__(
+        self, fn: Callable[[list[K]], Sequence[V | Exception] | Mapping[K, V | Exception]], /
+    ) -> BatchLoader[K, V]: ...
     @overload
     def __call__(
         self,
         fn: Callable[[list[K]], Awaitable[Sequence[V | Exception] | Mapping[K, V | Exception]]],
         /,
     ) -> AsyncBatchLoader[K, V]: ...
-    @overload
-    def __call__(
-        self, fn: Callable[[list[K]], Sequence[V | Exception] | Mapping[K, V | Exception]], /
-    ) -> BatchLoader[K, V]: ...
-
-
-@overload
-def request_batch(
-    fn: Callable[[list[K]], Awaitable[Sequence[V | Exception] | Mapping[K, V | Exception]]], /
-) -> AsyncBatchLoader[K, V]: ...
 
 
 @overload
 def request_batch(
     fn: Callable[[list[K]], Sequence[V | Exception] | Mapping[K, V | Exception]], /
 ) -> BatchLoader[K, V]: ...
+
+
+@overload
+def request_batch(
+    fn: Callable[[list[K]], Awaitable[Sequence[V | Exception] | Mapping[K, V | Exception]]], /
+) -> AsyncBatchLoader[K, V]: ...
 
 
 @overload

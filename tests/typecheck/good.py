@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import perrequest
 from perrequest import (
@@ -128,6 +129,11 @@ def rows(ids: list[int]) -> dict[int, str]:
     return {i: str(i) for i in ids}
 
 
+@request_batch
+def untyped_rows(ids: list[int]) -> Any:  # an untyped ORM's: a sync loader (pyright: async)
+    return [{"id": i} for i in ids]
+
+
 async def batching() -> None:
     async with perrequest.request_scope():
         user: str = await load_users.load(1)  # an Exception in the list fails its key
@@ -135,6 +141,7 @@ async def batching() -> None:
         again = await load_users([3])
         length: int = await by_name.load("Ann")
         row: str = rows.load(3)
+        untyped: int = untyped_rows.load(3)["id"]
         many: list[str] = rows.load_many(range(3))
         rows.prime(4, "four")
         cleared: bool = rows.clear(4)
@@ -142,11 +149,12 @@ async def batching() -> None:
         loader: AsyncBatchLoader[int, str] = load_users
         sync_loader: BatchLoader[int, str] = rows
         info: CacheInfo = by_name.cache_info()
-        print(user, users, again, length, row, many, cleared, loader, sync_loader, info)
+        print(user, users, again, length, row, many, cleared, loader, sync_loader, info, untyped)
 
 
 def middlewares() -> None:
     """The registrations the docs show, options included: add_middleware checks them."""
+    from asgiref.typing import ASGI3Application
     from fastapi import FastAPI
     from flask import Flask
     from starlette.applications import Starlette
@@ -156,6 +164,8 @@ def middlewares() -> None:
     from perrequest.wsgi import RequestScopeMiddleware as WSGIMiddleware
 
     Starlette().add_middleware(RequestScopeMiddleware)
+    typed: ASGI3Application = RequestScopeMiddleware(Starlette())  # hypercorn's serve() takes
+    print(typed)
     FastAPI().add_middleware(RequestScopeMiddleware, max_entries=500, scope_types=("http",))
     flask_app = Flask(__name__)
     PerRequest(flask_app, max_entries=100)

@@ -39,6 +39,9 @@ else:
         ("perrequest.flask", "flask", "flask"),
         ("perrequest.django", "django", "django"),
         ("perrequest.django.toolbar", "debug_toolbar", "toolbar"),
+        # Without Django the toolbar's import stops in perrequest.django: the toolbar's
+        # extra is named there too (it named [django] alone, then [toolbar] once installed).
+        ("perrequest.django.toolbar", "django", "toolbar"),
     ],
 )
 def test_a_missing_optional_package_names_the_extra_to_install(
@@ -55,8 +58,13 @@ def test_a_missing_optional_package_names_the_extra_to_install(
     kind, name, name_too = cause.split()  # raised `from` the original, with its name
     assert kind == "ModuleNotFoundError" and name == name_too
     assert name.partition(".")[0] == package
-    assert message.startswith(f"{module} needs {package}, which is not installed ("), message
-    assert message.endswith(f"Install it with: pip install 'perrequest[{extra}]'"), message
+    needs = "perrequest.django" if package == "django" else module
+    assert message.startswith(f"{needs} needs {package}, which is not installed ("), message
+    install = f"Install it with: pip install 'perrequest[{extra}]'"
+    if needs == "perrequest.django":
+        install = "Install it with: pip install 'perrequest[django]' ('perrequest[toolbar]' "
+        install += "for its toolbar)"
+    assert message.endswith(install), message
 
 
 def test_an_import_error_that_is_not_a_missing_package_is_left_as_it_is() -> None:

@@ -28,7 +28,8 @@ try:
 except ImportError as exc:  # name the extra to install
     from .._extras import missing_extra
 
-    missing_extra(exc, __name__, "django", "django")
+    toolbar = " ('perrequest[toolbar]' for its toolbar)"  # which imports this first
+    missing_extra(exc, __name__, "django", "django", also=toolbar)
 
 from .._active import REQUEST_KEY, OnClose, _current, close_request, open_request, opened_outside
 from .._checks import binds, check_max_entries, check_on_close, is_wsgi_app

@@ -8,8 +8,10 @@ advice a page promises the message gives.
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import functools
+import io
 import logging
 import re
 import threading
@@ -364,6 +366,10 @@ def _runtime_mistakes() -> dict[str, list[object]]:
     def returns_a_generator() -> object:
         return (x for x in [1])
 
+    @request_memo
+    async def returns_unawaited() -> object:
+        return _coroutine()
+
     def assign_a_memo_key() -> None:
         @request_memo
         def f(x: int) -> int:
@@ -409,7 +415,13 @@ def _runtime_mistakes() -> dict[str, list[object]]:
         "a `@request_batch` function that changes": [lambda: sorts_its_keys.load_many([2, 1])],
         "an unhashable load key": [lambda: counts_wrong.load([1, 2])],
         "a sync memoized function (or one run by": [returns_a_coroutine],
-        "a sync memoized function returns a generator": [returns_a_generator],
+        "a memoized function returns a generator": [
+            returns_a_generator,
+            request_memo(lambda: io.StringIO("an open file")),  # any iterator
+        ],
+        "an `async def` memo returns a coroutine it did not await": [
+            lambda: asyncio.run(returns_unawaited())
+        ],
         "a `shared=RedisCache(...)` memo called with": [],  # tests/test_redis.py
         "a `shared=RedisCache(...)` memo returning": [],  # tests/test_redis.py
         "an unhashable key": [

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import functools
 import gc
+import io
+import itertools
 import re
+import sqlite3
 import sys
 import threading
 import traceback
@@ -385,6 +389,13 @@ def test_refuses_generators_and_non_callables() -> None:
         lambda xs: iter(xs),
         lambda xs: reversed(xs),
         lambda xs: enumerate(xs),
+        # Beyond the builtins (a probe of misuse, 7 December: each was cached, and the
+        # second call got it empty): any iterator.
+        lambda xs: itertools.islice(xs, 1),
+        lambda xs: re.finditer("1", str(xs)),
+        lambda xs: csv.reader(["a,b"]),
+        lambda xs: io.StringIO("a\nb\n"),
+        lambda xs: sqlite3.connect(":memory:").execute("select 1"),
     ],
 )
 def test_a_one_shot_iterator_is_refused_not_cached_exhausted(make: Any) -> None:
@@ -398,6 +409,52 @@ def test_a_one_shot_iterator_is_refused_not_cached_exhausted(make: Any) -> None:
         with pytest.raises(TypeError, match=r"returned a one-shot iterator \(\w+\)"):
             names((1, 2))
         assert names.cache_info().currsize == 0 and len(store) == 0
+
+
+async def test_an_async_memo_refuses_a_coroutine_an_async_generator_or_an_iterator() -> None:
+    """An async def returning what it did not await (a second call: "cannot reuse already
+    awaited coroutine"), or an iterator, was cached; only sync memos were checked."""
+
+    async def fetch(key: int) -> int:
+        return key
+
+    async def rows() -> Any:
+        yield 1
+
+    makers: list[Any] = [lambda k: fetch(k), lambda k: rows(), lambda k: iter([k])]
+    fixes = ["Await it in the function", "Return a list", "Return a list"]
+    for make, fix in zip(makers, fixes, strict=True):
+
+        @request_memo
+        async def lazy(key: int, make: Any = make) -> Any:
+            return make(key)
+
+        async with request_scope() as store:
+            with pytest.raises(TypeError, match=fix):
+                await lazy(1)
+            assert len(store) == 0
+    async with request_scope():
+        for value in ([1], {"a": 1}, asyncio.get_running_loop().create_future(), "text"):
+
+            @request_memo
+            async def kept(key: int, value: Any = value) -> Any:
+                return value
+
+            assert await kept(1) is value and await kept(1) is value  # not iterators: kept
+
+
+def test_the_answers_of_which_types_are_one_shot_stay_bounded() -> None:
+    """Looked up by type on every miss: types made at run time never grow it for good."""
+    from perrequest._results import LAZY
+
+    @request_memo
+    def made(i: int) -> Any:
+        return type(f"Row{i}", (), {})()
+
+    with request_scope():
+        for i in range(1_000):
+            made(i)
+    assert len(LAZY) <= 256
 
 
 def test_cache_info_cache_clear_and_wrapped() -> None:

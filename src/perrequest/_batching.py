@@ -12,9 +12,10 @@ from typing import Any
 from ._active import here, logger
 from ._active import within as _within
 from ._batch_outcomes import Unhashed, missing_keys, pick, put_all, same, settled
-from ._checks import is_async_callable, refuse_coroutine, unhashable_because
+from ._checks import is_async_callable, unhashable_because
 from ._flight import MISSING
 from ._records import take_out
+from ._results import refuse_coroutine
 from ._signals import is_time_limit
 from ._stats import Counter, function_name
 from ._waits import RESTART, done_waiting, gone, may_wait, result

@@ -7,11 +7,9 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import itertools
 import math
 from collections.abc import Callable, Hashable
 from decimal import Decimal
-from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
@@ -159,40 +157,6 @@ def check_on_close(
     except ValueError:  # no signature to check (some builtins): trust it
         pass
     return cast("Callable[[Any], object]", on_close)
-
-
-def refuse_coroutine(result: object, fn: object, what: str) -> None:
-    """A sync call that returned a coroutine ran its body outside the scope: say so."""
-    if type(result) is CoroutineType:
-        result.close()
-        raise TypeError(
-            f"{what}: {getattr(fn, '__qualname__', fn)!r} returned a coroutine, so its body "
-            "would run after the scope ended. Use it on the async def itself, or make the "
-            "function around it async."
-        )
-
-
-# What a sync memo refuses to cache: it runs later, once (refuse_memoized_result); and
-# the builtins' one-shot iterators (a map(), a zip()), which the first caller would exhaust.
-_ONE_SHOT = [iter([]), iter(()), iter(""), iter(range(0)), iter(set()), iter({}), reversed([])]
-_ITERATORS = {map, filter, zip, enumerate, itertools.chain, *map(type, _ONE_SHOT)}
-LAZY: frozenset[type] = frozenset({CoroutineType, GeneratorType, AsyncGeneratorType, *_ITERATORS})
-
-
-def refuse_memoized_result(fn: object, value: Any) -> None:
-    """Cached, a coroutine or generator would run once: the next call gets it exhausted."""
-    kind, fix = "a generator", "Return a list (list(...)), or memoize the function consuming it"
-    if type(value) is CoroutineType:
-        kind = "a coroutine"
-        fix = "Memoize the async def itself, or make the function around it async"
-    elif type(value) in _ITERATORS:
-        kind = f"a one-shot iterator ({type(value).__name__})"
-    if type(value) in (CoroutineType, GeneratorType):  # (an async generator's needs awaiting)
-        value.close()
-    raise TypeError(
-        f"{getattr(fn, '__qualname__', fn)!r} returned {kind}, which would be cached "
-        f"unconsumed and could be used only once. {fix}, so that a result is cached."
-    )
 
 
 _ALIASES = {"maxsize": "max_entries", "max_size": "max_entries"}  # functools', cachetools'

@@ -12,8 +12,8 @@ from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 from . import _waits
-from ._checks import LAZY, refuse_memoized_result
 from ._records import drop_dead, interrupted, resumed, take_out, take_over
+from ._results import is_lazy, refuse_memoized_result
 from ._signals import is_time_limit
 from ._stats import CountsLike as Counter
 from ._waits import RESTART, Waited, done_waiting, gone, outcome_of, restart, thread_me
@@ -196,7 +196,7 @@ def run(
         if counter.timed:
             start = _now()
         value = fn(*args, **kwargs)
-        if type(value) in LAZY:
+        if is_lazy(value):
             refuse_memoized_result(fn, value)
         if start:
             counter.compute_s += _now() - start
@@ -223,7 +223,7 @@ def _unshared(
     finally:
         if start:
             counter.compute_s += _now() - start
-    if type(value) in LAZY:
+    if is_lazy(value):
         refuse_memoized_result(fn, value)
     return _keep(cache, key, value, counter, extra, seen)
 
@@ -317,6 +317,8 @@ async def run_async(
         if counter.timed:
             start = _now()
         value = await fn(*args, **kwargs)
+        if is_lazy(value):
+            refuse_memoized_result(fn, value)
         if start:
             counter.compute_s += _now() - start
             start = 0.0
@@ -343,4 +345,6 @@ async def _unshared_async(
     finally:
         if start:
             counter.compute_s += _now() - start
+    if is_lazy(value):
+        refuse_memoized_result(fn, value)
     return _keep(cache, key, value, counter, extra, seen)

@@ -183,7 +183,10 @@ _TASK_INLINE = """\
 """
 
 _REFUSE = """\
-                if __pr_type(__pr_value) in __pr_lazy:  # a coroutine or generator
+                try:  # a coroutine, an iterator: refused
+                    if __pr_lazy[__pr_type(__pr_value)]:
+                        __pr_refuse(__pr_fn, __pr_value)
+                except __pr_KeyError:  # a type not seen yet: told there
                     __pr_refuse(__pr_fn, __pr_value)
 """
 
@@ -201,7 +204,7 @@ def _source(is_async: bool, shared: bool, bounded: bool, items: tuple[Any, ...])
     parts = dict(items)
     miss = (_RUN if shared else _COMPUTE).format(
         **parts,
-        refuse="" if is_async else _REFUSE,
+        refuse=_REFUSE,
         me=_me(is_async),
         known="\n                    and __pr_me is not None" if is_async else "",
     )

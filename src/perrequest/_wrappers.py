@@ -22,8 +22,9 @@ from typing import Any
 
 from . import _flight, _templates
 from ._active import _current, is_resolved
-from ._checks import KWARGS, LAZY, call_key, refuse_memoized_result
+from ._checks import KWARGS, call_key
 from ._records import interrupted
+from ._results import LAZY, refuse_memoized_result
 from ._waits import task_me, thread_me
 
 

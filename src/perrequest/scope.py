@@ -24,7 +24,8 @@ from ._active import (
     open_scope,
     within,
 )
-from ._checks import explains_options, is_async_callable, refuse_coroutine
+from ._checks import explains_options, is_async_callable
+from ._results import refuse_coroutine
 from ._stats import add_scope_listener, remove_scope_listener
 from ._targets import refuse_class, refuse_generator, refuse_task
 from .errors import NoActiveScope

@@ -379,3 +379,85 @@ def test_a_bad_value_names_the_entry_point_and_the_option(make: Any, where: str)
     if where != "MemoStore(":  # a store has no on_close: a scope's option
         with pytest.raises(TypeError, match=rf"^{re.escape(where)}on_close=\.\.\.\) must be"):
             make(on_close="print")
+
+
+# -- a probe of misuse (7 December): each was a confusing error, or nothing cached ----------
+
+
+def test_request_memo_refuses_a_class() -> None:
+    """The class name held a function: isinstance() failed later with Python's words."""
+
+    class User:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    with pytest.raises(TypeError, match=r"not the class .*User.*def get_user"):
+        request_memo(User)
+
+
+def test_request_memo_refuses_what_djangos_method_decorator_hands_it() -> None:
+    """method_decorator wraps a partial of the bound method anew on every call: a new memo
+    per call, nothing cached, the store filled to its bound."""
+    from django.utils.decorators import method_decorator
+
+    class Repository:
+        @method_decorator(request_memo)
+        def perms(self, user_id: int) -> set[str]:
+            return set()
+
+    with request_scope(), pytest.raises(TypeError, match="on the method itself"):
+        Repository().perms(1)
+
+
+def test_a_contextmanager_result_is_refused_not_cached_for_one_with() -> None:
+    """Cached, the second ``with`` failed deep in contextlib ('... has no attribute args')."""
+    import contextlib
+
+    @request_memo
+    @contextlib.contextmanager
+    def connection(name: str) -> Any:
+        yield name
+
+    with request_scope(), pytest.raises(TypeError, match="good for one with block"):
+        connection("db")
+
+
+def test_the_wsgi_middleware_refuses_the_flask_class_for_an_app() -> None:
+    """Accepted, every request failed inside Flask ('function' has no attribute 'rstrip')."""
+    from flask import Flask
+
+    from perrequest.wsgi import RequestScopeMiddleware
+
+    with pytest.raises(TypeError, match=r"not the class Flask: .*Flask\(__name__\)"):
+        RequestScopeMiddleware(Flask)
+
+    class IterableApp:  # PEP 3333: a class whose instances, made per request, are the body
+        def __init__(self, environ: Any, start_response: Any) -> None:
+            start_response("200 OK", [])
+
+        def __iter__(self) -> Any:
+            yield b"ok"
+
+    RequestScopeMiddleware(IterableApp)  # a WSGI app as it is
+
+
+def test_a_loaders_argument_error_names_the_loader() -> None:
+    """It named ``_sync_load.<locals>.load``, a private function."""
+    from perrequest import request_batch
+
+    @request_batch
+    def users(keys: list[int]) -> list[int]:
+        return keys
+
+    with pytest.raises(TypeError, match=r"^test_a_loaders_argument_error_names_the_loader"):
+        users.load(1, 2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"users\.load\(\) takes 1 positional argument"):
+        users.load(1, 2)  # type: ignore[call-arg]
+
+
+def test_no_live_scopes_inside_a_scope_says_which_is_open() -> None:
+    """Called inside memo_scope, it blamed a leak: the open scope was the fixture's."""
+    from perrequest.testing import assert_no_live_scopes
+
+    with request_scope(), pytest.raises(AssertionError, match="active here, where this was"):
+        assert_no_live_scopes()

@@ -330,6 +330,9 @@ def _config_mistakes() -> dict[str, list[object]]:
             lambda: request_memo(functools.partialmethod(_coroutine)),
         ],
         "`@request_scope()` on a class": [lambda: request_scope()(Exception)],
+        "`@request_memo` on a class": [lambda: request_memo(Exception)],
+        "`@method_decorator(request_memo)`": [],  # test_bad_input.py (its call raises)
+        "the WSGI middleware given a class": [lambda: Wsgi(_FlaskLike)],
         "`import perrequest.prometheus`": [],  # tests/test_extras.py (hides the package)
         "`add_scope_listener(None)`": [lambda: perrequest.add_scope_listener(None)],
         "`@request_scope` without the parentheses": [lambda: request_scope(print)],
@@ -345,6 +348,11 @@ def _config_mistakes() -> dict[str, list[object]]:
         ],  # and the Django one: test_django.py
         "a bad `settings.PERREQUEST`": [],  # test_django_settings_errors_read_as_the_table_quotes
     }
+
+
+class _FlaskLike:  # its instances are the app
+    def __call__(self, environ: object, start_response: object) -> object:
+        return []
 
 
 def _get_response(request: object) -> object:  # as Django makes each MIDDLEWARE class
@@ -421,6 +429,9 @@ def _runtime_mistakes() -> dict[str, list[object]]:
         ],
         "an `async def` memo returns a coroutine it did not await": [
             lambda: asyncio.run(returns_unawaited())
+        ],
+        "`@request_memo` over `@contextlib.contextmanager`": [
+            request_memo(contextlib.contextmanager(_gen)),
         ],
         "a `shared=RedisCache(...)` memo called with": [],  # tests/test_redis.py
         "a `shared=RedisCache(...)` memo returning": [],  # tests/test_redis.py

@@ -3,6 +3,7 @@ decoration): a memo never caches what would serve once."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import Any
@@ -21,6 +22,19 @@ def refuse_coroutine(result: object, fn: object, what: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _made() -> Iterator[None]:
+    yield
+
+
+@contextlib.asynccontextmanager
+async def _made_async() -> AsyncIterator[None]:
+    yield
+
+
+# What @contextmanager and @asynccontextmanager functions return: good for one `with`.
+_CONTEXTS = (type(_made()), type(_made_async()))
+
 # Each type's answer to "would a memo refuse a value of it": a coroutine (it runs later,
 # once) or an iterator (a generator, a map(), a file, a cursor), which the first caller would
 # exhaust. Looked up on every miss: an exact dict, as cheap as a frozenset's membership.
@@ -31,7 +45,9 @@ def lazy_type(kind: type) -> bool:
     """Told once per type, kept: at most 256 types (types made at run time)."""
     if len(LAZY) >= 256:
         LAZY.clear()
-    lazy = LAZY[kind] = kind is CoroutineType or issubclass(kind, (Iterator, AsyncIterator))
+    lazy = LAZY[kind] = kind is CoroutineType or issubclass(
+        kind, (Iterator, AsyncIterator, *_CONTEXTS)
+    )
     return lazy
 
 
@@ -53,6 +69,9 @@ def refuse_memoized_result(fn: object, value: Any) -> None:
         fix = "Memoize the async def itself, or make the function around it async"
         if is_async_callable(fn):  # an async def returning one it did not await
             fix = "Await it in the function (return await ...)"
+    elif issubclass(type(value), _CONTEXTS):
+        kind = "the context manager of a @contextmanager function, good for one with block"
+        fix = "Memoize the function computing what the with block uses"
     elif type(value) not in (GeneratorType, AsyncGeneratorType):
         kind = f"a one-shot iterator ({type(value).__name__})"
     if type(value) in (CoroutineType, GeneratorType):  # (an async generator's needs awaiting)

@@ -97,6 +97,24 @@ def refuse_memo_target(target: object) -> None:
     (``functools.lru_cache``, ``functools.cache``), which would keep every value for the
     life of the process, across requests: the leak per-request memoization avoids."""
     refuse_task(target, "@request_memo")  # first: a check by isinstance evaluates a proxy
+    if isinstance(target, type):
+        raise TypeError(
+            f"@request_memo decorates a function, not the class {target.__qualname__}: the "
+            "name would hold a function (isinstance() and subclasses fail). Memoize a "
+            f"function that makes one (def get_{target.__name__.lower()}(...)), or a method."
+        )
+    if (  # what django's method_decorator hands a decorator, made anew on every call
+        type(target) is functools.partial
+        and not target.args
+        and not target.keywords
+        and inspect.ismethod(target.func)
+    ):
+        raise TypeError(
+            f"@request_memo got functools.partial({target.func!r}), which is what Django's "
+            "method_decorator passes, anew on every call: each call would get a new memo and "
+            "nothing would be cached. Put @request_memo on the method itself (a memoized "
+            "method is keyed by self), below any @method_decorator."
+        )
     if isinstance(target, property):
         name = getattr(target.fget, "__name__", "x")
         raise TypeError(

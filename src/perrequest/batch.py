@@ -102,6 +102,8 @@ class _Loader:
         else:
             self.load = _sync_load(spec)
             self.load_many = spec.load_many
+        # Named as called: Python's argument errors name it (users.load() takes ...).
+        self.load.__qualname__ = f"{getattr(spec.fn, '__qualname__', spec.name)}.load"
 
     def __call__(self, keys: Iterable[Any], /) -> Any:
         """``load_many(keys)``: existing calls of the batch function gain the cache."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import memo
 from ._active import _current, _unwound, close_request, close_scope, live_scopes
-from .scope import request_scope
+from .scope import in_request_scope, request_scope
 from .store import MemoStore
 
 __all__ = ["assert_no_live_scopes", "live_scopes"]
@@ -28,10 +28,16 @@ def assert_no_live_scopes() -> None:
     """Fail when any scope is still open: a request or job that never ended."""
     count = live_scopes()
     if count:
+        here = (
+            " One of them is active here, where this was called: the memo_scope fixture's, "
+            "or a request_scope() around this call; check after it closes."
+            if in_request_scope()
+            else ""
+        )
         raise AssertionError(
             f"{count} perrequest scope(s) are still open. Something opened a scope and never "
             "closed it: a response iterable whose close() was not called, a request_scope() "
-            "entered without exiting, or a streaming body that was never consumed."
+            f"entered without exiting, or a streaming body that was never consumed.{here}"
         )
 
 

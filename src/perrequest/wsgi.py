@@ -85,6 +85,13 @@ class RequestScopeMiddleware:
                 f"RequestScopeMiddleware wraps a WSGI app (a callable taking environ and "
                 f"start_response), not {type(app).__name__} {app!r}"
             )
+        calls = isinstance(app, type) and any("__call__" in vars(k) for k in app.__mro__)
+        if calls and not hasattr(app, "__iter__"):  # (PEP 3333's iterable app classes run)
+            raise TypeError(
+                f"perrequest.wsgi.RequestScopeMiddleware wraps a WSGI app, not the class "
+                f"{app.__qualname__}: its instances are the app. Pass one "
+                f"({app.__qualname__}(__name__), for Flask)."
+            )
         if takes_a_request(app):
             raise TypeError(
                 f"perrequest.wsgi.RequestScopeMiddleware wraps a WSGI app, not {app!r}: "

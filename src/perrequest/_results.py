@@ -4,6 +4,9 @@ decoration): a memo never caches what would serve once."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import itertools
+import re
 from collections.abc import AsyncIterator, Iterator
 from types import AsyncGeneratorType, CoroutineType, GeneratorType
 from typing import Any
@@ -32,37 +35,30 @@ async def _made_async() -> AsyncIterator[None]:
     yield
 
 
-# What @contextmanager and @asynccontextmanager functions return: good for one `with`.
+# What a @contextmanager (@asynccontextmanager) function returns: good for one `with`.
 _CONTEXTS = (type(_made()), type(_made_async()))
-
-# Each type's answer to "would a memo refuse a value of it": a coroutine (it runs later,
-# once) or an iterator (a generator, a map(), a file, a cursor), which the first caller would
-# exhaust. Looked up on every miss: an exact dict, as cheap as a frozenset's membership.
-LAZY: dict[type, bool] = {}
-
-
-def lazy_type(kind: type) -> bool:
-    """Told once per type, kept: at most 256 types (types made at run time)."""
-    if len(LAZY) >= 256:
-        LAZY.clear()
-    lazy = LAZY[kind] = kind is CoroutineType or issubclass(
-        kind, (Iterator, AsyncIterator, *_CONTEXTS)
-    )
-    return lazy
-
-
-def is_lazy(value: object) -> bool:
-    try:
-        return LAZY[type(value)]
-    except KeyError:
-        return lazy_type(type(value))
+# Iterators that only run out: the builtins' (a map(), an iter() of a list), itertools'
+# (not count, cycle or repeat, which never do: counters), re.finditer's, csv's readers.
+# Not every iterator: a file or StringIO (a buffer written to), a cursor (executed again).
+_ONE_SHOT = [iter([]), iter(()), iter(""), iter(range(0)), iter(set()), iter({}), reversed([])]
+_ITERTOOLS = (
+    "accumulate", "batched", "chain", "combinations", "combinations_with_replacement",
+    "compress", "dropwhile", "filterfalse", "groupby", "islice", "pairwise", "permutations",
+    "product", "starmap", "takewhile", "zip_longest",
+)  # fmt: skip
+_ITERATORS = {
+    map, filter, zip, enumerate, *map(type, _ONE_SHOT), type(itertools.tee([])[0]),
+    *(getattr(itertools, name) for name in _ITERTOOLS if hasattr(itertools, name)),
+    type(re.finditer("", "")), type(csv.reader([])), csv.DictReader,
+}  # fmt: skip
+# What a memo refuses to cache, by the type of the value (one set lookup per miss).
+LAZY: frozenset[type] = frozenset(
+    {CoroutineType, GeneratorType, AsyncGeneratorType, *_CONTEXTS, *_ITERATORS}
+)
 
 
 def refuse_memoized_result(fn: object, value: Any) -> None:
-    """Cached, a coroutine or iterator would serve once: the next call gets it exhausted.
-    Raises if ``value`` is one (its type told and kept, if not seen yet)."""
-    if not lazy_type(type(value)):
-        return
+    """Cached, a coroutine or iterator would serve once: the next call gets it exhausted."""
     kind, fix = "a generator", "Return a list (list(...)), or memoize the function consuming it"
     if type(value) is CoroutineType:
         kind = "a coroutine"
@@ -76,7 +72,7 @@ def refuse_memoized_result(fn: object, value: Any) -> None:
         kind = f"a one-shot iterator ({type(value).__name__})"
     if type(value) in (CoroutineType, GeneratorType):  # (an async generator's needs awaiting)
         value.close()
-    raise TypeError(  # from None: a generated miss tells a new type in an except KeyError
+    raise TypeError(
         f"{getattr(fn, '__qualname__', fn)!r} returned {kind}, which would be cached "
         f"unconsumed and could be used only once. {fix}, so that a result is cached."
-    ) from None
+    )

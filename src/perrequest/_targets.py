@@ -97,17 +97,12 @@ def refuse_memo_target(target: object) -> None:
     (``functools.lru_cache``, ``functools.cache``), which would keep every value for the
     life of the process, across requests: the leak per-request memoization avoids."""
     refuse_task(target, "@request_memo")  # first: a check by isinstance evaluates a proxy
-    if isinstance(target, type):
-        raise TypeError(
-            f"@request_memo decorates a function, not the class {target.__qualname__}: the "
-            "name would hold a function (isinstance() and subclasses fail). Memoize a "
-            f"function that makes one (def get_{target.__name__.lower()}(...)), or a method."
-        )
     if (  # what django's method_decorator hands a decorator, made anew on every call
         type(target) is functools.partial
         and not target.args
         and not target.keywords
         and inspect.ismethod(target.func)
+        and "__wrapped__" in vars(target)  # functools.wraps(method)(partial(...)): Django's
     ):
         raise TypeError(
             f"@request_memo got functools.partial({target.func!r}), which is what Django's "

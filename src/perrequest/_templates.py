@@ -183,10 +183,7 @@ _TASK_INLINE = """\
 """
 
 _REFUSE = """\
-                try:  # a coroutine, an iterator: refused
-                    if __pr_lazy[__pr_type(__pr_value)]:
-                        __pr_refuse(__pr_fn, __pr_value)
-                except __pr_KeyError:  # a type not seen yet: told there
+                if __pr_type(__pr_value) in __pr_lazy:  # a coroutine, a one-shot iterator
                     __pr_refuse(__pr_fn, __pr_value)
 """
 

@@ -212,6 +212,34 @@ def test_a_server_file_wrapper_is_passed_through_and_its_scope_ends_at_once() ->
     assert seen_at_close == [False]
 
 
+def test_a_server_file_wrapper_that_is_a_function_is_passed_through_too() -> None:
+    """uWSGI's ``wsgi.file_wrapper`` is a function returning the file itself, meinheld's a
+    function too: the body was told by its type only, wrapped, and the server read a 200
+    MB file through it line by line instead of sending it (a probe of WSGI servers)."""
+    handed: list[object] = []
+
+    def sendfile(file: Any, block_size: int = 8192) -> Any:  # as uWSGI's: the file itself
+        handed.append(file)
+        return file
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        perrequest.set("who", "this request")
+        start_response("200 OK", [])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"0123456789"), 4)  # type: ignore[no-any-return]
+
+    environ = {**_environ(), "wsgi.file_wrapper": sendfile}
+    body: Any = RequestScopeMiddleware(app)(environ, _start_response)
+    assert body is handed[0] and live_scopes() == 0  # the server's own object, scope ended
+
+    def plain(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return [b"x"]  # the wrapper not called: a list, as ever
+
+    environ = {**_environ(), "wsgi.file_wrapper": sendfile}
+    assert RequestScopeMiddleware(plain)(environ, _start_response) == [b"x"]
+    assert live_scopes() == 0
+
+
 @pytest.mark.parametrize("kind", [list, tuple])
 def test_a_list_body_is_passed_through_so_the_server_sees_its_length(kind: type) -> None:
     closed: list[ScopeStats] = []

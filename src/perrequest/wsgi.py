@@ -115,10 +115,18 @@ class RequestScopeMiddleware:
             forget_closed()
         cell, token = open_request(self._options)
         environ[REQUEST_KEY] = cell
+        wrapper = environ.get("wsgi.file_wrapper")
+        if wrapper is not None and type(wrapper) is not type:  # a function (uWSGI, meinheld)
+            wrapper = environ["wsgi.file_wrapper"] = _FileWrapper(wrapper)
         try:
             body = self.app(environ, start_response)
             kind = type(body)  # the server's file wrapper is its own class: no isinstance
-            if kind is list or kind is tuple or kind is environ.get("wsgi.file_wrapper"):
+            if (
+                kind is list
+                or kind is tuple
+                or kind is wrapper
+                or (type(wrapper) is _FileWrapper and body is wrapper.made)
+            ):
                 # No app code runs later: end the scope now, and hand the body over as it
                 # is (the server still sees a list's len(), and its sendfile wrapper).
                 close_request(cell, token)
@@ -128,6 +136,21 @@ class RequestScopeMiddleware:
             raise
         _current.reset(token)  # the thread as it was; iterating makes the store active
         return ScopedBody(body, cell)
+
+
+class _FileWrapper:
+    """A server's ``wsgi.file_wrapper`` that is a function, not a class (uWSGI's returns
+    the file itself): what it made is handed back untouched, so the server sends the file
+    its own way (sendfile) instead of reading it through a wrapped body."""
+
+    __slots__ = ("made", "wrap")
+
+    def __init__(self, wrap: Callable[..., Any]) -> None:
+        self.wrap, self.made = wrap, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.made = self.wrap(*args, **kwargs)
+        return self.made
 
 
 class ScopedBody:

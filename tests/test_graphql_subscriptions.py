@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from strawberry.fastapi import GraphQLRouter
 
-from perrequest import request_batch, request_scope
+from perrequest import memo, request_batch, request_scope
 from perrequest.asgi import RequestScopeMiddleware
 from perrequest.testing import live_scopes
 
@@ -91,8 +91,9 @@ def _events(field: str, scope_types: tuple[str, ...]) -> list[list[str]]:
 
 
 def test_a_subscription_event_in_a_scope_of_its_own_batches_and_reads_fresh_values(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(memo, "warned_outside", set())  # logged once a process: again here
     events = _events("scoped", ("http",))
     assert len(CALLS) == 6  # two batches an event: the users, then whom they follow
     assert [{name.split("-")[0] for name in event} for event in events] == [

@@ -7,6 +7,7 @@ partial read, another thread) drive the body by hand.
 
 from __future__ import annotations
 
+import abc
 import gc
 import io
 import logging
@@ -238,6 +239,13 @@ def test_a_server_file_wrapper_that_is_a_function_is_passed_through_too() -> Non
     environ = {**_environ(), "wsgi.file_wrapper": sendfile}
     assert RequestScopeMiddleware(plain)(environ, _start_response) == [b"x"]
     assert live_scopes() == 0
+
+    class Wrapper(wsgiref.util.FileWrapper, metaclass=abc.ABCMeta):  # a class all the same
+        pass
+
+    environ = {**_environ(), "wsgi.file_wrapper": Wrapper}
+    RequestScopeMiddleware(plain)(environ, _start_response)
+    assert environ["wsgi.file_wrapper"] is Wrapper  # a server's isinstance() check works
 
 
 @pytest.mark.parametrize("kind", [list, tuple])

@@ -116,7 +116,7 @@ class RequestScopeMiddleware:
         cell, token = open_request(self._options)
         environ[REQUEST_KEY] = cell
         wrapper = environ.get("wsgi.file_wrapper")
-        if wrapper is not None and type(wrapper) is not type:  # a function (uWSGI, meinheld)
+        if wrapper is not None and not isinstance(wrapper, type):  # a function (uWSGI, meinheld)
             wrapper = environ["wsgi.file_wrapper"] = _FileWrapper(wrapper)
         try:
             body = self.app(environ, start_response)

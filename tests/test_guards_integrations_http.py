@@ -76,12 +76,12 @@ class _Chunks:
 
 
 def test_an_abandoned_chunk_iterator_is_freed_with_its_own_scope_active() -> None:
-    """wsgi._produce: ``del body, iterator, keep`` in the ``finally``, with the request's own
-    (closed) scope set around it. The body is fetched where another scope is active (a
-    request calling a wrapped app in-process), chunk by chunk. The body's iterator is
-    referenced only by the chunk generator, so it is freed there when the caller drops
-    that generator: its cleanup must run in its own scope, not in the caller's. Unguarded,
-    it is freed as the frame is cleared, after the reset: in the caller's scope."""
+    """wsgi.ScopedBody.close: the body's iterator is dropped (``self._chunks = iter(())``)
+    while the request's own scope is still set. The body is fetched where another scope is
+    active (a request calling a wrapped app in-process), chunk by chunk. The body's
+    iterator is referenced only by the ScopedBody, so it is freed as close() drops it: its
+    cleanup must run in its own scope, not in the caller's. Unguarded (dropped before the
+    store is set, or after the reset), it runs in the caller's scope."""
     chunks = _Chunks()
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> _Chunks:

@@ -499,8 +499,8 @@ def test_scoped_body_closes_at_garbage_collection() -> None:
     store = perrequest.current_store()
     _current.reset(token)  # as the middleware leaves it when the app returns
     body = ScopedBody([b"a"], cell)
-    assert next(iter(body)) == b"a"  # iterating makes the store active here
-    assert live_scopes() == 1 and in_request_scope()
+    assert next(iter(body)) == b"a"  # produced with the store active, then given back
+    assert live_scopes() == 1 and not in_request_scope()
     del body  # dropped by refcount in this context: the scope ends, the context is restored
     gc.collect()
     assert live_scopes() == 0 and store.closed and not in_request_scope()

@@ -147,21 +147,6 @@ def forget_closed() -> None:
         _current.set(None)
 
 
-def within_request(cell: list[Any]) -> bool:
-    """What is active here is the request's scope (``cell``, or its store), or a
-    ``request_scope()`` opened on it and still open (one a streaming body holds across its
-    yields): what the body's own cleanup should see."""
-    active = _current.get()
-    for _ in range(_NESTED_SCOPES_MAX):
-        if active is cell or (len(cell) > 1 and active is cell[1]):
-            return True
-        token = active._token if type(active) is MemoStore else None
-        if token is None or token.old_value is Token.MISSING:
-            return False
-        active = token.old_value
-    return False
-
-
 def opened_by_a_middleware() -> bool:
     """A cell, or a store made from one (no ``_token``); not a ``request_scope()``."""
     active = _current.get()

@@ -107,9 +107,9 @@ if hasattr(pytest, "StashKey") and hasattr(getattr(pluggy, "Result", None), "for
 
     # The scope a fixture's set-up (an xunit setup_function's too) left active, by fixture:
     # still open once the teardown its fixture is finalized in has ended (every finalizer
-    # run: an ExitStack fixture's, the node's), it was entered and never exited, or is a
-    # response's never closed, and every test in between shared its store (a fixture that
-    # yields inside ``with request_scope():`` has closed it by then).
+    # run: an ExitStack fixture's, the node's), it was entered and never exited, and every
+    # test in between shared its store (a fixture that yields inside
+    # ``with request_scope():`` has closed it by then).
     _opened_by: dict[object, tuple[object, Any]] = {}
     _finalized: list[tuple[object, object, Any]] = []
 
@@ -211,13 +211,13 @@ def _close_left_open(before: object) -> tuple[str, str] | None:
 
 
 def _close(left: Any) -> tuple[str, str]:
-    """Close ``left``; say what it was."""
-    if type(left) is list:  # a middleware's, its body never closed
+    """Close ``left``; say what it was. (No middleware leaves its scope active: each gives
+    the thread back as the app returns, and a body's chunks get it around each one.)"""
+    if type(left) is list:  # a middleware's cell, made active by hand
         close_request(left, None)
-        return _RESPONSE
-    why = _RESPONSE if left._token is None else _SCOPE  # a middleware's, its store made
-    close_scope(left)
-    return why
+    else:
+        close_scope(left)
+    return _SCOPE
 
 
 def _left_open(before: object, left: Any = _NOTHING) -> Any:
@@ -239,10 +239,4 @@ _SCOPE = (
     "a request_scope() entered and never exited (its __enter__ called by hand, an "
     "ExitStack never closed)",
     "Use 'with request_scope():', or the memo_scope fixture.",
-)
-_RESPONSE = (
-    "a response iterated and never closed, whose scope lasts until its close() (a "
-    "WSGI app's, Flask's or Django's: a test client's response kept in a variable)",
-    "Close the response when done with it: 'with client.get(...) as response:' "
-    "(Flask, Werkzeug), or response.close().",
 )

@@ -1,20 +1,15 @@
 """WSGI middleware: one store per request, for Flask, Pyramid, Bottle or any WSGI app.
 
 The store stays open until the server calls the body's ``close()`` (PEP
-3333), so a streaming body and the app's close hooks still see it; the
-calling thread gets back what it had as the app returns (``ScopedBody``).
+3333), and is active while the app runs, while each chunk is produced and
+while the body closes (``ScopedBody``), never between: a streaming body and
+the app's close hooks see it, the server's code and other requests' do not.
 docs/frameworks/wsgi.md has the details.
 """
 
 from __future__ import annotations
 
-import weakref
-
-# In asyncio.__all__ (for event loops): None at once where no loop runs, unlike the public
-# get_running_loop, which raises there (a WSGI server's thread: every request).
-from asyncio import _get_running_loop
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import Token
 from typing import Any
 
 from ._active import (
@@ -26,7 +21,6 @@ from ._active import (
     forget_closed,
     open_request,
     opened_outside,
-    within_request,
 )
 from ._checks import (
     IN_MIDDLEWARE,
@@ -39,7 +33,7 @@ from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
 
-_get, _set = _current.get, _current.set
+_get, _set, _reset = _current.get, _current.set, _current.reset
 
 # Typed loosely, as Werkzeug does, to accept apps typed with _typeshed.wsgi.
 StartResponse = Callable[..., Any]
@@ -134,7 +128,7 @@ class RequestScopeMiddleware:
         except BaseException:
             close_request(cell, token)
             raise
-        _current.reset(token)  # the thread as it was; iterating makes the store active
+        _reset(token)  # the thread as it was: the body makes the store active for each chunk
         return ScopedBody(body, cell)
 
 
@@ -153,15 +147,18 @@ class _FileWrapper:
         return self.made
 
 
-class ScopedBody:
-    """A response body whose scope stays open until ``close()`` ends it.
+_DONE: Iterator[bytes] = iter(())  # exhausted, and stays so: shared by every closed body
 
-    Iterated where nothing is active (a server's thread), it makes the store
-    active there until ``close()``; anywhere else (where a scope is active,
-    or on a running event loop, which may fetch the chunks in other threads,
-    as Tornado's ``WSGIContainer`` does) each chunk, and the body's own
-    ``close``, is produced with the store active around it. A body never
-    closed (against PEP 3333) ends its scope, only, when it is collected.
+
+class ScopedBody:
+    """A response body whose chunks, and ``close()``, are produced with its request's store
+    active; its scope stays open until ``close()`` ends it (PEP 3333).
+
+    Between chunks the thread holds what it held before, wherever the chunks are pulled: a
+    server that interleaves requests in one thread (bjoern) or fetches chunks in pool
+    threads (Tornado's ``WSGIContainer``) gives each chunk its own request's store and leaves
+    none behind. It is its own iterator, so a layer's ``yield from`` that is closed closes
+    it (PEP 380). A body never closed (against PEP 3333) ends its scope, only, when freed.
     Public so that code that drives a WSGI app by hand can recognise it.
 
     Args:
@@ -169,152 +166,52 @@ class ScopedBody:
         cell: The request's scope, as ``open_request`` opened it, still open.
     """
 
-    __slots__ = ("_body", "_cell", "_chunks", "_token")
+    __slots__ = ("_active", "_body", "_cell", "_chunks")
 
     def __init__(self, body: Iterable[bytes], cell: list[Any]) -> None:
         self._body = body
-        self._cell: list[Any] | None = cell  # _active.open_request's
-        self._token: Token[Any] | None = None  # while iteration keeps the store active
+        self._cell: list[Any] | None = cell
+        self._active: Any = cell  # or a request_scope() the body holds open across its yields
         self._chunks: Iterator[bytes] | None = None
 
-    def __iter__(self) -> Iterator[bytes]:
-        if _get_running_loop() is not None:  # a loop that may fetch each chunk elsewhere
-            return self._start(self)
-        # Else decided at the first chunk, in the thread that pulls it: a layer may call
-        # iter() in the thread that called the app and serve the chunks from another
-        # (werkzeug's ClosingIterator calls iter() as it wraps the body).
-        held: list[Any] = []  # a weak reference to the iterator: alive, unless finalized
-        chunks = _first_chunk(self, held)
-        held.append(weakref.ref(chunks))
-        return chunks
+    def __iter__(self) -> ScopedBody:
+        return self
 
-    def __next__(self) -> bytes:  # for callers that treat the body as an iterator
-        if self._chunks is None:
-            self._chunks = self._start(None)  # no reference to self: no cycle
+    def __next__(self) -> bytes:
+        token = _set(self._active)
         try:
+            if self._chunks is None:
+                self._chunks = iter(self._body)
             return next(self._chunks)
-        except StopIteration:
-            raise
-        except BaseException:
-            if self._token is not None and self._cell is not None:  # a caller going on
-                self._chunks = _produce(self._chunks, self._cell, None)  # gets chunk by chunk
-            self._restore()
-            raise
-
-    def _restore(self) -> None:
-        """A chunk failed: give the thread back now, not when the body is freed (the error,
-        kept by a server or a reporter, holds this body in a traceback's frame a while);
-        close(), if it comes, still closes the body in the scope, and ends the scope."""
-        token, self._token = self._token, None
-        if token is not None:
-            try:
-                _current.reset(token)
-            except ValueError:  # set in another thread, which pulled the first chunk
-                self._token = token
-
-    def _start(self, keep: ScopedBody | None) -> Iterator[bytes]:
-        cell = self._cell
-        if cell is None:
-            return iter(())
-        # Nothing active here, and no loop that may fetch the chunks in other threads
-        # (Tornado's WSGIContainer): the store stays active here until close() resets it.
-        if self._token is None and _get() is None and _get_running_loop() is None:
-            self._token = _set(cell)
-            try:
-                return iter(self._body)
-            except BaseException:
-                self._restore()
-                raise
-        return _produce(self._body, cell, keep)
+        finally:
+            self._active = _get()
+            _reset(token)
+            del self  # not held by an error's traceback (this frame): freed, it ends its scope
 
     def close(self) -> None:
         """Close the body with the scope active, then end the scope."""
         cell, self._cell = self._cell, None
         if cell is None:
             return
-        token, self._token = self._token, None
-        active = _get()  # this request's; or a scope the body holds open: its own
-        mine = active is cell or (len(cell) > 1 and active is cell[1]) or within_request(cell)
-        if not mine:  # closed during a later request here (a layer's finalizer): its token
-            token = None  # would unset that one's store
+        token = _set(self._active)
         try:
             close = getattr(self._body, "close", None)  # a property may raise: in the try
             if close is not None:
-                if mine:
-                    close()
-                else:
-                    active = _set(cell)
-                    try:
-                        close()
-                    finally:
-                        _current.reset(active)
+                close()
         finally:
-            close_request(cell, token)
-            if _get() is not None:
-                # A scope the body opened across its yields, just closed, that it could not
-                # reset; an earlier request's, closed while this one ran (its token unused)
-                forget_closed()
+            self._chunks = _DONE  # nothing more; the body's iterator freed in its scope
+            _reset(token)
+            close_request(cell, None)
 
     def __del__(self) -> None:
-        cell = self._cell
+        cell, self._cell = self._cell, None
         if cell is None:
             return
-        # Its token rewinds this thread only while the request's scope is what is active
-        # here: freed by a layer during a later request, it would unset that one's store.
-        close_request(cell, self._token if within_request(cell) else None)
-        # Freed with its own closed scope active, the body's cleanup (a generator's
-        # ``finally``) touches nobody's store, not what is active where it was dropped.
-        active = _set(cell)
+        close_request(cell, None)  # the scope only: the app's close hooks never ran, as
+        # without perrequest. Freed with its own closed scope active, the body's cleanup
+        # (a generator's ``finally``) touches nobody's store, not what is active here.
+        token = _set(cell)
         try:
-            del self._body
+            del self._body, self._chunks, self._active
         finally:
-            _current.reset(active)
-
-
-def _first_chunk(body: ScopedBody, held: list[Any]) -> Iterator[bytes]:
-    """``body._start`` where the first chunk is pulled. Not ``yield from``: closing this
-    generator would close the body's iterator, outside close() and its scope."""
-    try:
-        for chunk in body._start(body):  # noqa: UP028
-            yield chunk
-    except GeneratorExit:  # not a failure: dropped, or closed by a layer above
-        # Closed (its weak reference alive, as it is not when it is finalized, collected
-        # or dropped) by a layer's ``yield from`` being closed: the response too, as a
-        # generator body or werkzeug's ClosingIterator (whose iter() is itself) would be.
-        if held[0]() is not None:
-            body.close()
-        raise
-    except BaseException:
-        body._restore()
-        del body  # not held by the error's traceback (this frame): freed, it ends its scope
-        raise
-
-
-def _produce(body: Iterable[bytes], active: Any, keep: ScopedBody | None) -> Iterator[bytes]:
-    """The chunks of ``body``, each produced with ``active`` (a scope's cell) active.
-
-    A generator: resuming one costs less than a call to ``__next__``. It holds
-    ``keep`` (the ``ScopedBody``) so that a server holding only the iterator
-    keeps the scope open; nothing holds the generator back, so no cycle.
-    """
-    set_store, reset = _current.set, _current.reset
-    iterator = None
-    try:
-        while True:
-            token = set_store(active)
-            try:
-                if iterator is None:
-                    iterator = iter(body)
-                chunk = next(iterator)
-            except StopIteration:
-                return
-            finally:
-                active = _get()  # a request_scope() the body holds across its yields
-                reset(token)
-            yield chunk
-    finally:
-        token = set_store(active)
-        try:
-            del body, iterator, keep
-        finally:
-            reset(token)
+            _reset(token)

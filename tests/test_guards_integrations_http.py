@@ -76,7 +76,7 @@ class _Chunks:
 
 
 def test_an_abandoned_chunk_iterator_is_freed_with_its_own_scope_active() -> None:
-    """wsgi.ScopedBody.close: the body's iterator is dropped (``self._chunks = iter(())``)
+    """wsgi.ScopedBody.close: the body's iterator is dropped (``self._chunks = _DONE``)
     while the request's own scope is still set. The body is fetched where another scope is
     active (a request calling a wrapped app in-process), chunk by chunk. The body's
     iterator is referenced only by the ScopedBody, so it is freed as close() drops it: its

@@ -153,8 +153,9 @@ def test_requests_get_separate_stores_even_when_their_bodies_interleave() -> Non
 def test_bodies_interleaved_in_one_thread_by_a_server_that_iterates_at_once() -> None:
     """A single-threaded server (bjoern-like) calls the app and takes its iterator at
     once, then writes the bodies of several requests chunk by chunk, in one context.
-    The first request's store stays active in that context; a request that comes while
-    it is gives it back between its steps, so no chunk ever sees another's store."""
+    Each chunk gets its own request's store, and nothing is active between chunks, so no
+    chunk ever sees another's store (until 7 December 2026 the first body's store stayed
+    active in that context, and the later ones set theirs on top of it)."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
         perrequest.set("rid", environ["PATH_INFO"])
@@ -204,6 +205,62 @@ def test_an_interleaving_server_shows_no_request_store_to_code_outside_the_middl
     body.close()
     assert seen == [(False, None, None)]
     assert live_scopes() == 0
+
+
+@pytest.mark.parametrize("ending", ["close", "drop"])
+def test_on_close_runs_outside_the_scope_active_where_the_body_ends(ending: str) -> None:
+    """A response closed, or dropped unclosed, inside another scope (a test's block, a
+    request calling a wrapped app in-process): on_close reads and writes no store, never
+    that scope's (a review, 7 December: it ran with the outer block's store active)."""
+    seen: list[Any] = []
+
+    def on_close(stats: perrequest.ScopeStats) -> None:
+        seen.append(perrequest.in_request_scope())
+        try:
+            perrequest.set("leaked", "from alice's on_close")
+        except perrequest.PerRequestError as exc:
+            seen.append(type(exc).__name__)
+
+    wrapped = RequestScopeMiddleware(Recorder(), on_close=on_close)
+    body: Any = wrapped(_environ(), _start_response)
+    assert list(body) == [b"perms-of-alice;"] * 3
+    with perrequest.request_scope():
+        if ending == "close":
+            body.close()
+        else:
+            del body
+        assert perrequest.get("leaked") is None and perrequest.in_request_scope()
+    assert seen == [False, "NoActiveScope"]
+    assert live_scopes() == 0
+
+
+def test_a_body_that_is_its_own_iterator_is_freed_in_its_scope_at_close() -> None:
+    """``map(...)`` over a generator: the body has no close(), and its iterator is itself.
+    close() dropped only the iterator reference, so the generator's ``finally`` ran later,
+    wherever the server dropped the body: inside another request's scope (a review)."""
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        perrequest.set("who", "alice")
+        start_response("200 OK", [])
+
+        def rows() -> Iterator[bytes]:
+            try:
+                yield b"a"
+                yield b"b"
+            finally:
+                seen.append(perrequest.get("who"))
+
+        return map(bytes.upper, rows())
+
+    body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+    assert next(body) == b"A"
+    body.close()
+    with perrequest.request_scope():
+        perrequest.set("who", "bob")
+        del body
+        assert perrequest.get("who") == "bob"
+    assert seen == ["alice"]
 
 
 def test_a_list_body_without_close_is_closed_by_the_wrapper() -> None:
@@ -837,7 +894,7 @@ def test_chunks_pulled_by_next_after_a_failed_one_see_their_own_store() -> None:
     with pytest.raises(RuntimeError):
         next(first)
     second: Any = wrapped(_environ("/r2"), _start_response)
-    assert next(second) == b"x"  # r2's store is active in this thread now
+    assert next(second) == b"x"  # produced with r2's store, then the thread given back
     assert next(first) == b"x"
     first.close()
     second.close()
@@ -1134,7 +1191,7 @@ def test_a_layer_closing_an_earlier_response_during_a_later_request_leaves_that_
         yield from inner(environ, start_response)
 
     first = layer({**_environ(), "n": 1}, _start_response)
-    next(iter(first))  # its first chunk: its scope active in this thread
+    next(iter(first))  # its first chunk, produced in its scope (the layer's generator)
     held["first"] = first
     del first
     second: Any = inner({**_environ(), "n": 2}, _start_response)

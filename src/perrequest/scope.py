@@ -79,7 +79,10 @@ passed_through: ContextVar[str | None] = ContextVar("perrequest.passed_through",
 # Where a scope is open in the process but not here: the middleware is there, most likely.
 ELSEWHERE_HINT = (
     "A request scope is open in this process, but not here: this code most likely runs in "
-    f"{_IN_A_THREAD}. Or it runs in {_UNWRAPPED}. docs/errors.md, 'Called outside a scope'."
+    f"{_IN_A_THREAD}. Or it runs in {_UNWRAPPED}. Or the open scope is a response's not "
+    "closed yet (a test client's, read after client.get(...): its store was active only "
+    "while the app ran; close it, and open `with perrequest.request_scope():` for the "
+    "test's own code). docs/errors.md, 'Called outside a scope'."
 )
 
 ENDED_HINT = (

@@ -199,19 +199,24 @@ class ScopedBody:
             if close is not None:
                 close()
         finally:
-            self._chunks = _DONE  # nothing more; the body's iterator freed in its scope
-            _reset(token)
-            close_request(cell, None)
+            # Nothing more to produce: the body (and its iterator, which may be itself) is
+            # freed in its scope; on_close and the listeners run with it closed, here.
+            self._chunks = self._body = _DONE
+            try:
+                close_request(cell, None)
+            finally:
+                _reset(token)
 
     def __del__(self) -> None:
         cell, self._cell = self._cell, None
         if cell is None:
             return
-        close_request(cell, None)  # the scope only: the app's close hooks never ran, as
-        # without perrequest. Freed with its own closed scope active, the body's cleanup
-        # (a generator's ``finally``) touches nobody's store, not what is active here.
+        # The scope only: the app's close hooks never ran, as without perrequest. With its
+        # own scope set (closed first), on_close and the body's cleanup (a generator's
+        # ``finally``) touch nobody's store, not what is active where it was dropped.
         token = _set(cell)
         try:
+            close_request(cell, None)
             del self._body, self._chunks, self._active
         finally:
             _reset(token)

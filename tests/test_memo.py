@@ -18,6 +18,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import cachetools
 import pytest
 
 import perrequest
@@ -408,6 +409,49 @@ def test_a_one_shot_iterator_is_refused_not_cached_exhausted(make: Any) -> None:
         with pytest.raises(TypeError, match=r"returned a one-shot iterator \(\w+\)"):
             names((1, 2))
         assert names.cache_info().currsize == 0 and len(store) == 0
+
+
+class _EqualMeta(type):
+    """A metaclass with ``__eq__`` and no ``__hash__``: its classes cannot be hashed."""
+
+    def __eq__(cls, other: object) -> bool:
+        return cls is other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Unhashable(metaclass=_EqualMeta):
+    def __init__(self, key: int = 0) -> None:
+        self.key = key
+
+    def name(self) -> str:
+        return f"n{self.key}"
+
+
+async def test_a_value_whose_class_cannot_be_hashed_is_cached_sync_async_and_shared() -> None:
+    """The result check looked the value's class up in a set: a class whose metaclass has
+    ``__eq__`` and no ``__hash__`` failed every call with "unhashable type: '...'"
+    (a probe, 7 December). Such a value is none of the refused kinds: it is cached."""
+
+    @request_memo
+    def sync(key: int) -> _Unhashable:
+        return _Unhashable(key)
+
+    @request_memo
+    async def async_(key: int) -> _Unhashable:
+        return _Unhashable(key)
+
+    @request_memo(shared=cachetools.TTLCache(10, 60))
+    def shared(key: int) -> _Unhashable:
+        return _Unhashable(key)
+
+    async with request_scope():
+        assert sync(1) is sync(1) and await async_(1) is await async_(1)
+        assert shared(1) is shared(1)
+    with request_scope():
+        value = _Unhashable(3)
+        memo = request_memo(_Unhashable.name)
+        assert memo(value) == "n3" and memo.cache_delete(value) is True
 
 
 async def test_an_async_memo_refuses_a_coroutine_an_async_generator_or_an_iterator() -> None:

@@ -210,7 +210,7 @@ METHOD_KEY = (  # key= replaces the instance's part of a method's key: keep one 
     "instance, so put in it what tells them apart: "
     "key=lambda self, ids: (self.tenant_id, tuple(ids))."
 )
-_NOT_INSTANCES = frozenset({int, str, bytes, float, bool, type(None), UUID})
+_NOT_INSTANCES = (int, str, bytes, float, bool, type(None), UUID)  # a tuple: no type hashed
 _SELF = ("self", "cls", "mcs")  # what ``is_method`` recognises
 _NONE: Any = object()
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from . import _waits
 from ._records import drop_dead, interrupted, resumed, take_out, take_over
-from ._results import LAZY, refuse_memoized_result
+from ._results import is_lazy, refuse_memoized_result
 from ._signals import is_time_limit
 from ._stats import CountsLike as Counter
 from ._waits import RESTART, Waited, done_waiting, gone, outcome_of, restart, thread_me
@@ -196,7 +196,7 @@ def run(
         if counter.timed:
             start = _now()
         value = fn(*args, **kwargs)
-        if type(value) in LAZY:
+        if is_lazy(value):
             refuse_memoized_result(fn, value)
         if start:
             counter.compute_s += _now() - start
@@ -223,7 +223,7 @@ def _unshared(
     finally:
         if start:
             counter.compute_s += _now() - start
-    if type(value) in LAZY:
+    if is_lazy(value):
         refuse_memoized_result(fn, value)
     return _keep(cache, key, value, counter, extra, seen)
 
@@ -317,7 +317,7 @@ async def run_async(
         if counter.timed:
             start = _now()
         value = await fn(*args, **kwargs)
-        if type(value) in LAZY:
+        if is_lazy(value):
             refuse_memoized_result(fn, value)
         if start:
             counter.compute_s += _now() - start
@@ -345,6 +345,6 @@ async def _unshared_async(
     finally:
         if start:
             counter.compute_s += _now() - start
-    if type(value) in LAZY:
+    if is_lazy(value):
         refuse_memoized_result(fn, value)
     return _keep(cache, key, value, counter, extra, seen)

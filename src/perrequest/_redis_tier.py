@@ -21,7 +21,7 @@ from . import _redis_lock as lock
 from ._flight import MISSING
 from ._records import FLIGHTS
 from ._redis_lock import Late
-from ._results import LAZY, refuse_memoized_result
+from ._results import is_lazy, refuse_memoized_result
 from ._shared_errors import Args, Call, Fn, Kwargs, Raised, computed, computed_async
 from ._signals import is_time_limit
 from ._stats import Counter
@@ -274,7 +274,7 @@ class RedisTier:
     def _encoded(self, value: Any, key: str) -> bytes:
         """The value's bytes, which every caller decodes (they are checked to decode)."""
         codec = self.cache._codec
-        if type(value) in LAZY:
+        if is_lazy(value):
             refuse_memoized_result(self.fn, value)
         try:  # any error of the value's own code too (a __reduce__, an __init__ unpickling)
             payload = codec.dumps(value, key)

@@ -57,6 +57,15 @@ LAZY: frozenset[type] = frozenset(
 )
 
 
+def is_lazy(value: object) -> bool:
+    """``value`` would serve once (its type is in ``LAZY``). A class whose metaclass cannot
+    hash it (``__eq__`` without ``__hash__``) is none of those: its values are cached."""
+    try:
+        return type(value) in LAZY
+    except TypeError:
+        return False
+
+
 def refuse_memoized_result(fn: object, value: Any) -> None:
     """Cached, a coroutine or iterator would serve once: the next call gets it exhausted."""
     kind, fix = "a generator", "Return a list (list(...)), or memoize the function consuming it"

@@ -21,7 +21,7 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from ._results import LAZY, refuse_memoized_result
+from ._results import is_lazy, refuse_memoized_result
 from ._signals import is_time_limit
 from .errors import PerRequestError
 
@@ -131,7 +131,7 @@ def computed(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         if call.error is not None and id(exc) != call.error:
             raise  # the rest of the computation's (``own``): waiters compute
         return Raised(call, exc)
-    if type(value) in LAZY:  # refused here, where the message can name fn
+    if is_lazy(value):  # refused here, where the message can name fn
         refuse_memoized_result(fn, value)
     return value
 
@@ -144,7 +144,7 @@ async def computed_async(call: Call, fn: Fn, args: Args, kwargs: Kwargs) -> Any:
         if call.error is not None and id(exc) != call.error:
             raise
         return Raised(call, exc)
-    if type(value) in LAZY:
+    if is_lazy(value):
         refuse_memoized_result(fn, value)
     return value
 

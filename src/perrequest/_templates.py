@@ -183,7 +183,11 @@ _TASK_INLINE = """\
 """
 
 _REFUSE = """\
-                if __pr_type(__pr_value) in __pr_lazy:  # a coroutine, a one-shot iterator
+                try:  # a coroutine, a one-shot iterator (_results.is_lazy, written out)
+                    __pr_lazy_value = __pr_type(__pr_value) in __pr_lazy
+                except __pr_TypeError:  # a class whose metaclass cannot hash it: none
+                    __pr_lazy_value = False
+                if __pr_lazy_value:
                     __pr_refuse(__pr_fn, __pr_value)
 """
 

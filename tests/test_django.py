@@ -635,6 +635,33 @@ def _raise(stats: ScopeStats) -> None:
     raise ValueError("on_close failed")
 
 
+@pytest.mark.parametrize("ending", ["close", "drop"])
+def test_on_close_runs_outside_the_scope_active_where_the_response_ends(ending: str) -> None:
+    """A response closed, or dropped unclosed, inside another scope (a test's block, a
+    view calling another in-process): ON_CLOSE reads and writes no store, never that
+    scope's (as for WSGI, a review of 7 December)."""
+    seen: list[Any] = []
+
+    def on_close(stats: ScopeStats) -> None:
+        seen.append(perrequest.in_request_scope())
+        try:
+            perrequest.set("leaked", "from alice's on_close")
+        except perrequest.PerRequestError as exc:
+            seen.append(type(exc).__name__)
+
+    with override_settings(PERREQUEST={"ON_CLOSE": on_close}):
+        mw = RequestScopeMiddleware(lambda request: HttpResponse("ok"))
+    response = mw(RequestFactory().get("/"))
+    with request_scope():
+        if ending == "close":
+            response.close()
+        else:
+            del response
+        assert perrequest.get("leaked") is None and perrequest.in_request_scope()
+    assert seen == [False, "NoActiveScope"]
+    assert live_scopes() == 0
+
+
 @pytest.mark.parametrize("path", ["/sync/", "/stream/sync/"])
 def test_on_close_raising_never_turns_a_200_into_an_error(
     path: str, caplog: pytest.LogCaptureFixture

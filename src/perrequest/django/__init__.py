@@ -12,33 +12,25 @@ the store. docs/frameworks/django.md has the details.
 from __future__ import annotations
 
 import asyncio
-import difflib
-import importlib
-import sys
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
-from types import MethodType, ModuleType
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from types import MethodType
 from typing import Any
 
 try:
     from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-    from django.conf import settings
-    from django.core.exceptions import ImproperlyConfigured
-    from django.utils.module_loading import import_string
+
+    from ._settings import read_settings  # Django's settings
 except ImportError as exc:  # name the extra to install
     from .._extras import missing_extra
 
     toolbar = " ('perrequest[toolbar]' for its toolbar)"  # which imports this first
     missing_extra(exc, __name__, "django", "django", also=toolbar)
 
-from .._active import REQUEST_KEY, OnClose, _current, close_request, open_request, opened_outside
-from .._checks import binds, check_max_entries, check_on_close, is_wsgi_app
-from ..store import DEFAULT_MAX_ENTRIES
+from .._active import REQUEST_KEY, _current, close_request, open_request, opened_outside
+from .._checks import binds, is_wsgi_app
 
 __all__ = ["RequestScopeMiddleware"]
-
-_KEYS = ("MAX_ENTRIES", "ON_CLOSE")
-_ALIASES = {"MAXSIZE": "MAX_ENTRIES", "MAX_SIZE": "MAX_ENTRIES"}  # functools', cachetools' name
 
 
 class RequestScopeMiddleware:
@@ -62,7 +54,7 @@ class RequestScopeMiddleware:
     def __init__(self, get_response: Callable[[Any], Any]) -> None:
         _check_get_response(get_response)
         self.get_response = get_response
-        self._options = _read_settings()
+        self._options = read_settings()
         self._is_async = iscoroutinefunction(get_response)
         if self._is_async:
             markcoroutinefunction(self)
@@ -186,17 +178,26 @@ class _Closing:
             elif target is not None:
                 type(target).close(target)
         finally:
-            _current.reset(token)
-            close_request(self._cell, None)
+            try:  # on_close and the listeners with its own closed scope set, not the caller's
+                close_request(self._cell, None)
+            finally:
+                _current.reset(token)
 
     def end(self) -> None:
         """End the scope, and only the scope (idempotent)."""
         close_request(self._cell, None)
 
-    def __del__(self, close_request: Callable[..., None] = close_request) -> None:
-        # A default, not the global: an exiting interpreter may have wiped the module.
-        if self._cell[0] is not None:  # not closed yet (a call less: the common case)
-            close_request(self._cell, None)
+    def __del__(
+        self, close_request: Callable[..., None] = close_request, current: Any = _current
+    ) -> None:
+        # Defaults, not the globals: an exiting interpreter may have wiped the module.
+        cell = self._cell
+        if cell[0] is not None:  # not closed yet (a call less: the common case)
+            token = current.set(cell)  # on_close: as in __call__
+            try:
+                close_request(cell, None)
+            finally:
+                current.reset(token)
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._hook is not None:
@@ -273,78 +274,3 @@ async def _produce_async(
                 await aclose()
             finally:
                 _current.reset(token)
-
-
-def _read_settings() -> tuple[int | None, OnClose | None]:
-    """``settings.PERREQUEST``, validated; ``ImproperlyConfigured`` names the bad key."""
-    options = getattr(settings, "PERREQUEST", None)
-    if options is None:
-        return DEFAULT_MAX_ENTRIES, None
-    if not isinstance(options, Mapping):
-        raise ImproperlyConfigured(
-            f"settings.PERREQUEST must be a dict with the keys {', '.join(_KEYS)}, "
-            f"not {type(options).__name__} {options!r}"
-        )
-    for key in options:
-        if key not in _KEYS:
-            name = str(key).upper()
-            close = (
-                [_ALIASES[name]]
-                if name in _ALIASES
-                else difflib.get_close_matches(name, _KEYS, n=1)
-            )
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ImproperlyConfigured(
-                f"settings.PERREQUEST has an unknown key {key!r}; the valid keys are "
-                f"{', '.join(_KEYS)}.{hint}"
-            )
-    try:
-        max_entries = options.get("MAX_ENTRIES", DEFAULT_MAX_ENTRIES)
-        max_entries = check_max_entries(max_entries, 'settings.PERREQUEST["MAX_ENTRIES"]')
-    except (TypeError, ValueError) as exc:
-        raise ImproperlyConfigured(
-            f"{exc} (None means unbounded; leave the key out for the default, "
-            f"{DEFAULT_MAX_ENTRIES})"
-        ) from exc
-    value = options.get("ON_CLOSE")
-    if isinstance(value, str):
-        path = value
-        try:
-            value = _import(path)
-        except Exception as exc:  # ImportError, or whatever the module raised on import
-            raise ImproperlyConfigured(
-                f'settings.PERREQUEST["ON_CLOSE"] is the dotted path {path!r}, which cannot '
-                f"be imported: {exc}"
-            ) from exc
-        if isinstance(value, ModuleType):
-            raise ImproperlyConfigured(
-                f'settings.PERREQUEST["ON_CLOSE"] is the dotted path of the module {path!r}, '
-                "not of a callable: name the function in it"
-            )
-    try:
-        return max_entries, check_on_close(value, 'settings.PERREQUEST["ON_CLOSE"]')
-    except TypeError as exc:  # says what is wrong with it: not callable, async, arguments
-        if isinstance(options.get("ON_CLOSE"), str):
-            hint = f" ({options['ON_CLOSE']!r} names that object)"
-        else:
-            hint = "" if callable(value) else " (or a dotted path to one)"
-        raise ImproperlyConfigured(f"{exc}{hint}") from exc
-
-
-def _import(path: str) -> object:
-    """What ``path`` names; a module too (a submodule not imported yet). A name its module
-    lacks is the error told, with the closest name there (a misspelt function's)."""
-    try:
-        return import_string(path)
-    except ImportError as missing:
-        try:
-            return importlib.import_module(path)
-        except ModuleNotFoundError as exc:
-            if exc.name != path:  # a module on the way, or one it imports
-                raise
-        module, _, name = path.rpartition(".")
-        close = difflib.get_close_matches(
-            name, dir(sys.modules[module]) if module in sys.modules else [], n=1
-        )
-        hint = f"; did you mean {module}.{close[0]}?" if close else ""
-        raise ImportError(f"{missing}{hint}") from missing

@@ -22,10 +22,10 @@ class PerRequestConfig(AppConfig):  # type: ignore[misc]  # Django ships no type
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """``perrequest.E001``: what the middleware would raise for ``settings.PERREQUEST``."""
-    from . import _read_settings
+    from ._settings import read_settings
 
     try:
-        _read_settings()
+        read_settings()
     except Exception as exc:  # ImproperlyConfigured; or what an odd value raised reading it
         # Our messages name settings.PERREQUEST (and the key) already.
         text = str(exc) if isinstance(exc, ImproperlyConfigured) else f"reading it raised {exc!r}"

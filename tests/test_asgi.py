@@ -521,3 +521,26 @@ async def test_inner_layers_called_concurrently_inside_request_scopes_leave_the_
     await RequestScopeMiddleware(app)({"type": "http", "path": "/"}, None, None)
     assert seen["/later"][0] is seen["outer"][0]  # (by identity: a store is a Mapping)
     assert all(store is not seen["outer"][0] for store in seen["/"])
+
+
+async def test_on_close_runs_outside_the_scope_of_an_in_process_caller() -> None:
+    """An app called in-process from inside a scope (a test's block through httpx's
+    ASGITransport, a request calling a mounted app): the request's on_close ran with the
+    caller's store active, and what it wrote there stayed (a review, 7 December)."""
+    seen: list[Any] = []
+
+    def on_close(stats: ScopeStats) -> None:
+        seen.append(in_request_scope())
+        try:
+            perrequest.set("leaked", "from the request's on_close")
+        except perrequest.PerRequestError as exc:
+            seen.append(type(exc).__name__)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        perrequest.set("who", "the request")
+
+    wrapped = RequestScopeMiddleware(app, on_close=on_close)
+    async with perrequest.request_scope():
+        await wrapped({"type": "http"}, None, None)
+        assert perrequest.get("leaked") is None and perrequest.get("who") is None
+    assert seen == [False, "NoActiveScope"]

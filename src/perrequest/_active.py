@@ -212,8 +212,8 @@ def _unwound(active: Any) -> Any:
 
 def close_scope(store: MemoStore) -> None:
     """Restore the previous store if this one is active here, clear it, then log its
-    stats at DEBUG and call ``on_close`` and the listeners (but those running here: the
-    scope is one they opened). Idempotent."""
+    stats at DEBUG and call ``on_close`` and the listeners, with no store active (but
+    those running here: the scope is one they opened). Idempotent."""
     if store._closed:
         return
     _leave(store)
@@ -225,7 +225,13 @@ def close_scope(store: MemoStore) -> None:
         return
     if debug:
         log(logger.debug, "request scope closed: %s", stats)
-    notify(stats, on_close)
+    # With no store active: not one open where the scope ends (a caller's block, another
+    # request's, for a body closed or freed there), which on_close could read and write.
+    hidden = _set(None)
+    try:
+        notify(stats, on_close)
+    finally:
+        _current.reset(hidden)
 
 
 def live_scopes() -> int:

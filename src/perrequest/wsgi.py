@@ -200,20 +200,18 @@ class ScopedBody:
                 close()
         finally:
             # Nothing more to produce: the body (and its iterator, which may be itself) is
-            # freed in its scope; on_close and the listeners run with it closed, here.
+            # freed in its scope.
             self._chunks = self._body = _DONE
-            try:
-                close_request(cell, None)
-            finally:
-                _reset(token)
+            _reset(token)
+            close_request(cell, None)
 
     def __del__(self) -> None:
         cell, self._cell = self._cell, None
         if cell is None:
             return
         # The scope only: the app's close hooks never ran, as without perrequest. With its
-        # own scope set (closed first), on_close and the body's cleanup (a generator's
-        # ``finally``) touch nobody's store, not what is active where it was dropped.
+        # own scope set (closed first), the body's cleanup (a generator's ``finally``)
+        # touches nobody's store, not what is active where it was dropped.
         token = _set(cell)
         try:
             close_request(cell, None)

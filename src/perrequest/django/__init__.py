@@ -178,26 +178,17 @@ class _Closing:
             elif target is not None:
                 type(target).close(target)
         finally:
-            try:  # on_close and the listeners with its own closed scope set, not the caller's
-                close_request(self._cell, None)
-            finally:
-                _current.reset(token)
+            _current.reset(token)
+            close_request(self._cell, None)
 
     def end(self) -> None:
         """End the scope, and only the scope (idempotent)."""
         close_request(self._cell, None)
 
-    def __del__(
-        self, close_request: Callable[..., None] = close_request, current: Any = _current
-    ) -> None:
-        # Defaults, not the globals: an exiting interpreter may have wiped the module.
-        cell = self._cell
-        if cell[0] is not None:  # not closed yet (a call less: the common case)
-            token = current.set(cell)  # on_close: as in __call__
-            try:
-                close_request(cell, None)
-            finally:
-                current.reset(token)
+    def __del__(self, close_request: Callable[..., None] = close_request) -> None:
+        # A default, not the global: an exiting interpreter may have wiped the module.
+        if self._cell[0] is not None:  # not closed yet (a call less: the common case)
+            close_request(self._cell, None)
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._hook is not None:

@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
+from watchers import writing_on_close
 from websockets.sync.client import connect
 
 import perrequest
@@ -529,12 +530,7 @@ async def test_on_close_runs_outside_the_scope_of_an_in_process_caller() -> None
     caller's store active, and what it wrote there stayed (a review, 7 December)."""
     seen: list[Any] = []
 
-    def on_close(stats: ScopeStats) -> None:
-        seen.append(in_request_scope())
-        try:
-            perrequest.set("leaked", "from the request's on_close")
-        except perrequest.PerRequestError as exc:
-            seen.append(type(exc).__name__)
+    on_close = writing_on_close(seen)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         perrequest.set("who", "the request")

@@ -14,6 +14,7 @@ from typing import Any
 
 import django_project
 import pytest
+from watchers import writing_on_close
 
 django_project.setup()
 
@@ -642,12 +643,7 @@ def test_on_close_runs_outside_the_scope_active_where_the_response_ends(ending: 
     scope's (as for WSGI, a review of 7 December)."""
     seen: list[Any] = []
 
-    def on_close(stats: ScopeStats) -> None:
-        seen.append(perrequest.in_request_scope())
-        try:
-            perrequest.set("leaked", "from alice's on_close")
-        except perrequest.PerRequestError as exc:
-            seen.append(type(exc).__name__)
+    on_close = writing_on_close(seen)
 
     with override_settings(PERREQUEST={"ON_CLOSE": on_close}):
         mw = RequestScopeMiddleware(lambda request: HttpResponse("ok"))

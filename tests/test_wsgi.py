@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from watchers import writing_on_close
 
 import perrequest
 from perrequest import MemoStore, ScopeStats, request_memo, request_scope
@@ -214,12 +215,7 @@ def test_on_close_runs_outside_the_scope_active_where_the_body_ends(ending: str)
     that scope's (a review, 7 December: it ran with the outer block's store active)."""
     seen: list[Any] = []
 
-    def on_close(stats: perrequest.ScopeStats) -> None:
-        seen.append(perrequest.in_request_scope())
-        try:
-            perrequest.set("leaked", "from alice's on_close")
-        except perrequest.PerRequestError as exc:
-            seen.append(type(exc).__name__)
+    on_close = writing_on_close(seen)
 
     wrapped = RequestScopeMiddleware(Recorder(), on_close=on_close)
     body: Any = wrapped(_environ(), _start_response)

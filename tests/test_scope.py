@@ -143,6 +143,44 @@ def test_on_close_errors_are_logged_not_raised(caplog: pytest.LogCaptureFixture)
         raise ValueError("mine")
 
 
+def test_on_close_runs_with_no_store_and_a_scope_it_leaves_open_is_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """on_close and the DEBUG record run with no store active, not the enclosing block's
+    (a logging filter tagging records with the request's id read the block's); a scope
+    on_close opens and never exits is closed, logged (hidden, it would stay open, never
+    closed, its on_close never run); code in on_close is told where it runs (a review)."""
+    tagged: list[object] = []
+
+    class Tag(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            tagged.append(perrequest.get("request_id"))
+            return True
+
+    told: list[str] = []
+
+    def on_close(stats: ScopeStats) -> None:
+        try:
+            perrequest.set("x", 1)
+        except perrequest.NoActiveScope as exc:
+            told.append(str(exc))
+        request_scope().__enter__()  # never exited
+
+    logger = logging.getLogger("perrequest")
+    logger.addFilter(tag := Tag())
+    try:
+        with caplog.at_level(logging.DEBUG, logger="perrequest"), request_scope():
+            perrequest.set("request_id", "the block's")
+            with request_scope(on_close=on_close):
+                pass
+            assert perrequest.get("request_id") == "the block's"
+    finally:
+        logger.removeFilter(tag)
+    assert tagged[:2] == [None, None]  # the DEBUG record of the inner scope, the ERROR
+    assert "left a scope open" in caplog.text and live_scopes() == 0
+    assert len(told) == 1 and "runs in a scope's on_close or a scope listener" in told[0]
+
+
 def test_closed_scope_is_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="perrequest"), request_scope():
         perrequest.set("a", 1)

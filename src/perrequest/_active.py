@@ -223,14 +223,18 @@ def close_scope(store: MemoStore) -> None:
     stats = store._shut(on_close is not None or bool(listeners) or debug)
     if stats is None:  # nobody watches: the stats are made only if store.stats is read
         return
-    if debug:
-        log(logger.debug, "request scope closed: %s", stats)
     # With no store active: not one open where the scope ends (a caller's block, another
     # request's, for a body closed or freed there), which on_close could read and write.
     hidden = _set(None)
     try:
+        if debug:
+            log(logger.debug, "request scope closed: %s", stats)
         notify(stats, on_close)
     finally:
+        left = _get()
+        if type(left) is MemoStore and not left._closed:
+            log(logger.error, "perrequest: on_close or a scope listener left a scope open")
+            close_scope(left)
         _current.reset(hidden)
 
 

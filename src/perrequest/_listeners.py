@@ -21,6 +21,11 @@ logger = logging.getLogger("perrequest")
 # closes while it runs, or in a task or context copied meanwhile (a scope it opened
 # itself), which would recurse, or chain tasks, forever.
 _calling: ContextVar[tuple[OnClose, ...]] = ContextVar("perrequest.calling", default=())
+IN_A_LISTENER_HINT = (
+    "This code runs in a scope's on_close or a scope listener, which run with no store "
+    "active, after the scope closed: open `with perrequest.request_scope():` in it if it "
+    "needs one."
+)
 # Callbacks running one inside another's scope, beyond which none is called: each may be
 # made anew (a partial, a lambda), so that none is recognised as running already.
 _NESTED_MAX = 8

@@ -25,6 +25,7 @@ from ._active import (
     within,
 )
 from ._checks import explains_options, is_async_callable
+from ._listeners import IN_A_LISTENER_HINT, _calling
 from ._results import refuse_coroutine
 from ._stats import add_scope_listener, remove_scope_listener
 from ._targets import refuse_class, refuse_generator, refuse_task
@@ -100,6 +101,8 @@ def no_scope_hint(hint: str = NO_SCOPE_HINT) -> str:
     active = here()
     if active is not None and active._closed:
         return ENDED_HINT
+    if _calling.get():
+        return IN_A_LISTENER_HINT
     kind = passed_through.get()
     if kind is None:
         return ELSEWHERE_HINT if live_scopes() else hint

@@ -92,7 +92,7 @@ if hasattr(pytest, "StashKey") and hasattr(getattr(pluggy, "Result", None), "for
         exit) fails, and the scope is closed: every test after it would share its store.
         An async test is checked in its own context (see ``_in_its_context``)."""
         before = _current.get()
-        left_in_its_context: list[tuple[str, str]] = []
+        left_in_its_context: list[bool] = []
         found = _async_test(item)
         if found is not None:  # run wrapped, then given back
             holder, name, function = found
@@ -101,9 +101,9 @@ if hasattr(pytest, "StashKey") and hasattr(getattr(pluggy, "Result", None), "for
         outcome = yield
         if found is not None:
             setattr(holder, name, function)
-        why = _close_left_open(before) or next(iter(left_in_its_context), None)
-        if why and outcome.excinfo is None:  # the message alone: no trace of pluggy's
-            outcome.force_exception(_left_active(item.nodeid, why))
+        left = _close_left_open(before) or bool(left_in_its_context)
+        if left and outcome.excinfo is None:  # the message alone: no trace of pluggy's
+            outcome.force_exception(_left_active(item.nodeid))
 
     # The scope a fixture's set-up (an xunit setup_function's too) left active, by fixture:
     # still open once the teardown its fixture is finalized in has ended (every finalizer
@@ -132,22 +132,24 @@ if hasattr(pytest, "StashKey") and hasattr(getattr(pluggy, "Result", None), "for
         for name, before, opened in _finalized:
             if _left_open(None, opened) is None:  # closed, as it should be
                 continue
-            why = _close(opened)
+            _close(opened)
             if _current.get() is opened or _current.get() is _store_of(opened):
                 _current.set(before)
             # pytest runs setup_function and its kin as fixtures
             who = (
                 "An xunit setup_*()" if str(name).startswith("_xunit_") else f"The fixture {name!r}"
             )
-            failure = failure or _left_active(who, why)
+            failure = failure or _left_active(who)
         _finalized.clear()
         if failure is not None and outcome.excinfo is None:
             outcome.force_exception(failure)
 
-    def _left_active(who: str, why: tuple[str, str]) -> BaseException:
+    def _left_active(who: str) -> BaseException:
         return pytest.fail.Exception(
-            f"{who} left a perrequest scope active: {why[0]}. It is closed now; the tests "
-            f"after this one would have shared its store. {why[1]}",
+            f"{who} left a perrequest scope active: a request_scope() entered and never "
+            "exited (its __enter__ called by hand, an ExitStack never closed). It is closed "
+            "now; the tests after this one would have shared its store. Use 'with "
+            "request_scope():', or the memo_scope fixture.",
             pytrace=False,
         )
 
@@ -164,10 +166,10 @@ def _async_test(item: object) -> tuple[Any, str, Any] | None:
 
 
 def _in_its_context(
-    test: Callable[..., Awaitable[Any]], funcargs: dict[str, Any], left: list[tuple[str, str]]
+    test: Callable[..., Awaitable[Any]], funcargs: dict[str, Any], left: list[bool]
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     """``test``, run with ``memo_scope``'s store active in its own context; the scopes it
-    leaves active there are closed, and what the first was is appended to ``left``. That
+    leaves active there are closed, and ``True`` is appended to ``left``. That
     context is not pytest's: anyio runs the async fixtures and tests sharing its runner
     (kept by a module-scoped async fixture, say) in one task, made as the first of them
     starts, where a store that a sync fixture makes active later is not, and one left
@@ -187,37 +189,36 @@ def _in_its_context(
         try:
             return await test(*args, **kwargs)
         finally:
-            why = _close_left_open(before)
-            if why:
-                left.append(why)
+            if _close_left_open(before):
+                left.append(True)
             if token is not None:
                 _current.reset(token)
 
     return in_its_context
 
 
-def _close_left_open(before: object) -> tuple[str, str] | None:
+def _close_left_open(before: object) -> bool:
     """Close the scopes active here that were opened since ``before`` was, the latest first,
-    and make ``before`` active again; say what the first was, or None."""
-    why: tuple[str, str] | None = None
+    and make ``before`` active again; say whether there was one."""
+    found = False
     for _ in range(100):  # scopes opened one inside another, the latest first
         left = _left_open(before)
         if left is None:
             break
-        why = why or _close(left)
+        found = True
+        _close(left)
         if _current.get() is left:  # not undone here (opened in another context)
             _current.set(before)
-    return why
+    return found
 
 
-def _close(left: Any) -> tuple[str, str]:
-    """Close ``left``; say what it was. (No middleware leaves its scope active: each gives
-    the thread back as the app returns, and a body's chunks get it around each one.)"""
+def _close(left: Any) -> None:
+    """Close ``left``: a ``request_scope()`` (no middleware leaves its scope active: each
+    gives the thread back as the app returns, and a body's chunks get it around each one)."""
     if type(left) is list:  # a middleware's cell, made active by hand
         close_request(left, None)
     else:
         close_scope(left)
-    return _SCOPE
 
 
 def _left_open(before: object, left: Any = _NOTHING) -> Any:
@@ -233,10 +234,3 @@ def _left_open(before: object, left: Any = _NOTHING) -> Any:
 def _store_of(cell: object) -> object:
     """The store made from a middleware's cell (by the first memo that needed one), or None."""
     return cell[1] if type(cell) is list and len(cell) > 1 else None
-
-
-_SCOPE = (
-    "a request_scope() entered and never exited (its __enter__ called by hand, an "
-    "ExitStack never closed)",
-    "Use 'with request_scope():', or the memo_scope fixture.",
-)

@@ -336,6 +336,26 @@ def test_a_misspelt_option_prefix_is_refused(typo: str, meant: str) -> None:
     assert task.max_retries == 3
 
 
+@pytest.mark.parametrize(
+    ("plain", "meant"),
+    [
+        ("max_entries", "perrequest_max_entries"),
+        ("maxsize", "perrequest_max_entries"),
+        ("on_close", "perrequest_on_close"),
+    ],
+)
+def test_an_option_without_its_prefix_is_refused(plain: str, meant: str) -> None:
+    """Written as install() and the middlewares take it, the option was one more class
+    attribute among Celery's: the task ran with the default bound, silently."""
+    other = Celery("test_celery_unprefixed", broker="memory://")
+    with pytest.raises(TypeError, match=re.escape(f"{plain}=. Did you mean {meant}=?")):
+        other.task(lazy=False, base=ScopedTask, name="plain", **{plain: 50})(_body)
+    with pytest.raises(TypeError, match="with the prefix perrequest_"):
+
+        class Subclassed(ScopedTask):
+            max_entries = 50
+
+
 def test_install_checks_its_options() -> None:
     other = Celery("test_celery_install", broker="memory://")
     with pytest.raises(ValueError, match="max_entries"):

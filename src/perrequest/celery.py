@@ -35,6 +35,14 @@ from .store import DEFAULT_MAX_ENTRIES, MemoStore
 __all__ = ["ScopedTask", "install"]
 
 _OPTIONS: Final = ("perrequest_max_entries", "perrequest_on_close")
+# Options written as other entry points take them: on a task class they would be one
+# more attribute among Celery's, and the task would run with the default silently.
+_UNPREFIXED: Final = {
+    "max_entries": _OPTIONS[0],
+    "maxsize": _OPTIONS[0],
+    "max_size": _OPTIONS[0],
+    "on_close": _OPTIONS[1],
+}
 
 
 # Celery ships no type hints, so Task is Any to mypy; subclassing it is the point.
@@ -73,6 +81,13 @@ def _check_task_class(cls: type) -> None:
     """Refuse misspelt or bad options when the task class is created, not at the first run."""
     where = f"task class {cls.__qualname__}"
     for name in vars(cls):
+        if name in _UNPREFIXED:
+            raise TypeError(
+                f"{where} got an unknown option {name}=. Did you mean {_UNPREFIXED[name]}=? "
+                "A task class takes perrequest's options with the prefix perrequest_ "
+                "(@app.task(base=ScopedTask, perrequest_max_entries=...) sets them as "
+                "attributes of the class, among Celery's own)."
+            )
         # A typo in the prefix (perequest_max_entries) would otherwise be one more
         # attribute among Celery's, and the task would run with the default silently.
         misspelt = difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.8)

@@ -11,9 +11,11 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import flask
 import flask_apps
 import httpx
 import pytest
@@ -653,3 +655,55 @@ def test_flask_run_debug_runs_close_hooks_in_scope_when_a_client_leaves_mid_stre
         thread.join(10)
     assert log == ["finally stream", "call_on_close stream"]
     assert live_scopes() == 0
+
+
+def _streaming_app() -> Flask:
+    app = Flask("stream_across")
+
+    @perrequest.request_memo
+    def owner() -> str:
+        return flask.request.args["rid"]
+
+    @app.route("/")
+    def index() -> Response:
+        def rows() -> Iterator[str]:
+            for _ in range(3):
+                yield f"{flask.request.args['rid']}:{owner()};"
+
+        return Response(stream_with_context(rows()))
+
+    PerRequest(app)
+    return app
+
+
+def _start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+    pass
+
+
+@pytest.mark.parametrize("server", ["interleaved", "pool threads"])
+def test_stream_with_context_keeps_its_own_request_on_any_server(server: str) -> None:
+    """stream_with_context pushes Flask's contexts in the first chunk and pops them in the
+    last. A server interleaving bodies in one thread (bjoern, uWSGI --ugreen) or pulling
+    chunks in pool threads (Tornado's WSGIContainer with an executor) saw another
+    request's flask.request in a chunk, and a body popping another request's context
+    failed ("Popped wrong request context"): with or without perrequest until 7 December
+    2026. Each body's chunks now run in a context of its own, Flask's included."""
+    app = _streaming_app()
+    bodies = [app(create_environ(f"/?rid=r{n}"), _start) for n in range(3)]
+    chunks = [iter(body) for body in bodies]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        pull: Callable[[Iterator[bytes]], bytes] = (
+            next if server == "interleaved" else lambda it: pool.submit(next, it).result()
+        )
+        seen = [[pull(it) for it in chunks]]
+        # Between chunks the server's thread holds neither store nor Flask context.
+        assert not flask.has_request_context() and _current.get() is None
+        seen += [[pull(it) for it in chunks] for _ in range(2)]
+        for it in chunks:
+            with pytest.raises(StopIteration):
+                pull(it)
+    for body in bodies:
+        body.close()
+    assert seen == [[f"r{n}:r{n};".encode() for n in range(3)]] * 3
+    assert _current.get() is None and live_scopes() == 0
+    assert not flask.has_request_context()

@@ -10,6 +10,7 @@ docs/frameworks/wsgi.md has the details.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import copy_context
 from typing import Any
 
 from ._active import (
@@ -33,7 +34,7 @@ from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
 
-_get, _set, _reset = _current.get, _current.set, _current.reset
+_get, _reset = _current.get, _current.reset
 
 # Typed loosely, as Werkzeug does, to accept apps typed with _typeshed.wsgi.
 StartResponse = Callable[..., Any]
@@ -128,8 +129,9 @@ class RequestScopeMiddleware:
         except BaseException:
             close_request(cell, token)
             raise
-        _reset(token)  # the thread as it was: the body makes the store active for each chunk
-        return ScopedBody(body, cell)
+        scoped = ScopedBody(body, cell)  # made here, where the store is active
+        _reset(token)  # the thread as it was: the body's chunks are produced in its own context
+        return scoped
 
 
 class _FileWrapper:
@@ -151,70 +153,74 @@ _DONE: Iterator[bytes] = iter(())  # exhausted, and stays so: shared by every cl
 
 
 class ScopedBody:
-    """A response body whose chunks, and ``close()``, are produced with its request's store
-    active; its scope stays open until ``close()`` ends it (PEP 3333).
+    """A response body whose chunks, and ``close()``, are produced in a context of its own,
+    copied where the app returned, with the request's store active; its scope stays open
+    until ``close()`` ends it (PEP 3333).
 
-    Between chunks the thread holds what it held before, wherever the chunks are pulled: a
-    server that interleaves requests in one thread (bjoern) or fetches chunks in pool
-    threads (Tornado's ``WSGIContainer``) gives each chunk its own request's store and leaves
-    none behind. It is its own iterator, so a layer's ``yield from`` that is closed closes
-    it (PEP 380). A body never closed (against PEP 3333) ends its scope, only, when freed.
-    Public so that code that drives a WSGI app by hand can recognise it.
+    The thread that pulls a chunk holds nothing of it before or after: a server that
+    interleaves requests in one thread (bjoern) or fetches chunks in pool threads
+    (Tornado's ``WSGIContainer``) gives each chunk its own request's store, and what the
+    body sets (a ``request_scope()`` held across its yields, a context variable of its
+    own) stays in its context. ``Context.run`` enters it without touching any variable, so
+    a chunk costs no set and reset. It is its own iterator, so a layer's ``yield from``
+    that is closed closes it (PEP 380). A body never closed (against PEP 3333) ends its
+    scope, only, when freed. Public so that code that drives a WSGI app by hand can
+    recognise it.
 
     Args:
         body: The app's response iterable.
-        cell: The request's scope, as ``open_request`` opened it, still open.
+        cell: The request's scope, as ``open_request`` opened it, still open and active
+            where the ``ScopedBody`` is made.
     """
 
-    __slots__ = ("_active", "_body", "_cell", "_chunks")
+    __slots__ = ("_body", "_cell", "_chunks", "_run")
 
     def __init__(self, body: Iterable[bytes], cell: list[Any]) -> None:
         self._body = body
         self._cell: list[Any] | None = cell
-        self._active: Any = cell  # or a request_scope() the body holds open across its yields
+        self._run = copy_context().run
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> ScopedBody:
         return self
 
     def __next__(self) -> bytes:
-        token = _set(self._active)
-        try:
-            if self._chunks is None:
-                self._chunks = iter(self._body)
-            return next(self._chunks)
-        finally:
-            self._active = _get()
-            _reset(token)
-            del self  # not held by an error's traceback (this frame): freed, it ends its scope
+        run, chunks = self._run, self._chunks
+        if chunks is None:
+            chunks = self._chunks = run(iter, self._body)
+        del self  # not held by an error's traceback (this frame): freed, it ends its scope
+        return run(next, chunks)
 
     def close(self) -> None:
-        """Close the body with the scope active, then end the scope."""
+        """Close the body in its context, then end the scope."""
         cell, self._cell = self._cell, None
         if cell is None:
             return
-        token = _set(self._active)
         try:
-            close = getattr(self._body, "close", None)  # a property may raise: in the try
-            if close is not None:
-                close()
+            self._run(_close_body, self)
         finally:
-            # Nothing more to produce: the body (and its iterator, which may be itself) is
-            # freed in its scope.
-            self._chunks = self._body = _DONE
-            _reset(token)
             close_request(cell, None)
 
     def __del__(self) -> None:
         cell, self._cell = self._cell, None
         if cell is None:
             return
-        # The scope only: the app's close hooks never ran, as without perrequest. With its
-        # own scope set (closed first), the body's cleanup (a generator's ``finally``)
-        # touches nobody's store, not what is active where it was dropped.
-        token = _set(cell)
-        try:
-            close_request(cell, None)
-            del self._body, self._chunks, self._active
-        finally:
-            _reset(token)
+        # The scope only: the app's close hooks never ran, as without perrequest. In its
+        # context, with its scope closed first, the body's cleanup (a generator's
+        # ``finally``) touches nobody's store, not what is active where it was dropped.
+        close_request(cell, None)
+        self._run(_drop_body, self)
+
+
+def _close_body(scoped: ScopedBody) -> None:
+    try:
+        close = getattr(scoped._body, "close", None)  # a property may raise: in the try
+        if close is not None:
+            close()
+    finally:
+        _drop_body(scoped)
+
+
+def _drop_body(scoped: ScopedBody) -> None:
+    """Free the body (and its iterator, which may be itself) here, in its context."""
+    scoped._chunks = scoped._body = _DONE

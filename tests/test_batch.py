@@ -629,3 +629,40 @@ async def test_loads_a_loop_iteration_apart_join_one_batch_as_with_dataloader(ap
     async with request_scope():
         assert await two_loads(ours.load) == ["u1", "u2"]
     assert calls["ours"] == calls["dataloader"] == [[1, 2]]
+
+
+async def test_a_value_that_serves_once_fails_its_key_and_is_not_cached() -> None:
+    """A batch function returning, for a key, what can be used once (a coroutine it did not
+    await, a generator, a map) had it cached: every later load of the key got it spent
+    (a RuntimeError for the coroutine, an empty generator). As a memo refuses such a
+    result, the key fails with a TypeError naming it, the other keys are loaded, and
+    nothing is cached for it (a probe, 7 December 2026)."""
+    calls: list[list[int]] = []
+
+    async def row(key: int) -> str:
+        return f"u{key}"
+
+    @request_batch
+    async def rows(keys: list[int]) -> list[Any]:
+        calls.append(list(keys))
+        made = {1: row(1), 2: (c for c in "ab"), 3: map(str, "ab")}
+        return [made.get(k, f"u{k}") for k in keys]
+
+    async with request_scope():
+        for key, kind in [
+            (1, "a coroutine"),
+            (2, "a generator"),
+            (3, r"a one-shot iterator \(map\)"),
+        ]:
+            with pytest.raises(TypeError, match=f"value of key {key}: {kind}") as failure:
+                await rows.load(key)
+            assert "@request_batch" in str(failure.value) and "rows" in str(failure.value)
+        assert await rows.load_many([4, 5]) == ["u4", "u5"]
+        with pytest.raises(TypeError, match="value of key 1: a coroutine"):
+            await rows.load_many([1, 6])
+        assert await rows.load(6) == "u6"  # loaded with the failing key, and kept
+        calls.clear()
+        with pytest.raises(TypeError):
+            await rows.load(1)  # not cached: asked again
+        assert calls == [[1]]
+        assert rows.cache_info().currsize == 3  # u4, u5, u6

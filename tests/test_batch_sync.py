@@ -557,3 +557,16 @@ def test_a_thread_waiting_for_a_fetch_that_dies_at_the_recursion_limit_is_freed(
         assert not waiter.is_alive(), f"the waiter still waits for a fetch that ended ({extra})"
         assert len(results) == 1 and isinstance(results[0], RecursionError), results
     assert waited, "the waiter never waited for the deepest key's fetch"
+
+
+def test_a_value_that_serves_once_fails_its_key_sync_too() -> None:
+    @request_batch
+    def tags(keys: list[int]) -> list[Any]:
+        return [(f"t{k}-{i}" for i in range(2)) if k == 1 else [f"t{k}"] for k in keys]
+
+    with request_scope():
+        with pytest.raises(TypeError, match="value of key 1: a generator"):
+            tags.load(1)
+        assert tags.load_many([2, 3]) == [["t2"], ["t3"]]
+        with pytest.raises(TypeError, match="value of key 1: a generator"):
+            tags.load(1)  # asked again: never cached

@@ -66,21 +66,30 @@ def is_lazy(value: object) -> bool:
         return False
 
 
+def one_shot(value: Any) -> str:
+    """What ``value``, which would serve once, is (for a message); closed if it can be
+    closed here, so that its body never runs (an async generator's needs awaiting)."""
+    if type(value) in (CoroutineType, GeneratorType):
+        value.close()
+    if type(value) is CoroutineType:
+        return "a coroutine"
+    if issubclass(type(value), _CONTEXTS):
+        return "the context manager of a @contextmanager function, good for one with block"
+    if type(value) in (GeneratorType, AsyncGeneratorType):
+        return "an async generator" if type(value) is AsyncGeneratorType else "a generator"
+    return f"a one-shot iterator ({type(value).__name__})"
+
+
 def refuse_memoized_result(fn: object, value: Any) -> None:
     """Cached, a coroutine or iterator would serve once: the next call gets it exhausted."""
-    kind, fix = "a generator", "Return a list (list(...)), or memoize the function consuming it"
+    fix = "Return a list (list(...)), or memoize the function consuming it"
     if type(value) is CoroutineType:
-        kind = "a coroutine"
         fix = "Memoize the async def itself, or make the function around it async"
         if is_async_callable(fn):  # an async def returning one it did not await
             fix = "Await it in the function (return await ...)"
     elif issubclass(type(value), _CONTEXTS):
-        kind = "the context manager of a @contextmanager function, good for one with block"
         fix = "Memoize the function computing what the with block uses"
-    elif type(value) not in (GeneratorType, AsyncGeneratorType):
-        kind = f"a one-shot iterator ({type(value).__name__})"
-    if type(value) in (CoroutineType, GeneratorType):  # (an async generator's needs awaiting)
-        value.close()
+    kind = one_shot(value)
     raise TypeError(
         f"{getattr(fn, '__qualname__', fn)!r} returned {kind}, which would be cached "
         f"unconsumed and could be used only once. {fix}, so that a result is cached."

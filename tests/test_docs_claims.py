@@ -411,6 +411,10 @@ def _runtime_mistakes() -> dict[str, list[object]]:
         return set(keys)
 
     @request_batch
+    def returns_generators(keys: list[Any]) -> list[Any]:
+        return [(key for _ in range(2)) for key in keys]
+
+    @request_batch
     def sorts_its_keys(keys: list[Any]) -> list[Any]:
         keys.sort()
         return keys
@@ -420,6 +424,9 @@ def _runtime_mistakes() -> dict[str, list[object]]:
         "a `@request_batch` function whose mapping lacks": [lambda: lacks_a_key.load(1)],
         "a `@request_batch` function that returns something else": [lambda: returns_a_set.load(1)],
         "a `@request_batch` function that changes": [lambda: sorts_its_keys.load_many([2, 1])],
+        "a `@request_batch` function returns, as a key's value": [
+            lambda: returns_generators.load(1)
+        ],
         "an unhashable load key": [lambda: counts_wrong.load([1, 2])],
         "a sync memoized function (or one run by": [returns_a_coroutine],
         "a memoized function returns a generator": [

@@ -15,7 +15,7 @@ from ._batch_outcomes import Unhashed, missing_keys, pick, put_all, same, settle
 from ._checks import is_async_callable, unhashable_because
 from ._flight import MISSING
 from ._records import take_out
-from ._results import LAZY, is_lazy, one_shot, refuse_coroutine
+from ._results import one_shots_failed, refuse_coroutine
 from ._signals import is_time_limit
 from ._stats import Counter, function_name
 from ._waits import RESTART, done_waiting, gone, may_wait, result
@@ -96,7 +96,7 @@ class _BatchSpec:
         what the batch function returned given ``passed`` (a copy of ``keys``); ``TypeError``
         when its shape is wrong, or when it changed ``passed`` and returned a sequence."""
         if isinstance(result, Mapping):
-            return self._refuse_one_shots(keys, self._from_mapping(keys, cache_keys, result))
+            return one_shots_failed(self.name, keys, self._from_mapping(keys, cache_keys, result))
         if len(passed) != len(keys) or any(a is not b for a, b in zip(passed, keys, strict=True)):
             raise TypeError(  # told by identity: no key's __eq__ runs
                 f"@request_batch {self.name} changed the list of keys it was given (sorted, "
@@ -117,26 +117,7 @@ class _BatchSpec:
                 "keys: it must return one value per key, in the order of the keys it was "
                 "given (an Exception instance fails one key), or a mapping from key to value."
             )
-        return self._refuse_one_shots(keys, result)
-
-    def _refuse_one_shots(self, keys: list[Any], values: list[Any]) -> list[Any]:
-        """A value that would serve once (a coroutine not awaited, a generator) fails its
-        key, as a memo refuses it: cached, every later load would get it spent."""
-        try:
-            if LAZY.isdisjoint(map(type, values)):  # one pass in C: the common case
-                return values
-        except TypeError:  # a class its metaclass cannot hash: looked at one by one
-            pass
-        return [
-            TypeError(
-                f"@request_batch {self.name} returned, as the value of key {key!r}: "
-                f"{one_shot(value)}, which would be cached unconsumed and could be used only "
-                "once. Return the values themselves: awaited (asyncio.gather), or a list."
-            )
-            if is_lazy(value)
-            else value
-            for key, value in zip(keys, values, strict=True)
-        ]
+        return one_shots_failed(self.name, keys, result)
 
     def _from_mapping(self, keys: list[Any], cks: list[Hashable], result: Any) -> list[Any]:
         """With ``key=``, a mapping keyed by load keys or by cache keys: whichever finds

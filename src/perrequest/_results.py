@@ -94,3 +94,23 @@ def refuse_memoized_result(fn: object, value: Any) -> None:
         f"{getattr(fn, '__qualname__', fn)!r} returned {kind}, which would be cached "
         f"unconsumed and could be used only once. {fix}, so that a result is cached."
     )
+
+
+def one_shots_failed(name: str, keys: list[Any], values: list[Any]) -> list[Any]:
+    """A batch's values, each that would serve once (a coroutine not awaited, a generator)
+    made its key's failure, as a memo refuses it: cached, later loads would get it spent."""
+    try:
+        if LAZY.isdisjoint(map(type, values)):  # one pass in C: the common case
+            return values
+    except TypeError:  # a class its metaclass cannot hash: looked at one by one
+        pass
+    return [
+        TypeError(
+            f"@request_batch {name} returned, as the value of key {key!r}: {one_shot(value)}, "
+            "which would be cached unconsumed and could be used only once. Return the values "
+            "themselves: awaited (asyncio.gather), or a list."
+        )
+        if is_lazy(value)
+        else value
+        for key, value in zip(keys, values, strict=True)
+    ]

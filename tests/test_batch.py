@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -645,8 +645,8 @@ async def test_a_value_that_serves_once_fails_its_key_and_is_not_cached() -> Non
     @request_batch
     async def rows(keys: list[int]) -> list[Any]:
         calls.append(list(keys))
-        made = {1: row(1), 2: (c for c in "ab"), 3: map(str, "ab")}
-        return [made.get(k, f"u{k}") for k in keys]
+        made = {1: lambda: row(1), 2: lambda: (c for c in "ab"), 3: lambda: map(str, "ab")}
+        return [made[k]() if k in made else f"u{k}" for k in keys]
 
     async with request_scope():
         for key, kind in [
@@ -666,3 +666,28 @@ async def test_a_value_that_serves_once_fails_its_key_and_is_not_cached() -> Non
             await rows.load(1)  # not cached: asked again
         assert calls == [[1]]
         assert rows.cache_info().currsize == 3  # u4, u5, u6
+
+
+async def test_a_value_that_serves_once_in_a_mapping_fails_its_key_too() -> None:
+    async def rows() -> AsyncIterator[int]:
+        yield 1
+
+    class Meta(type):  # a class its metaclass cannot hash: looked at one by one
+        def __eq__(cls, other: object) -> bool:
+            return cls is other
+
+        __hash__ = None  # type: ignore[assignment]
+
+    class Odd(metaclass=Meta):
+        pass
+
+    odd = Odd()
+
+    @request_batch
+    async def by_key(keys: list[int]) -> dict[int, Any]:
+        return {k: rows() if k == 1 else odd for k in keys}
+
+    async with request_scope():
+        with pytest.raises(TypeError, match="value of key 1: an async generator"):
+            await by_key.load(1)
+        assert await by_key.load(2) is odd

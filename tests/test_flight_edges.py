@@ -1163,3 +1163,18 @@ def test_cache_clear_is_not_failed_by_another_keys_hash_in_flight() -> None:
             saving.clear()
             finish.set()
         assert computing.result(5) == 1
+
+
+async def test_an_async_generator_returned_is_called_an_async_generator() -> None:
+    """DESIGN.md: an async generator is called an async generator (it was "a generator")."""
+
+    async def rows() -> Any:
+        yield 1
+
+    @request_memo
+    def listing() -> Any:
+        return rows()
+
+    async with request_scope():
+        with pytest.raises(TypeError, match=r"'.*listing' returned an async generator,"):
+            listing()

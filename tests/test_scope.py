@@ -535,8 +535,8 @@ def test_scoped_body_closes_at_garbage_collection() -> None:
 
     cell, token = open_request((10, None))
     store = perrequest.current_store()
-    body = ScopedBody([b"a"], cell)  # made where the store is active, as the middleware does
     _current.reset(token)  # as the middleware leaves it when the app returns
+    body = ScopedBody([b"a"], cell)
     assert next(iter(body)) == b"a"  # produced with the store active, then given back
     assert live_scopes() == 1 and not in_request_scope()
     del body  # dropped by refcount in this context: the scope ends, the context is restored

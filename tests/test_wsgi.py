@@ -12,6 +12,7 @@ import gc
 import io
 import logging
 import threading
+import time
 import wsgiref.simple_server
 import wsgiref.util
 from collections.abc import Callable, Iterable, Iterator
@@ -1195,3 +1196,183 @@ def test_a_layer_closing_an_earlier_response_during_a_later_request_leaves_that_
     second.close()
     assert seen == [2] and live_scopes() == 0
     assert _current.get() is None  # not request 1's closed scope: the thread as it was
+
+
+# -- a body's own context (Context.run): the edges a review found, 7 December 2026 ----------
+
+
+def test_an_error_kept_after_a_failed_chunk_holds_nothing_of_the_body() -> None:
+    """A chunk fails in C code (``map`` over the app's generator), the server keeps the
+    error (an error reporter, Twisted's Failure) and drops the body unclosed. The error's
+    traceback holds ``__next__``'s frame: had it held the app's iterator, the generator's
+    cleanup would run when the error is dropped, later, inside another request's scope."""
+    seen: list[Any] = []
+
+    def rows() -> Iterator[Any]:
+        try:
+            yield "a"
+            yield 1  # str.encode(1) raises, in C
+        finally:
+            seen.append(perrequest.get("who"))
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        perrequest.set("who", "request A")
+        return map(str.encode, rows())
+
+    body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+    assert next(body) == b"a"
+    with pytest.raises(TypeError) as kept:
+        next(body)
+    del body  # unclosed: its scope ends, and its generator is freed, in its own context
+    assert seen == [None] and live_scopes() == 0
+    with request_scope() as store:
+        store["who"] = "request B"
+        del kept  # the error, dropped inside another request
+    assert seen == [None]
+
+
+class _SlowBody:
+    """An app body with a ``close()`` of its own (a file stream, a cursor)."""
+
+    def __init__(self, log: list[Any], pause: threading.Event | None = None) -> None:
+        self.log, self.pause, self.n = log, pause, 0
+
+    def __iter__(self) -> _SlowBody:
+        self.log.append(("iter", perrequest.get("who")))
+        return self
+
+    def __next__(self) -> bytes:
+        self.n += 1
+        if self.n > 2:
+            raise StopIteration
+        if self.pause is not None:
+            self.pause.wait(5)
+        return b"x"
+
+    def close(self) -> None:
+        self.log.append(("close", perrequest.get("who")))
+
+
+def _slow_app(body: _SlowBody) -> RequestScopeMiddleware:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> _SlowBody:
+        start_response("200 OK", [])
+        perrequest.set("who", "request A")
+        return body
+
+    return RequestScopeMiddleware(app)
+
+
+def test_a_body_closed_while_another_thread_produces_a_chunk_closes_in_its_scope() -> None:
+    """Tornado's WSGIContainer, shutting down, closes the body in the loop thread while an
+    executor thread produces a chunk: the body's context is entered there, and cannot be
+    entered twice. The app's close() still runs, with the store; next() then stops."""
+    log: list[Any] = []
+    pause = threading.Event()
+    body: Any = _slow_app(_SlowBody(log, pause))(_environ(), _start_response)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        chunk = pool.submit(next, body)
+        time.sleep(0.05)  # the chunk is being produced
+        body.close()
+        pause.set()
+        assert chunk.result() == b"x"
+    assert log == [("iter", "request A"), ("close", "request A")]
+    with pytest.raises(StopIteration):
+        next(body)
+    assert live_scopes() == 0
+
+
+def test_a_body_closed_from_inside_its_own_chunk_closes_in_its_scope() -> None:
+    """A server's write() (PEP 3333's legacy write callable, called from a chunk) gives up
+    on a gone client by closing the response it is serving."""
+    log: list[Any] = []
+    holder: dict[str, Any] = {}
+
+    class Writing(_SlowBody):
+        def __next__(self) -> bytes:
+            holder["body"].close()
+            return super().__next__()
+
+    body: Any = _slow_app(Writing(log))(_environ(), _start_response)
+    holder["body"] = body
+    assert next(body) == b"x"
+    assert log == [("iter", "request A"), ("close", "request A")] and live_scopes() == 0
+
+
+def test_a_body_whose_close_raises_is_still_freed_in_its_context() -> None:
+    seen: list[Any] = []
+
+    def rows() -> Iterator[bytes]:
+        try:
+            yield b"a"
+            yield b"b"
+        finally:
+            seen.append(perrequest.get("who"))
+
+    def gone() -> None:  # (a method's frame, in the error, would hold the body itself)
+        raise OSError("the socket is gone")
+
+    class Failing:
+        close = staticmethod(gone)
+
+        def __init__(self) -> None:
+            self.rows = rows()
+
+        def __iter__(self) -> Iterator[bytes]:
+            return self.rows
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Failing:
+        start_response("200 OK", [])
+        perrequest.set("who", "request A")
+        return Failing()
+
+    body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
+    assert next(body) == b"a"
+    with pytest.raises(OSError, match="socket is gone"):
+        body.close()
+    assert seen == ["request A"] and live_scopes() == 0
+
+
+def test_a_closed_body_keeps_nothing_of_its_context() -> None:
+    """A server may hold a closed body (a keep-alive connection's last response): what the
+    app's context held (an outer layer's per-request object) is freed as it closes."""
+    import contextvars
+    import weakref
+
+    outer: contextvars.ContextVar[Any] = contextvars.ContextVar("outer_layer")
+
+    class PerRequestObject:
+        pass
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        return iter([b"a"])
+
+    wrapped = RequestScopeMiddleware(app)
+    made = PerRequestObject()
+    alive = weakref.ref(made)
+    token = outer.set(made)  # an outer layer's, around the app call only
+    try:
+        body: Any = wrapped(_environ(), _start_response)
+    finally:
+        outer.reset(token)
+    del made
+    assert list(body) == [b"a"] and alive() is not None  # open: its chunks may need it
+    body.close()
+    assert alive() is None and live_scopes() == 0
+
+
+def test_a_scoped_body_made_by_hand_produces_its_chunks_in_its_scope() -> None:
+    """ScopedBody is public: made where its scope is not active (after the middleware's
+    reset), its chunks and its body's ``__iter__`` still see the request's store."""
+    from perrequest._active import open_request
+    from perrequest.wsgi import ScopedBody
+
+    log: list[Any] = []
+    cell, token = open_request((10, None))
+    perrequest.set("who", "request A")
+    _current.reset(token)
+    body = ScopedBody(_SlowBody(log), cell)
+    assert list(body) == [b"x", b"x"]
+    body.close()
+    assert log == [("iter", "request A"), ("close", "request A")] and live_scopes() == 0

@@ -37,12 +37,7 @@ __all__ = ["ScopedTask", "install"]
 _OPTIONS: Final = ("perrequest_max_entries", "perrequest_on_close")
 # Options written as other entry points take them: on a task class they would be one
 # more attribute among Celery's, and the task would run with the default silently.
-_UNPREFIXED: Final = {
-    "max_entries": _OPTIONS[0],
-    "maxsize": _OPTIONS[0],
-    "max_size": _OPTIONS[0],
-    "on_close": _OPTIONS[1],
-}
+_UNPREFIXED: Final = {"max_entries": _OPTIONS[0], "on_close": _OPTIONS[1]}
 
 
 # Celery ships no type hints, so Task is Any to mypy; subclassing it is the point.
@@ -80,8 +75,9 @@ class ScopedTask(Task):  # type: ignore[misc]
 def _check_task_class(cls: type) -> None:
     """Refuse misspelt or bad options when the task class is created, not at the first run."""
     where = f"task class {cls.__qualname__}"
-    for name in vars(cls):
-        if name in _UNPREFIXED:
+    for name, value in vars(cls).items():
+        own = getattr(value, "__qualname__", "").startswith(f"{cls.__qualname__}.")
+        if name in _UNPREFIXED and not own:  # (a method of the class's: its own on_close)
             raise TypeError(
                 f"{where} got an unknown option {name}=. Did you mean {_UNPREFIXED[name]}=? "
                 "A task class takes perrequest's options with the prefix perrequest_ "

@@ -10,7 +10,7 @@ docs/frameworks/wsgi.md has the details.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import copy_context
+from contextvars import Context, copy_context
 from typing import Any
 
 from ._active import (
@@ -34,7 +34,7 @@ from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
 
-_get, _reset = _current.get, _current.reset
+_get, _set, _reset = _current.get, _current.set, _current.reset
 
 # Typed loosely, as Werkzeug does, to accept apps typed with _typeshed.wsgi.
 StartResponse = Callable[..., Any]
@@ -169,27 +169,32 @@ class ScopedBody:
 
     Args:
         body: The app's response iterable.
-        cell: The request's scope, as ``open_request`` opened it, still open and active
-            where the ``ScopedBody`` is made.
+        cell: The request's scope, as ``open_request`` opened it, still open.
     """
 
-    __slots__ = ("_body", "_cell", "_chunks", "_run")
+    __slots__ = ("_body", "_cell", "_chunks", "_context")
 
     def __init__(self, body: Iterable[bytes], cell: list[Any]) -> None:
         self._body = body
         self._cell: list[Any] | None = cell
-        self._run = copy_context().run
+        self._context = copy_context()  # the middleware's: made where its scope is active
+        active = _get()
+        if active is not cell and (len(cell) == 1 or active is not cell[1]):
+            self._context.run(_set, cell)  # made by hand elsewhere: its chunks see its scope
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> ScopedBody:
         return self
 
     def __next__(self) -> bytes:
-        run, chunks = self._run, self._chunks
-        if chunks is None:
-            chunks = self._chunks = run(iter, self._body)
-        del self  # not held by an error's traceback (this frame): freed, it ends its scope
-        return run(next, chunks)
+        try:
+            if self._chunks is None:
+                self._chunks = self._context.run(iter, self._body)
+            return self._context.run(next, self._chunks)
+        finally:
+            # An error's traceback holds this frame: nothing of the body in it, so that a
+            # body freed (its scope ended) frees what it holds in its context, not later.
+            del self
 
     def close(self) -> None:
         """Close the body in its context, then end the scope."""
@@ -197,7 +202,14 @@ class ScopedBody:
         if cell is None:
             return
         try:
-            self._run(_close_body, self)
+            self._context.run(_close_body, self)
+        except RuntimeError:
+            if self._body is _DONE:  # raised by the body's own close()
+                raise
+            # Its context is entered: a chunk is being produced (a server closing the body
+            # from another thread, or from inside a chunk). Closed in a copy of it, where
+            # what the body set in its own can be read but not reset.
+            self._context.copy().run(_close_body, self)
         finally:
             close_request(cell, None)
 
@@ -209,18 +221,23 @@ class ScopedBody:
         # context, with its scope closed first, the body's cleanup (a generator's
         # ``finally``) touches nobody's store, not what is active where it was dropped.
         close_request(cell, None)
-        self._run(_drop_body, self)
+        self._context.run(_drop_body, self)
 
 
 def _close_body(scoped: ScopedBody) -> None:
+    body: Any = scoped._body
+    scoped._body = _DONE  # first: close() tells that this ran
     try:
-        close = getattr(scoped._body, "close", None)  # a property may raise: in the try
+        close = getattr(body, "close", None)  # a property may raise: in the try
         if close is not None:
             close()
     finally:
+        body = close = None  # not held by an error's traceback (this frame): freed here
         _drop_body(scoped)
 
 
 def _drop_body(scoped: ScopedBody) -> None:
-    """Free the body (and its iterator, which may be itself) here, in its context."""
+    """Free the body (and its iterator, which may be itself) here, in its context, and the
+    context (what the app left in it) as this returns: a closed body holds neither."""
     scoped._chunks = scoped._body = _DONE
+    scoped._context = Context()

@@ -1376,3 +1376,64 @@ def test_a_scoped_body_made_by_hand_produces_its_chunks_in_its_scope() -> None:
     assert list(body) == [b"x", b"x"]
     body.close()
     assert log == [("iter", "request A"), ("close", "request A")] and live_scopes() == 0
+
+
+def test_a_token_the_app_sets_its_body_resets_and_nothing_reaches_the_servers_thread() -> None:
+    """The app sets a context variable as it runs and its body resets it in its last chunk
+    (Flask 3.0's stream_with_context, OpenTelemetry's WSGI middleware inside perrequest's).
+    With the body in a copy of the context, the reset failed ("created in a different
+    Context") and the value stayed in the server's thread (a probe, 7 December 2026). The
+    whole request runs in one context of its own: what the app sets, even unreset, never
+    reaches the server's thread."""
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("app_var", default="unset")
+    careless: contextvars.ContextVar[str] = contextvars.ContextVar("careless", default="unset")
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        token = var.set("set by the request")
+        careless.set("never reset")
+        start_response("200 OK", [])
+
+        def body() -> Iterator[bytes]:
+            try:
+                yield var.get().encode()
+            finally:
+                var.reset(token)
+
+        return body()
+
+    wrapped = RequestScopeMiddleware(app)
+    for _ in range(2):
+        body: Any = wrapped(_environ(), _start_response)
+        assert (var.get(), careless.get()) == ("unset", "unset")  # between call and chunks
+        assert list(body) == [b"set by the request"]
+        body.close()
+        assert (var.get(), careless.get(), _current.get()) == ("unset", "unset", None)
+    assert live_scopes() == 0
+
+
+def test_opentelemetrys_wsgi_middleware_inside_detaches_its_context(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RequestScopeMiddleware(OpenTelemetryMiddleware(app)): OpenTelemetry attaches the
+    request's trace context as the app is called and detaches it after the last chunk.
+    That detach failed ("Failed to detach context"), and the next request on the worker
+    thread ran under the previous one's remote parent span."""
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        return (chunk for chunk in [b"a", b"b"])
+
+    wrapped = RequestScopeMiddleware(OpenTelemetryMiddleware(app))
+    environ = _environ()
+    environ["HTTP_TRACEPARENT"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with caplog.at_level(logging.ERROR):
+        body: Any = wrapped(environ, _start_response)
+        assert list(body) == [b"a", b"b"]
+        body.close()
+    assert "detach" not in caplog.text
+    assert trace.get_current_span().get_span_context().span_id == 0  # nothing left here
+    assert live_scopes() == 0

@@ -34,7 +34,7 @@ from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
 
-_get, _set, _reset = _current.get, _current.set, _current.reset
+_get, _set = _current.get, _current.set
 
 # Typed loosely, as Werkzeug does, to accept apps typed with _typeshed.wsgi.
 StartResponse = Callable[..., Any]
@@ -108,13 +108,16 @@ class RequestScopeMiddleware:
             if opened_outside(environ.get(REQUEST_KEY)):
                 return self.app(environ, start_response)  # an outer perrequest layer's scope
             forget_closed()
-        cell, token = open_request(self._options)
+        # The request runs in a context of its own, from the call to the body's close():
+        # the thread's is never touched, and a token the app sets its body can reset.
+        context = copy_context()
+        cell = context.run(open_request, self._options)[0]
         environ[REQUEST_KEY] = cell
         wrapper = environ.get("wsgi.file_wrapper")
         if wrapper is not None and not isinstance(wrapper, type):  # a function (uWSGI, meinheld)
             wrapper = environ["wsgi.file_wrapper"] = _FileWrapper(wrapper)
         try:
-            body = self.app(environ, start_response)
+            body = context.run(self.app, environ, start_response)
             kind = type(body)  # the server's file wrapper is its own class: no isinstance
             if (
                 kind is list
@@ -124,14 +127,12 @@ class RequestScopeMiddleware:
             ):
                 # No app code runs later: end the scope now, and hand the body over as it
                 # is (the server still sees a list's len(), and its sendfile wrapper).
-                close_request(cell, token)
+                close_request(cell, None)
                 return body
         except BaseException:
-            close_request(cell, token)
+            close_request(cell, None)
             raise
-        scoped = ScopedBody(body, cell)  # made here, where the store is active
-        _reset(token)  # the thread as it was: the body's chunks are produced in its own context
-        return scoped
+        return ScopedBody(body, cell, context)
 
 
 class _FileWrapper:
@@ -153,16 +154,17 @@ _DONE: Iterator[bytes] = iter(())  # exhausted, and stays so: shared by every cl
 
 
 class ScopedBody:
-    """A response body whose chunks, and ``close()``, are produced in a context of its own,
-    copied where the app returned, with the request's store active; its scope stays open
-    until ``close()`` ends it (PEP 3333).
+    """A response body whose chunks, and ``close()``, are produced in the context the app
+    was called in, its request's store active; its scope stays open until ``close()`` ends
+    it (PEP 3333).
 
     The thread that pulls a chunk holds nothing of it before or after: a server that
     interleaves requests in one thread (bjoern) or fetches chunks in pool threads
-    (Tornado's ``WSGIContainer``) gives each chunk its own request's store, and what the
-    body sets (a ``request_scope()`` held across its yields, a context variable of its
-    own) stays in its context. ``Context.run`` enters it without touching any variable, so
-    a chunk costs no set and reset. It is its own iterator, so a layer's ``yield from``
+    (Tornado's ``WSGIContainer``) gives each chunk its own request's store; what the app
+    and the body set (a ``request_scope()`` held across yields, a token to reset in the
+    last chunk: Flask's ``stream_with_context``, OpenTelemetry's middleware) stays in that
+    context. ``Context.run`` enters it without touching any variable, so a chunk costs no
+    set and reset. It is its own iterator, so a layer's ``yield from``
     that is closed closes it (PEP 380). A body never closed (against PEP 3333) ends its
     scope, only, when freed. Public so that code that drives a WSGI app by hand can
     recognise it.
@@ -170,17 +172,21 @@ class ScopedBody:
     Args:
         body: The app's response iterable.
         cell: The request's scope, as ``open_request`` opened it, still open.
+        context: The context the app was called in, the scope active in it (the
+            middleware's); by default a copy of this one, the scope set in it.
     """
 
     __slots__ = ("_body", "_cell", "_chunks", "_context")
 
-    def __init__(self, body: Iterable[bytes], cell: list[Any]) -> None:
+    def __init__(
+        self, body: Iterable[bytes], cell: list[Any], context: Context | None = None
+    ) -> None:
         self._body = body
         self._cell: list[Any] | None = cell
-        self._context = copy_context()  # the middleware's: made where its scope is active
-        active = _get()
-        if active is not cell and (len(cell) == 1 or active is not cell[1]):
-            self._context.run(_set, cell)  # made by hand elsewhere: its chunks see its scope
+        if context is None:  # made by hand: a copy of this one, with its scope active
+            context = copy_context()
+            context.run(_set, cell)
+        self._context = context
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> ScopedBody:

@@ -10,7 +10,6 @@ docs/frameworks/wsgi.md has the details.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import Context, copy_context
 from typing import Any
 
 from ._active import (
@@ -34,7 +33,7 @@ from .store import DEFAULT_MAX_ENTRIES
 
 __all__ = ["RequestScopeMiddleware", "ScopedBody"]
 
-_get, _set = _current.get, _current.set
+_get, _set, _reset = _current.get, _current.set, _current.reset
 
 # Typed loosely, as Werkzeug does, to accept apps typed with _typeshed.wsgi.
 StartResponse = Callable[..., Any]
@@ -108,16 +107,13 @@ class RequestScopeMiddleware:
             if opened_outside(environ.get(REQUEST_KEY)):
                 return self.app(environ, start_response)  # an outer perrequest layer's scope
             forget_closed()
-        # The request runs in a context of its own, from the call to the body's close():
-        # the thread's is never touched, and a token the app sets its body can reset.
-        context = copy_context()
-        cell = context.run(open_request, self._options)[0]
+        cell, token = open_request(self._options)
         environ[REQUEST_KEY] = cell
         wrapper = environ.get("wsgi.file_wrapper")
         if wrapper is not None and not isinstance(wrapper, type):  # a function (uWSGI, meinheld)
             wrapper = environ["wsgi.file_wrapper"] = _FileWrapper(wrapper)
         try:
-            body = context.run(self.app, environ, start_response)
+            body = self.app(environ, start_response)
             kind = type(body)  # the server's file wrapper is its own class: no isinstance
             if (
                 kind is list
@@ -127,12 +123,13 @@ class RequestScopeMiddleware:
             ):
                 # No app code runs later: end the scope now, and hand the body over as it
                 # is (the server still sees a list's len(), and its sendfile wrapper).
-                close_request(cell, None)
+                close_request(cell, token)
                 return body
         except BaseException:
-            close_request(cell, None)
+            close_request(cell, token)
             raise
-        return ScopedBody(body, cell, context)
+        _reset(token)  # the thread as it was: the body makes the store active for each chunk
+        return ScopedBody(body, cell)
 
 
 class _FileWrapper:
@@ -154,96 +151,70 @@ _DONE: Iterator[bytes] = iter(())  # exhausted, and stays so: shared by every cl
 
 
 class ScopedBody:
-    """A response body whose chunks, and ``close()``, are produced in the context the app
-    was called in, its request's store active; its scope stays open until ``close()`` ends
-    it (PEP 3333).
+    """A response body whose chunks, and ``close()``, are produced with its request's store
+    active; its scope stays open until ``close()`` ends it (PEP 3333).
 
-    The thread that pulls a chunk holds nothing of it before or after: a server that
-    interleaves requests in one thread (bjoern) or fetches chunks in pool threads
-    (Tornado's ``WSGIContainer``) gives each chunk its own request's store; what the app
-    and the body set (a ``request_scope()`` held across yields, a token to reset in the
-    last chunk: Flask's ``stream_with_context``, OpenTelemetry's middleware) stays in that
-    context. ``Context.run`` enters it without touching any variable, so a chunk costs no
-    set and reset. It is its own iterator, so a layer's ``yield from``
-    that is closed closes it (PEP 380). A body never closed (against PEP 3333) ends its
-    scope, only, when freed. Public so that code that drives a WSGI app by hand can
-    recognise it.
+    Between chunks the thread holds what it held before, wherever the chunks are pulled: a
+    server that interleaves requests in one thread (bjoern) or fetches chunks in pool
+    threads (Tornado's ``WSGIContainer``) gives each chunk its own request's store and leaves
+    none behind. It is its own iterator, so a layer's ``yield from`` that is closed closes
+    it (PEP 380). A body never closed (against PEP 3333) ends its scope, only, when freed.
+    Public so that code that drives a WSGI app by hand can recognise it.
 
     Args:
         body: The app's response iterable.
         cell: The request's scope, as ``open_request`` opened it, still open.
-        context: The context the app was called in, the scope active in it (the
-            middleware's); by default a copy of this one, the scope set in it.
     """
 
-    __slots__ = ("_body", "_cell", "_chunks", "_context")
+    __slots__ = ("_active", "_body", "_cell", "_chunks")
 
-    def __init__(
-        self, body: Iterable[bytes], cell: list[Any], context: Context | None = None
-    ) -> None:
+    def __init__(self, body: Iterable[bytes], cell: list[Any]) -> None:
         self._body = body
         self._cell: list[Any] | None = cell
-        if context is None:  # made by hand: a copy of this one, with its scope active
-            context = copy_context()
-            context.run(_set, cell)
-        self._context = context
+        self._active: Any = cell  # or a request_scope() the body holds open across its yields
         self._chunks: Iterator[bytes] | None = None
 
     def __iter__(self) -> ScopedBody:
         return self
 
     def __next__(self) -> bytes:
+        token = _set(self._active)
         try:
             if self._chunks is None:
-                self._chunks = self._context.run(iter, self._body)
-            return self._context.run(next, self._chunks)
+                self._chunks = iter(self._body)
+            return next(self._chunks)
         finally:
-            # An error's traceback holds this frame: nothing of the body in it, so that a
-            # body freed (its scope ended) frees what it holds in its context, not later.
-            del self
+            self._active = _get()
+            _reset(token)
+            del self  # not held by an error's traceback (this frame): freed, it ends its scope
 
     def close(self) -> None:
-        """Close the body in its context, then end the scope."""
+        """Close the body with the scope active, then end the scope."""
         cell, self._cell = self._cell, None
         if cell is None:
             return
+        token = _set(self._active)
         try:
-            self._context.run(_close_body, self)
-        except RuntimeError:
-            if self._body is _DONE:  # raised by the body's own close()
-                raise
-            # Its context is entered: a chunk is being produced (a server closing the body
-            # from another thread, or from inside a chunk). Closed in a copy of it, where
-            # what the body set in its own can be read but not reset.
-            self._context.copy().run(_close_body, self)
+            close = getattr(self._body, "close", None)  # a property may raise: in the try
+            if close is not None:
+                close()
         finally:
+            # Nothing more to produce: the body (and its iterator, which may be itself) is
+            # freed in its scope.
+            self._chunks = self._body = _DONE
+            _reset(token)
             close_request(cell, None)
 
     def __del__(self) -> None:
         cell, self._cell = self._cell, None
         if cell is None:
             return
-        # The scope only: the app's close hooks never ran, as without perrequest. In its
-        # context, with its scope closed first, the body's cleanup (a generator's
-        # ``finally``) touches nobody's store, not what is active where it was dropped.
-        close_request(cell, None)
-        self._context.run(_drop_body, self)
-
-
-def _close_body(scoped: ScopedBody) -> None:
-    body: Any = scoped._body
-    scoped._body = _DONE  # first: close() tells that this ran
-    try:
-        close = getattr(body, "close", None)  # a property may raise: in the try
-        if close is not None:
-            close()
-    finally:
-        body = close = None  # not held by an error's traceback (this frame): freed here
-        _drop_body(scoped)
-
-
-def _drop_body(scoped: ScopedBody) -> None:
-    """Free the body (and its iterator, which may be itself) here, in its context, and the
-    context (what the app left in it) as this returns: a closed body holds neither."""
-    scoped._chunks = scoped._body = _DONE
-    scoped._context = Context()
+        # The scope only: the app's close hooks never ran, as without perrequest. With its
+        # own scope set (closed first), the body's cleanup (a generator's ``finally``)
+        # touches nobody's store, not what is active where it was dropped.
+        token = _set(cell)
+        try:
+            close_request(cell, None)
+            del self._body, self._chunks, self._active
+        finally:
+            _reset(token)

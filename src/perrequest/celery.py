@@ -76,8 +76,7 @@ def _check_task_class(cls: type) -> None:
     """Refuse misspelt or bad options when the task class is created, not at the first run."""
     where = f"task class {cls.__qualname__}"
     for name, value in vars(cls).items():
-        own = getattr(value, "__qualname__", "").startswith(f"{cls.__qualname__}.")
-        if name in _UNPREFIXED and not own:  # (a method of the class's: its own on_close)
+        if name in _UNPREFIXED and not _defined_in(cls, value):
             raise TypeError(
                 f"{where} got an unknown option {name}=. Did you mean {_UNPREFIXED[name]}=? "
                 "A task class takes perrequest's options with the prefix perrequest_ "
@@ -112,6 +111,12 @@ def _check_task_class(cls: type) -> None:
             raise TypeError(f"{where}: perrequest_{exc}") from None
         # A plain function stored on a class would be bound to the task as a method.
         cls.perrequest_on_close = staticmethod(raw) if raw is not None else None  # type: ignore[attr-defined]
+
+
+def _defined_in(cls: type, value: object) -> bool:
+    """A function written in the class's body (its own ``on_close`` method), not an option."""
+    qualname = getattr(value, "__qualname__", None)
+    return isinstance(qualname, str) and qualname.startswith(f"{cls.__qualname__}.")
 
 
 class _OpenJob(NamedTuple):

@@ -48,6 +48,14 @@ def _environ(path: str = "/") -> dict[str, Any]:
     }
 
 
+def _noting_who(seen: list[Any], chunks: list[Any]) -> Iterator[Any]:
+    """The chunks; as it ends (run out, closed or freed), the ``who`` it sees is noted."""
+    try:
+        yield from chunks
+    finally:
+        seen.append(perrequest.get("who"))
+
+
 def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
     pass
 
@@ -241,14 +249,7 @@ def test_a_body_that_is_its_own_iterator_is_freed_in_its_scope_at_close() -> Non
         perrequest.set("who", "alice")
         start_response("200 OK", [])
 
-        def rows() -> Iterator[bytes]:
-            try:
-                yield b"a"
-                yield b"b"
-            finally:
-                seen.append(perrequest.get("who"))
-
-        return map(bytes.upper, rows())
+        return map(bytes.upper, _noting_who(seen, [b"a", b"b"]))
 
     body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
     assert next(body) == b"A"
@@ -1208,17 +1209,10 @@ def test_an_error_kept_after_a_failed_chunk_holds_nothing_of_the_body() -> None:
     cleanup would run when the error is dropped, later, inside another request's scope."""
     seen: list[Any] = []
 
-    def rows() -> Iterator[Any]:
-        try:
-            yield "a"
-            yield 1  # str.encode(1) raises, in C
-        finally:
-            seen.append(perrequest.get("who"))
-
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterator[bytes]:
         start_response("200 OK", [])
         perrequest.set("who", "request A")
-        return map(str.encode, rows())
+        return map(str.encode, _noting_who(seen, ["a", 1]))  # str.encode(1) raises, in C
 
     body: Any = RequestScopeMiddleware(app)(_environ(), _start_response)
     assert next(body) == b"a"
@@ -1302,13 +1296,6 @@ def test_a_body_closed_from_inside_its_own_chunk_closes_in_its_scope() -> None:
 def test_a_body_whose_close_raises_is_still_freed_in_its_context() -> None:
     seen: list[Any] = []
 
-    def rows() -> Iterator[bytes]:
-        try:
-            yield b"a"
-            yield b"b"
-        finally:
-            seen.append(perrequest.get("who"))
-
     def gone() -> None:  # (a method's frame, in the error, would hold the body itself)
         raise OSError("the socket is gone")
 
@@ -1316,7 +1303,7 @@ def test_a_body_whose_close_raises_is_still_freed_in_its_context() -> None:
         close = staticmethod(gone)
 
         def __init__(self) -> None:
-            self.rows = rows()
+            self.rows = _noting_who(seen, [b"a", b"b"])
 
         def __iter__(self) -> Iterator[bytes]:
             return self.rows

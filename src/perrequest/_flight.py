@@ -298,7 +298,7 @@ async def run_async(
             if step is False:
                 return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
             try:
-                got = await _waits.result_async(step.future, cache._flights, key, step)
+                got = await _waits.result_async(cache._flights, key, step)
                 value = _outcome(cache, counter, got)
             finally:
                 done_waiting(me, step.future)

@@ -124,9 +124,10 @@ def done_waiting(me: object, future: Any) -> None:
 class Waited:
     """A computation that somebody waits for: threads on ``future``; tasks on a future of
     their own loop each, in ``tasks`` while they wait, woken by ``future``'s one callback
-    (``wrap_future`` per task: a callback per task that gave up, while it hangs)."""
+    (``wrap_future`` per task: a callback per task that gave up, while it hangs), which
+    reads its result for them into ``outcome`` (see ``_hand``)."""
 
-    __slots__ = ("future", "owner", "tasks")
+    __slots__ = ("future", "outcome", "owner", "tasks")
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
@@ -136,7 +137,8 @@ class Waited:
         # end a computation, and so wake, in a thread in the middle of waiting). The set,
         # not the record, in the callback: no cycle to keep the value until a collection.
         self.tasks: set[asyncio.Future[None]] = set()
-        self.future.add_done_callback(functools.partial(_wake, self.tasks))
+        self.outcome: list[Any] = []
+        self.future.add_done_callback(functools.partial(_wake, self.tasks, self.outcome))
 
 
 def outcome_of(cache: Any, exc: BaseException, otherwise: Any) -> Any:
@@ -164,51 +166,67 @@ RESTART: Any = object()
 def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any) -> Any:
     """``future``'s result, looked at every second: RESTART once seen twice unresolved with
     its ``record`` gone from ``flights`` (a batch's fetch: ended), as a computation that
-    ended in a ``RecursionError`` at the limit may have had no frame left to resolve it."""
+    ended in a ``RecursionError`` at the limit may have had no frame left to resolve it.
+    Waits on a lock of its own for ``_hand``, never on ``future``'s (``_hand`` says why)."""
+    woken = threading.Lock()
+    woken.acquire()
+    outcome: list[Any] = []
+    future.add_done_callback(functools.partial(_hand, woken, outcome))  # at once if done
     seen_gone = False
-    while True:
-        try:
-            return future.result(timeout=1.0)
-        except TimeoutError:
-            ended = flights.get(key) is not record or getattr(record, "ended", False)
-            ended = ended or gone(record.owner)
-            if ended and seen_gone:
-                return RESTART
-            seen_gone = ended
+    while not woken.acquire(timeout=1.0):
+        ended = flights.get(key) is not record or getattr(record, "ended", False)
+        ended = ended or gone(record.owner)
+        if ended and seen_gone:
+            return RESTART
+        seen_gone = ended
+    return outcome[0] if outcome else RESTART  # (a signal in ``_hand``: look again)
 
 
-async def result_async(
-    future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Waited
-) -> Any:
+def _hand(woken: threading.Lock, outcome: list[Any], done: Future[Any]) -> None:
+    """Hand a waiting thread ``done``'s result, read here, in the thread that set it. A signal
+    handler's exception (Celery's soft time limit) can leave a ``Future``'s lock released
+    under ``Condition.wait``, which then fails "cannot release un-acquired lock", or held
+    for good by ``set_result``'s thread (CPython: a ``with`` whose ``__enter__`` is Python
+    code, cpython#148874), which is this one, where taking it again does not block."""
+    try:
+        outcome.append(done.result())
+    finally:
+        woken.release()
+
+
+async def result_async(flights: dict[Hashable, Any], key: Hashable, record: Waited) -> Any:
     """``result`` for a task (of any loop), on a future of its own (each second's timeout
-    cancels a shield of it). Not ``asyncio.wait``: cancelled in it, its frame (in the
-    error's traceback) holds the future, and so the value."""
+    cancels a shield of it), and ``record.outcome`` (``_hand`` says why). Not
+    ``asyncio.wait``: cancelled in it, its frame (in the error's traceback) holds the
+    future, and so the value."""
     mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    tasks = record.tasks
+    tasks, outcome = record.tasks, record.outcome
     tasks.add(mine)  # then look: woken, or done already
     try:
         seen_gone = False
-        while not future.done():
+        while not outcome:
             try:
                 async with asyncio.timeout(1.0):
                     await asyncio.shield(mine)
             except TimeoutError:
                 pass
-            if future.done():
+            if outcome:
                 break
             ended = flights.get(key) is not record or gone(record.owner)
             if ended and seen_gone:
                 return RESTART
             seen_gone = ended
-        return future.result()
+        return outcome[0]
     finally:
         tasks.discard(mine)
         # A cancellation's traceback holds this frame: no value left in it (a GC cycle).
-        future = record = mine = tasks = None  # type: ignore[assignment]
+        record = mine = tasks = outcome = None  # type: ignore[assignment]
 
 
-def _wake(tasks: set[asyncio.Future[None]], _: object) -> None:
-    """The computation ended: wake the tasks waiting for it, each on its loop."""
+def _wake(tasks: set[asyncio.Future[None]], outcome: list[Any], done: Future[Any]) -> None:
+    """The computation ended: its result into ``outcome`` (``_hand`` says why here), then
+    wake the tasks waiting for it, each on its loop."""
+    outcome.append(done.result())
     for mine in list(tasks):
         with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits there
             mine.get_loop().call_soon_threadsafe(_settle, mine)

@@ -12,7 +12,8 @@ Each response says what it cost in its ``extensions``: the SQL queries run
 and the keys each batch function received (kept in the request's store, so
 concurrent requests never mix their counts).
 
-Run it (from the repository root):
+It needs strawberry-graphql, FastAPI and uvicorn (``pip install strawberry-graphql
+perrequest[fastapi] uvicorn``). Run it (from the repository root):
 
     uvicorn examples.graphql_app:app --reset-contextvars
     python examples/graphql_app.py     # serves on 127.0.0.1:8000 (or $PORT)

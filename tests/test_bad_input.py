@@ -12,6 +12,7 @@ cached result and never an internal error.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -460,3 +461,34 @@ def test_no_live_scopes_inside_a_scope_says_which_is_open() -> None:
 
     with request_scope(), pytest.raises(AssertionError, match="active here, where this was"):
         assert_no_live_scopes()
+
+
+def test_a_method_whose_instance_is_not_named_self_is_told_to_name_it() -> None:
+    """A method whose first parameter is not ``self`` is keyed by its arguments, the
+    instance among them: an unhashable instance (a plain dataclass) is told to name that
+    parameter ``self`` (or give ``key=``), not to pass a tuple; a staticmethod's list
+    keeps the usual advice."""
+
+    @dataclasses.dataclass
+    class Repo:
+        n: int
+
+        @request_memo
+        def row(this, i: int) -> int:  # the misuse
+            return i
+
+        @staticmethod
+        @request_memo
+        def total(items: list[int]) -> int:
+            return sum(items)
+
+    with request_scope():
+        with pytest.raises(
+            UnhashableArguments,
+            match=r"'this' is the first parameter of .*"
+            r"Repo\.row.*named self",
+        ):
+            Repo(1).row(2)
+        with pytest.raises(UnhashableArguments, match=r"a tuple instead of a list") as refused:
+            Repo.total([1])
+        assert "named self" not in str(refused.value)

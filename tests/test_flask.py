@@ -247,6 +247,9 @@ def test_init_app_refuses_what_is_not_a_flask_app() -> None:
     # A blueprint was told to use the WSGI middleware, which it is no app for (a probe).
     with pytest.raises(TypeError, match=r"not Blueprint .*the Flask app the blueprint is"):
         PerRequest(Blueprint("reports", __name__))  # type: ignore[arg-type]
+    # The class, not an app: told to pass one (a probe, 8 December).
+    with pytest.raises(TypeError, match=r"pass one: PerRequest\(Flask\(__name__\)\)"):
+        PerRequest(Flask)  # type: ignore[arg-type]
 
 
 def test_mounted_apps_get_a_store_when_the_dispatcher_itself_is_wrapped() -> None:

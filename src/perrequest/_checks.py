@@ -301,8 +301,17 @@ def unhashable(
         "or give the decorator key=, a function of the same arguments "
         + (METHOD_KEY if spec.is_method else "that returns a hashable key.")
     )
-    for name, value in named:
+    for at, (name, value) in enumerate(named):
         if (why := unhashable_because(value)) is not None:
+            parts = getattr(spec.fn, "__qualname__", "").split(".")
+            owner = ".".join(parts[:-1])  # a method whose instance is not named self:
+            if at == 0 and any(k.__qualname__ == owner for k in type(value).__mro__):
+                fix = (  # keyed as an argument, not told for one
+                    f"{name!r} is the first parameter of {'.'.join(parts)}, defined in a "
+                    "class: a method is keyed by its instance's identity only when that "
+                    "parameter is named self (cls for a classmethod). Rename it, or give "
+                    "the decorator key=."
+                )
             return UnhashableArguments(
                 f"@request_memo {spec.name}: argument {name!r} is unhashable "
                 f"({why}), so it cannot be part of a cache key. {fix}"

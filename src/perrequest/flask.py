@@ -108,6 +108,8 @@ class PerRequest:
                 )
             elif isinstance(app, Blueprint):  # its requests are the app's: one scope
                 fix = "register it on the Flask app the blueprint is registered on"
+            elif isinstance(app, type) and issubclass(app, Flask):
+                fix = f"pass one: PerRequest({app.__name__}(__name__))"
             else:
                 fix = "for another WSGI app use perrequest.wsgi.RequestScopeMiddleware"
             raise TypeError(

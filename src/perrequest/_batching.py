@@ -1,12 +1,11 @@
 """A batch function's spec (options, keys, results) and its sync loads, whose keys
-threads sharing a scope wait for together on a ``concurrent.futures.Future``."""
+threads sharing a scope wait for together on an ``Outcome`` (``_waits``)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Set
-from concurrent.futures import Future
 from typing import Any
 
 from ._active import here, logger
@@ -18,7 +17,7 @@ from ._records import take_out
 from ._results import one_shots_failed, refuse_coroutine
 from ._signals import is_time_limit
 from ._stats import Counter, function_name
-from ._waits import RESTART, done_waiting, gone, may_wait, result
+from ._waits import RESTART, Outcome, done_waiting, gone, may_wait, result
 from .errors import ScopeClosed, UnhashableArguments
 from .memo import OUTSIDE_FIX, refuse_or_warn
 from .store import MemoStore
@@ -251,7 +250,7 @@ class _BatchSpec:
         me = _Fetch(threading.get_ident())  # as in _flight.run
         flights = store._flights
         mine: dict[Hashable, Any] = {}
-        theirs: list[tuple[Hashable, _Fetch, Future[dict[Hashable, Any]]]] = []
+        theirs: list[tuple[Hashable, _Fetch, Outcome]] = []
         outcomes: dict[Hashable, Any] = {}
         within = _within.get()
         token = _within.set((*within, me))
@@ -274,7 +273,7 @@ class _BatchSpec:
                         counter.misses += 1
                     else:
                         if other.future is None:  # the first to wait makes it
-                            other.future = Future()
+                            other.future = Outcome()
                         theirs.append((ck, other, other.future))  # a hit once it answers
             if mine:
                 self.fetch(counter, mine, outcomes)
@@ -334,7 +333,7 @@ class _BatchSpec:
 
 class _Fetch:
     """One thread's fetch, registered in ``_flights`` for each of its keys. The first
-    thread to wait for it makes its ``Future``, whose result is its outcomes (a key
+    thread to wait for it makes its ``Outcome``, whose result is its outcomes (a key
     without one was interrupted: ask again)."""
 
     __slots__ = ("ended", "future", "keys", "owner")
@@ -342,5 +341,5 @@ class _Fetch:
     def __init__(self, owner: int) -> None:
         self.owner = owner
         self.keys: list[Hashable] = []
-        self.future: Future[dict[Hashable, Any]] | None = None
+        self.future: Outcome | None = None
         self.ended = False

@@ -1,7 +1,7 @@
 """Single-flight: a key is computed by one caller at a time; the others wait for the outcome.
 
 The computing caller, thread or task, registers in ``_flights``; the first to wait replaces
-that with a ``Waited`` (threads wait on its ``Future``, tasks on their loop's). Only the
+that with a ``Waited`` (threads and tasks wait on its ``Outcome``). Only the
 computing caller resolves its record, whatever happened: no waiter is stranded. Under trio
 a task registers as its thread but never waits: a key in flight is computed again."""
 
@@ -298,7 +298,7 @@ async def run_async(
             if step is False:
                 return await _unshared_async(cache, key, fn, args, kwargs, counter, extra)
             try:
-                got = await _waits.result_async(cache._flights, key, step)
+                got = await _waits.result_async(step.future, cache._flights, key, step)
                 value = _outcome(cache, counter, got)
             finally:
                 done_waiting(me, step.future)

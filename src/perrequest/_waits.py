@@ -10,8 +10,7 @@ import functools
 import os
 import threading
 import weakref
-from collections.abc import Hashable
-from concurrent.futures import Future
+from collections.abc import Callable, Hashable
 from typing import Any
 
 
@@ -121,24 +120,50 @@ def done_waiting(me: object, future: Any) -> None:
             waits[me] = entry[2]
 
 
-class Waited:
-    """A computation that somebody waits for: threads on ``future``; tasks on a future of
-    their own loop each, in ``tasks`` while they wait, woken by ``future``'s one callback
-    (``wrap_future`` per task: a callback per task that gave up, while it hangs), which
-    reads its result for them into ``outcome`` (see ``_hand``)."""
+class Outcome:
+    """A computation's outcome, set once, that threads and tasks (of any loop) wait for.
 
-    __slots__ = ("future", "outcome", "owner", "tasks")
+    Not ``concurrent.futures.Future``: every method of one takes a ``Condition`` whose
+    ``__enter__`` is Python code, and a signal handler's exception raised there (Celery's
+    soft time limit, in a thread starting to wait or ending a computation) leaves its lock
+    held for good (CPython: a ``with`` statement, cpython#148874). Whoever touched that
+    future next blocked: the computing thread in ``set_result`` with the store's lock held,
+    and so the request, or every request of a shared tier. Here: C locks and atomic dict and
+    set operations only, no lock of its own. Threads wait on a lock each, tasks on a future
+    of their own loop each, in ``_waiting`` while they wait."""
+
+    __slots__ = ("__weakref__", "_box", "_waiting")
+
+    def __init__(self) -> None:
+        self._box: dict[int, tuple[Any]] = {}
+        # No lock: a set's add, discard and copy are atomic (a collection's finalizer may
+        # end a computation, and so wake, in a thread in the middle of waiting).
+        self._waiting: set[Callable[[], object]] = set()
+
+    def done(self) -> bool:
+        return bool(self._box)
+
+    def result(self) -> Any:
+        return self._box[0][0]
+
+    def set_result(self, value: Any) -> None:
+        """Set once (a later call changes nothing), then wake whoever waits. Interrupted
+        between the two, the waiters see it at their next look, within a second."""
+        mine = (value,)
+        if self._box.setdefault(0, mine) is not mine:
+            return
+        for wake in list(self._waiting):
+            wake()
+
+
+class Waited:
+    """A computation that somebody waits for: its owner, and the ``Outcome`` it will set."""
+
+    __slots__ = ("future", "owner")
 
     def __init__(self, owner: object) -> None:
         self.owner = owner
-        self.future: Future[Any] = Future()
-        self.future.set_running_or_notify_cancel()  # a waiter's cancel() cannot cancel it
-        # No lock: a set's add, discard and copy are atomic (a collection's finalizer may
-        # end a computation, and so wake, in a thread in the middle of waiting). The set,
-        # not the record, in the callback: no cycle to keep the value until a collection.
-        self.tasks: set[asyncio.Future[None]] = set()
-        self.outcome: list[Any] = []
-        self.future.add_done_callback(functools.partial(_wake, self.tasks, self.outcome))
+        self.future = Outcome()
 
 
 def outcome_of(cache: Any, exc: BaseException, otherwise: Any) -> Any:
@@ -154,7 +179,7 @@ def outcome_of(cache: Any, exc: BaseException, otherwise: Any) -> Any:
 def restart(record: object) -> None:
     """A computation's waiters look again (it stores nothing for them, or ended without
     an outcome); nothing for a record nobody waits for, or one already resolved."""
-    if type(record) is Waited and not record.future.done():
+    if type(record) is Waited:
         record.future.set_result(RESTART)
 
 
@@ -163,73 +188,60 @@ def restart(record: object) -> None:
 RESTART: Any = object()
 
 
-def result(future: Future[Any], flights: dict[Hashable, Any], key: Hashable, record: Any) -> Any:
+def result(future: Outcome, flights: dict[Hashable, Any], key: Hashable, record: Any) -> Any:
     """``future``'s result, looked at every second: RESTART once seen twice unresolved with
     its ``record`` gone from ``flights`` (a batch's fetch: ended), as a computation that
-    ended in a ``RecursionError`` at the limit may have had no frame left to resolve it.
-    Waits on a lock of its own for ``_hand``, never on ``future``'s (``_hand`` says why)."""
+    ended in a ``RecursionError`` at the limit may have had no frame left to resolve it."""
     woken = threading.Lock()
-    woken.acquire()
-    outcome: list[Any] = []
-    future.add_done_callback(functools.partial(_hand, woken, outcome))  # at once if done
-    seen_gone = False
-    while not woken.acquire(timeout=1.0):
-        ended = flights.get(key) is not record or getattr(record, "ended", False)
-        ended = ended or gone(record.owner)
-        if ended and seen_gone:
-            return RESTART
-        seen_gone = ended
-    return outcome[0] if outcome else RESTART  # (a signal in ``_hand``: look again)
-
-
-def _hand(woken: threading.Lock, outcome: list[Any], done: Future[Any]) -> None:
-    """Hand a waiting thread ``done``'s result, read here, in the thread that set it. A signal
-    handler's exception (Celery's soft time limit) can leave a ``Future``'s lock released
-    under ``Condition.wait``, which then fails "cannot release un-acquired lock", or held
-    for good by ``set_result``'s thread (CPython: a ``with`` whose ``__enter__`` is Python
-    code, cpython#148874), which is this one, where taking it again does not block."""
-    try:
-        outcome.append(done.result())
-    finally:
-        woken.release()
-
-
-async def result_async(flights: dict[Hashable, Any], key: Hashable, record: Waited) -> Any:
-    """``result`` for a task (of any loop), on a future of its own (each second's timeout
-    cancels a shield of it), and ``record.outcome`` (``_hand`` says why). Not
-    ``asyncio.wait``: cancelled in it, its frame (in the error's traceback) holds the
-    future, and so the value."""
-    mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    tasks, outcome = record.tasks, record.outcome
-    tasks.add(mine)  # then look: woken, or done already
+    woken.acquire()  # released by set_result only, once
+    waiting, wake = future._waiting, woken.release
+    waiting.add(wake)  # then look: woken, or done already
     try:
         seen_gone = False
-        while not outcome:
+        while not (future.done() or woken.acquire(timeout=1.0) or future.done()):
+            ended = flights.get(key) is not record or getattr(record, "ended", False)
+            ended = ended or gone(record.owner)
+            if ended and seen_gone:
+                return RESTART
+            seen_gone = ended
+        return future.result()
+    finally:
+        waiting.discard(wake)
+
+
+async def result_async(
+    future: Outcome, flights: dict[Hashable, Any], key: Hashable, record: Waited
+) -> Any:
+    """``result`` for a task (of any loop), on a future of its own (each second's timeout
+    cancels a shield of it). Not ``asyncio.wait``: cancelled in it, its frame (in the
+    error's traceback) holds the future, and so the value."""
+    mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiting, wake = future._waiting, functools.partial(_wake, mine)
+    waiting.add(wake)  # then look: woken, or done already
+    try:
+        seen_gone = False
+        while not future.done():
             try:
                 async with asyncio.timeout(1.0):
                     await asyncio.shield(mine)
             except TimeoutError:
                 pass
-            if outcome:
+            if future.done():
                 break
             ended = flights.get(key) is not record or gone(record.owner)
             if ended and seen_gone:
                 return RESTART
             seen_gone = ended
-        return outcome[0]
+        return future.result()
     finally:
-        tasks.discard(mine)
+        waiting.discard(wake)
         # A cancellation's traceback holds this frame: no value left in it (a GC cycle).
-        record = mine = tasks = outcome = None  # type: ignore[assignment]
+        future = record = mine = waiting = wake = None  # type: ignore[assignment]
 
 
-def _wake(tasks: set[asyncio.Future[None]], outcome: list[Any], done: Future[Any]) -> None:
-    """The computation ended: its result into ``outcome`` (``_hand`` says why here), then
-    wake the tasks waiting for it, each on its loop."""
-    outcome.append(done.result())
-    for mine in list(tasks):
-        with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits there
-            mine.get_loop().call_soon_threadsafe(_settle, mine)
+def _wake(mine: asyncio.Future[None]) -> None:
+    with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits there
+        mine.get_loop().call_soon_threadsafe(_settle, mine)
 
 
 def _settle(mine: asyncio.Future[None]) -> None:

@@ -18,8 +18,8 @@ What the model says, rule by rule (DESIGN.md, docs/semantics.md "Bounds", "Keys"
   hits or misses); entries are per function object;
 - ``cache_clear``, ``cache_delete``, ``delete`` and ``store.clear()`` drop entries and
   leave the counters alone;
-- a nested ``request_scope()`` is a fresh store; closing scopes out of order ends each
-  where it would have in order;
+- a nested ``request_scope()`` is a fresh store; exiting one gives back what was active
+  before it, even with scopes entered in it still open (they stay open, not active);
 - a closed store is empty, keeps the stats it closed with, refuses every write with
   ``ScopeClosed``, and holds no functions, keys or values (they are freed at once);
   outside any scope memos follow ``outside_scope``, ``get`` returns its default and
@@ -321,7 +321,8 @@ class Scope:
 class MemoStoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.stack: list[Scope] = []  # entered, in order; closed ones may sit under the top
+        self.stack: list[Scope] = []  # entered, in order, open: the last one is active
+        self.aside: list[Scope] = []  # open, entered in one exited since: not active
         self.closed: list[Scope] = []
         self.repos = [Repo("r"), Repo("r")]
         self.new_repos = 0
@@ -340,26 +341,29 @@ class MemoStoreMachine(RuleBasedStateMachine):
     def active(self) -> Scope | None:
         return self.stack[-1] if self.stack else None
 
-    @precondition(lambda self: len(self.stack) < 3)
+    @precondition(lambda self: len(self.stack) < 3 and len(self.aside) < 3)
     @rule(bound=bounds)
     def open_scope(self, bound: int | None) -> None:
         """A nested (or, once all are closed, a new) request_scope()."""
         self.stack.append(Scope(bound))
         assert len(self.active.store) == 0  # type: ignore[union-attr]
 
-    @precondition(lambda self: bool(self.stack))
+    @precondition(lambda self: bool(self.stack or self.aside))
     @rule(data=st.data())
     def close_scope(self, data: st.DataObject) -> None:
         """Exit one of the open scopes, possibly out of order."""
-        open_ = [s for s in self.stack if not s.model.closed]
-        self._close(data.draw(st.sampled_from(open_)))
+        self._close(data.draw(st.sampled_from(self.stack + self.aside)))
 
     def _close(self, scope: Scope) -> None:
         scope.obj.__exit__(None, None, None)
         scope.model.close()
         self.closed.append(scope)
-        while self.stack and self.stack[-1].model.closed:
-            self.stack.pop()
+        if scope in self.aside:  # its exit changes nothing active
+            self.aside.remove(scope)
+        else:  # what was active before it is again; those entered in it stay open, aside
+            at = self.stack.index(scope)
+            self.aside += self.stack[at + 1 :]
+            del self.stack[at:]
         # Closing frees at once, without waiting for the garbage collector.
         alive = [r() for r in scope.refs if r() is not None]
         assert not alive, f"the closed store still holds {alive}"
@@ -938,7 +942,7 @@ class MemoStoreMachine(RuleBasedStateMachine):
             info = fn.cache_info()
             assert info == want, fid
             assert info._fields == functools._CacheInfo._fields  # type: ignore[attr-defined]
-        for s in self.stack + self.closed:
+        for s in self.stack + self.aside + self.closed:
             assert real_stats(s.store) == s.model.stats(), "stats"
             assert len(s.store) == len(s.model.entries)
             assert s.store.closed == s.model.closed
@@ -960,7 +964,7 @@ class MemoStoreMachine(RuleBasedStateMachine):
         """A dropped helper is kept only while one of its entries is."""
         held = {
             owner[1]
-            for s in self.stack
+            for s in self.stack + self.aside
             for (owner, _) in s.model.entries
             if type(owner) is tuple and owner[0] == "helper"
         }
@@ -968,9 +972,8 @@ class MemoStoreMachine(RuleBasedStateMachine):
             assert (ref() is not None) == (hid in held), (hid, held)
 
     def teardown(self) -> None:
-        for scope in reversed(self.stack):
-            if not scope.model.closed:
-                scope.obj.__exit__(None, None, None)
+        for scope in reversed(self.stack + self.aside):
+            scope.obj.__exit__(None, None, None)
         WORLD.failing.clear()
 
 

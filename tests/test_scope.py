@@ -890,20 +890,58 @@ def test_an_exit_stack_closed_in_another_thread_closes_its_scope() -> None:
 
 
 def test_scopes_exited_out_of_order_leave_what_was_there_before_them() -> None:
-    """An ExitStack misused, a generator closed elsewhere: a exits while b (entered after
-    it) is open, then b exits. b's exit brings back a, closed; what a replaced comes back
-    instead, so that the thread is not left holding a closed store."""
+    """An ExitStack misused, a generator kept suspended in its block: a exits while b
+    (entered after it) is open. What a replaced is active again at once (b stays open,
+    not active: it was b, which then leaked into whatever ran next in the thread), and
+    b's exit changes nothing active."""
     from perrequest._active import _current
 
     with request_scope() as outer:
         a, b = request_scope(), request_scope()
         a.__enter__()
-        b.__enter__()
+        inner = b.__enter__()
         a.__exit__(None, None, None)
-        assert perrequest.in_request_scope()  # b is still open and active
+        assert perrequest.current_store() is outer and not inner.closed
         b.__exit__(None, None, None)
-        assert perrequest.current_store() is outer
+        assert perrequest.current_store() is outer and inner.closed
     assert _current.get() is None
+
+
+@pytest.mark.parametrize("where", ["here", "pool"])
+def test_a_decorated_job_that_leaves_a_scope_open_gives_the_thread_back_as_it_was(
+    where: str,
+) -> None:
+    """A job decorated with @request_scope() keeps a generator suspended inside its own
+    ``with request_scope()`` (or an RQ job timeout lands as a nested scope opens): the
+    nested store stayed active in the thread after the job, and every later job there
+    (a pool's next item) read and wrote it, never closed (a probe, 8 December)."""
+    kept: list[Iterator[None]] = []
+
+    def holds_a_scope() -> Iterator[None]:
+        with request_scope():
+            perrequest.set("who", "the job's generator")
+            yield
+
+    @request_scope()
+    def job() -> str:
+        body = holds_a_scope()
+        next(body)
+        kept.append(body)
+        return "done"
+
+    def next_job() -> tuple[bool, object]:
+        return perrequest.in_request_scope(), perrequest.get("who")
+
+    if where == "here":
+        assert job() == "done"
+        assert next_job() == (False, None)
+    else:
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(job).result() == "done"
+            assert pool.submit(next_job).result() == (False, None)
+    assert live_scopes() == len(kept) == 1  # the generator's: open while it is kept
+    kept.pop().close()
+    assert live_scopes() == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")

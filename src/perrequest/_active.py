@@ -180,13 +180,19 @@ def is_resolved(active: Any) -> bool:
 
 
 def _leave(store: MemoStore) -> None:
-    """Restore here what was active before ``open_scope``, while the store is active here
-    (a scope opened since is left alone). A scope closing out of order (enter a, enter b,
-    exit a) keeps its token, and so does one closed in a copy of the context that opened
-    it (a generator's, finalized by the loop's ``aclose()`` task or the collector): the
-    context that opened it unwinds it as it next looks (``_unwound``)."""
+    """Restore here what was active before ``open_scope``, while the store, or a scope opened
+    on it since, is active here: a block, a decorated job, gives the thread back what it
+    had, whatever it left open (enter a, enter b, exit a: b stays open, not active). One
+    closed in a copy of the context that opened it (a generator's, finalized by the loop's
+    ``aclose()`` task or the collector) keeps its token: the context that opened it
+    unwinds it as it next looks (``_unwound``)."""
     token = store._token
-    if token is None or _unwound(_current.get()) is not store:
+    if token is None:
+        return
+    active = _unwound(_current.get())
+    while active is not store and type(active) is MemoStore and active._token is not None:
+        active = active._token.old_value  # what a scope opened since replaced
+    if active is not store:
         return
     try:
         _current.reset(token)

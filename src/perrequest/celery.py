@@ -191,13 +191,14 @@ def _drop_leftovers() -> None:
     per thread, never inside a scope, so whatever is open or active here was left by an
     earlier run cut short as its scope opened or closed, by an exception a signal handler
     raised (the soft time limit's): Celery logs a receiver's exception and goes on."""
+    active = _current.get()
+    while type(active) is MemoStore and not active.closed:  # innermost first, as in order
+        close_scope(active)
+        active = _current.get()
     for job in reversed(_open_jobs.get()):
         close_scope(job.store)
     _open_jobs.set(())
-    active = _current.get()
-    if type(active) is MemoStore:
-        close_scope(active)
-    if active is not None:
+    if _current.get() is not None:
         _current.set(None)
 
 

@@ -482,6 +482,10 @@ def test_a_method_whose_instance_is_not_named_self_is_told_to_name_it() -> None:
         def total(items: list[int]) -> int:
             return sum(items)
 
+        @request_memo
+        def merge(self, other: Repo) -> int:  # a method: its second parameter is no self
+            return other.n
+
     with request_scope():
         with pytest.raises(
             UnhashableArguments,
@@ -491,4 +495,7 @@ def test_a_method_whose_instance_is_not_named_self_is_told_to_name_it() -> None:
             Repo(1).row(2)
         with pytest.raises(UnhashableArguments, match=r"a tuple instead of a list") as refused:
             Repo.total([1])
+        assert "named self" not in str(refused.value)
+        with pytest.raises(UnhashableArguments, match=r"argument 'other'") as refused:
+            Repo(1).merge(Repo(2))
         assert "named self" not in str(refused.value)

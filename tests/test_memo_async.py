@@ -555,11 +555,11 @@ async def test_a_task_waiting_for_a_computation_that_dies_at_the_recursion_limit
 
 
 @pytest.mark.slow  # seconds of waiting, on purpose (make check skips it)
-async def test_a_task_waiting_several_seconds_leaves_one_callback_on_the_shared_future() -> None:
+async def test_a_task_waiting_several_seconds_leaves_one_wake_up_on_the_outcome() -> None:
     """A waiting task looks every second whether the computation has ended. It wrapped
     the shared future anew each second, and every ``wrap_future`` adds a callback to it
     that nothing removes: 100 tasks waiting 2.5 s left 300 callbacks, each waking the
-    loop when the value came (growing with the wait, unbounded). Wrapped once: one each."""
+    loop when the value came (growing with the wait, unbounded). Now: one wake-up each."""
     from perrequest._flight import Waited
 
     calls: list[int] = []
@@ -577,7 +577,7 @@ async def test_a_task_waiting_several_seconds_leaves_one_callback_on_the_shared_
         waiters = [asyncio.ensure_future(slow(1)) for _ in range(100)]
         await asyncio.sleep(2.2)
         (record,) = [r for r in store._flights.values() if type(r) is Waited]
-        callbacks = len(record.future._done_callbacks)  # type: ignore[attr-defined]
+        callbacks = len(record.future._waiting)
         assert await asyncio.gather(computing, *waiters) == [10] * 101
     assert calls == [1], "the waiters computed again instead of waiting"
     assert callbacks <= 100, f"{callbacks} callbacks for 100 waiting tasks"

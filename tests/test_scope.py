@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import logging
@@ -944,6 +945,48 @@ def test_a_decorated_job_that_leaves_a_scope_open_gives_the_thread_back_as_it_wa
     assert live_scopes() == 0
 
 
+def test_a_signal_as_a_nested_scope_opens_in_a_job_leaves_nothing_after_the_job() -> None:
+    """An RQ job timeout (here Celery's soft limit, from a real SIGUSR1 handler) landing
+    in a job's nested request_scope() just as its store is set, before the store keeps
+    its token: the store stayed active, and the job's exit could not see that it had
+    been opened on the job's scope, so every later job of the thread read and wrote it
+    (a review, 8 December)."""
+    import sys
+
+    from signals import RaiseAfter, Signalled
+
+    at = RaiseAfter(Signalled, "set", "open_scope")
+    left: list[Any] = []
+
+    @request_scope()
+    def job() -> None:
+        perrequest.set("who", "the job")
+        at.armed = True
+        sys.setprofile(at)
+        try:
+            with request_scope():
+                pass
+        except Signalled as exc:  # the nested store, as the signal found it: closed below
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_frame.f_code.co_name != "open_scope":
+                tb = tb.tb_next
+            assert tb is not None
+            left.append(tb.tb_frame.f_locals["store"])
+            raise
+        finally:
+            sys.setprofile(None)
+
+    with pytest.raises(Signalled):
+        job()
+    assert not at.armed, "the signal never came"
+    assert _current.get() is None  # not the nested store
+    assert not left[0].closed
+    from perrequest._active import close_scope
+
+    close_scope(left[0])
+    assert live_scopes() == 0
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
 @pytest.mark.parametrize("made", [False, True], ids=["no-store-yet", "store-made"])
 def test_a_child_forked_in_a_middlewares_request_is_outside_every_scope(made: bool) -> None:
@@ -1026,6 +1069,33 @@ def test_a_bind_scope_callable_that_exits_its_own_scope_restores_what_it_replace
         inner.__enter__()
         bind_scope(lambda: inner.__exit__(None, None, None))()
         assert perrequest.in_request_scope() and perrequest.get("who") == "outer"
+
+
+def test_a_bind_scope_callable_exiting_its_scope_with_one_open_inside_gives_back_the_outer() -> (
+    None
+):
+    """An ExitStack's close bound with bind_scope and called in the scope's own context,
+    while a generator keeps a scope open inside it: the generator's scope came back after
+    the call, and once that closed, a closed store stayed active for the rest of the
+    outer block, and after it (a probe, 8 December)."""
+
+    def holds_a_scope() -> Iterator[None]:
+        with request_scope():
+            perrequest.set("who", "the generator")
+            yield
+
+    with request_scope() as outer:
+        perrequest.set("who", "outer")
+        stack = contextlib.ExitStack()
+        stack.enter_context(request_scope())
+        close = bind_scope(stack.close)
+        body = holds_a_scope()
+        next(body)
+        close()
+        assert perrequest.current_store() is outer and perrequest.get("who") == "outer"
+        body.close()
+        assert perrequest.current_store() is outer and perrequest.get("who") == "outer"
+    assert _current.get() is None
 
 
 def test_a_bind_scope_callable_of_a_scope_exited_out_of_order_sees_none() -> None:

@@ -76,8 +76,9 @@ def open_scope(
     store._on_close = on_close
     store._opened_at = _now()  # one clock read: cheaper than asking who will see it
     _opened(None)
-    _unwound(_current.get())  # never a closed scope under this one: no chain of them
+    store._before = _unwound(_current.get())  # never a closed scope under this one
     store._token = _current.set(store)
+    del store._before  # kept only if a signal's exception came before the token was
     return store
 
 
@@ -187,12 +188,7 @@ def _leave(store: MemoStore) -> None:
     ``aclose()`` task or the collector) keeps its token: the context that opened it
     unwinds it as it next looks (``_unwound``)."""
     token = store._token
-    if token is None:
-        return
-    active = _unwound(_current.get())
-    while active is not store and type(active) is MemoStore and active._token is not None:
-        active = active._token.old_value  # what a scope opened since replaced
-    if active is not store:
+    if token is None or not opened_on(_unwound(_current.get()), store):
         return
     try:
         _current.reset(token)
@@ -200,6 +196,18 @@ def _leave(store: MemoStore) -> None:
     except ValueError:  # a copy of the context that set it: restore here, keep the token
         _current.set(None if token.old_value is token.MISSING else token.old_value)
     _unwound(_current.get())  # a scope under it that closed out of order
+
+
+def opened_on(active: Any, store: MemoStore) -> bool:
+    """Whether ``active`` is ``store``, or a scope opened on it since, here (by what the
+    tokens of scopes opened since replaced, or what one replaced as a signal's exception
+    came before it kept its token)."""
+    while active is not store and type(active) is MemoStore:
+        if active._token is not None:
+            active = active._token.old_value
+        elif (active := getattr(active, "_before", None)) is None:
+            break
+    return active is store
 
 
 def _unwound(active: Any) -> Any:

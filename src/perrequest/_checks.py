@@ -305,7 +305,8 @@ def unhashable(
         if (why := unhashable_because(value)) is not None:
             parts = getattr(spec.fn, "__qualname__", "").split(".")
             owner = ".".join(parts[:-1])  # a method whose instance is not named self:
-            if at == 0 and any(k.__qualname__ == owner for k in type(value).__mro__):
+            instance = at == 0 and not spec.is_method  # (a method's own is not in named)
+            if instance and any(k.__qualname__ == owner for k in type(value).__mro__):
                 fix = (  # keyed as an argument, not told for one
                     f"{name!r} is the first parameter of {'.'.join(parts)}, defined in a "
                     "class: a method is keyed by its instance's identity only when that "

@@ -22,6 +22,7 @@ from ._active import (
     here,
     live_scopes,
     open_scope,
+    opened_on,
     within,
 )
 from ._checks import explains_options, is_async_callable
@@ -310,10 +311,10 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
         within.reset(tokens[1])
         _current.reset(tokens[0])
         opened_by = tokens[2]
-        if opened_by is not None and store._token is None and _current.get() is store:
+        if opened_by is not None and store._token is None and opened_on(_current.get(), store):
             # The call closed the scope it was bound to (its exit, in a bound cleanup), with
             # its token, so in the context that opened it (a token resets nowhere else), where
-            # it was active: what that token replaced is back.
+            # it, or a scope opened on it, was active: what that token replaced is back.
             _current.set(None if opened_by.old_value is Token.MISSING else opened_by.old_value)
 
     return _around(fn, "bind_scope()", enter, leave)

@@ -76,7 +76,8 @@ class MemoStore(Entries, MutableMapping[Hashable, Any]):
             least recently used entry is evicted beyond it. ``None``: unbounded.
     """
 
-    __slots__ = ()
+    __slots__ = ("_before",)
+    _before: object  # only while _active.open_scope sets it active (see opened_on)
 
     def __init__(self, max_entries: int | None = DEFAULT_MAX_ENTRIES, **unknown: Any) -> None:
         super().__init__(max_entries, **unknown)  # here: Python's own errors name MemoStore

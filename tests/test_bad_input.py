@@ -486,16 +486,27 @@ def test_a_method_whose_instance_is_not_named_self_is_told_to_name_it() -> None:
         def merge(self, other: Repo) -> int:  # a method: its second parameter is no self
             return other.n
 
+        @staticmethod
+        @request_memo
+        def add(a: Repo, b: Repo) -> int:  # an instance, not the instance: no rename
+            return a.n + b.n
+
     with request_scope():
         with pytest.raises(
             UnhashableArguments,
             match=r"'this' is the first parameter of .*"
-            r"Repo\.row.*named self",
+            r"Repo\.row.*name it self",
         ):
             Repo(1).row(2)
         with pytest.raises(UnhashableArguments, match=r"a tuple instead of a list") as refused:
             Repo.total([1])
-        assert "named self" not in str(refused.value)
+        assert "name it self" not in str(refused.value)
         with pytest.raises(UnhashableArguments, match=r"argument 'other'") as refused:
             Repo(1).merge(Repo(2))
-        assert "named self" not in str(refused.value)
+        assert "name it self" not in str(refused.value)
+        with pytest.raises(
+            UnhashableArguments,
+            match=r"If it is the instance, .*Otherwise make "
+            r"Repo hashable",
+        ):
+            Repo.add(Repo(1), Repo(2))

@@ -1098,6 +1098,33 @@ def test_a_bind_scope_callable_exiting_its_scope_with_one_open_inside_gives_back
     assert _current.get() is None
 
 
+async def test_a_bound_call_whose_scope_its_opener_closes_meanwhile_leaves_the_callers_own() -> (
+    None
+):
+    """A task outlives the scope it started in, opens its own on it, and awaits a callable
+    bound to that scope, which its opener exits meanwhile: the task's block, still open,
+    was switched to the opener's outer store after the call (a review, 8 December)."""
+    gate = asyncio.Event()
+    seen: list[bool] = []
+
+    async def bound() -> None:
+        await gate.wait()  # the scope it is bound to ends meanwhile
+
+    async def task(call: Any) -> None:
+        async with request_scope() as own:
+            await call()
+            seen.append(perrequest.current_store() is own)
+
+    async with request_scope() as outer:
+        async with request_scope():
+            started = asyncio.create_task(task(bind_scope(bound)))
+            await asyncio.sleep(0)
+        gate.set()
+        await started
+        assert perrequest.current_store() is outer
+    assert seen == [True]
+
+
 def test_a_bind_scope_callable_of_a_scope_exited_out_of_order_sees_none() -> None:
     """Enter a, enter b, exit a: a callable bound to a and called then runs outside any
     scope (it saw the outer one), and b's exit still gives the outer scope back (it was

@@ -309,9 +309,10 @@ def unhashable(
             if instance and any(k.__qualname__ == owner for k in type(value).__mro__):
                 fix = (  # keyed as an argument, not told for one
                     f"{name!r} is the first parameter of {'.'.join(parts)}, defined in a "
-                    "class: a method is keyed by its instance's identity only when that "
-                    "parameter is named self (cls for a classmethod). Rename it, or give "
-                    "the decorator key=."
+                    "class. If it is the instance, name it self (cls for a classmethod): "
+                    f"a method is keyed by its instance's identity. Otherwise make "
+                    f"{type(value).__name__} hashable (a frozen dataclass), or give the "
+                    "decorator key=."
                 )
             return UnhashableArguments(
                 f"@request_memo {spec.name}: argument {name!r} is unhashable "

@@ -309,12 +309,13 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
 
     def leave(tokens: tuple[Token[Any], Token[tuple[Any, ...]], Token[Any] | None]) -> None:
         within.reset(tokens[1])
-        _current.reset(tokens[0])
         opened_by = tokens[2]
-        if opened_by is not None and store._token is None and opened_on(_current.get(), store):
-            # The call closed the scope it was bound to (its exit, in a bound cleanup), with
-            # its token, so in the context that opened it (a token resets nowhere else), where
-            # it, or a scope opened on it, was active: what that token replaced is back.
+        # The call closed its scope (a bound cleanup), with its token: here, where it opened
+        # (closed by its opener elsewhere meanwhile, it is still what the call has active).
+        closed = store._token is None and _current.get() is not store
+        _current.reset(tokens[0])
+        if opened_by is not None and closed and opened_on(_current.get(), store):
+            # It, or one opened on it, was active: what that token replaced is back.
             _current.set(None if opened_by.old_value is Token.MISSING else opened_by.old_value)
 
     return _around(fn, "bind_scope()", enter, leave)

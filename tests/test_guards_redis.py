@@ -817,7 +817,9 @@ def test_asyncio_run_ending_as_a_value_is_stored_still_stores_it(redis_server: A
     was lost and its lock held every process's next miss for ``lock_timeout``. It is sent
     once more where it was cancelled, and ``asyncio.run`` waits for it."""
     admin = redis_server.client()
-    cache = RedisCache(redis_server.aclient(), ttl=60, namespace="stored", lock_timeout=8)
+    cache = RedisCache(  # op_timeout: the paused write must not time out on a busy machine
+        redis_server.aclient(), ttl=60, namespace="stored", lock_timeout=8, op_timeout=3
+    )
     computed: list[int] = []
 
     @request_memo(shared=cache)

@@ -1125,6 +1125,70 @@ async def test_a_bound_call_whose_scope_its_opener_closes_meanwhile_leaves_the_c
     assert seen == [True]
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["alone", "a-scope-open-inside"])
+def test_a_signal_anywhere_as_a_bound_exit_returns_leaves_the_outer_block_its_store(
+    nested: bool,
+) -> None:
+    """A signal's exception at each instruction of bind_scope's return from a call that
+    exited the scope it was bound to (an ExitStack's close): the caller's block keeps its
+    store, and nothing is left active after it. Between resetting the caller's value and
+    giving back what the scope replaced, one left that closed store active for good (a
+    review, 8 December)."""
+    import sys
+
+    class Signalled(Exception):
+        pass
+
+    def holds_a_scope() -> Iterator[None]:
+        if nested:
+            with request_scope():
+                yield
+        else:
+            yield
+
+    def tracing(at: int) -> Any:
+        count = [0]
+
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            code, caller = frame.f_code, frame.f_back.f_code.co_name if frame.f_back else ""
+            if "perrequest" not in code.co_filename or not (
+                code.co_name == "leave" or (code.co_name == "opened_on" and caller == "leave")
+            ):
+                return None
+            frame.f_trace_opcodes = True
+
+            def opcode(frame: Any, event: str, arg: Any) -> Any:
+                if event == "opcode":
+                    count[0] += 1
+                    if count[0] == at:
+                        raise Signalled
+                return opcode
+
+            return opcode
+
+        return trace
+
+    previous, signalled = sys.gettrace(), 0
+    for at in range(1, 200):
+        with request_scope() as outer:
+            stack = contextlib.ExitStack()
+            stack.enter_context(request_scope())
+            close = bind_scope(stack.close)
+            body = holds_a_scope()
+            next(body)
+            sys.settrace(tracing(at))
+            try:
+                close()
+            except Signalled:
+                signalled += 1
+            finally:
+                sys.settrace(previous)
+            assert perrequest.current_store() is outer, at
+            body.close()
+        assert _current.get() is None, at
+    assert signalled > 10  # the signal came at that many instructions
+
+
 def test_a_bind_scope_callable_of_a_scope_exited_out_of_order_sees_none() -> None:
     """Enter a, enter b, exit a: a callable bound to a and called then runs outside any
     scope (it saw the outer one), and b's exit still gives the outer scope back (it was

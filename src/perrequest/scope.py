@@ -311,12 +311,12 @@ def bind_scope(fn: Callable[P, R]) -> Callable[P, R]:
         within.reset(tokens[1])
         opened_by = tokens[2]
         # The call closed its scope (a bound cleanup), with its token: here, where it opened
-        # (closed by its opener elsewhere meanwhile, it is still what the call has active).
+        # (closed by its opener elsewhere meanwhile, it is still what the call has active),
+        # and it, or one opened on it, was active before the call: what it replaced is back
+        # already, and stays.
         closed = store._token is None and _current.get() is not store
-        _current.reset(tokens[0])
-        if opened_by is not None and closed and opened_on(_current.get(), store):
-            # It, or one opened on it, was active: what that token replaced is back.
-            _current.set(None if opened_by.old_value is Token.MISSING else opened_by.old_value)
+        if not (opened_by is not None and closed and opened_on(tokens[0].old_value, store)):
+            _current.reset(tokens[0])
 
     return _around(fn, "bind_scope()", enter, leave)
 
